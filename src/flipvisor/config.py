@@ -1,0 +1,397 @@
+"""Typed, frozen configuration models and the YAML loader that reports every problem with its location.
+
+Loading is pure: no logging, no exits. Relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shlex
+import signal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "flipvisor.yaml"
+CONFIG_ENV = "FLIPVISOR_CONFIG"
+PROGRAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _split_command(value: Any) -> Any:
+    """A command is argv: a list, or a string split like a shell would (never run by one)."""
+    if isinstance(value, str):
+        try:
+            return shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot split command string: {exc}") from exc
+    return value
+
+
+def _nonempty_command(value: list[str]) -> list[str]:
+    if not value or not value[0]:
+        raise ValueError("must name a program to run")
+    return value
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    value = value.expanduser()
+    if base is not None and not value.is_absolute():
+        return Path(base) / value
+    return value
+
+
+def _parse_signal(value: Any) -> Any:
+    if isinstance(value, signal.Signals):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return signal.Signals(value)
+        except ValueError as exc:
+            raise ValueError(f"unknown signal number {value}") from exc
+    if isinstance(value, str):
+        name = value.upper()
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        try:
+            return signal.Signals[name]
+        except KeyError as exc:
+            raise ValueError(f"unknown signal {value!r} (use a name like SIGTERM)") from exc
+    raise ValueError("must be a signal name like SIGTERM")
+
+
+def _check_host(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an IP address") from exc
+    return value
+
+
+def _check_endpoint(value: str) -> str:
+    rest = value.removeprefix("http://").removeprefix("https://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not host:port")
+    return value
+
+
+Command = Annotated[list[str], BeforeValidator(_split_command), AfterValidator(_nonempty_command)]
+RelPath = Annotated[Path, AfterValidator(_resolve_path)]
+Signal = Annotated[signal.Signals, BeforeValidator(_parse_signal)]
+Host = Annotated[str, AfterValidator(_check_host)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+def _check_program_name(value: str) -> str:
+    if not PROGRAM_NAME_RE.match(value):
+        raise ValueError("a program name may hold only letters, digits, '_', '.', '-'")
+    return value
+
+
+ProgramName = Annotated[str, AfterValidator(_check_program_name)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class SocketConfig(_Model):
+    """The generation's listening socket; port 0 gives each generation a fresh port."""
+
+    host: Host = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 0
+    backlog: Annotated[int, Field(gt=0)] = 1024
+
+
+class ReadinessConfig(_Model):
+    """How a new generation proves it is ready: exactly one of ``http``, ``exec``, ``notify``."""
+
+    http: str | None = None
+    exec: Command | None = None
+    notify: bool | None = None
+    timeout: Seconds = 30.0
+    interval: Seconds = 0.1
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ReadinessConfig:
+        chosen = [name for name in ("http", "exec", "notify") if getattr(self, name)]
+        if len(chosen) != 1:
+            raise ValueError("needs exactly one of http, exec, notify: true")
+        if self.http is not None and not self.http.startswith("/"):
+            raise ValueError("http: must be a path starting with '/'")
+        return self
+
+
+class DrainConfig(_Model):
+    """How an old generation is stopped: wait ``delay``, send ``signal``, SIGKILL after ``timeout``."""
+
+    delay: Annotated[float, Field(ge=0)] = 0.5
+    signal: Signal = signal.SIGTERM
+    timeout: Seconds = 10.0
+
+
+class RestartConfig(_Model):
+    """When a crashed worker is restarted, and when the program is declared fatal."""
+
+    policy: Literal["always", "on-failure", "never"] = "always"
+    max_restarts: Annotated[int, Field(ge=0)] = 5
+    window: Seconds = 60.0
+
+
+class ProxyConfig(_Model):
+    """The built-in confd step of a flip: render, check, reload, wait for the old proxy workers."""
+
+    template: RelPath
+    dest: RelPath
+    check_cmd: Command | None = None
+    reload_cmd: Command | None = None
+    pidfile: RelPath | None = None
+    timeout: Seconds = 30.0
+
+
+class ProgramConfig(_Model):
+    """One supervised program: ``numprocs`` workers per generation sharing one socket."""
+
+    command: Command
+    numprocs: Annotated[int, Field(ge=1, le=1024)] = 1
+    cwd: RelPath | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    autostart: bool = True
+    socket: SocketConfig = SocketConfig()
+    readiness: ReadinessConfig | None = None
+    drain: DrainConfig = DrainConfig()
+    restart: RestartConfig = RestartConfig()
+    proxy: ProxyConfig | None = None
+    rollback_window: Annotated[float, Field(ge=0)] = 0.0
+
+
+class RegistryConfig(_Model):
+    """Where promotions are recorded: ``local`` (a file in state_dir) or ``etcd``."""
+
+    backend: Literal["local", "etcd"] = "local"
+    endpoints: list[Annotated[str, AfterValidator(_check_endpoint)]] = Field(
+        default_factory=lambda: ["127.0.0.1:2379"], min_length=1
+    )
+    prefix: str = "flipvisor"
+    timeout: Seconds = 5.0
+    ca: RelPath | None = None
+    cert: RelPath | None = None
+    key: RelPath | None = None
+    user: str | None = None
+    password: str | None = None
+
+    @model_validator(mode="after")
+    def _pairs(self) -> RegistryConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        if (self.user is None) != (self.password is None):
+            raise ValueError("user and password go together")
+        if not self.prefix.strip("/"):
+            raise ValueError("prefix: must not be empty")
+        return self
+
+
+class DrainPidConfig(_Model):
+    """``drain_pid`` of a watch: stop the process a key names, if the watcher saw it serving."""
+
+    signal: Signal = signal.SIGTERM
+    timeout: Seconds = 10.0
+
+
+class WatchConfig(_Model):
+    """One entry of the top-level ``watch:`` list (the built-in confd)."""
+
+    keys: Annotated[list[str], Field(min_length=1)]
+    template: RelPath | None = None
+    dest: RelPath | None = None
+    check_cmd: Command | None = None
+    reload_cmd: Command | None = None
+    drain_pid: DrainPidConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_action(self) -> WatchConfig:
+        renders = self.template is not None or self.dest is not None
+        if renders and (self.template is None or self.dest is None):
+            raise ValueError("template and dest go together")
+        if renders == (self.drain_pid is not None):
+            raise ValueError("needs either template + dest, or drain_pid")
+        if self.drain_pid is not None and (
+            len(self.keys) != 1 or not self.keys[0].endswith("/pid/previous")
+        ):
+            raise ValueError("drain_pid: watches exactly one key <prefix>/<program>/pid/previous")
+        return self
+
+
+class LogsConfig(_Model):
+    """Captured worker output: one file per program, rotated by size."""
+
+    max_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
+    backups: Annotated[int, Field(ge=0, le=100)] = 5
+
+
+class MetricsConfig(_Model):
+    """An optional Prometheus endpoint."""
+
+    listen: Annotated[str, AfterValidator(_check_endpoint)]
+
+
+class Config(_Model):
+    """The whole config file."""
+
+    state_dir: RelPath = Path("/var/lib/flipvisor")
+    registry: RegistryConfig = RegistryConfig()
+    logs: LogsConfig = LogsConfig()
+    metrics: MetricsConfig | None = None
+    programs: dict[ProgramName, ProgramConfig] = Field(default_factory=dict)
+    watch: list[WatchConfig] = Field(default_factory=list)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state_dir / "flipvisor.sock"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+
+def default_config_path(environ: Mapping[str, str] = os.environ) -> Path:
+    """``$FLIPVISOR_CONFIG``, else ``./flipvisor.yaml``."""
+    return Path(environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME)
+
+
+def load_config(path: Path) -> Config:
+    """Read, parse and validate the config file at ``path``.
+
+    Raises:
+        ConfigError: the file is unreadable, not YAML, or invalid; ``problems`` lists every
+            problem as ``file:line: dotted.location: what is wrong``.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Validate YAML ``text`` as the config file at ``path`` (used for relative paths and messages).
+
+    Raises:
+        ConfigError: not YAML, or invalid.
+    """
+    try:
+        data = yaml.safe_load(text)
+        lines = _line_index(yaml.compose(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    base_dir = path.resolve().parent
+    try:
+        return Config.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        problems = [_describe(error, path, lines) for error in exc.errors()]
+        raise ConfigError(f"invalid config file {path}:", problems) from None
+
+
+def _line_index(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
+    """Map each dotted location in the YAML document to its 1-based line number."""
+    index: dict[tuple[str, ...], int] = {}
+
+    def visit(node: yaml.Node, loc: tuple[str, ...]) -> None:
+        index[loc] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = (*loc, str(key.value))
+                index[child] = key.start_mark.line + 1
+                visit(value, child)
+                index[child] = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for position, item in enumerate(node.value):
+                visit(item, (*loc, str(position)))
+
+    if node is not None:
+        visit(node, ())
+    return index
+
+
+_FRIENDLY: dict[str, str] = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "int_parsing": "must be an integer",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+}
+
+
+def _describe(error: Any, path: Path, lines: dict[tuple[str, ...], int]) -> str:
+    loc = tuple(str(part) for part in error["loc"] if not _is_union_tag(part) and part != "[key]")
+    kind = error["type"]
+    if kind in _FRIENDLY:
+        message = _FRIENDLY[kind]
+    elif kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<"}.get(kind, "<=")
+        bound = next(iter(error["ctx"].values()))
+        message = f"must be {op} {bound}"
+    elif kind == "literal_error":
+        message = f"must be one of {error['ctx']['expected']}"
+    elif kind == "too_short":
+        message = "must not be empty"
+    elif kind == "value_error":
+        message = str(error["ctx"]["error"])
+    else:
+        message = error["msg"]
+    if kind == "value_error" and ": " in message and message.split(": ", 1)[0].count(".") >= 1:
+        # Validators of the whole model name a deeper location themselves.
+        dotted_msg, message = message.split(": ", 1)
+        loc = tuple(dotted_msg.split("."))
+    elif kind == "value_error" and re.match(r"^[a-z_]+: ", message):
+        field, message = message.split(": ", 1)
+        loc = (*loc, field)
+    line = _nearest_line(loc, lines)
+    where = f"{path}:{line}" if line else str(path)
+    dotted = ".".join(loc) or "(top level)"
+    return f"{where}: {dotted}: {message}"
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic adds the member type's name ("list[str]", "function-after[...]") to union locations
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"})
+
+
+def _nearest_line(loc: Sequence[str], lines: dict[tuple[str, ...], int]) -> int | None:
+    for end in range(len(loc), -1, -1):
+        line = lines.get(tuple(loc[:end]))
+        if line is not None:
+            return line
+    return None

@@ -1,0 +1,74 @@
+"""The exception hierarchy: every error carries a message for the user and the exit code it maps to.
+
+Only ``cli.py`` turns these into exit codes; everything else raises them with context.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class FlipvisorError(Exception):
+    """Base class: ``str(error)`` is a complete sentence for the operator."""
+
+    exit_code = EXIT_FAILED
+
+
+class ConfigError(FlipvisorError):
+    """The config file is missing, unreadable or invalid; ``problems`` lists every one found."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        self.problems = problems or []
+        detail = "".join(f"\n  {problem}" for problem in self.problems)
+        super().__init__(message + detail)
+
+
+class UsageError(FlipvisorError):
+    """The command line asks for something that does not exist (an unknown program, say)."""
+
+    exit_code = EXIT_USAGE
+
+
+class ControlUnreachable(FlipvisorError):
+    """No supervisor answers on the control socket."""
+
+    exit_code = EXIT_USAGE
+
+
+class SpawnError(FlipvisorError):
+    """A process could not be started (missing executable, bad cwd, exhausted resources)."""
+
+
+class ProbeFailed(FlipvisorError):
+    """A new generation did not become ready: timeout, failed checks, or a worker exited."""
+
+
+class ProxyError(FlipvisorError):
+    """Rendering, checking or reloading the proxy configuration failed."""
+
+
+class RegistryError(FlipvisorError):
+    """The registry could not be read or written (etcd unreachable, a lost compare, I/O error)."""
+
+
+class RegistryConflict(RegistryError):
+    """A promotion lost its compare: somebody else changed the keys it expected to replace."""
+
+
+class FlipFailed(FlipvisorError):
+    """A flip was rolled back; the old generation is still serving.
+
+    ``output`` holds the new generation's last output lines, to show why.
+    """
+
+    def __init__(self, message: str, output: list[str] | None = None) -> None:
+        self.output = output or []
+        super().__init__(message)
+
+
+class Busy(FlipvisorError):
+    """Another operation on the same program is in progress."""

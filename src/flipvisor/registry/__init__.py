@@ -1,0 +1,21 @@
+"""Where promotions are recorded: the seed's keys, in a local file or in etcd."""
+
+from __future__ import annotations
+
+from .base import KEY_SUFFIXES, Registry, Snapshot, program_key
+
+__all__ = ["KEY_SUFFIXES", "Registry", "Snapshot", "open_registry", "program_key"]
+
+
+def open_registry(config: object) -> Registry:
+    """The backend that ``config`` (a ``flipvisor.config.Config``) names; not yet connected."""
+    from ..config import Config
+
+    assert isinstance(config, Config)
+    if config.registry.backend == "etcd":
+        from .etcd import EtcdRegistry
+
+        return EtcdRegistry(config.registry)
+    from .local import LocalRegistry
+
+    return LocalRegistry(config.state_dir / "registry.json", config.registry)

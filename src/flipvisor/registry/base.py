@@ -1,0 +1,79 @@
+"""The ``Registry`` interface shared by the local file and etcd backends, and the key layout.
+
+For program ``experiment`` under prefix ``uswitch`` the keys are ``uswitch/experiment/<suffix>``
+with the suffixes of ``KEY_SUFFIXES`` (the seed's layout plus the JSON generation record).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import anyio
+from anyio.abc import TaskStatus
+
+KEY_SUFFIXES = (
+    "port/current",
+    "port/previous",
+    "pid/current",
+    "pid/previous",
+    "generation/current",
+)
+
+
+def program_key(prefix: str, program: str, suffix: str) -> str:
+    """The full key of ``suffix`` for ``program``: ``<prefix>/<program>/<suffix>``."""
+    return f"{prefix.strip('/')}/{program}/{suffix}"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The values of one program's keys, by suffix; a missing suffix means the key is absent."""
+
+    values: Mapping[str, str] = field(default_factory=dict)
+
+    def get(self, suffix: str) -> str | None:
+        return self.values.get(suffix)
+
+
+Reconcile = Callable[[], Awaitable[None]]
+
+
+class Registry(Protocol):
+    """What the supervisor needs from a registry backend.
+
+    Every method that talks to a remote store is bounded by the registry's request timeout and
+    raises ``RegistryError`` (``RegistryConflict`` for a lost compare) rather than hang.
+    """
+
+    async def run(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep the connection alive until cancelled; after every (re)connect, write what
+        ``publish`` left pending so the keys match what is serving. Calls ``started()`` at once,
+        even while the store is unreachable."""
+        ...
+
+    async def snapshot(self, program: str) -> Snapshot:
+        """Read all of ``program``'s keys in one consistent read."""
+        ...
+
+    async def swap(self, program: str, expected: Snapshot, new: Snapshot) -> None:
+        """In one transaction: if every key of ``KEY_SUFFIXES`` still holds what ``expected``
+        says (absent where it has no value), set them to ``new`` (deleting keys ``new`` lacks).
+
+        Raises:
+            RegistryConflict: somebody changed the keys since ``expected`` was read.
+            RegistryError: the store could not be reached in time.
+        """
+        ...
+
+    async def publish(self, program: str, new: Snapshot) -> None:
+        """Make ``program``'s keys say ``new`` (unconditionally) now if the store is reachable,
+        else as soon as it is back. Never raises for an outage; the latest value wins."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...

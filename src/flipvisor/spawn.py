@@ -1,0 +1,324 @@
+"""The only creator of OS processes, and the only code that signals them (always through a pidfd).
+
+Processes are started with ``posix_spawn`` through a tiny ``/bin/sh`` exec shim that exports
+``LISTEN_PID=$$`` (only the child knows its own PID, and gunicorn ignores a socket without it) and
+changes into the working directory, then ``exec``s the user's argv: the user's command is never
+parsed by a shell. Every child gets its own session (so its process group can be killed whole),
+``/dev/null`` on stdin, an optional pipe on stdout+stderr, and an optional listening socket on
+fd 3. Its exit is collected by the one ``Reaper``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import psutil
+
+from .errors import SpawnError
+from .reaper import ExitWaiter, Reaper
+
+log = logging.getLogger(__name__)
+
+LISTEN_FD = 3
+PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2  # Linux 6.9+: signal the pidfd's process group
+SHELL = "/bin/sh"
+# $0 is the working directory; "$@" the user's argv, exec'd without any parsing.
+_SHIM = 'cd -- "$0" || exit 127; LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
+_SIGNALS_TO_DEFAULT = (
+    signal.SIGPIPE,
+    signal.SIGXFSZ,
+    signal.SIGHUP,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTERM,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGCHLD,
+)
+OUTPUT_TAIL_BYTES = 64 * 1024
+
+
+@dataclass
+class Child:
+    """A process we started: its pidfd proves identity, its waiter tells its exit."""
+
+    pid: int
+    pidfd: int
+    started: float
+    exit: ExitWaiter
+    argv: tuple[str, ...]
+    spawned_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.exit.returncode
+
+    def send_signal(self, sig: int) -> bool:
+        """Signal this very process (never a recycled PID). False if it is already gone."""
+        if self.pidfd < 0:
+            return False
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def signal_group(self, sig: int) -> bool:
+        """Signal the child's whole process group, only while the leader is not yet reaped.
+
+        An unreaped leader holds its PID, so the group id cannot name anybody else's group.
+        """
+        if self.exit.reaped or self.pidfd < 0:
+            return False
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig, None, PIDFD_SIGNAL_PROCESS_GROUP)
+            return True
+        except ProcessLookupError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # older kernels lack the flag
+                raise
+        try:
+            os.killpg(self.pid, sig)  # still safe: checked unreaped above, with no await between
+        except ProcessLookupError:
+            return False
+        return True
+
+    async def wait(self) -> int:
+        """The child's return code once the reaper collected it."""
+        return await self.exit.wait()
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Send ``sig`` to the group, SIGKILL it after ``timeout``; always waits for the exit.
+
+        Shielded, so a cancelled caller still leaves nothing running; bounded by the timeout.
+        """
+        with anyio.CancelScope(shield=True):
+            if not self.exit.reaped:
+                self.signal_group(sig)
+                self.send_signal(sig)
+                with anyio.move_on_after(timeout):
+                    return await self.wait()
+                self.signal_group(signal.SIGKILL)
+                self.send_signal(signal.SIGKILL)
+            return await self.wait()
+
+    def close(self) -> None:
+        """Release the pidfd (after the exit is known)."""
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def resolve_executable(argv0: str, env: Mapping[str, str], cwd: Path | None) -> str:
+    """Find ``argv0`` the way exec would, so a typo fails the spawn with a clear message.
+
+    Raises:
+        SpawnError: not found, or not executable.
+    """
+    if "/" in argv0:
+        candidate = Path(argv0) if cwd is None else cwd / argv0
+        if not os.access(candidate, os.X_OK) or candidate.is_dir():
+            raise SpawnError(f"command {argv0!r}: no such executable file")
+        return argv0
+    found = shutil.which(argv0, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise SpawnError(f"command {argv0!r}: not found in PATH")
+    return argv0
+
+
+def spawn_process(
+    argv: Sequence[str],
+    *,
+    reaper: Reaper,
+    env: Mapping[str, str],
+    cwd: Path | None = None,
+    listen_fd: int | None = None,
+    output_fd: int | None = None,
+) -> Child:
+    """Start ``argv`` as a new session leader; the caller owns the returned ``Child``.
+
+    ``listen_fd`` becomes fd 3; ``output_fd`` (a pipe's write end) gets stdout and stderr,
+    otherwise they go to /dev/null.
+
+    Raises:
+        SpawnError: the command or working directory is unusable, or the OS refused.
+    """
+    resolve_executable(argv[0], env, cwd)
+    workdir = str(cwd) if cwd is not None else os.getcwd()
+    if not os.path.isdir(workdir):
+        raise SpawnError(f"working directory {workdir} does not exist")
+    actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
+    ]
+    if output_fd is not None:
+        actions += [(os.POSIX_SPAWN_DUP2, output_fd, 1), (os.POSIX_SPAWN_DUP2, output_fd, 2)]
+    else:
+        actions += [
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ]
+    moved_fd = None
+    if listen_fd is not None:
+        if listen_fd <= LISTEN_FD:
+            # dup2(3, 3) would keep close-on-exec set; move it out of the way first.
+            moved_fd = listen_fd = os.dup(listen_fd)
+        actions.append((os.POSIX_SPAWN_DUP2, listen_fd, LISTEN_FD))
+    try:
+        pid = os.posix_spawn(
+            SHELL,
+            [SHELL, "-c", _SHIM, workdir, *argv],
+            dict(env),
+            file_actions=actions,
+            setsid=True,
+            setsigdef=_SIGNALS_TO_DEFAULT,
+        )
+    except OSError as exc:
+        raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror}") from exc
+    finally:
+        if moved_fd is not None:
+            os.close(moved_fd)
+    waiter = reaper.register(pid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:  # pragma: no cover - unreaped children always have a pid
+        pidfd = -1
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.Error:
+        started = time.time()
+    return Child(pid=pid, pidfd=pidfd, started=started, exit=waiter, argv=tuple(argv))
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a short-lived command did: its return code and the tail of its output."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    output: str
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    def describe(self) -> str:
+        """One paragraph for an error message."""
+        what = " ".join(self.argv)
+        if self.timed_out:
+            head = f"`{what}` timed out"
+        elif self.returncode < 0:
+            head = f"`{what}` was killed by {signal.Signals(-self.returncode).name}"
+        else:
+            head = f"`{what}` exited with status {self.returncode}"
+        tail = self.output.strip()
+        return f"{head}: {tail}" if tail else head
+
+
+def open_output_pipe() -> tuple[int, int]:
+    """A close-on-exec pipe whose read end does not block; (read_fd, write_fd)."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(read_fd, False)
+    return read_fd, write_fd
+
+
+async def read_available(fd: int, limit: int = 65536) -> bytes:
+    """Wait until ``fd`` is readable and read what is there; b"" at end of file."""
+    while True:
+        try:
+            return os.read(fd, limit)
+        except BlockingIOError:
+            await anyio.wait_readable(fd)
+
+
+async def run_command(
+    argv: Sequence[str],
+    *,
+    reaper: Reaper,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> CommandResult:
+    """Run a short command to completion (a check, a reload, an exec probe), bounded by ``timeout``.
+
+    A command that outlives ``timeout`` has its process group killed and is reaped before this
+    returns; so is one whose caller is cancelled.
+
+    Raises:
+        SpawnError: it could not be started.
+    """
+    read_fd, write_fd = open_output_pipe()
+    try:
+        child = spawn_process(
+            argv, reaper=reaper, env=env if env is not None else os.environ, cwd=cwd,
+            output_fd=write_fd,
+        )
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    output = bytearray()
+    timed_out = False
+    try:
+        with anyio.move_on_after(timeout) as scope:
+            while chunk := await read_available(read_fd):
+                output += chunk
+                del output[:-OUTPUT_TAIL_BYTES]
+            await child.wait()
+        timed_out = scope.cancelled_caught
+    finally:
+        os.close(read_fd)
+        returncode = await child.stop(signal.SIGKILL, timeout=5.0)
+        child.close()
+    return CommandResult(
+        tuple(argv), returncode, output.decode("utf-8", "replace"), timed_out=timed_out
+    )
+
+
+def signal_verified(pid: int, started: float, sig: int) -> bool:
+    """Signal ``pid`` only if it is still the process that started at ``started``.
+
+    The pidfd is opened *before* the start time is compared, so the check and the signal concern
+    the same process even if the PID is recycled in between. False when it is not (or is gone).
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (ProcessLookupError, OSError):
+        return False
+    try:
+        try:
+            actual = psutil.Process(pid).create_time()
+        except psutil.Error:
+            return False
+        if abs(actual - started) > 0.05:
+            log.warning(
+                "refusing to signal pid=%d: started at %.2f, expected %.2f (PID reused)",
+                pid, actual, started,
+            )
+            return False
+        try:
+            signal.pidfd_send_signal(pidfd, sig)
+        except ProcessLookupError:
+            return False
+        return True
+    finally:
+        os.close(pidfd)
+
+
+def start_time_of(pid: int) -> float | None:
+    """The start time of ``pid`` as psutil reports it, or None if there is no such process."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None

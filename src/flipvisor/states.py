@@ -1,0 +1,88 @@
+"""Named states of programs, generations and workers, with the transitions each allows.
+
+A leaf module: state changes elsewhere go through ``check_transition`` so an impossible move is a bug
+that shows itself instead of a silent corruption of what ``status`` reports.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ProgramState(StrEnum):
+    """What ``status`` shows for a program (the contract's words)."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    FATAL = "fatal"
+
+
+class GenerationState(StrEnum):
+    """The life of one generation: a set of workers sharing one listening socket."""
+
+    STARTING = "starting"
+    READY = "ready"
+    PROMOTING = "promoting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class WorkerState(StrEnum):
+    """supervisord's worker states: the inner life of one worker slot."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    EXITED = "exited"
+    STOPPED = "stopped"
+    FATAL = "fatal"
+
+
+GENERATION_TRANSITIONS: dict[GenerationState, frozenset[GenerationState]] = {
+    GenerationState.STARTING: frozenset({GenerationState.READY, GenerationState.FAILED}),
+    # A ready generation may be drained without promotion: a warm generation kept for rollback
+    # that is stopped, or shutdown arriving between the probe and the promotion.
+    GenerationState.READY: frozenset(
+        {GenerationState.PROMOTING, GenerationState.FAILED, GenerationState.DRAINING}
+    ),
+    GenerationState.PROMOTING: frozenset({GenerationState.SERVING, GenerationState.FAILED}),
+    GenerationState.SERVING: frozenset({GenerationState.DRAINING}),
+    # A draining generation kept warm for a rollback can be promoted again.
+    GenerationState.DRAINING: frozenset({GenerationState.STOPPED, GenerationState.PROMOTING}),
+    GenerationState.STOPPED: frozenset(),
+    GenerationState.FAILED: frozenset(),
+}
+
+WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.STARTING: frozenset({WorkerState.RUNNING, WorkerState.EXITED, WorkerState.STOPPING}),
+    WorkerState.RUNNING: frozenset({WorkerState.EXITED, WorkerState.STOPPING}),
+    WorkerState.EXITED: frozenset({WorkerState.BACKOFF, WorkerState.FATAL, WorkerState.STOPPED}),
+    WorkerState.BACKOFF: frozenset({WorkerState.STARTING, WorkerState.STOPPED}),
+    WorkerState.STOPPING: frozenset({WorkerState.STOPPED}),
+    WorkerState.STOPPED: frozenset(),
+    WorkerState.FATAL: frozenset(),
+}
+
+
+class TransitionError(RuntimeError):
+    """An impossible state change was attempted: a bug in flipvisor, never a user error."""
+
+
+def check_transition(
+    table: dict[GenerationState, frozenset[GenerationState]]
+    | dict[WorkerState, frozenset[WorkerState]],
+    current: GenerationState | WorkerState,
+    new: GenerationState | WorkerState,
+) -> None:
+    """Raise ``TransitionError`` unless ``table`` allows moving from ``current`` to ``new``.
+
+    Raises:
+        TransitionError: the move is not in the table.
+    """
+    allowed: frozenset[GenerationState] | frozenset[WorkerState] = table[current]  # type: ignore[index]
+    if new not in allowed:
+        raise TransitionError(f"illegal transition {current.value} -> {new.value}")
