@@ -1,0 +1,47 @@
+"""Shared test set-up: the asyncio backend, fixture plugins, and the no-leftover-children check."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from tests.waiting import wait_until
+
+pytest_plugins = ["tests.fixtures.etcd", "tests.fixtures.nginx", "tests.fixtures.flipvisor"]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def require_binary(name: str) -> str:
+    """The path of ``name``; skips locally when it is missing, fails under CI."""
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
+    )
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI (apt-get install it in .ci/run)")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def _own_children() -> set[int]:
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_children(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test must leave no process of its own behind (session fixtures' are allowed)."""
+    before = _own_children()
+    yield
+    wait_until(
+        lambda: not (_own_children() - before),
+        timeout=15,
+        message="the test's child processes to exit",
+    )
