@@ -1,0 +1,322 @@
+"""The flip's proxy step: render the proxy file, install it atomically, check it, reload.
+
+Every step that changes the proxy file keeps what it replaced, so a flip that fails later can put
+the previous file back (``Installed.restore``) before anything reloads. Check and reload commands
+run only through ``spawn.run_command``; the proxy's old workers are awaited through pidfds, never
+by polling.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+import tempfile
+import types
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import jinja2
+import psutil
+
+from .config import PROGRAM_NAME_RE
+from .errors import ProxyError, SpawnError
+from .reaper import Reaper
+from .spawn import run_command
+
+PATH_PLACEHOLDER = "{path}"
+DEFAULT_FILE_MODE = 0o644
+# Start times are compared with the same tolerance as spawn.signal_verified (psutil rounds them).
+START_TIME_TOLERANCE = 0.05
+
+
+def _template_line(template: Path, tb: types.TracebackType | None) -> int | None:
+    """The template line a render error happened on.
+
+    jinja2 rewrites tracebacks so that frames of compiled templates carry the template's own file
+    name and line number; the innermost such frame is where the problem is.
+    """
+    line = None
+    name = str(template)
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == name:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def render_template(template: Path, context: Mapping[str, object]) -> str:
+    """Render ``template`` (a jinja2 file) with ``context``; an unknown variable is an error.
+
+    Raises:
+        ProxyError: the template is missing or unreadable, has a syntax error, uses a variable
+            the context lacks, or fails while rendering; the message names the file and line.
+    """
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template.parent)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # nginx config, not HTML: values are validated instead (flip_context)
+        keep_trailing_newline=True,
+    )
+    try:
+        compiled = env.get_template(template.name)
+    except jinja2.TemplateNotFound as exc:
+        raise ProxyError(f"proxy template {template}: no such file") from exc
+    except jinja2.TemplateSyntaxError as exc:
+        raise ProxyError(f"proxy template {template}, line {exc.lineno}: {exc.message}") from exc
+    except OSError as exc:
+        raise ProxyError(f"proxy template {template}: cannot read: {exc.strerror}") from exc
+    try:
+        return compiled.render(dict(context))
+    # A template is user code: whatever it raises (an undefined variable, a failing filter) is the
+    # operator's problem to fix, so it becomes a ProxyError that says where.
+    except Exception as exc:
+        line = _template_line(template, exc.__traceback__)
+        where = f"{template}, line {line}" if line is not None else f"{template}"
+        problem = exc.message if isinstance(exc, jinja2.TemplateError) else repr(exc)
+        raise ProxyError(f"proxy template {where}: {problem}") from exc
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _upstream_host(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The address nginx should connect to, as it is written in an ``upstream`` server line."""
+    if address.is_unspecified:
+        # A socket bound to 0.0.0.0/:: is reachable on loopback; connecting to the unspecified
+        # address itself only works by accident on Linux.
+        address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
+    return f"[{address}]" if address.version == 6 else str(address)
+
+
+def flip_context(
+    *, program: str, generation: int, host: str, port: int, pids: Sequence[int]
+) -> dict[str, object]:
+    """The template context of a flip, with every value checked so none can inject nginx syntax.
+
+    ``upstreams`` lists the promoted generation's ``host:port`` (IPv6 as ``[::1]:port``).
+
+    Raises:
+        ProxyError: a value is of the wrong type, out of range, or not plain (a program name that
+            is not a config program name, a host that is not an IP address, ...).
+    """
+    if not isinstance(program, str) or not PROGRAM_NAME_RE.fullmatch(program):
+        raise ProxyError(f"proxy context: program {program!r} is not a valid program name")
+    if not _is_int(generation) or generation < 1:
+        raise ProxyError(f"proxy context: generation {generation!r} is not a positive integer")
+    if not _is_int(port) or not 1 <= port <= 65535:
+        raise ProxyError(f"proxy context: port {port!r} is not an integer in 1..65535")
+    if not isinstance(host, str):
+        raise ProxyError(f"proxy context: host {host!r} is not an IP address")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ProxyError(f"proxy context: host {host!r} is not an IP address") from exc
+    # A scope id ("fe80::1%eth0") is free text to ipaddress; nginx cannot use one in any case.
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        raise ProxyError(f"proxy context: host {host!r} has a scope id, which nginx cannot use")
+    if isinstance(pids, str | bytes) or not all(_is_int(pid) and pid > 0 for pid in pids):
+        raise ProxyError(f"proxy context: pids {pids!r} are not positive integers")
+    return {
+        "program": program,
+        "generation": generation,
+        "host": host,
+        "port": port,
+        "pids": list(pids),
+        "upstreams": [f"{_upstream_host(address)}:{port}"],
+    }
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(dest: Path, data: bytes, mode: int = DEFAULT_FILE_MODE) -> None:
+    """Replace ``dest`` with ``data`` so that readers see the old bytes or the new, never a mix.
+
+    The temporary file starts with a dot and ends in ``.tmp`` so that nginx globs such as
+    ``include conf.d/*.conf`` or ``sites-enabled/*`` never pick it up.
+
+    Raises:
+        OSError: the directory is not writable, the disk is full, ...
+    """
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fchmod(file.fileno(), mode)
+            os.fsync(file.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(dest.parent)  # make the rename itself durable
+
+
+@dataclass(frozen=True)
+class Installed:
+    """A proxy file put into place, with what it replaced (``previous`` None: there was none)."""
+
+    dest: Path
+    previous: bytes | None
+    previous_mode: int = DEFAULT_FILE_MODE
+
+    def restore(self) -> None:
+        """Put the previous file back atomically, or remove ``dest`` if there was none.
+
+        Raises:
+            ProxyError: the file could not be written or removed.
+        """
+        try:
+            if self.previous is None:
+                self.dest.unlink(missing_ok=True)
+                _fsync_dir(self.dest.parent)
+            else:
+                write_atomic(self.dest, self.previous, self.previous_mode)
+        except OSError as exc:
+            raise ProxyError(f"cannot restore the previous {self.dest}: {exc.strerror}") from exc
+
+
+def _put_in_place(dest: Path, content: bytes) -> Installed:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        previous: bytes | None = dest.read_bytes()
+        mode = stat.S_IMODE(dest.stat().st_mode)
+    except FileNotFoundError:
+        previous, mode = None, DEFAULT_FILE_MODE
+    write_atomic(dest, content, mode)
+    return Installed(dest=dest, previous=previous, previous_mode=mode)
+
+
+async def install(
+    dest: Path, content: str, *, check_cmd: Sequence[str] | None, reaper: Reaper, timeout: float  # noqa: ASYNC109
+) -> Installed:
+    """Write ``content`` to ``dest`` atomically, then run ``check_cmd`` against it.
+
+    ``{path}`` in ``check_cmd``'s arguments is replaced by ``dest``. The check runs with the new
+    file in place because nginx checks the whole tree it includes. If the check fails, times out,
+    cannot start, or this call is cancelled, the previous file is put back before returning.
+
+    Raises:
+        ProxyError: the file could not be written, or the check failed (with its output).
+    """
+    try:
+        # Off the event loop: fsync can take a while on a busy disk. Not cancellable, so the
+        # write is never abandoned halfway between "written" and "recorded as installed".
+        installed = await anyio.to_thread.run_sync(_put_in_place, dest, content.encode())
+    except OSError as exc:
+        raise ProxyError(f"cannot write the proxy file {dest}: {exc.strerror or exc}") from exc
+    if not check_cmd:
+        return installed
+    argv = [arg.replace(PATH_PLACEHOLDER, str(dest)) for arg in check_cmd]
+    try:
+        result = await run_command(argv, reaper=reaper, timeout=timeout)
+    except SpawnError as exc:
+        installed.restore()
+        raise ProxyError(
+            f"proxy check of {dest} could not run, kept the previous file: {exc}"
+        ) from exc
+    except BaseException:
+        installed.restore()  # cancelled: never leave an unchecked file in place
+        raise
+    if not result.ok:
+        installed.restore()
+        raise ProxyError(
+            f"proxy check of {dest} failed, kept the previous file: {result.describe()}"
+        )
+    return installed
+
+
+async def reload(
+    reload_cmd: Sequence[str] | None, *, reaper: Reaper, timeout: float  # noqa: ASYNC109
+) -> None:
+    """Ask the proxy to load its configuration again (nothing to do without a command).
+
+    Raises:
+        ProxyError: the command could not start, failed or timed out (with its output).
+    """
+    if not reload_cmd:
+        return
+    try:
+        result = await run_command(list(reload_cmd), reaper=reaper, timeout=timeout)
+    except SpawnError as exc:
+        raise ProxyError(f"proxy reload could not run: {exc}") from exc
+    if not result.ok:
+        raise ProxyError(f"proxy reload failed: {result.describe()}")
+
+
+def proxy_workers(pidfile: Path) -> frozenset[tuple[int, float]]:
+    """The (pid, start time) of the children of the proxy master whose PID ``pidfile`` holds.
+
+    Taken before a reload, these are the workers that may still use the old upstream; empty if
+    the pidfile or the master is missing.
+    """
+    try:
+        text = pidfile.read_text().strip()
+    except OSError:
+        return frozenset()
+    if not re.fullmatch(r"[0-9]+", text):
+        return frozenset()
+    workers = set()
+    try:
+        children = psutil.Process(int(text)).children()
+    except psutil.Error:
+        return frozenset()
+    for child in children:
+        try:
+            workers.add((child.pid, child.create_time()))
+        except psutil.Error:
+            continue  # exited meanwhile: nothing to wait for
+    return frozenset(workers)
+
+
+def _open_if_same(pid: int, started: float) -> int | None:
+    """A pidfd for ``pid`` if it is still the process that started at ``started``.
+
+    The pidfd is opened before the start time is compared, so both concern the same process.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # ProcessLookupError: gone already
+        return None
+    try:
+        actual = psutil.Process(pid).create_time()
+    except psutil.Error:
+        actual = None
+    if actual is None or abs(actual - started) > START_TIME_TOLERANCE:
+        os.close(pidfd)  # gone, or the PID now names somebody else
+        return None
+    return pidfd
+
+
+async def wait_workers_gone(
+    workers: Iterable[tuple[int, float]], timeout: float  # noqa: ASYNC109
+) -> bool:
+    """Wait until every one of ``workers`` (pid, start time) has exited; False after ``timeout``.
+
+    Event-driven: a pidfd becomes readable when its process exits, also for processes that are
+    not our children (the proxy's workers are its master's).
+    """
+    pidfds: list[int] = []
+    try:
+        for pid, started in workers:
+            pidfd = _open_if_same(pid, started)
+            if pidfd is not None:
+                pidfds.append(pidfd)
+        with anyio.move_on_after(timeout):
+            for pidfd in pidfds:
+                await anyio.wait_readable(pidfd)
+            return True
+        return False
+    finally:
+        for pidfd in pidfds:
+            os.close(pidfd)
