@@ -18,7 +18,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -309,7 +309,7 @@ def follow(
     poll_interval: float = 0.1,
     last: int = 0,
     until: Callable[[], bool] | None = None,
-) -> Iterator[str]:
+) -> Generator[str, None, None]:
     """Yield lines appended to the log at ``path`` from now on (``tail -F``), across rotations.
 
     The position is taken when ``follow`` is called; ``last`` lines before it are yielded first.
@@ -334,48 +334,63 @@ def _follow(
     poll_interval: float,
     last: int,
     until: Callable[[], bool] | None,
-) -> Iterator[str]:
+) -> Generator[str, None, None]:
     stream: BinaryIO | None = None
     pending = b""
     try:
         while True:
             if stream is None:
-                stream = _open_existing(path)
+                stream, offset = _open_at(path, start)
                 if stream is not None:
-                    info = os.fstat(stream.fileno())
-                    offset = 0
-                    if start is not None and start[0] == info.st_ino:
-                        offset = min(start[1], info.st_size)
-                    for line in _last_lines(stream, offset, last):
-                        yield line.decode("utf-8", "replace")
+                    yield from _decoded(_last_lines(stream, offset, last))
                     stream.seek(offset)
                     start, last = None, 0
             chunk = stream.read() if stream is not None else b""
-            if chunk:
-                lines = (pending + chunk).split(b"\n")
-                pending = lines.pop()
-                for line in lines:
-                    yield line.decode("utf-8", "replace")
-                continue
-            if stream is not None:
+            if stream is not None and not chunk:
                 state = _moved(path, stream)
                 if state == "rotated":
+                    # Whatever the writer flushed before renaming is still in the old file.
+                    chunk = stream.read()
                     stream.close()
                     stream = None
-                    if pending:  # the old file ended without a newline: finish that line
-                        yield pending.decode("utf-8", "replace")
-                        pending = b""
-                    continue
-                if state == "shrunk":
+                    if (pending or chunk) and not (pending + chunk).endswith(b"\n"):
+                        chunk += b"\n"  # the old file ended mid-line: finish that line
+                elif state == "shrunk":
                     stream.seek(0)
                     pending = b""
                     continue
+            if chunk:
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                yield from _decoded(lines)
+                continue
             if until is not None and until():
                 return
             time.sleep(poll_interval)
     finally:
         if stream is not None:
             stream.close()
+
+
+def _decoded(lines: list[bytes]) -> Iterator[str]:
+    return (line.decode("utf-8", "replace") for line in lines)
+
+
+def _open_at(path: Path, start: tuple[int, int] | None) -> tuple[BinaryIO | None, int]:
+    """Open the file ``follow`` was called on at the remembered offset, even if rotated once since.
+
+    Otherwise (it is gone, or did not exist then) the current file from its start.
+    """
+    if start is not None:
+        for candidate in (path, path.with_name(f"{path.name}.1")):
+            stream = _open_existing(candidate)
+            if stream is None:
+                continue
+            size = os.fstat(stream.fileno()).st_size
+            if os.fstat(stream.fileno()).st_ino == start[0]:
+                return stream, min(start[1], size)
+            stream.close()
+    return _open_existing(path), 0
 
 
 def _open_existing(path: Path) -> BinaryIO | None:

@@ -1,0 +1,309 @@
+"""Worker output capture: real children writing into a real pipe, rotation, tail and follow."""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import stat
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from flipvisor.config import LogsConfig
+from flipvisor.logs import MAX_LINE, ProgramLog, capture, enlarge_pipe, follow, tail_lines
+from flipvisor.reaper import Reaper
+from flipvisor.spawn import open_output_pipe, spawn_process
+
+LINE_RE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (g\d+ w\d+ pid=\d+) \| (.*)$")
+
+# Writes N numbered lines of W bytes in 1 MiB blocks, then records how long the writing took.
+WRITER = r"""
+import sys, time
+count, width, result = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+filler = "x" * (width - 9)
+block = "".join(f"{i:08d}{filler}\n" for i in range(1000)).encode()
+out = sys.stdout.buffer
+start = time.monotonic()
+for _ in range(count // 1000):
+    out.write(block)
+out.flush()
+with open(result, "w") as f:
+    f.write(str(time.monotonic() - start))
+"""
+
+
+async def run_captured(
+    argv: list[str],
+    log: ProgramLog,
+    *,
+    prefix: str = "g1 w0",
+    tail: collections.deque[str] | None = None,
+) -> int:
+    """Run ``argv`` with its output captured into ``log``; its return code once both are done."""
+    read_fd, write_fd = open_output_pipe()
+    async with anyio.create_task_group() as tg:
+        reaper = Reaper(reap_orphans=False)
+        await tg.start(reaper.run)
+        try:
+            child = spawn_process(argv, reaper=reaper, env=os.environ, output_fd=write_fd)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        try:
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(
+                        lambda: capture(read_fd, log, prefix=f"{prefix} pid={child.pid}", tail=tail)
+                    )
+                    returncode = await child.wait()
+        finally:
+            await child.stop(timeout=5)
+            child.close()
+        tg.cancel_scope.cancel()
+    return returncode
+
+
+def parsed(path: Path) -> list[tuple[str, bytes]]:
+    """(writer, line) of every worker record in one file; fails on a record without the prefix."""
+    records = []
+    for raw in path.read_bytes().splitlines():
+        if re.match(rb"^\S+Z \[flipvisor\] ", raw):
+            continue  # a supervisor note
+        match = LINE_RE.match(raw)
+        assert match, f"unprefixed record {raw[:120]!r}"
+        records.append((match.group(1).decode(), match.group(2)))
+    return records
+
+
+def oldest_first(path: Path) -> list[Path]:
+    """``path.N`` ... ``path.1``, ``path``: the rotated files in the order they were written."""
+    backups = sorted(path.parent.glob(f"{path.name}.*"), key=lambda p: int(p.suffix[1:]))
+    return [*backups[::-1], path]
+
+
+def python(code: str, *args: str) -> list[str]:
+    return [sys.executable, "-c", code, *args]
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "logs" / "app.log"
+
+
+async def test_child_output_is_prefixed_and_tailed(log_path: Path) -> None:
+    log = ProgramLog(log_path, LogsConfig())
+    tail: collections.deque[str] = collections.deque(maxlen=2)
+    code = "import sys; print('one'); print('two', flush=True); sys.stderr.write('three\\n')"
+    try:
+        returncode = await run_captured(python(code), log, prefix="g2 w1", tail=tail)
+        log.note("worker exited with 0")
+    finally:
+        log.close()
+    assert returncode == 0
+    lines = (await anyio.Path(log_path).read_text()).splitlines()
+    records = parsed(log_path)
+    assert [line for _, line in records[:3]] == [b"one", b"two", b"three"]
+    assert all(writer.startswith("g2 w1 pid=") for writer, _ in records[:3])
+    assert lines[3].endswith("Z [flipvisor] worker exited with 0")
+    assert list(tail) == ["two", "three"]
+    assert stat.S_IMODE((await anyio.Path(log_path).stat()).st_mode) == 0o600
+    assert stat.S_IMODE((await anyio.Path(log_path.parent).stat()).st_mode) == 0o700
+    assert log.dropped == 0
+
+
+async def test_partial_last_line_and_overlong_line(log_path: Path) -> None:
+    log = ProgramLog(log_path, LogsConfig())
+    code = (
+        "import sys; o = sys.stdout.buffer; o.write(b'a' * (3 * 65536 + 8192) + b'\\nshort\\n');"
+        " o.write(b'no newline at the end')"
+    )
+    try:
+        assert await run_captured(python(code), log) == 0
+    finally:
+        log.close()
+    lines = [line for _, line in parsed(log_path)]
+    assert [len(line) for line in lines[:4]] == [MAX_LINE, MAX_LINE, MAX_LINE, 8192]
+    assert lines[4:] == [b"short", b"no newline at the end"]
+
+
+async def test_fast_writer_is_not_slowed_and_nothing_is_lost(tmp_path: Path) -> None:
+    count, width = 250_000, 200  # 50 MB
+    log_path = tmp_path / "logs" / "fast.log"
+    log = ProgramLog(log_path, LogsConfig(max_bytes=16 * 1024 * 1024, backups=10))
+    to_file, to_pipe = tmp_path / "file.time", tmp_path / "pipe.time"
+    args = python(WRITER, str(count), str(width))
+    # The baseline: the same child writing straight into a file on the same disk. (/dev/null
+    # would measure nothing: 50 MB cost it well under a millisecond.)
+    fd = os.open(tmp_path / "direct.out", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    async with anyio.create_task_group() as tg:
+        reaper = Reaper(reap_orphans=False)
+        await tg.start(reaper.run)
+        try:
+            child = spawn_process([*args, str(to_file)], reaper=reaper, env=os.environ,
+                                  output_fd=fd)
+        finally:
+            os.close(fd)
+        try:
+            with anyio.fail_after(20):
+                assert await child.wait() == 0
+        finally:
+            await child.stop(timeout=5)
+            child.close()
+        tg.cancel_scope.cancel()
+    started = time.monotonic()
+    try:
+        assert await run_captured([*args, str(to_pipe)], log) == 0
+    finally:
+        log.close()
+    total = time.monotonic() - started
+    file_time, pipe_time = float(to_file.read_text()), float(to_pipe.read_text())
+    # Through the supervisor the writer can only go as fast as we prefix and copy its output, but
+    # it must keep going at disk-like speed. Generous bounds for loaded CI machines.
+    assert pipe_time < max(20 * file_time, 3.0), (pipe_time, file_time, total)
+    assert log.dropped == 0
+    seen = 0
+    for path in oldest_first(log_path):
+        for _, line in parsed(path):
+            assert len(line) == width - 1
+            assert int(line[:8]) == seen % 1000, f"line {seen} out of order or lost"
+            seen += 1
+    assert seen == count
+
+
+def test_rotation_keeps_backups_near_max_bytes(log_path: Path) -> None:
+    config = LogsConfig(max_bytes=1024, backups=3)
+    log = ProgramLog(log_path, config)
+    try:
+        for i in range(200):
+            log.write_line("g1 w0 pid=1", f"line {i:03d} ".encode() + b"y" * 20)
+            if i % 7 == 0:
+                log.flush()  # flushes at odd points must not change where rotation happens
+    finally:
+        log.close()
+    names = sorted(p.name for p in log_path.parent.iterdir())
+    assert names == ["app.log", "app.log.1", "app.log.2", "app.log.3"]
+    record = len(parsed(log_path)[0][1]) + len("2026-11-30T11:29:04.123Z g1 w0 pid=1 | \n")
+    for name in names[1:]:
+        size = (log_path.parent / name).stat().st_size
+        assert config.max_bytes - record < size <= config.max_bytes
+        assert stat.S_IMODE((log_path.parent / name).stat().st_mode) == 0o600
+    assert log_path.stat().st_size <= config.max_bytes
+    numbers = [int(line.split()[1]) for p in oldest_first(log_path) for _, line in parsed(p)]
+    assert numbers == list(range(numbers[0], 200))
+
+
+def test_backups_zero_starts_afresh(log_path: Path) -> None:
+    log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=0))
+    try:
+        for i in range(100):
+            log.write_line("g1 w0 pid=1", f"{i:03d}".encode() + b"z" * 40)
+    finally:
+        log.close()
+    assert [p.name for p in log_path.parent.iterdir()] == ["app.log"]
+    assert 0 < log_path.stat().st_size <= 1024
+    assert parsed(log_path)[-1][1].startswith(b"099")
+
+
+def test_tail_lines_reaches_into_the_previous_file(log_path: Path) -> None:
+    log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=2))
+    try:
+        for i in range(60):
+            log.write_line("g1 w0 pid=1", f"n={i}".encode())
+    finally:
+        log.close()
+    current = len(log_path.read_bytes().splitlines())
+    assert 0 < current < 20
+    lines = tail_lines(log_path, 20)
+    assert [line.rsplit("n=", 1)[1] for line in lines] == [str(i) for i in range(40, 60)]
+    assert tail_lines(log_path, 3)[-1].endswith("| n=59")
+    assert tail_lines(log_path.with_name("missing.log"), 5) == []
+
+
+def test_dropped_lines_are_counted_and_reported(log_path: Path) -> None:
+    log_path.parent.mkdir(parents=True)
+    log_path.symlink_to("/dev/full")  # every write fails with ENOSPC
+    log = ProgramLog(log_path, LogsConfig())
+    try:
+        log.write_lines("g1 w0 pid=1", [b"lost 1", b"lost 2", b"lost 3"])
+        log.flush()
+        assert log.dropped == 3
+        log_path.unlink()  # space again: the next write reopens the name as a fresh file
+        log.write_line("g1 w0 pid=1", b"kept")
+        log.flush()
+    finally:
+        log.close()
+    assert log.dropped == 3
+    lines = log_path.read_text().splitlines()
+    assert lines[0].endswith("Z [flipvisor] dropped 3 lines")
+    assert lines[1].endswith("| kept")
+
+
+def collect(lines: Iterator[str], wanted: str) -> list[str]:
+    got = []
+    for line in lines:
+        got.append(line)
+        if line.endswith(wanted):
+            break
+    return got
+
+
+def test_follow_survives_rotation(log_path: Path) -> None:
+    log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=1))
+    deadline = time.monotonic() + 10
+    record = b"w" * 20
+
+    def write(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            log.write_line("g1 w0 pid=1", f"after {i:03d} ".encode() + record)
+        log.flush()
+
+    try:
+        log.write_line("g1 w0 pid=1", b"before follow")
+        log.flush()
+        lines = follow(log_path, poll_interval=0.01, last=1,
+                       until=lambda: time.monotonic() > deadline)
+        write(0, 20)  # rotates once before the follower even opened the file
+        assert log_path.with_name("app.log.1").read_bytes().startswith(b"20")
+        got = collect(lines, f"after 019 {record.decode()}")
+        for start in range(20, 200, 10):  # less than a file each: the follower keeps up
+            write(start, start + 10)
+            got += collect(lines, f"after {start + 9:03d} {record.decode()}")
+        log.write_line("g2 w0 pid=2", b"still followed")
+        log.flush()
+        got += collect(lines, "still followed")
+        lines.close()
+    finally:
+        log.close()
+    assert got[0].endswith("| before follow")
+    assert [int(line.split("after ")[1][:3]) for line in got[1:-1]] == list(range(200))
+    assert got[-1].endswith("g2 w0 pid=2 | still followed")
+
+
+def test_follow_waits_for_the_file_and_finishes_partial_lines(log_path: Path) -> None:
+    deadline = time.monotonic() + 10
+    lines = follow(log_path, poll_interval=0.01, until=lambda: time.monotonic() > deadline)
+    log_path.parent.mkdir(parents=True)
+    log_path.write_bytes(b"first\nhalf")
+    try:
+        assert next(lines) == "first"
+        with log_path.open("ab") as f:
+            f.write(b" and the rest\n")
+        assert next(lines) == "half and the rest"
+    finally:
+        lines.close()
+
+
+def test_enlarge_pipe() -> None:
+    read_fd, write_fd = open_output_pipe()
+    try:
+        assert enlarge_pipe(read_fd) >= 64 * 1024
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
