@@ -1,0 +1,333 @@
+"""Readiness probes: when may a new generation be promoted (http on its own port, exec, sd_notify).
+
+There is deliberately no TCP-connect probe: the generation's socket is bound and listening by the
+supervisor before any worker runs, so the kernel accepts connections whether or not a worker ever
+answers them. Only an answer proves readiness.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import httpx
+import psutil
+
+from .config import ReadinessConfig
+from .errors import ProbeFailed, SpawnError
+from .reaper import Reaper
+from .spawn import run_command
+
+log = logging.getLogger(__name__)
+
+# One HTTP attempt may take this long; a health check slower than this is not a health check.
+HTTP_ATTEMPT_TIMEOUT = 2.0
+# How much of a failed health response or exec probe output goes into the error message.
+HTTP_BODY_EXCERPT = 200
+EXEC_OUTPUT_LINES = 20
+# sd_notify messages fit in one datagram of PIPE_BUF bytes (systemd's NOTIFY_BUFFER_MAX).
+NOTIFY_BUFFER = 4096
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# Room for the credentials plus fds a sender may attach (FDSTORE=1); we close those at once.
+_ANCILLARY = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(64 * array.array("i").itemsize)
+_MAX_SUN_PATH = 107
+
+
+@dataclass
+class _Progress:
+    """What the probe last learned; the reason a timed-out probe reports."""
+
+    reason: str
+
+
+class NotifySocket:
+    """A per-generation sd_notify datagram socket (AF_UNIX, SOCK_DGRAM, SO_PASSCRED) at ``path``.
+
+    The sender of each datagram is identified by the kernel (SCM_CREDENTIALS), never by what the
+    message claims, so only a worker or one of its descendants can declare a worker ready.
+    """
+
+    def __init__(self, path: Path) -> None:
+        """Bind the socket at ``path`` (a stale socket file there is removed first), mode 0600.
+
+        Raises:
+            ProbeFailed: the path is too long for a unix socket, or binding failed.
+        """
+        self.path = path
+        if len(os.fsencode(path)) > _MAX_SUN_PATH:
+            raise ProbeFailed(
+                f"notify socket path {path} is longer than {_MAX_SUN_PATH} bytes; "
+                "use a shorter state_dir"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                path.unlink()  # left behind by a supervisor that died; nothing can be bound to it
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            self._sock.setblocking(False)
+            self._sock.bind(os.fsencode(path))
+            # Workers run as our uid; nobody else may declare them ready.
+            os.chmod(path, 0o600)
+        except OSError as exc:
+            self._sock.close()
+            raise ProbeFailed(f"cannot bind notify socket {path}: {exc.strerror or exc}") from exc
+        self._ready: set[int] = set()  # workers (not senders) that sent READY=1
+        self._statuses: dict[int, str] = {}  # sender pid -> last STATUS=
+        self._ignored: dict[int, str] = {}  # non-worker sender pid -> why it was ignored
+
+    @property
+    def ready_workers(self) -> frozenset[int]:
+        """The worker PIDs declared ready (by themselves or by a descendant)."""
+        return frozenset(self._ready)
+
+    @property
+    def statuses(self) -> Mapping[int, str]:
+        """The last ``STATUS=`` text of each sender PID."""
+        return dict(self._statuses)
+
+    async def wait_ready(self, pids: Callable[[], set[int]], count: int) -> None:
+        """Return once ``count`` distinct workers sent ``READY=1``.
+
+        ``pids()`` is consulted at each datagram: a sender counts for the worker it is, or the
+        worker it descends from (gunicorn and uvicorn may notify from a child process). Messages
+        already queued on the socket count too. Cancellable at its only await.
+
+        Raises:
+            OSError: the socket failed (it was closed underneath, say).
+        """
+        while len(self._ready) < count:
+            try:
+                data, ancdata, _flags, _addr = self._sock.recvmsg(NOTIFY_BUFFER, _ANCILLARY)
+            except BlockingIOError:
+                await anyio.wait_readable(self._sock)
+                continue
+            self._handle(data, ancdata, pids())
+
+    def describe(self, count: int) -> str:
+        """One line for an error message: how many workers are ready, and what they said."""
+        parts = [f"{len(self._ready)} of {count} workers sent READY=1"]
+        parts += [f"pid {pid}: STATUS={status}" for pid, status in sorted(self._statuses.items())]
+        parts += [f"ignored pid {pid} ({why})" for pid, why in sorted(self._ignored.items())]
+        return "; ".join(parts)
+
+    def close(self) -> None:
+        """Close the socket and remove its file."""
+        if self._sock.fileno() >= 0:
+            with contextlib.suppress(RuntimeError):  # no event loop: nobody can be waiting on it
+                anyio.notify_closing(self._sock)
+            self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def _handle(self, data: bytes, ancdata: list[tuple[int, int, bytes]], pids: set[int]) -> None:
+        sender = _credentials(ancdata)
+        if sender is None:  # cannot happen with SO_PASSCRED, but never trust an unknown sender
+            return
+        fields = _parse_notify(data)
+        if "STATUS" in fields:
+            self._statuses[sender] = fields["STATUS"]
+        if fields.get("READY") != "1":
+            return
+        worker, why = _worker_of(sender, pids)
+        if worker is None:
+            self._ignored[sender] = why
+            log.warning("ignoring READY=1 from pid=%d: %s", sender, why)
+            return
+        log.debug("READY=1 from pid=%d (worker pid=%d)", sender, worker)
+        self._ready.add(worker)
+
+
+def _credentials(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+    """The sender PID from SCM_CREDENTIALS; closes any fds the sender attached."""
+    pid = None
+    for level, kind, payload in ancdata:
+        if level != socket.SOL_SOCKET:
+            continue
+        if kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
+            pid = _UCRED.unpack_from(payload)[0]
+        elif kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            for fd in fds:
+                os.close(fd)  # we keep no fd store; an open fd would leak for our lifetime
+    return pid
+
+
+def _parse_notify(data: bytes) -> dict[str, str]:
+    """``KEY=value`` lines of an sd_notify message (the last one wins)."""
+    fields: dict[str, str] = {}
+    for line in data.decode("utf-8", "replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value
+    return fields
+
+
+def _worker_of(sender: int, pids: set[int]) -> tuple[int | None, str]:
+    """The worker ``sender`` is or descends from; else None and why not."""
+    if sender in pids:
+        return sender, ""
+    try:
+        ancestors = psutil.Process(sender).parents()
+    except psutil.Error:
+        return None, "it exited before it could be identified"
+    for ancestor in ancestors:
+        if ancestor.pid in pids:
+            return ancestor.pid, ""
+    return None, "not a worker of this generation"
+
+
+def probe_url(host: str, port: int, path: str) -> str:
+    """The URL the http probe requests: the generation's own port, IPv6 bracketed.
+
+    A wildcard bind address is probed on loopback, since one cannot connect to it.
+    """
+    address = ipaddress.ip_address(host)
+    if address.is_unspecified:
+        address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
+    # A zone id ("fe80::1%eth0") is written %25-escaped inside the brackets (RFC 6874).
+    netloc = f"[{str(address).replace('%', '%25')}]" if address.version == 6 else str(address)
+    return f"http://{netloc}:{port}{path}"
+
+
+async def _probe_http(url: str, interval: float, progress: _Progress) -> None:
+    """GET ``url`` every ``interval`` until it answers 2xx."""
+    timeout = httpx.Timeout(HTTP_ATTEMPT_TIMEOUT)
+    async with httpx.AsyncClient(trust_env=False, timeout=timeout) as client:
+        while True:
+            try:
+                # Streamed: a health endpoint that never ends its body must not hang the probe.
+                async with client.stream("GET", url) as response:
+                    if response.is_success:
+                        return
+                    status = f"{response.status_code} {response.reason_phrase}"
+                    body = await _body_start(response)
+                progress.reason = f"GET {url}: {status}" + (f": {body}" if body else "")
+            except httpx.HTTPError as exc:
+                progress.reason = f"GET {url}: {_describe_http_error(exc)}"
+            await anyio.sleep(interval)
+
+
+async def _body_start(response: httpx.Response) -> str:
+    """The first line of a failed response's body (often says what is not ready yet)."""
+    data = b""
+    async for chunk in response.aiter_raw():
+        data += chunk
+        if len(data) >= HTTP_BODY_EXCERPT or b"\n" in data:
+            break
+    text = data[:HTTP_BODY_EXCERPT].decode("utf-8", "replace").strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _describe_http_error(exc: httpx.HTTPError) -> str:
+    cause: BaseException | None = exc
+    while cause is not None:  # httpx wraps the OS error a few levels down
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no response within {HTTP_ATTEMPT_TIMEOUT:g}s"
+    return str(exc) or type(exc).__name__
+
+
+async def _probe_exec(
+    argv: list[str],
+    *,
+    port: int,
+    deadline: float,
+    interval: float,
+    reaper: Reaper,
+    env: Mapping[str, str],
+    cwd: Path | None,
+    progress: _Progress,
+) -> None:
+    """Run ``argv`` every ``interval`` until it exits 0; each run bounded by the time left.
+
+    Raises:
+        ProbeFailed: the command cannot be started at all (retrying would not help).
+    """
+    command = [arg.replace("{port}", str(port)) for arg in argv]
+    command_env = {**env, "PORT": str(port)}
+    while True:
+        remaining = deadline - anyio.current_time()
+        try:
+            result = await run_command(
+                command, reaper=reaper, timeout=max(remaining, 0.01), env=command_env, cwd=cwd
+            )
+        except SpawnError as exc:
+            raise ProbeFailed(f"readiness exec probe cannot run: {exc}") from exc
+        if result.ok:
+            return
+        if not result.timed_out:
+            # Only the last run can be cut short by the deadline; the reason set before it says so
+            # (or an earlier run's failure does, which says more).
+            progress.reason = _last_lines(result.describe(), EXEC_OUTPUT_LINES)
+        await anyio.sleep(interval)
+
+
+def _last_lines(text: str, count: int) -> str:
+    lines = text.splitlines()
+    return "\n".join(lines[:1] + lines[1:][-count:]) if len(lines) > count + 1 else text
+
+
+async def wait_ready(
+    readiness: ReadinessConfig,
+    *,
+    host: str,
+    port: int,
+    reaper: Reaper,
+    env: Mapping[str, str],
+    cwd: Path | None,
+    notify: NotifySocket | None,
+    worker_pids: Callable[[], set[int]],
+    numprocs: int,
+) -> None:
+    """Return once the generation on ``host:port`` is ready, as ``readiness`` defines it.
+
+    Cancellable at every await: an in-flight HTTP connection is closed and a running exec probe
+    is killed and reaped before the cancellation propagates.
+
+    Raises:
+        ProbeFailed: not ready within ``readiness.timeout`` (the message carries the last reason:
+            the last HTTP status or error, the exec probe's output, or the notify state), or the
+            exec probe cannot be started.
+        ValueError: ``readiness`` asks for notify but no ``notify`` socket was given.
+    """
+    deadline = anyio.current_time() + readiness.timeout
+    if readiness.http is not None:
+        url = probe_url(host, port, readiness.http)
+        progress = _Progress(f"GET {url}: no response")
+        with anyio.move_on_after(readiness.timeout):
+            return await _probe_http(url, readiness.interval, progress)
+    elif readiness.exec is not None:
+        command = " ".join(readiness.exec)
+        progress = _Progress(f"`{command}` did not finish within {readiness.timeout:g}s")
+        with anyio.move_on_after(readiness.timeout):
+            return await _probe_exec(
+                readiness.exec,
+                port=port,
+                deadline=deadline,
+                interval=readiness.interval,
+                reaper=reaper,
+                env=env,
+                cwd=cwd,
+                progress=progress,
+            )
+    else:
+        if notify is None:
+            raise ValueError("readiness notify needs a NotifySocket")
+        with anyio.move_on_after(readiness.timeout):
+            return await notify.wait_ready(worker_pids, numprocs)
+        progress = _Progress(notify.describe(numprocs))
+    raise ProbeFailed(f"not ready after {readiness.timeout:g}s: {progress.reason}")

@@ -1,0 +1,485 @@
+"""Readiness probes against real worker processes serving on a socket bound by the test."""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import gc
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+from flipvisor.config import ReadinessConfig
+from flipvisor.errors import ProbeFailed
+from flipvisor.probe import NotifySocket, probe_url, wait_ready
+from flipvisor.reaper import Reaper
+from flipvisor.spawn import Child, spawn_process
+from tests.waiting import await_until
+
+# /health answers 503 to the first argv[1] requests, then 200; every status goes to argv[2].
+HTTP_SERVER = r"""
+import http.server, socket, sys
+failures, log = int(sys.argv[1]), sys.argv[2]
+seen = 0
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        global seen
+        seen += 1
+        code = 200 if self.path == "/health" and seen > failures else 503
+        with open(log, "a") as f:
+            f.write(f"{code}\n")
+        body = b"ok\n" if code == 200 else b"warming up\nline two\n"
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", 0), Health, bind_and_activate=False)
+server.socket.close()
+server.socket = socket.socket(fileno=3)
+server.serve_forever()
+"""
+
+# Holds the listening socket and never accepts: the kernel still completes every handshake.
+SILENT_WORKER = "import time; time.sleep(60)"
+
+# sd_notify sender. argv[1]: "ready", "status", "after:<file>" (READY=1 once <file> exists) or
+# "child" (READY=1 from a forked child). argv[2], optional: a file created once the message is sent.
+NOTIFY_WORKER = r"""
+import os, signal, socket, sys, time
+def notify(message):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(message.encode(), os.environ["NOTIFY_SOCKET"])
+    if len(sys.argv) > 2:
+        open(sys.argv[2], "w").close()
+mode = sys.argv[1]
+if mode == "ready":
+    notify("READY=1\nSTATUS=serving")
+elif mode == "status":
+    notify("STATUS=loading model")
+elif mode.startswith("after:"):
+    deadline = time.monotonic() + 30
+    while not os.path.exists(mode[6:]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    notify("READY=1")
+elif mode == "child":
+    pid = os.fork()
+    if pid == 0:
+        notify("READY=1")
+        time.sleep(60)
+        os._exit(0)
+    # The group gets SIGTERM at once: collect the child so it never lingers as an orphan.
+    signal.signal(signal.SIGTERM, lambda *_: (os.waitpid(pid, 0), os._exit(0)))
+time.sleep(60)
+"""
+
+
+@contextlib.asynccontextmanager
+async def running_reaper() -> AsyncIterator[Reaper]:
+    reaper = Reaper(reap_orphans=False)
+    async with anyio.create_task_group() as tg:
+        await tg.start(reaper.run)
+        try:
+            yield reaper
+        finally:
+            tg.cancel_scope.cancel()
+
+
+@contextlib.contextmanager
+def listening(host: str = "127.0.0.1") -> Iterator[socket.socket]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        sock.listen(16)
+        yield sock
+
+
+def port_of(sock: socket.socket) -> int:
+    return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def running(
+    reaper: Reaper,
+    script: str,
+    *args: str,
+    sock: socket.socket | None = None,
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[Child]:
+    child = spawn_process(
+        [sys.executable, "-c", script, *args],
+        reaper=reaper,
+        env={**os.environ, **(env or {})},
+        listen_fd=sock.fileno() if sock is not None else None,
+    )
+    try:
+        yield child
+    finally:
+        await child.stop(signal.SIGTERM, timeout=5)
+        child.close()
+
+
+def readiness(**kwargs: object) -> ReadinessConfig:
+    return ReadinessConfig.model_validate({"interval": 0.05, **kwargs})
+
+
+async def probe(
+    config: ReadinessConfig,
+    reaper: Reaper,
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    notify: NotifySocket | None = None,
+    pids: set[int] | None = None,
+    numprocs: int = 1,
+    env: dict[str, str] | None = None,
+) -> None:
+    await wait_ready(
+        config,
+        host=host,
+        port=port,
+        reaper=reaper,
+        env=env if env is not None else dict(os.environ),
+        cwd=None,
+        notify=notify,
+        worker_pids=lambda: set(pids or ()),
+        numprocs=numprocs,
+    )
+
+
+def tcp_connections_to(port: int) -> list[object]:
+    return [c for c in psutil.Process().net_connections("tcp") if c.raddr and c.raddr[1] == port]
+
+
+# --- http ---------------------------------------------------------------------------------------
+
+
+async def test_http_ready_after_a_few_503s(tmp_path: Path) -> None:
+    statuses = tmp_path / "statuses"
+    async with running_reaper() as reaper:
+        with listening() as sock:
+            async with running(reaper, HTTP_SERVER, "3", str(statuses), sock=sock):
+                with anyio.fail_after(10):
+                    await probe(readiness(http="/health", timeout=8), reaper, port_of(sock))
+    assert statuses.read_text().split() == ["503", "503", "503", "200"]
+
+
+async def test_http_never_ready_fails_with_the_last_status(tmp_path: Path) -> None:
+    async with running_reaper() as reaper:
+        with listening() as sock:
+            port = port_of(sock)
+            async with running(reaper, HTTP_SERVER, "1000000", str(tmp_path / "s"), sock=sock):
+                started = time.monotonic()
+                with pytest.raises(ProbeFailed) as failed:
+                    await probe(readiness(http="/health", timeout=0.8), reaper, port)
+    assert time.monotonic() - started == pytest.approx(0.8, abs=0.5)
+    assert f"GET http://127.0.0.1:{port}/health: 503 Service Unavailable: warming up" in str(
+        failed.value
+    )
+    assert "not ready after 0.8s" in str(failed.value)
+    assert (tmp_path / "s").read_text().split()[0] == "503"
+
+
+async def test_http_worker_that_never_answers_times_out() -> None:
+    # The socket accepts connections (the kernel does), but no worker ever answers: not ready.
+    async with running_reaper() as reaper:
+        with listening() as sock:
+            async with running(reaper, SILENT_WORKER, sock=sock):
+                with pytest.raises(ProbeFailed, match="no response"):
+                    await probe(readiness(http="/health", timeout=0.5), reaper, port_of(sock))
+            assert not tcp_connections_to(port_of(sock))
+
+
+async def test_http_connection_refused() -> None:
+    with listening() as sock:
+        port = port_of(sock)  # closed on exit: nothing listens on it any more
+    async with running_reaper() as reaper:
+        with pytest.raises(ProbeFailed) as failed:
+            await probe(readiness(http="/health", timeout=0.3), reaper, port)
+    assert f"GET http://127.0.0.1:{port}/health: connection refused" in str(failed.value)
+
+
+async def test_http_probe_over_ipv6(tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        try:
+            sock = stack.enter_context(listening("::1"))
+        except OSError:
+            pytest.skip("::1 is not available")
+        async with (
+            running_reaper() as reaper,
+            running(reaper, HTTP_SERVER, "0", str(tmp_path / "s"), sock=sock),
+        ):
+            config = readiness(http="/health", timeout=8)
+            with anyio.fail_after(10):
+                await probe(config, reaper, port_of(sock), host="::1")
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8080/health"),
+        ("0.0.0.0", "http://127.0.0.1:8080/health"),
+        ("::1", "http://[::1]:8080/health"),
+        ("::", "http://[::1]:8080/health"),
+        ("fe80::1", "http://[fe80::1]:8080/health"),
+    ],
+)
+def test_probe_url(host: str, url: str) -> None:
+    assert probe_url(host, 8080, "/health") == url
+
+
+async def test_http_probe_cancelled_mid_request_leaves_no_connection() -> None:
+    async with running_reaper() as reaper:
+        with listening() as sock:
+            async with running(reaper, SILENT_WORKER, sock=sock):
+                config = readiness(http="/health", timeout=10)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(probe, config, reaper, port_of(sock))
+                    # Cancel while the request is in flight on an open connection.
+                    await await_until(_async(lambda: bool(tcp_connections_to(port_of(sock)))))
+                    tg.cancel_scope.cancel()
+                assert not tcp_connections_to(port_of(sock))
+                gc.collect()  # an unclosed socket would warn (an error here) when collected
+
+
+# --- exec ---------------------------------------------------------------------------------------
+
+
+async def test_exec_ok() -> None:
+    async with running_reaper() as reaper:
+        with anyio.fail_after(10):
+            await probe(readiness(exec=[sys.executable, "-c", "pass"], timeout=8), reaper, 1234)
+
+
+async def test_exec_retried_until_it_passes(tmp_path: Path) -> None:
+    counter = tmp_path / "count"
+    script = (
+        "import pathlib, sys; p = pathlib.Path(sys.argv[1]);"
+        "n = len(p.read_text()) if p.exists() else 0; p.write_text('x' * (n + 1));"
+        "sys.exit(0 if n >= 2 else 1)"
+    )
+    async with running_reaper() as reaper:
+        with anyio.fail_after(10):
+            config = readiness(exec=[sys.executable, "-c", script, str(counter)], timeout=8)
+            await probe(config, reaper, 1234)
+    assert counter.read_text() == "xxx"
+
+
+async def test_exec_failing_reports_its_output() -> None:
+    script = "import sys; print('database not reachable'); sys.exit(3)"
+    async with running_reaper() as reaper:
+        with pytest.raises(ProbeFailed) as failed:
+            await probe(readiness(exec=[sys.executable, "-c", script], timeout=0.5), reaper, 1234)
+    assert "exited with status 3: database not reachable" in str(failed.value)
+
+
+async def test_exec_sees_port_in_env_and_argv() -> None:
+    script = (
+        "import os, sys; print(os.environ['PORT'], sys.argv[1]);"
+        "sys.exit(0 if os.environ['PORT'] == sys.argv[1] == '4321' else 1)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PORT"}
+    async with running_reaper() as reaper:
+        with anyio.fail_after(10):
+            config = readiness(exec=[sys.executable, "-c", script, "{port}"], timeout=8)
+            await probe(config, reaper, 4321, env=env)
+
+
+async def test_exec_that_hangs_is_killed_at_the_timeout() -> None:
+    async with running_reaper() as reaper:
+        started = time.monotonic()
+        config = readiness(exec=[sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.5)
+        with pytest.raises(
+            ProbeFailed, match=r"^not ready after 0\.5s: `.*` did not finish within 0\.5s$"
+        ):
+            await probe(config, reaper, 1234)
+        assert time.monotonic() - started < 3
+        assert not psutil.Process().children()
+
+
+async def test_exec_missing_command_fails_at_once() -> None:
+    async with running_reaper() as reaper:
+        with anyio.fail_after(5), pytest.raises(ProbeFailed, match="cannot run"):
+            await probe(readiness(exec=["no-such-check-command"], timeout=30), reaper, 1234)
+
+
+async def test_exec_probe_cancelled_leaves_no_process() -> None:
+    async with running_reaper() as reaper:
+        config = readiness(exec=[sys.executable, "-c", "import time; time.sleep(60)"], timeout=30)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(probe, config, reaper, 1234)
+            await await_until(_has_children, timeout=10, message="the exec probe to run")
+            tg.cancel_scope.cancel()
+        # run_command kills and reaps its child before the cancellation gets out.
+        assert not psutil.Process().children()
+
+
+async def _has_children() -> bool:
+    return bool(psutil.Process().children())
+
+
+# --- notify -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "n.sock")
+    yield sock
+    sock.close()
+    assert not sock.path.exists()
+
+
+def notify_env(notify: NotifySocket) -> dict[str, str]:
+    return {"NOTIFY_SOCKET": str(notify.path)}
+
+
+async def test_notify_requires_every_worker(tmp_path: Path, notify: NotifySocket) -> None:
+    trigger = tmp_path / "go"
+    env = notify_env(notify)
+    done = anyio.Event()
+
+    async def probe_then_flag(reaper: Reaper, pids: set[int]) -> None:
+        config = readiness(notify=True, timeout=20)
+        await probe(config, reaper, 1, notify=notify, pids=pids, numprocs=2)
+        done.set()
+
+    async with (
+        running_reaper() as reaper,
+        running(reaper, NOTIFY_WORKER, "ready", env=env) as first,
+        running(reaper, NOTIFY_WORKER, f"after:{trigger}", env=env) as second,
+    ):
+        with anyio.fail_after(15):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(probe_then_flag, reaper, {first.pid, second.pid})
+                await await_until(_async(lambda: notify.ready_workers == {first.pid}))
+                # The first READY=1 was handled, and the probe is still waiting for the second.
+                assert not done.is_set()
+                trigger.touch()
+                await done.wait()
+        assert notify.ready_workers == {first.pid, second.pid}
+        assert notify.statuses == {first.pid: "serving"}
+
+
+async def test_notify_times_out_with_the_workers_status(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    env = notify_env(notify)
+    sent = tmp_path / "sent"
+    async with (
+        running_reaper() as reaper,
+        running(reaper, NOTIFY_WORKER, "ready", env=env) as first,
+        running(reaper, NOTIFY_WORKER, "status", str(sent), env=env) as second,
+    ):
+        await await_until(_async(sent.exists))
+        config = readiness(notify=True, timeout=0.5)
+        with pytest.raises(ProbeFailed) as failed:
+            await probe(config, reaper, 1, notify=notify, pids={first.pid, second.pid}, numprocs=2)
+    assert "1 of 2 workers sent READY=1" in str(failed.value)
+    assert f"pid {second.pid}: STATUS=loading model" in str(failed.value)
+
+
+async def test_notify_from_a_non_worker_is_ignored(tmp_path: Path, notify: NotifySocket) -> None:
+    env = notify_env(notify)
+    sent = tmp_path / "sent"
+    async with (
+        running_reaper() as reaper,
+        running(reaper, SILENT_WORKER, env=env) as worker,
+        running(reaper, NOTIFY_WORKER, "ready", str(sent), env=env) as stray,
+    ):
+        await await_until(_async(sent.exists))  # queued before the probe starts
+        with pytest.raises(ProbeFailed) as failed:
+            config = readiness(notify=True, timeout=0.5)
+            await probe(config, reaper, 1, notify=notify, pids={worker.pid})
+    assert "0 of 1 workers sent READY=1" in str(failed.value)
+    assert f"ignored pid {stray.pid} (not a worker of this generation)" in str(failed.value)
+    assert not notify.ready_workers
+
+
+async def test_notify_from_a_sender_gone_before_it_is_read_is_ignored(
+    notify: NotifySocket,
+) -> None:
+    # A helper like `systemd-notify --ready` that exits at once cannot be traced to a worker.
+    send = (
+        "import os, socket; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)"
+        ".sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])"
+    )
+    async with running_reaper() as reaper:
+        async with running(reaper, send, env=notify_env(notify)) as helper:
+            with anyio.fail_after(10):
+                assert await helper.wait() == 0
+        # Had it been alive, it would count: it descends from this process, named as the worker.
+        with pytest.raises(ProbeFailed) as failed:
+            config = readiness(notify=True, timeout=0.3)
+            await probe(config, reaper, 1, notify=notify, pids={os.getpid()})
+    assert f"ignored pid {helper.pid} (it exited before it could be identified)" in str(
+        failed.value
+    )
+
+
+async def test_notify_from_a_workers_child_counts_for_the_worker(notify: NotifySocket) -> None:
+    async with (
+        running_reaper() as reaper,
+        running(reaper, NOTIFY_WORKER, "child", env=notify_env(notify)) as worker,
+    ):
+        with anyio.fail_after(10):
+            config = readiness(notify=True, timeout=8)
+            await probe(config, reaper, 1, notify=notify, pids={worker.pid})
+        assert notify.ready_workers == {worker.pid}
+
+
+async def test_notify_socket_file(tmp_path: Path) -> None:
+    path = tmp_path / "n.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as stale:
+        stale.bind(str(path))  # a socket file left behind by a dead supervisor
+    notify = NotifySocket(path)
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_ISSOCK(path.stat().st_mode)
+    finally:
+        notify.close()
+    assert not path.exists()
+    notify.close()  # twice is fine
+    with pytest.raises(ProbeFailed, match="shorter state_dir"):
+        NotifySocket(tmp_path / ("x" * 120))
+
+
+async def test_notify_closes_fds_a_sender_attaches(notify: NotifySocket) -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+        sender.sendmsg(
+            [b"FDSTORE=1\nREADY=1"],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [devnull]).tobytes())],
+            0,
+            str(notify.path),
+        )
+    before = set(os.listdir("/proc/self/fd"))
+    with anyio.fail_after(5):
+        # This process is the sender: count it as the worker.
+        await notify.wait_ready(lambda: {os.getpid()}, 1)
+    assert set(os.listdir("/proc/self/fd")) <= before
+    os.close(devnull)
+
+
+async def test_notify_probe_cancelled(notify: NotifySocket) -> None:
+    async with running_reaper() as reaper:
+        with anyio.move_on_after(0.2) as scope:
+            config = readiness(notify=True, timeout=10)
+            await probe(config, reaper, 1, notify=notify, pids={1})
+    assert scope.cancelled_caught
+
+
+def _async(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return predicate()
+
+    return check
