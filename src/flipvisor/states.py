@@ -45,14 +45,14 @@ class WorkerState(StrEnum):
 GENERATION_TRANSITIONS: dict[GenerationState, frozenset[GenerationState]] = {
     GenerationState.STARTING: frozenset({GenerationState.READY, GenerationState.FAILED}),
     # A ready generation may be drained without promotion: a warm generation kept for rollback
-    # that is stopped, or shutdown arriving between the probe and the promotion.
+    # whose window ended, or shutdown arriving between the probe and the promotion.
     GenerationState.READY: frozenset(
         {GenerationState.PROMOTING, GenerationState.FAILED, GenerationState.DRAINING}
     ),
     GenerationState.PROMOTING: frozenset({GenerationState.SERVING, GenerationState.FAILED}),
-    GenerationState.SERVING: frozenset({GenerationState.DRAINING}),
-    # A draining generation kept warm for a rollback can be promoted again.
-    GenerationState.DRAINING: frozenset({GenerationState.STOPPED, GenerationState.PROMOTING}),
+    # A replaced generation kept warm for ``rollback_window`` goes back to READY, unrouted.
+    GenerationState.SERVING: frozenset({GenerationState.DRAINING, GenerationState.READY}),
+    GenerationState.DRAINING: frozenset({GenerationState.STOPPED}),
     GenerationState.STOPPED: frozenset(),
     GenerationState.FAILED: frozenset(),
 }
@@ -62,7 +62,7 @@ WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.RUNNING: frozenset({WorkerState.EXITED, WorkerState.STOPPING}),
     WorkerState.EXITED: frozenset({WorkerState.BACKOFF, WorkerState.FATAL, WorkerState.STOPPED}),
     WorkerState.BACKOFF: frozenset({WorkerState.STARTING, WorkerState.STOPPED}),
-    WorkerState.STOPPING: frozenset({WorkerState.STOPPED}),
+    WorkerState.STOPPING: frozenset({WorkerState.EXITED, WorkerState.STOPPED}),
     WorkerState.STOPPED: frozenset(),
     WorkerState.FATAL: frozenset(),
 }

@@ -1,0 +1,275 @@
+"""The ``flipvisor`` command line: argparse, human and ``--json`` output, and the only place
+that turns exceptions into exit codes (0 success, 1 the operation failed, 2 usage/config/unreachable).
+
+Heavy modules are imported only by the commands that need them, so ``status`` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import CONFIG_ENV, Config, default_config_path, load_config
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, FlipvisorError
+
+Handler = Callable[[argparse.Namespace, Config], int]
+
+
+def _config_option(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    parser.add_argument(
+        "-c", "--config", type=Path,
+        # Subcommands must not overwrite a -c given before the subcommand.
+        default=None if top else argparse.SUPPRESS,
+        help=f"config file (default: ${CONFIG_ENV}, else ./flipvisor.yaml)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flipvisor",
+        description="Supervise programs and flip them to new generations with zero dropped "
+        "requests.",
+    )
+    _config_option(parser, top=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, *, program: bool = False,
+                json_output: bool = False) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _config_option(sub, top=False)
+        if program:
+            sub.add_argument("program", metavar="PROGRAM")
+        if json_output:
+            sub.add_argument("--json", action="store_true", help="print one JSON document")
+        return sub
+
+    command("run", "run the supervisor in the foreground")
+    flip = command("flip", "deploy a new generation of PROGRAM", program=True, json_output=True)
+    flip.add_argument("--timeout", type=float, metavar="S",
+                      help="give up and roll back after S seconds")
+    command("restart", "restart PROGRAM (a flip)", program=True, json_output=True).add_argument(
+        "--timeout", type=float, metavar="S", help="give up and roll back after S seconds")
+    command("rollback", "flip back to the previous generation's config", program=True,
+            json_output=True)
+    status = command("status", "show programs and their generations", json_output=True)
+    status.add_argument("program", nargs="?", metavar="PROGRAM")
+    command("start", "start PROGRAM (clears fatal)", program=True, json_output=True)
+    command("stop", "stop PROGRAM (drain all its generations)", program=True, json_output=True)
+    logs = command("logs", "show PROGRAM's captured output", program=True)
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-n", "--lines", type=int, default=50, metavar="N",
+                      help="how many lines (default 50)")
+    command("check", "validate the config file", json_output=True)
+    command("shutdown", "ask the running supervisor to drain everything and exit")
+    command("reload", "ask the running supervisor to re-read its config (like SIGHUP)",
+            json_output=True)
+    events = command("events", "show lifecycle events", json_output=True)
+    events.add_argument("program", nargs="?", metavar="PROGRAM")
+    events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    events.add_argument("-n", "--lines", type=int, default=50, metavar="N")
+    command("watch", "run the built-in confd alone: render templates from registry keys")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``flipvisor`` command; the only ``sys.exit``."""
+    sys.exit(run_cli(argv))
+
+
+def run_cli(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    path: Path = args.config or default_config_path()
+    try:
+        if args.command == "check":
+            return _check(args, path)
+        config = load_config(path)
+        return HANDLERS[args.command](args, config)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except FlipvisorError as exc:
+        _error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _error(message: str) -> None:
+    print(f"flipvisor: {message}", file=sys.stderr)
+
+
+def _print_json(document: Any) -> None:
+    print(json.dumps(document, indent=2, sort_keys=False))
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def _check(args: argparse.Namespace, path: Path) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        if getattr(args, "json", False):
+            _print_json({"ok": False, "error": str(exc).splitlines()[0],
+                         "problems": exc.problems})
+        else:
+            _error(str(exc))
+        return EXIT_USAGE
+    if getattr(args, "json", False):
+        _print_json({"ok": True, "programs": sorted(config.programs)})
+    else:
+        print(f"{path}: ok ({len(config.programs)} programs, {len(config.watch)} watches)")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace, config: Config) -> int:
+    import logging
+
+    import anyio
+
+    from .supervisor import Supervisor
+
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    path: Path = args.config or default_config_path()
+    anyio.run(Supervisor(path, config).run, backend="asyncio")
+    return EXIT_OK
+
+
+def _watch(args: argparse.Namespace, config: Config) -> int:
+    import logging
+
+    import anyio
+
+    from .watch import watch_main
+
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not config.watch:
+        raise ConfigError(f"{args.config or default_config_path()}: no `watch:` entries")
+    anyio.run(watch_main, config, backend="asyncio")
+    return EXIT_OK
+
+
+def _request(config: Config, command: str, program: str | None = None,
+             **request_args: Any) -> dict[str, Any]:
+    from .client import call
+    from .protocol import Request
+
+    return call(config.socket_path, Request(command, program, request_args))
+
+
+def _final(answer: dict[str, Any]) -> int:
+    if answer.get("error"):
+        _error(str(answer["error"]))
+    return int(answer.get("exit_code", EXIT_FAILED))
+
+
+def _status(args: argparse.Namespace, config: Config) -> int:
+    answer = _request(config, "status", args.program)
+    if answer.get("ok") and not args.json:
+        from .display import print_status
+
+        print_status(answer["result"])
+    elif answer.get("ok"):
+        _print_json(answer["result"])
+    return _final(answer)
+
+
+def _flip_like(args: argparse.Namespace, config: Config) -> int:
+    from .client import converse
+    from .display import FlipProgress
+    from .protocol import Request
+
+    request_args: dict[str, Any] = {}
+    if getattr(args, "timeout", None) is not None:
+        request_args["timeout"] = args.timeout
+    request = Request(args.command, args.program, request_args)
+    answer: dict[str, Any] = {}
+    progress = FlipProgress(enabled=not args.json)
+    with progress:
+        for message in converse(config.socket_path, request):
+            if message.get("type") == "progress":
+                progress.update(message)
+            elif message.get("type") == "result":
+                answer = message
+    report = answer.get("result")
+    if args.json:
+        _print_json(report if report is not None else answer)
+    elif isinstance(report, dict) and "steps" in report:
+        progress.summary(report)
+    elif answer.get("ok"):
+        print(f"{args.program}: {answer.get('result', {}).get('state', 'ok')}")
+    return _final(answer)
+
+
+def _simple(args: argparse.Namespace, config: Config) -> int:
+    answer = _request(config, args.command, getattr(args, "program", None))
+    if getattr(args, "json", False):
+        _print_json(answer.get("result"))
+    elif answer.get("ok"):
+        print(f"flipvisor: {args.command}: ok")
+    return _final(answer)
+
+
+def _logs(args: argparse.Namespace, config: Config) -> int:
+    from .logs import follow, tail_lines
+
+    path = config.log_dir / f"{args.program}.log"
+    if args.program not in config.programs and not path.exists():
+        _error(f"no program named {args.program!r} in the config")
+        return EXIT_USAGE
+    for line in tail_lines(path, args.lines):
+        print(line)
+    if args.follow:
+        sys.stdout.flush()
+        for line in follow(path):
+            print(line, flush=True)
+    return EXIT_OK
+
+
+def _events(args: argparse.Namespace, config: Config) -> int:
+    from .client import converse
+    from .protocol import Request
+
+    request = Request("events", args.program, {"limit": args.lines, "follow": args.follow})
+    answer: dict[str, Any] = {}
+    for message in converse(config.socket_path, request):
+        if message.get("type") == "event":
+            if args.json:
+                print(json.dumps(message), flush=True)
+            else:
+                stamp = time.strftime("%H:%M:%S", time.localtime(message["time"]))
+                gen = f" g{message['generation']}" if message.get("generation") else ""
+                fields = " ".join(f"{k}={v}" for k, v in message.get("fields", {}).items())
+                print(f"{stamp} {message['program']}{gen} {message['kind']} "
+                      f"{message.get('message', '')} {fields}".rstrip(), flush=True)
+        elif message.get("type") == "result":
+            answer = message
+    return _final(answer)
+
+
+HANDLERS: dict[str, Handler] = {
+    "run": _run,
+    "watch": _watch,
+    "status": _status,
+    "flip": _flip_like,
+    "restart": _flip_like,
+    "rollback": _flip_like,
+    "start": _flip_like,
+    "stop": _simple,
+    "shutdown": _simple,
+    "reload": _simple,
+    "logs": _logs,
+    "events": _events,
+}

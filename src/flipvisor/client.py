@@ -1,0 +1,56 @@
+"""The CLI's side of the control socket: plain blocking sockets, so a status call stays quick."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import ControlUnreachable
+from .protocol import MAX_LINE, Request
+
+
+def converse(path: Path, request: Request, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+    """Send ``request`` and yield each message of the answer, the final ``result`` last.
+
+    Raises:
+        ControlUnreachable: nothing listens on ``path`` (or it went away mid-answer).
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise ControlUnreachable(
+                f"no supervisor is listening on {path} (start one with `flipvisor run`)"
+            ) from exc
+        except PermissionError as exc:
+            raise ControlUnreachable(f"permission denied on {path}: {exc.strerror}") from exc
+        sock.sendall(request.encode())
+        reader = sock.makefile("rb")
+        with reader:
+            while True:
+                line = reader.readline(MAX_LINE)
+                if not line:
+                    raise ControlUnreachable(f"the supervisor on {path} closed the connection")
+                message = json.loads(line)
+                yield message
+                if message.get("type") == "result":
+                    return
+    finally:
+        sock.close()
+
+
+def call(path: Path, request: Request, timeout: float | None = 30.0) -> dict[str, Any]:
+    """Send ``request`` and return only the final ``result`` message.
+
+    Raises:
+        ControlUnreachable: nothing listens on ``path``.
+    """
+    final: dict[str, Any] = {}
+    for message in converse(path, request, timeout):
+        final = message
+    return final

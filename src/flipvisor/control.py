@@ -1,0 +1,111 @@
+"""The control socket: a unix stream socket (0600, in a 0700 state_dir) that accepts only its
+owner's uid or root (checked with SO_PEERCRED), reads one request per connection and hands it
+to the supervisor's dispatcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import SocketAttribute, SocketStream, TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from .errors import EXIT_USAGE, FlipvisorError
+from .protocol import MAX_LINE, ProtocolError, Request, decode_request, encode, result
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Dispatch = Callable[[Request, Send], Awaitable[dict[str, Any]]]
+
+
+class AlreadyRunning(FlipvisorError):
+    """Another supervisor already answers on the control socket."""
+
+    exit_code = EXIT_USAGE
+
+
+def peer_uid(stream: SocketStream) -> int:
+    """The uid of the process on the other end of a unix socket."""
+    raw: socket.socket = stream.extra(SocketAttribute.raw_socket)
+    creds = raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def peer_allowed(uid: int) -> bool:
+    """Only the supervisor's own user, or root."""
+    return uid in (os.getuid(), 0)
+
+
+def _claim_path(path: Path) -> None:
+    """Remove a stale socket file; refuse if a live supervisor answers there."""
+    if not path.exists() and not path.is_symlink():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise AlreadyRunning(f"a supervisor is already listening on {path}")
+
+
+class ControlServer:
+    """Serves the control socket until cancelled."""
+
+    def __init__(self, path: Path, dispatch: Dispatch) -> None:
+        self.path = path
+        self.dispatch = dispatch
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Bind (mode 0600) and serve connections, each in its own task.
+
+        Raises:
+            AlreadyRunning: another supervisor holds the socket.
+        """
+        _claim_path(self.path)
+        old_umask = os.umask(0o177)  # no window in which the socket is group/world accessible
+        try:
+            listener = await anyio.create_unix_listener(self.path, mode=0o600)
+        finally:
+            os.umask(old_umask)
+        try:
+            async with listener:
+                task_status.started()
+                await listener.serve(self._handle)
+        finally:
+            with anyio.CancelScope(shield=True):
+                self.path.unlink(missing_ok=True)
+
+    async def _handle(self, stream: SocketStream) -> None:
+        async with stream:
+            uid = peer_uid(stream)
+
+            async def send(message: dict[str, Any]) -> None:
+                await stream.send(encode(message))
+
+            try:
+                if not peer_allowed(uid):
+                    log.warning("refused control connection from uid %d", uid)
+                    await send(result(error=f"permission denied for uid {uid}",
+                                      exit_code=EXIT_USAGE))
+                    return
+                buffered = BufferedByteReceiveStream(stream)
+                line = await buffered.receive_until(b"\n", MAX_LINE)
+                request = decode_request(line)
+                await send(await self.dispatch(request, send))
+            except ProtocolError as exc:
+                await send(result(error=str(exc), exit_code=EXIT_USAGE))
+            except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError,
+                    anyio.ClosedResourceError, anyio.DelimiterNotFound, ConnectionError):
+                pass  # the client went away; whatever it started goes on

@@ -1,0 +1,83 @@
+"""The bounded history of lifecycle events and its live subscribers (``events -f``, flips' progress).
+
+Emitting never blocks: a subscriber that does not keep up loses events and is told how many.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+log = logging.getLogger(__name__)
+
+HISTORY = 1000
+SUBSCRIBER_BUFFER = 256
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happened: ``kind`` is a short verb such as ``spawned`` or ``promoted``."""
+
+    kind: str
+    program: str
+    generation: int | None = None
+    message: str = ""
+    fields: dict[str, Any] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EventLog:
+    """Keeps the last ``HISTORY`` events and fans new ones out to subscribers."""
+
+    def __init__(self) -> None:
+        self._history: deque[Event] = deque(maxlen=HISTORY)
+        self._subscribers: list[MemoryObjectSendStream[Event]] = []
+
+    def emit(
+        self, kind: str, program: str, generation: int | None = None, message: str = "",
+        **fields: Any,
+    ) -> Event:
+        """Record an event, log it, and hand it to every subscriber that has room."""
+        event = Event(kind, program, generation, message, fields)
+        self._history.append(event)
+        log.info(
+            "%s program=%s generation=%s %s %s", kind, program, generation, message,
+            " ".join(f"{key}={value}" for key, value in fields.items()),
+        )
+        for stream in list(self._subscribers):
+            try:
+                stream.send_nowait(event)
+            except anyio.WouldBlock:
+                pass  # a slow subscriber misses events rather than slowing the supervisor
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._subscribers.remove(stream)
+        return event
+
+    def recent(self, limit: int = HISTORY, program: str | None = None) -> list[Event]:
+        """The newest ``limit`` events, oldest first, optionally of one program."""
+        events = [e for e in self._history if program is None or e.program == program]
+        return events[-limit:]
+
+    @asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[MemoryObjectReceiveStream[Event]]:
+        """A stream of events emitted from now on, for as long as the context is open."""
+        send, receive = anyio.create_memory_object_stream[Event](SUBSCRIBER_BUFFER)
+        self._subscribers.append(send)
+        try:
+            yield receive
+        finally:
+            if send in self._subscribers:
+                self._subscribers.remove(send)
+            send.close()
+            receive.close()

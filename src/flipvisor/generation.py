@@ -1,0 +1,248 @@
+"""One generation of a program: its listening socket, ``numprocs`` workers in one task group,
+its state, and how it ends (drained after a newer generation took over, or failed before serving).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskStatus
+
+from .config import ProgramConfig
+from .events import EventLog
+from .logs import ProgramLog
+from .probe import NotifySocket
+from .reaper import Reaper
+from .sockets import bind_listener, bound_port
+from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition
+from .worker import Worker, WorkerSpec, backoff_delay
+
+log = logging.getLogger(__name__)
+
+TAIL_LINES = 20
+# A worker killed with SIGKILL is gone at once unless the kernel is stuck; bound the wait anyway.
+KILL_GRACE = 10.0
+
+
+class Generation:
+    """Workers of one version of a program, all on one socket bound for this generation."""
+
+    def __init__(
+        self, *, program: str, number: int, config: ProgramConfig, reaper: Reaper,
+        log: ProgramLog, events: EventLog, notify_dir: Path,
+        on_worker_exit: Callable[[Generation, Worker, int | None, str], float | None],
+        on_pids_changed: Callable[[Generation], None],
+    ) -> None:
+        self.program = program
+        self.number = number
+        self.config = config
+        self.events = events
+        self.state = GenerationState.STARTING
+        self.failure: str | None = None
+        self.was_serving = False
+        self.created_at = time.time()
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self._on_worker_exit = on_worker_exit
+        self._on_pids_changed = on_pids_changed
+        self._stopping = anyio.Event()
+        self._failed = anyio.Event()
+        self._stopped = anyio.Event()
+        self._drain_delay = 0.0
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._spec: WorkerSpec | None = None
+        self._reaper = reaper
+        self._log = log
+        self.socket = bind_listener(config.socket)
+        self.host = config.socket.host
+        self.port = bound_port(self.socket)
+        self.notify: NotifySocket | None = None
+        try:
+            if config.readiness is not None and config.readiness.notify:
+                self.notify = NotifySocket(notify_dir / f"{program}-{number}.sock")
+        except BaseException:
+            self.socket.close()
+            raise
+        spec = WorkerSpec(
+            program=program, generation=number, config=config, port=self.port,
+            listen_fd=self.socket.fileno(),
+            notify_socket=self.notify.path if self.notify is not None else None,
+        )
+        self._spec = spec
+        self.workers = [self._new_worker(index) for index in range(config.numprocs)]
+
+    def _new_worker(self, index: int) -> Worker:
+        assert self._spec is not None
+        return Worker(self, self._spec, index, reaper=self._reaper, log=self._log, tail=self.tail)
+
+    async def revive(self) -> int:
+        """Start again every worker slot that gave up (crash loop, or policy ``never``).
+
+        Raises:
+            SpawnError: a worker could not be started.
+        """
+        if self._tg is None or self.stopping:
+            return 0
+        revived = 0
+        for index, worker in enumerate(self.workers):
+            if worker.state is WorkerState.STOPPED:
+                replacement = self._new_worker(index)
+                replacement.restarts = worker.restarts
+                self.workers[index] = replacement
+                await self._tg.start(replacement.run)
+                revived += 1
+        return revived
+
+    # -- what the status shows -------------------------------------------------------------
+
+    @property
+    def pids(self) -> list[int]:
+        return [pid for worker in self.workers if (pid := worker.pid) is not None]
+
+    def pid_records(self) -> list[dict[str, float]]:
+        """``[{"pid": 101, "started": 1764490000.12}, ...]`` of the running workers."""
+        return [
+            {"pid": worker.child.pid, "started": worker.child.started}
+            for worker in self.workers
+            if worker.child is not None and worker.pid is not None
+        ]
+
+    @property
+    def restarts(self) -> int:
+        return sum(worker.restarts for worker in self.workers)
+
+    def transition(self, new: GenerationState) -> None:
+        """Change state through the table; one log line per change."""
+        check_transition(GENERATION_TRANSITIONS, self.state, new)
+        log.info(
+            "program=%s generation=%d %s -> %s", self.program, self.number, self.state, new
+        )
+        self.state = new
+        self.events.emit(new.value, self.program, self.number, port=self.port)
+
+    # -- the WorkerOwner protocol ----------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def wait_stopping(self) -> None:
+        await self._stopping.wait()
+
+    def worker_spawned(self, worker: Worker) -> None:
+        assert worker.child is not None
+        self.events.emit(
+            "spawned", self.program, self.number, worker=worker.index, pid=worker.child.pid
+        )
+        if worker.restarts:
+            self._on_pids_changed(self)
+
+    def worker_exited(self, worker: Worker, returncode: int | None, reason: str) -> float | None:
+        self.events.emit("exited", self.program, self.number, reason, worker=worker.index)
+        if self.stopping:
+            return None
+        return self._on_worker_exit(self, worker, returncode, reason)
+
+    # -- life ------------------------------------------------------------------------------
+
+    def fail(self, reason: str) -> None:
+        """Mark this (not yet serving) generation as failed: the flip waiting on it rolls back."""
+        if self.failure is None:
+            self.failure = reason
+        self._failed.set()
+
+    async def wait_failed(self) -> str:
+        """Return the reason once a worker failed the generation before it served."""
+        await self._failed.wait()
+        return self.failure or "failed"
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Own the workers from spawn to reap; ``started()`` once every worker is spawned.
+
+        Raises:
+            SpawnError: a worker could not be started at all (before ``started()``).
+        """
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for worker in self.workers:
+                    await tg.start(worker.run)
+                task_status.started()
+                await self._stopping.wait()
+                await self._stop_workers(tg)
+        finally:
+            with anyio.CancelScope(shield=True):
+                # A cancelled generation (supervisor exiting) still stops every worker: each
+                # worker's own finally does that; we only release the socket afterwards.
+                self.socket.close()
+                if self.notify is not None:
+                    self.notify.close()
+                self._final_transition()
+                self._stopped.set()
+
+    def _final_transition(self) -> None:
+        if self.state in (GenerationState.STOPPED, GenerationState.FAILED):
+            return
+        never_served = not self.was_serving and self.state is not GenerationState.READY
+        if never_served or (self.failure is not None and not self.was_serving):
+            self.failure = self.failure or "stopped before it was ready"
+            self.transition(GenerationState.FAILED)
+            return
+        if self.state is not GenerationState.DRAINING:
+            self.transition(GenerationState.DRAINING)
+        self.transition(GenerationState.STOPPED)
+
+    async def _stop_workers(self, tg: anyio.abc.TaskGroup) -> None:
+        drain = self.config.drain
+        await anyio.sleep(self._drain_delay)
+        for worker in self.workers:
+            worker.signal(drain.signal)
+        with anyio.move_on_after(drain.timeout) as graceful:
+            await self._all_workers_done()
+        if graceful.cancelled_caught:
+            for worker in self.workers:
+                if worker.pid is not None:
+                    self.events.emit(
+                        "killed", self.program, self.number,
+                        f"still running {drain.timeout}s after {drain.signal.name}",
+                        worker=worker.index, pid=worker.pid,
+                    )
+                worker.kill()
+            with anyio.move_on_after(KILL_GRACE):
+                await self._all_workers_done()
+        tg.cancel_scope.cancel()
+
+    async def _all_workers_done(self) -> None:
+        while any(worker.pid is not None for worker in self.workers):
+            # Each exit is reaped by the reaper and wakes the worker; wait for the next one.
+            child = next(w.child for w in self.workers if w.pid is not None)
+            assert child is not None
+            await child.wait()
+
+    def request_stop(self, *, delay: float) -> None:
+        """Begin stopping: after ``delay``, signal every worker, SIGKILL after the timeout."""
+        self._drain_delay = delay
+        self._stopping.set()
+
+    async def drain(self) -> None:
+        """Drain a generation that served (or was ready): delay, signal, timeout, SIGKILL."""
+        if self.state not in (GenerationState.DRAINING, GenerationState.STOPPED):
+            self.transition(GenerationState.DRAINING)
+        self.request_stop(delay=self.config.drain.delay)
+        await self._stopped.wait()
+
+    async def discard(self, reason: str) -> None:
+        """Stop a generation that never served, at once; it ends FAILED."""
+        self.fail(reason)
+        self.request_stop(delay=0.0)
+        await self._stopped.wait()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+__all__ = ["Generation", "backoff_delay"]

@@ -1,0 +1,372 @@
+"""One supervised program: its generations, flips, rollback, start/stop, and crash policy.
+
+Generations and flips run in the program's own task group, so a flip finishes (or rolls back)
+even if the client that asked for it goes away, and removing a program cancels all of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from .config import LogsConfig, ProgramConfig
+from .errors import Busy, FlipFailed, FlipvisorError, ProbeFailed, UsageError
+from .events import EventLog
+from .generation import Generation
+from .logs import ProgramLog
+from .probe import wait_ready
+from .progress import FlipReport
+from .promotion import promote, with_current_pids
+from .reaper import Reaper
+from .registry import Registry, Snapshot
+from .states import GenerationState, ProgramState
+from .worker import RestartBudget, Worker, backoff_delay, worker_env
+
+log = logging.getLogger(__name__)
+
+DISCARD_TIMEOUT = 30.0
+
+
+@dataclass
+class Runtime:
+    """What every program shares with the supervisor."""
+
+    reaper: Reaper
+    registry: Registry
+    events: EventLog
+    state_dir: Path
+    logs: LogsConfig
+
+
+class Program:
+    """The owner of one program's generations."""
+
+    def __init__(self, name: str, config: ProgramConfig, runtime: Runtime) -> None:
+        self.name = name
+        self.config = config
+        self.runtime = runtime
+        self.generations: list[Generation] = []
+        self.serving: Generation | None = None
+        self.warm: Generation | None = None
+        self.previous_config: ProgramConfig | None = None
+        self.fatal_reason: str | None = None
+        self.current_flip: FlipReport | None = None
+        self.last_flip: FlipReport | None = None
+        self.published: Snapshot | None = None
+        self._next_number = 1
+        self._budget = RestartBudget(config.restart.max_restarts, config.restart.window)
+        self._flip_lock = anyio.Lock()
+        self._tg: TaskGroup | None = None
+        self.log = ProgramLog(runtime.state_dir / "logs" / f"{name}.log", runtime.logs)
+
+    # -- status -------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ProgramState:
+        if self.fatal_reason is not None:
+            return ProgramState.FATAL
+        if self.serving is not None:
+            return ProgramState.RUNNING
+        if self.current_flip is not None:
+            return ProgramState.STARTING
+        return ProgramState.STOPPED
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "restarts": sum(gen.restarts for gen in self.generations),
+            "fatal_reason": self.fatal_reason,
+            "flipping": self.current_flip is not None,
+            "generations": [
+                {
+                    "generation": gen.number,
+                    "state": gen.state.value,
+                    "port": gen.port,
+                    "pids": gen.pids,
+                    "uptime": round(now - gen.created_at, 3),
+                    "restarts": gen.restarts,
+                    "last_exit": next(
+                        (w.last_exit for w in gen.workers if w.last_exit is not None), None
+                    ),
+                }
+                for gen in self.generations
+            ],
+        }
+
+    # -- life ---------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Own the program's task group until cancelled (after ``stop``)."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            self._tg = None
+            self.log.close()
+
+    def _task_group(self) -> TaskGroup:
+        if self._tg is None:
+            raise UsageError(f"program {self.name} is not running")
+        return self._tg
+
+    def start_flip(
+        self, config: ProgramConfig | None = None, *, timeout: float | None = None,
+        kind: str = "flip",
+    ) -> FlipReport:
+        """Begin a flip to ``config`` (default: the current config) in the program's task group.
+
+        Raises:
+            Busy: a flip of this program is already running.
+        """
+        if self._flip_lock.locked() or self.current_flip is not None:
+            running = self.current_flip
+            step = running.steps[-1].name if running and running.steps else "starting"
+            raise Busy(
+                f"a {running.kind if running else 'flip'} of {self.name} is already in progress "
+                f"(generation {running.generation if running else '?'}, step {step}); "
+                "wait for it to finish"
+            )
+        report = FlipReport(self.name, kind)
+        self.current_flip = report
+        self._task_group().start_soon(self._flip, report, config or self.config, timeout)
+        return report
+
+    async def _flip(self, report: FlipReport, config: ProgramConfig, timeout: float | None) -> None:
+        async with self._flip_lock:
+            try:
+                with anyio.fail_after(timeout) if timeout else nullcontext():
+                    if report.kind == "rollback" and self.warm is not None:
+                        await self._promote_warm(report, self.warm)
+                    else:
+                        await self._flip_to(report, config)
+            except FlipFailed as exc:
+                report.finish(str(exc), exc.output)
+            except TimeoutError:
+                report.finish(f"the flip took longer than --timeout {timeout}s; rolled back")
+            except FlipvisorError as exc:
+                report.finish(str(exc))
+            else:
+                report.finish()
+            finally:
+                self.last_flip = report
+                self.current_flip = None
+                if report.error is not None and self.serving is None:
+                    # Nothing serves this program: say so in status until `start` retries.
+                    self.fatal_reason = report.error
+                if report.error is not None:
+                    self.runtime.events.emit(
+                        "flip-failed", self.name, report.generation, report.error
+                    )
+
+    async def _flip_to(self, report: FlipReport, config: ProgramConfig) -> None:
+        tg = self._task_group()
+        number = self._next_number
+        self._next_number += 1
+        report.generation = number
+        with report.step("spawn", f"{config.numprocs} worker(s)"):
+            gen = Generation(
+                program=self.name, number=number, config=config, reaper=self.runtime.reaper,
+                log=self.log, events=self.runtime.events,
+                notify_dir=self.runtime.state_dir / "notify",
+                on_worker_exit=self._worker_exited, on_pids_changed=self._pids_changed,
+            )
+            self.generations.append(gen)
+            try:
+                await tg.start(gen.run)
+            except BaseException:
+                self.generations.remove(gen)
+                raise
+        try:
+            await self._probe(report, gen)
+            gen.transition(GenerationState.READY)
+            await self._promote(report, gen)
+        except BaseException as exc:
+            reason = gen.failure or _reason(exc)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(DISCARD_TIMEOUT):
+                await gen.discard(reason)
+            self.generations.remove(gen)
+            if isinstance(exc, FlipvisorError | TimeoutError):
+                output = list(gen.tail)
+                raise FlipFailed(
+                    f"generation {number} of {self.name} failed: {reason}; "
+                    + ("the previous generation keeps serving" if self.serving else "nothing serves"),
+                    output,
+                ) from exc
+            raise
+        self.config = config
+
+    async def _probe(self, report: FlipReport, gen: Generation) -> None:
+        readiness = gen.config.readiness
+        with report.step("probe", _describe_readiness(gen)):
+            failure: str | None = None
+            async with anyio.create_task_group() as race:
+
+                async def watch_workers() -> None:
+                    nonlocal failure
+                    failure = await gen.wait_failed()
+                    race.cancel_scope.cancel()
+
+                race.start_soon(watch_workers)
+                if readiness is not None:
+                    await wait_ready(
+                        readiness, host=gen.host, port=gen.port, reaper=self.runtime.reaper,
+                        env=worker_env(gen.workers[0].spec, 0), cwd=gen.config.cwd,
+                        notify=gen.notify, worker_pids=lambda: set(gen.pids),
+                        numprocs=gen.config.numprocs,
+                    )
+                race.cancel_scope.cancel()
+            if failure is not None:
+                raise ProbeFailed(f"a worker exited while the generation was probed: {failure}")
+
+    async def _promote(self, report: FlipReport, gen: Generation) -> None:
+        """Promote a READY generation and retire the one it replaces."""
+        gen.transition(GenerationState.PROMOTING)
+        self.published = await promote(
+            gen, program=self.name, config=gen.config, registry=self.runtime.registry,
+            reaper=self.runtime.reaper, report=report,
+        )
+        if gen.failure is not None:  # a worker died while we promoted: too late to undo cheaply
+            log.warning("program=%s generation=%d lost a worker during promotion: %s",
+                        self.name, gen.number, gen.failure)
+        gen.transition(GenerationState.SERVING)
+        gen.was_serving = True
+        old, self.serving = self.serving, gen
+        self.fatal_reason = None
+        self.runtime.events.emit("promoted", self.name, gen.number, port=gen.port, pids=gen.pids)
+        if old is None:
+            return
+        self.previous_config = old.config
+        await self._retire(report, old)
+
+    async def _retire(self, report: FlipReport, old: Generation) -> None:
+        """Drain the replaced generation, or keep it warm for ``rollback_window`` seconds."""
+        if self.warm is not None and self.warm is not old:
+            stale, self.warm = self.warm, None
+            self._task_group().start_soon(self._drain, stale)
+        window = old.config.rollback_window
+        if window > 0:
+            old.transition(GenerationState.READY)
+            self.warm = old
+            self._task_group().start_soon(self._expire_warm, old, window)
+            return
+        with report.step("drain", f"generation {old.number}"):
+            await self._drain(old)
+
+    async def _drain(self, gen: Generation) -> None:
+        await gen.drain()
+        if gen in self.generations:
+            self.generations.remove(gen)
+
+    async def _expire_warm(self, gen: Generation, window: float) -> None:
+        await anyio.sleep(window)
+        if self.warm is gen and gen.state is GenerationState.READY:
+            self.warm = None
+            await self._drain(gen)
+
+    async def _promote_warm(self, report: FlipReport, gen: Generation) -> None:
+        report.generation = gen.number
+        self.warm = None
+        with report.step("probe", "warm generation: already running"):
+            if not gen.pids:
+                raise ProbeFailed(f"warm generation {gen.number} has no running worker")
+        try:
+            await self._promote(report, gen)
+        except BaseException:
+            if gen.state is GenerationState.FAILED:
+                self.generations.remove(gen)
+            raise
+        self.config = gen.config
+
+    # -- workers' exits -----------------------------------------------------------------------
+
+    def _worker_exited(
+        self, gen: Generation, worker: Worker, returncode: int | None, reason: str
+    ) -> float | None:
+        if not gen.was_serving and gen is not self.warm:
+            gen.fail(f"worker {worker.index} {reason}")
+            return None
+        policy = gen.config.restart.policy
+        if policy == "never" or (policy == "on-failure" and returncode == 0):
+            self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; not restarted")
+            return None
+        if not self._budget.take():
+            self.fatal_reason = (
+                f"worker {worker.index} of generation {gen.number} {reason}; more than "
+                f"{gen.config.restart.max_restarts} restarts in {gen.config.restart.window}s"
+            )
+            self.runtime.events.emit("fatal", self.name, gen.number, self.fatal_reason)
+            return None
+        delay = backoff_delay(worker.consecutive_failures)
+        worker.consecutive_failures += 1
+        self.runtime.events.emit(
+            "restarting", self.name, gen.number, reason, worker=worker.index, delay=delay
+        )
+        return delay
+
+    def _pids_changed(self, gen: Generation) -> None:
+        if gen is self.serving and self.published is not None:
+            self.published = with_current_pids(gen, self.published)
+            self._task_group().start_soon(
+                self.runtime.registry.publish, self.name, self.published
+            )
+
+    # -- commands -----------------------------------------------------------------------------
+
+    async def start(self) -> FlipReport | None:
+        """Start a stopped program (a flip), or clear ``fatal`` and revive given-up workers.
+
+        Raises:
+            Busy: a flip is in progress.
+            SpawnError: a worker could not be revived.
+        """
+        if self.serving is not None:
+            self.fatal_reason = None
+            self._budget.reset()
+            await self.serving.revive()
+            return None
+        self.fatal_reason = None
+        self._budget.reset()
+        return self.start_flip(kind="start")
+
+    async def stop(self) -> None:
+        """Drain every generation of the program; keys are left naming the last one."""
+        if self.current_flip is not None:
+            with anyio.move_on_after(DISCARD_TIMEOUT):
+                await self.current_flip.wait()
+        gens = list(self.generations)
+        self.serving = None
+        self.warm = None
+        async with anyio.create_task_group() as tg:
+            for gen in gens:
+                tg.start_soon(self._drain, gen)
+        self.runtime.events.emit("stopped", self.name)
+
+
+def _describe_readiness(gen: Generation) -> str:
+    readiness = gen.config.readiness
+    if readiness is None:
+        return "no readiness probe: ready once spawned"
+    if readiness.http is not None:
+        return f"GET http://{gen.host}:{gen.port}{readiness.http}"
+    if readiness.exec is not None:
+        return "exec " + " ".join(readiness.exec)
+    return "sd_notify READY=1"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        return "cancelled"
+    return str(exc) or type(exc).__name__

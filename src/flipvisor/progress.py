@@ -1,0 +1,103 @@
+"""The live report of one flip: its steps with their durations, and its outcome.
+
+The flip runs in its program's task group; whoever asked for it (the CLI through the control
+socket, or ``run`` at start-up) follows the report, so a client that goes away does not cancel
+a deploy half-way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+UPDATE_BUFFER = 64
+
+
+@dataclass
+class Step:
+    """One step of a flip: ``spawn``, ``probe``, ``proxy``, ``registry``, ``reload``, ``drain``..."""
+
+    name: str
+    detail: str = ""
+    status: str = "running"  # running | ok | failed | skipped
+    started: float = field(default_factory=time.monotonic)
+    duration: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.name, "status": self.status, "detail": self.detail,
+            "duration": None if self.duration is None else round(self.duration, 4),
+        }
+
+
+class FlipReport:
+    """Steps so far, a stream of updates for one follower, and the outcome once finished."""
+
+    def __init__(self, program: str, kind: str = "flip") -> None:
+        self.program = program
+        self.kind = kind
+        self.generation: int | None = None
+        self.steps: list[Step] = []
+        self.error: str | None = None
+        self.output: list[str] = []
+        self.started = time.monotonic()
+        self.duration: float | None = None
+        self._done = anyio.Event()
+        self._send, self.updates = anyio.create_memory_object_stream[Step](UPDATE_BUFFER)
+
+    @property
+    def ok(self) -> bool:
+        return self._done.is_set() and self.error is None
+
+    @contextmanager
+    def step(self, name: str, detail: str = "") -> Iterator[Step]:
+        """Time a step; it is ``failed`` if the block raises."""
+        current = Step(name, detail)
+        self.steps.append(current)
+        self._publish(current)
+        try:
+            yield current
+        except BaseException:
+            current.status = "failed"
+            raise
+        else:
+            current.status = "ok"
+        finally:
+            current.duration = time.monotonic() - current.started
+            self._publish(current)
+
+    def _publish(self, step: Step) -> None:
+        try:
+            self._send.send_nowait(Step(**vars(step)))
+        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # nobody follows, or too slowly: the final report still has every step
+
+    def finish(self, error: str | None = None, output: list[str] | None = None) -> None:
+        self.error = error
+        self.output = output or []
+        self.duration = time.monotonic() - self.started
+        self._send.close()
+        self._done.set()
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+    def close(self) -> None:
+        self.updates.close()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "program": self.program, "kind": self.kind, "generation": self.generation,
+            "ok": self.error is None, "error": self.error, "output": self.output,
+            "duration": None if self.duration is None else round(self.duration, 4),
+            "steps": [step.to_json() for step in self.steps],
+        }
+
+
+__all__ = ["FlipReport", "MemoryObjectReceiveStream", "Step"]

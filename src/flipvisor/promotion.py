@@ -1,0 +1,131 @@
+"""Promotion of a ready generation, in the contract's order, each step paired with its undo:
+
+write + check the proxy file → registry transaction → reload the proxy → wait for the proxy's old
+workers. A failure before the reload finished undoes what was done, in reverse order, inside a
+bounded shield: the proxy file and the registry keys end as they were, and nothing reloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from .config import ProgramConfig
+from .errors import RegistryError
+from .generation import Generation
+from .progress import FlipReport
+from .proxy import flip_context, install, proxy_workers, reload, render_template, wait_workers_gone
+from .reaper import Reaper
+from .registry import Registry, Snapshot
+
+log = logging.getLogger(__name__)
+
+UNDO_TIMEOUT = 30.0
+HOSTNAME = socket.gethostname()
+
+
+def generation_record(gen: Generation) -> str:
+    """The ``generation/current`` JSON document for ``gen``."""
+    return json.dumps(
+        {
+            "generation": gen.number,
+            "port": gen.port,
+            "pids": gen.pid_records(),
+            "host": HOSTNAME,
+            "command": list(gen.config.command),
+            "promoted_at": round(time.time(), 3),
+        }
+    )
+
+
+def serving_snapshot(gen: Generation, replaced: Snapshot) -> Snapshot:
+    """The keys once ``gen`` serves: what ``replaced`` held as current becomes previous."""
+    values = {
+        "port/current": str(gen.port),
+        "pid/current": ",".join(str(pid) for pid in gen.pids),
+        "generation/current": generation_record(gen),
+    }
+    for kind in ("port", "pid"):
+        previous = replaced.get(f"{kind}/current")
+        if previous is not None:
+            values[f"{kind}/previous"] = previous
+    return Snapshot(values)
+
+
+def with_current_pids(gen: Generation, published: Snapshot) -> Snapshot:
+    """``published`` with ``pid/current`` and the record updated after a worker was replaced."""
+    values = dict(published.values)
+    values["pid/current"] = ",".join(str(pid) for pid in gen.pids)
+    record = json.loads(values.get("generation/current") or "{}")
+    record.update(pids=gen.pid_records(), generation=gen.number, port=gen.port)
+    values["generation/current"] = json.dumps(record)
+    return Snapshot(values)
+
+
+async def promote(
+    gen: Generation, *, program: str, config: ProgramConfig, registry: Registry,
+    reaper: Reaper, report: FlipReport,
+) -> Snapshot:
+    """Route traffic to ``gen``; returns the registry snapshot now published.
+
+    Raises:
+        ProxyError, RegistryError: a step failed; everything before it was undone.
+    """
+    undo: list[Callable[[], Awaitable[None]]] = []
+    proxy = config.proxy
+    try:
+        if proxy is not None:
+            with report.step("proxy", str(proxy.dest)):
+                context = flip_context(
+                    program=program, generation=gen.number, host=gen.host, port=gen.port,
+                    pids=gen.pids,
+                )
+                content = render_template(proxy.template, context)
+                installed = await install(
+                    proxy.dest, content, check_cmd=proxy.check_cmd, reaper=reaper,
+                    timeout=proxy.timeout,
+                )
+
+            async def restore_file() -> None:
+                installed.restore()
+
+            undo.append(restore_file)
+        with report.step("registry"):
+            expected = await registry.snapshot(program)
+            published = serving_snapshot(gen, expected)
+            await registry.swap(program, expected, published)
+
+        async def restore_keys() -> None:
+            try:
+                await registry.swap(program, published, expected)
+            except RegistryError as exc:
+                log.warning("program=%s restoring registry keys: %s; retrying later", program, exc)
+                await registry.publish(program, expected)
+
+        undo.append(restore_keys)
+        old_proxy_workers: frozenset[tuple[int, float]] = frozenset()
+        if proxy is not None and proxy.reload_cmd is not None:
+            with report.step("reload"):
+                if proxy.pidfile is not None:
+                    old_proxy_workers = proxy_workers(proxy.pidfile)
+                await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+    except BaseException:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(UNDO_TIMEOUT):
+            for step in reversed(undo):
+                await step()
+        raise
+    if proxy is not None and old_proxy_workers:
+        # Drain on evidence: the old generation keeps serving until every proxy worker that
+        # might still hold a connection to it has exited.
+        with report.step("proxy-drain", f"{len(old_proxy_workers)} old proxy workers"):
+            if not await wait_workers_gone(old_proxy_workers, proxy.timeout):
+                log.warning(
+                    "program=%s old proxy workers still running after %ss; draining anyway",
+                    program, proxy.timeout,
+                )
+    return published

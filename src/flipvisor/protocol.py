@@ -1,0 +1,80 @@
+"""Control-socket messages: one JSON object per line, both ways.
+
+A request is ``{"command": ..., "program": ..., "args": {...}}``. The answer is zero or more
+``{"type": "progress" | "event", ...}`` lines, then exactly one
+``{"type": "result", "ok": ..., "exit_code": ..., "result": ..., "error": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import EXIT_FAILED, EXIT_OK, FlipvisorError
+
+MAX_LINE = 1024 * 1024
+COMMANDS = frozenset(
+    {"status", "flip", "restart", "rollback", "start", "stop", "shutdown", "events", "reload"}
+)
+
+
+class ProtocolError(FlipvisorError):
+    """A malformed message on the control socket."""
+
+
+@dataclass(frozen=True)
+class Request:
+    command: str
+    program: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return encode({"command": self.command, "program": self.program, "args": self.args})
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One message as a line of JSON."""
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    """Parse one line.
+
+    Raises:
+        ProtocolError: not a JSON object.
+    """
+    try:
+        message = json.loads(line)
+    except ValueError as exc:
+        raise ProtocolError(f"malformed control message: {exc}") from exc
+    if not isinstance(message, dict):
+        raise ProtocolError("malformed control message: not an object")
+    return message
+
+
+def decode_request(line: bytes) -> Request:
+    """Parse a request line.
+
+    Raises:
+        ProtocolError: malformed, or an unknown command.
+    """
+    message = decode(line)
+    command = message.get("command")
+    if command not in COMMANDS:
+        raise ProtocolError(f"unknown command {command!r}")
+    program = message.get("program")
+    args = message.get("args") or {}
+    if program is not None and not isinstance(program, str):
+        raise ProtocolError("program must be a string")
+    if not isinstance(args, dict):
+        raise ProtocolError("args must be an object")
+    return Request(command, program, args)
+
+
+def result(value: Any = None, *, error: str | None = None, exit_code: int | None = None,
+           **extra: Any) -> dict[str, Any]:
+    """The final message of an answer."""
+    code = exit_code if exit_code is not None else (EXIT_OK if error is None else EXIT_FAILED)
+    return {"type": "result", "ok": error is None, "exit_code": code, "result": value,
+            "error": error, **extra}

@@ -1,0 +1,231 @@
+"""The root of ``flipvisor run``: reaper, registry, control socket, programs and watches in one
+task group; SIGTERM/SIGINT drain everything and exit, SIGHUP re-reads the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import CancelScope, TaskGroup
+
+from .config import Config, load_config
+from .control import ControlServer, Send
+from .errors import EXIT_USAGE, ConfigError, FlipvisorError, UsageError
+from .events import EventLog
+from .program import Program, Runtime
+from .progress import FlipReport
+from .protocol import Request, result
+from .reaper import Reaper, become_subreaper
+from .registry import Registry, open_registry
+
+log = logging.getLogger(__name__)
+
+
+def prepare_state_dir(path: Path) -> None:
+    """Create ``state_dir`` (and its ``logs``/``notify``) with mode 0700."""
+    for folder in (path, path / "logs", path / "notify"):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+
+
+class Supervisor:
+    """Owns everything ``flipvisor run`` starts."""
+
+    def __init__(self, config_path: Path, config: Config) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.events = EventLog()
+        self.reaper = Reaper(reap_orphans=True)
+        self.registry: Registry = open_registry(config)
+        self.programs: dict[str, Program] = {}
+        self._scopes: dict[str, CancelScope] = {}
+        self._shutdown = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self.runtime = Runtime(
+            reaper=self.reaper, registry=self.registry, events=self.events,
+            state_dir=config.state_dir, logs=config.logs,
+        )
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT or ``shutdown``; drain every program before returning.
+
+        Raises:
+            AlreadyRunning: another supervisor uses this state_dir.
+        """
+        prepare_state_dir(self.config.state_dir)
+        if not become_subreaper() and os.getpid() != 1:
+            log.warning("could not become a child subreaper; orphans will not be reaped")
+        control = ControlServer(self.config.socket_path, self.dispatch)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await tg.start(self.reaper.run)
+                await tg.start(control.serve)
+                await tg.start(self.registry.run)
+                tg.start_soon(self._handle_signals)
+                await self._start_watches(tg)
+                for name, program_config in self.config.programs.items():
+                    program = await self._add_program(name, program_config)
+                    if program_config.autostart:
+                        program.start_flip(kind="start")
+                await self._shutdown.wait()
+                log.info("shutting down: draining every program")
+                async with anyio.create_task_group() as stops:
+                    for program in self.programs.values():
+                        stops.start_soon(program.stop)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.registry.aclose()
+
+    async def _start_watches(self, tg: TaskGroup) -> None:
+        if self.config.watch:
+            from .watch import run_watches
+
+            await tg.start(run_watches, self.config, self.registry, self.reaper)
+
+    async def _handle_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                else:
+                    log.info("received %s", signal.Signals(signum).name)
+                    self._shutdown.set()
+
+    async def _add_program(self, name: str, program_config: Any) -> Program:
+        assert self._tg is not None
+        program = Program(name, program_config, self.runtime)
+        scope = anyio.CancelScope()
+        self.programs[name] = program
+        self._scopes[name] = scope
+
+        async def own(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            with scope:
+                await program.run(task_status=task_status)
+
+        await self._tg.start(own)
+        return program
+
+    async def _remove_program(self, name: str) -> None:
+        program = self.programs.pop(name)
+        await program.stop()
+        self._scopes.pop(name).cancel()
+
+    async def reload(self) -> dict[str, list[str]]:
+        """Re-read the config file: start added programs, stop removed ones, keep the rest.
+
+        Raises:
+            ConfigError: the file is invalid; nothing changed.
+        """
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("SIGHUP: config not reloaded: %s", exc)
+            raise
+        added = [name for name in new.programs if name not in self.programs]
+        removed = [name for name in self.programs if name not in new.programs]
+        changed = [
+            name for name in new.programs
+            if name in self.programs and new.programs[name] != self.programs[name].config
+        ]
+        for name in removed:
+            await self._remove_program(name)
+        for name in added:
+            program = await self._add_program(name, new.programs[name])
+            if new.programs[name].autostart:
+                program.start_flip(kind="start")
+        for name in changed:
+            log.info("config of %s changed: `flipvisor flip %s` deploys it", name, name)
+        self.config = new
+        log.info("config reloaded: added %s, removed %s", added or "none", removed or "none")
+        return {"added": added, "removed": removed, "changed": changed}
+
+    # -- control commands -------------------------------------------------------------------
+
+    def _program(self, name: str | None) -> Program:
+        if name is None:
+            raise UsageError("this command needs a program name")
+        try:
+            return self.programs[name]
+        except KeyError:
+            known = ", ".join(sorted(self.programs)) or "none"
+            raise UsageError(f"no program named {name!r} (programs: {known})") from None
+
+    async def dispatch(self, request: Request, send: Send) -> dict[str, Any]:
+        """Carry out one control request; the returned message is the final answer."""
+        try:
+            return await self._dispatch(request, send)
+        except FlipvisorError as exc:
+            return result(error=str(exc), exit_code=exc.exit_code)
+
+    async def _dispatch(self, request: Request, send: Send) -> dict[str, Any]:
+        command = request.command
+        if command == "status":
+            programs = (
+                [self._program(request.program)] if request.program else self.programs.values()
+            )
+            return result({"programs": [program.status() for program in programs]})
+        if command == "shutdown":
+            self._shutdown.set()
+            return result({"shutting_down": True})
+        if command == "reload":
+            return result(await self.reload())
+        if command == "events":
+            return await self._events(request, send)
+        program = self._program(request.program)
+        if command == "stop":
+            await program.stop()
+            return result(program.status())
+        if command == "start":
+            report = await program.start()
+            if report is None:
+                return result(program.status())
+            return await self._follow(report, send)
+        if command in ("flip", "restart"):
+            config = self._reread(program.name)
+            timeout = request.args.get("timeout")
+            report = program.start_flip(config, timeout=timeout, kind=command)
+            return await self._follow(report, send)
+        if command == "rollback":
+            if program.warm is None and program.previous_config is None:
+                raise UsageError(f"{program.name} has no previous generation to roll back to")
+            report = program.start_flip(program.previous_config, kind="rollback")
+            return await self._follow(report, send)
+        raise UsageError(f"unknown command {command!r}")  # pragma: no cover - checked by protocol
+
+    def _reread(self, name: str) -> Any:
+        """The program's section as the config file says now (a flip deploys edits)."""
+        config = load_config(self.config_path)
+        if name not in config.programs:
+            raise UsageError(f"{name!r} is no longer in {self.config_path}; nothing to deploy")
+        return config.programs[name]
+
+    async def _follow(self, report: FlipReport, send: Send) -> dict[str, Any]:
+        try:
+            async with report.updates:
+                async for step in report.updates:
+                    await send({"type": "progress", **step.to_json()})
+            await report.wait()
+        finally:
+            report.close()
+        return result(report.to_json(), error=report.error)
+
+    async def _events(self, request: Request, send: Send) -> dict[str, Any]:
+        limit = int(request.args.get("limit", 100))
+        for event in self.events.recent(limit, request.program):
+            await send({"type": "event", **event.to_json()})
+        if request.args.get("follow"):
+            async with self.events.subscribe() as stream:
+                async for event in stream:
+                    if request.program in (None, event.program):
+                        await send({"type": "event", **event.to_json()})
+        return result(None)
+
+
+__all__ = ["EXIT_USAGE", "Supervisor", "prepare_state_dir"]

@@ -1,0 +1,270 @@
+"""One worker slot of a generation: spawn on the generation's socket, capture output, wait, and
+ask the generation what to do after each exit (restart after a backoff, or stop).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+from anyio.abc import TaskStatus
+
+from .config import ProgramConfig
+from .errors import SpawnError
+from .logs import ProgramLog, capture, enlarge_pipe
+from .reaper import Reaper
+from .spawn import LISTEN_FD, Child, open_output_pipe, spawn_process
+from .states import WORKER_TRANSITIONS, WorkerState, check_transition
+
+# How long a restarted worker must stay up before its backoff starts again from zero.
+STABLE_UPTIME = 10.0
+BACKOFF_BASE = 0.1
+BACKOFF_CAP = 5.0
+# After a worker exits, how long its output pipe may stay open (held by a grandchild) before
+# capture gives up on it.
+OUTPUT_GRACE = 1.0
+_INHERITED_SOCKET_VARS = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
+
+
+def backoff_delay(consecutive_failures: int) -> float:
+    """Seconds to wait before restart number ``consecutive_failures`` (0-based) of a worker.
+
+    The first restart is immediate; later ones double from 0.1 s up to a few seconds, with
+    jitter so that workers crashing together do not restart in lockstep.
+    """
+    if consecutive_failures <= 0:
+        return 0.0
+    delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (consecutive_failures - 1))
+    return delay * random.uniform(0.5, 1.0)
+
+
+def expand_placeholders(argv: list[str], values: Mapping[str, int]) -> list[str]:
+    """Replace ``{port}``, ``{fd}``, ``{generation}``, ``{worker}`` in each argument.
+
+    Plain replacement rather than ``str.format``: any other braces stay as written.
+    """
+    expanded = []
+    for arg in argv:
+        for name, value in values.items():
+            arg = arg.replace("{" + name + "}", str(value))
+        expanded.append(arg)
+    return expanded
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to start, resolved once per generation."""
+
+    program: str
+    generation: int
+    config: ProgramConfig
+    port: int
+    listen_fd: int
+    notify_socket: Path | None
+
+
+def worker_env(spec: WorkerSpec, index: int, base: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The worker's environment: ours, the program's ``env``, and the socket-activation variables.
+
+    ``LISTEN_PID`` is added by the spawn shim, which alone knows the worker's PID.
+    """
+    env = {key: value for key, value in base.items() if key not in _INHERITED_SOCKET_VARS}
+    env.update(spec.config.env)
+    env.update(
+        PORT=str(spec.port),
+        FLIPVISOR_PROGRAM=spec.program,
+        FLIPVISOR_GENERATION=str(spec.generation),
+        FLIPVISOR_WORKER=str(index),
+        LISTEN_FDS="1",
+        LISTEN_FDNAMES=spec.program,
+    )
+    if spec.notify_socket is not None:
+        env["NOTIFY_SOCKET"] = str(spec.notify_socket)
+    return env
+
+
+class WorkerOwner(Protocol):
+    """What a worker reports to: its generation."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    async def wait_stopping(self) -> None: ...
+
+    def worker_spawned(self, worker: Worker) -> None: ...
+
+    def worker_exited(self, worker: Worker, returncode: int | None, reason: str) -> float | None:
+        """Return the delay before restarting, or None to leave the slot stopped."""
+        ...
+
+
+class Worker:
+    """One slot (``index``) of a generation; restarts its process as its owner decides."""
+
+    def __init__(
+        self, owner: WorkerOwner, spec: WorkerSpec, index: int, *, reaper: Reaper,
+        log: ProgramLog, tail: deque[str],
+    ) -> None:
+        self.owner = owner
+        self.spec = spec
+        self.index = index
+        self.reaper = reaper
+        self.log = log
+        self.tail = tail
+        self.state = WorkerState.STARTING
+        self.child: Child | None = None
+        self.consecutive_failures = 0
+        self.restarts = 0
+        self.last_exit: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        child = self.child
+        return child.pid if child is not None and not child.exit.reaped else None
+
+    def _transition(self, new: WorkerState) -> None:
+        check_transition(WORKER_TRANSITIONS, self.state, new)
+        self.state = new
+
+    def _spawn(self) -> Child:
+        spec = self.spec
+        argv = expand_placeholders(
+            spec.config.command,
+            {"port": spec.port, "fd": LISTEN_FD, "generation": spec.generation,
+             "worker": self.index},
+        )
+        read_fd, write_fd = open_output_pipe()
+        enlarge_pipe(read_fd)
+        try:
+            child = spawn_process(
+                argv, reaper=self.reaper, env=worker_env(spec, self.index),
+                cwd=spec.config.cwd, listen_fd=spec.listen_fd, output_fd=write_fd,
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self._read_fd = read_fd
+        return child
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the slot until its owner says stop. The first spawn's failure is raised to the
+        starter; later ones count as exits and follow the restart policy."""
+        child: Child | None = self._spawn()
+        task_status.started()
+        returncode: int | None = None
+        reason = ""
+        while True:
+            if child is not None:
+                returncode, reason = await self._supervise(child)
+            delay = self.owner.worker_exited(self, returncode, reason)
+            if delay is not None and not self.owner.stopping:
+                self._transition(WorkerState.BACKOFF)
+                with anyio.move_on_after(delay):
+                    await self.owner.wait_stopping()
+            if delay is None or self.owner.stopping:
+                self._transition(WorkerState.STOPPED)
+                return
+            self._transition(WorkerState.STARTING)
+            self.restarts += 1
+            try:
+                child = self._spawn()
+            except SpawnError as exc:
+                child, returncode, reason = None, None, str(exc)
+                self.last_exit = reason
+                self._transition(WorkerState.EXITED)
+
+    async def _supervise(self, child: Child) -> tuple[int, str]:
+        """Capture the child's output until it exits; stop it if we are cancelled."""
+        self.child = child
+        self._transition(WorkerState.RUNNING)
+        started = time.monotonic()
+        self.owner.worker_spawned(self)
+        prefix = f"g{self.spec.generation} w{self.index} pid={child.pid}"
+        captured = anyio.Event()
+
+        async def capture_output() -> None:
+            try:
+                await capture(self._read_fd, self.log, prefix=prefix, tail=self.tail)
+            finally:
+                captured.set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(capture_output)
+                returncode = await child.wait()
+                # Let capture drain what the worker wrote last, unless a grandchild holds the
+                # pipe open: then stop reading it after a grace period.
+                with anyio.move_on_after(OUTPUT_GRACE):
+                    await captured.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            if not child.exit.reaped:
+                drain = self.spec.config.drain
+                await child.stop(drain.signal, drain.timeout)
+            child.close()
+        if time.monotonic() - started >= STABLE_UPTIME:
+            self.consecutive_failures = 0
+        reason = describe_exit(returncode)
+        self.last_exit = reason
+        self._transition(WorkerState.EXITED)
+        return returncode, reason
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the running process (the group leader only)."""
+        child = self.child
+        if child is None or self.state not in (WorkerState.RUNNING, WorkerState.STOPPING):
+            return
+        if self.state is WorkerState.RUNNING:
+            self._transition(WorkerState.STOPPING)
+        child.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL the process and its whole group (while the leader is unreaped)."""
+        child = self.child
+        if child is not None:
+            child.signal_group(signal.SIGKILL)
+            child.send_signal(signal.SIGKILL)
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``exit status 3`` or ``killed by SIGKILL``."""
+    if returncode is None:
+        return "did not start"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+class RestartBudget:
+    """``max_restarts`` restarts per ``window`` seconds for a whole program; past it, fatal."""
+
+    def __init__(self, max_restarts: int, window: float) -> None:
+        self.max_restarts = max_restarts
+        self.window = window
+        self._times: deque[float] = deque()
+
+    def take(self) -> bool:
+        """Spend one restart now; False when the budget for the window is exhausted."""
+        now = time.monotonic()
+        while self._times and now - self._times[0] > self.window:
+            self._times.popleft()
+        if len(self._times) >= self.max_restarts:
+            return False
+        self._times.append(now)
+        return True
+
+    def reset(self) -> None:
+        self._times.clear()
