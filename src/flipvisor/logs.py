@@ -22,6 +22,8 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+import anyio.lowlevel
+
 from .config import LogsConfig
 from .spawn import read_available
 
@@ -61,6 +63,13 @@ class ProgramLog:
     """
 
     def __init__(self, path: Path, config: LogsConfig) -> None:
+        """Open (create 0600) ``path`` for appending, creating its folder 0700 if needed.
+
+        A file that cannot be opened is not fatal: its lines are counted as dropped until it can.
+
+        Raises:
+            OSError: the folder cannot be created.
+        """
         self.path = path
         self.max_bytes = config.max_bytes
         self.backups = config.backups
@@ -254,6 +263,9 @@ async def capture(
                 pending = pending[MAX_LINE:]
             if lines:
                 _emit(lines, log, prefix, tail)
+            # read_available only awaits when the pipe is empty; a worker that never lets it
+            # run empty would otherwise keep the whole event loop busy here.
+            await anyio.lowlevel.checkpoint()
     finally:
         # No await here, so a cancelled capture still writes the partial line and closes the pipe.
         try:

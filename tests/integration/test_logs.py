@@ -177,6 +177,36 @@ async def test_fast_writer_is_not_slowed_and_nothing_is_lost(tmp_path: Path) -> 
     assert seen == count
 
 
+async def test_a_flooding_worker_does_not_starve_the_event_loop(tmp_path: Path) -> None:
+    log = ProgramLog(tmp_path / "logs" / "flood.log", LogsConfig(max_bytes=4 * 1024 * 1024))
+    # Writes as fast as it can for one second: the pipe always has data for the reader.
+    code = (
+        "import sys, time; o = sys.stdout.buffer; block = b'f' * 99 + b'\\n'\n"
+        "end = time.monotonic() + 1\n"
+        "while time.monotonic() < end: o.write(block * 10000)\n"
+    )
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await anyio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tick)
+            assert await run_captured(python(code), log) == 0
+            tg.cancel_scope.cancel()
+    finally:
+        log.close()
+    assert len(gaps) > 10
+    assert max(gaps) < 0.5, f"the event loop stalled for {max(gaps):.2f}s"
+    assert log.dropped == 0
+
+
 def test_rotation_keeps_backups_near_max_bytes(log_path: Path) -> None:
     config = LogsConfig(max_bytes=1024, backups=3)
     log = ProgramLog(log_path, config)
