@@ -104,7 +104,7 @@ class NotifySocket:
         already queued on the socket count too. Cancellable at its only await.
 
         Raises:
-            OSError: the socket failed (it was closed underneath, say).
+            anyio.ClosedResourceError: ``close()`` was called while waiting.
         """
         while len(self._ready) < count:
             try:

@@ -296,6 +296,7 @@ async def test_exec_sees_port_in_env_and_argv() -> None:
 
 
 async def test_exec_that_hangs_is_killed_at_the_timeout() -> None:
+    before = children()
     async with running_reaper() as reaper:
         started = time.monotonic()
         config = readiness(exec=[sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.5)
@@ -304,7 +305,7 @@ async def test_exec_that_hangs_is_killed_at_the_timeout() -> None:
         ):
             await probe(config, reaper, 1234)
         assert time.monotonic() - started < 3
-        assert not psutil.Process().children()
+        assert not new_children(before)
 
 
 async def test_exec_missing_command_fails_at_once() -> None:
@@ -314,18 +315,26 @@ async def test_exec_missing_command_fails_at_once() -> None:
 
 
 async def test_exec_probe_cancelled_leaves_no_process() -> None:
+    before = children()
     async with running_reaper() as reaper:
         config = readiness(exec=[sys.executable, "-c", "import time; time.sleep(60)"], timeout=30)
         async with anyio.create_task_group() as tg:
             tg.start_soon(probe, config, reaper, 1234)
-            await await_until(_has_children, timeout=10, message="the exec probe to run")
+            await await_until(
+                _async(lambda: bool(new_children(before))), message="the exec probe to run"
+            )
             tg.cancel_scope.cancel()
         # run_command kills and reaps its child before the cancellation gets out.
-        assert not psutil.Process().children()
+        assert not new_children(before)
 
 
-async def _has_children() -> bool:
-    return bool(psutil.Process().children())
+def children() -> set[int]:
+    return {child.pid for child in psutil.Process().children()}
+
+
+def new_children(before: set[int]) -> set[int]:
+    """Our children that were not there before (session fixtures' daemons may be running)."""
+    return children() - before
 
 
 # --- notify -------------------------------------------------------------------------------------
@@ -468,6 +477,14 @@ async def test_notify_closes_fds_a_sender_attaches(notify: NotifySocket) -> None
         await notify.wait_ready(lambda: {os.getpid()}, 1)
     assert set(os.listdir("/proc/self/fd")) <= before
     os.close(devnull)
+
+
+async def test_notify_close_wakes_a_waiter(notify: NotifySocket) -> None:
+    with anyio.fail_after(5), pytest.RaisesGroup(anyio.ClosedResourceError):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(notify.wait_ready, lambda: {1}, 1)
+            await anyio.wait_all_tasks_blocked()  # the waiter is parked on the socket
+            notify.close()
 
 
 async def test_notify_probe_cancelled(notify: NotifySocket) -> None:
