@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
-from .base import KEY_SUFFIXES, Registry, Snapshot, program_key
+from .base import (
+    KEY_SUFFIXES,
+    KeyRange,
+    Registry,
+    Snapshot,
+    WatchableRegistry,
+    WatchEvent,
+    WatchLost,
+    key_matches,
+    program_key,
+)
 
-__all__ = ["KEY_SUFFIXES", "Registry", "Snapshot", "open_registry", "program_key"]
+__all__ = [
+    "KEY_SUFFIXES",
+    "KeyRange",
+    "Registry",
+    "Snapshot",
+    "WatchEvent",
+    "WatchLost",
+    "WatchableRegistry",
+    "key_matches",
+    "open_registry",
+    "program_key",
+]
 
 
-def open_registry(config: object) -> Registry:
+def open_registry(config: object) -> WatchableRegistry:
     """The backend that ``config`` (a ``flipvisor.config.Config``) names; not yet connected."""
-    from ..config import Config
+    from flipvisor.config import Config
 
     assert isinstance(config, Config)
     if config.registry.backend == "etcd":

@@ -6,12 +6,14 @@ with the suffixes of ``KEY_SUFFIXES`` (the seed's layout plus the JSON generatio
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
 from anyio.abc import TaskStatus
+
+from flipvisor.errors import RegistryError
 
 KEY_SUFFIXES = (
     "port/current",
@@ -76,4 +78,63 @@ class Registry(Protocol):
 
     async def aclose(self) -> None:
         """Release connections."""
+        ...
+
+
+class WatchLost(RegistryError):
+    """A watch cannot resume: the history it needs was compacted, or the store refused it.
+    Read the keys again and watch from the new revision."""
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One change of one key: its new value (None once deleted) and the revision that made it."""
+
+    key: str
+    value: str | None
+    revision: int
+
+
+@dataclass(frozen=True)
+class KeyRange:
+    """Values of the keys under some prefixes, all read at one ``revision``.
+
+    Watching from ``revision + 1`` misses no change made after this read.
+    """
+
+    values: Mapping[str, str]
+    revision: int
+
+
+def key_matches(pattern: str, key: str) -> bool:
+    """Whether ``key`` is ``pattern`` itself, or lies under it when ``pattern`` ends in "/"."""
+    return key.startswith(pattern) if pattern.endswith("/") else key == pattern
+
+
+class WatchableRegistry(Registry, Protocol):
+    """A registry whose keys can be read and watched by anyone (the confd side, ``watch.py``).
+
+    ``patterns`` are keys, or prefixes ending in "/" (the config's ``watch[].keys``).
+    """
+
+    async def read_keys(self, patterns: Sequence[str]) -> KeyRange:
+        """Every key matching ``patterns``, read at one revision.
+
+        Raises:
+            RegistryError: the store could not be reached in time.
+        """
+        ...
+
+    def watch(
+        self, patterns: Sequence[str], start_revision: int | None = None
+    ) -> AsyncIterator[list[WatchEvent]]:
+        """Changes of keys matching ``patterns`` from ``start_revision`` on (None: from now),
+        one list per revision (the keys a transaction changed under one pattern arrive
+        together; each pattern's lists in revision order). Survives outages: after a
+        reconnect it resumes after the last revision it delivered.
+
+        Raises:
+            WatchLost: the history to resume from was compacted away, or the store refused
+                the watch (read again and watch from the new revision).
+        """
         ...

@@ -1,0 +1,339 @@
+"""The ``etcd`` registry backend: promotions as one transaction, kept true across outages.
+
+``swap`` compares every key of the program against what the caller read and writes the new
+values in the same transaction. The registry remembers the latest value it swapped or published
+for every program (``desired``); ``run`` keeps a connection alive, notices an outage when its
+liveness watch stream breaks (TCP reset, or HTTP/2 keepalive for a silent peer: no polling),
+reconnects with backoff, and then rewrites every desired program whose keys differ, so the keys
+match what is serving within seconds of etcd coming back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing, asynccontextmanager
+from typing import Any
+
+import anyio
+import grpc  # type: ignore[import-untyped]
+from aetcd import rpc
+from anyio.abc import TaskStatus
+
+from flipvisor.config import RegistryConfig
+from flipvisor.errors import RegistryConflict, RegistryError
+
+from .base import KEY_SUFFIXES, KeyRange, Snapshot, WatchEvent, WatchLost, program_key
+from .etcd_client import (
+    EtcdConnection,
+    connect,
+    describe_rpc_error,
+    range_of,
+    txn_compare_value,
+    txn_read,
+    txn_values,
+    txn_write,
+)
+
+log = logging.getLogger(__name__)
+
+MIN_BACKOFF = 0.1
+MAX_BACKOFF = 1.0  # the contract wants the keys right within 5 s of etcd's return
+STABLE_AFTER = 5.0  # a connection that lived this long resets the backoff
+
+
+class EtcdRegistry:
+    """The registry in etcd; see the module docstring. Start ``run`` in the owner's task group."""
+
+    def __init__(self, config: RegistryConfig) -> None:
+        self.config = config
+        self.prefix = config.prefix.strip("/")
+        self.desired: dict[str, Snapshot] = {}
+        self._pending: set[str] = set()
+        self._conn: EtcdConnection | None = None
+        self._connect_lock = anyio.Lock()
+        self._write_lock = anyio.Lock()
+        self._kick = anyio.Event()
+        self._running = False
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.broken.is_set()
+
+    def _timeout_error(self) -> RegistryError:
+        where = self._conn.endpoint if self._conn else ", ".join(self.config.endpoints)
+        return RegistryError(f"etcd at {where} did not answer within {self.config.timeout:g} s")
+
+    @asynccontextmanager
+    async def _use(self) -> AsyncIterator[EtcdConnection]:
+        """The live connection (connecting now if there is none), held open while in the block.
+
+        Raises:
+            RegistryError: no endpoint answered within the timeout.
+        """
+        async with self._connect_lock:
+            conn = self._conn
+            if conn is None or conn.broken.is_set():
+                self._conn = None
+                conn = await connect(self.config, f"{self.prefix}/")
+                self._conn = conn
+                self._pending.update(self.desired)  # a new connection checks every program
+                self._kick.set()
+        async with conn.use():
+            yield conn
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Stay connected, reconnect after outages, and write what ``desired`` says; until
+        cancelled. Starts at once, even while etcd is unreachable."""
+        self._running = True
+        task_status.started()
+        delay, outage_logged = MIN_BACKOFF, False
+        try:
+            while True:
+                try:
+                    async with self._use() as conn:
+                        if outage_logged:
+                            log.info("etcd at %s is reachable again", conn.endpoint)
+                            outage_logged = False
+                        began = anyio.current_time()
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(self._watch_liveness, conn)
+                            await self._keep_written(conn)
+                            tg.cancel_scope.cancel()
+                        await conn.retire()
+                    if anyio.current_time() - began > STABLE_AFTER:
+                        delay = MIN_BACKOFF
+                except RegistryError as exc:
+                    if not outage_logged:
+                        log.warning("%s; retrying", exc)
+                        outage_logged = True
+                await anyio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
+        finally:
+            self._running = False
+
+    async def _watch_liveness(self, conn: EtcdConnection) -> None:
+        """Hold a watch stream open until it breaks, then mark the connection broken."""
+        call = conn.open_watch()
+        try:
+            key, range_end = range_of(f"{self.prefix}/.flipvisor-liveness")
+            create = rpc.WatchCreateRequest(key=key, range_end=range_end)
+            await call.write(rpc.WatchRequest(create_request=create))
+            while await call.read() is not grpc.aio.EOF:
+                pass
+            log.warning("etcd at %s closed the watch stream", conn.endpoint)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("%s", describe_rpc_error(exc, conn.endpoint, conn.timeout))
+        finally:
+            call.cancel()
+            conn.broken.set()
+            self._kick.set()
+
+    async def _keep_written(self, conn: EtcdConnection) -> None:
+        """Write pending programs whenever kicked, until the connection breaks."""
+        while not conn.broken.is_set():
+            self._kick = anyio.Event()  # before writing, so a publish meanwhile kicks again
+            for program in sorted(self._pending):
+                try:
+                    await self._reconcile(conn, program)
+                except RegistryError as exc:
+                    log.warning("program=%s cannot update etcd keys yet: %s", program, exc)
+                    return
+            await self._kick.wait()
+
+    async def _reconcile(self, conn: EtcdConnection, program: str) -> None:
+        """Make ``program``'s keys say ``desired`` if they do not already.
+
+        Raises:
+            RegistryError: the connection failed.
+        """
+        async with self._write_lock:
+            want = self.desired.get(program)
+            if want is None:
+                self._pending.discard(program)
+                return
+            have = await self._read_program(conn, program)
+            if dict(have.values) != dict(want.values):
+                await self._write_program(conn, program, want)
+                log.info("program=%s etcd keys rewritten to match what is serving", program)
+            if self.desired.get(program) is want:
+                self._pending.discard(program)
+
+    def _keys(self, program: str) -> dict[str, str]:
+        return {suffix: program_key(self.prefix, program, suffix) for suffix in KEY_SUFFIXES}
+
+    async def _read_program(self, conn: EtcdConnection, program: str) -> Snapshot:
+        key, range_end = range_of(f"{self.prefix}/{program}/")
+        reply = await conn.call("Range", rpc.RangeRequest(key=key, range_end=range_end))
+        values = {kv.key.decode(): kv.value.decode() for kv in reply.kvs}
+        return Snapshot({s: values[k] for s, k in self._keys(program).items() if k in values})
+
+    async def _write_program(self, conn: EtcdConnection, program: str, new: Snapshot) -> None:
+        ops = [txn_write(key, new.get(suffix)) for suffix, key in self._keys(program).items()]
+        await conn.call("Txn", rpc.TxnRequest(success=ops))
+
+    async def snapshot(self, program: str) -> Snapshot:
+        """``program``'s keys in one linearizable read.
+
+        Raises:
+            RegistryError: etcd did not answer within the request timeout.
+        """
+        try:
+            with anyio.fail_after(self.config.timeout):
+                async with self._use() as conn:
+                    return await self._read_program(conn, program)
+        except TimeoutError:
+            raise self._timeout_error() from None
+
+    async def swap(self, program: str, expected: Snapshot, new: Snapshot) -> None:
+        """Replace ``program``'s keys with ``new`` in one transaction if they hold ``expected``.
+
+        When the outcome is unknown (etcd failed mid-request) ``expected`` becomes desired, so
+        after the outage the keys are put back to what the caller still serves.
+
+        Raises:
+            RegistryConflict: a key differs from ``expected``; the message names it.
+            RegistryError: etcd was unreachable or did not answer within the request timeout.
+        """
+        keys = self._keys(program)
+        compare = [txn_compare_value(key, expected.get(suffix)) for suffix, key in keys.items()]
+        success = [txn_write(key, new.get(suffix)) for suffix, key in keys.items()]
+        failure = txn_read([f"{self.prefix}/{program}/"])
+        request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
+        try:
+            with anyio.fail_after(self.config.timeout):
+                async with self._use() as conn, self._write_lock:
+                    reply = await conn.call("Txn", request)
+        except TimeoutError:
+            self._remember(program, expected)
+            raise self._timeout_error() from None
+        except RegistryError:
+            self._remember(program, expected)
+            raise
+        if not reply.succeeded:
+            found = txn_values(reply)
+            for suffix, key in keys.items():
+                if found.get(key) != expected.get(suffix):
+                    raise RegistryConflict(
+                        f"etcd key {key} changed: expected {expected.get(suffix)!r}, found "
+                        f"{found.get(key)!r} (another writer promoted {program}?)"
+                    )
+            raise RegistryConflict(f"etcd keys of {program} changed during the promotion")
+        self.desired[program] = new
+        self._pending.discard(program)
+
+    def _remember(self, program: str, value: Snapshot) -> None:
+        self.desired[program] = value
+        self._pending.add(program)
+        self._kick.set()
+
+    async def publish(self, program: str, new: Snapshot) -> None:
+        """Make ``program``'s keys say ``new``: now if etcd answers, else once it is back.
+
+        Never raises: a failed write stays pending for ``run``.
+        """
+        self._remember(program, new)
+        if self._running and not self.connected:
+            return  # ``run`` is reconnecting and will write it then
+        with anyio.move_on_after(self.config.timeout):
+            try:
+                async with self._use() as conn:
+                    await self._reconcile(conn, program)
+            except RegistryError as exc:
+                log.warning("program=%s etcd keys left pending: %s", program, exc)
+
+    async def read_keys(self, patterns: Sequence[str]) -> KeyRange:
+        """Every key matching ``patterns``, read in one transaction (so at one revision).
+
+        Raises:
+            RegistryError: etcd did not answer within the request timeout.
+        """
+        try:
+            with anyio.fail_after(self.config.timeout):
+                async with self._use() as conn:
+                    reply = await conn.call("Txn", rpc.TxnRequest(success=txn_read(patterns)))
+        except TimeoutError:
+            raise self._timeout_error() from None
+        return KeyRange(txn_values(reply), reply.header.revision)
+
+    async def watch(
+        self, patterns: Sequence[str], start_revision: int | None = None
+    ) -> AsyncIterator[list[WatchEvent]]:
+        """Changes of keys matching ``patterns``, one list per etcd response (a transaction's
+        changes together), resuming after the last delivered revision across outages.
+        Each pattern's changes arrive in revision order; after a resume, lists of different
+        patterns may interleave out of order. Close it with ``contextlib.aclosing``.
+
+        Raises:
+            WatchLost: the history to resume from was compacted, or etcd refused the watch.
+        """
+        next_revision: list[int | None] = [start_revision] * len(patterns)
+        delay, failing = MIN_BACKOFF, False
+        while True:
+            try:
+                async with self._use() as conn:
+                    call = conn.open_watch()
+                    try:
+                        stream = self._watch_stream(call, patterns, next_revision)
+                        async with aclosing(stream):
+                            async for index, events in stream:
+                                delay, failing = MIN_BACKOFF, False
+                                next_revision[index] = events[-1].revision + 1
+                                yield events
+                        problem = f"etcd at {conn.endpoint} closed the watch stream"
+                    except grpc.aio.AioRpcError as exc:
+                        problem = str(describe_rpc_error(exc, conn.endpoint, conn.timeout))
+                    finally:
+                        call.cancel()
+                    await conn.retire()
+                    log.warning("watch: %s; resuming", problem)
+            except WatchLost:
+                raise
+            except RegistryError as exc:
+                # Logged once per outage: ``run`` (or the caller's own checks) report the rest.
+                (log.debug if failing else log.warning)("watch: %s; retrying", exc)
+                failing = True
+            await anyio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+
+    async def _watch_stream(
+        self, call: Any, patterns: Sequence[str], next_revision: list[int | None]
+    ) -> AsyncGenerator[tuple[int, list[WatchEvent]], None]:
+        """(pattern index, events) from one Watch stream until it ends.
+
+        Raises:
+            WatchLost: etcd cancelled a watch (compaction, permissions).
+            grpc.aio.AioRpcError: the stream broke.
+        """
+        for pattern, revision in zip(patterns, next_revision, strict=True):
+            key, range_end = range_of(pattern)
+            create = rpc.WatchCreateRequest(key=key, range_end=range_end,
+                                            start_revision=revision or 0)
+            await call.write(rpc.WatchRequest(create_request=create))
+        indexes: dict[int, int] = {}  # etcd's watch id -> pattern index, in creation order
+        while (reply := await call.read()) is not grpc.aio.EOF:
+            if reply.created:
+                index = indexes[reply.watch_id] = len(indexes)
+                if next_revision[index] is None:
+                    next_revision[index] = reply.header.revision + 1
+            if reply.canceled:
+                if reply.compact_revision:
+                    raise WatchLost(
+                        f"etcd compacted the history this watch needed (revision "
+                        f"{reply.compact_revision}): read the keys again"
+                    )
+                raise WatchLost(f"etcd refused the watch: {reply.cancel_reason}")
+            events = [
+                WatchEvent(ev.kv.key.decode(),
+                           ev.kv.value.decode() if ev.type == rpc.Event.PUT else None,
+                           ev.kv.mod_revision)
+                for ev in reply.events
+            ]
+            if events:
+                yield indexes[reply.watch_id], events
+
+    async def aclose(self) -> None:
+        """Close the connection (its last user closes it if one is still in use)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.retire()

@@ -1,0 +1,253 @@
+"""One connection to one etcd endpoint: channel, TLS, auth, and calls bounded by a deadline.
+
+Built on aetcd's generated etcd v3 stubs (``aetcd.rpc``) over a ``grpc.aio`` channel rather than
+on ``aetcd.Client``: the client speaks plaintext only, has no deadline by default, and runs its
+watches in background tasks of its own. Here every call is bounded by ``fail_after`` (and the
+same gRPC deadline, so etcd gives up too) and every failure becomes a ``RegistryError`` naming
+etcd and the endpoint.
+
+A broken connection is not closed while anybody still uses it: closing a ``grpc.aio`` channel
+cancels its calls with a bare ``CancelledError``, which would look like a cancellation of the
+task reading them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import grpc  # type: ignore[import-untyped]
+from aetcd import rpc
+from aetcd.utils import prefix_range_end
+
+from flipvisor.config import RegistryConfig
+from flipvisor.errors import RegistryError
+
+log = logging.getLogger(__name__)
+
+# Reconnect quickly after an outage (gRPC's default backoff grows to 2 minutes), and notice a
+# silent peer through HTTP/2 keepalive pings; etcd refuses pings more often than every 5 s.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+CLOSE_GRACE = 1.0
+
+
+def split_endpoint(endpoint: str) -> tuple[str, bool]:
+    """``host:port`` and whether the endpoint asked for TLS (an ``https://`` prefix)."""
+    if endpoint.startswith("https://"):
+        return endpoint.removeprefix("https://").rstrip("/"), True
+    return endpoint.removeprefix("http://").rstrip("/"), False
+
+
+def range_of(pattern: str) -> tuple[bytes, bytes]:
+    """``(key, range_end)`` for a key, or for every key under a prefix ending in "/"."""
+    key = pattern.encode()
+    return (key, prefix_range_end(key)) if pattern.endswith("/") else (key, b"")
+
+
+def _read_file(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise RegistryError(f"cannot read the etcd {what} {path}: {exc.strerror}") from exc
+
+
+def _credentials(config: RegistryConfig, https: bool) -> Any | None:
+    """gRPC channel credentials when TLS is asked for (``https://``, ``ca`` or ``cert``), else None.
+
+    Raises:
+        RegistryError: a certificate file cannot be read.
+    """
+    if not (https or config.ca or config.cert):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read_file(config.ca, "CA file"),
+        private_key=_read_file(config.key, "key file"),
+        certificate_chain=_read_file(config.cert, "certificate file"),
+    )
+
+
+def describe_rpc_error(exc: BaseException, endpoint: str, timeout: float) -> RegistryError:
+    """A ``RegistryError`` naming etcd and ``endpoint`` for a failed call."""
+    if isinstance(exc, TimeoutError):
+        return RegistryError(f"etcd at {endpoint} did not answer within {timeout:g} s")
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        details = exc.details() or code.name
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return RegistryError(f"etcd at {endpoint} is unreachable: {details}")
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return RegistryError(f"etcd at {endpoint} refused the request: {details}")
+        return RegistryError(f"etcd at {endpoint} failed the request ({code.name}): {details}")
+    return RegistryError(f"etcd at {endpoint} failed: {exc}")
+
+
+@dataclass(eq=False)
+class EtcdConnection:
+    """A channel to one endpoint with its stubs and auth token; ``broken`` once a call failed."""
+
+    endpoint: str
+    timeout: float
+    channel: Any
+    metadata: tuple[tuple[str, str], ...] = ()
+    broken: anyio.Event = field(default_factory=anyio.Event)
+    users: int = 0
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        self.kv = rpc.KVStub(self.channel)
+        self.watch_stub = rpc.WatchStub(self.channel)
+
+    async def call(self, method: str, request: Any) -> Any:
+        """Call the KV stub's ``method`` (``Range``, ``Txn``...) within the request timeout.
+
+        Raises:
+            RegistryError: etcd did not answer in time, is unreachable, or refused; the
+                connection is then marked broken (unless etcd merely refused).
+        """
+        try:
+            with anyio.fail_after(self.timeout):
+                return await getattr(self.kv, method)(
+                    request, timeout=self.timeout, metadata=self.metadata
+                )
+        except (TimeoutError, grpc.aio.AioRpcError) as exc:
+            error = describe_rpc_error(exc, self.endpoint, self.timeout)
+            if not isinstance(exc, grpc.aio.AioRpcError) or exc.code() not in (
+                grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
+            ):
+                # An expired auth token also lands here: a new connection authenticates again.
+                self.broken.set()
+            raise error from exc
+
+    def open_watch(self) -> Any:
+        """A bidirectional Watch stream on this channel (the caller cancels it when done)."""
+        return self.watch_stub.Watch(metadata=self.metadata)
+
+    async def close(self) -> None:
+        """Close the channel now (only when nobody uses it; see the module docstring)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.broken.set()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_GRACE):
+            await self.channel.close()
+
+    @asynccontextmanager
+    async def use(self) -> AsyncIterator[EtcdConnection]:
+        """Hold the connection open while in the block; the last user closes a broken one."""
+        self.users += 1
+        try:
+            yield self
+        finally:
+            self.users -= 1
+            if self.broken.is_set() and self.users == 0:
+                await self.close()
+
+    async def retire(self) -> None:
+        """Mark broken; close now if nobody uses it, else when its last user leaves."""
+        self.broken.set()
+        if self.users == 0:
+            await self.close()
+
+
+async def connect_endpoint(config: RegistryConfig, endpoint: str, probe_key: str) -> EtcdConnection:
+    """Open a channel to ``endpoint``, authenticate, and prove it answers by reading ``probe_key``.
+
+    Raises:
+        RegistryError: unreachable, TLS or auth refused, or no answer within ``config.timeout``.
+    """
+    target, https = split_endpoint(endpoint)
+    credentials = _credentials(config, https)
+    if credentials is None:
+        channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    else:
+        channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+    conn = EtcdConnection(endpoint=target, timeout=config.timeout, channel=channel)
+    try:
+        if config.user is not None:
+            request = rpc.AuthenticateRequest(name=config.user, password=config.password or "")
+            try:
+                with anyio.fail_after(config.timeout):
+                    reply = await rpc.AuthStub(channel).Authenticate(
+                        request, timeout=config.timeout
+                    )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise describe_rpc_error(exc, target, config.timeout) from exc
+                raise RegistryError(
+                    f"etcd at {target} refused the login of user {config.user!r}: {exc.details()}"
+                ) from exc
+            except TimeoutError as exc:
+                raise describe_rpc_error(exc, target, config.timeout) from exc
+            conn.metadata = (("token", reply.token),)
+        key, range_end = range_of(probe_key)
+        await conn.call("Range", rpc.RangeRequest(key=key, range_end=range_end, count_only=True))
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+async def connect(config: RegistryConfig, probe_key: str) -> EtcdConnection:
+    """A connection to the first of ``config.endpoints`` that answers, tried in order.
+
+    Raises:
+        RegistryError: none answered; the message names every endpoint and why.
+    """
+    errors: list[str] = []
+    for endpoint in config.endpoints:
+        try:
+            return await connect_endpoint(config, endpoint, probe_key)
+        except RegistryError as exc:
+            errors.append(str(exc))
+    if len(errors) == 1:
+        raise RegistryError(errors[0])
+    raise RegistryError("no etcd endpoint answered: " + "; ".join(errors))
+
+
+def txn_compare_value(key: str, value: str | None) -> Any:
+    """A Txn comparison: ``key`` holds ``value``, or (None) does not exist (version 0)."""
+    if value is None:
+        return rpc.Compare(key=key.encode(), target=rpc.Compare.VERSION,
+                           result=rpc.Compare.EQUAL, version=0)
+    return rpc.Compare(key=key.encode(), target=rpc.Compare.VALUE,
+                       result=rpc.Compare.EQUAL, value=value.encode())
+
+
+def txn_write(key: str, value: str | None) -> Any:
+    """A Txn operation that puts ``value`` into ``key``, or deletes it for None."""
+    if value is None:
+        return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key.encode()))
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=value.encode()))
+
+
+def txn_read(patterns: Sequence[str]) -> list[Any]:
+    """Txn operations reading every key matching ``patterns``."""
+    ops = []
+    for pattern in patterns:
+        key, range_end = range_of(pattern)
+        ops.append(rpc.RequestOp(request_range=rpc.RangeRequest(key=key, range_end=range_end)))
+    return ops
+
+
+def txn_values(response: Any) -> dict[str, str]:
+    """The keys and values that the range operations of a Txn response read."""
+    values: dict[str, str] = {}
+    for op in response.responses:
+        if op.WhichOneof("response") == "response_range":
+            for kv in op.response_range.kvs:
+                values[kv.key.decode()] = kv.value.decode()
+    return values

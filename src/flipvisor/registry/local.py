@@ -1,0 +1,227 @@
+"""The ``local`` registry backend: the seed's keys in ``<state_dir>/registry.json``.
+
+The file is one JSON object of key -> value strings, replaced atomically (temporary file, fsync,
+rename; mode 0600 in a 0700 folder), so a reader sees the old or the new object, never half of
+one. One supervisor writes it; anybody may read it (``read_registry_file``).
+
+Without a server there is nothing to subscribe to, so ``watch`` polls the file (its mtime, size
+and inode every ``POLL_INTERVAL`` seconds, then its content) and reports the keys that differ.
+Revisions are a counter of this process, not stored in the file: a change that is undone between
+two polls is not seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskStatus
+
+from flipvisor.config import RegistryConfig
+from flipvisor.errors import RegistryConflict, RegistryError
+
+from .base import KEY_SUFFIXES, KeyRange, Snapshot, WatchEvent, key_matches, program_key
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.2
+RETRY_INTERVAL = 1.0
+
+
+def read_registry_file(path: Path) -> dict[str, str]:
+    """The key -> value object in ``path``; empty when the file does not exist yet.
+
+    Raises:
+        RegistryError: the file cannot be read or is not a JSON object of strings.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise RegistryError(f"cannot read the registry file {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise RegistryError(f"the registry file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+    ):
+        raise RegistryError(f"the registry file {path} must hold one object of strings")
+    return data
+
+
+def write_registry_file(path: Path, values: Mapping[str, str]) -> None:
+    """Replace ``path`` atomically with ``values`` (mode 0600; the folder is created 0700).
+
+    Raises:
+        RegistryError: the file could not be written.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data = json.dumps(dict(sorted(values.items())), indent=1).encode() + b"\n"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        # The rename is durable only once the folder's entry is on disk too.
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RegistryError(f"cannot write the registry file {path}: {exc.strerror}") from exc
+
+
+def _program_values(values: Mapping[str, str], prefix: str, program: str) -> dict[str, str]:
+    found = {}
+    for suffix in KEY_SUFFIXES:
+        value = values.get(program_key(prefix, program, suffix))
+        if value is not None:
+            found[suffix] = value
+    return found
+
+
+def _apply(values: dict[str, str], prefix: str, program: str, new: Snapshot) -> None:
+    for suffix in KEY_SUFFIXES:
+        key = program_key(prefix, program, suffix)
+        value = new.get(suffix)
+        if value is None:
+            values.pop(key, None)
+        else:
+            values[key] = value
+
+
+class LocalRegistry:
+    """The registry as a file; see the module docstring."""
+
+    def __init__(self, path: Path, config: RegistryConfig) -> None:
+        self.path = path
+        self.prefix = config.prefix
+        self._pending: dict[str, Snapshot] = {}
+        self._revision = 0
+        self._retry = anyio.Event()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Retry publications that a disk error left pending, until cancelled."""
+        task_status.started()
+        while True:
+            with anyio.move_on_after(RETRY_INTERVAL):
+                await self._retry.wait()
+            self._retry = anyio.Event()
+            for program, new in list(self._pending.items()):
+                try:
+                    self._write_program(program, new)
+                except RegistryError as exc:
+                    log.warning("program=%s publishing to the registry failed: %s", program, exc)
+                else:
+                    if self._pending.get(program) is new:
+                        del self._pending[program]
+
+    async def snapshot(self, program: str) -> Snapshot:
+        """``program``'s keys as the file holds them.
+
+        Raises:
+            RegistryError: the file is unreadable or malformed.
+        """
+        return Snapshot(_program_values(read_registry_file(self.path), self.prefix, program))
+
+    async def swap(self, program: str, expected: Snapshot, new: Snapshot) -> None:
+        """Replace ``program``'s keys with ``new`` if they still hold ``expected``.
+
+        No await sits between reading and writing, so nothing else in this process interleaves.
+
+        Raises:
+            RegistryConflict: a key differs from ``expected``; the message names it.
+            RegistryError: the file could not be read or written.
+        """
+        values = read_registry_file(self.path)
+        current = _program_values(values, self.prefix, program)
+        for suffix in KEY_SUFFIXES:
+            if current.get(suffix) != expected.get(suffix):
+                key = program_key(self.prefix, program, suffix)
+                raise RegistryConflict(
+                    f"registry key {key} changed: expected {expected.get(suffix)!r}, "
+                    f"found {current.get(suffix)!r} (another writer promoted {program}?)"
+                )
+        _apply(values, self.prefix, program, new)
+        write_registry_file(self.path, values)
+        self._pending.pop(program, None)
+
+    async def publish(self, program: str, new: Snapshot) -> None:
+        """Write ``program``'s keys now; after a disk error ``run`` retries. Never raises."""
+        self._pending[program] = new
+        try:
+            self._write_program(program, new)
+        except RegistryError as exc:
+            log.warning("program=%s publishing to the registry failed, will retry: %s",
+                        program, exc)
+            self._retry.set()
+            return
+        self._pending.pop(program, None)
+
+    async def aclose(self) -> None:
+        """Nothing to release: the file is opened only while read or written."""
+
+    async def read_keys(self, patterns: Sequence[str]) -> KeyRange:
+        """The keys matching ``patterns``, with this process's revision counter.
+
+        Raises:
+            RegistryError: the file is unreadable or malformed.
+        """
+        values = read_registry_file(self.path)
+        matching = {k: v for k, v in values.items() if any(key_matches(p, k) for p in patterns)}
+        return KeyRange(matching, self._revision)
+
+    async def watch(
+        self, patterns: Sequence[str], start_revision: int | None = None
+    ) -> AsyncIterator[list[WatchEvent]]:
+        """Poll the file and yield the keys matching ``patterns`` that changed.
+
+        The first poll compares against the file as it is when the watch starts
+        (``start_revision`` cannot reach back further: the file keeps no history).
+
+        Raises:
+            RegistryError: never for an unreadable file (it is retried at the next poll).
+        """
+        seen = (await self.read_keys(patterns)).values
+        stamp = self._stamp()
+        while True:
+            await anyio.sleep(POLL_INTERVAL)
+            now_stamp = self._stamp()
+            if now_stamp == stamp:
+                continue
+            try:
+                current = (await self.read_keys(patterns)).values
+            except RegistryError as exc:
+                log.warning("watching the registry file: %s", exc)
+                continue
+            stamp = now_stamp
+            changed = sorted(k for k in seen.keys() | current.keys()
+                             if seen.get(k) != current.get(k))
+            seen = current
+            if changed:
+                self._revision += 1
+                yield [WatchEvent(k, current.get(k), self._revision) for k in changed]
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _write_program(self, program: str, new: Snapshot) -> None:
+        values = read_registry_file(self.path)
+        _apply(values, self.prefix, program, new)
+        write_registry_file(self.path, values)

@@ -1,0 +1,209 @@
+"""The etcd registry against a real etcd: layout, swap conflicts, outages, watches, TLS + auth."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import aclosing
+
+import anyio
+import pytest
+
+from flipvisor.config import RegistryConfig
+from flipvisor.errors import RegistryConflict, RegistryError
+from flipvisor.registry import KEY_SUFFIXES, Snapshot, WatchEvent
+from flipvisor.registry.etcd import EtcdRegistry
+from tests.fixtures.etcd import TLS_PASSWORD, TLS_USER, EtcdServer, free_port
+from tests.waiting import await_until
+
+pytestmark = pytest.mark.etcd
+
+
+def record(generation: int, port: int, pids: list[int]) -> Snapshot:
+    """What a promotion writes: the seed's keys plus the JSON generation record."""
+    doc = {
+        "generation": generation, "port": port,
+        "pids": [{"pid": pid, "started": 1764490000.12} for pid in pids],
+        "host": "web-1", "command": ["python3", "app.py"], "promoted_at": 1764490001.5,
+    }
+    return Snapshot({
+        "port/current": str(port),
+        "pid/current": ",".join(map(str, pids)),
+        "generation/current": json.dumps(doc),
+    })
+
+
+def promoted(old: Snapshot, new: Snapshot) -> Snapshot:
+    values = dict(new.values)
+    for what in ("port", "pid"):
+        if old.get(f"{what}/current") is not None:
+            values[f"{what}/previous"] = old.values[f"{what}/current"]
+    return Snapshot(values)
+
+
+def registry_for(endpoint: str, prefix: str, **extra: object) -> EtcdRegistry:
+    return EtcdRegistry(RegistryConfig.model_validate(
+        {"backend": "etcd", "endpoints": [endpoint], "prefix": prefix, **extra}
+    ))
+
+
+async def test_key_layout_and_record_round_trip(etcd_server: EtcdServer, etcd_prefix: str) -> None:
+    registry = registry_for(f"http://{etcd_server.endpoint}", etcd_prefix)
+    try:
+        first = record(1, 41000, [101])
+        await registry.swap("experiment", Snapshot(), first)
+        second = promoted(first, record(2, 41234, [201, 202]))
+        await registry.swap("experiment", await registry.snapshot("experiment"), second)
+
+        assert etcd_server.get(f"{etcd_prefix}/experiment/port/current") == "41234"
+        assert etcd_server.get(f"{etcd_prefix}/experiment/port/previous") == "41000"
+        assert etcd_server.get(f"{etcd_prefix}/experiment/pid/current") == "201,202"
+        assert etcd_server.get(f"{etcd_prefix}/experiment/pid/previous") == "101"
+        doc = json.loads(etcd_server.get(f"{etcd_prefix}/experiment/generation/current") or "")
+        assert doc["generation"] == 2 and doc["pids"][1] == {"pid": 202, "started": 1764490000.12}
+        assert (await registry.snapshot("experiment")).values == second.values
+        assert set(second.values) == set(KEY_SUFFIXES)
+    finally:
+        await registry.aclose()
+
+
+async def test_swap_loses_to_a_concurrent_writer(etcd_server: EtcdServer, etcd_prefix: str) -> None:
+    registry = registry_for(etcd_server.endpoint, etcd_prefix)
+    try:
+        await registry.swap("app", Snapshot(), record(1, 41000, [101]))
+        seen = await registry.snapshot("app")
+        etcd_server.put(f"{etcd_prefix}/app/pid/current", "999")  # somebody else, in between
+        with pytest.raises(RegistryConflict, match=f"{etcd_prefix}/app/pid/current"):
+            await registry.swap("app", seen, promoted(seen, record(2, 42000, [202])))
+        assert etcd_server.get(f"{etcd_prefix}/app/port/current") == "41000"
+        # A key that appeared where the caller saw none also loses the compare.
+        etcd_server.put(f"{etcd_prefix}/fresh/port/current", "1")
+        with pytest.raises(RegistryConflict, match=f"{etcd_prefix}/fresh/port/current"):
+            await registry.swap("fresh", Snapshot(), record(1, 2, [3]))
+    finally:
+        await registry.aclose()
+
+
+async def test_endpoints_are_tried_in_order(etcd_server: EtcdServer, etcd_prefix: str) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    registry = EtcdRegistry(RegistryConfig(
+        backend="etcd", endpoints=[dead, etcd_server.endpoint], prefix=etcd_prefix, timeout=2,
+    ))
+    try:
+        await registry.publish("app", record(1, 1234, [1]))
+        assert etcd_server.get(f"{etcd_prefix}/app/port/current") == "1234"
+    finally:
+        await registry.aclose()
+
+
+async def test_outage_fails_swaps_cleanly_and_heals_afterwards(
+    restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    registry = registry_for(restartable_etcd.endpoint, etcd_prefix, timeout=2)
+    async with anyio.create_task_group() as tg:
+        await tg.start(registry.run)
+        first = record(1, 41000, [101])
+        await registry.swap("app", Snapshot(), first)
+        await await_until(lambda: _true(registry.connected), message="run() to connect")
+
+        restartable_etcd.stop()
+        began = time.monotonic()
+        down = rf"etcd at 127\.0\.0\.1:{restartable_etcd.client_port}"
+        with pytest.raises(RegistryError, match=down):
+            await registry.swap("app", first, promoted(first, record(2, 42000, [202])))
+        assert time.monotonic() - began < 2 + 1
+        # A crashed worker's replacement during the outage: published once etcd is back.
+        healed = Snapshot({**first.values, "pid/current": "103"})
+        with anyio.fail_after(3):
+            await registry.publish("app", healed)
+
+        restartable_etcd.start()
+        back = time.monotonic()
+        await await_until(
+            lambda: _value(restartable_etcd, f"{etcd_prefix}/app/pid/current", "103"),
+            timeout=5, message="the published pid to land after etcd's return",
+        )
+        assert time.monotonic() - back < 5
+        assert restartable_etcd.get(f"{etcd_prefix}/app/port/current") == "41000"
+        assert restartable_etcd.get(f"{etcd_prefix}/app/port/previous") is None
+
+        # Keys changed behind our back while we were connected are put right after the next
+        # reconnect too ("after an outage, every key is made to match what is serving").
+        restartable_etcd.put(f"{etcd_prefix}/app/port/current", "6666")
+        restartable_etcd.stop()
+        restartable_etcd.start()
+        await await_until(
+            lambda: _value(restartable_etcd, f"{etcd_prefix}/app/port/current", "41000"),
+            timeout=5, message="the keys to match what is serving",
+        )
+        tg.cancel_scope.cancel()
+    await registry.aclose()
+
+
+async def test_watch_resumes_after_an_outage(
+    restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    registry = registry_for(restartable_etcd.endpoint, etcd_prefix, timeout=2)
+    restartable_etcd.put(f"{etcd_prefix}/app/port/current", "1")
+    start = await registry.read_keys([f"{etcd_prefix}/app/", f"{etcd_prefix}/other"])
+    assert start.values == {f"{etcd_prefix}/app/port/current": "1"}
+    seen: list[WatchEvent] = []
+    async with anyio.create_task_group() as tg:
+
+        async def consume() -> None:
+            watched = [f"{etcd_prefix}/app/", f"{etcd_prefix}/other"]
+            async with aclosing(registry.watch(watched, start.revision + 1)) as events:
+                async for batch in events:
+                    seen.extend(batch)
+
+        tg.start_soon(consume)
+        restartable_etcd.put(f"{etcd_prefix}/app/port/current", "2")
+        restartable_etcd.put(f"{etcd_prefix}/unwatched", "x")
+        await await_until(lambda: _true(len(seen) == 1), message="the first event")
+        restartable_etcd.stop()
+        restartable_etcd.start()
+        # Written while the watcher is still reconnecting: it must not be missed.
+        restartable_etcd.put(f"{etcd_prefix}/other", "3")
+        restartable_etcd.etcdctl("del", f"{etcd_prefix}/app/port/current")
+        await await_until(lambda: _true(len(seen) == 3), timeout=8, message="resumed events")
+        tg.cancel_scope.cancel()
+    await registry.aclose()
+    # Each pattern's events arrive in order; after a resume two patterns may interleave.
+    seen.sort(key=lambda event: event.revision)
+    assert [(e.key.removeprefix(etcd_prefix), e.value) for e in seen] == [
+        ("/app/port/current", "2"), ("/other", "3"), ("/app/port/current", None),
+    ]
+
+
+async def test_tls_and_auth(tls_etcd: EtcdServer, etcd_prefix: str) -> None:
+    assert tls_etcd.tls is not None
+    tls = {"ca": tls_etcd.tls.ca, "cert": tls_etcd.tls.client_cert, "key": tls_etcd.tls.client_key}
+    registry = registry_for(f"https://{tls_etcd.endpoint}", etcd_prefix, timeout=3,
+                            user=TLS_USER, password=TLS_PASSWORD, **tls)
+    try:
+        await registry.swap("app", Snapshot(), record(1, 41000, [101]))
+        assert (await registry.snapshot("app")).get("port/current") == "41000"
+        out = tls_etcd.etcdctl("get", f"{etcd_prefix}/app/port/current", "--print-value-only",
+                               user=f"{TLS_USER}:{TLS_PASSWORD}")
+        assert out.strip() == "41000"
+    finally:
+        await registry.aclose()
+
+    wrong = registry_for(tls_etcd.endpoint, etcd_prefix, timeout=3,
+                         user=TLS_USER, password="wrong", **tls)
+    with pytest.raises(RegistryError, match=r"etcd at 127\.0\.0\.1:\d+ refused"):
+        await wrong.snapshot("app")
+    await wrong.aclose()
+    plaintext = registry_for(tls_etcd.endpoint, etcd_prefix, timeout=3,
+                             user=TLS_USER, password=TLS_PASSWORD)
+    with pytest.raises(RegistryError, match="etcd at"):
+        await plaintext.snapshot("app")
+    await plaintext.aclose()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _value(server: EtcdServer, key: str, want: str) -> bool:
+    return await anyio.to_thread.run_sync(server.get, key) == want

@@ -1,0 +1,109 @@
+"""The local registry: one JSON object in a file, replaced atomically; swap compares."""
+
+from __future__ import annotations
+
+import json
+import stat
+from contextlib import aclosing
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from flipvisor.config import Config, RegistryConfig
+from flipvisor.errors import RegistryConflict, RegistryError
+from flipvisor.registry import Snapshot, WatchEvent, open_registry
+from flipvisor.registry.local import LocalRegistry, read_registry_file, write_registry_file
+from tests.waiting import await_until
+
+
+def new(port: int, pids: str) -> Snapshot:
+    pid_list = [{"pid": int(pids), "started": 1.5}]
+    record = json.dumps({"generation": 1, "port": port, "pids": pid_list})
+    return Snapshot({"port/current": str(port), "pid/current": pids, "generation/current": record})
+
+
+async def test_file_layout_modes_and_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "registry.json"
+    registry = open_registry(Config(state_dir=tmp_path / "state",
+                                    registry=RegistryConfig(prefix="uswitch")))
+    assert isinstance(registry, LocalRegistry) and registry.path == path
+    await registry.swap("experiment", Snapshot(), new(41000, "101"))
+    first = await registry.snapshot("experiment")
+    second = Snapshot({**new(41234, "201").values, "port/previous": "41000", "pid/previous": "101"})
+    await registry.swap("experiment", first, second)
+
+    data = json.loads(path.read_text())
+    assert data["uswitch/experiment/port/current"] == "41234"
+    assert data["uswitch/experiment/port/previous"] == "41000"
+    assert data["uswitch/experiment/pid/previous"] == "101"
+    assert json.loads(data["uswitch/experiment/generation/current"])["port"] == 41234
+    assert read_registry_file(path) == data
+    assert (await registry.snapshot("experiment")).values == second.values
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert [p.name for p in path.parent.iterdir()] == ["registry.json"]  # no temporary left
+
+
+async def test_swap_conflict_names_the_key_and_keeps_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    registry = LocalRegistry(path, RegistryConfig(prefix="p"))
+    await registry.swap("app", Snapshot(), new(1, "11"))
+    seen = await registry.snapshot("app")
+    other = read_registry_file(path)
+    other["p/app/pid/current"] = "99"  # another writer, between snapshot and swap
+    write_registry_file(path, other)
+    before = path.read_bytes()
+    with pytest.raises(RegistryConflict, match="p/app/pid/current"):
+        await registry.swap("app", seen, new(2, "22"))
+    assert path.read_bytes() == before
+
+
+async def test_other_programs_keys_are_kept_and_publish_writes_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    write_registry_file(path, {"unrelated": "x", "p/other/port/current": "5"})
+    registry = LocalRegistry(path, RegistryConfig(prefix="p"))
+    await registry.publish("app", new(7, "70"))
+    assert read_registry_file(path)["p/app/port/current"] == "7"
+    await registry.publish("app", Snapshot({"port/current": "8"}))  # absent suffixes are deleted
+    assert read_registry_file(path) == {
+        "unrelated": "x", "p/other/port/current": "5", "p/app/port/current": "8",
+    }
+
+
+async def test_malformed_file_is_a_registry_error(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    path.write_text('{"a": 1}')
+    registry = LocalRegistry(path, RegistryConfig())
+    with pytest.raises(RegistryError, match="object of strings"):
+        await registry.snapshot("app")
+
+
+async def test_watch_polls_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    registry = LocalRegistry(path, RegistryConfig(prefix="p"))
+    start = await registry.read_keys(["p/app/"])
+    assert start.values == {}
+    seen: list[WatchEvent] = []
+    async with anyio.create_task_group() as tg:
+
+        async def consume() -> None:
+            async with aclosing(registry.watch(["p/app/"], start.revision + 1)) as events:
+                async for batch in events:
+                    seen.extend(batch)
+
+        tg.start_soon(consume)
+        await anyio.lowlevel.checkpoint()  # let the watcher take its first look
+        await registry.publish("app", Snapshot({"port/current": "1"}))
+        await await_until(lambda: _true(bool(seen)), message="the first change")
+        await registry.publish("app", Snapshot({"port/current": "2", "pid/current": "3"}))
+        await await_until(lambda: _true(len(seen) == 3), message="the second change")
+        tg.cancel_scope.cancel()
+    assert [(e.key, e.value) for e in seen] == [
+        ("p/app/port/current", "1"), ("p/app/pid/current", "3"), ("p/app/port/current", "2"),
+    ]
+
+
+async def _true(value: bool) -> bool:
+    return value
