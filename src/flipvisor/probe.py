@@ -18,6 +18,7 @@ import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import httpx
@@ -25,8 +26,10 @@ import psutil
 
 from .config import ReadinessConfig
 from .errors import ProbeFailed, SpawnError
-from .reaper import Reaper
 from .spawn import run_command
+
+if TYPE_CHECKING:  # only the type: probe.py's allowed imports are config, errors, spawn
+    from .reaper import Reaper
 
 log = logging.getLogger(__name__)
 
