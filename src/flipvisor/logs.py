@@ -230,9 +230,7 @@ def _emit(
     log_.flush()
     if tail is not None:
         # Only the last maxlen lines can stay in the deque; decoding the rest is wasted work.
-        recent = lines
-        if tail.maxlen is not None:
-            recent = lines[len(lines) - tail.maxlen :] if tail.maxlen < len(lines) else lines
+        recent = lines[-tail.maxlen :] if tail.maxlen else lines
         tail.extend(line.decode("utf-8", "replace") for line in recent)
 
 
@@ -398,18 +396,17 @@ def _open_at(path: Path, start: tuple[int, int] | None) -> tuple[BinaryIO | None
             stream = _open_existing(candidate)
             if stream is None:
                 continue
-            size = os.fstat(stream.fileno()).st_size
-            if os.fstat(stream.fileno()).st_ino == start[0]:
-                return stream, min(start[1], size)
+            info = os.fstat(stream.fileno())
+            if info.st_ino == start[0]:
+                return stream, min(start[1], info.st_size)
             stream.close()
     return _open_existing(path), 0
 
 
 def _open_existing(path: Path) -> BinaryIO | None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         return path.open("rb")
-    except FileNotFoundError:
-        return None
+    return None
 
 
 def _moved(path: Path, stream: BinaryIO) -> str:
@@ -423,13 +420,3 @@ def _moved(path: Path, stream: BinaryIO) -> str:
     if current.st_size < stream.tell():
         return "shrunk"
     return ""
-
-
-__all__ = [
-    "MAX_LINE",
-    "ProgramLog",
-    "capture",
-    "enlarge_pipe",
-    "follow",
-    "tail_lines",
-]

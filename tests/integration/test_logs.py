@@ -146,8 +146,9 @@ async def test_fast_writer_is_not_slowed_and_nothing_is_lost(tmp_path: Path) -> 
         reaper = Reaper(reap_orphans=False)
         await tg.start(reaper.run)
         try:
-            child = spawn_process([*args, str(to_file)], reaper=reaper, env=os.environ,
-                                  output_fd=fd)
+            child = spawn_process(
+                [*args, str(to_file)], reaper=reaper, env=os.environ, output_fd=fd
+            )
         finally:
             os.close(fd)
         try:
@@ -297,8 +298,9 @@ def test_follow_survives_rotation(log_path: Path) -> None:
     try:
         log.write_line("g1 w0 pid=1", b"before follow")
         log.flush()
-        lines = follow(log_path, poll_interval=0.01, last=1,
-                       until=lambda: time.monotonic() > deadline)
+        lines = follow(
+            log_path, poll_interval=0.01, last=1, until=lambda: time.monotonic() > deadline
+        )
         write(0, 20)  # rotates once before the follower even opened the file
         assert log_path.with_name("app.log.1").read_bytes().startswith(b"20")
         got = collect(lines, f"after 019 {record.decode()}")
