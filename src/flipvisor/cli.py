@@ -22,7 +22,9 @@ Handler = Callable[[argparse.Namespace, Config], int]
 
 def _config_option(parser: argparse.ArgumentParser, *, top: bool) -> None:
     parser.add_argument(
-        "-c", "--config", type=Path,
+        "-c",
+        "--config",
+        type=Path,
         # Subcommands must not overwrite a -c given before the subcommand.
         default=None if top else argparse.SUPPRESS,
         help=f"config file (default: ${CONFIG_ENV}, else ./flipvisor.yaml)",
@@ -38,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_text: str, *, program: bool = False,
-                json_output: bool = False) -> argparse.ArgumentParser:
+    def command(
+        name: str, help_text: str, *, program: bool = False, json_output: bool = False
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         _config_option(sub, top=False)
         if program:
@@ -50,24 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("run", "run the supervisor in the foreground")
     flip = command("flip", "deploy a new generation of PROGRAM", program=True, json_output=True)
-    flip.add_argument("--timeout", type=float, metavar="S",
-                      help="give up and roll back after S seconds")
+    flip.add_argument(
+        "--timeout", type=float, metavar="S", help="give up and roll back after S seconds"
+    )
     command("restart", "restart PROGRAM (a flip)", program=True, json_output=True).add_argument(
-        "--timeout", type=float, metavar="S", help="give up and roll back after S seconds")
-    command("rollback", "flip back to the previous generation's config", program=True,
-            json_output=True)
+        "--timeout", type=float, metavar="S", help="give up and roll back after S seconds"
+    )
+    command(
+        "rollback", "flip back to the previous generation's config", program=True, json_output=True
+    )
     status = command("status", "show programs and their generations", json_output=True)
     status.add_argument("program", nargs="?", metavar="PROGRAM")
     command("start", "start PROGRAM (clears fatal)", program=True, json_output=True)
     command("stop", "stop PROGRAM (drain all its generations)", program=True, json_output=True)
     logs = command("logs", "show PROGRAM's captured output", program=True)
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    logs.add_argument("-n", "--lines", type=int, default=50, metavar="N",
-                      help="how many lines (default 50)")
+    logs.add_argument(
+        "-n", "--lines", type=int, default=50, metavar="N", help="how many lines (default 50)"
+    )
     command("check", "validate the config file", json_output=True)
     command("shutdown", "ask the running supervisor to drain everything and exit")
-    command("reload", "ask the running supervisor to re-read its config (like SIGHUP)",
-            json_output=True)
+    command(
+        "reload", "ask the running supervisor to re-read its config (like SIGHUP)", json_output=True
+    )
     events = command("events", "show lifecycle events", json_output=True)
     events.add_argument("program", nargs="?", metavar="PROGRAM")
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
@@ -116,8 +124,7 @@ def _check(args: argparse.Namespace, path: Path) -> int:
         config = load_config(path)
     except ConfigError as exc:
         if getattr(args, "json", False):
-            _print_json({"ok": False, "error": str(exc).splitlines()[0],
-                         "problems": exc.problems})
+            _print_json({"ok": False, "error": str(exc).splitlines()[0], "problems": exc.problems})
         else:
             _error(str(exc))
         return EXIT_USAGE
@@ -136,9 +143,11 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     from .supervisor import Supervisor
 
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr,
+        level=logging.INFO,
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per probe attempt is noise
     path: Path = args.config or default_config_path()
     anyio.run(Supervisor(path, config).run, backend="asyncio")
     return EXIT_OK
@@ -152,7 +161,8 @@ def _watch(args: argparse.Namespace, config: Config) -> int:
     from .watch import watch_main
 
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr,
+        level=logging.INFO,
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not config.watch:
@@ -161,8 +171,9 @@ def _watch(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-def _request(config: Config, command: str, program: str | None = None,
-             **request_args: Any) -> dict[str, Any]:
+def _request(
+    config: Config, command: str, program: str | None = None, **request_args: Any
+) -> dict[str, Any]:
     from .client import call
     from .protocol import Request
 
@@ -252,8 +263,11 @@ def _events(args: argparse.Namespace, config: Config) -> int:
                 stamp = time.strftime("%H:%M:%S", time.localtime(message["time"]))
                 gen = f" g{message['generation']}" if message.get("generation") else ""
                 fields = " ".join(f"{k}={v}" for k, v in message.get("fields", {}).items())
-                print(f"{stamp} {message['program']}{gen} {message['kind']} "
-                      f"{message.get('message', '')} {fields}".rstrip(), flush=True)
+                print(
+                    f"{stamp} {message['program']}{gen} {message['kind']} "
+                    f"{message.get('message', '')} {fields}".rstrip(),
+                    flush=True,
+                )
         elif message.get("type") == "result":
             answer = message
     return _final(answer)

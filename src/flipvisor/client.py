@@ -12,7 +12,9 @@ from .errors import ControlUnreachable
 from .protocol import MAX_LINE, Request
 
 
-def converse(path: Path, request: Request, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+def converse(
+    path: Path, request: Request, timeout: float | None = None
+) -> Iterator[dict[str, Any]]:
     """Send ``request`` and yield each message of the answer, the final ``result`` last.
 
     Raises:

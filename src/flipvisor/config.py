@@ -164,6 +164,8 @@ class ProxyConfig(_Model):
     reload_cmd: Command | None = None
     pidfile: RelPath | None = None
     timeout: Seconds = 30.0
+    # Extra template variables (the listen port, a server_name...); the flip's own context wins.
+    vars: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
 
 class ProgramConfig(_Model):

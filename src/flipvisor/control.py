@@ -97,8 +97,9 @@ class ControlServer:
             try:
                 if not peer_allowed(uid):
                     log.warning("refused control connection from uid %d", uid)
-                    await send(result(error=f"permission denied for uid {uid}",
-                                      exit_code=EXIT_USAGE))
+                    await send(
+                        result(error=f"permission denied for uid {uid}", exit_code=EXIT_USAGE)
+                    )
                     return
                 buffered = BufferedByteReceiveStream(stream)
                 line = await buffered.receive_until(b"\n", MAX_LINE)
@@ -106,6 +107,12 @@ class ControlServer:
                 await send(await self.dispatch(request, send))
             except ProtocolError as exc:
                 await send(result(error=str(exc), exit_code=EXIT_USAGE))
-            except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError,
-                    anyio.ClosedResourceError, anyio.DelimiterNotFound, ConnectionError):
+            except (
+                anyio.EndOfStream,
+                anyio.IncompleteRead,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                anyio.DelimiterNotFound,
+                ConnectionError,
+            ):
                 pass  # the client went away; whatever it started goes on

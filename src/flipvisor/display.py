@@ -24,8 +24,17 @@ def _uptime(seconds: float) -> str:
 def print_status(document: dict[str, Any]) -> None:
     """The ``status`` table: one row per generation, program columns on its first row."""
     table = Table(show_edge=False, header_style="bold")
-    for column in ("PROGRAM", "STATE", "GEN", "GEN STATE", "PORT", "PIDS", "UPTIME",
-                   "RESTARTS", "LAST EXIT"):
+    for column in (
+        "PROGRAM",
+        "STATE",
+        "GEN",
+        "GEN STATE",
+        "PORT",
+        "PIDS",
+        "UPTIME",
+        "RESTARTS",
+        "LAST EXIT",
+    ):
         table.add_column(column)
     for program in document["programs"]:
         state = program["state"]
@@ -37,9 +46,14 @@ def print_status(document: dict[str, Any]) -> None:
                 table.add_row(*head, "-", "-", "-", "-", "-", str(program["restarts"]), "")
                 continue
             table.add_row(
-                *head, str(gen["generation"]), gen["state"], str(gen["port"]),
-                ",".join(map(str, gen["pids"])) or "-", _uptime(gen["uptime"]),
-                str(gen["restarts"]), gen.get("last_exit") or "",
+                *head,
+                str(gen["generation"]),
+                gen["state"],
+                str(gen["port"]),
+                ",".join(map(str, gen["pids"])) or "-",
+                _uptime(gen["uptime"]),
+                str(gen["restarts"]),
+                gen.get("last_exit") or "",
             )
         if program.get("fatal_reason"):
             table.add_row("", "", "", "", "", "", "", "", f"[red]{program['fatal_reason']}[/]")
@@ -60,8 +74,9 @@ class FlipProgress:
             self._status.__enter__()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._status is not None:
             self._status.__exit__(kind, exc, tb)
 
@@ -75,18 +90,19 @@ class FlipProgress:
         duration = f"{step['duration']:.3f}s" if step.get("duration") is not None else ""
         self.console.print(
             f"{_STEP_MARK.get(step['status'], '?')} {step['step']:<12} {duration:>8}  "
-            f"[dim]{step['detail']}[/]", highlight=False,
+            f"[dim]{step['detail']}[/]",
+            highlight=False,
         )
 
     def summary(self, report: dict[str, Any]) -> None:
         if report["ok"]:
             self.console.print(
                 f"[green]{report['program']}: generation {report['generation']} serving[/] "
-                f"({report['duration']:.2f}s)", highlight=False,
+                f"({report['duration']:.2f}s)",
+                highlight=False,
             )
             return
-        self.console.print(f"[red]{report['program']}: {report['kind']} failed[/]",
-                           highlight=False)
+        self.console.print(f"[red]{report['program']}: {report['kind']} failed[/]", highlight=False)
         if report.get("output"):
             self.console.print("last output of the new generation:", style="bold")
             for line in report["output"]:

@@ -45,15 +45,23 @@ class EventLog:
         self._subscribers: list[MemoryObjectSendStream[Event]] = []
 
     def emit(
-        self, kind: str, program: str, generation: int | None = None, message: str = "",
+        self,
+        kind: str,
+        program: str,
+        generation: int | None = None,
+        message: str = "",
         **fields: Any,
     ) -> Event:
         """Record an event, log it, and hand it to every subscriber that has room."""
         event = Event(kind, program, generation, message, fields)
         self._history.append(event)
         log.info(
-            "%s program=%s generation=%s %s %s", kind, program, generation, message,
-            " ".join(f"{key}={value}" for key, value in fields.items()),
+            "%s program=%s generation=%s%s%s",
+            kind,
+            program,
+            generation,
+            f" {message}" if message else "",
+            "".join(f" {key}={value}" for key, value in fields.items()),
         )
         for stream in list(self._subscribers):
             try:

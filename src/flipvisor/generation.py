@@ -33,8 +33,15 @@ class Generation:
     """Workers of one version of a program, all on one socket bound for this generation."""
 
     def __init__(
-        self, *, program: str, number: int, config: ProgramConfig, reaper: Reaper,
-        log: ProgramLog, events: EventLog, notify_dir: Path,
+        self,
+        *,
+        program: str,
+        number: int,
+        config: ProgramConfig,
+        reaper: Reaper,
+        log: ProgramLog,
+        events: EventLog,
+        notify_dir: Path,
         on_worker_exit: Callable[[Generation, Worker, int | None, str], float | None],
         on_pids_changed: Callable[[Generation], None],
     ) -> None:
@@ -68,7 +75,10 @@ class Generation:
             self.socket.close()
             raise
         spec = WorkerSpec(
-            program=program, generation=number, config=config, port=self.port,
+            program=program,
+            generation=number,
+            config=config,
+            port=self.port,
             listen_fd=self.socket.fileno(),
             notify_socket=self.notify.path if self.notify is not None else None,
         )
@@ -118,9 +128,7 @@ class Generation:
     def transition(self, new: GenerationState) -> None:
         """Change state through the table; one log line per change."""
         check_transition(GENERATION_TRANSITIONS, self.state, new)
-        log.info(
-            "program=%s generation=%d %s -> %s", self.program, self.number, self.state, new
-        )
+        log.info("program=%s generation=%d %s -> %s", self.program, self.number, self.state, new)
         self.state = new
         self.events.emit(new.value, self.program, self.number, port=self.port)
 
@@ -207,9 +215,12 @@ class Generation:
             for worker in self.workers:
                 if worker.pid is not None:
                     self.events.emit(
-                        "killed", self.program, self.number,
+                        "killed",
+                        self.program,
+                        self.number,
                         f"still running {drain.timeout}s after {drain.signal.name}",
-                        worker=worker.index, pid=worker.pid,
+                        worker=worker.index,
+                        pid=worker.pid,
                     )
                 worker.kill()
             with anyio.move_on_after(KILL_GRACE):
@@ -217,11 +228,8 @@ class Generation:
         tg.cancel_scope.cancel()
 
     async def _all_workers_done(self) -> None:
-        while any(worker.pid is not None for worker in self.workers):
-            # Each exit is reaped by the reaper and wakes the worker; wait for the next one.
-            child = next(w.child for w in self.workers if w.pid is not None)
-            assert child is not None
-            await child.wait()
+        for worker in list(self.workers):
+            await worker.done.wait()
 
     def request_stop(self, *, delay: float) -> None:
         """Begin stopping: after ``delay``, signal every worker, SIGKILL after the timeout."""

@@ -121,7 +121,10 @@ class Program:
         return self._tg
 
     def start_flip(
-        self, config: ProgramConfig | None = None, *, timeout: float | None = None,
+        self,
+        config: ProgramConfig | None = None,
+        *,
+        timeout: float | None = None,
         kind: str = "flip",
     ) -> FlipReport:
         """Begin a flip to ``config`` (default: the current config) in the program's task group.
@@ -176,10 +179,15 @@ class Program:
         report.generation = number
         with report.step("spawn", f"{config.numprocs} worker(s)"):
             gen = Generation(
-                program=self.name, number=number, config=config, reaper=self.runtime.reaper,
-                log=self.log, events=self.runtime.events,
+                program=self.name,
+                number=number,
+                config=config,
+                reaper=self.runtime.reaper,
+                log=self.log,
+                events=self.runtime.events,
                 notify_dir=self.runtime.state_dir / "notify",
-                on_worker_exit=self._worker_exited, on_pids_changed=self._pids_changed,
+                on_worker_exit=self._worker_exited,
+                on_pids_changed=self._pids_changed,
             )
             self.generations.append(gen)
             try:
@@ -200,7 +208,11 @@ class Program:
                 output = list(gen.tail)
                 raise FlipFailed(
                     f"generation {number} of {self.name} failed: {reason}; "
-                    + ("the previous generation keeps serving" if self.serving else "nothing serves"),
+                    + (
+                        "the previous generation keeps serving"
+                        if self.serving
+                        else "nothing serves"
+                    ),
                     output,
                 ) from exc
             raise
@@ -220,9 +232,14 @@ class Program:
                 race.start_soon(watch_workers)
                 if readiness is not None:
                     await wait_ready(
-                        readiness, host=gen.host, port=gen.port, reaper=self.runtime.reaper,
-                        env=worker_env(gen.workers[0].spec, 0), cwd=gen.config.cwd,
-                        notify=gen.notify, worker_pids=lambda: set(gen.pids),
+                        readiness,
+                        host=gen.host,
+                        port=gen.port,
+                        reaper=self.runtime.reaper,
+                        env=worker_env(gen.workers[0].spec, 0),
+                        cwd=gen.config.cwd,
+                        notify=gen.notify,
+                        worker_pids=lambda: set(gen.pids),
                         numprocs=gen.config.numprocs,
                     )
                 race.cancel_scope.cancel()
@@ -233,12 +250,20 @@ class Program:
         """Promote a READY generation and retire the one it replaces."""
         gen.transition(GenerationState.PROMOTING)
         self.published = await promote(
-            gen, program=self.name, config=gen.config, registry=self.runtime.registry,
-            reaper=self.runtime.reaper, report=report,
+            gen,
+            program=self.name,
+            config=gen.config,
+            registry=self.runtime.registry,
+            reaper=self.runtime.reaper,
+            report=report,
         )
         if gen.failure is not None:  # a worker died while we promoted: too late to undo cheaply
-            log.warning("program=%s generation=%d lost a worker during promotion: %s",
-                        self.name, gen.number, gen.failure)
+            log.warning(
+                "program=%s generation=%d lost a worker during promotion: %s",
+                self.name,
+                gen.number,
+                gen.failure,
+            )
         gen.transition(GenerationState.SERVING)
         gen.was_serving = True
         old, self.serving = self.serving, gen
@@ -317,9 +342,7 @@ class Program:
     def _pids_changed(self, gen: Generation) -> None:
         if gen is self.serving and self.published is not None:
             self.published = with_current_pids(gen, self.published)
-            self._task_group().start_soon(
-                self.runtime.registry.publish, self.name, self.published
-            )
+            self._task_group().start_soon(self.runtime.registry.publish, self.name, self.published)
 
     # -- commands -----------------------------------------------------------------------------
 

@@ -31,7 +31,9 @@ class Step:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "step": self.name, "status": self.status, "detail": self.detail,
+            "step": self.name,
+            "status": self.status,
+            "detail": self.detail,
             "duration": None if self.duration is None else round(self.duration, 4),
         }
 
@@ -93,8 +95,12 @@ class FlipReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "program": self.program, "kind": self.kind, "generation": self.generation,
-            "ok": self.error is None, "error": self.error, "output": self.output,
+            "program": self.program,
+            "kind": self.kind,
+            "generation": self.generation,
+            "ok": self.error is None,
+            "error": self.error,
+            "output": self.output,
             "duration": None if self.duration is None else round(self.duration, 4),
             "steps": [step.to_json() for step in self.steps],
         }

@@ -68,8 +68,13 @@ def with_current_pids(gen: Generation, published: Snapshot) -> Snapshot:
 
 
 async def promote(
-    gen: Generation, *, program: str, config: ProgramConfig, registry: Registry,
-    reaper: Reaper, report: FlipReport,
+    gen: Generation,
+    *,
+    program: str,
+    config: ProgramConfig,
+    registry: Registry,
+    reaper: Reaper,
+    report: FlipReport,
 ) -> Snapshot:
     """Route traffic to ``gen``; returns the registry snapshot now published.
 
@@ -82,12 +87,18 @@ async def promote(
         if proxy is not None:
             with report.step("proxy", str(proxy.dest)):
                 context = flip_context(
-                    program=program, generation=gen.number, host=gen.host, port=gen.port,
+                    program=program,
+                    generation=gen.number,
+                    host=gen.host,
+                    port=gen.port,
                     pids=gen.pids,
                 )
-                content = render_template(proxy.template, context)
+                content = render_template(proxy.template, {**proxy.vars, **context})
                 installed = await install(
-                    proxy.dest, content, check_cmd=proxy.check_cmd, reaper=reaper,
+                    proxy.dest,
+                    content,
+                    check_cmd=proxy.check_cmd,
+                    reaper=reaper,
                     timeout=proxy.timeout,
                 )
 
@@ -126,6 +137,7 @@ async def promote(
             if not await wait_workers_gone(old_proxy_workers, proxy.timeout):
                 log.warning(
                     "program=%s old proxy workers still running after %ss; draining anyway",
-                    program, proxy.timeout,
+                    program,
+                    proxy.timeout,
                 )
     return published

@@ -72,9 +72,16 @@ def decode_request(line: bytes) -> Request:
     return Request(command, program, args)
 
 
-def result(value: Any = None, *, error: str | None = None, exit_code: int | None = None,
-           **extra: Any) -> dict[str, Any]:
+def result(
+    value: Any = None, *, error: str | None = None, exit_code: int | None = None, **extra: Any
+) -> dict[str, Any]:
     """The final message of an answer."""
     code = exit_code if exit_code is not None else (EXIT_OK if error is None else EXIT_FAILED)
-    return {"type": "result", "ok": error is None, "exit_code": code, "result": value,
-            "error": error, **extra}
+    return {
+        "type": "result",
+        "ok": error is None,
+        "exit_code": code,
+        "result": value,
+        "error": error,
+        **extra,
+    }

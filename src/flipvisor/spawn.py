@@ -260,7 +260,10 @@ async def run_command(
     read_fd, write_fd = open_output_pipe()
     try:
         child = spawn_process(
-            argv, reaper=reaper, env=env if env is not None else os.environ, cwd=cwd,
+            argv,
+            reaper=reaper,
+            env=env if env is not None else os.environ,
+            cwd=cwd,
             output_fd=write_fd,
         )
     except BaseException:
@@ -304,7 +307,9 @@ def signal_verified(pid: int, started: float, sig: int) -> bool:
         if abs(actual - started) > 0.05:
             log.warning(
                 "refusing to signal pid=%d: started at %.2f, expected %.2f (PID reused)",
-                pid, actual, started,
+                pid,
+                actual,
+                started,
             )
             return False
         try:

@@ -58,7 +58,9 @@ GENERATION_TRANSITIONS: dict[GenerationState, frozenset[GenerationState]] = {
 }
 
 WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
-    WorkerState.STARTING: frozenset({WorkerState.RUNNING, WorkerState.EXITED, WorkerState.STOPPING}),
+    WorkerState.STARTING: frozenset(
+        {WorkerState.RUNNING, WorkerState.EXITED, WorkerState.STOPPING}
+    ),
     WorkerState.RUNNING: frozenset({WorkerState.EXITED, WorkerState.STOPPING}),
     WorkerState.EXITED: frozenset({WorkerState.BACKOFF, WorkerState.FATAL, WorkerState.STOPPED}),
     WorkerState.BACKOFF: frozenset({WorkerState.STARTING, WorkerState.STOPPED}),

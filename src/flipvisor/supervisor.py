@@ -47,8 +47,11 @@ class Supervisor:
         self._shutdown = anyio.Event()
         self._tg: TaskGroup | None = None
         self.runtime = Runtime(
-            reaper=self.reaper, registry=self.registry, events=self.events,
-            state_dir=config.state_dir, logs=config.logs,
+            reaper=self.reaper,
+            registry=self.registry,
+            events=self.events,
+            state_dir=config.state_dir,
+            logs=config.logs,
         )
 
     async def run(self) -> None:
@@ -131,7 +134,8 @@ class Supervisor:
         added = [name for name in new.programs if name not in self.programs]
         removed = [name for name in self.programs if name not in new.programs]
         changed = [
-            name for name in new.programs
+            name
+            for name in new.programs
             if name in self.programs and new.programs[name] != self.programs[name].config
         ]
         for name in removed:

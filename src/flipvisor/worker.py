@@ -53,9 +53,10 @@ def expand_placeholders(argv: list[str], values: Mapping[str, int]) -> list[str]
     """
     expanded = []
     for arg in argv:
+        result = arg
         for name, value in values.items():
-            arg = arg.replace("{" + name + "}", str(value))
-        expanded.append(arg)
+            result = result.replace("{" + name + "}", str(value))
+        expanded.append(result)
     return expanded
 
 
@@ -71,7 +72,9 @@ class WorkerSpec:
     notify_socket: Path | None
 
 
-def worker_env(spec: WorkerSpec, index: int, base: Mapping[str, str] = os.environ) -> dict[str, str]:
+def worker_env(
+    spec: WorkerSpec, index: int, base: Mapping[str, str] = os.environ
+) -> dict[str, str]:
     """The worker's environment: ours, the program's ``env``, and the socket-activation variables.
 
     ``LISTEN_PID`` is added by the spawn shim, which alone knows the worker's PID.
@@ -110,8 +113,14 @@ class Worker:
     """One slot (``index``) of a generation; restarts its process as its owner decides."""
 
     def __init__(
-        self, owner: WorkerOwner, spec: WorkerSpec, index: int, *, reaper: Reaper,
-        log: ProgramLog, tail: deque[str],
+        self,
+        owner: WorkerOwner,
+        spec: WorkerSpec,
+        index: int,
+        *,
+        reaper: Reaper,
+        log: ProgramLog,
+        tail: deque[str],
     ) -> None:
         self.owner = owner
         self.spec = spec
@@ -124,6 +133,7 @@ class Worker:
         self.consecutive_failures = 0
         self.restarts = 0
         self.last_exit: str | None = None
+        self.done = anyio.Event()
 
     @property
     def pid(self) -> int | None:
@@ -138,15 +148,23 @@ class Worker:
         spec = self.spec
         argv = expand_placeholders(
             spec.config.command,
-            {"port": spec.port, "fd": LISTEN_FD, "generation": spec.generation,
-             "worker": self.index},
+            {
+                "port": spec.port,
+                "fd": LISTEN_FD,
+                "generation": spec.generation,
+                "worker": self.index,
+            },
         )
         read_fd, write_fd = open_output_pipe()
         enlarge_pipe(read_fd)
         try:
             child = spawn_process(
-                argv, reaper=self.reaper, env=worker_env(spec, self.index),
-                cwd=spec.config.cwd, listen_fd=spec.listen_fd, output_fd=write_fd,
+                argv,
+                reaper=self.reaper,
+                env=worker_env(spec, self.index),
+                cwd=spec.config.cwd,
+                listen_fd=spec.listen_fd,
+                output_fd=write_fd,
             )
         except BaseException:
             os.close(read_fd)
@@ -161,6 +179,12 @@ class Worker:
         starter; later ones count as exits and follow the restart policy."""
         child: Child | None = self._spawn()
         task_status.started()
+        try:
+            await self._keep_running(child)
+        finally:
+            self.done.set()
+
+    async def _keep_running(self, child: Child | None) -> None:
         returncode: int | None = None
         reason = ""
         while True:

@@ -1,0 +1,196 @@
+"""``flipvisor run`` as a real process: generation 1, crashes, shutdown, reaping, control socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.waiting import wait_until
+
+
+def get(port: int, path: str = "/") -> dict[str, object]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+        loaded: dict[str, object] = json.loads(answer.read())
+        return loaded
+
+
+def web(**overrides: object) -> dict[str, object]:
+    program: dict[str, object] = {
+        "command": svc_command("--version", "1"),
+        "readiness": {"http": "/health", "timeout": 10},
+        "drain": {"delay": 0, "timeout": 5},
+    }
+    program.update(overrides)
+    return program
+
+
+def test_status_json_shows_generation_one_serving_on_its_socket(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": web(numprocs=3)}})
+    gen = flipvisor.wait_serving("web")
+    program = flipvisor.program("web")
+    assert program["state"] == "running"
+    assert program["restarts"] == 0
+    assert gen["generation"] == 1
+    assert isinstance(gen["port"], int) and gen["port"] > 0
+    assert len(gen["pids"]) == 3
+    answer = get(gen["port"])
+    assert answer["pid"] in gen["pids"]
+    assert answer["generation"] == 1
+    keys = flipvisor.registry()
+    assert keys["flipvisor/web/port/current"] == str(gen["port"])
+    assert sorted(map(int, keys["flipvisor/web/pid/current"].split(","))) == sorted(gen["pids"])
+    record = json.loads(keys["flipvisor/web/generation/current"])
+    assert record["generation"] == 1 and record["port"] == gen["port"]
+    assert {p["pid"] for p in record["pids"]} == set(gen["pids"])
+
+
+def test_killed_worker_is_replaced_and_serves_on_the_same_port(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": web()}})
+    gen = flipvisor.wait_serving("web")
+    (old_pid,) = gen["pids"]
+    psutil.Process(old_pid).kill()
+    replaced = flipvisor.wait_serving(
+        "web", where=lambda g: bool(g["pids"]) and g["pids"] != [old_pid]
+    )
+    assert replaced["port"] == gen["port"]
+    assert get(gen["port"])["pid"] == replaced["pids"][0]
+    assert flipvisor.program("web")["restarts"] == 1
+    wait_until(
+        lambda: flipvisor.registry()["flipvisor/web/pid/current"] == str(replaced["pids"][0]),
+        message="pid/current to name the replacement",
+    )
+    # Only pid/current and the record change for a replacement, never port or previous keys.
+    assert flipvisor.registry()["flipvisor/web/port/current"] == str(gen["port"])
+
+
+def test_crash_loop_makes_the_program_fatal_and_start_clears_it(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {
+        "web": web(command=svc_command("--crash-after", "1"),
+                   restart={"max_restarts": 2, "window": 60}),
+        "steady": web(),
+    }})
+    wait_until(lambda: flipvisor.program("web")["state"] == "fatal", timeout=30,
+               message="web to become fatal")
+    assert "restarts in" in flipvisor.program("web")["fatal_reason"]
+    assert flipvisor.program("steady")["state"] == "running"  # the supervisor survives
+    result = flipvisor.cli("start", "web")
+    assert result.returncode == 0, result.stderr
+    assert flipvisor.program("web")["state"] != "fatal"
+
+
+def test_sigterm_kills_a_worker_that_ignores_it_and_exits_zero(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": web(
+        command=svc_command("--ignore-term"), drain={"delay": 0, "timeout": 1})}})
+    (pid,) = flipvisor.wait_serving("web")["pids"]
+    worker = psutil.Process(pid)
+    assert flipvisor.stop() == 0, flipvisor.output()
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+
+
+def test_command_string_is_not_run_by_a_shell(flipvisor: Flipvisor, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    script = (
+        "import sys, socket, time; print(sys.argv[1:], flush=True); "
+        "socket.socket(fileno=3); time.sleep(60)"
+    )
+    command = f"{sys.executable} -c '{script}' ; touch {marker}"
+    flipvisor.start({"programs": {"web": {"command": command}}})
+    flipvisor.wait_serving("web")
+    log = flipvisor.state_dir / "logs" / "web.log"
+    wait_until(lambda: log.exists() and "touch" in log.read_text(), message="argv in the log")
+    assert "[';', 'touch'," in log.read_text()
+    assert not marker.exists()
+
+
+def test_orphaned_grandchild_is_reaped(flipvisor: Flipvisor, tmp_path: Path) -> None:
+    # The worker starts a grandchild that outlives it briefly; once re-parented to the
+    # supervisor (a subreaper) it must be reaped, not left a zombie.
+    script = (
+        "import os, socket, subprocess, sys, time; socket.socket(fileno=3); "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(0.5)']); "
+        "print('grandchild', p.pid, flush=True); time.sleep(60)"
+    )
+    flipvisor.start({"programs": {"web": {"command": [sys.executable, "-c", script],
+                                          "drain": {"delay": 0, "timeout": 5}}}})
+    (pid,) = flipvisor.wait_serving("web")["pids"]
+    log = flipvisor.state_dir / "logs" / "web.log"
+    wait_until(lambda: log.exists() and "grandchild" in log.read_text(), message="grandchild")
+    grandchild = int(log.read_text().split("grandchild ")[1].split()[0])
+    psutil.Process(pid).kill()  # orphan the grandchild
+    assert flipvisor.process is not None
+    supervisor = psutil.Process(flipvisor.process.pid)
+    wait_until(lambda: not psutil.pid_exists(grandchild)
+               or psutil.Process(grandchild).ppid() == supervisor.pid,
+               message="the grandchild to be re-parented")
+    wait_until(lambda: not psutil.pid_exists(grandchild), timeout=10,
+               message="the orphan to be reaped (no zombie left)")
+
+
+def test_control_socket_is_private(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {}})
+    sock = flipvisor.state_dir / "flipvisor.sock"
+    assert sock.stat().st_mode & 0o777 == 0o600
+    assert flipvisor.state_dir.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid")
+def test_control_socket_refuses_another_uid(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {}})
+    sock = flipvisor.state_dir / "flipvisor.sock"
+    # Open the way on the file system so only the SO_PEERCRED check stands in between.
+    os.chmod(flipvisor.state_dir, 0o755)
+    os.chmod(sock, 0o666)
+    client = (
+        "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+        "s.sendall(b'{\"command\": \"status\"}\\n'); print(s.makefile().readline())"
+    )
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("no system python3 that another uid can run")
+    result = subprocess.run([python, "-c", client, str(sock)], user=65534,
+                            capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["ok"] is False and "permission denied" in answer["error"]
+
+
+def test_cli_without_a_supervisor_names_the_socket(flipvisor: Flipvisor) -> None:
+    flipvisor.write_config({"programs": {}})
+    result = flipvisor.cli("status")
+    assert result.returncode == 2
+    assert str(flipvisor.state_dir / "flipvisor.sock") in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sighup_adds_and_removes_programs(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"one": web()}})
+    one = flipvisor.wait_serving("one")
+    flipvisor.write_config({"programs": {"two": web()}})
+    assert flipvisor.process is not None
+    flipvisor.process.send_signal(signal.SIGHUP)
+    flipvisor.wait_serving("two")
+    wait_until(lambda: [p["name"] for p in flipvisor.status()["programs"]] == ["two"],
+               message="one to be removed")
+    wait_until(lambda: not any(psutil.pid_exists(p) for p in one["pids"]),
+               message="one's workers to exit")
+
+
+def test_bad_config_exits_2_with_every_problem(flipvisor: Flipvisor) -> None:
+    flipvisor.config_path.write_text(
+        "programs:\n  web:\n    command: [x]\n    drain: {timeout: abc}\n    bogus: 1\n"
+    )
+    for command in ("check", "run"):
+        result = flipvisor.cli(command)
+        assert result.returncode == 2
+        assert "programs.web.drain.timeout: must be a number" in result.stderr
+        assert "programs.web.bogus: unknown key" in result.stderr
