@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -145,6 +146,18 @@ def test_control_socket_is_private(flipvisor: Flipvisor) -> None:
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid")
 def test_control_socket_refuses_another_uid(flipvisor: Flipvisor) -> None:
+    # tmp_path's parents are private to root: put the state dir where another uid can reach it.
+    public = Path(tempfile.mkdtemp(prefix="flipvisor-uid-"))
+    os.chmod(public, 0o755)
+    flipvisor.state_dir = public / "state"
+    try:
+        _refuses_another_uid(flipvisor)
+    finally:
+        flipvisor.stop()
+        shutil.rmtree(public, ignore_errors=True)
+
+
+def _refuses_another_uid(flipvisor: Flipvisor) -> None:
     flipvisor.start({"programs": {}})
     sock = flipvisor.state_dir / "flipvisor.sock"
     # Open the way on the file system so only the SO_PEERCRED check stands in between.
@@ -152,7 +165,7 @@ def test_control_socket_refuses_another_uid(flipvisor: Flipvisor) -> None:
     os.chmod(sock, 0o666)
     client = (
         "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
-        "s.sendall(b'{\"command\": \"status\"}\\n'); print(s.makefile().readline())"
+        "print(s.makefile().readline())"  # refused before any request is read
     )
     python = shutil.which("python3", path="/usr/bin:/bin")
     if python is None:
