@@ -1,0 +1,340 @@
+"""The proxy step against a real nginx: atomic install, check, restore, reload, old workers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import httpx
+import psutil
+import pytest
+
+from flipvisor.errors import ProxyError
+from flipvisor.proxy import (
+    flip_context,
+    install,
+    proxy_workers,
+    reload,
+    render_template,
+    wait_workers_gone,
+)
+from flipvisor.reaper import Reaper
+from flipvisor.spawn import Child, spawn_process
+from tests.fixtures.nginx import Nginx
+from tests.waiting import await_until
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "nginx.conf.j2"
+TIMEOUT = 10.0
+
+# A stdlib HTTP/1.1 server on the inherited listening socket (fd 3) that answers $BODY.
+UPSTREAM_APP = r"""
+import http.server, os, socket
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = os.environ["BODY"].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+server.socket.close()
+server.socket = socket.socket(fileno=3)
+server.serve_forever()
+"""
+
+
+@asynccontextmanager
+async def running_reaper() -> AsyncIterator[Reaper]:
+    async with anyio.create_task_group() as tg:
+        reaper = Reaper(reap_orphans=False)
+        await tg.start(reaper.run)
+        yield reaper
+        tg.cancel_scope.cancel()
+
+
+@dataclass
+class Upstream:
+    port: int
+    child: Child
+
+
+@asynccontextmanager
+async def upstream(reaper: Reaper, body: str) -> AsyncIterator[Upstream]:
+    """A generation-like upstream: a socket we bind, served by a spawned child on fd 3."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        child = spawn_process(
+            [sys.executable, "-c", UPSTREAM_APP], reaper=reaper,
+            env={**os.environ, "BODY": body}, listen_fd=sock.fileno(),
+        )
+        try:
+            yield Upstream(sock.getsockname()[1], child)
+        finally:
+            await child.stop(timeout=5.0)
+            child.close()
+
+
+async def get(url: str) -> str:
+    # A fresh client (and connection) per request: a pooled connection would pin an old worker.
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        response = await client.get(url)
+        response.raise_for_status()
+        return response.text
+
+
+def snippet(nginx: Nginx, port: int, generation: int = 1) -> str:
+    values = flip_context(program="app", generation=generation, host="127.0.0.1", port=port,
+                          pids=[os.getpid()])
+    return render_template(TEMPLATE, {**values, "listen": f"127.0.0.1:{nginx.listen}"})
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+# -- install and check -----------------------------------------------------------------------
+
+
+async def test_install_checks_the_rendered_file_with_nginx(nginx: Nginx) -> None:
+    dest = nginx.conf_dir / "app.conf"
+    content = snippet(nginx, port=41234)
+    async with running_reaper() as reaper:
+        installed = await install(dest, content, check_cmd=nginx.check_cmd, reaper=reaper,
+                                  timeout=TIMEOUT)
+    assert installed.dest == dest
+    assert installed.previous is None
+    assert dest.read_text() == content
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o644  # nginx workers may run as another user
+    assert leftovers(nginx.conf_dir) == []
+
+
+async def test_failed_check_restores_previous_file_byte_for_byte(nginx: Nginx) -> None:
+    dest = nginx.conf_dir / "app.conf"
+    previous = b"# hand-written \xc3\xa9  \r\n# no trailing newline"
+    dest.write_bytes(previous)
+    dest.chmod(0o640)
+    async with running_reaper() as reaper:
+        with pytest.raises(ProxyError) as caught:
+            await install(dest, "this_is_not_a_directive on;\n", check_cmd=nginx.check_cmd,
+                          reaper=reaper, timeout=TIMEOUT)
+    assert "unknown directive" in str(caught.value)
+    assert "kept the previous file" in str(caught.value)
+    assert dest.read_bytes() == previous
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o640
+    assert leftovers(nginx.conf_dir) == []
+
+
+async def test_failed_check_removes_file_that_did_not_exist(nginx: Nginx) -> None:
+    dest = nginx.conf_dir / "app.conf"
+    async with running_reaper() as reaper:
+        with pytest.raises(ProxyError, match="unknown directive"):
+            await install(dest, "bogus;\n", check_cmd=nginx.check_cmd, reaper=reaper,
+                          timeout=TIMEOUT)
+    assert not dest.exists()
+    assert leftovers(nginx.conf_dir) == []
+
+
+async def test_path_placeholder_names_the_new_file(tmp_path: Path) -> None:
+    dest = tmp_path / "new" / "dir" / "app.conf"  # created when missing
+    check = ["sh", "-c", 'grep -q "^upstream" "$1"', "check", "{path}"]
+    async with running_reaper() as reaper:
+        await install(dest, "upstream x {}\n", check_cmd=check, reaper=reaper, timeout=TIMEOUT)
+        assert dest.read_text() == "upstream x {}\n"
+        with pytest.raises(ProxyError, match="exited with status 1"):
+            await install(dest, "server {}\n", check_cmd=check, reaper=reaper, timeout=TIMEOUT)
+    assert dest.read_text() == "upstream x {}\n"
+
+
+async def test_check_that_cannot_start_restores(tmp_path: Path) -> None:
+    dest = tmp_path / "app.conf"
+    dest.write_bytes(b"old")
+    async with running_reaper() as reaper:
+        with pytest.raises(ProxyError, match="could not run"):
+            await install(dest, "new", check_cmd=[str(tmp_path / "no-such-checker")],
+                          reaper=reaper, timeout=TIMEOUT)
+    assert dest.read_bytes() == b"old"
+
+
+async def test_check_timeout_restores(tmp_path: Path) -> None:
+    dest = tmp_path / "app.conf"
+    dest.write_bytes(b"old")
+    async with running_reaper() as reaper:
+        with pytest.raises(ProxyError, match="timed out"):
+            await install(dest, "new", check_cmd=["sleep", "30"], reaper=reaper, timeout=0.3)
+    assert dest.read_bytes() == b"old"
+
+
+async def test_cancelled_check_restores(tmp_path: Path) -> None:
+    dest = tmp_path / "app.conf"
+    async with running_reaper() as reaper:
+        with anyio.move_on_after(0.3) as scope:
+            await install(dest, "new", check_cmd=["sleep", "30"], reaper=reaper, timeout=30)
+    assert scope.cancelled_caught
+    assert not dest.exists()
+    assert leftovers(tmp_path) == []
+
+
+async def test_restore_puts_back_what_a_checked_install_replaced(tmp_path: Path) -> None:
+    dest = tmp_path / "app.conf"
+    dest.write_bytes(b"generation 1\n")
+    async with running_reaper() as reaper:
+        installed = await install(dest, "generation 2\n", check_cmd=["true"], reaper=reaper,
+                                  timeout=TIMEOUT)
+    assert dest.read_bytes() == b"generation 2\n"
+    installed.restore()  # a later step of the flip failed
+    assert dest.read_bytes() == b"generation 1\n"
+    assert leftovers(tmp_path) == []
+
+
+async def test_readers_never_see_a_half_written_file(tmp_path: Path) -> None:
+    dest = tmp_path / "app.conf"
+    contents = ["a" * 4_000_000, "b" * 3_000_000]
+    dest.write_text(contents[1])
+    seen: set[int] = set()
+
+    async def read_all_the_time() -> None:
+        while True:
+            text = dest.read_text()
+            assert text in contents, f"torn read: {len(text)} bytes"
+            seen.add(len(text))
+            await anyio.lowlevel.checkpoint()
+
+    async with running_reaper() as reaper, anyio.create_task_group() as tg:
+        tg.start_soon(read_all_the_time)
+        for round_ in range(10):
+            await install(dest, contents[round_ % 2], check_cmd=None, reaper=reaper,
+                          timeout=TIMEOUT)
+        tg.cancel_scope.cancel()
+    assert dest.read_text() == contents[1]
+    assert seen == {len(text) for text in contents}  # the reader read across the installs
+    assert leftovers(tmp_path) == []
+
+
+async def test_unwritable_destination_is_a_proxy_error(tmp_path: Path) -> None:
+    (tmp_path / "app.conf").mkdir()  # a directory where the file should go
+    async with running_reaper() as reaper:
+        with pytest.raises(ProxyError, match="cannot write the proxy file"):
+            await install(tmp_path / "app.conf", "x", check_cmd=None, reaper=reaper,
+                          timeout=TIMEOUT)
+    assert leftovers(tmp_path) == []
+
+
+# -- reload ----------------------------------------------------------------------------------
+
+
+async def test_reload_success_and_failure(nginx: Nginx) -> None:
+    async with running_reaper() as reaper:
+        await reload(nginx.reload_cmd, reaper=reaper, timeout=TIMEOUT)
+        await reload(None, reaper=reaper, timeout=TIMEOUT)  # nothing to reload
+        bad = [nginx.binary, "-s", "reload", "-c", str(nginx.prefix / "missing.conf"),
+               "-p", str(nginx.prefix), "-e", str(nginx.error_log)]
+        with pytest.raises(ProxyError, match=r"proxy reload failed: .*missing\.conf"):
+            await reload(bad, reaper=reaper, timeout=TIMEOUT)
+        with pytest.raises(ProxyError, match="could not run"):
+            await reload(["/nonexistent/nginx", "-s", "reload"], reaper=reaper, timeout=TIMEOUT)
+
+
+# -- the proxy's old workers -----------------------------------------------------------------
+
+
+async def test_old_workers_exit_after_reload(nginx: Nginx) -> None:
+    old = proxy_workers(nginx.pidfile)
+    assert len(old) == 1
+    ((worker_pid, _),) = old
+    assert psutil.Process(worker_pid).ppid() == nginx.process.pid
+    async with running_reaper() as reaper:
+        await reload(nginx.reload_cmd, reaper=reaper, timeout=TIMEOUT)
+    assert await wait_workers_gone(old, timeout=TIMEOUT)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        assert psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE  # not reaped yet
+
+    async def new_workers() -> frozenset[tuple[int, float]]:
+        return proxy_workers(nginx.pidfile)
+
+    new = await await_until(new_workers, message="nginx's new workers")
+    assert new.isdisjoint(old)
+
+
+async def test_wait_workers_gone_times_out_on_a_live_process() -> None:
+    me = (os.getpid(), psutil.Process().create_time())
+    with anyio.fail_after(5):
+        assert await wait_workers_gone([me], timeout=0.2) is False
+
+
+async def test_wait_workers_gone_skips_gone_and_reused_pids(tmp_path: Path) -> None:
+    recycled = (os.getpid(), psutil.Process().create_time() - 1000)  # same PID, other process
+    gone = (2**22 + 12345, 0.0)  # beyond pid_max's default
+    with anyio.fail_after(1):
+        assert await wait_workers_gone([recycled, gone], timeout=5) is True
+        assert await wait_workers_gone([], timeout=5) is True
+    assert proxy_workers(tmp_path / "missing.pid") == frozenset()
+    (tmp_path / "garbage.pid").write_text("not a pid\n")
+    assert proxy_workers(tmp_path / "garbage.pid") == frozenset()
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+
+async def test_flip_through_nginx_drops_no_request(nginx: Nginx) -> None:
+    """render → install+check → reload → old workers gone → stop generation 1, under load."""
+    dest = nginx.conf_dir / "app.conf"
+    bodies: list[str] = []
+    failures: list[str] = []
+
+    async def answered(count: int) -> bool:
+        return len(bodies) >= count
+
+    async def client() -> None:
+        while True:
+            try:
+                bodies.append(await get(nginx.url("/")))
+            except httpx.HTTPError as exc:
+                failures.append(repr(exc))
+
+    async with running_reaper() as reaper, upstream(reaper, "generation 1") as gen1:
+        await install(dest, snippet(nginx, gen1.port), check_cmd=nginx.check_cmd,
+                      reaper=reaper, timeout=TIMEOUT)
+        await reload(nginx.reload_cmd, reaper=reaper, timeout=TIMEOUT)
+
+        async def serves_generation_1() -> bool:
+            try:
+                return await get(nginx.url("/")) == "generation 1"
+            except httpx.HTTPError:
+                return False
+
+        await await_until(serves_generation_1, message="nginx to proxy to generation 1")
+
+        async with upstream(reaper, "generation 2") as gen2, anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(client)
+            await await_until(lambda: answered(5), message="requests through generation 1")
+            installed = await install(dest, snippet(nginx, gen2.port, generation=2),
+                                      check_cmd=nginx.check_cmd, reaper=reaper, timeout=TIMEOUT)
+            assert installed.previous == snippet(nginx, gen1.port).encode()
+            old = proxy_workers(nginx.pidfile)  # before the reload
+            before_reload = len(bodies)
+            await reload(nginx.reload_cmd, reaper=reaper, timeout=TIMEOUT)
+            assert await wait_workers_gone(old, timeout=TIMEOUT)
+            # Requests were running while nginx switched (the reload command alone takes longer).
+            assert len(bodies) > before_reload
+            # Only new workers are left, so generation 1 may go: the drain of a flip.
+            await gen1.child.stop(timeout=5.0)
+            served = len(bodies)
+            await await_until(lambda: answered(served + 5), message="requests after the drain")
+            tg.cancel_scope.cancel()
+    assert failures == []
+    assert bodies[0] == "generation 1"
+    assert set(bodies[served:]) == {"generation 2"}
