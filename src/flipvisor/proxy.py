@@ -9,14 +9,15 @@ by polling.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import stat
 import tempfile
-import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import jinja2
@@ -24,8 +25,12 @@ import psutil
 
 from .config import PROGRAM_NAME_RE
 from .errors import ProxyError, SpawnError
-from .reaper import Reaper
 from .spawn import run_command
+
+if TYPE_CHECKING:  # only the type: proxy.py's allowed imports are config, errors, spawn
+    from .reaper import Reaper
+
+log = logging.getLogger(__name__)
 
 PATH_PLACEHOLDER = "{path}"
 DEFAULT_FILE_MODE = 0o644
@@ -33,19 +38,22 @@ DEFAULT_FILE_MODE = 0o644
 START_TIME_TOLERANCE = 0.05
 
 
-def _template_line(template: Path, tb: types.TracebackType | None) -> int | None:
-    """The template line a render error happened on.
+def _where(template: Path, exc: BaseException) -> str:
+    """The template file and line a render error happened in, for the message.
 
-    jinja2 rewrites tracebacks so that frames of compiled templates carry the template's own file
-    name and line number; the innermost such frame is where the problem is.
+    jinja2 rewrites tracebacks so that frames of compiled templates carry the template's own
+    file name and line (marked by ``__jinja_exception__`` in their globals); the innermost one is
+    where the problem is, which may be an ``{% include %}``d file.
     """
-    line = None
-    name = str(template)
+    if isinstance(exc, jinja2.TemplateSyntaxError) and exc.lineno:
+        return f"{exc.filename or template}, line {exc.lineno}"
+    where = str(template)
+    tb = exc.__traceback__
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename == name:
-            line = tb.tb_lineno
+        if "__jinja_exception__" in tb.tb_frame.f_globals:
+            where = f"{tb.tb_frame.f_code.co_filename}, line {tb.tb_lineno}"
         tb = tb.tb_next
-    return line
+    return where
 
 
 def render_template(template: Path, context: Mapping[str, object]) -> str:
@@ -66,7 +74,7 @@ def render_template(template: Path, context: Mapping[str, object]) -> str:
     except jinja2.TemplateNotFound as exc:
         raise ProxyError(f"proxy template {template}: no such file") from exc
     except jinja2.TemplateSyntaxError as exc:
-        raise ProxyError(f"proxy template {template}, line {exc.lineno}: {exc.message}") from exc
+        raise ProxyError(f"proxy template {_where(template, exc)}: {exc.message}") from exc
     except OSError as exc:
         raise ProxyError(f"proxy template {template}: cannot read: {exc.strerror}") from exc
     try:
@@ -74,10 +82,8 @@ def render_template(template: Path, context: Mapping[str, object]) -> str:
     # A template is user code: whatever it raises (an undefined variable, a failing filter) is the
     # operator's problem to fix, so it becomes a ProxyError that says where.
     except Exception as exc:
-        line = _template_line(template, exc.__traceback__)
-        where = f"{template}, line {line}" if line is not None else f"{template}"
         problem = exc.message if isinstance(exc, jinja2.TemplateError) else repr(exc)
-        raise ProxyError(f"proxy template {where}: {problem}") from exc
+        raise ProxyError(f"proxy template {_where(template, exc)}: {problem}") from exc
 
 
 def _is_int(value: object) -> bool:
@@ -182,6 +188,7 @@ class Installed:
                 _fsync_dir(self.dest.parent)
             else:
                 write_atomic(self.dest, self.previous, self.previous_mode)
+            log.info("restored the previous proxy file %s", self.dest)
         except OSError as exc:
             raise ProxyError(f"cannot restore the previous {self.dest}: {exc.strerror}") from exc
 
@@ -215,6 +222,7 @@ async def install(
         installed = await anyio.to_thread.run_sync(_put_in_place, dest, content.encode())
     except OSError as exc:
         raise ProxyError(f"cannot write the proxy file {dest}: {exc.strerror or exc}") from exc
+    log.info("installed proxy file %s (%d bytes)", dest, len(content))
     if not check_cmd:
         return installed
     argv = [arg.replace(PATH_PLACEHOLDER, str(dest)) for arg in check_cmd]
@@ -230,6 +238,7 @@ async def install(
         raise
     if not result.ok:
         installed.restore()
+        log.warning("proxy check of %s failed, previous file restored", dest)
         raise ProxyError(
             f"proxy check of {dest} failed, kept the previous file: {result.describe()}"
         )
@@ -252,6 +261,7 @@ async def reload(
         raise ProxyError(f"proxy reload could not run: {exc}") from exc
     if not result.ok:
         raise ProxyError(f"proxy reload failed: {result.describe()}")
+    log.info("proxy reloaded: %s", " ".join(reload_cmd))
 
 
 def proxy_workers(pidfile: Path) -> frozenset[tuple[int, float]]:

@@ -134,3 +134,10 @@ def test_no_autoescape() -> None:
     text = render_template(TEMPLATE, context())
     assert 'proxy_set_header Connection "";' in text
     assert "&#34;" not in text
+
+
+def test_error_in_an_included_template_names_that_file(tmp_path: Path) -> None:
+    (tmp_path / "main.j2").write_text('upstream a {\n{% include "servers.j2" %}\n}\n')
+    (tmp_path / "servers.j2").write_text("# servers\n    server {{ hots }}:{{ port }};\n")
+    with pytest.raises(ProxyError, match=r"servers\.j2, line 2: 'hots' is undefined"):
+        render_template(tmp_path / "main.j2", context())
