@@ -205,7 +205,12 @@ def _put_in_place(dest: Path, content: bytes) -> Installed:
 
 
 async def install(
-    dest: Path, content: str, *, check_cmd: Sequence[str] | None, reaper: Reaper, timeout: float  # noqa: ASYNC109
+    dest: Path,
+    content: str,
+    *,
+    check_cmd: Sequence[str] | None,
+    reaper: Reaper,
+    timeout: float,  # noqa: ASYNC109 - the agreed API, like spawn.run_command's
 ) -> Installed:
     """Write ``content`` to ``dest`` atomically, then run ``check_cmd`` against it.
 
