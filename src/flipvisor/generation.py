@@ -14,6 +14,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from .config import ProgramConfig
+from .errors import SpawnError
 from .events import EventLog
 from .logs import ProgramLog
 from .probe import NotifySocket
@@ -174,14 +175,23 @@ class Generation:
         Raises:
             SpawnError: a worker could not be started at all (before ``started()``).
         """
+        spawn_error: SpawnError | None = None
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                for worker in self.workers:
-                    await tg.start(worker.run)
-                task_status.started()
+                try:
+                    for worker in self.workers:
+                        await tg.start(worker.run)
+                except SpawnError as exc:  # raised after the group, so it is not wrapped
+                    spawn_error = exc
+                    self.fail(str(exc))
+                    self.request_stop(delay=0.0)
+                else:
+                    task_status.started()
                 await self._stopping.wait()
                 await self._stop_workers(tg)
+            if spawn_error is not None:
+                raise spawn_error
         finally:
             with anyio.CancelScope(shield=True):
                 # A cancelled generation (supervisor exiting) still stops every worker: each

@@ -159,6 +159,11 @@ class Program:
                 report.finish(f"the flip took longer than --timeout {timeout}s; rolled back")
             except FlipvisorError as exc:
                 report.finish(str(exc))
+            except Exception as exc:
+                # The task-group boundary of a flip: a bug must fail this flip, not the
+                # supervisor and every other program with it.
+                log.exception("program=%s flip failed unexpectedly", self.name)
+                report.finish(f"internal error: {exc!r}")
             else:
                 report.finish()
             finally:
@@ -222,6 +227,7 @@ class Program:
         readiness = gen.config.readiness
         with report.step("probe", _describe_readiness(gen)):
             failure: str | None = None
+            probe_error: FlipvisorError | None = None
             async with anyio.create_task_group() as race:
 
                 async def watch_workers() -> None:
@@ -230,21 +236,21 @@ class Program:
                     race.cancel_scope.cancel()
 
                 race.start_soon(watch_workers)
-                if readiness is not None:
-                    await wait_ready(
-                        readiness,
-                        host=gen.host,
-                        port=gen.port,
-                        reaper=self.runtime.reaper,
-                        env=worker_env(gen.workers[0].spec, 0),
-                        cwd=gen.config.cwd,
-                        notify=gen.notify,
-                        worker_pids=lambda: set(gen.pids),
-                        numprocs=gen.config.numprocs,
-                    )
+                try:
+                    if readiness is not None:
+                        await wait_ready(
+                            readiness, host=gen.host, port=gen.port, reaper=self.runtime.reaper,
+                            env=worker_env(gen.workers[0].spec, 0), cwd=gen.config.cwd,
+                            notify=gen.notify, worker_pids=lambda: set(gen.pids),
+                            numprocs=gen.config.numprocs,
+                        )
+                except FlipvisorError as exc:  # caught here so it is not wrapped in a group
+                    probe_error = exc
                 race.cancel_scope.cancel()
             if failure is not None:
                 raise ProbeFailed(f"a worker exited while the generation was probed: {failure}")
+            if probe_error is not None:
+                raise probe_error
 
     async def _promote(self, report: FlipReport, gen: Generation) -> None:
         """Promote a READY generation and retire the one it replaces."""
@@ -272,14 +278,14 @@ class Program:
         if old is None:
             return
         self.previous_config = old.config
-        await self._retire(report, old)
+        await self._retire(report, old, window=gen.config.rollback_window)
 
-    async def _retire(self, report: FlipReport, old: Generation) -> None:
-        """Drain the replaced generation, or keep it warm for ``rollback_window`` seconds."""
+    async def _retire(self, report: FlipReport, old: Generation, *, window: float) -> None:
+        """Drain the replaced generation, or keep it warm for ``window`` seconds (the deployed
+        config's ``rollback_window``)."""
         if self.warm is not None and self.warm is not old:
             stale, self.warm = self.warm, None
             self._task_group().start_soon(self._drain, stale)
-        window = old.config.rollback_window
         if window > 0:
             old.transition(GenerationState.READY)
             self.warm = old

@@ -1,0 +1,174 @@
+"""Flips through a real nginx under continuous load: zero failed requests, and every failure
+path rolls back with the old generation still serving and nothing it depends on changed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from typing import Any
+
+import pytest
+
+from tests.e2e.load import Load
+from tests.fixtures.flipvisor import TEMPLATE, Flipvisor, svc_command
+from tests.fixtures.nginx import Nginx
+from tests.waiting import wait_until
+
+
+def proxied(nginx: Nginx) -> dict[str, Any]:
+    with urllib.request.urlopen(nginx.url("/"), timeout=5) as answer:
+        loaded: dict[str, Any] = json.loads(answer.read())
+        return loaded
+
+
+def program(nginx: Nginx, version: str, *flags: str, numprocs: int = 1,
+            **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "command": svc_command("--version", version, *flags),
+        "numprocs": numprocs,
+        "readiness": {"http": "/health", "timeout": 10, "interval": 0.05},
+        "drain": {"delay": 0.1, "timeout": 5},
+        "proxy": {
+            "template": str(TEMPLATE),
+            "dest": str(nginx.conf_dir / "web.conf"),
+            "check_cmd": nginx.check_cmd,
+            "reload_cmd": nginx.reload_cmd,
+            "pidfile": str(nginx.pidfile),
+            "vars": {"listen": nginx.listen},
+        },
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def start_serving(flipvisor: Flipvisor, nginx: Nginx, config: dict[str, Any]) -> None:
+    flipvisor.start({"programs": {"web": config}})
+    flipvisor.wait_serving("web")
+    wait_until(lambda: _answers(nginx), message="nginx to proxy to generation 1")
+
+
+def _answers(nginx: Nginx) -> bool:
+    try:
+        proxied(nginx)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("numprocs", [1, 3])
+def test_five_flips_under_load_fail_no_request(
+    flipvisor: Flipvisor, nginx: Nginx, numprocs: int
+) -> None:
+    start_serving(flipvisor, nginx, program(nginx, "1", numprocs=numprocs))
+    with Load(nginx.url("/"), clients=3) as load:
+        for version in range(2, 7):
+            flipvisor.write_config({"programs": {"web": program(
+                nginx, str(version), numprocs=numprocs)}})
+            result = flipvisor.cli("flip", "web")
+            assert result.returncode == 0, result.stderr + flipvisor.output()
+            assert proxied(nginx)["version"] == str(version)
+        outcome = load.stop()
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert outcome.ok > 50
+    gen = flipvisor.serving("web")
+    assert gen is not None and gen["generation"] == 6 and len(gen["pids"]) == numprocs
+    assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [6]
+    keys = flipvisor.registry()
+    assert keys["flipvisor/web/port/current"] == str(gen["port"])
+    assert keys["flipvisor/web/port/previous"] != keys["flipvisor/web/port/current"]
+
+
+FAILURES = {
+    "crashes at start": ({"command": svc_command("--exit-at-start", "3")}, "exit status 3"),
+    "never ready": ({"command": svc_command("--health-fail"),
+                     "readiness": {"timeout": 1}}, "not ready"),
+    "check_cmd fails": ({"proxy": {"check_cmd": ["false"]}}, "false"),
+    "reload_cmd fails": ({"proxy": {"reload_cmd": ["false"]}}, "false"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAILURES))
+def test_failed_flip_rolls_back_under_load(flipvisor: Flipvisor, nginx: Nginx, case: str) -> None:
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    before_keys = flipvisor.registry()
+    before_file = (nginx.conf_dir / "web.conf").read_bytes()
+    serving_before = flipvisor.serving("web")
+    overrides, why = FAILURES[case]
+    with Load(nginx.url("/"), clients=2) as load:
+        flipvisor.write_config({"programs": {"web": program(nginx, "2", **overrides)}})
+        result = flipvisor.cli("flip", "web")
+        outcome = load.stop()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert why in result.stderr
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert flipvisor.registry() == before_keys
+    assert (nginx.conf_dir / "web.conf").read_bytes() == before_file
+    serving_after = flipvisor.serving("web")
+    assert serving_before is not None and serving_after is not None
+    for field in ("generation", "port", "pids", "restarts"):
+        assert serving_after[field] == serving_before[field]
+    assert proxied(nginx)["version"] == "1"
+    # The failed generation left nothing running.
+    assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]
+
+
+def test_crashing_generation_output_is_shown(flipvisor: Flipvisor, nginx: Nginx) -> None:
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    flipvisor.write_config({"programs": {"web": program(
+        nginx, "2", command=svc_command("--exit-at-start", "7"))}})
+    result = flipvisor.cli("flip", "web", "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and "exit status 7" in report["error"]
+    assert any("exit" in line.lower() for line in report["output"]), report["output"]
+    assert [s["step"] for s in report["steps"]][:2] == ["spawn", "probe"]
+
+
+def test_cold_and_warm_rollback(flipvisor: Flipvisor, nginx: Nginx) -> None:
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    flipvisor.write_config({"programs": {"web": program(nginx, "2")}})
+    assert flipvisor.cli("flip", "web").returncode == 0
+    with Load(nginx.url("/"), clients=2) as load:
+        result = flipvisor.cli("rollback", "web", "--json")
+        assert result.returncode == 0, result.stderr
+        assert proxied(nginx)["version"] == "1"  # cold: a new generation with v1's command
+        outcome = load.stop()
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert json.loads(result.stdout)["generation"] == 3
+
+    # Warm: with rollback_window, the replaced generation stays up, unrouted, and comes back.
+    flipvisor.write_config({"programs": {"web": program(nginx, "4", rollback_window=30)}})
+    assert flipvisor.cli("flip", "web").returncode == 0
+    states = {g["generation"]: g["state"] for g in flipvisor.program("web")["generations"]}
+    assert states == {3: "ready", 4: "serving"}
+    warm_pids = next(g["pids"] for g in flipvisor.program("web")["generations"]
+                     if g["generation"] == 3)
+    with Load(nginx.url("/"), clients=2) as load:
+        report = json.loads(flipvisor.cli("rollback", "web", "--json").stdout)
+        outcome = load.stop()
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert report["ok"] and report["generation"] == 3
+    gen = flipvisor.serving("web")
+    assert gen is not None and gen["generation"] == 3 and gen["pids"] == warm_pids
+    assert proxied(nginx)["version"] == "1"
+
+
+def test_second_flip_of_a_program_is_refused_clearly(flipvisor: Flipvisor, nginx: Nginx) -> None:
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    flipvisor.write_config({"programs": {"web": program(nginx, "2", "--ready-delay", "2")}})
+    first = subprocess.Popen(
+        [sys.executable, "-m", "flipvisor", "flip", "web", "-c", str(flipvisor.config_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    wait_until(lambda: flipvisor.program("web")["flipping"], message="the first flip")
+    second = flipvisor.cli("flip", "web")
+    assert second.returncode == 1
+    assert "already in progress" in second.stderr
+    _out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
