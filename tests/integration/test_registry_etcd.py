@@ -100,44 +100,46 @@ async def test_outage_fails_swaps_cleanly_and_heals_afterwards(
     restartable_etcd: EtcdServer, etcd_prefix: str
 ) -> None:
     registry = registry_for(restartable_etcd.endpoint, etcd_prefix, timeout=2)
-    async with anyio.create_task_group() as tg:
-        await tg.start(registry.run)
-        first = record(1, 41000, [101])
-        await registry.swap("app", Snapshot(), first)
-        await await_until(lambda: _true(registry.connected), message="run() to connect")
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(registry.run)
+            first = record(1, 41000, [101])
+            await registry.swap("app", Snapshot(), first)
+            await await_until(lambda: _true(registry.connected), message="run() to connect")
 
-        restartable_etcd.stop()
-        began = time.monotonic()
-        down = rf"etcd at 127\.0\.0\.1:{restartable_etcd.client_port}"
-        with pytest.raises(RegistryError, match=down):
-            await registry.swap("app", first, promoted(first, record(2, 42000, [202])))
-        assert time.monotonic() - began < 2 + 1
-        # A crashed worker's replacement during the outage: published once etcd is back.
-        healed = Snapshot({**first.values, "pid/current": "103"})
-        with anyio.fail_after(3):
-            await registry.publish("app", healed)
+            restartable_etcd.stop()
+            began = time.monotonic()
+            down = rf"etcd at 127\.0\.0\.1:{restartable_etcd.client_port}"
+            with pytest.raises(RegistryError, match=down):
+                await registry.swap("app", first, promoted(first, record(2, 42000, [202])))
+            assert time.monotonic() - began < 2 + 1
+            # A crashed worker's replacement during the outage: published once etcd is back.
+            healed = Snapshot({**first.values, "pid/current": "103"})
+            with anyio.fail_after(3):
+                await registry.publish("app", healed)
 
-        restartable_etcd.start()
-        back = time.monotonic()
-        await await_until(
-            lambda: _value(restartable_etcd, f"{etcd_prefix}/app/pid/current", "103"),
-            timeout=5, message="the published pid to land after etcd's return",
-        )
-        assert time.monotonic() - back < 5
-        assert restartable_etcd.get(f"{etcd_prefix}/app/port/current") == "41000"
-        assert restartable_etcd.get(f"{etcd_prefix}/app/port/previous") is None
+            restartable_etcd.start()
+            back = time.monotonic()
+            await await_until(
+                lambda: _value(restartable_etcd, f"{etcd_prefix}/app/pid/current", "103"),
+                timeout=5, message="the published pid to land after etcd's return",
+            )
+            assert time.monotonic() - back < 5
+            assert restartable_etcd.get(f"{etcd_prefix}/app/port/current") == "41000"
+            assert restartable_etcd.get(f"{etcd_prefix}/app/port/previous") is None
 
-        # Keys changed behind our back while we were connected are put right after the next
-        # reconnect too ("after an outage, every key is made to match what is serving").
-        restartable_etcd.put(f"{etcd_prefix}/app/port/current", "6666")
-        restartable_etcd.stop()
-        restartable_etcd.start()
-        await await_until(
-            lambda: _value(restartable_etcd, f"{etcd_prefix}/app/port/current", "41000"),
-            timeout=5, message="the keys to match what is serving",
-        )
-        tg.cancel_scope.cancel()
-    await registry.aclose()
+            # Keys changed behind our back while we were connected are put right after the next
+            # reconnect too ("after an outage, every key is made to match what is serving").
+            restartable_etcd.put(f"{etcd_prefix}/app/port/current", "6666")
+            restartable_etcd.stop()
+            restartable_etcd.start()
+            await await_until(
+                lambda: _value(restartable_etcd, f"{etcd_prefix}/app/port/current", "41000"),
+                timeout=5, message="the keys to match what is serving",
+            )
+            tg.cancel_scope.cancel()
+    finally:
+        await registry.aclose()
 
 
 async def test_watch_resumes_after_an_outage(
@@ -145,29 +147,31 @@ async def test_watch_resumes_after_an_outage(
 ) -> None:
     registry = registry_for(restartable_etcd.endpoint, etcd_prefix, timeout=2)
     restartable_etcd.put(f"{etcd_prefix}/app/port/current", "1")
-    start = await registry.read_keys([f"{etcd_prefix}/app/", f"{etcd_prefix}/other"])
-    assert start.values == {f"{etcd_prefix}/app/port/current": "1"}
-    seen: list[WatchEvent] = []
-    async with anyio.create_task_group() as tg:
+    try:
+        start = await registry.read_keys([f"{etcd_prefix}/app/", f"{etcd_prefix}/other"])
+        assert start.values == {f"{etcd_prefix}/app/port/current": "1"}
+        seen: list[WatchEvent] = []
+        async with anyio.create_task_group() as tg:
 
-        async def consume() -> None:
-            watched = [f"{etcd_prefix}/app/", f"{etcd_prefix}/other"]
-            async with aclosing(registry.watch(watched, start.revision + 1)) as events:
-                async for batch in events:
-                    seen.extend(batch)
+            async def consume() -> None:
+                watched = [f"{etcd_prefix}/app/", f"{etcd_prefix}/other"]
+                async with aclosing(registry.watch(watched, start.revision + 1)) as events:
+                    async for batch in events:
+                        seen.extend(batch)
 
-        tg.start_soon(consume)
-        restartable_etcd.put(f"{etcd_prefix}/app/port/current", "2")
-        restartable_etcd.put(f"{etcd_prefix}/unwatched", "x")
-        await await_until(lambda: _true(len(seen) == 1), message="the first event")
-        restartable_etcd.stop()
-        restartable_etcd.start()
-        # Written while the watcher is still reconnecting: it must not be missed.
-        restartable_etcd.put(f"{etcd_prefix}/other", "3")
-        restartable_etcd.etcdctl("del", f"{etcd_prefix}/app/port/current")
-        await await_until(lambda: _true(len(seen) == 3), timeout=8, message="resumed events")
-        tg.cancel_scope.cancel()
-    await registry.aclose()
+            tg.start_soon(consume)
+            restartable_etcd.put(f"{etcd_prefix}/app/port/current", "2")
+            restartable_etcd.put(f"{etcd_prefix}/unwatched", "x")
+            await await_until(lambda: _true(len(seen) == 1), message="the first event")
+            restartable_etcd.stop()
+            restartable_etcd.start()
+            # Written while the watcher is still reconnecting: it must not be missed.
+            restartable_etcd.put(f"{etcd_prefix}/other", "3")
+            restartable_etcd.etcdctl("del", f"{etcd_prefix}/app/port/current")
+            await await_until(lambda: _true(len(seen) == 3), timeout=8, message="resumed events")
+            tg.cancel_scope.cancel()
+    finally:
+        await registry.aclose()
     # Each pattern's events arrive in order; after a resume two patterns may interleave.
     seen.sort(key=lambda event: event.revision)
     assert [(e.key.removeprefix(etcd_prefix), e.value) for e in seen] == [

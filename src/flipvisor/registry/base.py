@@ -6,7 +6,7 @@ with the suffixes of ``KEY_SUFFIXES`` (the seed's layout plus the JSON generatio
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -127,7 +127,7 @@ class WatchableRegistry(Registry, Protocol):
 
     def watch(
         self, patterns: Sequence[str], start_revision: int | None = None
-    ) -> AsyncIterator[list[WatchEvent]]:
+    ) -> AsyncGenerator[list[WatchEvent], None]:
         """Changes of keys matching ``patterns`` from ``start_revision`` on (None: from now),
         one list per revision (the keys a transaction changed under one pattern arrive
         together; each pattern's lists in revision order). Survives outages: after a

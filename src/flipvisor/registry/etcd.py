@@ -258,7 +258,7 @@ class EtcdRegistry:
 
     async def watch(
         self, patterns: Sequence[str], start_revision: int | None = None
-    ) -> AsyncIterator[list[WatchEvent]]:
+    ) -> AsyncGenerator[list[WatchEvent], None]:
         """Changes of keys matching ``patterns``, one list per etcd response (a transaction's
         changes together), resuming after the last delivered revision across outages.
         Each pattern's changes arrive in revision order; after a resume, lists of different

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 
 import anyio
@@ -185,7 +185,7 @@ class LocalRegistry:
 
     async def watch(
         self, patterns: Sequence[str], start_revision: int | None = None
-    ) -> AsyncIterator[list[WatchEvent]]:
+    ) -> AsyncGenerator[list[WatchEvent], None]:
         """Poll the file and yield the keys matching ``patterns`` that changed.
 
         The first poll compares against the file as it is when the watch starts

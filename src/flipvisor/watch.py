@@ -1,0 +1,328 @@
+"""The confd side: watch registry keys, render templates through ``proxy.py``, drain named PIDs.
+
+Each ``watch:`` entry runs as one task. A template entry reads its keys, renders once every key
+(or, for a prefix ending in "/", at least one key under it) exists, then follows an etcd watch
+(not polling) from the revision it read: each change renders again, and a different result is
+installed, checked and reloaded; a failed reload puts the previous file back.
+
+A ``drain_pid`` entry on ``<prefix>/<program>/pid/previous`` follows the program's whole folder,
+so it also sees ``pid/current`` and the ``generation/current`` record. It remembers every process
+(PID and start time) it saw as ``pid/current``; when ``pid/previous`` names PIDs it first waits
+until the template entries have reloaded for every earlier change, then signals each PID only if
+it saw that very process serving (``spawn.signal_verified`` checks the start time through a
+pidfd), and SIGKILLs it after the timeout if it is still that process. A PID it never saw is
+never signalled: it logs a warning instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from collections.abc import Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from .config import Config, DrainPidConfig, WatchConfig
+from .errors import ProxyError, RegistryError
+from .proxy import install, reload, render_template, wait_workers_gone
+from .reaper import Reaper
+from .registry import KeyRange, WatchableRegistry, WatchEvent, WatchLost, key_matches
+from .spawn import signal_verified, start_time_of
+
+log = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT = 30.0  # check_cmd / reload_cmd of a watch (the config has no field for it)
+CATCH_UP_TIMEOUT = 60.0  # longest a drain waits for templates to reload
+RETRY_MIN, RETRY_MAX = 0.1, 2.0
+
+
+def template_context(values: Mapping[str, str]) -> dict[str, object]:
+    """What a watch template sees: ``keys`` (key -> value) and ``get(key, default=None)``."""
+    keys = dict(values)
+
+    def get(key: str, default: object = None) -> object:
+        return keys.get(key, default)
+
+    return {"keys": keys, "get": get}
+
+
+def keys_present(patterns: Sequence[str], values: Mapping[str, str]) -> bool:
+    """Whether every exact key exists and every prefix has at least one key under it."""
+    return all(any(key_matches(p, key) for key in values) for p in patterns)
+
+
+async def _follow(
+    registry: WatchableRegistry, patterns: Sequence[str], what: str, watcher: _Follower
+) -> None:
+    """Read ``patterns``, hand the values to ``watcher``, then every change; forever.
+
+    Outages are retried with backoff; a watch whose history was compacted starts over with a
+    fresh read (nothing is missed: the read holds every change up to its revision).
+    """
+    delay = RETRY_MIN
+    while True:
+        try:
+            start = await registry.read_keys(patterns)
+            await watcher.started(start)
+            async with aclosing(registry.watch(patterns, start.revision + 1)) as events:
+                async for batch in events:
+                    delay = RETRY_MIN
+                    await watcher.changed(batch)
+        except WatchLost as exc:
+            log.warning("%s: %s; reading the keys again", what, exc)
+        except RegistryError as exc:
+            log.warning("%s: %s; retrying", what, exc)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+
+class _Follower:
+    """A watch entry: told the keys' values once, then every change."""
+
+    async def run(self) -> None:
+        raise NotImplementedError
+
+    async def started(self, start: KeyRange) -> None:
+        raise NotImplementedError
+
+    async def changed(self, batch: list[WatchEvent]) -> None:
+        raise NotImplementedError
+
+
+class TemplateWatch(_Follower):
+    """One template entry: keys -> render -> install + check -> reload."""
+
+    def __init__(self, entry: WatchConfig, registry: WatchableRegistry, reaper: Reaper) -> None:
+        assert entry.template is not None and entry.dest is not None
+        self.entry, self.registry, self.reaper = entry, registry, reaper
+        self.template, self.dest = entry.template, entry.dest
+        self.values: dict[str, str] = {}
+        self.handled: dict[str, str] | None = None  # the values the last render looked at
+        self.busy = False
+        self._progress = anyio.Event()
+        self._waiting_logged = False
+
+    async def run(self) -> None:
+        await _follow(self.registry, self.entry.keys, f"watch {self.dest}", self)
+
+    async def started(self, start: KeyRange) -> None:
+        self.values = dict(start.values)
+        await self._apply()
+
+    async def changed(self, batch: list[WatchEvent]) -> None:
+        for event in batch:
+            if event.value is None:
+                self.values.pop(event.key, None)
+            else:
+                self.values[event.key] = event.value
+        await self._apply()
+
+    async def _apply(self) -> None:
+        """Render for the current values; install, check and reload if the file changes."""
+        self.busy = True
+        values = dict(self.values)
+        try:
+            await self._render_and_reload(values)
+        except ProxyError as exc:
+            log.error("watch %s: %s", self.dest, exc)
+        finally:
+            self.handled, self.busy = values, False
+            self._progress.set()
+            self._progress = anyio.Event()
+
+    async def _render_and_reload(self, values: dict[str, str]) -> None:
+        """Raises: ProxyError: rendering, checking or reloading failed (the file is restored)."""
+        if not keys_present(self.entry.keys, values):
+            if not self._waiting_logged:
+                log.info("watch %s: waiting for keys %s", self.dest, ", ".join(self.entry.keys))
+                self._waiting_logged = True
+            return
+        self._waiting_logged = False
+        content = render_template(self.template, template_context(values))
+        try:
+            if self.dest.read_text(encoding="utf-8") == content:
+                return  # already in place (an earlier run or an unchanged render): no reload
+        except (OSError, UnicodeDecodeError):
+            pass
+        installed = await install(self.dest, content, check_cmd=self.entry.check_cmd,
+                                  reaper=self.reaper, timeout=COMMAND_TIMEOUT)
+        try:
+            await reload(self.entry.reload_cmd, reaper=self.reaper, timeout=COMMAND_TIMEOUT)
+        except ProxyError:
+            installed.restore()  # the proxy still runs the old file: keep the disk in step
+            raise
+        log.info("watch %s: rendered and reloaded", self.dest)
+
+    async def caught_up(self) -> None:
+        """Wait until this entry has handled every change made before this call.
+
+        A change not received yet shows as a difference between what the registry holds now
+        and what the last render saw (revisions are not compared: the local backend's are
+        counters of each watch).
+        """
+        while True:
+            progress = self._progress  # taken before the read, so no progress is missed
+            try:
+                now: dict[str, str] | None = dict(
+                    (await self.registry.read_keys(self.entry.keys)).values
+                )
+            except RegistryError:
+                now = None
+            if not self.busy and now is not None and self.handled == now:
+                return
+            await progress.wait()
+
+
+@dataclass
+class DrainWatch(_Follower):
+    """One ``drain_pid`` entry; see the module docstring."""
+
+    key: str
+    drain: DrainPidConfig
+    registry: WatchableRegistry
+    templates: Sequence[TemplateWatch]
+    seen: set[tuple[int, float]] = field(default_factory=set)
+    values: dict[str, str] = field(default_factory=dict)
+    _tg: TaskGroup | None = None
+
+    @property
+    def folder(self) -> str:
+        return self.key.removesuffix("pid/previous")
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await _follow(self.registry, [self.folder], f"drain_pid {self.key}", self)
+
+    async def started(self, start: KeyRange) -> None:
+        self.values = dict(start.values)
+        self._see_current()
+        for pid in parse_pids(self.values.get(self.key)):
+            if not any(seen[0] == pid for seen in self.seen):
+                log.info("drain_pid %s: refusing to signal pid=%d found at start: never seen as %s",
+                         self.key, pid, self.folder + "pid/current")
+
+    async def changed(self, batch: list[WatchEvent]) -> None:
+        before = dict(self.values)
+        for event in batch:
+            if event.value is None:
+                self.values.pop(event.key, None)
+            else:
+                self.values[event.key] = event.value
+        # pid/previous is judged against what was seen *before* this change (a transaction
+        # naming the same PID as current and previous must not make it drainable).
+        previous = self.values.get(self.key)
+        if previous is not None and previous != before.get(self.key):
+            targets = []
+            for pid in parse_pids(previous):
+                # Every start time seen for the PID: only the live process's one can match.
+                starts = [seen for seen in self.seen if seen[0] == pid]
+                if not starts:
+                    log.warning("drain_pid %s: refusing to signal pid=%d: never seen as %s",
+                                self.key, pid, self.folder + "pid/current")
+                targets += starts
+            if targets:
+                await self._wait_for_reloads()
+                assert self._tg is not None
+                for pid, started in targets:
+                    self._tg.start_soon(self._drain_one, pid, started)
+        self._see_current()
+
+    def _see_current(self) -> None:
+        """Remember the processes ``pid/current`` names, with their start times."""
+        pids = parse_pids(self.values.get(self.folder + "pid/current"))
+        recorded = record_start_times(self.values.get(self.folder + "generation/current"))
+        for pid in pids:
+            started = recorded.get(pid) or start_time_of(pid)
+            if started is None:
+                log.warning("drain_pid %s: pid=%d in pid/current is not running here",
+                            self.key, pid)
+                continue
+            self.seen.add((pid, started))
+
+    async def _wait_for_reloads(self) -> None:
+        with anyio.move_on_after(CATCH_UP_TIMEOUT) as scope:
+            for template in self.templates:
+                await template.caught_up()
+        if scope.cancelled_caught:
+            log.warning("drain_pid %s: templates did not catch up within %g s; draining anyway",
+                        self.key, CATCH_UP_TIMEOUT)
+
+    async def _drain_one(self, pid: int, started: float) -> None:
+        """Signal the process if it is still the one seen, SIGKILL it after the timeout."""
+        sig = self.drain.signal
+        if not signal_verified(pid, started, sig):
+            log.info("drain_pid %s: pid=%d is gone already (or is another process now)",
+                     self.key, pid)
+            self.seen.discard((pid, started))
+            return
+        log.info("drain_pid %s: sent %s to pid=%d", self.key, signal.Signals(sig).name, pid)
+        gone = await wait_workers_gone([(pid, started)], self.drain.timeout)
+        if not gone and signal_verified(pid, started, signal.SIGKILL):
+            log.warning("drain_pid %s: pid=%d outlived %g s; sent SIGKILL",
+                            self.key, pid, self.drain.timeout)
+        self.seen.discard((pid, started))
+
+
+def parse_pids(value: str | None) -> list[int]:
+    """The PIDs of a ``pid/*`` value ("101,102"); junk entries are skipped."""
+    if not value:
+        return []
+    return [int(part) for part in value.split(",") if part.strip().isdigit() and int(part) > 0]
+
+
+def record_start_times(value: str | None) -> dict[int, float]:
+    """pid -> start time from a ``generation/current`` JSON record (empty if absent or bad)."""
+    try:
+        record: Any = json.loads(value) if value else {}
+        return {int(p["pid"]): float(p["started"]) for p in record.get("pids", [])
+                if isinstance(p, dict) and "started" in p}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+async def run_watches(
+    config: Config,
+    registry: WatchableRegistry,
+    reaper: Reaper,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run every ``config.watch`` entry until cancelled; started at once (even if etcd is down)."""
+    templates = [
+        TemplateWatch(entry, registry, reaper) for entry in config.watch if entry.template
+    ]
+    drains = [
+        DrainWatch(entry.keys[0], entry.drain_pid, registry, templates)
+        for entry in config.watch if entry.drain_pid is not None
+    ]
+    async with anyio.create_task_group() as tg:
+        for watcher in [*templates, *drains]:
+            tg.start_soon(watcher.run)
+        task_status.started()
+
+
+async def watch_main(config: Config) -> None:
+    """``flipvisor watch``: the confd alone, until SIGTERM or SIGINT."""
+    from .registry import open_registry
+
+    reaper = Reaper(reap_orphans=False)  # only our check/reload commands are our children
+    registry = open_registry(config)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(reaper.run)
+            await tg.start(registry.run)
+            await tg.start(run_watches, config, registry, reaper)
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("received %s: stopping", signal.Signals(signum).name)
+                    break
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await registry.aclose()

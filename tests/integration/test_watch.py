@@ -1,0 +1,180 @@
+"""The built-in confd against a real etcd: render/check/reload on change, resume, drain_pid."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+
+from flipvisor.config import Config
+from flipvisor.reaper import Reaper
+from flipvisor.registry import Snapshot
+from flipvisor.registry.etcd import EtcdRegistry
+from flipvisor.spawn import Child, spawn_process
+from flipvisor.watch import run_watches
+from tests.fixtures.etcd import EtcdServer
+from tests.waiting import await_until
+
+pytestmark = pytest.mark.etcd
+
+TEMPLATE = """upstream app {
+{%- if get("PFX/app/port/current") != "bad" %}
+  server 127.0.0.1:{{ get("PFX/app/port/current") }};
+{%- endif %}
+}  # {{ keys | length }} keys
+"""
+
+
+def make_config(tmp_path: Path, endpoint: str, prefix: str, *, slow_reload: bool = False,
+                drain: bool = False) -> Config:
+    template = tmp_path / "app.conf.j2"
+    template.write_text(TEMPLATE.replace("PFX", prefix))
+    dest, reload_log = tmp_path / "out" / "app.conf", tmp_path / "reloads.log"
+    pause = "sleep 0.5; " if slow_reload else ""
+    watch: list[dict[str, object]] = [{
+        "keys": [f"{prefix}/app/port/current", f"{prefix}/shared/"],
+        "template": str(template),
+        "dest": str(dest),
+        "check_cmd": ["grep", "-q", "server", "{path}"],
+        "reload_cmd": ["sh", "-c", f'{pause}cat "{dest}" >> "{reload_log}"'],
+    }]
+    if drain:
+        watch.append({"keys": [f"{prefix}/app/pid/previous"],
+                      "drain_pid": {"signal": "SIGTERM", "timeout": 5}})
+    return Config.model_validate({
+        "state_dir": str(tmp_path / "state"),
+        "registry": {"backend": "etcd", "endpoints": [endpoint], "prefix": prefix, "timeout": 2},
+        "watch": watch,
+    })
+
+
+@asynccontextmanager
+async def watching(config: Config) -> AsyncIterator[tuple[Reaper, EtcdRegistry]]:
+    reaper = Reaper(reap_orphans=False)
+    registry = EtcdRegistry(config.registry)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(reaper.run)
+            await tg.start(registry.run)
+            await tg.start(run_watches, config, registry, reaper)
+            try:
+                yield reaper, registry
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        await registry.aclose()  # a channel left open would outlive this test's event loop
+
+
+async def _file_holds(path: Path, text: str) -> bool:
+    file = anyio.Path(path)
+    return await file.exists() and text in await file.read_text()
+
+
+async def test_renders_when_keys_appear_and_on_change(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix)
+    dest, reload_log = tmp_path / "out" / "app.conf", tmp_path / "reloads.log"
+    async with watching(config):
+        etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
+        # Not yet: the prefix `shared/` has no key under it.
+        etcd_server.put(f"{etcd_prefix}/shared/x", "1")
+        await await_until(lambda: _file_holds(dest, "127.0.0.1:41000;"), message="first render")
+        await await_until(lambda: _file_holds(reload_log, "41000"), message="first reload")
+        etcd_server.put(f"{etcd_prefix}/app/port/current", "41234")
+        await await_until(lambda: _file_holds(reload_log, "41234"), message="reload on change")
+        assert "127.0.0.1:41234;" in dest.read_text()
+
+        # A render that fails the check keeps the previous file and does not reload.
+        etcd_server.put(f"{etcd_prefix}/app/port/current", "bad")
+        etcd_server.put(f"{etcd_prefix}/shared/y", "2")  # a later change, to know "bad" passed
+        etcd_server.put(f"{etcd_prefix}/app/port/current", "41300")
+        await await_until(lambda: _file_holds(reload_log, "41300"), message="recovery")
+        assert "upstream app {\n}" not in dest.read_text()
+    assert reload_log.read_text().count("upstream app") == 3  # the failed checks never reloaded
+
+
+async def test_resumes_after_etcd_restart_without_missing_a_change(
+    restartable_etcd: EtcdServer, etcd_prefix: str, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path, restartable_etcd.endpoint, etcd_prefix)
+    reload_log = tmp_path / "reloads.log"
+    restartable_etcd.put(f"{etcd_prefix}/app/port/current", "41000")
+    restartable_etcd.put(f"{etcd_prefix}/shared/x", "1")
+    async with watching(config):
+        await await_until(lambda: _file_holds(reload_log, "41000"), message="first reload")
+        restartable_etcd.stop()
+        restartable_etcd.start()
+        restartable_etcd.put(f"{etcd_prefix}/app/port/current", "42000")  # before it reconnects
+        await await_until(lambda: _file_holds(reload_log, "42000"), timeout=8,
+                          message="the change made while the watcher was away")
+
+
+def start_sleeper(reaper: Reaper) -> Child:
+    code = "import time\nwhile True: time.sleep(1)"
+    return spawn_process([sys.executable, "-c", code], reaper=reaper, env=dict(os.environ))
+
+
+def generation_record(children: list[Child]) -> str:
+    return json.dumps({"generation": 1, "pids": [{"pid": c.pid, "started": c.started}
+                                                  for c in children]})
+
+
+async def test_drain_pid_refuses_a_pid_it_never_saw_serving(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
+    async with watching(config) as (reaper, _):
+        bystander = start_sleeper(reaper)
+        try:
+            etcd_server.put(f"{etcd_prefix}/app/pid/previous", str(bystander.pid))
+
+            async def refused() -> bool:
+                return f"refusing to signal pid={bystander.pid}" in caplog.text
+
+            await await_until(refused, message="the refusal to be logged")
+            assert bystander.returncode is None
+        finally:
+            await bystander.stop(timeout=5)
+            bystander.close()
+
+
+async def test_drain_pid_drains_a_seen_process_after_the_reload(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True,
+                         slow_reload=True)
+    reload_log = tmp_path / "reloads.log"
+    async with watching(config) as (reaper, registry):
+        old, new = start_sleeper(reaper), start_sleeper(reaper)
+        try:
+            etcd_server.put(f"{etcd_prefix}/shared/x", "1")
+            etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
+            etcd_server.put(f"{etcd_prefix}/app/generation/current", generation_record([old]))
+            etcd_server.put(f"{etcd_prefix}/app/pid/current", str(old.pid))
+            await await_until(lambda: _file_holds(reload_log, "41000"), message="first reload")
+
+            # The promotion, as a flip writes it: one transaction.
+            seen = await registry.snapshot("app")
+            promoted = {**seen.values, "port/current": "42000", "port/previous": "41000",
+                        "pid/current": str(new.pid), "pid/previous": str(old.pid),
+                        "generation/current": generation_record([new])}
+            await registry.swap("app", seen, Snapshot(promoted))
+            with anyio.fail_after(10):
+                assert await old.wait() == -signal.SIGTERM
+            # Drained only after the reload for the same change had finished.
+            assert "42000" in reload_log.read_text()
+            assert new.returncode is None
+        finally:
+            for child in (old, new):
+                await child.stop(timeout=5)
+                child.close()
