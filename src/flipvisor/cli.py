@@ -240,12 +240,13 @@ def _logs(args: argparse.Namespace, config: Config) -> int:
     if args.program not in config.programs and not path.exists():
         _error(f"no program named {args.program!r} in the config")
         return EXIT_USAGE
+    if args.follow:
+        # follow() prints the last lines and continues from the same offset: no gap, no repeat
+        for line in follow(path, last=args.lines):
+            print(line, flush=True)
+        return EXIT_OK
     for line in tail_lines(path, args.lines):
         print(line)
-    if args.follow:
-        sys.stdout.flush()
-        for line in follow(path):
-            print(line, flush=True)
     return EXIT_OK
 
 

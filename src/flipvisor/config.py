@@ -81,6 +81,8 @@ def _check_host(value: str) -> str:
         ipaddress.ip_address(value)
     except ValueError as exc:
         raise ValueError(f"{value!r} is not an IP address") from exc
+    if "%" in value:  # a scope id would be rendered into the proxy file verbatim
+        raise ValueError(f"{value!r}: IPv6 scope ids are not supported")
     return value
 
 
@@ -100,7 +102,7 @@ Seconds = Annotated[float, Field(gt=0)]
 
 
 def _check_program_name(value: str) -> str:
-    if not PROGRAM_NAME_RE.match(value):
+    if not PROGRAM_NAME_RE.fullmatch(value):
         raise ValueError("a program name may hold only letters, digits, '_', '.', '-'")
     return value
 
