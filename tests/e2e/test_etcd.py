@@ -1,0 +1,90 @@
+"""``flipvisor run`` on a real etcd: the seed's keys, and an etcd outage in the middle of a run."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psutil
+
+from tests.e2e.load import Load
+from tests.e2e.test_flip import program, proxied, start_serving
+from tests.fixtures.etcd import EtcdServer
+from tests.fixtures.flipvisor import Flipvisor
+from tests.fixtures.nginx import Nginx
+from tests.waiting import wait_until
+
+
+def registry(etcd: EtcdServer, prefix: str) -> dict[str, Any]:
+    return {"backend": "etcd", "endpoints": [etcd.endpoint], "prefix": prefix, "timeout": 2}
+
+
+def keys(etcd: EtcdServer, prefix: str) -> dict[str, str | None]:
+    names = ("port/current", "port/previous", "pid/current", "pid/previous", "generation/current")
+    return {name: etcd.get(f"{prefix}/web/{name}") for name in names}
+
+
+def test_flips_write_the_seeds_keys_in_etcd(
+    flipvisor: Flipvisor, nginx: Nginx, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    flipvisor.start({"registry": registry(etcd_server, etcd_prefix),
+                     "programs": {"web": program(nginx, "1", numprocs=2)}})
+    first = flipvisor.wait_serving("web")
+    wait_until(lambda: keys(etcd_server, etcd_prefix)["port/current"] == str(first["port"]),
+               message="generation 1 in etcd")
+    assert flipvisor.cli("flip", "web").returncode == 0
+    second = flipvisor.serving("web")
+    assert second is not None
+    got = keys(etcd_server, etcd_prefix)
+    assert got["port/current"] == str(second["port"])
+    assert got["port/previous"] == str(first["port"])
+    assert sorted(map(int, got["pid/current"].split(","))) == sorted(second["pids"])  # type: ignore[union-attr]
+    assert sorted(map(int, got["pid/previous"].split(","))) == sorted(first["pids"])  # type: ignore[union-attr]
+    record = json.loads(got["generation/current"] or "{}")
+    assert record["generation"] == 2 and record["port"] == second["port"]
+    assert {p["pid"] for p in record["pids"]} == set(second["pids"])
+    assert all(isinstance(p["started"], float) for p in record["pids"])
+    assert record["command"][-1] == "1" and isinstance(record["promoted_at"], float)
+
+
+def test_etcd_outage_keeps_serving_fails_flips_and_heals_the_keys(
+    flipvisor: Flipvisor, nginx: Nginx, restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    etcd = restartable_etcd
+    config = program(nginx, "1")
+    flipvisor.start({"registry": registry(etcd, etcd_prefix), "programs": {"web": config}})
+    gen = flipvisor.wait_serving("web")
+    wait_until(lambda: _answers(nginx), message="nginx to proxy")
+    etcd.stop()
+    with Load(nginx.url("/"), clients=2) as load:
+        flipvisor.write_config({"registry": registry(etcd, etcd_prefix),
+                                "programs": {"web": program(nginx, "2")}})
+        result = flipvisor.cli("flip", "web")
+        # A crash during the outage is handled as always.
+        psutil.Process(gen["pids"][0]).kill()
+        replaced = flipvisor.wait_serving(
+            "web", where=lambda g: bool(g["pids"]) and g["pids"] != gen["pids"])
+        outcome = load.stop()
+    assert result.returncode == 1, result.stderr
+    assert "etcd" in result.stderr
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert proxied(nginx)["version"] == "1"
+    etcd.start()
+    # The keys are made to match what is serving (the replacement's PID) within 5 seconds.
+    wait_until(
+        lambda: keys(etcd, etcd_prefix)["pid/current"] == str(replaced["pids"][0])
+        and keys(etcd, etcd_prefix)["port/current"] == str(gen["port"]),
+        timeout=5, message="etcd's keys to be reconciled",
+    )
+    assert flipvisor.cli("flip", "web").returncode == 0  # and flips work again
+
+
+def _answers(nginx: Nginx) -> bool:
+    try:
+        proxied(nginx)
+        return True
+    except OSError:
+        return False
+
+
+__all__ = ["start_serving"]
