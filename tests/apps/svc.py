@@ -19,6 +19,7 @@ Deliberately imports nothing from flipvisor, so it starts fast and tests stay ho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -162,10 +163,8 @@ class Server(ThreadingHTTPServer):
                 if not busy:
                     # SHUT_RD wakes the idle reader with EOF; a request it already read can
                     # still be answered, since writing stays open.
-                    try:
+                    with contextlib.suppress(OSError):
                         conn.shutdown(socket.SHUT_RD)
-                    except OSError:
-                        pass
             self.cond.wait_for(lambda: not self.conns)
 
 
@@ -267,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sock = inherited_socket() or own_socket(opts.host, opts.port)
     server = Server(sock, opts)
-    serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
+    serving = threading.Thread(target=server.serve_forever, args=(0.05,), name="serve", daemon=True)
     serving.start()
     print(f"svc {opts.version} serving on {sock.getsockname()[1]} pid {os.getpid()}", flush=True)
     if opts.notify:
