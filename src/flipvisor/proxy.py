@@ -288,6 +288,8 @@ def proxy_workers(pidfile: Path) -> frozenset[tuple[int, float]]:
         return frozenset()
     for child in children:
         try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue  # already exited, the master has not reaped it yet
             workers.add((child.pid, child.create_time()))
         except psutil.Error:
             continue  # exited meanwhile: nothing to wait for
