@@ -204,6 +204,10 @@ class EtcdRegistry:
             with anyio.fail_after(self.config.timeout):
                 async with self._use() as conn, self._write_lock:
                     reply = await conn.call("Txn", request)
+                    if reply.succeeded:
+                        # Under the lock, so no reconcile writes an older desired value over it.
+                        self.desired[program] = new
+                        self._pending.discard(program)
         except TimeoutError:
             self._remember(program, expected)
             raise self._timeout_error() from None
@@ -219,8 +223,6 @@ class EtcdRegistry:
                         f"{found.get(key)!r} (another writer promoted {program}?)"
                     )
             raise RegistryConflict(f"etcd keys of {program} changed during the promotion")
-        self.desired[program] = new
-        self._pending.discard(program)
 
     def _remember(self, program: str, value: Snapshot) -> None:
         self.desired[program] = value
