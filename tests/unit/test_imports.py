@@ -1,0 +1,169 @@
+"""The module layering (style guide section 2), checked by parsing every module of src/flipvisor.
+
+Each module may import only the flipvisor modules on its row below: leaves first, so a low module
+can never reach up into the supervisor. Every import counts, including lazy ones inside functions
+and ``TYPE_CHECKING`` blocks. Process creation is confined to spawn.py: nothing else imports
+``subprocess`` or calls the other ways of starting a process.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "flipvisor"
+
+# Components: a top-level module of the package, or "registry" for anything in registry/.
+ERRORS = {"errors"}
+LEAVES = ERRORS | {"states"}
+BASE = LEAVES | {"config", "reaper", "spawn", "logs", "sockets", "events", "progress"}
+CHECKS = BASE | {"probe", "proxy", "registry"}
+WORKERS = CHECKS | {"worker", "generation"}
+CORE = WORKERS | {"promotion", "program", "protocol", "control", "metrics"}
+
+ALLOWED: dict[str, set[str]] = {
+    "__init__": set(),
+    "errors": set(),
+    "states": set(),
+    "config": {"errors"},
+    "reaper": {"errors"},
+    "spawn": {"errors", "config", "reaper"},
+    "logs": {"config", "spawn", "errors"},
+    "sockets": {"config", "errors"},
+    "probe": {"config", "errors", "spawn", "reaper"},
+    "proxy": {"config", "errors", "spawn", "reaper"},
+    "registry": {"config", "errors", "registry"},
+    "watch": {"registry", "proxy", "spawn", "reaper", "config", "errors"},
+    "protocol": {"errors"},
+    "events": LEAVES,
+    "progress": LEAVES | {"events"},
+    "metrics": LEAVES | {"config", "events"},
+    # The upper layers: generous, everything below them.
+    "worker": BASE,
+    "generation": BASE | {"probe", "worker"},
+    "promotion": WORKERS | {"proxy", "registry"},
+    "program": WORKERS | {"promotion"},
+    "control": LEAVES | {"protocol", "config"},
+    "client": LEAVES | {"protocol", "config"},
+    "display": LEAVES | {"protocol", "events", "progress"},
+    "supervisor": CORE | {"watch"},  # runs the config's watch entries too
+    "cli": CORE | {"supervisor", "client", "display", "watch"},
+    "__main__": {"cli"},
+}
+# A module without a row (new since this table was written) may import everything but the
+# entry points; the lower rows above still keep it from being imported by a leaf.
+NEW_MODULE = CORE - {"metrics"}
+
+SPAWN_ONLY_MODULES = {"subprocess", "asyncio.subprocess", "multiprocessing", "pty"}
+SPAWN_ONLY_CALLS = {
+    ("os", "system"),
+    ("os", "popen"),
+    ("os", "fork"),
+    ("os", "forkpty"),
+    ("os", "posix_spawn"),
+    ("os", "posix_spawnp"),
+    ("asyncio", "create_subprocess_exec"),
+    ("asyncio", "create_subprocess_shell"),
+    ("anyio", "open_process"),
+    ("anyio", "run_process"),
+}
+
+
+def component(module: str) -> str:
+    """``flipvisor.registry.etcd`` → ``registry``; ``flipvisor.spawn`` → ``spawn``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def sources() -> list[Path]:
+    return sorted(SRC.rglob("*.py"))
+
+
+def flipvisor_imports(path: Path) -> list[tuple[int, str]]:
+    """Every flipvisor module ``path`` imports, absolute or relative, with its line."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = module_name(path)
+    if path.name != "__init__.py":
+        package = package.rpartition(".")[0]
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            if target == "flipvisor":
+                # "from flipvisor import spawn" / "from . import spawn" name the modules themselves.
+                found += [(node.lineno, f"{target}.{alias.name}") for alias in node.names]
+            found.append((node.lineno, target))
+    return [(line, name) for line, name in found if name.split(".")[0] == "flipvisor"]
+
+
+@pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(SRC)))
+def test_module_imports_only_its_layer(path: Path) -> None:
+    own = component(module_name(path))
+    allowed = ALLOWED.get(own, NEW_MODULE) | {own}
+    bad = [
+        f"{path.relative_to(SRC)}:{line}: imports {name}"
+        for line, name in flipvisor_imports(path)
+        if name != "flipvisor" and component(name) not in allowed
+    ]
+    assert not bad, f"{own} may import only {sorted(allowed - {own})}:\n" + "\n".join(bad)
+
+
+def test_every_listed_module_exists_or_is_planned() -> None:
+    # Keep the table honest: a typo in a row's name would silently exempt a module.
+    present = {component(module_name(p)) for p in sources()} | {"__main__", "__init__"}
+    planned = {"metrics"}
+    assert set(ALLOWED) - present - planned == set()
+
+
+@pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(SRC)))
+def test_only_spawn_creates_processes(path: Path) -> None:
+    if path == SRC / "spawn.py":
+        return
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    bad: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            module = node.module or ""
+            names = [module, *(f"{module}.{alias.name}" for alias in node.names)]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if (node.value.id, node.attr) in SPAWN_ONLY_CALLS or (
+                node.value.id == "os" and node.attr.startswith(("exec", "spawn"))
+            ):
+                bad.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+            continue
+        else:
+            continue
+        for name in names:
+            if name in SPAWN_ONLY_MODULES or any(
+                name == f"{mod}.{attr}" for mod, attr in SPAWN_ONLY_CALLS
+            ):
+                bad.append(f"line {node.lineno}: imports {name}")
+    assert not bad, f"{path.relative_to(SRC)} starts processes outside spawn.py: {bad}"
+
+
+def test_the_checker_sees_relative_and_lazy_imports() -> None:
+    # The checker itself, on a module shaped like registry/__init__.py.
+    path = SRC / "registry" / "__init__.py"
+    names = {name for _, name in flipvisor_imports(path)}
+    assert "flipvisor.registry.base" in names
+    assert "flipvisor.registry.local" in names  # imported lazily inside a function
+    names = {name for _, name in flipvisor_imports(SRC / "cli.py")}
+    assert {"flipvisor.config", "flipvisor.supervisor"} <= names  # the latter lazily
