@@ -1,0 +1,136 @@
+"""Unmodified third-party servers on the generation's inherited socket (systemd socket activation):
+gunicorn (``LISTEN_FDS``/``LISTEN_PID``, no bind option) and uvicorn (``--fd 3``) answer on the
+generation's port, flip through nginx under load with zero failed requests, and nothing of the
+old generation (the servers' own worker processes included) is left after the drain.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.e2e.load import Load
+from tests.e2e.test_flip import program, proxied, start_serving
+from tests.fixtures.flipvisor import Flipvisor
+from tests.fixtures.nginx import Nginx
+from tests.waiting import wait_until
+
+WSGI_APP = '''
+import json, os
+
+def application(environ, start_response):
+    body = json.dumps({"version": os.environ["APP_VERSION"], "pid": os.getpid(),
+                       "path": environ["PATH_INFO"]}).encode()
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+ASGI_APP = '''
+import json, os
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = json.dumps({"version": os.environ["APP_VERSION"], "pid": os.getpid(),
+                       "path": scope["path"]}).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+'''
+
+# Each server: its app module's source, its argv (no address: the socket is inherited), and
+# numprocs (gunicorn forks workers of its own; two uvicorns share the generation's socket).
+SERVERS: dict[str, tuple[str, list[str], int]] = {
+    "gunicorn": (WSGI_APP, [sys.executable, "-m", "gunicorn", "--no-control-socket",
+                            "--workers", "2", "--graceful-timeout", "5", "app:application"], 1),
+    "uvicorn": (ASGI_APP, [sys.executable, "-m", "uvicorn", "--fd", "{fd}", "--no-access-log",
+                           "--timeout-graceful-shutdown", "5", "app:app"], 2),
+}
+
+
+def get(port: int, path: str = "/") -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+        loaded: dict[str, Any] = json.loads(answer.read())
+        return loaded
+
+
+def processes_of(pids: list[int]) -> list[psutil.Process]:
+    """The generation's workers and every descendant (gunicorn's own workers)."""
+    found = []
+    for pid in pids:
+        worker = psutil.Process(pid)
+        found += [worker, *worker.children(recursive=True)]
+    return found
+
+
+def gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_DEAD
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("server", sorted(SERVERS))
+def test_server_on_inherited_socket_flips_under_load(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path, server: str
+) -> None:
+    source, argv, numprocs = SERVERS[server]
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "app.py").write_text(source)
+
+    def config(version: str) -> dict[str, Any]:
+        return program(nginx, version, command=argv, cwd=str(app_dir), numprocs=numprocs,
+                       env={"APP_VERSION": version},
+                       readiness={"http": "/health", "timeout": 20},
+                       drain={"delay": 0.1, "timeout": 10})
+
+    start_serving(flipvisor, nginx, config("1"))
+    first = flipvisor.serving("web")
+    assert first is not None
+    old = processes_of(first["pids"])
+    if server == "gunicorn":
+        # The arbiter forks its two workers after it is spawned: wait for them.
+        wait_until(lambda: len(psutil.Process(first["pids"][0]).children()) == 2,
+                   message="gunicorn's workers")
+        old = processes_of(first["pids"])
+        assert len(old) == 3
+    else:
+        assert len(old) == 2
+    answer = get(first["port"])
+    assert answer["version"] == "1"
+    assert answer["pid"] in {p.pid for p in old}
+
+    with Load(nginx.url("/"), clients=3) as load:
+        flipvisor.write_config({"programs": {"web": config("2")}})
+        result = flipvisor.cli("flip", "web")
+        assert result.returncode == 0, result.stderr + flipvisor.output()
+        assert proxied(nginx)["version"] == "2"
+        outcome = load.stop()
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert outcome.ok > 10
+
+    second = flipvisor.serving("web")
+    assert second is not None and second["generation"] == 2
+    assert second["port"] != first["port"] and len(second["pids"]) == numprocs
+    assert get(second["port"])["version"] == "2"
+    # The flip returns once the old generation is gone: its server's own workers with it.
+    left = [p for p in old if not gone(p)]
+    assert not left, left
+    assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [2]
+    log = (flipvisor.state_dir / "logs" / "web.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
