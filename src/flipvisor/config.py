@@ -98,7 +98,9 @@ Command = Annotated[list[str], BeforeValidator(_split_command), AfterValidator(_
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
 Signal = Annotated[signal.Signals, BeforeValidator(_parse_signal)]
 Host = Annotated[str, AfterValidator(_check_host)]
-Seconds = Annotated[float, Field(gt=0)]
+# Strict: YAML's `true` must not silently become 1 (lax pydantic accepts bools as numbers).
+Seconds = Annotated[float, Field(gt=0, strict=True)]
+Count = Annotated[int, Field(strict=True)]
 
 
 def _check_program_name(value: str) -> str:
@@ -118,8 +120,8 @@ class SocketConfig(_Model):
     """The generation's listening socket; port 0 gives each generation a fresh port."""
 
     host: Host = "127.0.0.1"
-    port: Annotated[int, Field(ge=0, le=65535)] = 0
-    backlog: Annotated[int, Field(gt=0)] = 1024
+    port: Annotated[Count, Field(ge=0, le=65535)] = 0
+    backlog: Annotated[Count, Field(gt=0)] = 1024
 
 
 class ReadinessConfig(_Model):
@@ -144,7 +146,7 @@ class ReadinessConfig(_Model):
 class DrainConfig(_Model):
     """How an old generation is stopped: wait ``delay``, send ``signal``, SIGKILL after ``timeout``."""
 
-    delay: Annotated[float, Field(ge=0)] = 0.5
+    delay: Annotated[float, Field(ge=0, strict=True)] = 0.5
     signal: Signal = signal.SIGTERM
     timeout: Seconds = 10.0
 
@@ -153,7 +155,7 @@ class RestartConfig(_Model):
     """When a crashed worker is restarted, and when the program is declared fatal."""
 
     policy: Literal["always", "on-failure", "never"] = "always"
-    max_restarts: Annotated[int, Field(ge=0)] = 5
+    max_restarts: Annotated[Count, Field(ge=0)] = 5
     window: Seconds = 60.0
 
 
@@ -174,7 +176,7 @@ class ProgramConfig(_Model):
     """One supervised program: ``numprocs`` workers per generation sharing one socket."""
 
     command: Command
-    numprocs: Annotated[int, Field(ge=1, le=1024)] = 1
+    numprocs: Annotated[Count, Field(ge=1, le=1024)] = 1
     cwd: RelPath | None = None
     env: dict[str, str] = Field(default_factory=dict)
     autostart: bool = True
@@ -183,7 +185,7 @@ class ProgramConfig(_Model):
     drain: DrainConfig = DrainConfig()
     restart: RestartConfig = RestartConfig()
     proxy: ProxyConfig | None = None
-    rollback_window: Annotated[float, Field(ge=0)] = 0.0
+    rollback_window: Annotated[float, Field(ge=0, strict=True)] = 0.0
 
 
 class RegistryConfig(_Model):
@@ -246,8 +248,8 @@ class WatchConfig(_Model):
 class LogsConfig(_Model):
     """Captured worker output: one file per program, rotated by size."""
 
-    max_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
-    backups: Annotated[int, Field(ge=0, le=100)] = 5
+    max_bytes: Annotated[Count, Field(ge=1024)] = 10 * 1024 * 1024
+    backups: Annotated[Count, Field(ge=0, le=100)] = 5
 
 
 class MetricsConfig(_Model):
@@ -300,13 +302,18 @@ def parse_config(text: str, path: Path) -> Config:
     Raises:
         ConfigError: not YAML, or invalid.
     """
+    duplicates: list[str] = []
     try:
         data = yaml.safe_load(text)
-        lines = _line_index(yaml.compose(text))
+        lines = _line_index(yaml.compose(text), duplicates)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
+    if duplicates:
+        raise ConfigError(
+            f"invalid config file {path}:", [f"{path}:{problem}" for problem in duplicates]
+        )
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -319,15 +326,20 @@ def parse_config(text: str, path: Path) -> Config:
         raise ConfigError(f"invalid config file {path}:", problems) from None
 
 
-def _line_index(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
-    """Map each dotted location in the YAML document to its 1-based line number."""
+def _line_index(node: yaml.Node | None, duplicates: list[str]) -> dict[tuple[str, ...], int]:
+    """Map each dotted location in the YAML document to its 1-based line number; note keys that
+    appear twice in one mapping (YAML loaders silently keep the last) in ``duplicates``."""
     index: dict[tuple[str, ...], int] = {}
 
     def visit(node: yaml.Node, loc: tuple[str, ...]) -> None:
         index[loc] = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
             for key, value in node.value:
                 child = (*loc, str(key.value))
+                if str(key.value) in seen:
+                    duplicates.append(f"{key.start_mark.line + 1}: {'.'.join(child)}: duplicate key")
+                seen.add(str(key.value))
                 index[child] = key.start_mark.line + 1
                 visit(value, child)
                 index[child] = key.start_mark.line + 1
@@ -355,6 +367,7 @@ _FRIENDLY: dict[str, str] = {
     "dict_type": "must be a mapping",
     "model_type": "must be a mapping",
     "model_attributes_type": "must be a mapping",
+    "path_type": "must be a path",
 }
 
 
@@ -366,7 +379,7 @@ def _describe(error: Any, path: Path, lines: dict[tuple[str, ...], int]) -> str:
     elif kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<"}.get(kind, "<=")
         bound = next(iter(error["ctx"].values()))
-        message = f"must be {op} {bound}"
+        message = f"must be {op} {bound:g}" if isinstance(bound, float) else f"must be {op} {bound}"
     elif kind == "literal_error":
         message = f"must be one of {error['ctx']['expected']}"
     elif kind == "too_short":
@@ -375,11 +388,8 @@ def _describe(error: Any, path: Path, lines: dict[tuple[str, ...], int]) -> str:
         message = str(error["ctx"]["error"])
     else:
         message = error["msg"]
-    if kind == "value_error" and ": " in message and message.split(": ", 1)[0].count(".") >= 1:
-        # Validators of the whole model name a deeper location themselves.
-        dotted_msg, message = message.split(": ", 1)
-        loc = tuple(dotted_msg.split("."))
-    elif kind == "value_error" and re.match(r"^[a-z_]+: ", message):
+    if kind == "value_error" and re.match(r"^[a-z_]+: ", message):
+        # A validator of a whole section names the field it is about.
         field, message = message.split(": ", 1)
         loc = (*loc, field)
     line = _nearest_line(loc, lines)
