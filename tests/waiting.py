@@ -11,8 +11,9 @@ import anyio
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
-               message: str = "") -> T:
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, message: str = ""
+) -> T:
     """Call ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -24,8 +25,12 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
-async def await_until(predicate: Callable[[], Awaitable[T]], timeout: float = 10.0,
-                      interval: float = 0.02, message: str = "") -> T:
+async def await_until(
+    predicate: Callable[[], Awaitable[T]],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str = "",
+) -> T:
     """Async twin of ``wait_until``."""
     with anyio.fail_after(timeout):
         while True:

@@ -1,5 +1,6 @@
 """The ``flipvisor`` command line: argparse, human and ``--json`` output, and the only place
-that turns exceptions into exit codes (0 success, 1 the operation failed, 2 usage/config/unreachable).
+that turns exceptions into exit codes (0 success, 1 the operation failed, 2 usage, config or
+unreachable).
 
 Heavy modules are imported only by the commands that need them, so ``status`` stays quick.
 """

@@ -1,4 +1,4 @@
-"""Typed, frozen configuration models and the YAML loader that reports every problem with its location.
+"""Typed, frozen config models and the YAML loader that reports every problem with its location.
 
 Loading is pure: no logging, no exits. Relative paths are resolved against the config file's folder.
 """
@@ -144,7 +144,7 @@ class ReadinessConfig(_Model):
 
 
 class DrainConfig(_Model):
-    """How an old generation is stopped: wait ``delay``, send ``signal``, SIGKILL after ``timeout``."""
+    """How an old generation stops: wait ``delay``, send ``signal``, SIGKILL after ``timeout``."""
 
     delay: Annotated[float, Field(ge=0, strict=True)] = 0.5
     signal: Signal = signal.SIGTERM
@@ -338,7 +338,9 @@ def _line_index(node: yaml.Node | None, duplicates: list[str]) -> dict[tuple[str
             for key, value in node.value:
                 child = (*loc, str(key.value))
                 if str(key.value) in seen:
-                    duplicates.append(f"{key.start_mark.line + 1}: {'.'.join(child)}: duplicate key")
+                    duplicates.append(
+                        f"{key.start_mark.line + 1}: {'.'.join(child)}: duplicate key"
+                    )
                 seen.add(str(key.value))
                 index[child] = key.start_mark.line + 1
                 visit(value, child)

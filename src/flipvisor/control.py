@@ -84,8 +84,7 @@ class ControlServer:
                 task_status.started()
                 await listener.serve(self._handle)
         finally:
-            with anyio.CancelScope(shield=True):
-                self.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
 
     async def _handle(self, stream: SocketStream) -> None:
         async with stream:

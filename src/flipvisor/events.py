@@ -1,4 +1,4 @@
-"""The bounded history of lifecycle events and its live subscribers (``events -f``, flips' progress).
+"""The bounded history of lifecycle events and its live subscribers (``events -f``).
 
 Emitting never blocks: a subscriber that does not keep up loses events and is told how many.
 """

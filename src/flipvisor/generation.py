@@ -193,14 +193,13 @@ class Generation:
             if spawn_error is not None:
                 raise spawn_error
         finally:
-            with anyio.CancelScope(shield=True):
-                # A cancelled generation (supervisor exiting) still stops every worker: each
-                # worker's own finally does that; we only release the socket afterwards.
-                self.socket.close()
-                if self.notify is not None:
-                    self.notify.close()
-                self._final_transition()
-                self._stopped.set()
+            # A cancelled generation (supervisor exiting) still stops every worker: each
+            # worker's own finally does that; we only release the socket afterwards.
+            self.socket.close()
+            if self.notify is not None:
+                self.notify.close()
+            self._final_transition()
+            self._stopped.set()
 
     def _final_transition(self) -> None:
         if self.state in (GenerationState.STOPPED, GenerationState.FAILED):

@@ -239,9 +239,14 @@ class Program:
                 try:
                     if readiness is not None:
                         await wait_ready(
-                            readiness, host=gen.host, port=gen.port, reaper=self.runtime.reaper,
-                            env=worker_env(gen.workers[0].spec, 0), cwd=gen.config.cwd,
-                            notify=gen.notify, worker_pids=lambda: set(gen.pids),
+                            readiness,
+                            host=gen.host,
+                            port=gen.port,
+                            reaper=self.runtime.reaper,
+                            env=worker_env(gen.workers[0].spec, 0),
+                            cwd=gen.config.cwd,
+                            notify=gen.notify,
+                            worker_pids=lambda: set(gen.pids),
                             numprocs=gen.config.numprocs,
                         )
                 except FlipvisorError as exc:  # caught here so it is not wrapped in a group

@@ -7,6 +7,7 @@ a deploy half-way.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ UPDATE_BUFFER = 64
 
 @dataclass
 class Step:
-    """One step of a flip: ``spawn``, ``probe``, ``proxy``, ``registry``, ``reload``, ``drain``..."""
+    """One step of a flip: ``spawn``, ``probe``, ``proxy``, ``registry``, ``reload``, ``drain``."""
 
     name: str
     detail: str = ""
@@ -75,10 +76,11 @@ class FlipReport:
             self._publish(current)
 
     def _publish(self, step: Step) -> None:
-        try:
+        # Nobody follows, or too slowly: the final report still has every step.
+        with contextlib.suppress(
+            anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError
+        ):
             self._send.send_nowait(Step(**vars(step)))
-        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass  # nobody follows, or too slowly: the final report still has every step
 
     def finish(self, error: str | None = None, output: list[str] | None = None) -> None:
         self.error = error

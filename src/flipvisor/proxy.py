@@ -210,7 +210,7 @@ async def install(
     *,
     check_cmd: Sequence[str] | None,
     reaper: Reaper,
-    timeout: float,  # noqa: ASYNC109 - the agreed API, like spawn.run_command's
+    timeout: float,
 ) -> Installed:
     """Write ``content`` to ``dest`` atomically, then run ``check_cmd`` against it.
 
@@ -251,7 +251,10 @@ async def install(
 
 
 async def reload(
-    reload_cmd: Sequence[str] | None, *, reaper: Reaper, timeout: float  # noqa: ASYNC109
+    reload_cmd: Sequence[str] | None,
+    *,
+    reaper: Reaper,
+    timeout: float,
 ) -> None:
     """Ask the proxy to load its configuration again (nothing to do without a command).
 
@@ -316,7 +319,8 @@ def _open_if_same(pid: int, started: float) -> int | None:
 
 
 async def wait_workers_gone(
-    workers: Iterable[tuple[int, float]], timeout: float  # noqa: ASYNC109
+    workers: Iterable[tuple[int, float]],
+    timeout: float,
 ) -> bool:
     """Wait until every one of ``workers`` (pid, start time) has exited; False after ``timeout``.
 

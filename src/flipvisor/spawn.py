@@ -111,6 +111,7 @@ class Child:
                 self.signal_group(signal.SIGKILL)
                 self.send_signal(signal.SIGKILL)
             return await self.wait()
+        raise AssertionError("unreachable: the shielded block always returns")  # for mypy
 
     def close(self) -> None:
         """Release the pidfd (after the exit is known)."""

@@ -1,7 +1,7 @@
 """Named states of programs, generations and workers, with the transitions each allows.
 
-A leaf module: state changes elsewhere go through ``check_transition`` so an impossible move is a bug
-that shows itself instead of a silent corruption of what ``status`` reports.
+A leaf module: state changes elsewhere go through ``check_transition`` so an impossible move is a
+bug that shows itself instead of a silent corruption of what ``status`` reports.
 """
 
 from __future__ import annotations

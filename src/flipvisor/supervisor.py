@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import CancelScope, TaskGroup
+from anyio import CancelScope
+from anyio.abc import TaskGroup
 
 from .config import Config, load_config
 from .control import ControlServer, Send
@@ -21,7 +22,8 @@ from .program import Program, Runtime
 from .progress import FlipReport
 from .protocol import Request, result
 from .reaper import Reaper, become_subreaper
-from .registry import Registry, open_registry
+from .registry import open_registry
+from .registry.base import WatchableRegistry
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class Supervisor:
         self.config = config
         self.events = EventLog()
         self.reaper = Reaper(reap_orphans=True)
-        self.registry: Registry = open_registry(config)
+        self.registry: WatchableRegistry = open_registry(config)
         self.programs: dict[str, Program] = {}
         self._scopes: dict[str, CancelScope] = {}
         self._shutdown = anyio.Event()

@@ -149,8 +149,13 @@ class TemplateWatch(_Follower):
                 return  # already in place (an earlier run or an unchanged render): no reload
         except (OSError, UnicodeDecodeError):
             pass
-        installed = await install(self.dest, content, check_cmd=self.entry.check_cmd,
-                                  reaper=self.reaper, timeout=COMMAND_TIMEOUT)
+        installed = await install(
+            self.dest,
+            content,
+            check_cmd=self.entry.check_cmd,
+            reaper=self.reaper,
+            timeout=COMMAND_TIMEOUT,
+        )
         try:
             await reload(self.entry.reload_cmd, reaper=self.reaper, timeout=COMMAND_TIMEOUT)
         except ProxyError:
@@ -204,8 +209,12 @@ class DrainWatch(_Follower):
         self._see_current()
         for pid in parse_pids(self.values.get(self.key)):
             if not any(seen[0] == pid for seen in self.seen):
-                log.info("drain_pid %s: refusing to signal pid=%d found at start: never seen as %s",
-                         self.key, pid, self.folder + "pid/current")
+                log.info(
+                    "drain_pid %s: refusing to signal pid=%d found at start: never seen as %s",
+                    self.key,
+                    pid,
+                    self.folder + "pid/current",
+                )
 
     async def changed(self, batch: list[WatchEvent]) -> None:
         before = dict(self.values)
@@ -223,8 +232,12 @@ class DrainWatch(_Follower):
                 # Every start time seen for the PID: only the live process's one can match.
                 starts = [seen for seen in self.seen if seen[0] == pid]
                 if not starts:
-                    log.warning("drain_pid %s: refusing to signal pid=%d: never seen as %s",
-                                self.key, pid, self.folder + "pid/current")
+                    log.warning(
+                        "drain_pid %s: refusing to signal pid=%d: never seen as %s",
+                        self.key,
+                        pid,
+                        self.folder + "pid/current",
+                    )
                 targets += starts
             if targets:
                 await self._wait_for_reloads()
@@ -240,8 +253,9 @@ class DrainWatch(_Follower):
         for pid in pids:
             started = recorded.get(pid) or start_time_of(pid)
             if started is None:
-                log.warning("drain_pid %s: pid=%d in pid/current is not running here",
-                            self.key, pid)
+                log.warning(
+                    "drain_pid %s: pid=%d in pid/current is not running here", self.key, pid
+                )
                 continue
             self.seen.add((pid, started))
 
@@ -250,22 +264,30 @@ class DrainWatch(_Follower):
             for template in self.templates:
                 await template.caught_up()
         if scope.cancelled_caught:
-            log.warning("drain_pid %s: templates did not catch up within %g s; draining anyway",
-                        self.key, CATCH_UP_TIMEOUT)
+            log.warning(
+                "drain_pid %s: templates did not catch up within %g s; draining anyway",
+                self.key,
+                CATCH_UP_TIMEOUT,
+            )
 
     async def _drain_one(self, pid: int, started: float) -> None:
         """Signal the process if it is still the one seen, SIGKILL it after the timeout."""
         sig = self.drain.signal
         if not signal_verified(pid, started, sig):
-            log.info("drain_pid %s: pid=%d is gone already (or is another process now)",
-                     self.key, pid)
+            log.info(
+                "drain_pid %s: pid=%d is gone already (or is another process now)", self.key, pid
+            )
             self.seen.discard((pid, started))
             return
         log.info("drain_pid %s: sent %s to pid=%d", self.key, signal.Signals(sig).name, pid)
         gone = await wait_workers_gone([(pid, started)], self.drain.timeout)
         if not gone and signal_verified(pid, started, signal.SIGKILL):
-            log.warning("drain_pid %s: pid=%d outlived %g s; sent SIGKILL",
-                            self.key, pid, self.drain.timeout)
+            log.warning(
+                "drain_pid %s: pid=%d outlived %g s; sent SIGKILL",
+                self.key,
+                pid,
+                self.drain.timeout,
+            )
         self.seen.discard((pid, started))
 
 
@@ -280,8 +302,11 @@ def record_start_times(value: str | None) -> dict[int, float]:
     """pid -> start time from a ``generation/current`` JSON record (empty if absent or bad)."""
     try:
         record: Any = json.loads(value) if value else {}
-        return {int(p["pid"]): float(p["started"]) for p in record.get("pids", [])
-                if isinstance(p, dict) and "started" in p}
+        return {
+            int(p["pid"]): float(p["started"])
+            for p in record.get("pids", [])
+            if isinstance(p, dict) and "started" in p
+        }
     except (ValueError, TypeError, KeyError, AttributeError):
         return {}
 
@@ -294,12 +319,11 @@ async def run_watches(
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run every ``config.watch`` entry until cancelled; started at once (even if etcd is down)."""
-    templates = [
-        TemplateWatch(entry, registry, reaper) for entry in config.watch if entry.template
-    ]
+    templates = [TemplateWatch(entry, registry, reaper) for entry in config.watch if entry.template]
     drains = [
         DrainWatch(entry.keys[0], entry.drain_pid, registry, templates)
-        for entry in config.watch if entry.drain_pid is not None
+        for entry in config.watch
+        if entry.drain_pid is not None
     ]
     async with anyio.create_task_group() as tg:
         for watcher in [*templates, *drains]:

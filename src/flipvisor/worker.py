@@ -42,7 +42,7 @@ def backoff_delay(consecutive_failures: int) -> float:
     """
     if consecutive_failures <= 0:
         return 0.0
-    delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (consecutive_failures - 1))
+    delay: float = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** (consecutive_failures - 1))
     return delay * random.uniform(0.5, 1.0)
 
 

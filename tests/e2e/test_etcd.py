@@ -27,11 +27,17 @@ def keys(etcd: EtcdServer, prefix: str) -> dict[str, str | None]:
 def test_flips_write_the_seeds_keys_in_etcd(
     flipvisor: Flipvisor, nginx: Nginx, etcd_server: EtcdServer, etcd_prefix: str
 ) -> None:
-    flipvisor.start({"registry": registry(etcd_server, etcd_prefix),
-                     "programs": {"web": program(nginx, "1", numprocs=2)}})
+    flipvisor.start(
+        {
+            "registry": registry(etcd_server, etcd_prefix),
+            "programs": {"web": program(nginx, "1", numprocs=2)},
+        }
+    )
     first = flipvisor.wait_serving("web")
-    wait_until(lambda: keys(etcd_server, etcd_prefix)["port/current"] == str(first["port"]),
-               message="generation 1 in etcd")
+    wait_until(
+        lambda: keys(etcd_server, etcd_prefix)["port/current"] == str(first["port"]),
+        message="generation 1 in etcd",
+    )
     assert flipvisor.cli("flip", "web").returncode == 0
     second = flipvisor.serving("web")
     assert second is not None
@@ -57,13 +63,15 @@ def test_etcd_outage_keeps_serving_fails_flips_and_heals_the_keys(
     wait_until(lambda: _answers(nginx), message="nginx to proxy")
     etcd.stop()
     with Load(nginx.url("/"), clients=2) as load:
-        flipvisor.write_config({"registry": registry(etcd, etcd_prefix),
-                                "programs": {"web": program(nginx, "2")}})
+        flipvisor.write_config(
+            {"registry": registry(etcd, etcd_prefix), "programs": {"web": program(nginx, "2")}}
+        )
         result = flipvisor.cli("flip", "web")
         # A crash during the outage is handled as always.
         psutil.Process(gen["pids"][0]).kill()
         replaced = flipvisor.wait_serving(
-            "web", where=lambda g: bool(g["pids"]) and g["pids"] != gen["pids"])
+            "web", where=lambda g: bool(g["pids"]) and g["pids"] != gen["pids"]
+        )
         outcome = load.stop()
     assert result.returncode == 1, result.stderr
     assert "etcd" in result.stderr
@@ -72,9 +80,12 @@ def test_etcd_outage_keeps_serving_fails_flips_and_heals_the_keys(
     etcd.start()
     # The keys are made to match what is serving (the replacement's PID) within 5 seconds.
     wait_until(
-        lambda: keys(etcd, etcd_prefix)["pid/current"] == str(replaced["pids"][0])
-        and keys(etcd, etcd_prefix)["port/current"] == str(gen["port"]),
-        timeout=5, message="etcd's keys to be reconciled",
+        lambda: (
+            keys(etcd, etcd_prefix)["pid/current"] == str(replaced["pids"][0])
+            and keys(etcd, etcd_prefix)["port/current"] == str(gen["port"])
+        ),
+        timeout=5,
+        message="etcd's keys to be reconciled",
     )
     assert flipvisor.cli("flip", "web").returncode == 0  # and flips work again
 

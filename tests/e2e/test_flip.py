@@ -23,8 +23,9 @@ def proxied(nginx: Nginx) -> dict[str, Any]:
         return loaded
 
 
-def program(nginx: Nginx, version: str, *flags: str, numprocs: int = 1,
-            **overrides: Any) -> dict[str, Any]:
+def program(
+    nginx: Nginx, version: str, *flags: str, numprocs: int = 1, **overrides: Any
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "command": svc_command("--version", version, *flags),
         "numprocs": numprocs,
@@ -68,8 +69,9 @@ def test_five_flips_under_load_fail_no_request(
     start_serving(flipvisor, nginx, program(nginx, "1", numprocs=numprocs))
     with Load(nginx.url("/"), clients=3) as load:
         for version in range(2, 7):
-            flipvisor.write_config({"programs": {"web": program(
-                nginx, str(version), numprocs=numprocs)}})
+            flipvisor.write_config(
+                {"programs": {"web": program(nginx, str(version), numprocs=numprocs)}}
+            )
             result = flipvisor.cli("flip", "web")
             assert result.returncode == 0, result.stderr + flipvisor.output()
             assert proxied(nginx)["version"] == str(version)
@@ -86,8 +88,10 @@ def test_five_flips_under_load_fail_no_request(
 
 FAILURES = {
     "crashes at start": ({"command": svc_command("--exit-at-start", "3")}, "exit status 3"),
-    "never ready": ({"command": svc_command("--health-fail"),
-                     "readiness": {"timeout": 1}}, "not ready"),
+    "never ready": (
+        {"command": svc_command("--health-fail"), "readiness": {"timeout": 1}},
+        "not ready",
+    ),
     "check_cmd fails": ({"proxy": {"check_cmd": ["false"]}}, "false"),
     "reload_cmd fails": ({"proxy": {"reload_cmd": ["false"]}}, "false"),
 }
@@ -120,8 +124,9 @@ def test_failed_flip_rolls_back_under_load(flipvisor: Flipvisor, nginx: Nginx, c
 
 def test_crashing_generation_output_is_shown(flipvisor: Flipvisor, nginx: Nginx) -> None:
     start_serving(flipvisor, nginx, program(nginx, "1"))
-    flipvisor.write_config({"programs": {"web": program(
-        nginx, "2", command=svc_command("--exit-at-start", "7"))}})
+    flipvisor.write_config(
+        {"programs": {"web": program(nginx, "2", command=svc_command("--exit-at-start", "7"))}}
+    )
     result = flipvisor.cli("flip", "web", "--json")
     assert result.returncode == 1
     report = json.loads(result.stdout)
@@ -147,8 +152,9 @@ def test_cold_and_warm_rollback(flipvisor: Flipvisor, nginx: Nginx) -> None:
     assert flipvisor.cli("flip", "web").returncode == 0
     states = {g["generation"]: g["state"] for g in flipvisor.program("web")["generations"]}
     assert states == {3: "ready", 4: "serving"}
-    warm_pids = next(g["pids"] for g in flipvisor.program("web")["generations"]
-                     if g["generation"] == 3)
+    warm_pids = next(
+        g["pids"] for g in flipvisor.program("web")["generations"] if g["generation"] == 3
+    )
     with Load(nginx.url("/"), clients=2) as load:
         report = json.loads(flipvisor.cli("rollback", "web", "--json").stdout)
         outcome = load.stop()
@@ -164,7 +170,9 @@ def test_second_flip_of_a_program_is_refused_clearly(flipvisor: Flipvisor, nginx
     flipvisor.write_config({"programs": {"web": program(nginx, "2", "--ready-delay", "2")}})
     first = subprocess.Popen(
         [sys.executable, "-m", "flipvisor", "flip", "web", "-c", str(flipvisor.config_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     wait_until(lambda: flipvisor.program("web")["flipping"], message="the first flip")
     second = flipvisor.cli("flip", "web")

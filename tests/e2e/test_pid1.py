@@ -51,8 +51,9 @@ def _unshare_problem() -> str | None:
     if shutil.which("unshare") is None:
         return "unshare is not installed"
     try:
-        result = subprocess.run([*UNSHARE, "true"], check=False, capture_output=True,
-                                text=True, timeout=10)
+        result = subprocess.run(
+            [*UNSHARE, "true"], check=False, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unshare failed: {exc}"
     if result.returncode != 0:
@@ -140,8 +141,10 @@ def flipvisor_as_pid1(flipvisor: Flipvisor, config: dict[str, Any]) -> Iterator[
     whatever happens, PID 1 is sent SIGTERM (then SIGKILL, which ends the whole namespace) here.
     """
     unshare = flipvisor.start(config, argv_prefix=UNSHARE)
-    pid1 = wait_for(lambda: next(iter(namespace_processes(unshare)), None),
-                    message="flipvisor inside the namespace")
+    pid1 = wait_for(
+        lambda: next(iter(namespace_processes(unshare)), None),
+        message="flipvisor inside the namespace",
+    )
     try:
         assert inner_pid(pid1) == 1, status_fields(pid1)
         yield pid1
@@ -158,10 +161,14 @@ def flipvisor_as_pid1(flipvisor: Flipvisor, config: dict[str, Any]) -> Iterator[
 def test_pid1_reaps_orphans_and_exits_zero_on_sigterm(
     pid_namespace: None, flipvisor: Flipvisor
 ) -> None:
-    config = {"programs": {"web": {
-        "command": [sys.executable, "-c", WORKER],
-        "drain": {"delay": 0, "timeout": 5},
-    }}}
+    config = {
+        "programs": {
+            "web": {
+                "command": [sys.executable, "-c", WORKER],
+                "drain": {"delay": 0, "timeout": 5},
+            }
+        }
+    }
     with flipvisor_as_pid1(flipvisor, config) as pid1:
         assert flipvisor.process is not None
         unshare = flipvisor.process
@@ -178,19 +185,22 @@ def test_pid1_reaps_orphans_and_exits_zero_on_sigterm(
         wait_until(lambda: gone(daemon), message="PID 1 to reap the daemon (no zombie)")
 
         # The worker dies: its grandchild is orphaned onto PID 1 and reaped when it exits.
-        grandchild = wait_for(lambda: next(
-            (p for p in worker.children() if p.cmdline() == ["sleep", "62"]), None),
-            message="the worker's grandchild")
+        grandchild = wait_for(
+            lambda: next((p for p in worker.children() if p.cmdline() == ["sleep", "62"]), None),
+            message="the worker's grandchild",
+        )
         worker.kill()
-        wait_until(lambda: parent_pid(grandchild) == pid1.pid,
-                   message="the grandchild to land on PID 1")
+        wait_until(
+            lambda: parent_pid(grandchild) == pid1.pid, message="the grandchild to land on PID 1"
+        )
         grandchild.kill()
         wait_until(lambda: gone(grandchild), message="PID 1 to reap the grandchild (no zombie)")
         wait_until(lambda: gone(worker), message="the worker to be reaped")
 
         # The crashed worker was replaced, and nothing in the namespace is a zombie.
-        flipvisor.wait_serving("web", where=lambda g: bool(g["pids"]) and
-                               g["pids"] != [worker_inner])
+        flipvisor.wait_serving(
+            "web", where=lambda g: bool(g["pids"]) and g["pids"] != [worker_inner]
+        )
         wait_until(lambda: not zombies(unshare), message="no zombie in the namespace")
 
         left = namespace_processes(unshare)

@@ -21,7 +21,7 @@ from tests.fixtures.flipvisor import Flipvisor
 from tests.fixtures.nginx import Nginx
 from tests.waiting import wait_until
 
-WSGI_APP = '''
+WSGI_APP = """
 import json, os
 
 def application(environ, start_response):
@@ -30,9 +30,9 @@ def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "application/json"),
                               ("Content-Length", str(len(body)))])
     return [body]
-'''
+"""
 
-ASGI_APP = '''
+ASGI_APP = """
 import json, os
 
 async def app(scope, receive, send):
@@ -50,15 +50,41 @@ async def app(scope, receive, send):
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
-'''
+"""
 
 # Each server: its app module's source, its argv (no address: the socket is inherited), and
 # numprocs (gunicorn forks workers of its own; two uvicorns share the generation's socket).
 SERVERS: dict[str, tuple[str, list[str], int]] = {
-    "gunicorn": (WSGI_APP, [sys.executable, "-m", "gunicorn", "--no-control-socket",
-                            "--workers", "2", "--graceful-timeout", "5", "app:application"], 1),
-    "uvicorn": (ASGI_APP, [sys.executable, "-m", "uvicorn", "--fd", "{fd}", "--no-access-log",
-                           "--timeout-graceful-shutdown", "5", "app:app"], 2),
+    "gunicorn": (
+        WSGI_APP,
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--no-control-socket",
+            "--workers",
+            "2",
+            "--graceful-timeout",
+            "5",
+            "app:application",
+        ],
+        1,
+    ),
+    "uvicorn": (
+        ASGI_APP,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--fd",
+            "{fd}",
+            "--no-access-log",
+            "--timeout-graceful-shutdown",
+            "5",
+            "app:app",
+        ],
+        2,
+    ),
 }
 
 
@@ -94,10 +120,16 @@ def test_server_on_inherited_socket_flips_under_load(
     (app_dir / "app.py").write_text(source)
 
     def config(version: str) -> dict[str, Any]:
-        return program(nginx, version, command=argv, cwd=str(app_dir), numprocs=numprocs,
-                       env={"APP_VERSION": version},
-                       readiness={"http": "/health", "timeout": 20},
-                       drain={"delay": 0.1, "timeout": 10})
+        return program(
+            nginx,
+            version,
+            command=argv,
+            cwd=str(app_dir),
+            numprocs=numprocs,
+            env={"APP_VERSION": version},
+            readiness={"http": "/health", "timeout": 20},
+            drain={"delay": 0.1, "timeout": 10},
+        )
 
     start_serving(flipvisor, nginx, config("1"))
     first = flipvisor.serving("web")
@@ -105,8 +137,10 @@ def test_server_on_inherited_socket_flips_under_load(
     old = processes_of(first["pids"])
     if server == "gunicorn":
         # The arbiter forks its two workers after it is spawned: wait for them.
-        wait_until(lambda: len(psutil.Process(first["pids"][0]).children()) == 2,
-                   message="gunicorn's workers")
+        wait_until(
+            lambda: len(psutil.Process(first["pids"][0]).children()) == 2,
+            message="gunicorn's workers",
+        )
         old = processes_of(first["pids"])
         assert len(old) == 3
     else:

@@ -75,13 +75,22 @@ def test_killed_worker_is_replaced_and_serves_on_the_same_port(flipvisor: Flipvi
 
 
 def test_crash_loop_makes_the_program_fatal_and_start_clears_it(flipvisor: Flipvisor) -> None:
-    flipvisor.start({"programs": {
-        "web": web(command=svc_command("--crash-after", "1"),
-                   restart={"max_restarts": 2, "window": 60}),
-        "steady": web(),
-    }})
-    wait_until(lambda: flipvisor.program("web")["state"] == "fatal", timeout=30,
-               message="web to become fatal")
+    flipvisor.start(
+        {
+            "programs": {
+                "web": web(
+                    command=svc_command("--crash-after", "1"),
+                    restart={"max_restarts": 2, "window": 60},
+                ),
+                "steady": web(),
+            }
+        }
+    )
+    wait_until(
+        lambda: flipvisor.program("web")["state"] == "fatal",
+        timeout=30,
+        message="web to become fatal",
+    )
     assert "restarts in" in flipvisor.program("web")["fatal_reason"]
     assert flipvisor.program("steady")["state"] == "running"  # the supervisor survives
     result = flipvisor.cli("start", "web")
@@ -90,8 +99,13 @@ def test_crash_loop_makes_the_program_fatal_and_start_clears_it(flipvisor: Flipv
 
 
 def test_sigterm_kills_a_worker_that_ignores_it_and_exits_zero(flipvisor: Flipvisor) -> None:
-    flipvisor.start({"programs": {"web": web(
-        command=svc_command("--ignore-term"), drain={"delay": 0, "timeout": 1})}})
+    flipvisor.start(
+        {
+            "programs": {
+                "web": web(command=svc_command("--ignore-term"), drain={"delay": 0, "timeout": 1})
+            }
+        }
+    )
     (pid,) = flipvisor.wait_serving("web")["pids"]
     worker = psutil.Process(pid)
     assert flipvisor.stop() == 0, flipvisor.output()
@@ -121,8 +135,16 @@ def test_orphaned_grandchild_is_reaped(flipvisor: Flipvisor, tmp_path: Path) -> 
         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(0.5)']); "
         "print('grandchild', p.pid, flush=True); time.sleep(60)"
     )
-    flipvisor.start({"programs": {"web": {"command": [sys.executable, "-c", script],
-                                          "drain": {"delay": 0, "timeout": 5}}}})
+    flipvisor.start(
+        {
+            "programs": {
+                "web": {
+                    "command": [sys.executable, "-c", script],
+                    "drain": {"delay": 0, "timeout": 5},
+                }
+            }
+        }
+    )
     (pid,) = flipvisor.wait_serving("web")["pids"]
     log = flipvisor.state_dir / "logs" / "web.log"
     wait_until(lambda: log.exists() and "grandchild" in log.read_text(), message="grandchild")
@@ -130,11 +152,17 @@ def test_orphaned_grandchild_is_reaped(flipvisor: Flipvisor, tmp_path: Path) -> 
     psutil.Process(pid).kill()  # orphan the grandchild
     assert flipvisor.process is not None
     supervisor = psutil.Process(flipvisor.process.pid)
-    wait_until(lambda: not psutil.pid_exists(grandchild)
-               or psutil.Process(grandchild).ppid() == supervisor.pid,
-               message="the grandchild to be re-parented")
-    wait_until(lambda: not psutil.pid_exists(grandchild), timeout=10,
-               message="the orphan to be reaped (no zombie left)")
+    wait_until(
+        lambda: (
+            not psutil.pid_exists(grandchild) or psutil.Process(grandchild).ppid() == supervisor.pid
+        ),
+        message="the grandchild to be re-parented",
+    )
+    wait_until(
+        lambda: not psutil.pid_exists(grandchild),
+        timeout=10,
+        message="the orphan to be reaped (no zombie left)",
+    )
 
 
 def test_control_socket_is_private(flipvisor: Flipvisor) -> None:
@@ -170,8 +198,14 @@ def _refuses_another_uid(flipvisor: Flipvisor) -> None:
     python = shutil.which("python3", path="/usr/bin:/bin")
     if python is None:
         pytest.skip("no system python3 that another uid can run")
-    result = subprocess.run([python, "-c", client, str(sock)], user=65534,
-                            capture_output=True, text=True, timeout=10)
+    result = subprocess.run(
+        [python, "-c", client, str(sock)],
+        user=65534,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["ok"] is False and "permission denied" in answer["error"]
@@ -192,10 +226,13 @@ def test_sighup_adds_and_removes_programs(flipvisor: Flipvisor) -> None:
     assert flipvisor.process is not None
     flipvisor.process.send_signal(signal.SIGHUP)
     flipvisor.wait_serving("two")
-    wait_until(lambda: [p["name"] for p in flipvisor.status()["programs"]] == ["two"],
-               message="one to be removed")
-    wait_until(lambda: not any(psutil.pid_exists(p) for p in one["pids"]),
-               message="one's workers to exit")
+    wait_until(
+        lambda: [p["name"] for p in flipvisor.status()["programs"]] == ["two"],
+        message="one to be removed",
+    )
+    wait_until(
+        lambda: not any(psutil.pid_exists(p) for p in one["pids"]), message="one's workers to exit"
+    )
 
 
 def test_bad_config_exits_2_with_every_problem(flipvisor: Flipvisor) -> None:

@@ -77,8 +77,10 @@ async def upstream(reaper: Reaper, body: str) -> AsyncIterator[Upstream]:
         sock.bind(("127.0.0.1", 0))
         sock.listen(64)
         child = spawn_process(
-            [sys.executable, "-c", UPSTREAM_APP], reaper=reaper,
-            env={**os.environ, "BODY": body}, listen_fd=sock.fileno(),
+            [sys.executable, "-c", UPSTREAM_APP],
+            reaper=reaper,
+            env={**os.environ, "BODY": body},
+            listen_fd=sock.fileno(),
         )
         try:
             yield Upstream(sock.getsockname()[1], child)
@@ -96,8 +98,9 @@ async def get(url: str) -> str:
 
 
 def snippet(nginx: Nginx, port: int, generation: int = 1) -> str:
-    values = flip_context(program="app", generation=generation, host="127.0.0.1", port=port,
-                          pids=[os.getpid()])
+    values = flip_context(
+        program="app", generation=generation, host="127.0.0.1", port=port, pids=[os.getpid()]
+    )
     return render_template(TEMPLATE, {**values, "listen": f"127.0.0.1:{nginx.listen}"})
 
 
@@ -112,8 +115,9 @@ async def test_install_checks_the_rendered_file_with_nginx(nginx: Nginx) -> None
     dest = nginx.conf_dir / "app.conf"
     content = snippet(nginx, port=41234)
     async with running_reaper() as reaper:
-        installed = await install(dest, content, check_cmd=nginx.check_cmd, reaper=reaper,
-                                  timeout=TIMEOUT)
+        installed = await install(
+            dest, content, check_cmd=nginx.check_cmd, reaper=reaper, timeout=TIMEOUT
+        )
     assert installed.dest == dest
     assert installed.previous is None
     assert dest.read_text() == content
@@ -128,8 +132,13 @@ async def test_failed_check_restores_previous_file_byte_for_byte(nginx: Nginx) -
     dest.chmod(0o640)
     async with running_reaper() as reaper:
         with pytest.raises(ProxyError) as caught:
-            await install(dest, "this_is_not_a_directive on;\n", check_cmd=nginx.check_cmd,
-                          reaper=reaper, timeout=TIMEOUT)
+            await install(
+                dest,
+                "this_is_not_a_directive on;\n",
+                check_cmd=nginx.check_cmd,
+                reaper=reaper,
+                timeout=TIMEOUT,
+            )
     assert "unknown directive" in str(caught.value)
     assert "kept the previous file" in str(caught.value)
     assert dest.read_bytes() == previous
@@ -141,8 +150,9 @@ async def test_failed_check_removes_file_that_did_not_exist(nginx: Nginx) -> Non
     dest = nginx.conf_dir / "app.conf"
     async with running_reaper() as reaper:
         with pytest.raises(ProxyError, match="unknown directive"):
-            await install(dest, "bogus;\n", check_cmd=nginx.check_cmd, reaper=reaper,
-                          timeout=TIMEOUT)
+            await install(
+                dest, "bogus;\n", check_cmd=nginx.check_cmd, reaper=reaper, timeout=TIMEOUT
+            )
     assert not dest.exists()
     assert leftovers(nginx.conf_dir) == []
 
@@ -163,8 +173,13 @@ async def test_check_that_cannot_start_restores(tmp_path: Path) -> None:
     dest.write_bytes(b"old")
     async with running_reaper() as reaper:
         with pytest.raises(ProxyError, match="could not run"):
-            await install(dest, "new", check_cmd=[str(tmp_path / "no-such-checker")],
-                          reaper=reaper, timeout=TIMEOUT)
+            await install(
+                dest,
+                "new",
+                check_cmd=[str(tmp_path / "no-such-checker")],
+                reaper=reaper,
+                timeout=TIMEOUT,
+            )
     assert dest.read_bytes() == b"old"
 
 
@@ -191,8 +206,9 @@ async def test_restore_puts_back_what_a_checked_install_replaced(tmp_path: Path)
     dest = tmp_path / "app.conf"
     dest.write_bytes(b"generation 1\n")
     async with running_reaper() as reaper:
-        installed = await install(dest, "generation 2\n", check_cmd=["true"], reaper=reaper,
-                                  timeout=TIMEOUT)
+        installed = await install(
+            dest, "generation 2\n", check_cmd=["true"], reaper=reaper, timeout=TIMEOUT
+        )
     assert dest.read_bytes() == b"generation 2\n"
     installed.restore()  # a later step of the flip failed
     assert dest.read_bytes() == b"generation 1\n"
@@ -215,8 +231,9 @@ async def test_readers_never_see_a_half_written_file(tmp_path: Path) -> None:
     async with running_reaper() as reaper, anyio.create_task_group() as tg:
         tg.start_soon(read_all_the_time)
         for round_ in range(10):
-            await install(dest, contents[round_ % 2], check_cmd=None, reaper=reaper,
-                          timeout=TIMEOUT)
+            await install(
+                dest, contents[round_ % 2], check_cmd=None, reaper=reaper, timeout=TIMEOUT
+            )
         tg.cancel_scope.cancel()
     assert dest.read_text() == contents[1]
     assert seen == {len(text) for text in contents}  # the reader read across the installs
@@ -227,8 +244,9 @@ async def test_unwritable_destination_is_a_proxy_error(tmp_path: Path) -> None:
     (tmp_path / "app.conf").mkdir()  # a directory where the file should go
     async with running_reaper() as reaper:
         with pytest.raises(ProxyError, match="cannot write the proxy file"):
-            await install(tmp_path / "app.conf", "x", check_cmd=None, reaper=reaper,
-                          timeout=TIMEOUT)
+            await install(
+                tmp_path / "app.conf", "x", check_cmd=None, reaper=reaper, timeout=TIMEOUT
+            )
     assert leftovers(tmp_path) == []
 
 
@@ -239,8 +257,17 @@ async def test_reload_success_and_failure(nginx: Nginx) -> None:
     async with running_reaper() as reaper:
         await reload(nginx.reload_cmd, reaper=reaper, timeout=TIMEOUT)
         await reload(None, reaper=reaper, timeout=TIMEOUT)  # nothing to reload
-        bad = [nginx.binary, "-s", "reload", "-c", str(nginx.prefix / "missing.conf"),
-               "-p", str(nginx.prefix), "-e", str(nginx.error_log)]
+        bad = [
+            nginx.binary,
+            "-s",
+            "reload",
+            "-c",
+            str(nginx.prefix / "missing.conf"),
+            "-p",
+            str(nginx.prefix),
+            "-e",
+            str(nginx.error_log),
+        ]
         with pytest.raises(ProxyError, match=r"proxy reload failed: .*missing\.conf"):
             await reload(bad, reaper=reaper, timeout=TIMEOUT)
         with pytest.raises(ProxyError, match="could not run"):
@@ -262,9 +289,11 @@ async def test_old_workers_exit_after_reload(nginx: Nginx) -> None:
         assert psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE  # not reaped yet
 
     async def new_workers() -> frozenset[tuple[int, float]]:
-        return proxy_workers(nginx.pidfile)
+        # Only the new generation of nginx workers, once the exited one is no longer listed.
+        current = proxy_workers(nginx.pidfile)
+        return current if current and current.isdisjoint(old) else frozenset()
 
-    new = await await_until(new_workers, message="nginx's new workers")
+    new = await await_until(new_workers, message="nginx's new workers, without the old one")
     assert new.isdisjoint(old)
 
 
@@ -305,8 +334,13 @@ async def test_flip_through_nginx_drops_no_request(nginx: Nginx) -> None:
                 failures.append(repr(exc))
 
     async with running_reaper() as reaper, upstream(reaper, "generation 1") as gen1:
-        await install(dest, snippet(nginx, gen1.port), check_cmd=nginx.check_cmd,
-                      reaper=reaper, timeout=TIMEOUT)
+        await install(
+            dest,
+            snippet(nginx, gen1.port),
+            check_cmd=nginx.check_cmd,
+            reaper=reaper,
+            timeout=TIMEOUT,
+        )
         await reload(nginx.reload_cmd, reaper=reaper, timeout=TIMEOUT)
 
         async def serves_generation_1() -> bool:
@@ -321,8 +355,13 @@ async def test_flip_through_nginx_drops_no_request(nginx: Nginx) -> None:
             for _ in range(4):
                 tg.start_soon(client)
             await await_until(lambda: answered(5), message="requests through generation 1")
-            installed = await install(dest, snippet(nginx, gen2.port, generation=2),
-                                      check_cmd=nginx.check_cmd, reaper=reaper, timeout=TIMEOUT)
+            installed = await install(
+                dest,
+                snippet(nginx, gen2.port, generation=2),
+                check_cmd=nginx.check_cmd,
+                reaper=reaper,
+                timeout=TIMEOUT,
+            )
             assert installed.previous == snippet(nginx, gen1.port).encode()
             old = proxy_workers(nginx.pidfile)  # before the reload
             before_reload = len(bodies)

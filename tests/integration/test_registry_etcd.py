@@ -22,15 +22,20 @@ pytestmark = pytest.mark.etcd
 def record(generation: int, port: int, pids: list[int]) -> Snapshot:
     """What a promotion writes: the seed's keys plus the JSON generation record."""
     doc = {
-        "generation": generation, "port": port,
+        "generation": generation,
+        "port": port,
         "pids": [{"pid": pid, "started": 1764490000.12} for pid in pids],
-        "host": "web-1", "command": ["python3", "app.py"], "promoted_at": 1764490001.5,
+        "host": "web-1",
+        "command": ["python3", "app.py"],
+        "promoted_at": 1764490001.5,
     }
-    return Snapshot({
-        "port/current": str(port),
-        "pid/current": ",".join(map(str, pids)),
-        "generation/current": json.dumps(doc),
-    })
+    return Snapshot(
+        {
+            "port/current": str(port),
+            "pid/current": ",".join(map(str, pids)),
+            "generation/current": json.dumps(doc),
+        }
+    )
 
 
 def promoted(old: Snapshot, new: Snapshot) -> Snapshot:
@@ -42,9 +47,11 @@ def promoted(old: Snapshot, new: Snapshot) -> Snapshot:
 
 
 def registry_for(endpoint: str, prefix: str, **extra: object) -> EtcdRegistry:
-    return EtcdRegistry(RegistryConfig.model_validate(
-        {"backend": "etcd", "endpoints": [endpoint], "prefix": prefix, **extra}
-    ))
+    return EtcdRegistry(
+        RegistryConfig.model_validate(
+            {"backend": "etcd", "endpoints": [endpoint], "prefix": prefix, **extra}
+        )
+    )
 
 
 async def test_key_layout_and_record_round_trip(etcd_server: EtcdServer, etcd_prefix: str) -> None:
@@ -86,9 +93,14 @@ async def test_swap_loses_to_a_concurrent_writer(etcd_server: EtcdServer, etcd_p
 
 async def test_endpoints_are_tried_in_order(etcd_server: EtcdServer, etcd_prefix: str) -> None:
     dead = f"127.0.0.1:{free_port()}"
-    registry = EtcdRegistry(RegistryConfig(
-        backend="etcd", endpoints=[dead, etcd_server.endpoint], prefix=etcd_prefix, timeout=2,
-    ))
+    registry = EtcdRegistry(
+        RegistryConfig(
+            backend="etcd",
+            endpoints=[dead, etcd_server.endpoint],
+            prefix=etcd_prefix,
+            timeout=2,
+        )
+    )
     try:
         await registry.publish("app", record(1, 1234, [1]))
         assert etcd_server.get(f"{etcd_prefix}/app/port/current") == "1234"
@@ -122,7 +134,8 @@ async def test_outage_fails_swaps_cleanly_and_heals_afterwards(
             back = time.monotonic()
             await await_until(
                 lambda: _value(restartable_etcd, f"{etcd_prefix}/app/pid/current", "103"),
-                timeout=5, message="the published pid to land after etcd's return",
+                timeout=5,
+                message="the published pid to land after etcd's return",
             )
             assert time.monotonic() - back < 5
             assert restartable_etcd.get(f"{etcd_prefix}/app/port/current") == "41000"
@@ -135,7 +148,8 @@ async def test_outage_fails_swaps_cleanly_and_heals_afterwards(
             restartable_etcd.start()
             await await_until(
                 lambda: _value(restartable_etcd, f"{etcd_prefix}/app/port/current", "41000"),
-                timeout=5, message="the keys to match what is serving",
+                timeout=5,
+                message="the keys to match what is serving",
             )
             tg.cancel_scope.cancel()
     finally:
@@ -175,31 +189,45 @@ async def test_watch_resumes_after_an_outage(
     # Each pattern's events arrive in order; after a resume two patterns may interleave.
     seen.sort(key=lambda event: event.revision)
     assert [(e.key.removeprefix(etcd_prefix), e.value) for e in seen] == [
-        ("/app/port/current", "2"), ("/other", "3"), ("/app/port/current", None),
+        ("/app/port/current", "2"),
+        ("/other", "3"),
+        ("/app/port/current", None),
     ]
 
 
 async def test_tls_and_auth(tls_etcd: EtcdServer, etcd_prefix: str) -> None:
     assert tls_etcd.tls is not None
     tls = {"ca": tls_etcd.tls.ca, "cert": tls_etcd.tls.client_cert, "key": tls_etcd.tls.client_key}
-    registry = registry_for(f"https://{tls_etcd.endpoint}", etcd_prefix, timeout=3,
-                            user=TLS_USER, password=TLS_PASSWORD, **tls)
+    registry = registry_for(
+        f"https://{tls_etcd.endpoint}",
+        etcd_prefix,
+        timeout=3,
+        user=TLS_USER,
+        password=TLS_PASSWORD,
+        **tls,
+    )
     try:
         await registry.swap("app", Snapshot(), record(1, 41000, [101]))
         assert (await registry.snapshot("app")).get("port/current") == "41000"
-        out = tls_etcd.etcdctl("get", f"{etcd_prefix}/app/port/current", "--print-value-only",
-                               user=f"{TLS_USER}:{TLS_PASSWORD}")
+        out = tls_etcd.etcdctl(
+            "get",
+            f"{etcd_prefix}/app/port/current",
+            "--print-value-only",
+            user=f"{TLS_USER}:{TLS_PASSWORD}",
+        )
         assert out.strip() == "41000"
     finally:
         await registry.aclose()
 
-    wrong = registry_for(tls_etcd.endpoint, etcd_prefix, timeout=3,
-                         user=TLS_USER, password="wrong", **tls)
+    wrong = registry_for(
+        tls_etcd.endpoint, etcd_prefix, timeout=3, user=TLS_USER, password="wrong", **tls
+    )
     with pytest.raises(RegistryError, match=r"etcd at 127\.0\.0\.1:\d+ refused"):
         await wrong.snapshot("app")
     await wrong.aclose()
-    plaintext = registry_for(tls_etcd.endpoint, etcd_prefix, timeout=3,
-                             user=TLS_USER, password=TLS_PASSWORD)
+    plaintext = registry_for(
+        tls_etcd.endpoint, etcd_prefix, timeout=3, user=TLS_USER, password=TLS_PASSWORD
+    )
     with pytest.raises(RegistryError, match="etcd at"):
         await plaintext.snapshot("app")
     await plaintext.aclose()

@@ -26,8 +26,9 @@ def new(port: int, pids: str) -> Snapshot:
 
 async def test_file_layout_modes_and_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "state" / "registry.json"
-    registry = open_registry(Config(state_dir=tmp_path / "state",
-                                    registry=RegistryConfig(prefix="uswitch")))
+    registry = open_registry(
+        Config(state_dir=tmp_path / "state", registry=RegistryConfig(prefix="uswitch"))
+    )
     assert isinstance(registry, LocalRegistry) and registry.path == path
     await registry.swap("experiment", Snapshot(), new(41000, "101"))
     first = await registry.snapshot("experiment")
@@ -68,7 +69,9 @@ async def test_other_programs_keys_are_kept_and_publish_writes_at_once(tmp_path:
     assert read_registry_file(path)["p/app/port/current"] == "7"
     await registry.publish("app", Snapshot({"port/current": "8"}))  # absent suffixes are deleted
     assert read_registry_file(path) == {
-        "unrelated": "x", "p/other/port/current": "5", "p/app/port/current": "8",
+        "unrelated": "x",
+        "p/other/port/current": "5",
+        "p/app/port/current": "8",
     }
 
 
@@ -101,7 +104,9 @@ async def test_watch_polls_the_file(tmp_path: Path) -> None:
         await await_until(lambda: _true(len(seen) == 3), message="the second change")
         tg.cancel_scope.cancel()
     assert [(e.key, e.value) for e in seen] == [
-        ("p/app/port/current", "1"), ("p/app/pid/current", "3"), ("p/app/port/current", "2"),
+        ("p/app/port/current", "1"),
+        ("p/app/pid/current", "3"),
+        ("p/app/port/current", "2"),
     ]
 
 

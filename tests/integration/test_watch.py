@@ -33,27 +33,41 @@ TEMPLATE = """upstream app {
 """
 
 
-def make_config(tmp_path: Path, endpoint: str, prefix: str, *, slow_reload: bool = False,
-                drain: bool = False) -> Config:
+def make_config(
+    tmp_path: Path, endpoint: str, prefix: str, *, slow_reload: bool = False, drain: bool = False
+) -> Config:
     template = tmp_path / "app.conf.j2"
     template.write_text(TEMPLATE.replace("PFX", prefix))
     dest, reload_log = tmp_path / "out" / "app.conf", tmp_path / "reloads.log"
     pause = "sleep 0.5; " if slow_reload else ""
-    watch: list[dict[str, object]] = [{
-        "keys": [f"{prefix}/app/port/current", f"{prefix}/shared/"],
-        "template": str(template),
-        "dest": str(dest),
-        "check_cmd": ["grep", "-q", "server", "{path}"],
-        "reload_cmd": ["sh", "-c", f'{pause}cat "{dest}" >> "{reload_log}"'],
-    }]
+    watch: list[dict[str, object]] = [
+        {
+            "keys": [f"{prefix}/app/port/current", f"{prefix}/shared/"],
+            "template": str(template),
+            "dest": str(dest),
+            "check_cmd": ["grep", "-q", "server", "{path}"],
+            "reload_cmd": ["sh", "-c", f'{pause}cat "{dest}" >> "{reload_log}"'],
+        }
+    ]
     if drain:
-        watch.append({"keys": [f"{prefix}/app/pid/previous"],
-                      "drain_pid": {"signal": "SIGTERM", "timeout": 5}})
-    return Config.model_validate({
-        "state_dir": str(tmp_path / "state"),
-        "registry": {"backend": "etcd", "endpoints": [endpoint], "prefix": prefix, "timeout": 2},
-        "watch": watch,
-    })
+        watch.append(
+            {
+                "keys": [f"{prefix}/app/pid/previous"],
+                "drain_pid": {"signal": "SIGTERM", "timeout": 5},
+            }
+        )
+    return Config.model_validate(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "registry": {
+                "backend": "etcd",
+                "endpoints": [endpoint],
+                "prefix": prefix,
+                "timeout": 2,
+            },
+            "watch": watch,
+        }
+    )
 
 
 @asynccontextmanager
@@ -114,8 +128,11 @@ async def test_resumes_after_etcd_restart_without_missing_a_change(
         restartable_etcd.stop()
         restartable_etcd.start()
         restartable_etcd.put(f"{etcd_prefix}/app/port/current", "42000")  # before it reconnects
-        await await_until(lambda: _file_holds(reload_log, "42000"), timeout=8,
-                          message="the change made while the watcher was away")
+        await await_until(
+            lambda: _file_holds(reload_log, "42000"),
+            timeout=8,
+            message="the change made while the watcher was away",
+        )
 
 
 def start_sleeper(reaper: Reaper) -> Child:
@@ -124,8 +141,9 @@ def start_sleeper(reaper: Reaper) -> Child:
 
 
 def generation_record(children: list[Child]) -> str:
-    return json.dumps({"generation": 1, "pids": [{"pid": c.pid, "started": c.started}
-                                                  for c in children]})
+    return json.dumps(
+        {"generation": 1, "pids": [{"pid": c.pid, "started": c.started} for c in children]}
+    )
 
 
 async def test_drain_pid_refuses_a_pid_it_never_saw_serving(
@@ -151,8 +169,7 @@ async def test_drain_pid_refuses_a_pid_it_never_saw_serving(
 async def test_drain_pid_drains_a_seen_process_after_the_reload(
     etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
 ) -> None:
-    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True,
-                         slow_reload=True)
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, slow_reload=True)
     reload_log = tmp_path / "reloads.log"
     async with watching(config) as (reaper, registry):
         old, new = start_sleeper(reaper), start_sleeper(reaper)
@@ -165,9 +182,14 @@ async def test_drain_pid_drains_a_seen_process_after_the_reload(
 
             # The promotion, as a flip writes it: one transaction.
             seen = await registry.snapshot("app")
-            promoted = {**seen.values, "port/current": "42000", "port/previous": "41000",
-                        "pid/current": str(new.pid), "pid/previous": str(old.pid),
-                        "generation/current": generation_record([new])}
+            promoted = {
+                **seen.values,
+                "port/current": "42000",
+                "port/previous": "41000",
+                "pid/current": str(new.pid),
+                "pid/previous": str(old.pid),
+                "generation/current": generation_record([new]),
+            }
             await registry.swap("app", seen, Snapshot(promoted))
             with anyio.fail_after(10):
                 assert await old.wait() == -signal.SIGTERM

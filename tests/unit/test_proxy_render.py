@@ -15,7 +15,10 @@ TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "nginx.conf.j2"
 
 def context(**overrides: object) -> dict[str, object]:
     values: dict[str, object] = {
-        "program": "experiment", "generation": 2, "host": "127.0.0.1", "port": 41234,
+        "program": "experiment",
+        "generation": 2,
+        "host": "127.0.0.1",
+        "port": 41234,
         "pids": [101, 102],
     }
     values.update(overrides)
@@ -24,15 +27,23 @@ def context(**overrides: object) -> dict[str, object]:
 
 def test_flip_context_has_the_contract_keys() -> None:
     assert context() == {
-        "program": "experiment", "generation": 2, "host": "127.0.0.1", "port": 41234,
-        "pids": [101, 102], "upstreams": ["127.0.0.1:41234"],
+        "program": "experiment",
+        "generation": 2,
+        "host": "127.0.0.1",
+        "port": 41234,
+        "pids": [101, 102],
+        "upstreams": ["127.0.0.1:41234"],
     }
 
 
 @pytest.mark.parametrize(
     ("host", "upstream"),
-    [("::1", "[::1]:41234"), ("0.0.0.0", "127.0.0.1:41234"), ("::", "[::1]:41234"),
-     ("10.1.2.3", "10.1.2.3:41234")],
+    [
+        ("::1", "[::1]:41234"),
+        ("0.0.0.0", "127.0.0.1:41234"),
+        ("::", "[::1]:41234"),
+        ("10.1.2.3", "10.1.2.3:41234"),
+    ],
 )
 def test_upstreams_are_connectable_addresses(host: str, upstream: str) -> None:
     assert context(host=host)["upstreams"] == [upstream]
@@ -74,8 +85,12 @@ def test_template_renders_upstream_and_server() -> None:
     assert re.search(r"upstream flipvisor_experiment \{\n\s+server 127\.0\.0\.1:41234;", text)
     assert "listen 18080;" in text
     assert "proxy_pass http://flipvisor_experiment;" in text
-    for directive in ("proxy_next_upstream error timeout;", "proxy_http_version 1.1;",
-                      'proxy_set_header Connection "";', "keepalive "):
+    for directive in (
+        "proxy_next_upstream error timeout;",
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        "keepalive ",
+    ):
         assert directive in text
     assert text.endswith("}\n")  # keep_trailing_newline
 

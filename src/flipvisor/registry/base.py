@@ -49,9 +49,7 @@ class Registry(Protocol):
     raises ``RegistryError`` (``RegistryConflict`` for a lost compare) rather than hang.
     """
 
-    async def run(
-        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Keep the connection alive until cancelled; after every (re)connect, write what
         ``publish`` left pending so the keys match what is serving. Calls ``started()`` at once,
         even while the store is unreachable."""

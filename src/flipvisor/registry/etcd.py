@@ -309,8 +309,9 @@ class EtcdRegistry:
         """
         for pattern, revision in zip(patterns, next_revision, strict=True):
             key, range_end = range_of(pattern)
-            create = rpc.WatchCreateRequest(key=key, range_end=range_end,
-                                            start_revision=revision or 0)
+            create = rpc.WatchCreateRequest(
+                key=key, range_end=range_end, start_revision=revision or 0
+            )
             await call.write(rpc.WatchRequest(create_request=create))
         indexes: dict[int, int] = {}  # etcd's watch id -> pattern index, in creation order
         while (reply := await call.read()) is not grpc.aio.EOF:
@@ -326,9 +327,11 @@ class EtcdRegistry:
                     )
                 raise WatchLost(f"etcd refused the watch: {reply.cancel_reason}")
             events = [
-                WatchEvent(ev.kv.key.decode(),
-                           ev.kv.value.decode() if ev.type == rpc.Event.PUT else None,
-                           ev.kv.mod_revision)
+                WatchEvent(
+                    ev.kv.key.decode(),
+                    ev.kv.value.decode() if ev.type == rpc.Event.PUT else None,
+                    ev.kv.mod_revision,
+                )
                 for ev in reply.events
             ]
             if events:

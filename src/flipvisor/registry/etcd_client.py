@@ -127,7 +127,8 @@ class EtcdConnection:
         except (TimeoutError, grpc.aio.AioRpcError) as exc:
             error = describe_rpc_error(exc, self.endpoint, self.timeout)
             if not isinstance(exc, grpc.aio.AioRpcError) or exc.code() not in (
-                grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.INVALID_ARGUMENT,
             ):
                 # An expired auth token also lands here: a new connection authenticates again.
                 self.broken.set()
@@ -226,10 +227,12 @@ async def connect(config: RegistryConfig, probe_key: str) -> EtcdConnection:
 def txn_compare_value(key: str, value: str | None) -> Any:
     """A Txn comparison: ``key`` holds ``value``, or (None) does not exist (version 0)."""
     if value is None:
-        return rpc.Compare(key=key.encode(), target=rpc.Compare.VERSION,
-                           result=rpc.Compare.EQUAL, version=0)
-    return rpc.Compare(key=key.encode(), target=rpc.Compare.VALUE,
-                       result=rpc.Compare.EQUAL, value=value.encode())
+        return rpc.Compare(
+            key=key.encode(), target=rpc.Compare.VERSION, result=rpc.Compare.EQUAL, version=0
+        )
+    return rpc.Compare(
+        key=key.encode(), target=rpc.Compare.VALUE, result=rpc.Compare.EQUAL, value=value.encode()
+    )
 
 
 def txn_write(key: str, value: str | None) -> Any:

@@ -164,8 +164,9 @@ class LocalRegistry:
         try:
             self._write_program(program, new)
         except RegistryError as exc:
-            log.warning("program=%s publishing to the registry failed, will retry: %s",
-                        program, exc)
+            log.warning(
+                "program=%s publishing to the registry failed, will retry: %s", program, exc
+            )
             self._retry.set()
             return
         self._pending.pop(program, None)
@@ -207,8 +208,9 @@ class LocalRegistry:
                 log.warning("watching the registry file: %s", exc)
                 continue
             stamp = now_stamp
-            changed = sorted(k for k in seen.keys() | current.keys()
-                             if seen.get(k) != current.get(k))
+            changed = sorted(
+                k for k in seen.keys() | current.keys() if seen.get(k) != current.get(k)
+            )
             seen = current
             if changed:
                 self._revision += 1
