@@ -1,0 +1,276 @@
+# ruff: noqa: RUF001 (typographic signs are meant: they label results for people)
+"""The workloads: each runs one tool once in its own directory and adds samples to Results.
+Every daemon (tool, nginx, load generators) is stopped in ``finally``."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+import signal
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.common import http_ok, wait_until
+from bench.load import LoadRun, PyClient, Record, Wrk
+from bench.nginx import start_nginx
+from bench.results import Results
+from bench.tools import Program, Tool
+
+DEPLOYS = 5
+DEPLOY_TAIL = 0.5  # a request started this long after a deploy returned still counts "during"
+WARMUP = 0.5
+BIN = 0.1  # plot resolution, seconds
+DRAIN_DELAY = 0.5  # flipvisor's default drain.delay, which the bench config keeps
+
+
+@dataclass
+class Settings:
+    quick: bool
+    startup_sizes: tuple[int, ...]
+    idle_seconds: float
+    deploy_seconds: float
+    idle_workers: int = 200
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+# -- (b) crash → replacement ---------------------------------------------------------------
+def crash(tool: Tool, res: Results, settings: Settings) -> None:
+    try:
+        tool.start([Program("web", "svc")])
+        tool.wait_running()
+        port = tool.port("web")
+        wait_until(lambda: http_ok(port), 30, "the service to answer")
+        old = tool.pids("web")[0]
+        time.sleep(0.3)  # let the start-up settle (probes, log readers) before the crash
+        killed = time.monotonic()
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: any(p != old for p in tool.pids("web")), 30, "a new PID")
+        replaced = time.monotonic() - killed
+        wait_until(lambda: http_ok(port, timeout=5), 30, "the replacement to serve")
+        serving = time.monotonic() - killed
+    finally:
+        tool.stop()
+    target = "flipvisor ≥10× faster than both"
+    res.add("b.pid", tool.name, _ms(replaced), label="SIGKILL → new PID seen", unit="ms",
+            group="b", target=target)
+    res.add("b.serve", tool.name, _ms(serving), label="SIGKILL → replacement serves HTTP",
+            unit="ms", group="b", target=target)
+
+
+# -- (a) start-up ---------------------------------------------------------------------------
+def startup(tool: Tool, res: Results, settings: Settings, size: int) -> None:
+    try:
+        launched = tool.start([Program(f"p{i}") for i in range(size)])
+        tool.wait_running(timeout=180)
+        elapsed = time.monotonic() - launched
+    finally:
+        tool.stop()
+    res.add(f"a.start{size}", tool.name, _ms(elapsed), label=f"start-up, {size} programs running",
+            unit="ms", group="a", target="200 programs: ≤ ½ Circus" if size == 200 else "")
+
+
+# -- (c) idle overhead and (d) control round trip, on the same 200 workers --------------------
+def idle(tool: Tool, res: Results, settings: Settings) -> None:
+    n = settings.idle_workers
+    try:
+        tool.start([Program(f"p{i}") for i in range(n)])
+        tool.wait_running(timeout=180)
+        time.sleep(2.0)  # start-up work (log files, first ticks) is not idle time
+        daemon = psutil.Process(tool.pid)
+        before = daemon.cpu_times()
+        time.sleep(settings.idle_seconds)
+        after = daemon.cpu_times()
+        rss = daemon.memory_info().rss / 2**20
+        cpu = (after.user + after.system) - (before.user + before.system)
+        api = []
+        for _ in range(50):
+            started = time.perf_counter()
+            tool.status_call()
+            api.append(time.perf_counter() - started)
+        shell = []
+        for _ in range(5):
+            started = time.perf_counter()
+            subprocess.run(tool.status_argv(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=60,
+                           check=False)
+            shell.append(time.perf_counter() - started)
+    finally:
+        tool.stop()
+    res.add("c.cpu", tool.name, round(cpu, 3), label=f"CPU while idle {settings.idle_seconds:g} s, "
+            f"{n} workers", unit="s", group="c", target="≤ ¼ of either")
+    res.add("c.rss", tool.name, round(rss, 1), label=f"supervisor RSS, {n} workers", unit="MiB",
+            group="c", target="≤ supervisord's")
+    res.add("d.api", tool.name, _ms(statistics.median(api)),
+            label=f"status round trip, Python API, {n} programs", unit="ms", group="d",
+            target="< 1 ms")
+    res.add("d.shell", tool.name, _ms(statistics.median(shell)),
+            label=f"status from the shell, {n} programs", unit="ms", group="d",
+            target="< 100 ms")
+
+
+# -- (e) deploy under load, and (f) the flip's steps ------------------------------------------
+def deploy(tool: Tool, res: Results, settings: Settings, ready_delay: float,
+           directory: Path) -> None:
+    nginx = start_nginx(directory)
+    wrk = Wrk(nginx.url("/"), directory)
+    client = PyClient(nginx.url("/"), directory)
+    reports: list[dict[str, Any]] = []
+    windows: list[tuple[float, float]] = []
+    runs: dict[str, LoadRun] = {}
+    try:
+        tool.start([Program("web", "svc", ready_delay)], nginx)
+        tool.wait_running()
+        wait_until(lambda: http_ok(nginx.listen, "/"), 30, "nginx to proxy to the service")
+        wrk.start()
+        client.start()
+        begin = time.monotonic()
+        spacing = (settings.deploy_seconds - 2.0) / DEPLOYS
+        for i in range(DEPLOYS):
+            time.sleep(max(0.0, begin + 1.0 + i * spacing - time.monotonic()))
+            started = time.monotonic()
+            reports.append(tool.deploy("web"))
+            windows.append((started, time.monotonic()))
+        end = max(begin + settings.deploy_seconds, windows[-1][1] + 1.0)
+        time.sleep(max(0.0, end - time.monotonic()))
+        runs["wrk"] = wrk.stop()
+        runs["python"] = client.stop()
+    finally:
+        for load in (wrk, client):
+            if load.process is not None and load.process.poll() is None:
+                load.process.kill()
+                load.process.wait()
+        tool.stop()
+        nginx.stop()
+    scenario = f"ready{round(ready_delay * 1000)}ms"
+    what = "ready at once" if not ready_delay else f"{ready_delay:g} s to start"
+    for client_name, run in runs.items():
+        kind = "keep-alive (wrk)" if client_name == "wrk" else "conn per request (python)"
+        stats = analyze(run.records, windows, begin, end)
+        prefix = f"e.{scenario}.{client_name}"
+        common = {"group": "e"}
+        if client_name == "wrk":
+            res.add(f"{prefix}.sockerr", tool.name, run.socket_errors,
+                    label=f"{what}, {kind}: wrk's socket errors (idle closes included)",
+                    unit="", group="e-info")
+        res.add(f"{prefix}.failed", tool.name, stats["failed"],
+                label=f"{what}, {kind}: failed requests / {DEPLOYS} deploys", unit="",
+                target="0", **common)
+        res.add(f"{prefix}.gap", tool.name, _ms(stats["gap"]),
+                label=f"{what}, {kind}: longest gap without a success", unit="ms", **common)
+        res.add(f"{prefix}.p99in", tool.name, _ms(stats["p99_in"]),
+                label=f"{what}, {kind}: p99 during deploys", unit="ms", **common)
+        res.add(f"{prefix}.p99out", tool.name, _ms(stats["p99_out"]),
+                label=f"{what}, {kind}: p99 outside deploys", unit="ms", **common)
+        res.add(f"{prefix}.p99ratio", tool.name, round(stats["p99_in"] / stats["p99_out"], 2)
+                if stats["p99_out"] else 0.0,
+                label=f"{what}, {kind}: p99 during ÷ outside", unit="×",
+                target="≤ 1.5", **common)
+        res.add(f"{prefix}.requests", tool.name, stats["requests"],
+                label=f"{what}, {kind}: requests", unit="", group="e-info")
+        res.extra.setdefault("timelines", {}).setdefault(scenario, {}).setdefault(
+            client_name, {})[tool.name] = timeline(run.records, windows, begin, end)
+    res.add(f"e.{scenario}.deploy", tool.name,
+            _ms(statistics.median(e - s for s, e in windows)),
+            label=f"{what}: one deploy command (median)", unit="ms", group="e-info")
+    bad = [r for r in reports if not r.get("ok", True) or r.get("exit_code", 0)]
+    res.add(f"e.{scenario}.deployfailed", tool.name, len(bad),
+            label=f"{what}: deploys that failed", unit="", group="e-info")
+    if bad:
+        res.errors.append(f"{tool.name} {scenario}: {len(bad)} deploys failed: {bad[0]}")
+    if tool.name == "flipvisor":
+        durations = [float(r["duration"]) for r in reports if "duration" in r]
+        if durations:
+            res.add(f"e.{scenario}.flip", tool.name, _ms(statistics.median(durations)),
+                    label=f"{what}: the flip's own duration (median)", unit="ms",
+                    group="e-info")
+        if not ready_delay:
+            flips(reports, res)
+
+
+def flips(reports: list[dict[str, Any]], res: Results) -> None:
+    """(f): each step's duration as the flip itself reports it (median over the deploys)."""
+    steps: dict[str, list[float]] = {}
+    for report in reports:
+        for step in report.get("steps", []):
+            steps.setdefault(step["step"], []).append(float(step.get("duration") or 0.0))
+        if "duration" in report:
+            steps.setdefault("total", []).append(float(report["duration"]))
+    res.extra.setdefault("flip_reports", []).extend(reports[:1])
+    for name, values in steps.items():
+        res.add(f"f.{name}", "flipvisor", _ms(statistics.median(values)),
+                label=f"flip step: {name}", unit="ms", group="f")
+    # Its own share: what is left after the service's start and the probe interval (probe),
+    # nginx's reload and its old workers' exit (reload, proxy-drain) and the drain delay.
+    own = []
+    for report in reports:
+        took = {step["step"]: float(step.get("duration") or 0.0) for step in report["steps"]}
+        if "duration" in report:
+            own.append(float(report["duration"]) - took.get("probe", 0.0) - took.get(
+                "reload", 0.0) - took.get("proxy-drain", 0.0) - DRAIN_DELAY)
+    if own:
+        res.add("f.own", "flipvisor", _ms(statistics.median(own)),
+                label="its own share: total − probe − reload − proxy-drain − drain delay",
+                unit="ms", group="f", target="< 100 ms")
+
+
+def analyze(records: list[Record], windows: list[tuple[float, float]], begin: float,
+            end: float) -> dict[str, float]:
+    """Failures, the longest gap between successes, p99 latency inside/outside deploys."""
+    window = [r for r in records if begin + WARMUP <= r[0] <= end]
+    ok = sorted(s + lat for s, lat, status in window if 200 <= status < 300)
+    points = [begin + WARMUP, *ok]
+    starts = sorted(s for s, _, _ in window)
+    # A gap counts only if a client started a request inside it: on a shared machine every
+    # client can be descheduled at once, and that silence is not the tool's.
+    gap = max((b - a for a, b in itertools.pairwise(points)
+               if bisect.bisect_right(starts, a) < bisect.bisect_left(starts, b)), default=0.0)
+
+    def during(start: float) -> bool:
+        return any(s <= start <= e + DEPLOY_TAIL for s, e in windows)
+
+    inside = [lat for s, lat, _ in window if during(s)]
+    outside = [lat for s, lat, _ in window if not during(s)]
+    return {
+        "failed": sum(1 for _, _, status in window if not 200 <= status < 300),
+        "gap": gap,
+        "p99_in": p99(inside),
+        "p99_out": p99(outside),
+        "requests": len(window),
+    }
+
+
+def p99(values: list[float]) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def timeline(records: list[Record], windows: list[tuple[float, float]], begin: float,
+             end: float) -> dict[str, Any]:
+    """Per BIN seconds: the worst latency and the failures, relative to the load's start."""
+    bins = int((end - begin) / BIN) + 1
+    worst = [0.0] * bins
+    failed = [0] * bins
+    for start, latency, status in records:
+        index = int((start - begin) / BIN)
+        if 0 <= index < bins:
+            worst[index] = max(worst[index], latency)
+            if not 200 <= status < 300:
+                failed[index] += 1
+    return {
+        "bin": BIN,
+        "worst_ms": [round(w * 1000, 2) for w in worst],
+        "failed": failed,
+        "deploys": [(round(s - begin, 3), round(e - begin, 3)) for s, e in windows],
+    }
