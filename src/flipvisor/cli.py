@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import CONFIG_ENV, Config, default_config_path, load_config
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, FlipvisorError
+from .locate import Locations, locate
 
-Handler = Callable[[argparse.Namespace, Config], int]
+CONFIG_ENV = "FLIPVISOR_CONFIG"
+DEFAULT_CONFIG_NAME = "flipvisor.yaml"
+
+# Client commands get the Locations of the config file (cheap); run and watch validate it whole.
+Handler = Callable[[argparse.Namespace, Path], int]
 
 
 def _config_option(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -93,12 +98,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run_cli(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit code."""
     args = build_parser().parse_args(argv)
-    path: Path = args.config or default_config_path()
+    path: Path = args.config or Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME)
     try:
-        if args.command == "check":
-            return _check(args, path)
-        config = load_config(path)
-        return HANDLERS[args.command](args, config)
+        return HANDLERS[args.command](args, path)
     except ConfigError as exc:
         _error(str(exc))
         return EXIT_USAGE
@@ -121,6 +123,8 @@ def _print_json(document: Any) -> None:
 
 
 def _check(args: argparse.Namespace, path: Path) -> int:
+    from .config import load_config
+
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -136,44 +140,47 @@ def _check(args: argparse.Namespace, path: Path) -> int:
     return EXIT_OK
 
 
-def _run(args: argparse.Namespace, config: Config) -> int:
+def _run(args: argparse.Namespace, path: Path) -> int:
     import logging
 
     import anyio
 
+    from .config import load_config
     from .supervisor import Supervisor
 
+    config = load_config(path)
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per probe attempt is noise
-    path: Path = args.config or default_config_path()
     anyio.run(Supervisor(path, config).run, backend="asyncio")
     return EXIT_OK
 
 
-def _watch(args: argparse.Namespace, config: Config) -> int:
+def _watch(args: argparse.Namespace, path: Path) -> int:
     import logging
 
     import anyio
 
+    from .config import load_config
     from .watch import watch_main
 
+    config = load_config(path)
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not config.watch:
-        raise ConfigError(f"{args.config or default_config_path()}: no `watch:` entries")
+        raise ConfigError(f"{path}: no `watch:` entries")
     anyio.run(watch_main, config, backend="asyncio")
     return EXIT_OK
 
 
 def _request(
-    config: Config, command: str, program: str | None = None, **request_args: Any
+    config: Locations, command: str, program: str | None = None, **request_args: Any
 ) -> dict[str, Any]:
     from .client import call
     from .protocol import Request
@@ -187,7 +194,8 @@ def _final(answer: dict[str, Any]) -> int:
     return int(answer.get("exit_code", EXIT_FAILED))
 
 
-def _status(args: argparse.Namespace, config: Config) -> int:
+def _status(args: argparse.Namespace, path: Path) -> int:
+    config = locate(path)
     answer = _request(config, "status", args.program)
     if answer.get("ok") and not args.json:
         from .display import print_status
@@ -198,7 +206,8 @@ def _status(args: argparse.Namespace, config: Config) -> int:
     return _final(answer)
 
 
-def _flip_like(args: argparse.Namespace, config: Config) -> int:
+def _flip_like(args: argparse.Namespace, path: Path) -> int:
+    config = locate(path)
     from .client import converse
     from .display import FlipProgress
     from .protocol import Request
@@ -225,7 +234,8 @@ def _flip_like(args: argparse.Namespace, config: Config) -> int:
     return _final(answer)
 
 
-def _simple(args: argparse.Namespace, config: Config) -> int:
+def _simple(args: argparse.Namespace, path: Path) -> int:
+    config = locate(path)
     answer = _request(config, args.command, getattr(args, "program", None))
     if getattr(args, "json", False):
         _print_json(answer.get("result"))
@@ -234,7 +244,8 @@ def _simple(args: argparse.Namespace, config: Config) -> int:
     return _final(answer)
 
 
-def _logs(args: argparse.Namespace, config: Config) -> int:
+def _logs(args: argparse.Namespace, path: Path) -> int:
+    config = locate(path)
     from .logs import follow, tail_lines
 
     path = config.log_dir / f"{args.program}.log"
@@ -251,7 +262,8 @@ def _logs(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-def _events(args: argparse.Namespace, config: Config) -> int:
+def _events(args: argparse.Namespace, path: Path) -> int:
+    config = locate(path)
     from .client import converse
     from .protocol import Request
 
@@ -276,6 +288,7 @@ def _events(args: argparse.Namespace, config: Config) -> int:
 
 
 HANDLERS: dict[str, Handler] = {
+    "check": _check,
     "run": _run,
     "watch": _watch,
     "status": _status,

@@ -49,7 +49,8 @@ ALLOWED: dict[str, set[str]] = {
     "client": LEAVES | {"protocol", "config"},
     "display": LEAVES | {"protocol", "events", "progress"},
     "supervisor": CORE | {"watch"},  # runs the config's watch entries too
-    "cli": CORE | {"supervisor", "client", "display", "watch"},
+    "locate": {"errors"},
+    "cli": CORE | {"supervisor", "client", "display", "watch", "locate"},
     "__main__": {"cli"},
 }
 # A module without a row (new since this table was written) may import everything but the

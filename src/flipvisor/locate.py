@@ -1,0 +1,57 @@
+"""Where the supervisor of a config file listens and logs, read without validating the file.
+
+Client commands (``status``, ``flip``, ``logs``...) need only ``state_dir``; full validation
+imports pydantic (~150 ms), which would make every ``flipvisor status`` slow. The supervisor
+validates the file itself whenever it reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_STATE_DIR = Path("/var/lib/flipvisor")
+
+
+@dataclass(frozen=True)
+class Locations:
+    """The paths a client needs, and the program names the file declares."""
+
+    state_dir: Path
+    programs: frozenset[str]
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state_dir / "flipvisor.sock"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+
+def locate(path: Path) -> Locations:
+    """Read ``state_dir`` (relative to the file's folder) and the program names from ``path``.
+
+    Raises:
+        ConfigError: the file is unreadable, not YAML, or ``state_dir`` is not a string.
+    """
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    raw = data.get("state_dir", str(DEFAULT_STATE_DIR))
+    if not isinstance(raw, str):
+        raise ConfigError(f"{path}: state_dir: must be a path")
+    state_dir = Path(raw).expanduser()
+    if not state_dir.is_absolute():
+        state_dir = path.resolve().parent / state_dir
+    programs = data.get("programs") or {}
+    return Locations(state_dir, frozenset(programs) if isinstance(programs, dict) else frozenset())
