@@ -42,7 +42,7 @@ def _check(key: str) -> Check | None:
         return lambda m: "supervisord" in m and m["flipvisor"] <= m["supervisord"]
     if key == "d.api":
         return lambda m: m["flipvisor"] < 1.0
-    if key == "d.shell":
+    if key in ("d.shell", "d.shelljson"):
         return lambda m: m["flipvisor"] < 100.0
     if re.fullmatch(r"e\.[^.]+\.[^.]+\.failed", key):
         return lambda m: m["flipvisor"] == 0
@@ -155,8 +155,9 @@ def write_docs(results: Results) -> None:
         "live process (flipvisor: `running` with a serving PID; supervisord: `RUNNING`; "
         "Circus: every watcher `active`, set after its processes were spawned).",
         f"- (c)/(d): {s.get('idle_workers', 200)} `sleep infinity` workers; after 2 s of "
-        f"settling, the daemon's own user+system CPU over {s.get('idle_seconds', '?')} s and "
-        "its RSS; then 50 in-process status calls and 5 shell `status` commands (medians).",
+        f"settling, the CPU time of the daemon's threads (/proc schedstat, in ns) over "
+        f"{s.get('idle_seconds', '?')} s and its RSS; then 50 in-process status calls and 5 "
+        "shell `status` commands (medians).",
         f"- (e): nginx in front (same template for all), {s.get('deploy_seconds', '?')} s of "
         "load, 5 deploys (flipvisor `flip` via its CLI, supervisord `stopProcess`+"
         "`startProcess` as `supervisorctl restart` does, Circus `reload` graceful, waiting). "
