@@ -56,7 +56,8 @@ def test_two_programs_flip_at_once_under_load(flipvisor: Flipvisor, nginx: Nginx
     flipvisor.start({"programs": programs(nginx, ports, "1")})
     for name in NAMES:
         flipvisor.wait_serving(name)
-        wait_until(lambda url=urls[name]: answers(url), message=f"nginx to proxy {name}")
+    wait_until(lambda: all(answers(url) for url in urls.values()),
+               message="nginx to proxy both programs")
 
     with Load(urls["alpha"], clients=2) as alpha_load, Load(urls["beta"], clients=2) as beta_load:
         flipvisor.write_config({"programs": programs(nginx, ports, "2")})

@@ -84,8 +84,9 @@ class RetryingLoad(Load):
 
 def test_keepalive_clients_across_flips(flipvisor: Flipvisor, nginx: Nginx) -> None:
     start_serving(flipvisor, nginx, program(nginx, "1"))
-    with Load(nginx.url("/"), clients=CLIENTS, keepalive=True) as plain, \
-            RetryingLoad(nginx.url("/"), clients=CLIENTS) as retrying:
+    plain = Load(nginx.url("/"), clients=CLIENTS, keepalive=True)
+    retrying = RetryingLoad(nginx.url("/"), clients=CLIENTS)
+    with plain, retrying:
         for version in range(2, 2 + FLIPS):
             flipvisor.write_config({"programs": {"web": program(nginx, str(version))}})
             result = flipvisor.cli("flip", "web")
