@@ -17,6 +17,9 @@ from tests.fixtures.flipvisor import Flipvisor
 from tests.fixtures.nginx import Nginx
 
 READY_DELAY = 0.5
+# svc workers sharing a socket can hang in a blocking accept() on SIGTERM (tests/apps/svc.py
+# leaves the inherited socket blocking); bound what that costs a drain, as it does not matter here.
+DRAIN = {"timeout": 2}
 # The exec probe: GET /health on the port given as {port}, which must also be $PORT.
 EXEC_PROBE = [
     sys.executable,
@@ -41,7 +44,7 @@ def test_flip_with_readiness_under_load(flipvisor: Flipvisor, nginx: Nginx, kind
     start_serving(flipvisor, nginx, program(nginx, "1"))
     # Workers that take READY_DELAY to serve (and only then notify): promotion must wait.
     flags = ("--ready-delay", str(READY_DELAY), "--notify")
-    new = with_readiness(program(nginx, "2", *flags, numprocs=2), READINESS[kind])
+    new = with_readiness(program(nginx, "2", *flags, numprocs=2, drain=DRAIN), READINESS[kind])
     with Load(nginx.url("/"), clients=3) as load:
         flipvisor.write_config({"programs": {"web": new}})
         result = flipvisor.cli("flip", "web", "--json")
@@ -68,7 +71,8 @@ def test_notify_program_that_never_sends_ready_rolls_back(
     before_file = (nginx.conf_dir / "web.conf").read_bytes()
     serving_before = flipvisor.serving("web")
     # Serves fine, but never says so: without READY=1 the generation is never ready.
-    silent = with_readiness(program(nginx, "2", numprocs=2), {"notify": True, "timeout": 1})
+    silent = with_readiness(program(nginx, "2", numprocs=2, drain=DRAIN),
+                            {"notify": True, "timeout": 1})
     with Load(nginx.url("/"), clients=2) as load:
         flipvisor.write_config({"programs": {"web": silent}})
         result = flipvisor.cli("flip", "web")
@@ -88,7 +92,7 @@ def test_notify_program_that_never_sends_ready_rolls_back(
 
     # The same program that does send READY=1 deploys with the next flip.
     fixed = with_readiness(
-        program(nginx, "3", "--notify", numprocs=2), {"notify": True, "timeout": 10}
+        program(nginx, "3", "--notify", numprocs=2, drain=DRAIN), {"notify": True, "timeout": 10}
     )
     flipvisor.write_config({"programs": {"web": fixed}})
     result = flipvisor.cli("flip", "web")
