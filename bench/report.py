@@ -60,7 +60,7 @@ def _fmt(value: float) -> str:
         return f"{value:.0f}"
     if abs(value) >= 10:
         return f"{value:.1f}"
-    return f"{value:.2f}".rstrip("0").rstrip(".") if value else "0"
+    return f"{value:.3g}" if value else "0"
 
 
 def _cell(metric: Metric, tool: str) -> str:
