@@ -54,22 +54,21 @@ async def app(scope, receive, send):
 
 # Each server: its app module's source, its argv (no address: the socket is inherited), and
 # numprocs (gunicorn forks workers of its own; two uvicorns share the generation's socket).
+GUNICORN = [
+    sys.executable,
+    "-m",
+    "gunicorn",
+    "--no-control-socket",
+    "--workers",
+    "2",
+    "--graceful-timeout",
+    "5",
+    "app:application",
+]
 SERVERS: dict[str, tuple[str, list[str], int]] = {
-    "gunicorn": (
-        WSGI_APP,
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--no-control-socket",
-            "--workers",
-            "2",
-            "--graceful-timeout",
-            "5",
-            "app:application",
-        ],
-        1,
-    ),
+    "gunicorn": (WSGI_APP, GUNICORN, 1),
+    # Proved ready by sd_notify: gunicorn's arbiter sends READY=1 itself once it listens.
+    "gunicorn-notify": (WSGI_APP, GUNICORN, 1),
     "uvicorn": (
         ASGI_APP,
         [
@@ -119,7 +118,17 @@ def test_server_on_inherited_socket_flips_under_load(
     app_dir.mkdir()
     (app_dir / "app.py").write_text(source)
 
+    readiness: dict[str, Any] = (
+        {"notify": True, "timeout": 20}
+        if server.endswith("-notify")
+        else {"http": "/health", "timeout": 20}
+    )
+
     def config(version: str) -> dict[str, Any]:
+        # ``program`` merges dicts: replace its http readiness rather than add to it.
+        return {**_config(version), "readiness": readiness}
+
+    def _config(version: str) -> dict[str, Any]:
         return program(
             nginx,
             version,
@@ -127,7 +136,7 @@ def test_server_on_inherited_socket_flips_under_load(
             cwd=str(app_dir),
             numprocs=numprocs,
             env={"APP_VERSION": version},
-            readiness={"http": "/health", "timeout": 20},
+            readiness=readiness,
             drain={"delay": 0.1, "timeout": 10},
         )
 
@@ -135,7 +144,7 @@ def test_server_on_inherited_socket_flips_under_load(
     first = flipvisor.serving("web")
     assert first is not None
     old = processes_of(first["pids"])
-    if server == "gunicorn":
+    if server.startswith("gunicorn"):
         # The arbiter forks its two workers after it is spawned: wait for them.
         wait_until(
             lambda: len(psutil.Process(first["pids"][0]).children()) == 2,
@@ -151,10 +160,12 @@ def test_server_on_inherited_socket_flips_under_load(
 
     with Load(nginx.url("/"), clients=3) as load:
         flipvisor.write_config({"programs": {"web": config("2")}})
-        result = flipvisor.cli("flip", "web")
-        assert result.returncode == 0, result.stderr + flipvisor.output()
+        result = flipvisor.cli("flip", "web", "--json")
+        assert result.returncode == 0, result.stdout + result.stderr + flipvisor.output()
         assert proxied(nginx)["version"] == "2"
         outcome = load.stop()
+    probe = next(s for s in json.loads(result.stdout)["steps"] if s["step"] == "probe")
+    assert ("sd_notify" if "notify" in readiness else "GET") in probe["detail"]
     assert outcome.failed == 0, outcome.errors[:5]
     assert outcome.ok > 10
 
