@@ -53,7 +53,10 @@ def programs(nginx: Nginx, ports: dict[str, int], version: str) -> dict[str, Any
     """
     return {
         name: program(
-            nginx, f"{name}-{version}", "--ready-delay", str(READY_DELAY),
+            nginx,
+            f"{name}-{version}",
+            "--ready-delay",
+            str(READY_DELAY),
             proxy={"dest": str(nginx.conf_dir / f"{name}.conf"), "vars": {"listen": port}},
         )
         for name, port in ports.items()
@@ -66,24 +69,37 @@ def test_two_programs_flip_at_once_under_load(flipvisor: Flipvisor, nginx: Nginx
     flipvisor.start({"programs": programs(nginx, ports, "1")})
     for name in NAMES:
         flipvisor.wait_serving(name)
-    wait_until(lambda: all(answers(url) for url in urls.values()),
-               message="nginx to proxy both programs")
+    wait_until(
+        lambda: all(answers(url) for url in urls.values()), message="nginx to proxy both programs"
+    )
 
     with Load(urls["alpha"], clients=2) as alpha_load, Load(urls["beta"], clients=2) as beta_load:
         flipvisor.write_config({"programs": programs(nginx, ports, "2")})
         flips = {
             name: subprocess.Popen(
-                [sys.executable, "-m", "flipvisor", "flip", name, "--json",
-                 "-c", str(flipvisor.config_path)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "flipvisor",
+                    "flip",
+                    name,
+                    "--json",
+                    "-c",
+                    str(flipvisor.config_path),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
                 stdin=subprocess.DEVNULL,
             )
             for name in NAMES
         }
         try:
             # Both flips in progress at one moment: they really ran concurrently.
-            wait_until(lambda: all(p["flipping"] for p in flipvisor.status()["programs"]),
-                       message="both flips to be in progress at once")
+            wait_until(
+                lambda: all(p["flipping"] for p in flipvisor.status()["programs"]),
+                message="both flips to be in progress at once",
+            )
             outputs = {name: flip.communicate(timeout=FLIP_TIMEOUT) for name, flip in flips.items()}
         finally:
             for flip in flips.values():
@@ -104,7 +120,9 @@ def test_two_programs_flip_at_once_under_load(flipvisor: Flipvisor, nginx: Nginx
         assert outcome.ok > 10, name
         # Each listen port only ever reached its own program.
         assert {json.loads(body)["version"] for body in outcome.bodies} <= {
-            f"{name}-1", f"{name}-2"}
+            f"{name}-1",
+            f"{name}-2",
+        }
 
     keys = flipvisor.registry()
     for name in NAMES:
@@ -118,7 +136,10 @@ def test_two_programs_flip_at_once_under_load(flipvisor: Flipvisor, nginx: Nginx
 def _flip(flipvisor: Flipvisor, name: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "flipvisor", "flip", name, "-c", str(flipvisor.config_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -129,8 +150,9 @@ def _both_serving(flipvisor: Flipvisor, nginx: Nginx) -> tuple[dict[str, int], d
     flipvisor.start({"programs": programs(nginx, ports, "1")})
     for name in NAMES:
         flipvisor.wait_serving(name)
-    wait_until(lambda: all(answers(url) for url in urls.values()),
-               message="nginx to proxy both programs")
+    wait_until(
+        lambda: all(answers(url) for url in urls.values()), message="nginx to proxy both programs"
+    )
     return ports, urls
 
 
@@ -156,10 +178,15 @@ SHARED_PROXY_RACE = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=SHARED_PROXY_RACE + (
-    "beta's nginx reload, run while alpha's new file waits for alpha's own (failing) reload, "
-    "activates alpha's new upstream; alpha then restores its file without reloading, discards "
-    "its new generation, and nginx routes alpha to a dead port (502) until some later reload"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=SHARED_PROXY_RACE
+    + (
+        "beta's nginx reload, run while alpha's new file waits for alpha's own (failing) reload, "
+        "activates alpha's new upstream; alpha then restores its file without reloading, discards "
+        "its new generation, and nginx routes alpha to a dead port (502) until some later reload"
+    ),
+)
 def test_failed_flip_is_not_activated_by_another_programs_reload(
     flipvisor: Flipvisor, nginx: Nginx
 ) -> None:
@@ -183,10 +210,15 @@ def test_failed_flip_is_not_activated_by_another_programs_reload(
     assert outcome.failed == 0, outcome.errors[:5]
 
 
-@pytest.mark.xfail(strict=True, reason=SHARED_PROXY_RACE + (
-    "beta's reload runs while alpha's not yet checked (broken) file is in place: `nginx -s "
-    "reload` parses the whole tree and fails, so beta's good flip is rolled back for alpha's "
-    "error (a reload_cmd that only signals nginx would be rejected silently instead)"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=SHARED_PROXY_RACE
+    + (
+        "beta's reload runs while alpha's not yet checked (broken) file is in place: `nginx -s "
+        "reload` parses the whole tree and fails, so beta's good flip is rolled back for alpha's "
+        "error (a reload_cmd that only signals nginx would be rejected silently instead)"
+    ),
+)
 def test_neighbours_unchecked_file_does_not_break_a_flip(
     flipvisor: Flipvisor, nginx: Nginx
 ) -> None:
@@ -196,10 +228,13 @@ def test_neighbours_unchecked_file_does_not_break_a_flip(
     new = programs(nginx, ports, "2")
     new["alpha"]["command"] = [*new["alpha"]["command"], "--ready-delay", str(READY_DELAY + 0.5)]
     new["alpha"]["proxy"]["vars"] = {"listen": "127.0.0.1:notaport"}
-    new["alpha"]["proxy"]["check_cmd"] = ["sh", "-c", 'sleep 2; exec "$0" "$@"',
-                                          *nginx.check_cmd]
-    new["beta"]["proxy"]["reload_cmd"] = ["sh", "-c", 'sleep 1.5; exec "$0" "$@"',
-                                          *nginx.reload_cmd]
+    new["alpha"]["proxy"]["check_cmd"] = ["sh", "-c", 'sleep 2; exec "$0" "$@"', *nginx.check_cmd]
+    new["beta"]["proxy"]["reload_cmd"] = [
+        "sh",
+        "-c",
+        'sleep 1.5; exec "$0" "$@"',
+        *nginx.reload_cmd,
+    ]
     new["beta"]["proxy"]["timeout"] = 4
     with Load(urls["alpha"], clients=2) as alpha_load, Load(urls["beta"], clients=2) as beta_load:
         flipvisor.write_config({"programs": new})

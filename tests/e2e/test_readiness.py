@@ -71,8 +71,9 @@ def test_notify_program_that_never_sends_ready_rolls_back(
     before_file = (nginx.conf_dir / "web.conf").read_bytes()
     serving_before = flipvisor.serving("web")
     # Serves fine, but never says so: without READY=1 the generation is never ready.
-    silent = with_readiness(program(nginx, "2", numprocs=2, drain=DRAIN),
-                            {"notify": True, "timeout": 1})
+    silent = with_readiness(
+        program(nginx, "2", numprocs=2, drain=DRAIN), {"notify": True, "timeout": 1}
+    )
     with Load(nginx.url("/"), clients=2) as load:
         flipvisor.write_config({"programs": {"web": silent}})
         result = flipvisor.cli("flip", "web")
