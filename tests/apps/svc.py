@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                 return code
 
     sock = inherited_socket() or own_socket(opts.host, opts.port)
+    # Workers share the socket: a blocking accept() after another worker took the connection
+    # would hang this one, and with it the shutdown on SIGTERM.
+    sock.setblocking(False)
     server = Server(sock, opts)
     serving = threading.Thread(target=server.serve_forever, args=(0.05,), name="serve", daemon=True)
     serving.start()

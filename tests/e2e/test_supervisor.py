@@ -32,7 +32,7 @@ def web(**overrides: object) -> dict[str, object]:
         "drain": {"delay": 0, "timeout": 5},
     }
     program.update(overrides)
-    return program
+    return {key: value for key, value in program.items() if value is not None}
 
 
 def test_status_json_shows_generation_one_serving_on_its_socket(flipvisor: Flipvisor) -> None:
