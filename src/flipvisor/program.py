@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class Runtime:
     events: EventLog
     state_dir: Path
     logs: LogsConfig
+    # One proxy step at a time on this host: programs behind one nginx share its config.
+    proxy_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
 
 class Program:
@@ -267,6 +269,7 @@ class Program:
             registry=self.runtime.registry,
             reaper=self.runtime.reaper,
             report=report,
+            proxy_lock=self.runtime.proxy_lock,
         )
         if gen.failure is not None:  # a worker died while we promoted: too late to undo cheaply
             log.warning(

@@ -12,6 +12,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 
 import anyio
 
@@ -75,14 +76,49 @@ async def promote(
     registry: Registry,
     reaper: Reaper,
     report: FlipReport,
+    proxy_lock: anyio.Lock,
 ) -> Snapshot:
     """Route traffic to ``gen``; returns the registry snapshot now published.
+
+    ``proxy_lock`` is held from writing the proxy file until the reload (or the undo) finished:
+    programs behind one nginx share its whole config, so another program's reload must never
+    load a file that is not yet checked, nor one that is about to be put back.
 
     Raises:
         ProxyError, RegistryError: a step failed; everything before it was undone.
     """
+    proxy = config.proxy
+    async with proxy_lock if proxy is not None else nullcontext():
+        published, old_proxy_workers = await _route(
+            gen, program=program, config=config, registry=registry, reaper=reaper, report=report
+        )
+    if proxy is not None and old_proxy_workers:
+        # Drain on evidence: the old generation keeps serving until every proxy worker that
+        # might still hold a connection to it has exited.
+        with report.step("proxy-drain", f"{len(old_proxy_workers)} old proxy workers"):
+            if not await wait_workers_gone(old_proxy_workers, proxy.timeout):
+                log.warning(
+                    "program=%s old proxy workers still running after %ss; draining anyway",
+                    program,
+                    proxy.timeout,
+                )
+    return published
+
+
+async def _route(
+    gen: Generation,
+    *,
+    program: str,
+    config: ProgramConfig,
+    registry: Registry,
+    reaper: Reaper,
+    report: FlipReport,
+) -> tuple[Snapshot, frozenset[tuple[int, float]]]:
+    """The file, registry and reload steps, each with its undo; returns the published keys and
+    the proxy workers that predate the reload."""
     undo: list[Callable[[], Awaitable[None]]] = []
     proxy = config.proxy
+    old_proxy_workers: frozenset[tuple[int, float]] = frozenset()
     try:
         if proxy is not None:
             with report.step("proxy", str(proxy.dest)):
@@ -119,7 +155,6 @@ async def promote(
                 await registry.publish(program, expected)
 
         undo.append(restore_keys)
-        old_proxy_workers: frozenset[tuple[int, float]] = frozenset()
         if proxy is not None and proxy.reload_cmd is not None:
             with report.step("reload"):
                 if proxy.pidfile is not None:
@@ -130,14 +165,4 @@ async def promote(
             for step in reversed(undo):
                 await step()
         raise
-    if proxy is not None and old_proxy_workers:
-        # Drain on evidence: the old generation keeps serving until every proxy worker that
-        # might still hold a connection to it has exited.
-        with report.step("proxy-drain", f"{len(old_proxy_workers)} old proxy workers"):
-            if not await wait_workers_gone(old_proxy_workers, proxy.timeout):
-                log.warning(
-                    "program=%s old proxy workers still running after %ss; draining anyway",
-                    program,
-                    proxy.timeout,
-                )
-    return published
+    return published, old_proxy_workers

@@ -10,8 +10,6 @@ import sys
 import urllib.request
 from typing import Any
 
-import pytest
-
 from tests.e2e.load import Load
 from tests.e2e.test_flip import program
 from tests.fixtures.flipvisor import Flipvisor
@@ -169,24 +167,11 @@ def _flip_both(flipvisor: Flipvisor) -> dict[str, tuple[int, str]]:
                 flip.communicate()
 
 
-# Both bugs below have one cause and one fix: promotions of programs that share a proxy are not
-# serialized, so one program's reload (or check) sees another program's file between that
-# program's install and its own check, reload or undo.
-SHARED_PROXY_RACE = (
-    "promotion.promote: install -> check -> registry -> reload (and the undo) of one program is "
-    "not serialized against other programs' promotions on the same proxy; "
-)
+# Regression tests: promotions of programs that share a proxy are serialized (the proxy lock of
+# promotion.promote), so one program's reload or check never sees another program's file between
+# that program's install and its own check, reload or undo.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=SHARED_PROXY_RACE
-    + (
-        "beta's nginx reload, run while alpha's new file waits for alpha's own (failing) reload, "
-        "activates alpha's new upstream; alpha then restores its file without reloading, discards "
-        "its new generation, and nginx routes alpha to a dead port (502) until some later reload"
-    ),
-)
 def test_failed_flip_is_not_activated_by_another_programs_reload(
     flipvisor: Flipvisor, nginx: Nginx
 ) -> None:
@@ -210,15 +195,6 @@ def test_failed_flip_is_not_activated_by_another_programs_reload(
     assert outcome.failed == 0, outcome.errors[:5]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=SHARED_PROXY_RACE
-    + (
-        "beta's reload runs while alpha's not yet checked (broken) file is in place: `nginx -s "
-        "reload` parses the whole tree and fails, so beta's good flip is rolled back for alpha's "
-        "error (a reload_cmd that only signals nginx would be rejected silently instead)"
-    ),
-)
 def test_neighbours_unchecked_file_does_not_break_a_flip(
     flipvisor: Flipvisor, nginx: Nginx
 ) -> None:
