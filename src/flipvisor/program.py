@@ -17,13 +17,13 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from .config import LogsConfig, ProgramConfig
-from .errors import Busy, FlipFailed, FlipvisorError, ProbeFailed, UsageError
+from .errors import Busy, FlipFailed, FlipvisorError, ProbeFailed, RegistryError, UsageError
 from .events import EventLog
 from .generation import Generation
 from .logs import ProgramLog
 from .probe import wait_ready
 from .progress import FlipReport
-from .promotion import promote, with_current_pids
+from .promotion import promote, serving_snapshot, with_current_pids
 from .reaper import Reaper
 from .registry import Registry, Snapshot
 from .states import GenerationState, ProgramState
@@ -32,6 +32,10 @@ from .worker import RestartBudget, Worker, backoff_delay, worker_env
 log = logging.getLogger(__name__)
 
 DISCARD_TIMEOUT = 30.0
+# Registering a generation that started while the registry was down: retry every 0.5-2 s, so
+# the keys match what serves within seconds of the registry's return.
+REGISTER_RETRY_MIN = 0.5
+REGISTER_RETRY_MAX = 2.0
 
 
 @dataclass
@@ -62,6 +66,7 @@ class Program:
         self.current_flip: FlipReport | None = None
         self.last_flip: FlipReport | None = None
         self.published: Snapshot | None = None
+        self._registration_deferred = False
         self._next_number = 1
         self._budget = RestartBudget(config.restart.max_restarts, config.restart.window)
         self._flip_lock = anyio.Lock()
@@ -88,6 +93,7 @@ class Program:
             "restarts": sum(gen.restarts for gen in self.generations),
             "fatal_reason": self.fatal_reason,
             "flipping": self.current_flip is not None,
+            "flip": self._flip_status(),
             "generations": [
                 {
                     "generation": gen.number,
@@ -96,12 +102,21 @@ class Program:
                     "pids": gen.pids,
                     "uptime": round(now - gen.created_at, 3),
                     "restarts": gen.restarts,
-                    "last_exit": next(
-                        (w.last_exit for w in gen.workers if w.last_exit is not None), None
-                    ),
+                    "last_exit": gen.last_exit,
                 }
                 for gen in self.generations
             ],
+        }
+
+    def _flip_status(self) -> dict[str, Any] | None:
+        flip = self.current_flip
+        if flip is None:
+            return None
+        return {
+            "kind": flip.kind,
+            "generation": flip.generation,
+            "step": flip.steps[-1].name if flip.steps else "starting",
+            "elapsed": round(time.monotonic() - flip.started, 3),
         }
 
     # -- life ---------------------------------------------------------------------------------
@@ -177,6 +192,15 @@ class Program:
                 if report.error is not None:
                     self.runtime.events.emit(
                         "flip-failed", self.name, report.generation, report.error
+                    )
+                if report.duration is not None:  # finished, not cancelled with the supervisor
+                    self.runtime.events.emit(
+                        "flip-finished",
+                        self.name,
+                        report.generation,
+                        kind=report.kind,
+                        ok=report.ok,
+                        duration=round(report.duration, 4),
                     )
 
     async def _flip_to(self, report: FlipReport, config: ProgramConfig) -> None:
@@ -262,7 +286,8 @@ class Program:
     async def _promote(self, report: FlipReport, gen: Generation) -> None:
         """Promote a READY generation and retire the one it replaces."""
         gen.transition(GenerationState.PROMOTING)
-        self.published = await promote(
+        first = self.serving is None
+        self.published, deferred = await promote(
             gen,
             program=self.name,
             config=gen.config,
@@ -270,6 +295,8 @@ class Program:
             reaper=self.runtime.reaper,
             report=report,
             proxy_lock=self.runtime.proxy_lock,
+            # Nothing serves yet: an unreachable registry must not keep the program down.
+            registry_optional=first,
         )
         if gen.failure is not None:  # a worker died while we promoted: too late to undo cheaply
             log.warning(
@@ -282,6 +309,9 @@ class Program:
         gen.was_serving = True
         old, self.serving = self.serving, gen
         self.fatal_reason = None
+        self._registration_deferred = deferred
+        if deferred:
+            self._task_group().start_soon(self._register_when_back, gen)
         self.runtime.events.emit("promoted", self.name, gen.number, port=gen.port, pids=gen.pids)
         if old is None:
             return
@@ -353,7 +383,32 @@ class Program:
         )
         return delay
 
+    async def _register_when_back(self, gen: Generation) -> None:
+        """Promote a generation that started serving while the registry was unreachable, as
+        a flip would have: whatever ``current`` holds then becomes ``previous``."""
+        delay = REGISTER_RETRY_MIN
+        registry = self.runtime.registry
+        while self.serving is gen:
+            await anyio.sleep(delay)
+            try:
+                expected = await registry.snapshot(self.name)
+                published = serving_snapshot(gen, expected)
+                await registry.swap(self.name, expected, published)
+            except RegistryError as exc:
+                log.info(
+                    "program=%s still cannot register generation %d: %s", self.name, gen.number, exc
+                )
+                delay = min(REGISTER_RETRY_MAX, delay * 2)
+                continue
+            if self.serving is gen:
+                self.published = published
+                self._registration_deferred = False
+                self.runtime.events.emit("registered", self.name, gen.number, port=gen.port)
+            return
+
     def _pids_changed(self, gen: Generation) -> None:
+        if self._registration_deferred:
+            return  # the pending registration reads the PIDs when it happens
         if gen is self.serving and self.published is not None:
             self.published = with_current_pids(gen, self.published)
             self._task_group().start_soon(self.runtime.registry.publish, self.name, self.published)

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import anyio
 
 from .config import ProgramConfig
-from .errors import RegistryError
+from .errors import RegistryConflict, RegistryError
 from .generation import Generation
 from .progress import FlipReport
 from .proxy import flip_context, install, proxy_workers, reload, render_template, wait_workers_gone
@@ -77,8 +77,14 @@ async def promote(
     reaper: Reaper,
     report: FlipReport,
     proxy_lock: anyio.Lock,
-) -> Snapshot:
-    """Route traffic to ``gen``; returns the registry snapshot now published.
+    registry_optional: bool = False,
+) -> tuple[Snapshot, bool]:
+    """Route traffic to ``gen``; returns the registry snapshot now published, and whether the
+    registry step was deferred.
+
+    With ``registry_optional`` (nothing serves yet, so there is nothing to protect), an
+    unreachable registry does not stop the promotion: the step is deferred and the caller
+    registers the generation once the registry is back.
 
     ``proxy_lock`` is held from writing the proxy file until the reload (or the undo) finished:
     programs behind one nginx share its whole config, so another program's reload must never
@@ -89,8 +95,14 @@ async def promote(
     """
     proxy = config.proxy
     async with proxy_lock if proxy is not None else nullcontext():
-        published, old_proxy_workers = await _route(
-            gen, program=program, config=config, registry=registry, reaper=reaper, report=report
+        published, old_proxy_workers, deferred = await _route(
+            gen,
+            program=program,
+            config=config,
+            registry=registry,
+            reaper=reaper,
+            report=report,
+            registry_optional=registry_optional,
         )
     if proxy is not None and old_proxy_workers:
         # Drain on evidence: the old generation keeps serving until every proxy worker that
@@ -102,7 +114,7 @@ async def promote(
                     program,
                     proxy.timeout,
                 )
-    return published
+    return published, deferred
 
 
 async def _route(
@@ -113,12 +125,14 @@ async def _route(
     registry: Registry,
     reaper: Reaper,
     report: FlipReport,
-) -> tuple[Snapshot, frozenset[tuple[int, float]]]:
-    """The file, registry and reload steps, each with its undo; returns the published keys and
-    the proxy workers that predate the reload."""
+    registry_optional: bool,
+) -> tuple[Snapshot, frozenset[tuple[int, float]], bool]:
+    """The file, registry and reload steps, each with its undo; returns the published keys,
+    the proxy workers that predate the reload, and whether the registry step was deferred."""
     undo: list[Callable[[], Awaitable[None]]] = []
     proxy = config.proxy
     old_proxy_workers: frozenset[tuple[int, float]] = frozenset()
+    deferred = False
     try:
         if proxy is not None:
             with report.step("proxy", str(proxy.dest)):
@@ -142,10 +156,20 @@ async def _route(
                 installed.restore()
 
             undo.append(restore_file)
-        with report.step("registry"):
-            expected = await registry.snapshot(program)
-            published = serving_snapshot(gen, expected)
-            await registry.swap(program, expected, published)
+        with report.step("registry") as registry_step:
+            try:
+                expected = await registry.snapshot(program)
+                published = serving_snapshot(gen, expected)
+                await registry.swap(program, expected, published)
+            except RegistryConflict:
+                raise
+            except RegistryError as exc:
+                if not registry_optional:
+                    raise
+                log.warning("program=%s registry unreachable, registering later: %s", program, exc)
+                registry_step.detail = f"deferred until the registry is back: {exc}"
+                expected = published = serving_snapshot(gen, Snapshot())
+                deferred = True
 
         async def restore_keys() -> None:
             try:
@@ -154,7 +178,8 @@ async def _route(
                 log.warning("program=%s restoring registry keys: %s; retrying later", program, exc)
                 await registry.publish(program, expected)
 
-        undo.append(restore_keys)
+        if not deferred:
+            undo.append(restore_keys)
         if proxy is not None and proxy.reload_cmd is not None:
             with report.step("reload"):
                 if proxy.pidfile is not None:
@@ -165,4 +190,4 @@ async def _route(
             for step in reversed(undo):
                 await step()
         raise
-    return published, old_proxy_workers
+    return published, old_proxy_workers, deferred

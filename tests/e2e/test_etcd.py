@@ -99,3 +99,26 @@ def _answers(nginx: Nginx) -> bool:
 
 
 __all__ = ["start_serving"]
+
+
+def test_supervisor_starts_while_etcd_is_down_and_registers_when_it_returns(
+    flipvisor: Flipvisor, nginx: Nginx, restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    etcd = restartable_etcd
+    etcd.put(f"{etcd_prefix}/web/port/current", "1234")  # what an earlier run left
+    etcd.stop()
+    flipvisor.start(
+        {"registry": registry(etcd, etcd_prefix), "programs": {"web": program(nginx, "1")}}
+    )
+    gen = flipvisor.wait_serving("web")
+    wait_until(lambda: _answers(nginx), message="nginx to proxy while etcd is down")
+    assert proxied(nginx)["version"] == "1"
+    etcd.start()
+    wait_until(
+        lambda: keys(etcd, etcd_prefix)["port/current"] == str(gen["port"]),
+        timeout=5,
+        message="generation 1 to be registered once etcd is back",
+    )
+    got = keys(etcd, etcd_prefix)
+    assert got["port/previous"] == "1234"  # promoted like a flip, even late
+    assert got["pid/current"] == ",".join(map(str, gen["pids"]))
