@@ -9,6 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -45,6 +46,7 @@ class Generation:
         notify_dir: Path,
         on_worker_exit: Callable[[Generation, Worker, int | None, str], float | None],
         on_pids_changed: Callable[[Generation], None],
+        first: bool = False,
     ) -> None:
         self.program = program
         self.number = number
@@ -53,7 +55,11 @@ class Generation:
         self.state = GenerationState.STARTING
         self.failure: str | None = None
         self.was_serving = False
+        # The program's first generation: nothing serves that a failure must protect.
+        self.first = first
         self.created_at = time.time()
+        # The most recent exit of any of its workers, for status: {worker, pid, reason, time}.
+        self.last_exit: dict[str, Any] | None = None
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._on_worker_exit = on_worker_exit
         self._on_pids_changed = on_pids_changed
@@ -151,7 +157,10 @@ class Generation:
             self._on_pids_changed(self)
 
     def worker_exited(self, worker: Worker, returncode: int | None, reason: str) -> float | None:
-        self.events.emit("exited", self.program, self.number, reason, worker=worker.index)
+        child = worker.child if returncode is not None else None  # None: a restart never began
+        pid = child.pid if child is not None else None
+        self.events.emit("exited", self.program, self.number, reason, worker=worker.index, pid=pid)
+        self.last_exit = {"worker": worker.index, "pid": pid, "reason": reason, "time": time.time()}
         if self.stopping:
             return None
         return self._on_worker_exit(self, worker, returncode, reason)
