@@ -198,7 +198,7 @@ class Program:
                         "flip-finished",
                         self.name,
                         report.generation,
-                        kind=report.kind,
+                        flip=report.kind,
                         ok=report.ok,
                         duration=round(report.duration, 4),
                     )
