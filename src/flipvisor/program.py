@@ -219,6 +219,7 @@ class Program:
                 notify_dir=self.runtime.state_dir / "notify",
                 on_worker_exit=self._worker_exited,
                 on_pids_changed=self._pids_changed,
+                first=self.serving is None,
             )
             self.generations.append(gen)
             try:
@@ -362,18 +363,29 @@ class Program:
     def _worker_exited(
         self, gen: Generation, worker: Worker, returncode: int | None, reason: str
     ) -> float | None:
-        if not gen.was_serving and gen is not self.warm:
+        starting = not gen.was_serving and gen is not self.warm
+        if starting and not gen.first:
+            # A new generation replacing a serving one: fail the flip at once, the old one serves.
             gen.fail(f"worker {worker.index} {reason}")
             return None
+        # Serving, kept warm, or the program's first generation (nothing to protect, so it gets
+        # the restart policy while its probe runs: a service started before its dependencies
+        # comes up with them).
         policy = gen.config.restart.policy
         if policy == "never" or (policy == "on-failure" and returncode == 0):
             self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; not restarted")
+            if starting:
+                gen.fail(f"worker {worker.index} {reason}")
             return None
         if not self._budget.take():
-            self.fatal_reason = (
+            message = (
                 f"worker {worker.index} of generation {gen.number} {reason}; more than "
                 f"{gen.config.restart.max_restarts} restarts in {gen.config.restart.window}s"
             )
+            if starting:
+                gen.fail(message)
+                return None
+            self.fatal_reason = message
             self.runtime.events.emit("fatal", self.name, gen.number, self.fatal_reason)
             return None
         delay = backoff_delay(worker.consecutive_failures)

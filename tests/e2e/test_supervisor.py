@@ -244,3 +244,24 @@ def test_bad_config_exits_2_with_every_problem(flipvisor: Flipvisor) -> None:
         assert result.returncode == 2
         assert "programs.web.drain.timeout: must be a number" in result.stderr
         assert "programs.web.bogus: unknown key" in result.stderr
+
+
+def test_first_generation_worker_crashing_while_probed_is_restarted(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    # Nothing serves yet, so a crash of generation 1 while it is probed is restarted with
+    # backoff (a service started before its dependencies comes up with them); the third
+    # start succeeds.
+    counter = tmp_path / "starts"
+    script = (
+        "import os, sys; p = sys.argv[1]; n = len(open(p).read()) if os.path.exists(p) else 0; "
+        "open(p, 'a').write('x'); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[2:]]) if n >= 2 else sys.exit(4)"
+    )
+    command = [sys.executable, "-c", script, str(counter), *svc_command("--version", "1")[1:]]
+    flipvisor.start({"programs": {"web": web(command=command)}})
+    gen = flipvisor.wait_serving("web")
+    assert gen["generation"] == 1
+    assert counter.read_text() == "xxx"
+    assert flipvisor.program("web")["restarts"] == 2
+    assert get(gen["port"])["version"] == "1"
