@@ -5,6 +5,7 @@ its state, and how it ends (drained after a newer generation took over, or faile
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from .logs import ProgramLog
 from .probe import NotifySocket
 from .reaper import Reaper
 from .sockets import bind_listener, bound_port
+from .spawn import signal_strays
 from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition
 from .worker import Worker, WorkerSpec, backoff_delay
 
@@ -57,6 +59,7 @@ class Generation:
         self.was_serving = False
         # The program's first generation: nothing serves that a failure must protect.
         self.first = first
+        self._process_groups: set[int] = set()
         self.created_at = time.time()
         # The most recent exit of any of its workers, for status: {worker, pid, reason, time}.
         self.last_exit: dict[str, Any] | None = None
@@ -150,6 +153,7 @@ class Generation:
 
     def worker_spawned(self, worker: Worker) -> None:
         assert worker.child is not None
+        self._process_groups.add(worker.child.pid)  # each worker leads its own session
         self.events.emit(
             "spawned", self.program, self.number, worker=worker.index, pid=worker.child.pid
         )
@@ -243,6 +247,13 @@ class Generation:
                 worker.kill()
             with anyio.move_on_after(KILL_GRACE):
                 await self._all_workers_done()
+        # What a worker left behind when it exited (a daemonized helper, a pool whose master
+        # was killed) would outlive the generation: stop it too, it had the whole drain.
+        strays = signal_strays(self._process_groups, signal.SIGKILL)
+        if strays:
+            self.events.emit(
+                "killed", self.program, self.number, "left behind by its workers", pids=strays
+            )
         tg.cancel_scope.cancel()
 
     async def _all_workers_done(self) -> None:

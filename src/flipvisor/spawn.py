@@ -322,6 +322,34 @@ def signal_verified(pid: int, started: float, sig: int) -> bool:
         os.close(pidfd)
 
 
+def signal_strays(process_groups: set[int], sig: int) -> list[int]:
+    """Signal our own children that sit in one of ``process_groups``; their PIDs.
+
+    These are a worker's descendants, orphaned when the worker exited and re-parented to the
+    supervisor (a subreaper). Being our unreaped children, their PIDs cannot have been reused,
+    and nothing is awaited between the check and the signal.
+    """
+    signalled = []
+    for child in psutil.Process().children():
+        try:
+            if (
+                child.status() == psutil.STATUS_ZOMBIE
+                or os.getpgid(child.pid) not in process_groups
+            ):
+                continue
+            pidfd = os.pidfd_open(child.pid)
+        except (psutil.Error, OSError):
+            continue  # exited meanwhile
+        try:
+            signal.pidfd_send_signal(pidfd, sig)
+            signalled.append(child.pid)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)
+    return signalled
+
+
 def start_time_of(pid: int) -> float | None:
     """The start time of ``pid`` as psutil reports it, or None if there is no such process."""
     try:

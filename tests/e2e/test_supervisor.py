@@ -265,3 +265,35 @@ def test_first_generation_worker_crashing_while_probed_is_restarted(
     assert counter.read_text() == "xxx"
     assert flipvisor.program("web")["restarts"] == 2
     assert get(gen["port"])["version"] == "1"
+
+
+def test_drain_leaves_no_process_a_worker_left_behind(flipvisor: Flipvisor) -> None:
+    # The worker starts a helper in its own process group and exits cleanly on SIGTERM
+    # without stopping it: the orphaned helper must not outlive the generation.
+    script = (
+        "import signal, socket, subprocess, sys, time; socket.socket(fileno=3); "
+        "p = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)']); "
+        "print('helper', p.pid, flush=True); "
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); time.sleep(600)"
+    )
+    flipvisor.start(
+        {
+            "programs": {
+                "web": {
+                    "command": [sys.executable, "-c", script],
+                    "drain": {"delay": 0, "timeout": 5},
+                }
+            }
+        }
+    )
+    flipvisor.wait_serving("web")
+    log = flipvisor.state_dir / "logs" / "web.log"
+    wait_until(lambda: log.exists() and "helper" in log.read_text(), message="the helper")
+    helper = psutil.Process(int(log.read_text().split("helper ")[1].split()[0]))
+    assert flipvisor.cli("stop", "web").returncode == 0
+    wait_until(
+        lambda: not helper.is_running() or helper.status() == psutil.STATUS_ZOMBIE,
+        timeout=10,
+        message="the left-behind helper to be killed",
+    )
