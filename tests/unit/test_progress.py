@@ -1,0 +1,185 @@
+"""A flip's live report: timed steps, their outcome, the update stream, and the final JSON."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from flipvisor.progress import UPDATE_BUFFER, FlipReport, Step
+
+
+def spin(seconds: float) -> None:
+    """Let real time pass inside a step (a CPU wait, so the duration is not scheduler noise)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def drain_updates(report: FlipReport) -> list[Step]:
+    """Every update published so far; stops at an empty or closed stream."""
+    got: list[Step] = []
+    while True:
+        try:
+            got.append(report.updates.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            return got
+
+
+def test_step_is_timed_and_ok() -> None:
+    report = FlipReport("web")
+    try:
+        before = time.monotonic()
+        with report.step("spawn", "2 worker(s)") as step:
+            assert step.status == "running"
+            assert step.duration is None
+            spin(0.05)
+        elapsed = time.monotonic() - before
+        assert step.status == "ok"
+        assert step.duration is not None
+        assert 0.05 <= step.duration <= elapsed
+        assert report.steps == [step]
+    finally:
+        report.finish()
+        report.close()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_step_failed_on_exception_which_propagates(error: BaseException) -> None:
+    report = FlipReport("web")
+    try:
+        with pytest.raises(type(error)), report.step("probe"):
+            raise error
+        step = report.steps[-1]
+        assert step.status == "failed"
+        assert step.duration is not None
+    finally:
+        report.finish("probe failed")
+        report.close()
+
+
+async def test_step_failed_when_cancelled() -> None:
+    report = FlipReport("web")
+    try:
+        with anyio.move_on_after(0.05), report.step("probe"):
+            await anyio.sleep(10)
+        assert report.steps[0].status == "failed"
+    finally:
+        report.finish()
+        report.close()
+
+
+def test_updates_are_snapshots_then_closed_at_finish() -> None:
+    report = FlipReport("web")
+    try:
+        with report.step("spawn"):
+            pass
+        with pytest.raises(ValueError), report.step("probe", "GET /health"):
+            raise ValueError("no")
+        report.finish("probe failed")
+        updates = drain_updates(report)
+        assert [(u.name, u.status) for u in updates] == [
+            ("spawn", "running"),
+            ("spawn", "ok"),
+            ("probe", "running"),
+            ("probe", "failed"),
+        ]
+        # Copies: the first update still says "running" though the step itself went on.
+        assert updates[0] is not report.steps[0]
+        assert updates[0].duration is None
+        assert updates[1].duration is not None
+        with pytest.raises(anyio.EndOfStream):
+            report.updates.receive_nowait()
+    finally:
+        report.close()
+
+
+async def test_follower_sees_end_of_stream_when_finished() -> None:
+    report = FlipReport("web")
+    seen: list[str] = []
+    try:
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+
+                async def follow() -> None:
+                    async for update in report.updates:
+                        seen.append(f"{update.name}:{update.status}")
+
+                tg.start_soon(follow)
+                with report.step("spawn"):
+                    await anyio.lowlevel.checkpoint()
+                report.finish()
+        assert seen == ["spawn:running", "spawn:ok"]
+        await report.wait()
+    finally:
+        report.close()
+
+
+def test_slow_or_absent_follower_loses_updates_not_steps() -> None:
+    report = FlipReport("web")
+    try:
+        for index in range(UPDATE_BUFFER):  # two updates each: twice the buffer
+            with report.step(f"s{index}"):
+                pass
+        assert len(report.steps) == UPDATE_BUFFER
+        assert len(drain_updates(report)) == UPDATE_BUFFER
+        report.close()  # the follower went away: publishing must not raise
+        with report.step("after"):
+            pass
+        report.finish()
+        assert report.ok
+        assert len(report.to_json()["steps"]) == UPDATE_BUFFER + 1
+    finally:
+        report.close()
+
+
+def test_ok_and_to_json() -> None:
+    report = FlipReport("web", kind="rollback")
+    try:
+        assert not report.ok, "not finished yet"
+        report.generation = 4
+        with report.step("registry", "swap keys"):
+            pass
+        report.finish("etcd unreachable", ["line 1"])
+        assert not report.ok
+        data = report.to_json()
+        assert data["program"] == "web"
+        assert data["kind"] == "rollback"
+        assert data["generation"] == 4
+        assert data["ok"] is False
+        assert data["error"] == "etcd unreachable"
+        assert data["output"] == ["line 1"]
+        assert isinstance(data["duration"], float)
+        assert data["steps"] == [
+            {
+                "step": "registry",
+                "status": "ok",
+                "detail": "swap keys",
+                "duration": round(report.steps[0].duration or 0.0, 4),
+            }
+        ]
+    finally:
+        report.close()
+
+
+def test_finished_without_error_is_ok() -> None:
+    report = FlipReport("web")
+    report.finish()
+    report.close()
+    assert report.ok
+    assert report.to_json()["ok"] is True
+    assert report.to_json()["output"] == []
+
+
+async def test_wait_returns_once_finished() -> None:
+    report = FlipReport("web")
+    try:
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(report.wait)
+                await anyio.lowlevel.checkpoint()
+                report.finish()
+    finally:
+        report.close()

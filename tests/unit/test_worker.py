@@ -1,0 +1,228 @@
+"""The pure parts of a worker slot: backoff, placeholders, environment, budget, exit text."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from flipvisor.config import ProgramConfig
+from flipvisor.worker import (
+    BACKOFF_BASE,
+    BACKOFF_CAP,
+    RestartBudget,
+    WorkerSpec,
+    backoff_delay,
+    describe_exit,
+    expand_placeholders,
+    worker_env,
+)
+from tests.waiting import wait_until
+
+SAMPLES = 200
+
+
+# -- backoff ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failures", [0, -1])
+def test_first_restart_is_immediate(failures: int) -> None:
+    assert backoff_delay(failures) == 0.0
+
+
+@pytest.mark.parametrize("failures", [1, 2, 3, 5, 7, 8, 20, 200])
+def test_backoff_within_jitter_bounds(failures: int) -> None:
+    nominal = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** (failures - 1))
+    delays = [backoff_delay(failures) for _ in range(SAMPLES)]
+    assert all(nominal * 0.5 <= d <= nominal for d in delays), (nominal, min(delays), max(delays))
+    # Jittered: workers crashing together must not restart in lockstep.
+    assert len(set(delays)) > SAMPLES // 2
+
+
+def test_backoff_grows_then_is_capped() -> None:
+    upper = [max(backoff_delay(n) for _ in range(SAMPLES)) for n in range(1, 12)]
+    # Each nominal delay doubles until the cap, so the largest samples must grow.
+    assert upper[0] <= BACKOFF_BASE
+    assert upper[3] > 2 * BACKOFF_BASE
+    assert all(d <= BACKOFF_CAP for d in upper)
+    assert upper[-1] > BACKOFF_CAP * 0.9, "the cap itself is reached"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="worker.backoff_delay: 2.0 ** (n - 1) raises OverflowError from n = 1026 on "
+    "(a long crash loop with a large max_restarts)",
+)
+def test_backoff_no_overflow_in_a_long_crash_loop() -> None:
+    assert backoff_delay(10_000) <= BACKOFF_CAP
+
+
+# -- placeholders ----------------------------------------------------------------------------
+
+
+VALUES = {"port": 8123, "fd": 3, "generation": 7, "worker": 1}
+
+
+def test_the_four_placeholders() -> None:
+    argv = ["svc", "--port={port}", "--fd", "{fd}", "g{generation}-w{worker}", "{port}{port}"]
+    assert expand_placeholders(argv, VALUES) == [
+        "svc",
+        "--port=8123",
+        "--fd",
+        "3",
+        "g7-w1",
+        "81238123",
+    ]
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "{other}",
+        "{PORT}",
+        "{ port }",
+        "{}",
+        "${HOME}",
+        '{"json": {"a": 1}}',
+        "{port",
+        "port}",
+        "{0}",
+        "%(port)s",
+    ],
+)
+def test_other_braces_untouched(arg: str) -> None:
+    assert expand_placeholders([arg], VALUES) == [arg]
+
+
+def test_input_not_modified() -> None:
+    argv = ["{port}"]
+    expand_placeholders(argv, VALUES)
+    assert argv == ["{port}"]
+
+
+# -- environment -----------------------------------------------------------------------------
+
+
+def spec(env: dict[str, str] | None = None, notify: Path | None = None) -> WorkerSpec:
+    return WorkerSpec(
+        program="web",
+        generation=3,
+        config=ProgramConfig(command=["svc"], env=env or {}),
+        port=41234,
+        listen_fd=9,
+        notify_socket=notify,
+    )
+
+
+INHERITED = {
+    "PATH": "/usr/bin:/bin",
+    "KEEP": "inherited",
+    "SHARED": "inherited",
+    "LISTEN_FDS": "4",
+    "LISTEN_PID": "1",
+    "LISTEN_FDNAMES": "theirs",
+    "NOTIFY_SOCKET": "/run/systemd/notify",
+}
+
+
+def test_socket_activation_variables() -> None:
+    env = worker_env(spec(), 2, INHERITED)
+    assert env["LISTEN_FDS"] == "1"
+    assert env["LISTEN_FDNAMES"] == "web"
+    assert env["PORT"] == "41234"
+    assert env["FLIPVISOR_PROGRAM"] == "web"
+    assert env["FLIPVISOR_GENERATION"] == "3"
+    assert env["FLIPVISOR_WORKER"] == "2"
+    # Our own supervisor's socket activation must not reach the worker: the spawn shim sets
+    # LISTEN_PID to the worker's PID, and NOTIFY_SOCKET is only ours when readiness says so.
+    assert "LISTEN_PID" not in env
+    assert "NOTIFY_SOCKET" not in env
+
+
+def test_notify_socket_when_the_generation_has_one(tmp_path: Path) -> None:
+    env = worker_env(spec(notify=tmp_path / "web-3.sock"), 0, INHERITED)
+    assert env["NOTIFY_SOCKET"] == str(tmp_path / "web-3.sock")
+
+
+def test_config_env_wins_over_inherited() -> None:
+    env = worker_env(spec({"SHARED": "config", "NEW": "x"}), 0, INHERITED)
+    assert env["SHARED"] == "config"
+    assert env["NEW"] == "x"
+    assert env["KEEP"] == "inherited"
+    assert env["PATH"] == "/usr/bin:/bin"
+
+
+def test_socket_variables_win_over_config_env() -> None:
+    env = worker_env(spec({"LISTEN_FDS": "9", "PORT": "80"}), 0, INHERITED)
+    assert env["LISTEN_FDS"] == "1"
+    assert env["PORT"] == "41234"
+
+
+def test_base_environment_not_modified() -> None:
+    base = dict(INHERITED)
+    worker_env(spec({"SHARED": "config"}), 0, base)
+    assert base == INHERITED
+
+
+# -- restart budget --------------------------------------------------------------------------
+
+
+def test_budget_exhausted_within_the_window() -> None:
+    budget = RestartBudget(3, window=60.0)
+    assert [budget.take() for _ in range(5)] == [True, True, True, False, False]
+    budget.reset()
+    assert budget.take()
+
+
+def test_zero_budget_never_allows() -> None:
+    assert not RestartBudget(0, window=60.0).take()
+
+
+def test_budget_window_slides() -> None:
+    """Restarts older than the window are forgotten one by one, not all at once."""
+    window = 0.4
+    budget = RestartBudget(2, window=window)
+    first = time.monotonic()
+    assert budget.take()
+    wait_until(lambda: time.monotonic() - first >= window / 2, timeout=5, message="half a window")
+    second = time.monotonic()
+    assert budget.take()
+    assert not budget.take()
+    # The first restart leaves the window: exactly one new restart fits.
+    wait_until(budget.take, timeout=5, message="the first restart to leave the window")
+    assert time.monotonic() - first >= window
+    if time.monotonic() - second < window:  # the second is still inside: no room yet
+        assert not budget.take()
+    wait_until(budget.take, timeout=5, message="the second restart to leave the window")
+    assert time.monotonic() - second >= window
+
+
+def test_failed_take_does_not_spend() -> None:
+    budget = RestartBudget(1, window=0.3)
+    start = time.monotonic()
+    assert budget.take()
+    for _ in range(50):
+        budget.take()  # refused attempts must not push the window further out
+    wait_until(budget.take, timeout=5, message="the budget to refill")
+    assert time.monotonic() - start < 0.3 + 1.0
+
+
+# -- exit descriptions -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("returncode", "text"),
+    [
+        (None, "did not start"),
+        (0, "exit status 0"),
+        (3, "exit status 3"),
+        (127, "exit status 127"),
+        (-9, "killed by SIGKILL"),
+        (-15, "killed by SIGTERM"),
+        (-11, "killed by SIGSEGV"),
+        (-200, "killed by signal 200"),
+    ],
+)
+def test_describe_exit(returncode: int | None, text: str) -> None:
+    assert describe_exit(returncode) == text
