@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
-import httpx
 import psutil
 
 from .config import ReadinessConfig
@@ -29,6 +28,8 @@ from .errors import ProbeFailed, SpawnError
 from .spawn import run_command
 
 if TYPE_CHECKING:  # only the type: probe.py's allowed imports are config, errors, spawn
+    import httpx
+
     from .reaper import Reaper
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,8 @@ def probe_url(host: str, port: int, path: str) -> str:
 
 async def _probe_http(url: str, interval: float, progress: _Progress) -> None:
     """GET ``url`` every ``interval`` until it answers 2xx."""
+    import httpx  # ~60 ms: only programs with an http probe pay for it
+
     timeout = httpx.Timeout(HTTP_ATTEMPT_TIMEOUT)
     async with httpx.AsyncClient(trust_env=False, timeout=timeout) as client:
         while True:
@@ -234,6 +237,8 @@ async def _body_start(response: httpx.Response) -> str:
 
 
 def _describe_http_error(exc: httpx.HTTPError) -> str:
+    import httpx
+
     cause: BaseException | None = exc
     while cause is not None:  # httpx wraps the OS error a few levels down
         if isinstance(cause, ConnectionRefusedError):

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
-import jinja2
 import psutil
 
 from .config import PROGRAM_NAME_RE
@@ -45,6 +44,8 @@ def _where(template: Path, exc: BaseException) -> str:
     file name and line (marked by ``__jinja_exception__`` in their globals); the innermost one is
     where the problem is, which may be an ``{% include %}``d file.
     """
+    import jinja2
+
     if isinstance(exc, jinja2.TemplateSyntaxError) and exc.lineno:
         return f"{exc.filename or template}, line {exc.lineno}"
     where = str(template)
@@ -63,6 +64,8 @@ def render_template(template: Path, context: Mapping[str, object]) -> str:
         ProxyError: the template is missing or unreadable, has a syntax error, uses a variable
             the context lacks, or fails while rendering; the message names the file and line.
     """
+    import jinja2  # only programs with a proxy section pay for it
+
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template.parent)),
         undefined=jinja2.StrictUndefined,
