@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sys
+import time
 from types import TracebackType
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+PIPED_WIDTH = 200
 _STEP_MARK = {"ok": "[green]✓[/]", "failed": "[red]✗[/]", "running": "[yellow]…[/]"}
 
 
@@ -21,8 +24,28 @@ def _uptime(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def _last_exit(last: dict[str, Any] | str | None, now: float) -> str:
+    """``w0 killed by SIGKILL, 12s ago`` (a plain string from an older supervisor as is)."""
+    if not last:
+        return ""
+    if isinstance(last, str):
+        return last
+    ago = _uptime(max(0.0, now - last["time"]))
+    return f"w{last['worker']} {last['reason']}, {ago} ago"
+
+
+def _flip_line(flip: dict[str, Any]) -> str:
+    """``[yellow]flip to generation 3 in progress: probe (2.1s)[/]``."""
+    generation = f" to generation {flip['generation']}" if flip.get("generation") else ""
+    step, elapsed = flip["step"], flip["elapsed"]
+    return f"[yellow]{flip['kind']}{generation} in progress: {step} ({elapsed:.1f}s)[/]"
+
+
 def print_status(document: dict[str, Any]) -> None:
-    """The ``status`` table: one row per generation, program columns on its first row."""
+    """The ``status`` table: one row per generation, program columns on its first row; below
+    it, a line for each flip in progress and each fatal program (why, and what to do)."""
+    now = time.time()
+    notes: list[str] = []
     table = Table(show_edge=False, header_style="bold")
     for column in (
         "PROGRAM",
@@ -53,11 +76,21 @@ def print_status(document: dict[str, Any]) -> None:
                 ",".join(map(str, gen["pids"])) or "-",
                 _uptime(gen["uptime"]),
                 str(gen["restarts"]),
-                gen.get("last_exit") or "",
+                _last_exit(gen.get("last_exit"), now),
             )
+        if program.get("flip"):
+            notes.append(f"{program['name']}: {_flip_line(program['flip'])}")
         if program.get("fatal_reason"):
-            table.add_row("", "", "", "", "", "", "", "", f"[red]{program['fatal_reason']}[/]")
-    Console().print(table)
+            name = program["name"]
+            notes.append(
+                f"{name}: [red]fatal: {escape(program['fatal_reason'])}[/]; "
+                f"`flipvisor logs {name}` shows its output, `flipvisor start {name}` tries again"
+            )
+    # Piped into grep or a file, a row stays one line instead of wrapping at 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
+    console.print(table)
+    for note in notes:
+        console.print(note, highlight=False)
 
 
 class FlipProgress:

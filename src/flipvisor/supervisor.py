@@ -61,6 +61,7 @@ class Supervisor:
 
         Raises:
             AlreadyRunning: another supervisor uses this state_dir.
+            ConfigError: the metrics address cannot be bound.
         """
         prepare_state_dir(self.config.state_dir)
         if not become_subreaper() and os.getpid() != 1:
@@ -71,6 +72,7 @@ class Supervisor:
                 self._tg = tg
                 await tg.start(self.reaper.run)
                 await tg.start(control.serve)
+                await self._start_metrics(tg)
                 await tg.start(self.registry.run)
                 tg.start_soon(self._handle_signals)
                 await self._start_watches(tg)
@@ -84,9 +86,24 @@ class Supervisor:
                     for program in self.programs.values():
                         stops.start_soon(program.stop)
                 tg.cancel_scope.cancel()
+        except* FlipvisorError as group:
+            # A start-up failure (another supervisor on the socket, the metrics port taken) is
+            # one sentence for the CLI to print, not a task group's traceback.
+            raise _first_error(group) from None
         finally:
             with anyio.CancelScope(shield=True):
                 await self.registry.aclose()
+
+    async def _start_metrics(self, tg: TaskGroup) -> None:
+        if self.config.metrics is not None:
+            from .metrics import Metrics  # prometheus-client is imported only when enabled
+
+            metrics = Metrics(
+                self.config.metrics.listen,
+                self.events,
+                lambda: [program.status() for program in self.programs.values()],
+            )
+            await tg.start(metrics.run)
 
     async def _start_watches(self, tg: TaskGroup) -> None:
         if self.config.watch:
@@ -224,14 +241,22 @@ class Supervisor:
 
     async def _events(self, request: Request, send: Send) -> dict[str, Any]:
         limit = int(request.args.get("limit", 100))
-        for event in self.events.recent(limit, request.program):
-            await send({"type": "event", **event.to_json()})
-        if request.args.get("follow"):
-            async with self.events.subscribe() as stream:
+        # Subscribed before the history is read (no await between them): an event emitted while
+        # the history is sent follows it, neither lost nor shown twice.
+        async with self.events.subscribe() as stream:
+            history = self.events.recent(limit, request.program) if limit > 0 else []
+            for event in history:
+                await send({"type": "event", **event.to_json()})
+            if request.args.get("follow"):
                 async for event in stream:
                     if request.program in (None, event.program):
                         await send({"type": "event", **event.to_json()})
         return result(None)
+
+
+def _first_error(group: BaseExceptionGroup[FlipvisorError]) -> FlipvisorError:
+    first = group.exceptions[0]
+    return first if isinstance(first, FlipvisorError) else _first_error(first)
 
 
 __all__ = ["EXIT_USAGE", "Supervisor", "prepare_state_dir"]

@@ -1,0 +1,223 @@
+"""The optional Prometheus endpoint (``metrics: {listen: HOST:PORT}``): counters fed by the
+lifecycle events, gauges read from the programs' status at scrape time, served over HTTP/1.0.
+
+prometheus-client's own HTTP server runs in a thread (banned here), so ``/metrics`` is answered
+by a small anyio TCP listener with ``generate_latest`` of a registry of our own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import anyio
+from anyio.abc import SocketStream, TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .errors import ConfigError
+from .events import Event, EventLog
+from .states import ProgramState
+
+log = logging.getLogger(__name__)
+
+# Flips span a service that is ready at once (tens of ms) to a slow start plus drain (minutes).
+FLIP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+MAX_REQUEST = 8192
+# A scraper that connects and says nothing must not hold a task forever.
+REQUEST_TIMEOUT = 5.0
+
+# What the gauges are read from: ``Program.status()`` of every program (the contract's shape).
+StatusSource = Callable[[], Iterable[dict[str, Any]]]
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``127.0.0.1:9100`` (or ``[::1]:9100``, ``http://`` accepted) as host and port."""
+    rest = listen.removeprefix("http://").removeprefix("https://")
+    host, _, port = rest.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class _StatusCollector(Collector):
+    """Gauges of what is true now, computed from the programs' status on each scrape."""
+
+    def __init__(self, statuses: StatusSource) -> None:
+        self._statuses = statuses
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "flipvisor_workers_up",
+            "Running worker processes of the program's serving generation",
+            labels=["program"],
+        )
+        running = GaugeMetricFamily(
+            "flipvisor_processes",
+            "Running worker processes of the program, any generation (two during a flip)",
+            labels=["program"],
+        )
+        serving = GaugeMetricFamily(
+            "flipvisor_generation_serving",
+            "Number of the program's serving generation (0: none serves)",
+            labels=["program"],
+        )
+        flipping = GaugeMetricFamily(
+            "flipvisor_flip_in_progress", "1 while a flip of the program runs", labels=["program"]
+        )
+        state = GaugeMetricFamily(
+            "flipvisor_program_state",
+            "1 for the program's current state, 0 for the others",
+            labels=["program", "state"],
+        )
+        for status in self._statuses():
+            name = status["name"]
+            gens = status.get("generations", [])
+            current = next((g for g in gens if g["state"] == "serving"), None)
+            up.add_metric([name], len(current["pids"]) if current else 0)
+            running.add_metric([name], sum(len(g["pids"]) for g in gens))
+            serving.add_metric([name], current["generation"] if current else 0)
+            flipping.add_metric([name], 1 if status.get("flipping") else 0)
+            for option in ProgramState:
+                state.add_metric([name, option.value], 1 if status["state"] == option.value else 0)
+        yield from (up, running, serving, flipping, state)
+
+
+class Metrics:
+    """Counts flips, failures and restarts from the event log; serves them with the gauges."""
+
+    def __init__(self, listen: str, events: EventLog, statuses: StatusSource) -> None:
+        self.host, self.port = parse_listen(listen)
+        self.events = events
+        self._statuses = statuses
+        self.registry = CollectorRegistry()
+        self.registry.register(_StatusCollector(statuses))
+        self.flips = Counter(
+            "flipvisor_flips",
+            "Flips finished (start, flip, restart, rollback), whatever the outcome",
+            ["program"],
+            registry=self.registry,
+        )
+        self.failures = Counter(
+            "flipvisor_flip_failures",
+            "Flips that failed and were rolled back",
+            ["program"],
+            registry=self.registry,
+        )
+        self.durations = Histogram(
+            "flipvisor_flip_duration_seconds",
+            "How long flips took, from request to the old generation drained (or rolled back)",
+            ["program", "outcome"],
+            buckets=FLIP_BUCKETS,
+            registry=self.registry,
+        )
+        self.restarts = Counter(
+            "flipvisor_restarts",
+            "Worker restarts after an exit of a serving generation's worker",
+            ["program"],
+            registry=self.registry,
+        )
+
+    def observe(self, event: Event) -> None:
+        """Count one lifecycle event."""
+        program = event.program
+        self._touch(program)
+        if event.kind == "flip-finished":
+            ok = bool(event.fields.get("ok"))
+            self.flips.labels(program).inc()
+            if not ok:
+                self.failures.labels(program).inc()
+            duration = event.fields.get("duration")
+            if isinstance(duration, int | float):
+                self.durations.labels(program, "ok" if ok else "failed").observe(duration)
+        elif event.kind == "restarting":
+            self.restarts.labels(program).inc()
+
+    def _touch(self, program: str) -> None:
+        # A series exists (at 0) from the program's first appearance, so rate() and alerts on
+        # "failures > 0" see it before the first increment.
+        self.flips.labels(program)
+        self.failures.labels(program)
+        self.restarts.labels(program)
+
+    def render(self) -> bytes:
+        """The text exposition format of every metric."""
+        for status in self._statuses():
+            self._touch(status["name"])
+        return generate_latest(self.registry)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen, count events, and answer scrapes until cancelled.
+
+        Raises:
+            ConfigError: the listen address cannot be bound.
+        """
+        try:
+            listener = await anyio.create_tcp_listener(local_host=self.host, local_port=self.port)
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}; "
+                "choose a free port in `metrics.listen` or stop what holds this one"
+            ) from exc
+        async with listener, self.events.subscribe() as stream, anyio.create_task_group() as tg:
+            log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+            task_status.started()
+            tg.start_soon(listener.serve, self._answer)
+            async for event in stream:
+                self.observe(event)
+
+    async def _answer(self, stream: SocketStream) -> None:
+        async with stream:
+            try:
+                with anyio.fail_after(REQUEST_TIMEOUT):
+                    head = await BufferedByteReceiveStream(stream).receive_until(
+                        b"\r\n\r\n", MAX_REQUEST
+                    )
+                    await stream.send(self._response(head))
+            except (
+                TimeoutError,
+                anyio.EndOfStream,
+                anyio.IncompleteRead,
+                anyio.DelimiterNotFound,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                ConnectionError,
+            ):
+                pass  # a scraper that went away or never finished its request: nothing to answer
+
+    def _response(self, head: bytes) -> bytes:
+        parts = head.split(b"\r\n", 1)[0].split()
+        if len(parts) != 3:
+            return _http(400, b"bad request\n")
+        method, target, _version = parts
+        if method != b"GET":
+            return _http(405, b"only GET\n")
+        path = target.split(b"?", 1)[0]
+        if path == b"/metrics":
+            return _http(200, self.render(), CONTENT_TYPE_LATEST)
+        if path == b"/":
+            return _http(200, b'<a href="/metrics">/metrics</a>\n', "text/html")
+        return _http(404, b"not found: try /metrics\n")
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+
+
+def _http(code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
+    head = (
+        f"HTTP/1.0 {code} {_REASONS[code]}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+__all__ = ["Metrics", "parse_listen"]

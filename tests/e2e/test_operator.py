@@ -1,0 +1,223 @@
+"""The operator's view of a running supervisor: the Prometheus endpoint, ``status`` details
+(last exit, fatal reason, a flip in progress) and ``events`` (history and ``-f``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.fixtures.nginx import free_port
+from tests.waiting import wait_until
+
+
+def web(version: str = "1", *flags: str) -> dict[str, Any]:
+    return {
+        "command": svc_command("--version", version, *flags),
+        "readiness": {"http": "/health", "timeout": 10},
+        "drain": {"delay": 0, "timeout": 5},
+    }
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(port: int) -> Samples:
+    """Every sample of ``/metrics`` as (name, labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        assert answer.headers["Content-Type"].startswith("text/plain")
+        text = answer.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def crash_worker(flipvisor: Flipvisor, name: str) -> tuple[int, dict[str, Any]]:
+    """SIGKILL the serving generation's worker; return its PID and the generation once replaced."""
+    (old_pid,) = flipvisor.wait_serving(name)["pids"]
+    psutil.Process(old_pid).kill()
+    gen = flipvisor.wait_serving(name, where=lambda g: bool(g["pids"]) and g["pids"] != [old_pid])
+    return old_pid, gen
+
+
+def test_metrics_count_flips_failures_and_restarts(flipvisor: Flipvisor) -> None:
+    port = free_port()
+    flipvisor.start({"metrics": {"listen": f"127.0.0.1:{port}"}, "programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+
+    def started() -> Samples | None:
+        s = scrape(port)
+        return s if sample(s, "flipvisor_flips_total", program="web") == 1 else None
+
+    first = wait_until(started, message="the start-up flip to be counted")
+    assert first is not None
+    assert sample(first, "flipvisor_flip_failures_total", program="web") == 0
+    assert sample(first, "flipvisor_restarts_total", program="web") == 0
+    assert sample(first, "flipvisor_workers_up", program="web") == 1
+    assert sample(first, "flipvisor_program_state", program="web", state="running") == 1
+    assert sample(first, "flipvisor_program_state", program="web", state="fatal") == 0
+
+    flipvisor.write_config(
+        {"metrics": {"listen": f"127.0.0.1:{port}"}, "programs": {"web": web("2")}}
+    )
+    assert flipvisor.cli("flip", "web").returncode == 0
+    flipvisor.write_config(
+        {
+            "metrics": {"listen": f"127.0.0.1:{port}"},
+            "programs": {"web": web("3", "--exit-at-start", "7")},
+        }
+    )
+    assert flipvisor.cli("flip", "web").returncode == 1
+    crash_worker(flipvisor, "web")
+
+    def counted() -> Samples | None:
+        s = scrape(port)
+        done = (
+            sample(s, "flipvisor_flips_total", program="web") == 3
+            and sample(s, "flipvisor_restarts_total", program="web") == 1
+        )
+        return s if done else None
+
+    samples = wait_until(counted, message="two flips, one failure and one restart counted")
+    assert samples is not None
+    assert sample(samples, "flipvisor_flip_failures_total", program="web") == 1
+    durations = "flipvisor_flip_duration_seconds_count"
+    assert sample(samples, durations, program="web", outcome="ok") == 2
+    assert sample(samples, durations, program="web", outcome="failed") == 1
+    assert sample(samples, "flipvisor_generation_serving", program="web") == 2
+    assert sample(samples, "flipvisor_workers_up", program="web") == 1
+    assert sample(samples, "flipvisor_flip_in_progress", program="web") == 0
+
+    # Anything but GET /metrics gets a plain answer, never a hang.
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=5)
+        raise AssertionError("expected 404")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404
+        exc.close()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.sendall(b"garbage\r\n\r\n")
+        assert raw.recv(100).startswith(b"HTTP/1.0 400")
+
+
+def test_metrics_port_in_use_stops_run_with_what_to_do(flipvisor: Flipvisor) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = flipvisor.start(
+            {"metrics": {"listen": f"127.0.0.1:{port}"}, "programs": {"web": web()}}, wait=False
+        )
+        assert process.wait(timeout=20) == 2, flipvisor.output()
+    output = flipvisor.output()
+    assert f"cannot listen on 127.0.0.1:{port}" in output
+    assert "metrics.listen" in output
+    assert "Traceback" not in output
+
+
+def test_status_shows_the_last_exit_after_a_crash(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    before = time.time()
+    old_pid, _gen = crash_worker(flipvisor, "web")
+    program = flipvisor.program("web")
+    assert program["restarts"] == 1
+    assert program["flipping"] is False and program["flip"] is None
+    (gen,) = program["generations"]
+    last = gen["last_exit"]
+    assert last["reason"] == "killed by SIGKILL"
+    assert last["pid"] == old_pid and last["worker"] == 0
+    assert before - 1 <= last["time"] <= time.time() + 1
+    table = flipvisor.cli("status")
+    assert table.returncode == 0, table.stderr
+    assert "killed by SIGKILL" in table.stdout
+
+
+def test_events_show_a_flip_and_a_crash(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    flipvisor.write_config({"programs": {"web": web("2")}})
+    assert flipvisor.cli("flip", "web").returncode == 0
+    old_pid, _gen = crash_worker(flipvisor, "web")
+
+    def events() -> list[dict[str, Any]]:
+        result = flipvisor.cli("events", "--json", "-n", "200")
+        assert result.returncode == 0, result.stderr
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    def restarted() -> list[dict[str, Any]] | None:
+        got = events()
+        return got if any(e["kind"] == "restarting" for e in got) else None
+
+    listed = wait_until(restarted, message="the restart to be listed")
+    assert listed is not None
+    kinds = [(e["kind"], e["generation"]) for e in listed]
+    for expected in [("spawned", 2), ("ready", 2), ("promoted", 2), ("draining", 1)]:
+        assert expected in kinds, kinds
+    assert ("stopped", 1) in kinds
+    finished = [e for e in listed if e["kind"] == "flip-finished"]
+    assert [(e["fields"]["flip"], e["fields"]["ok"]) for e in finished] == [
+        ("start", True),
+        ("flip", True),
+    ]
+    exited = next(e for e in listed if e["kind"] == "exited" and e["fields"]["pid"] == old_pid)
+    assert exited["message"] == "killed by SIGKILL" and exited["generation"] == 2
+    # Oldest first: the crash comes after the flip's promotion.
+    assert listed.index(exited) > kinds.index(("promoted", 2))
+
+    text = flipvisor.cli("events", "web")
+    assert text.returncode == 0, text.stderr
+    assert "web g2 exited killed by SIGKILL" in text.stdout
+
+
+def test_events_follow_prints_new_events_live(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    argv = ["events", "-f", "--json", "-n", "1", "-c", str(flipvisor.config_path)]
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "flipvisor", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert follower.stdout is not None
+    os.set_blocking(follower.stdout.fileno(), False)
+    received = b""
+
+    def seen(kind: str, generation: int) -> bool:
+        nonlocal received
+        received += follower.stdout.read() or b""  # type: ignore[union-attr]
+        return any(
+            (event := json.loads(line))["kind"] == kind and event["generation"] == generation
+            for line in received.splitlines()
+        )
+
+    try:
+        # The newest past event arrives first, and the follower is subscribed by then.
+        wait_until(lambda: seen("flip-finished", 1), timeout=10, message="the last past event")
+        flipvisor.write_config({"programs": {"web": web("2")}})
+        assert flipvisor.cli("flip", "web").returncode == 0
+        wait_until(lambda: seen("promoted", 2), timeout=10, message="the live promoted event")
+        assert follower.poll() is None  # still following
+    finally:
+        follower.terminate()
+        follower.wait(timeout=10)
+        follower.stdout.close()
+        assert follower.stderr is not None
+        follower.stderr.close()
