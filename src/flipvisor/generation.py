@@ -16,15 +16,15 @@ import anyio
 from anyio.abc import TaskStatus
 
 from .config import ProgramConfig
-from .errors import SpawnError
+from .errors import FlipvisorError, ProbeFailed, SpawnError
 from .events import EventLog
 from .logs import ProgramLog
-from .probe import NotifySocket
+from .probe import NotifySocket, wait_ready
 from .reaper import Reaper
 from .sockets import bind_listener, bound_port
 from .spawn import signal_strays
 from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition
-from .worker import Worker, WorkerSpec, backoff_delay
+from .worker import Worker, WorkerSpec, backoff_delay, worker_env
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,45 @@ class Generation:
         """Return the reason once a worker failed the generation before it served."""
         await self._failed.wait()
         return self.failure or "failed"
+
+    async def wait_ready(self) -> None:
+        """Return once the readiness probe passed (at once without one).
+
+        Raises:
+            ProbeFailed: the probe failed or timed out, or a worker exited while it ran (at
+                once, not at the timeout).
+        """
+        readiness = self.config.readiness
+        failure: str | None = None
+        probe_error: FlipvisorError | None = None
+        async with anyio.create_task_group() as race:
+
+            async def watch_workers() -> None:
+                nonlocal failure
+                failure = await self.wait_failed()
+                race.cancel_scope.cancel()
+
+            race.start_soon(watch_workers)
+            try:
+                if readiness is not None:
+                    await wait_ready(
+                        readiness,
+                        host=self.host,
+                        port=self.port,
+                        reaper=self._reaper,
+                        env=worker_env(self.workers[0].spec, 0),
+                        cwd=self.config.cwd,
+                        notify=self.notify,
+                        worker_pids=lambda: set(self.pids),
+                        numprocs=self.config.numprocs,
+                    )
+            except FlipvisorError as exc:  # caught here so it is not wrapped in a group
+                probe_error = exc
+            race.cancel_scope.cancel()
+        if failure is not None:
+            raise ProbeFailed(f"a worker exited while the generation was probed: {failure}")
+        if probe_error is not None:
+            raise probe_error
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Own the workers from spawn to reap; ``started()`` once every worker is spawned.

@@ -21,13 +21,12 @@ from .errors import Busy, FlipFailed, FlipvisorError, ProbeFailed, RegistryError
 from .events import EventLog
 from .generation import Generation
 from .logs import ProgramLog
-from .probe import wait_ready
 from .progress import FlipReport
 from .promotion import promote, serving_snapshot, with_current_pids
 from .reaper import Reaper
 from .registry import Registry, Snapshot
 from .states import GenerationState, ProgramState
-from .worker import RestartBudget, Worker, backoff_delay, worker_env
+from .worker import RestartBudget, Worker, backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -251,38 +250,8 @@ class Program:
         self.config = config
 
     async def _probe(self, report: FlipReport, gen: Generation) -> None:
-        readiness = gen.config.readiness
         with report.step("probe", _describe_readiness(gen)):
-            failure: str | None = None
-            probe_error: FlipvisorError | None = None
-            async with anyio.create_task_group() as race:
-
-                async def watch_workers() -> None:
-                    nonlocal failure
-                    failure = await gen.wait_failed()
-                    race.cancel_scope.cancel()
-
-                race.start_soon(watch_workers)
-                try:
-                    if readiness is not None:
-                        await wait_ready(
-                            readiness,
-                            host=gen.host,
-                            port=gen.port,
-                            reaper=self.runtime.reaper,
-                            env=worker_env(gen.workers[0].spec, 0),
-                            cwd=gen.config.cwd,
-                            notify=gen.notify,
-                            worker_pids=lambda: set(gen.pids),
-                            numprocs=gen.config.numprocs,
-                        )
-                except FlipvisorError as exc:  # caught here so it is not wrapped in a group
-                    probe_error = exc
-                race.cancel_scope.cancel()
-            if failure is not None:
-                raise ProbeFailed(f"a worker exited while the generation was probed: {failure}")
-            if probe_error is not None:
-                raise probe_error
+            await gen.wait_ready()
 
     async def _promote(self, report: FlipReport, gen: Generation) -> None:
         """Promote a READY generation and retire the one it replaces."""
