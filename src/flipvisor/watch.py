@@ -12,6 +12,18 @@ until the template entries have reloaded for every earlier change, then signals 
 it saw that very process serving (``spawn.signal_verified`` checks the start time through a
 pidfd), and SIGKILLs it after the timeout if it is still that process. A PID it never saw is
 never signalled: it logs a warning instead.
+
+Why a drain also waits ``RELOAD_SETTLE`` seconds after the templates' last reload: "the reload
+has finished" cannot mean "``reload_cmd`` returned". ``nginx -s reload`` returns once it has sent
+SIGHUP; the master then re-reads its configuration, starts new workers, and only then tells the
+old workers to stop accepting. Until they do, they keep sending new requests to the old upstream,
+and a process drained at that moment refuses them (a 502 for each). The e2e test of the seed's
+self-registering service under load saw about a third of its requests fail that way with no wait
+at all. A flip waits on evidence instead (the proxy's ``pidfile``: its pre-reload workers gone),
+but a watch entry names no pidfile (the contract's ``watch:`` has no such key), so the watcher
+waits a fixed grace that covers the master's reconfiguration with a wide margin; the drained
+process then finishes the requests it already accepted. Nothing is drained sooner for it: the
+contract's order (reloads first) already puts the drain after the reload.
 """
 
 from __future__ import annotations
@@ -38,6 +50,8 @@ log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT = 30.0  # check_cmd / reload_cmd of a watch (the config has no field for it)
 CATCH_UP_TIMEOUT = 60.0  # longest a drain waits for templates to reload
+# After the templates' last reload, before a drain: the proxy's reconfiguration (module docstring).
+RELOAD_SETTLE = 2.0
 RETRY_MIN, RETRY_MAX = 0.1, 2.0
 
 
@@ -104,6 +118,7 @@ class TemplateWatch(_Follower):
         self.values: dict[str, str] = {}
         self.handled: dict[str, str] | None = None  # the values the last render looked at
         self.busy = False
+        self.reloaded_at: float | None = None  # anyio.current_time() of the last reload that ran
         self._progress = anyio.Event()
         self._waiting_logged = False
 
@@ -158,9 +173,16 @@ class TemplateWatch(_Follower):
         )
         try:
             await reload(self.entry.reload_cmd, reaper=self.reaper, timeout=COMMAND_TIMEOUT)
-        except ProxyError:
-            installed.restore()  # the proxy still runs the old file: keep the disk in step
+        except BaseException:
+            # Failed, or cancelled (SIGTERM) while the command ran: the proxy may still run the
+            # old file, so keep the disk in step. Left in place, the new file would match the
+            # next start's render, which would then skip the reload it still needs.
+            installed.restore()
             raise
+        finally:
+            if self.entry.reload_cmd:
+                # Even a failed reload may have reached the proxy: drains settle after it too.
+                self.reloaded_at = anyio.current_time()
         log.info("watch %s: rendered and reloaded", self.dest)
 
     async def caught_up(self) -> None:
@@ -260,6 +282,8 @@ class DrainWatch(_Follower):
             self.seen.add((pid, started))
 
     async def _wait_for_reloads(self) -> None:
+        """Wait until every template handled the changes so far, then ``RELOAD_SETTLE`` after
+        the last reload any of them ran (the proxy's old workers stop routing to the old PID)."""
         with anyio.move_on_after(CATCH_UP_TIMEOUT) as scope:
             for template in self.templates:
                 await template.caught_up()
@@ -269,6 +293,9 @@ class DrainWatch(_Follower):
                 self.key,
                 CATCH_UP_TIMEOUT,
             )
+        reloads = [t.reloaded_at for t in self.templates if t.reloaded_at is not None]
+        if reloads:
+            await anyio.sleep_until(max(reloads) + RELOAD_SETTLE)
 
     async def _drain_one(self, pid: int, started: float) -> None:
         """Signal the process if it is still the one seen, SIGKILL it after the timeout."""
@@ -338,15 +365,20 @@ async def watch_main(config: Config) -> None:
     reaper = Reaper(reap_orphans=False)  # only our check/reload commands are our children
     registry = open_registry(config)
     try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(reaper.run)
-            await tg.start(registry.run)
-            await tg.start(run_watches, config, registry, reaper)
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("received %s: stopping", signal.Signals(signum).name)
-                    break
-            tg.cancel_scope.cancel()
+        async with anyio.create_task_group() as outer:
+            await outer.start(reaper.run)
+            await outer.start(registry.run)
+            # The watches stop first, in a group of their own: a check or reload command they
+            # are running is killed and waited for (shielded) when they are cancelled, and only
+            # a reaper that still runs can report that exit.
+            async with anyio.create_task_group() as watches:
+                await watches.start(run_watches, config, registry, reaper)
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("received %s: stopping", signal.Signals(signum).name)
+                        break
+                watches.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await registry.aclose()
