@@ -81,10 +81,13 @@ def print_status(document: dict[str, Any]) -> None:
         if program.get("flip"):
             notes.append(f"{program['name']}: {_flip_line(program['flip'])}")
         if program.get("fatal_reason"):
-            name = program["name"]
+            name, reason = program["name"], program["fatal_reason"]
+            logs = (
+                "" if "flipvisor logs" in reason else f"`flipvisor logs {name}` shows its output, "
+            )
             notes.append(
-                f"{name}: [red]fatal: {escape(program['fatal_reason'])}[/]; "
-                f"`flipvisor logs {name}` shows its output, `flipvisor start {name}` tries again"
+                f"{name}: [red]fatal: {escape(reason)}[/]; "
+                f"{logs}`flipvisor start {name}` tries again"
             )
     # Piped into grep or a file, a row stays one line instead of wrapping at 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)

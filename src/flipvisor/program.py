@@ -17,7 +17,16 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from .config import LogsConfig, ProgramConfig
-from .errors import Busy, FlipFailed, FlipvisorError, ProbeFailed, RegistryError, UsageError
+from .errors import (
+    Busy,
+    FlipFailed,
+    FlipvisorError,
+    ProbeFailed,
+    ProxyError,
+    RegistryError,
+    SpawnError,
+    UsageError,
+)
 from .events import EventLog
 from .generation import Generation
 from .logs import ProgramLog
@@ -172,9 +181,12 @@ class Program:
             except FlipFailed as exc:
                 report.finish(str(exc), exc.output)
             except TimeoutError:
-                report.finish(f"the flip took longer than --timeout {timeout}s; rolled back")
+                report.finish(
+                    f"the flip took longer than --timeout {timeout}s; rolled back; "
+                    f"`flipvisor logs {self.name}` shows what the new generation did"
+                )
             except FlipvisorError as exc:
-                report.finish(str(exc))
+                report.finish(f"{exc}; {_next_step(exc, self.name)}")
             except Exception as exc:
                 # The task-group boundary of a flip: a bug must fail this flip, not the
                 # supervisor and every other program with it.
@@ -237,13 +249,10 @@ class Program:
             self.generations.remove(gen)
             if isinstance(exc, FlipvisorError | TimeoutError):
                 output = list(gen.tail)
+                serving = "the previous generation keeps serving" if self.serving else None
                 raise FlipFailed(
                     f"generation {number} of {self.name} failed: {reason}; "
-                    + (
-                        "the previous generation keeps serving"
-                        if self.serving
-                        else "nothing serves"
-                    ),
+                    f"{serving or 'nothing serves'}; " + _next_step(exc, self.name),
                     output,
                 ) from exc
             raise
@@ -435,6 +444,18 @@ def _describe_readiness(gen: Generation) -> str:
     if readiness.exec is not None:
         return "exec " + " ".join(readiness.exec)
     return "sd_notify READY=1"
+
+
+def _next_step(exc: BaseException, program: str) -> str:
+    """What the operator can do about a failed flip, by what failed."""
+    again = f"then `flipvisor flip {program}`"
+    if isinstance(exc, ProxyError):
+        return f"fix the proxy template or its check/reload command, {again}"
+    if isinstance(exc, RegistryError):
+        return f"make the registry reachable (registry.endpoints), {again}"
+    if isinstance(exc, SpawnError):
+        return f"fix programs.{program}.command or cwd in the config, {again}"
+    return f"`flipvisor logs {program}` shows its output"
 
 
 def _reason(exc: BaseException) -> str:

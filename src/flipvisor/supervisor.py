@@ -178,7 +178,10 @@ class Supervisor:
             return self.programs[name]
         except KeyError:
             known = ", ".join(sorted(self.programs)) or "none"
-            raise UsageError(f"no program named {name!r} (programs: {known})") from None
+            raise UsageError(
+                f"no program named {name!r} (programs: {known}); "
+                "after adding it to the config, `flipvisor reload` starts it"
+            ) from None
 
     async def dispatch(self, request: Request, send: Send) -> dict[str, Any]:
         """Carry out one control request; the returned message is the final answer."""
@@ -217,7 +220,10 @@ class Supervisor:
             return await self._follow(report, send)
         if command == "rollback":
             if program.warm is None and program.previous_config is None:
-                raise UsageError(f"{program.name} has no previous generation to roll back to")
+                raise UsageError(
+                    f"{program.name} has no previous generation to roll back to; "
+                    f"`flipvisor status {program.name}` shows what serves"
+                )
             report = program.start_flip(program.previous_config, kind="rollback")
             return await self._follow(report, send)
         raise UsageError(f"unknown command {command!r}")  # pragma: no cover - checked by protocol
@@ -226,7 +232,10 @@ class Supervisor:
         """The program's section as the config file says now (a flip deploys edits)."""
         config = load_config(self.config_path)
         if name not in config.programs:
-            raise UsageError(f"{name!r} is no longer in {self.config_path}; nothing to deploy")
+            raise UsageError(
+                f"{name!r} is no longer in {self.config_path}; nothing to deploy; "
+                "add it back, or `flipvisor reload` to stop it"
+            )
         return config.programs[name]
 
     async def _follow(self, report: FlipReport, send: Send) -> dict[str, Any]:

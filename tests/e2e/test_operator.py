@@ -83,7 +83,9 @@ def test_metrics_count_flips_failures_and_restarts(flipvisor: Flipvisor) -> None
             "programs": {"web": web("3", "--exit-at-start", "7")},
         }
     )
-    assert flipvisor.cli("flip", "web").returncode == 1
+    failed = flipvisor.cli("flip", "web")
+    assert failed.returncode == 1
+    assert "exit status 7" in failed.stderr and "`flipvisor logs web`" in failed.stderr
     crash_worker(flipvisor, "web")
 
     def counted() -> Samples | None:
@@ -180,6 +182,10 @@ def test_events_show_a_flip_and_a_crash(flipvisor: Flipvisor) -> None:
     assert exited["message"] == "killed by SIGKILL" and exited["generation"] == 2
     # Oldest first: the crash comes after the flip's promotion.
     assert listed.index(exited) > kinds.index(("promoted", 2))
+
+    unknown = flipvisor.cli("flip", "nope")
+    assert unknown.returncode == 2
+    assert "no program named 'nope'" in unknown.stderr and "flipvisor reload" in unknown.stderr
 
     text = flipvisor.cli("events", "web")
     assert text.returncode == 0, text.stderr
