@@ -18,7 +18,7 @@ has finished" cannot mean "``reload_cmd`` returned". ``nginx -s reload`` returns
 SIGHUP; the master then re-reads its configuration, starts new workers, and only then tells the
 old workers to stop accepting. Until they do, they keep sending new requests to the old upstream,
 and a process drained at that moment refuses them (a 502 for each). The e2e test of the seed's
-self-registering service under load saw about a third of its requests fail that way with no wait
+self-registering service under load saw a third or more of its requests fail that way with no wait
 at all. A flip waits on evidence instead (the proxy's ``pidfile``: its pre-reload workers gone),
 but a watch entry names no pidfile (the contract's ``watch:`` has no such key), so the watcher
 waits a fixed grace that covers the master's reconfiguration with a wide margin; the drained
