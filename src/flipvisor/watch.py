@@ -22,8 +22,8 @@ self-registering service under load saw a third or more of its requests fail tha
 at all. A flip waits on evidence instead (the proxy's ``pidfile``: its pre-reload workers gone),
 but a watch entry names no pidfile (the contract's ``watch:`` has no such key), so the watcher
 waits a fixed grace that covers the master's reconfiguration with a wide margin; the drained
-process then finishes the requests it already accepted. Nothing is drained sooner for it: the
-contract's order (reloads first) already puts the drain after the reload.
+process then finishes the requests it already accepted. The grace only delays drains (measured:
+0.05 s still failed requests, 0.2 s did not); renders and reloads never wait for it.
 """
 
 from __future__ import annotations
