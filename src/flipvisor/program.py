@@ -291,6 +291,11 @@ class Program:
         self._registration_deferred = deferred
         if deferred:
             self._task_group().start_soon(self._register_when_back, gen)
+        reload = next((s for s in report.steps if s.name == "reload" and s.status == "ok"), None)
+        if reload is not None and reload.duration is not None:  # the lifecycle shows the reload
+            self.runtime.events.emit(
+                "proxy-reloaded", self.name, gen.number, duration=round(reload.duration, 4)
+            )
         self.runtime.events.emit("promoted", self.name, gen.number, port=gen.port, pids=gen.pids)
         if old is None:
             return

@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.fixtures.flipvisor import TEMPLATE, Flipvisor, svc_command
 from tests.fixtures.nginx import free_port
 from tests.waiting import wait_until
 
@@ -152,9 +152,15 @@ def test_status_shows_the_last_exit_after_a_crash(flipvisor: Flipvisor) -> None:
 
 
 def test_events_show_a_flip_and_a_crash(flipvisor: Flipvisor) -> None:
-    flipvisor.start({"programs": {"web": web()}})
+    # A proxy step that reloads nothing (`true`), so the lifecycle has a reload in it.
+    proxy: dict[str, Any] = {
+        "template": str(TEMPLATE),
+        "dest": str(flipvisor.dir / "web.conf"),
+        "reload_cmd": ["true"],
+    }
+    flipvisor.start({"programs": {"web": {**web(), "proxy": proxy}}})
     flipvisor.wait_serving("web")
-    flipvisor.write_config({"programs": {"web": web("2")}})
+    flipvisor.write_config({"programs": {"web": {**web("2"), "proxy": proxy}}})
     assert flipvisor.cli("flip", "web").returncode == 0
     old_pid, _gen = crash_worker(flipvisor, "web")
 
@@ -170,8 +176,10 @@ def test_events_show_a_flip_and_a_crash(flipvisor: Flipvisor) -> None:
     listed = wait_until(restarted, message="the restart to be listed")
     assert listed is not None
     kinds = [(e["kind"], e["generation"]) for e in listed]
-    for expected in [("spawned", 2), ("ready", 2), ("promoted", 2), ("draining", 1)]:
+    for expected in [("spawned", 2), ("ready", 2), ("proxy-reloaded", 2), ("promoted", 2)]:
         assert expected in kinds, kinds
+    assert kinds.index(("proxy-reloaded", 2)) < kinds.index(("promoted", 2))
+    assert kinds.index(("promoted", 2)) < kinds.index(("draining", 1))
     assert ("stopped", 1) in kinds
     finished = [e for e in listed if e["kind"] == "flip-finished"]
     assert [(e["fields"]["flip"], e["fields"]["ok"]) for e in finished] == [
