@@ -68,24 +68,28 @@ class Supervisor:
             log.warning("could not become a child subreaper; orphans will not be reaped")
         control = ControlServer(self.config.socket_path, self.dispatch)
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                await tg.start(self.reaper.run)
-                await tg.start(control.serve)
-                await self._start_metrics(tg)
-                await tg.start(self.registry.run)
-                tg.start_soon(self._handle_signals)
-                await self._start_watches(tg)
-                for name, program_config in self.config.programs.items():
-                    program = await self._add_program(name, program_config)
-                    if program_config.autostart:
-                        program.start_flip(kind="start")
-                await self._shutdown.wait()
-                log.info("shutting down: draining every program")
-                async with anyio.create_task_group() as stops:
-                    for program in self.programs.values():
-                        stops.start_soon(program.stop)
-                tg.cancel_scope.cancel()
+            async with anyio.create_task_group() as root:
+                # The reaper outlives everything else: whatever the rest kills while it is
+                # cancelled (a running reload, a probe command) must still be reaped.
+                await root.start(self.reaper.run)
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    await tg.start(control.serve)
+                    await self._start_metrics(tg)
+                    await tg.start(self.registry.run)
+                    tg.start_soon(self._handle_signals)
+                    await self._start_watches(tg)
+                    for name, program_config in self.config.programs.items():
+                        program = await self._add_program(name, program_config)
+                        if program_config.autostart:
+                            program.start_flip(kind="start")
+                    await self._shutdown.wait()
+                    log.info("shutting down: draining every program")
+                    async with anyio.create_task_group() as stops:
+                        for program in self.programs.values():
+                            stops.start_soon(program.stop)
+                    tg.cancel_scope.cancel()
+                root.cancel_scope.cancel()
         except* FlipvisorError as group:
             # A start-up failure (another supervisor on the socket, the metrics port taken) is
             # one sentence for the CLI to print, not a task group's traceback.

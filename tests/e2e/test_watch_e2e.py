@@ -333,11 +333,6 @@ def test_watch_waits_for_etcd_then_renders_and_exits_0_on_sigterm(
     assert file_holds(dest, "port=41000")
 
 
-@pytest.mark.xfail(
-    reason="supervisor.py cancels the reaper together with the watches: a reload command that "
-    "runs at SIGTERM is killed but its exit is never reaped, so `flipvisor run` hangs",
-    strict=True,
-)
 def test_run_exits_on_sigterm_while_a_watch_reload_runs(
     flipvisor: Flipvisor, tmp_path: Path
 ) -> None:
