@@ -1,6 +1,7 @@
 """The bounded history of lifecycle events and its live subscribers (``events -f``).
 
-Emitting never blocks: a subscriber that does not keep up loses events and is told how many.
+Emitting never blocks: a subscriber that does not keep up loses the events it had no room for
+(the history still has them).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class EventLog:
 
     def recent(self, limit: int = HISTORY, program: str | None = None) -> list[Event]:
         """The newest ``limit`` events, oldest first, optionally of one program."""
+        if limit <= 0:
+            return []
         events = [e for e in self._history if program is None or e.program == program]
         return events[-limit:]
 

@@ -31,7 +31,6 @@ def test_history_of_one_program() -> None:
     assert isinstance(first["time"], float)
 
 
-@pytest.mark.xfail(reason="recent(0) slices [-0:] and returns the whole history", strict=True)
 def test_no_history_when_none_is_asked_for() -> None:
     events = EventLog()
     events.emit("spawned", "web", 1)
