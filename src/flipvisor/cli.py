@@ -248,16 +248,16 @@ def _logs(args: argparse.Namespace, path: Path) -> int:
     config = locate(path)
     from .logs import follow, tail_lines
 
-    path = config.log_dir / f"{args.program}.log"
-    if args.program not in config.programs and not path.exists():
-        _error(f"no program named {args.program!r} in the config")
+    log_path = config.log_dir / f"{args.program}.log"
+    if args.program not in config.programs and not log_path.exists():
+        _error(f"no program named {args.program!r} in {path}; `flipvisor status` lists them")
         return EXIT_USAGE
     if args.follow:
         # follow() prints the last lines and continues from the same offset: no gap, no repeat
-        for line in follow(path, last=args.lines):
+        for line in follow(log_path, last=args.lines):
             print(line, flush=True)
         return EXIT_OK
-    for line in tail_lines(path, args.lines):
+    for line in tail_lines(log_path, args.lines):
         print(line)
     return EXIT_OK
 

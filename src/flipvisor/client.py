@@ -30,7 +30,10 @@ def converse(
                 f"no supervisor is listening on {path} (start one with `flipvisor run`)"
             ) from exc
         except PermissionError as exc:
-            raise ControlUnreachable(f"permission denied on {path}: {exc.strerror}") from exc
+            raise ControlUnreachable(
+                f"permission denied on {path}: {exc.strerror}; run flipvisor as the user that "
+                "runs the supervisor (or root)"
+            ) from exc
         sock.sendall(request.encode())
         reader = sock.makefile("rb")
         with reader:

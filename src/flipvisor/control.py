@@ -57,7 +57,10 @@ def _claim_path(path: Path) -> None:
         return
     finally:
         probe.close()
-    raise AlreadyRunning(f"a supervisor is already listening on {path}")
+    raise AlreadyRunning(
+        f"a supervisor is already listening on {path}; stop it with `flipvisor shutdown`, "
+        "or give this one another state_dir"
+    )
 
 
 class ControlServer:
