@@ -1,0 +1,112 @@
+"""The human status table: a row per generation; notes for flips in progress and fatal programs."""
+
+from __future__ import annotations
+
+import pytest
+
+from flipvisor.display import print_status, status_rows
+
+NOW = 1_800_000_000.0
+
+
+def _program(name: str, state: str = "running", **extra: object) -> dict[str, object]:
+    program: dict[str, object] = {
+        "name": name,
+        "state": state,
+        "restarts": 0,
+        "fatal_reason": None,
+        "flip": None,
+        "generations": [
+            {
+                "generation": 2,
+                "state": "serving",
+                "port": 41000,
+                "pids": [11, 12],
+                "uptime": 75.0,
+                "restarts": 1,
+                "last_exit": {
+                    "worker": 0,
+                    "pid": 10,
+                    "reason": "killed by SIGKILL",
+                    "time": NOW - 12,
+                },
+            },
+        ],
+    }
+    program.update(extra)
+    return program
+
+
+def test_rows_show_generation_ports_pids_uptime_and_last_exit() -> None:
+    rows, notes = status_rows({"programs": [_program("web")]}, NOW)
+    assert rows == [
+        [
+            "web",
+            "running",
+            "2",
+            "serving",
+            "41000",
+            "11,12",
+            "1m15s",
+            "1",
+            "w0 killed by SIGKILL, 12s ago",
+        ]
+    ]
+    assert notes == []
+
+
+def test_program_columns_only_on_its_first_generation_row() -> None:
+    program = _program("web")
+    warm = {
+        "generation": 1,
+        "state": "ready",
+        "port": 40000,
+        "pids": [9],
+        "uptime": 3700.0,
+        "restarts": 0,
+        "last_exit": None,
+    }
+    program["generations"] = [*program["generations"], warm]  # type: ignore[misc]
+    rows, _ = status_rows({"programs": [program]}, NOW)
+    assert rows[1][:2] == ["", ""] and rows[1][2:4] == ["1", "ready"] and rows[1][6] == "1h01m"
+
+
+def test_notes_say_what_a_flip_is_doing_and_what_to_do_about_fatal() -> None:
+    flipping = _program(
+        "web", flip={"kind": "flip", "generation": 3, "step": "probe", "elapsed": 2.14}
+    )
+    fatal = _program(
+        "api",
+        state="fatal",
+        generations=[],
+        fatal_reason="worker 0 of generation 1 exit status 3; more than 5 restarts",
+    )
+    rows, notes = status_rows({"programs": [flipping, fatal]}, NOW)
+    assert rows[1] == ["api", "fatal", "-", "-", "-", "-", "-", "0", ""]
+    assert notes == [
+        "web: flip to generation 3 in progress: probe (2.1s)",
+        "api: fatal: worker 0 of generation 1 exit status 3; more than 5 restarts; "
+        "`flipvisor logs api` shows its output, `flipvisor start api` tries again",
+    ]
+
+
+def test_printed_table_is_aligned_and_uncoloured_when_piped(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    print_status({"programs": [_program("web"), _program("a-much-longer-name")]})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "PROGRAM",
+        "STATE",
+        "GEN",
+        "GEN",
+        "STATE",
+        "PORT",
+        "PIDS",
+        "UPTIME",
+        "RESTARTS",
+        "LAST",
+        "EXIT",
+    ]
+    assert "\x1b[" not in "".join(lines)
+    assert lines[1].index("running") == lines[2].index("running") == lines[0].index("STATE")
