@@ -140,39 +140,38 @@ def _check(args: argparse.Namespace, path: Path) -> int:
     return EXIT_OK
 
 
-def _run(args: argparse.Namespace, path: Path) -> int:
+def _log_to_stderr() -> None:
+    """Log lines of the long-running commands, for journald or a terminal."""
     import logging
 
-    import anyio
-
-    from .config import load_config
-    from .supervisor import Supervisor
-
-    config = load_config(path)
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per probe attempt is noise
+
+
+def _run(args: argparse.Namespace, path: Path) -> int:
+    import anyio
+
+    from .config import load_config
+    from .supervisor import Supervisor
+
+    config = load_config(path)
+    _log_to_stderr()
     anyio.run(Supervisor(path, config).run, backend="asyncio")
     return EXIT_OK
 
 
 def _watch(args: argparse.Namespace, path: Path) -> int:
-    import logging
-
     import anyio
 
     from .config import load_config
     from .watch import watch_main
 
     config = load_config(path)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _log_to_stderr()
     if not config.watch:
         raise ConfigError(f"{path}: no `watch:` entries")
     anyio.run(watch_main, config, backend="asyncio")

@@ -5,6 +5,7 @@ to the supervisor's dispatcher.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -90,31 +91,41 @@ class ControlServer:
             self.path.unlink(missing_ok=True)
 
     async def _handle(self, stream: SocketStream) -> None:
+        # A client that goes away mid-answer ends only its conversation: what it started goes on.
         async with stream:
-            uid = peer_uid(stream)
+            with contextlib.suppress(*_CLIENT_GONE):
+                await self._converse(stream)
 
-            async def send(message: dict[str, Any]) -> None:
-                await stream.send(encode(message))
+    async def _converse(self, stream: SocketStream) -> None:
+        uid = peer_uid(stream)
 
-            try:
-                if not peer_allowed(uid):
-                    log.warning("refused control connection from uid %d", uid)
-                    await send(
-                        result(error=f"permission denied for uid {uid}", exit_code=EXIT_USAGE)
-                    )
-                    return
-                buffered = BufferedByteReceiveStream(stream)
-                line = await buffered.receive_until(b"\n", MAX_LINE)
-                request = decode_request(line)
-                await send(await self.dispatch(request, send))
-            except ProtocolError as exc:
-                await send(result(error=str(exc), exit_code=EXIT_USAGE))
-            except (
-                anyio.EndOfStream,
-                anyio.IncompleteRead,
-                anyio.BrokenResourceError,
-                anyio.ClosedResourceError,
-                anyio.DelimiterNotFound,
-                ConnectionError,
-            ):
-                pass  # the client went away; whatever it started goes on
+        async def send(message: dict[str, Any]) -> None:
+            await stream.send(encode(message))
+
+        if not peer_allowed(uid):
+            log.warning("refused control connection from uid %d", uid)
+            await send(result(error=f"permission denied for uid {uid}", exit_code=EXIT_USAGE))
+            return
+        try:
+            line = await BufferedByteReceiveStream(stream).receive_until(b"\n", MAX_LINE)
+            answer = await self.dispatch(decode_request(line), send)
+        except ProtocolError as exc:
+            answer = result(error=str(exc), exit_code=EXIT_USAGE)
+        except _CLIENT_GONE:
+            raise
+        except Exception as exc:
+            # The boundary of one request: a bug in answering it must fail that request, not
+            # the control socket and the supervisor with it.
+            log.exception("control request failed")
+            answer = result(error=f"internal error: {exc!r}")
+        await send(answer)
+
+
+_CLIENT_GONE = (
+    anyio.EndOfStream,
+    anyio.IncompleteRead,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.DelimiterNotFound,
+    ConnectionError,
+)

@@ -247,22 +247,26 @@ class Generation:
         finally:
             # A cancelled generation (supervisor exiting) still stops every worker: each
             # worker's own finally does that; we only release the socket afterwards.
-            self.socket.close()
-            if self.notify is not None:
-                self.notify.close()
-            self._final_transition()
-            self._stopped.set()
+            try:
+                self.socket.close()
+                if self.notify is not None:
+                    self.notify.close()
+                self._final_transition()
+            finally:
+                self._stopped.set()  # whatever happened, nobody waits for this forever
 
     def _final_transition(self) -> None:
         if self.state in (GenerationState.STOPPED, GenerationState.FAILED):
+            return
+        if self.state is GenerationState.DRAINING:  # drained, whether it served or was ready
+            self.transition(GenerationState.STOPPED)
             return
         never_served = not self.was_serving and self.state is not GenerationState.READY
         if never_served or (self.failure is not None and not self.was_serving):
             self.failure = self.failure or "stopped before it was ready"
             self.transition(GenerationState.FAILED)
             return
-        if self.state is not GenerationState.DRAINING:
-            self.transition(GenerationState.DRAINING)
+        self.transition(GenerationState.DRAINING)  # a serving or warm generation cancelled
         self.transition(GenerationState.STOPPED)
 
     async def _stop_workers(self, tg: anyio.abc.TaskGroup) -> None:
@@ -296,8 +300,10 @@ class Generation:
         tg.cancel_scope.cancel()
 
     async def _all_workers_done(self) -> None:
+        # Slots that never started (a spawn failed before them) have nothing to wait for.
         for worker in list(self.workers):
-            await worker.done.wait()
+            if worker.started:
+                await worker.done.wait()
 
     def request_stop(self, *, delay: float) -> None:
         """Begin stopping: after ``delay``, signal every worker, SIGKILL after the timeout."""

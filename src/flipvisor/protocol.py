@@ -46,7 +46,7 @@ def decode(line: bytes) -> dict[str, Any]:
     """
     try:
         message = json.loads(line)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # deep nesting exhausts the parser's stack
         raise ProtocolError(f"malformed control message: {exc}") from exc
     if not isinstance(message, dict):
         raise ProtocolError("malformed control message: not an object")
@@ -61,7 +61,7 @@ def decode_request(line: bytes) -> Request:
     """
     message = decode(line)
     command = message.get("command")
-    if command not in COMMANDS:
+    if not isinstance(command, str) or command not in COMMANDS:
         raise ProtocolError(f"unknown command {command!r}")
     program = message.get("program")
     args = message.get("args") or {}

@@ -33,18 +33,12 @@ PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2  # Linux 6.9+: signal the pidfd's process gr
 SHELL = "/bin/sh"
 # $0 is the working directory; "$@" the user's argv, exec'd without any parsing.
 _SHIM = 'cd -- "$0" || exit 127; LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
-_SIGNALS_TO_DEFAULT = (
-    signal.SIGPIPE,
-    signal.SIGXFSZ,
-    signal.SIGHUP,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGTERM,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGCHLD,
-)
+# Every signal a worker could inherit as ignored (Python ignores SIGPIPE and SIGXFSZ; our own
+# parent may have ignored more) goes back to its default; KILL and STOP cannot be caught anyway.
+_SIGNALS_TO_DEFAULT = tuple(sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}))
 OUTPUT_TAIL_BYTES = 64 * 1024
+# How long a finished command's output may still be read (a background process may hold it).
+OUTPUT_GRACE = 1.0
 
 
 @dataclass
@@ -120,6 +114,22 @@ class Child:
             self.pidfd = -1
 
 
+def _inherited_fds(exclude: set[int | None]) -> list[int]:
+    """Descriptors above 2 that a child would inherit: ours are close-on-exec (PEP 446), but
+    one the supervisor itself inherited without the flag would leak into every worker."""
+    leaked = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2 or fd in exclude:
+            continue
+        try:
+            if os.get_inheritable(fd):
+                leaked.append(fd)
+        except OSError:
+            continue  # the descriptor listdir itself used, closed by now
+    return leaked
+
+
 def resolve_executable(argv0: str, env: Mapping[str, str], cwd: Path | None) -> str:
     """Find ``argv0`` the way exec would, so a typo fails the spawn with a clear message.
 
@@ -155,12 +165,14 @@ def spawn_process(
         SpawnError: the command or working directory is unusable, or the OS refused.
     """
     resolve_executable(argv[0], env, cwd)
-    workdir = str(cwd) if cwd is not None else os.getcwd()
+    # Absolute, so the shim's `cd` never consults $CDPATH (which would also print the path).
+    workdir = os.path.abspath(cwd) if cwd is not None else os.getcwd()
     if not os.path.isdir(workdir):
         raise SpawnError(f"working directory {workdir} does not exist")
     actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
-        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
+        (os.POSIX_SPAWN_CLOSE, fd) for fd in _inherited_fds(exclude={listen_fd, output_fd})
     ]
+    actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
     if output_fd is not None:
         actions += [(os.POSIX_SPAWN_DUP2, output_fd, 1), (os.POSIX_SPAWN_DUP2, output_fd, 2)]
     else:
@@ -182,6 +194,7 @@ def spawn_process(
             file_actions=actions,
             setsid=True,
             setsigdef=_SIGNALS_TO_DEFAULT,
+            setsigmask=(),  # nothing blocked: a worker that blocked SIGTERM would ignore drains
         )
     except OSError as exc:
         raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror}") from exc
@@ -226,6 +239,33 @@ class CommandResult:
         return f"{head}: {tail}" if tail else head
 
 
+def spawn_with_output(
+    argv: Sequence[str],
+    *,
+    reaper: Reaper,
+    env: Mapping[str, str],
+    cwd: Path | None = None,
+    listen_fd: int | None = None,
+) -> tuple[Child, int]:
+    """``spawn_process`` with stdout and stderr on a new pipe; the child and the pipe's read end
+    (non-blocking, the caller closes it).
+
+    Raises:
+        SpawnError: as ``spawn_process``; no descriptor is left open then.
+    """
+    read_fd, write_fd = open_output_pipe()
+    try:
+        child = spawn_process(
+            argv, reaper=reaper, env=env, cwd=cwd, listen_fd=listen_fd, output_fd=write_fd
+        )
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)  # the child has its copy; ours would keep the pipe from ending
+    return child, read_fd
+
+
 def open_output_pipe() -> tuple[int, int]:
     """A close-on-exec pipe whose read end does not block; (read_fd, write_fd)."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
@@ -258,32 +298,36 @@ async def run_command(
     Raises:
         SpawnError: it could not be started.
     """
-    read_fd, write_fd = open_output_pipe()
-    try:
-        child = spawn_process(
-            argv,
-            reaper=reaper,
-            env=env if env is not None else os.environ,
-            cwd=cwd,
-            output_fd=write_fd,
-        )
-    except BaseException:
-        os.close(read_fd)
-        raise
-    finally:
-        os.close(write_fd)
+    child, read_fd = spawn_with_output(
+        argv, reaper=reaper, env=env if env is not None else os.environ, cwd=cwd
+    )
     output = bytearray()
-    timed_out = False
-    try:
-        with anyio.move_on_after(timeout) as scope:
+    read_all = anyio.Event()
+
+    async def read_output() -> None:
+        try:
             while chunk := await read_available(read_fd):
-                output += chunk
+                output.extend(chunk)
                 del output[:-OUTPUT_TAIL_BYTES]
-            await child.wait()
-        timed_out = scope.cancelled_caught
+        finally:
+            read_all.set()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_output)
+            with anyio.move_on_after(timeout):
+                await child.wait()
+                # A background process the command left behind may hold its output open: read
+                # what is there, but do not wait for that process to end.
+                with anyio.move_on_after(OUTPUT_GRACE):
+                    await read_all.wait()
+            tg.cancel_scope.cancel()
+        timed_out = not child.exit.reaped
     finally:
         os.close(read_fd)
         returncode = await child.stop(signal.SIGKILL, timeout=5.0)
+        # What it left running in its group (re-parented to us) is not meant to outlive it.
+        signal_strays({child.pid}, signal.SIGKILL)
         child.close()
     return CommandResult(
         tuple(argv), returncode, output.decode("utf-8", "replace"), timed_out=timed_out

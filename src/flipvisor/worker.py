@@ -19,18 +19,15 @@ from anyio.abc import TaskStatus
 
 from .config import ProgramConfig
 from .errors import SpawnError
-from .logs import ProgramLog, capture, enlarge_pipe
+from .logs import ProgramLog, capture
 from .reaper import Reaper
-from .spawn import LISTEN_FD, Child, open_output_pipe, spawn_process
+from .spawn import LISTEN_FD, OUTPUT_GRACE, Child, spawn_with_output
 from .states import WORKER_TRANSITIONS, WorkerState, check_transition
 
 # How long a restarted worker must stay up before its backoff starts again from zero.
 STABLE_UPTIME = 10.0
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
-# After a worker exits, how long its output pipe may stay open (held by a grandchild) before
-# capture gives up on it.
-OUTPUT_GRACE = 1.0
 _INHERITED_SOCKET_VARS = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
 
 
@@ -42,7 +39,9 @@ def backoff_delay(consecutive_failures: int) -> float:
     """
     if consecutive_failures <= 0:
         return 0.0
-    delay: float = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** (consecutive_failures - 1))
+    # The exponent is capped: past the cap the delay is BACKOFF_CAP anyway, and 2.0 ** 1025
+    # would overflow in a long crash loop.
+    delay: float = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(consecutive_failures - 1, 32))
     return delay * random.uniform(0.5, 1.0)
 
 
@@ -133,6 +132,7 @@ class Worker:
         self.consecutive_failures = 0
         self.restarts = 0
         self.last_exit: str | None = None
+        self.started = False
         self.done = anyio.Event()
 
     @property
@@ -155,31 +155,22 @@ class Worker:
                 "worker": self.index,
             },
         )
-        read_fd, write_fd = open_output_pipe()
-        enlarge_pipe(read_fd)
-        try:
-            child = spawn_process(
-                argv,
-                reaper=self.reaper,
-                env=worker_env(spec, self.index),
-                cwd=spec.config.cwd,
-                listen_fd=spec.listen_fd,
-                output_fd=write_fd,
-            )
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)
-        self._read_fd = read_fd
+        child, self._read_fd = spawn_with_output(
+            argv,
+            reaper=self.reaper,
+            env=worker_env(spec, self.index),
+            cwd=spec.config.cwd,
+            listen_fd=spec.listen_fd,
+        )
         return child
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the slot until its owner says stop. The first spawn's failure is raised to the
         starter; later ones count as exits and follow the restart policy."""
-        child: Child | None = self._spawn()
-        task_status.started()
         try:
+            child: Child | None = self._spawn()
+            self.started = True
+            task_status.started()
             await self._keep_running(child)
         finally:
             self.done.set()

@@ -202,12 +202,6 @@ async def test_a_client_leaving_mid_answer_does_not_crash_the_server(sock_path: 
     assert answer[-1]["ok"], "the server outlived the vanished client"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="control.ControlServer._handle catches only ProtocolError and connection errors: a "
-    "TypeError from protocol.decode_request (an unhashable command) escapes the handler, ends "
-    "listener.serve and with it the supervisor's task group",
-)
 async def test_an_unhashable_command_does_not_crash_the_server(sock_path: Path) -> None:
     async with serving(sock_path, FakeSupervisor().dispatch):
         raw = await raw_exchange(sock_path, b'{"command": ["status"]}\n')
@@ -216,12 +210,6 @@ async def test_an_unhashable_command_does_not_crash_the_server(sock_path: Path) 
         assert b"unknown command" in raw
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="control.ControlServer._handle: an unexpected exception from dispatch (a bug "
-    "handling one request; Supervisor.dispatch catches only FlipvisorError) escapes the "
-    "handler and takes the whole supervisor down instead of failing that one request",
-)
 async def test_a_dispatch_bug_fails_only_its_request(sock_path: Path) -> None:
     async with serving(sock_path, FakeSupervisor().dispatch):
         answer = await ask(sock_path, Request("shutdown"))  # the fake raises RuntimeError

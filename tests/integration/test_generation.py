@@ -351,13 +351,6 @@ async def test_a_worker_that_cannot_start_fails_the_generation(
     assert gen.socket.fileno() == -1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker.Worker.run: a first spawn that raises never sets `done` (the try/finally "
-    "starts after _spawn), and later slots never started at all; Generation._stop_workers "
-    "then waits drain.timeout plus KILL_GRACE (20 s by default) on them, so a flip with a "
-    "mistyped command takes 20 s to fail",
-)
 async def test_a_worker_that_cannot_start_fails_the_generation_promptly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -375,13 +368,6 @@ async def test_a_worker_that_cannot_start_fails_the_generation_promptly(
     assert elapsed < 0.5, f"the spawn error took {elapsed:.1f}s to surface"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="generation._final_transition: a READY generation that never served, drained "
-    "(shutdown between probe and promotion, as GENERATION_TRANSITIONS allows), is in "
-    "DRAINING with was_serving False, so it tries DRAINING -> FAILED: TransitionError "
-    "escapes Generation.run's finally before _stopped is set, and drain() hangs forever",
-)
 async def test_a_ready_generation_that_never_served_can_be_drained(tmp_path: Path) -> None:
     markers = tmp_path / "markers"
     async with harness(tmp_path) as h:

@@ -203,23 +203,17 @@ async def test_spawn_adds_no_fd_of_its_own(tmp_path: Path) -> None:
     """Pipes, pidfds and sockets of the supervisor never reach a worker."""
     with listener() as sock:
         async with running_reaper() as reaper:
-            # Open fds we hold at spawn time: none may cross over (only those a parent left us
-            # without close-on-exec do; see the xfail test below).
+            # Open fds we hold at spawn time (and any a parent left us without close-on-exec,
+            # see the next test): none may cross over.
             extra_pipe = os.pipe()
             try:
-                before = inheritable_fds()
                 _, data = await probe(reaper, tmp_path, listen_fd=sock.fileno())
             finally:
                 os.close(extra_pipe[0])
                 os.close(extra_pipe[1])
-    assert set(data["fds"]) == {0, 1, 2, 3} | (before - {0, 1, 2, 3})
+    assert set(data["fds"]) == {0, 1, 2, 3}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spawn.spawn_process relies on close-on-exec only: an fd the supervisor inherited "
-    "without O_CLOEXEC (from its own parent) leaks into every worker",
-)
 async def test_inherited_fds_do_not_leak_to_the_child(tmp_path: Path) -> None:
     read_fd, write_fd = os.pipe()
     os.set_inheritable(write_fd, True)  # as if our parent had left it open for us
@@ -277,11 +271,6 @@ async def test_cwd_defaults_to_ours(tmp_path: Path) -> None:
     assert data["cwd"] == os.getcwd()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='spawn._SHIM runs `cd -- "$0"` with the user\'s env: a relative cwd is looked up '
-    "in $CDPATH first (and the shim prints it to the worker's stdout)",
-)
 async def test_relative_cwd_ignores_cdpath(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "here" / "sub").mkdir(parents=True)
     (tmp_path / "decoy" / "sub").mkdir(parents=True)
@@ -341,11 +330,6 @@ async def test_signals_default_in_the_child() -> None:
     assert status_field(result.output, "SigBlk") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spawn.spawn_process: setsigdef resets only the fixed _SIGNALS_TO_DEFAULT list, so a "
-    "signal our own parent left ignored (SIGTTOU, SIGALRM...) stays ignored in every worker",
-)
 async def test_signals_default_even_if_our_parent_ignored_one() -> None:
     previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     try:
@@ -358,12 +342,6 @@ async def test_signals_default_even_if_our_parent_ignored_one() -> None:
     assert status_field(result.output, "SigIgn") & STANDARD_SIGNALS == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spawn.spawn_process passes no setsigmask, so signals blocked in the spawning thread "
-    "(here SIGWINCH; a parent that blocks SIGTERM would make workers deaf to drains) stay "
-    "blocked in every worker",
-)
 async def test_signal_mask_empty_even_if_our_thread_blocked_one() -> None:
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGWINCH})
     try:
@@ -489,7 +467,17 @@ async def test_run_command_success_and_env_cwd(tmp_path: Path) -> None:
     assert result.describe().startswith('`sh -c echo "$GREETING from $(pwd)"` exited with status 0')
 
 
+def own_children() -> set[int]:
+    """Our children now (a session fixture's daemon, such as etcd, among them)."""
+    return {child.pid for child in psutil.Process().children()}
+
+
+def new_children(before: set[int]) -> set[int]:
+    return own_children() - before
+
+
 async def test_run_command_timeout_kills_and_reaps() -> None:
+    before = own_children()
     async with running_reaper() as reaper:
         started = time.monotonic()
         result = await run_command(
@@ -502,7 +490,7 @@ async def test_run_command_timeout_kills_and_reaps() -> None:
     assert result.output == "begun\n", "output before the timeout is kept"
     assert 0.3 <= elapsed < 5
     assert "timed out" in result.describe()
-    assert not psutil.Process().children(), "killed and reaped before returning"
+    assert not new_children(before), "killed and reaped before returning"
 
 
 async def test_run_command_kills_the_whole_group_on_timeout(tmp_path: Path) -> None:
@@ -517,20 +505,14 @@ async def test_run_command_kills_the_whole_group_on_timeout(tmp_path: Path) -> N
 
 
 async def test_run_command_cancelled_caller_kills_and_reaps() -> None:
+    before = own_children()
     async with running_reaper() as reaper:
         with anyio.move_on_after(0.3) as scope:
             await run_command(["sleep", "30"], reaper=reaper, timeout=30)
         assert scope.cancelled_caught
-        assert not psutil.Process().children()
+        assert not new_children(before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spawn.run_command reads output until EOF before it waits for the exit: a command "
-    "that leaves a background process holding stdout (e.g. a reload script starting a helper) "
-    "runs into the full timeout, is reported as timed out though it exited 0, and the "
-    "background process is left running (the reaped leader's group is no longer signalled)",
-)
 async def test_run_command_returns_when_the_command_exits_despite_a_background_child(
     tmp_path: Path,
 ) -> None:
