@@ -229,6 +229,9 @@ class WatchConfig(_Model):
     dest: RelPath | None = None
     check_cmd: Command | None = None
     reload_cmd: Command | None = None
+    # As proxy.pidfile: after a reload, wait until the proxy's old workers are gone, so a
+    # drain_pid waits on evidence rather than a fixed grace.
+    pidfile: RelPath | None = None
     drain_pid: DrainPidConfig | None = None
 
     @model_validator(mode="after")
@@ -238,6 +241,8 @@ class WatchConfig(_Model):
             raise ValueError("template and dest go together")
         if renders == (self.drain_pid is not None):
             raise ValueError("needs either template + dest, or drain_pid")
+        if self.pidfile is not None and not renders:
+            raise ValueError("pidfile: goes with a template entry (it waits for its reloads)")
         if self.drain_pid is not None and (
             len(self.keys) != 1 or not self.keys[0].endswith("/pid/previous")
         ):

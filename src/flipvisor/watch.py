@@ -20,10 +20,11 @@ old workers to stop accepting. Until they do, they keep sending new requests to 
 and a process drained at that moment refuses them (a 502 for each). The e2e test of the seed's
 self-registering service under load saw a third or more of its requests fail that way with no wait
 at all. A flip waits on evidence instead (the proxy's ``pidfile``: its pre-reload workers gone),
-but a watch entry names no pidfile (the contract's ``watch:`` has no such key), so the watcher
-waits a fixed grace that covers the master's reconfiguration with a wide margin; the drained
-process then finishes the requests it already accepted. The grace only delays drains (measured:
-0.05 s still failed requests, 0.2 s did not); renders and reloads never wait for it.
+and so does a template entry with a ``pidfile`` (an addition to the contract's ``watch:`` keys).
+Without one, the watcher waits a fixed grace that covers the master's reconfiguration with a wide
+margin; the drained process then finishes the requests it already accepted. The grace only delays
+drains (measured: 0.05 s still failed requests, 0.2 s did not); renders and reloads never wait for
+it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from .config import Config, DrainPidConfig, WatchConfig
 from .errors import ProxyError, RegistryError
-from .proxy import install, reload, render_template, wait_workers_gone
+from .proxy import install, proxy_workers, reload, render_template, wait_workers_gone
 from .reaper import Reaper
 from .registry import KeyRange, WatchableRegistry, WatchEvent, WatchLost, key_matches
 from .spawn import signal_verified, start_time_of
@@ -171,6 +172,8 @@ class TemplateWatch(_Follower):
             reaper=self.reaper,
             timeout=COMMAND_TIMEOUT,
         )
+        pidfile = self.entry.pidfile
+        old_workers = proxy_workers(pidfile) if pidfile is not None else frozenset()
         try:
             await reload(self.entry.reload_cmd, reaper=self.reaper, timeout=COMMAND_TIMEOUT)
         except BaseException:
@@ -183,6 +186,10 @@ class TemplateWatch(_Follower):
             if self.entry.reload_cmd:
                 # Even a failed reload may have reached the proxy: drains settle after it too.
                 self.reloaded_at = anyio.current_time()
+        if old_workers and not await wait_workers_gone(old_workers, COMMAND_TIMEOUT):
+            log.warning(
+                "watch %s: old proxy workers still running after %g s", self.dest, COMMAND_TIMEOUT
+            )
         log.info("watch %s: rendered and reloaded", self.dest)
 
     async def caught_up(self) -> None:
@@ -293,7 +300,13 @@ class DrainWatch(_Follower):
                 self.key,
                 CATCH_UP_TIMEOUT,
             )
-        reloads = [t.reloaded_at for t in self.templates if t.reloaded_at is not None]
+        # An entry with a pidfile already waited for its proxy's old workers (caught_up covers
+        # it): only the others need the fixed grace.
+        reloads = [
+            t.reloaded_at
+            for t in self.templates
+            if t.reloaded_at is not None and t.entry.pidfile is None
+        ]
         if reloads:
             await anyio.sleep_until(max(reloads) + RELOAD_SETTLE)
 

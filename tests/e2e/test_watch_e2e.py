@@ -149,9 +149,17 @@ def file_holds(path: Path, text: str) -> bool:
 
 @pytest.mark.etcd
 @pytest.mark.nginx
+@pytest.mark.parametrize("evidence", [False, True], ids=["grace", "pidfile"])
 def test_self_registering_service_flipped_by_watch_alone_under_load(
-    etcd_server: EtcdServer, etcd_prefix: str, nginx: Nginx, watcher: Watcher, tmp_path: Path
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    nginx: Nginx,
+    watcher: Watcher,
+    tmp_path: Path,
+    evidence: bool,
 ) -> None:
+    # Without a pidfile the drain waits a fixed grace after the reload; with one, until nginx's
+    # pre-reload workers are gone.
     template = tmp_path / "selfregistered.conf.j2"
     template.write_text(
         NGINX_TEMPLATE.replace("PFX", etcd_prefix).replace("LISTEN", str(nginx.listen))
@@ -166,6 +174,7 @@ def test_self_registering_service_flipped_by_watch_alone_under_load(
                     "dest": str(nginx.conf_dir / "selfregistered.conf"),
                     "check_cmd": nginx.check_cmd,
                     "reload_cmd": nginx.reload_cmd,
+                    **({"pidfile": str(nginx.pidfile)} if evidence else {}),
                 },
                 {
                     "keys": [f"{etcd_prefix}/svc/pid/previous"],
