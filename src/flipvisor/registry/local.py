@@ -116,7 +116,12 @@ class LocalRegistry:
         """Retry publications that a disk error left pending, until cancelled."""
         task_status.started()
         while True:
-            with anyio.move_on_after(RETRY_INTERVAL):
+            if self._pending:
+                with anyio.move_on_after(RETRY_INTERVAL):
+                    await self._retry.wait()
+            else:
+                # Nothing to retry: sleep until a failed publication wakes us, so an idle
+                # supervisor does not wake up once a second for nothing.
                 await self._retry.wait()
             self._retry = anyio.Event()
             for program, new in list(self._pending.items()):
