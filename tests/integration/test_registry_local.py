@@ -112,3 +112,22 @@ async def test_watch_polls_the_file(tmp_path: Path) -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_publish_after_a_disk_error_is_retried_until_it_lands(tmp_path: Path) -> None:
+    # The registry's folder is a file for a while: writes fail, then work again.
+    blocker = tmp_path / "state"
+    blocker.write_text("not a folder")
+    registry = LocalRegistry(blocker / "registry.json", RegistryConfig(prefix="p"))
+    async with anyio.create_task_group() as tg:
+        await tg.start(registry.run)
+        await registry.publish("web", new(41000, "101"))  # never raises for a failed write
+        assert not (blocker / "registry.json").exists()
+        blocker.unlink()
+
+        async def landed() -> bool:
+            return (blocker / "registry.json").exists()
+
+        await await_until(landed, timeout=5, message="the pending publication to be retried")
+        tg.cancel_scope.cancel()
+    assert read_registry_file(blocker / "registry.json")["p/web/port/current"] == "41000"
