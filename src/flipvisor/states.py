@@ -31,7 +31,8 @@ class GenerationState(StrEnum):
 
 
 class WorkerState(StrEnum):
-    """supervisord's worker states: the inner life of one worker slot."""
+    """supervisord's worker states: the inner life of one worker slot. A slot that gives up
+    (crash loop, or a policy that does not restart) is STOPPED; ``fatal`` is the program's."""
 
     STARTING = "starting"
     RUNNING = "running"
@@ -39,7 +40,6 @@ class WorkerState(StrEnum):
     STOPPING = "stopping"
     EXITED = "exited"
     STOPPED = "stopped"
-    FATAL = "fatal"
 
 
 GENERATION_TRANSITIONS: dict[GenerationState, frozenset[GenerationState]] = {
@@ -62,11 +62,10 @@ WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
         {WorkerState.RUNNING, WorkerState.EXITED, WorkerState.STOPPING}
     ),
     WorkerState.RUNNING: frozenset({WorkerState.EXITED, WorkerState.STOPPING}),
-    WorkerState.EXITED: frozenset({WorkerState.BACKOFF, WorkerState.FATAL, WorkerState.STOPPED}),
+    WorkerState.EXITED: frozenset({WorkerState.BACKOFF, WorkerState.STOPPED}),
     WorkerState.BACKOFF: frozenset({WorkerState.STARTING, WorkerState.STOPPED}),
     WorkerState.STOPPING: frozenset({WorkerState.EXITED, WorkerState.STOPPED}),
     WorkerState.STOPPED: frozenset(),
-    WorkerState.FATAL: frozenset(),
 }
 
 

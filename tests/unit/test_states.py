@@ -39,7 +39,6 @@ WORKER_MOVES = {
     (W.RUNNING, W.EXITED),
     (W.RUNNING, W.STOPPING),
     (W.EXITED, W.BACKOFF),
-    (W.EXITED, W.FATAL),
     (W.EXITED, W.STOPPED),
     (W.BACKOFF, W.STARTING),
     (W.BACKOFF, W.STOPPED),
@@ -89,7 +88,6 @@ def test_illegal_generation_move(current: GenerationState, new: GenerationState)
     ("current", "new"),
     [
         (W.RUNNING, W.BACKOFF),  # an exit is always seen first
-        (W.FATAL, W.STARTING),  # terminal
         (W.STOPPED, W.RUNNING),  # terminal
         (W.BACKOFF, W.RUNNING),
         (W.EXITED, W.RUNNING),
@@ -115,7 +113,6 @@ def test_terminal_states_allow_nothing() -> None:
     assert not GENERATION_TRANSITIONS[G.STOPPED]
     assert not GENERATION_TRANSITIONS[G.FAILED]
     assert not WORKER_TRANSITIONS[W.STOPPED]
-    assert not WORKER_TRANSITIONS[W.FATAL]
 
 
 def test_state_values_are_the_contract_words() -> None:

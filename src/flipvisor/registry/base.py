@@ -6,7 +6,7 @@ with the suffixes of ``KEY_SUFFIXES`` (the seed's layout plus the JSON generatio
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,7 +39,6 @@ class Snapshot:
         return self.values.get(suffix)
 
 
-Reconcile = Callable[[], Awaitable[None]]
 
 
 class Registry(Protocol):
