@@ -24,7 +24,7 @@ from .reaper import Reaper
 from .sockets import bind_listener, bound_port
 from .spawn import signal_strays
 from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition
-from .worker import Worker, WorkerSpec, backoff_delay, worker_env
+from .worker import Worker, WorkerSpec, worker_env
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +325,3 @@ class Generation:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
-
-
-__all__ = ["Generation", "backoff_delay"]

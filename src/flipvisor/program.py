@@ -34,8 +34,9 @@ from .progress import FlipReport
 from .promotion import promote, serving_snapshot, with_current_pids
 from .reaper import Reaper
 from .registry import Registry, Snapshot
+from .restarts import RestartBudget, judge_exit
 from .states import GenerationState, ProgramState
-from .worker import RestartBudget, Worker, backoff_delay
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -346,37 +347,34 @@ class Program:
     def _worker_exited(
         self, gen: Generation, worker: Worker, returncode: int | None, reason: str
     ) -> float | None:
-        starting = not gen.was_serving and gen is not self.warm
-        if starting and not gen.first:
-            # A new generation replacing a serving one: fail the flip at once, the old one serves.
-            gen.fail(f"worker {worker.index} {reason}")
-            return None
-        # Serving, kept warm, or the program's first generation (nothing to protect, so it gets
-        # the restart policy while its probe runs: a service started before its dependencies
-        # comes up with them).
-        policy = gen.config.restart.policy
-        if policy == "never" or (policy == "on-failure" and returncode == 0):
-            self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; not restarted")
-            if starting:
-                gen.fail(f"worker {worker.index} {reason}")
-            return None
-        if not self._budget.take():
-            message = (
-                f"worker {worker.index} of generation {gen.number} {reason}; more than "
-                f"{gen.config.restart.max_restarts} restarts in {gen.config.restart.window}s"
-            )
-            if starting:
-                gen.fail(message)
-                return None
-            self.fatal_reason = message
-            self.runtime.events.emit("fatal", self.name, gen.number, self.fatal_reason)
-            return None
-        delay = backoff_delay(worker.consecutive_failures)
-        worker.consecutive_failures += 1
-        self.runtime.events.emit(
-            "restarting", self.name, gen.number, reason, worker=worker.index, delay=delay
+        verdict = judge_exit(
+            policy=gen.config.restart,
+            budget=self._budget,
+            returncode=returncode,
+            reason=reason,
+            consecutive_failures=worker.consecutive_failures,
+            starting=not gen.was_serving and gen is not self.warm,
+            replacing=not gen.first,
+            where=f"worker {worker.index} of generation {gen.number}",
         )
-        return delay
+        if verdict.not_restarted:
+            self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; not restarted")
+        if verdict.fail is not None:
+            gen.fail(verdict.fail)
+        if verdict.fatal is not None:
+            self.fatal_reason = verdict.fatal
+            self.runtime.events.emit("fatal", self.name, gen.number, verdict.fatal)
+        if verdict.delay is not None:
+            worker.consecutive_failures += 1
+            self.runtime.events.emit(
+                "restarting",
+                self.name,
+                gen.number,
+                reason,
+                worker=worker.index,
+                delay=verdict.delay,
+            )
+        return verdict.delay
 
     async def _register_when_back(self, gen: Generation) -> None:
         """Promote a generation that started serving while the registry was unreachable, as

@@ -5,7 +5,6 @@ ask the generation what to do after each exit (restart after a backoff, or stop)
 from __future__ import annotations
 
 import os
-import random
 import signal
 import time
 from collections import deque
@@ -26,23 +25,7 @@ from .states import WORKER_TRANSITIONS, WorkerState, check_transition
 
 # How long a restarted worker must stay up before its backoff starts again from zero.
 STABLE_UPTIME = 10.0
-BACKOFF_BASE = 0.1
-BACKOFF_CAP = 5.0
 _INHERITED_SOCKET_VARS = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
-
-
-def backoff_delay(consecutive_failures: int) -> float:
-    """Seconds to wait before restart number ``consecutive_failures`` (0-based) of a worker.
-
-    The first restart is immediate; later ones double from 0.1 s up to a few seconds, with
-    jitter so that workers crashing together do not restart in lockstep.
-    """
-    if consecutive_failures <= 0:
-        return 0.0
-    # The exponent is capped: past the cap the delay is BACKOFF_CAP anyway, and 2.0 ** 1025
-    # would overflow in a long crash loop.
-    delay: float = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(consecutive_failures - 1, 32))
-    return delay * random.uniform(0.5, 1.0)
 
 
 def expand_placeholders(argv: list[str], values: Mapping[str, int]) -> list[str]:
@@ -261,25 +244,3 @@ def describe_exit(returncode: int | None) -> str:
         except ValueError:
             return f"killed by signal {-returncode}"
     return f"exit status {returncode}"
-
-
-class RestartBudget:
-    """``max_restarts`` restarts per ``window`` seconds for a whole program; past it, fatal."""
-
-    def __init__(self, max_restarts: int, window: float) -> None:
-        self.max_restarts = max_restarts
-        self.window = window
-        self._times: deque[float] = deque()
-
-    def take(self) -> bool:
-        """Spend one restart now; False when the budget for the window is exhausted."""
-        now = time.monotonic()
-        while self._times and now - self._times[0] > self.window:
-            self._times.popleft()
-        if len(self._times) >= self.max_restarts:
-            return False
-        self._times.append(now)
-        return True
-
-    def reset(self) -> None:
-        self._times.clear()

@@ -8,16 +8,8 @@ from pathlib import Path
 import pytest
 
 from flipvisor.config import ProgramConfig
-from flipvisor.worker import (
-    BACKOFF_BASE,
-    BACKOFF_CAP,
-    RestartBudget,
-    WorkerSpec,
-    backoff_delay,
-    describe_exit,
-    expand_placeholders,
-    worker_env,
-)
+from flipvisor.restarts import BACKOFF_BASE, BACKOFF_CAP, RestartBudget, backoff_delay
+from flipvisor.worker import WorkerSpec, describe_exit, expand_placeholders, worker_env
 from tests.waiting import wait_until
 
 SAMPLES = 200

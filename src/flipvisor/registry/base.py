@@ -39,8 +39,6 @@ class Snapshot:
         return self.values.get(suffix)
 
 
-
-
 class Registry(Protocol):
     """What the supervisor needs from a registry backend.
 

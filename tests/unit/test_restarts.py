@@ -1,0 +1,90 @@
+"""judge_exit: what happens after a worker exits, for every kind of generation and policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from flipvisor.config import RestartConfig
+from flipvisor.restarts import RestartBudget, Verdict, judge_exit
+
+WHERE = "worker 0 of generation 2"
+
+
+def judge(
+    policy: str = "always",
+    *,
+    budget: int = 5,
+    returncode: int | None = 1,
+    starting: bool = False,
+    replacing: bool = True,
+    failures: int = 0,
+) -> Verdict:
+    config = RestartConfig(policy=policy, max_restarts=budget, window=60)  # type: ignore[arg-type]
+    return judge_exit(
+        policy=config,
+        budget=RestartBudget(budget, 60),
+        returncode=returncode,
+        reason="exit status 1",
+        consecutive_failures=failures,
+        starting=starting,
+        replacing=replacing,
+        where=WHERE,
+    )
+
+
+CASES: list[tuple[str, dict[str, Any], Verdict]] = [
+    ("serving worker crashes: restarted at once", {}, Verdict(delay=0.0)),
+    (
+        "replacing generation's worker crashes while probed: the flip fails",
+        {"starting": True},
+        Verdict(fail=f"{WHERE} exit status 1"),
+    ),
+    (
+        "even with policy never, a replacing generation fails",
+        {"starting": True, "policy": "never"},
+        Verdict(fail=f"{WHERE} exit status 1"),
+    ),
+    (
+        "first generation crashes while probed: restarted",
+        {"starting": True, "replacing": False},
+        Verdict(delay=0.0),
+    ),
+    (
+        "policy never: the serving slot stays stopped",
+        {"policy": "never"},
+        Verdict(not_restarted=True),
+    ),
+    (
+        "on-failure, clean exit: stays stopped",
+        {"policy": "on-failure", "returncode": 0},
+        Verdict(not_restarted=True),
+    ),
+    ("on-failure, crash: restarted", {"policy": "on-failure"}, Verdict(delay=0.0)),
+    (
+        "first generation, policy never: it fails",
+        {"policy": "never", "starting": True, "replacing": False},
+        Verdict(fail=f"{WHERE} exit status 1", not_restarted=True),
+    ),
+    (
+        "budget spent on a serving generation: fatal",
+        {"budget": 0},
+        Verdict(fatal=f"{WHERE} exit status 1; more than 0 restarts in 60.0s"),
+    ),
+    (
+        "budget spent while the first generation starts: it fails",
+        {"budget": 0, "starting": True, "replacing": False},
+        Verdict(fail=f"{WHERE} exit status 1; more than 0 restarts in 60.0s"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "kwargs", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_judge_exit(case: str, kwargs: dict[str, Any], expected: Verdict) -> None:
+    assert judge(**kwargs) == expected
+
+
+def test_later_restarts_back_off() -> None:
+    verdict = judge(failures=4)
+    assert verdict.delay is not None and 0.4 <= verdict.delay <= 0.8
