@@ -131,6 +131,29 @@ class Generation:
             if worker.child is not None and worker.pid is not None
         ]
 
+    def status(self, now: float) -> dict[str, Any]:
+        """This generation in ``status --json``."""
+        return {
+            "generation": self.number,
+            "state": self.state.value,
+            "port": self.port,
+            "pids": self.pids,
+            "uptime": round(now - self.created_at, 3),
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+        }
+
+    def describe_readiness(self) -> str:
+        """How this generation proves it is ready, for a flip's report."""
+        readiness = self.config.readiness
+        if readiness is None:
+            return "no readiness probe: ready once spawned"
+        if readiness.http is not None:
+            return f"GET http://{self.host}:{self.port}{readiness.http}"
+        if readiness.exec is not None:
+            return "exec " + " ".join(readiness.exec)
+        return "sd_notify READY=1"
+
     @property
     def restarts(self) -> int:
         return sum(worker.restarts for worker in self.workers)

@@ -102,30 +102,8 @@ class Program:
             "restarts": sum(gen.restarts for gen in self.generations),
             "fatal_reason": self.fatal_reason,
             "flipping": self.current_flip is not None,
-            "flip": self._flip_status(),
-            "generations": [
-                {
-                    "generation": gen.number,
-                    "state": gen.state.value,
-                    "port": gen.port,
-                    "pids": gen.pids,
-                    "uptime": round(now - gen.created_at, 3),
-                    "restarts": gen.restarts,
-                    "last_exit": gen.last_exit,
-                }
-                for gen in self.generations
-            ],
-        }
-
-    def _flip_status(self) -> dict[str, Any] | None:
-        flip = self.current_flip
-        if flip is None:
-            return None
-        return {
-            "kind": flip.kind,
-            "generation": flip.generation,
-            "step": flip.steps[-1].name if flip.steps else "starting",
-            "elapsed": round(time.monotonic() - flip.started, 3),
+            "flip": self.current_flip.progress() if self.current_flip is not None else None,
+            "generations": [gen.status(now) for gen in self.generations],
         }
 
     # -- life ---------------------------------------------------------------------------------
@@ -260,7 +238,7 @@ class Program:
         self.config = config
 
     async def _probe(self, report: FlipReport, gen: Generation) -> None:
-        with report.step("probe", _describe_readiness(gen)):
+        with report.step("probe", gen.describe_readiness()):
             await gen.wait_ready()
 
     async def _promote(self, report: FlipReport, gen: Generation) -> None:
@@ -436,17 +414,6 @@ class Program:
             for gen in gens:
                 tg.start_soon(self._drain, gen)
         self.runtime.events.emit("stopped", self.name)
-
-
-def _describe_readiness(gen: Generation) -> str:
-    readiness = gen.config.readiness
-    if readiness is None:
-        return "no readiness probe: ready once spawned"
-    if readiness.http is not None:
-        return f"GET http://{gen.host}:{gen.port}{readiness.http}"
-    if readiness.exec is not None:
-        return "exec " + " ".join(readiness.exec)
-    return "sd_notify READY=1"
 
 
 def _next_step(exc: BaseException, program: str) -> str:

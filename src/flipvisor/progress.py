@@ -95,6 +95,15 @@ class FlipReport:
     def close(self) -> None:
         self.updates.close()
 
+    def progress(self) -> dict[str, Any]:
+        """Where a running flip is, for ``status``."""
+        return {
+            "kind": self.kind,
+            "generation": self.generation,
+            "step": self.steps[-1].name if self.steps else "starting",
+            "elapsed": round(time.monotonic() - self.started, 3),
+        }
+
     def to_json(self) -> dict[str, Any]:
         return {
             "program": self.program,
