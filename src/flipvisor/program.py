@@ -29,6 +29,7 @@ from .errors import (
 )
 from .events import EventLog
 from .generation import Generation
+from .history import History
 from .logs import ProgramLog
 from .progress import FlipReport
 from .promotion import promote, serving_snapshot, with_current_pids
@@ -70,7 +71,7 @@ class Program:
         self.generations: list[Generation] = []
         self.serving: Generation | None = None
         self.warm: Generation | None = None
-        self.previous_config: ProgramConfig | None = None
+        self.history = History(runtime.state_dir / "history" / f"{name}.json")
         self.fatal_reason: str | None = None
         self.current_flip: FlipReport | None = None
         self.last_flip: FlipReport | None = None
@@ -276,9 +277,9 @@ class Program:
                 "proxy-reloaded", self.name, gen.number, duration=round(reload.duration, 4)
             )
         self.runtime.events.emit("promoted", self.name, gen.number, port=gen.port, pids=gen.pids)
+        self.history.deployed(gen.config)
         if old is None:
             return
-        self.previous_config = old.config
         await self._retire(report, old, window=gen.config.rollback_window)
 
     async def _retire(self, report: FlipReport, old: Generation, *, window: float) -> None:

@@ -223,12 +223,12 @@ class Supervisor:
             report = program.start_flip(config, timeout=timeout, kind=command)
             return await self._follow(report, send)
         if command == "rollback":
-            if program.warm is None and program.previous_config is None:
+            if program.warm is None and program.history.previous is None:
                 raise UsageError(
                     f"{program.name} has no previous generation to roll back to; "
                     f"`flipvisor status {program.name}` shows what serves"
                 )
-            report = program.start_flip(program.previous_config, kind="rollback")
+            report = program.start_flip(program.history.previous, kind="rollback")
             return await self._follow(report, send)
         raise UsageError(f"unknown command {command!r}")  # pragma: no cover - checked by protocol
 

@@ -180,3 +180,18 @@ def test_second_flip_of_a_program_is_refused_clearly(flipvisor: Flipvisor, nginx
     assert "already in progress" in second.stderr
     _out, err = first.communicate(timeout=60)
     assert first.returncode == 0, err
+
+
+def test_rollback_after_the_supervisor_restarted(flipvisor: Flipvisor, nginx: Nginx) -> None:
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    flipvisor.write_config({"programs": {"web": program(nginx, "2")}})
+    assert flipvisor.cli("flip", "web").returncode == 0
+    assert flipvisor.stop() == 0
+    # The new supervisor starts v2 (what the file says); the deploy before it was v1.
+    flipvisor.start()
+    flipvisor.wait_serving("web")
+    wait_until(lambda: _answers(nginx) and proxied(nginx)["version"] == "2", message="v2")
+    assert flipvisor.cli("restart", "web").returncode == 0  # the same config: not a new target
+    result = flipvisor.cli("rollback", "web")
+    assert result.returncode == 0, result.stderr
+    assert proxied(nginx)["version"] == "1"
