@@ -40,8 +40,14 @@ def test_demo_flips_under_load_with_zero_failed_requests(tmp_path: Path) -> None
     env = {**os.environ, "PYTHON": sys.executable, "FLIPVISOR_DEMO_DIR": str(work_dir)}
     env.pop("FLIPVISOR_CONFIG", None)
     demo = subprocess.Popen(
-        ["bash", str(DEMO), "--flips", "2"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        ["bash", str(DEMO), "--flips", "2"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         output, _ = demo.communicate(timeout=DEADLINE)

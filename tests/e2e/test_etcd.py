@@ -8,7 +8,7 @@ from typing import Any
 import psutil
 
 from tests.e2e.load import Load
-from tests.e2e.test_flip import program, proxied, start_serving
+from tests.e2e.test_flip import answers, program, proxied
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.flipvisor import Flipvisor
 from tests.fixtures.nginx import Nginx
@@ -60,7 +60,7 @@ def test_etcd_outage_keeps_serving_fails_flips_and_heals_the_keys(
     config = program(nginx, "1")
     flipvisor.start({"registry": registry(etcd, etcd_prefix), "programs": {"web": config}})
     gen = flipvisor.wait_serving("web")
-    wait_until(lambda: _answers(nginx), message="nginx to proxy")
+    wait_until(lambda: answers(nginx), message="nginx to proxy")
     etcd.stop()
     with Load(nginx.url("/"), clients=2) as load:
         flipvisor.write_config(
@@ -90,17 +90,6 @@ def test_etcd_outage_keeps_serving_fails_flips_and_heals_the_keys(
     assert flipvisor.cli("flip", "web").returncode == 0  # and flips work again
 
 
-def _answers(nginx: Nginx) -> bool:
-    try:
-        proxied(nginx)
-        return True
-    except OSError:
-        return False
-
-
-__all__ = ["start_serving"]
-
-
 def test_supervisor_starts_while_etcd_is_down_and_registers_when_it_returns(
     flipvisor: Flipvisor, nginx: Nginx, restartable_etcd: EtcdServer, etcd_prefix: str
 ) -> None:
@@ -111,7 +100,7 @@ def test_supervisor_starts_while_etcd_is_down_and_registers_when_it_returns(
         {"registry": registry(etcd, etcd_prefix), "programs": {"web": program(nginx, "1")}}
     )
     gen = flipvisor.wait_serving("web")
-    wait_until(lambda: _answers(nginx), message="nginx to proxy while etcd is down")
+    wait_until(lambda: answers(nginx), message="nginx to proxy while etcd is down")
     assert proxied(nginx)["version"] == "1"
     etcd.start()
     wait_until(

@@ -51,10 +51,10 @@ def program(
 def start_serving(flipvisor: Flipvisor, nginx: Nginx, config: dict[str, Any]) -> None:
     flipvisor.start({"programs": {"web": config}})
     flipvisor.wait_serving("web")
-    wait_until(lambda: _answers(nginx), message="nginx to proxy to generation 1")
+    wait_until(lambda: answers(nginx), message="nginx to proxy to generation 1")
 
 
-def _answers(nginx: Nginx) -> bool:
+def answers(nginx: Nginx) -> bool:
     try:
         proxied(nginx)
         return True
@@ -190,7 +190,7 @@ def test_rollback_after_the_supervisor_restarted(flipvisor: Flipvisor, nginx: Ng
     # The new supervisor starts v2 (what the file says); the deploy before it was v1.
     flipvisor.start()
     flipvisor.wait_serving("web")
-    wait_until(lambda: _answers(nginx) and proxied(nginx)["version"] == "2", message="v2")
+    wait_until(lambda: answers(nginx) and proxied(nginx)["version"] == "2", message="v2")
     assert flipvisor.cli("restart", "web").returncode == 0  # the same config: not a new target
     result = flipvisor.cli("rollback", "web")
     assert result.returncode == 0, result.stderr

@@ -23,6 +23,7 @@ from flipvisor.errors import ProbeFailed
 from flipvisor.probe import NotifySocket, probe_url, wait_ready
 from flipvisor.reaper import Reaper
 from flipvisor.spawn import Child, spawn_process
+from tests.reaping import running_reaper
 from tests.waiting import await_until
 
 # /health answers 503 to the first argv[1] requests, then 200; every status goes to argv[2].
@@ -82,17 +83,6 @@ elif mode == "child":
     signal.signal(signal.SIGTERM, lambda *_: (os.waitpid(pid, 0), os._exit(0)))
 time.sleep(60)
 """
-
-
-@contextlib.asynccontextmanager
-async def running_reaper() -> AsyncIterator[Reaper]:
-    reaper = Reaper(reap_orphans=False)
-    async with anyio.create_task_group() as tg:
-        await tg.start(reaper.run)
-        try:
-            yield reaper
-        finally:
-            tg.cancel_scope.cancel()
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from flipvisor.proxy import (
 from flipvisor.reaper import Reaper
 from flipvisor.spawn import Child, spawn_process
 from tests.fixtures.nginx import Nginx
+from tests.reaping import running_reaper
 from tests.waiting import await_until
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "nginx.conf.j2"
@@ -53,15 +54,6 @@ server.socket.close()
 server.socket = socket.socket(fileno=3)
 server.serve_forever()
 """
-
-
-@asynccontextmanager
-async def running_reaper() -> AsyncIterator[Reaper]:
-    async with anyio.create_task_group() as tg:
-        reaper = Reaper(reap_orphans=False)
-        await tg.start(reaper.run)
-        yield reaper
-        tg.cancel_scope.cancel()
 
 
 @dataclass

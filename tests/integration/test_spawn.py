@@ -10,8 +10,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from flipvisor.spawn import (
     spawn_process,
     start_time_of,
 )
+from tests.reaping import running_reaper
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,16 +87,6 @@ time.sleep(60)
 
 def probe_argv(report: Path, *args: str) -> list[str]:
     return [sys.executable, "-I", "-S", "-c", PROBE, str(report), *args]
-
-
-@asynccontextmanager
-async def running_reaper() -> AsyncIterator[Reaper]:
-    """A non-orphan-reaping Reaper running for the duration of the block."""
-    async with anyio.create_task_group() as tg:
-        reaper = Reaper(reap_orphans=False)
-        await tg.start(reaper.run)
-        yield reaper
-        tg.cancel_scope.cancel()
 
 
 async def finish(child: Child, timeout: float = CHILD_DEADLINE) -> int:
