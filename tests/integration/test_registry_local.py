@@ -11,6 +11,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+import flipvisor.registry.local as local_module
 from flipvisor.config import Config, RegistryConfig
 from flipvisor.errors import RegistryConflict, RegistryError
 from flipvisor.registry import Snapshot, WatchEvent, open_registry
@@ -131,3 +132,43 @@ async def test_publish_after_a_disk_error_is_retried_until_it_lands(tmp_path: Pa
         await await_until(landed, timeout=5, message="the pending publication to be retried")
         tg.cancel_scope.cancel()
     assert read_registry_file(blocker / "registry.json")["p/web/port/current"] == "41000"
+
+
+async def test_concurrent_swaps_are_group_committed_and_all_land(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "registry.json"
+    registry = LocalRegistry(path, RegistryConfig(prefix="p"))
+    writes = 0
+    original = write_registry_file
+
+    def counting(path: Path, values: dict[str, str]) -> None:
+        nonlocal writes
+        writes += 1
+        original(path, values)
+
+    monkeypatch.setattr(local_module, "write_registry_file", counting)  # a spy: it still writes
+    async with anyio.create_task_group() as tg:
+        for n in range(50):
+            tg.start_soon(registry.swap, f"prog{n}", Snapshot(), new(40000 + n, str(n + 1)))
+    on_disk = read_registry_file(path)
+    assert all(on_disk[f"p/prog{n}/port/current"] == str(40000 + n) for n in range(50))
+    assert writes < 50, "changes made during a write share the next one"
+    # A second registry object (another supervisor run) reads what the first wrote.
+    assert (await LocalRegistry(path, RegistryConfig(prefix="p")).snapshot("prog7")).get(
+        "port/current"
+    ) == "40007"
+
+
+async def test_a_failed_write_fails_every_swap_it_carried_and_is_forgotten(
+    tmp_path: Path,
+) -> None:
+    blocker = tmp_path / "state"
+    blocker.write_text("not a folder")
+    registry = LocalRegistry(blocker / "registry.json", RegistryConfig(prefix="p"))
+    with pytest.raises(RegistryError):
+        await registry.swap("web", Snapshot(), new(41000, "101"))
+    blocker.unlink()
+    assert (await registry.snapshot("web")).values == {}  # nothing pretends to be written
+    await registry.swap("web", Snapshot(), new(41001, "102"))
+    assert read_registry_file(blocker / "registry.json")["p/web/port/current"] == "41001"
