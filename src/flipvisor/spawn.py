@@ -366,6 +366,19 @@ def signal_verified(pid: int, started: float, sig: int) -> bool:
         os.close(pidfd)
 
 
+def own_children() -> list[int]:
+    """PIDs of our direct children, from ``/proc/self/task/*/children`` (psutil would read every
+    process's status to find them); psutil where the kernel lacks that file."""
+    pids: list[int] = []
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children", encoding="ascii") as children:
+                pids.extend(int(pid) for pid in children.read().split())
+    except FileNotFoundError:
+        return [child.pid for child in psutil.Process().children()]
+    return pids
+
+
 def signal_strays(process_groups: set[int], sig: int) -> list[int]:
     """Signal our own children that sit in one of ``process_groups``; their PIDs.
 
@@ -374,24 +387,30 @@ def signal_strays(process_groups: set[int], sig: int) -> list[int]:
     and nothing is awaited between the check and the signal.
     """
     signalled = []
-    for child in psutil.Process().children():
+    for pid in own_children():
         try:
-            if (
-                child.status() == psutil.STATUS_ZOMBIE
-                or os.getpgid(child.pid) not in process_groups
-            ):
+            if os.getpgid(pid) not in process_groups or _is_zombie(pid):
                 continue
-            pidfd = os.pidfd_open(child.pid)
-        except (psutil.Error, OSError):
+            pidfd = os.pidfd_open(pid)
+        except OSError:
             continue  # exited meanwhile
         try:
             signal.pidfd_send_signal(pidfd, sig)
-            signalled.append(child.pid)
+            signalled.append(pid)
         except ProcessLookupError:
             pass
         finally:
             os.close(pidfd)
     return signalled
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            # The state follows the command name, which is in parentheses and may hold spaces.
+            return stat.read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True  # gone
 
 
 def start_time_of(pid: int) -> float | None:
