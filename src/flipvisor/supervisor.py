@@ -4,6 +4,7 @@ task group; SIGTERM/SIGINT drain everything and exit, SIGHUP re-reads the config
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ from anyio.abc import TaskGroup
 
 from .config import Config, load_config
 from .control import ControlServer, Send
-from .errors import EXIT_USAGE, ConfigError, FlipvisorError, UsageError
+from .errors import EXIT_USAGE, Busy, ConfigError, FlipvisorError, UsageError
 from .events import EventLog
 from .program import Program, Runtime
 from .progress import FlipReport
@@ -119,7 +120,8 @@ class Supervisor:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    await self.reload()
+                    with contextlib.suppress(ConfigError):  # logged; the old config stays
+                        await self.reload()
                 else:
                     log.info("received %s", signal.Signals(signum).name)
                     self._shutdown.set()
@@ -143,8 +145,25 @@ class Supervisor:
         await program.stop()
         self._scopes.pop(name).cancel()
 
+    def _deploy_changed(self, program: Program, config: Any) -> None:
+        """A running program whose section changed is flipped to it (rolled back if it fails,
+        like any flip); a stopped one starts with it next time."""
+        if program.serving is None:
+            program.config = config
+            return
+        try:
+            program.start_flip(config, kind="flip")
+        except Busy as exc:
+            log.warning(
+                "config of %s changed, not deployed: %s; then `flipvisor flip %s`",
+                program.name,
+                exc,
+                program.name,
+            )
+
     async def reload(self) -> dict[str, list[str]]:
-        """Re-read the config file: start added programs, stop removed ones, keep the rest.
+        """Re-read the config file: start added programs, stop removed ones, flip changed ones,
+        leave the rest untouched.
 
         Raises:
             ConfigError: the file is invalid; nothing changed.
@@ -168,7 +187,7 @@ class Supervisor:
             if new.programs[name].autostart:
                 program.start_flip(kind="start")
         for name in changed:
-            log.info("config of %s changed: `flipvisor flip %s` deploys it", name, name)
+            self._deploy_changed(self.programs[name], new.programs[name])
         self.config = new
         log.info("config reloaded: added %s, removed %s", added or "none", removed or "none")
         return {"added": added, "removed": removed, "changed": changed}

@@ -297,3 +297,26 @@ def test_drain_leaves_no_process_a_worker_left_behind(flipvisor: Flipvisor) -> N
         timeout=10,
         message="the left-behind helper to be killed",
     )
+
+
+def test_sighup_flips_a_changed_program_and_survives_a_bad_file(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": web()}})
+    first = flipvisor.wait_serving("web")
+    assert flipvisor.process is not None
+    flipvisor.config_path.write_text(
+        f"state_dir: {flipvisor.state_dir}\nprograms:\n  web:\n    command: [x]\n    bogus: 1\n"
+    )
+    flipvisor.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "config not reloaded" in flipvisor.output(), message="the refusal")
+    assert flipvisor.process.poll() is None
+    still = flipvisor.serving("web")
+    assert still is not None and (still["generation"], still["pids"]) == (1, first["pids"])
+
+    flipvisor.write_config({"programs": {"web": web(command=svc_command("--version", "2"))}})
+    flipvisor.process.send_signal(signal.SIGHUP)
+    second = flipvisor.wait_serving("web", where=lambda g: g["generation"] == 2)
+    assert get(second["port"])["version"] == "2"
+    wait_until(
+        lambda: not any(psutil.pid_exists(p) for p in first["pids"]),
+        message="generation 1 to be drained",
+    )
