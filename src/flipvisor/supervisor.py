@@ -4,7 +4,6 @@ task group; SIGTERM/SIGINT drain everything and exit, SIGHUP re-reads the config
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -120,8 +119,7 @@ class Supervisor:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    with contextlib.suppress(ConfigError):  # logged; the old config stays
-                        await self.reload()
+                    await self._reload_on_signal()
                 else:
                     log.info("received %s", signal.Signals(signum).name)
                     self._shutdown.set()
@@ -144,6 +142,16 @@ class Supervisor:
         program = self.programs.pop(name)
         await program.stop()
         self._scopes.pop(name).cancel()
+
+    async def _reload_on_signal(self) -> None:
+        """SIGHUP's reload: whatever goes wrong is logged, and the supervisor keeps running."""
+        try:
+            await self.reload()
+        except ConfigError:
+            pass  # reload() logged every problem; the old config stays
+        except Exception:
+            # The boundary of one reload: a failure here must not end every program with it.
+            log.exception("SIGHUP: reloading the config failed")
 
     def _deploy_changed(self, program: Program, config: Any) -> None:
         """A running program whose section changed is flipped to it (rolled back if it fails,
