@@ -133,7 +133,13 @@ class Supervisor:
 
         async def own(*, task_status: anyio.abc.TaskStatus[None]) -> None:
             with scope:
-                await program.run(task_status=task_status)
+                try:
+                    await program.run(task_status=task_status)
+                except Exception as exc:
+                    # The boundary of one program: a bug in its tasks stops that program (its
+                    # task group stopped every worker on the way out), never the supervisor.
+                    log.exception("program=%s failed; its workers were stopped", name)
+                    program.fatal_reason = f"internal error: {exc!r}; see the supervisor's log"
 
         await self._tg.start(own)
         return program
