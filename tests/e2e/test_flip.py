@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 from typing import Any
 
@@ -194,4 +195,26 @@ def test_rollback_after_the_supervisor_restarted(flipvisor: Flipvisor, nginx: Ng
     assert flipvisor.cli("restart", "web").returncode == 0  # the same config: not a new target
     result = flipvisor.cli("rollback", "web")
     assert result.returncode == 0, result.stderr
+    assert proxied(nginx)["version"] == "1"
+
+
+def test_flip_timeout_rolls_back_under_load(flipvisor: Flipvisor, nginx: Nginx) -> None:
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    before_keys = flipvisor.registry()
+    before_file = (nginx.conf_dir / "web.conf").read_bytes()
+    # Ready only after 5 s, within its own readiness timeout, but not within --timeout 1.
+    flipvisor.write_config({"programs": {"web": program(nginx, "2", "--ready-delay", "5")}})
+    with Load(nginx.url("/"), clients=2) as load:
+        started = time.monotonic()
+        result = flipvisor.cli("flip", "web", "--timeout", "1", "--json")
+        elapsed = time.monotonic() - started
+        outcome = load.stop()
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert "--timeout 1" in report["error"]
+    assert elapsed < 4, "gave up at the timeout, not at the probe's own"
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert flipvisor.registry() == before_keys
+    assert (nginx.conf_dir / "web.conf").read_bytes() == before_file
+    assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]
     assert proxied(nginx)["version"] == "1"
