@@ -320,3 +320,30 @@ def test_sighup_flips_a_changed_program_and_survives_a_bad_file(flipvisor: Flipv
         lambda: not any(psutil.pid_exists(p) for p in first["pids"]),
         message="generation 1 to be drained",
     )
+
+
+def test_stop_start_logs_and_shutdown_through_the_cli(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": web(command=svc_command("--version", "7"))}})
+    first = flipvisor.wait_serving("web")
+
+    assert flipvisor.cli("stop", "web").returncode == 0
+    assert flipvisor.program("web")["state"] == "stopped"
+    assert flipvisor.program("web")["generations"] == []
+    assert not any(psutil.pid_exists(pid) for pid in first["pids"])
+
+    started = flipvisor.cli("start", "web", "--json")
+    assert started.returncode == 0, started.stderr
+    second = flipvisor.wait_serving("web")
+    assert second["generation"] == 2 and get(second["port"])["version"] == "7"
+
+    logs = flipvisor.cli("logs", "web", "-n", "2")
+    assert logs.returncode == 0
+    lines = logs.stdout.splitlines()
+    assert len(lines) == 2 and any(f"g2 w0 pid={second['pids'][0]}" in line for line in lines)
+    assert flipvisor.cli("logs", "nope").returncode == 2
+
+    assert flipvisor.cli("shutdown").returncode == 0
+    assert flipvisor.process is not None
+    assert flipvisor.process.wait(timeout=30) == 0
+    assert not any(psutil.pid_exists(pid) for pid in second["pids"])
+    assert not (flipvisor.state_dir / "flipvisor.sock").exists()
