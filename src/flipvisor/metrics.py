@@ -1,5 +1,6 @@
-"""The optional Prometheus endpoint (``metrics: {listen: HOST:PORT}``): counters fed by the
-lifecycle events, gauges read from the programs' status at scrape time, served over HTTP/1.0.
+"""The optional Prometheus endpoint (``metrics: {listen: HOST:PORT}``): counters and gauges read
+from the programs' status at scrape time (totals each program keeps, so a dropped event cannot
+make them wrong), the flip duration histogram fed by the lifecycle events; served over HTTP/1.0.
 
 prometheus-client's own HTTP server runs in a thread (banned here), so ``/metrics`` is answered
 by a small anyio TCP listener with ``generate_latest`` of a registry of our own.
@@ -17,11 +18,10 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
-    Counter,
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .errors import ConfigError
@@ -72,6 +72,17 @@ class _StatusCollector(Collector):
         flipping = GaugeMetricFamily(
             "flipvisor_flip_in_progress", "1 while a flip of the program runs", labels=["program"]
         )
+        flips = CounterMetricFamily(
+            "flipvisor_flips",
+            "Flips finished (start, flip, restart, rollback), whatever the outcome",
+            labels=["program"],
+        )
+        failures = CounterMetricFamily(
+            "flipvisor_flip_failures", "Flips that failed and were rolled back", labels=["program"]
+        )
+        restarts = CounterMetricFamily(
+            "flipvisor_restarts", "Worker restarts after an exit", labels=["program"]
+        )
         state = GaugeMetricFamily(
             "flipvisor_program_state",
             "1 for the program's current state, 0 for the others",
@@ -85,9 +96,13 @@ class _StatusCollector(Collector):
             running.add_metric([name], sum(len(g["pids"]) for g in gens))
             serving.add_metric([name], current["generation"] if current else 0)
             flipping.add_metric([name], 1 if status.get("flipping") else 0)
+            # Totals the programs keep themselves: exact even if events were dropped.
+            flips.add_metric([name], status.get("flips", 0))
+            failures.add_metric([name], status.get("flip_failures", 0))
+            restarts.add_metric([name], status.get("restarts", 0))
             for option in ProgramState:
                 state.add_metric([name, option.value], 1 if status["state"] == option.value else 0)
-        yield from (up, running, serving, flipping, state)
+        yield from (up, running, serving, flipping, flips, failures, restarts, state)
 
 
 class Metrics:
@@ -99,18 +114,6 @@ class Metrics:
         self._statuses = statuses
         self.registry = CollectorRegistry()
         self.registry.register(_StatusCollector(statuses))
-        self.flips = Counter(
-            "flipvisor_flips",
-            "Flips finished (start, flip, restart, rollback), whatever the outcome",
-            ["program"],
-            registry=self.registry,
-        )
-        self.failures = Counter(
-            "flipvisor_flip_failures",
-            "Flips that failed and were rolled back",
-            ["program"],
-            registry=self.registry,
-        )
         self.durations = Histogram(
             "flipvisor_flip_duration_seconds",
             "How long flips took, from request to the old generation drained (or rolled back)",
@@ -118,39 +121,17 @@ class Metrics:
             buckets=FLIP_BUCKETS,
             registry=self.registry,
         )
-        self.restarts = Counter(
-            "flipvisor_restarts",
-            "Worker restarts after an exit of a serving generation's worker",
-            ["program"],
-            registry=self.registry,
-        )
 
     def observe(self, event: Event) -> None:
-        """Count one lifecycle event."""
-        program = event.program
-        self._touch(program)
+        """Time one finished flip (the counters come from the programs' own totals)."""
         if event.kind == "flip-finished":
             ok = bool(event.fields.get("ok"))
-            self.flips.labels(program).inc()
-            if not ok:
-                self.failures.labels(program).inc()
             duration = event.fields.get("duration")
             if isinstance(duration, int | float):
-                self.durations.labels(program, "ok" if ok else "failed").observe(duration)
-        elif event.kind == "restarting":
-            self.restarts.labels(program).inc()
-
-    def _touch(self, program: str) -> None:
-        # A series exists (at 0) from the program's first appearance, so rate() and alerts on
-        # "failures > 0" see it before the first increment.
-        self.flips.labels(program)
-        self.failures.labels(program)
-        self.restarts.labels(program)
+                self.durations.labels(event.program, "ok" if ok else "failed").observe(duration)
 
     def render(self) -> bytes:
         """The text exposition format of every metric."""
-        for status in self._statuses():
-            self._touch(status["name"])
         return generate_latest(self.registry)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

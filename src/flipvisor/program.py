@@ -76,6 +76,10 @@ class Program:
         self.current_flip: FlipReport | None = None
         self.last_flip: FlipReport | None = None
         self.published: Snapshot | None = None
+        # Totals since the supervisor started (metrics and status read them; events may drop).
+        self.flips_total = 0
+        self.flip_failures_total = 0
+        self.restarts_total = 0
         self._registration_deferred = False
         self._next_number = 1
         self._budget = RestartBudget(config.restart.max_restarts, config.restart.window)
@@ -100,7 +104,9 @@ class Program:
         return {
             "name": self.name,
             "state": self.state.value,
-            "restarts": sum(gen.restarts for gen in self.generations),
+            "restarts": self.restarts_total,
+            "flips": self.flips_total,
+            "flip_failures": self.flip_failures_total,
             "fatal_reason": self.fatal_reason,
             "flipping": self.current_flip is not None,
             "flip": self.current_flip.progress() if self.current_flip is not None else None,
@@ -175,24 +181,28 @@ class Program:
             else:
                 report.finish()
             finally:
-                self.last_flip = report
-                self.current_flip = None
-                if report.error is not None and self.serving is None:
-                    # Nothing serves this program: say so in status until `start` retries.
-                    self.fatal_reason = report.error
-                if report.error is not None:
-                    self.runtime.events.emit(
-                        "flip-failed", self.name, report.generation, report.error
-                    )
-                if report.duration is not None:  # finished, not cancelled with the supervisor
-                    self.runtime.events.emit(
-                        "flip-finished",
-                        self.name,
-                        report.generation,
-                        flip=report.kind,
-                        ok=report.ok,
-                        duration=round(report.duration, 4),
-                    )
+                self._record_flip(report)
+
+    def _record_flip(self, report: FlipReport) -> None:
+        self.last_flip = report
+        self.current_flip = None
+        if report.duration is None:
+            return  # cancelled with the supervisor: nothing finished
+        self.flips_total += 1
+        if report.error is not None:
+            self.flip_failures_total += 1
+            if self.serving is None:
+                # Nothing serves this program: say so in status until `start` retries.
+                self.fatal_reason = report.error
+            self.runtime.events.emit("flip-failed", self.name, report.generation, report.error)
+        self.runtime.events.emit(
+            "flip-finished",
+            self.name,
+            report.generation,
+            flip=report.kind,
+            ok=report.ok,
+            duration=round(report.duration, 4),
+        )
 
     async def _flip_to(self, report: FlipReport, config: ProgramConfig) -> None:
         tg = self._task_group()
@@ -345,6 +355,7 @@ class Program:
             self.runtime.events.emit("fatal", self.name, gen.number, verdict.fatal)
         if verdict.delay is not None:
             worker.consecutive_failures += 1
+            self.restarts_total += 1
             self.runtime.events.emit(
                 "restarting",
                 self.name,
