@@ -27,6 +27,10 @@ from .registry.base import WatchableRegistry
 
 log = logging.getLogger(__name__)
 
+# The application-defined signals (reopen logs, dump state...) mean something to the services,
+# not to us: PID 1 passes them on to every worker. TERM/INT drain everything, HUP re-reads.
+FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
 
 def prepare_state_dir(path: Path) -> None:
     """Create ``state_dir`` (and its ``logs``/``notify``) with mode 0700."""
@@ -116,13 +120,30 @@ class Supervisor:
             await tg.start(run_watches, self.config, self.registry, self.reaper)
 
     async def _handle_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *FORWARDED_SIGNALS)
+        with anyio.open_signal_receiver(*handled) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await self._reload_on_signal()
+                elif signum in FORWARDED_SIGNALS:
+                    self._forward(signal.Signals(signum))
                 else:
                     log.info("received %s", signal.Signals(signum).name)
                     self._shutdown.set()
+
+    def _forward(self, sig: signal.Signals) -> None:
+        """Pass ``sig`` to every running worker (through its pidfd), as PID 1 is expected to."""
+        workers = [
+            worker
+            for program in self.programs.values()
+            for gen in program.generations
+            for worker in gen.workers
+            if worker.child is not None and worker.pid is not None
+        ]
+        for worker in workers:
+            assert worker.child is not None
+            worker.child.send_signal(sig)
+        log.info("forwarded %s to %d worker(s)", sig.name, len(workers))
 
     async def _add_program(self, name: str, program_config: Any) -> Program:
         assert self._tg is not None

@@ -347,3 +347,32 @@ def test_stop_start_logs_and_shutdown_through_the_cli(flipvisor: Flipvisor) -> N
     assert flipvisor.process.wait(timeout=30) == 0
     assert not any(psutil.pid_exists(pid) for pid in second["pids"])
     assert not (flipvisor.state_dir / "flipvisor.sock").exists()
+
+
+def test_usr1_is_forwarded_to_every_worker(flipvisor: Flipvisor) -> None:
+    script = (
+        "import os, signal, socket, sys, time; socket.socket(fileno=3); "
+        "signal.signal(signal.SIGUSR1, lambda *a: print('usr1', os.getpid(), flush=True)); "
+        "print('ready', flush=True); time.sleep(600)"
+    )
+    flipvisor.start(
+        {
+            "programs": {
+                "web": {
+                    "command": [sys.executable, "-c", script],
+                    "numprocs": 2,
+                    "drain": {"delay": 0, "timeout": 5},
+                }
+            }
+        }
+    )
+    pids = flipvisor.wait_serving("web")["pids"]
+    log = flipvisor.state_dir / "logs" / "web.log"
+    wait_until(lambda: log.exists() and log.read_text().count("ready") == 2, message="ready")
+    assert flipvisor.process is not None
+    flipvisor.process.send_signal(signal.SIGUSR1)
+    wait_until(
+        lambda: all(f"usr1 {pid}" in log.read_text() for pid in pids),
+        message="both workers to get SIGUSR1",
+    )
+    assert flipvisor.serving("web")["pids"] == pids  # type: ignore[index]
