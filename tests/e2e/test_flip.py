@@ -4,6 +4,7 @@ path rolls back with the old generation still serving and nothing it depends on 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -218,3 +219,22 @@ def test_flip_timeout_rolls_back_under_load(flipvisor: Flipvisor, nginx: Nginx) 
     assert (nginx.conf_dir / "web.conf").read_bytes() == before_file
     assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]
     assert proxied(nginx)["version"] == "1"
+
+
+def test_flip_with_nginx_down_rolls_back_and_names_the_reload(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    before_keys = flipvisor.registry()
+    before_file = (nginx.conf_dir / "web.conf").read_bytes()
+    serving = flipvisor.serving("web")
+    nginx.process.send_signal(signal.SIGQUIT)  # the proxy goes away: reload_cmd cannot work
+    nginx.process.wait(timeout=30)
+    flipvisor.write_config({"programs": {"web": program(nginx, "2")}})
+    result = flipvisor.cli("flip", "web")
+    assert result.returncode == 1
+    assert "reload" in result.stderr and "nginx" in result.stderr
+    assert flipvisor.registry() == before_keys
+    assert (nginx.conf_dir / "web.conf").read_bytes() == before_file
+    after = flipvisor.serving("web")
+    assert serving is not None and after is not None and after["pids"] == serving["pids"]
