@@ -77,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument(
         "-n", "--lines", type=int, default=50, metavar="N", help="how many lines (default 50)"
     )
-    command("check", "validate the config file", json_output=True)
+    command(
+        "check",
+        "validate the config file, and that its commands, directories and templates work here",
+        json_output=True,
+    )
     command("shutdown", "ask the running supervisor to drain everything and exit")
     command(
         "reload", "ask the running supervisor to re-read its config (like SIGHUP)", json_output=True
@@ -124,9 +128,16 @@ def _print_json(document: Any) -> None:
 
 def _check(args: argparse.Namespace, path: Path) -> int:
     from .config import load_config
+    from .preflight import host_problems
 
     try:
         config = load_config(path)
+        problems = host_problems(config)
+        if problems:
+            raise ConfigError(
+                f"{path} is valid, but would not work on this host:",
+                [f"{path}: {problem}" for problem in problems],
+            )
     except ConfigError as exc:
         if getattr(args, "json", False):
             _print_json({"ok": False, "error": str(exc).splitlines()[0], "problems": exc.problems})

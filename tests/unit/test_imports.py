@@ -46,13 +46,14 @@ ALLOWED: dict[str, set[str]] = {
     "promotion": WORKERS | {"proxy", "registry"},
     "restarts": {"config"},
     "history": {"config"},
+    "preflight": {"config", "errors", "proxy", "spawn"},
     "program": WORKERS | {"promotion", "restarts", "history"},
     "control": LEAVES | {"protocol", "config"},
     "client": LEAVES | {"protocol", "config"},
     "display": LEAVES | {"protocol", "events", "progress"},
     "supervisor": CORE | {"watch"},  # runs the config's watch entries too
     "locate": {"errors"},
-    "cli": CORE | {"supervisor", "client", "display", "watch", "locate"},
+    "cli": CORE | {"supervisor", "client", "display", "watch", "locate", "preflight"},
     "__main__": {"cli"},
 }
 # A module without a row (new since this table was written) may import everything but the
