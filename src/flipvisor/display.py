@@ -119,6 +119,18 @@ def print_status(document: dict[str, Any]) -> None:
         lines.append("  ".join(cells).rstrip())
     for note in notes:
         lines.append(_paint(note, "red" if ": fatal: " in note else "yellow", colour))
+    registry = document.get("registry")
+    if registry and (not registry["connected"] or registry["pending"]):
+        state = "connected" if registry["connected"] else "unreachable"
+        pending = ", ".join(registry["pending"])
+        waiting = f"; keys of {pending} are written once it answers" if pending else ""
+        lines.append(
+            _paint(
+                f"registry: {registry['backend']} {registry['where']} {state}{waiting}",
+                "yellow",
+                colour,
+            )
+        )
     sys.stdout.write("\n".join(lines) + "\n")
 
 

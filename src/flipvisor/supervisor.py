@@ -254,7 +254,12 @@ class Supervisor:
             programs = (
                 [self._program(request.program)] if request.program else self.programs.values()
             )
-            return result({"programs": [program.status() for program in programs]})
+            return result(
+                {
+                    "programs": [program.status() for program in programs],
+                    "registry": self.registry.health(),
+                }
+            )
         if command == "shutdown":
             self._shutdown.set()
             return result({"shutting_down": True})

@@ -76,6 +76,14 @@ def test_etcd_outage_keeps_serving_fails_flips_and_heals_the_keys(
     assert result.returncode == 1, result.stderr
     assert "etcd" in result.stderr
     assert outcome.failed == 0, outcome.errors[:5]
+    # status says so, and which program's keys wait for etcd (the replacement's PID)
+    wait_until(
+        lambda: (
+            (h := flipvisor.status()["registry"])["connected"] is False and "web" in h["pending"]
+        ),
+        message="status to show etcd unreachable with web pending",
+    )
+    assert "unreachable" in flipvisor.cli("status").stdout
     assert proxied(nginx)["version"] == "1"
     etcd.start()
     # The keys are made to match what is serving (the replacement's PID) within 5 seconds.
@@ -86,6 +94,13 @@ def test_etcd_outage_keeps_serving_fails_flips_and_heals_the_keys(
         ),
         timeout=5,
         message="etcd's keys to be reconciled",
+    )
+    wait_until(
+        lambda: (
+            flipvisor.status()["registry"]
+            == {"backend": "etcd", "where": etcd.endpoint, "connected": True, "pending": []}
+        ),
+        message="status to show etcd back",
     )
     assert flipvisor.cli("flip", "web").returncode == 0  # and flips work again
 

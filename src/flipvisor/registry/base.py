@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 from anyio.abc import TaskStatus
@@ -73,6 +73,11 @@ class Registry(Protocol):
 
     async def aclose(self) -> None:
         """Release connections."""
+        ...
+
+    def health(self) -> dict[str, Any]:
+        """For ``status``: ``{"backend", "where", "connected", "pending": [programs]}``, the
+        programs whose keys are not yet written as they should be."""
         ...
 
 

@@ -60,6 +60,15 @@ class EtcdRegistry:
     def connected(self) -> bool:
         return self._conn is not None and not self._conn.broken.is_set()
 
+    def health(self) -> dict[str, Any]:
+        where = self._conn.endpoint if self._conn else ", ".join(self.config.endpoints)
+        return {
+            "backend": "etcd",
+            "where": where,
+            "connected": self.connected,
+            "pending": sorted(self._pending),
+        }
+
     def _timeout_error(self) -> RegistryError:
         where = self._conn.endpoint if self._conn else ", ".join(self.config.endpoints)
         return RegistryError(f"etcd at {where} did not answer within {self.config.timeout:g} s")

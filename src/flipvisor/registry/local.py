@@ -23,6 +23,7 @@ import logging
 import os
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -187,6 +188,14 @@ class LocalRegistry:
             self._retry.set()
             return
         self._pending.pop(program, None)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "backend": "local",
+            "where": str(self.path),
+            "connected": True,
+            "pending": sorted(self._pending),
+        }
 
     async def aclose(self) -> None:
         """Nothing to release: the file is opened only while read or written."""
