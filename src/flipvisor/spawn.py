@@ -114,9 +114,33 @@ class Child:
             self.pidfd = -1
 
 
+class _InheritedFds:
+    """Whether descriptors we inherited without close-on-exec may still be open.
+
+    Ours are close-on-exec (PEP 446), but one the supervisor inherited from its own parent would
+    leak into every worker. ``seal()`` marks those close-on-exec once at start-up; until then
+    (or in a host process that never seals) every spawn closes them in the child instead, which
+    costs a scan of /proc/self/fd per spawn.
+    """
+
+    sealed = False
+
+
+def seal_inherited_fds() -> int:
+    """Mark every inherited descriptor above 2 close-on-exec; how many there were.
+
+    Call once at start-up, before anything in this process could need such a descriptor passed
+    on: nothing in flipvisor does (a worker gets exactly fd 0-3).
+    """
+    leaked = _inherited_fds(exclude=set())
+    for fd in leaked:
+        os.set_inheritable(fd, False)
+    _InheritedFds.sealed = True
+    return len(leaked)
+
+
 def _inherited_fds(exclude: set[int | None]) -> list[int]:
-    """Descriptors above 2 that a child would inherit: ours are close-on-exec (PEP 446), but
-    one the supervisor itself inherited without the flag would leak into every worker."""
+    """Descriptors above 2 that a child would inherit."""
     leaked = []
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -170,7 +194,8 @@ def spawn_process(
     if not os.path.isdir(workdir):
         raise SpawnError(f"working directory {workdir} does not exist")
     actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
-        (os.POSIX_SPAWN_CLOSE, fd) for fd in _inherited_fds(exclude={listen_fd, output_fd})
+        (os.POSIX_SPAWN_CLOSE, fd)
+        for fd in ([] if _InheritedFds.sealed else _inherited_fds({listen_fd, output_fd}))
     ]
     actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
     if output_fd is not None:

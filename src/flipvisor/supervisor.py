@@ -24,6 +24,7 @@ from .protocol import Request, result
 from .reaper import Reaper, become_subreaper
 from .registry import open_registry
 from .registry.base import WatchableRegistry
+from .spawn import seal_inherited_fds
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class Supervisor:
         prepare_state_dir(self.config.state_dir)
         if not become_subreaper() and os.getpid() != 1:
             log.warning("could not become a child subreaper; orphans will not be reaped")
+        if leaked := seal_inherited_fds():
+            log.info("closed %d inherited descriptor(s) to the workers", leaked)
         control = ControlServer(self.config.socket_path, self.dispatch)
         try:
             async with anyio.create_task_group() as root:

@@ -616,3 +616,33 @@ def test_listen_fd_3_is_passed_through_the_dup_path(tmp_path: Path) -> None:
     assert data["fd3_accepting"] == 1
     assert data["fd3_port"] == outcome["port"]
     assert data["fds"] == [0, 1, 2, 3]
+
+
+def test_sealing_inherited_fds_once_keeps_them_from_every_worker() -> None:
+    # In a fresh interpreter: sealing is process-wide, and this pytest process must keep
+    # scanning per spawn for the tests above.
+    script = """
+import anyio, json, os, sys
+from flipvisor.reaper import Reaper
+from flipvisor.spawn import run_command, seal_inherited_fds
+read_fd, write_fd = os.pipe()
+os.set_inheritable(write_fd, True)  # as if our own parent had left it open for us
+sealed = seal_inherited_fds()
+async def main():
+    reaper = Reaper(reap_orphans=False)
+    async with anyio.create_task_group() as tg:
+        await tg.start(reaper.run)
+        result = await run_command(["ls", "/proc/self/fd"], reaper=reaper, timeout=10)
+        tg.cancel_scope.cancel()
+    fds = sorted(map(int, result.output.split()))
+    print(json.dumps({"sealed": sealed, "still": os.get_inheritable(write_fd), "fds": fds}))
+anyio.run(main)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["sealed"] >= 1 and report["still"] is False  # marked close-on-exec once
+    # ls's own listing fd (3) is all there is beyond stdio: the pipe never reached it.
+    assert report["fds"] == [0, 1, 2, 3]
