@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -17,10 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, FlipvisorError
-from .locate import Locations, locate
-
-CONFIG_ENV = "FLIPVISOR_CONFIG"
-DEFAULT_CONFIG_NAME = "flipvisor.yaml"
+from .locate import CONFIG_ENV, Locations, default_config_path, locate, log_path
 
 # Client commands get the Locations of the config file (cheap); run and watch validate it whole.
 Handler = Callable[[argparse.Namespace, Path], int]
@@ -102,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run_cli(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit code."""
     args = build_parser().parse_args(argv)
-    path: Path = args.config or Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME)
+    path: Path = args.config or default_config_path()
     try:
         return HANDLERS[args.command](args, path)
     except ConfigError as exc:
@@ -258,16 +254,16 @@ def _logs(args: argparse.Namespace, path: Path) -> int:
     config = locate(path)
     from .logs import follow, tail_lines
 
-    log_path = config.log_dir / f"{args.program}.log"
-    if args.program not in config.programs and not log_path.exists():
+    log_file = log_path(config.state_dir, args.program)
+    if args.program not in config.programs and not log_file.exists():
         _error(f"no program named {args.program!r} in {path}; `flipvisor status` lists them")
         return EXIT_USAGE
     if args.follow:
         # follow() prints the last lines and continues from the same offset: no gap, no repeat
-        for line in follow(log_path, last=args.lines):
+        for line in follow(log_file, last=args.lines):
             print(line, flush=True)
         return EXIT_OK
-    for line in tail_lines(log_path, args.lines):
+    for line in tail_lines(log_file, args.lines):
         print(line)
     return EXIT_OK
 

@@ -6,11 +6,10 @@ Loading is pure: no logging, no exits. Relative paths are resolved against the c
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import shlex
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,9 +26,8 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .locate import DEFAULT_STATE_DIR, socket_path
 
-DEFAULT_CONFIG_NAME = "flipvisor.yaml"
-CONFIG_ENV = "FLIPVISOR_CONFIG"
 PROGRAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -266,7 +264,7 @@ class MetricsConfig(_Model):
 class Config(_Model):
     """The whole config file."""
 
-    state_dir: RelPath = Path("/var/lib/flipvisor")
+    state_dir: RelPath = DEFAULT_STATE_DIR
     registry: RegistryConfig = RegistryConfig()
     logs: LogsConfig = LogsConfig()
     metrics: MetricsConfig | None = None
@@ -275,16 +273,7 @@ class Config(_Model):
 
     @property
     def socket_path(self) -> Path:
-        return self.state_dir / "flipvisor.sock"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.state_dir / "logs"
-
-
-def default_config_path(environ: Mapping[str, str] = os.environ) -> Path:
-    """``$FLIPVISOR_CONFIG``, else ``./flipvisor.yaml``."""
-    return Path(environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME)
+        return socket_path(self.state_dir)
 
 
 def load_config(path: Path) -> Config:

@@ -7,6 +7,7 @@ validates the file itself whenever it reads it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,23 @@ import yaml
 
 from .errors import ConfigError
 
+CONFIG_ENV = "FLIPVISOR_CONFIG"
+DEFAULT_CONFIG_NAME = "flipvisor.yaml"
 DEFAULT_STATE_DIR = Path("/var/lib/flipvisor")
+
+
+def default_config_path() -> Path:
+    """``$FLIPVISOR_CONFIG``, else ``./flipvisor.yaml``."""
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME)
+
+
+# The layout of state_dir, in one place for the supervisor and its clients.
+def socket_path(state_dir: Path) -> Path:
+    return state_dir / "flipvisor.sock"
+
+
+def log_path(state_dir: Path, program: str) -> Path:
+    return state_dir / "logs" / f"{program}.log"
 
 
 @dataclass(frozen=True)
@@ -26,11 +43,7 @@ class Locations:
 
     @property
     def socket_path(self) -> Path:
-        return self.state_dir / "flipvisor.sock"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.state_dir / "logs"
+        return socket_path(self.state_dir)
 
 
 def locate(path: Path) -> Locations:

@@ -30,6 +30,7 @@ from .errors import (
 from .events import EventLog
 from .generation import Generation
 from .history import History
+from .locate import log_path
 from .logs import ProgramLog
 from .progress import FlipReport
 from .promotion import promote, serving_snapshot, with_current_pids
@@ -85,7 +86,7 @@ class Program:
         self._budget = RestartBudget(config.restart.max_restarts, config.restart.window)
         self._flip_lock = anyio.Lock()
         self._tg: TaskGroup | None = None
-        self.log = ProgramLog(runtime.state_dir / "logs" / f"{name}.log", runtime.logs)
+        self.log = ProgramLog(log_path(runtime.state_dir, name), runtime.logs)
 
     # -- status -------------------------------------------------------------------------------
 

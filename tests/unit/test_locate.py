@@ -9,7 +9,7 @@ import pytest
 
 from flipvisor.config import load_config
 from flipvisor.errors import ConfigError
-from flipvisor.locate import DEFAULT_STATE_DIR, locate
+from flipvisor.locate import DEFAULT_STATE_DIR, locate, log_path
 
 
 def write(path: Path, text: str) -> Path:
@@ -28,7 +28,9 @@ def test_relative_state_dir_is_resolved_against_the_files_folder(
     where = locate(Path(os.path.relpath(config, elsewhere)))
     assert where.state_dir == tmp_path / "conf" / "run" / "state"
     assert where.socket_path == tmp_path / "conf" / "run" / "state" / "flipvisor.sock"
-    assert where.log_dir == tmp_path / "conf" / "run" / "state" / "logs"
+    assert (
+        log_path(where.state_dir, "web") == tmp_path / "conf" / "run" / "state" / "logs" / "web.log"
+    )
 
 
 def test_agrees_with_the_full_loader(tmp_path: Path) -> None:
