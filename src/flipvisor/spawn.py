@@ -87,6 +87,12 @@ class Child:
             return False
         return True
 
+    def signal_all(self, sig: int) -> None:
+        """Signal the group (which holds the leader), or the leader alone if it left its group:
+        once, as a second SIGTERM may mean "stop now" to the program."""
+        if not self.signal_group(sig):
+            self.send_signal(sig)
+
     async def wait(self) -> int:
         """The child's return code once the reaper collected it."""
         return await self.exit.wait()
@@ -97,13 +103,10 @@ class Child:
         Shielded, so a cancelled caller still leaves nothing running; bounded by the timeout.
         """
         with anyio.CancelScope(shield=True):
-            if not self.exit.reaped:
-                self.signal_group(sig)
-                self.send_signal(sig)
-                with anyio.move_on_after(timeout):
-                    return await self.wait()
-                self.signal_group(signal.SIGKILL)
-                self.send_signal(signal.SIGKILL)
+            self.signal_all(sig)
+            with anyio.move_on_after(timeout):
+                return await self.wait()
+            self.signal_all(signal.SIGKILL)
             return await self.wait()
         raise AssertionError("unreachable: the shielded block always returns")  # for mypy
 

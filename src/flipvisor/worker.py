@@ -230,8 +230,7 @@ class Worker:
         """SIGKILL the process and its whole group (while the leader is unreaped)."""
         child = self.child
         if child is not None:
-            child.signal_group(signal.SIGKILL)
-            child.send_signal(signal.SIGKILL)
+            child.signal_all(signal.SIGKILL)
 
 
 def describe_exit(returncode: int | None) -> str:
