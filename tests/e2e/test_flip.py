@@ -89,6 +89,7 @@ def test_five_flips_under_load_fail_no_request(
 
 
 FAILURES = {
+    "command missing": ({"command": ["no-such-command-xyz"]}, "fix programs.web.command"),
     "crashes at start": ({"command": svc_command("--exit-at-start", "3")}, "exit status 3"),
     "never ready": (
         {"command": svc_command("--health-fail"), "readiness": {"timeout": 1}},
