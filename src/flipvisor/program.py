@@ -75,7 +75,6 @@ class Program:
         self.history = History(runtime.state_dir / "history" / f"{name}.json")
         self.fatal_reason: str | None = None
         self.current_flip: FlipReport | None = None
-        self.last_flip: FlipReport | None = None
         self.published: Snapshot | None = None
         # Totals since the supervisor started (metrics and status read them; events may drop).
         self.flips_total = 0
@@ -185,7 +184,6 @@ class Program:
                 self._record_flip(report)
 
     def _record_flip(self, report: FlipReport) -> None:
-        self.last_flip = report
         self.current_flip = None
         if report.duration is None:
             return  # cancelled with the supervisor: nothing finished

@@ -17,7 +17,7 @@ import shutil
 import signal
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -49,8 +49,6 @@ class Child:
     pidfd: int
     started: float
     exit: ExitWaiter
-    argv: tuple[str, ...]
-    spawned_at: float = field(default_factory=time.monotonic)
 
     @property
     def returncode(self) -> int | None:
@@ -238,7 +236,7 @@ def spawn_process(
         started = psutil.Process(pid).create_time()
     except psutil.Error:
         started = time.time()
-    return Child(pid=pid, pidfd=pidfd, started=started, exit=waiter, argv=tuple(argv))
+    return Child(pid=pid, pidfd=pidfd, started=started, exit=waiter)
 
 
 @dataclass(frozen=True)

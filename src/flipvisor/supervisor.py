@@ -48,6 +48,7 @@ class Supervisor:
         self.config = config
         self.events = EventLog()
         self.reaper = Reaper(reap_orphans=True)
+        self.reaper.on_orphan = self._orphan_reaped
         self.registry: WatchableRegistry = open_registry(config)
         self.programs: dict[str, Program] = {}
         self._scopes: dict[str, CancelScope] = {}
@@ -60,6 +61,10 @@ class Supervisor:
             state_dir=config.state_dir,
             logs=config.logs,
         )
+
+    def _orphan_reaped(self, pid: int, returncode: int) -> None:
+        # An orphan re-parented to us and reaped: worth a line in `events` (a leaky service).
+        self.events.emit("orphan-reaped", "(supervisor)", None, f"exit {returncode}", pid=pid)
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT or ``shutdown``; drain every program before returning.

@@ -163,6 +163,8 @@ def test_orphaned_grandchild_is_reaped(flipvisor: Flipvisor, tmp_path: Path) -> 
         timeout=10,
         message="the orphan to be reaped (no zombie left)",
     )
+    events = [json.loads(line) for line in flipvisor.cli("events", "--json").stdout.splitlines()]
+    assert any(e["kind"] == "orphan-reaped" and e["fields"]["pid"] == grandchild for e in events)
 
 
 def test_control_socket_is_private(flipvisor: Flipvisor) -> None:
