@@ -378,3 +378,17 @@ def test_usr1_is_forwarded_to_every_worker(flipvisor: Flipvisor) -> None:
         message="both workers to get SIGUSR1",
     )
     assert flipvisor.serving("web")["pids"] == pids  # type: ignore[index]
+
+
+def test_flip_of_an_invalid_file_exits_2_and_changes_nothing(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": web()}})
+    first = flipvisor.wait_serving("web")
+    flipvisor.config_path.write_text(
+        f"state_dir: {flipvisor.state_dir}\nprograms:\n  web:\n    command: [x]\n"
+        "    drain: {timeout: soon}\n"
+    )
+    result = flipvisor.cli("flip", "web")
+    assert result.returncode == 2
+    assert "programs.web.drain.timeout: must be a number" in result.stderr
+    still = flipvisor.serving("web")
+    assert still is not None and (still["generation"], still["pids"]) == (1, first["pids"])
