@@ -95,7 +95,7 @@ class _StatusCollector(Collector):
             up.add_metric([name], len(current["pids"]) if current else 0)
             running.add_metric([name], sum(len(g["pids"]) for g in gens))
             serving.add_metric([name], current["generation"] if current else 0)
-            flipping.add_metric([name], 1 if status.get("flipping") else 0)
+            flipping.add_metric([name], 1 if status.get("flip") else 0)
             # Totals the programs keep themselves: exact even if events were dropped.
             flips.add_metric([name], status.get("flips", 0))
             failures.add_metric([name], status.get("flip_failures", 0))

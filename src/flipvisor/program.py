@@ -108,7 +108,6 @@ class Program:
             "flips": self.flips_total,
             "flip_failures": self.flip_failures_total,
             "fatal_reason": self.fatal_reason,
-            "flipping": self.current_flip is not None,
             "flip": self.current_flip.progress() if self.current_flip is not None else None,
             "generations": [gen.status(now) for gen in self.generations],
         }

@@ -95,7 +95,7 @@ def test_two_programs_flip_at_once_under_load(flipvisor: Flipvisor, nginx: Nginx
         try:
             # Both flips in progress at one moment: they really ran concurrently.
             wait_until(
-                lambda: all(p["flipping"] for p in flipvisor.status()["programs"]),
+                lambda: all(p["flip"] for p in flipvisor.status()["programs"]),
                 message="both flips to be in progress at once",
             )
             outputs = {name: flip.communicate(timeout=FLIP_TIMEOUT) for name, flip in flips.items()}

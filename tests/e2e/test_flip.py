@@ -177,7 +177,7 @@ def test_second_flip_of_a_program_is_refused_clearly(flipvisor: Flipvisor, nginx
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_until(lambda: flipvisor.program("web")["flipping"], message="the first flip")
+    wait_until(lambda: flipvisor.program("web")["flip"], message="the first flip")
     second = flipvisor.cli("flip", "web")
     assert second.returncode == 1
     assert "already in progress" in second.stderr
