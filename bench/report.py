@@ -149,8 +149,20 @@ def write_docs(results: Results) -> None:
         "on accepted connections (as gunicorn/uvicorn do), so no tool gains from its listening "
         "socket's options. supervisord: it binds a fixed port; Circus: a shared socket "
         "(`use_sockets`, `$(circus.sockets.web)` moved to fd 3); flipvisor: its fd 3.",
-        "- (b): one fresh instance per sample; SIGKILL the worker, poll the control "
-        "interface every 5 ms for a new PID, then GET /health until it answers.",
+        "- (b): one fresh instance per sample (a second kill would meet each tool's restart "
+        "backoff); SIGKILL the worker. The replacement's time comes from the kernel: the proc "
+        "connector (netlink, `bench/procwatch.py`) timestamps the worker's exit and "
+        "the first fork in the daemon's process tree after it (CLOCK_MONOTONIC ns, taken as "
+        "it happens; one observer for the three tools), and that fork is checked to be the new "
+        "worker's. "
+        "Nothing is asked of the tool until then: a control request wakes a daemon's loop "
+        "(supervisord restarts an exited process at the next turn of its loop, which waits up "
+        "to 1 s; polled every 5 ms it forks in ~5 ms, left alone in ~1 s). Then the control "
+        "interface for the new PID, and GET /health every 5 ms until it answers: that time "
+        "includes the service's own Python start-up. Without the proc connector (a container, "
+        "or no CAP_NET_ADMIN before Linux 6.6), "
+        "the control interface is polled every 5 ms for the new PID instead (\"new PID seen\"), "
+        "which both coarsens and perturbs the measurement.",
         "- (a): from launching the daemon until one status call shows every program with a "
         "live process (flipvisor: `running` with a serving PID; supervisord: `RUNNING`; "
         "Circus: every watcher `active`, set after its processes were spawned).",
