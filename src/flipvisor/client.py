@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import ControlUnreachable
-from .protocol import MAX_LINE, Request
+from .protocol import MAX_LINE, Request, decode
 
 
 def converse(
@@ -41,7 +40,7 @@ def converse(
                 line = reader.readline(MAX_LINE)
                 if not line:
                     raise ControlUnreachable(f"the supervisor on {path} closed the connection")
-                message = json.loads(line)
+                message = decode(line)
                 yield message
                 if message.get("type") == "result":
                     return

@@ -103,7 +103,7 @@ class Program:
         now = time.time()
         return {
             "name": self.name,
-            "state": self.state.value,
+            "state": self.state,  # a StrEnum: encodes as its value
             "restarts": self.restarts_total,
             "flips": self.flips_total,
             "flip_failures": self.flip_failures_total,

@@ -3,13 +3,17 @@
 A request is ``{"command": ..., "program": ..., "args": {...}}``. The answer is zero or more
 ``{"type": "progress" | "event", ...}`` lines, then exactly one
 ``{"type": "result", "ok": ..., "exit_code": ..., "result": ..., "error": ...}``.
+
+orjson, not the stdlib's json: a ``status`` of 200 programs is ~45 KB, and the stdlib takes about
+0.9 ms to encode and decode it, most of the round trip.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from .errors import EXIT_FAILED, EXIT_OK, FlipvisorError
 
@@ -35,7 +39,8 @@ class Request:
 
 def encode(message: dict[str, Any]) -> bytes:
     """One message as a line of JSON."""
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    # OPT_NON_STR_KEYS: an int key becomes a string, as the stdlib's json would make it.
+    return orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS)
 
 
 def decode(line: bytes) -> dict[str, Any]:
@@ -45,8 +50,8 @@ def decode(line: bytes) -> dict[str, Any]:
         ProtocolError: not a JSON object.
     """
     try:
-        message = json.loads(line)
-    except (ValueError, RecursionError) as exc:  # deep nesting exhausts the parser's stack
+        message = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:  # deep nesting too: orjson stops at 1024 levels
         raise ProtocolError(f"malformed control message: {exc}") from exc
     if not isinstance(message, dict):
         raise ProtocolError("malformed control message: not an object")
