@@ -77,7 +77,9 @@ def _ratio(metric: Metric, peer: str) -> str:
     mine, theirs = metric.median("flipvisor"), metric.median(peer)
     if mine is None or theirs is None or not theirs:
         return "—"
-    return f"{mine / theirs:.2f}"
+    ratio = mine / theirs
+    # Two significant digits below 0.1: a 400× margin must not print as "0.00".
+    return f"{ratio:.2f}" if ratio >= 0.1 or not ratio else f"{ratio:.2g}"
 
 
 def table(results: Results, group: str) -> list[str]:
