@@ -78,7 +78,7 @@ def _ratio(metric: Metric, peer: str) -> str:
     if mine is None or theirs is None or not theirs:
         return "—"
     ratio = mine / theirs
-    # Two significant digits below 0.1: a 400× margin must not print as "0.00".
+    # Two significant digits below 0.1: a 400-fold margin must not print as "0.00".
     return f"{ratio:.2f}" if ratio >= 0.1 or not ratio else f"{ratio:.2g}"
 
 
