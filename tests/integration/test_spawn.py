@@ -552,6 +552,15 @@ async def test_signal_verified_checks_the_start_time() -> None:
         assert start_time_of(child.pid) is None or start_time_of(child.pid) != child.started
 
 
+def test_start_time_of_is_psutils_create_time() -> None:
+    """External checks compare the start times we publish with psutil's: they must agree."""
+    for pid in (1, os.getpid()):
+        assert start_time_of(pid) == pytest.approx(psutil.Process(pid).create_time(), abs=0.011)
+    with open("/proc/sys/kernel/pid_max", encoding="ascii") as pid_max:
+        beyond = int(pid_max.read()) + 1
+    assert start_time_of(beyond) is None
+
+
 # -- listen_fd at 3 or below -----------------------------------------------------------------
 
 # Run in a fresh interpreter, where fd 3 is free: the listening socket itself is fd 3, so

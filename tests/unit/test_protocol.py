@@ -108,3 +108,11 @@ def test_result_error_and_explicit_exit_code() -> None:
     assert usage["hint"] == "try status"
     # An explicit exit code wins even without an error (e.g. "nothing to do" answers).
     assert result(exit_code=EXIT_USAGE)["ok"] is True
+
+
+def test_encode_writes_int_keys_and_str_enums_as_json_would() -> None:
+    from flipvisor.states import ProgramState
+
+    line = encode({"counts": {3: "x"}, "state": ProgramState.RUNNING})
+    assert json.loads(line) == {"counts": {"3": "x"}, "state": "running"}
+    assert json.loads(line) == json.loads(json.dumps({"counts": {3: "x"}, "state": "running"}))
