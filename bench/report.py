@@ -123,7 +123,8 @@ def write_docs(results: Results) -> None:
         "",
         "Each cell: **median** [min–max] over the repetitions. fv ÷ peer: flipvisor's median "
         "divided by the peer's (below 1: flipvisor took less time / used less). "
-        "\"met\": flipvisor against issue 5's target.",
+        "\"met\": flipvisor against issue 5's target. Where flipvisor falls short, and why: "
+        "[performance.md](performance.md).",
         "",
     ]
     for group in GROUPS:
