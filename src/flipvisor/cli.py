@@ -250,6 +250,26 @@ def _simple(args: argparse.Namespace, path: Path) -> int:
     return _final(answer)
 
 
+def _reload(args: argparse.Namespace, path: Path) -> int:
+    answer = _request(locate(path), "reload")
+    outcome = answer.get("result") or {}
+    if args.json:
+        _print_json(outcome)
+    elif answer.get("ok"):
+        parts = [
+            f"{what} {', '.join(outcome[key])}"
+            for key, what in (("added", "added"), ("removed", "removed"), ("changed", "flipping"))
+            if outcome.get(key)
+        ]
+        print(f"flipvisor: reload: {'; '.join(parts) if parts else 'no program changed'}")
+        if outcome.get("needs_restart"):
+            _error(
+                f"{', '.join(outcome['needs_restart'])} changed: that takes effect only when the "
+                "supervisor restarts (`flipvisor shutdown`, then `flipvisor run`)"
+            )
+    return _final(answer)
+
+
 def _logs(args: argparse.Namespace, path: Path) -> int:
     config = locate(path)
     from .logs import follow, tail_lines
@@ -304,7 +324,7 @@ HANDLERS: dict[str, Handler] = {
     "start": _flip_like,
     "stop": _simple,
     "shutdown": _simple,
-    "reload": _simple,
+    "reload": _reload,
     "logs": _logs,
     "events": _events,
 }

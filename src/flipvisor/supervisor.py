@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 # The application-defined signals (reopen logs, dump state...) mean something to the services,
 # not to us: PID 1 passes them on to every worker. TERM/INT drain everything, HUP re-reads.
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+# Top-level settings read once, at start: the control socket, registry connection, metrics
+# listener, log settings and watches are built from them. A reload reports a change to them.
+RESTART_ONLY = ("state_dir", "registry", "metrics", "logs", "watch")
 
 
 def prepare_state_dir(path: Path) -> None:
@@ -46,6 +49,7 @@ class Supervisor:
     def __init__(self, config_path: Path, config: Config) -> None:
         self.config_path = config_path
         self.config = config
+        self._started_with = {key: getattr(config, key) for key in RESTART_ONLY}
         self.events = EventLog()
         self.reaper = Reaper(reap_orphans=True)
         self.reaper.on_orphan = self._orphan_reaped
@@ -233,7 +237,21 @@ class Supervisor:
             self._deploy_changed(self.programs[name], new.programs[name])
         self.config = new
         log.info("config reloaded: added %s, removed %s", added or "none", removed or "none")
-        return {"added": added, "removed": removed, "changed": changed}
+        needs_restart = [
+            key for key in RESTART_ONLY if getattr(new, key) != self._started_with[key]
+        ]
+        if needs_restart:
+            log.warning(
+                "config reloaded, but %s changed: that takes effect only when the supervisor "
+                "restarts (`flipvisor shutdown`, then `flipvisor run`)",
+                ", ".join(needs_restart),
+            )
+        return {
+            "added": added,
+            "removed": removed,
+            "changed": changed,
+            "needs_restart": needs_restart,
+        }
 
     # -- control commands -------------------------------------------------------------------
 

@@ -324,6 +324,31 @@ def test_sighup_flips_a_changed_program_and_survives_a_bad_file(flipvisor: Flipv
     )
 
 
+def test_reload_reports_what_it_did_and_what_needs_a_restart(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    # A new program takes effect now; new log settings only when the supervisor restarts.
+    flipvisor.write_config({"logs": {"max_bytes": 65536}, "programs": {"web": web(), "api": web()}})
+    done = flipvisor.cli("reload")
+    assert done.returncode == 0, done.stderr
+    assert "added api" in done.stdout
+    assert "logs changed" in done.stderr and "flipvisor run" in done.stderr
+    flipvisor.wait_serving("api")
+
+    again = flipvisor.cli("reload", "--json")
+    assert again.returncode == 0, again.stderr
+    outcome = json.loads(again.stdout)
+    # Still pending: the running supervisor keeps the log settings it started with.
+    assert outcome == {"added": [], "removed": [], "changed": [], "needs_restart": ["logs"]}
+    wait_until(
+        lambda: (
+            "logs changed: that takes effect only when the supervisor restarts"
+            in flipvisor.output()
+        ),
+        message="the supervisor's own warning",
+    )
+
+
 def test_stop_start_logs_and_shutdown_through_the_cli(flipvisor: Flipvisor) -> None:
     flipvisor.start({"programs": {"web": web(command=svc_command("--version", "7"))}})
     first = flipvisor.wait_serving("web")
