@@ -1,7 +1,9 @@
-"""The bounded history of lifecycle events and its live subscribers (``events -f``).
+"""The bounded history of lifecycle events, its live subscribers (``events -f``) and its
+listeners (the metrics).
 
 Emitting never blocks: a subscriber that does not keep up loses the events it had no room for
-(the history still has them).
+(the history still has them). A listener is called as each event is emitted, so it misses none;
+it must be quick and must not raise.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,6 +46,7 @@ class EventLog:
     def __init__(self) -> None:
         self._history: deque[Event] = deque(maxlen=HISTORY)
         self._subscribers: list[MemoryObjectSendStream[Event]] = []
+        self._listeners: list[Callable[[Event], None]] = []
 
     def emit(
         self,
@@ -64,6 +67,11 @@ class EventLog:
             f" {message}" if message else "",
             "".join(f" {key}={value}" for key, value in fields.items()),
         )
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # a bug in a listener must not fail whatever emitted the event
+                log.exception("event listener %r failed on %s", listener, kind)
         for stream in list(self._subscribers):
             try:
                 stream.send_nowait(event)
@@ -79,6 +87,15 @@ class EventLog:
             return []
         events = [e for e in self._history if program is None or e.program == program]
         return events[-limit:]
+
+    @contextmanager
+    def listening(self, listener: Callable[[Event], None]) -> Iterator[None]:
+        """Call ``listener`` with every event emitted while the context is open."""
+        self._listeners.append(listener)
+        try:
+            yield
+        finally:
+            self._listeners.remove(listener)
 
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[MemoryObjectReceiveStream[Event]]:

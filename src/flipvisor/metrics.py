@@ -1,6 +1,7 @@
 """The optional Prometheus endpoint (``metrics: {listen: HOST:PORT}``): counters and gauges read
 from the programs' status at scrape time (totals each program keeps, so a dropped event cannot
-make them wrong), the flip duration histogram fed by the lifecycle events; served over HTTP/1.0.
+make them wrong), the flip duration histogram fed by every lifecycle event as it is emitted;
+served over HTTP/1.0.
 
 prometheus-client's own HTTP server runs in a thread (banned here), so ``/metrics`` is answered
 by a small anyio TCP listener with ``generate_latest`` of a registry of our own.
@@ -106,7 +107,7 @@ class _StatusCollector(Collector):
 
 
 class Metrics:
-    """Counts flips, failures and restarts from the event log; serves them with the gauges."""
+    """Serves the gauges and counters read from status, and times each finished flip."""
 
     def __init__(self, listen: str, events: EventLog, statuses: StatusSource) -> None:
         self.host, self.port = parse_listen(listen)
@@ -147,12 +148,12 @@ class Metrics:
                 f"metrics: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}; "
                 "choose a free port in `metrics.listen` or stop what holds this one"
             ) from exc
-        async with listener, self.events.subscribe() as stream, anyio.create_task_group() as tg:
-            log.info("metrics on http://%s:%d/metrics", self.host, self.port)
-            task_status.started()
-            tg.start_soon(listener.serve, self._answer)
-            async for event in stream:
-                self.observe(event)
+        # A listener, not a subscription: a burst of events cannot make the histogram miss a flip.
+        with self.events.listening(self.observe):
+            async with listener:
+                log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+                task_status.started()
+                await listener.serve(self._answer)
 
     async def _answer(self, stream: SocketStream) -> None:
         async with stream:

@@ -1,12 +1,12 @@
 """EventLog: the history keeps only the newest events; a subscriber that does not read loses
-events instead of slowing down whoever emits them."""
+events instead of slowing down whoever emits them; a listener misses none."""
 
 from __future__ import annotations
 
 import anyio
 import pytest
 
-from flipvisor.events import HISTORY, SUBSCRIBER_BUFFER, EventLog
+from flipvisor.events import HISTORY, SUBSCRIBER_BUFFER, Event, EventLog
 
 
 def test_history_keeps_the_newest_events_oldest_first() -> None:
@@ -77,3 +77,29 @@ async def test_a_closed_subscriber_is_forgotten() -> None:
     async with events.subscribe() as other:
         events.emit("ready", "web", 2)
         assert other.receive_nowait().kind == "ready"
+
+
+def test_listener_sees_every_event_of_a_burst_and_is_removed_after() -> None:
+    log = EventLog()
+    seen: list[Event] = []
+    burst = SUBSCRIBER_BUFFER * 3  # more than a subscription could hold
+    with log.listening(seen.append):
+        for i in range(burst):
+            log.emit("spawned", "web", 1, pid=i)
+    log.emit("spawned", "web", 1, pid=-1)
+    assert [event.fields["pid"] for event in seen] == list(range(burst))
+
+
+def test_a_failing_listener_does_not_fail_emit_or_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = EventLog()
+    seen: list[str] = []
+
+    def broken(event: Event) -> None:
+        raise RuntimeError("bug")
+
+    with log.listening(broken), log.listening(lambda event: seen.append(event.kind)):
+        log.emit("ready", "web", 1)
+    assert seen == ["ready"]
+    assert "event listener" in caplog.text and "RuntimeError: bug" in caplog.text
