@@ -166,10 +166,23 @@ def resolve_executable(argv0: str, env: Mapping[str, str], cwd: Path | None) -> 
         if not os.access(candidate, os.X_OK) or candidate.is_dir():
             raise SpawnError(f"command {argv0!r}: no such executable file")
         return argv0
-    found = shutil.which(argv0, path=env.get("PATH", os.defpath))
-    if found is None:
-        raise SpawnError(f"command {argv0!r}: not found in PATH")
+    path = env.get("PATH", os.defpath)
+    key = (argv0, path, str(cwd))
+    found = _FOUND_ON_PATH.get(key)
+    # A hit is re-checked: still an executable file, so exec will find it (or one earlier on
+    # PATH). A full lookup is a stat per PATH entry, most of a restart's own cost with a long PATH.
+    if found is None or not os.access(found, os.X_OK) or os.path.isdir(found):
+        found = shutil.which(argv0, path=path)
+        if found is None:
+            _FOUND_ON_PATH.pop(key, None)
+            raise SpawnError(f"command {argv0!r}: not found in PATH")
+        if len(_FOUND_ON_PATH) >= 1024:  # bounded: keys come from the config, this is a guard
+            _FOUND_ON_PATH.clear()
+        _FOUND_ON_PATH[key] = found
     return argv0
+
+
+_FOUND_ON_PATH: dict[tuple[str, str, str], str] = {}
 
 
 def spawn_process(

@@ -25,6 +25,7 @@ from flipvisor.reaper import Reaper
 from flipvisor.sockets import bind_listener, bound_port
 from flipvisor.spawn import (
     Child,
+    resolve_executable,
     run_command,
     signal_verified,
     spawn_process,
@@ -362,6 +363,26 @@ async def test_missing_executable_raises_spawn_error(tmp_path: Path) -> None:
             spawn_process([str(tmp_path)], reaper=reaper, env=os.environ)
         with pytest.raises(SpawnError, match="not found in PATH"):
             spawn_process(["sh"], reaper=reaper, env={"PATH": str(tmp_path)})
+
+
+def test_a_command_removed_after_a_lookup_is_not_found_again(tmp_path: Path) -> None:
+    # Lookups are remembered; a remembered command that went away must fail the same way.
+    command = tmp_path / "tool"
+    command.write_text("#!/bin/sh\n")
+    command.chmod(0o755)
+    env = {"PATH": f"{tmp_path / 'empty'}:{tmp_path}"}
+    assert resolve_executable("tool", env, None) == "tool"
+    assert resolve_executable("tool", env, None) == "tool"
+    command.unlink()
+    with pytest.raises(SpawnError, match="'tool': not found in PATH"):
+        resolve_executable("tool", env, None)
+    command.write_text("#!/bin/sh\n")
+    command.chmod(0o755)
+    assert resolve_executable("tool", env, None) == "tool"
+    command.unlink()
+    command.mkdir()  # a directory of that name is executable to access(), but not a command
+    with pytest.raises(SpawnError, match="'tool': not found in PATH"):
+        resolve_executable("tool", env, None)
 
 
 async def test_bad_cwd_raises_spawn_error(tmp_path: Path) -> None:
