@@ -33,9 +33,10 @@ from .history import History
 from .locate import log_path
 from .logs import ProgramLog
 from .progress import FlipReport
-from .promotion import promote, serving_snapshot, with_current_pids
+from .promotion import promote
 from .reaper import Reaper
-from .registry import Registry, Snapshot
+from .registration import Registration
+from .registry import Registry
 from .restarts import RestartBudget, judge_exit
 from .states import GenerationState, ProgramState
 from .worker import Worker
@@ -43,10 +44,6 @@ from .worker import Worker
 log = logging.getLogger(__name__)
 
 DISCARD_TIMEOUT = 30.0
-# Registering a generation that started while the registry was down: retry every 0.5-2 s, so
-# the keys match what serves within seconds of the registry's return.
-REGISTER_RETRY_MIN = 0.5
-REGISTER_RETRY_MAX = 2.0
 
 
 @dataclass
@@ -75,12 +72,13 @@ class Program:
         self.history = History(runtime.state_dir / "history" / f"{name}.json")
         self.fatal_reason: str | None = None
         self.current_flip: FlipReport | None = None
-        self.published: Snapshot | None = None
+        self.registration = Registration(
+            name, runtime.registry, runtime.events, lambda: self.serving
+        )
         # Totals since the supervisor started (metrics and status read them; events may drop).
         self.flips_total = 0
         self.flip_failures_total = 0
         self.restarts_total = 0
-        self._registration_deferred = False
         self._next_number = 1
         self._budget = RestartBudget(config.restart.max_restarts, config.restart.window)
         self._flip_lock = anyio.Lock()
@@ -254,7 +252,7 @@ class Program:
         """Promote a READY generation and retire the one it replaces."""
         gen.transition(GenerationState.PROMOTING)
         first = self.serving is None
-        self.published, deferred = await promote(
+        published, deferred = await promote(
             gen,
             program=self.name,
             config=gen.config,
@@ -276,9 +274,7 @@ class Program:
         gen.was_serving = True
         old, self.serving = self.serving, gen
         self.fatal_reason = None
-        self._registration_deferred = deferred
-        if deferred:
-            self._task_group().start_soon(self._register_when_back, gen)
+        self.registration.promoted(gen, published, deferred=deferred, tg=self._task_group())
         reload = next((s for s in report.steps if s.name == "reload" and s.status == "ok"), None)
         if reload is not None and reload.duration is not None:  # the lifecycle shows the reload
             self.runtime.events.emit(
@@ -364,35 +360,8 @@ class Program:
             )
         return verdict.delay
 
-    async def _register_when_back(self, gen: Generation) -> None:
-        """Promote a generation that started serving while the registry was unreachable, as
-        a flip would have: whatever ``current`` holds then becomes ``previous``."""
-        delay = REGISTER_RETRY_MIN
-        registry = self.runtime.registry
-        while self.serving is gen:
-            await anyio.sleep(delay)
-            try:
-                expected = await registry.snapshot(self.name)
-                published = serving_snapshot(gen, expected)
-                await registry.swap(self.name, expected, published)
-            except RegistryError as exc:
-                log.info(
-                    "program=%s still cannot register generation %d: %s", self.name, gen.number, exc
-                )
-                delay = min(REGISTER_RETRY_MAX, delay * 2)
-                continue
-            if self.serving is gen:
-                self.published = published
-                self._registration_deferred = False
-                self.runtime.events.emit("registered", self.name, gen.number, port=gen.port)
-            return
-
     def _pids_changed(self, gen: Generation) -> None:
-        if self._registration_deferred:
-            return  # the pending registration reads the PIDs when it happens
-        if gen is self.serving and self.published is not None:
-            self.published = with_current_pids(gen, self.published)
-            self._task_group().start_soon(self.runtime.registry.publish, self.name, self.published)
+        self.registration.pids_changed(gen, self._task_group())
 
     # -- commands -----------------------------------------------------------------------------
 

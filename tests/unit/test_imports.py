@@ -21,7 +21,7 @@ LEAVES = ERRORS | {"states"}
 BASE = LEAVES | {"config", "reaper", "spawn", "logs", "sockets", "events", "progress"}
 CHECKS = BASE | {"probe", "proxy", "registry"}
 WORKERS = CHECKS | {"worker", "generation"}
-CORE = WORKERS | {"promotion", "program", "protocol", "control", "metrics"}
+CORE = WORKERS | {"promotion", "registration", "program", "protocol", "control", "metrics"}
 
 ALLOWED: dict[str, set[str]] = {
     "__init__": set(),
@@ -44,10 +44,11 @@ ALLOWED: dict[str, set[str]] = {
     "worker": BASE,
     "generation": BASE | {"probe", "worker"},
     "promotion": WORKERS | {"proxy", "registry"},
+    "registration": WORKERS | {"promotion", "registry"},
     "restarts": {"config"},
     "history": {"config"},
     "preflight": {"config", "errors", "proxy", "spawn"},
-    "program": WORKERS | {"promotion", "restarts", "history", "locate"},
+    "program": WORKERS | {"promotion", "registration", "restarts", "history", "locate"},
     "control": LEAVES | {"protocol", "config"},
     "client": LEAVES | {"protocol", "config"},
     "display": LEAVES | {"protocol", "events", "progress"},

@@ -1,0 +1,89 @@
+"""What the registry says about one program's serving generation, kept true after promotion.
+
+Promotion (``promotion.py``) swaps the keys once. After that, two things can make them stale: the
+serving generation's PIDs change (a worker restarts), or promotion had to skip the registry (it was
+unreachable when the program's first generation started). This module republishes the PIDs and
+retries the deferred registration until the registry is back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .errors import RegistryError
+from .events import EventLog
+from .generation import Generation
+from .promotion import serving_snapshot, with_current_pids
+from .registry import Registry, Snapshot
+
+log = logging.getLogger(__name__)
+
+# Registering a generation that started while the registry was down: retry every 0.5-2 s, so
+# the keys match what serves within seconds of the registry's return.
+REGISTER_RETRY_MIN = 0.5
+REGISTER_RETRY_MAX = 2.0
+
+
+class Registration:
+    """The registry keys of one program: the snapshot last published, and what is pending."""
+
+    def __init__(
+        self,
+        program: str,
+        registry: Registry,
+        events: EventLog,
+        serving: Callable[[], Generation | None],
+    ) -> None:
+        self.program = program
+        self.registry = registry
+        self.events = events
+        self._serving = serving  # the program's serving generation, read when it matters
+        self.published: Snapshot | None = None
+        self._deferred: Generation | None = None
+
+    def promoted(
+        self, gen: Generation, published: Snapshot, *, deferred: bool, tg: TaskGroup
+    ) -> None:
+        """``gen`` now serves with ``published``; if promotion could not write the registry,
+        keep trying in ``tg`` for as long as ``gen`` serves."""
+        self.published = published
+        self._deferred = gen if deferred else None
+        if deferred:
+            tg.start_soon(self._register_when_back, gen)
+
+    def pids_changed(self, gen: Generation, tg: TaskGroup) -> None:
+        """Republish the PIDs if ``gen`` is the serving generation."""
+        if self._deferred is not None:
+            return  # the pending registration reads the PIDs when it happens
+        if gen is self._serving() and self.published is not None:
+            self.published = with_current_pids(gen, self.published)
+            tg.start_soon(self.registry.publish, self.program, self.published)
+
+    async def _register_when_back(self, gen: Generation) -> None:
+        """Promote a generation that started serving while the registry was unreachable, as
+        a flip would have: whatever ``current`` holds then becomes ``previous``."""
+        delay = REGISTER_RETRY_MIN
+        while self._deferred is gen and self._serving() is gen:
+            await anyio.sleep(delay)
+            try:
+                expected = await self.registry.snapshot(self.program)
+                published = serving_snapshot(gen, expected)
+                await self.registry.swap(self.program, expected, published)
+            except RegistryError as exc:
+                log.info(
+                    "program=%s still cannot register generation %d: %s",
+                    self.program,
+                    gen.number,
+                    exc,
+                )
+                delay = min(REGISTER_RETRY_MAX, delay * 2)
+                continue
+            if self._deferred is gen and self._serving() is gen:
+                self.published = published
+                self._deferred = None
+                self.events.emit("registered", self.program, gen.number, port=gen.port)
+            return
