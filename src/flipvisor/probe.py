@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
-import psutil
 
 from .config import ReadinessConfig
 from .errors import ProbeFailed, SpawnError
@@ -182,6 +181,8 @@ def _worker_of(sender: int, pids: set[int]) -> tuple[int | None, str]:
     """The worker ``sender`` is or descends from; else None and why not."""
     if sender in pids:
         return sender, ""
+    import psutil  # only notify probes need it; importing it costs every start ~10 ms
+
     try:
         ancestors = psutil.Process(sender).parents()
     except psutil.Error:

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
-import psutil
 
 from .config import PROGRAM_NAME_RE
 from .errors import ProxyError, SpawnError
-from .spawn import run_command
+from .spawn import run_command, start_time_of
 
 if TYPE_CHECKING:  # only the type: proxy.py's allowed imports are config, errors, spawn
     from .reaper import Reaper
@@ -287,6 +286,8 @@ def proxy_workers(pidfile: Path) -> frozenset[tuple[int, float]]:
         return frozenset()
     if not re.fullmatch(r"[0-9]+", text):
         return frozenset()
+    import psutil  # only proxies with a pidfile need it; importing it costs every start ~10 ms
+
     workers = set()
     try:
         children = psutil.Process(int(text)).children()
@@ -311,10 +312,7 @@ def _open_if_same(pid: int, started: float) -> int | None:
         pidfd = os.pidfd_open(pid)
     except OSError:  # ProcessLookupError: gone already
         return None
-    try:
-        actual = psutil.Process(pid).create_time()
-    except psutil.Error:
-        actual = None
+    actual = start_time_of(pid)
     if actual is None or abs(actual - started) > START_TIME_TOLERANCE:
         os.close(pidfd)  # gone, or the PID now names somebody else
         return None

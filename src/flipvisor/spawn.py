@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import psutil
 
 from .errors import SpawnError
 from .reaper import ExitWaiter, Reaper
@@ -410,6 +409,8 @@ def own_children() -> list[int]:
             with open(f"/proc/self/task/{task}/children", encoding="ascii") as children:
                 pids.extend(int(pid) for pid in children.read().split())
     except FileNotFoundError:
+        import psutil  # only here: importing it costs every start ~10 ms
+
         return [child.pid for child in psutil.Process().children()]
     return pids
 
