@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .locate import DEFAULT_STATE_DIR, socket_path
+from .locate import DEFAULT_STATE_DIR, SAFE_LOADER, socket_path
 
 PROGRAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -322,16 +322,13 @@ def parse_config(text: str, path: Path) -> Config:
 def _load_yaml(text: str, duplicates: list[str]) -> tuple[Any, dict[tuple[str, ...], int]]:
     """The document's data and its line index, from one parse (libyaml's when PyYAML has it:
     the pure-Python parser takes about a millisecond per program)."""
-    loader = _SafeLoader(text)
+    loader = SAFE_LOADER(text)
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     finally:
         loader.dispose()
     return data, _line_index(node, duplicates)
-
-
-_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _line_index(node: yaml.Node | None, duplicates: list[str]) -> dict[tuple[str, ...], int]:
