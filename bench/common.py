@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -70,6 +71,29 @@ def http_ok(port: int, path: str = "/health", timeout: float = 1.0) -> bool:
             return head.startswith(b"HTTP/1.") and head[9:10] == b"2"
     except OSError:
         return False
+
+
+def run_timed(argv: Sequence[str], timeout: float = 60.0) -> float:
+    """Run ``argv`` with no input or output; the seconds until it exited.
+
+    Waits on a pidfd: subprocess's own wait with a timeout polls with sleeps that grow to 50 ms,
+    which rounds a 90 ms command up to ~115 ms (and every shell command up to 63.5 + 50k ms).
+    """
+    started = time.perf_counter()
+    process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    pidfd = os.pidfd_open(process.pid)
+    try:
+        exited = select.select([pidfd], [], [], timeout)[0]
+        elapsed = time.perf_counter() - started
+    finally:
+        os.close(pidfd)
+    if not exited:
+        process.kill()
+        process.wait()
+        raise TimeoutError(f"{argv[0]} did not exit within {timeout:g} s")
+    process.wait()  # exited already: this only reaps it
+    return elapsed
 
 
 def launch(argv: Sequence[str], log: Path, *, cwd: Path | None = None,

@@ -10,7 +10,6 @@ import itertools
 import os
 import signal
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import http_ok, wait_until
+from bench.common import http_ok, run_timed, wait_until
 from bench.load import LoadRun, PyClient, Record, Wrk
 from bench.nginx import start_nginx
 from bench.procwatch import Fork, ProcWatch
@@ -166,22 +165,10 @@ def idle(tool: Tool, res: Results, settings: Settings) -> None:
             started = time.perf_counter()
             tool.status_call()
             api.append(time.perf_counter() - started)
-        shell = []
-        for _ in range(5):
-            started = time.perf_counter()
-            subprocess.run(tool.status_argv(), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=60,
-                           check=False)
-            shell.append(time.perf_counter() - started)
+        shell = [run_timed(tool.status_argv()) for _ in range(5)]
         if tool.name == "flipvisor":
-            took = []
-            for _ in range(5):
-                started = time.perf_counter()
-                subprocess.run([*tool.status_argv(), "--json"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=60,
-                               check=False)
-                took.append(time.perf_counter() - started)
-            json_shell = statistics.median(took)
+            json_shell = statistics.median(
+                run_timed([*tool.status_argv(), "--json"]) for _ in range(5))
     finally:
         tool.stop()
     res.add("c.cpu", tool.name, round(cpu, 4), label=f"CPU while idle {settings.idle_seconds:g} s, "
