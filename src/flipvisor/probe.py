@@ -211,7 +211,10 @@ async def _probe_http(url: str, interval: float, progress: _Progress) -> None:
     import httpx  # ~60 ms: only programs with an http probe pay for it
 
     timeout = httpx.Timeout(HTTP_ATTEMPT_TIMEOUT)
-    async with httpx.AsyncClient(trust_env=False, timeout=timeout) as client:
+    # verify=False: the URL is always plain http on the generation's own port, and redirects are
+    # not followed, so no TLS can happen; the default would load the CA bundle into a new SSL
+    # context for every probe (17 ms of CPU, 120 ms the first time) in the middle of a deploy.
+    async with httpx.AsyncClient(trust_env=False, timeout=timeout, verify=False) as client:
         while True:
             try:
                 # Streamed: a health endpoint that never ends its body must not hang the probe.
