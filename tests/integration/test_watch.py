@@ -75,14 +75,18 @@ async def watching(config: Config) -> AsyncIterator[tuple[Reaper, EtcdRegistry]]
     reaper = Reaper(reap_orphans=False)
     registry = EtcdRegistry(config.registry)
     try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(reaper.run)
-            await tg.start(registry.run)
-            await tg.start(run_watches, config, registry, reaper)
-            try:
-                yield reaper, registry
-            finally:
-                tg.cancel_scope.cancel()
+        async with anyio.create_task_group() as outer:
+            await outer.start(reaper.run)
+            await outer.start(registry.run)
+            # As watch_main does: the watches stop first, while the reaper still runs to report
+            # the exit of a check or reload command they kill when cancelled.
+            async with anyio.create_task_group() as watches:
+                await watches.start(run_watches, config, registry, reaper)
+                try:
+                    yield reaper, registry
+                finally:
+                    watches.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
     finally:
         await registry.aclose()  # a channel left open would outlive this test's event loop
 
