@@ -1,14 +1,21 @@
 """A Reaper for in-process tests: library mode (only the children it registered), running for
-the duration of a block."""
+the duration of a block; and a fresh interpreter for tests that change process-wide state."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import anyio
 
 from flipvisor.reaper import Reaper
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @asynccontextmanager
@@ -22,3 +29,18 @@ async def running_reaper() -> AsyncIterator[Reaper]:
             yield reaper
         finally:
             tg.cancel_scope.cancel()
+
+
+def run_script(script: str, *args: str) -> Any:
+    """Run ``script`` with ``args`` in a fresh interpreter (for what must not touch pytest's own
+    process: becoming a subreaper, closing fd 3); the JSON it prints. Fails the test if it fails."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)

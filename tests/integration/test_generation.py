@@ -331,27 +331,7 @@ async def test_stopped_before_ready_is_failed(tmp_path: Path) -> None:
     assert gen.failure == "stopped before it was ready"
 
 
-async def test_a_worker_that_cannot_start_fails_the_generation(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Short waits: the slots that never started are waited on (see the xfail test below).
-    monkeypatch.setattr(generation, "KILL_GRACE", 0.3)
-    config = ProgramConfig(
-        command=["no-such-command-xyz"], numprocs=2, drain=DrainConfig(delay=0.0, timeout=0.3)
-    )
-    async with harness(tmp_path) as h:
-        gen = h.make(config)
-        with pytest.raises(SpawnError, match="no-such-command-xyz"):
-            await h.tg.start(gen.run)
-        with anyio.fail_after(DEADLINE):
-            await gen.wait_stopped()
-    assert gen.state is GenerationState.FAILED
-    assert gen.failure is not None
-    assert "not found" in gen.failure
-    assert gen.socket.fileno() == -1
-
-
-async def test_a_worker_that_cannot_start_fails_the_generation_promptly(
+async def test_a_worker_that_cannot_start_fails_the_generation_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(generation, "KILL_GRACE", 0.5)
@@ -361,9 +341,15 @@ async def test_a_worker_that_cannot_start_fails_the_generation_promptly(
     async with harness(tmp_path) as h:
         gen = h.make(config)
         started = time.monotonic()
-        with pytest.raises(SpawnError):
+        with pytest.raises(SpawnError, match="no-such-command-xyz"):
             await h.tg.start(gen.run)
         elapsed = time.monotonic() - started
+        with anyio.fail_after(DEADLINE):
+            await gen.wait_stopped()
+    assert gen.state is GenerationState.FAILED
+    assert gen.failure is not None
+    assert "not found" in gen.failure
+    assert gen.socket.fileno() == -1
     # Nothing runs, so nothing needs the drain timeout (0.5 s) nor the kill grace (0.5 s).
     assert elapsed < 0.5, f"the spawn error took {elapsed:.1f}s to surface"
 

@@ -3,11 +3,9 @@ mode, and orphans reaped as a subreaper (in a separate process: pytest must neve
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,9 +16,9 @@ import pytest
 
 from flipvisor.reaper import Reaper, decode_status
 from flipvisor.spawn import spawn_process
+from tests.reaping import run_script
 from tests.waiting import wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 DEADLINE = 10.0
 
 
@@ -180,16 +178,7 @@ anyio.run(main)
 
 
 def test_subreaper_reaps_orphans_apart_from_its_children(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", ORPHANS_SCRIPT, str(tmp_path / "pids")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = run_script(ORPHANS_SCRIPT, str(tmp_path / "pids"))
     assert report["child"] == 5, "the registered child's own status, not an orphan's"
     assert report["orphans_reaped"] == 2
     assert sorted(report["orphans"]) == sorted(

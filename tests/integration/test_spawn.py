@@ -31,10 +31,9 @@ from flipvisor.spawn import (
     spawn_process,
     start_time_of,
 )
-from tests.reaping import running_reaper
+from tests.reaping import run_script, running_reaper
 from tests.waiting import wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 CHILD_DEADLINE = 10.0
 
 # Reports what the child inherited as JSON into argv[1]; with --accept it first serves one
@@ -629,16 +628,7 @@ anyio.run(main)
 
 def test_listen_fd_3_is_passed_through_the_dup_path(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
-    done = subprocess.run(
-        [sys.executable, "-c", LOW_FD_SCRIPT, json.dumps(probe_argv(report))],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    outcome = json.loads(done.stdout)
+    outcome = run_script(LOW_FD_SCRIPT, json.dumps(probe_argv(report)))
     data = json.loads(report.read_text())
     assert outcome["code"] == 0
     assert outcome["fd3_still_ours"]
