@@ -348,6 +348,15 @@ def test_reload_reports_what_it_did_and_what_needs_a_restart(flipvisor: Flipviso
         message="the supervisor's own warning",
     )
 
+    # A file that does not validate: exit 2 with the problem's location; nothing changes.
+    flipvisor.config_path.write_text(
+        f"state_dir: {flipvisor.state_dir}\nprograms:\n  web:\n    command: [x]\n    bogus: 1\n"
+    )
+    refused = flipvisor.cli("reload")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "programs.web.bogus" in refused.stderr and ":5:" in refused.stderr
+    assert flipvisor.serving("api") is not None and flipvisor.serving("web") is not None
+
 
 def test_stop_start_logs_and_shutdown_through_the_cli(flipvisor: Flipvisor) -> None:
     flipvisor.start({"programs": {"web": web(command=svc_command("--version", "7"))}})
