@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command("shutdown", "ask the running supervisor to drain everything and exit")
     command(
-        "reload", "ask the running supervisor to re-read its config (like SIGHUP)", json_output=True
+        "reload",
+        "ask the running supervisor to re-read its config (like SIGHUP): start added programs, "
+        "drain removed ones, flip changed ones; say which settings wait for a restart",
+        json_output=True,
     )
     events = command("events", "show lifecycle events", json_output=True)
     events.add_argument("program", nargs="?", metavar="PROGRAM")
