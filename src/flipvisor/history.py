@@ -8,11 +8,11 @@ restart does not make the running config its own rollback target.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
+import orjson
 from pydantic import ValidationError
 
 from .config import ProgramConfig
@@ -31,7 +31,7 @@ class History:
 
     def _load(self) -> None:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = orjson.loads(self.path.read_bytes())
             self.current = _config(data.get("current"))
             self.previous = _config(data.get("previous"))
         except FileNotFoundError:
@@ -56,7 +56,8 @@ class History:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(document, indent=1), encoding="utf-8")
+            # orjson: the stdlib's indented encoding is pure Python, on the event loop per deploy.
+            tmp.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
             os.replace(tmp, self.path)
         except OSError as exc:
             # Losing the history costs only a rollback target; the deploy itself stands.
