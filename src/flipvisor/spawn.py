@@ -46,8 +46,22 @@ class Child:
 
     pid: int
     pidfd: int
-    started: float
     exit: ExitWaiter
+    spawned_at: float  # wall clock, right after the spawn
+    _started: float | None = None
+
+    @property
+    def started(self) -> float:
+        """When the process started, as /proc (and psutil) tell it; read on first use.
+
+        Not read at spawn: the child is still in exec then, and its /proc entry answers only
+        once that is done. Until the child is reaped its PID cannot be anybody else's, so the
+        entry read is its own; after that, the spawn time stands in.
+        """
+        if self._started is None:
+            found = None if self.exit.reaped else start_time_of(self.pid)
+            self._started = found if found is not None else self.spawned_at
+        return self._started
 
     @property
     def returncode(self) -> int | None:
@@ -244,8 +258,7 @@ def spawn_process(
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:  # pragma: no cover - unreaped children always have a pid
         pidfd = -1
-    started = start_time_of(pid) or time.time()
-    return Child(pid=pid, pidfd=pidfd, started=started, exit=waiter)
+    return Child(pid=pid, pidfd=pidfd, exit=waiter, spawned_at=time.time())
 
 
 @dataclass(frozen=True)

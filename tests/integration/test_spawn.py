@@ -572,6 +572,19 @@ async def test_signal_verified_checks_the_start_time() -> None:
         assert start_time_of(child.pid) is None or start_time_of(child.pid) != child.started
 
 
+async def test_a_child_reaped_before_its_start_time_was_read_falls_back_to_its_spawn_time() -> None:
+    """``Child.started`` is read on first use; once reaped, the PID may be somebody else's, so
+    /proc must not be consulted for it any more."""
+    async with running_reaper() as reaper:
+        child = spawn_process(["true"], reaper=reaper, env=os.environ)
+        with anyio.fail_after(CHILD_DEADLINE):
+            assert await child.wait() == 0
+        child.close()
+        assert child.exit.reaped
+        assert child.started == child.spawned_at
+        assert abs(child.spawned_at - time.time()) < CHILD_DEADLINE
+
+
 def test_start_time_of_is_psutils_create_time() -> None:
     """External checks compare the start times we publish with psutil's: they must agree."""
     for pid in (1, os.getpid()):
