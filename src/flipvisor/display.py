@@ -6,7 +6,10 @@ import os
 import sys
 import time
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 _STEP_MARK = {"ok": "[green]✓[/]", "failed": "[red]✗[/]", "running": "[yellow]…[/]"}
 
@@ -138,11 +141,19 @@ class FlipProgress:
     """Prints each step of a flip as it finishes; a spinner on the running one on a terminal."""
 
     def __init__(self, *, enabled: bool) -> None:
-        from rich.console import Console  # only commands that show a flip's progress load rich
-
-        self.console = Console(stderr=True)
         self.enabled = enabled
         self._status: Any = None
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        """rich's console, loaded on first use: ``flip --json`` (scripts) never draws, and
+        importing rich costs about 25 ms of CPU in the middle of the deploy it reports on."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=True)
+        return self._console
 
     def __enter__(self) -> FlipProgress:
         if self.enabled and sys.stderr.isatty():

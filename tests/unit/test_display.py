@@ -110,3 +110,19 @@ def test_printed_table_is_aligned_and_uncoloured_when_piped(
     ]
     assert "\x1b[" not in "".join(lines)
     assert lines[1].index("running") == lines[2].index("running") == lines[0].index("STATE")
+
+
+def test_a_flip_reported_as_json_never_loads_rich() -> None:
+    """``flip --json`` runs in scripts and deploy pipelines: importing rich would add ~25 ms of CPU
+    to every deploy, competing with the traffic it is meant not to disturb."""
+    from tests.reaping import run_script
+
+    loaded = run_script(
+        "import json, sys\n"
+        "from flipvisor.display import FlipProgress\n"
+        "progress = FlipProgress(enabled=False)\n"
+        "with progress:\n"
+        "    progress.update({'step': 'probe', 'status': 'ok', 'detail': '', 'duration': 0.1})\n"
+        "print(json.dumps('rich' in sys.modules))\n"
+    )
+    assert loaded is False
