@@ -72,3 +72,15 @@ class FlipFailed(FlipvisorError):
 
 class Busy(FlipvisorError):
     """Another operation on the same program is in progress."""
+
+
+def flip_next_step(exc: BaseException, program: str) -> str:
+    """What the operator can do about a failed flip of ``program``, by what failed."""
+    again = f"then `flipvisor flip {program}`"
+    if isinstance(exc, ProxyError):
+        return f"fix the proxy template or its check/reload command, {again}"
+    if isinstance(exc, RegistryError):
+        return f"make the registry reachable (registry.endpoints), {again}"
+    if isinstance(exc, SpawnError):
+        return f"fix programs.{program}.command or cwd in the config, {again}"
+    return f"`flipvisor logs {program}` shows its output"

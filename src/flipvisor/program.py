@@ -22,10 +22,8 @@ from .errors import (
     FlipFailed,
     FlipvisorError,
     ProbeFailed,
-    ProxyError,
-    RegistryError,
-    SpawnError,
     UsageError,
+    flip_next_step,
 )
 from .events import EventLog
 from .generation import Generation
@@ -169,7 +167,7 @@ class Program:
                     f"`flipvisor logs {self.name}` shows what the new generation did"
                 )
             except FlipvisorError as exc:
-                report.finish(f"{exc}; {_next_step(exc, self.name)}")
+                report.finish(f"{exc}; {flip_next_step(exc, self.name)}")
             except Exception as exc:
                 # The task-group boundary of a flip: a bug must fail this flip, not the
                 # supervisor and every other program with it.
@@ -238,7 +236,7 @@ class Program:
                 serving = "the previous generation keeps serving" if self.serving else None
                 raise FlipFailed(
                     f"generation {number} of {self.name} failed: {reason}; "
-                    f"{serving or 'nothing serves'}; " + _next_step(exc, self.name),
+                    f"{serving or 'nothing serves'}; " + flip_next_step(exc, self.name),
                     output,
                 ) from exc
             raise
@@ -393,18 +391,6 @@ class Program:
             for gen in gens:
                 tg.start_soon(self._drain, gen)
         self.runtime.events.emit("stopped", self.name)
-
-
-def _next_step(exc: BaseException, program: str) -> str:
-    """What the operator can do about a failed flip, by what failed."""
-    again = f"then `flipvisor flip {program}`"
-    if isinstance(exc, ProxyError):
-        return f"fix the proxy template or its check/reload command, {again}"
-    if isinstance(exc, RegistryError):
-        return f"make the registry reachable (registry.endpoints), {again}"
-    if isinstance(exc, SpawnError):
-        return f"fix programs.{program}.command or cwd in the config, {again}"
-    return f"`flipvisor logs {program}` shows its output"
 
 
 def _reason(exc: BaseException) -> str:

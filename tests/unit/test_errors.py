@@ -1,0 +1,29 @@
+"""Every failed flip ends with what the operator can do next, chosen by what failed."""
+
+from __future__ import annotations
+
+import pytest
+
+from flipvisor.errors import (
+    ProbeFailed,
+    ProxyError,
+    RegistryConflict,
+    SpawnError,
+    flip_next_step,
+)
+
+
+@pytest.mark.parametrize(
+    ("error", "advice"),
+    [
+        (ProxyError("nginx -t failed"), "fix the proxy template or its check/reload command"),
+        (RegistryConflict("key changed"), "make the registry reachable (registry.endpoints)"),
+        (SpawnError("not found"), "fix programs.web.command or cwd in the config"),
+        (ProbeFailed("GET /health: 503"), "`flipvisor logs web` shows its output"),
+    ],
+)
+def test_a_failed_flip_names_the_next_step_for_what_failed(error: Exception, advice: str) -> None:
+    step = flip_next_step(error, "web")
+    assert step.startswith(advice)
+    fixable_then_retry = not isinstance(error, ProbeFailed)
+    assert step.endswith("then `flipvisor flip web`") == fixable_then_retry
