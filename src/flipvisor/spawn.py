@@ -54,9 +54,9 @@ class Child:
     def started(self) -> float:
         """When the process started, as /proc (and psutil) tell it; read on first use.
 
-        Not read at spawn: the child is still in exec then, and its /proc entry answers only
-        once that is done. Until the child is reaped its PID cannot be anybody else's, so the
-        entry read is its own; after that, the spawn time stands in.
+        Not read at spawn: the child is still in exec then, which makes the read about twice
+        as slow (70 µs against 34 µs here). Until the child is reaped its PID cannot be anybody
+        else's, so the entry read is its own; after that, the spawn time stands in.
         """
         if self._started is None:
             found = None if self.exit.reaped else start_time_of(self.pid)
