@@ -84,6 +84,18 @@ async def test_malformed_file_is_a_registry_error(tmp_path: Path) -> None:
         await registry.snapshot("app")
 
 
+@pytest.mark.parametrize(
+    "content", [b'{"a": ', b'\xff\xfe{"a": "b"}'], ids=["truncated", "not-utf8"]
+)
+def test_a_file_that_is_not_json_text_is_a_registry_error(tmp_path: Path, content: bytes) -> None:
+    """A damaged file (a disk filled mid-write by someone else, a stray editor) is reported as the
+    registry's error, which callers handle, not as a decoding exception that escapes them."""
+    path = tmp_path / "registry.json"
+    path.write_bytes(content)
+    with pytest.raises(RegistryError, match="is not valid JSON"):
+        read_registry_file(path)
+
+
 async def test_watch_polls_the_file(tmp_path: Path) -> None:
     path = tmp_path / "registry.json"
     registry = LocalRegistry(path, RegistryConfig(prefix="p"))
