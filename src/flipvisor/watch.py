@@ -32,8 +32,8 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from collections.abc import Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -371,6 +371,28 @@ async def run_watches(
         task_status.started()
 
 
+@asynccontextmanager
+async def watches_running(
+    config: Config, registry: WatchableRegistry, reaper: Reaper
+) -> AsyncIterator[None]:
+    """Run the reaper, the registry and every watch while the block runs: the confd on its own.
+
+    On the way out the watches stop first, in a group of their own: a check or reload command
+    they are running is killed and waited for (shielded) when they are cancelled, and only a
+    reaper that still runs can report that exit.
+    """
+    async with anyio.create_task_group() as outer:
+        await outer.start(reaper.run)
+        await outer.start(registry.run)
+        async with anyio.create_task_group() as watches:
+            await watches.start(run_watches, config, registry, reaper)
+            try:
+                yield
+            finally:
+                watches.cancel_scope.cancel()
+        outer.cancel_scope.cancel()
+
+
 async def watch_main(config: Config) -> None:
     """``flipvisor watch``: the confd alone, until SIGTERM or SIGINT."""
     from .registry import open_registry
@@ -378,20 +400,11 @@ async def watch_main(config: Config) -> None:
     reaper = Reaper(reap_orphans=False)  # only our check/reload commands are our children
     registry = open_registry(config)
     try:
-        async with anyio.create_task_group() as outer:
-            await outer.start(reaper.run)
-            await outer.start(registry.run)
-            # The watches stop first, in a group of their own: a check or reload command they
-            # are running is killed and waited for (shielded) when they are cancelled, and only
-            # a reaper that still runs can report that exit.
-            async with anyio.create_task_group() as watches:
-                await watches.start(run_watches, config, registry, reaper)
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signum in signals:
-                        log.info("received %s: stopping", signal.Signals(signum).name)
-                        break
-                watches.cancel_scope.cancel()
-            outer.cancel_scope.cancel()
+        async with watches_running(config, registry, reaper):
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("received %s: stopping", signal.Signals(signum).name)
+                    break
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await registry.aclose()

@@ -19,7 +19,7 @@ from flipvisor.reaper import Reaper
 from flipvisor.registry import Snapshot
 from flipvisor.registry.etcd import EtcdRegistry
 from flipvisor.spawn import Child, spawn_process
-from flipvisor.watch import run_watches
+from flipvisor.watch import watches_running
 from tests.fixtures.etcd import EtcdServer
 from tests.waiting import await_until
 
@@ -72,21 +72,12 @@ def make_config(
 
 @asynccontextmanager
 async def watching(config: Config) -> AsyncIterator[tuple[Reaper, EtcdRegistry]]:
+    """The watches of ``config`` running as ``flipvisor watch`` runs them."""
     reaper = Reaper(reap_orphans=False)
     registry = EtcdRegistry(config.registry)
     try:
-        async with anyio.create_task_group() as outer:
-            await outer.start(reaper.run)
-            await outer.start(registry.run)
-            # As watch_main does: the watches stop first, while the reaper still runs to report
-            # the exit of a check or reload command they kill when cancelled.
-            async with anyio.create_task_group() as watches:
-                await watches.start(run_watches, config, registry, reaper)
-                try:
-                    yield reaper, registry
-                finally:
-                    watches.cancel_scope.cancel()
-            outer.cancel_scope.cancel()
+        async with watches_running(config, registry, reaper):
+            yield reaper, registry
     finally:
         await registry.aclose()  # a channel left open would outlive this test's event loop
 
