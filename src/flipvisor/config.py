@@ -185,6 +185,20 @@ class ProgramConfig(_Model):
     proxy: ProxyConfig | None = None
     rollback_window: Annotated[float, Field(ge=0, strict=True)] = 0.0
 
+    @model_validator(mode="after")
+    def _probe_reaches_the_new_generation(self) -> ProgramConfig:
+        # A fixed port is one socket that both generations accept from during a flip: a probe
+        # over TCP could be answered by the old one and promote a broken generation. sd_notify
+        # comes from the new workers themselves.
+        readiness = self.readiness
+        if self.socket.port != 0 and readiness is not None and not readiness.notify:
+            raise ValueError(
+                "socket: a fixed port is shared by the old and the new generation during a flip, "
+                "so an http or exec probe could be answered by the old one; use port 0 (the proxy "
+                "follows each generation's port) or readiness: {notify: true}"
+            )
+        return self
+
 
 class RegistryConfig(_Model):
     """Where promotions are recorded: ``local`` (a file in state_dir) or ``etcd``."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from .events import EventLog
 from .logs import ProgramLog
 from .probe import NotifySocket, wait_ready
 from .reaper import Reaper
-from .sockets import bind_listener, bound_port
+from .sockets import bound_port
 from .spawn import signal_strays
 from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition
 from .worker import Worker, WorkerSpec, worker_env
@@ -34,7 +35,7 @@ KILL_GRACE = 10.0
 
 
 class Generation:
-    """Workers of one version of a program, all on one socket bound for this generation."""
+    """Workers of one version of a program, all on one listening socket."""
 
     def __init__(
         self,
@@ -48,8 +49,11 @@ class Generation:
         notify_dir: Path,
         on_worker_exit: Callable[[Generation, Worker, int | None, str], float | None],
         on_pids_changed: Callable[[Generation], None],
+        listener: socket.socket,
         first: bool = False,
     ) -> None:
+        """``listener`` is the generation's listening socket (``ProgramListener``); the
+        generation owns it from here on, and closes it."""
         self.program = program
         self.number = number
         self.config = config
@@ -74,7 +78,7 @@ class Generation:
         self._spec: WorkerSpec | None = None
         self._reaper = reaper
         self._log = log
-        self.socket = bind_listener(config.socket)
+        self.socket = listener
         self.host = config.socket.host
         self.port = bound_port(self.socket)
         self.notify: NotifySocket | None = None

@@ -36,6 +36,7 @@ from .reaper import Reaper
 from .registration import Registration
 from .registry import Registry
 from .restarts import RestartBudget, judge_exit
+from .sockets import ProgramListener
 from .states import GenerationState, ProgramState
 from .worker import Worker
 
@@ -82,6 +83,7 @@ class Program:
         self._flip_lock = anyio.Lock()
         self._tg: TaskGroup | None = None
         self.log = ProgramLog(log_path(runtime.state_dir, name), runtime.logs)
+        self.listener = ProgramListener()
 
     # -- status -------------------------------------------------------------------------------
 
@@ -120,6 +122,7 @@ class Program:
         finally:
             self._tg = None
             self.log.close()
+            self.listener.close()
 
     def _task_group(self) -> TaskGroup:
         if self._tg is None:
@@ -214,6 +217,7 @@ class Program:
                 notify_dir=self.runtime.state_dir / "notify",
                 on_worker_exit=self._worker_exited,
                 on_pids_changed=self._pids_changed,
+                listener=self.listener.for_generation(config.socket),
                 first=self.serving is None,
             )
             self.generations.append(gen)
@@ -390,6 +394,7 @@ class Program:
         async with anyio.create_task_group() as tg:
             for gen in gens:
                 tg.start_soon(self._drain, gen)
+        self.listener.close()  # a stopped program holds no port
         self.runtime.events.emit("stopped", self.name)
 
 

@@ -1,4 +1,5 @@
-"""Binding a generation's listening socket: port 0 gives every generation a fresh port."""
+"""Binding a generation's listening socket: port 0 gives every generation a fresh port; a fixed
+port's socket is kept across a program's generations (``ProgramListener``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def bind_listener(config: SocketConfig) -> socket.socket:
 
     ``TCP_NODELAY`` is set on the listener so accepted sockets inherit it: without it keep-alive
     clients stall ~40 ms a request (Nagle against delayed ACKs). A fixed port uses
-    ``SO_REUSEPORT`` so the next generation can bind it while the current one still serves.
+    ``SO_REUSEPORT``, so binding it again succeeds while older sockets for it are still open (a
+    program removed and added back by a reload, its old generations still draining).
 
     Raises:
         SpawnError: the address cannot be bound (in use, not local, no permission).
@@ -37,3 +39,38 @@ def bind_listener(config: SocketConfig) -> socket.socket:
 def bound_port(sock: socket.socket) -> int:
     """The port the OS gave ``sock``."""
     return int(sock.getsockname()[1])
+
+
+class ProgramListener:
+    """Hands each generation of one program its listening socket.
+
+    Port 0: a fresh socket per generation (a new port each time, which the proxy follows). A fixed
+    port: one socket kept across generations, each getting a duplicate. Its accept queue then
+    outlives the generation being drained, and the connections waiting in it are accepted by the
+    next generation's workers rather than reset when the old generation's socket closes.
+    """
+
+    def __init__(self) -> None:
+        self._kept: socket.socket | None = None
+        self._kept_for: SocketConfig | None = None
+
+    def for_generation(self, config: SocketConfig) -> socket.socket:
+        """A listening socket for a new generation; the generation owns and closes it.
+
+        Raises:
+            SpawnError: the address cannot be bound.
+        """
+        if config.port == 0:
+            self.close()
+            return bind_listener(config)
+        if self._kept is None or self._kept_for != config:
+            self.close()  # a generation still using the old one holds its own duplicate
+            self._kept = bind_listener(config)
+            self._kept_for = config
+        return self._kept.dup()
+
+    def close(self) -> None:
+        """Let go of a kept socket (the program stopped, or its socket config changed)."""
+        if self._kept is not None:
+            self._kept.close()
+            self._kept = self._kept_for = None

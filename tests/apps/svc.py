@@ -33,6 +33,11 @@ from typing import Any
 LISTEN_FDS_START = 3
 CRASH_EXIT_CODE = 3
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# A connection accepted just before a stop has sent (or is sending) its first request: it gets
+# this long to arrive before the connection counts as idle. On a socket shared with the next
+# generation (a fixed port) the old workers accept until the very end.
+FIRST_REQUEST_GRACE = 1.0
+NEW, BUSY, IDLE = "new", "busy", "idle"  # a connection's state
 
 
 def _env(name: str) -> str | None:
@@ -111,7 +116,8 @@ def sd_notify(message: str) -> None:
 
 
 class Server(ThreadingHTTPServer):
-    """Tracks connections so a stop can close idle keep-alive ones and wait for busy ones."""
+    """Tracks connections so a stop can close idle keep-alive ones, give new ones a moment to
+    send their first request, and wait for busy ones."""
 
     daemon_threads = True
 
@@ -124,7 +130,7 @@ class Server(ThreadingHTTPServer):
         self.opts = opts
         self.cond = threading.Condition()
         self.stopping = False
-        self.conns: dict[socket.socket, bool] = {}  # connection → busy with a request
+        self.conns: dict[socket.socket, str] = {}  # connection → NEW, BUSY or IDLE
 
     def body(self) -> dict[str, Any]:
         return {
@@ -138,7 +144,7 @@ class Server(ThreadingHTTPServer):
         # Registered here, in the accepting thread, so a drain that follows shutdown() can
         # never miss a connection whose handler thread has not started yet.
         with self.cond:
-            self.conns[request] = False
+            self.conns[request] = NEW
         super().process_request(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
@@ -152,20 +158,24 @@ class Server(ThreadingHTTPServer):
     def set_busy(self, conn: socket.socket, busy: bool) -> None:
         with self.cond:
             if conn in self.conns:
-                self.conns[conn] = busy
+                self.conns[conn] = BUSY if busy else IDLE
             self.cond.notify_all()
 
     def drain(self) -> None:
-        """After shutdown(): end idle connections, wait for busy ones to answer."""
+        """After shutdown(): end idle connections, wait for busy ones to answer, and for new
+        ones' first request up to ``FIRST_REQUEST_GRACE``."""
+        grace_ends = time.monotonic() + FIRST_REQUEST_GRACE
         with self.cond:
             self.stopping = True
-            for conn, busy in self.conns.items():
-                if not busy:
-                    # SHUT_RD wakes the idle reader with EOF; a request it already read can
-                    # still be answered, since writing stays open.
-                    with contextlib.suppress(OSError):
-                        conn.shutdown(socket.SHUT_RD)
-            self.cond.wait_for(lambda: not self.conns)
+            while self.conns:
+                grace_left = grace_ends - time.monotonic()
+                for conn, state in self.conns.items():
+                    if state == IDLE or (state == NEW and grace_left <= 0):
+                        # SHUT_RD wakes the waiting reader with EOF; a request it already read
+                        # can still be answered, since writing stays open.
+                        with contextlib.suppress(OSError):
+                            conn.shutdown(socket.SHUT_RD)
+                self.cond.wait(timeout=grace_left if grace_left > 0 else None)
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -25,6 +25,7 @@ from flipvisor.events import EventLog
 from flipvisor.generation import Generation
 from flipvisor.logs import ProgramLog
 from flipvisor.reaper import Reaper
+from flipvisor.sockets import bind_listener
 from flipvisor.states import GenerationState, WorkerState
 from flipvisor.worker import Worker
 from tests.fixtures.flipvisor import svc_command
@@ -79,6 +80,7 @@ class Harness:
             notify_dir=self.tmp_path / "notify",
             on_worker_exit=self.on_worker_exit,
             on_pids_changed=self.on_pids_changed,
+            listener=bind_listener(config.socket),
         )
         self.generations.append(gen)
         return gen

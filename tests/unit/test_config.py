@@ -253,6 +253,24 @@ BAD: list[tuple[str, str, int, str, str]] = [
         "needs exactly one of http, exec, notify: true",
     ),
     (
+        "fixed-port-http-probe",
+        PROG + "    socket: {port: 8080}\n    readiness: {http: /health}\n",
+        4,
+        "programs.experiment.socket",
+        "a fixed port is shared by the old and the new generation during a flip, so an http or "
+        "exec probe could be answered by the old one; use port 0 (the proxy follows each "
+        "generation's port) or readiness: {notify: true}",
+    ),
+    (
+        "fixed-port-exec-probe",
+        PROG + "    socket:\n      port: 8080\n    readiness: {exec: [check, '{port}']}\n",
+        4,
+        "programs.experiment.socket",
+        "a fixed port is shared by the old and the new generation during a flip, so an http or "
+        "exec probe could be answered by the old one; use port 0 (the proxy follows each "
+        "generation's port) or readiness: {notify: true}",
+    ),
+    (
         "readiness-http-path",
         PROG + "    readiness: {http: health}\n",
         4,
@@ -697,3 +715,12 @@ def test_the_example_documents_every_key() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     missing = sorted(name for name in _field_names(Config) if f"{name}:" not in text)
     assert not missing, f"flipvisor.yaml.example does not mention {missing}"
+
+
+@pytest.mark.parametrize(
+    "readiness", ["", "    readiness: {notify: true}\n"], ids=["none", "notify"]
+)
+def test_a_fixed_port_is_accepted_where_readiness_cannot_be_fooled(readiness: str) -> None:
+    """Without a probe there is nothing to fool, and sd_notify comes from the new workers."""
+    config = parse_config(PROG + "    socket: {port: 8080}\n" + readiness, PATH)
+    assert config.programs["experiment"].socket.port == 8080

@@ -1,0 +1,76 @@
+"""A program's listening sockets: a fresh port per generation for port 0; for a fixed port one
+socket kept across generations, whose accept queue outlives the generation that is drained."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from flipvisor.config import SocketConfig
+from flipvisor.sockets import ProgramListener, bound_port
+from tests.fixtures.nginx import free_port
+
+
+def test_port_0_gives_every_generation_a_fresh_port() -> None:
+    listener = ProgramListener()
+    first = listener.for_generation(SocketConfig())
+    second = listener.for_generation(SocketConfig())
+    try:
+        assert bound_port(first) != bound_port(second)
+    finally:
+        first.close()
+        second.close()
+        listener.close()
+
+
+def test_a_fixed_port_keeps_its_queue_when_the_old_generation_closes_its_socket() -> None:
+    config = SocketConfig(port=free_port())
+    listener = ProgramListener()
+    old = listener.for_generation(config)
+    new = listener.for_generation(config)
+    try:
+        # Clients connect while the old generation still serves; then the old one closes its
+        # socket, as a drained generation does. Every connection is still there for the new
+        # one. (With a socket of its own per generation, the kernel would have queued about
+        # half of them on the old one, and reset them when it closed.)
+        clients = [
+            socket.create_connection(("127.0.0.1", config.port), timeout=5) for _ in range(8)
+        ]
+        old.close()
+        for client in clients:
+            client.sendall(b"ping")
+        new.settimeout(5)
+        for _ in clients:
+            accepted, _address = new.accept()
+            with accepted:
+                assert accepted.recv(4) == b"ping"
+        for client in clients:
+            client.close()
+    finally:
+        new.close()
+        listener.close()
+
+
+def test_a_stopped_program_lets_go_of_its_fixed_port() -> None:
+    config = SocketConfig(port=free_port())
+    listener = ProgramListener()
+    listener.for_generation(config).close()  # the generation is gone
+    listener.close()
+    with socket.create_server(("127.0.0.1", config.port)):  # nobody else holds it: binds
+        pass
+
+
+@pytest.mark.parametrize("change", ["another port", "port 0"])
+def test_a_changed_socket_config_lets_go_of_the_kept_socket(change: str) -> None:
+    config = SocketConfig(port=free_port())
+    listener = ProgramListener()
+    listener.for_generation(config).close()
+    following = SocketConfig(port=free_port() if change == "another port" else 0)
+    fresh = listener.for_generation(following)
+    try:
+        with socket.create_server(("127.0.0.1", config.port)):  # the old port is free again
+            pass
+    finally:
+        fresh.close()
+        listener.close()
