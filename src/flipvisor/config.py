@@ -190,12 +190,18 @@ class ProgramConfig(_Model):
         # A fixed port is one socket that both generations accept from during a flip: a probe
         # over TCP could be answered by the old one and promote a broken generation. sd_notify
         # comes from the new workers themselves.
+        # For the same reason a replaced generation kept for a rollback would go on serving.
         readiness = self.readiness
         if self.socket.port != 0 and readiness is not None and not readiness.notify:
             raise ValueError(
                 "socket: a fixed port is shared by the old and the new generation during a flip, "
                 "so an http or exec probe could be answered by the old one; use port 0 (the proxy "
                 "follows each generation's port) or readiness: {notify: true}"
+            )
+        if self.socket.port != 0 and self.rollback_window > 0:
+            raise ValueError(
+                "socket: a generation on a fixed port cannot be taken out of traffic, so the one "
+                "that rollback_window keeps would go on serving; use port 0 with rollback_window"
             )
         return self
 

@@ -271,6 +271,14 @@ BAD: list[tuple[str, str, int, str, str]] = [
         "generation's port) or readiness: {notify: true}",
     ),
     (
+        "fixed-port-rollback-window",
+        PROG + "    socket: {port: 8080}\n    rollback_window: 30\n",
+        4,
+        "programs.experiment.socket",
+        "a generation on a fixed port cannot be taken out of traffic, so the one that "
+        "rollback_window keeps would go on serving; use port 0 with rollback_window",
+    ),
+    (
         "readiness-http-path",
         PROG + "    readiness: {http: health}\n",
         4,
