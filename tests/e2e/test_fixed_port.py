@@ -49,3 +49,23 @@ def test_flips_on_a_fixed_port_reset_no_connection(
     assert gen is not None and gen["port"] == port and gen["generation"] == 4
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
         assert json.loads(answer.read())["version"] == "4"
+
+
+def test_a_failed_flip_on_a_fixed_port_leaves_the_old_generation_serving_on_it(
+    flipvisor: Flipvisor,
+) -> None:
+    """The failed generation closes its copy of the kept socket; the port stays open."""
+    port = free_port()
+    notify = {"notify": True, "timeout": 10}
+    flipvisor.start(fixed_port_config(port, "1", **notify))
+    flipvisor.wait_serving("web")
+    broken = fixed_port_config(port, "2", **notify)
+    broken["programs"]["web"]["command"] = svc_command("--exit-at-start", "3")
+    flipvisor.write_config(broken)
+    result = flipvisor.cli("flip", "web")
+    assert result.returncode == 1, result.stdout + result.stderr
+    gen = flipvisor.serving("web")
+    assert gen is not None and gen["generation"] == 1 and gen["port"] == port
+    for _ in range(20):  # one socket: every connection reaches generation 1's worker
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+            assert json.loads(answer.read())["version"] == "1"
