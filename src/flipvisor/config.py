@@ -333,10 +333,40 @@ def parse_config(text: str, path: Path) -> Config:
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     base_dir = path.resolve().parent
     try:
-        return Config.model_validate(data, context={"base_dir": base_dir})
+        config = Config.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         problems = [_describe(error, path, lines) for error in exc.errors()]
         raise ConfigError(f"invalid config file {path}:", problems) from None
+    if problems := _shared_fixed_ports(config, path, lines):
+        raise ConfigError(f"invalid config file {path}:", problems)
+    return config
+
+
+def _shared_fixed_ports(config: Config, path: Path, lines: dict[tuple[str, ...], int]) -> list[str]:
+    """Programs given the same fixed port. A fixed port is bound with SO_REUSEPORT (so that it
+    can be bound again while a drained generation still holds it), which would also let two
+    programs bind it and have the kernel share their clients between them."""
+    problems = []
+    seen: dict[int, list[tuple[str, str]]] = {}
+    for name, program in config.programs.items():
+        port, host = program.socket.port, program.socket.host
+        if port == 0:
+            continue
+        for other, other_host in seen.get(port, []):
+            if (
+                host == other_host
+                or ipaddress.ip_address(host).is_unspecified
+                or (ipaddress.ip_address(other_host).is_unspecified)
+            ):
+                loc = ("programs", name, "socket", "port")
+                where = f"{path}:{_nearest_line(loc, lines)}"
+                problems.append(
+                    f"{where}: {'.'.join(loc)}: {host}:{port} is programs.{other}'s already "
+                    "(each fixed port belongs to one program)"
+                )
+                break
+        seen.setdefault(port, []).append((name, host))
+    return problems
 
 
 def _load_yaml(text: str, duplicates: list[str]) -> tuple[Any, dict[tuple[str, ...], int]]:

@@ -732,3 +732,43 @@ def test_a_fixed_port_is_accepted_where_readiness_cannot_be_fooled(readiness: st
     """Without a probe there is nothing to fool, and sd_notify comes from the new workers."""
     config = parse_config(PROG + "    socket: {port: 8080}\n" + readiness, PATH)
     assert config.programs["experiment"].socket.port == 8080
+
+
+@pytest.mark.parametrize(
+    ("first_host", "second_host"),
+    [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("127.0.0.1", "::")],
+    ids=["same-host", "wildcard-first", "wildcard-second"],
+)
+def test_two_programs_cannot_share_a_fixed_port(first_host: str, second_host: str) -> None:
+    """SO_REUSEPORT would let both bind it, and the kernel would split clients between them."""
+    text = dedent(
+        f"""\
+        programs:
+          a:
+            command: x
+            socket: {{host: "{first_host}", port: 8080}}
+          b:
+            command: y
+            socket:
+              host: "{second_host}"
+              port: 8080
+        """
+    )
+    assert problems_of(text) == [
+        f"{PATH}:9: programs.b.socket.port: {second_host}:8080 is programs.a's already "
+        "(each fixed port belongs to one program)"
+    ]
+
+
+def test_programs_on_different_hosts_or_ports_may_use_fixed_ports() -> None:
+    text = dedent(
+        """\
+        programs:
+          a: {command: x, socket: {host: 127.0.0.1, port: 8080}}
+          b: {command: y, socket: {host: 127.0.0.2, port: 8080}}
+          c: {command: z, socket: {host: 127.0.0.1, port: 8081}}
+          d: {command: w}
+          e: {command: v}
+        """
+    )
+    assert len(parse_config(text, PATH).programs) == 5
