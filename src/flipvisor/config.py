@@ -186,11 +186,11 @@ class ProgramConfig(_Model):
     rollback_window: Annotated[float, Field(ge=0, strict=True)] = 0.0
 
     @model_validator(mode="after")
-    def _probe_reaches_the_new_generation(self) -> ProgramConfig:
+    def _what_a_fixed_port_allows(self) -> ProgramConfig:
         # A fixed port is one socket that both generations accept from during a flip: a probe
-        # over TCP could be answered by the old one and promote a broken generation. sd_notify
-        # comes from the new workers themselves.
-        # For the same reason a replaced generation kept for a rollback would go on serving.
+        # over TCP could be answered by the old one and promote a broken generation (sd_notify
+        # comes from the new workers themselves), and a replaced generation kept for a rollback
+        # would go on serving.
         readiness = self.readiness
         if self.socket.port != 0 and readiness is not None and not readiness.notify:
             raise ValueError(
@@ -343,30 +343,33 @@ def parse_config(text: str, path: Path) -> Config:
 
 
 def _shared_fixed_ports(config: Config, path: Path, lines: dict[tuple[str, ...], int]) -> list[str]:
-    """Programs given the same fixed port. A fixed port is bound with SO_REUSEPORT (so that it
-    can be bound again while a drained generation still holds it), which would also let two
-    programs bind it and have the kernel share their clients between them."""
+    """Programs given the same fixed port (the same host, or either on a wildcard address).
+    Only one could bind it, so the other would fail at every start: said here, for ``check``."""
     problems = []
-    seen: dict[int, list[tuple[str, str]]] = {}
+    taken: dict[int, list[tuple[str, str]]] = {}
     for name, program in config.programs.items():
-        port, host = program.socket.port, program.socket.host
+        host, port = program.socket.host, program.socket.port
         if port == 0:
             continue
-        for other, other_host in seen.get(port, []):
-            if (
-                host == other_host
-                or ipaddress.ip_address(host).is_unspecified
-                or (ipaddress.ip_address(other_host).is_unspecified)
-            ):
-                loc = ("programs", name, "socket", "port")
-                where = f"{path}:{_nearest_line(loc, lines)}"
-                problems.append(
-                    f"{where}: {'.'.join(loc)}: {host}:{port} is programs.{other}'s already "
-                    "(each fixed port belongs to one program)"
-                )
-                break
-        seen.setdefault(port, []).append((name, host))
+        owner = next(
+            (other for other, other_host in taken.get(port, []) if _overlap(host, other_host)), None
+        )
+        if owner is not None:
+            loc = ("programs", name, "socket", "port")
+            problems.append(
+                f"{path}:{_nearest_line(loc, lines)}: {'.'.join(loc)}: {host}:{port} is "
+                f"programs.{owner}'s already (each fixed port belongs to one program)"
+            )
+        taken.setdefault(port, []).append((name, host))
     return problems
+
+
+def _overlap(host: str, other: str) -> bool:
+    """Whether listening on both addresses (on one port) would collide."""
+    wildcard = (
+        ipaddress.ip_address(host).is_unspecified or ipaddress.ip_address(other).is_unspecified
+    )
+    return host == other or wildcard
 
 
 def _load_yaml(text: str, duplicates: list[str]) -> tuple[Any, dict[tuple[str, ...], int]]:

@@ -14,9 +14,9 @@ def bind_listener(config: SocketConfig) -> socket.socket:
     """A bound, listening TCP socket for one generation; the caller owns and closes it.
 
     ``TCP_NODELAY`` is set on the listener so accepted sockets inherit it: without it keep-alive
-    clients stall ~40 ms a request (Nagle against delayed ACKs). A fixed port uses
-    ``SO_REUSEPORT``, so binding it again succeeds while older sockets for it are still open (a
-    program removed and added back by a reload, its old generations still draining).
+    clients stall ~40 ms a request (Nagle against delayed ACKs). No ``SO_REUSEPORT``: a fixed
+    port is shared by a program's generations through one socket (``ProgramListener``), and
+    anything else already listening there is an error, never a silent split of the clients.
 
     Raises:
         SpawnError: the address cannot be bound (in use, not local, no permission).
@@ -25,8 +25,6 @@ def bind_listener(config: SocketConfig) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if config.port != 0:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((config.host, config.port))
         sock.listen(config.backlog)
@@ -52,25 +50,28 @@ class ProgramListener:
 
     def __init__(self) -> None:
         self._kept: socket.socket | None = None
-        self._kept_for: SocketConfig | None = None
+        self._kept_at: tuple[str, int] | None = None  # (host, port)
 
     def for_generation(self, config: SocketConfig) -> socket.socket:
         """A listening socket for a new generation; the generation owns and closes it.
 
         Raises:
-            SpawnError: the address cannot be bound.
+            SpawnError: the address cannot be bound (for a fixed port that changed: also while
+                a generation on an overlapping old address still holds it).
         """
         if config.port == 0:
             self.close()
             return bind_listener(config)
-        if self._kept is None or self._kept_for != config:
-            self.close()  # a generation still using the old one holds its own duplicate
+        if self._kept is None or self._kept_at != (config.host, config.port):
+            self.close()  # a generation still on the old address holds its own duplicate
             self._kept = bind_listener(config)
-            self._kept_for = config
+            self._kept_at = (config.host, config.port)
+        else:
+            self._kept.listen(config.backlog)  # the same socket; the backlog may have changed
         return self._kept.dup()
 
     def close(self) -> None:
         """Let go of a kept socket (the program stopped, or its socket config changed)."""
         if self._kept is not None:
             self._kept.close()
-            self._kept = self._kept_for = None
+            self._kept = self._kept_at = None

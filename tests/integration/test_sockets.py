@@ -8,6 +8,7 @@ import socket
 import pytest
 
 from flipvisor.config import SocketConfig
+from flipvisor.errors import SpawnError
 from flipvisor.sockets import ProgramListener, bound_port
 from tests.fixtures.nginx import free_port
 
@@ -32,8 +33,8 @@ def test_a_fixed_port_keeps_its_queue_when_the_old_generation_closes_its_socket(
     try:
         # Clients connect while the old generation still serves; then the old one closes its
         # socket, as a drained generation does. Every connection is still there for the new
-        # one. (With a socket of its own per generation, the kernel would have queued about
-        # half of them on the old one, and reset them when it closed.)
+        # one. (Sockets of their own, bound with SO_REUSEPORT, had the kernel queue about half of
+        # them on the old one, and reset them when it closed.)
         clients = [
             socket.create_connection(("127.0.0.1", config.port), timeout=5) for _ in range(8)
         ]
@@ -74,3 +75,34 @@ def test_a_changed_socket_config_lets_go_of_the_kept_socket(change: str) -> None
     finally:
         fresh.close()
         listener.close()
+
+
+def test_a_changed_backlog_keeps_the_socket_and_its_queue() -> None:
+    port = free_port()
+    listener = ProgramListener()
+    old = listener.for_generation(SocketConfig(port=port, backlog=16))
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    new = listener.for_generation(SocketConfig(port=port, backlog=64))
+    try:
+        old.close()
+        new.settimeout(5)
+        accepted, _address = new.accept()  # queued before the change, still there after it
+        accepted.close()
+    finally:
+        client.close()
+        new.close()
+        listener.close()
+
+
+def test_another_program_cannot_listen_on_a_fixed_port_in_use() -> None:
+    """No SO_REUSEPORT: a second listener is refused, not handed half of the clients."""
+    config = SocketConfig(port=free_port())
+    first, second = ProgramListener(), ProgramListener()
+    held = first.for_generation(config)
+    try:
+        with pytest.raises(SpawnError, match="in use"):
+            second.for_generation(config)
+    finally:
+        held.close()
+        first.close()
+        second.close()

@@ -740,7 +740,7 @@ def test_a_fixed_port_is_accepted_where_readiness_cannot_be_fooled(readiness: st
     ids=["same-host", "wildcard-first", "wildcard-second"],
 )
 def test_two_programs_cannot_share_a_fixed_port(first_host: str, second_host: str) -> None:
-    """SO_REUSEPORT would let both bind it, and the kernel would split clients between them."""
+    """Only one could bind it: said by ``check``, not by a start that fails later."""
     text = dedent(
         f"""\
         programs:
