@@ -23,7 +23,7 @@ import anyio
 
 from .config import PROGRAM_NAME_RE
 from .errors import ProxyError, SpawnError
-from .spawn import run_command, start_time_of
+from .spawn import pidfd_if_started_at, run_command
 
 if TYPE_CHECKING:  # only the type: proxy.py's allowed imports are config, errors, spawn
     from .reaper import Reaper
@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 PATH_PLACEHOLDER = "{path}"
 DEFAULT_FILE_MODE = 0o644
-# Start times are compared with the same tolerance as spawn.signal_verified (psutil rounds them).
-START_TIME_TOLERANCE = 0.05
 
 
 def _where(template: Path, exc: BaseException) -> str:
@@ -303,22 +301,6 @@ def proxy_workers(pidfile: Path) -> frozenset[tuple[int, float]]:
     return frozenset(workers)
 
 
-def _open_if_same(pid: int, started: float) -> int | None:
-    """A pidfd for ``pid`` if it is still the process that started at ``started``.
-
-    The pidfd is opened before the start time is compared, so both concern the same process.
-    """
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:  # ProcessLookupError: gone already
-        return None
-    actual = start_time_of(pid)
-    if actual is None or abs(actual - started) > START_TIME_TOLERANCE:
-        os.close(pidfd)  # gone, or the PID now names somebody else
-        return None
-    return pidfd
-
-
 async def wait_workers_gone(
     workers: Iterable[tuple[int, float]],
     timeout: float,
@@ -331,7 +313,7 @@ async def wait_workers_gone(
     pidfds: list[int] = []
     try:
         for pid, started in workers:
-            pidfd = _open_if_same(pid, started)
+            pidfd = pidfd_if_started_at(pid, started)
             if pidfd is not None:
                 pidfds.append(pidfd)
         with anyio.move_on_after(timeout):

@@ -382,35 +382,43 @@ async def run_command(
     )
 
 
-def signal_verified(pid: int, started: float, sig: int) -> bool:
-    """Signal ``pid`` only if it is still the process that started at ``started``.
+# Start times are compared to this tolerance: psutil, and so external checks, round them.
+START_TIME_TOLERANCE = 0.05
 
-    The pidfd is opened *before* the start time is compared, so the check and the signal concern
-    the same process even if the PID is recycled in between. False when it is not (or is gone).
+
+def pidfd_if_started_at(pid: int, started: float) -> int | None:
+    """A pidfd for ``pid`` if it is still the process that started at ``started``; the caller
+    closes it. None if it is gone, or the PID now names another process.
+
+    The pidfd is opened *before* the start time is compared, so the check and whatever is done
+    with the pidfd concern the same process even if the PID is recycled in between.
     """
     try:
         pidfd = os.pidfd_open(pid)
-    except (ProcessLookupError, OSError):
+    except OSError:  # ProcessLookupError: gone already
+        return None
+    actual = start_time_of(pid)
+    if actual is None or abs(actual - started) > START_TIME_TOLERANCE:
+        if actual is not None:
+            log.info("pid=%d started at %.2f, not %.2f: the PID was reused", pid, actual, started)
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def signal_verified(pid: int, started: float, sig: int) -> bool:
+    """Signal ``pid`` only if it is still the process that started at ``started``; False when
+    it is not (or is gone)."""
+    pidfd = pidfd_if_started_at(pid, started)
+    if pidfd is None:
         return False
     try:
-        actual = start_time_of(pid)
-        if actual is None:
-            return False
-        if abs(actual - started) > 0.05:
-            log.warning(
-                "refusing to signal pid=%d: started at %.2f, expected %.2f (PID reused)",
-                pid,
-                actual,
-                started,
-            )
-            return False
-        try:
-            signal.pidfd_send_signal(pidfd, sig)
-        except ProcessLookupError:
-            return False
-        return True
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        return False
     finally:
         os.close(pidfd)
+    return True
 
 
 def own_children() -> list[int]:
