@@ -11,8 +11,12 @@ from pathlib import Path
 from bench.common import ROOT
 from bench.results import Metric, Results
 
-TOOLS = ["flipvisor", "supervisord", "circus"]
-COLORS = {"flipvisor": "tab:green", "supervisord": "tab:red", "circus": "tab:blue"}
+TOOLS = ["flipvisor", "supervisord", "circus", "flipvisor-fixed"]
+COLORS = {"flipvisor": "tab:green", "supervisord": "tab:red", "circus": "tab:blue",
+          "flipvisor-fixed": "tab:purple"}
+HEADINGS = {"flipvisor-fixed": "flipvisor, fixed port"}
+# flipvisor's other deployment mode: its cells are judged against the same targets.
+VARIANT = "flipvisor-fixed"
 GROUPS = {
     "b": "(b) Crash → replacement",
     "e": "(e) Deploy under load (5 deploys through nginx)",
@@ -86,19 +90,23 @@ def table(results: Results, group: str) -> list[str]:
     metrics = [m for m in results.metrics.values() if m.group == group]
     if not metrics:
         return []
+    tools = [t for t in TOOLS if any(m.samples.get(t) for m in metrics)]
+    headings = " | ".join(HEADINGS.get(t, t) for t in tools)
     lines = [f"### {GROUPS.get(group, group)}", "",
-             "| metric | unit | flipvisor | supervisord | circus | fv ÷ supervisord | "
-             "fv ÷ circus | target | met |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"| metric | unit | {headings} | fv ÷ supervisord | fv ÷ circus | target | met |",
+             "| --- | --- | " + "--- | " * len(tools) + "--- | --- | --- | --- |"]
     for m in metrics:
         check = _check(m.key)
         medians = {t: v for t in TOOLS if (v := m.median(t)) is not None}
         met = ""
         if check is not None and "flipvisor" in medians:
             met = "yes" if check(medians) else "**no**"
-        lines.append(f"| {m.label} | {m.unit} | " + " | ".join(_cell(m, t) for t in TOOLS)
+        if check is not None and VARIANT in medians:
+            as_flipvisor = {**medians, "flipvisor": medians[VARIANT]}
+            met += f" (fixed port: {'yes' if check(as_flipvisor) else '**no**'})"
+        lines.append(f"| {m.label} | {m.unit} | " + " | ".join(_cell(m, t) for t in tools)
                      + f" | {_ratio(m, 'supervisord')} | {_ratio(m, 'circus')} | {m.target} "
-                     f"| {met} |")
+                     f"| {met.strip()} |")
     return [*lines, ""]
 
 
@@ -176,6 +184,10 @@ def write_docs(results: Results) -> None:
         f"- (e): nginx in front (same template for all), {s.get('deploy_seconds', '?')} s of "
         "load, 5 deploys (flipvisor `flip` via its CLI, supervisord `stopProcess`+"
         "`startProcess` as `supervisorctl restart` does, Circus `reload` graceful, waiting). "
+        "\"flipvisor, fixed port\" is flipvisor's other mode, in (e) only: `socket.port` fixed "
+        "(one socket kept across generations, as Circus's shared socket), readiness "
+        "`notify`, no `proxy:` section, so nginx points at the port once and is never "
+        "reloaded; its \"met\" is in parentheses. "
         "Clients: wrk, 2 threads × 1 keep-alive connection, 2 ms pause between requests (a "
         "LuaJIT FFI clock records each request; a request whose connection broke is a failure, "
         "wrk's own socket-error count is listed apart since it also counts idle connections "
@@ -212,7 +224,8 @@ def plot(results: Results) -> bool:
                 tl = per_tool[tool]
                 xs = [i * tl["bin"] for i in range(len(tl["worst_ms"]))]
                 ys = [max(v, 0.1) if v else float("nan") for v in tl["worst_ms"]]
-                ax.plot(xs, ys, color=COLORS[tool], label=tool, linewidth=1.1)
+                ax.plot(xs, ys, color=COLORS[tool], label=HEADINGS.get(tool, tool),
+                        linewidth=1.1)
                 fx = [x for x, f in zip(xs, tl["failed"], strict=False) if f]
                 fy = [f for f in tl["failed"] if f]
                 if fx:

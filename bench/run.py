@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                 order = tools[rep % len(tools):] + tools[:rep % len(tools)]
                 for job_name, job in jobs:
                     for tool_name in order:
+                        takes_part = TOOLS[tool_name].workloads
+                        if takes_part is not None and workload not in takes_part:
+                            continue
                         directory = base / f"{workload}-{job_name}-{rep}-{tool_name}"
                         directory.mkdir(parents=True)
                         tool = TOOLS[tool_name](directory / "tool")

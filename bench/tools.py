@@ -43,6 +43,8 @@ def svc_argv(program: Program, *flags: str) -> list[str]:
 
 class Tool(ABC):
     name: str
+    # The workloads this tool takes part in (None: all of them).
+    workloads: frozenset[str] | None = None
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
@@ -180,6 +182,35 @@ class Flipvisor(Tool):
             report = {"ok": False, "error": result.stderr[-500:]}
         report["exit_code"] = result.returncode
         return report
+
+
+class FlipvisorFixedPort(Flipvisor):
+    """flipvisor in its other deployment mode, for (e) only: the program keeps one fixed port
+    (one socket across its generations), nginx points at it once and is never reloaded, and
+    readiness is sd_notify (the only probe a shared port allows). Like Circus, nothing tells
+    nginx's keep-alive clients to go away during a deploy."""
+
+    name = "flipvisor-fixed"
+    workloads = frozenset({"e"})
+
+    def configure(self, programs: list[Program], nginx: Nginx | None) -> list[str]:
+        self.config_path = self.dir / "flipvisor.yaml"
+        self.socket = self.dir / "state" / "flipvisor.sock"
+        config: dict[str, Any] = {"state_dir": str(self.dir / "state"), "programs": {}}
+        for p in programs:
+            if p.kind == "sleep":
+                config["programs"][p.name] = {"command": SLEEP}
+                continue
+            port = free_port()
+            config["programs"][p.name] = {
+                "command": svc_argv(p, "--notify"),
+                "socket": {"port": port},
+                "readiness": {"notify": True, "timeout": 30},
+            }
+            if nginx is not None:
+                nginx.route_to(port)
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return [tool_bin("flipvisor"), "-c", str(self.config_path), "run"]
 
 
 class Supervisord(Tool):
@@ -328,5 +359,5 @@ class Circus(Tool):
 
 
 TOOLS: dict[str, type[Tool]] = {"flipvisor": Flipvisor, "supervisord": Supervisord,
-                                "circus": Circus}
+                                "circus": Circus, "flipvisor-fixed": FlipvisorFixedPort}
 

@@ -266,13 +266,13 @@ def deploy(tool: Tool, res: Results, settings: Settings, ready_delay: float,
             label=f"{what}: deploys that failed", unit="", group="e-info")
     if bad:
         res.errors.append(f"{tool.name} {scenario}: {len(bad)} deploys failed: {bad[0]}")
-    if tool.name == "flipvisor":
+    if tool.name.startswith("flipvisor"):
         durations = [float(r["duration"]) for r in reports if "duration" in r]
         if durations:
             res.add(f"e.{scenario}.flip", tool.name, _ms(statistics.median(durations)),
                     label=f"{what}: the flip's own duration (median)", unit="ms",
                     group="e-info")
-        if not ready_delay:
+        if not ready_delay and tool.name == "flipvisor":
             flips(reports, res)
 
 
