@@ -110,8 +110,27 @@ def table(results: Results, group: str) -> list[str]:
     return [*lines, ""]
 
 
+def per_program(results: Results) -> None:
+    """Rows derived from the medians: what one more program costs each tool, apart from what
+    the tool costs before its first program (its interpreter and libraries)."""
+    derived = [("a.per", "a.start200", "a.start50", 150, 1.0,
+                "start-up per program: (200 programs − 50) ÷ 150", "ms"),
+               ("c.rssper", "c.rss", "c.rss1", 199, 1024.0,
+                "RSS per worker: (200 workers − 1) ÷ 199", "KiB")]
+    for key, large, small, count, scale, label, unit in derived:
+        if large not in results.metrics or small not in results.metrics:
+            continue
+        group = results.metrics[large].group
+        for tool in TOOLS:
+            high, low = results.metrics[large].median(tool), results.metrics[small].median(tool)
+            if high is not None and low is not None:
+                results.metrics.setdefault(key, Metric(key, label, unit, group)).samples[tool] = [
+                    round((high - low) / count * scale, 2)]
+
+
 def write_docs(results: Results) -> None:
     DOC.parent.mkdir(exist_ok=True)
+    per_program(results)
     plotted = plot(results)
     meta = results.meta
     machine = meta.get("machine", {})

@@ -137,12 +137,21 @@ def _ns_ms(ns: int) -> float:
 
 # -- (a) start-up ---------------------------------------------------------------------------
 def startup(tool: Tool, res: Results, settings: Settings, size: int) -> None:
+    rss = None
     try:
         launched = tool.start([Program(f"p{i}") for i in range(size)])
         tool.wait_running(timeout=180)
         elapsed = time.monotonic() - launched
+        if size == 1:
+            # What the daemon holds before it has much to supervise: (c)'s 200 workers less
+            # this, per worker, is each tool's own cost of a program.
+            time.sleep(2.0)  # as (c): start-up work is done
+            rss = psutil.Process(tool.pid).memory_info().rss / 2**20
     finally:
         tool.stop()
+    if rss is not None:
+        res.add("c.rss1", tool.name, round(rss, 1), label="supervisor RSS, 1 worker",
+                unit="MiB", group="c")
     res.add(f"a.start{size}", tool.name, _ms(elapsed), label=f"start-up, {size} programs running",
             unit="ms", group="a", target="200 programs: ≤ ½ Circus" if size == 200 else "")
 
