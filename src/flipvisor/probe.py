@@ -113,6 +113,8 @@ class NotifySocket:
             try:
                 data, ancdata, _flags, _addr = self._sock.recvmsg(NOTIFY_BUFFER, _ANCILLARY)
             except BlockingIOError:
+                data = None
+            if data is None:  # waited outside the except clause, as spawn.read_available
                 await anyio.wait_readable(self._sock)
                 continue
             self._handle(data, ancdata, pids())

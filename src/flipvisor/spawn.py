@@ -327,7 +327,10 @@ async def read_available(fd: int, limit: int = 65536) -> bytes:
         try:
             return os.read(fd, limit)
         except BlockingIOError:
-            await anyio.wait_readable(fd)
+            pass
+        # Waited outside the except clause: awaiting inside it would keep the BlockingIOError
+        # and its traceback alive for as long as an idle worker stays quiet (one per worker).
+        await anyio.wait_readable(fd)
 
 
 async def run_command(

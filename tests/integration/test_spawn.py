@@ -25,6 +25,8 @@ from flipvisor.reaper import Reaper
 from flipvisor.sockets import bind_listener, bound_port
 from flipvisor.spawn import (
     Child,
+    open_output_pipe,
+    read_available,
     resolve_executable,
     run_command,
     signal_verified,
@@ -679,3 +681,28 @@ anyio.run(main)
     assert report["sealed"] >= 1 and report["still"] is False  # marked close-on-exec once
     # ls's own listing fd (3) is all there is beyond stdio: the pipe never reached it.
     assert report["fds"] == [0, 1, 2, 3]
+
+
+async def test_a_quiet_pipe_holds_no_exception_while_waiting() -> None:
+    # Awaiting inside `except BlockingIOError` would keep the exception and its traceback alive
+    # for as long as an idle worker stays quiet: one per worker, for its whole life.
+    import gc
+
+    read_fd, write_fd = open_output_pipe()
+    got: list[bytes] = []
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def read_once() -> None:
+                got.append(await read_available(read_fd))
+
+            tg.start_soon(read_once)
+            await anyio.wait_all_tasks_blocked()
+            gc.collect()
+            alive = [obj for obj in gc.get_objects() if isinstance(obj, BlockingIOError)]
+            assert alive == []
+            os.write(write_fd, b"line\n")
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert got == [b"line\n"]
