@@ -8,17 +8,26 @@ promises is that a client following the usual retry rule (an idempotent request 
 *reused* connection before any response is retried once on a *fresh* connection, as browsers
 and most HTTP client libraries do) sees zero failures. A client that never retries sees a few;
 the test prints how many (the README quotes the numbers) but does not bound them.
+
+Without a reload there is nothing to close: on a fixed port with no proxy step, even clients that
+never retry lose nothing (the second test).
 """
 
 from __future__ import annotations
 
 import http.client
+import subprocess
 import time
 
+import jinja2
+import psutil
+
 from tests.e2e.load import MAX_DURATION, Load
-from tests.e2e.test_flip import program, proxied, start_serving
-from tests.fixtures.flipvisor import Flipvisor
-from tests.fixtures.nginx import Nginx
+from tests.e2e.test_fixed_port import fixed_port_config
+from tests.e2e.test_flip import answers, program, proxied, start_serving
+from tests.fixtures.flipvisor import TEMPLATE, Flipvisor
+from tests.fixtures.nginx import Nginx, free_port
+from tests.waiting import wait_until
 
 FLIPS = 5
 CLIENTS = 3
@@ -107,3 +116,41 @@ def test_keepalive_clients_across_flips(flipvisor: Flipvisor, nginx: Nginx) -> N
     # Whatever the plain client lost, it lost to closed connections, never to an error answer
     # (a 502 would mean nginx reached a generation that was not serving).
     assert not [e for e in plain_outcome.errors if e.startswith("HTTP ")], plain_outcome.errors
+
+
+def test_keepalive_clients_lose_nothing_on_a_fixed_port_without_a_reload(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """The README's other answer: a fixed port (one socket kept across generations) with
+    readiness notify and no proxy step. nginx's upstream is written once and nginx never
+    reloads, so even clients that never retry lose nothing."""
+    port = free_port()
+    snippet = jinja2.Template(TEMPLATE.read_text()).render(
+        program="web",
+        generation=1,
+        host="127.0.0.1",
+        port=port,
+        pids=[],
+        upstreams=[f"127.0.0.1:{port}"],
+        listen=nginx.listen,
+    )
+    (nginx.conf_dir / "web.conf").write_text(snippet)
+    subprocess.run(nginx.reload_cmd, check=True, capture_output=True, timeout=30)
+    notify = {"notify": True, "timeout": 10}
+    flipvisor.start(fixed_port_config(port, "1", **notify))
+    flipvisor.wait_serving("web")
+    wait_until(lambda: answers(nginx), message="nginx to proxy to the fixed port")
+    master = nginx.master_pid()
+    assert master is not None
+    nginx_workers = {child.pid for child in psutil.Process(master).children()}
+    with Load(nginx.url("/"), clients=CLIENTS, keepalive=True) as plain:
+        for version in range(2, 2 + FLIPS):
+            flipvisor.write_config(fixed_port_config(port, str(version), **notify))
+            result = flipvisor.cli("flip", "web")
+            assert result.returncode == 0, result.stderr + flipvisor.output()
+            assert proxied(nginx)["version"] == str(version)
+        outcome = plain.stop()
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert outcome.ok > 50
+    # The same nginx workers throughout: nothing was reloaded.
+    assert {child.pid for child in psutil.Process(master).children()} == nginx_workers
