@@ -20,8 +20,8 @@ import pytest
 from anyio.abc import TaskGroup
 
 from flipvisor import generation, worker
-from flipvisor.config import DrainConfig, LogsConfig, ProgramConfig
-from flipvisor.errors import SpawnError
+from flipvisor.config import DrainConfig, LogsConfig, ProgramConfig, ReadinessConfig
+from flipvisor.errors import ProbeFailed, SpawnError
 from flipvisor.events import EventLog
 from flipvisor.generation import Generation
 from flipvisor.logs import ProgramLog
@@ -563,3 +563,36 @@ async def test_a_grandchild_holding_the_output_delays_the_exit_by_the_grace_only
         finally:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             os.close(pidfd)
+
+
+# -- readiness -------------------------------------------------------------------------------
+
+
+async def test_without_a_probe_a_generation_is_ready_at_once(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        gen = await h.start(svc_config(tmp_path / "markers"))
+        with anyio.fail_after(1):
+            await gen.wait_ready()
+        # Nor does a failure recorded before the call: with no probe there is nothing to race,
+        # and promotion logs it.
+        gen.fail("worker 1 of generation 1: exit status 3")
+        with anyio.fail_after(1):
+            await gen.wait_ready()
+
+
+async def test_a_worker_exit_ends_the_probe_at_once(tmp_path: Path) -> None:
+    # The probe alone would wait 30 s: /nothing-here never answers 2xx.
+    config = svc_config(
+        tmp_path / "markers", readiness=ReadinessConfig(http="/nothing-here", timeout=30)
+    )
+    async with harness(tmp_path) as h:
+        gen = await h.start(config)
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+
+                async def probe() -> None:
+                    with pytest.raises(ProbeFailed, match="probed: worker 0 crashed"):
+                        await gen.wait_ready()
+
+                tg.start_soon(probe)
+                gen.fail("worker 0 crashed")
