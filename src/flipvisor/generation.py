@@ -226,6 +226,11 @@ class Generation:
                 once, not at the timeout).
         """
         readiness = self.config.readiness
+        if readiness is None:
+            # No probe, so nothing to race a worker's exit against: ready once spawned. A
+            # failure already recorded is left to promotion, which logs it; raising it here
+            # would roll such a flip back instead.
+            return
         failure: str | None = None
         probe_error: FlipvisorError | None = None
         async with anyio.create_task_group() as race:
@@ -237,18 +242,17 @@ class Generation:
 
             race.start_soon(watch_workers)
             try:
-                if readiness is not None:
-                    await wait_ready(
-                        readiness,
-                        host=self.host,
-                        port=self.port,
-                        reaper=self._reaper,
-                        env=worker_env(self.workers[0].spec, 0),
-                        cwd=self.config.cwd,
-                        notify=self.notify,
-                        worker_pids=lambda: set(self.pids),
-                        numprocs=self.config.numprocs,
-                    )
+                await wait_ready(
+                    readiness,
+                    host=self.host,
+                    port=self.port,
+                    reaper=self._reaper,
+                    env=worker_env(self.workers[0].spec, 0),
+                    cwd=self.config.cwd,
+                    notify=self.notify,
+                    worker_pids=lambda: set(self.pids),
+                    numprocs=self.config.numprocs,
+                )
             except FlipvisorError as exc:  # caught here so it is not wrapped in a group
                 probe_error = exc
             race.cancel_scope.cancel()

@@ -47,6 +47,7 @@ class ExitWaiter:
     pid: int
     returncode: int | None = None
     _event: anyio.Event = field(default_factory=anyio.Event)
+    _on_exit: Callable[[], None] | None = None
 
     @property
     def reaped(self) -> bool:
@@ -58,9 +59,23 @@ class ExitWaiter:
         assert self.returncode is not None
         return self.returncode
 
+    def on_exit(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` when the child is reaped (at once if it already is); None removes it.
+
+        It runs synchronously in the reaper's task, on the event loop, so it must be quick and
+        must not raise: it is how a task reacts to the exit while it awaits something else,
+        without a second task waiting for it.
+        """
+        self._on_exit = callback
+        if callback is not None and self.reaped:
+            callback()
+
     def _set(self, returncode: int) -> None:
         self.returncode = returncode
         self._event.set()
+        callback, self._on_exit = self._on_exit, None
+        if callback is not None:
+            callback()
 
 
 class Reaper:

@@ -182,30 +182,32 @@ class Worker:
                 self._transition(WorkerState.EXITED)
 
     async def _supervise(self, child: Child) -> tuple[int, str]:
-        """Capture the child's output until it exits; stop it if we are cancelled."""
+        """Capture the child's output until it exits; stop it if we are cancelled.
+
+        The output is read in this task, not a second one: a task per worker is most of what
+        a supervised program costs in memory and start-up time.
+        """
         self.child = child
         self._transition(WorkerState.RUNNING)
         started = time.monotonic()
         self.owner.worker_spawned(self)
         prefix = f"g{self.spec.generation} w{self.index} pid={child.pid}"
-        captured = anyio.Event()
-
-        async def capture_output() -> None:
-            try:
-                await capture(self._read_fd, self.log, prefix=prefix, tail=self.tail)
-            finally:
-                captured.set()
-
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(capture_output)
-                returncode = await child.wait()
-                # Let capture drain what the worker wrote last, unless a grandchild holds the
-                # pipe open: then stop reading it after a grace period.
-                with anyio.move_on_after(OUTPUT_GRACE):
-                    await captured.wait()
-                tg.cancel_scope.cancel()
+            with anyio.CancelScope() as reading:
+
+                def exited() -> None:
+                    # Let capture drain what the worker wrote last, unless a grandchild holds
+                    # the pipe open: then stop reading it after a grace period.
+                    reading.deadline = anyio.current_time() + OUTPUT_GRACE
+
+                child.exit.on_exit(exited)
+                # Ends at end of file (usually as the worker exits), or at the deadline; either
+                # way it writes the partial last line and closes the pipe.
+                await capture(self._read_fd, self.log, prefix=prefix, tail=self.tail)
+            # The output may end long before the worker does (it closed stdout): supervise on.
+            returncode = await child.wait()
         finally:
+            child.exit.on_exit(None)
             if not child.exit.reaped:
                 drain = self.spec.config.drain
                 await child.stop(drain.signal, drain.timeout)

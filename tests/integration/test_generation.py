@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -18,9 +19,9 @@ import httpx
 import pytest
 from anyio.abc import TaskGroup
 
-from flipvisor import generation
-from flipvisor.config import DrainConfig, LogsConfig, ProgramConfig
-from flipvisor.errors import SpawnError
+from flipvisor import generation, worker
+from flipvisor.config import DrainConfig, LogsConfig, ProgramConfig, ReadinessConfig
+from flipvisor.errors import ProbeFailed, SpawnError
 from flipvisor.events import EventLog
 from flipvisor.generation import Generation
 from flipvisor.logs import ProgramLog
@@ -297,6 +298,7 @@ async def test_cancelled_generation_still_stops_its_workers(tmp_path: Path) -> N
         assert gen.socket.fileno() == -1
         assert gen.state is GenerationState.STOPPED
         assert all(w.child is not None and w.child.exit.reaped for w in gen.workers)
+        assert all(w.child is not None and w.child.pidfd == -1 for w in gen.workers), "closed"
         assert marked(markers, "TERM") == pids, "stopped with the drain signal, not killed"
 
 
@@ -458,3 +460,139 @@ async def test_exits_while_stopping_are_not_restarted(tmp_path: Path) -> None:
             await gen.drain()
     assert h.exits == []
     assert h.kinds("spawned") == ["spawned", "spawned"]
+
+
+# -- output and exit -------------------------------------------------------------------------
+
+# Writes a partial line (only written to the log at end of file), closes its output, and keeps
+# running until SIGTERM, which it answers with exit status 7.
+CLOSES_OUTPUT = r"""
+import os, signal, sys
+signal.signal(signal.SIGTERM, lambda *_: os._exit(7))
+sys.stdout.write("closing without a newline")
+sys.stdout.flush()
+os.close(1)
+os.close(2)
+while True:
+    signal.pause()
+"""
+
+
+def one_worker(command: list[str]) -> ProgramConfig:
+    return ProgramConfig(command=command, drain=DrainConfig(delay=0.0, timeout=5.0))
+
+
+async def test_a_worker_that_closes_its_output_is_supervised_until_it_exits(
+    tmp_path: Path,
+) -> None:
+    async with harness(tmp_path) as h:
+        gen = await h.start(one_worker([sys.executable, "-c", CLOSES_OUTPUT]))
+        slot = gen.workers[0]
+        pid = slot.pid
+
+        async def output_ended() -> bool:  # the partial line is written at end of file
+            return "closing without a newline" in gen.tail
+
+        await await_until(output_ended, timeout=DEADLINE, message="the output to end")
+        assert slot.state is WorkerState.RUNNING
+        assert slot.pid == pid, "still supervised after its output ended"
+        assert h.exits == []
+        assert slot.child is not None
+        slot.child.send_signal(signal.SIGTERM)
+
+        async def exited() -> bool:
+            return bool(h.exits)
+
+        await await_until(exited, timeout=DEADLINE, message="the exit to be reported")
+        assert h.exits == [(0, 7, "exit status 7")]
+        assert slot.state is WorkerState.STOPPED
+        assert slot.child.pidfd == -1
+
+
+async def test_output_written_just_before_the_exit_is_all_captured(tmp_path: Path) -> None:
+    count = 5000
+    code = f"for i in range({count}): print(f'line {{i}}')\nprint('end', end='')"
+    async with harness(tmp_path) as h:
+        gen = await h.start(one_worker([sys.executable, "-c", code]))
+
+        async def exited() -> bool:
+            return bool(h.exits)
+
+        await await_until(exited, timeout=DEADLINE, message="the exit to be reported")
+        # Checked as soon as the exit is reported: capture had finished by then.
+        lines = (tmp_path / "logs" / "web.log").read_text().splitlines()
+        assert h.exits == [(0, 0, "exit status 0")]
+    assert [line.split(" | ", 1)[1] for line in lines] == [
+        *(f"line {i}" for i in range(count)),
+        "end",
+    ]
+    assert gen.tail[-1] == "end"
+
+
+async def test_a_grandchild_holding_the_output_delays_the_exit_by_the_grace_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grace = 0.5
+    monkeypatch.setattr(worker, "OUTPUT_GRACE", grace)
+    # The background sleep keeps the output pipe open long after the worker exited.
+    script = "sleep 60 & echo grandchild $!; printf 'last words'; exit 3"
+    async with harness(tmp_path) as h:
+        gen = await h.start(one_worker(["sh", "-c", script]))
+        child = gen.workers[0].child
+        assert child is not None
+        with anyio.fail_after(DEADLINE):
+            await child.wait()
+        reaped = time.monotonic()
+
+        async def grandchild_named() -> int:
+            return next((int(line.split()[1]) for line in gen.tail if "grandchild" in line), 0)
+
+        pidfd = os.pidfd_open(await await_until(grandchild_named, timeout=DEADLINE))
+        try:
+
+            async def exited() -> bool:
+                return bool(h.exits)
+
+            await await_until(exited, timeout=DEADLINE, message="the exit to be reported")
+            delay = time.monotonic() - reaped
+            assert h.exits == [(0, 3, "exit status 3")]
+            # Output was read for the grace period, no longer: the grandchild sleeps for 60 s.
+            assert grace - 0.05 <= delay < grace + 2.0
+            assert gen.tail[-1] == "last words", "the partial line is written when cut off"
+            signal.pidfd_send_signal(pidfd, 0)  # the grandchild still holds the pipe
+        finally:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.close(pidfd)
+
+
+# -- readiness -------------------------------------------------------------------------------
+
+
+async def test_without_a_probe_a_generation_is_ready_at_once(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        gen = await h.start(svc_config(tmp_path / "markers"))
+        with anyio.fail_after(1):
+            await gen.wait_ready()
+        # Nor does a failure recorded before the call: with no probe there is nothing to race,
+        # and promotion logs it.
+        gen.fail("worker 1 of generation 1: exit status 3")
+        with anyio.fail_after(1):
+            await gen.wait_ready()
+
+
+async def test_a_worker_exit_ends_the_probe_at_once(tmp_path: Path) -> None:
+    # The probe alone would wait 30 s: /nothing-here never answers 2xx.
+    config = svc_config(
+        tmp_path / "markers", readiness=ReadinessConfig(http="/nothing-here", timeout=30)
+    )
+    async with harness(tmp_path) as h:
+        gen = await h.start(config)
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+
+                async def probe() -> None:
+                    with pytest.raises(ProbeFailed, match="probed: worker 0 crashed"):
+                        await gen.wait_ready()
+
+                tg.start_soon(probe)
+                gen.fail("worker 0 crashed")

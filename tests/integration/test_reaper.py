@@ -105,6 +105,29 @@ async def test_a_child_that_exited_before_the_reaper_ran_is_collected() -> None:
         child.close()
 
 
+async def test_on_exit_is_called_once_when_reaped_or_at_once_after() -> None:
+    """The hook a worker uses to react to its child's exit while it reads the output."""
+    async with running_reaper() as reaper:
+        child = spawn_process(["sh", "-c", "read _ || exit 4"], reaper=reaper, env=os.environ)
+        calls: list[int | None] = []
+        removed: list[int | None] = []
+        try:
+            child.exit.on_exit(lambda: removed.append(child.returncode))
+            child.exit.on_exit(lambda: calls.append(child.returncode))  # replaces the first
+            assert calls == [], "not reaped yet"
+            with anyio.fail_after(DEADLINE):
+                assert await child.wait() == 4  # stdin is /dev/null: read fails at once
+            assert calls == [4], "called once, with the exit already recorded"
+            assert removed == []
+            child.exit.on_exit(lambda: calls.append(None))
+            assert calls == [4, None], "a hook set after the exit is called at once"
+            child.exit.on_exit(None)
+        finally:
+            await child.stop(signal.SIGKILL, timeout=5)
+            child.close()
+    assert calls == [4, None]
+
+
 async def test_library_mode_leaves_other_children_alone() -> None:
     """With ``reap_orphans=False`` a child the host started itself keeps its exit status."""
     async with running_reaper() as reaper:
