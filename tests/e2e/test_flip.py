@@ -56,6 +56,14 @@ def start_serving(flipvisor: Flipvisor, nginx: Nginx, config: dict[str, Any]) ->
     wait_until(lambda: answers(nginx), message="nginx to proxy to generation 1")
 
 
+def flip_to(flipvisor: Flipvisor, nginx: Nginx, config: dict[str, Any], version: str) -> None:
+    """Write ``config``, flip program web to it, and check that nginx now proxies ``version``."""
+    flipvisor.write_config(config)
+    result = flipvisor.cli("flip", "web")
+    assert result.returncode == 0, result.stderr + flipvisor.output()
+    assert proxied(nginx)["version"] == version
+
+
 def answers(nginx: Nginx) -> bool:
     try:
         proxied(nginx)
@@ -71,12 +79,8 @@ def test_five_flips_under_load_fail_no_request(
     start_serving(flipvisor, nginx, program(nginx, "1", numprocs=numprocs))
     with Load(nginx.url("/"), clients=3) as load:
         for version in range(2, 7):
-            flipvisor.write_config(
-                {"programs": {"web": program(nginx, str(version), numprocs=numprocs)}}
-            )
-            result = flipvisor.cli("flip", "web")
-            assert result.returncode == 0, result.stderr + flipvisor.output()
-            assert proxied(nginx)["version"] == str(version)
+            config = program(nginx, str(version), numprocs=numprocs)
+            flip_to(flipvisor, nginx, {"programs": {"web": config}}, str(version))
         outcome = load.stop()
     assert outcome.failed == 0, outcome.errors[:5]
     assert outcome.ok > 50

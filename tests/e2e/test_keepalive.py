@@ -24,7 +24,7 @@ import psutil
 
 from tests.e2e.load import MAX_DURATION, Load
 from tests.e2e.test_fixed_port import fixed_port_config
-from tests.e2e.test_flip import answers, program, proxied, start_serving
+from tests.e2e.test_flip import answers, flip_to, program, start_serving
 from tests.fixtures.flipvisor import TEMPLATE, Flipvisor
 from tests.fixtures.nginx import Nginx, free_port
 from tests.waiting import wait_until
@@ -97,10 +97,8 @@ def test_keepalive_clients_across_flips(flipvisor: Flipvisor, nginx: Nginx) -> N
     retrying = RetryingLoad(nginx.url("/"), clients=CLIENTS)
     with plain, retrying:
         for version in range(2, 2 + FLIPS):
-            flipvisor.write_config({"programs": {"web": program(nginx, str(version))}})
-            result = flipvisor.cli("flip", "web")
-            assert result.returncode == 0, result.stderr + flipvisor.output()
-            assert proxied(nginx)["version"] == str(version)
+            config = {"programs": {"web": program(nginx, str(version))}}
+            flip_to(flipvisor, nginx, config, str(version))
         plain_outcome = plain.stop()
         retrying_outcome = retrying.stop()
 
@@ -145,10 +143,7 @@ def test_keepalive_clients_lose_nothing_on_a_fixed_port_without_a_reload(
     nginx_workers = {child.pid for child in psutil.Process(master).children()}
     with Load(nginx.url("/"), clients=CLIENTS, keepalive=True) as plain:
         for version in range(2, 2 + FLIPS):
-            flipvisor.write_config(fixed_port_config(port, str(version), **notify))
-            result = flipvisor.cli("flip", "web")
-            assert result.returncode == 0, result.stderr + flipvisor.output()
-            assert proxied(nginx)["version"] == str(version)
+            flip_to(flipvisor, nginx, fixed_port_config(port, str(version), **notify), str(version))
         outcome = plain.stop()
     assert outcome.failed == 0, outcome.errors[:5]
     assert outcome.ok > 50
