@@ -119,25 +119,25 @@ class Flipvisor(Tool):
     def configure(self, programs: list[Program], nginx: Nginx | None) -> list[str]:
         self.config_path = self.dir / "flipvisor.yaml"
         self.socket = self.dir / "state" / "flipvisor.sock"
-        config: dict[str, Any] = {"state_dir": str(self.dir / "state"), "programs": {}}
-        for p in programs:
-            entry: dict[str, Any]
-            if p.kind == "sleep":
-                entry = {"command": SLEEP}
-            else:
-                entry = {
-                    "command": svc_argv(p),
-                    "readiness": {"http": "/health", "timeout": 30},
-                }
-                if nginx is not None:
-                    entry["proxy"] = {
-                        "template": str(TEMPLATE), "dest": str(nginx.snippet),
-                        "check_cmd": nginx.check_cmd, "reload_cmd": nginx.reload_cmd,
-                        "pidfile": str(nginx.pidfile), "vars": {"listen": nginx.listen},
-                    }
-            config["programs"][p.name] = entry
+        entries = {p.name: {"command": SLEEP} if p.kind == "sleep" else self.service(p, nginx)
+                   for p in programs}
+        config = {"state_dir": str(self.dir / "state"), "programs": entries}
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         return [tool_bin("flipvisor"), "-c", str(self.config_path), "run"]
+
+    def service(self, p: Program, nginx: Nginx | None) -> dict[str, Any]:
+        """The config section of an HTTP service: port 0, http probe, the proxy step."""
+        entry: dict[str, Any] = {
+            "command": svc_argv(p),
+            "readiness": {"http": "/health", "timeout": 30},
+        }
+        if nginx is not None:
+            entry["proxy"] = {
+                "template": str(TEMPLATE), "dest": str(nginx.snippet),
+                "check_cmd": nginx.check_cmd, "reload_cmd": nginx.reload_cmd,
+                "pidfile": str(nginx.pidfile), "vars": {"listen": nginx.listen},
+            }
+        return entry
 
     def _status(self) -> dict[str, Any]:
         from flipvisor.client import call
@@ -193,24 +193,15 @@ class FlipvisorFixedPort(Flipvisor):
     name = "flipvisor-fixed"
     workloads = frozenset({"e"})
 
-    def configure(self, programs: list[Program], nginx: Nginx | None) -> list[str]:
-        self.config_path = self.dir / "flipvisor.yaml"
-        self.socket = self.dir / "state" / "flipvisor.sock"
-        config: dict[str, Any] = {"state_dir": str(self.dir / "state"), "programs": {}}
-        for p in programs:
-            if p.kind == "sleep":
-                config["programs"][p.name] = {"command": SLEEP}
-                continue
-            port = free_port()
-            config["programs"][p.name] = {
-                "command": svc_argv(p, "--notify"),
-                "socket": {"port": port},
-                "readiness": {"notify": True, "timeout": 30},
-            }
-            if nginx is not None:
-                nginx.route_to(port)
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return [tool_bin("flipvisor"), "-c", str(self.config_path), "run"]
+    def service(self, p: Program, nginx: Nginx | None) -> dict[str, Any]:
+        port = free_port()
+        if nginx is not None:
+            nginx.route_to(port)
+        return {
+            "command": svc_argv(p, "--notify"),
+            "socket": {"port": port},
+            "readiness": {"notify": True, "timeout": 30},
+        }
 
 
 class Supervisord(Tool):
