@@ -59,16 +59,18 @@ class ProgramListener:
             SpawnError: the address cannot be bound (for a fixed port that changed: also while
                 a generation on an overlapping old address still holds it).
         """
-        if config.port == 0:
-            self.close()
-            return bind_listener(config)
-        if self._kept is None or self._kept_at != (config.host, config.port):
-            self.close()  # a generation still on the old address holds its own duplicate
-            self._kept = bind_listener(config)
-            self._kept_at = (config.host, config.port)
-        else:
+        if self._kept is not None and self._kept_at == (config.host, config.port):
             self._kept.listen(config.backlog)  # the same socket; the backlog may have changed
-        return self._kept.dup()
+            return self._kept.dup()
+        # Bound before the kept socket is let go: if this fails (a new host overlapping the old
+        # address, which a serving generation's duplicate still holds), the flip fails and the
+        # kept socket is still there for the next flip on the old address.
+        fresh = bind_listener(config)
+        self.close()
+        if config.port == 0:
+            return fresh
+        self._kept, self._kept_at = fresh, (config.host, config.port)
+        return fresh.dup()
 
     def close(self) -> None:
         """Let go of a kept socket (the program stopped, or its socket config changed)."""

@@ -106,3 +106,25 @@ def test_another_program_cannot_listen_on_a_fixed_port_in_use() -> None:
         held.close()
         first.close()
         second.close()
+
+
+def test_a_host_change_that_cannot_bind_keeps_the_old_socket_for_the_next_flip() -> None:
+    """A flip to a wildcard host on the same port fails while the serving generation holds the
+    port; the flip back to the old address must still work (it reuses the kept socket)."""
+    port = free_port()
+    listener = ProgramListener()
+    serving = listener.for_generation(SocketConfig(port=port))
+    try:
+        with pytest.raises(SpawnError):
+            listener.for_generation(SocketConfig(host="0.0.0.0", port=port))
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        following = listener.for_generation(SocketConfig(port=port))
+        serving.close()
+        following.settimeout(5)
+        accepted, _address = following.accept()  # the same queue: the kept socket
+        accepted.close()
+        client.close()
+        following.close()
+    finally:
+        serving.close()
+        listener.close()
