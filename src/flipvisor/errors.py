@@ -43,6 +43,10 @@ class SpawnError(FlipvisorError):
     """A process could not be started (missing executable, bad cwd, exhausted resources)."""
 
 
+class BindError(SpawnError):
+    """A generation's listening socket could not be bound (in use, not a local address)."""
+
+
 class ProbeFailed(FlipvisorError):
     """A new generation did not become ready: timeout, failed checks, or a worker exited."""
 
@@ -81,6 +85,8 @@ def flip_next_step(exc: BaseException, program: str) -> str:
         return f"fix the proxy template or its check/reload command, {again}"
     if isinstance(exc, RegistryError):
         return f"make the registry reachable (registry.endpoints), {again}"
+    if isinstance(exc, BindError):
+        return f"free the address or change programs.{program}.socket, {again}"
     if isinstance(exc, SpawnError):
         return f"fix programs.{program}.command or cwd in the config, {again}"
     return f"`flipvisor logs {program}` shows its output"

@@ -7,7 +7,7 @@ import ipaddress
 import socket
 
 from .config import SocketConfig
-from .errors import SpawnError
+from .errors import BindError
 
 
 def bind_listener(config: SocketConfig) -> socket.socket:
@@ -19,7 +19,7 @@ def bind_listener(config: SocketConfig) -> socket.socket:
     anything else already listening there is an error, never a silent split of the clients.
 
     Raises:
-        SpawnError: the address cannot be bound (in use, not local, no permission).
+        BindError: the address cannot be bound (in use, not local, no permission).
     """
     family = socket.AF_INET6 if ipaddress.ip_address(config.host).version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -30,7 +30,7 @@ def bind_listener(config: SocketConfig) -> socket.socket:
         sock.listen(config.backlog)
     except OSError as exc:
         sock.close()
-        raise SpawnError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
+        raise BindError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
     return sock
 
 
@@ -56,7 +56,7 @@ class ProgramListener:
         """A listening socket for a new generation; the generation owns and closes it.
 
         Raises:
-            SpawnError: the address cannot be bound (for a fixed port that changed: also while
+            BindError: the address cannot be bound (for a fixed port that changed: also while
                 a generation on an overlapping old address still holds it).
         """
         if self._kept is not None and self._kept_at == (config.host, config.port):

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from flipvisor.config import SocketConfig
-from flipvisor.errors import SpawnError
+from flipvisor.errors import BindError
 from flipvisor.sockets import ProgramListener, bound_port
 from tests.fixtures.nginx import free_port
 
@@ -100,7 +100,7 @@ def test_another_program_cannot_listen_on_a_fixed_port_in_use() -> None:
     first, second = ProgramListener(), ProgramListener()
     held = first.for_generation(config)
     try:
-        with pytest.raises(SpawnError, match="in use"):
+        with pytest.raises(BindError, match="in use"):
             second.for_generation(config)
     finally:
         held.close()
@@ -115,7 +115,7 @@ def test_a_host_change_that_cannot_bind_keeps_the_old_socket_for_the_next_flip()
     listener = ProgramListener()
     serving = listener.for_generation(SocketConfig(port=port))
     try:
-        with pytest.raises(SpawnError):
+        with pytest.raises(BindError):
             listener.for_generation(SocketConfig(host="0.0.0.0", port=port))
         client = socket.create_connection(("127.0.0.1", port), timeout=5)
         following = listener.for_generation(SocketConfig(port=port))

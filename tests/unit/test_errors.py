@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flipvisor.errors import (
+    BindError,
     ProbeFailed,
     ProxyError,
     RegistryConflict,
@@ -19,6 +20,7 @@ from flipvisor.errors import (
         (ProxyError("nginx -t failed"), "fix the proxy template or its check/reload command"),
         (RegistryConflict("key changed"), "make the registry reachable (registry.endpoints)"),
         (SpawnError("not found"), "fix programs.web.command or cwd in the config"),
+        (BindError("127.0.0.1:8000 in use"), "free the address or change programs.web.socket"),
         (ProbeFailed("GET /health: 503"), "`flipvisor logs web` shows its output"),
     ],
 )
