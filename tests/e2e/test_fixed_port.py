@@ -69,3 +69,25 @@ def test_a_failed_flip_on_a_fixed_port_leaves_the_old_generation_serving_on_it(
     for _ in range(20):  # one socket: every connection reaches generation 1's worker
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
             assert json.loads(answer.read())["version"] == "1"
+
+
+def test_a_host_change_that_cannot_bind_fails_the_flip_and_the_flip_back_works(
+    flipvisor: Flipvisor,
+) -> None:
+    """0.0.0.0 on the same port overlaps the address generation 1 serves on: that flip fails
+    (and says what to do), and the flip back to the old address reuses the kept socket."""
+    port = free_port()
+    notify = {"notify": True, "timeout": 10}
+    flipvisor.start(fixed_port_config(port, "1", **notify))
+    flipvisor.wait_serving("web")
+    wildcard = fixed_port_config(port, "2", **notify)
+    wildcard["programs"]["web"]["socket"]["host"] = "0.0.0.0"
+    flipvisor.write_config(wildcard)
+    result = flipvisor.cli("flip", "web")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "free the address or change programs.web.socket" in result.stdout + result.stderr
+    flipvisor.write_config(fixed_port_config(port, "3", **notify))
+    result = flipvisor.cli("flip", "web")
+    assert result.returncode == 0, result.stdout + result.stderr + flipvisor.output()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+        assert json.loads(answer.read())["version"] == "3"
