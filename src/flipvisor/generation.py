@@ -213,6 +213,22 @@ class Generation:
             self.failure = reason
         self._failed.set()
 
+    def ensure_whole(self) -> None:
+        """Raise if a worker exited before the generation was routed to: a release that dies
+        while it is promoted is as broken as one that fails its probe.
+
+        Raises:
+            ProbeFailed: naming the worker's exit.
+        """
+        if self.failure is not None:
+            raise ProbeFailed(f"a worker exited before the generation was promoted: {self.failure}")
+
+    def routed(self) -> None:
+        """Traffic reaches this generation now (promotion's last undoable step is done): from
+        here on a worker's exit is a serving generation's, restarted per policy, and no longer
+        a reason to undo the flip."""
+        self.was_serving = True
+
     async def wait_failed(self) -> str:
         """Return the reason once a worker failed the generation before it served."""
         await self._failed.wait()
@@ -227,9 +243,9 @@ class Generation:
         """
         readiness = self.config.readiness
         if readiness is None:
-            # No probe, so nothing to race a worker's exit against: ready once spawned. A
-            # failure already recorded is left to promotion, which logs it; raising it here
-            # would roll such a flip back instead.
+            # No probe, so nothing to race a worker's exit against: ready once spawned, unless
+            # one already exited. Promotion checks again before each step it cannot take back.
+            self.ensure_whole()
             return
         failure: str | None = None
         probe_error: FlipvisorError | None = None

@@ -265,15 +265,7 @@ class Program:
             # Nothing serves yet: an unreachable registry must not keep the program down.
             registry_optional=first,
         )
-        if gen.failure is not None:  # a worker died while we promoted: too late to undo cheaply
-            log.warning(
-                "program=%s generation=%d lost a worker during promotion: %s",
-                self.name,
-                gen.number,
-                gen.failure,
-            )
         gen.transition(GenerationState.SERVING)
-        gen.was_serving = True
         old, self.serving = self.serving, gen
         self.fatal_reason = None
         self.registration.promoted(gen, published, deferred=deferred, tg=self._task_group())

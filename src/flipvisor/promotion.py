@@ -1,8 +1,11 @@
 """Promotion of a ready generation, in the contract's order, each step paired with its undo:
 
 write + check the proxy file → registry transaction → reload the proxy → wait for the proxy's old
-workers. A failure before the reload finished undoes what was done, in reverse order, inside a
-bounded shield: the proxy file and the registry keys end as they were, and nothing reloaded.
+workers. A failure until the reload finished undoes what was done, in reverse order, inside a
+bounded shield: the proxy file and the registry keys end as they were, and nothing reloaded (or,
+if a worker of the new generation exited during the reload, the proxy is reloaded back). Between
+the steps, a worker that exited fails the promotion: without a readiness probe, that is the only
+sign that a release is broken.
 """
 
 from __future__ import annotations
@@ -16,11 +19,19 @@ from contextlib import nullcontext
 
 import anyio
 
-from .config import ProgramConfig
-from .errors import RegistryConflict, RegistryError
+from .config import ProgramConfig, ProxyConfig
+from .errors import ProxyError, RegistryConflict, RegistryError
 from .generation import Generation
 from .progress import FlipReport
-from .proxy import flip_context, install, proxy_workers, reload, render_template, wait_workers_gone
+from .proxy import (
+    Installed,
+    flip_context,
+    install,
+    proxy_workers,
+    reload,
+    render_template,
+    wait_workers_gone,
+)
 from .reaper import Reaper
 from .registry import Registry, Snapshot
 
@@ -132,44 +143,24 @@ async def _route(
     undo: list[Callable[[], Awaitable[None]]] = []
     proxy = config.proxy
     old_proxy_workers: frozenset[tuple[int, float]] = frozenset()
-    deferred = False
+    reloaded = False
     try:
         if proxy is not None:
             with report.step("proxy", str(proxy.dest)):
-                context = flip_context(
-                    program=program,
-                    generation=gen.number,
-                    host=gen.host,
-                    port=gen.port,
-                    pids=gen.pids,
-                )
-                content = render_template(proxy.template, {**proxy.vars, **context})
-                installed = await install(
-                    proxy.dest,
-                    content,
-                    check_cmd=proxy.check_cmd,
-                    reaper=reaper,
-                    timeout=proxy.timeout,
-                )
+                installed = await _install_file(gen, program=program, proxy=proxy, reaper=reaper)
 
             async def restore_file() -> None:
                 installed.restore()
 
             undo.append(restore_file)
+        gen.ensure_whole()
         with report.step("registry") as registry_step:
-            try:
-                expected = await registry.snapshot(program)
-                published = serving_snapshot(gen, expected)
-                await registry.swap(program, expected, published)
-            except RegistryConflict:
-                raise
-            except RegistryError as exc:
-                if not registry_optional:
-                    raise
-                log.warning("program=%s registry unreachable, registering later: %s", program, exc)
-                registry_step.detail = f"deferred until the registry is back: {exc}"
-                expected = published = serving_snapshot(gen, Snapshot())
-                deferred = True
+            expected, published, unreachable = await _swap_keys(
+                gen, program=program, registry=registry, optional=registry_optional
+            )
+            deferred = unreachable is not None
+            if deferred:
+                registry_step.detail = f"deferred until the registry is back: {unreachable}"
 
         async def restore_keys() -> None:
             try:
@@ -180,14 +171,86 @@ async def _route(
 
         if not deferred:
             undo.append(restore_keys)
+        gen.ensure_whole()
         if proxy is not None and proxy.reload_cmd is not None:
             with report.step("reload"):
                 if proxy.pidfile is not None:
                     old_proxy_workers = proxy_workers(proxy.pidfile)
                 await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+                reloaded = True
+            # The proxy routes to gen now, but the old generation still runs: a worker lost
+            # during the reload still undoes the flip, at the cost of a reload back.
+            gen.ensure_whole()
+        gen.routed()
     except BaseException:
         with anyio.CancelScope(shield=True), anyio.move_on_after(UNDO_TIMEOUT):
             for step in reversed(undo):
                 await step()
+            if reloaded:
+                await _reload_back(gen, program=program, config=config, reaper=reaper)
         raise
     return published, old_proxy_workers, deferred
+
+
+async def _install_file(
+    gen: Generation, *, program: str, proxy: ProxyConfig, reaper: Reaper
+) -> Installed:
+    """Render ``gen``'s proxy file, put it in place and check it (put back if the check fails)."""
+    context = flip_context(
+        program=program, generation=gen.number, host=gen.host, port=gen.port, pids=gen.pids
+    )
+    content = render_template(proxy.template, {**proxy.vars, **context})
+    return await install(
+        proxy.dest, content, check_cmd=proxy.check_cmd, reaper=reaper, timeout=proxy.timeout
+    )
+
+
+async def _swap_keys(
+    gen: Generation, *, program: str, registry: Registry, optional: bool
+) -> tuple[Snapshot, Snapshot, RegistryError | None]:
+    """Swap ``program``'s keys to name ``gen``, in one transaction; returns the keys replaced,
+    the keys published, and, if the swap was deferred (``optional`` and unreachable), why.
+
+    Raises:
+        RegistryError: the registry refused or could not be reached (and not ``optional``).
+    """
+    try:
+        expected = await registry.snapshot(program)
+        published = serving_snapshot(gen, expected)
+        await registry.swap(program, expected, published)
+    except RegistryConflict:
+        raise
+    except RegistryError as exc:
+        if not optional:
+            raise
+        log.warning("program=%s registry unreachable, registering later: %s", program, exc)
+        published = serving_snapshot(gen, Snapshot())
+        return published, published, exc
+    return expected, published, None
+
+
+async def _reload_back(
+    gen: Generation, *, program: str, config: ProgramConfig, reaper: Reaper
+) -> None:
+    """Reload the proxy once more, after its file was put back, so that it routes to the old
+    generation again; with a pidfile, wait until the proxy workers that routed to ``gen`` are
+    gone, so that the failed flip ends with the proxy on the old generation."""
+    proxy = config.proxy
+    assert proxy is not None
+    try:
+        routing_to_gen = proxy_workers(proxy.pidfile) if proxy.pidfile else frozenset()
+        await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+        if not await wait_workers_gone(routing_to_gen, proxy.timeout):
+            log.warning(
+                "program=%s proxy workers still running %ss after reloading back",
+                program,
+                proxy.timeout,
+            )
+    except ProxyError as exc:
+        log.error(
+            "program=%s the proxy could not be reloaded back after generation %d failed; it "
+            "may still route to it until its next reload: %s",
+            program,
+            gen.number,
+            exc,
+        )

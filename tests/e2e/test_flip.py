@@ -243,3 +243,57 @@ def test_flip_with_nginx_down_rolls_back_and_names_the_reload(
     assert (nginx.conf_dir / "web.conf").read_bytes() == before_file
     after = flipvisor.serving("web")
     assert serving is not None and after is not None and after["pids"] == serving["pids"]
+
+
+# A release with no readiness probe is ready as soon as it is spawned, so a worker that dies
+# while the flip checks or reloads the proxy is the only sign that it is broken. The worker
+# below records its PID, waits for the proxy step named by the case to tell it to die, and the
+# step then waits until flipvisor has reaped it, so the exit lands inside that step.
+_DIES_ON_TRIGGER = (
+    'echo $$ > "$0.pid"; i=0; while [ ! -e "$0.die" ] && [ $i -lt 1000 ]; do sleep 0.01; '
+    "i=$((i+1)); done; exit 3"
+)
+# Runs the real command ("$@") before or after killing the worker and waiting for its reaping.
+_KILL_THEN_RUN = (
+    'touch "$0.die"; i=0; while [ -e /proc/"$(cat "$0.pid")" ] && [ $i -lt 1000 ]; do '
+    'sleep 0.01; i=$((i+1)); done; exec "$@"'
+)
+_RUN_THEN_KILL = (
+    '"$@" || exit; touch "$0.die"; i=0; while [ -e /proc/"$(cat "$0.pid")" ] && [ $i -lt 1000 ]; '
+    "do sleep 0.01; i=$((i+1)); done"
+)
+
+
+@pytest.mark.parametrize("when", ["at once", "while the proxy file is checked", "after reload"])
+def test_no_probe_release_whose_worker_dies_before_promotion_is_rolled_back(
+    flipvisor: Flipvisor, nginx: Nginx, when: str
+) -> None:
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    before_keys = flipvisor.registry()
+    before_file = (nginx.conf_dir / "web.conf").read_bytes()
+    serving_before = flipvisor.serving("web")
+    marker = str(flipvisor.config_path.parent / "doomed")
+    if when == "at once":
+        command = ["sh", "-c", "exit 3"]
+        proxy: dict[str, Any] = {}
+    else:
+        command = ["sh", "-c", _DIES_ON_TRIGGER, marker]
+        if when == "after reload":
+            proxy = {"reload_cmd": ["sh", "-c", _RUN_THEN_KILL, marker, *nginx.reload_cmd]}
+        else:
+            proxy = {"check_cmd": ["sh", "-c", _KILL_THEN_RUN, marker, *nginx.check_cmd]}
+    config = program(nginx, "2", command=command, readiness=None, proxy=proxy)
+    flipvisor.write_config({"programs": {"web": config}})
+    result = flipvisor.cli("flip", "web")
+    assert result.returncode == 1, result.stdout + result.stderr + flipvisor.output()
+    assert "exit status 3" in result.stderr
+    assert "the previous generation keeps serving" in result.stderr
+    assert flipvisor.registry() == before_keys
+    assert (nginx.conf_dir / "web.conf").read_bytes() == before_file
+    serving_after = flipvisor.serving("web")
+    assert serving_before is not None and serving_after is not None
+    for field in ("generation", "port", "pids"):
+        assert serving_after[field] == serving_before[field]
+    # After a reload towards the broken release, nginx was reloaded back to version 1.
+    assert proxied(nginx)["version"] == "1"
+    assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]

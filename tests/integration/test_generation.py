@@ -573,11 +573,19 @@ async def test_without_a_probe_a_generation_is_ready_at_once(tmp_path: Path) -> 
         gen = await h.start(svc_config(tmp_path / "markers"))
         with anyio.fail_after(1):
             await gen.wait_ready()
-        # Nor does a failure recorded before the call: with no probe there is nothing to race,
-        # and promotion logs it.
-        gen.fail("worker 1 of generation 1: exit status 3")
-        with anyio.fail_after(1):
+        gen.ensure_whole()
+
+
+async def test_without_a_probe_a_worker_that_already_exited_fails_readiness(
+    tmp_path: Path,
+) -> None:
+    async with harness(tmp_path) as h:
+        gen = await h.start(svc_config(tmp_path / "markers"))
+        gen.fail("worker 1 of generation 1 exit status 3")
+        with anyio.fail_after(1), pytest.raises(ProbeFailed, match="exit status 3"):
             await gen.wait_ready()
+        with pytest.raises(ProbeFailed, match="before the generation was promoted"):
+            gen.ensure_whole()
 
 
 async def test_a_worker_exit_ends_the_probe_at_once(tmp_path: Path) -> None:
