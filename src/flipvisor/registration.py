@@ -54,6 +54,10 @@ class Registration:
         self._deferred = gen if deferred else None
         if deferred:
             tg.start_soon(self._register_when_back, gen)
+        elif published.get("pid/current") != ",".join(str(pid) for pid in gen.pids):
+            # A worker restarted after the swap, while the proxy's old workers finished: its
+            # PID was not ours to publish then (gen was not serving yet), so publish it now.
+            self.pids_changed(gen, tg)
 
     def pids_changed(self, gen: Generation, tg: TaskGroup) -> None:
         """Republish the PIDs if ``gen`` is the serving generation."""

@@ -20,12 +20,22 @@ import pytest
 from anyio.abc import TaskGroup
 
 from flipvisor import generation, worker
-from flipvisor.config import DrainConfig, LogsConfig, ProgramConfig, ReadinessConfig
+from flipvisor.config import (
+    DrainConfig,
+    LogsConfig,
+    ProgramConfig,
+    ReadinessConfig,
+    RegistryConfig,
+)
 from flipvisor.errors import ProbeFailed, SpawnError
 from flipvisor.events import EventLog
 from flipvisor.generation import Generation
 from flipvisor.logs import ProgramLog
+from flipvisor.promotion import serving_snapshot
 from flipvisor.reaper import Reaper
+from flipvisor.registration import Registration
+from flipvisor.registry import Snapshot
+from flipvisor.registry.local import LocalRegistry
 from flipvisor.sockets import bind_listener
 from flipvisor.states import GenerationState, WorkerState
 from flipvisor.worker import Worker
@@ -416,6 +426,28 @@ async def test_worker_exit_asks_the_owner_and_restarts(tmp_path: Path) -> None:
         assert len(gen.pids) == 2
         await gen.drain()
     assert gen.state is GenerationState.STOPPED
+
+
+async def test_registration_publishes_pids_that_changed_after_the_swap(tmp_path: Path) -> None:
+    # A worker that restarts between promotion's swap and the generation serving (while the
+    # proxy's old workers finish) changed its PID when nobody published it: promoted() does.
+    registry = LocalRegistry(tmp_path / "registry.json", RegistryConfig())
+    async with harness(tmp_path) as h:
+        gen = await h.start(svc_config(tmp_path / "markers"))
+        to_serving(gen)
+        swapped = serving_snapshot(gen, Snapshot())
+        stale = Snapshot({**swapped.values, "pid/current": "999999"})
+        await registry.swap("web", Snapshot(), stale)
+        registration = Registration("web", registry, h.events, serving=lambda: gen)
+        registration.promoted(gen, stale, deferred=False, tg=h.tg)
+        current = ",".join(str(pid) for pid in gen.pids)
+
+        async def published() -> bool:
+            return (await registry.snapshot("web")).get("pid/current") == current
+
+        await await_until(published, timeout=DEADLINE, message="the restarted PIDs published")
+        assert registration.published is not None
+        assert registration.published.get("pid/current") == current
 
 
 async def test_revive_restarts_slots_that_gave_up(tmp_path: Path) -> None:
