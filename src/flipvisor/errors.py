@@ -55,6 +55,10 @@ class ProxyError(FlipvisorError):
     """Rendering, checking or reloading the proxy configuration failed."""
 
 
+class ProxyReloadTimedOut(ProxyError):
+    """The reload command outlived its timeout: the proxy may or may not have reloaded."""
+
+
 class RegistryError(FlipvisorError):
     """The registry could not be read or written (etcd unreachable, a lost compare, I/O error)."""
 

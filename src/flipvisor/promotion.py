@@ -2,10 +2,10 @@
 
 write + check the proxy file → registry transaction → reload the proxy → wait for the proxy's old
 workers. A failure until the reload finished undoes what was done, in reverse order, inside a
-bounded shield: the proxy file and the registry keys end as they were, and nothing reloaded (or,
-if a worker of the new generation exited during the reload, the proxy is reloaded back). Between
-the steps, a worker that exited fails the promotion: without a readiness probe, that is the only
-sign that a release is broken.
+bounded shield: the proxy file and the registry keys end as they were, and the proxy routes to the
+old generation (it is reloaded back if its reload may have taken effect: cut short by a timeout,
+or followed by a worker's exit). Between the steps, a worker that exited fails the promotion:
+without a readiness probe, that is the only sign that a release is broken.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from contextlib import nullcontext
 import anyio
 
 from .config import ProgramConfig, ProxyConfig
-from .errors import ProxyError, RegistryConflict, RegistryError
+from .errors import ProxyError, ProxyReloadTimedOut, RegistryConflict, RegistryError
 from .generation import Generation
 from .progress import FlipReport
 from .proxy import (
@@ -176,8 +176,15 @@ async def _route(
             with report.step("reload"):
                 if proxy.pidfile is not None:
                     old_proxy_workers = proxy_workers(proxy.pidfile)
-                await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+                # From here the proxy may route to gen: a reload cut short (by the flip's
+                # --timeout or its own) may have taken effect, and is undone like one that
+                # finished. Only a reload command that said it failed is not.
                 reloaded = True
+                try:
+                    await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+                except ProxyError as exc:
+                    reloaded = isinstance(exc, ProxyReloadTimedOut)
+                    raise
             # The proxy routes to gen now, but the old generation still runs: a worker lost
             # during the reload still undoes the flip, at the cost of a reload back.
             gen.ensure_whole()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .config import PROGRAM_NAME_RE
-from .errors import ProxyError, SpawnError
+from .errors import ProxyError, ProxyReloadTimedOut, SpawnError
 from .spawn import pidfd_if_started_at, run_command
 
 if TYPE_CHECKING:  # only the type: proxy.py's allowed imports are config, errors, spawn
@@ -259,7 +259,8 @@ async def reload(
     """Ask the proxy to load its configuration again (nothing to do without a command).
 
     Raises:
-        ProxyError: the command could not start, failed or timed out (with its output).
+        ProxyReloadTimedOut: the command timed out (the proxy may have reloaded).
+        ProxyError: the command could not start or failed (with its output).
     """
     if not reload_cmd:
         return
@@ -267,6 +268,8 @@ async def reload(
         result = await run_command(list(reload_cmd), reaper=reaper, timeout=timeout)
     except SpawnError as exc:
         raise ProxyError(f"proxy reload could not run: {exc}") from exc
+    if result.timed_out:
+        raise ProxyReloadTimedOut(f"proxy reload failed: {result.describe()}")
     if not result.ok:
         raise ProxyError(f"proxy reload failed: {result.describe()}")
     log.info("proxy reloaded: %s", " ".join(reload_cmd))

@@ -297,3 +297,26 @@ def test_no_probe_release_whose_worker_dies_before_promotion_is_rolled_back(
     # After a reload towards the broken release, nginx was reloaded back to version 1.
     assert proxied(nginx)["version"] == "1"
     assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]
+
+
+@pytest.mark.parametrize("cut_short_by", ["flip --timeout", "proxy.timeout"])
+def test_a_reload_cut_short_is_reloaded_back(
+    flipvisor: Flipvisor, nginx: Nginx, cut_short_by: str
+) -> None:
+    # nginx reloads at once, but the reload command outlives a timeout: the flip gives up with
+    # the proxy possibly routing to generation 2 already, so it reloads it back to generation 1.
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    before_keys = flipvisor.registry()
+    before_file = (nginx.conf_dir / "web.conf").read_bytes()
+    slow_reload = ["sh", "-c", '"$@" && sleep 30', "sh", *nginx.reload_cmd]
+    # The reload back runs the same command, and ends at the same proxy.timeout.
+    proxy = {"reload_cmd": slow_reload, "timeout": 3 if cut_short_by == "flip --timeout" else 1}
+    flipvisor.write_config({"programs": {"web": program(nginx, "2", proxy=proxy)}})
+    timeout = ["--timeout", "2"] if cut_short_by == "flip --timeout" else []
+    result = flipvisor.cli("flip", "web", *timeout)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert ("--timeout 2" if timeout else "timed out") in result.stderr
+    assert flipvisor.registry() == before_keys
+    assert (nginx.conf_dir / "web.conf").read_bytes() == before_file
+    assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]
+    assert proxied(nginx)["version"] == "1"
