@@ -13,6 +13,7 @@ from flipvisor.config import RegistryConfig
 from flipvisor.errors import RegistryConflict, RegistryError
 from flipvisor.registry import KEY_SUFFIXES, Snapshot, WatchEvent
 from flipvisor.registry.etcd import EtcdRegistry
+from flipvisor.registry.etcd_client import EtcdConnection
 from tests.fixtures.etcd import TLS_PASSWORD, TLS_USER, EtcdServer, free_port
 from tests.waiting import await_until
 
@@ -154,6 +155,50 @@ async def test_outage_fails_swaps_cleanly_and_heals_afterwards(
             tg.cancel_scope.cancel()
     finally:
         await registry.aclose()
+
+
+async def test_a_swap_cancelled_after_etcd_applied_it_is_put_back(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The flip's --timeout can cancel a swap whose transaction etcd applied but whose reply has
+    # not arrived: the flip then rolls back, so the keys must go back to what still serves.
+    registry = registry_for(etcd_server.endpoint, etcd_prefix)
+    reply_lost = anyio.Event()
+    call = EtcdConnection.call
+
+    async def call_then_hang(self: EtcdConnection, method: str, request: object) -> object:
+        reply = await call(self, method, request)
+        if method == "Txn" and not reply_lost.is_set():
+            reply_lost.set()
+            await anyio.sleep_forever()
+        return reply
+
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(registry.run)
+            first = record(1, 41000, [101])
+            await registry.swap("app", Snapshot(), first)
+            monkeypatch.setattr(EtcdConnection, "call", call_then_hang)
+            with anyio.CancelScope() as flip:
+                tg.start_soon(_cancel_when_set, reply_lost, flip)
+                await registry.swap("app", first, promoted(first, record(2, 42000, [202])))
+            assert flip.cancelled_caught
+            port_key = f"{etcd_prefix}/app/port/current"
+            assert etcd_server.get(port_key) == "42000", "etcd applied the transaction"
+            await await_until(
+                lambda: _value(etcd_server, port_key, "41000"),
+                timeout=5,
+                message="the keys to be put back to what still serves",
+            )
+            assert etcd_server.get(f"{etcd_prefix}/app/port/previous") is None
+            tg.cancel_scope.cancel()
+    finally:
+        await registry.aclose()
+
+
+async def _cancel_when_set(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def test_watch_resumes_after_an_outage(

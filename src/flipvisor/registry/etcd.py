@@ -223,6 +223,11 @@ class EtcdRegistry:
         except RegistryError:
             self._remember(program, expected)
             raise
+        except BaseException:
+            # Cancelled (a flip's --timeout) while etcd may have applied the transaction: the
+            # outcome is unknown as after a timeout, and the caller goes on serving `expected`.
+            self._remember(program, expected)
+            raise
         if not reply.succeeded:
             found = txn_values(reply)
             for suffix, key in keys.items():
