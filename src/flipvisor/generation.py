@@ -19,6 +19,7 @@ from anyio.abc import TaskStatus
 from .config import ProgramConfig
 from .errors import FlipvisorError, ProbeFailed, SpawnError
 from .events import EventLog
+from .lazy_event import LazyEvent
 from .logs import ProgramLog
 from .probe import NotifySocket, wait_ready
 from .reaper import Reaper
@@ -71,8 +72,8 @@ class Generation:
         self._on_worker_exit = on_worker_exit
         self._on_pids_changed = on_pids_changed
         self._stopping = anyio.Event()
-        self._failed = anyio.Event()
-        self._stopped = anyio.Event()
+        self._failed = LazyEvent()  # awaited only while a probe runs
+        self._stopped = LazyEvent()  # awaited only by whoever stops it
         self._drain_delay = 0.0
         self._tg: anyio.abc.TaskGroup | None = None
         self._spec: WorkerSpec | None = None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from .config import RestartConfig
@@ -37,13 +36,15 @@ class RestartBudget:
     def __init__(self, max_restarts: int, window: float) -> None:
         self.max_restarts = max_restarts
         self.window = window
-        self._times: deque[float] = deque()
+        # A list, not a deque: an empty deque takes about 760 bytes, a list 56, and it holds
+        # at most max_restarts times.
+        self._times: list[float] = []
 
     def take(self) -> bool:
         """Spend one restart now; False when the budget for the window is exhausted."""
         now = time.monotonic()
         while self._times and now - self._times[0] > self.window:
-            self._times.popleft()
+            del self._times[0]
         if len(self._times) >= self.max_restarts:
             return False
         self._times.append(now)

@@ -18,6 +18,7 @@ from anyio.abc import TaskStatus
 
 from .config import ProgramConfig
 from .errors import SpawnError
+from .lazy_event import LazyEvent
 from .logs import ProgramLog, capture
 from .reaper import Reaper
 from .spawn import LISTEN_FD, OUTPUT_GRACE, Child, spawn_with_output
@@ -116,7 +117,7 @@ class Worker:
         self.restarts = 0
         self.last_exit: str | None = None
         self.started = False
-        self.done = anyio.Event()
+        self.done = LazyEvent()  # awaited only while its generation stops
 
     @property
     def pid(self) -> int | None:
