@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -72,6 +73,33 @@ def answers(nginx: Nginx) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class BeforeFlip:
+    """What a failed flip of program web must leave as it was: the registry keys, the proxy
+    file, and generation 1 serving (same PIDs, same restarts) behind nginx."""
+
+    keys: dict[str, str]
+    proxy_file: bytes
+    serving: dict[str, Any]
+
+    @classmethod
+    def take(cls, flipvisor: Flipvisor, nginx: Nginx) -> BeforeFlip:
+        serving = flipvisor.serving("web")
+        assert serving is not None and serving["generation"] == 1
+        return cls(flipvisor.registry(), (nginx.conf_dir / "web.conf").read_bytes(), serving)
+
+    def assert_untouched(self, flipvisor: Flipvisor, nginx: Nginx) -> None:
+        assert flipvisor.registry() == self.keys
+        assert (nginx.conf_dir / "web.conf").read_bytes() == self.proxy_file
+        serving = flipvisor.serving("web")
+        assert serving is not None
+        for field in ("generation", "port", "pids", "restarts"):
+            assert serving[field] == self.serving[field], field
+        assert proxied(nginx)["version"] == "1"
+        # The failed generation left nothing running.
+        assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]
+
+
 @pytest.mark.parametrize("numprocs", [1, 3])
 def test_five_flips_under_load_fail_no_request(
     flipvisor: Flipvisor, nginx: Nginx, numprocs: int
@@ -107,9 +135,7 @@ FAILURES = {
 @pytest.mark.parametrize("case", sorted(FAILURES))
 def test_failed_flip_rolls_back_under_load(flipvisor: Flipvisor, nginx: Nginx, case: str) -> None:
     start_serving(flipvisor, nginx, program(nginx, "1"))
-    before_keys = flipvisor.registry()
-    before_file = (nginx.conf_dir / "web.conf").read_bytes()
-    serving_before = flipvisor.serving("web")
+    before = BeforeFlip.take(flipvisor, nginx)
     overrides, why = FAILURES[case]
     with Load(nginx.url("/"), clients=2) as load:
         flipvisor.write_config({"programs": {"web": program(nginx, "2", **overrides)}})
@@ -118,15 +144,7 @@ def test_failed_flip_rolls_back_under_load(flipvisor: Flipvisor, nginx: Nginx, c
     assert result.returncode == 1, result.stdout + result.stderr
     assert why in result.stderr
     assert outcome.failed == 0, outcome.errors[:5]
-    assert flipvisor.registry() == before_keys
-    assert (nginx.conf_dir / "web.conf").read_bytes() == before_file
-    serving_after = flipvisor.serving("web")
-    assert serving_before is not None and serving_after is not None
-    for field in ("generation", "port", "pids", "restarts"):
-        assert serving_after[field] == serving_before[field]
-    assert proxied(nginx)["version"] == "1"
-    # The failed generation left nothing running.
-    assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]
+    before.assert_untouched(flipvisor, nginx)
 
 
 def test_crashing_generation_output_is_shown(flipvisor: Flipvisor, nginx: Nginx) -> None:
@@ -206,8 +224,7 @@ def test_rollback_after_the_supervisor_restarted(flipvisor: Flipvisor, nginx: Ng
 
 def test_flip_timeout_rolls_back_under_load(flipvisor: Flipvisor, nginx: Nginx) -> None:
     start_serving(flipvisor, nginx, program(nginx, "1"))
-    before_keys = flipvisor.registry()
-    before_file = (nginx.conf_dir / "web.conf").read_bytes()
+    before = BeforeFlip.take(flipvisor, nginx)
     # Ready only after 5 s, within its own readiness timeout, but not within --timeout 1.
     flipvisor.write_config({"programs": {"web": program(nginx, "2", "--ready-delay", "5")}})
     with Load(nginx.url("/"), clients=2) as load:
@@ -220,10 +237,7 @@ def test_flip_timeout_rolls_back_under_load(flipvisor: Flipvisor, nginx: Nginx) 
     assert "--timeout 1" in report["error"]
     assert elapsed < 4, "gave up at the timeout, not at the probe's own"
     assert outcome.failed == 0, outcome.errors[:5]
-    assert flipvisor.registry() == before_keys
-    assert (nginx.conf_dir / "web.conf").read_bytes() == before_file
-    assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]
-    assert proxied(nginx)["version"] == "1"
+    before.assert_untouched(flipvisor, nginx)
 
 
 def test_flip_with_nginx_down_rolls_back_and_names_the_reload(
@@ -269,9 +283,7 @@ def test_no_probe_release_whose_worker_dies_before_promotion_is_rolled_back(
     flipvisor: Flipvisor, nginx: Nginx, when: str
 ) -> None:
     start_serving(flipvisor, nginx, program(nginx, "1"))
-    before_keys = flipvisor.registry()
-    before_file = (nginx.conf_dir / "web.conf").read_bytes()
-    serving_before = flipvisor.serving("web")
+    before = BeforeFlip.take(flipvisor, nginx)
     marker = str(flipvisor.config_path.parent / "doomed")
     if when == "at once":
         command = ["sh", "-c", "exit 3"]
@@ -288,15 +300,8 @@ def test_no_probe_release_whose_worker_dies_before_promotion_is_rolled_back(
     assert result.returncode == 1, result.stdout + result.stderr + flipvisor.output()
     assert "exit status 3" in result.stderr
     assert "the previous generation keeps serving" in result.stderr
-    assert flipvisor.registry() == before_keys
-    assert (nginx.conf_dir / "web.conf").read_bytes() == before_file
-    serving_after = flipvisor.serving("web")
-    assert serving_before is not None and serving_after is not None
-    for field in ("generation", "port", "pids"):
-        assert serving_after[field] == serving_before[field]
     # After a reload towards the broken release, nginx was reloaded back to version 1.
-    assert proxied(nginx)["version"] == "1"
-    assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]
+    before.assert_untouched(flipvisor, nginx)
 
 
 @pytest.mark.parametrize("cut_short_by", ["flip --timeout", "proxy.timeout"])
@@ -306,8 +311,7 @@ def test_a_reload_cut_short_is_reloaded_back(
     # nginx reloads at once, but the reload command outlives a timeout: the flip gives up with
     # the proxy possibly routing to generation 2 already, so it reloads it back to generation 1.
     start_serving(flipvisor, nginx, program(nginx, "1"))
-    before_keys = flipvisor.registry()
-    before_file = (nginx.conf_dir / "web.conf").read_bytes()
+    before = BeforeFlip.take(flipvisor, nginx)
     slow_reload = ["sh", "-c", '"$@" && sleep 30', "sh", *nginx.reload_cmd]
     # The reload back runs the same command, and ends at the same proxy.timeout.
     proxy = {"reload_cmd": slow_reload, "timeout": 3 if cut_short_by == "flip --timeout" else 1}
@@ -316,7 +320,4 @@ def test_a_reload_cut_short_is_reloaded_back(
     result = flipvisor.cli("flip", "web", *timeout)
     assert result.returncode == 1, result.stdout + result.stderr
     assert ("--timeout 2" if timeout else "timed out") in result.stderr
-    assert flipvisor.registry() == before_keys
-    assert (nginx.conf_dir / "web.conf").read_bytes() == before_file
-    assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]
-    assert proxied(nginx)["version"] == "1"
+    before.assert_untouched(flipvisor, nginx)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.load import Load
-from tests.e2e.test_flip import program, proxied, start_serving
+from tests.e2e.test_flip import BeforeFlip, program, proxied, start_serving
 from tests.fixtures.flipvisor import Flipvisor
 from tests.fixtures.nginx import Nginx
 
@@ -67,9 +67,7 @@ def test_notify_program_that_never_sends_ready_rolls_back(
     flipvisor: Flipvisor, nginx: Nginx
 ) -> None:
     start_serving(flipvisor, nginx, program(nginx, "1"))
-    before_keys = flipvisor.registry()
-    before_file = (nginx.conf_dir / "web.conf").read_bytes()
-    serving_before = flipvisor.serving("web")
+    before = BeforeFlip.take(flipvisor, nginx)
     # Serves fine, but never says so: without READY=1 the generation is never ready.
     silent = with_readiness(
         program(nginx, "2", numprocs=2, drain=DRAIN), {"notify": True, "timeout": 1}
@@ -82,14 +80,7 @@ def test_notify_program_that_never_sends_ready_rolls_back(
     assert "not ready after 1s" in result.stderr
     assert "0 of 2 workers sent READY=1" in result.stderr
     assert outcome.failed == 0, outcome.errors[:5]
-    assert flipvisor.registry() == before_keys
-    assert (nginx.conf_dir / "web.conf").read_bytes() == before_file
-    serving_after = flipvisor.serving("web")
-    assert serving_before is not None and serving_after is not None
-    for field in ("generation", "port", "pids"):
-        assert serving_after[field] == serving_before[field]
-    assert proxied(nginx)["version"] == "1"
-    assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]
+    before.assert_untouched(flipvisor, nginx)
 
     # The same program that does send READY=1 deploys with the next flip.
     fixed = with_readiness(
