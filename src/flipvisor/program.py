@@ -68,6 +68,7 @@ class Program:
         self.generations: list[Generation] = []
         self.serving: Generation | None = None
         self.warm: Generation | None = None
+        self._warm_until = 0.0  # when the warm generation is drained (anyio's clock)
         self.history = History(runtime.state_dir / "history" / f"{name}.json")
         self.fatal_reason: str | None = None
         self.current_flip: FlipReport | None = None
@@ -288,8 +289,7 @@ class Program:
             self._task_group().start_soon(self._drain, stale)
         if window > 0:
             old.transition(GenerationState.READY)
-            self.warm = old
-            self._task_group().start_soon(self._expire_warm, old, window)
+            self._keep_warm(old, until=anyio.current_time() + window)
             return
         with report.step("drain", f"generation {old.number}"):
             await self._drain(old)
@@ -299,8 +299,13 @@ class Program:
         if gen in self.generations:
             self.generations.remove(gen)
 
-    async def _expire_warm(self, gen: Generation, window: float) -> None:
-        await anyio.sleep(window)
+    def _keep_warm(self, gen: Generation, *, until: float) -> None:
+        """Keep ``gen`` running, unrouted, for a rollback until ``until`` (anyio's clock)."""
+        self.warm, self._warm_until = gen, until
+        self._task_group().start_soon(self._expire_warm, gen, until)
+
+    async def _expire_warm(self, gen: Generation, until: float) -> None:
+        await anyio.sleep_until(until)
         if self.warm is gen and gen.state is GenerationState.READY:
             self.warm = None
             await self._drain(gen)
@@ -308,13 +313,19 @@ class Program:
     async def _promote_warm(self, report: FlipReport, gen: Generation) -> None:
         report.generation = gen.number
         self.warm = None
-        with report.step("probe", "warm generation: already running"):
-            if not gen.pids:
-                raise ProbeFailed(f"warm generation {gen.number} has no running worker")
         try:
+            with report.step("probe", "warm generation: already running"):
+                if not gen.pids:
+                    raise ProbeFailed(f"warm generation {gen.number} has no running worker")
             await self._promote(report, gen)
         except BaseException:
-            if gen.state is GenerationState.FAILED:
+            if gen.state is GenerationState.PROMOTING:  # the promotion undid itself
+                gen.transition(GenerationState.READY)
+            if gen.state is GenerationState.READY:
+                # As good as before the attempt: warm again, for what is left of its window
+                # (drained at once if that ran out meanwhile).
+                self._keep_warm(gen, until=self._warm_until)
+            elif gen.state is GenerationState.FAILED:
                 self.generations.remove(gen)
             raise
         self.config = gen.config

@@ -49,7 +49,10 @@ GENERATION_TRANSITIONS: dict[GenerationState, frozenset[GenerationState]] = {
     GenerationState.READY: frozenset(
         {GenerationState.PROMOTING, GenerationState.FAILED, GenerationState.DRAINING}
     ),
-    GenerationState.PROMOTING: frozenset({GenerationState.SERVING, GenerationState.FAILED}),
+    # A warm generation whose promotion was undone is warm (READY) again.
+    GenerationState.PROMOTING: frozenset(
+        {GenerationState.SERVING, GenerationState.FAILED, GenerationState.READY}
+    ),
     # A replaced generation kept warm for ``rollback_window`` goes back to READY, unrouted.
     GenerationState.SERVING: frozenset({GenerationState.DRAINING, GenerationState.READY}),
     GenerationState.DRAINING: frozenset({GenerationState.STOPPED}),

@@ -127,3 +127,37 @@ def test_supervisor_starts_while_etcd_is_down_and_registers_when_it_returns(
     got = keys(etcd, etcd_prefix)
     assert got["port/previous"] == "1234"  # promoted like a flip, even late
     assert got["pid/current"] == ",".join(map(str, gen["pids"]))
+
+
+def test_a_warm_rollback_that_fails_keeps_the_warm_generation(
+    flipvisor: Flipvisor, nginx: Nginx, restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    etcd = restartable_etcd
+    where = registry(etcd, etcd_prefix)
+    flipvisor.start({"registry": where, "programs": {"web": program(nginx, "1")}})
+    flipvisor.wait_serving("web")
+    flipvisor.write_config(
+        {"registry": where, "programs": {"web": program(nginx, "2", rollback_window=60)}}
+    )
+    assert flipvisor.cli("flip", "web").returncode == 0
+    warm = next(g for g in flipvisor.program("web")["generations"] if g["generation"] == 1)
+    serving = flipvisor.serving("web")
+    etcd.stop()
+    # The promotion of the warm generation cannot write the keys: the rollback fails, and the
+    # warm generation stays warm, with the same workers, for a rollback once etcd is back.
+    failed = flipvisor.cli("rollback", "web")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "etcd" in failed.stderr
+    states = {g["generation"]: g["state"] for g in flipvisor.program("web")["generations"]}
+    assert states == {1: "ready", 2: "serving"}
+    after = flipvisor.serving("web")
+    assert after is not None and serving is not None
+    assert (after["generation"], after["pids"]) == (serving["generation"], serving["pids"])
+    assert proxied(nginx)["version"] == "2"
+    etcd.start()
+    result = flipvisor.cli("rollback", "web", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["generation"] == 1
+    back = flipvisor.serving("web")
+    assert back is not None and back["pids"] == warm["pids"]
+    assert proxied(nginx)["version"] == "1"

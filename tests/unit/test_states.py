@@ -27,6 +27,7 @@ GENERATION_MOVES = {
     (G.READY, G.DRAINING),
     (G.PROMOTING, G.SERVING),
     (G.PROMOTING, G.FAILED),
+    (G.PROMOTING, G.READY),  # a warm generation whose promotion was undone
     (G.SERVING, G.DRAINING),
     (G.SERVING, G.READY),
     (G.DRAINING, G.STOPPED),
