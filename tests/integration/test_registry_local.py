@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
+import sys
 from contextlib import aclosing
 from pathlib import Path
 
@@ -184,3 +186,37 @@ async def test_a_failed_write_fails_every_swap_it_carried_and_is_forgotten(
     assert (await registry.snapshot("web")).values == {}  # nothing pretends to be written
     await registry.swap("web", Snapshot(), new(41001, "102"))
     assert read_registry_file(blocker / "registry.json")["p/web/port/current"] == "41001"
+
+
+# In a child process: RLIMIT_FSIZE makes the kernel write only part of a file past the limit
+# (a short write, as on a full disk), then refuse with EFBIG.
+_WRITE_PAST_A_SIZE_LIMIT = """
+import resource, sys
+from pathlib import Path
+from flipvisor.errors import RegistryError
+from flipvisor.registry.local import write_registry_file
+resource.setrlimit(resource.RLIMIT_FSIZE, (256, resource.RLIM_INFINITY))
+try:
+    values = {f"flipvisor/p{i}/port/current": "4" * 20 for i in range(50)}
+    write_registry_file(Path(sys.argv[1]), values)
+except RegistryError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def test_a_short_write_fails_and_keeps_the_previous_file(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    write_registry_file(path, {"flipvisor/web/port/current": "41000"})
+    before = path.read_bytes()
+    child = subprocess.run(
+        [sys.executable, "-c", _WRITE_PAST_A_SIZE_LIMIT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == 3, child.stdout + child.stderr
+    assert "cannot write the registry file" in child.stdout
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["registry.json"]  # no temporary file left

@@ -79,7 +79,9 @@ def write_registry_file(path: Path, values: Mapping[str, str]) -> None:
         data = orjson.dumps(dict(values), option=_FILE_OPTIONS)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:  # a short write (disk full, file size limit) is not an error yet
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
