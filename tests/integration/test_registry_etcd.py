@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import aclosing
+from typing import Any
 
 import anyio
 import pytest
@@ -190,6 +191,53 @@ async def test_a_swap_cancelled_after_etcd_applied_it_is_put_back(
                 timeout=5,
                 message="the keys to be put back to what still serves",
             )
+            assert etcd_server.get(f"{etcd_prefix}/app/port/previous") is None
+            tg.cancel_scope.cancel()
+    finally:
+        await registry.aclose()
+
+
+async def test_a_swap_that_lands_after_the_keys_were_put_back_is_refused(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worst order after a lost outcome: the swap's transaction reaches etcd only after the
+    # keys were put back (etcd queued it, or a partition held it). It must not apply then.
+    registry = registry_for(etcd_server.endpoint, etcd_prefix)
+    swap_sent, put_back = anyio.Event(), anyio.Event()
+    late: list[Any] = []
+    call = EtcdConnection.call
+
+    async def deliver_late(conn: EtcdConnection, request: object) -> None:
+        await put_back.wait()
+        late.append(await call(conn, "Txn", request))
+
+    async def hold_the_swap(self: EtcdConnection, method: str, request: object) -> object:
+        if method == "Txn" and not swap_sent.is_set():
+            swap_sent.set()
+            tg.start_soon(deliver_late, self, request)  # etcd holds it, whatever we do
+            await anyio.sleep_forever()
+        return await call(self, method, request)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(registry.run)
+            first = record(1, 41000, [101])
+            await registry.swap("app", Snapshot(), first)
+            await registry.snapshot("app")  # what a promotion reads before it swaps
+            monkeypatch.setattr(EtcdConnection, "call", hold_the_swap)
+            port_key = f"{etcd_prefix}/app/port/current"
+            with anyio.CancelScope() as flip:
+                tg.start_soon(_cancel_when_set, swap_sent, flip)
+                await registry.swap("app", first, promoted(first, record(2, 42000, [202])))
+            await await_until(
+                lambda: _true(not registry.health()["pending"]),
+                timeout=5,
+                message="the keys to be put back",
+            )
+            put_back.set()
+            await await_until(lambda: _true(bool(late)), timeout=5, message="the late swap")
+            assert not late[0].succeeded, "the late transaction applied"
+            assert etcd_server.get(port_key) == "41000"
             assert etcd_server.get(f"{etcd_prefix}/app/port/previous") is None
             tg.cancel_scope.cancel()
     finally:

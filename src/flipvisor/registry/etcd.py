@@ -1,11 +1,16 @@
 """The ``etcd`` registry backend: promotions as one transaction, kept true across outages.
 
-``swap`` compares every key of the program against what the caller read and writes the new
-values in the same transaction. The registry remembers the latest value it swapped or published
-for every program (``desired``); ``run`` keeps a connection alive, notices an outage when its
-liveness watch stream breaks (TCP reset, or HTTP/2 keepalive for a silent peer: no polling),
-reconnects with backoff, and then rewrites every desired program whose keys differ, so the keys
-match what is serving within seconds of etcd coming back.
+``swap`` compares every key of the program against what the caller read, and that none changed
+since this registry last read or wrote them (their revisions), and writes the new values in the
+same transaction. When a swap's outcome is lost (a timeout, a cancelled flip), etcd may still
+apply it later, so the keys are put back by rewriting every one of them: that moves their
+revisions on, and a late transaction fails its compare.
+
+The registry remembers the latest value it swapped or published for every program (``desired``);
+``run`` keeps a connection alive, notices an outage when its liveness watch stream breaks (TCP
+reset, or HTTP/2 keepalive for a silent peer: no polling), reconnects with backoff, and then
+rewrites every desired program whose keys differ, so the keys match what is serving within
+seconds of etcd coming back.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .etcd_client import (
     connect,
     describe_rpc_error,
     range_of,
+    txn_compare_unchanged_since,
     txn_compare_value,
     txn_read,
     txn_values,
@@ -50,6 +56,10 @@ class EtcdRegistry:
         self.prefix = config.prefix.strip("/")
         self.desired: dict[str, Snapshot] = {}
         self._pending: set[str] = set()
+        # The etcd revision at which this registry last read or wrote each program's keys.
+        self._seen: dict[str, int] = {}
+        # Programs whose last swap's outcome was lost: their keys are rewritten, not compared.
+        self._fenced: set[str] = set()
         self._conn: EtcdConnection | None = None
         self._connect_lock = anyio.Lock()
         self._write_lock = anyio.Lock()
@@ -161,10 +171,17 @@ class EtcdRegistry:
             if want is None:
                 self._pending.discard(program)
                 return
-            have = await self._read_program(conn, program)
-            if dict(have.values) != dict(want.values):
+            if program in self._fenced:
+                # Even if they look right: a lost swap may still land, and must find every
+                # key's revision moved on.
                 await self._write_program(conn, program, want)
-                log.info("program=%s etcd keys rewritten to match what is serving", program)
+                self._fenced.discard(program)
+                log.info("program=%s etcd keys rewritten after a lost promotion", program)
+            else:
+                have = await self._read_program(conn, program)
+                if dict(have.values) != dict(want.values):
+                    await self._write_program(conn, program, want)
+                    log.info("program=%s etcd keys rewritten to match what is serving", program)
             if self.desired.get(program) is want:
                 self._pending.discard(program)
 
@@ -174,12 +191,14 @@ class EtcdRegistry:
     async def _read_program(self, conn: EtcdConnection, program: str) -> Snapshot:
         key, range_end = range_of(f"{self.prefix}/{program}/")
         reply = await conn.call("Range", rpc.RangeRequest(key=key, range_end=range_end))
+        self._seen[program] = reply.header.revision
         values = {kv.key.decode(): kv.value.decode() for kv in reply.kvs}
         return Snapshot({s: values[k] for s, k in self._keys(program).items() if k in values})
 
     async def _write_program(self, conn: EtcdConnection, program: str, new: Snapshot) -> None:
         ops = [txn_write(key, new.get(suffix)) for suffix, key in self._keys(program).items()]
-        await conn.call("Txn", rpc.TxnRequest(success=ops))
+        reply = await conn.call("Txn", rpc.TxnRequest(success=ops))
+        self._seen[program] = reply.header.revision
 
     async def snapshot(self, program: str) -> Snapshot:
         """``program``'s keys in one linearizable read.
@@ -206,6 +225,9 @@ class EtcdRegistry:
         """
         keys = self._keys(program)
         compare = [txn_compare_value(key, expected.get(suffix)) for suffix, key in keys.items()]
+        seen = self._seen.get(program)
+        if seen is not None:
+            compare += [txn_compare_unchanged_since(key, seen) for key in keys.values()]
         success = [txn_write(key, new.get(suffix)) for suffix, key in keys.items()]
         failure = txn_read([f"{self.prefix}/{program}/"])
         request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
@@ -217,16 +239,18 @@ class EtcdRegistry:
                         # Under the lock, so no reconcile writes an older desired value over it.
                         self.desired[program] = new
                         self._pending.discard(program)
+                        self._fenced.discard(program)  # it rewrote the keys: fenced as well
+                        self._seen[program] = reply.header.revision
         except TimeoutError:
-            self._remember(program, expected)
+            self._remember(program, expected, lost_swap=True)
             raise self._timeout_error() from None
         except RegistryError:
-            self._remember(program, expected)
+            self._remember(program, expected, lost_swap=True)
             raise
         except BaseException:
             # Cancelled (a flip's --timeout) while etcd may have applied the transaction: the
             # outcome is unknown as after a timeout, and the caller goes on serving `expected`.
-            self._remember(program, expected)
+            self._remember(program, expected, lost_swap=True)
             raise
         if not reply.succeeded:
             found = txn_values(reply)
@@ -238,9 +262,11 @@ class EtcdRegistry:
                     )
             raise RegistryConflict(f"etcd keys of {program} changed during the promotion")
 
-    def _remember(self, program: str, value: Snapshot) -> None:
+    def _remember(self, program: str, value: Snapshot, *, lost_swap: bool = False) -> None:
         self.desired[program] = value
         self._pending.add(program)
+        if lost_swap:
+            self._fenced.add(program)
         self._kick.set()
 
     async def publish(self, program: str, new: Snapshot) -> None:

@@ -235,6 +235,16 @@ def txn_compare_value(key: str, value: str | None) -> Any:
     )
 
 
+def txn_compare_unchanged_since(key: str, revision: int) -> Any:
+    """A Txn comparison: ``key`` was last modified at ``revision`` or before (or is absent)."""
+    return rpc.Compare(
+        key=key.encode(),
+        target=rpc.Compare.MOD,
+        result=rpc.Compare.LESS,
+        mod_revision=revision + 1,
+    )
+
+
 def txn_write(key: str, value: str | None) -> Any:
     """A Txn operation that puts ``value`` into ``key``, or deletes it for None."""
     if value is None:
