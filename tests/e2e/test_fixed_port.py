@@ -91,3 +91,30 @@ def test_a_host_change_that_cannot_bind_fails_the_flip_and_the_flip_back_works(
     assert result.returncode == 0, result.stdout + result.stderr + flipvisor.output()
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
         assert json.loads(answer.read())["version"] == "3"
+
+
+def test_a_flip_that_is_never_ready_on_a_fixed_port_loses_no_request_under_load(
+    flipvisor: Flipvisor,
+) -> None:
+    """Generation 2 accepts from the shared socket while it is probed, and never says READY=1:
+    its discard is a drain (SIGTERM, it finishes what it accepted), and what waits in the
+    accept queue is generation 1's, so the clients see no failure."""
+    port = free_port()
+    notify = {"notify": True, "timeout": 1}
+    flipvisor.start(fixed_port_config(port, "1", **notify))
+    flipvisor.wait_serving("web")
+    silent = fixed_port_config(port, "2", **notify)
+    silent["programs"]["web"]["command"] = svc_command("--version", "2")  # no --notify
+    with Load(f"http://127.0.0.1:{port}/", clients=4) as load:
+        flipvisor.write_config(silent)
+        result = flipvisor.cli("flip", "web")
+        outcome = load.stop()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "READY=1" in result.stderr
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert outcome.ok > 50
+    answered = {json.loads(body)["version"] for body in outcome.bodies}
+    assert answered == {"1", "2"}, "generation 2 took part of the traffic while it was probed"
+    gen = flipvisor.serving("web")
+    assert gen is not None and gen["generation"] == 1 and gen["port"] == port
+    assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]
