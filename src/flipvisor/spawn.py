@@ -353,28 +353,23 @@ async def run_command(
         argv, reaper=reaper, env=env if env is not None else os.environ, cwd=cwd
     )
     output = bytearray()
-    read_all = anyio.Event()
+    try:
+        # One task reads until end of output, then waits for the exit. The scope's deadline is
+        # the timeout, and the exit brings it forward: a background process the command left
+        # behind may hold its output open, so read what is there, but do not wait for it.
+        with anyio.move_on_after(timeout) as scope:
 
-    async def read_output() -> None:
-        try:
+            def exited() -> None:
+                scope.deadline = min(scope.deadline, anyio.current_time() + OUTPUT_GRACE)
+
+            child.exit.on_exit(exited)
             while chunk := await read_available(read_fd):
                 output.extend(chunk)
                 del output[:-OUTPUT_TAIL_BYTES]
-        finally:
-            read_all.set()
-
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(read_output)
-            with anyio.move_on_after(timeout):
-                await child.wait()
-                # A background process the command left behind may hold its output open: read
-                # what is there, but do not wait for that process to end.
-                with anyio.move_on_after(OUTPUT_GRACE):
-                    await read_all.wait()
-            tg.cancel_scope.cancel()
+            await child.wait()  # it closed its output; it may still be running
         timed_out = not child.exit.reaped
     finally:
+        child.exit.on_exit(None)
         os.close(read_fd)
         returncode = await child.stop(signal.SIGKILL, timeout=5.0)
         # What it left running in its group (re-parented to us) is not meant to outlive it.

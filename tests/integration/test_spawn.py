@@ -526,6 +526,24 @@ async def test_run_command_cancelled_caller_kills_and_reaps() -> None:
         assert not new_children(before)
 
 
+async def test_run_command_waits_for_a_command_that_closed_its_output() -> None:
+    async with running_reaper() as reaper:
+        result = await run_command(
+            ["sh", "-c", "echo bye; exec >&- 2>&-; sleep 0.3; exit 4"], reaper=reaper, timeout=10
+        )
+    assert (result.returncode, result.timed_out, result.output) == (4, False, "bye\n")
+
+
+async def test_run_command_times_out_a_command_that_closed_its_output() -> None:
+    async with running_reaper() as reaper:
+        started = time.monotonic()
+        result = await run_command(
+            ["sh", "-c", "exec >&- 2>&-; sleep 30"], reaper=reaper, timeout=0.5
+        )
+    assert result.timed_out and result.returncode == -signal.SIGKILL
+    assert time.monotonic() - started < 10
+
+
 async def test_run_command_returns_when_the_command_exits_despite_a_background_child(
     tmp_path: Path,
 ) -> None:
