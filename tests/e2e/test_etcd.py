@@ -161,3 +161,23 @@ def test_a_warm_rollback_that_fails_keeps_the_warm_generation(
     back = flipvisor.serving("web")
     assert back is not None and back["pids"] == warm["pids"]
     assert proxied(nginx)["version"] == "1"
+
+
+def test_a_warm_generation_whose_window_ran_out_during_a_failed_rollback_is_drained(
+    flipvisor: Flipvisor, nginx: Nginx, restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    etcd = restartable_etcd
+    where = registry(etcd, etcd_prefix)  # a 2 s request timeout: longer than the window
+    flipvisor.start({"registry": where, "programs": {"web": program(nginx, "1")}})
+    flipvisor.wait_serving("web")
+    flipvisor.write_config(
+        {"registry": where, "programs": {"web": program(nginx, "2", rollback_window=1)}}
+    )
+    assert flipvisor.cli("flip", "web").returncode == 0
+    etcd.stop()
+    assert flipvisor.cli("rollback", "web").returncode == 1
+    wait_until(
+        lambda: [g["generation"] for g in flipvisor.program("web")["generations"]] == [2],
+        message="the warm generation to be drained once its window is over",
+    )
+    assert proxied(nginx)["version"] == "2"
