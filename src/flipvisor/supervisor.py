@@ -36,11 +36,21 @@ FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 RESTART_ONLY = ("state_dir", "registry", "metrics", "logs", "watch")
 
 
-def prepare_state_dir(path: Path) -> None:
-    """Create ``state_dir`` (and its ``logs``/``notify``) with mode 0700."""
+def prepare_state_dir(path: Path, config_path: Path) -> None:
+    """Create ``state_dir`` (and its ``logs``/``notify``) with mode 0700.
+
+    Raises:
+        ConfigError: a folder cannot be created or made private (named, with the reason).
+    """
     for folder in (path, path / "logs", path / "notify"):
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(folder, 0o700)
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
+        except OSError as exc:
+            raise ConfigError(
+                f"{config_path}: state_dir: cannot create {folder}: "
+                f"{exc.strerror or exc}; choose a writable folder in `state_dir`"
+            ) from exc
 
 
 class Supervisor:
@@ -75,9 +85,9 @@ class Supervisor:
 
         Raises:
             AlreadyRunning: another supervisor uses this state_dir.
-            ConfigError: the metrics address cannot be bound.
+            ConfigError: the state_dir cannot be created, or the metrics address bound.
         """
-        prepare_state_dir(self.config.state_dir)
+        prepare_state_dir(self.config.state_dir, self.config_path)
         if not become_subreaper() and os.getpid() != 1:
             log.warning("could not become a child subreaper; orphans will not be reaped")
         if leaked := seal_inherited_fds():

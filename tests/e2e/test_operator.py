@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -116,6 +117,21 @@ def test_metrics_count_flips_failures_and_restarts(flipvisor: Flipvisor) -> None
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         raw.sendall(b"garbage\r\n\r\n")
         assert raw.recv(100).startswith(b"HTTP/1.0 400")
+
+
+def test_a_state_dir_that_cannot_be_created_stops_run_with_what_to_do(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    process = flipvisor.start(
+        {"state_dir": str(a_file / "state"), "programs": {"web": web()}}, wait=False
+    )
+    assert process.wait(timeout=20) == 2, flipvisor.output()
+    output = flipvisor.output()
+    assert f"state_dir: cannot create {a_file / 'state'}: Not a directory" in output
+    assert str(flipvisor.config_path) in output and "choose a writable folder" in output
+    assert "Traceback" not in output
 
 
 def test_metrics_port_in_use_stops_run_with_what_to_do(flipvisor: Flipvisor) -> None:
