@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .locate import DEFAULT_STATE_DIR, SAFE_LOADER, socket_path
+from .locate import DEFAULT_STATE_DIR, SAFE_LOADER, describe_yaml_error, socket_path
 
 PROGRAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -320,9 +320,7 @@ def parse_config(text: str, path: Path) -> Config:
     try:
         data, lines = _load_yaml(text, duplicates)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
+        raise ConfigError(describe_yaml_error(exc, path)) from exc
     if duplicates:
         raise ConfigError(
             f"invalid config file {path}:", [f"{path}:{problem}" for problem in duplicates]

@@ -50,6 +50,20 @@ class Locations:
         return socket_path(self.state_dir)
 
 
+def describe_yaml_error(exc: yaml.YAMLError, path: Path) -> str:
+    """``file:line:column: not valid YAML: problem (context)``, without PyYAML's own
+    ``in "<unicode string>"`` lines, which name the string it parsed rather than the file."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None)
+    if not problem:
+        return f"{where}: not valid YAML: {exc}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return f"{where}: not valid YAML: {problem}"
+
+
 def locate(path: Path) -> Locations:
     """Read ``state_dir`` (relative to the file's folder) and the program names from ``path``.
 
@@ -61,7 +75,7 @@ def locate(path: Path) -> Locations:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(describe_yaml_error(exc, path)) from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     raw = data.get("state_dir", str(DEFAULT_STATE_DIR))

@@ -560,10 +560,10 @@ def test_several_problems_are_reported_at_once() -> None:
     [
         pytest.param(
             "programs:\n  experiment:\n    command: [x\n",
-            r":\d+: not valid YAML",
+            r":4:1: not valid YAML: .* \(while parsing a flow sequence at line 3, column 14\)$",
             id="unclosed-flow",
         ),
-        pytest.param("programs:\n\texperiment: 1\n", r":2: not valid YAML", id="tab"),
+        pytest.param("programs:\n\texperiment: 1\n", r":2:1: not valid YAML", id="tab"),
         pytest.param("- a\n- b\n", r": the top level must be a mapping of keys", id="list"),
         pytest.param("hello\n", r": the top level must be a mapping of keys", id="scalar"),
     ],
