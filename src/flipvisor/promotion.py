@@ -10,6 +10,7 @@ without a readiness probe, that is the only sign that a release is broken.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -194,7 +195,9 @@ async def _route(
             for step in reversed(undo):
                 await step()
             if reloaded:
-                await _reload_back(gen, program=program, config=config, reaper=reaper)
+                await _reload_back(
+                    gen, program=program, config=config, reaper=reaper, report=report
+                )
         raise
     return published, old_proxy_workers, deferred
 
@@ -237,27 +240,32 @@ async def _swap_keys(
 
 
 async def _reload_back(
-    gen: Generation, *, program: str, config: ProgramConfig, reaper: Reaper
+    gen: Generation, *, program: str, config: ProgramConfig, reaper: Reaper, report: FlipReport
 ) -> None:
     """Reload the proxy once more, after its file was put back, so that it routes to the old
     generation again; with a pidfile, wait until the proxy workers that routed to ``gen`` are
-    gone, so that the failed flip ends with the proxy on the old generation."""
+    gone, so that the failed flip ends with the proxy on the old generation. A step of its own
+    in the flip's report: if it fails, the operator must know that the proxy may still route to
+    ``gen`` (it is logged too, and not raised: the flip's own error stays the reason)."""
     proxy = config.proxy
     assert proxy is not None
-    try:
-        routing_to_gen = proxy_workers(proxy.pidfile) if proxy.pidfile else frozenset()
-        await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+    with (
+        contextlib.suppress(ProxyError),
+        report.step("reload-back", f"the proxy, away from generation {gen.number}") as step,
+    ):
+        try:
+            routing_to_gen = proxy_workers(proxy.pidfile) if proxy.pidfile else frozenset()
+            await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+        except ProxyError as exc:
+            step.detail = (
+                f"{exc}; the proxy may still route to generation {gen.number} until it reloads: "
+                f"run {' '.join(proxy.reload_cmd or ())}"
+            )
+            log.error("program=%s could not reload the proxy back: %s", program, step.detail)
+            raise
         if not await wait_workers_gone(routing_to_gen, proxy.timeout):
             log.warning(
                 "program=%s proxy workers still running %ss after reloading back",
                 program,
                 proxy.timeout,
             )
-    except ProxyError as exc:
-        log.error(
-            "program=%s the proxy could not be reloaded back after generation %d failed; it "
-            "may still route to it until its next reload: %s",
-            program,
-            gen.number,
-            exc,
-        )

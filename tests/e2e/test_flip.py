@@ -320,4 +320,10 @@ def test_a_reload_cut_short_is_reloaded_back(
     result = flipvisor.cli("flip", "web", *timeout)
     assert result.returncode == 1, result.stdout + result.stderr
     assert ("--timeout 2" if timeout else "timed out") in result.stderr
+    # The reload back is a step of the flip. With proxy.timeout it times out as well (the same
+    # command), and says that the proxy may still route to generation 2 (here it does not: the
+    # command reloaded nginx before it hung).
+    assert "reload-back" in result.stderr
+    if not timeout:
+        assert "may still route to generation 2" in result.stderr
     before.assert_untouched(flipvisor, nginx)
