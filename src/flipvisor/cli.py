@@ -56,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     command("run", "run the supervisor in the foreground")
     flip = command("flip", "deploy a new generation of PROGRAM", program=True, json_output=True)
     flip.add_argument(
-        "--timeout", type=float, metavar="S", help="give up and roll back after S seconds"
+        "--timeout", type=seconds, metavar="S", help="give up and roll back after S seconds"
     )
     command("restart", "restart PROGRAM (a flip)", program=True, json_output=True).add_argument(
-        "--timeout", type=float, metavar="S", help="give up and roll back after S seconds"
+        "--timeout", type=seconds, metavar="S", help="give up and roll back after S seconds"
     )
     command(
         "rollback", "flip back to the previous generation's config", program=True, json_output=True
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs = command("logs", "show PROGRAM's captured output", program=True)
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument(
-        "-n", "--lines", type=int, default=50, metavar="N", help="how many lines (default 50)"
+        "-n", "--lines", type=count, default=50, metavar="N", help="how many lines (default 50)"
     )
     command(
         "check",
@@ -88,9 +88,31 @@ def build_parser() -> argparse.ArgumentParser:
     events = command("events", "show lifecycle events", json_output=True)
     events.add_argument("program", nargs="?", metavar="PROGRAM")
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
-    events.add_argument("-n", "--lines", type=int, default=50, metavar="N")
+    events.add_argument("-n", "--lines", type=count, default=50, metavar="N")
     command("watch", "run the built-in confd alone: render templates from registry keys")
     return parser
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
+    return value
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -315,6 +315,12 @@ class Supervisor:
         if command in ("flip", "restart"):
             config = self._reread(program.name)
             timeout = request.args.get("timeout")
+            if timeout is not None and (
+                isinstance(timeout, bool)
+                or not isinstance(timeout, int | float)
+                or not 0 < timeout < float("inf")
+            ):
+                raise UsageError(f"timeout: must be a number of seconds > 0, not {timeout!r}")
             report = program.start_flip(config, timeout=timeout, kind=command)
             return await self._follow(report, send)
         if command == "rollback":

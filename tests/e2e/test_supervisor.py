@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from flipvisor.client import call
+from flipvisor.protocol import Request
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.waiting import wait_until
 
@@ -426,3 +428,19 @@ def test_flip_of_an_invalid_file_exits_2_and_changes_nothing(flipvisor: Flipviso
     assert "programs.web.drain.timeout: must be a number" in result.stderr
     still = flipvisor.serving("web")
     assert still is not None and (still["generation"], still["pids"]) == (1, first["pids"])
+
+
+def test_a_flip_timeout_that_is_not_a_positive_number_is_refused(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": {"command": ["sleep", "infinity"]}}})
+    before = flipvisor.wait_serving("web")
+    for text in ("0", "-3", "nan"):
+        refused = flipvisor.cli("flip", "web", "--timeout", text)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "must be a number of seconds > 0" in refused.stderr
+    # The supervisor checks it too, for clients other than the CLI.
+    for timeout in (0, -3, True, "5"):
+        request = Request("flip", "web", {"timeout": timeout})
+        answer = call(flipvisor.state_dir / "flipvisor.sock", request)
+        assert answer["exit_code"] == 2 and "seconds > 0" in answer["error"], answer
+    after = flipvisor.serving("web")
+    assert after is not None and after["generation"] == before["generation"]
