@@ -92,7 +92,35 @@ def _check_endpoint(value: str) -> str:
     return value
 
 
+# Set by flipvisor for every worker (the contract's environment): a program's `env` cannot
+# override them, and a setting that would be ignored is refused instead.
+RESERVED_ENV = frozenset(
+    {
+        "PORT",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "LISTEN_PID",
+        "NOTIFY_SOCKET",
+        "FLIPVISOR_PROGRAM",
+        "FLIPVISOR_GENERATION",
+        "FLIPVISOR_WORKER",
+    }
+)
+
+
+def _check_env(value: dict[str, str]) -> dict[str, str]:
+    for key, text in value.items():
+        if not key or "=" in key or "\0" in key:
+            raise ValueError(f"{key!r} is not a variable name (not empty, no '=')")
+        if "\0" in text:
+            raise ValueError(f"{key}: a value cannot hold a NUL character")
+        if key in RESERVED_ENV:
+            raise ValueError(f"{key} is set by flipvisor for every worker; remove it from env")
+    return value
+
+
 Command = Annotated[list[str], BeforeValidator(_split_command), AfterValidator(_nonempty_command)]
+Env = Annotated[dict[str, str], AfterValidator(_check_env)]
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
 Signal = Annotated[signal.Signals, BeforeValidator(_parse_signal)]
 Host = Annotated[str, AfterValidator(_check_host)]
@@ -176,7 +204,7 @@ class ProgramConfig(_Model):
     command: Command
     numprocs: Annotated[Count, Field(ge=1, le=1024)] = 1
     cwd: RelPath | None = None
-    env: dict[str, str] = Field(default_factory=dict)
+    env: Env = Field(default_factory=dict)
     autostart: bool = True
     socket: SocketConfig = SocketConfig()
     readiness: ReadinessConfig | None = None

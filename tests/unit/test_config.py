@@ -530,6 +530,32 @@ def test_known_config_bugs(text: str, line: int, where: str, message: str) -> No
     assert f"{PATH}:{line}: {where}: {message}" in problems, problems
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ("{PORT: '80'}", "PORT is set by flipvisor for every worker; remove it from env"),
+        ("{LISTEN_FDS: '2'}", "LISTEN_FDS is set by flipvisor for every worker"),
+        ("{FLIPVISOR_WORKER: '0'}", "FLIPVISOR_WORKER is set by flipvisor for every worker"),
+        ("{'A=B': x}", "'A=B' is not a variable name (not empty, no '=')"),
+        ("{'': x}", "'' is not a variable name"),
+        ('{A: "x\\0y"}', "A: a value cannot hold a NUL character"),
+    ],
+)
+def test_env_that_would_be_ignored_or_broken_is_refused(env: str, message: str) -> None:
+    problems = problems_of(PROG + f"    env: {env}\n")
+    assert any(
+        p.startswith(f"{PATH}:4: programs.experiment.env: ") and message in p for p in problems
+    ), problems
+
+
+def test_env_may_name_the_config_for_a_worker_that_runs_flipvisor() -> None:
+    config = parse_config(PROG + "    env: {FLIPVISOR_CONFIG: /etc/f.yaml, APP_ENV: prod}\n", PATH)
+    assert config.programs["experiment"].env == {
+        "FLIPVISOR_CONFIG": "/etc/f.yaml",
+        "APP_ENV": "prod",
+    }
+
+
 def test_several_problems_are_reported_at_once() -> None:
     text = dedent("""\
         state_dir: /x

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from flipvisor.config import ProgramConfig
 from flipvisor.restarts import BACKOFF_BASE, BACKOFF_CAP, RestartBudget, backoff_delay
@@ -140,10 +141,10 @@ def test_config_env_wins_over_inherited() -> None:
     assert env["PATH"] == "/usr/bin:/bin"
 
 
-def test_socket_variables_win_over_config_env() -> None:
-    env = worker_env(spec({"LISTEN_FDS": "9", "PORT": "80"}), 0, INHERITED)
-    assert env["LISTEN_FDS"] == "1"
-    assert env["PORT"] == "41234"
+def test_socket_variables_cannot_come_from_config_env() -> None:
+    # The config refuses them (a setting that would be ignored); see test_config.
+    with pytest.raises(ValidationError, match="PORT is set by flipvisor for every worker"):
+        spec({"PORT": "80"})
 
 
 def test_base_environment_not_modified() -> None:
