@@ -131,7 +131,10 @@ Count = Annotated[int, Field(strict=True)]
 
 def _check_program_name(value: str) -> str:
     if not PROGRAM_NAME_RE.fullmatch(value):
-        raise ValueError("a program name may hold only letters, digits, '_', '.', '-'")
+        raise ValueError(
+            "a program name starts with a letter or digit and holds only letters, digits, "
+            "'_', '.', '-'"
+        )
     return value
 
 

@@ -20,6 +20,9 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "flipvisor.yaml.example"
 
 # A minimal program, so each case below shows only the key it breaks.
 PROG = "programs:\n  experiment:\n    command: x\n"
+NAME_RULE = (
+    "a program name starts with a letter or digit and holds only letters, digits, '_', '.', '-'"
+)
 
 
 def problems_of(text: str, path: Path = PATH) -> list[str]:
@@ -418,21 +421,28 @@ BAD: list[tuple[str, str, int, str, str]] = [
         "programs:\n  'my prog':\n    command: x\n",
         2,
         "programs.my prog",
-        "a program name may hold only letters, digits, '_', '.', '-'",
+        NAME_RULE,
     ),
     (
         "name-dash-first",
         "programs:\n  -x:\n    command: x\n",
         2,
         "programs.-x",
-        "a program name may hold only letters, digits, '_', '.', '-'",
+        NAME_RULE,
     ),
     (
         "name-slash",
         "programs:\n  a/b:\n    command: x\n",
         2,
         "programs.a/b",
-        "a program name may hold only letters, digits, '_', '.', '-'",
+        NAME_RULE,
+    ),
+    (
+        "name-dots",
+        "programs:\n  '..':\n    command: x\n",
+        2,
+        "programs...",
+        NAME_RULE,
     ),
     ("name-number", "programs:\n  5:\n    command: x\n", 2, "programs.5", "must be a string"),
     # watch entries
