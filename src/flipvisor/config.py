@@ -119,6 +119,21 @@ def _check_env(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
+# What every proxy template gets from the flip (proxy.flip_context builds it): a `vars` entry
+# of the same name would be overridden, so it is refused instead.
+TEMPLATE_CONTEXT = frozenset({"program", "generation", "host", "port", "pids", "upstreams"})
+
+
+def _check_template_vars(value: dict[str, Any]) -> dict[str, Any]:
+    for name in value:
+        if name in TEMPLATE_CONTEXT:
+            raise ValueError(
+                f"{name} is set by flipvisor for the template (the promoted generation's); "
+                "choose another name"
+            )
+    return value
+
+
 Command = Annotated[list[str], BeforeValidator(_split_command), AfterValidator(_nonempty_command)]
 Env = Annotated[dict[str, str], AfterValidator(_check_env)]
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
@@ -197,8 +212,10 @@ class ProxyConfig(_Model):
     reload_cmd: Command | None = None
     pidfile: RelPath | None = None
     timeout: Seconds = 30.0
-    # Extra template variables (the listen port, a server_name...); the flip's own context wins.
-    vars: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # Extra template variables (the listen port, a server_name...), besides the flip's context.
+    vars: Annotated[dict[str, str | int | float | bool], AfterValidator(_check_template_vars)] = (
+        Field(default_factory=dict)
+    )
 
 
 class ProgramConfig(_Model):

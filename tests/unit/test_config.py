@@ -558,6 +558,14 @@ def test_env_that_would_be_ignored_or_broken_is_refused(env: str, message: str) 
     ), problems
 
 
+def test_proxy_vars_named_like_the_flip_context_are_refused() -> None:
+    text = PROG + "    proxy: {template: t.j2, dest: d.conf, vars: {port: 80, listen: 8080}}\n"
+    assert problems_of(text) == [
+        f"{PATH}:4: programs.experiment.proxy.vars: port is set by flipvisor for the template "
+        "(the promoted generation's); choose another name"
+    ]
+
+
 def test_env_may_name_the_config_for_a_worker_that_runs_flipvisor() -> None:
     config = parse_config(PROG + "    env: {FLIPVISOR_CONFIG: /etc/f.yaml, APP_ENV: prod}\n", PATH)
     assert config.programs["experiment"].env == {

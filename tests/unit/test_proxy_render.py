@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from flipvisor.config import TEMPLATE_CONTEXT
 from flipvisor.errors import ProxyError
 from flipvisor.proxy import flip_context, render_template
 
@@ -23,6 +24,11 @@ def context(**overrides: object) -> dict[str, object]:
     }
     values.update(overrides)
     return flip_context(**values)  # type: ignore[arg-type]
+
+
+def test_the_config_refuses_vars_named_like_the_flip_context() -> None:
+    # config.TEMPLATE_CONTEXT is what `proxy.vars` may not name: exactly the context's keys.
+    assert set(context()) == TEMPLATE_CONTEXT
 
 
 def test_flip_context_has_the_contract_keys() -> None:
