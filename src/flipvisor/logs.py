@@ -243,9 +243,11 @@ async def capture(
 ) -> None:
     """Copy a worker's output pipe into ``log`` line by line until end of file.
 
-    ``read_fd`` must be non-blocking (``spawn.open_output_pipe``); it is enlarged, drained as fast
-    as it fills, and closed at the end, also when cancelled. Decoded lines are appended to
-    ``tail`` (a bounded deque) for error messages. A partial last line is written at the end.
+    ``read_fd`` must be non-blocking (``spawn.open_output_pipe``); it is enlarged and drained as
+    fast as it fills. It stays open (the caller closes it): a capture cancelled while the worker
+    still runs can be followed by another, so that the worker never writes into a closed pipe.
+    Decoded lines are appended to ``tail`` (a bounded deque) for error messages. A partial last
+    line is written at the end, also when cancelled.
 
     Raises:
         OSError: reading the pipe failed (not expected for a pipe).
@@ -265,12 +267,9 @@ async def capture(
             # run empty would otherwise keep the whole event loop busy here.
             await anyio.lowlevel.checkpoint()
     finally:
-        # No await here, so a cancelled capture still writes the partial line and closes the pipe.
-        try:
-            if pending:
-                _emit([pending], log, prefix, tail)
-        finally:
-            os.close(read_fd)
+        # No await here, so a cancelled capture still writes the partial line.
+        if pending:
+            _emit([pending], log, prefix, tail)
 
 
 def _last_lines(stream: BinaryIO, end: int, n: int) -> list[bytes]:

@@ -209,16 +209,36 @@ class Worker:
             returncode = await child.wait()
         finally:
             child.exit.on_exit(None)
-            if not child.exit.reaped:
-                drain = self.spec.config.drain
-                await child.stop(drain.signal, drain.timeout)
-            child.close()
+            try:
+                if not child.exit.reaped:  # cancelled: the supervisor is going away
+                    with anyio.CancelScope(shield=True):
+                        await self._stop_reading(child, prefix)
+            finally:
+                os.close(self._read_fd)
+                child.close()
         if time.monotonic() - started >= STABLE_UPTIME:
             self.consecutive_failures = 0
         reason = describe_exit(returncode)
         self.last_exit = reason
         self._transition(WorkerState.EXITED)
         return returncode, reason
+
+    async def _stop_reading(self, child: Child, prefix: str) -> None:
+        """Stop the worker (drain signal, SIGKILL after the timeout) while still reading its
+        output: one that logs its shutdown would otherwise die of SIGPIPE on a closed pipe, in
+        the middle of its drain. A second task, but only on this rare path."""
+        drain = self.spec.config.drain
+        reading = anyio.CancelScope()
+
+        async def read_the_rest() -> None:
+            with reading:
+                await capture(self._read_fd, self.log, prefix=prefix, tail=self.tail)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_the_rest)
+            await child.stop(drain.signal, drain.timeout)
+            # Done at end of file; a grandchild may hold the pipe open: not past the grace.
+            reading.deadline = anyio.current_time() + OUTPUT_GRACE
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the running process (the group leader only)."""

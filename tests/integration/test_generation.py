@@ -312,6 +312,30 @@ async def test_cancelled_generation_still_stops_its_workers(tmp_path: Path) -> N
         assert marked(markers, "TERM") == pids, "stopped with the drain signal, not killed"
 
 
+async def test_a_cancelled_generation_reads_what_its_workers_write_while_they_stop(
+    tmp_path: Path,
+) -> None:
+    """A worker that logs its shutdown must not die of SIGPIPE: its output is still read while
+    it stops, so it exits as it meant to and its last words reach the log."""
+    script = "trap 'echo stopping; exit 0' TERM; echo started; while :; do sleep 0.05; done"
+    async with harness(tmp_path) as h:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                gen = h.make(one_worker(["sh", "-c", script]))
+                await tg.start(gen.run)
+
+                async def started() -> bool:
+                    return "started" in "".join(gen.tail)
+
+                await await_until(started, timeout=DEADLINE, message="the worker's first line")
+                to_serving(gen)
+                scope.cancel()
+        h.generations.remove(gen)
+        child = gen.workers[0].child
+        assert child is not None and child.exit.returncode == 0, "not killed by SIGPIPE"
+        assert any(line.endswith("stopping") for line in gen.tail), list(gen.tail)
+
+
 # -- never served ----------------------------------------------------------------------------
 
 

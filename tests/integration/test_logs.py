@@ -66,6 +66,7 @@ async def run_captured(
         finally:
             await child.stop(timeout=5)
             child.close()
+            os.close(read_fd)
         tg.cancel_scope.cancel()
     return returncode
 
