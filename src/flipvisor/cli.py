@@ -94,12 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds > 0."""
+    """An argparse type: a finite number of seconds > 0 (the supervisor checks it alike)."""
+    from .protocol import is_seconds
+
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not (0 < value < float("inf")):
+    if not is_seconds(value):
         raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
     return value
 

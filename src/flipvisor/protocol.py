@@ -37,6 +37,13 @@ class Request:
         return encode({"command": self.command, "program": self.program, "args": self.args})
 
 
+def is_seconds(value: object) -> bool:
+    """A duration a request may carry (``flip``'s timeout): a finite number > 0, not a bool."""
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < float("inf")
+    )
+
+
 def encode(message: dict[str, Any]) -> bytes:
     """One message as a line of JSON."""
     # OPT_NON_STR_KEYS: an int key becomes a string, as the stdlib's json would make it.

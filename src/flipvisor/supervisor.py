@@ -20,7 +20,7 @@ from .errors import EXIT_USAGE, Busy, ConfigError, FlipvisorError, UsageError
 from .events import EventLog
 from .program import Program, Runtime
 from .progress import FlipReport
-from .protocol import Request, result
+from .protocol import Request, is_seconds, result
 from .reaper import Reaper, become_subreaper
 from .registry import open_registry
 from .registry.base import WatchableRegistry
@@ -315,11 +315,7 @@ class Supervisor:
         if command in ("flip", "restart"):
             config = self._reread(program.name)
             timeout = request.args.get("timeout")
-            if timeout is not None and (
-                isinstance(timeout, bool)
-                or not isinstance(timeout, int | float)
-                or not 0 < timeout < float("inf")
-            ):
+            if timeout is not None and not is_seconds(timeout):
                 raise UsageError(f"timeout: must be a number of seconds > 0, not {timeout!r}")
             report = program.start_flip(config, timeout=timeout, kind=command)
             return await self._follow(report, send)
