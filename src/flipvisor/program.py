@@ -322,9 +322,13 @@ class Program:
             if gen.state is GenerationState.PROMOTING:  # the promotion undid itself
                 gen.transition(GenerationState.READY)
             if gen.state is GenerationState.READY:
-                # As good as before the attempt: warm again, for what is left of its window
-                # (drained at once if that ran out meanwhile).
-                self._keep_warm(gen, until=self._warm_until)
+                # As good as before the attempt: warm again for what is left of its window.
+                # Its expiry task still waits for that, unless the window ran out meanwhile
+                # (the task then found it not warm and left it): drain it now.
+                self.warm = gen
+                if anyio.current_time() >= self._warm_until:
+                    self.warm = None
+                    self._task_group().start_soon(self._drain, gen)
             elif gen.state is GenerationState.FAILED:
                 self.generations.remove(gen)
             raise
