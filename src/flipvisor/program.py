@@ -82,6 +82,8 @@ class Program:
         self._next_number = 1
         self._budget = RestartBudget(config.restart.max_restarts, config.restart.window)
         self._flip_lock = anyio.Lock()
+        self._abandon: anyio.CancelScope | None = None  # the flip, while it can be undone
+        self._stops = 0  # stops under way
         self._tg: TaskGroup | None = None
         self.log = ProgramLog(log_path(runtime.state_dir, name), runtime.logs)
         self.listener = ProgramListener()
@@ -142,6 +144,7 @@ class Program:
         Raises:
             Busy: a flip of this program is already running.
         """
+        self._refuse_while_stopping()
         if self._flip_lock.locked() or self.current_flip is not None:
             running = self.current_flip
             step = running.steps[-1].name if running and running.steps else "starting"
@@ -158,29 +161,51 @@ class Program:
     async def _flip(self, report: FlipReport, config: ProgramConfig, timeout: float | None) -> None:
         async with self._flip_lock:
             try:
-                with anyio.fail_after(timeout) if timeout else nullcontext():
-                    if report.kind == "rollback" and self.warm is not None:
-                        await self._promote_warm(report, self.warm)
-                    else:
-                        await self._flip_to(report, config)
-            except FlipFailed as exc:
-                report.finish(str(exc), exc.output)
-            except TimeoutError:
-                report.finish(
-                    f"the flip took longer than --timeout {timeout}s; rolled back; "
-                    f"`flipvisor logs {self.name}` shows what the new generation did"
-                )
-            except FlipvisorError as exc:
-                report.finish(f"{exc}; {flip_next_step(exc, self.name)}")
-            except Exception as exc:
-                # The task-group boundary of a flip: a bug must fail this flip, not the
-                # supervisor and every other program with it.
-                log.exception("program=%s flip failed unexpectedly", self.name)
-                report.finish(f"internal error: {exc!r}")
-            else:
-                report.finish()
+                if self._stops:
+                    report.finish(self._stopped_message(report))
+                    return
+                # A stop cancels this scope while the flip can still be undone (`_abandon`), so
+                # that it never waits for a probe; the flip then rolls back as after a failure.
+                with anyio.CancelScope() as abandon:
+                    self._abandon = abandon
+                    await self._run_flip(report, config, timeout)
+                if abandon.cancelled_caught:
+                    report.finish(self._stopped_message(report))
             finally:
+                self._abandon = None
                 self._record_flip(report)
+
+    def _stopped_message(self, report: FlipReport) -> str:
+        return (
+            f"{self.name} was stopped (`flipvisor stop` or the supervisor's shutdown) before the "
+            f"{report.kind} completed; it was rolled back"
+        )
+
+    async def _run_flip(
+        self, report: FlipReport, config: ProgramConfig, timeout: float | None
+    ) -> None:
+        try:
+            with anyio.fail_after(timeout) if timeout else nullcontext():
+                if report.kind == "rollback" and self.warm is not None:
+                    await self._promote_warm(report, self.warm)
+                else:
+                    await self._flip_to(report, config)
+        except FlipFailed as exc:
+            report.finish(str(exc), exc.output)
+        except TimeoutError:
+            report.finish(
+                f"the flip took longer than --timeout {timeout}s; rolled back; "
+                f"`flipvisor logs {self.name}` shows what the new generation did"
+            )
+        except FlipvisorError as exc:
+            report.finish(f"{exc}; {flip_next_step(exc, self.name)}")
+        except Exception as exc:
+            # The task-group boundary of a flip: a bug must fail this flip, not the
+            # supervisor and every other program with it.
+            log.exception("program=%s flip failed unexpectedly", self.name)
+            report.finish(f"internal error: {exc!r}")
+        else:
+            report.finish()
 
     def _record_flip(self, report: FlipReport) -> None:
         self.current_flip = None
@@ -189,7 +214,7 @@ class Program:
         self.flips_total += 1
         if report.error is not None:
             self.flip_failures_total += 1
-            if self.serving is None:
+            if self.serving is None and not self._stops:
                 # Nothing serves this program: say so in status until `start` retries.
                 self.fatal_reason = report.error
             self.runtime.events.emit("flip-failed", self.name, report.generation, report.error)
@@ -267,6 +292,7 @@ class Program:
             registry_optional=first,
         )
         gen.transition(GenerationState.SERVING)
+        self._abandon = None  # promoted: a stop now waits for the old generation's drain
         old, self.serving = self.serving, gen
         self.fatal_reason = None
         self.registration.promoted(gen, published, deferred=deferred, tg=self._task_group())
@@ -381,6 +407,7 @@ class Program:
             Busy: a flip is in progress.
             SpawnError: a worker could not be revived.
         """
+        self._refuse_while_stopping()
         if self.serving is not None:
             self.fatal_reason = None
             self._budget.reset()
@@ -390,18 +417,36 @@ class Program:
         self._budget.reset()
         return self.start_flip(kind="start")
 
+    def _refuse_while_stopping(self) -> None:
+        """Raises: Busy: a stop is draining the program (its socket is about to close)."""
+        if self._stops:
+            raise Busy(
+                f"a stop of {self.name} is in progress; wait for it, then "
+                f"`flipvisor start {self.name}`"
+            )
+
     async def stop(self) -> None:
-        """Drain every generation of the program; keys are left naming the last one."""
-        if self.current_flip is not None:
-            with anyio.move_on_after(DISCARD_TIMEOUT):
-                await self.current_flip.wait()
-        gens = list(self.generations)
-        self.serving = None
-        self.warm = None
-        async with anyio.create_task_group() as tg:
-            for gen in gens:
-                tg.start_soon(self._drain, gen)
-        self.listener.close()  # a stopped program holds no port
+        """Drain every generation of the program; keys are left naming the last one.
+
+        A flip under way is rolled back at once if it has not promoted its generation yet (its
+        client is told why); one that has is awaited, which its drain bounds.
+        """
+        self._stops += 1
+        try:
+            flip = self.current_flip
+            if flip is not None:
+                if self._abandon is not None:
+                    self._abandon.cancel()
+                await flip.wait()
+            gens = list(self.generations)
+            self.serving = None
+            self.warm = None
+            async with anyio.create_task_group() as tg:
+                for gen in gens:
+                    tg.start_soon(self._drain, gen)
+            self.listener.close()  # a stopped program holds no port
+        finally:
+            self._stops -= 1
         self.runtime.events.emit("stopped", self.name)
 
 

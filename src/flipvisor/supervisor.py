@@ -189,8 +189,10 @@ class Supervisor:
 
     async def _remove_program(self, name: str) -> None:
         program = self.programs.pop(name)
-        await program.stop()
-        self._scopes.pop(name).cancel()
+        try:
+            await program.stop()
+        finally:
+            self._scopes.pop(name).cancel()
 
     async def _reload_on_signal(self) -> None:
         """SIGHUP's reload: whatever goes wrong is logged, and the supervisor keeps running."""

@@ -1,0 +1,149 @@
+"""``stop``, ``start`` and shutdown while a flip or another lifecycle command is under way.
+
+A stop or a shutdown must not wait for a flip that can still be undone (a probe may take
+minutes): it rolls the flip back at once and drains what ran. The flip's client is told why.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import psutil
+
+from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.fixtures.nginx import free_port
+from tests.waiting import wait_until
+
+# Longer than any deadline below: a stop that waited for the probe would fail the test.
+SLOW_PROBE = 120
+
+
+def program(*flags: str, **overrides: Any) -> dict[str, Any]:
+    return {
+        "command": svc_command(*flags),
+        "readiness": {"http": "/health", "timeout": SLOW_PROBE, "interval": 0.1},
+        "drain": {"delay": 0, "timeout": 5},
+        **overrides,
+    }
+
+
+def flip_in_background(flipvisor: Flipvisor, name: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flipvisor", "flip", name, "-c", str(flipvisor.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def probing(flipvisor: Flipvisor, name: str, generation: int) -> list[int]:
+    """Wait until ``generation`` of ``name`` is being probed; its worker PIDs."""
+
+    def started() -> list[int] | None:
+        gens = flipvisor.program(name)["generations"]
+        gen = next((g for g in gens if g["generation"] == generation), None)
+        return gen["pids"] if gen and gen["state"] == "starting" and gen["pids"] else None
+
+    pids: list[int] = wait_until(started, timeout=20, message=f"generation {generation} probed")
+    return pids
+
+
+def gone(pids: list[int]) -> bool:
+    return not any(
+        psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        for pid in pids
+    )
+
+
+def test_stop_during_a_flip_rolls_it_back_at_once(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": program("--version", "1")}})
+    old = flipvisor.wait_serving("web")
+    flipvisor.write_config({"programs": {"web": program("--version", "2", "--health-fail")}})
+    flip = flip_in_background(flipvisor, "web")
+    try:
+        new_pids = probing(flipvisor, "web", 2)
+
+        stopped = flipvisor.cli("stop", "web", timeout=20)
+
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr + flipvisor.output()
+        out, _ = flip.communicate(timeout=20)
+    finally:
+        flip.kill()
+        flip.communicate()
+    assert flip.returncode == 1, out
+    assert "stop" in out, out
+    status = flipvisor.program("web")
+    assert status["state"] == "stopped", status
+    assert status["fatal_reason"] is None, status
+    wait_until(lambda: gone(old["pids"] + new_pids), timeout=10, message="every worker gone")
+
+
+def test_stop_during_the_first_start_leaves_the_program_stopped_not_fatal(
+    flipvisor: Flipvisor,
+) -> None:
+    flipvisor.start({"programs": {"web": program("--health-fail")}})
+    pids = probing(flipvisor, "web", 1)
+
+    stopped = flipvisor.cli("stop", "web", timeout=20)
+
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr + flipvisor.output()
+    status = flipvisor.program("web")
+    assert (status["state"], status["fatal_reason"]) == ("stopped", None), status
+    wait_until(lambda: gone(pids), timeout=10, message="the worker gone")
+    flipvisor.write_config({"programs": {"web": program()}})  # fixed: a flip deploys it
+    started = flipvisor.cli("flip", "web", timeout=30)
+    assert started.returncode == 0, started.stdout + started.stderr + flipvisor.output()
+    flipvisor.wait_serving("web")
+
+
+def test_shutdown_during_a_slow_first_start_exits_zero_at_once(flipvisor: Flipvisor) -> None:
+    process = flipvisor.start({"programs": {"web": program("--health-fail")}})
+    pids = probing(flipvisor, "web", 1)
+
+    process.terminate()
+
+    assert process.wait(timeout=20) == 0, flipvisor.output()
+    assert "Traceback" not in flipvisor.output(), flipvisor.output()
+    assert gone(pids)
+
+
+def test_start_while_a_stop_drains_is_refused_and_the_port_stays_usable(
+    flipvisor: Flipvisor,
+) -> None:
+    port = free_port()
+    fixed = {
+        "command": svc_command("--notify"),
+        "socket": {"port": port},
+        "readiness": {"notify": True, "timeout": 20},
+        "drain": {"delay": 3, "timeout": 5},
+    }
+    flipvisor.start({"programs": {"web": fixed}})
+    flipvisor.wait_serving("web")
+    stop = subprocess.Popen(
+        [sys.executable, "-m", "flipvisor", "stop", "web", "-c", str(flipvisor.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: any(g["state"] == "draining" for g in flipvisor.program("web")["generations"]),
+            timeout=10,
+            message="the stop draining",
+        )
+        started = flipvisor.cli("start", "web", timeout=20)
+        assert started.returncode == 1, started.stdout + started.stderr
+        assert "stop of web is in progress" in started.stderr, started.stderr
+        out, _ = stop.communicate(timeout=20)
+        assert stop.returncode == 0, out
+    finally:
+        stop.kill()
+        stop.communicate()
+    assert flipvisor.cli("start", "web", timeout=30).returncode == 0
+    flipvisor.wait_serving("web")
+    restarted = flipvisor.cli("restart", "web", timeout=30)
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr + flipvisor.output()
