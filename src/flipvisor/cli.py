@@ -215,10 +215,13 @@ def _watch(args: argparse.Namespace, path: Path) -> int:
 def _request(
     config: Locations, command: str, program: str | None = None, **request_args: Any
 ) -> dict[str, Any]:
-    from .client import call
+    from .client import STATUS_TIMEOUT, call
     from .protocol import Request
 
-    return call(config.socket_path, Request(command, program, request_args))
+    # Only a status answers at once; the supervisor bounds the rest (a stop waits for drains,
+    # a start for the probe), so the CLI waits as long as they take.
+    timeout = STATUS_TIMEOUT if command == "status" else None
+    return call(config.socket_path, Request(command, program, request_args), timeout)
 
 
 def _final(answer: dict[str, Any]) -> int:
@@ -289,10 +292,12 @@ def _reload(args: argparse.Namespace, path: Path) -> int:
             if outcome.get(key)
         ]
         print(f"flipvisor: reload: {'; '.join(parts) if parts else 'no program changed'}")
+        for name, why in (outcome.get("not_flipped") or {}).items():
+            print(f"flipvisor: reload: {name}: {why}")
         if outcome.get("needs_restart"):
             _error(
                 f"{', '.join(outcome['needs_restart'])} changed: that takes effect only when the "
-                "supervisor restarts (`flipvisor shutdown`, then `flipvisor run`)"
+                f"supervisor restarts ({outcome.get('restart_hint')})"
             )
     return _final(answer)
 

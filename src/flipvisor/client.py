@@ -10,6 +10,8 @@ from typing import Any
 from .errors import ControlUnreachable
 from .protocol import MAX_LINE, Request, decode
 
+STATUS_TIMEOUT = 30.0  # a status is built at once: longer means the supervisor is stuck
+
 
 def converse(
     path: Path, request: Request, timeout: float | None = None
@@ -17,7 +19,8 @@ def converse(
     """Send ``request`` and yield each message of the answer, the final ``result`` last.
 
     Raises:
-        ControlUnreachable: nothing listens on ``path`` (or it went away mid-answer).
+        ControlUnreachable: nothing listens on ``path``, it went away mid-answer, or it did
+            not answer within ``timeout`` seconds.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -37,7 +40,13 @@ def converse(
         reader = sock.makefile("rb")
         with reader:
             while True:
-                line = reader.readline(MAX_LINE)
+                try:
+                    line = reader.readline(MAX_LINE)
+                except TimeoutError as exc:
+                    raise ControlUnreachable(
+                        f"the supervisor on {path} did not answer within {timeout:g} s (it may "
+                        "be stuck: its log says what it is doing)"
+                    ) from exc
                 if not line:
                     raise ControlUnreachable(f"the supervisor on {path} closed the connection")
                 message = decode(line)
@@ -48,7 +57,7 @@ def converse(
         sock.close()
 
 
-def call(path: Path, request: Request, timeout: float | None = 30.0) -> dict[str, Any]:
+def call(path: Path, request: Request, timeout: float | None = STATUS_TIMEOUT) -> dict[str, Any]:
     """Send ``request`` and return only the final ``result`` message.
 
     Raises:

@@ -293,6 +293,7 @@ class Program:
         )
         gen.transition(GenerationState.SERVING)
         self._abandon = None  # promoted: a stop now waits for the old generation's drain
+        self._budget.limit(gen.config.restart.max_restarts, gen.config.restart.window)
         old, self.serving = self.serving, gen
         self.fatal_reason = None
         self.registration.promoted(gen, published, deferred=deferred, tg=self._task_group())

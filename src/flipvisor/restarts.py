@@ -53,6 +53,10 @@ class RestartBudget:
     def reset(self) -> None:
         self._times.clear()
 
+    def limit(self, max_restarts: int, window: float) -> None:
+        """Apply new limits (a deployed section's), keeping the restarts already spent."""
+        self.max_restarts, self.window = max_restarts, window
+
 
 @dataclass(frozen=True)
 class Verdict:

@@ -14,7 +14,7 @@ import anyio
 from anyio import CancelScope
 from anyio.abc import TaskGroup
 
-from .config import Config, load_config
+from .config import Config, ProgramConfig, load_config
 from .control import ControlServer, Send
 from .errors import EXIT_USAGE, Busy, ConfigError, FlipvisorError, UsageError
 from .events import EventLog
@@ -66,6 +66,8 @@ class Supervisor:
         self.registry: WatchableRegistry = open_registry(config)
         self.programs: dict[str, Program] = {}
         self._scopes: dict[str, CancelScope] = {}
+        self._removing: set[Program] = set()  # removed by a reload, still draining
+        self._reload_lock = anyio.Lock()  # one reload at a time (SIGHUP and `flipvisor reload`)
         self._shutdown = anyio.Event()
         self._tg: TaskGroup | None = None
         self.runtime = Runtime(
@@ -112,7 +114,9 @@ class Supervisor:
                     await self._shutdown.wait()
                     log.info("shutting down: draining every program")
                     async with anyio.create_task_group() as stops:
-                        for program in self.programs.values():
+                        # Programs a reload is removing too: their drain must finish, not be
+                        # cancelled with the reload.
+                        for program in {*self.programs.values(), *self._removing}:
                             stops.start_soon(program.stop)
                     tg.cancel_scope.cancel()
                 root.cancel_scope.cancel()
@@ -146,7 +150,10 @@ class Supervisor:
         with anyio.open_signal_receiver(*handled) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    await self._reload_on_signal()
+                    # In a task of its own: a reload that drains a removed program must not
+                    # hold up SIGTERM or the forwarding of SIGUSR1/2 meanwhile.
+                    assert self._tg is not None
+                    self._tg.start_soon(self._reload_on_signal)
                 elif signum in FORWARDED_SIGNALS:
                     self._forward(signal.Signals(signum))
                 else:
@@ -189,9 +196,11 @@ class Supervisor:
 
     async def _remove_program(self, name: str) -> None:
         program = self.programs.pop(name)
+        self._removing.add(program)
         try:
             await program.stop()
         finally:
+            self._removing.discard(program)
             self._scopes.pop(name).cancel()
 
     async def _reload_on_signal(self) -> None:
@@ -204,49 +213,70 @@ class Supervisor:
             # The boundary of one reload: a failure here must not end every program with it.
             log.exception("SIGHUP: reloading the config failed")
 
-    def _deploy_changed(self, program: Program, config: Any) -> None:
+    def _deploy_changed(self, program: Program, config: ProgramConfig) -> str | None:
         """A running program whose section changed is flipped to it (rolled back if it fails,
-        like any flip); a stopped one starts with it next time."""
-        if program.serving is None:
+        like any flip); a stopped one starts with it next time. Returns why it was not flipped
+        (None: the flip started)."""
+        if program.serving is None and program.current_flip is None:
             program.config = config
-            return
+            return f"stored: `flipvisor start {program.name}` starts it with the new section"
         try:
             program.start_flip(config, kind="flip")
         except Busy as exc:
-            log.warning(
-                "config of %s changed, not deployed: %s; then `flipvisor flip %s`",
-                program.name,
-                exc,
-                program.name,
-            )
+            why = f"not deployed: {exc}; then `flipvisor flip {program.name}`"
+            log.warning("config of %s changed, %s", program.name, why)
+            return why
+        return None
 
-    async def reload(self) -> dict[str, list[str]]:
+    def _changed(self, new: Config) -> list[str]:
+        """The programs whose section the file changed since it was last read, and which do
+        not run it already. A rollback, or a flip that failed, is not redone by a reload that
+        leaves their section alone; a section deployed by `flip` is not flipped again."""
+        changed = []
+        for name, section in new.programs.items():
+            program = self.programs.get(name)
+            if program is None:
+                continue
+            last_read = self.config.programs.get(name)
+            if not _same_deploy(section, last_read) and not _same_deploy(section, program.config):
+                changed.append(name)
+        return changed
+
+    async def reload(self) -> dict[str, Any]:
         """Re-read the config file: start added programs, stop removed ones, flip changed ones,
-        leave the rest untouched.
+        leave the rest untouched. One at a time.
 
         Raises:
             ConfigError: the file is invalid; nothing changed.
+            UsageError: the supervisor is shutting down.
         """
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> dict[str, Any]:
+        if self._shutdown.is_set():
+            raise UsageError("the supervisor is shutting down; the config was not reloaded")
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
-            log.error("SIGHUP: config not reloaded: %s", exc)
+            log.error("config not reloaded, the running config stays: %s", exc)
             raise
         added = [name for name in new.programs if name not in self.programs]
         removed = [name for name in self.programs if name not in new.programs]
-        changed = [
-            name
-            for name in new.programs
-            if name in self.programs and new.programs[name] != self.programs[name].config
-        ]
+        changed = self._changed(new)
         for name in removed:
             await self._remove_program(name)
         for name in added:
             program = await self._add_program(name, new.programs[name])
             if new.programs[name].autostart:
                 program.start_flip(kind="start")
+        flipping, not_flipped = [], {}
         for name in changed:
-            self._deploy_changed(self.programs[name], new.programs[name])
+            why = self._deploy_changed(self.programs[name], new.programs[name])
+            if why is None:
+                flipping.append(name)
+            else:
+                not_flipped[name] = why
         self.config = new
         log.info("config reloaded: added %s, removed %s", added or "none", removed or "none")
         needs_restart = [
@@ -255,13 +285,16 @@ class Supervisor:
         if needs_restart:
             log.warning(
                 "config reloaded, but %s changed: that takes effect only when the supervisor "
-                "restarts (`flipvisor shutdown`, then `flipvisor run`)",
+                "restarts (%s)",
                 ", ".join(needs_restart),
+                restart_hint(needs_restart),
             )
         return {
             "added": added,
             "removed": removed,
-            "changed": changed,
+            "changed": flipping,
+            "not_flipped": not_flipped,
+            "restart_hint": restart_hint(needs_restart) if needs_restart else None,
             "needs_restart": needs_restart,
         }
 
@@ -364,6 +397,22 @@ class Supervisor:
                     if request.program in (None, event.program):
                         await send({"type": "event", **event.to_json()})
         return result(None)
+
+
+def restart_hint(needs_restart: list[str]) -> str:
+    """How to restart the supervisor so that ``needs_restart`` takes effect."""
+    if "state_dir" in needs_restart:
+        # The CLI finds the supervisor through the file's state_dir, which now names another.
+        return (
+            f"stop this supervisor with SIGTERM to pid {os.getpid()} (the CLI looks for it in "
+            "the new state_dir now), then `flipvisor run`"
+        )
+    return "`flipvisor shutdown`, then `flipvisor run`"
+
+
+def _same_deploy(a: ProgramConfig, b: ProgramConfig | None) -> bool:
+    """Whether two sections deploy the same thing (``autostart`` only matters at start)."""
+    return b is not None and a == b.model_copy(update={"autostart": a.autostart})
 
 
 def _first_error(group: BaseExceptionGroup[FlipvisorError]) -> FlipvisorError:

@@ -341,7 +341,14 @@ def test_reload_reports_what_it_did_and_what_needs_a_restart(flipvisor: Flipviso
     assert again.returncode == 0, again.stderr
     outcome = json.loads(again.stdout)
     # Still pending: the running supervisor keeps the log settings it started with.
-    assert outcome == {"added": [], "removed": [], "changed": [], "needs_restart": ["logs"]}
+    assert outcome == {
+        "added": [],
+        "removed": [],
+        "changed": [],
+        "not_flipped": {},
+        "needs_restart": ["logs"],
+        "restart_hint": "`flipvisor shutdown`, then `flipvisor run`",
+    }
     wait_until(
         lambda: (
             "logs changed: that takes effect only when the supervisor restarts"
