@@ -265,3 +265,13 @@ async def test_converse_when_the_server_hangs_up_without_a_result(sock_path: Pat
             await anyio.to_thread.run_sync(talk)
         tg.cancel_scope.cancel()
     assert messages == [{"type": "progress", "step": "spawn"}]
+
+
+def test_converse_with_a_server_that_never_answers_says_so(sock_path: Path) -> None:
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with silent:
+        silent.bind(str(sock_path))
+        silent.listen()  # accepted by the kernel's backlog, never answered
+        with pytest.raises(ControlUnreachable, match="did not answer within 0.3 s") as info:
+            call(sock_path, Request("status"), timeout=0.3)
+    assert str(sock_path) in str(info.value)
