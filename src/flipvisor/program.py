@@ -290,6 +290,7 @@ class Program:
             proxy_lock=self.runtime.proxy_lock,
             # Nothing serves yet: an unreachable registry must not keep the program down.
             registry_optional=first,
+            replaced_proxy=self.serving.config.proxy if self.serving is not None else None,
         )
         gen.transition(GenerationState.SERVING)
         self._abandon = None  # promoted: a stop now waits for the old generation's drain

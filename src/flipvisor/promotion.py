@@ -31,6 +31,7 @@ from .proxy import (
     proxy_workers,
     reload,
     render_template,
+    take_away,
     wait_workers_gone,
 )
 from .reaper import Reaper
@@ -90,9 +91,14 @@ async def promote(
     report: FlipReport,
     proxy_lock: anyio.Lock,
     registry_optional: bool = False,
+    replaced_proxy: ProxyConfig | None = None,
 ) -> tuple[Snapshot, bool]:
     """Route traffic to ``gen``; returns the registry snapshot now published, and whether the
     registry step was deferred.
+
+    ``replaced_proxy`` is the proxy section of the generation ``gen`` replaces: when its
+    ``dest`` differs, that file is removed with the new one's install (nginx would load both),
+    and put back by the undo.
 
     With ``registry_optional`` (nothing serves yet, so there is nothing to protect), an
     unreachable registry does not stop the promotion: the step is deferred and the caller
@@ -115,6 +121,7 @@ async def promote(
             reaper=reaper,
             report=report,
             registry_optional=registry_optional,
+            replaced_proxy=replaced_proxy,
         )
     if proxy is not None and old_proxy_workers:
         # Drain on evidence: the old generation keeps serving until every proxy worker that
@@ -138,6 +145,7 @@ async def _route(
     reaper: Reaper,
     report: FlipReport,
     registry_optional: bool,
+    replaced_proxy: ProxyConfig | None,
 ) -> tuple[Snapshot, frozenset[tuple[int, float]], bool]:
     """The file, registry and reload steps, each with its undo; returns the published keys,
     the proxy workers that predate the reload, and whether the registry step was deferred."""
@@ -148,12 +156,14 @@ async def _route(
     try:
         if proxy is not None:
             with report.step("proxy", str(proxy.dest)):
-                installed = await _install_file(gen, program=program, proxy=proxy, reaper=reaper)
-
-            async def restore_file() -> None:
-                installed.restore()
-
-            undo.append(restore_file)
+                await _replace_file(
+                    gen,
+                    program=program,
+                    proxy=proxy,
+                    replaced_proxy=replaced_proxy,
+                    reaper=reaper,
+                    undo=undo,
+                )
         gen.ensure_whole()
         with report.step("registry") as registry_step:
             expected, published, unreachable = await _swap_keys(
@@ -200,6 +210,33 @@ async def _route(
                 )
         raise
     return published, old_proxy_workers, deferred
+
+
+async def _replace_file(
+    gen: Generation,
+    *,
+    program: str,
+    proxy: ProxyConfig,
+    replaced_proxy: ProxyConfig | None,
+    reaper: Reaper,
+    undo: list[Callable[[], Awaitable[None]]],
+) -> None:
+    """Put ``gen``'s checked proxy file in place, and remove the replaced generation's if its
+    ``dest`` differs; each change's undo goes on ``undo`` as it is made."""
+    if replaced_proxy is not None and replaced_proxy.dest != proxy.dest:
+        # Before the check: nginx -t would see both files (a duplicate upstream).
+        taken = await take_away(replaced_proxy.dest)
+        if taken is not None:
+            undo.append(_restorer(taken))
+    installed = await _install_file(gen, program=program, proxy=proxy, reaper=reaper)
+    undo.append(_restorer(installed))
+
+
+def _restorer(installed: Installed) -> Callable[[], Awaitable[None]]:
+    async def restore() -> None:
+        installed.restore()
+
+    return restore
 
 
 async def _install_file(

@@ -204,6 +204,35 @@ def _put_in_place(dest: Path, content: bytes) -> Installed:
     return Installed(dest=dest, previous=previous, previous_mode=mode)
 
 
+def _take_away(dest: Path) -> Installed | None:
+    try:
+        previous = dest.read_bytes()
+        mode = stat.S_IMODE(dest.stat().st_mode)
+    except FileNotFoundError:
+        return None
+    dest.unlink()
+    _fsync_dir(dest.parent)
+    return Installed(dest=dest, previous=previous, previous_mode=mode)
+
+
+async def take_away(dest: Path) -> Installed | None:
+    """Remove ``dest`` (a proxy file a flip's new ``dest`` replaces), kept so that ``restore``
+    puts it back; None if there is no such file.
+
+    Raises:
+        ProxyError: the file could not be read or removed.
+    """
+    try:
+        taken = await anyio.to_thread.run_sync(_take_away, dest)
+    except OSError as exc:
+        raise ProxyError(
+            f"cannot remove the previous proxy file {dest}: {exc.strerror or exc}"
+        ) from exc
+    if taken is not None:
+        log.info("removed the previous proxy file %s (its program's dest changed)", dest)
+    return taken
+
+
 async def install(
     dest: Path,
     content: str,

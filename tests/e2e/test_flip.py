@@ -327,3 +327,37 @@ def test_a_reload_cut_short_is_reloaded_back(
     if not timeout:
         assert "may still route to generation 2" in result.stderr
     before.assert_untouched(flipvisor, nginx)
+
+
+def test_a_flip_to_another_proxy_dest_replaces_the_old_file(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    moved = nginx.conf_dir / "web-moved.conf"
+
+    # Both files in conf.d would define the same upstream: nginx -t would refuse the tree.
+    flip_to(
+        flipvisor,
+        nginx,
+        {"programs": {"web": program(nginx, "2", proxy={"dest": str(moved)})}},
+        "2",
+    )
+
+    assert moved.exists()
+    assert not (nginx.conf_dir / "web.conf").exists()
+
+
+def test_a_failed_flip_to_another_proxy_dest_puts_the_old_file_back(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    before = BeforeFlip.take(flipvisor, nginx)
+    moved = nginx.conf_dir / "web-moved.conf"
+    failing = {"dest": str(moved), "check_cmd": ["false"]}
+    flipvisor.write_config({"programs": {"web": program(nginx, "2", proxy=failing)}})
+
+    result = flipvisor.cli("flip", "web")
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert not moved.exists()
+    before.assert_untouched(flipvisor, nginx)
