@@ -26,7 +26,13 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .locate import DEFAULT_STATE_DIR, SAFE_LOADER, describe_yaml_error, socket_path
+from .locate import (
+    DEFAULT_STATE_DIR,
+    SAFE_LOADER,
+    describe_yaml_error,
+    socket_path,
+    unreadable_config,
+)
 
 PROGRAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -354,7 +360,7 @@ def load_config(path: Path) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+        raise unreadable_config(path, exc) from exc
     return parse_config(text, path)
 
 

@@ -64,6 +64,14 @@ def describe_yaml_error(exc: yaml.YAMLError, path: Path) -> str:
     return f"{where}: not valid YAML: {problem}"
 
 
+def unreadable_config(path: Path, exc: OSError) -> ConfigError:
+    """The error for a config file that cannot be read; a missing one says how to name it."""
+    message = f"cannot read config file {path}: {exc.strerror or exc}"
+    if isinstance(exc, FileNotFoundError):
+        message += " (name the file with -c PATH or $FLIPVISOR_CONFIG)"
+    return ConfigError(message)
+
+
 def locate(path: Path) -> Locations:
     """Read ``state_dir`` (relative to the file's folder) and the program names from ``path``.
 
@@ -73,7 +81,7 @@ def locate(path: Path) -> Locations:
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=SAFE_LOADER) or {}
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+        raise unreadable_config(path, exc) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(describe_yaml_error(exc, path)) from exc
     if not isinstance(data, dict):

@@ -176,6 +176,10 @@ class Installed:
     previous: bytes | None
     previous_mode: int = DEFAULT_FILE_MODE
 
+    def restored(self) -> str:
+        """What ``restore`` did, for a message."""
+        return "kept the previous file" if self.previous is not None else "removed the new file"
+
     def restore(self) -> None:
         """Put the previous file back atomically, or remove ``dest`` if there was none.
 
@@ -265,7 +269,7 @@ async def install(
     except SpawnError as exc:
         installed.restore()
         raise ProxyError(
-            f"proxy check of {dest} could not run, kept the previous file: {exc}"
+            f"proxy check of {dest} could not run, {installed.restored()}: {exc}"
         ) from exc
     except BaseException:
         installed.restore()  # cancelled: never leave an unchecked file in place
@@ -274,7 +278,7 @@ async def install(
         installed.restore()
         log.warning("proxy check of %s failed, previous file restored", dest)
         raise ProxyError(
-            f"proxy check of {dest} failed, kept the previous file: {result.describe()}"
+            f"proxy check of {dest} failed, {installed.restored()}: {result.describe()}"
         )
     return installed
 

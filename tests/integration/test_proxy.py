@@ -141,10 +141,11 @@ async def test_failed_check_restores_previous_file_byte_for_byte(nginx: Nginx) -
 async def test_failed_check_removes_file_that_did_not_exist(nginx: Nginx) -> None:
     dest = nginx.conf_dir / "app.conf"
     async with running_reaper() as reaper:
-        with pytest.raises(ProxyError, match="unknown directive"):
+        with pytest.raises(ProxyError, match="unknown directive") as caught:
             await install(
                 dest, "bogus;\n", check_cmd=nginx.check_cmd, reaper=reaper, timeout=TIMEOUT
             )
+    assert "removed the new file" in str(caught.value)
     assert not dest.exists()
     assert leftovers(nginx.conf_dir) == []
 

@@ -100,3 +100,4 @@ def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file") as info:
         locate(tmp_path / "absent.yaml")
     assert "absent.yaml" in str(info.value)
+    assert "-c PATH or $FLIPVISOR_CONFIG" in str(info.value)
