@@ -529,6 +529,15 @@ async def wait_for_strays(process_groups: Container[int]) -> None:
             await strays.wait()
 
 
+def process_name(pid: int) -> str:
+    """The command name of ``pid`` (``/proc/<pid>/comm``), "?" once it is gone: for messages."""
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as comm:
+            return comm.read().strip()
+    except OSError:
+        return "?"
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:

@@ -401,6 +401,69 @@ def test_a_group_member_still_running_at_the_drain_timeout_is_killed_then(
             app.kill()
 
 
+# A worker that daemonizes two helpers (double fork, setsid: out of its process group, so no drain
+# reaches them): one exits on SIGTERM, the other ignores it. Each writes its name and PID.
+DAEMONIZING_WORKER = r"""
+import os, signal, socket, sys, time
+socket.socket(fileno=3)
+markers = sys.argv[1]
+
+def mark(word):
+    with open(markers, "a") as f:
+        f.write(f"{word} {os.getpid()}\n")
+
+def daemonize(name, on_term):
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            signal.signal(signal.SIGTERM, on_term)
+            mark(name)
+            time.sleep(300)  # bounded: a failed test leaves it running for five minutes at most
+        os._exit(0)
+    os.wait()
+
+daemonize("POLITE", lambda *_: (mark("TERM"), os._exit(0)))
+daemonize("STUBBORN", signal.SIG_IGN)
+time.sleep(600)
+"""
+
+
+def test_shutdown_stops_and_reaps_what_left_the_workers_groups(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    markers = tmp_path / "markers"
+    command = [sys.executable, "-c", DAEMONIZING_WORKER, str(markers)]
+    flipvisor.start(
+        {"programs": {"web": {"command": command, "drain": {"delay": 0, "timeout": 5}}}}
+    )
+    (worker,) = flipvisor.wait_serving("web")["pids"]
+    (polite_pid,) = wait_until(lambda: markers_of(markers, "POLITE"), message="the polite helper")
+    (stubborn_pid,) = wait_until(lambda: markers_of(markers, "STUBBORN"), message="the other one")
+    helpers = [psutil.Process(polite_pid), psutil.Process(stubborn_pid)]  # no PID reuse below
+    try:
+        assert flipvisor.process is not None
+        for helper in helpers:
+            # Their parents exited at once: the supervisor, a subreaper, inherited them.
+            assert helper.ppid() == flipvisor.process.pid
+            assert os.getsid(helper.pid) != worker, "out of the worker's session and group"
+        assert flipvisor.stop() == 0, flipvisor.output()
+        for helper in helpers:
+            assert not helper.is_running(), f"{helper} outlived the supervisor"
+        assert markers_of(markers, "TERM") == {polite_pid}, "asked first, with SIGTERM"
+        output = flipvisor.output()
+        assert f"pids=[{polite_pid}, {stubborn_pid}]" in output or (
+            f"pids=[{stubborn_pid}, {polite_pid}]" in output
+        ), output
+        assert f"pids=[{stubborn_pid}]" in output, "the one that ignored SIGTERM was killed"
+    finally:
+        for helper in helpers:
+            if helper.is_running():
+                helper.kill()
+
+
 def test_sighup_flips_a_changed_program_and_survives_a_bad_file(flipvisor: Flipvisor) -> None:
     flipvisor.start({"programs": {"web": web()}})
     first = flipvisor.wait_serving("web")
