@@ -24,7 +24,7 @@ from .logs import ProgramLog
 from .probe import NotifySocket, wait_ready
 from .reaper import Reaper
 from .sockets import bound_port
-from .spawn import signal_strays
+from .spawn import Strays, signal_strays, wait_for_strays
 from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition
 from .worker import Worker, WorkerSpec, worker_env
 
@@ -329,10 +329,22 @@ class Generation:
     async def _stop_workers(self, tg: anyio.abc.TaskGroup) -> None:
         drain = self.config.drain
         await anyio.sleep(self._drain_delay)
+        # The drain signal goes to each worker's whole process group (what systemd's
+        # KillMode=control-group and supervisord's stopasgroup do): the app a wrapper script
+        # runs without exec, a pool's workers, a worker's Popen children all get to shut down.
+        # What is left of the group of a worker that exited before (it crashed and was
+        # replaced) can no longer be reached through its group: those processes were
+        # re-parented to us and are signalled one by one. Live workers' groups are left out of
+        # that, so nothing gets the signal twice (a second SIGTERM may mean "stop now").
+        live = {pid for worker in self.workers if (pid := worker.pid) is not None}
+        signal_strays(self._process_groups - live, drain.signal)
         for worker in self.workers:
             worker.signal(drain.signal)
         with anyio.move_on_after(drain.timeout) as graceful:
             await self._all_workers_done()
+            # What outlived its worker in the group (the app, once its wrapper died of the
+            # signal at once) got the signal too, and gets the rest of the timeout to finish.
+            await wait_for_strays(self._process_groups)
         if graceful.cancelled_caught:
             for worker in self.workers:
                 if worker.pid is not None:
@@ -347,13 +359,22 @@ class Generation:
                 worker.kill()
             with anyio.move_on_after(KILL_GRACE):
                 await self._all_workers_done()
-        # What a worker left behind when it exited (a daemonized helper, a pool whose master
-        # was killed) would outlive the generation: stop it too, it had the whole drain.
-        strays = signal_strays(self._process_groups, signal.SIGKILL)
-        if strays:
-            self.events.emit(
-                "killed", self.program, self.number, "left behind by its workers", pids=strays
-            )
+        # What is still running in the workers' groups (a pool whose master was killed, a
+        # member that ignores the signal) had the whole drain: SIGKILL, and wait until it is gone
+        # so that nothing of the generation outlives it. Our own children, held by pidfd: no PID
+        # reuse, even across the wait.
+        with Strays.collect(self._process_groups) as strays:
+            if killed := strays.signal(signal.SIGKILL):
+                self.events.emit(
+                    "killed",
+                    self.program,
+                    self.number,
+                    f"left behind by its workers, still running {drain.timeout}s after "
+                    f"{drain.signal.name}",
+                    pids=killed,
+                )
+                with anyio.move_on_after(KILL_GRACE):
+                    await strays.wait()
         tg.cancel_scope.cancel()
 
     async def _all_workers_done(self) -> None:

@@ -16,7 +16,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -434,29 +434,108 @@ def own_children() -> list[int]:
     return pids
 
 
-def signal_strays(process_groups: set[int], sig: int) -> list[int]:
-    """Signal our own children that sit in one of ``process_groups``; their PIDs.
+class Strays:
+    """Our own running children in some process groups (or all of them), each held by a pidfd.
 
-    These are a worker's descendants, orphaned when the worker exited and re-parented to the
-    supervisor (a subreaper). Being our unreaped children, their PIDs cannot have been reused,
-    and nothing is awaited between the check and the signal.
+    These are orphans re-parented to the supervisor (a subreaper, or PID 1): a worker's
+    descendants once the worker exited, a daemonized helper once its parent exited. Each pidfd is
+    opened while the process is our unreaped child, with nothing awaited between the check and
+    the open, so it names that very process: signalled or waited for through it later, after any
+    number of awaits, a recycled PID is never reached. Close it (``with``) when done.
     """
-    signalled = []
-    for pid in own_children():
+
+    def __init__(self, pidfds: dict[int, int]) -> None:
+        self._pidfds = pidfds
+
+    @classmethod
+    def collect(cls, process_groups: Container[int] | None = None) -> Strays:
+        """Our running children in one of ``process_groups`` (None: every child of ours)."""
+        pidfds: dict[int, int] = {}
         try:
-            if os.getpgid(pid) not in process_groups or _is_zombie(pid):
+            for pid in own_children():
+                try:
+                    if process_groups is not None and os.getpgid(pid) not in process_groups:
+                        continue
+                    if _is_zombie(pid):
+                        continue  # exited already; the reaper collects it
+                    pidfds[pid] = os.pidfd_open(pid)
+                except OSError:
+                    continue  # exited (and reaped) meanwhile
+        except BaseException:
+            for pidfd in pidfds.values():
+                os.close(pidfd)
+            raise
+        return cls(pidfds)
+
+    @property
+    def pids(self) -> list[int]:
+        return list(self._pidfds)
+
+    def __bool__(self) -> bool:
+        return bool(self._pidfds)
+
+    def signal(self, sig: int) -> list[int]:
+        """Send ``sig`` to each; the PIDs of those that had not exited yet."""
+        signalled = []
+        for pid, pidfd in self._pidfds.items():
+            try:
+                signal.pidfd_send_signal(pidfd, sig)
+            except ProcessLookupError:
                 continue
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            continue  # exited meanwhile
-        try:
-            signal.pidfd_send_signal(pidfd, sig)
             signalled.append(pid)
-        except ProcessLookupError:
-            pass
-        finally:
+        return signalled
+
+    async def wait(self) -> None:
+        """Return once every one has exited (a pidfd turns readable at its process's exit).
+
+        Unbounded: the caller bounds it with a cancel scope.
+        """
+        for pidfd in self._pidfds.values():
+            await anyio.wait_readable(pidfd)
+
+    def close(self) -> None:
+        for pidfd in self._pidfds.values():
             os.close(pidfd)
-    return signalled
+        self._pidfds = {}
+
+    def __enter__(self) -> Strays:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def signal_strays(process_groups: Container[int] | None, sig: int) -> list[int]:
+    """Signal our own running children in one of ``process_groups`` (None: all); their PIDs.
+
+    Being our unreaped children, their PIDs cannot have been reused, and nothing is awaited
+    between the check and the signal (see ``Strays``).
+    """
+    with Strays.collect(process_groups) as strays:
+        return strays.signal(sig)
+
+
+async def wait_for_strays(process_groups: Container[int]) -> None:
+    """Return once no child of ours is left running in ``process_groups``; unbounded, so the
+    caller bounds it.
+
+    Waits on pidfds, round after round: a stray's own children in the group are re-parented
+    to us only as it exits, so each round looks again once the ones it found are gone.
+    """
+    while True:
+        with Strays.collect(process_groups) as strays:
+            if not strays:
+                return
+            await strays.wait()
+
+
+def process_name(pid: int) -> str:
+    """The command name of ``pid`` (``/proc/<pid>/comm``), "?" once it is gone: for messages."""
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as comm:
+            return comm.read().strip()
+    except OSError:
+        return "?"
 
 
 def _is_zombie(pid: int) -> bool:

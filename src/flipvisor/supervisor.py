@@ -1,5 +1,6 @@
 """The root of ``flipvisor run``: reaper, registry, control socket, programs and watches in one
-task group; SIGTERM/SIGINT drain everything and exit, SIGHUP re-reads the config.
+task group; SIGTERM/SIGINT drain everything, stop the orphans left, and exit; SIGHUP re-reads the
+config.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .protocol import Request, is_seconds, result
 from .reaper import Reaper, become_subreaper
 from .registry import open_registry
 from .registry.base import WatchableRegistry
-from .spawn import seal_inherited_fds
+from .spawn import Strays, process_name, seal_inherited_fds
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,12 @@ FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 # Top-level settings read once, at start: the control socket, registry connection, metrics
 # listener, log settings and watches are built from them. A reload reports a change to them.
 RESTART_ONLY = ("state_dir", "registry", "metrics", "logs", "watch")
+# At shutdown, how long an orphan still running gets after SIGTERM; after SIGKILL, how long it is
+# waited for (it is gone at once unless the kernel is stuck); how many times new orphans (those
+# of the orphans just stopped) are looked for before giving up.
+ORPHAN_GRACE = 3.0
+KILL_GRACE = 10.0
+ORPHAN_ROUNDS = 5
 
 
 def prepare_state_dir(path: Path, config_path: Path) -> None:
@@ -119,6 +126,9 @@ class Supervisor:
                         for program in {*self.programs.values(), *self._removing}:
                             stops.start_soon(program.stop)
                     tg.cancel_scope.cancel()
+                # Past here nothing of ours runs but the reaper: what is still our child is an
+                # orphan no drain reached. It must not outlive us.
+                await self._stop_orphans()
                 root.cancel_scope.cancel()
         except* FlipvisorError as group:
             # A start-up failure (another supervisor on the socket, the metrics port taken) is
@@ -127,6 +137,47 @@ class Supervisor:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.registry.aclose()
+
+    async def _stop_orphans(self) -> None:
+        """At shutdown, once every program drained: stop every process still our child.
+
+        They are orphans re-parented to us (a subreaper, or PID 1), such as a helper a worker
+        daemonized with ``setsid``: out of its worker's process group, so no drain reached it,
+        and without cgroups it cannot be traced to a program. Left alone it would outlive
+        ``run``, re-parented to the host's init. Each gets SIGTERM, ``ORPHAN_GRACE`` to exit
+        (waited for on pidfds), then SIGKILL, and is reaped before we exit. Being our unreaped
+        children, held by pidfd from the check on, their PIDs cannot have been reused. Round after
+        round: an orphan's own children are re-parented to us only as it exits.
+        """
+        for _ in range(ORPHAN_ROUNDS):
+            with Strays.collect() as orphans:
+                if not orphans:
+                    return
+                names = {pid: process_name(pid) for pid in orphans.pids}  # before they exit
+                signalled = orphans.signal(signal.SIGTERM)
+                self.events.emit(
+                    "orphans-stopping",
+                    "(supervisor)",
+                    None,
+                    "still running at shutdown, outside every program's process groups: SIGTERM",
+                    pids=signalled,
+                    names=[names[pid] for pid in signalled],
+                )
+                with anyio.move_on_after(ORPHAN_GRACE):
+                    await orphans.wait()
+                if killed := orphans.signal(signal.SIGKILL):
+                    self.events.emit(
+                        "killed",
+                        "(supervisor)",
+                        None,
+                        f"orphans still running {ORPHAN_GRACE}s after SIGTERM at shutdown",
+                        pids=killed,
+                    )
+                    with anyio.move_on_after(KILL_GRACE):
+                        await orphans.wait()
+            # Their exits are known (pidfds): collect them now, not after the reaper stopped.
+            self.reaper.reap()
+        log.warning("orphans kept appearing at shutdown; stopped after %d rounds", ORPHAN_ROUNDS)
 
     async def _start_metrics(self, tg: TaskGroup) -> None:
         if self.config.metrics is not None:

@@ -241,13 +241,14 @@ class Worker:
             reading.deadline = anyio.current_time() + OUTPUT_GRACE
 
     def signal(self, sig: int) -> None:
-        """Send ``sig`` to the running process (the group leader only)."""
+        """Send ``sig`` to the running process and its whole group (while the leader is
+        unreaped), as the cancellation path's ``Child.stop`` does: once, to every member."""
         child = self.child
         if child is None or self.state not in (WorkerState.RUNNING, WorkerState.STOPPING):
             return
         if self.state is WorkerState.RUNNING:
             self._transition(WorkerState.STOPPING)
-        child.send_signal(sig)
+        child.signal_all(sig)
 
     def kill(self) -> None:
         """SIGKILL the process and its whole group (while the leader is unreaped)."""

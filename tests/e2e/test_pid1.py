@@ -1,5 +1,5 @@
 """``flipvisor run`` as PID 1 of a new PID namespace: orphans land on it and are reaped, and
-SIGTERM drains and exits 0 with nothing left in the namespace.
+SIGTERM drains, stops the orphans left, and exits 0 with nothing left in the namespace.
 
 The namespace comes from ``unshare --pid --fork --mount-proc``; the test looks at the namespace's
 processes from outside, through ``/proc/<pid>/status`` (``NSpid`` maps the PIDs flipvisor reports,
@@ -208,5 +208,9 @@ def test_pid1_reaps_orphans_and_exits_zero_on_sigterm(
         pid1.send_signal(signal.SIGTERM)
         assert unshare.wait(timeout=EXIT_TIMEOUT) == 0, flipvisor.output()
         assert "Traceback" not in flipvisor.output()
+        # The new worker's daemon, outside its group, was stopped by PID 1 itself (not only by
+        # the namespace's end): a host's init would not end it.
+        assert "orphans-stopping" in flipvisor.output()
+        assert "names=['sleep']" in flipvisor.output(), flipvisor.output()
         for process in left:
             assert gone(process), process

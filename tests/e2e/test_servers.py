@@ -176,6 +176,10 @@ def test_server_on_inherited_socket_flips_under_load(
     # The flip returns once the old generation is gone: its server's own workers with it.
     left = [p for p in old if not gone(p)]
     assert not left, left
+    # The server's own workers got the drain signal with it (its process group), and it and
+    # they shut down gracefully: nothing had to be killed.
+    events = [json.loads(line) for line in flipvisor.cli("events", "--json").stdout.splitlines()]
+    assert [e for e in events if e["kind"] == "killed"] == []
     assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [2]
     log = (flipvisor.state_dir / "logs" / "web.log").read_text()
     assert "Traceback" not in log, log[-3000:]

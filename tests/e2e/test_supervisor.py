@@ -9,15 +9,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from flipvisor.client import call
 from flipvisor.protocol import Request
-from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.fixtures.flipvisor import Flipvisor, group_member_wrapper, svc_command
 from tests.waiting import wait_until
 
 
@@ -301,6 +303,165 @@ def test_drain_leaves_no_process_a_worker_left_behind(flipvisor: Flipvisor) -> N
         timeout=10,
         message="the left-behind helper to be killed",
     )
+
+
+def markers_of(markers: Path, word: str) -> set[int]:
+    """PIDs that wrote ``word`` to ``markers`` (``group_member.py``'s lines)."""
+    if not markers.exists():
+        return set()
+    return {
+        int(line.split()[1])
+        for line in markers.read_text().splitlines()
+        if line.split()[:1] == [word]
+    }
+
+
+def events_of(flipvisor: Flipvisor, kind: str) -> list[dict[str, Any]]:
+    lines = flipvisor.cli("events", "--json").stdout.splitlines()
+    return [event for line in lines if (event := json.loads(line))["kind"] == kind]
+
+
+def start_wrapped_app(
+    flipvisor: Flipvisor, tmp_path: Path, *, shutdown: float, timeout: float
+) -> tuple[Path, psutil.Process]:
+    """``web`` run as a bash wrapper around its app (no exec); the markers file and the app."""
+    markers = tmp_path / "markers"
+    command = group_member_wrapper(tmp_path, markers, shutdown)
+    flipvisor.start(
+        {"programs": {"web": {"command": command, "drain": {"delay": 0, "timeout": timeout}}}}
+    )
+    flipvisor.wait_serving("web")
+    (app_pid,) = wait_until(lambda: markers_of(markers, "START"), message="the app to start")
+    return markers, psutil.Process(app_pid)  # psutil remembers its start time: no PID reuse
+
+
+def test_the_drain_signal_reaches_the_workers_group_and_waits_for_what_is_left(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    # bash dies of SIGTERM at once; the app it started (re-parented to the supervisor) got the
+    # signal too and takes 2.5 s to shut down: longer than the output grace after bash's exit,
+    # well within the drain timeout. It must be let finish, not killed.
+    markers, app = start_wrapped_app(flipvisor, tmp_path, shutdown=2.5, timeout=20)
+    try:
+        assert flipvisor.cli("stop", "web").returncode == 0
+        assert markers_of(markers, "TERM") == {app.pid}, "the app got the drain signal"
+        assert markers_of(markers, "STOP") == {app.pid}, "and had the time to finish its shutdown"
+        assert events_of(flipvisor, "killed") == []
+        wait_until(lambda: not app.is_running(), message="the app to be reaped")
+    finally:
+        if app.is_running():
+            app.kill()
+
+
+def test_the_drain_signal_reaches_what_a_crashed_worker_left_in_its_group(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    # The wrapper is killed: its app, re-parented to the supervisor, keeps running beside the
+    # replacement. The drain cannot signal that group any more (its leader is reaped), so it
+    # signals the app itself, which is still the supervisor's own child.
+    markers, first_app = start_wrapped_app(flipvisor, tmp_path, shutdown=1.0, timeout=20)
+    second_app: psutil.Process | None = None
+    try:
+        (wrapper,) = flipvisor.serving("web")["pids"]  # type: ignore[index]
+        psutil.Process(wrapper).kill()
+        flipvisor.wait_serving("web", where=lambda g: bool(g["pids"]) and g["pids"] != [wrapper])
+        apps = wait_until(
+            lambda: len(markers_of(markers, "START")) == 2 and markers_of(markers, "START"),
+            message="the second app",
+        )
+        second_app = psutil.Process(next(iter(apps - {first_app.pid})))
+        assert first_app.ppid() == flipvisor.process.pid  # type: ignore[union-attr]
+        assert flipvisor.cli("stop", "web").returncode == 0
+        assert markers_of(markers, "TERM") == apps, "each app got the drain signal"
+        assert markers_of(markers, "STOP") == apps, "and finished its shutdown"
+        assert events_of(flipvisor, "killed") == []
+    finally:
+        for app in (first_app, second_app):
+            if app is not None and app.is_running():
+                app.kill()
+
+
+def test_a_group_member_still_running_at_the_drain_timeout_is_killed_then(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    timeout = 3.0
+    markers, app = start_wrapped_app(flipvisor, tmp_path, shutdown=60, timeout=timeout)
+    try:
+        started = time.monotonic()
+        assert flipvisor.cli("stop", "web").returncode == 0
+        elapsed = time.monotonic() - started
+        assert markers_of(markers, "TERM") == {app.pid}, "the app got the drain signal"
+        assert markers_of(markers, "STOP") == set()
+        assert timeout - 0.1 <= elapsed < timeout + 10, "killed at the drain timeout, not before"
+        (killed,) = events_of(flipvisor, "killed")
+        assert killed["fields"]["pids"] == [app.pid]
+        wait_until(lambda: not app.is_running(), message="the app to be killed and reaped")
+    finally:
+        if app.is_running():
+            app.kill()
+
+
+# A worker that daemonizes two helpers (double fork, setsid: out of its process group, so no drain
+# reaches them): one exits on SIGTERM, the other ignores it. Each writes its name and PID.
+DAEMONIZING_WORKER = r"""
+import os, signal, socket, sys, time
+socket.socket(fileno=3)
+markers = sys.argv[1]
+
+def mark(word):
+    with open(markers, "a") as f:
+        f.write(f"{word} {os.getpid()}\n")
+
+def daemonize(name, on_term):
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            signal.signal(signal.SIGTERM, on_term)
+            mark(name)
+            time.sleep(300)  # bounded: a failed test leaves it running for five minutes at most
+        os._exit(0)
+    os.wait()
+
+daemonize("POLITE", lambda *_: (mark("TERM"), os._exit(0)))
+daemonize("STUBBORN", signal.SIG_IGN)
+time.sleep(600)
+"""
+
+
+def test_shutdown_stops_and_reaps_what_left_the_workers_groups(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    markers = tmp_path / "markers"
+    command = [sys.executable, "-c", DAEMONIZING_WORKER, str(markers)]
+    flipvisor.start(
+        {"programs": {"web": {"command": command, "drain": {"delay": 0, "timeout": 5}}}}
+    )
+    (worker,) = flipvisor.wait_serving("web")["pids"]
+    (polite_pid,) = wait_until(lambda: markers_of(markers, "POLITE"), message="the polite helper")
+    (stubborn_pid,) = wait_until(lambda: markers_of(markers, "STUBBORN"), message="the other one")
+    helpers = [psutil.Process(polite_pid), psutil.Process(stubborn_pid)]  # no PID reuse below
+    try:
+        assert flipvisor.process is not None
+        for helper in helpers:
+            # Their parents exited at once: the supervisor, a subreaper, inherited them.
+            assert helper.ppid() == flipvisor.process.pid
+            assert os.getsid(helper.pid) != worker, "out of the worker's session and group"
+        assert flipvisor.stop() == 0, flipvisor.output()
+        for helper in helpers:
+            assert not helper.is_running(), f"{helper} outlived the supervisor"
+        assert markers_of(markers, "TERM") == {polite_pid}, "asked first, with SIGTERM"
+        output = flipvisor.output()
+        assert f"pids=[{polite_pid}, {stubborn_pid}]" in output or (
+            f"pids=[{stubborn_pid}, {polite_pid}]" in output
+        ), output
+        assert f"pids=[{stubborn_pid}]" in output, "the one that ignored SIGTERM was killed"
+    finally:
+        for helper in helpers:
+            if helper.is_running():
+                helper.kill()
 
 
 def test_sighup_flips_a_changed_program_and_survives_a_bad_file(flipvisor: Flipvisor) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import httpx
+import psutil
 import pytest
 from anyio.abc import TaskGroup
 
@@ -39,7 +40,7 @@ from flipvisor.registry.local import LocalRegistry
 from flipvisor.sockets import bind_listener
 from flipvisor.states import GenerationState, WorkerState
 from flipvisor.worker import Worker
-from tests.fixtures.flipvisor import svc_command
+from tests.fixtures.flipvisor import group_member_wrapper, svc_command
 from tests.waiting import await_until
 
 DEADLINE = 15.0
@@ -290,6 +291,34 @@ async def test_drain_sigkills_workers_that_ignore_the_signal(tmp_path: Path) -> 
     assert all("SIGTERM" in e.message for e in killed)
     assert [w.last_exit for w in gen.workers] == ["killed by SIGKILL"] * 2
     assert marked(markers, "TERM") == set(), "the signal really was ignored"
+
+
+async def test_the_drain_signal_reaches_the_workers_whole_process_group(tmp_path: Path) -> None:
+    """A worker that is a wrapper around the real app: the app gets the drain signal too."""
+    markers = tmp_path / "markers"
+    command = group_member_wrapper(tmp_path, markers, shutdown=0.2)
+    member: psutil.Process | None = None
+    try:
+        async with harness(tmp_path) as h:
+            gen = await h.start(one_worker(command))
+            (leader,) = gen.pids
+
+            async def app_started() -> set[int]:
+                return marked(markers, "START")
+
+            (app_pid,) = await await_until(app_started, timeout=DEADLINE, message="the app")
+            member = psutil.Process(app_pid)  # remembers its start time: no PID reuse below
+            assert os.getpgid(app_pid) == leader, "the app is in the worker's process group"
+            to_serving(gen)
+            with anyio.fail_after(DEADLINE):
+                await gen.drain()
+        # pytest is no subreaper: the orphaned app is not ours to wait for, so wait on its word.
+        await wait_marked(markers, "TERM", {app_pid})
+        await wait_marked(markers, "STOP", {app_pid})
+        assert gen.workers[0].last_exit == "killed by SIGTERM", "bash died of it at once"
+    finally:
+        if member is not None and member.is_running():
+            member.kill()
 
 
 async def test_cancelled_generation_still_stops_its_workers(tmp_path: Path) -> None:
