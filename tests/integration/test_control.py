@@ -272,6 +272,6 @@ def test_converse_with_a_server_that_never_answers_says_so(sock_path: Path) -> N
     with silent:
         silent.bind(str(sock_path))
         silent.listen()  # accepted by the kernel's backlog, never answered
-        with pytest.raises(ControlUnreachable, match="did not answer within 0.3 s") as info:
+        with pytest.raises(ControlUnreachable, match=r"did not answer within 0\.3 s") as info:
             call(sock_path, Request("status"), timeout=0.3)
     assert str(sock_path) in str(info.value)
