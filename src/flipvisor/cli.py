@@ -187,6 +187,9 @@ def _log_to_stderr() -> None:
 
 
 def _run(args: argparse.Namespace, path: Path) -> int:
+    from . import signals
+
+    signals.hold()  # until the supervisor handles them (signals.py says why)
     import anyio
 
     from .config import load_config

@@ -15,6 +15,7 @@ import anyio
 from anyio import CancelScope
 from anyio.abc import TaskGroup
 
+from . import signals
 from .config import Config, ProgramConfig, load_config
 from .control import ControlServer, Send
 from .errors import EXIT_USAGE, Busy, ConfigError, FlipvisorError, UsageError
@@ -29,9 +30,6 @@ from .spawn import Strays, process_name, seal_inherited_fds
 
 log = logging.getLogger(__name__)
 
-# The application-defined signals (reopen logs, dump state...) mean something to the services,
-# not to us: PID 1 passes them on to every worker. TERM/INT drain everything, HUP re-reads.
-FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 # Top-level settings read once, at start: the control socket, registry connection, metrics
 # listener, log settings and watches are built from them. A reload reports a change to them.
 RESTART_ONLY = ("state_dir", "registry", "metrics", "logs", "watch")
@@ -197,15 +195,15 @@ class Supervisor:
             await tg.start(run_watches, self.config, self.registry, self.reaper)
 
     async def _handle_signals(self) -> None:
-        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *FORWARDED_SIGNALS)
-        with anyio.open_signal_receiver(*handled) as signals:
-            async for signum in signals:
+        with anyio.open_signal_receiver(*signals.HANDLED) as received:
+            signals.release()  # held since `run` began: what came meanwhile is handled now
+            async for signum in received:
                 if signum == signal.SIGHUP:
                     # In a task of its own: a reload that drains a removed program must not
                     # hold up SIGTERM or the forwarding of SIGUSR1/2 meanwhile.
                     assert self._tg is not None
                     self._tg.start_soon(self._reload_on_signal)
-                elif signum in FORWARDED_SIGNALS:
+                elif signum in signals.FORWARDED:
                     self._forward(signal.Signals(signum))
                 else:
                     log.info("received %s", signal.Signals(signum).name)

@@ -6,8 +6,10 @@ minutes): it rolls the flip back at once and drains what ran. The flip's client 
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -147,3 +149,31 @@ def test_start_while_a_stop_drains_is_refused_and_the_port_stays_usable(
     flipvisor.wait_serving("web")
     restarted = flipvisor.cli("restart", "web", timeout=30)
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr + flipvisor.output()
+
+
+def held_back(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` blocks ``sig`` while it has no handler for it yet (/proc's SigBlk
+    and SigCgt masks): a SIGTERM sent now would be lost, or kill it, without the hold."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    masks = dict(line.split(":\t", 1) for line in status.splitlines() if line.startswith("Sig"))
+    bit = 1 << (sig - 1)
+    return bool(int(masks["SigBlk"], 16) & bit) and not int(masks["SigCgt"], 16) & bit
+
+
+def test_sigterm_while_run_starts_up_drains_and_exits_zero(flipvisor: Flipvisor) -> None:
+    process = flipvisor.start({"programs": {"web": program()}}, wait=False)
+    # Sent while `run` starts up (imports, config) and has no handler yet; polled every 20 ms,
+    # the window is a few hundred.
+    wait_until(
+        lambda: process.poll() is not None or held_back(process.pid, signal.SIGTERM),
+        timeout=15,
+        message="run to hold SIGTERM back while it starts",
+    )
+
+    process.terminate()
+
+    assert process.wait(timeout=30) == 0, flipvisor.output()
+    assert "received SIGTERM" in flipvisor.output()

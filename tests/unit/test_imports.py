@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "flipvisor"
 
 # Components: a top-level module of the package, or "registry" for anything in registry/.
 ERRORS = {"errors"}
-LEAVES = ERRORS | {"states", "lazy_event"}
+LEAVES = ERRORS | {"states", "lazy_event", "signals"}
 BASE = LEAVES | {"config", "reaper", "spawn", "logs", "sockets", "events", "progress"}
 CHECKS = BASE | {"probe", "proxy", "registry"}
 WORKERS = CHECKS | {"worker", "generation"}
@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "states": set(),
     "lazy_event": set(),
+    "signals": set(),
     "config": {"errors", "locate"},
     "reaper": {"errors"},
     "spawn": {"errors", "config", "reaper"},

@@ -1,0 +1,28 @@
+"""The signals ``flipvisor run`` handles, held back while it starts.
+
+Until the supervisor's handlers are installed (after its imports and the config's validation, a
+few hundred milliseconds), these signals would take their default action: SIGTERM would kill the
+process (exit 143 instead of a drain and exit 0), and as PID 1 the kernel would drop them, so a
+container stopped at once would wait for its SIGKILL. Blocked from the start, they stay pending and
+reach the handlers once those are installed. Workers never inherit the mask: spawn gives each an
+empty one.
+"""
+
+from __future__ import annotations
+
+import signal
+
+# The application-defined signals (reopen logs, dump state...) mean something to the services,
+# not to us: PID 1 passes them on to every worker. TERM/INT drain everything, HUP re-reads.
+FORWARDED = (signal.SIGUSR1, signal.SIGUSR2)
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *FORWARDED)
+
+
+def hold() -> None:
+    """Block ``HANDLED`` in this thread (and the threads it starts from now on)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+
+
+def release() -> None:
+    """Unblock ``HANDLED``: whatever arrived meanwhile is delivered now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
