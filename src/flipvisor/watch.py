@@ -8,10 +8,13 @@ installed, checked and reloaded; a failed reload puts the previous file back.
 A ``drain_pid`` entry on ``<prefix>/<program>/pid/previous`` follows the program's whole folder,
 so it also sees ``pid/current`` and the ``generation/current`` record. It remembers every process
 (PID and start time) it saw as ``pid/current``; when ``pid/previous`` names PIDs it first waits
-until the template entries have reloaded for every earlier change, then signals each PID only if
-it saw that very process serving (``spawn.signal_verified`` checks the start time through a
-pidfd), and SIGKILLs it after the timeout if it is still that process. A PID it never saw is
-never signalled: it logs a warning instead.
+(in a task of its own, so it keeps following the keys) until the template entries have
+successfully applied every earlier change, then signals each PID only if it saw that very
+process serving (``spawn.signal_verified`` checks the start time through a pidfd), and SIGKILLs
+it after the timeout if it is still that process. A PID it never saw is never signalled: it logs
+a warning instead. A template that is only slow delays a drain by ``CATCH_UP_TIMEOUT`` at most;
+one whose last render, check or reload failed holds it until an attempt succeeds (the proxy may
+still route to nothing but the old process), with an error logged every ``CATCH_UP_TIMEOUT``.
 
 Why a drain also waits ``RELOAD_SETTLE`` seconds after the templates' last reload: "the reload
 has finished" cannot mean "``reload_cmd`` returned". ``nginx -s reload`` returns once it has sent
@@ -117,7 +120,11 @@ class TemplateWatch(_Follower):
         self.entry, self.registry, self.reaper = entry, registry, reaper
         self.template, self.dest = entry.template, entry.dest
         self.values: dict[str, str] = {}
-        self.handled: dict[str, str] | None = None  # the values the last render looked at
+        self.handled: dict[str, str] | None = None  # the values the last attempt looked at
+        # Why that attempt failed (render, check or reload), None if it succeeded or is waiting
+        # for missing keys: a drain is held while it is set (the proxy may still route only to
+        # the old process).
+        self.failure: str | None = None
         self.busy = False
         self.reloaded_at: float | None = None  # anyio.current_time() of the last reload that ran
         self._progress = anyio.Event()
@@ -146,6 +153,9 @@ class TemplateWatch(_Follower):
             await self._render_and_reload(values)
         except ProxyError as exc:
             log.error("watch %s: %s", self.dest, exc)
+            self.failure = str(exc)
+        else:
+            self.failure = None
         finally:
             self.handled, self.busy = values, False
             self._progress.set()
@@ -193,11 +203,12 @@ class TemplateWatch(_Follower):
         log.info("watch %s: rendered and reloaded", self.dest)
 
     async def caught_up(self) -> None:
-        """Wait until this entry has handled every change made before this call.
+        """Wait until this entry has successfully applied every change made before this call.
 
         A change not received yet shows as a difference between what the registry holds now
-        and what the last render saw (revisions are not compared: the local backend's are
-        counters of each watch).
+        and what the last attempt saw (revisions are not compared: the local backend's are
+        counters of each watch). While the last attempt failed this keeps waiting: only a
+        later attempt that succeeds ends it.
         """
         while True:
             progress = self._progress  # taken before the read, so no progress is missed
@@ -207,7 +218,7 @@ class TemplateWatch(_Follower):
                 )
             except RegistryError:
                 now = None
-            if not self.busy and now is not None and self.handled == now:
+            if not self.busy and self.failure is None and now is not None and self.handled == now:
                 return
             await progress.wait()
 
@@ -269,10 +280,11 @@ class DrainWatch(_Follower):
                     )
                 targets += starts
             if targets:
-                await self._wait_for_reloads()
+                # In a task of its own: the wait may be long (a failed template holds it), and
+                # this entry must go on seeing pid/current meanwhile. A late drain stays safe:
+                # each target is verified by its start time when it is signalled.
                 assert self._tg is not None
-                for pid, started in targets:
-                    self._tg.start_soon(self._drain_one, pid, started)
+                self._tg.start_soon(self._drain_after_reloads, targets)
         self._see_current()
 
     def _see_current(self) -> None:
@@ -288,18 +300,44 @@ class DrainWatch(_Follower):
                 continue
             self.seen.add((pid, started))
 
-    async def _wait_for_reloads(self) -> None:
-        """Wait until every template handled the changes so far, then ``RELOAD_SETTLE`` after
-        the last reload any of them ran (the proxy's old workers stop routing to the old PID)."""
-        with anyio.move_on_after(CATCH_UP_TIMEOUT) as scope:
-            for template in self.templates:
-                await template.caught_up()
-        if scope.cancelled_caught:
-            log.warning(
-                "drain_pid %s: templates did not catch up within %g s; draining anyway",
-                self.key,
-                CATCH_UP_TIMEOUT,
-            )
+    async def _drain_after_reloads(self, targets: Sequence[tuple[int, float]]) -> None:
+        """Drain ``targets`` (pid, start time) once the proxy no longer routes to them."""
+        await self._wait_for_reloads(sorted({pid for pid, _ in targets}))
+        async with anyio.create_task_group() as tg:
+            for pid, started in targets:
+                tg.start_soon(self._drain_one, pid, started)
+
+    async def _wait_for_reloads(self, pids: Sequence[int]) -> None:
+        """Wait until every template applied the changes so far, then ``RELOAD_SETTLE`` after
+        the last reload any of them ran (the proxy's old workers stop routing to the old PID).
+
+        A template that is merely slow is given ``CATCH_UP_TIMEOUT``, then the drain goes on
+        anyway. One whose last attempt failed holds the drain until an attempt succeeds: the
+        proxy may route to nothing but ``pids`` then, and draining them would be an outage.
+        """
+        while True:
+            with anyio.move_on_after(CATCH_UP_TIMEOUT) as scope:
+                for template in self.templates:
+                    await template.caught_up()
+            if not scope.cancelled_caught:
+                break
+            failed = [t for t in self.templates if t.failure is not None]
+            if not failed:
+                log.warning(
+                    "drain_pid %s: templates did not catch up within %g s; draining anyway",
+                    self.key,
+                    CATCH_UP_TIMEOUT,
+                )
+                break
+            for template in failed:
+                log.error(
+                    "drain_pid %s: not draining pid=%s: watch %s failed: %s "
+                    "(held until it applies a change successfully)",
+                    self.key,
+                    ",".join(map(str, pids)),
+                    template.dest,
+                    template.failure,
+                )
         # An entry with a pidfile already waited for its proxy's old workers (caught_up covers
         # it): only the others need the fixed grace.
         reloads = [

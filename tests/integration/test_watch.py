@@ -14,6 +14,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from flipvisor import watch
 from flipvisor.config import Config
 from flipvisor.reaper import Reaper
 from flipvisor.registry import Snapshot
@@ -34,12 +35,22 @@ TEMPLATE = """upstream app {
 
 
 def make_config(
-    tmp_path: Path, endpoint: str, prefix: str, *, slow_reload: bool = False, drain: bool = False
+    tmp_path: Path,
+    endpoint: str,
+    prefix: str,
+    *,
+    slow_reload: bool = False,
+    drain: bool = False,
+    hang_on: str | None = None,
 ) -> Config:
+    """One template entry (plus a ``drain_pid`` entry with ``drain``). ``hang_on``: a reload of
+    a file holding that text hangs (until the watches are stopped)."""
     template = tmp_path / "app.conf.j2"
     template.write_text(TEMPLATE.replace("PFX", prefix))
     dest, reload_log = tmp_path / "out" / "app.conf", tmp_path / "reloads.log"
     pause = "sleep 0.5; " if slow_reload else ""
+    if hang_on is not None:
+        pause += f'if grep -q "{hang_on}" "{dest}"; then exec sleep 60; fi; '
     watch: list[dict[str, object]] = [
         {
             "keys": [f"{prefix}/app/port/current", f"{prefix}/shared/"],
@@ -195,3 +206,97 @@ async def test_drain_pid_drains_a_seen_process_after_the_reload(
             for child in (old, new):
                 await child.stop(timeout=5)
                 child.close()
+
+
+async def _serve_old(etcd: EtcdServer, prefix: str, old: Child, reload_log: Path) -> None:
+    """The keys of ``old`` serving on port 41000, and the template's reload of them done."""
+    etcd.put(f"{prefix}/shared/x", "1")
+    etcd.put(f"{prefix}/app/port/current", "41000")
+    etcd.put(f"{prefix}/app/generation/current", generation_record([old]))
+    etcd.put(f"{prefix}/app/pid/current", str(old.pid))
+    await await_until(lambda: _file_holds(reload_log, "41000"), message="first reload")
+
+
+async def _promote(registry: EtcdRegistry, port: str, new: Child) -> None:
+    """The promotion of ``new`` on ``port``, as a flip writes it: one transaction."""
+    seen = await registry.snapshot("app")
+    promoted = {
+        **seen.values,
+        "port/current": port,
+        "port/previous": seen.values["port/current"],
+        "pid/current": str(new.pid),
+        "pid/previous": seen.values["pid/current"],
+        "generation/current": generation_record([new]),
+    }
+    await registry.swap("app", seen, Snapshot(promoted))
+
+
+async def test_drain_pid_is_held_while_a_template_failed_until_it_applies_a_change(
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The promotion's render fails its check, so the proxy still routes only to the old
+    # process: draining it would be an outage.
+    monkeypatch.setattr(watch, "CATCH_UP_TIMEOUT", 0.5)
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
+    dest, reload_log = tmp_path / "out" / "app.conf", tmp_path / "reloads.log"
+    async with watching(config) as (reaper, registry):
+        old, new = start_sleeper(reaper), start_sleeper(reaper)
+        try:
+            await _serve_old(etcd_server, etcd_prefix, old, reload_log)
+            await _promote(registry, "bad", new)  # "bad" renders no server: the check fails
+
+            def held() -> int:
+                return sum(
+                    f"not draining pid={old.pid}: watch {dest} failed" in r.getMessage()
+                    for r in caplog.records
+                    if r.levelno == logging.ERROR
+                )
+
+            # Held past several CATCH_UP_TIMEOUTs, saying so each time (not "draining anyway").
+            await await_until(lambda: _true(held() >= 3), message="the drain to be held")
+            assert old.returncode is None
+            assert "draining anyway" not in caplog.text
+
+            etcd_server.put(f"{etcd_prefix}/app/port/current", "42000")  # a render that works
+            with anyio.fail_after(10):
+                assert await old.wait() == -signal.SIGTERM
+            assert "127.0.0.1:42000;" in dest.read_text()
+            assert new.returncode is None
+        finally:
+            for child in (old, new):
+                await child.stop(timeout=5)
+                child.close()
+
+
+async def test_drain_pid_goes_ahead_after_a_slow_template_gets_catch_up_timeout(
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(watch, "CATCH_UP_TIMEOUT", 0.5)
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, hang_on="42000")
+    reload_log = tmp_path / "reloads.log"
+    async with watching(config) as (reaper, registry):
+        old, new = start_sleeper(reaper), start_sleeper(reaper)
+        try:
+            await _serve_old(etcd_server, etcd_prefix, old, reload_log)
+            await _promote(registry, "42000", new)  # its reload hangs: slow, not failed
+            with anyio.fail_after(10):
+                assert await old.wait() == -signal.SIGTERM
+            assert "did not catch up within 0.5 s; draining anyway" in caplog.text
+            assert "42000" not in reload_log.read_text()  # the reload was still running
+        finally:
+            for child in (old, new):
+                await child.stop(timeout=5)
+                child.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
