@@ -87,7 +87,7 @@ async def _follow(
         try:
             start = await registry.read_keys(patterns)
             await watcher.started(start)
-            async with aclosing(registry.watch(patterns, start.revision + 1)) as events:
+            async with aclosing(registry.watch(patterns, since=start)) as events:
                 async for batch in events:
                     delay = RETRY_MIN
                     await watcher.changed(batch)

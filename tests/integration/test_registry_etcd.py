@@ -262,7 +262,7 @@ async def test_watch_resumes_after_an_outage(
 
             async def consume() -> None:
                 watched = [f"{etcd_prefix}/app/", f"{etcd_prefix}/other"]
-                async with aclosing(registry.watch(watched, start.revision + 1)) as events:
+                async with aclosing(registry.watch(watched, since=start)) as events:
                     async for batch in events:
                         seen.extend(batch)
 

@@ -1,4 +1,5 @@
-"""The built-in confd against a real etcd: render/check/reload on change, resume, drain_pid."""
+"""The built-in confd against a real etcd (and the local file): render/check/reload on change,
+resume, drain_pid."""
 
 from __future__ import annotations
 
@@ -17,14 +18,13 @@ import pytest
 from flipvisor import watch
 from flipvisor.config import Config
 from flipvisor.reaper import Reaper
-from flipvisor.registry import Snapshot
+from flipvisor.registry import Snapshot, open_registry
 from flipvisor.registry.etcd import EtcdRegistry
+from flipvisor.registry.local import write_registry_file
 from flipvisor.spawn import Child, spawn_process
 from flipvisor.watch import watches_running
 from tests.fixtures.etcd import EtcdServer
 from tests.waiting import await_until
-
-pytestmark = pytest.mark.etcd
 
 TEMPLATE = """upstream app {
 {%- if get("PFX/app/port/current") != "bad" %}
@@ -98,6 +98,7 @@ async def _file_holds(path: Path, text: str) -> bool:
     return await file.exists() and text in await file.read_text()
 
 
+@pytest.mark.etcd
 async def test_renders_when_keys_appear_and_on_change(
     etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
 ) -> None:
@@ -122,6 +123,7 @@ async def test_renders_when_keys_appear_and_on_change(
     assert reload_log.read_text().count("upstream app") == 3  # the failed checks never reloaded
 
 
+@pytest.mark.etcd
 async def test_resumes_after_etcd_restart_without_missing_a_change(
     restartable_etcd: EtcdServer, etcd_prefix: str, tmp_path: Path
 ) -> None:
@@ -152,6 +154,7 @@ def generation_record(children: list[Child]) -> str:
     )
 
 
+@pytest.mark.etcd
 async def test_drain_pid_refuses_a_pid_it_never_saw_serving(
     etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -172,6 +175,7 @@ async def test_drain_pid_refuses_a_pid_it_never_saw_serving(
             bystander.close()
 
 
+@pytest.mark.etcd
 async def test_drain_pid_drains_a_seen_process_after_the_reload(
     etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
 ) -> None:
@@ -231,6 +235,7 @@ async def _promote(registry: EtcdRegistry, port: str, new: Child) -> None:
     await registry.swap("app", seen, Snapshot(promoted))
 
 
+@pytest.mark.etcd
 async def test_drain_pid_is_held_while_a_template_failed_until_it_applies_a_change(
     etcd_server: EtcdServer,
     etcd_prefix: str,
@@ -273,6 +278,7 @@ async def test_drain_pid_is_held_while_a_template_failed_until_it_applies_a_chan
                 child.close()
 
 
+@pytest.mark.etcd
 async def test_drain_pid_goes_ahead_after_a_slow_template_gets_catch_up_timeout(
     etcd_server: EtcdServer,
     etcd_prefix: str,
@@ -300,3 +306,39 @@ async def test_drain_pid_goes_ahead_after_a_slow_template_gets_catch_up_timeout(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_local_registry_change_during_the_initial_reload_is_rendered(tmp_path: Path) -> None:
+    # The watch opens only after the initial render, check and reload; the file keeps no
+    # history, so it must continue from the read the render used, not from the file as it is.
+    template, dest = tmp_path / "port.j2", tmp_path / "out" / "port.txt"
+    template.write_text('port={{ get("p/app/port/current") }}\n')
+    reloading, go = tmp_path / "reloading", tmp_path / "go"
+    # The first reload holds until the test says go (10 s at most).
+    first_reload_waits = (
+        f'[ -e "{reloading}" ] && exit 0; touch "{reloading}"; i=0; '
+        f'while [ ! -e "{go}" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done'
+    )
+    config = Config.model_validate(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "registry": {"backend": "local", "prefix": "p"},
+            "watch": [
+                {
+                    "keys": ["p/app/port/current"],
+                    "template": str(template),
+                    "dest": str(dest),
+                    "reload_cmd": ["sh", "-c", first_reload_waits],
+                }
+            ],
+        }
+    )
+    registry_file = config.state_dir / "registry.json"
+    write_registry_file(registry_file, {"p/app/port/current": "41000"})
+    async with watches_running(config, open_registry(config), Reaper(reap_orphans=False)):
+        await await_until(lambda: anyio.Path(reloading).exists(), message="the first reload")
+        write_registry_file(registry_file, {"p/app/port/current": "42000"})
+        go.touch()
+        await await_until(
+            lambda: _file_holds(dest, "port=42000"), message="the change made during the reload"
+        )

@@ -99,7 +99,7 @@ class WatchEvent:
 class KeyRange:
     """Values of the keys under some prefixes, all read at one ``revision``.
 
-    Watching from ``revision + 1`` misses no change made after this read.
+    ``watch(patterns, since=this)`` misses no change made after this read.
     """
 
     values: Mapping[str, str]
@@ -126,10 +126,11 @@ class WatchableRegistry(Registry, Protocol):
         ...
 
     def watch(
-        self, patterns: Sequence[str], start_revision: int | None = None
+        self, patterns: Sequence[str], since: KeyRange | None = None
     ) -> AsyncGenerator[list[WatchEvent], None]:
-        """Changes of keys matching ``patterns`` from ``start_revision`` on (None: from now),
-        one list per revision (the keys a transaction changed under one pattern arrive
+        """Changes of keys matching ``patterns`` made after the read ``since`` (a ``read_keys``
+        of the same patterns; None: from now), however long ago that read was, one list per
+        revision (the keys a transaction changed under one pattern arrive
         together; each pattern's lists in revision order). Survives outages: after a
         reconnect it resumes after the last revision it delivered.
 

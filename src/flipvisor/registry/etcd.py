@@ -299,17 +299,19 @@ class EtcdRegistry:
         return KeyRange(txn_values(reply), reply.header.revision)
 
     async def watch(
-        self, patterns: Sequence[str], start_revision: int | None = None
+        self, patterns: Sequence[str], since: KeyRange | None = None
     ) -> AsyncGenerator[list[WatchEvent], None]:
-        """Changes of keys matching ``patterns``, one list per etcd response (a transaction's
-        changes together), resuming after the last delivered revision across outages.
+        """Changes of keys matching ``patterns`` after the read ``since`` (from its revision + 1;
+        None: from now), one list per etcd response (a transaction's changes together),
+        resuming after the last delivered revision across outages.
         Each pattern's changes arrive in revision order; after a resume, lists of different
         patterns may interleave out of order. Close it with ``contextlib.aclosing``.
 
         Raises:
             WatchLost: the history to resume from was compacted, or etcd refused the watch.
         """
-        next_revision: list[int | None] = [start_revision] * len(patterns)
+        start = since.revision + 1 if since is not None else None
+        next_revision: list[int | None] = [start] * len(patterns)
         delay, failing = MIN_BACKOFF, False
         while True:
             try:
