@@ -143,6 +143,29 @@ async def test_resumes_after_etcd_restart_without_missing_a_change(
         )
 
 
+@pytest.mark.etcd
+async def test_renders_a_change_after_etcd_came_back_with_an_empty_data_dir(
+    restartable_etcd: EtcdServer, etcd_prefix: str, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path, restartable_etcd.endpoint, etcd_prefix)
+    reload_log = tmp_path / "reloads.log"
+    for n in range(5):  # history the replacement will not have
+        restartable_etcd.put(f"{etcd_prefix}/shared/x", str(n))
+    restartable_etcd.put(f"{etcd_prefix}/app/port/current", "41000")
+    async with watching(config):
+        await await_until(lambda: _file_holds(reload_log, "41000"), message="first reload")
+        # Blocking calls: the watcher resumes only once the new etcd holds the keys, at
+        # revisions below the one it resumes from.
+        restartable_etcd.restart_empty()
+        restartable_etcd.put(f"{etcd_prefix}/shared/x", "1")
+        restartable_etcd.put(f"{etcd_prefix}/app/port/current", "42000")
+        await await_until(
+            lambda: _file_holds(reload_log, "42000"),
+            timeout=8,
+            message="the change made in the replaced etcd",
+        )
+
+
 def start_sleeper(reaper: Reaper) -> Child:
     code = "import time\nwhile True: time.sleep(1)"
     return spawn_process([sys.executable, "-c", code], reaper=reaper, env=dict(os.environ))

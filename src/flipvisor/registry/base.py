@@ -82,8 +82,9 @@ class Registry(Protocol):
 
 
 class WatchLost(RegistryError):
-    """A watch cannot resume: the history it needs was compacted, or the store refused it.
-    Read the keys again and watch from the new revision."""
+    """A watch cannot resume: the history it needs was compacted or replaced (the store's
+    revision went back), or the store refused it. Read the keys again and watch from the new
+    revision."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ class WatchableRegistry(Registry, Protocol):
         reconnect it resumes after the last revision it delivered.
 
         Raises:
-            WatchLost: the history to resume from was compacted away, or the store refused
-                the watch (read again and watch from the new revision).
+            WatchLost: the history to resume from was compacted away or replaced (the
+                store's revision went back), or the store refused the watch (read again and
+                watch from the new revision).
         """
         ...

@@ -308,7 +308,8 @@ class EtcdRegistry:
         patterns may interleave out of order. Close it with ``contextlib.aclosing``.
 
         Raises:
-            WatchLost: the history to resume from was compacted, or etcd refused the watch.
+            WatchLost: the history to resume from was compacted or replaced (etcd's revision
+                went back), or etcd refused the watch.
         """
         start = since.revision + 1 if since is not None else None
         next_revision: list[int | None] = [start] * len(patterns)
@@ -346,7 +347,8 @@ class EtcdRegistry:
         """(pattern index, events) from one Watch stream until it ends.
 
         Raises:
-            WatchLost: etcd cancelled a watch (compaction, permissions).
+            WatchLost: etcd cancelled a watch (compaction, permissions), or its revision went
+                back behind one this watch had seen.
             grpc.aio.AioRpcError: the stream broke.
         """
         for pattern, revision in zip(patterns, next_revision, strict=True):
@@ -359,8 +361,18 @@ class EtcdRegistry:
         while (reply := await call.read()) is not grpc.aio.EOF:
             if reply.created:
                 index = indexes[reply.watch_id] = len(indexes)
-                if next_revision[index] is None:
+                wanted = next_revision[index]
+                if wanted is None:
                     next_revision[index] = reply.header.revision + 1
+                elif wanted > reply.header.revision + 1:
+                    # A revision we saw that this etcd has not reached: its history was
+                    # replaced (restored from a backup, or a new empty data dir). etcd would
+                    # wait for that revision and ignore every change until then. (A lagging
+                    # member of a cluster can look alike for a moment; reading again is safe.)
+                    raise WatchLost(
+                        f"etcd's revision went back (restored or replaced?): it is at "
+                        f"{reply.header.revision}, this watch had seen up to {wanted - 1}"
+                    )
             if reply.canceled:
                 if reply.compact_revision:
                     raise WatchLost(
