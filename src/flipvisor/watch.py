@@ -15,6 +15,8 @@ it after the timeout if it is still that process. A PID it never saw is never si
 a warning instead. A template that is only slow delays a drain by ``CATCH_UP_TIMEOUT`` at most;
 one whose last render, check or reload failed holds it until an attempt succeeds (the proxy may
 still route to nothing but the old process), with an error logged every ``CATCH_UP_TIMEOUT``.
+When it has to read the keys again (history compacted or replaced, an outage), the difference
+from what it had is handled as one more change, so a promotion made meanwhile still drains.
 
 Why a drain also waits ``RELOAD_SETTLE`` seconds after the templates' last reload: "the reload
 has finished" cannot mean "``reload_cmd`` returned". ``nginx -s reload`` returns once it has sent
@@ -234,6 +236,7 @@ class DrainWatch(_Follower):
     seen: set[tuple[int, float]] = field(default_factory=set)
     values: dict[str, str] = field(default_factory=dict)
     _tg: TaskGroup | None = None
+    _has_read: bool = False  # a later read is a re-read (after WatchLost or an error)
 
     @property
     def folder(self) -> str:
@@ -245,6 +248,13 @@ class DrainWatch(_Follower):
             await _follow(self.registry, [self.folder], f"drain_pid {self.key}", self)
 
     async def started(self, start: KeyRange) -> None:
+        if self._has_read:
+            # A re-read (history compacted or replaced, or an outage): what changed while the
+            # watch was away is a change like any other, so a promotion made meanwhile still
+            # drains the process seen as pid/current before.
+            await self.changed(difference(self.values, start.values, start.revision))
+            return
+        self._has_read = True
         self.values = dict(start.values)
         self._see_current()
         for pid in parse_pids(self.values.get(self.key)):
@@ -298,7 +308,11 @@ class DrainWatch(_Follower):
                     "drain_pid %s: pid=%d in pid/current is not running here", self.key, pid
                 )
                 continue
-            self.seen.add((pid, started))
+            if (pid, started) not in self.seen:
+                log.info(
+                    "drain_pid %s: pid=%d is pid/current (started %.2f)", self.key, pid, started
+                )
+                self.seen.add((pid, started))
 
     async def _drain_after_reloads(self, targets: Sequence[tuple[int, float]]) -> None:
         """Drain ``targets`` (pid, start time) once the proxy no longer routes to them."""
@@ -367,6 +381,17 @@ class DrainWatch(_Follower):
                 self.drain.timeout,
             )
         self.seen.discard((pid, started))
+
+
+def difference(
+    before: Mapping[str, str], after: Mapping[str, str], revision: int
+) -> list[WatchEvent]:
+    """The changes that turn ``before`` into ``after`` (a deleted key's value is None)."""
+    return [
+        WatchEvent(key, after.get(key), revision)
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    ]
 
 
 def parse_pids(value: str | None) -> list[int]:

@@ -327,6 +327,49 @@ async def test_drain_pid_goes_ahead_after_a_slow_template_gets_catch_up_timeout(
                 child.close()
 
 
+@pytest.mark.etcd
+async def test_drain_pid_drains_after_a_re_read_a_process_it_saw_before(
+    restartable_etcd: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The promotion happens while the watcher is away, in an etcd whose revision went back:
+    # the watcher reads the keys again, and the promotion is in what it reads.
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, restartable_etcd.endpoint, etcd_prefix, drain=True)
+    reload_log = tmp_path / "reloads.log"
+    for n in range(5):  # history the replacement will not have
+        restartable_etcd.put(f"{etcd_prefix}/filler", str(n))
+    async with watching(config) as (reaper, _):
+        old, new = start_sleeper(reaper), start_sleeper(reaper)
+        try:
+            await _serve_old(restartable_etcd, etcd_prefix, old, reload_log)
+            await await_until(
+                lambda: _true(f"pid={old.pid} is pid/current" in caplog.text),
+                message="the drain entry to see the old process serving",
+            )
+            # Blocking calls: the watcher comes back only once the promotion is in place.
+            restartable_etcd.restart_empty()
+            app = f"{etcd_prefix}/app"
+            for key, value in [
+                (f"{etcd_prefix}/shared/x", "1"),
+                (f"{app}/port/current", "42000"),
+                (f"{app}/generation/current", generation_record([new])),
+                (f"{app}/pid/current", str(new.pid)),
+                (f"{app}/pid/previous", str(old.pid)),
+            ]:
+                restartable_etcd.put(key, value)
+            with anyio.fail_after(15):
+                assert await old.wait() == -signal.SIGTERM
+            assert "42000" in reload_log.read_text()
+            assert new.returncode is None
+        finally:
+            for child in (old, new):
+                await child.stop(timeout=5)
+                child.close()
+
+
 async def _true(value: bool) -> bool:
     return value
 
