@@ -7,16 +7,19 @@ installed, checked and reloaded; a failed reload puts the previous file back.
 
 A ``drain_pid`` entry on ``<prefix>/<program>/pid/previous`` follows the program's whole folder,
 so it also sees ``pid/current`` and the ``generation/current`` record. It remembers every process
-(PID and start time) it saw as ``pid/current``; when ``pid/previous`` names PIDs it first waits
-(in a task of its own, so it keeps following the keys) until the template entries have
-successfully applied every earlier change, then signals each PID only if it saw that very
-process serving (``spawn.signal_verified`` checks the start time through a pidfd), and SIGKILLs
-it after the timeout if it is still that process. A PID it never saw is never signalled: it logs
-a warning instead. A template that is only slow delays a drain by ``CATCH_UP_TIMEOUT`` at most;
-one whose last render, check or reload failed holds it until an attempt succeeds (the proxy may
-still route to nothing but the old process), with an error logged every ``CATCH_UP_TIMEOUT``.
-When it has to read the keys again (history compacted or replaced, an outage), the difference
-from what it had is handled as one more change, so a promotion made meanwhile still drains.
+(PID and start time) it saw as ``pid/current``: one the record gives the start time of, or, for a
+PID that appeared in ``pid/current`` while it watched, the process running under it then (a bare
+PID found there at its first read may be stale, so it is not trusted). When ``pid/previous``
+names PIDs it first waits (in a task of its own, so it keeps following the keys) until the
+template entries have successfully applied every earlier change, then signals each PID only if
+it saw that very process serving (``spawn.signal_verified`` checks the start time through a
+pidfd), and SIGKILLs it after the timeout if it is still that process. A PID it never saw is
+never signalled: it logs a warning instead. A template that is only slow delays a drain by
+``CATCH_UP_TIMEOUT`` at most; one whose last render, check or reload failed holds it until an
+attempt succeeds (the proxy may still route to nothing but the old process), with an error
+logged every ``CATCH_UP_TIMEOUT``. When it has to read the keys again (history compacted or
+replaced, an outage), the difference from what it had is handled as one more change, so a
+promotion made meanwhile still drains.
 
 Why a drain also waits ``RELOAD_SETTLE`` seconds after the templates' last reload: "the reload
 has finished" cannot mean "``reload_cmd`` returned". ``nginx -s reload`` returns once it has sent
@@ -37,7 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -254,9 +257,9 @@ class DrainWatch(_Follower):
             # drains the process seen as pid/current before.
             await self.changed(difference(self.values, start.values, start.revision))
             return
-        self._has_read = True
         self.values = dict(start.values)
-        self._see_current()
+        self._has_read = True
+        self._see_current(appeared=(), at_start=True)
         for pid in parse_pids(self.values.get(self.key)):
             if not any(seen[0] == pid for seen in self.seen):
                 log.info(
@@ -295,14 +298,37 @@ class DrainWatch(_Follower):
                 # each target is verified by its start time when it is signalled.
                 assert self._tg is not None
                 self._tg.start_soon(self._drain_after_reloads, targets)
-        self._see_current()
+        current = self.folder + "pid/current"
+        self._see_current(
+            appeared=set(parse_pids(self.values.get(current)))
+            - set(parse_pids(before.get(current)))
+        )
 
-    def _see_current(self) -> None:
-        """Remember the processes ``pid/current`` names, with their start times."""
+    def _see_current(self, appeared: Collection[int], *, at_start: bool = False) -> None:
+        """Remember the processes ``pid/current`` names, with their start times.
+
+        The ``generation/current`` record's start time is trusted whenever it names the PID.
+        Without one, a PID is timed by the process running under it now only if it has just
+        ``appeared`` in ``pid/current`` (a promotion or restart seen as it happened): a PID
+        that was already there may be stale, and the process now running under it another
+        one (the contract: a bare or recycled PID is never signalled).
+        """
         pids = parse_pids(self.values.get(self.folder + "pid/current"))
         recorded = record_start_times(self.values.get(self.folder + "generation/current"))
         for pid in pids:
-            started = recorded.get(pid) or start_time_of(pid)
+            started = recorded.get(pid)
+            if started is None and pid not in appeared:
+                if at_start:
+                    log.info(
+                        "drain_pid %s: not trusting pid=%d found in pid/current at start: "
+                        "generation/current gives no start time for it (the key may be stale "
+                        "and the PID reused); it will not be drained",
+                        self.key,
+                        pid,
+                    )
+                continue
+            if started is None:
+                started = start_time_of(pid)
             if started is None:
                 log.warning(
                     "drain_pid %s: pid=%d in pid/current is not running here", self.key, pid

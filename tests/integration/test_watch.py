@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,7 +22,7 @@ from flipvisor.reaper import Reaper
 from flipvisor.registry import Snapshot, open_registry
 from flipvisor.registry.etcd import EtcdRegistry
 from flipvisor.registry.local import write_registry_file
-from flipvisor.spawn import Child, spawn_process
+from flipvisor.spawn import Child, spawn_process, start_time_of
 from flipvisor.watch import watches_running
 from tests.fixtures.etcd import EtcdServer
 from tests.waiting import await_until
@@ -368,6 +369,80 @@ async def test_drain_pid_drains_after_a_re_read_a_process_it_saw_before(
             for child in (old, new):
                 await child.stop(timeout=5)
                 child.close()
+
+
+def popen_sleeper() -> subprocess.Popen[bytes]:
+    """A process started before the watcher (and its reaper) runs; ``subprocess`` reaps it."""
+    return subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+
+
+def record_of(process: subprocess.Popen[bytes]) -> str:
+    started = start_time_of(process.pid)
+    assert started is not None
+    return json.dumps({"generation": 1, "pids": [{"pid": process.pid, "started": started}]})
+
+
+def promote_by_hand(
+    etcd: EtcdServer, prefix: str, new: subprocess.Popen[bytes], old_pid: int
+) -> None:
+    """The promotion of ``new`` over ``old_pid``, written key by key."""
+    etcd.put(f"{prefix}/app/generation/current", record_of(new))
+    etcd.put(f"{prefix}/app/pid/current", str(new.pid))
+    etcd.put(f"{prefix}/app/pid/previous", str(old_pid))
+
+
+@pytest.mark.etcd
+async def test_drain_pid_does_not_trust_a_bare_pid_current_found_at_start(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # pid/current without a generation record naming it, there before the watcher: perhaps
+    # stale, its PID reused by the process now running under it.
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
+    bystander, new = popen_sleeper(), popen_sleeper()
+    try:
+        etcd_server.put(f"{etcd_prefix}/app/pid/current", str(bystander.pid))
+        async with watching(config):
+            await await_until(
+                lambda: _true(f"pid={bystander.pid}" in caplog.text),
+                message="the drain entry to read pid/current",
+            )
+            promote_by_hand(etcd_server, etcd_prefix, new, bystander.pid)
+            await await_until(
+                lambda: _true(f"refusing to signal pid={bystander.pid}" in caplog.text),
+                message="the refusal",
+            )
+        assert f"not trusting pid={bystander.pid} found in pid/current at start" in caplog.text
+        assert bystander.poll() is None
+    finally:
+        for process in (bystander, new):
+            process.kill()
+            process.wait(timeout=5)
+
+
+@pytest.mark.etcd
+async def test_drain_pid_trusts_the_generation_record_found_at_start(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
+    old, new = popen_sleeper(), popen_sleeper()
+    try:
+        etcd_server.put(f"{etcd_prefix}/app/generation/current", record_of(old))
+        etcd_server.put(f"{etcd_prefix}/app/pid/current", str(old.pid))
+        async with watching(config):
+            await await_until(
+                lambda: _true(f"pid={old.pid} is pid/current" in caplog.text),
+                message="the drain entry to read pid/current",
+            )
+            promote_by_hand(etcd_server, etcd_prefix, new, old.pid)
+            await await_until(lambda: _true(old.poll() is not None), message="the drain")
+        assert old.returncode == -signal.SIGTERM
+        assert new.poll() is None
+    finally:
+        for process in (old, new):
+            process.kill()
+            process.wait(timeout=5)
 
 
 async def _true(value: bool) -> bool:
