@@ -489,11 +489,34 @@ async def watch_main(config: Config) -> None:
     reaper = Reaper(reap_orphans=False)  # only our check/reload commands are our children
     registry = open_registry(config)
     try:
-        async with watches_running(config, registry, reaper):
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("received %s: stopping", signal.Signals(signum).name)
-                    break
+        # Receiving before the watches start: a signal's default action (SIGHUP, SIGUSR1 and
+        # SIGUSR2 terminate) would kill us mid-reload, leaving the reload command running and a
+        # new file unrestored.
+        with anyio.open_signal_receiver(*STOP_SIGNALS, *NOTED_SIGNALS) as signals:
+            async with watches_running(config, registry, reaper):
+                await _until_stop_signal(signals)
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await registry.aclose()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+NOTED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)  # logged, then ignored
+
+
+async def _until_stop_signal(signals: AsyncIterator[int]) -> None:
+    """Return at the first of ``STOP_SIGNALS``; say why any other signal changes nothing."""
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            # Operators send SIGHUP out of habit (`flipvisor run` re-reads its config then). A
+            # changed `watch:` takes effect only at a restart there too (RESTART_ONLY).
+            log.warning(
+                "received SIGHUP: flipvisor watch does not re-read its config; "
+                "restart it to apply a changed config"
+            )
+        elif signum in STOP_SIGNALS:
+            log.info("received %s: stopping", name)
+            return
+        else:
+            log.info("received %s: ignored", name)
