@@ -58,7 +58,7 @@ from .spawn import signal_verified, start_time_of
 log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT = 30.0  # check_cmd / reload_cmd of a watch (the config has no field for it)
-CATCH_UP_TIMEOUT = 60.0  # longest a drain waits for templates to reload
+CATCH_UP_TIMEOUT = 60.0  # longest a drain waits for slow templates; a failed one holds it
 # After the templates' last reload, before a drain: the proxy's reconfiguration (module docstring).
 RELOAD_SETTLE = 2.0
 RETRY_MIN, RETRY_MAX = 0.1, 2.0
