@@ -7,11 +7,19 @@ installed, checked and reloaded; a failed reload puts the previous file back.
 
 A ``drain_pid`` entry on ``<prefix>/<program>/pid/previous`` follows the program's whole folder,
 so it also sees ``pid/current`` and the ``generation/current`` record. It remembers every process
-(PID and start time) it saw as ``pid/current``; when ``pid/previous`` names PIDs it first waits
-until the template entries have reloaded for every earlier change, then signals each PID only if
+(PID and start time) it saw as ``pid/current``: one the record gives the start time of, or, for a
+PID that appeared in ``pid/current`` while it watched, the process running under it then (a bare
+PID found there at its first read may be stale, so it is not trusted). When ``pid/previous``
+names PIDs it first waits (in a task of its own, so it keeps following the keys) until the
+template entries have successfully applied every earlier change, then signals each PID only if
 it saw that very process serving (``spawn.signal_verified`` checks the start time through a
 pidfd), and SIGKILLs it after the timeout if it is still that process. A PID it never saw is
-never signalled: it logs a warning instead.
+never signalled: it logs a warning instead. A template that is only slow delays a drain by
+``CATCH_UP_TIMEOUT`` at most; one whose last render, check or reload failed holds it until an
+attempt succeeds (the proxy may still route to nothing but the old process), with an error
+logged every ``CATCH_UP_TIMEOUT``. When it has to read the keys again (history compacted or
+replaced, an outage), the difference from what it had is handled as one more change, so a
+promotion made meanwhile still drains.
 
 Why a drain also waits ``RELOAD_SETTLE`` seconds after the templates' last reload: "the reload
 has finished" cannot mean "``reload_cmd`` returned". ``nginx -s reload`` returns once it has sent
@@ -32,7 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +58,7 @@ from .spawn import signal_verified, start_time_of
 log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT = 30.0  # check_cmd / reload_cmd of a watch (the config has no field for it)
-CATCH_UP_TIMEOUT = 60.0  # longest a drain waits for templates to reload
+CATCH_UP_TIMEOUT = 60.0  # longest a drain waits for slow templates; a failed one holds it
 # After the templates' last reload, before a drain: the proxy's reconfiguration (module docstring).
 RELOAD_SETTLE = 2.0
 RETRY_MIN, RETRY_MAX = 0.1, 2.0
@@ -84,7 +92,7 @@ async def _follow(
         try:
             start = await registry.read_keys(patterns)
             await watcher.started(start)
-            async with aclosing(registry.watch(patterns, start.revision + 1)) as events:
+            async with aclosing(registry.watch(patterns, since=start)) as events:
                 async for batch in events:
                     delay = RETRY_MIN
                     await watcher.changed(batch)
@@ -117,7 +125,11 @@ class TemplateWatch(_Follower):
         self.entry, self.registry, self.reaper = entry, registry, reaper
         self.template, self.dest = entry.template, entry.dest
         self.values: dict[str, str] = {}
-        self.handled: dict[str, str] | None = None  # the values the last render looked at
+        self.handled: dict[str, str] | None = None  # the values the last attempt looked at
+        # Why that attempt failed (render, check or reload), None if it succeeded or is waiting
+        # for missing keys: a drain is held while it is set (the proxy may still route only to
+        # the old process).
+        self.failure: str | None = None
         self.busy = False
         self.reloaded_at: float | None = None  # anyio.current_time() of the last reload that ran
         self._progress = anyio.Event()
@@ -146,6 +158,9 @@ class TemplateWatch(_Follower):
             await self._render_and_reload(values)
         except ProxyError as exc:
             log.error("watch %s: %s", self.dest, exc)
+            self.failure = str(exc)
+        else:
+            self.failure = None
         finally:
             self.handled, self.busy = values, False
             self._progress.set()
@@ -193,11 +208,12 @@ class TemplateWatch(_Follower):
         log.info("watch %s: rendered and reloaded", self.dest)
 
     async def caught_up(self) -> None:
-        """Wait until this entry has handled every change made before this call.
+        """Wait until this entry has successfully applied every change made before this call.
 
         A change not received yet shows as a difference between what the registry holds now
-        and what the last render saw (revisions are not compared: the local backend's are
-        counters of each watch).
+        and what the last attempt saw (revisions are not compared: the local backend's are
+        counters of each watch). While the last attempt failed this keeps waiting: only a
+        later attempt that succeeds ends it.
         """
         while True:
             progress = self._progress  # taken before the read, so no progress is missed
@@ -207,7 +223,7 @@ class TemplateWatch(_Follower):
                 )
             except RegistryError:
                 now = None
-            if not self.busy and now is not None and self.handled == now:
+            if not self.busy and self.failure is None and now is not None and self.handled == now:
                 return
             await progress.wait()
 
@@ -223,6 +239,7 @@ class DrainWatch(_Follower):
     seen: set[tuple[int, float]] = field(default_factory=set)
     values: dict[str, str] = field(default_factory=dict)
     _tg: TaskGroup | None = None
+    _has_read: bool = False  # a later read is a re-read (after WatchLost or an error)
 
     @property
     def folder(self) -> str:
@@ -234,8 +251,15 @@ class DrainWatch(_Follower):
             await _follow(self.registry, [self.folder], f"drain_pid {self.key}", self)
 
     async def started(self, start: KeyRange) -> None:
+        if self._has_read:
+            # A re-read (history compacted or replaced, or an outage): what changed while the
+            # watch was away is a change like any other, so a promotion made meanwhile still
+            # drains the process seen as pid/current before.
+            await self.changed(difference(self.values, start.values, start.revision))
+            return
         self.values = dict(start.values)
-        self._see_current()
+        self._has_read = True
+        self._see_current(appeared=(), at_start=True)
         for pid in parse_pids(self.values.get(self.key)):
             if not any(seen[0] == pid for seen in self.seen):
                 log.info(
@@ -269,37 +293,91 @@ class DrainWatch(_Follower):
                     )
                 targets += starts
             if targets:
-                await self._wait_for_reloads()
+                # In a task of its own: the wait may be long (a failed template holds it), and
+                # this entry must go on seeing pid/current meanwhile. A late drain stays safe:
+                # each target is verified by its start time when it is signalled.
                 assert self._tg is not None
-                for pid, started in targets:
-                    self._tg.start_soon(self._drain_one, pid, started)
-        self._see_current()
+                self._tg.start_soon(self._drain_after_reloads, targets)
+        current = self.folder + "pid/current"
+        self._see_current(
+            appeared=set(parse_pids(self.values.get(current)))
+            - set(parse_pids(before.get(current)))
+        )
 
-    def _see_current(self) -> None:
-        """Remember the processes ``pid/current`` names, with their start times."""
+    def _see_current(self, appeared: Collection[int], *, at_start: bool = False) -> None:
+        """Remember the processes ``pid/current`` names, with their start times.
+
+        The ``generation/current`` record's start time is trusted whenever it names the PID.
+        Without one, a PID is timed by the process running under it now only if it has just
+        ``appeared`` in ``pid/current`` (a promotion or restart seen as it happened): a PID
+        that was already there may be stale, and the process now running under it another
+        one (the contract: a bare or recycled PID is never signalled).
+        """
         pids = parse_pids(self.values.get(self.folder + "pid/current"))
         recorded = record_start_times(self.values.get(self.folder + "generation/current"))
         for pid in pids:
-            started = recorded.get(pid) or start_time_of(pid)
+            started = recorded.get(pid)
+            if started is None and pid not in appeared:
+                if at_start:
+                    log.info(
+                        "drain_pid %s: not trusting pid=%d found in pid/current at start: "
+                        "generation/current gives no start time for it (the key may be stale "
+                        "and the PID reused); it will not be drained",
+                        self.key,
+                        pid,
+                    )
+                continue
+            if started is None:
+                started = start_time_of(pid)
             if started is None:
                 log.warning(
                     "drain_pid %s: pid=%d in pid/current is not running here", self.key, pid
                 )
                 continue
-            self.seen.add((pid, started))
+            if (pid, started) not in self.seen:
+                log.info(
+                    "drain_pid %s: pid=%d is pid/current (started %.2f)", self.key, pid, started
+                )
+                self.seen.add((pid, started))
 
-    async def _wait_for_reloads(self) -> None:
-        """Wait until every template handled the changes so far, then ``RELOAD_SETTLE`` after
-        the last reload any of them ran (the proxy's old workers stop routing to the old PID)."""
-        with anyio.move_on_after(CATCH_UP_TIMEOUT) as scope:
-            for template in self.templates:
-                await template.caught_up()
-        if scope.cancelled_caught:
-            log.warning(
-                "drain_pid %s: templates did not catch up within %g s; draining anyway",
-                self.key,
-                CATCH_UP_TIMEOUT,
-            )
+    async def _drain_after_reloads(self, targets: Sequence[tuple[int, float]]) -> None:
+        """Drain ``targets`` (pid, start time) once the proxy no longer routes to them."""
+        await self._wait_for_reloads(sorted({pid for pid, _ in targets}))
+        async with anyio.create_task_group() as tg:
+            for pid, started in targets:
+                tg.start_soon(self._drain_one, pid, started)
+
+    async def _wait_for_reloads(self, pids: Sequence[int]) -> None:
+        """Wait until every template applied the changes so far, then ``RELOAD_SETTLE`` after
+        the last reload any of them ran (the proxy's old workers stop routing to the old PID).
+
+        A template that is merely slow is given ``CATCH_UP_TIMEOUT``, then the drain goes on
+        anyway. One whose last attempt failed holds the drain until an attempt succeeds: the
+        proxy may route to nothing but ``pids`` then, and draining them would be an outage.
+        """
+        while True:
+            with anyio.move_on_after(CATCH_UP_TIMEOUT) as scope:
+                for template in self.templates:
+                    await template.caught_up()
+            if not scope.cancelled_caught:
+                break
+            failed = [t for t in self.templates if t.failure is not None]
+            if not failed:
+                log.warning(
+                    "drain_pid %s: templates did not catch up within %g s; draining anyway",
+                    self.key,
+                    CATCH_UP_TIMEOUT,
+                )
+                break
+            for template in failed:
+                log.error(
+                    "drain_pid %s: not draining pid=%s: watch %s failed: %s "
+                    "(held until it applies a change successfully)",
+                    self.key,
+                    ",".join(map(str, pids)),
+                    template.dest,
+                    template.failure,
+                )
         # An entry with a pidfile already waited for its proxy's old workers (caught_up covers
         # it): only the others need the fixed grace.
         reloads = [
@@ -329,6 +407,17 @@ class DrainWatch(_Follower):
                 self.drain.timeout,
             )
         self.seen.discard((pid, started))
+
+
+def difference(
+    before: Mapping[str, str], after: Mapping[str, str], revision: int
+) -> list[WatchEvent]:
+    """The changes that turn ``before`` into ``after`` (a deleted key's value is None)."""
+    return [
+        WatchEvent(key, after.get(key), revision)
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    ]
 
 
 def parse_pids(value: str | None) -> list[int]:
@@ -400,11 +489,34 @@ async def watch_main(config: Config) -> None:
     reaper = Reaper(reap_orphans=False)  # only our check/reload commands are our children
     registry = open_registry(config)
     try:
-        async with watches_running(config, registry, reaper):
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("received %s: stopping", signal.Signals(signum).name)
-                    break
+        # Receiving before the watches start: a signal's default action (SIGHUP, SIGUSR1 and
+        # SIGUSR2 terminate) would kill us mid-reload, leaving the reload command running and a
+        # new file unrestored.
+        with anyio.open_signal_receiver(*STOP_SIGNALS, *NOTED_SIGNALS) as signals:
+            async with watches_running(config, registry, reaper):
+                await _until_stop_signal(signals)
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await registry.aclose()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+NOTED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)  # logged, then ignored
+
+
+async def _until_stop_signal(signals: AsyncIterator[int]) -> None:
+    """Return at the first of ``STOP_SIGNALS``; say why any other signal changes nothing."""
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            # Operators send SIGHUP out of habit (`flipvisor run` re-reads its config then). A
+            # changed `watch:` takes effect only at a restart there too (RESTART_ONLY).
+            log.warning(
+                "received SIGHUP: flipvisor watch does not re-read its config; "
+                "restart it to apply a changed config"
+            )
+        elif signum in STOP_SIGNALS:
+            log.info("received %s: stopping", name)
+            return
+        else:
+            log.info("received %s: ignored", name)

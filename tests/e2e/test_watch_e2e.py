@@ -17,6 +17,7 @@ import psutil
 import pytest
 import yaml
 
+from flipvisor.registry.local import write_registry_file
 from tests.e2e.load import Load
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.flipvisor import ROOT, Flipvisor, svc_command
@@ -373,3 +374,40 @@ def test_run_exits_on_sigterm_while_a_watch_reload_runs(
         process.wait()
         pytest.fail("flipvisor run outlived SIGTERM while a watch's reload ran")
     assert code == 0, flipvisor.output()
+
+
+def test_watch_keeps_running_after_sighup_and_sigusr1(watcher: Watcher, tmp_path: Path) -> None:
+    # SIGHUP's default action would end the watcher (mid-reload, even), and operators send it
+    # out of habit: it is logged as not re-reading the config, SIGUSR1/SIGUSR2 as ignored.
+    template = tmp_path / "port.txt.j2"
+    template.write_text('port={{ get("flipvisor/svc/port/current") }}\n')
+    dest = tmp_path / "out" / "port.txt"
+    registry_file = tmp_path / "state" / "registry.json"
+    write_registry_file(registry_file, {"flipvisor/svc/port/current": "41000"})
+    process = watcher.start(
+        {
+            "registry": {"backend": "local"},
+            "watch": [
+                {
+                    "keys": ["flipvisor/svc/port/current"],
+                    "template": str(template),
+                    "dest": str(dest),
+                }
+            ],
+        }
+    )
+    wait_until(lambda: file_holds(dest, "port=41000"), timeout=15, message="the first render")
+    process.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: "does not re-read its config" in watcher.output() or process.poll() is not None,
+        message="the watcher to log the SIGHUP",
+    )
+    process.send_signal(signal.SIGUSR1)
+    wait_until(
+        lambda: "received SIGUSR1: ignored" in watcher.output() or process.poll() is not None,
+        message="the watcher to log the SIGUSR1",
+    )
+    assert process.poll() is None, watcher.output()
+    write_registry_file(registry_file, {"flipvisor/svc/port/current": "42000"})
+    wait_until(lambda: file_holds(dest, "port=42000"), timeout=15, message="a later render")
+    assert watcher.stop() == 0, watcher.output()[-3000:]

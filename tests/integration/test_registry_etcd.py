@@ -12,7 +12,7 @@ import pytest
 
 from flipvisor.config import RegistryConfig
 from flipvisor.errors import RegistryConflict, RegistryError
-from flipvisor.registry import KEY_SUFFIXES, Snapshot, WatchEvent
+from flipvisor.registry import KEY_SUFFIXES, Snapshot, WatchEvent, WatchLost
 from flipvisor.registry.etcd import EtcdRegistry
 from flipvisor.registry.etcd_client import EtcdConnection
 from tests.fixtures.etcd import TLS_PASSWORD, TLS_USER, EtcdServer, free_port
@@ -262,7 +262,7 @@ async def test_watch_resumes_after_an_outage(
 
             async def consume() -> None:
                 watched = [f"{etcd_prefix}/app/", f"{etcd_prefix}/other"]
-                async with aclosing(registry.watch(watched, start.revision + 1)) as events:
+                async with aclosing(registry.watch(watched, since=start)) as events:
                     async for batch in events:
                         seen.extend(batch)
 
@@ -286,6 +286,40 @@ async def test_watch_resumes_after_an_outage(
         ("/other", "3"),
         ("/app/port/current", None),
     ]
+
+
+async def test_watch_is_lost_when_etcd_comes_back_with_an_earlier_revision(
+    restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    registry = registry_for(restartable_etcd.endpoint, etcd_prefix, timeout=2)
+    for n in range(5):  # history the replacement will not have
+        restartable_etcd.put(f"{etcd_prefix}/app/port/current", str(n))
+    seen: list[WatchEvent] = []
+    lost: list[WatchLost] = []
+    try:
+        start = await registry.read_keys([f"{etcd_prefix}/app/"])
+        async with anyio.create_task_group() as tg:
+
+            async def consume() -> None:
+                watched = [f"{etcd_prefix}/app/"]
+                try:
+                    async with aclosing(registry.watch(watched, since=start)) as events:
+                        async for batch in events:
+                            seen.extend(batch)
+                except WatchLost as exc:
+                    lost.append(exc)
+
+            tg.start_soon(consume)
+            restartable_etcd.put(f"{etcd_prefix}/app/port/current", "5")
+            await await_until(lambda: _true(bool(seen)), message="the watch to run")
+            # Blocking calls: the watch cannot resume before the new etcd holds the key (at a
+            # revision below the one it resumes from, which etcd would wait for).
+            restartable_etcd.restart_empty()
+            restartable_etcd.put(f"{etcd_prefix}/app/port/current", "new")
+            await await_until(lambda: _true(bool(lost)), timeout=8, message="WatchLost")
+    finally:
+        await registry.aclose()
+    assert "etcd's revision went back" in str(lost[0])
 
 
 async def test_tls_and_auth(tls_etcd: EtcdServer, etcd_prefix: str) -> None:

@@ -107,7 +107,7 @@ async def test_watch_polls_the_file(tmp_path: Path) -> None:
     async with anyio.create_task_group() as tg:
 
         async def consume() -> None:
-            async with aclosing(registry.watch(["p/app/"], start.revision + 1)) as events:
+            async with aclosing(registry.watch(["p/app/"], since=start)) as events:
                 async for batch in events:
                     seen.extend(batch)
 
@@ -127,6 +127,22 @@ async def test_watch_polls_the_file(tmp_path: Path) -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_watch_since_a_read_sees_a_change_made_before_the_watch_began(
+    tmp_path: Path,
+) -> None:
+    # The watcher's initial render and reload run between its read and its watch; a change in
+    # that gap must not be lost (the file keeps no history: the read is the baseline).
+    path = tmp_path / "registry.json"
+    registry = LocalRegistry(path, RegistryConfig(prefix="p"))
+    await registry.publish("app", Snapshot({"port/current": "1"}))
+    start = await registry.read_keys(["p/app/"])
+    await registry.publish("app", Snapshot({"port/current": "2"}))  # before the watch begins
+    with anyio.fail_after(5):
+        async with aclosing(registry.watch(["p/app/"], since=start)) as events:
+            batch = await anext(events)
+    assert [(e.key, e.value) for e in batch] == [("p/app/port/current", "2")]
 
 
 async def test_publish_after_a_disk_error_is_retried_until_it_lands(tmp_path: Path) -> None:

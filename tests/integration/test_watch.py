@@ -1,4 +1,5 @@
-"""The built-in confd against a real etcd: render/check/reload on change, resume, drain_pid."""
+"""The built-in confd against a real etcd (and the local file): render/check/reload on change,
+resume, drain_pid."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,16 +16,16 @@ from pathlib import Path
 import anyio
 import pytest
 
+from flipvisor import watch
 from flipvisor.config import Config
 from flipvisor.reaper import Reaper
-from flipvisor.registry import Snapshot
+from flipvisor.registry import Snapshot, open_registry
 from flipvisor.registry.etcd import EtcdRegistry
-from flipvisor.spawn import Child, spawn_process
+from flipvisor.registry.local import write_registry_file
+from flipvisor.spawn import Child, spawn_process, start_time_of
 from flipvisor.watch import watches_running
 from tests.fixtures.etcd import EtcdServer
 from tests.waiting import await_until
-
-pytestmark = pytest.mark.etcd
 
 TEMPLATE = """upstream app {
 {%- if get("PFX/app/port/current") != "bad" %}
@@ -34,12 +36,22 @@ TEMPLATE = """upstream app {
 
 
 def make_config(
-    tmp_path: Path, endpoint: str, prefix: str, *, slow_reload: bool = False, drain: bool = False
+    tmp_path: Path,
+    endpoint: str,
+    prefix: str,
+    *,
+    slow_reload: bool = False,
+    drain: bool = False,
+    hang_on: str | None = None,
 ) -> Config:
+    """One template entry (plus a ``drain_pid`` entry with ``drain``). ``hang_on``: a reload of
+    a file holding that text hangs (until the watches are stopped)."""
     template = tmp_path / "app.conf.j2"
     template.write_text(TEMPLATE.replace("PFX", prefix))
     dest, reload_log = tmp_path / "out" / "app.conf", tmp_path / "reloads.log"
     pause = "sleep 0.5; " if slow_reload else ""
+    if hang_on is not None:
+        pause += f'if grep -q "{hang_on}" "{dest}"; then exec sleep 60; fi; '
     watch: list[dict[str, object]] = [
         {
             "keys": [f"{prefix}/app/port/current", f"{prefix}/shared/"],
@@ -87,6 +99,7 @@ async def _file_holds(path: Path, text: str) -> bool:
     return await file.exists() and text in await file.read_text()
 
 
+@pytest.mark.etcd
 async def test_renders_when_keys_appear_and_on_change(
     etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
 ) -> None:
@@ -111,6 +124,7 @@ async def test_renders_when_keys_appear_and_on_change(
     assert reload_log.read_text().count("upstream app") == 3  # the failed checks never reloaded
 
 
+@pytest.mark.etcd
 async def test_resumes_after_etcd_restart_without_missing_a_change(
     restartable_etcd: EtcdServer, etcd_prefix: str, tmp_path: Path
 ) -> None:
@@ -130,6 +144,29 @@ async def test_resumes_after_etcd_restart_without_missing_a_change(
         )
 
 
+@pytest.mark.etcd
+async def test_renders_a_change_after_etcd_came_back_with_an_empty_data_dir(
+    restartable_etcd: EtcdServer, etcd_prefix: str, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path, restartable_etcd.endpoint, etcd_prefix)
+    reload_log = tmp_path / "reloads.log"
+    for n in range(5):  # history the replacement will not have
+        restartable_etcd.put(f"{etcd_prefix}/shared/x", str(n))
+    restartable_etcd.put(f"{etcd_prefix}/app/port/current", "41000")
+    async with watching(config):
+        await await_until(lambda: _file_holds(reload_log, "41000"), message="first reload")
+        # Blocking calls: the watcher resumes only once the new etcd holds the keys, at
+        # revisions below the one it resumes from.
+        restartable_etcd.restart_empty()
+        restartable_etcd.put(f"{etcd_prefix}/shared/x", "1")
+        restartable_etcd.put(f"{etcd_prefix}/app/port/current", "42000")
+        await await_until(
+            lambda: _file_holds(reload_log, "42000"),
+            timeout=8,
+            message="the change made in the replaced etcd",
+        )
+
+
 def start_sleeper(reaper: Reaper) -> Child:
     code = "import time\nwhile True: time.sleep(1)"
     return spawn_process([sys.executable, "-c", code], reaper=reaper, env=dict(os.environ))
@@ -141,6 +178,7 @@ def generation_record(children: list[Child]) -> str:
     )
 
 
+@pytest.mark.etcd
 async def test_drain_pid_refuses_a_pid_it_never_saw_serving(
     etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -161,6 +199,7 @@ async def test_drain_pid_refuses_a_pid_it_never_saw_serving(
             bystander.close()
 
 
+@pytest.mark.etcd
 async def test_drain_pid_drains_a_seen_process_after_the_reload(
     etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
 ) -> None:
@@ -195,3 +234,252 @@ async def test_drain_pid_drains_a_seen_process_after_the_reload(
             for child in (old, new):
                 await child.stop(timeout=5)
                 child.close()
+
+
+async def _serve_old(etcd: EtcdServer, prefix: str, old: Child, reload_log: Path) -> None:
+    """The keys of ``old`` serving on port 41000, and the template's reload of them done."""
+    etcd.put(f"{prefix}/shared/x", "1")
+    etcd.put(f"{prefix}/app/port/current", "41000")
+    etcd.put(f"{prefix}/app/generation/current", generation_record([old]))
+    etcd.put(f"{prefix}/app/pid/current", str(old.pid))
+    await await_until(lambda: _file_holds(reload_log, "41000"), message="first reload")
+
+
+async def _promote(registry: EtcdRegistry, port: str, new: Child) -> None:
+    """The promotion of ``new`` on ``port``, as a flip writes it: one transaction."""
+    seen = await registry.snapshot("app")
+    promoted = {
+        **seen.values,
+        "port/current": port,
+        "port/previous": seen.values["port/current"],
+        "pid/current": str(new.pid),
+        "pid/previous": seen.values["pid/current"],
+        "generation/current": generation_record([new]),
+    }
+    await registry.swap("app", seen, Snapshot(promoted))
+
+
+@pytest.mark.etcd
+async def test_drain_pid_is_held_while_a_template_failed_until_it_applies_a_change(
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The promotion's render fails its check, so the proxy still routes only to the old
+    # process: draining it would be an outage.
+    monkeypatch.setattr(watch, "CATCH_UP_TIMEOUT", 0.5)
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
+    dest, reload_log = tmp_path / "out" / "app.conf", tmp_path / "reloads.log"
+    async with watching(config) as (reaper, registry):
+        old, new = start_sleeper(reaper), start_sleeper(reaper)
+        try:
+            await _serve_old(etcd_server, etcd_prefix, old, reload_log)
+            await _promote(registry, "bad", new)  # "bad" renders no server: the check fails
+
+            def held() -> int:
+                return sum(
+                    f"not draining pid={old.pid}: watch {dest} failed" in r.getMessage()
+                    for r in caplog.records
+                    if r.levelno == logging.ERROR
+                )
+
+            # Held past several CATCH_UP_TIMEOUTs, saying so each time (not "draining anyway").
+            await await_until(lambda: _true(held() >= 3), message="the drain to be held")
+            assert old.returncode is None
+            assert "draining anyway" not in caplog.text
+
+            etcd_server.put(f"{etcd_prefix}/app/port/current", "42000")  # a render that works
+            with anyio.fail_after(10):
+                assert await old.wait() == -signal.SIGTERM
+            assert "127.0.0.1:42000;" in dest.read_text()
+            assert new.returncode is None
+        finally:
+            for child in (old, new):
+                await child.stop(timeout=5)
+                child.close()
+
+
+@pytest.mark.etcd
+async def test_drain_pid_goes_ahead_after_a_slow_template_gets_catch_up_timeout(
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(watch, "CATCH_UP_TIMEOUT", 0.5)
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, hang_on="42000")
+    reload_log = tmp_path / "reloads.log"
+    async with watching(config) as (reaper, registry):
+        old, new = start_sleeper(reaper), start_sleeper(reaper)
+        try:
+            await _serve_old(etcd_server, etcd_prefix, old, reload_log)
+            await _promote(registry, "42000", new)  # its reload hangs: slow, not failed
+            with anyio.fail_after(10):
+                assert await old.wait() == -signal.SIGTERM
+            assert "did not catch up within 0.5 s; draining anyway" in caplog.text
+            assert "42000" not in reload_log.read_text()  # the reload was still running
+        finally:
+            for child in (old, new):
+                await child.stop(timeout=5)
+                child.close()
+
+
+@pytest.mark.etcd
+async def test_drain_pid_drains_after_a_re_read_a_process_it_saw_before(
+    restartable_etcd: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The promotion happens while the watcher is away, in an etcd whose revision went back:
+    # the watcher reads the keys again, and the promotion is in what it reads.
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, restartable_etcd.endpoint, etcd_prefix, drain=True)
+    reload_log = tmp_path / "reloads.log"
+    for n in range(5):  # history the replacement will not have
+        restartable_etcd.put(f"{etcd_prefix}/filler", str(n))
+    async with watching(config) as (reaper, _):
+        old, new = start_sleeper(reaper), start_sleeper(reaper)
+        try:
+            await _serve_old(restartable_etcd, etcd_prefix, old, reload_log)
+            await await_until(
+                lambda: _true(f"pid={old.pid} is pid/current" in caplog.text),
+                message="the drain entry to see the old process serving",
+            )
+            # Blocking calls: the watcher comes back only once the promotion is in place.
+            restartable_etcd.restart_empty()
+            app = f"{etcd_prefix}/app"
+            for key, value in [
+                (f"{etcd_prefix}/shared/x", "1"),
+                (f"{app}/port/current", "42000"),
+                (f"{app}/generation/current", generation_record([new])),
+                (f"{app}/pid/current", str(new.pid)),
+                (f"{app}/pid/previous", str(old.pid)),
+            ]:
+                restartable_etcd.put(key, value)
+            with anyio.fail_after(15):
+                assert await old.wait() == -signal.SIGTERM
+            assert "42000" in reload_log.read_text()
+            assert new.returncode is None
+        finally:
+            for child in (old, new):
+                await child.stop(timeout=5)
+                child.close()
+
+
+def popen_sleeper() -> subprocess.Popen[bytes]:
+    """A process started before the watcher (and its reaper) runs; ``subprocess`` reaps it."""
+    return subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+
+
+def record_of(process: subprocess.Popen[bytes]) -> str:
+    started = start_time_of(process.pid)
+    assert started is not None
+    return json.dumps({"generation": 1, "pids": [{"pid": process.pid, "started": started}]})
+
+
+def promote_by_hand(
+    etcd: EtcdServer, prefix: str, new: subprocess.Popen[bytes], old_pid: int
+) -> None:
+    """The promotion of ``new`` over ``old_pid``, written key by key."""
+    etcd.put(f"{prefix}/app/generation/current", record_of(new))
+    etcd.put(f"{prefix}/app/pid/current", str(new.pid))
+    etcd.put(f"{prefix}/app/pid/previous", str(old_pid))
+
+
+@pytest.mark.etcd
+async def test_drain_pid_does_not_trust_a_bare_pid_current_found_at_start(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # pid/current without a generation record naming it, there before the watcher: perhaps
+    # stale, its PID reused by the process now running under it.
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
+    bystander, new = popen_sleeper(), popen_sleeper()
+    try:
+        etcd_server.put(f"{etcd_prefix}/app/pid/current", str(bystander.pid))
+        async with watching(config):
+            await await_until(
+                lambda: _true(f"pid={bystander.pid}" in caplog.text),
+                message="the drain entry to read pid/current",
+            )
+            promote_by_hand(etcd_server, etcd_prefix, new, bystander.pid)
+            await await_until(
+                lambda: _true(f"refusing to signal pid={bystander.pid}" in caplog.text),
+                message="the refusal",
+            )
+        assert f"not trusting pid={bystander.pid} found in pid/current at start" in caplog.text
+        assert bystander.poll() is None
+    finally:
+        for process in (bystander, new):
+            process.kill()
+            process.wait(timeout=5)
+
+
+@pytest.mark.etcd
+async def test_drain_pid_trusts_the_generation_record_found_at_start(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
+    old, new = popen_sleeper(), popen_sleeper()
+    try:
+        etcd_server.put(f"{etcd_prefix}/app/generation/current", record_of(old))
+        etcd_server.put(f"{etcd_prefix}/app/pid/current", str(old.pid))
+        async with watching(config):
+            await await_until(
+                lambda: _true(f"pid={old.pid} is pid/current" in caplog.text),
+                message="the drain entry to read pid/current",
+            )
+            promote_by_hand(etcd_server, etcd_prefix, new, old.pid)
+            await await_until(lambda: _true(old.poll() is not None), message="the drain")
+        assert old.returncode == -signal.SIGTERM
+        assert new.poll() is None
+    finally:
+        for process in (old, new):
+            process.kill()
+            process.wait(timeout=5)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_local_registry_change_during_the_initial_reload_is_rendered(tmp_path: Path) -> None:
+    # The watch opens only after the initial render, check and reload; the file keeps no
+    # history, so it must continue from the read the render used, not from the file as it is.
+    template, dest = tmp_path / "port.j2", tmp_path / "out" / "port.txt"
+    template.write_text('port={{ get("p/app/port/current") }}\n')
+    reloading, go = tmp_path / "reloading", tmp_path / "go"
+    # The first reload holds until the test says go (10 s at most).
+    first_reload_waits = (
+        f'[ -e "{reloading}" ] && exit 0; touch "{reloading}"; i=0; '
+        f'while [ ! -e "{go}" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done'
+    )
+    config = Config.model_validate(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "registry": {"backend": "local", "prefix": "p"},
+            "watch": [
+                {
+                    "keys": ["p/app/port/current"],
+                    "template": str(template),
+                    "dest": str(dest),
+                    "reload_cmd": ["sh", "-c", first_reload_waits],
+                }
+            ],
+        }
+    )
+    registry_file = config.state_dir / "registry.json"
+    write_registry_file(registry_file, {"p/app/port/current": "41000"})
+    async with watches_running(config, open_registry(config), Reaper(reap_orphans=False)):
+        await await_until(lambda: anyio.Path(reloading).exists(), message="the first reload")
+        write_registry_file(registry_file, {"p/app/port/current": "42000"})
+        go.touch()
+        await await_until(
+            lambda: _file_holds(dest, "port=42000"), message="the change made during the reload"
+        )

@@ -82,8 +82,9 @@ class Registry(Protocol):
 
 
 class WatchLost(RegistryError):
-    """A watch cannot resume: the history it needs was compacted, or the store refused it.
-    Read the keys again and watch from the new revision."""
+    """A watch cannot resume: the history it needs was compacted or replaced (the store's
+    revision went back), or the store refused it. Read the keys again and watch from the new
+    revision."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class WatchEvent:
 class KeyRange:
     """Values of the keys under some prefixes, all read at one ``revision``.
 
-    Watching from ``revision + 1`` misses no change made after this read.
+    ``watch(patterns, since=this)`` misses no change made after this read.
     """
 
     values: Mapping[str, str]
@@ -126,15 +127,17 @@ class WatchableRegistry(Registry, Protocol):
         ...
 
     def watch(
-        self, patterns: Sequence[str], start_revision: int | None = None
+        self, patterns: Sequence[str], since: KeyRange | None = None
     ) -> AsyncGenerator[list[WatchEvent], None]:
-        """Changes of keys matching ``patterns`` from ``start_revision`` on (None: from now),
-        one list per revision (the keys a transaction changed under one pattern arrive
+        """Changes of keys matching ``patterns`` made after the read ``since`` (a ``read_keys``
+        of the same patterns; None: from now), however long ago that read was, one list per
+        revision (the keys a transaction changed under one pattern arrive
         together; each pattern's lists in revision order). Survives outages: after a
         reconnect it resumes after the last revision it delivered.
 
         Raises:
-            WatchLost: the history to resume from was compacted away, or the store refused
-                the watch (read again and watch from the new revision).
+            WatchLost: the history to resume from was compacted away or replaced (the
+                store's revision went back), or the store refused the watch (read again and
+                watch from the new revision).
         """
         ...

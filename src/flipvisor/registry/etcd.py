@@ -299,17 +299,20 @@ class EtcdRegistry:
         return KeyRange(txn_values(reply), reply.header.revision)
 
     async def watch(
-        self, patterns: Sequence[str], start_revision: int | None = None
+        self, patterns: Sequence[str], since: KeyRange | None = None
     ) -> AsyncGenerator[list[WatchEvent], None]:
-        """Changes of keys matching ``patterns``, one list per etcd response (a transaction's
-        changes together), resuming after the last delivered revision across outages.
+        """Changes of keys matching ``patterns`` after the read ``since`` (from its revision + 1;
+        None: from now), one list per etcd response (a transaction's changes together),
+        resuming after the last delivered revision across outages.
         Each pattern's changes arrive in revision order; after a resume, lists of different
         patterns may interleave out of order. Close it with ``contextlib.aclosing``.
 
         Raises:
-            WatchLost: the history to resume from was compacted, or etcd refused the watch.
+            WatchLost: the history to resume from was compacted or replaced (etcd's revision
+                went back), or etcd refused the watch.
         """
-        next_revision: list[int | None] = [start_revision] * len(patterns)
+        start = since.revision + 1 if since is not None else None
+        next_revision: list[int | None] = [start] * len(patterns)
         delay, failing = MIN_BACKOFF, False
         while True:
             try:
@@ -344,7 +347,8 @@ class EtcdRegistry:
         """(pattern index, events) from one Watch stream until it ends.
 
         Raises:
-            WatchLost: etcd cancelled a watch (compaction, permissions).
+            WatchLost: etcd cancelled a watch (compaction, permissions), or its revision went
+                back behind one this watch had seen.
             grpc.aio.AioRpcError: the stream broke.
         """
         for pattern, revision in zip(patterns, next_revision, strict=True):
@@ -357,8 +361,18 @@ class EtcdRegistry:
         while (reply := await call.read()) is not grpc.aio.EOF:
             if reply.created:
                 index = indexes[reply.watch_id] = len(indexes)
-                if next_revision[index] is None:
+                wanted = next_revision[index]
+                if wanted is None:
                     next_revision[index] = reply.header.revision + 1
+                elif wanted > reply.header.revision + 1:
+                    # A revision we saw that this etcd has not reached: its history was
+                    # replaced (restored from a backup, or a new empty data dir). etcd would
+                    # wait for that revision and ignore every change until then. (A lagging
+                    # member of a cluster can look alike for a moment; reading again is safe.)
+                    raise WatchLost(
+                        f"etcd's revision went back (restored or replaced?): it is at "
+                        f"{reply.header.revision}, this watch had seen up to {wanted - 1}"
+                    )
             if reply.canceled:
                 if reply.compact_revision:
                     raise WatchLost(

@@ -218,33 +218,42 @@ class LocalRegistry:
         return KeyRange(matching, self._revision)
 
     async def watch(
-        self, patterns: Sequence[str], start_revision: int | None = None
+        self, patterns: Sequence[str], since: KeyRange | None = None
     ) -> AsyncGenerator[list[WatchEvent], None]:
         """Poll the file and yield the keys matching ``patterns`` that changed.
 
-        The first poll compares against the file as it is when the watch starts
-        (``start_revision`` cannot reach back further: the file keeps no history).
+        The baseline is ``since``'s values (None: the file as it is when the watch starts).
+        With ``since`` the first poll compares the file's content even if its stamp did not
+        change: the change may have landed between the read and this call (the file keeps no
+        history, and its stamp then would already be the new one).
 
         Raises:
             RegistryError: never for an unreadable file (it is retried at the next poll).
         """
-        seen = (await self.read_keys(patterns)).values
-        stamp = self._stamp()
+        read_anyway = since is not None
+        if since is not None:
+            seen = {
+                k: v for k, v in since.values.items() if any(key_matches(p, k) for p in patterns)
+            }
+            stamp = None
+        else:
+            seen = dict((await self.read_keys(patterns)).values)
+            stamp = self._stamp()
         while True:
             await anyio.sleep(POLL_INTERVAL)
             now_stamp = self._stamp()
-            if now_stamp == stamp:
+            if now_stamp == stamp and not read_anyway:
                 continue
             try:
                 current = (await self.read_keys(patterns)).values
             except RegistryError as exc:
                 log.warning("watching the registry file: %s", exc)
                 continue
-            stamp = now_stamp
+            stamp, read_anyway = now_stamp, False
             changed = sorted(
                 k for k in seen.keys() | current.keys() if seen.get(k) != current.get(k)
             )
-            seen = current
+            seen = dict(current)
             if changed:
                 self._revision += 1
                 yield [WatchEvent(k, current.get(k), self._revision) for k in changed]
