@@ -20,6 +20,7 @@ from .config import Config, ProgramConfig, load_config
 from .control import ControlServer, Send
 from .errors import EXIT_USAGE, Busy, ConfigError, FlipvisorError, UsageError
 from .events import EventLog
+from .generation import KILL_GRACE
 from .program import Program, Runtime
 from .progress import FlipReport
 from .protocol import Request, is_seconds, result
@@ -33,11 +34,10 @@ log = logging.getLogger(__name__)
 # Top-level settings read once, at start: the control socket, registry connection, metrics
 # listener, log settings and watches are built from them. A reload reports a change to them.
 RESTART_ONLY = ("state_dir", "registry", "metrics", "logs", "watch")
-# At shutdown, how long an orphan still running gets after SIGTERM; after SIGKILL, how long it is
-# waited for (it is gone at once unless the kernel is stuck); how many times new orphans (those
-# of the orphans just stopped) are looked for before giving up.
+# At shutdown, how long an orphan still running gets after SIGTERM (after SIGKILL it is waited
+# for KILL_GRACE, as a worker is); how many times new orphans (those of the orphans just stopped)
+# are looked for before giving up.
 ORPHAN_GRACE = 3.0
-KILL_GRACE = 10.0
 ORPHAN_ROUNDS = 5
 
 
