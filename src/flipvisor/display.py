@@ -91,6 +91,12 @@ def status_rows(document: dict[str, Any], now: float) -> tuple[list[list[str]], 
             )
         if program.get("flip"):
             notes.append(f"{name}: {_flip_line(program['flip'])}")
+        if left := program.get("leftovers"):
+            pids = ",".join(map(str, left["pids"]))
+            notes.append(
+                f"{name}: workers a killed supervisor left (pid {pids}, port {left['port']}) "
+                "still serve; drained once a generation of this one is promoted"
+            )
         if program.get("fatal_reason"):
             reason = program["fatal_reason"]
             logs = (

@@ -28,6 +28,7 @@ from .errors import (
 from .events import EventLog
 from .generation import Generation
 from .history import History
+from .leftovers import Leftovers
 from .locate import log_path
 from .logs import ProgramLog
 from .progress import FlipReport
@@ -87,6 +88,9 @@ class Program:
         self._tg: TaskGroup | None = None
         self.log = ProgramLog(log_path(runtime.state_dir, name), runtime.logs)
         self.listener = ProgramListener()
+        # Workers a killed supervisor left serving this program: replaced by our first
+        # promotion, or stopped with the program (set by the supervisor before the first start).
+        self.leftovers: Leftovers | None = None
 
     # -- status -------------------------------------------------------------------------------
 
@@ -109,6 +113,7 @@ class Program:
             "flips": self.flips_total,
             "flip_failures": self.flip_failures_total,
             "fatal_reason": self.fatal_reason,
+            "leftovers": self.leftovers.status() if self.leftovers is not None else None,
             "flip": self.current_flip.progress() if self.current_flip is not None else None,
             "generations": [gen.status(now) for gen in self.generations],
         }
@@ -232,6 +237,7 @@ class Program:
         number = self._next_number
         self._next_number += 1
         report.generation = number
+        await self._free_port_of_leftovers(report, config)
         with report.step("spawn", f"{config.numprocs} worker(s)"):
             gen = Generation(
                 program=self.name,
@@ -263,7 +269,13 @@ class Program:
             self.generations.remove(gen)
             if isinstance(exc, FlipvisorError | TimeoutError):
                 output = list(gen.tail)
-                serving = "the previous generation keeps serving" if self.serving else None
+                serving = (
+                    "the previous generation keeps serving"
+                    if self.serving
+                    else f"{self.leftovers.describe()} keeps serving"
+                    if self.leftovers
+                    else None
+                )
                 raise FlipFailed(
                     f"generation {number} of {self.name} failed: {reason}; "
                     f"{serving or 'nothing serves'}; " + flip_next_step(exc, self.name),
@@ -288,8 +300,10 @@ class Program:
             reaper=self.runtime.reaper,
             report=report,
             proxy_lock=self.runtime.proxy_lock,
-            # Nothing serves yet: an unreachable registry must not keep the program down.
-            registry_optional=first,
+            # Nothing serves yet: an unreachable registry must not keep the program down. Unless
+            # a killed supervisor's workers serve: they are drained after this promotion, so the
+            # keys must stop naming them first.
+            registry_optional=first and self.leftovers is None,
             replaced_proxy=self.serving.config.proxy if self.serving is not None else None,
         )
         gen.transition(GenerationState.SERVING)
@@ -306,8 +320,51 @@ class Program:
         self.runtime.events.emit("promoted", self.name, gen.number, port=gen.port, pids=gen.pids)
         self.history.deployed(gen.config)
         if old is None:
+            await self._drain_leftovers(report, gen.config)
             return
         await self._retire(report, old, window=gen.config.rollback_window)
+
+    async def _free_port_of_leftovers(self, report: FlipReport, config: ProgramConfig) -> None:
+        """Before a generation binds the fixed port that leftovers listen on: take over their
+        socket (the new generation then accepts from its queue while they drain), or, if the
+        kernel will not hand it over, stop them first (connections are refused until ours bind)."""
+        left, wanted = self.leftovers, config.socket
+        if left is None or wanted.port == 0 or left.port != wanted.port:
+            return
+        if self.listener.holds(wanted):
+            return  # taken over by an earlier attempt
+        if (sock := left.take_socket(wanted)) is not None:
+            self.listener.adopt(sock, wanted)
+            self.runtime.events.emit("socket-taken", self.name, None, f"from {left.describe()}")
+            return
+        log.warning(
+            "program=%s: cannot take port %d over from %s; stopping them first",
+            self.name,
+            wanted.port,
+            left.describe(),
+        )
+        await self._drain_leftovers(report, config, delay=False)
+
+    async def _drain_leftovers(
+        self, report: FlipReport | None, config: ProgramConfig, *, delay: bool = True
+    ) -> None:
+        """Drain the leftovers, if any, as an old generation: ``config``'s drain settings."""
+        left = self.leftovers
+        if left is None:
+            return
+        # Not under their generation number: that was the dead supervisor's, and ours restart at 1.
+        self.runtime.events.emit("draining", self.name, None, left.describe())
+        with report.step("drain", left.describe()) if report else nullcontext():
+            killed = await left.drain(config.drain, delay=delay)
+        self.leftovers = None
+        if killed:
+            self.runtime.events.emit(
+                "killed",
+                self.name,
+                None,
+                f"still running {config.drain.timeout}s after {config.drain.signal.name}",
+                pids=killed,
+            )
 
     async def _retire(self, report: FlipReport, old: Generation, *, window: float) -> None:
         """Drain the replaced generation, or keep it warm for ``window`` seconds (the deployed
@@ -446,6 +503,7 @@ class Program:
             async with anyio.create_task_group() as tg:
                 for gen in gens:
                     tg.start_soon(self._drain, gen)
+                tg.start_soon(self._drain_leftovers, None, self.config)
             self.listener.close()  # a stopped program holds no port
         finally:
             self._stops -= 1

@@ -23,6 +23,7 @@ import anyio
 from .config import ProgramConfig, ProxyConfig
 from .errors import ProxyError, ProxyReloadTimedOut, RegistryConflict, RegistryError
 from .generation import Generation
+from .leftovers import this_supervisor
 from .progress import FlipReport
 from .proxy import (
     Installed,
@@ -51,6 +52,9 @@ def generation_record(gen: Generation) -> str:
             "port": gen.port,
             "pids": gen.pid_records(),
             "host": HOSTNAME,
+            # Whose workers these are: a supervisor started after this one was killed replaces
+            # them (leftovers.py), unless this one still runs.
+            "supervisor": this_supervisor(),
             "command": list(gen.config.command),
             "promoted_at": round(time.time(), 3),
         }

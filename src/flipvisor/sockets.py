@@ -59,7 +59,7 @@ class ProgramListener:
             BindError: the address cannot be bound (for a fixed port that changed: also while
                 a generation on an overlapping old address still holds it).
         """
-        if self._kept is not None and self._kept_at == (config.host, config.port):
+        if self._kept is not None and self.holds(config):
             self._kept.listen(config.backlog)  # the same socket; the backlog may have changed
             return self._kept.dup()
         # Bound before the kept socket is let go: if this fails (a new host overlapping the old
@@ -71,6 +71,17 @@ class ProgramListener:
             return fresh
         self._kept, self._kept_at = fresh, (config.host, config.port)
         return fresh.dup()
+
+    def holds(self, config: SocketConfig) -> bool:
+        """Whether a socket on ``config``'s address is kept (a fixed port, bound already)."""
+        return self._kept is not None and self._kept_at == (config.host, config.port)
+
+    def adopt(self, sock: socket.socket, config: SocketConfig) -> None:
+        """Keep ``sock``, a listening socket on ``config``'s fixed port taken from workers a
+        killed supervisor left (``leftovers.py``), as if a generation of ours had bound it: the
+        next generation accepts from the same queue while they drain."""
+        self.close()
+        self._kept, self._kept_at = sock, (config.host, config.port)
 
     def close(self) -> None:
         """Let go of a kept socket (the program stopped, or its socket config changed)."""

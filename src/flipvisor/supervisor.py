@@ -21,8 +21,10 @@ from .control import ControlServer, Send
 from .errors import EXIT_USAGE, Busy, ConfigError, FlipvisorError, UsageError
 from .events import EventLog
 from .generation import KILL_GRACE
+from .leftovers import find_leftovers
 from .program import Program, Runtime
 from .progress import FlipReport
+from .promotion import HOSTNAME
 from .protocol import Request, is_seconds, result
 from .reaper import Reaper, become_subreaper
 from .registry import open_registry
@@ -112,8 +114,20 @@ class Supervisor:
                     await tg.start(self.registry.run)
                     tg.start_soon(self._handle_signals)
                     await self._start_watches(tg)
+                    leftovers = await find_leftovers(
+                        self.registry, self.config.registry.prefix, self.config.programs, HOSTNAME
+                    )
                     for name, program_config in self.config.programs.items():
                         program = await self._add_program(name, program_config)
+                        if (left := leftovers.get(name)) is not None:
+                            program.leftovers = left
+                            self.events.emit(
+                                "leftovers",
+                                name,
+                                None,
+                                f"{left.describe()} still serves; replaced once this "
+                                f"supervisor's generation of {name} is promoted",
+                            )
                         if program_config.autostart:
                             program.start_flip(kind="start")
                     await self._shutdown.wait()

@@ -21,7 +21,15 @@ LEAVES = ERRORS | {"states", "lazy_event", "signals"}
 BASE = LEAVES | {"config", "reaper", "spawn", "logs", "sockets", "events", "progress"}
 CHECKS = BASE | {"probe", "proxy", "registry"}
 WORKERS = CHECKS | {"worker", "generation"}
-CORE = WORKERS | {"promotion", "registration", "program", "protocol", "control", "metrics"}
+CORE = WORKERS | {
+    "leftovers",
+    "promotion",
+    "registration",
+    "program",
+    "protocol",
+    "control",
+    "metrics",
+}
 
 ALLOWED: dict[str, set[str]] = {
     "__init__": set(),
@@ -45,12 +53,14 @@ ALLOWED: dict[str, set[str]] = {
     # The upper layers: generous, everything below them.
     "worker": BASE,
     "generation": BASE | {"probe", "worker"},
-    "promotion": WORKERS | {"proxy", "registry"},
+    "leftovers": WORKERS,
+    "promotion": WORKERS | {"leftovers"},
     "registration": WORKERS | {"promotion", "registry"},
     "restarts": {"config"},
     "history": {"config"},
     "preflight": {"config", "errors", "proxy", "spawn"},
-    "program": WORKERS | {"promotion", "registration", "restarts", "history", "locate"},
+    "program": WORKERS
+    | {"leftovers", "promotion", "registration", "restarts", "history", "locate"},
     "control": LEAVES | {"protocol", "config"},
     "client": LEAVES | {"protocol", "config"},
     "display": LEAVES | {"protocol", "events", "progress"},

@@ -1,0 +1,224 @@
+"""Workers a killed supervisor left running, found at start-up and replaced without a gap.
+
+A supervisor that is SIGKILLed (or OOM-killed, or crashes past its own handlers) cannot drain its
+workers. They go on serving the port the proxy routes to, re-parented to init, their output going
+nowhere. The registry still names them: a program's ``generation/current`` record holds every
+worker's PID with its start time, the host, and the supervisor that owned them (its PID and start
+time). At start-up ``run`` reads those records: the workers of this host still running as
+recorded, whose supervisor is gone, are the program's *leftovers*.
+
+They are treated as one more old generation. They serve until this run's first generation of the
+program is promoted (the registry's ``previous`` then names them, as after a flip) and are drained
+after it (delay, signal, timeout, SIGKILL), or when the program stops. A fixed port they listen on
+is taken over with ``pidfd_getfd``, so that the new generation accepts from their very socket; if
+the kernel refuses that (no ptrace permission), they are stopped before the new generation binds.
+
+Every signal goes through a pidfd opened for the recorded start time, never to a bare PID. A
+record whose supervisor still runs (another supervisor of this host sharing the etcd prefix) is
+left alone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import select
+import signal
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import anyio
+
+from .config import DrainConfig, SocketConfig
+from .errors import RegistryError
+from .generation import KILL_GRACE
+from .proxy import wait_workers_gone
+from .registry import WatchableRegistry, program_key
+from .spawn import pidfd_if_started_at, signal_verified, start_time_of
+
+log = logging.getLogger(__name__)
+
+LISTEN_FD = 3  # where every worker has its generation's socket (LISTEN_FDS)
+_SYS_PIDFD_GETFD = 438  # the same number on every architecture Linux added it to at once (5.6)
+
+
+@cache
+def this_supervisor() -> dict[str, float]:
+    """``{"pid": ..., "started": ...}`` of this process, for the ``generation/current`` record."""
+    pid = os.getpid()
+    return {"pid": pid, "started": start_time_of(pid) or 0.0}
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """The workers of one program a dead supervisor left running: (pid, start time) each."""
+
+    program: str
+    generation: int | None
+    port: int | None
+    workers: tuple[tuple[int, float], ...]
+
+    def describe(self) -> str:
+        pids = ", ".join(str(pid) for pid, _ in self.workers)
+        where = f" on port {self.port}" if self.port is not None else ""
+        number = f"generation {self.generation}" if self.generation is not None else "a generation"
+        return f"{number} of a previous supervisor (pid {pids}){where}"
+
+    def status(self) -> dict[str, Any]:
+        """For ``status --json``: what still serves from the killed supervisor."""
+        return {
+            "generation": self.generation,
+            "port": self.port,
+            "pids": [pid for pid, _ in self.workers],
+        }
+
+    async def drain(self, drain: DrainConfig, *, delay: bool = True) -> list[int]:
+        """Wait ``drain.delay`` (unless ``delay`` is False), send ``drain.signal``, SIGKILL after
+        ``drain.timeout``, and wait until they are gone. Returns the PIDs that were killed."""
+        if delay:
+            await anyio.sleep(drain.delay)
+        signalled = [w for w in self.workers if signal_verified(*w, drain.signal)]
+        if signalled:
+            log.info(
+                "program=%s sent %s to %s",
+                self.program,
+                signal.Signals(drain.signal).name,
+                self.describe(),
+            )
+        if await wait_workers_gone(signalled, drain.timeout):
+            return []
+        still = [w for w in signalled if _running(*w)]
+        killed = [w for w in still if signal_verified(*w, signal.SIGKILL)]
+        await wait_workers_gone(killed, KILL_GRACE)
+        return [pid for pid, _ in killed]
+
+    def take_socket(self, config: SocketConfig) -> socket.socket | None:
+        """A duplicate of the listening socket on ``config``'s address that a leftover worker
+        holds as fd 3, or None if none can be had (gone, another socket, or not permitted)."""
+        for pid, started in self.workers:
+            pidfd = pidfd_if_started_at(pid, started)
+            if pidfd is None:
+                continue
+            try:
+                fd = _pidfd_getfd(pidfd, LISTEN_FD)
+            except OSError as exc:
+                log.info("program=%s cannot take pid=%d's socket: %s", self.program, pid, exc)
+                continue
+            finally:
+                os.close(pidfd)
+            sock = socket.socket(fileno=fd)
+            if _listens_on(sock, config):
+                return sock
+            sock.close()
+        return None
+
+
+def _pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """A duplicate of ``target_fd`` of the process behind ``pidfd`` (Linux 5.6; Python 3.11 has
+    no wrapper). The kernel asks for ptrace permission over that process.
+
+    Raises:
+        OSError: refused (EPERM), no such descriptor (EBADF), or no such system call (ENOSYS).
+    """
+    import ctypes  # only here: a supervisor that finds no fixed-port leftovers never needs it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, target_fd, 0))
+    if fd < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+    return fd
+
+
+def _listens_on(sock: socket.socket, config: SocketConfig) -> bool:
+    """Whether ``sock`` is a listening TCP socket bound to ``config``'s host and port."""
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        host, port = sock.getsockname()[:2]
+    except OSError:  # not a socket, or not an inet one
+        return False
+    return (
+        bool(listening)
+        and sock.type == socket.SOCK_STREAM
+        and ipaddress.ip_address(host) == ipaddress.ip_address(config.host)
+        and port == config.port
+    )
+
+
+def leftovers_in(program: str, record: str | None, host: str) -> Leftovers | None:
+    """The leftovers a ``generation/current`` ``record`` names, or None if there are none: the
+    record is from another host or has no supervisor (written before records named it), its
+    supervisor still runs, or none of its workers runs as recorded."""
+    try:
+        document: Any = json.loads(record) if record else None
+        if not isinstance(document, dict) or document.get("host") != host:
+            return None
+        owner = document.get("supervisor")
+        if not isinstance(owner, dict):
+            return None
+        owner_pid, owner_started = int(owner["pid"]), float(owner["started"])
+        workers = [(int(p["pid"]), float(p["started"])) for p in document.get("pids", [])]
+        generation = document.get("generation")
+        port = document.get("port")
+    except (ValueError, TypeError, KeyError):
+        log.warning("program=%s: generation/current is not a record flipvisor wrote", program)
+        return None
+    if _running(owner_pid, owner_started):
+        log.warning(
+            "program=%s: the registry names the workers of a supervisor that still runs "
+            "(pid %d); they are not this one's to replace. Do two supervisors share the "
+            "registry prefix?",
+            program,
+            owner_pid,
+        )
+        return None
+    alive = tuple(w for w in workers if _running(*w))
+    if not alive:
+        return None
+    return Leftovers(
+        program,
+        generation if isinstance(generation, int) else None,
+        port if isinstance(port, int) else None,
+        alive,
+    )
+
+
+def _running(pid: int, started: float) -> bool:
+    """Whether the process that started at ``started`` runs (has not exited: a pidfd turns
+    readable at the exit, before anyone reaps it)."""
+    pidfd = pidfd_if_started_at(pid, started)
+    if pidfd is None:
+        return False
+    try:
+        return not select.select([pidfd], [], [], 0)[0]
+    finally:
+        os.close(pidfd)
+
+
+async def find_leftovers(
+    registry: WatchableRegistry, prefix: str, programs: Mapping[str, object], host: str
+) -> dict[str, Leftovers]:
+    """The leftovers of each of ``programs``, read in one request; none if the registry cannot
+    be read (logged: they then go on running, as before this supervisor started)."""
+    keys = {program_key(prefix, name, "generation/current"): name for name in programs}
+    if not keys:
+        return {}
+    try:
+        values = (await registry.read_keys(list(keys))).values
+    except RegistryError as exc:
+        log.warning(
+            "cannot read the registry to find workers a previous supervisor left running: %s; "
+            "any such workers are not replaced",
+            exc,
+        )
+        return {}
+    found = {}
+    for key, name in keys.items():
+        if (leftovers := leftovers_in(name, values.get(key), host)) is not None:
+            found[name] = leftovers
+    return found

@@ -1,0 +1,227 @@
+"""A supervisor that was SIGKILLed left its workers serving; the next ``flipvisor run`` replaces
+them like an old generation: no failed request, nothing left running, never a process it cannot
+prove was the killed supervisor's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.e2e.load import Load
+from tests.e2e.test_etcd import keys, registry
+from tests.e2e.test_fixed_port import fixed_port_config
+from tests.e2e.test_flip import program, proxied
+from tests.fixtures.etcd import EtcdServer
+from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.fixtures.nginx import Nginx, free_port
+from tests.waiting import wait_until
+
+GONE_TIMEOUT = 15.0
+
+
+@pytest.fixture
+def survivors() -> Iterator[list[psutil.Process]]:
+    """Processes a test expects to outlive a supervisor: killed at the end whatever happens, so
+    that a failing test leaves nothing behind either."""
+    processes: list[psutil.Process] = []
+    yield processes
+    for process in processes:
+        try:
+            if process.is_running():
+                process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def kill_supervisor(flipvisor: Flipvisor, name: str, survivors: list[psutil.Process]) -> list[int]:
+    """SIGKILL the supervisor; return the PIDs of ``name``'s serving workers, which survive it."""
+    gen = flipvisor.serving(name)
+    assert gen is not None, flipvisor.output()
+    assert flipvisor.process is not None
+    flipvisor.process.send_signal(signal.SIGKILL)
+    flipvisor.process.wait(timeout=10)
+    pids: list[int] = gen["pids"]
+    for pid in pids:
+        survivors.append(psutil.Process(pid))
+    return pids
+
+
+def restart_supervisor(flipvisor: Flipvisor, config: dict[str, Any] | None = None) -> None:
+    # The killed supervisor's control socket file is still there: wait for an answer, not for
+    # the file.
+    flipvisor.start(config, wait=False)
+    wait_until(
+        lambda: flipvisor.cli("status").returncode == 0,
+        timeout=15,
+        message="the new supervisor to answer",
+    )
+
+
+def wait_gone(pids: list[int]) -> None:
+    wait_until(
+        lambda: not any(psutil.pid_exists(pid) for pid in pids),
+        timeout=GONE_TIMEOUT,
+        message=f"pids {pids} to be drained",
+    )
+
+
+def event_kinds(flipvisor: Flipvisor) -> list[str]:
+    result = flipvisor.cli("events", "--json")
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line)["kind"] for line in result.stdout.splitlines()]
+
+
+def test_a_restarted_supervisor_replaces_what_a_killed_one_left_with_no_failed_request(
+    flipvisor: Flipvisor, nginx: Nginx, survivors: list[psutil.Process]
+) -> None:
+    config = {"programs": {"web": program(nginx, "1")}}
+    flipvisor.start(config)
+    old_port = flipvisor.wait_serving("web")["port"]
+    wait_until(lambda: proxied(nginx)["version"] == "1", message="nginx to proxy generation 1")
+    with Load(nginx.url("/"), clients=2) as load:
+        old_pids = kill_supervisor(flipvisor, "web", survivors)
+        assert proxied(nginx)["pid"] in old_pids  # still serving, without a supervisor
+        restart_supervisor(flipvisor, {"programs": {"web": program(nginx, "2")}})
+        gen = flipvisor.wait_serving("web", where=lambda g: g["pids"] != old_pids)
+        wait_gone(old_pids)
+        outcome = load.stop()
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert proxied(nginx)["version"] == "2"
+    keys = flipvisor.registry()
+    assert keys["flipvisor/web/pid/previous"] == ",".join(map(str, old_pids))
+    assert keys["flipvisor/web/port/previous"] == str(old_port)
+    assert keys["flipvisor/web/port/current"] == str(gen["port"])
+    kinds = event_kinds(flipvisor)
+    assert kinds.index("leftovers") < kinds.index("promoted") < kinds.index("draining")
+
+
+def test_a_fixed_port_is_taken_over_from_the_killed_supervisor_s_workers(
+    flipvisor: Flipvisor, survivors: list[psutil.Process]
+) -> None:
+    """The new generation accepts from the very socket the leftovers listen on, so that not
+    one connection is refused while they drain."""
+    port = free_port()
+    notify = {"notify": True, "timeout": 10}
+    flipvisor.start(fixed_port_config(port, "1", **notify))
+    flipvisor.wait_serving("web")
+    with Load(f"http://127.0.0.1:{port}/", clients=4) as load:
+        old_pids = kill_supervisor(flipvisor, "web", survivors)
+        restart_supervisor(flipvisor, fixed_port_config(port, "2", **notify))
+        gen = flipvisor.wait_serving("web", where=lambda g: g["pids"] != old_pids)
+        wait_gone(old_pids)
+        outcome = load.stop()
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert gen["port"] == port
+    assert "socket-taken" in event_kinds(flipvisor)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+        assert json.loads(answer.read())["version"] == "2"
+
+
+def test_leftovers_serve_on_while_the_new_generation_fails_and_stop_with_the_program(
+    flipvisor: Flipvisor, survivors: list[psutil.Process]
+) -> None:
+    """Never losing the old one: a new generation that never gets ready leaves the leftovers
+    serving; `flipvisor stop` (and likewise shutdown) drains them as the program's."""
+    config: dict[str, Any] = {
+        "programs": {
+            "web": {
+                "command": svc_command("--version", "1"),
+                "readiness": {"http": "/health", "timeout": 10, "interval": 0.05},
+                "drain": {"delay": 0.1, "timeout": 5},
+            }
+        }
+    }
+    flipvisor.start(config)
+    port = flipvisor.wait_serving("web")["port"]
+    old_pids = kill_supervisor(flipvisor, "web", survivors)
+    config["programs"]["web"]["command"] = svc_command("--exit-at-start", "3")
+    restart_supervisor(flipvisor, config)
+    wait_until(
+        lambda: flipvisor.program("web")["state"] == "fatal",
+        timeout=30,
+        message="the new generation to fail",
+    )
+    assert all(psutil.pid_exists(pid) for pid in old_pids)
+    state = flipvisor.program("web")
+    assert state["leftovers"]["pids"] == old_pids and state["leftovers"]["port"] == port
+    assert "a previous supervisor" in state["fatal_reason"]
+    assert "keeps serving" in state["fatal_reason"]
+    assert "workers a killed supervisor left" in flipvisor.cli("status").stdout
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+        assert json.loads(answer.read())["version"] == "1"
+    assert flipvisor.registry()["flipvisor/web/port/current"] == str(port)
+    result = flipvisor.cli("stop", "web")
+    assert result.returncode == 0, result.stderr + flipvisor.output()
+    wait_gone(old_pids)
+    assert flipvisor.stop() == 0, flipvisor.output()
+
+
+def test_the_workers_of_a_supervisor_that_still_runs_are_left_alone(
+    flipvisor: Flipvisor, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Two supervisors whose registries name the same program (as two sharing an etcd prefix
+    would): the second leaves the first's workers running."""
+    config: dict[str, Any] = {"programs": {"web": {"command": svc_command("--version", "1")}}}
+    flipvisor.start(config)
+    first_pids = flipvisor.wait_serving("web")["pids"]
+    other = Flipvisor(tmp_path_factory.mktemp("other"))
+    other.state_dir.mkdir()
+    shutil.copy(flipvisor.state_dir / "registry.json", other.state_dir / "registry.json")
+    try:
+        other.start(config)
+        assert other.wait_serving("web")["pids"] != first_pids
+        assert "still runs" in other.output()
+        assert "leftovers" not in event_kinds(other)
+        assert flipvisor.serving("web") is not None
+        assert all(psutil.pid_exists(pid) for pid in first_pids)
+        assert flipvisor.serving("web")["pids"] == first_pids  # type: ignore[index]
+    finally:
+        assert other.stop() == 0, other.output()
+
+
+def test_with_etcd_leftovers_outlive_an_outage_at_promotion_then_are_replaced(
+    flipvisor: Flipvisor,
+    nginx: Nginx,
+    restartable_etcd: EtcdServer,
+    etcd_prefix: str,
+    survivors: list[psutil.Process],
+) -> None:
+    """The keys must stop naming the leftovers before they are drained: etcd down when the
+    new generation is ready fails its start (unlike a first start with nothing serving), and
+    the leftovers keep serving until a `start` once etcd is back."""
+    etcd = restartable_etcd
+    etcd_registry = registry(etcd, etcd_prefix)
+    flipvisor.start({"registry": etcd_registry, "programs": {"web": program(nginx, "1")}})
+    first = flipvisor.wait_serving("web")
+    wait_until(
+        lambda: keys(etcd, etcd_prefix)["port/current"] == str(first["port"]),
+        message="generation 1 in etcd",
+    )
+    with Load(nginx.url("/"), clients=2) as load:
+        old_pids = kill_supervisor(flipvisor, "web", survivors)
+        slow = program(nginx, "2", "--ready-delay", "2")
+        restart_supervisor(flipvisor, {"registry": etcd_registry, "programs": {"web": slow}})
+        assert "leftovers" in event_kinds(flipvisor)  # read from etcd before it went away
+        etcd.stop()
+        wait_until(
+            lambda: flipvisor.program("web")["state"] == "fatal",
+            timeout=30,
+            message="the start to fail on the etcd outage",
+        )
+        assert proxied(nginx)["version"] == "1"
+        assert all(psutil.pid_exists(pid) for pid in old_pids)
+        etcd.start()
+        result = flipvisor.cli("start", "web")
+        assert result.returncode == 0, result.stderr + flipvisor.output()
+        wait_gone(old_pids)
+        outcome = load.stop()
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert proxied(nginx)["version"] == "2"
+    assert keys(etcd, etcd_prefix)["pid/previous"] == ",".join(map(str, old_pids))

@@ -1,0 +1,188 @@
+"""Finding a killed supervisor's workers in a ``generation/current`` record, draining them, and
+taking over their socket, against real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from flipvisor.config import DrainConfig, SocketConfig
+from flipvisor.leftovers import Leftovers, leftovers_in, this_supervisor
+from flipvisor.spawn import start_time_of
+from tests.waiting import wait_until
+
+HOST = "web-1"
+DEAD_SUPERVISOR = {"pid": os.getpid(), "started": 1.0}  # our PID, but not our start time
+
+
+def record(workers: list[tuple[int, float]], **overrides: Any) -> str:
+    document: dict[str, Any] = {
+        "generation": 7,
+        "port": 41234,
+        "pids": [{"pid": pid, "started": started} for pid, started in workers],
+        "host": HOST,
+        "supervisor": DEAD_SUPERVISOR,
+        "command": ["app"],
+        "promoted_at": 1.0,
+    }
+    document.update(overrides)
+    return json.dumps(document)
+
+
+@pytest.fixture
+def worker() -> Iterator[tuple[int, float]]:
+    """A running process, as (pid, start time)."""
+    process = subprocess.Popen(["sleep", "60"])
+    started = wait_until(lambda: start_time_of(process.pid), message="the start time")
+    yield process.pid, started
+    process.kill()
+    process.wait()
+
+
+def test_a_record_of_this_host_whose_supervisor_is_gone_names_its_running_workers(
+    worker: tuple[int, float],
+) -> None:
+    pid, started = worker
+    reused = (os.getpid(), 2.0)  # a PID that now names another process
+    found = leftovers_in("web", record([worker, reused]), HOST)
+    assert found == Leftovers("web", 7, 41234, ((pid, started),))
+    assert found is not None and f"pid {pid}" in found.describe()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"host": "web-2"},
+        {"supervisor": None},
+        {"supervisor": this_supervisor()},  # it runs: another supervisor's workers
+        {"pids": []},
+    ],
+    ids=["other-host", "no-supervisor", "supervisor-runs", "no-workers"],
+)
+def test_records_that_name_no_leftovers(
+    worker: tuple[int, float], overrides: dict[str, Any]
+) -> None:
+    assert leftovers_in("web", record([worker], **overrides), HOST) is None
+
+
+@pytest.mark.parametrize("value", [None, "", "not json", "[]", '{"host": "web-1", "pids": 3}'])
+def test_an_absent_or_foreign_record_names_no_leftovers(value: str | None) -> None:
+    assert leftovers_in("web", value, HOST) is None
+
+
+def test_dead_workers_are_no_leftovers() -> None:
+    process = subprocess.Popen(["true"])
+    started = wait_until(lambda: start_time_of(process.pid), message="the start time")
+    process.wait()
+    assert leftovers_in("web", record([(process.pid, started)]), HOST) is None
+
+
+SLEEPER = "import signal, sys, time; {ignore}print('up', flush=True); time.sleep(60)"
+
+
+def spawn_sleeper(*, ignore_term: bool) -> tuple[subprocess.Popen[bytes], tuple[int, float]]:
+    ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN); " if ignore_term else ""
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLEEPER.format(ignore=ignore)], stdout=subprocess.PIPE
+    )
+    assert process.stdout is not None
+    with process.stdout:
+        assert process.stdout.readline() == b"up\n"
+    started = start_time_of(process.pid)
+    assert started is not None
+    return process, (process.pid, started)
+
+
+@pytest.mark.anyio
+async def test_drain_signals_then_kills_what_outlives_the_timeout() -> None:
+    polite, polite_worker = spawn_sleeper(ignore_term=False)
+    stubborn, stubborn_worker = spawn_sleeper(ignore_term=True)
+    try:
+        left = Leftovers("web", 7, None, (polite_worker, stubborn_worker))
+        drain = DrainConfig(delay=0, signal=signal.SIGTERM, timeout=0.5)
+        with anyio.fail_after(15):
+            killed = await left.drain(drain)
+        # Not reaped yet (they are ours here, not init's): their pidfds reported the exit.
+        assert polite.wait(timeout=5) == -signal.SIGTERM
+        assert stubborn.wait(timeout=5) == -signal.SIGKILL
+        assert killed == [stubborn.pid]
+    finally:
+        for process in (polite, stubborn):
+            process.kill()
+            process.wait()
+
+
+HOLDER = (
+    "import os, sys, time; os.dup2(int(sys.argv[1]), 3); print('up', flush=True); time.sleep(60)"
+)
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    yield sock
+    sock.close()
+
+
+def spawn_holder(fd: int) -> tuple[subprocess.Popen[bytes], tuple[int, float]]:
+    """A process holding ``fd`` as its fd 3, as a worker holds its generation's socket."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(fd)], pass_fds=(fd,), stdout=subprocess.PIPE
+    )
+    assert process.stdout is not None
+    with process.stdout:
+        assert process.stdout.readline() == b"up\n"
+    started = start_time_of(process.pid)
+    assert started is not None
+    return process, (process.pid, started)
+
+
+def test_take_socket_duplicates_the_listening_socket_a_leftover_holds(
+    listener: socket.socket,
+) -> None:
+    port = listener.getsockname()[1]
+    holder, held = spawn_holder(listener.fileno())
+    try:
+        left = Leftovers("web", 7, port, (held,))
+        taken = left.take_socket(SocketConfig(host="127.0.0.1", port=port))
+        assert taken is not None
+        with taken:
+            assert os.fstat(taken.fileno()).st_ino == os.fstat(listener.fileno()).st_ino
+        assert left.take_socket(SocketConfig(host="127.0.0.1", port=port + 1)) is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_take_socket_refuses_what_is_not_a_listening_socket(listener: socket.socket) -> None:
+    port = listener.getsockname()[1]
+    connected = socket.create_connection(("127.0.0.1", port))
+    holder, held = spawn_holder(connected.fileno())
+    try:
+        left = Leftovers("web", 7, port, (held,))
+        assert left.take_socket(SocketConfig(host="127.0.0.1", port=port)) is None
+    finally:
+        holder.kill()
+        holder.wait()
+        connected.close()
+
+
+def test_take_socket_of_a_gone_worker_is_none(listener: socket.socket) -> None:
+    port = listener.getsockname()[1]
+    assert (
+        Leftovers("web", 7, port, ((os.getpid(), 2.0),)).take_socket(
+            SocketConfig(host="127.0.0.1", port=port)
+        )
+        is None
+    )
