@@ -32,7 +32,7 @@ from .leftovers import Leftovers
 from .locate import log_path
 from .logs import ProgramLog
 from .progress import FlipReport
-from .promotion import promote
+from .promotion import promote, unroute
 from .reaper import Reaper
 from .registration import Registration
 from .registry import Registry
@@ -484,11 +484,13 @@ class Program:
                 f"`flipvisor start {self.name}`"
             )
 
-    async def stop(self) -> None:
+    async def stop(self, *, unroute: bool = False) -> None:
         """Drain every generation of the program; keys are left naming the last one.
 
         A flip under way is rolled back at once if it has not promoted its generation yet (its
-        client is told why); one that has is awaited, which its drain bounds.
+        client is told why); one that has is awaited, which its drain bounds. ``unroute`` (the
+        program was removed from the config): its proxy file is removed and the proxy reloaded
+        before anything drains.
         """
         self._stops += 1
         try:
@@ -497,6 +499,8 @@ class Program:
                 if self._abandon is not None:
                     self._abandon.cancel()
                 await flip.wait()
+            if unroute:
+                await self._unroute()
             gens = list(self.generations)
             self.serving = None
             self.warm = None
@@ -508,6 +512,18 @@ class Program:
         finally:
             self._stops -= 1
         self.runtime.events.emit("stopped", self.name)
+
+    async def _unroute(self) -> None:
+        deployed = self.serving.config if self.serving is not None else self.config
+        if deployed.proxy is None:
+            return
+        if await unroute(
+            self.name,
+            deployed.proxy,
+            reaper=self.runtime.reaper,
+            proxy_lock=self.runtime.proxy_lock,
+        ):
+            self.runtime.events.emit("unrouted", self.name, None, f"removed {deployed.proxy.dest}")
 
 
 def _reason(exc: BaseException) -> str:

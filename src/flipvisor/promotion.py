@@ -31,6 +31,7 @@ from .proxy import (
     install,
     proxy_workers,
     reload,
+    remove,
     render_template,
     take_away,
     wait_workers_gone,
@@ -102,7 +103,9 @@ async def promote(
 
     ``replaced_proxy`` is the proxy section of the generation ``gen`` replaces: when its
     ``dest`` differs, that file is removed with the new one's install (nginx would load both),
-    and put back by the undo.
+    and put back by the undo. When ``config`` has no proxy section at all, the replaced file is
+    removed, checked without, and the proxy reloaded with the replaced section's commands: nothing
+    may go on routing to a generation that is about to drain.
 
     With ``registry_optional`` (nothing serves yet, so there is nothing to protect), an
     unreachable registry does not stop the promotion: the step is deferred and the caller
@@ -115,7 +118,7 @@ async def promote(
     Raises:
         ProxyError, RegistryError: a step failed; everything before it was undone.
     """
-    proxy = config.proxy
+    proxy = config.proxy or replaced_proxy  # whose commands route (see above)
     async with proxy_lock if proxy is not None else nullcontext():
         published, old_proxy_workers, deferred = await _route(
             gen,
@@ -154,20 +157,30 @@ async def _route(
     """The file, registry and reload steps, each with its undo; returns the published keys,
     the proxy workers that predate the reload, and whether the registry step was deferred."""
     undo: list[Callable[[], Awaitable[None]]] = []
-    proxy = config.proxy
+    proxy = config.proxy or replaced_proxy
     old_proxy_workers: frozenset[tuple[int, float]] = frozenset()
     reloaded = False
     try:
-        if proxy is not None:
-            with report.step("proxy", str(proxy.dest)):
+        if config.proxy is not None:
+            with report.step("proxy", str(config.proxy.dest)):
                 await _replace_file(
                     gen,
                     program=program,
-                    proxy=proxy,
+                    proxy=config.proxy,
                     replaced_proxy=replaced_proxy,
                     reaper=reaper,
                     undo=undo,
                 )
+        elif replaced_proxy is not None:
+            with report.step("proxy", f"remove {replaced_proxy.dest}"):
+                taken = await remove(
+                    replaced_proxy.dest,
+                    check_cmd=replaced_proxy.check_cmd,
+                    reaper=reaper,
+                    timeout=replaced_proxy.timeout,
+                )
+                if taken is not None:
+                    undo.append(_restorer(taken))
         gen.ensure_whole()
         with report.step("registry") as registry_step:
             expected, published, unreachable = await _swap_keys(
@@ -209,11 +222,47 @@ async def _route(
             for step in reversed(undo):
                 await step()
             if reloaded:
-                await _reload_back(
-                    gen, program=program, config=config, reaper=reaper, report=report
-                )
+                assert proxy is not None  # reloaded
+                await _reload_back(gen, program=program, proxy=proxy, reaper=reaper, report=report)
         raise
     return published, old_proxy_workers, deferred
+
+
+async def unroute(
+    program: str, proxy: ProxyConfig, *, reaper: Reaper, proxy_lock: anyio.Lock
+) -> bool:
+    """Before a program removed from the config drains: remove its proxy file, check the proxy
+    without it, reload, and wait for the proxy's old workers, so that nothing routes to it any
+    more. Returns whether a file was removed. A failure is logged with what to do and does not
+    stop the removal: if the check fails without the file, the file is put back.
+    """
+    async with proxy_lock:
+        try:
+            taken = await remove(
+                proxy.dest, check_cmd=proxy.check_cmd, reaper=reaper, timeout=proxy.timeout
+            )
+            if taken is None:
+                return False
+            old_workers = proxy_workers(proxy.pidfile) if proxy.pidfile else frozenset()
+            await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+        except ProxyReloadTimedOut:
+            old_workers = frozenset()  # it may have reloaded; nothing more to do but drain
+        except ProxyError as exc:
+            log.warning(
+                "program=%s was removed from the config, but its proxy file stays in use: %s; "
+                "remove what refers to %s from the proxy's config, delete the file and reload",
+                program,
+                exc,
+                proxy.dest,
+            )
+            return False
+    if not await wait_workers_gone(old_workers, proxy.timeout):
+        log.warning(
+            "program=%s old proxy workers still running %ss after its file was removed",
+            program,
+            proxy.timeout,
+        )
+    return True
 
 
 async def _replace_file(
@@ -281,15 +330,13 @@ async def _swap_keys(
 
 
 async def _reload_back(
-    gen: Generation, *, program: str, config: ProgramConfig, reaper: Reaper, report: FlipReport
+    gen: Generation, *, program: str, proxy: ProxyConfig, reaper: Reaper, report: FlipReport
 ) -> None:
     """Reload the proxy once more, after its file was put back, so that it routes to the old
     generation again; with a pidfile, wait until the proxy workers that routed to ``gen`` are
     gone, so that the failed flip ends with the proxy on the old generation. A step of its own
     in the flip's report: if it fails, the operator must know that the proxy may still route to
     ``gen`` (it is logged too, and not raised: the flip's own error stays the reason)."""
-    proxy = config.proxy
-    assert proxy is not None
     with (
         contextlib.suppress(ProxyError),
         report.step("reload-back", f"the proxy, away from generation {gen.number}") as step,

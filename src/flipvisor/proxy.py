@@ -233,7 +233,44 @@ async def take_away(dest: Path) -> Installed | None:
             f"cannot remove the previous proxy file {dest}: {exc.strerror or exc}"
         ) from exc
     if taken is not None:
-        log.info("removed the previous proxy file %s (its program's dest changed)", dest)
+        log.info("removed the previous proxy file %s", dest)
+    return taken
+
+
+async def remove(
+    dest: Path,
+    *,
+    check_cmd: Sequence[str] | None,
+    reaper: Reaper,
+    timeout: float,
+) -> Installed | None:
+    """Remove ``dest`` (the proxy file of a program that no longer has one), then run
+    ``check_cmd`` without it; None if there was no file.
+
+    A ``check_cmd`` that names the file (``{path}``) has nothing to check and is not run. If the
+    check fails (the rest of the config still refers to what the file defined), times out,
+    cannot start, or this call is cancelled, the file is put back before returning.
+
+    Raises:
+        ProxyError: the file could not be removed, or the check failed (with its output).
+    """
+    taken = await take_away(dest)
+    if taken is None or not check_cmd or any(PATH_PLACEHOLDER in arg for arg in check_cmd):
+        return taken
+    try:
+        result = await run_command(list(check_cmd), reaper=reaper, timeout=timeout)
+    except SpawnError as exc:
+        taken.restore()
+        raise ProxyError(f"proxy check without {dest} could not run, put it back: {exc}") from exc
+    except BaseException:
+        taken.restore()
+        raise
+    if not result.ok:
+        taken.restore()
+        raise ProxyError(
+            f"proxy check without {dest} failed (does the rest of the proxy's config refer to "
+            f"it?), put it back: {result.describe()}"
+        )
     return taken
 
 

@@ -261,7 +261,7 @@ class Supervisor:
         program = self.programs.pop(name)
         self._removing.add(program)
         try:
-            await program.stop()
+            await program.stop(unroute=True)
         finally:
             self._removing.discard(program)
             self._scopes.pop(name).cancel()

@@ -72,12 +72,6 @@ def wait_gone(pids: list[int]) -> None:
     )
 
 
-def event_kinds(flipvisor: Flipvisor) -> list[str]:
-    result = flipvisor.cli("events", "--json")
-    assert result.returncode == 0, result.stderr
-    return [json.loads(line)["kind"] for line in result.stdout.splitlines()]
-
-
 def test_a_restarted_supervisor_replaces_what_a_killed_one_left_with_no_failed_request(
     flipvisor: Flipvisor, nginx: Nginx, survivors: list[psutil.Process]
 ) -> None:
@@ -98,7 +92,7 @@ def test_a_restarted_supervisor_replaces_what_a_killed_one_left_with_no_failed_r
     assert keys["flipvisor/web/pid/previous"] == ",".join(map(str, old_pids))
     assert keys["flipvisor/web/port/previous"] == str(old_port)
     assert keys["flipvisor/web/port/current"] == str(gen["port"])
-    kinds = event_kinds(flipvisor)
+    kinds = flipvisor.event_kinds()
     assert kinds.index("leftovers") < kinds.index("promoted") < kinds.index("draining")
 
 
@@ -119,7 +113,7 @@ def test_a_fixed_port_is_taken_over_from_the_killed_supervisor_s_workers(
         outcome = load.stop()
     assert outcome.failed == 0, outcome.errors[:5]
     assert gen["port"] == port
-    assert "socket-taken" in event_kinds(flipvisor)
+    assert "socket-taken" in flipvisor.event_kinds()
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
         assert json.loads(answer.read())["version"] == "2"
 
@@ -178,7 +172,7 @@ def test_the_workers_of_a_supervisor_that_still_runs_are_left_alone(
         other.start(config)
         assert other.wait_serving("web")["pids"] != first_pids
         assert "still runs" in other.output()
-        assert "leftovers" not in event_kinds(other)
+        assert "leftovers" not in other.event_kinds()
         assert flipvisor.serving("web") is not None
         assert all(psutil.pid_exists(pid) for pid in first_pids)
         assert flipvisor.serving("web")["pids"] == first_pids  # type: ignore[index]
@@ -208,7 +202,7 @@ def test_with_etcd_leftovers_outlive_an_outage_at_promotion_then_are_replaced(
         old_pids = kill_supervisor(flipvisor, "web", survivors)
         slow = program(nginx, "2", "--ready-delay", "2")
         restart_supervisor(flipvisor, {"registry": etcd_registry, "programs": {"web": slow}})
-        assert "leftovers" in event_kinds(flipvisor)  # read from etcd before it went away
+        assert "leftovers" in flipvisor.event_kinds()  # read from etcd before it went away
         etcd.stop()
         wait_until(
             lambda: flipvisor.program("web")["state"] == "fatal",

@@ -1,0 +1,99 @@
+"""A program that stops having a proxy file (removed from the config, or flipped to a section
+without ``proxy:``) is taken out of nginx before it drains, unless nginx's config still needs
+the file: then the file is put back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tests.e2e.test_flip import answers, program, proxied
+from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.fixtures.nginx import Nginx, port_answers
+from tests.waiting import wait_until
+
+
+def needing_the_file(nginx: Nginx, config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with a check that fails without the program's file, as nginx -t would if a
+    server block elsewhere used the upstream the file defines."""
+    dest = config["proxy"]["dest"]
+    check = " ".join(nginx.check_cmd)
+    config["proxy"]["check_cmd"] = ["sh", "-c", f"test -f {dest} && {check}"]
+    return config
+
+
+def start_web(flipvisor: Flipvisor, nginx: Nginx, config: dict[str, Any]) -> dict[str, Any]:
+    flipvisor.start({"programs": {"web": config}})
+    gen = flipvisor.wait_serving("web")
+    wait_until(lambda: answers(nginx), message="nginx to proxy to web")
+    return gen
+
+
+def wait_gone(pids: list[int]) -> None:
+    wait_until(lambda: not any(psutil.pid_exists(p) for p in pids), message=f"{pids} to exit")
+
+
+def web_conf(nginx: Nginx) -> Path:
+    return nginx.conf_dir / "web.conf"
+
+
+def test_a_program_removed_by_a_reload_leaves_nginx_before_it_drains(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    gen = start_web(flipvisor, nginx, program(nginx, "1"))
+    flipvisor.write_config({"programs": {}})
+    result = flipvisor.cli("reload")
+    assert result.returncode == 0, result.stderr + flipvisor.output()
+    assert not web_conf(nginx).exists()
+    wait_until(lambda: not port_answers(nginx.listen), message="nginx to drop web's server")
+    wait_gone(gen["pids"])
+    kinds = flipvisor.event_kinds()
+    assert kinds.index("unrouted") < kinds.index("draining")
+
+
+def test_a_removed_program_s_file_that_nginx_still_needs_is_put_back(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    gen = start_web(flipvisor, nginx, needing_the_file(nginx, program(nginx, "1")))
+    content = web_conf(nginx).read_bytes()
+    flipvisor.write_config({"programs": {}})
+    result = flipvisor.cli("reload")
+    assert result.returncode == 0, result.stderr + flipvisor.output()
+    wait_gone(gen["pids"])  # removed all the same
+    assert web_conf(nginx).read_bytes() == content
+    assert "remove what refers to" in flipvisor.output()
+    assert "unrouted" not in flipvisor.event_kinds()
+
+
+def test_a_flip_to_a_section_without_proxy_removes_the_file_before_the_old_drains(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    first = start_web(flipvisor, nginx, program(nginx, "1"))
+    plain = {"command": svc_command("--version", "2"), "readiness": {"http": "/health"}}
+    flipvisor.write_config({"programs": {"web": plain}})
+    result = flipvisor.cli("flip", "web")
+    assert result.returncode == 0, result.stderr + flipvisor.output()
+    assert not web_conf(nginx).exists()
+    wait_until(lambda: not port_answers(nginx.listen), message="nginx to drop web's server")
+    wait_gone(first["pids"])
+    second = flipvisor.serving("web")
+    assert second is not None and second["generation"] == 2
+
+
+def test_a_flip_without_proxy_whose_check_needs_the_file_rolls_back(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    first = start_web(flipvisor, nginx, needing_the_file(nginx, program(nginx, "1")))
+    content = web_conf(nginx).read_bytes()
+    plain = {"command": svc_command("--version", "2"), "readiness": {"http": "/health"}}
+    flipvisor.write_config({"programs": {"web": plain}})
+    result = flipvisor.cli("flip", "web")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "put it back" in result.stdout + result.stderr
+    assert web_conf(nginx).read_bytes() == content
+    assert proxied(nginx)["version"] == "1"
+    serving = flipvisor.serving("web")
+    assert serving is not None
+    assert (serving["generation"], serving["pids"]) == (1, first["pids"])
