@@ -14,8 +14,9 @@ from typing import Any
 
 import psutil
 
+from tests.e2e.test_flip import program as proxied_program
 from tests.fixtures.flipvisor import Flipvisor, svc_command
-from tests.fixtures.nginx import free_port
+from tests.fixtures.nginx import Nginx, free_port
 from tests.waiting import wait_until
 
 # Longer than any deadline below: a stop that waited for the probe would fail the test.
@@ -177,3 +178,40 @@ def test_sigterm_while_run_starts_up_drains_and_exits_zero(flipvisor: Flipvisor)
 
     assert process.wait(timeout=30) == 0, flipvisor.output()
     assert "received SIGTERM" in flipvisor.output()
+
+
+def test_stop_during_the_proxy_reload_undoes_the_swap_and_the_file(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
+    """A stop after the registry swap, while nginx reloads: the flip is still undone (keys swapped
+    back, the file put back, nginx reloaded back) before the program drains."""
+    reloads = tmp_path / "reloads"
+    slow_reload = ["sh", "-c", f"echo >> {reloads}; sleep 2; exec {' '.join(nginx.reload_cmd)}"]
+    config = proxied_program(nginx, "1", proxy={"reload_cmd": slow_reload})
+    flipvisor.start({"programs": {"web": config}})
+    first = flipvisor.wait_serving("web", timeout=30)
+    keys = flipvisor.registry()
+    content = (nginx.conf_dir / "web.conf").read_bytes()
+    flipvisor.write_config(
+        {"programs": {"web": proxied_program(nginx, "2", proxy={"reload_cmd": slow_reload})}}
+    )
+    flip = flip_in_background(flipvisor, "web")
+    try:
+        wait_until(
+            lambda: reloads.exists() and len(reloads.read_text().splitlines()) == 2,
+            timeout=20,
+            message="the flip's reload",
+        )
+        stopped = flipvisor.cli("stop", "web", timeout=30)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr + flipvisor.output()
+        out, _ = flip.communicate(timeout=30)
+    finally:
+        flip.kill()
+        flip.communicate()
+    assert flip.returncode == 1, out
+    assert "stopped" in out, out
+    assert flipvisor.registry() == keys
+    assert (nginx.conf_dir / "web.conf").read_bytes() == content
+    assert len(reloads.read_text().splitlines()) == 3  # and nginx was reloaded back
+    assert flipvisor.program("web")["state"] == "stopped"
+    wait_until(lambda: gone(first["pids"]), message="generation 1 to drain")
