@@ -251,3 +251,18 @@ def test_events_follow_prints_new_events_live(flipvisor: Flipvisor) -> None:
         follower.stdout.close()
         assert follower.stderr is not None
         follower.stderr.close()
+
+
+def test_a_refused_request_with_json_prints_one_error_document(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    for argv in (["status", "nope"], ["stop", "nope"], ["flip", "nope"], ["start", "nope"]):
+        refused = flipvisor.cli(*argv, "--json")
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        document = json.loads(refused.stdout)
+        assert document == {"ok": False, "exit_code": 2, "error": document["error"]}
+        assert "no program named 'nope'" in document["error"], argv
+    flipvisor.config_path.write_text("programs: [\n")
+    invalid = flipvisor.cli("reload", "--json")
+    assert invalid.returncode == 2, invalid.stdout + invalid.stderr
+    assert "not valid YAML" in json.loads(invalid.stdout)["error"]
