@@ -435,6 +435,9 @@ class Supervisor:
 
     async def _events(self, request: Request, send: Send) -> dict[str, Any]:
         limit = int(request.args.get("limit", 100))
+        name = request.program
+        if name is not None and name not in self.programs and not self.events.recent(1, name):
+            self._program(name)  # unknown (a removed program's history is still shown): refused
         # Subscribed before the history is read (no await between them): an event emitted while
         # the history is sent follows it, neither lost nor shown twice.
         async with self.events.subscribe() as stream:

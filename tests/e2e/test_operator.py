@@ -266,3 +266,18 @@ def test_a_refused_request_with_json_prints_one_error_document(flipvisor: Flipvi
     invalid = flipvisor.cli("reload", "--json")
     assert invalid.returncode == 2, invalid.stdout + invalid.stderr
     assert "not valid YAML" in json.loads(invalid.stdout)["error"]
+
+
+def test_events_of_an_unknown_program_are_refused(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": web(), "gone": web()}})
+    flipvisor.wait_serving("gone")
+    for argv in (["events", "nope"], ["events", "nope", "-f"]):
+        refused = flipvisor.cli(*argv, timeout=10)  # -f used to wait forever, printing nothing
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "no program named 'nope'" in refused.stderr
+    # A program removed by a reload keeps its history.
+    flipvisor.write_config({"programs": {"web": web()}})
+    assert flipvisor.cli("reload").returncode == 0
+    removed = flipvisor.cli("events", "gone")
+    assert removed.returncode == 0, removed.stderr
+    assert "gone g1 promoted" in removed.stdout
