@@ -281,3 +281,33 @@ def test_events_of_an_unknown_program_are_refused(flipvisor: Flipvisor) -> None:
     removed = flipvisor.cli("events", "gone")
     assert removed.returncode == 0, removed.stderr
     assert "gone g1 promoted" in removed.stdout
+
+
+def test_events_follow_ends_with_exit_0_when_the_supervisor_shuts_down(
+    flipvisor: Flipvisor,
+) -> None:
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    argv = ["events", "-f", "--json", "-n", "1", "-c", str(flipvisor.config_path)]
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "flipvisor", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        # Subscribed once the newest past event has arrived.
+        assert json.loads(follower.stdout.readline())["kind"] == "flip-finished"
+        assert flipvisor.cli("shutdown").returncode == 0
+        out, err = follower.communicate(timeout=30)
+    finally:
+        follower.kill()
+        follower.wait()
+    assert follower.returncode == 0, err  # it was 2: "the supervisor closed the connection"
+    assert err == ""
+    kinds = [(e["program"], e["kind"]) for e in map(json.loads, out.splitlines())]
+    assert kinds[0] == ("(supervisor)", "shutting-down")
+    assert ("web", "draining") in kinds and kinds[-1] == ("web", "stopped"), kinds
+    assert flipvisor.process is not None and flipvisor.process.wait(timeout=30) == 0
