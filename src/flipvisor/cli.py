@@ -338,13 +338,19 @@ def _logs(args: argparse.Namespace, path: Path) -> int:
     if args.program not in config.programs and not log_file.exists():
         _error(f"no program named {args.program!r} in {path}; `flipvisor status` lists them")
         return EXIT_USAGE
-    if args.follow:
-        # follow() prints the last lines and continues from the same offset: no gap, no repeat
-        for line in follow(log_file, last=args.lines):
-            print(line, flush=True)
-        return EXIT_OK
-    for line in tail_lines(log_file, args.lines):
-        print(line)
+    try:
+        if args.follow:
+            # follow() prints the last lines and continues from the same offset: no gap, no repeat
+            for line in follow(log_file, last=args.lines):
+                print(line, flush=True)
+            return EXIT_OK
+        for line in tail_lines(log_file, args.lines):
+            print(line)
+    except OSError as exc:
+        raise FlipvisorError(
+            f"cannot read {exc.filename or log_file}: {exc.strerror or exc}; run flipvisor as the "
+            "user that runs the supervisor (or root), or see the supervisor's log for why"
+        ) from exc
     return EXIT_OK
 
 

@@ -1,4 +1,5 @@
-"""``--json``: one JSON document on stdout, errors included (a script always has one to parse)."""
+"""How the CLI fails: `--json` prints one JSON document on stdout, errors included (a script always
+has one to parse); what cannot be done is said in a sentence with what to do, never a traceback."""
 
 from __future__ import annotations
 
@@ -50,3 +51,16 @@ def test_an_unreadable_config_is_one_json_error_on_stdout(
     document = _error_document(capsys.readouterr().out)
     assert document["ok"] is False and document["exit_code"] == 2
     assert "cannot read config file" in str(document["error"])
+
+
+@pytest.mark.parametrize("follow", [[], ["-f"]], ids=["tail", "follow"])
+def test_logs_that_cannot_be_read_say_so_without_a_traceback(
+    follow: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "flipvisor.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nprograms:\n  web:\n    command: [x]\n")
+    log_file = tmp_path / "state" / "logs" / "web.log"
+    log_file.mkdir(parents=True)  # unreadable as a file (as one of another user would be)
+    assert run_cli(["logs", "web", *follow, "-c", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"flipvisor: cannot read {log_file}: Is a directory; run flipvisor as")
