@@ -311,3 +311,21 @@ def test_events_follow_ends_with_exit_0_when_the_supervisor_shuts_down(
     assert kinds[0] == ("(supervisor)", "shutting-down")
     assert ("web", "draining") in kinds and kinds[-1] == ("web", "stopped"), kinds
     assert flipvisor.process is not None and flipvisor.process.wait(timeout=30) == 0
+
+
+def test_a_flip_cut_short_by_its_timeout_shows_the_new_generations_output(
+    flipvisor: Flipvisor,
+) -> None:
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    never_ready = {**web("2", "--health-fail"), "readiness": {"http": "/health", "timeout": 60}}
+    flipvisor.write_config({"programs": {"web": never_ready}})
+    result = flipvisor.cli("flip", "web", "--timeout", "1", "--json")
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert "--timeout 1" in report["error"]
+    # What it said before it was discarded, as for any other rolled-back flip.
+    assert any(line.startswith("svc 2 serving on") for line in report["output"]), report
+    human = flipvisor.cli("flip", "web", "--timeout", "1")
+    assert human.returncode == 1
+    assert "last output of the new generation:" in human.stderr
