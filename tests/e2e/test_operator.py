@@ -329,3 +329,33 @@ def test_a_flip_cut_short_by_its_timeout_shows_the_new_generations_output(
     human = flipvisor.cli("flip", "web", "--timeout", "1")
     assert human.returncode == 1
     assert "last output of the new generation:" in human.stderr
+
+
+def test_metrics_of_a_program_removed_by_a_reload_go_with_it(flipvisor: Flipvisor) -> None:
+    port = free_port()
+    metrics = {"listen": f"127.0.0.1:{port}"}
+    flipvisor.start({"metrics": metrics, "programs": {"web": web(), "gone": web()}})
+    flipvisor.wait_serving("gone")
+    durations = "flipvisor_flip_duration_seconds_count"
+    wait_until(
+        lambda: sample(scrape(port), durations, program="gone", outcome="ok") == 1,
+        message="gone's start-up flip to be timed",
+    )
+    flipvisor.write_config({"metrics": metrics, "programs": {"web": web()}})
+    assert flipvisor.cli("reload").returncode == 0
+    wait_until(
+        lambda: not any(("program", "gone") in labels for _name, labels in scrape(port)),
+        message="every series of gone to go",
+    )
+    # Back under the same name: its histogram starts again with its counters.
+    flipvisor.write_config({"metrics": metrics, "programs": {"web": web(), "gone": web()}})
+    assert flipvisor.cli("reload").returncode == 0
+
+    def timed_again() -> Samples | None:
+        samples = scrape(port)
+        return samples if sample(samples, "flipvisor_flips_total", program="gone") == 1 else None
+
+    samples = wait_until(timed_again, message="gone's new start-up flip to be counted")
+    assert samples is not None
+    assert sample(samples, durations, program="gone", outcome="ok") == 1
+    assert sample(samples, durations, program="web", outcome="ok") == 1
