@@ -128,12 +128,8 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     path: Path = args.config or default_config_path()
     try:
         return HANDLERS[args.command](args, path)
-    except ConfigError as exc:
-        _error(str(exc))
-        return EXIT_USAGE
-    except FlipvisorError as exc:
-        _error(str(exc))
-        return exc.exit_code
+    except FlipvisorError as exc:  # ConfigError included: its exit code is 2
+        return _fail(args, str(exc), exc.exit_code)
     except KeyboardInterrupt:
         return 130
 
@@ -144,6 +140,15 @@ def _error(message: str) -> None:
 
 def _print_json(document: Any) -> None:
     print(json.dumps(document, indent=2, sort_keys=False))
+
+
+def _fail(args: argparse.Namespace, message: str, exit_code: int) -> int:
+    """Report an error: on stderr, and with ``--json`` as the one JSON document on stdout too
+    (``{"ok": false, "exit_code": N, "error": "..."}``), so a script always has one to parse."""
+    _error(message)
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "exit_code": exit_code, "error": message}), flush=True)
+    return exit_code
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -233,15 +238,26 @@ def _final(answer: dict[str, Any]) -> int:
     return int(answer.get("exit_code", EXIT_FAILED))
 
 
+def _refused(args: argparse.Namespace, answer: dict[str, Any]) -> int | None:
+    """The exit code of an answer the supervisor refused (reported as ``_fail`` does), or
+    None: it carries a result to print."""
+    if answer.get("ok"):
+        return None
+    code = int(answer.get("exit_code", EXIT_FAILED))
+    return _fail(args, str(answer.get("error") or "the supervisor refused the request"), code)
+
+
 def _status(args: argparse.Namespace, path: Path) -> int:
     config = locate(path)
     answer = _request(config, "status", args.program)
-    if answer.get("ok") and not args.json:
+    if (refused := _refused(args, answer)) is not None:
+        return refused
+    if args.json:
+        _print_json(answer["result"])
+    else:
         from .display import print_status
 
         print_status(answer["result"])
-    elif answer.get("ok"):
-        _print_json(answer["result"])
     return _final(answer)
 
 
@@ -264,8 +280,13 @@ def _flip_like(args: argparse.Namespace, path: Path) -> int:
             elif message.get("type") == "result":
                 answer = message
     report = answer.get("result")
+    if (
+        not (isinstance(report, dict) and "steps" in report)
+        and (refused := _refused(args, answer)) is not None
+    ):
+        return refused  # refused before a flip began (busy, unknown program, invalid file)
     if args.json:
-        _print_json(report if report is not None else answer)
+        _print_json(report)
     elif isinstance(report, dict) and "steps" in report:
         progress.summary(report)
     elif answer.get("ok"):
@@ -276,6 +297,8 @@ def _flip_like(args: argparse.Namespace, path: Path) -> int:
 def _simple(args: argparse.Namespace, path: Path) -> int:
     config = locate(path)
     answer = _request(config, args.command, getattr(args, "program", None))
+    if (refused := _refused(args, answer)) is not None:
+        return refused
     if getattr(args, "json", False):
         _print_json(answer.get("result"))
     elif answer.get("ok"):
@@ -285,6 +308,8 @@ def _simple(args: argparse.Namespace, path: Path) -> int:
 
 def _reload(args: argparse.Namespace, path: Path) -> int:
     answer = _request(locate(path), "reload")
+    if (refused := _refused(args, answer)) is not None:
+        return refused
     outcome = answer.get("result") or {}
     if args.json:
         _print_json(outcome)
@@ -313,13 +338,19 @@ def _logs(args: argparse.Namespace, path: Path) -> int:
     if args.program not in config.programs and not log_file.exists():
         _error(f"no program named {args.program!r} in {path}; `flipvisor status` lists them")
         return EXIT_USAGE
-    if args.follow:
-        # follow() prints the last lines and continues from the same offset: no gap, no repeat
-        for line in follow(log_file, last=args.lines):
-            print(line, flush=True)
-        return EXIT_OK
-    for line in tail_lines(log_file, args.lines):
-        print(line)
+    try:
+        if args.follow:
+            # follow() prints the last lines and continues from the same offset: no gap, no repeat
+            for line in follow(log_file, last=args.lines):
+                print(line, flush=True)
+            return EXIT_OK
+        for line in tail_lines(log_file, args.lines):
+            print(line)
+    except OSError as exc:
+        raise FlipvisorError(
+            f"cannot read {exc.filename or log_file}: {exc.strerror or exc}; run flipvisor as the "
+            "user that runs the supervisor (or root), or see the supervisor's log for why"
+        ) from exc
     return EXIT_OK
 
 
@@ -345,6 +376,8 @@ def _events(args: argparse.Namespace, path: Path) -> int:
                 )
         elif message.get("type") == "result":
             answer = message
+    if (refused := _refused(args, answer)) is not None:
+        return refused
     return _final(answer)
 
 

@@ -6,6 +6,7 @@ Loading is pure: no logging, no exits. Relative paths are resolved against the c
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import shlex
 import signal
@@ -35,6 +36,14 @@ from .locate import (
 )
 
 PROGRAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# A program names its files in state_dir (logs/<name>.log.<backup>, history/.<name>.json.tmp):
+# with this, they fit the 255 bytes a file name holds.
+MAX_PROGRAM_NAME = 200
+# The bytes of a unix socket's path (sun_path without its NUL): the control and notify sockets.
+MAX_SOCKET_PATH = 107
+# Digits of a generation number (restarting at 1 with the supervisor) allowed for in a notify
+# socket's name (``<program>-<N>.sock``).
+GENERATION_DIGITS = 4
 
 
 def _split_command(value: Any) -> Any:
@@ -155,6 +164,11 @@ def _check_program_name(value: str) -> str:
         raise ValueError(
             "a program name starts with a letter or digit and holds only letters, digits, "
             "'_', '.', '-'"
+        )
+    if len(value) > MAX_PROGRAM_NAME:
+        raise ValueError(
+            f"a program name is at most {MAX_PROGRAM_NAME} characters (it names the program's "
+            f"log and history files), not {len(value)}"
         )
     return value
 
@@ -389,9 +403,37 @@ def parse_config(text: str, path: Path) -> Config:
     except ValidationError as exc:
         problems = [_describe(error, path, lines) for error in exc.errors()]
         raise ConfigError(f"invalid config file {path}:", problems) from None
-    if problems := _shared_fixed_ports(config, path, lines):
+    if problems := _shared_fixed_ports(config, path, lines) + _long_socket_paths(
+        config, path, lines
+    ):
         raise ConfigError(f"invalid config file {path}:", problems)
     return config
+
+
+def _long_socket_paths(config: Config, path: Path, lines: dict[tuple[str, ...], int]) -> list[str]:
+    """Unix sockets the supervisor would create in state_dir whose path is too long to bind: the
+    control socket (``run`` could not start), a program's notify socket (its flips would fail)."""
+    problems = []
+    control = config.socket_path
+    if len(os.fsencode(control)) > MAX_SOCKET_PATH:
+        problems.append(
+            f"{path}:{_nearest_line(('state_dir',), lines)}: state_dir: {config.state_dir} is "
+            f"too long: the control socket {control} would be {len(os.fsencode(control))} bytes, "
+            f"and a unix socket's path holds {MAX_SOCKET_PATH}; choose a shorter state_dir"
+        )
+    for name, program in config.programs.items():
+        if program.readiness is None or not program.readiness.notify:
+            continue
+        notify = config.state_dir / "notify" / f"{name}-{'9' * GENERATION_DIGITS}.sock"
+        if len(os.fsencode(notify)) > MAX_SOCKET_PATH:
+            loc = ("programs", name, "readiness", "notify")
+            problems.append(
+                f"{path}:{_nearest_line(loc, lines)}: {'.'.join(loc)}: the notify socket "
+                f"{notify.parent}/{name}-<generation>.sock would be longer than the "
+                f"{MAX_SOCKET_PATH} bytes a unix socket's path holds; choose a shorter state_dir "
+                "or program name"
+            )
+    return problems
 
 
 def _shared_fixed_ports(config: Config, path: Path, lines: dict[tuple[str, ...], int]) -> list[str]:

@@ -70,6 +70,16 @@ class ControlServer:
     def __init__(self, path: Path, dispatch: Dispatch) -> None:
         self.path = path
         self.dispatch = dispatch
+        self._active = 0  # conversations under way
+        self._quiet: anyio.Event | None = None  # set when the last one ends, for wait_idle
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Wait, at most ``timeout`` seconds, until no conversation is under way (at shutdown:
+        until the final answers, such as an ``events -f`` follower's, have been sent)."""
+        with anyio.move_on_after(timeout):
+            while self._active:
+                self._quiet = anyio.Event()
+                await self._quiet.wait()
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Bind (mode 0600) and serve connections, each in its own task.
@@ -92,9 +102,15 @@ class ControlServer:
 
     async def _handle(self, stream: SocketStream) -> None:
         # A client that goes away mid-answer ends only its conversation: what it started goes on.
-        async with stream:
-            with contextlib.suppress(*_CLIENT_GONE):
-                await self._converse(stream)
+        self._active += 1
+        try:
+            async with stream:
+                with contextlib.suppress(*_CLIENT_GONE):
+                    await self._converse(stream)
+        finally:
+            self._active -= 1
+            if not self._active and self._quiet is not None:
+                self._quiet.set()
 
     async def _converse(self, stream: SocketStream) -> None:
         uid = peer_uid(stream)

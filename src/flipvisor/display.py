@@ -179,6 +179,11 @@ class FlipProgress:
         if step["status"] == "running":
             if self._status is not None:
                 self._status.update(f"{step['step']}: {step['detail']}")
+            else:  # no spinner (not a terminal: a CI log, a pipe): a line, so a wait shows
+                self.console.print(
+                    f"{_STEP_MARK['running']} {step['step']:<12} {'':>8}  [dim]{step['detail']}[/]",
+                    highlight=False,
+                )
             return
         duration = f"{step['duration']:.3f}s" if step.get("duration") is not None else ""
         self.console.print(

@@ -47,6 +47,7 @@ class EventLog:
         self._history: deque[Event] = deque(maxlen=HISTORY)
         self._subscribers: list[MemoryObjectSendStream[Event]] = []
         self._listeners: list[Callable[[Event], None]] = []
+        self._closed = False
 
     def emit(
         self,
@@ -97,11 +98,22 @@ class EventLog:
         finally:
             self._listeners.remove(listener)
 
+    def close(self) -> None:
+        """End every subscription (its stream yields what it holds, then stops), and those made
+        from now on: nothing more will be emitted that a follower should wait for."""
+        self._closed = True
+        for stream in self._subscribers:
+            stream.close()
+        self._subscribers.clear()
+
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[MemoryObjectReceiveStream[Event]]:
-        """A stream of events emitted from now on, for as long as the context is open."""
+        """A stream of events emitted from now on, until the context exits or ``close``."""
         send, receive = anyio.create_memory_object_stream[Event](SUBSCRIBER_BUFFER)
-        self._subscribers.append(send)
+        if self._closed:
+            send.close()
+        else:
+            self._subscribers.append(send)
         try:
             yield receive
         finally:

@@ -122,6 +122,7 @@ class Metrics:
             buckets=FLIP_BUCKETS,
             registry=self.registry,
         )
+        self._timed: set[tuple[str, str]] = set()  # the durations' label sets
 
     def observe(self, event: Event) -> None:
         """Time one finished flip (the counters come from the programs' own totals)."""
@@ -129,10 +130,21 @@ class Metrics:
             ok = bool(event.fields.get("ok"))
             duration = event.fields.get("duration")
             if isinstance(duration, int | float):
-                self.durations.labels(event.program, "ok" if ok else "failed").observe(duration)
+                outcome = "ok" if ok else "failed"
+                self.durations.labels(event.program, outcome).observe(duration)
+                self._timed.add((event.program, outcome))
 
     def render(self) -> bytes:
-        """The text exposition format of every metric."""
+        """The text exposition format of every metric.
+
+        The durations of a program a reload removed go with its other metrics: kept, they would
+        outlive it, and count on from there if it came back while its counters start at 0.
+        """
+        if self._timed:
+            names = {status["name"] for status in self._statuses()}
+            for labels in [labels for labels in self._timed if labels[0] not in names]:
+                self.durations.remove(*labels)
+                self._timed.discard(labels)
         return generate_latest(self.registry)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

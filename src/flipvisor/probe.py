@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .config import ReadinessConfig
+from .config import MAX_SOCKET_PATH, ReadinessConfig
 from .errors import ProbeFailed, SpawnError
 from .spawn import run_command
 
@@ -43,7 +43,7 @@ NOTIFY_BUFFER = 4096
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # Room for the credentials plus fds a sender may attach (FDSTORE=1); we close those at once.
 _ANCILLARY = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(64 * array.array("i").itemsize)
-_MAX_SUN_PATH = 107
+_MAX_SUN_PATH = MAX_SOCKET_PATH
 
 
 @dataclass

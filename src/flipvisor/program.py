@@ -200,7 +200,8 @@ class Program:
         except TimeoutError:
             report.finish(
                 f"the flip took longer than --timeout {timeout}s; rolled back; "
-                f"`flipvisor logs {self.name}` shows what the new generation did"
+                f"`flipvisor logs {self.name}` shows what the new generation did",
+                report.output,
             )
         except FlipvisorError as exc:
             report.finish(f"{exc}; {flip_next_step(exc, self.name)}")
@@ -267,6 +268,7 @@ class Program:
             with anyio.CancelScope(shield=True), anyio.move_on_after(DISCARD_TIMEOUT):
                 await gen.discard(reason)
             self.generations.remove(gen)
+            report.output = list(gen.tail)  # for a flip that --timeout cancelled, too
             if isinstance(exc, FlipvisorError | TimeoutError):
                 output = list(gen.tail)
                 serving = (

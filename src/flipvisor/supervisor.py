@@ -41,6 +41,9 @@ RESTART_ONLY = ("state_dir", "registry", "metrics", "logs", "watch")
 # are looked for before giving up.
 ORPHAN_GRACE = 3.0
 ORPHAN_ROUNDS = 5
+# At shutdown, how long the control socket's conversations get to send their final answer (an
+# `events -f` follower its end) before the socket closes.
+ANSWER_GRACE = 2.0
 
 
 def prepare_state_dir(path: Path, config_path: Path) -> None:
@@ -105,11 +108,13 @@ class Supervisor:
         try:
             async with anyio.create_task_group() as root:
                 # The reaper outlives everything else: whatever the rest kills while it is
-                # cancelled (a running reload, a probe command) must still be reaped.
+                # cancelled (a running reload, a probe command) must still be reaped. The control
+                # socket outlives the programs: `events -f` shows the drains and the orphans, then
+                # ends.
                 await root.start(self.reaper.run)
+                await root.start(control.serve)
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
-                    await tg.start(control.serve)
                     await self._start_metrics(tg)
                     await tg.start(self.registry.run)
                     tg.start_soon(self._handle_signals)
@@ -131,7 +136,9 @@ class Supervisor:
                         if program_config.autostart:
                             program.start_flip(kind="start")
                     await self._shutdown.wait()
-                    log.info("shutting down: draining every program")
+                    self.events.emit(
+                        "shutting-down", "(supervisor)", message="draining every program"
+                    )
                     async with anyio.create_task_group() as stops:
                         # Programs a reload is removing too: their drain must finish, not be
                         # cancelled with the reload.
@@ -141,6 +148,8 @@ class Supervisor:
                 # Past here nothing of ours runs but the reaper: what is still our child is an
                 # orphan no drain reached. It must not outlive us.
                 await self._stop_orphans()
+                self.events.close()  # `events -f` followers end (exit 0)
+                await control.wait_idle(ANSWER_GRACE)
                 root.cancel_scope.cancel()
         except* FlipvisorError as group:
             # A start-up failure (another supervisor on the socket, the metrics port taken) is
@@ -449,6 +458,9 @@ class Supervisor:
 
     async def _events(self, request: Request, send: Send) -> dict[str, Any]:
         limit = int(request.args.get("limit", 100))
+        name = request.program
+        if name is not None and name not in self.programs and not self.events.recent(1, name):
+            self._program(name)  # unknown (a removed program's history is still shown): refused
         # Subscribed before the history is read (no await between them): an event emitted while
         # the history is sent follows it, neither lost nor shown twice.
         async with self.events.subscribe() as stream:

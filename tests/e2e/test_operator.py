@@ -251,3 +251,111 @@ def test_events_follow_prints_new_events_live(flipvisor: Flipvisor) -> None:
         follower.stdout.close()
         assert follower.stderr is not None
         follower.stderr.close()
+
+
+def test_a_refused_request_with_json_prints_one_error_document(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    for argv in (["status", "nope"], ["stop", "nope"], ["flip", "nope"], ["start", "nope"]):
+        refused = flipvisor.cli(*argv, "--json")
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        document = json.loads(refused.stdout)
+        assert document == {"ok": False, "exit_code": 2, "error": document["error"]}
+        assert "no program named 'nope'" in document["error"], argv
+    flipvisor.config_path.write_text("programs: [\n")
+    invalid = flipvisor.cli("reload", "--json")
+    assert invalid.returncode == 2, invalid.stdout + invalid.stderr
+    assert "not valid YAML" in json.loads(invalid.stdout)["error"]
+
+
+def test_events_of_an_unknown_program_are_refused(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": web(), "gone": web()}})
+    flipvisor.wait_serving("gone")
+    for argv in (["events", "nope"], ["events", "nope", "-f"]):
+        refused = flipvisor.cli(*argv, timeout=10)  # -f used to wait forever, printing nothing
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "no program named 'nope'" in refused.stderr
+    # A program removed by a reload keeps its history.
+    flipvisor.write_config({"programs": {"web": web()}})
+    assert flipvisor.cli("reload").returncode == 0
+    removed = flipvisor.cli("events", "gone")
+    assert removed.returncode == 0, removed.stderr
+    assert "gone g1 promoted" in removed.stdout
+
+
+def test_events_follow_ends_with_exit_0_when_the_supervisor_shuts_down(
+    flipvisor: Flipvisor,
+) -> None:
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    argv = ["events", "-f", "--json", "-n", "1", "-c", str(flipvisor.config_path)]
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "flipvisor", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        # Subscribed once the newest past event has arrived.
+        assert json.loads(follower.stdout.readline())["kind"] == "flip-finished"
+        assert flipvisor.cli("shutdown").returncode == 0
+        out, err = follower.communicate(timeout=30)
+    finally:
+        follower.kill()
+        follower.wait()
+    assert follower.returncode == 0, err  # it was 2: "the supervisor closed the connection"
+    assert err == ""
+    kinds = [(e["program"], e["kind"]) for e in map(json.loads, out.splitlines())]
+    assert kinds[0] == ("(supervisor)", "shutting-down")
+    assert ("web", "draining") in kinds and kinds[-1] == ("web", "stopped"), kinds
+    assert flipvisor.process is not None and flipvisor.process.wait(timeout=30) == 0
+
+
+def test_a_flip_cut_short_by_its_timeout_shows_the_new_generations_output(
+    flipvisor: Flipvisor,
+) -> None:
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    never_ready = {**web("2", "--health-fail"), "readiness": {"http": "/health", "timeout": 60}}
+    flipvisor.write_config({"programs": {"web": never_ready}})
+    result = flipvisor.cli("flip", "web", "--timeout", "1", "--json")
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert "--timeout 1" in report["error"]
+    # What it said before it was discarded, as for any other rolled-back flip.
+    assert any(line.startswith("svc 2 serving on") for line in report["output"]), report
+    human = flipvisor.cli("flip", "web", "--timeout", "1")
+    assert human.returncode == 1
+    assert "last output of the new generation:" in human.stderr
+
+
+def test_metrics_of_a_program_removed_by_a_reload_go_with_it(flipvisor: Flipvisor) -> None:
+    port = free_port()
+    metrics = {"listen": f"127.0.0.1:{port}"}
+    flipvisor.start({"metrics": metrics, "programs": {"web": web(), "gone": web()}})
+    flipvisor.wait_serving("gone")
+    durations = "flipvisor_flip_duration_seconds_count"
+    wait_until(
+        lambda: sample(scrape(port), durations, program="gone", outcome="ok") == 1,
+        message="gone's start-up flip to be timed",
+    )
+    flipvisor.write_config({"metrics": metrics, "programs": {"web": web()}})
+    assert flipvisor.cli("reload").returncode == 0
+    wait_until(
+        lambda: not any(("program", "gone") in labels for _name, labels in scrape(port)),
+        message="every series of gone to go",
+    )
+    # Back under the same name: its histogram starts again with its counters.
+    flipvisor.write_config({"metrics": metrics, "programs": {"web": web(), "gone": web()}})
+    assert flipvisor.cli("reload").returncode == 0
+
+    def timed_again() -> Samples | None:
+        samples = scrape(port)
+        return samples if sample(samples, "flipvisor_flips_total", program="gone") == 1 else None
+
+    samples = wait_until(timed_again, message="gone's new start-up flip to be counted")
+    assert samples is not None
+    assert sample(samples, durations, program="gone", outcome="ok") == 1
+    assert sample(samples, durations, program="web", outcome="ok") == 1

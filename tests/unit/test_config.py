@@ -816,3 +816,27 @@ def test_programs_on_different_hosts_or_ports_may_use_fixed_ports() -> None:
         """
     )
     assert len(parse_config(text, PATH).programs) == 5
+
+
+def test_a_program_name_too_long_for_its_files_is_refused() -> None:
+    # Its log and history files could not be created (`check` said ok, the logs were lost).
+    assert len(parse_config(f"programs:\n  {'a' * 200}: {{command: x}}\n", PATH).programs) == 1
+    (problem,) = problems_of(f"programs:\n  {'a' * 201}: {{command: x}}\n")
+    assert "a program name is at most 200 characters" in problem and "not 201" in problem
+
+
+def test_a_state_dir_too_long_for_the_control_socket_is_refused() -> None:
+    # `run` died with a traceback binding it ("AF_UNIX path too long"); `check` said ok.
+    fits = "/" + "s" * (107 - len("/flipvisor.sock") - 1)
+    assert parse_config(f"state_dir: {fits}\n", PATH).state_dir == Path(fits)
+    (problem,) = problems_of(f"state_dir: {fits}s\n")
+    assert problem.startswith(f"{PATH}:1: state_dir: {fits}s is too long: the control socket")
+    assert "choose a shorter state_dir" in problem
+
+
+def test_a_notify_socket_path_too_long_is_refused() -> None:
+    name = "n" * 80  # /var/lib/flipvisor/notify/<name>-<generation>.sock: over 107 bytes
+    text = f"programs:\n  {name}:\n    command: x\n    readiness: {{notify: true}}\n"
+    (problem,) = problems_of(text)
+    assert problem.startswith(f"{PATH}:4: programs.{name}.readiness.notify: the notify socket")
+    assert len(parse_config(text.replace("{notify: true}", "{http: /}"), PATH).programs) == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flipvisor.display import print_status, status_rows
+from flipvisor.display import FlipProgress, print_status, status_rows
 
 NOW = 1_800_000_000.0
 
@@ -126,3 +126,18 @@ def test_a_flip_reported_as_json_never_loads_rich() -> None:
         "print(json.dumps('rich' in sys.modules))\n"
     )
     assert loaded is False
+
+
+def test_without_a_terminal_a_step_is_printed_when_it_starts_too(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A CI log or a pipe has no spinner: a 30 s probe must not be 30 s of silence.
+    progress = FlipProgress(enabled=True)
+    with progress:
+        progress.update(
+            {"step": "probe", "status": "running", "detail": "GET /health", "duration": None}
+        )
+        assert "probe" in capsys.readouterr().err  # before the step finished
+        progress.update({"step": "probe", "status": "ok", "detail": "GET /health", "duration": 2})
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("✓ probe") and "2.000s" in lines[0]

@@ -79,6 +79,20 @@ async def test_a_closed_subscriber_is_forgotten() -> None:
         assert other.receive_nowait().kind == "ready"
 
 
+async def test_close_ends_every_subscription_after_what_it_holds() -> None:
+    events = EventLog()
+    async with events.subscribe() as stream:
+        events.emit("draining", "web", 1)
+        events.close()  # the supervisor is done: followers end, having got everything
+        events.emit("late", "web", 1)
+        with anyio.fail_after(5):
+            assert [event.kind async for event in stream] == ["draining"]
+    async with events.subscribe() as later:  # subscribed after the close: ends at once
+        with anyio.fail_after(5):
+            assert [event.kind async for event in later] == []
+    assert [event.kind for event in events.recent()] == ["draining", "late"]
+
+
 def test_listener_sees_every_event_of_a_burst_and_is_removed_after() -> None:
     log = EventLog()
     seen: list[Event] = []

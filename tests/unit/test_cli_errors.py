@@ -1,0 +1,66 @@
+"""How the CLI fails: `--json` prints one JSON document on stdout, errors included (a script always
+has one to parse); what cannot be done is said in a sentence with what to do, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flipvisor.cli import run_cli
+
+COMMANDS = [
+    ["status", "--json"],
+    ["status", "web", "--json"],
+    ["flip", "web", "--json"],
+    ["restart", "web", "--json"],
+    ["rollback", "web", "--json"],
+    ["start", "web", "--json"],
+    ["stop", "web", "--json"],
+    ["reload", "--json"],
+    ["events", "--json"],
+]
+
+
+def _error_document(out: str) -> dict[str, object]:
+    document = json.loads(out)  # exactly one document: json.loads refuses trailing data
+    assert isinstance(document, dict)
+    return document
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=" ".join)
+def test_no_supervisor_is_one_json_error_on_stdout(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "flipvisor.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nprograms:\n  web:\n    command: [x]\n")
+    assert run_cli([*argv, "-c", str(config)]) == 2
+    out, err = capsys.readouterr()
+    document = _error_document(out)
+    assert document["ok"] is False and document["exit_code"] == 2
+    assert "no supervisor is listening" in str(document["error"])
+    assert "flipvisor run" in err  # people still read it on stderr
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=" ".join)
+def test_an_unreadable_config_is_one_json_error_on_stdout(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli([*argv, "-c", str(tmp_path / "missing.yaml")]) == 2
+    document = _error_document(capsys.readouterr().out)
+    assert document["ok"] is False and document["exit_code"] == 2
+    assert "cannot read config file" in str(document["error"])
+
+
+@pytest.mark.parametrize("follow", [[], ["-f"]], ids=["tail", "follow"])
+def test_logs_that_cannot_be_read_say_so_without_a_traceback(
+    follow: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "flipvisor.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nprograms:\n  web:\n    command: [x]\n")
+    log_file = tmp_path / "state" / "logs" / "web.log"
+    log_file.mkdir(parents=True)  # unreadable as a file (as one of another user would be)
+    assert run_cli(["logs", "web", *follow, "-c", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"flipvisor: cannot read {log_file}: Is a directory; run flipvisor as")
