@@ -452,7 +452,7 @@ class Program:
                 gen.number,
                 reason,
                 worker=worker.index,
-                delay=verdict.delay,
+                delay=round(verdict.delay, 3),
             )
         return verdict.delay
 
