@@ -119,6 +119,7 @@ RESERVED_ENV = frozenset(
         "FLIPVISOR_PROGRAM",
         "FLIPVISOR_GENERATION",
         "FLIPVISOR_WORKER",
+        "FLIPVISOR_STATE_DIR",
     }
 )
 

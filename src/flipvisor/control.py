@@ -46,16 +46,17 @@ def peer_allowed(uid: int) -> bool:
     return uid in (os.getuid(), 0)
 
 
-def _claim_path(path: Path) -> None:
-    """Remove a stale socket file; refuse if a live supervisor answers there."""
+def _claim_path(path: Path) -> bool:
+    """Remove a stale socket file (True: there was one, so the supervisor before us did not
+    exit cleanly); refuse if a live supervisor answers there."""
     if not path.exists() and not path.is_symlink():
-        return
+        return False
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
     except OSError:
         path.unlink(missing_ok=True)
-        return
+        return True
     finally:
         probe.close()
     raise AlreadyRunning(
@@ -72,6 +73,8 @@ class ControlServer:
         self.dispatch = dispatch
         self._active = 0  # conversations under way
         self._quiet: anyio.Event | None = None  # set when the last one ends, for wait_idle
+        # A socket file was left behind: the previous supervisor was killed (SIGKILL, OOM).
+        self.found_stale = False
 
     async def wait_idle(self, timeout: float) -> None:
         """Wait, at most ``timeout`` seconds, until no conversation is under way (at shutdown:
@@ -87,7 +90,7 @@ class ControlServer:
         Raises:
             AlreadyRunning: another supervisor holds the socket.
         """
-        _claim_path(self.path)
+        self.found_stale = _claim_path(self.path)
         old_umask = os.umask(0o177)  # no window in which the socket is group/world accessible
         try:
             listener = await anyio.create_unix_listener(self.path, mode=0o600)

@@ -47,7 +47,7 @@ class Generation:
         reaper: Reaper,
         log: ProgramLog,
         events: EventLog,
-        notify_dir: Path,
+        state_dir: Path,
         on_worker_exit: Callable[[Generation, Worker, int | None, str], float | None],
         on_pids_changed: Callable[[Generation], None],
         listener: socket.socket,
@@ -85,7 +85,7 @@ class Generation:
         self.notify: NotifySocket | None = None
         try:
             if config.readiness is not None and config.readiness.notify:
-                self.notify = NotifySocket(notify_dir / f"{program}-{number}.sock")
+                self.notify = NotifySocket(state_dir / "notify" / f"{program}-{number}.sock")
         except BaseException:
             self.socket.close()
             raise
@@ -96,6 +96,7 @@ class Generation:
             port=self.port,
             listen_fd=self.socket.fileno(),
             notify_socket=self.notify.path if self.notify is not None else None,
+            state_dir=state_dir,
         )
         self._spec = spec
         self.workers = [self._new_worker(index) for index in range(config.numprocs)]

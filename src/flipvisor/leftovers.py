@@ -13,9 +13,16 @@ after it (delay, signal, timeout, SIGKILL), or when the program stops. A fixed p
 is taken over with ``pidfd_getfd``, so that the new generation accepts from their very socket; if
 the kernel refuses that (no ptrace permission), they are stopped before the new generation binds.
 
-Every signal goes through a pidfd opened for the recorded start time, never to a bare PID. A
-record whose supervisor still runs (another supervisor of this host sharing the etcd prefix) is
-left alone.
+The record names only the workers that served. When the supervisor did not exit cleanly (its
+control socket file was left behind), every process is also looked for whose environment names
+this ``state_dir`` (``FLIPVISOR_STATE_DIR``, set for every worker and inherited by what it
+starts): a flip's generation not yet promoted, a warm or draining one, what the workers started
+in their process groups. They join their program's leftovers; those of a program no longer in the
+config are stopped at once.
+
+Every signal goes through a pidfd opened for the recorded (or just read) start time, never to a
+bare PID. A record whose supervisor still runs (another supervisor of this host sharing the etcd
+prefix) is left alone.
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ import select
 import signal
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -76,6 +84,12 @@ class Leftovers:
             "port": self.port,
             "pids": [pid for pid, _ in self.workers],
         }
+
+    def with_workers(self, more: list[tuple[int, float]]) -> Leftovers:
+        """These leftovers and ``more`` (a process already among them is not added twice)."""
+        known = {pid for pid, _ in self.workers}
+        extra = tuple(w for w in more if w[0] not in known)
+        return replace(self, workers=self.workers + extra)
 
     async def drain(self, drain: DrainConfig, *, delay: bool = True) -> list[int]:
         """Wait ``drain.delay`` (unless ``delay`` is False), send ``drain.signal``, SIGKILL after
@@ -221,4 +235,46 @@ async def find_leftovers(
     for key, name in keys.items():
         if (leftovers := leftovers_in(name, values.get(key), host)) is not None:
             found[name] = leftovers
+    return found
+
+
+STATE_DIR_ENV = "FLIPVISOR_STATE_DIR"
+_PROGRAM_ENV = b"FLIPVISOR_PROGRAM="
+
+
+def processes_of(state_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every running process whose environment says a supervisor of ``state_dir`` started it, or
+    one of its workers did: (pid, start time) each, by the program its ``FLIPVISOR_PROGRAM`` names
+    ("" without one). Processes whose environment cannot be read (another user's) are skipped.
+    """
+    marker = f"{STATE_DIR_ENV}={state_dir}".encode()
+    found: dict[str, list[tuple[int, float]]] = {}
+    own = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == own:
+            continue
+        pid = int(name)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as file:
+                    environ = file.read().split(b"\0")
+            except OSError:
+                continue
+            if marker not in environ:
+                continue
+            started = start_time_of(pid)
+            # Still running after the reads: they concerned the process the pidfd holds (its PID
+            # cannot have been reused while it runs).
+            if started is None or select.select([pidfd], [], [], 0)[0]:
+                continue
+            program = next(
+                (v[len(_PROGRAM_ENV) :] for v in environ if v.startswith(_PROGRAM_ENV)), b""
+            )
+            found.setdefault(program.decode(errors="replace"), []).append((pid, started))
+        finally:
+            os.close(pidfd)
     return found

@@ -247,7 +247,7 @@ class Program:
                 reaper=self.runtime.reaper,
                 log=self.log,
                 events=self.runtime.events,
-                notify_dir=self.runtime.state_dir / "notify",
+                state_dir=self.runtime.state_dir,
                 on_worker_exit=self._worker_exited,
                 on_pids_changed=self._pids_changed,
                 listener=self.listener.for_generation(config.socket),
@@ -329,9 +329,10 @@ class Program:
     async def _free_port_of_leftovers(self, report: FlipReport, config: ProgramConfig) -> None:
         """Before a generation binds the fixed port that leftovers listen on: take over their
         socket (the new generation then accepts from its queue while they drain), or, if the
-        kernel will not hand it over, stop them first (connections are refused until ours bind)."""
+        kernel will not hand it over, stop them first (connections are refused until ours bind).
+        Leftovers found only by their environment have no recorded port: they may hold it too."""
         left, wanted = self.leftovers, config.socket
-        if left is None or wanted.port == 0 or left.port != wanted.port:
+        if left is None or wanted.port == 0:
             return
         if self.listener.holds(wanted):
             return  # taken over by an earlier attempt
@@ -339,6 +340,8 @@ class Program:
             self.listener.adopt(sock, wanted)
             self.runtime.events.emit("socket-taken", self.name, None, f"from {left.describe()}")
             return
+        if left.port not in (None, wanted.port):
+            return  # they listen on another port: no conflict
         log.warning(
             "program=%s: cannot take port %d over from %s; stopping them first",
             self.name,

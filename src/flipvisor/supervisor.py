@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,12 @@ from anyio import CancelScope
 from anyio.abc import TaskGroup
 
 from . import signals
-from .config import Config, ProgramConfig, load_config
+from .config import Config, DrainConfig, ProgramConfig, load_config
 from .control import ControlServer, Send
 from .errors import EXIT_USAGE, Busy, ConfigError, FlipvisorError, UsageError
 from .events import EventLog
 from .generation import KILL_GRACE
-from .leftovers import find_leftovers
+from .leftovers import Leftovers, find_leftovers, processes_of
 from .program import Program, Runtime
 from .progress import FlipReport
 from .promotion import HOSTNAME
@@ -119,9 +120,7 @@ class Supervisor:
                     await tg.start(self.registry.run)
                     tg.start_soon(self._handle_signals)
                     await self._start_watches(tg)
-                    leftovers = await find_leftovers(
-                        self.registry, self.config.registry.prefix, self.config.programs, HOSTNAME
-                    )
+                    leftovers = await self._find_leftovers(unclean=control.found_stale, tg=tg)
                     for name, program_config in self.config.programs.items():
                         program = await self._add_program(name, program_config)
                         if (left := leftovers.get(name)) is not None:
@@ -130,8 +129,8 @@ class Supervisor:
                                 "leftovers",
                                 name,
                                 None,
-                                f"{left.describe()} still serves; replaced once this "
-                                f"supervisor's generation of {name} is promoted",
+                                f"{left.describe()}: drained once this supervisor's "
+                                f"generation of {name} is promoted, or when {name} stops",
                             )
                         if program_config.autostart:
                             program.start_flip(kind="start")
@@ -158,6 +157,26 @@ class Supervisor:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.registry.aclose()
+
+    async def _find_leftovers(self, *, unclean: bool, tg: TaskGroup) -> dict[str, Leftovers]:
+        """What a killed supervisor left running, by program (``leftovers.py``). After an unclean
+        exit, its processes that no record names are found too; those of programs no longer in
+        the config are stopped now, in ``tg``."""
+        programs = self.config.programs
+        found = await find_leftovers(self.registry, self.config.registry.prefix, programs, HOSTNAME)
+        if not unclean:
+            return found
+        for name, processes in processes_of(self.config.state_dir).items():
+            if name in programs:
+                left = found.get(name) or Leftovers(name, None, None, ())
+                found[name] = left.with_workers(processes)
+                continue
+            stray = Leftovers(name or "?", None, None, tuple(processes))
+            self.events.emit(
+                "leftovers", stray.program, None, f"{stray.describe()}: not in the config; stopping"
+            )
+            tg.start_soon(partial(stray.drain, DrainConfig(), delay=False))
+        return found
 
     async def _stop_orphans(self) -> None:
         """At shutdown, once every program drained: stop every process still our child.

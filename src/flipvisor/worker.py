@@ -53,6 +53,7 @@ class WorkerSpec:
     port: int
     listen_fd: int
     notify_socket: Path | None
+    state_dir: Path  # the supervisor's: its processes are found by it after a crash
 
 
 def worker_env(
@@ -69,6 +70,7 @@ def worker_env(
         FLIPVISOR_PROGRAM=spec.program,
         FLIPVISOR_GENERATION=str(spec.generation),
         FLIPVISOR_WORKER=str(index),
+        FLIPVISOR_STATE_DIR=str(spec.state_dir),
         LISTEN_FDS="1",
         LISTEN_FDNAMES=spec.program,
     )

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -219,3 +221,72 @@ def test_with_etcd_leftovers_outlive_an_outage_at_promotion_then_are_replaced(
     assert outcome.failed == 0, outcome.errors[:5]
     assert proxied(nginx)["version"] == "2"
     assert keys(etcd, etcd_prefix)["pid/previous"] == ",".join(map(str, old_pids))
+
+
+def test_a_killed_supervisor_s_unrecorded_generations_are_stopped_too(
+    flipvisor: Flipvisor, survivors: list[psutil.Process]
+) -> None:
+    """Beyond what the record names (the serving generation): a warm generation kept for a
+    rollback and a generation being probed, found by their environment once the control socket
+    shows the supervisor did not exit cleanly."""
+
+    def web(version: str, *flags: str) -> dict[str, Any]:
+        return {
+            "programs": {
+                "web": {
+                    "command": svc_command("--version", version, *flags),
+                    "readiness": {"http": "/health", "timeout": 120, "interval": 0.05},
+                    "drain": {"delay": 0, "timeout": 5},
+                    "rollback_window": 300,
+                }
+            }
+        }
+
+    flipvisor.start(web("1"))
+    warm = flipvisor.wait_serving("web")["pids"]
+    flipvisor.write_config(web("2"))
+    assert flipvisor.cli("flip", "web").returncode == 0, flipvisor.output()
+    flipvisor.write_config(web("3", "--health-fail"))
+    flip = subprocess.Popen(
+        [sys.executable, "-m", "flipvisor", "flip", "web", "-c", str(flipvisor.config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        probed = wait_until(
+            lambda: next(
+                (
+                    g["pids"]
+                    for g in flipvisor.program("web")["generations"]
+                    if g["generation"] == 3
+                ),
+                None,
+            ),
+            message="generation 3 to be probed",
+        )
+        survivors.extend(psutil.Process(pid) for pid in [*warm, *probed])
+        serving = kill_supervisor(flipvisor, "web", survivors)
+    finally:
+        flip.kill()
+        flip.wait()
+    restart_supervisor(flipvisor, web("4"))
+    flipvisor.wait_serving("web", where=lambda g: g["generation"] == 1)
+    wait_gone([*warm, *serving, *probed])
+
+
+def test_processes_of_a_program_no_longer_configured_are_stopped_at_start(
+    flipvisor: Flipvisor, survivors: list[psutil.Process]
+) -> None:
+    def config(*names: str) -> dict[str, Any]:
+        return {"programs": {name: {"command": svc_command("--version", name)} for name in names}}
+
+    flipvisor.start(config("kept", "gone"))
+    flipvisor.wait_serving("kept")
+    gone_pids = flipvisor.wait_serving("gone")["pids"]
+    kept_pids = kill_supervisor(flipvisor, "kept", survivors)
+    survivors.extend(psutil.Process(pid) for pid in gone_pids)
+    restart_supervisor(flipvisor, config("kept"))
+    wait_gone(gone_pids)
+    flipvisor.wait_serving("kept", where=lambda g: g["pids"] != kept_pids)
+    wait_gone(kept_pids)
+    assert "not in the config" in flipvisor.cli("events").stdout

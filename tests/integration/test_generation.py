@@ -89,7 +89,7 @@ class Harness:
             reaper=self.reaper,
             log=self.log,
             events=self.events,
-            notify_dir=self.tmp_path / "notify",
+            state_dir=self.tmp_path,
             on_worker_exit=self.on_worker_exit,
             on_pids_changed=self.on_pids_changed,
             listener=bind_listener(config.socket),

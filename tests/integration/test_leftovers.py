@@ -10,13 +10,14 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
 from flipvisor.config import DrainConfig, SocketConfig
-from flipvisor.leftovers import Leftovers, leftovers_in, this_supervisor
+from flipvisor.leftovers import Leftovers, leftovers_in, processes_of, this_supervisor
 from flipvisor.spawn import start_time_of
 from tests.waiting import wait_until
 
@@ -186,3 +187,18 @@ def test_take_socket_of_a_gone_worker_is_none(listener: socket.socket) -> None:
         )
         is None
     )
+
+
+def test_processes_of_finds_what_names_the_state_dir_in_its_environment(tmp_path: Path) -> None:
+    ours = {**os.environ, "FLIPVISOR_STATE_DIR": str(tmp_path), "FLIPVISOR_PROGRAM": "web"}
+    theirs = {**ours, "FLIPVISOR_STATE_DIR": str(tmp_path / "other")}
+    mine = subprocess.Popen(["sleep", "60"], env=ours)
+    other = subprocess.Popen(["sleep", "60"], env=theirs)
+    try:
+        started = wait_until(lambda: start_time_of(mine.pid), message="the start time")
+        assert processes_of(tmp_path) == {"web": [(mine.pid, started)]}
+    finally:
+        for process in (mine, other):
+            process.kill()
+            process.wait()
+    assert processes_of(tmp_path) == {}

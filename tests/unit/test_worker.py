@@ -100,6 +100,7 @@ def spec(env: dict[str, str] | None = None, notify: Path | None = None) -> Worke
         port=41234,
         listen_fd=9,
         notify_socket=notify,
+        state_dir=Path("/var/lib/flipvisor"),
     )
 
 
@@ -122,6 +123,7 @@ def test_socket_activation_variables() -> None:
     assert env["FLIPVISOR_PROGRAM"] == "web"
     assert env["FLIPVISOR_GENERATION"] == "3"
     assert env["FLIPVISOR_WORKER"] == "2"
+    assert env["FLIPVISOR_STATE_DIR"] == "/var/lib/flipvisor"
     # Our own supervisor's socket activation must not reach the worker: the spawn shim sets
     # LISTEN_PID to the worker's PID, and NOTIFY_SOCKET is only ours when readiness says so.
     assert "LISTEN_PID" not in env
