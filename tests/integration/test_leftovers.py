@@ -87,13 +87,14 @@ def test_dead_workers_are_no_leftovers() -> None:
     assert leftovers_in("web", record([(process.pid, started)]), HOST) is None
 
 
+Spawned = tuple[subprocess.Popen[bytes], tuple[int, float]]
 SLEEPER = "import signal, sys, time; {ignore}print('up', flush=True); time.sleep(60)"
 
 
-def spawn_sleeper(*, ignore_term: bool) -> tuple[subprocess.Popen[bytes], tuple[int, float]]:
-    ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN); " if ignore_term else ""
+def spawn_up(code: str, *args: str, pass_fds: tuple[int, ...] = ()) -> Spawned:
+    """Run ``code`` (which prints "up" once set) in a fresh interpreter; wait until it is up."""
     process = subprocess.Popen(
-        [sys.executable, "-c", SLEEPER.format(ignore=ignore)], stdout=subprocess.PIPE
+        [sys.executable, "-c", code, *args], pass_fds=pass_fds, stdout=subprocess.PIPE
     )
     assert process.stdout is not None
     with process.stdout:
@@ -101,6 +102,11 @@ def spawn_sleeper(*, ignore_term: bool) -> tuple[subprocess.Popen[bytes], tuple[
     started = start_time_of(process.pid)
     assert started is not None
     return process, (process.pid, started)
+
+
+def spawn_sleeper(*, ignore_term: bool) -> Spawned:
+    ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN); " if ignore_term else ""
+    return spawn_up(SLEEPER.format(ignore=ignore))
 
 
 @pytest.mark.anyio
@@ -136,17 +142,9 @@ def listener() -> Iterator[socket.socket]:
     sock.close()
 
 
-def spawn_holder(fd: int) -> tuple[subprocess.Popen[bytes], tuple[int, float]]:
+def spawn_holder(fd: int) -> Spawned:
     """A process holding ``fd`` as its fd 3, as a worker holds its generation's socket."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(fd)], pass_fds=(fd,), stdout=subprocess.PIPE
-    )
-    assert process.stdout is not None
-    with process.stdout:
-        assert process.stdout.readline() == b"up\n"
-    started = start_time_of(process.pid)
-    assert started is not None
-    return process, (process.pid, started)
+    return spawn_up(HOLDER, str(fd), pass_fds=(fd,))
 
 
 def test_take_socket_duplicates_the_listening_socket_a_leftover_holds(
