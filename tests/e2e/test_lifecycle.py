@@ -9,8 +9,9 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -18,6 +19,8 @@ from tests.e2e.test_flip import program as proxied_program
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import Nginx, free_port
 from tests.waiting import wait_until
+
+T = TypeVar("T")
 
 # Longer than any deadline below: a stop that waited for the probe would fail the test.
 SLOW_PROBE = 120
@@ -54,6 +57,27 @@ def probing(flipvisor: Flipvisor, name: str, generation: int) -> list[int]:
     return pids
 
 
+def stop_once(
+    flipvisor: Flipvisor,
+    flip: subprocess.Popen[str],
+    when: Callable[[], T],
+    *,
+    timeout: float,
+) -> tuple[T, str]:
+    """`flipvisor stop web` once ``when`` returns, while ``flip`` runs: the stop succeeds and the
+    flip exits 1. Returns what ``when`` returned and the flip's output."""
+    try:
+        seen = when()
+        stopped = flipvisor.cli("stop", "web", timeout=timeout)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr + flipvisor.output()
+        out, _ = flip.communicate(timeout=timeout)
+    finally:
+        flip.kill()
+        flip.communicate()
+    assert flip.returncode == 1, out
+    return seen, out
+
+
 def gone(pids: list[int]) -> bool:
     return not any(
         psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -66,17 +90,7 @@ def test_stop_during_a_flip_rolls_it_back_at_once(flipvisor: Flipvisor) -> None:
     old = flipvisor.wait_serving("web")
     flipvisor.write_config({"programs": {"web": program("--version", "2", "--health-fail")}})
     flip = flip_in_background(flipvisor, "web")
-    try:
-        new_pids = probing(flipvisor, "web", 2)
-
-        stopped = flipvisor.cli("stop", "web", timeout=20)
-
-        assert stopped.returncode == 0, stopped.stdout + stopped.stderr + flipvisor.output()
-        out, _ = flip.communicate(timeout=20)
-    finally:
-        flip.kill()
-        flip.communicate()
-    assert flip.returncode == 1, out
+    new_pids, out = stop_once(flipvisor, flip, lambda: probing(flipvisor, "web", 2), timeout=20)
     assert "stop" in out, out
     status = flipvisor.program("web")
     assert status["state"] == "stopped", status
@@ -196,19 +210,16 @@ def test_stop_during_the_proxy_reload_undoes_the_swap_and_the_file(
         {"programs": {"web": proxied_program(nginx, "2", proxy={"reload_cmd": slow_reload})}}
     )
     flip = flip_in_background(flipvisor, "web")
-    try:
-        wait_until(
+    _, out = stop_once(
+        flipvisor,
+        flip,
+        lambda: wait_until(
             lambda: reloads.exists() and len(reloads.read_text().splitlines()) == 2,
             timeout=20,
             message="the flip's reload",
-        )
-        stopped = flipvisor.cli("stop", "web", timeout=30)
-        assert stopped.returncode == 0, stopped.stdout + stopped.stderr + flipvisor.output()
-        out, _ = flip.communicate(timeout=30)
-    finally:
-        flip.kill()
-        flip.communicate()
-    assert flip.returncode == 1, out
+        ),
+        timeout=30,
+    )
     assert "stopped" in out, out
     assert flipvisor.registry() == keys
     assert (nginx.conf_dir / "web.conf").read_bytes() == content
