@@ -216,16 +216,21 @@ def test_events_show_a_flip_and_a_crash(flipvisor: Flipvisor) -> None:
     assert "web g2 exited killed by SIGKILL" in text.stdout
 
 
-def test_events_follow_prints_new_events_live(flipvisor: Flipvisor) -> None:
+def follow_events(flipvisor: Flipvisor) -> subprocess.Popen[bytes]:
+    """Start program web, then `flipvisor events -f --json -n 1` following it."""
     flipvisor.start({"programs": {"web": web()}})
     flipvisor.wait_serving("web")
     argv = ["events", "-f", "--json", "-n", "1", "-c", str(flipvisor.config_path)]
-    follower = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "flipvisor", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
     )
+
+
+def test_events_follow_prints_new_events_live(flipvisor: Flipvisor) -> None:
+    follower = follow_events(flipvisor)
     assert follower.stdout is not None
     os.set_blocking(follower.stdout.fileno(), False)
     received = b""
@@ -286,16 +291,7 @@ def test_events_of_an_unknown_program_are_refused(flipvisor: Flipvisor) -> None:
 def test_events_follow_ends_with_exit_0_when_the_supervisor_shuts_down(
     flipvisor: Flipvisor,
 ) -> None:
-    flipvisor.start({"programs": {"web": web()}})
-    flipvisor.wait_serving("web")
-    argv = ["events", "-f", "--json", "-n", "1", "-c", str(flipvisor.config_path)]
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "flipvisor", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    follower = follow_events(flipvisor)
     try:
         assert follower.stdout is not None
         # Subscribed once the newest past event has arrived.
@@ -306,7 +302,7 @@ def test_events_follow_ends_with_exit_0_when_the_supervisor_shuts_down(
         follower.kill()
         follower.wait()
     assert follower.returncode == 0, err  # it was 2: "the supervisor closed the connection"
-    assert err == ""
+    assert err == b""
     kinds = [(e["program"], e["kind"]) for e in map(json.loads, out.splitlines())]
     assert kinds[0] == ("(supervisor)", "shutting-down")
     assert ("web", "draining") in kinds and kinds[-1] == ("web", "stopped"), kinds
