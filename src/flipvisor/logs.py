@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import stat
@@ -323,7 +324,8 @@ def follow(
 
     The position is taken when ``follow`` is called; ``last`` lines before it are yielded first.
     When the file is rotated (the name points to another inode) the rest of the old file is read
-    before the new one; a file that shrank is read again from the start. ``until`` is checked
+    before the new one, and so are the backups rotated in between if it rotated more than once
+    since the last poll; a file that shrank is read again from the start. ``until`` is checked
     every poll and ends the iteration when it returns true; otherwise it never ends.
 
     Raises:
@@ -345,10 +347,15 @@ def _follow(
     until: Callable[[], bool] | None,
 ) -> Generator[str, None, None]:
     stream: BinaryIO | None = None
+    rotated_since: list[BinaryIO] = []  # backups newer than the file last read, oldest first
+    backup = False  # ``stream`` is one of them: read whole, nothing writes to it any more
     pending = b""
     try:
         while True:
-            if stream is None:
+            if stream is None and rotated_since:
+                stream, backup = rotated_since.pop(0), True
+            elif stream is None:
+                backup = False
                 stream, offset = _open_at(path, start)
                 if stream is not None:
                     yield from _decoded(_last_lines(stream, offset, last))
@@ -356,10 +363,12 @@ def _follow(
                     start, last = None, 0
             chunk = stream.read() if stream is not None else b""
             if stream is not None and not chunk:
-                state = _moved(path, stream)
+                state = "rotated" if backup else _moved(path, stream)
                 if state == "rotated":
                     # Whatever the writer flushed before renaming is still in the old file.
                     chunk = stream.read()
+                    if not backup:
+                        rotated_since = _rotated_after(path, os.fstat(stream.fileno()).st_ino)
                     stream.close()
                     stream = None
                     if (pending or chunk) and not (pending + chunk).endswith(b"\n"):
@@ -377,8 +386,9 @@ def _follow(
                 return
             time.sleep(poll_interval)
     finally:
-        if stream is not None:
-            stream.close()
+        for opened in [stream, *rotated_since]:
+            if opened is not None:
+                opened.close()
 
 
 def _decoded(lines: list[bytes]) -> Iterator[str]:
@@ -400,6 +410,24 @@ def _open_at(path: Path, start: tuple[int, int] | None) -> tuple[BinaryIO | None
                 return stream, min(start[1], info.st_size)
             stream.close()
     return _open_existing(path), 0
+
+
+def _rotated_after(path: Path, inode: int) -> list[BinaryIO]:
+    """The backups rotated in after the file ``inode`` (now ``path.k``): ``path.(k-1)`` to
+    ``path.1``, opened (so that later renames do not matter), oldest first. None if that file is
+    no longer among the backups: what came between is then unknown."""
+    opened: list[BinaryIO] = []
+    for index in itertools.count(1):
+        stream = _open_existing(path.with_name(f"{path.name}.{index}"))
+        if stream is None:
+            break
+        if os.fstat(stream.fileno()).st_ino == inode:
+            stream.close()
+            return opened[::-1]
+        opened.append(stream)
+    for stream in opened:
+        stream.close()
+    return []
 
 
 def _open_existing(path: Path) -> BinaryIO | None:

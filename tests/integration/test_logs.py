@@ -319,6 +319,29 @@ def test_follow_survives_rotation(log_path: Path) -> None:
     assert got[-1].endswith("g2 w0 pid=2 | still followed")
 
 
+def test_follow_reads_every_file_of_rotations_between_two_polls(log_path: Path) -> None:
+    """The log rotated twice (or more) while the follower was not looking: the files rotated in
+    between are read too, in order, before the current one."""
+    log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=5))
+    deadline = time.monotonic() + 10
+    try:
+        log.write_line("g1 w0 pid=1", b"before follow")
+        log.flush()
+        lines = follow(
+            log_path, poll_interval=0.01, last=1, until=lambda: time.monotonic() > deadline
+        )
+        assert next(lines).endswith("| before follow")
+        for i in range(60):  # about three files' worth, all before the follower reads on
+            log.write_line("g1 w0 pid=1", f"line {i:03d} ".encode() + b"w" * 20)
+        log.flush()
+        assert log_path.with_name("app.log.3").exists()  # rotated at least three times
+        got = collect(lines, "line 059 " + "w" * 20)
+        lines.close()
+    finally:
+        log.close()
+    assert [int(line.split("line ")[1][:3]) for line in got] == list(range(60))
+
+
 def test_follow_waits_for_the_file_and_finishes_partial_lines(log_path: Path) -> None:
     deadline = time.monotonic() + 10
     lines = follow(log_path, poll_interval=0.01, until=lambda: time.monotonic() > deadline)
