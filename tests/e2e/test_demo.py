@@ -67,4 +67,6 @@ def test_demo_flips_under_load_with_zero_failed_requests(tmp_path: Path) -> None
     # Both flips answered with the new version, and the broken one was rolled back.
     assert "nginx now answers: v2" in output and "nginx now answers: v3" in output
     assert "rolled back (exit 1, as it should); nginx still answers: v3" in output
+    # The supervisor killed and started again: what it left was replaced, v3 answering throughout.
+    assert "then drained pid" in output and "nginx answers: v3" in output
     assert _left_behind(work_dir) == []
