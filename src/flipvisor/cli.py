@@ -390,7 +390,7 @@ HANDLERS: dict[str, Handler] = {
     "restart": _flip_like,
     "rollback": _flip_like,
     "start": _flip_like,
-    "stop": _simple,
+    "stop": _flip_like,  # shows each wait of the drain as it happens
     "shutdown": _simple,
     "reload": _reload,
     "logs": _logs,

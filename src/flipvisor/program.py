@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -489,34 +489,52 @@ class Program:
                 f"`flipvisor start {self.name}`"
             )
 
-    async def stop(self, *, unroute: bool = False) -> None:
+    async def stop(self, report: FlipReport | None = None, *, unroute: bool = False) -> None:
         """Drain every generation of the program; keys are left naming the last one.
 
         A flip under way is rolled back at once if it has not promoted its generation yet (its
         client is told why); one that has is awaited, which its drain bounds. ``unroute`` (the
         program was removed from the config): its proxy file is removed and the proxy reloaded
-        before anything drains.
+        before anything drains. ``report`` gets a step for each of those waits (``stop`` shows
+        them as they happen).
         """
         self._stops += 1
         try:
             flip = self.current_flip
             if flip is not None:
+                undoing = self._abandon is not None
                 if self._abandon is not None:
                     self._abandon.cancel()
-                await flip.wait()
+                what = "rolling it back" if undoing else "promoted: waiting for it to finish"
+                with _step(report, "flip", f"{flip.kind} of generation {flip.generation}: {what}"):
+                    await flip.wait()
             if unroute:
                 await self._unroute()
             gens = list(self.generations)
             self.serving = None
             self.warm = None
-            async with anyio.create_task_group() as tg:
-                for gen in gens:
-                    tg.start_soon(self._drain, gen)
-                tg.start_soon(self._drain_leftovers, None, self.config)
+            if gens or self.leftovers is not None:
+                with _step(report, "drain", self._draining(gens)):
+                    async with anyio.create_task_group() as tg:
+                        for gen in gens:
+                            tg.start_soon(self._drain, gen)
+                        tg.start_soon(self._drain_leftovers, None, self.config)
             self.listener.close()  # a stopped program holds no port
         finally:
             self._stops -= 1
         self.runtime.events.emit("stopped", self.name)
+
+    def _draining(self, gens: list[Generation]) -> str:
+        """What a stop drains, and how long that may take at most."""
+        parts = [
+            f"generation {gen.number} (pid {', '.join(map(str, gen.pids)) or '-'})" for gen in gens
+        ]
+        if self.leftovers is not None:
+            parts.append(self.leftovers.describe())
+        longest = max(
+            (gen.config.drain.delay + gen.config.drain.timeout for gen in gens), default=0.0
+        )
+        return f"{'; '.join(parts)}; up to {longest:g}s"
 
     async def _unroute(self) -> None:
         deployed = self.serving.config if self.serving is not None else self.config
@@ -529,6 +547,10 @@ class Program:
             proxy_lock=self.runtime.proxy_lock,
         ):
             self.runtime.events.emit("unrouted", self.name, None, f"removed {deployed.proxy.dest}")
+
+
+def _step(report: FlipReport | None, name: str, detail: str) -> AbstractContextManager[Any]:
+    return report.step(name, detail) if report is not None else nullcontext()
 
 
 def _reason(exc: BaseException) -> str:

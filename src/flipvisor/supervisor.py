@@ -431,7 +431,11 @@ class Supervisor:
             return await self._events(request, send)
         program = self._program(request.program)
         if command == "stop":
-            await program.stop()
+            stopping = FlipReport(program.name, "stop")
+            # In the supervisor's task group: a client that goes away does not cut a drain short.
+            assert self._tg is not None
+            self._tg.start_soon(self._stop_reporting, program, stopping)
+            await self._follow(stopping, send)
             return result(program.status())
         if command == "start":
             report = await program.start()
@@ -454,6 +458,13 @@ class Supervisor:
             report = program.start_flip(program.history.previous, kind="rollback")
             return await self._follow(report, send)
         raise UsageError(f"unknown command {command!r}")  # pragma: no cover - checked by protocol
+
+    @staticmethod
+    async def _stop_reporting(program: Program, report: FlipReport) -> None:
+        try:
+            await program.stop(report)
+        finally:
+            report.finish()
 
     def _reread(self, name: str) -> Any:
         """The program's section as the config file says now (a flip deploys edits)."""

@@ -355,3 +355,35 @@ def test_metrics_of_a_program_removed_by_a_reload_go_with_it(flipvisor: Flipviso
     assert samples is not None
     assert sample(samples, durations, program="gone", outcome="ok") == 1
     assert sample(samples, durations, program="web", outcome="ok") == 1
+
+
+def test_stop_shows_its_drain_while_it_waits(flipvisor: Flipvisor) -> None:
+    """A long wait shows progress: `stop` prints the drain (what, for how long at most) when it
+    begins, not only once it is over."""
+    slow = {**web(), "drain": {"delay": 8, "timeout": 5}}
+    flipvisor.start({"programs": {"web": slow}})
+    pids = flipvisor.wait_serving("web")["pids"]
+    stop = subprocess.Popen(
+        [sys.executable, "-m", "flipvisor", "stop", "web", "-c", str(flipvisor.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert stop.stderr is not None and stop.stdout is not None
+    try:
+        os.set_blocking(stop.stderr.fileno(), False)
+        shown = b""
+
+        def drain_shown() -> bool:
+            nonlocal shown
+            shown += stop.stderr.read() or b""  # type: ignore[union-attr]
+            return b"drain" in shown
+
+        wait_until(drain_shown, timeout=15, message="the drain step")
+        assert stop.poll() is None  # still draining (8 s delay)
+        assert f"generation 1 (pid {pids[0]})".encode() in shown and b"up to 13s" in shown
+    finally:
+        stop.kill()
+        stop.wait()
+        stop.stdout.close()
+        stop.stderr.close()
