@@ -78,7 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
         "validate the config file, and that its commands, directories and templates work here",
         json_output=True,
     )
-    command("shutdown", "ask the running supervisor to drain everything and exit")
+    shutdown = command(
+        "shutdown",
+        "drain everything and stop the running supervisor; shows the drains as they happen and "
+        "returns once they are done",
+    )
+    shutdown.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="only ask the supervisor to shut down; return at once",
+    )
     command(
         "reload",
         "ask the running supervisor to re-read its config (like SIGHUP): start added programs, "
@@ -363,21 +372,41 @@ def _events(args: argparse.Namespace, path: Path) -> int:
     answer: dict[str, Any] = {}
     for message in converse(config.socket_path, request):
         if message.get("type") == "event":
-            if args.json:
-                print(json.dumps(message), flush=True)
-            else:
-                stamp = time.strftime("%H:%M:%S", time.localtime(message["time"]))
-                gen = f" g{message['generation']}" if message.get("generation") else ""
-                fields = " ".join(f"{k}={v}" for k, v in message.get("fields", {}).items())
-                print(
-                    f"{stamp} {message['program']}{gen} {message['kind']} "
-                    f"{message.get('message', '')} {fields}".rstrip(),
-                    flush=True,
-                )
+            print(json.dumps(message) if args.json else _event_line(message), flush=True)
         elif message.get("type") == "result":
             answer = message
     if (refused := _refused(args, answer)) is not None:
         return refused
+    return _final(answer)
+
+
+def _event_line(message: dict[str, Any]) -> str:
+    """One event for people: ``12:00:01 web g2 promoted  port=41234 pids=[101]``."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(message["time"]))
+    gen = f" g{message['generation']}" if message.get("generation") else ""
+    fields = " ".join(f"{k}={v}" for k, v in message.get("fields", {}).items())
+    return (
+        f"{stamp} {message['program']}{gen} {message['kind']} "
+        f"{message.get('message', '')} {fields}".rstrip()
+    )
+
+
+def _shutdown(args: argparse.Namespace, path: Path) -> int:
+    config = locate(path)
+    from .client import converse
+    from .protocol import Request
+
+    answer: dict[str, Any] = {}
+    # The events of the shutdown (drains, orphans stopped) as progress, on stderr.
+    for message in converse(
+        config.socket_path, Request("shutdown", None, {"wait": not args.no_wait})
+    ):
+        if message.get("type") == "event":
+            print(_event_line(message), file=sys.stderr, flush=True)
+        elif message.get("type") == "result":
+            answer = message
+    if answer.get("ok"):
+        print("flipvisor: shutdown: " + ("asked" if args.no_wait else "done"))
     return _final(answer)
 
 
@@ -391,7 +420,7 @@ HANDLERS: dict[str, Handler] = {
     "rollback": _flip_like,
     "start": _flip_like,
     "stop": _flip_like,  # shows each wait of the drain as it happens
-    "shutdown": _simple,
+    "shutdown": _shutdown,
     "reload": _reload,
     "logs": _logs,
     "events": _events,

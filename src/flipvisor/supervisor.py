@@ -423,8 +423,16 @@ class Supervisor:
                 }
             )
         if command == "shutdown":
-            self._shutdown.set()
-            return result({"shutting_down": True})
+            if not request.args.get("wait"):
+                self._shutdown.set()
+                return result({"shutting_down": True})
+            # Subscribed before the shutdown begins: every event of it is shown, until the
+            # event log closes once the orphans are stopped.
+            async with self.events.subscribe() as stream:
+                self._shutdown.set()
+                async for event in stream:
+                    await send({"type": "event", **event.to_json()})
+            return result({"shut_down": True})
         if command == "reload":
             return result(await self.reload())
         if command == "events":

@@ -387,3 +387,24 @@ def test_stop_shows_its_drain_while_it_waits(flipvisor: Flipvisor) -> None:
         stop.wait()
         stop.stdout.close()
         stop.stderr.close()
+
+
+def test_shutdown_shows_the_drains_and_returns_once_they_are_done(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": {**web(), "drain": {"delay": 1, "timeout": 5}}}})
+    pids = flipvisor.wait_serving("web")["pids"]
+    done = flipvisor.cli("shutdown")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "flipvisor: shutdown: done\n"
+    assert "(supervisor) shutting-down" in done.stderr and "web stopped" in done.stderr
+    assert not any(psutil.pid_exists(pid) for pid in pids)  # drained before it returned
+    assert flipvisor.process is not None and flipvisor.process.wait(timeout=10) == 0
+
+
+def test_shutdown_no_wait_only_asks(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": {**web(), "drain": {"delay": 10, "timeout": 5}}}})
+    pids = flipvisor.wait_serving("web")["pids"]
+    asked = flipvisor.cli("shutdown", "--no-wait", timeout=5)  # well inside the drain's delay
+    assert asked.returncode == 0, asked.stderr
+    assert asked.stdout == "flipvisor: shutdown: asked\n"
+    assert all(psutil.pid_exists(pid) for pid in pids)
+    assert flipvisor.process is not None and flipvisor.process.wait(timeout=30) == 0
