@@ -17,7 +17,7 @@ import pytest
 
 from flipvisor.config import DrainConfig, SocketConfig
 from flipvisor.leftovers import Leftovers, leftovers_in, this_supervisor
-from flipvisor.spawn import start_time_of
+from flipvisor.spawn import signal_verified, start_time_of
 from tests.waiting import wait_until
 
 HOST = "web-1"
@@ -77,6 +77,17 @@ def test_records_that_name_no_leftovers(
 @pytest.mark.parametrize("value", [None, "", "not json", "[]", '{"host": "web-1", "pids": 3}'])
 def test_an_absent_or_foreign_record_names_no_leftovers(value: str | None) -> None:
     assert leftovers_in("web", value, HOST) is None
+
+
+@pytest.mark.parametrize("started", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_start_time_that_is_no_time_proves_no_process(
+    worker: tuple[int, float], started: float
+) -> None:
+    """A garbage record (JSON allows NaN) must not name a running process: NaN compares as
+    within any tolerance unless the comparison is written for it."""
+    pid, _ = worker
+    assert leftovers_in("web", record([(pid, started)]), HOST) is None
+    assert not signal_verified(pid, started, 0)
 
 
 def test_dead_workers_are_no_leftovers() -> None:
