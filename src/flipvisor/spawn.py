@@ -393,7 +393,7 @@ def pidfd_if_started_at(pid: int, started: float) -> int | None:
     """
     try:
         pidfd = os.pidfd_open(pid)
-    except OSError:  # ProcessLookupError: gone already
+    except (OSError, OverflowError):  # gone already, or no PID at all (from a garbage record)
         return None
     actual = start_time_of(pid)
     # Written so that a NaN start time (a garbage registry record: JSON allows it) proves nothing.

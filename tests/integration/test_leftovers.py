@@ -90,6 +90,14 @@ def test_a_start_time_that_is_no_time_proves_no_process(
     assert not signal_verified(pid, started, 0)
 
 
+@pytest.mark.parametrize("pid", [2**40, -1], ids=["too-big", "negative"])
+def test_a_pid_out_of_range_is_no_process(worker: tuple[int, float], pid: int) -> None:
+    """Not an OverflowError out of `run`'s start-up: a supervisor that is no process is gone."""
+    assert leftovers_in("web", record([(pid, 1.0)]), HOST) is None
+    found = leftovers_in("web", record([worker], supervisor={"pid": pid, "started": 1.0}), HOST)
+    assert found is not None and found.workers == (worker,)
+
+
 def test_dead_workers_are_no_leftovers() -> None:
     process = subprocess.Popen(["true"])
     started = wait_until(lambda: start_time_of(process.pid), message="the start time")
