@@ -17,10 +17,10 @@ import pytest
 from tests.e2e.load import Load
 from tests.e2e.test_etcd import keys, registry
 from tests.e2e.test_fixed_port import fixed_port_config
-from tests.e2e.test_flip import program, proxied
+from tests.e2e.test_flip import answers, program, proxied
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.flipvisor import Flipvisor, svc_command
-from tests.fixtures.nginx import Nginx, free_port
+from tests.fixtures.nginx import Nginx, free_port, port_answers
 from tests.waiting import wait_until
 
 GONE_TIMEOUT = 15.0
@@ -219,3 +219,31 @@ def test_with_etcd_leftovers_outlive_an_outage_at_promotion_then_are_replaced(
     assert outcome.failed == 0, outcome.errors[:5]
     assert proxied(nginx)["version"] == "2"
     assert keys(etcd, etcd_prefix)["pid/previous"] == ",".join(map(str, old_pids))
+
+
+def test_the_proxy_file_that_routes_to_the_leftovers_follows_a_section_changed_meanwhile(
+    flipvisor: Flipvisor, nginx: Nginx, survivors: list[psutil.Process]
+) -> None:
+    """The killed supervisor's proxy file routes to its workers: a section whose `proxy.dest`
+    changed while no supervisor ran replaces that file, as a flip would (nginx refused both:
+    a duplicate upstream), and one without `proxy:` takes it out of nginx before they drain."""
+    flipvisor.start({"programs": {"web": program(nginx, "1")}})
+    flipvisor.wait_serving("web")
+    wait_until(lambda: answers(nginx), message="nginx to proxy generation 1")
+    moved = program(nginx, "2", proxy={"dest": str(nginx.conf_dir / "www.conf")})
+    with Load(nginx.url("/"), clients=2) as load:
+        old_pids = kill_supervisor(flipvisor, "web", survivors)
+        restart_supervisor(flipvisor, {"programs": {"web": moved}})
+        second = flipvisor.wait_serving("web", where=lambda g: g["pids"] != old_pids)
+        wait_gone(old_pids)
+        outcome = load.stop()
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert not (nginx.conf_dir / "web.conf").exists()
+    assert proxied(nginx)["version"] == "2"
+    kill_supervisor(flipvisor, "web", survivors)
+    plain = {"command": svc_command("--version", "3"), "readiness": {"http": "/health"}}
+    restart_supervisor(flipvisor, {"programs": {"web": plain}})
+    flipvisor.wait_serving("web", where=lambda g: g["pids"] != second["pids"])
+    wait_gone(second["pids"])
+    assert not (nginx.conf_dir / "www.conf").exists()
+    wait_until(lambda: not port_answers(nginx.listen), message="nginx to drop web's server")
