@@ -205,3 +205,23 @@ def test_take_socket_of_a_gone_worker_is_none(listener: socket.socket) -> None:
         )
         is None
     )
+
+
+def test_take_socket_of_a_worker_whose_fd_3_is_no_inet_socket_is_none(
+    listener: socket.socket, tmp_path: Any
+) -> None:
+    """A worker may have closed fd 3 (moved its socket elsewhere) and opened a file or a unix
+    socket there: no socket to take, not an exception that fails every start of the program."""
+    port = listener.getsockname()[1]
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(tmp_path / "unix.sock"))
+    unix.listen()
+    with open(tmp_path / "file", "w") as file, unix:
+        for fd in (file.fileno(), unix.fileno()):
+            holder, held = spawn_holder(fd)
+            try:
+                left = Leftovers("web", 7, port, (held,))
+                assert left.take_socket(SocketConfig(host="127.0.0.1", port=port)) is None
+            finally:
+                holder.kill()
+                holder.wait()
