@@ -119,22 +119,11 @@ class Supervisor:
                     await tg.start(self.registry.run)
                     tg.start_soon(self._handle_signals)
                     await self._start_watches(tg)
-                    leftovers = await find_leftovers(
-                        self.registry, self.config.registry.prefix, self.config.programs, HOSTNAME
-                    )
-                    for name, program_config in self.config.programs.items():
-                        program = await self._add_program(name, program_config)
-                        if (left := leftovers.get(name)) is not None:
-                            program.leftovers = left
-                            self.events.emit(
-                                "leftovers",
-                                name,
-                                None,
-                                f"{left.describe()} still serves; replaced once this "
-                                f"supervisor's generation of {name} is promoted",
-                            )
-                        if program_config.autostart:
-                            program.start_flip(kind="start")
+                    # A reload (SIGHUP, `flipvisor reload`) waits until the configured programs
+                    # are added: finding leftovers can wait on the registry for its timeout, and
+                    # a reload meanwhile would add every program a second time.
+                    async with self._reload_lock:
+                        await self._add_configured_programs()
                     await self._shutdown.wait()
                     self.events.emit(
                         "shutting-down", "(supervisor)", message="draining every program"
@@ -158,6 +147,26 @@ class Supervisor:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.registry.aclose()
+
+    async def _add_configured_programs(self) -> None:
+        """Add every program of the config, with the leftovers a killed supervisor left it, and
+        start those with ``autostart``."""
+        leftovers = await find_leftovers(
+            self.registry, self.config.registry.prefix, self.config.programs, HOSTNAME
+        )
+        for name, program_config in self.config.programs.items():
+            program = await self._add_program(name, program_config)
+            if (left := leftovers.get(name)) is not None:
+                program.leftovers = left
+                self.events.emit(
+                    "leftovers",
+                    name,
+                    None,
+                    f"{left.describe()} still serves; replaced once this "
+                    f"supervisor's generation of {name} is promoted",
+                )
+            if program_config.autostart:
+                program.start_flip(kind="start")
 
     async def _stop_orphans(self) -> None:
         """At shutdown, once every program drained: stop every process still our child.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -247,3 +248,23 @@ def test_the_proxy_file_that_routes_to_the_leftovers_follows_a_section_changed_m
     wait_gone(second["pids"])
     assert not (nginx.conf_dir / "www.conf").exists()
     wait_until(lambda: not port_answers(nginx.listen), message="nginx to drop web's server")
+
+
+def test_a_reload_while_the_start_up_reads_the_registry_starts_no_program_twice(
+    flipvisor: Flipvisor,
+) -> None:
+    """Finding leftovers waits for the registry (an etcd that does not answer: its request
+    timeout); a reload meanwhile must not add the configured programs a second time."""
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
+        etcd = {"backend": "etcd", "endpoints": [endpoint], "timeout": 3}
+        config = {"registry": etcd, "programs": {"web": {"command": svc_command()}}}
+        flipvisor.start(config)
+        reloaded = flipvisor.cli("reload", "--json")
+        assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+        assert json.loads(reloaded.stdout)["added"] == [], flipvisor.output()
+        assert "cannot read the registry to find workers" in flipvisor.output()
+        assert flipvisor.wait_serving("web")["generation"] == 1
+    assert flipvisor.stop() == 0, flipvisor.output()
