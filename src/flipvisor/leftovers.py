@@ -125,7 +125,11 @@ class Leftovers:
                 continue
             finally:
                 os.close(pidfd)
-            sock = socket.socket(fileno=fd)
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:  # the worker keeps something else as fd 3 now (a file, a pipe)
+                os.close(fd)
+                continue
             if _listens_on(sock, config):
                 return sock
             sock.close()
@@ -158,6 +162,7 @@ def _listens_on(sock: socket.socket, config: SocketConfig) -> bool:
         return False
     return (
         bool(listening)
+        and sock.family in (socket.AF_INET, socket.AF_INET6)
         and sock.type == socket.SOCK_STREAM
         and ipaddress.ip_address(host) == ipaddress.ip_address(config.host)
         and port == config.port

@@ -294,6 +294,7 @@ class Program:
         """Promote a READY generation and retire the one it replaces."""
         gen.transition(GenerationState.PROMOTING)
         first = self.serving is None
+        replaced = self._replaced_config()
         published, deferred = await promote(
             gen,
             program=self.name,
@@ -306,7 +307,7 @@ class Program:
             # a killed supervisor's workers serve: they are drained after this promotion, so the
             # keys must stop naming them first.
             registry_optional=first and self.leftovers is None,
-            replaced_proxy=self.serving.config.proxy if self.serving is not None else None,
+            replaced_proxy=replaced.proxy if replaced is not None else None,
         )
         gen.transition(GenerationState.SERVING)
         self._abandon = None  # promoted: a stop now waits for the old generation's drain
@@ -325,6 +326,16 @@ class Program:
             await self._drain_leftovers(report, gen.config)
             return
         await self._retire(report, old, window=gen.config.rollback_window)
+
+    def _replaced_config(self) -> ProgramConfig | None:
+        """The config of what routes to this program now: the serving generation's or, while a
+        killed supervisor's workers serve, its last promoted one (the deploy history, which that
+        supervisor kept in this state_dir: whose proxy file routes to them)."""
+        if self.serving is not None:
+            return self.serving.config
+        if self.leftovers is not None:
+            return self.history.current
+        return None
 
     async def _free_port_of_leftovers(self, report: FlipReport, config: ProgramConfig) -> None:
         """Before a generation binds the fixed port that leftovers listen on: take over their
@@ -537,7 +548,7 @@ class Program:
         return f"{'; '.join(parts)}; up to {longest:g}s"
 
     async def _unroute(self) -> None:
-        deployed = self.serving.config if self.serving is not None else self.config
+        deployed = self._replaced_config() or self.config
         if deployed.proxy is None:
             return
         if await unroute(

@@ -241,12 +241,6 @@ async def unroute(
             taken = await remove(
                 proxy.dest, check_cmd=proxy.check_cmd, reaper=reaper, timeout=proxy.timeout
             )
-            if taken is None:
-                return False
-            old_workers = proxy_workers(proxy.pidfile) if proxy.pidfile else frozenset()
-            await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
-        except ProxyReloadTimedOut:
-            old_workers = frozenset()  # it may have reloaded; nothing more to do but drain
         except ProxyError as exc:
             log.warning(
                 "program=%s was removed from the config, but its proxy file stays in use: %s; "
@@ -254,6 +248,24 @@ async def unroute(
                 program,
                 exc,
                 proxy.dest,
+            )
+            return False
+        if taken is None:
+            return False
+        old_workers = proxy_workers(proxy.pidfile) if proxy.pidfile else frozenset()
+        try:
+            await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+        except ProxyReloadTimedOut:
+            old_workers = frozenset()  # it may have reloaded; nothing more to do but drain
+        except ProxyError as exc:
+            log.warning(
+                "program=%s was removed from the config and its proxy file %s removed, but the "
+                "proxy did not reload: %s; it routes to the drained program until it reloads: "
+                "run %s",
+                program,
+                proxy.dest,
+                exc,
+                " ".join(proxy.reload_cmd or ()),
             )
             return False
     if not await wait_workers_gone(old_workers, proxy.timeout):

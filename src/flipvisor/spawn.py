@@ -393,10 +393,11 @@ def pidfd_if_started_at(pid: int, started: float) -> int | None:
     """
     try:
         pidfd = os.pidfd_open(pid)
-    except OSError:  # ProcessLookupError: gone already
+    except (OSError, OverflowError):  # gone already, or no PID at all (from a garbage record)
         return None
     actual = start_time_of(pid)
-    if actual is None or abs(actual - started) > START_TIME_TOLERANCE:
+    # Written so that a NaN start time (a garbage registry record: JSON allows it) proves nothing.
+    if actual is None or not abs(actual - started) <= START_TIME_TOLERANCE:
         if actual is not None:
             log.info("pid=%d started at %.2f, not %.2f: the PID was reused", pid, actual, started)
         os.close(pidfd)

@@ -120,20 +120,11 @@ class Supervisor:
                     await tg.start(self.registry.run)
                     tg.start_soon(self._handle_signals)
                     await self._start_watches(tg)
-                    leftovers = await self._find_leftovers(unclean=control.found_stale, tg=tg)
-                    for name, program_config in self.config.programs.items():
-                        program = await self._add_program(name, program_config)
-                        if (left := leftovers.get(name)) is not None:
-                            program.leftovers = left
-                            self.events.emit(
-                                "leftovers",
-                                name,
-                                None,
-                                f"{left.describe()}: drained once this supervisor's "
-                                f"generation of {name} is promoted, or when {name} stops",
-                            )
-                        if program_config.autostart:
-                            program.start_flip(kind="start")
+                    # A reload (SIGHUP, `flipvisor reload`) waits until the configured programs
+                    # are added: finding leftovers can wait on the registry for its timeout, and
+                    # a reload meanwhile would add every program a second time.
+                    async with self._reload_lock:
+                        await self._add_configured_programs(unclean=control.found_stale, tg=tg)
                     await self._shutdown.wait()
                     self.events.emit(
                         "shutting-down", "(supervisor)", message="draining every program"
@@ -157,6 +148,24 @@ class Supervisor:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.registry.aclose()
+
+    async def _add_configured_programs(self, *, unclean: bool, tg: TaskGroup) -> None:
+        """Add every program of the config, with the leftovers a killed supervisor left it, and
+        start those with ``autostart``."""
+        leftovers = await self._find_leftovers(unclean=unclean, tg=tg)
+        for name, program_config in self.config.programs.items():
+            program = await self._add_program(name, program_config)
+            if (left := leftovers.get(name)) is not None:
+                program.leftovers = left
+                self.events.emit(
+                    "leftovers",
+                    name,
+                    None,
+                    f"{left.describe()}: drained once this supervisor's "
+                    f"generation of {name} is promoted, or when {name} stops",
+                )
+            if program_config.autostart:
+                program.start_flip(kind="start")
 
     async def _find_leftovers(self, *, unclean: bool, tg: TaskGroup) -> dict[str, Leftovers]:
         """What a killed supervisor left running, by program (``leftovers.py``). After an unclean

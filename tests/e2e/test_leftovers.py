@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -19,10 +20,10 @@ import pytest
 from tests.e2e.load import Load
 from tests.e2e.test_etcd import keys, registry
 from tests.e2e.test_fixed_port import fixed_port_config
-from tests.e2e.test_flip import program, proxied
+from tests.e2e.test_flip import answers, program, proxied
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.flipvisor import Flipvisor, svc_command
-from tests.fixtures.nginx import Nginx, free_port
+from tests.fixtures.nginx import Nginx, free_port, port_answers
 from tests.waiting import wait_until
 
 GONE_TIMEOUT = 15.0
@@ -290,3 +291,51 @@ def test_processes_of_a_program_no_longer_configured_are_stopped_at_start(
     flipvisor.wait_serving("kept", where=lambda g: g["pids"] != kept_pids)
     wait_gone(kept_pids)
     assert "not in the config" in flipvisor.cli("events").stdout
+
+
+def test_the_proxy_file_that_routes_to_the_leftovers_follows_a_section_changed_meanwhile(
+    flipvisor: Flipvisor, nginx: Nginx, survivors: list[psutil.Process]
+) -> None:
+    """The killed supervisor's proxy file routes to its workers: a section whose `proxy.dest`
+    changed while no supervisor ran replaces that file, as a flip would (nginx refused both:
+    a duplicate upstream), and one without `proxy:` takes it out of nginx before they drain."""
+    flipvisor.start({"programs": {"web": program(nginx, "1")}})
+    flipvisor.wait_serving("web")
+    wait_until(lambda: answers(nginx), message="nginx to proxy generation 1")
+    moved = program(nginx, "2", proxy={"dest": str(nginx.conf_dir / "www.conf")})
+    with Load(nginx.url("/"), clients=2) as load:
+        old_pids = kill_supervisor(flipvisor, "web", survivors)
+        restart_supervisor(flipvisor, {"programs": {"web": moved}})
+        second = flipvisor.wait_serving("web", where=lambda g: g["pids"] != old_pids)
+        wait_gone(old_pids)
+        outcome = load.stop()
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert not (nginx.conf_dir / "web.conf").exists()
+    assert proxied(nginx)["version"] == "2"
+    kill_supervisor(flipvisor, "web", survivors)
+    plain = {"command": svc_command("--version", "3"), "readiness": {"http": "/health"}}
+    restart_supervisor(flipvisor, {"programs": {"web": plain}})
+    flipvisor.wait_serving("web", where=lambda g: g["pids"] != second["pids"])
+    wait_gone(second["pids"])
+    assert not (nginx.conf_dir / "www.conf").exists()
+    wait_until(lambda: not port_answers(nginx.listen), message="nginx to drop web's server")
+
+
+def test_a_reload_while_the_start_up_reads_the_registry_starts_no_program_twice(
+    flipvisor: Flipvisor,
+) -> None:
+    """Finding leftovers waits for the registry (an etcd that does not answer: its request
+    timeout); a reload meanwhile must not add the configured programs a second time."""
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
+        etcd = {"backend": "etcd", "endpoints": [endpoint], "timeout": 3}
+        config = {"registry": etcd, "programs": {"web": {"command": svc_command()}}}
+        flipvisor.start(config)
+        reloaded = flipvisor.cli("reload", "--json")
+        assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+        assert json.loads(reloaded.stdout)["added"] == [], flipvisor.output()
+        assert "cannot read the registry to find workers" in flipvisor.output()
+        assert flipvisor.wait_serving("web")["generation"] == 1
+    assert flipvisor.stop() == 0, flipvisor.output()

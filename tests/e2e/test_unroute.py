@@ -97,3 +97,24 @@ def test_a_flip_without_proxy_whose_check_needs_the_file_rolls_back(
     serving = flipvisor.serving("web")
     assert serving is not None
     assert (serving["generation"], serving["pids"]) == (1, first["pids"])
+
+
+def test_a_removed_program_whose_proxy_reload_fails_says_what_is_left_to_do(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """The file is gone by then: the operator is told to reload the proxy, not to delete it."""
+    broken = flipvisor.dir / "reload-broken"
+    config = program(nginx, "1")
+    reload = " ".join(nginx.reload_cmd)
+    config["proxy"]["reload_cmd"] = ["sh", "-c", f"test ! -e {broken} && {reload}"]
+    gen = start_web(flipvisor, nginx, config)
+    broken.touch()
+    flipvisor.write_config({"programs": {}})
+    result = flipvisor.cli("reload")
+    assert result.returncode == 0, result.stderr + flipvisor.output()
+    wait_gone(gen["pids"])
+    assert not web_conf(nginx).exists()
+    output = flipvisor.output()
+    assert "removed, but the proxy did not reload" in output, output
+    assert "remove what refers to" not in output
+    assert "unrouted" not in flipvisor.event_kinds()

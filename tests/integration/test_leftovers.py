@@ -18,7 +18,7 @@ import pytest
 
 from flipvisor.config import DrainConfig, SocketConfig
 from flipvisor.leftovers import Leftovers, leftovers_in, processes_of, this_supervisor
-from flipvisor.spawn import start_time_of
+from flipvisor.spawn import signal_verified, start_time_of
 from tests.waiting import wait_until
 
 HOST = "web-1"
@@ -78,6 +78,25 @@ def test_records_that_name_no_leftovers(
 @pytest.mark.parametrize("value", [None, "", "not json", "[]", '{"host": "web-1", "pids": 3}'])
 def test_an_absent_or_foreign_record_names_no_leftovers(value: str | None) -> None:
     assert leftovers_in("web", value, HOST) is None
+
+
+@pytest.mark.parametrize("started", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_start_time_that_is_no_time_proves_no_process(
+    worker: tuple[int, float], started: float
+) -> None:
+    """A garbage record (JSON allows NaN) must not name a running process: NaN compares as
+    within any tolerance unless the comparison is written for it."""
+    pid, _ = worker
+    assert leftovers_in("web", record([(pid, started)]), HOST) is None
+    assert not signal_verified(pid, started, 0)
+
+
+@pytest.mark.parametrize("pid", [2**40, -1], ids=["too-big", "negative"])
+def test_a_pid_out_of_range_is_no_process(worker: tuple[int, float], pid: int) -> None:
+    """Not an OverflowError out of `run`'s start-up: a supervisor that is no process is gone."""
+    assert leftovers_in("web", record([(pid, 1.0)]), HOST) is None
+    found = leftovers_in("web", record([worker], supervisor={"pid": pid, "started": 1.0}), HOST)
+    assert found is not None and found.workers == (worker,)
 
 
 def test_dead_workers_are_no_leftovers() -> None:
@@ -200,3 +219,23 @@ def test_processes_of_finds_what_names_the_state_dir_in_its_environment(tmp_path
             process.kill()
             process.wait()
     assert processes_of(tmp_path) == {}
+
+
+def test_take_socket_of_a_worker_whose_fd_3_is_no_inet_socket_is_none(
+    listener: socket.socket, tmp_path: Any
+) -> None:
+    """A worker may have closed fd 3 (moved its socket elsewhere) and opened a file or a unix
+    socket there: no socket to take, not an exception that fails every start of the program."""
+    port = listener.getsockname()[1]
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(tmp_path / "unix.sock"))
+    unix.listen()
+    with open(tmp_path / "file", "w") as file, unix:
+        for fd in (file.fileno(), unix.fileno()):
+            holder, held = spawn_holder(fd)
+            try:
+                left = Leftovers("web", 7, port, (held,))
+                assert left.take_socket(SocketConfig(host="127.0.0.1", port=port)) is None
+            finally:
+                holder.kill()
+                holder.wait()
