@@ -52,6 +52,8 @@ from .spawn import pidfd_if_started_at, signal_verified, start_time_of
 log = logging.getLogger(__name__)
 
 LISTEN_FD = 3  # where every worker has its generation's socket (LISTEN_FDS)
+STATE_DIR_ENV = "FLIPVISOR_STATE_DIR"  # in every worker's environment (worker.worker_env)
+_PROGRAM_ENV = b"FLIPVISOR_PROGRAM="
 _SYS_PIDFD_GETFD = 438  # the same number on every architecture Linux added it to at once (5.6)
 
 
@@ -196,7 +198,9 @@ def leftovers_in(program: str, record: str | None, host: str) -> Leftovers | Non
             owner_pid,
         )
         return None
-    alive = tuple(w for w in workers if _running(*w))
+    # Started by a supervisor for this program: a forged or stale record could name any process
+    # with its real start time (anyone can read pid 1's).
+    alive = tuple(w for w in workers if _running(*w, program=program))
     if not alive:
         return None
     return Leftovers(
@@ -207,16 +211,29 @@ def leftovers_in(program: str, record: str | None, host: str) -> Leftovers | Non
     )
 
 
-def _running(pid: int, started: float) -> bool:
+def _running(pid: int, started: float, *, program: str | None = None) -> bool:
     """Whether the process that started at ``started`` runs (has not exited: a pidfd turns
-    readable at the exit, before anyone reaps it)."""
+    readable at the exit, before anyone reaps it); with ``program``, also whether its
+    environment names it (``FLIPVISOR_PROGRAM``, which every worker gets)."""
     pidfd = pidfd_if_started_at(pid, started)
     if pidfd is None:
         return False
     try:
+        if program is not None and _PROGRAM_ENV + program.encode() not in _environ(pid):
+            return False
+        # Checked last: still running, so what was read concerned the process the pidfd holds.
         return not select.select([pidfd], [], [], 0)[0]
     finally:
         os.close(pidfd)
+
+
+def _environ(pid: int) -> list[bytes]:
+    """The ``KEY=value`` entries of ``pid``'s environment; none if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as file:
+            return file.read().split(b"\0")
+    except OSError:
+        return []
 
 
 async def find_leftovers(
@@ -243,10 +260,6 @@ async def find_leftovers(
     return found
 
 
-STATE_DIR_ENV = "FLIPVISOR_STATE_DIR"
-_PROGRAM_ENV = b"FLIPVISOR_PROGRAM="
-
-
 def processes_of(state_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every running process whose environment says a supervisor of ``state_dir`` started it, or
     one of its workers did: (pid, start time) each, by the program its ``FLIPVISOR_PROGRAM`` names
@@ -264,11 +277,7 @@ def processes_of(state_dir: Path) -> dict[str, list[tuple[int, float]]]:
         except OSError:
             continue
         try:
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as file:
-                    environ = file.read().split(b"\0")
-            except OSError:
-                continue
+            environ = _environ(pid)
             if marker not in environ:
                 continue
             started = start_time_of(pid)

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,30 @@ def record(workers: list[tuple[int, float]], **overrides: Any) -> str:
 
 @pytest.fixture
 def worker() -> Iterator[tuple[int, float]]:
-    """A running process, as (pid, start time)."""
-    process = subprocess.Popen(["sleep", "60"])
-    started = wait_until(lambda: start_time_of(process.pid), message="the start time")
-    yield process.pid, started
-    process.kill()
-    process.wait()
+    """A running process started for program web (its environment says so), as (pid, start
+    time)."""
+    with running({**os.environ, "FLIPVISOR_PROGRAM": "web"}) as process:
+        yield process
+
+
+@contextmanager
+def running(env: dict[str, str]) -> Iterator[tuple[int, float]]:
+    process = subprocess.Popen(["sleep", "60"], env=env)
+    try:
+        yield process.pid, wait_until(lambda: start_time_of(process.pid), message="start time")
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("env", [{}, {"FLIPVISOR_PROGRAM": "other"}], ids=["none", "other"])
+def test_a_record_naming_a_process_not_started_for_the_program_names_no_leftovers(
+    env: dict[str, str],
+) -> None:
+    """A forged or stale record may name any process with its real start time (pid 1's is
+    readable by anyone): only one whose environment names the program is a leftover."""
+    with running({**os.environ, **env}) as stranger:
+        assert leftovers_in("web", record([stranger]), HOST) is None
 
 
 def test_a_record_of_this_host_whose_supervisor_is_gone_names_its_running_workers(
