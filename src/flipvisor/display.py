@@ -93,9 +93,10 @@ def status_rows(document: dict[str, Any], now: float) -> tuple[list[list[str]], 
             notes.append(f"{name}: {_flip_line(program['flip'])}")
         if left := program.get("leftovers"):
             pids = ",".join(map(str, left["pids"]))
+            port = f", port {left['port']}" if left.get("port") is not None else ""
             notes.append(
-                f"{name}: workers a killed supervisor left (pid {pids}, port {left['port']}) "
-                "still serve; drained once a generation of this one is promoted"
+                f"{name}: workers a killed supervisor left (pid {pids}{port}): drained once a "
+                "generation of this supervisor is promoted, or when the program stops"
             )
         if program.get("fatal_reason"):
             reason = program["fatal_reason"]

@@ -381,6 +381,7 @@ class Program:
                 f"still running {config.drain.timeout}s after {config.drain.signal.name}",
                 pids=killed,
             )
+        self.runtime.events.emit("stopped", self.name, None, f"{left.describe()}: gone")
 
     async def _retire(self, report: FlipReport, old: Generation, *, window: float) -> None:
         """Drain the replaced generation, or keep it warm for ``window`` seconds (the deployed
