@@ -97,12 +97,12 @@ def test_a_restarted_supervisor_replaces_what_a_killed_one_left_with_no_failed_r
     assert keys["flipvisor/web/port/current"] == str(gen["port"])
     kinds = flipvisor.event_kinds()
     assert kinds.index("leftovers") < kinds.index("promoted") < kinds.index("draining")
-    wait_until(
-        lambda: (
-            "of a previous supervisor (pid" in flipvisor.cli("events").stdout.split("stopped")[-1]
-        ),
-        message="the event saying the leftovers are gone",
-    )
+
+    def gone_event() -> bool:
+        events = map(json.loads, flipvisor.cli("events", "--json").stdout.splitlines())
+        return any(e["kind"] == "stopped" and e["message"].endswith(": gone") for e in events)
+
+    wait_until(gone_event, message="the event saying the leftovers are gone")
 
 
 def test_a_fixed_port_is_taken_over_from_the_killed_supervisor_s_workers(
