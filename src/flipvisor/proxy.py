@@ -168,6 +168,10 @@ def write_atomic(dest: Path, data: bytes, mode: int = DEFAULT_FILE_MODE) -> None
     _fsync_dir(dest.parent)  # make the rename itself durable
 
 
+def _level(level: int, quiet: bool) -> int:
+    return logging.DEBUG if quiet else level
+
+
 @dataclass(frozen=True)
 class Installed:
     """A proxy file put into place, with what it replaced (``previous`` None: there was none)."""
@@ -180,8 +184,10 @@ class Installed:
         """What ``restore`` did, for a message."""
         return "kept the previous file" if self.previous is not None else "removed the new file"
 
-    def restore(self) -> None:
+    def restore(self, *, quiet: bool = False) -> None:
         """Put the previous file back atomically, or remove ``dest`` if there was none.
+
+        ``quiet``: say so at DEBUG only (see ``install``).
 
         Raises:
             ProxyError: the file could not be written or removed.
@@ -192,7 +198,7 @@ class Installed:
                 _fsync_dir(self.dest.parent)
             else:
                 write_atomic(self.dest, self.previous, self.previous_mode)
-            log.info("restored the previous proxy file %s", self.dest)
+            log.log(_level(logging.INFO, quiet), "restored the previous proxy file %s", self.dest)
         except OSError as exc:
             raise ProxyError(f"cannot restore the previous {self.dest}: {exc.strerror}") from exc
 
@@ -281,12 +287,15 @@ async def install(
     check_cmd: Sequence[str] | None,
     reaper: Reaper,
     timeout: float,
+    quiet: bool = False,
 ) -> Installed:
     """Write ``content`` to ``dest`` atomically, then run ``check_cmd`` against it.
 
     ``{path}`` in ``check_cmd``'s arguments is replaced by ``dest``. The check runs with the new
     file in place because nginx checks the whole tree it includes. If the check fails, times out,
     cannot start, or this call is cancelled, the previous file is put back before returning.
+    ``quiet``: log the steps at DEBUG only (a watch's retry: the caller reports the outcome, and
+    a retry that fails the way the last attempt did would repeat the same lines every minute).
 
     Raises:
         ProxyError: the file could not be written, or the check failed (with its output).
@@ -297,14 +306,14 @@ async def install(
         installed = await anyio.to_thread.run_sync(_put_in_place, dest, content.encode())
     except OSError as exc:
         raise ProxyError(f"cannot write the proxy file {dest}: {exc.strerror or exc}") from exc
-    log.info("installed proxy file %s (%d bytes)", dest, len(content))
+    log.log(_level(logging.INFO, quiet), "installed proxy file %s (%d bytes)", dest, len(content))
     if not check_cmd:
         return installed
     argv = [arg.replace(PATH_PLACEHOLDER, str(dest)) for arg in check_cmd]
     try:
         result = await run_command(argv, reaper=reaper, timeout=timeout)
     except SpawnError as exc:
-        installed.restore()
+        installed.restore(quiet=quiet)
         raise ProxyError(
             f"proxy check of {dest} could not run, {installed.restored()}: {exc}"
         ) from exc
@@ -312,8 +321,10 @@ async def install(
         installed.restore()  # cancelled: never leave an unchecked file in place
         raise
     if not result.ok:
-        installed.restore()
-        log.warning("proxy check of %s failed, previous file restored", dest)
+        installed.restore(quiet=quiet)
+        log.log(
+            _level(logging.WARNING, quiet), "proxy check of %s failed, previous file restored", dest
+        )
         raise ProxyError(
             f"proxy check of {dest} failed, {installed.restored()}: {result.describe()}"
         )

@@ -3,7 +3,18 @@
 Each ``watch:`` entry runs as one task. A template entry reads its keys, renders once every key
 (or, for a prefix ending in "/", at least one key under it) exists, then follows an etcd watch
 (not polling) from the revision it read: each change renders again, and a different result is
-installed, checked and reloaded; a failed reload puts the previous file back.
+installed, checked and reloaded; a failed reload puts the previous file back. An attempt that
+failed (render, check or reload) is tried again until one succeeds, after ``APPLY_RETRY_FIRST``
+seconds, doubling up to ``APPLY_RETRY_MAX``, rendering the keys and the template as they are at
+that time: what failed may be outside the watch's reach (another file that makes ``nginx -t``
+fail, a full disk), and once the operator fixes it the output converges without waiting for a
+key to change. One task makes every attempt, so two never overlap: a change ends a backoff at
+once (its own failure starts a new one from the first delay), and a change that arrives during
+an attempt is applied right after it. Only shutdown interrupts an attempt: a reload killed
+midway would leave unknown which file the proxy runs.
+A retry that fails the way the last attempt did logs at DEBUG only; the first failure, and each
+retry whose error differs, log an error (so a long outage of the proxy's config costs one line,
+and a failure that changes shows each new cause).
 
 A ``drain_pid`` entry on ``<prefix>/<program>/pid/previous`` follows the program's whole folder,
 so it also sees ``pid/current`` and the ``generation/current`` record. It remembers every process
@@ -16,10 +27,10 @@ it saw that very process serving (``spawn.signal_verified`` checks the start tim
 pidfd), and SIGKILLs it after the timeout if it is still that process. A PID it never saw is
 never signalled: it logs a warning instead. A template that is only slow delays a drain by
 ``CATCH_UP_TIMEOUT`` at most; one whose last render, check or reload failed holds it until an
-attempt succeeds (the proxy may still route to nothing but the old process), with an error
-logged every ``CATCH_UP_TIMEOUT``. When it has to read the keys again (history compacted or
-replaced, an outage), the difference from what it had is handled as one more change, so a
-promotion made meanwhile still drains.
+attempt (a retry or a change's) succeeds (the proxy may still route to nothing but the old
+process), with an error logged every ``CATCH_UP_TIMEOUT``. When it has to read the keys again
+(history compacted or replaced, an outage), the difference from what it had is handled as one
+more change, so a promotion made meanwhile still drains.
 
 Why a drain also waits ``RELOAD_SETTLE`` seconds after the templates' last reload: "the reload
 has finished" cannot mean "``reload_cmd`` returned". ``nginx -s reload`` returns once it has sent
@@ -61,7 +72,14 @@ COMMAND_TIMEOUT = 30.0  # check_cmd / reload_cmd of a watch (the config has no f
 CATCH_UP_TIMEOUT = 60.0  # longest a drain waits for slow templates; a failed one holds it
 # After the templates' last reload, before a drain: the proxy's reconfiguration (module docstring).
 RELOAD_SETTLE = 2.0
-RETRY_MIN, RETRY_MAX = 0.1, 2.0
+RETRY_MIN, RETRY_MAX = 0.1, 2.0  # reconnecting to the registry
+# Retrying a failed render, check or reload (module docstring). The first retry comes soon: what
+# clears by itself (a proxy restarting, a file being rewritten, a disk freeing up) usually has
+# within a second. The cap bounds how long a fixed cause waits to converge (confd's interval mode
+# re-renders every few minutes); one attempt a minute (a write, an fsync, `nginx -t`) costs
+# nothing, and a drain held by the failure waits no longer than that after the fix.
+APPLY_RETRY_FIRST = 1.0
+APPLY_RETRY_MAX = 60.0
 
 
 def template_context(values: Mapping[str, str]) -> dict[str, object]:
@@ -133,14 +151,17 @@ class TemplateWatch(_Follower):
         self.busy = False
         self.reloaded_at: float | None = None  # anyio.current_time() of the last reload that ran
         self._progress = anyio.Event()
+        self._pending = anyio.Event()  # set: values changed since the last attempt began
         self._waiting_logged = False
 
     async def run(self) -> None:
-        await _follow(self.registry, self.entry.keys, f"watch {self.dest}", self)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._apply_changes)
+            await _follow(self.registry, self.entry.keys, f"watch {self.dest}", self)
 
     async def started(self, start: KeyRange) -> None:
         self.values = dict(start.values)
-        await self._apply()
+        self._pending.set()
 
     async def changed(self, batch: list[WatchEvent]) -> None:
         for event in batch:
@@ -148,16 +169,66 @@ class TemplateWatch(_Follower):
                 self.values.pop(event.key, None)
             else:
                 self.values[event.key] = event.value
-        await self._apply()
+        self._pending.set()
 
-    async def _apply(self) -> None:
-        """Render for the current values; install, check and reload if the file changes."""
+    async def _apply_changes(self) -> None:
+        """Make every attempt: at once for a read or a change, after a backoff for a retry.
+
+        Runs until cancelled; see the module docstring.
+        """
+        delay: float | None = None  # the backoff before the next retry; None: nothing failed
+        retries, failing_since = 0, 0.0
+        while True:
+            with anyio.move_on_after(delay):
+                await self._pending.wait()
+            retry = not self._pending.is_set()  # the backoff ran out with no change
+            self._pending = anyio.Event()  # a change from now on calls for another attempt
+            before = self.failure
+            await self._apply(quiet=retry)
+            retries = retries + 1 if retry else 0
+            if self.failure is None:
+                if before is not None:
+                    log.info(
+                        "watch %s: applied %s, %.0f s after the first failure",
+                        self.dest,
+                        f"on retry {retries}" if retry else "a change",
+                        anyio.current_time() - failing_since,
+                    )
+                delay = None
+                continue
+            if before is None:
+                failing_since = anyio.current_time()
+            if retry and delay is not None:
+                delay = min(delay * 2, APPLY_RETRY_MAX)
+            else:
+                delay = APPLY_RETRY_FIRST
+            if retry and self.failure == before:
+                log.debug(
+                    "watch %s: retry %d failed the same way; retrying in %g s",
+                    self.dest,
+                    retries,
+                    delay,
+                )
+            else:
+                log.error(
+                    "watch %s: %s%s; retrying in %g s",
+                    self.dest,
+                    self.failure,
+                    f" (retry {retries})" if retry else "",
+                    delay,
+                )
+
+    async def _apply(self, *, quiet: bool = False) -> None:
+        """Render for the current values; install, check and reload if the file changes.
+
+        Sets ``failure`` (None: applied, or waiting for keys). ``quiet``: a retry; the proxy
+        steps log at DEBUG (the caller reports the outcome).
+        """
         self.busy = True
         values = dict(self.values)
         try:
-            await self._render_and_reload(values)
+            await self._render_and_reload(values, quiet=quiet)
         except ProxyError as exc:
-            log.error("watch %s: %s", self.dest, exc)
             self.failure = str(exc)
         else:
             self.failure = None
@@ -166,7 +237,7 @@ class TemplateWatch(_Follower):
             self._progress.set()
             self._progress = anyio.Event()
 
-    async def _render_and_reload(self, values: dict[str, str]) -> None:
+    async def _render_and_reload(self, values: dict[str, str], *, quiet: bool) -> None:
         """Raises: ProxyError: rendering, checking or reloading failed (the file is restored)."""
         if not keys_present(self.entry.keys, values):
             if not self._waiting_logged:
@@ -186,11 +257,15 @@ class TemplateWatch(_Follower):
             check_cmd=self.entry.check_cmd,
             reaper=self.reaper,
             timeout=COMMAND_TIMEOUT,
+            quiet=quiet,
         )
         pidfile = self.entry.pidfile
         old_workers = proxy_workers(pidfile) if pidfile is not None else frozenset()
         try:
             await reload(self.entry.reload_cmd, reaper=self.reaper, timeout=COMMAND_TIMEOUT)
+        except ProxyError:
+            installed.restore(quiet=quiet)
+            raise
         except BaseException:
             # Failed, or cancelled (SIGTERM) while the command ran: the proxy may still run the
             # old file, so keep the disk in step. Left in place, the new file would match the
@@ -372,7 +447,7 @@ class DrainWatch(_Follower):
             for template in failed:
                 log.error(
                     "drain_pid %s: not draining pid=%s: watch %s failed: %s "
-                    "(held until it applies a change successfully)",
+                    "(held until it applies: it is retried, and at each change)",
                     self.key,
                     ",".join(map(str, pids)),
                     template.dest,

@@ -1,6 +1,7 @@
 """``flipvisor watch`` as a real process: the seed's self-registering service flipped through a
-real nginx by the confd alone with zero failed requests, ``drain_pid`` refusing a PID it never
-saw, the ``watch:`` section under ``flipvisor run``, and the watcher's own lifecycle."""
+real nginx by the confd alone with zero failed requests, a flip that converges by itself once a
+broken nginx config is fixed, ``drain_pid`` refusing a PID it never saw, the ``watch:`` section
+under ``flipvisor run``, and the watcher's own lifecycle."""
 
 from __future__ import annotations
 
@@ -213,6 +214,112 @@ def test_self_registering_service_flipped_by_watch_alone_under_load(
         for service in services:
             service.close()
     assert watcher.stop() == 0, watcher.output()[-3000:]
+
+
+@pytest.mark.etcd
+@pytest.mark.nginx
+def test_watch_converges_by_itself_once_a_broken_nginx_config_is_fixed(
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    nginx: Nginx,
+    watcher: Watcher,
+    tmp_path: Path,
+) -> None:
+    # Another file of nginx's config is broken when v2 registers: `nginx -t` fails, nginx keeps
+    # routing to v1, and v1 must not be drained. The operator fixes the file; with no key
+    # changing, a retry applies v2 and the held drain of v1 goes ahead.
+    template = tmp_path / "selfregistered.conf.j2"
+    template.write_text(
+        NGINX_TEMPLATE.replace("PFX", etcd_prefix).replace("LISTEN", str(nginx.listen))
+    )
+    process = watcher.start(
+        {
+            "registry": etcd_registry(etcd_server, etcd_prefix),
+            "watch": [
+                {
+                    "keys": [f"{etcd_prefix}/svc/port/current"],
+                    "template": str(template),
+                    "dest": str(nginx.conf_dir / "selfregistered.conf"),
+                    "check_cmd": nginx.check_cmd,
+                    "reload_cmd": nginx.reload_cmd,
+                },
+                {
+                    "keys": [f"{etcd_prefix}/svc/pid/previous"],
+                    "drain_pid": {"signal": "SIGTERM", "timeout": 10},
+                },
+            ],
+        }
+    )
+    url = nginx.url("/")
+    broken = nginx.conf_dir / "zz-broken.conf"
+    v1 = Service(tmp_path, etcd_server, etcd_prefix, "1")
+    v2: Service | None = None
+    try:
+        wait_until(lambda: serves_version(url, "1"), timeout=15, message="nginx to proxy to v1")
+        broken.write_text("this_is_not_a_directive;\n")
+        v2 = Service(tmp_path, etcd_server, etcd_prefix, "2")
+        wait_until(
+            lambda: "zz-broken.conf" in watcher.output(),
+            timeout=15,
+            message="the check of v2's render to fail",
+        )
+        assert serves_version(url, "1")
+        assert v1.process.poll() is None, watcher.output()[-3000:]
+
+        broken.unlink()  # the operator's fix
+        wait_until(lambda: serves_version(url, "2"), timeout=15, message="a retry to apply v2")
+        try:
+            v1.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"v1 was never drained:\n{watcher.output()[-3000:]}")
+        assert f"SIGTERM from pid {process.pid}" in v1.output()
+        assert "applied on retry" in watcher.output()
+        assert v2.process.poll() is None
+    finally:
+        for service in (v1, v2):
+            if service is not None:
+                service.close()
+    assert watcher.stop() == 0, watcher.output()[-3000:]
+
+
+def test_watch_stops_at_once_during_a_retry_backoff(watcher: Watcher, tmp_path: Path) -> None:
+    # The check never passes: the first failure is retried after 1 s, then 2 s, then 4 s, ...
+    template = tmp_path / "port.txt.j2"
+    template.write_text('port={{ get("flipvisor/svc/port/current") }}\n')
+    checks = tmp_path / "checks.log"
+    write_registry_file(tmp_path / "state" / "registry.json", {"flipvisor/svc/port/current": "1"})
+    process = watcher.start(
+        {
+            "registry": {"backend": "local"},
+            "watch": [
+                {
+                    "keys": ["flipvisor/svc/port/current"],
+                    "template": str(template),
+                    "dest": str(tmp_path / "out" / "port.txt"),
+                    "check_cmd": ["sh", "-c", f'echo run >> "{checks}"; echo broken; exit 1'],
+                }
+            ],
+        }
+    )
+
+    def checks_run() -> int:
+        try:
+            return len(checks.read_text().splitlines())
+        except OSError:
+            return 0
+
+    # Three checks: the first attempt and two retries; the next one is about 4 s away.
+    wait_until(lambda: checks_run() >= 3, timeout=15, message="two retries")
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(timeout=2) == 0, watcher.output()[-3000:]
+    except subprocess.TimeoutExpired:
+        pytest.fail("flipvisor watch waited for its backoff after SIGTERM")
+    assert checks_run() == 3
+    # The retries failed the same way as the first attempt: logged once, not each time.
+    output = watcher.output()
+    assert output.count("ERROR flipvisor.watch") == 1, output
+    assert output.count("WARNING flipvisor.proxy") == 1, output
 
 
 @pytest.mark.etcd

@@ -1,5 +1,5 @@
 """The built-in confd against a real etcd (and the local file): render/check/reload on change,
-resume, drain_pid."""
+resume, drain_pid, retries of a failed apply."""
 
 from __future__ import annotations
 
@@ -43,12 +43,21 @@ def make_config(
     slow_reload: bool = False,
     drain: bool = False,
     hang_on: str | None = None,
+    broken_while: Path | None = None,
 ) -> Config:
     """One template entry (plus a ``drain_pid`` entry with ``drain``). ``hang_on``: a reload of
-    a file holding that text hangs (until the watches are stopped)."""
+    a file holding that text hangs (until the watches are stopped). ``broken_while``: the check
+    fails while that file exists, whatever the render (as ``nginx -t`` does while another file of
+    nginx's config is broken). Every check run appends a line to ``checks.log``."""
     template = tmp_path / "app.conf.j2"
     template.write_text(TEMPLATE.replace("PFX", prefix))
     dest, reload_log = tmp_path / "out" / "app.conf", tmp_path / "reloads.log"
+    checks = tmp_path / "checks.log"
+    broken = (
+        f'if [ -e "{broken_while}" ]; then echo "{broken_while} is broken"; exit 1; fi; '
+        if broken_while is not None
+        else ""
+    )
     pause = "sleep 0.5; " if slow_reload else ""
     if hang_on is not None:
         pause += f'if grep -q "{hang_on}" "{dest}"; then exec sleep 60; fi; '
@@ -57,7 +66,7 @@ def make_config(
             "keys": [f"{prefix}/app/port/current", f"{prefix}/shared/"],
             "template": str(template),
             "dest": str(dest),
-            "check_cmd": ["grep", "-q", "server", "{path}"],
+            "check_cmd": ["sh", "-c", f'echo run >> "{checks}"; {broken}grep -q server "{{path}}"'],
             "reload_cmd": ["sh", "-c", f'{pause}cat "{dest}" >> "{reload_log}"'],
         }
     ]
@@ -483,3 +492,200 @@ async def test_local_registry_change_during_the_initial_reload_is_rendered(tmp_p
         await await_until(
             lambda: _file_holds(dest, "port=42000"), message="the change made during the reload"
         )
+
+
+def _lines(path: Path) -> int:
+    try:
+        return len(path.read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _loud(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The flipvisor warnings and errors logged so far."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name.startswith("flipvisor")
+    ]
+
+
+@pytest.mark.etcd
+async def test_a_failed_check_is_retried_until_it_passes_without_a_key_change(
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Another file of the proxy's config is broken, so every check fails until the operator
+    # fixes it; nothing in the registry changes after that.
+    monkeypatch.setattr(watch, "APPLY_RETRY_FIRST", 0.05)
+    monkeypatch.setattr(watch, "APPLY_RETRY_MAX", 0.2)
+    caplog.set_level(logging.DEBUG, logger="flipvisor")
+    broken = tmp_path / "broken-elsewhere"
+    broken.touch()
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, broken_while=broken)
+    dest, reload_log, checks = (
+        tmp_path / "out" / "app.conf",
+        tmp_path / "reloads.log",
+        tmp_path / "checks.log",
+    )
+    async with watching(config):
+        etcd_server.put(f"{etcd_prefix}/shared/x", "1")
+        etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
+        await await_until(lambda: _true(_lines(checks) >= 4), message="the check to be retried")
+        assert not reload_log.exists()
+        # One warning (the proxy step) and one error (the watch) for the first failure; the
+        # retries that failed the same way are logged at DEBUG only.
+        loud = _loud(caplog)
+        assert len(loud) == 2, loud
+        assert f"{broken} is broken" in loud[-1]
+
+        broken.unlink()  # the operator's fix
+        await await_until(lambda: _file_holds(reload_log, "41000"), message="a retry to apply")
+        assert "127.0.0.1:41000;" in dest.read_text()
+        await await_until(
+            lambda: _true("applied on retry" in caplog.text), message="the recovery to be logged"
+        )
+        checks_after = _lines(checks)
+    assert _lines(checks) == checks_after  # no retry once it applied
+    assert reload_log.read_text().count("upstream app") == 1
+
+
+@pytest.mark.etcd
+async def test_a_render_error_is_retried_with_the_template_as_it_is_then(
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A retry renders again, from the template and the keys as they are at that time.
+    monkeypatch.setattr(watch, "APPLY_RETRY_FIRST", 0.05)
+    monkeypatch.setattr(watch, "APPLY_RETRY_MAX", 0.2)
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix)
+    template, reload_log = tmp_path / "app.conf.j2", tmp_path / "reloads.log"
+    good = template.read_text()
+    template.write_text(good.replace("{%- endif %}", ""))  # a syntax error
+    async with watching(config):
+        etcd_server.put(f"{etcd_prefix}/shared/x", "1")
+        etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
+        await await_until(lambda: _true(bool(_loud(caplog))), message="the render error")
+        template.write_text(good)  # the operator's fix
+        await await_until(lambda: _file_holds(reload_log, "41000"), message="a retry to apply")
+
+
+@pytest.mark.etcd
+async def test_a_key_change_during_the_backoff_applies_at_once_and_restarts_it(
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(watch, "APPLY_RETRY_FIRST", 60.0)
+    monkeypatch.setattr(watch, "APPLY_RETRY_MAX", 60.0)
+    broken = tmp_path / "broken-elsewhere"
+    broken.touch()
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, broken_while=broken)
+    dest, reload_log, checks = (
+        tmp_path / "out" / "app.conf",
+        tmp_path / "reloads.log",
+        tmp_path / "checks.log",
+    )
+    async with watching(config):
+        etcd_server.put(f"{etcd_prefix}/shared/x", "1")
+        etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
+        await await_until(
+            lambda: _true("retrying in 60 s" in caplog.text), message="the first failure"
+        )
+        ran = _lines(checks)
+        # The change's own failure starts a new backoff, from the first delay.
+        monkeypatch.setattr(watch, "APPLY_RETRY_FIRST", 0.05)
+        etcd_server.put(f"{etcd_prefix}/app/port/current", "42000")
+        # At once: the backoff had about a minute left.
+        await await_until(
+            lambda: _true(_lines(checks) > ran), timeout=5, message="the change to be checked"
+        )
+        broken.unlink()
+        await await_until(
+            lambda: _file_holds(reload_log, "42000"), message="a retry of the change to apply"
+        )
+        assert "127.0.0.1:42000;" in dest.read_text()
+    assert "41000" not in reload_log.read_text()  # never the failed attempt's stale values
+
+
+@pytest.mark.etcd
+async def test_stopping_during_the_backoff_is_prompt(
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(watch, "APPLY_RETRY_FIRST", 60.0)
+    broken = tmp_path / "broken-elsewhere"
+    broken.touch()
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, broken_while=broken)
+    async with watching(config):
+        etcd_server.put(f"{etcd_prefix}/shared/x", "1")
+        etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
+        await await_until(
+            lambda: _true("retrying in 60 s" in caplog.text), message="the first failure"
+        )
+        stopping = anyio.current_time()
+    assert anyio.current_time() - stopping < 2.0
+
+
+@pytest.mark.etcd
+async def test_a_held_drain_proceeds_once_a_retry_applies_the_change(
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(watch, "CATCH_UP_TIMEOUT", 0.5)
+    monkeypatch.setattr(watch, "APPLY_RETRY_FIRST", 0.05)
+    monkeypatch.setattr(watch, "APPLY_RETRY_MAX", 0.2)
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    broken = tmp_path / "broken-elsewhere"
+    config = make_config(
+        tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, broken_while=broken
+    )
+    dest, reload_log, checks = (
+        tmp_path / "out" / "app.conf",
+        tmp_path / "reloads.log",
+        tmp_path / "checks.log",
+    )
+    async with watching(config) as (reaper, registry):
+        old, new = start_sleeper(reaper), start_sleeper(reaper)
+        try:
+            await _serve_old(etcd_server, etcd_prefix, old, reload_log)
+            broken.touch()
+            await _promote(registry, "42000", new)  # its check fails until the fix
+
+            def held() -> int:
+                return sum(
+                    f"not draining pid={old.pid}: watch {dest} failed" in r.getMessage()
+                    for r in caplog.records
+                    if r.levelno == logging.ERROR
+                )
+
+            await await_until(lambda: _true(held() >= 2), message="the drain to be held")
+            ran = _lines(checks)
+            await await_until(lambda: _true(_lines(checks) > ran + 1), message="retries")
+            assert old.returncode is None
+
+            broken.unlink()  # the operator's fix; no key changes
+            with anyio.fail_after(10):
+                assert await old.wait() == -signal.SIGTERM
+            # Drained only after the retry had reloaded the proxy.
+            assert "42000" in reload_log.read_text()
+            assert "127.0.0.1:42000;" in dest.read_text()
+            assert new.returncode is None
+        finally:
+            for child in (old, new):
+                await child.stop(timeout=5)
+                child.close()
