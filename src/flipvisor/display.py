@@ -129,6 +129,15 @@ def print_status(document: dict[str, Any]) -> None:
         lines.append("  ".join(cells).rstrip())
     for note in notes:
         lines.append(_paint(note, "red" if ": fatal: " in note else "yellow", colour))
+    if document.get("starting"):
+        lines.append(
+            _paint(
+                "the supervisor is starting: the configured programs not listed yet are added "
+                "once it has looked for workers a killed supervisor left running",
+                "yellow",
+                colour,
+            )
+        )
     registry = document.get("registry")
     if registry and (not registry["connected"] or registry["pending"]):
         state = "connected" if registry["connected"] else "unreachable"

@@ -80,6 +80,9 @@ class Supervisor:
         self._removing: set[Program] = set()  # removed by a reload, still draining
         self._reload_lock = anyio.Lock()  # one reload at a time (SIGHUP and `flipvisor reload`)
         self._shutdown = anyio.Event()
+        # Set once the configured programs are added. The control socket answers before that
+        # (finding leftovers can wait on the registry for its timeout): see ``_configured``.
+        self._programs_added = anyio.Event()
         self._tg: TaskGroup | None = None
         self.runtime = Runtime(
             reaper=self.reaper,
@@ -125,6 +128,7 @@ class Supervisor:
                     # a reload meanwhile would add every program a second time.
                     async with self._reload_lock:
                         await self._add_configured_programs(unclean=control.found_stale, tg=tg)
+                    self._programs_added.set()
                     await self._shutdown.wait()
                     self.events.emit(
                         "shutting-down", "(supervisor)", message="draining every program"
@@ -412,6 +416,16 @@ class Supervisor:
                 "after adding it to the config, `flipvisor reload` starts it"
             ) from None
 
+    async def _configured(self, name: str | None) -> Program:
+        """``_program``, waiting for the configured programs to be added if ``name`` is one.
+
+        A command sent while the supervisor starts would otherwise hear that a program of the
+        config does not exist.
+        """
+        if name is not None and name not in self.programs and name in self.config.programs:
+            await self._programs_added.wait()
+        return self._program(name)
+
     async def dispatch(self, request: Request, send: Send) -> dict[str, Any]:
         """Carry out one control request; the returned message is the final answer."""
         try:
@@ -423,12 +437,17 @@ class Supervisor:
         command = request.command
         if command == "status":
             programs = (
-                [self._program(request.program)] if request.program else self.programs.values()
+                [await self._configured(request.program)]
+                if request.program
+                else self.programs.values()
             )
             return result(
                 {
                     "programs": [program.status() for program in programs],
                     "registry": self.registry.health(),
+                    # True while the configured programs are being added, so a list that lacks
+                    # some of them is not read as "not configured".
+                    "starting": not self._programs_added.is_set(),
                 }
             )
         if command == "shutdown":
@@ -446,7 +465,7 @@ class Supervisor:
             return result(await self.reload())
         if command == "events":
             return await self._events(request, send)
-        program = self._program(request.program)
+        program = await self._configured(request.program)
         if command == "stop":
             stopping = FlipReport(program.name, "stop")
             # In the supervisor's task group: a client that goes away does not cut a drain short.
@@ -507,7 +526,8 @@ class Supervisor:
         limit = int(request.args.get("limit", 100))
         name = request.program
         if name is not None and name not in self.programs and not self.events.recent(1, name):
-            self._program(name)  # unknown (a removed program's history is still shown): refused
+            # Unknown (a removed program's history is still shown): refused.
+            await self._configured(name)
         # Subscribed before the history is read (no await between them): an event emitted while
         # the history is sent follows it, neither lost nor shown twice.
         async with self.events.subscribe() as stream:

@@ -345,3 +345,30 @@ def test_a_reload_while_the_start_up_reads_the_registry_starts_no_program_twice(
         assert "cannot read the registry to find workers" in flipvisor.output()
         assert flipvisor.wait_serving("web")["generation"] == 1
     assert flipvisor.stop() == 0, flipvisor.output()
+
+
+def test_commands_sent_while_the_start_up_reads_the_registry_wait_for_the_programs(
+    flipvisor: Flipvisor,
+) -> None:
+    """The control socket answers before the configured programs are added (finding leftovers
+    waits for the registry): `status` says the supervisor is starting, and a command naming a
+    configured program waits for it instead of hearing that no such program exists."""
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
+        etcd = {"backend": "etcd", "endpoints": [endpoint], "timeout": 3}
+        web = {"command": svc_command(), "autostart": False}
+        flipvisor.start({"registry": etcd, "programs": {"web": web}})
+        early = flipvisor.status()
+        assert early["starting"] is True and early["programs"] == [], flipvisor.output()
+        shown = flipvisor.cli("status").stdout
+        assert "the supervisor is starting" in shown, shown
+        named = flipvisor.status("web")  # waits until web is added
+        assert [p["name"] for p in named["programs"]] == ["web"]
+        assert named["programs"][0]["state"] == "stopped"
+        started = flipvisor.cli("start", "web")
+        assert started.returncode == 0, started.stdout + started.stderr + flipvisor.output()
+        assert flipvisor.wait_serving("web")["generation"] == 1
+        assert flipvisor.status()["starting"] is False
+    assert flipvisor.stop() == 0, flipvisor.output()
