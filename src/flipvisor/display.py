@@ -95,8 +95,8 @@ def status_rows(document: dict[str, Any], now: float) -> tuple[list[list[str]], 
             pids = ",".join(map(str, left["pids"]))
             port = f", port {left['port']}" if left.get("port") is not None else ""
             notes.append(
-                f"{name}: workers a killed supervisor left (pid {pids}{port}): drained once a "
-                "generation of this supervisor is promoted, or when the program stops"
+                f"{name}: workers a killed supervisor left (pid {pids}{port}): drained once the "
+                "registry names a generation of this supervisor, or when the program stops"
             )
         if program.get("fatal_reason"):
             reason = program["fatal_reason"]

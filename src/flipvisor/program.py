@@ -91,6 +91,7 @@ class Program:
         # Workers a killed supervisor left serving this program: replaced by our first
         # promotion, or stopped with the program (set by the supervisor before the first start).
         self.leftovers: Leftovers | None = None
+        self._leftovers_drained: anyio.Event | None = None  # their drain under way, set at its end
 
     # -- status -------------------------------------------------------------------------------
 
@@ -303,10 +304,10 @@ class Program:
             reaper=self.runtime.reaper,
             report=report,
             proxy_lock=self.runtime.proxy_lock,
-            # Nothing serves yet: an unreachable registry must not keep the program down. Unless
-            # a killed supervisor's workers serve: they are drained after this promotion, so the
-            # keys must stop naming them first.
-            registry_optional=first and self.leftovers is None,
+            # Nothing of ours serves yet: an unreachable registry must not keep the program down
+            # (a killed supervisor's workers, if any, are drained only once the keys stop naming
+            # them: see `_drain_replaced_leftovers`).
+            registry_optional=first,
             replaced_proxy=replaced.proxy if replaced is not None else None,
         )
         gen.transition(GenerationState.SERVING)
@@ -322,10 +323,36 @@ class Program:
             )
         self.runtime.events.emit("promoted", self.name, gen.number, port=gen.port, pids=gen.pids)
         self.history.deployed(gen.config)
-        if old is None:
+        await self._drain_replaced_leftovers(report, gen, registered=not deferred)
+        if old is not None:
+            await self._retire(report, old, window=gen.config.rollback_window)
+
+    async def _drain_replaced_leftovers(
+        self, report: FlipReport, gen: Generation, *, registered: bool
+    ) -> None:
+        """Drain the leftovers ``gen`` replaced, once the registry's keys no longer name them.
+
+        If the registry could not be written at the promotion (the program's first: nothing of
+        ours served, so it went ahead), the keys still name the leftovers as serving: they stay
+        up, out of the proxy, until the deferred registration records ``gen`` (its ``previous``
+        then names them). A later promotion that the registry records drains them too.
+        """
+        left = self.leftovers
+        if left is None:
+            return
+        if registered:
             await self._drain_leftovers(report, gen.config)
             return
-        await self._retire(report, old, window=gen.config.rollback_window)
+        held = f"held until the registry names generation {gen.number} (unreachable at promotion)"
+        with report.step("drain", f"{left.describe()}: {held}"):
+            pass
+        self.runtime.events.emit("leftovers", self.name, gen.number, f"{left.describe()}: {held}")
+        self._task_group().start_soon(self._drain_leftovers_once_registered, gen)
+
+    async def _drain_leftovers_once_registered(self, gen: Generation) -> None:
+        # False: `gen` stopped serving first; the stop or the promotion after it drains them.
+        if await self.registration.registered(gen):
+            await self._drain_leftovers(None, gen.config)
 
     def _replaced_config(self) -> ProgramConfig | None:
         """The config of what routes to this program now: the serving generation's or, while a
@@ -368,11 +395,22 @@ class Program:
         left = self.leftovers
         if left is None:
             return
+        if self._leftovers_drained is not None:
+            # Already under way (a stop while a drain held until registration went ahead):
+            # signalling them twice would cut their delay and timeout short.
+            with report.step("drain", left.describe()) if report else nullcontext():
+                await self._leftovers_drained.wait()
+            return
+        self._leftovers_drained = anyio.Event()
         # Not under their generation number: that was the dead supervisor's, and ours restart at 1.
         self.runtime.events.emit("draining", self.name, None, left.describe())
-        with report.step("drain", left.describe()) if report else nullcontext():
-            killed = await left.drain(config.drain, delay=delay)
-        self.leftovers = None
+        try:
+            with report.step("drain", left.describe()) if report else nullcontext():
+                killed = await left.drain(config.drain, delay=delay)
+            self.leftovers = None
+        finally:
+            self._leftovers_drained.set()
+            self._leftovers_drained = None
         if killed:
             self.runtime.events.emit(
                 "killed",

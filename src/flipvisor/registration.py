@@ -44,6 +44,7 @@ class Registration:
         self._serving = serving  # the program's serving generation, read when it matters
         self.published: Snapshot | None = None
         self._deferred: Generation | None = None
+        self._settled: anyio.Event | None = None  # set when the deferred registration is over
 
     def promoted(
         self, gen: Generation, published: Snapshot, *, deferred: bool, tg: TaskGroup
@@ -53,7 +54,8 @@ class Registration:
         self.published = published
         self._deferred = gen if deferred else None
         if deferred:
-            tg.start_soon(self._register_when_back, gen)
+            self._settled = anyio.Event()
+            tg.start_soon(self._register_when_back, gen, self._settled)
         elif published.get("pid/current") != ",".join(str(pid) for pid in gen.pids):
             # A worker restarted after the swap, while the proxy's old workers finished: its
             # PID was not ours to publish then (gen was not serving yet), so publish it now.
@@ -67,9 +69,22 @@ class Registration:
             self.published = with_current_pids(gen, self.published)
             tg.start_soon(self.registry.publish, self.program, self.published)
 
-    async def _register_when_back(self, gen: Generation) -> None:
+    async def registered(self, gen: Generation) -> bool:
+        """Wait until a deferred registration of ``gen`` is over. True if the registry names
+        ``gen`` as serving; False if ``gen`` stopped serving first."""
+        if self._deferred is gen and self._settled is not None:
+            await self._settled.wait()
+        return self._deferred is None and self._serving() is gen
+
+    async def _register_when_back(self, gen: Generation, settled: anyio.Event) -> None:
         """Promote a generation that started serving while the registry was unreachable, as
         a flip would have: whatever ``current`` holds then becomes ``previous``."""
+        try:
+            await self._register(gen)
+        finally:
+            settled.set()
+
+    async def _register(self, gen: Generation) -> None:
         delay = REGISTER_RETRY_MIN
         while self._deferred is gen and self._serving() is gen:
             await anyio.sleep(delay)

@@ -189,16 +189,17 @@ def test_the_workers_of_a_supervisor_that_still_runs_are_left_alone(
         assert other.stop() == 0, other.output()
 
 
-def test_with_etcd_leftovers_outlive_an_outage_at_promotion_then_are_replaced(
+def test_with_etcd_down_at_promotion_leftovers_are_drained_once_etcd_records_it(
     flipvisor: Flipvisor,
     nginx: Nginx,
     restartable_etcd: EtcdServer,
     etcd_prefix: str,
     survivors: list[psutil.Process],
 ) -> None:
-    """The keys must stop naming the leftovers before they are drained: etcd down when the
-    new generation is ready fails its start (unlike a first start with nothing serving), and
-    the leftovers keep serving until a `start` once etcd is back."""
+    """The keys must stop naming the leftovers before they are drained. With etcd down when
+    the new generation is ready, it is promoted anyway (nothing of this supervisor serves), and
+    the proxy moves to it; the leftovers stay up, out of the proxy, until etcd is back and the
+    deferred registration makes `previous` name them."""
     etcd = restartable_etcd
     etcd_registry = registry(etcd, etcd_prefix)
     flipvisor.start({"registry": etcd_registry, "programs": {"web": program(nginx, "1")}})
@@ -213,21 +214,53 @@ def test_with_etcd_leftovers_outlive_an_outage_at_promotion_then_are_replaced(
         restart_supervisor(flipvisor, {"registry": etcd_registry, "programs": {"web": slow}})
         assert "leftovers" in flipvisor.event_kinds()  # read from etcd before it went away
         etcd.stop()
-        wait_until(
-            lambda: flipvisor.program("web")["state"] == "fatal",
-            timeout=30,
-            message="the start to fail on the etcd outage",
-        )
-        assert proxied(nginx)["version"] == "1"
+        new = flipvisor.wait_serving("web", timeout=30)
+        wait_until(lambda: proxied(nginx)["version"] == "2", message="nginx to route to v2")
+        web = flipvisor.program("web")
+        assert web["state"] == "running" and web["fatal_reason"] is None, web
+        assert web["leftovers"]["pids"] == old_pids, web
+        assert "held until the registry names generation 1" in flipvisor.cli("events", "web").stdout
+        shown = flipvisor.cli("status").stdout
+        assert "drained once the registry names a generation" in shown, shown
         assert all(psutil.pid_exists(pid) for pid in old_pids)
         etcd.start()
-        result = flipvisor.cli("start", "web")
-        assert result.returncode == 0, result.stderr + flipvisor.output()
         wait_gone(old_pids)
         outcome = load.stop()
     assert outcome.failed == 0, outcome.errors[:5]
     assert proxied(nginx)["version"] == "2"
-    assert keys(etcd, etcd_prefix)["pid/previous"] == ",".join(map(str, old_pids))
+    got = keys(etcd, etcd_prefix)
+    assert got["pid/previous"] == ",".join(map(str, old_pids))
+    assert got["pid/current"] == ",".join(map(str, new["pids"]))
+    assert flipvisor.program("web")["leftovers"] is None
+
+
+def test_leftovers_held_for_an_unreachable_registry_are_drained_when_the_program_stops(
+    flipvisor: Flipvisor,
+    nginx: Nginx,
+    restartable_etcd: EtcdServer,
+    etcd_prefix: str,
+    survivors: list[psutil.Process],
+) -> None:
+    etcd = restartable_etcd
+    etcd_registry = registry(etcd, etcd_prefix)
+    flipvisor.start({"registry": etcd_registry, "programs": {"web": program(nginx, "1")}})
+    flipvisor.wait_serving("web")
+    wait_until(
+        lambda: keys(etcd, etcd_prefix)["pid/current"] is not None, message="the keys in etcd"
+    )
+    old_pids = kill_supervisor(flipvisor, "web", survivors)
+    slow = program(nginx, "2", "--ready-delay", "1")
+    restart_supervisor(flipvisor, {"registry": etcd_registry, "programs": {"web": slow}})
+    etcd.stop()
+    new = flipvisor.wait_serving("web", timeout=30)
+    wait_until(
+        lambda: "held until the registry" in flipvisor.cli("events", "web").stdout,
+        message="the leftovers' drain to be held",
+    )
+    stopped = flipvisor.cli("stop", "web")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr + flipvisor.output()
+    wait_gone([*old_pids, *new["pids"]])  # the leftovers are init's to reap
+    assert flipvisor.program("web")["leftovers"] is None
 
 
 def test_a_killed_supervisor_s_unrecorded_generations_are_stopped_too(
