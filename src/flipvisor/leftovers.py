@@ -93,6 +93,10 @@ class Leftovers:
         extra = tuple(w for w in more if w[0] not in known)
         return replace(self, workers=self.workers + extra)
 
+    def send_signal(self, sig: signal.Signals) -> list[int]:
+        """Send ``sig`` to each of them that still runs as recorded; the PIDs signalled."""
+        return [pid for pid, started in self.workers if signal_verified(pid, started, sig)]
+
     async def drain(self, drain: DrainConfig, *, delay: bool = True) -> list[int]:
         """Wait ``drain.delay`` (unless ``delay`` is False), send ``drain.signal``, SIGKILL after
         ``drain.timeout``, and wait until they are gone. Returns the PIDs that were killed."""

@@ -276,7 +276,14 @@ class Supervisor:
         for worker in workers:
             assert worker.child is not None
             worker.child.send_signal(sig)
-        log.info("forwarded %s to %d worker(s)", sig.name, len(workers))
+        # A killed supervisor's workers serve too (a log reopen concerns them as much).
+        left = [
+            pid
+            for program in self.programs.values()
+            if program.leftovers is not None
+            for pid in program.leftovers.send_signal(sig)
+        ]
+        log.info("forwarded %s to %d worker(s)", sig.name, len(workers) + len(left))
 
     async def _add_program(self, name: str, program_config: Any) -> Program:
         assert self._tg is not None

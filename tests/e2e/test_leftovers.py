@@ -405,3 +405,35 @@ def test_commands_sent_while_the_start_up_reads_the_registry_wait_for_the_progra
         assert flipvisor.wait_serving("web")["generation"] == 1
         assert flipvisor.status()["starting"] is False
     assert flipvisor.stop() == 0, flipvisor.output()
+
+
+def test_usr1_reaches_the_leftovers_too(
+    flipvisor: Flipvisor, tmp_path: Any, survivors: list[psutil.Process]
+) -> None:
+    """SIGUSR1/2 (a log reopen, say) is forwarded to the workers a killed supervisor left, which
+    serve as much as ours. They write to a file: their output pipe died with that supervisor."""
+    marks = tmp_path / "usr1"
+    script = (
+        "import os, signal, socket, time; socket.socket(fileno=3); "
+        f"mark = lambda *a: open({str(marks)!r}, 'a').write(f'{{os.getpid()}}\\n'); "
+        "signal.signal(signal.SIGUSR1, mark); time.sleep(600)"
+    )
+    web = {"command": [sys.executable, "-c", script], "drain": {"delay": 0, "timeout": 5}}
+    flipvisor.start({"programs": {"web": web}})
+    flipvisor.wait_serving("web")
+    old_pids = kill_supervisor(flipvisor, "web", survivors)
+    never_ready = {**web, "readiness": {"exec": ["false"], "timeout": 60}}
+    restart_supervisor(flipvisor, {"programs": {"web": never_ready}})
+    wait_until(
+        lambda: flipvisor.program("web")["leftovers"] is not None,
+        message="the leftovers to be found",
+    )
+    assert flipvisor.process is not None
+    flipvisor.process.send_signal(signal.SIGUSR1)
+    wait_until(
+        lambda: marks.exists() and set(old_pids) <= set(map(int, marks.read_text().split())),
+        message="the leftovers to get SIGUSR1",
+    )
+    assert all(psutil.pid_exists(pid) for pid in old_pids)  # handled, not killed
+    assert flipvisor.stop() == 0, flipvisor.output()
+    wait_gone(old_pids)
