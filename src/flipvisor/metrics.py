@@ -70,6 +70,11 @@ class _StatusCollector(Collector):
             "Number of the program's serving generation (0: none serves)",
             labels=["program"],
         )
+        leftovers = GaugeMetricFamily(
+            "flipvisor_leftover_processes",
+            "Processes a killed supervisor left serving the program, not drained yet",
+            labels=["program"],
+        )
         flipping = GaugeMetricFamily(
             "flipvisor_flip_in_progress", "1 while a flip of the program runs", labels=["program"]
         )
@@ -96,6 +101,8 @@ class _StatusCollector(Collector):
             up.add_metric([name], len(current["pids"]) if current else 0)
             running.add_metric([name], sum(len(g["pids"]) for g in gens))
             serving.add_metric([name], current["generation"] if current else 0)
+            left = status.get("leftovers")
+            leftovers.add_metric([name], len(left["pids"]) if left else 0)
             flipping.add_metric([name], 1 if status.get("flip") else 0)
             # Totals the programs keep themselves: exact even if events were dropped.
             flips.add_metric([name], status.get("flips", 0))
@@ -103,7 +110,7 @@ class _StatusCollector(Collector):
             restarts.add_metric([name], status.get("restarts", 0))
             for option in ProgramState:
                 state.add_metric([name, option.value], 1 if status["state"] == option.value else 0)
-        yield from (up, running, serving, flipping, flips, failures, restarts, state)
+        yield from (up, running, serving, leftovers, flipping, flips, failures, restarts, state)
 
 
 class Metrics:

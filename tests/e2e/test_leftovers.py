@@ -21,6 +21,7 @@ from tests.e2e.load import Load
 from tests.e2e.test_etcd import keys, registry
 from tests.e2e.test_fixed_port import fixed_port_config
 from tests.e2e.test_flip import answers, program, proxied
+from tests.e2e.test_operator import sample, scrape
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import Nginx, free_port, port_answers
@@ -423,11 +424,16 @@ def test_usr1_reaches_the_leftovers_too(
     flipvisor.wait_serving("web")
     old_pids = kill_supervisor(flipvisor, "web", survivors)
     never_ready = {**web, "readiness": {"exec": ["false"], "timeout": 60}}
-    restart_supervisor(flipvisor, {"programs": {"web": never_ready}})
+    metrics = free_port()
+    restart_supervisor(
+        flipvisor,
+        {"metrics": {"listen": f"127.0.0.1:{metrics}"}, "programs": {"web": never_ready}},
+    )
     wait_until(
         lambda: flipvisor.program("web")["leftovers"] is not None,
         message="the leftovers to be found",
     )
+    assert sample(scrape(metrics), "flipvisor_leftover_processes", program="web") == len(old_pids)
     assert flipvisor.process is not None
     flipvisor.process.send_signal(signal.SIGUSR1)
     wait_until(

@@ -71,6 +71,7 @@ def test_metrics_count_flips_failures_and_restarts(flipvisor: Flipvisor) -> None
     assert sample(first, "flipvisor_flip_failures_total", program="web") == 0
     assert sample(first, "flipvisor_restarts_total", program="web") == 0
     assert sample(first, "flipvisor_workers_up", program="web") == 1
+    assert sample(first, "flipvisor_leftover_processes", program="web") == 0
     assert sample(first, "flipvisor_program_state", program="web", state="running") == 1
     assert sample(first, "flipvisor_program_state", program="web", state="fatal") == 0
 
