@@ -331,6 +331,8 @@ def _reload(args: argparse.Namespace, path: Path) -> int:
         print(f"flipvisor: reload: {'; '.join(parts) if parts else 'no program changed'}")
         for name, why in (outcome.get("not_flipped") or {}).items():
             print(f"flipvisor: reload: {name}: {why}")
+        for name, why in (outcome.get("kept") or {}).items():
+            _error(f"reload: {name}: {why}")
         if outcome.get("needs_restart"):
             _error(
                 f"{', '.join(outcome['needs_restart'])} changed: that takes effect only when the "

@@ -98,6 +98,8 @@ def status_rows(document: dict[str, Any], now: float) -> tuple[list[list[str]], 
                 f"{name}: workers a killed supervisor left (pid {pids}{port}): drained once the "
                 "registry names a generation of this supervisor, or when the program stops"
             )
+        if program.get("kept_after_removal"):
+            notes.append(f"{name}: {program['kept_after_removal']}")
         if program.get("fatal_reason"):
             reason = program["fatal_reason"]
             logs = (

@@ -91,6 +91,9 @@ class Program:
         # Workers a killed supervisor left serving this program: replaced by our first
         # promotion, or stopped with the program (set by the supervisor before the first start).
         self.leftovers: Leftovers | None = None
+        # Removed from the config, but serving on: the program that takes over its proxy file
+        # (renamed, by the look of it) does not serve yet. Why, for status; set by the supervisor.
+        self.kept_after_removal: str | None = None
         self._leftovers_drained: anyio.Event | None = None  # their drain under way, set at its end
 
     # -- status -------------------------------------------------------------------------------
@@ -115,6 +118,7 @@ class Program:
             "flip_failures": self.flip_failures_total,
             "fatal_reason": self.fatal_reason,
             "leftovers": self.leftovers.status() if self.leftovers is not None else None,
+            "kept_after_removal": self.kept_after_removal,
             "flip": self.current_flip.progress() if self.current_flip is not None else None,
             "generations": [gen.status(now) for gen in self.generations],
         }

@@ -78,6 +78,9 @@ class Supervisor:
         self.programs: dict[str, Program] = {}
         self._scopes: dict[str, CancelScope] = {}
         self._removing: set[Program] = set()  # removed by a reload, still draining
+        # Removed by a reload, serving on until the program that took their proxy file over
+        # serves (``_hand_over``): name -> that program's name.
+        self._kept: dict[str, str] = {}
         self._reload_lock = anyio.Lock()  # one reload at a time (SIGHUP and `flipvisor reload`)
         self._shutdown = anyio.Event()
         # Set once the configured programs are added. The control socket answers before that
@@ -305,14 +308,86 @@ class Supervisor:
         await self._tg.start(own)
         return program
 
-    async def _remove_program(self, name: str) -> None:
+    async def _remove_program(self, name: str, *, unroute: bool = True) -> None:
+        """Stop a program the config no longer has and forget it. ``unroute``: take its proxy
+        file out first (not when another program's file has replaced it)."""
         program = self.programs.pop(name)
+        self._kept.pop(name, None)
         self._removing.add(program)
         try:
-            await program.stop(unroute=True)
+            await program.stop(unroute=unroute)
         finally:
             self._removing.discard(program)
             self._scopes.pop(name).cancel()
+
+    def _handovers(self, removed: list[str], new: Config) -> dict[str, str]:
+        """The removed programs whose proxy file a program of ``new`` writes (the same
+        ``proxy.dest``: a rename, by the look of it), each with that program."""
+        writers = {
+            section.proxy.dest: name
+            for name, section in new.programs.items()
+            if section.proxy is not None
+        }
+        handovers = {}
+        for name in removed:
+            deployed = self.programs[name].config.proxy
+            if deployed is not None and (successor := writers.get(deployed.dest)) is not None:
+                handovers[name] = successor
+        return handovers
+
+    def _serves_file_of(self, successor: str, old: str) -> bool:
+        """Whether ``successor`` serves from a generation whose proxy file is ``old``'s."""
+        program, replaced = self.programs.get(successor), self.programs[old].config.proxy
+        serving = program.serving if program is not None else None
+        return (
+            serving is not None
+            and serving.config.proxy is not None
+            and replaced is not None
+            and serving.config.proxy.dest == replaced.dest
+        )
+
+    async def _hand_over(self, old: str, successor: str) -> str | None:
+        """Remove ``old`` once ``successor`` serves in its place, without taking the proxy file
+        out of nginx (``successor``'s promotion rewrote it); if ``successor`` does not serve,
+        keep ``old`` serving: the old is never given up for a new one that is broken. Returns
+        why ``old`` was kept (None: removed)."""
+        program = self.programs[successor]
+        report = program.current_flip
+        if report is None and program.serving is None and program.config.autostart:
+            try:
+                report = program.start_flip(kind="start")
+            except FlipvisorError:
+                report = None  # stopping: nothing to wait for
+        if report is not None:
+            await report.wait()
+        if self._serves_file_of(successor, old):
+            log.info(
+                "%s took over the proxy file of %s, which the config no longer has", successor, old
+            )
+            await self._remove_program(old, unroute=False)
+            return None
+        failure = (
+            f"its start failed: {report.error}"
+            if report is not None and report.error
+            else "it is not started"
+        )
+        why = (
+            f"removed from the config, but serving on: {successor}, which takes over its proxy "
+            f"file, does not serve ({failure}); `flipvisor start {successor}` replaces it, or "
+            f"drop {successor}'s proxy.dest and `flipvisor reload` to remove it"
+        )
+        self._kept[old] = successor
+        self.programs[old].kept_after_removal = why
+        self.events.emit("kept-serving", old, None, why)
+        log.warning("%s: %s", old, why)
+        return why
+
+    async def _release_kept(self) -> None:
+        """Remove the kept programs (``_hand_over``) whose successor now serves their file."""
+        async with self._reload_lock:
+            for old, successor in list(self._kept.items()):
+                if old in self.programs and self._serves_file_of(successor, old):
+                    await self._remove_program(old, unroute=False)
 
     async def _reload_on_signal(self) -> None:
         """SIGHUP's reload: whatever goes wrong is logged, and the supervisor keeps running."""
@@ -375,8 +450,10 @@ class Supervisor:
         added = [name for name in new.programs if name not in self.programs]
         removed = [name for name in self.programs if name not in new.programs]
         changed = self._changed(new)
+        handovers = self._handovers(removed, new)
         for name in removed:
-            await self._remove_program(name)
+            if name not in handovers:  # a program taking its file over starts first
+                await self._remove_program(name)
         for name in added:
             program = await self._add_program(name, new.programs[name])
             if new.programs[name].autostart:
@@ -389,6 +466,10 @@ class Supervisor:
             else:
                 not_flipped[name] = why
         self.config = new
+        kept = {}
+        for name, successor in handovers.items():
+            if (why := await self._hand_over(name, successor)) is not None:
+                kept[name] = why
         log.info("config reloaded: added %s, removed %s", added or "none", removed or "none")
         needs_restart = [
             key for key in RESTART_ONLY if getattr(new, key) != self._started_with[key]
@@ -407,6 +488,7 @@ class Supervisor:
             "not_flipped": not_flipped,
             "restart_hint": restart_hint(needs_restart) if needs_restart else None,
             "needs_restart": needs_restart,
+            "kept": kept,
         }
 
     # -- control commands -------------------------------------------------------------------
@@ -484,14 +566,14 @@ class Supervisor:
             report = await program.start()
             if report is None:
                 return result(program.status())
-            return await self._follow(report, send)
+            return await self._follow_and_release(report, send)
         if command in ("flip", "restart"):
             config = self._reread(program.name)
             timeout = request.args.get("timeout")
             if timeout is not None and not is_seconds(timeout):
                 raise UsageError(f"timeout: must be a number of seconds > 0, not {timeout!r}")
             report = program.start_flip(config, timeout=timeout, kind=command)
-            return await self._follow(report, send)
+            return await self._follow_and_release(report, send)
         if command == "rollback":
             if program.warm is None and program.history.previous is None:
                 raise UsageError(
@@ -518,6 +600,13 @@ class Supervisor:
                 "add it back, or `flipvisor reload` to stop it"
             )
         return config.programs[name]
+
+    async def _follow_and_release(self, report: FlipReport, send: Send) -> dict[str, Any]:
+        """``_follow``; then a program kept because this one did not serve goes."""
+        answer = await self._follow(report, send)
+        if self._kept and report.ok:
+            await self._release_kept()
+        return answer
 
     async def _follow(self, report: FlipReport, send: Send) -> dict[str, Any]:
         try:

@@ -4,11 +4,13 @@ the file: then the file is put back."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from tests.e2e.load import Load
 from tests.e2e.test_flip import answers, program, proxied
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import Nginx, port_answers
@@ -118,3 +120,67 @@ def test_a_removed_program_whose_proxy_reload_fails_says_what_is_left_to_do(
     assert "removed, but the proxy did not reload" in output, output
     assert "remove what refers to" not in output
     assert "unrouted" not in flipvisor.event_kinds()
+
+
+def test_a_program_renamed_by_a_reload_hands_its_proxy_file_over_with_no_failed_request(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """Removed and added in one reload with the same ``proxy.dest``: the added program starts
+    first and its promotion rewrites the file; only then does the removed one drain, without
+    taking the file out of nginx (which would leave the address with nothing behind it)."""
+    gen = start_web(flipvisor, nginx, program(nginx, "1"))
+    with Load(nginx.url("/"), clients=2) as load:
+        flipvisor.write_config({"programs": {"site": program(nginx, "2")}})
+        result = flipvisor.cli("reload", "--json")
+        outcome = load.stop()
+    assert result.returncode == 0, result.stderr + flipvisor.output()
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert proxied(nginx)["version"] == "2"
+    wait_gone(gen["pids"])
+    assert web_conf(nginx).exists()
+    assert "unrouted" not in flipvisor.event_kinds()
+    assert flipvisor.wait_serving("site")["generation"] == 1
+
+
+def test_a_renamed_program_whose_start_fails_leaves_the_removed_one_serving(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """The new name's start fails: the program the reload removed goes on serving (the old is
+    never lost to a broken new one) until a reload whose new program starts, or one that no
+    longer hands the file over."""
+    gen = start_web(flipvisor, nginx, program(nginx, "1"))
+    broken = program(nginx, "2", "--health-fail", readiness={"timeout": 1})
+    flipvisor.write_config({"programs": {"site": broken}})
+    result = flipvisor.cli("reload", "--json")
+    assert result.returncode == 0, result.stderr + flipvisor.output()
+    kept = json.loads(result.stdout)["kept"]
+    assert list(kept) == ["web"] and "site" in kept["web"], kept
+    assert proxied(nginx)["version"] == "1"
+    assert flipvisor.serving("web") is not None and all(map(psutil.pid_exists, gen["pids"]))
+    shown = flipvisor.cli("status").stdout
+    assert "web: removed from the config" in shown, shown
+    flipvisor.write_config({"programs": {"site": program(nginx, "3")}})
+    again = flipvisor.cli("reload", "--json")
+    assert again.returncode == 0, again.stderr + flipvisor.output()
+    assert proxied(nginx)["version"] == "3"
+    wait_gone(gen["pids"])
+    assert [p["name"] for p in flipvisor.status()["programs"]] == ["site"]
+
+
+def test_a_removed_program_kept_serving_goes_once_its_successor_is_flipped_in(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    gen = start_web(flipvisor, nginx, program(nginx, "1"))
+    broken = program(nginx, "2", "--health-fail", readiness={"timeout": 1})
+    flipvisor.write_config({"programs": {"site": broken}})
+    reloaded = flipvisor.cli("reload")
+    assert reloaded.returncode == 0, reloaded.stderr + flipvisor.output()
+    assert "web: removed from the config, but serving on" in reloaded.stderr
+    assert "kept-serving" in flipvisor.event_kinds()
+    flipvisor.write_config({"programs": {"site": program(nginx, "3")}})
+    flipped = flipvisor.cli("flip", "site")
+    assert flipped.returncode == 0, flipped.stderr + flipvisor.output()
+    assert proxied(nginx)["version"] == "3"
+    wait_gone(gen["pids"])
+    assert [p["name"] for p in flipvisor.status()["programs"]] == ["site"]
+    assert web_conf(nginx).exists()
