@@ -591,7 +591,8 @@ class Program:
         return f"{'; '.join(parts)}; up to {longest:g}s"
 
     async def _unroute(self) -> None:
-        deployed = self._replaced_config() or self.config
+        routed = self._replaced_config()
+        deployed = routed or self.config
         if deployed.proxy is None:
             return
         if await unroute(
@@ -599,6 +600,7 @@ class Program:
             deployed.proxy,
             reaper=self.runtime.reaper,
             proxy_lock=self.runtime.proxy_lock,
+            routed=routed is not None,
         ):
             self.runtime.events.emit("unrouted", self.name, None, f"removed {deployed.proxy.dest}")
 

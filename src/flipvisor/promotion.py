@@ -229,12 +229,19 @@ async def _route(
 
 
 async def unroute(
-    program: str, proxy: ProxyConfig, *, reaper: Reaper, proxy_lock: anyio.Lock
+    program: str,
+    proxy: ProxyConfig,
+    *,
+    reaper: Reaper,
+    proxy_lock: anyio.Lock,
+    routed: bool = True,
 ) -> bool:
     """Before a program removed from the config drains: remove its proxy file, check the proxy
     without it, reload, and wait for the proxy's old workers, so that nothing routes to it any
-    more. Returns whether a file was removed. A failure is logged with what to do and does not
-    stop the removal: if the check fails without the file, the file is put back.
+    more. Returns whether a file was removed. With none, a ``routed`` program (one that serves)
+    reloads the proxy all the same: it may have loaded a file that was deleted by hand. A
+    failure is logged with what to do and does not stop the removal: if the check fails without
+    the file, the file is put back.
     """
     async with proxy_lock:
         try:
@@ -250,8 +257,16 @@ async def unroute(
                 proxy.dest,
             )
             return False
-        if taken is None:
+        if taken is None and not routed:
             return False
+        if taken is None:
+            # Gone already (deleted by hand, say): the proxy may still have it loaded and route
+            # to the program that is about to drain, so it reloads all the same.
+            log.info(
+                "program=%s: its proxy file %s was gone already; reloading the proxy anyway",
+                program,
+                proxy.dest,
+            )
         old_workers = proxy_workers(proxy.pidfile) if proxy.pidfile else frozenset()
         try:
             await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
@@ -274,7 +289,7 @@ async def unroute(
             program,
             proxy.timeout,
         )
-    return True
+    return taken is not None
 
 
 async def _replace_file(

@@ -184,3 +184,16 @@ def test_a_removed_program_kept_serving_goes_once_its_successor_is_flipped_in(
     wait_gone(gen["pids"])
     assert [p["name"] for p in flipvisor.status()["programs"]] == ["site"]
     assert web_conf(nginx).exists()
+
+
+def test_a_removed_program_whose_file_was_deleted_by_hand_still_leaves_nginx(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """nginx keeps what it loaded until it reloads: a file gone from the disk may still route."""
+    gen = start_web(flipvisor, nginx, program(nginx, "1"))
+    web_conf(nginx).unlink()
+    flipvisor.write_config({"programs": {}})
+    result = flipvisor.cli("reload")
+    assert result.returncode == 0, result.stderr + flipvisor.output()
+    wait_until(lambda: not port_answers(nginx.listen), message="nginx to drop web's server")
+    wait_gone(gen["pids"])
