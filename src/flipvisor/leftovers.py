@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 LISTEN_FD = 3  # where every worker has its generation's socket (LISTEN_FDS)
 STATE_DIR_ENV = "FLIPVISOR_STATE_DIR"  # in every worker's environment (worker.worker_env)
 _PROGRAM_ENV = b"FLIPVISOR_PROGRAM="
+_LISTEN_PID_ENV = b"LISTEN_PID="  # the spawn shim exports the worker's own PID
 _SYS_PIDFD_GETFD = 438  # the same number on every architecture Linux added it to at once (5.6)
 
 
@@ -94,8 +95,20 @@ class Leftovers:
         return replace(self, workers=self.workers + extra)
 
     def send_signal(self, sig: signal.Signals) -> list[int]:
-        """Send ``sig`` to each of them that still runs as recorded; the PIDs signalled."""
-        return [pid for pid, started in self.workers if signal_verified(pid, started, sig)]
+        """Send ``sig`` to each of them that is a worker and still runs as recorded; the PIDs
+        signalled.
+
+        Workers only, as the supervisor forwards to its own: found by their environment, the
+        leftovers also hold what the workers started (a helper in their process group), which no
+        supervisor ever forwarded a signal to and which SIGUSR1/SIGUSR2's default action would
+        end. A worker is what the spawn shim exec'd: its ``LISTEN_PID`` names itself, where
+        what it starts inherits its worker's.
+        """
+        return [
+            pid
+            for pid, started in self.workers
+            if _running(pid, started, worker=True) and signal_verified(pid, started, sig)
+        ]
 
     async def drain(self, drain: DrainConfig, *, delay: bool = True) -> list[int]:
         """Wait ``drain.delay`` (unless ``delay`` is False), send ``drain.signal``, SIGKILL after
@@ -215,15 +228,19 @@ def leftovers_in(program: str, record: str | None, host: str) -> Leftovers | Non
     )
 
 
-def _running(pid: int, started: float, *, program: str | None = None) -> bool:
+def _running(pid: int, started: float, *, program: str | None = None, worker: bool = False) -> bool:
     """Whether the process that started at ``started`` runs (has not exited: a pidfd turns
     readable at the exit, before anyone reaps it); with ``program``, also whether its
-    environment names it (``FLIPVISOR_PROGRAM``, which every worker gets)."""
+    environment names it (``FLIPVISOR_PROGRAM``, which every worker gets); with ``worker``,
+    also whether it is a worker itself (its ``LISTEN_PID`` is its own PID: see ``spawn``)."""
     pidfd = pidfd_if_started_at(pid, started)
     if pidfd is None:
         return False
     try:
-        if program is not None and _PROGRAM_ENV + program.encode() not in _environ(pid):
+        wanted = [_PROGRAM_ENV + program.encode()] if program is not None else []
+        if worker:
+            wanted.append(_LISTEN_PID_ENV + str(pid).encode())
+        if wanted and not set(wanted) <= set(_environ(pid)):
             return False
         # Checked last: still running, so what was read concerned the process the pidfd holds.
         return not select.select([pidfd], [], [], 0)[0]

@@ -339,7 +339,9 @@ class Program:
         If the registry could not be written at the promotion (the program's first: nothing of
         ours served, so it went ahead), the keys still name the leftovers as serving: they stay
         up, out of the proxy, until the deferred registration records ``gen`` (its ``previous``
-        then names them). A later promotion that the registry records drains them too.
+        then names them). A later promotion that the registry records drains them too. A fixed
+        port taken over from them is one socket they share with ``gen``: they go on accepting
+        from it meanwhile (only their drain signal stops that).
         """
         left = self.leftovers
         if left is None:

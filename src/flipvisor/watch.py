@@ -153,6 +153,10 @@ class TemplateWatch(_Follower):
         self._progress = anyio.Event()
         self._pending = anyio.Event()  # set: values changed since the last attempt began
         self._waiting_logged = False
+        # Set from an install until its reload succeeded: ``dest`` may then hold a render that
+        # was never checked or reloaded (its restore failed too), so finding the same render
+        # there does not mean it is applied.
+        self._unconfirmed = False
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -247,10 +251,11 @@ class TemplateWatch(_Follower):
         self._waiting_logged = False
         content = render_template(self.template, template_context(values))
         try:
-            if self.dest.read_text(encoding="utf-8") == content:
+            if not self._unconfirmed and self.dest.read_text(encoding="utf-8") == content:
                 return  # already in place (an earlier run or an unchanged render): no reload
         except (OSError, UnicodeDecodeError):
             pass
+        self._unconfirmed = True
         installed = await install(
             self.dest,
             content,
@@ -276,6 +281,7 @@ class TemplateWatch(_Follower):
             if self.entry.reload_cmd:
                 # Even a failed reload may have reached the proxy: drains settle after it too.
                 self.reloaded_at = anyio.current_time()
+        self._unconfirmed = False
         if old_workers and not await wait_workers_gone(old_workers, COMMAND_TIMEOUT):
             log.warning(
                 "watch %s: old proxy workers still running after %g s", self.dest, COMMAND_TIMEOUT

@@ -443,3 +443,57 @@ def test_usr1_reaches_the_leftovers_too(
     assert all(psutil.pid_exists(pid) for pid in old_pids)  # handled, not killed
     assert flipvisor.stop() == 0, flipvisor.output()
     wait_gone(old_pids)
+
+
+def test_usr1_reaches_only_the_leftover_workers_not_what_they_started(
+    flipvisor: Flipvisor, tmp_path: Any, survivors: list[psutil.Process]
+) -> None:
+    """Found by their environment after an unclean exit, the leftovers include what the workers
+    started (a helper in their process group). A supervisor forwards SIGUSR1/2 to its workers
+    alone: a helper that does not handle it (its default action terminates) must not get it."""
+    marks, helper_file = tmp_path / "usr1", tmp_path / "helper"
+    script = (
+        "import os, signal, socket, subprocess, time; socket.socket(fileno=3); "
+        f"mark = lambda *a: open({str(marks)!r}, 'a').write(f'{{os.getpid()}}\\n'); "
+        "signal.signal(signal.SIGUSR1, mark); "
+        "helper = subprocess.Popen(['sleep', '600']); "
+        f"open({str(helper_file)!r}, 'w').write(str(helper.pid)); time.sleep(600)"
+    )
+    web = {"command": [sys.executable, "-c", script], "drain": {"delay": 0, "timeout": 5}}
+    flipvisor.start({"programs": {"web": web}})
+    flipvisor.wait_serving("web")
+    helper = int(
+        wait_until(lambda: helper_file.exists() and helper_file.read_text(), message="the helper")
+    )
+    old_pids = kill_supervisor(flipvisor, "web", survivors)
+    survivors.append(psutil.Process(helper))
+    never_ready = {**web, "readiness": {"exec": ["false"], "timeout": 60}}
+    restart_supervisor(flipvisor, {"programs": {"web": never_ready}})
+    wait_until(
+        lambda: (
+            (left := flipvisor.program("web")["leftovers"]) is not None and helper in left["pids"]
+        ),
+        message="the leftovers, the helper among them, to be found",
+    )
+    ours = [pid for g in flipvisor.program("web")["generations"] for pid in g["pids"]]
+    assert flipvisor.process is not None
+    flipvisor.process.send_signal(signal.SIGUSR1)
+    forwarded = wait_until(
+        lambda: next(
+            (
+                line
+                for line in flipvisor.output_path.read_text().splitlines()
+                if "forwarded SIGUSR1" in line
+            ),
+            None,
+        ),
+        message="the supervisor to forward SIGUSR1",
+    )
+    assert f"to {len(ours) + len(old_pids)} worker(s)" in forwarded, forwarded
+    wait_until(
+        lambda: marks.exists() and set(old_pids) <= set(map(int, marks.read_text().split())),
+        message="the leftover workers to get SIGUSR1",
+    )
+    assert psutil.Process(helper).status() != psutil.STATUS_ZOMBIE  # not signalled
+    assert flipvisor.stop() == 0, flipvisor.output()
+    wait_gone([*old_pids, helper])

@@ -16,8 +16,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from flipvisor import watch
+from flipvisor import proxy, watch
 from flipvisor.config import Config
+from flipvisor.errors import ProxyError
 from flipvisor.reaper import Reaper
 from flipvisor.registry import Snapshot, open_registry
 from flipvisor.registry.etcd import EtcdRegistry
@@ -551,6 +552,48 @@ async def test_a_failed_check_is_retried_until_it_passes_without_a_key_change(
         checks_after = _lines(checks)
     assert _lines(checks) == checks_after  # no retry once it applied
     assert reload_log.read_text().count("upstream app") == 1
+
+
+@pytest.mark.etcd
+async def test_a_retry_after_a_failed_restore_still_checks_and_reloads(
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The check fails, and putting the previous file back fails too (the disk filled up
+    # meanwhile): the unchecked render stays in place. A retry that found it "already in place"
+    # would count as applied, never checked nor reloaded, and release any drain it holds.
+    monkeypatch.setattr(watch, "APPLY_RETRY_FIRST", 0.05)
+    monkeypatch.setattr(watch, "APPLY_RETRY_MAX", 0.2)
+    restore, failed = proxy.Installed.restore, []
+
+    def restore_fails_once(self: proxy.Installed, *, quiet: bool = False) -> None:
+        if not failed:
+            failed.append(self.dest)
+            raise ProxyError(f"cannot restore the previous {self.dest}: No space left on device")
+        restore(self, quiet=quiet)
+
+    monkeypatch.setattr(proxy.Installed, "restore", restore_fails_once)
+    broken = tmp_path / "broken-elsewhere"
+    broken.touch()
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, broken_while=broken)
+    dest, reload_log, checks = (
+        tmp_path / "out" / "app.conf",
+        tmp_path / "reloads.log",
+        tmp_path / "checks.log",
+    )
+    async with watching(config):
+        etcd_server.put(f"{etcd_prefix}/shared/x", "1")
+        etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
+        await await_until(lambda: _true(bool(failed)), message="the failed restore")
+        assert "127.0.0.1:41000;" in dest.read_text()  # left in place, unchecked
+        await await_until(
+            lambda: _true(_lines(checks) >= 3), timeout=5, message="the retries to check again"
+        )
+        assert not reload_log.exists()
+        broken.unlink()
+        await await_until(lambda: _file_holds(reload_log, "41000"), message="a retry to reload")
 
 
 @pytest.mark.etcd
