@@ -25,6 +25,7 @@ GROUPS = {
     "d": "(d) Control round trip",
     "c": "(c) Overhead",
     "f": "(f) flipvisor's own share of a flip (ready-at-once service, from `flip --json`)",
+    "g": "(g) The supervisor SIGKILLed under load, then started again (not in issue 5's list)",
 }
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "benchmarks-deploy.png"
@@ -54,6 +55,10 @@ def _check(key: str) -> Check | None:
         return lambda m: m["flipvisor"] <= 1.5
     if key == "f.own":
         return lambda m: m["flipvisor"] < 100.0
+    if key in ("g.failed", "g.unsupervised"):
+        return lambda m: m["flipvisor"] == 0
+    if key == "g.recovered":
+        return lambda m: m["flipvisor"] == 1
     return None
 
 

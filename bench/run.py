@@ -22,7 +22,7 @@ from bench.common import ROOT, become_subreaper, reap_strays
 from bench.results import Results
 from bench.tools import TOOLS, Tool
 
-ORDER = ["b", "e", "a", "d", "c", "f"]  # d and c share one run; f comes from e's flips
+ORDER = ["b", "e", "a", "d", "c", "f", "g"]  # d and c share one run; f comes from e's flips
 
 
 def versions() -> dict[str, str]:
@@ -131,6 +131,8 @@ def plan(workload: str, s: workloads.Settings) -> list[tuple[str, Job]]:
                 for n in s.startup_sizes]
     if workload == "d":
         return [("idle+status", lambda t, r, d: workloads.idle(t, r, s))]
+    if workload == "g":
+        return [("killed", lambda t, r, d: workloads.killed(t, r, s, d))]
     return []  # "c" is measured with "d"; "f" with "e"
 
 

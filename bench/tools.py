@@ -51,15 +51,24 @@ class Tool(ABC):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.process: subprocess.Popen[bytes] | None = None
         self.programs: list[Program] = []
+        self.argv: list[str] = []
         self.log = directory / "daemon.log"
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self, programs: list[Program], nginx: Nginx | None = None) -> float:
         """Write the config and launch the daemon; returns the monotonic launch time."""
         self.programs = programs
-        argv = self.configure(programs, nginx)
+        self.argv = self.configure(programs, nginx)
         started = time.monotonic()
-        self.process = launch(argv, self.log, cwd=self.dir)
+        self.process = launch(self.argv, self.log, cwd=self.dir)
+        return started
+
+    def relaunch(self) -> float:
+        """Launch the daemon again with the config ``start`` wrote (after it was killed): what
+        an init system's restart does. Returns the monotonic launch time."""
+        self.disconnect()
+        started = time.monotonic()
+        self.process = launch(self.argv, self.log, cwd=self.dir)
         return started
 
     def wait_running(self, timeout: float = 60) -> None:
@@ -77,6 +86,9 @@ class Tool(ABC):
 
     def stop(self) -> None:
         stop_tree(self.process, grace=15)
+
+    def disconnect(self) -> None:
+        """Forget a control connection to a daemon that is gone (none by default)."""
 
     @property
     def pid(self) -> int:
@@ -254,6 +266,9 @@ class Supervisord(Tool):
             self._rpc = None  # reconnect next time (the socket was not there yet)
             raise
 
+    def disconnect(self) -> None:
+        self._rpc = None
+
     def all_running(self, names: list[str]) -> bool:
         infos = {i["name"]: i for i in self._call("getAllProcessInfo")}
         return all(n in infos and infos[n]["statename"] == "RUNNING" for n in names)
@@ -342,10 +357,13 @@ class Circus(Tool):
         self._call("reload", name=name, graceful=True, sequential=False, waiting=True)
         return {"ok": True}
 
-    def stop(self) -> None:
+    def disconnect(self) -> None:
         if self._client is not None:
             self._client.stop()
             self._client = None
+
+    def stop(self) -> None:
+        self.disconnect()
         super().stop()
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import http_ok, run_timed, wait_until
+from bench.common import http_ok, kill_orphans, run_timed, wait_until
 from bench.load import LoadRun, PyClient, Record, Wrk
 from bench.nginx import start_nginx
 from bench.procwatch import Fork, ProcWatch
@@ -362,3 +362,96 @@ def timeline(records: list[Record], windows: list[tuple[float, float]], begin: f
         "failed": failed,
         "deploys": [(round(s - begin, 3), round(e - begin, 3)) for s, e in windows],
     }
+
+
+# -- (g) the supervisor killed under load, and started again ----------------------------------
+G_RECOVERY = 20.0  # how long the relaunched tool gets to supervise the service again
+G_TARGET = "0 failed; supervised again; 0 left unsupervised"
+
+
+def service_processes() -> list[psutil.Process]:
+    """The benchmarked service's processes among ours (orphans re-parent to the bench, a
+    subreaper, so every one this job started is here)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any(arg.endswith("bench/app.py") for arg in proc.cmdline()):
+                found.append(proc)
+    return found
+
+
+def killed(tool: Tool, res: Results, settings: Settings, directory: Path) -> None:
+    """SIGKILL the supervisor (the OOM killer, a botched upgrade) under load through nginx, then
+    launch it again as an init system would, with the same config. Counted: failed requests,
+    whether the tool runs the program again (through its own control interface) and how soon,
+    and the service processes left running that it does not report (orphans serving on,
+    unsupervised: no restart if they crash, and in the way of the next deploy)."""
+    nginx = start_nginx(directory)
+    client = PyClient(nginx.url("/"), directory)
+    recovered: float | None = None
+    unsupervised = 0
+    running = 0
+    try:
+        tool.start([Program("web", "svc")], nginx)
+        tool.wait_running()
+        wait_until(lambda: http_ok(nginx.listen, "/"), 30, "nginx to proxy to the service")
+        client.start()
+        time.sleep(1.0)
+        begin = time.monotonic()
+        assert tool.process is not None
+        tool.process.kill()
+        tool.process.wait()
+        relaunched = tool.relaunch()
+
+        def left_alone() -> int:
+            reported = set(tool.pids("web"))
+            return sum(1 for proc in service_processes() if proc.pid not in reported)
+
+        # Recovered: the tool runs the program and reports every service process there is
+        # (flipvisor drains what the killed one left). Not merely "running" once: supervisord
+        # says RUNNING for each new process that then fails to bind the port the orphan holds.
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: tool.all_running(["web"]) and left_alone() == 0, G_RECOVERY,
+                       "the program to be supervised again", interval=0.05)
+            recovered = time.monotonic() - relaunched
+        try:
+            unsupervised = left_alone()
+            before = tool.pids("web")
+            time.sleep(1.0)
+            stable = bool(before) and tool.pids("web") == before
+        except Exception:  # the tool does not answer: none of its service is supervised
+            unsupervised = len(service_processes())
+            stable = False
+        if not stable:
+            recovered = None
+        running = len(service_processes())
+        end = time.monotonic()
+        run = client.stop()
+    finally:
+        if client.process is not None and client.process.poll() is None:
+            client.process.kill()
+            client.process.wait()
+        tool.stop()
+        nginx.stop()
+        kill_orphans(service_processes())
+    window = [r for r in run.records if begin <= r[0] <= end]
+    failed = sum(1 for _, _, status in window if not 200 <= status < 300)
+    res.add("g.failed", tool.name, failed, label="failed requests, kill → relaunch → settled "
+            "(a connection per request)", unit="", group="g", target="0")
+    res.add("g.recovered", tool.name, 1 if recovered is not None else 0,
+            label=f"supervises the service again within {G_RECOVERY:g} s: reports every "
+            "service process, with stable PIDs (1 yes, 0 no)", unit="",
+            group="g", target="1")
+    if recovered is not None:
+        res.add("g.recover", tool.name, _ms(recovered),
+                label="relaunch → supervised again (the killed one's processes gone)", unit="ms",
+                group="g")
+    res.add("g.unsupervised", tool.name, unsupervised,
+            label="service processes left running that the tool does not report", unit="",
+            group="g", target="0")
+    res.add("g.processes", tool.name, running,
+            label="service processes running afterwards (1 configured)", unit="", group="g")
+    res.extra.setdefault("killed", []).append(
+        {"tool": tool.name, "failed": failed, "requests": len(window),
+         "recover_ms": _ms(recovered) if recovered is not None else None,
+         "unsupervised": unsupervised, "processes": running})
