@@ -87,7 +87,7 @@ class Tool(ABC):
     def stop(self) -> None:
         stop_tree(self.process, grace=15)
 
-    def disconnect(self) -> None:
+    def disconnect(self) -> None:  # noqa: B027 - optional: most tools keep no connection
         """Forget a control connection to a daemon that is gone (none by default)."""
 
     @property
