@@ -81,11 +81,12 @@ class Leftovers:
         return f"{number} of a previous supervisor (pid {pids}){where}"
 
     def status(self) -> dict[str, Any]:
-        """For ``status --json``: what still serves from the killed supervisor."""
+        """For ``status --json``: what still serves from the killed supervisor (those that
+        exited by themselves meanwhile are left out: the metric counts these)."""
         return {
             "generation": self.generation,
             "port": self.port,
-            "pids": [pid for pid, _ in self.workers],
+            "pids": [pid for pid, started in self.workers if _running(pid, started)],
         }
 
     def with_workers(self, more: list[tuple[int, float]]) -> Leftovers:

@@ -168,8 +168,8 @@ class Supervisor:
                     "leftovers",
                     name,
                     None,
-                    f"{left.describe()}: drained once this supervisor's "
-                    f"generation of {name} is promoted, or when {name} stops",
+                    f"{left.describe()}: drained once this supervisor's generation of "
+                    f"{name} is promoted and the registry records it, or when {name} stops",
                 )
             if program_config.autostart:
                 program.start_flip(kind="start")

@@ -497,3 +497,30 @@ def test_usr1_reaches_only_the_leftover_workers_not_what_they_started(
     assert psutil.Process(helper).status() != psutil.STATUS_ZOMBIE  # not signalled
     assert flipvisor.stop() == 0, flipvisor.output()
     wait_gone([*old_pids, helper])
+
+
+def test_a_leftover_that_exits_by_itself_leaves_status_and_the_metric(
+    flipvisor: Flipvisor, survivors: list[psutil.Process]
+) -> None:
+    script = "import socket, time; socket.socket(fileno=3); time.sleep(600)"
+    web = {"command": [sys.executable, "-c", script], "numprocs": 2, "drain": {"delay": 0}}
+    flipvisor.start({"programs": {"web": web}})
+    flipvisor.wait_serving("web")
+    gone, stays = kill_supervisor(flipvisor, "web", survivors)
+    metrics = free_port()
+    never_ready = {**web, "readiness": {"exec": ["false"], "timeout": 60}}
+    restart_supervisor(
+        flipvisor,
+        {"metrics": {"listen": f"127.0.0.1:{metrics}"}, "programs": {"web": never_ready}},
+    )
+    wait_until(
+        lambda: (flipvisor.program("web")["leftovers"] or {}).get("pids") == [gone, stays],
+        message="both leftovers to be found",
+    )
+    psutil.Process(gone).kill()
+    wait_until(
+        lambda: flipvisor.program("web")["leftovers"]["pids"] == [stays],
+        message="status to leave out the leftover that exited",
+    )
+    assert sample(scrape(metrics), "flipvisor_leftover_processes", program="web") == 1
+    assert flipvisor.stop() == 0, flipvisor.output()
