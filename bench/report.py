@@ -219,6 +219,14 @@ def write_docs(results: Results) -> None:
         "pause. \"During deploys\": requests started between a deploy command's start and "
         "0.5 s after it returned. Longest gap: between two successful answers, counted only "
         "if some request was started within it.",
+        "- (g): nginx in front, the Python client's load; after 1 s, SIGKILL the daemon and launch "
+        "it again at once with the same config (what systemd's `Restart=` does). \"Supervised "
+        "again\": the control interface reports the program running and every service process "
+        "there is (the killed daemon's orphans included), and its PIDs are the same 1 s later. "
+        "supervisord and Circus leave the orphan serving, unsupervised (no restart if it "
+        "crashes): supervisord's new process cannot bind the port the orphan holds and "
+        "restarts in a loop; circusd cannot bind its socket. Nothing in issue 5 asks for (g); "
+        "its targets are flipvisor's own claims (README: \"If the supervisor is killed\").",
         "",
     ]
     if results.errors:
