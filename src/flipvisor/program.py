@@ -587,9 +587,10 @@ class Program:
         ]
         if self.leftovers is not None:
             parts.append(self.leftovers.describe())
-        longest = max(
-            (gen.config.drain.delay + gen.config.drain.timeout for gen in gens), default=0.0
-        )
+        drains = [gen.config.drain for gen in gens]
+        if self.leftovers is not None:
+            drains.append(self.config.drain)  # what `_drain_leftovers` drains them with
+        longest = max((drain.delay + drain.timeout for drain in drains), default=0.0)
         return f"{'; '.join(parts)}; up to {longest:g}s"
 
     async def _unroute(self) -> None:

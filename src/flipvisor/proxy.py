@@ -184,6 +184,18 @@ class Installed:
         """What ``restore`` did, for a message."""
         return "kept the previous file" if self.previous is not None else "removed the new file"
 
+    def restore_after(self, failure: str, *, quiet: bool = False) -> None:
+        """``restore`` after ``failure`` (a check or a reload that failed). If that fails too,
+        the error names both: the operator needs the first cause as much as the second.
+
+        Raises:
+            ProxyError: the file could not be restored.
+        """
+        try:
+            self.restore(quiet=quiet)
+        except ProxyError as exc:
+            raise ProxyError(f"{failure}; then {exc}") from exc
+
     def restore(self, *, quiet: bool = False) -> None:
         """Put the previous file back atomically, or remove ``dest`` if there was none.
 
@@ -266,13 +278,13 @@ async def remove(
     try:
         result = await run_command(list(check_cmd), reaper=reaper, timeout=timeout)
     except SpawnError as exc:
-        taken.restore()
+        taken.restore_after(f"proxy check without {dest} could not run: {exc}")
         raise ProxyError(f"proxy check without {dest} could not run, put it back: {exc}") from exc
     except BaseException:
         taken.restore()
         raise
     if not result.ok:
-        taken.restore()
+        taken.restore_after(f"proxy check without {dest} failed: {result.describe()}")
         raise ProxyError(
             f"proxy check without {dest} failed (does the rest of the proxy's config refer to "
             f"it?), put it back: {result.describe()}"
@@ -313,7 +325,7 @@ async def install(
     try:
         result = await run_command(argv, reaper=reaper, timeout=timeout)
     except SpawnError as exc:
-        installed.restore(quiet=quiet)
+        installed.restore_after(f"proxy check of {dest} could not run: {exc}", quiet=quiet)
         raise ProxyError(
             f"proxy check of {dest} could not run, {installed.restored()}: {exc}"
         ) from exc
@@ -321,7 +333,7 @@ async def install(
         installed.restore()  # cancelled: never leave an unchecked file in place
         raise
     if not result.ok:
-        installed.restore(quiet=quiet)
+        installed.restore_after(f"proxy check of {dest} failed: {result.describe()}", quiet=quiet)
         log.log(
             _level(logging.WARNING, quiet), "proxy check of %s failed, previous file restored", dest
         )

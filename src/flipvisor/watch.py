@@ -268,8 +268,8 @@ class TemplateWatch(_Follower):
         old_workers = proxy_workers(pidfile) if pidfile is not None else frozenset()
         try:
             await reload(self.entry.reload_cmd, reaper=self.reaper, timeout=COMMAND_TIMEOUT)
-        except ProxyError:
-            installed.restore(quiet=quiet)
+        except ProxyError as exc:
+            installed.restore_after(str(exc), quiet=quiet)
             raise
         except BaseException:
             # Failed, or cancelled (SIGTERM) while the command ran: the proxy may still run the

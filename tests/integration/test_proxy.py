@@ -370,3 +370,18 @@ async def test_flip_through_nginx_drops_no_request(nginx: Nginx) -> None:
     assert failures == []
     assert bodies[0] == "generation 1"
     assert set(bodies[served:]) == {"generation 2"}
+
+
+async def test_a_check_that_fails_and_a_restore_that_fails_are_both_named(
+    tmp_path: Path,
+) -> None:
+    """The check turns the file into a directory: the previous file cannot be renamed back."""
+    dest = tmp_path / "app.conf"
+    dest.write_bytes(b"old")
+    check = ["sh", "-c", f"rm {dest} && mkdir {dest} && touch {dest}/x && echo bad && exit 1"]
+    async with running_reaper() as reaper:
+        with pytest.raises(ProxyError) as caught:
+            await install(dest, "new", check_cmd=check, reaper=reaper, timeout=TIMEOUT)
+    message = str(caught.value)
+    assert message.startswith(f"proxy check of {dest} failed: "), message
+    assert "bad" in message and f"then cannot restore the previous {dest}" in message, message
