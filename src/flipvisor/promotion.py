@@ -217,15 +217,34 @@ async def _route(
             # during the reload still undoes the flip, at the cost of a reload back.
             gen.ensure_whole()
         gen.routed()
-    except BaseException:
+    except BaseException as exc:
+        undone: str | None = None
         with anyio.CancelScope(shield=True), anyio.move_on_after(UNDO_TIMEOUT):
-            for step in reversed(undo):
-                await step()
-            if reloaded:
+            undone = await _undo(undo, program=program)
+            if reloaded and undone is None:
                 assert proxy is not None  # reloaded
                 await _reload_back(gen, program=program, proxy=proxy, reaper=reaper, report=report)
+        if undone is not None and isinstance(exc, Exception):  # a cancellation stays one
+            raise ProxyError(
+                f"{exc}; undoing it failed too: {undone}; the proxy's files are as that left "
+                "them: put them right by hand, check and reload the proxy"
+            ) from exc
         raise
     return published, old_proxy_workers, deferred
+
+
+async def _undo(steps: list[Callable[[], Awaitable[None]]], *, program: str) -> str | None:
+    """Run each undo step, last first, all of them even if one fails (a file that cannot be
+    put back must not keep the registry's keys from being restored). Returns what failed, or
+    None."""
+    failed = []
+    for step in reversed(steps):
+        try:
+            await step()
+        except (ProxyError, RegistryError) as exc:
+            log.error("program=%s undoing a failed promotion: %s", program, exc)
+            failed.append(str(exc))
+    return "; ".join(failed) or None
 
 
 async def unroute(

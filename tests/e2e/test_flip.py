@@ -259,6 +259,37 @@ def test_flip_with_nginx_down_rolls_back_and_names_the_reload(
     assert serving is not None and after is not None and after["pids"] == serving["pids"]
 
 
+def test_a_failed_reload_whose_file_cannot_be_put_back_names_both_and_restores_the_keys(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """A double fault: the reload fails, and the undo cannot put the proxy file back (here the
+    reload command turned it into a directory; a full disk would do). The error names both, and
+    the rest of the undo (the registry keys) still happens; the old generation serves on."""
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    before_keys = flipvisor.registry()
+    serving = flipvisor.serving("web")
+    dest = nginx.conf_dir / "web.conf"
+    breaks_the_file = (
+        f"rm {dest} && mkdir {dest} && touch {dest}/x && echo reload broke >&2; exit 1"
+    )
+    flipvisor.write_config(
+        {
+            "programs": {
+                "web": program(nginx, "2", proxy={"reload_cmd": ["sh", "-c", breaks_the_file]})
+            }
+        }
+    )
+    result = flipvisor.cli("flip", "web")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "reload broke" in result.stderr, result.stderr
+    assert f"undoing it failed too: cannot restore the previous {dest}" in result.stderr
+    assert "put them right by hand" in result.stderr
+    assert flipvisor.registry() == before_keys
+    after = flipvisor.serving("web")
+    assert serving is not None and after is not None and after["pids"] == serving["pids"]
+    assert proxied(nginx)["version"] == "1"  # nginx never loaded the new file
+
+
 # A release with no readiness probe is ready as soon as it is spawned, so a worker that dies
 # while the flip checks or reloads the proxy is the only sign that it is broken. The worker
 # below records its PID, waits for the proxy step named by the case to tell it to die, and the
