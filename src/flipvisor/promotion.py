@@ -218,33 +218,48 @@ async def _route(
             gen.ensure_whole()
         gen.routed()
     except BaseException as exc:
-        undone: str | None = None
-        with anyio.CancelScope(shield=True), anyio.move_on_after(UNDO_TIMEOUT):
-            undone = await _undo(undo, program=program)
-            if reloaded and undone is None:
-                assert proxy is not None  # reloaded
-                await _reload_back(gen, program=program, proxy=proxy, reaper=reaper, report=report)
-        if undone is not None and isinstance(exc, Exception):  # a cancellation stays one
-            raise ProxyError(
-                f"{exc}; undoing it failed too: {undone}; the proxy's files are as that left "
-                "them: put them right by hand, check and reload the proxy"
-            ) from exc
+        await _undo(
+            exc, undo, reloaded, gen=gen, program=program, proxy=proxy, reaper=reaper, report=report
+        )
         raise
     return published, old_proxy_workers, deferred
 
 
-async def _undo(steps: list[Callable[[], Awaitable[None]]], *, program: str) -> str | None:
-    """Run each undo step, last first, all of them even if one fails (a file that cannot be
-    put back must not keep the registry's keys from being restored). Returns what failed, or
-    None."""
+async def _undo(
+    failure: BaseException,
+    steps: list[Callable[[], Awaitable[None]]],
+    reloaded: bool,
+    *,
+    gen: Generation,
+    program: str,
+    proxy: ProxyConfig | None,
+    reaper: Reaper,
+    report: FlipReport,
+) -> None:
+    """After ``failure``: run each undo step, last first, all of them even if one fails (a file
+    that cannot be put back must not keep the registry's keys from being restored), then reload
+    the proxy back if it ``reloaded`` and every step worked.
+
+    Raises:
+        ProxyError: a step failed too; the message names both failures (a cancellation is
+            left to propagate as it is).
+    """
     failed = []
-    for step in reversed(steps):
-        try:
-            await step()
-        except (ProxyError, RegistryError) as exc:
-            log.error("program=%s undoing a failed promotion: %s", program, exc)
-            failed.append(str(exc))
-    return "; ".join(failed) or None
+    with anyio.CancelScope(shield=True), anyio.move_on_after(UNDO_TIMEOUT):
+        for step in reversed(steps):
+            try:
+                await step()
+            except (ProxyError, RegistryError) as exc:
+                log.error("program=%s undoing a failed promotion: %s", program, exc)
+                failed.append(str(exc))
+        if reloaded and not failed:
+            assert proxy is not None  # it reloaded
+            await _reload_back(gen, program=program, proxy=proxy, reaper=reaper, report=report)
+    if failed and isinstance(failure, Exception):
+        raise ProxyError(
+            f"{failure}; undoing it failed too: {'; '.join(failed)}; the proxy's files are as "
+            "that left them: put them right by hand, check and reload the proxy"
+        ) from failure
 
 
 async def unroute(
