@@ -451,9 +451,17 @@ class Supervisor:
         removed = [name for name in self.programs if name not in new.programs]
         changed = self._changed(new)
         handovers = self._handovers(removed, new)
+        for name in [name for name in self._kept if name in new.programs]:
+            del self._kept[name]  # back in the config: no longer kept after a removal
+            self.programs[name].kept_after_removal = None
         for name in removed:
-            if name not in handovers:  # a program taking its file over starts first
+            if name not in handovers:
                 await self._remove_program(name)
+            elif self.programs[name].serving is None:
+                # Nothing of it to keep serving, and its file is another program's now: leave
+                # it in place. (One that serves is handed over below, its successor first.)
+                del handovers[name]
+                await self._remove_program(name, unroute=False)
         for name in added:
             program = await self._add_program(name, new.programs[name])
             if new.programs[name].autostart:

@@ -197,3 +197,19 @@ def test_a_removed_program_whose_file_was_deleted_by_hand_still_leaves_nginx(
     assert result.returncode == 0, result.stderr + flipvisor.output()
     wait_until(lambda: not port_answers(nginx.listen), message="nginx to drop web's server")
     wait_gone(gen["pids"])
+
+
+def test_a_kept_program_added_back_to_the_config_is_no_longer_reported_as_removed(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    start_web(flipvisor, nginx, program(nginx, "1"))
+    broken = program(nginx, "2", "--health-fail", readiness={"timeout": 1})
+    flipvisor.write_config({"programs": {"site": broken}})
+    assert flipvisor.cli("reload").returncode == 0
+    assert flipvisor.program("web")["kept_after_removal"] is not None
+    flipvisor.write_config({"programs": {"web": program(nginx, "1")}})
+    result = flipvisor.cli("reload")
+    assert result.returncode == 0, result.stderr + flipvisor.output()
+    assert flipvisor.program("web")["kept_after_removal"] is None
+    assert proxied(nginx)["version"] == "1"
+    assert [p["name"] for p in flipvisor.status()["programs"]] == ["web"]
