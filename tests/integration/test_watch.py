@@ -511,6 +511,17 @@ def _loud(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watch's failed apply retried within 50-200 ms, so that tests see several retries."""
+    monkeypatch.setattr(watch, "APPLY_RETRY_FIRST", 0.05)
+    monkeypatch.setattr(watch, "APPLY_RETRY_MAX", 0.2)
+
+
+def outputs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """What ``make_config``'s watch writes: the rendered file, the reload log, the check log."""
+    return tmp_path / "out" / "app.conf", tmp_path / "reloads.log", tmp_path / "checks.log"
+
+
 @pytest.mark.etcd
 async def test_a_failed_check_is_retried_until_it_passes_without_a_key_change(
     etcd_server: EtcdServer,
@@ -521,17 +532,12 @@ async def test_a_failed_check_is_retried_until_it_passes_without_a_key_change(
 ) -> None:
     # Another file of the proxy's config is broken, so every check fails until the operator
     # fixes it; nothing in the registry changes after that.
-    monkeypatch.setattr(watch, "APPLY_RETRY_FIRST", 0.05)
-    monkeypatch.setattr(watch, "APPLY_RETRY_MAX", 0.2)
+    fast_retries(monkeypatch)
     caplog.set_level(logging.DEBUG, logger="flipvisor")
     broken = tmp_path / "broken-elsewhere"
     broken.touch()
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, broken_while=broken)
-    dest, reload_log, checks = (
-        tmp_path / "out" / "app.conf",
-        tmp_path / "reloads.log",
-        tmp_path / "checks.log",
-    )
+    dest, reload_log, checks = outputs(tmp_path)
     async with watching(config):
         etcd_server.put(f"{etcd_prefix}/shared/x", "1")
         etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
@@ -564,8 +570,7 @@ async def test_a_retry_after_a_failed_restore_still_checks_and_reloads(
     # The check fails, and putting the previous file back fails too (the disk filled up
     # meanwhile): the unchecked render stays in place. A retry that found it "already in place"
     # would count as applied, never checked nor reloaded, and release any drain it holds.
-    monkeypatch.setattr(watch, "APPLY_RETRY_FIRST", 0.05)
-    monkeypatch.setattr(watch, "APPLY_RETRY_MAX", 0.2)
+    fast_retries(monkeypatch)
     restore, failed = proxy.Installed.restore, []
 
     def restore_fails_once(self: proxy.Installed, *, quiet: bool = False) -> None:
@@ -578,11 +583,7 @@ async def test_a_retry_after_a_failed_restore_still_checks_and_reloads(
     broken = tmp_path / "broken-elsewhere"
     broken.touch()
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, broken_while=broken)
-    dest, reload_log, checks = (
-        tmp_path / "out" / "app.conf",
-        tmp_path / "reloads.log",
-        tmp_path / "checks.log",
-    )
+    dest, reload_log, checks = outputs(tmp_path)
     async with watching(config):
         etcd_server.put(f"{etcd_prefix}/shared/x", "1")
         etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
@@ -605,8 +606,7 @@ async def test_a_render_error_is_retried_with_the_template_as_it_is_then(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A retry renders again, from the template and the keys as they are at that time.
-    monkeypatch.setattr(watch, "APPLY_RETRY_FIRST", 0.05)
-    monkeypatch.setattr(watch, "APPLY_RETRY_MAX", 0.2)
+    fast_retries(monkeypatch)
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix)
     template, reload_log = tmp_path / "app.conf.j2", tmp_path / "reloads.log"
     good = template.read_text()
@@ -632,11 +632,7 @@ async def test_a_key_change_during_the_backoff_applies_at_once_and_restarts_it(
     broken = tmp_path / "broken-elsewhere"
     broken.touch()
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, broken_while=broken)
-    dest, reload_log, checks = (
-        tmp_path / "out" / "app.conf",
-        tmp_path / "reloads.log",
-        tmp_path / "checks.log",
-    )
+    dest, reload_log, checks = outputs(tmp_path)
     async with watching(config):
         etcd_server.put(f"{etcd_prefix}/shared/x", "1")
         etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
@@ -690,18 +686,13 @@ async def test_a_held_drain_proceeds_once_a_retry_applies_the_change(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(watch, "CATCH_UP_TIMEOUT", 0.5)
-    monkeypatch.setattr(watch, "APPLY_RETRY_FIRST", 0.05)
-    monkeypatch.setattr(watch, "APPLY_RETRY_MAX", 0.2)
+    fast_retries(monkeypatch)
     caplog.set_level(logging.INFO, logger="flipvisor.watch")
     broken = tmp_path / "broken-elsewhere"
     config = make_config(
         tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, broken_while=broken
     )
-    dest, reload_log, checks = (
-        tmp_path / "out" / "app.conf",
-        tmp_path / "reloads.log",
-        tmp_path / "checks.log",
-    )
+    dest, reload_log, checks = outputs(tmp_path)
     async with watching(config) as (reaper, registry):
         old, new = start_sleeper(reaper), start_sleeper(reaper)
         try:
