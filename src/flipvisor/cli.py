@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     command(
         "reload",
         "ask the running supervisor to re-read its config (like SIGHUP): start added programs, "
-        "drain removed ones, flip changed ones; say which settings wait for a restart",
+        "drain removed ones (one whose proxy file an added one writes only once that one "
+        "serves), flip changed ones; say which settings wait for a restart",
         json_output=True,
     )
     events = command("events", "show lifecycle events", json_output=True)
