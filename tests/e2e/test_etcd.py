@@ -106,6 +106,40 @@ def test_etcd_outage_keeps_serving_fails_flips_and_heals_the_keys(
     assert flipvisor.cli("flip", "web").returncode == 0  # and flips work again
 
 
+def test_a_flip_while_etcd_hangs_is_rolled_back_and_the_old_generation_serves_on(
+    flipvisor: Flipvisor, nginx: Nginx, restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    """etcd stops answering on an open connection (SIGSTOP): the promotion's transaction times
+    out, the flip is rolled back, and generation 1 serves on. (It was drained instead: gRPC's
+    cancellation at the request deadline went through the flip and ended the program's task.)"""
+    etcd = restartable_etcd
+    flipvisor.start(
+        {"registry": registry(etcd, etcd_prefix), "programs": {"web": program(nginx, "1")}}
+    )
+    gen = flipvisor.wait_serving("web")
+    wait_until(lambda: keys(etcd, etcd_prefix)["port/current"] == str(gen["port"]), message="keys")
+    wait_until(lambda: answers(nginx), message="nginx to proxy")
+    etcd.pause()
+    with Load(nginx.url("/"), clients=2) as load:
+        flipvisor.write_config(
+            {"registry": registry(etcd, etcd_prefix), "programs": {"web": program(nginx, "2")}}
+        )
+        result = flipvisor.cli("flip", "web")
+        outcome = load.stop()
+    assert result.returncode == 1, result.stdout + result.stderr + flipvisor.output()
+    assert f"etcd at {etcd.endpoint} did not answer within 2 s" in result.stderr, result.stderr
+    assert outcome.failed == 0, outcome.errors[:5]
+    serving = flipvisor.serving("web")
+    assert serving is not None, flipvisor.output()
+    assert (serving["generation"], serving["pids"]) == (1, gen["pids"])
+    assert proxied(nginx)["version"] == "1"
+    etcd.resume()
+    assert keys(etcd, etcd_prefix)["port/current"] == str(gen["port"])
+    flipped = flipvisor.cli("flip", "web")
+    assert flipped.returncode == 0, flipped.stderr + flipvisor.output()
+    assert proxied(nginx)["version"] == "2"
+
+
 def test_supervisor_starts_while_etcd_is_down_and_registers_when_it_returns(
     flipvisor: Flipvisor, nginx: Nginx, restartable_etcd: EtcdServer, etcd_prefix: str
 ) -> None:

@@ -16,6 +16,7 @@ from flipvisor.registry import KEY_SUFFIXES, Snapshot, WatchEvent, WatchLost
 from flipvisor.registry.etcd import EtcdRegistry
 from flipvisor.registry.etcd_client import EtcdConnection
 from tests.fixtures.etcd import TLS_PASSWORD, TLS_USER, EtcdServer, free_port
+from tests.fixtures.slow_link import SlowLink
 from tests.waiting import await_until
 
 pytestmark = pytest.mark.etcd
@@ -156,6 +157,61 @@ async def test_outage_fails_swaps_cleanly_and_heals_afterwards(
             tg.cancel_scope.cancel()
     finally:
         await registry.aclose()
+
+
+async def test_an_etcd_that_stops_answering_fails_requests_at_the_timeout(
+    restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    """A hung etcd (SIGSTOP: the connection stays open, nothing answers) fails each request
+    with a RegistryError at the request timeout, and an outer cancel scope (a flip's --timeout)
+    cancels a request as its own. gRPC raises a cancellation anyio does not recognise; before
+    it was translated, it went through every scope and ended the caller's whole task."""
+    registry = registry_for(restartable_etcd.endpoint, etcd_prefix, timeout=1)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(registry.run)
+            first = record(1, 41000, [101])
+            await registry.swap("app", Snapshot(), first)
+            restartable_etcd.pause()
+            hung = rf"etcd at 127\.0\.0\.1:{restartable_etcd.client_port} did not answer within 1 s"
+            with pytest.raises(RegistryError, match=hung):
+                await registry.swap("app", first, promoted(first, record(2, 42000, [202])))
+            with pytest.raises(RegistryError, match=hung):
+                await registry.snapshot("app")
+            with pytest.raises(RegistryError, match=hung):
+                await registry.read_keys([f"{etcd_prefix}/app/"])
+            with anyio.move_on_after(0.3) as flip:
+                await registry.swap("app", first, promoted(first, record(3, 43000, [303])))
+            assert flip.cancelled_caught
+            restartable_etcd.resume()
+            # etcd may apply the transactions it held once it runs again: they are put back.
+            port_key = f"{etcd_prefix}/app/port/current"
+            await await_until(
+                lambda: _value(restartable_etcd, port_key, "41000"),
+                timeout=5,
+                message="the keys to be put back to what still serves",
+            )
+            assert await registry.snapshot("app") == first
+            tg.cancel_scope.cancel()
+    finally:
+        await registry.aclose()
+
+
+async def test_an_etcd_behind_a_slow_link_is_reached_within_the_request_timeout(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """Connecting takes as long as the path to etcd does, up to registry.timeout: each new
+    connection here is held 0.5 s before it reaches etcd (a remote member, a slow TLS handshake).
+    gRPC used to give each connection attempt 200 ms (it reads its minimum reconnect backoff as
+    the attempt's deadline) and such an etcd was unreachable whatever the timeout said."""
+    with SlowLink(("127.0.0.1", etcd_server.client_port), delay=0.5) as link:
+        registry = registry_for(link.endpoint, etcd_prefix, timeout=3)
+        try:
+            first = record(1, 41000, [101])
+            await registry.swap("app", Snapshot(), first)
+            assert await registry.snapshot("app") == first
+        finally:
+            await registry.aclose()
 
 
 async def test_a_swap_cancelled_after_etcd_applied_it_is_put_back(

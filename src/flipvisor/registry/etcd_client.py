@@ -9,10 +9,17 @@ etcd and the endpoint.
 A broken connection is not closed while anybody still uses it: closing a ``grpc.aio`` channel
 cancels its calls with a bare ``CancelledError``, which would look like a cancellation of the
 task reading them.
+
+A unary call is awaited through ``settled``, never directly: cancelled by an anyio scope (a
+``fail_after`` deadline, a flip's ``--timeout``), ``grpc.aio`` raises a ``CancelledError`` of its
+own, without the message by which anyio tells its scopes' cancellations from foreign ones. Such
+an error goes through every scope up to the task group, which takes it for a cancellation of the
+whole task: a registry call that timed out would end the flip, and the program with it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -32,9 +39,11 @@ log = logging.getLogger(__name__)
 
 # Reconnect quickly after an outage (gRPC's default backoff grows to 2 minutes), and notice a
 # silent peer through HTTP/2 keepalive pings; etcd refuses pings more often than every 5 s.
+# Not "grpc.min_reconnect_backoff_ms": gRPC takes it as the deadline of each connection attempt
+# (20 s by default), so a small one fails every endpoint whose handshake is slower than that (a
+# remote etcd over TLS) however long registry.timeout is. Each request is bounded by that instead.
 CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -96,6 +105,28 @@ def describe_rpc_error(exc: BaseException, endpoint: str, timeout: float) -> Reg
     return RegistryError(f"etcd at {endpoint} failed: {exc}")
 
 
+async def settled(call: Any, endpoint: str) -> Any:
+    """The outcome of the unary ``grpc.aio`` call ``call``, awaited so that anyio's cancellation
+    reaches the caller as anyio's own (see the module docstring); the call is cancelled with it.
+
+    Raises:
+        grpc.aio.AioRpcError: the call failed (its own deadline included).
+        RegistryError: gRPC cancelled the call itself (its channel was closed).
+    """
+    done = anyio.Event()
+    call.add_done_callback(lambda _: done.set())
+    try:
+        await done.wait()
+    finally:
+        if not call.done():
+            call.cancel()
+    try:
+        return await call  # done: returns or raises at once
+    except asyncio.CancelledError:
+        # Not ours (``done.wait`` returned): the channel under the call was closed.
+        raise RegistryError(f"etcd at {endpoint}: the connection closed mid-request") from None
+
+
 @dataclass(eq=False)
 class EtcdConnection:
     """A channel to one endpoint with its stubs and auth token; ``broken`` once a call failed."""
@@ -121,8 +152,9 @@ class EtcdConnection:
         """
         try:
             with anyio.fail_after(self.timeout):
-                return await getattr(self.kv, method)(
-                    request, timeout=self.timeout, metadata=self.metadata
+                return await settled(
+                    getattr(self.kv, method)(request, timeout=self.timeout, metadata=self.metadata),
+                    self.endpoint,
                 )
         except (TimeoutError, grpc.aio.AioRpcError) as exc:
             error = describe_rpc_error(exc, self.endpoint, self.timeout)
@@ -187,8 +219,9 @@ async def connect_endpoint(config: RegistryConfig, endpoint: str, probe_key: str
             request = rpc.AuthenticateRequest(name=config.user, password=config.password or "")
             try:
                 with anyio.fail_after(config.timeout):
-                    reply = await rpc.AuthStub(channel).Authenticate(
-                        request, timeout=config.timeout
+                    reply = await settled(
+                        rpc.AuthStub(channel).Authenticate(request, timeout=config.timeout),
+                        target,
                     )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
