@@ -148,6 +148,20 @@ def _error(message: str) -> None:
     print(f"flipvisor: {message}", file=sys.stderr)
 
 
+def _say_once() -> Callable[[str], None]:
+    """An ``on_waiting`` for the client: the first ``waiting`` line of an answer, on stderr (the
+    supervisor is still starting; the rest of them only say it is alive)."""
+    said = False
+
+    def say(message: str) -> None:
+        nonlocal said
+        if not said:
+            said = True
+            _error(f"{message}; waiting")
+
+    return say
+
+
 def _print_json(document: Any) -> None:
     print(json.dumps(document, indent=2, sort_keys=False))
 
@@ -239,7 +253,7 @@ def _request(
     # Only a status answers at once; the supervisor bounds the rest (a stop waits for drains,
     # a start for the probe), so the CLI waits as long as they take.
     timeout = STATUS_TIMEOUT if command == "status" else None
-    return call(config.socket_path, Request(command, program, request_args), timeout)
+    return call(config.socket_path, Request(command, program, request_args), timeout, _say_once())
 
 
 def _final(answer: dict[str, Any]) -> int:
@@ -284,7 +298,7 @@ def _flip_like(args: argparse.Namespace, path: Path) -> int:
     answer: dict[str, Any] = {}
     progress = FlipProgress(enabled=not args.json)
     with progress:
-        for message in converse(config.socket_path, request):
+        for message in converse(config.socket_path, request, on_waiting=_say_once()):
             if message.get("type") == "progress":
                 progress.update(message)
             elif message.get("type") == "result":
@@ -373,7 +387,7 @@ def _events(args: argparse.Namespace, path: Path) -> int:
 
     request = Request("events", args.program, {"limit": args.lines, "follow": args.follow})
     answer: dict[str, Any] = {}
-    for message in converse(config.socket_path, request):
+    for message in converse(config.socket_path, request, on_waiting=_say_once()):
         if message.get("type") == "event":
             print(json.dumps(message) if args.json else _event_line(message), flush=True)
         elif message.get("type") == "result":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,15 @@ STATUS_TIMEOUT = 30.0  # a status is built at once: longer means the supervisor 
 
 
 def converse(
-    path: Path, request: Request, timeout: float | None = None
+    path: Path,
+    request: Request,
+    timeout: float | None = None,
+    on_waiting: Callable[[str], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Send ``request`` and yield each message of the answer, the final ``result`` last.
+
+    ``waiting`` lines (the supervisor is still starting; ``timeout`` counts from the last of
+    them) go to ``on_waiting`` instead.
 
     Raises:
         ControlUnreachable: nothing listens on ``path``, it went away mid-answer, or it did
@@ -50,6 +56,10 @@ def converse(
                 if not line:
                     raise ControlUnreachable(f"the supervisor on {path} closed the connection")
                 message = decode(line)
+                if message.get("type") == "waiting":
+                    if on_waiting is not None:
+                        on_waiting(str(message.get("message", "")))
+                    continue
                 yield message
                 if message.get("type") == "result":
                     return
@@ -57,13 +67,18 @@ def converse(
         sock.close()
 
 
-def call(path: Path, request: Request, timeout: float | None = STATUS_TIMEOUT) -> dict[str, Any]:
+def call(
+    path: Path,
+    request: Request,
+    timeout: float | None = STATUS_TIMEOUT,
+    on_waiting: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Send ``request`` and return only the final ``result`` message.
 
     Raises:
         ControlUnreachable: nothing listens on ``path``.
     """
     final: dict[str, Any] = {}
-    for message in converse(path, request, timeout):
+    for message in converse(path, request, timeout, on_waiting):
         final = message
     return final

@@ -1,7 +1,8 @@
 """Control-socket messages: one JSON object per line, both ways.
 
 A request is ``{"command": ..., "program": ..., "args": {...}}``. The answer is zero or more
-``{"type": "progress" | "event", ...}`` lines, then exactly one
+``{"type": "progress" | "event" | "waiting", ...}`` lines (``waiting``: the supervisor is still
+starting, ``{"message": ...}``), then exactly one
 ``{"type": "result", "ok": ..., "exit_code": ..., "result": ..., "error": ...}``.
 
 orjson, not the stdlib's json: a ``status`` of 200 programs is ~45 KB, and the stdlib takes about

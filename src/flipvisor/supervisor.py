@@ -45,6 +45,9 @@ ORPHAN_ROUNDS = 5
 # At shutdown, how long the control socket's conversations get to send their final answer (an
 # `events -f` follower its end) before the socket closes.
 ANSWER_GRACE = 2.0
+# While a command waits for the configured programs to be added, how often the client is told
+# so: well inside any client's read timeout (the CLI's status waits 30 s for a line).
+STARTUP_HEARTBEAT = 1.0
 
 
 def prepare_state_dir(path: Path, config_path: Path) -> None:
@@ -513,14 +516,25 @@ class Supervisor:
                 "after adding it to the config, `flipvisor reload` starts it"
             ) from None
 
-    async def _configured(self, name: str | None) -> Program:
+    async def _configured(self, name: str | None, send: Send) -> Program:
         """``_program``, waiting for the configured programs to be added if ``name`` is one.
 
         A command sent while the supervisor starts would otherwise hear that a program of the
-        config does not exist.
+        config does not exist. Adding them can take several registry timeouts (finding
+        leftovers in an etcd that does not answer), so the client hears a ``waiting`` line at
+        once and then every ``STARTUP_HEARTBEAT`` seconds: its read timeout measures silence,
+        and a supervisor that says it is still starting is not stuck.
         """
         if name is not None and name not in self.programs and name in self.config.programs:
-            await self._programs_added.wait()
+            while not self._programs_added.is_set():
+                await send(
+                    {
+                        "type": "waiting",
+                        "message": f"the supervisor is still starting: {name} is not added yet",
+                    }
+                )
+                with anyio.move_on_after(STARTUP_HEARTBEAT):
+                    await self._programs_added.wait()
         return self._program(name)
 
     async def dispatch(self, request: Request, send: Send) -> dict[str, Any]:
@@ -534,7 +548,7 @@ class Supervisor:
         command = request.command
         if command == "status":
             programs = (
-                [await self._configured(request.program)]
+                [await self._configured(request.program, send)]
                 if request.program
                 else self.programs.values()
             )
@@ -562,7 +576,7 @@ class Supervisor:
             return result(await self.reload())
         if command == "events":
             return await self._events(request, send)
-        program = await self._configured(request.program)
+        program = await self._configured(request.program, send)
         if command == "stop":
             stopping = FlipReport(program.name, "stop")
             # In the supervisor's task group: a client that goes away does not cut a drain short.
@@ -631,7 +645,7 @@ class Supervisor:
         name = request.program
         if name is not None and name not in self.programs and not self.events.recent(1, name):
             # Unknown (a removed program's history is still shown): refused.
-            await self._configured(name)
+            await self._configured(name, send)
         # Subscribed before the history is read (no await between them): an event emitted while
         # the history is sent follows it, neither lost nor shown twice.
         async with self.events.subscribe() as stream:

@@ -4,12 +4,14 @@ prove was the killed supervisor's."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +19,8 @@ from typing import Any
 import psutil
 import pytest
 
+from flipvisor.client import call
+from flipvisor.protocol import Request
 from tests.e2e.load import Load
 from tests.e2e.test_etcd import keys, registry
 from tests.e2e.test_fixed_port import fixed_port_config
@@ -386,21 +390,43 @@ def test_commands_sent_while_the_start_up_reads_the_registry_wait_for_the_progra
 ) -> None:
     """The control socket answers before the configured programs are added (finding leftovers
     waits for the registry): `status` says the supervisor is starting, and a command naming a
-    configured program waits for it instead of hearing that no such program exists."""
+    configured program waits for it instead of hearing that no such program exists. While it
+    waits, it hears every second that the supervisor is still starting, so a client whose read
+    timeout is shorter than the start-up does not take the silence for a stuck supervisor."""
     with socket.socket() as silent:  # accepts connections (the backlog), never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
-        etcd = {"backend": "etcd", "endpoints": [endpoint], "timeout": 3}
+        etcd = {"backend": "etcd", "endpoints": [endpoint], "timeout": 4}
         web = {"command": svc_command(), "autostart": False}
         flipvisor.start({"registry": etcd, "programs": {"web": web}})
         early = flipvisor.status()
         assert early["starting"] is True and early["programs"] == [], flipvisor.output()
-        shown = flipvisor.cli("status").stdout
-        assert "the supervisor is starting" in shown, shown
-        named = flipvisor.status("web")  # waits until web is added
-        assert [p["name"] for p in named["programs"]] == ["web"]
-        assert named["programs"][0]["state"] == "stopped"
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            notices: list[str] = []
+            began = time.monotonic()
+            impatient = pool.submit(
+                call,
+                flipvisor.state_dir / "flipvisor.sock",
+                Request("status", "web"),
+                timeout=1.5,
+                on_waiting=notices.append,
+            )
+            shown = flipvisor.cli("status").stdout
+            assert "the supervisor is starting" in shown, shown
+            named = flipvisor.cli("status", "web")  # waits until web is added
+            assert named.returncode == 0, named.stderr + flipvisor.output()
+            assert "web" in named.stdout and "stopped" in named.stdout, named.stdout
+            notice = "flipvisor: the supervisor is still starting: web is not added yet; waiting"
+            assert named.stderr.splitlines() == [notice], named.stderr
+            answer = impatient.result(timeout=30)
+            waited = time.monotonic() - began
+        assert answer["ok"], answer
+        assert [p["name"] for p in answer["result"]["programs"]] == ["web"]
+        assert answer["result"]["programs"][0]["state"] == "stopped"
+        assert waited > 2 * 1.5, f"the start-up ended too soon ({waited:.1f} s) to matter"
+        assert len(notices) >= 2, notices
+        assert set(notices) == {"the supervisor is still starting: web is not added yet"}
         started = flipvisor.cli("start", "web")
         assert started.returncode == 0, started.stdout + started.stderr + flipvisor.output()
         assert flipvisor.wait_serving("web")["generation"] == 1
