@@ -13,9 +13,13 @@ from __future__ import annotations
 import signal
 
 # The application-defined signals (reopen logs, dump state...) mean something to the services,
-# not to us: PID 1 passes them on to every worker. TERM/INT drain everything, HUP re-reads.
+# not to us: PID 1 passes them on to every worker. HUP re-reads the config.
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2)
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *FORWARDED)
+# Each drains everything and exits 0. SIGQUIT too: some container images declare it as their stop
+# signal (nginx's do), and its default action would end the supervisor with a core dump while its
+# workers run on unsupervised (as PID 1 the kernel would drop it instead).
+SHUTDOWN = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+HANDLED = (*SHUTDOWN, signal.SIGHUP, *FORWARDED)
 
 
 def hold() -> None:

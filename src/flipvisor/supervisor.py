@@ -1,6 +1,6 @@
 """The root of ``flipvisor run``: reaper, registry, control socket, programs and watches in one
-task group; SIGTERM/SIGINT drain everything, stop the orphans left, and exit; SIGHUP re-reads the
-config.
+task group; SIGTERM/SIGINT/SIGQUIT drain everything, stop the orphans left, and exit; SIGHUP
+re-reads the config.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class Supervisor:
         self.events.emit("orphan-reaped", "(supervisor)", None, f"exit {returncode}", pid=pid)
 
     async def run(self) -> None:
-        """Run until SIGTERM/SIGINT or ``shutdown``; drain every program before returning.
+        """Run until SIGTERM/SIGINT/SIGQUIT or ``shutdown``; drain every program before returning.
 
         Raises:
             AlreadyRunning: another supervisor uses this state_dir.
@@ -398,6 +398,8 @@ class Supervisor:
             await self.reload()
         except ConfigError:
             pass  # reload() logged every problem; the old config stays
+        except UsageError as exc:  # shutting down
+            log.warning("SIGHUP ignored: %s", exc)
         except Exception:
             # The boundary of one reload: a failure here must not end every program with it.
             log.exception("SIGHUP: reloading the config failed")

@@ -64,6 +64,7 @@ from .errors import ProxyError, RegistryError
 from .proxy import install, proxy_workers, reload, render_template, wait_workers_gone
 from .reaper import Reaper
 from .registry import KeyRange, WatchableRegistry, WatchEvent, WatchLost, key_matches
+from .signals import SHUTDOWN
 from .spawn import signal_verified, start_time_of
 
 log = logging.getLogger(__name__)
@@ -564,7 +565,7 @@ async def watches_running(
 
 
 async def watch_main(config: Config) -> None:
-    """``flipvisor watch``: the confd alone, until SIGTERM or SIGINT."""
+    """``flipvisor watch``: the confd alone, until SIGTERM, SIGINT or SIGQUIT."""
     from .registry import open_registry
 
     reaper = Reaper(reap_orphans=False)  # only our check/reload commands are our children
@@ -581,7 +582,7 @@ async def watch_main(config: Config) -> None:
             await registry.aclose()
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = SHUTDOWN  # as `run`: TERM, INT, QUIT
 NOTED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)  # logged, then ignored
 
 

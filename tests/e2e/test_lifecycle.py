@@ -127,6 +127,29 @@ def test_shutdown_during_a_slow_first_start_exits_zero_at_once(flipvisor: Flipvi
     assert gone(pids)
 
 
+def test_sigquit_drains_and_exits_zero_and_a_sighup_meanwhile_is_only_noted(
+    flipvisor: Flipvisor,
+) -> None:
+    """SIGQUIT is a stop signal too (some images declare it); its default action would end the
+    supervisor with a core dump and leave the worker running unsupervised. A SIGHUP during the
+    shutdown cannot reload anything and says so in one line."""
+    stubborn = program("--ignore-term", drain={"delay": 0, "timeout": 2})
+    process = flipvisor.start({"programs": {"web": stubborn}})
+    pids = flipvisor.wait_serving("web")["pids"]
+
+    process.send_signal(signal.SIGQUIT)
+    wait_until(
+        lambda: "received SIGQUIT" in flipvisor.output(), timeout=15, message="SIGQUIT handled"
+    )
+    process.send_signal(signal.SIGHUP)  # within the 2 s drain of a worker ignoring SIGTERM
+
+    assert process.wait(timeout=30) == 0, flipvisor.output()
+    assert gone(pids)
+    output = flipvisor.output()
+    assert "SIGHUP ignored: the supervisor is shutting down" in output, output
+    assert "Traceback" not in output, output
+
+
 def test_start_while_a_stop_drains_is_refused_and_the_port_stays_usable(
     flipvisor: Flipvisor,
 ) -> None:
