@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -58,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     flip.add_argument(
         "--timeout", type=seconds, metavar="S", help="give up and roll back after S seconds"
     )
-    command("restart", "restart PROGRAM (a flip)", program=True, json_output=True).add_argument(
+    command(
+        "restart",
+        "restart PROGRAM: a flip (re-reads its section of the file)",
+        program=True,
+        json_output=True,
+    ).add_argument(
         "--timeout", type=seconds, metavar="S", help="give up and roll back after S seconds"
     )
     command(
@@ -141,7 +148,24 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     except FlipvisorError as exc:  # ConfigError included: its exit code is 2
         return _fail(args, str(exc), exc.exit_code)
     except KeyboardInterrupt:
+        if HANDLERS[args.command] is _flip_like:
+            # Only this client stops: the supervisor carries the command through whoever
+            # watches. An operator who pressed Ctrl-C to abort a deploy must know.
+            undo = (
+                ""
+                if args.command == "stop"
+                else f", `flipvisor stop {args.program}` rolls back a flip not yet promoted"
+            )
+            _error(
+                f"interrupted: the {args.command} of {args.program} goes on in the supervisor; "
+                f"`flipvisor status {args.program}` shows it{undo}"
+            )
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as a command killed by SIGPIPE would.
+        # stdout now points nowhere, so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def _error(message: str) -> None:
@@ -372,6 +396,8 @@ def _logs(args: argparse.Namespace, path: Path) -> int:
             return EXIT_OK
         for line in tail_lines(log_file, args.lines):
             print(line)
+    except BrokenPipeError:
+        raise  # the reader of our output went away: not a log file we cannot read
     except OSError as exc:
         raise FlipvisorError(
             f"cannot read {exc.filename or log_file}: {exc.strerror or exc}; run flipvisor as the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -409,3 +410,58 @@ def test_shutdown_no_wait_only_asks(flipvisor: Flipvisor) -> None:
     assert asked.stdout == "flipvisor: shutdown: asked\n"
     assert all(psutil.pid_exists(pid) for pid in pids)
     assert flipvisor.process is not None and flipvisor.process.wait(timeout=30) == 0
+
+
+def test_ctrl_c_of_a_flip_says_the_flip_goes_on(flipvisor: Flipvisor) -> None:
+    """Ctrl-C stops the client only; the supervisor carries the flip through. The operator is
+    told so, and how to roll back, rather than left to believe the deploy was aborted."""
+    web = {"command": svc_command("--ready-delay", "60"), "readiness": {"http": "/health"}}
+    flipvisor.start({"programs": {"web": {**web, "command": svc_command()}}})
+    flipvisor.wait_serving("web")
+    flipvisor.write_config({"programs": {"web": web}})
+    flip = subprocess.Popen(
+        [sys.executable, "-m", "flipvisor", "flip", "web", "-c", str(flipvisor.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: flipvisor.program("web")["flip"] is not None, message="the flip to begin"
+        )
+        flip.send_signal(signal.SIGINT)
+        _, err = flip.communicate(timeout=20)
+    finally:
+        flip.kill()
+    assert flip.returncode == 130, err
+    assert (
+        "interrupted: the flip of web goes on in the supervisor; `flipvisor status web` shows "
+        "it, `flipvisor stop web` rolls back a flip not yet promoted"
+    ) in err, err
+    assert "Traceback" not in err, err
+    assert flipvisor.program("web")["flip"] is not None  # still probing generation 2
+
+
+def test_output_to_a_closed_pipe_ends_quietly(flipvisor: Flipvisor) -> None:
+    """`flipvisor status --json | head -1`: when the reader goes away, the command stops
+    without a traceback (or a log file it "cannot read"), with SIGPIPE's exit status."""
+    flipvisor.start({"programs": {"web": {"command": svc_command()}}})
+    flipvisor.wait_serving("web")
+    for args in (["status", "--json"], ["events"], ["logs", "web"]):
+        reader, writer = os.pipe()
+        os.close(reader)  # the reader is gone before the first write
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "flipvisor", *args, "-c", str(flipvisor.config_path)],
+                stdout=writer,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        finally:
+            os.close(writer)
+        assert done.returncode == 128 + signal.SIGPIPE, (args, done.stderr)
+        assert done.stderr == "", (args, done.stderr)
