@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import shutil
 import signal
 import time
@@ -479,6 +480,11 @@ class Strays:
         """Send ``sig`` to each; the PIDs of those that had not exited yet."""
         signalled = []
         for pid, pidfd in self._pidfds.items():
+            # An exited process not yet reaped (a zombie) still takes a signal without an
+            # error: it would be reported as signalled (a "killed" event for a helper that had
+            # exited cleanly). Its pidfd is readable from its exit on.
+            if _readable(pidfd):
+                continue
             try:
                 signal.pidfd_send_signal(pidfd, sig)
             except ProcessLookupError:
@@ -504,6 +510,11 @@ class Strays:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _readable(fd: int) -> bool:
+    """Whether ``fd`` is readable now (a pidfd: its process exited), without waiting."""
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 def signal_strays(process_groups: Container[int] | None, sig: int) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from flipvisor.reaper import Reaper
 from flipvisor.sockets import bind_listener, bound_port
 from flipvisor.spawn import (
     Child,
+    Strays,
     open_output_pipe,
     read_available,
     resolve_executable,
@@ -724,3 +726,28 @@ async def test_a_quiet_pipe_holds_no_exception_while_waiting() -> None:
         os.close(read_fd)
         os.close(write_fd)
     assert got == [b"line\n"]
+
+
+def test_strays_that_exited_unreaped_are_not_signalled() -> None:
+    """A stray that exited but is not reaped yet (a zombie) still takes a signal without an
+    error; it must not be reported as signalled (at shutdown: a "killed" event for a helper
+    that had exited cleanly within its grace)."""
+    quick = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    slow = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+    try:
+        with Strays.collect({quick.pid, slow.pid}) as strays:
+            assert sorted(strays.pids) == sorted([quick.pid, slow.pid])
+            quick_fd = os.pidfd_open(quick.pid)
+            try:
+                exited, _, _ = select.select([quick_fd], [], [], 10)  # not reaped: no wait yet
+                assert exited, "the quick child did not exit within 10 s"
+            finally:
+                os.close(quick_fd)
+            assert strays.signal(signal.SIGKILL) == [slow.pid]
+    finally:
+        slow.kill()
+        slow.wait(timeout=10)
+        quick.wait(timeout=10)
+    assert slow.returncode == -signal.SIGKILL
