@@ -21,6 +21,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 log = logging.getLogger(__name__)
 
+# Events that mean something went wrong (a deploy that did not happen, a program given up, a
+# process that had to be killed): logged as warnings, so a log filtered at WARNING shows them.
+WARNINGS = frozenset({"flip-failed", "fatal", "killed"})
+
 HISTORY = 1000
 SUBSCRIBER_BUFFER = 256
 
@@ -60,7 +64,8 @@ class EventLog:
         """Record an event, log it, and hand it to every subscriber that has room."""
         event = Event(kind, program, generation, message, fields)
         self._history.append(event)
-        log.info(
+        log.log(
+            logging.WARNING if kind in WARNINGS else logging.INFO,
             "%s program=%s generation=%s%s%s",
             kind,
             program,

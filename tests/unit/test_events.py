@@ -3,6 +3,8 @@ events instead of slowing down whoever emits them; a listener misses none."""
 
 from __future__ import annotations
 
+import logging
+
 import anyio
 import pytest
 
@@ -117,3 +119,21 @@ def test_a_failing_listener_does_not_fail_emit_or_the_others(
         log.emit("ready", "web", 1)
     assert seen == ["ready"]
     assert "event listener" in caplog.text and "RuntimeError: bug" in caplog.text
+
+
+def test_events_that_say_something_went_wrong_are_logged_as_warnings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A log filtered at WARNING still shows a failed deploy, a program given up and a kill."""
+    events = EventLog()
+    with caplog.at_level(logging.INFO, logger="flipvisor.events"):
+        for kind in ("spawned", "flip-failed", "fatal", "killed", "promoted"):
+            events.emit(kind, "web", 2, "why")
+    levels = {record.getMessage().split()[0]: record.levelname for record in caplog.records}
+    assert levels == {
+        "spawned": "INFO",
+        "flip-failed": "WARNING",
+        "fatal": "WARNING",
+        "killed": "WARNING",
+        "promoted": "INFO",
+    }
