@@ -315,7 +315,8 @@ def _flip_like(args: argparse.Namespace, path: Path) -> int:
     from .display import FlipProgress
     from .protocol import Request
 
-    request_args: dict[str, Any] = {}
+    # The file this command was given: the supervisor refuses a flip if it reads another.
+    request_args: dict[str, Any] = {"config_file": str(path.resolve())}
     if getattr(args, "timeout", None) is not None:
         request_args["timeout"] = args.timeout
     request = Request(args.command, args.program, request_args)
@@ -355,7 +356,7 @@ def _simple(args: argparse.Namespace, path: Path) -> int:
 
 
 def _reload(args: argparse.Namespace, path: Path) -> int:
-    answer = _request(locate(path), "reload")
+    answer = _request(locate(path), "reload", config_file=str(path.resolve()))
     if (refused := _refused(args, answer)) is not None:
         return refused
     outcome = answer.get("result") or {}

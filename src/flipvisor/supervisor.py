@@ -575,6 +575,7 @@ class Supervisor:
                     await send({"type": "event", **event.to_json()})
             return result({"shut_down": True})
         if command == "reload":
+            self._same_file(request)
             return result(await self.reload())
         if command == "events":
             return await self._events(request, send)
@@ -592,6 +593,7 @@ class Supervisor:
                 return result(program.status())
             return await self._follow_and_release(report, send)
         if command in ("flip", "restart"):
+            self._same_file(request)
             config = self._reread(program.name)
             timeout = request.args.get("timeout")
             if timeout is not None and not is_seconds(timeout):
@@ -614,6 +616,24 @@ class Supervisor:
             await program.stop(report)
         finally:
             report.finish()
+
+    def _same_file(self, request: Request) -> None:
+        """Refuse a command that re-reads the config when its client named another file.
+
+        The client finds the supervisor through its file's ``state_dir`` only: ``flip web -c
+        staging.yaml`` with the same state_dir would deploy what *this* file says.
+
+        Raises:
+            UsageError: the client's file is not the one this supervisor reads.
+        """
+        given = request.args.get("config_file")
+        if not isinstance(given, str):
+            return  # an older client, or a script that did not say
+        if Path(given).resolve() != self.config_path.resolve():
+            raise UsageError(
+                f"this supervisor reads {self.config_path.resolve()}, not {given}; a "
+                f"{request.command} applies what that file says: edit it, or use -c with it"
+            )
 
     def _reread(self, name: str) -> Any:
         """The program's section as the config file says now (a flip deploys edits)."""

@@ -465,3 +465,42 @@ def test_output_to_a_closed_pipe_ends_quietly(flipvisor: Flipvisor) -> None:
             os.close(writer)
         assert done.returncode == 128 + signal.SIGPIPE, (args, done.stderr)
         assert done.stderr == "", (args, done.stderr)
+
+
+def test_a_flip_or_reload_naming_another_file_than_the_supervisors_is_refused(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """The client finds the supervisor through its file's state_dir only: `flip web -c
+    other.yaml` (same state_dir) would deploy what the supervisor's own file says. Refused,
+    naming both; the supervisor's file through a symlink is the same file."""
+    flipvisor.start({"programs": {"web": {"command": svc_command()}}})
+    flipvisor.wait_serving("web")
+    other = tmp_path / "other.yaml"
+    other.write_text(flipvisor.config_path.read_text().replace("svc.py", "svc.py --version 9"))
+    for args in (["flip", "web"], ["restart", "web"], ["reload"]):
+        refused = subprocess.run(
+            [sys.executable, "-m", "flipvisor", *args, "-c", str(other)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
+        assert (
+            f"this supervisor reads {flipvisor.config_path.resolve()}, not {other.resolve()}"
+            in refused.stderr
+        ), refused.stderr
+    assert flipvisor.serving("web")["generation"] == 1  # type: ignore[index]
+    link = tmp_path / "link.yaml"
+    link.symlink_to(flipvisor.config_path)
+    flipped = subprocess.run(
+        [sys.executable, "-m", "flipvisor", "flip", "web", "-c", str(link)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert flipped.returncode == 0, flipped.stderr + flipvisor.output()
+    assert flipvisor.serving("web")["generation"] == 2  # type: ignore[index]
