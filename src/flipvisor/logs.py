@@ -302,14 +302,20 @@ def _read_tail(path: Path, n: int) -> list[bytes]:
 
 
 def tail_lines(path: Path, n: int) -> list[str]:
-    """The last ``n`` lines of the log at ``path``, continuing into ``<path>.1`` if it is short.
+    """The last ``n`` lines of the log at ``path``, continuing into the backups ``<path>.1``,
+    ``<path>.2``... (newest first) while it is short.
 
     Raises:
         OSError: a file exists but cannot be read.
     """
     lines = _read_tail(path, n)
-    if len(lines) < n:
-        lines = _read_tail(path.with_name(f"{path.name}.1"), n - len(lines)) + lines
+    backup = 1
+    while len(lines) < n:
+        older = path.with_name(f"{path.name}.{backup}")
+        if not older.exists():
+            break
+        lines = _read_tail(older, n - len(lines)) + lines
+        backup += 1
     return [line.decode("utf-8", "replace") for line in lines]
 
 

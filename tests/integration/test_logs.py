@@ -243,18 +243,26 @@ def test_backups_zero_starts_afresh(log_path: Path) -> None:
     assert parsed(log_path)[-1][1].startswith(b"099")
 
 
-def test_tail_lines_reaches_into_the_previous_file(log_path: Path) -> None:
-    log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=2))
+def test_tail_lines_reaches_into_the_previous_files(log_path: Path) -> None:
+    log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=3))
     try:
-        for i in range(60):
+        for i in range(100):
             log.write_line("g1 w0 pid=1", f"n={i}".encode())
     finally:
         log.close()
     current = len(log_path.read_bytes().splitlines())
     assert 0 < current < 20
     lines = tail_lines(log_path, 20)
-    assert [line.rsplit("n=", 1)[1] for line in lines] == [str(i) for i in range(40, 60)]
-    assert tail_lines(log_path, 3)[-1].endswith("| n=59")
+    assert [line.rsplit("n=", 1)[1] for line in lines] == [str(i) for i in range(80, 100)]
+    assert tail_lines(log_path, 3)[-1].endswith("| n=99")
+    # Every backup kept (.1, .2, .3), oldest line first, none twice: all that is on disk.
+    on_disk = sum(
+        len(p.read_bytes().splitlines()) for p in log_path.parent.iterdir() if p.is_file()
+    )
+    assert on_disk > 3 * current  # so .2 and .3 are needed for the whole of it
+    everything = [line.rsplit("n=", 1)[1] for line in tail_lines(log_path, 1000)]
+    assert len(everything) == on_disk
+    assert everything == [str(i) for i in range(100 - on_disk, 100)]
     assert tail_lines(log_path.with_name("missing.log"), 5) == []
 
 
