@@ -373,12 +373,17 @@ def _follow(
                 if state == "rotated":
                     # Whatever the writer flushed before renaming is still in the old file.
                     chunk = stream.read()
+                    skipped = False
                     if not backup:
-                        rotated_since = _rotated_after(path, os.fstat(stream.fileno()).st_ino)
+                        newer = _rotated_after(path, os.fstat(stream.fileno()).st_ino)
+                        skipped = newer is None
+                        rotated_since = newer or []
                     stream.close()
                     stream = None
                     if (pending or chunk) and not (pending + chunk).endswith(b"\n"):
                         chunk += b"\n"  # the old file ended mid-line: finish that line
+                    if skipped:
+                        chunk += SKIPPED_MARK
                 elif state == "shrunk":
                     stream.seek(0)
                     pending = b""
@@ -395,6 +400,10 @@ def _follow(
         for opened in [stream, *rotated_since]:
             if opened is not None:
                 opened.close()
+
+
+# Where ``follow`` lost lines: the log rotated through every backup faster than it was read.
+SKIPPED_MARK = b"[flipvisor] lines skipped here: the log rotated faster than it was followed\n"
 
 
 def _decoded(lines: list[bytes]) -> Iterator[str]:
@@ -418,10 +427,11 @@ def _open_at(path: Path, start: tuple[int, int] | None) -> tuple[BinaryIO | None
     return _open_existing(path), 0
 
 
-def _rotated_after(path: Path, inode: int) -> list[BinaryIO]:
+def _rotated_after(path: Path, inode: int) -> list[BinaryIO] | None:
     """The backups rotated in after the file ``inode`` (now ``path.k``): ``path.(k-1)`` to
-    ``path.1``, opened (so that later renames do not matter), oldest first. None if that file is
-    no longer among the backups: what came between is then unknown."""
+    ``path.1``, opened (so that later renames do not matter), oldest first. None if there are
+    backups but that file is no longer among them: it rotated out while unread, and whole files
+    came between. (Empty with no backups at all, ``backups: 0``: the next file is all there is.)"""
     opened: list[BinaryIO] = []
     for index in itertools.count(1):
         stream = _open_existing(path.with_name(f"{path.name}.{index}"))
@@ -433,7 +443,7 @@ def _rotated_after(path: Path, inode: int) -> list[BinaryIO]:
         opened.append(stream)
     for stream in opened:
         stream.close()
-    return []
+    return None if opened else []
 
 
 def _open_existing(path: Path) -> BinaryIO | None:

@@ -15,7 +15,15 @@ import anyio
 import pytest
 
 from flipvisor.config import LogsConfig
-from flipvisor.logs import MAX_LINE, ProgramLog, capture, enlarge_pipe, follow, tail_lines
+from flipvisor.logs import (
+    MAX_LINE,
+    SKIPPED_MARK,
+    ProgramLog,
+    capture,
+    enlarge_pipe,
+    follow,
+    tail_lines,
+)
 from flipvisor.reaper import Reaper
 from flipvisor.spawn import open_output_pipe, spawn_process
 
@@ -348,6 +356,36 @@ def test_follow_reads_every_file_of_rotations_between_two_polls(log_path: Path) 
     finally:
         log.close()
     assert [int(line.split("line ")[1][:3]) for line in got] == list(range(60))
+
+
+def test_follow_marks_where_rotation_outran_it(log_path: Path) -> None:
+    """The log rotated through every backup while the follower was not looking: the files in
+    between are gone, and the follower says where it lost lines instead of a silent gap."""
+    log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=2))
+    deadline = time.monotonic() + 10
+    try:
+        log.write_line("g1 w0 pid=1", b"before follow")
+        log.flush()
+        lines = follow(
+            log_path, poll_interval=0.01, last=1, until=lambda: time.monotonic() > deadline
+        )
+        assert next(lines).endswith("| before follow")
+        for i in range(150):  # about seven files' worth: more than the two backups keep
+            log.write_line("g1 w0 pid=1", f"line {i:03d} ".encode() + b"w" * 20)
+        log.flush()
+        got = collect(lines, "line 149 " + "w" * 20)
+        lines.close()
+    finally:
+        log.close()
+    mark = SKIPPED_MARK.decode().rstrip("\n")
+    assert got.count(mark) == 1, got
+    gap = got.index(mark)
+    # The file it had open is read to its end (open, it outlives its deletion), then the mark,
+    # then what the kept files hold: every line once, in order, the lost ones only missing.
+    before = [int(line.split("line ")[1][:3]) for line in got[:gap]]
+    after = [int(line.split("line ")[1][:3]) for line in got[gap + 1 :]]
+    assert before == list(range(len(before))) and before, got[:3]
+    assert after == list(range(after[0], 150)) and after[0] > len(before), after[:3]
 
 
 def test_follow_waits_for_the_file_and_finishes_partial_lines(log_path: Path) -> None:
