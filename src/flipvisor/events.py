@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Events that mean something went wrong (a deploy that did not happen, a program given up, a
 # process that had to be killed): logged as warnings, so a log filtered at WARNING shows them.
-WARNINGS = frozenset({"flip-failed", "fatal", "killed"})
+WARNINGS = frozenset({"flip-failed", "fatal", "given-up", "killed"})
 
 HISTORY = 1000
 SUBSCRIBER_BUFFER = 256

@@ -502,6 +502,14 @@ class Program:
         if verdict.fatal is not None:
             self.fatal_reason = verdict.fatal
             self.runtime.events.emit("fatal", self.name, gen.number, verdict.fatal)
+        if (
+            verdict.delay is None
+            and verdict.fail is None
+            and gen is self.serving
+            and self.current_flip is None
+            and gen.given_up(worker)
+        ):
+            self._task_group().start_soon(self._stop_given_up, gen)
         if verdict.delay is not None:
             worker.consecutive_failures += 1
             self.restarts_total += 1
@@ -514,6 +522,24 @@ class Program:
                 delay=round(verdict.delay, 3),
             )
         return verdict.delay
+
+    async def _stop_given_up(self, gen: Generation) -> None:
+        """Stop the program once its serving generation has no worker left and none to come
+        (policy ``never``, ``on-failure`` after a clean exit, or ``fatal``). Left open, its
+        socket would take the proxy's connections into a backlog nobody reads, each waiting for
+        the proxy's timeout; closed, they are refused at once (a 502, or the next upstream).
+        ``start`` starts it again, as a new generation."""
+        if self.serving is not gen or self.current_flip is not None or self._stops:
+            return  # a flip or a stop took over meanwhile
+        why = self.fatal_reason or "every worker exited and the restart policy starts none again"
+        self.runtime.events.emit(
+            "given-up",
+            self.name,
+            gen.number,
+            f"{why}: stopping it (its socket closes); `flipvisor start {self.name}` starts it "
+            "again",
+        )
+        await self.stop()
 
     def _pids_changed(self, gen: Generation) -> None:
         self.registration.pids_changed(gen, self._task_group())

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -97,9 +98,34 @@ def test_crash_loop_makes_the_program_fatal_and_start_clears_it(flipvisor: Flipv
     )
     assert "restarts in" in flipvisor.program("web")["fatal_reason"]
     assert flipvisor.program("steady")["state"] == "running"  # the supervisor survives
+    # Nothing of it runs any more: its socket is closed, not a backlog nobody reads.
+    wait_until(lambda: not flipvisor.program("web")["generations"], message="web's socket closed")
     result = flipvisor.cli("start", "web")
     assert result.returncode == 0, result.stderr
     assert flipvisor.program("web")["state"] != "fatal"
+
+
+def test_a_program_whose_workers_all_gave_up_refuses_connections_until_started(
+    flipvisor: Flipvisor,
+) -> None:
+    """`policy: never` and the only worker exited: the program is stopped, its socket closed, so
+    the proxy's connections are refused at once instead of waiting in a backlog nobody reads
+    (for the proxy's timeout). `start` brings it back as a new generation."""
+    once = web(command=svc_command("--crash-after", "1"), restart={"policy": "never"})
+    flipvisor.start({"programs": {"web": once}})
+    gen = flipvisor.wait_serving("web")
+    wait_until(lambda: flipvisor.program("web")["state"] == "stopped", message="web to stop")
+    assert flipvisor.program("web")["generations"] == []
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", gen["port"]), timeout=5).close()
+    assert "given-up" in flipvisor.event_kinds()
+    flipvisor.write_config({"programs": {"web": web(restart={"policy": "never"})}})
+    assert flipvisor.cli("reload").returncode == 0, flipvisor.output()  # kept for its start
+    started = flipvisor.cli("start", "web")
+    assert started.returncode == 0, started.stderr + flipvisor.output()
+    again = flipvisor.wait_serving("web")
+    assert again["generation"] == gen["generation"] + 1
+    assert get(again["port"])["pid"] == again["pids"][0]
 
 
 def test_sigterm_kills_a_worker_that_ignores_it_and_exits_zero(flipvisor: Flipvisor) -> None:
