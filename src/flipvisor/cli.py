@@ -102,10 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
         "serves), flip changed ones; say which settings wait for a restart",
         json_output=True,
     )
-    events = command("events", "show lifecycle events", json_output=True)
+    events = command("events", "show lifecycle events")
     events.add_argument("program", nargs="?", metavar="PROGRAM")
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
-    events.add_argument("-n", "--lines", type=count, default=50, metavar="N")
+    events.add_argument(
+        "-n", "--lines", type=count, default=50, metavar="N", help="past events first (default 50)"
+    )
+    # A stream (-f) has no end to close one document with: a JSON object per line instead.
+    events.add_argument(
+        "--json", action="store_true", help="one JSON object per event, a line each (JSON Lines)"
+    )
     command("watch", "run the built-in confd alone: render templates from registry keys")
     return parser
 
