@@ -93,6 +93,11 @@ def judge_exit(
     if policy.policy == "never" or (policy.policy == "on-failure" and returncode == 0):
         return Verdict(fail=f"{where} {reason}" if starting else None, not_restarted=True)
     if not budget.take():
-        message = f"{where} {reason}; more than {policy.max_restarts} restarts in {policy.window}s"
+        limit = (
+            f"more than {policy.max_restarts} restarts in {policy.window:g}s"
+            if policy.max_restarts
+            else "no restart allowed (restart.max_restarts: 0)"
+        )
+        message = f"{where} {reason}; {limit}"
         return Verdict(fail=message) if starting else Verdict(fatal=message)
     return Verdict(delay=backoff_delay(consecutive_failures))

@@ -70,12 +70,12 @@ CASES: list[tuple[str, dict[str, Any], Verdict]] = [
     (
         "budget spent on a serving generation: fatal",
         {"budget": 0},
-        Verdict(fatal=f"{WHERE} exit status 1; more than 0 restarts in 60.0s"),
+        Verdict(fatal=f"{WHERE} exit status 1; no restart allowed (restart.max_restarts: 0)"),
     ),
     (
         "budget spent while the first generation starts: it fails",
         {"budget": 0, "starting": True, "replacing": False},
-        Verdict(fail=f"{WHERE} exit status 1; more than 0 restarts in 60.0s"),
+        Verdict(fail=f"{WHERE} exit status 1; no restart allowed (restart.max_restarts: 0)"),
     ),
 ]
 
@@ -88,3 +88,20 @@ def test_judge_exit(case: str, kwargs: dict[str, Any], expected: Verdict) -> Non
 def test_later_restarts_back_off() -> None:
     verdict = judge(failures=4)
     assert verdict.delay is not None and 0.4 <= verdict.delay <= 0.8
+
+
+def test_a_spent_budget_names_the_limit() -> None:
+    config = RestartConfig(policy="always", max_restarts=2, window=60)
+    budget = RestartBudget(2, 60)
+    assert budget.take() and budget.take()
+    verdict = judge_exit(
+        policy=config,
+        budget=budget,
+        returncode=1,
+        reason="exit status 1",
+        consecutive_failures=2,
+        starting=False,
+        replacing=True,
+        where=WHERE,
+    )
+    assert verdict == Verdict(fatal=f"{WHERE} exit status 1; more than 2 restarts in 60s")
