@@ -116,3 +116,10 @@ def test_encode_writes_int_keys_and_str_enums_as_json_would() -> None:
     line = encode({"counts": {3: "x"}, "state": ProgramState.RUNNING})
     assert json.loads(line) == {"counts": {"3": "x"}, "state": "running"}
     assert json.loads(line) == json.loads(json.dumps({"counts": {3: "x"}, "state": "running"}))
+
+
+def test_int_keys_become_strings_as_the_stdlib_makes_them() -> None:
+    message = {"type": "result", "result": {101: "a", "nested": {2: [1, {3: None}]}}}
+    line = encode(message)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == json.loads(json.dumps(message))
