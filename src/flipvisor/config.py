@@ -404,9 +404,12 @@ def parse_config(text: str, path: Path) -> Config:
     except ValidationError as exc:
         problems = [_describe(error, path, lines) for error in exc.errors()]
         raise ConfigError(f"invalid config file {path}:", problems) from None
-    if problems := _shared_fixed_ports(config, path, lines) + _long_socket_paths(
-        config, path, lines
-    ):
+    problems = [
+        *_shared_fixed_ports(config, path, lines),
+        *_shared_proxy_files(config, path, lines),
+        *_long_socket_paths(config, path, lines),
+    ]
+    if problems:
         raise ConfigError(f"invalid config file {path}:", problems)
     return config
 
@@ -456,6 +459,33 @@ def _shared_fixed_ports(config: Config, path: Path, lines: dict[tuple[str, ...],
                 f"programs.{owner}'s already (each fixed port belongs to one program)"
             )
         taken.setdefault(port, []).append((name, host))
+    return problems
+
+
+def _shared_proxy_files(config: Config, path: Path, lines: dict[tuple[str, ...], int]) -> list[str]:
+    """Programs whose ``proxy.dest`` is one file (however spelled: ``a/../a/x.conf``, a symlinked
+    folder). Each flip rewrites the whole file for its own program, so the other's routing would
+    be lost, and removing one would leave the file naming a drained port.
+
+    This compares the programs of one file; a reload that removes one program and adds another
+    with the same dest (a rename) is a handover between two files, and allowed."""
+    problems = []
+    owners: dict[str, str] = {}
+    for name, program in config.programs.items():
+        if program.proxy is None:
+            continue
+        # realpath, not Path.resolve: it never raises (a symlink loop stays as spelled).
+        dest = program.proxy.dest
+        real = os.path.realpath(dest)
+        owner = owners.setdefault(real, name)
+        if owner != name:
+            loc = ("programs", name, "proxy", "dest")
+            spelled = str(dest) if str(dest) == real else f"{dest} (that is {real})"
+            problems.append(
+                f"{path}:{_nearest_line(loc, lines)}: {'.'.join(loc)}: {spelled} is "
+                f"programs.{owner}.proxy.dest already (each proxy file belongs to one program, "
+                "which rewrites all of it at every flip); give each program its own dest"
+            )
     return problems
 
 

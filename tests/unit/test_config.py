@@ -840,3 +840,55 @@ def test_a_notify_socket_path_too_long_is_refused() -> None:
     (problem,) = problems_of(text)
     assert problem.startswith(f"{PATH}:4: programs.{name}.readiness.notify: the notify socket")
     assert len(parse_config(text.replace("{notify: true}", "{http: /}"), PATH).programs) == 1
+
+
+def test_two_programs_cannot_share_a_proxy_file(tmp_path: Path) -> None:
+    """Each flip rewrites the whole file for its own program: `check` said ok, and one program's
+    routing was silently lost (a reload removing the other left the file on a drained port)."""
+    text = dedent(
+        """\
+        programs:
+          a:
+            command: x
+            proxy: {template: t.j2, dest: out/shared.conf}
+          b:
+            command: y
+            proxy:
+              template: t.j2
+              dest: ./out/../out/shared.conf
+        """
+    )
+    shared = PATH.parent / "out" / "shared.conf"
+    assert problems_of(text) == [
+        f"{PATH}:9: programs.b.proxy.dest: {PATH.parent}/out/../out/shared.conf (that is "
+        f"{shared}) is programs.a.proxy.dest already (each proxy file belongs to one program, "
+        "which rewrites all of it at every flip); give each program its own dest"
+    ]
+
+
+def test_a_proxy_file_shared_through_a_symlinked_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    text = dedent(
+        f"""\
+        programs:
+          a: {{command: x, proxy: {{template: t.j2, dest: {tmp_path}/real/x.conf}}}}
+          b: {{command: y, proxy: {{template: t.j2, dest: {tmp_path}/link/x.conf}}}}
+        """
+    )
+    (problem,) = problems_of(text, tmp_path / "flipvisor.yaml")
+    assert problem.startswith(f"{tmp_path}/flipvisor.yaml:3: programs.b.proxy.dest: ")
+    assert "is programs.a.proxy.dest already" in problem
+
+
+def test_programs_with_their_own_proxy_files_are_accepted() -> None:
+    text = dedent(
+        """\
+        programs:
+          a: {command: x, proxy: {template: t.j2, dest: out/a.conf}}
+          b: {command: y, proxy: {template: t.j2, dest: out/b.conf}}
+          c: {command: z}
+          d: {command: w}
+        """
+    )
+    assert len(parse_config(text, PATH).programs) == 4
