@@ -156,7 +156,9 @@ RelPath = Annotated[Path, AfterValidator(_resolve_path)]
 Signal = Annotated[signal.Signals, BeforeValidator(_parse_signal)]
 Host = Annotated[str, AfterValidator(_check_host)]
 # Strict: YAML's `true` must not silently become 1 (lax pydantic accepts bools as numbers).
-Seconds = Annotated[float, Field(gt=0, strict=True)]
+# Finite: `.inf` (or `1.0e+400`) would make a drain, a probe or a stop wait forever.
+Seconds = Annotated[float, Field(gt=0, strict=True, allow_inf_nan=False)]
+SecondsOrZero = Annotated[float, Field(ge=0, strict=True, allow_inf_nan=False)]
 Count = Annotated[int, Field(strict=True)]
 
 
@@ -211,7 +213,7 @@ class ReadinessConfig(_Model):
 class DrainConfig(_Model):
     """How an old generation stops: wait ``delay``, send ``signal``, SIGKILL after ``timeout``."""
 
-    delay: Annotated[float, Field(ge=0, strict=True)] = 0.5
+    delay: SecondsOrZero = 0.5
     signal: Signal = signal.SIGTERM
     timeout: Seconds = 10.0
 
@@ -252,7 +254,7 @@ class ProgramConfig(_Model):
     drain: DrainConfig = DrainConfig()
     restart: RestartConfig = RestartConfig()
     proxy: ProxyConfig | None = None
-    rollback_window: Annotated[float, Field(ge=0, strict=True)] = 0.0
+    rollback_window: SecondsOrZero = 0.0
 
     @model_validator(mode="after")
     def _what_a_fixed_port_allows(self) -> ProgramConfig:
@@ -542,6 +544,7 @@ _FRIENDLY: dict[str, str] = {
     "missing": "required key is missing",
     "float_parsing": "must be a number",
     "float_type": "must be a number",
+    "finite_number": "must be a finite number",
     "int_parsing": "must be an integer",
     "int_type": "must be an integer",
     "int_from_float": "must be an integer",

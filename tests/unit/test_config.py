@@ -7,7 +7,7 @@ import re
 import signal
 from pathlib import Path
 from textwrap import dedent
-from typing import get_args
+from typing import get_args, get_origin
 
 import pytest
 from pydantic import BaseModel
@@ -231,7 +231,7 @@ BAD: list[tuple[str, str, int, str, str]] = [
         PROG + "    drain:\n      timeout: .nan\n",
         5,
         "programs.experiment.drain.timeout",
-        "must be > 0",
+        "must be a finite number",
     ),
     # readiness
     (
@@ -892,3 +892,61 @@ def test_programs_with_their_own_proxy_files_are_accepted() -> None:
         """
     )
     assert len(parse_config(text, PATH).programs) == 4
+
+
+# Every number of seconds in the file, as (YAML text, line, dotted location). A `.inf` in any of
+# them made `stop`, `shutdown` or SIGTERM wait forever (`.nan` was refused already).
+DURATIONS = [
+    ("registry: {timeout: V}\n", 1, "registry.timeout"),
+    (PROG + "    readiness: {http: /h, timeout: V}\n", 4, "programs.experiment.readiness.timeout"),
+    (
+        PROG + "    readiness: {http: /h, interval: V}\n",
+        4,
+        "programs.experiment.readiness.interval",
+    ),
+    (PROG + "    drain: {delay: V}\n", 4, "programs.experiment.drain.delay"),
+    (PROG + "    drain: {timeout: V}\n", 4, "programs.experiment.drain.timeout"),
+    (PROG + "    restart: {window: V}\n", 4, "programs.experiment.restart.window"),
+    (
+        PROG + "    proxy: {template: t, dest: d, timeout: V}\n",
+        4,
+        "programs.experiment.proxy.timeout",
+    ),
+    (PROG + "    rollback_window: V\n", 4, "programs.experiment.rollback_window"),
+    (
+        "watch:\n  - keys: [a/b/pid/previous]\n    drain_pid: {timeout: V}\n",
+        3,
+        "watch.0.drain_pid.timeout",
+    ),
+]
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".Inf", "1.0e+400", ".nan"])
+@pytest.mark.parametrize(("text", "line", "where"), DURATIONS, ids=[d[2] for d in DURATIONS])
+def test_every_duration_must_be_finite(text: str, line: int, where: str, value: str) -> None:
+    assert problems_of(text.replace("V", value)) == [
+        f"{PATH}:{line}: {where}: must be a finite number"
+    ]
+    parse_config(text.replace("V", "2.5"), PATH)  # the same key with a finite value is fine
+
+
+def _float_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """The dotted names of every float field under ``model`` (``*``: any program or entry)."""
+    found: set[str] = set()
+    for name, field in model.model_fields.items():
+        container = get_origin(field.annotation) in {dict, list}
+        for arg in (field.annotation, *get_args(field.annotation)):
+            if arg is float:
+                found.add(prefix + name)
+            elif isinstance(arg, type) and issubclass(arg, BaseModel):
+                found |= _float_fields(arg, f"{prefix}{name}.{'*.' if container else ''}")
+    return found
+
+
+def test_every_duration_is_in_the_finite_test() -> None:
+    """A number of seconds added to a model later must be checked too."""
+    covered = {
+        where.replace("programs.experiment.", "programs.*.").replace("watch.0.", "watch.*.")
+        for _, _, where in DURATIONS
+    }
+    assert _float_fields(Config) == covered
