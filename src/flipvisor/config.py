@@ -31,8 +31,8 @@ from .locate import (
     DEFAULT_STATE_DIR,
     SAFE_LOADER,
     describe_yaml_error,
+    read_config_text,
     socket_path,
-    unreadable_config,
 )
 
 PROGRAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -371,14 +371,10 @@ def load_config(path: Path) -> Config:
     """Read, parse and validate the config file at ``path``.
 
     Raises:
-        ConfigError: the file is unreadable, not YAML, or invalid; ``problems`` lists every
-            problem as ``file:line: dotted.location: what is wrong``.
+        ConfigError: the file is unreadable, not UTF-8, not YAML, or invalid; ``problems``
+            lists every problem as ``file:line: dotted.location: what is wrong``.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise unreadable_config(path, exc) from exc
-    return parse_config(text, path)
+    return parse_config(read_config_text(path), path)
 
 
 def parse_config(text: str, path: Path) -> Config:

@@ -72,16 +72,45 @@ def unreadable_config(path: Path, exc: OSError) -> ConfigError:
     return ConfigError(message)
 
 
+def read_config_text(path: Path) -> str:
+    """The config file's text, decoded as UTF-8 (what YAML files are).
+
+    Raises:
+        ConfigError: the file cannot be read, or is not UTF-8 (named with the line and column of
+            the first bad byte: a Latin-1 editor's "é" would otherwise end in a traceback).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise unreadable_config(path, exc) from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc) from None
+
+
+def not_utf8(path: Path, exc: UnicodeDecodeError) -> ConfigError:
+    """``file:line: not UTF-8: byte 0xe9 at column 6 ...``: where the first bad byte is."""
+    before = exc.object[: exc.start].decode("utf-8")  # valid up to there, by definition
+    line = before.count("\n") + 1
+    column = len(before) - (before.rfind("\n") + 1) + 1
+    return ConfigError(
+        f"{path}:{line}: not UTF-8: byte {exc.object[exc.start]:#04x} at column {column} "
+        f"({exc.reason}); save the file as UTF-8 (for example with "
+        f"`iconv -f latin1 -t utf-8`)"
+    )
+
+
 def locate(path: Path) -> Locations:
     """Read ``state_dir`` (relative to the file's folder) and the program names from ``path``.
 
     Raises:
-        ConfigError: the file is unreadable, not YAML, or ``state_dir`` is not a string.
+        ConfigError: the file is unreadable, not UTF-8, not YAML, or ``state_dir`` is not a
+            string.
     """
+    text = read_config_text(path)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=SAFE_LOADER) or {}
-    except OSError as exc:
-        raise unreadable_config(path, exc) from exc
+        data = yaml.load(text, Loader=SAFE_LOADER) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(describe_yaml_error(exc, path)) from exc
     if not isinstance(data, dict):

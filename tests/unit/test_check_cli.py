@@ -65,3 +65,8 @@ def test_two_programs_sharing_a_proxy_file_are_refused(tmp_path: Path) -> None:
     config.write_text(config.read_text().replace("./out/../out/shared.conf", "out/b.conf"))
     result = check(config)
     assert result.returncode == 0, result
+
+
+def test_a_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    config = write(tmp_path, b"state_dir: state\n# caf\xe9\nprograms: {}\n")
+    assert_refused(check(config), f"{config}:2: not UTF-8: byte 0xe9 at column 6")

@@ -950,3 +950,16 @@ def test_every_duration_is_in_the_finite_test() -> None:
         for _, _, where in DURATIONS
     }
     assert _float_fields(Config) == covered
+
+
+def test_a_file_that_is_not_utf8_names_the_line_of_the_bad_byte(tmp_path: Path) -> None:
+    """A Latin-1 "é" in a comment ended `check`, `run` and SIGHUP's reload in a traceback."""
+    config = tmp_path / "flipvisor.yaml"
+    config.write_bytes(b"state_dir: st\n# caf\xe9\nprograms: {}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    assert caught.value.exit_code == EXIT_USAGE
+    assert str(caught.value) == (
+        f"{config}:2: not UTF-8: byte 0xe9 at column 6 (invalid continuation byte); save the "
+        "file as UTF-8 (for example with `iconv -f latin1 -t utf-8`)"
+    )

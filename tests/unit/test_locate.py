@@ -101,3 +101,11 @@ def test_missing_file(tmp_path: Path) -> None:
         locate(tmp_path / "absent.yaml")
     assert "absent.yaml" in str(info.value)
     assert "-c PATH or $FLIPVISOR_CONFIG" in str(info.value)
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    """`status`, `reload`... read the file too: a config error (exit 2), never a traceback."""
+    config = tmp_path / "flipvisor.yaml"
+    config.write_bytes(b"state_dir: st\nprograms:\n  w\xff: {command: x}\n")
+    with pytest.raises(ConfigError, match=rf"^{config}:3: not UTF-8: byte 0xff at column 4 "):
+        locate(config)
