@@ -31,6 +31,7 @@ from .locate import (
     DEFAULT_STATE_DIR,
     SAFE_LOADER,
     describe_yaml_error,
+    expand_home,
     read_config_text,
     socket_path,
 )
@@ -64,7 +65,7 @@ def _nonempty_command(value: list[str]) -> list[str]:
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     base = (info.context or {}).get("base_dir")
-    value = value.expanduser()
+    value = expand_home(value)
     if base is not None and not value.is_absolute():
         return Path(base) / value
     return value

@@ -70,3 +70,15 @@ def test_two_programs_sharing_a_proxy_file_are_refused(tmp_path: Path) -> None:
 def test_a_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
     config = write(tmp_path, b"state_dir: state\n# caf\xe9\nprograms: {}\n")
     assert_refused(check(config), f"{config}:2: not UTF-8: byte 0xe9 at column 6")
+
+
+def test_a_home_folder_of_an_unknown_user_is_refused(tmp_path: Path) -> None:
+    config = write(
+        tmp_path,
+        f"""\
+        state_dir: state
+        programs:
+          a: {{command: ["{sys.executable}"], cwd: ~nosuchuser-fv/app}}
+        """,
+    )
+    assert_refused(check(config), f"{config}:3: programs.a.cwd: unknown user 'nosuchuser-fv'")

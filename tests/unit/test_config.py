@@ -963,3 +963,27 @@ def test_a_file_that_is_not_utf8_names_the_line_of_the_bad_byte(tmp_path: Path) 
         f"{config}:2: not UTF-8: byte 0xe9 at column 6 (invalid continuation byte); save the "
         "file as UTF-8 (for example with `iconv -f latin1 -t utf-8`)"
     )
+
+
+NO_USER = "nosuchuser-flipvisor"  # no passwd entry on any test host
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "where"),
+    [
+        (f"state_dir: ~{NO_USER}/fv\n", 1, "state_dir"),
+        (PROG + f"    cwd: ~{NO_USER}\n", 4, "programs.experiment.cwd"),
+        (
+            PROG + f"    proxy: {{template: t, dest: ~{NO_USER}/d}}\n",
+            4,
+            "programs.experiment.proxy.dest",
+        ),
+        (f"registry: {{ca: ~{NO_USER}/ca.pem}}\n", 1, "registry.ca"),
+    ],
+    ids=["state_dir", "cwd", "proxy.dest", "registry.ca"],
+)
+def test_a_home_folder_of_an_unknown_user_is_named(text: str, line: int, where: str) -> None:
+    """`~user` of no such user ended in pathlib's "Could not determine home directory" traceback."""
+    (problem,) = problems_of(text)
+    assert problem.startswith(f"{PATH}:{line}: {where}: unknown user '{NO_USER}' in '~{NO_USER}")
+    assert problem.endswith("write the folder out, or create the user"), problem
