@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command(
         "check",
-        "validate the config file, and that its commands, directories and templates work here",
+        "validate the config file, and that its commands, directories, templates, proxy files, "
+        "state_dir and metrics address work here",
         json_output=True,
     )
     shutdown = command(

@@ -82,3 +82,14 @@ def test_a_home_folder_of_an_unknown_user_is_refused(tmp_path: Path) -> None:
         """,
     )
     assert_refused(check(config), f"{config}:3: programs.a.cwd: unknown user 'nosuchuser-fv'")
+
+
+def test_a_state_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    """`check` said ok; `run` then could not create it."""
+    (tmp_path / "state").write_text("")
+    config = write(tmp_path, "state_dir: state\n")
+    assert_refused(
+        check(config),
+        f"{config} is valid, but would not work on this host:",
+        f"state_dir: {tmp_path}/state is a file, not a folder; choose a writable folder",
+    )
