@@ -200,8 +200,19 @@ def _check(args: argparse.Namespace, path: Path) -> int:
     if getattr(args, "json", False):
         _print_json({"ok": True, "programs": sorted(config.programs)})
     else:
-        print(f"{path}: ok ({len(config.programs)} programs, {len(config.watch)} watches)")
+        programs, watches = (
+            _count(len(config.programs), "program"),
+            _count(len(config.watch), "watch"),
+        )
+        print(f"{path}: ok ({programs}, {watches})")
     return EXIT_OK
+
+
+def _count(number: int, noun: str) -> str:
+    """``1 program``, ``2 programs``, ``1 watch``, ``0 watches``."""
+    if number == 1:
+        return f"1 {noun}"
+    return f"{number} {noun}{'es' if noun.endswith('ch') else 's'}"
 
 
 def _log_to_stderr() -> None:

@@ -57,6 +57,16 @@ def _split_command(value: Any) -> Any:
     return value
 
 
+def _null_is_empty(value: Any) -> Any:
+    """A section left empty (``drain:`` with nothing under it is YAML null) means its defaults,
+    as ``readiness:`` or ``proxy:`` left empty mean unset: not "must be a mapping"."""
+    return {} if value is None else value
+
+
+def _null_is_no_entries(value: Any) -> Any:
+    return [] if value is None else value
+
+
 def _nonempty_command(value: list[str]) -> list[str]:
     if not value or not value[0]:
         raise ValueError("must name a program to run")
@@ -103,8 +113,11 @@ def _check_host(value: str) -> str:
 def _check_endpoint(value: str) -> str:
     rest = value.removeprefix("http://").removeprefix("https://")
     host, sep, port = rest.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit():
         raise ValueError(f"{value!r} is not host:port")
+    if not 0 < int(port) < 65536:
+        # host:port all right; "not host:port" sent people looking at the wrong part
+        raise ValueError(f"{value!r}: the port must be 1..65535 (an address to connect or scrape)")
     return value
 
 
@@ -152,7 +165,7 @@ def _check_template_vars(value: dict[str, Any]) -> dict[str, Any]:
 
 
 Command = Annotated[list[str], BeforeValidator(_split_command), AfterValidator(_nonempty_command)]
-Env = Annotated[dict[str, str], AfterValidator(_check_env)]
+Env = Annotated[dict[str, str], BeforeValidator(_null_is_empty), AfterValidator(_check_env)]
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
 Signal = Annotated[signal.Signals, BeforeValidator(_parse_signal)]
 Host = Annotated[str, AfterValidator(_check_host)]
@@ -237,9 +250,11 @@ class ProxyConfig(_Model):
     pidfile: RelPath | None = None
     timeout: Seconds = 30.0
     # Extra template variables (the listen port, a server_name...), besides the flip's context.
-    vars: Annotated[dict[str, str | int | float | bool], AfterValidator(_check_template_vars)] = (
-        Field(default_factory=dict)
-    )
+    vars: Annotated[
+        dict[str, str | int | float | bool],
+        BeforeValidator(_null_is_empty),
+        AfterValidator(_check_template_vars),
+    ] = Field(default_factory=dict)
 
 
 class ProgramConfig(_Model):
@@ -250,10 +265,10 @@ class ProgramConfig(_Model):
     cwd: RelPath | None = None
     env: Env = Field(default_factory=dict)
     autostart: bool = True
-    socket: SocketConfig = SocketConfig()
+    socket: Annotated[SocketConfig, BeforeValidator(_null_is_empty)] = SocketConfig()
     readiness: ReadinessConfig | None = None
-    drain: DrainConfig = DrainConfig()
-    restart: RestartConfig = RestartConfig()
+    drain: Annotated[DrainConfig, BeforeValidator(_null_is_empty)] = DrainConfig()
+    restart: Annotated[RestartConfig, BeforeValidator(_null_is_empty)] = RestartConfig()
     proxy: ProxyConfig | None = None
     rollback_window: SecondsOrZero = 0.0
 
@@ -357,11 +372,15 @@ class Config(_Model):
     """The whole config file."""
 
     state_dir: RelPath = DEFAULT_STATE_DIR
-    registry: RegistryConfig = RegistryConfig()
-    logs: LogsConfig = LogsConfig()
+    registry: Annotated[RegistryConfig, BeforeValidator(_null_is_empty)] = RegistryConfig()
+    logs: Annotated[LogsConfig, BeforeValidator(_null_is_empty)] = LogsConfig()
     metrics: MetricsConfig | None = None
-    programs: dict[ProgramName, ProgramConfig] = Field(default_factory=dict)
-    watch: list[WatchConfig] = Field(default_factory=list)
+    programs: Annotated[dict[ProgramName, ProgramConfig], BeforeValidator(_null_is_empty)] = Field(
+        default_factory=dict
+    )
+    watch: Annotated[list[WatchConfig], BeforeValidator(_null_is_no_entries)] = Field(
+        default_factory=list
+    )
 
     @property
     def socket_path(self) -> Path:

@@ -358,7 +358,14 @@ BAD: list[tuple[str, str, int, str, str]] = [
         "registry:\n  endpoints: ['127.0.0.1:2379', 'h:99999']\n",
         2,
         "registry.endpoints.1",
-        "'h:99999' is not host:port",
+        "'h:99999': the port must be 1..65535 (an address to connect or scrape)",
+    ),
+    (
+        "metrics-listen-port-zero",  # it said "is not host:port"
+        "metrics:\n  listen: 127.0.0.1:0\n",
+        2,
+        "metrics.listen",
+        "'127.0.0.1:0': the port must be 1..65535 (an address to connect or scrape)",
     ),
     (
         "endpoints-empty",
@@ -987,3 +994,29 @@ def test_a_home_folder_of_an_unknown_user_is_named(text: str, line: int, where: 
     (problem,) = problems_of(text)
     assert problem.startswith(f"{PATH}:{line}: {where}: unknown user '{NO_USER}' in '~{NO_USER}")
     assert problem.endswith("write the folder out, or create the user"), problem
+
+
+def test_a_section_left_empty_means_its_defaults() -> None:
+    """`drain:` with nothing under it (YAML null) was "must be a mapping", while `readiness:` and
+    `proxy:` left empty mean unset: every mapping section now takes null as its defaults."""
+    text = dedent(
+        """\
+        registry:
+        logs:
+        watch:
+        programs:
+          experiment:
+            command: x
+            env:
+            socket:
+            drain:
+            restart:
+            readiness:
+            proxy:
+        """
+    )
+    assert parse_config(text, PATH) == parse_config(PROG, PATH)
+    assert parse_config("programs:\n", PATH) == Config()
+    vars_null = PROG + "    proxy:\n      template: t\n      dest: d\n      vars:\n"
+    proxy = parse_config(vars_null, PATH).programs["experiment"].proxy
+    assert proxy is not None and proxy.vars == {}

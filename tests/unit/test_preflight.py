@@ -144,3 +144,16 @@ def test_a_state_dir_run_could_not_create(tmp_path: Path, state_dir: str, why: s
     (problem,) = problems(f"state_dir: {state_dir.format(tmp=tmp_path)}\n", tmp_path)
     assert problem.startswith(f"state_dir: {why.format(tmp=tmp_path)}"), problem
     assert problem.endswith("; choose a writable folder in `state_dir`")
+
+
+def test_check_counts_in_words(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "flipvisor.yaml"
+    config.write_text(f"state_dir: st\nprograms:\n  web:\n    command: [{sys.executable}]\n")
+    assert run_cli(["check", "-c", str(config)]) == 0
+    assert capsys.readouterr().out == f"{config}: ok (1 program, 0 watches)\n"
+    config.write_text(
+        "state_dir: st\nwatch:\n  - keys: [p/w/pid/previous]\n    drain_pid: {}\n"
+        "  - keys: [p/v/pid/previous]\n    drain_pid: {}\n"
+    )
+    assert run_cli(["check", "-c", str(config)]) == 0
+    assert capsys.readouterr().out == f"{config}: ok (0 programs, 2 watches)\n"
