@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command(
         "check",
-        "validate the config file, and that its commands, directories and templates work here",
+        "validate the config file, and that its commands, directories, templates, proxy files, "
+        "state_dir and metrics address work here",
         json_output=True,
     )
     shutdown = command(
@@ -229,8 +230,19 @@ def _check(args: argparse.Namespace, path: Path) -> int:
     if getattr(args, "json", False):
         _print_json({"ok": True, "programs": sorted(config.programs)})
     else:
-        print(f"{path}: ok ({len(config.programs)} programs, {len(config.watch)} watches)")
+        programs, watches = (
+            _count(len(config.programs), "program"),
+            _count(len(config.watch), "watch"),
+        )
+        print(f"{path}: ok ({programs}, {watches})")
     return EXIT_OK
+
+
+def _count(number: int, noun: str) -> str:
+    """``1 program``, ``2 programs``, ``1 watch``, ``0 watches``."""
+    if number == 1:
+        return f"1 {noun}"
+    return f"{number} {noun}{'es' if noun.endswith('ch') else 's'}"
 
 
 def _log_to_stderr() -> None:

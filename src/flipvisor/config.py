@@ -31,8 +31,9 @@ from .locate import (
     DEFAULT_STATE_DIR,
     SAFE_LOADER,
     describe_yaml_error,
+    expand_home,
+    read_config_text,
     socket_path,
-    unreadable_config,
 )
 
 PROGRAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -56,6 +57,16 @@ def _split_command(value: Any) -> Any:
     return value
 
 
+def _null_is_empty(value: Any) -> Any:
+    """A section left empty (``drain:`` with nothing under it is YAML null) means its defaults,
+    as ``readiness:`` or ``proxy:`` left empty mean unset: not "must be a mapping"."""
+    return {} if value is None else value
+
+
+def _null_is_no_entries(value: Any) -> Any:
+    return [] if value is None else value
+
+
 def _nonempty_command(value: list[str]) -> list[str]:
     if not value or not value[0]:
         raise ValueError("must name a program to run")
@@ -64,7 +75,7 @@ def _nonempty_command(value: list[str]) -> list[str]:
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     base = (info.context or {}).get("base_dir")
-    value = value.expanduser()
+    value = expand_home(value)
     if base is not None and not value.is_absolute():
         return Path(base) / value
     return value
@@ -102,8 +113,11 @@ def _check_host(value: str) -> str:
 def _check_endpoint(value: str) -> str:
     rest = value.removeprefix("http://").removeprefix("https://")
     host, sep, port = rest.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit():
         raise ValueError(f"{value!r} is not host:port")
+    if not 0 < int(port) < 65536:
+        # host:port all right; "not host:port" sent people looking at the wrong part
+        raise ValueError(f"{value!r}: the port must be 1..65535 (an address to connect or scrape)")
     return value
 
 
@@ -151,12 +165,14 @@ def _check_template_vars(value: dict[str, Any]) -> dict[str, Any]:
 
 
 Command = Annotated[list[str], BeforeValidator(_split_command), AfterValidator(_nonempty_command)]
-Env = Annotated[dict[str, str], AfterValidator(_check_env)]
+Env = Annotated[dict[str, str], BeforeValidator(_null_is_empty), AfterValidator(_check_env)]
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
 Signal = Annotated[signal.Signals, BeforeValidator(_parse_signal)]
 Host = Annotated[str, AfterValidator(_check_host)]
 # Strict: YAML's `true` must not silently become 1 (lax pydantic accepts bools as numbers).
-Seconds = Annotated[float, Field(gt=0, strict=True)]
+# Finite: `.inf` (or `1.0e+400`) would make a drain, a probe or a stop wait forever.
+Seconds = Annotated[float, Field(gt=0, strict=True, allow_inf_nan=False)]
+SecondsOrZero = Annotated[float, Field(ge=0, strict=True, allow_inf_nan=False)]
 Count = Annotated[int, Field(strict=True)]
 
 
@@ -211,7 +227,7 @@ class ReadinessConfig(_Model):
 class DrainConfig(_Model):
     """How an old generation stops: wait ``delay``, send ``signal``, SIGKILL after ``timeout``."""
 
-    delay: Annotated[float, Field(ge=0, strict=True)] = 0.5
+    delay: SecondsOrZero = 0.5
     signal: Signal = signal.SIGTERM
     timeout: Seconds = 10.0
 
@@ -234,9 +250,11 @@ class ProxyConfig(_Model):
     pidfile: RelPath | None = None
     timeout: Seconds = 30.0
     # Extra template variables (the listen port, a server_name...), besides the flip's context.
-    vars: Annotated[dict[str, str | int | float | bool], AfterValidator(_check_template_vars)] = (
-        Field(default_factory=dict)
-    )
+    vars: Annotated[
+        dict[str, str | int | float | bool],
+        BeforeValidator(_null_is_empty),
+        AfterValidator(_check_template_vars),
+    ] = Field(default_factory=dict)
 
 
 class ProgramConfig(_Model):
@@ -247,12 +265,12 @@ class ProgramConfig(_Model):
     cwd: RelPath | None = None
     env: Env = Field(default_factory=dict)
     autostart: bool = True
-    socket: SocketConfig = SocketConfig()
+    socket: Annotated[SocketConfig, BeforeValidator(_null_is_empty)] = SocketConfig()
     readiness: ReadinessConfig | None = None
-    drain: DrainConfig = DrainConfig()
-    restart: RestartConfig = RestartConfig()
+    drain: Annotated[DrainConfig, BeforeValidator(_null_is_empty)] = DrainConfig()
+    restart: Annotated[RestartConfig, BeforeValidator(_null_is_empty)] = RestartConfig()
     proxy: ProxyConfig | None = None
-    rollback_window: Annotated[float, Field(ge=0, strict=True)] = 0.0
+    rollback_window: SecondsOrZero = 0.0
 
     @model_validator(mode="after")
     def _what_a_fixed_port_allows(self) -> ProgramConfig:
@@ -354,11 +372,15 @@ class Config(_Model):
     """The whole config file."""
 
     state_dir: RelPath = DEFAULT_STATE_DIR
-    registry: RegistryConfig = RegistryConfig()
-    logs: LogsConfig = LogsConfig()
+    registry: Annotated[RegistryConfig, BeforeValidator(_null_is_empty)] = RegistryConfig()
+    logs: Annotated[LogsConfig, BeforeValidator(_null_is_empty)] = LogsConfig()
     metrics: MetricsConfig | None = None
-    programs: dict[ProgramName, ProgramConfig] = Field(default_factory=dict)
-    watch: list[WatchConfig] = Field(default_factory=list)
+    programs: Annotated[dict[ProgramName, ProgramConfig], BeforeValidator(_null_is_empty)] = Field(
+        default_factory=dict
+    )
+    watch: Annotated[list[WatchConfig], BeforeValidator(_null_is_no_entries)] = Field(
+        default_factory=list
+    )
 
     @property
     def socket_path(self) -> Path:
@@ -369,14 +391,10 @@ def load_config(path: Path) -> Config:
     """Read, parse and validate the config file at ``path``.
 
     Raises:
-        ConfigError: the file is unreadable, not YAML, or invalid; ``problems`` lists every
-            problem as ``file:line: dotted.location: what is wrong``.
+        ConfigError: the file is unreadable, not UTF-8, not YAML, or invalid; ``problems``
+            lists every problem as ``file:line: dotted.location: what is wrong``.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise unreadable_config(path, exc) from exc
-    return parse_config(text, path)
+    return parse_config(read_config_text(path), path)
 
 
 def parse_config(text: str, path: Path) -> Config:
@@ -404,9 +422,12 @@ def parse_config(text: str, path: Path) -> Config:
     except ValidationError as exc:
         problems = [_describe(error, path, lines) for error in exc.errors()]
         raise ConfigError(f"invalid config file {path}:", problems) from None
-    if problems := _shared_fixed_ports(config, path, lines) + _long_socket_paths(
-        config, path, lines
-    ):
+    problems = [
+        *_shared_fixed_ports(config, path, lines),
+        *_shared_proxy_files(config, path, lines),
+        *_long_socket_paths(config, path, lines),
+    ]
+    if problems:
         raise ConfigError(f"invalid config file {path}:", problems)
     return config
 
@@ -456,6 +477,33 @@ def _shared_fixed_ports(config: Config, path: Path, lines: dict[tuple[str, ...],
                 f"programs.{owner}'s already (each fixed port belongs to one program)"
             )
         taken.setdefault(port, []).append((name, host))
+    return problems
+
+
+def _shared_proxy_files(config: Config, path: Path, lines: dict[tuple[str, ...], int]) -> list[str]:
+    """Programs whose ``proxy.dest`` is one file (however spelled: ``a/../a/x.conf``, a symlinked
+    folder). Each flip rewrites the whole file for its own program, so the other's routing would
+    be lost, and removing one would leave the file naming a drained port.
+
+    This compares the programs of one file; a reload that removes one program and adds another
+    with the same dest (a rename) is a handover between two files, and allowed."""
+    problems = []
+    owners: dict[str, str] = {}
+    for name, program in config.programs.items():
+        if program.proxy is None:
+            continue
+        # realpath, not Path.resolve: it never raises (a symlink loop stays as spelled).
+        dest = program.proxy.dest
+        real = os.path.realpath(dest)
+        owner = owners.setdefault(real, name)
+        if owner != name:
+            loc = ("programs", name, "proxy", "dest")
+            spelled = str(dest) if str(dest) == real else f"{dest} (that is {real})"
+            problems.append(
+                f"{path}:{_nearest_line(loc, lines)}: {'.'.join(loc)}: {spelled} is "
+                f"programs.{owner}.proxy.dest already (each proxy file belongs to one program, "
+                "which rewrites all of it at every flip); give each program its own dest"
+            )
     return problems
 
 
@@ -512,6 +560,7 @@ _FRIENDLY: dict[str, str] = {
     "missing": "required key is missing",
     "float_parsing": "must be a number",
     "float_type": "must be a number",
+    "finite_number": "must be a finite number",
     "int_parsing": "must be an integer",
     "int_type": "must be an integer",
     "int_from_float": "must be an integer",

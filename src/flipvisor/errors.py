@@ -55,6 +55,11 @@ class ProxyError(FlipvisorError):
     """Rendering, checking or reloading the proxy configuration failed."""
 
 
+class ProxyFileError(ProxyError):
+    """The proxy file cannot be written where ``proxy.dest`` says (a folder there, a file on
+    its way, a read-only folder): the template and commands are not to blame."""
+
+
 class ProxyReloadTimedOut(ProxyError):
     """The reload command outlived its timeout: the proxy may or may not have reloaded."""
 
@@ -85,6 +90,8 @@ class Busy(FlipvisorError):
 def flip_next_step(exc: BaseException, program: str) -> str:
     """What the operator can do about a failed flip of ``program``, by what failed."""
     again = f"then `flipvisor flip {program}`"
+    if isinstance(exc, ProxyFileError):
+        return f"fix programs.{program}.proxy.dest (or the folders on its way), {again}"
     if isinstance(exc, ProxyError):
         return f"fix the proxy template or its check/reload command, {again}"
     if isinstance(exc, RegistryError):

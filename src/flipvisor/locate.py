@@ -8,6 +8,7 @@ validates the file itself whenever it reads it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,16 +73,77 @@ def unreadable_config(path: Path, exc: OSError) -> ConfigError:
     return ConfigError(message)
 
 
+def read_config_text(path: Path) -> str:
+    """The config file's text, decoded as UTF-8 (what YAML files are).
+
+    Raises:
+        ConfigError: the file cannot be read, or is not UTF-8 (named with the line and column of
+            the first bad byte: a Latin-1 editor's "é" would otherwise end in a traceback).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise unreadable_config(path, exc) from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc) from None
+
+
+def not_utf8(path: Path, exc: UnicodeDecodeError) -> ConfigError:
+    """``file:line: not UTF-8: byte 0xe9 at column 6 ...``: where the first bad byte is."""
+    before = exc.object[: exc.start].decode("utf-8")  # valid up to there, by definition
+    line = before.count("\n") + 1
+    column = len(before) - (before.rfind("\n") + 1) + 1
+    return ConfigError(
+        f"{path}:{line}: not UTF-8: byte {exc.object[exc.start]:#04x} at column {column} "
+        f"({exc.reason}); save the file as UTF-8 (for example with "
+        f"`iconv -f latin1 -t utf-8`)"
+    )
+
+
+def expand_home(value: Path) -> Path:
+    """``value`` with a leading ``~`` or ``~user`` expanded to that home folder.
+
+    Raises:
+        ValueError: the user does not exist, or ``~`` has no home (HOME unset, no passwd entry);
+            said as a config problem rather than pathlib's bare RuntimeError.
+    """
+    text = str(value)
+    if not text.startswith("~"):
+        return value
+    try:
+        return value.expanduser()
+    except RuntimeError:
+        user = text[1:].split("/", 1)[0]
+        if user:
+            raise ValueError(
+                f"unknown user {user!r} in {text!r} (~{user} is that user's home folder); "
+                "write the folder out, or create the user"
+            ) from None
+        raise ValueError(
+            f"cannot expand '~' in {text!r}: HOME is not set and this user has no home folder; "
+            "write the folder out"
+        ) from None
+
+
+def _top_level_line(text: str, key: str) -> int | None:
+    """The line of ``key:`` at the top level of the YAML ``text`` (block style), for a message
+    (``locate`` reads the file without the full loader's line index)."""
+    found = re.search(rf"^{re.escape(key)}\s*:", text, re.MULTILINE)
+    return text.count("\n", 0, found.start()) + 1 if found else None
+
+
 def locate(path: Path) -> Locations:
     """Read ``state_dir`` (relative to the file's folder) and the program names from ``path``.
 
     Raises:
-        ConfigError: the file is unreadable, not YAML, or ``state_dir`` is not a string.
+        ConfigError: the file is unreadable, not UTF-8, not YAML, or ``state_dir`` is not a
+            string.
     """
+    text = read_config_text(path)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=SAFE_LOADER) or {}
-    except OSError as exc:
-        raise unreadable_config(path, exc) from exc
+        data = yaml.load(text, Loader=SAFE_LOADER) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(describe_yaml_error(exc, path)) from exc
     if not isinstance(data, dict):
@@ -89,7 +151,13 @@ def locate(path: Path) -> Locations:
     raw = data.get("state_dir", str(DEFAULT_STATE_DIR))
     if not isinstance(raw, str):
         raise ConfigError(f"{path}: state_dir: must be a path")
-    state_dir = Path(raw).expanduser()
+    try:
+        state_dir = expand_home(Path(raw))
+    except ValueError as exc:
+        line = _top_level_line(text, "state_dir")
+        raise ConfigError(
+            f"{path}:{line}: state_dir: {exc}" if line else f"{path}: {exc}"
+        ) from None
     if not state_dir.is_absolute():
         state_dir = path.resolve().parent / state_dir
     programs = data.get("programs") or {}

@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 from .errors import ConfigError
 from .events import Event, EventLog
 from .states import ProgramState
+from .usable import listen_error, parse_listen
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,6 @@ REQUEST_TIMEOUT = 5.0
 
 # What the gauges are read from: ``Program.status()`` of every program (the contract's shape).
 StatusSource = Callable[[], Iterable[dict[str, Any]]]
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``127.0.0.1:9100`` (or ``[::1]:9100``, ``http://`` accepted) as host and port."""
-    rest = listen.removeprefix("http://").removeprefix("https://")
-    host, _, port = rest.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 class _StatusCollector(Collector):
@@ -163,10 +157,8 @@ class Metrics:
         try:
             listener = await anyio.create_tcp_listener(local_host=self.host, local_port=self.port)
         except OSError as exc:
-            raise ConfigError(
-                f"metrics: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}; "
-                "choose a free port in `metrics.listen` or stop what holds this one"
-            ) from exc
+            # By its cause: "choose a free port" is wrong for an address that does not exist.
+            raise ConfigError(f"metrics.listen: {listen_error(self.host, self.port, exc)}") from exc
         # A listener, not a subscription: a burst of events cannot make the histogram miss a flip.
         with self.events.listening(self.observe):
             async with listener:

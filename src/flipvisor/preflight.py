@@ -1,6 +1,8 @@
 """What ``flipvisor check`` verifies beyond the file itself: that a valid config also works on
 this host. Commands and check/reload commands resolve, working directories exist, proxy
-templates render with a sample flip's context, watch templates exist.
+templates render with a sample flip's context, watch templates exist, the state_dir and the
+proxy files can be created and written, the metrics address is one of this host's. Nothing is
+created, written or kept bound.
 
 Each problem names its dotted location, like the config's own errors.
 """
@@ -15,6 +17,7 @@ from .config import Config, ProgramConfig
 from .errors import ProxyError, SpawnError
 from .proxy import flip_context, render_template
 from .spawn import resolve_executable
+from .usable import file_problem, folder_problem, listen_problem, parse_listen
 
 SAMPLE_PORT = 8000  # a sample flip's port, for rendering a template that needs one
 
@@ -22,12 +25,21 @@ SAMPLE_PORT = 8000  # a sample flip's port, for rendering a template that needs 
 def host_problems(config: Config) -> list[str]:
     """Every problem the config would hit on this host, as ``dotted.location: what``."""
     problems: list[str] = []
+    # The folders `run` creates first; one problem is enough (the next would repeat it).
+    for folder in (config.state_dir, config.state_dir / "logs", config.state_dir / "notify"):
+        if why := folder_problem(folder):
+            problems.append(f"state_dir: {why}; choose a writable folder in `state_dir`")
+            break
+    if config.metrics is not None and (why := listen_problem(*parse_listen(config.metrics.listen))):
+        problems.append(f"metrics.listen: {why}")
     for name, program in config.programs.items():
         problems.extend(_program_problems(f"programs.{name}", name, program))
     for index, entry in enumerate(config.watch):
         where = f"watch.{index}"
         if entry.template is not None and not entry.template.is_file():
             problems.append(f"{where}.template: {entry.template} does not exist")
+        if entry.dest is not None and (why := file_problem(entry.dest)):
+            problems.append(f"{where}.dest: {why}")
         problems.extend(_command_problems(f"{where}.check_cmd", entry.check_cmd, None))
         problems.extend(_command_problems(f"{where}.reload_cmd", entry.reload_cmd, None))
     return problems
@@ -45,6 +57,8 @@ def _program_problems(where: str, name: str, program: ProgramConfig) -> Iterator
     proxy = program.proxy
     if proxy is None:
         return
+    if why := file_problem(proxy.dest):
+        yield f"{where}.proxy.dest: {why}"
     yield from _command_problems(f"{where}.proxy.check_cmd", proxy.check_cmd, None)
     yield from _command_problems(f"{where}.proxy.reload_cmd", proxy.reload_cmd, None)
     try:

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .config import PROGRAM_NAME_RE
-from .errors import ProxyError, ProxyReloadTimedOut, SpawnError
+from .errors import ProxyError, ProxyFileError, ProxyReloadTimedOut, SpawnError
 from .spawn import pidfd_if_started_at, run_command
+from .usable import file_problem
 
 if TYPE_CHECKING:  # only the type: proxy.py's allowed imports are config, errors, spawn
     from .reaper import Reaper
@@ -310,14 +311,18 @@ async def install(
     a retry that fails the way the last attempt did would repeat the same lines every minute).
 
     Raises:
-        ProxyError: the file could not be written, or the check failed (with its output).
+        ProxyFileError: the file could not be written (what is wrong with its path).
+        ProxyError: the check failed (with its output).
     """
     try:
         # Off the event loop: fsync can take a while on a busy disk. Not cancellable, so the
         # write is never abandoned halfway between "written" and "recorded as installed".
         installed = await anyio.to_thread.run_sync(_put_in_place, dest, content.encode())
     except OSError as exc:
-        raise ProxyError(f"cannot write the proxy file {dest}: {exc.strerror or exc}") from exc
+        # What is wrong with the path, when that is it: mkdir's bare "File exists" for a file on
+        # the way to dest named nothing.
+        why = file_problem(dest) or exc.strerror or str(exc)
+        raise ProxyFileError(f"cannot write the proxy file {dest}: {why}") from exc
     log.log(_level(logging.INFO, quiet), "installed proxy file %s (%d bytes)", dest, len(content))
     if not check_cmd:
         return installed

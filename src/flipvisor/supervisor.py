@@ -31,6 +31,7 @@ from .reaper import Reaper, become_subreaper
 from .registry import open_registry
 from .registry.base import WatchableRegistry
 from .spawn import Strays, process_name, seal_inherited_fds
+from .usable import folder_problem
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,9 @@ def prepare_state_dir(path: Path, config_path: Path) -> None:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(folder, 0o700)
         except OSError as exc:
+            why = folder_problem(folder) or f"cannot create {folder}: {exc.strerror or exc}"
             raise ConfigError(
-                f"{config_path}: state_dir: cannot create {folder}: "
-                f"{exc.strerror or exc}; choose a writable folder in `state_dir`"
+                f"{config_path}: state_dir: {why}; choose a writable folder in `state_dir`"
             ) from exc
 
 

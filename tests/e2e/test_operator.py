@@ -131,7 +131,9 @@ def test_a_state_dir_that_cannot_be_created_stops_run_with_what_to_do(
     )
     assert process.wait(timeout=20) == 2, flipvisor.output()
     output = flipvisor.output()
-    assert f"state_dir: cannot create {a_file / 'state'}: Not a directory" in output
+    assert (
+        f"state_dir: cannot create {a_file / 'state'}: {a_file} is a file, not a folder" in output
+    )
     assert str(flipvisor.config_path) in output and "choose a writable folder" in output
     assert "Traceback" not in output
 
@@ -146,8 +148,10 @@ def test_metrics_port_in_use_stops_run_with_what_to_do(flipvisor: Flipvisor) -> 
         )
         assert process.wait(timeout=20) == 2, flipvisor.output()
     output = flipvisor.output()
-    assert f"cannot listen on 127.0.0.1:{port}" in output
-    assert "metrics.listen" in output
+    assert (
+        f"metrics.listen: cannot listen on 127.0.0.1:{port}: the port is in use; choose a free"
+        in output
+    )
     assert "Traceback" not in output
 
 

@@ -502,6 +502,15 @@ def test_sighup_flips_a_changed_program_and_survives_a_bad_file(flipvisor: Flipv
     assert flipvisor.process.poll() is None
     still = flipvisor.serving("web")
     assert still is not None and (still["generation"], still["pids"]) == (1, first["pids"])
+    # Not UTF-8 (a Latin-1 editor's "é"): refused the same way, not a traceback in the log.
+    flipvisor.config_path.write_bytes(
+        f"state_dir: {flipvisor.state_dir}\n# caf\xe9\nprograms: {{}}\n".encode("latin-1")
+    )
+    flipvisor.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "not UTF-8: byte 0xe9" in flipvisor.output(), message="the refusal")
+    assert f"{flipvisor.config_path}:2: not UTF-8" in flipvisor.output()
+    assert "Traceback" not in flipvisor.output()
+    assert flipvisor.process.poll() is None  # and web serves on: generation 2 comes next
 
     flipvisor.write_config({"programs": {"web": web(command=svc_command("--version", "2"))}})
     flipvisor.process.send_signal(signal.SIGHUP)

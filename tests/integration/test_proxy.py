@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from flipvisor.errors import ProxyError
+from flipvisor.errors import ProxyError, ProxyFileError
 from flipvisor.proxy import (
     flip_context,
     install,
@@ -233,13 +233,29 @@ async def test_readers_never_see_a_half_written_file(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == []
 
 
-async def test_unwritable_destination_is_a_proxy_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("dest", "why"),
+    [
+        ("app.conf", "{tmp}/app.conf is a folder; name a file"),
+        # mkdir said only "File exists", and the flip's advice blamed the template
+        (
+            "a-file/sites/app.conf",
+            "cannot create {tmp}/a-file/sites: {tmp}/a-file is a file, not a folder",
+        ),
+    ],
+    ids=["a-folder-there", "a-file-on-the-way"],
+)
+async def test_unwritable_destination_names_what_is_wrong_with_the_path(
+    tmp_path: Path, dest: str, why: str
+) -> None:
     (tmp_path / "app.conf").mkdir()  # a directory where the file should go
+    (tmp_path / "a-file").write_text("")
     async with running_reaper() as reaper:
-        with pytest.raises(ProxyError, match="cannot write the proxy file"):
-            await install(
-                tmp_path / "app.conf", "x", check_cmd=None, reaper=reaper, timeout=TIMEOUT
-            )
+        with pytest.raises(ProxyFileError) as caught:
+            await install(tmp_path / dest, "x", check_cmd=None, reaper=reaper, timeout=TIMEOUT)
+    assert str(caught.value) == (
+        f"cannot write the proxy file {tmp_path / dest}: {why.format(tmp=tmp_path)}"
+    )
     assert leftovers(tmp_path) == []
 
 

@@ -7,7 +7,7 @@ import re
 import signal
 from pathlib import Path
 from textwrap import dedent
-from typing import get_args
+from typing import get_args, get_origin
 
 import pytest
 from pydantic import BaseModel
@@ -231,7 +231,7 @@ BAD: list[tuple[str, str, int, str, str]] = [
         PROG + "    drain:\n      timeout: .nan\n",
         5,
         "programs.experiment.drain.timeout",
-        "must be > 0",
+        "must be a finite number",
     ),
     # readiness
     (
@@ -358,7 +358,14 @@ BAD: list[tuple[str, str, int, str, str]] = [
         "registry:\n  endpoints: ['127.0.0.1:2379', 'h:99999']\n",
         2,
         "registry.endpoints.1",
-        "'h:99999' is not host:port",
+        "'h:99999': the port must be 1..65535 (an address to connect or scrape)",
+    ),
+    (
+        "metrics-listen-port-zero",  # it said "is not host:port"
+        "metrics:\n  listen: 127.0.0.1:0\n",
+        2,
+        "metrics.listen",
+        "'127.0.0.1:0': the port must be 1..65535 (an address to connect or scrape)",
     ),
     (
         "endpoints-empty",
@@ -840,3 +847,176 @@ def test_a_notify_socket_path_too_long_is_refused() -> None:
     (problem,) = problems_of(text)
     assert problem.startswith(f"{PATH}:4: programs.{name}.readiness.notify: the notify socket")
     assert len(parse_config(text.replace("{notify: true}", "{http: /}"), PATH).programs) == 1
+
+
+def test_two_programs_cannot_share_a_proxy_file(tmp_path: Path) -> None:
+    """Each flip rewrites the whole file for its own program: `check` said ok, and one program's
+    routing was silently lost (a reload removing the other left the file on a drained port)."""
+    text = dedent(
+        """\
+        programs:
+          a:
+            command: x
+            proxy: {template: t.j2, dest: out/shared.conf}
+          b:
+            command: y
+            proxy:
+              template: t.j2
+              dest: ./out/../out/shared.conf
+        """
+    )
+    shared = PATH.parent / "out" / "shared.conf"
+    assert problems_of(text) == [
+        f"{PATH}:9: programs.b.proxy.dest: {PATH.parent}/out/../out/shared.conf (that is "
+        f"{shared}) is programs.a.proxy.dest already (each proxy file belongs to one program, "
+        "which rewrites all of it at every flip); give each program its own dest"
+    ]
+
+
+def test_a_proxy_file_shared_through_a_symlinked_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    text = dedent(
+        f"""\
+        programs:
+          a: {{command: x, proxy: {{template: t.j2, dest: {tmp_path}/real/x.conf}}}}
+          b: {{command: y, proxy: {{template: t.j2, dest: {tmp_path}/link/x.conf}}}}
+        """
+    )
+    (problem,) = problems_of(text, tmp_path / "flipvisor.yaml")
+    assert problem.startswith(f"{tmp_path}/flipvisor.yaml:3: programs.b.proxy.dest: ")
+    assert "is programs.a.proxy.dest already" in problem
+
+
+def test_programs_with_their_own_proxy_files_are_accepted() -> None:
+    text = dedent(
+        """\
+        programs:
+          a: {command: x, proxy: {template: t.j2, dest: out/a.conf}}
+          b: {command: y, proxy: {template: t.j2, dest: out/b.conf}}
+          c: {command: z}
+          d: {command: w}
+        """
+    )
+    assert len(parse_config(text, PATH).programs) == 4
+
+
+# Every number of seconds in the file, as (YAML text, line, dotted location). A `.inf` in any of
+# them made `stop`, `shutdown` or SIGTERM wait forever (`.nan` was refused already).
+DURATIONS = [
+    ("registry: {timeout: V}\n", 1, "registry.timeout"),
+    (PROG + "    readiness: {http: /h, timeout: V}\n", 4, "programs.experiment.readiness.timeout"),
+    (
+        PROG + "    readiness: {http: /h, interval: V}\n",
+        4,
+        "programs.experiment.readiness.interval",
+    ),
+    (PROG + "    drain: {delay: V}\n", 4, "programs.experiment.drain.delay"),
+    (PROG + "    drain: {timeout: V}\n", 4, "programs.experiment.drain.timeout"),
+    (PROG + "    restart: {window: V}\n", 4, "programs.experiment.restart.window"),
+    (
+        PROG + "    proxy: {template: t, dest: d, timeout: V}\n",
+        4,
+        "programs.experiment.proxy.timeout",
+    ),
+    (PROG + "    rollback_window: V\n", 4, "programs.experiment.rollback_window"),
+    (
+        "watch:\n  - keys: [a/b/pid/previous]\n    drain_pid: {timeout: V}\n",
+        3,
+        "watch.0.drain_pid.timeout",
+    ),
+]
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".Inf", "1.0e+400", ".nan"])
+@pytest.mark.parametrize(("text", "line", "where"), DURATIONS, ids=[d[2] for d in DURATIONS])
+def test_every_duration_must_be_finite(text: str, line: int, where: str, value: str) -> None:
+    assert problems_of(text.replace("V", value)) == [
+        f"{PATH}:{line}: {where}: must be a finite number"
+    ]
+    parse_config(text.replace("V", "2.5"), PATH)  # the same key with a finite value is fine
+
+
+def _float_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """The dotted names of every float field under ``model`` (``*``: any program or entry)."""
+    found: set[str] = set()
+    for name, field in model.model_fields.items():
+        container = get_origin(field.annotation) in {dict, list}
+        for arg in (field.annotation, *get_args(field.annotation)):
+            if arg is float:
+                found.add(prefix + name)
+            elif isinstance(arg, type) and issubclass(arg, BaseModel):
+                found |= _float_fields(arg, f"{prefix}{name}.{'*.' if container else ''}")
+    return found
+
+
+def test_every_duration_is_in_the_finite_test() -> None:
+    """A number of seconds added to a model later must be checked too."""
+    covered = {
+        where.replace("programs.experiment.", "programs.*.").replace("watch.0.", "watch.*.")
+        for _, _, where in DURATIONS
+    }
+    assert _float_fields(Config) == covered
+
+
+def test_a_file_that_is_not_utf8_names_the_line_of_the_bad_byte(tmp_path: Path) -> None:
+    """A Latin-1 "é" in a comment ended `check`, `run` and SIGHUP's reload in a traceback."""
+    config = tmp_path / "flipvisor.yaml"
+    config.write_bytes(b"state_dir: st\n# caf\xe9\nprograms: {}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    assert caught.value.exit_code == EXIT_USAGE
+    assert str(caught.value) == (
+        f"{config}:2: not UTF-8: byte 0xe9 at column 6 (invalid continuation byte); save the "
+        "file as UTF-8 (for example with `iconv -f latin1 -t utf-8`)"
+    )
+
+
+NO_USER = "nosuchuser-flipvisor"  # no passwd entry on any test host
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "where"),
+    [
+        (f"state_dir: ~{NO_USER}/fv\n", 1, "state_dir"),
+        (PROG + f"    cwd: ~{NO_USER}\n", 4, "programs.experiment.cwd"),
+        (
+            PROG + f"    proxy: {{template: t, dest: ~{NO_USER}/d}}\n",
+            4,
+            "programs.experiment.proxy.dest",
+        ),
+        (f"registry: {{ca: ~{NO_USER}/ca.pem}}\n", 1, "registry.ca"),
+    ],
+    ids=["state_dir", "cwd", "proxy.dest", "registry.ca"],
+)
+def test_a_home_folder_of_an_unknown_user_is_named(text: str, line: int, where: str) -> None:
+    """`~user` of no such user ended in pathlib's "Could not determine home directory" traceback."""
+    (problem,) = problems_of(text)
+    assert problem.startswith(f"{PATH}:{line}: {where}: unknown user '{NO_USER}' in '~{NO_USER}")
+    assert problem.endswith("write the folder out, or create the user"), problem
+
+
+def test_a_section_left_empty_means_its_defaults() -> None:
+    """`drain:` with nothing under it (YAML null) was "must be a mapping", while `readiness:` and
+    `proxy:` left empty mean unset: every mapping section now takes null as its defaults."""
+    text = dedent(
+        """\
+        registry:
+        logs:
+        watch:
+        programs:
+          experiment:
+            command: x
+            env:
+            socket:
+            drain:
+            restart:
+            readiness:
+            proxy:
+        """
+    )
+    assert parse_config(text, PATH) == parse_config(PROG, PATH)
+    assert parse_config("programs:\n", PATH) == Config()
+    vars_null = PROG + "    proxy:\n      template: t\n      dest: d\n      vars:\n"
+    proxy = parse_config(vars_null, PATH).programs["experiment"].proxy
+    assert proxy is not None and proxy.vars == {}

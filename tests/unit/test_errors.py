@@ -8,6 +8,7 @@ from flipvisor.errors import (
     BindError,
     ProbeFailed,
     ProxyError,
+    ProxyFileError,
     RegistryConflict,
     SpawnError,
     flip_next_step,
@@ -18,6 +19,8 @@ from flipvisor.errors import (
     ("error", "advice"),
     [
         (ProxyError("nginx -t failed"), "fix the proxy template or its check/reload command"),
+        # The template is not to blame for a dest that cannot be written.
+        (ProxyFileError("a folder is there"), "fix programs.web.proxy.dest (or the folders"),
         (RegistryConflict("key changed"), "make the registry reachable (registry.endpoints)"),
         (SpawnError("not found"), "fix programs.web.command or cwd in the config"),
         (BindError("127.0.0.1:8000 in use"), "free the address or change programs.web.socket"),

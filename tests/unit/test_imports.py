@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "flipvisor"
 
 # Components: a top-level module of the package, or "registry" for anything in registry/.
 ERRORS = {"errors"}
-LEAVES = ERRORS | {"states", "lazy_event", "signals"}
+LEAVES = ERRORS | {"states", "lazy_event", "signals", "usable"}
 BASE = LEAVES | {"config", "reaper", "spawn", "logs", "sockets", "events", "progress"}
 CHECKS = BASE | {"probe", "proxy", "registry"}
 WORKERS = CHECKS | {"worker", "generation"}
@@ -37,13 +37,14 @@ ALLOWED: dict[str, set[str]] = {
     "states": set(),
     "lazy_event": set(),
     "signals": set(),
+    "usable": set(),
     "config": {"errors", "locate"},
     "reaper": {"errors"},
     "spawn": {"errors", "config", "reaper"},
     "logs": {"config", "spawn", "errors"},
     "sockets": {"config", "errors"},
     "probe": {"config", "errors", "spawn", "reaper"},
-    "proxy": {"config", "errors", "spawn", "reaper"},
+    "proxy": {"config", "errors", "spawn", "reaper", "usable"},
     "registry": {"config", "errors", "registry"},
     "watch": {"registry", "proxy", "spawn", "reaper", "config", "errors"},
     "protocol": {"errors"},
@@ -58,7 +59,7 @@ ALLOWED: dict[str, set[str]] = {
     "registration": WORKERS | {"promotion", "registry"},
     "restarts": {"config"},
     "history": {"config"},
-    "preflight": {"config", "errors", "proxy", "spawn"},
+    "preflight": {"config", "errors", "proxy", "spawn", "usable"},
     "program": WORKERS
     | {"leftovers", "promotion", "registration", "restarts", "history", "locate"},
     "control": LEAVES | {"protocol", "config"},

@@ -101,3 +101,21 @@ def test_missing_file(tmp_path: Path) -> None:
         locate(tmp_path / "absent.yaml")
     assert "absent.yaml" in str(info.value)
     assert "-c PATH or $FLIPVISOR_CONFIG" in str(info.value)
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    """`status`, `reload`... read the file too: a config error (exit 2), never a traceback."""
+    config = tmp_path / "flipvisor.yaml"
+    config.write_bytes(b"state_dir: st\nprograms:\n  w\xff: {command: x}\n")
+    with pytest.raises(ConfigError, match=rf"^{config}:3: not UTF-8: byte 0xff at column 4 "):
+        locate(config)
+
+
+def test_a_state_dir_in_the_home_of_an_unknown_user_is_a_config_error(tmp_path: Path) -> None:
+    """Every client command reads state_dir: exit 2 with the line, not a RuntimeError traceback."""
+    config = write(tmp_path / "f.yaml", "# the supervisor's\n\nstate_dir: ~nosuchuser-fv/st\n")
+    with pytest.raises(ConfigError) as caught:
+        locate(config)
+    assert str(caught.value).startswith(
+        f"{config}:3: state_dir: unknown user 'nosuchuser-fv' in '~nosuchuser-fv/st'"
+    )

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from textwrap import dedent
 
+import pytest
+
 from flipvisor.cli import run_cli
 from flipvisor.config import parse_config
 from flipvisor.preflight import host_problems
@@ -15,7 +17,12 @@ TEMPLATE = ROOT / "templates" / "nginx.conf.j2"
 
 
 def problems(text: str, folder: Path) -> list[str]:
-    return host_problems(parse_config(dedent(text), folder / "flipvisor.yaml"))
+    """The host problems of ``text`` as a config file in ``folder`` (its state_dir there too,
+    unless it names one: the default, /var/lib/flipvisor, is root's)."""
+    text = dedent(text)
+    if not text.startswith("state_dir:"):
+        text = f"state_dir: {folder / 'state'}\n{text}"
+    return host_problems(parse_config(text, folder / "flipvisor.yaml"))
 
 
 def test_a_working_config_has_no_problems(tmp_path: Path) -> None:
@@ -76,7 +83,77 @@ def test_every_host_problem_is_named_with_its_location(tmp_path: Path) -> None:
 
 def test_check_exits_2_on_a_host_problem(tmp_path: Path) -> None:
     config = tmp_path / "flipvisor.yaml"
-    config.write_text("programs:\n  web:\n    command: [no-such-program-xyz]\n")
+    config.write_text("state_dir: st\nprograms:\n  web:\n    command: [no-such-program-xyz]\n")
     assert run_cli(["check", "-c", str(config)]) == 2
-    config.write_text(f"programs:\n  web:\n    command: [{sys.executable}]\n")
+    config.write_text(f"state_dir: st\nprograms:\n  web:\n    command: [{sys.executable}]\n")
     assert run_cli(["check", "-c", str(config)]) == 0
+
+
+def test_what_run_would_refuse_is_found_before(tmp_path: Path) -> None:
+    """`check` said ok, and `run` failed: a state_dir or proxy file it cannot create, a metrics
+    address that is not this host's."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    (tmp_path / "a-folder").mkdir()
+    text = f"""\
+        state_dir: {a_file}
+        metrics: {{listen: "999.1.1.1:9000"}}
+        programs:
+          web:
+            command: ["{sys.executable}"]
+            proxy: {{template: {TEMPLATE}, dest: {tmp_path}/a-folder}}
+          api:
+            command: ["{sys.executable}"]
+            proxy: {{template: {TEMPLATE}, dest: {a_file}/sites/api.conf}}
+        watch:
+          - keys: [a/b]
+            template: {TEMPLATE}
+            dest: {a_file}/out.conf
+        """
+    found = problems(text, tmp_path)
+    assert found[0] == (
+        f"state_dir: {a_file} is a file, not a folder; choose a writable folder in `state_dir`"
+    )
+    assert found[1].startswith("metrics.listen: cannot listen on 999.1.1.1:9000: '999.1.1.1' is ")
+    assert found[2:] == [
+        f"programs.web.proxy.dest: {tmp_path}/a-folder is a folder; name a file",
+        f"programs.api.proxy.dest: cannot create {a_file}/sites: {a_file} is a file, not a folder",
+        f"watch.0.dest: {a_file} is a file, not a folder",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("state_dir", "why"),
+    [
+        (
+            "{tmp}/a-file/state",
+            "cannot create {tmp}/a-file/state: {tmp}/a-file is a file, not a folder",
+        ),
+        (
+            "/proc/sys/kernel/fv",
+            "cannot create /proc/sys/kernel/fv: /proc/sys/kernel is not writable",
+        ),
+        ("{tmp}/state", "{tmp}/state/logs is a file, not a folder"),  # run creates it too
+    ],
+    ids=["parent-a-file", "parent-not-writable", "its-logs-a-file"],
+)
+def test_a_state_dir_run_could_not_create(tmp_path: Path, state_dir: str, why: str) -> None:
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "logs").write_text("")
+    (problem,) = problems(f"state_dir: {state_dir.format(tmp=tmp_path)}\n", tmp_path)
+    assert problem.startswith(f"state_dir: {why.format(tmp=tmp_path)}"), problem
+    assert problem.endswith("; choose a writable folder in `state_dir`")
+
+
+def test_check_counts_in_words(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "flipvisor.yaml"
+    config.write_text(f"state_dir: st\nprograms:\n  web:\n    command: [{sys.executable}]\n")
+    assert run_cli(["check", "-c", str(config)]) == 0
+    assert capsys.readouterr().out == f"{config}: ok (1 program, 0 watches)\n"
+    config.write_text(
+        "state_dir: st\nwatch:\n  - keys: [p/w/pid/previous]\n    drain_pid: {}\n"
+        "  - keys: [p/v/pid/previous]\n    drain_pid: {}\n"
+    )
+    assert run_cli(["check", "-c", str(config)]) == 0
+    assert capsys.readouterr().out == f"{config}: ok (0 programs, 2 watches)\n"

@@ -1,0 +1,96 @@
+"""Whether a folder, a file or a listen address the config names can be used on this host, said
+in a sentence.
+
+Shared by ``flipvisor check`` (before anything runs: it creates, writes and binds nothing that
+lasts) and by the run-time errors (after a create, a write or a bind failed), so that both name
+the real problem: "File exists" from a ``mkdir`` whose parent is a file, or "choose a free port"
+for an address that does not exist, sent operators to the wrong place.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _not_writable(folder: Path) -> str:
+    return f"{folder} is not writable by this user (uid {os.geteuid()})"
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be created (with its parents) and written into, or None.
+
+    ``os.access`` asks the kernel with the real uid: root passes mode bits, but not a read-only
+    file system.
+    """
+    if os.path.lexists(folder):
+        if not folder.is_dir():
+            return f"{folder} is a file, not a folder"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return _not_writable(folder)
+        return None
+    ancestor = _nearest_existing(folder)
+    if not ancestor.is_dir():
+        return f"cannot create {folder}: {ancestor} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot create {folder}: {_not_writable(ancestor)}"
+    return None
+
+
+def file_problem(path: Path) -> str | None:
+    """Why a file cannot be written to ``path`` atomically (a temporary file in its folder,
+    renamed over it; missing folders created), or None."""
+    if path.is_dir():
+        return f"{path} is a folder; name a file"
+    return folder_problem(path.parent)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``127.0.0.1:9100`` (or ``[::1]:9100``, ``http://`` accepted) as host and port."""
+    rest = listen.removeprefix("http://").removeprefix("https://")
+    host, _, port = rest.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def listen_error(host: str, port: int, exc: OSError) -> str:
+    """What a failed listen on ``host:port`` means, and what to do, by its cause."""
+    where = f"cannot listen on {host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        return (
+            f"{where}: {host!r} is not an address ({exc.strerror}); use an IP address of this "
+            "host, such as 127.0.0.1"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: {host} is not an address of this host; use one of its own, or 0.0.0.0"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: the port is in use; choose a free port, or stop what holds this one"
+    if exc.errno == errno.EACCES:
+        return f"{where}: a port below 1024 needs root; choose a port >= 1024"
+    return f"{where}: {exc.strerror or exc}"
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on, or None: the address must resolve and be this
+    host's. The port itself is not bound (the running supervisor may hold it), so a port in use
+    is found only when ``run`` binds it."""
+    try:
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        return listen_error(host, port, exc)
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind((address[0], 0, *address[2:]))  # port 0: nothing to collide with
+            except OSError as exc:
+                return listen_error(host, port, exc)
+    return None
