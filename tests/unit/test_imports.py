@@ -46,7 +46,7 @@ ALLOWED: dict[str, set[str]] = {
     "probe": {"config", "errors", "spawn", "reaper"},
     "proxy": {"config", "errors", "spawn", "reaper", "usable"},
     "registry": {"config", "errors", "registry"},
-    "watch": {"registry", "proxy", "spawn", "reaper", "config", "errors"},
+    "watch": {"registry", "proxy", "spawn", "reaper", "config", "errors", "signals"},
     "protocol": {"errors"},
     "events": LEAVES,
     "progress": LEAVES | {"events"},
