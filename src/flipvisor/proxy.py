@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .config import PROGRAM_NAME_RE
-from .errors import ProxyError, ProxyReloadTimedOut, SpawnError
+from .errors import ProxyError, ProxyReloadFailed, ProxyReloadTimedOut, SpawnError
 from .spawn import pidfd_if_started_at, run_command
 
 if TYPE_CHECKING:  # only the type: proxy.py's allowed imports are config, errors, spawn
@@ -353,7 +353,9 @@ async def reload(
 
     Raises:
         ProxyReloadTimedOut: the command timed out (the proxy may have reloaded).
-        ProxyError: the command could not start or failed (with its output).
+        ProxyReloadFailed: the command failed (with its output); the proxy may have reloaded
+            all the same, before whatever failed.
+        ProxyError: the command could not start (the proxy did not reload).
     """
     if not reload_cmd:
         return
@@ -364,7 +366,7 @@ async def reload(
     if result.timed_out:
         raise ProxyReloadTimedOut(f"proxy reload failed: {result.describe()}")
     if not result.ok:
-        raise ProxyError(f"proxy reload failed: {result.describe()}")
+        raise ProxyReloadFailed(f"proxy reload failed: {result.describe()}")
     log.info("proxy reloaded: %s", " ".join(reload_cmd))
 
 
