@@ -36,6 +36,7 @@ from .leftovers import this_supervisor
 from .progress import FlipReport
 from .proxy import (
     Installed,
+    check,
     flip_context,
     install,
     proxy_workers,
@@ -425,24 +426,33 @@ async def _swap_keys(
 async def _reload_back(
     gen: Generation, *, program: str, proxy: ProxyConfig, reaper: Reaper, report: FlipReport
 ) -> None:
-    """Reload the proxy once more, after its file was put back, so that it routes to the old
-    generation again; with a pidfile, wait until the proxy workers that routed to ``gen`` are
-    gone, so that the failed flip ends with the proxy on the old generation. A step of its own
-    in the flip's report.
+    """Check the proxy's config with its file put back, and reload the proxy once more, so
+    that it routes to the old generation again; with a pidfile, wait until the proxy workers
+    that routed to ``gen`` are gone, so that the failed flip ends with the proxy on the old
+    generation. A step of its own in the flip's report.
 
     Raises:
-        ProxyError: the reload failed; the message says that the proxy may still route to
-            ``gen``, and what to run (it is logged too: the flip's own error stays the reason).
+        ProxyError: the check or the reload failed; the message says that the proxy may still
+            route to ``gen``, and what to do (it is logged too: the flip's own error stays the
+            reason).
     """
     with report.step("reload-back", f"the proxy, away from generation {gen.number}") as step:
         try:
+            # The file put back passed its check once, but the rest of the proxy's config may
+            # have changed since; an unchecked config is never reloaded, here neither.
+            await check(proxy.check_cmd, proxy.dest, reaper=reaper, timeout=proxy.timeout)
             routing_to_gen = proxy_workers(proxy.pidfile) if proxy.pidfile else frozenset()
             await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
         except ProxyError as exc:
+            once = (
+                f" once its config passes `{shlex.join(proxy.check_cmd)}`"
+                if proxy.check_cmd
+                else ""
+            )
             step.detail = (
                 f"{exc}; the proxy may still route to generation {gen.number} until it reloads: "
-                f"run {_command(proxy)}, or reload it by other means (the previous proxy file "
-                "is back in place)"
+                f"run {_command(proxy)}{once}, or reload it by other means (the previous proxy "
+                "file is back in place)"
             )
             log.error("program=%s could not reload the proxy back: %s", program, step.detail)
             raise ProxyError(step.detail) from exc

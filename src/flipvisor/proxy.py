@@ -343,6 +343,33 @@ async def install(
     return installed
 
 
+async def check(
+    check_cmd: Sequence[str] | None,
+    dest: Path,
+    *,
+    reaper: Reaper,
+    timeout: float,
+) -> None:
+    """Run ``check_cmd`` against the proxy's configuration as it is on disk (``{path}``:
+    ``dest``), before a reload that nothing else checked (a file put back, say). A check that
+    names ``dest`` while there is no such file has nothing to check and is not run.
+
+    Raises:
+        ProxyError: the check could not run or failed (with its output).
+    """
+    if not check_cmd:
+        return
+    if any(PATH_PLACEHOLDER in arg for arg in check_cmd) and not await anyio.Path(dest).exists():
+        return
+    argv = [arg.replace(PATH_PLACEHOLDER, str(dest)) for arg in check_cmd]
+    try:
+        result = await run_command(argv, reaper=reaper, timeout=timeout)
+    except SpawnError as exc:
+        raise ProxyError(f"proxy check of {dest} could not run: {exc}") from exc
+    if not result.ok:
+        raise ProxyError(f"proxy check of {dest} failed: {result.describe()}")
+
+
 async def reload(
     reload_cmd: Sequence[str] | None,
     *,

@@ -364,16 +364,19 @@ def test_a_reload_cut_short_is_reloaded_back(
     before.assert_untouched(flipvisor, nginx)
 
 
-def _reload_then(nginx: Nginx, marker: Path, then: str) -> list[str]:
-    """A reload_cmd that reloads nginx and then fails a later step (exit 3), the first time
-    (it leaves ``marker``); later runs do ``then``, a shell snippet."""
+def _reload_then(
+    nginx: Nginx, marker: Path, then: str, reload: list[str] | None = None
+) -> list[str]:
+    """A reload_cmd that reloads nginx (with ``reload``, default its own reload command) and
+    then fails a later step (exit 3), the first time (it leaves ``marker``); later runs do
+    ``then``, a shell snippet, instead."""
     return [
         "sh",
         "-c",
         'if [ -e "$0" ]; then ' + then + '; fi; "$@" || exit; touch "$0"; '
         "echo partial failure >&2; exit 3",
         str(marker),
-        *nginx.reload_cmd,
+        *(reload or nginx.reload_cmd),
     ]
 
 
@@ -433,6 +436,35 @@ def test_a_failed_reload_whose_reload_back_fails_too_names_both_and_what_to_do(
     subprocess.run(nginx.reload_cmd, check=True, timeout=30)
     wait_until(lambda: _version(nginx) == "1", message="nginx to proxy to generation 1 again")
     before.assert_untouched(flipvisor, nginx)
+
+
+def test_a_failed_reload_is_not_reloaded_back_past_a_failing_check(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """The reload back checks the config first, like any reload: here the check fails once the
+    first reload ran (something else in nginx's config broke, say), so the reload back is not
+    run, and the flip says that nginx may still route to generation 2 and what to do."""
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    before = BeforeFlip.take(flipvisor, nginx)
+    marker = flipvisor.dir / "reloaded-once"
+    reloads = flipvisor.dir / "reloads"
+    counted = ["sh", "-c", f'echo >> {reloads}; exec "$@"', "sh", *nginx.reload_cmd]
+    check = ["sh", "-c", 'test ! -e "$0" || { echo broken elsewhere >&2; exit 1; }; exec "$@"']
+    proxy = {
+        "reload_cmd": _reload_then(nginx, marker, 'exec "$@"', counted),
+        "check_cmd": [*check, str(marker), *nginx.check_cmd],
+    }
+    flipvisor.write_config({"programs": {"web": program(nginx, "2", proxy=proxy)}})
+    result = flipvisor.cli("flip", "web")
+    assert result.returncode == 1, result.stdout + result.stderr
+    error = " ".join(result.stderr.split())
+    assert "exited with status 3: partial failure" in error, error
+    assert "reloading the proxy back failed too" in error, error
+    assert "broken elsewhere" in error and "once its config passes" in error, error
+    assert "the previous generation keeps serving" not in error, error
+    assert len(reloads.read_text().splitlines()) == 1  # the reload back never ran
+    assert (nginx.conf_dir / "web.conf").read_bytes() == before.proxy_file
+    assert flipvisor.registry() == before.keys
 
 
 def _version(nginx: Nginx) -> str | None:
