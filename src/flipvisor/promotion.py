@@ -340,14 +340,18 @@ async def unroute(
         except ProxyReloadTimedOut:
             old_workers = frozenset()  # it may have reloaded; nothing more to do but drain
         except ProxyError as exc:
+            # Unlike a flip's, this failed reload is not reloaded back, even though it may have
+            # taken effect: the file is gone on purpose, and a reload that half-applied did
+            # what was wanted. Putting the file back and reloading would route to the program
+            # that drains next; another reload, by whoever, can only converge on the removal.
             log.warning(
                 "program=%s was removed from the config and its proxy file %s removed, but the "
-                "proxy did not reload: %s; it routes to the drained program until it reloads: "
+                "proxy reload failed: %s; it may route to the drained program until it reloads: "
                 "run %s",
                 program,
                 proxy.dest,
                 exc,
-                " ".join(proxy.reload_cmd or ()),
+                shlex.join(proxy.reload_cmd or ()),
             )
             return False
     if not await wait_workers_gone(old_workers, proxy.timeout):
