@@ -60,7 +60,13 @@ class ProxyFileError(ProxyError):
     its way, a read-only folder): the template and commands are not to blame."""
 
 
-class ProxyReloadTimedOut(ProxyError):
+class ProxyReloadFailed(ProxyError):
+    """The reload command ran and did not succeed: the proxy may have loaded the new
+    configuration all the same (``nginx -s reload`` in a wrapper that then fails a later step),
+    so whoever undoes the change must reload the proxy again."""
+
+
+class ProxyReloadTimedOut(ProxyReloadFailed):
     """The reload command outlived its timeout: the proxy may or may not have reloaded."""
 
 

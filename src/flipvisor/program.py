@@ -204,12 +204,13 @@ class Program:
             report.finish(str(exc), exc.output)
         except TimeoutError:
             report.finish(
-                f"the flip took longer than --timeout {timeout}s; rolled back; "
-                f"`flipvisor logs {self.name}` shows what the new generation did",
+                f"the flip took longer than --timeout {timeout}s; rolled back"
+                f"{_stranded(report)}; `flipvisor logs {self.name}` shows what the new "
+                "generation did",
                 report.output,
             )
         except FlipvisorError as exc:
-            report.finish(f"{exc}; {flip_next_step(exc, self.name)}")
+            report.finish(f"{exc}{_stranded(report)}; {flip_next_step(exc, self.name)}")
         except Exception as exc:
             # The task-group boundary of a flip: a bug must fail this flip, not the
             # supervisor and every other program with it.
@@ -277,7 +278,11 @@ class Program:
             if isinstance(exc, FlipvisorError | TimeoutError):
                 output = list(gen.tail)
                 serving = (
-                    "the previous generation keeps serving"
+                    # Not "keeps serving": the proxy may still send requests to `gen`, stopped.
+                    f"{report.stranded}; generation {number} is stopped, so until then the "
+                    "requests the proxy sends it fail"
+                    if report.stranded
+                    else "the previous generation keeps serving"
                     if self.serving
                     else f"{self.leftovers.describe()} keeps serving"
                     if self.leftovers
@@ -636,6 +641,12 @@ class Program:
 
 def _step(report: FlipReport | None, name: str, detail: str) -> AbstractContextManager[Any]:
     return report.step(name, detail) if report is not None else nullcontext()
+
+
+def _stranded(report: FlipReport) -> str:
+    """For a failed flip's message: if the proxy could not be reloaded back away from the new
+    generation, why and what to do, as a clause (empty if it was, or never needed to be)."""
+    return f", but {report.stranded}" if report.stranded else ""
 
 
 def _reason(exc: BaseException) -> str:

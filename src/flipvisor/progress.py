@@ -49,6 +49,10 @@ class FlipReport:
         self.steps: list[Step] = []
         self.error: str | None = None
         self.output: list[str] = []
+        # Set when a failed flip could not reload the proxy back away from the new generation:
+        # why, and what the operator must do. The flip's outcome must not then claim that the
+        # previous generation keeps serving: the proxy may still send requests to the new one.
+        self.stranded: str | None = None
         self.started = time.monotonic()
         self.duration: float | None = None
         self._done = anyio.Event()

@@ -3,16 +3,19 @@
 write + check the proxy file → registry transaction → reload the proxy → wait for the proxy's old
 workers. A failure until the reload finished undoes what was done, in reverse order, inside a
 bounded shield: the proxy file and the registry keys end as they were, and the proxy routes to the
-old generation (it is reloaded back if its reload may have taken effect: cut short by a timeout,
-or followed by a worker's exit). Between the steps, a worker that exited fails the promotion:
-without a readiness probe, that is the only sign that a release is broken.
+old generation (it is reloaded back if its reload may have taken effect: one that failed, as a
+wrapper that reloads and then fails a later step does, one cut short by a timeout, or one followed
+by a worker's exit), before the caller stops the new generation. If that reload back fails, the
+report says so (``FlipReport.stranded``): the proxy may still route to the new generation. Between
+the steps, a worker that exited fails the promotion: without a readiness probe, that is the only
+sign that a release is broken.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
+import shlex
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -21,12 +24,19 @@ from contextlib import nullcontext
 import anyio
 
 from .config import ProgramConfig, ProxyConfig
-from .errors import ProxyError, ProxyReloadTimedOut, RegistryConflict, RegistryError
+from .errors import (
+    ProxyError,
+    ProxyReloadFailed,
+    ProxyReloadTimedOut,
+    RegistryConflict,
+    RegistryError,
+)
 from .generation import Generation
 from .leftovers import this_supervisor
 from .progress import FlipReport
 from .proxy import (
     Installed,
+    check,
     flip_context,
     install,
     proxy_workers,
@@ -204,14 +214,15 @@ async def _route(
             with report.step("reload"):
                 if proxy.pidfile is not None:
                     old_proxy_workers = proxy_workers(proxy.pidfile)
-                # From here the proxy may route to gen: a reload cut short (by the flip's
-                # --timeout or its own) may have taken effect, and is undone like one that
-                # finished. Only a reload command that said it failed is not.
+                # From here the proxy may route to gen: a reload that failed or was cut short
+                # (by the flip's --timeout or its own) may have taken effect before it ended (a
+                # wrapper that runs `nginx -s reload`, then fails a later step), and is undone
+                # like one that finished. Only a command that could not start is not.
                 reloaded = True
                 try:
                     await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
                 except ProxyError as exc:
-                    reloaded = isinstance(exc, ProxyReloadTimedOut)
+                    reloaded = isinstance(exc, ProxyReloadFailed)
                     raise
             # The proxy routes to gen now, but the old generation still runs: a worker lost
             # during the reload still undoes the flip, at the cost of a reload back.
@@ -237,14 +248,20 @@ async def _undo(
     report: FlipReport,
 ) -> None:
     """After ``failure``: run each undo step, last first, all of them even if one fails (a file
-    that cannot be put back must not keep the registry's keys from being restored), then reload
-    the proxy back if it ``reloaded`` and every step worked.
+    that cannot be put back must not keep the registry's keys from being restored), then, if the
+    proxy may have ``reloaded`` towards ``gen``, reload it back once its files are put back.
+
+    All of it before returning, so before the caller stops ``gen``: until the reload back, the
+    proxy may still send ``gen`` requests. If the proxy may still route to ``gen`` after all
+    (the reload back failed, or was not tried because a file could not be put back),
+    ``report.stranded`` says so and what the operator must do.
 
     Raises:
         ProxyError: a step failed too; the message names both failures (a cancellation is
             left to propagate as it is).
     """
     failed = []
+    files_restored, routed_back = True, False
     with anyio.CancelScope(shield=True), anyio.move_on_after(UNDO_TIMEOUT):
         for step in reversed(steps):
             try:
@@ -252,9 +269,25 @@ async def _undo(
             except (ProxyError, RegistryError) as exc:
                 log.error("program=%s undoing a failed promotion: %s", program, exc)
                 failed.append(str(exc))
-        if reloaded and not failed:
+                files_restored = files_restored and not isinstance(exc, ProxyError)
+        # Keys that could not be swapped back are retried by the registry; the proxy must not
+        # wait for them. A proxy file that could not be put back must not be loaded, though.
+        if reloaded and files_restored:
             assert proxy is not None  # it reloaded
-            await _reload_back(gen, program=program, proxy=proxy, reaper=reaper, report=report)
+            try:
+                await _reload_back(gen, program=program, proxy=proxy, reaper=reaper, report=report)
+                routed_back = True
+            except ProxyError as exc:
+                report.stranded = f"reloading the proxy back failed too: {exc}"
+    if reloaded and not routed_back and report.stranded is None:
+        assert proxy is not None  # it reloaded
+        report.stranded = (
+            f"the proxy may still route to generation {gen.number}: it was not reloaded back, "
+            "as its files could not be put back"
+            if not files_restored
+            else f"the proxy may still route to generation {gen.number}: reloading it back did "
+            f"not finish within {UNDO_TIMEOUT:g}s; run {_command(proxy)}"
+        )
     if failed and isinstance(failure, Exception):
         raise ProxyError(
             f"{failure}; undoing it failed too: {'; '.join(failed)}; the proxy's files are as "
@@ -307,14 +340,18 @@ async def unroute(
         except ProxyReloadTimedOut:
             old_workers = frozenset()  # it may have reloaded; nothing more to do but drain
         except ProxyError as exc:
+            # Unlike a flip's, this failed reload is not reloaded back, even though it may have
+            # taken effect: the file is gone on purpose, and a reload that half-applied did
+            # what was wanted. Putting the file back and reloading would route to the program
+            # that drains next; another reload, by whoever, can only converge on the removal.
             log.warning(
                 "program=%s was removed from the config and its proxy file %s removed, but the "
-                "proxy did not reload: %s; it routes to the drained program until it reloads: "
+                "proxy reload failed: %s; it may route to the drained program until it reloads: "
                 "run %s",
                 program,
                 proxy.dest,
                 exc,
-                " ".join(proxy.reload_cmd or ()),
+                shlex.join(proxy.reload_cmd or ()),
             )
             return False
     if not await wait_workers_gone(old_workers, proxy.timeout):
@@ -393,28 +430,44 @@ async def _swap_keys(
 async def _reload_back(
     gen: Generation, *, program: str, proxy: ProxyConfig, reaper: Reaper, report: FlipReport
 ) -> None:
-    """Reload the proxy once more, after its file was put back, so that it routes to the old
-    generation again; with a pidfile, wait until the proxy workers that routed to ``gen`` are
-    gone, so that the failed flip ends with the proxy on the old generation. A step of its own
-    in the flip's report: if it fails, the operator must know that the proxy may still route to
-    ``gen`` (it is logged too, and not raised: the flip's own error stays the reason)."""
-    with (
-        contextlib.suppress(ProxyError),
-        report.step("reload-back", f"the proxy, away from generation {gen.number}") as step,
-    ):
+    """Check the proxy's config with its file put back, and reload the proxy once more, so
+    that it routes to the old generation again; with a pidfile, wait until the proxy workers
+    that routed to ``gen`` are gone, so that the failed flip ends with the proxy on the old
+    generation. A step of its own in the flip's report.
+
+    Raises:
+        ProxyError: the check or the reload failed; the message says that the proxy may still
+            route to ``gen``, and what to do (it is logged too: the flip's own error stays the
+            reason).
+    """
+    with report.step("reload-back", f"the proxy, away from generation {gen.number}") as step:
         try:
+            # The file put back passed its check once, but the rest of the proxy's config may
+            # have changed since; an unchecked config is never reloaded, here neither.
+            await check(proxy.check_cmd, proxy.dest, reaper=reaper, timeout=proxy.timeout)
             routing_to_gen = proxy_workers(proxy.pidfile) if proxy.pidfile else frozenset()
             await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
         except ProxyError as exc:
+            once = (
+                f" once its config passes `{shlex.join(proxy.check_cmd)}`"
+                if proxy.check_cmd
+                else ""
+            )
             step.detail = (
                 f"{exc}; the proxy may still route to generation {gen.number} until it reloads: "
-                f"run {' '.join(proxy.reload_cmd or ())}"
+                f"run {_command(proxy)}{once}, or reload it by other means (the previous proxy "
+                "file is back in place)"
             )
             log.error("program=%s could not reload the proxy back: %s", program, step.detail)
-            raise
+            raise ProxyError(step.detail) from exc
         if not await wait_workers_gone(routing_to_gen, proxy.timeout):
             log.warning(
                 "program=%s proxy workers still running %ss after reloading back",
                 program,
                 proxy.timeout,
             )
+
+
+def _command(proxy: ProxyConfig) -> str:
+    """``proxy``'s reload command, quoted for a message the operator may paste into a shell."""
+    return f"`{shlex.join(proxy.reload_cmd or ())}`"

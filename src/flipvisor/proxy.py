@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .config import PROGRAM_NAME_RE
-from .errors import ProxyError, ProxyFileError, ProxyReloadTimedOut, SpawnError
+from .errors import ProxyError, ProxyFileError, ProxyReloadFailed, ProxyReloadTimedOut, SpawnError
 from .spawn import pidfd_if_started_at, run_command
 from .usable import file_problem
 
@@ -348,6 +348,33 @@ async def install(
     return installed
 
 
+async def check(
+    check_cmd: Sequence[str] | None,
+    dest: Path,
+    *,
+    reaper: Reaper,
+    timeout: float,
+) -> None:
+    """Run ``check_cmd`` against the proxy's configuration as it is on disk (``{path}``:
+    ``dest``), before a reload that nothing else checked (a file put back, say). A check that
+    names ``dest`` while there is no such file has nothing to check and is not run.
+
+    Raises:
+        ProxyError: the check could not run or failed (with its output).
+    """
+    if not check_cmd:
+        return
+    if any(PATH_PLACEHOLDER in arg for arg in check_cmd) and not await anyio.Path(dest).exists():
+        return
+    argv = [arg.replace(PATH_PLACEHOLDER, str(dest)) for arg in check_cmd]
+    try:
+        result = await run_command(argv, reaper=reaper, timeout=timeout)
+    except SpawnError as exc:
+        raise ProxyError(f"proxy check of {dest} could not run: {exc}") from exc
+    if not result.ok:
+        raise ProxyError(f"proxy check of {dest} failed: {result.describe()}")
+
+
 async def reload(
     reload_cmd: Sequence[str] | None,
     *,
@@ -358,7 +385,9 @@ async def reload(
 
     Raises:
         ProxyReloadTimedOut: the command timed out (the proxy may have reloaded).
-        ProxyError: the command could not start or failed (with its output).
+        ProxyReloadFailed: the command failed (with its output); the proxy may have reloaded
+            all the same, before whatever failed.
+        ProxyError: the command could not start (the proxy did not reload).
     """
     if not reload_cmd:
         return
@@ -369,7 +398,7 @@ async def reload(
     if result.timed_out:
         raise ProxyReloadTimedOut(f"proxy reload failed: {result.describe()}")
     if not result.ok:
-        raise ProxyError(f"proxy reload failed: {result.describe()}")
+        raise ProxyReloadFailed(f"proxy reload failed: {result.describe()}")
     log.info("proxy reloaded: %s", " ".join(reload_cmd))
 
 

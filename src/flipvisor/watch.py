@@ -270,6 +270,12 @@ class TemplateWatch(_Follower):
         try:
             await reload(self.entry.reload_cmd, reaper=self.reaper, timeout=COMMAND_TIMEOUT)
         except ProxyError as exc:
+            # A reload that failed may have taken effect (a wrapper that reloads, then fails a
+            # later step): the proxy then runs the new render while the disk holds the previous
+            # one. Unlike a flip's, it is not reloaded back: the new render is what the keys say
+            # now (the previous one may route to a process that is gone); the drain of the
+            # process it replaces is held while this entry fails, so neither file routes to a
+            # drained process; and the retry (``_unconfirmed``) installs and reloads it again.
             installed.restore_after(str(exc), quiet=quiet)
             raise
         except BaseException:

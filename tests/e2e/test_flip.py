@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -357,7 +358,121 @@ def test_a_reload_cut_short_is_reloaded_back(
     assert "reload-back" in result.stderr
     if not timeout:
         assert "may still route to generation 2" in result.stderr
+    else:
+        # The flip's own message, not only the step's detail: it was not simply rolled back.
+        assert "rolled back, but reloading the proxy back failed too" in result.stderr
     before.assert_untouched(flipvisor, nginx)
+
+
+def _reload_then(
+    nginx: Nginx, marker: Path, then: str, reload: list[str] | None = None
+) -> list[str]:
+    """A reload_cmd that reloads nginx (with ``reload``, default its own reload command) and
+    then fails a later step (exit 3), the first time (it leaves ``marker``); later runs do
+    ``then``, a shell snippet, instead."""
+    return [
+        "sh",
+        "-c",
+        'if [ -e "$0" ]; then ' + then + '; fi; "$@" || exit; touch "$0"; '
+        "echo partial failure >&2; exit 3",
+        str(marker),
+        *(reload or nginx.reload_cmd),
+    ]
+
+
+def test_a_reload_that_fails_after_reloading_is_reloaded_back_under_load(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """nginx loads generation 2's file, then the reload command exits 3: the flip cannot know
+    whether nginx reloaded, so it puts the file back and reloads once more before it stops
+    generation 2; no request fails, and nginx ends on generation 1."""
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    before = BeforeFlip.take(flipvisor, nginx)
+    marker = flipvisor.dir / "reloaded-once"
+    reload_cmd = _reload_then(nginx, marker, 'exec "$@"')  # the reload back works
+    flipvisor.write_config(
+        {"programs": {"web": program(nginx, "2", proxy={"reload_cmd": reload_cmd})}}
+    )
+    with Load(nginx.url("/"), clients=3) as load:
+        result = flipvisor.cli("flip", "web")
+        outcome = load.stop()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert marker.exists()  # nginx did load generation 2's file
+    assert "exited with status 3: partial failure" in result.stderr, result.stderr
+    assert "the previous generation keeps serving" in result.stderr, result.stderr
+    # Zero: generation 2 is stopped only once the nginx workers routing to it are gone.
+    assert outcome.failed == 0, (outcome.failed, outcome.errors[:5])
+    assert outcome.ok > 0
+    before.assert_untouched(flipvisor, nginx)
+    assert "reload-back" in result.stderr  # a step of the flip, shown
+
+
+def test_a_failed_reload_whose_reload_back_fails_too_names_both_and_what_to_do(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """The double fault: nginx loads generation 2's file, the reload command exits 3, and the
+    reload back fails without reloading (exit 4). nginx routes to generation 2, which is
+    stopped; the flip says so, with both errors and the command that puts it right (which
+    does: the previous file is back in place)."""
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    before = BeforeFlip.take(flipvisor, nginx)
+    marker = flipvisor.dir / "reloaded-once"
+    reload_cmd = _reload_then(nginx, marker, "echo reload back broke >&2; exit 4")
+    flipvisor.write_config(
+        {"programs": {"web": program(nginx, "2", proxy={"reload_cmd": reload_cmd})}}
+    )
+    result = flipvisor.cli("flip", "web")
+    assert result.returncode == 1, result.stdout + result.stderr
+    error = " ".join(result.stderr.split())  # the display wraps long lines
+    assert "exited with status 3: partial failure" in error, error
+    assert "reloading the proxy back failed too" in error, error
+    assert "exited with status 4: reload back broke" in error, error
+    assert "may still route to generation 2" in error, error
+    assert f"run `{' '.join(reload_cmd)}`" in error or "run `sh -c" in error, error
+    assert "the previous generation keeps serving" not in error, error
+    assert (nginx.conf_dir / "web.conf").read_bytes() == before.proxy_file
+    assert flipvisor.registry() == before.keys
+    # What the message tells the operator to do (the reload, done by hand) routes back to 1.
+    subprocess.run(nginx.reload_cmd, check=True, timeout=30)
+    wait_until(lambda: _version(nginx) == "1", message="nginx to proxy to generation 1 again")
+    before.assert_untouched(flipvisor, nginx)
+
+
+def test_a_failed_reload_is_not_reloaded_back_past_a_failing_check(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """The reload back checks the config first, like any reload: here the check fails once the
+    first reload ran (something else in nginx's config broke, say), so the reload back is not
+    run, and the flip says that nginx may still route to generation 2 and what to do."""
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    before = BeforeFlip.take(flipvisor, nginx)
+    marker = flipvisor.dir / "reloaded-once"
+    reloads = flipvisor.dir / "reloads"
+    counted = ["sh", "-c", f'echo >> {reloads}; exec "$@"', "sh", *nginx.reload_cmd]
+    check = ["sh", "-c", 'test ! -e "$0" || { echo broken elsewhere >&2; exit 1; }; exec "$@"']
+    proxy = {
+        "reload_cmd": _reload_then(nginx, marker, 'exec "$@"', counted),
+        "check_cmd": [*check, str(marker), *nginx.check_cmd],
+    }
+    flipvisor.write_config({"programs": {"web": program(nginx, "2", proxy=proxy)}})
+    result = flipvisor.cli("flip", "web")
+    assert result.returncode == 1, result.stdout + result.stderr
+    error = " ".join(result.stderr.split())
+    assert "exited with status 3: partial failure" in error, error
+    assert "reloading the proxy back failed too" in error, error
+    assert "broken elsewhere" in error and "once its config passes" in error, error
+    assert "the previous generation keeps serving" not in error, error
+    assert len(reloads.read_text().splitlines()) == 1  # the reload back never ran
+    assert (nginx.conf_dir / "web.conf").read_bytes() == before.proxy_file
+    assert flipvisor.registry() == before.keys
+
+
+def _version(nginx: Nginx) -> str | None:
+    """The version nginx proxies to, None while it answers with an error (a 502)."""
+    try:
+        return str(proxied(nginx)["version"])
+    except OSError:
+        return None
 
 
 def test_a_flip_to_another_proxy_dest_replaces_the_old_file(

@@ -117,7 +117,7 @@ def test_a_removed_program_whose_proxy_reload_fails_says_what_is_left_to_do(
     wait_gone(gen["pids"])
     assert not web_conf(nginx).exists()
     output = flipvisor.output()
-    assert "removed, but the proxy did not reload" in output, output
+    assert "removed, but the proxy reload failed" in output, output
     assert "remove what refers to" not in output
     assert "unrouted" not in flipvisor.event_kinds()
 
