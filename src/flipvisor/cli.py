@@ -35,6 +35,13 @@ def _config_option(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
+TIMEOUT_HELP = (
+    "give up and roll back (exit 1) if the new generation is not promoted within S seconds; "
+    "once promoted it serves and stays: if S runs out while the old generation drains, exit 0 "
+    "then, with a warning, and the drain goes on as its drain settings say"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flipvisor",
@@ -57,17 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("run", "run the supervisor in the foreground")
     flip = command("flip", "deploy a new generation of PROGRAM", program=True, json_output=True)
-    flip.add_argument(
-        "--timeout", type=seconds, metavar="S", help="give up and roll back after S seconds"
-    )
+    flip.add_argument("--timeout", type=seconds, metavar="S", help=TIMEOUT_HELP)
     command(
         "restart",
         "restart PROGRAM: a flip (re-reads its section of the file)",
         program=True,
         json_output=True,
-    ).add_argument(
-        "--timeout", type=seconds, metavar="S", help="give up and roll back after S seconds"
-    )
+    ).add_argument("--timeout", type=seconds, metavar="S", help=TIMEOUT_HELP)
     command(
         "rollback", "flip back to the previous generation's config", program=True, json_output=True
     )

@@ -211,6 +211,8 @@ class FlipProgress:
                 f"({report['duration']:.2f}s)",
                 highlight=False,
             )
+            if report.get("warning"):  # it succeeded, but something it does is still under way
+                self.console.print(f"[yellow]{report['warning']}[/]", highlight=False)
             return
         self.console.print(f"[red]{report['program']}: {report['kind']} failed[/]", highlight=False)
         if report.get("output"):

@@ -7,6 +7,7 @@ even if the client that asked for it goes away, and removing a program cancels a
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from .leftovers import Leftovers
 from .locate import log_path
 from .logs import ProgramLog
 from .progress import FlipReport
-from .promotion import promote, unroute
+from .promotion import Promotion, promote, unroute, wait_for_proxy
 from .reaper import Reaper
 from .registration import Registration
 from .registry import Registry
@@ -174,13 +175,21 @@ class Program:
                 if self._stops:
                     report.finish(self._stopped_message(report))
                     return
+                # `--timeout` and a stop cut short only what can be undone: `_deploy`, which
+                # ends once the new generation is routed to. What follows (`_settle`) runs to
+                # its end: the new generation serves, and the old one drains as configured.
+                deadline = anyio.current_time() + timeout if timeout else math.inf
+                promotion: Promotion | None = None
                 # A stop cancels this scope while the flip can still be undone (`_abandon`), so
                 # that it never waits for a probe; the flip then rolls back as after a failure.
                 with anyio.CancelScope() as abandon:
                     self._abandon = abandon
-                    await self._run_flip(report, config, timeout)
+                    promotion = await self._deploy(report, config, deadline, timeout)
+                self._abandon = None  # promoted: a stop now waits for the old generation's drain
                 if abandon.cancelled_caught:
                     report.finish(self._stopped_message(report))
+                elif promotion is not None:
+                    await self._settle_reporting(report, promotion, deadline, timeout)
             finally:
                 self._abandon = None
                 self._record_flip(report)
@@ -191,24 +200,27 @@ class Program:
             f"{report.kind} completed; it was rolled back"
         )
 
-    async def _run_flip(
-        self, report: FlipReport, config: ProgramConfig, timeout: float | None
-    ) -> None:
+    async def _deploy(
+        self, report: FlipReport, config: ProgramConfig, deadline: float, timeout: float | None
+    ) -> Promotion | None:
+        """Start, probe and route a new generation (or route the warm one), within ``deadline``.
+        Returns the promotion, or None if the flip failed: it was undone and ``report`` says why.
+        Nothing may await between the promotion and the return: a cancellation there (the
+        deadline, a stop) would roll back a generation that is already routed to."""
         try:
-            with anyio.fail_after(timeout) if timeout else nullcontext():
+            with anyio.CancelScope(deadline=deadline):
                 if report.kind == "rollback" and self.warm is not None:
-                    await self._promote_warm(report, self.warm)
-                else:
-                    await self._flip_to(report, config)
-        except FlipFailed as exc:
-            report.finish(str(exc), exc.output)
-        except TimeoutError:
+                    return await self._promote_warm(report, self.warm)
+                return await self._flip_to(report, config)
+            # Only reached when the deadline cancelled the flip (it was undone, as after a failure).
             report.finish(
                 f"the flip took longer than --timeout {timeout}s; rolled back"
                 f"{_stranded(report)}; `flipvisor logs {self.name}` shows what the new "
                 "generation did",
                 report.output,
             )
+        except FlipFailed as exc:
+            report.finish(str(exc), exc.output)
         except FlipvisorError as exc:
             report.finish(f"{exc}{_stranded(report)}; {flip_next_step(exc, self.name)}")
         except Exception as exc:
@@ -216,8 +228,59 @@ class Program:
             # supervisor and every other program with it.
             log.exception("program=%s flip failed unexpectedly", self.name)
             report.finish(f"internal error: {exc!r}")
+        return None
+
+    async def _settle_reporting(
+        self, report: FlipReport, promotion: Promotion, deadline: float, timeout: float | None
+    ) -> None:
+        """``_settle``, and finish ``report`` when it is done or, if ``deadline`` comes first,
+        then: the client is told that the flip succeeded and what is still draining, and the
+        drain goes on (the flip holds its lock until the old generation is gone)."""
+        error: str | None = None
+        async with anyio.create_task_group() as tg:
+            if timeout:
+                # Named now: `_settle` may make the new generation the serving one before the
+                # task below first runs.
+                replaced = self._describe_replaced()
+                tg.start_soon(self._answer_at, report, promotion.gen, replaced, deadline, timeout)
+            try:
+                await self._settle(report, promotion)
+            except Exception as exc:
+                # The task-group boundary of a flip (see `_deploy`): the new generation serves
+                # all the same, and is not undone.
+                log.exception("program=%s retiring after a promotion failed", self.name)
+                error = (
+                    f"generation {promotion.gen.number} was promoted and serves, but retiring "
+                    f"what it replaced failed: internal error: {exc!r}; `flipvisor status "
+                    f"{self.name}` shows what still runs"
+                )
+            finally:
+                tg.cancel_scope.cancel()
+        if not report.finished:
+            report.finish(error)
+
+    def _describe_replaced(self) -> str:
+        """What a promotion replaces: the serving generation, and a killed supervisor's workers."""
+        replaced = [f"generation {old.number}" for old in (self.serving,) if old is not None]
+        if self.leftovers is not None:
+            replaced.append(self.leftovers.describe())
+        return " and ".join(replaced) or "what it replaced"
+
+    async def _answer_at(
+        self, report: FlipReport, gen: Generation, what: str, deadline: float, timeout: float
+    ) -> None:
+        """At ``deadline``, answer the flip's client: ``gen`` serves; ``what`` it replaced is
+        still draining."""
+        await anyio.sleep_until(deadline)
+        last = report.steps[-1] if report.steps else None
+        if last is not None and last.name == "proxy-drain" and last.status == "running":
+            doing = f"{what} drains once the proxy's old workers are gone (at most proxy.timeout)"
         else:
-            report.finish()
+            doing = f"{what} is still draining, as its drain settings say"
+        report.finish(
+            warning=f"--timeout {timeout:g}s ran out after generation {gen.number} was promoted: "
+            f"it serves, and stays; {doing}; `flipvisor status {self.name}` shows when it is gone"
+        )
 
     def _record_flip(self, report: FlipReport) -> None:
         self.current_flip = None
@@ -239,7 +302,12 @@ class Program:
             duration=round(report.duration, 4),
         )
 
-    async def _flip_to(self, report: FlipReport, config: ProgramConfig) -> None:
+    async def _flip_to(self, report: FlipReport, config: ProgramConfig) -> Promotion:
+        """Start, probe and route a generation of ``config``; discarded again if that fails.
+
+        Raises:
+            FlipFailed: it failed (why, with its last output lines); it was discarded.
+        """
         tg = self._task_group()
         number = self._next_number
         self._next_number += 1
@@ -268,7 +336,7 @@ class Program:
         try:
             await self._probe(report, gen)
             gen.transition(GenerationState.READY)
-            await self._promote(report, gen)
+            return await self._promote(report, gen)
         except BaseException as exc:
             reason = gen.failure or _reason(exc)
             with anyio.CancelScope(shield=True), anyio.move_on_after(DISCARD_TIMEOUT):
@@ -294,18 +362,21 @@ class Program:
                     output,
                 ) from exc
             raise
-        self.config = config
 
     async def _probe(self, report: FlipReport, gen: Generation) -> None:
         with report.step("probe", gen.describe_readiness()):
             await gen.wait_ready()
 
-    async def _promote(self, report: FlipReport, gen: Generation) -> None:
-        """Promote a READY generation and retire the one it replaces."""
+    async def _promote(self, report: FlipReport, gen: Generation) -> Promotion:
+        """Route traffic to a READY generation: the proxy file, the registry keys, the reload.
+
+        Raises:
+            ProxyError, RegistryError: a step failed; everything before it was undone.
+        """
         gen.transition(GenerationState.PROMOTING)
         first = self.serving is None
         replaced = self._replaced_config()
-        published, deferred = await promote(
+        return await promote(
             gen,
             program=self.name,
             config=gen.config,
@@ -319,12 +390,20 @@ class Program:
             registry_optional=first,
             replaced_proxy=replaced.proxy if replaced is not None else None,
         )
+
+    async def _settle(self, report: FlipReport, promotion: Promotion) -> None:
+        """After the promotion: once the proxy's old workers are gone, the routed generation is
+        the serving one; then what it replaced is drained (or kept warm). Never undone."""
+        gen = promotion.gen
+        await wait_for_proxy(promotion, program=self.name, report=report)
         gen.transition(GenerationState.SERVING)
-        self._abandon = None  # promoted: a stop now waits for the old generation's drain
+        self.config = gen.config
         self._budget.limit(gen.config.restart.max_restarts, gen.config.restart.window)
         old, self.serving = self.serving, gen
         self.fatal_reason = None
-        self.registration.promoted(gen, published, deferred=deferred, tg=self._task_group())
+        self.registration.promoted(
+            gen, promotion.published, deferred=promotion.deferred, tg=self._task_group()
+        )
         reload = next((s for s in report.steps if s.name == "reload" and s.status == "ok"), None)
         if reload is not None and reload.duration is not None:  # the lifecycle shows the reload
             self.runtime.events.emit(
@@ -332,7 +411,7 @@ class Program:
             )
         self.runtime.events.emit("promoted", self.name, gen.number, port=gen.port, pids=gen.pids)
         self.history.deployed(gen.config)
-        await self._drain_replaced_leftovers(report, gen, registered=not deferred)
+        await self._drain_replaced_leftovers(report, gen, registered=not promotion.deferred)
         if old is not None:
             await self._retire(report, old, window=gen.config.rollback_window)
 
@@ -461,14 +540,20 @@ class Program:
             self.warm = None
             await self._drain(gen)
 
-    async def _promote_warm(self, report: FlipReport, gen: Generation) -> None:
+    async def _promote_warm(self, report: FlipReport, gen: Generation) -> Promotion:
+        """Route traffic back to the warm generation ``gen``; warm again if that fails.
+
+        Raises:
+            ProbeFailed: it has no running worker.
+            ProxyError, RegistryError: a step failed; everything before it was undone.
+        """
         report.generation = gen.number
         self.warm = None
         try:
             with report.step("probe", "warm generation: already running"):
                 if not gen.pids:
                     raise ProbeFailed(f"warm generation {gen.number} has no running worker")
-            await self._promote(report, gen)
+            return await self._promote(report, gen)
         except BaseException:
             if gen.state is GenerationState.PROMOTING:  # the promotion undid itself
                 gen.transition(GenerationState.READY)
@@ -483,7 +568,6 @@ class Program:
             elif gen.state is GenerationState.FAILED:
                 self.generations.remove(gen)
             raise
-        self.config = gen.config
 
     # -- workers' exits -----------------------------------------------------------------------
 
@@ -595,6 +679,10 @@ class Program:
                 what = "rolling it back" if undoing else "promoted: waiting for it to finish"
                 with _step(report, "flip", f"{flip.kind} of generation {flip.generation}: {what}"):
                     await flip.wait()
+                    # A flip whose --timeout ran out after its promotion answered already, and
+                    # still drains what it replaced (it holds the lock until that is done).
+                    async with self._flip_lock:
+                        pass
             if unroute:
                 await self._unroute()
             gens = list(self.generations)

@@ -2,7 +2,8 @@
 
 The flip runs in its program's task group; whoever asked for it (the CLI through the control
 socket, or ``run`` at start-up) follows the report, so a client that goes away does not cancel
-a deploy half-way.
+a deploy half-way. The report can finish before the flip does: a flip whose ``--timeout`` ran
+out after the promotion answers then (with a ``warning``), and drains the old generation on.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class FlipReport:
         self.generation: int | None = None
         self.steps: list[Step] = []
         self.error: str | None = None
+        self.warning: str | None = None  # it succeeded, but not all of it is done
         self.output: list[str] = []
         # Set when a failed flip could not reload the proxy back away from the new generation:
         # why, and what the operator must do. The flip's outcome must not then claim that the
@@ -61,6 +63,11 @@ class FlipReport:
     @property
     def ok(self) -> bool:
         return self._done.is_set() and self.error is None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the outcome is out (its follower was answered)."""
+        return self._done.is_set()
 
     @contextmanager
     def step(self, name: str, detail: str = "") -> Iterator[Step]:
@@ -86,8 +93,17 @@ class FlipReport:
         ):
             self._send.send_nowait(Step(**vars(step)))
 
-    def finish(self, error: str | None = None, output: list[str] | None = None) -> None:
+    def finish(
+        self,
+        error: str | None = None,
+        output: list[str] | None = None,
+        *,
+        warning: str | None = None,
+    ) -> None:
+        """The outcome: ``error`` if the flip failed; ``warning`` if it succeeded but left
+        something under way (steps after this are still recorded, not sent)."""
         self.error = error
+        self.warning = warning
         self.output = output or []
         self.duration = time.monotonic() - self.started
         self._send.close()
@@ -115,6 +131,7 @@ class FlipReport:
             "generation": self.generation,
             "ok": self.error is None,
             "error": self.error,
+            "warning": self.warning,
             "output": self.output,
             "duration": None if self.duration is None else round(self.duration, 4),
             "steps": [step.to_json() for step in self.steps],

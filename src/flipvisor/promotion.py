@@ -1,14 +1,17 @@
 """Promotion of a ready generation, in the contract's order, each step paired with its undo:
 
-write + check the proxy file → registry transaction → reload the proxy → wait for the proxy's old
-workers. A failure until the reload finished undoes what was done, in reverse order, inside a
-bounded shield: the proxy file and the registry keys end as they were, and the proxy routes to the
-old generation (it is reloaded back if its reload may have taken effect: one that failed, as a
-wrapper that reloads and then fails a later step does, one cut short by a timeout, or one followed
-by a worker's exit), before the caller stops the new generation. If that reload back fails, the
-report says so (``FlipReport.stranded``): the proxy may still route to the new generation. Between
-the steps, a worker that exited fails the promotion: without a readiness probe, that is the only
-sign that a release is broken.
+write + check the proxy file → registry transaction → reload the proxy (``promote``), then wait
+for the proxy's old workers (``wait_for_proxy``). A failure until the reload finished undoes what
+was done, in reverse order, inside a bounded shield: the proxy file and the registry keys end as
+they were, and the proxy routes to the old generation (it is reloaded back if its reload may have
+taken effect: one that failed, as a wrapper that reloads and then fails a later step does, one cut
+short by a timeout, or one followed by a worker's exit), before the caller stops the new
+generation. If that reload back fails, the report says so (``FlipReport.stranded``): the proxy may
+still route to the new generation. Between the steps, a worker that exited fails the promotion:
+without a readiness probe, that is the only sign that a release is broken. Once ``promote``
+returned, the new generation is routed to and nothing is undone: the wait for the proxy's old
+workers is the first step of retiring the old generation, kept apart so that a flip's
+``--timeout`` can end at the promotion.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import anyio
 
@@ -96,6 +100,19 @@ def with_current_pids(gen: Generation, published: Snapshot) -> Snapshot:
     return Snapshot(values)
 
 
+@dataclass(frozen=True)
+class Promotion:
+    """What a completed promotion leaves to its caller: the generation now routed to, the keys
+    it published (``deferred``: not yet, the registry was unreachable), and the proxy workers
+    that may still route to the replaced generation (see ``wait_for_proxy``)."""
+
+    gen: Generation
+    published: Snapshot
+    deferred: bool
+    proxy: ProxyConfig | None
+    old_proxy_workers: frozenset[tuple[int, float]]
+
+
 async def promote(
     gen: Generation,
     *,
@@ -107,9 +124,10 @@ async def promote(
     proxy_lock: anyio.Lock,
     registry_optional: bool = False,
     replaced_proxy: ProxyConfig | None = None,
-) -> tuple[Snapshot, bool]:
-    """Route traffic to ``gen``; returns the registry snapshot now published, and whether the
-    registry step was deferred.
+) -> Promotion:
+    """Route traffic to ``gen``. When it returns, ``gen`` is routed to and nothing is undone any
+    more; the caller waits for the proxy's old workers (``wait_for_proxy``) before it drains the
+    generation ``gen`` replaced.
 
     ``replaced_proxy`` is the proxy section of the generation ``gen`` replaces: when its
     ``dest`` differs, that file is removed with the new one's install (nginx would load both),
@@ -140,17 +158,22 @@ async def promote(
             registry_optional=registry_optional,
             replaced_proxy=replaced_proxy,
         )
-    if proxy is not None and old_proxy_workers:
-        # Drain on evidence: the old generation keeps serving until every proxy worker that
-        # might still hold a connection to it has exited.
-        with report.step("proxy-drain", f"{len(old_proxy_workers)} old proxy workers"):
-            if not await wait_workers_gone(old_proxy_workers, proxy.timeout):
-                log.warning(
-                    "program=%s old proxy workers still running after %ss; draining anyway",
-                    program,
-                    proxy.timeout,
-                )
-    return published, deferred
+    return Promotion(gen, published, deferred, proxy, old_proxy_workers)
+
+
+async def wait_for_proxy(promotion: Promotion, *, program: str, report: FlipReport) -> None:
+    """Drain on evidence: the replaced generation keeps serving until every proxy worker that
+    might still hold a connection to it has exited (at most ``proxy.timeout``)."""
+    proxy, workers = promotion.proxy, promotion.old_proxy_workers
+    if proxy is None or not workers:
+        return
+    with report.step("proxy-drain", f"{len(workers)} old proxy workers"):
+        if not await wait_workers_gone(workers, proxy.timeout):
+            log.warning(
+                "program=%s old proxy workers still running after %ss; draining anyway",
+                program,
+                proxy.timeout,
+            )
 
 
 async def _route(

@@ -7,12 +7,14 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.e2e.load import Load
@@ -239,6 +241,112 @@ def test_flip_timeout_rolls_back_under_load(flipvisor: Flipvisor, nginx: Nginx) 
     assert elapsed < 4, "gave up at the timeout, not at the probe's own"
     assert outcome.failed == 0, outcome.errors[:5]
     before.assert_untouched(flipvisor, nginx)
+
+
+# The old generation outlives --timeout 2 after the promotion: a long drain.delay, or workers
+# that ignore SIGTERM until drain.timeout's SIGKILL. The flip's client is answered at the timeout.
+SLOW_DRAINS = {
+    "drain.delay": ((), {"delay": 4, "timeout": 5}),
+    "ignores SIGTERM": (("--ignore-term",), {"delay": 0.1, "timeout": 4}),
+}
+
+
+@pytest.mark.parametrize("case", SLOW_DRAINS)
+def test_a_timeout_after_the_promotion_keeps_the_new_generation(
+    flipvisor: Flipvisor, nginx: Nginx, case: str
+) -> None:
+    flags, drain = SLOW_DRAINS[case]
+    start_serving(flipvisor, nginx, program(nginx, "1", *flags, drain=drain))
+    flipvisor.write_config({"programs": {"web": program(nginx, "2")}})
+    as_json = case == "drain.delay"  # the other case reads what people see
+    with Load(nginx.url("/"), clients=2) as load:
+        started = time.monotonic()
+        result = flipvisor.cli("flip", "web", "--timeout", "2", *(["--json"] if as_json else []))
+        elapsed = time.monotonic() - started
+        # Generation 2 serves and stays, behind nginx and in the registry, while 1 drains.
+        assert result.returncode == 0, result.stdout + result.stderr + flipvisor.output()
+        if as_json:
+            report = json.loads(result.stdout)
+            assert report["ok"] and report["error"] is None
+            warning = report["warning"]
+        else:
+            assert "web: generation 2 serving" in result.stderr
+            warning = " ".join(result.stderr.split())  # rich wraps long lines
+        assert "--timeout 2s ran out after generation 2 was promoted" in warning, warning
+        assert "generation 1 is still draining" in warning
+        assert elapsed < 4, "answered at the timeout, not after the drain"
+        serving = flipvisor.serving("web")
+        assert serving is not None and serving["generation"] == 2
+        assert proxied(nginx)["version"] == "2"
+        assert flipvisor.registry()["flipvisor/web/port/current"] == str(serving["port"])
+        assert 1 in [g["generation"] for g in flipvisor.program("web")["generations"]]
+        wait_until(
+            lambda: [g["generation"] for g in flipvisor.program("web")["generations"]] == [2],
+            timeout=15,
+            message="generation 1 to finish its drain",
+        )
+        outcome = load.stop()
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert outcome.ok > 10
+    after = flipvisor.serving("web")
+    assert after is not None and after["pids"] == serving["pids"]
+    assert proxied(nginx)["version"] == "2"
+    # Its drain was its own: delay, signal, and SIGKILL only at drain.timeout.
+    assert ("killed" in flipvisor.event_kinds()) == (case == "ignores SIGTERM")
+
+
+def busy(pid: int) -> bool:
+    """Whether process ``pid`` has a TCP connection open (nginx's, to a request it serves)."""
+    return any(c.status == psutil.CONN_ESTABLISHED for c in psutil.Process(pid).net_connections())
+
+
+@pytest.mark.parametrize("then", ["wait", "stop"])
+def test_a_timeout_while_the_proxy_drains_cuts_no_request_short(
+    flipvisor: Flipvisor, nginx: Nginx, then: str
+) -> None:
+    # Generation 1 answers in 5 s; ready by sd_notify, as its slow /health would outlast the
+    # http probe's attempts. A request to it holds the old nginx worker past the promotion,
+    # and past --timeout 2 (which leaves the promotion itself time on a busy machine).
+    slow = program(nginx, "1", "--slow-ms", "5000", "--notify")
+    slow["readiness"] = {"notify": True, "timeout": 10}
+    flipvisor.start({"programs": {"web": slow}})
+    old_pid = flipvisor.wait_serving("web")["pids"][0]
+    answered: list[dict[str, Any]] = []
+
+    def slow_request() -> None:
+        with urllib.request.urlopen(nginx.url("/"), timeout=30) as answer:
+            answered.append(json.loads(answer.read()))
+
+    request = threading.Thread(target=slow_request, daemon=True)
+    request.start()
+    wait_until(lambda: busy(old_pid), message="a request in generation 1")
+    flipvisor.write_config({"programs": {"web": program(nginx, "2")}})
+
+    result = flipvisor.cli("flip", "web", "--timeout", "2", "--json")
+
+    assert result.returncode == 0, result.stdout + result.stderr + flipvisor.output()
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["steps"][-1]["step"] == "proxy-drain", report
+    assert "generation 1 drains once the proxy's old workers are gone" in report["warning"]
+    if then == "stop":
+        # The flip answered, but still waits for the proxy before it drains generation 1:
+        # the stop waits for it, and then leaves nothing serving.
+        stopped = flipvisor.cli("stop", "web")
+        assert stopped.returncode == 0, stopped.stderr + flipvisor.output()
+        assert "promoted: waiting for it to finish" in " ".join(stopped.stderr.split())
+        status = flipvisor.program("web")
+        assert (status["state"], status["generations"]) == ("stopped", []), status
+    else:
+        wait_until(
+            lambda: [g["generation"] for g in flipvisor.program("web")["generations"]] == [2],
+            timeout=15,
+            message="generation 1 to drain after the proxy's old worker",
+        )
+        assert proxied(nginx)["version"] == "2"
+    request.join(timeout=30)
+    assert [answer["version"] for answer in answered] == ["1"]  # not cut short
+    assert not psutil.pid_exists(old_pid)
+    assert "Traceback" not in flipvisor.output(), flipvisor.output()
 
 
 def test_flip_with_nginx_down_rolls_back_and_names_the_reload(

@@ -141,3 +141,17 @@ def test_without_a_terminal_a_step_is_printed_when_it_starts_too(
         progress.update({"step": "probe", "status": "ok", "detail": "GET /health", "duration": 2})
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("✓ probe") and "2.000s" in lines[0]
+
+
+def test_a_flip_that_succeeded_with_a_warning_says_both(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    report = {"program": "web", "generation": 2, "ok": True, "duration": 2.0, "output": []}
+    progress = FlipProgress(enabled=True)
+    with progress:
+        progress.summary({**report, "warning": "generation 1 is still draining"})
+    err = capsys.readouterr().err
+    assert "web: generation 2 serving" in err and "generation 1 is still draining" in err
+    with progress:
+        progress.summary({**report, "warning": None})
+    assert "draining" not in capsys.readouterr().err

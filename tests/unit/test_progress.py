@@ -171,6 +171,24 @@ def test_finished_without_error_is_ok() -> None:
     assert report.ok
     assert report.to_json()["ok"] is True
     assert report.to_json()["output"] == []
+    assert report.to_json()["warning"] is None
+
+
+def test_a_warning_is_still_ok_and_steps_after_the_answer_are_kept() -> None:
+    # A flip whose --timeout ran out after the promotion answers, then drains on.
+    report = FlipReport("web")
+    try:
+        with report.step("drain", "generation 1"):
+            assert not report.finished
+            report.finish(warning="generation 1 is still draining")
+            assert report.finished
+        assert report.ok
+        data = report.to_json()
+        assert (data["ok"], data["error"]) == (True, None)
+        assert data["warning"] == "generation 1 is still draining"
+        assert report.steps[0].status == "ok"  # recorded, though nobody is sent it any more
+    finally:
+        report.close()
 
 
 async def test_wait_returns_once_finished() -> None:
