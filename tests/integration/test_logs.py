@@ -8,7 +8,7 @@ import re
 import stat
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import anyio
@@ -302,6 +302,16 @@ def collect(lines: Iterator[str], wanted: str) -> list[str]:
     return got
 
 
+def following(log: ProgramLog, log_path: Path) -> Generator[str, None, None]:
+    """A line written, then ``follow`` from there (``last=1``, 10 s at most), that line read."""
+    log.write_line("g1 w0 pid=1", b"before follow")
+    log.flush()
+    deadline = time.monotonic() + 10
+    lines = follow(log_path, poll_interval=0.01, last=1, until=lambda: time.monotonic() > deadline)
+    assert next(lines).endswith("| before follow")
+    return lines
+
+
 def test_follow_survives_rotation(log_path: Path) -> None:
     log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=1))
     deadline = time.monotonic() + 10
@@ -339,14 +349,8 @@ def test_follow_reads_every_file_of_rotations_between_two_polls(log_path: Path) 
     """The log rotated twice (or more) while the follower was not looking: the files rotated in
     between are read too, in order, before the current one."""
     log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=5))
-    deadline = time.monotonic() + 10
     try:
-        log.write_line("g1 w0 pid=1", b"before follow")
-        log.flush()
-        lines = follow(
-            log_path, poll_interval=0.01, last=1, until=lambda: time.monotonic() > deadline
-        )
-        assert next(lines).endswith("| before follow")
+        lines = following(log, log_path)
         for i in range(60):  # about three files' worth, all before the follower reads on
             log.write_line("g1 w0 pid=1", f"line {i:03d} ".encode() + b"w" * 20)
         log.flush()
@@ -362,14 +366,8 @@ def test_follow_marks_where_rotation_outran_it(log_path: Path) -> None:
     """The log rotated through every backup while the follower was not looking: the files in
     between are gone, and the follower says where it lost lines instead of a silent gap."""
     log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=2))
-    deadline = time.monotonic() + 10
     try:
-        log.write_line("g1 w0 pid=1", b"before follow")
-        log.flush()
-        lines = follow(
-            log_path, poll_interval=0.01, last=1, until=lambda: time.monotonic() > deadline
-        )
-        assert next(lines).endswith("| before follow")
+        lines = following(log, log_path)
         for i in range(150):  # about seven files' worth: more than the two backups keep
             log.write_line("g1 w0 pid=1", f"line {i:03d} ".encode() + b"w" * 20)
         log.flush()
