@@ -140,8 +140,9 @@ class Supervisor:
                         "shutting-down", "(supervisor)", message="draining every program"
                     )
                     async with anyio.create_task_group() as stops:
-                        # Programs a reload is removing too: their drain must finish, not be
-                        # cancelled with the reload.
+                        # Every program at once (and each drains all it runs at once): shutdown
+                        # takes the longest drain, not their sum. Programs a reload is removing
+                        # too: their drain must finish, not be cancelled with the reload.
                         for program in {*self.programs.values(), *self._removing}:
                             stops.start_soon(program.stop)
                     tg.cancel_scope.cancel()
