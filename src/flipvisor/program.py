@@ -94,6 +94,9 @@ class Program:
         # Removed from the config, but serving on: the program that takes over its proxy file
         # (renamed, by the look of it) does not serve yet. Why, for status; set by the supervisor.
         self.kept_after_removal: str | None = None
+        # Removed from the config and draining (in the supervisor's task group): status still
+        # lists it, with its draining generations, until its workers are gone.
+        self.removing = False
         self._leftovers_drained: anyio.Event | None = None  # their drain under way, set at its end
 
     # -- status -------------------------------------------------------------------------------
@@ -123,6 +126,7 @@ class Program:
             "fatal_reason": self.fatal_reason,
             "leftovers": self.leftovers.status() if self.leftovers is not None else None,
             "kept_after_removal": self.kept_after_removal,
+            "removing": self.removing,
             "flip": self.current_flip.progress() if self.current_flip is not None else None,
             "generations": [gen.status(now) for gen in self.generations],
         }
@@ -550,7 +554,13 @@ class Program:
                 f"`flipvisor start {self.name}`"
             )
 
-    async def stop(self, report: FlipReport | None = None, *, unroute: bool = False) -> None:
+    async def stop(
+        self,
+        report: FlipReport | None = None,
+        *,
+        unroute: bool = False,
+        unrouted: anyio.Event | None = None,
+    ) -> None:
         """Drain every generation of the program, all at once; keys are left naming the last one.
 
         A flip under way is rolled back at once if it has not promoted its generation yet (its
@@ -558,8 +568,9 @@ class Program:
         does is drain what it replaced (an old generation, a killed supervisor's workers), which
         these drains join rather than wait for, so a stop takes one drain, not one after another.
         ``unroute`` (the program was removed from the config): its proxy file is removed and the
-        proxy reloaded before anything drains. ``report`` gets a step for each of those waits
-        (``stop`` shows them as they happen).
+        proxy reloaded before anything drains; ``unrouted`` is set once that is done (or was not
+        asked for), before the drains. ``report`` gets a step for each of those waits (``stop``
+        shows them as they happen).
         """
         self._stops += 1
         try:
@@ -571,12 +582,14 @@ class Program:
                     await flip.wait()
             if unroute:
                 await self._unroute()
+            if unrouted is not None:
+                unrouted.set()
             gens = list(self.generations)
             self.serving = None
             self.warm = None
             promoted = self.current_flip  # promoted already: only its drains are left to do
             if gens or self.leftovers is not None or promoted is not None:
-                with _step(report, "drain", self._draining(gens)):
+                with _step(report, "drain", self.describe_drain(gens)):
                     async with anyio.create_task_group() as tg:
                         # Each drain is idempotent: one the flip began already is waited for,
                         # not signalled again (that could cut its delay and timeout short).
@@ -590,7 +603,7 @@ class Program:
             self._stops -= 1
         self.runtime.events.emit("stopped", self.name)
 
-    def _draining(self, gens: list[Generation]) -> str:
+    def describe_drain(self, gens: list[Generation]) -> str:
         """What a stop drains, and how long that may take at most."""
         parts = [
             f"generation {gen.number} (pid {', '.join(map(str, gen.pids)) or '-'})" for gen in gens

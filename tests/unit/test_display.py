@@ -141,3 +141,11 @@ def test_without_a_terminal_a_step_is_printed_when_it_starts_too(
         progress.update({"step": "probe", "status": "ok", "detail": "GET /health", "duration": 2})
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("✓ probe") and "2.000s" in lines[0]
+
+
+def test_a_removed_program_still_draining_says_so() -> None:
+    draining = _program("old", state="stopped", removing=True)
+    draining["generations"][0]["state"] = "draining"  # type: ignore[index]
+    rows, notes = status_rows({"programs": [_program("web"), draining]}, NOW)
+    assert rows[1][:4] == ["old", "stopped", "2", "draining"]
+    assert notes == ["old: removed from the config; listed until its workers are gone"]
