@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reload",
         "ask the running supervisor to re-read its config (like SIGHUP): start added programs, "
         "drain removed ones (one whose proxy file an added one writes only once that one "
-        "serves), flip changed ones; say which settings wait for a restart",
+        "serves), flip changed ones; say which settings wait for a restart. Returns once the "
+        "removed programs left the proxy; `status` lists them until their drain is over",
         json_output=True,
     )
     events = command("events", "show lifecycle events")

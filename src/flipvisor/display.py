@@ -100,6 +100,8 @@ def status_rows(document: dict[str, Any], now: float) -> tuple[list[list[str]], 
             )
         if program.get("kept_after_removal"):
             notes.append(f"{name}: {program['kept_after_removal']}")
+        if program.get("removing"):
+            notes.append(f"{name}: removed from the config; listed until its workers are gone")
         if program.get("fatal_reason"):
             reason = program["fatal_reason"]
             logs = (

@@ -95,6 +95,9 @@ class Program:
         # Removed from the config, but serving on: the program that takes over its proxy file
         # (renamed, by the look of it) does not serve yet. Why, for status; set by the supervisor.
         self.kept_after_removal: str | None = None
+        # Removed from the config and draining (in the supervisor's task group): status still
+        # lists it, with its draining generations, until its workers are gone.
+        self.removing = False
         self._leftovers_drained: anyio.Event | None = None  # their drain under way, set at its end
 
     # -- status -------------------------------------------------------------------------------
@@ -105,6 +108,10 @@ class Program:
             return ProgramState.FATAL
         if self.serving is not None:
             return ProgramState.RUNNING
+        if self._stops:
+            # Draining, perhaps alongside a flip that promoted its generation and drains the one
+            # it replaced: nothing about it is starting.
+            return ProgramState.STOPPED
         if self.current_flip is not None:
             return ProgramState.STARTING
         return ProgramState.STOPPED
@@ -120,6 +127,7 @@ class Program:
             "fatal_reason": self.fatal_reason,
             "leftovers": self.leftovers.status() if self.leftovers is not None else None,
             "kept_after_removal": self.kept_after_removal,
+            "removing": self.removing,
             "flip": self.current_flip.progress() if self.current_flip is not None else None,
             "generations": [gen.status(now) for gen in self.generations],
         }
@@ -517,7 +525,8 @@ class Program:
         if self.warm is not None and self.warm is not old:
             stale, self.warm = self.warm, None
             self._task_group().start_soon(self._drain, stale)
-        if window > 0:
+        if window > 0 and not self._stops:
+            # Not while a stop drains the program: it drains ``old`` too, alongside this flip.
             old.transition(GenerationState.READY)
             self._keep_warm(old, until=anyio.current_time() + window)
             return
@@ -660,24 +669,31 @@ class Program:
                 f"`flipvisor start {self.name}`"
             )
 
-    async def stop(self, report: FlipReport | None = None, *, unroute: bool = False) -> None:
-        """Drain every generation of the program; keys are left naming the last one.
+    async def stop(
+        self,
+        report: FlipReport | None = None,
+        *,
+        unroute: bool = False,
+        unrouted: anyio.Event | None = None,
+    ) -> None:
+        """Drain every generation of the program, all at once; keys are left naming the last one.
 
         A flip under way is rolled back at once if it has not promoted its generation yet (its
-        client is told why); one that has is awaited, which its drain bounds. ``unroute`` (the
-        program was removed from the config): its proxy file is removed and the proxy reloaded
-        before anything drains. ``report`` gets a step for each of those waits (``stop`` shows
-        them as they happen).
+        client is told why). One that has is left to finish alongside the drains: what it still
+        does is drain what it replaced (an old generation, a killed supervisor's workers), which
+        these drains join rather than wait for, so a stop takes one drain, not one after another.
+        ``unroute`` (the program was removed from the config): its proxy file is removed and the
+        proxy reloaded before anything drains; ``unrouted`` is set once that is done (or was not
+        asked for), before the drains. ``report`` gets a step for each of those waits (``stop``
+        shows them as they happen).
         """
         self._stops += 1
         try:
             flip = self.current_flip
-            if flip is not None:
-                undoing = self._abandon is not None
-                if self._abandon is not None:
-                    self._abandon.cancel()
-                what = "rolling it back" if undoing else "promoted: waiting for it to finish"
-                with _step(report, "flip", f"{flip.kind} of generation {flip.generation}: {what}"):
+            if flip is not None and self._abandon is not None:
+                self._abandon.cancel()
+                what = f"{flip.kind} of generation {flip.generation}: rolling it back"
+                with _step(report, "flip", what):
                     await flip.wait()
                     # A flip whose --timeout ran out after its promotion answered already, and
                     # still drains what it replaced (it holds the lock until that is done).
@@ -685,21 +701,28 @@ class Program:
                         pass
             if unroute:
                 await self._unroute()
+            if unrouted is not None:
+                unrouted.set()
             gens = list(self.generations)
             self.serving = None
             self.warm = None
-            if gens or self.leftovers is not None:
-                with _step(report, "drain", self._draining(gens)):
+            promoted = self.current_flip  # promoted already: only its drains are left to do
+            if gens or self.leftovers is not None or promoted is not None:
+                with _step(report, "drain", self.describe_drain(gens)):
                     async with anyio.create_task_group() as tg:
+                        # Each drain is idempotent: one the flip began already is waited for,
+                        # not signalled again (that could cut its delay and timeout short).
                         for gen in gens:
                             tg.start_soon(self._drain, gen)
                         tg.start_soon(self._drain_leftovers, None, self.config)
+                        if promoted is not None:
+                            tg.start_soon(promoted.wait)
             self.listener.close()  # a stopped program holds no port
         finally:
             self._stops -= 1
         self.runtime.events.emit("stopped", self.name)
 
-    def _draining(self, gens: list[Generation]) -> str:
+    def describe_drain(self, gens: list[Generation]) -> str:
         """What a stop drains, and how long that may take at most."""
         parts = [
             f"generation {gen.number} (pid {', '.join(map(str, gen.pids)) or '-'})" for gen in gens

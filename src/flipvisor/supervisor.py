@@ -81,7 +81,9 @@ class Supervisor:
         self.registry: WatchableRegistry = open_registry(config)
         self.programs: dict[str, Program] = {}
         self._scopes: dict[str, CancelScope] = {}
-        self._removing: set[Program] = set()  # removed by a reload, still draining
+        # Removed by a reload, draining in ``_tg`` (``_drain_removed``), listed by status until
+        # their workers are gone: name -> the program, and an event set once it is.
+        self._removing: dict[str, tuple[Program, anyio.Event]] = {}
         # Removed by a reload, serving on until the program that took their proxy file over
         # serves (``_hand_over``): name -> that program's name.
         self._kept: dict[str, str] = {}
@@ -141,9 +143,12 @@ class Supervisor:
                         "shutting-down", "(supervisor)", message="draining every program"
                     )
                     async with anyio.create_task_group() as stops:
-                        # Programs a reload is removing too: their drain must finish, not be
-                        # cancelled with the reload.
-                        for program in {*self.programs.values(), *self._removing}:
+                        # Every program at once, those a reload is removing too (their drain
+                        # must finish before `tg` is cancelled): shutdown takes the longest
+                        # drain, not their sum. A removed program's drain already under way is
+                        # joined, not restarted (see `Program.stop`).
+                        removing = [program for program, _ in self._removing.values()]
+                        for program in [*self.programs.values(), *removing]:
                             stops.start_soon(program.stop)
                     tg.cancel_scope.cancel()
                 # Past here nothing of ours runs but the reaper: what is still our child is an
@@ -261,8 +266,9 @@ class Supervisor:
             signals.release()  # held since `run` began: what came meanwhile is handled now
             async for signum in received:
                 if signum == signal.SIGHUP:
-                    # In a task of its own: a reload that drains a removed program must not
-                    # hold up SIGTERM or the forwarding of SIGUSR1/2 meanwhile.
+                    # In a task of its own: a reload that waits for a renamed program's
+                    # successor to start, or for a program added back to finish draining, must
+                    # not hold up SIGTERM or the forwarding of SIGUSR1/2 meanwhile.
                     assert self._tg is not None
                     self._tg.start_soon(self._reload_on_signal)
                 elif signum in signals.FORWARDED:
@@ -312,17 +318,42 @@ class Supervisor:
         await self._tg.start(own)
         return program
 
-    async def _remove_program(self, name: str, *, unroute: bool = True) -> None:
-        """Stop a program the config no longer has and forget it. ``unroute``: take its proxy
-        file out first (not when another program's file has replaced it)."""
+    def _remove_program(self, name: str, *, unroute: bool = True) -> anyio.Event:
+        """Begin to stop a program the config no longer has, and return at once: it drains in
+        the supervisor's task group (``_drain_removed``), so that a reload starts and flips the
+        others meanwhile. ``unroute``: take its proxy file out first (not when another program's
+        file has replaced it). Returns an event set once it has left the proxy (the drain
+        begins then)."""
+        assert self._tg is not None
         program = self.programs.pop(name)
         self._kept.pop(name, None)
-        self._removing.add(program)
+        program.removing = True
+        unrouted, gone = anyio.Event(), anyio.Event()
+        self._removing[name] = (program, gone)
+        scope = self._scopes.pop(name)
+        self._tg.start_soon(self._drain_removed, program, scope, unroute, unrouted, gone)
+        return unrouted
+
+    async def _drain_removed(
+        self,
+        program: Program,
+        scope: CancelScope,
+        unroute: bool,
+        unrouted: anyio.Event,
+        gone: anyio.Event,
+    ) -> None:
+        """Stop a removed program, then end its task (``scope``) and forget it."""
         try:
-            await program.stop(unroute=unroute)
+            await program.stop(unroute=unroute, unrouted=unrouted)
+        except Exception:
+            # The boundary of one removal: the supervisor goes on (its workers' own tasks still
+            # stop them as its scope is cancelled below).
+            log.exception("program=%s: stopping it after its removal failed", program.name)
         finally:
-            self._removing.discard(program)
-            self._scopes.pop(name).cancel()
+            scope.cancel()
+            del self._removing[program.name]
+            unrouted.set()  # nobody waits for what will not happen
+            gone.set()
 
     def _handovers(self, removed: list[str], new: Config) -> dict[str, str]:
         """The removed programs whose proxy file a program of ``new`` writes (the same
@@ -368,7 +399,7 @@ class Supervisor:
             log.info(
                 "%s took over the proxy file of %s, which the config no longer has", successor, old
             )
-            await self._remove_program(old, unroute=False)
+            self._remove_program(old, unroute=False)
             return None
         failure = (
             f"its start failed: {report.error}"
@@ -391,7 +422,7 @@ class Supervisor:
         async with self._reload_lock:
             for old, successor in list(self._kept.items()):
                 if old in self.programs and self._serves_file_of(successor, old):
-                    await self._remove_program(old, unroute=False)
+                    self._remove_program(old, unroute=False)
 
     async def _reload_on_signal(self) -> None:
         """SIGHUP's reload: whatever goes wrong is logged, and the supervisor keeps running."""
@@ -434,18 +465,20 @@ class Supervisor:
                 changed.append(name)
         return changed
 
-    async def reload(self) -> dict[str, Any]:
-        """Re-read the config file: start added programs, stop removed ones, flip changed ones,
-        leave the rest untouched. One at a time.
+    async def reload(self, send: Send | None = None) -> dict[str, Any]:
+        """Re-read the config file: start added programs, flip changed ones and begin to drain
+        removed ones, all at once; leave the rest untouched. One at a time. Returns without
+        waiting for the drains, except that of a program added back while it still drains
+        (``send`` hears about that wait).
 
         Raises:
             ConfigError: the file is invalid; nothing changed.
             UsageError: the supervisor is shutting down.
         """
         async with self._reload_lock:
-            return await self._reload()
+            return await self._reload(send)
 
-    async def _reload(self) -> dict[str, Any]:
+    async def _reload(self, send: Send | None) -> dict[str, Any]:
         if self._shutdown.is_set():
             raise UsageError("the supervisor is shutting down; the config was not reloaded")
         try:
@@ -460,18 +493,23 @@ class Supervisor:
         for name in [name for name in self._kept if name in new.programs]:
             del self._kept[name]  # back in the config: no longer kept after a removal
             self.programs[name].kept_after_removal = None
+        # Removals first: each takes its turn of the proxy lock to leave the proxy before an
+        # added program's promotion takes its own. Their drains are not waited for.
+        leaving = []
         for name in removed:
             if name not in handovers:
-                await self._remove_program(name)
+                leaving.append(self._remove_program(name))
             elif self.programs[name].serving is None:
                 # Nothing of it to keep serving, and its file is another program's now: leave
                 # it in place. (One that serves is handed over below, its successor first.)
                 del handovers[name]
-                await self._remove_program(name, unroute=False)
+                self._remove_program(name, unroute=False)
+        # Added back while its earlier removal still drains: added once that is over (below).
+        # Two programs of one name would share its log, its proxy file and a fixed port.
+        returning = [name for name in added if name in self._removing]
         for name in added:
-            program = await self._add_program(name, new.programs[name])
-            if new.programs[name].autostart:
-                program.start_flip(kind="start")
+            if name not in returning:
+                await self._start_added(name, new.programs[name])
         flipping, not_flipped = [], {}
         for name in changed:
             why = self._deploy_changed(self.programs[name], new.programs[name])
@@ -480,10 +518,16 @@ class Supervisor:
             else:
                 not_flipped[name] = why
         self.config = new
+        # Answered once nothing routes to the removed programs any more, as before the drains
+        # went their own way: a script that reloads may rely on it.
+        for unrouted in leaving:
+            await unrouted.wait()
         kept = {}
         for name, successor in handovers.items():
             if (why := await self._hand_over(name, successor)) is not None:
                 kept[name] = why
+        for name in returning:
+            await self._add_when_removed(name, new.programs[name], send)
         log.info("config reloaded: added %s, removed %s", added or "none", removed or "none")
         needs_restart = [
             key for key in RESTART_ONLY if getattr(new, key) != self._started_with[key]
@@ -505,21 +549,58 @@ class Supervisor:
             "kept": kept,
         }
 
+    async def _start_added(self, name: str, section: ProgramConfig) -> None:
+        """Add a program the config gained, and start it (with ``autostart``)."""
+        program = await self._add_program(name, section)
+        if section.autostart:
+            program.start_flip(kind="start")
+
+    async def _add_when_removed(self, name: str, section: ProgramConfig, send: Send | None) -> None:
+        """Add ``name``, a program the config gained back, once its removed instance is gone."""
+        if (removal := self._removing.get(name)) is not None:
+            program, gone = removal
+            draining = program.describe_drain(list(program.generations))
+            why = (
+                f"{name} is added back while its removal still drains it ({draining}): "
+                "it starts once that is over"
+            )
+            log.info("%s", why)
+            if send is not None:
+                await send({"type": "waiting", "message": why})
+            await gone.wait()
+        if self._shutdown.is_set():
+            log.info("%s is not added back: the supervisor is shutting down", name)
+            return
+        await self._start_added(name, section)
+
     # -- control commands -------------------------------------------------------------------
 
-    def _program(self, name: str | None) -> Program:
+    def _program(self, name: str | None, *, removing: bool = False) -> Program:
+        """The configured program ``name`` (with ``removing``, also one a reload removed that
+        still drains: ``status`` shows it).
+
+        Raises:
+            UsageError: no such program; or it is being removed (without ``removing``).
+        """
         if name is None:
             raise UsageError("this command needs a program name")
         try:
             return self.programs[name]
         except KeyError:
+            if (removal := self._removing.get(name)) is not None:
+                if removing:
+                    return removal[0]
+                raise UsageError(
+                    f"{name} was removed from the config and is still draining "
+                    f"(`flipvisor status {name}` shows it until it is gone)"
+                ) from None
             known = ", ".join(sorted(self.programs)) or "none"
             raise UsageError(
                 f"no program named {name!r} (programs: {known}); "
                 "after adding it to the config, `flipvisor reload` starts it"
             ) from None
 
-    async def _configured(self, name: str | None, send: Send) -> Program:
+    async def _configured(self, name: str | None, send: Send, *, removing: bool = False) -> Program:
         """``_program``, waiting for the configured programs to be added if ``name`` is one.
 
         A command sent while the supervisor starts would otherwise hear that a program of the
@@ -538,7 +619,7 @@ class Supervisor:
                 )
                 with anyio.move_on_after(STARTUP_HEARTBEAT):
                     await self._programs_added.wait()
-        return self._program(name)
+        return self._program(name, removing=removing)
 
     async def dispatch(self, request: Request, send: Send) -> dict[str, Any]:
         """Carry out one control request; the returned message is the final answer."""
@@ -551,9 +632,9 @@ class Supervisor:
         command = request.command
         if command == "status":
             programs = (
-                [await self._configured(request.program, send)]
+                [await self._configured(request.program, send, removing=True)]
                 if request.program
-                else self.programs.values()
+                else [*self.programs.values(), *(p for p, _ in self._removing.values())]
             )
             return result(
                 {
@@ -577,7 +658,7 @@ class Supervisor:
             return result({"shut_down": True})
         if command == "reload":
             self._same_file(request)
-            return result(await self.reload())
+            return result(await self.reload(send))
         if command == "events":
             return await self._events(request, send)
         program = await self._configured(request.program, send)

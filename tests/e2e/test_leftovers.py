@@ -25,6 +25,7 @@ from tests.e2e.load import Load
 from tests.e2e.test_etcd import keys, registry
 from tests.e2e.test_fixed_port import fixed_port_config
 from tests.e2e.test_flip import answers, program, proxied
+from tests.e2e.test_lifecycle import ONE_DRAIN, ONE_DRAIN_BOUND, shutdown_seconds
 from tests.e2e.test_operator import sample, scrape
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.flipvisor import Flipvisor, svc_command
@@ -550,3 +551,28 @@ def test_a_leftover_that_exits_by_itself_leaves_status_and_the_metric(
     )
     assert sample(scrape(metrics), "flipvisor_leftover_processes", program="web") == 1
     assert flipvisor.stop() == 0, flipvisor.output()
+
+
+def test_a_shutdown_while_the_leftovers_drain_drains_generation_1_alongside(
+    flipvisor: Flipvisor, survivors: list[psutil.Process]
+) -> None:
+    """SIGTERM while the leftovers drain after the first promotion: generation 1 drains at
+    once too, not after them, so `run` exits within one drain (it took two)."""
+    stubborn = {"command": svc_command("--ignore-term"), "drain": ONE_DRAIN}
+    flipvisor.start({"programs": {"stub": stubborn}})
+    flipvisor.wait_serving("stub")
+    old_pids = kill_supervisor(flipvisor, "stub", survivors)
+    restart_supervisor(flipvisor)
+    gen = flipvisor.wait_serving("stub", where=lambda g: g["pids"] != old_pids)
+
+    def leftovers_draining() -> bool:
+        events = map(json.loads, flipvisor.cli("events", "--json").stdout.splitlines())
+        return any(e["kind"] == "draining" and e["generation"] is None for e in events)
+
+    wait_until(leftovers_draining, message="the leftovers to drain")
+    assert flipvisor.process is not None
+
+    took = shutdown_seconds(flipvisor.process, flipvisor)
+
+    assert took < ONE_DRAIN_BOUND, (took, flipvisor.output())
+    wait_gone(old_pids + gen["pids"])

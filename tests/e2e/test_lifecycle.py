@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +25,10 @@ T = TypeVar("T")
 
 # Longer than any deadline below: a stop that waited for the probe would fail the test.
 SLOW_PROBE = 120
+# One drain of a worker that ignores SIGTERM takes 3.5 s, two one after the other 7 s: a shutdown
+# that drains everything at once ends well within ONE_DRAIN_BOUND, one that drains in turn not.
+ONE_DRAIN = {"delay": 0.5, "timeout": 3}
+ONE_DRAIN_BOUND = 5.5
 
 
 def program(*flags: str, **overrides: Any) -> dict[str, Any]:
@@ -35,9 +40,11 @@ def program(*flags: str, **overrides: Any) -> dict[str, Any]:
     }
 
 
-def flip_in_background(flipvisor: Flipvisor, name: str) -> subprocess.Popen[str]:
+def flip_in_background(
+    flipvisor: Flipvisor, name: str, command: str = "flip"
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "flipvisor", "flip", name, "-c", str(flipvisor.config_path)],
+        [sys.executable, "-m", "flipvisor", command, name, "-c", str(flipvisor.config_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -76,6 +83,14 @@ def stop_once(
         flip.communicate()
     assert flip.returncode == 1, out
     return seen, out
+
+
+def shutdown_seconds(process: subprocess.Popen[bytes], flipvisor: Flipvisor) -> float:
+    """SIGTERM ``run``; how long it took to exit (with 0)."""
+    started = time.monotonic()
+    process.terminate()
+    assert process.wait(timeout=30) == 0, flipvisor.output()
+    return time.monotonic() - started
 
 
 def gone(pids: list[int]) -> bool:
@@ -249,3 +264,32 @@ def test_stop_during_the_proxy_reload_undoes_the_swap_and_the_file(
     assert len(reloads.read_text().splitlines()) == 3  # and nginx was reloaded back
     assert flipvisor.program("web")["state"] == "stopped"
     wait_until(lambda: gone(first["pids"]), message="generation 1 to drain")
+
+
+def test_shutdown_during_a_restart_s_drain_drains_the_new_generation_alongside(
+    flipvisor: Flipvisor,
+) -> None:
+    """SIGTERM while a restart drains generation 1: generation 2 drains at once too, so `run`
+    exits within one drain, as the README's TimeoutStopSec advice counts (it took two)."""
+    stubborn = {"command": svc_command("--ignore-term"), "drain": ONE_DRAIN}
+    process = flipvisor.start({"programs": {"web": stubborn}})
+    old = flipvisor.wait_serving("web")
+    restart = flip_in_background(flipvisor, "web", "restart")
+    try:
+
+        def old_draining() -> list[dict[str, Any]] | None:
+            gens = flipvisor.program("web")["generations"]
+            states = {g["generation"]: g["state"] for g in gens}
+            return gens if states == {1: "draining", 2: "serving"} else None
+
+        gens = wait_until(old_draining, timeout=10, message="generation 1 draining")
+
+        took = shutdown_seconds(process, flipvisor)
+
+        out, _ = restart.communicate(timeout=10)
+    finally:
+        restart.kill()
+        restart.communicate()
+    assert took < ONE_DRAIN_BOUND, (took, flipvisor.output())
+    assert restart.returncode == 0, out  # promoted before the shutdown: it completed
+    assert gone(old["pids"] + gens[1]["pids"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from typing import Any
 
 import psutil
@@ -50,7 +51,12 @@ def test_overlapping_reloads_start_an_added_program_once(flipvisor: Flipvisor) -
         message="both reloads to finish",
     )
     flipvisor.wait_serving("added")
-    assert [p["name"] for p in flipvisor.status()["programs"]] == ["added"]
+    # "slow" is listed until its drain is over (a reload no longer waits for it).
+    wait_until(
+        lambda: [p["name"] for p in flipvisor.status()["programs"]] == ["added"],
+        timeout=20,
+        message="slow's drain to end",
+    )
     assert len(running_with(marker)) == 1, [p.cmdline() for p in running_with(marker)]
 
 
@@ -143,3 +149,81 @@ def test_sigterm_is_handled_while_a_reload_drains_a_removed_program(
     for proc in running_with(marker):
         proc.kill()
     assert process.wait(timeout=30) == 0, flipvisor.output()
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_reload_starts_added_programs_while_a_removed_one_drains_and_lists_it(
+    flipvisor: Flipvisor,
+) -> None:
+    """The reload answers without waiting for b's drain; c serves meanwhile, and `status`
+    lists b (stopped, its generation draining) until its worker is gone."""
+    stubborn = web("--ignore-term", drain={"delay": 0, "timeout": 4})
+    flipvisor.start({"programs": {"a": web(), "b": stubborn}})
+    flipvisor.wait_serving("a")
+    (b_pid,) = flipvisor.wait_serving("b")["pids"]
+    flipvisor.write_config({"programs": {"a": web(), "c": web()}})
+
+    started = time.monotonic()
+    done = flipvisor.cli("reload", "--json")
+    took = time.monotonic() - started
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    outcome = json.loads(done.stdout)
+    assert (outcome["added"], outcome["removed"]) == (["c"], ["b"]), outcome
+    assert took < 3, took  # b's drain takes 4 s
+    flipvisor.wait_serving("c")
+    listed = {p["name"]: p for p in flipvisor.status()["programs"]}
+    b = flipvisor.status("b")["programs"][0]  # `status b` finds it too
+    assert alive(b_pid), "b's drain ended before c served"
+    assert (listed["b"]["state"], listed["b"]["removing"]) == ("stopped", True), listed["b"]
+    assert [(g["state"], g["pids"]) for g in b["generations"]] == [("draining", [b_pid])], b
+    assert not listed["a"]["removing"] and not listed["c"]["removing"]
+    assert "b: removed from the config" in flipvisor.cli("status").stdout
+    refused = flipvisor.cli("stop", "b")
+    assert refused.returncode == 2 and "still draining" in refused.stderr, refused.stderr
+    # Another reload meanwhile is not held up by the drain either.
+    flipvisor.write_config({"programs": {"a": web(), "c": web(), "d": web()}})
+    started = time.monotonic()
+    again = flipvisor.cli("reload", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["added"] == ["d"], again.stdout
+    assert time.monotonic() - started < 3
+    assert alive(b_pid)
+
+    wait_until(
+        lambda: sorted(p["name"] for p in flipvisor.status()["programs"]) == ["a", "c", "d"],
+        timeout=15,
+        message="b to go once drained",
+    )
+    assert not alive(b_pid)
+    assert flipvisor.cli("status", "b").returncode == 2
+
+
+def test_a_program_added_back_while_it_drains_starts_once_it_is_gone(
+    flipvisor: Flipvisor,
+) -> None:
+    """Two programs of one name would share its log, proxy file and fixed port: the reload that
+    adds it back waits for the drain (and says so), then starts it afresh."""
+    stubborn = web("--ignore-term", drain={"delay": 0, "timeout": 3})
+    flipvisor.start({"programs": {"b": stubborn}})
+    (old_pid,) = flipvisor.wait_serving("b")["pids"]
+    flipvisor.write_config({"programs": {}})
+    assert flipvisor.cli("reload").returncode == 0
+    assert alive(old_pid)
+    flipvisor.write_config({"programs": {"b": stubborn}})
+
+    back = flipvisor.cli("reload", "--json", timeout=30)
+
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert json.loads(back.stdout)["added"] == ["b"], back.stdout
+    assert "b is added back while its removal still drains it" in back.stderr, back.stderr
+    assert not alive(old_pid)
+    gen = flipvisor.wait_serving("b")
+    assert gen["generation"] == 1 and gen["pids"] != [old_pid], gen
+    programs = flipvisor.status()["programs"]
+    assert [(p["name"], p["removing"]) for p in programs] == [("b", False)], programs

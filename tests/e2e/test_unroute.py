@@ -37,6 +37,15 @@ def wait_gone(pids: list[int]) -> None:
     wait_until(lambda: not any(psutil.pid_exists(p) for p in pids), message=f"{pids} to exit")
 
 
+def only(flipvisor: Flipvisor, name: str) -> None:
+    """Wait until ``name`` is the only program listed: a removed one is, until its drain ends
+    (its workers gone, the removal is forgotten a moment later)."""
+    wait_until(
+        lambda: [p["name"] for p in flipvisor.status()["programs"]] == [name],
+        message=f"{name} to be the only program",
+    )
+
+
 def web_conf(nginx: Nginx) -> Path:
     return nginx.conf_dir / "web.conf"
 
@@ -164,7 +173,7 @@ def test_a_renamed_program_whose_start_fails_leaves_the_removed_one_serving(
     assert again.returncode == 0, again.stderr + flipvisor.output()
     assert proxied(nginx)["version"] == "3"
     wait_gone(gen["pids"])
-    assert [p["name"] for p in flipvisor.status()["programs"]] == ["site"]
+    only(flipvisor, "site")
 
 
 def test_a_removed_program_kept_serving_goes_once_its_successor_is_flipped_in(
@@ -182,7 +191,7 @@ def test_a_removed_program_kept_serving_goes_once_its_successor_is_flipped_in(
     assert flipped.returncode == 0, flipped.stderr + flipvisor.output()
     assert proxied(nginx)["version"] == "3"
     wait_gone(gen["pids"])
-    assert [p["name"] for p in flipvisor.status()["programs"]] == ["site"]
+    only(flipvisor, "site")
     assert web_conf(nginx).exists()
 
 
@@ -212,4 +221,4 @@ def test_a_kept_program_added_back_to_the_config_is_no_longer_reported_as_remove
     assert result.returncode == 0, result.stderr + flipvisor.output()
     assert flipvisor.program("web")["kept_after_removal"] is None
     assert proxied(nginx)["version"] == "1"
-    assert [p["name"] for p in flipvisor.status()["programs"]] == ["web"]
+    only(flipvisor, "web")

@@ -155,3 +155,11 @@ def test_a_flip_that_succeeded_with_a_warning_says_both(
     with progress:
         progress.summary({**report, "warning": None})
     assert "draining" not in capsys.readouterr().err
+
+
+def test_a_removed_program_still_draining_says_so() -> None:
+    draining = _program("old", state="stopped", removing=True)
+    draining["generations"][0]["state"] = "draining"  # type: ignore[index]
+    rows, notes = status_rows({"programs": [_program("web"), draining]}, NOW)
+    assert rows[1][:4] == ["old", "stopped", "2", "draining"]
+    assert notes == ["old: removed from the config; listed until its workers are gone"]
