@@ -85,6 +85,10 @@ class Program:
         self._budget = RestartBudget(config.restart.max_restarts, config.restart.window)
         self._flip_lock = anyio.Lock()
         self._abandon: anyio.CancelScope | None = None  # the flip, while it can be undone
+        # Set once a promoted flip's generation serves (the proxy's old workers are gone): a
+        # stop waits for it before it drains, so that requests those workers still hold to the
+        # old generation are answered, as the flip itself would have them.
+        self._settled: anyio.Event | None = None
         self._stops = 0  # stops under way
         self._tg: TaskGroup | None = None
         self.log = ProgramLog(log_path(runtime.state_dir, name), runtime.logs)
@@ -193,13 +197,18 @@ class Program:
                 with anyio.CancelScope() as abandon:
                     self._abandon = abandon
                     promotion = await self._deploy(report, config, deadline, timeout)
-                self._abandon = None  # promoted: a stop now waits for the old generation's drain
+                self._abandon = None
+                if promotion is not None:  # promoted: a stop now waits until it serves
+                    self._settled = anyio.Event()
                 if abandon.cancelled_caught:
                     report.finish(self._stopped_message(report))
                 elif promotion is not None:
                     await self._settle_reporting(report, promotion, deadline, timeout)
             finally:
                 self._abandon = None
+                if self._settled is not None:  # whatever happened, no stop waits for it forever
+                    self._settled.set()
+                    self._settled = None
                 self._record_flip(report)
 
     def _stopped_message(self, report: FlipReport) -> str:
@@ -403,7 +412,20 @@ class Program:
         """After the promotion: once the proxy's old workers are gone, the routed generation is
         the serving one; then what it replaced is drained (or kept warm). Never undone."""
         gen = promotion.gen
-        await wait_for_proxy(promotion, program=self.name, report=report)
+        settled = self._settled or anyio.Event()  # made when the promotion returned
+        try:
+            await wait_for_proxy(promotion, program=self.name, report=report)
+            old = self._serve(report, promotion)
+        finally:
+            self._settled = None
+            settled.set()
+        await self._drain_replaced_leftovers(report, gen, registered=not promotion.deferred)
+        if old is not None:
+            await self._retire(report, old, window=gen.config.rollback_window)
+
+    def _serve(self, report: FlipReport, promotion: Promotion) -> Generation | None:
+        """Make the promoted generation the serving one; returns the one it replaced."""
+        gen = promotion.gen
         gen.transition(GenerationState.SERVING)
         self.config = gen.config
         self._budget.limit(gen.config.restart.max_restarts, gen.config.restart.window)
@@ -419,9 +441,7 @@ class Program:
             )
         self.runtime.events.emit("promoted", self.name, gen.number, port=gen.port, pids=gen.pids)
         self.history.deployed(gen.config)
-        await self._drain_replaced_leftovers(report, gen, registered=not promotion.deferred)
-        if old is not None:
-            await self._retire(report, old, window=gen.config.rollback_window)
+        return old
 
     async def _drain_replaced_leftovers(
         self, report: FlipReport, gen: Generation, *, registered: bool
@@ -699,6 +719,10 @@ class Program:
                     # still drains what it replaced (it holds the lock until that is done).
                     async with self._flip_lock:
                         pass
+            if (settled := self._settled) is not None and flip is not None:
+                what = f"{flip.kind} of generation {flip.generation}: promoted: waiting for the "
+                with _step(report, "flip", what + "proxy's old workers"):
+                    await settled.wait()
             if unroute:
                 await self._unroute()
             if unrouted is not None:

@@ -330,10 +330,11 @@ def test_a_timeout_while_the_proxy_drains_cuts_no_request_short(
     assert "generation 1 drains once the proxy's old workers are gone" in report["warning"]
     if then == "stop":
         # The flip answered, but still waits for the proxy before it drains generation 1:
-        # the stop waits for it, and then leaves nothing serving.
+        # the stop waits for that (not for the drain), then drains both generations at once,
+        # and leaves nothing serving.
         stopped = flipvisor.cli("stop", "web")
         assert stopped.returncode == 0, stopped.stderr + flipvisor.output()
-        assert "promoted: waiting for it to finish" in " ".join(stopped.stderr.split())
+        assert "promoted: waiting for the proxy's old workers" in " ".join(stopped.stderr.split())
         status = flipvisor.program("web")
         assert (status["state"], status["generations"]) == ("stopped", []), status
     else:
