@@ -541,9 +541,16 @@ def test_a_failed_reload_whose_reload_back_fails_too_names_both_and_what_to_do(
     assert "the previous generation keeps serving" not in error, error
     assert (nginx.conf_dir / "web.conf").read_bytes() == before.proxy_file
     assert flipvisor.registry() == before.keys
-    # What the message tells the operator to do (the reload, done by hand) routes back to 1.
+    # What the message tells the operator to do (the reload, done by hand) routes back to 1,
+    # once nginx's workers of before it (routing to the stopped generation 2) are gone.
+    master = nginx.master_pid()
+    assert master is not None
+    old_workers = psutil.Process(master).children()
     subprocess.run(nginx.reload_cmd, check=True, timeout=30)
-    wait_until(lambda: _version(nginx) == "1", message="nginx to proxy to generation 1 again")
+    wait_until(
+        lambda: not any(worker.is_running() for worker in old_workers),
+        message="nginx's workers of before the reload to exit",
+    )
     before.assert_untouched(flipvisor, nginx)
 
 
