@@ -386,7 +386,9 @@ class Supervisor:
         out of nginx (``successor``'s promotion rewrote it); if ``successor`` does not serve,
         keep ``old`` serving: the old is never given up for a new one that is broken. Returns
         why ``old`` was kept (None: removed)."""
-        program = self.programs[successor]
+        program = self.programs.get(successor)
+        if program is None:  # not added: the supervisor began shutting down meanwhile
+            return f"{successor}, which takes over its proxy file, was not added"
         report = program.current_flip
         if report is None and program.serving is None and program.config.autostart:
             try:
@@ -524,6 +526,9 @@ class Supervisor:
             await unrouted.wait()
         kept = {}
         for name, successor in handovers.items():
+            if successor in returning:  # renamed back while its earlier removal drains
+                returning.remove(successor)
+                await self._add_when_removed(successor, new.programs[successor], send)
             if (why := await self._hand_over(name, successor)) is not None:
                 kept[name] = why
         for name in returning:

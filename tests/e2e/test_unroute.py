@@ -222,3 +222,30 @@ def test_a_kept_program_added_back_to_the_config_is_no_longer_reported_as_remove
     assert flipvisor.program("web")["kept_after_removal"] is None
     assert proxied(nginx)["version"] == "1"
     only(flipvisor, "web")
+
+
+def test_a_program_renamed_back_while_its_old_name_drains_takes_the_file_over_again(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """web renamed site, then site renamed web while the removed web still drains: the new web
+    waits for that drain, starts, and takes the file over from site, which drains in turn."""
+    stubborn = program(nginx, "1", "--ignore-term")
+    stubborn["drain"] = {"delay": 0, "timeout": 3}
+    first = start_web(flipvisor, nginx, stubborn)
+    flipvisor.write_config({"programs": {"site": program(nginx, "2")}})
+    assert flipvisor.cli("reload").returncode == 0, flipvisor.output()
+    assert proxied(nginx)["version"] == "2"
+    site = flipvisor.wait_serving("site")
+    assert any(psutil.pid_exists(pid) for pid in first["pids"]), "web should still drain"
+    flipvisor.write_config({"programs": {"web": program(nginx, "3")}})
+
+    back = flipvisor.cli("reload", "--json", timeout=60)
+
+    assert back.returncode == 0, back.stdout + back.stderr + flipvisor.output()
+    assert json.loads(back.stdout)["kept"] == {}, back.stdout
+    assert "web is added back while its removal still drains it" in back.stderr, back.stderr
+    assert flipvisor.wait_serving("web")["generation"] == 1
+    assert proxied(nginx)["version"] == "3"
+    wait_gone(first["pids"] + site["pids"])
+    assert web_conf(nginx).exists()
+    only(flipvisor, "web")
