@@ -207,8 +207,8 @@ class Generation:
             return None
         return self._on_worker_exit(self, worker, returncode, reason)
 
-    def given_up(self, exiting: Worker) -> bool:
-        """Whether nothing of this generation will accept again once ``exiting`` stops: every
+    def given_up(self, exiting: Worker | None = None) -> bool:
+        """Whether nothing of this generation will accept again (once ``exiting`` stops): every
         other slot gave up too, and nothing its workers started still runs in their process
         groups (a pool's members outliving their master may still accept)."""
         if any(w is not exiting and w.state is not WorkerState.STOPPED for w in self.workers):

@@ -301,6 +301,9 @@ class Program:
 
     def _record_flip(self, report: FlipReport) -> None:
         self.current_flip = None
+        # The serving generation's workers may all have given up while the flip ran (it held
+        # the check back): a flip that did not replace it leaves it to be stopped now.
+        self._stop_if_given_up()
         if report.duration is None:
             return  # cancelled with the supervisor: nothing finished
         self.flips_total += 1
@@ -368,6 +371,8 @@ class Program:
                     "requests the proxy sends it fail"
                     if report.stranded
                     else "the previous generation keeps serving"
+                    if self.serving and self.serving.pids
+                    else "the previous generation has no worker left (it is stopped)"
                     if self.serving
                     else f"{self.leftovers.describe()} keeps serving"
                     if self.leftovers
@@ -620,14 +625,8 @@ class Program:
         if verdict.fatal is not None:
             self.fatal_reason = verdict.fatal
             self.runtime.events.emit("fatal", self.name, gen.number, verdict.fatal)
-        if (
-            verdict.delay is None
-            and verdict.fail is None
-            and gen is self.serving
-            and self.current_flip is None
-            and gen.given_up(worker)
-        ):
-            self._task_group().start_soon(self._stop_given_up, gen)
+        if verdict.delay is None and verdict.fail is None and gen is self.serving:
+            self._stop_if_given_up(worker)
         if verdict.delay is not None:
             worker.consecutive_failures += 1
             self.restarts_total += 1
@@ -640,6 +639,15 @@ class Program:
                 delay=round(verdict.delay, 3),
             )
         return verdict.delay
+
+    def _stop_if_given_up(self, exiting: Worker | None = None) -> None:
+        """Begin ``_stop_given_up`` if nothing of the serving generation runs or will run again
+        (``exiting``: a worker about to stop for good), unless a flip may still replace it."""
+        gen = self.serving
+        if gen is None or self.current_flip is not None or self._stops or self._tg is None:
+            return
+        if gen.given_up(exiting):
+            self._tg.start_soon(self._stop_given_up, gen)
 
     async def _stop_given_up(self, gen: Generation) -> None:
         """Stop the program once its serving generation has no worker left and none to come

@@ -648,3 +648,28 @@ def test_a_flip_timeout_that_is_not_a_positive_number_is_refused(flipvisor: Flip
         assert answer["exit_code"] == 2 and "seconds > 0" in answer["error"], answer
     after = flipvisor.serving("web")
     assert after is not None and after["generation"] == before["generation"]
+
+
+def test_workers_that_gave_up_during_a_flip_that_fails_stop_the_program_after_it(
+    flipvisor: Flipvisor,
+) -> None:
+    """The serving generation's only worker exits for good (`policy: never`) while a flip
+    probes its successor: the stop waits for the flip (which could replace it). The flip fails,
+    says the previous generation has no worker left (not that it "keeps serving"), and then the
+    program is stopped, its socket closed."""
+    once = web(command=svc_command("--crash-after", "3"), restart={"policy": "never"})
+    flipvisor.start({"programs": {"web": once}})
+    gen = flipvisor.wait_serving("web")
+    broken = web(command=svc_command("--health-fail"), restart={"policy": "never"})
+    broken["readiness"] = {"http": "/health", "timeout": 5}
+    flipvisor.write_config({"programs": {"web": broken}})
+
+    flipped = flipvisor.cli("flip", "web")  # generation 1 exits meanwhile, 3 s after its start
+
+    assert flipped.returncode == 1, flipped.stdout + flipped.stderr
+    error = " ".join(flipped.stderr.split())
+    assert "the previous generation has no worker left" in error, error
+    assert "keeps serving" not in error, error
+    wait_until(lambda: flipvisor.program("web")["state"] == "stopped", message="web to stop")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", gen["port"]), timeout=5).close()
