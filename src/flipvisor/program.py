@@ -211,6 +211,12 @@ class Program:
                     self._settled = None
                 self._record_flip(report)
 
+    async def wait_settled(self) -> None:
+        """Return once no promoted flip still waits for the proxy's old workers: its generation
+        is the serving one then. (A flip's --timeout may answer before that.)"""
+        if (settled := self._settled) is not None:
+            await settled.wait()
+
     def _stopped_message(self, report: FlipReport) -> str:
         return (
             f"{self.name} was stopped (`flipvisor stop` or the supervisor's shutdown) before the "

@@ -397,6 +397,7 @@ class Supervisor:
                 report = None  # stopping: nothing to wait for
         if report is not None:
             await report.wait()
+            await program.wait_settled()  # answered early (--timeout): serving only after that
         if self._serves_file_of(successor, old):
             log.info(
                 "%s took over the proxy file of %s, which the config no longer has", successor, old
@@ -736,8 +737,17 @@ class Supervisor:
         """``_follow``; then a program kept because this one did not serve goes."""
         answer = await self._follow(report, send)
         if self._kept and report.ok:
-            await self._release_kept()
+            if report.warning is None:
+                await self._release_kept()
+            elif (program := self.programs.get(report.program)) is not None:
+                # Answered before its generation serves (--timeout): released once it does.
+                assert self._tg is not None
+                self._tg.start_soon(self._release_kept_once_settled, program)
         return answer
+
+    async def _release_kept_once_settled(self, program: Program) -> None:
+        await program.wait_settled()
+        await self._release_kept()
 
     async def _follow(self, report: FlipReport, send: Send) -> dict[str, Any]:
         try:

@@ -5,13 +5,15 @@ the file: then the file is put back."""
 from __future__ import annotations
 
 import json
+import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from tests.e2e.load import Load
-from tests.e2e.test_flip import answers, program, proxied
+from tests.e2e.test_flip import answers, busy, program, proxied
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import Nginx, port_answers
 from tests.waiting import wait_until
@@ -249,3 +251,38 @@ def test_a_program_renamed_back_while_its_old_name_drains_takes_the_file_over_ag
     wait_gone(first["pids"] + site["pids"])
     assert web_conf(nginx).exists()
     only(flipvisor, "web")
+
+
+def test_a_kept_program_goes_once_its_successor_serves_after_a_flip_cut_short_by_timeout(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """`flip site --timeout 2` answers once site is promoted, while nginx's old worker still
+    holds a slow request to web (the kept program): web goes once site serves, after that
+    worker is gone, not never (it was checked when the flip answered, before site served)."""
+    slow = program(nginx, "1", "--slow-ms", "8000", "--notify")
+    slow["readiness"] = {"notify": True, "timeout": 10}
+    flipvisor.start({"programs": {"web": slow}})  # every answer takes 8 s: none awaited here
+    gen = flipvisor.wait_serving("web")
+    answered: list[str] = []
+
+    def slow_request() -> None:
+        with urllib.request.urlopen(nginx.url("/"), timeout=30) as answer:
+            answered.append(json.loads(answer.read())["version"])
+
+    request = threading.Thread(target=slow_request, daemon=True)
+    request.start()
+    wait_until(lambda: busy(gen["pids"][0]), message="a request in web")
+    broken = program(nginx, "2", "--health-fail", readiness={"timeout": 1})
+    flipvisor.write_config({"programs": {"site": broken}})
+    assert list(json.loads(flipvisor.cli("reload", "--json").stdout)["kept"]) == ["web"]
+    flipvisor.write_config({"programs": {"site": program(nginx, "3")}})
+
+    flipped = flipvisor.cli("flip", "site", "--timeout", "2", "--json")
+
+    assert flipped.returncode == 0, flipped.stdout + flipped.stderr + flipvisor.output()
+    assert json.loads(flipped.stdout)["warning"], flipped.stdout  # answered before it served
+    assert flipvisor.serving("web") is not None  # kept until site serves
+    request.join(timeout=30)
+    assert answered == ["1"]
+    wait_gone(gen["pids"])
+    only(flipvisor, "site")
