@@ -407,9 +407,9 @@ def test_shutdown_shows_the_drains_and_returns_once_they_are_done(flipvisor: Fli
 
 
 def test_shutdown_no_wait_only_asks(flipvisor: Flipvisor) -> None:
-    flipvisor.start({"programs": {"web": {**web(), "drain": {"delay": 10, "timeout": 5}}}})
+    flipvisor.start({"programs": {"web": {**web(), "drain": {"delay": 4, "timeout": 5}}}})
     pids = flipvisor.wait_serving("web")["pids"]
-    asked = flipvisor.cli("shutdown", "--no-wait", timeout=5)  # well inside the drain's delay
+    asked = flipvisor.cli("shutdown", "--no-wait", timeout=3)  # well inside the drain's delay
     assert asked.returncode == 0, asked.stderr
     assert asked.stdout == "flipvisor: shutdown: asked\n"
     assert all(psutil.pid_exists(pid) for pid in pids)
