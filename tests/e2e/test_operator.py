@@ -366,7 +366,7 @@ def test_metrics_of_a_program_removed_by_a_reload_go_with_it(flipvisor: Flipviso
 def test_stop_shows_its_drain_while_it_waits(flipvisor: Flipvisor) -> None:
     """A long wait shows progress: `stop` prints the drain (what, for how long at most) when it
     begins, not only once it is over."""
-    slow = {**web(), "drain": {"delay": 8, "timeout": 5}}
+    slow = {**web(), "drain": {"delay": 3, "timeout": 5}}
     flipvisor.start({"programs": {"web": slow}})
     pids = flipvisor.wait_serving("web")["pids"]
     stop = subprocess.Popen(
@@ -386,8 +386,8 @@ def test_stop_shows_its_drain_while_it_waits(flipvisor: Flipvisor) -> None:
             return b"drain" in shown
 
         wait_until(drain_shown, timeout=15, message="the drain step")
-        assert stop.poll() is None  # still draining (8 s delay)
-        assert f"generation 1 (pid {pids[0]})".encode() in shown and b"up to 13s" in shown
+        assert stop.poll() is None  # still draining (3 s delay)
+        assert f"generation 1 (pid {pids[0]})".encode() in shown and b"up to 8s" in shown
     finally:
         stop.kill()
         stop.wait()
