@@ -132,13 +132,7 @@ def test_two_programs_flip_at_once_under_load(flipvisor: Flipvisor, nginx: Nginx
 
 
 def _flip(flipvisor: Flipvisor, name: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "flipvisor", "flip", name, "-c", str(flipvisor.config_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
+    return flipvisor.cli_started("flip", name)
 
 
 def _both_serving(flipvisor: Flipvisor, nginx: Nginx) -> tuple[dict[str, int], dict[str, str]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -196,12 +195,7 @@ def test_cold_and_warm_rollback(flipvisor: Flipvisor, nginx: Nginx) -> None:
 def test_second_flip_of_a_program_is_refused_clearly(flipvisor: Flipvisor, nginx: Nginx) -> None:
     start_serving(flipvisor, nginx, program(nginx, "1"))
     flipvisor.write_config({"programs": {"web": program(nginx, "2", "--ready-delay", "2")}})
-    first = subprocess.Popen(
-        [sys.executable, "-m", "flipvisor", "flip", "web", "-c", str(flipvisor.config_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = flipvisor.cli_started("flip", "web")
     wait_until(lambda: flipvisor.program("web")["flip"], message="the first flip")
     second = flipvisor.cli("flip", "web")
     assert second.returncode == 1

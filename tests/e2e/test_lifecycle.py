@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,13 +42,7 @@ def program(*flags: str, **overrides: Any) -> dict[str, Any]:
 def flip_in_background(
     flipvisor: Flipvisor, name: str, command: str = "flip"
 ) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "flipvisor", command, name, "-c", str(flipvisor.config_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    return flipvisor.cli_started(command, name, stderr=subprocess.STDOUT)
 
 
 def probing(flipvisor: Flipvisor, name: str, generation: int) -> list[int]:
@@ -177,13 +170,7 @@ def test_start_while_a_stop_drains_is_refused_and_the_port_stays_usable(
     }
     flipvisor.start({"programs": {"web": fixed}})
     flipvisor.wait_serving("web")
-    stop = subprocess.Popen(
-        [sys.executable, "-m", "flipvisor", "stop", "web", "-c", str(flipvisor.config_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    stop = flipvisor.cli_started("stop", "web", stderr=subprocess.STDOUT)
     try:
         wait_until(
             lambda: any(g["state"] == "draining" for g in flipvisor.program("web")["generations"]),

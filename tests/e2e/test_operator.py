@@ -423,13 +423,7 @@ def test_ctrl_c_of_a_flip_says_the_flip_goes_on(flipvisor: Flipvisor) -> None:
     flipvisor.start({"programs": {"web": {**web, "command": svc_command()}}})
     flipvisor.wait_serving("web")
     flipvisor.write_config({"programs": {"web": web}})
-    flip = subprocess.Popen(
-        [sys.executable, "-m", "flipvisor", "flip", "web", "-c", str(flipvisor.config_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    flip = flipvisor.cli_started("flip", "web")
     try:
         wait_until(
             lambda: flipvisor.program("web")["flip"] is not None, message="the flip to begin"
