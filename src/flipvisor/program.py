@@ -206,10 +206,14 @@ class Program:
                     await self._settle_reporting(report, promotion, deadline, timeout)
             finally:
                 self._abandon = None
-                if self._settled is not None:  # whatever happened, no stop waits for it forever
-                    self._settled.set()
-                    self._settled = None
+                self._release_settled()  # whatever happened, no stop waits for it forever
                 self._record_flip(report)
+
+    def _release_settled(self) -> None:
+        """The promoted generation serves (or the flip ended): what waits for that goes on."""
+        if self._settled is not None:
+            self._settled.set()
+            self._settled = None
 
     async def wait_settled(self) -> None:
         """Return once no promoted flip still waits for the proxy's old workers: its generation
@@ -423,13 +427,11 @@ class Program:
         """After the promotion: once the proxy's old workers are gone, the routed generation is
         the serving one; then what it replaced is drained (or kept warm). Never undone."""
         gen = promotion.gen
-        settled = self._settled or anyio.Event()  # made when the promotion returned
         try:
             await wait_for_proxy(promotion, program=self.name, report=report)
             old = self._serve(report, promotion)
         finally:
-            self._settled = None
-            settled.set()
+            self._release_settled()
         await self._drain_replaced_leftovers(report, gen, registered=not promotion.deferred)
         if old is not None:
             await self._retire(report, old, window=gen.config.rollback_window)
