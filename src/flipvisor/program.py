@@ -300,13 +300,13 @@ class Program:
         still draining."""
         await anyio.sleep_until(deadline)
         last = report.steps[-1] if report.steps else None
-        if last is not None and last.name == "proxy-drain" and last.status == "running":
-            doing = f"{what} drains once the proxy's old workers are gone (at most proxy.timeout)"
-        else:
-            doing = f"{what} is still draining, as its drain settings say"
+        proxy_draining = (
+            last is not None and last.name == "proxy-drain" and last.status == "running"
+        )
         report.finish(
             warning=f"--timeout {timeout:g}s ran out after generation {gen.number} was promoted: "
-            f"it serves, and stays; {doing}; `flipvisor status {self.name}` shows when it is gone"
+            f"it serves, and stays; {still_to_do(what, proxy_draining, gen.config.rollback_window)}"
+            f"; `flipvisor status {self.name}` shows when it is gone"
         )
 
     def _record_flip(self, report: FlipReport) -> None:
@@ -788,6 +788,19 @@ class Program:
             routed=routed is not None,
         ):
             self.runtime.events.emit("unrouted", self.name, None, f"removed {deployed.proxy.dest}")
+
+
+def still_to_do(what: str, proxy_draining: bool, rollback_window: float) -> str:
+    """What a promoted flip still does with ``what`` it replaced, for a client answered early:
+    drained, or (with ``rollback_window``) kept warm, once the proxy's old workers are gone."""
+    if rollback_window > 0:
+        then = f"is kept warm {rollback_window:g} s for a rollback (rollback_window), then drained"
+        if proxy_draining:
+            return f"{what} {then}, once the proxy's old workers are gone (at most proxy.timeout)"
+        return f"{what} {then}"
+    if proxy_draining:
+        return f"{what} drains once the proxy's old workers are gone (at most proxy.timeout)"
+    return f"{what} is still draining, as its drain settings say"
 
 
 def _step(report: FlipReport | None, name: str, detail: str) -> AbstractContextManager[Any]:

@@ -8,6 +8,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from flipvisor.program import still_to_do
 from flipvisor.progress import UPDATE_BUFFER, FlipReport, Step
 
 
@@ -201,3 +202,22 @@ async def test_wait_returns_once_finished() -> None:
                 report.finish()
     finally:
         report.close()
+
+
+@pytest.mark.parametrize(
+    ("proxy_draining", "window", "says", "not_said"),
+    [
+        (True, 0.0, "generation 1 drains once the proxy's old workers are gone", "warm"),
+        (False, 0.0, "generation 1 is still draining", "warm"),
+        (True, 30.0, "generation 1 is kept warm 30 s for a rollback", "drains once"),
+        (False, 30.0, "generation 1 is kept warm 30 s for a rollback", "still draining"),
+    ],
+)
+def test_a_flip_answered_early_says_what_becomes_of_the_replaced_generation(
+    proxy_draining: bool, window: float, says: str, not_said: str
+) -> None:
+    # With rollback_window the replaced generation is kept warm, not drained: saying it
+    # "drains" would send an operator looking for a drain that never comes.
+    text = still_to_do("generation 1", proxy_draining, window)
+    assert says in text and not_said not in text, text
+    assert ("proxy's old workers" in text) == proxy_draining
