@@ -30,6 +30,12 @@ def get(port: int, path: str = "/") -> dict[str, object]:
         return loaded
 
 
+def crash(pid: int) -> None:
+    """Make svc worker ``pid`` crash now (SIGALRM: exit status 3), at a time the test chooses,
+    not after a delay a loaded machine may outrun."""
+    psutil.Process(pid).send_signal(signal.SIGALRM)
+
+
 def web(**overrides: object) -> dict[str, object]:
     program: dict[str, object] = {
         "command": svc_command("--version", "1"),
@@ -111,9 +117,9 @@ def test_a_program_whose_workers_all_gave_up_refuses_connections_until_started(
     """`policy: never` and the only worker exited: the program is stopped, its socket closed, so
     the proxy's connections are refused at once instead of waiting in a backlog nobody reads
     (for the proxy's timeout). `start` brings it back as a new generation."""
-    once = web(command=svc_command("--crash-after", "1"), restart={"policy": "never"})
-    flipvisor.start({"programs": {"web": once}})
+    flipvisor.start({"programs": {"web": web(restart={"policy": "never"})}})
     gen = flipvisor.wait_serving("web")
+    crash(gen["pids"][0])
     wait_until(lambda: flipvisor.program("web")["state"] == "stopped", message="web to stop")
     assert flipvisor.program("web")["generations"] == []
     with pytest.raises(ConnectionRefusedError):
@@ -657,17 +663,22 @@ def test_workers_that_gave_up_during_a_flip_that_fails_stop_the_program_after_it
     probes its successor: the stop waits for the flip (which could replace it). The flip fails,
     says the previous generation has no worker left (not that it "keeps serving"), and then the
     program is stopped, its socket closed."""
-    once = web(command=svc_command("--crash-after", "3"), restart={"policy": "never"})
-    flipvisor.start({"programs": {"web": once}})
+    flipvisor.start({"programs": {"web": web(restart={"policy": "never"})}})
     gen = flipvisor.wait_serving("web")
     broken = web(command=svc_command("--health-fail"), restart={"policy": "never"})
     broken["readiness"] = {"http": "/health", "timeout": 5}
     flipvisor.write_config({"programs": {"web": broken}})
 
-    flipped = flipvisor.cli("flip", "web")  # generation 1 exits meanwhile, 3 s after its start
+    flip = flipvisor.cli_started("flip", "web")
+    wait_until(
+        lambda: (f := flipvisor.program("web")["flip"]) is not None and f["step"] == "probe",
+        message="the flip to probe generation 2",
+    )
+    crash(gen["pids"][0])  # generation 1 exits for good while its successor is probed
+    out, err = flip.communicate(timeout=30)
 
-    assert flipped.returncode == 1, flipped.stdout + flipped.stderr
-    error = " ".join(flipped.stderr.split())
+    assert flip.returncode == 1, out + err
+    error = " ".join(err.split())
     assert "the previous generation has no worker left" in error, error
     assert "keeps serving" not in error, error
     wait_until(lambda: flipvisor.program("web")["state"] == "stopped", message="web to stop")

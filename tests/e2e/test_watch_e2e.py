@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -308,13 +309,17 @@ def test_watch_stops_at_once_during_a_retry_backoff(watcher: Watcher, tmp_path: 
         except OSError:
             return 0
 
-    # Three checks: the first attempt and two retries; the next one is about 4 s away.
+    # Three checks: the first attempt and two retries; the next one is 4 s away.
     wait_until(lambda: checks_run() >= 3, timeout=15, message="two retries")
+    third = time.monotonic()
     process.send_signal(signal.SIGTERM)
     try:
-        assert process.wait(timeout=2) == 0, watcher.output()[-3000:]
+        assert process.wait(timeout=10) == 0, watcher.output()[-3000:]
     except subprocess.TimeoutExpired:
-        pytest.fail("flipvisor watch waited for its backoff after SIGTERM")
+        pytest.fail("flipvisor watch waited for more than its backoff after SIGTERM")
+    # Had it waited for its backoff, it would have exited 4 s after the third check at the
+    # earliest (the margin is for a loaded machine's slow exit), most likely after a fourth.
+    assert time.monotonic() - third < 3.5, "flipvisor watch waited for its backoff after SIGTERM"
     assert checks_run() == 3
     # The retries failed the same way as the first attempt: logged once, not each time.
     output = watcher.output()
