@@ -169,10 +169,35 @@ Env = Annotated[dict[str, str], BeforeValidator(_null_is_empty), AfterValidator(
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
 Signal = Annotated[signal.Signals, BeforeValidator(_parse_signal)]
 Host = Annotated[str, AfterValidator(_check_host)]
+# The longest duration a timeout, delay, interval or window may name: more than any drain, probe
+# or proxy reload needs, and `1.0e+300` (finite, so allowed before) is a typo, not a wish.
+MAX_SECONDS = 24 * 3600.0
+# rollback_window keeps a replaced generation warm for a rollback: over a weekend, say.
+MAX_ROLLBACK_WINDOW = 7 * 24 * 3600.0
+
+
+def _at_most(limit: float, words: str) -> AfterValidator:
+    def check(value: float) -> float:
+        if value > limit:
+            raise ValueError(f"must be at most {limit:g} seconds ({words})")
+        return value
+
+    return AfterValidator(check)
+
+
 # Strict: YAML's `true` must not silently become 1 (lax pydantic accepts bools as numbers).
 # Finite: `.inf` (or `1.0e+400`) would make a drain, a probe or a stop wait forever.
-Seconds = Annotated[float, Field(gt=0, strict=True, allow_inf_nan=False)]
-SecondsOrZero = Annotated[float, Field(ge=0, strict=True, allow_inf_nan=False)]
+Seconds = Annotated[
+    float, Field(gt=0, strict=True, allow_inf_nan=False), _at_most(MAX_SECONDS, "one day")
+]
+SecondsOrZero = Annotated[
+    float, Field(ge=0, strict=True, allow_inf_nan=False), _at_most(MAX_SECONDS, "one day")
+]
+KeepSeconds = Annotated[
+    float,
+    Field(ge=0, strict=True, allow_inf_nan=False),
+    _at_most(MAX_ROLLBACK_WINDOW, "one week"),
+]
 Count = Annotated[int, Field(strict=True)]
 
 
@@ -270,7 +295,7 @@ class ProgramConfig(_Model):
     drain: Annotated[DrainConfig, BeforeValidator(_null_is_empty)] = DrainConfig()
     restart: Annotated[RestartConfig, BeforeValidator(_null_is_empty)] = RestartConfig()
     proxy: ProxyConfig | None = None
-    rollback_window: SecondsOrZero = 0.0
+    rollback_window: KeepSeconds = 0.0
 
     @model_validator(mode="after")
     def _what_a_fixed_port_allows(self) -> ProgramConfig:

@@ -937,6 +937,18 @@ def test_every_duration_must_be_finite(text: str, line: int, where: str, value: 
     parse_config(text.replace("V", "2.5"), PATH)  # the same key with a finite value is fine
 
 
+@pytest.mark.parametrize(("text", "line", "where"), DURATIONS, ids=[d[2] for d in DURATIONS])
+def test_every_duration_has_an_upper_bound(text: str, line: int, where: str) -> None:
+    """`1.0e+300` is finite, and was accepted: a typo that made a drain or a probe wait for ever
+    (and arithmetic on it overflow). A day is the bound (a week for rollback_window)."""
+    limit, words = (604800, "one week") if where.endswith("rollback_window") else (86400, "one day")
+    for value in ("1.0e+300", f"{limit + 0.5}"):
+        assert problems_of(text.replace("V", value)) == [
+            f"{PATH}:{line}: {where}: must be at most {limit:g} seconds ({words})"
+        ]
+    parse_config(text.replace("V", f"{limit}"), PATH)  # the bound itself is allowed
+
+
 def _float_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
     """The dotted names of every float field under ``model`` (``*``: any program or entry)."""
     found: set[str] = set()
