@@ -506,29 +506,48 @@ def _shared_fixed_ports(config: Config, path: Path, lines: dict[tuple[str, ...],
 
 
 def _shared_proxy_files(config: Config, path: Path, lines: dict[tuple[str, ...], int]) -> list[str]:
-    """Programs whose ``proxy.dest`` is one file (however spelled: ``a/../a/x.conf``, a symlinked
-    folder). Each flip rewrites the whole file for its own program, so the other's routing would
-    be lost, and removing one would leave the file naming a drained port.
+    """Files written by two writers: programs' ``proxy.dest`` and watch entries' ``dest``, however
+    spelled (``a/../a/x.conf``, a symlinked folder). Each writer rewrites the whole file for
+    itself (a program at every flip, a watch entry at every change of its keys), so the other's
+    routing would be lost, and removing a program would leave the file naming a drained port.
+    The writer further down the file is the one reported.
 
     This compares the programs of one file; a reload that removes one program and adds another
     with the same dest (a rename) is a handover between two files, and allowed."""
+    writers: list[tuple[tuple[str, ...], Path]] = [
+        (("programs", name, "proxy", "dest"), program.proxy.dest)
+        for name, program in config.programs.items()
+        if program.proxy is not None
+    ]
+    writers += [
+        (("watch", str(index), "dest"), entry.dest)
+        for index, entry in enumerate(config.watch)
+        if entry.dest is not None
+    ]
+    writers.sort(key=lambda writer: _nearest_line(writer[0], lines) or 0)
     problems = []
-    owners: dict[str, str] = {}
-    for name, program in config.programs.items():
-        if program.proxy is None:
-            continue
+    owners: dict[str, tuple[str, ...]] = {}
+    for loc, dest in writers:
         # realpath, not Path.resolve: it never raises (a symlink loop stays as spelled).
-        dest = program.proxy.dest
         real = os.path.realpath(dest)
-        owner = owners.setdefault(real, name)
-        if owner != name:
-            loc = ("programs", name, "proxy", "dest")
-            spelled = str(dest) if str(dest) == real else f"{dest} (that is {real})"
-            problems.append(
-                f"{path}:{_nearest_line(loc, lines)}: {'.'.join(loc)}: {spelled} is "
-                f"programs.{owner}.proxy.dest already (each proxy file belongs to one program, "
-                "which rewrites all of it at every flip); give each program its own dest"
+        owner = owners.setdefault(real, loc)
+        if owner == loc:
+            continue
+        spelled = str(dest) if str(dest) == real else f"{dest} (that is {real})"
+        if owner[0] == loc[0] == "programs":
+            why = (
+                "each proxy file belongs to one program, which rewrites all of it at every flip); "
+                "give each program its own dest"
             )
+        else:
+            why = (
+                "a file has one writer: a program rewrites all of it at every flip, a watch entry "
+                "at every change of its keys); give each its own dest"
+            )
+        problems.append(
+            f"{path}:{_nearest_line(loc, lines)}: {'.'.join(loc)}: {spelled} is "
+            f"{'.'.join(owner)} already ({why}"
+        )
     return problems
 
 
