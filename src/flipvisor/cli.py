@@ -214,23 +214,26 @@ def _fail(args: argparse.Namespace, message: str, exit_code: int) -> int:
 
 
 def _check(args: argparse.Namespace, path: Path) -> int:
-    from .config import load_config
+    from .config import load_config_file
     from .preflight import host_problems
+    from .problems import in_file_order
 
     try:
-        config = load_config(path)
-        problems = host_problems(config)
-        if problems:
-            raise ConfigError(
-                f"{path} is valid, but would not work on this host:",
-                [f"{path}: {problem}" for problem in problems],
-            )
-    except ConfigError as exc:
-        if getattr(args, "json", False):
-            _print_json({"ok": False, "error": str(exc).splitlines()[0], "problems": exc.problems})
-        else:
-            _error(str(exc))
-        return EXIT_USAGE
+        parsed = load_config_file(path)
+    except ConfigError as exc:  # a key is invalid: nothing to check on this host
+        return _check_failed(args, exc)
+    # Host checks need valid keys only: a file with two programs on one fixed port is checked on
+    # this host too, and every problem is listed at its line, from the top of the file down.
+    on_host = [parsed.problem(found.loc, found.message) for found in host_problems(parsed.config)]
+    if parsed.problems or on_host:
+        header = (
+            f"invalid config file {path}:"
+            if parsed.problems
+            else f"{path} is valid, but would not work on this host:"
+        )
+        problems = in_file_order([*parsed.problems, *on_host])
+        return _check_failed(args, ConfigError(header, [str(p) for p in problems]))
+    config = parsed.config
     if getattr(args, "json", False):
         _print_json({"ok": True, "programs": sorted(config.programs)})
     else:
@@ -240,6 +243,14 @@ def _check(args: argparse.Namespace, path: Path) -> int:
         )
         print(f"{path}: ok ({programs}, {watches})")
     return EXIT_OK
+
+
+def _check_failed(args: argparse.Namespace, exc: ConfigError) -> int:
+    if getattr(args, "json", False):
+        _print_json({"ok": False, "error": str(exc).splitlines()[0], "problems": exc.problems})
+    else:
+        _error(str(exc))
+    return EXIT_USAGE
 
 
 def _count(number: int, noun: str) -> str:

@@ -93,3 +93,93 @@ def test_a_state_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
         f"{config} is valid, but would not work on this host:",
         f"state_dir: {tmp_path}/state is a file, not a folder; choose a writable folder",
     )
+
+
+def problem_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """The problems `check` listed under its header, one a line."""
+    assert result.returncode == 2, result
+    header, *problems = result.stderr.splitlines()
+    assert header.startswith("flipvisor: "), result.stderr
+    return [line.removeprefix("  ") for line in problems]
+
+
+def test_host_problems_name_the_line_of_their_key(tmp_path: Path) -> None:
+    """They said `flipvisor.yaml: state_dir: ...`, without the line every other problem has."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    config = write(
+        tmp_path,
+        f"""\
+        programs:
+          web:
+            command: ["{sys.executable}"]
+            proxy:
+              template: {TEMPLATE}
+              dest: {a_file}/web.conf
+        metrics:
+          listen: "192.0.2.1:9100"
+        state_dir: {a_file}
+        """,
+    )
+    assert problem_lines(check(config)) == [
+        f"{config}:6: programs.web.proxy.dest: {a_file} is a file, not a folder",
+        f"{config}:8: metrics.listen: cannot listen on 192.0.2.1:9100: 192.0.2.1 is "
+        "not an address of this host; use one of its own, or 0.0.0.0",
+        f"{config}:9: state_dir: {a_file} is a file, not a folder; choose a writable folder in "
+        "`state_dir`",
+    ]
+
+
+def test_invalid_keys_are_listed_in_the_files_order(tmp_path: Path) -> None:
+    """They came in the models' order (state_dir, logs, ..., programs), not the file's."""
+    config = write(
+        tmp_path,
+        """\
+        programs:
+          web:
+            command: x
+            numprocs: 0
+        logs: {backups: 500}
+        state_dir: [1]
+        """,
+    )
+    assert problem_lines(check(config)) == [
+        f"{config}:4: programs.web.numprocs: must be >= 1",
+        f"{config}:5: logs.backups: must be <= 100",
+        f"{config}:6: state_dir: must be a path",
+    ]
+
+
+def test_problems_across_keys_and_on_this_host_are_listed_together_in_order(
+    tmp_path: Path,
+) -> None:
+    """Two programs on one fixed port hid the host problems (a missing command above them),
+    and each kind came in a block of its own."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    config = write(
+        tmp_path,
+        f"""\
+        state_dir: state
+        programs:
+          web:
+            command: [no-such-program-fv]
+            socket: {{port: 18080}}
+          api:
+            command: ["{sys.executable}"]
+            socket: {{port: 18080}}
+        watch:
+          - keys: [a/b]
+            template: {tmp_path}/missing.j2
+            dest: {a_file}/out.conf
+        """,
+    )
+    result = check(config)
+    assert problem_lines(result) == [
+        f"{config}:4: programs.web.command: command 'no-such-program-fv': not found in PATH",
+        f"{config}:8: programs.api.socket.port: 127.0.0.1:18080 is programs.web's already (each "
+        "fixed port belongs to one program)",
+        f"{config}:11: watch.0.template: {tmp_path}/missing.j2 does not exist",
+        f"{config}:12: watch.0.dest: {a_file} is a file, not a folder",
+    ]
+    assert result.stderr.startswith(f"flipvisor: invalid config file {config}:\n")
