@@ -235,7 +235,7 @@ def _check(args: argparse.Namespace, path: Path) -> int:
         return _check_failed(args, ConfigError(header, [str(p) for p in problems]))
     config = parsed.config
     if getattr(args, "json", False):
-        _print_json({"ok": True, "programs": sorted(config.programs)})
+        _print_json({"ok": True, "exit_code": EXIT_OK, "programs": sorted(config.programs)})
     else:
         programs, watches = (
             _count(len(config.programs), "program"),
@@ -247,7 +247,14 @@ def _check(args: argparse.Namespace, path: Path) -> int:
 
 def _check_failed(args: argparse.Namespace, exc: ConfigError) -> int:
     if getattr(args, "json", False):
-        _print_json({"ok": False, "error": str(exc).splitlines()[0], "problems": exc.problems})
+        _print_json(
+            {
+                "ok": False,
+                "exit_code": EXIT_USAGE,
+                "error": str(exc).splitlines()[0],
+                "problems": exc.problems,
+            }
+        )
     else:
         _error(str(exc))
     return EXIT_USAGE

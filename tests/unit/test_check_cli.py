@@ -3,6 +3,7 @@ with one message naming the file, the line and the dotted key (never a traceback
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,11 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "templates" / "nginx.conf.j2"
 
 
-def check(config: Path) -> subprocess.CompletedProcess[str]:
+def check(config: Path, *options: str) -> subprocess.CompletedProcess[str]:
     """Run ``flipvisor check -c config`` with this checkout's code."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     return subprocess.run(
-        [sys.executable, "-m", "flipvisor", "check", "-c", str(config)],
+        [sys.executable, "-m", "flipvisor", "check", "-c", str(config), *options],
         capture_output=True,
         text=True,
         env=env,
@@ -183,3 +184,26 @@ def test_problems_across_keys_and_on_this_host_are_listed_together_in_order(
         f"{config}:12: watch.0.dest: {a_file} is a file, not a folder",
     ]
     assert result.stderr.startswith(f"flipvisor: invalid config file {config}:\n")
+
+
+def test_check_json_carries_its_exit_code(tmp_path: Path) -> None:
+    """Every other --json document that can fail says its exit_code; check's did not."""
+    config = write(
+        tmp_path, f'state_dir: state\nprograms:\n  web: {{command: ["{sys.executable}"]}}\n'
+    )
+    result = check(config, "--json")
+    assert result.returncode == 0, result
+    assert json.loads(result.stdout) == {"ok": True, "exit_code": 0, "programs": ["web"]}
+    config.write_text("state_dir: state\nbogus: 1\n")
+    result = check(config, "--json")
+    assert result.returncode == 2, result
+    assert json.loads(result.stdout) == {
+        "ok": False,
+        "exit_code": 2,
+        "error": f"invalid config file {config}:",
+        "problems": [f"{config}:2: bogus: unknown key"],
+    }
+    config.unlink()
+    result = check(config, "--json")
+    assert result.returncode == 2, result
+    assert json.loads(result.stdout)["exit_code"] == 2
