@@ -193,7 +193,12 @@ def test_check_json_carries_its_exit_code(tmp_path: Path) -> None:
     )
     result = check(config, "--json")
     assert result.returncode == 0, result
-    assert json.loads(result.stdout) == {"ok": True, "exit_code": 0, "programs": ["web"]}
+    assert json.loads(result.stdout) == {
+        "ok": True,
+        "exit_code": 0,
+        "programs": ["web"],
+        "warnings": [],
+    }
     config.write_text("state_dir: state\nbogus: 1\n")
     result = check(config, "--json")
     assert result.returncode == 2, result
@@ -202,8 +207,43 @@ def test_check_json_carries_its_exit_code(tmp_path: Path) -> None:
         "exit_code": 2,
         "error": f"invalid config file {config}:",
         "problems": [f"{config}:2: bogus: unknown key"],
+        "warnings": [],
     }
     config.unlink()
     result = check(config, "--json")
     assert result.returncode == 2, result
     assert json.loads(result.stdout)["exit_code"] == 2
+
+
+def test_a_mistyped_placeholder_is_a_warning_that_keeps_exit_0(tmp_path: Path) -> None:
+    """`{prot}` passed `check` and reached the app as written. Braces stay legitimate (a JSON
+    argument, `awk '{print}'`), so it is a warning: printed, the exit code unchanged."""
+    config = write(
+        tmp_path,
+        f"""\
+        state_dir: state
+        programs:
+          web:
+            command: ["{sys.executable}", "app.py", "--port", "{{prot}}", '{{"a": 1}}']
+        """,
+    )
+    warning = (
+        f"{config}:4: warning: programs.web.command: {{prot}} is not replaced in command, so it is "
+        "passed on as written (did you mean {port}?); command's placeholders: {port}, {fd}, "
+        "{generation}, {worker}"
+    )
+    result = check(config)
+    assert result.returncode == 0, result
+    assert result.stderr == f"flipvisor: {warning}\n"
+    assert result.stdout == f"{config}: ok (1 program, 0 watches, 1 warning)\n"
+    result = check(config, "--json")
+    assert result.returncode == 0, result
+    assert json.loads(result.stdout)["warnings"] == [warning]
+    # Beside errors, in the file's order; --json keeps them apart from the problems.
+    config.write_text(config.read_text() + "  api:\n    command: [no-such-program-fv]\n")
+    missing = f"{config}:6: programs.api.command: command 'no-such-program-fv': not found in PATH"
+    assert problem_lines(check(config)) == [warning, missing]
+    result = check(config, "--json")
+    assert result.returncode == 2, result
+    document = json.loads(result.stdout)
+    assert (document["problems"], document["warnings"]) == ([missing], [warning])
