@@ -581,16 +581,17 @@ def _shared_proxy_files(parsed: ConfigFile) -> list[Problem]:
             continue
         spelled = str(dest) if str(dest) == real else f"{dest} (that is {real})"
         if owner[0] == loc[0] == "programs":
-            why = (
-                "each proxy file belongs to one program, which rewrites all of it at every flip); "
-                "give each program its own dest"
-            )
+            why = "each proxy file belongs to one program, which rewrites all of it at every flip"
+            fix = "give each program its own dest"
         else:
             why = (
                 "a file has one writer: a program rewrites all of it at every flip, a watch entry "
-                "at every change of its keys); give each its own dest"
+                "at every change of its keys"
             )
-        problems.append(parsed.problem(loc, f"{spelled} is {'.'.join(owner)} already ({why}"))
+            fix = "give each its own dest"
+        problems.append(
+            parsed.problem(loc, f"{spelled} is {'.'.join(owner)} already ({why}); {fix}")
+        )
     return problems
 
 
