@@ -15,10 +15,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, FlipvisorError
 from .locate import CONFIG_ENV, Locations, default_config_path, locate, log_path
+
+if TYPE_CHECKING:
+    from .problems import Problem
 
 # Client commands get the Locations of the config file (cheap); run and watch validate it whole.
 Handler = Callable[[argparse.Namespace, Path], int]
@@ -214,32 +217,66 @@ def _fail(args: argparse.Namespace, message: str, exit_code: int) -> int:
 
 
 def _check(args: argparse.Namespace, path: Path) -> int:
-    from .config import load_config
+    from .config import load_config_file
+    from .placeholders import placeholder_warnings
     from .preflight import host_problems
+    from .problems import in_file_order
 
+    as_json = getattr(args, "json", False)
     try:
-        config = load_config(path)
-        problems = host_problems(config)
-        if problems:
-            raise ConfigError(
-                f"{path} is valid, but would not work on this host:",
-                [f"{path}: {problem}" for problem in problems],
-            )
-    except ConfigError as exc:
-        if getattr(args, "json", False):
-            _print_json({"ok": False, "error": str(exc).splitlines()[0], "problems": exc.problems})
-        else:
-            _error(str(exc))
-        return EXIT_USAGE
-    if getattr(args, "json", False):
-        _print_json({"ok": True, "programs": sorted(config.programs)})
-    else:
-        programs, watches = (
-            _count(len(config.programs), "program"),
-            _count(len(config.watch), "watch"),
+        parsed = load_config_file(path)
+    except ConfigError as exc:  # a key is invalid: nothing to check on this host
+        return _check_failed(args, exc, [])
+    # Host checks need valid keys only: a file with two programs on one fixed port is checked on
+    # this host too, and every problem is listed at its line, from the top of the file down.
+    on_host = [parsed.problem(found.loc, found.message) for found in host_problems(parsed.config)]
+    errors = in_file_order([*parsed.problems, *on_host])
+    warnings = in_file_order(placeholder_warnings(parsed))
+    if errors:
+        header = (
+            f"invalid config file {path}:"
+            if parsed.problems
+            else f"{path} is valid, but would not work on this host:"
         )
-        print(f"{path}: ok ({programs}, {watches})")
+        # In text, one list in the file's order, the warnings marked; --json keeps them apart.
+        listed = errors if as_json else in_file_order([*errors, *warnings])
+        return _check_failed(args, ConfigError(header, [str(p) for p in listed]), warnings)
+    config = parsed.config
+    if as_json:
+        _print_json(
+            {
+                "ok": True,
+                "exit_code": EXIT_OK,
+                "programs": sorted(config.programs),
+                "warnings": [str(warning) for warning in warnings],
+            }
+        )
+        return EXIT_OK
+    for warning in warnings:
+        _error(str(warning))
+    counts = [_count(len(config.programs), "program"), _count(len(config.watch), "watch")]
+    if warnings:
+        counts.append(_count(len(warnings), "warning"))
+    print(f"{path}: ok ({', '.join(counts)})")
     return EXIT_OK
+
+
+def _check_failed(args: argparse.Namespace, exc: ConfigError, warnings: list[Problem]) -> int:
+    """``check``'s refusal: on stderr, or as its JSON document (``warnings`` apart from the
+    ``problems``, which alone make the exit code 2)."""
+    if getattr(args, "json", False):
+        _print_json(
+            {
+                "ok": False,
+                "exit_code": EXIT_USAGE,
+                "error": str(exc).splitlines()[0],
+                "problems": exc.problems,
+                "warnings": [str(warning) for warning in warnings],
+            }
+        )
+    else:
+        _error(str(exc))
+    return EXIT_USAGE
 
 
 def _count(number: int, noun: str) -> str:

@@ -11,6 +11,7 @@ import re
 import shlex
 import signal
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,12 +30,12 @@ from pydantic import (
 from .errors import ConfigError
 from .locate import (
     DEFAULT_STATE_DIR,
-    SAFE_LOADER,
     describe_yaml_error,
     expand_home,
     read_config_text,
     socket_path,
 )
+from .problems import LineIndex, Problem, in_file_order, load_yaml, locate_problem, nearest_line
 
 PROGRAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # A program names its files in state_dir (logs/<name>.log.<backup>, history/.<name>.json.tmp):
@@ -169,10 +170,35 @@ Env = Annotated[dict[str, str], BeforeValidator(_null_is_empty), AfterValidator(
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
 Signal = Annotated[signal.Signals, BeforeValidator(_parse_signal)]
 Host = Annotated[str, AfterValidator(_check_host)]
+# The longest duration a timeout, delay, interval or window may name: more than any drain, probe
+# or proxy reload needs, and `1.0e+300` (finite, so allowed before) is a typo, not a wish.
+MAX_SECONDS = 24 * 3600.0
+# rollback_window keeps a replaced generation warm for a rollback: over a weekend, say.
+MAX_ROLLBACK_WINDOW = 7 * 24 * 3600.0
+
+
+def _at_most(limit: float, words: str) -> AfterValidator:
+    def check(value: float) -> float:
+        if value > limit:
+            raise ValueError(f"must be at most {limit:g} seconds ({words})")
+        return value
+
+    return AfterValidator(check)
+
+
 # Strict: YAML's `true` must not silently become 1 (lax pydantic accepts bools as numbers).
 # Finite: `.inf` (or `1.0e+400`) would make a drain, a probe or a stop wait forever.
-Seconds = Annotated[float, Field(gt=0, strict=True, allow_inf_nan=False)]
-SecondsOrZero = Annotated[float, Field(ge=0, strict=True, allow_inf_nan=False)]
+Seconds = Annotated[
+    float, Field(gt=0, strict=True, allow_inf_nan=False), _at_most(MAX_SECONDS, "one day")
+]
+SecondsOrZero = Annotated[
+    float, Field(ge=0, strict=True, allow_inf_nan=False), _at_most(MAX_SECONDS, "one day")
+]
+KeepSeconds = Annotated[
+    float,
+    Field(ge=0, strict=True, allow_inf_nan=False),
+    _at_most(MAX_ROLLBACK_WINDOW, "one week"),
+]
 Count = Annotated[int, Field(strict=True)]
 
 
@@ -270,7 +296,7 @@ class ProgramConfig(_Model):
     drain: Annotated[DrainConfig, BeforeValidator(_null_is_empty)] = DrainConfig()
     restart: Annotated[RestartConfig, BeforeValidator(_null_is_empty)] = RestartConfig()
     proxy: ProxyConfig | None = None
-    rollback_window: SecondsOrZero = 0.0
+    rollback_window: KeepSeconds = 0.0
 
     @model_validator(mode="after")
     def _what_a_fixed_port_allows(self) -> ProgramConfig:
@@ -387,12 +413,29 @@ class Config(_Model):
         return socket_path(self.state_dir)
 
 
+@dataclass(frozen=True)
+class ConfigFile:
+    """A config file whose keys are all valid, with what is wrong across them (two programs on
+    one fixed port...: ``problems``, in the file's order) and its line index, to name the line
+    of a problem found later (``flipvisor check``'s host checks)."""
+
+    path: Path
+    config: Config
+    lines: LineIndex
+    problems: list[Problem]
+
+    def problem(self, loc: Sequence[str], message: str, *, warning: bool = False) -> Problem:
+        """``message`` about ``loc``, at its line in this file."""
+        return locate_problem(self.path, self.lines, loc, message, warning=warning)
+
+
 def load_config(path: Path) -> Config:
     """Read, parse and validate the config file at ``path``.
 
     Raises:
         ConfigError: the file is unreadable, not UTF-8, not YAML, or invalid; ``problems``
-            lists every problem as ``file:line: dotted.location: what is wrong``.
+            lists every problem as ``file:line: dotted.location: what is wrong``, in the file's
+            order.
     """
     return parse_config(read_config_text(path), path)
 
@@ -403,14 +446,36 @@ def parse_config(text: str, path: Path) -> Config:
     Raises:
         ConfigError: not YAML, or invalid.
     """
-    duplicates: list[str] = []
+    parsed = parse_config_file(text, path)
+    if parsed.problems:
+        raise ConfigError(f"invalid config file {path}:", [str(p) for p in parsed.problems])
+    return parsed.config
+
+
+def load_config_file(path: Path) -> ConfigFile:
+    """Read and parse the config file at ``path``, keeping what is wrong across its keys.
+
+    Raises:
+        ConfigError: the file is unreadable, not UTF-8, not YAML, or a key is invalid.
+    """
+    return parse_config_file(read_config_text(path), path)
+
+
+def parse_config_file(text: str, path: Path) -> ConfigFile:
+    """Validate YAML ``text`` as the config file at ``path``, keeping what is wrong across its
+    keys in ``problems``.
+
+    Raises:
+        ConfigError: not YAML, or a key is invalid (``problems`` in the file's order).
+    """
     try:
-        data, lines = _load_yaml(text, duplicates)
+        data, lines, duplicates = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(describe_yaml_error(exc, path)) from exc
     if duplicates:
         raise ConfigError(
-            f"invalid config file {path}:", [f"{path}:{problem}" for problem in duplicates]
+            f"invalid config file {path}:",
+            [str(Problem(path, line, loc, "duplicate key")) for line, loc in duplicates],
         )
     if data is None:
         data = {}
@@ -420,50 +485,53 @@ def parse_config(text: str, path: Path) -> Config:
     try:
         config = Config.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        problems = [_describe(error, path, lines) for error in exc.errors()]
-        raise ConfigError(f"invalid config file {path}:", problems) from None
-    problems = [
-        *_shared_fixed_ports(config, path, lines),
-        *_shared_proxy_files(config, path, lines),
-        *_long_socket_paths(config, path, lines),
+        found = in_file_order(_describe(error, path, lines) for error in exc.errors())
+        raise ConfigError(f"invalid config file {path}:", [str(p) for p in found]) from None
+    parsed = ConfigFile(path, config, lines, [])
+    across = [
+        *_shared_fixed_ports(parsed),
+        *_shared_proxy_files(parsed),
+        *_long_socket_paths(parsed),
     ]
-    if problems:
-        raise ConfigError(f"invalid config file {path}:", problems)
-    return config
+    return replace(parsed, problems=in_file_order(across))
 
 
-def _long_socket_paths(config: Config, path: Path, lines: dict[tuple[str, ...], int]) -> list[str]:
+def _long_socket_paths(parsed: ConfigFile) -> list[Problem]:
     """Unix sockets the supervisor would create in state_dir whose path is too long to bind: the
     control socket (``run`` could not start), a program's notify socket (its flips would fail)."""
-    problems = []
+    config, problems = parsed.config, []
     control = config.socket_path
     if len(os.fsencode(control)) > MAX_SOCKET_PATH:
         problems.append(
-            f"{path}:{_nearest_line(('state_dir',), lines)}: state_dir: {config.state_dir} is "
-            f"too long: the control socket {control} would be {len(os.fsencode(control))} bytes, "
-            f"and a unix socket's path holds {MAX_SOCKET_PATH}; choose a shorter state_dir"
+            parsed.problem(
+                ("state_dir",),
+                f"{config.state_dir} is too long: the control socket {control} would be "
+                f"{len(os.fsencode(control))} bytes, and a unix socket's path holds "
+                f"{MAX_SOCKET_PATH}; choose a shorter state_dir",
+            )
         )
     for name, program in config.programs.items():
         if program.readiness is None or not program.readiness.notify:
             continue
         notify = config.state_dir / "notify" / f"{name}-{'9' * GENERATION_DIGITS}.sock"
         if len(os.fsencode(notify)) > MAX_SOCKET_PATH:
-            loc = ("programs", name, "readiness", "notify")
             problems.append(
-                f"{path}:{_nearest_line(loc, lines)}: {'.'.join(loc)}: the notify socket "
-                f"{notify.parent}/{name}-<generation>.sock would be longer than the "
-                f"{MAX_SOCKET_PATH} bytes a unix socket's path holds; choose a shorter state_dir "
-                "or program name"
+                parsed.problem(
+                    ("programs", name, "readiness", "notify"),
+                    f"the notify socket {notify.parent}/{name}-<generation>.sock would be longer "
+                    f"than the {MAX_SOCKET_PATH} bytes a unix socket's path holds; choose a "
+                    "shorter state_dir or program name",
+                )
             )
     return problems
 
 
-def _shared_fixed_ports(config: Config, path: Path, lines: dict[tuple[str, ...], int]) -> list[str]:
+def _shared_fixed_ports(parsed: ConfigFile) -> list[Problem]:
     """Programs given the same fixed port (the same host, or either on a wildcard address).
     Only one could bind it, so the other would fail at every start: said here, for ``check``."""
     problems = []
     taken: dict[int, list[tuple[str, str]]] = {}
-    for name, program in config.programs.items():
+    for name, program in parsed.config.programs.items():
         host, port = program.socket.host, program.socket.port
         if port == 0:
             continue
@@ -471,39 +539,59 @@ def _shared_fixed_ports(config: Config, path: Path, lines: dict[tuple[str, ...],
             (other for other, other_host in taken.get(port, []) if _overlap(host, other_host)), None
         )
         if owner is not None:
-            loc = ("programs", name, "socket", "port")
             problems.append(
-                f"{path}:{_nearest_line(loc, lines)}: {'.'.join(loc)}: {host}:{port} is "
-                f"programs.{owner}'s already (each fixed port belongs to one program)"
+                parsed.problem(
+                    ("programs", name, "socket", "port"),
+                    f"{host}:{port} is programs.{owner}'s already (each fixed port belongs to one "
+                    "program)",
+                )
             )
         taken.setdefault(port, []).append((name, host))
     return problems
 
 
-def _shared_proxy_files(config: Config, path: Path, lines: dict[tuple[str, ...], int]) -> list[str]:
-    """Programs whose ``proxy.dest`` is one file (however spelled: ``a/../a/x.conf``, a symlinked
-    folder). Each flip rewrites the whole file for its own program, so the other's routing would
-    be lost, and removing one would leave the file naming a drained port.
+def _shared_proxy_files(parsed: ConfigFile) -> list[Problem]:
+    """Files written by two writers: programs' ``proxy.dest`` and watch entries' ``dest``, however
+    spelled (``a/../a/x.conf``, a symlinked folder). Each writer rewrites the whole file for
+    itself (a program at every flip, a watch entry at every change of its keys), so the other's
+    routing would be lost, and removing a program would leave the file naming a drained port.
+    The writer further down the file is the one reported.
 
     This compares the programs of one file; a reload that removes one program and adds another
     with the same dest (a rename) is a handover between two files, and allowed."""
+    config, lines = parsed.config, parsed.lines
+    writers: list[tuple[tuple[str, ...], Path]] = [
+        (("programs", name, "proxy", "dest"), program.proxy.dest)
+        for name, program in config.programs.items()
+        if program.proxy is not None
+    ]
+    writers += [
+        (("watch", str(index), "dest"), entry.dest)
+        for index, entry in enumerate(config.watch)
+        if entry.dest is not None
+    ]
+    writers.sort(key=lambda writer: nearest_line(writer[0], lines) or 0)
     problems = []
-    owners: dict[str, str] = {}
-    for name, program in config.programs.items():
-        if program.proxy is None:
-            continue
+    owners: dict[str, tuple[str, ...]] = {}
+    for loc, dest in writers:
         # realpath, not Path.resolve: it never raises (a symlink loop stays as spelled).
-        dest = program.proxy.dest
         real = os.path.realpath(dest)
-        owner = owners.setdefault(real, name)
-        if owner != name:
-            loc = ("programs", name, "proxy", "dest")
-            spelled = str(dest) if str(dest) == real else f"{dest} (that is {real})"
-            problems.append(
-                f"{path}:{_nearest_line(loc, lines)}: {'.'.join(loc)}: {spelled} is "
-                f"programs.{owner}.proxy.dest already (each proxy file belongs to one program, "
-                "which rewrites all of it at every flip); give each program its own dest"
+        owner = owners.setdefault(real, loc)
+        if owner == loc:
+            continue
+        spelled = str(dest) if str(dest) == real else f"{dest} (that is {real})"
+        if owner[0] == loc[0] == "programs":
+            why = "each proxy file belongs to one program, which rewrites all of it at every flip"
+            fix = "give each program its own dest"
+        else:
+            why = (
+                "a file has one writer: a program rewrites all of it at every flip, a watch entry "
+                "at every change of its keys"
             )
+            fix = "give each its own dest"
+        problems.append(
+            parsed.problem(loc, f"{spelled} is {'.'.join(owner)} already ({why}); {fix}")
+        )
     return problems
 
 
@@ -513,46 +601,6 @@ def _overlap(host: str, other: str) -> bool:
         ipaddress.ip_address(host).is_unspecified or ipaddress.ip_address(other).is_unspecified
     )
     return host == other or wildcard
-
-
-def _load_yaml(text: str, duplicates: list[str]) -> tuple[Any, dict[tuple[str, ...], int]]:
-    """The document's data and its line index, from one parse (libyaml's when PyYAML has it:
-    the pure-Python parser takes about a millisecond per program)."""
-    loader = SAFE_LOADER(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    finally:
-        loader.dispose()
-    return data, _line_index(node, duplicates)
-
-
-def _line_index(node: yaml.Node | None, duplicates: list[str]) -> dict[tuple[str, ...], int]:
-    """Map each dotted location in the YAML document to its 1-based line number; note keys that
-    appear twice in one mapping (YAML loaders silently keep the last) in ``duplicates``."""
-    index: dict[tuple[str, ...], int] = {}
-
-    def visit(node: yaml.Node, loc: tuple[str, ...]) -> None:
-        index[loc] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            seen: set[str] = set()
-            for key, value in node.value:
-                child = (*loc, str(key.value))
-                if str(key.value) in seen:
-                    duplicates.append(
-                        f"{key.start_mark.line + 1}: {'.'.join(child)}: duplicate key"
-                    )
-                seen.add(str(key.value))
-                index[child] = key.start_mark.line + 1
-                visit(value, child)
-                index[child] = key.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode):
-            for position, item in enumerate(node.value):
-                visit(item, (*loc, str(position)))
-
-    if node is not None:
-        visit(node, ())
-    return index
 
 
 _FRIENDLY: dict[str, str] = {
@@ -575,7 +623,7 @@ _FRIENDLY: dict[str, str] = {
 }
 
 
-def _describe(error: Any, path: Path, lines: dict[tuple[str, ...], int]) -> str:
+def _describe(error: Any, path: Path, lines: LineIndex) -> Problem:
     loc = tuple(str(part) for part in error["loc"] if not _is_union_tag(part) and part != "[key]")
     kind = error["type"]
     if kind in _FRIENDLY:
@@ -596,20 +644,9 @@ def _describe(error: Any, path: Path, lines: dict[tuple[str, ...], int]) -> str:
         # A validator of a whole section names the field it is about.
         field, message = message.split(": ", 1)
         loc = (*loc, field)
-    line = _nearest_line(loc, lines)
-    where = f"{path}:{line}" if line else str(path)
-    dotted = ".".join(loc) or "(top level)"
-    return f"{where}: {dotted}: {message}"
+    return locate_problem(path, lines, loc, message)
 
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic adds the member type's name ("list[str]", "function-after[...]") to union locations
     return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"})
-
-
-def _nearest_line(loc: Sequence[str], lines: dict[tuple[str, ...], int]) -> int | None:
-    for end in range(len(loc), -1, -1):
-        line = lines.get(tuple(loc[:end]))
-        if line is not None:
-            return line
-    return None

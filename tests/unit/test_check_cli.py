@@ -3,6 +3,7 @@ with one message naming the file, the line and the dotted key (never a traceback
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,11 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "templates" / "nginx.conf.j2"
 
 
-def check(config: Path) -> subprocess.CompletedProcess[str]:
+def check(config: Path, *options: str) -> subprocess.CompletedProcess[str]:
     """Run ``flipvisor check -c config`` with this checkout's code."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     return subprocess.run(
-        [sys.executable, "-m", "flipvisor", "check", "-c", str(config)],
+        [sys.executable, "-m", "flipvisor", "check", "-c", str(config), *options],
         capture_output=True,
         text=True,
         env=env,
@@ -93,3 +94,156 @@ def test_a_state_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
         f"{config} is valid, but would not work on this host:",
         f"state_dir: {tmp_path}/state is a file, not a folder; choose a writable folder",
     )
+
+
+def problem_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """The problems `check` listed under its header, one a line."""
+    assert result.returncode == 2, result
+    header, *problems = result.stderr.splitlines()
+    assert header.startswith("flipvisor: "), result.stderr
+    return [line.removeprefix("  ") for line in problems]
+
+
+def test_host_problems_name_the_line_of_their_key(tmp_path: Path) -> None:
+    """They said `flipvisor.yaml: state_dir: ...`, without the line every other problem has."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    config = write(
+        tmp_path,
+        f"""\
+        programs:
+          web:
+            command: ["{sys.executable}"]
+            proxy:
+              template: {TEMPLATE}
+              dest: {a_file}/web.conf
+        metrics:
+          listen: "192.0.2.1:9100"
+        state_dir: {a_file}
+        """,
+    )
+    assert problem_lines(check(config)) == [
+        f"{config}:6: programs.web.proxy.dest: {a_file} is a file, not a folder",
+        f"{config}:8: metrics.listen: cannot listen on 192.0.2.1:9100: 192.0.2.1 is "
+        "not an address of this host; use one of its own, or 0.0.0.0",
+        f"{config}:9: state_dir: {a_file} is a file, not a folder; choose a writable folder in "
+        "`state_dir`",
+    ]
+
+
+def test_invalid_keys_are_listed_in_the_files_order(tmp_path: Path) -> None:
+    """They came in the models' order (state_dir, logs, ..., programs), not the file's."""
+    config = write(
+        tmp_path,
+        """\
+        programs:
+          web:
+            command: x
+            numprocs: 0
+        logs: {backups: 500}
+        state_dir: [1]
+        """,
+    )
+    assert problem_lines(check(config)) == [
+        f"{config}:4: programs.web.numprocs: must be >= 1",
+        f"{config}:5: logs.backups: must be <= 100",
+        f"{config}:6: state_dir: must be a path",
+    ]
+
+
+def test_problems_across_keys_and_on_this_host_are_listed_together_in_order(
+    tmp_path: Path,
+) -> None:
+    """Two programs on one fixed port hid the host problems (a missing command above them),
+    and each kind came in a block of its own."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    config = write(
+        tmp_path,
+        f"""\
+        state_dir: state
+        programs:
+          web:
+            command: [no-such-program-fv]
+            socket: {{port: 18080}}
+          api:
+            command: ["{sys.executable}"]
+            socket: {{port: 18080}}
+        watch:
+          - keys: [a/b]
+            template: {tmp_path}/missing.j2
+            dest: {a_file}/out.conf
+        """,
+    )
+    result = check(config)
+    assert problem_lines(result) == [
+        f"{config}:4: programs.web.command: command 'no-such-program-fv': not found in PATH",
+        f"{config}:8: programs.api.socket.port: 127.0.0.1:18080 is programs.web's already (each "
+        "fixed port belongs to one program)",
+        f"{config}:11: watch.0.template: {tmp_path}/missing.j2 does not exist",
+        f"{config}:12: watch.0.dest: {a_file} is a file, not a folder",
+    ]
+    assert result.stderr.startswith(f"flipvisor: invalid config file {config}:\n")
+
+
+def test_check_json_carries_its_exit_code(tmp_path: Path) -> None:
+    """Every other --json document that can fail says its exit_code; check's did not."""
+    config = write(
+        tmp_path, f'state_dir: state\nprograms:\n  web: {{command: ["{sys.executable}"]}}\n'
+    )
+    result = check(config, "--json")
+    assert result.returncode == 0, result
+    assert json.loads(result.stdout) == {
+        "ok": True,
+        "exit_code": 0,
+        "programs": ["web"],
+        "warnings": [],
+    }
+    config.write_text("state_dir: state\nbogus: 1\n")
+    result = check(config, "--json")
+    assert result.returncode == 2, result
+    assert json.loads(result.stdout) == {
+        "ok": False,
+        "exit_code": 2,
+        "error": f"invalid config file {config}:",
+        "problems": [f"{config}:2: bogus: unknown key"],
+        "warnings": [],
+    }
+    config.unlink()
+    result = check(config, "--json")
+    assert result.returncode == 2, result
+    assert json.loads(result.stdout)["exit_code"] == 2
+
+
+def test_a_mistyped_placeholder_is_a_warning_that_keeps_exit_0(tmp_path: Path) -> None:
+    """`{prot}` passed `check` and reached the app as written. Braces stay legitimate (a JSON
+    argument, `awk '{print}'`), so it is a warning: printed, the exit code unchanged."""
+    config = write(
+        tmp_path,
+        f"""\
+        state_dir: state
+        programs:
+          web:
+            command: ["{sys.executable}", "app.py", "--port", "{{prot}}", '{{"a": 1}}']
+        """,
+    )
+    warning = (
+        f"{config}:4: warning: programs.web.command: {{prot}} is not replaced in command, so it is "
+        "passed on as written (did you mean {port}?); command's placeholders: {port}, {fd}, "
+        "{generation}, {worker}"
+    )
+    result = check(config)
+    assert result.returncode == 0, result
+    assert result.stderr == f"flipvisor: {warning}\n"
+    assert result.stdout == f"{config}: ok (1 program, 0 watches, 1 warning)\n"
+    result = check(config, "--json")
+    assert result.returncode == 0, result
+    assert json.loads(result.stdout)["warnings"] == [warning]
+    # Beside errors, in the file's order; --json keeps them apart from the problems.
+    config.write_text(config.read_text() + "  api:\n    command: [no-such-program-fv]\n")
+    missing = f"{config}:6: programs.api.command: command 'no-such-program-fv': not found in PATH"
+    assert problem_lines(check(config)) == [warning, missing]
+    result = check(config, "--json")
+    assert result.returncode == 2, result
+    document = json.loads(result.stdout)
+    assert (document["problems"], document["warnings"]) == ([missing], [warning])

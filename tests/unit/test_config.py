@@ -592,14 +592,12 @@ def test_several_problems_are_reported_at_once() -> None:
             drain:
               timeout: abc
         """)
-    problems = problems_of(text)
-    assert sorted(problems) == sorted(
-        [
-            f"{PATH}:2: bogus: unknown key",
-            f"{PATH}:6: programs.experiment.numprocs: must be >= 1",
-            f"{PATH}:8: programs.experiment.drain.timeout: must be a number",
-        ]
-    )
+    # In the file's order (they came in the models': the unknown key last).
+    assert problems_of(text) == [
+        f"{PATH}:2: bogus: unknown key",
+        f"{PATH}:6: programs.experiment.numprocs: must be >= 1",
+        f"{PATH}:8: programs.experiment.drain.timeout: must be a number",
+    ]
     with pytest.raises(ConfigError) as caught:
         parse_config(text, PATH)
     # The message an operator sees lists every problem, one a line.
@@ -888,6 +886,56 @@ def test_a_proxy_file_shared_through_a_symlinked_folder_is_refused(tmp_path: Pat
     assert "is programs.a.proxy.dest already" in problem
 
 
+ONE_WRITER = (
+    "(a file has one writer: a program rewrites all of it at every flip, a watch entry at every "
+    "change of its keys); give each its own dest"
+)
+
+
+def test_two_watch_entries_cannot_share_a_dest() -> None:
+    """Each render rewrites the whole file from its own keys: `check` said ok, and the two entries
+    overwrote each other at every change."""
+    text = dedent(
+        """        watch:
+          - keys: [a/port/current]
+            template: t.j2
+            dest: out/shared.conf
+          - keys: [a/pid/previous]
+            drain_pid: {}
+          - keys: [b/port/current]
+            template: t.j2
+            dest: ./out/../out/shared.conf
+        """
+    )
+    shared = PATH.parent / "out" / "shared.conf"
+    assert problems_of(text) == [
+        f"{PATH}:9: watch.2.dest: {PATH.parent}/out/../out/shared.conf (that is {shared}) is "
+        f"watch.0.dest already {ONE_WRITER}"
+    ]
+
+
+def test_a_watch_entry_cannot_write_a_programs_proxy_file(tmp_path: Path) -> None:
+    """`run` runs the watch entries beside the programs: a flip and a render fought over the file.
+    Compared after realpath, as between programs; the writer further down is the one named."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    program = (
+        f"programs:\n  a: {{command: x, proxy: {{template: t, dest: {tmp_path}/real/a.conf}}}}\n"
+    )
+    watch = f"watch:\n  - {{keys: [k], template: t, dest: {tmp_path}/link/a.conf}}\n"
+    config = tmp_path / "flipvisor.yaml"
+    assert problems_of(program + watch, config) == [
+        f"{config}:4: watch.0.dest: {tmp_path}/link/a.conf (that is {tmp_path}/real/a.conf) is "
+        f"programs.a.proxy.dest already {ONE_WRITER}"
+    ]
+    assert problems_of(watch + program, config) == [
+        f"{config}:4: programs.a.proxy.dest: {tmp_path}/real/a.conf is watch.0.dest already "
+        f"{ONE_WRITER}"
+    ]
+    other = watch.replace("a.conf", "b.conf")
+    assert len(parse_config(program + other, config).watch) == 1
+
+
 def test_programs_with_their_own_proxy_files_are_accepted() -> None:
     text = dedent(
         """\
@@ -935,6 +983,18 @@ def test_every_duration_must_be_finite(text: str, line: int, where: str, value: 
         f"{PATH}:{line}: {where}: must be a finite number"
     ]
     parse_config(text.replace("V", "2.5"), PATH)  # the same key with a finite value is fine
+
+
+@pytest.mark.parametrize(("text", "line", "where"), DURATIONS, ids=[d[2] for d in DURATIONS])
+def test_every_duration_has_an_upper_bound(text: str, line: int, where: str) -> None:
+    """`1.0e+300` is finite, and was accepted: a typo that made a drain or a probe wait for ever
+    (and arithmetic on it overflow). A day is the bound (a week for rollback_window)."""
+    limit, words = (604800, "one week") if where.endswith("rollback_window") else (86400, "one day")
+    for value in ("1.0e+300", f"{limit + 0.5}"):
+        assert problems_of(text.replace("V", value)) == [
+            f"{PATH}:{line}: {where}: must be at most {limit:g} seconds ({words})"
+        ]
+    parse_config(text.replace("V", f"{limit}"), PATH)  # the bound itself is allowed
 
 
 def _float_fields(model: type[BaseModel], prefix: str = "") -> set[str]:

@@ -38,7 +38,7 @@ ALLOWED: dict[str, set[str]] = {
     "lazy_event": set(),
     "signals": set(),
     "usable": set(),
-    "config": {"errors", "locate"},
+    "config": {"errors", "locate", "problems"},
     "reaper": {"errors"},
     "spawn": {"errors", "config", "reaper"},
     "logs": {"config", "spawn", "errors"},
@@ -67,7 +67,19 @@ ALLOWED: dict[str, set[str]] = {
     "display": LEAVES | {"protocol", "events", "progress"},
     "supervisor": CORE | {"watch"},  # runs the config's watch entries too
     "locate": {"errors"},
-    "cli": CORE | {"supervisor", "client", "display", "watch", "locate", "preflight"},
+    "problems": {"locate"},
+    "placeholders": {"config", "problems"},
+    "cli": CORE
+    | {
+        "supervisor",
+        "client",
+        "display",
+        "watch",
+        "locate",
+        "preflight",
+        "problems",
+        "placeholders",
+    },
     "__main__": {"cli"},
 }
 # A module without a row (new since this table was written) may import everything but the

@@ -22,7 +22,9 @@ def problems(text: str, folder: Path) -> list[str]:
     text = dedent(text)
     if not text.startswith("state_dir:"):
         text = f"state_dir: {folder / 'state'}\n{text}"
-    return host_problems(parse_config(text, folder / "flipvisor.yaml"))
+    return [
+        str(problem) for problem in host_problems(parse_config(text, folder / "flipvisor.yaml"))
+    ]
 
 
 def test_a_working_config_has_no_problems(tmp_path: Path) -> None:

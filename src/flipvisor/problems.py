@@ -1,0 +1,104 @@
+"""Where in the config file a problem is: the YAML document's line index, and a problem named by
+``file:line: dotted.location``, listed in the file's order.
+
+Shared by the loader (``config.py``), which finds the problems of the file itself, and by
+``flipvisor check``, which adds what would not work on this host and what looks like a mistake:
+one list, top to bottom, as an operator reads the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .locate import SAFE_LOADER
+
+# Each dotted location of the document (("programs", "web", "command")) → its 1-based line.
+LineIndex = dict[tuple[str, ...], int]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem of the config file at ``path``; ``str()`` is the line an operator reads:
+    ``file:line: dotted.location: what`` (``file:line: warning: ...`` for a warning)."""
+
+    path: Path
+    line: int | None  # None: the document has no line for it (an empty file)
+    loc: tuple[str, ...]
+    message: str
+    warning: bool = False
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else str(self.path)
+        dotted = ".".join(self.loc) or "(top level)"
+        kind = "warning: " if self.warning else ""
+        return f"{where}: {kind}{dotted}: {self.message}"
+
+
+def locate_problem(
+    path: Path, lines: LineIndex, loc: Sequence[str], message: str, *, warning: bool = False
+) -> Problem:
+    """``message`` about ``loc``, at the line of ``loc`` or of its nearest enclosing key that
+    the file has (a key left to its default is at its section's line)."""
+    return Problem(path, nearest_line(loc, lines), tuple(loc), message, warning)
+
+
+def in_file_order(problems: Iterable[Problem]) -> list[Problem]:
+    """``problems`` from the top of the file down; those of one line in the order found."""
+    return sorted(problems, key=lambda problem: problem.line or 0)
+
+
+def nearest_line(loc: Sequence[str], lines: LineIndex) -> int | None:
+    for end in range(len(loc), -1, -1):
+        line = lines.get(tuple(loc[:end]))
+        if line is not None:
+            return line
+    return None
+
+
+def load_yaml(text: str) -> tuple[Any, LineIndex, list[tuple[int, tuple[str, ...]]]]:
+    """The document's data, its line index and its duplicate keys (line, location), from one
+    parse (libyaml's when PyYAML has it: the pure-Python parser takes about a millisecond per
+    program).
+
+    Raises:
+        yaml.YAMLError: ``text`` is not YAML.
+    """
+    loader = SAFE_LOADER(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    duplicates: list[tuple[int, tuple[str, ...]]] = []
+    return data, _line_index(node, duplicates), duplicates
+
+
+def _line_index(node: yaml.Node | None, duplicates: list[tuple[int, tuple[str, ...]]]) -> LineIndex:
+    """Map each dotted location in the YAML document to its 1-based line number; note keys that
+    appear twice in one mapping (YAML loaders silently keep the last) in ``duplicates``."""
+    index: LineIndex = {}
+
+    def visit(node: yaml.Node, loc: tuple[str, ...]) -> None:
+        index[loc] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key, value in node.value:
+                child = (*loc, str(key.value))
+                if str(key.value) in seen:
+                    duplicates.append((key.start_mark.line + 1, child))
+                seen.add(str(key.value))
+                index[child] = key.start_mark.line + 1
+                visit(value, child)
+                index[child] = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for position, item in enumerate(node.value):
+                visit(item, (*loc, str(position)))
+
+    if node is not None:
+        visit(node, ())
+    return index
