@@ -278,10 +278,12 @@ class Supervisor:
                     self._shutdown.set()
 
     def _forward(self, sig: signal.Signals) -> None:
-        """Pass ``sig`` to every running worker (through its pidfd), as PID 1 is expected to."""
+        """Pass ``sig`` to every running worker (through its pidfd), as PID 1 is expected to:
+        those of removed programs still draining too (they still serve their last requests)."""
+        programs = [*self.programs.values(), *(program for program, _ in self._removing.values())]
         workers = [
             worker
-            for program in self.programs.values()
+            for program in programs
             for gen in program.generations
             for worker in gen.workers
             if worker.child is not None and worker.pid is not None
@@ -292,7 +294,7 @@ class Supervisor:
         # A killed supervisor's workers serve too (a log reopen concerns them as much).
         left = [
             pid
-            for program in self.programs.values()
+            for program in programs
             if program.leftovers is not None
             for pid in program.leftovers.send_signal(sig)
         ]
