@@ -338,7 +338,12 @@ class Generation:
 
     async def _stop_workers(self, tg: anyio.abc.TaskGroup) -> None:
         drain = self.config.drain
-        await anyio.sleep(self._drain_delay)
+        # The delay lets requests in flight finish before the signal; it ends early once nothing
+        # of the generation runs any more (its workers crashed or were killed meanwhile), or a
+        # stop and a shutdown would wait out a delay that serves nobody.
+        with anyio.move_on_after(self._drain_delay):
+            await self._all_workers_done()
+            await wait_for_strays(self._process_groups)
         # The drain signal goes to each worker's whole process group (what systemd's
         # KillMode=control-group and supervisord's stopasgroup do): the app a wrapper script
         # runs without exec, a pool's workers, a worker's Popen children all get to shut down.

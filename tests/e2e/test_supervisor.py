@@ -626,6 +626,33 @@ def test_usr1_is_forwarded_to_every_worker(flipvisor: Flipvisor) -> None:
     assert flipvisor.serving("web")["pids"] == pids  # type: ignore[index]
 
 
+def test_usr1_reaches_the_workers_of_a_removed_program_still_draining(
+    flipvisor: Flipvisor,
+) -> None:
+    """A program removed by a reload drains (here: its drain's delay); its worker still serves
+    its last requests and still writes logs, so a log reopen (SIGUSR1) concerns it too."""
+    script = (
+        "import os, signal, socket, sys, time; socket.socket(fileno=3); "
+        "signal.signal(signal.SIGUSR1, lambda *a: print('usr1', os.getpid(), flush=True)); "
+        "time.sleep(600)"
+    )
+    gone = {"command": [sys.executable, "-c", script], "drain": {"delay": 60, "timeout": 5}}
+    kept = {**gone, "drain": {"delay": 0, "timeout": 5}}
+    flipvisor.start({"programs": {"gone": gone, "kept": kept}})
+    (pid,) = flipvisor.wait_serving("gone")["pids"]
+    flipvisor.wait_serving("kept")
+    flipvisor.write_config({"programs": {"kept": kept}})
+    assert flipvisor.cli("reload").returncode == 0, flipvisor.output()
+    assert flipvisor.program("gone")["removing"]
+    assert flipvisor.process is not None
+    flipvisor.process.send_signal(signal.SIGUSR1)
+    log = flipvisor.state_dir / "logs" / "gone.log"
+    wait_until(lambda: f"usr1 {pid}" in log.read_text(), message="the removed worker's SIGUSR1")
+    # Killed, it ends its drain's delay: nothing is left to serve the requests it waits for.
+    psutil.Process(pid).kill()
+    wait_until(lambda: flipvisor.cli("status", "gone").returncode == 2, message="gone to go")
+
+
 def test_flip_of_an_invalid_file_exits_2_and_changes_nothing(flipvisor: Flipvisor) -> None:
     flipvisor.start({"programs": {"web": web()}})
     first = flipvisor.wait_serving("web")
