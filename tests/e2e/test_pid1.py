@@ -203,8 +203,11 @@ def test_pid1_reaps_orphans_and_exits_zero_on_sigterm(
         )
         wait_until(lambda: not zombies(unshare), message="no zombie in the namespace")
 
+        # The new worker's own daemon and child (the first ones are gone, killed and reaped).
+        wait_for(lambda: find(unshare, ["sleep", "61"]), message="the new worker's daemon")
+        wait_for(lambda: find(unshare, ["sleep", "62"]), message="the new worker's child")
         left = namespace_processes(unshare)
-        assert len(left) >= 3  # PID 1, the new worker, and its own children at least
+        assert len(left) >= 4  # PID 1, the new worker, its daemon and its child
         pid1.send_signal(signal.SIGTERM)
         assert unshare.wait(timeout=EXIT_TIMEOUT) == 0, flipvisor.output()
         assert "Traceback" not in flipvisor.output()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 
 from flipvisor.config import DrainConfig, SocketConfig
@@ -52,6 +53,8 @@ def worker() -> Iterator[tuple[int, float]]:
 def running(env: dict[str, str]) -> Iterator[tuple[int, float]]:
     process = subprocess.Popen(["sleep", "60"], env=env)
     try:
+        # Until its exec, the child's /proc environ is still ours: wait for `sleep` itself.
+        wait_until(lambda: psutil.Process(process.pid).cmdline()[:1] == ["sleep"], message="exec")
         yield process.pid, wait_until(lambda: start_time_of(process.pid), message="start time")
     finally:
         process.kill()
