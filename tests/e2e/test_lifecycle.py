@@ -247,7 +247,10 @@ def test_stop_during_the_proxy_reload_undoes_the_swap_and_the_file(
         timeout=30,
     )
     assert "stopped" in out, out
-    assert flipvisor.registry() == keys
+    # Swapped back to generation 1, which the stop then withdrew: previous names it, not 2.
+    assert naming(first, {suffix: keys.get(f"flipvisor/web/{suffix}") for suffix in SUFFIXES})
+    after = flipvisor.registry()
+    assert {suffix: after.get(f"flipvisor/web/{suffix}") for suffix in SUFFIXES} == withdrawn(first)
     assert (nginx.conf_dir / "web.conf").read_bytes() == content
     assert len(reloads.read_text().splitlines()) == 3  # and nginx was reloaded back
     assert flipvisor.program("web")["state"] == "stopped"
