@@ -111,9 +111,12 @@ class Leftovers:
             if _running(pid, started, worker=True) and signal_verified(pid, started, sig)
         ]
 
-    async def drain(self, drain: DrainConfig, *, delay: bool = True) -> list[int]:
+    async def drain(
+        self, drain: DrainConfig, *, delay: bool = True, hurry: anyio.Event | None = None
+    ) -> list[int]:
         """Wait ``drain.delay`` (unless ``delay`` is False), send ``drain.signal``, SIGKILL after
-        ``drain.timeout``, and wait until they are gone. Returns the PIDs that were killed."""
+        ``drain.timeout`` or as soon as ``hurry`` is set (a shutdown), and wait until they are
+        gone. Returns the PIDs that were killed."""
         if delay:
             await anyio.sleep(drain.delay)
         signalled = [w for w in self.workers if signal_verified(*w, drain.signal)]
@@ -124,7 +127,7 @@ class Leftovers:
                 signal.Signals(drain.signal).name,
                 self.describe(),
             )
-        if await wait_workers_gone(signalled, drain.timeout):
+        if await _gone_within(signalled, drain.timeout, hurry):
             return []
         still = [w for w in signalled if _running(*w)]
         killed = [w for w in still if signal_verified(*w, signal.SIGKILL)]
@@ -154,6 +157,26 @@ class Leftovers:
                 return sock
             sock.close()
         return None
+
+
+async def _gone_within(
+    workers: list[tuple[int, float]], timeout: float, hurry: anyio.Event | None
+) -> bool:
+    """Whether ``workers`` all exit within ``timeout``; False at once when ``hurry`` is set."""
+    if hurry is None:
+        return await wait_workers_gone(workers, timeout)
+    gone = False
+    async with anyio.create_task_group() as tg:
+
+        async def wait() -> None:
+            nonlocal gone
+            gone = await wait_workers_gone(workers, timeout)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(wait)
+        await hurry.wait()
+        tg.cancel_scope.cancel()
+    return gone
 
 
 def _pidfd_getfd(pidfd: int, target_fd: int) -> int:

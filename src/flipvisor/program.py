@@ -616,6 +616,11 @@ class Program:
     def _worker_exited(
         self, gen: Generation, worker: Worker, returncode: int | None, reason: str
     ) -> float | None:
+        if self._stops and self.serving is None and gen.was_serving:
+            # Its keys are being withdrawn, its drain begins next: a `drain_pid` watcher that saw
+            # `pid/previous` change may signal it before our drain does. Not restarted.
+            self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; stopping")
+            return None
         verdict = judge_exit(
             policy=gen.config.restart,
             budget=self._budget,
@@ -712,16 +717,20 @@ class Program:
         unroute: bool = False,
         unrouted: anyio.Event | None = None,
     ) -> None:
-        """Drain every generation of the program, all at once; keys are left naming the last one.
+        """Drain every generation of the program, all at once, once the registry keys stopped
+        naming it (``Registration.withdraw``).
 
         A flip under way is rolled back at once if it has not promoted its generation yet (its
         client is told why). One that has is left to finish alongside the drains: what it still
         does is drain what it replaced (an old generation, a killed supervisor's workers), which
         these drains join rather than wait for, so a stop takes one drain, not one after another.
         ``unroute`` (the program was removed from the config): its proxy file is removed and the
-        proxy reloaded before anything drains; ``unrouted`` is set once that is done (or was not
-        asked for), before the drains. ``report`` gets a step for each of those waits (``stop``
-        shows them as they happen).
+        proxy reloaded before anything drains. Then the registry keys are withdrawn, also before
+        the drains (a confd re-renders during drain.delay, as our own proxy step did before it;
+        scripts reading ``pid/current`` never find PIDs that are gone, then reused), if they may
+        name this program: it was promoted, or a killed supervisor's workers serve it.
+        ``unrouted`` is set once both are done (or were not asked for), before the drains.
+        ``report`` gets a step for each of those waits (``stop`` shows them as they happen).
         """
         self._stops += 1
         try:
@@ -741,11 +750,14 @@ class Program:
                     await settled.wait()
             if unroute:
                 await self._unroute()
-            if unrouted is not None:
-                unrouted.set()
             gens = list(self.generations)
+            named = self.registration.published is not None or self.leftovers is not None
             self.serving = None
             self.warm = None
+            if named:
+                await self._withdraw_keys(report)
+            if unrouted is not None:
+                unrouted.set()
             promoted = self.current_flip  # promoted already: only its drains are left to do
             if gens or self.leftovers is not None or promoted is not None:
                 with _step(report, "drain", self.describe_drain(gens)):
@@ -761,6 +773,12 @@ class Program:
         finally:
             self._stops -= 1
         self.runtime.events.emit("stopped", self.name)
+
+    async def _withdraw_keys(self, report: FlipReport | None) -> None:
+        with _step(report, "registry", "withdraw the keys") as step:
+            await self.registration.withdraw()
+            if self.name in self.runtime.registry.health()["pending"] and step is not None:
+                step.detail = "pending: the registry does not answer"
 
     def describe_drain(self, gens: list[Generation]) -> str:
         """What a stop drains, and how long that may take at most."""

@@ -1,9 +1,11 @@
 """What the registry says about one program's serving generation, kept true after promotion.
 
-Promotion (``promotion.py``) swaps the keys once. After that, two things can make them stale: the
-serving generation's PIDs change (a worker restarts), or promotion had to skip the registry (it was
-unreachable when the program's first generation started). This module republishes the PIDs and
-retries the deferred registration until the registry is back.
+Promotion (``promotion.py``) swaps the keys once. After that, three things can make them stale:
+the serving generation's PIDs change (a worker restarts), promotion had to skip the registry (it
+was unreachable when the program's first generation started), or the program stops serving (a
+stop, its workers all gave up, its removal, the supervisor's shutdown). This module republishes
+the PIDs, retries the deferred registration until the registry is back, and withdraws the keys
+of a program that stopped (the registry retries that too).
 """
 
 from __future__ import annotations
@@ -67,7 +69,22 @@ class Registration:
             return  # the pending registration reads the PIDs when it happens
         if gen is self._serving() and self.published is not None:
             self.published = with_current_pids(gen, self.published)
-            tg.start_soon(self.registry.publish, self.program, self.published)
+            tg.start_soon(self._publish, self.published)
+
+    async def _publish(self, published: Snapshot) -> None:
+        # Not once the program stopped (``withdraw``) or republished since: a publication
+        # that ran after the withdrawal would name the stopped generation again.
+        if published is self.published:
+            await self.registry.publish(self.program, published)
+
+    async def withdraw(self) -> None:
+        """The program stops serving (its workers are about to be drained): the keys stop naming
+        it, in one write (``Registry.withdraw``: ``current`` gone, what it named ``previous``).
+        Within the registry's request timeout; if the registry does not answer, it withdraws
+        them once it is back. A deferred registration still pending is called off."""
+        self.published = None
+        self._deferred = None
+        await self.registry.withdraw(self.program)
 
     async def registered(self, gen: Generation) -> bool:
         """Wait until a deferred registration of ``gen`` is over. True if the registry names
@@ -90,6 +107,8 @@ class Registration:
             await anyio.sleep(delay)
             try:
                 expected = await self.registry.snapshot(self.program)
+                if self._deferred is not gen or self._serving() is not gen:
+                    return  # withdrawn while it read: the swap must not name gen after that
                 published = serving_snapshot(gen, expected)
                 await self.registry.swap(self.program, expected, published)
             except RegistryError as exc:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +91,11 @@ class Supervisor:
         # Set once the configured programs are added. The control socket answers before that
         # (finding leftovers can wait on the registry for its timeout): see ``_configured``.
         self._programs_added = anyio.Event()
+        # The leftovers of programs no longer in the config, being stopped since start-up
+        # (``_stop_strays``): set once they are gone (None: there were none). A shutdown sets
+        # ``_strays_hurry`` once its drains are done, and they are SIGKILLed then.
+        self._strays_gone: anyio.Event | None = None
+        self._strays_hurry = anyio.Event()
         self._tg: TaskGroup | None = None
         self.runtime = Runtime(
             reaper=self.reaper,
@@ -150,6 +154,10 @@ class Supervisor:
                         removing = [program for program, _ in self._removing.values()]
                         for program in [*self.programs.values(), *removing]:
                             stops.start_soon(program.stop)
+                        stops.start_soon(self._wait_strays, ORPHAN_GRACE)
+                    # Not our children: once `tg` is cancelled, nothing at all would stop them.
+                    self._strays_hurry.set()
+                    await self._wait_strays(None)
                     tg.cancel_scope.cancel()
                 # Past here nothing of ours runs but the reaper: what is still our child is an
                 # orphan no drain reached. It must not outlive us.
@@ -188,6 +196,7 @@ class Supervisor:
         exit, its processes that no record names are found too; those of programs no longer in
         the config are stopped now, in ``tg``."""
         programs = self.config.programs
+        strays: list[Leftovers] = []
         found = await find_leftovers(self.registry, self.config.registry.prefix, programs, HOSTNAME)
         if not unclean:
             return found
@@ -200,8 +209,37 @@ class Supervisor:
             self.events.emit(
                 "leftovers", stray.program, None, f"{stray.describe()}: not in the config; stopping"
             )
-            tg.start_soon(partial(stray.drain, DrainConfig(), delay=False))
+            strays.append(stray)
+        if strays:
+            self._strays_gone = anyio.Event()
+            tg.start_soon(self._stop_strays, strays, self._strays_gone)
         return found
+
+    async def _stop_strays(self, strays: list[Leftovers], gone: anyio.Event) -> None:
+        """Stop the leftovers of programs no longer in the config (SIGTERM, SIGKILL after the
+        default drain timeout), or SIGKILL them once a shutdown's drains are done (``run``)."""
+        try:
+            async with anyio.create_task_group() as each:
+                for stray in strays:
+                    each.start_soon(self._stop_stray, stray)
+        finally:
+            gone.set()
+
+    async def _stop_stray(self, stray: Leftovers) -> None:
+        drain = DrainConfig()
+        if killed := await stray.drain(drain, delay=False, hurry=self._strays_hurry):
+            why = (
+                f"still running at shutdown, {drain.signal.name} at start-up"
+                if self._strays_hurry.is_set()
+                else f"still running {drain.timeout:g}s after {drain.signal.name}"
+            )
+            self.events.emit("killed", stray.program, None, why, pids=killed)
+
+    async def _wait_strays(self, timeout: float | None) -> None:
+        """Wait until the leftovers ``_stop_strays`` stops are gone (at most ``timeout``)."""
+        if self._strays_gone is not None:
+            with anyio.move_on_after(timeout):
+                await self._strays_gone.wait()
 
     async def _stop_orphans(self) -> None:
         """At shutdown, once every program drained: stop every process still our child.

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import psutil
 
 from tests.e2e.load import Load
 from tests.e2e.test_flip import answers, program, proxied
+from tests.e2e.test_lifecycle import stop_start_shutdown_run, withdrawn
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.flipvisor import Flipvisor
+from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import Nginx
 from tests.waiting import wait_until
 
@@ -215,3 +217,38 @@ def test_a_warm_generation_whose_window_ran_out_during_a_failed_rollback_is_drai
         message="the warm generation to be drained once its window is over",
     )
     assert proxied(nginx)["version"] == "2"
+
+
+def test_stop_and_shutdown_withdraw_the_etcd_keys_and_start_and_run_write_them_again(
+    flipvisor: Flipvisor, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    stop_start_shutdown_run(
+        flipvisor, registry(etcd_server, etcd_prefix), lambda: keys(etcd_server, etcd_prefix)
+    )
+
+
+def test_a_stop_while_etcd_hangs_drains_at_its_timeout_and_etcd_catches_up(
+    flipvisor: Flipvisor, restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    """etcd stops answering (SIGSTOP): withdrawing the keys gives up at registry.timeout, the
+    workers drain all the same, and the keys are withdrawn once etcd answers again."""
+    etcd = restartable_etcd
+    web = {"command": svc_command(), "drain": {"delay": 0, "timeout": 5}}
+    flipvisor.start({"registry": registry(etcd, etcd_prefix), "programs": {"web": web}})
+    gen = flipvisor.wait_serving("web")
+    wait_until(lambda: keys(etcd, etcd_prefix)["port/current"] == str(gen["port"]), message="keys")
+    etcd.pause()
+    began = time.monotonic()
+    stopped = flipvisor.cli("stop", "web")
+    took = time.monotonic() - began
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr + flipvisor.output()
+    assert took < 2 + 2, took  # registry.timeout, plus the CLI's own start-up
+    assert "pending: the registry does not answer" in stopped.stderr, stopped.stderr
+    assert not any(psutil.pid_exists(pid) for pid in gen["pids"])
+    etcd.resume()
+    wait_until(
+        lambda: keys(etcd, etcd_prefix)["port/current"] is None,
+        timeout=5,
+        message="the keys to be withdrawn once etcd answers",
+    )
+    assert keys(etcd, etcd_prefix) == withdrawn(gen)

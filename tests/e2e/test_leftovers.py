@@ -25,7 +25,7 @@ from tests.e2e.load import Load
 from tests.e2e.test_etcd import keys, registry
 from tests.e2e.test_fixed_port import fixed_port_config
 from tests.e2e.test_flip import answers, program, proxied
-from tests.e2e.test_lifecycle import ONE_DRAIN, ONE_DRAIN_BOUND, shutdown_seconds
+from tests.e2e.test_lifecycle import ONE_DRAIN, ONE_DRAIN_BOUND, gone, shutdown_seconds
 from tests.e2e.test_operator import sample, scrape
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.flipvisor import Flipvisor, svc_command
@@ -576,3 +576,31 @@ def test_a_shutdown_while_the_leftovers_drain_drains_generation_1_alongside(
 
     assert took < ONE_DRAIN_BOUND, (took, flipvisor.output())
     wait_gone(old_pids + gen["pids"])
+
+
+def test_a_shutdown_stops_a_removed_program_s_leftover_that_ignores_sigterm(
+    flipvisor: Flipvisor, survivors: list[psutil.Process]
+) -> None:
+    """The leftovers of a program no longer in the config get SIGTERM at start-up and SIGKILL
+    10 s later. A shutdown before that SIGKILLs them once its drains are done (3 s after the
+    shutdown at most, as an orphan): not our children, nothing else at shutdown reaches them."""
+    kept = {"command": svc_command(), "drain": {"delay": 0, "timeout": 5}}
+    stubborn = {"command": svc_command("--ignore-term")}
+    flipvisor.start({"programs": {"kept": kept, "stubborn": stubborn}})
+    flipvisor.wait_serving("kept")
+    stubborn_pids = flipvisor.wait_serving("stubborn")["pids"]
+    kill_supervisor(flipvisor, "kept", survivors)
+    survivors.extend(psutil.Process(pid) for pid in stubborn_pids)
+    restart_supervisor(flipvisor, {"programs": {"kept": kept}})
+    wait_until(
+        lambda: "not in the config; stopping" in flipvisor.cli("events").stdout,
+        message="the removed program's leftover to get SIGTERM",
+    )
+    assert flipvisor.process is not None
+
+    took = shutdown_seconds(flipvisor.process, flipvisor)
+
+    assert gone(stubborn_pids), flipvisor.output()
+    assert took < 3 + 2, took
+    killed = "killed program=stubborn generation=None still running at shutdown"
+    assert killed in flipvisor.output(), flipvisor.output()

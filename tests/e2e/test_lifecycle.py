@@ -6,6 +6,7 @@ minutes): it rolls the flip back at once and drains what ran. The flip's client 
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -246,7 +247,10 @@ def test_stop_during_the_proxy_reload_undoes_the_swap_and_the_file(
         timeout=30,
     )
     assert "stopped" in out, out
-    assert flipvisor.registry() == keys
+    # Swapped back to generation 1, which the stop then withdrew: previous names it, not 2.
+    assert naming(first, {suffix: keys.get(f"flipvisor/web/{suffix}") for suffix in SUFFIXES})
+    after = flipvisor.registry()
+    assert {suffix: after.get(f"flipvisor/web/{suffix}") for suffix in SUFFIXES} == withdrawn(first)
     assert (nginx.conf_dir / "web.conf").read_bytes() == content
     assert len(reloads.read_text().splitlines()) == 3  # and nginx was reloaded back
     assert flipvisor.program("web")["state"] == "stopped"
@@ -280,3 +284,63 @@ def test_shutdown_during_a_restart_s_drain_drains_the_new_generation_alongside(
     assert took < ONE_DRAIN_BOUND, (took, flipvisor.output())
     assert restart.returncode == 0, out  # promoted before the shutdown: it completed
     assert gone(old["pids"] + gens[1]["pids"])
+
+
+SUFFIXES = ("port/current", "port/previous", "pid/current", "pid/previous", "generation/current")
+
+
+def withdrawn(gen: dict[str, Any]) -> dict[str, str | None]:
+    """The keys once ``gen`` stopped serving and nothing replaced it."""
+    pids = ",".join(map(str, gen["pids"]))
+    return {**dict.fromkeys(SUFFIXES), "port/previous": str(gen["port"]), "pid/previous": pids}
+
+
+def naming(gen: dict[str, Any], keys: dict[str, str | None]) -> bool:
+    """Whether ``keys`` name ``gen`` as serving (and nothing as replaced: it was started)."""
+    record = json.loads(keys["generation/current"] or "{}")
+    return (keys["port/current"], keys["pid/current"], keys["port/previous"]) == (
+        str(gen["port"]),
+        ",".join(map(str, gen["pids"])),
+        None,
+    ) and record.get("generation") == gen["generation"]
+
+
+def stop_start_shutdown_run(
+    flipvisor: Flipvisor, registry: dict[str, Any], keys: Callable[[], dict[str, str | None]]
+) -> None:
+    """A program that stops serving leaves `current` (a confd would route to its dead port,
+    scripts would read its dead PIDs): what it named becomes `previous`, as after a flip,
+    before its workers are signalled. A clean shutdown drains everything, so it does the same;
+    the next `run` starts as after any other. ``keys``: web's keys in ``registry``."""
+    web = {"command": svc_command(), "drain": {"delay": 0.2, "timeout": 5}}
+    flipvisor.start({"registry": registry, "programs": {"web": web}})
+    first = flipvisor.wait_serving("web")
+    wait_until(lambda: naming(first, keys()), message="generation 1's keys")
+
+    stopped = flipvisor.cli("stop", "web")
+
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr + flipvisor.output()
+    assert keys() == withdrawn(first)
+    shown = stopped.stderr
+    assert -1 < shown.find("registry") < shown.find("drain"), shown
+    assert flipvisor.cli("start", "web").returncode == 0, flipvisor.output()
+    second = flipvisor.wait_serving("web")
+    assert naming(second, keys()), keys()
+
+    assert flipvisor.stop() == 0, flipvisor.output()
+
+    assert keys() == withdrawn(second)
+    flipvisor.start()
+    third = flipvisor.wait_serving("web")
+    assert third["generation"] == 1 and "leftovers" not in flipvisor.event_kinds()
+    wait_until(lambda: naming(third, keys()), message="the next run's keys")
+
+
+def test_stop_and_shutdown_withdraw_the_keys_and_start_and_run_write_them_again(
+    flipvisor: Flipvisor,
+) -> None:
+    def keys() -> dict[str, str | None]:
+        found = flipvisor.registry()
+        return {suffix: found.get(f"flipvisor/web/{suffix}") for suffix in SUFFIXES}
+
+    stop_start_shutdown_run(flipvisor, {"backend": "local"}, keys)

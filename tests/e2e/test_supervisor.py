@@ -120,17 +120,26 @@ def test_a_program_whose_workers_all_gave_up_refuses_connections_until_started(
     flipvisor.start({"programs": {"web": web(restart={"policy": "never"})}})
     gen = flipvisor.wait_serving("web")
     crash(gen["pids"][0])
-    wait_until(lambda: flipvisor.program("web")["state"] == "stopped", message="web to stop")
-    assert flipvisor.program("web")["generations"] == []
+    wait_until(
+        lambda: (p := flipvisor.program("web"))["state"] == "stopped" and not p["generations"],
+        message="web to stop",
+    )
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", gen["port"]), timeout=5).close()
     assert "given-up" in flipvisor.event_kinds()
+    # The keys no longer name it: a confd would route to the closed port, a script read a PID
+    # that is gone (and may be reused).
+    keys = flipvisor.registry()
+    assert "flipvisor/web/port/current" not in keys and "flipvisor/web/pid/current" not in keys
+    assert "flipvisor/web/generation/current" not in keys
+    assert keys["flipvisor/web/port/previous"] == str(gen["port"])
     flipvisor.write_config({"programs": {"web": web(restart={"policy": "never"})}})
     assert flipvisor.cli("reload").returncode == 0, flipvisor.output()  # kept for its start
     started = flipvisor.cli("start", "web")
     assert started.returncode == 0, started.stderr + flipvisor.output()
     again = flipvisor.wait_serving("web")
     assert again["generation"] == gen["generation"] + 1
+    assert flipvisor.registry()["flipvisor/web/port/current"] == str(again["port"])
     assert get(again["port"])["pid"] == again["pids"][0]
 
 

@@ -60,6 +60,10 @@ def test_a_program_removed_by_a_reload_leaves_nginx_before_it_drains(
     result = flipvisor.cli("reload")
     assert result.returncode == 0, result.stderr + flipvisor.output()
     assert not web_conf(nginx).exists()
+    # Nor do the registry keys name it by then (a confd would still route to it).
+    keys = flipvisor.registry()
+    assert "flipvisor/web/port/current" not in keys and "flipvisor/web/pid/current" not in keys
+    assert keys["flipvisor/web/pid/previous"] == ",".join(map(str, gen["pids"]))
     wait_until(lambda: not port_answers(nginx.listen), message="nginx to drop web's server")
     wait_gone(gen["pids"])
     kinds = flipvisor.event_kinds()

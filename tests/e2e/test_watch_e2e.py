@@ -402,6 +402,32 @@ def test_watch_section_under_run_follows_the_programs_own_keys(
     assert flipvisor.stop() == 0
 
 
+def test_drain_pid_acts_on_a_stop_and_does_not_fight_the_supervisor_s_drain(
+    flipvisor: Flipvisor,
+) -> None:
+    """A stop withdraws the keys as a flip would replace them: `pid/previous` names the stopped
+    workers, so a `drain_pid` watcher drains them (verified by start time) too. A worker it
+    stops first is not restarted, nor killed by our drain."""
+    web = {"command": svc_command(), "drain": {"delay": 1, "timeout": 5}}
+    entry = {"keys": ["flipvisor/web/pid/previous"], "drain_pid": {"timeout": 5}}
+    flipvisor.start({"programs": {"web": web}, "watch": [entry]})
+    pid = flipvisor.wait_serving("web")["pids"][0]
+    wait_until(lambda: f"pid={pid} is pid/current" in flipvisor.output(), message="the watcher")
+
+    stopped = flipvisor.cli("stop", "web")
+
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr + flipvisor.output()
+    assert not psutil.pid_exists(pid)
+    acted = (f"sent SIGTERM to pid={pid}", f"pid={pid} is gone already")
+    wait_until(
+        lambda: any(line in flipvisor.output() for line in acted),
+        message="the watcher to drain the stopped worker",
+    )
+    kinds = flipvisor.event_kinds()
+    assert "killed" not in kinds and "restarting" not in kinds, kinds
+    assert flipvisor.program("web")["generations"] == []
+
+
 @pytest.mark.etcd
 def test_watch_waits_for_etcd_then_renders_and_exits_0_on_sigterm(
     restartable_etcd: EtcdServer, etcd_prefix: str, watcher: Watcher, tmp_path: Path

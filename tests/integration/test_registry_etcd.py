@@ -197,6 +197,52 @@ async def test_an_etcd_that_stops_answering_fails_requests_at_the_timeout(
         await registry.aclose()
 
 
+async def test_a_withdrawal_etcd_does_not_answer_returns_at_the_timeout_and_lands_later(
+    restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    """A program stops while etcd hangs: the withdrawal of its keys gives up waiting at the
+    request timeout (the stop goes on), stays pending, and is written once etcd answers again:
+    `current` gone, what it named `previous`."""
+    registry = registry_for(restartable_etcd.endpoint, etcd_prefix, timeout=1)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(registry.run)
+            await registry.swap(
+                "app", Snapshot(), promoted(record(1, 41000, [101]), record(2, 42000, [202]))
+            )
+            restartable_etcd.pause()
+            began = time.monotonic()
+            await registry.withdraw("app")
+            assert time.monotonic() - began < 1 + 0.5
+            assert registry.health()["pending"] == ["app"]
+            restartable_etcd.resume()
+            await await_until(
+                lambda: _true(not registry.health()["pending"]),
+                timeout=5,
+                message="the withdrawal to land once etcd answers",
+            )
+            got = {s: restartable_etcd.get(f"{etcd_prefix}/app/{s}") for s in KEY_SUFFIXES}
+            assert got == {
+                "port/current": None,
+                "port/previous": "42000",
+                "pid/current": None,
+                "pid/previous": "202",
+                "generation/current": None,
+            }
+            # Kept so across outages, like what serves: nothing, here.
+            restartable_etcd.put(f"{etcd_prefix}/app/port/current", "6666")
+            restartable_etcd.stop()
+            restartable_etcd.start()
+            await await_until(
+                lambda: _value(restartable_etcd, f"{etcd_prefix}/app/port/current", None),
+                timeout=5,
+                message="the stray key to be withdrawn again",
+            )
+            tg.cancel_scope.cancel()
+    finally:
+        await registry.aclose()
+
+
 async def test_an_etcd_behind_a_slow_link_is_reached_within_the_request_timeout(
     etcd_server: EtcdServer, etcd_prefix: str
 ) -> None:
@@ -420,5 +466,5 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def _value(server: EtcdServer, key: str, want: str) -> bool:
+async def _value(server: EtcdServer, key: str, want: str | None) -> bool:
     return await anyio.to_thread.run_sync(server.get, key) == want

@@ -78,6 +78,26 @@ async def test_other_programs_keys_are_kept_and_publish_writes_at_once(tmp_path:
     }
 
 
+async def test_withdraw_names_what_served_as_previous_and_removes_current(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "registry.json"
+    write_registry_file(path, {"p/other/port/current": "5"})
+    registry = LocalRegistry(path, RegistryConfig(prefix="p"))
+    await registry.swap("app", Snapshot(), new(7, "70"))
+    await registry.withdraw("app")
+    assert read_registry_file(path) == {
+        "p/other/port/current": "5",
+        "p/app/port/previous": "7",
+        "p/app/pid/previous": "70",
+    }
+    inode = path.stat().st_ino
+    await registry.withdraw("app")  # nothing current: nothing to write
+    assert path.stat().st_ino == inode
+    await registry.swap("app", await registry.snapshot("app"), new(8, "80"))
+    assert read_registry_file(path)["p/app/port/current"] == "8"
+
+
 async def test_malformed_file_is_a_registry_error(tmp_path: Path) -> None:
     path = tmp_path / "registry.json"
     path.write_text('{"a": 1}')

@@ -12,6 +12,7 @@ from .base import (
     WatchLost,
     key_matches,
     program_key,
+    withdrawn,
 )
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "key_matches",
     "open_registry",
     "program_key",
+    "withdrawn",
 ]
 
 

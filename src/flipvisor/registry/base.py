@@ -39,6 +39,25 @@ class Snapshot:
         return self.values.get(suffix)
 
 
+CURRENT_SUFFIXES = ("port/current", "pid/current", "generation/current")
+
+
+def withdrawn(snapshot: Snapshot) -> Snapshot:
+    """The keys once nothing serves the program any more: what ``current`` named becomes
+    ``previous`` (as after a flip, so a ``drain_pid`` watcher sees the same change), and the
+    ``current`` keys are gone. Keys that name nothing current are returned as they are."""
+    values = dict(snapshot.values)
+    if not any(suffix in values for suffix in CURRENT_SUFFIXES):
+        return snapshot
+    for kind in ("port", "pid"):
+        current = values.get(f"{kind}/current")
+        if current is not None:
+            values[f"{kind}/previous"] = current
+    for suffix in CURRENT_SUFFIXES:
+        values.pop(suffix, None)
+    return Snapshot(values)
+
+
 class Registry(Protocol):
     """What the supervisor needs from a registry backend.
 
@@ -69,6 +88,14 @@ class Registry(Protocol):
     async def publish(self, program: str, new: Snapshot) -> None:
         """Make ``program``'s keys say ``new`` (unconditionally) now if the store is reachable,
         else as soon as it is back. Never raises for an outage; the latest value wins."""
+        ...
+
+    async def withdraw(self, program: str) -> None:
+        """``program`` stopped serving: in one write, make its keys ``withdrawn`` (its
+        ``current`` keys gone, what they named now ``previous``), computed from what the store
+        holds when the write happens. Now if the store answers within the request timeout, else
+        as soon as it is back (a later ``swap`` or ``publish`` supersedes it). Never raises, and
+        never waits longer than the request timeout."""
         ...
 
     async def aclose(self) -> None:

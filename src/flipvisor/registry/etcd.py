@@ -10,7 +10,9 @@ The registry remembers the latest value it swapped or published for every progra
 ``run`` keeps a connection alive, notices an outage when its liveness watch stream breaks (TCP
 reset, or HTTP/2 keepalive for a silent peer: no polling), reconnects with backoff, and then
 rewrites every desired program whose keys differ, so the keys match what is serving within
-seconds of etcd coming back.
+seconds of etcd coming back. A program that stopped serving is *withdrawn*: its keys are read and
+rewritten without ``current`` (``base.withdrawn``) when etcd answers, which may be only after an
+outage; nothing serving is then what the keys are kept matching.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ from anyio.abc import TaskStatus
 from flipvisor.config import RegistryConfig
 from flipvisor.errors import RegistryConflict, RegistryError
 
-from .base import KEY_SUFFIXES, KeyRange, Snapshot, WatchEvent, WatchLost, program_key
+from .base import (
+    KEY_SUFFIXES,
+    KeyRange,
+    Snapshot,
+    WatchEvent,
+    WatchLost,
+    program_key,
+    withdrawn,
+)
 from .etcd_client import (
     EtcdConnection,
     connect,
@@ -60,6 +70,10 @@ class EtcdRegistry:
         self._seen: dict[str, int] = {}
         # Programs whose last swap's outcome was lost: their keys are rewritten, not compared.
         self._fenced: set[str] = set()
+        # Programs to withdraw (``withdraw``), each with the number of that call: a swap that
+        # began before it does not cancel it. A later swap or publish does.
+        self._withdrawing: dict[str, int] = {}
+        self._calls = 0
         self._conn: EtcdConnection | None = None
         self._connect_lock = anyio.Lock()
         self._write_lock = anyio.Lock()
@@ -167,6 +181,9 @@ class EtcdRegistry:
             RegistryError: the connection failed.
         """
         async with self._write_lock:
+            if program in self._withdrawing:
+                await self._withdraw_now(conn, program)
+                return
             want = self.desired.get(program)
             if want is None:
                 self._pending.discard(program)
@@ -184,6 +201,26 @@ class EtcdRegistry:
                     log.info("program=%s etcd keys rewritten to match what is serving", program)
             if self.desired.get(program) is want:
                 self._pending.discard(program)
+
+    async def _withdraw_now(self, conn: EtcdConnection, program: str) -> None:
+        """Rewrite ``program``'s keys without ``current``, from what etcd holds now. Under the
+        write lock.
+
+        Raises:
+            RegistryError: the connection failed.
+        """
+        call = self._withdrawing[program]
+        have = await self._read_program(conn, program)
+        want = withdrawn(have)
+        if want is not have or program in self._fenced:
+            # Fenced: every key is rewritten, so that a lost swap that lands late fails.
+            await self._write_program(conn, program, want)
+            self._fenced.discard(program)
+            log.info("program=%s etcd keys withdrawn: nothing serves it", program)
+        if self._withdrawing.get(program) == call:  # not superseded meanwhile
+            del self._withdrawing[program]
+            self.desired[program] = want
+            self._pending.discard(program)
 
     def _keys(self, program: str) -> dict[str, str]:
         return {suffix: program_key(self.prefix, program, suffix) for suffix in KEY_SUFFIXES}
@@ -224,6 +261,7 @@ class EtcdRegistry:
             RegistryError: etcd was unreachable or did not answer within the request timeout.
         """
         keys = self._keys(program)
+        began = self._calls
         compare = [txn_compare_value(key, expected.get(suffix)) for suffix, key in keys.items()]
         seen = self._seen.get(program)
         if seen is not None:
@@ -240,17 +278,18 @@ class EtcdRegistry:
                         self.desired[program] = new
                         self._pending.discard(program)
                         self._fenced.discard(program)  # it rewrote the keys: fenced as well
+                        self._supersede_withdrawal(program, began)
                         self._seen[program] = reply.header.revision
         except TimeoutError:
-            self._remember(program, expected, lost_swap=True)
+            self._remember(program, expected, lost_swap=True, began=began)
             raise self._timeout_error() from None
         except RegistryError:
-            self._remember(program, expected, lost_swap=True)
+            self._remember(program, expected, lost_swap=True, began=began)
             raise
         except BaseException:
             # Cancelled (a flip's --timeout) while etcd may have applied the transaction: the
             # outcome is unknown as after a timeout, and the caller goes on serving `expected`.
-            self._remember(program, expected, lost_swap=True)
+            self._remember(program, expected, lost_swap=True, began=began)
             raise
         if not reply.succeeded:
             found = txn_values(reply)
@@ -262,12 +301,48 @@ class EtcdRegistry:
                     )
             raise RegistryConflict(f"etcd keys of {program} changed during the promotion")
 
-    def _remember(self, program: str, value: Snapshot, *, lost_swap: bool = False) -> None:
+    def _remember(
+        self, program: str, value: Snapshot, *, lost_swap: bool = False, began: int | None = None
+    ) -> None:
+        """``value`` is what ``program``'s keys should say; ``began``: the ``_calls`` count when
+        the swap that wants it began (a withdrawal asked for since then still applies)."""
         self.desired[program] = value
+        self._supersede_withdrawal(program, began)
         self._pending.add(program)
         if lost_swap:
             self._fenced.add(program)
         self._kick.set()
+
+    def _supersede_withdrawal(self, program: str, began: int | None) -> None:
+        """Forget a pending withdrawal of ``program`` asked for before ``began`` (None: any)."""
+        if began is None or self._withdrawing.get(program, began) <= began:
+            self._withdrawing.pop(program, None)
+
+    async def withdraw(self, program: str) -> None:
+        """Make ``program``'s keys name nothing serving (``base.withdrawn`` of what etcd holds
+        then): now if etcd answers within the request timeout, else once it is back.
+
+        Never raises: a withdrawal etcd did not answer stays pending for ``run``.
+        """
+        self._calls += 1
+        self._withdrawing[program] = self._calls
+        self._pending.add(program)
+        self._kick.set()
+        if self._running and not self.connected:
+            log.warning("program=%s etcd keys withdrawn once etcd is back", program)
+            return  # ``run`` is reconnecting and will write it then
+        with anyio.move_on_after(self.config.timeout) as deadline:
+            try:
+                async with self._use() as conn:
+                    await self._reconcile(conn, program)
+            except RegistryError as exc:
+                log.warning("program=%s etcd keys withdrawn once etcd is back: %s", program, exc)
+        if deadline.cancelled_caught:
+            log.warning(
+                "program=%s etcd keys withdrawn once etcd is back: %s",
+                program,
+                self._timeout_error(),
+            )
 
     async def publish(self, program: str, new: Snapshot) -> None:
         """Make ``program``'s keys say ``new``: now if etcd answers, else once it is back.

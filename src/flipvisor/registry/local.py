@@ -31,7 +31,15 @@ from anyio.abc import TaskStatus
 from flipvisor.config import RegistryConfig
 from flipvisor.errors import RegistryConflict, RegistryError
 
-from .base import KEY_SUFFIXES, KeyRange, Snapshot, WatchEvent, key_matches, program_key
+from .base import (
+    KEY_SUFFIXES,
+    KeyRange,
+    Snapshot,
+    WatchEvent,
+    key_matches,
+    program_key,
+    withdrawn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +203,19 @@ class LocalRegistry:
             self._retry.set()
             return
         self._pending.pop(program, None)
+
+    async def withdraw(self, program: str) -> None:
+        """Make ``program``'s keys name nothing serving (``withdrawn``), from what the file holds
+        now; after a disk error ``run`` retries. Never raises."""
+        # A publication a disk error left pending names what served: it must not land later.
+        self._pending.pop(program, None)
+        try:
+            have = await self.snapshot(program)
+        except RegistryError as exc:
+            log.warning("program=%s stopped, but its registry keys still name it: %s", program, exc)
+            return
+        if (want := withdrawn(have)) is not have:
+            await self.publish(program, want)
 
     def health(self) -> dict[str, Any]:
         return {
