@@ -408,20 +408,28 @@ class Program:
         gen.transition(GenerationState.PROMOTING)
         first = self.serving is None
         replaced = self._replaced_config()
-        return await promote(
-            gen,
-            program=self.name,
-            config=gen.config,
-            registry=self.runtime.registry,
-            reaper=self.runtime.reaper,
-            report=report,
-            proxy_lock=self.runtime.proxy_lock,
-            # Nothing of ours serves yet: an unreachable registry must not keep the program down
-            # (a killed supervisor's workers, if any, are drained only once the keys stop naming
-            # them: see `_drain_replaced_leftovers`).
-            registry_optional=first,
-            replaced_proxy=replaced.proxy if replaced is not None else None,
-        )
+        # Until `_serve` (registration.promoted) or the undo below: a restart of the serving
+        # generation's worker meanwhile would publish its keys over the swap.
+        self.registration.promoting()
+        try:
+            return await promote(
+                gen,
+                program=self.name,
+                config=gen.config,
+                registry=self.runtime.registry,
+                reaper=self.runtime.reaper,
+                report=report,
+                proxy_lock=self.runtime.proxy_lock,
+                # Nothing of ours serves yet: an unreachable registry must not keep the program
+                # down (a killed supervisor's workers, if any, are drained only once the keys
+                # stop naming them: see `_drain_replaced_leftovers`).
+                registry_optional=first,
+                replaced_proxy=replaced.proxy if replaced is not None else None,
+            )
+        except BaseException:
+            if self._tg is not None:
+                self.registration.undone(self._tg)
+            raise
 
     async def _settle(self, report: FlipReport, promotion: Promotion) -> None:
         """After the promotion: once the proxy's old workers are gone, the routed generation is

@@ -47,26 +47,45 @@ class Registration:
         self.published: Snapshot | None = None
         self._deferred: Generation | None = None
         self._settled: anyio.Event | None = None  # set when the deferred registration is over
+        # A promotion owns the keys from before its swap until the promoted generation serves
+        # (or the swap is undone): a restarted worker of the generation still serving meanwhile
+        # must not publish its snapshot over the swap (nor fail the swap as a conflict).
+        self._promoting = False
+
+    def promoting(self) -> None:
+        """A promotion begins: PIDs are not republished until ``promoted`` or ``undone``."""
+        self._promoting = True
+
+    def undone(self, tg: TaskGroup) -> None:
+        """The promotion failed and put the keys back as they were: republish the serving
+        generation's PIDs if a worker of it restarted meanwhile."""
+        self._promoting = False
+        serving, published = self._serving(), self.published
+        if serving is None or published is None:
+            return
+        if published.get("pid/current") != _pid_list(serving):
+            self.pids_changed(serving, tg)
 
     def promoted(
         self, gen: Generation, published: Snapshot, *, deferred: bool, tg: TaskGroup
     ) -> None:
         """``gen`` now serves with ``published``; if promotion could not write the registry,
         keep trying in ``tg`` for as long as ``gen`` serves."""
+        self._promoting = False
         self.published = published
         self._deferred = gen if deferred else None
         if deferred:
             self._settled = anyio.Event()
             tg.start_soon(self._register_when_back, gen, self._settled)
-        elif published.get("pid/current") != ",".join(str(pid) for pid in gen.pids):
+        elif published.get("pid/current") != _pid_list(gen):
             # A worker restarted after the swap, while the proxy's old workers finished: its
             # PID was not ours to publish then (gen was not serving yet), so publish it now.
             self.pids_changed(gen, tg)
 
     def pids_changed(self, gen: Generation, tg: TaskGroup) -> None:
         """Republish the PIDs if ``gen`` is the serving generation."""
-        if self._deferred is not None:
-            return  # the pending registration reads the PIDs when it happens
+        if self._deferred is not None or self._promoting:
+            return  # the pending registration, or the promotion's end, reads them then
         if gen is self._serving() and self.published is not None:
             self.published = with_current_pids(gen, self.published)
             tg.start_soon(self._publish, self.published)
@@ -84,6 +103,7 @@ class Registration:
         them once it is back. A deferred registration still pending is called off."""
         self.published = None
         self._deferred = None
+        self._promoting = False
         await self.registry.withdraw(self.program)
 
     async def registered(self, gen: Generation) -> bool:
@@ -125,3 +145,8 @@ class Registration:
                 self._deferred = None
                 self.events.emit("registered", self.program, gen.number, port=gen.port)
             return
+
+
+def _pid_list(gen: Generation) -> str:
+    """``gen``'s running workers as ``pid/current`` names them."""
+    return ",".join(str(pid) for pid in gen.pids)

@@ -3,6 +3,7 @@ path rolls back with the old generation still serving and nothing it depends on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -342,6 +343,91 @@ def test_a_timeout_while_the_proxy_drains_cuts_no_request_short(
     assert [answer["version"] for answer in answered] == ["1"]  # not cut short
     assert not psutil.pid_exists(old_pid)
     assert "Traceback" not in flipvisor.output(), flipvisor.output()
+
+
+def test_a_restart_in_the_old_generation_while_the_proxy_drains_leaves_the_keys_swapped(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """After the swap, generation 1 serves on until nginx's old workers are gone. A worker of it
+    that crashes then is restarted (it still serves), but its PID is not published: the keys
+    name generation 2 from the swap on, and after the flip."""
+    slow = program(nginx, "1", "--slow-ms", "5000", "--notify", numprocs=2)
+    slow["readiness"] = {"notify": True, "timeout": 10}
+    flipvisor.start({"programs": {"web": slow}})
+    first = flipvisor.wait_serving("web")
+    request = threading.Thread(target=lambda: proxied_slowly(nginx), daemon=True)
+    request.start()
+    busy_pid = wait_until(
+        lambda: next((pid for pid in first["pids"] if busy(pid)), None),
+        message="a request in generation 1",
+    )
+    (idle_pid,) = set(first["pids"]) - {busy_pid}
+    flipvisor.write_config({"programs": {"web": program(nginx, "2")}})
+
+    flip = flipvisor.cli_started("flip", "web", "--json")
+    wait_until(
+        lambda: (f := flipvisor.program("web")["flip"]) is not None and f["step"] == "proxy-drain",
+        message="the flip to wait for nginx's old worker",
+    )
+    psutil.Process(idle_pid).kill()
+    restarted = wait_until(
+        lambda: next(
+            (
+                set(g["pids"]) - {busy_pid}
+                for g in flipvisor.program("web")["generations"]
+                if g["generation"] == 1 and set(g["pids"]) - {busy_pid, idle_pid}
+            ),
+            None,
+        ),
+        message="generation 1's worker to be restarted",
+    )
+    out, err = flip.communicate(timeout=30)
+    assert flip.returncode == 0, out + err + flipvisor.output()
+    second = flipvisor.serving("web")
+    assert second is not None and second["generation"] == 2
+    keys = flipvisor.registry()
+    assert keys["flipvisor/web/port/current"] == str(second["port"]), keys
+    assert keys["flipvisor/web/pid/current"] == ",".join(map(str, second["pids"])), keys
+    assert keys["flipvisor/web/port/previous"] == str(first["port"]), keys
+    assert not set(map(int, keys["flipvisor/web/pid/current"].split(","))) & restarted
+    request.join(timeout=30)
+
+
+def test_a_restart_in_the_serving_generation_during_a_flip_that_fails_is_published_after(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """PIDs are not published while a promotion owns the keys; if it fails, the serving
+    generation's PIDs are published then, a worker restarted meanwhile included."""
+    start_serving(flipvisor, nginx, program(nginx, "1"))
+    (old_pid,) = flipvisor.serving("web")["pids"]  # type: ignore[index]
+    failing = program(nginx, "2")
+    failing["proxy"]["check_cmd"] = ["sh", "-c", "sleep 1.5; echo 'check failed' >&2; exit 1"]
+    flipvisor.write_config({"programs": {"web": failing}})
+
+    flip = flipvisor.cli_started("flip", "web", "--json")
+    wait_until(
+        lambda: (f := flipvisor.program("web")["flip"]) is not None and f["step"] == "proxy",
+        message="the flip to check its proxy file",
+    )
+    psutil.Process(old_pid).kill()
+    out, err = flip.communicate(timeout=30)
+
+    assert flip.returncode == 1, out + err
+    serving = wait_until(
+        lambda: (g := flipvisor.serving("web")) and g["pids"] not in ([], [old_pid]) and g,
+        message="generation 1's replacement worker",
+    )
+    wait_until(
+        lambda: flipvisor.registry()["flipvisor/web/pid/current"] == str(serving["pids"][0]),
+        message="pid/current to name the replacement once the flip failed",
+    )
+    assert flipvisor.registry()["flipvisor/web/port/current"] == str(serving["port"])
+
+
+def proxied_slowly(nginx: Nginx) -> None:
+    """A request that generation 1 (``--slow-ms``) holds; its answer does not matter."""
+    with contextlib.suppress(OSError):
+        urllib.request.urlopen(nginx.url("/"), timeout=30).close()
 
 
 def test_flip_with_nginx_down_rolls_back_and_names_the_reload(
