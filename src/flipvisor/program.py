@@ -319,10 +319,10 @@ class Program:
         self.flips_total += 1
         if report.error is not None:
             self.flip_failures_total += 1
+            self.runtime.events.emit("flip-failed", self.name, report.generation, report.error)
             if self.serving is None and not self._stops:
                 # Nothing serves this program: say so in status until `start` retries.
-                self.fatal_reason = report.error
-            self.runtime.events.emit("flip-failed", self.name, report.generation, report.error)
+                self._become_fatal(report.error, report.generation, replace_reason=True)
         self.runtime.events.emit(
             "flip-finished",
             self.name,
@@ -644,8 +644,7 @@ class Program:
         if verdict.fail is not None:
             gen.fail(verdict.fail)
         if verdict.fatal is not None:
-            self.fatal_reason = verdict.fatal
-            self.runtime.events.emit("fatal", self.name, gen.number, verdict.fatal)
+            self._become_fatal(verdict.fatal, gen.number)
         if verdict.delay is None and verdict.fail is None and gen is self.serving:
             self._stop_if_given_up(worker)
         if verdict.delay is not None:
@@ -660,6 +659,18 @@ class Program:
                 delay=round(verdict.delay, 3),
             )
         return verdict.delay
+
+    def _become_fatal(
+        self, reason: str, generation: int | None, *, replace_reason: bool = False
+    ) -> None:
+        """Enter ``fatal`` (once: one `fatal` event, the first reason kept, as later workers of
+        the generation exit because of it), until `start` or a promotion clears it.
+        ``replace_reason``: a failed flip's report says more than the exit that failed it."""
+        if self.fatal_reason is None:
+            self.runtime.events.emit("fatal", self.name, generation, reason)
+            self.fatal_reason = reason
+        elif replace_reason:
+            self.fatal_reason = reason
 
     def _stop_if_given_up(self, exiting: Worker | None = None) -> None:
         """Begin ``_stop_given_up`` if nothing of the serving generation runs or will run again

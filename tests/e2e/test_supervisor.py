@@ -111,6 +111,45 @@ def test_crash_loop_makes_the_program_fatal_and_start_clears_it(flipvisor: Flipv
     assert flipvisor.program("web")["state"] != "fatal"
 
 
+def fatal_events(flipvisor: Flipvisor) -> list[dict[str, Any]]:
+    result = flipvisor.cli("events", "--json")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    return [event for event in events if event["kind"] == "fatal"]
+
+
+def test_fatal_is_entered_once_and_keeps_the_reason_that_made_it(flipvisor: Flipvisor) -> None:
+    """Worker 0's crash loop makes the program fatal; worker 1 crashing once afterwards is not
+    restarted because of that, and neither renames the reason nor announces fatal again."""
+    config = web(numprocs=2, restart={"max_restarts": 1, "window": 60})
+    flipvisor.start({"programs": {"web": config}})
+    w0, w1 = flipvisor.wait_serving("web")["pids"]
+    crash(w0)
+    again = wait_until(
+        lambda: (
+            (g := flipvisor.serving("web")) and len(g["pids"]) == 2 and w0 not in g["pids"] and g
+        ),
+        message="worker 0's replacement",
+    )
+    crash(next(pid for pid in again["pids"] if pid != w1))
+    wait_until(lambda: flipvisor.program("web")["state"] == "fatal", message="web to be fatal")
+    crash(w1)
+    wait_until(lambda: not psutil.pid_exists(w1), message="worker 1 to exit")
+    wait_until(lambda: "given-up" in flipvisor.event_kinds(), message="web to be given up")
+    reason = flipvisor.program("web")["fatal_reason"]
+    assert "worker 0 of generation 1" in reason, reason
+    assert [event["message"] for event in fatal_events(flipvisor)] == [reason]
+
+
+def test_a_first_generation_that_fails_makes_the_program_fatal_with_an_event(
+    flipvisor: Flipvisor,
+) -> None:
+    flipvisor.start({"programs": {"web": web(command=svc_command("--exit-at-start", "3"))}})
+    wait_until(lambda: flipvisor.program("web")["state"] == "fatal", message="web to be fatal")
+    (event,) = fatal_events(flipvisor)
+    assert event["message"] == flipvisor.program("web")["fatal_reason"]
+
+
 def test_a_program_whose_workers_all_gave_up_refuses_connections_until_started(
     flipvisor: Flipvisor,
 ) -> None:
