@@ -29,6 +29,13 @@ def start_time_of(pid: int) -> float | None:
     return ticks / _CLOCK_TICKS + _boot_time()
 
 
+def started_at(pid: int, started: float) -> bool:
+    """Whether ``pid`` names the process that started at ``started``: False once it is gone or
+    the PID was reused (a NaN ``started``, from a garbage record, proves nothing)."""
+    actual = start_time_of(pid)
+    return actual is not None and abs(actual - started) <= START_TIME_TOLERANCE
+
+
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 

@@ -68,6 +68,7 @@ ALLOWED: dict[str, set[str]] = {
     "display": LEAVES | {"protocol", "events", "progress"},
     "supervisor": CORE | {"watch"},  # runs the config's watch entries too
     "locate": {"errors"},
+    "runrecord": {"starttime"},
     "problems": {"locate"},
     "placeholders": {"config", "problems"},
     "cli": CORE
