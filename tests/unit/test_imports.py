@@ -66,7 +66,7 @@ ALLOWED: dict[str, set[str]] = {
     "control": LEAVES | {"protocol", "config"},
     "client": LEAVES | {"protocol", "config"},
     "display": LEAVES | {"protocol", "events", "progress"},
-    "supervisor": CORE | {"watch"},  # runs the config's watch entries too
+    "supervisor": CORE | {"watch", "runrecord"},  # runs the config's watch entries too
     "locate": {"errors"},
     "runrecord": {"starttime"},
     "problems": {"locate"},
