@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, FlipvisorError
-from .locate import CONFIG_ENV, Locations, default_config_path, locate, log_path
+from .locate import CONFIG_ENV, default_config_path, log_path
 
 if TYPE_CHECKING:
+    from .client import Reached
     from .problems import Problem
 
-# Client commands get the Locations of the config file (cheap); run and watch validate it whole.
+# Client commands read only the config file's state_dir (cheap, client.py); run and watch
+# validate it whole.
 Handler = Callable[[argparse.Namespace, Path], int]
 
 
@@ -327,8 +329,19 @@ def _watch(args: argparse.Namespace, path: Path) -> int:
     return EXIT_OK
 
 
+def _reach(path: Path, timeout: float | None = None) -> Reached:
+    """A connection to the supervisor of the config file ``path`` (``client.reach``); how it
+    was found said on stderr when that was through its run record."""
+    from .client import reach
+
+    reached = reach(path, timeout)
+    if reached.notice is not None:
+        _error(reached.notice)
+    return reached
+
+
 def _request(
-    config: Locations, command: str, program: str | None = None, **request_args: Any
+    path: Path, command: str, program: str | None = None, **request_args: Any
 ) -> dict[str, Any]:
     from .client import STATUS_TIMEOUT, call
     from .protocol import Request
@@ -336,7 +349,8 @@ def _request(
     # Only a status answers at once; the supervisor bounds the rest (a stop waits for drains,
     # a start for the probe), so the CLI waits as long as they take.
     timeout = STATUS_TIMEOUT if command == "status" else None
-    return call(config.socket_path, Request(command, program, request_args), timeout, _say_once())
+    reached = _reach(path, timeout)
+    return call(reached, Request(command, program, request_args), timeout, _say_once())
 
 
 def _final(answer: dict[str, Any]) -> int:
@@ -355,8 +369,7 @@ def _refused(args: argparse.Namespace, answer: dict[str, Any]) -> int | None:
 
 
 def _status(args: argparse.Namespace, path: Path) -> int:
-    config = locate(path)
-    answer = _request(config, "status", args.program)
+    answer = _request(path, "status", args.program)
     if (refused := _refused(args, answer)) is not None:
         return refused
     if args.json:
@@ -369,7 +382,7 @@ def _status(args: argparse.Namespace, path: Path) -> int:
 
 
 def _flip_like(args: argparse.Namespace, path: Path) -> int:
-    config = locate(path)
+    reached = _reach(path)
     from .client import converse
     from .display import FlipProgress
     from .protocol import Request
@@ -382,7 +395,7 @@ def _flip_like(args: argparse.Namespace, path: Path) -> int:
     answer: dict[str, Any] = {}
     progress = FlipProgress(enabled=not args.json)
     with progress:
-        for message in converse(config.socket_path, request, on_waiting=_say_once()):
+        for message in converse(reached, request, on_waiting=_say_once()):
             if message.get("type") == "progress":
                 progress.update(message)
             elif message.get("type") == "result":
@@ -403,8 +416,7 @@ def _flip_like(args: argparse.Namespace, path: Path) -> int:
 
 
 def _simple(args: argparse.Namespace, path: Path) -> int:
-    config = locate(path)
-    answer = _request(config, args.command, getattr(args, "program", None))
+    answer = _request(path, args.command, getattr(args, "program", None))
     if (refused := _refused(args, answer)) is not None:
         return refused
     if getattr(args, "json", False):
@@ -415,7 +427,7 @@ def _simple(args: argparse.Namespace, path: Path) -> int:
 
 
 def _reload(args: argparse.Namespace, path: Path) -> int:
-    answer = _request(locate(path), "reload", config_file=str(path.resolve()))
+    answer = _request(path, "reload", config_file=str(path.resolve()))
     if (refused := _refused(args, answer)) is not None:
         return refused
     outcome = answer.get("result") or {}
@@ -441,8 +453,12 @@ def _reload(args: argparse.Namespace, path: Path) -> int:
 
 
 def _logs(args: argparse.Namespace, path: Path) -> int:
-    config = locate(path)
+    from .client import logs_locations
     from .logs import follow, tail_lines
+
+    config, notice = logs_locations(path)
+    if notice is not None:
+        _error(notice)
 
     log_file = log_path(config.state_dir, args.program)
     if args.program not in config.programs and not log_file.exists():
@@ -467,13 +483,13 @@ def _logs(args: argparse.Namespace, path: Path) -> int:
 
 
 def _events(args: argparse.Namespace, path: Path) -> int:
-    config = locate(path)
+    reached = _reach(path)
     from .client import converse
     from .protocol import Request
 
     request = Request("events", args.program, {"limit": args.lines, "follow": args.follow})
     answer: dict[str, Any] = {}
-    for message in converse(config.socket_path, request, on_waiting=_say_once()):
+    for message in converse(reached, request, on_waiting=_say_once()):
         if message.get("type") == "event":
             print(json.dumps(message) if args.json else _event_line(message), flush=True)
         elif message.get("type") == "result":
@@ -495,15 +511,13 @@ def _event_line(message: dict[str, Any]) -> str:
 
 
 def _shutdown(args: argparse.Namespace, path: Path) -> int:
-    config = locate(path)
+    reached = _reach(path)
     from .client import converse
     from .protocol import Request
 
     answer: dict[str, Any] = {}
     # The events of the shutdown (drains, orphans stopped) as progress, on stderr.
-    for message in converse(
-        config.socket_path, Request("shutdown", None, {"wait": not args.no_wait})
-    ):
+    for message in converse(reached, Request("shutdown", None, {"wait": not args.no_wait})):
         if message.get("type") == "event":
             print(_event_line(message), file=sys.stderr, flush=True)
         elif message.get("type") == "result":

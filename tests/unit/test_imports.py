@@ -64,7 +64,7 @@ ALLOWED: dict[str, set[str]] = {
     "program": WORKERS
     | {"leftovers", "promotion", "registration", "restarts", "history", "locate"},
     "control": LEAVES | {"protocol", "config"},
-    "client": LEAVES | {"protocol", "config"},
+    "client": LEAVES | {"protocol", "config", "locate", "runrecord"},
     "display": LEAVES | {"protocol", "events", "progress"},
     "supervisor": CORE | {"watch", "runrecord"},  # runs the config's watch entries too
     "locate": {"errors"},

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from flipvisor.client import NotListening, logs_locations, reach
+from flipvisor.errors import ConfigError
+from flipvisor.locate import locate
 from flipvisor.runrecord import (
     ROOT_RUNTIME_DIR,
     RUNTIME_ENV,
@@ -280,3 +283,88 @@ def test_only_this_process_s_record_is_removed(
     path.write_text(json.dumps({**json.loads(path.read_text()), "pid": 1}))
     remove_record(path)
     assert path.exists()
+
+
+# -- the client: the file's state_dir first, the record when that leads nowhere --------------
+
+
+def write_config(config: Path, state_dir: Path) -> Path:
+    config.write_text(f"state_dir: {state_dir}\nprograms:\n  web: {{command: [x]}}\n")
+    return config
+
+
+def test_a_file_that_leads_to_its_supervisor_costs_no_record(config: Path, listening: Path) -> None:
+    """`status`'s usual path: the socket of the file's state_dir answers; no record is read,
+    and neither the record's module nor pydantic is imported."""
+    from tests.reaping import run_script
+
+    write_config(config, listening.parent)
+    notice, imported = run_script(
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from flipvisor.client import reach\n"
+        "reached = reach(Path(sys.argv[1]))\n"
+        "reached.connection.close()\n"
+        "heavy = ('flipvisor.runrecord', 'pydantic', 'anyio', 'psutil')\n"
+        "print(json.dumps([reached.notice, sorted(m for m in sys.modules if m in heavy)]))\n",
+        str(config),
+    )
+    assert (notice, imported) == (None, [])
+
+
+def test_a_file_that_does_not_parse_leads_to_the_recorded_supervisor(
+    runtime: Path, config: Path, listening: Path
+) -> None:
+    write_config(config, listening.parent)
+    write_record(config, listening)
+    config.write_text("state_dir: [\n")
+    reached = reach(config)
+    reached.connection.close()
+    assert reached.locations.socket_path == listening
+    # The file's error (its wording differs between libyaml and PyYAML), then the supervisor.
+    assert (reached.notice or "").startswith(f"{config}:2:1: not valid YAML: ")
+    assert (reached.notice or "").endswith(
+        f"; the supervisor of {config} (pid {os.getpid()}, listening on {listening}) runs on "
+        "with the config it last read"
+    )
+    locations, notice = logs_locations(config)
+    assert locations.state_dir == listening.parent and notice is not None
+
+
+def test_a_state_dir_changed_since_leads_to_the_recorded_supervisor(
+    runtime: Path, config: Path, listening: Path, tmp_path: Path
+) -> None:
+    write_record(config, listening)
+    write_config(config, tmp_path / "moved")
+    reached = reach(config)
+    reached.connection.close()
+    assert reached.locations.state_dir == listening.parent
+    assert reached.locations.programs == frozenset({"web"})
+    assert reached.notice == (
+        f"the supervisor of {config} (pid {os.getpid()}) listens on {listening}; the file's "
+        f"state_dir changed to {tmp_path / 'moved'}, which takes effect when that supervisor "
+        "restarts"
+    )
+    locations, notice = logs_locations(config)
+    assert (locations.state_dir, notice) == (listening.parent, reached.notice)
+
+
+def test_without_a_running_supervisor_the_file_s_own_error_stands(
+    runtime: Path, config: Path, tmp_path: Path
+) -> None:
+    moved = tmp_path / "moved"
+    write_config(config, moved)
+    with pytest.raises(NotListening, match=f"no supervisor is listening on {moved}/"):
+        reach(config)
+    assert logs_locations(config) == (locate(config), None)
+    # A record whose process runs but whose socket nobody listens on leads nowhere either.
+    write_record(config, tmp_path / "nobody" / "flipvisor.sock")
+    with pytest.raises(NotListening, match=f"no supervisor is listening on {moved}/"):
+        reach(config)
+    config.write_text("state_dir: [\n")
+    record_path(runtime, real_config_path(config)).unlink()
+    with pytest.raises(ConfigError, match="not valid YAML") as caught:
+        reach(config)
+    assert "supervisor" not in str(caught.value)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        logs_locations(config)
