@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, FlipvisorError
 from .locate import CONFIG_ENV, default_config_path, log_path
 
+RUNTIME_ENV = "FLIPVISOR_RUNTIME_DIR"  # runrecord.RUNTIME_ENV, not imported: --help stays quick
+
 if TYPE_CHECKING:
     from .client import Reached
     from .problems import Problem
@@ -52,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flipvisor",
         description="Supervise programs and flip them to new generations with zero dropped "
         "requests.",
+        epilog="The commands other than run, check and watch talk to the supervisor of the "
+        "config file on <state_dir>/flipvisor.sock; while the file does not parse, or names "
+        "another state_dir than the one it runs with, they find it through the record it "
+        f"keeps in ${RUNTIME_ENV} (default: /run/flipvisor for root, else "
+        "$XDG_RUNTIME_DIR/flipvisor or <temp dir>/flipvisor-UID), and say so.",
     )
     _config_option(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -67,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="print one JSON document")
         return sub
 
-    command("run", "run the supervisor in the foreground")
+    command(
+        "run",
+        "run the supervisor in the foreground; refused while a supervisor of the same config "
+        "file runs, whatever state_dir the file names now",
+    )
     flip = command("flip", "deploy a new generation of PROGRAM", program=True, json_output=True)
     flip.add_argument("--timeout", type=seconds, metavar="S", help=TIMEOUT_HELP)
     command(

@@ -89,6 +89,13 @@ def test_the_runtime_folder_is_the_environment_s_if_set() -> None:
     ]
 
 
+def test_the_cli_s_help_names_the_same_variable() -> None:
+    from flipvisor import cli
+
+    assert cli.RUNTIME_ENV == RUNTIME_ENV
+    assert f"${RUNTIME_ENV}" in (cli.build_parser().epilog or "")
+
+
 def test_by_default_root_s_is_run_flipvisor() -> None:
     assert runtime_dirs({}, euid=0) == [ROOT_RUNTIME_DIR] == [Path("/run/flipvisor")]
     assert runtime_dirs({"XDG_RUNTIME_DIR": "/run/user/0"}, euid=0) == [ROOT_RUNTIME_DIR]
