@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
 
+from flipvisor.runrecord import RUNTIME_ENV
 from tests.waiting import wait_until
 
 pytest_plugins = ["tests.fixtures.etcd", "tests.fixtures.nginx", "tests.fixtures.flipvisor"]
@@ -17,6 +19,23 @@ pytest_plugins = ["tests.fixtures.etcd", "tests.fixtures.nginx", "tests.fixtures
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where the supervisors the tests start record where they listen (runrecord.py): a folder
+    of this session's, not /run/flipvisor, which the records of SIGKILLed supervisors would
+    litter. Records are named by their config file's path, each test's own: no two collide."""
+    folder = tmp_path_factory.mktemp("runtime")
+    before = os.environ.get(RUNTIME_ENV)
+    os.environ[RUNTIME_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        if before is None:
+            os.environ.pop(RUNTIME_ENV, None)
+        else:
+            os.environ[RUNTIME_ENV] = before
 
 
 def require_binary(name: str) -> str:

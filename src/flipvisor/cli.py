@@ -18,12 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, FlipvisorError
-from .locate import CONFIG_ENV, Locations, default_config_path, locate, log_path
+from .locate import CONFIG_ENV, default_config_path, log_path
+
+RUNTIME_ENV = "FLIPVISOR_RUNTIME_DIR"  # runrecord.RUNTIME_ENV, not imported: --help stays quick
 
 if TYPE_CHECKING:
+    from .client import Reached
     from .problems import Problem
 
-# Client commands get the Locations of the config file (cheap); run and watch validate it whole.
+# Client commands read only the config file's state_dir (cheap, client.py); run and watch
+# validate it whole.
 Handler = Callable[[argparse.Namespace, Path], int]
 
 
@@ -50,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flipvisor",
         description="Supervise programs and flip them to new generations with zero dropped "
         "requests.",
+        epilog="The commands other than run, check and watch talk to the supervisor of the "
+        "config file on <state_dir>/flipvisor.sock; while the file does not parse, or names "
+        "another state_dir than the one it runs with, they find it through the record it "
+        f"keeps in ${RUNTIME_ENV} (default: /run/flipvisor for root, else "
+        "$XDG_RUNTIME_DIR/flipvisor or <temp dir>/flipvisor-UID), and say so.",
     )
     _config_option(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -65,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="print one JSON document")
         return sub
 
-    command("run", "run the supervisor in the foreground")
+    command(
+        "run",
+        "run the supervisor in the foreground; refused while a supervisor of the same config "
+        "file runs, whatever state_dir the file names now",
+    )
     flip = command("flip", "deploy a new generation of PROGRAM", program=True, json_output=True)
     flip.add_argument("--timeout", type=seconds, metavar="S", help=TIMEOUT_HELP)
     command(
@@ -327,8 +340,19 @@ def _watch(args: argparse.Namespace, path: Path) -> int:
     return EXIT_OK
 
 
+def _reach(path: Path, timeout: float | None = None) -> Reached:
+    """A connection to the supervisor of the config file ``path`` (``client.reach``); how it
+    was found said on stderr when that was through its run record."""
+    from .client import reach
+
+    reached = reach(path, timeout)
+    if reached.notice is not None:
+        _error(reached.notice)
+    return reached
+
+
 def _request(
-    config: Locations, command: str, program: str | None = None, **request_args: Any
+    path: Path, command: str, program: str | None = None, **request_args: Any
 ) -> dict[str, Any]:
     from .client import STATUS_TIMEOUT, call
     from .protocol import Request
@@ -336,7 +360,8 @@ def _request(
     # Only a status answers at once; the supervisor bounds the rest (a stop waits for drains,
     # a start for the probe), so the CLI waits as long as they take.
     timeout = STATUS_TIMEOUT if command == "status" else None
-    return call(config.socket_path, Request(command, program, request_args), timeout, _say_once())
+    reached = _reach(path, timeout)
+    return call(reached, Request(command, program, request_args), timeout, _say_once())
 
 
 def _final(answer: dict[str, Any]) -> int:
@@ -355,8 +380,7 @@ def _refused(args: argparse.Namespace, answer: dict[str, Any]) -> int | None:
 
 
 def _status(args: argparse.Namespace, path: Path) -> int:
-    config = locate(path)
-    answer = _request(config, "status", args.program)
+    answer = _request(path, "status", args.program)
     if (refused := _refused(args, answer)) is not None:
         return refused
     if args.json:
@@ -369,7 +393,7 @@ def _status(args: argparse.Namespace, path: Path) -> int:
 
 
 def _flip_like(args: argparse.Namespace, path: Path) -> int:
-    config = locate(path)
+    reached = _reach(path)
     from .client import converse
     from .display import FlipProgress
     from .protocol import Request
@@ -382,7 +406,7 @@ def _flip_like(args: argparse.Namespace, path: Path) -> int:
     answer: dict[str, Any] = {}
     progress = FlipProgress(enabled=not args.json)
     with progress:
-        for message in converse(config.socket_path, request, on_waiting=_say_once()):
+        for message in converse(reached, request, on_waiting=_say_once()):
             if message.get("type") == "progress":
                 progress.update(message)
             elif message.get("type") == "result":
@@ -403,8 +427,7 @@ def _flip_like(args: argparse.Namespace, path: Path) -> int:
 
 
 def _simple(args: argparse.Namespace, path: Path) -> int:
-    config = locate(path)
-    answer = _request(config, args.command, getattr(args, "program", None))
+    answer = _request(path, args.command, getattr(args, "program", None))
     if (refused := _refused(args, answer)) is not None:
         return refused
     if getattr(args, "json", False):
@@ -415,7 +438,7 @@ def _simple(args: argparse.Namespace, path: Path) -> int:
 
 
 def _reload(args: argparse.Namespace, path: Path) -> int:
-    answer = _request(locate(path), "reload", config_file=str(path.resolve()))
+    answer = _request(path, "reload", config_file=str(path.resolve()))
     if (refused := _refused(args, answer)) is not None:
         return refused
     outcome = answer.get("result") or {}
@@ -441,8 +464,12 @@ def _reload(args: argparse.Namespace, path: Path) -> int:
 
 
 def _logs(args: argparse.Namespace, path: Path) -> int:
-    config = locate(path)
+    from .client import logs_locations
     from .logs import follow, tail_lines
+
+    config, notice = logs_locations(path)
+    if notice is not None:
+        _error(notice)
 
     log_file = log_path(config.state_dir, args.program)
     if args.program not in config.programs and not log_file.exists():
@@ -467,13 +494,13 @@ def _logs(args: argparse.Namespace, path: Path) -> int:
 
 
 def _events(args: argparse.Namespace, path: Path) -> int:
-    config = locate(path)
+    reached = _reach(path)
     from .client import converse
     from .protocol import Request
 
     request = Request("events", args.program, {"limit": args.lines, "follow": args.follow})
     answer: dict[str, Any] = {}
-    for message in converse(config.socket_path, request, on_waiting=_say_once()):
+    for message in converse(reached, request, on_waiting=_say_once()):
         if message.get("type") == "event":
             print(json.dumps(message) if args.json else _event_line(message), flush=True)
         elif message.get("type") == "result":
@@ -495,15 +522,13 @@ def _event_line(message: dict[str, Any]) -> str:
 
 
 def _shutdown(args: argparse.Namespace, path: Path) -> int:
-    config = locate(path)
+    reached = _reach(path)
     from .client import converse
     from .protocol import Request
 
     answer: dict[str, Any] = {}
     # The events of the shutdown (drains, orphans stopped) as progress, on stderr.
-    for message in converse(
-        config.socket_path, Request("shutdown", None, {"wait": not args.no_wait})
-    ):
+    for message in converse(reached, Request("shutdown", None, {"wait": not args.no_wait})):
         if message.get("type") == "event":
             print(_event_line(message), file=sys.stderr, flush=True)
         elif message.get("type") == "result":

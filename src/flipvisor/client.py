@@ -1,47 +1,182 @@
-"""The CLI's side of the control socket: plain blocking sockets, so a status call stays quick."""
+"""The CLI's side of the control socket: plain blocking sockets, so a status call stays quick.
+
+A client finds its supervisor on the socket of the ``state_dir`` its config file names. When the
+file cannot be read (an edit under way: a YAML error) or nothing listens there (its ``state_dir``
+changed, which takes effect when the supervisor restarts), the supervisor's run record
+(``runrecord.py``) says where the supervisor of that file listens: ``reach`` uses it, with a notice
+for the operator.
+"""
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import ControlUnreachable
+from .errors import ConfigError, ControlUnreachable
+from .locate import Locations, locate
 from .protocol import MAX_LINE, Request, decode
+
+if TYPE_CHECKING:
+    from .runrecord import RunRecord
 
 STATUS_TIMEOUT = 30.0  # a status is built at once: longer means the supervisor is stuck
 
 
+class NotListening(ControlUnreachable):
+    """Nothing listens on the control socket: no socket file, or its supervisor is gone."""
+
+
+@dataclass
+class Reached:
+    """A connection to the supervisor of a config file, where that supervisor keeps its files,
+    and, when it was found through its run record, what the operator should be told."""
+
+    connection: socket.socket
+    locations: Locations
+    notice: str | None = None
+
+
+def connect(path: Path, timeout: float | None = None) -> socket.socket:
+    """A connection to the supervisor listening on ``path`` (``timeout`` applies to it).
+
+    Raises:
+        NotListening: nothing listens on ``path``.
+        ControlUnreachable: this user may not connect to it.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        sock.close()
+        raise NotListening(
+            f"no supervisor is listening on {path} (start one with `flipvisor run`)"
+        ) from exc
+    except PermissionError as exc:
+        sock.close()
+        raise ControlUnreachable(
+            f"permission denied on {path}: {exc.strerror}; run flipvisor as the user that "
+            "runs the supervisor (or root)"
+        ) from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def reach(config_path: Path, timeout: float | None = None) -> Reached:
+    """Connect to the supervisor of ``config_path``: on the socket of the state_dir the file
+    names; if the file cannot be read, or nothing listens there, on the one its run record names
+    (with a notice saying why).
+
+    Raises:
+        ConfigError: the file cannot be read, and no supervisor of it is recorded as running.
+        ControlUnreachable: no supervisor of the file answers (NotListening), or this user may
+            not connect to it.
+    """
+    try:
+        where = locate(config_path)
+    except ConfigError as broken:
+        if (found := _through_record(config_path, timeout)) is None:
+            raise
+        connection, record = found
+        notice = (
+            f"{broken}; the supervisor of {config_path} (pid {record.pid}, listening on "
+            f"{record.socket_path}) runs on with the config it last read"
+        )
+        return Reached(connection, Locations(record.state_dir, frozenset()), notice)
+    try:
+        return Reached(connect(where.socket_path, timeout), where)
+    except NotListening:
+        found = _through_record(config_path, timeout)
+        if found is None:
+            raise
+    connection, record = found
+    if record.state_dir == where.state_dir:  # it started listening meanwhile
+        return Reached(connection, where)
+    return Reached(
+        connection, Locations(record.state_dir, where.programs), _moved(config_path, record, where)
+    )
+
+
+def logs_locations(config_path: Path) -> tuple[Locations, str | None]:
+    """Where the supervisor of ``config_path`` keeps its logs, and a notice: the state_dir the
+    file names, unless the file cannot be read or no supervisor ever listened there (no socket
+    file) while the file's recorded supervisor runs, with a state_dir of its own.
+
+    Raises:
+        ConfigError: the file cannot be read, and no supervisor of it is recorded as running.
+    """
+    from .runrecord import read_record
+
+    try:
+        where = locate(config_path)
+    except ConfigError as broken:
+        if (record := read_record(config_path)) is None:
+            raise
+        notice = (
+            f"{broken}; the supervisor of {config_path} (pid {record.pid}) runs on with the "
+            f"config it last read, and writes its logs in {record.state_dir}"
+        )
+        return Locations(record.state_dir, frozenset()), notice
+    if where.socket_path.exists():  # a stat: the usual case reads no record
+        return where, None
+    record = read_record(config_path)
+    if record is None or record.state_dir == where.state_dir:
+        return where, None
+    return Locations(record.state_dir, where.programs), _moved(config_path, record, where)
+
+
+def _through_record(
+    config_path: Path, timeout: float | None
+) -> tuple[socket.socket, RunRecord] | None:
+    """A connection to the supervisor the run record of ``config_path`` names, if it runs and
+    listens (None: no record, or a stale one)."""
+    from .runrecord import read_record
+
+    record = read_record(config_path)
+    if record is None:
+        return None
+    try:
+        return connect(record.socket_path, timeout), record
+    except NotListening:
+        return None  # alive, but not listening (any more): not one to talk to
+
+
+def _moved(config_path: Path, record: RunRecord, where: Locations) -> str:
+    return (
+        f"the supervisor of {config_path} (pid {record.pid}) listens on {record.socket_path}; "
+        f"the file's state_dir changed to {where.state_dir}, which takes effect when that "
+        "supervisor restarts"
+    )
+
+
 def converse(
-    path: Path,
+    target: Path | Reached,
     request: Request,
     timeout: float | None = None,
     on_waiting: Callable[[str], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Send ``request`` and yield each message of the answer, the final ``result`` last.
+    """Send ``request`` to the supervisor listening on ``target`` (a socket path, or the
+    connection ``reach`` made, which this closes) and yield each message of the answer, the
+    final ``result`` last.
 
     ``waiting`` lines (the supervisor is still starting; ``timeout`` counts from the last of
     them) go to ``on_waiting`` instead.
 
     Raises:
-        ControlUnreachable: nothing listens on ``path``, it went away mid-answer, or it did
-            not answer within ``timeout`` seconds.
+        ControlUnreachable: nothing listens on ``target`` (NotListening), it went away
+            mid-answer, or it did not answer within ``timeout`` seconds.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    if isinstance(target, Reached):
+        sock, path = target.connection, target.locations.socket_path
+        sock.settimeout(timeout)
+    else:
+        sock, path = connect(target, timeout), target
     try:
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise ControlUnreachable(
-                f"no supervisor is listening on {path} (start one with `flipvisor run`)"
-            ) from exc
-        except PermissionError as exc:
-            raise ControlUnreachable(
-                f"permission denied on {path}: {exc.strerror}; run flipvisor as the user that "
-                "runs the supervisor (or root)"
-            ) from exc
         sock.sendall(request.encode())
         reader = sock.makefile("rb")
         with reader:
@@ -68,7 +203,7 @@ def converse(
 
 
 def call(
-    path: Path,
+    target: Path | Reached,
     request: Request,
     timeout: float | None = STATUS_TIMEOUT,
     on_waiting: Callable[[str], None] | None = None,
@@ -76,9 +211,9 @@ def call(
     """Send ``request`` and return only the final ``result`` message.
 
     Raises:
-        ControlUnreachable: nothing listens on ``path``.
+        ControlUnreachable: nothing listens on ``target``.
     """
     final: dict[str, Any] = {}
-    for message in converse(path, request, timeout, on_waiting):
+    for message in converse(target, request, timeout, on_waiting):
         final = message
     return final

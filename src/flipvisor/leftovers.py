@@ -47,7 +47,8 @@ from .errors import RegistryError
 from .generation import KILL_GRACE
 from .proxy import wait_workers_gone
 from .registry import WatchableRegistry, program_key
-from .spawn import pidfd_if_started_at, signal_verified, start_time_of
+from .spawn import pidfd_if_started_at, signal_verified
+from .starttime import start_time_of
 
 log = logging.getLogger(__name__)
 

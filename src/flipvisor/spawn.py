@@ -25,6 +25,7 @@ import anyio
 
 from .errors import SpawnError
 from .reaper import ExitWaiter, Reaper
+from .starttime import START_TIME_TOLERANCE, start_time_of
 
 log = logging.getLogger(__name__)
 
@@ -381,10 +382,6 @@ async def run_command(
     )
 
 
-# Start times are compared to this tolerance: psutil, and so external checks, round them.
-START_TIME_TOLERANCE = 0.05
-
-
 def pidfd_if_started_at(pid: int, started: float) -> int | None:
     """A pidfd for ``pid`` if it is still the process that started at ``started``; the caller
     closes it. None if it is gone, or the PID now names another process.
@@ -557,31 +554,3 @@ def _is_zombie(pid: int) -> bool:
             return stat.read().rpartition(")")[2].split()[0] == "Z"
     except (OSError, IndexError):
         return True  # gone
-
-
-def start_time_of(pid: int) -> float | None:
-    """When ``pid`` started, in seconds since the epoch, or None if there is no such process.
-
-    The same number psutil's ``create_time()`` gives (boot time plus the start tick), read
-    directly: psutil's Process object costs a few hundred microseconds per spawn.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            # Fields after the command name (in parentheses, may hold anything); starttime is
-            # field 22 of the file, the 20th after the name.
-            ticks = int(stat.read().rpartition(b")")[2].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-    return ticks / _CLOCK_TICKS + _boot_time()
-
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _boot_time() -> float:
-    # Read each time, as psutil does: the kernel derives it from the wall clock, which may step.
-    with open("/proc/stat", "rb") as stat:
-        for line in stat:
-            if line.startswith(b"btime"):
-                return float(line.split()[1])
-    raise OSError("no btime in /proc/stat")

@@ -17,7 +17,7 @@ from anyio.abc import TaskGroup
 
 from . import signals
 from .config import Config, DrainConfig, ProgramConfig, load_config
-from .control import ControlServer, Send
+from .control import AlreadyRunning, ControlServer, Send
 from .errors import EXIT_USAGE, Busy, ConfigError, FlipvisorError, UsageError
 from .events import EventLog
 from .generation import KILL_GRACE
@@ -29,6 +29,7 @@ from .protocol import Request, is_seconds, result
 from .reaper import Reaper, become_subreaper
 from .registry import open_registry
 from .registry.base import WatchableRegistry
+from .runrecord import RunRecord, remove_record, running_supervisor, write_record
 from .spawn import Strays, process_name, seal_inherited_fds
 from .usable import folder_problem
 
@@ -97,6 +98,9 @@ class Supervisor:
         self._strays_gone: anyio.Event | None = None
         self._strays_hurry = anyio.Event()
         self._tg: TaskGroup | None = None
+        # Where this supervisor recorded that it listens (``runrecord.py``); None until then, or
+        # if it could not.
+        self._record: Path | None = None
         self.runtime = Runtime(
             reaper=self.reaper,
             registry=self.registry,
@@ -113,9 +117,12 @@ class Supervisor:
         """Run until SIGTERM/SIGINT/SIGQUIT or ``shutdown``; drain every program before returning.
 
         Raises:
-            AlreadyRunning: another supervisor uses this state_dir.
+            AlreadyRunning: a supervisor of this config file runs (whatever state_dir the file
+                names now), or another one uses this state_dir.
             ConfigError: the state_dir cannot be created, or the metrics address bound.
         """
+        if (running := running_supervisor(self.config_path)) is not None:
+            raise AlreadyRunning(already_running(self.config_path, running, self.config.state_dir))
         prepare_state_dir(self.config.state_dir, self.config_path)
         if not become_subreaper() and os.getpid() != 1:
             log.warning("could not become a child subreaper; orphans will not be reaped")
@@ -130,6 +137,7 @@ class Supervisor:
                 # ends.
                 await root.start(self.reaper.run)
                 await root.start(control.serve)
+                self._record = self._write_record()
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
                     await self._start_metrics(tg)
@@ -170,8 +178,26 @@ class Supervisor:
             # one sentence for the CLI to print, not a task group's traceback.
             raise _first_error(group) from None
         finally:
+            if self._record is not None:
+                remove_record(self._record)
             with anyio.CancelScope(shield=True):
                 await self.registry.aclose()
+
+    def _write_record(self) -> Path | None:
+        """Record where this supervisor listens (``runrecord.py``): the CLI finds it that way
+        while its file cannot be read or names another state_dir, and another ``run`` of the
+        file is refused. Returns the record's path (None: it could not be written)."""
+        try:
+            return write_record(self.config_path, self.config.socket_path)
+        except OSError as exc:
+            log.warning(
+                "cannot record where this supervisor listens (%s): while %s cannot be read or "
+                "names another state_dir, the CLI will not find this supervisor, nor will "
+                "another `flipvisor run` of it be refused",
+                exc,
+                self.config_path,
+            )
+            return None
 
     async def _add_configured_programs(self, *, unclean: bool, tg: TaskGroup) -> None:
         """Add every program of the config, with the leftovers a killed supervisor left it, and
@@ -583,14 +609,18 @@ class Supervisor:
                 "config reloaded, but %s changed: that takes effect only when the supervisor "
                 "restarts (%s)",
                 ", ".join(needs_restart),
-                restart_hint(needs_restart),
+                restart_hint(needs_restart, recorded=self._record is not None),
             )
         return {
             "added": added,
             "removed": removed,
             "changed": flipping,
             "not_flipped": not_flipped,
-            "restart_hint": restart_hint(needs_restart) if needs_restart else None,
+            "restart_hint": (
+                restart_hint(needs_restart, recorded=self._record is not None)
+                if needs_restart
+                else None
+            ),
             "needs_restart": needs_restart,
             "kept": kept,
         }
@@ -704,7 +734,11 @@ class Supervisor:
             return result({"shut_down": True})
         if command == "reload":
             self._same_file(request)
-            return result(await self.reload(send))
+            try:
+                outcome = await self.reload(send)
+            except ConfigError as exc:
+                raise ConfigError(f"the config was not reloaded, nothing changed: {exc}") from exc
+            return result(outcome)
         if command == "events":
             return await self._events(request, send)
         program = await self._configured(request.program, send)
@@ -818,15 +852,31 @@ class Supervisor:
         return result(None)
 
 
-def restart_hint(needs_restart: list[str]) -> str:
-    """How to restart the supervisor so that ``needs_restart`` takes effect."""
-    if "state_dir" in needs_restart:
-        # The CLI finds the supervisor through the file's state_dir, which now names another.
+def restart_hint(needs_restart: list[str], *, recorded: bool) -> str:
+    """How to restart the supervisor so that ``needs_restart`` takes effect (``recorded``: the
+    supervisor recorded where it listens, so the CLI finds it whatever state_dir the file names)."""
+    if "state_dir" in needs_restart and not recorded:
+        # The CLI looks for the supervisor in the file's state_dir only, which names another.
         return (
             f"stop this supervisor with SIGTERM to pid {os.getpid()} (the CLI looks for it in "
             "the new state_dir now), then `flipvisor run`"
         )
     return "`flipvisor shutdown`, then `flipvisor run`"
+
+
+def already_running(config_path: Path, running: RunRecord, state_dir: Path) -> str:
+    """Why ``run`` refuses to start while ``running`` supervises ``config_path``, whose
+    state_dir is now ``state_dir``, and what to do."""
+    moved = (
+        ""
+        if running.state_dir == state_dir
+        else f" (the file's state_dir is {state_dir} now: that takes effect when it restarts)"
+    )
+    return (
+        f"the supervisor of {config_path} already runs: pid {running.pid}, listening on "
+        f"{running.socket_path}{moved}; a second one would start every program again. Stop it "
+        f"first: `flipvisor -c {config_path} shutdown` (or SIGTERM to pid {running.pid})"
+    )
 
 
 def _same_deploy(a: ProgramConfig, b: ProgramConfig | None) -> bool:

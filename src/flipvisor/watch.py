@@ -65,7 +65,8 @@ from .proxy import install, proxy_workers, reload, render_template, wait_workers
 from .reaper import Reaper
 from .registry import KeyRange, WatchableRegistry, WatchEvent, WatchLost, key_matches
 from .signals import SHUTDOWN
-from .spawn import signal_verified, start_time_of
+from .spawn import signal_verified
+from .starttime import start_time_of
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Nobody supervises it: once its HTTP server answers, it promotes itself the seed'
 transaction through the v3 HTTP/JSON gateway (``/v3/kv/txn``, base64 keys; etcd 3.4 has it):
 ``port/previous`` ← the old ``port/current``, ``port/current`` ← its port, ``pid/previous`` ← the
 old ``pid/current``, ``pid/current`` ← its PID, and a ``generation/current`` JSON record with its
-PID and start time as ``flipvisor.spawn.start_time_of`` reports it (psutil's create_time: boot
+PID and start time as ``flipvisor.starttime.start_time_of`` reports it (psutil's create_time: boot
 time plus /proc/self/stat field 22 in clock ticks). The transaction compares the mod revisions of
 the keys it replaces, so two services registering at once cannot lose each other's ``previous``.
 

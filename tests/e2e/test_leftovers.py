@@ -133,6 +133,28 @@ def test_a_fixed_port_is_taken_over_from_the_killed_supervisor_s_workers(
         assert json.loads(answer.read())["version"] == "2"
 
 
+def test_a_killed_supervisor_s_run_record_does_not_stop_the_next_run(
+    flipvisor: Flipvisor, survivors: list[psutil.Process]
+) -> None:
+    """The killed supervisor's record (runrecord.py) is left behind, naming a PID that is gone:
+    the next run is not refused, replaces its leftovers as ever, and records itself instead."""
+    config = {"programs": {"web": {"command": svc_command(), "drain": {"delay": 0, "timeout": 5}}}}
+    flipvisor.start(config)
+    flipvisor.wait_serving("web")
+    record = flipvisor.run_record()
+    assert flipvisor.process is not None
+    assert json.loads(record.read_text())["pid"] == flipvisor.process.pid
+    old_pids = kill_supervisor(flipvisor, "web", survivors)
+    assert record.exists()
+    restart_supervisor(flipvisor, config)
+    flipvisor.wait_serving("web", where=lambda g: g["pids"] != old_pids)
+    wait_gone(old_pids)
+    assert "leftovers" in flipvisor.event_kinds()
+    assert json.loads(record.read_text())["pid"] == flipvisor.process.pid
+    assert flipvisor.stop() == 0, flipvisor.output()
+    assert not record.exists()
+
+
 def test_leftovers_serve_on_while_the_new_generation_fails_and_stop_with_the_program(
     flipvisor: Flipvisor, survivors: list[psutil.Process]
 ) -> None:

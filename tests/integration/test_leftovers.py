@@ -20,7 +20,8 @@ import pytest
 
 from flipvisor.config import DrainConfig, SocketConfig
 from flipvisor.leftovers import Leftovers, leftovers_in, processes_of, this_supervisor
-from flipvisor.spawn import signal_verified, start_time_of
+from flipvisor.spawn import signal_verified
+from flipvisor.starttime import start_time_of
 from tests.waiting import wait_until
 
 HOST = "web-1"

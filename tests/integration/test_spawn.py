@@ -33,8 +33,8 @@ from flipvisor.spawn import (
     run_command,
     signal_verified,
     spawn_process,
-    start_time_of,
 )
+from flipvisor.starttime import start_time_of
 from tests.reaping import run_script, running_reaper
 from tests.waiting import wait_until
 

@@ -23,7 +23,8 @@ from flipvisor.reaper import Reaper
 from flipvisor.registry import Snapshot, open_registry
 from flipvisor.registry.etcd import EtcdRegistry
 from flipvisor.registry.local import write_registry_file
-from flipvisor.spawn import Child, spawn_process, start_time_of
+from flipvisor.spawn import Child, spawn_process
+from flipvisor.starttime import start_time_of
 from flipvisor.watch import watches_running
 from tests.fixtures.etcd import EtcdServer
 from tests.waiting import await_until

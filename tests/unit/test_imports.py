@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "flipvisor"
 
 # Components: a top-level module of the package, or "registry" for anything in registry/.
 ERRORS = {"errors"}
-LEAVES = ERRORS | {"states", "lazy_event", "signals", "usable"}
+LEAVES = ERRORS | {"states", "lazy_event", "signals", "usable", "starttime"}
 BASE = LEAVES | {"config", "reaper", "spawn", "logs", "sockets", "events", "progress"}
 CHECKS = BASE | {"probe", "proxy", "registry"}
 WORKERS = CHECKS | {"worker", "generation"}
@@ -38,15 +38,16 @@ ALLOWED: dict[str, set[str]] = {
     "lazy_event": set(),
     "signals": set(),
     "usable": set(),
+    "starttime": set(),
     "config": {"errors", "locate", "problems"},
     "reaper": {"errors"},
-    "spawn": {"errors", "config", "reaper"},
+    "spawn": {"errors", "config", "reaper", "starttime"},
     "logs": {"config", "spawn", "errors"},
     "sockets": {"config", "errors"},
     "probe": {"config", "errors", "spawn", "reaper"},
     "proxy": {"config", "errors", "spawn", "reaper", "usable"},
     "registry": {"config", "errors", "registry"},
-    "watch": {"registry", "proxy", "spawn", "reaper", "config", "errors", "signals"},
+    "watch": {"registry", "proxy", "spawn", "reaper", "config", "errors", "signals", "starttime"},
     "protocol": {"errors"},
     "events": LEAVES,
     "progress": LEAVES | {"events"},
@@ -63,10 +64,11 @@ ALLOWED: dict[str, set[str]] = {
     "program": WORKERS
     | {"leftovers", "promotion", "registration", "restarts", "history", "locate"},
     "control": LEAVES | {"protocol", "config"},
-    "client": LEAVES | {"protocol", "config"},
+    "client": LEAVES | {"protocol", "config", "locate", "runrecord"},
     "display": LEAVES | {"protocol", "events", "progress"},
-    "supervisor": CORE | {"watch"},  # runs the config's watch entries too
+    "supervisor": CORE | {"watch", "runrecord"},  # runs the config's watch entries too
     "locate": {"errors"},
+    "runrecord": {"starttime"},
     "problems": {"locate"},
     "placeholders": {"config", "problems"},
     "cli": CORE

@@ -1,0 +1,221 @@
+"""Where the supervisor of a config file listens, recorded under that file's real path.
+
+The CLI finds its supervisor through the ``state_dir`` that the config file names. That fails while
+the file is being edited (a YAML error), and once its ``state_dir`` changed, which takes effect only
+when the supervisor restarts: every command said that no supervisor listens, and the ``flipvisor
+run`` it suggested started a second supervisor for the same file. So ``run``, once its control
+socket listens, records where: ``<runtime folder>/<hash of the config's real path>.json`` holds
+the socket's path, the supervisor's PID and start time, and the config's real path; written
+atomically, mode 0600, removed when the supervisor exits. A supervisor that was killed leaves its
+record behind: a record is believed only while its PID names the process that started at its start
+time, and its socket answers (the client connects to it; ``run`` asks ``answers``). A stale one is
+replaced by the next ``run``.
+
+The runtime folder is ``$FLIPVISOR_RUNTIME_DIR`` if set; else ``/run/flipvisor`` for root; for
+another user ``$XDG_RUNTIME_DIR/flipvisor`` and ``<temp dir>/flipvisor-<uid>`` (``run`` writes
+to the first, clients read both: a service manager's supervisor may have no XDG_RUNTIME_DIR, the
+operator's shell has one). A folder that another user can write to is never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import math
+import os
+import socket
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .starttime import start_time_of, started_at
+
+RUNTIME_ENV = "FLIPVISOR_RUNTIME_DIR"
+ROOT_RUNTIME_DIR = Path("/run/flipvisor")
+# How long ``answers`` waits for a connection to be accepted: a unix socket's connect returns at
+# once unless the listener's backlog is full.
+ANSWER_TIMEOUT = 5.0
+MAX_RECORD_BYTES = 64 * 1024  # a record is ~200 bytes: anything longer is not one
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A supervisor: the config file it runs (its real path) and where it listens."""
+
+    config: str
+    socket_path: Path
+    pid: int
+    started: float
+
+    @property
+    def state_dir(self) -> Path:
+        """Its ``state_dir``: its socket is ``<state_dir>/flipvisor.sock`` (the contract)."""
+        return self.socket_path.parent
+
+    def encode(self) -> bytes:
+        document = {
+            "config": self.config,
+            "socket": str(self.socket_path),
+            "pid": self.pid,
+            "started": self.started,
+        }
+        return json.dumps(document).encode()
+
+
+def runtime_dirs(environ: Mapping[str, str] | None = None, euid: int | None = None) -> list[Path]:
+    """The folders records may be in, the one ``run`` writes to first."""
+    env = os.environ if environ is None else environ
+    if override := env.get(RUNTIME_ENV):
+        return [Path(override)]
+    uid = os.geteuid() if euid is None else euid
+    if uid == 0:
+        return [ROOT_RUNTIME_DIR]
+    import tempfile  # only here: ``status`` reads no record when the file leads to its supervisor
+
+    fallback = Path(tempfile.gettempdir()) / f"flipvisor-{uid}"
+    xdg = env.get("XDG_RUNTIME_DIR")
+    return [Path(xdg) / "flipvisor", fallback] if xdg else [fallback]
+
+
+def real_config_path(config_path: Path) -> str:
+    """The config file's real path (symlinks resolved; a file deleted since still has one): what
+    a record is named by and names."""
+    return os.path.realpath(config_path)
+
+
+def record_path(folder: Path, config: str) -> Path:
+    """The record of the supervisor of the config file whose real path is ``config``."""
+    digest = hashlib.sha256(os.fsencode(config)).hexdigest()[:32]
+    return folder / f"{digest}.json"
+
+
+def private_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a folder of this user's that no other user can write to (so what is
+    in it was written by this user or root). Under the shared temp dir, another user could have
+    made it first and put a record there naming a socket of theirs."""
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022
+
+
+def parse_record(data: bytes, config: str) -> RunRecord | None:
+    """The record ``data`` holds, if it is a record of the config file whose real path is
+    ``config``; None for anything else (not JSON, a field missing or of the wrong type, another
+    file's record)."""
+    try:
+        document = json.loads(data)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    if not isinstance(document, dict) or document.get("config") != config:
+        return None
+    pid, started, sock = document.get("pid"), document.get("started"), document.get("socket")
+    if type(pid) is not int or pid <= 0:  # not a bool either
+        return None
+    if (
+        not isinstance(started, int | float)
+        or isinstance(started, bool)
+        or not math.isfinite(started)
+    ):
+        return None
+    if not isinstance(sock, str) or not os.path.isabs(sock):
+        return None
+    return RunRecord(config, Path(sock), pid, float(started))
+
+
+def _read(path: Path, config: str) -> RunRecord | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as file:
+        try:
+            data = file.read(MAX_RECORD_BYTES + 1)
+        except OSError:
+            return None
+    return parse_record(data, config) if len(data) <= MAX_RECORD_BYTES else None
+
+
+def read_record(config_path: Path) -> RunRecord | None:
+    """The record of the supervisor of ``config_path`` whose process still runs (its PID names
+    the process that started at its start time), or None: no record, or only stale ones. Whether
+    its socket answers is the caller's to find out (a client connects to it anyway)."""
+    config = real_config_path(config_path)
+    for folder in runtime_dirs():
+        if not private_folder(folder):
+            continue
+        record = _read(record_path(folder, config), config)
+        if record is not None and started_at(record.pid, record.started):
+            return record
+    return None
+
+
+def answers(socket_path: Path, timeout: float = ANSWER_TIMEOUT) -> bool:
+    """Whether something accepts connections on the unix socket ``socket_path`` (the supervisor
+    takes a connection that ends without a request in silence)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(timeout)
+    try:
+        probe.connect(str(socket_path))
+    except OSError:  # no such file, refused, a timeout, not a socket
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def running_supervisor(config_path: Path) -> RunRecord | None:
+    """The supervisor of ``config_path`` if one runs and answers on its socket, whatever
+    ``state_dir`` the file names now; None if not (a stale record is not one)."""
+    record = read_record(config_path)
+    return record if record is not None and answers(record.socket_path) else None
+
+
+def write_record(config_path: Path, socket_path: Path) -> Path:
+    """Record that this process, the supervisor of ``config_path``, listens on ``socket_path``
+    (replacing a stale record); returns the record's path, for ``remove_record``.
+
+    Raises:
+        OSError: the runtime folder cannot be created, another user can write to it, or the
+            record cannot be written.
+    """
+    folder = runtime_dirs()[0]
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not private_folder(folder):
+        raise PermissionError(
+            errno.EPERM, "not a folder of this user's that only it can write to", str(folder)
+        )
+    pid = os.getpid()
+    started = start_time_of(pid)
+    if started is None:
+        raise FileNotFoundError(errno.ENOENT, "cannot read this process's start time", "/proc")
+    config = real_config_path(config_path)
+    record = RunRecord(config, Path(os.path.abspath(socket_path)), pid, started)
+    path = record_path(folder, config)
+    # Written beside it and renamed into place: a reader never sees half a record.
+    temporary = path.with_name(f".{path.name}.{pid}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(temporary, flags, 0o600)
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(fd, 0o600)
+            file.write(record.encode())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def remove_record(path: Path) -> None:
+    """Remove the record at ``path`` if it is still this process's (a ``run`` that found this
+    supervisor not answering may have replaced it since). Best effort: a record left behind is
+    stale once this process is gone."""
+    with contextlib.suppress(OSError, ValueError):  # gone already, or not a record
+        document = json.loads(path.read_bytes())
+        if isinstance(document, dict) and document.get("pid") == os.getpid():
+            path.unlink()

@@ -1,0 +1,216 @@
+"""An operator edits the config file of a running supervisor: the CLI still reaches it.
+
+The CLI finds the supervisor through the state_dir its file names. While the file does not parse
+(an edit under way), or once its state_dir changed (that waits for a restart), the supervisor's run
+record (runrecord.py) says where it listens; and ``run`` refuses to start a second supervisor of
+the file, whatever state_dir the file names.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import psutil
+import pytest
+
+from flipvisor.runrecord import RUNTIME_ENV
+from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.waiting import wait_until
+
+
+def web(version: str = "1") -> dict[str, Any]:
+    return {"command": svc_command("--version", version), "drain": {"delay": 0, "timeout": 5}}
+
+
+def generations(flipvisor: Flipvisor) -> dict[str, tuple[int, list[int]]]:
+    """Each program's serving generation and PIDs."""
+    return {
+        p["name"]: (g["generation"], g["pids"])
+        for p in flipvisor.status()["programs"]
+        for g in p["generations"]
+        if g["state"] == "serving"
+    }
+
+
+def run_another(flipvisor: Flipvisor) -> subprocess.CompletedProcess[str]:
+    """``flipvisor run`` of the same file, beside the fixture's supervisor."""
+    return subprocess.run(
+        [sys.executable, "-m", "flipvisor", "run", "-c", str(flipvisor.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def break_yaml(flipvisor: Flipvisor) -> str:
+    """Leave the file as an editor might mid-edit: not YAML. Returns where the error is."""
+    text = flipvisor.config_path.read_text()
+    flipvisor.config_path.write_text(text + "programs: [\n")
+    return f"{flipvisor.config_path}:{text.count(chr(10)) + 2}:1: not valid YAML"
+
+
+def test_a_file_that_does_not_parse_leaves_the_cli_its_supervisor(flipvisor: Flipvisor) -> None:
+    flipvisor.start({"programs": {"web": web(), "api": web()}})
+    flipvisor.wait_serving("web")
+    flipvisor.wait_serving("api")
+    before = generations(flipvisor)
+    assert flipvisor.process is not None
+    pid = flipvisor.process.pid
+    where = break_yaml(flipvisor)
+
+    # check and run validate the file as before: the error, where it is, exit 2.
+    for command in ("check", "run"):
+        refused = flipvisor.cli(command, timeout=30)
+        assert refused.returncode == 2, (command, refused.stdout, refused.stderr)
+        assert where in refused.stderr, (command, refused.stderr)
+
+    status = flipvisor.cli("status", "--json")
+    assert status.returncode == 0, status.stderr + flipvisor.output()
+    assert {p["name"] for p in json.loads(status.stdout)["programs"]} == {"web", "api"}
+    assert where in status.stderr and f"(pid {pid}, listening on" in status.stderr
+    assert "runs on with the config it last read" in status.stderr
+    assert status.stderr.count("\n") == 1, status.stderr  # said once
+
+    events = flipvisor.cli("events", "--json")
+    assert events.returncode == 0, events.stderr
+    assert "promoted" in [json.loads(line)["kind"] for line in events.stdout.splitlines()]
+    logs = flipvisor.cli("logs", "web")
+    assert logs.returncode == 0, logs.stderr
+    assert "serving on" in logs.stdout
+
+    # reload and flip read the file: the supervisor refuses them, and nothing changes.
+    reload = flipvisor.cli("reload")
+    assert reload.returncode == 2, reload.stdout + reload.stderr
+    assert f"the config was not reloaded, nothing changed: {where}" in reload.stderr
+    flip = flipvisor.cli("flip", "web")
+    assert flip.returncode == 2, flip.stdout + flip.stderr
+    assert where in flip.stderr
+    assert generations(flipvisor) == before
+
+    stop = flipvisor.cli("stop", "web")
+    assert stop.returncode == 0, stop.stderr + flipvisor.output()
+    assert flipvisor.program("web")["state"] == "stopped"
+    assert not any(psutil.pid_exists(p) for p in before["web"][1])
+    assert generations(flipvisor) == {"api": before["api"]}
+
+    record = flipvisor.run_record()
+    assert json.loads(record.read_text())["pid"] == pid
+    shutdown = flipvisor.cli("shutdown")
+    assert shutdown.returncode == 0, shutdown.stderr
+    assert shutdown.stdout == "flipvisor: shutdown: done\n"
+    assert flipvisor.process.wait(timeout=30) == 0
+    assert not record.exists()  # removed on a clean exit
+    # Nobody runs it now: the file's error, as before.
+    gone = flipvisor.cli("status")
+    assert gone.returncode == 2 and where in gone.stderr and "pid" not in gone.stderr
+
+
+def test_a_changed_state_dir_waits_for_a_restart_and_no_second_supervisor_starts(
+    flipvisor: Flipvisor,
+) -> None:
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    before = generations(flipvisor)
+    assert flipvisor.process is not None
+    pid = flipvisor.process.pid
+    old_socket = flipvisor.state_dir / "flipvisor.sock"
+    moved = flipvisor.dir / "moved"
+    flipvisor.state_dir = moved
+    flipvisor.write_config({"programs": {"web": web()}})
+
+    status = flipvisor.cli("status")
+    assert status.returncode == 0, status.stderr + flipvisor.output()
+    assert "web" in status.stdout and "serving" in status.stdout
+    assert status.stderr == (
+        f"flipvisor: the supervisor of {flipvisor.config_path} (pid {pid}) listens on "
+        f"{old_socket}; the file's state_dir changed to {moved}, which takes effect when that "
+        "supervisor restarts\n"
+    )
+
+    second = run_another(flipvisor)
+    assert second.returncode == 2, second.stderr
+    assert (
+        f"the supervisor of {flipvisor.config_path} already runs: pid {pid}, listening on "
+        f"{old_socket} (the file's state_dir is {moved} now"
+    ) in second.stderr, second.stderr
+    assert f"`flipvisor -c {flipvisor.config_path} shutdown` (or SIGTERM to pid {pid})" in (
+        second.stderr
+    )
+    assert not moved.exists()  # nothing prepared there, let alone started
+    assert generations(flipvisor) == before
+    assert json.loads(flipvisor.run_record().read_text())["pid"] == pid  # still its record
+
+    reload = flipvisor.cli("reload")
+    assert reload.returncode == 0, reload.stderr
+    assert (
+        "state_dir changed: that takes effect only when the supervisor restarts "
+        "(`flipvisor shutdown`, then `flipvisor run`)"
+    ) in reload.stderr
+
+    # The advice works: shutdown reaches it, and the next run listens in the new state_dir.
+    shutdown = flipvisor.cli("shutdown")
+    assert shutdown.returncode == 0, shutdown.stderr
+    assert flipvisor.process.wait(timeout=30) == 0
+    flipvisor.start()
+    assert flipvisor.wait_serving("web")["pids"] != before["web"][1]
+    status = flipvisor.cli("status")
+    assert status.returncode == 0 and status.stderr == "", status.stderr
+
+
+def test_a_record_whose_supervisor_does_not_answer_is_replaced(flipvisor: Flipvisor) -> None:
+    """A record naming a running process (PID and start time right) on a socket nobody listens
+    on: not a supervisor to refuse for."""
+    record = flipvisor.run_record()
+    record.parent.mkdir(mode=0o700, exist_ok=True)
+    me = psutil.Process()
+    record.write_text(
+        json.dumps(
+            {
+                "config": str(flipvisor.config_path.resolve()),
+                "socket": str(flipvisor.dir / "nobody" / "flipvisor.sock"),
+                "pid": me.pid,
+                "started": me.create_time(),
+            }
+        )
+    )
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    assert flipvisor.process is not None
+    written = json.loads(record.read_text())
+    assert written["pid"] == flipvisor.process.pid
+    assert written["socket"] == str(flipvisor.state_dir / "flipvisor.sock")
+
+
+def test_a_supervisor_that_cannot_record_where_it_listens_runs_all_the_same(
+    flipvisor: Flipvisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a_file = flipvisor.dir / "not-a-folder"
+    a_file.write_text("")
+    monkeypatch.setenv(RUNTIME_ENV, str(a_file))
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    wait_until(
+        lambda: "cannot record where this supervisor listens" in flipvisor.output(),
+        message="the warning",
+    )
+    assert a_file.read_text() == ""
+    # Without a record the CLI looks in the file's state_dir only; a SIGHUP's warning says what
+    # to do instead.
+    flipvisor.state_dir = flipvisor.dir / "moved"
+    flipvisor.write_config({"programs": {"web": web()}})
+    unreachable = flipvisor.cli("status")
+    assert unreachable.returncode == 2
+    assert f"no supervisor is listening on {flipvisor.state_dir}" in unreachable.stderr
+    assert flipvisor.process is not None
+    pid = flipvisor.process.pid
+    flipvisor.process.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: f"stop this supervisor with SIGTERM to pid {pid}" in flipvisor.output(),
+        message="the restart hint",
+    )

@@ -1,0 +1,377 @@
+"""The run record (runrecord.py): where the supervisor of a config file listens, named by the
+file's real path, believed only while its process runs and (for ``run``) its socket answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flipvisor.client import NotListening, logs_locations, reach
+from flipvisor.errors import ConfigError
+from flipvisor.locate import locate
+from flipvisor.runrecord import (
+    ROOT_RUNTIME_DIR,
+    RUNTIME_ENV,
+    RunRecord,
+    answers,
+    parse_record,
+    read_record,
+    real_config_path,
+    record_path,
+    remove_record,
+    running_supervisor,
+    runtime_dirs,
+    write_record,
+)
+from flipvisor.starttime import start_time_of
+
+CONFIG = "/etc/flipvisor.yaml"
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A runtime folder of the test's own (created by write_record)."""
+    folder = tmp_path / "run"
+    monkeypatch.setenv(RUNTIME_ENV, str(folder))
+    return folder
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "conf" / "flipvisor.yaml"
+    path.parent.mkdir()
+    path.write_text("state_dir: state\n")
+    return path
+
+
+@pytest.fixture
+def listening(tmp_path: Path) -> Iterator[Path]:
+    """A unix socket that accepts connections (as a supervisor's control socket does)."""
+    path = tmp_path / "state" / "flipvisor.sock"
+    path.parent.mkdir()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+    try:
+        yield path
+    finally:
+        server.close()
+
+
+def beyond_pid_max() -> int:
+    with open("/proc/sys/kernel/pid_max", encoding="ascii") as pid_max:
+        return int(pid_max.read()) + 1
+
+
+def document(**changes: object) -> bytes:
+    fields: dict[str, object] = {
+        "config": CONFIG,
+        "socket": "/var/lib/flipvisor/flipvisor.sock",
+        "pid": 1234,
+        "started": 1764490000.12,
+    }
+    fields.update(changes)
+    return json.dumps({k: v for k, v in fields.items() if v is not None}).encode()
+
+
+# -- where records are ----------------------------------------------------------------------
+
+
+def test_the_runtime_folder_is_the_environment_s_if_set() -> None:
+    assert runtime_dirs({RUNTIME_ENV: "/srv/run"}, euid=0) == [Path("/srv/run")]
+    assert runtime_dirs({RUNTIME_ENV: "/srv/run", "XDG_RUNTIME_DIR": "/x"}, euid=1000) == [
+        Path("/srv/run")
+    ]
+
+
+def test_the_cli_s_help_names_the_same_variable() -> None:
+    from flipvisor import cli
+
+    assert cli.RUNTIME_ENV == RUNTIME_ENV
+    assert f"${RUNTIME_ENV}" in (cli.build_parser().epilog or "")
+
+
+def test_by_default_root_s_is_run_flipvisor() -> None:
+    assert runtime_dirs({}, euid=0) == [ROOT_RUNTIME_DIR] == [Path("/run/flipvisor")]
+    assert runtime_dirs({"XDG_RUNTIME_DIR": "/run/user/0"}, euid=0) == [ROOT_RUNTIME_DIR]
+
+
+def test_another_user_s_are_xdg_runtime_dir_then_a_folder_of_its_own_in_the_temp_dir() -> None:
+    import tempfile
+
+    fallback = Path(tempfile.gettempdir()) / "flipvisor-1000"
+    # run writes to the first; clients read both (a service's supervisor may have no
+    # XDG_RUNTIME_DIR where the operator's shell has one).
+    assert runtime_dirs({"XDG_RUNTIME_DIR": "/run/user/1000"}, euid=1000) == [
+        Path("/run/user/1000/flipvisor"),
+        fallback,
+    ]
+    assert runtime_dirs({}, euid=1000) == [fallback]
+
+
+def test_a_record_is_named_by_the_config_s_real_path(config: Path, tmp_path: Path) -> None:
+    link = tmp_path / "link.yaml"
+    link.symlink_to(config)
+    relative = Path(os.path.relpath(config))
+    folder = tmp_path / "run"
+    named = {record_path(folder, real_config_path(p)) for p in (config, link, relative)}
+    assert len(named) == 1
+    (name,) = named
+    assert name.parent == folder and name.suffix == ".json"
+    other = config.with_name("other.yaml")
+    assert record_path(folder, real_config_path(other)) != name
+    # A file deleted since (an editor's rename dance) still names the same record.
+    config.unlink()
+    assert record_path(folder, real_config_path(config)) == name
+
+
+# -- what a record must hold ------------------------------------------------------------------
+
+
+def test_a_record_is_parsed() -> None:
+    assert parse_record(document(), CONFIG) == RunRecord(
+        CONFIG, Path("/var/lib/flipvisor/flipvisor.sock"), 1234, 1764490000.12
+    )
+    record = parse_record(document(started=1764490000), CONFIG)
+    assert record is not None and record.started == 1764490000.0
+    assert record.state_dir == Path("/var/lib/flipvisor")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"{",  # a truncated write
+        b"\xff\xfe",
+        b"[]",
+        b'"a record"',
+        document(config="/etc/other.yaml"),  # another file's, under a colliding name
+        document(config=None),
+        document(pid=None),
+        document(pid="1234"),
+        document(pid=True),
+        document(pid=0),
+        document(pid=-5),
+        document(pid=12.5),
+        document(started=None),
+        document(started="1764490000"),
+        document(started=True),
+        document(started=float("nan")),
+        document(started=float("inf")),
+        document(socket=None),
+        document(socket=5),
+        document(socket="state/flipvisor.sock"),  # relative: to what?
+    ],
+)
+def test_anything_else_is_no_record(data: bytes) -> None:
+    assert parse_record(data, CONFIG) is None
+
+
+# -- writing, reading, removing -------------------------------------------------------------
+
+
+def test_a_written_record_is_read_back_while_its_process_runs(
+    runtime: Path, config: Path, listening: Path
+) -> None:
+    path = write_record(config, listening)
+    assert path.parent == runtime
+    assert runtime.stat().st_mode & 0o777 == 0o700
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert sorted(runtime.iterdir()) == [path]  # no temporary file left beside it
+    record = read_record(config)
+    assert record == RunRecord(
+        str(config.resolve()), listening, os.getpid(), start_time_of(os.getpid()) or -1.0
+    )
+    assert running_supervisor(config) == record
+    assert read_record(config.with_name("other.yaml")) is None
+
+
+def test_a_record_whose_process_is_gone_or_whose_pid_was_reused_is_stale(
+    runtime: Path, config: Path, listening: Path
+) -> None:
+    path = write_record(config, listening)
+    mine = json.loads(path.read_text())
+    started = mine["started"]
+    for pid, when in [
+        (beyond_pid_max(), started),  # gone
+        (os.getpid(), started - 3600),  # this PID, but another process's start time
+        (1, started),  # a running process, started at another time
+    ]:
+        path.write_text(json.dumps({**mine, "pid": pid, "started": when}))
+        assert read_record(config) is None, (pid, when)
+        assert running_supervisor(config) is None
+
+
+def test_a_running_supervisor_must_answer_on_its_socket(
+    runtime: Path, config: Path, tmp_path: Path
+) -> None:
+    # Bound but no longer listening: the socket file a killed supervisor leaves.
+    stale = tmp_path / "stale.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(stale))
+    server.close()
+    for where in (stale, tmp_path / "absent.sock"):
+        write_record(config, where)
+        assert read_record(config) is not None  # its process runs...
+        assert not answers(where)
+        assert running_supervisor(config) is None  # ...but nothing answers there
+
+
+def test_answers_is_true_for_a_listening_socket(listening: Path) -> None:
+    assert answers(listening)
+
+
+def test_a_record_in_a_folder_other_users_can_write_to_is_not_believed(
+    runtime: Path, config: Path, listening: Path
+) -> None:
+    write_record(config, listening)
+    runtime.chmod(0o733)
+    try:
+        assert read_record(config) is None
+        with pytest.raises(PermissionError, match=str(runtime)):
+            write_record(config, listening)
+    finally:
+        runtime.chmod(0o700)
+    assert read_record(config) is not None
+
+
+def test_a_runtime_folder_that_is_a_symlink_or_a_file_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: Path, listening: Path
+) -> None:
+    real = tmp_path / "real-run"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "run-link"
+    link.symlink_to(real)
+    monkeypatch.setenv(RUNTIME_ENV, str(link))
+    with pytest.raises(PermissionError):
+        write_record(config, listening)
+    assert read_record(config) is None
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    monkeypatch.setenv(RUNTIME_ENV, str(a_file))
+    with pytest.raises(OSError):
+        write_record(config, listening)
+    assert read_record(config) is None
+
+
+def test_a_record_that_is_a_symlink_is_not_read(
+    runtime: Path, config: Path, listening: Path, tmp_path: Path
+) -> None:
+    path = write_record(config, listening)
+    moved = tmp_path / "elsewhere.json"
+    path.rename(moved)
+    path.symlink_to(moved)
+    assert read_record(config) is None
+
+
+def test_a_stale_record_is_replaced(runtime: Path, config: Path, listening: Path) -> None:
+    path = write_record(config, listening)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "pid": beyond_pid_max()}))
+    path.chmod(0o644)
+    assert write_record(config, listening) == path
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert read_record(config) is not None
+
+
+def test_only_this_process_s_record_is_removed(
+    runtime: Path, config: Path, listening: Path
+) -> None:
+    path = write_record(config, listening)
+    remove_record(path)
+    assert not path.exists()
+    remove_record(path)  # gone already: nothing to do
+    path = write_record(config, listening)
+    # Replaced since by another supervisor (this one had stopped answering): left alone.
+    path.write_text(json.dumps({**json.loads(path.read_text()), "pid": 1}))
+    remove_record(path)
+    assert path.exists()
+
+
+# -- the client: the file's state_dir first, the record when that leads nowhere --------------
+
+
+def write_config(config: Path, state_dir: Path) -> Path:
+    config.write_text(f"state_dir: {state_dir}\nprograms:\n  web: {{command: [x]}}\n")
+    return config
+
+
+def test_a_file_that_leads_to_its_supervisor_costs_no_record(config: Path, listening: Path) -> None:
+    """`status`'s usual path: the socket of the file's state_dir answers; no record is read,
+    and neither the record's module nor pydantic is imported."""
+    from tests.reaping import run_script
+
+    write_config(config, listening.parent)
+    notice, imported = run_script(
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from flipvisor.client import reach\n"
+        "reached = reach(Path(sys.argv[1]))\n"
+        "reached.connection.close()\n"
+        "heavy = ('flipvisor.runrecord', 'pydantic', 'anyio', 'psutil')\n"
+        "print(json.dumps([reached.notice, sorted(m for m in sys.modules if m in heavy)]))\n",
+        str(config),
+    )
+    assert (notice, imported) == (None, [])
+
+
+def test_a_file_that_does_not_parse_leads_to_the_recorded_supervisor(
+    runtime: Path, config: Path, listening: Path
+) -> None:
+    write_config(config, listening.parent)
+    write_record(config, listening)
+    config.write_text("state_dir: [\n")
+    reached = reach(config)
+    reached.connection.close()
+    assert reached.locations.socket_path == listening
+    # The file's error (its wording differs between libyaml and PyYAML), then the supervisor.
+    assert (reached.notice or "").startswith(f"{config}:2:1: not valid YAML: ")
+    assert (reached.notice or "").endswith(
+        f"; the supervisor of {config} (pid {os.getpid()}, listening on {listening}) runs on "
+        "with the config it last read"
+    )
+    locations, notice = logs_locations(config)
+    assert locations.state_dir == listening.parent and notice is not None
+
+
+def test_a_state_dir_changed_since_leads_to_the_recorded_supervisor(
+    runtime: Path, config: Path, listening: Path, tmp_path: Path
+) -> None:
+    write_record(config, listening)
+    write_config(config, tmp_path / "moved")
+    reached = reach(config)
+    reached.connection.close()
+    assert reached.locations.state_dir == listening.parent
+    assert reached.locations.programs == frozenset({"web"})
+    assert reached.notice == (
+        f"the supervisor of {config} (pid {os.getpid()}) listens on {listening}; the file's "
+        f"state_dir changed to {tmp_path / 'moved'}, which takes effect when that supervisor "
+        "restarts"
+    )
+    locations, notice = logs_locations(config)
+    assert (locations.state_dir, notice) == (listening.parent, reached.notice)
+
+
+def test_without_a_running_supervisor_the_file_s_own_error_stands(
+    runtime: Path, config: Path, tmp_path: Path
+) -> None:
+    moved = tmp_path / "moved"
+    write_config(config, moved)
+    with pytest.raises(NotListening, match=f"no supervisor is listening on {moved}/"):
+        reach(config)
+    assert logs_locations(config) == (locate(config), None)
+    # A record whose process runs but whose socket nobody listens on leads nowhere either.
+    write_record(config, tmp_path / "nobody" / "flipvisor.sock")
+    with pytest.raises(NotListening, match=f"no supervisor is listening on {moved}/"):
+        reach(config)
+    config.write_text("state_dir: [\n")
+    record_path(runtime, real_config_path(config)).unlink()
+    with pytest.raises(ConfigError, match="not valid YAML") as caught:
+        reach(config)
+    assert "supervisor" not in str(caught.value)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        logs_locations(config)
