@@ -315,7 +315,7 @@ class Supervisor:
             metrics = Metrics(
                 self.config.metrics.listen,
                 self.events,
-                lambda: [program.status() for program in self.programs.values()],
+                lambda: [program.status() for program in self._listed()],
             )
             await tg.start(metrics.run)
 
@@ -341,10 +341,15 @@ class Supervisor:
                     log.info("received %s", signal.Signals(signum).name)
                     self._shutdown.set()
 
+    def _listed(self) -> list[Program]:
+        """The configured programs, then those a reload removed that still drain: what
+        `status` and the metrics show, and what SIGUSR1/2 reach."""
+        return [*self.programs.values(), *(program for program, _ in self._removing.values())]
+
     def _forward(self, sig: signal.Signals) -> None:
         """Pass ``sig`` to every running worker (through its pidfd), as PID 1 is expected to:
         those of removed programs still draining too (they still serve their last requests)."""
-        programs = [*self.programs.values(), *(program for program, _ in self._removing.values())]
+        programs = self._listed()
         workers = [
             worker
             for program in programs
@@ -710,7 +715,7 @@ class Supervisor:
             programs = (
                 [await self._configured(request.program, send, removing=True)]
                 if request.program
-                else [*self.programs.values(), *(p for p, _ in self._removing.values())]
+                else self._listed()
             )
             return result(
                 {

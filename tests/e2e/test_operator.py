@@ -336,8 +336,10 @@ def test_a_flip_cut_short_by_its_timeout_shows_the_new_generations_output(
 def test_metrics_of_a_program_removed_by_a_reload_go_with_it(flipvisor: Flipvisor) -> None:
     port = free_port()
     metrics = {"listen": f"127.0.0.1:{port}"}
-    flipvisor.start({"metrics": metrics, "programs": {"web": web(), "gone": web()}})
-    flipvisor.wait_serving("gone")
+    # gone drains for as long as the test wants (it kills the worker): counted meanwhile.
+    slow = {**web(), "drain": {"delay": 60, "timeout": 5}}
+    flipvisor.start({"metrics": metrics, "programs": {"web": web(), "gone": slow}})
+    (pid,) = flipvisor.wait_serving("gone")["pids"]
     durations = "flipvisor_flip_duration_seconds_count"
     wait_until(
         lambda: sample(scrape(port), durations, program="gone", outcome="ok") == 1,
@@ -345,6 +347,9 @@ def test_metrics_of_a_program_removed_by_a_reload_go_with_it(flipvisor: Flipviso
     )
     flipvisor.write_config({"metrics": metrics, "programs": {"web": web()}})
     assert flipvisor.cli("reload").returncode == 0
+    assert flipvisor.program("gone")["removing"]
+    assert sample(scrape(port), "flipvisor_processes", program="gone") == 1  # still draining
+    psutil.Process(pid).kill()
     wait_until(
         lambda: not any(("program", "gone") in labels for _name, labels in scrape(port)),
         message="every series of gone to go",
