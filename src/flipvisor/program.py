@@ -412,7 +412,7 @@ class Program:
         # generation's worker meanwhile would publish its keys over the swap.
         self.registration.promoting()
         try:
-            return await promote(
+            promotion = await promote(
                 gen,
                 program=self.name,
                 config=gen.config,
@@ -430,6 +430,14 @@ class Program:
             if self._tg is not None:
                 self.registration.undone(self._tg)
             raise
+        # Now, not once the proxy's old workers are gone (`_serve`): the event says when the
+        # proxy began to route to gen.
+        reload = next((s for s in report.steps if s.name == "reload" and s.status == "ok"), None)
+        if reload is not None and reload.duration is not None:
+            self.runtime.events.emit(
+                "proxy-reloaded", self.name, gen.number, duration=round(reload.duration, 4)
+            )
+        return promotion
 
     async def _settle(self, report: FlipReport, promotion: Promotion) -> None:
         """After the promotion: once the proxy's old workers are gone, the routed generation is
@@ -455,11 +463,6 @@ class Program:
         self.registration.promoted(
             gen, promotion.published, deferred=promotion.deferred, tg=self._task_group()
         )
-        reload = next((s for s in report.steps if s.name == "reload" and s.status == "ok"), None)
-        if reload is not None and reload.duration is not None:  # the lifecycle shows the reload
-            self.runtime.events.emit(
-                "proxy-reloaded", self.name, gen.number, duration=round(reload.duration, 4)
-            )
         self.runtime.events.emit("promoted", self.name, gen.number, port=gen.port, pids=gen.pids)
         self.history.deployed(gen.config)
         return old

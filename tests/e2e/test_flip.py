@@ -351,7 +351,8 @@ def test_a_restart_in_the_old_generation_while_the_proxy_drains_leaves_the_keys_
     """After the swap, generation 1 serves on until nginx's old workers are gone. A worker of it
     that crashes then is restarted (it still serves), but its PID is not published: the keys
     name generation 2 from the swap on, and after the flip."""
-    slow = program(nginx, "1", "--slow-ms", "5000", "--notify", numprocs=2)
+    # The request holds nginx's old worker, and with it the flip, until the test ends it.
+    slow = program(nginx, "1", "--slow-ms", "60000", "--notify", numprocs=2)
     slow["readiness"] = {"notify": True, "timeout": 10}
     flipvisor.start({"programs": {"web": slow}})
     first = flipvisor.wait_serving("web")
@@ -369,6 +370,8 @@ def test_a_restart_in_the_old_generation_while_the_proxy_drains_leaves_the_keys_
         lambda: (f := flipvisor.program("web")["flip"]) is not None and f["step"] == "proxy-drain",
         message="the flip to wait for nginx's old worker",
     )
+    # nginx routes to generation 2 already: the lifecycle says so now, not after the wait.
+    assert "proxy-reloaded" in flipvisor.event_kinds()
     psutil.Process(idle_pid).kill()
     restarted = wait_until(
         lambda: next(
@@ -381,6 +384,7 @@ def test_a_restart_in_the_old_generation_while_the_proxy_drains_leaves_the_keys_
         ),
         message="generation 1's worker to be restarted",
     )
+    psutil.Process(busy_pid).kill()  # the request ends (502), nginx's old worker with it
     out, err = flip.communicate(timeout=30)
     assert flip.returncode == 0, out + err + flipvisor.output()
     second = flipvisor.serving("web")
