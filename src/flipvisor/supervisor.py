@@ -159,9 +159,7 @@ class Supervisor:
                         # must finish before `tg` is cancelled): shutdown takes the longest
                         # drain, not their sum. A removed program's drain already under way is
                         # joined, not restarted (see `Program.stop`).
-                        removing = [program for program, _ in self._removing.values()]
-                        for program in [*self.programs.values(), *removing]:
-                            stops.start_soon(program.stop)
+                        stops.start_soon(self._stop_every_program)
                         stops.start_soon(self._wait_strays, ORPHAN_GRACE)
                     # Not our children: once `tg` is cancelled, nothing at all would stop them.
                     self._strays_hurry.set()
@@ -340,6 +338,16 @@ class Supervisor:
                 else:
                     log.info("received %s", signal.Signals(signum).name)
                     self._shutdown.set()
+
+    async def _stop_every_program(self) -> None:
+        """Stop every program at once; then those a reload under way added meanwhile (it
+        checks for the shutdown, but may be past that check), until none is left."""
+        stopping: list[Program] = []
+        while new := [program for program in self._listed() if program not in stopping]:
+            stopping.extend(new)
+            async with anyio.create_task_group() as stops:
+                for program in new:
+                    stops.start_soon(program.stop)
 
     def _listed(self) -> list[Program]:
         """The configured programs, then those a reload removed that still drain: what
