@@ -9,7 +9,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +206,13 @@ class Generation:
         if self.stopping:
             return None
         return self._on_worker_exit(self, worker, returncode, reason)
+
+    def keep_reading(self, reader: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        # In the workers' task group: ``_stop_workers`` cancels it once every process of the
+        # generation is gone, which ends the reader at once if something that left the workers'
+        # groups (a daemonized helper) still holds the output.
+        assert self._tg is not None, "workers run in the generation's task group"
+        self._tg.start_soon(reader)
 
     def given_up(self, exiting: Worker | None = None) -> bool:
         """Whether nothing of this generation will accept again (once ``exiting`` stops): every

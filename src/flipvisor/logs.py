@@ -26,7 +26,7 @@ from typing import BinaryIO
 import anyio.lowlevel
 
 from .config import LogsConfig
-from .spawn import read_available
+from .spawn import read_available, read_now
 
 log = logging.getLogger(__name__)
 
@@ -247,30 +247,47 @@ async def capture(
     ``read_fd`` must be non-blocking (``spawn.open_output_pipe``); it is enlarged and drained as
     fast as it fills. It stays open (the caller closes it): a capture cancelled while the worker
     still runs can be followed by another, so that the worker never writes into a closed pipe.
-    Decoded lines are appended to ``tail`` (a bounded deque) for error messages. A partial last
-    line is written at the end, also when cancelled.
+    Decoded lines are appended to ``tail`` (a bounded deque) for error messages. A capture that
+    is cancelled first reads what the pipe already holds, without waiting (up to the pipe's size:
+    all that a writer that has exited wrote), so a worker's last lines are logged by the time its
+    exit is; a partial last line is written at the end, also when cancelled.
 
     Raises:
         OSError: reading the pipe failed (not expected for a pipe).
     """
-    enlarge_pipe(read_fd)
+    size = enlarge_pipe(read_fd) or PIPE_SIZE
     pending = b""
     try:
         while chunk := await read_available(read_fd, READ_SIZE):
-            lines = (pending + chunk).split(b"\n")
-            pending = lines.pop()
-            while len(pending) >= MAX_LINE:  # an endless line must not grow without bound
-                lines.append(pending[:MAX_LINE])
-                pending = pending[MAX_LINE:]
+            lines, pending = _split_lines(pending, chunk)
             if lines:
                 _emit(lines, log, prefix, tail)
             # read_available only awaits when the pipe is empty; a worker that never lets it
             # run empty would otherwise keep the whole event loop busy here.
             await anyio.lowlevel.checkpoint()
+    except anyio.get_cancelled_exc_class():
+        # No await here. Bounded by the pipe's size: a writer still running cannot keep it busy.
+        left = size
+        while left > 0 and (chunk := read_now(read_fd, min(READ_SIZE, left))):
+            left -= len(chunk)
+            lines, pending = _split_lines(pending, chunk)
+            if lines:
+                _emit(lines, log, prefix, tail)
+        raise
     finally:
         # No await here, so a cancelled capture still writes the partial line.
         if pending:
             _emit([pending], log, prefix, tail)
+
+
+def _split_lines(pending: bytes, chunk: bytes) -> tuple[list[bytes], bytes]:
+    """The complete lines of ``pending + chunk``, and the start of a line not ended yet."""
+    lines = (pending + chunk).split(b"\n")
+    pending = lines.pop()
+    while len(pending) >= MAX_LINE:  # an endless line must not grow without bound
+        lines.append(pending[:MAX_LINE])
+        pending = pending[MAX_LINE:]
+    return lines, pending
 
 
 def _last_lines(stream: BinaryIO, end: int, n: int) -> list[bytes]:

@@ -335,6 +335,24 @@ async def read_available(fd: int, limit: int = 65536) -> bytes:
         await anyio.wait_readable(fd)
 
 
+def read_now(fd: int, limit: int) -> bytes:
+    """Read what ``fd`` (non-blocking) holds now, up to ``limit`` bytes, without waiting: b"" when
+    it is empty or at end of file."""
+    try:
+        return os.read(fd, limit)
+    except BlockingIOError:
+        return b""
+
+
+def pipe_ended(read_fd: int) -> bool:
+    """Whether the pipe behind ``read_fd`` is at end of file, without waiting: no process holds
+    its write end any more, and nothing is left to read."""
+    poller = select.poll()
+    poller.register(read_fd, select.POLLIN)
+    events = dict(poller.poll(0)).get(read_fd, 0)
+    return events & (select.POLLIN | select.POLLHUP) == select.POLLHUP
+
+
 async def run_command(
     argv: Sequence[str],
     *,

@@ -8,10 +8,11 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 from anyio.abc import TaskStatus
@@ -21,7 +22,7 @@ from .errors import SpawnError
 from .lazy_event import LazyEvent
 from .logs import ProgramLog, capture
 from .reaper import Reaper
-from .spawn import LISTEN_FD, OUTPUT_GRACE, Child, spawn_with_output
+from .spawn import LISTEN_FD, OUTPUT_GRACE, Child, pipe_ended, spawn_with_output
 from .states import WORKER_TRANSITIONS, WorkerState, check_transition
 
 # How long a restarted worker must stay up before its backoff starts again from zero.
@@ -91,6 +92,11 @@ class WorkerOwner(Protocol):
 
     def worker_exited(self, worker: Worker, returncode: int | None, reason: str) -> float | None:
         """Return the delay before restarting, or None to leave the slot stopped."""
+        ...
+
+    def keep_reading(self, reader: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``reader`` (what an exited worker's descendants still write to its output) in a
+        task group that outlives the worker, and cancels it once their drain is over."""
         ...
 
 
@@ -188,35 +194,45 @@ class Worker:
         """Capture the child's output until it exits; stop it if we are cancelled.
 
         The output is read in this task, not a second one: a task per worker is most of what
-        a supervised program costs in memory and start-up time.
+        a supervised program costs in memory and start-up time. Only when what the worker left
+        running still holds its output does a second task read the rest (``_read_leftover``).
         """
         self.child = child
+        read_fd = self._read_fd
         self._transition(WorkerState.RUNNING)
         started = time.monotonic()
         self.owner.worker_spawned(self)
         prefix = f"g{self.spec.generation} w{self.index} pid={child.pid}"
+        handed_over = False
         try:
             with anyio.CancelScope() as reading:
 
                 def exited() -> None:
-                    # Let capture drain what the worker wrote last, unless a grandchild holds
-                    # the pipe open: then stop reading it after a grace period.
-                    reading.deadline = anyio.current_time() + OUTPUT_GRACE
+                    # Reaped: what the worker wrote is in the pipe, and a cancelled capture reads
+                    # it without waiting. End of file is not waited for: the worker's children
+                    # (a pool's workers outliving their killed master) may hold the pipe for
+                    # long, and the exit, its restart decision and the restart must not wait.
+                    reading.cancel()
 
                 child.exit.on_exit(exited)
-                # Ends at end of file (usually as the worker exits), or at the deadline; either
-                # way it writes the partial last line and closes the pipe.
-                await capture(self._read_fd, self.log, prefix=prefix, tail=self.tail)
+                # Ends at end of file, or at the exit; either way with the partial last line.
+                await capture(read_fd, self.log, prefix=prefix, tail=self.tail)
             # The output may end long before the worker does (it closed stdout): supervise on.
             returncode = await child.wait()
+            if not pipe_ended(read_fd):
+                # Still held: kept open and read rather than closed, so what holds it neither
+                # dies of SIGPIPE nor blocks on a full pipe before the drain stops it.
+                self.owner.keep_reading(partial(self._read_leftover, read_fd, prefix))
+                handed_over = True
         finally:
             child.exit.on_exit(None)
             try:
                 if not child.exit.reaped:  # cancelled: the supervisor is going away
                     with anyio.CancelScope(shield=True):
-                        await self._stop_reading(child, prefix)
+                        await self._stop_reading(child, read_fd, prefix)
             finally:
-                os.close(self._read_fd)
+                if not handed_over:
+                    os.close(read_fd)
                 child.close()
         if time.monotonic() - started >= STABLE_UPTIME:
             self.consecutive_failures = 0
@@ -225,7 +241,15 @@ class Worker:
         self._transition(WorkerState.EXITED)
         return returncode, reason
 
-    async def _stop_reading(self, child: Child, prefix: str) -> None:
+    async def _read_leftover(self, read_fd: int, prefix: str) -> None:
+        """Log what an exited worker's descendants still write to its output, under its prefix,
+        until they all closed it or the generation's drain, which stops them, is over."""
+        try:
+            await capture(read_fd, self.log, prefix=prefix, tail=self.tail)
+        finally:
+            os.close(read_fd)
+
+    async def _stop_reading(self, child: Child, read_fd: int, prefix: str) -> None:
         """Stop the worker (drain signal, SIGKILL after the timeout) while still reading its
         output: one that logs its shutdown would otherwise die of SIGPIPE on a closed pipe, in
         the middle of its drain. A second task, but only on this rare path."""
@@ -234,7 +258,7 @@ class Worker:
 
         async def read_the_rest() -> None:
             with reading:
-                await capture(self._read_fd, self.log, prefix=prefix, tail=self.tail)
+                await capture(read_fd, self.log, prefix=prefix, tail=self.tail)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(read_the_rest)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -182,4 +183,53 @@ def test_server_on_inherited_socket_flips_under_load(
     assert [e for e in events if e["kind"] == "killed"] == []
     assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [2]
     log = (flipvisor.state_dir / "logs" / "web.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_a_killed_gunicorn_master_is_replaced_at_once_and_its_orphaned_worker_drained(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """SIGKILL a gunicorn master: its worker, orphaned (re-parented to the supervisor) and still
+    holding the master's output, must delay neither the exit nor the restart (it did by the 1 s
+    output grace). What the orphan writes later is still logged, under the dead master's prefix,
+    and the orphan is drained with the generation."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "app.py").write_text(WSGI_APP)
+    argv = [*GUNICORN]
+    argv[argv.index("--workers") + 1] = "1"
+    flipvisor.start(
+        {
+            "programs": {
+                "web": {
+                    "command": argv,
+                    "cwd": str(app_dir),
+                    "env": {"APP_VERSION": "1"},
+                    "readiness": {"http": "/health", "timeout": 20},
+                    "drain": {"delay": 0, "timeout": 10},
+                }
+            }
+        }
+    )
+    (master_pid,) = flipvisor.wait_serving("web")["pids"]
+    master = psutil.Process(master_pid)
+    (orphan,) = wait_until(master.children, message="gunicorn's worker")
+    killed_at = time.time()
+    master.kill()
+    (replacement,) = flipvisor.wait_serving(
+        "web", where=lambda g: bool(g["pids"]) and g["pids"] != [master_pid]
+    )["pids"]
+    events = [json.loads(line) for line in flipvisor.cli("events", "--json").stdout.splitlines()]
+    (exited,) = [e for e in events if e["kind"] == "exited"]
+    (spawned,) = [e for e in events if e["kind"] == "spawned" and e["fields"]["pid"] == replacement]
+    assert exited["fields"]["pid"] == master_pid
+    assert spawned["time"] - killed_at < 0.5, "replaced as it was reaped"
+    assert flipvisor.process is not None
+    assert orphan.ppid() == flipvisor.process.pid, "re-parented to the supervisor"
+    assert flipvisor.cli("stop", "web").returncode == 0
+    assert gone(orphan) or orphan.status() == psutil.STATUS_ZOMBIE, "drained with the generation"
+    # Its last line, written to the dead master's output long after the restart: still read.
+    log = (flipvisor.state_dir / "logs" / "web.log").read_text()
+    exiting = [line for line in log.splitlines() if f"Worker exiting (pid: {orphan.pid})" in line]
+    assert len(exiting) == 1 and f"pid={master_pid} | " in exiting[0], log[-3000:]
     assert "Traceback" not in log, log[-3000:]

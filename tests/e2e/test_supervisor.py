@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -479,6 +480,77 @@ def test_a_group_member_still_running_at_the_drain_timeout_is_killed_then(
     finally:
         if app.is_running():
             app.kill()
+
+
+# Starts a child that inherits its output and outlives it (as a gunicorn master's workers do when
+# the master is SIGKILLed). On SIGUSR2 it writes its last words, with the time, and SIGKILLs
+# itself. Its replacement (the marker file exists) just runs.
+CRASHES_LEAVING_A_CHILD = r"""
+import os, signal, subprocess, sys, time
+if os.path.exists(sys.argv[1]):
+    while True:
+        signal.pause()
+open(sys.argv[1], "w").close()
+child = subprocess.Popen(["sleep", "120"])
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+print("child", child.pid, flush=True)
+signal.sigwait({signal.SIGUSR2})
+sys.stdout.write(f"last words {time.time()!r}\n")
+sys.stdout.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def logged_at(record: str) -> float:
+    """The time of a program log record (``2026-11-30T11:29:04.123Z g1 w0 pid=...``)."""
+    stamp = datetime.strptime(record.split(maxsplit=1)[0], "%Y-%m-%dT%H:%M:%S.%fZ")
+    return stamp.replace(tzinfo=UTC).timestamp()
+
+
+def exited(process: psutil.Process) -> bool:
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_worker_whose_child_holds_its_output_is_replaced_at_once(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """The exit and the restart come as the worker is reaped, not when its output ends (its
+    child holds it); its last words are logged before its exit is; the child, left in its
+    process group, is drained with the generation."""
+    command = [sys.executable, "-c", CRASHES_LEAVING_A_CHILD, str(tmp_path / "started-once")]
+    flipvisor.start(
+        {"programs": {"web": {"command": command, "drain": {"delay": 0, "timeout": 5}}}}
+    )
+    (worker,) = flipvisor.wait_serving("web")["pids"]
+    log = flipvisor.state_dir / "logs" / "web.log"
+    wait_until(lambda: log.exists() and " | child " in log.read_text(), message="the child")
+    child = psutil.Process(int(log.read_text().split(" | child ")[1].split()[0]))
+    try:
+        psutil.Process(worker).send_signal(signal.SIGUSR2)
+        (replacement,) = flipvisor.wait_serving(
+            "web", where=lambda g: bool(g["pids"]) and g["pids"] != [worker]
+        )["pids"]
+        record = next(line for line in log.read_text().splitlines() if " | last words " in line)
+        died = float(record.rsplit(" ", 1)[1])
+        (spawned,) = [
+            e for e in events_of(flipvisor, "spawned") if e["fields"]["pid"] == replacement
+        ]
+        # The wait for the end of its output took 1 s (OUTPUT_GRACE) before.
+        assert spawned["time"] - died < 0.5, "replaced as it was reaped"
+        (exit_event,) = [e for e in events_of(flipvisor, "exited") if e["fields"]["pid"] == worker]
+        assert f"pid={worker} | last words" in record
+        assert logged_at(record) <= exit_event["time"], "its last words logged before its exit"
+        assert flipvisor.process is not None
+        assert child.ppid() == flipvisor.process.pid, "re-parented to the supervisor"
+        assert flipvisor.cli("stop", "web").returncode == 0
+        assert exited(child), "drained with the generation"
+        assert events_of(flipvisor, "killed") == [], "by the drain signal, not killed"
+    finally:
+        if child.is_running():
+            child.kill()
 
 
 # A worker that daemonizes two helpers (double fork, setsid: out of its process group, so no drain

@@ -20,7 +20,7 @@ import psutil
 import pytest
 from anyio.abc import TaskGroup
 
-from flipvisor import generation, worker
+from flipvisor import generation
 from flipvisor.config import (
     DrainConfig,
     LogsConfig,
@@ -29,7 +29,7 @@ from flipvisor.config import (
     RegistryConfig,
 )
 from flipvisor.errors import ProbeFailed, SpawnError
-from flipvisor.events import EventLog
+from flipvisor.events import Event, EventLog
 from flipvisor.generation import Generation
 from flipvisor.logs import ProgramLog
 from flipvisor.promotion import serving_snapshot
@@ -68,6 +68,7 @@ class Harness:
     log: ProgramLog
     events: EventLog = field(default_factory=EventLog)
     exits: list[tuple[int, int | None, str]] = field(default_factory=list)
+    logged_at_exit: list[str] = field(default_factory=list)  # the log file as each exit came
     restart_delay: float | None = None  # what on_worker_exit answers
     pids_changed: int = 0
     generations: list[Generation] = field(default_factory=list)
@@ -76,6 +77,7 @@ class Harness:
         self, gen: Generation, worker: Worker, returncode: int | None, reason: str
     ) -> float | None:
         self.exits.append((worker.index, returncode, reason))
+        self.logged_at_exit.append(self.log.path.read_text())
         return self.restart_delay
 
     def on_pids_changed(self, gen: Generation) -> None:
@@ -105,6 +107,9 @@ class Harness:
 
     def kinds(self, *wanted: str) -> list[str]:
         return [e.kind for e in self.events.recent() if not wanted or e.kind in wanted]
+
+    def events_of(self, kind: str) -> list[Event]:
+        return [e for e in self.events.recent() if e.kind == kind]
 
 
 @asynccontextmanager
@@ -614,37 +619,79 @@ async def test_output_written_just_before_the_exit_is_all_captured(tmp_path: Pat
     assert gen.tail[-1] == "end"
 
 
-async def test_a_grandchild_holding_the_output_delays_the_exit_by_the_grace_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+# The first run starts a child that inherits its output and outlives it (as a gunicorn master's
+# workers outlive the master SIGKILLed), waits until that child is set up, writes its last words
+# (no newline) and SIGKILLs itself. The replacement (the marker file exists) just runs.
+LEAVES_A_CHILD_HOLDING_ITS_OUTPUT = r"""
+import os, signal, subprocess, sys, time
+marker, child_code = sys.argv[1], sys.argv[2]
+if os.path.exists(marker):
+    while True:
+        signal.pause()
+open(marker, "w").close()
+ready_r, ready_w = os.pipe()
+child = subprocess.Popen([sys.executable, "-c", child_code, str(ready_w)], pass_fds=[ready_w])
+os.close(ready_w)
+os.read(ready_r, 1)
+print("child", child.pid, flush=True)
+sys.stdout.write(f"last words {time.time()!r}")
+sys.stdout.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+# Writes a line to its inherited output on SIGUSR1; gone within a minute whatever happens.
+WRITES_ON_SIGUSR1 = r"""
+import os, signal, sys
+signal.alarm(60)
+signal.signal(signal.SIGUSR1, lambda *_: print("the child still writes", flush=True))
+os.write(int(sys.argv[1]), b"x")
+while True:
+    signal.pause()
+"""
+
+
+async def test_a_child_holding_the_output_delays_neither_the_exit_nor_the_restart(
+    tmp_path: Path,
 ) -> None:
-    grace = 0.5
-    monkeypatch.setattr(worker, "OUTPUT_GRACE", grace)
-    # The background sleep keeps the output pipe open long after the worker exited.
-    script = "sleep 60 & echo grandchild $!; printf 'last words'; exit 3"
+    """The exit is reported, and the replacement spawned, as the worker is reaped: its last
+    words are in the log by then, and what its child writes later is still read (under the
+    dead worker's prefix), so the child neither dies of SIGPIPE nor blocks."""
+    command = [
+        sys.executable,
+        "-c",
+        LEAVES_A_CHILD_HOLDING_ITS_OUTPUT,
+        str(tmp_path / "started-once"),
+        WRITES_ON_SIGUSR1,
+    ]
     async with harness(tmp_path) as h:
-        gen = await h.start(one_worker(["sh", "-c", script]))
-        child = gen.workers[0].child
-        assert child is not None
-        with anyio.fail_after(DEADLINE):
-            await child.wait()
-        reaped = time.monotonic()
+        h.restart_delay = 0.0
+        gen = await h.start(one_worker(command))
+        first = gen.workers[0].child
+        assert first is not None
 
-        async def grandchild_named() -> int:
-            return next((int(line.split()[1]) for line in gen.tail if "grandchild" in line), 0)
+        async def replaced() -> Event | None:
+            return next((e for e in h.events_of("spawned") if e.fields["pid"] != first.pid), None)
 
-        pidfd = os.pidfd_open(await await_until(grandchild_named, timeout=DEADLINE))
+        spawned = await await_until(replaced, timeout=DEADLINE, message="the replacement")
+        child_pid = next(int(line.split()[1]) for line in gen.tail if line.startswith("child "))
+        pidfd = os.pidfd_open(child_pid)
         try:
+            died = float(
+                next(line for line in gen.tail if line.startswith("last words ")).split()[2]
+            )
+            # The old wait for the end of the output took OUTPUT_GRACE (1 s) here.
+            assert spawned.time - died < 0.5, "restarted as it was reaped"
+            assert h.exits == [(0, -signal.SIGKILL, "killed by SIGKILL")]
+            (logged,) = h.logged_at_exit
+            assert f"pid={first.pid} | last words {died!r}" in logged, "logged before the exit"
+            signal.pidfd_send_signal(pidfd, signal.SIGUSR1)
 
-            async def exited() -> bool:
-                return bool(h.exits)
+            async def child_wrote() -> bool:
+                return "the child still writes" in gen.tail
 
-            await await_until(exited, timeout=DEADLINE, message="the exit to be reported")
-            delay = time.monotonic() - reaped
-            assert h.exits == [(0, 3, "exit status 3")]
-            # Output was read for the grace period, no longer: the grandchild sleeps for 60 s.
-            assert grace - 0.05 <= delay < grace + 2.0
-            assert gen.tail[-1] == "last words", "the partial line is written when cut off"
-            signal.pidfd_send_signal(pidfd, 0)  # the grandchild still holds the pipe
+            await await_until(child_wrote, timeout=DEADLINE, message="the child's late line")
+            log = (tmp_path / "logs" / "web.log").read_text()
+            assert f"pid={first.pid} | the child still writes" in log
+            signal.pidfd_send_signal(pidfd, 0)  # still running: no SIGPIPE
         finally:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             os.close(pidfd)

@@ -142,6 +142,30 @@ async def test_partial_last_line_and_overlong_line(log_path: Path) -> None:
     assert lines[4:] == [b"short", b"no newline at the end"]
 
 
+async def test_a_cancelled_capture_first_reads_what_the_pipe_holds(log_path: Path) -> None:
+    """Cancelled as its writer is reaped, capture still takes what is in the pipe, without
+    waiting for its end (what the writer left running may hold it open), and a line cut between
+    two reads stays whole."""
+    log = ProgramLog(log_path, LogsConfig())
+    tail: collections.deque[str] = collections.deque(maxlen=10)
+    read_fd, write_fd = open_output_pipe()
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: capture(read_fd, log, prefix="g1 w0 pid=1", tail=tail))
+                os.write(write_fd, b"first\npart")
+                await anyio.wait_all_tasks_blocked()  # all read: capture waits for more
+                assert list(tail) == ["first"]
+                os.write(write_fd, b"ial\nlast")  # not read before the cancellation below
+                tg.cancel_scope.cancel()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+        log.close()
+    assert [line for _, line in parsed(log_path)] == [b"first", b"partial", b"last"]
+    assert list(tail) == ["first", "partial", "last"]
+
+
 async def test_fast_writer_is_not_slowed_and_nothing_is_lost(tmp_path: Path) -> None:
     count, width = 250_000, 200  # 50 MB
     log_path = tmp_path / "logs" / "fast.log"

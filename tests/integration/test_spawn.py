@@ -28,7 +28,9 @@ from flipvisor.spawn import (
     Child,
     Strays,
     open_output_pipe,
+    pipe_ended,
     read_available,
+    read_now,
     resolve_executable,
     run_command,
     signal_verified,
@@ -751,3 +753,31 @@ def test_strays_that_exited_unreaped_are_not_signalled() -> None:
         slow.wait(timeout=10)
         quick.wait(timeout=10)
     assert slow.returncode == -signal.SIGKILL
+
+
+def test_pipe_ended_only_once_no_writer_is_left_and_nothing_to_read() -> None:
+    read_fd, write_fd = open_output_pipe()
+    writers = [write_fd, os.dup(write_fd)]  # the second: what a worker's child holds
+    try:
+        assert not pipe_ended(read_fd), "empty, but writers remain"
+        os.write(write_fd, b"last words")
+        os.close(writers.pop(0))
+        assert not pipe_ended(read_fd), "a writer remains"
+        os.close(writers.pop(0))
+        assert not pipe_ended(read_fd), "no writer, but unread data"
+        assert read_now(read_fd, 4) == b"last"
+        assert read_now(read_fd, 100) == b" words"
+        assert pipe_ended(read_fd)
+        assert read_now(read_fd, 100) == b"", "end of file"
+    finally:
+        for fd in [read_fd, *writers]:
+            os.close(fd)
+
+
+def test_read_now_does_not_wait_on_an_empty_pipe() -> None:
+    read_fd, write_fd = open_output_pipe()
+    try:
+        assert read_now(read_fd, 100) == b""
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
