@@ -55,6 +55,8 @@ def _split_command(value: Any) -> Any:
             return shlex.split(value)
         except ValueError as exc:
             raise ValueError(f"cannot split command string: {exc}") from exc
+    if not isinstance(value, list):
+        raise ValueError("must be a list of strings (argv) or a string split like a shell would")
     return value
 
 

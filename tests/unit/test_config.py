@@ -158,7 +158,7 @@ BAD: list[tuple[str, str, int, str, str]] = [
         "programs:\n  experiment:\n    command: 5\n",
         3,
         "programs.experiment.command",
-        "must be a list",
+        "must be a list of strings (argv) or a string split like a shell would",
     ),
     (
         "command-item-number",
