@@ -94,10 +94,14 @@ def status_rows(document: dict[str, Any], now: float) -> tuple[list[list[str]], 
         if left := program.get("leftovers"):
             pids = ",".join(map(str, left["pids"]))
             port = f", port {left['port']}" if left.get("port") is not None else ""
-            notes.append(
-                f"{name}: workers a killed supervisor left (pid {pids}{port}): drained once the "
-                "registry names a generation of this supervisor, or when the program stops"
+            flip = program.get("flip")
+            when = (
+                "being drained"  # the promotion is done: its drain step is theirs or after
+                if flip and flip.get("step") == "drain"
+                else "drained once the registry names a generation of this supervisor, or when "
+                "the program stops"
             )
+            notes.append(f"{name}: workers a killed supervisor left (pid {pids}{port}): {when}")
         if program.get("kept_after_removal"):
             notes.append(f"{name}: {program['kept_after_removal']}")
         if program.get("removing"):

@@ -163,3 +163,19 @@ def test_a_removed_program_still_draining_says_so() -> None:
     rows, notes = status_rows({"programs": [_program("web"), draining]}, NOW)
     assert rows[1][:4] == ["old", "stopped", "2", "draining"]
     assert notes == ["old: removed from the config; listed until its workers are gone"]
+
+
+@pytest.mark.parametrize(
+    ("step", "says"),
+    [
+        ("probe", "drained once the registry names a generation of this supervisor"),
+        ("drain", "being drained"),
+    ],
+)
+def test_a_killed_supervisors_workers_are_said_to_drain_when_they_do(step: str, says: str) -> None:
+    flip = {"kind": "start", "generation": 1, "step": step, "elapsed": 1.0}
+    left = {"generation": 3, "port": 40000, "pids": [7]}
+    _, notes = status_rows({"programs": [_program("web", flip=flip, leftovers=left)]}, NOW)
+    (note,) = [note for note in notes if "killed supervisor" in note]
+    assert note.startswith("web: workers a killed supervisor left (pid 7, port 40000): "), note
+    assert says in note and ("registry" in note) == (step != "drain"), note
