@@ -149,6 +149,9 @@ class TemplateWatch(_Follower):
         # for missing keys: a drain is held while it is set (the proxy may still route only to
         # the old process).
         self.failure: str | None = None
+        # Set while the last attempt found a key missing: nothing was rendered, so ``dest`` still
+        # routes as an earlier render said, and a drain of the keys' program is held too.
+        self.waiting = False
         self.busy = False
         self.reloaded_at: float | None = None  # anyio.current_time() of the last reload that ran
         self._progress = anyio.Event()
@@ -244,7 +247,8 @@ class TemplateWatch(_Follower):
 
     async def _render_and_reload(self, values: dict[str, str], *, quiet: bool) -> None:
         """Raises: ProxyError: rendering, checking or reloading failed (the file is restored)."""
-        if not keys_present(self.entry.keys, values):
+        self.waiting = not keys_present(self.entry.keys, values)
+        if self.waiting:
             if not self._waiting_logged:
                 log.info("watch %s: waiting for keys %s", self.dest, ", ".join(self.entry.keys))
                 self._waiting_logged = True
@@ -295,13 +299,27 @@ class TemplateWatch(_Follower):
             )
         log.info("watch %s: rendered and reloaded", self.dest)
 
-    async def caught_up(self) -> None:
+    def holds(self, folder: str) -> bool:
+        """Whether this entry holds a drain of the program whose keys are under ``folder``: its
+        last attempt failed (of any program: the proxy may route to nothing but the old process
+        then), or it waits for a missing key and renders that program's keys (its file still
+        routes as the last render did)."""
+        return self.failure is not None or (self.waiting and self.renders(folder))
+
+    def renders(self, folder: str) -> bool:
+        """Whether a key under ``folder`` is one of this entry's keys (or under one of them)."""
+        return any(
+            p.startswith(folder) or (p.endswith("/") and folder.startswith(p))
+            for p in self.entry.keys
+        )
+
+    async def caught_up(self, folder: str) -> None:
         """Wait until this entry has successfully applied every change made before this call.
 
         A change not received yet shows as a difference between what the registry holds now
         and what the last attempt saw (revisions are not compared: the local backend's are
-        counters of each watch). While the last attempt failed this keeps waiting: only a
-        later attempt that succeeds ends it.
+        counters of each watch). While the entry ``holds`` the drain of ``folder``'s program
+        this keeps waiting: only a later attempt that succeeds (renders) ends it.
         """
         while True:
             progress = self._progress  # taken before the read, so no progress is missed
@@ -311,7 +329,7 @@ class TemplateWatch(_Follower):
                 )
             except RegistryError:
                 now = None
-            if not self.busy and self.failure is None and now is not None and self.handled == now:
+            if not self.busy and not self.holds(folder) and now is not None and self.handled == now:
                 return
             await progress.wait()
 
@@ -446,18 +464,29 @@ class DrainWatch(_Follower):
         while True:
             with anyio.move_on_after(CATCH_UP_TIMEOUT) as scope:
                 for template in self.templates:
-                    await template.caught_up()
+                    await template.caught_up(self.folder)
             if not scope.cancelled_caught:
                 break
-            failed = [t for t in self.templates if t.failure is not None]
-            if not failed:
+            held = [t for t in self.templates if t.holds(self.folder)]
+            if not held:
                 log.warning(
                     "drain_pid %s: templates did not catch up within %g s; draining anyway",
                     self.key,
                     CATCH_UP_TIMEOUT,
                 )
                 break
-            for template in failed:
+            for template in held:
+                if template.failure is None:
+                    log.error(
+                        "drain_pid %s: not draining pid=%s: watch %s is waiting for keys %s, "
+                        "so its file still routes as its last render did (held until they "
+                        "exist again and it applies)",
+                        self.key,
+                        ",".join(map(str, pids)),
+                        template.dest,
+                        ", ".join(template.entry.keys),
+                    )
+                    continue
                 log.error(
                     "drain_pid %s: not draining pid=%s: watch %s failed: %s "
                     "(held until it applies: it is retried, and at each change)",

@@ -45,11 +45,13 @@ def make_config(
     drain: bool = False,
     hang_on: str | None = None,
     broken_while: Path | None = None,
+    mode_key: bool = False,
 ) -> Config:
     """One template entry (plus a ``drain_pid`` entry with ``drain``). ``hang_on``: a reload of
     a file holding that text hangs (until the watches are stopped). ``broken_while``: the check
     fails while that file exists, whatever the render (as ``nginx -t`` does while another file of
-    nginx's config is broken). Every check run appends a line to ``checks.log``."""
+    nginx's config is broken). ``mode_key``: the template waits for ``app/mode`` too. Every check
+    run appends a line to ``checks.log``."""
     template = tmp_path / "app.conf.j2"
     template.write_text(TEMPLATE.replace("PFX", prefix))
     dest, reload_log = tmp_path / "out" / "app.conf", tmp_path / "reloads.log"
@@ -64,7 +66,11 @@ def make_config(
         pause += f'if grep -q "{hang_on}" "{dest}"; then exec sleep 60; fi; '
     watch: list[dict[str, object]] = [
         {
-            "keys": [f"{prefix}/app/port/current", f"{prefix}/shared/"],
+            "keys": [
+                f"{prefix}/app/port/current",
+                f"{prefix}/shared/",
+                *([f"{prefix}/app/mode"] if mode_key else []),
+            ],
             "template": str(template),
             "dest": str(dest),
             "check_cmd": ["sh", "-c", f'echo run >> "{checks}"; {broken}grep -q server "{{path}}"'],
@@ -718,6 +724,47 @@ async def test_a_held_drain_proceeds_once_a_retry_applies_the_change(
             # Drained only after the retry had reloaded the proxy.
             assert "42000" in reload_log.read_text()
             assert "127.0.0.1:42000;" in dest.read_text()
+            assert new.returncode is None
+        finally:
+            for child in (old, new):
+                await child.stop(timeout=5)
+                child.close()
+
+
+@pytest.mark.etcd
+async def test_drain_pid_is_held_while_a_template_waits_for_a_deleted_key(
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A key of the template is deleted, then the program is promoted: nothing is rendered, so
+    # the file still routes to the old process only.
+    monkeypatch.setattr(watch, "CATCH_UP_TIMEOUT", 0.3)
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, mode_key=True)
+    dest, reload_log, _ = outputs(tmp_path)
+    async with watching(config) as (reaper, registry):
+        old, new = start_sleeper(reaper), start_sleeper(reaper)
+        try:
+            etcd_server.put(f"{etcd_prefix}/app/mode", "on")
+            await _serve_old(etcd_server, etcd_prefix, old, reload_log)
+            etcd_server.etcdctl("del", f"{etcd_prefix}/app/mode")
+            await _promote(registry, "42000", new)
+            await await_until(
+                lambda: _true(
+                    f"not draining pid={old.pid}: watch {dest} is waiting" in caplog.text
+                ),
+                message="the drain to be held",
+            )
+            assert old.returncode is None
+            assert "draining anyway" not in caplog.text
+
+            etcd_server.put(f"{etcd_prefix}/app/mode", "on")
+            with anyio.fail_after(10):
+                assert await old.wait() == -signal.SIGTERM
+            assert "42000" in reload_log.read_text()
             assert new.returncode is None
         finally:
             for child in (old, new):
