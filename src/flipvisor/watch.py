@@ -25,10 +25,15 @@ names PIDs it first waits (in a task of its own, so it keeps following the keys)
 template entries have successfully applied every earlier change, then signals each PID only if
 it saw that very process serving (``spawn.signal_verified`` checks the start time through a
 pidfd), and SIGKILLs it after the timeout if it is still that process. A PID it never saw is
-never signalled: it logs a warning instead. A template that is only slow delays a drain by
+never signalled: it logs a warning instead. Nor is, whatever was seen, a PID that
+``pid/current`` names at the time of the drain (it serves: a service that ran its swap again for
+the same process), this watcher, its parent, PID 1, or a proxy's master (from a ``pidfile``): a
+key naming one of those was set by mistake. A template that is only slow delays a drain by
 ``CATCH_UP_TIMEOUT`` at most; one whose last render, check or reload failed holds it until an
 attempt (a retry or a change's) succeeds (the proxy may still route to nothing but the old
-process), with an error logged every ``CATCH_UP_TIMEOUT``. When it has to read the keys again
+process), with an error logged every ``CATCH_UP_TIMEOUT``; so does one that renders the
+program's keys and waits for a missing (deleted) key, until it renders again (its file still
+routes as the last render did). When it has to read the keys again
 (history compacted or replaced, an outage), the difference from what it had is handled as one
 more change, so a promotion made meanwhile still drains.
 
@@ -50,10 +55,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -342,6 +349,9 @@ class DrainWatch(_Follower):
     drain: DrainPidConfig
     registry: WatchableRegistry
     templates: Sequence[TemplateWatch]
+    # The proxies' pidfiles (of the watch's template entries and the config's programs): their
+    # masters are never drained, whatever the keys say.
+    pidfiles: Sequence[Path] = ()
     seen: set[tuple[int, float]] = field(default_factory=set)
     values: dict[str, str] = field(default_factory=dict)
     _tg: TaskGroup | None = None
@@ -388,6 +398,8 @@ class DrainWatch(_Follower):
         if previous is not None and previous != before.get(self.key):
             targets = []
             for pid in parse_pids(previous):
+                if self._refused(pid):
+                    continue
                 # Every start time seen for the PID: only the live process's one can match.
                 starts = [seen for seen in self.seen if seen[0] == pid]
                 if not starts:
@@ -505,9 +517,53 @@ class DrainWatch(_Follower):
         if reloads:
             await anyio.sleep_until(max(reloads) + RELOAD_SETTLE)
 
+    def _refused(self, pid: int) -> bool:
+        """Whether ``pid`` must not be drained whatever was seen (said in a log line): it is
+        ``pid/current`` now (it serves), or a process a drain can only be a mistake for."""
+        current = self.folder + "pid/current"
+        if pid in parse_pids(self.values.get(current)):
+            log.info(
+                "drain_pid %s: not signalling pid=%d: %s names it too (it serves)",
+                self.key,
+                pid,
+                current,
+            )
+            return True
+        what = self._protected(pid)
+        if what is not None:
+            log.warning(
+                "drain_pid %s: refusing to signal pid=%d: it is %s; %s or %s names it by "
+                "mistake (set by hand?): correct the key to name the replaced service's process",
+                self.key,
+                pid,
+                what,
+                self.key,
+                current,
+            )
+        return what is not None
+
+    def _protected(self, pid: int) -> str | None:
+        """What ``pid`` is if it is never to be drained: this watcher, its parent, PID 1 or a
+        proxy's master (from its pidfile); None otherwise."""
+        if pid == os.getpid():
+            return "this watcher itself"
+        if pid == os.getppid():
+            return "this watcher's parent"
+        if pid == 1:
+            return "PID 1 (init)"
+        for pidfile in self.pidfiles:
+            try:
+                if pidfile.read_text().strip() == str(pid):
+                    return f"the proxy's master (pidfile {pidfile})"
+            except OSError:
+                continue
+        return None
+
     async def _drain_one(self, pid: int, started: float) -> None:
         """Signal the process if it is still the one seen, SIGKILL it after the timeout."""
         sig = self.drain.signal
+        if self._refused(pid):  # again: the keys or the proxy may have changed meanwhile
+            return
         if not signal_verified(pid, started, sig):
             log.info(
                 "drain_pid %s: pid=%d is gone already (or is another process now)", self.key, pid
@@ -566,8 +622,13 @@ async def run_watches(
 ) -> None:
     """Run every ``config.watch`` entry until cancelled; started at once (even if etcd is down)."""
     templates = [TemplateWatch(entry, registry, reaper) for entry in config.watch if entry.template]
+    pidfiles = [entry.pidfile for entry in config.watch if entry.pidfile is not None] + [
+        program.proxy.pidfile
+        for program in config.programs.values()
+        if program.proxy is not None and program.proxy.pidfile is not None
+    ]
     drains = [
-        DrainWatch(entry.keys[0], entry.drain_pid, registry, templates)
+        DrainWatch(entry.keys[0], entry.drain_pid, registry, templates, pidfiles)
         for entry in config.watch
         if entry.drain_pid is not None
     ]

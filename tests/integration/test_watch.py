@@ -46,6 +46,7 @@ def make_config(
     hang_on: str | None = None,
     broken_while: Path | None = None,
     mode_key: bool = False,
+    pidfile: Path | None = None,
 ) -> Config:
     """One template entry (plus a ``drain_pid`` entry with ``drain``). ``hang_on``: a reload of
     a file holding that text hangs (until the watches are stopped). ``broken_while``: the check
@@ -75,6 +76,7 @@ def make_config(
             "dest": str(dest),
             "check_cmd": ["sh", "-c", f'echo run >> "{checks}"; {broken}grep -q server "{{path}}"'],
             "reload_cmd": ["sh", "-c", f'{pause}cat "{dest}" >> "{reload_log}"'],
+            **({"pidfile": str(pidfile)} if pidfile is not None else {}),
         }
     ]
     if drain:
@@ -770,3 +772,62 @@ async def test_drain_pid_is_held_while_a_template_waits_for_a_deleted_key(
             for child in (old, new):
                 await child.stop(timeout=5)
                 child.close()
+
+
+@pytest.mark.etcd
+async def test_drain_pid_never_drains_the_process_pid_current_still_names(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A seed-style service running its swap again for the same process: previous = current.
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
+    async with watching(config) as (reaper, _):
+        serving = start_sleeper(reaper)
+        try:
+            await _serve_old(etcd_server, etcd_prefix, serving, tmp_path / "reloads.log")
+            etcd_server.put(f"{etcd_prefix}/app/pid/previous", str(serving.pid))
+            await await_until(
+                lambda: _true(f"not signalling pid={serving.pid}: " in caplog.text),
+                message="the drain to be refused",
+            )
+            assert serving.returncode is None
+        finally:
+            await serving.stop(timeout=5)
+            serving.close()
+
+
+@pytest.mark.etcd
+async def test_drain_pid_refuses_the_proxy_master_even_seen_as_pid_current(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pidfile = tmp_path / "proxy.pid"
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, pidfile=pidfile)
+    async with watching(config) as (reaper, registry):
+        master, new = start_sleeper(reaper), start_sleeper(reaper)
+        try:
+            pidfile.write_text(f"{master.pid}\n")
+            # pid/current set by hand to the proxy's master, then a promotion replaces it.
+            await _serve_old(etcd_server, etcd_prefix, master, tmp_path / "reloads.log")
+            await _promote(registry, "42000", new)
+            await await_until(
+                lambda: _true(
+                    f"refusing to signal pid={master.pid}: it is the proxy's master" in caplog.text
+                ),
+                message="the refusal",
+            )
+            assert master.returncode is None
+        finally:
+            for child in (master, new):
+                await child.stop(timeout=5)
+                child.close()
+
+
+def test_drain_pid_refuses_the_watcher_its_parent_and_init(tmp_path: Path) -> None:
+    # Not signalled for real: without the guard the test would kill itself (or its shell).
+    config = make_config(tmp_path, "127.0.0.1:1", "p", drain=True)
+    registry = EtcdRegistry(config.registry)
+    assert config.watch[1].drain_pid is not None
+    drain = watch.DrainWatch(config.watch[1].keys[0], config.watch[1].drain_pid, registry, [])
+    for pid, what in [(os.getpid(), "watcher itself"), (os.getppid(), "parent"), (1, "init")]:
+        protected = drain._protected(pid)
+        assert protected is not None and what in protected
