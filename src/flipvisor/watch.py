@@ -32,8 +32,8 @@ key naming one of those was set by mistake. A template that is only slow delays 
 ``CATCH_UP_TIMEOUT`` at most; one whose last render, check or reload failed holds it until an
 attempt (a retry or a change's) succeeds (the proxy may still route to nothing but the old
 process), with an error logged every ``CATCH_UP_TIMEOUT``; so does one that renders the
-program's keys and waits for a missing (deleted) key, until it renders again (its file still
-routes as the last render did). When it has to read the keys again
+program's keys and waits for a missing (deleted) key while its file is in place, until it renders
+again (the file still routes as the last render did). When it has to read the keys again
 (history compacted or replaced, an outage), the difference from what it had is handled as one
 more change, so a promotion made meanwhile still drains.
 
@@ -309,9 +309,12 @@ class TemplateWatch(_Follower):
     def holds(self, folder: str) -> bool:
         """Whether this entry holds a drain of the program whose keys are under ``folder``: its
         last attempt failed (of any program: the proxy may route to nothing but the old process
-        then), or it waits for a missing key and renders that program's keys (its file still
-        routes as the last render did)."""
-        return self.failure is not None or (self.waiting and self.renders(folder))
+        then), or it waits for a missing key, renders that program's keys and has a file in
+        place (from an earlier render, perhaps an earlier run: it still routes as that render
+        said). One that never rendered routes nothing, and holds nothing."""
+        if self.failure is not None:
+            return True
+        return self.waiting and self.renders(folder) and self.dest.exists()
 
     def renders(self, folder: str) -> bool:
         """Whether a key under ``folder`` is one of this entry's keys (or under one of them)."""
