@@ -575,6 +575,13 @@ def start_time_of(pid: int) -> float | None:
     return ticks / _CLOCK_TICKS + _boot_time()
 
 
+def start_time_now() -> float:
+    """Now, on ``start_time_of``'s clock (boot time plus the time since boot): a process whose
+    start time is at most this was running at this moment (``time.time()`` would differ from
+    that clock by up to a second, the boot time being counted in whole seconds)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) + _boot_time()
+
+
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 

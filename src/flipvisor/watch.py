@@ -18,9 +18,12 @@ and a failure that changes shows each new cause).
 
 A ``drain_pid`` entry on ``<prefix>/<program>/pid/previous`` follows the program's whole folder,
 so it also sees ``pid/current`` and the ``generation/current`` record. It remembers every process
-(PID and start time) it saw as ``pid/current``: one the record gives the start time of, or, for a
-PID that appeared in ``pid/current`` while it watched, the process running under it then (a bare
-PID found there at its first read may be stale, so it is not trusted). When ``pid/previous``
+(PID and start time) it saw as ``pid/current``: one the record gives the start time of (never a
+start time read now), or, for a bare PID that appeared in ``pid/current`` in a live change
+(``WatchEvent.live``: received as it happened), the process running under it then, if it already
+ran when the change arrived. A bare PID found at its first read, or in a change received late
+(replayed after an outage, found by a new read), may be stale and its PID reused since: it is not
+trusted. When ``pid/previous``
 names PIDs it first waits (in a task of its own, so it keeps following the keys) until the
 template entries have successfully applied every earlier change, then signals each PID only if
 it saw that very process serving (``spawn.signal_verified`` checks the start time through a
@@ -72,7 +75,7 @@ from .proxy import install, proxy_workers, reload, render_template, wait_workers
 from .reaper import Reaper
 from .registry import KeyRange, WatchableRegistry, WatchEvent, WatchLost, key_matches
 from .signals import SHUTDOWN
-from .spawn import signal_verified, start_time_of
+from .spawn import signal_verified, start_time_now, start_time_of
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +381,9 @@ class DrainWatch(_Follower):
             return
         self.values = dict(start.values)
         self._has_read = True
-        self._see_current(appeared=(), at_start=True)
+        self._see_current(
+            parse_pids(self.values.get(self.folder + "pid/current")), None, "at start"
+        )
         for pid in parse_pids(self.values.get(self.key)):
             if not any(seen[0] == pid for seen in self.seen):
                 log.info(
@@ -389,6 +394,9 @@ class DrainWatch(_Follower):
                 )
 
     async def changed(self, batch: list[WatchEvent]) -> None:
+        # When the change arrived, if it is live: a bare PID it names is timed by a process
+        # that already ran then (read first, so no later process can pass for it).
+        arrived = start_time_now() if batch and all(e.live for e in batch) else None
         before = dict(self.values)
         for event in batch:
             if event.value is None:
@@ -422,44 +430,64 @@ class DrainWatch(_Follower):
         current = self.folder + "pid/current"
         self._see_current(
             appeared=set(parse_pids(self.values.get(current)))
-            - set(parse_pids(before.get(current)))
+            - set(parse_pids(before.get(current))),
+            arrived=arrived,
+            how="in a change received late (replayed after an outage, or found by a new read)",
         )
 
-    def _see_current(self, appeared: Collection[int], *, at_start: bool = False) -> None:
+    def _see_current(self, appeared: Collection[int], arrived: float | None, how: str) -> None:
         """Remember the processes ``pid/current`` names, with their start times.
 
-        The ``generation/current`` record's start time is trusted whenever it names the PID.
-        Without one, a PID is timed by the process running under it now only if it has just
-        ``appeared`` in ``pid/current`` (a promotion or restart seen as it happened): a PID
-        that was already there may be stale, and the process now running under it another
-        one (the contract: a bare or recycled PID is never signalled).
+        The ``generation/current`` record's start time is trusted whenever it names the PID,
+        never one read now. Without one, a PID is timed by the process running under it now
+        only if it has just ``appeared`` in ``pid/current`` in a live change (``arrived``: when
+        it was received) and that process already ran when it arrived: a PID found at start or
+        in a change received late may be stale, and the process now running under it another
+        one (the contract: a bare or recycled PID is never signalled). ``how``: how a PID that
+        is not live was found, for the log.
         """
         pids = parse_pids(self.values.get(self.folder + "pid/current"))
         recorded = record_start_times(self.values.get(self.folder + "generation/current"))
         for pid in pids:
             started = recorded.get(pid)
-            if started is None and pid not in appeared:
-                if at_start:
-                    log.info(
-                        "drain_pid %s: not trusting pid=%d found in pid/current at start: "
-                        "generation/current gives no start time for it (the key may be stale "
-                        "and the PID reused); it will not be drained",
-                        self.key,
-                        pid,
-                    )
-                continue
             if started is None:
-                started = start_time_of(pid)
-            if started is None:
-                log.warning(
-                    "drain_pid %s: pid=%d in pid/current is not running here", self.key, pid
-                )
-                continue
+                if pid not in appeared:
+                    continue
+                started = self._time_bare(pid, arrived, how)
+                if started is None:
+                    continue
             if (pid, started) not in self.seen:
                 log.info(
                     "drain_pid %s: pid=%d is pid/current (started %.2f)", self.key, pid, started
                 )
                 self.seen.add((pid, started))
+
+    def _time_bare(self, pid: int, arrived: float | None, how: str) -> float | None:
+        """The start time of ``pid``, a bare PID that has just appeared in ``pid/current``, if
+        it can be trusted (see ``_see_current``); None (and a log line) if not."""
+        if arrived is None:
+            log.info(
+                "drain_pid %s: not trusting pid=%d found in pid/current %s: "
+                "generation/current gives no start time for it (the key may be stale "
+                "and the PID reused); it will not be drained",
+                self.key,
+                pid,
+                how,
+            )
+            return None
+        started = start_time_of(pid)
+        if started is None:
+            log.warning("drain_pid %s: pid=%d in pid/current is not running here", self.key, pid)
+        elif started > arrived:
+            log.warning(
+                "drain_pid %s: not trusting pid=%d in pid/current: the process running under "
+                "it started after the change arrived (the PID was reused); it will not be "
+                "drained",
+                self.key,
+                pid,
+            )
+            return None
+        return started
 
     async def _drain_after_reloads(self, targets: Sequence[tuple[int, float]]) -> None:
         """Drain ``targets`` (pid, start time) once the proxy no longer routes to them."""

@@ -20,7 +20,7 @@ from flipvisor import proxy, watch
 from flipvisor.config import Config
 from flipvisor.errors import ProxyError
 from flipvisor.reaper import Reaper
-from flipvisor.registry import Snapshot, open_registry
+from flipvisor.registry import KeyRange, Snapshot, WatchEvent, open_registry
 from flipvisor.registry.etcd import EtcdRegistry
 from flipvisor.registry.local import write_registry_file
 from flipvisor.spawn import Child, spawn_process, start_time_of
@@ -831,3 +831,42 @@ def test_drain_pid_refuses_the_watcher_its_parent_and_init(tmp_path: Path) -> No
     for pid, what in [(os.getpid(), "watcher itself"), (os.getppid(), "parent"), (1, "init")]:
         protected = drain._protected(pid)
         assert protected is not None and what in protected
+
+
+async def test_drain_pid_trusts_a_bare_pid_only_from_a_live_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The seed's layout (no generation record), fed to the entry as its registry watch would.
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, "127.0.0.1:1", "p", drain=True)
+    entry = config.watch[1]
+    assert entry.drain_pid is not None
+    drain = watch.DrainWatch(entry.keys[0], entry.drain_pid, EtcdRegistry(config.registry), [])
+    current, previous = "p/app/pid/current", "p/app/pid/previous"
+    late, old, reused, new = (popen_sleeper() for _ in range(4))
+    try:
+        async with anyio.create_task_group() as tg:
+            drain._tg = tg
+            await drain.started(KeyRange({}, 1))
+            # Received late (replayed after an outage, or a new read): the process running under
+            # the PID now may not be the one the key named when it was written.
+            await drain.changed([WatchEvent(current, str(late.pid), 2)])
+            await drain.changed([WatchEvent(current, str(old.pid), 3, live=True)])
+            await drain.changed(
+                [WatchEvent(current, str(new.pid), 4), WatchEvent(previous, str(late.pid), 4)]
+            )
+            assert f"refusing to signal pid={late.pid}: never seen" in caplog.text
+            # A live change whose process started after it arrived: the PID was reused.
+            monkeypatch.setattr(watch, "start_time_now", lambda: 0.0)
+            await drain.changed([WatchEvent(current, str(reused.pid), 5, live=True)])
+            assert f"not trusting pid={reused.pid} in pid/current" in caplog.text
+            # The process seen live is drained.
+            await drain.changed([WatchEvent(previous, str(old.pid), 6, live=True)])
+            await await_until(lambda: _true(old.poll() is not None), message="the drain")
+            tg.cancel_scope.cancel()
+        assert old.returncode == -signal.SIGTERM
+        assert late.poll() is None and reused.poll() is None and new.poll() is None
+    finally:
+        for process in (late, old, reused, new):
+            process.kill()
+            process.wait(timeout=5)
