@@ -314,6 +314,9 @@ def _run(args: argparse.Namespace, path: Path) -> int:
 
 
 def _watch(args: argparse.Namespace, path: Path) -> int:
+    from . import signals
+
+    signals.hold()  # until watch_main receives them (signals.py says why)
     import anyio
 
     from .config import load_config

@@ -74,7 +74,7 @@ from .errors import ProxyError, RegistryError
 from .proxy import install, proxy_workers, reload, render_template, wait_workers_gone
 from .reaper import Reaper
 from .registry import KeyRange, WatchableRegistry, WatchEvent, WatchLost, key_matches
-from .signals import SHUTDOWN
+from .signals import SHUTDOWN, release
 from .spawn import signal_verified, start_time_now, start_time_of
 
 log = logging.getLogger(__name__)
@@ -702,6 +702,7 @@ async def watch_main(config: Config) -> None:
         # SIGUSR2 terminate) would kill us mid-reload, leaving the reload command running and a
         # new file unrestored.
         with anyio.open_signal_receiver(*STOP_SIGNALS, *NOTED_SIGNALS) as signals:
+            release()  # held since `watch` began (cli.py): what came meanwhile is handled now
             async with watches_running(config, registry, reaper):
                 await _until_stop_signal(signals)
     finally:
