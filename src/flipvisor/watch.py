@@ -169,8 +169,10 @@ class TemplateWatch(_Follower):
         self._waiting_logged = False
         # Set from an install until its reload succeeded: ``dest`` may then hold a render that
         # was never checked or reloaded (its restore failed too), so finding the same render
-        # there does not mean it is applied.
-        self._unconfirmed = False
+        # there does not mean it is applied. Set at start too: an earlier run killed during
+        # its reload (SIGKILL, so it could not put the file back) left a render in place that
+        # the proxy may never have loaded; the first apply checks and reloads it.
+        self._unconfirmed = True
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -386,12 +388,33 @@ class DrainWatch(_Follower):
         )
         for pid in parse_pids(self.values.get(self.key)):
             if not any(seen[0] == pid for seen in self.seen):
-                log.info(
-                    "drain_pid %s: refusing to signal pid=%d found at start: never seen as %s",
-                    self.key,
-                    pid,
-                    self.folder + "pid/current",
-                )
+                self._never_seen(pid, " found at start")
+
+    def _never_seen(self, pid: int, how: str) -> None:
+        """Say that ``pid/previous`` names ``pid``, a process never seen as ``pid/current``:
+        a warning while it runs (perhaps the replaced service, left to the operator: a
+        promotion this watcher did not see), not for a PID that is gone."""
+        current = self.folder + "pid/current"
+        if start_time_of(pid) is None:
+            log.info(
+                "drain_pid %s: pid=%d%s is not running (never seen as %s): nothing to drain",
+                self.key,
+                pid,
+                how,
+                current,
+            )
+            return
+        log.warning(
+            "drain_pid %s: refusing to signal pid=%d%s: never seen as %s (a promotion made "
+            "while this watcher was not watching, or a PID that is not the service's): it still "
+            "runs; check what it is (ps -o pid,lstart,args -p %d) and stop it by hand if it is "
+            "the replaced service",
+            self.key,
+            pid,
+            how,
+            current,
+            pid,
+        )
 
     async def changed(self, batch: list[WatchEvent]) -> None:
         # When the change arrived, if it is live: a bare PID it names is timed by a process
@@ -414,12 +437,7 @@ class DrainWatch(_Follower):
                 # Every start time seen for the PID: only the live process's one can match.
                 starts = [seen for seen in self.seen if seen[0] == pid]
                 if not starts:
-                    log.warning(
-                        "drain_pid %s: refusing to signal pid=%d: never seen as %s",
-                        self.key,
-                        pid,
-                        self.folder + "pid/current",
-                    )
+                    self._never_seen(pid, "")
                 targets += starts
             if targets:
                 # In a task of its own: the wait may be long (a failed template holds it), and

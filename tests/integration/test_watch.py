@@ -870,3 +870,48 @@ async def test_drain_pid_trusts_a_bare_pid_only_from_a_live_change(
         for process in (late, old, reused, new):
             process.kill()
             process.wait(timeout=5)
+
+
+@pytest.mark.etcd
+async def test_a_restarted_watcher_reloads_the_render_it_finds_in_place(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
+) -> None:
+    # An earlier run was killed during its reload: the file is in place, the proxy may never
+    # have loaded it. The first apply after start checks and reloads it all the same.
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix)
+    _, reload_log, checks = outputs(tmp_path)
+    etcd_server.put(f"{etcd_prefix}/shared/x", "1")
+    etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
+    async with watching(config):
+        await await_until(lambda: _file_holds(reload_log, "41000"), message="the first reload")
+    reload_log.unlink()
+    checks.unlink()
+    async with watching(config):
+        await await_until(lambda: _file_holds(reload_log, "41000"), message="a reload at start")
+    assert _lines(checks) == 1
+
+
+@pytest.mark.etcd
+async def test_drain_pid_warns_of_a_running_pid_previous_it_never_saw_but_not_of_a_gone_one(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A promotion made while no watcher ran: the replaced process is left to the operator.
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
+    running, gone = popen_sleeper(), popen_sleeper()
+    gone.kill()
+    gone.wait(timeout=5)
+    try:
+        etcd_server.put(f"{etcd_prefix}/app/pid/previous", f"{running.pid},{gone.pid}")
+        async with watching(config):
+            await await_until(
+                lambda: _true(f"pid={gone.pid} found at start" in caplog.text),
+                message="the drain entry to read pid/previous",
+            )
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert any(f"pid={running.pid} found at start" in w and "still runs" in w for w in warnings)
+        assert not any(f"pid={gone.pid}" in w for w in warnings), warnings
+        assert running.poll() is None
+    finally:
+        running.kill()
+        running.wait(timeout=5)
