@@ -217,7 +217,7 @@ def _fail(args: argparse.Namespace, message: str, exit_code: int) -> int:
 
 
 def _check(args: argparse.Namespace, path: Path) -> int:
-    from .config import load_config_file
+    from .config import load_config_file, watch_warnings
     from .placeholders import placeholder_warnings
     from .preflight import host_problems
     from .problems import in_file_order
@@ -231,7 +231,7 @@ def _check(args: argparse.Namespace, path: Path) -> int:
     # this host too, and every problem is listed at its line, from the top of the file down.
     on_host = [parsed.problem(found.loc, found.message) for found in host_problems(parsed.config)]
     errors = in_file_order([*parsed.problems, *on_host])
-    warnings = in_file_order(placeholder_warnings(parsed))
+    warnings = in_file_order([*placeholder_warnings(parsed), *watch_warnings(parsed)])
     if errors:
         header = (
             f"invalid config file {path}:"
