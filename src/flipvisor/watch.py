@@ -116,10 +116,17 @@ async def _follow(
     Outages are retried with backoff; a watch whose history was compacted starts over with a
     fresh read (nothing is missed: the read holds every change up to its revision).
     """
-    delay = RETRY_MIN
+    delay, failing_since = RETRY_MIN, None
     while True:
         try:
             start = await registry.read_keys(patterns)
+            if failing_since is not None:
+                log.info(
+                    "%s: the registry answers again, after %.0f s",
+                    what,
+                    anyio.current_time() - failing_since,
+                )
+                failing_since = None
             await watcher.started(start)
             async with aclosing(registry.watch(patterns, since=start)) as events:
                 async for batch in events:
@@ -128,7 +135,18 @@ async def _follow(
         except WatchLost as exc:
             log.warning("%s: %s; reading the keys again", what, exc)
         except RegistryError as exc:
-            log.warning("%s: %s; retrying", what, exc)
+            # Once per outage (each entry retries, and would say so every RETRY_MAX seconds);
+            # the registry layer and `status` report the outage too.
+            if failing_since is None:
+                log.warning(
+                    "%s: %s; retrying until it answers (check that the registry is up and "
+                    "reachable: registry.endpoints)",
+                    what,
+                    exc,
+                )
+                failing_since = anyio.current_time()
+            else:
+                log.debug("%s: %s; retrying", what, exc)
             await anyio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
 

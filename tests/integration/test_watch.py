@@ -25,7 +25,7 @@ from flipvisor.registry.etcd import EtcdRegistry
 from flipvisor.registry.local import write_registry_file
 from flipvisor.spawn import Child, spawn_process, start_time_of
 from flipvisor.watch import watches_running
-from tests.fixtures.etcd import EtcdServer
+from tests.fixtures.etcd import EtcdServer, free_port
 from tests.waiting import await_until
 
 TEMPLATE = """upstream app {
@@ -915,3 +915,27 @@ async def test_drain_pid_warns_of_a_running_pid_previous_it_never_saw_but_not_of
     finally:
         running.kill()
         running.wait(timeout=5)
+
+
+async def test_an_unreachable_registry_is_warned_about_once_per_entry(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="flipvisor.watch")
+    config = make_config(tmp_path, f"127.0.0.1:{free_port()}", "p", drain=True)
+    dest = tmp_path / "out" / "app.conf"
+
+    def said(level: int) -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "flipvisor.watch" and r.levelno == level and "retrying" in r.getMessage()
+        ]
+
+    async with watching(config):
+        await await_until(
+            lambda: _true(sum(f"watch {dest}" in m for m in said(logging.DEBUG)) >= 2),
+            message="the entries to retry a few times",
+        )
+    warned = said(logging.WARNING)
+    assert sum(f"watch {dest}" in m for m in warned) == 1, warned
+    assert sum("drain_pid p/app/pid/previous" in m for m in warned) == 1, warned

@@ -455,7 +455,7 @@ class EtcdRegistry:
                 if reply.compact_revision:
                     raise WatchLost(
                         f"etcd compacted the history this watch needed (revision "
-                        f"{reply.compact_revision}): read the keys again"
+                        f"{reply.compact_revision})"
                     )
                 raise WatchLost(f"etcd refused the watch: {reply.cancel_reason}")
             events = [
