@@ -3,7 +3,9 @@
 Each ``watch:`` entry runs as one task. A template entry reads its keys, renders once every key
 (or, for a prefix ending in "/", at least one key under it) exists, then follows an etcd watch
 (not polling) from the revision it read: each change renders again, and a different result is
-installed, checked and reloaded; a failed reload puts the previous file back. An attempt that
+installed, checked and reloaded; a failed reload puts the previous file back. The first attempt
+after a start checks and reloads even a render already in place: an earlier run killed during
+its reload left it there, perhaps never loaded. An attempt that
 failed (render, check or reload) is tried again until one succeeds, after ``APPLY_RETRY_FIRST``
 seconds, doubling up to ``APPLY_RETRY_MAX``, rendering the keys and the template as they are at
 that time: what failed may be outside the watch's reach (another file that makes ``nginx -t``
