@@ -230,7 +230,7 @@ def _fail(args: argparse.Namespace, message: str, exit_code: int) -> int:
 
 
 def _check(args: argparse.Namespace, path: Path) -> int:
-    from .config import load_config_file
+    from .config import load_config_file, watch_warnings
     from .placeholders import placeholder_warnings
     from .preflight import host_problems
     from .problems import in_file_order
@@ -244,7 +244,7 @@ def _check(args: argparse.Namespace, path: Path) -> int:
     # this host too, and every problem is listed at its line, from the top of the file down.
     on_host = [parsed.problem(found.loc, found.message) for found in host_problems(parsed.config)]
     errors = in_file_order([*parsed.problems, *on_host])
-    warnings = in_file_order(placeholder_warnings(parsed))
+    warnings = in_file_order([*placeholder_warnings(parsed), *watch_warnings(parsed)])
     if errors:
         header = (
             f"invalid config file {path}:"
@@ -327,6 +327,9 @@ def _run(args: argparse.Namespace, path: Path) -> int:
 
 
 def _watch(args: argparse.Namespace, path: Path) -> int:
+    from . import signals
+
+    signals.hold()  # until watch_main receives them (signals.py says why)
     import anyio
 
     from .config import load_config

@@ -494,8 +494,74 @@ def parse_config_file(text: str, path: Path) -> ConfigFile:
         *_shared_fixed_ports(parsed),
         *_shared_proxy_files(parsed),
         *_long_socket_paths(parsed),
+        *_watched_programs(parsed, warnings=False),
     ]
     return replace(parsed, problems=in_file_order(across))
+
+
+def watch_warnings(parsed: ConfigFile) -> list[Problem]:
+    """``check``'s warnings about ``watch:`` entries that act on a program of ``programs:``."""
+    return _watched_programs(parsed, warnings=True)
+
+
+def _watched_programs(parsed: ConfigFile, *, warnings: bool) -> list[Problem]:
+    """``watch:`` entries on the keys of a program the same config runs (``warnings``: those
+    that are warnings, else the errors).
+
+    A ``drain_pid`` on its ``pid/previous`` is an error with ``rollback_window``: the replaced
+    generation is kept running on purpose, and the watcher would kill it (the program then
+    goes fatal, and the rollback has nothing to go back to). Without one it is a warning: the
+    supervisor drains the replaced generation itself, after its proxy's reload, while the
+    watcher's drain waits only for the watch's own templates. A template entry rendering the
+    program's keys when the program has no ``proxy:`` is a warning: a flip waits for its
+    ``proxy:`` (check, reload, the proxy's old workers gone) before it drains, but not for a
+    watch entry's render, check and reload, so a slow check routes to a drained generation.
+    """
+    config, problems = parsed.config, []
+    prefix = config.registry.prefix.strip("/")
+    for index, entry in enumerate(config.watch):
+        for name, program in config.programs.items():
+            folder = f"{prefix}/{name}/"
+            if entry.drain_pid is not None and entry.keys[0] == folder + "pid/previous":
+                window = program.rollback_window > 0
+                if window == warnings:
+                    continue
+                said = (
+                    f"drains programs.{name}'s replaced generations, which the supervisor "
+                    "drains itself"
+                )
+                if window:
+                    said += (
+                        ": with its rollback_window the generation kept warm for a rollback "
+                        "would be killed (and the program go fatal)"
+                    )
+                else:
+                    said += " (after its proxy's reload; this entry waits only for the watch's)"
+                problems.append(
+                    parsed.problem(
+                        ("watch", str(index), "drain_pid"),
+                        f"{said}; remove this entry (drain_pid is for services flipvisor does "
+                        "not run)",
+                        warning=warnings,
+                    )
+                )
+            elif (
+                warnings
+                and entry.template is not None
+                and program.proxy is None
+                and any(pattern.startswith(folder) for pattern in entry.keys)
+            ):
+                problems.append(
+                    parsed.problem(
+                        ("watch", str(index), "template"),
+                        f"renders programs.{name}'s keys, but a flip of {name} does not wait "
+                        "for this entry's render, check and reload before it drains the old "
+                        f"generation (after drain.delay): give programs.{name} a proxy: "
+                        "section instead, which a flip waits for",
+                        warning=True,
+                    )
+                )
+    return problems
 
 
 def _long_socket_paths(parsed: ConfigFile) -> list[Problem]:

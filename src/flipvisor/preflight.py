@@ -1,8 +1,8 @@
 """What ``flipvisor check`` verifies beyond the file itself: that a valid config also works on
 this host. Commands and check/reload commands resolve, working directories exist, proxy
-templates render with a sample flip's context, watch templates exist, the state_dir and the
-proxy files can be created and written, the metrics address is one of this host's. Nothing is
-created, written or kept bound.
+templates render with a sample flip's context, watch templates exist and parse, the state_dir
+and the proxy files can be created and written, the metrics address is one of this host's.
+Nothing is created, written or kept bound.
 
 Each problem names its location as the config's keys, so that ``check`` can give it the line
 of the key, like the config's own errors.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import Config, ProgramConfig
 from .errors import ProxyError, SpawnError
-from .proxy import flip_context, render_template
+from .proxy import flip_context, parse_template, render_template
 from .spawn import resolve_executable
 from .usable import file_problem, folder_problem, listen_problem, parse_listen
 
@@ -54,6 +54,12 @@ def host_problems(config: Config) -> list[HostProblem]:
         where = ("watch", str(index))
         if entry.template is not None and not entry.template.is_file():
             problems.append(HostProblem((*where, "template"), f"{entry.template} does not exist"))
+        elif entry.template is not None:
+            # Parsed, not rendered: its keys exist only at run time.
+            try:
+                parse_template(entry.template)
+            except ProxyError as exc:
+                problems.append(HostProblem((*where, "template"), str(exc)))
         if entry.dest is not None and (why := file_problem(entry.dest)):
             problems.append(HostProblem((*where, "dest"), why))
         problems.extend(_command_problems((*where, "check_cmd"), entry.check_cmd, None))

@@ -55,6 +55,26 @@ def _where(template: Path, exc: BaseException) -> str:
     return where
 
 
+def parse_template(template: Path) -> None:
+    """Parse ``template`` without rendering it: for a template whose context exists only at run
+    time (a watch entry's keys), ``flipvisor check`` finds its syntax errors.
+
+    Raises:
+        ProxyError: the template is missing or unreadable, or has a syntax error; the message
+            names the file and line.
+    """
+    import jinja2
+
+    try:
+        source = template.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProxyError(f"proxy template {template}: cannot read: {exc}") from exc
+    try:
+        jinja2.Environment(keep_trailing_newline=True).parse(source, filename=str(template))
+    except jinja2.TemplateSyntaxError as exc:
+        raise ProxyError(f"proxy template {_where(template, exc)}: {exc.message}") from exc
+
+
 def render_template(template: Path, context: Mapping[str, object]) -> str:
     """Render ``template`` (a jinja2 file) with ``context``; an unknown variable is an error.
 

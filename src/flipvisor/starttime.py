@@ -8,6 +8,7 @@ supervisor's modules.
 from __future__ import annotations
 
 import os
+import time
 
 # Start times are compared to this tolerance: psutil, and so external checks, round them.
 START_TIME_TOLERANCE = 0.05
@@ -27,6 +28,13 @@ def start_time_of(pid: int) -> float | None:
     except (OSError, IndexError, ValueError):
         return None
     return ticks / _CLOCK_TICKS + _boot_time()
+
+
+def start_time_now() -> float:
+    """Now, on ``start_time_of``'s clock (boot time plus the time since boot): a process whose
+    start time is at most this was running at this moment (``time.time()`` would differ from
+    that clock by up to a second, the boot time being counted in whole seconds)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) + _boot_time()
 
 
 def started_at(pid: int, started: float) -> bool:

@@ -3,7 +3,9 @@
 Each ``watch:`` entry runs as one task. A template entry reads its keys, renders once every key
 (or, for a prefix ending in "/", at least one key under it) exists, then follows an etcd watch
 (not polling) from the revision it read: each change renders again, and a different result is
-installed, checked and reloaded; a failed reload puts the previous file back. An attempt that
+installed, checked and reloaded; a failed reload puts the previous file back. The first attempt
+after a start checks and reloads even a render already in place: an earlier run killed during
+its reload left it there, perhaps never loaded. An attempt that
 failed (render, check or reload) is tried again until one succeeds, after ``APPLY_RETRY_FIRST``
 seconds, doubling up to ``APPLY_RETRY_MAX``, rendering the keys and the template as they are at
 that time: what failed may be outside the watch's reach (another file that makes ``nginx -t``
@@ -18,17 +20,25 @@ and a failure that changes shows each new cause).
 
 A ``drain_pid`` entry on ``<prefix>/<program>/pid/previous`` follows the program's whole folder,
 so it also sees ``pid/current`` and the ``generation/current`` record. It remembers every process
-(PID and start time) it saw as ``pid/current``: one the record gives the start time of, or, for a
-PID that appeared in ``pid/current`` while it watched, the process running under it then (a bare
-PID found there at its first read may be stale, so it is not trusted). When ``pid/previous``
+(PID and start time) it saw as ``pid/current``: one the record gives the start time of (never a
+start time read now), or, for a bare PID that appeared in ``pid/current`` in a live change
+(``WatchEvent.live``: received as it happened), the process running under it then, if it already
+ran when the change arrived. A bare PID found at its first read, or in a change received late
+(replayed after an outage, found by a new read), may be stale and its PID reused since: it is not
+trusted. When ``pid/previous``
 names PIDs it first waits (in a task of its own, so it keeps following the keys) until the
 template entries have successfully applied every earlier change, then signals each PID only if
 it saw that very process serving (``spawn.signal_verified`` checks the start time through a
 pidfd), and SIGKILLs it after the timeout if it is still that process. A PID it never saw is
-never signalled: it logs a warning instead. A template that is only slow delays a drain by
+never signalled: it logs a warning instead. Nor is, whatever was seen, a PID that
+``pid/current`` names at the time of the drain (it serves: a service that ran its swap again for
+the same process), this watcher, its parent, PID 1, or a proxy's master (from a ``pidfile``): a
+key naming one of those was set by mistake. A template that is only slow delays a drain by
 ``CATCH_UP_TIMEOUT`` at most; one whose last render, check or reload failed holds it until an
 attempt (a retry or a change's) succeeds (the proxy may still route to nothing but the old
-process), with an error logged every ``CATCH_UP_TIMEOUT``. When it has to read the keys again
+process), with an error logged every ``CATCH_UP_TIMEOUT``; so does one that renders the
+program's keys and waits for a missing (deleted) key while its file is in place, until it renders
+again (the file still routes as the last render did). When it has to read the keys again
 (history compacted or replaced, an outage), the difference from what it had is handled as one
 more change, so a promotion made meanwhile still drains.
 
@@ -50,10 +60,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -64,9 +76,9 @@ from .errors import ProxyError, RegistryError
 from .proxy import install, proxy_workers, reload, render_template, wait_workers_gone
 from .reaper import Reaper
 from .registry import KeyRange, WatchableRegistry, WatchEvent, WatchLost, key_matches
-from .signals import SHUTDOWN
+from .signals import SHUTDOWN, release
 from .spawn import signal_verified
-from .starttime import start_time_of
+from .starttime import start_time_now, start_time_of
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +119,17 @@ async def _follow(
     Outages are retried with backoff; a watch whose history was compacted starts over with a
     fresh read (nothing is missed: the read holds every change up to its revision).
     """
-    delay = RETRY_MIN
+    delay, failing_since = RETRY_MIN, None
     while True:
         try:
             start = await registry.read_keys(patterns)
+            if failing_since is not None:
+                log.info(
+                    "%s: the registry answers again, after %.0f s",
+                    what,
+                    anyio.current_time() - failing_since,
+                )
+                failing_since = None
             await watcher.started(start)
             async with aclosing(registry.watch(patterns, since=start)) as events:
                 async for batch in events:
@@ -119,7 +138,18 @@ async def _follow(
         except WatchLost as exc:
             log.warning("%s: %s; reading the keys again", what, exc)
         except RegistryError as exc:
-            log.warning("%s: %s; retrying", what, exc)
+            # Once per outage (each entry retries, and would say so every RETRY_MAX seconds);
+            # the registry layer and `status` report the outage too.
+            if failing_since is None:
+                log.warning(
+                    "%s: %s; retrying until it answers (check that the registry is up and "
+                    "reachable: registry.endpoints)",
+                    what,
+                    exc,
+                )
+                failing_since = anyio.current_time()
+            else:
+                log.debug("%s: %s; retrying", what, exc)
             await anyio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
 
@@ -150,6 +180,9 @@ class TemplateWatch(_Follower):
         # for missing keys: a drain is held while it is set (the proxy may still route only to
         # the old process).
         self.failure: str | None = None
+        # Set while the last attempt found a key missing: nothing was rendered, so ``dest`` still
+        # routes as an earlier render said, and a drain of the keys' program is held too.
+        self.waiting = False
         self.busy = False
         self.reloaded_at: float | None = None  # anyio.current_time() of the last reload that ran
         self._progress = anyio.Event()
@@ -157,8 +190,10 @@ class TemplateWatch(_Follower):
         self._waiting_logged = False
         # Set from an install until its reload succeeded: ``dest`` may then hold a render that
         # was never checked or reloaded (its restore failed too), so finding the same render
-        # there does not mean it is applied.
-        self._unconfirmed = False
+        # there does not mean it is applied. Set at start too: an earlier run killed during
+        # its reload (SIGKILL, so it could not put the file back) left a render in place that
+        # the proxy may never have loaded; the first apply checks and reloads it.
+        self._unconfirmed = True
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -245,7 +280,8 @@ class TemplateWatch(_Follower):
 
     async def _render_and_reload(self, values: dict[str, str], *, quiet: bool) -> None:
         """Raises: ProxyError: rendering, checking or reloading failed (the file is restored)."""
-        if not keys_present(self.entry.keys, values):
+        self.waiting = not keys_present(self.entry.keys, values)
+        if self.waiting:
             if not self._waiting_logged:
                 log.info("watch %s: waiting for keys %s", self.dest, ", ".join(self.entry.keys))
                 self._waiting_logged = True
@@ -296,13 +332,30 @@ class TemplateWatch(_Follower):
             )
         log.info("watch %s: rendered and reloaded", self.dest)
 
-    async def caught_up(self) -> None:
+    def holds(self, folder: str) -> bool:
+        """Whether this entry holds a drain of the program whose keys are under ``folder``: its
+        last attempt failed (of any program: the proxy may route to nothing but the old process
+        then), or it waits for a missing key, renders that program's keys and has a file in
+        place (from an earlier render, perhaps an earlier run: it still routes as that render
+        said). One that never rendered routes nothing, and holds nothing."""
+        if self.failure is not None:
+            return True
+        return self.waiting and self.renders(folder) and self.dest.exists()
+
+    def renders(self, folder: str) -> bool:
+        """Whether a key under ``folder`` is one of this entry's keys (or under one of them)."""
+        return any(
+            p.startswith(folder) or (p.endswith("/") and folder.startswith(p))
+            for p in self.entry.keys
+        )
+
+    async def caught_up(self, folder: str) -> None:
         """Wait until this entry has successfully applied every change made before this call.
 
         A change not received yet shows as a difference between what the registry holds now
         and what the last attempt saw (revisions are not compared: the local backend's are
-        counters of each watch). While the last attempt failed this keeps waiting: only a
-        later attempt that succeeds ends it.
+        counters of each watch). While the entry ``holds`` the drain of ``folder``'s program
+        this keeps waiting: only a later attempt that succeeds (renders) ends it.
         """
         while True:
             progress = self._progress  # taken before the read, so no progress is missed
@@ -312,7 +365,7 @@ class TemplateWatch(_Follower):
                 )
             except RegistryError:
                 now = None
-            if not self.busy and self.failure is None and now is not None and self.handled == now:
+            if not self.busy and not self.holds(folder) and now is not None and self.handled == now:
                 return
             await progress.wait()
 
@@ -325,6 +378,9 @@ class DrainWatch(_Follower):
     drain: DrainPidConfig
     registry: WatchableRegistry
     templates: Sequence[TemplateWatch]
+    # The proxies' pidfiles (of the watch's template entries and the config's programs): their
+    # masters are never drained, whatever the keys say.
+    pidfiles: Sequence[Path] = ()
     seen: set[tuple[int, float]] = field(default_factory=set)
     values: dict[str, str] = field(default_factory=dict)
     _tg: TaskGroup | None = None
@@ -348,17 +404,43 @@ class DrainWatch(_Follower):
             return
         self.values = dict(start.values)
         self._has_read = True
-        self._see_current(appeared=(), at_start=True)
+        self._see_current(
+            parse_pids(self.values.get(self.folder + "pid/current")), None, "at start"
+        )
         for pid in parse_pids(self.values.get(self.key)):
             if not any(seen[0] == pid for seen in self.seen):
-                log.info(
-                    "drain_pid %s: refusing to signal pid=%d found at start: never seen as %s",
-                    self.key,
-                    pid,
-                    self.folder + "pid/current",
-                )
+                self._never_seen(pid, " found at start")
+
+    def _never_seen(self, pid: int, how: str) -> None:
+        """Say that ``pid/previous`` names ``pid``, a process never seen as ``pid/current``:
+        a warning while it runs (perhaps the replaced service, left to the operator: a
+        promotion this watcher did not see), not for a PID that is gone."""
+        current = self.folder + "pid/current"
+        if start_time_of(pid) is None:
+            log.info(
+                "drain_pid %s: pid=%d%s is not running (never seen as %s): nothing to drain",
+                self.key,
+                pid,
+                how,
+                current,
+            )
+            return
+        log.warning(
+            "drain_pid %s: refusing to signal pid=%d%s: never seen as %s (a promotion made "
+            "while this watcher was not watching, or a PID that is not the service's): it still "
+            "runs; check what it is (ps -o pid,lstart,args -p %d) and stop it by hand if it is "
+            "the replaced service",
+            self.key,
+            pid,
+            how,
+            current,
+            pid,
+        )
 
     async def changed(self, batch: list[WatchEvent]) -> None:
+        # When the change arrived, if it is live: a bare PID it names is timed by a process
+        # that already ran then (read first, so no later process can pass for it).
+        arrived = start_time_now() if batch and all(e.live for e in batch) else None
         before = dict(self.values)
         for event in batch:
             if event.value is None:
@@ -371,15 +453,12 @@ class DrainWatch(_Follower):
         if previous is not None and previous != before.get(self.key):
             targets = []
             for pid in parse_pids(previous):
+                if self._refused(pid):
+                    continue
                 # Every start time seen for the PID: only the live process's one can match.
                 starts = [seen for seen in self.seen if seen[0] == pid]
                 if not starts:
-                    log.warning(
-                        "drain_pid %s: refusing to signal pid=%d: never seen as %s",
-                        self.key,
-                        pid,
-                        self.folder + "pid/current",
-                    )
+                    self._never_seen(pid, "")
                 targets += starts
             if targets:
                 # In a task of its own: the wait may be long (a failed template holds it), and
@@ -390,44 +469,64 @@ class DrainWatch(_Follower):
         current = self.folder + "pid/current"
         self._see_current(
             appeared=set(parse_pids(self.values.get(current)))
-            - set(parse_pids(before.get(current)))
+            - set(parse_pids(before.get(current))),
+            arrived=arrived,
+            how="in a change received late (replayed after an outage, or found by a new read)",
         )
 
-    def _see_current(self, appeared: Collection[int], *, at_start: bool = False) -> None:
+    def _see_current(self, appeared: Collection[int], arrived: float | None, how: str) -> None:
         """Remember the processes ``pid/current`` names, with their start times.
 
-        The ``generation/current`` record's start time is trusted whenever it names the PID.
-        Without one, a PID is timed by the process running under it now only if it has just
-        ``appeared`` in ``pid/current`` (a promotion or restart seen as it happened): a PID
-        that was already there may be stale, and the process now running under it another
-        one (the contract: a bare or recycled PID is never signalled).
+        The ``generation/current`` record's start time is trusted whenever it names the PID,
+        never one read now. Without one, a PID is timed by the process running under it now
+        only if it has just ``appeared`` in ``pid/current`` in a live change (``arrived``: when
+        it was received) and that process already ran when it arrived: a PID found at start or
+        in a change received late may be stale, and the process now running under it another
+        one (the contract: a bare or recycled PID is never signalled). ``how``: how a PID that
+        is not live was found, for the log.
         """
         pids = parse_pids(self.values.get(self.folder + "pid/current"))
         recorded = record_start_times(self.values.get(self.folder + "generation/current"))
         for pid in pids:
             started = recorded.get(pid)
-            if started is None and pid not in appeared:
-                if at_start:
-                    log.info(
-                        "drain_pid %s: not trusting pid=%d found in pid/current at start: "
-                        "generation/current gives no start time for it (the key may be stale "
-                        "and the PID reused); it will not be drained",
-                        self.key,
-                        pid,
-                    )
-                continue
             if started is None:
-                started = start_time_of(pid)
-            if started is None:
-                log.warning(
-                    "drain_pid %s: pid=%d in pid/current is not running here", self.key, pid
-                )
-                continue
+                if pid not in appeared:
+                    continue
+                started = self._time_bare(pid, arrived, how)
+                if started is None:
+                    continue
             if (pid, started) not in self.seen:
                 log.info(
                     "drain_pid %s: pid=%d is pid/current (started %.2f)", self.key, pid, started
                 )
                 self.seen.add((pid, started))
+
+    def _time_bare(self, pid: int, arrived: float | None, how: str) -> float | None:
+        """The start time of ``pid``, a bare PID that has just appeared in ``pid/current``, if
+        it can be trusted (see ``_see_current``); None (and a log line) if not."""
+        if arrived is None:
+            log.info(
+                "drain_pid %s: not trusting pid=%d found in pid/current %s: "
+                "generation/current gives no start time for it (the key may be stale "
+                "and the PID reused); it will not be drained",
+                self.key,
+                pid,
+                how,
+            )
+            return None
+        started = start_time_of(pid)
+        if started is None:
+            log.warning("drain_pid %s: pid=%d in pid/current is not running here", self.key, pid)
+        elif started > arrived:
+            log.warning(
+                "drain_pid %s: not trusting pid=%d in pid/current: the process running under "
+                "it started after the change arrived (the PID was reused); it will not be "
+                "drained",
+                self.key,
+                pid,
+            )
+            return None
+        return started
 
     async def _drain_after_reloads(self, targets: Sequence[tuple[int, float]]) -> None:
         """Drain ``targets`` (pid, start time) once the proxy no longer routes to them."""
@@ -447,18 +546,29 @@ class DrainWatch(_Follower):
         while True:
             with anyio.move_on_after(CATCH_UP_TIMEOUT) as scope:
                 for template in self.templates:
-                    await template.caught_up()
+                    await template.caught_up(self.folder)
             if not scope.cancelled_caught:
                 break
-            failed = [t for t in self.templates if t.failure is not None]
-            if not failed:
+            held = [t for t in self.templates if t.holds(self.folder)]
+            if not held:
                 log.warning(
                     "drain_pid %s: templates did not catch up within %g s; draining anyway",
                     self.key,
                     CATCH_UP_TIMEOUT,
                 )
                 break
-            for template in failed:
+            for template in held:
+                if template.failure is None:
+                    log.error(
+                        "drain_pid %s: not draining pid=%s: watch %s is waiting for keys %s, "
+                        "so its file still routes as its last render did (held until they "
+                        "exist again and it applies)",
+                        self.key,
+                        ",".join(map(str, pids)),
+                        template.dest,
+                        ", ".join(template.entry.keys),
+                    )
+                    continue
                 log.error(
                     "drain_pid %s: not draining pid=%s: watch %s failed: %s "
                     "(held until it applies: it is retried, and at each change)",
@@ -477,9 +587,53 @@ class DrainWatch(_Follower):
         if reloads:
             await anyio.sleep_until(max(reloads) + RELOAD_SETTLE)
 
+    def _refused(self, pid: int) -> bool:
+        """Whether ``pid`` must not be drained whatever was seen (said in a log line): it is
+        ``pid/current`` now (it serves), or a process a drain can only be a mistake for."""
+        current = self.folder + "pid/current"
+        if pid in parse_pids(self.values.get(current)):
+            log.info(
+                "drain_pid %s: not signalling pid=%d: %s names it too (it serves)",
+                self.key,
+                pid,
+                current,
+            )
+            return True
+        what = self._protected(pid)
+        if what is not None:
+            log.warning(
+                "drain_pid %s: refusing to signal pid=%d: it is %s; %s or %s names it by "
+                "mistake (set by hand?): correct the key to name the replaced service's process",
+                self.key,
+                pid,
+                what,
+                self.key,
+                current,
+            )
+        return what is not None
+
+    def _protected(self, pid: int) -> str | None:
+        """What ``pid`` is if it is never to be drained: this watcher, its parent, PID 1 or a
+        proxy's master (from its pidfile); None otherwise."""
+        if pid == os.getpid():
+            return "this watcher itself"
+        if pid == os.getppid():
+            return "this watcher's parent"
+        if pid == 1:
+            return "PID 1 (init)"
+        for pidfile in self.pidfiles:
+            try:
+                if pidfile.read_text().strip() == str(pid):
+                    return f"the proxy's master (pidfile {pidfile})"
+            except OSError:
+                continue
+        return None
+
     async def _drain_one(self, pid: int, started: float) -> None:
         """Signal the process if it is still the one seen, SIGKILL it after the timeout."""
         sig = self.drain.signal
+        if self._refused(pid):  # again: the keys or the proxy may have changed meanwhile
+            return
         if not signal_verified(pid, started, sig):
             log.info(
                 "drain_pid %s: pid=%d is gone already (or is another process now)", self.key, pid
@@ -538,8 +692,13 @@ async def run_watches(
 ) -> None:
     """Run every ``config.watch`` entry until cancelled; started at once (even if etcd is down)."""
     templates = [TemplateWatch(entry, registry, reaper) for entry in config.watch if entry.template]
+    pidfiles = [entry.pidfile for entry in config.watch if entry.pidfile is not None] + [
+        program.proxy.pidfile
+        for program in config.programs.values()
+        if program.proxy is not None and program.proxy.pidfile is not None
+    ]
     drains = [
-        DrainWatch(entry.keys[0], entry.drain_pid, registry, templates)
+        DrainWatch(entry.keys[0], entry.drain_pid, registry, templates, pidfiles)
         for entry in config.watch
         if entry.drain_pid is not None
     ]
@@ -582,6 +741,7 @@ async def watch_main(config: Config) -> None:
         # SIGUSR2 terminate) would kill us mid-reload, leaving the reload command running and a
         # new file unrestored.
         with anyio.open_signal_receiver(*STOP_SIGNALS, *NOTED_SIGNALS) as signals:
+            release()  # held since `watch` began (cli.py): what came meanwhile is handled now
             async with watches_running(config, registry, reaper):
                 await _until_stop_signal(signals)
     finally:

@@ -21,6 +21,7 @@ import yaml
 
 from flipvisor.registry.local import write_registry_file
 from tests.e2e.load import Load
+from tests.e2e.test_lifecycle import held_back
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.flipvisor import ROOT, Flipvisor, svc_command
 from tests.fixtures.nginx import Nginx
@@ -548,4 +549,36 @@ def test_watch_keeps_running_after_sighup_and_sigusr1(watcher: Watcher, tmp_path
     assert process.poll() is None, watcher.output()
     write_registry_file(registry_file, {"flipvisor/svc/port/current": "42000"})
     wait_until(lambda: file_holds(dest, "port=42000"), timeout=15, message="a later render")
+    assert watcher.stop() == 0, watcher.output()[-3000:]
+
+
+def test_sighup_while_watch_starts_up_is_held_until_it_is_handled(
+    watcher: Watcher, tmp_path: Path
+) -> None:
+    template = tmp_path / "port.txt.j2"
+    template.write_text('port={{ get("flipvisor/svc/port/current") }}\n')
+    process = watcher.start(
+        {
+            "registry": {"backend": "local"},
+            "watch": [
+                {
+                    "keys": ["flipvisor/svc/port/current"],
+                    "template": str(template),
+                    "dest": str(tmp_path / "out" / "port.txt"),
+                }
+            ],
+        }
+    )
+    # Sent while `watch` starts up (imports, config) and has no handler yet.
+    wait_until(
+        lambda: process.poll() is not None or held_back(process.pid, signal.SIGHUP),
+        timeout=15,
+        message="watch to hold SIGHUP back while it starts",
+    )
+    process.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: "does not re-read its config" in watcher.output() or process.poll() is not None,
+        message="the watcher to log the SIGHUP",
+    )
+    assert process.poll() is None, watcher.output()
     assert watcher.stop() == 0, watcher.output()[-3000:]

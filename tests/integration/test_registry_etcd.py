@@ -468,3 +468,24 @@ async def _true(value: bool) -> bool:
 
 async def _value(server: EtcdServer, key: str, want: str | None) -> bool:
     return await anyio.to_thread.run_sync(server.get, key) == want
+
+
+@pytest.mark.etcd
+async def test_watch_marks_replayed_history_not_live_and_new_changes_live(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    # drain_pid trusts a bare PID only from a change received as it happened.
+    registry = registry_for(etcd_server.endpoint, etcd_prefix, timeout=2)
+    key = f"{etcd_prefix}/app/pid/current"
+    try:
+        start = await registry.read_keys([f"{etcd_prefix}/app/"])
+        etcd_server.put(key, "1")  # made before the watch: replayed from history
+        with anyio.fail_after(10):
+            async with aclosing(registry.watch([f"{etcd_prefix}/app/"], since=start)) as events:
+                replayed = await anext(events)
+                etcd_server.put(key, "2")
+                received = await anext(events)
+    finally:
+        await registry.aclose()
+    assert [(e.value, e.live) for e in replayed] == [("1", False)]
+    assert [(e.value, e.live) for e in received] == [("2", True)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import stat
 import subprocess
 import sys
@@ -256,3 +257,38 @@ def test_a_short_write_fails_and_keeps_the_previous_file(tmp_path: Path) -> None
     assert "cannot write the registry file" in child.stdout
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["registry.json"]  # no temporary file left
+
+
+async def test_watch_of_a_bad_file_warns_once_and_the_change_after_it_is_not_live(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A hand edit breaks the file for a while: one warning, not one per poll; what the next good
+    # read finds may be as old as the breakage (drain_pid must not take it as live).
+    caplog.set_level(logging.DEBUG, logger="flipvisor.registry")
+    path = tmp_path / "registry.json"
+    registry = LocalRegistry(path, RegistryConfig(prefix="p"))
+    write_registry_file(path, {"p/app/pid/current": "1"})
+    seen: list[WatchEvent] = []
+    async with anyio.create_task_group() as tg:
+
+        async def consume() -> None:
+            async with aclosing(registry.watch(["p/app/"])) as events:
+                async for batch in events:
+                    seen.extend(batch)
+
+        tg.start_soon(consume)
+        await anyio.lowlevel.checkpoint()  # let the watcher take its first look
+        write_registry_file(path, {"p/app/pid/current": "2"})
+        await await_until(lambda: _true(len(seen) == 1), message="a live change")
+        path.write_text('{"p/app/pid/current": ')
+        # Several polls of the same bad file (the later ones log at DEBUG).
+        await await_until(
+            lambda: _true(caplog.text.count("watching the registry file") >= 4),
+            message="polls of the bad file",
+        )
+        write_registry_file(path, {"p/app/pid/current": "3"})
+        await await_until(lambda: _true(len(seen) == 2), message="the change after it")
+        tg.cancel_scope.cancel()
+    assert [(e.value, e.live) for e in seen] == [("2", True), ("3", False)]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]

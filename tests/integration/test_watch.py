@@ -20,13 +20,13 @@ from flipvisor import proxy, watch
 from flipvisor.config import Config
 from flipvisor.errors import ProxyError
 from flipvisor.reaper import Reaper
-from flipvisor.registry import Snapshot, open_registry
+from flipvisor.registry import KeyRange, Snapshot, WatchEvent, open_registry
 from flipvisor.registry.etcd import EtcdRegistry
 from flipvisor.registry.local import write_registry_file
 from flipvisor.spawn import Child, spawn_process
 from flipvisor.starttime import start_time_of
 from flipvisor.watch import watches_running
-from tests.fixtures.etcd import EtcdServer
+from tests.fixtures.etcd import EtcdServer, free_port
 from tests.waiting import await_until
 
 TEMPLATE = """upstream app {
@@ -46,11 +46,14 @@ def make_config(
     drain: bool = False,
     hang_on: str | None = None,
     broken_while: Path | None = None,
+    mode_key: bool = False,
+    pidfile: Path | None = None,
 ) -> Config:
     """One template entry (plus a ``drain_pid`` entry with ``drain``). ``hang_on``: a reload of
     a file holding that text hangs (until the watches are stopped). ``broken_while``: the check
     fails while that file exists, whatever the render (as ``nginx -t`` does while another file of
-    nginx's config is broken). Every check run appends a line to ``checks.log``."""
+    nginx's config is broken). ``mode_key``: the template waits for ``app/mode`` too. Every check
+    run appends a line to ``checks.log``."""
     template = tmp_path / "app.conf.j2"
     template.write_text(TEMPLATE.replace("PFX", prefix))
     dest, reload_log = tmp_path / "out" / "app.conf", tmp_path / "reloads.log"
@@ -65,11 +68,16 @@ def make_config(
         pause += f'if grep -q "{hang_on}" "{dest}"; then exec sleep 60; fi; '
     watch: list[dict[str, object]] = [
         {
-            "keys": [f"{prefix}/app/port/current", f"{prefix}/shared/"],
+            "keys": [
+                f"{prefix}/app/port/current",
+                f"{prefix}/shared/",
+                *([f"{prefix}/app/mode"] if mode_key else []),
+            ],
             "template": str(template),
             "dest": str(dest),
             "check_cmd": ["sh", "-c", f'echo run >> "{checks}"; {broken}grep -q server "{{path}}"'],
             "reload_cmd": ["sh", "-c", f'{pause}cat "{dest}" >> "{reload_log}"'],
+            **({"pidfile": str(pidfile)} if pidfile is not None else {}),
         }
     ]
     if drain:
@@ -724,3 +732,211 @@ async def test_a_held_drain_proceeds_once_a_retry_applies_the_change(
             for child in (old, new):
                 await child.stop(timeout=5)
                 child.close()
+
+
+@pytest.mark.etcd
+async def test_drain_pid_is_held_while_a_template_waits_for_a_deleted_key(
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A key of the template is deleted, then the program is promoted: nothing is rendered, so
+    # the file still routes to the old process only.
+    monkeypatch.setattr(watch, "CATCH_UP_TIMEOUT", 0.3)
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, mode_key=True)
+    dest, reload_log, _ = outputs(tmp_path)
+    async with watching(config) as (reaper, registry):
+        old, new = start_sleeper(reaper), start_sleeper(reaper)
+        try:
+            etcd_server.put(f"{etcd_prefix}/app/mode", "on")
+            await _serve_old(etcd_server, etcd_prefix, old, reload_log)
+            etcd_server.etcdctl("del", f"{etcd_prefix}/app/mode")
+            await _promote(registry, "42000", new)
+            await await_until(
+                lambda: _true(
+                    f"not draining pid={old.pid}: watch {dest} is waiting" in caplog.text
+                ),
+                message="the drain to be held",
+            )
+            assert old.returncode is None
+            assert "draining anyway" not in caplog.text
+
+            etcd_server.put(f"{etcd_prefix}/app/mode", "on")
+            with anyio.fail_after(10):
+                assert await old.wait() == -signal.SIGTERM
+            assert "42000" in reload_log.read_text()
+            assert new.returncode is None
+        finally:
+            for child in (old, new):
+                await child.stop(timeout=5)
+                child.close()
+
+
+@pytest.mark.etcd
+async def test_drain_pid_never_drains_the_process_pid_current_still_names(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A seed-style service running its swap again for the same process: previous = current.
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
+    async with watching(config) as (reaper, _):
+        serving = start_sleeper(reaper)
+        try:
+            await _serve_old(etcd_server, etcd_prefix, serving, tmp_path / "reloads.log")
+            etcd_server.put(f"{etcd_prefix}/app/pid/previous", str(serving.pid))
+            await await_until(
+                lambda: _true(f"not signalling pid={serving.pid}: " in caplog.text),
+                message="the drain to be refused",
+            )
+            assert serving.returncode is None
+        finally:
+            await serving.stop(timeout=5)
+            serving.close()
+
+
+@pytest.mark.etcd
+async def test_drain_pid_refuses_the_proxy_master_even_seen_as_pid_current(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pidfile = tmp_path / "proxy.pid"
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, pidfile=pidfile)
+    async with watching(config) as (reaper, registry):
+        master, new = start_sleeper(reaper), start_sleeper(reaper)
+        try:
+            pidfile.write_text(f"{master.pid}\n")
+            # pid/current set by hand to the proxy's master, then a promotion replaces it.
+            await _serve_old(etcd_server, etcd_prefix, master, tmp_path / "reloads.log")
+            await _promote(registry, "42000", new)
+            await await_until(
+                lambda: _true(
+                    f"refusing to signal pid={master.pid}: it is the proxy's master" in caplog.text
+                ),
+                message="the refusal",
+            )
+            assert master.returncode is None
+        finally:
+            for child in (master, new):
+                await child.stop(timeout=5)
+                child.close()
+
+
+def test_drain_pid_refuses_the_watcher_its_parent_and_init(tmp_path: Path) -> None:
+    # Not signalled for real: without the guard the test would kill itself (or its shell).
+    config = make_config(tmp_path, "127.0.0.1:1", "p", drain=True)
+    registry = EtcdRegistry(config.registry)
+    assert config.watch[1].drain_pid is not None
+    drain = watch.DrainWatch(config.watch[1].keys[0], config.watch[1].drain_pid, registry, [])
+    for pid, what in [(os.getpid(), "watcher itself"), (os.getppid(), "parent"), (1, "init")]:
+        protected = drain._protected(pid)
+        assert protected is not None and what in protected
+
+
+async def test_drain_pid_trusts_a_bare_pid_only_from_a_live_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The seed's layout (no generation record), fed to the entry as its registry watch would.
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, "127.0.0.1:1", "p", drain=True)
+    entry = config.watch[1]
+    assert entry.drain_pid is not None
+    drain = watch.DrainWatch(entry.keys[0], entry.drain_pid, EtcdRegistry(config.registry), [])
+    current, previous = "p/app/pid/current", "p/app/pid/previous"
+    late, old, reused, new = (popen_sleeper() for _ in range(4))
+    try:
+        async with anyio.create_task_group() as tg:
+            drain._tg = tg
+            await drain.started(KeyRange({}, 1))
+            # Received late (replayed after an outage, or a new read): the process running under
+            # the PID now may not be the one the key named when it was written.
+            await drain.changed([WatchEvent(current, str(late.pid), 2)])
+            await drain.changed([WatchEvent(current, str(old.pid), 3, live=True)])
+            await drain.changed(
+                [WatchEvent(current, str(new.pid), 4), WatchEvent(previous, str(late.pid), 4)]
+            )
+            assert f"refusing to signal pid={late.pid}: never seen" in caplog.text
+            # A live change whose process started after it arrived: the PID was reused.
+            monkeypatch.setattr(watch, "start_time_now", lambda: 0.0)
+            await drain.changed([WatchEvent(current, str(reused.pid), 5, live=True)])
+            assert f"not trusting pid={reused.pid} in pid/current" in caplog.text
+            # The process seen live is drained.
+            await drain.changed([WatchEvent(previous, str(old.pid), 6, live=True)])
+            await await_until(lambda: _true(old.poll() is not None), message="the drain")
+            tg.cancel_scope.cancel()
+        assert old.returncode == -signal.SIGTERM
+        assert late.poll() is None and reused.poll() is None and new.poll() is None
+    finally:
+        for process in (late, old, reused, new):
+            process.kill()
+            process.wait(timeout=5)
+
+
+@pytest.mark.etcd
+async def test_a_restarted_watcher_reloads_the_render_it_finds_in_place(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
+) -> None:
+    # An earlier run was killed during its reload: the file is in place, the proxy may never
+    # have loaded it. The first apply after start checks and reloads it all the same.
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix)
+    _, reload_log, checks = outputs(tmp_path)
+    etcd_server.put(f"{etcd_prefix}/shared/x", "1")
+    etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
+    async with watching(config):
+        await await_until(lambda: _file_holds(reload_log, "41000"), message="the first reload")
+    reload_log.unlink()
+    checks.unlink()
+    async with watching(config):
+        await await_until(lambda: _file_holds(reload_log, "41000"), message="a reload at start")
+    assert _lines(checks) == 1
+
+
+@pytest.mark.etcd
+async def test_drain_pid_warns_of_a_running_pid_previous_it_never_saw_but_not_of_a_gone_one(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A promotion made while no watcher ran: the replaced process is left to the operator.
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
+    running, gone = popen_sleeper(), popen_sleeper()
+    gone.kill()
+    gone.wait(timeout=5)
+    try:
+        etcd_server.put(f"{etcd_prefix}/app/pid/previous", f"{running.pid},{gone.pid}")
+        async with watching(config):
+            await await_until(
+                lambda: _true(f"pid={gone.pid} found at start" in caplog.text),
+                message="the drain entry to read pid/previous",
+            )
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert any(f"pid={running.pid} found at start" in w and "still runs" in w for w in warnings)
+        assert not any(f"pid={gone.pid}" in w for w in warnings), warnings
+        assert running.poll() is None
+    finally:
+        running.kill()
+        running.wait(timeout=5)
+
+
+async def test_an_unreachable_registry_is_warned_about_once_per_entry(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="flipvisor.watch")
+    config = make_config(tmp_path, f"127.0.0.1:{free_port()}", "p", drain=True)
+    dest = tmp_path / "out" / "app.conf"
+
+    def said(level: int) -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "flipvisor.watch" and r.levelno == level and "retrying" in r.getMessage()
+        ]
+
+    async with watching(config):
+        await await_until(
+            lambda: _true(sum(f"watch {dest}" in m for m in said(logging.DEBUG)) >= 2),
+            message="the entries to retry a few times",
+        )
+    warned = said(logging.WARNING)
+    assert sum(f"watch {dest}" in m for m in warned) == 1, warned
+    assert sum("drain_pid p/app/pid/previous" in m for m in warned) == 1, warned

@@ -247,3 +247,66 @@ def test_a_mistyped_placeholder_is_a_warning_that_keeps_exit_0(tmp_path: Path) -
     assert result.returncode == 2, result
     document = json.loads(result.stdout)
     assert (document["problems"], document["warnings"]) == ([missing], [warning])
+
+
+def test_a_watch_template_with_a_syntax_error_is_refused_with_its_line(tmp_path: Path) -> None:
+    template = tmp_path / "app.conf.j2"
+    template.write_text('upstream app {\n{% for k in keys %}\n  server {{ get("k") }};\n}\n')
+    config = write(
+        tmp_path,
+        f"""\
+        state_dir: state
+        watch:
+          - keys: ["flipvisor/app/port/current"]
+            template: {template}
+            dest: out/app.conf
+        """,
+    )
+    assert_refused(check(config), f"{config}:4: watch.0.template:", f"{template}, line 3")
+
+
+def drained_program(folder: Path, extra: str) -> Path:
+    return write(
+        folder,
+        f"""\
+        state_dir: state
+        programs:
+          web:
+            command: ["{sys.executable}"]{extra}
+        watch:
+          - keys: ["flipvisor/web/pid/previous"]
+            drain_pid: {{timeout: 5}}
+        """,
+    )
+
+
+def test_drain_pid_on_a_supervised_program_kept_for_rollback_is_refused(tmp_path: Path) -> None:
+    # The watcher would kill the generation rollback_window keeps warm.
+    config = drained_program(tmp_path, "\n            rollback_window: 600")
+    assert_refused(check(config), f"{config}:8: watch.0.drain_pid: drains programs.web's")
+
+
+def test_watch_entries_on_a_supervised_program_s_keys_are_warnings(tmp_path: Path) -> None:
+    template = tmp_path / "port.j2"
+    template.write_text('port={{ get("flipvisor/web/port/current") }}\n')
+    config = write(
+        tmp_path,
+        f"""\
+        state_dir: state
+        programs:
+          web:
+            command: ["{sys.executable}"]
+        watch:
+          - keys: ["flipvisor/web/pid/previous"]
+            drain_pid: {{timeout: 5}}
+          - keys: ["flipvisor/web/port/current"]
+            template: {template}
+            dest: out/port.txt
+        """,
+    )
+    result = check(config)
+    assert result.returncode == 0, result
+    assert f"{config}:7: warning: watch.0.drain_pid: drains programs.web's" in result.stderr
+    assert f"{config}:9: warning: watch.1.template: renders programs.web's keys" in result.stderr
+    assert "give programs.web a proxy: section" in result.stderr
+    assert result.stdout == f"{config}: ok (1 program, 2 watches, 2 warnings)\n"

@@ -116,11 +116,18 @@ class WatchLost(RegistryError):
 
 @dataclass(frozen=True)
 class WatchEvent:
-    """One change of one key: its new value (None once deleted) and the revision that made it."""
+    """One change of one key: its new value (None once deleted) and the revision that made it.
+
+    ``live``: received as it happened, the watch connected and caught up. False for a change
+    delivered late: replayed from history (after a resume, or made between a read and the
+    watch) or made up from a new read; it may be much older than its arrival (``drain_pid``
+    trusts a bare PID only from a live change).
+    """
 
     key: str
     value: str | None
     revision: int
+    live: bool = False
 
 
 @dataclass(frozen=True)

@@ -433,9 +433,12 @@ class EtcdRegistry:
             )
             await call.write(rpc.WatchRequest(create_request=create))
         indexes: dict[int, int] = {}  # etcd's watch id -> pattern index, in creation order
+        # etcd's revision when each watch was created: changes up to it are replayed history.
+        created_at: dict[int, int] = {}
         while (reply := await call.read()) is not grpc.aio.EOF:
             if reply.created:
                 index = indexes[reply.watch_id] = len(indexes)
+                created_at[reply.watch_id] = reply.header.revision
                 wanted = next_revision[index]
                 if wanted is None:
                     next_revision[index] = reply.header.revision + 1
@@ -452,7 +455,7 @@ class EtcdRegistry:
                 if reply.compact_revision:
                     raise WatchLost(
                         f"etcd compacted the history this watch needed (revision "
-                        f"{reply.compact_revision}): read the keys again"
+                        f"{reply.compact_revision})"
                     )
                 raise WatchLost(f"etcd refused the watch: {reply.cancel_reason}")
             events = [
@@ -460,6 +463,7 @@ class EtcdRegistry:
                     ev.kv.key.decode(),
                     ev.kv.value.decode() if ev.type == rpc.Event.PUT else None,
                     ev.kv.mod_revision,
+                    live=ev.kv.mod_revision > created_at.get(reply.watch_id, ev.kv.mod_revision),
                 )
                 for ev in reply.events
             ]

@@ -140,6 +140,9 @@ class LocalRegistry:
         self._persisted = 0  # of those, how many are on disk
         self._lost = 0  # of those, how many a failed write dropped
         self._write_lock = anyio.Lock()
+        # A watch found the file unreadable (logged once per version of it, the ``_stamp``).
+        self._bad_file = False
+        self._bad_stamp: tuple[int, int, int] | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Retry publications that a disk error left pending, until cancelled."""
@@ -252,6 +255,7 @@ class LocalRegistry:
             RegistryError: never for an unreadable file (it is retried at the next poll).
         """
         read_anyway = since is not None
+        live = True  # see below
         if since is not None:
             seen = {
                 k: v for k, v in since.values.items() if any(key_matches(p, k) for p in patterns)
@@ -268,8 +272,23 @@ class LocalRegistry:
             try:
                 current = (await self.read_keys(patterns)).values
             except RegistryError as exc:
-                log.warning("watching the registry file: %s", exc)
+                # Once per bad version of the file (a hand edit), not at every poll of every
+                # watch: it is read again at each poll, and a fix (even a chmod) takes effect.
+                logged = self._bad_file and self._bad_stamp == now_stamp
+                (log.debug if logged else log.warning)(
+                    "watching the registry file: %s; fix it, or rewrite it as one JSON object "
+                    "of key -> value strings",
+                    exc,
+                )
+                self._bad_file, self._bad_stamp = True, now_stamp
+                live = False  # what the next good read finds may be as old as the bad file
                 continue
+            if self._bad_file:
+                log.info("watching the registry file: %s is readable again", self.path)
+                self._bad_file = False
+            # Live: this poll follows a good one, so the change is at most a poll old (the
+            # first one compares with a read made before the watch began).
+            live = not read_anyway and live
             stamp, read_anyway = now_stamp, False
             changed = sorted(
                 k for k in seen.keys() | current.keys() if seen.get(k) != current.get(k)
@@ -277,7 +296,8 @@ class LocalRegistry:
             seen = dict(current)
             if changed:
                 self._revision += 1
-                yield [WatchEvent(k, current.get(k), self._revision) for k in changed]
+                yield [WatchEvent(k, current.get(k), self._revision, live) for k in changed]
+            live = True
 
     def _stamp(self) -> tuple[int, int, int] | None:
         try:
