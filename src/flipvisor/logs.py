@@ -35,6 +35,10 @@ READ_SIZE = 256 * 1024  # one read, one batch of records, one write
 PIPE_SIZE = 1024 * 1024  # room for a burst while the event loop is busy elsewhere
 FLUSH_THRESHOLD = 256 * 1024  # write_line callers that never flush still get bounded buffers
 NOTE_PREFIX = "[flipvisor]"
+# Each log file's number in the rotation order (0, 1, 2... as the files are started), an extended
+# attribute: ``follow`` tells from it whether the oldest file kept comes right after the one it read
+# last, when that one was rotated out (deleted) before it could see what came next.
+SEQ_XATTR = "user.flipvisor.seq"
 
 
 def enlarge_pipe(fd: int, size: int = PIPE_SIZE) -> int:
@@ -60,7 +64,8 @@ class ProgramLog:
     past ``max_bytes`` it becomes ``.1`` (``.1`` becomes ``.2`` ...), keeping ``backups`` old files;
     with ``backups: 0`` the file is started afresh. Records are buffered until ``flush()`` (which
     ``capture`` calls once per read chunk) or until the buffer passes ``FLUSH_THRESHOLD``.
-    There must be one ``ProgramLog`` per file: it tracks the size itself.
+    There must be one ``ProgramLog`` per file: it tracks the size itself. Every file it starts is
+    numbered one more than the one before it (``SEQ_XATTR``), across restarts of the supervisor.
     """
 
     def __init__(self, path: Path, config: LogsConfig) -> None:
@@ -81,6 +86,7 @@ class ProgramLog:
         self._fd = -1
         self._ts_second = -1
         self._ts_text = ""
+        self._seq: int | None = None  # the number of the file written now, if known
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._open()
 
@@ -180,7 +186,32 @@ class ProgramLog:
         if stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) != 0o600:
             with contextlib.suppress(OSError):
                 os.fchmod(self._fd, 0o600)  # a file left by an older run with other modes
+        if stat.S_ISREG(info.st_mode):
+            self._seq = self._number(self._fd)
         self._size = info.st_size if stat.S_ISREG(info.st_mode) else 0
+
+    def _number(self, fd: int) -> int | None:
+        """The file's number in the rotation order: the one it has, else (a file just started)
+        one more than the file before it (this one's last, or ``.1``'s at start), else 0.
+
+        Set before anything is written to the file, so a follower that sees data in it sees its
+        number too. None where extended attributes do not work (the follower then marks a gap
+        it cannot rule out).
+        """
+        seq = read_seq(fd)
+        if seq is not None:
+            return seq  # reopened (a restart, a failed rotation): still the same file
+        previous = self._seq
+        if previous is None:
+            with contextlib.suppress(OSError), self._backup(1).open("rb") as older:
+                previous = read_seq(older.fileno())
+        seq = 0 if previous is None else previous + 1
+        try:
+            os.setxattr(fd, SEQ_XATTR, str(seq).encode())
+        except OSError as exc:
+            log.debug("cannot number %s for followers: %s", self.path, exc.strerror)
+            return None
+        return seq
 
     def _rotate(self) -> None:
         if self._fd >= 0:
@@ -209,6 +240,14 @@ class ProgramLog:
             self._ts_second = second
             self._ts_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._ts_text}.{int((now - second) * 1000):03d}Z"
+
+
+def read_seq(fd: int) -> int | None:
+    """The rotation number ``ProgramLog`` gave the open file ``fd``; None if it has none."""
+    try:
+        return int(os.getxattr(fd, SEQ_XATTR))
+    except (OSError, ValueError):
+        return None
 
 
 def _split_long(lines: list[bytes]) -> list[bytes]:

@@ -22,6 +22,7 @@ from flipvisor.logs import (
     capture,
     enlarge_pipe,
     follow,
+    read_seq,
     tail_lines,
 )
 from flipvisor.reaper import Reaper
@@ -384,6 +385,33 @@ def test_follow_marks_where_rotation_outran_it(log_path: Path) -> None:
     after = [int(line.split("line ")[1][:3]) for line in got[gap + 1 :]]
     assert before == list(range(len(before))) and before, got[:3]
     assert after == list(range(after[0], 150)) and after[0] > len(before), after[:3]
+
+
+def number_of(path: Path) -> int | None:
+    with path.open("rb") as f:
+        return read_seq(f.fileno())
+
+
+def test_log_files_are_numbered_in_rotation_order(log_path: Path) -> None:
+    for backups in (2, 0):
+        log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=backups))
+        first = number_of(log_path)
+        assert first is not None
+        for i in range(40):  # about three files
+            log.write_line("g1 w0 pid=1", f"line {i:03d} ".encode() + b"w" * 20)
+        log.flush()
+        log.close()
+        now = number_of(log_path)
+        assert now is not None and now >= first + 2
+        if backups:
+            assert [number_of(log_path.with_name(f"app.log.{i}")) for i in (1, 2)] == [
+                now - 1,
+                now - 2,
+            ]
+        # A new ProgramLog (a restarted supervisor) goes on with the same file and numbering.
+        again = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=backups))
+        assert number_of(log_path) == now
+        again.close()
 
 
 def test_follow_waits_for_the_file_and_finishes_partial_lines(log_path: Path) -> None:
