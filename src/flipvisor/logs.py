@@ -19,7 +19,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -35,6 +35,10 @@ READ_SIZE = 256 * 1024  # one read, one batch of records, one write
 PIPE_SIZE = 1024 * 1024  # room for a burst while the event loop is busy elsewhere
 FLUSH_THRESHOLD = 256 * 1024  # write_line callers that never flush still get bounded buffers
 NOTE_PREFIX = "[flipvisor]"
+# Each log file's number in the rotation order (0, 1, 2... as the files are started), an extended
+# attribute: ``follow`` tells from it whether the oldest file kept comes right after the one it read
+# last, when that one was rotated out (deleted) before it could see what came next.
+SEQ_XATTR = "user.flipvisor.seq"
 
 
 def enlarge_pipe(fd: int, size: int = PIPE_SIZE) -> int:
@@ -60,7 +64,8 @@ class ProgramLog:
     past ``max_bytes`` it becomes ``.1`` (``.1`` becomes ``.2`` ...), keeping ``backups`` old files;
     with ``backups: 0`` the file is started afresh. Records are buffered until ``flush()`` (which
     ``capture`` calls once per read chunk) or until the buffer passes ``FLUSH_THRESHOLD``.
-    There must be one ``ProgramLog`` per file: it tracks the size itself.
+    There must be one ``ProgramLog`` per file: it tracks the size itself. Every file it starts is
+    numbered one more than the one before it (``SEQ_XATTR``), across restarts of the supervisor.
     """
 
     def __init__(self, path: Path, config: LogsConfig) -> None:
@@ -81,6 +86,7 @@ class ProgramLog:
         self._fd = -1
         self._ts_second = -1
         self._ts_text = ""
+        self._seq: int | None = None  # the number of the file written now, if known
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._open()
 
@@ -180,7 +186,32 @@ class ProgramLog:
         if stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) != 0o600:
             with contextlib.suppress(OSError):
                 os.fchmod(self._fd, 0o600)  # a file left by an older run with other modes
+        if stat.S_ISREG(info.st_mode):
+            self._seq = self._number(self._fd)
         self._size = info.st_size if stat.S_ISREG(info.st_mode) else 0
+
+    def _number(self, fd: int) -> int | None:
+        """The file's number in the rotation order: the one it has, else (a file just started)
+        one more than the file before it (this one's last, or ``.1``'s at start), else 0.
+
+        Set before anything is written to the file, so a follower that sees data in it sees its
+        number too. None where extended attributes do not work (the follower then marks a gap
+        it cannot rule out).
+        """
+        seq = read_seq(fd)
+        if seq is not None:
+            return seq  # reopened (a restart, a failed rotation): still the same file
+        previous = self._seq
+        if previous is None:
+            with contextlib.suppress(OSError), self._backup(1).open("rb") as older:
+                previous = read_seq(older.fileno())
+        seq = 0 if previous is None else previous + 1
+        try:
+            os.setxattr(fd, SEQ_XATTR, str(seq).encode())
+        except OSError as exc:
+            log.debug("cannot number %s for followers: %s", self.path, exc.strerror)
+            return None
+        return seq
 
     def _rotate(self) -> None:
         if self._fd >= 0:
@@ -209,6 +240,14 @@ class ProgramLog:
             self._ts_second = second
             self._ts_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._ts_text}.{int((now - second) * 1000):03d}Z"
+
+
+def read_seq(fd: int) -> int | None:
+    """The rotation number ``ProgramLog`` gave the open file ``fd``; None if it has none."""
+    try:
+        return int(os.getxattr(fd, SEQ_XATTR))
+    except (OSError, ValueError):
+        return None
 
 
 def _split_long(lines: list[bytes]) -> list[bytes]:
@@ -346,137 +385,243 @@ def follow(
     """Yield lines appended to the log at ``path`` from now on (``tail -F``), across rotations.
 
     The position is taken when ``follow`` is called; ``last`` lines before it are yielded first.
-    When the file is rotated (the name points to another inode) the rest of the old file is read
-    before the new one, and so are the backups rotated in between if it rotated more than once
-    since the last poll; a file that shrank is read again from the start. ``until`` is checked
-    every poll and ends the iteration when it returns true; otherwise it never ends.
+    Files are told apart by inode, not by name: every file the log rotated in after the one being
+    read is opened as soon as it is seen (so later renames do not matter), and each is read to its
+    end before the next, without waiting. Where lines were lost (files rotated out, deleted,
+    before they were read) ``SKIPPED_MARK`` is yielded in their place; every line still in a file
+    is yielded once, in order. A file that shrank is read again from its start. ``until`` is
+    checked every poll and ends the iteration when it returns true; otherwise it never ends.
 
     Raises:
         OSError: the file exists but cannot be read.
     """
     try:
         info = os.stat(path)
-        start: tuple[int, int] | None = (info.st_ino, info.st_size)
+        start: tuple[Identity, int] | None = (_identity(info), info.st_size)
     except FileNotFoundError:
         start = None
     return _follow(path, start, poll_interval, last, until)
 
 
+# Where ``follow`` lost lines: the log rotated files out (deleted them) before they were read.
+SKIPPED_MARK = b"[flipvisor] lines skipped here: the log rotated faster than it was followed\n"
+# How soon ``follow`` looks again when it found the log in the middle of a rotation.
+SETTLE_INTERVAL = 0.002
+
+Identity = tuple[int, int]  # (st_dev, st_ino): a file, whatever its name is now
+
+
 def _follow(
     path: Path,
-    start: tuple[int, int] | None,
+    start: tuple[Identity, int] | None,
     poll_interval: float,
     last: int,
     until: Callable[[], bool] | None,
 ) -> Generator[str, None, None]:
-    stream: BinaryIO | None = None
-    rotated_since: list[BinaryIO] = []  # backups newer than the file last read, oldest first
-    backup = False  # ``stream`` is one of them: read whole, nothing writes to it any more
+    files = _Files(path)
     pending = b""
     try:
+        while files.reading is None:
+            first = files.begin(start, last)
+            if first is not None:
+                yield from _decoded(first)
+            elif until is not None and until():
+                return
+            else:
+                time.sleep(poll_interval)
         while True:
-            if stream is None and rotated_since:
-                stream, backup = rotated_since.pop(0), True
-            elif stream is None:
-                backup = False
-                stream, offset = _open_at(path, start)
-                if stream is not None:
-                    yield from _decoded(_last_lines(stream, offset, last))
-                    stream.seek(offset)
-                    start, last = None, 0
-            chunk = stream.read() if stream is not None else b""
-            if stream is not None and not chunk:
-                state = "rotated" if backup else _moved(path, stream)
-                if state == "rotated":
-                    # Whatever the writer flushed before renaming is still in the old file.
-                    chunk = stream.read()
-                    skipped = False
-                    if not backup:
-                        newer = _rotated_after(path, os.fstat(stream.fileno()).st_ino)
-                        skipped = newer is None
-                        rotated_since = newer or []
-                    stream.close()
-                    stream = None
-                    if (pending or chunk) and not (pending + chunk).endswith(b"\n"):
-                        chunk += b"\n"  # the old file ended mid-line: finish that line
-                    if skipped:
-                        chunk += SKIPPED_MARK
-                elif state == "shrunk":
-                    stream.seek(0)
-                    pending = b""
-                    continue
+            settled = files.refresh()
+            chunk = files.reading.read()
             if chunk:
                 lines = (pending + chunk).split(b"\n")
                 pending = lines.pop()
                 yield from _decoded(lines)
-                continue
-            if until is not None and until():
+            elif files.queued:
+                # Another file came after this one, so it is complete: straight on to the next.
+                if pending:
+                    yield from _decoded([pending])  # it ended mid-line: finish that line
+                    pending = b""
+                if files.advance():
+                    yield from _decoded([SKIPPED_MARK.rstrip(b"\n")])
+            elif files.shrunk():
+                files.reading.seek(0)
+                pending = b""
+            elif until is not None and until():
                 return
-            time.sleep(poll_interval)
+            else:
+                time.sleep(poll_interval if settled else min(poll_interval, SETTLE_INTERVAL))
     finally:
-        for opened in [stream, *rotated_since]:
-            if opened is not None:
-                opened.close()
+        files.close()
 
 
-# Where ``follow`` lost lines: the log rotated through every backup faster than it was read.
-SKIPPED_MARK = b"[flipvisor] lines skipped here: the log rotated faster than it was followed\n"
+class _Files:
+    """The files ``follow`` has yet to read, open: the one it reads, and those the log rotated in
+    after it, oldest first, each with whether lines were lost just before it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.reading: BinaryIO | None = None
+        self.queued: collections.deque[tuple[BinaryIO, bool]] = collections.deque()
+
+    def begin(self, start: tuple[Identity, int] | None, last: int) -> list[bytes] | None:
+        """Open the file ``follow`` was called on at its offset then, and the files rotated in
+        since; the ``last`` lines before the offset. Without such a file, the current one from
+        its start. None while there is no file (or the log is mid-rotation)."""
+        if start is None:
+            self.reading = _open_existing(self.path)
+            return None if self.reading is None else []
+        walked = _walk(self.path, start[0])
+        if walked is None:
+            return None
+        newer, found = walked
+        if found is None:  # rotated out before it was opened: what it got since is lost
+            if not newer:
+                return None
+            self.reading = newer.pop(0)
+            self.queued.extend((stream, False) for stream in newer)
+            return [SKIPPED_MARK.rstrip(b"\n")]
+        self.reading = found
+        self.queued.extend((stream, False) for stream in newer)
+        offset = min(start[1], os.fstat(found.fileno()).st_size)
+        lines = _last_lines(found, offset, last)
+        found.seek(offset)
+        return lines
+
+    def refresh(self) -> bool:
+        """Open the files the log rotated in after the newest one open, if there are any (one
+        ``stat`` otherwise). False if the log was found mid-rotation: call again soon."""
+        assert self.reading is not None
+        newest = self.queued[-1][0] if self.queued else self.reading
+        newest_id = _identity(os.fstat(newest.fileno()))
+        try:
+            if _identity(os.stat(self.path)) == newest_id:
+                return True
+        except FileNotFoundError:
+            return True  # no log (yet, or any more): nothing to open, only to wait for
+        walked = _walk(self.path, newest_id)
+        if walked is None:
+            return False
+        newer, found = walked
+        gap = False
+        if found is not None:
+            found.close()  # the same file as ``newest``, opened twice
+        elif newer:
+            # ``newest`` rotated out too: the oldest file kept comes right after it only if
+            # ``ProgramLog`` numbered it so.
+            after = _comes_after(read_seq(newest.fileno()), newer[0])
+            if after is None:
+                _close_all(newer)
+                return False
+            gap = not after
+        gap = self._drop_rotated_out() or gap
+        for stream in newer:
+            self.queued.append((stream, gap))
+            gap = False
+        return True
+
+    def _drop_rotated_out(self) -> bool:
+        """Close the queued files the log deleted before they were read (so that a follower
+        never holds more than the log keeps); True if that left a gap at the queue's end."""
+        dropped = False
+        while self.queued and os.fstat(self.queued[0][0].fileno()).st_nlink == 0:
+            self.queued.popleft()[0].close()
+            dropped = True
+        if dropped and self.queued:
+            self.queued[0] = (self.queued[0][0], True)
+            return False
+        return dropped
+
+    def advance(self) -> bool:
+        """Go on to the next file (the one read is complete); whether lines were lost between."""
+        assert self.reading is not None
+        self.reading.close()
+        self.reading, gap = self.queued.popleft()
+        return gap
+
+    def shrunk(self) -> bool:
+        """Whether the file read is still the log's current file, and shorter than read."""
+        assert self.reading is not None
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        reading = os.fstat(self.reading.fileno())
+        return _identity(current) == _identity(reading) and current.st_size < self.reading.tell()
+
+    def close(self) -> None:
+        _close_all([self.reading, *(stream for stream, _ in self.queued)])
+        self.reading = None
+        self.queued.clear()
+
+
+def _walk(path: Path, stop: Identity) -> tuple[list[BinaryIO], BinaryIO | None] | None:
+    """Open ``path``, ``path.1``, ``path.2``... newest first up to the file ``stop``: the files
+    found before it, oldest first, and ``stop`` itself (None if it is no longer among them).
+
+    A file renamed while the walk goes on is met twice (counted once) or behind a missing name
+    (the walk goes past one); only the rename of ``path`` itself could disorder what the walk
+    saw, so it counts only if ``path`` still names the file it began with (else None, as when
+    there is no ``path``: the log is mid-rotation, try again).
+    """
+    opened: list[BinaryIO] = []
+    seen: set[Identity] = set()
+    found: BinaryIO | None = None
+    first: Identity | None = None
+    missing = 0
+    for index in itertools.count():
+        name = path.with_name(f"{path.name}.{index}") if index else path
+        stream = _open_existing(name)
+        if stream is None:
+            missing += 1
+            if index == 0 or missing == 2:  # no log, or past the oldest file
+                break
+            continue
+        missing = 0
+        identity = _identity(os.fstat(stream.fileno()))
+        first = first or identity
+        if identity == stop:
+            found = stream
+            break
+        if identity in seen:
+            stream.close()
+            continue
+        seen.add(identity)
+        opened.append(stream)
+    try:
+        settled = first is not None and _identity(os.stat(path)) == first
+    except FileNotFoundError:
+        settled = False
+    if not settled:
+        _close_all([*opened, found])
+        return None
+    return opened[::-1], found
+
+
+def _comes_after(seq: int | None, newer: BinaryIO) -> bool | None:
+    """Whether ``newer`` is the file the log started right after the file numbered ``seq``
+    (unknown counts as no); None if ``newer`` was started so recently that it may not be
+    numbered yet."""
+    newer_seq = read_seq(newer.fileno())
+    if newer_seq is None:
+        return None if os.fstat(newer.fileno()).st_size == 0 else False
+    return seq is not None and newer_seq == seq + 1
+
+
+def _identity(info: os.stat_result) -> Identity:
+    return (info.st_dev, info.st_ino)
+
+
+def _close_all(streams: Iterable[BinaryIO | None]) -> None:
+    for stream in streams:
+        if stream is not None:
+            stream.close()
 
 
 def _decoded(lines: list[bytes]) -> Iterator[str]:
     return (line.decode("utf-8", "replace") for line in lines)
 
 
-def _open_at(path: Path, start: tuple[int, int] | None) -> tuple[BinaryIO | None, int]:
-    """Open the file ``follow`` was called on at the remembered offset, even if rotated once since.
-
-    Otherwise (it is gone, or did not exist then) the current file from its start.
-    """
-    if start is not None:
-        for candidate in (path, path.with_name(f"{path.name}.1")):
-            stream = _open_existing(candidate)
-            if stream is None:
-                continue
-            info = os.fstat(stream.fileno())
-            if info.st_ino == start[0]:
-                return stream, min(start[1], info.st_size)
-            stream.close()
-    return _open_existing(path), 0
-
-
-def _rotated_after(path: Path, inode: int) -> list[BinaryIO] | None:
-    """The backups rotated in after the file ``inode`` (now ``path.k``): ``path.(k-1)`` to
-    ``path.1``, opened (so that later renames do not matter), oldest first. None if there are
-    backups but that file is no longer among them: it rotated out while unread, and whole files
-    came between. (Empty with no backups at all, ``backups: 0``: the next file is all there is.)"""
-    opened: list[BinaryIO] = []
-    for index in itertools.count(1):
-        stream = _open_existing(path.with_name(f"{path.name}.{index}"))
-        if stream is None:
-            break
-        if os.fstat(stream.fileno()).st_ino == inode:
-            stream.close()
-            return opened[::-1]
-        opened.append(stream)
-    for stream in opened:
-        stream.close()
-    return None if opened else []
-
-
 def _open_existing(path: Path) -> BinaryIO | None:
     with contextlib.suppress(FileNotFoundError):
         return path.open("rb")
     return None
-
-
-def _moved(path: Path, stream: BinaryIO) -> str:
-    """'rotated' if ``path`` names another file now, 'shrunk' if truncated, else ''."""
-    try:
-        current = os.stat(path)
-    except FileNotFoundError:
-        return ""  # mid-rotation: keep the old file until the new one appears
-    if current.st_ino != os.fstat(stream.fileno()).st_ino:
-        return "rotated"
-    if current.st_size < stream.tell():
-        return "shrunk"
-    return ""

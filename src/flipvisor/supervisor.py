@@ -19,7 +19,7 @@ from . import signals
 from .config import Config, DrainConfig, ProgramConfig, load_config
 from .control import AlreadyRunning, ControlServer, Send
 from .errors import EXIT_USAGE, Busy, ConfigError, FlipvisorError, UsageError
-from .events import EventLog
+from .events import MISSED, EventLog
 from .generation import KILL_GRACE
 from .leftovers import Leftovers, find_leftovers, processes_of
 from .program import Program, Runtime
@@ -860,7 +860,8 @@ class Supervisor:
                 await send({"type": "event", **event.to_json()})
             if request.args.get("follow"):
                 async for event in stream:
-                    if request.program in (None, event.program):
+                    # A gap in the history is shown whoever's events it held.
+                    if request.program in (None, event.program) or event.kind == MISSED:
                         await send({"type": "event", **event.to_json()})
         return result(None)
 

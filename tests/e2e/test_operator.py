@@ -264,6 +264,50 @@ def test_events_follow_prints_new_events_live(flipvisor: Flipvisor) -> None:
         follower.stderr.close()
 
 
+def test_events_follow_gets_every_event_of_a_big_stop(flipvisor: Flipvisor) -> None:
+    """Stopping 400 workers emits their 400 ``exited`` events in a burst, faster than the
+    follower sends them on: it gets every one, in order (it got 257 of 400, silently)."""
+    workers = 400
+    many = {"command": ["sleep", "600"], "numprocs": workers, "drain": {"delay": 0, "timeout": 10}}
+    flipvisor.start({"programs": {"many": many}})
+    flipvisor.wait_serving("many", timeout=60, where=lambda g: len(g["pids"]) == workers)
+    argv = ["events", "-f", "--json", "-n", "1", "-c", str(flipvisor.config_path)]
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "flipvisor", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert follower.stdout is not None
+    os.set_blocking(follower.stdout.fileno(), False)
+    received: list[dict[str, Any]] = []
+    partial = b""
+
+    def seen(kind: str) -> bool:
+        nonlocal partial
+        partial += follower.stdout.read() or b""  # type: ignore[union-attr]
+        *lines, partial = partial.split(b"\n")
+        received.extend(map(json.loads, lines))
+        return any(e["kind"] == kind and e["program"] == "many" for e in received)
+
+    try:
+        # The newest past event arrives first, and the follower is subscribed by then.
+        wait_until(lambda: seen("flip-finished"), timeout=10, message="the last past event")
+        stop = flipvisor.cli("stop", "many")
+        assert stop.returncode == 0, stop.stderr
+        wait_until(lambda: seen("stopped"), timeout=30, message="the stop's last event")
+    finally:
+        follower.terminate()
+        follower.wait(timeout=10)
+        follower.stdout.close()
+        assert follower.stderr is not None
+        follower.stderr.close()
+    assert not [e for e in received if e["kind"] == "missed"]
+    exited = [e for e in received if e["kind"] == "exited"]
+    assert len(exited) == workers, f"{len(exited)} exited events of {workers}"
+    assert [e["seq"] for e in received] == list(range(received[0]["seq"], received[-1]["seq"] + 1))
+
+
 def test_a_refused_request_with_json_prints_one_error_document(flipvisor: Flipvisor) -> None:
     flipvisor.start({"programs": {"web": web()}})
     flipvisor.wait_serving("web")

@@ -6,9 +6,10 @@ import collections
 import os
 import re
 import stat
+import subprocess
 import sys
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import anyio
@@ -17,15 +18,18 @@ import pytest
 from flipvisor.config import LogsConfig
 from flipvisor.logs import (
     MAX_LINE,
+    SEQ_XATTR,
     SKIPPED_MARK,
     ProgramLog,
     capture,
     enlarge_pipe,
     follow,
+    read_seq,
     tail_lines,
 )
 from flipvisor.reaper import Reaper
 from flipvisor.spawn import open_output_pipe, spawn_process
+from tests.waiting import wait_until
 
 LINE_RE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (g\d+ w\d+ pid=\d+) \| (.*)$")
 
@@ -408,6 +412,252 @@ def test_follow_marks_where_rotation_outran_it(log_path: Path) -> None:
     after = [int(line.split("line ")[1][:3]) for line in got[gap + 1 :]]
     assert before == list(range(len(before))) and before, got[:3]
     assert after == list(range(after[0], 150)) and after[0] > len(before), after[:3]
+    # Everything the backups still hold is read: on from the oldest one (it went to the current
+    # file, skipping the backups).
+    oldest = log_path.with_name("app.log.2").read_text().splitlines()[0]
+    assert after[0] == int(oldest.split("line ")[1][:3])
+
+
+MARK = SKIPPED_MARK.decode().rstrip("\n")
+
+
+def assert_every_gap_marked(got: list[str], first: int, last: int) -> int:
+    """``got`` holds the numbered lines ``first`` to ``last`` (the number ends each line), each at
+    most once, in order, from ``first`` to ``last`` itself, and ``MARK`` exactly where numbers
+    are missing; how many such gaps there are."""
+    expected, marked, gaps = first, False, 0
+    for index, line in enumerate(got):
+        if line == MARK:
+            assert not marked, f"two marks in a row at {index}"
+            marked = True
+            continue
+        number = int(line.rsplit(" ", 1)[1])
+        assert number >= expected, f"line {index}: {number} after {expected - 1}"
+        if number > expected:
+            assert marked, f"line {index}: {expected}..{number - 1} missing without a mark"
+            gaps += 1
+        else:
+            assert not marked, f"line {index}: a mark before {number}, but nothing is missing"
+        marked, expected = False, number + 1
+    assert (expected, marked) == (last + 1, False), got[-3:]
+    return gaps
+
+
+def number_of(path: Path) -> int | None:
+    """The rotation number of the file at ``path``; None without one, or without a file (the
+    writer is between a rotation's rename and the new file)."""
+    try:
+        with path.open("rb") as f:
+            return read_seq(f.fileno())
+    except FileNotFoundError:
+        return None
+
+
+# Writes numbered lines through ProgramLog at 3 lines per ms (a busy access log), then "done".
+LOG_WRITER = r"""
+import sys, time
+from pathlib import Path
+from flipvisor.config import LogsConfig
+from flipvisor.logs import ProgramLog
+path, count, backups = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+log = ProgramLog(path, LogsConfig(max_bytes=20000, backups=backups))
+start = time.monotonic()
+for i in range(0, count, 3):
+    log.write_lines("g1 w0 pid=1", [b"%06d" % n for n in range(i, min(i + 3, count))])
+    log.flush()
+    ahead = start + (i + 3) / 3000 - time.monotonic()
+    if ahead > 0:
+        time.sleep(ahead)
+log.write_line("g1 w0 pid=1", b"done")
+log.close()
+"""
+
+
+def follow_a_writer(
+    log_path: Path, count: int, backups: int, pause: Callable[[int], None] = lambda n: None
+) -> list[str]:
+    """What ``follow`` (polling as ``logs -f`` does) yields while another process writes
+    ``count`` numbered lines through ``ProgramLog(max_bytes=20000, backups=backups)``, up to
+    the writer's last line; ``pause(n)`` is called after line number ``n``."""
+    ProgramLog(log_path, LogsConfig(max_bytes=20000, backups=backups)).close()  # numbered 0
+    deadline = time.monotonic() + 20
+    lines = follow(log_path, until=lambda: time.monotonic() > deadline)
+    writer = subprocess.Popen(python(LOG_WRITER, str(log_path), str(count), str(backups)))
+    got: list[str] = []
+    try:
+        for line in lines:
+            if line.endswith("| done"):
+                break
+            got.append(line)
+            if line != MARK:
+                pause(int(line.rsplit(" ", 1)[1]))
+        assert writer.wait(timeout=20) == 0
+    finally:
+        lines.close()
+        writer.kill()
+        writer.wait()
+    return got
+
+
+def test_follow_reads_every_file_of_a_fast_writer_that_keeps_them(log_path: Path) -> None:
+    """Rotating every ~150 ms while the follower polls every 100 ms, nothing rotates out (ten
+    backups): every line arrives, in order, and no mark. (It skipped whole files, unmarked.)"""
+    got = follow_a_writer(log_path, count=3000, backups=10)
+    assert log_path.with_name("app.log.5").exists()  # it did rotate, several times
+    assert MARK not in got
+    assert assert_every_gap_marked(got, 0, 2999) == 0
+
+
+def test_follow_marks_exactly_the_files_a_fast_writer_rotated_out(log_path: Path) -> None:
+    """The follower stops reading until two files it had not read are rotated out (deleted):
+    it says so where they were, and only there, then goes on with the oldest file kept (not the
+    current one); every line still kept arrives, in order."""
+    resumed: list[int] = []  # the first number in the current file when the follower read on
+
+    def first_number() -> int | None:
+        try:
+            with log_path.open("rb") as f:
+                line = f.readline()
+        except FileNotFoundError:
+            return None  # mid-rotation
+        return int(line.split()[-1]) if line.endswith(b"\n") else None
+
+    def pause(number: int) -> None:
+        if number >= 300 and not resumed:
+            # The follower holds this file or older ones; four rotations on, the file after
+            # this one is gone too.
+            (seq,) = wait_until(
+                lambda: (n := number_of(log_path)) is not None and [n],
+                message="the current file's number",
+            )
+            wait_until(
+                lambda: (number_of(log_path) or 0) >= seq + 4,
+                message="the log to rotate four times",
+            )
+            resumed.append(wait_until(first_number, message="a line in the new file"))
+
+    got = follow_a_writer(log_path, count=3000, backups=2, pause=pause)
+    assert resumed, "never paused"
+    assert assert_every_gap_marked(got, 0, 2999) >= 1
+    # Where it paused (an earlier gap would be a stall of this busy machine's), it read the rest
+    # of what it held, then the mark, then the two backups kept then (the file current then
+    # comes after them; a rotation takes ~150 ms).
+    paused = next(i for i, line in enumerate(got) if line != MARK and int(line[-6:]) >= 300)
+    gap = got.index(MARK, paused)
+    assert int(got[gap + 1].split()[-1]) < resumed[0]
+
+
+def test_follow_with_no_backups_marks_only_where_a_file_was_lost(log_path: Path) -> None:
+    """With ``backups: 0`` every rotation deletes the file read: the numbers tell a rotation
+    that came straight after it (no mark) from one that lost a whole file (a mark)."""
+    log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=0))
+
+    def write(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            log.write_line("g1 w0 pid=1", b"w" * 20 + f" {i:03d}".encode())
+        log.flush()
+
+    try:
+        write(0, 1)
+        lines = follow(log_path, poll_interval=0.01, last=1)
+        assert next(lines).endswith(" 000")
+        write(1, 20)  # a file is about 15 lines: one rotation
+        assert number_of(log_path) == 1
+        got = collect(lines, " 019")
+        write(20, 80)  # four rotations while the follower is not looking
+        got += collect(lines, " 079")
+        lines.close()
+    finally:
+        log.close()
+    assert MARK not in got[:19]
+    assert assert_every_gap_marked(got, 1, 79) == 1
+
+
+@pytest.mark.parametrize("numbered", [True, False])
+def test_follow_past_a_file_rotated_out_while_it_read_it(log_path: Path, numbered: bool) -> None:
+    """The file read was rotated out (deleted) by exactly ``backups + 1`` rotations, so the oldest
+    file kept is the one right after it: nothing is lost, and its number says so. Without numbers
+    (a file system without user xattrs) the follower cannot rule a gap out, and marks one."""
+    log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=2))
+    written = 0
+
+    def rotate(times: int) -> None:
+        nonlocal written
+        target = (number_of(log_path) or 0) + times
+        while number_of(log_path) != target:
+            log.write_line("g1 w0 pid=1", b"w" * 20 + f" {written:03d}".encode())
+            log.flush()
+            written += 1
+
+    try:
+        rotate(0)
+        log.write_line("g1 w0 pid=1", b"w" * 20 + b" 000")
+        log.flush()
+        written = 1
+        lines = follow(log_path, poll_interval=0.01, last=1)
+        assert next(lines).endswith(" 000")
+        rotate(3)  # the file read is .3 now: deleted
+        if not numbered:
+            for kept in (log_path, *log_path.parent.glob("app.log.*")):
+                os.removexattr(kept, SEQ_XATTR)
+        got = collect(lines, f" {written - 1:03d}")
+        lines.close()
+    finally:
+        log.close()
+    if numbered:
+        assert assert_every_gap_marked(got, 1, written - 1) == 0
+    else:  # a mark, but every line all the same
+        assert got.count(MARK) == 1
+        numbers = [int(line.split()[-1]) for line in got if line != MARK]
+        assert numbers == list(range(1, written))
+
+
+def test_follow_holds_no_file_the_log_deleted_before_it_was_read(log_path: Path) -> None:
+    """A file the follower opened as the next to read, but that rotated out before it got to it,
+    is let go (a follower holds no more than the log keeps) and marked as lost."""
+    log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=1))
+
+    def write(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            log.write_line("g1 w0 pid=1", b"w" * 20 + f" {i:03d}".encode())
+        log.flush()
+
+    try:
+        write(0, 1)
+        lines = follow(log_path, poll_interval=0.01, last=1)
+        assert next(lines).endswith(" 000")
+        write(1, 20)  # one rotation: the follower opens the new file when it reads on
+        got = [next(lines)]
+        write(20, 60)  # two more: the file it opened is deleted before it was read
+        got += collect(lines, " 059")
+        lines.close()
+        oldest = log_path.with_name("app.log.1").read_text().splitlines()[0]
+    finally:
+        log.close()
+    assert assert_every_gap_marked(got, 1, 59) == 1
+    assert got[got.index(MARK) + 1] == oldest  # on with the oldest file kept
+
+
+def test_log_files_are_numbered_in_rotation_order(log_path: Path) -> None:
+    for backups in (2, 0):
+        log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=backups))
+        first = number_of(log_path)
+        assert first is not None
+        for i in range(40):  # about three files
+            log.write_line("g1 w0 pid=1", f"line {i:03d} ".encode() + b"w" * 20)
+        log.flush()
+        log.close()
+        now = number_of(log_path)
+        assert now is not None and now >= first + 2
+        if backups:
+            assert [number_of(log_path.with_name(f"app.log.{i}")) for i in (1, 2)] == [
+                now - 1,
+                now - 2,
+            ]
+        # A new ProgramLog (a restarted supervisor) goes on with the same file and numbering.
+        again = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=backups))
+        assert number_of(log_path) == now
+        again.close()
 
 
 def test_follow_waits_for_the_file_and_finishes_partial_lines(log_path: Path) -> None:

@@ -1,14 +1,21 @@
-"""EventLog: the history keeps only the newest events; a subscriber that does not read loses
-events instead of slowing down whoever emits them; a listener misses none."""
+"""EventLog: the history keeps only the newest events; a subscriber reads on from the history by
+number, so it never slows down whoever emits them and misses only what the history dropped
+(counted, where it was); a listener misses none."""
 
 from __future__ import annotations
 
 import logging
 
 import anyio
+import anyio.lowlevel
 import pytest
+from anyio.abc import TaskStatus
 
-from flipvisor.events import HISTORY, SUBSCRIBER_BUFFER, Event, EventLog
+from flipvisor.cli import _event_line
+from flipvisor.events import HISTORY, MISSED, Event, EventLog
+
+# What each subscriber could hold before: a burst bigger than it lost the rest, unmarked.
+OLD_BUFFER = 256
 
 
 def test_history_keeps_the_newest_events_oldest_first() -> None:
@@ -50,32 +57,90 @@ async def test_subscriber_sees_events_emitted_while_it_is_open() -> None:
     events.emit("promoted", "web", 1)  # after the context: nobody to deliver to, no error
 
 
-async def test_slow_subscriber_loses_events_and_never_blocks_emit() -> None:
+def test_events_are_numbered_in_order() -> None:
     events = EventLog()
-    async with events.subscribe() as slow, events.subscribe() as fast:
+    emitted = [events.emit("spawned", "web", 1, pid=pid) for pid in range(3)]
+    assert [event.seq for event in emitted] == [1, 2, 3]
+    assert [event.to_json()["seq"] for event in events.recent()] == [1, 2, 3]
+
+
+async def test_a_subscriber_that_falls_behind_gets_every_event_the_history_holds() -> None:
+    events = EventLog()
+    burst = OLD_BUFFER * 3  # more than a subscriber could hold, less than the history
+    async with events.subscribe() as slow, events.subscribe() as fast, events.subscribe():
         fast_seen: list[int] = []
         with anyio.fail_after(5):
-            for number in range(SUBSCRIBER_BUFFER + 50):
+            for number in range(burst):
                 events.emit("spawned", "web", number)  # synchronous: it cannot wait for readers
                 fast_seen.append((await fast.receive()).generation or 0)
-        assert fast_seen == list(range(SUBSCRIBER_BUFFER + 50))
-        # The slow one got the first buffer-full and missed the rest...
-        kept = [slow.receive_nowait().generation for _ in range(SUBSCRIBER_BUFFER)]
-        assert kept == list(range(SUBSCRIBER_BUFFER))
+        assert fast_seen == list(range(burst))
+        # The slow one reads on from the history: all of it, in order, nothing more.
+        kept = [slow.receive_nowait().generation for _ in range(burst)]
+        assert kept == list(range(burst))
         with pytest.raises(anyio.WouldBlock):
             slow.receive_nowait()
-        # ...and, having caught up, receives new events again.
         events.emit("ready", "web", 7)
         assert slow.receive_nowait().kind == "ready"
-    assert len(events.recent()) == SUBSCRIBER_BUFFER + 51
+    assert len(events.recent()) == burst + 1
 
 
-async def test_a_closed_subscriber_is_forgotten() -> None:
+async def test_a_subscriber_behind_by_more_than_the_history_gets_the_exact_count_missed() -> None:
+    events = EventLog()
+    events.emit("spawned", "web", 1)  # before subscribing: not for this subscriber
+    async with events.subscribe() as stream:
+        for number in range(HISTORY + 300):
+            events.emit("exited", "web", 1, worker=number)
+        missed = stream.receive_nowait()
+        assert (missed.kind, missed.seq) == (MISSED, None)
+        # The 300 oldest of the burst were dropped from the history before they were read.
+        assert missed.fields == {"count": 300, "first_seq": 2, "last_seq": 301}
+        assert "300 events" in missed.message
+        line = _event_line({"type": "event", **missed.to_json()})  # as `events -f` prints it
+        assert line.split(" ", 1)[1].startswith("(supervisor) missed 300 events, of any program")
+        rest = [stream.receive_nowait() for _ in range(HISTORY)]
+        assert [event.fields["worker"] for event in rest] == list(range(300, HISTORY + 300))
+        with pytest.raises(anyio.WouldBlock):
+            stream.receive_nowait()
+
+
+async def test_a_slow_follower_gets_every_event_of_bursts_bigger_than_a_buffer() -> None:
+    """The supervisor emits bursts (a big stop's ``exited`` events) while the follower, a real
+    task, reads one event at a time and yields to the event loop after each."""
+    events = EventLog()
+    burst, bursts = OLD_BUFFER * 2 + 1, 3
+    seen: list[int] = []
+    caught_up: dict[int, anyio.Event] = {}  # set once the follower has read that many
+
+    async def follow(*, task_status: TaskStatus[None]) -> None:
+        async with events.subscribe() as stream:
+            task_status.started()
+            async for event in stream:
+                seen.append(event.fields["n"])
+                if (reached := caught_up.pop(len(seen), None)) is not None:
+                    reached.set()
+                await anyio.lowlevel.checkpoint()  # as a send to the client would
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(follow)
+            for start in range(0, burst * bursts, burst):
+                reached = caught_up[start + burst] = anyio.Event()
+                for n in range(start, start + burst):
+                    events.emit("exited", "web", 1, n=n)  # the whole burst before it reads
+                await reached.wait()
+            events.close()  # the follower ends once it read everything
+    assert seen == list(range(burst * bursts))
+
+
+async def test_a_closed_subscription_is_left_behind() -> None:
     events = EventLog()
     async with events.subscribe() as stream:
         stream.close()  # the reader went away without leaving the context
         events.emit("spawned", "web", 1)
         events.emit("spawned", "web", 2)
+        with pytest.raises(anyio.ClosedResourceError):
+            stream.receive_nowait()
+        assert [event async for event in stream] == []
     async with events.subscribe() as other:
         events.emit("ready", "web", 2)
         assert other.receive_nowait().kind == "ready"
@@ -98,7 +163,7 @@ async def test_close_ends_every_subscription_after_what_it_holds() -> None:
 def test_listener_sees_every_event_of_a_burst_and_is_removed_after() -> None:
     log = EventLog()
     seen: list[Event] = []
-    burst = SUBSCRIBER_BUFFER * 3  # more than a subscription could hold
+    burst = HISTORY * 3  # more than the history holds
     with log.listening(seen.append):
         for i in range(burst):
             log.emit("spawned", "web", 1, pid=i)
