@@ -1,6 +1,7 @@
 """The root of ``flipvisor run``: reaper, registry, control socket, programs and watches in one
-task group; SIGTERM/SIGINT/SIGQUIT drain everything, stop the orphans left, and exit; SIGHUP
-re-reads the config.
+task group; start-up with a killed supervisor's leftovers; signals (SIGHUP re-reads the config,
+SIGUSR1/2 are forwarded); SIGTERM/SIGINT/SIGQUIT drain everything, stop the orphans left, and
+exit. The control requests are ``commands.py``'s, the reloads ``reload.py``'s.
 """
 
 from __future__ import annotations
@@ -16,39 +17,28 @@ from anyio import CancelScope
 from anyio.abc import TaskGroup
 
 from . import signals
-from .config import Config, DrainConfig, ProgramConfig, load_config
-from .control import AlreadyRunning, ControlServer, Send
-from .errors import EXIT_USAGE, Busy, ConfigError, FlipvisorError, UsageError
-from .events import MISSED, EventLog
-from .generation import KILL_GRACE
+from .commands import Commands
+from .config import Config, DrainConfig
+from .control import AlreadyRunning, ControlServer
+from .errors import EXIT_USAGE, ConfigError, FlipvisorError
+from .events import EventLog
 from .leftovers import Leftovers, find_leftovers, processes_of
+from .orphans import ORPHAN_GRACE, stop_orphans
 from .program import Program, Runtime
-from .progress import FlipReport
 from .promotion import HOSTNAME
-from .protocol import Request, is_seconds, result
 from .reaper import Reaper, become_subreaper
 from .registry import open_registry
 from .registry.base import WatchableRegistry
+from .reload import Reloads
 from .runrecord import RunRecord, remove_record, running_supervisor, write_record
-from .spawn import Strays, process_name, seal_inherited_fds
+from .spawn import seal_inherited_fds
 from .usable import folder_problem
 
 log = logging.getLogger(__name__)
 
-# Top-level settings read once, at start: the control socket, registry connection, metrics
-# listener, log settings and watches are built from them. A reload reports a change to them.
-RESTART_ONLY = ("state_dir", "registry", "metrics", "logs", "watch")
-# At shutdown, how long an orphan still running gets after SIGTERM (after SIGKILL it is waited
-# for KILL_GRACE, as a worker is); how many times new orphans (those of the orphans just stopped)
-# are looked for before giving up.
-ORPHAN_GRACE = 3.0
-ORPHAN_ROUNDS = 5
 # At shutdown, how long the control socket's conversations get to send their final answer (an
 # `events -f` follower its end) before the socket closes.
 ANSWER_GRACE = 2.0
-# While a command waits for the configured programs to be added, how often the client is told
-# so: well inside any client's read timeout (the CLI's status waits 30 s for a line).
-STARTUP_HEARTBEAT = 1.0
 
 
 def prepare_state_dir(path: Path, config_path: Path) -> None:
@@ -74,23 +64,18 @@ class Supervisor:
     def __init__(self, config_path: Path, config: Config) -> None:
         self.config_path = config_path
         self.config = config
-        self._started_with = {key: getattr(config, key) for key in RESTART_ONLY}
         self.events = EventLog()
         self.reaper = Reaper(reap_orphans=True)
         self.reaper.on_orphan = self._orphan_reaped
         self.registry: WatchableRegistry = open_registry(config)
         self.programs: dict[str, Program] = {}
         self._scopes: dict[str, CancelScope] = {}
-        # Removed by a reload, draining in ``_tg`` (``_drain_removed``), listed by status until
-        # their workers are gone: name -> the program, and an event set once it is.
-        self._removing: dict[str, tuple[Program, anyio.Event]] = {}
-        # Removed by a reload, serving on until the program that took their proxy file over
-        # serves (``_hand_over``): name -> that program's name.
-        self._kept: dict[str, str] = {}
-        self._reload_lock = anyio.Lock()  # one reload at a time (SIGHUP and `flipvisor reload`)
+        self.reloads = Reloads(self)  # and the programs they remove, until those are gone
+        self.commands = Commands(self)
         self._shutdown = anyio.Event()
         # Set once the configured programs are added. The control socket answers before that
-        # (finding leftovers can wait on the registry for its timeout): see ``_configured``.
+        # (finding leftovers can wait on the registry for its timeout): see
+        # ``Commands._configured``.
         self._programs_added = anyio.Event()
         # The leftovers of programs no longer in the config, being stopped since start-up
         # (``_stop_strays``): set once they are gone (None: there were none). A shutdown sets
@@ -128,7 +113,7 @@ class Supervisor:
             log.warning("could not become a child subreaper; orphans will not be reaped")
         if leaked := seal_inherited_fds():
             log.info("closed %d inherited descriptor(s) to the workers", leaked)
-        control = ControlServer(self.config.socket_path, self.dispatch)
+        control = ControlServer(self.config.socket_path, self.commands.dispatch)
         try:
             async with anyio.create_task_group() as root:
                 # The reaper outlives everything else: whatever the rest kills while it is
@@ -147,7 +132,7 @@ class Supervisor:
                     # A reload (SIGHUP, `flipvisor reload`) waits until the configured programs
                     # are added: finding leftovers can wait on the registry for its timeout, and
                     # a reload meanwhile would add every program a second time.
-                    async with self._reload_lock:
+                    async with self.reloads.lock:
                         await self._add_configured_programs(unclean=control.found_stale, tg=tg)
                     self._programs_added.set()
                     await self._shutdown.wait()
@@ -167,7 +152,7 @@ class Supervisor:
                     tg.cancel_scope.cancel()
                 # Past here nothing of ours runs but the reaper: what is still our child is an
                 # orphan no drain reached. It must not outlive us.
-                await self._stop_orphans()
+                await stop_orphans(self.events, self.reaper)
                 self.events.close()  # `events -f` followers end (exit 0)
                 await control.wait_idle(ANSWER_GRACE)
                 root.cancel_scope.cancel()
@@ -265,47 +250,6 @@ class Supervisor:
             with anyio.move_on_after(timeout):
                 await self._strays_gone.wait()
 
-    async def _stop_orphans(self) -> None:
-        """At shutdown, once every program drained: stop every process still our child.
-
-        They are orphans re-parented to us (a subreaper, or PID 1), such as a helper a worker
-        daemonized with ``setsid``: out of its worker's process group, so no drain reached it,
-        and without cgroups it cannot be traced to a program. Left alone it would outlive
-        ``run``, re-parented to the host's init. Each gets SIGTERM, ``ORPHAN_GRACE`` to exit
-        (waited for on pidfds), then SIGKILL, and is reaped before we exit. Being our unreaped
-        children, held by pidfd from the check on, their PIDs cannot have been reused. Round after
-        round: an orphan's own children are re-parented to us only as it exits.
-        """
-        for _ in range(ORPHAN_ROUNDS):
-            with Strays.collect() as orphans:
-                if not orphans:
-                    return
-                names = {pid: process_name(pid) for pid in orphans.pids}  # before they exit
-                signalled = orphans.signal(signal.SIGTERM)
-                self.events.emit(
-                    "orphans-stopping",
-                    "(supervisor)",
-                    None,
-                    "still running at shutdown, outside every program's process groups: SIGTERM",
-                    pids=signalled,
-                    names=[names[pid] for pid in signalled],
-                )
-                with anyio.move_on_after(ORPHAN_GRACE):
-                    await orphans.wait()
-                if killed := orphans.signal(signal.SIGKILL):
-                    self.events.emit(
-                        "killed",
-                        "(supervisor)",
-                        None,
-                        f"orphans still running {ORPHAN_GRACE}s after SIGTERM at shutdown",
-                        pids=killed,
-                    )
-                    with anyio.move_on_after(KILL_GRACE):
-                        await orphans.wait()
-            # Their exits are known (pidfds): collect them now, not after the reaper stopped.
-            self.reaper.reap()
-        log.warning("orphans kept appearing at shutdown; stopped after %d rounds", ORPHAN_ROUNDS)
-
     async def _start_metrics(self, tg: TaskGroup) -> None:
         if self.config.metrics is not None:
             from .metrics import Metrics  # prometheus-client is imported only when enabled
@@ -332,7 +276,7 @@ class Supervisor:
                     # successor to start, or for a program added back to finish draining, must
                     # not hold up SIGTERM or the forwarding of SIGUSR1/2 meanwhile.
                     assert self._tg is not None
-                    self._tg.start_soon(self._reload_on_signal)
+                    self._tg.start_soon(self.reloads.reload_on_signal)
                 elif signum in signals.FORWARDED:
                     self._forward(signal.Signals(signum))
                 else:
@@ -352,7 +296,8 @@ class Supervisor:
     def _listed(self) -> list[Program]:
         """The configured programs, then those a reload removed that still drain: what
         `status` and the metrics show, and what SIGUSR1/2 reach."""
-        return [*self.programs.values(), *(program for program, _ in self._removing.values())]
+        removing = self.reloads.removing.values()
+        return [*self.programs.values(), *(program for program, _ in removing)]
 
     def _forward(self, sig: signal.Signals) -> None:
         """Pass ``sig`` to every running worker (through its pidfd), as PID 1 is expected to:
@@ -397,486 +342,6 @@ class Supervisor:
         await self._tg.start(own)
         return program
 
-    def _remove_program(self, name: str, *, unroute: bool = True) -> anyio.Event:
-        """Begin to stop a program the config no longer has, and return at once: it drains in
-        the supervisor's task group (``_drain_removed``), so that a reload starts and flips the
-        others meanwhile. ``unroute``: take its proxy file out first (not when another program's
-        file has replaced it). Returns an event set once it has left the proxy (the drain
-        begins then)."""
-        assert self._tg is not None
-        program = self.programs.pop(name)
-        self._kept.pop(name, None)
-        program.removing = True
-        unrouted, gone = anyio.Event(), anyio.Event()
-        self._removing[name] = (program, gone)
-        scope = self._scopes.pop(name)
-        self._tg.start_soon(self._drain_removed, program, scope, unroute, unrouted, gone)
-        return unrouted
-
-    async def _drain_removed(
-        self,
-        program: Program,
-        scope: CancelScope,
-        unroute: bool,
-        unrouted: anyio.Event,
-        gone: anyio.Event,
-    ) -> None:
-        """Stop a removed program, then end its task (``scope``) and forget it."""
-        try:
-            await program.stop(unroute=unroute, unrouted=unrouted)
-        except Exception:
-            # The boundary of one removal: the supervisor goes on (its workers' own tasks still
-            # stop them as its scope is cancelled below).
-            log.exception("program=%s: stopping it after its removal failed", program.name)
-        finally:
-            scope.cancel()
-            del self._removing[program.name]
-            unrouted.set()  # nobody waits for what will not happen
-            gone.set()
-
-    def _handovers(self, removed: list[str], new: Config) -> dict[str, str]:
-        """The removed programs whose proxy file a program of ``new`` writes (the same
-        ``proxy.dest``: a rename, by the look of it), each with that program."""
-        writers = {
-            section.proxy.dest: name
-            for name, section in new.programs.items()
-            if section.proxy is not None
-        }
-        handovers = {}
-        for name in removed:
-            deployed = self.programs[name].config.proxy
-            if deployed is not None and (successor := writers.get(deployed.dest)) is not None:
-                handovers[name] = successor
-        return handovers
-
-    def _serves_file_of(self, successor: str, old: str) -> bool:
-        """Whether ``successor`` serves from a generation whose proxy file is ``old``'s."""
-        program, replaced = self.programs.get(successor), self.programs[old].config.proxy
-        serving = program.serving if program is not None else None
-        return (
-            serving is not None
-            and serving.config.proxy is not None
-            and replaced is not None
-            and serving.config.proxy.dest == replaced.dest
-        )
-
-    async def _hand_over(self, old: str, successor: str) -> str | None:
-        """Remove ``old`` once ``successor`` serves in its place, without taking the proxy file
-        out of nginx (``successor``'s promotion rewrote it); if ``successor`` does not serve,
-        keep ``old`` serving: the old is never given up for a new one that is broken. Returns
-        why ``old`` was kept (None: removed)."""
-        program = self.programs.get(successor)
-        if program is None:  # not added: the supervisor began shutting down meanwhile
-            return f"{successor}, which takes over its proxy file, was not added"
-        report = program.current_flip
-        if report is None and program.serving is None and program.config.autostart:
-            try:
-                report = program.start_flip(kind="start")
-            except FlipvisorError:
-                report = None  # stopping: nothing to wait for
-        if report is not None:
-            await report.wait()
-            await program.wait_settled()  # answered early (--timeout): serving only after that
-        if self._serves_file_of(successor, old):
-            log.info(
-                "%s took over the proxy file of %s, which the config no longer has", successor, old
-            )
-            self._remove_program(old, unroute=False)
-            return None
-        failure = (
-            f"its start failed: {report.error}"
-            if report is not None and report.error
-            else "it is not started"
-        )
-        why = (
-            f"removed from the config, but serving on: {successor}, which takes over its proxy "
-            f"file, does not serve ({failure}); `flipvisor start {successor}` replaces it, or "
-            f"drop {successor}'s proxy.dest and `flipvisor reload` to remove it"
-        )
-        self._kept[old] = successor
-        self.programs[old].kept_after_removal = why
-        self.events.emit("kept-serving", old, None, why)
-        log.warning("%s: %s", old, why)
-        return why
-
-    async def _release_kept(self) -> None:
-        """Remove the kept programs (``_hand_over``) whose successor now serves their file."""
-        async with self._reload_lock:
-            for old, successor in list(self._kept.items()):
-                if old in self.programs and self._serves_file_of(successor, old):
-                    self._remove_program(old, unroute=False)
-
-    async def _reload_on_signal(self) -> None:
-        """SIGHUP's reload: whatever goes wrong is logged, and the supervisor keeps running."""
-        try:
-            await self.reload()
-        except ConfigError:
-            pass  # reload() logged every problem; the old config stays
-        except UsageError as exc:  # shutting down
-            log.warning("SIGHUP ignored: %s", exc)
-        except Exception:
-            # The boundary of one reload: a failure here must not end every program with it.
-            log.exception("SIGHUP: reloading the config failed")
-
-    def _deploy_changed(self, program: Program, config: ProgramConfig) -> str | None:
-        """A running program whose section changed is flipped to it (rolled back if it fails,
-        like any flip); a stopped one starts with it next time. Returns why it was not flipped
-        (None: the flip started)."""
-        if program.serving is None and program.current_flip is None:
-            program.config = config
-            return f"stored: `flipvisor start {program.name}` starts it with the new section"
-        try:
-            program.start_flip(config, kind="flip")
-        except Busy as exc:
-            why = f"not deployed: {exc}; then `flipvisor flip {program.name}`"
-            log.warning("config of %s changed, %s", program.name, why)
-            return why
-        return None
-
-    def _changed(self, new: Config) -> list[str]:
-        """The programs whose section the file changed since it was last read, and which do
-        not run it already. A rollback, or a flip that failed, is not redone by a reload that
-        leaves their section alone; a section deployed by `flip` is not flipped again."""
-        changed = []
-        for name, section in new.programs.items():
-            program = self.programs.get(name)
-            if program is None:
-                continue
-            last_read = self.config.programs.get(name)
-            if not _same_deploy(section, last_read) and not _same_deploy(section, program.config):
-                changed.append(name)
-        return changed
-
-    async def reload(self, send: Send | None = None) -> dict[str, Any]:
-        """Re-read the config file: start added programs, flip changed ones and begin to drain
-        removed ones, all at once; leave the rest untouched. One at a time. Returns without
-        waiting for the drains, except that of a program added back while it still drains
-        (``send`` hears about that wait).
-
-        Raises:
-            ConfigError: the file is invalid; nothing changed.
-            UsageError: the supervisor is shutting down.
-        """
-        async with self._reload_lock:
-            return await self._reload(send)
-
-    async def _reload(self, send: Send | None) -> dict[str, Any]:
-        if self._shutdown.is_set():
-            raise UsageError("the supervisor is shutting down; the config was not reloaded")
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
-            log.error("config not reloaded, the running config stays: %s", exc)
-            raise
-        added = [name for name in new.programs if name not in self.programs]
-        removed = [name for name in self.programs if name not in new.programs]
-        changed = self._changed(new)
-        handovers = self._handovers(removed, new)
-        for name in [name for name in self._kept if name in new.programs]:
-            del self._kept[name]  # back in the config: no longer kept after a removal
-            self.programs[name].kept_after_removal = None
-        # Removals first: each takes its turn of the proxy lock to leave the proxy before an
-        # added program's promotion takes its own. Their drains are not waited for.
-        leaving = []
-        for name in removed:
-            if name not in handovers:
-                leaving.append(self._remove_program(name))
-            elif self.programs[name].serving is None:
-                # Nothing of it to keep serving, and its file is another program's now: leave
-                # it in place. (One that serves is handed over below, its successor first.)
-                del handovers[name]
-                self._remove_program(name, unroute=False)
-        # Added back while its earlier removal still drains: added once that is over (below).
-        # Two programs of one name would share its log, its proxy file and a fixed port.
-        returning = [name for name in added if name in self._removing]
-        for name in added:
-            if name not in returning:
-                await self._start_added(name, new.programs[name])
-        flipping, not_flipped = [], {}
-        for name in changed:
-            why = self._deploy_changed(self.programs[name], new.programs[name])
-            if why is None:
-                flipping.append(name)
-            else:
-                not_flipped[name] = why
-        self.config = new
-        # Answered once nothing routes to the removed programs any more, as before the drains
-        # went their own way: a script that reloads may rely on it.
-        for unrouted in leaving:
-            await unrouted.wait()
-        kept = {}
-        for name, successor in handovers.items():
-            if successor in returning:  # renamed back while its earlier removal drains
-                returning.remove(successor)
-                await self._add_when_removed(successor, new.programs[successor], send)
-            if (why := await self._hand_over(name, successor)) is not None:
-                kept[name] = why
-        for name in returning:
-            await self._add_when_removed(name, new.programs[name], send)
-        log.info("config reloaded: added %s, removed %s", added or "none", removed or "none")
-        needs_restart = [
-            key for key in RESTART_ONLY if getattr(new, key) != self._started_with[key]
-        ]
-        if needs_restart:
-            log.warning(
-                "config reloaded, but %s changed: that takes effect only when the supervisor "
-                "restarts (%s)",
-                ", ".join(needs_restart),
-                restart_hint(needs_restart, recorded=self._record is not None),
-            )
-        return {
-            "added": added,
-            "removed": removed,
-            "changed": flipping,
-            "not_flipped": not_flipped,
-            "restart_hint": (
-                restart_hint(needs_restart, recorded=self._record is not None)
-                if needs_restart
-                else None
-            ),
-            "needs_restart": needs_restart,
-            "kept": kept,
-        }
-
-    async def _start_added(self, name: str, section: ProgramConfig) -> None:
-        """Add a program the config gained, and start it (with ``autostart``)."""
-        program = await self._add_program(name, section)
-        if section.autostart:
-            program.start_flip(kind="start")
-
-    async def _add_when_removed(self, name: str, section: ProgramConfig, send: Send | None) -> None:
-        """Add ``name``, a program the config gained back, once its removed instance is gone."""
-        if (removal := self._removing.get(name)) is not None:
-            program, gone = removal
-            draining = program.describe_drain(list(program.generations))
-            why = (
-                f"{name} is added back while its removal still drains it ({draining}): "
-                "it starts once that is over"
-            )
-            log.info("%s", why)
-            if send is not None:
-                await send({"type": "waiting", "message": why})
-            await gone.wait()
-        if self._shutdown.is_set():
-            log.info("%s is not added back: the supervisor is shutting down", name)
-            return
-        await self._start_added(name, section)
-
-    # -- control commands -------------------------------------------------------------------
-
-    def _program(self, name: str | None, *, removing: bool = False) -> Program:
-        """The configured program ``name`` (with ``removing``, also one a reload removed that
-        still drains: ``status`` shows it).
-
-        Raises:
-            UsageError: no such program; or it is being removed (without ``removing``).
-        """
-        if name is None:
-            raise UsageError("this command needs a program name")
-        try:
-            return self.programs[name]
-        except KeyError:
-            if (removal := self._removing.get(name)) is not None:
-                if removing:
-                    return removal[0]
-                raise UsageError(
-                    f"{name} was removed from the config and is still draining "
-                    f"(`flipvisor status {name}` shows it until it is gone)"
-                ) from None
-            known = ", ".join(sorted(self.programs)) or "none"
-            raise UsageError(
-                f"no program named {name!r} (programs: {known}); "
-                "after adding it to the config, `flipvisor reload` starts it"
-            ) from None
-
-    async def _configured(self, name: str | None, send: Send, *, removing: bool = False) -> Program:
-        """``_program``, waiting for the configured programs to be added if ``name`` is one.
-
-        A command sent while the supervisor starts would otherwise hear that a program of the
-        config does not exist. Adding them can take several registry timeouts (finding
-        leftovers in an etcd that does not answer), so the client hears a ``waiting`` line at
-        once and then every ``STARTUP_HEARTBEAT`` seconds: its read timeout measures silence,
-        and a supervisor that says it is still starting is not stuck.
-        """
-        if name is not None and name not in self.programs and name in self.config.programs:
-            while not self._programs_added.is_set():
-                await send(
-                    {
-                        "type": "waiting",
-                        "message": f"the supervisor is still starting: {name} is not added yet",
-                    }
-                )
-                with anyio.move_on_after(STARTUP_HEARTBEAT):
-                    await self._programs_added.wait()
-        return self._program(name, removing=removing)
-
-    async def dispatch(self, request: Request, send: Send) -> dict[str, Any]:
-        """Carry out one control request; the returned message is the final answer."""
-        try:
-            return await self._dispatch(request, send)
-        except FlipvisorError as exc:
-            return result(error=str(exc), exit_code=exc.exit_code)
-
-    async def _dispatch(self, request: Request, send: Send) -> dict[str, Any]:
-        command = request.command
-        if command == "status":
-            programs = (
-                [await self._configured(request.program, send, removing=True)]
-                if request.program
-                else self._listed()
-            )
-            return result(
-                {
-                    "programs": [program.status() for program in programs],
-                    "registry": self.registry.health(),
-                    # True while the configured programs are being added, so a list that lacks
-                    # some of them is not read as "not configured".
-                    "starting": not self._programs_added.is_set(),
-                }
-            )
-        if command == "shutdown":
-            if not request.args.get("wait"):
-                self._shutdown.set()
-                return result({"shutting_down": True})
-            # Subscribed before the shutdown begins: every event of it is shown, until the
-            # event log closes once the orphans are stopped.
-            async with self.events.subscribe() as stream:
-                self._shutdown.set()
-                async for event in stream:
-                    await send({"type": "event", **event.to_json()})
-            return result({"shut_down": True})
-        if command == "reload":
-            self._same_file(request)
-            try:
-                outcome = await self.reload(send)
-            except ConfigError as exc:
-                raise ConfigError(f"the config was not reloaded, nothing changed: {exc}") from exc
-            return result(outcome)
-        if command == "events":
-            return await self._events(request, send)
-        program = await self._configured(request.program, send)
-        if command == "stop":
-            stopping = FlipReport(program.name, "stop")
-            # In the supervisor's task group: a client that goes away does not cut a drain short.
-            assert self._tg is not None
-            self._tg.start_soon(self._stop_reporting, program, stopping)
-            await self._follow(stopping, send)
-            return result(program.status())
-        if command == "start":
-            report = await program.start()
-            if report is None:
-                return result(program.status())
-            return await self._follow_and_release(report, send)
-        if command in ("flip", "restart"):
-            self._same_file(request)
-            config = self._reread(program.name)
-            timeout = request.args.get("timeout")
-            if timeout is not None and not is_seconds(timeout):
-                raise UsageError(f"timeout: must be a number of seconds > 0, not {timeout!r}")
-            report = program.start_flip(config, timeout=timeout, kind=command)
-            return await self._follow_and_release(report, send)
-        if command == "rollback":
-            if program.warm is None and program.history.previous is None:
-                raise UsageError(
-                    f"{program.name} has no previous generation to roll back to; "
-                    f"`flipvisor status {program.name}` shows what serves"
-                )
-            report = program.start_flip(program.history.previous, kind="rollback")
-            return await self._follow(report, send)
-        raise UsageError(f"unknown command {command!r}")  # pragma: no cover - checked by protocol
-
-    @staticmethod
-    async def _stop_reporting(program: Program, report: FlipReport) -> None:
-        try:
-            await program.stop(report)
-        finally:
-            report.finish()
-
-    def _same_file(self, request: Request) -> None:
-        """Refuse a command that re-reads the config when its client named another file.
-
-        The client finds the supervisor through its file's ``state_dir`` only: ``flip web -c
-        staging.yaml`` with the same state_dir would deploy what *this* file says.
-
-        Raises:
-            UsageError: the client's file is not the one this supervisor reads.
-        """
-        given = request.args.get("config_file")
-        if not isinstance(given, str):
-            return  # an older client, or a script that did not say
-        if Path(given).resolve() != self.config_path.resolve():
-            raise UsageError(
-                f"this supervisor reads {self.config_path.resolve()}, not {given}; a "
-                f"{request.command} applies what that file says: edit it, or use -c with it"
-            )
-
-    def _reread(self, name: str) -> Any:
-        """The program's section as the config file says now (a flip deploys edits)."""
-        config = load_config(self.config_path)
-        if name not in config.programs:
-            raise UsageError(
-                f"{name!r} is no longer in {self.config_path}; nothing to deploy; "
-                "add it back, or `flipvisor reload` to stop it"
-            )
-        return config.programs[name]
-
-    async def _follow_and_release(self, report: FlipReport, send: Send) -> dict[str, Any]:
-        """``_follow``; then a program kept because this one did not serve goes."""
-        answer = await self._follow(report, send)
-        if self._kept and report.ok:
-            if report.warning is None:
-                await self._release_kept()
-            elif (program := self.programs.get(report.program)) is not None:
-                # Answered before its generation serves (--timeout): released once it does.
-                assert self._tg is not None
-                self._tg.start_soon(self._release_kept_once_settled, program)
-        return answer
-
-    async def _release_kept_once_settled(self, program: Program) -> None:
-        await program.wait_settled()
-        await self._release_kept()
-
-    async def _follow(self, report: FlipReport, send: Send) -> dict[str, Any]:
-        try:
-            async with report.updates:
-                async for step in report.updates:
-                    await send({"type": "progress", **step.to_json()})
-            await report.wait()
-        finally:
-            report.close()
-        return result(report.to_json(), error=report.error)
-
-    async def _events(self, request: Request, send: Send) -> dict[str, Any]:
-        limit = int(request.args.get("limit", 100))
-        name = request.program
-        if name is not None and name not in self.programs and not self.events.recent(1, name):
-            # Unknown (a removed program's history is still shown): refused.
-            await self._configured(name, send)
-        # Subscribed before the history is read (no await between them): an event emitted while
-        # the history is sent follows it, neither lost nor shown twice.
-        async with self.events.subscribe() as stream:
-            history = self.events.recent(limit, request.program) if limit > 0 else []
-            for event in history:
-                await send({"type": "event", **event.to_json()})
-            if request.args.get("follow"):
-                async for event in stream:
-                    # A gap in the history is shown whoever's events it held.
-                    if request.program in (None, event.program) or event.kind == MISSED:
-                        await send({"type": "event", **event.to_json()})
-        return result(None)
-
-
-def restart_hint(needs_restart: list[str], *, recorded: bool) -> str:
-    """How to restart the supervisor so that ``needs_restart`` takes effect (``recorded``: the
-    supervisor recorded where it listens, so the CLI finds it whatever state_dir the file names)."""
-    if "state_dir" in needs_restart and not recorded:
-        # The CLI looks for the supervisor in the file's state_dir only, which names another.
-        return (
-            f"stop this supervisor with SIGTERM to pid {os.getpid()} (the CLI looks for it in "
-            "the new state_dir now), then `flipvisor run`"
-        )
-    return "`flipvisor shutdown`, then `flipvisor run`"
-
 
 def already_running(config_path: Path, running: RunRecord, state_dir: Path) -> str:
     """Why ``run`` refuses to start while ``running`` supervises ``config_path``, whose
@@ -891,11 +356,6 @@ def already_running(config_path: Path, running: RunRecord, state_dir: Path) -> s
         f"{running.socket_path}{moved}; a second one would start every program again. Stop it "
         f"first: `flipvisor -c {config_path} shutdown` (or SIGTERM to pid {running.pid})"
     )
-
-
-def _same_deploy(a: ProgramConfig, b: ProgramConfig | None) -> bool:
-    """Whether two sections deploy the same thing (``autostart`` only matters at start)."""
-    return b is not None and a == b.model_copy(update={"autostart": a.autostart})
 
 
 def _first_error(group: BaseExceptionGroup[FlipvisorError]) -> FlipvisorError:

@@ -83,7 +83,12 @@ ALLOWED: dict[str, set[str]] = {
     "control": LEAVES | {"protocol", "config"},
     "client": LEAVES | {"protocol", "config", "locate", "runrecord"},
     "display": LEAVES | {"protocol", "events", "progress"},
-    "supervisor": CORE | {"watch", "runrecord"},  # runs the config's watch entries too
+    "supervisor": CORE
+    | {"watch", "runrecord", "orphans", "reload", "commands"},  # runs the config's watches too
+    # Parts of the supervisor that take it (for its type only): its layer, supervisor included.
+    "reload": CORE | {"supervisor"},
+    "commands": CORE | {"supervisor", "reload"},
+    "orphans": WORKERS,
     "locate": {"errors"},
     "runrecord": {"starttime"},
     "problems": {"locate"},

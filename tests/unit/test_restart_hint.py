@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from flipvisor.supervisor import restart_hint
+from flipvisor.reload import restart_hint
 
 
 def test_a_changed_state_dir_is_applied_by_shutdown_and_run_if_recorded() -> None:

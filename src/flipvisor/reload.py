@@ -1,0 +1,334 @@
+"""The supervisor's config reloads (SIGHUP, ``flipvisor reload``): programs the file gained are
+added and started, those whose section changed are flipped, and removed ones drained in the
+supervisor's task group (listed by status until they are gone) or, when another program takes
+their proxy file over, handed over to it; a change to the settings read once at start is
+reported with how to restart.
+
+``Reloads`` is a part of its ``Supervisor`` (``supervisor.reloads``), not an owner of its own:
+it adds to and removes from the supervisor's programs, in its task group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio import CancelScope
+
+from .config import Config, ProgramConfig, load_config
+from .control import Send
+from .errors import Busy, ConfigError, FlipvisorError, UsageError
+from .program import Program
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+# Top-level settings read once, at start: the control socket, registry connection, metrics
+# listener, log settings and watches are built from them. A reload reports a change to them.
+RESTART_ONLY = ("state_dir", "registry", "metrics", "logs", "watch")
+
+
+class Reloads:
+    """One supervisor's config reloads, and the programs they remove."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        config = supervisor.config
+        self._started_with = {key: getattr(config, key) for key in RESTART_ONLY}
+        self.lock = anyio.Lock()  # one reload at a time (SIGHUP and `flipvisor reload`)
+        # Removed by a reload, draining in the supervisor's task group (``_drain_removed``),
+        # listed by status until their workers are gone: name -> the program, and an event set
+        # once it is.
+        self.removing: dict[str, tuple[Program, anyio.Event]] = {}
+        # Removed by a reload, serving on until the program that took their proxy file over
+        # serves (``_hand_over``): name -> that program's name.
+        self.kept: dict[str, str] = {}
+
+    def _remove_program(self, name: str, *, unroute: bool = True) -> anyio.Event:
+        """Begin to stop a program the config no longer has, and return at once: it drains in
+        the supervisor's task group (``_drain_removed``), so that a reload starts and flips the
+        others meanwhile. ``unroute``: take its proxy file out first (not when another program's
+        file has replaced it). Returns an event set once it has left the proxy (the drain
+        begins then)."""
+        assert self.supervisor._tg is not None
+        program = self.supervisor.programs.pop(name)
+        self.kept.pop(name, None)
+        program.removing = True
+        unrouted, gone = anyio.Event(), anyio.Event()
+        self.removing[name] = (program, gone)
+        scope = self.supervisor._scopes.pop(name)
+        self.supervisor._tg.start_soon(self._drain_removed, program, scope, unroute, unrouted, gone)
+        return unrouted
+
+    async def _drain_removed(
+        self,
+        program: Program,
+        scope: CancelScope,
+        unroute: bool,
+        unrouted: anyio.Event,
+        gone: anyio.Event,
+    ) -> None:
+        """Stop a removed program, then end its task (``scope``) and forget it."""
+        try:
+            await program.stop(unroute=unroute, unrouted=unrouted)
+        except Exception:
+            # The boundary of one removal: the supervisor goes on (its workers' own tasks still
+            # stop them as its scope is cancelled below).
+            log.exception("program=%s: stopping it after its removal failed", program.name)
+        finally:
+            scope.cancel()
+            del self.removing[program.name]
+            unrouted.set()  # nobody waits for what will not happen
+            gone.set()
+
+    def _handovers(self, removed: list[str], new: Config) -> dict[str, str]:
+        """The removed programs whose proxy file a program of ``new`` writes (the same
+        ``proxy.dest``: a rename, by the look of it), each with that program."""
+        writers = {
+            section.proxy.dest: name
+            for name, section in new.programs.items()
+            if section.proxy is not None
+        }
+        handovers = {}
+        for name in removed:
+            deployed = self.supervisor.programs[name].config.proxy
+            if deployed is not None and (successor := writers.get(deployed.dest)) is not None:
+                handovers[name] = successor
+        return handovers
+
+    def _serves_file_of(self, successor: str, old: str) -> bool:
+        """Whether ``successor`` serves from a generation whose proxy file is ``old``'s."""
+        programs = self.supervisor.programs
+        program, replaced = programs.get(successor), programs[old].config.proxy
+        serving = program.serving if program is not None else None
+        return (
+            serving is not None
+            and serving.config.proxy is not None
+            and replaced is not None
+            and serving.config.proxy.dest == replaced.dest
+        )
+
+    async def _hand_over(self, old: str, successor: str) -> str | None:
+        """Remove ``old`` once ``successor`` serves in its place, without taking the proxy file
+        out of nginx (``successor``'s promotion rewrote it); if ``successor`` does not serve,
+        keep ``old`` serving: the old is never given up for a new one that is broken. Returns
+        why ``old`` was kept (None: removed)."""
+        program = self.supervisor.programs.get(successor)
+        if program is None:  # not added: the supervisor began shutting down meanwhile
+            return f"{successor}, which takes over its proxy file, was not added"
+        report = program.current_flip
+        if report is None and program.serving is None and program.config.autostart:
+            try:
+                report = program.start_flip(kind="start")
+            except FlipvisorError:
+                report = None  # stopping: nothing to wait for
+        if report is not None:
+            await report.wait()
+            await program.wait_settled()  # answered early (--timeout): serving only after that
+        if self._serves_file_of(successor, old):
+            log.info(
+                "%s took over the proxy file of %s, which the config no longer has", successor, old
+            )
+            self._remove_program(old, unroute=False)
+            return None
+        failure = (
+            f"its start failed: {report.error}"
+            if report is not None and report.error
+            else "it is not started"
+        )
+        why = (
+            f"removed from the config, but serving on: {successor}, which takes over its proxy "
+            f"file, does not serve ({failure}); `flipvisor start {successor}` replaces it, or "
+            f"drop {successor}'s proxy.dest and `flipvisor reload` to remove it"
+        )
+        self.kept[old] = successor
+        self.supervisor.programs[old].kept_after_removal = why
+        self.supervisor.events.emit("kept-serving", old, None, why)
+        log.warning("%s: %s", old, why)
+        return why
+
+    async def release_kept(self) -> None:
+        """Remove the kept programs (``_hand_over``) whose successor now serves their file."""
+        async with self.lock:
+            for old, successor in list(self.kept.items()):
+                if old in self.supervisor.programs and self._serves_file_of(successor, old):
+                    self._remove_program(old, unroute=False)
+
+    async def reload_on_signal(self) -> None:
+        """SIGHUP's reload: whatever goes wrong is logged, and the supervisor keeps running."""
+        try:
+            await self.reload()
+        except ConfigError:
+            pass  # reload() logged every problem; the old config stays
+        except UsageError as exc:  # shutting down
+            log.warning("SIGHUP ignored: %s", exc)
+        except Exception:
+            # The boundary of one reload: a failure here must not end every program with it.
+            log.exception("SIGHUP: reloading the config failed")
+
+    def _deploy_changed(self, program: Program, config: ProgramConfig) -> str | None:
+        """A running program whose section changed is flipped to it (rolled back if it fails,
+        like any flip); a stopped one starts with it next time. Returns why it was not flipped
+        (None: the flip started)."""
+        if program.serving is None and program.current_flip is None:
+            program.config = config
+            return f"stored: `flipvisor start {program.name}` starts it with the new section"
+        try:
+            program.start_flip(config, kind="flip")
+        except Busy as exc:
+            why = f"not deployed: {exc}; then `flipvisor flip {program.name}`"
+            log.warning("config of %s changed, %s", program.name, why)
+            return why
+        return None
+
+    def _changed(self, new: Config) -> list[str]:
+        """The programs whose section the file changed since it was last read, and which do
+        not run it already. A rollback, or a flip that failed, is not redone by a reload that
+        leaves their section alone; a section deployed by `flip` is not flipped again."""
+        changed = []
+        for name, section in new.programs.items():
+            program = self.supervisor.programs.get(name)
+            if program is None:
+                continue
+            last_read = self.supervisor.config.programs.get(name)
+            if not _same_deploy(section, last_read) and not _same_deploy(section, program.config):
+                changed.append(name)
+        return changed
+
+    async def reload(self, send: Send | None = None) -> dict[str, Any]:
+        """Re-read the config file: start added programs, flip changed ones and begin to drain
+        removed ones, all at once; leave the rest untouched. One at a time. Returns without
+        waiting for the drains, except that of a program added back while it still drains
+        (``send`` hears about that wait).
+
+        Raises:
+            ConfigError: the file is invalid; nothing changed.
+            UsageError: the supervisor is shutting down.
+        """
+        async with self.lock:
+            return await self._reload(send)
+
+    async def _reload(self, send: Send | None) -> dict[str, Any]:
+        supervisor = self.supervisor
+        programs = supervisor.programs
+        if supervisor._shutdown.is_set():
+            raise UsageError("the supervisor is shutting down; the config was not reloaded")
+        try:
+            new = load_config(supervisor.config_path)
+        except ConfigError as exc:
+            log.error("config not reloaded, the running config stays: %s", exc)
+            raise
+        added = [name for name in new.programs if name not in programs]
+        removed = [name for name in programs if name not in new.programs]
+        changed = self._changed(new)
+        handovers = self._handovers(removed, new)
+        for name in [name for name in self.kept if name in new.programs]:
+            del self.kept[name]  # back in the config: no longer kept after a removal
+            programs[name].kept_after_removal = None
+        # Removals first: each takes its turn of the proxy lock to leave the proxy before an
+        # added program's promotion takes its own. Their drains are not waited for.
+        leaving = []
+        for name in removed:
+            if name not in handovers:
+                leaving.append(self._remove_program(name))
+            elif programs[name].serving is None:
+                # Nothing of it to keep serving, and its file is another program's now: leave
+                # it in place. (One that serves is handed over below, its successor first.)
+                del handovers[name]
+                self._remove_program(name, unroute=False)
+        # Added back while its earlier removal still drains: added once that is over (below).
+        # Two programs of one name would share its log, its proxy file and a fixed port.
+        returning = [name for name in added if name in self.removing]
+        for name in added:
+            if name not in returning:
+                await self._start_added(name, new.programs[name])
+        flipping, not_flipped = [], {}
+        for name in changed:
+            why = self._deploy_changed(programs[name], new.programs[name])
+            if why is None:
+                flipping.append(name)
+            else:
+                not_flipped[name] = why
+        supervisor.config = new
+        # Answered once nothing routes to the removed programs any more, as before the drains
+        # went their own way: a script that reloads may rely on it.
+        for unrouted in leaving:
+            await unrouted.wait()
+        kept = {}
+        for name, successor in handovers.items():
+            if successor in returning:  # renamed back while its earlier removal drains
+                returning.remove(successor)
+                await self._add_when_removed(successor, new.programs[successor], send)
+            if (why := await self._hand_over(name, successor)) is not None:
+                kept[name] = why
+        for name in returning:
+            await self._add_when_removed(name, new.programs[name], send)
+        log.info("config reloaded: added %s, removed %s", added or "none", removed or "none")
+        needs_restart = [
+            key for key in RESTART_ONLY if getattr(new, key) != self._started_with[key]
+        ]
+        if needs_restart:
+            log.warning(
+                "config reloaded, but %s changed: that takes effect only when the supervisor "
+                "restarts (%s)",
+                ", ".join(needs_restart),
+                restart_hint(needs_restart, recorded=supervisor._record is not None),
+            )
+        return {
+            "added": added,
+            "removed": removed,
+            "changed": flipping,
+            "not_flipped": not_flipped,
+            "restart_hint": (
+                restart_hint(needs_restart, recorded=supervisor._record is not None)
+                if needs_restart
+                else None
+            ),
+            "needs_restart": needs_restart,
+            "kept": kept,
+        }
+
+    async def _start_added(self, name: str, section: ProgramConfig) -> None:
+        """Add a program the config gained, and start it (with ``autostart``)."""
+        program = await self.supervisor._add_program(name, section)
+        if section.autostart:
+            program.start_flip(kind="start")
+
+    async def _add_when_removed(self, name: str, section: ProgramConfig, send: Send | None) -> None:
+        """Add ``name``, a program the config gained back, once its removed instance is gone."""
+        if (removal := self.removing.get(name)) is not None:
+            program, gone = removal
+            draining = program.describe_drain(list(program.generations))
+            why = (
+                f"{name} is added back while its removal still drains it ({draining}): "
+                "it starts once that is over"
+            )
+            log.info("%s", why)
+            if send is not None:
+                await send({"type": "waiting", "message": why})
+            await gone.wait()
+        if self.supervisor._shutdown.is_set():
+            log.info("%s is not added back: the supervisor is shutting down", name)
+            return
+        await self._start_added(name, section)
+
+
+def restart_hint(needs_restart: list[str], *, recorded: bool) -> str:
+    """How to restart the supervisor so that ``needs_restart`` takes effect (``recorded``: the
+    supervisor recorded where it listens, so the CLI finds it whatever state_dir the file names)."""
+    if "state_dir" in needs_restart and not recorded:
+        # The CLI looks for the supervisor in the file's state_dir only, which names another.
+        return (
+            f"stop this supervisor with SIGTERM to pid {os.getpid()} (the CLI looks for it in "
+            "the new state_dir now), then `flipvisor run`"
+        )
+    return "`flipvisor shutdown`, then `flipvisor run`"
+
+
+def _same_deploy(a: ProgramConfig, b: ProgramConfig | None) -> bool:
+    """Whether two sections deploy the same thing (``autostart`` only matters at start)."""
+    return b is not None and a == b.model_copy(update={"autostart": a.autostart})
