@@ -1,4 +1,4 @@
-"""A Generation of real workers on its own socket, built as program.py builds it: serving, drain
+"""A Generation of real workers on its own socket, built as flip.py builds it: serving, drain
 (delay, signal, timeout then SIGKILL), discard, restarts and revive, and its final state."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ with open(sys.argv[1], "a") as f:
 
 @dataclass
 class Harness:
-    """What program.py gives a generation: a reaper, a log, events and two callbacks."""
+    """What flip.py gives a generation: a reaper, a log, events and two callbacks."""
 
     tmp_path: Path
     reaper: Reaper
