@@ -75,7 +75,7 @@ class Flips:
         async with self.lock:
             try:
                 if self.program._stops:
-                    report.finish(self._stopped_message(report))
+                    self._abandoned(report)
                     return
                 # `--timeout` and a stop cut short only what can be undone: `_deploy`, which
                 # ends once the new generation is routed to. What follows (`_settle`) runs to
@@ -91,7 +91,7 @@ class Flips:
                 if promotion is not None:  # promoted: a stop now waits until it serves
                     self.settled = anyio.Event()
                 if abandon.cancelled_caught:
-                    report.finish(self._stopped_message(report))
+                    self._abandoned(report)
                 elif promotion is not None:
                     await self._settle_reporting(report, promotion, deadline, timeout)
             finally:
@@ -111,8 +111,9 @@ class Flips:
         if (settled := self.settled) is not None:
             await settled.wait()
 
-    def _stopped_message(self, report: FlipReport) -> str:
-        return (
+    def _abandoned(self, report: FlipReport) -> None:
+        report.abandoned = True
+        report.finish(
             f"{self.program.name} was stopped (`flipvisor stop` or the supervisor's shutdown) "
             f"before the {report.kind} completed; it was rolled back"
         )
@@ -212,7 +213,9 @@ class Flips:
             return  # cancelled with the supervisor: nothing finished
         program.flips_total += 1
         events = program.runtime.events
-        if report.error is not None:
+        if report.abandoned:
+            events.emit("flip-abandoned", program.name, report.generation, report.error or "")
+        elif report.error is not None:
             program.flip_failures_total += 1
             events.emit("flip-failed", program.name, report.generation, report.error)
             if program.serving is None and not program._stops:
@@ -225,6 +228,7 @@ class Flips:
             flip=report.kind,
             ok=report.ok,
             duration=round(report.duration, 4),
+            abandoned=report.abandoned,
         )
 
     async def _flip_to(self, report: FlipReport, config: ProgramConfig) -> Promotion:

@@ -131,7 +131,7 @@ class Metrics:
             ok = bool(event.fields.get("ok"))
             duration = event.fields.get("duration")
             if isinstance(duration, int | float):
-                outcome = "ok" if ok else "failed"
+                outcome = "ok" if ok else "abandoned" if event.fields.get("abandoned") else "failed"
                 self.durations.labels(event.program, outcome).observe(duration)
                 self._timed.add((event.program, outcome))
 

@@ -55,6 +55,9 @@ class FlipReport:
         # why, and what the operator must do. The flip's outcome must not then claim that the
         # previous generation keeps serving: the proxy may still send requests to the new one.
         self.stranded: str | None = None
+        # Rolled back because the operator stopped the program (or the supervisor), not because
+        # the flip failed: not counted, nor announced, as a failure.
+        self.abandoned = False
         self.started = time.monotonic()
         self.duration: float | None = None
         self._done = anyio.Event()

@@ -104,6 +104,11 @@ def test_stop_during_a_flip_rolls_it_back_at_once(flipvisor: Flipvisor) -> None:
     status = flipvisor.program("web")
     assert status["state"] == "stopped", status
     assert status["fatal_reason"] is None, status
+    # The operator's stop is no failure of the flip: not counted or announced as one (alerts
+    # on flip-failed would page for it).
+    assert status["flip_failures"] == 0, status
+    kinds = flipvisor.event_kinds()
+    assert "flip-abandoned" in kinds and "flip-failed" not in kinds, kinds
     wait_until(lambda: gone(old["pids"] + new_pids), timeout=10, message="every worker gone")
 
 
