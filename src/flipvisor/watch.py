@@ -78,7 +78,7 @@ from .reaper import Reaper
 from .registry import KeyRange, WatchableRegistry, WatchEvent, WatchLost, key_matches
 from .signals import SHUTDOWN, release
 from .spawn import signal_verified
-from .starttime import start_time_now, start_time_of
+from .starttime import start_time_now, start_time_of, started_at
 
 log = logging.getLogger(__name__)
 
@@ -530,19 +530,22 @@ class DrainWatch(_Follower):
 
     async def _drain_after_reloads(self, targets: Sequence[tuple[int, float]]) -> None:
         """Drain ``targets`` (pid, start time) once the proxy no longer routes to them."""
-        await self._wait_for_reloads(sorted({pid for pid, _ in targets}))
+        await self._wait_for_reloads(targets)
         async with anyio.create_task_group() as tg:
             for pid, started in targets:
                 tg.start_soon(self._drain_one, pid, started)
 
-    async def _wait_for_reloads(self, pids: Sequence[int]) -> None:
+    async def _wait_for_reloads(self, targets: Sequence[tuple[int, float]]) -> None:
         """Wait until every template applied the changes so far, then ``RELOAD_SETTLE`` after
         the last reload any of them ran (the proxy's old workers stop routing to the old PID).
 
         A template that is merely slow is given ``CATCH_UP_TIMEOUT``, then the drain goes on
         anyway. One whose last attempt failed holds the drain until an attempt succeeds: the
-        proxy may route to nothing but ``pids`` then, and draining them would be an outage.
+        proxy may route to nothing but the targets then, and draining them would be an outage;
+        unless they are gone by then (their program was stopped, say, which withdrew the key
+        that template waits for): there is nothing left to hold.
         """
+        pids = sorted({pid for pid, _ in targets})
         while True:
             with anyio.move_on_after(CATCH_UP_TIMEOUT) as scope:
                 for template in self.templates:
@@ -550,6 +553,14 @@ class DrainWatch(_Follower):
             if not scope.cancelled_caught:
                 break
             held = [t for t in self.templates if t.holds(self.folder)]
+            if held and not any(started_at(pid, started) for pid, started in targets):
+                log.info(
+                    "drain_pid %s: pid=%s gone already while watch %s held the drain",
+                    self.key,
+                    ",".join(map(str, pids)),
+                    ", ".join(str(t.dest) for t in held),
+                )
+                break
             if not held:
                 log.warning(
                     "drain_pid %s: templates did not catch up within %g s; draining anyway",
