@@ -177,13 +177,6 @@ def answers(socket_path: Path, timeout: float = ANSWER_TIMEOUT) -> bool:
     return True
 
 
-def running_supervisor(config_path: Path) -> RunRecord | None:
-    """The supervisor of ``config_path`` if one runs and answers on its socket, whatever
-    ``state_dir`` the file names now; None if not (a stale record is not one)."""
-    record = read_record(config_path)
-    return record if record is not None and answers(record.socket_path) else None
-
-
 def write_record(config_path: Path, socket_path: Path) -> Path:
     """Record that this process, the supervisor of ``config_path``, listens on ``socket_path``
     (replacing a stale record); returns the record's path, for ``remove_record``.

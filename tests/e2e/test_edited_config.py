@@ -9,6 +9,7 @@ the file, whatever state_dir the file names.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import psutil
 import pytest
 
 from flipvisor.runrecord import RUNTIME_ENV
+from flipvisor.starttime import identity_of
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.waiting import wait_until
 
@@ -163,28 +165,38 @@ def test_a_changed_state_dir_waits_for_a_restart_and_no_second_supervisor_starts
     assert status.returncode == 0 and status.stderr == "", status.stderr
 
 
-def test_a_record_whose_supervisor_does_not_answer_is_replaced(flipvisor: Flipvisor) -> None:
-    """A record naming a running process (PID and start time right) on a socket nobody listens
-    on: not a supervisor to refuse for."""
+def test_run_is_refused_while_the_recorded_supervisor_runs_even_if_it_does_not_answer(
+    flipvisor: Flipvisor,
+) -> None:
+    """A record naming a running process (its PID, start tick and boot id right) on a socket
+    that does not accept (a busy supervisor's full backlog, a stopped one's): still the
+    supervisor of the file. A second one would start every program again beside it."""
     record = flipvisor.run_record()
     record.parent.mkdir(mode=0o700, exist_ok=True)
-    me = psutil.Process()
-    record.write_text(
-        json.dumps(
-            {
-                "config": str(flipvisor.config_path.resolve()),
-                "socket": str(flipvisor.dir / "nobody" / "flipvisor.sock"),
-                "pid": me.pid,
-                "started": me.create_time(),
-            }
-        )
-    )
-    flipvisor.start({"programs": {"web": web()}})
-    flipvisor.wait_serving("web")
-    assert flipvisor.process is not None
-    written = json.loads(record.read_text())
-    assert written["pid"] == flipvisor.process.pid
-    assert written["socket"] == str(flipvisor.state_dir / "flipvisor.sock")
+    me = os.getpid()
+    identity = identity_of(me)
+    assert identity is not None
+    written = {
+        "config": str(flipvisor.config_path.resolve()),
+        "socket": str(flipvisor.dir / "nobody" / "flipvisor.sock"),
+        "pid": me,
+        "ticks": identity.ticks,
+        "boot_id": identity.boot_id,
+        "started": psutil.Process().create_time(),
+    }
+    record.write_text(json.dumps(written))
+    # No program: a second supervisor, if one started, would leave no worker behind.
+    flipvisor.write_config({"programs": {}})
+    second = run_another(flipvisor)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert (
+        f"the supervisor of {flipvisor.config_path} runs but does not answer: pid {me}, on "
+        f"{flipvisor.dir / 'nobody' / 'flipvisor.sock'} (the file's state_dir is "
+        f"{flipvisor.state_dir} now"
+    ) in second.stderr, second.stderr
+    assert f"Wait for it, or stop it: SIGTERM to pid {me}" in second.stderr
+    assert not flipvisor.state_dir.exists()  # nothing prepared, let alone started
+    assert json.loads(record.read_text()) == written  # not replaced
 
 
 def test_a_supervisor_that_cannot_record_where_it_listens_runs_all_the_same(
