@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -226,3 +227,37 @@ def test_a_supervisor_that_cannot_record_where_it_listens_runs_all_the_same(
         lambda: f"stop this supervisor with SIGTERM to pid {pid}" in flipvisor.output(),
         message="the restart hint",
     )
+
+
+def test_a_file_edited_to_another_supervisor_s_state_dir_does_not_command_that_one(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """A copy-paste slip: A's file now names the state_dir where B's supervisor listens. A
+    command for A reaches B's socket, and B refuses it (naming both files), whatever the
+    command: `stop web` stopped B's web."""
+    b = Flipvisor(tmp_path / "b")
+    b.dir.mkdir()
+    try:
+        flipvisor.start({"programs": {"web": web()}})
+        b.start({"programs": {"web": web()}})
+        flipvisor.wait_serving("web")
+        b.wait_serving("web")
+        before_a, before_b = generations(flipvisor), generations(b)
+        a_file = flipvisor.config_path.resolve()
+        flipvisor.state_dir = b.state_dir
+        flipvisor.write_config({"programs": {"web": web()}})
+
+        for args in (["stop", "web"], ["shutdown"], ["status"], ["events"], ["flip", "web"]):
+            refused = flipvisor.cli(*args)
+            assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
+            assert f"this supervisor reads {b.config_path.resolve()}, not {a_file}" in (
+                refused.stderr
+            ), (args, refused.stderr)
+        assert generations(b) == before_b  # B's web serves on, untouched
+        assert b.process is not None and b.process.poll() is None
+        assert b.cli("status").returncode == 0  # B's own file still reaches it
+        flipvisor.state_dir = flipvisor.dir / "state"  # the slip fixed: A's web served on
+        flipvisor.write_config({"programs": {"web": web()}})
+        assert generations(flipvisor) == before_a
+    finally:
+        b.stop()
