@@ -401,8 +401,9 @@ def _flip_like(args: argparse.Namespace, path: Path) -> int:
     from .display import FlipProgress
     from .protocol import Request
 
-    # The file this command was given: the supervisor refuses a flip if it reads another.
-    request_args: dict[str, Any] = {"config_file": str(path.resolve())}
+    # The request names the file this command was given (``converse``): the supervisor
+    # refuses it if it reads another.
+    request_args: dict[str, Any] = {}
     if getattr(args, "timeout", None) is not None:
         request_args["timeout"] = args.timeout
     request = Request(args.command, args.program, request_args)
@@ -441,7 +442,7 @@ def _simple(args: argparse.Namespace, path: Path) -> int:
 
 
 def _reload(args: argparse.Namespace, path: Path) -> int:
-    answer = _request(path, "reload", config_file=str(path.resolve()))
+    answer = _request(path, "reload")
     if (refused := _refused(args, answer)) is not None:
         return refused
     outcome = answer.get("result") or {}

@@ -5,13 +5,19 @@ file cannot be read (an edit under way: a YAML error) or nothing listens there (
 changed, which takes effect when the supervisor restarts), the supervisor's run record
 (``runrecord.py``) says where the supervisor of that file listens: ``reach`` uses it, with a notice
 for the operator.
+
+Every request through ``reach`` names the file's real path (``config_file``): a supervisor refuses
+a request for another file than its own, whatever the command. Otherwise a file whose state_dir
+was edited to name another supervisor's (a copy-paste slip) would have ``stop``, ``shutdown`` and
+the rest act on that other supervisor's programs.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,11 +38,13 @@ class NotListening(ControlUnreachable):
 @dataclass
 class Reached:
     """A connection to the supervisor of a config file, where that supervisor keeps its files,
-    and, when it was found through its run record, what the operator should be told."""
+    and, when it was found through its run record, what the operator should be told.
+    ``config_file`` is the file's real path, sent with every request (``converse``)."""
 
     connection: socket.socket
     locations: Locations
     notice: str | None = None
+    config_file: str | None = None
 
 
 def connect(path: Path, timeout: float | None = None) -> socket.socket:
@@ -77,6 +85,9 @@ def reach(config_path: Path, timeout: float | None = None) -> Reached:
         ControlUnreachable: no supervisor of the file answers (NotListening), or this user may
             not connect to it.
     """
+    # Resolved as the supervisor resolves its own (symlinks, a relative path): both name the
+    # file the same way (``Commands._same_file``).
+    config_file = os.path.realpath(config_path)
     try:
         where = locate(config_path)
     except ConfigError as broken:
@@ -87,19 +98,18 @@ def reach(config_path: Path, timeout: float | None = None) -> Reached:
             f"{broken}; the supervisor of {config_path} (pid {record.pid}, listening on "
             f"{record.socket_path}) runs on with the config it last read"
         )
-        return Reached(connection, Locations(record.state_dir, frozenset()), notice)
+        return Reached(connection, Locations(record.state_dir, frozenset()), notice, config_file)
     try:
-        return Reached(connect(where.socket_path, timeout), where)
+        return Reached(connect(where.socket_path, timeout), where, config_file=config_file)
     except NotListening:
         found = _through_record(config_path, timeout)
         if found is None:
             raise
     connection, record = found
     if record.state_dir == where.state_dir:  # it started listening meanwhile
-        return Reached(connection, where)
-    return Reached(
-        connection, Locations(record.state_dir, where.programs), _moved(config_path, record, where)
-    )
+        return Reached(connection, where, config_file=config_file)
+    moved = _moved(config_path, record, where)
+    return Reached(connection, Locations(record.state_dir, where.programs), moved, config_file)
 
 
 def logs_locations(config_path: Path) -> tuple[Locations, str | None]:
@@ -161,8 +171,8 @@ def converse(
     on_waiting: Callable[[str], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Send ``request`` to the supervisor listening on ``target`` (a socket path, or the
-    connection ``reach`` made, which this closes) and yield each message of the answer, the
-    final ``result`` last.
+    connection ``reach`` made, which this closes: the request then names its config file) and
+    yield each message of the answer, the final ``result`` last.
 
     ``waiting`` lines (the supervisor is still starting; ``timeout`` counts from the last of
     them) go to ``on_waiting`` instead.
@@ -174,6 +184,8 @@ def converse(
     if isinstance(target, Reached):
         sock, path = target.connection, target.locations.socket_path
         sock.settimeout(timeout)
+        if target.config_file is not None:
+            request = replace(request, args={**request.args, "config_file": target.config_file})
     else:
         sock, path = connect(target, timeout), target
     try:

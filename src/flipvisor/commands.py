@@ -94,6 +94,7 @@ class Commands:
 
     async def _dispatch(self, request: Request, send: Send) -> dict[str, Any]:
         command = request.command
+        self._same_file(request)
         if command == "status":
             programs = (
                 [await self._configured(request.program, send, removing=True)]
@@ -121,7 +122,6 @@ class Commands:
                     await send({"type": "event", **event.to_json()})
             return result({"shut_down": True})
         if command == "reload":
-            self._same_file(request)
             try:
                 outcome = await self.supervisor.reloads.reload(send)
             except ConfigError as exc:
@@ -143,7 +143,6 @@ class Commands:
                 return result(program.status())
             return await self._follow_and_release(report, send)
         if command in ("flip", "restart"):
-            self._same_file(request)
             config = self._reread(program.name)
             timeout = request.args.get("timeout")
             if timeout is not None and not is_seconds(timeout):
@@ -168,10 +167,11 @@ class Commands:
             report.finish()
 
     def _same_file(self, request: Request) -> None:
-        """Refuse a command that re-reads the config when its client named another file.
+        """Refuse any command whose client named another config file than this supervisor's.
 
-        The client finds the supervisor through its file's ``state_dir`` only: ``flip web -c
-        staging.yaml`` with the same state_dir would deploy what *this* file says.
+        The client finds the supervisor through its file's ``state_dir``: a file whose
+        state_dir names this supervisor's (a copy-paste slip, or ``flip web -c staging.yaml``
+        beside it) would stop or shut down *these* programs, or deploy what *this* file says.
 
         Raises:
             UsageError: the client's file is not the one this supervisor reads.
@@ -179,11 +179,19 @@ class Commands:
         given = request.args.get("config_file")
         if not isinstance(given, str):
             return  # an older client, or a script that did not say
-        if Path(given).resolve() != self.supervisor.config_path.resolve():
+        mine = self.supervisor.config_path.resolve()
+        if Path(given).resolve() == mine:
+            return
+        if request.command in ("flip", "restart", "reload"):
             raise UsageError(
-                f"this supervisor reads {self.supervisor.config_path.resolve()}, not {given}; a "
-                f"{request.command} applies what that file says: edit it, or use -c with it"
+                f"this supervisor reads {mine}, not {given}; a {request.command} applies what "
+                "that file says: edit it, or use -c with it"
             )
+        raise UsageError(
+            f"this supervisor reads {mine}, not {given}, whose state_dir leads to it; nothing "
+            f"was done. Use -c {mine} for this supervisor; for the supervisor of {given}, fix "
+            "that file's state_dir"
+        )
 
     def _reread(self, name: str) -> Any:
         """The program's section as the config file says now (a flip deploys edits)."""

@@ -5,11 +5,13 @@ the file is being edited (a YAML error), and once its ``state_dir`` changed, whi
 when the supervisor restarts: every command said that no supervisor listens, and the ``flipvisor
 run`` it suggested started a second supervisor for the same file. So ``run``, once its control
 socket listens, records where: ``<runtime folder>/<hash of the config's real path>.json`` holds
-the socket's path, the supervisor's PID and start time, and the config's real path; written
-atomically, mode 0600, removed when the supervisor exits. A supervisor that was killed leaves its
-record behind: a record is believed only while its PID names the process that started at its start
-time, and its socket answers (the client connects to it; ``run`` asks ``answers``). A stale one is
-replaced by the next ``run``.
+the socket's path, the supervisor's PID, its start tick and boot id (``starttime.identity_of``:
+they do not move when the wall clock is stepped, as its start time does; that is kept too, for
+people), and the config's real path; written atomically, mode 0600, removed when the supervisor
+exits. A supervisor that was killed leaves its record behind: a record is believed only while its
+PID names the process of its start tick and boot id. A client also needs its socket to answer (it
+connects to it); ``run`` refuses whenever the recorded supervisor runs, answering or not (a busy
+or stopped one is still the supervisor of the file), and replaces a stale record.
 
 The runtime folder is ``$FLIPVISOR_RUNTIME_DIR`` if set; else ``/run/flipvisor`` for root; for
 another user ``$XDG_RUNTIME_DIR/flipvisor`` and ``<temp dir>/flipvisor-<uid>`` (``run`` writes
@@ -31,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .starttime import start_time_of, started_at
+from .starttime import Identity, identity_of, is_process, start_time_of
 
 RUNTIME_ENV = "FLIPVISOR_RUNTIME_DIR"
 ROOT_RUNTIME_DIR = Path("/run/flipvisor")
@@ -48,7 +50,8 @@ class RunRecord:
     config: str
     socket_path: Path
     pid: int
-    started: float
+    identity: Identity
+    started: float  # its start time, for people: a clock step moves it (``starttime.py``)
 
     @property
     def state_dir(self) -> Path:
@@ -60,6 +63,8 @@ class RunRecord:
             "config": self.config,
             "socket": str(self.socket_path),
             "pid": self.pid,
+            "ticks": self.identity.ticks,
+            "boot_id": self.identity.boot_id,
             "started": self.started,
         }
         return json.dumps(document).encode()
@@ -106,7 +111,7 @@ def private_folder(folder: Path) -> bool:
 def parse_record(data: bytes, config: str) -> RunRecord | None:
     """The record ``data`` holds, if it is a record of the config file whose real path is
     ``config``; None for anything else (not JSON, a field missing or of the wrong type, another
-    file's record)."""
+    file's record, one written before records held a start tick and boot id)."""
     try:
         document = json.loads(data)
     except ValueError:  # UnicodeDecodeError included
@@ -114,7 +119,10 @@ def parse_record(data: bytes, config: str) -> RunRecord | None:
     if not isinstance(document, dict) or document.get("config") != config:
         return None
     pid, started, sock = document.get("pid"), document.get("started"), document.get("socket")
+    ticks, boot = document.get("ticks"), document.get("boot_id")
     if type(pid) is not int or pid <= 0:  # not a bool either
+        return None
+    if type(ticks) is not int or ticks < 0 or not isinstance(boot, str) or not boot:
         return None
     if (
         not isinstance(started, int | float)
@@ -124,7 +132,7 @@ def parse_record(data: bytes, config: str) -> RunRecord | None:
         return None
     if not isinstance(sock, str) or not os.path.isabs(sock):
         return None
-    return RunRecord(config, Path(sock), pid, float(started))
+    return RunRecord(config, Path(sock), pid, Identity(ticks, boot), float(started))
 
 
 def _read(path: Path, config: str) -> RunRecord | None:
@@ -142,14 +150,15 @@ def _read(path: Path, config: str) -> RunRecord | None:
 
 def read_record(config_path: Path) -> RunRecord | None:
     """The record of the supervisor of ``config_path`` whose process still runs (its PID names
-    the process that started at its start time), or None: no record, or only stale ones. Whether
-    its socket answers is the caller's to find out (a client connects to it anyway)."""
+    the process of its start tick and boot id), or None: no record, or only stale ones. Whether
+    its socket answers is the caller's to find out (a client connects to it anyway; ``run``
+    refuses either way)."""
     config = real_config_path(config_path)
     for folder in runtime_dirs():
         if not private_folder(folder):
             continue
         record = _read(record_path(folder, config), config)
-        if record is not None and started_at(record.pid, record.started):
+        if record is not None and is_process(record.pid, record.identity):
             return record
     return None
 
@@ -168,13 +177,6 @@ def answers(socket_path: Path, timeout: float = ANSWER_TIMEOUT) -> bool:
     return True
 
 
-def running_supervisor(config_path: Path) -> RunRecord | None:
-    """The supervisor of ``config_path`` if one runs and answers on its socket, whatever
-    ``state_dir`` the file names now; None if not (a stale record is not one)."""
-    record = read_record(config_path)
-    return record if record is not None and answers(record.socket_path) else None
-
-
 def write_record(config_path: Path, socket_path: Path) -> Path:
     """Record that this process, the supervisor of ``config_path``, listens on ``socket_path``
     (replacing a stale record); returns the record's path, for ``remove_record``.
@@ -190,11 +192,11 @@ def write_record(config_path: Path, socket_path: Path) -> Path:
             errno.EPERM, "not a folder of this user's that only it can write to", str(folder)
         )
     pid = os.getpid()
-    started = start_time_of(pid)
-    if started is None:
-        raise FileNotFoundError(errno.ENOENT, "cannot read this process's start time", "/proc")
+    identity, started = identity_of(pid), start_time_of(pid)
+    if identity is None or started is None:
+        raise FileNotFoundError(errno.ENOENT, "cannot read this process's start tick", "/proc")
     config = real_config_path(config_path)
-    record = RunRecord(config, Path(os.path.abspath(socket_path)), pid, started)
+    record = RunRecord(config, Path(os.path.abspath(socket_path)), pid, identity, started)
     path = record_path(folder, config)
     # Written beside it and renamed into place: a reader never sees half a record.
     temporary = path.with_name(f".{path.name}.{pid}")

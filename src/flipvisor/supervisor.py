@@ -30,7 +30,7 @@ from .reaper import Reaper, become_subreaper
 from .registry import open_registry
 from .registry.base import WatchableRegistry
 from .reload import Reloads
-from .runrecord import RunRecord, remove_record, running_supervisor, write_record
+from .runrecord import RunRecord, answers, read_record, remove_record, write_record
 from .spawn import seal_inherited_fds
 from .usable import folder_problem
 
@@ -106,8 +106,17 @@ class Supervisor:
                 names now), or another one uses this state_dir.
             ConfigError: the state_dir cannot be created, or the metrics address bound.
         """
-        if (running := running_supervisor(self.config_path)) is not None:
-            raise AlreadyRunning(already_running(self.config_path, running, self.config.state_dir))
+        # Refused whether or not it answers: a busy or stopped supervisor is the file's all the
+        # same, and a second one would run every program again beside it.
+        if (running := read_record(self.config_path)) is not None:
+            raise AlreadyRunning(
+                already_running(
+                    self.config_path,
+                    running,
+                    self.config.state_dir,
+                    answering=answers(running.socket_path),
+                )
+            )
         prepare_state_dir(self.config.state_dir, self.config_path)
         if not become_subreaper() and os.getpid() != 1:
             log.warning("could not become a child subreaper; orphans will not be reaped")
@@ -343,14 +352,23 @@ class Supervisor:
         return program
 
 
-def already_running(config_path: Path, running: RunRecord, state_dir: Path) -> str:
+def already_running(
+    config_path: Path, running: RunRecord, state_dir: Path, *, answering: bool = True
+) -> str:
     """Why ``run`` refuses to start while ``running`` supervises ``config_path``, whose
-    state_dir is now ``state_dir``, and what to do."""
+    state_dir is now ``state_dir``, and what to do (``answering``: whether its socket does)."""
     moved = (
         ""
         if running.state_dir == state_dir
         else f" (the file's state_dir is {state_dir} now: that takes effect when it restarts)"
     )
+    if not answering:
+        return (
+            f"the supervisor of {config_path} runs but does not answer: pid {running.pid}, "
+            f"on {running.socket_path}{moved} (busy, or stopped: SIGSTOP); a second one would "
+            f"start every program again. Wait for it, or stop it: SIGTERM to pid {running.pid} "
+            "(SIGCONT first if it is stopped)"
+        )
     return (
         f"the supervisor of {config_path} already runs: pid {running.pid}, listening on "
         f"{running.socket_path}{moved}; a second one would start every program again. Stop it "

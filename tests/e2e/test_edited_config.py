@@ -9,15 +9,18 @@ the file, whatever state_dir the file names.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
 from flipvisor.runrecord import RUNTIME_ENV
+from flipvisor.starttime import identity_of
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.waiting import wait_until
 
@@ -163,28 +166,38 @@ def test_a_changed_state_dir_waits_for_a_restart_and_no_second_supervisor_starts
     assert status.returncode == 0 and status.stderr == "", status.stderr
 
 
-def test_a_record_whose_supervisor_does_not_answer_is_replaced(flipvisor: Flipvisor) -> None:
-    """A record naming a running process (PID and start time right) on a socket nobody listens
-    on: not a supervisor to refuse for."""
+def test_run_is_refused_while_the_recorded_supervisor_runs_even_if_it_does_not_answer(
+    flipvisor: Flipvisor,
+) -> None:
+    """A record naming a running process (its PID, start tick and boot id right) on a socket
+    that does not accept (a busy supervisor's full backlog, a stopped one's): still the
+    supervisor of the file. A second one would start every program again beside it."""
     record = flipvisor.run_record()
     record.parent.mkdir(mode=0o700, exist_ok=True)
-    me = psutil.Process()
-    record.write_text(
-        json.dumps(
-            {
-                "config": str(flipvisor.config_path.resolve()),
-                "socket": str(flipvisor.dir / "nobody" / "flipvisor.sock"),
-                "pid": me.pid,
-                "started": me.create_time(),
-            }
-        )
-    )
-    flipvisor.start({"programs": {"web": web()}})
-    flipvisor.wait_serving("web")
-    assert flipvisor.process is not None
-    written = json.loads(record.read_text())
-    assert written["pid"] == flipvisor.process.pid
-    assert written["socket"] == str(flipvisor.state_dir / "flipvisor.sock")
+    me = os.getpid()
+    identity = identity_of(me)
+    assert identity is not None
+    written = {
+        "config": str(flipvisor.config_path.resolve()),
+        "socket": str(flipvisor.dir / "nobody" / "flipvisor.sock"),
+        "pid": me,
+        "ticks": identity.ticks,
+        "boot_id": identity.boot_id,
+        "started": psutil.Process().create_time(),
+    }
+    record.write_text(json.dumps(written))
+    # No program: a second supervisor, if one started, would leave no worker behind.
+    flipvisor.write_config({"programs": {}})
+    second = run_another(flipvisor)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert (
+        f"the supervisor of {flipvisor.config_path} runs but does not answer: pid {me}, on "
+        f"{flipvisor.dir / 'nobody' / 'flipvisor.sock'} (the file's state_dir is "
+        f"{flipvisor.state_dir} now"
+    ) in second.stderr, second.stderr
+    assert f"Wait for it, or stop it: SIGTERM to pid {me}" in second.stderr
+    assert not flipvisor.state_dir.exists()  # nothing prepared, let alone started
+    assert json.loads(record.read_text()) == written  # not replaced
 
 
 def test_a_supervisor_that_cannot_record_where_it_listens_runs_all_the_same(
@@ -214,3 +227,37 @@ def test_a_supervisor_that_cannot_record_where_it_listens_runs_all_the_same(
         lambda: f"stop this supervisor with SIGTERM to pid {pid}" in flipvisor.output(),
         message="the restart hint",
     )
+
+
+def test_a_file_edited_to_another_supervisor_s_state_dir_does_not_command_that_one(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """A copy-paste slip: A's file now names the state_dir where B's supervisor listens. A
+    command for A reaches B's socket, and B refuses it (naming both files), whatever the
+    command: `stop web` stopped B's web."""
+    b = Flipvisor(tmp_path / "b")
+    b.dir.mkdir()
+    try:
+        flipvisor.start({"programs": {"web": web()}})
+        b.start({"programs": {"web": web()}})
+        flipvisor.wait_serving("web")
+        b.wait_serving("web")
+        before_a, before_b = generations(flipvisor), generations(b)
+        a_file = flipvisor.config_path.resolve()
+        flipvisor.state_dir = b.state_dir
+        flipvisor.write_config({"programs": {"web": web()}})
+
+        for args in (["stop", "web"], ["shutdown"], ["status"], ["events"], ["flip", "web"]):
+            refused = flipvisor.cli(*args)
+            assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
+            assert f"this supervisor reads {b.config_path.resolve()}, not {a_file}" in (
+                refused.stderr
+            ), (args, refused.stderr)
+        assert generations(b) == before_b  # B's web serves on, untouched
+        assert b.process is not None and b.process.poll() is None
+        assert b.cli("status").returncode == 0  # B's own file still reaches it
+        flipvisor.state_dir = flipvisor.dir / "state"  # the slip fixed: A's web served on
+        flipvisor.write_config({"programs": {"web": web()}})
+        assert generations(flipvisor) == before_a
+    finally:
+        b.stop()

@@ -1,11 +1,14 @@
 """The run record (runrecord.py): where the supervisor of a config file listens, named by the
-file's real path, believed only while its process runs and (for ``run``) its socket answers."""
+file's real path, believed only while its process runs (its PID, start tick and boot id); a
+client also needs its socket to answer."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,11 +27,17 @@ from flipvisor.runrecord import (
     real_config_path,
     record_path,
     remove_record,
-    running_supervisor,
     runtime_dirs,
     write_record,
 )
-from flipvisor.starttime import start_time_of
+from flipvisor.starttime import (
+    Identity,
+    boot_id,
+    identity_of,
+    is_process,
+    start_ticks_of,
+    start_time_of,
+)
 
 CONFIG = "/etc/flipvisor.yaml"
 
@@ -73,6 +82,8 @@ def document(**changes: object) -> bytes:
         "config": CONFIG,
         "socket": "/var/lib/flipvisor/flipvisor.sock",
         "pid": 1234,
+        "ticks": 98765,
+        "boot_id": "0b5c1f6e-2d1a-4c1e-9a57-2f5f2b8e2c11",
         "started": 1764490000.12,
     }
     fields.update(changes)
@@ -135,7 +146,11 @@ def test_a_record_is_named_by_the_config_s_real_path(config: Path, tmp_path: Pat
 
 def test_a_record_is_parsed() -> None:
     assert parse_record(document(), CONFIG) == RunRecord(
-        CONFIG, Path("/var/lib/flipvisor/flipvisor.sock"), 1234, 1764490000.12
+        CONFIG,
+        Path("/var/lib/flipvisor/flipvisor.sock"),
+        1234,
+        Identity(98765, "0b5c1f6e-2d1a-4c1e-9a57-2f5f2b8e2c11"),
+        1764490000.12,
     )
     record = parse_record(document(started=1764490000), CONFIG)
     assert record is not None and record.started == 1764490000.0
@@ -158,6 +173,14 @@ def test_a_record_is_parsed() -> None:
         document(pid=0),
         document(pid=-5),
         document(pid=12.5),
+        document(ticks=None),  # a record written before records held the start tick
+        document(ticks="98765"),
+        document(ticks=-1),
+        document(ticks=1.5),
+        document(ticks=True),
+        document(boot_id=None),
+        document(boot_id=""),
+        document(boot_id=5),
         document(started=None),
         document(started="1764490000"),
         document(started=True),
@@ -185,9 +208,14 @@ def test_a_written_record_is_read_back_while_its_process_runs(
     assert sorted(runtime.iterdir()) == [path]  # no temporary file left beside it
     record = read_record(config)
     assert record == RunRecord(
-        str(config.resolve()), listening, os.getpid(), start_time_of(os.getpid()) or -1.0
+        str(config.resolve()),
+        listening,
+        os.getpid(),
+        identity_of(os.getpid()) or Identity(-1, ""),
+        start_time_of(os.getpid()) or -1.0,
     )
-    assert running_supervisor(config) == record
+    written = json.loads(path.read_text())
+    assert (written["ticks"], written["boot_id"]) == (start_ticks_of(os.getpid()), boot_id())
     assert read_record(config.with_name("other.yaml")) is None
 
 
@@ -196,20 +224,36 @@ def test_a_record_whose_process_is_gone_or_whose_pid_was_reused_is_stale(
 ) -> None:
     path = write_record(config, listening)
     mine = json.loads(path.read_text())
-    started = mine["started"]
-    for pid, when in [
-        (beyond_pid_max(), started),  # gone
-        (os.getpid(), started - 3600),  # this PID, but another process's start time
-        (1, started),  # a running process, started at another time
+    ticks = mine["ticks"]
+    other_boot = "00000000-0000-4000-8000-000000000000"
+    for changes in [
+        {"pid": beyond_pid_max()},  # gone
+        {"ticks": ticks - 100},  # this PID, but another process's start tick
+        {"pid": 1},  # a running process, started at another tick
+        {"boot_id": other_boot},  # this PID and tick, but of another boot
     ]:
-        path.write_text(json.dumps({**mine, "pid": pid, "started": when}))
-        assert read_record(config) is None, (pid, when)
-        assert running_supervisor(config) is None
+        path.write_text(json.dumps({**mine, **changes}))
+        assert read_record(config) is None, changes
 
 
-def test_a_running_supervisor_must_answer_on_its_socket(
+def test_a_stepped_wall_clock_does_not_make_a_live_supervisor_s_record_stale(
+    runtime: Path, config: Path, listening: Path
+) -> None:
+    """The kernel derives start times from the wall clock: after a step (settimeofday, NTP's
+    makestep) a live process's start time reads as another. Its tick and boot id do not move."""
+    path = write_record(config, listening)
+    mine = json.loads(path.read_text())
+    for step in (-3600.0, 0.5, 86400.0):
+        path.write_text(json.dumps({**mine, "started": mine["started"] + step}))
+        record = read_record(config)
+        assert record is not None and record.pid == os.getpid(), step
+
+
+def test_a_live_supervisor_s_record_is_read_whether_or_not_its_socket_answers(
     runtime: Path, config: Path, tmp_path: Path
 ) -> None:
+    """Whether it answers is the caller's to find out: a client needs it to (it connects), and
+    ``run`` refuses either way (a busy or stopped supervisor is the file's all the same)."""
     # Bound but no longer listening: the socket file a killed supervisor leaves.
     stale = tmp_path / "stale.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -218,8 +262,53 @@ def test_a_running_supervisor_must_answer_on_its_socket(
     for where in (stale, tmp_path / "absent.sock"):
         write_record(config, where)
         assert read_record(config) is not None  # its process runs...
-        assert not answers(where)
-        assert running_supervisor(config) is None  # ...but nothing answers there
+        assert not answers(where)  # ...but nothing answers there
+
+
+# -- a process's identity: its start tick and boot id ----------------------------------------
+
+
+@pytest.fixture
+def child() -> Iterator[subprocess.Popen[bytes]]:
+    """A running child process (killed and reaped after)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.DEVNULL
+    )
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_running_process_is_known_by_its_start_tick_and_boot_id(
+    child: subprocess.Popen[bytes],
+) -> None:
+    identity = identity_of(child.pid)
+    assert identity is not None
+    assert identity.ticks == start_ticks_of(child.pid)
+    assert identity.boot_id == boot_id()
+    assert len(boot_id()) == 36  # a UUID
+    assert is_process(child.pid, identity)
+    # Another PID's identity is not its (nor is its identity another PID's).
+    mine = identity_of(os.getpid())
+    assert mine is not None and mine != identity
+    assert not is_process(os.getpid(), identity)
+    assert not is_process(child.pid, mine)
+    # The same PID and tick of another boot is another process.
+    assert not is_process(child.pid, Identity(identity.ticks, "0" * 8 + boot_id()[8:]))
+    assert not is_process(child.pid, identity._replace(boot_id="another boot"))
+
+
+def test_a_process_that_is_gone_has_no_identity(child: subprocess.Popen[bytes]) -> None:
+    identity = identity_of(child.pid)
+    assert identity is not None
+    child.kill()
+    child.wait()
+    assert identity_of(child.pid) is None
+    assert start_ticks_of(child.pid) is None
+    assert not is_process(child.pid, identity)
+    assert identity_of(beyond_pid_max()) is None
 
 
 def test_answers_is_true_for_a_listening_socket(listening: Path) -> None:
