@@ -74,6 +74,9 @@ class Leftovers:
     generation: int | None
     port: int | None
     workers: tuple[tuple[int, float], ...]
+    # The ``generation/current`` record that named them: their keys are withdrawn (when the
+    # program stops before this supervisor promoted it) only while it still names them.
+    record: str | None = None
 
     def describe(self) -> str:
         pids = ", ".join(str(pid) for pid, _ in self.workers)
@@ -250,6 +253,7 @@ def leftovers_in(program: str, record: str | None, host: str) -> Leftovers | Non
         generation if isinstance(generation, int) else None,
         port if isinstance(port, int) else None,
         alive,
+        record,
     )
 
 

@@ -292,6 +292,7 @@ class Program:
         *,
         unroute: bool = False,
         unrouted: anyio.Event | None = None,
+        final: bool = False,
     ) -> None:
         """Drain every generation of the program, all at once, once the registry keys stopped
         naming it (``Registration.withdraw``).
@@ -307,6 +308,8 @@ class Program:
         name this program: it was promoted, or a killed supervisor's workers serve it.
         ``unrouted`` is set once both are done (or were not asked for), before the drains.
         ``report`` gets a step for each of those waits (``stop`` shows them as they happen).
+        ``final``: the supervisor's shutdown, which exits next (a withdrawal the registry does
+        not take now is not retried).
         """
         self._stops += 1
         try:
@@ -331,7 +334,7 @@ class Program:
             self.serving = None
             self.warm = None
             if named:
-                await self._withdraw_keys(report)
+                await self._withdraw_keys(report, final=final)
             if unrouted is not None:
                 unrouted.set()
             promoted = self.current_flip  # promoted already: only its drains are left to do
@@ -350,9 +353,10 @@ class Program:
             self._stops -= 1
         self.runtime.events.emit("stopped", self.name)
 
-    async def _withdraw_keys(self, report: FlipReport | None) -> None:
+    async def _withdraw_keys(self, report: FlipReport | None, *, final: bool) -> None:
+        taken_over = self.leftovers.record if self.leftovers is not None else None
         with _step(report, "registry", "withdraw the keys") as step:
-            await self.registration.withdraw()
+            await self.registration.withdraw(taken_over=taken_over, final=final)
             if self.name in self.runtime.registry.health()["pending"] and step is not None:
                 step.detail = "pending: the registry does not answer"
 

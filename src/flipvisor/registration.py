@@ -96,15 +96,17 @@ class Registration:
         if published is self.published:
             await self.registry.publish(self.program, published)
 
-    async def withdraw(self) -> None:
+    async def withdraw(self, *, taken_over: str | None = None, final: bool = False) -> None:
         """The program stops serving (its workers are about to be drained): the keys stop naming
-        it, in one write (``Registry.withdraw``: ``current`` gone, what it named ``previous``).
-        Within the registry's request timeout; if the registry does not answer, it withdraws
-        them once it is back. A deferred registration still pending is called off."""
+        it, in one write (``Registry.withdraw``: ``current`` gone, what it named ``previous``),
+        if they still name what this supervisor published (or ``taken_over``, the record of a
+        killed supervisor's workers it replaced). Within the registry's request timeout; if the
+        registry does not answer, it withdraws them once it is back, unless ``final`` (the
+        supervisor exits next). A deferred registration still pending is called off."""
         self.published = None
         self._deferred = None
         self._promoting = False
-        await self.registry.withdraw(self.program)
+        await self.registry.withdraw(self.program, taken_over=taken_over, final=final)
 
     async def registered(self, gen: Generation) -> bool:
         """Wait until a deferred registration of ``gen`` is over. True if the registry names

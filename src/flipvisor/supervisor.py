@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -300,7 +301,7 @@ class Supervisor:
             stopping.extend(new)
             async with anyio.create_task_group() as stops:
                 for program in new:
-                    stops.start_soon(program.stop)
+                    stops.start_soon(partial(program.stop, final=True))
 
     def _listed(self) -> list[Program]:
         """The configured programs, then those a reload removed that still drain: what

@@ -202,7 +202,8 @@ async def test_a_withdrawal_etcd_does_not_answer_returns_at_the_timeout_and_land
 ) -> None:
     """A program stops while etcd hangs: the withdrawal of its keys gives up waiting at the
     request timeout (the stop goes on), stays pending, and is written once etcd answers again:
-    `current` gone, what it named `previous`."""
+    `current` gone, what it named `previous`. Then the program is forgotten: a key somebody
+    else writes afterwards is not withdrawn again at the next reconnect."""
     registry = registry_for(restartable_etcd.endpoint, etcd_prefix, timeout=1)
     try:
         async with anyio.create_task_group() as tg:
@@ -229,18 +230,68 @@ async def test_a_withdrawal_etcd_does_not_answer_returns_at_the_timeout_and_land
                 "pid/previous": "202",
                 "generation/current": None,
             }
-            # Kept so across outages, like what serves: nothing, here.
+            # Forgotten once landed: a key another writer puts afterwards survives reconnects.
+            # "zzz" is reconciled after "app" at each reconnect: once its stray value is put
+            # right, "app" has been looked at too.
+            await registry.publish("zzz", record(1, 43000, [303]))
             restartable_etcd.put(f"{etcd_prefix}/app/port/current", "6666")
+            restartable_etcd.put(f"{etcd_prefix}/zzz/port/current", "7777")
             restartable_etcd.stop()
             restartable_etcd.start()
             await await_until(
-                lambda: _value(restartable_etcd, f"{etcd_prefix}/app/port/current", None),
+                lambda: _value(restartable_etcd, f"{etcd_prefix}/zzz/port/current", "43000"),
                 timeout=5,
-                message="the stray key to be withdrawn again",
+                message="the reconnect to rewrite what serves",
             )
+            assert restartable_etcd.get(f"{etcd_prefix}/app/port/current") == "6666"
             tg.cancel_scope.cancel()
     finally:
         await registry.aclose()
+
+
+async def test_a_late_withdrawal_leaves_keys_another_writer_promoted_meanwhile(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """The program stops while this supervisor cannot reach etcd, and another writer (a
+    self-registering service, another supervisor) promotes the same program meanwhile: once the
+    link is back, the withdrawal finds keys that no longer name what it published and leaves
+    them (a drain_pid watcher would drain the PIDs it moved to pid/previous); nor does any later
+    reconnect touch them."""
+    with SlowLink(("127.0.0.1", etcd_server.client_port), delay=0) as link:
+        registry = registry_for(link.endpoint, etcd_prefix, timeout=1)
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(registry.run)
+                await registry.swap("app", Snapshot(), record(1, 41000, [101]))
+                await registry.publish("zzz", record(1, 43000, [303]))
+                link.cut()
+                with anyio.fail_after(1 + 0.5):
+                    await registry.withdraw("app")
+                assert registry.health()["pending"] == ["app"]
+                theirs = promoted(record(1, 41000, [101]), record(7, 50000, [5555]))
+                for suffix, value in theirs.values.items():
+                    etcd_server.put(f"{etcd_prefix}/app/{suffix}", value)
+                link.restore()
+                await await_until(
+                    lambda: _true(not registry.health()["pending"]),
+                    timeout=5,
+                    message="the withdrawal to be decided once etcd answers",
+                )
+                got = {s: etcd_server.get(f"{etcd_prefix}/app/{s}") for s in KEY_SUFFIXES}
+                assert got == dict(theirs.values)
+                # A reconnect: "zzz" (reconciled after "app") is put right, "app" left alone.
+                etcd_server.put(f"{etcd_prefix}/zzz/port/current", "7777")
+                link.cut()
+                link.restore()
+                await await_until(
+                    lambda: _value(etcd_server, f"{etcd_prefix}/zzz/port/current", "43000"),
+                    timeout=5,
+                    message="the reconnect to rewrite what serves",
+                )
+                assert etcd_server.get(f"{etcd_prefix}/app/pid/current") == "5555"
+                tg.cancel_scope.cancel()
+        finally:
+            await registry.aclose()
 
 
 async def test_an_etcd_behind_a_slow_link_is_reached_within_the_request_timeout(

@@ -99,6 +99,57 @@ async def test_withdraw_names_what_served_as_previous_and_removes_current(
     assert read_registry_file(path)["p/app/port/current"] == "8"
 
 
+async def test_withdraw_leaves_keys_another_writer_promoted(tmp_path: Path) -> None:
+    """The keys no longer name what this registry wrote (another writer, a hand edit): the
+    withdrawal leaves them as they are."""
+    path = tmp_path / "registry.json"
+    registry = LocalRegistry(path, RegistryConfig(prefix="p"))
+    await registry.swap("app", Snapshot(), new(7, "70"))
+    theirs = {"p/app/port/current": "50000", "p/app/pid/current": "5555"}
+    write_registry_file(path, theirs)
+    await registry.withdraw("app")
+    assert read_registry_file(path) == theirs
+    assert registry.health()["pending"] == []
+
+
+async def test_a_withdrawal_the_file_did_not_take_is_pending_and_retried(tmp_path: Path) -> None:
+    """registry.json cannot be read when the program stops: the withdrawal is reported pending
+    and ``run`` applies it once the file is readable again, if the keys still name what this
+    registry wrote."""
+    path = tmp_path / "registry.json"
+    registry = LocalRegistry(path, RegistryConfig(prefix="p"))
+    async with anyio.create_task_group() as tg:
+        await tg.start(registry.run)
+        await registry.swap("app", Snapshot(), new(7, "70"))
+        await registry.swap("other", Snapshot(), new(8, "80"))
+        good = path.read_bytes()
+        path.write_text("{")  # a hand edit half done
+        await registry.withdraw("app")
+        await registry.withdraw("other")
+        assert registry.health()["pending"] == ["app", "other"]
+        # Meanwhile another writer promoted "other": its withdrawal is dropped.
+        fixed = {**json.loads(good), "p/other/port/current": "50000"}
+        write_registry_file(path, fixed)
+        await await_until(
+            lambda: _true(registry.health()["pending"] == []),
+            timeout=5,
+            message="the withdrawals to be retried",
+        )
+        values = read_registry_file(path)
+        assert {k: v for k, v in values.items() if k.startswith("p/app/")} == {
+            "p/app/port/previous": "7",
+            "p/app/pid/previous": "70",
+        }
+        assert {k: v for k, v in values.items() if k.startswith("p/other/")} == {
+            k: v for k, v in fixed.items() if k.startswith("p/other/")
+        }
+        tg.cancel_scope.cancel()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 async def test_malformed_file_is_a_registry_error(tmp_path: Path) -> None:
     path = tmp_path / "registry.json"
     path.write_text('{"a": 1}')

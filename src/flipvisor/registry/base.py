@@ -6,6 +6,7 @@ with the suffixes of ``KEY_SUFFIXES`` (the seed's layout plus the JSON generatio
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -58,6 +59,41 @@ def withdrawn(snapshot: Snapshot) -> Snapshot:
     return Snapshot(values)
 
 
+def naming(snapshot: Snapshot) -> dict[str, str | None]:
+    """What ``snapshot``'s ``current`` keys name (None: absent): a withdrawal's expectation."""
+    return {suffix: snapshot.get(suffix) for suffix in CURRENT_SUFFIXES}
+
+
+def still_named(have: Snapshot, ours: Sequence[Mapping[str, str | None]]) -> bool:
+    """Whether ``have``'s ``current`` keys still name what one of ``ours`` expects (each maps
+    the suffixes it knows to their values; None: absent), and name something: a withdrawal
+    applies only to keys the withdrawing supervisor published (or took over) itself."""
+    return any(
+        any(value is not None for value in expected.values())
+        and all(have.get(suffix) == value for suffix, value in expected.items())
+        for expected in ours
+    )
+
+
+def owner_of(have: Snapshot) -> str:
+    """Who seems to own keys that name something else: their ``generation/current`` record's
+    host, supervisor and generation when it has them, else what ``current`` names."""
+    try:
+        record: Any = json.loads(have.get("generation/current") or "null")
+    except ValueError:
+        record = None
+    parts = []
+    if isinstance(record, dict):
+        if record.get("host"):
+            parts.append(f"host {record['host']}")
+        if isinstance(owner := record.get("supervisor"), dict) and "pid" in owner:
+            parts.append(f"supervisor pid {owner['pid']}")
+        if "generation" in record:
+            parts.append(f"generation {record['generation']}")
+    parts += [f"{kind} {have.get(f'{kind}/current')}" for kind in ("port", "pid")]
+    return ", ".join(parts)
+
+
 class Registry(Protocol):
     """What the supervisor needs from a registry backend.
 
@@ -90,12 +126,19 @@ class Registry(Protocol):
         else as soon as it is back. Never raises for an outage; the latest value wins."""
         ...
 
-    async def withdraw(self, program: str) -> None:
+    async def withdraw(
+        self, program: str, *, taken_over: str | None = None, final: bool = False
+    ) -> None:
         """``program`` stopped serving: in one write, make its keys ``withdrawn`` (its
         ``current`` keys gone, what they named now ``previous``), computed from what the store
-        holds when the write happens. Now if the store answers within the request timeout, else
-        as soon as it is back (a later ``swap`` or ``publish`` supersedes it). Never raises, and
-        never waits longer than the request timeout."""
+        holds when the write happens, and only while they still name what this registry last
+        wrote for ``program`` (or the ``generation/current`` record ``taken_over``: a killed
+        supervisor's workers this one replaced): keys another writer promoted since are left
+        to it (logged). Now if the store answers within the request timeout, else as soon as
+        it is back (a later ``swap`` or ``publish`` supersedes it). Once it landed, or was
+        dropped, the program is forgotten: reconnects leave its keys alone until it is
+        promoted again. ``final``: the supervisor exits next, so a withdrawal left pending is
+        not retried. Never raises, and never waits longer than the request timeout."""
         ...
 
     async def aclose(self) -> None:

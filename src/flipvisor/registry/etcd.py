@@ -12,7 +12,10 @@ reset, or HTTP/2 keepalive for a silent peer: no polling), reconnects with backo
 rewrites every desired program whose keys differ, so the keys match what is serving within
 seconds of etcd coming back. A program that stopped serving is *withdrawn*: its keys are read and
 rewritten without ``current`` (``base.withdrawn``) when etcd answers, which may be only after an
-outage; nothing serving is then what the keys are kept matching.
+outage, in a transaction that compares what was read; and only while they still name what this
+registry last wrote (``desired``, or a lost swap's value that may have landed). Keys another
+writer promoted meanwhile are left to it. Then the program is forgotten: reconnects leave its
+keys alone until it is promoted again.
 """
 
 from __future__ import annotations
@@ -31,12 +34,16 @@ from flipvisor.config import RegistryConfig
 from flipvisor.errors import RegistryConflict, RegistryError
 
 from .base import (
+    CURRENT_SUFFIXES,
     KEY_SUFFIXES,
     KeyRange,
     Snapshot,
     WatchEvent,
     WatchLost,
+    naming,
+    owner_of,
     program_key,
+    still_named,
     withdrawn,
 )
 from .etcd_client import (
@@ -70,9 +77,12 @@ class EtcdRegistry:
         self._seen: dict[str, int] = {}
         # Programs whose last swap's outcome was lost: their keys are rewritten, not compared.
         self._fenced: set[str] = set()
-        # Programs to withdraw (``withdraw``), each with the number of that call: a swap that
-        # began before it does not cancel it. A later swap or publish does.
-        self._withdrawing: dict[str, int] = {}
+        # What a swap whose outcome was lost may have written: a withdrawal applies to it too.
+        self._maybe: dict[str, Snapshot] = {}
+        # Programs to withdraw (``withdraw``), each with the number of that call (a swap that
+        # began before it does not cancel it; a later swap or publish does) and the record of
+        # the killed supervisor's workers it took over, if any.
+        self._withdrawing: dict[str, tuple[int, str | None]] = {}
         self._calls = 0
         self._conn: EtcdConnection | None = None
         self._connect_lock = anyio.Lock()
@@ -203,24 +213,67 @@ class EtcdRegistry:
                 self._pending.discard(program)
 
     async def _withdraw_now(self, conn: EtcdConnection, program: str) -> None:
-        """Rewrite ``program``'s keys without ``current``, from what etcd holds now. Under the
+        """Rewrite ``program``'s keys without ``current``, from what etcd holds now, if they
+        still name what this registry wrote (or took over); then forget the program. Under the
         write lock.
 
         Raises:
             RegistryError: the connection failed.
         """
-        call = self._withdrawing[program]
+        withdrawal = self._withdrawing[program]
+        ours = [
+            naming(snapshot)
+            for snapshot in (self.desired.get(program), self._maybe.get(program))
+            if snapshot is not None
+        ]
+        if withdrawal[1] is not None:
+            ours.append({"generation/current": withdrawal[1]})
+        fenced = program in self._fenced
         have = await self._read_program(conn, program)
-        want = withdrawn(have)
-        if want is not have or program in self._fenced:
+        named = any(have.get(suffix) is not None for suffix in CURRENT_SUFFIXES)
+        if named and not still_named(have, ours):
+            log.warning(
+                "program=%s etcd keys not withdrawn: they name %s now, not what this supervisor "
+                "published (another writer promoted it?); left as they are",
+                program,
+                owner_of(have),
+            )
+        elif named or fenced:
             # Fenced: every key is rewritten, so that a lost swap that lands late fails.
-            await self._write_program(conn, program, want)
-            self._fenced.discard(program)
+            if not await self._write_if_unchanged(conn, program, have, withdrawn(have)):
+                self._kick.set()  # changed since the read: decide again from a new one
+                return
             log.info("program=%s etcd keys withdrawn: nothing serves it", program)
-        if self._withdrawing.get(program) == call:  # not superseded meanwhile
-            del self._withdrawing[program]
-            self.desired[program] = want
-            self._pending.discard(program)
+        if self._withdrawing.get(program) == withdrawal:  # not superseded meanwhile
+            self._forget(program)
+
+    async def _write_if_unchanged(
+        self, conn: EtcdConnection, program: str, have: Snapshot, new: Snapshot
+    ) -> bool:
+        """Write ``new`` in one transaction if every key still holds ``have`` and none changed
+        since it was read (``_seen``); whether it did.
+
+        Raises:
+            RegistryError: the connection failed.
+        """
+        keys = self._keys(program)
+        compare = [txn_compare_value(key, have.get(suffix)) for suffix, key in keys.items()]
+        compare += [txn_compare_unchanged_since(key, self._seen[program]) for key in keys.values()]
+        success = [txn_write(key, new.get(suffix)) for suffix, key in keys.items()]
+        reply = await conn.call("Txn", rpc.TxnRequest(compare=compare, success=success))
+        if reply.succeeded:
+            self._seen[program] = reply.header.revision
+        return bool(reply.succeeded)
+
+    def _forget(self, program: str) -> None:
+        """``program``'s withdrawal is over: nothing of it is kept true any more (until a
+        swap or publish names it again)."""
+        self._withdrawing.pop(program, None)
+        self.desired.pop(program, None)
+        self._seen.pop(program, None)
+        self._fenced.discard(program)
+        self._maybe.pop(program, None)
+        self._pending.discard(program)
 
     def _keys(self, program: str) -> dict[str, str]:
         return {suffix: program_key(self.prefix, program, suffix) for suffix in KEY_SUFFIXES}
@@ -278,18 +331,19 @@ class EtcdRegistry:
                         self.desired[program] = new
                         self._pending.discard(program)
                         self._fenced.discard(program)  # it rewrote the keys: fenced as well
+                        self._maybe.pop(program, None)
                         self._supersede_withdrawal(program, began)
                         self._seen[program] = reply.header.revision
         except TimeoutError:
-            self._remember(program, expected, lost_swap=True, began=began)
+            self._remember(program, expected, lost=new, began=began)
             raise self._timeout_error() from None
         except RegistryError:
-            self._remember(program, expected, lost_swap=True, began=began)
+            self._remember(program, expected, lost=new, began=began)
             raise
         except BaseException:
             # Cancelled (a flip's --timeout) while etcd may have applied the transaction: the
             # outcome is unknown as after a timeout, and the caller goes on serving `expected`.
-            self._remember(program, expected, lost_swap=True, began=began)
+            self._remember(program, expected, lost=new, began=began)
             raise
         if not reply.succeeded:
             found = txn_values(reply)
@@ -302,47 +356,61 @@ class EtcdRegistry:
             raise RegistryConflict(f"etcd keys of {program} changed during the promotion")
 
     def _remember(
-        self, program: str, value: Snapshot, *, lost_swap: bool = False, began: int | None = None
+        self,
+        program: str,
+        value: Snapshot,
+        *,
+        lost: Snapshot | None = None,
+        began: int | None = None,
     ) -> None:
-        """``value`` is what ``program``'s keys should say; ``began``: the ``_calls`` count when
-        the swap that wants it began (a withdrawal asked for since then still applies)."""
+        """``value`` is what ``program``'s keys should say; ``lost``: what a swap whose outcome
+        is unknown may have written instead; ``began``: the ``_calls`` count when the swap that
+        wants it began (a withdrawal asked for since then still applies)."""
         self.desired[program] = value
         self._supersede_withdrawal(program, began)
         self._pending.add(program)
-        if lost_swap:
+        if lost is not None:
             self._fenced.add(program)
+            self._maybe[program] = lost
         self._kick.set()
 
     def _supersede_withdrawal(self, program: str, began: int | None) -> None:
         """Forget a pending withdrawal of ``program`` asked for before ``began`` (None: any)."""
-        if began is None or self._withdrawing.get(program, began) <= began:
+        if began is None or self._withdrawing.get(program, (began, None))[0] <= began:
             self._withdrawing.pop(program, None)
 
-    async def withdraw(self, program: str) -> None:
+    async def withdraw(
+        self, program: str, *, taken_over: str | None = None, final: bool = False
+    ) -> None:
         """Make ``program``'s keys name nothing serving (``base.withdrawn`` of what etcd holds
-        then): now if etcd answers within the request timeout, else once it is back.
+        then) if they still name what this registry wrote for it or ``taken_over``: now if etcd
+        answers within the request timeout, else once it is back (see ``Registry.withdraw``).
 
         Never raises: a withdrawal etcd did not answer stays pending for ``run``.
         """
+        known = program in self.desired or program in self._maybe
+        if not known and taken_over is None:
+            log.debug("program=%s no etcd keys of ours to withdraw", program)
+            return
         self._calls += 1
-        self._withdrawing[program] = self._calls
+        self._withdrawing[program] = (self._calls, taken_over)
         self._pending.add(program)
         self._kick.set()
+        if final:
+            later = "left as they are: the next `flipvisor run` replaces them"
+        else:
+            later = "withdrawn once etcd is back, if they still name what this supervisor wrote"
         if self._running and not self.connected:
-            log.warning("program=%s etcd keys withdrawn once etcd is back", program)
+            log.warning("program=%s etcd keys %s", program, later)
             return  # ``run`` is reconnecting and will write it then
         with anyio.move_on_after(self.config.timeout) as deadline:
             try:
                 async with self._use() as conn:
                     await self._reconcile(conn, program)
             except RegistryError as exc:
-                log.warning("program=%s etcd keys withdrawn once etcd is back: %s", program, exc)
+                log.warning("program=%s etcd keys %s: %s", program, later, exc)
         if deadline.cancelled_caught:
-            log.warning(
-                "program=%s etcd keys withdrawn once etcd is back: %s",
-                program,
-                self._timeout_error(),
-            )
+            log.warning("program=%s etcd keys %s: %s", program, later, self._timeout_error())
 
     async def publish(self, program: str, new: Snapshot) -> None:
         """Make ``program``'s keys say ``new``: now if etcd answers, else once it is back.

@@ -10,6 +10,10 @@ once cost a few writes rather than 200 rewrites of a growing file. A swap return
 change is on disk. The supervisor keeps what it last read or wrote, and reads the file again only
 when it changed underneath (mtime, size, inode).
 
+A withdrawal (``withdraw``) applies only while the program's keys still name what this registry
+last wrote for it (another writer, or a hand edit, may have promoted it since); one the file did
+not take (unreadable, a disk error) stays pending and ``run`` retries it, with the same compare.
+
 Without a server there is nothing to subscribe to, so ``watch`` polls the file (its mtime, size
 and inode every ``POLL_INTERVAL`` seconds, then its content) and reports the keys that differ.
 Revisions are a counter of this process, not stored in the file: a change that is undone between
@@ -32,12 +36,16 @@ from flipvisor.config import RegistryConfig
 from flipvisor.errors import RegistryConflict, RegistryError
 
 from .base import (
+    CURRENT_SUFFIXES,
     KEY_SUFFIXES,
     KeyRange,
     Snapshot,
     WatchEvent,
     key_matches,
+    naming,
+    owner_of,
     program_key,
+    still_named,
     withdrawn,
 )
 
@@ -131,6 +139,10 @@ class LocalRegistry:
         self.path = path
         self.prefix = config.prefix
         self._pending: dict[str, Snapshot] = {}
+        # What this registry last wrote for each program (on disk), and what the current keys
+        # of a pending withdrawal must still name for it to apply.
+        self._written: dict[str, Snapshot] = {}
+        self._withdrawing: dict[str, list[dict[str, str | None]]] = {}
         self._revision = 0
         self._retry = anyio.Event()
         # What the file holds (or will, once the pending write is done); None: read it again.
@@ -145,10 +157,10 @@ class LocalRegistry:
         self._bad_stamp: tuple[int, int, int] | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Retry publications that a disk error left pending, until cancelled."""
+        """Retry publications and withdrawals that a disk error left pending, until cancelled."""
         task_status.started()
         while True:
-            if self._pending:
+            if self._pending or self._withdrawing:
                 with anyio.move_on_after(RETRY_INTERVAL):
                     await self._retry.wait()
             else:
@@ -162,8 +174,14 @@ class LocalRegistry:
                 except RegistryError as exc:
                     log.warning("program=%s publishing to the registry failed: %s", program, exc)
                 else:
+                    self._written[program] = new
                     if self._pending.get(program) is new:
                         del self._pending[program]
+            for program in list(self._withdrawing):
+                try:
+                    await self._withdraw_now(program)
+                except RegistryError as exc:
+                    log.warning("program=%s withdrawing its registry keys failed: %s", program, exc)
 
     async def snapshot(self, program: str) -> Snapshot:
         """``program``'s keys as the file holds them.
@@ -191,12 +209,15 @@ class LocalRegistry:
                     f"registry key {key} changed: expected {expected.get(suffix)!r}, "
                     f"found {current.get(suffix)!r} (another writer promoted {program}?)"
                 )
+        self._withdrawing.pop(program, None)  # superseded
         await self._write_program(program, new)
+        self._written[program] = new
         self._pending.pop(program, None)
 
     async def publish(self, program: str, new: Snapshot) -> None:
         """Write ``program``'s keys now; after a disk error ``run`` retries. Never raises."""
         self._pending[program] = new
+        self._withdrawing.pop(program, None)  # superseded
         try:
             await self._write_program(program, new)
         except RegistryError as exc:
@@ -205,27 +226,67 @@ class LocalRegistry:
             )
             self._retry.set()
             return
+        self._written[program] = new
         self._pending.pop(program, None)
 
-    async def withdraw(self, program: str) -> None:
+    async def withdraw(
+        self, program: str, *, taken_over: str | None = None, final: bool = False
+    ) -> None:
         """Make ``program``'s keys name nothing serving (``withdrawn``), from what the file holds
-        now; after a disk error ``run`` retries. Never raises."""
-        # A publication a disk error left pending names what served: it must not land later.
-        self._pending.pop(program, None)
+        now, if they still name what this registry last wrote for it (or ``taken_over``); after
+        a disk error ``run`` retries. Never raises."""
+        # A publication a disk error left pending names what served: it must not land later
+        # (but its write may have reached the file: the keys may name it).
+        ours = [
+            naming(s) for s in (self._written.get(program), self._pending.pop(program, None)) if s
+        ]
+        if taken_over is not None:
+            ours.append({"generation/current": taken_over})
+        if not ours:
+            return  # nothing of ours to withdraw
+        self._withdrawing[program] = ours
         try:
-            have = await self.snapshot(program)
+            await self._withdraw_now(program)
         except RegistryError as exc:
-            log.warning("program=%s stopped, but its registry keys still name it: %s", program, exc)
-            return
-        if (want := withdrawn(have)) is not have:
-            await self.publish(program, want)
+            later = (
+                "left as they are: the next `flipvisor run` replaces them"
+                if final
+                else "withdrawn once the file can be read and written, if they still name it"
+            )
+            log.warning("program=%s stopped; its registry keys are %s: %s", program, later, exc)
+            self._retry.set()
+
+    async def _withdraw_now(self, program: str) -> None:
+        """Apply ``program``'s pending withdrawal if its keys still name what it expects, then
+        forget the program; drop it (logged) if they name something else.
+
+        Raises:
+            RegistryError: the file could not be read or written (the withdrawal stays).
+        """
+        ours = self._withdrawing[program]
+        # No await between the read and the change in memory (``_write_program``'s first
+        # step): nothing else in this process interleaves.
+        have = Snapshot(_program_values(self._current(), self.prefix, program))
+        named = any(have.get(suffix) is not None for suffix in CURRENT_SUFFIXES)
+        if named and not still_named(have, ours):
+            log.warning(
+                "program=%s registry keys not withdrawn: they name %s now, not what this "
+                "supervisor wrote (another writer promoted it?); left as they are",
+                program,
+                owner_of(have),
+            )
+        elif named:
+            await self._write_program(program, withdrawn(have))
+        if self._withdrawing.get(program) is ours:  # not superseded meanwhile
+            del self._withdrawing[program]
+            self._written.pop(program, None)
 
     def health(self) -> dict[str, Any]:
         return {
             "backend": "local",
             "where": str(self.path),
             "connected": True,
-            "pending": sorted(self._pending),
+            "pending": sorted(self._pending.keys() | self._withdrawing.keys()),
         }
 
     async def aclose(self) -> None:
