@@ -77,8 +77,10 @@ def test_a_record_of_this_host_whose_supervisor_is_gone_names_its_running_worker
 ) -> None:
     pid, started = worker
     reused = (os.getpid(), 2.0)  # a PID that now names another process
-    found = leftovers_in("web", record([worker, reused]), HOST)
-    assert found == Leftovers("web", 7, 41234, ((pid, started),))
+    named = record([worker, reused])
+    found = leftovers_in("web", named, HOST)
+    # The record is kept: a stop withdraws the keys only while they still name it.
+    assert found == Leftovers("web", 7, 41234, ((pid, started),), record=named)
     assert found is not None and f"pid {pid}" in found.describe()
 
 
