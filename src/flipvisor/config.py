@@ -718,3 +718,8 @@ def _describe(error: Any, path: Path, lines: LineIndex) -> Problem:
 def _is_union_tag(part: Any) -> bool:
     # pydantic adds the member type's name ("list[str]", "function-after[...]") to union locations
     return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"})
+
+
+def same_deploy(a: ProgramConfig, b: ProgramConfig | None) -> bool:
+    """Whether two sections deploy the same thing (``autostart`` only matters at start)."""
+    return b is not None and a == b.model_copy(update={"autostart": a.autostart})

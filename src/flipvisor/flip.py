@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .config import ProgramConfig
+from .config import ProgramConfig, same_deploy
 from .errors import Busy, FlipFailed, FlipvisorError, flip_next_step
 from .generation import Generation
 from .progress import FlipReport
@@ -128,8 +128,10 @@ class Flips:
         name = self.program.name
         try:
             with anyio.CancelScope(deadline=deadline):
-                if report.kind == "rollback" and self.program.warm is not None:
-                    warm = self.program.warm
+                warm = self.program.warm
+                # The warm generation only if it runs the rollback's target (the previous
+                # deploy): after a `restart`, it may run the same config as the serving one.
+                if report.kind == "rollback" and warm and same_deploy(config, warm.config):
                     return await self.program.retirement.promote_warm(report, warm, self._promote)
                 return await self._flip_to(report, config)
             # Only reached when the deadline cancelled the flip (it was undone, as after a failure).
@@ -280,9 +282,11 @@ class Flips:
                     f"{report.stranded}; generation {number} is stopped, so until then the "
                     "requests the proxy sends it fail"
                     if report.stranded
-                    else "the previous generation keeps serving"
+                    # By number: "previous" would name the rollback's target in a rollback.
+                    else f"generation {program.serving.number}, serving before, keeps serving"
                     if program.serving and program.serving.pids
-                    else "the previous generation has no worker left (it is stopped)"
+                    else f"generation {program.serving.number}, serving before, has no worker "
+                    "left (it is stopped)"
                     if program.serving
                     else f"{program.leftovers.describe()} keeps serving"
                     if program.leftovers

@@ -186,13 +186,19 @@ class Program:
             # `pid/previous` change may signal it before our drain does. Not restarted.
             self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; stopping")
             return None
+        if gen is self.warm:
+            # Kept for an instant rollback, it serves nothing: not restarted, not counted
+            # against the restart budget of the generation that serves (nor made fatal by it).
+            self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; warm: drained")
+            self.retirement.drop_warm(gen)
+            return None
         verdict = judge_exit(
             policy=gen.config.restart,
             budget=self._budget,
             returncode=returncode,
             reason=reason,
             consecutive_failures=worker.consecutive_failures,
-            starting=not gen.was_serving and gen is not self.warm,
+            starting=not gen.was_serving,
             replacing=not gen.first,
             where=f"worker {worker.index} of generation {gen.number}",
         )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio import CancelScope
 
-from .config import Config, ProgramConfig, load_config
+from .config import Config, ProgramConfig, load_config, same_deploy
 from .control import Send
 from .errors import Busy, ConfigError, FlipvisorError, UsageError
 from .program import Program
@@ -195,7 +195,7 @@ class Reloads:
             if program is None:
                 continue
             last_read = self.supervisor.config.programs.get(name)
-            if not _same_deploy(section, last_read) and not _same_deploy(section, program.config):
+            if not same_deploy(section, last_read) and not same_deploy(section, program.config):
                 changed.append(name)
         return changed
 
@@ -327,8 +327,3 @@ def restart_hint(needs_restart: list[str], *, recorded: bool) -> str:
             "the new state_dir now), then `flipvisor run`"
         )
     return "`flipvisor shutdown`, then `flipvisor run`"
-
-
-def _same_deploy(a: ProgramConfig, b: ProgramConfig | None) -> bool:
-    """Whether two sections deploy the same thing (``autostart`` only matters at start)."""
-    return b is not None and a == b.model_copy(update={"autostart": a.autostart})

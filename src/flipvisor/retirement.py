@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from .config import same_deploy
 from .errors import ProbeFailed
 from .generation import Generation
 from .progress import FlipReport
@@ -33,18 +34,28 @@ class Retirement:
 
     async def retire(self, report: FlipReport, old: Generation, *, window: float) -> None:
         """Drain the replaced generation, or keep it warm for ``window`` seconds (the deployed
-        config's ``rollback_window``)."""
+        config's ``rollback_window``). A restart (``old`` runs what replaced it) is no rollback
+        target: it is drained, and a warm generation of the previous deploy stays warm."""
         program = self.program
-        if program.warm is not None and program.warm is not old:
+        restart = program.serving is not None and same_deploy(old.config, program.serving.config)
+        if program.warm is not None and program.warm is not old and not restart:
             stale, program.warm = program.warm, None
             program._task_group().start_soon(program._drain, stale)
-        if window > 0 and not program._stops:
+        if window > 0 and not program._stops and not restart:
             # Not while a stop drains the program: it drains ``old`` too, alongside this flip.
             old.transition(GenerationState.READY)
             self._keep_warm(old, until=anyio.current_time() + window)
             return
         with report.step("drain", f"generation {old.number}"):
             await program._drain(old)
+
+    def drop_warm(self, gen: Generation) -> None:
+        """A worker of the warm generation ``gen`` exited: it is no longer the whole deploy a
+        rollback would route to, so it is drained (a rollback starts that config afresh)."""
+        program = self.program
+        if program.warm is gen:
+            program.warm = None
+            program._task_group().start_soon(program._drain, gen)
 
     def _keep_warm(self, gen: Generation, *, until: float) -> None:
         """Keep ``gen`` running, unrouted, for a rollback until ``until`` (anyio's clock)."""

@@ -19,7 +19,7 @@ from anyio.abc import TaskGroup
 
 from . import signals
 from .commands import Commands
-from .config import Config, DrainConfig
+from .config import Config, DrainConfig, same_deploy
 from .control import AlreadyRunning, ControlServer
 from .errors import EXIT_USAGE, ConfigError, FlipvisorError
 from .events import EventLog
@@ -198,6 +198,22 @@ class Supervisor:
         leftovers = await self._find_leftovers(unclean=unclean, tg=tg)
         for name, program_config in self.config.programs.items():
             program = await self._add_program(name, program_config)
+            deployed = program.history.current
+            if (
+                program_config.autostart
+                and deployed is not None
+                and not same_deploy(program_config, deployed)
+            ):
+                # A rollback (or a flip of a file edited again since) is not in the file: the
+                # operator must hear that this start undoes it.
+                self.events.emit(
+                    "not-as-deployed",
+                    name,
+                    None,
+                    "the config file's section is not what served before this start (a rollback "
+                    f"is not written to the file): it starts the file's; `flipvisor rollback "
+                    f"{name}` goes back to what served, and editing the file keeps that",
+                )
             if (left := leftovers.get(name)) is not None:
                 program.leftovers = left
                 self.events.emit(

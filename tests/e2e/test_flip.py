@@ -193,6 +193,62 @@ def test_cold_and_warm_rollback(flipvisor: Flipvisor, nginx: Nginx) -> None:
     assert proxied(nginx)["version"] == "1"
 
 
+def generations(flipvisor: Flipvisor) -> dict[int, dict[str, Any]]:
+    return {g["generation"]: g for g in flipvisor.program("web")["generations"]}
+
+
+def test_a_restart_keeps_the_previous_deploy_warm_and_rollback_goes_to_it(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """A restart (a flip to the same config) is no rollback target: the generation it replaced
+    is drained, and the warm generation of the previous deploy stays the one a rollback takes."""
+    start_serving(flipvisor, nginx, program(nginx, "1", rollback_window=30))
+    flipvisor.write_config({"programs": {"web": program(nginx, "2", rollback_window=30)}})
+    assert flipvisor.cli("flip", "web").returncode == 0
+    warm_pids = generations(flipvisor)[1]["pids"]
+    restarted = flipvisor.cli("restart", "web")
+    assert restarted.returncode == 0, restarted.stderr
+    wait_until(lambda: sorted(generations(flipvisor)) == [1, 3], message="generation 2 drained")
+    assert generations(flipvisor)[1]["state"] == "ready"  # still warm
+
+    rolled = flipvisor.cli("rollback", "web", "--json")
+
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert json.loads(rolled.stdout)["generation"] == 1  # warm: no new generation
+    assert proxied(nginx)["version"] == "1"
+    serving = flipvisor.serving("web")
+    assert serving is not None and serving["pids"] == warm_pids
+
+
+def test_a_warm_generation_whose_worker_exits_is_dropped_not_restarted(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """It serves nothing: its crash must not use the serving generation's restart budget (six
+    of them made the program fatal) nor leave a rollback target without workers."""
+    limits = {"max_restarts": 1, "window": 60}
+    start_serving(flipvisor, nginx, program(nginx, "1", rollback_window=30, restart=limits))
+    flipvisor.write_config(
+        {"programs": {"web": program(nginx, "2", rollback_window=30, restart=limits)}}
+    )
+    assert flipvisor.cli("flip", "web").returncode == 0
+    (warm_pid,) = generations(flipvisor)[1]["pids"]
+    psutil.Process(warm_pid).kill()
+    wait_until(lambda: sorted(generations(flipvisor)) == [2], message="the warm generation drained")
+    status = flipvisor.program("web")
+    assert (status["state"], status["restarts"], status["fatal_reason"]) == ("running", 0, None)
+    (serving_pid,) = generations(flipvisor)[2]["pids"]
+    psutil.Process(serving_pid).kill()  # the serving generation's budget is whole
+    wait_until(
+        lambda: (p := generations(flipvisor).get(2, {}).get("pids")) and p != [serving_pid],
+        message="the serving worker's restart",
+    )
+    assert flipvisor.program("web")["state"] == "running"
+    rolled = flipvisor.cli("rollback", "web", "--json")  # cold: a new generation of v1
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert json.loads(rolled.stdout)["generation"] == 3
+    assert proxied(nginx)["version"] == "1"
+
+
 def test_second_flip_of_a_program_is_refused_clearly(flipvisor: Flipvisor, nginx: Nginx) -> None:
     start_serving(flipvisor, nginx, program(nginx, "1"))
     flipvisor.write_config({"programs": {"web": program(nginx, "2", "--ready-delay", "2")}})
@@ -214,9 +270,18 @@ def test_rollback_after_the_supervisor_restarted(flipvisor: Flipvisor, nginx: Ng
     flipvisor.start()
     flipvisor.wait_serving("web")
     wait_until(lambda: answers(nginx) and proxied(nginx)["version"] == "2", message="v2")
+    assert "not-as-deployed" not in flipvisor.event_kinds()  # v2 served before: as the file
     assert flipvisor.cli("restart", "web").returncode == 0  # the same config: not a new target
     result = flipvisor.cli("rollback", "web")
     assert result.returncode == 0, result.stderr
+    assert proxied(nginx)["version"] == "1"
+
+    # The rollback is not in the file: the next start runs v2 again, and says so.
+    assert flipvisor.stop() == 0
+    flipvisor.start()
+    wait_until(lambda: answers(nginx) and proxied(nginx)["version"] == "2", message="v2 again")
+    assert "not-as-deployed" in flipvisor.event_kinds()
+    assert flipvisor.cli("rollback", "web").returncode == 0  # back to what served: v1
     assert proxied(nginx)["version"] == "1"
 
 
@@ -524,7 +589,7 @@ def test_no_probe_release_whose_worker_dies_before_promotion_is_rolled_back(
     result = flipvisor.cli("flip", "web")
     assert result.returncode == 1, result.stdout + result.stderr + flipvisor.output()
     assert "exit status 3" in result.stderr
-    assert "the previous generation keeps serving" in result.stderr
+    assert "generation 1, serving before, keeps serving" in result.stderr
     # After a reload towards the broken release, nginx was reloaded back to version 1.
     before.assert_untouched(flipvisor, nginx)
 
@@ -592,7 +657,7 @@ def test_a_reload_that_fails_after_reloading_is_reloaded_back_under_load(
     assert result.returncode == 1, result.stdout + result.stderr
     assert marker.exists()  # nginx did load generation 2's file
     assert "exited with status 3: partial failure" in result.stderr, result.stderr
-    assert "the previous generation keeps serving" in result.stderr, result.stderr
+    assert "generation 1, serving before, keeps serving" in result.stderr, result.stderr
     # Zero: generation 2 is stopped only once the nginx workers routing to it are gone.
     assert outcome.failed == 0, (outcome.failed, outcome.errors[:5])
     assert outcome.ok > 0
@@ -622,7 +687,7 @@ def test_a_failed_reload_whose_reload_back_fails_too_names_both_and_what_to_do(
     assert "exited with status 4: reload back broke" in error, error
     assert "may still route to generation 2" in error, error
     assert f"run `{' '.join(reload_cmd)}`" in error or "run `sh -c" in error, error
-    assert "the previous generation keeps serving" not in error, error
+    assert "keeps serving" not in error, error
     assert (nginx.conf_dir / "web.conf").read_bytes() == before.proxy_file
     assert flipvisor.registry() == before.keys
     # What the message tells the operator to do (the reload, done by hand) routes back to 1,
@@ -661,7 +726,7 @@ def test_a_failed_reload_is_not_reloaded_back_past_a_failing_check(
     assert "exited with status 3: partial failure" in error, error
     assert "reloading the proxy back failed too" in error, error
     assert "broken elsewhere" in error and "once its config passes" in error, error
-    assert "the previous generation keeps serving" not in error, error
+    assert "keeps serving" not in error, error
     assert len(reloads.read_text().splitlines()) == 1  # the reload back never ran
     assert (nginx.conf_dir / "web.conf").read_bytes() == before.proxy_file
     assert flipvisor.registry() == before.keys

@@ -826,7 +826,7 @@ def test_workers_that_gave_up_during_a_flip_that_fails_stop_the_program_after_it
 
     assert flip.returncode == 1, out + err
     error = " ".join(err.split())
-    assert "the previous generation has no worker left" in error, error
+    assert "generation 1, serving before, has no worker left" in error, error
     assert "keeps serving" not in error, error
     wait_until(lambda: flipvisor.program("web")["state"] == "stopped", message="web to stop")
     with pytest.raises(ConnectionRefusedError):
