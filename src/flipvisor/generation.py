@@ -165,7 +165,9 @@ class Generation:
         if readiness.http is not None:
             return f"GET http://{self.host}:{self.port}{readiness.http}"
         if readiness.exec is not None:
-            return "exec " + " ".join(readiness.exec)
+            return "exec " + " ".join(
+                arg.replace("{port}", str(self.port)) for arg in readiness.exec
+            )
         return "sd_notify READY=1"
 
     @property
