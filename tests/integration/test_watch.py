@@ -735,57 +735,20 @@ async def test_a_held_drain_proceeds_once_a_retry_applies_the_change(
 
 
 @pytest.mark.etcd
+@pytest.mark.parametrize("then", ["the key is back", "the process is gone"])
 async def test_drain_pid_is_held_while_a_template_waits_for_a_deleted_key(
     etcd_server: EtcdServer,
     etcd_prefix: str,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
+    then: str,
 ) -> None:
-    # A key of the template is deleted, then the program is promoted: nothing is rendered, so
-    # the file still routes to the old process only.
-    monkeypatch.setattr(watch, "CATCH_UP_TIMEOUT", 0.3)
-    caplog.set_level(logging.INFO, logger="flipvisor.watch")
-    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, mode_key=True)
-    dest, reload_log, _ = outputs(tmp_path)
-    async with watching(config) as (reaper, registry):
-        old, new = start_sleeper(reaper), start_sleeper(reaper)
-        try:
-            etcd_server.put(f"{etcd_prefix}/app/mode", "on")
-            await _serve_old(etcd_server, etcd_prefix, old, reload_log)
-            etcd_server.etcdctl("del", f"{etcd_prefix}/app/mode")
-            await _promote(registry, "42000", new)
-            await await_until(
-                lambda: _true(
-                    f"not draining pid={old.pid}: watch {dest} is waiting" in caplog.text
-                ),
-                message="the drain to be held",
-            )
-            assert old.returncode is None
-            assert "draining anyway" not in caplog.text
-
-            etcd_server.put(f"{etcd_prefix}/app/mode", "on")
-            with anyio.fail_after(10):
-                assert await old.wait() == -signal.SIGTERM
-            assert "42000" in reload_log.read_text()
-            assert new.returncode is None
-        finally:
-            for child in (old, new):
-                await child.stop(timeout=5)
-                child.close()
-
-
-@pytest.mark.etcd
-async def test_a_held_drain_whose_process_is_gone_holds_no_more(
-    etcd_server: EtcdServer,
-    etcd_prefix: str,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Held for a template waiting for a deleted key (as after a stop withdrew port/current),
-    # the old process exits by itself (its supervisor drained it): the hold ends, quietly,
-    # instead of an error every CATCH_UP_TIMEOUT for as long as the key stays away.
+    """A key of the template is deleted, then the program is promoted: nothing is rendered, so
+    the file still routes to the old process only, and its drain is held until the key is back.
+    Or until the old process exits by itself (its supervisor stopped it, which withdrew the key):
+    then the hold ends, quietly, instead of an error every CATCH_UP_TIMEOUT while the key stays
+    away."""
     monkeypatch.setattr(watch, "CATCH_UP_TIMEOUT", 0.3)
     caplog.set_level(logging.INFO, logger="flipvisor.watch")
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, mode_key=True)
@@ -799,15 +762,24 @@ async def test_a_held_drain_whose_process_is_gone_holds_no_more(
             await _promote(registry, "42000", new)
             held = f"not draining pid={old.pid}: watch {dest} is waiting"
             await await_until(lambda: _true(held in caplog.text), message="the drain to be held")
-            await old.stop(timeout=5)
-            await await_until(
-                lambda: _true(f"pid={old.pid} gone already while watch" in caplog.text),
-                message="the hold to end",
-            )
-            errors = caplog.text.count(held)
-            with anyio.move_on_after(1.0):  # > 3 CATCH_UP_TIMEOUTs: no error comes any more
-                await await_until(lambda: _true(caplog.text.count(held) > errors), timeout=2)
-            assert caplog.text.count(held) == errors
+            assert old.returncode is None
+            assert "draining anyway" not in caplog.text
+
+            if then == "the key is back":
+                etcd_server.put(f"{etcd_prefix}/app/mode", "on")
+                with anyio.fail_after(10):
+                    assert await old.wait() == -signal.SIGTERM
+                assert "42000" in reload_log.read_text()
+            else:
+                await old.stop(timeout=5)
+                await await_until(
+                    lambda: _true(f"pid={old.pid} gone already while watch" in caplog.text),
+                    message="the hold to end",
+                )
+                errors = caplog.text.count(held)
+                with anyio.move_on_after(1.0):  # > 3 CATCH_UP_TIMEOUTs: no error comes any more
+                    await await_until(lambda: _true(caplog.text.count(held) > errors), timeout=2)
+                assert caplog.text.count(held) == errors
             assert new.returncode is None
         finally:
             for child in (old, new):
