@@ -30,6 +30,11 @@ STABLE_UPTIME = 10.0
 _INHERITED_SOCKET_VARS = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
 
 
+# Outputs of exited incarnations of one worker slot still read because something they left
+# running holds them: beyond this, a further one is closed (as it was after a grace, before).
+MAX_LEFTOVER_READERS = 4
+
+
 def expand_placeholders(argv: list[str], values: Mapping[str, int]) -> list[str]:
     """Replace ``{port}``, ``{fd}``, ``{generation}``, ``{worker}`` in each argument.
 
@@ -123,6 +128,7 @@ class Worker:
         self.child: Child | None = None
         self.consecutive_failures = 0
         self.restarts = 0
+        self._leftover_readers = 0  # exited incarnations' outputs still read (``_read_leftover``)
         self.last_exit: str | None = None
         self.started = False
         self.done = LazyEvent()  # awaited only while its generation stops
@@ -219,11 +225,19 @@ class Worker:
                 await capture(read_fd, self.log, prefix=prefix, tail=self.tail)
             # The output may end long before the worker does (it closed stdout): supervise on.
             returncode = await child.wait()
-            if not pipe_ended(read_fd):
+            if not pipe_ended(read_fd) and self._leftover_readers < MAX_LEFTOVER_READERS:
                 # Still held: kept open and read rather than closed, so what holds it neither
-                # dies of SIGPIPE nor blocks on a full pipe before the drain stops it.
+                # dies of SIGPIPE nor blocks on a full pipe before the drain stops it. Bounded:
+                # in a crash loop whose every incarnation leaves a daemon (outside the process
+                # group, so not drained) holding it, the pipes would pile up for good.
+                self._leftover_readers += 1
                 self.owner.keep_reading(partial(self._read_leftover, read_fd, prefix))
                 handed_over = True
+            elif not pipe_ended(read_fd):
+                self.log.note(
+                    f"[flipvisor] {prefix}: its output is still held by what it left running; "
+                    f"no longer read ({MAX_LEFTOVER_READERS} such outputs of this worker are)"
+                )
         finally:
             child.exit.on_exit(None)
             try:
@@ -248,6 +262,7 @@ class Worker:
             await capture(read_fd, self.log, prefix=prefix, tail=self.tail)
         finally:
             os.close(read_fd)
+            self._leftover_readers -= 1
 
     async def _stop_reading(self, child: Child, read_fd: int, prefix: str) -> None:
         """Stop the worker (drain signal, SIGKILL after the timeout) while still reading its

@@ -21,6 +21,7 @@ import pytest
 from anyio.abc import TaskGroup
 
 from flipvisor import generation
+from flipvisor import worker as worker_module
 from flipvisor.config import (
     DrainConfig,
     LogsConfig,
@@ -695,6 +696,44 @@ async def test_a_child_holding_the_output_delays_neither_the_exit_nor_the_restar
         finally:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             os.close(pidfd)
+
+
+# Three incarnations each leave a child holding their output, then die; the fourth stays.
+LEAVES_A_CHILD_EACH_TIME = r"""
+import os, signal, subprocess, sys
+counter = sys.argv[1]
+runs = len(open(counter).read()) if os.path.exists(counter) else 0
+open(counter, "a").write("x")
+if runs >= 3:
+    while True:
+        signal.pause()
+subprocess.Popen(["sleep", "60"])
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+async def test_the_outputs_left_held_by_a_crash_loop_are_read_up_to_a_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each incarnation's output stays read while what it left holds it, but not without end:
+    past the bound, the output of a further exit is closed (and the log says so)."""
+    monkeypatch.setattr(worker_module, "MAX_LEFTOVER_READERS", 1)
+    command = [sys.executable, "-c", LEAVES_A_CHILD_EACH_TIME, str(tmp_path / "runs")]
+    async with harness(tmp_path) as h:
+        h.restart_delay = 0.0
+        gen = await h.start(one_worker(command))
+
+        async def fourth_runs() -> bool:
+            return len(h.events_of("spawned")) == 4 and len(h.exits) == 3
+
+        await await_until(fourth_runs, timeout=DEADLINE, message="three exits, four spawns")
+        log = tmp_path / "logs" / "web.log"
+
+        async def two_closed() -> bool:
+            return log.read_text().count("no longer read (1 such outputs of this worker are)") == 2
+
+        await await_until(two_closed, timeout=DEADLINE, message="two outputs closed")
+        assert gen.workers[0]._leftover_readers == 1
 
 
 # -- readiness -------------------------------------------------------------------------------
