@@ -108,10 +108,15 @@ def status_rows(document: dict[str, Any], now: float) -> tuple[list[list[str]], 
             notes.append(f"{name}: removed from the config; listed until its workers are gone")
         if program.get("fatal_reason"):
             reason = program["fatal_reason"]
-            logs = (
-                "" if "flipvisor logs" in reason else f"`flipvisor logs {name}` shows its output, "
-            )
-            notes.append(f"{name}: fatal: {reason}; {logs}`flipvisor start {name}` tries again")
+            if f"`flipvisor start {name}`" in reason:  # a failed flip's reason says what to fix
+                notes.append(f"{name}: fatal: {reason}")
+            else:
+                logs = (
+                    ""
+                    if "flipvisor logs" in reason
+                    else f"`flipvisor logs {name}` shows its output, "
+                )
+                notes.append(f"{name}: fatal: {reason}; {logs}`flipvisor start {name}` tries again")
     return rows, notes
 
 

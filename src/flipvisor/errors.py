@@ -93,9 +93,11 @@ class Busy(FlipvisorError):
     """Another operation on the same program is in progress."""
 
 
-def flip_next_step(exc: BaseException, program: str) -> str:
-    """What the operator can do about a failed flip of ``program``, by what failed."""
-    again = f"then `flipvisor flip {program}`"
+def flip_next_step(exc: BaseException, program: str, *, retry: str = "flip") -> str:
+    """What the operator can do about a failed flip of ``program``, by what failed; ``retry``
+    is the command that tries again once it is fixed: ``start`` when nothing serves (the
+    program is ``fatal``, and ``start`` is what clears it)."""
+    again = f"then `flipvisor {retry} {program}`"
     if isinstance(exc, ProxyFileError):
         return f"fix programs.{program}.proxy.dest (or the folders on its way), {again}"
     if isinstance(exc, ProxyError):

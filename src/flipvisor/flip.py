@@ -144,7 +144,8 @@ class Flips:
         except FlipFailed as exc:
             report.finish(str(exc), exc.output)
         except FlipvisorError as exc:
-            report.finish(f"{exc}{_stranded(report)}; {flip_next_step(exc, name)}")
+            step = flip_next_step(exc, name, retry=_retry(self.program))
+            report.finish(f"{exc}{_stranded(report)}; {step}")
         except Exception as exc:
             # The task-group boundary of a flip: a bug must fail this flip, not the
             # supervisor and every other program with it.
@@ -294,7 +295,8 @@ class Flips:
                 )
                 raise FlipFailed(
                     f"generation {number} of {program.name} failed: {reason}; "
-                    f"{serving or 'nothing serves'}; " + flip_next_step(exc, program.name),
+                    f"{serving or 'nothing serves'}; "
+                    + flip_next_step(exc, program.name, retry=_retry(program)),
                     output,
                 ) from exc
             raise
@@ -404,3 +406,9 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, anyio.get_cancelled_exc_class()):
         return "cancelled"
     return str(exc) or type(exc).__name__
+
+
+def _retry(program: Program) -> str:
+    """The command that tries a failed flip of ``program`` again: with nothing serving, the flip
+    leaves it ``fatal``, which ``start`` clears (one next step, not ``flip`` and ``start``)."""
+    return "start" if program.serving is None else "flip"

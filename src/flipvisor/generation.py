@@ -194,6 +194,7 @@ class Generation:
     def worker_spawned(self, worker: Worker) -> None:
         assert worker.child is not None
         self._process_groups.add(worker.child.pid)  # each worker leads its own session
+        self._reaper.claim_group(worker.child.pid, self.program, self.number)
         self.events.emit(
             "spawned", self.program, self.number, worker=worker.index, pid=worker.child.pid
         )
@@ -329,6 +330,7 @@ class Generation:
                     self.notify.close()
                 self._final_transition()
             finally:
+                self._reaper.release_groups(self._process_groups)
                 self._stopped.set()  # whatever happened, nobody waits for this forever
 
     def _final_transition(self) -> None:

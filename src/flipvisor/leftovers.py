@@ -45,6 +45,7 @@ import anyio
 from .config import DrainConfig, SocketConfig
 from .errors import RegistryError
 from .generation import KILL_GRACE
+from .progress import pid_list
 from .proxy import wait_workers_gone
 from .registry import WatchableRegistry, program_key
 from .spawn import pidfd_if_started_at, signal_verified
@@ -79,7 +80,7 @@ class Leftovers:
     record: str | None = None
 
     def describe(self) -> str:
-        pids = ", ".join(str(pid) for pid, _ in self.workers)
+        pids = pid_list(pid for pid, _ in self.workers)
         where = f" on port {self.port}" if self.port is not None else ""
         number = f"generation {self.generation}" if self.generation is not None else "a generation"
         return f"{number} of a previous supervisor (pid {pids}){where}"

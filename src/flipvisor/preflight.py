@@ -1,7 +1,8 @@
 """What ``flipvisor check`` verifies beyond the file itself: that a valid config also works on
 this host. Commands and check/reload commands resolve, working directories exist, proxy
 templates render with a sample flip's context, watch templates exist and parse, the state_dir
-and the proxy files can be created and written, the metrics address is one of this host's.
+and the proxy files can be created and written, the metrics address is one of this host's, a
+fixed ``socket.port`` can be bound (unless this config's own supervisor or its workers hold it).
 Nothing is created, written or kept bound.
 
 Each problem names its location as the config's keys, so that ``check`` can give it the line
@@ -10,16 +11,31 @@ of the key, like the config's own errors.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, ProgramConfig
-from .errors import ProxyError, SpawnError
+import psutil
+
+from .config import Config, ProgramConfig, SocketConfig
+from .errors import BindError, ProxyError, SpawnError
 from .proxy import flip_context, parse_template, render_template
+from .runrecord import read_record
+from .sockets import bind_listener
 from .spawn import resolve_executable
-from .usable import file_problem, folder_problem, listen_problem, parse_listen
+from .usable import (
+    file_problem,
+    folder_problem,
+    in_use,
+    listen_error,
+    listen_problem,
+    parse_listen,
+    port_holders,
+)
+
+STATE_DIR_ENV = "FLIPVISOR_STATE_DIR"  # in every worker's environment, and what it starts
 
 SAMPLE_PORT = 8000  # a sample flip's port, for rendering a template that needs one
 
@@ -36,8 +52,9 @@ class HostProblem:
         return f"{'.'.join(self.loc)}: {self.message}"
 
 
-def host_problems(config: Config) -> list[HostProblem]:
-    """Every problem the config would hit on this host."""
+def host_problems(config: Config, config_path: Path | None = None) -> list[HostProblem]:
+    """Every problem the config would hit on this host. ``config_path``: the file, whose
+    running supervisor (its run record) may hold a fixed port without that being a problem."""
     problems: list[HostProblem] = []
     # The folders `run` creates first; one problem is enough (the next would repeat it).
     for folder in (config.state_dir, config.state_dir / "logs", config.state_dir / "notify"):
@@ -48,8 +65,13 @@ def host_problems(config: Config) -> list[HostProblem]:
             break
     if config.metrics is not None and (why := listen_problem(*parse_listen(config.metrics.listen))):
         problems.append(HostProblem(("metrics", "listen"), why))
+    record = read_record(config_path) if config_path is not None else None
     for name, program in config.programs.items():
         problems.extend(_program_problems(("programs", name), name, program))
+        if program.socket.port != 0 and (
+            why := _port_problem(program.socket, config, record.pid if record else None)
+        ):
+            problems.append(HostProblem(("programs", name, "socket", "port"), why))
     for index, entry in enumerate(config.watch):
         where = ("watch", str(index))
         if entry.template is not None and not entry.template.is_file():
@@ -98,6 +120,35 @@ def _program_problems(
         render_template(proxy.template, {**proxy.vars, **context})
     except ProxyError as exc:
         yield HostProblem((*where, "proxy", "template"), str(exc))
+
+
+def _port_problem(socket: SocketConfig, config: Config, supervisor: int | None) -> str | None:
+    """Why ``run`` could not listen on a fixed port, or None. Bound as ``run`` binds it, and let
+    go at once. A port held by this config's supervisor (``supervisor``) or by a process whose
+    environment names its ``state_dir`` (its workers; a killed supervisor's, which ``run`` takes
+    the socket over from) is no problem: the port is one socket shared by the generations."""
+    try:
+        bind_listener(socket).close()
+    except BindError as exc:
+        cause = exc.__cause__
+        if not isinstance(cause, OSError):
+            return str(exc)
+        if cause.errno != errno.EADDRINUSE:
+            return listen_error(socket.host, socket.port, cause)
+        holders = port_holders(socket.port)
+        if any(_ours(pid, config.state_dir, supervisor) for pid in holders):
+            return None
+        return f"{in_use(socket.host, socket.port, holders)}; stop it, or choose another port"
+    return None
+
+
+def _ours(pid: int, state_dir: Path, supervisor: int | None) -> bool:
+    if pid == supervisor:
+        return True
+    try:
+        return psutil.Process(pid).environ().get(STATE_DIR_ENV) == str(state_dir)
+    except psutil.Error:
+        return False  # gone, or another user's: not shown to be ours
 
 
 def _command_problems(

@@ -26,7 +26,7 @@ from .history import History
 from .leftovers import Leftovers
 from .locate import log_path
 from .logs import ProgramLog
-from .progress import FlipReport
+from .progress import FlipReport, pid_list
 from .promotion import unroute
 from .reaper import Reaper
 from .registration import Registration
@@ -368,9 +368,7 @@ class Program:
 
     def describe_drain(self, gens: list[Generation]) -> str:
         """What a stop drains, and how long that may take at most."""
-        parts = [
-            f"generation {gen.number} (pid {', '.join(map(str, gen.pids)) or '-'})" for gen in gens
-        ]
+        parts = [f"generation {gen.number} (pid {pid_list(gen.pids)})" for gen in gens]
         if self.leftovers is not None:
             parts.append(self.leftovers.describe())
         drains = [gen.config.drain for gen in gens]

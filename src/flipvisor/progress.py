@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +19,15 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 UPDATE_BUFFER = 64
+SHOWN_PIDS = 5  # in a step's detail: 400 workers' PIDs wrapped to ~40 lines, each time shown
+
+
+def pid_list(pids: Iterable[int]) -> str:
+    """``101, 102, 103, 104, 105 +395 more``: a step's PIDs, the first few ("-" if none);
+    `status` lists them all."""
+    pids = list(pids)
+    shown = ", ".join(map(str, pids[:SHOWN_PIDS])) or "-"
+    return shown + (f" +{len(pids) - SHOWN_PIDS} more" if len(pids) > SHOWN_PIDS else "")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import errno
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import anyio
@@ -89,8 +89,24 @@ class Reaper:
         self.reap_orphans = reap_orphans
         self._waiters: dict[int, ExitWaiter] = {}
         self.orphans_reaped = 0
-        self.on_orphan: Callable[[int, int], None] | None = None
+        # Called with an orphan's PID, its return code and the owner of its process group
+        # (program, generation), if one claimed it (``claim_group``).
+        self.on_orphan: Callable[[int, int, tuple[str, int] | None], None] | None = None
+        self._groups: dict[int, tuple[str, int]] = {}
         self._running = False
+
+    def claim_group(self, pgid: int, program: str, generation: int) -> None:
+        """Name the owner of process group ``pgid``: an orphan reaped from it is reported as
+        ``program``'s (a SIGKILLed gunicorn master's workers stay in its group)."""
+        self._groups[pgid] = (program, generation)
+
+    def release_groups(self, pgids: Iterable[int]) -> None:
+        """Forget the owners of ``pgids`` (a generation that stopped), once what of them has
+        exited is reaped: a drain sees its strays exit (their pidfds) before their SIGCHLD is
+        handled, and they are still reported as its own."""
+        self.reap()
+        for pgid in pgids:
+            self._groups.pop(pgid, None)
 
     def register(self, pid: int) -> ExitWaiter:
         """Start routing ``pid``'s exit to a waiter. Call right after spawning, before any await."""
@@ -124,13 +140,29 @@ class Reaper:
 
     def _reap_any(self) -> None:
         while True:
+            # Looked at before it is reaped (WNOWAIT): an orphan's process group, which tells
+            # whose it is, can be read only while it is a zombie.
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if found is None:
                 return
-            self._route(pid, status)
+            pid = found.si_pid
+            owner = None if pid in self._waiters else self._owner(pid)
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # pragma: no cover - only this task reaps
+                return
+            if got != pid:  # pragma: no cover - it was a zombie a moment ago
+                return
+            self._route(pid, status, owner)
+
+    def _owner(self, pid: int) -> tuple[str, int] | None:
+        try:
+            return self._groups.get(os.getpgid(pid))
+        except OSError:
+            return None
 
     def _reap_one(self, pid: int) -> None:
         try:
@@ -146,7 +178,7 @@ class Reaper:
         if got == pid:
             self._route(pid, status)
 
-    def _route(self, pid: int, status: int | None) -> None:
+    def _route(self, pid: int, status: int | None, owner: tuple[str, int] | None = None) -> None:
         waiter = self._waiters.pop(pid, None)
         returncode = decode_status(status) if status is not None else -signal.SIGKILL
         if waiter is not None:
@@ -155,4 +187,4 @@ class Reaper:
         self.orphans_reaped += 1
         log.info("reaped orphan pid=%d returncode=%d", pid, returncode)
         if self.on_orphan is not None:
-            self.on_orphan(pid, returncode)
+            self.on_orphan(pid, returncode, owner)

@@ -3,11 +3,13 @@ port's socket is kept across a program's generations (``ProgramListener``)."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 
 from .config import SocketConfig
 from .errors import BindError
+from .usable import in_use, port_holders
 
 
 def bind_listener(config: SocketConfig) -> socket.socket:
@@ -30,6 +32,8 @@ def bind_listener(config: SocketConfig) -> socket.socket:
         sock.listen(config.backlog)
     except OSError as exc:
         sock.close()
+        if exc.errno == errno.EADDRINUSE:  # say by whom: the operator's next question
+            raise BindError(in_use(config.host, config.port, port_holders(config.port))) from exc
         raise BindError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
     return sock
 

@@ -95,9 +95,11 @@ class Supervisor:
             logs=config.logs,
         )
 
-    def _orphan_reaped(self, pid: int, returncode: int) -> None:
-        # An orphan re-parented to us and reaped: worth a line in `events` (a leaky service).
-        self.events.emit("orphan-reaped", "(supervisor)", None, f"exit {returncode}", pid=pid)
+    def _orphan_reaped(self, pid: int, returncode: int, owner: tuple[str, int] | None) -> None:
+        # An orphan re-parented to us and reaped: worth a line in `events` (a leaky service),
+        # the program's when it was in the process group of one of its workers.
+        program, generation = owner if owner is not None else ("(supervisor)", None)
+        self.events.emit("orphan-reaped", program, generation, f"exit {returncode}", pid=pid)
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT/SIGQUIT or ``shutdown``; drain every program before returning.

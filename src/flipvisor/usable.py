@@ -14,6 +14,10 @@ import os
 import socket
 from pathlib import Path
 
+import psutil
+
+SHOWN_HOLDERS = 3  # a gunicorn on the port is a master and its workers: name a few
+
 
 def _nearest_existing(path: Path) -> Path:
     while not os.path.lexists(path) and path != path.parent:
@@ -94,3 +98,36 @@ def listen_problem(host: str, port: int) -> str | None:
             except OSError as exc:
                 return listen_error(host, port, exc)
     return None
+
+
+def port_holders(port: int) -> dict[int, str]:
+    """The processes (PID -> name) listening on TCP ``port`` that this user can see (root sees
+    every one; another user's come without a PID, and are left out)."""
+    try:
+        found = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return {}
+    holders: dict[int, str] = {}
+    for conn in found:
+        if conn.status != psutil.CONN_LISTEN or not conn.laddr or conn.laddr.port != port:
+            continue
+        if conn.pid is None or conn.pid in holders:
+            continue
+        try:
+            holders[conn.pid] = psutil.Process(conn.pid).name()
+        except psutil.Error:
+            continue  # gone meanwhile
+    return holders
+
+
+def in_use(host: str, port: int, holders: dict[int, str]) -> str:
+    """``cannot listen on host:port: the port is in use by pid N (name)``, the holders named."""
+    if not holders:
+        return (
+            f"cannot listen on {host}:{port}: the port is in use by a process this user cannot see"
+        )
+    shown = [f"pid {pid} ({name})" for pid, name in sorted(holders.items())[:SHOWN_HOLDERS]]
+    more = len(holders) - SHOWN_HOLDERS
+    return f"cannot listen on {host}:{port}: the port is in use by {', '.join(shown)}" + (
+        f" and {more} more" if more > 0 else ""
+    )

@@ -4,6 +4,8 @@ across generations and a flip resets no connection waiting in it."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import urllib.request
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 from tests.e2e.load import Load
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import free_port
+from tests.waiting import wait_until
 
 
 def fixed_port_config(port: int, version: str, **readiness: Any) -> dict[str, Any]:
@@ -118,3 +121,27 @@ def test_a_flip_that_is_never_ready_on_a_fixed_port_loses_no_request_under_load(
     gen = flipvisor.serving("web")
     assert gen is not None and gen["generation"] == 1 and gen["port"] == port
     assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]
+
+
+def test_check_names_what_holds_a_fixed_port_and_the_fatal_says_one_next_step(
+    flipvisor: Flipvisor,
+) -> None:
+    """`check` binds the fixed port as `run` would and names its holder (here the test itself);
+    the port held by this config's own supervisor and workers is no problem."""
+    port = free_port()
+    config = fixed_port_config(port, "1")
+    flipvisor.write_config(config)
+    with socket.create_server(("127.0.0.1", port)):
+        result = flipvisor.cli("check")
+        assert result.returncode == 2, result.stdout + result.stderr
+        held = f"cannot listen on 127.0.0.1:{port}: the port is in use by pid {os.getpid()} ("
+        assert f"programs.web.socket.port: {held}" in result.stderr
+        flipvisor.start()
+        wait_until(lambda: flipvisor.program("web")["state"] == "fatal", timeout=10)
+        note = flipvisor.cli("status").stdout
+        assert held in note and "then `flipvisor start web`" in note, note
+        assert "flipvisor flip web" not in note and "tries again" not in note, note
+    assert flipvisor.cli("start", "web").returncode == 0, flipvisor.output()
+    flipvisor.wait_serving("web")
+    result = flipvisor.cli("check")
+    assert result.returncode == 0, result.stdout + result.stderr

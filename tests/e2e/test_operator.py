@@ -551,3 +551,15 @@ def test_a_flip_or_reload_naming_another_file_than_the_supervisors_is_refused(
     )
     assert flipped.returncode == 0, flipped.stderr + flipvisor.output()
     assert flipvisor.serving("web")["generation"] == 2  # type: ignore[index]
+
+
+def test_stop_names_a_few_pids_of_a_big_generation(flipvisor: Flipvisor) -> None:
+    """The drain line (shown as it starts and as it ends) lists the first PIDs and how many
+    more: with numprocs 400 every PID made ~40 wrapped lines, twice."""
+    flipvisor.start({"programs": {"web": {**web(), "numprocs": 8}}})
+    pids = flipvisor.wait_serving("web", where=lambda g: len(g["pids"]) == 8)["pids"]
+    stopped = flipvisor.cli("stop", "web")
+    assert stopped.returncode == 0, stopped.stderr
+    shown = " ".join(stopped.stderr.split())  # as wrapped to the terminal's width
+    assert f"generation 1 (pid {', '.join(map(str, pids[:5]))} +3 more)" in shown, shown
+    assert str(pids[5]) not in shown, shown

@@ -462,6 +462,29 @@ def test_the_drain_signal_reaches_what_a_crashed_worker_left_in_its_group(
                 app.kill()
 
 
+def test_an_orphan_left_in_a_workers_group_is_the_programs_in_events(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    # The wrapper is SIGKILLed (a gunicorn master, say): its app stays in its group, drained
+    # with the generation; `events web` shows it reaped, not a program called (supervisor). So
+    # does the replacement's app, orphaned as the drain signal ends its wrapper at once.
+    markers, _ = start_wrapped_app(flipvisor, tmp_path, shutdown=0.2, timeout=20)
+    try:
+        (wrapper,) = flipvisor.serving("web")["pids"]  # type: ignore[index]
+        psutil.Process(wrapper).kill()
+        wait_until(lambda: len(markers_of(markers, "START")) == 2, message="the second app")
+        assert flipvisor.cli("stop", "web").returncode == 0
+        lines = flipvisor.cli("events", "web", "--json").stdout.splitlines()
+        reaped = [e for line in lines if (e := json.loads(line))["kind"] == "orphan-reaped"]
+        assert {(e["program"], e["generation"], e["fields"]["pid"]) for e in reaped} == {
+            ("web", 1, pid) for pid in markers_of(markers, "START")
+        }, lines
+    finally:
+        for leftover in psutil.Process().children(recursive=True):
+            if leftover.pid in markers_of(markers, "START"):
+                leftover.kill()
+
+
 def test_a_group_member_still_running_at_the_drain_timeout_is_killed_then(
     flipvisor: Flipvisor, tmp_path: Path
 ) -> None:

@@ -177,7 +177,7 @@ async def main():
     orphans = []
     async with anyio.create_task_group() as tg:
         reaper = Reaper(reap_orphans=True)
-        reaper.on_orphan = lambda pid, code: orphans.append([pid, code])
+        reaper.on_orphan = lambda pid, code, _owner: orphans.append([pid, code])
         await tg.start(reaper.run)
         child = spawn_process(["sh", "-c", script], reaper=reaper, env=os.environ)
         with anyio.fail_after(10):

@@ -90,6 +90,13 @@ def test_notes_say_what_a_flip_is_doing_and_what_to_do_about_fatal() -> None:
     ]
 
 
+def test_a_fatal_reason_that_names_start_is_its_only_next_step() -> None:
+    reason = "generation 1 of api failed: in use; free it, then `flipvisor start api`"
+    fatal = _program("api", state="fatal", generations=[], fatal_reason=reason)
+    _, notes = status_rows({"programs": [fatal]}, NOW)
+    assert notes == [f"api: fatal: {reason}"]
+
+
 def test_printed_table_is_aligned_and_uncoloured_when_piped(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

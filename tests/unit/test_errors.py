@@ -32,3 +32,9 @@ def test_a_failed_flip_names_the_next_step_for_what_failed(error: Exception, adv
     assert step.startswith(advice)
     fixable_then_retry = not isinstance(error, ProbeFailed)
     assert step.endswith("then `flipvisor flip web`") == fixable_then_retry
+
+
+def test_with_nothing_serving_the_one_next_step_is_start() -> None:
+    """A failed first start leaves the program fatal, which `start` clears: not `flip`."""
+    step = flip_next_step(BindError("127.0.0.1:8000 in use"), "web", retry="start")
+    assert step == "free the address or change programs.web.socket, then `flipvisor start web`"

@@ -46,7 +46,7 @@ ALLOWED: dict[str, set[str]] = {
     "reaper": {"errors"},
     "spawn": {"errors", "config", "reaper", "starttime"},
     "logs": {"config", "spawn", "errors"},
-    "sockets": {"config", "errors"},
+    "sockets": {"config", "errors", "usable"},
     "probe": {"config", "errors", "spawn", "reaper"},
     "proxy": {"config", "errors", "spawn", "reaper", "usable"},
     "registry": {"config", "errors", "registry"},
@@ -63,7 +63,7 @@ ALLOWED: dict[str, set[str]] = {
     "registration": WORKERS | {"promotion", "registry"},
     "restarts": {"config"},
     "history": {"config"},
-    "preflight": {"config", "errors", "proxy", "spawn", "usable"},
+    "preflight": {"config", "errors", "proxy", "spawn", "usable", "sockets", "runrecord"},
     "program": WORKERS
     | {
         "leftovers",
