@@ -191,6 +191,9 @@ def test_a_warm_rollback_that_fails_keeps_the_warm_generation(
     assert (after["generation"], after["pids"]) == (serving["generation"], serving["pids"])
     assert proxied(nginx)["version"] == "2"
     etcd.start()
+    # Once the supervisor is connected again (`status` says so; the contract gives it 5 s): a
+    # rollback at once may still meet its connection in gRPC's reconnect backoff.
+    wait_until(lambda: flipvisor.status()["registry"]["connected"], message="etcd reached again")
     result = flipvisor.cli("rollback", "web", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout)["generation"] == 1
