@@ -88,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         json_output=True,
     ).add_argument("--timeout", type=seconds, metavar="S", help=TIMEOUT_HELP)
     command(
-        "rollback", "flip back to the previous generation's config", program=True, json_output=True
+        "rollback",
+        "flip back to the previous deploy's section (instant within rollback_window); the "
+        "file is not changed, so the next `run` starts the file's again",
+        program=True,
+        json_output=True,
     )
     status = command("status", "show programs and their generations", json_output=True)
     status.add_argument("program", nargs="?", metavar="PROGRAM")
