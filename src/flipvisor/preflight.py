@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket as stdlib_socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import psutil
 
 from .config import Config, ProgramConfig, SocketConfig
 from .errors import BindError, ProxyError, SpawnError
+from .locate import socket_path
 from .proxy import flip_context, parse_template, render_template
 from .runrecord import read_record
 from .sockets import bind_listener
@@ -138,8 +140,28 @@ def _port_problem(socket: SocketConfig, config: Config, supervisor: int | None) 
         holders = port_holders(socket.port)
         if any(_ours(pid, config.state_dir, supervisor) for pid in holders):
             return None
+        if not holders and _supervisor_listens(config.state_dir):
+            # Hidden from this user (root's supervisor, `check` run by another user): its own
+            # control socket listens, so the port is most likely its program's.
+            return None
         return f"{in_use(socket.host, socket.port, holders)}; stop it, or choose another port"
     return None
+
+
+def _supervisor_listens(state_dir: Path) -> bool:
+    """Whether a supervisor listens on ``state_dir``'s control socket (one that refuses this
+    user, as root's does another's, listens too)."""
+    probe = stdlib_socket.socket(stdlib_socket.AF_UNIX)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(socket_path(state_dir)))
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _ours(pid: int, state_dir: Path, supervisor: int | None) -> bool:

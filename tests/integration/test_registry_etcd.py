@@ -294,6 +294,37 @@ async def test_a_late_withdrawal_leaves_keys_another_writer_promoted_meanwhile(
             await registry.aclose()
 
 
+async def test_a_late_withdrawal_applies_to_what_etcd_holds_of_ours_before_a_pending_publish(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """A worker restarted during the outage (its PIDs published, pending) and then the program
+    stopped: etcd still holds the PIDs this registry wrote before. They are ours: withdrawn once
+    the link is back, not left naming a stopped program as if another writer owned them."""
+    with SlowLink(("127.0.0.1", etcd_server.client_port), delay=0) as link:
+        registry = registry_for(link.endpoint, etcd_prefix, timeout=1)
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(registry.run)
+                await registry.swap("app", Snapshot(), record(1, 41000, [101]))
+                link.cut()
+                with anyio.fail_after(1 + 0.5):
+                    await registry.publish("app", record(1, 41000, [102]))
+                with anyio.fail_after(1 + 0.5):
+                    await registry.withdraw("app")
+                link.restore()
+                await await_until(
+                    lambda: _true(not registry.health()["pending"]),
+                    timeout=5,
+                    message="the withdrawal to land once etcd answers",
+                )
+                got = {s: etcd_server.get(f"{etcd_prefix}/app/{s}") for s in KEY_SUFFIXES}
+                assert got["port/current"] is None and got["pid/current"] is None, got
+                assert (got["port/previous"], got["pid/previous"]) == ("41000", "101"), got
+                tg.cancel_scope.cancel()
+        finally:
+            await registry.aclose()
+
+
 async def test_an_etcd_behind_a_slow_link_is_reached_within_the_request_timeout(
     etcd_server: EtcdServer, etcd_prefix: str
 ) -> None:

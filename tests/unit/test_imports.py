@@ -63,7 +63,7 @@ ALLOWED: dict[str, set[str]] = {
     "registration": WORKERS | {"promotion", "registry"},
     "restarts": {"config"},
     "history": {"config"},
-    "preflight": {"config", "errors", "proxy", "spawn", "usable", "sockets", "runrecord"},
+    "preflight": {"config", "errors", "proxy", "spawn", "usable", "sockets", "runrecord", "locate"},
     "program": WORKERS
     | {
         "leftovers",

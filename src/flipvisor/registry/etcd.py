@@ -79,6 +79,9 @@ class EtcdRegistry:
         self._fenced: set[str] = set()
         # What a swap whose outcome was lost may have written: a withdrawal applies to it too.
         self._maybe: dict[str, Snapshot] = {}
+        # What etcd holds for a program from this registry's last write that landed: a publish
+        # still pending (etcd unreachable) leaves it there while ``desired`` says what is to come.
+        self._written: dict[str, Snapshot] = {}
         # Programs to withdraw (``withdraw``), each with the number of that call (a swap that
         # began before it does not cancel it; a later swap or publish does) and the record of
         # the killed supervisor's workers it took over, if any.
@@ -223,7 +226,11 @@ class EtcdRegistry:
         withdrawal = self._withdrawing[program]
         ours = [
             naming(snapshot)
-            for snapshot in (self.desired.get(program), self._maybe.get(program))
+            for snapshot in (
+                self.desired.get(program),
+                self._maybe.get(program),
+                self._written.get(program),
+            )
             if snapshot is not None
         ]
         if withdrawal[1] is not None:
@@ -273,6 +280,7 @@ class EtcdRegistry:
         self._seen.pop(program, None)
         self._fenced.discard(program)
         self._maybe.pop(program, None)
+        self._written.pop(program, None)
         self._pending.discard(program)
 
     def _keys(self, program: str) -> dict[str, str]:
@@ -289,6 +297,7 @@ class EtcdRegistry:
         ops = [txn_write(key, new.get(suffix)) for suffix, key in self._keys(program).items()]
         reply = await conn.call("Txn", rpc.TxnRequest(success=ops))
         self._seen[program] = reply.header.revision
+        self._written[program] = new
 
     async def snapshot(self, program: str) -> Snapshot:
         """``program``'s keys in one linearizable read.
@@ -332,6 +341,7 @@ class EtcdRegistry:
                         self._pending.discard(program)
                         self._fenced.discard(program)  # it rewrote the keys: fenced as well
                         self._maybe.pop(program, None)
+                        self._written[program] = new
                         self._supersede_withdrawal(program, began)
                         self._seen[program] = reply.header.revision
         except TimeoutError:

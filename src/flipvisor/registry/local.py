@@ -169,6 +169,8 @@ class LocalRegistry:
                 await self._retry.wait()
             self._retry = anyio.Event()
             for program, new in list(self._pending.items()):
+                if self._pending.get(program) is not new:
+                    continue  # withdrawn or superseded while an earlier write awaited
                 try:
                     await self._write_program(program, new)
                 except RegistryError as exc:
