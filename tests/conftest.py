@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -17,24 +16,9 @@ from tests.waiting import wait_until
 pytest_plugins = ["tests.fixtures.etcd", "tests.fixtures.nginx", "tests.fixtures.flipvisor"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="session")
-async def one_event_loop() -> AsyncIterator[None]:
-    """Holds the test runner, so every async test of the session (of an xdist worker) runs on
-    one event loop. grpc.aio's poller hands its completions to the loop it first ran on: with a
-    new loop per test, a completion of an earlier test's channel could land on that closed loop
-    ("Event loop is closed") and fail whichever test ran then."""
-    yield
-
-
-@pytest.fixture(autouse=True)
-def _async_tests_share_one_loop(request: pytest.FixtureRequest) -> None:
-    if inspect.iscoroutinefunction(getattr(request, "function", None)):
-        request.getfixturevalue("one_event_loop")
 
 
 @pytest.fixture(autouse=True, scope="session")
