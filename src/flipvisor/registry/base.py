@@ -7,6 +7,7 @@ with the suffixes of ``KEY_SUFFIXES`` (the seed's layout plus the JSON generatio
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -15,6 +16,8 @@ import anyio
 from anyio.abc import TaskStatus
 
 from flipvisor.errors import RegistryError
+
+log = logging.getLogger(__name__)
 
 KEY_SUFFIXES = (
     "port/current",
@@ -73,6 +76,28 @@ def still_named(have: Snapshot, ours: Sequence[Mapping[str, str | None]]) -> boo
         and all(have.get(suffix) == value for suffix, value in expected.items())
         for expected in ours
     )
+
+
+def names_current(snapshot: Snapshot) -> bool:
+    """Whether any ``current`` key names something."""
+    return any(snapshot.get(suffix) is not None for suffix in CURRENT_SUFFIXES)
+
+
+def taken_by_another(
+    program: str, have: Snapshot, ours: Sequence[Mapping[str, str | None]], keys: str
+) -> bool:
+    """Whether ``have`` names something current that is none of ``ours``: another writer
+    promoted ``program`` since, and a withdrawal must leave its ``keys`` alone (logged)."""
+    if not names_current(have) or still_named(have, ours):
+        return False
+    log.warning(
+        "program=%s %s not withdrawn: they name %s now, not what this supervisor wrote "
+        "(another writer promoted it?); left as they are",
+        program,
+        keys,
+        owner_of(have),
+    )
+    return True
 
 
 def owner_of(have: Snapshot) -> str:

@@ -34,16 +34,15 @@ from flipvisor.config import RegistryConfig
 from flipvisor.errors import RegistryConflict, RegistryError
 
 from .base import (
-    CURRENT_SUFFIXES,
     KEY_SUFFIXES,
     KeyRange,
     Snapshot,
     WatchEvent,
     WatchLost,
+    names_current,
     naming,
-    owner_of,
     program_key,
-    still_named,
+    taken_by_another,
     withdrawn,
 )
 from .etcd_client import (
@@ -237,15 +236,9 @@ class EtcdRegistry:
             ours.append({"generation/current": withdrawal[1]})
         fenced = program in self._fenced
         have = await self._read_program(conn, program)
-        named = any(have.get(suffix) is not None for suffix in CURRENT_SUFFIXES)
-        if named and not still_named(have, ours):
-            log.warning(
-                "program=%s etcd keys not withdrawn: they name %s now, not what this supervisor "
-                "published (another writer promoted it?); left as they are",
-                program,
-                owner_of(have),
-            )
-        elif named or fenced:
+        if taken_by_another(program, have, ours, "etcd keys"):
+            pass  # forgotten below, as a withdrawal that landed
+        elif names_current(have) or fenced:
             # Fenced: every key is rewritten, so that a lost swap that lands late fails.
             if not await self._write_if_unchanged(conn, program, have, withdrawn(have)):
                 self._kick.set()  # changed since the read: decide again from a new one

@@ -36,16 +36,15 @@ from flipvisor.config import RegistryConfig
 from flipvisor.errors import RegistryConflict, RegistryError
 
 from .base import (
-    CURRENT_SUFFIXES,
     KEY_SUFFIXES,
     KeyRange,
     Snapshot,
     WatchEvent,
     key_matches,
+    names_current,
     naming,
-    owner_of,
     program_key,
-    still_named,
+    taken_by_another,
     withdrawn,
 )
 
@@ -269,15 +268,7 @@ class LocalRegistry:
         # No await between the read and the change in memory (``_write_program``'s first
         # step): nothing else in this process interleaves.
         have = Snapshot(_program_values(self._current(), self.prefix, program))
-        named = any(have.get(suffix) is not None for suffix in CURRENT_SUFFIXES)
-        if named and not still_named(have, ours):
-            log.warning(
-                "program=%s registry keys not withdrawn: they name %s now, not what this "
-                "supervisor wrote (another writer promoted it?); left as they are",
-                program,
-                owner_of(have),
-            )
-        elif named:
+        if not taken_by_another(program, have, ours, "registry keys") and names_current(have):
             await self._write_program(program, withdrawn(have))
         if self._withdrawing.get(program) is ours:  # not superseded meanwhile
             del self._withdrawing[program]
