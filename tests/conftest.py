@@ -11,14 +11,16 @@ import psutil
 import pytest
 
 from flipvisor.runrecord import RUNTIME_ENV
+from tests.event_loop import GrpcTolerantEventLoop
 from tests.waiting import wait_until
 
 pytest_plugins = ["tests.fixtures.etcd", "tests.fixtures.nginx", "tests.fixtures.flipvisor"]
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+def anyio_backend() -> tuple[str, dict[str, object]]:
+    """asyncio, on a loop that drops gRPC's completions of an earlier test (tests/event_loop.py)."""
+    return "asyncio", {"loop_factory": GrpcTolerantEventLoop}
 
 
 @pytest.fixture(autouse=True, scope="session")

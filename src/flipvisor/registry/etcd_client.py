@@ -50,7 +50,6 @@ CHANNEL_OPTIONS = (
     ("grpc.http2.max_pings_without_data", 0),
 )
 CLOSE_GRACE = 1.0
-CLOSE_SETTLE = 0.05
 
 
 def split_endpoint(endpoint: str) -> tuple[str, bool]:
@@ -178,10 +177,6 @@ class EtcdConnection:
         self.broken.set()
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_GRACE):
             await self.channel.close()
-            # Cancelled calls complete a moment later; let their completions arrive while this
-            # event loop still runs (else gRPC hands them to a closed loop: "Event loop is
-            # closed", seen when a program runs several loops one after another, like tests).
-            await anyio.sleep(CLOSE_SETTLE)
 
     @asynccontextmanager
     async def use(self) -> AsyncIterator[EtcdConnection]:
