@@ -236,20 +236,30 @@ def test_a_program_renamed_back_while_its_old_name_drains_takes_the_file_over_ag
     """web renamed site, then site renamed web while the removed web still drains: the new web
     waits for that drain, starts, and takes the file over from site, which drains in turn."""
     stubborn = program(nginx, "1", "--ignore-term")
-    stubborn["drain"] = {"delay": 0, "timeout": 3}
+    # Its drain ends when this test kills it, not at a timeout a loaded machine may pass first.
+    stubborn["drain"] = {"delay": 0, "timeout": 120}
     first = start_web(flipvisor, nginx, stubborn)
     flipvisor.write_config({"programs": {"site": program(nginx, "2")}})
     assert flipvisor.cli("reload").returncode == 0, flipvisor.output()
     assert proxied(nginx)["version"] == "2"
     site = flipvisor.wait_serving("site")
-    assert any(psutil.pid_exists(pid) for pid in first["pids"]), "web should still drain"
     flipvisor.write_config({"programs": {"web": program(nginx, "3")}})
 
-    back = flipvisor.cli("reload", "--json", timeout=60)
+    back = flipvisor.cli_started("reload", "--json")
+    try:
+        waiting = "web is added back while its removal still drains it"
+        wait_until(lambda: waiting in flipvisor.output(), message="the reload to wait")
+        assert back.poll() is None, "the reload should wait for the drain"
+        assert all(psutil.pid_exists(pid) for pid in first["pids"]), flipvisor.output()
+        for pid in first["pids"]:  # the drain's end
+            psutil.Process(pid).kill()
+        out, err = back.communicate(timeout=60)
+    finally:
+        back.kill()
 
-    assert back.returncode == 0, back.stdout + back.stderr + flipvisor.output()
-    assert json.loads(back.stdout)["kept"] == {}, back.stdout
-    assert "web is added back while its removal still drains it" in back.stderr, back.stderr
+    assert back.returncode == 0, out + err + flipvisor.output()
+    assert json.loads(out)["kept"] == {}, out
+    assert waiting in err, err
     assert flipvisor.wait_serving("web")["generation"] == 1
     assert proxied(nginx)["version"] == "3"
     wait_gone(first["pids"] + site["pids"])
