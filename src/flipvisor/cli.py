@@ -476,7 +476,8 @@ def _reload(args: argparse.Namespace, path: Path) -> int:
 
 def _logs(args: argparse.Namespace, path: Path) -> int:
     from .client import logs_locations
-    from .logs import follow, tail_lines
+    from .logs_follow import follow
+    from .logs_tail import tail_lines
 
     config, notice = logs_locations(path)
     if notice is not None:

@@ -53,7 +53,10 @@ ALLOWED: dict[str, set[str]] = {
     "config_file": {"config", "config_consistency", "errors", "locate", "problems"},
     "reaper": {"errors"},
     "spawn": {"errors", "config", "reaper", "starttime"},
-    "logs": {"config", "spawn", "errors"},
+    "logs": {"config", "logs_follow"},  # logs_follow: the numbering its files get
+    "logs_capture": {"logs", "spawn"},
+    "logs_tail": set(),
+    "logs_follow": {"logs_tail"},
     "sockets": {"config", "errors", "usable"},
     "probe": {"config", "config_consistency", "errors", "spawn", "reaper"},
     "proxy": {"config", "config_fields", "errors", "spawn", "reaper", "usable"},
