@@ -234,7 +234,8 @@ def _fail(args: argparse.Namespace, message: str, exit_code: int) -> int:
 
 
 def _check(args: argparse.Namespace, path: Path) -> int:
-    from .config import load_config_file, watch_warnings
+    from .config_consistency import watch_warnings
+    from .config_file import load_config_file
     from .placeholders import placeholder_warnings
     from .preflight import host_problems
     from .problems import in_file_order
@@ -323,7 +324,7 @@ def _run(args: argparse.Namespace, path: Path) -> int:
     signals.hold()  # until the supervisor handles them (signals.py says why)
     import anyio
 
-    from .config import load_config
+    from .config_file import load_config
     from .supervisor import Supervisor
 
     config = load_config(path)
@@ -338,7 +339,7 @@ def _watch(args: argparse.Namespace, path: Path) -> int:
     signals.hold()  # until watch_main receives them (signals.py says why)
     import anyio
 
-    from .config import load_config
+    from .config_file import load_config
     from .watch import watch_main
 
     config = load_config(path)
@@ -475,7 +476,8 @@ def _reload(args: argparse.Namespace, path: Path) -> int:
 
 def _logs(args: argparse.Namespace, path: Path) -> int:
     from .client import logs_locations
-    from .logs import follow, tail_lines
+    from .logs_follow import follow
+    from .logs_tail import tail_lines
 
     config, notice = logs_locations(path)
     if notice is not None:

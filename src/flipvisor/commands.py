@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .config import load_config
+from .config_file import load_config
 from .control import Send
 from .errors import ConfigError, FlipvisorError, UsageError
 from .events import MISSED

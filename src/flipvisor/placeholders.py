@@ -14,7 +14,7 @@ import difflib
 import re
 from collections.abc import Iterator, Sequence
 
-from .config import ConfigFile
+from .config_file import ConfigFile
 from .problems import Problem
 
 # What is replaced where: worker.py fills in a worker's command, probe.py an exec probe and proxy.py

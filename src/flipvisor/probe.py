@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .config import MAX_SOCKET_PATH, ReadinessConfig
+from .config import ReadinessConfig
+from .config_consistency import MAX_SOCKET_PATH
 from .errors import ProbeFailed, SpawnError
 from .spawn import run_command
 

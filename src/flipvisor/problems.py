@@ -1,7 +1,7 @@
 """Where in the config file a problem is: the YAML document's line index, and a problem named by
 ``file:line: dotted.location``, listed in the file's order.
 
-Shared by the loader (``config.py``), which finds the problems of the file itself, and by
+Shared by the loader (``config_file.py``), which finds the problems of the file itself, and by
 ``flipvisor check``, which adds what would not work on this host and what looks like a mistake:
 one list, top to bottom, as an operator reads the file.
 """

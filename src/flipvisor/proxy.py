@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .config import PROGRAM_NAME_RE
+from .config_fields import PROGRAM_NAME_RE
 from .errors import ProxyError, ProxyFileError, ProxyReloadFailed, ProxyReloadTimedOut, SpawnError
 from .spawn import pidfd_if_started_at, run_command
 from .usable import file_problem

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio import CancelScope
 
-from .config import Config, ProgramConfig, load_config, same_deploy
+from .config import Config, ProgramConfig, same_deploy
+from .config_file import load_config
 from .control import Send
 from .errors import Busy, ConfigError, FlipvisorError, UsageError
 from .program import Program

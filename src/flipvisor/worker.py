@@ -20,7 +20,8 @@ from anyio.abc import TaskStatus
 from .config import ProgramConfig
 from .errors import SpawnError
 from .lazy_event import LazyEvent
-from .logs import ProgramLog, capture
+from .logs import ProgramLog
+from .logs_capture import capture
 from .reaper import Reaper
 from .spawn import LISTEN_FD, OUTPUT_GRACE, Child, pipe_ended, spawn_with_output
 from .states import WORKER_TRANSITIONS, WorkerState, check_transition

@@ -16,17 +16,10 @@ import anyio
 import pytest
 
 from flipvisor.config import LogsConfig
-from flipvisor.logs import (
-    MAX_LINE,
-    SEQ_XATTR,
-    SKIPPED_MARK,
-    ProgramLog,
-    capture,
-    enlarge_pipe,
-    follow,
-    read_seq,
-    tail_lines,
-)
+from flipvisor.logs import ProgramLog
+from flipvisor.logs_capture import MAX_LINE, capture, enlarge_pipe
+from flipvisor.logs_follow import SEQ_XATTR, SKIPPED_MARK, follow, read_seq
+from flipvisor.logs_tail import tail_lines
 from flipvisor.reaper import Reaper
 from flipvisor.spawn import open_output_pipe, spawn_process
 from tests.waiting import wait_until
@@ -300,6 +293,30 @@ def test_tail_lines_reaches_into_the_previous_files(log_path: Path) -> None:
     assert len(everything) == on_disk
     assert everything == [str(i) for i in range(100 - on_disk, 100)]
     assert tail_lines(log_path.with_name("missing.log"), 5) == []
+
+
+def test_the_logs_command_reads_without_the_supervisors_modules(tmp_path: Path) -> None:
+    """`flipvisor logs` only reads files: like `status`, it imports neither pydantic (the config
+    models) nor anyio and spawn (the capture), so it answers as quickly."""
+    from tests.reaping import run_script
+
+    config = tmp_path / "flipvisor.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nprograms:\n  app: {{command: [x]}}\n")
+    log = ProgramLog(tmp_path / "state" / "logs" / "app.log", LogsConfig())
+    log.write_line("g1 w0 pid=1", b"hello")
+    log.close()
+    code, printed, imported = run_script(
+        "import contextlib, io, json, sys\n"
+        "from flipvisor.cli import run_cli\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    code = run_cli(['logs', 'app', '-n', '1', '-c', sys.argv[1]])\n"
+        "heavy = ('pydantic', 'anyio', 'flipvisor.config', 'flipvisor.spawn')\n"
+        "print(json.dumps([code, out.getvalue(), sorted(m for m in sys.modules if m in heavy)]))\n",
+        str(config),
+    )
+    assert (code, imported) == (0, [])
+    assert printed.endswith(" g1 w0 pid=1 | hello\n")
 
 
 def test_dropped_lines_are_counted_and_reported(log_path: Path) -> None:

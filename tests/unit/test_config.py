@@ -12,7 +12,8 @@ from typing import get_args, get_origin
 import pytest
 from pydantic import BaseModel
 
-from flipvisor.config import Config, load_config, parse_config
+from flipvisor.config import Config
+from flipvisor.config_file import load_config, parse_config
 from flipvisor.errors import EXIT_USAGE, ConfigError
 
 PATH = Path("/etc/flipvisor/flipvisor.yaml")

@@ -18,7 +18,11 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "flipvisor"
 # Components: a top-level module of the package, or "registry" for anything in registry/.
 ERRORS = {"errors"}
 LEAVES = ERRORS | {"states", "lazy_event", "signals", "usable", "starttime"}
-BASE = LEAVES | {"config", "reaper", "spawn", "logs", "sockets", "events", "progress"}
+# The config file (models, their value types, reading, checks across sections) is one layer.
+CONFIG = {"config", "config_fields", "config_file", "config_consistency"}
+# A program's log: the rotating writer, a worker's capture into it, and the CLI's readers.
+LOGS = {"logs", "logs_capture", "logs_tail", "logs_follow"}
+BASE = LEAVES | CONFIG | LOGS | {"reaper", "spawn", "sockets", "events", "progress"}
 CHECKS = BASE | {"probe", "proxy", "registry"}
 WORKERS = CHECKS | {"worker", "generation"}
 CORE = WORKERS | {
@@ -42,13 +46,20 @@ ALLOWED: dict[str, set[str]] = {
     "signals": set(),
     "usable": set(),
     "starttime": set(),
-    "config": {"errors", "locate", "problems"},
+    "config_fields": {"locate"},
+    "config": {"config_fields", "locate"},
+    # config_file only for its type (ConfigFile), which it runs on.
+    "config_consistency": {"config_file", "problems"},
+    "config_file": {"config", "config_consistency", "errors", "locate", "problems"},
     "reaper": {"errors"},
     "spawn": {"errors", "config", "reaper", "starttime"},
-    "logs": {"config", "spawn", "errors"},
+    "logs": {"config", "logs_follow"},  # logs_follow: the numbering its files get
+    "logs_capture": {"logs", "spawn"},
+    "logs_tail": set(),
+    "logs_follow": {"logs_tail"},
     "sockets": {"config", "errors", "usable"},
-    "probe": {"config", "errors", "spawn", "reaper"},
-    "proxy": {"config", "errors", "spawn", "reaper", "usable"},
+    "probe": {"config", "config_consistency", "errors", "spawn", "reaper"},
+    "proxy": {"config", "config_fields", "errors", "spawn", "reaper", "usable"},
     "registry": {"config", "errors", "registry"},
     "watch": {"registry", "proxy", "spawn", "reaper", "config", "errors", "signals", "starttime"},
     "protocol": {"errors"},
@@ -92,7 +103,7 @@ ALLOWED: dict[str, set[str]] = {
     "locate": {"errors"},
     "runrecord": {"starttime"},
     "problems": {"locate"},
-    "placeholders": {"config", "problems"},
+    "placeholders": {"config_file", "problems"},
     "cli": CORE
     | {
         "supervisor",
@@ -220,4 +231,4 @@ def test_the_checker_sees_relative_and_lazy_imports() -> None:
     assert "flipvisor.registry.base" in names
     assert "flipvisor.registry.local" in names  # imported lazily inside a function
     names = {name for _, name in flipvisor_imports(SRC / "cli.py")}
-    assert {"flipvisor.config", "flipvisor.supervisor"} <= names  # the latter lazily
+    assert {"flipvisor.config_file", "flipvisor.supervisor"} <= names  # both lazily

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flipvisor.config import load_config
+from flipvisor.config_file import load_config
 from flipvisor.errors import ConfigError
 from flipvisor.locate import DEFAULT_STATE_DIR, locate, log_path
 

@@ -8,7 +8,7 @@ from textwrap import dedent
 
 import pytest
 
-from flipvisor.config import parse_config_file
+from flipvisor.config_file import parse_config_file
 from flipvisor.placeholders import placeholder_warnings
 
 PATH = Path("/etc/flipvisor/flipvisor.yaml")

@@ -9,7 +9,7 @@ from textwrap import dedent
 import pytest
 
 from flipvisor.cli import run_cli
-from flipvisor.config import parse_config
+from flipvisor.config_file import parse_config
 from flipvisor.preflight import host_problems
 
 ROOT = Path(__file__).resolve().parents[2]

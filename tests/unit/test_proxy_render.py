@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flipvisor.config import TEMPLATE_CONTEXT
+from flipvisor.config_fields import TEMPLATE_CONTEXT
 from flipvisor.errors import ProxyError
 from flipvisor.proxy import flip_context, render_template
 
@@ -27,7 +27,7 @@ def context(**overrides: object) -> dict[str, object]:
 
 
 def test_the_config_refuses_vars_named_like_the_flip_context() -> None:
-    # config.TEMPLATE_CONTEXT is what `proxy.vars` may not name: exactly the context's keys.
+    # config_fields.TEMPLATE_CONTEXT is what `proxy.vars` may not name: exactly the context's keys.
     assert set(context()) == TEMPLATE_CONTEXT
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from flipvisor.config import RESERVED_ENV, ProgramConfig
+from flipvisor.config import ProgramConfig
+from flipvisor.config_fields import RESERVED_ENV
 from flipvisor.restarts import BACKOFF_BASE, BACKOFF_CAP, RestartBudget, backoff_delay
 from flipvisor.worker import WorkerSpec, describe_exit, expand_placeholders, worker_env
 from tests.waiting import wait_until
@@ -144,7 +145,7 @@ def test_config_env_wins_over_inherited() -> None:
 
 
 def test_the_config_refuses_exactly_what_flipvisor_sets(tmp_path: Path) -> None:
-    # config.RESERVED_ENV must follow worker_env: every variable it sets, and LISTEN_PID
+    # config_fields.RESERVED_ENV must follow worker_env: every variable it sets, and LISTEN_PID
     # (set by the spawn shim, which alone knows the worker's PID).
     env = worker_env(spec(notify=tmp_path / "web-3.sock"), 0, base={})
     assert {*env, "LISTEN_PID"} == RESERVED_ENV
