@@ -87,13 +87,6 @@ def is_process(pid: int, identity: Identity) -> bool:
     return identity_of(pid) == identity
 
 
-def start_time_now() -> float:
-    """Now, on ``start_time_of``'s clock (boot time plus the time since boot): a process whose
-    start time is at most this was running at this moment (``time.time()`` would differ from
-    that clock by up to a second, the boot time being counted in whole seconds)."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME) + _boot_time()
-
-
 def ticks_now() -> int:
     """Now, in ``start_ticks_of``'s clock ticks since boot: a process whose start tick is at most
     this was running at this moment. Both count ``CLOCK_BOOTTIME`` (time since boot, suspend

@@ -48,7 +48,7 @@ ALLOWED: dict[str, set[str]] = {
     "logs": {"config", "spawn", "errors"},
     "sockets": {"config", "errors", "usable"},
     "probe": {"config", "errors", "spawn", "reaper"},
-    "proxy": {"config", "errors", "spawn", "reaper", "usable"},
+    "proxy": {"config", "errors", "spawn", "reaper", "usable", "starttime"},
     "registry": {"config", "errors", "registry"},
     "watch": {"registry", "proxy", "spawn", "reaper", "config", "errors", "signals", "starttime"},
     "protocol": {"errors"},
