@@ -129,10 +129,12 @@ class Generation:
     def pids(self) -> list[int]:
         return [pid for worker in self.workers if (pid := worker.pid) is not None]
 
-    def pid_records(self) -> list[dict[str, float]]:
-        """``[{"pid": 101, "started": 1764490000.12}, ...]`` of the running workers."""
+    def pid_records(self) -> list[dict[str, Any]]:
+        """``[{"pid": 101, "started": 1764490000.12, "ticks": 4242, "boot_id": "..."}, ...]`` of
+        the running workers: the contract's start time, and the start tick and boot id that a
+        clock step does not move (what a later supervisor checks them by: ``leftovers.py``)."""
         return [
-            {"pid": worker.child.pid, "started": worker.child.started}
+            worker.child.recorded.to_json()
             for worker in self.workers
             if worker.child is not None and worker.pid is not None
         ]

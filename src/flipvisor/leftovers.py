@@ -3,9 +3,9 @@
 A supervisor that is SIGKILLed (or OOM-killed, or crashes past its own handlers) cannot drain its
 workers. They go on serving the port the proxy routes to, re-parented to init, their output going
 nowhere. The registry still names them: a program's ``generation/current`` record holds every
-worker's PID with its start time, the host, and the supervisor that owned them (its PID and start
-time). At start-up ``run`` reads those records: the workers of this host still running as
-recorded, whose supervisor is gone, are the program's *leftovers*.
+worker's PID with its start time, start tick and boot id, the host, and the supervisor that owned
+them (the same of it). At start-up ``run`` reads those records: the workers of this host still
+running as recorded, whose supervisor is gone, are the program's *leftovers*.
 
 They are treated as one more old generation. They serve until this run's first generation of the
 program is promoted (the registry's ``previous`` then names them, as after a flip) and are drained
@@ -20,9 +20,10 @@ starts): a flip's generation not yet promoted, a warm or draining one, what the 
 in their process groups. They join their program's leftovers; those of a program no longer in the
 config are stopped at once.
 
-Every signal goes through a pidfd opened for the recorded (or just read) start time, never to a
-bare PID. A record whose supervisor still runs (another supervisor of this host sharing the etcd
-prefix) is left alone.
+Every signal goes through a pidfd opened for the recorded (or just read) start tick and boot id,
+never to a bare PID: a clock step (which moves every process's start time in seconds) changes
+nothing. A record without them (an older flipvisor's) is checked by its start times. A record whose
+supervisor still runs (another supervisor of this host sharing the etcd prefix) is left alone.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ from .generation import KILL_GRACE
 from .progress import pid_list
 from .proxy import wait_workers_gone
 from .registry import WatchableRegistry, program_key
-from .spawn import pidfd_if_started_at, signal_verified
-from .starttime import start_time_of
+from .spawn import pidfd_if_still, signal_verified
+from .starttime import Recorded, recorded_from_json, recorded_now, with_identity
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +62,27 @@ _SYS_PIDFD_GETFD = 438  # the same number on every architecture Linux added it t
 
 
 @cache
-def this_supervisor() -> dict[str, float]:
-    """``{"pid": ..., "started": ...}`` of this process, for the ``generation/current`` record."""
+def this_supervisor() -> dict[str, Any]:
+    """``{"pid": ..., "started": ..., "ticks": ..., "boot_id": ...}`` of this process, for the
+    ``generation/current`` record."""
     pid = os.getpid()
-    return {"pid": pid, "started": start_time_of(pid) or 0.0}
+    return (recorded_now(pid) or Recorded(pid, None, 0.0)).to_json()
 
 
 @dataclass(frozen=True)
 class Leftovers:
-    """The workers of one program a dead supervisor left running: (pid, start time) each."""
+    """The workers of one program a dead supervisor left running, as recorded."""
 
     program: str
     generation: int | None
     port: int | None
-    workers: tuple[tuple[int, float], ...]
+    workers: tuple[Recorded, ...]
     # The ``generation/current`` record that named them: their keys are withdrawn (when the
     # program stops before this supervisor promoted it) only while it still names them.
     record: str | None = None
 
     def describe(self) -> str:
-        pids = pid_list(pid for pid, _ in self.workers)
+        pids = pid_list(worker.pid for worker in self.workers)
         where = f" on port {self.port}" if self.port is not None else ""
         number = f"generation {self.generation}" if self.generation is not None else "a generation"
         return f"{number} of a previous supervisor (pid {pids}){where}"
@@ -91,13 +93,13 @@ class Leftovers:
         return {
             "generation": self.generation,
             "port": self.port,
-            "pids": [pid for pid, started in self.workers if _running(pid, started)],
+            "pids": [worker.pid for worker in self.workers if _running(worker)],
         }
 
-    def with_workers(self, more: list[tuple[int, float]]) -> Leftovers:
+    def with_workers(self, more: list[Recorded]) -> Leftovers:
         """These leftovers and ``more`` (a process already among them is not added twice)."""
-        known = {pid for pid, _ in self.workers}
-        extra = tuple(w for w in more if w[0] not in known)
+        known = {worker.pid for worker in self.workers}
+        extra = tuple(w for w in more if w.pid not in known)
         return replace(self, workers=self.workers + extra)
 
     def send_signal(self, sig: signal.Signals) -> list[int]:
@@ -111,9 +113,9 @@ class Leftovers:
         what it starts inherits its worker's.
         """
         return [
-            pid
-            for pid, started in self.workers
-            if _running(pid, started, worker=True) and signal_verified(pid, started, sig)
+            worker.pid
+            for worker in self.workers
+            if _running(worker, worker=True) and signal_verified(worker, sig)
         ]
 
     async def drain(
@@ -124,7 +126,7 @@ class Leftovers:
         gone. Returns the PIDs that were killed."""
         if delay:
             await anyio.sleep(drain.delay)
-        signalled = [w for w in self.workers if signal_verified(*w, drain.signal)]
+        signalled = [w for w in self.workers if signal_verified(w, drain.signal)]
         if signalled:
             log.info(
                 "program=%s sent %s to %s",
@@ -134,22 +136,24 @@ class Leftovers:
             )
         if await _gone_within(signalled, drain.timeout, hurry):
             return []
-        still = [w for w in signalled if _running(*w)]
-        killed = [w for w in still if signal_verified(*w, signal.SIGKILL)]
+        still = [w for w in signalled if _running(w)]
+        killed = [w for w in still if signal_verified(w, signal.SIGKILL)]
         await wait_workers_gone(killed, KILL_GRACE)
-        return [pid for pid, _ in killed]
+        return [w.pid for w in killed]
 
     def take_socket(self, config: SocketConfig) -> socket.socket | None:
         """A duplicate of the listening socket on ``config``'s address that a leftover worker
         holds as fd 3, or None if none can be had (gone, another socket, or not permitted)."""
-        for pid, started in self.workers:
-            pidfd = pidfd_if_started_at(pid, started)
+        for worker in self.workers:
+            pidfd = pidfd_if_still(worker)
             if pidfd is None:
                 continue
             try:
                 fd = _pidfd_getfd(pidfd, LISTEN_FD)
             except OSError as exc:
-                log.info("program=%s cannot take pid=%d's socket: %s", self.program, pid, exc)
+                log.info(
+                    "program=%s cannot take pid=%d's socket: %s", self.program, worker.pid, exc
+                )
                 continue
             finally:
                 os.close(pidfd)
@@ -164,9 +168,7 @@ class Leftovers:
         return None
 
 
-async def _gone_within(
-    workers: list[tuple[int, float]], timeout: float, hurry: anyio.Event | None
-) -> bool:
+async def _gone_within(workers: list[Recorded], timeout: float, hurry: anyio.Event | None) -> bool:
     """Whether ``workers`` all exit within ``timeout``; False at once when ``hurry`` is set."""
     if hurry is None:
         return await wait_workers_gone(workers, timeout)
@@ -220,7 +222,8 @@ def _listens_on(sock: socket.socket, config: SocketConfig) -> bool:
 def leftovers_in(program: str, record: str | None, host: str) -> Leftovers | None:
     """The leftovers a ``generation/current`` ``record`` names, or None if there are none: the
     record is from another host or has no supervisor (written before records named it), its
-    supervisor still runs, or none of its workers runs as recorded."""
+    supervisor still runs, or none of its workers runs as recorded (by start tick and boot id,
+    or by start time in a record without them)."""
     try:
         document: Any = json.loads(record) if record else None
         if not isinstance(document, dict) or document.get("host") != host:
@@ -228,25 +231,27 @@ def leftovers_in(program: str, record: str | None, host: str) -> Leftovers | Non
         owner = document.get("supervisor")
         if not isinstance(owner, dict):
             return None
-        owner_pid, owner_started = int(owner["pid"]), float(owner["started"])
-        workers = [(int(p["pid"]), float(p["started"])) for p in document.get("pids", [])]
+        supervisor = recorded_from_json(owner)
+        workers = [recorded_from_json(p) for p in document.get("pids", [])]
         generation = document.get("generation")
         port = document.get("port")
     except (ValueError, TypeError, KeyError):
         log.warning("program=%s: generation/current is not a record flipvisor wrote", program)
         return None
-    if _running(owner_pid, owner_started):
+    if _running(supervisor):
         log.warning(
             "program=%s: the registry names the workers of a supervisor that still runs "
             "(pid %d); they are not this one's to replace. Do two supervisors share the "
             "registry prefix?",
             program,
-            owner_pid,
+            supervisor.pid,
         )
         return None
     # Started by a supervisor for this program: a forged or stale record could name any process
-    # with its real start time (anyone can read pid 1's).
-    alive = tuple(w for w in workers if _running(*w, program=program))
+    # with its real start time (anyone can read pid 1's). Those an older flipvisor's record names
+    # by start time only are identified by their start tick from now on: a clock step before
+    # their drain does not hide them.
+    alive = tuple(with_identity(w) for w in workers if _running(w, program=program))
     if not alive:
         return None
     return Leftovers(
@@ -258,19 +263,19 @@ def leftovers_in(program: str, record: str | None, host: str) -> Leftovers | Non
     )
 
 
-def _running(pid: int, started: float, *, program: str | None = None, worker: bool = False) -> bool:
-    """Whether the process that started at ``started`` runs (has not exited: a pidfd turns
-    readable at the exit, before anyone reaps it); with ``program``, also whether its
-    environment names it (``FLIPVISOR_PROGRAM``, which every worker gets); with ``worker``,
-    also whether it is a worker itself (its ``LISTEN_PID`` is its own PID: see ``spawn``)."""
-    pidfd = pidfd_if_started_at(pid, started)
+def _running(process: Recorded, *, program: str | None = None, worker: bool = False) -> bool:
+    """Whether ``process`` runs as recorded (has not exited: a pidfd turns readable at the exit,
+    before anyone reaps it); with ``program``, also whether its environment names it
+    (``FLIPVISOR_PROGRAM``, which every worker gets); with ``worker``, also whether it is a
+    worker itself (its ``LISTEN_PID`` is its own PID: see ``spawn``)."""
+    pidfd = pidfd_if_still(process)
     if pidfd is None:
         return False
     try:
         wanted = [_PROGRAM_ENV + program.encode()] if program is not None else []
         if worker:
-            wanted.append(_LISTEN_PID_ENV + str(pid).encode())
-        if wanted and not set(wanted) <= set(_environ(pid)):
+            wanted.append(_LISTEN_PID_ENV + str(process.pid).encode())
+        if wanted and not set(wanted) <= set(_environ(process.pid)):
             return False
         # Checked last: still running, so what was read concerned the process the pidfd holds.
         return not select.select([pidfd], [], [], 0)[0]
@@ -311,13 +316,14 @@ async def find_leftovers(
     return found
 
 
-def processes_of(state_dir: Path) -> dict[str, list[tuple[int, float]]]:
+def processes_of(state_dir: Path) -> dict[str, list[Recorded]]:
     """Every running process whose environment says a supervisor of ``state_dir`` started it, or
-    one of its workers did: (pid, start time) each, by the program its ``FLIPVISOR_PROGRAM`` names
-    ("" without one). Processes whose environment cannot be read (another user's) are skipped.
+    one of its workers did, as it runs now (its start tick and boot id prove it from then on), by
+    the program its ``FLIPVISOR_PROGRAM`` names ("" without one). Processes whose environment
+    cannot be read (another user's) are skipped.
     """
     marker = f"{STATE_DIR_ENV}={state_dir}".encode()
-    found: dict[str, list[tuple[int, float]]] = {}
+    found: dict[str, list[Recorded]] = {}
     own = os.getpid()
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == own:
@@ -331,15 +337,15 @@ def processes_of(state_dir: Path) -> dict[str, list[tuple[int, float]]]:
             environ = _environ(pid)
             if marker not in environ:
                 continue
-            started = start_time_of(pid)
+            process = recorded_now(pid)
             # Still running after the reads: they concerned the process the pidfd holds (its PID
             # cannot have been reused while it runs).
-            if started is None or select.select([pidfd], [], [], 0)[0]:
+            if process is None or select.select([pidfd], [], [], 0)[0]:
                 continue
             program = next(
                 (v[len(_PROGRAM_ENV) :] for v in environ if v.startswith(_PROGRAM_ENV)), b""
             )
-            found.setdefault(program.decode(errors="replace"), []).append((pid, started))
+            found.setdefault(program.decode(errors="replace"), []).append(process)
         finally:
             os.close(pidfd)
     return found

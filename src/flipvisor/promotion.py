@@ -52,6 +52,7 @@ from .proxy import (
 )
 from .reaper import Reaper
 from .registry import Registry, Snapshot
+from .starttime import Recorded
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class Promotion:
     published: Snapshot
     deferred: bool
     proxy: ProxyConfig | None
-    old_proxy_workers: frozenset[tuple[int, float]]
+    old_proxy_workers: frozenset[Recorded]
 
 
 async def promote(
@@ -186,12 +187,12 @@ async def _route(
     report: FlipReport,
     registry_optional: bool,
     replaced_proxy: ProxyConfig | None,
-) -> tuple[Snapshot, frozenset[tuple[int, float]], bool]:
+) -> tuple[Snapshot, frozenset[Recorded], bool]:
     """The file, registry and reload steps, each with its undo; returns the published keys,
     the proxy workers that predate the reload, and whether the registry step was deferred."""
     undo: list[Callable[[], Awaitable[None]]] = []
     proxy = config.proxy or replaced_proxy
-    old_proxy_workers: frozenset[tuple[int, float]] = frozenset()
+    old_proxy_workers: frozenset[Recorded] = frozenset()
     reloaded = False
     try:
         if config.proxy is not None:

@@ -23,7 +23,8 @@ import anyio
 
 from .config_fields import PROGRAM_NAME_RE
 from .errors import ProxyError, ProxyFileError, ProxyReloadFailed, ProxyReloadTimedOut, SpawnError
-from .spawn import pidfd_if_started_at, run_command
+from .spawn import pidfd_if_still, run_command
+from .starttime import Recorded, recorded_now
 from .usable import file_problem
 
 if TYPE_CHECKING:  # only the type: proxy.py's allowed imports are config, errors, spawn
@@ -422,8 +423,9 @@ async def reload(
     log.info("proxy reloaded: %s", " ".join(reload_cmd))
 
 
-def proxy_workers(pidfile: Path) -> frozenset[tuple[int, float]]:
-    """The (pid, start time) of the children of the proxy master whose PID ``pidfile`` holds.
+def proxy_workers(pidfile: Path) -> frozenset[Recorded]:
+    """The children of the proxy master whose PID ``pidfile`` holds, each with its start tick and
+    boot id (a clock step during the wait for them does not make them look gone).
 
     Taken before a reload, these are the workers that may still use the old upstream; empty if
     the pidfile or the master is missing.
@@ -445,25 +447,26 @@ def proxy_workers(pidfile: Path) -> frozenset[tuple[int, float]]:
         try:
             if child.status() == psutil.STATUS_ZOMBIE:
                 continue  # already exited, the master has not reaped it yet
-            workers.add((child.pid, child.create_time()))
         except psutil.Error:
             continue  # exited meanwhile: nothing to wait for
+        # Its start tick, read right after the listing (as psutil read its start time in it):
+        # were the PID reused in between, another process would be waited for, never signalled.
+        if (worker := recorded_now(child.pid)) is not None:
+            workers.add(worker)
     return frozenset(workers)
 
 
-async def wait_workers_gone(
-    workers: Iterable[tuple[int, float]],
-    timeout: float,
-) -> bool:
-    """Wait until every one of ``workers`` (pid, start time) has exited; False after ``timeout``.
+async def wait_workers_gone(workers: Iterable[Recorded], timeout: float) -> bool:
+    """Wait until every one of ``workers`` has exited (one whose PID names another process now
+    has); False after ``timeout``.
 
     Event-driven: a pidfd becomes readable when its process exits, also for processes that are
     not our children (the proxy's workers are its master's).
     """
     pidfds: list[int] = []
     try:
-        for pid, started in workers:
-            pidfd = pidfd_if_started_at(pid, started)
+        for worker in workers:
+            pidfd = pidfd_if_still(worker)
             if pidfd is not None:
                 pidfds.append(pidfd)
         with anyio.move_on_after(timeout):

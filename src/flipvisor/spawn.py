@@ -25,7 +25,7 @@ import anyio
 
 from .errors import SpawnError
 from .reaper import ExitWaiter, Reaper
-from .starttime import START_TIME_TOLERANCE, start_time_of
+from .starttime import Recorded, pid_still_names, recorded_now
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +50,28 @@ class Child:
     pidfd: int
     exit: ExitWaiter
     spawned_at: float  # wall clock, right after the spawn
-    _started: float | None = None
+    _recorded: Recorded | None = None
 
     @property
-    def started(self) -> float:
-        """When the process started, as /proc (and psutil) tell it; read on first use.
+    def recorded(self) -> Recorded:
+        """What identifies the process once recorded (its start tick and boot id, and its start
+        time as /proc and psutil tell it); read on first use.
 
         Not read at spawn: the child is still in exec then, which makes the read about twice
         as slow (70 µs against 34 µs here). Until the child is reaped its PID cannot be anybody
-        else's, so the entry read is its own; after that, the spawn time stands in.
+        else's, so the entry read is its own; after that, the spawn time stands in (and no
+        identity: the process is gone).
         """
-        if self._started is None:
-            found = None if self.exit.reaped else start_time_of(self.pid)
-            self._started = found if found is not None else self.spawned_at
-        return self._started
+        if self._recorded is None:
+            found = None if self.exit.reaped else recorded_now(self.pid)
+            self._recorded = found or Recorded(self.pid, None, self.spawned_at)
+        return self._recorded
+
+    @property
+    def started(self) -> float:
+        """When the process started, in seconds since the epoch (see ``recorded``)."""
+        started = self.recorded.started
+        return started if started is not None else self.spawned_at
 
     @property
     def returncode(self) -> int | None:
@@ -400,31 +408,36 @@ async def run_command(
     )
 
 
-def pidfd_if_started_at(pid: int, started: float) -> int | None:
-    """A pidfd for ``pid`` if it is still the process that started at ``started``; the caller
+def pidfd_if_still(process: Recorded) -> int | None:
+    """A pidfd for ``process.pid`` if it still names the recorded process (by its start tick and
+    boot id, or for an older record its start time: ``starttime.pid_still_names``); the caller
     closes it. None if it is gone, or the PID now names another process.
 
-    The pidfd is opened *before* the start time is compared, so the check and whatever is done
+    The pidfd is opened *before* the identity is compared, so the check and whatever is done
     with the pidfd concern the same process even if the PID is recycled in between.
     """
     try:
-        pidfd = os.pidfd_open(pid)
+        pidfd = os.pidfd_open(process.pid)
     except (OSError, OverflowError):  # gone already, or no PID at all (from a garbage record)
         return None
-    actual = start_time_of(pid)
-    # Written so that a NaN start time (a garbage registry record: JSON allows it) proves nothing.
-    if actual is None or not abs(actual - started) <= START_TIME_TOLERANCE:
-        if actual is not None:
-            log.info("pid=%d started at %.2f, not %.2f: the PID was reused", pid, actual, started)
+    if not pid_still_names(process):
+        now = recorded_now(process.pid)
+        if now is not None:
+            log.info(
+                "pid=%d is another process now (%s, not %s): the PID was reused",
+                process.pid,
+                now.describe() if process.identity is not None else f"started {now.started:.2f}",
+                process.describe(),
+            )
         os.close(pidfd)
         return None
     return pidfd
 
 
-def signal_verified(pid: int, started: float, sig: int) -> bool:
-    """Signal ``pid`` only if it is still the process that started at ``started``; False when
-    it is not (or is gone)."""
-    pidfd = pidfd_if_started_at(pid, started)
+def signal_verified(process: Recorded, sig: int) -> bool:
+    """Signal ``process.pid`` only if it still names the recorded process; False when it does
+    not (or it is gone)."""
+    pidfd = pidfd_if_still(process)
     if pidfd is None:
         return False
     try:

@@ -20,17 +20,19 @@ and a failure that changes shows each new cause).
 
 A ``drain_pid`` entry on ``<prefix>/<program>/pid/previous`` follows the program's whole folder,
 so it also sees ``pid/current`` and the ``generation/current`` record. It remembers every process
-(PID and start time) it saw as ``pid/current``: one the record gives the start time of (never a
-start time read now), or, for a bare PID that appeared in ``pid/current`` in a live change
-(``WatchEvent.live``: received as it happened), the process running under it then, if it already
-ran when the change arrived. A bare PID found at its first read, or in a change received late
-(replayed after an outage, found by a new read), may be stale and its PID reused since: it is not
-trusted. When ``pid/previous``
+it saw as ``pid/current``, by PID, start tick and boot id (``starttime.Identity``, which a clock
+step does not move): the record's (flipvisor writes them), or, for a record that gives only a
+start time (another writer's, an older flipvisor's), the process running under the PID if it
+started then (never a start time read now alone); or, for a bare PID that appeared in
+``pid/current`` in a live change (``WatchEvent.live``: received as it happened), the process
+running under it then, if it already ran when the change arrived. A bare PID found at its first
+read, or in a change received late (replayed after an outage, found by a new read), may be stale
+and its PID reused since: it is not trusted. When ``pid/previous``
 names PIDs it first waits (in a task of its own, so it keeps following the keys) until the
 template entries have successfully applied every earlier change, then signals each PID only if
-it saw that very process serving (``spawn.signal_verified`` checks the start time through a
-pidfd), and SIGKILLs it after the timeout if it is still that process. A PID it never saw is
-never signalled: it logs a warning instead. Nor is, whatever was seen, a PID that
+it saw that very process serving (``spawn.signal_verified`` checks its start tick and boot id
+through a pidfd), and SIGKILLs it after the timeout if it is still that process. A PID it never
+saw is never signalled: it logs a warning instead. Nor is, whatever was seen, a PID that
 ``pid/current`` names at the time of the drain (it serves: a service that ran its swap again for
 the same process), this watcher, its parent, PID 1, or a proxy's master (from a ``pidfile``): a
 key naming one of those was set by mistake. A template that is only slow delays a drain by
@@ -78,7 +80,15 @@ from .reaper import Reaper
 from .registry import KeyRange, WatchableRegistry, WatchEvent, WatchLost, key_matches
 from .signals import SHUTDOWN, release
 from .spawn import signal_verified
-from .starttime import start_time_now, start_time_of, started_at
+from .starttime import (
+    Recorded,
+    pid_still_names,
+    recorded_from_json,
+    recorded_now,
+    start_time_of,
+    ticks_now,
+    with_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +391,8 @@ class DrainWatch(_Follower):
     # The proxies' pidfiles (of the watch's template entries and the config's programs): their
     # masters are never drained, whatever the keys say.
     pidfiles: Sequence[Path] = ()
-    seen: set[tuple[int, float]] = field(default_factory=set)
+    # Each by its identity alone where one is known, so that one process is one target.
+    seen: set[Recorded] = field(default_factory=set)
     values: dict[str, str] = field(default_factory=dict)
     _tg: TaskGroup | None = None
     _has_read: bool = False  # a later read is a re-read (after WatchLost or an error)
@@ -408,7 +419,7 @@ class DrainWatch(_Follower):
             parse_pids(self.values.get(self.folder + "pid/current")), None, "at start"
         )
         for pid in parse_pids(self.values.get(self.key)):
-            if not any(seen[0] == pid for seen in self.seen):
+            if not any(seen.pid == pid for seen in self.seen):
                 self._never_seen(pid, " found at start")
 
     def _never_seen(self, pid: int, how: str) -> None:
@@ -438,9 +449,10 @@ class DrainWatch(_Follower):
         )
 
     async def changed(self, batch: list[WatchEvent]) -> None:
-        # When the change arrived, if it is live: a bare PID it names is timed by a process
-        # that already ran then (read first, so no later process can pass for it).
-        arrived = start_time_now() if batch and all(e.live for e in batch) else None
+        # When the change arrived (in ticks since boot), if it is live: a bare PID it names is
+        # identified by a process that already ran then (read first, so no later process can
+        # pass for it).
+        arrived = ticks_now() if batch and all(e.live for e in batch) else None
         before = dict(self.values)
         for event in batch:
             if event.value is None:
@@ -455,15 +467,15 @@ class DrainWatch(_Follower):
             for pid in parse_pids(previous):
                 if self._refused(pid):
                     continue
-                # Every start time seen for the PID: only the live process's one can match.
-                starts = [seen for seen in self.seen if seen[0] == pid]
+                # Every process seen under the PID: only the live one can match.
+                starts = [seen for seen in self.seen if seen.pid == pid]
                 if not starts:
                     self._never_seen(pid, "")
                 targets += starts
             if targets:
                 # In a task of its own: the wait may be long (a failed template holds it), and
                 # this entry must go on seeing pid/current meanwhile. A late drain stays safe:
-                # each target is verified by its start time when it is signalled.
+                # each target is verified by its identity when it is signalled.
                 assert self._tg is not None
                 self._tg.start_soon(self._drain_after_reloads, targets)
         current = self.folder + "pid/current"
@@ -474,35 +486,43 @@ class DrainWatch(_Follower):
             how="in a change received late (replayed after an outage, or found by a new read)",
         )
 
-    def _see_current(self, appeared: Collection[int], arrived: float | None, how: str) -> None:
-        """Remember the processes ``pid/current`` names, with their start times.
+    def _see_current(self, appeared: Collection[int], arrived: int | None, how: str) -> None:
+        """Remember the processes ``pid/current`` names, each by its identity (start tick and
+        boot id: a clock step before the drain does not make it unrecognisable).
 
-        The ``generation/current`` record's start time is trusted whenever it names the PID,
-        never one read now. Without one, a PID is timed by the process running under it now
-        only if it has just ``appeared`` in ``pid/current`` in a live change (``arrived``: when
-        it was received) and that process already ran when it arrived: a PID found at start or
-        in a change received late may be stale, and the process now running under it another
-        one (the contract: a bare or recycled PID is never signalled). ``how``: how a PID that
-        is not live was found, for the log.
+        The ``generation/current`` record is trusted whenever it names the PID: its identity, or
+        for an entry with only a start time, the process running under the PID now if it started
+        then (identified now; never a start time read now alone). Without one, a PID is
+        identified by the process running under it now only if it has just ``appeared`` in
+        ``pid/current`` in a live change (``arrived``: when it was received, in ticks since boot)
+        and that process already ran when it arrived: a PID found at start or in a change
+        received late may be stale, and the process now running under it another one (the
+        contract: a bare or recycled PID is never signalled). ``how``: how a PID that is not live
+        was found, for the log.
         """
         pids = parse_pids(self.values.get(self.folder + "pid/current"))
-        recorded = record_start_times(self.values.get(self.folder + "generation/current"))
+        recorded = recorded_processes(self.values.get(self.folder + "generation/current"))
         for pid in pids:
-            started = recorded.get(pid)
-            if started is None:
-                if pid not in appeared:
+            if pid in recorded:
+                process = with_identity(recorded[pid])
+                # Identity only, so that the same process seen by another way is one target.
+                if process.identity is not None:
+                    process = Recorded(pid, process.identity)
+            elif pid in appeared:
+                found = self._identify_bare(pid, arrived, how)
+                if found is None:
                     continue
-                started = self._time_bare(pid, arrived, how)
-                if started is None:
-                    continue
-            if (pid, started) not in self.seen:
+                process = found
+            else:
+                continue
+            if process not in self.seen:
                 log.info(
-                    "drain_pid %s: pid=%d is pid/current (started %.2f)", self.key, pid, started
+                    "drain_pid %s: pid=%d is pid/current (%s)", self.key, pid, process.describe()
                 )
-                self.seen.add((pid, started))
+                self.seen.add(process)
 
-    def _time_bare(self, pid: int, arrived: float | None, how: str) -> float | None:
-        """The start time of ``pid``, a bare PID that has just appeared in ``pid/current``, if
+    def _identify_bare(self, pid: int, arrived: int | None, how: str) -> Recorded | None:
+        """The process ``pid`` names, a bare PID that has just appeared in ``pid/current``, if
         it can be trusted (see ``_see_current``); None (and a log line) if not."""
         if arrived is None:
             log.info(
@@ -514,10 +534,11 @@ class DrainWatch(_Follower):
                 how,
             )
             return None
-        started = start_time_of(pid)
-        if started is None:
+        process = recorded_now(pid)
+        if process is None or process.identity is None:  # (no identity: no boot id to read)
             log.warning("drain_pid %s: pid=%d in pid/current is not running here", self.key, pid)
-        elif started > arrived:
+            return None
+        if process.identity.ticks > arrived:
             log.warning(
                 "drain_pid %s: not trusting pid=%d in pid/current: the process running under "
                 "it started after the change arrived (the PID was reused); it will not be "
@@ -526,16 +547,16 @@ class DrainWatch(_Follower):
                 pid,
             )
             return None
-        return started
+        return Recorded(pid, process.identity)
 
-    async def _drain_after_reloads(self, targets: Sequence[tuple[int, float]]) -> None:
-        """Drain ``targets`` (pid, start time) once the proxy no longer routes to them."""
+    async def _drain_after_reloads(self, targets: Sequence[Recorded]) -> None:
+        """Drain ``targets`` once the proxy no longer routes to them."""
         await self._wait_for_reloads(targets)
         async with anyio.create_task_group() as tg:
-            for pid, started in targets:
-                tg.start_soon(self._drain_one, pid, started)
+            for target in targets:
+                tg.start_soon(self._drain_one, target)
 
-    async def _wait_for_reloads(self, targets: Sequence[tuple[int, float]]) -> None:
+    async def _wait_for_reloads(self, targets: Sequence[Recorded]) -> None:
         """Wait until every template applied the changes so far, then ``RELOAD_SETTLE`` after
         the last reload any of them ran (the proxy's old workers stop routing to the old PID).
 
@@ -545,7 +566,7 @@ class DrainWatch(_Follower):
         unless they are gone by then (their program was stopped, say, which withdrew the key
         that template waits for): there is nothing left to hold.
         """
-        pids = sorted({pid for pid, _ in targets})
+        pids = sorted({target.pid for target in targets})
         while True:
             with anyio.move_on_after(CATCH_UP_TIMEOUT) as scope:
                 for template in self.templates:
@@ -553,7 +574,7 @@ class DrainWatch(_Follower):
             if not scope.cancelled_caught:
                 break
             held = [t for t in self.templates if t.holds(self.folder)]
-            if held and not any(started_at(pid, started) for pid, started in targets):
+            if held and not any(pid_still_names(target) for target in targets):
                 log.info(
                     "drain_pid %s: pid=%s gone already while watch %s held the drain",
                     self.key,
@@ -640,27 +661,27 @@ class DrainWatch(_Follower):
                 continue
         return None
 
-    async def _drain_one(self, pid: int, started: float) -> None:
+    async def _drain_one(self, target: Recorded) -> None:
         """Signal the process if it is still the one seen, SIGKILL it after the timeout."""
-        sig = self.drain.signal
+        sig, pid = self.drain.signal, target.pid
         if self._refused(pid):  # again: the keys or the proxy may have changed meanwhile
             return
-        if not signal_verified(pid, started, sig):
+        if not signal_verified(target, sig):
             log.info(
                 "drain_pid %s: pid=%d is gone already (or is another process now)", self.key, pid
             )
-            self.seen.discard((pid, started))
+            self.seen.discard(target)
             return
         log.info("drain_pid %s: sent %s to pid=%d", self.key, signal.Signals(sig).name, pid)
-        gone = await wait_workers_gone([(pid, started)], self.drain.timeout)
-        if not gone and signal_verified(pid, started, signal.SIGKILL):
+        gone = await wait_workers_gone([target], self.drain.timeout)
+        if not gone and signal_verified(target, signal.SIGKILL):
             log.warning(
                 "drain_pid %s: pid=%d outlived %g s; sent SIGKILL",
                 self.key,
                 pid,
                 self.drain.timeout,
             )
-        self.seen.discard((pid, started))
+        self.seen.discard(target)
 
 
 def difference(
@@ -681,17 +702,22 @@ def parse_pids(value: str | None) -> list[int]:
     return [int(part) for part in value.split(",") if part.strip().isdigit() and int(part) > 0]
 
 
-def record_start_times(value: str | None) -> dict[int, float]:
-    """pid -> start time from a ``generation/current`` JSON record (empty if absent or bad)."""
+def recorded_processes(value: str | None) -> dict[int, Recorded]:
+    """pid -> the process a ``generation/current`` JSON record names under it, by its start
+    tick and boot id or its start time (empty if absent or bad; a bad entry is left out)."""
     try:
         record: Any = json.loads(value) if value else {}
-        return {
-            int(p["pid"]): float(p["started"])
-            for p in record.get("pids", [])
-            if isinstance(p, dict) and "started" in p
-        }
-    except (ValueError, TypeError, KeyError, AttributeError):
+        entries = list(record.get("pids", []))
+    except (ValueError, TypeError, AttributeError):
         return {}
+    processes = {}
+    for entry in entries:
+        try:
+            process = recorded_from_json(entry)
+        except (ValueError, TypeError, KeyError):
+            continue
+        processes[process.pid] = process
+    return processes
 
 
 async def run_watches(

@@ -8,6 +8,7 @@ from typing import Any
 
 import psutil
 
+from flipvisor.starttime import identity_of
 from tests.e2e.load import Load
 from tests.e2e.test_flip import answers, program, proxied
 from tests.e2e.test_lifecycle import stop_start_shutdown_run, withdrawn
@@ -52,6 +53,11 @@ def test_flips_write_the_seeds_keys_in_etcd(
     assert record["generation"] == 2 and record["port"] == second["port"]
     assert {p["pid"] for p in record["pids"]} == set(second["pids"])
     assert all(isinstance(p["started"], float) for p in record["pids"])
+    # Added to the contract's fields: what a clock step does not move (see starttime.py).
+    assert all((p["ticks"], p["boot_id"]) == identity_of(p["pid"]) for p in record["pids"])
+    supervisor = record["supervisor"]
+    assert flipvisor.process is not None and supervisor["pid"] == flipvisor.process.pid
+    assert (supervisor["ticks"], supervisor["boot_id"]) == identity_of(supervisor["pid"])
     assert record["command"][-1] == "1" and isinstance(record["promoted_at"], float)
 
 

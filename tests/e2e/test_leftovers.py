@@ -16,11 +16,16 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import psutil
 import pytest
 
 from flipvisor.client import call
+from flipvisor.config import DrainConfig
+from flipvisor.leftovers import Leftovers, leftovers_in, processes_of
+from flipvisor.promotion import HOSTNAME
 from flipvisor.protocol import Request
+from tests.clock import step_clock
 from tests.e2e.load import Load
 from tests.e2e.test_etcd import keys, registry
 from tests.e2e.test_fixed_port import fixed_port_config
@@ -30,7 +35,7 @@ from tests.e2e.test_operator import sample, scrape
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import Nginx, free_port, port_answers
-from tests.waiting import wait_until
+from tests.waiting import await_until, wait_until
 
 GONE_TIMEOUT = 15.0
 
@@ -156,6 +161,49 @@ def test_a_killed_supervisor_s_run_record_does_not_stop_the_next_run(
     assert json.loads(record.read_text())["pid"] == flipvisor.process.pid
     assert flipvisor.stop() == 0, flipvisor.output()
     assert not record.exists()
+
+
+@pytest.mark.parametrize("how", ["record-then-step", "step-then-record", "environment-then-step"])
+async def test_a_clock_step_does_not_hide_the_workers_a_killed_supervisor_left(
+    flipvisor: Flipvisor,
+    survivors: list[psutil.Process],
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    """The kernel derives every start time in seconds from the wall clock, so a step moves them
+    all. The machine's clock is shared: the step is simulated in this process (tests/clock.py),
+    where what the next run does with what a killed supervisor really left is done directly: its
+    workers found through its ``generation/current`` record (a step before it is read, or before
+    they are drained) or through their environment (after an unclean exit), then drained."""
+    drain = DrainConfig(delay=0, timeout=5)
+    config = {"programs": {"web": {"command": svc_command(), "numprocs": 2, "drain": {"delay": 0}}}}
+    flipvisor.start(config)
+    flipvisor.wait_serving("web")
+    pids = sorted(kill_supervisor(flipvisor, "web", survivors))
+    record = flipvisor.registry()["flipvisor/web/generation/current"]
+    if how == "step-then-record":
+        step_clock(monkeypatch, 3600.0)
+    if how == "environment-then-step":
+        left: Leftovers | None = Leftovers(
+            "web", None, None, tuple(processes_of(flipvisor.state_dir)["web"])
+        )
+    else:
+        left = leftovers_in("web", record, HOSTNAME)
+    assert left is not None, record
+    if how != "step-then-record":
+        step_clock(monkeypatch, -3600.0)
+    assert sorted(left.status()["pids"]) == pids, record
+
+    def running() -> list[int]:
+        return [p.pid for p in survivors if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    with anyio.fail_after(GONE_TIMEOUT):
+        assert await left.drain(drain) == []  # SIGTERM was enough
+        await await_until(lambda: _none(running()), message=f"pids {pids} to be drained")
+
+
+async def _none(items: list[int]) -> bool:
+    return not items
 
 
 def test_leftovers_serve_on_while_the_new_generation_fails_and_stop_with_the_program(

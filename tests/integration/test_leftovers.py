@@ -21,18 +21,21 @@ import pytest
 from flipvisor.config import DrainConfig, SocketConfig
 from flipvisor.leftovers import Leftovers, leftovers_in, processes_of, this_supervisor
 from flipvisor.spawn import signal_verified
-from flipvisor.starttime import start_time_of
+from flipvisor.starttime import Identity, Recorded, recorded_now
+from tests.clock import step_clock
 from tests.waiting import wait_until
 
 HOST = "web-1"
 DEAD_SUPERVISOR = {"pid": os.getpid(), "started": 1.0}  # our PID, but not our start time
 
 
-def record(workers: list[tuple[int, float]], **overrides: Any) -> str:
+def record(workers: list[Recorded], **overrides: Any) -> str:
+    """A ``generation/current`` record naming ``workers`` (with their start ticks and boot id
+    as flipvisor writes them, unless a ``Recorded`` has none: an older flipvisor's record)."""
     document: dict[str, Any] = {
         "generation": 7,
         "port": 41234,
-        "pids": [{"pid": pid, "started": started} for pid, started in workers],
+        "pids": [worker.to_json() for worker in workers],
         "host": HOST,
         "supervisor": DEAD_SUPERVISOR,
         "command": ["app"],
@@ -43,20 +46,19 @@ def record(workers: list[tuple[int, float]], **overrides: Any) -> str:
 
 
 @pytest.fixture
-def worker() -> Iterator[tuple[int, float]]:
-    """A running process started for program web (its environment says so), as (pid, start
-    time)."""
+def worker() -> Iterator[Recorded]:
+    """A running process started for program web (its environment says so), as recorded."""
     with running({**os.environ, "FLIPVISOR_PROGRAM": "web"}) as process:
         yield process
 
 
 @contextmanager
-def running(env: dict[str, str]) -> Iterator[tuple[int, float]]:
+def running(env: dict[str, str]) -> Iterator[Recorded]:
     process = subprocess.Popen(["sleep", "60"], env=env)
     try:
         # Until its exec, the child's /proc environ is still ours: wait for `sleep` itself.
         wait_until(lambda: psutil.Process(process.pid).cmdline()[:1] == ["sleep"], message="exec")
-        yield process.pid, wait_until(lambda: start_time_of(process.pid), message="start time")
+        yield wait_until(lambda: recorded_now(process.pid), message="start time")
     finally:
         process.kill()
         process.wait()
@@ -73,15 +75,19 @@ def test_a_record_naming_a_process_not_started_for_the_program_names_no_leftover
 
 
 def test_a_record_of_this_host_whose_supervisor_is_gone_names_its_running_workers(
-    worker: tuple[int, float],
+    worker: Recorded,
 ) -> None:
-    pid, started = worker
-    reused = (os.getpid(), 2.0)  # a PID that now names another process
-    named = record([worker, reused])
+    me = recorded_now(os.getpid())
+    assert me is not None and me.identity is not None
+    reused = [  # a PID that now names another process, by its start tick or its start time
+        Recorded(os.getpid(), Identity(me.identity.ticks - 1, me.identity.boot_id), me.started),
+        Recorded(os.getpid(), None, 2.0),
+    ]
+    named = record([worker, *reused])
     found = leftovers_in("web", named, HOST)
     # The record is kept: a stop withdraws the keys only while they still name it.
-    assert found == Leftovers("web", 7, 41234, ((pid, started),), record=named)
-    assert found is not None and f"pid {pid}" in found.describe()
+    assert found == Leftovers("web", 7, 41234, (worker,), record=named)
+    assert found is not None and f"pid {worker.pid}" in found.describe()
 
 
 @pytest.mark.parametrize(
@@ -94,9 +100,7 @@ def test_a_record_of_this_host_whose_supervisor_is_gone_names_its_running_worker
     ],
     ids=["other-host", "no-supervisor", "supervisor-runs", "no-workers"],
 )
-def test_records_that_name_no_leftovers(
-    worker: tuple[int, float], overrides: dict[str, Any]
-) -> None:
+def test_records_that_name_no_leftovers(worker: Recorded, overrides: dict[str, Any]) -> None:
     assert leftovers_in("web", record([worker], **overrides), HOST) is None
 
 
@@ -106,32 +110,93 @@ def test_an_absent_or_foreign_record_names_no_leftovers(value: str | None) -> No
 
 
 @pytest.mark.parametrize("started", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_a_start_time_that_is_no_time_proves_no_process(
-    worker: tuple[int, float], started: float
-) -> None:
+def test_a_start_time_that_is_no_time_proves_no_process(worker: Recorded, started: float) -> None:
     """A garbage record (JSON allows NaN) must not name a running process: NaN compares as
     within any tolerance unless the comparison is written for it."""
-    pid, _ = worker
-    assert leftovers_in("web", record([(pid, started)]), HOST) is None
-    assert not signal_verified(pid, started, 0)
+    garbage = Recorded(worker.pid, None, started)
+    assert leftovers_in("web", record([garbage]), HOST) is None
+    assert not signal_verified(garbage, 0)
 
 
 @pytest.mark.parametrize("pid", [2**40, -1], ids=["too-big", "negative"])
-def test_a_pid_out_of_range_is_no_process(worker: tuple[int, float], pid: int) -> None:
+def test_a_pid_out_of_range_is_no_process(worker: Recorded, pid: int) -> None:
     """Not an OverflowError out of `run`'s start-up: a supervisor that is no process is gone."""
-    assert leftovers_in("web", record([(pid, 1.0)]), HOST) is None
+    assert worker.identity is not None
+    for beyond in (Recorded(pid, None, 1.0), Recorded(pid, worker.identity)):
+        assert leftovers_in("web", record([beyond]), HOST) is None
     found = leftovers_in("web", record([worker], supervisor={"pid": pid, "started": 1.0}), HOST)
     assert found is not None and found.workers == (worker,)
 
 
 def test_dead_workers_are_no_leftovers() -> None:
     process = subprocess.Popen(["true"])
-    started = wait_until(lambda: start_time_of(process.pid), message="the start time")
+    gone = wait_until(lambda: recorded_now(process.pid), message="the start time")
     process.wait()
-    assert leftovers_in("web", record([(process.pid, started)]), HOST) is None
+    assert leftovers_in("web", record([gone]), HOST) is None
 
 
-Spawned = tuple[subprocess.Popen[bytes], tuple[int, float]]
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"started": 1.0},  # no PID
+        {"pid": 1},  # neither a start time nor a start tick
+        {"pid": 1, "ticks": "4242", "boot_id": "b"},
+        {"pid": 1, "ticks": 4242},
+        {"pid": 1, "ticks": True, "boot_id": "b"},
+        {"pid": 1, "ticks": 4242, "boot_id": ""},
+    ],
+)
+def test_a_record_with_a_malformed_worker_entry_is_not_flipvisor_s(
+    worker: Recorded, entry: dict[str, Any]
+) -> None:
+    document = json.loads(record([worker]))
+    document["pids"].append(entry)
+    assert leftovers_in("web", json.dumps(document), HOST) is None
+
+
+# -- a stepped wall clock --------------------------------------------------------------------
+
+
+def other_boot(identity: Identity) -> Identity:
+    return identity._replace(boot_id="0" * 8 + identity.boot_id[8:])
+
+
+def test_a_stepped_clock_does_not_hide_the_workers_a_record_names_by_start_tick(
+    worker: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a clock step every start time in seconds reads as another (``tests/clock.py``):
+    the record's start ticks and boot id still name the workers, and the supervisor that still
+    runs. A recycled PID (another tick) or another boot's tick still names none."""
+    assert worker.identity is not None
+    named = record([worker])
+    step_clock(monkeypatch, -3600.0)
+    found = leftovers_in("web", named, HOST)
+    assert found == Leftovers("web", 7, 41234, (worker,), record=named)
+    assert found.status()["pids"] == [worker.pid]
+    assert leftovers_in("web", record([worker], supervisor=this_supervisor()), HOST) is None
+    ticks, _ = worker.identity
+    for other in (worker.identity._replace(ticks=ticks + 1), other_boot(worker.identity)):
+        # Its start time in seconds is the worker's (as recorded, before the step).
+        assert leftovers_in("web", record([worker._replace(identity=other)]), HOST) is None
+
+
+def test_a_record_without_start_ticks_is_checked_by_start_time_and_identified_when_found(
+    worker: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older flipvisor's record gives start times only. A clock step since it was written
+    makes them name nothing (the workers are left running, as before); found before one, the
+    workers are identified by their start ticks from then on, so that a step during their drain
+    does not leave them running."""
+    old_style = worker._replace(identity=None)
+    named = record([old_style])
+    found = leftovers_in("web", named, HOST)
+    assert found == Leftovers("web", 7, 41234, (worker,), record=named)
+    step_clock(monkeypatch, 0.5)
+    assert leftovers_in("web", named, HOST) is None
+    assert found.status()["pids"] == [worker.pid]
+
+
+Spawned = tuple[subprocess.Popen[bytes], Recorded]
 SLEEPER = "import signal, sys, time; {ignore}print('up', flush=True); time.sleep(60)"
 
 
@@ -143,9 +208,9 @@ def spawn_up(code: str, *args: str, pass_fds: tuple[int, ...] = ()) -> Spawned:
     assert process.stdout is not None
     with process.stdout:
         assert process.stdout.readline() == b"up\n"
-    started = start_time_of(process.pid)
-    assert started is not None
-    return process, (process.pid, started)
+    recorded = recorded_now(process.pid)
+    assert recorded is not None
+    return process, recorded
 
 
 def spawn_sleeper(*, ignore_term: bool) -> Spawned:
@@ -224,7 +289,7 @@ def test_take_socket_refuses_what_is_not_a_listening_socket(listener: socket.soc
 def test_take_socket_of_a_gone_worker_is_none(listener: socket.socket) -> None:
     port = listener.getsockname()[1]
     assert (
-        Leftovers("web", 7, port, ((os.getpid(), 2.0),)).take_socket(
+        Leftovers("web", 7, port, (Recorded(os.getpid(), None, 2.0),)).take_socket(
             SocketConfig(host="127.0.0.1", port=port)
         )
         is None
@@ -237,8 +302,8 @@ def test_processes_of_finds_what_names_the_state_dir_in_its_environment(tmp_path
     mine = subprocess.Popen(["sleep", "60"], env=ours)
     other = subprocess.Popen(["sleep", "60"], env=theirs)
     try:
-        started = wait_until(lambda: start_time_of(mine.pid), message="the start time")
-        assert processes_of(tmp_path) == {"web": [(mine.pid, started)]}
+        recorded = wait_until(lambda: recorded_now(mine.pid), message="the start time")
+        assert processes_of(tmp_path) == {"web": [recorded]}
     finally:
         for process in (mine, other):
             process.kill()

@@ -29,6 +29,8 @@ from flipvisor.proxy import (
 )
 from flipvisor.reaper import Reaper
 from flipvisor.spawn import Child, spawn_process
+from flipvisor.starttime import Recorded, identity_of, recorded_now
+from tests.clock import step_clock
 from tests.fixtures.nginx import Nginx
 from tests.reaping import running_reaper
 from tests.waiting import await_until
@@ -289,7 +291,8 @@ async def test_reload_success_and_failure(nginx: Nginx) -> None:
 async def test_old_workers_exit_after_reload(nginx: Nginx) -> None:
     old = proxy_workers(nginx.pidfile)
     assert len(old) == 1
-    ((worker_pid, _),) = old
+    ((worker_pid, identity, _),) = old
+    assert identity is not None and identity == identity_of(worker_pid)
     assert psutil.Process(worker_pid).ppid() == nginx.process.pid
     async with running_reaper() as reaper:
         await reload(nginx.reload_cmd, reaper=reaper, timeout=TIMEOUT)
@@ -297,7 +300,7 @@ async def test_old_workers_exit_after_reload(nginx: Nginx) -> None:
     with contextlib.suppress(psutil.NoSuchProcess):
         assert psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE  # not reaped yet
 
-    async def new_workers() -> frozenset[tuple[int, float]]:
+    async def new_workers() -> frozenset[Recorded]:
         # Only the new generation of nginx workers, once the exited one is no longer listed.
         current = proxy_workers(nginx.pidfile)
         return current if current and current.isdisjoint(old) else frozenset()
@@ -306,17 +309,41 @@ async def test_old_workers_exit_after_reload(nginx: Nginx) -> None:
     assert new.isdisjoint(old)
 
 
+async def test_old_workers_are_waited_for_across_a_clock_step(
+    nginx: Nginx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a wall-clock step every start time in seconds reads as another
+    (``tests/clock.py``): the old workers are still told apart by their start ticks, not taken
+    for gone (a drain that would then not wait for them fails the requests they still route)."""
+    old = proxy_workers(nginx.pidfile)
+    assert old
+    step_clock(monkeypatch, 3600.0)
+    with anyio.fail_after(5):
+        assert await wait_workers_gone(old, timeout=0.3) is False
+    async with running_reaper() as reaper:
+        await reload(nginx.reload_cmd, reaper=reaper, timeout=TIMEOUT)
+    assert await wait_workers_gone(old, timeout=TIMEOUT)
+
+
 async def test_wait_workers_gone_times_out_on_a_live_process() -> None:
-    me = (os.getpid(), psutil.Process().create_time())
+    me = recorded_now(os.getpid())
+    assert me is not None
     with anyio.fail_after(5):
         assert await wait_workers_gone([me], timeout=0.2) is False
+        assert await wait_workers_gone([me._replace(identity=None)], timeout=0.2) is False
 
 
 async def test_wait_workers_gone_skips_gone_and_reused_pids(tmp_path: Path) -> None:
-    recycled = (os.getpid(), psutil.Process().create_time() - 1000)  # same PID, other process
-    gone = (2**22 + 12345, 0.0)  # beyond pid_max's default
+    me = recorded_now(os.getpid())
+    assert me is not None and me.identity is not None and me.started is not None
+    recycled = [  # same PID, other process: by start time, by start tick, by boot
+        Recorded(me.pid, None, me.started - 1000),
+        me._replace(identity=me.identity._replace(ticks=me.identity.ticks + 1)),
+        me._replace(identity=me.identity._replace(boot_id="another boot")),
+    ]
+    gone = Recorded(2**22 + 12345, None, 0.0)  # beyond pid_max's default
     with anyio.fail_after(1):
-        assert await wait_workers_gone([recycled, gone], timeout=5) is True
+        assert await wait_workers_gone([*recycled, gone], timeout=5) is True
         assert await wait_workers_gone([], timeout=5) is True
     assert proxy_workers(tmp_path / "missing.pid") == frozenset()
     (tmp_path / "garbage.pid").write_text("not a pid\n")

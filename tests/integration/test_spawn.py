@@ -36,7 +36,8 @@ from flipvisor.spawn import (
     signal_verified,
     spawn_process,
 )
-from flipvisor.starttime import start_time_of
+from flipvisor.starttime import Identity, Recorded, boot_id, recorded_now, start_time_of
+from tests.clock import step_clock
 from tests.reaping import run_script, running_reaper
 from tests.waiting import wait_until
 
@@ -567,33 +568,64 @@ async def test_run_command_returns_when_the_command_exits_despite_a_background_c
     finally:
         # The background sleep was orphaned to init: stop it, through a verified pidfd.
         if marker.exists():
-            pid = int(marker.read_text())
-            started_at = start_time_of(pid)
-            if started_at is not None:
-                signal_verified(pid, started_at, signal.SIGKILL)
+            orphan = recorded_now(int(marker.read_text()))
+            if orphan is not None:
+                signal_verified(orphan, signal.SIGKILL)
 
 
 # -- PID-reuse-safe signalling ---------------------------------------------------------------
 
 
 async def test_signal_verified_checks_the_start_time() -> None:
+    """A record without a start tick (an older flipvisor's, another writer's) is checked by
+    its start time."""
     async with running_reaper() as reaper:
         child = spawn_process(["sleep", "30"], reaper=reaper, env=os.environ)
         try:
             assert start_time_of(child.pid) == pytest.approx(child.started, abs=0.05)
-            assert not signal_verified(child.pid, child.started - 5.0, signal.SIGTERM)
-            assert not signal_verified(child.pid, child.started + 1.0, signal.SIGTERM)
+            for started in (child.started - 5.0, child.started + 1.0, float("nan")):
+                assert not signal_verified(Recorded(child.pid, None, started), signal.SIGTERM)
+            assert not signal_verified(Recorded(child.pid), signal.SIGTERM)  # proves nothing
             assert psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE
             assert child.returncode is None, "a refused signal must not reach it"
-            assert signal_verified(child.pid, child.started, signal.SIGTERM)
+            assert signal_verified(Recorded(child.pid, None, child.started), signal.SIGTERM)
             with anyio.fail_after(CHILD_DEADLINE):
                 assert await child.wait() == -signal.SIGTERM
         finally:
             await child.stop(signal.SIGKILL, timeout=5)
             child.close()
         # Reaped: nothing to signal any more (the PID is free or somebody else's).
-        assert not signal_verified(child.pid, child.started, signal.SIGTERM)
+        assert not signal_verified(child.recorded, signal.SIGTERM)
         assert start_time_of(child.pid) is None or start_time_of(child.pid) != child.started
+
+
+async def test_signal_verified_checks_the_start_tick_and_boot_id_whatever_the_clock_did(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernel derives start times in seconds from the wall clock: after a step every
+    process's reads as another (a record's ``started`` then names no process). Its start tick
+    and boot id, which a child's record holds, do not move; another tick (a recycled PID) or
+    another boot's id still names no process."""
+    async with running_reaper() as reaper:
+        child = spawn_process(["sleep", "30"], reaper=reaper, env=os.environ)
+        try:
+            recorded = child.recorded
+            assert recorded.identity is not None and recorded.identity.boot_id == boot_id()
+            assert recorded.started == child.started
+            by_start_time = recorded._replace(identity=None)
+            step_clock(monkeypatch, 3600.0)
+            assert not signal_verified(by_start_time, 0)  # what a step does to a start time
+            ticks, boot = recorded.identity
+            for other in (Identity(ticks - 1, boot), Identity(ticks, "0" * 8 + boot[8:])):
+                assert not signal_verified(recorded._replace(identity=other), signal.SIGTERM)
+            assert child.returncode is None, "a refused signal must not reach it"
+            assert signal_verified(recorded, signal.SIGTERM)
+            with anyio.fail_after(CHILD_DEADLINE):
+                assert await child.wait() == -signal.SIGTERM
+        finally:
+            await child.stop(signal.SIGKILL, timeout=5)
+            child.close()
+        assert not signal_verified(recorded, signal.SIGTERM)
 
 
 async def test_a_child_reaped_before_its_start_time_was_read_falls_back_to_its_spawn_time() -> None:
@@ -606,6 +638,7 @@ async def test_a_child_reaped_before_its_start_time_was_read_falls_back_to_its_s
         child.close()
         assert child.exit.reaped
         assert child.started == child.spawned_at
+        assert child.recorded == Recorded(child.pid, None, child.spawned_at)  # no identity
         assert abs(child.spawned_at - time.time()) < CHILD_DEADLINE
 
 

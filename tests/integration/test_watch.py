@@ -24,8 +24,9 @@ from flipvisor.registry import KeyRange, Snapshot, WatchEvent, open_registry
 from flipvisor.registry.etcd import EtcdRegistry
 from flipvisor.registry.local import write_registry_file
 from flipvisor.spawn import Child, spawn_process
-from flipvisor.starttime import start_time_of
+from flipvisor.starttime import boot_id, start_ticks_of, start_time_of
 from flipvisor.watch import watches_running
+from tests.clock import step_clock
 from tests.fixtures.etcd import EtcdServer, free_port
 from tests.waiting import await_until
 
@@ -191,10 +192,20 @@ def start_sleeper(reaper: Reaper) -> Child:
     return spawn_process([sys.executable, "-c", code], reaper=reaper, env=dict(os.environ))
 
 
-def generation_record(children: list[Child]) -> str:
-    return json.dumps(
-        {"generation": 1, "pids": [{"pid": c.pid, "started": c.started} for c in children]}
-    )
+def generation_record(children: list[Child], *, ticks: bool = False) -> str:
+    """A ``generation/current`` record naming ``children`` by start time, as another writer
+    (the seed's self-registering service) writes it; with ``ticks``, also by start tick and
+    boot id, as flipvisor writes it."""
+    return json.dumps({"generation": 1, "pids": [entry(c.pid, ticks=ticks) for c in children]})
+
+
+def entry(pid: int, *, ticks: bool = False) -> dict[str, object]:
+    """A record's entry for the running process ``pid`` (see ``generation_record``)."""
+    started = start_time_of(pid)
+    assert started is not None
+    if not ticks:
+        return {"pid": pid, "started": started}
+    return {"pid": pid, "started": started, "ticks": start_ticks_of(pid), "boot_id": boot_id()}
 
 
 @pytest.mark.etcd
@@ -255,16 +266,18 @@ async def test_drain_pid_drains_a_seen_process_after_the_reload(
                 child.close()
 
 
-async def _serve_old(etcd: EtcdServer, prefix: str, old: Child, reload_log: Path) -> None:
+async def _serve_old(
+    etcd: EtcdServer, prefix: str, old: Child, reload_log: Path, *, ticks: bool = False
+) -> None:
     """The keys of ``old`` serving on port 41000, and the template's reload of them done."""
     etcd.put(f"{prefix}/shared/x", "1")
     etcd.put(f"{prefix}/app/port/current", "41000")
-    etcd.put(f"{prefix}/app/generation/current", generation_record([old]))
+    etcd.put(f"{prefix}/app/generation/current", generation_record([old], ticks=ticks))
     etcd.put(f"{prefix}/app/pid/current", str(old.pid))
     await await_until(lambda: _file_holds(reload_log, "41000"), message="first reload")
 
 
-async def _promote(registry: EtcdRegistry, port: str, new: Child) -> None:
+async def _promote(registry: EtcdRegistry, port: str, new: Child, *, ticks: bool = False) -> None:
     """The promotion of ``new`` on ``port``, as a flip writes it: one transaction."""
     seen = await registry.snapshot("app")
     promoted = {
@@ -273,9 +286,45 @@ async def _promote(registry: EtcdRegistry, port: str, new: Child) -> None:
         "port/previous": seen.values["port/current"],
         "pid/current": str(new.pid),
         "pid/previous": seen.values["pid/current"],
-        "generation/current": generation_record([new]),
+        "generation/current": generation_record([new], ticks=ticks),
     }
     await registry.swap("app", seen, Snapshot(promoted))
+
+
+@pytest.mark.etcd
+@pytest.mark.parametrize("ticks", [True, False], ids=["flipvisor-record", "start-time-record"])
+async def test_drain_pid_drains_the_process_it_saw_serving_after_a_clock_step(
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    ticks: bool,
+) -> None:
+    """After a wall-clock step every start time in seconds reads as another
+    (``tests/clock.py``). The process seen as pid/current is known by its start tick and boot
+    id: the record's (flipvisor's), or, from a record with start times only (another writer's),
+    read when the watcher saw it there."""
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
+    reload_log = tmp_path / "reloads.log"
+    async with watching(config) as (reaper, registry):
+        old, new = start_sleeper(reaper), start_sleeper(reaper)
+        try:
+            await _serve_old(etcd_server, etcd_prefix, old, reload_log, ticks=ticks)
+            await await_until(
+                lambda: _true(f"pid={old.pid} is pid/current" in caplog.text),
+                message="the drain entry to see the old process serving",
+            )
+            step_clock(monkeypatch, -3600.0)
+            await _promote(registry, "42000", new, ticks=ticks)
+            with anyio.fail_after(10):
+                assert await old.wait() == -signal.SIGTERM
+            assert new.returncode is None
+        finally:
+            for child in (old, new):
+                await child.stop(timeout=5)
+                child.close()
 
 
 @pytest.mark.etcd
@@ -870,7 +919,7 @@ async def test_drain_pid_trusts_a_bare_pid_only_from_a_live_change(
             )
             assert f"refusing to signal pid={late.pid}: never seen" in caplog.text
             # A live change whose process started after it arrived: the PID was reused.
-            monkeypatch.setattr(watch, "start_time_now", lambda: 0.0)
+            monkeypatch.setattr(watch, "ticks_now", lambda: 0)
             await drain.changed([WatchEvent(current, str(reused.pid), 5, live=True)])
             assert f"not trusting pid={reused.pid} in pid/current" in caplog.text
             # The process seen live is drained.
@@ -883,6 +932,84 @@ async def test_drain_pid_trusts_a_bare_pid_only_from_a_live_change(
         for process in (late, old, reused, new):
             process.kill()
             process.wait(timeout=5)
+
+
+def drain_watch(tmp_path: Path) -> watch.DrainWatch:
+    """A drain_pid entry on p/app/pid/previous, to feed changes to as its registry watch would."""
+    config = make_config(tmp_path, "127.0.0.1:1", "p", drain=True)
+    entry = config.watch[1]
+    assert entry.drain_pid is not None
+    return watch.DrainWatch(entry.keys[0], entry.drain_pid, EtcdRegistry(config.registry), [])
+
+
+async def test_drain_pid_drains_a_bare_pid_seen_live_after_a_clock_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bare PID (no record) seen in a live change is known by the start tick and boot id of
+    the process running under it then: a wall-clock step before the drain (``tests/clock.py``)
+    does not make it another."""
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    drain = drain_watch(tmp_path)
+    current, previous = "p/app/pid/current", "p/app/pid/previous"
+    old, new = popen_sleeper(), popen_sleeper()
+    try:
+        async with anyio.create_task_group() as tg:
+            drain._tg = tg
+            await drain.started(KeyRange({}, 1))
+            await drain.changed([WatchEvent(current, str(old.pid), 2, live=True)])
+            step_clock(monkeypatch, 3600.0)
+            await drain.changed(
+                [
+                    WatchEvent(current, str(new.pid), 3, live=True),
+                    WatchEvent(previous, str(old.pid), 3, live=True),
+                ]
+            )
+            await await_until(lambda: _true(old.poll() is not None), message="the drain")
+            tg.cancel_scope.cancel()
+        assert old.returncode == -signal.SIGTERM
+        assert new.poll() is None
+    finally:
+        for process in (old, new):
+            process.kill()
+            process.wait(timeout=5)
+
+
+@pytest.mark.parametrize("other", ["tick", "boot"])
+async def test_drain_pid_refuses_a_process_the_record_s_start_tick_does_not_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, other: str
+) -> None:
+    """The record's start tick and boot id decide, even where its start time matches the process
+    running under the PID: another tick is a recycled PID, another boot id another boot's."""
+    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    drain = drain_watch(tmp_path)
+    old = popen_sleeper()
+    try:
+        named = entry(old.pid, ticks=True)
+        if other == "tick":
+            named["ticks"] = int(str(named["ticks"])) + 1
+        else:
+            named["boot_id"] = "0" * 8 + boot_id()[8:]
+        record = json.dumps({"generation": 1, "pids": [named]})
+        async with anyio.create_task_group() as tg:
+            drain._tg = tg
+            keys = {"p/app/pid/current": str(old.pid), "p/app/generation/current": record}
+            await drain.started(KeyRange(keys, 1))
+            assert f"pid={old.pid} is pid/current" in caplog.text
+            await drain.changed(
+                [
+                    WatchEvent("p/app/pid/current", None, 2, live=True),
+                    WatchEvent("p/app/pid/previous", str(old.pid), 2, live=True),
+                ]
+            )
+            await await_until(
+                lambda: _true(f"pid={old.pid} is gone already (or is another" in caplog.text),
+                message="the refusal",
+            )
+            tg.cancel_scope.cancel()
+        assert old.poll() is None
+    finally:
+        old.kill()
+        old.wait(timeout=5)
 
 
 @pytest.mark.etcd

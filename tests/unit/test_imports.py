@@ -59,7 +59,7 @@ ALLOWED: dict[str, set[str]] = {
     "logs_follow": {"logs_tail"},
     "sockets": {"config", "errors", "usable"},
     "probe": {"config", "config_consistency", "errors", "spawn", "reaper"},
-    "proxy": {"config", "config_fields", "errors", "spawn", "reaper", "usable"},
+    "proxy": {"config", "config_fields", "errors", "spawn", "reaper", "usable", "starttime"},
     "registry": {"config", "errors", "registry"},
     "watch": {"registry", "proxy", "spawn", "reaper", "config", "errors", "signals", "starttime"},
     "protocol": {"errors"},
