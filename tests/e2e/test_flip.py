@@ -373,10 +373,11 @@ def busy(pid: int) -> bool:
 def test_a_timeout_while_the_proxy_drains_cuts_no_request_short(
     flipvisor: Flipvisor, nginx: Nginx, then: str
 ) -> None:
-    # Generation 1 answers in 5 s; ready by sd_notify, as its slow /health would outlast the
+    # Generation 1 answers in 10 s; ready by sd_notify, as its slow /health would outlast the
     # http probe's attempts. A request to it holds the old nginx worker past the promotion,
-    # and past --timeout 2 (which leaves the promotion itself time on a busy machine).
-    slow = program(nginx, "1", "--slow-ms", "5000", "--notify")
+    # and past --timeout 5 (which leaves the promotion itself time on a busy machine: 2 s did
+    # not, twice, under a load of 14 on 2 cores).
+    slow = program(nginx, "1", "--slow-ms", "10000", "--notify")
     slow["readiness"] = {"notify": True, "timeout": 10}
     flipvisor.start({"programs": {"web": slow}})
     old_pid = flipvisor.wait_serving("web")["pids"][0]
@@ -391,7 +392,7 @@ def test_a_timeout_while_the_proxy_drains_cuts_no_request_short(
     wait_until(lambda: busy(old_pid), message="a request in generation 1")
     flipvisor.write_config({"programs": {"web": program(nginx, "2")}})
 
-    result = flipvisor.cli("flip", "web", "--timeout", "2", "--json")
+    result = flipvisor.cli("flip", "web", "--timeout", "5", "--json")
 
     assert result.returncode == 0, result.stdout + result.stderr + flipvisor.output()
     report = json.loads(result.stdout)
@@ -409,7 +410,7 @@ def test_a_timeout_while_the_proxy_drains_cuts_no_request_short(
     else:
         wait_until(
             lambda: [g["generation"] for g in flipvisor.program("web")["generations"]] == [2],
-            timeout=15,
+            timeout=30,
             message="generation 1 to drain after the proxy's old worker",
         )
         assert proxied(nginx)["version"] == "2"
