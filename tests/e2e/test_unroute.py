@@ -270,12 +270,13 @@ def test_a_program_renamed_back_while_its_old_name_drains_takes_the_file_over_ag
 def test_a_kept_program_goes_once_its_successor_serves_after_a_flip_cut_short_by_timeout(
     flipvisor: Flipvisor, nginx: Nginx
 ) -> None:
-    """`flip site --timeout 2` answers once site is promoted, while nginx's old worker still
+    """`flip site --timeout 5` answers once site is promoted, while nginx's old worker still
     holds a slow request to web (the kept program): web goes once site serves, after that
     worker is gone, not never (it was checked when the flip answered, before site served)."""
-    slow = program(nginx, "1", "--slow-ms", "8000", "--notify")
+    # --timeout 5 leaves the promotion time on a loaded machine (2 s did not, once).
+    slow = program(nginx, "1", "--slow-ms", "12000", "--notify")
     slow["readiness"] = {"notify": True, "timeout": 10}
-    flipvisor.start({"programs": {"web": slow}})  # every answer takes 8 s: none awaited here
+    flipvisor.start({"programs": {"web": slow}})  # every answer takes 12 s: none awaited here
     gen = flipvisor.wait_serving("web")
     answered: list[str] = []
 
@@ -291,7 +292,7 @@ def test_a_kept_program_goes_once_its_successor_serves_after_a_flip_cut_short_by
     assert list(json.loads(flipvisor.cli("reload", "--json").stdout)["kept"]) == ["web"]
     flipvisor.write_config({"programs": {"site": program(nginx, "3")}})
 
-    flipped = flipvisor.cli("flip", "site", "--timeout", "2", "--json")
+    flipped = flipvisor.cli("flip", "site", "--timeout", "5", "--json")
 
     assert flipped.returncode == 0, flipped.stdout + flipped.stderr + flipvisor.output()
     assert json.loads(flipped.stdout)["warning"], flipped.stdout  # answered before it served
