@@ -79,7 +79,6 @@ from .proxy import install, proxy_workers, reload, render_template, wait_workers
 from .reaper import Reaper
 from .registry import KeyRange, WatchableRegistry, WatchEvent, WatchLost, key_matches
 from .signals import SHUTDOWN, release
-from .spawn import signal_verified
 from .starttime import (
     Recorded,
     pid_still_names,
@@ -89,6 +88,7 @@ from .starttime import (
     ticks_now,
     with_identity,
 )
+from .verified_signal import signal_verified
 
 log = logging.getLogger(__name__)
 
