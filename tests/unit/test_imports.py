@@ -77,15 +77,18 @@ ALLOWED: dict[str, set[str]] = {
         "starttime",
     },
     "registry": {"config", "errors", "registry"},
-    "watch": {
+    # The confd side: the runner (watch), following keys, a template entry, a drain_pid entry.
+    "watch": {"registry", "reaper", "config", "signals", "watch_template", "watch_drain"},
+    "watch_follow": {"registry", "errors"},
+    "watch_template": {"registry", "proxy", "reaper", "config", "errors", "watch_follow"},
+    "watch_drain": {
         "registry",
         "proxy",
-        "verified_signal",
-        "reaper",
         "config",
-        "errors",
-        "signals",
         "starttime",
+        "verified_signal",
+        "watch_follow",
+        "watch_template",
     },
     "protocol": {"errors"},
     "events": LEAVES,
