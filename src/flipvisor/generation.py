@@ -24,8 +24,8 @@ from .logs import ProgramLog
 from .probe import NotifySocket, wait_ready
 from .reaper import Reaper
 from .sockets import bound_port
-from .spawn import Strays, signal_strays, wait_for_strays
 from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition
+from .strays import Strays, signal_strays, wait_for_strays
 from .worker import Worker, WorkerSpec, worker_env
 
 log = logging.getLogger(__name__)

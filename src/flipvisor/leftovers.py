@@ -49,8 +49,8 @@ from .generation import KILL_GRACE
 from .progress import pid_list
 from .proxy import wait_workers_gone
 from .registry import WatchableRegistry, program_key
-from .spawn import pidfd_if_still, signal_verified
 from .starttime import Recorded, recorded_from_json, recorded_now, with_identity
+from .verified_signal import pidfd_if_still, signal_verified
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import logging
 import anyio.lowlevel
 
 from .logs import ProgramLog
-from .spawn import read_available, read_now
+from .output_pipe import read_available, read_now
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ async def capture(
 ) -> None:
     """Copy a worker's output pipe into ``log`` line by line until end of file.
 
-    ``read_fd`` must be non-blocking (``spawn.open_output_pipe``); it is enlarged and drained as
+    ``read_fd`` must be non-blocking (``output_pipe.py``); it is enlarged and drained as
     fast as it fills. It stays open (the caller closes it): a capture cancelled while the worker
     still runs can be followed by another, so that the worker never writes into a closed pipe.
     Decoded lines are appended to ``tail`` (a bounded deque) for error messages. A capture that

@@ -12,7 +12,7 @@ import anyio
 from .events import EventLog
 from .generation import KILL_GRACE
 from .reaper import Reaper
-from .spawn import Strays, process_name
+from .strays import Strays, process_name
 
 log = logging.getLogger(__name__)
 

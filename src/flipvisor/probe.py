@@ -25,7 +25,7 @@ import anyio
 from .config import ReadinessConfig
 from .config_consistency import MAX_SOCKET_PATH
 from .errors import ProbeFailed, SpawnError
-from .spawn import run_command
+from .run_command import run_command
 
 if TYPE_CHECKING:  # only the type: probe.py's allowed imports are config, errors, spawn
     import httpx
@@ -115,7 +115,7 @@ class NotifySocket:
                 data, ancdata, _flags, _addr = self._sock.recvmsg(NOTIFY_BUFFER, _ANCILLARY)
             except BlockingIOError:
                 data = None
-            if data is None:  # waited outside the except clause, as spawn.read_available
+            if data is None:  # waited outside the except clause, as output_pipe.read_available
                 await anyio.wait_readable(self._sock)
                 continue
             self._handle(data, ancdata, pids())

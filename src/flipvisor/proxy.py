@@ -2,8 +2,8 @@
 
 Every step that changes the proxy file keeps what it replaced, so a flip that fails later can put
 the previous file back (``Installed.restore``) before anything reloads. Check and reload commands
-run only through ``spawn.run_command``; the proxy's old workers are awaited through pidfds, never
-by polling.
+run only through ``run_command.py``; the proxy's old workers are awaited through pidfds, never by
+polling.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import anyio
 
 from .config_fields import PROGRAM_NAME_RE
 from .errors import ProxyError, ProxyFileError, ProxyReloadFailed, ProxyReloadTimedOut, SpawnError
-from .spawn import pidfd_if_still, run_command
+from .run_command import run_command
 from .starttime import Recorded, recorded_now
 from .usable import file_problem
+from .verified_signal import pidfd_if_still
 
 if TYPE_CHECKING:  # only the type: proxy.py's allowed imports are config, errors, spawn
     from .reaper import Reaper

@@ -5,7 +5,7 @@ the file is being edited (a YAML error), and once its ``state_dir`` changed, whi
 when the supervisor restarts: every command said that no supervisor listens, and the ``flipvisor
 run`` it suggested started a second supervisor for the same file. So ``run``, once its control
 socket listens, records where: ``<runtime folder>/<hash of the config's real path>.json`` holds
-the socket's path, the supervisor's PID, its start tick and boot id (``starttime.identity_of``:
+the socket's path, the supervisor's PID, its start tick and boot id (``starttime.Identity``:
 they do not move when the wall clock is stepped, as its start time does; that is kept too, for
 people), and the config's real path; written atomically, mode 0600, removed when the supervisor
 exits. A supervisor that was killed leaves its record behind: a record is believed only while its
@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .starttime import Identity, identity_of, is_process, start_time_of
+from .starttime import Identity, Recorded, is_process, recorded_now
 
 RUNTIME_ENV = "FLIPVISOR_RUNTIME_DIR"
 ROOT_RUNTIME_DIR = Path("/run/flipvisor")
@@ -59,14 +59,10 @@ class RunRecord:
         return self.socket_path.parent
 
     def encode(self) -> bytes:
-        document = {
-            "config": self.config,
-            "socket": str(self.socket_path),
-            "pid": self.pid,
-            "ticks": self.identity.ticks,
-            "boot_id": self.identity.boot_id,
-            "started": self.started,
-        }
+        # The process as a generation record's entries name one (``pid``, ``ticks``, ``boot_id``,
+        # ``started``); ``parse_record`` requires every one of them.
+        process = Recorded(self.pid, self.identity, self.started).to_json()
+        document = {"config": self.config, "socket": str(self.socket_path), **process}
         return json.dumps(document).encode()
 
 
@@ -111,7 +107,12 @@ def private_folder(folder: Path) -> bool:
 def parse_record(data: bytes, config: str) -> RunRecord | None:
     """The record ``data`` holds, if it is a record of the config file whose real path is
     ``config``; None for anything else (not JSON, a field missing or of the wrong type, another
-    file's record, one written before records held a start tick and boot id)."""
+    file's record, one written before records held a start tick and boot id).
+
+    Stricter than ``starttime.recorded_from_json``, which takes what older flipvisors and other
+    writers put in a generation record (a PID or a start time as a string, no start tick):
+    flipvisor alone writes this file, with every field.
+    """
     try:
         document = json.loads(data)
     except ValueError:  # UnicodeDecodeError included
@@ -192,11 +193,11 @@ def write_record(config_path: Path, socket_path: Path) -> Path:
             errno.EPERM, "not a folder of this user's that only it can write to", str(folder)
         )
     pid = os.getpid()
-    identity, started = identity_of(pid), start_time_of(pid)
-    if identity is None or started is None:
+    me = recorded_now(pid)  # its start tick, boot id and start time, from one read
+    if me is None or me.identity is None or me.started is None:
         raise FileNotFoundError(errno.ENOENT, "cannot read this process's start tick", "/proc")
     config = real_config_path(config_path)
-    record = RunRecord(config, Path(os.path.abspath(socket_path)), pid, identity, started)
+    record = RunRecord(config, Path(os.path.abspath(socket_path)), pid, me.identity, me.started)
     path = record_path(folder, config)
     # Written beside it and renamed into place: a reader never sees half a record.
     temporary = path.with_name(f".{path.name}.{pid}")

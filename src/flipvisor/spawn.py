@@ -1,33 +1,34 @@
-"""The only creator of OS processes, and the only code that signals them (always through a pidfd).
+"""The only creator of OS processes, and the handle on each (``Child``), signalled only through
+its pidfd.
 
 Processes are started with ``posix_spawn`` through a tiny ``/bin/sh`` exec shim that exports
 ``LISTEN_PID=$$`` (only the child knows its own PID, and gunicorn ignores a socket without it) and
 changes into the working directory, then ``exec``s the user's argv: the user's command is never
 parsed by a shell. Every child gets its own session (so its process group can be killed whole),
-``/dev/null`` on stdin, an optional pipe on stdout+stderr, and an optional listening socket on
-fd 3. Its exit is collected by the one ``Reaper``.
+``/dev/null`` on stdin, an optional pipe on stdout+stderr (``output_pipe.py``), and an optional
+listening socket on fd 3. Its exit is collected by the one ``Reaper``.
+
+Other processes are signalled through pidfds too: a recorded one only while its PID still names
+it (``verified_signal.py``), our stray children while they are unreaped (``strays.py``).
 """
 
 from __future__ import annotations
 
 import errno
-import logging
 import os
-import select
 import shutil
 import signal
 import time
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 
 from .errors import SpawnError
+from .output_pipe import open_output_pipe
 from .reaper import ExitWaiter, Reaper
-from .starttime import Recorded, pid_still_names, recorded_now
-
-log = logging.getLogger(__name__)
+from .starttime import Recorded, recorded_now
 
 LISTEN_FD = 3
 PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2  # Linux 6.9+: signal the pidfd's process group
@@ -37,9 +38,6 @@ _SHIM = 'cd -- "$0" || exit 127; LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
 # Every signal a worker could inherit as ignored (Python ignores SIGPIPE and SIGXFSZ; our own
 # parent may have ignored more) goes back to its default; KILL and STOP cannot be caught anyway.
 _SIGNALS_TO_DEFAULT = tuple(sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}))
-OUTPUT_TAIL_BYTES = 64 * 1024
-# How long a finished command's output may still be read (a background process may hold it).
-OUTPUT_GRACE = 1.0
 
 
 @dataclass
@@ -271,32 +269,6 @@ def spawn_process(
     return Child(pid=pid, pidfd=pidfd, exit=waiter, spawned_at=time.time())
 
 
-@dataclass(frozen=True)
-class CommandResult:
-    """What a short-lived command did: its return code and the tail of its output."""
-
-    argv: tuple[str, ...]
-    returncode: int
-    output: str
-    timed_out: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out
-
-    def describe(self) -> str:
-        """One paragraph for an error message."""
-        what = " ".join(self.argv)
-        if self.timed_out:
-            head = f"`{what}` timed out"
-        elif self.returncode < 0:
-            head = f"`{what}` was killed by {signal.Signals(-self.returncode).name}"
-        else:
-            head = f"`{what}` exited with status {self.returncode}"
-        tail = self.output.strip()
-        return f"{head}: {tail}" if tail else head
-
-
 def spawn_with_output(
     argv: Sequence[str],
     *,
@@ -322,266 +294,3 @@ def spawn_with_output(
     finally:
         os.close(write_fd)  # the child has its copy; ours would keep the pipe from ending
     return child, read_fd
-
-
-def open_output_pipe() -> tuple[int, int]:
-    """A close-on-exec pipe whose read end does not block; (read_fd, write_fd)."""
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    os.set_blocking(read_fd, False)
-    return read_fd, write_fd
-
-
-async def read_available(fd: int, limit: int = 65536) -> bytes:
-    """Wait until ``fd`` is readable and read what is there; b"" at end of file."""
-    while True:
-        try:
-            return os.read(fd, limit)
-        except BlockingIOError:
-            pass
-        # Waited outside the except clause: awaiting inside it would keep the BlockingIOError
-        # and its traceback alive for as long as an idle worker stays quiet (one per worker).
-        await anyio.wait_readable(fd)
-
-
-def read_now(fd: int, limit: int) -> bytes:
-    """Read what ``fd`` (non-blocking) holds now, up to ``limit`` bytes, without waiting: b"" when
-    it is empty or at end of file."""
-    try:
-        return os.read(fd, limit)
-    except BlockingIOError:
-        return b""
-
-
-def pipe_ended(read_fd: int) -> bool:
-    """Whether the pipe behind ``read_fd`` is at end of file, without waiting: no process holds
-    its write end any more, and nothing is left to read."""
-    poller = select.poll()
-    poller.register(read_fd, select.POLLIN)
-    events = dict(poller.poll(0)).get(read_fd, 0)
-    return events & (select.POLLIN | select.POLLHUP) == select.POLLHUP
-
-
-async def run_command(
-    argv: Sequence[str],
-    *,
-    reaper: Reaper,
-    timeout: float,
-    env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-) -> CommandResult:
-    """Run a short command to completion (a check, a reload, an exec probe), bounded by ``timeout``.
-
-    A command that outlives ``timeout`` has its process group killed and is reaped before this
-    returns; so is one whose caller is cancelled.
-
-    Raises:
-        SpawnError: it could not be started.
-    """
-    child, read_fd = spawn_with_output(
-        argv, reaper=reaper, env=env if env is not None else os.environ, cwd=cwd
-    )
-    output = bytearray()
-    try:
-        # One task reads until end of output, then waits for the exit. The scope's deadline is
-        # the timeout, and the exit brings it forward: a background process the command left
-        # behind may hold its output open, so read what is there, but do not wait for it.
-        with anyio.move_on_after(timeout) as scope:
-
-            def exited() -> None:
-                scope.deadline = min(scope.deadline, anyio.current_time() + OUTPUT_GRACE)
-
-            child.exit.on_exit(exited)
-            while chunk := await read_available(read_fd):
-                output.extend(chunk)
-                del output[:-OUTPUT_TAIL_BYTES]
-            await child.wait()  # it closed its output; it may still be running
-        timed_out = not child.exit.reaped
-    finally:
-        child.exit.on_exit(None)
-        os.close(read_fd)
-        returncode = await child.stop(signal.SIGKILL, timeout=5.0)
-        # What it left running in its group (re-parented to us) is not meant to outlive it.
-        signal_strays({child.pid}, signal.SIGKILL)
-        child.close()
-    return CommandResult(
-        tuple(argv), returncode, output.decode("utf-8", "replace"), timed_out=timed_out
-    )
-
-
-def pidfd_if_still(process: Recorded) -> int | None:
-    """A pidfd for ``process.pid`` if it still names the recorded process (by its start tick and
-    boot id, or for an older record its start time: ``starttime.pid_still_names``); the caller
-    closes it. None if it is gone, or the PID now names another process.
-
-    The pidfd is opened *before* the identity is compared, so the check and whatever is done
-    with the pidfd concern the same process even if the PID is recycled in between.
-    """
-    try:
-        pidfd = os.pidfd_open(process.pid)
-    except (OSError, OverflowError):  # gone already, or no PID at all (from a garbage record)
-        return None
-    if not pid_still_names(process):
-        now = recorded_now(process.pid)
-        if now is not None:
-            log.info(
-                "pid=%d is another process now (%s, not %s): the PID was reused",
-                process.pid,
-                now.describe() if process.identity is not None else f"started {now.started:.2f}",
-                process.describe(),
-            )
-        os.close(pidfd)
-        return None
-    return pidfd
-
-
-def signal_verified(process: Recorded, sig: int) -> bool:
-    """Signal ``process.pid`` only if it still names the recorded process; False when it does
-    not (or it is gone)."""
-    pidfd = pidfd_if_still(process)
-    if pidfd is None:
-        return False
-    try:
-        signal.pidfd_send_signal(pidfd, sig)
-    except ProcessLookupError:
-        return False
-    finally:
-        os.close(pidfd)
-    return True
-
-
-def own_children() -> list[int]:
-    """PIDs of our direct children, from ``/proc/self/task/*/children`` (psutil would read every
-    process's status to find them); psutil where the kernel lacks that file."""
-    pids: list[int] = []
-    try:
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/children", encoding="ascii") as children:
-                pids.extend(int(pid) for pid in children.read().split())
-    except FileNotFoundError:
-        import psutil  # only here: importing it costs every start ~10 ms
-
-        return [child.pid for child in psutil.Process().children()]
-    return pids
-
-
-class Strays:
-    """Our own running children in some process groups (or all of them), each held by a pidfd.
-
-    These are orphans re-parented to the supervisor (a subreaper, or PID 1): a worker's
-    descendants once the worker exited, a daemonized helper once its parent exited. Each pidfd is
-    opened while the process is our unreaped child, with nothing awaited between the check and
-    the open, so it names that very process: signalled or waited for through it later, after any
-    number of awaits, a recycled PID is never reached. Close it (``with``) when done.
-    """
-
-    def __init__(self, pidfds: dict[int, int]) -> None:
-        self._pidfds = pidfds
-
-    @classmethod
-    def collect(cls, process_groups: Container[int] | None = None) -> Strays:
-        """Our running children in one of ``process_groups`` (None: every child of ours)."""
-        pidfds: dict[int, int] = {}
-        try:
-            for pid in own_children():
-                try:
-                    if process_groups is not None and os.getpgid(pid) not in process_groups:
-                        continue
-                    if _is_zombie(pid):
-                        continue  # exited already; the reaper collects it
-                    pidfds[pid] = os.pidfd_open(pid)
-                except OSError:
-                    continue  # exited (and reaped) meanwhile
-        except BaseException:
-            for pidfd in pidfds.values():
-                os.close(pidfd)
-            raise
-        return cls(pidfds)
-
-    @property
-    def pids(self) -> list[int]:
-        return list(self._pidfds)
-
-    def __bool__(self) -> bool:
-        return bool(self._pidfds)
-
-    def signal(self, sig: int) -> list[int]:
-        """Send ``sig`` to each; the PIDs of those that had not exited yet."""
-        signalled = []
-        for pid, pidfd in self._pidfds.items():
-            # An exited process not yet reaped (a zombie) still takes a signal without an
-            # error: it would be reported as signalled (a "killed" event for a helper that had
-            # exited cleanly). Its pidfd is readable from its exit on.
-            if _readable(pidfd):
-                continue
-            try:
-                signal.pidfd_send_signal(pidfd, sig)
-            except ProcessLookupError:
-                continue
-            signalled.append(pid)
-        return signalled
-
-    async def wait(self) -> None:
-        """Return once every one has exited (a pidfd turns readable at its process's exit).
-
-        Unbounded: the caller bounds it with a cancel scope.
-        """
-        for pidfd in self._pidfds.values():
-            await anyio.wait_readable(pidfd)
-
-    def close(self) -> None:
-        for pidfd in self._pidfds.values():
-            os.close(pidfd)
-        self._pidfds = {}
-
-    def __enter__(self) -> Strays:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _readable(fd: int) -> bool:
-    """Whether ``fd`` is readable now (a pidfd: its process exited), without waiting."""
-    return bool(select.select([fd], [], [], 0)[0])
-
-
-def signal_strays(process_groups: Container[int] | None, sig: int) -> list[int]:
-    """Signal our own running children in one of ``process_groups`` (None: all); their PIDs.
-
-    Being our unreaped children, their PIDs cannot have been reused, and nothing is awaited
-    between the check and the signal (see ``Strays``).
-    """
-    with Strays.collect(process_groups) as strays:
-        return strays.signal(sig)
-
-
-async def wait_for_strays(process_groups: Container[int]) -> None:
-    """Return once no child of ours is left running in ``process_groups``; unbounded, so the
-    caller bounds it.
-
-    Waits on pidfds, round after round: a stray's own children in the group are re-parented
-    to us only as it exits, so each round looks again once the ones it found are gone.
-    """
-    while True:
-        with Strays.collect(process_groups) as strays:
-            if not strays:
-                return
-            await strays.wait()
-
-
-def process_name(pid: int) -> str:
-    """The command name of ``pid`` (``/proc/<pid>/comm``), "?" once it is gone: for messages."""
-    try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as comm:
-            return comm.read().strip()
-    except OSError:
-        return "?"
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            # The state follows the command name, which is in parentheses and may hold spaces.
-            return stat.read().rpartition(")")[2].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True  # gone

@@ -22,8 +22,9 @@ from .errors import SpawnError
 from .lazy_event import LazyEvent
 from .logs import ProgramLog
 from .logs_capture import capture
+from .output_pipe import OUTPUT_GRACE, pipe_ended
 from .reaper import Reaper
-from .spawn import LISTEN_FD, OUTPUT_GRACE, Child, pipe_ended, spawn_with_output
+from .spawn import LISTEN_FD, Child, spawn_with_output
 from .states import WORKER_TRANSITIONS, WorkerState, check_transition
 
 # How long a restarted worker must stay up before its backoff starts again from zero.

@@ -20,8 +20,8 @@ import pytest
 
 from flipvisor.config import DrainConfig, SocketConfig
 from flipvisor.leftovers import Leftovers, leftovers_in, processes_of, this_supervisor
-from flipvisor.spawn import signal_verified
 from flipvisor.starttime import Identity, Recorded, recorded_now
+from flipvisor.verified_signal import signal_verified
 from tests.clock import step_clock
 from tests.waiting import wait_until
 

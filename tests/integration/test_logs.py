@@ -20,8 +20,9 @@ from flipvisor.logs import ProgramLog
 from flipvisor.logs_capture import MAX_LINE, capture, enlarge_pipe
 from flipvisor.logs_follow import SEQ_XATTR, SKIPPED_MARK, follow, read_seq
 from flipvisor.logs_tail import tail_lines
+from flipvisor.output_pipe import open_output_pipe
 from flipvisor.reaper import Reaper
-from flipvisor.spawn import open_output_pipe, spawn_process
+from flipvisor.spawn import spawn_process
 from tests.waiting import wait_until
 
 LINE_RE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (g\d+ w\d+ pid=\d+) \| (.*)$")
@@ -297,7 +298,7 @@ def test_tail_lines_reaches_into_the_previous_files(log_path: Path) -> None:
 
 def test_the_logs_command_reads_without_the_supervisors_modules(tmp_path: Path) -> None:
     """`flipvisor logs` only reads files: like `status`, it imports neither pydantic (the config
-    models) nor anyio and spawn (the capture), so it answers as quickly."""
+    models) nor anyio, spawn or output_pipe (the capture), so it answers as quickly."""
     from tests.reaping import run_script
 
     config = tmp_path / "flipvisor.yaml"
@@ -311,7 +312,8 @@ def test_the_logs_command_reads_without_the_supervisors_modules(tmp_path: Path) 
         "out = io.StringIO()\n"
         "with contextlib.redirect_stdout(out):\n"
         "    code = run_cli(['logs', 'app', '-n', '1', '-c', sys.argv[1]])\n"
-        "heavy = ('pydantic', 'anyio', 'flipvisor.config', 'flipvisor.spawn')\n"
+        "heavy = ('pydantic', 'anyio', 'flipvisor.config', 'flipvisor.spawn',\n"
+        "         'flipvisor.output_pipe')\n"
         "print(json.dumps([code, out.getvalue(), sorted(m for m in sys.modules if m in heavy)]))\n",
         str(config),
     )

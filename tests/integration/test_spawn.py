@@ -1,5 +1,6 @@
-"""spawn.py against real children: what a worker inherits (fds, env, cwd, signals, session),
-how it is stopped, short commands with timeouts, and PID-reuse-safe signalling."""
+"""spawn.py and its neighbours against real children: what a worker inherits (fds, env, cwd,
+signals, session), how it is stopped, its output pipe (output_pipe.py), short commands with
+timeouts (run_command.py), and PID-reuse-safe signalling (verified_signal.py, strays.py)."""
 
 from __future__ import annotations
 
@@ -22,21 +23,14 @@ import pytest
 
 from flipvisor.config import SocketConfig
 from flipvisor.errors import SpawnError
+from flipvisor.output_pipe import open_output_pipe, pipe_ended, read_available, read_now
 from flipvisor.reaper import Reaper
+from flipvisor.run_command import run_command
 from flipvisor.sockets import bind_listener, bound_port
-from flipvisor.spawn import (
-    Child,
-    Strays,
-    open_output_pipe,
-    pipe_ended,
-    read_available,
-    read_now,
-    resolve_executable,
-    run_command,
-    signal_verified,
-    spawn_process,
-)
+from flipvisor.spawn import Child, resolve_executable, spawn_process
 from flipvisor.starttime import Identity, Recorded, boot_id, recorded_now, start_time_of
+from flipvisor.strays import Strays
+from flipvisor.verified_signal import signal_verified
 from tests.clock import step_clock
 from tests.reaping import run_script, running_reaper
 from tests.waiting import wait_until
@@ -714,7 +708,8 @@ def test_sealing_inherited_fds_once_keeps_them_from_every_worker() -> None:
     script = """
 import anyio, json, os, sys
 from flipvisor.reaper import Reaper
-from flipvisor.spawn import run_command, seal_inherited_fds
+from flipvisor.run_command import run_command
+from flipvisor.spawn import seal_inherited_fds
 read_fd, write_fd = os.pipe()
 os.set_inheritable(write_fd, True)  # as if our own parent had left it open for us
 sealed = seal_inherited_fds()

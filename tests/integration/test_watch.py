@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from flipvisor import proxy, watch
+from flipvisor import proxy, watch_drain, watch_template
 from flipvisor.config import Config
 from flipvisor.errors import ProxyError
 from flipvisor.reaper import Reaper
@@ -212,7 +212,7 @@ def entry(pid: int, *, ticks: bool = False) -> dict[str, object]:
 async def test_drain_pid_refuses_a_pid_it_never_saw_serving(
     etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
     async with watching(config) as (reaper, _):
         bystander = start_sleeper(reaper)
@@ -305,7 +305,7 @@ async def test_drain_pid_drains_the_process_it_saw_serving_after_a_clock_step(
     (``tests/clock.py``). The process seen as pid/current is known by its start tick and boot
     id: the record's (flipvisor's), or, from a record with start times only (another writer's),
     read when the watcher saw it there."""
-    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
     reload_log = tmp_path / "reloads.log"
     async with watching(config) as (reaper, registry):
@@ -337,8 +337,8 @@ async def test_drain_pid_is_held_while_a_template_failed_until_it_applies_a_chan
 ) -> None:
     # The promotion's render fails its check, so the proxy still routes only to the old
     # process: draining it would be an outage.
-    monkeypatch.setattr(watch, "CATCH_UP_TIMEOUT", 0.5)
-    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    monkeypatch.setattr(watch_drain, "CATCH_UP_TIMEOUT", 0.5)
+    caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
     dest, reload_log = tmp_path / "out" / "app.conf", tmp_path / "reloads.log"
     async with watching(config) as (reaper, registry):
@@ -378,7 +378,7 @@ async def test_drain_pid_goes_ahead_after_a_slow_template_gets_catch_up_timeout(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(watch, "CATCH_UP_TIMEOUT", 0.5)
+    monkeypatch.setattr(watch_drain, "CATCH_UP_TIMEOUT", 0.5)
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, hang_on="42000")
     reload_log = tmp_path / "reloads.log"
     async with watching(config) as (reaper, registry):
@@ -405,7 +405,7 @@ async def test_drain_pid_drains_after_a_re_read_a_process_it_saw_before(
 ) -> None:
     # The promotion happens while the watcher is away, in an etcd whose revision went back:
     # the watcher reads the keys again, and the promotion is in what it reads.
-    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     config = make_config(tmp_path, restartable_etcd.endpoint, etcd_prefix, drain=True)
     reload_log = tmp_path / "reloads.log"
     for n in range(5):  # history the replacement will not have
@@ -465,7 +465,7 @@ async def test_drain_pid_does_not_trust_a_bare_pid_current_found_at_start(
 ) -> None:
     # pid/current without a generation record naming it, there before the watcher: perhaps
     # stale, its PID reused by the process now running under it.
-    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
     bystander, new = popen_sleeper(), popen_sleeper()
     try:
@@ -492,7 +492,7 @@ async def test_drain_pid_does_not_trust_a_bare_pid_current_found_at_start(
 async def test_drain_pid_trusts_the_generation_record_found_at_start(
     etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
     old, new = popen_sleeper(), popen_sleeper()
     try:
@@ -571,8 +571,8 @@ def _loud(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """A watch's failed apply retried within 50-200 ms, so that tests see several retries."""
-    monkeypatch.setattr(watch, "APPLY_RETRY_FIRST", 0.05)
-    monkeypatch.setattr(watch, "APPLY_RETRY_MAX", 0.2)
+    monkeypatch.setattr(watch_template, "APPLY_RETRY_FIRST", 0.05)
+    monkeypatch.setattr(watch_template, "APPLY_RETRY_MAX", 0.2)
 
 
 def outputs(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -685,8 +685,8 @@ async def test_a_key_change_during_the_backoff_applies_at_once_and_restarts_it(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(watch, "APPLY_RETRY_FIRST", 60.0)
-    monkeypatch.setattr(watch, "APPLY_RETRY_MAX", 60.0)
+    monkeypatch.setattr(watch_template, "APPLY_RETRY_FIRST", 60.0)
+    monkeypatch.setattr(watch_template, "APPLY_RETRY_MAX", 60.0)
     broken = tmp_path / "broken-elsewhere"
     broken.touch()
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, broken_while=broken)
@@ -699,7 +699,7 @@ async def test_a_key_change_during_the_backoff_applies_at_once_and_restarts_it(
         )
         ran = _lines(checks)
         # The change's own failure starts a new backoff, from the first delay.
-        monkeypatch.setattr(watch, "APPLY_RETRY_FIRST", 0.05)
+        monkeypatch.setattr(watch_template, "APPLY_RETRY_FIRST", 0.05)
         etcd_server.put(f"{etcd_prefix}/app/port/current", "42000")
         # At once: the backoff had about a minute left.
         await await_until(
@@ -721,7 +721,7 @@ async def test_stopping_during_the_backoff_is_prompt(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(watch, "APPLY_RETRY_FIRST", 60.0)
+    monkeypatch.setattr(watch_template, "APPLY_RETRY_FIRST", 60.0)
     broken = tmp_path / "broken-elsewhere"
     broken.touch()
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, broken_while=broken)
@@ -743,9 +743,9 @@ async def test_a_held_drain_proceeds_once_a_retry_applies_the_change(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(watch, "CATCH_UP_TIMEOUT", 0.5)
+    monkeypatch.setattr(watch_drain, "CATCH_UP_TIMEOUT", 0.5)
     fast_retries(monkeypatch)
-    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     broken = tmp_path / "broken-elsewhere"
     config = make_config(
         tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, broken_while=broken
@@ -798,8 +798,8 @@ async def test_drain_pid_is_held_while_a_template_waits_for_a_deleted_key(
     Or until the old process exits by itself (its supervisor stopped it, which withdrew the key):
     then the hold ends, quietly, instead of an error every CATCH_UP_TIMEOUT while the key stays
     away."""
-    monkeypatch.setattr(watch, "CATCH_UP_TIMEOUT", 0.3)
-    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    monkeypatch.setattr(watch_drain, "CATCH_UP_TIMEOUT", 0.3)
+    caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, mode_key=True)
     dest, reload_log, _ = outputs(tmp_path)
     async with watching(config) as (reaper, registry):
@@ -841,7 +841,7 @@ async def test_drain_pid_never_drains_the_process_pid_current_still_names(
     etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A seed-style service running its swap again for the same process: previous = current.
-    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
     async with watching(config) as (reaper, _):
         serving = start_sleeper(reaper)
@@ -889,7 +889,7 @@ def test_drain_pid_refuses_the_watcher_its_parent_and_init(tmp_path: Path) -> No
     config = make_config(tmp_path, "127.0.0.1:1", "p", drain=True)
     registry = EtcdRegistry(config.registry)
     assert config.watch[1].drain_pid is not None
-    drain = watch.DrainWatch(config.watch[1].keys[0], config.watch[1].drain_pid, registry, [])
+    drain = watch_drain.DrainWatch(config.watch[1].keys[0], config.watch[1].drain_pid, registry, [])
     for pid, what in [(os.getpid(), "watcher itself"), (os.getppid(), "parent"), (1, "init")]:
         protected = drain._protected(pid)
         assert protected is not None and what in protected
@@ -899,11 +899,13 @@ async def test_drain_pid_trusts_a_bare_pid_only_from_a_live_change(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The seed's layout (no generation record), fed to the entry as its registry watch would.
-    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     config = make_config(tmp_path, "127.0.0.1:1", "p", drain=True)
     entry = config.watch[1]
     assert entry.drain_pid is not None
-    drain = watch.DrainWatch(entry.keys[0], entry.drain_pid, EtcdRegistry(config.registry), [])
+    drain = watch_drain.DrainWatch(
+        entry.keys[0], entry.drain_pid, EtcdRegistry(config.registry), []
+    )
     current, previous = "p/app/pid/current", "p/app/pid/previous"
     late, old, reused, new = (popen_sleeper() for _ in range(4))
     try:
@@ -919,7 +921,7 @@ async def test_drain_pid_trusts_a_bare_pid_only_from_a_live_change(
             )
             assert f"refusing to signal pid={late.pid}: never seen" in caplog.text
             # A live change whose process started after it arrived: the PID was reused.
-            monkeypatch.setattr(watch, "ticks_now", lambda: 0)
+            monkeypatch.setattr(watch_drain, "ticks_now", lambda: 0)
             await drain.changed([WatchEvent(current, str(reused.pid), 5, live=True)])
             assert f"not trusting pid={reused.pid} in pid/current" in caplog.text
             # The process seen live is drained.
@@ -934,12 +936,12 @@ async def test_drain_pid_trusts_a_bare_pid_only_from_a_live_change(
             process.wait(timeout=5)
 
 
-def drain_watch(tmp_path: Path) -> watch.DrainWatch:
+def drain_watch(tmp_path: Path) -> watch_drain.DrainWatch:
     """A drain_pid entry on p/app/pid/previous, to feed changes to as its registry watch would."""
     config = make_config(tmp_path, "127.0.0.1:1", "p", drain=True)
     entry = config.watch[1]
     assert entry.drain_pid is not None
-    return watch.DrainWatch(entry.keys[0], entry.drain_pid, EtcdRegistry(config.registry), [])
+    return watch_drain.DrainWatch(entry.keys[0], entry.drain_pid, EtcdRegistry(config.registry), [])
 
 
 async def test_drain_pid_drains_a_bare_pid_seen_live_after_a_clock_step(
@@ -948,7 +950,7 @@ async def test_drain_pid_drains_a_bare_pid_seen_live_after_a_clock_step(
     """A bare PID (no record) seen in a live change is known by the start tick and boot id of
     the process running under it then: a wall-clock step before the drain (``tests/clock.py``)
     does not make it another."""
-    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     drain = drain_watch(tmp_path)
     current, previous = "p/app/pid/current", "p/app/pid/previous"
     old, new = popen_sleeper(), popen_sleeper()
@@ -980,7 +982,7 @@ async def test_drain_pid_refuses_a_process_the_record_s_start_tick_does_not_name
 ) -> None:
     """The record's start tick and boot id decide, even where its start time matches the process
     running under the PID: another tick is a recycled PID, another boot id another boot's."""
-    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     drain = drain_watch(tmp_path)
     old = popen_sleeper()
     try:
@@ -1036,7 +1038,7 @@ async def test_drain_pid_warns_of_a_running_pid_previous_it_never_saw_but_not_of
     etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A promotion made while no watcher ran: the replaced process is left to the operator.
-    caplog.set_level(logging.INFO, logger="flipvisor.watch")
+    caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
     running, gone = popen_sleeper(), popen_sleeper()
     gone.kill()
@@ -1060,7 +1062,7 @@ async def test_drain_pid_warns_of_a_running_pid_previous_it_never_saw_but_not_of
 async def test_an_unreachable_registry_is_warned_about_once_per_entry(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="flipvisor.watch")
+    caplog.set_level(logging.DEBUG, logger="flipvisor.watch_follow")
     config = make_config(tmp_path, f"127.0.0.1:{free_port()}", "p", drain=True)
     dest = tmp_path / "out" / "app.conf"
 
@@ -1068,7 +1070,9 @@ async def test_an_unreachable_registry_is_warned_about_once_per_entry(
         return [
             r.getMessage()
             for r in caplog.records
-            if r.name == "flipvisor.watch" and r.levelno == level and "retrying" in r.getMessage()
+            if r.name == "flipvisor.watch_follow"
+            and r.levelno == level
+            and "retrying" in r.getMessage()
         ]
 
     async with watching(config):

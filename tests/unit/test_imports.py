@@ -22,7 +22,10 @@ LEAVES = ERRORS | {"states", "lazy_event", "signals", "usable", "starttime"}
 CONFIG = {"config", "config_fields", "config_file", "config_consistency"}
 # A program's log: the rotating writer, a worker's capture into it, and the CLI's readers.
 LOGS = {"logs", "logs_capture", "logs_tail", "logs_follow"}
-BASE = LEAVES | CONFIG | LOGS | {"reaper", "spawn", "sockets", "events", "progress"}
+# Processes: the only creator (spawn), a child's output pipe, a short command run to completion,
+# a recorded process signalled only while its PID names it, our stray children.
+SPAWN = {"spawn", "output_pipe", "run_command", "verified_signal", "strays"}
+BASE = LEAVES | CONFIG | LOGS | SPAWN | {"reaper", "sockets", "events", "progress"}
 CHECKS = BASE | {"probe", "proxy", "registry"}
 WORKERS = CHECKS | {"worker", "generation"}
 CORE = WORKERS | {
@@ -52,16 +55,41 @@ ALLOWED: dict[str, set[str]] = {
     "config_consistency": {"config_file", "problems"},
     "config_file": {"config", "config_consistency", "errors", "locate", "problems"},
     "reaper": {"errors"},
-    "spawn": {"errors", "config", "reaper", "starttime"},
+    "spawn": {"errors", "config", "reaper", "starttime", "output_pipe"},
+    "output_pipe": set(),
+    "run_command": {"reaper", "spawn", "output_pipe", "strays"},
+    "verified_signal": {"starttime"},
+    "strays": set(),
     "logs": {"config", "logs_follow"},  # logs_follow: the numbering its files get
-    "logs_capture": {"logs", "spawn"},
+    "logs_capture": {"logs", "output_pipe"},
     "logs_tail": set(),
     "logs_follow": {"logs_tail"},
     "sockets": {"config", "errors", "usable"},
-    "probe": {"config", "config_consistency", "errors", "spawn", "reaper"},
-    "proxy": {"config", "config_fields", "errors", "spawn", "reaper", "usable", "starttime"},
+    "probe": {"config", "config_consistency", "errors", "run_command", "reaper"},
+    "proxy": {
+        "config",
+        "config_fields",
+        "errors",
+        "run_command",
+        "verified_signal",
+        "reaper",
+        "usable",
+        "starttime",
+    },
     "registry": {"config", "errors", "registry"},
-    "watch": {"registry", "proxy", "spawn", "reaper", "config", "errors", "signals", "starttime"},
+    # The confd side: the runner (watch), following keys, a template entry, a drain_pid entry.
+    "watch": {"registry", "reaper", "config", "signals", "watch_template", "watch_drain"},
+    "watch_follow": {"registry", "errors"},
+    "watch_template": {"registry", "proxy", "reaper", "config", "errors", "watch_follow"},
+    "watch_drain": {
+        "registry",
+        "proxy",
+        "config",
+        "starttime",
+        "verified_signal",
+        "watch_follow",
+        "watch_template",
+    },
     "protocol": {"errors"},
     "events": LEAVES,
     "progress": LEAVES | {"events"},

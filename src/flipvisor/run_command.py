@@ -1,0 +1,93 @@
+"""A short command run to completion (a check, a reload, an exec probe): bounded by a timeout,
+the tail of its output kept, and nothing it started left running once it is done.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from .output_pipe import OUTPUT_GRACE, read_available
+from .reaper import Reaper
+from .spawn import spawn_with_output
+from .strays import signal_strays
+
+OUTPUT_TAIL_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a short-lived command did: its return code and the tail of its output."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    output: str
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    def describe(self) -> str:
+        """One paragraph for an error message."""
+        what = " ".join(self.argv)
+        if self.timed_out:
+            head = f"`{what}` timed out"
+        elif self.returncode < 0:
+            head = f"`{what}` was killed by {signal.Signals(-self.returncode).name}"
+        else:
+            head = f"`{what}` exited with status {self.returncode}"
+        tail = self.output.strip()
+        return f"{head}: {tail}" if tail else head
+
+
+async def run_command(
+    argv: Sequence[str],
+    *,
+    reaper: Reaper,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> CommandResult:
+    """Run a short command to completion (a check, a reload, an exec probe), bounded by ``timeout``.
+
+    A command that outlives ``timeout`` has its process group killed and is reaped before this
+    returns; so is one whose caller is cancelled.
+
+    Raises:
+        SpawnError: it could not be started.
+    """
+    child, read_fd = spawn_with_output(
+        argv, reaper=reaper, env=env if env is not None else os.environ, cwd=cwd
+    )
+    output = bytearray()
+    try:
+        # One task reads until end of output, then waits for the exit. The scope's deadline is
+        # the timeout, and the exit brings it forward: a background process the command left
+        # behind may hold its output open, so read what is there, but do not wait for it.
+        with anyio.move_on_after(timeout) as scope:
+
+            def exited() -> None:
+                scope.deadline = min(scope.deadline, anyio.current_time() + OUTPUT_GRACE)
+
+            child.exit.on_exit(exited)
+            while chunk := await read_available(read_fd):
+                output.extend(chunk)
+                del output[:-OUTPUT_TAIL_BYTES]
+            await child.wait()  # it closed its output; it may still be running
+        timed_out = not child.exit.reaped
+    finally:
+        child.exit.on_exit(None)
+        os.close(read_fd)
+        returncode = await child.stop(signal.SIGKILL, timeout=5.0)
+        # What it left running in its group (re-parented to us) is not meant to outlive it.
+        signal_strays({child.pid}, signal.SIGKILL)
+        child.close()
+    return CommandResult(
+        tuple(argv), returncode, output.decode("utf-8", "replace"), timed_out=timed_out
+    )

@@ -1,0 +1,418 @@
+"""A ``drain_pid`` ``watch:`` entry: the processes seen as ``pid/current``, and the drain of
+those ``pid/previous`` names, held until the template entries have applied and reloaded.
+
+A ``drain_pid`` entry on ``<prefix>/<program>/pid/previous`` follows the program's whole folder
+(``watch_follow.py``), so it also sees ``pid/current`` and the ``generation/current`` record. It
+remembers every process it saw as ``pid/current``, by PID, start tick and boot id
+(``starttime.Identity``, which a clock step does not move): the record's (flipvisor writes them),
+or, for a record that gives only a start time (another writer's, an older flipvisor's), the
+process running under the PID if it started then (never a start time read now alone); or, for a
+bare PID that appeared in ``pid/current`` in a live change (``WatchEvent.live``: received as it
+happened), the process running under it then, if it already ran when the change arrived. A bare
+PID found at its first read, or in a change received late (replayed after an outage, found by a
+new read), may be stale and its PID reused since: it is not trusted. When ``pid/previous`` names
+PIDs it first waits (in a task of its own, so it keeps following the keys) until the template
+entries (``watch_template.py``) have successfully applied every earlier change, then signals each
+PID only if it saw that very process serving (``verified_signal.signal_verified`` checks its
+start tick and boot id through a pidfd), and SIGKILLs it after the timeout if it is still that
+process. A PID it never saw is never signalled: it logs a warning instead. Nor is, whatever was
+seen, a PID that ``pid/current`` names at the time of the drain (it serves: a service that ran
+its swap again for the same process), this watcher, its parent, PID 1, or a proxy's master (from
+a ``pidfile``): a key naming one of those was set by mistake. A template that is only slow delays
+a drain by ``CATCH_UP_TIMEOUT`` at most; one whose last render, check or reload failed holds it
+until an attempt (a retry or a change's) succeeds (the proxy may still route to nothing but the
+old process), with an error logged every ``CATCH_UP_TIMEOUT``; so does one that renders the
+program's keys and waits for a missing (deleted) key while its file is in place, until it
+renders again (the file still routes as the last render did). When it has to read the keys again
+(history compacted or replaced, an outage), the difference from what it had is handled as one
+more change, so a promotion made meanwhile still drains.
+
+Why a drain also waits ``RELOAD_SETTLE`` seconds after the templates' last reload: "the reload
+has finished" cannot mean "``reload_cmd`` returned". ``nginx -s reload`` returns once it has sent
+SIGHUP; the master then re-reads its configuration, starts new workers, and only then tells the
+old workers to stop accepting. Until they do, they keep sending new requests to the old upstream,
+and a process drained at that moment refuses them (a 502 for each). The e2e test of the seed's
+self-registering service under load saw a third or more of its requests fail that way with no wait
+at all. A flip waits on evidence instead (the proxy's ``pidfile``: its pre-reload workers gone),
+and so does a template entry with a ``pidfile`` (an addition to the contract's ``watch:`` keys).
+Without one, the watcher waits a fixed grace that covers the master's reconfiguration with a wide
+margin; the drained process then finishes the requests it already accepted. The grace only delays
+drains (measured: 0.05 s still failed requests, 0.2 s did not); renders and reloads never wait for
+it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .config import DrainPidConfig
+from .proxy import wait_workers_gone
+from .registry import KeyRange, WatchableRegistry, WatchEvent
+from .starttime import (
+    Recorded,
+    pid_still_names,
+    recorded_from_json,
+    recorded_now,
+    start_time_of,
+    ticks_now,
+    with_identity,
+)
+from .verified_signal import signal_verified
+from .watch_follow import KeyFollower, follow_keys
+from .watch_template import TemplateWatch
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_TIMEOUT = 60.0  # longest a drain waits for slow templates; a failed one holds it
+# After the templates' last reload, before a drain: the proxy's reconfiguration (module docstring).
+RELOAD_SETTLE = 2.0
+
+
+@dataclass
+class DrainWatch(KeyFollower):
+    """One ``drain_pid`` entry; see the module docstring."""
+
+    key: str
+    drain: DrainPidConfig
+    registry: WatchableRegistry
+    templates: Sequence[TemplateWatch]
+    # The proxies' pidfiles (of the watch's template entries and the config's programs): their
+    # masters are never drained, whatever the keys say.
+    pidfiles: Sequence[Path] = ()
+    # Each by its identity alone where one is known, so that one process is one target.
+    seen: set[Recorded] = field(default_factory=set)
+    values: dict[str, str] = field(default_factory=dict)
+    _tg: TaskGroup | None = None
+    _has_read: bool = False  # a later read is a re-read (after WatchLost or an error)
+
+    @property
+    def folder(self) -> str:
+        return self.key.removesuffix("pid/previous")
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await follow_keys(self.registry, [self.folder], f"drain_pid {self.key}", self)
+
+    async def started(self, start: KeyRange) -> None:
+        if self._has_read:
+            # A re-read (history compacted or replaced, or an outage): what changed while the
+            # watch was away is a change like any other, so a promotion made meanwhile still
+            # drains the process seen as pid/current before.
+            await self.changed(difference(self.values, start.values, start.revision))
+            return
+        self.values = dict(start.values)
+        self._has_read = True
+        self._see_current(
+            parse_pids(self.values.get(self.folder + "pid/current")), None, "at start"
+        )
+        for pid in parse_pids(self.values.get(self.key)):
+            if not any(seen.pid == pid for seen in self.seen):
+                self._never_seen(pid, " found at start")
+
+    def _never_seen(self, pid: int, how: str) -> None:
+        """Say that ``pid/previous`` names ``pid``, a process never seen as ``pid/current``:
+        a warning while it runs (perhaps the replaced service, left to the operator: a
+        promotion this watcher did not see), not for a PID that is gone."""
+        current = self.folder + "pid/current"
+        if start_time_of(pid) is None:
+            log.info(
+                "drain_pid %s: pid=%d%s is not running (never seen as %s): nothing to drain",
+                self.key,
+                pid,
+                how,
+                current,
+            )
+            return
+        log.warning(
+            "drain_pid %s: refusing to signal pid=%d%s: never seen as %s (a promotion made "
+            "while this watcher was not watching, or a PID that is not the service's): it still "
+            "runs; check what it is (ps -o pid,lstart,args -p %d) and stop it by hand if it is "
+            "the replaced service",
+            self.key,
+            pid,
+            how,
+            current,
+            pid,
+        )
+
+    async def changed(self, batch: list[WatchEvent]) -> None:
+        # When the change arrived (in ticks since boot), if it is live: a bare PID it names is
+        # identified by a process that already ran then (read first, so no later process can
+        # pass for it).
+        arrived = ticks_now() if batch and all(e.live for e in batch) else None
+        before = dict(self.values)
+        for event in batch:
+            if event.value is None:
+                self.values.pop(event.key, None)
+            else:
+                self.values[event.key] = event.value
+        # pid/previous is judged against what was seen *before* this change (a transaction
+        # naming the same PID as current and previous must not make it drainable).
+        previous = self.values.get(self.key)
+        if previous is not None and previous != before.get(self.key):
+            targets = []
+            for pid in parse_pids(previous):
+                if self._refused(pid):
+                    continue
+                # Every process seen under the PID: only the live one can match.
+                starts = [seen for seen in self.seen if seen.pid == pid]
+                if not starts:
+                    self._never_seen(pid, "")
+                targets += starts
+            if targets:
+                # In a task of its own: the wait may be long (a failed template holds it), and
+                # this entry must go on seeing pid/current meanwhile. A late drain stays safe:
+                # each target is verified by its identity when it is signalled.
+                assert self._tg is not None
+                self._tg.start_soon(self._drain_after_reloads, targets)
+        current = self.folder + "pid/current"
+        self._see_current(
+            appeared=set(parse_pids(self.values.get(current)))
+            - set(parse_pids(before.get(current))),
+            arrived=arrived,
+            how="in a change received late (replayed after an outage, or found by a new read)",
+        )
+
+    def _see_current(self, appeared: Collection[int], arrived: int | None, how: str) -> None:
+        """Remember the processes ``pid/current`` names, each by its identity (start tick and
+        boot id: a clock step before the drain does not make it unrecognisable).
+
+        The ``generation/current`` record is trusted whenever it names the PID: its identity, or
+        for an entry with only a start time, the process running under the PID now if it started
+        then (identified now; never a start time read now alone). Without one, a PID is
+        identified by the process running under it now only if it has just ``appeared`` in
+        ``pid/current`` in a live change (``arrived``: when it was received, in ticks since boot)
+        and that process already ran when it arrived: a PID found at start or in a change
+        received late may be stale, and the process now running under it another one (the
+        contract: a bare or recycled PID is never signalled). ``how``: how a PID that is not live
+        was found, for the log.
+        """
+        pids = parse_pids(self.values.get(self.folder + "pid/current"))
+        recorded = recorded_processes(self.values.get(self.folder + "generation/current"))
+        for pid in pids:
+            if pid in recorded:
+                process = with_identity(recorded[pid])
+                # Identity only, so that the same process seen by another way is one target.
+                if process.identity is not None:
+                    process = Recorded(pid, process.identity)
+            elif pid in appeared:
+                found = self._identify_bare(pid, arrived, how)
+                if found is None:
+                    continue
+                process = found
+            else:
+                continue
+            if process not in self.seen:
+                log.info(
+                    "drain_pid %s: pid=%d is pid/current (%s)", self.key, pid, process.describe()
+                )
+                self.seen.add(process)
+
+    def _identify_bare(self, pid: int, arrived: int | None, how: str) -> Recorded | None:
+        """The process ``pid`` names, a bare PID that has just appeared in ``pid/current``, if
+        it can be trusted (see ``_see_current``); None (and a log line) if not."""
+        if arrived is None:
+            log.info(
+                "drain_pid %s: not trusting pid=%d found in pid/current %s: "
+                "generation/current gives no start time for it (the key may be stale "
+                "and the PID reused); it will not be drained",
+                self.key,
+                pid,
+                how,
+            )
+            return None
+        process = recorded_now(pid)
+        if process is None or process.identity is None:  # (no identity: no boot id to read)
+            log.warning("drain_pid %s: pid=%d in pid/current is not running here", self.key, pid)
+            return None
+        if process.identity.ticks > arrived:
+            log.warning(
+                "drain_pid %s: not trusting pid=%d in pid/current: the process running under "
+                "it started after the change arrived (the PID was reused); it will not be "
+                "drained",
+                self.key,
+                pid,
+            )
+            return None
+        return Recorded(pid, process.identity)
+
+    async def _drain_after_reloads(self, targets: Sequence[Recorded]) -> None:
+        """Drain ``targets`` once the proxy no longer routes to them."""
+        await self._wait_for_reloads(targets)
+        async with anyio.create_task_group() as tg:
+            for target in targets:
+                tg.start_soon(self._drain_one, target)
+
+    async def _wait_for_reloads(self, targets: Sequence[Recorded]) -> None:
+        """Wait until every template applied the changes so far, then ``RELOAD_SETTLE`` after
+        the last reload any of them ran (the proxy's old workers stop routing to the old PID).
+
+        A template that is merely slow is given ``CATCH_UP_TIMEOUT``, then the drain goes on
+        anyway. One whose last attempt failed holds the drain until an attempt succeeds: the
+        proxy may route to nothing but the targets then, and draining them would be an outage;
+        unless they are gone by then (their program was stopped, say, which withdrew the key
+        that template waits for): there is nothing left to hold.
+        """
+        pids = sorted({target.pid for target in targets})
+        while True:
+            with anyio.move_on_after(CATCH_UP_TIMEOUT) as scope:
+                for template in self.templates:
+                    await template.caught_up(self.folder)
+            if not scope.cancelled_caught:
+                break
+            held = [t for t in self.templates if t.holds(self.folder)]
+            if held and not any(pid_still_names(target) for target in targets):
+                log.info(
+                    "drain_pid %s: pid=%s gone already while watch %s held the drain",
+                    self.key,
+                    ",".join(map(str, pids)),
+                    ", ".join(str(t.dest) for t in held),
+                )
+                break
+            if not held:
+                log.warning(
+                    "drain_pid %s: templates did not catch up within %g s; draining anyway",
+                    self.key,
+                    CATCH_UP_TIMEOUT,
+                )
+                break
+            for template in held:
+                if template.failure is None:
+                    log.error(
+                        "drain_pid %s: not draining pid=%s: watch %s is waiting for keys %s, "
+                        "so its file still routes as its last render did (held until they "
+                        "exist again and it applies)",
+                        self.key,
+                        ",".join(map(str, pids)),
+                        template.dest,
+                        ", ".join(template.entry.keys),
+                    )
+                    continue
+                log.error(
+                    "drain_pid %s: not draining pid=%s: watch %s failed: %s "
+                    "(held until it applies: it is retried, and at each change)",
+                    self.key,
+                    ",".join(map(str, pids)),
+                    template.dest,
+                    template.failure,
+                )
+        # An entry with a pidfile already waited for its proxy's old workers (caught_up covers
+        # it): only the others need the fixed grace.
+        reloads = [
+            t.reloaded_at
+            for t in self.templates
+            if t.reloaded_at is not None and t.entry.pidfile is None
+        ]
+        if reloads:
+            await anyio.sleep_until(max(reloads) + RELOAD_SETTLE)
+
+    def _refused(self, pid: int) -> bool:
+        """Whether ``pid`` must not be drained whatever was seen (said in a log line): it is
+        ``pid/current`` now (it serves), or a process a drain can only be a mistake for."""
+        current = self.folder + "pid/current"
+        if pid in parse_pids(self.values.get(current)):
+            log.info(
+                "drain_pid %s: not signalling pid=%d: %s names it too (it serves)",
+                self.key,
+                pid,
+                current,
+            )
+            return True
+        what = self._protected(pid)
+        if what is not None:
+            log.warning(
+                "drain_pid %s: refusing to signal pid=%d: it is %s; %s or %s names it by "
+                "mistake (set by hand?): correct the key to name the replaced service's process",
+                self.key,
+                pid,
+                what,
+                self.key,
+                current,
+            )
+        return what is not None
+
+    def _protected(self, pid: int) -> str | None:
+        """What ``pid`` is if it is never to be drained: this watcher, its parent, PID 1 or a
+        proxy's master (from its pidfile); None otherwise."""
+        if pid == os.getpid():
+            return "this watcher itself"
+        if pid == os.getppid():
+            return "this watcher's parent"
+        if pid == 1:
+            return "PID 1 (init)"
+        for pidfile in self.pidfiles:
+            try:
+                if pidfile.read_text().strip() == str(pid):
+                    return f"the proxy's master (pidfile {pidfile})"
+            except OSError:
+                continue
+        return None
+
+    async def _drain_one(self, target: Recorded) -> None:
+        """Signal the process if it is still the one seen, SIGKILL it after the timeout."""
+        sig, pid = self.drain.signal, target.pid
+        if self._refused(pid):  # again: the keys or the proxy may have changed meanwhile
+            return
+        if not signal_verified(target, sig):
+            log.info(
+                "drain_pid %s: pid=%d is gone already (or is another process now)", self.key, pid
+            )
+            self.seen.discard(target)
+            return
+        log.info("drain_pid %s: sent %s to pid=%d", self.key, signal.Signals(sig).name, pid)
+        gone = await wait_workers_gone([target], self.drain.timeout)
+        if not gone and signal_verified(target, signal.SIGKILL):
+            log.warning(
+                "drain_pid %s: pid=%d outlived %g s; sent SIGKILL",
+                self.key,
+                pid,
+                self.drain.timeout,
+            )
+        self.seen.discard(target)
+
+
+def difference(
+    before: Mapping[str, str], after: Mapping[str, str], revision: int
+) -> list[WatchEvent]:
+    """The changes that turn ``before`` into ``after`` (a deleted key's value is None)."""
+    return [
+        WatchEvent(key, after.get(key), revision)
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    ]
+
+
+def parse_pids(value: str | None) -> list[int]:
+    """The PIDs of a ``pid/*`` value ("101,102"); junk entries are skipped."""
+    if not value:
+        return []
+    return [int(part) for part in value.split(",") if part.strip().isdigit() and int(part) > 0]
+
+
+def recorded_processes(value: str | None) -> dict[int, Recorded]:
+    """pid -> the process a ``generation/current`` JSON record names under it, by its start
+    tick and boot id or its start time (empty if absent or bad; a bad entry is left out)."""
+    try:
+        record: Any = json.loads(value) if value else {}
+        entries = list(record.get("pids", []))
+    except (ValueError, TypeError, AttributeError):
+        return {}
+    processes = {}
+    for entry in entries:
+        try:
+            process = recorded_from_json(entry)
+        except (ValueError, TypeError, KeyError):
+            continue
+        processes[process.pid] = process
+    return processes
