@@ -471,7 +471,9 @@ def test_commands_sent_while_the_start_up_reads_the_registry_wait_for_the_progra
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
-        etcd = {"backend": "etcd", "endpoints": [endpoint], "timeout": 4}
+        # The start-up waits this long for the registry: long enough for the two CLI commands
+        # below to start and ask on a loaded machine (4 s was not, once, at a load of 9).
+        etcd = {"backend": "etcd", "endpoints": [endpoint], "timeout": 8}
         web = {"command": svc_command(), "autostart": False}
         flipvisor.start({"registry": etcd, "programs": {"web": web}})
         early = flipvisor.status()
