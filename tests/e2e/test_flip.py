@@ -380,7 +380,8 @@ def test_a_timeout_while_the_proxy_drains_cuts_no_request_short(
     # Generation 1 answers in 10 s; ready by sd_notify, as its slow /health would outlast the
     # http probe's attempts. A request to it holds the old nginx worker past the promotion,
     # and past --timeout 5 (which leaves the promotion itself time on a busy machine: 2 s did
-    # not, twice, under a load of 14 on 2 cores).
+    # not, twice, under a load of 14 on 2 cores), and ends within the 10 s nginx gives its old
+    # workers from the flip's reload on (worker_shutdown_timeout, tests/fixtures/nginx.py).
     slow = program(nginx, "1", "--slow-ms", "10000", "--notify")
     slow["readiness"] = {"notify": True, "timeout": 10}
     flipvisor.start({"programs": {"web": slow}})

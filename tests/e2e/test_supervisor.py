@@ -777,7 +777,7 @@ def test_usr1_reaches_the_workers_of_a_removed_program_still_draining(
     script = (
         "import os, signal, socket, sys, time; socket.socket(fileno=3); "
         "signal.signal(signal.SIGUSR1, lambda *a: print('usr1', os.getpid(), flush=True)); "
-        "time.sleep(600)"
+        "print('handling', os.getpid(), flush=True); time.sleep(600)"
     )
     gone = {"command": [sys.executable, "-c", script], "drain": {"delay": 60, "timeout": 5}}
     kept = {**gone, "drain": {"delay": 0, "timeout": 5}}
@@ -788,9 +788,15 @@ def test_usr1_reaches_the_workers_of_a_removed_program_still_draining(
     assert flipvisor.cli("reload").returncode == 0, flipvisor.output()
     assert flipvisor.program("gone")["removing"]
     assert flipvisor.process is not None
-    flipvisor.process.send_signal(signal.SIGUSR1)
     log = flipvisor.state_dir / "logs" / "gone.log"
-    wait_until(lambda: f"usr1 {pid}" in log.read_text(), message="the removed worker's SIGUSR1")
+    # Not before its handler is in place: SIGUSR1's default action would end it (a loaded
+    # machine can take longer to start Python than this test takes to get here).
+    wait_until(lambda: f"handling {pid}" in log.read_text(), message="the handler in place")
+    flipvisor.process.send_signal(signal.SIGUSR1)
+    wait_until(
+        lambda: f"usr1 {pid}" in log.read_text(),
+        message=f"the removed worker's SIGUSR1\n{flipvisor.output()}",
+    )
     # Killed, it ends its drain's delay: nothing is left to serve the requests it waits for.
     psutil.Process(pid).kill()
     wait_until(lambda: flipvisor.cli("status", "gone").returncode == 2, message="gone to go")
