@@ -54,11 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flipvisor",
         description="Supervise programs and flip them to new generations with zero dropped "
         "requests.",
-        epilog="The commands other than run, check and watch talk to the supervisor of the "
-        "config file on <state_dir>/flipvisor.sock; while the file does not parse, or names "
-        "another state_dir than the one it runs with, they find it through the record it "
-        f"keeps in ${RUNTIME_ENV} (default: /run/flipvisor for root, else "
-        "$XDG_RUNTIME_DIR/flipvisor or <temp dir>/flipvisor-UID), and say so.",
+        epilog="The commands other than run, check, watch and logs talk to the supervisor of "
+        "the config file on <state_dir>/flipvisor.sock (logs reads <state_dir>/logs, with or "
+        "without a supervisor); while the file does not parse, or names another state_dir "
+        "than the one it runs with, they find it through the record it keeps in "
+        f"${RUNTIME_ENV} (default: /run/flipvisor for root, else $XDG_RUNTIME_DIR/flipvisor "
+        "or <temp dir>/flipvisor-UID), and say so.",
     )
     _config_option(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

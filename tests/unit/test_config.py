@@ -13,7 +13,8 @@ import pytest
 from pydantic import BaseModel
 
 from flipvisor.config import Config
-from flipvisor.config_file import load_config, parse_config
+from flipvisor.config_consistency import watch_warnings
+from flipvisor.config_file import load_config, load_config_file, parse_config
 from flipvisor.errors import EXIT_USAGE, ConfigError
 
 PATH = Path("/etc/flipvisor/flipvisor.yaml")
@@ -756,6 +757,22 @@ def test_the_example_config_parses() -> None:
     assert program.proxy.template == example.parent / "templates/nginx.conf.j2"
     assert program.proxy.template.is_file()
     assert program.proxy.dest.is_relative_to(config.state_dir)
+
+
+def test_the_example_s_watch_entries_uncommented_are_valid_and_warn_of_nothing(
+    tmp_path: Path,
+) -> None:
+    """Its commented ``watch:`` block, as an operator would uncomment it: valid, and not on the
+    keys of the example's own program (check warned of its drain_pid, which drains a program
+    the same supervisor drains itself)."""
+    lines = EXAMPLE.read_text(encoding="utf-8").splitlines()
+    start = lines.index("# watch:")
+    block = [line.removeprefix("# ") for line in lines[start:]]
+    copy = tmp_path / "flipvisor.yaml"
+    copy.write_text("\n".join([*lines[:start], *block]) + "\n", encoding="utf-8")
+    parsed = load_config_file(copy)
+    assert [entry.drain_pid is not None for entry in parsed.config.watch] == [False, True]
+    assert watch_warnings(parsed) == []
 
 
 def _field_names(model: type[BaseModel]) -> set[str]:
