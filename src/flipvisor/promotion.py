@@ -168,7 +168,8 @@ async def wait_for_proxy(promotion: Promotion, *, program: str, report: FlipRepo
     proxy, workers = promotion.proxy, promotion.old_proxy_workers
     if proxy is None or not workers:
         return
-    with report.step("proxy-drain", f"{len(workers)} old proxy workers"):
+    noun = "worker" if len(workers) == 1 else "workers"
+    with report.step("proxy-drain", f"{len(workers)} old proxy {noun}"):
         if not await wait_workers_gone(workers, proxy.timeout):
             log.warning(
                 "program=%s old proxy workers still running after %ss; draining anyway",

@@ -402,6 +402,7 @@ def test_a_timeout_while_the_proxy_drains_cuts_no_request_short(
     assert result.returncode == 0, result.stdout + result.stderr + flipvisor.output()
     report = json.loads(result.stdout)
     assert report["ok"] and report["steps"][-1]["step"] == "proxy-drain", report
+    assert report["steps"][-1]["detail"] == "1 old proxy worker", report  # worker_processes 1
     assert "generation 1 drains once the proxy's old workers are gone" in report["warning"]
     if then == "stop":
         # The flip answered, but still waits for the proxy before it drains generation 1:
