@@ -249,10 +249,17 @@ def _check(args: argparse.Namespace, path: Path) -> int:
     # Host checks need valid keys only: a file with two programs on one fixed port is checked on
     # this host too, and every problem is listed at its line, from the top of the file down.
     on_host = [
-        parsed.problem(found.loc, found.message) for found in host_problems(parsed.config, path)
+        parsed.problem(found.loc, found.message, warning=found.warning)
+        for found in host_problems(parsed.config, path)
     ]
-    errors = in_file_order([*parsed.problems, *on_host])
-    warnings = in_file_order([*placeholder_warnings(parsed), *watch_warnings(parsed)])
+    errors = in_file_order([*parsed.problems, *(p for p in on_host if not p.warning)])
+    warnings = in_file_order(
+        [
+            *placeholder_warnings(parsed),
+            *watch_warnings(parsed),
+            *(p for p in on_host if p.warning),
+        ]
+    )
     if errors:
         header = (
             f"invalid config file {path}:"

@@ -133,6 +133,8 @@ def _check_env(value: dict[str, str]) -> dict[str, str]:
 # What every proxy template gets from the flip (proxy.flip_context builds it): a `vars` entry
 # of the same name would be overridden, so it is refused instead.
 TEMPLATE_CONTEXT = frozenset({"program", "generation", "host", "port", "pids", "upstreams"})
+# What a watch entry's template gets (watch_template.template_context builds it).
+WATCH_TEMPLATE_CONTEXT = frozenset({"keys", "get"})
 
 
 def _check_template_vars(value: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from .config import Config, ProgramConfig, SocketConfig
+from .config_fields import WATCH_TEMPLATE_CONTEXT
 from .errors import BindError, ProxyError, SpawnError
 from .locate import socket_path
 from .proxy import flip_context, parse_template, render_template
@@ -45,10 +46,12 @@ SAMPLE_PORT = 8000  # a sample flip's port, for rendering a template that needs 
 @dataclass(frozen=True)
 class HostProblem:
     """What would not work on this host, and the key (a location like ``("programs", "web",
-    "cwd")``) that names it; ``str()`` is ``dotted.location: what``."""
+    "cwd")``) that names it; ``str()`` is ``dotted.location: what``. A ``warning`` may work:
+    ``check`` reports it, and still passes."""
 
     loc: tuple[str, ...]
     message: str
+    warning: bool = False
 
     def __str__(self) -> str:
         return f"{'.'.join(self.loc)}: {self.message}"
@@ -81,14 +84,30 @@ def host_problems(config: Config, config_path: Path | None = None) -> list[HostP
         elif entry.template is not None:
             # Parsed, not rendered: its keys exist only at run time.
             try:
-                parse_template(entry.template)
+                unknown = parse_template(entry.template, WATCH_TEMPLATE_CONTEXT)
             except ProxyError as exc:
                 problems.append(HostProblem((*where, "template"), str(exc)))
+            else:
+                if unknown:
+                    problems.append(_unknown_names_warning((*where, "template"), unknown))
         if entry.dest is not None and (why := file_problem(entry.dest)):
             problems.append(HostProblem((*where, "dest"), why))
         problems.extend(_command_problems((*where, "check_cmd"), entry.check_cmd, None))
         problems.extend(_command_problems((*where, "reload_cmd"), entry.reload_cmd, None))
     return problems
+
+
+def _unknown_names_warning(where: tuple[str, ...], unknown: list[str]) -> HostProblem:
+    """A watch template looks up ``unknown`` names: perhaps a proxy template given to a watch
+    entry (``program``, ``upstreams``...), whose every render would fail."""
+    listed = ", ".join(unknown)
+    return HostProblem(
+        where,
+        f"the template uses {listed}, which a watch template does not get: it gets `keys` "
+        "(registry key -> value) and `get(key, default=None)`; a render fails on them unless "
+        "guarded by `is defined`",
+        warning=True,
+    )
 
 
 def _program_problems(

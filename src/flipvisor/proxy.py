@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,24 +57,30 @@ def _where(template: Path, exc: BaseException) -> str:
     return where
 
 
-def parse_template(template: Path) -> None:
+def parse_template(template: Path, context_names: Collection[str]) -> list[str]:
     """Parse ``template`` without rendering it: for a template whose context exists only at run
-    time (a watch entry's keys), ``flipvisor check`` finds its syntax errors.
+    time (a watch entry's keys), ``flipvisor check`` finds its syntax errors. Returns the names
+    it looks up that are neither in ``context_names`` nor jinja2's own (``range``, ``dict``...),
+    sorted: each fails its render unless guarded (``is defined``, ``| default``).
 
     Raises:
         ProxyError: the template is missing or unreadable, or has a syntax error; the message
             names the file and line.
     """
     import jinja2
+    import jinja2.meta
 
     try:
         source = template.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ProxyError(f"proxy template {template}: cannot read: {exc}") from exc
+    env = jinja2.Environment(keep_trailing_newline=True)
     try:
-        jinja2.Environment(keep_trailing_newline=True).parse(source, filename=str(template))
+        parsed = env.parse(source, filename=str(template))
     except jinja2.TemplateSyntaxError as exc:
         raise ProxyError(f"proxy template {_where(template, exc)}: {exc.message}") from exc
+    looked_up = jinja2.meta.find_undeclared_variables(parsed)
+    return sorted(looked_up - set(context_names) - set(env.globals))
 
 
 def render_template(template: Path, context: Mapping[str, object]) -> str:

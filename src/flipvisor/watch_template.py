@@ -50,7 +50,8 @@ APPLY_RETRY_MAX = 60.0
 
 
 def template_context(values: Mapping[str, str]) -> dict[str, object]:
-    """What a watch template sees: ``keys`` (key -> value) and ``get(key, default=None)``."""
+    """What a watch template sees: ``keys`` (key -> value) and ``get(key, default=None)``
+    (``config_fields.WATCH_TEMPLATE_CONTEXT``, which ``check`` holds templates to)."""
     keys = dict(values)
 
     def get(key: str, default: object = None) -> object:

@@ -310,3 +310,43 @@ def test_watch_entries_on_a_supervised_program_s_keys_are_warnings(tmp_path: Pat
     assert f"{config}:9: warning: watch.1.template: renders programs.web's keys" in result.stderr
     assert "give programs.web a proxy: section" in result.stderr
     assert result.stdout == f"{config}: ok (1 program, 2 watches, 2 warnings)\n"
+
+
+def test_a_watch_template_using_names_a_watch_never_gives_is_a_warning(tmp_path: Path) -> None:
+    """A proxy template given to a watch entry passed `check`, and every render of it failed
+    ('program' is undefined): a watch template gets `keys` and `get` only. Names it sets itself,
+    loop variables and jinja2's own (`range`) are no problem; a guarded name is still named,
+    as a warning (exit 0), since `check` cannot tell a guard from a mistake."""
+    proxy_like = tmp_path / "proxy-like.j2"
+    proxy_like.write_text(
+        "upstream {{ program }} {\n{% for u in upstreams %}  server {{ u }};\n{% endfor %}}\n"
+    )
+    fine = tmp_path / "fine.j2"
+    fine.write_text(
+        "{% set port = get('app/port/current', '1') %}"
+        "{% for i in range(2) %}{{ keys['app/port/current'] }}:{{ port }}{{ i }}{% endfor %}"
+        "{% if extra is defined %}{{ extra }}{% endif %}\n"
+    )
+    config = write(
+        tmp_path,
+        f"""\
+        state_dir: state
+        watch:
+          - keys: [app/port/current]
+            template: {proxy_like}
+            dest: {tmp_path}/one.conf
+          - keys: [app/port/current]
+            template: {fine}
+            dest: {tmp_path}/two.conf
+        """,
+    )
+    result = check(config, "--json")
+    assert result.returncode == 0, result
+    assert json.loads(result.stdout)["warnings"] == [
+        f"{config}:4: warning: watch.0.template: the template uses program, upstreams, which a "
+        "watch template does not get: it gets `keys` (registry key -> value) and "
+        "`get(key, default=None)`; a render fails on them unless guarded by `is defined`",
+        f"{config}:7: warning: watch.1.template: the template uses extra, which a watch template "
+        "does not get: it gets `keys` (registry key -> value) and `get(key, default=None)`; a "
+        "render fails on them unless guarded by `is defined`",
+    ]

@@ -102,7 +102,17 @@ ALLOWED: dict[str, set[str]] = {
     "registration": WORKERS | {"promotion", "registry"},
     "restarts": {"config"},
     "history": {"config"},
-    "preflight": {"config", "errors", "proxy", "spawn", "usable", "sockets", "runrecord", "locate"},
+    "preflight": {
+        "config",
+        "config_fields",
+        "errors",
+        "proxy",
+        "spawn",
+        "usable",
+        "sockets",
+        "runrecord",
+        "locate",
+    },
     "program": WORKERS
     | {
         "leftovers",

@@ -97,6 +97,8 @@ def test_what_run_would_refuse_is_found_before(tmp_path: Path) -> None:
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     (tmp_path / "a-folder").mkdir()
+    watch_template = tmp_path / "watch.j2"
+    watch_template.write_text("upstream b { server {{ get('a/b', '127.0.0.1:1') }}; }\n")
     text = f"""\
         state_dir: {a_file}
         metrics: {{listen: "999.1.1.1:9000"}}
@@ -109,7 +111,7 @@ def test_what_run_would_refuse_is_found_before(tmp_path: Path) -> None:
             proxy: {{template: {TEMPLATE}, dest: {a_file}/sites/api.conf}}
         watch:
           - keys: [a/b]
-            template: {TEMPLATE}
+            template: {watch_template}
             dest: {a_file}/out.conf
         """
     found = problems(text, tmp_path)
