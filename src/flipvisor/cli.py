@@ -166,6 +166,22 @@ def count(text: str) -> int:
     return value
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) in a command that talks to the supervisor or reads its files, raised in
+    place of ``KeyboardInterrupt``. CPython (3.11, 3.12) remembers a ``KeyboardInterrupt`` that
+    passes through code run from a string (``exec``: a dataclass being made by a lazy import, say)
+    and, under ``python -m``, ends the process by SIGINT at exit even though it was caught: the
+    command's 130 and its message about what goes on became a death by signal."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted
+
+
+# The supervisor and `watch` handle their signals themselves (signals.py).
+OWN_SIGNALS = ("run", "watch")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``flipvisor`` command; the only ``sys.exit``."""
     sys.exit(run_cli(argv))
@@ -176,10 +192,13 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     path: Path = args.config or default_config_path()
     try:
+        if args.command not in OWN_SIGNALS:
+            # A client's Ctrl-C (the ban is about the supervisor's signals, read by its task).
+            signal.signal(signal.SIGINT, _interrupt)  # noqa: TID251
         return HANDLERS[args.command](args, path)
     except FlipvisorError as exc:  # ConfigError included: its exit code is 2
         return _fail(args, str(exc), exc.exit_code)
-    except KeyboardInterrupt:
+    except (Interrupted, KeyboardInterrupt):
         if HANDLERS[args.command] is _flip_like:
             # Only this client stops: the supervisor carries the command through whoever
             # watches. An operator who pressed Ctrl-C to abort a deploy must know.
