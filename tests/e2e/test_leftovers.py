@@ -59,12 +59,27 @@ def kill_supervisor(flipvisor: Flipvisor, name: str, survivors: list[psutil.Proc
     gen = flipvisor.serving(name)
     assert gen is not None, flipvisor.output()
     assert flipvisor.process is not None
+    pids: list[int] = gen["pids"]
+    for pid in pids:
+        _wait_said_serving(flipvisor, name, pid)
     flipvisor.process.send_signal(signal.SIGKILL)
     flipvisor.process.wait(timeout=10)
-    pids: list[int] = gen["pids"]
     for pid in pids:
         survivors.append(psutil.Process(pid))
     return pids
+
+
+def _wait_said_serving(flipvisor: Flipvisor, name: str, pid: int) -> None:
+    """Until an svc worker (serving from its spawn, without a readiness probe) has printed its
+    start-up line. Once its supervisor is dead nobody reads its output: that line, written
+    after, would end it (EPIPE), and it would not be left over (seen on a loaded machine)."""
+    if not any(part.endswith("svc.py") for part in psutil.Process(pid).cmdline()):
+        return
+    log = flipvisor.state_dir / "logs" / f"{name}.log"
+    wait_until(
+        lambda: log.exists() and f"pid {pid}\n" in log.read_text(),
+        message=f"{name}'s worker {pid} to say it serves",
+    )
 
 
 def restart_supervisor(flipvisor: Flipvisor, config: dict[str, Any] | None = None) -> None:
