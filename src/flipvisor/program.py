@@ -38,6 +38,13 @@ from .states import ProgramState
 from .takeover import Takeover
 from .worker import Worker
 
+_FATAL, _RUNNING, _STOPPED, _STARTING = (
+    ProgramState.FATAL,
+    ProgramState.RUNNING,
+    ProgramState.STOPPED,
+    ProgramState.STARTING,
+)
+
 
 @dataclass
 class Runtime:
@@ -94,20 +101,25 @@ class Program:
 
     @property
     def state(self) -> ProgramState:
+        # The members as module constants: an enum class's attribute costs more than the rest
+        # of this, and status asks it of every program.
         if self.fatal_reason is not None:
-            return ProgramState.FATAL
+            return _FATAL
         if self.serving is not None:
-            return ProgramState.RUNNING
+            return _RUNNING
         if self._stops:
             # Draining, perhaps alongside a flip that promoted its generation and drains the one
             # it replaced: nothing about it is starting.
-            return ProgramState.STOPPED
+            return _STOPPED
         if self.current_flip is not None:
-            return ProgramState.STARTING
-        return ProgramState.STOPPED
+            return _STARTING
+        return _STOPPED
 
-    def status(self) -> dict[str, Any]:
-        now = time.time()
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        """This program in ``status --json``. ``now`` (``time.time()``, read here if not given):
+        a status of every program reads the clock once, not once per program."""
+        if now is None:
+            now = time.time()
         return {
             "name": self.name,
             "state": self.state,  # a StrEnum: encodes as its value
