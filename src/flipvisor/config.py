@@ -5,6 +5,7 @@ Loading is pure: no logging, no exits. Relative paths are resolved against the c
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -15,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import orjson
 import yaml
 from pydantic import (
     AfterValidator,
@@ -723,3 +725,17 @@ def _is_union_tag(part: Any) -> bool:
 def same_deploy(a: ProgramConfig, b: ProgramConfig | None) -> bool:
     """Whether two sections deploy the same thing (``autostart`` only matters at start)."""
     return b is not None and a == b.model_copy(update={"autostart": a.autostart})
+
+
+# Hex digits of a fingerprint: 48 bits, plenty to tell one program's deploys apart.
+FINGERPRINT_LENGTH = 12
+
+
+def fingerprint(program: ProgramConfig) -> str:
+    """A short hash of the section as deployed (resolved: the command split, paths absolute,
+    defaults filled in), for ``status``: the same for any two sections ``same_deploy`` calls the
+    same (``autostart`` left out, mappings in any key order), in any supervisor, before and after
+    the deploy history's round trip; different for a different command, env, cwd or setting."""
+    document = program.model_dump(mode="json", exclude={"autostart"})
+    canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()[:FINGERPRINT_LENGTH]

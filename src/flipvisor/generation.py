@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from .config import ProgramConfig
+from .config import ProgramConfig, fingerprint
 from .errors import FlipvisorError, ProbeFailed, SpawnError
 from .events import EventLog
 from .lazy_event import LazyEvent
@@ -58,6 +58,10 @@ class Generation:
         self.program = program
         self.number = number
         self.config = config
+        # What status shows of the deploy it runs: fixed for its life, so computed once here
+        # rather than for every status request.
+        self.command = tuple(config.command)
+        self.fingerprint = fingerprint(config)
         self.events = events
         self.state = GenerationState.STARTING
         self.failure: str | None = None
@@ -137,9 +141,10 @@ class Generation:
             if worker.child is not None and worker.pid is not None
         ]
 
-    def status(self, now: float) -> dict[str, Any]:
+    def status(self, now: float, warm_until: float | None = None) -> dict[str, Any]:
         """This generation in ``status --json``. One pass over the workers, no properties: a
-        status of 200 programs is meant to take well under a millisecond."""
+        status of 200 programs is meant to take well under a millisecond. ``warm_until``: when
+        the program drains it, if it is the one kept warm for a rollback (epoch seconds)."""
         pids = []
         restarts = 0
         for worker in self.workers:
@@ -155,6 +160,9 @@ class Generation:
             "uptime": round(now - self.created_at, 3),
             "restarts": restarts,
             "last_exit": self.last_exit,
+            "command": self.command,  # a tuple: encodes as a list
+            "fingerprint": self.fingerprint,
+            "warm_until": warm_until,
         }
 
     def describe_readiness(self) -> str:

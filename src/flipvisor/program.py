@@ -120,6 +120,14 @@ class Program:
         a status of every program reads the clock once, not once per program."""
         if now is None:
             now = time.time()
+        warm = self.warm
+        if warm is None:
+            generations = [gen.status(now) for gen in self.generations]
+        else:
+            until = self.retirement.warm_until
+            generations = [
+                gen.status(now, until if gen is warm else None) for gen in self.generations
+            ]
         return {
             "name": self.name,
             "state": self.state,  # a StrEnum: encodes as its value
@@ -131,7 +139,7 @@ class Program:
             "kept_after_removal": self.kept_after_removal,
             "removing": self.removing,
             "flip": self.current_flip.progress() if self.current_flip is not None else None,
-            "generations": [gen.status(now) for gen in self.generations],
+            "generations": generations,
         }
 
     # -- life ---------------------------------------------------------------------------------

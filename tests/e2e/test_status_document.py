@@ -5,6 +5,7 @@ built (it is on the hot path of the control round trip) cannot change what it sa
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import Any
@@ -29,8 +30,21 @@ PROGRAM_KEYS = {
     "flip",
     "generations",
 }
-GENERATION_KEYS = {"generation", "state", "port", "pids", "uptime", "restarts", "last_exit"}
+GENERATION_KEYS = {
+    "generation",
+    "state",
+    "port",
+    "pids",
+    "uptime",
+    "restarts",
+    "last_exit",
+    # Added with the config's fingerprint; the keys above are the same as before.
+    "command",
+    "fingerprint",
+    "warm_until",
+}
 LAST_EXIT_KEYS = {"worker", "pid", "reason", "time"}
+FINGERPRINT = re.compile("[0-9a-f]{12}")
 
 
 def web(version: str) -> dict[str, Any]:
@@ -73,8 +87,10 @@ def test_status_json_document_of_a_realistic_supervisor(flipvisor: Flipvisor) ->
     psutil.Process(crashed[0]).kill()
     flipvisor.wait_serving("worker", where=lambda g: bool(g["pids"]) and g["pids"] != crashed)
     flipvisor.write_config(config("2"))
+    flip_began = time.time()
     flipped = flipvisor.cli("flip", "web")
     assert flipped.returncode == 0, flipped.stderr
+    flip_ended = time.time()
 
     document = flipvisor.status()
     elapsed = time.time() - began
@@ -121,6 +137,16 @@ def test_status_json_document_of_a_realistic_supervisor(flipvisor: Flipvisor) ->
         assert (gen["restarts"], gen["last_exit"]) == (0, None)
         assert_uptime(gen, elapsed)
     assert serving["uptime"] <= warm["uptime"]
+    assert (warm["command"], serving["command"]) == (
+        svc_command("--version", "1"),
+        web("2")["command"],
+    )
+    assert FINGERPRINT.fullmatch(warm["fingerprint"]) and FINGERPRINT.fullmatch(
+        serving["fingerprint"]
+    )
+    assert warm["fingerprint"] != serving["fingerprint"]
+    assert serving["warm_until"] is None
+    assert flip_began + 300 <= warm["warm_until"] <= flip_ended + 300
 
     # worker: one crash, replaced in the same generation; its last exit is recorded.
     assert (worker["state"], worker["restarts"], worker["flips"]) == ("running", 1, 1)
@@ -128,6 +154,9 @@ def test_status_json_document_of_a_realistic_supervisor(flipvisor: Flipvisor) ->
     assert (gen["generation"], gen["state"], gen["restarts"]) == (1, "serving", 1)
     assert gen["port"] == int(keys["flipvisor/worker/port/current"])
     assert len(gen["pids"]) == 1 and gen["pids"] != crashed
+    assert (gen["command"], gen["warm_until"]) == (svc_command("--version", "1"), None)
+    # The same command as web's generation 1, in another section: another fingerprint.
+    assert FINGERPRINT.fullmatch(gen["fingerprint"]) and gen["fingerprint"] != warm["fingerprint"]
     assert_uptime(gen, elapsed)
     last = gen["last_exit"]
     assert set(last) == LAST_EXIT_KEYS
@@ -165,3 +194,62 @@ def test_status_json_document_of_a_realistic_supervisor(flipvisor: Flipvisor) ->
     assert {k: v for k, v in again.items() if k != "uptime"} == {
         k: v for k, v in gen.items() if k != "uptime"
     }
+
+
+def generations(flipvisor: Flipvisor) -> dict[int, dict[str, Any]]:
+    return {g["generation"]: g for g in flipvisor.program("web")["generations"]}
+
+
+def test_after_a_warm_rollback_status_shows_the_old_release_serving_and_the_new_one_warm(
+    flipvisor: Flipvisor,
+) -> None:
+    flipvisor.start({"programs": {"web": web("1")}})
+    flipvisor.wait_serving("web")
+    v1 = generations(flipvisor)[1]
+    flipvisor.write_config({"programs": {"web": web("2")}})
+    assert flipvisor.cli("flip", "web").returncode == 0
+    v2 = generations(flipvisor)[2]
+    assert v2["command"] == web("2")["command"] and v2["fingerprint"] != v1["fingerprint"]
+
+    began = time.time()
+    rolled = flipvisor.cli("rollback", "web")
+    assert rolled.returncode == 0, rolled.stderr
+    ended = time.time()
+
+    serving, warm = generations(flipvisor)[1], generations(flipvisor)[2]
+    assert serving["state"] == "serving" and warm["state"] == "ready"
+    # What serves is v1 again, by its command and its config's fingerprint.
+    assert (serving["command"], serving["fingerprint"]) == (v1["command"], v1["fingerprint"])
+    assert serving["warm_until"] is None
+    # v2 is kept warm for the rollback_window of v1's section, which deploys now.
+    assert (warm["command"], warm["fingerprint"]) == (v2["command"], v2["fingerprint"])
+    assert began + 300 <= warm["warm_until"] <= ended + 300
+
+    table = flipvisor.cli("status", "web")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    (row_1,) = [line for line in lines if v1["fingerprint"] in line]
+    (row_2,) = [line for line in lines if v2["fingerprint"] in line]
+    assert " serving " in row_1 and row_1.endswith(" ".join(v1["command"]))  # whole
+    assert " ready (warm 4m" in row_2 and row_2.endswith(" ".join(v2["command"]))
+    assert any("generation 2 is kept warm for a rollback until " in line for line in lines)
+
+
+def test_a_cold_rollback_and_a_restart_show_the_fingerprint_of_the_same_config(
+    flipvisor: Flipvisor,
+) -> None:
+    """The fingerprint is the config's, not the generation's: a restart (the same section
+    again) and a cold rollback (from the deploy history's copy of the section) show the one the
+    section had."""
+    cold = {**web("1"), "rollback_window": 0}
+    flipvisor.start({"programs": {"web": cold}})
+    flipvisor.wait_serving("web")
+    v1 = generations(flipvisor)[1]
+    assert flipvisor.cli("restart", "web").returncode == 0
+    assert generations(flipvisor)[2]["fingerprint"] == v1["fingerprint"]
+    flipvisor.write_config({"programs": {"web": {**cold, "command": web("2")["command"]}}})
+    assert flipvisor.cli("flip", "web").returncode == 0
+    assert generations(flipvisor)[3]["fingerprint"] != v1["fingerprint"]
+    assert flipvisor.cli("rollback", "web").returncode == 0
+    gen = flipvisor.wait_serving("web", where=lambda g: g["generation"] == 4)
+    assert (gen["command"], gen["fingerprint"]) == (v1["command"], v1["fingerprint"])
