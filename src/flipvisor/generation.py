@@ -35,6 +35,21 @@ TAIL_LINES = 20
 KILL_GRACE = 10.0
 
 
+def to_the_millisecond(seconds: float) -> float:
+    """``round(seconds, 3)``, the same float, in about half the time: status rounds every
+    generation's uptime, and ``round`` with digits converts through a decimal string.
+
+    Scaled to milliseconds, the one rounding error of the multiplication is far below 0.0001
+    ms for any uptime under a century, so the nearest integer is the one ``round`` finds unless
+    the value is within 0.0001 of a half (then ``round`` itself decides); and dividing that
+    integer by 1000 gives the float nearest to it, as ``round`` returns."""
+    scaled = seconds * 1000.0
+    whole = round(scaled)
+    if -0.4999 < scaled - whole < 0.4999:
+        return whole / 1000
+    return round(seconds, 3)
+
+
 class Generation:
     """Workers of one version of a program, all on one listening socket."""
 
@@ -157,7 +172,7 @@ class Generation:
             "state": self.state,  # a StrEnum: encodes as its value
             "port": self.port,
             "pids": pids,
-            "uptime": round(now - self.created_at, 3),
+            "uptime": to_the_millisecond(now - self.created_at),
             "restarts": restarts,
             "last_exit": self.last_exit,
             "command": self.command,  # a tuple: encodes as a list

@@ -121,13 +121,13 @@ class Program:
         if now is None:
             now = time.time()
         warm = self.warm
-        if warm is None:
-            generations = [gen.status(now) for gen in self.generations]
-        else:
-            until = self.retirement.warm_until
-            generations = [
-                gen.status(now, until if gen is warm else None) for gen in self.generations
-            ]
+        # A loop, not a list comprehension: one is a function made and called per program.
+        generations = []
+        for gen in self.generations:
+            if gen is warm:
+                generations.append(gen.status(now, self.retirement.warm_until))
+            else:
+                generations.append(gen.status(now))
         return {
             "name": self.name,
             "state": self.state,  # a StrEnum: encodes as its value
