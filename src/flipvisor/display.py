@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 import time
 from types import TracebackType
@@ -46,24 +45,26 @@ def _flip_line(flip: dict[str, Any]) -> str:
 COMMAND_WIDTH = 40
 
 
-def _command(command: list[str] | None, width: int | None) -> str:
-    """The command as a shell would take it; longer than ``width`` (None: never cut), its
+def _command(command: str | None, width: int | None) -> str:
+    """The command (as ``shlex.join`` wrote it); longer than ``width`` (None: never cut), its
     executable by name alone and the end of its arguments, which tells releases apart more often
     than their start (a version, a release's path): ``python3 …releases/v2/app.py --workers 4``."""
     if not command:
         return "-"  # a status from a supervisor older than the field
-    text = shlex.join(command)
-    if width is None or len(text) <= width:
-        return text
-    name = shlex.quote(os.path.basename(command[0]) or command[0])
-    arguments = shlex.join(command[1:])
+    if width is None or len(command) <= width:
+        return command
+    head = width // 3
+    middle_cut = f"{command[:head]}…{command[-(width - head - 1) :]}"
+    if command.startswith("'"):  # a quoted executable (a space in its path): cut as it is
+        return middle_cut
+    executable, _, arguments = command.partition(" ")
+    name = executable.rpartition("/")[2]  # without its folder
     short = f"{name} {arguments}".rstrip()
     if len(short) <= width:
         return short
     keep = width - len(name) - 2
     if keep < width // 2:  # a long executable name: its start and the arguments' end
-        head = width // 3
-        return f"{text[:head]}…{text[-(width - head - 1) :]}"
+        return middle_cut
     return f"{name} …{arguments[-keep:]}"
 
 

@@ -6,6 +6,7 @@ built (it is on the hot path of the control round trip) cannot change what it sa
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 import time
 from typing import Any
@@ -137,10 +138,12 @@ def test_status_json_document_of_a_realistic_supervisor(flipvisor: Flipvisor) ->
         assert (gen["restarts"], gen["last_exit"]) == (0, None)
         assert_uptime(gen, elapsed)
     assert serving["uptime"] <= warm["uptime"]
+    # The command as one string, as a shell would take it: shlex.split gives the list back.
     assert (warm["command"], serving["command"]) == (
-        svc_command("--version", "1"),
-        web("2")["command"],
+        shlex.join(svc_command("--version", "1")),
+        shlex.join(web("2")["command"]),
     )
+    assert shlex.split(serving["command"]) == web("2")["command"]
     assert FINGERPRINT.fullmatch(warm["fingerprint"]) and FINGERPRINT.fullmatch(
         serving["fingerprint"]
     )
@@ -154,7 +157,7 @@ def test_status_json_document_of_a_realistic_supervisor(flipvisor: Flipvisor) ->
     assert (gen["generation"], gen["state"], gen["restarts"]) == (1, "serving", 1)
     assert gen["port"] == int(keys["flipvisor/worker/port/current"])
     assert len(gen["pids"]) == 1 and gen["pids"] != crashed
-    assert (gen["command"], gen["warm_until"]) == (svc_command("--version", "1"), None)
+    assert (gen["command"], gen["warm_until"]) == (shlex.join(svc_command("--version", "1")), None)
     # The same command as web's generation 1, in another section: another fingerprint.
     assert FINGERPRINT.fullmatch(gen["fingerprint"]) and gen["fingerprint"] != warm["fingerprint"]
     assert_uptime(gen, elapsed)
@@ -209,7 +212,8 @@ def test_after_a_warm_rollback_status_shows_the_old_release_serving_and_the_new_
     flipvisor.write_config({"programs": {"web": web("2")}})
     assert flipvisor.cli("flip", "web").returncode == 0
     v2 = generations(flipvisor)[2]
-    assert v2["command"] == web("2")["command"] and v2["fingerprint"] != v1["fingerprint"]
+    assert v2["command"] == shlex.join(web("2")["command"])
+    assert v2["fingerprint"] != v1["fingerprint"]
 
     began = time.time()
     rolled = flipvisor.cli("rollback", "web")
@@ -230,8 +234,8 @@ def test_after_a_warm_rollback_status_shows_the_old_release_serving_and_the_new_
     lines = table.stdout.splitlines()
     (row_1,) = [line for line in lines if v1["fingerprint"] in line]
     (row_2,) = [line for line in lines if v2["fingerprint"] in line]
-    assert " serving " in row_1 and row_1.endswith(" ".join(v1["command"]))  # whole
-    assert " ready (warm 4m" in row_2 and row_2.endswith(" ".join(v2["command"]))
+    assert " serving " in row_1 and row_1.endswith(v1["command"])  # whole
+    assert " ready (warm 4m" in row_2 and row_2.endswith(v2["command"])
     assert any("generation 2 is kept warm for a rollback until " in line for line in lines)
 
 
