@@ -95,8 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
         program=True,
         json_output=True,
     )
-    status = command("status", "show programs and their generations", json_output=True)
-    status.add_argument("program", nargs="?", metavar="PROGRAM")
+    status = command(
+        "status",
+        "show programs and their generations: state, config fingerprint, port, PIDs, uptime, "
+        "restarts, last exit, command, and how long a warm generation is kept for a rollback",
+        json_output=True,
+    )
+    status.add_argument(
+        "program",
+        nargs="?",
+        metavar="PROGRAM",
+        help="only this program, with its commands whole (the table of all cuts them short)",
+    )
     command("start", "start PROGRAM (clears fatal)", program=True, json_output=True)
     command("stop", "stop PROGRAM (drain all its generations)", program=True, json_output=True)
     logs = command("logs", "show PROGRAM's captured output", program=True)
@@ -425,7 +435,7 @@ def _status(args: argparse.Namespace, path: Path) -> int:
     else:
         from .display import print_status
 
-        print_status(answer["result"])
+        print_status(answer["result"], one_program=args.program is not None)
     return _final(answer)
 
 

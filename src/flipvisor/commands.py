@@ -8,6 +8,7 @@ supervisor's programs, and runs what must outlive its client (a stop) in its tas
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,9 +102,10 @@ class Commands:
                 if request.program
                 else self.supervisor._listed()
             )
+            now = time.time()
             return result(
                 {
-                    "programs": [program.status() for program in programs],
+                    "programs": [program.status(now) for program in programs],
                     "registry": self.supervisor.registry.health(),
                     # True while the configured programs are being added, so a list that lacks
                     # some of them is not read as "not configured".

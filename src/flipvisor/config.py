@@ -7,10 +7,12 @@ problem at its line, is ``config_file``; what is wrong across sections is ``conf
 
 from __future__ import annotations
 
+import hashlib
 import signal
 from pathlib import Path
 from typing import Annotated, Literal
 
+import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from .config_fields import (
@@ -222,3 +224,17 @@ class Config(_Model):
 def same_deploy(a: ProgramConfig, b: ProgramConfig | None) -> bool:
     """Whether two sections deploy the same thing (``autostart`` only matters at start)."""
     return b is not None and a == b.model_copy(update={"autostart": a.autostart})
+
+
+# Hex digits of a fingerprint: 48 bits, plenty to tell one program's deploys apart.
+FINGERPRINT_LENGTH = 12
+
+
+def fingerprint(program: ProgramConfig) -> str:
+    """A short hash of the section as deployed (resolved: the command split, paths absolute,
+    defaults filled in), for ``status``: the same for any two sections ``same_deploy`` calls the
+    same (``autostart`` left out, mappings in any key order), in any supervisor, before and after
+    the deploy history's round trip; different for a different command, env, cwd or setting."""
+    document = program.model_dump(mode="json", exclude={"autostart"})
+    canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()[:FINGERPRINT_LENGTH]

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 _STEP_MARK = {"ok": "[green]✓[/]", "failed": "[red]✗[/]", "running": "[yellow]…[/]"}
 
 
-def _uptime(seconds: float) -> str:
+def _duration(seconds: float) -> str:
+    """``45s``, ``4m05s``, ``3h01m``."""
     seconds = int(seconds)
     if seconds < 60:
         return f"{seconds}s"
@@ -29,7 +30,7 @@ def _last_exit(last: dict[str, Any] | str | None, now: float) -> str:
         return ""
     if isinstance(last, str):
         return last
-    ago = _uptime(max(0.0, now - last["time"]))
+    ago = _duration(max(0.0, now - last["time"]))
     return f"w{last['worker']} {last['reason']}, {ago} ago"
 
 
@@ -40,17 +41,62 @@ def _flip_line(flip: dict[str, Any]) -> str:
     return f"{flip['kind']}{generation} in progress: {step} ({elapsed:.1f}s)"
 
 
+# The longest command the table of every program shows (``status PROGRAM`` shows it whole).
+COMMAND_WIDTH = 40
+
+
+def _command(command: str | None, width: int | None) -> str:
+    """The command (as ``shlex.join`` wrote it); longer than ``width`` (None: never cut), its
+    executable by name alone and the end of its arguments, which tells releases apart more often
+    than their start (a version, a release's path): ``python3 …releases/v2/app.py --workers 4``."""
+    if not command:
+        return "-"  # a status from a supervisor older than the field
+    if width is None or len(command) <= width:
+        return command
+    head = width // 3
+    middle_cut = f"{command[:head]}…{command[-(width - head - 1) :]}"
+    if command.startswith("'"):  # a quoted executable (a space in its path): cut as it is
+        return middle_cut
+    executable, _, arguments = command.partition(" ")
+    name = executable.rpartition("/")[2]  # without its folder
+    short = f"{name} {arguments}".rstrip()
+    if len(short) <= width:
+        return short
+    keep = width - len(name) - 2
+    if keep < width // 2:  # a long executable name: its start and the arguments' end
+        return middle_cut
+    return f"{name} …{arguments[-keep:]}"
+
+
+def _generation_state(gen: dict[str, Any], now: float) -> str:
+    """``serving``; ``ready (warm 4m12s)`` for the one kept for a rollback, drained in 4m12s."""
+    until = gen.get("warm_until")
+    if until is None:
+        return str(gen["state"])
+    return f"{gen['state']} (warm {_duration(max(0.0, until - now))})"
+
+
+def _warm_note(name: str, gen: dict[str, Any]) -> str:
+    until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(gen["warm_until"]))
+    return (
+        f"{name}: generation {gen['generation']} is kept warm for a rollback until {until}, "
+        "then drained"
+    )
+
+
 _ANSI = {"green": "32", "red": "31", "yellow": "33", "dim": "2", "bold": "1"}
 _COLUMNS = (
     "PROGRAM",
     "STATE",
     "GEN",
     "GEN STATE",
+    "CONFIG",
     "PORT",
     "PIDS",
     "UPTIME",
     "RESTARTS",
     "LAST EXIT",
+    "COMMAND",
 )
 _STATE_COLOUR = {"running": "green", "fatal": "red", "starting": "yellow"}
 
@@ -65,30 +111,39 @@ def _paint(text: str, colour: str | None, enabled: bool) -> str:
     return f"\x1b[{_ANSI[colour]}m{text}\x1b[0m"
 
 
-def status_rows(document: dict[str, Any], now: float) -> tuple[list[list[str]], list[str]]:
+def status_rows(
+    document: dict[str, Any], now: float, *, one_program: bool = False
+) -> tuple[list[list[str]], list[str]]:
     """The table's rows (one per generation, program columns on its first) and the notes
-    below it: a line for each flip in progress and each fatal program (why, what to do)."""
+    below it: a line for each flip in progress and each fatal program (why, what to do).
+    ``one_program`` (``status PROGRAM``): commands whole, not cut to ``COMMAND_WIDTH``, and a
+    note saying by the clock when a warm generation is drained."""
     rows: list[list[str]] = []
     notes: list[str] = []
+    width = None if one_program else COMMAND_WIDTH
     for program in document["programs"]:
         name, state = program["name"], program["state"]
         for position, gen in enumerate(program["generations"] or [None]):
             head = [name, state] if position == 0 else ["", ""]
             if gen is None:
-                rows.append([*head, "-", "-", "-", "-", "-", str(program["restarts"]), ""])
+                rows.append([*head, "-", "-", "-", "-", "-", "-", str(program["restarts"]), "", ""])
                 continue
             rows.append(
                 [
                     *head,
                     str(gen["generation"]),
-                    gen["state"],
+                    _generation_state(gen, now),
+                    gen.get("fingerprint") or "-",
                     str(gen["port"]),
                     ",".join(map(str, gen["pids"])) or "-",
-                    _uptime(gen["uptime"]),
+                    _duration(gen["uptime"]),
                     str(gen["restarts"]),
                     _last_exit(gen.get("last_exit"), now),
+                    _command(gen.get("command"), width),
                 ]
             )
+            if one_program and gen.get("warm_until") is not None:
+                notes.append(_warm_note(name, gen))
         if program.get("flip"):
             notes.append(f"{name}: {_flip_line(program['flip'])}")
         if left := program.get("leftovers"):
@@ -120,13 +175,14 @@ def status_rows(document: dict[str, Any], now: float) -> tuple[list[list[str]], 
     return rows, notes
 
 
-def print_status(document: dict[str, Any]) -> None:
-    """The ``status`` table for people (``--json`` is for scripts).
+def print_status(document: dict[str, Any], *, one_program: bool = False) -> None:
+    """The ``status`` table for people (``--json`` is for scripts); ``one_program``: the
+    answer to ``status PROGRAM`` (``status_rows``).
 
     Drawn by hand rather than with rich: a rich table of 200 programs takes a quarter of a
     second to lay out, and ``status`` should answer at once.
     """
-    rows, notes = status_rows(document, time.time())
+    rows, notes = status_rows(document, time.time(), one_program=one_program)
     colour = _colour_enabled()
     widths = [max(len(row[i]) for row in [list(_COLUMNS), *rows]) for i in range(len(_COLUMNS))]
     lines = [

@@ -5,6 +5,7 @@ its state, and how it ends (drained after a newer generation took over, or faile
 from __future__ import annotations
 
 import logging
+import shlex
 import signal
 import socket
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from .config import ProgramConfig
+from .config import ProgramConfig, fingerprint
 from .errors import FlipvisorError, ProbeFailed, SpawnError
 from .events import EventLog
 from .lazy_event import LazyEvent
@@ -33,6 +34,21 @@ log = logging.getLogger(__name__)
 TAIL_LINES = 20
 # A worker killed with SIGKILL is gone at once unless the kernel is stuck; bound the wait anyway.
 KILL_GRACE = 10.0
+
+
+def to_the_millisecond(seconds: float) -> float:
+    """``round(seconds, 3)``, the same float, in about half the time: status rounds every
+    generation's uptime, and ``round`` with digits converts through a decimal string.
+
+    Scaled to milliseconds, the one rounding error of the multiplication is far below 0.0001
+    ms for any uptime under a century, so the nearest integer is the one ``round`` finds unless
+    the value is within 0.0001 of a half (then ``round`` itself decides); and dividing that
+    integer by 1000 gives the float nearest to it, as ``round`` returns."""
+    scaled = seconds * 1000.0
+    whole = round(scaled)
+    if -0.4999 < scaled - whole < 0.4999:
+        return whole / 1000
+    return round(seconds, 3)
 
 
 class Generation:
@@ -58,6 +74,12 @@ class Generation:
         self.program = program
         self.number = number
         self.config = config
+        # What status shows of the deploy it runs: fixed for its life, so computed once here
+        # rather than for every status request. The command as one string (``shlex.split``
+        # gives the list back): a list per generation is several objects more for every client
+        # to decode, about a sixth of a 200-program status round trip.
+        self.command = shlex.join(config.command)
+        self.fingerprint = fingerprint(config)
         self.events = events
         self.state = GenerationState.STARTING
         self.failure: str | None = None
@@ -139,9 +161,10 @@ class Generation:
             if worker.child is not None and worker.pid is not None
         ]
 
-    def status(self, now: float) -> dict[str, Any]:
+    def status(self, now: float, warm_until: float | None = None) -> dict[str, Any]:
         """This generation in ``status --json``. One pass over the workers, no properties: a
-        status of 200 programs is meant to take well under a millisecond."""
+        status of 200 programs is meant to take well under a millisecond. ``warm_until``: when
+        the program drains it, if it is the one kept warm for a rollback (epoch seconds)."""
         pids = []
         restarts = 0
         for worker in self.workers:
@@ -154,9 +177,12 @@ class Generation:
             "state": self.state,  # a StrEnum: encodes as its value
             "port": self.port,
             "pids": pids,
-            "uptime": round(now - self.created_at, 3),
+            "uptime": to_the_millisecond(now - self.created_at),
             "restarts": restarts,
             "last_exit": self.last_exit,
+            "command": self.command,
+            "fingerprint": self.fingerprint,
+            "warm_until": warm_until,
         }
 
     def describe_readiness(self) -> str:

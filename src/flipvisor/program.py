@@ -38,6 +38,13 @@ from .states import ProgramState
 from .takeover import Takeover
 from .worker import Worker
 
+_FATAL, _RUNNING, _STOPPED, _STARTING = (
+    ProgramState.FATAL,
+    ProgramState.RUNNING,
+    ProgramState.STOPPED,
+    ProgramState.STARTING,
+)
+
 
 @dataclass
 class Runtime:
@@ -94,20 +101,33 @@ class Program:
 
     @property
     def state(self) -> ProgramState:
+        # The members as module constants: an enum class's attribute costs more than the rest
+        # of this, and status asks it of every program.
         if self.fatal_reason is not None:
-            return ProgramState.FATAL
+            return _FATAL
         if self.serving is not None:
-            return ProgramState.RUNNING
+            return _RUNNING
         if self._stops:
             # Draining, perhaps alongside a flip that promoted its generation and drains the one
             # it replaced: nothing about it is starting.
-            return ProgramState.STOPPED
+            return _STOPPED
         if self.current_flip is not None:
-            return ProgramState.STARTING
-        return ProgramState.STOPPED
+            return _STARTING
+        return _STOPPED
 
-    def status(self) -> dict[str, Any]:
-        now = time.time()
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        """This program in ``status --json``. ``now`` (``time.time()``, read here if not given):
+        a status of every program reads the clock once, not once per program."""
+        if now is None:
+            now = time.time()
+        warm = self.warm
+        # A loop, not a list comprehension: one is a function made and called per program.
+        generations = []
+        for gen in self.generations:
+            if gen is warm:
+                generations.append(gen.status(now, self.retirement.warm_until))
+            else:
+                generations.append(gen.status(now))
         return {
             "name": self.name,
             "state": self.state,  # a StrEnum: encodes as its value
@@ -119,7 +139,7 @@ class Program:
             "kept_after_removal": self.kept_after_removal,
             "removing": self.removing,
             "flip": self.current_flip.progress() if self.current_flip is not None else None,
-            "generations": [gen.status(now) for gen in self.generations],
+            "generations": generations,
         }
 
     # -- life ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ run in the program's task group.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,8 @@ class Retirement:
     def __init__(self, program: Program) -> None:
         self.program = program
         self._warm_until = 0.0  # when the warm generation is drained (anyio's clock)
+        # The same moment in epoch seconds, for status (meaningful while ``program.warm`` is set).
+        self.warm_until = 0.0
 
     async def retire(self, report: FlipReport, old: Generation, *, window: float) -> None:
         """Drain the replaced generation, or keep it warm for ``window`` seconds (the deployed
@@ -60,6 +63,7 @@ class Retirement:
     def _keep_warm(self, gen: Generation, *, until: float) -> None:
         """Keep ``gen`` running, unrouted, for a rollback until ``until`` (anyio's clock)."""
         self.program.warm, self._warm_until = gen, until
+        self.warm_until = round(time.time() + (until - anyio.current_time()), 3)
         self.program._task_group().start_soon(self._expire_warm, gen, until)
 
     async def _expire_warm(self, gen: Generation, until: float) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from flipvisor.display import FlipProgress, print_status, status_rows
+from flipvisor.display import COMMAND_WIDTH, FlipProgress, print_status, status_rows
 
 NOW = 1_800_000_000.0
 
@@ -30,6 +32,9 @@ def _program(name: str, state: str = "running", **extra: object) -> dict[str, ob
                     "reason": "killed by SIGKILL",
                     "time": NOW - 12,
                 },
+                "command": "python3 app.py --port '{port}'",
+                "fingerprint": "3f2a9c1b7d4e",
+                "warm_until": None,
             },
         ],
     }
@@ -45,11 +50,13 @@ def test_rows_show_generation_ports_pids_uptime_and_last_exit() -> None:
             "running",
             "2",
             "serving",
+            "3f2a9c1b7d4e",
             "41000",
             "11,12",
             "1m15s",
             "1",
             "w0 killed by SIGKILL, 12s ago",
+            "python3 app.py --port '{port}'",
         ]
     ]
     assert notes == []
@@ -68,7 +75,7 @@ def test_program_columns_only_on_its_first_generation_row() -> None:
     }
     program["generations"] = [*program["generations"], warm]  # type: ignore[misc]
     rows, _ = status_rows({"programs": [program]}, NOW)
-    assert rows[1][:2] == ["", ""] and rows[1][2:4] == ["1", "ready"] and rows[1][6] == "1h01m"
+    assert rows[1][:2] == ["", ""] and rows[1][2:4] == ["1", "ready"] and rows[1][7] == "1h01m"
 
 
 def test_notes_say_what_a_flip_is_doing_and_what_to_do_about_fatal() -> None:
@@ -82,7 +89,7 @@ def test_notes_say_what_a_flip_is_doing_and_what_to_do_about_fatal() -> None:
         fatal_reason="worker 0 of generation 1 exit status 3; more than 5 restarts",
     )
     rows, notes = status_rows({"programs": [flipping, fatal]}, NOW)
-    assert rows[1] == ["api", "fatal", "-", "-", "-", "-", "-", "0", ""]
+    assert rows[1] == ["api", "fatal", "-", "-", "-", "-", "-", "-", "0", "", ""]
     assert notes == [
         "web: flip to generation 3 in progress: probe (2.1s)",
         "api: fatal: worker 0 of generation 1 exit status 3; more than 5 restarts; "
@@ -108,12 +115,14 @@ def test_printed_table_is_aligned_and_uncoloured_when_piped(
         "GEN",
         "GEN",
         "STATE",
+        "CONFIG",
         "PORT",
         "PIDS",
         "UPTIME",
         "RESTARTS",
         "LAST",
         "EXIT",
+        "COMMAND",
     ]
     assert "\x1b[" not in "".join(lines)
     assert lines[1].index("running") == lines[2].index("running") == lines[0].index("STATE")
@@ -186,3 +195,87 @@ def test_a_killed_supervisors_workers_are_said_to_drain_when_they_do(step: str, 
     (note,) = [note for note in notes if "killed supervisor" in note]
     assert note.startswith("web: workers a killed supervisor left (pid 7, port 40000): "), note
     assert says in note and ("registry" in note) == (step != "drain"), note
+
+
+def _generations(*gens: dict[str, object]) -> dict[str, object]:
+    base = _program("web")["generations"][0]  # type: ignore[index]
+    return _program("web", generations=[{**base, **gen} for gen in gens])
+
+
+def test_a_warm_generation_says_how_long_it_is_kept_and_the_serving_one_its_config() -> None:
+    """After a rollback: generation 1 serves the old command again, generation 2 is warm."""
+    program = _generations(
+        {
+            "generation": 1,
+            "command": "app --version 1",
+            "fingerprint": "aaaaaaaaaaaa",
+        },
+        {
+            "generation": 2,
+            "state": "ready",
+            "command": "app --version 2",
+            "fingerprint": "bbbbbbbbbbbb",
+            "warm_until": NOW + 252.4,
+        },
+    )
+    rows, notes = status_rows({"programs": [program]}, NOW)
+    assert [(r[2], r[3], r[4], r[10]) for r in rows] == [
+        ("1", "serving", "aaaaaaaaaaaa", "app --version 1"),
+        ("2", "ready (warm 4m12s)", "bbbbbbbbbbbb", "app --version 2"),
+    ]
+    assert notes == []  # the table of every program: the cell says it
+    _, notes = status_rows({"programs": [program]}, NOW, one_program=True)
+    until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(NOW + 252.4))
+    assert notes == [f"web: generation 2 is kept warm for a rollback until {until}, then drained"]
+
+
+def test_a_warm_generation_past_its_time_is_shown_at_zero_not_negative() -> None:
+    program = _generations({"state": "ready", "warm_until": NOW - 0.5})
+    rows, _ = status_rows({"programs": [program]}, NOW)
+    assert rows[0][3] == "ready (warm 0s)"
+
+
+LONG = "/opt/python/3.11/bin/python3 /srv/releases/2026-12-01-a1b2c3/app.py --workers 4"
+
+
+def test_a_long_command_is_cut_to_its_name_and_the_end_of_its_arguments() -> None:
+    rows, _ = status_rows({"programs": [_generations({"command": LONG})]}, NOW)
+    assert rows[0][10] == "python3 …12-01-a1b2c3/app.py --workers 4"
+    assert len(rows[0][10]) == COMMAND_WIDTH
+
+
+def test_status_of_one_program_shows_its_command_whole(capsys: pytest.CaptureFixture[str]) -> None:
+    print_status({"programs": [_generations({"command": LONG})]}, one_program=True)
+    assert LONG in capsys.readouterr().out
+    print_status({"programs": [_generations({"command": LONG})]})
+    assert LONG not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("sleep infinity", "sleep infinity"),  # short: as is
+        ("app 'a b'", "app 'a b'"),
+        ("/usr/local/bin/gunicorn app:wsgi -b fd://3", "gunicorn app:wsgi -b fd://3"),
+        ("/opt/bin/server --port 8000", "/opt/bin/server --port 8000"),  # fits whole
+        (
+            "/opt/bin/" + "x" * 30 + " --port 8000",  # a long name: its start, the end
+            "/opt/bin/xxxx…xxxxxxxxxxxxxx --port 8000",
+        ),
+        (
+            "'/opt/my app/bin/server' --port 8000 --workers 4 --log-level info",  # quoted
+            "'/opt/my app/…workers 4 --log-level info",
+        ),
+    ],
+)
+def test_commands_in_the_table(command: str, shown: str) -> None:
+    rows, _ = status_rows({"programs": [_generations({"command": command})]}, NOW)
+    assert rows[0][10] == shown and len(shown) <= COMMAND_WIDTH
+
+
+def test_a_status_from_an_older_supervisor_without_the_new_fields_is_shown() -> None:
+    program = _program("web")
+    for field in ("command", "fingerprint", "warm_until"):
+        del program["generations"][0][field]  # type: ignore[index]
+    rows, _ = status_rows({"programs": [program]}, NOW)
+    assert (rows[0][3], rows[0][4], rows[0][10]) == ("serving", "-", "-")
