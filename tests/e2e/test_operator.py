@@ -366,13 +366,15 @@ def test_a_flip_cut_short_by_its_timeout_shows_the_new_generations_output(
     flipvisor.wait_serving("web")
     never_ready = {**web("2", "--health-fail"), "readiness": {"http": "/health", "timeout": 60}}
     flipvisor.write_config({"programs": {"web": never_ready}})
-    result = flipvisor.cli("flip", "web", "--timeout", "1", "--json")
+    # Long enough for the new worker to have started and said so on a loaded machine (1 s was
+    # not, once).
+    result = flipvisor.cli("flip", "web", "--timeout", "4", "--json")
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
-    assert "--timeout 1" in report["error"]
+    assert "--timeout 4" in report["error"]
     # What it said before it was discarded, as for any other rolled-back flip.
     assert any(line.startswith("svc 2 serving on") for line in report["output"]), report
-    human = flipvisor.cli("flip", "web", "--timeout", "1")
+    human = flipvisor.cli("flip", "web", "--timeout", "4")
     assert human.returncode == 1
     assert "last output of the new generation:" in human.stderr
 
