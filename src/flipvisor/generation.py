@@ -76,8 +76,8 @@ class Generation:
         self.config = config
         # What status shows of the deploy it runs: fixed for its life, so computed once here
         # rather than for every status request. The command as one string (``shlex.split``
-        # gives the list back): a list per generation is several objects more for every client
-        # to decode, about a sixth of a 200-program status round trip.
+        # gives the list back): a list per generation is more objects for every client to
+        # decode, about 14 % of a 200-program status round trip (docs/performance.md).
         self.command = shlex.join(config.command)
         self.fingerprint = fingerprint(config)
         self.events = events
