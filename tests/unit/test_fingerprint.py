@@ -8,7 +8,8 @@ from textwrap import dedent
 
 import pytest
 
-from flipvisor.config import ProgramConfig, fingerprint, parse_config, same_deploy
+from flipvisor.config import ProgramConfig, fingerprint, same_deploy
+from flipvisor.config_file import parse_config
 from flipvisor.history import History
 
 PATH = Path("/etc/flipvisor/flipvisor.yaml")
