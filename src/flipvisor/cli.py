@@ -17,10 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli_parser import build_parser
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, FlipvisorError
-from .locate import CONFIG_ENV, default_config_path, log_path
-
-RUNTIME_ENV = "FLIPVISOR_RUNTIME_DIR"  # runrecord.RUNTIME_ENV, not imported: --help stays quick
+from .locate import default_config_path, log_path
 
 if TYPE_CHECKING:
     from .client import Reached
@@ -29,151 +28,6 @@ if TYPE_CHECKING:
 # Client commands read only the config file's state_dir (cheap, client.py); run and watch
 # validate it whole.
 Handler = Callable[[argparse.Namespace, Path], int]
-
-
-def _config_option(parser: argparse.ArgumentParser, *, top: bool) -> None:
-    parser.add_argument(
-        "-c",
-        "--config",
-        type=Path,
-        # Subcommands must not overwrite a -c given before the subcommand.
-        default=None if top else argparse.SUPPRESS,
-        help=f"config file (default: ${CONFIG_ENV}, else ./flipvisor.yaml)",
-    )
-
-
-TIMEOUT_HELP = (
-    "give up and roll back (exit 1) if the new generation is not promoted within S seconds; "
-    "once promoted it serves and stays: if S runs out while the old generation drains, exit 0 "
-    "then, with a warning, and the drain goes on as its drain settings say"
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="flipvisor",
-        description="Supervise programs and flip them to new generations with zero dropped "
-        "requests.",
-        epilog="The commands other than run, check, watch and logs talk to the supervisor of "
-        "the config file on <state_dir>/flipvisor.sock (logs reads <state_dir>/logs, with or "
-        "without a supervisor); while the file does not parse, or names another state_dir "
-        "than the one it runs with, they find it through the record it keeps in "
-        f"${RUNTIME_ENV} (default: /run/flipvisor for root, else $XDG_RUNTIME_DIR/flipvisor "
-        "or <temp dir>/flipvisor-UID), and say so.",
-    )
-    _config_option(parser, top=True)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(
-        name: str, help_text: str, *, program: bool = False, json_output: bool = False
-    ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        _config_option(sub, top=False)
-        if program:
-            sub.add_argument("program", metavar="PROGRAM")
-        if json_output:
-            sub.add_argument("--json", action="store_true", help="print one JSON document")
-        return sub
-
-    command(
-        "run",
-        "run the supervisor in the foreground; refused while a supervisor of the same config "
-        "file runs, whatever state_dir the file names now",
-    )
-    flip = command("flip", "deploy a new generation of PROGRAM", program=True, json_output=True)
-    flip.add_argument("--timeout", type=seconds, metavar="S", help=TIMEOUT_HELP)
-    command(
-        "restart",
-        "restart PROGRAM: a flip (re-reads its section of the file)",
-        program=True,
-        json_output=True,
-    ).add_argument("--timeout", type=seconds, metavar="S", help=TIMEOUT_HELP)
-    command(
-        "rollback",
-        "flip back to the previous deploy's section (instant within rollback_window); the "
-        "file is not changed, so the next `run` starts the file's again",
-        program=True,
-        json_output=True,
-    )
-    status = command(
-        "status",
-        "show programs and their generations: state, config fingerprint, port, PIDs, uptime, "
-        "restarts, last exit, command, and how long a warm generation is kept for a rollback",
-        json_output=True,
-    )
-    status.add_argument(
-        "program",
-        nargs="?",
-        metavar="PROGRAM",
-        help="only this program, with its commands whole (the table of all cuts them short)",
-    )
-    command("start", "start PROGRAM (clears fatal)", program=True, json_output=True)
-    command("stop", "stop PROGRAM (drain all its generations)", program=True, json_output=True)
-    logs = command("logs", "show PROGRAM's captured output", program=True)
-    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    logs.add_argument(
-        "-n", "--lines", type=count, default=50, metavar="N", help="how many lines (default 50)"
-    )
-    command(
-        "check",
-        "validate the config file, and that its commands, directories, templates, proxy files, "
-        "state_dir and metrics address work here",
-        json_output=True,
-    )
-    shutdown = command(
-        "shutdown",
-        "drain everything and stop the running supervisor; shows the drains as they happen and "
-        "returns once they are done",
-    )
-    shutdown.add_argument(
-        "--no-wait",
-        action="store_true",
-        help="only ask the supervisor to shut down; return at once",
-    )
-    command(
-        "reload",
-        "ask the running supervisor to re-read its config (like SIGHUP): start added programs, "
-        "drain removed ones (one whose proxy file an added one writes only once that one "
-        "serves), flip changed ones; say which settings wait for a restart. Returns once the "
-        "removed programs left the proxy; `status` lists them until their drain is over",
-        json_output=True,
-    )
-    events = command("events", "show lifecycle events")
-    events.add_argument("program", nargs="?", metavar="PROGRAM")
-    events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
-    events.add_argument(
-        "-n", "--lines", type=count, default=50, metavar="N", help="past events first (default 50)"
-    )
-    # A stream (-f) has no end to close one document with: a JSON object per line instead.
-    events.add_argument(
-        "--json", action="store_true", help="one JSON object per event, a line each (JSON Lines)"
-    )
-    command("watch", "run the built-in confd alone: render templates from registry keys")
-    return parser
-
-
-def seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds > 0 (the supervisor checks it alike)."""
-    from .protocol import is_seconds
-
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not is_seconds(value):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
-    return value
-
-
-def count(text: str) -> int:
-    """An argparse type: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text!r}")
-    return value
 
 
 class Interrupted(Exception):

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from flipvisor.cli import count, seconds
+from flipvisor.cli_parser import count, seconds
 
 
 @pytest.mark.parametrize(("text", "value"), [("2", 2.0), ("0.5", 0.5), ("1e3", 1000.0)])

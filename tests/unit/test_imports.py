@@ -142,8 +142,11 @@ ALLOWED: dict[str, set[str]] = {
     "runrecord": {"starttime"},
     "problems": {"locate"},
     "placeholders": {"config_file", "problems"},
+    # The arguments: nothing heavy, every command parses with it first.
+    "cli_parser": {"locate", "protocol"},
     "cli": CORE
     | {
+        "cli_parser",
         "supervisor",
         "client",
         "display",

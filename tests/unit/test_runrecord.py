@@ -101,10 +101,10 @@ def test_the_runtime_folder_is_the_environment_s_if_set() -> None:
 
 
 def test_the_cli_s_help_names_the_same_variable() -> None:
-    from flipvisor import cli
+    from flipvisor import cli_parser
 
-    assert cli.RUNTIME_ENV == RUNTIME_ENV
-    assert f"${RUNTIME_ENV}" in (cli.build_parser().epilog or "")
+    assert cli_parser.RUNTIME_ENV == RUNTIME_ENV
+    assert f"${RUNTIME_ENV}" in (cli_parser.build_parser().epilog or "")
 
 
 def test_by_default_root_s_is_run_flipvisor() -> None:
