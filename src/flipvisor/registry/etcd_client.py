@@ -50,6 +50,9 @@ CHANNEL_OPTIONS = (
     ("grpc.http2.max_pings_without_data", 0),
 )
 CLOSE_GRACE = 1.0
+# Between attempts to reach etcd again (reconnecting, resuming a watch), doubling.
+MIN_BACKOFF = 0.1
+MAX_BACKOFF = 1.0  # the contract wants the keys right within 5 s of etcd's return
 
 
 def split_endpoint(endpoint: str) -> tuple[str, bool]:
