@@ -7,6 +7,7 @@ import logging
 import stat
 import subprocess
 import sys
+import threading
 from contextlib import aclosing
 from pathlib import Path
 
@@ -197,10 +198,6 @@ async def test_watch_polls_the_file(tmp_path: Path) -> None:
     ]
 
 
-async def _true(value: bool) -> bool:
-    return value
-
-
 async def test_watch_since_a_read_sees_a_change_made_before_the_watch_began(
     tmp_path: Path,
 ) -> None:
@@ -234,6 +231,47 @@ async def test_publish_after_a_disk_error_is_retried_until_it_lands(tmp_path: Pa
         await await_until(landed, timeout=5, message="the pending publication to be retried")
         tg.cancel_scope.cancel()
     assert read_registry_file(blocker / "registry.json")["p/web/port/current"] == "41000"
+
+
+async def test_a_retry_skips_a_publication_withdrawn_while_an_earlier_one_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two publications left pending by a disk error are retried one after the other. One is
+    withdrawn (its program stopped) while the retry writes the other: it must not be written
+    after all, naming a stopped program's workers as serving."""
+    blocker = tmp_path / "state"
+    blocker.write_text("not a folder")  # the registry's folder is a file: writes fail
+    registry = LocalRegistry(blocker / "registry.json", RegistryConfig(prefix="p"))
+    writing, go_on = threading.Event(), threading.Event()
+    original = write_registry_file
+
+    def held(path: Path, values: dict[str, str]) -> None:
+        writing.set()
+        assert go_on.wait(timeout=10), "the test did not let the write go on"
+        original(path, values)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(registry.run)
+        await registry.publish("a", new(41000, "101"))
+        await registry.publish("b", new(42000, "202"))
+        assert registry.health()["pending"] == ["a", "b"]
+        monkeypatch.setattr(local_module, "write_registry_file", held)
+        blocker.unlink()  # the retry writes "a", and waits in ``held`` meanwhile
+        await await_until(lambda: _true(writing.is_set()), message="the retry to write a")
+        await registry.withdraw("b")  # b stopped: its publication is taken back
+        go_on.set()
+
+        async def landed() -> bool:
+            return (blocker / "registry.json").exists()
+
+        await await_until(landed, message="a's publication to land")
+        await anyio.wait_all_tasks_blocked()  # the retry loop went on past "a"
+        assert dict((await registry.snapshot("b")).values) == {}
+        assert registry.health()["pending"] == []
+        tg.cancel_scope.cancel()
+    on_disk = read_registry_file(blocker / "registry.json")
+    assert on_disk["p/a/port/current"] == "41000"
+    assert not any(key.startswith("p/b/") for key in on_disk), on_disk
 
 
 async def test_concurrent_swaps_are_group_committed_and_all_land(
