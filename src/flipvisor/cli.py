@@ -328,17 +328,6 @@ def _flip_like(args: argparse.Namespace, path: Path) -> int:
     return _final(answer)
 
 
-def _simple(args: argparse.Namespace, path: Path) -> int:
-    answer = _request(path, args.command, getattr(args, "program", None))
-    if (refused := _refused(args, answer)) is not None:
-        return refused
-    if getattr(args, "json", False):
-        _print_json(answer.get("result"))
-    elif answer.get("ok"):
-        print(f"flipvisor: {args.command}: ok")
-    return _final(answer)
-
-
 def _reload(args: argparse.Namespace, path: Path) -> int:
     answer = _request(path, "reload")
     if (refused := _refused(args, answer)) is not None:
