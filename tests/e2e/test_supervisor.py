@@ -793,10 +793,10 @@ def test_usr1_reaches_the_workers_of_a_removed_program_still_draining(
     # machine can take longer to start Python than this test takes to get here).
     wait_until(lambda: f"handling {pid}" in log.read_text(), message="the handler in place")
     flipvisor.process.send_signal(signal.SIGUSR1)
-    wait_until(
-        lambda: f"usr1 {pid}" in log.read_text(),
-        message=f"the removed worker's SIGUSR1\n{flipvisor.output()}",
-    )
+    try:
+        wait_until(lambda: f"usr1 {pid}" in log.read_text(), message="the removed worker's SIGUSR1")
+    except AssertionError as exc:  # what the supervisor said by then
+        raise AssertionError(f"{exc}\n{flipvisor.output()}") from None
     # Killed, it ends its drain's delay: nothing is left to serve the requests it waits for.
     psutil.Process(pid).kill()
     wait_until(lambda: flipvisor.cli("status", "gone").returncode == 2, message="gone to go")
