@@ -25,6 +25,12 @@ def wait_until(
         time.sleep(interval)
 
 
+async def holds(value: object) -> bool:
+    """``value``'s truth as an awaitable: ``await_until(lambda: holds(x.done()))`` for a
+    condition that needs no await."""
+    return bool(value)
+
+
 async def await_until(
     predicate: Callable[[], Awaitable[T]],
     timeout: float = 10.0,

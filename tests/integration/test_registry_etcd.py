@@ -17,7 +17,7 @@ from flipvisor.registry.etcd import EtcdRegistry
 from flipvisor.registry.etcd_client import EtcdConnection
 from tests.fixtures.etcd import TLS_PASSWORD, TLS_USER, EtcdServer, free_port
 from tests.fixtures.slow_link import SlowLink
-from tests.waiting import await_until
+from tests.waiting import await_until, holds
 
 pytestmark = pytest.mark.etcd
 
@@ -120,7 +120,7 @@ async def test_outage_fails_swaps_cleanly_and_heals_afterwards(
             await tg.start(registry.run)
             first = record(1, 41000, [101])
             await registry.swap("app", Snapshot(), first)
-            await await_until(lambda: _true(registry.connected), message="run() to connect")
+            await await_until(lambda: holds(registry.connected), message="run() to connect")
 
             restartable_etcd.stop()
             began = time.monotonic()
@@ -218,7 +218,7 @@ async def test_a_withdrawal_etcd_does_not_answer_returns_at_the_timeout_and_land
             assert registry.health()["pending"] == ["app"]
             restartable_etcd.resume()
             await await_until(
-                lambda: _true(not registry.health()["pending"]),
+                lambda: holds(not registry.health()["pending"]),
                 timeout=5,
                 message="the withdrawal to land once etcd answers",
             )
@@ -273,7 +273,7 @@ async def test_a_late_withdrawal_leaves_keys_another_writer_promoted_meanwhile(
                     etcd_server.put(f"{etcd_prefix}/app/{suffix}", value)
                 link.restore()
                 await await_until(
-                    lambda: _true(not registry.health()["pending"]),
+                    lambda: holds(not registry.health()["pending"]),
                     timeout=5,
                     message="the withdrawal to be decided once etcd answers",
                 )
@@ -313,7 +313,7 @@ async def test_a_late_withdrawal_applies_to_what_etcd_holds_of_ours_before_a_pen
                     await registry.withdraw("app")
                 link.restore()
                 await await_until(
-                    lambda: _true(not registry.health()["pending"]),
+                    lambda: holds(not registry.health()["pending"]),
                     timeout=5,
                     message="the withdrawal to land once etcd answers",
                 )
@@ -414,12 +414,12 @@ async def test_a_swap_that_lands_after_the_keys_were_put_back_is_refused(
                 tg.start_soon(_cancel_when_set, swap_sent, flip)
                 await registry.swap("app", first, promoted(first, record(2, 42000, [202])))
             await await_until(
-                lambda: _true(not registry.health()["pending"]),
+                lambda: holds(not registry.health()["pending"]),
                 timeout=5,
                 message="the keys to be put back",
             )
             put_back.set()
-            await await_until(lambda: _true(bool(late)), timeout=5, message="the late swap")
+            await await_until(lambda: holds(bool(late)), timeout=5, message="the late swap")
             assert not late[0].succeeded, "the late transaction applied"
             assert etcd_server.get(port_key) == "41000"
             assert etcd_server.get(f"{etcd_prefix}/app/port/previous") is None
@@ -453,13 +453,13 @@ async def test_watch_resumes_after_an_outage(
             tg.start_soon(consume)
             restartable_etcd.put(f"{etcd_prefix}/app/port/current", "2")
             restartable_etcd.put(f"{etcd_prefix}/unwatched", "x")
-            await await_until(lambda: _true(len(seen) == 1), message="the first event")
+            await await_until(lambda: holds(len(seen) == 1), message="the first event")
             restartable_etcd.stop()
             restartable_etcd.start()
             # Written while the watcher is still reconnecting: it must not be missed.
             restartable_etcd.put(f"{etcd_prefix}/other", "3")
             restartable_etcd.etcdctl("del", f"{etcd_prefix}/app/port/current")
-            await await_until(lambda: _true(len(seen) == 3), timeout=8, message="resumed events")
+            await await_until(lambda: holds(len(seen) == 3), timeout=8, message="resumed events")
             tg.cancel_scope.cancel()
     finally:
         await registry.aclose()
@@ -495,12 +495,12 @@ async def test_watch_is_lost_when_etcd_comes_back_with_an_earlier_revision(
 
             tg.start_soon(consume)
             restartable_etcd.put(f"{etcd_prefix}/app/port/current", "5")
-            await await_until(lambda: _true(bool(seen)), message="the watch to run")
+            await await_until(lambda: holds(bool(seen)), message="the watch to run")
             # Blocking calls: the watch cannot resume before the new etcd holds the key (at a
             # revision below the one it resumes from, which etcd would wait for).
             restartable_etcd.restart_empty()
             restartable_etcd.put(f"{etcd_prefix}/app/port/current", "new")
-            await await_until(lambda: _true(bool(lost)), timeout=8, message="WatchLost")
+            await await_until(lambda: holds(bool(lost)), timeout=8, message="WatchLost")
     finally:
         await registry.aclose()
     assert "etcd's revision went back" in str(lost[0])
@@ -542,10 +542,6 @@ async def test_tls_and_auth(tls_etcd: EtcdServer, etcd_prefix: str) -> None:
     with pytest.raises(RegistryError, match="etcd at"):
         await plaintext.snapshot("app")
     await plaintext.aclose()
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def _value(server: EtcdServer, key: str, want: str | None) -> bool:

@@ -20,7 +20,7 @@ from flipvisor.config import Config, RegistryConfig
 from flipvisor.errors import RegistryConflict, RegistryError
 from flipvisor.registry import Snapshot, WatchEvent, open_registry
 from flipvisor.registry.local import LocalRegistry, read_registry_file, write_registry_file
-from tests.waiting import await_until
+from tests.waiting import await_until, holds
 
 
 def new(port: int, pids: str) -> Snapshot:
@@ -132,7 +132,7 @@ async def test_a_withdrawal_the_file_did_not_take_is_pending_and_retried(tmp_pat
         fixed = {**json.loads(good), "p/other/port/current": "50000"}
         write_registry_file(path, fixed)
         await await_until(
-            lambda: _true(registry.health()["pending"] == []),
+            lambda: holds(registry.health()["pending"] == []),
             timeout=5,
             message="the withdrawals to be retried",
         )
@@ -145,10 +145,6 @@ async def test_a_withdrawal_the_file_did_not_take_is_pending_and_retried(tmp_pat
             k: v for k, v in fixed.items() if k.startswith("p/other/")
         }
         tg.cancel_scope.cancel()
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_malformed_file_is_a_registry_error(tmp_path: Path) -> None:
@@ -187,9 +183,9 @@ async def test_watch_polls_the_file(tmp_path: Path) -> None:
         tg.start_soon(consume)
         await anyio.lowlevel.checkpoint()  # let the watcher take its first look
         await registry.publish("app", Snapshot({"port/current": "1"}))
-        await await_until(lambda: _true(bool(seen)), message="the first change")
+        await await_until(lambda: holds(bool(seen)), message="the first change")
         await registry.publish("app", Snapshot({"port/current": "2", "pid/current": "3"}))
-        await await_until(lambda: _true(len(seen) == 3), message="the second change")
+        await await_until(lambda: holds(len(seen) == 3), message="the second change")
         tg.cancel_scope.cancel()
     assert [(e.key, e.value) for e in seen] == [
         ("p/app/port/current", "1"),
@@ -257,7 +253,7 @@ async def test_a_retry_skips_a_publication_withdrawn_while_an_earlier_one_was_wr
         assert registry.health()["pending"] == ["a", "b"]
         monkeypatch.setattr(local_module, "write_registry_file", held)
         blocker.unlink()  # the retry writes "a", and waits in ``held`` meanwhile
-        await await_until(lambda: _true(writing.is_set()), message="the retry to write a")
+        await await_until(lambda: holds(writing.is_set()), message="the retry to write a")
         await registry.withdraw("b")  # b stopped: its publication is taken back
         go_on.set()
 
@@ -368,15 +364,15 @@ async def test_watch_of_a_bad_file_warns_once_and_the_change_after_it_is_not_liv
         tg.start_soon(consume)
         await anyio.lowlevel.checkpoint()  # let the watcher take its first look
         write_registry_file(path, {"p/app/pid/current": "2"})
-        await await_until(lambda: _true(len(seen) == 1), message="a live change")
+        await await_until(lambda: holds(len(seen) == 1), message="a live change")
         path.write_text('{"p/app/pid/current": ')
         # Several polls of the same bad file (the later ones log at DEBUG).
         await await_until(
-            lambda: _true(caplog.text.count("watching the registry file") >= 4),
+            lambda: holds(caplog.text.count("watching the registry file") >= 4),
             message="polls of the bad file",
         )
         write_registry_file(path, {"p/app/pid/current": "3"})
-        await await_until(lambda: _true(len(seen) == 2), message="the change after it")
+        await await_until(lambda: holds(len(seen) == 2), message="the change after it")
         tg.cancel_scope.cancel()
     assert [(e.value, e.live) for e in seen] == [("2", True), ("3", False)]
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]

@@ -28,7 +28,7 @@ from flipvisor.starttime import boot_id, start_ticks_of, start_time_of
 from flipvisor.watch import watches_running
 from tests.clock import step_clock
 from tests.fixtures.etcd import EtcdServer, free_port
-from tests.waiting import await_until
+from tests.waiting import await_until, holds
 
 TEMPLATE = """upstream app {
 {%- if get("PFX/app/port/current") != "bad" %}
@@ -313,7 +313,7 @@ async def test_drain_pid_drains_the_process_it_saw_serving_after_a_clock_step(
         try:
             await _serve_old(etcd_server, etcd_prefix, old, reload_log, ticks=ticks)
             await await_until(
-                lambda: _true(f"pid={old.pid} is pid/current" in caplog.text),
+                lambda: holds(f"pid={old.pid} is pid/current" in caplog.text),
                 message="the drain entry to see the old process serving",
             )
             step_clock(monkeypatch, -3600.0)
@@ -355,7 +355,7 @@ async def test_drain_pid_is_held_while_a_template_failed_until_it_applies_a_chan
                 )
 
             # Held past several CATCH_UP_TIMEOUTs, saying so each time (not "draining anyway").
-            await await_until(lambda: _true(held() >= 3), message="the drain to be held")
+            await await_until(lambda: holds(held() >= 3), message="the drain to be held")
             assert old.returncode is None
             assert "draining anyway" not in caplog.text
 
@@ -415,7 +415,7 @@ async def test_drain_pid_drains_after_a_re_read_a_process_it_saw_before(
         try:
             await _serve_old(restartable_etcd, etcd_prefix, old, reload_log)
             await await_until(
-                lambda: _true(f"pid={old.pid} is pid/current" in caplog.text),
+                lambda: holds(f"pid={old.pid} is pid/current" in caplog.text),
                 message="the drain entry to see the old process serving",
             )
             # Blocking calls: the watcher comes back only once the promotion is in place.
@@ -472,12 +472,12 @@ async def test_drain_pid_does_not_trust_a_bare_pid_current_found_at_start(
         etcd_server.put(f"{etcd_prefix}/app/pid/current", str(bystander.pid))
         async with watching(config):
             await await_until(
-                lambda: _true(f"pid={bystander.pid}" in caplog.text),
+                lambda: holds(f"pid={bystander.pid}" in caplog.text),
                 message="the drain entry to read pid/current",
             )
             promote_by_hand(etcd_server, etcd_prefix, new, bystander.pid)
             await await_until(
-                lambda: _true(f"refusing to signal pid={bystander.pid}" in caplog.text),
+                lambda: holds(f"refusing to signal pid={bystander.pid}" in caplog.text),
                 message="the refusal",
             )
         assert f"not trusting pid={bystander.pid} found in pid/current at start" in caplog.text
@@ -500,21 +500,17 @@ async def test_drain_pid_trusts_the_generation_record_found_at_start(
         etcd_server.put(f"{etcd_prefix}/app/pid/current", str(old.pid))
         async with watching(config):
             await await_until(
-                lambda: _true(f"pid={old.pid} is pid/current" in caplog.text),
+                lambda: holds(f"pid={old.pid} is pid/current" in caplog.text),
                 message="the drain entry to read pid/current",
             )
             promote_by_hand(etcd_server, etcd_prefix, new, old.pid)
-            await await_until(lambda: _true(old.poll() is not None), message="the drain")
+            await await_until(lambda: holds(old.poll() is not None), message="the drain")
         assert old.returncode == -signal.SIGTERM
         assert new.poll() is None
     finally:
         for process in (old, new):
             process.kill()
             process.wait(timeout=5)
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_local_registry_change_during_the_initial_reload_is_rendered(tmp_path: Path) -> None:
@@ -599,7 +595,7 @@ async def test_a_failed_check_is_retried_until_it_passes_without_a_key_change(
     async with watching(config):
         etcd_server.put(f"{etcd_prefix}/shared/x", "1")
         etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
-        await await_until(lambda: _true(_lines(checks) >= 4), message="the check to be retried")
+        await await_until(lambda: holds(_lines(checks) >= 4), message="the check to be retried")
         assert not reload_log.exists()
         # One warning (the proxy step) and one error (the watch) for the first failure; the
         # retries that failed the same way are logged at DEBUG only.
@@ -611,7 +607,7 @@ async def test_a_failed_check_is_retried_until_it_passes_without_a_key_change(
         await await_until(lambda: _file_holds(reload_log, "41000"), message="a retry to apply")
         assert "127.0.0.1:41000;" in dest.read_text()
         await await_until(
-            lambda: _true("applied on retry" in caplog.text), message="the recovery to be logged"
+            lambda: holds("applied on retry" in caplog.text), message="the recovery to be logged"
         )
         checks_after = _lines(checks)
     assert _lines(checks) == checks_after  # no retry once it applied
@@ -645,10 +641,10 @@ async def test_a_retry_after_a_failed_restore_still_checks_and_reloads(
     async with watching(config):
         etcd_server.put(f"{etcd_prefix}/shared/x", "1")
         etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
-        await await_until(lambda: _true(bool(failed)), message="the failed restore")
+        await await_until(lambda: holds(bool(failed)), message="the failed restore")
         assert "127.0.0.1:41000;" in dest.read_text()  # left in place, unchecked
         await await_until(
-            lambda: _true(_lines(checks) >= 3), timeout=5, message="the retries to check again"
+            lambda: holds(_lines(checks) >= 3), timeout=5, message="the retries to check again"
         )
         assert not reload_log.exists()
         broken.unlink()
@@ -672,7 +668,7 @@ async def test_a_render_error_is_retried_with_the_template_as_it_is_then(
     async with watching(config):
         etcd_server.put(f"{etcd_prefix}/shared/x", "1")
         etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
-        await await_until(lambda: _true(bool(_loud(caplog))), message="the render error")
+        await await_until(lambda: holds(bool(_loud(caplog))), message="the render error")
         template.write_text(good)  # the operator's fix
         await await_until(lambda: _file_holds(reload_log, "41000"), message="a retry to apply")
 
@@ -695,7 +691,7 @@ async def test_a_key_change_during_the_backoff_applies_at_once_and_restarts_it(
         etcd_server.put(f"{etcd_prefix}/shared/x", "1")
         etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
         await await_until(
-            lambda: _true("retrying in 60 s" in caplog.text), message="the first failure"
+            lambda: holds("retrying in 60 s" in caplog.text), message="the first failure"
         )
         ran = _lines(checks)
         # The change's own failure starts a new backoff, from the first delay.
@@ -703,7 +699,7 @@ async def test_a_key_change_during_the_backoff_applies_at_once_and_restarts_it(
         etcd_server.put(f"{etcd_prefix}/app/port/current", "42000")
         # At once: the backoff had about a minute left.
         await await_until(
-            lambda: _true(_lines(checks) > ran), timeout=5, message="the change to be checked"
+            lambda: holds(_lines(checks) > ran), timeout=5, message="the change to be checked"
         )
         broken.unlink()
         await await_until(
@@ -729,7 +725,7 @@ async def test_stopping_during_the_backoff_is_prompt(
         etcd_server.put(f"{etcd_prefix}/shared/x", "1")
         etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
         await await_until(
-            lambda: _true("retrying in 60 s" in caplog.text), message="the first failure"
+            lambda: holds("retrying in 60 s" in caplog.text), message="the first failure"
         )
         stopping = anyio.current_time()
     assert anyio.current_time() - stopping < 2.0
@@ -765,9 +761,9 @@ async def test_a_held_drain_proceeds_once_a_retry_applies_the_change(
                     if r.levelno == logging.ERROR
                 )
 
-            await await_until(lambda: _true(held() >= 2), message="the drain to be held")
+            await await_until(lambda: holds(held() >= 2), message="the drain to be held")
             ran = _lines(checks)
-            await await_until(lambda: _true(_lines(checks) > ran + 1), message="retries")
+            await await_until(lambda: holds(_lines(checks) > ran + 1), message="retries")
             assert old.returncode is None
 
             broken.unlink()  # the operator's fix; no key changes
@@ -810,7 +806,7 @@ async def test_drain_pid_is_held_while_a_template_waits_for_a_deleted_key(
             etcd_server.etcdctl("del", f"{etcd_prefix}/app/mode")
             await _promote(registry, "42000", new)
             held = f"not draining pid={old.pid}: watch {dest} is waiting"
-            await await_until(lambda: _true(held in caplog.text), message="the drain to be held")
+            await await_until(lambda: holds(held in caplog.text), message="the drain to be held")
             assert old.returncode is None
             assert "draining anyway" not in caplog.text
 
@@ -822,12 +818,12 @@ async def test_drain_pid_is_held_while_a_template_waits_for_a_deleted_key(
             else:
                 await old.stop(timeout=5)
                 await await_until(
-                    lambda: _true(f"pid={old.pid} gone already while watch" in caplog.text),
+                    lambda: holds(f"pid={old.pid} gone already while watch" in caplog.text),
                     message="the hold to end",
                 )
                 errors = caplog.text.count(held)
                 with anyio.move_on_after(1.0):  # > 3 CATCH_UP_TIMEOUTs: no error comes any more
-                    await await_until(lambda: _true(caplog.text.count(held) > errors), timeout=2)
+                    await await_until(lambda: holds(caplog.text.count(held) > errors), timeout=2)
                 assert caplog.text.count(held) == errors
             assert new.returncode is None
         finally:
@@ -849,7 +845,7 @@ async def test_drain_pid_never_drains_the_process_pid_current_still_names(
             await _serve_old(etcd_server, etcd_prefix, serving, tmp_path / "reloads.log")
             etcd_server.put(f"{etcd_prefix}/app/pid/previous", str(serving.pid))
             await await_until(
-                lambda: _true(f"not signalling pid={serving.pid}: " in caplog.text),
+                lambda: holds(f"not signalling pid={serving.pid}: " in caplog.text),
                 message="the drain to be refused",
             )
             assert serving.returncode is None
@@ -872,7 +868,7 @@ async def test_drain_pid_refuses_the_proxy_master_even_seen_as_pid_current(
             await _serve_old(etcd_server, etcd_prefix, master, tmp_path / "reloads.log")
             await _promote(registry, "42000", new)
             await await_until(
-                lambda: _true(
+                lambda: holds(
                     f"refusing to signal pid={master.pid}: it is the proxy's master" in caplog.text
                 ),
                 message="the refusal",
@@ -926,7 +922,7 @@ async def test_drain_pid_trusts_a_bare_pid_only_from_a_live_change(
             assert f"not trusting pid={reused.pid} in pid/current" in caplog.text
             # The process seen live is drained.
             await drain.changed([WatchEvent(previous, str(old.pid), 6, live=True)])
-            await await_until(lambda: _true(old.poll() is not None), message="the drain")
+            await await_until(lambda: holds(old.poll() is not None), message="the drain")
             tg.cancel_scope.cancel()
         assert old.returncode == -signal.SIGTERM
         assert late.poll() is None and reused.poll() is None and new.poll() is None
@@ -966,7 +962,7 @@ async def test_drain_pid_drains_a_bare_pid_seen_live_after_a_clock_step(
                     WatchEvent(previous, str(old.pid), 3, live=True),
                 ]
             )
-            await await_until(lambda: _true(old.poll() is not None), message="the drain")
+            await await_until(lambda: holds(old.poll() is not None), message="the drain")
             tg.cancel_scope.cancel()
         assert old.returncode == -signal.SIGTERM
         assert new.poll() is None
@@ -1004,7 +1000,7 @@ async def test_drain_pid_refuses_a_process_the_record_s_start_tick_does_not_name
                 ]
             )
             await await_until(
-                lambda: _true(f"pid={old.pid} is gone already (or is another" in caplog.text),
+                lambda: holds(f"pid={old.pid} is gone already (or is another" in caplog.text),
                 message="the refusal",
             )
             tg.cancel_scope.cancel()
@@ -1047,7 +1043,7 @@ async def test_drain_pid_warns_of_a_running_pid_previous_it_never_saw_but_not_of
         etcd_server.put(f"{etcd_prefix}/app/pid/previous", f"{running.pid},{gone.pid}")
         async with watching(config):
             await await_until(
-                lambda: _true(f"pid={gone.pid} found at start" in caplog.text),
+                lambda: holds(f"pid={gone.pid} found at start" in caplog.text),
                 message="the drain entry to read pid/previous",
             )
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -1077,7 +1073,7 @@ async def test_an_unreachable_registry_is_warned_about_once_per_entry(
 
     async with watching(config):
         await await_until(
-            lambda: _true(sum(f"watch {dest}" in m for m in said(logging.DEBUG)) >= 2),
+            lambda: holds(sum(f"watch {dest}" in m for m in said(logging.DEBUG)) >= 2),
             message="the entries to retry a few times",
         )
     warned = said(logging.WARNING)
