@@ -38,6 +38,7 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 # generation (a fixed port) the old workers accept until the very end.
 FIRST_REQUEST_GRACE = 1.0
 NEW, BUSY, IDLE = "new", "busy", "idle"  # a connection's state
+GATE_POLL = 0.05  # how often a closed --serve-after gate is looked at
 
 
 def _env(name: str) -> str | None:
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default=_env("HOST") or "127.0.0.1")
     p.add_argument("--port", type=int, default=int(_env("PORT") or 0))
     p.add_argument("--ready-delay", type=float, default=float(_env("READY_DELAY") or 0))
+    # A gate a test opens: serve only once this file exists, whatever the machine's load.
+    p.add_argument("--serve-after", default=_env("SERVE_AFTER") or None)
     p.add_argument("--health-fail", action="store_true", default=_env_flag("HEALTH_FAIL"))
     p.add_argument("--crash-after", type=float, default=float(_env("CRASH_AFTER") or 0) or None)
     exit_default = _env("EXIT_AT_START")
@@ -228,6 +231,10 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+def _gate_open(path: str | None) -> bool:
+    return path is None or os.path.exists(path)
+
+
 def write_output(megabytes: float) -> None:
     line = ("x" * 99) + "\n"
     count = int(megabytes * 1024 * 1024) // len(line)
@@ -265,14 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         mark(opts.markers, "TERM")
         return 0
 
-    if opts.ready_delay > 0:
-        deadline = time.monotonic() + opts.ready_delay
-        while (left := deadline - time.monotonic()) > 0:
-            info = signal.sigtimedwait(waited, left)
-            if info is not None:
-                code = on_signal(info.si_signo)
-                mark(opts.markers, "STOP")
-                return code
+    deadline = time.monotonic() + opts.ready_delay
+    while (left := deadline - time.monotonic()) > 0 or not _gate_open(opts.serve_after):
+        info = signal.sigtimedwait(waited, left if left > 0 else GATE_POLL)
+        if info is not None:
+            code = on_signal(info.si_signo)
+            mark(opts.markers, "STOP")
+            return code
 
     sock = inherited_socket() or own_socket(opts.host, opts.port)
     # Workers share the socket: a blocking accept() after another worker took the connection

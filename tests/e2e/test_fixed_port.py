@@ -103,7 +103,8 @@ def test_a_flip_that_is_never_ready_on_a_fixed_port_loses_no_request_under_load(
     its discard is a drain (SIGTERM, it finishes what it accepted), and what waits in the
     accept queue is generation 1's, so the clients see no failure."""
     port = free_port()
-    notify = {"notify": True, "timeout": 1}
+    # Long enough for generation 2 to start and accept under load (1 s was not, on CI).
+    notify = {"notify": True, "timeout": 5}
     flipvisor.start(fixed_port_config(port, "1", **notify))
     flipvisor.wait_serving("web")
     silent = fixed_port_config(port, "2", **notify)

@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -289,11 +290,13 @@ def test_with_etcd_down_at_promotion_leftovers_are_drained_once_etcd_records_it(
     restartable_etcd: EtcdServer,
     etcd_prefix: str,
     survivors: list[psutil.Process],
+    tmp_path: Path,
 ) -> None:
     """The keys must stop naming the leftovers before they are drained. With etcd down when
     the new generation is ready, it is promoted anyway (nothing of this supervisor serves), and
     the proxy moves to it; the leftovers stay up, out of the proxy, until etcd is back and the
     deferred registration makes `previous` name them."""
+    gate = tmp_path / "serve"  # generation 2 is ready only once etcd is down, however slow
     etcd = restartable_etcd
     etcd_registry = registry(etcd, etcd_prefix)
     flipvisor.start({"registry": etcd_registry, "programs": {"web": program(nginx, "1")}})
@@ -304,10 +307,11 @@ def test_with_etcd_down_at_promotion_leftovers_are_drained_once_etcd_records_it(
     )
     with Load(nginx.url("/"), clients=2) as load:
         old_pids = kill_supervisor(flipvisor, "web", survivors)
-        slow = program(nginx, "2", "--ready-delay", "2")
-        restart_supervisor(flipvisor, {"registry": etcd_registry, "programs": {"web": slow}})
+        gated = program(nginx, "2", "--serve-after", str(gate), readiness={"timeout": 30})
+        restart_supervisor(flipvisor, {"registry": etcd_registry, "programs": {"web": gated}})
         assert "leftovers" in flipvisor.event_kinds()  # read from etcd before it went away
         etcd.stop()
+        gate.touch()
         new = flipvisor.wait_serving("web", timeout=30)
         wait_until(lambda: proxied(nginx)["version"] == "2", message="nginx to route to v2")
         web = flipvisor.program("web")
@@ -334,7 +338,9 @@ def test_leftovers_held_for_an_unreachable_registry_are_drained_when_the_program
     restartable_etcd: EtcdServer,
     etcd_prefix: str,
     survivors: list[psutil.Process],
+    tmp_path: Path,
 ) -> None:
+    gate = tmp_path / "serve"  # generation 2 is ready only once etcd is down, however slow
     etcd = restartable_etcd
     etcd_registry = registry(etcd, etcd_prefix)
     flipvisor.start({"registry": etcd_registry, "programs": {"web": program(nginx, "1")}})
@@ -343,9 +349,10 @@ def test_leftovers_held_for_an_unreachable_registry_are_drained_when_the_program
         lambda: keys(etcd, etcd_prefix)["pid/current"] is not None, message="the keys in etcd"
     )
     old_pids = kill_supervisor(flipvisor, "web", survivors)
-    slow = program(nginx, "2", "--ready-delay", "1")
-    restart_supervisor(flipvisor, {"registry": etcd_registry, "programs": {"web": slow}})
+    gated = program(nginx, "2", "--serve-after", str(gate), readiness={"timeout": 30})
+    restart_supervisor(flipvisor, {"registry": etcd_registry, "programs": {"web": gated}})
     etcd.stop()
+    gate.touch()
     new = flipvisor.wait_serving("web", timeout=30)
     wait_until(
         lambda: "held until the registry" in flipvisor.cli("events", "web").stdout,
