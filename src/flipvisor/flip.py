@@ -253,6 +253,7 @@ class Flips:
                 config=config,
                 reaper=program.runtime.reaper,
                 log=program.log,
+                keeper=program.runtime.keeper,
                 events=program.runtime.events,
                 state_dir=program.runtime.state_dir,
                 on_worker_exit=program._worker_exited,

@@ -20,6 +20,7 @@ from anyio.abc import TaskStatus
 from .config import ProgramConfig, fingerprint
 from .errors import FlipvisorError, ProbeFailed, SpawnError
 from .events import EventLog
+from .kept_outputs import OutputKeeper
 from .lazy_event import LazyEvent
 from .logs import ProgramLog
 from .probe import NotifySocket, wait_ready
@@ -63,6 +64,7 @@ class Generation:
         reaper: Reaper,
         log: ProgramLog,
         events: EventLog,
+        keeper: OutputKeeper | None = None,
         state_dir: Path,
         on_worker_exit: Callable[[Generation, Worker, int | None, str], float | None],
         on_pids_changed: Callable[[Generation], None],
@@ -101,6 +103,7 @@ class Generation:
         self._spec: WorkerSpec | None = None
         self._reaper = reaper
         self._log = log
+        self._keeper = keeper
         self.socket = listener
         self.host = config.socket.host
         self.port = bound_port(self.socket)
@@ -125,7 +128,15 @@ class Generation:
 
     def _new_worker(self, index: int) -> Worker:
         assert self._spec is not None
-        return Worker(self, self._spec, index, reaper=self._reaper, log=self._log, tail=self.tail)
+        return Worker(
+            self,
+            self._spec,
+            index,
+            reaper=self._reaper,
+            log=self._log,
+            tail=self.tail,
+            keeper=self._keeper,
+        )
 
     async def revive(self) -> int:
         """Start again every worker slot that gave up (crash loop, or policy ``never``).

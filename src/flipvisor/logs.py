@@ -21,14 +21,25 @@ import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
-from .config import LogsConfig
 from .logs_follow import SEQ_XATTR, read_seq
 
 log = logging.getLogger(__name__)
 
 FLUSH_THRESHOLD = 256 * 1024  # write_line callers that never flush still get bounded buffers
 NOTE_PREFIX = "[flipvisor]"
+
+
+class LogLimits(Protocol):
+    """How big a log file grows and how many rotated ones are kept (``config.LogsConfig``);
+    a protocol, so that the output keeper can write logs without loading the config's models."""
+
+    @property
+    def max_bytes(self) -> int: ...
+
+    @property
+    def backups(self) -> int: ...
 
 
 class ProgramLog:
@@ -43,7 +54,7 @@ class ProgramLog:
     across restarts of the supervisor.
     """
 
-    def __init__(self, path: Path, config: LogsConfig) -> None:
+    def __init__(self, path: Path, config: LogLimits) -> None:
         """Open (create 0600) ``path`` for appending, creating its folder 0700 if needed.
 
         A file that cannot be opened is not fatal: its lines are counted as dropped until it can.

@@ -1,7 +1,7 @@
 """A worker's output pipe copied into its program's log, line by line, as fast as it fills.
 
-A line longer than ``MAX_LINE`` is split, so a newline-less stream cannot grow memory; the lines of
-one read go to the log as one batch (``ProgramLog.write_lines``) and one write.
+A line longer than ``log_lines.MAX_LINE`` is split, so a newline-less stream cannot grow memory;
+the lines of one read go to the log as one batch (``ProgramLog.write_lines``) and one write.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import logging
 
 import anyio.lowlevel
 
+from .log_lines import split_lines, split_long
 from .logs import ProgramLog
 from .output_pipe import read_available, read_now
 
 log = logging.getLogger(__name__)
 
-MAX_LINE = 64 * 1024  # longer lines are split, so a newline-less stream cannot grow memory
 READ_SIZE = 256 * 1024  # one read, one batch of records, one write
 PIPE_SIZE = 1024 * 1024  # room for a burst while the event loop is busy elsewhere
 
@@ -38,22 +38,10 @@ def enlarge_pipe(fd: int, size: int = PIPE_SIZE) -> int:
         return 0
 
 
-def _split_long(lines: list[bytes]) -> list[bytes]:
-    """Cut every line longer than ``MAX_LINE`` into ``MAX_LINE`` pieces."""
-    out: list[bytes] = []
-    for line in lines:
-        if len(line) <= MAX_LINE:
-            out.append(line)
-        else:
-            out.extend(line[i : i + MAX_LINE] for i in range(0, len(line), MAX_LINE))
-    return out
-
-
 def _emit(
     lines: list[bytes], log_: ProgramLog, prefix: str, tail: collections.deque[str] | None
 ) -> None:
-    if any(len(line) > MAX_LINE for line in lines):
-        lines = _split_long(lines)
+    lines = split_long(lines)
     log_.write_lines(prefix, lines)
     log_.flush()
     if tail is not None:
@@ -86,7 +74,7 @@ async def capture(
     pending = b""
     try:
         while chunk := await read_available(read_fd, READ_SIZE):
-            lines, pending = _split_lines(pending, chunk)
+            lines, pending = split_lines(pending, chunk)
             if lines:
                 _emit(lines, log, prefix, tail)
             # read_available only awaits when the pipe is empty; a worker that never lets it
@@ -97,7 +85,7 @@ async def capture(
         left = size
         while left > 0 and (chunk := read_now(read_fd, min(READ_SIZE, left))):
             left -= len(chunk)
-            lines, pending = _split_lines(pending, chunk)
+            lines, pending = split_lines(pending, chunk)
             if lines:
                 _emit(lines, log, prefix, tail)
         raise
@@ -105,13 +93,3 @@ async def capture(
         # No await here, so a cancelled capture still writes the partial line.
         if pending:
             _emit([pending], log, prefix, tail)
-
-
-def _split_lines(pending: bytes, chunk: bytes) -> tuple[list[bytes], bytes]:
-    """The complete lines of ``pending + chunk``, and the start of a line not ended yet."""
-    lines = (pending + chunk).split(b"\n")
-    pending = lines.pop()
-    while len(pending) >= MAX_LINE:  # an endless line must not grow without bound
-        lines.append(pending[:MAX_LINE])
-        pending = pending[MAX_LINE:]
-    return lines, pending

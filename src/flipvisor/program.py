@@ -23,6 +23,7 @@ from .events import EventLog
 from .flip import Flips
 from .generation import Generation
 from .history import History
+from .kept_outputs import OutputKeeper
 from .leftovers import Leftovers
 from .locate import log_path
 from .logs import ProgramLog
@@ -55,6 +56,9 @@ class Runtime:
     events: EventLog
     state_dir: Path
     logs: LogsConfig
+    # Holds the workers' output pipes so that they outlive a killed supervisor (None: nothing
+    # does, as in tests that build a runtime of their own).
+    keeper: OutputKeeper | None = None
     # One proxy step at a time on this host: programs behind one nginx share its config.
     proxy_lock: anyio.Lock = field(default_factory=anyio.Lock)
 

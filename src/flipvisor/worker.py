@@ -19,6 +19,7 @@ from anyio.abc import TaskStatus
 
 from .config import ProgramConfig
 from .errors import SpawnError
+from .kept_outputs import OutputKeeper
 from .lazy_event import LazyEvent
 from .logs import ProgramLog
 from .logs_capture import capture
@@ -119,6 +120,7 @@ class Worker:
         reaper: Reaper,
         log: ProgramLog,
         tail: deque[str],
+        keeper: OutputKeeper | None = None,
     ) -> None:
         self.owner = owner
         self.spec = spec
@@ -126,6 +128,7 @@ class Worker:
         self.reaper = reaper
         self.log = log
         self.tail = tail
+        self.keeper = keeper
         self.state = WorkerState.STARTING
         self.child: Child | None = None
         self.consecutive_failures = 0
@@ -162,7 +165,18 @@ class Worker:
             cwd=spec.config.cwd,
             listen_fd=spec.listen_fd,
         )
+        if self.keeper is not None:  # so that the worker outlives a killed supervisor
+            self.keeper.hold(self._read_fd, self.log, self._prefix(child))
         return child
+
+    def _prefix(self, child: Child) -> str:
+        """What the worker's lines are logged as: ``g2 w0 pid=1234``."""
+        return f"g{self.spec.generation} w{self.index} pid={child.pid}"
+
+    def _close_output(self, read_fd: int) -> None:
+        if self.keeper is not None:
+            self.keeper.release(read_fd)
+        os.close(read_fd)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the slot until its owner says stop. The first spawn's failure is raised to the
@@ -210,7 +224,7 @@ class Worker:
         self._transition(WorkerState.RUNNING)
         started = time.monotonic()
         self.owner.worker_spawned(self)
-        prefix = f"g{self.spec.generation} w{self.index} pid={child.pid}"
+        prefix = self._prefix(child)
         handed_over = False
         try:
             with anyio.CancelScope() as reading:
@@ -248,7 +262,7 @@ class Worker:
                         await self._stop_reading(child, read_fd, prefix)
             finally:
                 if not handed_over:
-                    os.close(read_fd)
+                    self._close_output(read_fd)
                 child.close()
         if time.monotonic() - started >= STABLE_UPTIME:
             self.consecutive_failures = 0
@@ -263,7 +277,7 @@ class Worker:
         try:
             await capture(read_fd, self.log, prefix=prefix, tail=self.tail)
         finally:
-            os.close(read_fd)
+            self._close_output(read_fd)
             self._leftover_readers -= 1
 
     async def _stop_reading(self, child: Child, read_fd: int, prefix: str) -> None:

@@ -72,8 +72,8 @@ def kill_supervisor(flipvisor: Flipvisor, name: str, survivors: list[psutil.Proc
 
 def _wait_said_serving(flipvisor: Flipvisor, name: str, pid: int) -> None:
     """Until an svc worker (serving from its spawn, without a readiness probe) has printed its
-    start-up line. Once its supervisor is dead nobody reads its output: that line, written
-    after, would end it (EPIPE), and it would not be left over (seen on a loaded machine)."""
+    start-up line, read by the supervisor itself: the tests that read the log after a kill then
+    find it whether or not the output keeper logged anything."""
     if not any(part.endswith("svc.py") for part in psutil.Process(pid).cmdline()):
         return
     log = flipvisor.state_dir / "logs" / f"{name}.log"

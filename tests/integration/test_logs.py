@@ -16,8 +16,9 @@ import anyio
 import pytest
 
 from flipvisor.config import LogsConfig
+from flipvisor.log_lines import MAX_LINE
 from flipvisor.logs import ProgramLog
-from flipvisor.logs_capture import MAX_LINE, capture, enlarge_pipe
+from flipvisor.logs_capture import capture, enlarge_pipe
 from flipvisor.logs_follow import SEQ_XATTR, SKIPPED_MARK, follow, read_seq
 from flipvisor.logs_tail import tail_lines
 from flipvisor.output_pipe import open_output_pipe

@@ -21,11 +21,14 @@ LEAVES = ERRORS | {"states", "lazy_event", "signals", "usable", "starttime"}
 # The config file (models, their value types, reading, checks across sections) is one layer.
 CONFIG = {"config", "config_fields", "config_file", "config_consistency"}
 # A program's log: the rotating writer, a worker's capture into it, and the CLI's readers.
-LOGS = {"logs", "logs_capture", "logs_tail", "logs_follow"}
+LOGS = {"logs", "logs_capture", "log_lines", "logs_tail", "logs_follow"}
 # Processes: the only creator (spawn), a child's output pipe, a short command run to completion,
 # a recorded process signalled only while its PID names it, our stray children.
 SPAWN = {"spawn", "output_pipe", "run_command", "verified_signal", "strays"}
-BASE = LEAVES | CONFIG | LOGS | SPAWN | {"reaper", "sockets", "events", "progress"}
+# The output keeper process (stdlib and the log writer only: it must stay small) and the
+# supervisor's side of it, which every worker tells about its pipe.
+KEEPER = {"output_keeper", "kept_outputs"}
+BASE = LEAVES | CONFIG | LOGS | SPAWN | KEEPER | {"reaper", "sockets", "events", "progress"}
 CHECKS = BASE | {"probe", "proxy", "registry"}
 WORKERS = CHECKS | {"worker", "generation"}
 CORE = WORKERS | {
@@ -60,8 +63,12 @@ ALLOWED: dict[str, set[str]] = {
     "run_command": {"reaper", "spawn", "output_pipe", "strays"},
     "verified_signal": {"starttime"},
     "strays": set(),
-    "logs": {"config", "logs_follow"},  # logs_follow: the numbering its files get
-    "logs_capture": {"logs", "output_pipe"},
+    # Not config: the output keeper writes logs without loading the config's models.
+    "logs": {"logs_follow"},  # logs_follow: the numbering its files get
+    "log_lines": set(),
+    "logs_capture": {"logs", "output_pipe", "log_lines"},
+    "output_keeper": {"logs", "log_lines"},
+    "kept_outputs": {"errors", "logs", "output_keeper", "reaper", "spawn"},
     "logs_tail": set(),
     "logs_follow": {"logs_tail"},
     "sockets": {"config", "errors", "usable"},
@@ -133,7 +140,7 @@ ALLOWED: dict[str, set[str]] = {
     "client": LEAVES | {"protocol", "config", "locate", "runrecord"},
     "display": LEAVES | {"protocol", "events", "progress"},
     "supervisor": CORE
-    | {"watch", "runrecord", "orphans", "reload", "commands"},  # runs the config's watches too
+    | {"watch", "runrecord", "orphans", "reload", "commands", "locate"},  # runs the watches too
     # Parts of the supervisor that take it (for its type only): its layer, supervisor included.
     "reload": CORE | {"supervisor"},
     "commands": CORE | {"supervisor", "reload"},

@@ -1,0 +1,247 @@
+"""The supervisor's side of the output keeper (``output_keeper.py``): start it and keep it
+running, tell it every worker output pipe to hold and every one given up, and at start-up take
+back the pipes a killed supervisor's keeper kept.
+
+``OutputKeeper.hold``/``release`` are synchronous and never block: the messages are queued and
+sent by ``run``'s task as the socket takes them, so a keeper that is slow (or stopped) never holds
+up a spawn. Each message names the pipe by a key of ours, and the queue sends a ``hold`` only
+while the pipe is still held: a pipe released (and its descriptor closed, maybe reused) before
+its ``hold`` was sent is never sent at all. A keeper that exits while the supervisor runs is
+started again, and told every pipe held then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskStatus
+
+import flipvisor
+
+from .errors import SpawnError
+from .logs import ProgramLog
+from .output_keeper import END, HANDOVER_SOCKET, HANDOVER_TIMEOUT, receive_with_fds, send_with_fd
+from .reaper import Reaper
+from .spawn import Child, spawn_process
+
+log = logging.getLogger(__name__)
+
+EXIT_GRACE = 2.0  # how long a keeper told to exit gets before SIGKILL
+RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # after a keeper exited unexpectedly
+STABLE_UPTIME = 30.0  # a keeper that ran this long starts again after the first delay
+_EXIT = json.dumps({"op": "exit"}).encode()
+
+
+@dataclass(frozen=True)
+class KeptOutput:
+    """A worker output pipe taken over from a killed supervisor's keeper."""
+
+    fd: int  # the read end, close-on-exec, now ours
+    program: str
+    prefix: str  # what its lines are logged as: ``g2 w0 pid=1234``
+
+
+class OutputKeeper:
+    """The output keeper process of one supervisor, and the pipes it is told to hold."""
+
+    def __init__(self, state_dir: Path, reaper: Reaper) -> None:
+        self.state_dir = state_dir
+        self.reaper = reaper
+        self.pid: int | None = None  # the keeper running now, if any
+        self._held: dict[int, tuple[int, bytes]] = {}  # key -> (read end, hold message)
+        self._key_of: dict[int, int] = {}  # read end -> key
+        self._keys = itertools.count(1)
+        self._queue: deque[tuple[str, int]] = deque()
+        self._known: set[int] = set()  # keys the running keeper holds
+        self._wake = anyio.Event()
+
+    def hold(self, fd: int, log: ProgramLog, prefix: str) -> None:
+        """Have the keeper hold ``fd`` (a worker output pipe's read end) until ``release``; if the
+        supervisor dies meanwhile, the keeper logs its lines to ``log``'s file as ``prefix``."""
+        key = next(self._keys)
+        tag = {
+            "program": log.path.stem,
+            "log": str(log.path),
+            "prefix": prefix,
+            "max_bytes": log.max_bytes,
+            "backups": log.backups,
+        }
+        self._held[key] = (fd, json.dumps({"op": "hold", "key": key, "tag": tag}).encode())
+        self._key_of[fd] = key
+        self._queue.append(("hold", key))
+        self._wake.set()
+
+    def release(self, fd: int) -> None:
+        """``fd`` is about to be closed: the keeper lets its copy go too (a no-op for a
+        descriptor never held)."""
+        key = self._key_of.pop(fd, None)
+        if key is None:
+            return
+        del self._held[key]
+        self._queue.append(("release", key))
+        self._wake.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Keep a keeper running until cancelled; then tell it to exit, and wait (bounded)."""
+        task_status.started()  # pipes may be held at once: they are queued until it runs
+        failures = 0
+        while True:
+            started = time.monotonic()
+            try:
+                child, sock = self._spawn()
+            except (SpawnError, OSError) as exc:
+                log.warning("cannot start the output keeper: %s", exc)
+            else:
+                returncode = await self._keep(child, sock)
+                log.warning(
+                    "the output keeper (pid %d) exited (%s); starting another: until then, the "
+                    "workers' output would not outlive a killed supervisor",
+                    child.pid,
+                    returncode,
+                )
+            failures = 1 if time.monotonic() - started >= STABLE_UPTIME else failures + 1
+            await anyio.sleep(RESTART_DELAYS[min(failures, len(RESTART_DELAYS)) - 1])
+
+    def _spawn(self) -> tuple[Child, socket.socket]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours.setblocking(False)
+            package_root = str(Path(flipvisor.__file__).parent.parent)
+            env = {**os.environ, "PYTHONPATH": package_root}  # this very flipvisor, not another
+            argv = [sys.executable, "-m", "flipvisor.output_keeper", str(self.state_dir)]
+            child = spawn_process(
+                [*argv, str(os.getpid())],
+                reaper=self.reaper,
+                env=env,
+                cwd=self.state_dir,
+                listen_fd=theirs.fileno(),
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.pid = child.pid
+        return child, ours
+
+    async def _keep(self, child: Child, sock: socket.socket) -> int:
+        """Feed the keeper until it exits (its return code) or we are cancelled (it is told to
+        exit, and stopped if it does not)."""
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._feed, sock)
+                returncode = await child.wait()
+                tg.cancel_scope.cancel()
+            return returncode
+        finally:
+            self.pid = None
+            with anyio.CancelScope(shield=True):
+                await self._stop(child, sock)
+
+    async def _stop(self, child: Child, sock: socket.socket) -> None:
+        """Tell the keeper to exit (not the end of file alone: that means we were killed, and it
+        would go on logging), wait for it, and SIGKILL it after ``EXIT_GRACE``."""
+        try:
+            with anyio.move_on_after(EXIT_GRACE):
+                if not child.exit.reaped:
+                    with contextlib.suppress(OSError):  # gone already: its exit says so
+                        await _send(sock, _EXIT, None)
+                await child.wait()
+            if not child.exit.reaped:
+                child.send_signal(signal.SIGKILL)
+                await child.wait()
+        finally:
+            sock.close()
+            child.close()
+
+    async def _feed(self, sock: socket.socket) -> None:
+        """Send the keeper every pipe held now, then each change as it comes."""
+        self._known = set()
+        self._queue = deque(("hold", key) for key in self._held)
+        while True:
+            while self._queue:
+                op, key = self._queue[0]
+                if op == "hold" and key in self._held:
+                    fd, message = self._held[key]
+                    sent = await _send(sock, message, fd)
+                    self._known.add(key)
+                elif op == "release" and key in self._known:
+                    sent = await _send(sock, json.dumps({"op": op, "key": key}).encode(), None)
+                    self._known.discard(key)
+                else:  # released before its hold was sent, or never known to this keeper
+                    sent = True
+                if not sent:
+                    return  # the keeper is gone: ``_keep`` sees its exit
+                self._queue.popleft()
+            self._wake = anyio.Event()  # no await since the queue was seen empty
+            await self._wake.wait()
+
+
+async def _send(sock: socket.socket, message: bytes, fd: int | None) -> bool:
+    """Send one message once the socket takes it; False if the keeper is gone."""
+    while True:
+        try:
+            send_with_fd(sock, message, fd)
+            return True
+        except BlockingIOError:
+            await anyio.wait_writable(sock)
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                return False
+            raise
+
+
+async def take_over_outputs(state_dir: Path) -> list[KeptOutput]:
+    """The output pipes a killed supervisor's keeper kept (nothing if there is none): it hands
+    them over and exits. A stale socket (its keeper is gone too) is removed."""
+    path = state_dir / HANDOVER_SOCKET
+    if not path.exists():
+        return []
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    outputs: list[KeptOutput] = []
+    with sock:
+        try:
+            sock.connect(os.fsencode(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)
+            return []
+        except OSError as exc:
+            log.warning("cannot reach the output keeper at %s: %s", path, exc.strerror)
+            return []
+        sock.setblocking(False)
+        with anyio.move_on_after(HANDOVER_TIMEOUT) as waited:
+            while True:
+                await anyio.wait_readable(sock)
+                try:
+                    data, fds = receive_with_fds(sock)
+                except BlockingIOError:
+                    continue
+                if not data or data == END:
+                    break
+                tag = json.loads(data)["tag"]
+                for fd in fds[1:]:
+                    os.close(fd)
+                if fds:
+                    os.set_blocking(fds[0], False)
+                    outputs.append(KeptOutput(fds[0], str(tag["program"]), str(tag["prefix"])))
+        if waited.cancelled_caught:
+            log.warning(
+                "the output keeper at %s did not finish handing over within %gs; took %d",
+                path,
+                HANDOVER_TIMEOUT,
+                len(outputs),
+            )
+    return outputs

@@ -1,0 +1,262 @@
+"""The output keeper: a small process that holds the read end of every worker's output pipe for
+its supervisor, so that the workers of a supervisor that was killed do not die at their next write.
+
+Without it, a SIGKILLed (or OOM-killed) supervisor takes the only read end of each pipe with it:
+the workers' next write to stdout or stderr fails with EPIPE, and SIGPIPE's default action ends
+any program that does not ignore it (a Go binary, a shell). The keeper is the pattern of
+s6-fdholder and systemd's fd store: a process that outlives the one reading.
+
+``flipvisor run`` starts one (``kept_outputs.OutputKeeper``), with one end of a SOCK_SEQPACKET
+socket pair on fd 3. Each message is a JSON object; a ``hold`` carries the pipe's read end
+(SCM_RIGHTS) and what its lines are logged as, a ``release`` names one given up, ``exit`` means
+the supervisor is exiting cleanly. While the supervisor runs, the keeper only holds: the
+supervisor reads. At end of file without ``exit`` the supervisor is gone, and the keeper reads
+every pipe it holds into its program's log (``ProgramLog``, the same format and rotation) until
+its writers are all gone, or until the next ``run`` connects to ``<state_dir>/keeper.sock``: it
+is then handed every pipe, with what each is logged as, and the keeper exits.
+
+Only the standard library and ``logs``/``log_lines`` are imported: it is one more process on the
+host for as long as the supervisor runs, so it stays small (about 14 MiB).
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import select
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .log_lines import split_lines, split_long
+from .logs import ProgramLog
+
+CONTROL_FD = 3  # the keeper's end of the socket pair (``spawn_process``'s listen_fd)
+HANDOVER_SOCKET = "keeper.sock"  # in state_dir: shorter than the control socket's name
+MAX_MESSAGE = 4096  # a message's JSON; the tags are a program name, a path and a prefix
+HANDOVER_TIMEOUT = 5.0  # a client that stops reading cannot hold the keeper forever
+READ_SIZE = 256 * 1024
+END = b'{"op": "end"}'  # the last message of a handover
+
+
+@dataclass(frozen=True)
+class LogLimits:
+    """``logs.LogLimits`` as a ``hold`` message gives them."""
+
+    max_bytes: int
+    backups: int
+
+
+@dataclass
+class Held:
+    """One pipe's read end and what its lines are logged as."""
+
+    fd: int
+    tag: dict[str, Any]  # program, log, prefix, max_bytes, backups: sent back at a handover
+    pending: bytes = b""  # the start of a line not ended yet (read only once orphaned)
+
+
+def send_with_fd(sock: socket.socket, message: bytes, fd: int | None) -> None:
+    """Send one message, with ``fd`` attached (SCM_RIGHTS) when given.
+
+    Raises:
+        OSError: as ``socket.sendmsg`` (BlockingIOError on a full non-blocking socket).
+    """
+    rights = [] if fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+    sock.sendmsg([message], rights)
+
+
+def receive_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and the descriptors attached to it (close-on-exec); (b"", []) at end of file.
+
+    Raises:
+        OSError: as ``socket.recvmsg``.
+    """
+    fds = array.array("i")
+    data, ancillary, _flags, _address = sock.recvmsg(
+        MAX_MESSAGE, socket.CMSG_SPACE(16 * fds.itemsize), socket.MSG_CMSG_CLOEXEC
+    )
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % fds.itemsize
+            fds.frombytes(payload[:usable])
+    return data, list(fds)
+
+
+class Keeper:
+    """The keeper's state: the pipes it holds, and whether its supervisor is gone."""
+
+    def __init__(self, control: socket.socket, handover_path: Path, supervisor: int) -> None:
+        self.control: socket.socket | None = control
+        self.handover_path = handover_path
+        self.supervisor = supervisor
+        self.held: dict[int, Held] = {}  # by the supervisor's key
+        self.logs: dict[str, ProgramLog] = {}  # by path, once orphaned
+        self._noted: set[str] = set()  # the logs told that the keeper writes them
+        self.listener = self._listen()
+        self._bound = os.stat(handover_path)
+
+    def _listen(self) -> socket.socket:
+        """Bind the handover socket (replacing a stale one: only our supervisor starts us, after
+        it took over from whatever keeper was there)."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.handover_path.unlink(missing_ok=True)
+        listener.bind(os.fsencode(self.handover_path))
+        listener.listen(4)
+        return listener
+
+    def run(self) -> int:
+        """Hold, then read once orphaned, until nothing is left or a handover; the exit code."""
+        try:
+            while self.control is not None or self.held:
+                self._wait_and_handle()
+            return 0
+        except _Done:
+            return 0
+        finally:
+            self._forget_handover_path()
+            for log in self.logs.values():
+                log.close()
+
+    def _wait_and_handle(self) -> None:
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
+        if self.control is not None:
+            poller.register(self.control, select.POLLIN)
+        else:
+            by_fd = {held.fd: key for key, held in self.held.items()}
+            for fd in by_fd:
+                poller.register(fd, select.POLLIN)
+        for fd, _events in poller.poll():
+            if fd == self.listener.fileno():
+                self._hand_over()
+            elif self.control is not None and fd == self.control.fileno():
+                self._control_message()
+            elif self.control is None:
+                self._read(by_fd[fd])
+
+    def _control_message(self) -> None:
+        assert self.control is not None
+        data, fds = receive_with_fds(self.control)
+        if not data:  # the supervisor is gone, and never said it exits: keep its workers'
+            self.control.close()
+            self.control = None
+            self._orphaned()
+            return
+        message = json.loads(data)
+        op = message.get("op")
+        if op == "hold" and fds:
+            previous = self.held.pop(message["key"], None)
+            if previous is not None:
+                os.close(previous.fd)
+            self.held[message["key"]] = Held(fds.pop(0), message["tag"])
+        elif op == "release":
+            if (gone := self.held.pop(message["key"], None)) is not None:
+                os.close(gone.fd)
+        elif op == "exit":
+            raise _Done
+        for fd in fds:  # none expected: never leak one
+            os.close(fd)
+
+    def _orphaned(self) -> None:
+        """Say in each log that the keeper now writes it, and until when."""
+        for held in self.held.values():
+            log = self._log_of(held)
+            if log is not None and held.tag["log"] not in self._noted:
+                self._noted.add(held.tag["log"])
+                log.note(
+                    f"the supervisor (pid {self.supervisor}) is gone: its workers' output is "
+                    f"logged by its output keeper (pid {os.getpid()}) until the next "
+                    "`flipvisor run` takes it over"
+                )
+
+    def _log_of(self, held: Held) -> ProgramLog | None:
+        path = held.tag["log"]
+        if path not in self.logs:
+            limits = LogLimits(int(held.tag["max_bytes"]), int(held.tag["backups"]))
+            try:
+                self.logs[path] = ProgramLog(Path(path), limits)
+            except OSError:  # its folder is gone: the output is read (the writers live) and lost
+                return None
+        return self.logs[path]
+
+    def _read(self, key: int) -> None:
+        held = self.held[key]
+        log = self._log_of(held)
+        try:
+            chunk = os.read(held.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        if chunk:
+            lines, held.pending = split_lines(held.pending, chunk)
+        else:  # every writer closed it
+            lines, held.pending = ([held.pending] if held.pending else []), b""
+            os.close(held.fd)
+            del self.held[key]
+        if lines and log is not None:
+            log.write_lines(held.tag["prefix"], split_long(lines))
+            log.flush()
+
+    def _hand_over(self) -> None:
+        """Give every pipe to the ``run`` that connected, and exit; refused while our own
+        supervisor runs (it reads them)."""
+        connection, _address = self.listener.accept()
+        with connection:
+            uid = struct_ucred_uid(connection)
+            if self.control is not None or uid not in (os.getuid(), 0):
+                return
+            connection.settimeout(HANDOVER_TIMEOUT)
+            self._forget_handover_path()  # before the new run starts its own keeper there
+            for held in self.held.values():
+                log = self._log_of(held)
+                if held.pending and log is not None:  # the new reader starts at a new line
+                    log.write_lines(held.tag["prefix"], [held.pending])
+                    held.pending = b""
+                if log is not None:
+                    log.flush()
+            try:
+                for held in self.held.values():
+                    message = json.dumps({"op": "hold", "tag": held.tag}).encode()
+                    send_with_fd(connection, message, held.fd)
+                connection.sendall(END)
+            except OSError:  # the new run went away: it has nothing; hold on as before
+                self.listener.close()
+                self.listener = self._listen()
+                self._bound = os.stat(self.handover_path)
+                return
+        raise _Done
+
+    def _forget_handover_path(self) -> None:
+        """Unlink the handover socket if it is still ours (a new keeper may have bound it)."""
+        try:
+            now = os.stat(self.handover_path)
+            if (now.st_dev, now.st_ino) == (self._bound.st_dev, self._bound.st_ino):
+                self.handover_path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def struct_ucred_uid(connection: socket.socket) -> int:
+    """The uid of the process at the other end of a unix socket (SO_PEERCRED)."""
+    creds = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    _pid, uid, _gid = array.array("i", creds)
+    return uid
+
+
+class _Done(Exception):
+    """The keeper's work is over: its supervisor exited cleanly, or a handover took the pipes."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flipvisor.output_keeper STATE_DIR SUPERVISOR_PID``, started by ``run``."""
+    args = sys.argv[1:] if argv is None else argv
+    state_dir, supervisor = Path(args[0]), int(args[1])
+    control = socket.socket(fileno=CONTROL_FD)
+    return Keeper(control, state_dir / HANDOVER_SOCKET, supervisor).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""A killed supervisor's workers write on: its output keeper holds their pipes and logs what they
+write, and the next ``flipvisor run`` takes the pipes over. The worker here is a shell loop, which
+(like a Go binary) dies of SIGPIPE when a write finds nobody reading."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tests.e2e.test_leftovers import restart_supervisor, survivors, wait_gone
+from tests.fixtures.flipvisor import Flipvisor
+from tests.waiting import wait_until
+
+__all__ = ["survivors"]  # the fixture, used by name
+
+# Says "ready" once, then "said <pid>" each time the file $0 appears (and removes it).
+SAYER = (
+    'trap "exit 0" TERM; echo "ready $$"; '
+    'while :; do if [ -e "$0" ]; then echo "said $$"; rm -f "$0"; fi; sleep 0.05; done'
+)
+
+
+def sayer(say: Path, **overrides: Any) -> dict[str, Any]:
+    return {"command": ["/bin/sh", "-c", SAYER, str(say)], **overrides}
+
+
+def keepers(state_dir: Path) -> list[psutil.Process]:
+    """The output keepers of ``state_dir``'s supervisors, running now."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = process.info["cmdline"] or []
+        if (
+            "flipvisor.output_keeper" in cmdline
+            and str(state_dir) in cmdline
+            and process.info["status"] != psutil.STATUS_ZOMBIE
+        ):
+            found.append(process)
+    return found
+
+
+def say_and_wait(flipvisor: Flipvisor, say: Path, pid: int, count: int) -> None:
+    """Have the worker write a line, and wait until the log holds ``count`` of its lines."""
+    log = flipvisor.state_dir / "logs" / "say.log"
+    say.touch()
+    wait_until(
+        lambda: log.read_text().count(f"| said {pid}\n") == count,
+        timeout=15,
+        message=f"line {count} of worker {pid} in the log:\n{log.read_text()}",
+    )
+    assert psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+
+def test_a_killed_supervisor_s_worker_writes_on_and_the_next_run_reads_it(
+    flipvisor: Flipvisor, survivors: list[psutil.Process], tmp_path: Path
+) -> None:
+    say, promote = tmp_path / "say", tmp_path / "promote"
+    flipvisor.start({"programs": {"say": sayer(say)}})
+    pid = flipvisor.wait_serving("say")["pids"][0]
+    log = flipvisor.state_dir / "logs" / "say.log"
+    wait_until(lambda: log.exists() and f"ready {pid}" in log.read_text())
+    survivors.append(psutil.Process(pid))
+    [first_keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
+    assert first_keeper.ppid() == flipvisor.process.pid  # type: ignore[union-attr]
+    flipvisor.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+    flipvisor.process.wait(timeout=10)  # type: ignore[union-attr]
+
+    # Without a keeper this write would kill the worker (SIGPIPE), and nothing would log it.
+    say_and_wait(flipvisor, say, pid, 1)
+    assert "output keeper" in log.read_text()
+
+    # The next run's generation is ready only once `promote` exists: until then the worker is
+    # a leftover still serving, and its output is the new supervisor's to read.
+    gated = sayer(say, readiness={"exec": ["test", "-e", str(promote)], "timeout": 60})
+    restart_supervisor(flipvisor, {"programs": {"say": gated}})
+    wait_until(lambda: not first_keeper.is_running(), message="the old keeper to hand over")
+    say_and_wait(flipvisor, say, pid, 2)  # read by the new supervisor: its keeper only holds
+    [second_keeper] = keepers(flipvisor.state_dir)
+    assert second_keeper.ppid() == flipvisor.process.pid  # type: ignore[union-attr]
+
+    promote.touch()
+    wait_gone([pid])  # drained once the new generation is promoted
+    assert flipvisor.stop() == 0, flipvisor.output()
+    wait_until(lambda: not keepers(flipvisor.state_dir), message="no keeper after a shutdown")
+
+
+def test_a_keeper_killed_with_its_supervisor_leaves_a_socket_the_next_run_replaces(
+    flipvisor: Flipvisor, survivors: list[psutil.Process], tmp_path: Path
+) -> None:
+    config = {"programs": {"say": sayer(tmp_path / "say")}}
+    flipvisor.start(config)
+    pid = flipvisor.wait_serving("say")["pids"][0]
+    survivors.append(psutil.Process(pid))
+    [keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
+    flipvisor.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+    flipvisor.process.wait(timeout=10)  # type: ignore[union-attr]
+    keeper.kill()
+    keeper.wait(timeout=10)
+    assert (flipvisor.state_dir / "keeper.sock").exists()
+    restart_supervisor(flipvisor, config)
+    flipvisor.wait_serving("say", where=lambda gen: gen["pids"] != [pid])
+    wait_gone([pid])
+    [new_keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
+    assert new_keeper.pid != keeper.pid
+    assert flipvisor.stop() == 0, flipvisor.output()
