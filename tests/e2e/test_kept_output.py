@@ -16,9 +16,10 @@ from tests.waiting import wait_until
 
 __all__ = ["survivors"]  # the fixture, used by name
 
-# Says "ready" once, then "said <pid>" each time the file $0 appears (and removes it).
+# Says "ready" once, then "said <pid>" each time the file $0 appears (and removes it), and
+# "stopping <pid>" at SIGTERM.
 SAYER = (
-    'trap "exit 0" TERM; echo "ready $$"; '
+    'trap \'echo "stopping $$"; exit 0\' TERM; echo "ready $$"; '
     'while :; do if [ -e "$0" ]; then echo "said $$"; rm -f "$0"; fi; sleep 0.05; done'
 )
 
@@ -104,4 +105,25 @@ def test_a_keeper_killed_with_its_supervisor_leaves_a_socket_the_next_run_replac
     wait_gone([pid])
     [new_keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
     assert new_keeper.pid != keeper.pid
+    assert flipvisor.stop() == 0, flipvisor.output()
+
+
+def test_the_kept_output_of_a_program_no_longer_in_the_config_is_logged_until_it_stops(
+    flipvisor: Flipvisor, survivors: list[psutil.Process], tmp_path: Path
+) -> None:
+    """The next run stops what the killed one left of a program it no longer has; what that
+    worker writes meanwhile (its last words at SIGTERM here) still reaches the program's log."""
+    flipvisor.start({"programs": {"say": sayer(tmp_path / "say")}})
+    pid = flipvisor.wait_serving("say")["pids"][0]
+    log = flipvisor.state_dir / "logs" / "say.log"
+    wait_until(lambda: log.exists() and f"ready {pid}" in log.read_text())
+    survivors.append(psutil.Process(pid))
+    flipvisor.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+    flipvisor.process.wait(timeout=10)  # type: ignore[union-attr]
+    restart_supervisor(flipvisor, {"programs": {"other": sayer(tmp_path / "other")}})
+    wait_gone([pid])
+    wait_until(
+        lambda: f"| stopping {pid}\n" in log.read_text(),
+        message=f"the stopped worker's last line in say.log:\n{log.read_text()}",
+    )
     assert flipvisor.stop() == 0, flipvisor.output()
