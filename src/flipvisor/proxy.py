@@ -29,6 +29,8 @@ from .usable import file_problem
 from .verified_signal import pidfd_if_still
 
 if TYPE_CHECKING:  # only the type: proxy.py's allowed imports are config, errors, spawn
+    import jinja2.nodes  # imported when a template is first used: programs without one never do
+
     from .reaper import Reaper
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,8 @@ def parse_template(template: Path, context_names: Collection[str]) -> list[str]:
     """Parse ``template`` without rendering it: for a template whose context exists only at run
     time (a watch entry's keys), ``flipvisor check`` finds its syntax errors. Returns the names
     it looks up that are neither in ``context_names`` nor jinja2's own (``range``, ``dict``...),
-    sorted: each fails its render unless guarded (``is defined``, ``| default``).
+    sorted, leaving out those the template guards somewhere (``x is defined``, ``x is
+    undefined``, ``x | default(...)``): whoever guards a name knows that it may be missing.
 
     Raises:
         ProxyError: the template is missing or unreadable, or has a syntax error; the message
@@ -80,7 +83,23 @@ def parse_template(template: Path, context_names: Collection[str]) -> list[str]:
     except jinja2.TemplateSyntaxError as exc:
         raise ProxyError(f"proxy template {_where(template, exc)}: {exc.message}") from exc
     looked_up = jinja2.meta.find_undeclared_variables(parsed)
-    return sorted(looked_up - set(context_names) - set(env.globals))
+    return sorted(looked_up - set(context_names) - set(env.globals) - _guarded_names(parsed))
+
+
+def _guarded_names(parsed: jinja2.nodes.Template) -> set[str]:
+    """The names a template tests with ``is defined``/``is undefined`` or gives a ``default``."""
+    import jinja2.nodes
+
+    guarded = set()
+    for node in parsed.find_all((jinja2.nodes.Test, jinja2.nodes.Filter)):
+        guard = node.name in (_GUARD_TESTS if isinstance(node, jinja2.nodes.Test) else _DEFAULTS)
+        if guard and isinstance(node.node, jinja2.nodes.Name):
+            guarded.add(node.node.name)
+    return guarded
+
+
+_GUARD_TESTS = frozenset({"defined", "undefined"})
+_DEFAULTS = frozenset({"default", "d"})
 
 
 def render_template(template: Path, context: Mapping[str, object]) -> str:

@@ -315,8 +315,8 @@ def test_watch_entries_on_a_supervised_program_s_keys_are_warnings(tmp_path: Pat
 def test_a_watch_template_using_names_a_watch_never_gives_is_a_warning(tmp_path: Path) -> None:
     """A proxy template given to a watch entry passed `check`, and every render of it failed
     ('program' is undefined): a watch template gets `keys` and `get` only. Names it sets itself,
-    loop variables and jinja2's own (`range`) are no problem; a guarded name is still named,
-    as a warning (exit 0), since `check` cannot tell a guard from a mistake."""
+    loop variables, jinja2's own (`range`) and names it guards somewhere (`is defined`, `is
+    undefined`, `| default`) are no problem; the warning does not fail `check` (exit 0)."""
     proxy_like = tmp_path / "proxy-like.j2"
     proxy_like.write_text(
         "upstream {{ program }} {\n{% for u in upstreams %}  server {{ u }};\n{% endfor %}}\n"
@@ -325,8 +325,11 @@ def test_a_watch_template_using_names_a_watch_never_gives_is_a_warning(tmp_path:
     fine.write_text(
         "{% set port = get('app/port/current', '1') %}"
         "{% for i in range(2) %}{{ keys['app/port/current'] }}:{{ port }}{{ i }}{% endfor %}"
-        "{% if extra is defined %}{{ extra }}{% endif %}\n"
+        "{% if extra is defined %}{{ extra }}{% endif %}{{ maybe | default('-') }}"
+        "{% if gone is undefined %}-{% else %}{{ gone }}{% endif %}{{ also | d('') }}\n"
     )
+    half = tmp_path / "half.j2"  # `missing` is guarded by nothing: `other | default` is another
+    half.write_text("{{ other | default(missing) }}{{ other.field is defined }}\n")
     config = write(
         tmp_path,
         f"""\
@@ -338,6 +341,9 @@ def test_a_watch_template_using_names_a_watch_never_gives_is_a_warning(tmp_path:
           - keys: [app/port/current]
             template: {fine}
             dest: {tmp_path}/two.conf
+          - keys: [app/port/current]
+            template: {half}
+            dest: {tmp_path}/three.conf
         """,
     )
     result = check(config, "--json")
@@ -346,7 +352,7 @@ def test_a_watch_template_using_names_a_watch_never_gives_is_a_warning(tmp_path:
         f"{config}:4: warning: watch.0.template: the template uses program, upstreams, which a "
         "watch template does not get: it gets `keys` (registry key -> value) and "
         "`get(key, default=None)`; a render fails on them unless guarded by `is defined`",
-        f"{config}:7: warning: watch.1.template: the template uses extra, which a watch template "
-        "does not get: it gets `keys` (registry key -> value) and `get(key, default=None)`; a "
-        "render fails on them unless guarded by `is defined`",
+        f"{config}:10: warning: watch.2.template: the template uses missing, which a watch "
+        "template does not get: it gets `keys` (registry key -> value) and `get(key, "
+        "default=None)`; a render fails on them unless guarded by `is defined`",
     ]
