@@ -210,12 +210,6 @@ class Program:
             # `pid/previous` change may signal it before our drain does. Not restarted.
             self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; stopping")
             return None
-        if gen is self.warm:
-            # Kept for an instant rollback, it serves nothing: not restarted, not counted
-            # against the restart budget of the generation that serves (nor made fatal by it).
-            self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; warm: drained")
-            self.retirement.drop_warm(gen)
-            return None
         verdict = judge_exit(
             policy=gen.config.restart,
             budget=self._budget,
@@ -225,7 +219,12 @@ class Program:
             starting=not gen.was_serving,
             replacing=not gen.first,
             where=f"worker {worker.index} of generation {gen.number}",
+            warm=gen is self.warm,
         )
+        if verdict.retire:
+            self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; warm: drained")
+            self.retirement.drop_warm(gen)
+            return None
         if verdict.not_restarted:
             self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; not restarted")
         if verdict.fail is not None:

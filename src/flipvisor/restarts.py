@@ -60,12 +60,14 @@ class RestartBudget:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What to do about one exit; at most one of ``delay``, ``fail``, ``fatal`` is set."""
+    """What to do about one exit; at most one of ``delay``, ``fail``, ``fatal``, ``retire`` is
+    set."""
 
     delay: float | None = None  # restart after this many seconds
     fail: str | None = None  # the generation being started fails, for this reason
     fatal: str | None = None  # the program is fatal, for this reason
     not_restarted: bool = False  # the policy says leave the slot stopped
+    retire: bool = False  # the warm generation (kept for a rollback) is dropped: drain it
 
 
 def judge_exit(
@@ -78,16 +80,22 @@ def judge_exit(
     starting: bool,
     replacing: bool,
     where: str,
+    warm: bool = False,
 ) -> Verdict:
     """Decide about a worker's exit. ``starting``: its generation has not served yet;
     ``replacing``: another generation serves meanwhile (so failing the new one costs nothing);
-    ``where``: "worker 0 of generation 3", for messages.
+    ``warm``: its generation is the one kept for an instant rollback; ``where``: "worker 0 of
+    generation 3", for messages.
 
-    A serving (or warm) generation's worker is restarted per policy until the budget of
+    A serving generation's worker is restarted per policy until the budget of
     ``max_restarts`` per ``window`` runs out. A replacing generation fails its flip at once.
     The program's first generation, with nothing to protect, gets the policy while it starts:
-    a service started before its dependencies comes up with them.
+    a service started before its dependencies comes up with them. The warm generation serves
+    nothing: it is retired (drained, never restarted), and its exits spend nothing of the
+    budget of the generation that serves, nor make the program fatal.
     """
+    if warm:
+        return Verdict(retire=True)
     if starting and replacing:
         return Verdict(fail=f"{where} {reason}")
     if policy.policy == "never" or (policy.policy == "on-failure" and returncode == 0):

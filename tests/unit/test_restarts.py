@@ -20,6 +20,7 @@ def judge(
     starting: bool = False,
     replacing: bool = True,
     failures: int = 0,
+    warm: bool = False,
 ) -> Verdict:
     config = RestartConfig(policy=policy, max_restarts=budget, window=60)  # type: ignore[arg-type]
     return judge_exit(
@@ -31,6 +32,7 @@ def judge(
         starting=starting,
         replacing=replacing,
         where=WHERE,
+        warm=warm,
     )
 
 
@@ -77,6 +79,21 @@ CASES: list[tuple[str, dict[str, Any], Verdict]] = [
         {"budget": 0, "starting": True, "replacing": False},
         Verdict(fail=f"{WHERE} exit status 1; no restart allowed (restart.max_restarts: 0)"),
     ),
+    (
+        "warm generation's worker crashes: retired, not restarted",
+        {"warm": True},
+        Verdict(retire=True),
+    ),
+    (
+        "warm generation with the budget spent: retired, not fatal",
+        {"warm": True, "budget": 0},
+        Verdict(retire=True),
+    ),
+    (
+        "warm generation, policy never, clean exit: retired",
+        {"warm": True, "policy": "never", "returncode": 0},
+        Verdict(retire=True),
+    ),
 ]
 
 
@@ -105,3 +122,22 @@ def test_a_spent_budget_names_the_limit() -> None:
         where=WHERE,
     )
     assert verdict == Verdict(fatal=f"{WHERE} exit status 1; more than 2 restarts in 60s")
+
+
+def test_a_warm_generation_s_exit_spends_nothing_of_the_budget() -> None:
+    config = RestartConfig(policy="always", max_restarts=1, window=60)
+    budget = RestartBudget(1, 60)
+    for _ in range(3):
+        verdict = judge_exit(
+            policy=config,
+            budget=budget,
+            returncode=1,
+            reason="exit status 1",
+            consecutive_failures=0,
+            starting=False,
+            replacing=True,
+            where=WHERE,
+            warm=True,
+        )
+        assert verdict == Verdict(retire=True)
+    assert budget.take(), "the serving generation still has its one restart"
