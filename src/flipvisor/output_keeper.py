@@ -13,7 +13,9 @@ the supervisor is exiting cleanly. While the supervisor runs, the keeper only ho
 supervisor reads. At end of file without ``exit`` the supervisor is gone, and the keeper reads
 every pipe it holds into its program's log (``ProgramLog``, the same format and rotation) until
 its writers are all gone, or until the next ``run`` connects to ``<state_dir>/keeper.sock``: it
-is then handed every pipe, with what each is logged as, and the keeper exits.
+is then handed every pipe, with what each is logged as, and the keeper exits. SIGTERM, SIGINT,
+SIGHUP and SIGQUIT are ignored while the supervisor runs (it says when to exit) and end the keeper
+once it is orphaned.
 
 Only the standard library and ``logs``/``log_lines`` are imported: it is one more process on the
 host for as long as the supervisor runs, so it stays small (about 14 MiB).
@@ -25,6 +27,7 @@ import array
 import json
 import os
 import select
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -110,6 +113,9 @@ class Keeper:
 
     def run(self) -> int:
         """Hold, then read once orphaned, until nothing is left or a handover; the exit code."""
+        # A process of its own, without an event loop: a plain handler is its signal reader.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, self._on_stop_signal)  # noqa: TID251
         try:
             while self.control is not None or self.held:
                 self._wait_and_handle()
@@ -120,6 +126,13 @@ class Keeper:
             self._forget_handover_path()
             for log in self.logs.values():
                 log.close()
+
+    def _on_stop_signal(self, signum: int, _frame: object) -> None:
+        """While the supervisor runs, it says when to exit: a SIGTERM sent to everything at
+        once (systemd's control-group stop) must not take the pipes from the workers it drains.
+        Once orphaned, a stop signal is the operator's: the keeper exits."""
+        if self.control is None:
+            raise _Done
 
     def _wait_and_handle(self) -> None:
         poller = select.poll()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -125,6 +126,31 @@ async def test_a_pipe_released_before_the_keeper_heard_of_it_is_never_sent(
         os.close(reused_w)
 
 
+async def test_a_stop_signal_does_not_end_the_keeper_of_a_running_supervisor(
+    tmp_path: Path,
+) -> None:
+    """systemd's default stop sends SIGTERM to the whole control group at once: the keeper
+    must still hold the pipes of the workers its supervisor drains, until told to exit."""
+    log = program_log(tmp_path)
+    first, first_w = open_output_pipe()
+    second, second_w = open_output_pipe()
+    try:
+        async with running_keeper(tmp_path) as keeper:
+            pid = keeper.pid
+            assert pid is not None
+            keeper.hold(first, log, "g1 w0 pid=1")
+            await await_until(lambda: holds(inode(first) in pipes_held_by(pid)))
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+                os.kill(pid, sig)
+            # Handled after the signals arrived: it still runs, and holds both.
+            keeper.hold(second, log, "g1 w1 pid=2")
+            await await_until(lambda: holds(inode(second) in pipes_held_by(pid)))
+            assert keeper.pid == pid and inode(first) in pipes_held_by(pid)
+    finally:
+        for fd in (first, first_w, second, second_w):
+            os.close(fd)
+
+
 async def test_a_keeper_that_dies_is_started_again_and_told_every_pipe_held(
     tmp_path: Path,
 ) -> None:
@@ -201,6 +227,37 @@ async def test_an_orphaned_keeper_logs_its_pipes_and_hands_them_to_the_next_run(
         os.write(write_fd, b"read by the new run\n")
         assert os.read(kept[0].fd, 100) == b"read by the new run\n"
         os.close(kept[0].fd)
+        os.close(write_fd)
+        tg.cancel_scope.cancel()
+
+
+async def test_an_orphaned_keeper_exits_at_sigterm(tmp_path: Path) -> None:
+    reaper = Reaper(reap_orphans=False)
+    read_fd, write_fd = open_output_pipe()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    async with anyio.create_task_group() as tg:
+        await tg.start(reaper.run)
+        keeper = spawn_process(
+            [sys.executable, "-m", "flipvisor.output_keeper", str(tmp_path), "12345"],
+            reaper=reaper,
+            env={**os.environ, "PYTHONPATH": SRC},
+            listen_fd=theirs.fileno(),
+        )
+        theirs.close()
+        tag = {"program": "web", "log": str(tmp_path / "web.log"), "prefix": "p"}
+        tag |= {"max_bytes": 1 << 20, "backups": 1}
+        send_with_fd(ours, json.dumps({"op": "hold", "key": 1, "tag": tag}).encode(), read_fd)
+        os.close(read_fd)
+        ours.close()
+        log_file = tmp_path / "web.log"
+        await await_until(
+            lambda: holds(log_file.exists() and b"is gone" in log_file.read_bytes()),
+            message="the keeper to know it is orphaned",
+        )
+        assert keeper.send_signal(signal.SIGTERM)
+        with anyio.fail_after(DEADLINE):
+            assert await keeper.wait() == 0
+        keeper.close()
         os.close(write_fd)
         tg.cancel_scope.cancel()
 
