@@ -121,7 +121,8 @@ class OutputKeeper:
             ours.setblocking(False)
             package_root = str(Path(flipvisor.__file__).parent.parent)
             env = {**os.environ, "PYTHONPATH": package_root}  # this very flipvisor, not another
-            argv = [sys.executable, "-m", "flipvisor.output_keeper", str(self.state_dir)]
+            # -S: no site (its .pth files import what the keeper never uses), smaller for good.
+            argv = [sys.executable, "-S", "-m", "flipvisor.output_keeper", str(self.state_dir)]
             child = spawn_process(
                 [*argv, str(os.getpid())],
                 reaper=self.reaper,
