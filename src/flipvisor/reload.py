@@ -180,7 +180,7 @@ class Reloads:
             return f"stored: `flipvisor start {program.name}` starts it with the new section"
         try:
             program.start_flip(config, kind="flip")
-        except Busy as exc:
+        except (Busy, UsageError) as exc:  # a flip or a stop under way; the shutdown's stop
             why = f"not deployed: {exc}; then `flipvisor flip {program.name}`"
             log.warning("config of %s changed, %s", program.name, why)
             return why
@@ -294,10 +294,14 @@ class Reloads:
         }
 
     async def _start_added(self, name: str, section: ProgramConfig) -> None:
-        """Add a program the config gained, and start it (with ``autostart``)."""
+        """Add a program the config gained, and start it (with ``autostart``), unless the
+        shutdown began meanwhile and stopped it already."""
         program = await self.supervisor._add_program(name, section)
         if section.autostart:
-            program.start_flip(kind="start")
+            try:
+                program.start_flip(kind="start")
+            except UsageError as exc:  # stopped for good while it was being added
+                log.info("%s", exc)
 
     async def _add_when_removed(self, name: str, section: ProgramConfig, send: Send | None) -> None:
         """Add ``name``, a program the config gained back, once its removed instance is gone."""
