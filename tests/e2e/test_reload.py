@@ -3,15 +3,20 @@ reload, a flip, a rollback, a slow drain, a shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import signal
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import psutil
 
-from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.fixtures.flipvisor import HELD_ADD, Flipvisor, svc_command
 from tests.waiting import wait_until
 
 
@@ -232,3 +237,52 @@ def test_a_program_added_back_while_it_drains_starts_once_it_is_gone(
     assert gen["generation"] == 1 and gen["pids"] != [old_pid], gen
     programs = flipvisor.status()["programs"]
     assert [(p["name"], p["removing"]) for p in programs] == [("b", False)], programs
+
+
+def test_a_shutdown_stops_a_program_a_reload_under_way_added_after_it_began(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """The reload checks for a shutdown once, then adds "early" and "late" in turn; the shutdown
+    begins in between (held there: tests/apps/held_add.py) and lists the programs without
+    "late". The shutdown's drains take long ("slow"): "late" is added and serves meanwhile, and
+    is drained once the others are, its keys withdrawn. It was left to die with the supervisor,
+    without a drain, its keys naming its worker after a clean shutdown."""
+    gate, held = tmp_path / "gate", tmp_path / "held"
+    slow = web("--ignore-term", drain={"delay": 0, "timeout": 120})
+    process = flipvisor.start(
+        {"programs": {"slow": slow}},
+        launcher=(sys.executable, str(HELD_ADD), "late", str(gate), str(held)),
+    )
+    (slow_pid,) = flipvisor.wait_serving("slow")["pids"]
+    slow_worker = psutil.Process(slow_pid)  # killed below only if still this very process
+    flipvisor.write_config({"programs": {"slow": slow, "early": web(), "late": web()}})
+    process.send_signal(signal.SIGHUP)
+    wait_until(held.exists, timeout=20, message="the reload to reach late's addition")
+    shutdown = flipvisor.cli_started("shutdown", stderr=subprocess.STDOUT)
+    try:
+        wait_until(
+            lambda: [g["state"] for g in flipvisor.program("slow")["generations"]] == ["draining"],
+            timeout=20,
+            message="the shutdown to begin (slow draining)",
+        )
+        assert "late" not in {p["name"] for p in flipvisor.status()["programs"]}
+
+        gate.touch()
+
+        late = flipvisor.wait_serving("late")
+        wait_until(
+            lambda: flipvisor.registry().get("flipvisor/late/pid/current") == str(late["pids"][0]),
+            message="late's keys",
+        )
+        assert slow_worker.is_running(), "slow's drain ended before late served"
+    finally:
+        gate.touch()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            slow_worker.kill()  # the end of slow's drain
+        out, _ = shutdown.communicate(timeout=30)
+    assert process.wait(timeout=30) == 0, flipvisor.output()
+    assert shutdown.returncode == 0, out
+    assert not any(key.endswith("/current") for key in flipvisor.registry()), flipvisor.registry()
+    assert re.search(r"^\S+ late stopped$", out, re.MULTILINE), out
+    wait_until(lambda: not any(map(alive, late["pids"])), timeout=10, message="late's worker gone")
+    assert not alive(slow_pid)
