@@ -136,6 +136,11 @@ class Reloads:
             )
             self._remove_program(old, unroute=False)
             return None
+        if self.supervisor._shutdown.is_set():
+            # It stops `old` too: nothing serves on, and nothing is to be started.
+            why = f"not handed over to {successor}: the supervisor is shutting down"
+            log.info("%s: %s", old, why)
+            return why
         failure = (
             f"its start failed: {report.error}"
             if report is not None and report.error

@@ -286,3 +286,76 @@ def test_a_shutdown_stops_a_program_a_reload_under_way_added_after_it_began(
     assert re.search(r"^\S+ late stopped$", out, re.MULTILINE), out
     wait_until(lambda: not any(map(alive, late["pids"])), timeout=10, message="late's worker gone")
     assert not alive(slow_pid)
+
+
+def test_a_reload_under_way_does_not_start_a_renamed_program_the_shutdown_stopped(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """ "web" is renamed "site" (the same proxy file) and "gone" removed: the reload waits for
+    gone's proxy reload (held by the test) before it hands web's file over to site. The shutdown
+    begins meanwhile and stops site's start; once the proxy reload is done, the handover found
+    site stopped and started it, while "slow" still drained: site served on, unstopped, until the
+    supervisor exited, its keys naming its worker."""
+    armed, reloading, gate = tmp_path / "armed", tmp_path / "reloading", tmp_path / "gate"
+    template = tmp_path / "upstream.j2"
+    template.write_text(
+        "upstream {{ program }} {{ '{' }}{% for u in upstreams %} server {{ u }};{% endfor %} }\n"
+    )
+    # Once armed, gone's proxy reload waits for the gate (then the test's, not a timeout's).
+    held_reload = (
+        f"test ! -e {armed} || {{ touch {reloading}; while [ ! -e {gate} ]; do sleep 0.05; done; }}"
+    )
+
+    def proxied(name: str, reload_cmd: list[str]) -> dict[str, Any]:
+        proxy = {"template": str(template), "dest": str(tmp_path / f"{name}.conf")}
+        return web(proxy={**proxy, "reload_cmd": reload_cmd, "timeout": 120})
+
+    slow = web("--ignore-term", drain={"delay": 0, "timeout": 120})
+    process = flipvisor.start(
+        {
+            "programs": {
+                "slow": slow,
+                "web": proxied("web", ["true"]),
+                "gone": proxied("gone", ["sh", "-c", held_reload]),
+            }
+        }
+    )
+    (slow_pid,) = flipvisor.wait_serving("slow")["pids"]
+    slow_worker = psutil.Process(slow_pid)  # killed below only if still this very process
+    pids = [*flipvisor.wait_serving("web")["pids"], *flipvisor.wait_serving("gone")["pids"]]
+    armed.touch()
+    flipvisor.write_config({"programs": {"slow": slow, "site": proxied("web", ["true"])}})
+    process.send_signal(signal.SIGHUP)
+    wait_until(reloading.exists, timeout=20, message="gone's proxy reload to wait for the gate")
+    shutdown = flipvisor.cli_started("shutdown", stderr=subprocess.STDOUT)
+    try:
+        wait_until(
+            lambda: (
+                (site := flipvisor.program("site"))["state"] == "stopped"
+                and not site["generations"]
+                and [g["state"] for g in flipvisor.program("slow")["generations"]] == ["draining"]
+            ),
+            timeout=20,
+            message="site's start rolled back by the shutdown, slow draining",
+        )
+
+        gate.touch()
+
+        wait_until(
+            lambda: "config reloaded:" in flipvisor.output(),
+            timeout=20,
+            message="the reload to end",
+        )
+        site = flipvisor.program("site")
+        assert (site["state"], site["flip"], site["generations"]) == ("stopped", None, []), site
+        assert slow_worker.is_running(), "slow's drain ended before the reload"
+    finally:
+        gate.touch()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            slow_worker.kill()  # the end of slow's drain
+        out, _ = shutdown.communicate(timeout=30)
+    assert process.wait(timeout=30) == 0, flipvisor.output()
+    assert shutdown.returncode == 0, out
+    assert "kept-serving" not in out, out  # web is not said to serve on: the shutdown drained it
+    assert not any(key.endswith("/current") for key in flipvisor.registry()), flipvisor.registry()
+    wait_until(lambda: not any(map(alive, pids)), timeout=10, message="every worker gone")
