@@ -54,7 +54,8 @@ class Flips:
         """Begin a flip to ``config`` (default: the current config) in the program's task group.
 
         Raises:
-            Busy: a flip of this program is already running.
+            Busy: a flip or a stop of this program is already running.
+            UsageError: the supervisor's shutdown stopped the program.
         """
         program = self.program
         program._refuse_while_stopping()

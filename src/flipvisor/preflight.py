@@ -2,7 +2,8 @@
 this host. Commands and check/reload commands resolve, working directories exist, proxy
 templates render with a sample flip's context, watch templates exist and parse, the state_dir
 and the proxy files can be created and written, the metrics address is one of this host's, a
-fixed ``socket.port`` can be bound (unless this config's own supervisor or its workers hold it).
+fixed ``socket.port`` can be bound (unless this config's own supervisor or its workers hold it;
+a warning when this user cannot tell, the holder and the state_dir being another user's).
 Nothing is created, written or kept bound.
 
 Each problem names its location as the config's keys, so that ``check`` can give it the line
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import socket as stdlib_socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -74,9 +76,14 @@ def host_problems(config: Config, config_path: Path | None = None) -> list[HostP
     for name, program in config.programs.items():
         problems.extend(_program_problems(("programs", name), name, program))
         if program.socket.port != 0 and (
-            why := _port_problem(program.socket, config, record.pid if record else None)
+            found := _port_problem(
+                ("programs", name, "socket", "port"),
+                program.socket,
+                config,
+                record.pid if record else None,
+            )
         ):
-            problems.append(HostProblem(("programs", name, "socket", "port"), why))
+            problems.append(found)
     for index, entry in enumerate(config.watch):
         where = ("watch", str(index))
         if entry.template is not None and not entry.template.is_file():
@@ -143,7 +150,9 @@ def _program_problems(
         yield HostProblem((*where, "proxy", "template"), str(exc))
 
 
-def _port_problem(socket: SocketConfig, config: Config, supervisor: int | None) -> str | None:
+def _port_problem(
+    where: tuple[str, ...], socket: SocketConfig, config: Config, supervisor: int | None
+) -> HostProblem | None:
     """Why ``run`` could not listen on a fixed port, or None. Bound as ``run`` binds it, and let
     go at once. A port held by this config's supervisor (``supervisor``) or by a process whose
     environment names its ``state_dir`` (its workers; a killed supervisor's, which ``run`` takes
@@ -153,34 +162,54 @@ def _port_problem(socket: SocketConfig, config: Config, supervisor: int | None) 
     except BindError as exc:
         cause = exc.__cause__
         if not isinstance(cause, OSError):
-            return str(exc)
+            return HostProblem(where, str(exc))
         if cause.errno != errno.EADDRINUSE:
-            return listen_error(socket.host, socket.port, cause)
+            return HostProblem(where, listen_error(socket.host, socket.port, cause))
         holders = port_holders(socket.port)
         if any(_ours(pid, config.state_dir, supervisor) for pid in holders):
             return None
-        if not holders and _supervisor_listens(config.state_dir):
-            # Hidden from this user (root's supervisor, `check` run by another user): its own
-            # control socket listens, so the port is most likely its program's.
-            return None
-        return f"{in_use(socket.host, socket.port, holders)}; stop it, or choose another port"
+        held = in_use(socket.host, socket.port, holders)
+        if not holders:
+            # Hidden from this user: another user's, as root's are when `check` is run by
+            # another user. Whether this config's supervisor runs tells whose it most likely is.
+            listens = _supervisor_listens(config.state_dir)
+            if listens:
+                return None
+            if listens is None:
+                return HostProblem(
+                    where,
+                    f"{held}, perhaps this config's own supervisor: this user may not look into "
+                    f"{config.state_dir} to tell (run `check` as {_owner(config.state_dir)})",
+                    warning=True,
+                )
+        return HostProblem(where, f"{held}; stop it, or choose another port")
     return None
 
 
-def _supervisor_listens(state_dir: Path) -> bool:
+def _supervisor_listens(state_dir: Path) -> bool | None:
     """Whether a supervisor listens on ``state_dir``'s control socket (one that refuses this
-    user, as root's does another's, listens too)."""
+    user, as root's does another's, listens too); None if this user cannot tell, not allowed
+    into ``state_dir`` (``run`` makes it 0700: another user's always is)."""
     probe = stdlib_socket.socket(stdlib_socket.AF_UNIX)
     try:
         probe.settimeout(1.0)
         probe.connect(str(socket_path(state_dir)))
     except PermissionError:
-        return True
+        # Refused by the socket, or by a folder on the way to it, where it may or may not be.
+        return True if os.access(state_dir, os.X_OK) else None
     except OSError:
         return False
     finally:
         probe.close()
     return True
+
+
+def _owner(path: Path) -> str:
+    """The name of the user ``path`` belongs to (``its owner`` if that cannot be read)."""
+    try:
+        return pwd.getpwuid(path.stat().st_uid).pw_name
+    except (OSError, KeyError):
+        return "its owner"
 
 
 def _ours(pid: int, state_dir: Path, supervisor: int | None) -> bool:

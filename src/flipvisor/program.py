@@ -100,6 +100,10 @@ class Program:
         # Removed from the config and draining (in the supervisor's task group): status still
         # lists it, with its draining generations, until its workers are gone.
         self.removing = False
+        # Stopped by the supervisor's shutdown (``stop(final=True)``): it starts no more. A `start`
+        # or a reload under way would otherwise start it again once its drain is over, while
+        # other programs still drain, and the shutdown would not stop it again.
+        self.shut_down = False
 
     # -- status -------------------------------------------------------------------------------
 
@@ -176,7 +180,8 @@ class Program:
         (``flip.py``).
 
         Raises:
-            Busy: a flip of this program is already running.
+            Busy: a flip or a stop of this program is already running.
+            UsageError: the supervisor's shutdown stopped the program.
         """
         return self.flips.start_flip(config, timeout=timeout, kind=kind)
 
@@ -294,7 +299,8 @@ class Program:
         """Start a stopped program (a flip), or clear ``fatal`` and revive given-up workers.
 
         Raises:
-            Busy: a flip is in progress.
+            Busy: a flip or a stop is in progress.
+            UsageError: the supervisor is shutting down.
             SpawnError: a worker could not be revived.
         """
         self._refuse_while_stopping()
@@ -308,7 +314,14 @@ class Program:
         return self.start_flip(kind="start")
 
     def _refuse_while_stopping(self) -> None:
-        """Raises: Busy: a stop is draining the program (its socket is about to close)."""
+        """Refuse a start or a flip of a program that stops.
+
+        Raises:
+            UsageError: the supervisor's shutdown stops (or stopped) the program.
+            Busy: a stop is draining the program (its socket is about to close).
+        """
+        if self.shut_down:
+            raise UsageError(f"the supervisor is shutting down: {self.name} is not started again")
         if self._stops:
             raise Busy(
                 f"a stop of {self.name} is in progress; wait for it, then "
@@ -338,9 +351,10 @@ class Program:
         ``unrouted`` is set once both are done (or were not asked for), before the drains.
         ``report`` gets a step for each of those waits (``stop`` shows them as they happen).
         ``final``: the supervisor's shutdown, which exits next (a withdrawal the registry does
-        not take now is not retried).
+        not take now is not retried); the program starts no more (``shut_down``).
         """
         self._stops += 1
+        self.shut_down = self.shut_down or final
         try:
             flip = self.current_flip
             if flip is not None and self.flips.abandon is not None:

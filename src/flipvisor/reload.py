@@ -136,6 +136,11 @@ class Reloads:
             )
             self._remove_program(old, unroute=False)
             return None
+        if self.supervisor._shutdown.is_set():
+            # It stops `old` too: nothing serves on, and nothing is to be started.
+            why = f"not handed over to {successor}: the supervisor is shutting down"
+            log.info("%s: %s", old, why)
+            return why
         failure = (
             f"its start failed: {report.error}"
             if report is not None and report.error
@@ -180,7 +185,7 @@ class Reloads:
             return f"stored: `flipvisor start {program.name}` starts it with the new section"
         try:
             program.start_flip(config, kind="flip")
-        except Busy as exc:
+        except (Busy, UsageError) as exc:  # a flip or a stop under way; the shutdown's stop
             why = f"not deployed: {exc}; then `flipvisor flip {program.name}`"
             log.warning("config of %s changed, %s", program.name, why)
             return why
@@ -294,10 +299,14 @@ class Reloads:
         }
 
     async def _start_added(self, name: str, section: ProgramConfig) -> None:
-        """Add a program the config gained, and start it (with ``autostart``)."""
+        """Add a program the config gained, and start it (with ``autostart``), unless the
+        shutdown began meanwhile and stopped it already."""
         program = await self.supervisor._add_program(name, section)
         if section.autostart:
-            program.start_flip(kind="start")
+            try:
+                program.start_flip(kind="start")
+            except UsageError as exc:  # stopped for good while it was being added
+                log.info("%s", exc)
 
     async def _add_when_removed(self, name: str, section: ProgramConfig, send: Send | None) -> None:
         """Add ``name``, a program the config gained back, once its removed instance is gone."""

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import sys
+import tempfile
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.e2e.another_user import run_as_another_user
 from tests.e2e.load import Load
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import free_port
@@ -146,3 +151,45 @@ def test_check_names_what_holds_a_fixed_port_and_the_fatal_says_one_next_step(
     flipvisor.wait_serving("web")
     result = flipvisor.cli("check")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_check_by_another_user_says_it_cannot_tell_whose_a_port_root_holds(
+    flipvisor: Flipvisor,
+) -> None:
+    """Root's supervisor and workers hold the fixed port. `check` run by another user sees
+    neither who holds it nor into root's state_dir (0700): it cannot tell whether that is the
+    config's own supervisor, and says so in a warning: it neither calls the port taken by a
+    stranger nor, once no supervisor runs any more, passes it in silence (it took the state_dir
+    it may not enter for a listening supervisor). With no state_dir to look into, a port whose
+    holder this user cannot see is taken."""
+    public = Path(tempfile.mkdtemp(prefix="flipvisor-check-"))
+    os.chmod(public, 0o755)  # the config file is readable by another user
+    flipvisor.config_path, flipvisor.state_dir = public / "flipvisor.yaml", public / "state"
+    check = [sys.executable, "-m", "flipvisor", "check", "-c", str(flipvisor.config_path)]
+    port = free_port()
+    where = f"programs.web.socket.port: cannot listen on 127.0.0.1:{port}: the port is in use"
+    unknown = (
+        f"warning: {where} by a process this user cannot see, perhaps this config's own "
+        f"supervisor: this user may not look into {flipvisor.state_dir} to tell (run `check` "
+        "as root)"
+    )
+    try:
+        flipvisor.start(fixed_port_config(port, "1"))
+        flipvisor.wait_serving("web")
+
+        running = run_as_another_user(check, cwd=public)
+
+        assert "is not writable by this user" in running.stderr, running.stderr  # not root's
+        assert unknown in running.stderr, running.stderr
+        assert "Traceback" not in running.stderr, running.stderr
+        assert flipvisor.stop() == 0, flipvisor.output()
+        with socket.create_server(("127.0.0.1", port)):
+            stopped = run_as_another_user(check, cwd=public)
+            shutil.rmtree(flipvisor.state_dir)
+            unrun = run_as_another_user(check, cwd=public)
+    finally:
+        flipvisor.stop()
+        shutil.rmtree(public, ignore_errors=True)
+    assert unknown in stopped.stderr, stopped.stderr
+    taken = f"{where} by a process this user cannot see; stop it, or choose another port"
+    assert taken in unrun.stderr, unrun.stderr

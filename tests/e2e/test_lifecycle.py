@@ -6,6 +6,7 @@ minutes): it rolls the flip back at once and drains what ran. The flip's client 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -195,6 +196,45 @@ def test_start_while_a_stop_drains_is_refused_and_the_port_stays_usable(
     flipvisor.wait_serving("web")
     restarted = flipvisor.cli("restart", "web", timeout=30)
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr + flipvisor.output()
+
+
+def test_a_program_the_shutdown_stopped_is_not_started_again_while_another_drains(
+    flipvisor: Flipvisor,
+) -> None:
+    """A shutdown takes as long as its slowest drain; a `start`, `flip` or `rollback` of a
+    program whose drain is over already was carried out meanwhile (its stop was done, so nothing
+    refused it), and the shutdown did not stop it again: its keys named its workers after a
+    clean shutdown, and its workers got no drain, cancelled with the supervisor's tasks."""
+    slow = program("--ignore-term", drain={"delay": 0, "timeout": 120})
+    process = flipvisor.start({"programs": {"slow": slow, "quick": program()}})
+    (slow_pid,) = flipvisor.wait_serving("slow")["pids"]
+    slow_worker = psutil.Process(slow_pid)  # killed below only if still this very process
+    quick = flipvisor.wait_serving("quick")
+    shutdown = flipvisor.cli_started("shutdown", stderr=subprocess.STDOUT)
+    try:
+        wait_until(
+            lambda: (
+                (p := flipvisor.program("quick"))["state"] == "stopped" and not p["generations"]
+            ),
+            timeout=20,
+            message="quick's drain to be over, slow's to go on",
+        )
+
+        refused = [flipvisor.cli(command, "quick") for command in ("start", "flip", "restart")]
+
+        for answer in refused:
+            assert answer.returncode == 2, answer.stdout + answer.stderr
+            assert "the supervisor is shutting down: quick is not started again" in answer.stderr
+        status = flipvisor.program("quick")
+        assert (status["flip"], status["generations"]) == (None, []), status
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            slow_worker.kill()  # the end of slow's drain, and of the shutdown
+        out, _ = shutdown.communicate(timeout=30)
+    assert process.wait(timeout=30) == 0, flipvisor.output()
+    assert shutdown.returncode == 0, out
+    assert gone([slow_pid, *quick["pids"]])
+    assert not any(key.endswith("/current") for key in flipvisor.registry()), flipvisor.registry()
 
 
 def held_back(pid: int, sig: signal.Signals) -> bool:

@@ -3,15 +3,20 @@ reload, a flip, a rollback, a slow drain, a shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import signal
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import psutil
 
-from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.fixtures.flipvisor import HELD_ADD, Flipvisor, svc_command
 from tests.waiting import wait_until
 
 
@@ -232,3 +237,125 @@ def test_a_program_added_back_while_it_drains_starts_once_it_is_gone(
     assert gen["generation"] == 1 and gen["pids"] != [old_pid], gen
     programs = flipvisor.status()["programs"]
     assert [(p["name"], p["removing"]) for p in programs] == [("b", False)], programs
+
+
+def test_a_shutdown_stops_a_program_a_reload_under_way_added_after_it_began(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """The reload checks for a shutdown once, then adds "early" and "late" in turn; the shutdown
+    begins in between (held there: tests/apps/held_add.py) and lists the programs without
+    "late". The shutdown's drains take long ("slow"): "late" is added and serves meanwhile, and
+    is drained once the others are, its keys withdrawn. It was left to die with the supervisor,
+    without a drain, its keys naming its worker after a clean shutdown."""
+    gate, held = tmp_path / "gate", tmp_path / "held"
+    slow = web("--ignore-term", drain={"delay": 0, "timeout": 120})
+    process = flipvisor.start(
+        {"programs": {"slow": slow}},
+        launcher=(sys.executable, str(HELD_ADD), "late", str(gate), str(held)),
+    )
+    (slow_pid,) = flipvisor.wait_serving("slow")["pids"]
+    slow_worker = psutil.Process(slow_pid)  # killed below only if still this very process
+    flipvisor.write_config({"programs": {"slow": slow, "early": web(), "late": web()}})
+    process.send_signal(signal.SIGHUP)
+    wait_until(held.exists, timeout=20, message="the reload to reach late's addition")
+    shutdown = flipvisor.cli_started("shutdown", stderr=subprocess.STDOUT)
+    try:
+        wait_until(
+            lambda: [g["state"] for g in flipvisor.program("slow")["generations"]] == ["draining"],
+            timeout=20,
+            message="the shutdown to begin (slow draining)",
+        )
+        assert "late" not in {p["name"] for p in flipvisor.status()["programs"]}
+
+        gate.touch()
+
+        late = flipvisor.wait_serving("late")
+        wait_until(
+            lambda: flipvisor.registry().get("flipvisor/late/pid/current") == str(late["pids"][0]),
+            message="late's keys",
+        )
+        assert slow_worker.is_running(), "slow's drain ended before late served"
+    finally:
+        gate.touch()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            slow_worker.kill()  # the end of slow's drain
+        out, _ = shutdown.communicate(timeout=30)
+    assert process.wait(timeout=30) == 0, flipvisor.output()
+    assert shutdown.returncode == 0, out
+    assert not any(key.endswith("/current") for key in flipvisor.registry()), flipvisor.registry()
+    assert re.search(r"^\S+ late stopped$", out, re.MULTILINE), out
+    wait_until(lambda: not any(map(alive, late["pids"])), timeout=10, message="late's worker gone")
+    assert not alive(slow_pid)
+
+
+def test_a_reload_under_way_does_not_start_a_renamed_program_the_shutdown_stopped(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """ "web" is renamed "site" (the same proxy file) and "gone" removed: the reload waits for
+    gone's proxy reload (held by the test) before it hands web's file over to site. The shutdown
+    begins meanwhile and stops site's start; once the proxy reload is done, the handover found
+    site stopped and started it, while "slow" still drained: site served on, unstopped, until the
+    supervisor exited, its keys naming its worker."""
+    armed, reloading, gate = tmp_path / "armed", tmp_path / "reloading", tmp_path / "gate"
+    template = tmp_path / "upstream.j2"
+    template.write_text(
+        "upstream {{ program }} {{ '{' }}{% for u in upstreams %} server {{ u }};{% endfor %} }\n"
+    )
+    # Once armed, gone's proxy reload waits for the gate (then the test's, not a timeout's).
+    held_reload = (
+        f"test ! -e {armed} || {{ touch {reloading}; while [ ! -e {gate} ]; do sleep 0.05; done; }}"
+    )
+
+    def proxied(name: str, reload_cmd: list[str]) -> dict[str, Any]:
+        proxy = {"template": str(template), "dest": str(tmp_path / f"{name}.conf")}
+        return web(proxy={**proxy, "reload_cmd": reload_cmd, "timeout": 120})
+
+    slow = web("--ignore-term", drain={"delay": 0, "timeout": 120})
+    process = flipvisor.start(
+        {
+            "programs": {
+                "slow": slow,
+                "web": proxied("web", ["true"]),
+                "gone": proxied("gone", ["sh", "-c", held_reload]),
+            }
+        }
+    )
+    (slow_pid,) = flipvisor.wait_serving("slow")["pids"]
+    slow_worker = psutil.Process(slow_pid)  # killed below only if still this very process
+    pids = [*flipvisor.wait_serving("web")["pids"], *flipvisor.wait_serving("gone")["pids"]]
+    armed.touch()
+    flipvisor.write_config({"programs": {"slow": slow, "site": proxied("web", ["true"])}})
+    process.send_signal(signal.SIGHUP)
+    wait_until(reloading.exists, timeout=20, message="gone's proxy reload to wait for the gate")
+    shutdown = flipvisor.cli_started("shutdown", stderr=subprocess.STDOUT)
+    try:
+        wait_until(
+            lambda: (
+                (site := flipvisor.program("site"))["state"] == "stopped"
+                and not site["generations"]
+                and [g["state"] for g in flipvisor.program("slow")["generations"]] == ["draining"]
+            ),
+            timeout=20,
+            message="site's start rolled back by the shutdown, slow draining",
+        )
+
+        gate.touch()
+
+        wait_until(
+            lambda: "config reloaded:" in flipvisor.output(),
+            timeout=20,
+            message="the reload to end",
+        )
+        site = flipvisor.program("site")
+        assert (site["state"], site["flip"], site["generations"]) == ("stopped", None, []), site
+        assert slow_worker.is_running(), "slow's drain ended before the reload"
+    finally:
+        gate.touch()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            slow_worker.kill()  # the end of slow's drain
+        out, _ = shutdown.communicate(timeout=30)
+    assert process.wait(timeout=30) == 0, flipvisor.output()
+    assert shutdown.returncode == 0, out
+    assert "kept-serving" not in out, out  # web is not said to serve on: the shutdown drained it
+    assert not any(key.endswith("/current") for key in flipvisor.registry()), flipvisor.registry()
+    wait_until(lambda: not any(map(alive, pids)), timeout=10, message="every worker gone")
