@@ -258,12 +258,21 @@ def test_a_warm_generation_whose_worker_exits_is_dropped_not_restarted(
     assert proxied(nginx)["version"] == "1"
 
 
-def test_second_flip_of_a_program_is_refused_clearly(flipvisor: Flipvisor, nginx: Nginx) -> None:
+def test_second_flip_of_a_program_is_refused_clearly(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
     start_serving(flipvisor, nginx, program(nginx, "1"))
-    flipvisor.write_config({"programs": {"web": program(nginx, "2", "--ready-delay", "2")}})
+    # Generation 2 is ready only once the second flip was answered, however slow the machine
+    # (a 2 s --ready-delay could end before the second flip's client got its answer).
+    gate = tmp_path / "serve"
+    gated = program(nginx, "2", "--serve-after", str(gate), readiness={"timeout": 60})
+    flipvisor.write_config({"programs": {"web": gated}})
     first = flipvisor.cli_started("flip", "web")
-    wait_until(lambda: flipvisor.program("web")["flip"], message="the first flip")
-    second = flipvisor.cli("flip", "web")
+    try:
+        wait_until(lambda: flipvisor.program("web")["flip"], message="the first flip")
+        second = flipvisor.cli("flip", "web")
+    finally:
+        gate.touch()
     assert second.returncode == 1
     assert "already in progress" in second.stderr
     _out, err = first.communicate(timeout=60)
