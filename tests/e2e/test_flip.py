@@ -309,14 +309,14 @@ def test_flip_timeout_rolls_back_under_load(flipvisor: Flipvisor, nginx: Nginx) 
     # Ready only after 5 s, within its own readiness timeout, but not within --timeout 1.
     flipvisor.write_config({"programs": {"web": program(nginx, "2", "--ready-delay", "5")}})
     with Load(nginx.url("/"), clients=2) as load:
-        started = time.monotonic()
         result = flipvisor.cli("flip", "web", "--timeout", "1", "--json")
-        elapsed = time.monotonic() - started
         outcome = load.stop()
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
     assert "--timeout 1" in report["error"]
-    assert elapsed < 4, "gave up at the timeout, not at the probe's own"
+    # The flip's own duration, as the supervisor timed it: not the client's, whose start-up a
+    # loaded machine stretches.
+    assert report["duration"] < 4, "gave up at the timeout, not at the probe's own"
     assert outcome.failed == 0, outcome.errors[:5]
     before.assert_untouched(flipvisor, nginx)
 
@@ -340,10 +340,9 @@ def test_a_timeout_after_the_promotion_keeps_the_new_generation(
     flipvisor.write_config({"programs": {"web": program(nginx, "2")}})
     as_json = case == "drain.delay"  # the other case reads what people see
     with Load(nginx.url("/"), clients=2) as load:
-        started = time.monotonic()
         flip = ["flip", "web", "--timeout", str(FLIP_TIMEOUT)]
         result = flipvisor.cli(*flip, *(["--json"] if as_json else []))
-        elapsed = time.monotonic() - started
+        answered = time.time()
         # Generation 2 serves and stays, behind nginx and in the registry, while 1 drains.
         assert result.returncode == 0, result.stdout + result.stderr + flipvisor.output()
         if as_json:
@@ -356,12 +355,10 @@ def test_a_timeout_after_the_promotion_keeps_the_new_generation(
         ran_out = f"--timeout {FLIP_TIMEOUT}s ran out after generation 2 was promoted"
         assert ran_out in warning, warning
         assert "generation 1 is still draining" in warning
-        assert elapsed < 8, "answered at the timeout, not after the drain"
         serving = flipvisor.serving("web")
         assert serving is not None and serving["generation"] == 2
         assert proxied(nginx)["version"] == "2"
         assert flipvisor.registry()["flipvisor/web/port/current"] == str(serving["port"])
-        assert 1 in [g["generation"] for g in flipvisor.program("web")["generations"]]
         wait_until(
             lambda: [g["generation"] for g in flipvisor.program("web")["generations"]] == [2],
             timeout=30,
@@ -373,8 +370,13 @@ def test_a_timeout_after_the_promotion_keeps_the_new_generation(
     after = flipvisor.serving("web")
     assert after is not None and after["pids"] == serving["pids"]
     assert proxied(nginx)["version"] == "2"
+    events = [json.loads(line) for line in flipvisor.cli("events", "--json").stdout.splitlines()]
+    # The client had its answer before generation 1's drain was over (by the supervisor's
+    # record, not by the status calls above, which a loaded machine can make outlast it).
+    (stopped,) = [e for e in events if (e["kind"], e["generation"]) == ("stopped", 1)]
+    assert answered < stopped["time"], "answered at the timeout, not after the drain"
     # Its drain was its own: delay, signal, and SIGKILL only at drain.timeout.
-    assert ("killed" in flipvisor.event_kinds()) == (case == "ignores SIGTERM")
+    assert ("killed" in [e["kind"] for e in events]) == (case == "ignores SIGTERM")
 
 
 def busy(pid: int) -> bool:
