@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from tests.e2e.load import Load
-from tests.fixtures.flipvisor import TEMPLATE, Flipvisor, svc_command
+from tests.fixtures.flipvisor import TEMPLATE, Flipvisor, read_until, svc_command
 from tests.fixtures.nginx import Nginx
 from tests.waiting import wait_until
 
@@ -386,14 +386,17 @@ def busy(pid: int) -> bool:
 
 @pytest.mark.parametrize("then", ["wait", "stop"])
 def test_a_timeout_while_the_proxy_drains_cuts_no_request_short(
-    flipvisor: Flipvisor, nginx: Nginx, then: str
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path, then: str
 ) -> None:
-    # Generation 1 answers in 10 s; ready by sd_notify, as its slow /health would outlast the
-    # http probe's attempts. A request to it holds the old nginx worker past the promotion,
-    # and past --timeout 5 (which leaves the promotion itself time on a busy machine: 2 s did
-    # not, twice, under a load of 14 on 2 cores), and ends within the 10 s nginx gives its old
-    # workers from the flip's reload on (worker_shutdown_timeout, tests/fixtures/nginx.py).
-    slow = program(nginx, "1", "--slow-ms", "10000", "--notify")
+    # Generation 1 answers only once the test opens its gate (--answer-after); ready by
+    # sd_notify, as its held /health would outlast the http probe's attempts. A request to it
+    # holds the old nginx worker past the promotion, and past --timeout 5 (which leaves the
+    # promotion itself time on a busy machine: 2 s did not, twice, under a load of 14 on 2
+    # cores), however slow the machine (a 10 s --slow-ms could end first). The gate opens well
+    # within the 10 s nginx gives its old workers from the flip's reload on
+    # (worker_shutdown_timeout, tests/fixtures/nginx.py).
+    held = tmp_path / "answer"
+    slow = program(nginx, "1", "--answer-after", str(held), "--notify")
     slow["readiness"] = {"notify": True, "timeout": 10}
     flipvisor.start({"programs": {"web": slow}})
     old_pid = flipvisor.wait_serving("web")["pids"][0]
@@ -405,32 +408,43 @@ def test_a_timeout_while_the_proxy_drains_cuts_no_request_short(
 
     request = threading.Thread(target=slow_request, daemon=True)
     request.start()
-    wait_until(lambda: busy(old_pid), message="a request in generation 1")
-    flipvisor.write_config({"programs": {"web": program(nginx, "2")}})
+    try:
+        wait_until(lambda: busy(old_pid), message="a request in generation 1")
+        flipvisor.write_config({"programs": {"web": program(nginx, "2")}})
 
-    result = flipvisor.cli("flip", "web", "--timeout", "5", "--json")
+        result = flipvisor.cli("flip", "web", "--timeout", "5", "--json")
 
-    assert result.returncode == 0, result.stdout + result.stderr + flipvisor.output()
-    report = json.loads(result.stdout)
-    assert report["ok"] and report["steps"][-1]["step"] == "proxy-drain", report
-    assert report["steps"][-1]["detail"] == "1 old proxy worker", report  # worker_processes 1
-    assert "generation 1 drains once the proxy's old workers are gone" in report["warning"]
-    if then == "stop":
-        # The flip answered, but still waits for the proxy before it drains generation 1:
-        # the stop waits for that (not for the drain), then drains both generations at once,
-        # and leaves nothing serving.
-        stopped = flipvisor.cli("stop", "web")
-        assert stopped.returncode == 0, stopped.stderr + flipvisor.output()
-        assert "promoted: waiting for the proxy's old workers" in " ".join(stopped.stderr.split())
-        status = flipvisor.program("web")
-        assert (status["state"], status["generations"]) == ("stopped", []), status
-    else:
-        wait_until(
-            lambda: [g["generation"] for g in flipvisor.program("web")["generations"]] == [2],
-            timeout=30,
-            message="generation 1 to drain after the proxy's old worker",
-        )
-        assert proxied(nginx)["version"] == "2"
+        assert result.returncode == 0, result.stdout + result.stderr + flipvisor.output()
+        report = json.loads(result.stdout)
+        assert report["ok"] and report["steps"][-1]["step"] == "proxy-drain", report
+        assert report["steps"][-1]["detail"] == "1 old proxy worker", report  # worker_processes 1
+        assert "generation 1 drains once the proxy's old workers are gone" in report["warning"]
+        if then == "stop":
+            # The flip answered, but still waits for the proxy before it drains generation 1:
+            # the stop waits for that (not for the drain), then drains both generations at
+            # once, and leaves nothing serving.
+            stop = flipvisor.cli_started("stop", "web", stderr=subprocess.STDOUT)
+            try:
+                waiting = "promoted: waiting for the proxy's old workers"
+                read_until(stop, waiting, message="the stop to wait for the proxy")
+                held.touch()  # the request ends, and nginx's old worker with it
+                stop.communicate(timeout=60)
+            finally:
+                stop.kill()
+                stop.communicate()
+            assert stop.returncode == 0, flipvisor.output()
+            status = flipvisor.program("web")
+            assert (status["state"], status["generations"]) == ("stopped", []), status
+        else:
+            held.touch()
+            wait_until(
+                lambda: [g["generation"] for g in flipvisor.program("web")["generations"]] == [2],
+                timeout=30,
+                message="generation 1 to drain after the proxy's old worker",
+            )
+            assert proxied(nginx)["version"] == "2"
+    finally:
+        held.touch()
     request.join(timeout=30)
     assert [answer["version"] for answer in answered] == ["1"]  # not cut short
     assert not psutil.pid_exists(old_pid)
