@@ -426,7 +426,7 @@ def test_a_timeout_while_the_proxy_drains_cuts_no_request_short(
             stop = flipvisor.cli_started("stop", "web", stderr=subprocess.STDOUT)
             try:
                 waiting = "promoted: waiting for the proxy's old workers"
-                read_until(stop, waiting, message="the stop to wait for the proxy")
+                read_until(stop.stdout, waiting, message="the stop to wait for the proxy")
                 held.touch()  # the request ends, and nginx's old worker with it
                 stop.communicate(timeout=60)
             finally:
