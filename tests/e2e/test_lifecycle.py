@@ -165,14 +165,18 @@ def test_sigquit_drains_and_exits_zero_and_a_sighup_meanwhile_is_only_noted(
 
 
 def test_start_while_a_stop_drains_is_refused_and_the_port_stays_usable(
-    flipvisor: Flipvisor,
+    flipvisor: Flipvisor, tmp_path: Path
 ) -> None:
+    # The worker finishes its shutdown only once the test says so (svc --stop-after): the stop
+    # still drains when `start` comes, however slow the machine (a 3 s drain.delay could be over
+    # by the time the status poll saw it and `start` had started).
+    stopped = tmp_path / "stop"
     port = free_port()
     fixed = {
-        "command": svc_command("--notify"),
+        "command": svc_command("--notify", "--stop-after", str(stopped)),
         "socket": {"port": port},
         "readiness": {"notify": True, "timeout": 20},
-        "drain": {"delay": 3, "timeout": 5},
+        "drain": {"delay": 0, "timeout": 60},
     }
     flipvisor.start({"programs": {"web": fixed}})
     flipvisor.wait_serving("web")
@@ -186,9 +190,11 @@ def test_start_while_a_stop_drains_is_refused_and_the_port_stays_usable(
         started = flipvisor.cli("start", "web", timeout=20)
         assert started.returncode == 1, started.stdout + started.stderr
         assert "stop of web is in progress" in started.stderr, started.stderr
+        stopped.touch()  # the drain ends; later generations stop at once
         out, _ = stop.communicate(timeout=20)
         assert stop.returncode == 0, out
     finally:
+        stopped.touch()
         stop.kill()
         stop.communicate()
     assert flipvisor.cli("start", "web", timeout=30).returncode == 0
