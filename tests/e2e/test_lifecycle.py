@@ -237,7 +237,13 @@ def test_stop_during_the_proxy_reload_undoes_the_swap_and_the_file(
     """A stop after the registry swap, while nginx reloads: the flip is still undone (keys swapped
     back, the file put back, nginx reloaded back) before the program drains."""
     reloads = tmp_path / "reloads"
-    slow_reload = ["sh", "-c", f"echo >> {reloads}; sleep 2; exec {' '.join(nginx.reload_cmd)}"]
+    # The flip's reload (the second) hangs until the stop cuts it short, however long the stop
+    # takes to come (a 2 s sleep could be over first); the start's and the reload back do not.
+    hangs_the_second = (
+        f"echo >> {reloads}; if [ $(wc -l < {reloads}) -eq 2 ]; then exec sleep 60; fi; "
+        f"exec {' '.join(nginx.reload_cmd)}"
+    )
+    slow_reload = ["sh", "-c", hangs_the_second]
     config = proxied_program(nginx, "1", proxy={"reload_cmd": slow_reload})
     flipvisor.start({"programs": {"web": config}})
     first = flipvisor.wait_serving("web", timeout=30)
