@@ -310,7 +310,8 @@ def test_with_etcd_down_at_promotion_leftovers_are_drained_once_etcd_records_it(
         old_pids = kill_supervisor(flipvisor, "web", survivors)
         gated = program(nginx, "2", "--serve-after", str(gate), readiness={"timeout": 30})
         restart_supervisor(flipvisor, {"registry": etcd_registry, "programs": {"web": gated}})
-        assert "leftovers" in flipvisor.event_kinds()  # read from etcd before it went away
+        # Read from etcd before it goes away (the control socket answers before that).
+        wait_until(lambda: "leftovers" in flipvisor.event_kinds(), message="the leftovers found")
         etcd.stop()
         gate.touch()
         new = flipvisor.wait_serving("web", timeout=30)
@@ -352,6 +353,8 @@ def test_leftovers_held_for_an_unreachable_registry_are_drained_when_the_program
     old_pids = kill_supervisor(flipvisor, "web", survivors)
     gated = program(nginx, "2", "--serve-after", str(gate), readiness={"timeout": 30})
     restart_supervisor(flipvisor, {"registry": etcd_registry, "programs": {"web": gated}})
+    # Read from etcd before it goes away (the control socket answers before that).
+    wait_until(lambda: "leftovers" in flipvisor.event_kinds(), message="the leftovers found")
     etcd.stop()
     gate.touch()
     new = flipvisor.wait_serving("web", timeout=30)
@@ -702,6 +705,8 @@ def test_a_shutdown_stops_a_removed_program_s_leftover_that_ignores_sigterm(
     flipvisor.start({"programs": {"kept": kept, "stubborn": stubborn}})
     flipvisor.wait_serving("kept")
     stubborn_pids = flipvisor.wait_serving("stubborn")["pids"]
+    for pid in stubborn_pids:  # it ignores SIGTERM from then on, and no longer writes
+        _wait_said_serving(flipvisor, "stubborn", pid)
     kill_supervisor(flipvisor, "kept", survivors)
     survivors.extend(psutil.Process(pid) for pid in stubborn_pids)
     restart_supervisor(flipvisor, {"programs": {"kept": kept}})
