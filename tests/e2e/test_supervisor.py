@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from flipvisor.client import call
+from flipvisor.output_pipe import OUTPUT_GRACE
 from flipvisor.protocol import Request
 from tests.fixtures.flipvisor import Flipvisor, group_member_wrapper, svc_command
 from tests.waiting import wait_until
@@ -561,8 +562,9 @@ def test_a_worker_whose_child_holds_its_output_is_replaced_at_once(
         (spawned,) = [
             e for e in events_of(flipvisor, "spawned") if e["fields"]["pid"] == replacement
         ]
-        # The wait for the end of its output took 1 s (OUTPUT_GRACE) before.
-        assert spawned["time"] - died < 0.5, "replaced as it was reaped"
+        # The wait for the end of its output took OUTPUT_GRACE more before: below that bound,
+        # a loaded machine's slower reaping and spawning are no failure, that wait is one.
+        assert spawned["time"] - died < OUTPUT_GRACE, "replaced as it was reaped"
         (exit_event,) = [e for e in events_of(flipvisor, "exited") if e["fields"]["pid"] == worker]
         assert f"pid={worker} | last words" in record
         assert logged_at(record) <= exit_event["time"], "its last words logged before its exit"

@@ -33,6 +33,7 @@ from flipvisor.errors import ProbeFailed, SpawnError
 from flipvisor.events import Event, EventLog
 from flipvisor.generation import Generation
 from flipvisor.logs import ProgramLog
+from flipvisor.output_pipe import OUTPUT_GRACE
 from flipvisor.promotion import serving_snapshot
 from flipvisor.reaper import Reaper
 from flipvisor.registration import Registration
@@ -679,8 +680,9 @@ async def test_a_child_holding_the_output_delays_neither_the_exit_nor_the_restar
             died = float(
                 next(line for line in gen.tail if line.startswith("last words ")).split()[2]
             )
-            # The old wait for the end of the output took OUTPUT_GRACE (1 s) here.
-            assert spawned.time - died < 0.5, "restarted as it was reaped"
+            # The old wait for the end of the output took OUTPUT_GRACE more here: below that
+            # bound, a loaded machine's slower reaping and spawning are no failure.
+            assert spawned.time - died < OUTPUT_GRACE, "restarted as it was reaped"
             assert h.exits == [(0, -signal.SIGKILL, "killed by SIGKILL")]
             (logged,) = h.logged_at_exit
             assert f"pid={first.pid} | last words {died!r}" in logged, "logged before the exit"
