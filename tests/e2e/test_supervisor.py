@@ -843,20 +843,36 @@ def test_workers_that_gave_up_during_a_flip_that_fails_stop_the_program_after_it
     program is stopped, its socket closed."""
     flipvisor.start({"programs": {"web": web(restart={"policy": "never"})}})
     gen = flipvisor.wait_serving("web")
+    # Never ready, and probed for longer than the test takes: the flip fails when the test
+    # crashes generation 2's worker, once generation 1's exit was handled, not at a probe
+    # timeout a loaded machine could reach first (the crash then came after the flip).
     broken = web(command=svc_command("--health-fail"), restart={"policy": "never"})
-    broken["readiness"] = {"http": "/health", "timeout": 5}
+    broken["readiness"] = {"http": "/health", "timeout": 60}
     flipvisor.write_config({"programs": {"web": broken}})
 
     flip = flipvisor.cli_started("flip", "web")
-    wait_until(
-        lambda: (f := flipvisor.program("web")["flip"]) is not None and f["step"] == "probe",
-        message="the flip to probe generation 2",
-    )
-    crash(gen["pids"][0])  # generation 1 exits for good while its successor is probed
-    out, err = flip.communicate(timeout=30)
+    try:
+        wait_until(
+            lambda: (f := flipvisor.program("web")["flip"]) is not None and f["step"] == "probe",
+            message="the flip to probe generation 2",
+        )
+        generations = flipvisor.program("web")["generations"]
+        (probed,) = next(g for g in generations if g["generation"] == 2)["pids"]
+        (old_pid,) = gen["pids"]
+        crash(old_pid)  # generation 1 exits for good while its successor is probed
+        wait_until(
+            lambda: any(e["fields"]["pid"] == old_pid for e in events_of(flipvisor, "exited")),
+            message="generation 1's exit to be handled",
+        )
+        crash(probed)
+        out, err = flip.communicate(timeout=30)
+    finally:
+        flip.kill()
+        flip.communicate()
 
     assert flip.returncode == 1, out + err
     error = " ".join(err.split())
+    assert "generation 2 of web failed" in error, error
     assert "generation 1, serving before, has no worker left" in error, error
     assert "keeps serving" not in error, error
     wait_until(lambda: flipvisor.program("web")["state"] == "stopped", message="web to stop")
