@@ -35,7 +35,7 @@ from tests.e2e.test_lifecycle import gone, shutdown_seconds
 from tests.e2e.test_operator import sample, scrape
 from tests.e2e.test_supervisor import markers_of
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.fixtures.flipvisor import Flipvisor, read_until, svc_command
 from tests.fixtures.nginx import Nginx, free_port, port_answers
 from tests.waiting import await_until, wait_until
 
@@ -474,14 +474,29 @@ def test_a_reload_while_the_start_up_reads_the_registry_starts_no_program_twice(
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
-        etcd = {"backend": "etcd", "endpoints": [endpoint], "timeout": 3}
+        # The start-up's read of the registry ends when the test closes `silent` (the connection
+        # waiting in its backlog is reset): long after both reloads were sent, however slow the
+        # machine, where a 3 s timeout could pass before the reload's client had started.
+        etcd = {"backend": "etcd", "endpoints": [endpoint], "timeout": 60}
         config = {"registry": etcd, "programs": {"web": {"command": svc_command()}}}
         flipvisor.start(config)
-        reloaded = flipvisor.cli("reload", "--json")
-        assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
-        assert json.loads(reloaded.stdout)["added"] == [], flipvisor.output()
-        assert "cannot read the registry to find workers" in flipvisor.output()
-        assert flipvisor.wait_serving("web")["generation"] == 1
+        assert flipvisor.process is not None
+        flipvisor.process.send_signal(signal.SIGHUP)  # a reload during the start-up, for sure
+        reload = flipvisor.cli_started("reload", "--json")  # one more, its outcome in JSON
+        try:
+            assert flipvisor.status()["starting"] is True, flipvisor.output()
+        finally:
+            silent.close()
+        out, err = reload.communicate(timeout=60)
+    assert reload.returncode == 0, out + err
+    assert json.loads(out)["added"] == [], flipvisor.output()
+    wait_until(
+        lambda: flipvisor.output().count("config reloaded: added none, removed none") == 2,
+        message="both reloads to have added nothing",
+    )
+    assert "cannot read the registry to find workers" in flipvisor.output()
+    assert flipvisor.wait_serving("web")["generation"] == 1
+    assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]
     assert flipvisor.stop() == 0, flipvisor.output()
 
 
@@ -497,9 +512,10 @@ def test_commands_sent_while_the_start_up_reads_the_registry_wait_for_the_progra
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
-        # The start-up waits this long for the registry: long enough for the two CLI commands
-        # below to start and ask on a loaded machine (4 s was not, once, at a load of 9).
-        etcd = {"backend": "etcd", "endpoints": [endpoint], "timeout": 8}
+        # The start-up's read of the registry ends when the test closes `silent` (the connection
+        # waiting in its backlog is reset): once the commands below are waiting, however slow
+        # the machine (an 8 s timeout was needed for them to start and ask at a load of 9).
+        etcd = {"backend": "etcd", "endpoints": [endpoint], "timeout": 60}
         web = {"command": svc_command(), "autostart": False}
         flipvisor.start({"registry": etcd, "programs": {"web": web}})
         early = flipvisor.status()
@@ -514,13 +530,23 @@ def test_commands_sent_while_the_start_up_reads_the_registry_wait_for_the_progra
                 timeout=1.5,
                 on_waiting=notices.append,
             )
-            shown = flipvisor.cli("status").stdout
-            assert "the supervisor is starting" in shown, shown
-            named = flipvisor.cli("status", "web")  # waits until web is added
-            assert named.returncode == 0, named.stderr + flipvisor.output()
-            assert "web" in named.stdout and "stopped" in named.stdout, named.stdout
+            named = flipvisor.cli_started("status", "web")  # waits until web is added
             notice = "flipvisor: the supervisor is still starting: web is not added yet; waiting"
-            assert named.stderr.splitlines() == [notice], named.stderr
+            try:
+                shown = flipvisor.cli("status").stdout
+                assert "the supervisor is starting" in shown, shown
+                said = read_until(named.stderr, notice, message="`status web` to wait")
+                # Longer than the impatient client's read timeout, twice over.
+                wait_until(
+                    lambda: len(notices) >= 2 and time.monotonic() - began > 2 * 1.5,
+                    message="the impatient client to hear twice that the supervisor starts",
+                )
+            finally:
+                silent.close()
+            out, err = named.communicate(timeout=60)
+            assert named.returncode == 0, said + err + flipvisor.output()
+            assert "web" in out and "stopped" in out, out
+            assert (said + err).splitlines() == [notice], said + err
             answer = impatient.result(timeout=30)
             waited = time.monotonic() - began
         assert answer["ok"], answer
