@@ -11,7 +11,7 @@ import psutil
 
 from flipvisor.starttime import identity_of
 from tests.e2e.load import Load
-from tests.e2e.test_flip import answers, program, proxied
+from tests.e2e.test_flip import WARM, answers, program, proxied
 from tests.e2e.test_lifecycle import stop_start_shutdown_run, withdrawn
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.flipvisor import Flipvisor, svc_command
@@ -187,7 +187,7 @@ def test_a_warm_rollback_that_fails_keeps_the_warm_generation(
     flipvisor.start({"registry": where, "programs": {"web": program(nginx, "1")}})
     flipvisor.wait_serving("web")
     flipvisor.write_config(
-        {"registry": where, "programs": {"web": program(nginx, "2", rollback_window=60)}}
+        {"registry": where, "programs": {"web": program(nginx, "2", rollback_window=WARM)}}
     )
     assert flipvisor.cli("flip", "web").returncode == 0
     warm = next(g for g in flipvisor.program("web")["generations"] if g["generation"] == 1)

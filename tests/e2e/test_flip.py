@@ -23,6 +23,11 @@ from tests.fixtures.nginx import Nginx
 from tests.waiting import wait_until
 
 
+# A rollback_window far longer than any test: a warm generation goes only when the test makes
+# it (a rollback, a crash), never because a loaded machine let its window run out first.
+WARM = 300
+
+
 def proxied(nginx: Nginx) -> dict[str, Any]:
     with urllib.request.urlopen(nginx.url("/"), timeout=5) as answer:
         loaded: dict[str, Any] = json.loads(answer.read())
@@ -185,7 +190,7 @@ def test_cold_and_warm_rollback(flipvisor: Flipvisor, nginx: Nginx) -> None:
     assert json.loads(result.stdout)["generation"] == 3
 
     # Warm: with rollback_window, the replaced generation stays up, unrouted, and comes back.
-    flipvisor.write_config({"programs": {"web": program(nginx, "4", rollback_window=30)}})
+    flipvisor.write_config({"programs": {"web": program(nginx, "4", rollback_window=WARM)}})
     assert flipvisor.cli("flip", "web").returncode == 0
     states = {g["generation"]: g["state"] for g in flipvisor.program("web")["generations"]}
     assert states == {3: "ready", 4: "serving"}
@@ -211,8 +216,8 @@ def test_a_restart_keeps_the_previous_deploy_warm_and_rollback_goes_to_it(
 ) -> None:
     """A restart (a flip to the same config) is no rollback target: the generation it replaced
     is drained, and the warm generation of the previous deploy stays the one a rollback takes."""
-    start_serving(flipvisor, nginx, program(nginx, "1", rollback_window=30))
-    flipvisor.write_config({"programs": {"web": program(nginx, "2", rollback_window=30)}})
+    start_serving(flipvisor, nginx, program(nginx, "1", rollback_window=WARM))
+    flipvisor.write_config({"programs": {"web": program(nginx, "2", rollback_window=WARM)}})
     assert flipvisor.cli("flip", "web").returncode == 0
     warm_pids = generations(flipvisor)[1]["pids"]
     restarted = flipvisor.cli("restart", "web")
@@ -235,9 +240,9 @@ def test_a_warm_generation_whose_worker_exits_is_dropped_not_restarted(
     """It serves nothing: its crash must not use the serving generation's restart budget (six
     of them made the program fatal) nor leave a rollback target without workers."""
     limits = {"max_restarts": 1, "window": 60}
-    start_serving(flipvisor, nginx, program(nginx, "1", rollback_window=30, restart=limits))
+    start_serving(flipvisor, nginx, program(nginx, "1", rollback_window=WARM, restart=limits))
     flipvisor.write_config(
-        {"programs": {"web": program(nginx, "2", rollback_window=30, restart=limits)}}
+        {"programs": {"web": program(nginx, "2", rollback_window=WARM, restart=limits)}}
     )
     assert flipvisor.cli("flip", "web").returncode == 0
     (warm_pid,) = generations(flipvisor)[1]["pids"]
