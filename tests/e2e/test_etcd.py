@@ -219,16 +219,39 @@ def test_a_warm_rollback_that_fails_keeps_the_warm_generation(
 def test_a_warm_generation_whose_window_ran_out_during_a_failed_rollback_is_drained(
     flipvisor: Flipvisor, nginx: Nginx, restartable_etcd: EtcdServer, etcd_prefix: str
 ) -> None:
+    """The rollback begins while generation 1 is warm; its promotion waits on a hung etcd past
+    the end of the window, then fails: generation 1 is drained then (its window's own task,
+    which ran meanwhile, found it being promoted and left it)."""
     etcd = restartable_etcd
-    where = registry(etcd, etcd_prefix)  # a 2 s request timeout: longer than the window
+    # The promotion waits on a paused etcd until the test kills it, once the window is over;
+    # the request timeout is longer than that. The window is long enough for the rollback's
+    # client to start on a loaded machine (a stopped etcd, refusing at once, failed a rollback
+    # begun within a 1 s window before that window ended, and one begun after was cold).
+    where = {**registry(etcd, etcd_prefix), "timeout": 60}
+    window = 4
     flipvisor.start({"registry": where, "programs": {"web": program(nginx, "1")}})
     flipvisor.wait_serving("web")
     flipvisor.write_config(
-        {"registry": where, "programs": {"web": program(nginx, "2", rollback_window=1)}}
+        {"registry": where, "programs": {"web": program(nginx, "2", rollback_window=window)}}
     )
     assert flipvisor.cli("flip", "web").returncode == 0
-    etcd.stop()
-    assert flipvisor.cli("rollback", "web").returncode == 1
+    over = time.time() + window  # the window began before the flip answered
+    etcd.pause()
+    rollback = flipvisor.cli_started("rollback", "web", "--json")
+    try:
+        wait_until(lambda: time.time() > over, message="the window to be over")
+        assert etcd.process is not None
+        etcd.process.kill()  # the connection closes: the promotion's request fails at once
+        out, err = rollback.communicate(timeout=60)
+    finally:
+        rollback.kill()
+        rollback.communicate()
+        etcd.stop()
+    assert rollback.returncode == 1, out + err
+    report = json.loads(out)
+    assert report["generation"] == 1, report  # begun while warm: no new generation
+    assert report["steps"][0]["detail"] == "warm generation: already running", report
+    assert "etcd" in report["error"], report
     wait_until(
         lambda: [g["generation"] for g in flipvisor.program("web")["generations"]] == [2],
         message="the warm generation to be drained once its window is over",
