@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from typing import Any
 
@@ -278,12 +279,15 @@ def test_a_stop_while_etcd_hangs_drains_at_its_timeout_and_etcd_catches_up(
     gen = flipvisor.wait_serving("web")
     wait_until(lambda: keys(etcd, etcd_prefix)["port/current"] == str(gen["port"]), message="keys")
     etcd.pause()
-    began = time.monotonic()
     stopped = flipvisor.cli("stop", "web")
-    took = time.monotonic() - began
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr + flipvisor.output()
-    assert took < 2 + 2, took  # registry.timeout, plus the CLI's own start-up
-    assert "pending: the registry does not answer" in stopped.stderr, stopped.stderr
+    # The withdrawal's step, as the supervisor timed it (the client's own start-up, which a
+    # loaded machine stretches, is not in it): it gave up at registry.timeout, no sooner.
+    withdrawal = re.search(
+        r"registry +(\d+\.\d+)s +pending: the registry does not answer", stopped.stderr
+    )
+    assert withdrawal is not None, stopped.stderr
+    assert 2 - 0.1 <= float(withdrawal[1]) < 2 + 1, stopped.stderr
     assert not any(psutil.pid_exists(pid) for pid in gen["pids"])
     etcd.resume()
     wait_until(
