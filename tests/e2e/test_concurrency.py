@@ -222,8 +222,10 @@ def test_failed_flip_is_not_activated_by_another_programs_reload(
         flips = _start_both(flipvisor)
         try:
             wait_until(
-                lambda: flip_step(flipvisor, "alpha") == "reload"
-                and generation_state(flipvisor, "beta", 2) in ("promoting", "serving"),
+                lambda: (
+                    flip_step(flipvisor, "alpha") == "reload"
+                    and generation_state(flipvisor, "beta", 2) in ("promoting", "serving")
+                ),
                 message="beta to promote while alpha reloads",
             )
         finally:
@@ -265,8 +267,10 @@ def test_neighbours_unchecked_file_does_not_break_a_flip(
         flips = _start_both(flipvisor)
         try:
             wait_until(
-                lambda: flip_step(flipvisor, "beta") == "reload"
-                and generation_state(flipvisor, "alpha", 2) == "promoting",
+                lambda: (
+                    flip_step(flipvisor, "beta") == "reload"
+                    and generation_state(flipvisor, "alpha", 2) == "promoting"
+                ),
                 message="alpha to promote while beta reloads",
             )
         finally:

@@ -22,7 +22,6 @@ from tests.fixtures.flipvisor import TEMPLATE, Flipvisor, read_until, svc_comman
 from tests.fixtures.nginx import Nginx
 from tests.waiting import wait_until
 
-
 # A rollback_window far longer than any test: a warm generation goes only when the test makes
 # it (a rollback, a crash), never because a loaded machine let its window run out first.
 WARM = 300
