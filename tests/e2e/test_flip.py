@@ -397,7 +397,7 @@ def test_a_timeout_while_the_proxy_drains_cuts_no_request_short(
     # holds the old nginx worker past the promotion, and past --timeout 5 (which leaves the
     # promotion itself time on a busy machine: 2 s did not, twice, under a load of 14 on 2
     # cores), however slow the machine (a 10 s --slow-ms could end first). The gate opens well
-    # within the 10 s nginx gives its old workers from the flip's reload on
+    # within the 30 s nginx gives its old workers from the flip's reload on
     # (worker_shutdown_timeout, tests/fixtures/nginx.py).
     held = tmp_path / "answer"
     slow = program(nginx, "1", "--answer-after", str(held), "--notify")
@@ -461,7 +461,8 @@ def test_a_restart_in_the_old_generation_while_the_proxy_drains_leaves_the_keys_
     """After the swap, generation 1 serves on until nginx's old workers are gone. A worker of it
     that crashes then is restarted (it still serves), but its PID is not published: the keys
     name generation 2 from the swap on, and after the flip."""
-    # The request holds nginx's old worker, and with it the flip, until the test ends it.
+    # The request holds nginx's old worker, and with it the flip, until the test ends it (nginx
+    # would cut it 30 s after the flip's reload: long after the steps below on a loaded machine).
     slow = program(nginx, "1", "--slow-ms", "60000", "--notify", numprocs=2)
     slow["readiness"] = {"notify": True, "timeout": 10}
     flipvisor.start({"programs": {"web": slow}})

@@ -275,7 +275,7 @@ def test_a_kept_program_goes_once_its_successor_serves_after_a_flip_cut_short_by
     worker is gone, not never (it was checked when the flip answered, before site served)."""
     # --timeout 4 leaves the promotion time on a loaded machine (2 s did not, once), and the
     # request outlasts it, however slow the machine: web answers only once the test opens its
-    # gate (a 9.5 s --slow-ms could end first). The gate opens well within the 10 s nginx gives
+    # gate (a 9.5 s --slow-ms could end first). The gate opens well within the 30 s nginx gives
     # its old workers (worker_shutdown_timeout, tests/fixtures/nginx.py) from the flip's reload.
     held = tmp_path / "answer"
     slow = program(nginx, "1", "--answer-after", str(held), "--notify")
