@@ -515,23 +515,34 @@ def test_a_restart_in_the_serving_generation_during_a_flip_that_fails_is_publish
     generation's PIDs are published then, a worker restarted meanwhile included."""
     start_serving(flipvisor, nginx, program(nginx, "1"))
     (old_pid,) = flipvisor.serving("web")["pids"]  # type: ignore[index]
+    # The check fails only once the test says so: the crash and the restart happen while the
+    # promotion owns the keys, however slow the machine (a 1.5 s check could be over first).
+    fail = flipvisor.dir / "fail-the-check"
     failing = program(nginx, "2")
-    failing["proxy"]["check_cmd"] = ["sh", "-c", "sleep 1.5; echo 'check failed' >&2; exit 1"]
+    failing["proxy"]["check_cmd"] = [
+        "sh",
+        "-c",
+        f'while [ ! -e "{fail}" ]; do sleep 0.05; done; echo "check failed" >&2; exit 1',
+    ]
     flipvisor.write_config({"programs": {"web": failing}})
 
     flip = flipvisor.cli_started("flip", "web", "--json")
-    wait_until(
-        lambda: (f := flipvisor.program("web")["flip"]) is not None and f["step"] == "proxy",
-        message="the flip to check its proxy file",
-    )
-    psutil.Process(old_pid).kill()
+    try:
+        wait_until(
+            lambda: (f := flipvisor.program("web")["flip"]) is not None and f["step"] == "proxy",
+            message="the flip to check its proxy file",
+        )
+        psutil.Process(old_pid).kill()
+        serving = wait_until(
+            lambda: (g := flipvisor.serving("web")) and g["pids"] not in ([], [old_pid]) and g,
+            message="generation 1's replacement worker, during the flip",
+        )
+        assert flipvisor.registry()["flipvisor/web/pid/current"] == str(old_pid)  # not yet
+    finally:
+        fail.touch()
     out, err = flip.communicate(timeout=30)
 
     assert flip.returncode == 1, out + err
-    serving = wait_until(
-        lambda: (g := flipvisor.serving("web")) and g["pids"] not in ([], [old_pid]) and g,
-        message="generation 1's replacement worker",
-    )
     wait_until(
         lambda: flipvisor.registry()["flipvisor/web/pid/current"] == str(serving["pids"][0]),
         message="pid/current to name the replacement once the flip failed",
