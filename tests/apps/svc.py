@@ -11,6 +11,11 @@ with ``FLIPVISOR_SVC_<FLAG>`` environment variables as fallback (``--ready-delay
 ``GET /health`` answers 200 (503 with ``--health-fail``). SIGTERM/SIGINT: stop accepting, finish
 in-flight requests, exit 0.
 
+Gates, for tests whose premise must not depend on how fast the machine is: ``--serve-after PATH``
+(serve only once PATH exists), ``--answer-after PATH`` (hold every answer until it exists) and
+``--stop-after PATH`` (after a stop signal, finish the shutdown only once it exists). The test
+creates the file once its premise is in place.
+
 Signals are handled without Python handlers: they are blocked in every thread and the main thread
 collects them with ``sigtimedwait``/``sigwaitinfo``, so nothing races ``serve_forever``.
 Deliberately imports nothing from flipvisor, so it starts fast and tests stay honest.
@@ -38,7 +43,7 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 # generation (a fixed port) the old workers accept until the very end.
 FIRST_REQUEST_GRACE = 1.0
 NEW, BUSY, IDLE = "new", "busy", "idle"  # a connection's state
-GATE_POLL = 0.05  # how often a closed --serve-after gate is looked at
+GATE_POLL = 0.05  # how often a closed gate (a file not there yet) is looked at
 
 
 def _env(name: str) -> str | None:
@@ -56,8 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default=_env("HOST") or "127.0.0.1")
     p.add_argument("--port", type=int, default=int(_env("PORT") or 0))
     p.add_argument("--ready-delay", type=float, default=float(_env("READY_DELAY") or 0))
-    # A gate a test opens: serve only once this file exists, whatever the machine's load.
+    # Gates a test opens by creating the file, whatever the machine's load: serve only once it
+    # exists; hold every answer until it exists; on a stop signal, stop accepting, then finish
+    # the shutdown (and exit) only once it exists.
     p.add_argument("--serve-after", default=_env("SERVE_AFTER") or None)
+    p.add_argument("--answer-after", default=_env("ANSWER_AFTER") or None)
+    p.add_argument("--stop-after", default=_env("STOP_AFTER") or None)
     p.add_argument("--health-fail", action="store_true", default=_env_flag("HEALTH_FAIL"))
     p.add_argument("--crash-after", type=float, default=float(_env("CRASH_AFTER") or 0) or None)
     exit_default = _env("EXIT_AT_START")
@@ -201,6 +210,8 @@ class Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, payload: dict[str, Any]) -> None:
         if self.server.opts.slow_ms:
             time.sleep(self.server.opts.slow_ms / 1000)
+        while not _gate_open(self.server.opts.answer_after):
+            time.sleep(GATE_POLL)
         data = (json.dumps(payload) + "\n").encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -295,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     on_signal(info.si_signo)
     server.shutdown()  # stop accepting: serve_forever returns
     sock.close()
+    while not _gate_open(opts.stop_after):
+        time.sleep(GATE_POLL)
     server.drain()
     mark(opts.markers, "STOP")
     return 0

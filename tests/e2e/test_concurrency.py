@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from tests.e2e.load import Load
@@ -18,8 +19,8 @@ from tests.waiting import wait_until
 
 NAMES = ("alpha", "beta")
 FLIP_TIMEOUT = 60.0
-# Long enough for one status call to see both flips in their probe, even on a slow machine.
-READY_DELAY = 1.0
+# A generation gated by the test (svc --serve-after) waits for it this long at most.
+GATED_READINESS = {"timeout": 60}
 
 
 def get(url: str) -> dict[str, Any]:
@@ -45,23 +46,46 @@ def version_or_error(url: str) -> str:
 
 
 def programs(nginx: Nginx, ports: dict[str, int], version: str) -> dict[str, Any]:
-    """Both programs at ``version`` (told apart by their name in the version they answer).
-
-    ``--ready-delay`` keeps each new generation in its probe long enough for the flips to overlap.
-    """
+    """Both programs at ``version`` (told apart by their name in the version they answer)."""
     return {
         name: program(
             nginx,
             f"{name}-{version}",
-            "--ready-delay",
-            str(READY_DELAY),
             proxy={"dest": str(nginx.conf_dir / f"{name}.conf"), "vars": {"listen": port}},
         )
         for name, port in ports.items()
     }
 
 
-def test_two_programs_flip_at_once_under_load(flipvisor: Flipvisor, nginx: Nginx) -> None:
+def gated(config: dict[str, Any], gate: Path) -> dict[str, Any]:
+    """``config``, whose generation serves (and so gets ready) only once ``gate`` exists: the
+    test creates it when the flips overlap as it needs, however slow the machine."""
+    return {
+        **config,
+        "command": [*config["command"], "--serve-after", str(gate)],
+        "readiness": {**config["readiness"], **GATED_READINESS},
+    }
+
+
+def generation_state(flipvisor: Flipvisor, name: str, generation: int) -> str | None:
+    return next(
+        (
+            g["state"]
+            for g in flipvisor.program(name)["generations"]
+            if g["generation"] == generation
+        ),
+        None,
+    )
+
+
+def flip_step(flipvisor: Flipvisor, name: str) -> str | None:
+    flip = flipvisor.program(name)["flip"]
+    return None if flip is None else str(flip["step"])
+
+
+def test_two_programs_flip_at_once_under_load(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
     ports = {name: free_port() for name in NAMES}
     urls = {name: f"http://127.0.0.1:{port}/" for name, port in ports.items()}
     flipvisor.start({"programs": programs(nginx, ports, "1")})
@@ -71,8 +95,11 @@ def test_two_programs_flip_at_once_under_load(flipvisor: Flipvisor, nginx: Nginx
         lambda: all(answers(url) for url in urls.values()), message="nginx to proxy both programs"
     )
 
+    # Both new generations stay in their probe until a status call has seen both flips.
+    gate = tmp_path / "serve"
+    new = {name: gated(config, gate) for name, config in programs(nginx, ports, "2").items()}
     with Load(urls["alpha"], clients=2) as alpha_load, Load(urls["beta"], clients=2) as beta_load:
-        flipvisor.write_config({"programs": programs(nginx, ports, "2")})
+        flipvisor.write_config({"programs": new})
         flips = {
             name: subprocess.Popen(
                 [
@@ -94,10 +121,13 @@ def test_two_programs_flip_at_once_under_load(flipvisor: Flipvisor, nginx: Nginx
         }
         try:
             # Both flips in progress at one moment: they really ran concurrently.
-            wait_until(
-                lambda: all(p["flip"] for p in flipvisor.status()["programs"]),
-                message="both flips to be in progress at once",
-            )
+            try:
+                wait_until(
+                    lambda: all(p["flip"] for p in flipvisor.status()["programs"]),
+                    message="both flips to be in progress at once",
+                )
+            finally:
+                gate.touch()
             outputs = {name: flip.communicate(timeout=FLIP_TIMEOUT) for name, flip in flips.items()}
         finally:
             for flip in flips.values():
@@ -148,9 +178,13 @@ def _both_serving(flipvisor: Flipvisor, nginx: Nginx) -> tuple[dict[str, int], d
     return ports, urls
 
 
-def _flip_both(flipvisor: Flipvisor) -> dict[str, tuple[int, str]]:
-    """Flip both programs at once; each one's exit code and stderr."""
-    flips = {name: _flip(flipvisor, name) for name in NAMES}
+def _start_both(flipvisor: Flipvisor) -> dict[str, subprocess.Popen[str]]:
+    """Start a flip of each program; ``_results`` waits for them."""
+    return {name: _flip(flipvisor, name) for name in NAMES}
+
+
+def _results(flips: dict[str, subprocess.Popen[str]]) -> dict[str, tuple[int, str]]:
+    """Each flip's exit code and stderr, once it is done."""
     try:
         errors = {name: flip.communicate(timeout=FLIP_TIMEOUT)[1] for name, flip in flips.items()}
         return {name: (flip.returncode, errors[name]) for name, flip in flips.items()}
@@ -167,18 +201,36 @@ def _flip_both(flipvisor: Flipvisor) -> dict[str, tuple[int, str]]:
 
 
 def test_failed_flip_is_not_activated_by_another_programs_reload(
-    flipvisor: Flipvisor, nginx: Nginx
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
 ) -> None:
     ports, urls = _both_serving(flipvisor, nginx)
     before_file = (nginx.conf_dir / "alpha.conf").read_bytes()
-    # alpha's reload is slow and then fails, so alpha's flip rolls back; beta, a moment later,
-    # reloads nginx for real while alpha's new file is in place, waiting for its own reload.
+    # alpha's reload holds until beta wants to promote (it waits for the proxy lock alpha
+    # holds; without the lock it would reload nginx with alpha's new file in place), then
+    # fails, so alpha's flip rolls back. Each step waits for the one before, not for a delay a
+    # loaded machine may outrun: beta's generation serves only once alpha's reload began.
+    beta_serves, alpha_fails = tmp_path / "beta-serves", tmp_path / "alpha-fails"
     new = programs(nginx, ports, "2")
-    new["alpha"]["proxy"]["reload_cmd"] = ["sh", "-c", "sleep 2; exit 1"]
-    new["beta"]["command"] = [*new["beta"]["command"], "--ready-delay", str(READY_DELAY + 0.5)]
+    new["alpha"]["proxy"]["reload_cmd"] = [
+        "sh",
+        "-c",
+        f'touch "{beta_serves}"; while [ ! -e "{alpha_fails}" ]; do sleep 0.05; done; exit 1',
+    ]
+    new["beta"] = gated(new["beta"], beta_serves)
     with Load(urls["alpha"], clients=2) as alpha_load:
         flipvisor.write_config({"programs": new})
-        results = _flip_both(flipvisor)
+        flips = _start_both(flipvisor)
+        try:
+            wait_until(
+                lambda: (
+                    flip_step(flipvisor, "alpha") == "reload"
+                    and generation_state(flipvisor, "beta", 2) in ("promoting", "serving")
+                ),
+                message="beta to promote while alpha reloads",
+            )
+        finally:
+            alpha_fails.touch()
+            results = _results(flips)
         alpha_version = version_or_error(urls["alpha"])
         outcome = alpha_load.stop()
     assert results["beta"][0] == 0, results["beta"][1]
@@ -190,25 +242,40 @@ def test_failed_flip_is_not_activated_by_another_programs_reload(
 
 
 def test_neighbours_unchecked_file_does_not_break_a_flip(
-    flipvisor: Flipvisor, nginx: Nginx
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
 ) -> None:
     ports, urls = _both_serving(flipvisor, nginx)
     # alpha deploys a broken file (nginx rejects its listen) and checks it slowly; beta checked
-    # its own file just before alpha's was written, and reloads nginx while alpha's is in place.
+    # its own file, and its reload holds until alpha wants to promote (it waits for the proxy
+    # lock beta holds; without the lock its broken file would be in place when beta reloads).
+    # Each step waits for the one before, not for a delay a loaded machine may outrun: alpha's
+    # generation serves only once beta's reload began.
+    alpha_serves, beta_reloads = tmp_path / "alpha-serves", tmp_path / "beta-reloads"
     new = programs(nginx, ports, "2")
-    new["alpha"]["command"] = [*new["alpha"]["command"], "--ready-delay", str(READY_DELAY + 0.5)]
+    new["alpha"] = gated(new["alpha"], alpha_serves)
     new["alpha"]["proxy"]["vars"] = {"listen": "127.0.0.1:notaport"}
     new["alpha"]["proxy"]["check_cmd"] = ["sh", "-c", 'sleep 2; exec "$0" "$@"', *nginx.check_cmd]
     new["beta"]["proxy"]["reload_cmd"] = [
         "sh",
         "-c",
-        'sleep 1.5; exec "$0" "$@"',
+        f'touch "{alpha_serves}"; while [ ! -e "{beta_reloads}" ]; do sleep 0.05; done; '
+        'exec "$0" "$@"',
         *nginx.reload_cmd,
     ]
-    new["beta"]["proxy"]["timeout"] = 4
     with Load(urls["alpha"], clients=2) as alpha_load, Load(urls["beta"], clients=2) as beta_load:
         flipvisor.write_config({"programs": new})
-        results = _flip_both(flipvisor)
+        flips = _start_both(flipvisor)
+        try:
+            wait_until(
+                lambda: (
+                    flip_step(flipvisor, "beta") == "reload"
+                    and generation_state(flipvisor, "alpha", 2) == "promoting"
+                ),
+                message="alpha to promote while beta reloads",
+            )
+        finally:
+            beta_reloads.touch()
+            results = _results(flips)
         versions = {name: version_or_error(url) for name, url in urls.items()}
         outcomes = {"alpha": alpha_load.stop(), "beta": beta_load.stop()}
     assert results["alpha"][0] == 1 and "notaport" in results["alpha"][1]

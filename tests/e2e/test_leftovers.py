@@ -31,10 +31,11 @@ from tests.e2e.load import Load
 from tests.e2e.test_etcd import keys, registry
 from tests.e2e.test_fixed_port import fixed_port_config
 from tests.e2e.test_flip import answers, program, proxied
-from tests.e2e.test_lifecycle import ONE_DRAIN, ONE_DRAIN_BOUND, gone, shutdown_seconds
+from tests.e2e.test_lifecycle import gone, shutdown_seconds
 from tests.e2e.test_operator import sample, scrape
+from tests.e2e.test_supervisor import markers_of
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.fixtures.flipvisor import Flipvisor, read_until, svc_command
 from tests.fixtures.nginx import Nginx, free_port, port_answers
 from tests.waiting import await_until, wait_until
 
@@ -309,7 +310,8 @@ def test_with_etcd_down_at_promotion_leftovers_are_drained_once_etcd_records_it(
         old_pids = kill_supervisor(flipvisor, "web", survivors)
         gated = program(nginx, "2", "--serve-after", str(gate), readiness={"timeout": 30})
         restart_supervisor(flipvisor, {"registry": etcd_registry, "programs": {"web": gated}})
-        assert "leftovers" in flipvisor.event_kinds()  # read from etcd before it went away
+        # Read from etcd before it goes away (the control socket answers before that).
+        wait_until(lambda: "leftovers" in flipvisor.event_kinds(), message="the leftovers found")
         etcd.stop()
         gate.touch()
         new = flipvisor.wait_serving("web", timeout=30)
@@ -351,6 +353,8 @@ def test_leftovers_held_for_an_unreachable_registry_are_drained_when_the_program
     old_pids = kill_supervisor(flipvisor, "web", survivors)
     gated = program(nginx, "2", "--serve-after", str(gate), readiness={"timeout": 30})
     restart_supervisor(flipvisor, {"registry": etcd_registry, "programs": {"web": gated}})
+    # Read from etcd before it goes away (the control socket answers before that).
+    wait_until(lambda: "leftovers" in flipvisor.event_kinds(), message="the leftovers found")
     etcd.stop()
     gate.touch()
     new = flipvisor.wait_serving("web", timeout=30)
@@ -470,14 +474,29 @@ def test_a_reload_while_the_start_up_reads_the_registry_starts_no_program_twice(
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
-        etcd = {"backend": "etcd", "endpoints": [endpoint], "timeout": 3}
+        # The start-up's read of the registry ends when the test closes `silent` (the connection
+        # waiting in its backlog is reset): long after both reloads were sent, however slow the
+        # machine, where a 3 s timeout could pass before the reload's client had started.
+        etcd = {"backend": "etcd", "endpoints": [endpoint], "timeout": 60}
         config = {"registry": etcd, "programs": {"web": {"command": svc_command()}}}
         flipvisor.start(config)
-        reloaded = flipvisor.cli("reload", "--json")
-        assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
-        assert json.loads(reloaded.stdout)["added"] == [], flipvisor.output()
-        assert "cannot read the registry to find workers" in flipvisor.output()
-        assert flipvisor.wait_serving("web")["generation"] == 1
+        assert flipvisor.process is not None
+        flipvisor.process.send_signal(signal.SIGHUP)  # a reload during the start-up, for sure
+        reload = flipvisor.cli_started("reload", "--json")  # one more, its outcome in JSON
+        try:
+            assert flipvisor.status()["starting"] is True, flipvisor.output()
+        finally:
+            silent.close()
+        out, err = reload.communicate(timeout=60)
+    assert reload.returncode == 0, out + err
+    assert json.loads(out)["added"] == [], flipvisor.output()
+    wait_until(
+        lambda: flipvisor.output().count("config reloaded: added none, removed none") == 2,
+        message="both reloads to have added nothing",
+    )
+    assert "cannot read the registry to find workers" in flipvisor.output()
+    assert flipvisor.wait_serving("web")["generation"] == 1
+    assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]
     assert flipvisor.stop() == 0, flipvisor.output()
 
 
@@ -493,9 +512,10 @@ def test_commands_sent_while_the_start_up_reads_the_registry_wait_for_the_progra
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
-        # The start-up waits this long for the registry: long enough for the two CLI commands
-        # below to start and ask on a loaded machine (4 s was not, once, at a load of 9).
-        etcd = {"backend": "etcd", "endpoints": [endpoint], "timeout": 8}
+        # The start-up's read of the registry ends when the test closes `silent` (the connection
+        # waiting in its backlog is reset): once the commands below are waiting, however slow
+        # the machine (an 8 s timeout was needed for them to start and ask at a load of 9).
+        etcd = {"backend": "etcd", "endpoints": [endpoint], "timeout": 60}
         web = {"command": svc_command(), "autostart": False}
         flipvisor.start({"registry": etcd, "programs": {"web": web}})
         early = flipvisor.status()
@@ -510,13 +530,23 @@ def test_commands_sent_while_the_start_up_reads_the_registry_wait_for_the_progra
                 timeout=1.5,
                 on_waiting=notices.append,
             )
-            shown = flipvisor.cli("status").stdout
-            assert "the supervisor is starting" in shown, shown
-            named = flipvisor.cli("status", "web")  # waits until web is added
-            assert named.returncode == 0, named.stderr + flipvisor.output()
-            assert "web" in named.stdout and "stopped" in named.stdout, named.stdout
+            named = flipvisor.cli_started("status", "web")  # waits until web is added
             notice = "flipvisor: the supervisor is still starting: web is not added yet; waiting"
-            assert named.stderr.splitlines() == [notice], named.stderr
+            try:
+                shown = flipvisor.cli("status").stdout
+                assert "the supervisor is starting" in shown, shown
+                said = read_until(named.stderr, notice, message="`status web` to wait")
+                # Longer than the impatient client's read timeout, twice over.
+                wait_until(
+                    lambda: len(notices) >= 2 and time.monotonic() - began > 2 * 1.5,
+                    message="the impatient client to hear twice that the supervisor starts",
+                )
+            finally:
+                silent.close()
+            out, err = named.communicate(timeout=60)
+            assert named.returncode == 0, said + err + flipvisor.output()
+            assert "web" in out and "stopped" in out, out
+            assert (said + err).splitlines() == [notice], said + err
             answer = impatient.result(timeout=30)
             waited = time.monotonic() - began
         assert answer["ok"], answer
@@ -651,27 +681,42 @@ def test_a_leftover_that_exits_by_itself_leaves_status_and_the_metric(
 
 
 def test_a_shutdown_while_the_leftovers_drain_drains_generation_1_alongside(
-    flipvisor: Flipvisor, survivors: list[psutil.Process]
+    flipvisor: Flipvisor, survivors: list[psutil.Process], tmp_path: Path
 ) -> None:
-    """SIGTERM while the leftovers drain after the first promotion: generation 1 drains at
-    once too, not after them, so `run` exits within one drain (it took two)."""
-    stubborn = {"command": svc_command("--ignore-term"), "drain": ONE_DRAIN}
-    flipvisor.start({"programs": {"stub": stubborn}})
+    """SIGTERM while the leftovers drain after the first promotion: generation 1 gets its drain
+    signal at once too, while they still drain, not after them, so `run` exits within one
+    drain (it took two)."""
+    # Each worker, once signalled, finishes its shutdown only when the test says so (svc
+    # --stop-after): the leftovers still drain when the shutdown comes and when generation 1
+    # is signalled, however slow the machine (a 3.5 s drain could be over before either).
+    markers, stopped = tmp_path / "markers", tmp_path / "stop"
+    held = {
+        "command": svc_command("--markers", str(markers), "--stop-after", str(stopped)),
+        "readiness": {"http": "/health", "timeout": 30},
+        "drain": {"delay": 0, "timeout": 60},
+    }
+    flipvisor.start({"programs": {"stub": held}})
     flipvisor.wait_serving("stub")
     old_pids = kill_supervisor(flipvisor, "stub", survivors)
-    restart_supervisor(flipvisor)
-    gen = flipvisor.wait_serving("stub", where=lambda g: g["pids"] != old_pids)
+    try:
+        restart_supervisor(flipvisor)
+        gen = flipvisor.wait_serving("stub", where=lambda g: g["pids"] != old_pids)
+        wait_until(
+            lambda: set(old_pids) <= markers_of(markers, "TERM"), message="the leftovers to drain"
+        )
+        assert flipvisor.process is not None
 
-    def leftovers_draining() -> bool:
-        events = map(json.loads, flipvisor.cli("events", "--json").stdout.splitlines())
-        return any(e["kind"] == "draining" and e["generation"] is None for e in events)
+        flipvisor.process.terminate()
 
-    wait_until(leftovers_draining, message="the leftovers to drain")
-    assert flipvisor.process is not None
-
-    took = shutdown_seconds(flipvisor.process, flipvisor)
-
-    assert took < ONE_DRAIN_BOUND, (took, flipvisor.output())
+        wait_until(
+            lambda: set(gen["pids"]) <= markers_of(markers, "TERM"),
+            message="generation 1's drain signal, while the leftovers still drain",
+        )
+        assert all(psutil.pid_exists(pid) for pid in old_pids), "their shutdown is held"
+        stopped.touch()
+        assert flipvisor.process.wait(timeout=30) == 0, flipvisor.output()
+    finally:
+        stopped.touch()
     wait_gone(old_pids + gen["pids"])
 
 
@@ -686,6 +731,8 @@ def test_a_shutdown_stops_a_removed_program_s_leftover_that_ignores_sigterm(
     flipvisor.start({"programs": {"kept": kept, "stubborn": stubborn}})
     flipvisor.wait_serving("kept")
     stubborn_pids = flipvisor.wait_serving("stubborn")["pids"]
+    for pid in stubborn_pids:  # it ignores SIGTERM from then on, and no longer writes
+        _wait_said_serving(flipvisor, "stubborn", pid)
     kill_supervisor(flipvisor, "kept", survivors)
     survivors.extend(psutil.Process(pid) for pid in stubborn_pids)
     restart_supervisor(flipvisor, {"programs": {"kept": kept}})

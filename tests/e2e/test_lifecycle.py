@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import psutil
 
 from tests.e2e.test_flip import program as proxied_program
+from tests.e2e.test_supervisor import markers_of
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import Nginx, free_port
 from tests.waiting import wait_until
@@ -26,10 +27,6 @@ T = TypeVar("T")
 
 # Longer than any deadline below: a stop that waited for the probe would fail the test.
 SLOW_PROBE = 120
-# One drain of a worker that ignores SIGTERM takes 3.5 s, two one after the other 7 s: a shutdown
-# that drains everything at once ends well within ONE_DRAIN_BOUND, one that drains in turn not.
-ONE_DRAIN = {"delay": 0.5, "timeout": 3}
-ONE_DRAIN_BOUND = 5.5
 
 
 def program(*flags: str, **overrides: Any) -> dict[str, Any]:
@@ -166,14 +163,18 @@ def test_sigquit_drains_and_exits_zero_and_a_sighup_meanwhile_is_only_noted(
 
 
 def test_start_while_a_stop_drains_is_refused_and_the_port_stays_usable(
-    flipvisor: Flipvisor,
+    flipvisor: Flipvisor, tmp_path: Path
 ) -> None:
+    # The worker finishes its shutdown only once the test says so (svc --stop-after): the stop
+    # still drains when `start` comes, however slow the machine (a 3 s drain.delay could be over
+    # by the time the status poll saw it and `start` had started).
+    stopped = tmp_path / "stop"
     port = free_port()
     fixed = {
-        "command": svc_command("--notify"),
+        "command": svc_command("--notify", "--stop-after", str(stopped)),
         "socket": {"port": port},
         "readiness": {"notify": True, "timeout": 20},
-        "drain": {"delay": 3, "timeout": 5},
+        "drain": {"delay": 0, "timeout": 60},
     }
     flipvisor.start({"programs": {"web": fixed}})
     flipvisor.wait_serving("web")
@@ -187,9 +188,11 @@ def test_start_while_a_stop_drains_is_refused_and_the_port_stays_usable(
         started = flipvisor.cli("start", "web", timeout=20)
         assert started.returncode == 1, started.stdout + started.stderr
         assert "stop of web is in progress" in started.stderr, started.stderr
+        stopped.touch()  # the drain ends; later generations stop at once
         out, _ = stop.communicate(timeout=20)
         assert stop.returncode == 0, out
     finally:
+        stopped.touch()
         stop.kill()
         stop.communicate()
     assert flipvisor.cli("start", "web", timeout=30).returncode == 0
@@ -271,7 +274,13 @@ def test_stop_during_the_proxy_reload_undoes_the_swap_and_the_file(
     """A stop after the registry swap, while nginx reloads: the flip is still undone (keys swapped
     back, the file put back, nginx reloaded back) before the program drains."""
     reloads = tmp_path / "reloads"
-    slow_reload = ["sh", "-c", f"echo >> {reloads}; sleep 2; exec {' '.join(nginx.reload_cmd)}"]
+    # The flip's reload (the second) hangs until the stop cuts it short, however long the stop
+    # takes to come (a 2 s sleep could be over first); the start's and the reload back do not.
+    hangs_the_second = (
+        f"echo >> {reloads}; if [ $(wc -l < {reloads}) -eq 2 ]; then exec sleep 60; fi; "
+        f"exec {' '.join(nginx.reload_cmd)}"
+    )
+    slow_reload = ["sh", "-c", hangs_the_second]
     config = proxied_program(nginx, "1", proxy={"reload_cmd": slow_reload})
     flipvisor.start({"programs": {"web": config}})
     first = flipvisor.wait_serving("web", timeout=30)
@@ -303,12 +312,21 @@ def test_stop_during_the_proxy_reload_undoes_the_swap_and_the_file(
 
 
 def test_shutdown_during_a_restart_s_drain_drains_the_new_generation_alongside(
-    flipvisor: Flipvisor,
+    flipvisor: Flipvisor, tmp_path: Path
 ) -> None:
-    """SIGTERM while a restart drains generation 1: generation 2 drains at once too, so `run`
-    exits within one drain, as the README's TimeoutStopSec advice counts (it took two)."""
-    stubborn = {"command": svc_command("--ignore-term"), "drain": ONE_DRAIN}
-    process = flipvisor.start({"programs": {"web": stubborn}})
+    """SIGTERM while a restart drains generation 1: generation 2 gets its drain signal at once
+    too, while generation 1 still drains, so `run` exits within one drain, as the README's
+    TimeoutStopSec advice counts (it took two: generation 2 waited for generation 1)."""
+    # Each worker, once signalled, finishes its shutdown only when the test says so (svc
+    # --stop-after): generation 1 still drains when the shutdown comes and when generation 2
+    # is signalled, however slow the machine (a 3.5 s drain could be over before either).
+    markers, stopped = tmp_path / "markers", tmp_path / "stop"
+    held = {
+        "command": svc_command("--markers", str(markers), "--stop-after", str(stopped)),
+        "readiness": {"http": "/health", "timeout": 30},
+        "drain": {"delay": 0, "timeout": 60},
+    }
+    process = flipvisor.start({"programs": {"web": held}})
     old = flipvisor.wait_serving("web")
     restart = flip_in_background(flipvisor, "web", "restart")
     try:
@@ -318,15 +336,23 @@ def test_shutdown_during_a_restart_s_drain_drains_the_new_generation_alongside(
             states = {g["generation"]: g["state"] for g in gens}
             return gens if states == {1: "draining", 2: "serving"} else None
 
-        gens = wait_until(old_draining, timeout=10, message="generation 1 draining")
+        gens = wait_until(old_draining, timeout=30, message="generation 1 draining")
+        new_pids = set(gens[1]["pids"])
 
-        took = shutdown_seconds(process, flipvisor)
+        process.terminate()
 
+        wait_until(
+            lambda: new_pids <= markers_of(markers, "TERM"),
+            message="generation 2's drain signal, while generation 1 still drains",
+        )
+        assert not gone(old["pids"]), "generation 1's shutdown is held: it still drains"
+        stopped.touch()
+        assert process.wait(timeout=30) == 0, flipvisor.output()
         out, _ = restart.communicate(timeout=10)
     finally:
+        stopped.touch()
         restart.kill()
         restart.communicate()
-    assert took < ONE_DRAIN_BOUND, (took, flipvisor.output())
     assert restart.returncode == 0, out  # promoted before the shutdown: it completed
     assert gone(old["pids"] + gens[1]["pids"])
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -417,7 +418,8 @@ def test_metrics_of_a_program_removed_by_a_reload_go_with_it(flipvisor: Flipviso
 def test_stop_shows_its_drain_while_it_waits(flipvisor: Flipvisor) -> None:
     """A long wait shows progress: `stop` prints the drain (what, for how long at most) when it
     begins, not only once it is over."""
-    slow = {**web(), "drain": {"delay": 3, "timeout": 5}}
+    # The drain lasts until the test ends it (it kills the worker), however slow the machine.
+    slow = {**web(), "drain": {"delay": 60, "timeout": 5}}
     flipvisor.start({"programs": {"web": slow}})
     pids = flipvisor.wait_serving("web")["pids"]
     stop = subprocess.Popen(
@@ -437,9 +439,12 @@ def test_stop_shows_its_drain_while_it_waits(flipvisor: Flipvisor) -> None:
             return b"drain" in shown
 
         wait_until(drain_shown, timeout=15, message="the drain step")
-        assert stop.poll() is None  # still draining (3 s delay)
-        assert f"generation 1 (pid {pids[0]})".encode() in shown and b"up to 8s" in shown
+        assert stop.poll() is None  # still draining (its delay)
+        assert f"generation 1 (pid {pids[0]})".encode() in shown and b"up to 65s" in shown
     finally:
+        for pid in pids:  # the drain's end: nothing of the generation runs any more
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
         stop.kill()
         stop.wait()
         stop.stdout.close()
@@ -458,12 +463,19 @@ def test_shutdown_shows_the_drains_and_returns_once_they_are_done(flipvisor: Fli
 
 
 def test_shutdown_no_wait_only_asks(flipvisor: Flipvisor) -> None:
-    flipvisor.start({"programs": {"web": {**web(), "drain": {"delay": 4, "timeout": 5}}}})
+    # The drain lasts until the test ends it (it kills the worker): a client that waited for the
+    # shutdown would outlive its own 30 s, however slow the machine.
+    flipvisor.start({"programs": {"web": {**web(), "drain": {"delay": 60, "timeout": 5}}}})
     pids = flipvisor.wait_serving("web")["pids"]
-    asked = flipvisor.cli("shutdown", "--no-wait", timeout=3)  # well inside the drain's delay
-    assert asked.returncode == 0, asked.stderr
-    assert asked.stdout == "flipvisor: shutdown: asked\n"
-    assert all(psutil.pid_exists(pid) for pid in pids)
+    try:
+        asked = flipvisor.cli("shutdown", "--no-wait", timeout=30)
+        assert asked.returncode == 0, asked.stderr
+        assert asked.stdout == "flipvisor: shutdown: asked\n"
+        assert all(psutil.pid_exists(pid) for pid in pids)
+    finally:
+        for pid in pids:  # the drain's end: nothing of the generation runs any more
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
     assert flipvisor.process is not None and flipvisor.process.wait(timeout=30) == 0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from tests.fixtures.flipvisor import HELD_ADD, Flipvisor, svc_command
+from tests.fixtures.flipvisor import HELD_ADD, Flipvisor, read_until, svc_command
 from tests.waiting import wait_until
 
 
@@ -219,19 +219,30 @@ def test_a_program_added_back_while_it_drains_starts_once_it_is_gone(
 ) -> None:
     """Two programs of one name would share its log, proxy file and fixed port: the reload that
     adds it back waits for the drain (and says so), then starts it afresh."""
-    stubborn = web("--ignore-term", drain={"delay": 0, "timeout": 3})
+    # b ignores SIGTERM and its drain would wait 60 s for it: the test ends it (SIGKILL) once
+    # the reload that adds it back says it waits, however slow the machine (a 3 s drain could
+    # be over before that reload came).
+    stubborn = web("--ignore-term", drain={"delay": 0, "timeout": 60})
     flipvisor.start({"programs": {"b": stubborn}})
     (old_pid,) = flipvisor.wait_serving("b")["pids"]
     flipvisor.write_config({"programs": {}})
     assert flipvisor.cli("reload").returncode == 0
     assert alive(old_pid)
-    flipvisor.write_config({"programs": {"b": stubborn}})
+    flipvisor.write_config({"programs": {"b": web()}})  # one that stops when asked
 
-    back = flipvisor.cli("reload", "--json", timeout=30)
+    back = flipvisor.cli_started("reload", "--json")
+    try:
+        waiting = "b is added back while its removal still drains it"
+        shown = read_until(back.stderr, waiting, message="the reload to wait for the drain")
+        assert alive(old_pid)
+        psutil.Process(old_pid).kill()  # the drain's end
+        out, err = back.communicate(timeout=30)
+    finally:
+        back.kill()
+        back.communicate()
 
-    assert back.returncode == 0, back.stdout + back.stderr
-    assert json.loads(back.stdout)["added"] == ["b"], back.stdout
-    assert "b is added back while its removal still drains it" in back.stderr, back.stderr
+    assert back.returncode == 0, out + shown + err
+    assert json.loads(out)["added"] == ["b"], out
     assert not alive(old_pid)
     gen = flipvisor.wait_serving("b")
     assert gen["generation"] == 1 and gen["pids"] != [old_pid], gen

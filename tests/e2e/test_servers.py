@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
+from flipvisor.output_pipe import OUTPUT_GRACE
 from tests.e2e.load import Load
 from tests.e2e.test_flip import program, proxied, start_serving
 from tests.fixtures.flipvisor import Flipvisor
@@ -223,7 +224,9 @@ def test_a_killed_gunicorn_master_is_replaced_at_once_and_its_orphaned_worker_dr
     (exited,) = [e for e in events if e["kind"] == "exited"]
     (spawned,) = [e for e in events if e["kind"] == "spawned" and e["fields"]["pid"] == replacement]
     assert exited["fields"]["pid"] == master_pid
-    assert spawned["time"] - killed_at < 0.5, "replaced as it was reaped"
+    # The wait for the end of its output took OUTPUT_GRACE more before: below that bound, a
+    # loaded machine's slower reaping and spawning are no failure, that wait is one.
+    assert spawned["time"] - killed_at < OUTPUT_GRACE, "replaced as it was reaped"
     assert flipvisor.process is not None
     assert orphan.ppid() == flipvisor.process.pid, "re-parented to the supervisor"
     assert flipvisor.cli("stop", "web").returncode == 0

@@ -268,17 +268,19 @@ def test_a_program_renamed_back_while_its_old_name_drains_takes_the_file_over_ag
 
 
 def test_a_kept_program_goes_once_its_successor_serves_after_a_flip_cut_short_by_timeout(
-    flipvisor: Flipvisor, nginx: Nginx
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
 ) -> None:
     """`flip site --timeout 4` answers once site is promoted, while nginx's old worker still
     holds a slow request to web (the kept program): web goes once site serves, after that
     worker is gone, not never (it was checked when the flip answered, before site served)."""
     # --timeout 4 leaves the promotion time on a loaded machine (2 s did not, once), and the
-    # request outlasts it; but it must end within the 10 s nginx gives its old workers
-    # (worker_shutdown_timeout, tests/fixtures/nginx.py) from the flip's reload on.
-    slow = program(nginx, "1", "--slow-ms", "9500", "--notify")
+    # request outlasts it, however slow the machine: web answers only once the test opens its
+    # gate (a 9.5 s --slow-ms could end first). The gate opens well within the 30 s nginx gives
+    # its old workers (worker_shutdown_timeout, tests/fixtures/nginx.py) from the flip's reload.
+    held = tmp_path / "answer"
+    slow = program(nginx, "1", "--answer-after", str(held), "--notify")
     slow["readiness"] = {"notify": True, "timeout": 10}
-    flipvisor.start({"programs": {"web": slow}})  # every answer takes 9.5 s: none awaited here
+    flipvisor.start({"programs": {"web": slow}})  # every answer is held: none awaited here
     gen = flipvisor.wait_serving("web")
     answered: list[str] = []
 
@@ -288,17 +290,20 @@ def test_a_kept_program_goes_once_its_successor_serves_after_a_flip_cut_short_by
 
     request = threading.Thread(target=slow_request, daemon=True)
     request.start()
-    wait_until(lambda: busy(gen["pids"][0]), message="a request in web")
-    broken = program(nginx, "2", "--health-fail", readiness={"timeout": 1})
-    flipvisor.write_config({"programs": {"site": broken}})
-    assert list(json.loads(flipvisor.cli("reload", "--json").stdout)["kept"]) == ["web"]
-    flipvisor.write_config({"programs": {"site": program(nginx, "3")}})
+    try:
+        wait_until(lambda: busy(gen["pids"][0]), message="a request in web")
+        broken = program(nginx, "2", "--health-fail", readiness={"timeout": 1})
+        flipvisor.write_config({"programs": {"site": broken}})
+        assert list(json.loads(flipvisor.cli("reload", "--json").stdout)["kept"]) == ["web"]
+        flipvisor.write_config({"programs": {"site": program(nginx, "3")}})
 
-    flipped = flipvisor.cli("flip", "site", "--timeout", "4", "--json")
+        flipped = flipvisor.cli("flip", "site", "--timeout", "4", "--json")
 
-    assert flipped.returncode == 0, flipped.stdout + flipped.stderr + flipvisor.output()
-    assert json.loads(flipped.stdout)["warning"], flipped.stdout  # answered before it served
-    assert flipvisor.serving("web") is not None  # kept until site serves
+        assert flipped.returncode == 0, flipped.stdout + flipped.stderr + flipvisor.output()
+        assert json.loads(flipped.stdout)["warning"], flipped.stdout  # answered before it served
+        assert flipvisor.serving("web") is not None  # kept until site serves
+    finally:
+        held.touch()  # the request ends, and nginx's old worker with it
     request.join(timeout=30)
     assert answered == ["1"]
     wait_gone(gen["pids"])

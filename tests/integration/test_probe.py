@@ -11,10 +11,13 @@ import socket
 import stat
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
+import httpx  # noqa: F401  the http probe imports it lazily: not within a test's short timeout
 import psutil
 import pytest
 
@@ -147,6 +150,18 @@ async def probe(
     )
 
 
+def answers(port: int) -> bool:
+    """Whether something answers HTTP on ``port`` (any status)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5):
+            return True
+    except urllib.error.HTTPError as status:
+        status.close()
+        return True
+    except OSError:
+        return False
+
+
 def tcp_connections_to(port: int) -> list[object]:
     return [c for c in psutil.Process().net_connections("tcp") if c.raddr and c.raddr[1] == port]
 
@@ -169,6 +184,11 @@ async def test_http_never_ready_fails_with_the_last_status(tmp_path: Path) -> No
         with listening() as sock:
             port = port_of(sock)
             async with running(reaper, HTTP_SERVER, "1000000", str(tmp_path / "s"), sock=sock):
+                # Answering before the probe starts: its 0.8 s are not spent on the server's
+                # start-up, which a loaded machine can make longer than that (no status then).
+                await await_until(
+                    lambda: anyio.to_thread.run_sync(answers, port), message="the server"
+                )
                 started = time.monotonic()
                 with pytest.raises(ProbeFailed) as failed:
                     await probe(readiness(http="/health", timeout=0.8), reaper, port)
@@ -266,10 +286,12 @@ async def test_exec_retried_until_it_passes(tmp_path: Path) -> None:
 
 
 async def test_exec_failing_reports_its_output() -> None:
-    script = "import sys; print('database not reachable'); sys.exit(3)"
+    # sh, not Python: its start-up fits in the 0.5 s on a loaded machine too (else the probe
+    # times out before the command ever answered).
+    script = "echo 'database not reachable'; exit 3"
     async with running_reaper() as reaper:
         with pytest.raises(ProbeFailed) as failed:
-            await probe(readiness(exec=[sys.executable, "-c", script], timeout=0.5), reaper, 1234)
+            await probe(readiness(exec=["sh", "-c", script], timeout=0.5), reaper, 1234)
     assert "exited with status 3: database not reachable" in str(failed.value)
 
 
@@ -373,13 +395,15 @@ async def test_notify_times_out_with_the_workers_status(
     tmp_path: Path, notify: NotifySocket
 ) -> None:
     env = notify_env(notify)
-    sent = tmp_path / "sent"
+    ready, sent = tmp_path / "ready", tmp_path / "sent"
     async with (
         running_reaper() as reaper,
-        running(reaper, NOTIFY_WORKER, "ready", env=env) as first,
+        running(reaper, NOTIFY_WORKER, "ready", str(ready), env=env) as first,
         running(reaper, NOTIFY_WORKER, "status", str(sent), env=env) as second,
     ):
-        await await_until(_async(sent.exists))
+        # Both messages queued before the probe starts: its 0.5 s are not spent on the workers'
+        # start-up, which a loaded machine can make longer than that.
+        await await_until(_async(lambda: ready.exists() and sent.exists()))
         config = readiness(notify=True, timeout=0.5)
         with pytest.raises(ProbeFailed) as failed:
             await probe(config, reaper, 1, notify=notify, pids={first.pid, second.pid}, numprocs=2)

@@ -85,7 +85,9 @@ async def upstream(reaper: Reaper, body: str) -> AsyncIterator[Upstream]:
 
 async def get(url: str) -> str:
     # A fresh client (and connection) per request: a pooled connection would pin an old worker.
-    async with httpx.AsyncClient(timeout=5.0) as client:
+    # Plain http: verify=False spares each client loading the CA bundle (17 ms of CPU, much more
+    # on a loaded machine), which would leave fewer requests to run while nginx reloads.
+    async with httpx.AsyncClient(timeout=5.0, verify=False, trust_env=False) as client:
         response = await client.get(url)
         response.raise_for_status()
         return response.text
