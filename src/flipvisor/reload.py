@@ -300,8 +300,12 @@ class Reloads:
 
     async def _start_added(self, name: str, section: ProgramConfig) -> None:
         """Add a program the config gained, and start it (with ``autostart``), unless the
-        shutdown began meanwhile and stopped it already."""
-        program = await self.supervisor._add_program(name, section)
+        shutdown began meanwhile."""
+        try:
+            program = await self.supervisor._add_program(name, section)
+        except UsageError as exc:  # the shutdown began: nothing more is added
+            log.info("%s", exc)
+            return
         if section.autostart:
             try:
                 program.start_flip(kind="start")
@@ -321,9 +325,6 @@ class Reloads:
             if send is not None:
                 await send({"type": "waiting", "message": why})
             await gone.wait()
-        if self.supervisor._shutdown.is_set():
-            log.info("%s is not added back: the supervisor is shutting down", name)
-            return
         await self._start_added(name, section)
 
 

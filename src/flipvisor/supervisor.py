@@ -21,7 +21,7 @@ from . import signals
 from .commands import Commands
 from .config import Config, DrainConfig, same_deploy
 from .control import AlreadyRunning, ControlServer
-from .errors import EXIT_USAGE, ConfigError, FlipvisorError
+from .errors import EXIT_USAGE, ConfigError, FlipvisorError, UsageError
 from .events import EventLog
 from .kept_outputs import KeptOutput, OutputKeeper, take_over_outputs
 from .leftovers import Leftovers, find_leftovers, processes_of
@@ -211,6 +211,8 @@ class Supervisor:
         start those with ``autostart``."""
         leftovers = await self._find_leftovers(unclean=unclean, tg=tg)
         for name, program_config in self.config.programs.items():
+            if self._shutdown.is_set():
+                return  # SIGTERM during the start-up: what was added is stopped, nothing more
             program = await self._add_program(name, program_config)
             deployed = program.history.current
             if (
@@ -346,14 +348,11 @@ class Supervisor:
                     self._shutdown.set()
 
     async def _stop_every_program(self) -> None:
-        """Stop every program at once; then those a reload under way added meanwhile (it
-        checks for the shutdown, but may be past that check), until none is left."""
-        stopping: list[Program] = []
-        while new := [program for program in self._listed() if program not in stopping]:
-            stopping.extend(new)
-            async with anyio.create_task_group() as stops:
-                for program in new:
-                    stops.start_soon(partial(program.stop, final=True))
+        """Stop every program at once. A reload under way adds none meanwhile: ``_add_program``
+        refuses once the shutdown has begun."""
+        async with anyio.create_task_group() as stops:
+            for program in self._listed():
+                stops.start_soon(partial(program.stop, final=True))
 
     def _listed(self) -> list[Program]:
         """The configured programs, then those a reload removed that still drain: what
@@ -385,7 +384,16 @@ class Supervisor:
         log.info("forwarded %s to %d worker(s)", sig.name, len(workers) + len(left))
 
     async def _add_program(self, name: str, program_config: Any) -> Program:
+        """Add ``name`` and start its owner task.
+
+        Raises:
+            UsageError: the shutdown has begun. Checked here, with no await before the program
+                is listed: a program is either listed before the shutdown lists the programs to
+                stop, or never added (a reload under way adds nothing more).
+        """
         assert self._tg is not None
+        if self._shutdown.is_set():
+            raise UsageError(f"the supervisor is shutting down: {name} is not added")
         program = Program(name, program_config, self.runtime)
         scope = anyio.CancelScope()
         self.programs[name] = program
