@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# How often a reload waiting for its turn says so to its client (``Reloads._take_turn``).
+WAIT_HEARTBEAT = 1.0
+
 # Top-level settings read once, at start: the control socket, registry connection, metrics
 # listener, log settings and watches are built from them. A reload reports a change to them.
 RESTART_ONLY = ("state_dir", "registry", "metrics", "logs", "watch")
@@ -215,8 +218,27 @@ class Reloads:
             ConfigError: the file is invalid; nothing changed.
             UsageError: the supervisor is shutting down.
         """
-        async with self.lock:
+        await self._take_turn(send)
+        try:
             return await self._reload(send)
+        finally:
+            self.lock.release()
+
+    async def _take_turn(self, send: Send | None) -> None:
+        """Acquire ``lock``; while another reload holds it, say so at once and then every
+        ``WAIT_HEARTBEAT`` (the client's read timeout measures silence, and that reload may wait
+        long: for a drain, or for a program's start)."""
+        while True:
+            if self.lock.locked() and send is not None:
+                await send(
+                    {
+                        "type": "waiting",
+                        "message": "another reload is under way: this one begins once it is over",
+                    }
+                )
+            with anyio.move_on_after(WAIT_HEARTBEAT):
+                await self.lock.acquire()
+                return
 
     async def _reload(self, send: Send | None) -> dict[str, Any]:
         supervisor = self.supervisor

@@ -37,26 +37,34 @@ def running_with(marker: str) -> list[psutil.Process]:
     return found
 
 
-def test_overlapping_reloads_start_an_added_program_once(flipvisor: Flipvisor) -> None:
-    # Removing "slow" drains for seconds: a second reload arrives meanwhile.
-    slow = web("--ignore-term", drain={"delay": 0, "timeout": 3})
-    flipvisor.start({"programs": {"slow": slow}})
+def test_overlapping_reloads_start_an_added_program_once(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """A second reload that comes while the first one is adding a program waits for its turn,
+    says so, and then finds the program added: one process, not two."""
+    gate, held = tmp_path / "gate", tmp_path / "held"
+    process = flipvisor.start(
+        {"programs": {"slow": web()}},
+        launcher=(sys.executable, str(HELD_ADD), "added", str(gate), str(held)),
+    )
     flipvisor.wait_serving("slow")
     marker = f"added-{uuid.uuid4().hex}"
     flipvisor.write_config({"programs": {"added": web("--version", marker)}})
-    assert flipvisor.process is not None
-
-    flipvisor.process.send_signal(signal.SIGHUP)
-    second = flipvisor.cli("reload", "--json", timeout=30)
-
-    assert second.returncode == 0, second.stdout + second.stderr
-    wait_until(
-        lambda: flipvisor.output().count("config reloaded:") == 2,
-        timeout=20,
-        message="both reloads to finish",
-    )
+    process.send_signal(signal.SIGHUP)
+    wait_until(held.exists, timeout=20, message="the first reload to reach added's addition")
+    second = flipvisor.cli_started("reload", "--json")
+    try:
+        read_until(
+            second.stderr,
+            "another reload is under way: this one begins once it is over",
+            message="the second reload to wait for the first",
+        )
+    finally:
+        gate.touch()
+        out, err = second.communicate(timeout=60)
+    assert second.returncode == 0, out + err
+    assert json.loads(out)["added"] == [], out  # the first reload added it
     flipvisor.wait_serving("added")
-    # "slow" is listed until its drain is over (a reload no longer waits for it).
     wait_until(
         lambda: [p["name"] for p in flipvisor.status()["programs"]] == ["added"],
         timeout=20,
