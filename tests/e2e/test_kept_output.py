@@ -46,11 +46,13 @@ def say_and_wait(flipvisor: Flipvisor, say: Path, pid: int, count: int) -> None:
     """Have the worker write a line, and wait until the log holds ``count`` of its lines."""
     log = flipvisor.state_dir / "logs" / "say.log"
     say.touch()
-    wait_until(
-        lambda: log.read_text().count(f"| said {pid}\n") == count,
-        timeout=15,
-        message=f"line {count} of worker {pid} in the log:\n{log.read_text()}",
-    )
+    try:
+        wait_until(lambda: log.read_text().count(f"| said {pid}\n") == count, timeout=15)
+    except AssertionError:
+        # The log as it is now, not as it was when the wait began.
+        raise AssertionError(
+            f"no line {count} of worker {pid} in the log:\n{log.read_text()}"
+        ) from None
     assert psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
 
 
@@ -73,8 +75,10 @@ def test_a_killed_supervisor_s_worker_writes_on_and_the_next_run_reads_it(
     assert "output keeper" in log.read_text()
 
     # The next run's generation is ready only once `promote` exists: until then the worker is
-    # a leftover still serving, and its output is the new supervisor's to read.
-    gated = sayer(say, readiness={"exec": ["test", "-e", str(promote)], "timeout": 60})
+    # a leftover still serving, and its output is the new supervisor's to read. Its own worker
+    # watches another file: one file for both, and either could say the line.
+    ready_once_promoted = {"exec": ["test", "-e", str(promote)], "timeout": 60}
+    gated = sayer(tmp_path / "say-new", readiness=ready_once_promoted)
     restart_supervisor(flipvisor, {"programs": {"say": gated}})
     wait_until(lambda: not first_keeper.is_running(), message="the old keeper to hand over")
     say_and_wait(flipvisor, say, pid, 2)  # read by the new supervisor: its keeper only holds
