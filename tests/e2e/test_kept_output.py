@@ -4,7 +4,9 @@ write, and the next ``flipvisor run`` takes the pipes over. The worker here is a
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import psutil
 
 from tests.e2e.test_leftovers import restart_supervisor, survivors, wait_gone
 from tests.fixtures.flipvisor import Flipvisor
+from tests.integration.test_output_keeper import pipes_held_by
 from tests.waiting import wait_until
 
 __all__ = ["survivors"]  # the fixture, used by name
@@ -42,6 +45,19 @@ def keepers(state_dir: Path) -> list[psutil.Process]:
     return found
 
 
+def stdout_pipe(pid: int) -> int:
+    """The inode of the pipe process ``pid`` writes its stdout into."""
+    target = os.readlink(f"/proc/{pid}/fd/1")
+    assert target.startswith("pipe:["), target
+    return int(target[len("pipe:[") : -1])
+
+
+def kill_run(flipvisor: Flipvisor) -> None:
+    assert flipvisor.process is not None
+    flipvisor.process.send_signal(signal.SIGKILL)
+    flipvisor.process.wait(timeout=10)
+
+
 def say_and_wait(flipvisor: Flipvisor, say: Path, pid: int, count: int) -> None:
     """Have the worker write a line, and wait until the log holds ``count`` of its lines."""
     log = flipvisor.state_dir / "logs" / "say.log"
@@ -67,8 +83,7 @@ def test_a_killed_supervisor_s_worker_writes_on_and_the_next_run_reads_it(
     survivors.append(psutil.Process(pid))
     [first_keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
     assert first_keeper.ppid() == flipvisor.process.pid  # type: ignore[union-attr]
-    flipvisor.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
-    flipvisor.process.wait(timeout=10)  # type: ignore[union-attr]
+    kill_run(flipvisor)
 
     # Without a keeper this write would kill the worker (SIGPIPE), and nothing would log it.
     say_and_wait(flipvisor, say, pid, 1)
@@ -99,8 +114,7 @@ def test_a_keeper_killed_with_its_supervisor_leaves_a_socket_the_next_run_replac
     pid = flipvisor.wait_serving("say")["pids"][0]
     survivors.append(psutil.Process(pid))
     [keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
-    flipvisor.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
-    flipvisor.process.wait(timeout=10)  # type: ignore[union-attr]
+    kill_run(flipvisor)
     keeper.kill()
     keeper.wait(timeout=10)
     assert (flipvisor.state_dir / "keeper.sock").exists()
@@ -122,12 +136,55 @@ def test_the_kept_output_of_a_program_no_longer_in_the_config_is_logged_until_it
     log = flipvisor.state_dir / "logs" / "say.log"
     wait_until(lambda: log.exists() and f"ready {pid}" in log.read_text())
     survivors.append(psutil.Process(pid))
-    flipvisor.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
-    flipvisor.process.wait(timeout=10)  # type: ignore[union-attr]
+    kill_run(flipvisor)
     restart_supervisor(flipvisor, {"programs": {"other": sayer(tmp_path / "other")}})
     wait_gone([pid])
     wait_until(
         lambda: f"| stopping {pid}\n" in log.read_text(),
         message=f"the stopped worker's last line in say.log:\n{log.read_text()}",
     )
+    assert flipvisor.stop() == 0, flipvisor.output()
+
+
+def test_the_pipes_taken_over_are_read_and_held_while_the_next_run_starts(
+    flipvisor: Flipvisor, survivors: list[psutil.Process], tmp_path: Path
+) -> None:
+    """The next run takes the pipes over first thing, but adds its programs only once it has
+    read the registry for leftovers: up to its request timeout when etcd does not answer. Until
+    then too, what the worker writes is logged (a chatty one would block on its full pipe), and
+    the new run's keeper holds the pipes: a run killed meanwhile (OOM-killed again) leaves them
+    to its keeper, and the worker writes on."""
+    say = tmp_path / "say"
+    flipvisor.start({"programs": {"say": sayer(say)}})
+    pid = flipvisor.wait_serving("say")["pids"][0]
+    log = flipvisor.state_dir / "logs" / "say.log"
+    wait_until(lambda: log.exists() and f"ready {pid}" in log.read_text())
+    survivors.append(psutil.Process(pid))
+    [first_keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
+    kill_run(flipvisor)
+
+    new = sayer(tmp_path / "say-new")
+    with socket.socket() as silent:  # an etcd that accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        etcd = {"backend": "etcd", "endpoints": [f"127.0.0.1:{silent.getsockname()[1]}"]}
+        restart_supervisor(
+            flipvisor, {"registry": etcd | {"timeout": 60}, "programs": {"say": new}}
+        )
+        wait_until(lambda: not first_keeper.is_running(), message="the old keeper to hand over")
+        say_and_wait(flipvisor, say, pid, 1)
+        assert flipvisor.status()["starting"], "the start-up ended too soon to matter"
+        [second_keeper] = keepers(flipvisor.state_dir)
+        wait_until(
+            lambda: stdout_pipe(pid) in pipes_held_by(second_keeper.pid),
+            message="the new run's keeper to hold the pipe it took over",
+        )
+        kill_run(flipvisor)
+
+    say_and_wait(flipvisor, say, pid, 2)  # logged by the second keeper: the worker lives
+    restart_supervisor(flipvisor, {"programs": {"say": new}})
+    wait_until(lambda: not second_keeper.is_running(), message="the second keeper to hand over")
+    flipvisor.wait_serving("say", where=lambda gen: gen["pids"] != [pid])
+    wait_gone([pid])
+    assert f"| stopping {pid}\n" in log.read_text()
     assert flipvisor.stop() == 0, flipvisor.output()
