@@ -188,3 +188,69 @@ def test_the_pipes_taken_over_are_read_and_held_while_the_next_run_starts(
     wait_gone([pid])
     assert f"| stopping {pid}\n" in log.read_text()
     assert flipvisor.stop() == 0, flipvisor.output()
+
+
+# Says "ready" once, then "said <pid>" at each SIGUSR1, "stopping <pid>" at SIGTERM; idle
+# meanwhile (no polling loop: there are many of it), in a sleep it ends before the next.
+SIGNALLED_SAYER = (
+    "trap 'echo \"said $$\"' USR1; trap 'echo \"stopping $$\"; kill $p; exit 0' TERM; "
+    'echo "ready $$"; while :; do sleep 1000 & p=$!; wait $p; kill $p 2>/dev/null; done'
+)
+MANY = 100
+
+
+def say_all(pids: list[int], log: Path, count: int) -> None:
+    """SIGUSR1 each worker, and wait until the log holds ``count`` lines of each."""
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR1)
+
+    def missing() -> list[int]:
+        text = log.read_text()
+        return [pid for pid in pids if text.count(f"| said {pid}\n") < count]
+
+    wait_until(lambda: not missing(), timeout=20, message="every worker's line")
+    assert all(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+
+
+def test_the_pipes_of_many_workers_are_all_held_restarted_kept_and_handed_over(
+    flipvisor: Flipvisor, survivors: list[psutil.Process], tmp_path: Path
+) -> None:
+    """Every one of many workers' pipes: held by the keeper, told again to a keeper started
+    after the first one died, read by it once the supervisor is killed, and all handed over."""
+    many = {"command": ["/bin/sh", "-c", SIGNALLED_SAYER], "numprocs": MANY}
+    config = {"programs": {"many": many}}
+    flipvisor.start(config)
+    pids: list[int] = flipvisor.wait_serving("many", timeout=60)["pids"]
+    assert len(pids) == MANY
+    survivors.extend(psutil.Process(pid) for pid in pids)
+    log = flipvisor.state_dir / "logs" / "many.log"
+    wait_until(lambda: log.read_text().count("| ready ") == MANY, message="every worker ready")
+    pipes = {stdout_pipe(pid) for pid in pids}
+    assert len(pipes) == MANY
+
+    def keeper_holding_all(not_pid: int | None = None) -> psutil.Process | None:
+        for keeper in keepers(flipvisor.state_dir):
+            if keeper.pid != not_pid and pipes <= pipes_held_by(keeper.pid):
+                return keeper
+        return None
+
+    first = wait_until(keeper_holding_all, message="the keeper to hold every pipe")
+    first.kill()
+    second = wait_until(
+        lambda: keeper_holding_all(not_pid=first.pid),
+        timeout=15,
+        message="a second keeper, told every pipe",
+    )
+    kill_run(flipvisor)
+    say_all(pids, log, 1)  # read by the orphaned keeper
+
+    # Its generation is ready only once `promote` exists: until then, the leftovers serve on.
+    promote = tmp_path / "promote"
+    gated = many | {"readiness": {"exec": ["test", "-e", str(promote)], "timeout": 60}}
+    restart_supervisor(flipvisor, {"programs": {"many": gated}})
+    wait_until(lambda: not second.is_running(), message="the keeper to hand every pipe over")
+    say_all(pids, log, 2)  # read by the new supervisor
+    promote.touch()
+    flipvisor.wait_serving("many", timeout=60, where=lambda gen: not set(gen["pids"]) & set(pids))
+    wait_gone(pids)
+    assert flipvisor.stop() == 0, flipvisor.output()
