@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -20,9 +21,9 @@ from flipvisor.config import LogsConfig
 from flipvisor.kept_outputs import OutputKeeper, take_over_outputs
 from flipvisor.logs import ProgramLog
 from flipvisor.output_keeper import HANDOVER_SOCKET, send_with_fd
-from flipvisor.output_pipe import open_output_pipe
+from flipvisor.output_pipe import open_output_pipe, read_available
 from flipvisor.reaper import Reaper
-from flipvisor.spawn import spawn_process
+from flipvisor.spawn import Child, spawn_process
 from tests.waiting import await_until, holds
 
 DEADLINE = 15.0
@@ -272,3 +273,143 @@ async def test_a_stale_handover_socket_is_removed_and_gives_nothing(tmp_path: Pa
 
 async def test_no_handover_socket_gives_nothing(tmp_path: Path) -> None:
     assert await take_over_outputs(tmp_path) == []
+
+
+# Writes the lines ``line(i)`` for i below argv[1]: up to the middle of one of them (byte
+# argv[2]), then, at SIGUSR1, the rest.
+CHATTY = """
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+count, cut = int(sys.argv[1]), int(sys.argv[2])
+data = b"".join(b"line %06d " % i + b"x" * (i % 300) + b"\\n" for i in range(count))
+def write(view):
+    while view:
+        view = view[os.write(1, view[:997]):]
+write(memoryview(data)[:cut])
+signal.sigwait({signal.SIGUSR1})
+write(memoryview(data)[cut:])
+"""
+CHATTY_LINES = 40_000  # about 6.4 MiB
+
+
+def chatty_line(i: int) -> bytes:
+    return b"line %06d " % i + b"x" * (i % 300)
+
+
+def logged_payloads(log_file: Path, prefix: str) -> list[bytes]:
+    """The lines logged as ``prefix`` in ``log_file`` and its rotated files, oldest first."""
+    files = sorted(log_file.parent.glob(log_file.name + ".*"), key=lambda p: -int(p.suffix[1:]))
+    record = re.compile(rb"^\S+ " + re.escape(prefix.encode()) + rb" \| (.*)$")
+    payloads = []
+    for path in [*files, log_file]:
+        for line in path.read_bytes().split(b"\n")[:-1]:
+            if match := record.match(line):
+                payloads.append(match.group(1))
+    return payloads
+
+
+def unix_connections_to(path: Path) -> int:
+    """The sockets ``/proc/net/unix`` shows bound to ``path``: a listener, and one more for each
+    connection it has not accepted yet."""
+    with open("/proc/net/unix") as table:
+        return sum(1 for row in table if row.rstrip("\n").endswith(" " + str(path)))
+
+
+async def test_a_chatty_writer_loses_no_line_across_rotation_and_the_handover(
+    tmp_path: Path,
+) -> None:
+    """Megabytes written while the supervisor is gone: the keeper logs them with rotation; at the
+    handover it logs the start of the line it is in the middle of, and the next run reads the
+    rest of it and all that follows. Each line is logged once and in order, the one cut at the
+    handover in two pieces."""
+    reaper = Reaper(reap_orphans=False)
+    read_fd, write_fd = open_output_pipe()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    log_file = tmp_path / "logs" / "web.log"
+    max_bytes = 512 * 1024
+    prefix = "g3 w0 pid=777"
+    tag: dict[str, object] = {"program": "web", "log": str(log_file), "prefix": prefix}
+    tag |= {"max_bytes": max_bytes, "backups": 100}
+    data = b"".join(chatty_line(i) + b"\n" for i in range(CHATTY_LINES))
+    cut = data.index(b"\n", len(data) // 2) + 1 + 5  # five bytes into a line
+    last_before_cut = chatty_line(data[:cut].count(b"\n") - 1)
+    children: list[Child] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(reaper.run)
+        try:
+            writer = spawn_process(
+                [sys.executable, "-c", CHATTY, str(CHATTY_LINES), str(cut)],
+                reaper=reaper,
+                env=dict(os.environ),
+                output_fd=write_fd,
+            )
+            children.append(writer)
+            os.close(write_fd)
+            keeper = spawn_process(
+                [sys.executable, "-S", "-m", "flipvisor.output_keeper", str(tmp_path), "12345"],
+                reaper=reaper,
+                env={**os.environ, "PYTHONPATH": SRC},
+                listen_fd=theirs.fileno(),
+            )
+            children.append(keeper)
+            theirs.close()
+            send_with_fd(ours, json.dumps({"op": "hold", "key": 1, "tag": tag}).encode(), read_fd)
+            os.close(read_fd)
+            await await_until(lambda: holds((tmp_path / HANDOVER_SOCKET).exists()))
+            ours.close()  # the supervisor is gone
+            await await_until(
+                lambda: holds(
+                    log_file.exists() and last_before_cut in logged_payloads(log_file, prefix)
+                ),
+                timeout=DEADLINE,
+                message="the keeper to log the first half",
+            )
+            # Stopped, so that the rest waits in the pipe while the next run connects: it is the
+            # next run's to read, and the start of the cut line the keeper's to log.
+            assert keeper.send_signal(signal.SIGSTOP)
+            await await_until(  # asleep in its poll, not on its way back from it
+                lambda: holds(psutil.Process(keeper.pid).status() == psutil.STATUS_STOPPED)
+            )
+            assert writer.send_signal(signal.SIGUSR1)
+            handover = tmp_path / HANDOVER_SOCKET
+            taken: list[int] = []
+
+            async def take_over() -> None:
+                taken.extend(kept.fd for kept in await take_over_outputs(tmp_path))
+
+            async with anyio.create_task_group() as taking:
+                taking.start_soon(take_over)
+                await await_until(lambda: holds(unix_connections_to(handover) >= 2))
+                assert keeper.send_signal(signal.SIGCONT)
+            [kept_fd] = taken
+            with anyio.fail_after(DEADLINE):
+                assert await keeper.wait() == 0
+            rest = bytearray()
+            with anyio.fail_after(DEADLINE):
+                while chunk := await read_available(kept_fd, 1 << 20):
+                    rest += chunk
+            os.close(kept_fd)
+            with anyio.fail_after(DEADLINE):
+                assert await writer.wait() == 0
+        finally:
+            for process in children:
+                if not process.exit.reaped:
+                    process.send_signal(signal.SIGKILL)
+                    with anyio.fail_after(DEADLINE):
+                        await process.wait()
+                process.close()
+        tg.cancel_scope.cancel()
+
+    logged = logged_payloads(log_file, prefix)
+    assert rest.endswith(b"\n")
+    read_on = bytes(rest).split(b"\n")[:-1]
+    expected = [chatty_line(i) for i in range(CHATTY_LINES)]
+    split = len(logged) - 1  # the cut line: its start logged by the keeper, the rest read on
+    assert logged[split] + read_on[0] == expected[split]
+    assert [*logged[:split], expected[split], *read_on[1:]] == expected
+    assert logged[split] == expected[split][:5]  # nothing was read past the cut before
+    rotated = sorted(log_file.parent.glob("web.log.*"))
+    assert len(rotated) >= 5
+    assert all(path.stat().st_size <= max_bytes for path in [*rotated, log_file])
+    first = log_file.with_name(f"web.log.{len(rotated)}").read_text()
+    assert "the supervisor (pid 12345) is gone" in first
