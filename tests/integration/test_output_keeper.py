@@ -4,6 +4,7 @@ process, real pipes, what it holds read from ``/proc``; its handover to the next
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import re
@@ -413,3 +414,81 @@ async def test_a_chatty_writer_loses_no_line_across_rotation_and_the_handover(
     assert all(path.stat().st_size <= max_bytes for path in [*rotated, log_file])
     first = log_file.with_name(f"web.log.{len(rotated)}").read_text()
     assert "the supervisor (pid 12345) is gone" in first
+
+
+async def test_a_stranger_connecting_while_the_supervisor_runs_gets_nothing(
+    tmp_path: Path,
+) -> None:
+    """The handover is for the next run, once the supervisor is gone: while it runs, a
+    connection to keeper.sock (a second run by mistake, anyone of the same user) gets no pipe,
+    and the keeper holds on, listening."""
+    log = program_log(tmp_path)
+    read_fd, write_fd = open_output_pipe()
+    try:
+        async with running_keeper(tmp_path) as keeper:
+            pid = keeper.pid
+            assert pid is not None
+            keeper.hold(read_fd, log, "g1 w0 pid=1")
+            await await_until(lambda: holds(inode(read_fd) in pipes_held_by(pid)))
+            assert await take_over_outputs(tmp_path) == []
+            assert await take_over_outputs(tmp_path) == []  # still listening
+            assert keeper.pid == pid and inode(read_fd) in pipes_held_by(pid)
+            assert (tmp_path / HANDOVER_SOCKET).exists()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+async def test_control_messages_the_keeper_does_not_expect_change_nothing_and_leak_no_fd(
+    tmp_path: Path,
+) -> None:
+    """A hold with two descriptors (the second closed at once), a hold without one, a release of
+    a key never held, an unknown op (its descriptor closed): what the keeper holds is what it was
+    told to hold, nothing else, and it runs on."""
+    reaper = Reaper(reap_orphans=False)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    held, held_w = open_output_pipe()
+    extra, extra_w = open_output_pipe()
+    stray, stray_w = open_output_pipe()
+    last, last_w = open_output_pipe()
+    tag = {"program": "web", "log": str(tmp_path / "web.log"), "prefix": "p"}
+    tag |= {"max_bytes": 1 << 20, "backups": 1}
+    async with anyio.create_task_group() as tg:
+        await tg.start(reaper.run)
+        keeper = spawn_process(
+            [sys.executable, "-S", "-m", "flipvisor.output_keeper", str(tmp_path), "12345"],
+            reaper=reaper,
+            env={**os.environ, "PYTHONPATH": SRC},
+            listen_fd=theirs.fileno(),
+        )
+        theirs.close()
+        try:
+            hold = json.dumps({"op": "hold", "key": 1, "tag": tag}).encode()
+            ours.sendmsg(
+                [hold],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [held, extra]))],
+            )
+            send_with_fd(ours, json.dumps({"op": "hold", "key": 2, "tag": tag}).encode(), None)
+            send_with_fd(ours, json.dumps({"op": "release", "key": 99}).encode(), None)
+            send_with_fd(ours, json.dumps({"op": "frobnicate", "key": 1}).encode(), stray)
+            send_with_fd(ours, json.dumps({"op": "release", "key": 1}).encode(), None)
+            send_with_fd(ours, json.dumps({"op": "hold", "key": 3, "tag": tag}).encode(), last)
+            await await_until(
+                lambda: holds(inode(last) in pipes_held_by(keeper.pid)),
+                message="the last hold",
+            )
+            # Messages are handled in order: by the last hold, every other one was.
+            assert pipes_held_by(keeper.pid) == {inode(last)}
+            assert keeper.exit.returncode is None
+            send_with_fd(ours, json.dumps({"op": "exit"}).encode(), None)
+            with anyio.fail_after(DEADLINE):
+                assert await keeper.wait() == 0
+        finally:
+            if not keeper.exit.reaped:
+                keeper.send_signal(signal.SIGKILL)
+                await keeper.wait()
+            keeper.close()
+            ours.close()
+            for fd in (held, held_w, extra, extra_w, stray, stray_w, last, last_w):
+                os.close(fd)
+        tg.cancel_scope.cancel()
