@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anyio
 import psutil
+import pytest
 
 from flipvisor.config import LogsConfig
 from flipvisor.kept_outputs import OutputKeeper, take_over_outputs
@@ -492,3 +493,70 @@ async def test_control_messages_the_keeper_does_not_expect_change_nothing_and_le
             for fd in (held, held_w, extra, extra_w, stray, stray_w, last, last_w):
                 os.close(fd)
         tg.cancel_scope.cancel()
+
+
+async def test_a_keeper_that_cannot_run_is_started_again_after_growing_delays(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A keeper that exits at once (here: its handover socket's path is too long to bind) is
+    started again after 0.5 s, then 1 s, then 2 s..., each time with a warning: no busy loop,
+    and holding and releasing pipes meanwhile works as before."""
+    state_dir = tmp_path / ("x" * 110)  # keeper.sock in it is past AF_UNIX's 108 bytes
+    state_dir.mkdir()
+    log = program_log(tmp_path)
+    read_fd, write_fd = open_output_pipe()
+    reaper = Reaper(reap_orphans=False)
+    keeper = OutputKeeper(state_dir, reaper)
+
+    def exits() -> int:
+        return caplog.text.count("the output keeper (pid")
+
+    try:
+        async with anyio.create_task_group() as outer:
+            await outer.start(reaper.run)
+            async with anyio.create_task_group() as tg:
+                began = anyio.current_time()
+                await tg.start(keeper.run)
+                keeper.hold(read_fd, log, "g1 w0 pid=1")
+                await await_until(lambda: holds(exits() >= 3), timeout=DEADLINE)
+                waited = anyio.current_time() - began
+                keeper.release(read_fd)
+                tg.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert waited >= 0.5 + 1.0  # two delays between three attempts
+    assert "exited (1); starting another" in caplog.text
+
+
+async def test_while_no_keeper_can_be_started_what_it_would_be_told_does_not_pile_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A keeper that cannot be spawned at all (its working directory, the state_dir, is gone;
+    its interpreter removed by an upgrade) is retried with a warning each time; meanwhile each
+    worker's start and exit must not queue a message for a keeper that may never come: the
+    next one is told what is held then (white-box: the queue of messages to send)."""
+    reaper = Reaper(reap_orphans=False)
+    keeper = OutputKeeper(tmp_path / "gone", reaper)
+    log = program_log(tmp_path)
+    read_fd, write_fd = open_output_pipe()
+    try:
+        async with anyio.create_task_group() as outer:
+            await outer.start(reaper.run)
+            async with anyio.create_task_group() as tg:
+                await tg.start(keeper.run)
+                await await_until(
+                    lambda: holds("cannot start the output keeper" in caplog.text),
+                    message="the warning",
+                )
+                for _ in range(1000):  # a worker in a crash loop
+                    keeper.hold(read_fd, log, "g1 w0 pid=1")
+                    keeper.release(read_fd)
+                keeper.hold(read_fd, log, "g1 w0 pid=1")
+                assert len(keeper._queue) <= 1
+                tg.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
