@@ -560,3 +560,61 @@ async def test_while_no_keeper_can_be_started_what_it_would_be_told_does_not_pil
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+async def test_a_run_that_connects_as_the_keeper_learns_its_supervisor_is_gone_gets_the_pipes(
+    tmp_path: Path,
+) -> None:
+    """The keeper hears of its supervisor's death (end of file) and of the next run's connection
+    at once (it was slow to run: a host short of memory, a stop): it is orphaned first, and
+    hands the pipes over; refused, the next run would start without them, and this keeper would
+    log them for as long as the workers run, beside it."""
+    reaper = Reaper(reap_orphans=False)
+    read_fd, write_fd = open_output_pipe()
+    other, other_w = open_output_pipe()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tag = {"program": "web", "log": str(tmp_path / "web.log"), "prefix": "g1 w0 pid=1"}
+    tag |= {"max_bytes": 1 << 20, "backups": 1}
+    handover = tmp_path / HANDOVER_SOCKET
+    async with anyio.create_task_group() as tg:
+        await tg.start(reaper.run)
+        keeper = spawn_process(
+            [sys.executable, "-S", "-m", "flipvisor.output_keeper", str(tmp_path), "12345"],
+            reaper=reaper,
+            env={**os.environ, "PYTHONPATH": SRC},
+            listen_fd=theirs.fileno(),
+        )
+        theirs.close()
+        taken = []
+        try:
+            send_with_fd(ours, json.dumps({"op": "hold", "key": 1, "tag": tag}).encode(), read_fd)
+            await await_until(lambda: holds(inode(read_fd) in pipes_held_by(keeper.pid)))
+            assert keeper.send_signal(signal.SIGSTOP)
+            await await_until(
+                lambda: holds(psutil.Process(keeper.pid).status() == psutil.STATUS_STOPPED)
+            )
+            # Its last message and its death, while its keeper does not run.
+            tag["prefix"] = "g1 w1 pid=2"
+            send_with_fd(ours, json.dumps({"op": "hold", "key": 2, "tag": tag}).encode(), other)
+            ours.close()
+
+            async def take_over() -> None:
+                taken.extend(await take_over_outputs(tmp_path))
+
+            async with anyio.create_task_group() as taking:
+                taking.start_soon(take_over)
+                await await_until(lambda: holds(unix_connections_to(handover) >= 2))
+                assert keeper.send_signal(signal.SIGCONT)
+            assert [kept.prefix for kept in taken] == ["g1 w0 pid=1", "g1 w1 pid=2"]
+            assert [inode(kept.fd) for kept in taken] == [inode(read_fd), inode(other)]
+            with anyio.fail_after(DEADLINE):
+                assert await keeper.wait() == 0
+        finally:
+            if not keeper.exit.reaped:
+                keeper.send_signal(signal.SIGKILL)
+                await keeper.wait()
+            keeper.close()
+            ours.close()
+            for fd in (read_fd, write_fd, other, other_w, *(kept.fd for kept in taken)):
+                os.close(fd)
+        tg.cancel_scope.cancel()
