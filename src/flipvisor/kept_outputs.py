@@ -236,7 +236,15 @@ async def take_over_outputs(state_dir: Path) -> list[KeptOutput]:
                     data, fds = receive_with_fds(sock)
                 except BlockingIOError:
                     continue
-                if not data or data == END:
+                if data == END:
+                    break
+                if not data:
+                    log.warning(
+                        "the output keeper at %s went away before it had handed every pipe over "
+                        "(took %d): the workers whose pipes it still held lost their reader",
+                        path,
+                        len(outputs),
+                    )
                     break
                 tag = json.loads(data)["tag"]
                 for fd in fds[1:]:
