@@ -5,6 +5,7 @@ write, and the next ``flipvisor run`` takes the pipes over. The worker here is a
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 from pathlib import Path
@@ -253,4 +254,59 @@ def test_the_pipes_of_many_workers_are_all_held_restarted_kept_and_handed_over(
     promote.touch()
     flipvisor.wait_serving("many", timeout=60, where=lambda gen: not set(gen["pids"]) & set(pids))
     wait_gone(pids)
+    assert flipvisor.stop() == 0, flipvisor.output()
+
+
+# A master that runs a pool child in its process group, as gunicorn does; both hold the output.
+# The child says "said" at SIGUSR1 and, at SIGTERM, its last words once its master is gone.
+POOL_CHILD = """\
+trap 'echo "child said $$"' USR1
+trap 'while kill -0 $PPID 2>/dev/null; do sleep 0.05; done; echo "child stopping $$"; exit 0' TERM
+echo "child ready $$"
+while :; do sleep 0.05; done
+"""
+POOL_MASTER = """\
+trap 'echo "master stopping $$"; exit 0' TERM
+/bin/sh "$0.child" &
+echo "master ready $$"
+while :; do sleep 0.05; done
+"""
+
+
+def test_a_leftover_master_s_pool_child_is_read_until_it_is_gone_then_let_go(
+    flipvisor: Flipvisor, survivors: list[psutil.Process], tmp_path: Path
+) -> None:
+    """The pipe a killed supervisor's worker shares with its pool child is read, once taken
+    over, for as long as either holds it: the child's last words, after the master's, reach the
+    log; then the new run closes the pipe and its keeper lets it go."""
+    master = tmp_path / "master.sh"
+    master.write_text(POOL_MASTER)
+    master.with_name("master.sh.child").write_text(POOL_CHILD)
+    flipvisor.start({"programs": {"pool": {"command": ["/bin/sh", str(master)]}}})
+    [pid] = flipvisor.wait_serving("pool")["pids"]
+    log = flipvisor.state_dir / "logs" / "pool.log"
+    found = wait_until(
+        lambda: log.exists() and re.search(r"\| child ready (\d+)\n", log.read_text()),
+        message="the pool child to start",
+    )
+    child = int(found.group(1))
+    survivors.extend([psutil.Process(pid), psutil.Process(child)])
+    pipe = stdout_pipe(child)
+    assert stdout_pipe(pid) == pipe
+    kill_run(flipvisor)
+
+    promote = tmp_path / "promote"
+    ready_once_promoted = {"exec": ["test", "-e", str(promote)], "timeout": 60}
+    pool = {"command": ["/bin/sh", str(master)], "readiness": ready_once_promoted}
+    restart_supervisor(flipvisor, {"programs": {"pool": pool}})
+    os.kill(child, signal.SIGUSR1)
+    wait_until(lambda: f"| child said {child}\n" in log.read_text(), message="the child's line")
+    [keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
+    wait_until(lambda: pipe in pipes_held_by(keeper.pid), message="the new keeper to hold it")
+
+    promote.touch()  # the leftovers drain: the master stops, then its child
+    wait_gone([pid, child])
+    text = log.read_text()
+    assert text.index(f"| master stopping {pid}\n") < text.index(f"| child stopping {child}\n")
+    wait_until(lambda: pipe not in pipes_held_by(keeper.pid), message="the keeper to let go")
     assert flipvisor.stop() == 0, flipvisor.output()
