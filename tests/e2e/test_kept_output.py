@@ -310,3 +310,26 @@ def test_a_leftover_master_s_pool_child_is_read_until_it_is_gone_then_let_go(
     assert text.index(f"| master stopping {pid}\n") < text.index(f"| child stopping {child}\n")
     wait_until(lambda: pipe not in pipes_held_by(keeper.pid), message="the keeper to let go")
     assert flipvisor.stop() == 0, flipvisor.output()
+
+
+def test_the_keeper_lets_go_of_the_pipes_of_a_program_stopped_or_removed_by_a_reload(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """A stopped program's workers, and a removed one's, are gone: their pipes are closed, and
+    the keeper (the same one) does not keep a copy of them."""
+    programs = {name: sayer(tmp_path / name) for name in ("kept", "stopped", "removed")}
+    flipvisor.start({"programs": programs})
+    pipes = {name: stdout_pipe(flipvisor.wait_serving(name)["pids"][0]) for name in programs}
+    [keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
+    wait_until(lambda: set(pipes.values()) <= pipes_held_by(keeper.pid), message="every pipe")
+
+    assert flipvisor.cli("stop", "stopped").returncode == 0, flipvisor.output()
+    wait_until(lambda: pipes["stopped"] not in pipes_held_by(keeper.pid), message="let go")
+    del programs["removed"]
+    flipvisor.write_config({"programs": programs})
+    reloaded = flipvisor.cli("reload")
+    assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+    wait_until(lambda: pipes["removed"] not in pipes_held_by(keeper.pid), message="let go")
+    assert pipes_held_by(keeper.pid) == {pipes["kept"]}
+    assert keepers(flipvisor.state_dir) == [keeper]
+    assert flipvisor.stop() == 0, flipvisor.output()
