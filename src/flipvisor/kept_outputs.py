@@ -81,8 +81,7 @@ class OutputKeeper:
         }
         self._held[key] = (fd, json.dumps({"op": "hold", "key": key, "tag": tag}).encode())
         self._key_of[fd] = key
-        self._queue.append(("hold", key))
-        self._wake.set()
+        self._tell("hold", key)
 
     def release(self, fd: int) -> None:
         """``fd`` is about to be closed: the keeper lets its copy go too (a no-op for a
@@ -91,8 +90,15 @@ class OutputKeeper:
         if key is None:
             return
         del self._held[key]
-        self._queue.append(("release", key))
-        self._wake.set()
+        self._tell("release", key)
+
+    def _tell(self, op: str, key: int) -> None:
+        """Queue a message for the keeper running now. With none (between two, or while none
+        can be started) nothing is queued: the next one is told every pipe held then, and a
+        queue that only grew would hold every start and exit of a crash-looping worker."""
+        if self.pid is not None:
+            self._queue.append((op, key))
+            self._wake.set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Keep a keeper running until cancelled; then tell it to exit, and wait (bounded)."""
@@ -230,7 +236,15 @@ async def take_over_outputs(state_dir: Path) -> list[KeptOutput]:
                     data, fds = receive_with_fds(sock)
                 except BlockingIOError:
                     continue
-                if not data or data == END:
+                if data == END:
+                    break
+                if not data:
+                    log.warning(
+                        "the output keeper at %s went away before it had handed every pipe over "
+                        "(took %d): the workers whose pipes it still held lost their reader",
+                        path,
+                        len(outputs),
+                    )
                     break
                 tag = json.loads(data)["tag"]
                 for fd in fds[1:]:

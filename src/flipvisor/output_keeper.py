@@ -140,18 +140,23 @@ class Keeper:
     def _wait_and_handle(self) -> None:
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
+        by_fd: dict[int, int] = {}  # the pipes read, once orphaned
         if self.control is not None:
             poller.register(self.control, select.POLLIN)
         else:
             by_fd = {held.fd: key for key, held in self.held.items()}
             for fd in by_fd:
                 poller.register(fd, select.POLLIN)
-        for fd, _events in poller.poll():
-            if fd == self.listener.fileno():
-                self._hand_over()
-            elif self.control is not None and fd == self.control.fileno():
-                self._control_message()
-            elif self.control is None:
+        ready = [fd for fd, _events in poller.poll()]
+        # Every message the supervisor sent before anything else: its end of file may be among
+        # them (a keeper slow to run hears of its death and of the next run at once), and that
+        # run must then be handed the pipes, not refused as while the supervisor lives.
+        while self.control is not None and _readable(self.control):
+            self._control_message()
+        if self.listener.fileno() in ready:
+            self._hand_over()
+        for fd in ready:
+            if fd in by_fd:
                 self._read(by_fd[fd])
 
     def _control_message(self) -> None:
@@ -253,6 +258,13 @@ class Keeper:
                 self.handover_path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether ``sock`` has a message (or its end of file) to receive now."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def struct_ucred_uid(connection: socket.socket) -> int:

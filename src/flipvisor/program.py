@@ -61,6 +61,21 @@ class Runtime:
     keeper: OutputKeeper | None = None
     # One proxy step at a time on this host: programs behind one nginx share its config.
     proxy_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    # Each program's log by name, once opened: whatever writes a file (a program's workers, a
+    # pipe taken over from a killed supervisor's keeper before the program is added, a program
+    # removed and added again) shares one ``ProgramLog``, which tracks the size it rotates at.
+    program_logs: dict[str, ProgramLog] = field(default_factory=dict)
+
+    def program_log(self, name: str) -> ProgramLog:
+        """The log of program ``name`` (opened at the first call; reopened by a write after a
+        ``close``).
+
+        Raises:
+            OSError: the logs folder cannot be created.
+        """
+        if (log := self.program_logs.get(name)) is None:
+            log = self.program_logs[name] = ProgramLog(log_path(self.state_dir, name), self.logs)
+        return log
 
 
 class Program:
@@ -89,7 +104,7 @@ class Program:
         self.takeover = Takeover(self)
         self._stops = 0  # stops under way
         self._tg: TaskGroup | None = None
-        self.log = ProgramLog(log_path(runtime.state_dir, name), runtime.logs)
+        self.log = runtime.program_log(name)
         self.listener = ProgramListener()
         # Workers a killed supervisor left serving this program: replaced by our first
         # promotion, or stopped with the program (set by the supervisor before the first start).

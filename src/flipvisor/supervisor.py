@@ -25,8 +25,6 @@ from .errors import EXIT_USAGE, ConfigError, FlipvisorError, UsageError
 from .events import EventLog
 from .kept_outputs import KeptOutput, OutputKeeper, take_over_outputs
 from .leftovers import Leftovers, find_leftovers, processes_of
-from .locate import log_path
-from .logs import ProgramLog
 from .logs_capture import capture
 from .orphans import ORPHAN_GRACE, stop_orphans
 from .program import Program, Runtime
@@ -74,9 +72,6 @@ class Supervisor:
         self.reaper.on_orphan = self._orphan_reaped
         self.registry: WatchableRegistry = open_registry(config)
         self.keeper = OutputKeeper(config.state_dir, self.reaper)
-        # The output pipes a killed supervisor's keeper handed over at start-up: read into their
-        # programs' logs once those are added (``_read_kept``).
-        self._kept: list[KeptOutput] = []
         self.programs: dict[str, Program] = {}
         self._scopes: dict[str, CancelScope] = {}
         self.reloads = Reloads(self)  # and the programs they remove, until those are gone
@@ -145,10 +140,12 @@ class Supervisor:
                 await root.start(control.serve)
                 self._record = self._write_record()
                 # Before this supervisor's own keeper binds the handover socket.
-                self._kept = await take_over_outputs(self.config.state_dir)
+                kept = await take_over_outputs(self.config.state_dir)
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
                     await tg.start(self.keeper.run)
+                    for output in kept:
+                        tg.start_soon(self._read_kept, output)
                     await self._start_metrics(tg)
                     await tg.start(self.registry.run)
                     tg.start_soon(self._handle_signals)
@@ -241,28 +238,23 @@ class Supervisor:
                 )
             if program_config.autostart:
                 program.start_flip(kind="start")
-        for kept in self._kept:
-            tg.start_soon(self._read_kept, kept)
-        self._kept = []
 
     async def _read_kept(self, kept: KeptOutput) -> None:
         """Log what a killed supervisor's worker writes (its keeper handed the pipe over) until
-        it and what it started are gone, or the shutdown; held by our keeper meanwhile."""
-        program = self.programs.get(kept.program)
-        log_ = program.log if program is not None else None
-        own = None
+        it and what it started are gone, or the shutdown; held by our keeper meanwhile.
+
+        From the moment the pipe is taken over, not once the programs are added (finding
+        leftovers may wait for the registry's timeout): a chatty worker would block on its full
+        pipe meanwhile, and a run killed then would take the only read ends with it."""
+        log_ = self.runtime.program_log(kept.program)  # the one its program writes, if any
         try:
-            if log_ is None:  # no longer in the config: its leftovers are being stopped
-                log_ = own = ProgramLog(
-                    log_path(self.config.state_dir, kept.program), self.config.logs
-                )
             self.keeper.hold(kept.fd, log_, kept.prefix)
             await capture(kept.fd, log_, prefix=kept.prefix)
         finally:
             self.keeper.release(kept.fd)
             os.close(kept.fd)
-            if own is not None:
-                own.close()
+            if kept.program not in self.programs:  # no longer in the config: nobody else writes
+                log_.close()
 
     async def _find_leftovers(self, *, unclean: bool, tg: TaskGroup) -> dict[str, Leftovers]:
         """What a killed supervisor left running, by program (``leftovers.py``). After an unclean

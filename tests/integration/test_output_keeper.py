@@ -4,8 +4,10 @@ process, real pipes, what it holds read from ``/proc``; its handover to the next
 
 from __future__ import annotations
 
+import array
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -15,14 +17,15 @@ from pathlib import Path
 
 import anyio
 import psutil
+import pytest
 
 from flipvisor.config import LogsConfig
 from flipvisor.kept_outputs import OutputKeeper, take_over_outputs
 from flipvisor.logs import ProgramLog
 from flipvisor.output_keeper import HANDOVER_SOCKET, send_with_fd
-from flipvisor.output_pipe import open_output_pipe
+from flipvisor.output_pipe import open_output_pipe, read_available
 from flipvisor.reaper import Reaper
-from flipvisor.spawn import spawn_process
+from flipvisor.spawn import Child, spawn_process
 from tests.waiting import await_until, holds
 
 DEADLINE = 15.0
@@ -272,3 +275,377 @@ async def test_a_stale_handover_socket_is_removed_and_gives_nothing(tmp_path: Pa
 
 async def test_no_handover_socket_gives_nothing(tmp_path: Path) -> None:
     assert await take_over_outputs(tmp_path) == []
+
+
+# Writes the lines ``line(i)`` for i below argv[1]: up to the middle of one of them (byte
+# argv[2]), then, at SIGUSR1, the rest.
+CHATTY = """
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+count, cut = int(sys.argv[1]), int(sys.argv[2])
+data = b"".join(b"line %06d " % i + b"x" * (i % 300) + b"\\n" for i in range(count))
+def write(view):
+    while view:
+        view = view[os.write(1, view[:997]):]
+write(memoryview(data)[:cut])
+signal.sigwait({signal.SIGUSR1})
+write(memoryview(data)[cut:])
+"""
+CHATTY_LINES = 40_000  # about 6.4 MiB
+
+
+def chatty_line(i: int) -> bytes:
+    return b"line %06d " % i + b"x" * (i % 300)
+
+
+def logged_payloads(log_file: Path, prefix: str) -> list[bytes]:
+    """The lines logged as ``prefix`` in ``log_file`` and its rotated files, oldest first."""
+    files = sorted(log_file.parent.glob(log_file.name + ".*"), key=lambda p: -int(p.suffix[1:]))
+    record = re.compile(rb"^\S+ " + re.escape(prefix.encode()) + rb" \| (.*)$")
+    payloads = []
+    for path in [*files, log_file]:
+        for line in path.read_bytes().split(b"\n")[:-1]:
+            if match := record.match(line):
+                payloads.append(match.group(1))
+    return payloads
+
+
+def unix_connections_to(path: Path) -> int:
+    """The sockets ``/proc/net/unix`` shows bound to ``path``: a listener, and one more for each
+    connection it has not accepted yet."""
+    with open("/proc/net/unix") as table:
+        return sum(1 for row in table if row.rstrip("\n").endswith(" " + str(path)))
+
+
+async def test_a_chatty_writer_loses_no_line_across_rotation_and_the_handover(
+    tmp_path: Path,
+) -> None:
+    """Megabytes written while the supervisor is gone: the keeper logs them with rotation; at the
+    handover it logs the start of the line it is in the middle of, and the next run reads the
+    rest of it and all that follows. Each line is logged once and in order, the one cut at the
+    handover in two pieces."""
+    reaper = Reaper(reap_orphans=False)
+    read_fd, write_fd = open_output_pipe()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    log_file = tmp_path / "logs" / "web.log"
+    max_bytes = 512 * 1024
+    prefix = "g3 w0 pid=777"
+    tag: dict[str, object] = {"program": "web", "log": str(log_file), "prefix": prefix}
+    tag |= {"max_bytes": max_bytes, "backups": 100}
+    data = b"".join(chatty_line(i) + b"\n" for i in range(CHATTY_LINES))
+    cut = data.index(b"\n", len(data) // 2) + 1 + 5  # five bytes into a line
+    last_before_cut = chatty_line(data[:cut].count(b"\n") - 1)
+    children: list[Child] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(reaper.run)
+        try:
+            writer = spawn_process(
+                [sys.executable, "-c", CHATTY, str(CHATTY_LINES), str(cut)],
+                reaper=reaper,
+                env=dict(os.environ),
+                output_fd=write_fd,
+            )
+            children.append(writer)
+            os.close(write_fd)
+            keeper = spawn_process(
+                [sys.executable, "-S", "-m", "flipvisor.output_keeper", str(tmp_path), "12345"],
+                reaper=reaper,
+                env={**os.environ, "PYTHONPATH": SRC},
+                listen_fd=theirs.fileno(),
+            )
+            children.append(keeper)
+            theirs.close()
+            send_with_fd(ours, json.dumps({"op": "hold", "key": 1, "tag": tag}).encode(), read_fd)
+            os.close(read_fd)
+            await await_until(lambda: holds((tmp_path / HANDOVER_SOCKET).exists()))
+            ours.close()  # the supervisor is gone
+            await await_until(
+                lambda: holds(
+                    log_file.exists() and last_before_cut in logged_payloads(log_file, prefix)
+                ),
+                timeout=DEADLINE,
+                message="the keeper to log the first half",
+            )
+            # Stopped, so that the rest waits in the pipe while the next run connects: it is the
+            # next run's to read, and the start of the cut line the keeper's to log.
+            assert keeper.send_signal(signal.SIGSTOP)
+            await await_until(  # asleep in its poll, not on its way back from it
+                lambda: holds(psutil.Process(keeper.pid).status() == psutil.STATUS_STOPPED)
+            )
+            assert writer.send_signal(signal.SIGUSR1)
+            handover = tmp_path / HANDOVER_SOCKET
+            taken: list[int] = []
+
+            async def take_over() -> None:
+                taken.extend(kept.fd for kept in await take_over_outputs(tmp_path))
+
+            async with anyio.create_task_group() as taking:
+                taking.start_soon(take_over)
+                await await_until(lambda: holds(unix_connections_to(handover) >= 2))
+                assert keeper.send_signal(signal.SIGCONT)
+            [kept_fd] = taken
+            with anyio.fail_after(DEADLINE):
+                assert await keeper.wait() == 0
+            rest = bytearray()
+            with anyio.fail_after(DEADLINE):
+                while chunk := await read_available(kept_fd, 1 << 20):
+                    rest += chunk
+            os.close(kept_fd)
+            with anyio.fail_after(DEADLINE):
+                assert await writer.wait() == 0
+        finally:
+            for process in children:
+                if not process.exit.reaped:
+                    process.send_signal(signal.SIGKILL)
+                    with anyio.fail_after(DEADLINE):
+                        await process.wait()
+                process.close()
+        tg.cancel_scope.cancel()
+
+    logged = logged_payloads(log_file, prefix)
+    assert rest.endswith(b"\n")
+    read_on = bytes(rest).split(b"\n")[:-1]
+    expected = [chatty_line(i) for i in range(CHATTY_LINES)]
+    split = len(logged) - 1  # the cut line: its start logged by the keeper, the rest read on
+    assert logged[split] + read_on[0] == expected[split]
+    assert [*logged[:split], expected[split], *read_on[1:]] == expected
+    assert logged[split] == expected[split][:5]  # nothing was read past the cut before
+    rotated = sorted(log_file.parent.glob("web.log.*"))
+    assert len(rotated) >= 5
+    assert all(path.stat().st_size <= max_bytes for path in [*rotated, log_file])
+    first = log_file.with_name(f"web.log.{len(rotated)}").read_text()
+    assert "the supervisor (pid 12345) is gone" in first
+
+
+async def test_a_stranger_connecting_while_the_supervisor_runs_gets_nothing(
+    tmp_path: Path,
+) -> None:
+    """The handover is for the next run, once the supervisor is gone: while it runs, a
+    connection to keeper.sock (a second run by mistake, anyone of the same user) gets no pipe,
+    and the keeper holds on, listening."""
+    log = program_log(tmp_path)
+    read_fd, write_fd = open_output_pipe()
+    try:
+        async with running_keeper(tmp_path) as keeper:
+            pid = keeper.pid
+            assert pid is not None
+            keeper.hold(read_fd, log, "g1 w0 pid=1")
+            await await_until(lambda: holds(inode(read_fd) in pipes_held_by(pid)))
+            assert await take_over_outputs(tmp_path) == []
+            assert await take_over_outputs(tmp_path) == []  # still listening
+            assert keeper.pid == pid and inode(read_fd) in pipes_held_by(pid)
+            assert (tmp_path / HANDOVER_SOCKET).exists()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+async def test_control_messages_the_keeper_does_not_expect_change_nothing_and_leak_no_fd(
+    tmp_path: Path,
+) -> None:
+    """A hold with two descriptors (the second closed at once), a hold without one, a release of
+    a key never held, an unknown op (its descriptor closed): what the keeper holds is what it was
+    told to hold, nothing else, and it runs on."""
+    reaper = Reaper(reap_orphans=False)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    held, held_w = open_output_pipe()
+    extra, extra_w = open_output_pipe()
+    stray, stray_w = open_output_pipe()
+    last, last_w = open_output_pipe()
+    tag = {"program": "web", "log": str(tmp_path / "web.log"), "prefix": "p"}
+    tag |= {"max_bytes": 1 << 20, "backups": 1}
+    async with anyio.create_task_group() as tg:
+        await tg.start(reaper.run)
+        keeper = spawn_process(
+            [sys.executable, "-S", "-m", "flipvisor.output_keeper", str(tmp_path), "12345"],
+            reaper=reaper,
+            env={**os.environ, "PYTHONPATH": SRC},
+            listen_fd=theirs.fileno(),
+        )
+        theirs.close()
+        try:
+            hold = json.dumps({"op": "hold", "key": 1, "tag": tag}).encode()
+            ours.sendmsg(
+                [hold],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [held, extra]))],
+            )
+            send_with_fd(ours, json.dumps({"op": "hold", "key": 2, "tag": tag}).encode(), None)
+            send_with_fd(ours, json.dumps({"op": "release", "key": 99}).encode(), None)
+            send_with_fd(ours, json.dumps({"op": "frobnicate", "key": 1}).encode(), stray)
+            send_with_fd(ours, json.dumps({"op": "release", "key": 1}).encode(), None)
+            send_with_fd(ours, json.dumps({"op": "hold", "key": 3, "tag": tag}).encode(), last)
+            await await_until(
+                lambda: holds(inode(last) in pipes_held_by(keeper.pid)),
+                message="the last hold",
+            )
+            # Messages are handled in order: by the last hold, every other one was.
+            assert pipes_held_by(keeper.pid) == {inode(last)}
+            assert keeper.exit.returncode is None
+            send_with_fd(ours, json.dumps({"op": "exit"}).encode(), None)
+            with anyio.fail_after(DEADLINE):
+                assert await keeper.wait() == 0
+        finally:
+            if not keeper.exit.reaped:
+                keeper.send_signal(signal.SIGKILL)
+                await keeper.wait()
+            keeper.close()
+            ours.close()
+            for fd in (held, held_w, extra, extra_w, stray, stray_w, last, last_w):
+                os.close(fd)
+        tg.cancel_scope.cancel()
+
+
+async def test_a_keeper_that_cannot_run_is_started_again_after_growing_delays(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A keeper that exits at once (here: its handover socket's path is too long to bind) is
+    started again after 0.5 s, then 1 s, then 2 s..., each time with a warning: no busy loop,
+    and holding and releasing pipes meanwhile works as before."""
+    state_dir = tmp_path / ("x" * 110)  # keeper.sock in it is past AF_UNIX's 108 bytes
+    state_dir.mkdir()
+    log = program_log(tmp_path)
+    read_fd, write_fd = open_output_pipe()
+    reaper = Reaper(reap_orphans=False)
+    keeper = OutputKeeper(state_dir, reaper)
+
+    def exits() -> int:
+        return caplog.text.count("the output keeper (pid")
+
+    try:
+        async with anyio.create_task_group() as outer:
+            await outer.start(reaper.run)
+            async with anyio.create_task_group() as tg:
+                began = anyio.current_time()
+                await tg.start(keeper.run)
+                keeper.hold(read_fd, log, "g1 w0 pid=1")
+                await await_until(lambda: holds(exits() >= 3), timeout=DEADLINE)
+                waited = anyio.current_time() - began
+                keeper.release(read_fd)
+                tg.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert waited >= 0.5 + 1.0  # two delays between three attempts
+    assert "exited (1); starting another" in caplog.text
+
+
+async def test_while_no_keeper_can_be_started_what_it_would_be_told_does_not_pile_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A keeper that cannot be spawned at all (its working directory, the state_dir, is gone;
+    its interpreter removed by an upgrade) is retried with a warning each time; meanwhile each
+    worker's start and exit must not queue a message for a keeper that may never come: the
+    next one is told what is held then (white-box: the queue of messages to send)."""
+    reaper = Reaper(reap_orphans=False)
+    keeper = OutputKeeper(tmp_path / "gone", reaper)
+    log = program_log(tmp_path)
+    read_fd, write_fd = open_output_pipe()
+    try:
+        async with anyio.create_task_group() as outer:
+            await outer.start(reaper.run)
+            async with anyio.create_task_group() as tg:
+                await tg.start(keeper.run)
+                await await_until(
+                    lambda: holds("cannot start the output keeper" in caplog.text),
+                    message="the warning",
+                )
+                for _ in range(1000):  # a worker in a crash loop
+                    keeper.hold(read_fd, log, "g1 w0 pid=1")
+                    keeper.release(read_fd)
+                keeper.hold(read_fd, log, "g1 w0 pid=1")
+                assert len(keeper._queue) <= 1
+                tg.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+async def test_a_run_that_connects_as_the_keeper_learns_its_supervisor_is_gone_gets_the_pipes(
+    tmp_path: Path,
+) -> None:
+    """The keeper hears of its supervisor's death (end of file) and of the next run's connection
+    at once (it was slow to run: a host short of memory, a stop): it is orphaned first, and
+    hands the pipes over; refused, the next run would start without them, and this keeper would
+    log them for as long as the workers run, beside it."""
+    reaper = Reaper(reap_orphans=False)
+    read_fd, write_fd = open_output_pipe()
+    other, other_w = open_output_pipe()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tag = {"program": "web", "log": str(tmp_path / "web.log"), "prefix": "g1 w0 pid=1"}
+    tag |= {"max_bytes": 1 << 20, "backups": 1}
+    handover = tmp_path / HANDOVER_SOCKET
+    async with anyio.create_task_group() as tg:
+        await tg.start(reaper.run)
+        keeper = spawn_process(
+            [sys.executable, "-S", "-m", "flipvisor.output_keeper", str(tmp_path), "12345"],
+            reaper=reaper,
+            env={**os.environ, "PYTHONPATH": SRC},
+            listen_fd=theirs.fileno(),
+        )
+        theirs.close()
+        taken = []
+        try:
+            send_with_fd(ours, json.dumps({"op": "hold", "key": 1, "tag": tag}).encode(), read_fd)
+            await await_until(lambda: holds(inode(read_fd) in pipes_held_by(keeper.pid)))
+            assert keeper.send_signal(signal.SIGSTOP)
+            await await_until(
+                lambda: holds(psutil.Process(keeper.pid).status() == psutil.STATUS_STOPPED)
+            )
+            # Its last message and its death, while its keeper does not run.
+            tag["prefix"] = "g1 w1 pid=2"
+            send_with_fd(ours, json.dumps({"op": "hold", "key": 2, "tag": tag}).encode(), other)
+            ours.close()
+
+            async def take_over() -> None:
+                taken.extend(await take_over_outputs(tmp_path))
+
+            async with anyio.create_task_group() as taking:
+                taking.start_soon(take_over)
+                await await_until(lambda: holds(unix_connections_to(handover) >= 2))
+                assert keeper.send_signal(signal.SIGCONT)
+            assert [kept.prefix for kept in taken] == ["g1 w0 pid=1", "g1 w1 pid=2"]
+            assert [inode(kept.fd) for kept in taken] == [inode(read_fd), inode(other)]
+            with anyio.fail_after(DEADLINE):
+                assert await keeper.wait() == 0
+        finally:
+            if not keeper.exit.reaped:
+                keeper.send_signal(signal.SIGKILL)
+                await keeper.wait()
+            keeper.close()
+            ours.close()
+            for fd in (read_fd, write_fd, other, other_w, *(kept.fd for kept in taken)):
+                os.close(fd)
+        tg.cancel_scope.cancel()
+
+
+async def test_a_keeper_gone_in_the_middle_of_a_handover_gives_what_it_sent_and_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A keeper killed while it hands over (played here by the test, on the keeper's socket):
+    the next run keeps the pipes it received, and says that the others are lost."""
+    read_fd, write_fd = open_output_pipe()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(str(tmp_path / HANDOVER_SOCKET))
+        listener.listen()
+        listener.setblocking(False)
+
+        async def hand_over_one() -> None:
+            await anyio.wait_readable(listener)
+            connection, _address = listener.accept()
+            with connection:
+                tag = {"program": "web", "prefix": "g1 w0 pid=1"}
+                send_with_fd(connection, json.dumps({"op": "hold", "tag": tag}).encode(), read_fd)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hand_over_one)
+            with anyio.fail_after(DEADLINE):
+                kept = await take_over_outputs(tmp_path)
+    try:
+        assert [(k.program, k.prefix) for k in kept] == [("web", "g1 w0 pid=1")]
+        assert inode(kept[0].fd) == inode(read_fd)
+        assert "went away before it had handed every pipe over (took 1)" in caplog.text
+    finally:
+        for fd in (read_fd, write_fd, *(k.fd for k in kept)):
+            os.close(fd)
