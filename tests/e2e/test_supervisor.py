@@ -276,6 +276,9 @@ def test_control_socket_refuses_another_uid(flipvisor: Flipvisor) -> None:
 def _refuses_another_uid(flipvisor: Flipvisor) -> None:
     flipvisor.start({"programs": {}})
     sock = flipvisor.state_dir / "flipvisor.sock"
+    # Once it answers: the socket file exists before anyio's chmod to 0600 (bind and chmod are
+    # two calls in a worker thread), which would undo the chmod below (seen: EACCES).
+    wait_until(lambda: flipvisor.cli("status").returncode == 0, message="the supervisor to answer")
     # Open the way on the file system so only the SO_PEERCRED check stands in between.
     os.chmod(flipvisor.state_dir, 0o755)
     os.chmod(sock, 0o666)
