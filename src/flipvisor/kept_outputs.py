@@ -39,6 +39,7 @@ from .spawn import Child, spawn_process
 
 log = logging.getLogger(__name__)
 
+ERRORS_FILE = "output-keeper.errors"  # in the logs folder; not a program's log (no ".log")
 EXIT_GRACE = 2.0  # how long a keeper told to exit gets before SIGKILL
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # after a keeper exited unexpectedly
 STABLE_UPTIME = 30.0  # a keeper that ran this long starts again after the first delay
@@ -113,18 +114,42 @@ class OutputKeeper:
             else:
                 returncode = await self._keep(child, sock)
                 log.warning(
-                    "the output keeper (pid %d) exited (%s); starting another: until then, the "
-                    "workers' output would not outlive a killed supervisor",
+                    "the output keeper (pid %d) exited (%s; what it said, if anything, is in "
+                    "%s); starting another: until then, the workers' output would not outlive a "
+                    "killed supervisor",
                     child.pid,
                     returncode,
+                    self.errors_path,
                 )
             failures = 1 if time.monotonic() - started >= STABLE_UPTIME else failures + 1
             await anyio.sleep(RESTART_DELAYS[min(failures, len(RESTART_DELAYS)) - 1])
 
+    @property
+    def errors_path(self) -> Path:
+        """Where the keeper's stdout and stderr go: what it says if it crashes (a file, not a
+        pipe of ours: a pipe would die with the supervisor, and the keeper with it)."""
+        return self.state_dir / "logs" / ERRORS_FILE
+
+    def _open_errors(self) -> int:
+        """The keeper's errors file, opened for appending; /dev/null if the logs folder is gone
+        (it is the state_dir's, made by ``run``: not made again here)."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        try:
+            return os.open(self.errors_path, flags, 0o600)
+        except OSError as exc:
+            log.warning(
+                "cannot open %s (%s): the output keeper's errors are lost",
+                self.errors_path,
+                exc.strerror,
+            )
+            return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+
     def _spawn(self) -> tuple[Child, socket.socket]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        errors = -1
         try:
             ours.setblocking(False)
+            errors = self._open_errors()
             package_root = str(Path(flipvisor.__file__).parent.parent)
             env = {**os.environ, "PYTHONPATH": package_root}  # this very flipvisor, not another
             # -S: no site (its .pth files import what the keeper never uses), smaller for good.
@@ -135,12 +160,15 @@ class OutputKeeper:
                 env=env,
                 cwd=self.state_dir,
                 listen_fd=theirs.fileno(),
+                output_fd=errors,
             )
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
+            if errors >= 0:
+                os.close(errors)
         self.pid = child.pid
         return child, ours
 

@@ -527,7 +527,7 @@ async def test_a_keeper_that_cannot_run_is_started_again_after_growing_delays(
         os.close(read_fd)
         os.close(write_fd)
     assert waited >= 0.5 + 1.0  # two delays between three attempts
-    assert "exited (1); starting another" in caplog.text
+    assert "exited (1; what it said" in caplog.text
 
 
 async def test_while_no_keeper_can_be_started_what_it_would_be_told_does_not_pile_up(
@@ -649,3 +649,24 @@ async def test_a_keeper_gone_in_the_middle_of_a_handover_gives_what_it_sent_and_
     finally:
         for fd in (read_fd, write_fd, *(k.fd for k in kept)):
             os.close(fd)
+
+
+async def test_what_a_crashing_keeper_says_is_kept_in_its_errors_file(tmp_path: Path) -> None:
+    """Its stdout and stderr are a file in the logs folder: a traceback is there to read (with
+    /dev/null, the supervisor could only say that it exited 1)."""
+    (tmp_path / "logs").mkdir(mode=0o700)  # as `run` makes it
+    reaper = Reaper(reap_orphans=False)
+    keeper = OutputKeeper(tmp_path, reaper)
+    async with anyio.create_task_group() as tg:
+        await tg.start(reaper.run)
+        child, sock = keeper._spawn()
+        with sock:
+            send_with_fd(sock, b"this is not json", None)  # only a broken supervisor sends this
+            with anyio.fail_after(DEADLINE):
+                assert await child.wait() == 1
+        child.close()
+        tg.cancel_scope.cancel()
+    said = keeper.errors_path.read_text()
+    assert "JSONDecodeError" in said, said
+    assert keeper.errors_path.parent == tmp_path / "logs"
+    assert oct(keeper.errors_path.stat().st_mode & 0o777) == oct(0o600)
