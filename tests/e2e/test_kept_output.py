@@ -32,6 +32,19 @@ def sayer(say: Path, **overrides: Any) -> dict[str, Any]:
     return {"command": ["/bin/sh", "-c", SAYER, str(say)], **overrides}
 
 
+def start_sayer(
+    flipvisor: Flipvisor, say: Path, survivors: list[psutil.Process]
+) -> tuple[int, Path]:
+    """Run program "say" (``sayer(say)``) until its worker said it is ready; its PID (one the
+    test expects to outlive a killed supervisor) and its log."""
+    flipvisor.start({"programs": {"say": sayer(say)}})
+    pid: int = flipvisor.wait_serving("say")["pids"][0]
+    log = flipvisor.state_dir / "logs" / "say.log"
+    wait_until(lambda: log.exists() and f"ready {pid}" in log.read_text())
+    survivors.append(psutil.Process(pid))
+    return pid, log
+
+
 def keepers(state_dir: Path) -> list[psutil.Process]:
     """The output keepers of ``state_dir``'s supervisors, running now."""
     found = []
@@ -77,11 +90,7 @@ def test_a_killed_supervisor_s_worker_writes_on_and_the_next_run_reads_it(
     flipvisor: Flipvisor, survivors: list[psutil.Process], tmp_path: Path
 ) -> None:
     say, promote = tmp_path / "say", tmp_path / "promote"
-    flipvisor.start({"programs": {"say": sayer(say)}})
-    pid = flipvisor.wait_serving("say")["pids"][0]
-    log = flipvisor.state_dir / "logs" / "say.log"
-    wait_until(lambda: log.exists() and f"ready {pid}" in log.read_text())
-    survivors.append(psutil.Process(pid))
+    pid, log = start_sayer(flipvisor, say, survivors)
     [first_keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
     assert first_keeper.ppid() == flipvisor.process.pid  # type: ignore[union-attr]
     kill_run(flipvisor)
@@ -132,11 +141,7 @@ def test_the_kept_output_of_a_program_no_longer_in_the_config_is_logged_until_it
 ) -> None:
     """The next run stops what the killed one left of a program it no longer has; what that
     worker writes meanwhile (its last words at SIGTERM here) still reaches the program's log."""
-    flipvisor.start({"programs": {"say": sayer(tmp_path / "say")}})
-    pid = flipvisor.wait_serving("say")["pids"][0]
-    log = flipvisor.state_dir / "logs" / "say.log"
-    wait_until(lambda: log.exists() and f"ready {pid}" in log.read_text())
-    survivors.append(psutil.Process(pid))
+    pid, log = start_sayer(flipvisor, tmp_path / "say", survivors)
     kill_run(flipvisor)
     restart_supervisor(flipvisor, {"programs": {"other": sayer(tmp_path / "other")}})
     wait_gone([pid])
@@ -156,11 +161,7 @@ def test_the_pipes_taken_over_are_read_and_held_while_the_next_run_starts(
     the new run's keeper holds the pipes: a run killed meanwhile (OOM-killed again) leaves them
     to its keeper, and the worker writes on."""
     say = tmp_path / "say"
-    flipvisor.start({"programs": {"say": sayer(say)}})
-    pid = flipvisor.wait_serving("say")["pids"][0]
-    log = flipvisor.state_dir / "logs" / "say.log"
-    wait_until(lambda: log.exists() and f"ready {pid}" in log.read_text())
-    survivors.append(psutil.Process(pid))
+    pid, log = start_sayer(flipvisor, say, survivors)
     [first_keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
     kill_run(flipvisor)
 

@@ -257,6 +257,18 @@ def test_a_program_added_back_while_it_drains_starts_once_it_is_gone(
     assert [(p["name"], p["removing"]) for p in programs] == [("b", False)], programs
 
 
+def end_held_shutdown(
+    gate: Path, slow_worker: psutil.Process, shutdown: subprocess.Popen[str]
+) -> str:
+    """Open the test's gate, end "slow"'s drain (it ignores SIGTERM), and return what the
+    `shutdown` client wrote once it is done."""
+    gate.touch()
+    with contextlib.suppress(psutil.NoSuchProcess):
+        slow_worker.kill()  # the end of slow's drain
+    out, _ = shutdown.communicate(timeout=30)
+    return out
+
+
 def test_a_reload_under_way_adds_nothing_once_the_shutdown_began(
     flipvisor: Flipvisor, tmp_path: Path
 ) -> None:
@@ -296,10 +308,7 @@ def test_a_reload_under_way_adds_nothing_once_the_shutdown_began(
         assert slow_worker.is_running(), "slow's drain ended before late's addition was refused"
         assert "late" not in {p["name"] for p in flipvisor.status()["programs"]}
     finally:
-        gate.touch()
-        with contextlib.suppress(psutil.NoSuchProcess):
-            slow_worker.kill()  # the end of slow's drain
-        out, _ = shutdown.communicate(timeout=30)
+        out = end_held_shutdown(gate, slow_worker, shutdown)
     assert process.wait(timeout=30) == 0, flipvisor.output()
     assert shutdown.returncode == 0, out
     assert not any(key.endswith("/current") for key in flipvisor.registry()), flipvisor.registry()
@@ -370,10 +379,7 @@ def test_a_reload_under_way_does_not_start_a_renamed_program_the_shutdown_stoppe
         assert (site["state"], site["flip"], site["generations"]) == ("stopped", None, []), site
         assert slow_worker.is_running(), "slow's drain ended before the reload"
     finally:
-        gate.touch()
-        with contextlib.suppress(psutil.NoSuchProcess):
-            slow_worker.kill()  # the end of slow's drain
-        out, _ = shutdown.communicate(timeout=30)
+        out = end_held_shutdown(gate, slow_worker, shutdown)
     assert process.wait(timeout=30) == 0, flipvisor.output()
     assert shutdown.returncode == 0, out
     assert "kept-serving" not in out, out  # web is not said to serve on: the shutdown drained it

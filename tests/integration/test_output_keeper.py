@@ -49,6 +49,20 @@ def inode(fd: int) -> int:
     return os.fstat(fd).st_ino
 
 
+def start_bare_keeper(tmp_path: Path, reaper: Reaper, theirs: socket.socket) -> Child:
+    """A keeper of no supervisor: the test plays the supervisor on the other end of ``theirs``
+    (closed here: the keeper has its copy), as supervisor PID 12345."""
+    try:
+        return spawn_process(
+            [sys.executable, "-S", "-m", "flipvisor.output_keeper", str(tmp_path), "12345"],
+            reaper=reaper,
+            env={**os.environ, "PYTHONPATH": SRC},
+            listen_fd=theirs.fileno(),
+        )
+    finally:
+        theirs.close()
+
+
 @asynccontextmanager
 async def running_keeper(state_dir: Path) -> AsyncIterator[OutputKeeper]:
     """A keeper run as ``run`` runs it (its own reaper), stopped (cancelled) at the end."""
@@ -193,14 +207,7 @@ async def test_an_orphaned_keeper_logs_its_pipes_and_hands_them_to_the_next_run(
     log_file = tmp_path / "logs" / "web.log"
     async with anyio.create_task_group() as tg:
         await tg.start(reaper.run)
-        env = {**os.environ, "PYTHONPATH": SRC}
-        keeper = spawn_process(
-            [sys.executable, "-m", "flipvisor.output_keeper", str(tmp_path), "12345"],
-            reaper=reaper,
-            env=env,
-            listen_fd=theirs.fileno(),
-        )
-        theirs.close()
+        keeper = start_bare_keeper(tmp_path, reaper, theirs)
         tag = {
             "program": "web",
             "log": str(log_file),
@@ -240,13 +247,7 @@ async def test_an_orphaned_keeper_exits_at_sigterm(tmp_path: Path) -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     async with anyio.create_task_group() as tg:
         await tg.start(reaper.run)
-        keeper = spawn_process(
-            [sys.executable, "-m", "flipvisor.output_keeper", str(tmp_path), "12345"],
-            reaper=reaper,
-            env={**os.environ, "PYTHONPATH": SRC},
-            listen_fd=theirs.fileno(),
-        )
-        theirs.close()
+        keeper = start_bare_keeper(tmp_path, reaper, theirs)
         tag = {"program": "web", "log": str(tmp_path / "web.log"), "prefix": "p"}
         tag |= {"max_bytes": 1 << 20, "backups": 1}
         send_with_fd(ours, json.dumps({"op": "hold", "key": 1, "tag": tag}).encode(), read_fd)
@@ -347,14 +348,8 @@ async def test_a_chatty_writer_loses_no_line_across_rotation_and_the_handover(
             )
             children.append(writer)
             os.close(write_fd)
-            keeper = spawn_process(
-                [sys.executable, "-S", "-m", "flipvisor.output_keeper", str(tmp_path), "12345"],
-                reaper=reaper,
-                env={**os.environ, "PYTHONPATH": SRC},
-                listen_fd=theirs.fileno(),
-            )
+            keeper = start_bare_keeper(tmp_path, reaper, theirs)
             children.append(keeper)
-            theirs.close()
             send_with_fd(ours, json.dumps({"op": "hold", "key": 1, "tag": tag}).encode(), read_fd)
             os.close(read_fd)
             await await_until(lambda: holds((tmp_path / HANDOVER_SOCKET).exists()))
@@ -456,13 +451,7 @@ async def test_control_messages_the_keeper_does_not_expect_change_nothing_and_le
     tag |= {"max_bytes": 1 << 20, "backups": 1}
     async with anyio.create_task_group() as tg:
         await tg.start(reaper.run)
-        keeper = spawn_process(
-            [sys.executable, "-S", "-m", "flipvisor.output_keeper", str(tmp_path), "12345"],
-            reaper=reaper,
-            env={**os.environ, "PYTHONPATH": SRC},
-            listen_fd=theirs.fileno(),
-        )
-        theirs.close()
+        keeper = start_bare_keeper(tmp_path, reaper, theirs)
         try:
             hold = json.dumps({"op": "hold", "key": 1, "tag": tag}).encode()
             ours.sendmsg(
@@ -578,13 +567,7 @@ async def test_a_run_that_connects_as_the_keeper_learns_its_supervisor_is_gone_g
     handover = tmp_path / HANDOVER_SOCKET
     async with anyio.create_task_group() as tg:
         await tg.start(reaper.run)
-        keeper = spawn_process(
-            [sys.executable, "-S", "-m", "flipvisor.output_keeper", str(tmp_path), "12345"],
-            reaper=reaper,
-            env={**os.environ, "PYTHONPATH": SRC},
-            listen_fd=theirs.fileno(),
-        )
-        theirs.close()
+        keeper = start_bare_keeper(tmp_path, reaper, theirs)
         taken = []
         try:
             send_with_fd(ours, json.dumps({"op": "hold", "key": 1, "tag": tag}).encode(), read_fd)
