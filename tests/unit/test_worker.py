@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from flipvisor import restarts
 from flipvisor.config import ProgramConfig
 from flipvisor.config_fields import RESERVED_ENV
 from flipvisor.restarts import BACKOFF_BASE, BACKOFF_CAP, RestartBudget, backoff_delay
 from flipvisor.worker import WorkerSpec, describe_exit, expand_placeholders, worker_env
-from tests.waiting import wait_until
 
 SAMPLES = 200
 
@@ -177,33 +176,49 @@ def test_zero_budget_never_allows() -> None:
     assert not RestartBudget(0, window=60.0).take()
 
 
-def test_budget_window_slides() -> None:
+class FakeClock:
+    """``time.monotonic`` for ``restarts.py`` alone, moved by the test: what a window does is
+    then independent of how fast the machine schedules the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(restarts, "time", fake)
+    return fake
+
+
+def test_budget_window_slides(clock: FakeClock) -> None:
     """Restarts older than the window are forgotten one by one, not all at once."""
-    window = 0.4
-    budget = RestartBudget(2, window=window)
-    first = time.monotonic()
-    assert budget.take()
-    wait_until(lambda: time.monotonic() - first >= window / 2, timeout=5, message="half a window")
-    second = time.monotonic()
+    budget = RestartBudget(2, window=10.0)
+    assert budget.take()  # at 0
+    clock.now += 5
+    assert budget.take()  # at 5
+    assert not budget.take()
+    clock.now += 5  # 10: the first is exactly one window old, still inside
+    assert not budget.take()
+    clock.now += 0.01  # the first leaves the window: exactly one new restart fits
     assert budget.take()
     assert not budget.take()
-    # The first restart leaves the window: exactly one new restart fits.
-    wait_until(budget.take, timeout=5, message="the first restart to leave the window")
-    assert time.monotonic() - first >= window
-    if time.monotonic() - second < window:  # the second is still inside: no room yet
-        assert not budget.take()
-    wait_until(budget.take, timeout=5, message="the second restart to leave the window")
-    assert time.monotonic() - second >= window
+    clock.now += 5  # past 15: the second leaves too
+    assert budget.take()
+    assert not budget.take()
 
 
-def test_failed_take_does_not_spend() -> None:
-    budget = RestartBudget(1, window=0.3)
-    start = time.monotonic()
+def test_failed_take_does_not_spend(clock: FakeClock) -> None:
+    budget = RestartBudget(1, window=10.0)
     assert budget.take()
     for _ in range(50):
-        budget.take()  # refused attempts must not push the window further out
-    wait_until(budget.take, timeout=5, message="the budget to refill")
-    assert time.monotonic() - start < 0.3 + 1.0
+        clock.now += 0.1
+        assert not budget.take()  # refused attempts must not push the window further out
+    clock.now += 5.01  # 10.01 after the one restart taken
+    assert budget.take()
 
 
 # -- exit descriptions -----------------------------------------------------------------------
