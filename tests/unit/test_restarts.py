@@ -21,11 +21,14 @@ def judge(
     replacing: bool = True,
     failures: int = 0,
     warm: bool = False,
+    spending: RestartBudget | None = None,
 ) -> Verdict:
+    """``judge_exit`` of ``WHERE``'s exit; ``spending``: the budget it spends (a fresh one of
+    ``budget`` restarts per 60 s if not given)."""
     config = RestartConfig(policy=policy, max_restarts=budget, window=60)  # type: ignore[arg-type]
     return judge_exit(
         policy=config,
-        budget=RestartBudget(budget, 60),
+        budget=spending if spending is not None else RestartBudget(budget, 60),
         returncode=returncode,
         reason="exit status 1",
         consecutive_failures=failures,
@@ -108,36 +111,14 @@ def test_later_restarts_back_off() -> None:
 
 
 def test_a_spent_budget_names_the_limit() -> None:
-    config = RestartConfig(policy="always", max_restarts=2, window=60)
     budget = RestartBudget(2, 60)
     assert budget.take() and budget.take()
-    verdict = judge_exit(
-        policy=config,
-        budget=budget,
-        returncode=1,
-        reason="exit status 1",
-        consecutive_failures=2,
-        starting=False,
-        replacing=True,
-        where=WHERE,
-    )
+    verdict = judge(budget=2, failures=2, spending=budget)
     assert verdict == Verdict(fatal=f"{WHERE} exit status 1; more than 2 restarts in 60s")
 
 
 def test_a_warm_generation_s_exit_spends_nothing_of_the_budget() -> None:
-    config = RestartConfig(policy="always", max_restarts=1, window=60)
     budget = RestartBudget(1, 60)
     for _ in range(3):
-        verdict = judge_exit(
-            policy=config,
-            budget=budget,
-            returncode=1,
-            reason="exit status 1",
-            consecutive_failures=0,
-            starting=False,
-            replacing=True,
-            where=WHERE,
-            warm=True,
-        )
-        assert verdict == Verdict(retire=True)
+        assert judge(budget=1, warm=True, spending=budget) == Verdict(retire=True)
     assert budget.take(), "the serving generation still has its one restart"
