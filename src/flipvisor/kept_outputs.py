@@ -103,7 +103,7 @@ class OutputKeeper:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Keep a keeper running until cancelled; then tell it to exit, and wait (bounded)."""
-        task_status.started()  # pipes may be held at once: they are queued until it runs
+        task_status.started()  # pipes may be held at once: a keeper is told, once it runs
         failures = 0
         while True:
             started = time.monotonic()
