@@ -208,8 +208,6 @@ class Supervisor:
         start those with ``autostart``."""
         leftovers = await self._find_leftovers(unclean=unclean, tg=tg)
         for name, program_config in self.config.programs.items():
-            if self._shutdown.is_set():
-                return  # SIGTERM during the start-up: what was added is stopped, nothing more
             program = await self._add_program(name, program_config)
             deployed = program.history.current
             if (
@@ -379,12 +377,14 @@ class Supervisor:
         """Add ``name`` and start its owner task.
 
         Raises:
-            UsageError: the shutdown has begun. Checked here, with no await before the program
-                is listed: a program is either listed before the shutdown lists the programs to
-                stop, or never added (a reload under way adds nothing more).
+            UsageError: the shutdown has begun, after the start-up. Checked here, with no await
+                before the program is listed: a program is either listed before the shutdown
+                lists the programs to stop, or never added (a reload under way adds nothing
+                more). The start-up adds every configured program all the same: the shutdown
+                waits for it, and then stops them with the leftovers they were given.
         """
         assert self._tg is not None
-        if self._shutdown.is_set():
+        if self._shutdown.is_set() and self._programs_added.is_set():
             raise UsageError(f"the supervisor is shutting down: {name} is not added")
         program = Program(name, program_config, self.runtime)
         scope = anyio.CancelScope()

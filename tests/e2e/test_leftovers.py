@@ -752,3 +752,29 @@ def test_a_shutdown_stops_a_removed_program_s_leftover_that_ignores_sigterm(
     assert took < 3 + 2, took
     killed = "killed program=stubborn generation=None still running at shutdown"
     assert killed in flipvisor.output(), flipvisor.output()
+
+
+def test_a_sigterm_while_the_start_up_reads_the_registry_still_drains_the_leftovers(
+    flipvisor: Flipvisor, survivors: list[psutil.Process]
+) -> None:
+    """The shutdown that comes during the start-up stops what the start-up adds: every
+    configured program, with the leftovers a killed supervisor left it, which are drained
+    before `run` exits, never left running without a supervisor."""
+    config: dict[str, Any] = {"programs": {"web": {"command": svc_command()}}}
+    flipvisor.start(config)
+    old_pids = kill_supervisor(flipvisor, "web", survivors)
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
+        config["registry"] = {"backend": "etcd", "endpoints": [endpoint], "timeout": 60}
+        restart_supervisor(flipvisor, config)
+        assert flipvisor.status()["starting"] is True, flipvisor.output()
+        assert flipvisor.process is not None
+        flipvisor.process.send_signal(signal.SIGTERM)
+        wait_until(
+            lambda: "received SIGTERM" in flipvisor.output(), message="the SIGTERM to be handled"
+        )
+    # The registry read ends (the connection in the backlog is reset); the start-up goes on.
+    assert flipvisor.process.wait(timeout=30) == 0, flipvisor.output()
+    wait_gone(old_pids)
