@@ -175,9 +175,23 @@ class OutputKeeper:
     async def _keep(self, child: Child, sock: socket.socket) -> int:
         """Feed the keeper until it exits (its return code) or we are cancelled (it is told to
         exit, and stopped if it does not)."""
+
+        async def feed() -> None:
+            try:
+                await self._feed(sock)
+            except OSError as exc:
+                # A message the socket will not take (not a keeper that is gone: that ends
+                # ``_feed``): this keeper no longer knows what is held. Another one is told all.
+                log.warning(
+                    "cannot tell the output keeper (pid %d) about a pipe (%s): stopping it",
+                    child.pid,
+                    exc.strerror or exc,
+                )
+                child.send_signal(signal.SIGKILL)
+
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._feed, sock)
+                tg.start_soon(feed)
                 returncode = await child.wait()
                 tg.cancel_scope.cancel()
             return returncode

@@ -653,3 +653,34 @@ async def test_what_a_crashing_keeper_says_is_kept_in_its_errors_file(tmp_path: 
     assert "JSONDecodeError" in said, said
     assert keeper.errors_path.parent == tmp_path / "logs"
     assert oct(keeper.errors_path.stat().st_mode & 0o777) == oct(0o600)
+
+
+async def test_a_message_the_socket_refuses_restarts_the_keeper_not_the_supervisor(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hold whose descriptor cannot be sent (here: not an open one, EBADF)
+    raised out of the keeper's task and ended the supervisor. The keeper is stopped instead,
+    and the next one is told every pipe held then."""
+    log = program_log(tmp_path)
+    good, good_w = open_output_pipe()
+    bad = 999_999  # above any descriptor this process has open, never reused by another
+    try:
+        async with running_keeper(tmp_path) as keeper:
+            first = keeper.pid
+            keeper.hold(bad, log, "g1 w0 pid=1")  # a bug elsewhere: a descriptor not open
+            await await_until(
+                lambda: holds("cannot tell the output keeper" in caplog.text),
+                timeout=DEADLINE,
+                message="the refused message to be said",
+            )
+            keeper.release(bad)
+            keeper.hold(good, log, "g1 w1 pid=2")
+
+            async def another_holding_good() -> bool:
+                pid = keeper.pid
+                return pid not in (None, first) and inode(good) in pipes_held_by(pid)
+
+            await await_until(another_holding_good, timeout=DEADLINE, message="a new keeper")
+    finally:
+        os.close(good)
+        os.close(good_w)
