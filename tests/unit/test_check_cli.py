@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from textwrap import dedent
 
+from tests.fixtures.nginx import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "templates" / "nginx.conf.j2"
 
@@ -158,6 +160,7 @@ def test_problems_across_keys_and_on_this_host_are_listed_together_in_order(
     and each kind came in a block of its own."""
     a_file = tmp_path / "a-file"
     a_file.write_text("")
+    port = free_port()  # a port in use on this host would be one more problem
     config = write(
         tmp_path,
         f"""\
@@ -165,10 +168,10 @@ def test_problems_across_keys_and_on_this_host_are_listed_together_in_order(
         programs:
           web:
             command: [no-such-program-fv]
-            socket: {{port: 18080}}
+            socket: {{port: {port}}}
           api:
             command: ["{sys.executable}"]
-            socket: {{port: 18080}}
+            socket: {{port: {port}}}
         watch:
           - keys: [a/b]
             template: {tmp_path}/missing.j2
@@ -178,7 +181,7 @@ def test_problems_across_keys_and_on_this_host_are_listed_together_in_order(
     result = check(config)
     assert problem_lines(result) == [
         f"{config}:4: programs.web.command: command 'no-such-program-fv': not found in PATH",
-        f"{config}:8: programs.api.socket.port: 127.0.0.1:18080 is programs.web's already (each "
+        f"{config}:8: programs.api.socket.port: 127.0.0.1:{port} is programs.web's already (each "
         "fixed port belongs to one program)",
         f"{config}:11: watch.0.template: {tmp_path}/missing.j2 does not exist",
         f"{config}:12: watch.0.dest: {a_file} is a file, not a folder",
