@@ -26,7 +26,7 @@ from .config import Config, ProgramConfig, SocketConfig
 from .config_fields import WATCH_TEMPLATE_CONTEXT
 from .errors import BindError, ProxyError, SpawnError
 from .locate import socket_path
-from .proxy import flip_context, parse_template, render_template
+from .proxy_template import flip_context, parse_template, render_template
 from .runrecord import read_record
 from .sockets import bind_listener
 from .spawn import resolve_executable

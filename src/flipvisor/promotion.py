@@ -41,15 +41,14 @@ from .progress import FlipReport
 from .proxy import (
     Installed,
     check,
-    flip_context,
     install,
     proxy_workers,
     reload,
     remove,
-    render_template,
     take_away,
     wait_workers_gone,
 )
+from .proxy_template import flip_context, render_template
 from .reaper import Reaper
 from .registry import Registry, Snapshot
 from .starttime import Recorded

@@ -32,7 +32,8 @@ import anyio
 
 from .config import WatchConfig
 from .errors import ProxyError, RegistryError
-from .proxy import install, proxy_workers, reload, render_template, wait_workers_gone
+from .proxy import install, proxy_workers, reload, wait_workers_gone
+from .proxy_template import render_template
 from .reaper import Reaper
 from .registry import KeyRange, WatchableRegistry, WatchEvent, key_matches
 from .watch_follow import KeyFollower, follow_keys

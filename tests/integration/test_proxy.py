@@ -19,14 +19,8 @@ import psutil
 import pytest
 
 from flipvisor.errors import ProxyError, ProxyFileError
-from flipvisor.proxy import (
-    flip_context,
-    install,
-    proxy_workers,
-    reload,
-    render_template,
-    wait_workers_gone,
-)
+from flipvisor.proxy import install, proxy_workers, reload, wait_workers_gone
+from flipvisor.proxy_template import flip_context, render_template
 from flipvisor.reaper import Reaper
 from flipvisor.spawn import Child, spawn_process
 from flipvisor.starttime import Recorded, identity_of, recorded_now

@@ -29,7 +29,7 @@ SPAWN = {"spawn", "output_pipe", "run_command", "verified_signal", "strays"}
 # supervisor's side of it, which every worker tells about its pipe.
 KEEPER = {"output_keeper", "kept_outputs"}
 BASE = LEAVES | CONFIG | LOGS | SPAWN | KEEPER | {"reaper", "sockets", "events", "progress"}
-CHECKS = BASE | {"probe", "proxy", "registry"}
+CHECKS = BASE | {"probe", "proxy", "proxy_template", "registry"}
 WORKERS = CHECKS | {"worker", "generation"}
 CORE = WORKERS | {
     "leftovers",
@@ -73,9 +73,10 @@ ALLOWED: dict[str, set[str]] = {
     "logs_follow": {"logs_tail"},
     "sockets": {"config", "errors", "usable"},
     "probe": {"config", "config_consistency", "errors", "run_command", "reaper"},
+    # The template's text (context, render, parse), and the file's installing, checking, reloading.
+    "proxy_template": {"config_fields", "errors"},
     "proxy": {
         "config",
-        "config_fields",
         "errors",
         "run_command",
         "verified_signal",
@@ -87,7 +88,15 @@ ALLOWED: dict[str, set[str]] = {
     # The confd side: the runner (watch), following keys, a template entry, a drain_pid entry.
     "watch": {"registry", "reaper", "config", "signals", "watch_template", "watch_drain"},
     "watch_follow": {"registry", "errors"},
-    "watch_template": {"registry", "proxy", "reaper", "config", "errors", "watch_follow"},
+    "watch_template": {
+        "registry",
+        "proxy",
+        "proxy_template",
+        "reaper",
+        "config",
+        "errors",
+        "watch_follow",
+    },
     "watch_drain": {
         "registry",
         "proxy",
@@ -113,7 +122,7 @@ ALLOWED: dict[str, set[str]] = {
         "config",
         "config_fields",
         "errors",
-        "proxy",
+        "proxy_template",
         "spawn",
         "usable",
         "sockets",

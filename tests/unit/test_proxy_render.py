@@ -9,7 +9,7 @@ import pytest
 
 from flipvisor.config_fields import TEMPLATE_CONTEXT
 from flipvisor.errors import ProxyError
-from flipvisor.proxy import flip_context, render_template
+from flipvisor.proxy_template import flip_context, render_template
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "nginx.conf.j2"
 
