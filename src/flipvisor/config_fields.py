@@ -130,8 +130,8 @@ def _check_env(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
-# What every proxy template gets from the flip (proxy_template.flip_context builds it): a `vars` entry
-# of the same name would be overridden, so it is refused instead.
+# What every proxy template gets from the flip (proxy_template.flip_context builds it): a `vars`
+# entry of the same name would be overridden, so it is refused instead.
 TEMPLATE_CONTEXT = frozenset({"program", "generation", "host", "port", "pids", "upstreams"})
 # What a watch entry's template gets (watch_template.template_context builds it).
 WATCH_TEMPLATE_CONTEXT = frozenset({"keys", "get"})

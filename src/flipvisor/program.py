@@ -28,7 +28,6 @@ from .leftovers import Leftovers
 from .locate import log_path
 from .logs import ProgramLog
 from .progress import FlipReport, pid_list
-from .promotion import unroute
 from .reaper import Reaper
 from .registration import Registration
 from .registry import Registry
@@ -37,6 +36,7 @@ from .retirement import Retirement
 from .sockets import ProgramListener
 from .states import ProgramState
 from .takeover import Takeover
+from .unroute import unroute
 from .worker import Worker
 
 _FATAL, _RUNNING, _STOPPED, _STARTING = (

@@ -16,11 +16,8 @@ workers is the first step of retiring the old generation, kept apart so that a f
 
 from __future__ import annotations
 
-import json
 import logging
 import shlex
-import socket
-import time
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,12 +28,10 @@ from .config import ProgramConfig, ProxyConfig
 from .errors import (
     ProxyError,
     ProxyReloadFailed,
-    ProxyReloadTimedOut,
     RegistryConflict,
     RegistryError,
 )
 from .generation import Generation
-from .leftovers import this_supervisor
 from .progress import FlipReport
 from .proxy import (
     Installed,
@@ -49,6 +44,7 @@ from .proxy import (
     wait_workers_gone,
 )
 from .proxy_template import flip_context, render_template
+from .published_keys import serving_snapshot
 from .reaper import Reaper
 from .registry import Registry, Snapshot
 from .starttime import Recorded
@@ -56,48 +52,6 @@ from .starttime import Recorded
 log = logging.getLogger(__name__)
 
 UNDO_TIMEOUT = 30.0
-HOSTNAME = socket.gethostname()
-
-
-def generation_record(gen: Generation) -> str:
-    """The ``generation/current`` JSON document for ``gen``."""
-    return json.dumps(
-        {
-            "generation": gen.number,
-            "port": gen.port,
-            "pids": gen.pid_records(),
-            "host": HOSTNAME,
-            # Whose workers these are: a supervisor started after this one was killed replaces
-            # them (leftovers.py), unless this one still runs.
-            "supervisor": this_supervisor(),
-            "command": list(gen.config.command),
-            "promoted_at": round(time.time(), 3),
-        }
-    )
-
-
-def serving_snapshot(gen: Generation, replaced: Snapshot) -> Snapshot:
-    """The keys once ``gen`` serves: what ``replaced`` held as current becomes previous."""
-    values = {
-        "port/current": str(gen.port),
-        "pid/current": ",".join(str(pid) for pid in gen.pids),
-        "generation/current": generation_record(gen),
-    }
-    for kind in ("port", "pid"):
-        previous = replaced.get(f"{kind}/current")
-        if previous is not None:
-            values[f"{kind}/previous"] = previous
-    return Snapshot(values)
-
-
-def with_current_pids(gen: Generation, published: Snapshot) -> Snapshot:
-    """``published`` with ``pid/current`` and the record updated after a worker was replaced."""
-    values = dict(published.values)
-    values["pid/current"] = ",".join(str(pid) for pid in gen.pids)
-    record = json.loads(values.get("generation/current") or "{}")
-    record.update(pids=gen.pid_records(), generation=gen.number, port=gen.port)
-    values["generation/current"] = json.dumps(record)
-    return Snapshot(values)
 
 
 @dataclass(frozen=True)
@@ -317,74 +271,6 @@ async def _undo(
             f"{failure}; undoing it failed too: {'; '.join(failed)}; the proxy's files are as "
             "that left them: put them right by hand, check and reload the proxy"
         ) from failure
-
-
-async def unroute(
-    program: str,
-    proxy: ProxyConfig,
-    *,
-    reaper: Reaper,
-    proxy_lock: anyio.Lock,
-    routed: bool = True,
-) -> bool:
-    """Before a program removed from the config drains: remove its proxy file, check the proxy
-    without it, reload, and wait for the proxy's old workers, so that nothing routes to it any
-    more. Returns whether a file was removed. With none, a ``routed`` program (one that serves)
-    reloads the proxy all the same: it may have loaded a file that was deleted by hand. A
-    failure is logged with what to do and does not stop the removal: if the check fails without
-    the file, the file is put back.
-    """
-    async with proxy_lock:
-        try:
-            taken = await remove(
-                proxy.dest, check_cmd=proxy.check_cmd, reaper=reaper, timeout=proxy.timeout
-            )
-        except ProxyError as exc:
-            log.warning(
-                "program=%s was removed from the config, but its proxy file stays in use: %s; "
-                "remove what refers to %s from the proxy's config, delete the file and reload",
-                program,
-                exc,
-                proxy.dest,
-            )
-            return False
-        if taken is None and not routed:
-            return False
-        if taken is None:
-            # Gone already (deleted by hand, say): the proxy may still have it loaded and route
-            # to the program that is about to drain, so it reloads all the same.
-            log.info(
-                "program=%s: its proxy file %s was gone already; reloading the proxy anyway",
-                program,
-                proxy.dest,
-            )
-        old_workers = proxy_workers(proxy.pidfile) if proxy.pidfile else frozenset()
-        try:
-            await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
-        except ProxyReloadTimedOut:
-            old_workers = frozenset()  # it may have reloaded; nothing more to do but drain
-        except ProxyError as exc:
-            # Unlike a flip's, this failed reload is not reloaded back, even though it may have
-            # taken effect: the file is gone on purpose, and a reload that half-applied did
-            # what was wanted. Putting the file back and reloading would route to the program
-            # that drains next; another reload, by whoever, can only converge on the removal.
-            log.warning(
-                "program=%s was removed from the config and its proxy file %s removed, but the "
-                "proxy reload failed: %s; it may route to the drained program until it reloads: "
-                "run %s",
-                program,
-                proxy.dest,
-                exc,
-                shlex.join(proxy.reload_cmd or ()),
-            )
-            return False
-    if not await wait_workers_gone(old_workers, proxy.timeout):
-        log.warning(
-            "program=%s old proxy workers still running %ss after its file was removed",
-            program,
-            proxy.timeout,
-        )
-    return taken is not None
 
 
 async def _replace_file(

@@ -19,7 +19,7 @@ from anyio.abc import TaskGroup
 from .errors import RegistryError
 from .events import EventLog
 from .generation import Generation
-from .promotion import serving_snapshot, with_current_pids
+from .published_keys import serving_snapshot, with_current_pids
 from .registry import Registry, Snapshot
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from .leftovers import Leftovers, find_leftovers, processes_of
 from .logs_capture import capture
 from .orphans import ORPHAN_GRACE, stop_orphans
 from .program import Program, Runtime
-from .promotion import HOSTNAME
+from .published_keys import HOSTNAME
 from .reaper import Reaper, become_subreaper
 from .registry import open_registry
 from .registry.base import WatchableRegistry

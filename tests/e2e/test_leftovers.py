@@ -24,8 +24,8 @@ import pytest
 from flipvisor.client import call
 from flipvisor.config import DrainConfig
 from flipvisor.leftovers import Leftovers, leftovers_in, processes_of
-from flipvisor.promotion import HOSTNAME
 from flipvisor.protocol import Request
+from flipvisor.published_keys import HOSTNAME
 from tests.clock import step_clock
 from tests.e2e.load import Load
 from tests.e2e.test_etcd import keys, registry

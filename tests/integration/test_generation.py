@@ -34,7 +34,7 @@ from flipvisor.events import Event, EventLog
 from flipvisor.generation import Generation
 from flipvisor.logs import ProgramLog
 from flipvisor.output_pipe import OUTPUT_GRACE
-from flipvisor.promotion import serving_snapshot
+from flipvisor.published_keys import serving_snapshot
 from flipvisor.reaper import Reaper
 from flipvisor.registration import Registration
 from flipvisor.registry import Snapshot

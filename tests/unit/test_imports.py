@@ -33,7 +33,9 @@ CHECKS = BASE | {"probe", "proxy", "proxy_template", "registry"}
 WORKERS = CHECKS | {"worker", "generation"}
 CORE = WORKERS | {
     "leftovers",
+    "published_keys",
     "promotion",
+    "unroute",
     "registration",
     "program",
     "flip",
@@ -114,8 +116,10 @@ ALLOWED: dict[str, set[str]] = {
     "worker": BASE,
     "generation": BASE | {"probe", "worker"},
     "leftovers": WORKERS,
-    "promotion": WORKERS | {"leftovers"},
-    "registration": WORKERS | {"promotion", "registry"},
+    "published_keys": WORKERS | {"leftovers"},
+    "promotion": WORKERS | {"leftovers", "published_keys"},
+    "unroute": CHECKS,  # proxy (and config, errors, reaper) only
+    "registration": WORKERS | {"promotion", "published_keys", "registry"},
     "restarts": {"config"},
     "history": {"config"},
     "preflight": {
@@ -133,6 +137,7 @@ ALLOWED: dict[str, set[str]] = {
     | {
         "leftovers",
         "promotion",
+        "unroute",
         "registration",
         "restarts",
         "history",

@@ -1,0 +1,87 @@
+"""The removal counterpart of a promotion: before a program removed from the config drains, its
+proxy file is removed, the proxy checked without it and reloaded, and the proxy's old workers
+awaited, so that nothing routes to the program any more. Failures are logged with what to do and
+never stop the removal.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+
+import anyio
+
+from .config import ProxyConfig
+from .errors import ProxyError, ProxyReloadTimedOut
+from .proxy import proxy_workers, reload, remove, wait_workers_gone
+from .reaper import Reaper
+
+log = logging.getLogger(__name__)
+
+
+async def unroute(
+    program: str,
+    proxy: ProxyConfig,
+    *,
+    reaper: Reaper,
+    proxy_lock: anyio.Lock,
+    routed: bool = True,
+) -> bool:
+    """Before a program removed from the config drains: remove its proxy file, check the proxy
+    without it, reload, and wait for the proxy's old workers, so that nothing routes to it any
+    more. Returns whether a file was removed. With none, a ``routed`` program (one that serves)
+    reloads the proxy all the same: it may have loaded a file that was deleted by hand. A
+    failure is logged with what to do and does not stop the removal: if the check fails without
+    the file, the file is put back.
+    """
+    async with proxy_lock:
+        try:
+            taken = await remove(
+                proxy.dest, check_cmd=proxy.check_cmd, reaper=reaper, timeout=proxy.timeout
+            )
+        except ProxyError as exc:
+            log.warning(
+                "program=%s was removed from the config, but its proxy file stays in use: %s; "
+                "remove what refers to %s from the proxy's config, delete the file and reload",
+                program,
+                exc,
+                proxy.dest,
+            )
+            return False
+        if taken is None and not routed:
+            return False
+        if taken is None:
+            # Gone already (deleted by hand, say): the proxy may still have it loaded and route
+            # to the program that is about to drain, so it reloads all the same.
+            log.info(
+                "program=%s: its proxy file %s was gone already; reloading the proxy anyway",
+                program,
+                proxy.dest,
+            )
+        old_workers = proxy_workers(proxy.pidfile) if proxy.pidfile else frozenset()
+        try:
+            await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+        except ProxyReloadTimedOut:
+            old_workers = frozenset()  # it may have reloaded; nothing more to do but drain
+        except ProxyError as exc:
+            # Unlike a flip's, this failed reload is not reloaded back, even though it may have
+            # taken effect: the file is gone on purpose, and a reload that half-applied did
+            # what was wanted. Putting the file back and reloading would route to the program
+            # that drains next; another reload, by whoever, can only converge on the removal.
+            log.warning(
+                "program=%s was removed from the config and its proxy file %s removed, but the "
+                "proxy reload failed: %s; it may route to the drained program until it reloads: "
+                "run %s",
+                program,
+                proxy.dest,
+                exc,
+                shlex.join(proxy.reload_cmd or ()),
+            )
+            return False
+    if not await wait_workers_gone(old_workers, proxy.timeout):
+        log.warning(
+            "program=%s old proxy workers still running %ss after its file was removed",
+            program,
+            proxy.timeout,
+        )
+    return taken is not None
