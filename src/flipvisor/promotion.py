@@ -36,7 +36,7 @@ from .errors import (
     RegistryError,
 )
 from .generation import Generation
-from .leftovers import this_supervisor
+from .lineage import this_supervisor
 from .progress import FlipReport
 from .proxy import (
     Installed,
