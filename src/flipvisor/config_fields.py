@@ -115,6 +115,7 @@ RESERVED_ENV = frozenset(
         "FLIPVISOR_GENERATION",
         "FLIPVISOR_WORKER",
         "FLIPVISOR_STATE_DIR",
+        "FLIPVISOR_SUPERVISOR",
     }
 )
 

@@ -15,10 +15,17 @@ the kernel refuses that (no ptrace permission), they are stopped before the new 
 
 The record names only the workers that served. When the supervisor did not exit cleanly (its
 control socket file was left behind), every process is also looked for whose environment names
-this ``state_dir`` (``FLIPVISOR_STATE_DIR``, set for every worker and inherited by what it
-starts): a flip's generation not yet promoted, a warm or draining one, what the workers started
-in their process groups. They join their program's leftovers; those of a program no longer in the
-config are stopped at once.
+this ``state_dir`` and another supervisor (``lineage.py``: set for every worker and inherited by
+what it starts): a flip's generation not yet promoted, a warm or draining one, what the workers
+started in their process groups. They join their program's leftovers; those of a program no
+longer in the config are stopped at once.
+
+What they start after that (a pre-fork master's replacement worker, a worker's helper) is looked
+for again whenever they are signalled (their ``lineage``): the processes of their program whose
+environment names this state_dir and another supervisor than this one (whose own workers of the
+program are never among them), and those in the process groups they lead. Each gets the drain
+signal with them, and the SIGKILL at the timeout looks again, round after round: nothing of
+theirs is left running, re-parented to init, once its parent is killed.
 
 Every signal goes through a pidfd opened for the recorded (or just read) start tick and boot id,
 never to a bare PID: a clock step (which moves every process's start time in seconds) changes
@@ -31,14 +38,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 import os
-import select
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -46,27 +51,21 @@ import anyio
 from .config import DrainConfig, SocketConfig
 from .errors import RegistryError
 from .generation import KILL_GRACE
+from .lineage import PROGRAM_ENV, Lineage, environ_of, exited
 from .progress import pid_list
 from .proxy import wait_workers_gone
 from .registry import WatchableRegistry, program_key
-from .starttime import Recorded, recorded_from_json, recorded_now, with_identity
+from .starttime import Recorded, recorded_from_json, with_identity
 from .verified_signal import pidfd_if_still, signal_verified
 
 log = logging.getLogger(__name__)
 
 LISTEN_FD = 3  # where every worker has its generation's socket (LISTEN_FDS)
-STATE_DIR_ENV = "FLIPVISOR_STATE_DIR"  # in every worker's environment (worker.worker_env)
-_PROGRAM_ENV = b"FLIPVISOR_PROGRAM="
 _LISTEN_PID_ENV = b"LISTEN_PID="  # the spawn shim exports the worker's own PID
 _SYS_PIDFD_GETFD = 438  # the same number on every architecture Linux added it to at once (5.6)
-
-
-@cache
-def this_supervisor() -> dict[str, Any]:
-    """``{"pid": ..., "started": ..., "ticks": ..., "boot_id": ...}`` of this process, for the
-    ``generation/current`` record."""
-    pid = os.getpid()
-    return (recorded_now(pid) or Recorded(pid, None, 0.0)).to_json()
+# How many times the SIGKILL at the end of a drain looks again for what the leftovers started
+# (what a master forked while it was being killed) before giving up.
+KILL_ROUNDS = 5
 
 
 @dataclass(frozen=True)
@@ -80,6 +79,9 @@ class Leftovers:
     # The ``generation/current`` record that named them: their keys are withdrawn (when the
     # program stops before this supervisor promoted it) only while it still names them.
     record: str | None = None
+    # Where what they start after they were found is looked for whenever they are signalled
+    # (None: nowhere, only ``workers`` are signalled).
+    lineage: Lineage | None = None
 
     def describe(self) -> str:
         pids = pid_list(worker.pid for worker in self.workers)
@@ -123,23 +125,88 @@ class Leftovers:
     ) -> list[int]:
         """Wait ``drain.delay`` (unless ``delay`` is False), send ``drain.signal``, SIGKILL after
         ``drain.timeout`` or as soon as ``hurry`` is set (a shutdown), and wait until they are
-        gone. Returns the PIDs that were killed."""
+        gone. Returns the PIDs that were killed.
+
+        What they started since they were found (``lineage``: a master's replacement worker, a
+        worker's helper) is signalled with them; what they start after the signal gets it once
+        all those signalled have exited. The SIGKILL looks again, round after round: nothing of
+        theirs is left running, re-parented to init, once its parent is killed.
+        """
         if delay:
             await anyio.sleep(drain.delay)
-        signalled = [w for w in self.workers if signal_verified(w, drain.signal)]
+        signalled = self._signal_more(drain.signal, [])
         if signalled:
             log.info(
                 "program=%s sent %s to %s",
                 self.program,
                 signal.Signals(drain.signal).name,
-                self.describe(),
+                self._describe(signalled),
             )
-        if await _gone_within(signalled, drain.timeout, hurry):
+
+        async def until_none_is_left() -> None:
+            while True:
+                await wait_workers_gone(signalled, math.inf)
+                if not (more := self._signal_more(drain.signal, signalled)):
+                    return
+                log.info(
+                    "program=%s sent %s to pid %s too, which %s started after their signal",
+                    self.program,
+                    signal.Signals(drain.signal).name,
+                    pid_list(p.pid for p in more),
+                    self.describe(),
+                )
+                signalled.extend(more)
+
+        if await _within(until_none_is_left, drain.timeout, hurry):
             return []
-        still = [w for w in signalled if _running(w)]
-        killed = [w for w in still if signal_verified(w, signal.SIGKILL)]
-        await wait_workers_gone(killed, KILL_GRACE)
-        return [w.pid for w in killed]
+        return await self._kill_the_rest(signalled)
+
+    async def _kill_the_rest(self, signalled: list[Recorded]) -> list[int]:
+        """SIGKILL what still runs of them, and wait until it is gone; the PIDs killed. Round
+        after round: what a master forked just before it was killed is found in the next."""
+        killed: list[Recorded] = []
+        for _ in range(KILL_ROUNDS):
+            done = {p.pid for p in killed}  # (one stuck in the kernel is not killed twice)
+            now = [p for p in self._family([*signalled, *killed]) if p.pid not in done and _kill(p)]
+            if not now:
+                return [p.pid for p in killed]
+            killed.extend(now)
+            await wait_workers_gone(now, KILL_GRACE)
+        log.warning(
+            "program=%s: %s kept starting processes while being killed; stopped after %d rounds",
+            self.program,
+            self.describe(),
+            KILL_ROUNDS,
+        )
+        return [p.pid for p in killed]
+
+    def _signal_more(self, sig: signal.Signals, signalled: list[Recorded]) -> list[Recorded]:
+        """Send ``sig`` to what runs of them and of what they started (``_family``), but those
+        ``signalled`` already (a second SIGTERM may mean "stop now"); those it was sent to."""
+        done = {p.pid for p in signalled}
+        return [
+            p
+            for p in self._family(signalled)
+            if p.pid not in done and _running(p) and signal_verified(p, sig)
+        ]
+
+    def _family(self, known: list[Recorded]) -> list[Recorded]:
+        """Their workers, ``known`` (found before), and what runs now that they started
+        (``lineage``): once each."""
+        family: dict[int, Recorded] = {}
+        for process in [*self.workers, *known]:
+            family.setdefault(process.pid, process)
+        if self.lineage is not None:
+            for found in self.lineage.find(list(family.values())):
+                family.setdefault(found.pid, found)
+        return list(family.values())
+
+    def _describe(self, processes: list[Recorded]) -> str:
+        workers = {p.pid for p in self.workers}
+        started = [p.pid for p in processes if p.pid not in workers]
+        if not started:
+            return self.describe()
+        return f"{self.describe()} and pid {pid_list(started)}, which they started"
 
     def take_socket(self, config: SocketConfig) -> socket.socket | None:
         """A duplicate of the listening socket on ``config``'s address that a leftover worker
@@ -168,22 +235,31 @@ class Leftovers:
         return None
 
 
-async def _gone_within(workers: list[Recorded], timeout: float, hurry: anyio.Event | None) -> bool:
-    """Whether ``workers`` all exit within ``timeout``; False at once when ``hurry`` is set."""
-    if hurry is None:
-        return await wait_workers_gone(workers, timeout)
-    gone = False
+async def _within(
+    work: Callable[[], Awaitable[None]], timeout: float, hurry: anyio.Event | None
+) -> bool:
+    """Whether ``work`` is done within ``timeout``; False at once when ``hurry`` is set (it is
+    cancelled either way)."""
+    done = False
     async with anyio.create_task_group() as tg:
 
-        async def wait() -> None:
-            nonlocal gone
-            gone = await wait_workers_gone(workers, timeout)
+        async def run() -> None:
+            nonlocal done
+            with anyio.move_on_after(timeout):
+                await work()
+                done = True
             tg.cancel_scope.cancel()
 
-        tg.start_soon(wait)
-        await hurry.wait()
-        tg.cancel_scope.cancel()
-    return gone
+        tg.start_soon(run)
+        if hurry is not None:
+            await hurry.wait()
+            tg.cancel_scope.cancel()
+    return done
+
+
+def _kill(process: Recorded) -> bool:
+    """SIGKILL ``process`` if it still runs as recorded (a zombie would take it too)."""
+    return _running(process) and signal_verified(process, signal.SIGKILL)
 
 
 def _pidfd_getfd(pidfd: int, target_fd: int) -> int:
@@ -272,24 +348,15 @@ def _running(process: Recorded, *, program: str | None = None, worker: bool = Fa
     if pidfd is None:
         return False
     try:
-        wanted = [_PROGRAM_ENV + program.encode()] if program is not None else []
+        wanted = [PROGRAM_ENV + program.encode()] if program is not None else []
         if worker:
             wanted.append(_LISTEN_PID_ENV + str(process.pid).encode())
-        if wanted and not set(wanted) <= set(_environ(process.pid)):
+        if wanted and not set(wanted) <= set(environ_of(process.pid)):
             return False
         # Checked last: still running, so what was read concerned the process the pidfd holds.
-        return not select.select([pidfd], [], [], 0)[0]
+        return not exited(pidfd)
     finally:
         os.close(pidfd)
-
-
-def _environ(pid: int) -> list[bytes]:
-    """The ``KEY=value`` entries of ``pid``'s environment; none if it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as file:
-            return file.read().split(b"\0")
-    except OSError:
-        return []
 
 
 async def find_leftovers(
@@ -313,39 +380,4 @@ async def find_leftovers(
     for key, name in keys.items():
         if (leftovers := leftovers_in(name, values.get(key), host)) is not None:
             found[name] = leftovers
-    return found
-
-
-def processes_of(state_dir: Path) -> dict[str, list[Recorded]]:
-    """Every running process whose environment says a supervisor of ``state_dir`` started it, or
-    one of its workers did, as it runs now (its start tick and boot id prove it from then on), by
-    the program its ``FLIPVISOR_PROGRAM`` names ("" without one). Processes whose environment
-    cannot be read (another user's) are skipped.
-    """
-    marker = f"{STATE_DIR_ENV}={state_dir}".encode()
-    found: dict[str, list[Recorded]] = {}
-    own = os.getpid()
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == own:
-            continue
-        pid = int(name)
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            continue
-        try:
-            environ = _environ(pid)
-            if marker not in environ:
-                continue
-            process = recorded_now(pid)
-            # Still running after the reads: they concerned the process the pidfd holds (its PID
-            # cannot have been reused while it runs).
-            if process is None or select.select([pidfd], [], [], 0)[0]:
-                continue
-            program = next(
-                (v[len(_PROGRAM_ENV) :] for v in environ if v.startswith(_PROGRAM_ENV)), b""
-            )
-            found.setdefault(program.decode(errors="replace"), []).append(process)
-        finally:
-            os.close(pidfd)
     return found

@@ -11,7 +11,7 @@ import socket
 import time
 
 from .generation import Generation
-from .leftovers import this_supervisor
+from .lineage import this_supervisor
 from .registry import Snapshot
 
 HOSTNAME = socket.gethostname()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from .control import AlreadyRunning, ControlServer
 from .errors import EXIT_USAGE, ConfigError, FlipvisorError, UsageError
 from .events import EventLog
 from .kept_outputs import KeptOutput, OutputKeeper, take_over_outputs
-from .leftovers import Leftovers, find_leftovers, processes_of
+from .leftovers import Leftovers, find_leftovers
+from .lineage import Lineage, processes_of
 from .logs_capture import capture
 from .orphans import ORPHAN_GRACE, stop_orphans
 from .program import Program, Runtime
@@ -258,17 +260,24 @@ class Supervisor:
         """What a killed supervisor left running, by program (``leftovers.py``). After an unclean
         exit, its processes that no record names are found too; those of programs no longer in
         the config are stopped now, in ``tg``."""
-        programs = self.config.programs
+        programs, state_dir = self.config.programs, self.config.state_dir
         strays: list[Leftovers] = []
-        found = await find_leftovers(self.registry, self.config.registry.prefix, programs, HOSTNAME)
+        recorded = await find_leftovers(
+            self.registry, self.config.registry.prefix, programs, HOSTNAME
+        )
+        # What they start from now on is looked for whenever they are signalled.
+        found = {
+            name: replace(left, lineage=Lineage(state_dir, name)) for name, left in recorded.items()
+        }
         if not unclean:
             return found
-        for name, processes in processes_of(self.config.state_dir).items():
+        for name, processes in processes_of(state_dir).items():
+            lineage = Lineage(state_dir, name)
             if name in programs:
-                left = found.get(name) or Leftovers(name, None, None, ())
+                left = found.get(name) or Leftovers(name, None, None, (), lineage=lineage)
                 found[name] = left.with_workers(processes)
                 continue
-            stray = Leftovers(name or "?", None, None, tuple(processes))
+            stray = Leftovers(name or "?", None, None, tuple(processes), lineage=lineage)
             self.events.emit(
                 "leftovers", stray.program, None, f"{stray.describe()}: not in the config; stopping"
             )

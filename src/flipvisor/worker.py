@@ -21,6 +21,7 @@ from .config import ProgramConfig
 from .errors import SpawnError
 from .kept_outputs import OutputKeeper
 from .lazy_event import LazyEvent
+from .lineage import this_run
 from .logs import ProgramLog
 from .logs_capture import capture
 from .output_pipe import OUTPUT_GRACE, pipe_ended
@@ -68,7 +69,8 @@ class WorkerSpec:
 def worker_env(
     spec: WorkerSpec, index: int, base: Mapping[str, str] = os.environ
 ) -> dict[str, str]:
-    """The worker's environment: ours, the program's ``env``, and the socket-activation variables.
+    """The worker's environment: ours, the program's ``env``, the socket-activation variables,
+    and whose it is (``FLIPVISOR_STATE_DIR`` and ``FLIPVISOR_SUPERVISOR``: ``lineage.py``).
 
     ``LISTEN_PID`` is added by the spawn shim, which alone knows the worker's PID.
     """
@@ -80,6 +82,7 @@ def worker_env(
         FLIPVISOR_GENERATION=str(spec.generation),
         FLIPVISOR_WORKER=str(index),
         FLIPVISOR_STATE_DIR=str(spec.state_dir),
+        FLIPVISOR_SUPERVISOR=this_run(),
         LISTEN_FDS="1",
         LISTEN_FDNAMES=spec.program,
     )

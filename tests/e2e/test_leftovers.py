@@ -23,7 +23,8 @@ import pytest
 
 from flipvisor.client import call
 from flipvisor.config import DrainConfig
-from flipvisor.leftovers import Leftovers, leftovers_in, processes_of
+from flipvisor.leftovers import Leftovers, leftovers_in
+from flipvisor.lineage import processes_of
 from flipvisor.protocol import Request
 from flipvisor.published_keys import HOSTNAME
 from tests.clock import step_clock
@@ -36,6 +37,7 @@ from tests.e2e.test_operator import sample, scrape
 from tests.e2e.test_supervisor import markers_of
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.flipvisor import Flipvisor, read_until, svc_command
+from tests.fixtures.forking_master import ForkingMaster
 from tests.fixtures.nginx import Nginx, free_port, port_answers
 from tests.waiting import await_until, wait_until
 
@@ -778,3 +780,47 @@ def test_a_sigterm_while_the_start_up_reads_the_registry_still_drains_the_leftov
     # The registry read ends (the connection in the backlog is reset); the start-up goes on.
     assert flipvisor.process.wait(timeout=30) == 0, flipvisor.output()
     wait_gone(old_pids)
+
+
+@pytest.mark.parametrize("how", ["promotion", "shutdown", "reload"])
+def test_what_the_leftovers_start_after_the_start_up_is_stopped_with_them(
+    flipvisor: Flipvisor, survivors: list[psutil.Process], tmp_path: Path, how: str
+) -> None:
+    """A killed supervisor's pre-fork master forks children after the next run looked for its
+    processes: a replacement worker, one in a session of its own, one that cleared its
+    environment. However the leftovers are drained (after the promotion, by a shutdown, or
+    when a reload removes their program), those children are stopped with the master, which
+    ignores SIGTERM and is SIGKILLed: none is left running, re-parented to init. This run's
+    own worker of the program and the child it forked are left alone."""
+    old, new = ForkingMaster(tmp_path, "old"), ForkingMaster(tmp_path, "new")
+    drain = {"delay": 0, "timeout": 1}
+    flipvisor.start({"programs": {"web": {"command": old.command("--stubborn"), "drain": drain}}})
+    [master] = kill_supervisor(flipvisor, "web", survivors)
+    # This run's generation is ready once its worker forked a child (when the test says so).
+    forked = ["grep", "-q", "CHILD", str(new.markers)]
+    ready = {"exec": forked if how == "promotion" else ["false"], "timeout": 60, "interval": 0.05}
+    web = {"command": new.command(), "readiness": ready, "drain": drain}
+    restart_supervisor(flipvisor, {"programs": {"web": web}})
+    wait_until(lambda: "leftovers" in flipvisor.event_kinds(), message="the leftovers found")
+    children = [old.fork(kind) for kind in ("plain", "own-group", "scrubbed")]
+    survivors.extend(psutil.Process(pid) for pid in children)
+    assert flipvisor.process is not None
+    if how == "promotion":
+        ours = [new.wait_started(), new.fork("plain")]
+        survivors.extend(psutil.Process(pid) for pid in ours)
+        flipvisor.wait_serving("web", where=lambda g: g["pids"] == ours[:1])
+    elif how == "shutdown":
+        flipvisor.process.terminate()
+        assert flipvisor.process.wait(timeout=30) == 0, flipvisor.output()
+    else:
+        flipvisor.write_config({"programs": {}})
+        reloaded = flipvisor.cli("reload")
+        assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr + flipvisor.output()
+    # (That each got SIGTERM before, rather than SIGKILL at the timeout, is the integration
+    # test's: here a busy machine could run out the drain timeout first.)
+    wait_gone([master, *children])
+    if how == "promotion":
+        assert not [pid for pid in ours if gone([pid])], flipvisor.output()
+        assert not new.marked("TERM")
+        assert flipvisor.stop() == 0, flipvisor.output()
+        wait_gone(ours)

@@ -3,6 +3,7 @@ taking over their socket, against real processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,11 +20,13 @@ import psutil
 import pytest
 
 from flipvisor.config import DrainConfig, SocketConfig
-from flipvisor.leftovers import Leftovers, leftovers_in, processes_of, this_supervisor
+from flipvisor.leftovers import Leftovers, leftovers_in
+from flipvisor.lineage import Lineage, processes_of, this_run, this_supervisor
 from flipvisor.starttime import Identity, Recorded, recorded_now
 from flipvisor.verified_signal import signal_verified
 from tests.clock import step_clock
-from tests.waiting import wait_until
+from tests.fixtures.forking_master import ForkingMaster
+from tests.waiting import await_until, holds, wait_until
 
 HOST = "web-1"
 DEAD_SUPERVISOR = {"pid": os.getpid(), "started": 1.0}  # our PID, but not our start time
@@ -329,3 +332,72 @@ def test_take_socket_of_a_worker_whose_fd_3_is_no_inet_socket_is_none(
             finally:
                 holder.kill()
                 holder.wait()
+
+
+def start_in_session(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a session of its own, as the spawn shim starts every worker."""
+    return subprocess.Popen(argv, env=env, start_new_session=True)
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` exited (a zombie has: nobody needs to reap it for that)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.anyio
+async def test_a_drain_stops_what_the_leftovers_started_since_they_were_found(
+    tmp_path: Path,
+) -> None:
+    """A killed supervisor's pre-fork master, found at start-up, forks children after that:
+    a replacement worker, one in a session of its own, one that cleared its environment (it
+    stays in the master's process group). The drain signals them with the master, and once the
+    timeout is over (cut short here) SIGKILLs the master, which ignores SIGTERM, with a child
+    it forked after the signal: none is left running, re-parented to init. This run's own
+    processes of the program (its ``FLIPVISOR_SUPERVISOR``) are neither found nor signalled."""
+    state_dir = tmp_path / "state"
+    env = {
+        **os.environ,
+        "FLIPVISOR_STATE_DIR": str(state_dir),
+        "FLIPVISOR_PROGRAM": "web",
+        "FLIPVISOR_SUPERVISOR": "1:1",  # a supervisor that is gone
+    }
+    master = ForkingMaster(tmp_path, "web")
+    leftover = start_in_session(master.command("--stubborn"), env)
+    ours = start_in_session(["sleep", "60"], {**env, "FLIPVISOR_SUPERVISOR": this_run()})
+    children: list[int] = []
+    try:
+        wait_until(lambda: psutil.Process(ours.pid).cmdline()[:1] == ["sleep"], message="exec")
+        assert master.wait_started() == leftover.pid
+        found = processes_of(state_dir)
+        assert [p.pid for p in found.get("web", [])] == [leftover.pid]
+        left = Leftovers("web", None, None, tuple(found["web"]), lineage=Lineage(state_dir, "web"))
+        children = [master.fork(kind) for kind in ("plain", "own-group", "scrubbed")]
+        hurry = anyio.Event()
+        killed: list[int] = []
+
+        async def drain() -> None:
+            killed.extend(await left.drain(DrainConfig(delay=0, timeout=60), hurry=hurry))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(drain)
+                await await_until(
+                    lambda: holds(set(master.marked("TERM")) == {leftover.pid, *children}),
+                    message="the master and its children to get SIGTERM",
+                )
+                late = await anyio.to_thread.run_sync(master.fork, "stubborn")
+                hurry.set()  # the timeout is over
+        assert leftover.wait(timeout=10) == -signal.SIGKILL
+        assert killed == [leftover.pid, late]
+        wait_until(lambda: all(map(gone, [*children, late])), message="the children to be gone")
+        assert ours.poll() is None
+    finally:
+        for pid in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+        for process in (leftover, ours):
+            process.kill()
+            process.wait()

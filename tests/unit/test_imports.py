@@ -23,8 +23,9 @@ CONFIG = {"config", "config_fields", "config_file", "config_consistency"}
 # A program's log: the rotating writer, a worker's capture into it, and the CLI's readers.
 LOGS = {"logs", "logs_capture", "log_lines", "logs_tail", "logs_follow"}
 # Processes: the only creator (spawn), a child's output pipe, a short command run to completion,
-# a recorded process signalled only while its PID names it, our stray children.
-SPAWN = {"spawn", "output_pipe", "run_command", "verified_signal", "strays"}
+# a recorded process signalled only while its PID names it, our stray children, which supervisor
+# started a process (its environment).
+SPAWN = {"spawn", "output_pipe", "run_command", "verified_signal", "strays", "lineage"}
 # The output keeper process (stdlib and the log writer only: it must stay small) and the
 # supervisor's side of it, which every worker tells about its pipe.
 KEEPER = {"output_keeper", "kept_outputs"}
@@ -65,6 +66,7 @@ ALLOWED: dict[str, set[str]] = {
     "run_command": {"reaper", "spawn", "output_pipe", "strays"},
     "verified_signal": {"starttime"},
     "strays": set(),
+    "lineage": {"starttime", "verified_signal"},
     # Not config: the output keeper writes logs without loading the config's models.
     "logs": {"logs_follow"},  # logs_follow: the numbering its files get
     "log_lines": set(),
@@ -116,8 +118,8 @@ ALLOWED: dict[str, set[str]] = {
     "worker": BASE,
     "generation": BASE | {"probe", "worker"},
     "leftovers": WORKERS,
-    "published_keys": WORKERS | {"leftovers"},
-    "promotion": WORKERS | {"leftovers", "published_keys"},
+    "published_keys": WORKERS,
+    "promotion": WORKERS | {"published_keys"},
     "unroute": CHECKS,  # proxy (and config, errors, reaper) only
     "registration": WORKERS | {"promotion", "published_keys", "registry"},
     "restarts": {"config"},

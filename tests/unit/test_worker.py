@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from flipvisor import restarts
 from flipvisor.config import ProgramConfig
 from flipvisor.config_fields import RESERVED_ENV
 from flipvisor.restarts import BACKOFF_BASE, BACKOFF_CAP, RestartBudget, backoff_delay
+from flipvisor.starttime import start_ticks_of
 from flipvisor.worker import WorkerSpec, describe_exit, expand_placeholders, worker_env
 
 SAMPLES = 200
@@ -124,6 +126,9 @@ def test_socket_activation_variables() -> None:
     assert env["FLIPVISOR_GENERATION"] == "3"
     assert env["FLIPVISOR_WORKER"] == "2"
     assert env["FLIPVISOR_STATE_DIR"] == "/var/lib/flipvisor"
+    # Whose it is: this supervisor's PID and start tick (what tells its processes from a
+    # killed supervisor's: lineage.py).
+    assert env["FLIPVISOR_SUPERVISOR"] == f"{os.getpid()}:{start_ticks_of(os.getpid())}"
     # Our own supervisor's socket activation must not reach the worker: the spawn shim sets
     # LISTEN_PID to the worker's PID, and NOTIFY_SOCKET is only ours when readiness says so.
     assert "LISTEN_PID" not in env
