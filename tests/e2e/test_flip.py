@@ -479,6 +479,7 @@ def test_a_restart_in_the_old_generation_while_the_proxy_drains_leaves_the_keys_
     flip = flipvisor.cli_started("flip", "web", "--json")
     wait_until(
         lambda: (f := flipvisor.program("web")["flip"]) is not None and f["step"] == "proxy-drain",
+        timeout=30,  # a whole flip up to there (spawn, probe, nginx -t, reload): slow when loaded
         message="the flip to wait for nginx's old worker",
     )
     # nginx routes to generation 2 already: the lifecycle says so now, not after the wait.
