@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     command(
         "check",
         "validate the config file, and that its commands, directories, templates, proxy files, "
-        "state_dir and metrics address work here",
+        "state_dir and metrics address work here, for the user running it",
         json_output=True,
     )
     shutdown = command(

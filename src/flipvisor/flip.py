@@ -274,8 +274,15 @@ class Flips:
             return await self._promote(report, gen)
         except BaseException as exc:
             reason = gen.failure or _reason(exc)
+            # A stop's cancellation (``abandon``) is no failure of the generation: it ends
+            # stopped, and `events` shows no `failed` before the flip-abandoned.
+            called_off = (
+                isinstance(exc, anyio.get_cancelled_exc_class())
+                and self.abandon is not None
+                and self.abandon.cancel_called
+            )
             with anyio.CancelScope(shield=True), anyio.move_on_after(DISCARD_TIMEOUT):
-                await gen.discard(reason)
+                await (gen.call_off() if called_off else gen.discard(reason))
             program.generations.remove(gen)
             report.output = list(gen.tail)  # for a flip that --timeout cancelled, too
             if isinstance(exc, FlipvisorError | TimeoutError):

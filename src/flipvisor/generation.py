@@ -86,6 +86,9 @@ class Generation:
         self.state = GenerationState.STARTING
         self.failure: str | None = None
         self.was_serving = False
+        # Stopped before it served because its flip was called off (``call_off``): it ends
+        # STOPPED, not FAILED, unless a worker failed it first.
+        self._called_off = False
         # The program's first generation: nothing serves that a failure must protect.
         self.first = first
         self._process_groups: set[int] = set()
@@ -378,6 +381,9 @@ class Generation:
         if self.state is GenerationState.DRAINING:  # drained, whether it served or was ready
             self.transition(GenerationState.STOPPED)
             return
+        if self._called_off and self.failure is None and not self.was_serving:
+            self.transition(GenerationState.STOPPED)
+            return
         never_served = not self.was_serving and self.state is not GenerationState.READY
         if never_served or (self.failure is not None and not self.was_serving):
             self.failure = self.failure or "stopped before it was ready"
@@ -463,6 +469,14 @@ class Generation:
     async def discard(self, reason: str) -> None:
         """Stop a generation that never served, at once; it ends FAILED."""
         self.fail(reason)
+        self.request_stop(delay=0.0)
+        await self._stopped.wait()
+
+    async def call_off(self) -> None:
+        """Stop a generation that never served because its flip was called off (a ``stop``, the
+        shutdown), at once like ``discard``; it ends STOPPED: nothing of it failed, and a
+        ``failed`` event would read as a broken release."""
+        self._called_off = True
         self.request_stop(delay=0.0)
         await self._stopped.wait()
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
+import errno
 import itertools
 import os
 import time
@@ -28,6 +30,17 @@ def read_seq(fd: int) -> int | None:
         return int(os.getxattr(fd, SEQ_XATTR))
     except (OSError, ValueError):
         return None
+
+
+def can_number(fd: int) -> bool:
+    """Whether the file system of the open file ``fd`` takes user extended attributes, so that
+    ``ProgramLog`` numbers its files there (ramfs does not, nor tmpfs before Linux 6.6, nor some
+    overlay file systems)."""
+    try:
+        os.getxattr(fd, SEQ_XATTR)
+    except OSError as exc:
+        return exc.errno != errno.ENOTSUP
+    return True
 
 
 def follow(
@@ -60,6 +73,13 @@ def follow(
 
 # Where ``follow`` lost lines: the log rotated files out (deleted them) before they were read.
 SKIPPED_MARK = b"[flipvisor] lines skipped here: the log rotated faster than it was followed\n"
+# Where it may have: the file it read last was rotated out before it saw the next one, and the
+# files carry no numbers to tell whether one came between (``can_number``).
+UNNUMBERED_MARK = (
+    b"[flipvisor] lines may be missing here: the log rotated past the file being followed, and "
+    b"its files are not numbered to tell (no user extended attributes on this file system, or "
+    b"files of an earlier flipvisor)\n"
+)
 # How soon ``follow`` looks again when it found the log in the middle of a rotation.
 SETTLE_INTERVAL = 0.002
 
@@ -96,8 +116,8 @@ def _follow(
                 if pending:
                     yield from _decoded([pending])  # it ended mid-line: finish that line
                     pending = b""
-                if files.advance():
-                    yield from _decoded([SKIPPED_MARK.rstrip(b"\n")])
+                if (mark := files.advance()) is not None:
+                    yield from _decoded([mark.rstrip(b"\n")])
             elif files.shrunk():
                 files.reading.seek(0)
                 pending = b""
@@ -109,14 +129,27 @@ def _follow(
         files.close()
 
 
+class _Sequel(enum.Enum):
+    """How the oldest file kept follows the file ``follow`` read last, once that one is gone."""
+
+    NEXT = "started right after it: nothing lost"
+    LATER = "started later: the files between were rotated out"
+    UNKNOWN = "not numbered, or the file before it was not: cannot tell"
+    NOT_YET = "just started, perhaps not numbered yet: look again"
+
+
+# What ``follow`` yields before a file, by how the file follows the one read before it.
+_MARKS = {_Sequel.NEXT: None, _Sequel.LATER: SKIPPED_MARK, _Sequel.UNKNOWN: UNNUMBERED_MARK}
+
+
 class _Files:
     """The files ``follow`` has yet to read, open: the one it reads, and those the log rotated in
-    after it, oldest first, each with whether lines were lost just before it."""
+    after it, oldest first, each with the mark to yield before it (None: nothing lost)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.reading: BinaryIO | None = None
-        self.queued: collections.deque[tuple[BinaryIO, bool]] = collections.deque()
+        self.queued: collections.deque[tuple[BinaryIO, bytes | None]] = collections.deque()
 
     def begin(self, start: tuple[Identity, int] | None, last: int) -> list[bytes] | None:
         """Open the file ``follow`` was called on at its offset then, and the files rotated in
@@ -133,10 +166,10 @@ class _Files:
             if not newer:
                 return None
             self.reading = newer.pop(0)
-            self.queued.extend((stream, False) for stream in newer)
+            self.queued.extend((stream, None) for stream in newer)
             return [SKIPPED_MARK.rstrip(b"\n")]
         self.reading = found
-        self.queued.extend((stream, False) for stream in newer)
+        self.queued.extend((stream, None) for stream in newer)
         offset = min(start[1], os.fstat(found.fileno()).st_size)
         lines = last_lines(found, offset, last)
         found.seek(offset)
@@ -157,41 +190,42 @@ class _Files:
         if walked is None:
             return False
         newer, found = walked
-        gap = False
+        mark: bytes | None = None
         if found is not None:
             found.close()  # the same file as ``newest``, opened twice
         elif newer:
             # ``newest`` rotated out too: the oldest file kept comes right after it only if
             # ``ProgramLog`` numbered it so.
-            after = _comes_after(read_seq(newest.fileno()), newer[0])
-            if after is None:
+            sequel = _sequel(read_seq(newest.fileno()), newer[0])
+            if sequel is _Sequel.NOT_YET:
                 _close_all(newer)
                 return False
-            gap = not after
-        gap = self._drop_rotated_out() or gap
+            mark = _MARKS[sequel]
+        mark = self._drop_rotated_out() or mark
         for stream in newer:
-            self.queued.append((stream, gap))
-            gap = False
+            self.queued.append((stream, mark))
+            mark = None
         return True
 
-    def _drop_rotated_out(self) -> bool:
+    def _drop_rotated_out(self) -> bytes | None:
         """Close the queued files the log deleted before they were read (so that a follower
-        never holds more than the log keeps); True if that left a gap at the queue's end."""
+        never holds more than the log keeps); ``SKIPPED_MARK`` if that left a gap at the
+        queue's end."""
         dropped = False
         while self.queued and os.fstat(self.queued[0][0].fileno()).st_nlink == 0:
             self.queued.popleft()[0].close()
             dropped = True
         if dropped and self.queued:
-            self.queued[0] = (self.queued[0][0], True)
-            return False
-        return dropped
+            self.queued[0] = (self.queued[0][0], SKIPPED_MARK)
+            return None
+        return SKIPPED_MARK if dropped else None
 
-    def advance(self) -> bool:
-        """Go on to the next file (the one read is complete); whether lines were lost between."""
+    def advance(self) -> bytes | None:
+        """Go on to the next file (the one read is complete); the mark to yield before it."""
         assert self.reading is not None
         self.reading.close()
-        self.reading, gap = self.queued.popleft()
-        return gap
+        self.reading, mark = self.queued.popleft()
+        return mark
 
     def shrunk(self) -> bool:
         """Whether the file read is still the log's current file, and shorter than read."""
@@ -252,14 +286,18 @@ def _walk(path: Path, stop: Identity) -> tuple[list[BinaryIO], BinaryIO | None] 
     return opened[::-1], found
 
 
-def _comes_after(seq: int | None, newer: BinaryIO) -> bool | None:
-    """Whether ``newer`` is the file the log started right after the file numbered ``seq``
-    (unknown counts as no); None if ``newer`` was started so recently that it may not be
-    numbered yet."""
+def _sequel(seq: int | None, newer: BinaryIO) -> _Sequel:
+    """How ``newer`` follows the file numbered ``seq``: started right after it or later; unknown
+    without both numbers (a file system without user xattrs, files of an older flipvisor); not
+    yet known while ``newer`` is so new that it may not be numbered yet (where it can be)."""
     newer_seq = read_seq(newer.fileno())
     if newer_seq is None:
-        return None if os.fstat(newer.fileno()).st_size == 0 else False
-    return seq is not None and newer_seq == seq + 1
+        if os.fstat(newer.fileno()).st_size == 0 and can_number(newer.fileno()):
+            return _Sequel.NOT_YET
+        return _Sequel.UNKNOWN
+    if seq is None:
+        return _Sequel.UNKNOWN
+    return _Sequel.NEXT if newer_seq == seq + 1 else _Sequel.LATER
 
 
 def _identity(info: os.stat_result) -> Identity:

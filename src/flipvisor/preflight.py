@@ -31,6 +31,8 @@ from .runrecord import read_record
 from .sockets import bind_listener
 from .spawn import resolve_executable
 from .usable import (
+    closed_folder,
+    closed_folder_problem,
     file_problem,
     folder_problem,
     in_use,
@@ -86,7 +88,9 @@ def host_problems(config: Config, config_path: Path | None = None) -> list[HostP
             problems.append(found)
     for index, entry in enumerate(config.watch):
         where = ("watch", str(index))
-        if entry.template is not None and not entry.template.is_file():
+        if entry.template is not None and (why := _unreadable(entry.template)):
+            problems.append(HostProblem((*where, "template"), why))
+        elif entry.template is not None and not entry.template.is_file():
             problems.append(HostProblem((*where, "template"), f"{entry.template} does not exist"))
         elif entry.template is not None:
             # Parsed, not rendered: its keys exist only at run time.
@@ -121,9 +125,13 @@ def _program_problems(
     where: tuple[str, ...], name: str, program: ProgramConfig
 ) -> Iterator[HostProblem]:
     cwd = program.cwd
-    if cwd is not None and not cwd.is_dir():
-        yield HostProblem((*where, "cwd"), f"{cwd} is not a directory")
+    if cwd is not None and (closed := closed_folder(cwd, itself=True)) is not None:
+        denied = closed_folder_problem(closed)
+        yield HostProblem((*where, "cwd"), _denied(denied, f"could not work in {cwd}"))
         cwd = None  # the commands cannot be looked for there
+    elif cwd is not None and not cwd.is_dir():
+        yield HostProblem((*where, "cwd"), f"{cwd} is not a directory")
+        cwd = None
     env = {**os.environ, **program.env}
     yield from _command_problems((*where, "command"), program.command, cwd, env)
     if program.readiness is not None:
@@ -137,6 +145,9 @@ def _program_problems(
         yield HostProblem((*where, "proxy", "dest"), why)
     yield from _command_problems((*where, "proxy", "check_cmd"), proxy.check_cmd, None)
     yield from _command_problems((*where, "proxy", "reload_cmd"), proxy.reload_cmd, None)
+    if why := _unreadable(proxy.template):
+        yield HostProblem((*where, "proxy", "template"), why)
+        return
     try:
         context = flip_context(
             program=name,
@@ -232,4 +243,24 @@ def _command_problems(
     try:
         resolve_executable(argv[0], env if env is not None else dict(os.environ), cwd)
     except SpawnError as exc:
-        yield HostProblem(where, str(exc))
+        if isinstance(exc.__cause__, PermissionError):  # a folder this user may not enter
+            consequence = "could not start it, and `check` cannot tell whether it is there"
+            yield HostProblem(where, _denied(str(exc), consequence))
+        else:
+            yield HostProblem(where, str(exc))
+
+
+def _unreadable(template: Path) -> str | None:
+    """Why this user cannot read ``template``, behind a folder it may not enter, or None."""
+    if (closed := closed_folder(template)) is None:
+        return None
+    return _denied(f"{template}: {closed_folder_problem(closed)}", "could not read it")
+
+
+def _denied(problem: str, consequence: str) -> str:
+    """A folder this user may not enter, said as what it is: a problem of ``check``'s user,
+    and of ``run`` if it runs as that user; ``run``'s user (root, often) may be allowed."""
+    return (
+        f"{problem}: `run` as this user {consequence}; if `run` runs as another user, run "
+        "`check` as that user"
+    )

@@ -29,6 +29,7 @@ from .errors import SpawnError
 from .output_pipe import open_output_pipe
 from .reaper import ExitWaiter, Reaper
 from .starttime import Recorded, recorded_now
+from .usable import closed_folder, closed_folder_problem
 
 LISTEN_FD = 3
 PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2  # Linux 6.9+: signal the pidfd's process group
@@ -185,6 +186,12 @@ def resolve_executable(argv0: str, env: Mapping[str, str], cwd: Path | None) -> 
     if "/" in argv0:
         candidate = Path(argv0) if cwd is None else cwd / argv0
         if not os.access(candidate, os.X_OK) or candidate.is_dir():
+            # Behind a folder this user may not enter, the file may well be there: say which
+            # folder (the cause tells `check` that another user may be allowed).
+            if (closed := closed_folder(candidate)) is not None:
+                raise SpawnError(
+                    f"command {argv0!r}: {closed_folder_problem(closed)}"
+                ) from PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(closed))
             raise SpawnError(f"command {argv0!r}: no such executable file")
         return argv0
     path = env.get("PATH", os.defpath)

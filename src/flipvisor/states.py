@@ -42,16 +42,30 @@ class WorkerState(StrEnum):
     STOPPED = "stopped"
 
 
+# A generation whose flip a stop called off before it served goes to STOPPED from where it was
+# (``Generation.call_off``): nothing of it failed.
 GENERATION_TRANSITIONS: dict[GenerationState, frozenset[GenerationState]] = {
-    GenerationState.STARTING: frozenset({GenerationState.READY, GenerationState.FAILED}),
+    GenerationState.STARTING: frozenset(
+        {GenerationState.READY, GenerationState.FAILED, GenerationState.STOPPED}
+    ),
     # A ready generation may be drained without promotion: a warm generation kept for rollback
     # whose window ended, or shutdown arriving between the probe and the promotion.
     GenerationState.READY: frozenset(
-        {GenerationState.PROMOTING, GenerationState.FAILED, GenerationState.DRAINING}
+        {
+            GenerationState.PROMOTING,
+            GenerationState.FAILED,
+            GenerationState.DRAINING,
+            GenerationState.STOPPED,
+        }
     ),
     # A warm generation whose promotion was undone is warm (READY) again.
     GenerationState.PROMOTING: frozenset(
-        {GenerationState.SERVING, GenerationState.FAILED, GenerationState.READY}
+        {
+            GenerationState.SERVING,
+            GenerationState.FAILED,
+            GenerationState.READY,
+            GenerationState.STOPPED,
+        }
     ),
     # A replaced generation kept warm for ``rollback_window`` goes back to READY, unrouted.
     GenerationState.SERVING: frozenset({GenerationState.DRAINING, GenerationState.READY}),

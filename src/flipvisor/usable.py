@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import socket
+import stat
 from pathlib import Path
 
 import psutil
@@ -25,6 +27,45 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def this_user() -> str:
+    """``this user (alice, uid 1000)``: whom a permission refers to (``check`` may be run by
+    another user than ``run``)."""
+    uid = os.geteuid()
+    try:
+        return f"this user ({pwd.getpwuid(uid).pw_name}, uid {uid})"
+    except KeyError:
+        return f"this user (uid {uid})"
+
+
+def closed_folder(path: Path, *, itself: bool = False) -> Path | None:
+    """The first folder on the way to ``path`` (from / down; ``itself``: ``path`` too, a
+    folder to work in) that this user may not enter, or None. A folder that does not exist
+    ends the search: what is missing is another problem.
+
+    ``os.stat`` of a folder inside one that may not be entered fails with EACCES, so the
+    closed one is found by asking each in turn (``os.access``, with the real uid).
+    """
+    path = Path(os.path.abspath(path))
+    on_the_way = [*reversed(path.parents), *([path] if itself else [])]
+    for folder in on_the_way:
+        try:
+            mode = os.stat(folder).st_mode
+        except PermissionError:
+            return folder  # reached through a link whose own way is closed
+        except OSError:
+            return None
+        if not stat.S_ISDIR(mode):
+            return None
+        if not os.access(folder, os.X_OK):
+            return folder
+    return None
+
+
+def closed_folder_problem(folder: Path) -> str:
+    """``this user (alice, uid 1000) may not enter FOLDER (permission denied)``."""
+    return f"{this_user()} may not enter {folder} (permission denied)"
+
+
 def _not_writable(folder: Path) -> str:
     return f"{folder} is not writable by this user (uid {os.geteuid()})"
 
@@ -35,6 +76,8 @@ def folder_problem(folder: Path) -> str | None:
     ``os.access`` asks the kernel with the real uid: root passes mode bits, but not a read-only
     file system.
     """
+    if (closed := closed_folder(folder)) is not None:
+        return f"cannot create or write into {folder}: {closed_folder_problem(closed)}"
     if os.path.lexists(folder):
         if not folder.is_dir():
             return f"{folder} is a file, not a folder"
@@ -52,6 +95,8 @@ def folder_problem(folder: Path) -> str | None:
 def file_problem(path: Path) -> str | None:
     """Why a file cannot be written to ``path`` atomically (a temporary file in its folder,
     renamed over it; missing folders created), or None."""
+    if (closed := closed_folder(path)) is not None:
+        return f"cannot write {path}: {closed_folder_problem(closed)}"
     if path.is_dir():
         return f"{path} is a folder; name a file"
     return folder_problem(path.parent)

@@ -85,6 +85,14 @@ def shutdown_seconds(process: subprocess.Popen[bytes], flipvisor: Flipvisor) -> 
     return time.monotonic() - started
 
 
+def generation_events(flipvisor: Flipvisor, name: str, generation: int) -> list[str]:
+    """The kinds of the events of one generation of ``name``, oldest first."""
+    result = flipvisor.cli("events", name, "--json")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    return [event["kind"] for event in events if event["generation"] == generation]
+
+
 def gone(pids: list[int]) -> bool:
     return not any(
         psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -107,6 +115,9 @@ def test_stop_during_a_flip_rolls_it_back_at_once(flipvisor: Flipvisor) -> None:
     assert status["flip_failures"] == 0, status
     kinds = flipvisor.event_kinds()
     assert "flip-abandoned" in kinds and "flip-failed" not in kinds, kinds
+    # Nor is its generation said to have failed: the stop ended it.
+    called_off = generation_events(flipvisor, "web", 2)
+    assert "failed" not in called_off and "stopped" in called_off, called_off
     wait_until(lambda: gone(old["pids"] + new_pids), timeout=10, message="every worker gone")
 
 
@@ -121,6 +132,8 @@ def test_stop_during_the_first_start_leaves_the_program_stopped_not_fatal(
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr + flipvisor.output()
     status = flipvisor.program("web")
     assert (status["state"], status["fatal_reason"]) == ("stopped", None), status
+    called_off = generation_events(flipvisor, "web", 1)
+    assert "failed" not in called_off and "stopped" in called_off, called_off
     wait_until(lambda: gone(pids), timeout=10, message="the worker gone")
     flipvisor.write_config({"programs": {"web": program()}})  # fixed: a flip deploys it
     started = flipvisor.cli("flip", "web", timeout=30)

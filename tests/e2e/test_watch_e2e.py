@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 import yaml
 
 from flipvisor.registry.local import write_registry_file
+from flipvisor.watch_drain import RELOAD_SETTLE
 from tests.e2e.load import Load
 from tests.e2e.test_lifecycle import held_back
 from tests.fixtures.etcd import EtcdServer
@@ -28,6 +30,10 @@ from tests.fixtures.nginx import Nginx
 from tests.waiting import wait_until
 
 SELFREGISTER = ROOT / "tests" / "apps" / "selfregister.py"
+SETTLED_RELOAD = ROOT / "tests" / "apps" / "settled_reload.py"
+# The log's times are to the millisecond, and "rendered and reloaded" is written a moment after
+# the reload's time that the grace counts from.
+LOG_CLOCK = 0.05
 STOP_TIMEOUT = 15.0
 
 NGINX_TEMPLATE = """upstream selfregistered {
@@ -162,11 +168,18 @@ def test_self_registering_service_flipped_by_watch_alone_under_load(
     tmp_path: Path,
     evidence: bool,
 ) -> None:
-    # Without a pidfile the drain waits a fixed grace after the reload; with one, until nginx's
-    # pre-reload workers are gone.
+    # Without a pidfile the drain waits a fixed grace (RELOAD_SETTLE) after the reload; with
+    # one, until nginx's pre-reload workers are gone. How long nginx takes to retire them is the
+    # machine's, not the test's: without a pidfile, the test's own reload command returns only
+    # once they are gone (the gate), and the test reads the grace from the watcher's log.
     template = tmp_path / "selfregistered.conf.j2"
     template.write_text(
         NGINX_TEMPLATE.replace("PFX", etcd_prefix).replace("LISTEN", str(nginx.listen))
+    )
+    reload_cmd = (
+        nginx.reload_cmd
+        if evidence
+        else [sys.executable, str(SETTLED_RELOAD), str(nginx.pidfile), *nginx.reload_cmd]
     )
     process = watcher.start(
         {
@@ -177,7 +190,7 @@ def test_self_registering_service_flipped_by_watch_alone_under_load(
                     "template": str(template),
                     "dest": str(nginx.conf_dir / "selfregistered.conf"),
                     "check_cmd": nginx.check_cmd,
-                    "reload_cmd": nginx.reload_cmd,
+                    "reload_cmd": reload_cmd,
                     **({"pidfile": str(nginx.pidfile)} if evidence else {}),
                 },
                 {
@@ -216,6 +229,28 @@ def test_self_registering_service_flipped_by_watch_alone_under_load(
         for service in services:
             service.close()
     assert watcher.stop() == 0, watcher.output()[-3000:]
+    if not evidence:
+        settled = drains_after_reloads(watcher.output())
+        assert len(settled) == 2, watcher.output()[-3000:]
+        assert min(settled) >= RELOAD_SETTLE - LOG_CLOCK, (settled, watcher.output()[-3000:])
+
+
+def drains_after_reloads(output: str) -> list[float]:
+    """For each SIGTERM a drain_pid sent, the seconds since the last reload before it, by the
+    watcher's log times."""
+    settled, reloaded = [], None
+    for line in output.splitlines():
+        if "rendered and reloaded" in line:
+            reloaded = log_time(line)
+        elif "sent SIGTERM to pid=" in line and reloaded is not None:
+            settled.append(log_time(line) - reloaded)
+    return settled
+
+
+def log_time(line: str) -> float:
+    """The time a watcher's log line was written (``2026-01-31 12:00:00,123 INFO ...``)."""
+    stamp = datetime.strptime(" ".join(line.split()[:2]), "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()
 
 
 @pytest.mark.etcd

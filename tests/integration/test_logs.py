@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -19,7 +22,7 @@ from flipvisor.config import LogsConfig
 from flipvisor.log_lines import MAX_LINE
 from flipvisor.logs import ProgramLog
 from flipvisor.logs_capture import capture, enlarge_pipe
-from flipvisor.logs_follow import SEQ_XATTR, SKIPPED_MARK, follow, read_seq
+from flipvisor.logs_follow import SEQ_XATTR, SKIPPED_MARK, UNNUMBERED_MARK, follow, read_seq
 from flipvisor.logs_tail import tail_lines
 from flipvisor.output_pipe import open_output_pipe
 from flipvisor.reaper import Reaper
@@ -439,6 +442,7 @@ def test_follow_marks_where_rotation_outran_it(log_path: Path) -> None:
 
 
 MARK = SKIPPED_MARK.decode().rstrip("\n")
+UNNUMBERED = UNNUMBERED_MARK.decode().rstrip("\n")
 
 
 def assert_every_gap_marked(got: list[str], first: int, last: int) -> int:
@@ -626,10 +630,127 @@ def test_follow_past_a_file_rotated_out_while_it_read_it(log_path: Path, numbere
         log.close()
     if numbered:
         assert assert_every_gap_marked(got, 1, written - 1) == 0
-    else:  # a mark, but every line all the same
-        assert got.count(MARK) == 1
-        numbers = [int(line.split()[-1]) for line in got if line != MARK]
+    else:  # a mark that says it cannot tell, and every line all the same
+        assert got.count(UNNUMBERED) == 1 and MARK not in got, got
+        numbers = [int(line.split()[-1]) for line in got if line != UNNUMBERED]
         assert numbers == list(range(1, written))
+
+
+# In a folder on a file system without user xattrs (argv[1]), what `follow` yields past the file
+# it read, rotated out while it read it (as above), as JSON; and whether the files could be
+# numbered there.
+FOLLOW_PAST_A_ROTATED_OUT_FILE = r"""
+import json, os, sys, time
+from pathlib import Path
+from flipvisor.config import LogsConfig
+from flipvisor.logs import ProgramLog
+from flipvisor.logs_follow import can_number, follow
+path = Path(sys.argv[1]) / "app.log"
+log = ProgramLog(path, LogsConfig(max_bytes=1024, backups=2))
+def write(number):
+    log.write_line("g1 w0 pid=1", b"w" * 20 + b" %03d" % number)
+    log.flush()
+write(0)
+deadline = time.monotonic() + 20
+lines = follow(path, poll_interval=0.01, last=1, until=lambda: time.monotonic() > deadline)
+got = [next(lines)]
+written, rotations, inode = 1, 0, os.stat(path).st_ino
+while rotations < 3:  # the file read is .3 now: deleted
+    write(written)
+    written += 1
+    if os.stat(path).st_ino != inode:
+        rotations, inode = rotations + 1, os.stat(path).st_ino
+for line in lines:
+    got.append(line)
+    if line.endswith(" %03d" % (written - 1)):
+        break
+lines.close()
+with path.open("rb") as f:
+    numbered = can_number(f.fileno())
+log.close()
+print(json.dumps({"got": got, "written": written, "can_number": numbered}))
+"""
+
+
+def in_a_ramfs(tmp_path: Path, scenario: str) -> dict[str, Any]:
+    """What ``scenario`` (Python code, given a folder as argv[1]) prints as JSON, run on a ramfs,
+    which takes no user xattrs, mounted in a mount namespace of its own. Skipped where that
+    cannot be (not root, no unshare, or a kernel whose ramfs takes them: ``can_number`` in the
+    JSON says)."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        pytest.skip("needs root and unshare to mount a ramfs in a mount namespace of its own")
+    folder = tmp_path / "ramfs"
+    folder.mkdir()
+    mount = 'mount -t ramfs flipvisor-test "$1" && exec "$0" -c "$2" "$1"'
+    argv = [sys.executable, str(folder), scenario]  # $0, $1, $2
+    result = subprocess.run(
+        [unshare, "--mount", "sh", "-c", mount, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0 and "mount" in result.stderr and "Traceback" not in result.stderr:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs as root and must be able to mount a ramfs: {result.stderr}")
+        pytest.skip(f"cannot mount a ramfs: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    outcome: dict[str, Any] = json.loads(result.stdout)
+    if outcome["can_number"]:
+        pytest.skip("ramfs takes user xattrs on this kernel: nothing to test it with")
+    return outcome
+
+
+def test_follow_on_a_file_system_without_user_xattrs_says_lines_may_be_missing(
+    tmp_path: Path,
+) -> None:
+    """ramfs takes no user xattrs (nor does tmpfs before Linux 6.6, or some overlays), so
+    ``ProgramLog`` cannot number its files there. Past a file rotated out while it was read, the
+    follower cannot tell whether a file came between: it says so, and reads on. It said that
+    lines were skipped, though every one was there."""
+    outcome = in_a_ramfs(tmp_path, FOLLOW_PAST_A_ROTATED_OUT_FILE)
+    got = outcome["got"]
+    assert got.count(UNNUMBERED) == 1 and MARK not in got, got
+    numbers = [int(line.split()[-1]) for line in got if line != UNNUMBERED]
+    assert numbers == list(range(outcome["written"]))
+
+
+# On a file system without user xattrs (argv[1]), with `backups: 0`: a rotation deletes the file
+# read and starts an empty one (its first line still buffered); what `follow` yields then (before
+# its 5 s deadline), as JSON.
+FOLLOW_INTO_A_NEW_EMPTY_FILE = r"""
+import json, sys, time
+from pathlib import Path
+from flipvisor.config import LogsConfig
+from flipvisor.logs import ProgramLog
+from flipvisor.logs_follow import can_number, follow
+path = Path(sys.argv[1]) / "app.log"
+log = ProgramLog(path, LogsConfig(max_bytes=1024, backups=0))
+log.write_line("g1 w0 pid=1", b"first")
+log.flush()
+started = time.monotonic()
+lines = follow(path, poll_interval=0.01, last=1, until=lambda: time.monotonic() > started + 5)
+got = [next(lines)]
+while path.stat().st_size:  # up to the rotation, whose line is not flushed yet
+    log.write_line("g1 w0 pid=1", b"w" * 40)
+    if path.stat().st_size:
+        log.flush()
+got.append(next((line for line in lines if not line.endswith("w" * 40)), "(deadline)"))
+with path.open("rb") as f:
+    numbered = can_number(f.fileno())
+log.close()
+print(json.dumps({"got": got, "seconds": time.monotonic() - started, "can_number": numbered}))
+"""
+
+
+def test_follow_does_not_wait_for_a_number_that_cannot_come(tmp_path: Path) -> None:
+    """A file just rotated in and still empty may be about to get its number: the follower
+    looks again. Where files cannot be numbered, it does not wait for one (it polled every 2 ms
+    until the file's first line came, here until its deadline): it says lines may be missing."""
+    outcome = in_a_ramfs(tmp_path, FOLLOW_INTO_A_NEW_EMPTY_FILE)
+    assert outcome["got"][1:] == [UNNUMBERED], outcome
+    assert outcome["seconds"] < 5, outcome
 
 
 def test_follow_holds_no_file_the_log_deleted_before_it_was_read(log_path: Path) -> None:

@@ -31,6 +31,10 @@ GENERATION_MOVES = {
     (G.SERVING, G.DRAINING),
     (G.SERVING, G.READY),
     (G.DRAINING, G.STOPPED),
+    # a generation whose flip a stop called off before it served
+    (G.STARTING, G.STOPPED),
+    (G.READY, G.STOPPED),
+    (G.PROMOTING, G.STOPPED),
 }
 
 WORKER_MOVES = {
