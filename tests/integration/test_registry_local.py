@@ -258,10 +258,13 @@ async def test_a_retry_skips_a_publication_withdrawn_while_an_earlier_one_was_wr
         go_on.set()
 
         async def landed() -> bool:
-            return (blocker / "registry.json").exists()
+            # The file is there once the write's thread renamed it, which may be before the
+            # retry loop hears back from that thread: the loop is past "a" once nothing is
+            # pending any more.
+            return (blocker / "registry.json").exists() and registry.health()["pending"] == []
 
-        await await_until(landed, message="a's publication to land")
-        await anyio.wait_all_tasks_blocked()  # the retry loop went on past "a"
+        await await_until(landed, message="a's publication to land, with nothing left pending")
+        await anyio.wait_all_tasks_blocked()  # whatever the retry loop does next, it has done
         assert dict((await registry.snapshot("b")).values) == {}
         assert registry.health()["pending"] == []
         tg.cancel_scope.cancel()
