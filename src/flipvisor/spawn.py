@@ -18,6 +18,7 @@ import errno
 import os
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -192,7 +193,9 @@ def resolve_executable(argv0: str, env: Mapping[str, str], cwd: Path | None) -> 
                 raise SpawnError(
                     f"command {argv0!r}: {closed_folder_problem(closed)}"
                 ) from PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(closed))
-            raise SpawnError(f"command {argv0!r}: no such executable file")
+            full = os.path.abspath(candidate)  # relative: to the cwd, or to the supervisor's
+            at = "" if full == argv0 else f" ({full})"
+            raise SpawnError(f"command {argv0!r}{at}: {_not_executable(candidate)}")
         return argv0
     path = env.get("PATH", os.defpath)
     key = (argv0, path, str(cwd))
@@ -203,7 +206,7 @@ def resolve_executable(argv0: str, env: Mapping[str, str], cwd: Path | None) -> 
         found = shutil.which(argv0, path=path)
         if found is None:
             _FOUND_ON_PATH.pop(key, None)
-            raise SpawnError(f"command {argv0!r}: not found in PATH")
+            raise SpawnError(f"command {argv0!r}: not found in PATH{_near_misses(argv0, path)}")
         if len(_FOUND_ON_PATH) >= 1024:  # bounded: keys come from the config, this is a guard
             _FOUND_ON_PATH.clear()
         _FOUND_ON_PATH[key] = found
@@ -211,6 +214,38 @@ def resolve_executable(argv0: str, env: Mapping[str, str], cwd: Path | None) -> 
 
 
 _FOUND_ON_PATH: dict[tuple[str, str, str], str] = {}
+
+
+def _not_executable(candidate: Path) -> str:
+    """Why exec would refuse ``candidate``, a path this user may reach: missing, a link to
+    nothing, a folder, or a file without the execute bit for this user."""
+    if not os.path.lexists(candidate):
+        return "no such file"
+    if not candidate.exists():
+        return f"a link to nothing ({os.readlink(candidate)})"
+    if candidate.is_dir():
+        return "a folder, not a program"
+    mode = stat.S_IMODE(candidate.stat().st_mode)
+    if not mode & 0o111:
+        return f"not executable (mode {mode:04o}: no execute bit)"
+    return f"not executable by this user (uid {os.getuid()}, mode {mode:04o})"
+
+
+def _near_misses(argv0: str, path: str) -> str:
+    """What on ``path`` nearly is ``argv0``, for the "not found" message: a file of that name
+    that is not executable, or a folder of PATH this user may not enter (where it may be)."""
+    notes: list[str] = []
+    for folder in dict.fromkeys(path.split(os.pathsep)):
+        candidate = Path(folder or ".") / argv0
+        if (closed := closed_folder(candidate)) is not None:
+            note = closed_folder_problem(closed)
+        elif candidate.is_file():
+            note = f"{candidate}: {_not_executable(candidate)}"
+        else:
+            continue
+        if note not in notes:
+            notes.append(note)
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def spawn_process(

@@ -36,6 +36,8 @@ def test_check_by_another_user_names_the_folder_it_may_not_enter() -> None:
         config_path = public / "flipvisor.yaml"
         programs = {
             "web": {"command": [str(app)]},
+            # Found on a PATH folder this user may not enter: not merely "not found".
+            "tool": {"command": ["app.sh"], "env": {"PATH": f"{closed}:/usr/bin"}},
             "api": {
                 "command": [sys.executable, "-V"],
                 "cwd": str(closed / "work"),
@@ -58,6 +60,9 @@ def test_check_by_another_user_names_the_folder_it_may_not_enter() -> None:
     assert (
         f"programs.web.command: command '{app}': {denied}: `run` as this user could not start "
         f"it, and `check` cannot tell whether it is there; {advice}"
+    ) in others.stderr, others.stderr
+    assert (
+        f"programs.tool.command: command 'app.sh': not found in PATH ({denied})"
     ) in others.stderr, others.stderr
     assert (
         f"programs.api.cwd: {denied}: `run` as this user could not work in {closed / 'work'}; "

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -352,17 +352,34 @@ async def test_signal_mask_empty_even_if_our_thread_blocked_one() -> None:
 async def test_missing_executable_raises_spawn_error(tmp_path: Path) -> None:
     not_executable = tmp_path / "script.sh"
     not_executable.write_text("#!/bin/sh\n")
+    not_executable.chmod(0o644)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone")
     async with running_reaper() as reaper:
-        with pytest.raises(SpawnError, match="'no-such-command-xyz': not found in PATH"):
-            spawn_process(["no-such-command-xyz"], reaper=reaper, env=os.environ)
-        with pytest.raises(SpawnError, match="no such executable file"):
-            spawn_process([str(tmp_path / "absent")], reaper=reaper, env=os.environ)
-        with pytest.raises(SpawnError, match="no such executable file"):
-            spawn_process([str(not_executable)], reaper=reaper, env=os.environ)
-        with pytest.raises(SpawnError, match="no such executable file"):
-            spawn_process([str(tmp_path)], reaper=reaper, env=os.environ)
-        with pytest.raises(SpawnError, match="not found in PATH"):
-            spawn_process(["sh"], reaper=reaper, env={"PATH": str(tmp_path)})
+
+        def refused(*argv: str, env: Mapping[str, str] = os.environ) -> str:
+            with pytest.raises(SpawnError) as refusal:
+                spawn_process(list(argv), reaper=reaper, env=env, cwd=tmp_path)
+            return str(refusal.value)
+
+        # Each says what is wrong with the file, not only that it cannot be run.
+        assert refused("no-such-command-xyz") == "command 'no-such-command-xyz': not found in PATH"
+        absent = str(tmp_path / "absent")
+        assert refused(absent) == f"command {absent!r}: no such file"
+        assert refused("./absent") == f"command './absent' ({absent}): no such file"
+        assert refused(str(not_executable)) == (
+            f"command {str(not_executable)!r}: not executable (mode 0644: no execute bit)"
+        )
+        assert refused(str(tmp_path)) == f"command {str(tmp_path)!r}: a folder, not a program"
+        assert refused(str(dangling)) == (
+            f"command {str(dangling)!r}: a link to nothing ({tmp_path / 'gone'})"
+        )
+        # On PATH, a file of that name that cannot be run is named with what is wrong with it.
+        assert refused("sh", env={"PATH": str(tmp_path)}) == "command 'sh': not found in PATH"
+        assert refused("script.sh", env={"PATH": f"{tmp_path}:/usr/bin"}) == (
+            f"command 'script.sh': not found in PATH ({not_executable}: not executable "
+            "(mode 0644: no execute bit))"
+        )
 
 
 def test_a_command_removed_after_a_lookup_is_not_found_again(tmp_path: Path) -> None:
