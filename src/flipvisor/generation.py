@@ -216,13 +216,13 @@ class Generation:
     def restarts(self) -> int:
         return sum(worker.restarts for worker in self.workers)
 
-    def transition(self, new: GenerationState) -> None:
-        """Change state through the table; one log line per change."""
+    def transition(self, new: GenerationState, why: str = "") -> None:
+        """Change state through the table; one log line per change, saying ``why`` if given."""
         check_transition(GENERATION_TRANSITIONS, self.state, new)
         # Debug only: the lifecycle events say the same at info, once.
         log.debug("program=%s generation=%d %s -> %s", self.program, self.number, self.state, new)
         self.state = new
-        self.events.emit(new.value, self.program, self.number, port=self.port)
+        self.events.emit(new.value, self.program, self.number, why, port=self.port)
 
     # -- the WorkerOwner protocol ----------------------------------------------------------
 
@@ -387,7 +387,7 @@ class Generation:
         never_served = not self.was_serving and self.state is not GenerationState.READY
         if never_served or (self.failure is not None and not self.was_serving):
             self.failure = self.failure or "stopped before it was ready"
-            self.transition(GenerationState.FAILED)
+            self.transition(GenerationState.FAILED, self.failure)
             return
         self.transition(GenerationState.DRAINING)  # a serving or warm generation cancelled
         self.transition(GenerationState.STOPPED)

@@ -394,6 +394,8 @@ async def test_discard_fails_a_starting_generation_at_once(tmp_path: Path) -> No
         assert gen.socket.fileno() == -1
         assert refused(port)
         assert h.kinds("failed") == ["failed"]
+        # The event says why, as the flip's report does: `events` shows it on its own.
+        assert [e.message for e in h.events_of("failed")] == ["probe timed out"]
         assert "stopped" not in h.kinds()
 
 
