@@ -409,7 +409,8 @@ class Program:
             self.listener.close()  # a stopped program holds no port
         finally:
             self._stops -= 1
-        self.runtime.events.emit("stopped", self.name)
+        if not self._stops:  # stops at once (a removal's, the shutdown's) end as one: one event
+            self.runtime.events.emit("stopped", self.name)
 
     async def _withdraw_keys(self, report: FlipReport | None, *, final: bool) -> None:
         taken_over = self.leftovers.record if self.leftovers is not None else None

@@ -383,5 +383,7 @@ def test_a_reload_under_way_does_not_start_a_renamed_program_the_shutdown_stoppe
     assert process.wait(timeout=30) == 0, flipvisor.output()
     assert shutdown.returncode == 0, out
     assert "kept-serving" not in out, out  # web is not said to serve on: the shutdown drained it
+    # gone was stopped by its removal and by the shutdown at once: one stop, one event.
+    assert flipvisor.output().count("stopped program=gone generation=None") == 1, out
     assert not any(key.endswith("/current") for key in flipvisor.registry()), flipvisor.registry()
     wait_until(lambda: not any(map(alive, pids)), timeout=10, message="every worker gone")
