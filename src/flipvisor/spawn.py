@@ -216,6 +216,16 @@ def resolve_executable(argv0: str, env: Mapping[str, str], cwd: Path | None) -> 
 _FOUND_ON_PATH: dict[tuple[str, str, str], str] = {}
 
 
+def workdir_problem(folder: Path) -> str | None:
+    """Why this user cannot work in ``folder`` (no such folder, a file, a folder on the way
+    or itself it may not enter), or None."""
+    if (closed := closed_folder(folder, itself=True)) is not None:
+        return closed_folder_problem(closed)
+    if folder.is_dir():
+        return None
+    return "a file, not a folder" if os.path.lexists(folder) else "no such folder"
+
+
 def _not_executable(candidate: Path) -> str:
     """Why exec would refuse ``candidate``, a path this user may reach: missing, a link to
     nothing, a folder, or a file without the execute bit for this user."""
@@ -265,11 +275,11 @@ def spawn_process(
     Raises:
         SpawnError: the command or working directory is unusable, or the OS refused.
     """
-    resolve_executable(argv[0], env, cwd)
     # Absolute, so the shim's `cd` never consults $CDPATH (which would also print the path).
     workdir = os.path.abspath(cwd) if cwd is not None else os.getcwd()
-    if not os.path.isdir(workdir):
-        raise SpawnError(f"working directory {workdir} does not exist")
+    if (problem := workdir_problem(Path(workdir))) is not None:
+        raise SpawnError(f"working directory {workdir}: {problem}")
+    resolve_executable(argv[0], env, cwd)  # after: a relative command is looked for in cwd
     actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
         (os.POSIX_SPAWN_CLOSE, fd)
         for fd in ([] if _InheritedFds.sealed else _inherited_fds({listen_fd, output_fd}))

@@ -80,3 +80,29 @@ def test_check_by_another_user_names_the_folder_it_may_not_enter() -> None:
     assert "is not a directory" not in others.stderr, others.stderr
     assert others.returncode == 2, others.stderr
     assert as_root.returncode == 0, as_root.stdout + as_root.stderr
+
+
+def test_a_working_directory_another_user_may_not_enter_is_named_as_such() -> None:
+    """`run` by a user who may not enter the folder above a program's `cwd` said that the
+    working directory "does not exist"; it names the folder it may not enter, and the user."""
+    public = Path(tempfile.mkdtemp(prefix="flipvisor-cwd-"))
+    try:
+        os.chmod(public, 0o755)
+        closed = public / "closed"
+        (closed / "work").mkdir(parents=True)
+        closed.chmod(0o700)
+        said = run_as_another_user(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from pathlib import Path; from flipvisor.spawn import "
+                "workdir_problem; print(workdir_problem(Path(sys.argv[1])))",
+                str(closed / "work"),
+            ],
+            cwd=public,
+        )
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+    assert said.returncode == 0, said.stderr
+    user = f"this user ({USER}, uid {pwd.getpwnam(USER).pw_uid})"
+    assert said.stdout.strip() == f"{user} may not enter {closed} (permission denied)"

@@ -406,9 +406,10 @@ async def test_bad_cwd_raises_spawn_error(tmp_path: Path) -> None:
     a_file = tmp_path / "file"
     a_file.write_text("")
     async with running_reaper() as reaper:
-        for cwd in (tmp_path / "absent", a_file):
-            with pytest.raises(SpawnError, match=f"working directory {cwd} does not exist"):
+        for cwd, why in ((tmp_path / "absent", "no such folder"), (a_file, "a file, not a folder")):
+            with pytest.raises(SpawnError) as refusal:
                 spawn_process(["true"], reaper=reaper, env=os.environ, cwd=cwd)
+            assert str(refusal.value) == f"working directory {cwd}: {why}"
 
 
 # -- stopping --------------------------------------------------------------------------------
