@@ -5,6 +5,7 @@ process, real pipes, what it holds read from ``/proc``; its handover to the next
 from __future__ import annotations
 
 import array
+import errno
 import json
 import os
 import re
@@ -19,10 +20,11 @@ import anyio
 import psutil
 import pytest
 
+from flipvisor import kept_outputs
 from flipvisor.config import LogsConfig
 from flipvisor.kept_outputs import OutputKeeper, take_over_outputs
 from flipvisor.logs import ProgramLog
-from flipvisor.output_keeper import HANDOVER_SOCKET, send_with_fd
+from flipvisor.output_keeper import HANDOVER_SOCKET, receive_with_fds, send_with_fd
 from flipvisor.output_pipe import open_output_pipe, read_available
 from flipvisor.reaper import Reaper
 from flipvisor.spawn import Child, spawn_process
@@ -684,3 +686,133 @@ async def test_a_message_the_socket_refuses_restarts_the_keeper_not_the_supervis
     finally:
         os.close(good)
         os.close(good_w)
+
+
+def open_fds_on(inode_number: int) -> int:
+    """How many of this process's descriptors are open on ``inode_number``."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.stat(f"/proc/self/fd/{name}").st_ino == inode_number:
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+@asynccontextmanager
+async def played_keeper(
+    tmp_path: Path, messages: list[tuple[bytes, list[int]]]
+) -> AsyncIterator[None]:
+    """A keeper played by the test on ``tmp_path``'s keeper.sock: to the first connection, it
+    sends ``messages`` (each with its descriptors), then closes it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(str(tmp_path / HANDOVER_SOCKET))
+        listener.listen()
+        listener.setblocking(False)
+
+        async def hand_over() -> None:
+            await anyio.wait_readable(listener)
+            connection, _address = listener.accept()
+            with connection:
+                for data, fds in messages:
+                    rights = array.array("i", fds)
+                    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)] if fds else []
+                    connection.sendmsg([data], ancillary)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hand_over)
+            yield
+
+
+def hold_message(program: object, prefix: object) -> bytes:
+    return json.dumps({"op": "hold", "tag": {"program": program, "prefix": prefix}}).encode()
+
+
+async def test_a_handover_message_the_next_run_cannot_use_is_a_warning_and_its_pipe_is_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Messages no keeper of ours sends (not JSON, a path for a program name, not a hold, a
+    hold with a second descriptor that is not a pipe) ended `run`'s start-up with a
+    traceback. Each is a warning naming the socket; every pipe received is kept, those of a
+    message that cannot be used logged as unnamed (closed, they would end their workers at
+    their next write); what is not a pipe is closed; the good holds around them are taken."""
+    pipes = [open_output_pipe() for _ in range(4)]
+    first, garbled, misnamed, last = (read_fd for read_fd, _write_fd in pipes)
+    not_a_pipe, its_peer = socket.socketpair()
+    messages = [
+        (hold_message("web", "g1 w0 pid=1"), [first]),
+        (b"this is not json", [garbled]),
+        (hold_message("../../etc/cron.d/x", "g1 w1 pid=2"), [misnamed]),
+        (json.dumps({"op": "frobnicate"}).encode(), []),
+        (hold_message("web", "g1 w2 pid=3"), [last, not_a_pipe.fileno()]),
+        (b'{"op": "end"}', []),
+    ]
+    kept = []
+    try:
+        with anyio.fail_after(DEADLINE):
+            async with played_keeper(tmp_path, messages):
+                kept = await take_over_outputs(tmp_path)
+        assert [(k.program, k.prefix, inode(k.fd)) for k in kept] == [
+            ("web", "g1 w0 pid=1", inode(first)),
+            ("output-keeper.unnamed", "unnamed 1", inode(garbled)),
+            ("output-keeper.unnamed", "unnamed 2", inode(misnamed)),
+            ("web", "g1 w2 pid=3", inode(last)),
+        ]
+        assert all(not os.get_blocking(k.fd) for k in kept)
+        assert open_fds_on(inode(not_a_pipe.fileno())) == 1  # ours alone: its copy was closed
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 4, warnings
+        socket_path = str(tmp_path / HANDOVER_SOCKET)
+        assert all(f"the output keeper at {socket_path} sent a message" in w for w in warnings)
+        unnamed_log = tmp_path / "logs" / "output-keeper.unnamed.log"
+        assert (
+            f"not JSON: b'this is not json'): its pipes are logged in {unnamed_log}"
+            in (warnings[0])
+        )
+        assert "not a program name: '../../etc/cron.d/x'" in warnings[1]
+        assert "not a hold" in warnings[2] and "no pipe came with it" in warnings[2]
+        assert "a hold with 2 descriptors" in warnings[3]
+        assert "1 descriptor(s) that are not a pipe closed" in warnings[3]
+    finally:
+        not_a_pipe.close()
+        its_peer.close()
+        for fd in [fd for pair in pipes for fd in pair] + [k.fd for k in kept]:
+            os.close(fd)
+
+
+async def test_a_handover_socket_that_fails_keeps_what_was_taken_and_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error of recvmsg in the middle of a handover (here ECONNRESET, at our seam: the
+    keeper never receives on it, so no real peer resets it) ended `run`'s start-up with a
+    traceback: it is a warning naming the socket, and the pipe received before it is kept."""
+    read_fd, write_fd = open_output_pipe()
+    other, other_w = open_output_pipe()
+    messages = [
+        (hold_message("web", "g1 w0 pid=1"), [read_fd]),
+        (hold_message("web", "g1 w1 pid=2"), [other]),
+        (b'{"op": "end"}', []),
+    ]
+    received = []
+
+    def reset_after_one(sock: socket.socket) -> tuple[bytes, list[int]]:
+        if received:
+            raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+        received.append(receive_with_fds(sock))
+        return received[0]
+
+    monkeypatch.setattr(kept_outputs, "receive_with_fds", reset_after_one)
+    kept = []
+    try:
+        with anyio.fail_after(DEADLINE):
+            async with played_keeper(tmp_path, messages):
+                kept = await take_over_outputs(tmp_path)
+        assert [(k.prefix, inode(k.fd)) for k in kept] == [("g1 w0 pid=1", inode(read_fd))]
+        assert (
+            f"cannot read the handover of the output keeper at {tmp_path / HANDOVER_SOCKET} "
+            "(Connection reset by peer; took 1)"
+        ) in caplog.text
+    finally:
+        for fd in (read_fd, write_fd, other, other_w, *(k.fd for k in kept)):
+            os.close(fd)
