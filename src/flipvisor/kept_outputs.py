@@ -304,6 +304,9 @@ async def take_over_outputs(state_dir: Path) -> list[KeptOutput]:
                     )
                     break
                 if data == END:
+                    # The keeper exits: its path is ours to remove (it keeps it bound until the
+                    # end, so that a failed handover leaves it reachable) before our keeper binds.
+                    path.unlink(missing_ok=True)
                     break
                 if not data:
                     log.warning(

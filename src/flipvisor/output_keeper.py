@@ -104,6 +104,9 @@ class Keeper:
         self._noted: set[str] = set()  # the logs told that the keeper writes them
         self.listener = self._listen()
         self._bound = os.stat(handover_path)
+        # Once handed over, the path is the new run's to remove: it does, before its own keeper
+        # binds there; removed from here, it could be that new keeper's socket already.
+        self._handed_over = False
 
     def _listen(self) -> socket.socket:
         """Bind the handover socket (replacing a stale one: only our supervisor starts us, after
@@ -126,7 +129,8 @@ class Keeper:
         except _Done:
             return 0
         finally:
-            self._forget_handover_path()
+            if not self._handed_over:
+                self._forget_handover_path()
             for log in self.logs.values():
                 log.close()
 
@@ -230,7 +234,6 @@ class Keeper:
             if self.control is not None or uid not in (os.getuid(), 0):
                 return
             connection.settimeout(HANDOVER_TIMEOUT)
-            self._forget_handover_path()  # before the new run starts its own keeper there
             for held in self.held.values():
                 log = self._log_of(held)
                 if held.pending and log is not None:  # the new reader starts at a new line
@@ -243,15 +246,18 @@ class Keeper:
                     message = json.dumps({"op": "hold", "tag": held.tag}).encode()
                     send_with_fd(connection, message, held.fd)
                 connection.sendall(END)
-            except OSError:  # the new run went away: it has nothing; hold on as before
-                self.listener.close()
-                self.listener = self._listen()
-                self._bound = os.stat(self.handover_path)
+            except OSError:
+                # The new run went away: it has nothing. Hold on as before, on the listener and
+                # path we had all along (never given up before the handover is done: a re-bind
+                # would remove whatever is there then, a newer keeper's socket maybe), so that
+                # the run after it, queued on this listener already maybe, reaches us.
                 return
+        self._handed_over = True  # the run that took the pipes removes the path
         raise _Done
 
     def _forget_handover_path(self) -> None:
-        """Unlink the handover socket if it is still ours (a new keeper may have bound it)."""
+        """Unlink the handover socket if it is still ours (a new keeper may have bound it; a stat
+        and an unlink are two calls: only for exits that no new keeper follows at once)."""
         try:
             now = os.stat(self.handover_path)
             if (now.st_dev, now.st_ino) == (self._bound.st_dev, self._bound.st_ino):

@@ -816,3 +816,108 @@ async def test_a_handover_socket_that_fails_keeps_what_was_taken_and_warns(
     finally:
         for fd in (read_fd, write_fd, other, other_w, *(k.fd for k in kept)):
             os.close(fd)
+
+
+@asynccontextmanager
+async def orphaned_keeper(tmp_path: Path, read_fd: int) -> AsyncIterator[Child]:
+    """A bare keeper holding ``read_fd`` (closed here: the keeper's copy is the only one left),
+    whose supervisor is gone; killed at the end if it still runs."""
+    reaper = Reaper(reap_orphans=False)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    log_file = tmp_path / "web.log"
+    tag = {"program": "web", "log": str(log_file), "prefix": "g1 w0 pid=1"}
+    tag |= {"max_bytes": 1 << 20, "backups": 1}
+    async with anyio.create_task_group() as tg:
+        await tg.start(reaper.run)
+        keeper = start_bare_keeper(tmp_path, reaper, theirs)
+        try:
+            send_with_fd(ours, json.dumps({"op": "hold", "key": 1, "tag": tag}).encode(), read_fd)
+            os.close(read_fd)
+            ours.close()
+            await await_until(
+                lambda: holds(log_file.exists() and b"is gone" in log_file.read_bytes()),
+                message="the keeper to know it is orphaned",
+            )
+            yield keeper
+        finally:
+            ours.close()
+            if not keeper.exit.reaped:
+                keeper.send_signal(signal.SIGKILL)
+                await keeper.wait()
+            keeper.close()
+        tg.cancel_scope.cancel()
+
+
+def connect_and_leave(path: Path) -> None:
+    """A run that connects to a keeper and is killed before it reads anything."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as gone:
+        gone.connect(str(path))
+
+
+async def test_a_failed_handover_leaves_a_newer_keeper_s_socket_at_the_path(
+    tmp_path: Path,
+) -> None:
+    """A handover whose run went away (killed before it read anything) made the keeper bind
+    keeper.sock again, removing whatever was there: a newer keeper's socket (one started after
+    a run gave up waiting for this keeper) was replaced, and that keeper could no longer be
+    reached. The keeper now keeps its listener; reached (here through a hard link made before
+    the newer socket replaced its path), it hands over, and the newer socket is left alone."""
+    read_fd, write_fd = open_output_pipe()
+    handover = tmp_path / HANDOVER_SOCKET
+    side = tmp_path / "side"
+    side.mkdir()
+    kept = []
+    try:
+        async with orphaned_keeper(tmp_path, read_fd) as keeper:
+            os.link(handover, side / HANDOVER_SOCKET)  # the old keeper, reached from here
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as newer:
+                handover.unlink()  # as a newer keeper binds its socket
+                newer.bind(str(handover))
+                newer.listen()
+                newer.setblocking(False)
+                newer_inode = os.stat(handover).st_ino
+                connect_and_leave(side / HANDOVER_SOCKET)
+                with anyio.fail_after(DEADLINE):
+                    kept = await take_over_outputs(side)  # in order: after the failed one
+                    assert await keeper.wait() == 0
+                assert [k.prefix for k in kept] == ["g1 w0 pid=1"]
+                assert os.stat(handover).st_ino == newer_inode
+                with pytest.raises(BlockingIOError):
+                    newer.accept()  # nobody connected to it either
+            assert not (side / HANDOVER_SOCKET).exists()  # the run that took over removed it
+    finally:
+        for fd in (write_fd, *(k.fd for k in kept)):
+            os.close(fd)
+
+
+async def test_a_run_queued_behind_a_failed_handover_gets_the_pipes(tmp_path: Path) -> None:
+    """A run killed before it read the handover, and the next run connected meanwhile: the
+    keeper closed its listener to bind again after the failure, and the next run's connection,
+    queued on it, was reset (it started without the pipes, beside the keeper logging them).
+    Now it is handed the pipes."""
+    read_fd, write_fd = open_output_pipe()
+    handover = tmp_path / HANDOVER_SOCKET
+    taken: list[int] = []
+    try:
+        async with orphaned_keeper(tmp_path, read_fd) as keeper:
+            assert keeper.send_signal(signal.SIGSTOP)
+            await await_until(
+                lambda: holds(psutil.Process(keeper.pid).status() == psutil.STATUS_STOPPED)
+            )
+            connect_and_leave(handover)
+
+            async def take_over() -> None:
+                taken.extend(kept.fd for kept in await take_over_outputs(tmp_path))
+
+            async with anyio.create_task_group() as taking:
+                taking.start_soon(take_over)
+                # The listener, the connection gone, and the one of the run waiting.
+                await await_until(lambda: holds(unix_connections_to(handover) >= 3))
+                assert keeper.send_signal(signal.SIGCONT)
+            assert len(taken) == 1
+            with anyio.fail_after(DEADLINE):
+                assert await keeper.wait() == 0
+            assert not handover.exists()
+    finally:
+        for fd in (write_fd, *taken):
+            os.close(fd)
