@@ -31,6 +31,7 @@ import select
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -164,6 +165,11 @@ class Keeper:
                 self._read(by_fd[fd])
 
     def _control_message(self) -> None:
+        """Handle one message of the supervisor. One that is not as ``kept_outputs`` sends them
+        (a bug, or a message cut at ``MAX_MESSAGE``) is said in the errors file (our stderr) and
+        changes nothing: the socket keeps each message whole (SOCK_SEQPACKET), so the next one
+        is read as it was sent. Only the socket itself failing ends the keeper (a traceback
+        there; the supervisor starts another one)."""
         assert self.control is not None
         data, fds = receive_with_fds(self.control)
         if not data:  # the supervisor is gone, and never said it exits: keep its workers'
@@ -171,20 +177,43 @@ class Keeper:
             self.control = None
             self._orphaned()
             return
-        message = json.loads(data)
-        op = message.get("op")
-        if op == "hold" and fds:
-            previous = self.held.pop(message["key"], None)
-            if previous is not None:
-                os.close(previous.fd)
-            self.held[message["key"]] = Held(fds.pop(0), message["tag"])
-        elif op == "release":
-            if (gone := self.held.pop(message["key"], None)) is not None:
-                os.close(gone.fd)
-        elif op == "exit":
+        try:
+            problem = self._obey(data, fds)
+        finally:
+            for fd in fds:  # those not held: never leak one
+                os.close(fd)
+        if problem is not None:
+            say(f"ignored a message of the supervisor ({problem}): {data[:200]!r}")
+
+    def _obey(self, data: bytes, fds: list[int]) -> str | None:
+        """Carry out one message (a descriptor held is taken out of ``fds``); what is wrong with
+        it, if anything (then nothing changed)."""
+        try:
+            message = json.loads(data)
+        except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+            return "not JSON"
+        if not isinstance(message, dict):
+            return "not a JSON object"
+        op, key = message.get("op"), message.get("key")
+        if op == "exit":
             raise _Done
-        for fd in fds:  # none expected: never leak one
-            os.close(fd)
+        if op not in ("hold", "release"):
+            return f"unknown op {op!r:.40}"
+        if not isinstance(key, int) or isinstance(key, bool):
+            return f"{op} of key {key!r:.40}, not an integer"
+        if op == "release":
+            if (gone := self.held.pop(key, None)) is not None:
+                os.close(gone.fd)
+            return None
+        if (problem := tag_problem(message.get("tag"))) is not None:
+            return problem
+        if not fds:
+            return "a hold without a descriptor"
+        previous = self.held.pop(key, None)
+        if previous is not None:
+            os.close(previous.fd)
+        self.held[key] = Held(fds.pop(0), message["tag"])
+        return f"a hold with {len(fds) + 1} descriptors; held the first" if fds else None
 
     def _orphaned(self) -> None:
         """Say in each log that the keeper now writes it, and until when."""
@@ -264,6 +293,27 @@ class Keeper:
                 self.handover_path.unlink()
         except FileNotFoundError:
             pass
+
+
+def tag_problem(tag: object) -> str | None:
+    """What is wrong with a ``hold``'s tag (what its pipe is logged as, and handed over with),
+    if anything: held as it is, a tag missing a field would end the keeper once orphaned."""
+    if not isinstance(tag, dict):
+        return "a hold without a tag"
+    for field in ("program", "log", "prefix"):
+        if not isinstance(tag.get(field), str) or not tag[field]:
+            return f"a tag without its {field}"
+    for field, least in (("max_bytes", 1), ("backups", 0)):
+        value = tag.get(field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            return f"a tag whose {field} is {value!r:.40}"
+    return None
+
+
+def say(text: str) -> None:
+    """A line in the errors file (our stderr: ``kept_outputs`` opens it), with the time."""
+    when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    print(f"{when} output keeper (pid {os.getpid()}): {text}", file=sys.stderr, flush=True)
 
 
 def _readable(sock: socket.socket) -> bool:

@@ -638,23 +638,104 @@ async def test_a_keeper_gone_in_the_middle_of_a_handover_gives_what_it_sent_and_
 
 async def test_what_a_crashing_keeper_says_is_kept_in_its_errors_file(tmp_path: Path) -> None:
     """Its stdout and stderr are a file in the logs folder: a traceback is there to read (with
-    /dev/null, the supervisor could only say that it exited 1)."""
-    (tmp_path / "logs").mkdir(mode=0o700)  # as `run` makes it
+    /dev/null, the supervisor could only say that it exited 1). Here it cannot bind its
+    handover socket: the state_dir's path is too long for one."""
+    state_dir = tmp_path / ("x" * 110)  # keeper.sock in it is past AF_UNIX's 108 bytes
+    (state_dir / "logs").mkdir(mode=0o700, parents=True)  # as `run` makes it
     reaper = Reaper(reap_orphans=False)
-    keeper = OutputKeeper(tmp_path, reaper)
+    keeper = OutputKeeper(state_dir, reaper)
     async with anyio.create_task_group() as tg:
         await tg.start(reaper.run)
         child, sock = keeper._spawn()
         with sock:
-            send_with_fd(sock, b"this is not json", None)  # only a broken supervisor sends this
             with anyio.fail_after(DEADLINE):
                 assert await child.wait() == 1
         child.close()
         tg.cancel_scope.cancel()
     said = keeper.errors_path.read_text()
-    assert "JSONDecodeError" in said, said
-    assert keeper.errors_path.parent == tmp_path / "logs"
+    assert "Traceback" in said and "OSError" in said, said
+    assert keeper.errors_path.parent == state_dir / "logs"
     assert oct(keeper.errors_path.stat().st_mode & 0o777) == oct(0o600)
+
+
+async def test_a_malformed_control_message_is_said_in_the_errors_file_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Messages of the supervisor that are not as it sends them (not JSON, not an object, a key
+    that is not an integer, a tag missing its fields, one cut at the keeper's message size)
+    ended the keeper with a traceback, and the supervisor started another. Each is a line in
+    the errors file; the keeper holds what it was told by the good messages, and logs their
+    pipes once orphaned (a tag missing its fields, held, would have ended it then)."""
+    (tmp_path / "logs").mkdir(mode=0o700)
+    reaper = Reaper(reap_orphans=False)
+    keeper = OutputKeeper(tmp_path, reaper)
+    log_file = tmp_path / "logs" / "web.log"
+    tag: dict[str, object] = {"program": "web", "log": str(log_file), "prefix": "g1 w0 pid=1"}
+    tag |= {"max_bytes": 1 << 20, "backups": 1}
+    pipes = [open_output_pipe() for _ in range(4)]
+    (first, _), (second, _), (third, _), (last, last_w) = pipes
+    malformed: list[tuple[bytes, int | None]] = [
+        (b"this is not json", None),
+        (b"\xff\xfe not UTF-8", None),
+        (b"[1, 2]", None),
+        (json.dumps({"op": "hold", "key": "1", "tag": tag}).encode(), first),
+        (json.dumps({"op": "hold", "key": 1, "tag": {"program": "web"}}).encode(), second),
+        (json.dumps({"op": "release", "key": [1]}).encode(), None),
+        (json.dumps({"op": "hold", "key": 1, "tag": tag, "pad": "x" * 5000}).encode(), third),
+    ]
+    async with anyio.create_task_group() as tg:
+        await tg.start(reaper.run)
+        child, sock = keeper._spawn()
+        try:
+            with sock:
+                sock.setblocking(True)
+                for data, fd in malformed:
+                    send_with_fd(sock, data, fd)
+                hold = {"op": "hold", "key": 2, "tag": tag}
+                send_with_fd(sock, json.dumps(hold).encode(), last)
+                await await_until(
+                    lambda: holds(inode(last) in pipes_held_by(child.pid)),
+                    message="the last hold",
+                )
+                # Messages are handled in order: by the last hold, every other one was.
+                assert pipes_held_by(child.pid) == {inode(last)}
+                assert child.exit.returncode is None
+            # The supervisor is gone: the keeper logs the pipe it holds, then exits once its
+            # writer is gone.
+            os.write(last_w, b"after the supervisor died\n")
+            os.close(last_w)
+            with anyio.fail_after(DEADLINE):
+                assert await child.wait() == 0
+        finally:
+            if not child.exit.reaped:
+                child.send_signal(signal.SIGKILL)
+                await child.wait()
+            child.close()
+            for read_fd, write_fd in pipes:
+                os.close(read_fd)
+                if write_fd != last_w:
+                    os.close(write_fd)
+        tg.cancel_scope.cancel()
+    assert "g1 w0 pid=1 | after the supervisor died" in log_file.read_text()
+    said = keeper.errors_path.read_text()
+    assert "Traceback" not in said, said
+    lines = said.splitlines()
+    assert len(lines) == len(malformed), said
+    assert all("ignored a message of the supervisor" in line for line in lines), said
+    for line, why in zip(
+        lines,
+        [
+            "(not JSON)",
+            "(not JSON)",
+            "(not a JSON object)",
+            "(hold of key '1', not an integer)",
+            "(a tag without its log)",
+            "(release of key [1], not an integer)",
+            "(not JSON)",  # cut at the keeper's message size
+        ],
+        strict=True,
+    ):
+        assert why in line, line
 
 
 async def test_a_message_the_socket_refuses_restarts_the_keeper_not_the_supervisor(
