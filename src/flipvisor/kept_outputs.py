@@ -12,6 +12,7 @@ started again, and told every pipe held then.
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import errno
 import itertools
@@ -36,7 +37,14 @@ from .config_fields import MAX_PROGRAM_NAME, PROGRAM_NAME_RE
 from .errors import SpawnError
 from .locate import log_path
 from .logs import ProgramLog
-from .output_keeper import END, HANDOVER_SOCKET, HANDOVER_TIMEOUT, receive_with_fds, send_with_fd
+from .output_keeper import (
+    END,
+    HANDOVER_MESSAGE,
+    HANDOVER_SOCKET,
+    HANDOVER_TIMEOUT,
+    receive_with_fds,
+    send_with_fd,
+)
 from .reaper import Reaper
 from .spawn import Child, spawn_process
 
@@ -61,6 +69,7 @@ class KeptOutput:
     fd: int  # the read end, close-on-exec, now ours
     program: str
     prefix: str  # what its lines are logged as: ``g2 w0 pid=1234``
+    pending: bytes = b""  # the start of the line its worker is in the middle of writing
 
 
 class OutputKeeper:
@@ -290,7 +299,7 @@ async def take_over_outputs(state_dir: Path) -> list[KeptOutput]:
             while True:
                 await anyio.wait_readable(sock)
                 try:
-                    data, fds = receive_with_fds(sock)
+                    data, fds = receive_with_fds(sock, HANDOVER_MESSAGE)
                 except BlockingIOError:
                     continue
                 except OSError as exc:
@@ -378,10 +387,11 @@ def _pipes_only(fds: list[int]) -> list[int]:
     return pipes
 
 
-def _named(data: bytes) -> tuple[str, str] | str:
-    """The program and prefix a keeper's ``hold`` message names, or why it names none usable:
-    the program names a log file (it must be a program's name: not a path), the prefix starts
-    each line of it (one printable line)."""
+def _named(data: bytes) -> tuple[str, str, bytes] | str:
+    """The program and prefix a keeper's ``hold`` message names, and the start of the line its
+    worker is in the middle of (``pending``, base64; none from a keeper before it was sent), or
+    why it names none usable: the program names a log file (it must be a program's name: not a
+    path), the prefix starts each line of it (one printable line)."""
     try:
         message = json.loads(data)
     except ValueError:
@@ -398,4 +408,8 @@ def _named(data: bytes) -> tuple[str, str] | str:
         return f"not a program name: {program!r:.60}"
     if not (isinstance(prefix, str) and prefix.isprintable() and 0 < len(prefix) <= MAX_PREFIX):
         return f"not a prefix: {prefix!r:.60}"
-    return program, prefix
+    try:
+        pending = binascii.a2b_base64(message.get("pending", ""), strict_mode=True)
+    except (TypeError, ValueError):  # binascii.Error is a ValueError
+        return f"its line's start is not base64: {message.get('pending')!r:.60}"
+    return program, prefix, pending

@@ -13,7 +13,8 @@ the supervisor is exiting cleanly. While the supervisor runs, the keeper only ho
 supervisor reads. At end of file without ``exit`` the supervisor is gone, and the keeper reads
 every pipe it holds into its program's log (``ProgramLog``, the same format and rotation) until
 its writers are all gone, or until the next ``run`` connects to ``<state_dir>/keeper.sock``: it
-is then handed every pipe, with what each is logged as, and the keeper exits. SIGTERM, SIGINT,
+is then handed every pipe, with what each is logged as and the start of the line its worker is in
+the middle of, and the keeper exits. SIGTERM, SIGINT,
 SIGHUP and SIGQUIT are ignored while the supervisor runs (it says when to exit) and end the keeper
 once it is orphaned.
 
@@ -25,6 +26,7 @@ the supervisor runs, so it stays small (about 13 MiB resident, 8 of them the int
 from __future__ import annotations
 
 import array
+import binascii
 import json
 import os
 import select
@@ -41,6 +43,10 @@ from .logs import ProgramLog
 CONTROL_FD = 3  # the keeper's end of the socket pair (``spawn_process``'s listen_fd)
 HANDOVER_SOCKET = "keeper.sock"  # in state_dir: shorter than the control socket's name
 MAX_MESSAGE = 4096  # a message's JSON; the tags are a program name, a path and a prefix
+# At a handover, the start of the line a worker is in the middle of goes with its pipe (base64
+# in the ``hold``), so that the next run logs the line whole; a longer start is logged here, cut.
+MAX_HANDED_LINE = 32 * 1024
+HANDOVER_MESSAGE = 64 * 1024  # a handover's message: a tag and up to MAX_HANDED_LINE in base64
 HANDOVER_TIMEOUT = 5.0  # a client that stops reading cannot hold the keeper forever
 READ_SIZE = 256 * 1024
 END = b'{"op": "end"}'  # the last message of a handover
@@ -76,15 +82,16 @@ def send_with_fd(sock: socket.socket, message: bytes, fd: int | None) -> None:
     sock.sendmsg([message], rights)
 
 
-def receive_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One message and the descriptors attached to it (close-on-exec); (b"", []) at end of file.
+def receive_with_fds(sock: socket.socket, size: int = MAX_MESSAGE) -> tuple[bytes, list[int]]:
+    """One message (cut at ``size`` bytes) and the descriptors attached to it (close-on-exec);
+    (b"", []) at end of file.
 
     Raises:
         OSError: as ``socket.recvmsg``.
     """
     fds = array.array("i")
     data, ancillary, _flags, _address = sock.recvmsg(
-        MAX_MESSAGE, socket.CMSG_SPACE(16 * fds.itemsize), socket.MSG_CMSG_CLOEXEC
+        size, socket.CMSG_SPACE(16 * fds.itemsize), socket.MSG_CMSG_CLOEXEC
     )
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -265,15 +272,14 @@ class Keeper:
             connection.settimeout(HANDOVER_TIMEOUT)
             for held in self.held.values():
                 log = self._log_of(held)
-                if held.pending and log is not None:  # the new reader starts at a new line
-                    log.write_lines(held.tag["prefix"], [held.pending])
+                if len(held.pending) > MAX_HANDED_LINE and log is not None:
+                    log.write_lines(held.tag["prefix"], [held.pending])  # too long to send
                     held.pending = b""
                 if log is not None:
                     log.flush()
             try:
                 for held in self.held.values():
-                    message = json.dumps({"op": "hold", "tag": held.tag}).encode()
-                    send_with_fd(connection, message, held.fd)
+                    send_with_fd(connection, _handed_hold(held), held.fd)
                 connection.sendall(END)
             except OSError:
                 # The new run went away: it has nothing. Hold on as before, on the listener and
@@ -293,6 +299,15 @@ class Keeper:
                 self.handover_path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _handed_hold(held: Held) -> bytes:
+    """The ``hold`` that hands ``held`` over: its tag, and the start of the line its worker is
+    in the middle of (the next run prepends it to what it reads)."""
+    message: dict[str, Any] = {"op": "hold", "tag": held.tag}
+    if held.pending:
+        message["pending"] = binascii.b2a_base64(held.pending, newline=False).decode("ascii")
+    return json.dumps(message).encode()
 
 
 def tag_problem(tag: object) -> str | None:

@@ -382,3 +382,48 @@ def test_a_handover_the_next_run_cannot_read_is_a_warning_and_the_run_starts(
     assert f"the output keeper at {handover} sent a message this run cannot use" in output
     assert "Traceback" not in output
     assert flipvisor.stop() == 0, flipvisor.output()
+
+
+# Says "ready" once; when the file "$0.half" appears, a line and the start of another (in one
+# write), and when "$0.rest" appears, the rest of that line.
+HALF_SAYER = (
+    'echo "ready $$"; while :; do '
+    'if [ -e "$0.half" ]; then rm -f "$0.half"; printf "a line $$\\nhalf of "; fi; '
+    'if [ -e "$0.rest" ]; then rm -f "$0.rest"; echo "the line $$"; fi; '
+    "sleep 0.05; done"
+)
+
+
+def test_a_line_a_worker_is_in_the_middle_of_at_the_handover_is_logged_whole(
+    flipvisor: Flipvisor, survivors: list[psutil.Process], tmp_path: Path
+) -> None:
+    """The worker writes the start of a line while the keeper logs for a killed supervisor, and
+    the rest once the next run has the pipe: one log line. The keeper logged the start as a line
+    of its own at the handover, and the next run the rest as another."""
+    say = tmp_path / "say"
+    flipvisor.start({"programs": {"say": {"command": ["/bin/sh", "-c", HALF_SAYER, str(say)]}}})
+    pid = flipvisor.wait_serving("say")["pids"][0]
+    survivors.append(psutil.Process(pid))
+    log = flipvisor.state_dir / "logs" / "say.log"
+    wait_until(lambda: log.exists() and f"| ready {pid}\n" in log.read_text())
+    [first_keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
+    kill_run(flipvisor)
+
+    say.with_name("say.half").touch()
+    # Logged by the keeper: it read the start of the next line with it, in the same write.
+    wait_until(lambda: f"| a line {pid}\n" in log.read_text(), message="the keeper's line")
+    promote = tmp_path / "promote"
+    ready_once_promoted = {"exec": ["test", "-e", str(promote)], "timeout": 60}
+    gated = {
+        "command": ["/bin/sh", "-c", HALF_SAYER, str(tmp_path / "say-new")],
+        "readiness": ready_once_promoted,
+    }
+    restart_supervisor(flipvisor, {"programs": {"say": gated}})
+    wait_until(lambda: not first_keeper.is_running(), message="the old keeper to hand over")
+
+    say.with_name("say.rest").touch()
+    wait_until(lambda: f"the line {pid}\n" in log.read_text(), message="the rest of the line")
+    assert f"| half of the line {pid}\n" in log.read_text(), log.read_text()
+    promote.touch()
+    wait_gone([pid])
+    assert flipvisor.stop() == 0, flipvisor.output()

@@ -22,7 +22,7 @@ import pytest
 
 from flipvisor import kept_outputs
 from flipvisor.config import LogsConfig
-from flipvisor.kept_outputs import OutputKeeper, take_over_outputs
+from flipvisor.kept_outputs import KeptOutput, OutputKeeper, take_over_outputs
 from flipvisor.logs import ProgramLog
 from flipvisor.output_keeper import HANDOVER_SOCKET, receive_with_fds, send_with_fd
 from flipvisor.output_pipe import open_output_pipe, read_available
@@ -324,9 +324,9 @@ async def test_a_chatty_writer_loses_no_line_across_rotation_and_the_handover(
     tmp_path: Path,
 ) -> None:
     """Megabytes written while the supervisor is gone: the keeper logs them with rotation; at the
-    handover it logs the start of the line it is in the middle of, and the next run reads the
-    rest of it and all that follows. Each line is logged once and in order, the one cut at the
-    handover in two pieces."""
+    handover it hands the start of the line it is in the middle of over with the pipe, and the
+    next run reads the rest of it and all that follows. Each line is logged once, whole, and in
+    order."""
     reaper = Reaper(reap_orphans=False)
     read_fd, write_fd = open_output_pipe()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -356,31 +356,35 @@ async def test_a_chatty_writer_loses_no_line_across_rotation_and_the_handover(
             os.close(read_fd)
             await await_until(lambda: holds((tmp_path / HANDOVER_SOCKET).exists()))
             ours.close()  # the supervisor is gone
+
+            async def first_half_logged() -> bool:
+                try:
+                    return last_before_cut in logged_payloads(log_file, prefix)
+                except FileNotFoundError:  # renamed by a rotation between the listing and the read
+                    return False
+
             await await_until(
-                lambda: holds(
-                    log_file.exists() and last_before_cut in logged_payloads(log_file, prefix)
-                ),
-                timeout=DEADLINE,
-                message="the keeper to log the first half",
+                first_half_logged, timeout=DEADLINE, message="the keeper to log the first half"
             )
             # Stopped, so that the rest waits in the pipe while the next run connects: it is the
-            # next run's to read, and the start of the cut line the keeper's to log.
+            # next run's to read, and the start of the cut line the keeper's to hand over.
             assert keeper.send_signal(signal.SIGSTOP)
             await await_until(  # asleep in its poll, not on its way back from it
                 lambda: holds(psutil.Process(keeper.pid).status() == psutil.STATUS_STOPPED)
             )
             assert writer.send_signal(signal.SIGUSR1)
             handover = tmp_path / HANDOVER_SOCKET
-            taken: list[int] = []
+            taken: list[KeptOutput] = []
 
             async def take_over() -> None:
-                taken.extend(kept.fd for kept in await take_over_outputs(tmp_path))
+                taken.extend(await take_over_outputs(tmp_path))
 
             async with anyio.create_task_group() as taking:
                 taking.start_soon(take_over)
                 await await_until(lambda: holds(unix_connections_to(handover) >= 2))
                 assert keeper.send_signal(signal.SIGCONT)
-            [kept_fd] = taken
+            [kept] = taken
+            kept_fd = kept.fd
             with anyio.fail_after(DEADLINE):
                 assert await keeper.wait() == 0
             rest = bytearray()
@@ -400,13 +404,12 @@ async def test_a_chatty_writer_loses_no_line_across_rotation_and_the_handover(
         tg.cancel_scope.cancel()
 
     logged = logged_payloads(log_file, prefix)
-    assert rest.endswith(b"\n")
-    read_on = bytes(rest).split(b"\n")[:-1]
     expected = [chatty_line(i) for i in range(CHATTY_LINES)]
-    split = len(logged) - 1  # the cut line: its start logged by the keeper, the rest read on
-    assert logged[split] + read_on[0] == expected[split]
-    assert [*logged[:split], expected[split], *read_on[1:]] == expected
-    assert logged[split] == expected[split][:5]  # nothing was read past the cut before
+    cut_line = expected[len(logged)]  # its start handed over with the pipe, the rest read on
+    assert kept.pending == cut_line[:5]  # nothing was read past the cut before
+    read_on = kept.pending + bytes(rest)
+    assert read_on.endswith(b"\n")
+    assert [*logged, *read_on.split(b"\n")[:-1]] == expected
     rotated = sorted(log_file.parent.glob("web.log.*"))
     assert len(rotated) >= 5
     assert all(path.stat().st_size <= max_bytes for path in [*rotated, log_file])
@@ -814,12 +817,14 @@ async def test_a_handover_message_the_next_run_cannot_use_is_a_warning_and_its_p
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Messages no keeper of ours sends (not JSON, a path for a program name, not a hold, a
-    hold with a second descriptor that is not a pipe) ended `run`'s start-up with a
-    traceback. Each is a warning naming the socket; every pipe received is kept, those of a
-    message that cannot be used logged as unnamed (closed, they would end their workers at
-    their next write); what is not a pipe is closed; the good holds around them are taken."""
-    pipes = [open_output_pipe() for _ in range(4)]
-    first, garbled, misnamed, last = (read_fd for read_fd, _write_fd in pipes)
+    hold with a second descriptor that is not a pipe, a line's start that is not base64) ended
+    `run`'s start-up with a traceback. Each is a warning naming the socket; every pipe received
+    is kept, those of a message that cannot be used logged as unnamed (closed, they would end
+    their workers at their next write); what is not a pipe is closed; the good holds around
+    them are taken."""
+    pipes = [open_output_pipe() for _ in range(5)]
+    first, garbled, misnamed, last, started = (read_fd for read_fd, _write_fd in pipes)
+    not_base64 = {"op": "hold", "tag": {"program": "web", "prefix": "p"}, "pending": "#!"}
     not_a_pipe, its_peer = socket.socketpair()
     messages = [
         (hold_message("web", "g1 w0 pid=1"), [first]),
@@ -827,6 +832,7 @@ async def test_a_handover_message_the_next_run_cannot_use_is_a_warning_and_its_p
         (hold_message("../../etc/cron.d/x", "g1 w1 pid=2"), [misnamed]),
         (json.dumps({"op": "frobnicate"}).encode(), []),
         (hold_message("web", "g1 w2 pid=3"), [last, not_a_pipe.fileno()]),
+        (json.dumps(not_base64).encode(), [started]),
         (b'{"op": "end"}', []),
     ]
     kept = []
@@ -839,11 +845,12 @@ async def test_a_handover_message_the_next_run_cannot_use_is_a_warning_and_its_p
             ("output-keeper.unnamed", "unnamed 1", inode(garbled)),
             ("output-keeper.unnamed", "unnamed 2", inode(misnamed)),
             ("web", "g1 w2 pid=3", inode(last)),
+            ("output-keeper.unnamed", "unnamed 3", inode(started)),
         ]
         assert all(not os.get_blocking(k.fd) for k in kept)
         assert open_fds_on(inode(not_a_pipe.fileno())) == 1  # ours alone: its copy was closed
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-        assert len(warnings) == 4, warnings
+        assert len(warnings) == 5, warnings
         socket_path = str(tmp_path / HANDOVER_SOCKET)
         assert all(f"the output keeper at {socket_path} sent a message" in w for w in warnings)
         unnamed_log = tmp_path / "logs" / "output-keeper.unnamed.log"
@@ -855,6 +862,7 @@ async def test_a_handover_message_the_next_run_cannot_use_is_a_warning_and_its_p
         assert "not a hold" in warnings[2] and "no pipe came with it" in warnings[2]
         assert "a hold with 2 descriptors" in warnings[3]
         assert "1 descriptor(s) that are not a pipe closed" in warnings[3]
+        assert "its line's start is not base64: '#!'" in warnings[4]
     finally:
         not_a_pipe.close()
         its_peer.close()
@@ -877,10 +885,10 @@ async def test_a_handover_socket_that_fails_keeps_what_was_taken_and_warns(
     ]
     received = []
 
-    def reset_after_one(sock: socket.socket) -> tuple[bytes, list[int]]:
+    def reset_after_one(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
         if received:
             raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
-        received.append(receive_with_fds(sock))
+        received.append(receive_with_fds(sock, size))
         return received[0]
 
     monkeypatch.setattr(kept_outputs, "receive_with_fds", reset_after_one)
@@ -930,9 +938,22 @@ async def orphaned_keeper(tmp_path: Path, read_fd: int) -> AsyncIterator[Child]:
 
 
 def connect_and_leave(path: Path) -> None:
-    """A run that connects to a keeper and is killed before it reads anything."""
+    """A run that connects to a keeper and is killed before it reads anything (the keeper must
+    not run meanwhile: it could hand everything over between the connect and the close)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as gone:
         gone.connect(str(path))
+
+
+async def stop(keeper: Child) -> None:
+    """SIGSTOP ``keeper``, and wait until it is stopped."""
+    assert keeper.send_signal(signal.SIGSTOP)
+    await await_until(lambda: holds(psutil.Process(keeper.pid).status() == psutil.STATUS_STOPPED))
+
+
+async def connect_and_leave_while_stopped(keeper: Child, path: Path) -> None:
+    await stop(keeper)
+    connect_and_leave(path)
+    assert keeper.send_signal(signal.SIGCONT)
 
 
 async def test_a_failed_handover_leaves_a_newer_keeper_s_socket_at_the_path(
@@ -957,7 +978,7 @@ async def test_a_failed_handover_leaves_a_newer_keeper_s_socket_at_the_path(
                 newer.listen()
                 newer.setblocking(False)
                 newer_inode = os.stat(handover).st_ino
-                connect_and_leave(side / HANDOVER_SOCKET)
+                await connect_and_leave_while_stopped(keeper, side / HANDOVER_SOCKET)
                 with anyio.fail_after(DEADLINE):
                     kept = await take_over_outputs(side)  # in order: after the failed one
                     assert await keeper.wait() == 0
@@ -981,10 +1002,7 @@ async def test_a_run_queued_behind_a_failed_handover_gets_the_pipes(tmp_path: Pa
     taken: list[int] = []
     try:
         async with orphaned_keeper(tmp_path, read_fd) as keeper:
-            assert keeper.send_signal(signal.SIGSTOP)
-            await await_until(
-                lambda: holds(psutil.Process(keeper.pid).status() == psutil.STATUS_STOPPED)
-            )
+            await stop(keeper)
             connect_and_leave(handover)
 
             async def take_over() -> None:
