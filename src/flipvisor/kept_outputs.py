@@ -7,7 +7,7 @@ sent by ``run``'s task as the socket takes them, so a keeper that is slow (or st
 up a spawn. Each message names the pipe by a key of ours, and the queue sends a ``hold`` only
 while the pipe is still held: a pipe released (and its descriptor closed, maybe reused) before
 its ``hold`` was sent is never sent at all. A keeper that exits while the supervisor runs is
-started again, and told every pipe held then.
+started again, and told every pipe held then. As PID 1 none is started (``why_no_keeper``).
 """
 
 from __future__ import annotations
@@ -72,6 +72,18 @@ class KeptOutput:
     pending: bytes = b""  # the start of the line its worker is in the middle of writing
 
 
+def why_no_keeper(supervisor_pid: int) -> str | None:
+    """Why a supervisor of PID ``supervisor_pid`` starts no output keeper, or None: it starts
+    one. As PID 1 (a container's init), its death ends every process of its PID namespace, the
+    keeper and the workers with it: a keeper would have nobody to keep writing."""
+    if supervisor_pid == 1:
+        return (
+            "the supervisor is PID 1 of its PID namespace, whose death ends every process in it "
+            "(workers too)"
+        )
+    return None
+
+
 class OutputKeeper:
     """The output keeper process of one supervisor, and the pipes it is told to hold."""
 
@@ -85,10 +97,13 @@ class OutputKeeper:
         self._queue: deque[tuple[str, int]] = deque()
         self._known: set[int] = set()  # keys the running keeper holds
         self._wake = anyio.Event()
+        self.off: str | None = None  # why no keeper runs at all (``why_no_keeper``)
 
     def hold(self, fd: int, log: ProgramLog, prefix: str) -> None:
         """Have the keeper hold ``fd`` (a worker output pipe's read end) until ``release``; if the
         supervisor dies meanwhile, the keeper logs its lines to ``log``'s file as ``prefix``."""
+        if self.off is not None:
+            return
         key = next(self._keys)
         tag = {
             "program": log.path.stem,
@@ -119,8 +134,13 @@ class OutputKeeper:
             self._wake.set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Keep a keeper running until cancelled; then tell it to exit, and wait (bounded)."""
+        """Keep a keeper running until cancelled; then tell it to exit, and wait (bounded).
+        Returns at once if none is needed (``why_no_keeper``)."""
         task_status.started()  # pipes may be held at once: a keeper is told, once it runs
+        if (why := why_no_keeper(os.getpid())) is not None:
+            self.off = why
+            log.info("no output keeper: %s", why)
+            return
         failures = 0
         while True:
             started = time.monotonic()

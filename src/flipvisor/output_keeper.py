@@ -6,17 +6,17 @@ the workers' next write to stdout or stderr fails with EPIPE, and SIGPIPE's defa
 any program that does not ignore it (a Go binary, a shell). The keeper is the pattern of
 s6-fdholder and systemd's fd store: a process that outlives the one reading.
 
-``flipvisor run`` starts one (``kept_outputs.OutputKeeper``), with one end of a SOCK_SEQPACKET
-socket pair on fd 3. Each message is a JSON object; a ``hold`` carries the pipe's read end
-(SCM_RIGHTS) and what its lines are logged as, a ``release`` names one given up, ``exit`` means
-the supervisor is exiting cleanly. While the supervisor runs, the keeper only holds: the
-supervisor reads. At end of file without ``exit`` the supervisor is gone, and the keeper reads
-every pipe it holds into its program's log (``ProgramLog``, the same format and rotation) until
-its writers are all gone, or until the next ``run`` connects to ``<state_dir>/keeper.sock``: it
-is then handed every pipe, with what each is logged as and the start of the line its worker is in
-the middle of, and the keeper exits. SIGTERM, SIGINT,
-SIGHUP and SIGQUIT are ignored while the supervisor runs (it says when to exit) and end the keeper
-once it is orphaned.
+``flipvisor run`` starts one (``kept_outputs.OutputKeeper``; none as PID 1: ``why_no_keeper``),
+with one end of a SOCK_SEQPACKET socket pair on fd 3. Each message is a JSON object; a ``hold``
+carries the pipe's read end (SCM_RIGHTS) and what its lines are logged as, a ``release`` names one
+given up, ``exit`` means the supervisor is exiting cleanly. While the supervisor runs, the keeper
+only holds: the supervisor reads. At end of file without ``exit`` the supervisor is gone, and the
+keeper reads every pipe it holds into its program's log (``ProgramLog``, the same format and
+rotation) until its writers are all gone, or until the next ``run`` connects to
+``<state_dir>/keeper.sock``: it is then handed every pipe, with what each is logged as and the
+start of the line its worker is in the middle of, and the keeper exits. SIGTERM, SIGINT, SIGHUP and
+SIGQUIT are ignored while the supervisor runs (it says when to exit) and end the keeper once it is
+orphaned.
 
 Only the standard library and ``logs``/``log_lines`` are imported, and it runs without ``site``
 (``-S``; its ``PYTHONPATH`` names this flipvisor): it is one more process on the host for as long as
