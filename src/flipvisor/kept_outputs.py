@@ -27,6 +27,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -97,12 +98,13 @@ class OutputKeeper:
         self._queue: deque[tuple[str, int]] = deque()
         self._known: set[int] = set()  # keys the running keeper holds
         self._wake = anyio.Event()
-        self.off: str | None = None  # why no keeper runs at all (``why_no_keeper``)
+        self.disabled: str | None = None  # why no keeper runs at all (``why_no_keeper``)
+        self.restarts = 0  # keepers started after one exited (or could not be started)
 
     def hold(self, fd: int, log: ProgramLog, prefix: str) -> None:
         """Have the keeper hold ``fd`` (a worker output pipe's read end) until ``release``; if the
         supervisor dies meanwhile, the keeper logs its lines to ``log``'s file as ``prefix``."""
-        if self.off is not None:
+        if self.disabled is not None:
             return
         key = next(self._keys)
         tag = {
@@ -138,7 +140,7 @@ class OutputKeeper:
         Returns at once if none is needed (``why_no_keeper``)."""
         task_status.started()  # pipes may be held at once: a keeper is told, once it runs
         if (why := why_no_keeper(os.getpid())) is not None:
-            self.off = why
+            self.disabled = why
             log.info("no output keeper: %s", why)
             return
         failures = 0
@@ -160,6 +162,18 @@ class OutputKeeper:
                 )
             failures = 1 if time.monotonic() - started >= STABLE_UPTIME else failures + 1
             await anyio.sleep(RESTART_DELAYS[min(failures, len(RESTART_DELAYS)) - 1])
+            self.restarts += 1
+
+    def status(self) -> dict[str, Any]:
+        """What ``status`` says of the keeper: its ``pid`` (None while none runs), the ``pipes``
+        it was told to hold, its ``restarts``, and why none runs at all (``disabled``; None: one
+        is kept running)."""
+        return {
+            "pid": self.pid,
+            "pipes": len(self._known) if self.pid is not None else 0,
+            "restarts": self.restarts,
+            "disabled": self.disabled,
+        }
 
     @property
     def errors_path(self) -> Path:

@@ -212,6 +212,8 @@ def test_pid1_reaps_orphans_and_exits_zero_on_sigterm(
         # As PID 1, flipvisor starts no output keeper: its death ends the whole namespace.
         assert not find_keepers(unshare)
         assert "no output keeper: the supervisor is PID 1" in flipvisor.output()
+        keeper = flipvisor.status()["keeper"]
+        assert (keeper["pid"], keeper["pipes"]) == (None, 0) and "PID 1" in keeper["disabled"]
 
         # The crashed worker was replaced, and nothing in the namespace is a zombie.
         flipvisor.wait_serving(

@@ -181,6 +181,7 @@ async def test_a_keeper_that_dies_is_started_again_and_told_every_pipe_held(
             first = keeper.pid
             assert first is not None
             await await_until(lambda: holds(inode(read_fd) in pipes_held_by(first)))
+            assert keeper.status() == {"pid": first, "pipes": 1, "restarts": 0, "disabled": None}
             psutil.Process(first).kill()
 
             async def another() -> int | None:
@@ -191,6 +192,7 @@ async def test_a_keeper_that_dies_is_started_again_and_told_every_pipe_held(
                 lambda: holds(inode(read_fd) in pipes_held_by(second)),
                 message="the second keeper to hold the pipe",
             )
+            assert keeper.status() == {"pid": second, "pipes": 1, "restarts": 1, "disabled": None}
     finally:
         os.close(read_fd)
         os.close(write_fd)
