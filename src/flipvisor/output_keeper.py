@@ -194,7 +194,8 @@ class Keeper:
 
     def _obey(self, data: bytes, fds: list[int]) -> str | None:
         """Carry out one message (a descriptor held is taken out of ``fds``); what is wrong with
-        it, if anything (then nothing changed)."""
+        it, if anything (then nothing changed; but a hold with more than one descriptor holds
+        the first, as before)."""
         try:
             message = json.loads(data)
         except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
@@ -270,10 +271,14 @@ class Keeper:
             if self.control is not None or uid not in (os.getuid(), 0):
                 return
             connection.settimeout(HANDOVER_TIMEOUT)
+            # A message can be as long as the send buffer: room for a hold with its line's start
+            # even where the default buffer is small (the kernel caps this at wmem_max).
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * HANDOVER_MESSAGE)
             for held in self.held.values():
                 log = self._log_of(held)
-                if len(held.pending) > MAX_HANDED_LINE and log is not None:
-                    log.write_lines(held.tag["prefix"], [held.pending])  # too long to send
+                if len(held.pending) > MAX_HANDED_LINE:  # too long to send: logged, cut here
+                    if log is not None:
+                        log.write_lines(held.tag["prefix"], [held.pending])
                     held.pending = b""
                 if log is not None:
                     log.flush()

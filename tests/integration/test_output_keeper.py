@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import json
 import os
 import re
 import signal
 import socket
+import struct
 import sys
+import termios
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,7 +27,12 @@ from flipvisor import kept_outputs
 from flipvisor.config import LogsConfig
 from flipvisor.kept_outputs import KeptOutput, OutputKeeper, take_over_outputs
 from flipvisor.logs import ProgramLog
-from flipvisor.output_keeper import HANDOVER_SOCKET, receive_with_fds, send_with_fd
+from flipvisor.output_keeper import (
+    HANDOVER_SOCKET,
+    MAX_HANDED_LINE,
+    receive_with_fds,
+    send_with_fd,
+)
 from flipvisor.output_pipe import open_output_pipe, read_available
 from flipvisor.reaper import Reaper
 from flipvisor.spawn import Child, spawn_process
@@ -1021,4 +1029,33 @@ async def test_a_run_queued_behind_a_failed_handover_gets_the_pipes(tmp_path: Pa
             assert not handover.exists()
     finally:
         for fd in (write_fd, *taken):
+            os.close(fd)
+
+
+def unread_bytes(read_fd: int) -> int:
+    """How many bytes wait in the pipe behind ``read_fd`` (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(read_fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+async def test_a_line_s_start_too_long_to_hand_over_is_logged_by_the_keeper(
+    tmp_path: Path,
+) -> None:
+    """The start of a line longer than a handover's message takes is logged by the keeper, cut
+    there, and not handed over (a shorter one goes with the pipe: the chatty writer's test)."""
+    read_fd, write_fd = open_output_pipe()
+    watched = os.dup(read_fd)  # the test's view of what is left unread
+    long_start = b"y" * (MAX_HANDED_LINE + 1)
+    kept = []
+    try:
+        async with orphaned_keeper(tmp_path, read_fd) as keeper:
+            os.write(write_fd, long_start)
+            await await_until(lambda: holds(unread_bytes(watched) == 0), message="all read")
+            with anyio.fail_after(DEADLINE):
+                kept = await take_over_outputs(tmp_path)
+                assert await keeper.wait() == 0
+        assert [(k.prefix, k.pending) for k in kept] == [("g1 w0 pid=1", b"")]
+        logged = (tmp_path / "web.log").read_text()
+        assert f"g1 w0 pid=1 | {long_start.decode()}\n" in logged
+    finally:
+        for fd in (write_fd, watched, *(k.fd for k in kept)):
             os.close(fd)
