@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = command(
         "status",
         "show programs and their generations: state, config fingerprint, port, PIDs, uptime, "
-        "restarts, last exit, command, and how long a warm generation is kept for a rollback",
+        "restarts, last exit, command, how long a warm generation is kept for a rollback, and "
+        "the output keeper (pid, pipes held, restarts)",
         json_output=True,
     )
     status.add_argument(

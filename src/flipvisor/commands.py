@@ -110,6 +110,7 @@ class Commands:
                     # True while the configured programs are being added, so a list that lacks
                     # some of them is not read as "not configured".
                     "starting": not self.supervisor._programs_added.is_set(),
+                    "keeper": self.supervisor.keeper.status(),
                 }
             )
         if command == "shutdown":

@@ -175,6 +175,32 @@ def status_rows(
     return rows, notes
 
 
+def keeper_line(keeper: dict[str, Any] | None) -> tuple[str, str | None] | None:
+    """The line below the table about the output keeper, and its colour (a keeper not running
+    is worth a look: a killed supervisor's workers would die at their next write); None from a
+    supervisor that does not say."""
+    if keeper is None:
+        return None
+    if keeper.get("disabled"):
+        return f"output keeper: none ({keeper['disabled']})", None
+    restarts = _count(keeper["restarts"], "restart")
+    if keeper["pid"] is None:
+        return (
+            f"output keeper: not running, starting another ({restarts}): until it runs, a killed "
+            "supervisor's workers would die at their next write",
+            "yellow",
+        )
+    return (
+        f"output keeper: pid {keeper['pid']}, holding {_count(keeper['pipes'], 'pipe')}, "
+        f"{restarts}",
+        None,
+    )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def print_status(document: dict[str, Any], *, one_program: bool = False) -> None:
     """The ``status`` table for people (``--json`` is for scripts); ``one_program``: the
     answer to ``status PROGRAM`` (``status_rows``).
@@ -219,6 +245,8 @@ def print_status(document: dict[str, Any], *, one_program: bool = False) -> None
                 colour,
             )
         )
+    if (keeper := keeper_line(document.get("keeper"))) is not None:
+        lines.append(_paint(*keeper, colour))
     sys.stdout.write("\n".join(lines) + "\n")
 
 

@@ -56,6 +56,7 @@ async def capture(
     *,
     prefix: str,
     tail: collections.deque[str] | None = None,
+    pending: bytes = b"",
 ) -> None:
     """Copy a worker's output pipe into ``log`` line by line until end of file.
 
@@ -65,13 +66,14 @@ async def capture(
     Decoded lines are appended to ``tail`` (a bounded deque) for error messages. A capture that
     is cancelled first reads what the pipe already holds, without waiting (up to the pipe's size:
     all that a writer that has exited wrote), so a worker's last lines are logged by the time its
-    exit is; a partial last line is written at the end, also when cancelled.
+    exit is; a partial last line is written at the end, also when cancelled. ``pending``: the
+    start of a line read before (an output keeper hands it over with the pipe), which the first
+    bytes read end.
 
     Raises:
         OSError: reading the pipe failed (not expected for a pipe).
     """
     size = enlarge_pipe(read_fd) or PIPE_SIZE
-    pending = b""
     try:
         while chunk := await read_available(read_fd, READ_SIZE):
             lines, pending = split_lines(pending, chunk)

@@ -6,16 +6,17 @@ the workers' next write to stdout or stderr fails with EPIPE, and SIGPIPE's defa
 any program that does not ignore it (a Go binary, a shell). The keeper is the pattern of
 s6-fdholder and systemd's fd store: a process that outlives the one reading.
 
-``flipvisor run`` starts one (``kept_outputs.OutputKeeper``), with one end of a SOCK_SEQPACKET
-socket pair on fd 3. Each message is a JSON object; a ``hold`` carries the pipe's read end
-(SCM_RIGHTS) and what its lines are logged as, a ``release`` names one given up, ``exit`` means
-the supervisor is exiting cleanly. While the supervisor runs, the keeper only holds: the
-supervisor reads. At end of file without ``exit`` the supervisor is gone, and the keeper reads
-every pipe it holds into its program's log (``ProgramLog``, the same format and rotation) until
-its writers are all gone, or until the next ``run`` connects to ``<state_dir>/keeper.sock``: it
-is then handed every pipe, with what each is logged as, and the keeper exits. SIGTERM, SIGINT,
-SIGHUP and SIGQUIT are ignored while the supervisor runs (it says when to exit) and end the keeper
-once it is orphaned.
+``flipvisor run`` starts one (``kept_outputs.OutputKeeper``; none as PID 1: ``why_no_keeper``),
+with one end of a SOCK_SEQPACKET socket pair on fd 3. Each message is a JSON object; a ``hold``
+carries the pipe's read end (SCM_RIGHTS) and what its lines are logged as, a ``release`` names one
+given up, ``exit`` means the supervisor is exiting cleanly. While the supervisor runs, the keeper
+only holds: the supervisor reads. At end of file without ``exit`` the supervisor is gone, and the
+keeper reads every pipe it holds into its program's log (``ProgramLog``, the same format and
+rotation) until its writers are all gone, or until the next ``run`` connects to
+``<state_dir>/keeper.sock``: it is then handed every pipe, with what each is logged as and the
+start of the line its worker is in the middle of, and the keeper exits. SIGTERM, SIGINT, SIGHUP and
+SIGQUIT are ignored while the supervisor runs (it says when to exit) and end the keeper once it is
+orphaned.
 
 Only the standard library and ``logs``/``log_lines`` are imported, and it runs without ``site``
 (``-S``; its ``PYTHONPATH`` names this flipvisor): it is one more process on the host for as long as
@@ -25,12 +26,14 @@ the supervisor runs, so it stays small (about 13 MiB resident, 8 of them the int
 from __future__ import annotations
 
 import array
+import binascii
 import json
 import os
 import select
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,6 +43,10 @@ from .logs import ProgramLog
 CONTROL_FD = 3  # the keeper's end of the socket pair (``spawn_process``'s listen_fd)
 HANDOVER_SOCKET = "keeper.sock"  # in state_dir: shorter than the control socket's name
 MAX_MESSAGE = 4096  # a message's JSON; the tags are a program name, a path and a prefix
+# At a handover, the start of the line a worker is in the middle of goes with its pipe (base64
+# in the ``hold``), so that the next run logs the line whole; a longer start is logged here, cut.
+MAX_HANDED_LINE = 32 * 1024
+HANDOVER_MESSAGE = 64 * 1024  # a handover's message: a tag and up to MAX_HANDED_LINE in base64
 HANDOVER_TIMEOUT = 5.0  # a client that stops reading cannot hold the keeper forever
 READ_SIZE = 256 * 1024
 END = b'{"op": "end"}'  # the last message of a handover
@@ -75,15 +82,16 @@ def send_with_fd(sock: socket.socket, message: bytes, fd: int | None) -> None:
     sock.sendmsg([message], rights)
 
 
-def receive_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One message and the descriptors attached to it (close-on-exec); (b"", []) at end of file.
+def receive_with_fds(sock: socket.socket, size: int = MAX_MESSAGE) -> tuple[bytes, list[int]]:
+    """One message (cut at ``size`` bytes) and the descriptors attached to it (close-on-exec);
+    (b"", []) at end of file.
 
     Raises:
         OSError: as ``socket.recvmsg``.
     """
     fds = array.array("i")
     data, ancillary, _flags, _address = sock.recvmsg(
-        MAX_MESSAGE, socket.CMSG_SPACE(16 * fds.itemsize), socket.MSG_CMSG_CLOEXEC
+        size, socket.CMSG_SPACE(16 * fds.itemsize), socket.MSG_CMSG_CLOEXEC
     )
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -104,6 +112,9 @@ class Keeper:
         self._noted: set[str] = set()  # the logs told that the keeper writes them
         self.listener = self._listen()
         self._bound = os.stat(handover_path)
+        # Once handed over, the path is the new run's to remove: it does, before its own keeper
+        # binds there; removed from here, it could be that new keeper's socket already.
+        self._handed_over = False
 
     def _listen(self) -> socket.socket:
         """Bind the handover socket (replacing a stale one: only our supervisor starts us, after
@@ -126,7 +137,8 @@ class Keeper:
         except _Done:
             return 0
         finally:
-            self._forget_handover_path()
+            if not self._handed_over:
+                self._forget_handover_path()
             for log in self.logs.values():
                 log.close()
 
@@ -160,6 +172,11 @@ class Keeper:
                 self._read(by_fd[fd])
 
     def _control_message(self) -> None:
+        """Handle one message of the supervisor. One that is not as ``kept_outputs`` sends them
+        (a bug, or a message cut at ``MAX_MESSAGE``) is said in the errors file (our stderr) and
+        changes nothing: the socket keeps each message whole (SOCK_SEQPACKET), so the next one
+        is read as it was sent. Only the socket itself failing ends the keeper (a traceback
+        there; the supervisor starts another one)."""
         assert self.control is not None
         data, fds = receive_with_fds(self.control)
         if not data:  # the supervisor is gone, and never said it exits: keep its workers'
@@ -167,20 +184,44 @@ class Keeper:
             self.control = None
             self._orphaned()
             return
-        message = json.loads(data)
-        op = message.get("op")
-        if op == "hold" and fds:
-            previous = self.held.pop(message["key"], None)
-            if previous is not None:
-                os.close(previous.fd)
-            self.held[message["key"]] = Held(fds.pop(0), message["tag"])
-        elif op == "release":
-            if (gone := self.held.pop(message["key"], None)) is not None:
-                os.close(gone.fd)
-        elif op == "exit":
+        try:
+            problem = self._obey(data, fds)
+        finally:
+            for fd in fds:  # those not held: never leak one
+                os.close(fd)
+        if problem is not None:
+            say(f"ignored a message of the supervisor ({problem}): {data[:200]!r}")
+
+    def _obey(self, data: bytes, fds: list[int]) -> str | None:
+        """Carry out one message (a descriptor held is taken out of ``fds``); what is wrong with
+        it, if anything (then nothing changed; but a hold with more than one descriptor holds
+        the first, as before)."""
+        try:
+            message = json.loads(data)
+        except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+            return "not JSON"
+        if not isinstance(message, dict):
+            return "not a JSON object"
+        op, key = message.get("op"), message.get("key")
+        if op == "exit":
             raise _Done
-        for fd in fds:  # none expected: never leak one
-            os.close(fd)
+        if op not in ("hold", "release"):
+            return f"unknown op {op!r:.40}"
+        if not isinstance(key, int) or isinstance(key, bool):
+            return f"{op} of key {key!r:.40}, not an integer"
+        if op == "release":
+            if (gone := self.held.pop(key, None)) is not None:
+                os.close(gone.fd)
+            return None
+        if (problem := tag_problem(message.get("tag"))) is not None:
+            return problem
+        if not fds:
+            return "a hold without a descriptor"
+        previous = self.held.pop(key, None)
+        if previous is not None:
+            os.close(previous.fd)
+        self.held[key] = Held(fds.pop(0), message["tag"])
+        return f"a hold with {len(fds) + 1} descriptors; held the first" if fds else None
 
     def _orphaned(self) -> None:
         """Say in each log that the keeper now writes it, and until when."""
@@ -230,34 +271,69 @@ class Keeper:
             if self.control is not None or uid not in (os.getuid(), 0):
                 return
             connection.settimeout(HANDOVER_TIMEOUT)
-            self._forget_handover_path()  # before the new run starts its own keeper there
+            # A message can be as long as the send buffer: room for a hold with its line's start
+            # even where the default buffer is small (the kernel caps this at wmem_max).
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * HANDOVER_MESSAGE)
             for held in self.held.values():
                 log = self._log_of(held)
-                if held.pending and log is not None:  # the new reader starts at a new line
-                    log.write_lines(held.tag["prefix"], [held.pending])
+                if len(held.pending) > MAX_HANDED_LINE:  # too long to send: logged, cut here
+                    if log is not None:
+                        log.write_lines(held.tag["prefix"], [held.pending])
                     held.pending = b""
                 if log is not None:
                     log.flush()
             try:
                 for held in self.held.values():
-                    message = json.dumps({"op": "hold", "tag": held.tag}).encode()
-                    send_with_fd(connection, message, held.fd)
+                    send_with_fd(connection, _handed_hold(held), held.fd)
                 connection.sendall(END)
-            except OSError:  # the new run went away: it has nothing; hold on as before
-                self.listener.close()
-                self.listener = self._listen()
-                self._bound = os.stat(self.handover_path)
+            except OSError:
+                # The new run went away: it has nothing. Hold on as before, on the listener and
+                # path we had all along (never given up before the handover is done: a re-bind
+                # would remove whatever is there then, a newer keeper's socket maybe), so that
+                # the run after it, queued on this listener already maybe, reaches us.
                 return
+        self._handed_over = True  # the run that took the pipes removes the path
         raise _Done
 
     def _forget_handover_path(self) -> None:
-        """Unlink the handover socket if it is still ours (a new keeper may have bound it)."""
+        """Unlink the handover socket if it is still ours (a new keeper may have bound it; a stat
+        and an unlink are two calls: only for exits that no new keeper follows at once)."""
         try:
             now = os.stat(self.handover_path)
             if (now.st_dev, now.st_ino) == (self._bound.st_dev, self._bound.st_ino):
                 self.handover_path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _handed_hold(held: Held) -> bytes:
+    """The ``hold`` that hands ``held`` over: its tag, and the start of the line its worker is
+    in the middle of (the next run prepends it to what it reads)."""
+    message: dict[str, Any] = {"op": "hold", "tag": held.tag}
+    if held.pending:
+        message["pending"] = binascii.b2a_base64(held.pending, newline=False).decode("ascii")
+    return json.dumps(message).encode()
+
+
+def tag_problem(tag: object) -> str | None:
+    """What is wrong with a ``hold``'s tag (what its pipe is logged as, and handed over with),
+    if anything: held as it is, a tag missing a field would end the keeper once orphaned."""
+    if not isinstance(tag, dict):
+        return "a hold without a tag"
+    for field in ("program", "log", "prefix"):
+        if not isinstance(tag.get(field), str) or not tag[field]:
+            return f"a tag without its {field}"
+    for field, least in (("max_bytes", 1), ("backups", 0)):
+        value = tag.get(field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            return f"a tag whose {field} is {value!r:.40}"
+    return None
+
+
+def say(text: str) -> None:
+    """A line in the errors file (our stderr: ``kept_outputs`` opens it), with the time."""
+    when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    print(f"{when} output keeper (pid {os.getpid()}): {text}", file=sys.stderr, flush=True)
 
 
 def _readable(sock: socket.socket) -> bool:

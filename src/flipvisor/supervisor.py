@@ -249,7 +249,7 @@ class Supervisor:
         log_ = self.runtime.program_log(kept.program)  # the one its program writes, if any
         try:
             self.keeper.hold(kept.fd, log_, kept.prefix)
-            await capture(kept.fd, log_, prefix=kept.prefix)
+            await capture(kept.fd, log_, prefix=kept.prefix, pending=kept.pending)
         finally:
             self.keeper.release(kept.fd)
             os.close(kept.fd)

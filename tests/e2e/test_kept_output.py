@@ -4,10 +4,12 @@ write, and the next ``flipvisor run`` takes the pipes over. The worker here is a
 
 from __future__ import annotations
 
+import array
 import os
 import re
 import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -333,4 +335,95 @@ def test_the_keeper_lets_go_of_the_pipes_of_a_program_stopped_or_removed_by_a_re
     wait_until(lambda: pipes["removed"] not in pipes_held_by(keeper.pid), message="let go")
     assert pipes_held_by(keeper.pid) == {pipes["kept"]}
     assert keepers(flipvisor.state_dir) == [keeper]
+    assert flipvisor.stop() == 0, flipvisor.output()
+
+
+def test_a_handover_the_next_run_cannot_read_is_a_warning_and_the_run_starts(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """What the socket of a killed supervisor's keeper sends is not a handover (garbage here,
+    with a pipe): `run` ended with a traceback. It warns, naming the socket, starts its
+    programs, and logs what the pipe's writer writes as unnamed (closing it would end that
+    writer at its next write)."""
+    flipvisor.state_dir.mkdir(mode=0o700)
+    handover = flipvisor.state_dir / "keeper.sock"
+    read_fd, write_fd = os.pipe()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(str(handover))
+        listener.listen()
+
+        def hand_over_garbage() -> None:
+            connection, _address = listener.accept()
+            with connection:
+                rights = array.array("i", [read_fd])
+                connection.sendmsg(
+                    [b"\x00garbage"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)]
+                )
+                connection.sendmsg([b'{"op": "end"}'])
+
+        playing = threading.Thread(target=hand_over_garbage)
+        playing.start()
+        try:
+            flipvisor.start({"programs": {"say": sayer(tmp_path / "say")}})
+            flipvisor.wait_serving("say")
+        finally:
+            playing.join(timeout=15)
+    os.close(read_fd)
+    try:
+        os.write(write_fd, b"a leftover's line\n")
+        unnamed = flipvisor.state_dir / "logs" / "output-keeper.unnamed.log"
+        wait_until(
+            lambda: unnamed.exists() and "unnamed 1 | a leftover's line\n" in unnamed.read_text(),
+            message="the pipe's line in the unnamed log",
+        )
+    finally:
+        os.close(write_fd)
+    output = flipvisor.output()
+    assert f"the output keeper at {handover} sent a message this run cannot use" in output
+    assert "Traceback" not in output
+    assert flipvisor.stop() == 0, flipvisor.output()
+
+
+# Says "ready" once; when the file "$0.half" appears, a line and the start of another (in one
+# write), and when "$0.rest" appears, the rest of that line.
+HALF_SAYER = (
+    'echo "ready $$"; while :; do '
+    'if [ -e "$0.half" ]; then rm -f "$0.half"; printf "a line $$\\nhalf of "; fi; '
+    'if [ -e "$0.rest" ]; then rm -f "$0.rest"; echo "the line $$"; fi; '
+    "sleep 0.05; done"
+)
+
+
+def test_a_line_a_worker_is_in_the_middle_of_at_the_handover_is_logged_whole(
+    flipvisor: Flipvisor, survivors: list[psutil.Process], tmp_path: Path
+) -> None:
+    """The worker writes the start of a line while the keeper logs for a killed supervisor, and
+    the rest once the next run has the pipe: one log line. The keeper logged the start as a line
+    of its own at the handover, and the next run the rest as another."""
+    say = tmp_path / "say"
+    flipvisor.start({"programs": {"say": {"command": ["/bin/sh", "-c", HALF_SAYER, str(say)]}}})
+    pid = flipvisor.wait_serving("say")["pids"][0]
+    survivors.append(psutil.Process(pid))
+    log = flipvisor.state_dir / "logs" / "say.log"
+    wait_until(lambda: log.exists() and f"| ready {pid}\n" in log.read_text())
+    [first_keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
+    kill_run(flipvisor)
+
+    say.with_name("say.half").touch()
+    # Logged by the keeper: it read the start of the next line with it, in the same write.
+    wait_until(lambda: f"| a line {pid}\n" in log.read_text(), message="the keeper's line")
+    promote = tmp_path / "promote"
+    ready_once_promoted = {"exec": ["test", "-e", str(promote)], "timeout": 60}
+    gated = {
+        "command": ["/bin/sh", "-c", HALF_SAYER, str(tmp_path / "say-new")],
+        "readiness": ready_once_promoted,
+    }
+    restart_supervisor(flipvisor, {"programs": {"say": gated}})
+    wait_until(lambda: not first_keeper.is_running(), message="the old keeper to hand over")
+
+    say.with_name("say.rest").touch()
+    wait_until(lambda: f"the line {pid}\n" in log.read_text(), message="the rest of the line")
+    assert f"| half of the line {pid}\n" in log.read_text(), log.read_text()
+    promote.touch()
+    wait_gone([pid])
     assert flipvisor.stop() == 0, flipvisor.output()

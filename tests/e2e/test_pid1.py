@@ -120,6 +120,18 @@ def find(unshare: subprocess.Popen[bytes], argv: list[str]) -> psutil.Process | 
     return None
 
 
+def find_keepers(unshare: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """The output keepers in the namespace."""
+    found = []
+    for process in namespace_processes(unshare):
+        try:
+            if "flipvisor.output_keeper" in process.cmdline():
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
 def parent_pid(process: psutil.Process) -> int | None:
     fields = status_fields(process)
     return int(fields["PPid"]) if "PPid" in fields else None
@@ -196,6 +208,12 @@ def test_pid1_reaps_orphans_and_exits_zero_on_sigterm(
         grandchild.kill()
         wait_until(lambda: gone(grandchild), message="PID 1 to reap the grandchild (no zombie)")
         wait_until(lambda: gone(worker), message="the worker to be reaped")
+
+        # As PID 1, flipvisor starts no output keeper: its death ends the whole namespace.
+        assert not find_keepers(unshare)
+        assert "no output keeper: the supervisor is PID 1" in flipvisor.output()
+        keeper = flipvisor.status()["keeper"]
+        assert (keeper["pid"], keeper["pipes"]) == (None, 0) and "PID 1" in keeper["disabled"]
 
         # The crashed worker was replaced, and nothing in the namespace is a zombie.
         flipvisor.wait_serving(

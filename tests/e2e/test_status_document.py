@@ -14,9 +14,11 @@ from typing import Any
 import psutil
 
 from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.integration.test_output_keeper import pipes_held_by
 from tests.waiting import wait_until
 
-DOCUMENT_KEYS = {"programs", "registry", "starting"}
+DOCUMENT_KEYS = {"programs", "registry", "starting", "keeper"}  # "keeper": added later
+KEEPER_KEYS = {"pid", "pipes", "restarts", "disabled"}
 REGISTRY_KEYS = {"backend", "where", "connected", "pending"}
 PROGRAM_KEYS = {
     "name",
@@ -185,6 +187,23 @@ def test_status_json_document_of_a_realistic_supervisor(flipvisor: Flipvisor) ->
     assert broken["state"] == "fatal"
     assert "exit status 3" in broken["fatal_reason"]
     assert broken["generations"] == []
+
+    # The output keeper: this supervisor's child, holding every worker's pipe (web's two
+    # generations of 2, worker's 1); none was started again.
+    keeper = document["keeper"]
+    assert set(keeper) == KEEPER_KEYS
+    assert (keeper["restarts"], keeper["disabled"]) == (0, None)
+    keeper_process = psutil.Process(keeper["pid"])
+    assert "flipvisor.output_keeper" in keeper_process.cmdline()
+    assert keeper_process.ppid() == flipvisor.process.pid  # type: ignore[union-attr]
+    assert keeper["pipes"] == 5  # told: what it holds once it has read the messages
+    wait_until(lambda: len(pipes_held_by(keeper["pid"])) == 5, message="the keeper's 5 pipes")
+    table = flipvisor.cli("status")
+    assert table.returncode == 0, table.stderr
+    assert (
+        table.stdout.splitlines()[-1]
+        == f"output keeper: pid {keeper['pid']}, holding 5 pipes, 0 restarts"
+    )
 
     # `status PROGRAM` is the same program, alone.
     alone = flipvisor.status("worker")

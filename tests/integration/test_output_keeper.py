@@ -5,12 +5,16 @@ process, real pipes, what it holds read from ``/proc``; its handover to the next
 from __future__ import annotations
 
 import array
+import errno
+import fcntl
 import json
 import os
 import re
 import signal
 import socket
+import struct
 import sys
+import termios
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,10 +23,16 @@ import anyio
 import psutil
 import pytest
 
+from flipvisor import kept_outputs
 from flipvisor.config import LogsConfig
-from flipvisor.kept_outputs import OutputKeeper, take_over_outputs
+from flipvisor.kept_outputs import KeptOutput, OutputKeeper, take_over_outputs
 from flipvisor.logs import ProgramLog
-from flipvisor.output_keeper import HANDOVER_SOCKET, send_with_fd
+from flipvisor.output_keeper import (
+    HANDOVER_SOCKET,
+    MAX_HANDED_LINE,
+    receive_with_fds,
+    send_with_fd,
+)
 from flipvisor.output_pipe import open_output_pipe, read_available
 from flipvisor.reaper import Reaper
 from flipvisor.spawn import Child, spawn_process
@@ -179,6 +189,7 @@ async def test_a_keeper_that_dies_is_started_again_and_told_every_pipe_held(
             first = keeper.pid
             assert first is not None
             await await_until(lambda: holds(inode(read_fd) in pipes_held_by(first)))
+            assert keeper.status() == {"pid": first, "pipes": 1, "restarts": 0, "disabled": None}
             psutil.Process(first).kill()
 
             async def another() -> int | None:
@@ -189,6 +200,7 @@ async def test_a_keeper_that_dies_is_started_again_and_told_every_pipe_held(
                 lambda: holds(inode(read_fd) in pipes_held_by(second)),
                 message="the second keeper to hold the pipe",
             )
+            assert keeper.status() == {"pid": second, "pipes": 1, "restarts": 1, "disabled": None}
     finally:
         os.close(read_fd)
         os.close(write_fd)
@@ -322,9 +334,9 @@ async def test_a_chatty_writer_loses_no_line_across_rotation_and_the_handover(
     tmp_path: Path,
 ) -> None:
     """Megabytes written while the supervisor is gone: the keeper logs them with rotation; at the
-    handover it logs the start of the line it is in the middle of, and the next run reads the
-    rest of it and all that follows. Each line is logged once and in order, the one cut at the
-    handover in two pieces."""
+    handover it hands the start of the line it is in the middle of over with the pipe, and the
+    next run reads the rest of it and all that follows. Each line is logged once, whole, and in
+    order."""
     reaper = Reaper(reap_orphans=False)
     read_fd, write_fd = open_output_pipe()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -354,31 +366,35 @@ async def test_a_chatty_writer_loses_no_line_across_rotation_and_the_handover(
             os.close(read_fd)
             await await_until(lambda: holds((tmp_path / HANDOVER_SOCKET).exists()))
             ours.close()  # the supervisor is gone
+
+            async def first_half_logged() -> bool:
+                try:
+                    return last_before_cut in logged_payloads(log_file, prefix)
+                except FileNotFoundError:  # renamed by a rotation between the listing and the read
+                    return False
+
             await await_until(
-                lambda: holds(
-                    log_file.exists() and last_before_cut in logged_payloads(log_file, prefix)
-                ),
-                timeout=DEADLINE,
-                message="the keeper to log the first half",
+                first_half_logged, timeout=DEADLINE, message="the keeper to log the first half"
             )
             # Stopped, so that the rest waits in the pipe while the next run connects: it is the
-            # next run's to read, and the start of the cut line the keeper's to log.
+            # next run's to read, and the start of the cut line the keeper's to hand over.
             assert keeper.send_signal(signal.SIGSTOP)
             await await_until(  # asleep in its poll, not on its way back from it
                 lambda: holds(psutil.Process(keeper.pid).status() == psutil.STATUS_STOPPED)
             )
             assert writer.send_signal(signal.SIGUSR1)
             handover = tmp_path / HANDOVER_SOCKET
-            taken: list[int] = []
+            taken: list[KeptOutput] = []
 
             async def take_over() -> None:
-                taken.extend(kept.fd for kept in await take_over_outputs(tmp_path))
+                taken.extend(await take_over_outputs(tmp_path))
 
             async with anyio.create_task_group() as taking:
                 taking.start_soon(take_over)
                 await await_until(lambda: holds(unix_connections_to(handover) >= 2))
                 assert keeper.send_signal(signal.SIGCONT)
-            [kept_fd] = taken
+            [kept] = taken
+            kept_fd = kept.fd
             with anyio.fail_after(DEADLINE):
                 assert await keeper.wait() == 0
             rest = bytearray()
@@ -398,13 +414,12 @@ async def test_a_chatty_writer_loses_no_line_across_rotation_and_the_handover(
         tg.cancel_scope.cancel()
 
     logged = logged_payloads(log_file, prefix)
-    assert rest.endswith(b"\n")
-    read_on = bytes(rest).split(b"\n")[:-1]
     expected = [chatty_line(i) for i in range(CHATTY_LINES)]
-    split = len(logged) - 1  # the cut line: its start logged by the keeper, the rest read on
-    assert logged[split] + read_on[0] == expected[split]
-    assert [*logged[:split], expected[split], *read_on[1:]] == expected
-    assert logged[split] == expected[split][:5]  # nothing was read past the cut before
+    cut_line = expected[len(logged)]  # its start handed over with the pipe, the rest read on
+    assert kept.pending == cut_line[:5]  # nothing was read past the cut before
+    read_on = kept.pending + bytes(rest)
+    assert read_on.endswith(b"\n")
+    assert [*logged, *read_on.split(b"\n")[:-1]] == expected
     rotated = sorted(log_file.parent.glob("web.log.*"))
     assert len(rotated) >= 5
     assert all(path.stat().st_size <= max_bytes for path in [*rotated, log_file])
@@ -636,23 +651,104 @@ async def test_a_keeper_gone_in_the_middle_of_a_handover_gives_what_it_sent_and_
 
 async def test_what_a_crashing_keeper_says_is_kept_in_its_errors_file(tmp_path: Path) -> None:
     """Its stdout and stderr are a file in the logs folder: a traceback is there to read (with
-    /dev/null, the supervisor could only say that it exited 1)."""
-    (tmp_path / "logs").mkdir(mode=0o700)  # as `run` makes it
+    /dev/null, the supervisor could only say that it exited 1). Here it cannot bind its
+    handover socket: the state_dir's path is too long for one."""
+    state_dir = tmp_path / ("x" * 110)  # keeper.sock in it is past AF_UNIX's 108 bytes
+    (state_dir / "logs").mkdir(mode=0o700, parents=True)  # as `run` makes it
     reaper = Reaper(reap_orphans=False)
-    keeper = OutputKeeper(tmp_path, reaper)
+    keeper = OutputKeeper(state_dir, reaper)
     async with anyio.create_task_group() as tg:
         await tg.start(reaper.run)
         child, sock = keeper._spawn()
         with sock:
-            send_with_fd(sock, b"this is not json", None)  # only a broken supervisor sends this
             with anyio.fail_after(DEADLINE):
                 assert await child.wait() == 1
         child.close()
         tg.cancel_scope.cancel()
     said = keeper.errors_path.read_text()
-    assert "JSONDecodeError" in said, said
-    assert keeper.errors_path.parent == tmp_path / "logs"
+    assert "Traceback" in said and "OSError" in said, said
+    assert keeper.errors_path.parent == state_dir / "logs"
     assert oct(keeper.errors_path.stat().st_mode & 0o777) == oct(0o600)
+
+
+async def test_a_malformed_control_message_is_said_in_the_errors_file_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Messages of the supervisor that are not as it sends them (not JSON, not an object, a key
+    that is not an integer, a tag missing its fields, one cut at the keeper's message size)
+    ended the keeper with a traceback, and the supervisor started another. Each is a line in
+    the errors file; the keeper holds what it was told by the good messages, and logs their
+    pipes once orphaned (a tag missing its fields, held, would have ended it then)."""
+    (tmp_path / "logs").mkdir(mode=0o700)
+    reaper = Reaper(reap_orphans=False)
+    keeper = OutputKeeper(tmp_path, reaper)
+    log_file = tmp_path / "logs" / "web.log"
+    tag: dict[str, object] = {"program": "web", "log": str(log_file), "prefix": "g1 w0 pid=1"}
+    tag |= {"max_bytes": 1 << 20, "backups": 1}
+    pipes = [open_output_pipe() for _ in range(4)]
+    (first, _), (second, _), (third, _), (last, last_w) = pipes
+    malformed: list[tuple[bytes, int | None]] = [
+        (b"this is not json", None),
+        (b"\xff\xfe not UTF-8", None),
+        (b"[1, 2]", None),
+        (json.dumps({"op": "hold", "key": "1", "tag": tag}).encode(), first),
+        (json.dumps({"op": "hold", "key": 1, "tag": {"program": "web"}}).encode(), second),
+        (json.dumps({"op": "release", "key": [1]}).encode(), None),
+        (json.dumps({"op": "hold", "key": 1, "tag": tag, "pad": "x" * 5000}).encode(), third),
+    ]
+    async with anyio.create_task_group() as tg:
+        await tg.start(reaper.run)
+        child, sock = keeper._spawn()
+        try:
+            with sock:
+                sock.setblocking(True)
+                for data, fd in malformed:
+                    send_with_fd(sock, data, fd)
+                hold = {"op": "hold", "key": 2, "tag": tag}
+                send_with_fd(sock, json.dumps(hold).encode(), last)
+                await await_until(
+                    lambda: holds(inode(last) in pipes_held_by(child.pid)),
+                    message="the last hold",
+                )
+                # Messages are handled in order: by the last hold, every other one was.
+                assert pipes_held_by(child.pid) == {inode(last)}
+                assert child.exit.returncode is None
+            # The supervisor is gone: the keeper logs the pipe it holds, then exits once its
+            # writer is gone.
+            os.write(last_w, b"after the supervisor died\n")
+            os.close(last_w)
+            with anyio.fail_after(DEADLINE):
+                assert await child.wait() == 0
+        finally:
+            if not child.exit.reaped:
+                child.send_signal(signal.SIGKILL)
+                await child.wait()
+            child.close()
+            for read_fd, write_fd in pipes:
+                os.close(read_fd)
+                if write_fd != last_w:
+                    os.close(write_fd)
+        tg.cancel_scope.cancel()
+    assert "g1 w0 pid=1 | after the supervisor died" in log_file.read_text()
+    said = keeper.errors_path.read_text()
+    assert "Traceback" not in said, said
+    lines = said.splitlines()
+    assert len(lines) == len(malformed), said
+    assert all("ignored a message of the supervisor" in line for line in lines), said
+    for line, why in zip(
+        lines,
+        [
+            "(not JSON)",
+            "(not JSON)",
+            "(not a JSON object)",
+            "(hold of key '1', not an integer)",
+            "(a tag without its log)",
+            "(release of key [1], not an integer)",
+            "(not JSON)",  # cut at the keeper's message size
+        ],
+        strict=True,
+    ):
+        assert why in line, line
 
 
 async def test_a_message_the_socket_refuses_restarts_the_keeper_not_the_supervisor(
@@ -684,3 +780,282 @@ async def test_a_message_the_socket_refuses_restarts_the_keeper_not_the_supervis
     finally:
         os.close(good)
         os.close(good_w)
+
+
+def open_fds_on(inode_number: int) -> int:
+    """How many of this process's descriptors are open on ``inode_number``."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.stat(f"/proc/self/fd/{name}").st_ino == inode_number:
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+@asynccontextmanager
+async def played_keeper(
+    tmp_path: Path, messages: list[tuple[bytes, list[int]]]
+) -> AsyncIterator[None]:
+    """A keeper played by the test on ``tmp_path``'s keeper.sock: to the first connection, it
+    sends ``messages`` (each with its descriptors), then closes it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(str(tmp_path / HANDOVER_SOCKET))
+        listener.listen()
+        listener.setblocking(False)
+
+        async def hand_over() -> None:
+            await anyio.wait_readable(listener)
+            connection, _address = listener.accept()
+            with connection:
+                for data, fds in messages:
+                    rights = array.array("i", fds)
+                    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)] if fds else []
+                    connection.sendmsg([data], ancillary)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hand_over)
+            yield
+
+
+def hold_message(program: object, prefix: object) -> bytes:
+    return json.dumps({"op": "hold", "tag": {"program": program, "prefix": prefix}}).encode()
+
+
+async def test_a_handover_message_the_next_run_cannot_use_is_a_warning_and_its_pipe_is_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Messages no keeper of ours sends (not JSON, a path for a program name, not a hold, a
+    hold with a second descriptor that is not a pipe, a line's start that is not base64) ended
+    `run`'s start-up with a traceback. Each is a warning naming the socket; every pipe received
+    is kept, those of a message that cannot be used logged as unnamed (closed, they would end
+    their workers at their next write); what is not a pipe is closed; the good holds around
+    them are taken."""
+    pipes = [open_output_pipe() for _ in range(5)]
+    first, garbled, misnamed, last, started = (read_fd for read_fd, _write_fd in pipes)
+    not_base64 = {"op": "hold", "tag": {"program": "web", "prefix": "p"}, "pending": "#!"}
+    not_a_pipe, its_peer = socket.socketpair()
+    messages = [
+        (hold_message("web", "g1 w0 pid=1"), [first]),
+        (b"this is not json", [garbled]),
+        (hold_message("../../etc/cron.d/x", "g1 w1 pid=2"), [misnamed]),
+        (json.dumps({"op": "frobnicate"}).encode(), []),
+        (hold_message("web", "g1 w2 pid=3"), [last, not_a_pipe.fileno()]),
+        (json.dumps(not_base64).encode(), [started]),
+        (b'{"op": "end"}', []),
+    ]
+    kept = []
+    try:
+        with anyio.fail_after(DEADLINE):
+            async with played_keeper(tmp_path, messages):
+                kept = await take_over_outputs(tmp_path)
+        assert [(k.program, k.prefix, inode(k.fd)) for k in kept] == [
+            ("web", "g1 w0 pid=1", inode(first)),
+            ("output-keeper.unnamed", "unnamed 1", inode(garbled)),
+            ("output-keeper.unnamed", "unnamed 2", inode(misnamed)),
+            ("web", "g1 w2 pid=3", inode(last)),
+            ("output-keeper.unnamed", "unnamed 3", inode(started)),
+        ]
+        assert all(not os.get_blocking(k.fd) for k in kept)
+        assert open_fds_on(inode(not_a_pipe.fileno())) == 1  # ours alone: its copy was closed
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 5, warnings
+        socket_path = str(tmp_path / HANDOVER_SOCKET)
+        assert all(f"the output keeper at {socket_path} sent a message" in w for w in warnings)
+        unnamed_log = tmp_path / "logs" / "output-keeper.unnamed.log"
+        assert (
+            f"not JSON: b'this is not json'): its pipes are logged in {unnamed_log}"
+            in (warnings[0])
+        )
+        assert "not a program name: '../../etc/cron.d/x'" in warnings[1]
+        assert "not a hold" in warnings[2] and "no pipe came with it" in warnings[2]
+        assert "a hold with 2 descriptors" in warnings[3]
+        assert "1 descriptor(s) that are not a pipe closed" in warnings[3]
+        assert "its line's start is not base64: '#!'" in warnings[4]
+    finally:
+        not_a_pipe.close()
+        its_peer.close()
+        for fd in [fd for pair in pipes for fd in pair] + [k.fd for k in kept]:
+            os.close(fd)
+
+
+async def test_a_handover_socket_that_fails_keeps_what_was_taken_and_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error of recvmsg in the middle of a handover (here ECONNRESET, at our seam: the
+    keeper never receives on it, so no real peer resets it) ended `run`'s start-up with a
+    traceback: it is a warning naming the socket, and the pipe received before it is kept."""
+    read_fd, write_fd = open_output_pipe()
+    other, other_w = open_output_pipe()
+    messages = [
+        (hold_message("web", "g1 w0 pid=1"), [read_fd]),
+        (hold_message("web", "g1 w1 pid=2"), [other]),
+        (b'{"op": "end"}', []),
+    ]
+    received = []
+
+    def reset_after_one(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
+        if received:
+            raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+        received.append(receive_with_fds(sock, size))
+        return received[0]
+
+    monkeypatch.setattr(kept_outputs, "receive_with_fds", reset_after_one)
+    kept = []
+    try:
+        with anyio.fail_after(DEADLINE):
+            async with played_keeper(tmp_path, messages):
+                kept = await take_over_outputs(tmp_path)
+        assert [(k.prefix, inode(k.fd)) for k in kept] == [("g1 w0 pid=1", inode(read_fd))]
+        assert (
+            f"cannot read the handover of the output keeper at {tmp_path / HANDOVER_SOCKET} "
+            "(Connection reset by peer; took 1)"
+        ) in caplog.text
+    finally:
+        for fd in (read_fd, write_fd, other, other_w, *(k.fd for k in kept)):
+            os.close(fd)
+
+
+@asynccontextmanager
+async def orphaned_keeper(tmp_path: Path, read_fd: int) -> AsyncIterator[Child]:
+    """A bare keeper holding ``read_fd`` (closed here: the keeper's copy is the only one left),
+    whose supervisor is gone; killed at the end if it still runs."""
+    reaper = Reaper(reap_orphans=False)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    log_file = tmp_path / "web.log"
+    tag = {"program": "web", "log": str(log_file), "prefix": "g1 w0 pid=1"}
+    tag |= {"max_bytes": 1 << 20, "backups": 1}
+    async with anyio.create_task_group() as tg:
+        await tg.start(reaper.run)
+        keeper = start_bare_keeper(tmp_path, reaper, theirs)
+        try:
+            send_with_fd(ours, json.dumps({"op": "hold", "key": 1, "tag": tag}).encode(), read_fd)
+            os.close(read_fd)
+            ours.close()
+            await await_until(
+                lambda: holds(log_file.exists() and b"is gone" in log_file.read_bytes()),
+                message="the keeper to know it is orphaned",
+            )
+            yield keeper
+        finally:
+            ours.close()
+            if not keeper.exit.reaped:
+                keeper.send_signal(signal.SIGKILL)
+                await keeper.wait()
+            keeper.close()
+        tg.cancel_scope.cancel()
+
+
+def connect_and_leave(path: Path) -> None:
+    """A run that connects to a keeper and is killed before it reads anything (the keeper must
+    not run meanwhile: it could hand everything over between the connect and the close)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as gone:
+        gone.connect(str(path))
+
+
+async def stop(keeper: Child) -> None:
+    """SIGSTOP ``keeper``, and wait until it is stopped."""
+    assert keeper.send_signal(signal.SIGSTOP)
+    await await_until(lambda: holds(psutil.Process(keeper.pid).status() == psutil.STATUS_STOPPED))
+
+
+async def connect_and_leave_while_stopped(keeper: Child, path: Path) -> None:
+    await stop(keeper)
+    connect_and_leave(path)
+    assert keeper.send_signal(signal.SIGCONT)
+
+
+async def test_a_failed_handover_leaves_a_newer_keeper_s_socket_at_the_path(
+    tmp_path: Path,
+) -> None:
+    """A handover whose run went away (killed before it read anything) made the keeper bind
+    keeper.sock again, removing whatever was there: a newer keeper's socket (one started after
+    a run gave up waiting for this keeper) was replaced, and that keeper could no longer be
+    reached. The keeper now keeps its listener; reached (here through a hard link made before
+    the newer socket replaced its path), it hands over, and the newer socket is left alone."""
+    read_fd, write_fd = open_output_pipe()
+    handover = tmp_path / HANDOVER_SOCKET
+    side = tmp_path / "side"
+    side.mkdir()
+    kept = []
+    try:
+        async with orphaned_keeper(tmp_path, read_fd) as keeper:
+            os.link(handover, side / HANDOVER_SOCKET)  # the old keeper, reached from here
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as newer:
+                handover.unlink()  # as a newer keeper binds its socket
+                newer.bind(str(handover))
+                newer.listen()
+                newer.setblocking(False)
+                newer_inode = os.stat(handover).st_ino
+                await connect_and_leave_while_stopped(keeper, side / HANDOVER_SOCKET)
+                with anyio.fail_after(DEADLINE):
+                    kept = await take_over_outputs(side)  # in order: after the failed one
+                    assert await keeper.wait() == 0
+                assert [k.prefix for k in kept] == ["g1 w0 pid=1"]
+                assert os.stat(handover).st_ino == newer_inode
+                with pytest.raises(BlockingIOError):
+                    newer.accept()  # nobody connected to it either
+            assert not (side / HANDOVER_SOCKET).exists()  # the run that took over removed it
+    finally:
+        for fd in (write_fd, *(k.fd for k in kept)):
+            os.close(fd)
+
+
+async def test_a_run_queued_behind_a_failed_handover_gets_the_pipes(tmp_path: Path) -> None:
+    """A run killed before it read the handover, and the next run connected meanwhile: the
+    keeper closed its listener to bind again after the failure, and the next run's connection,
+    queued on it, was reset (it started without the pipes, beside the keeper logging them).
+    Now it is handed the pipes."""
+    read_fd, write_fd = open_output_pipe()
+    handover = tmp_path / HANDOVER_SOCKET
+    taken: list[int] = []
+    try:
+        async with orphaned_keeper(tmp_path, read_fd) as keeper:
+            await stop(keeper)
+            connect_and_leave(handover)
+
+            async def take_over() -> None:
+                taken.extend(kept.fd for kept in await take_over_outputs(tmp_path))
+
+            async with anyio.create_task_group() as taking:
+                taking.start_soon(take_over)
+                # The listener, the connection gone, and the one of the run waiting.
+                await await_until(lambda: holds(unix_connections_to(handover) >= 3))
+                assert keeper.send_signal(signal.SIGCONT)
+            assert len(taken) == 1
+            with anyio.fail_after(DEADLINE):
+                assert await keeper.wait() == 0
+            assert not handover.exists()
+    finally:
+        for fd in (write_fd, *taken):
+            os.close(fd)
+
+
+def unread_bytes(read_fd: int) -> int:
+    """How many bytes wait in the pipe behind ``read_fd`` (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(read_fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+async def test_a_line_s_start_too_long_to_hand_over_is_logged_by_the_keeper(
+    tmp_path: Path,
+) -> None:
+    """The start of a line longer than a handover's message takes is logged by the keeper, cut
+    there, and not handed over (a shorter one goes with the pipe: the chatty writer's test)."""
+    read_fd, write_fd = open_output_pipe()
+    watched = os.dup(read_fd)  # the test's view of what is left unread
+    long_start = b"y" * (MAX_HANDED_LINE + 1)
+    kept = []
+    try:
+        async with orphaned_keeper(tmp_path, read_fd) as keeper:
+            os.write(write_fd, long_start)
+            await await_until(lambda: holds(unread_bytes(watched) == 0), message="all read")
+            with anyio.fail_after(DEADLINE):
+                kept = await take_over_outputs(tmp_path)
+                assert await keeper.wait() == 0
+        assert [(k.prefix, k.pending) for k in kept] == [("g1 w0 pid=1", b"")]
+        logged = (tmp_path / "web.log").read_text()
+        assert f"g1 w0 pid=1 | {long_start.decode()}\n" in logged
+    finally:
+        for fd in (write_fd, watched, *(k.fd for k in kept)):
+            os.close(fd)

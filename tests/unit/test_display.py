@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from flipvisor.display import COMMAND_WIDTH, FlipProgress, print_status, status_rows
+from flipvisor.display import COMMAND_WIDTH, FlipProgress, keeper_line, print_status, status_rows
 
 NOW = 1_800_000_000.0
 
@@ -279,3 +279,46 @@ def test_a_status_from_an_older_supervisor_without_the_new_fields_is_shown() -> 
         del program["generations"][0][field]  # type: ignore[index]
     rows, _ = status_rows({"programs": [program]}, NOW)
     assert (rows[0][3], rows[0][4], rows[0][10]) == ("serving", "-", "-")
+
+
+def _keeper(pid: int | None = 4321, pipes: int = 5, restarts: int = 0) -> dict[str, object]:
+    return {"pid": pid, "pipes": pipes, "restarts": restarts, "disabled": None}
+
+
+def test_the_output_keeper_is_a_line_below_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    print_status({"programs": [_program("web")], "keeper": _keeper(restarts=2)})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "output keeper: pid 4321, holding 5 pipes, 2 restarts"
+    assert len(lines) == 3  # the heading, web's row, the keeper
+
+
+@pytest.mark.parametrize(
+    ("keeper", "line", "colour"),
+    [
+        (_keeper(pipes=1, restarts=1), "output keeper: pid 4321, holding 1 pipe, 1 restart", None),
+        (_keeper(pipes=0), "output keeper: pid 4321, holding 0 pipes, 0 restarts", None),
+        (
+            _keeper(pid=None, pipes=0, restarts=3),
+            "output keeper: not running, starting another (3 restarts): until it runs, a killed "
+            "supervisor's workers would die at their next write",
+            "yellow",
+        ),
+        (
+            _keeper(pid=None, pipes=0) | {"disabled": "the supervisor is PID 1"},
+            "output keeper: none (the supervisor is PID 1)",
+            None,
+        ),
+    ],
+)
+def test_what_the_keeper_line_says(
+    keeper: dict[str, object], line: str, colour: str | None
+) -> None:
+    assert keeper_line(keeper) == (line, colour)
+
+
+def test_a_status_from_a_supervisor_that_does_not_say_has_no_keeper_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert keeper_line(None) is None
+    print_status({"programs": [_program("web")]})
+    assert "output keeper" not in capsys.readouterr().out

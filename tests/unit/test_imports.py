@@ -72,7 +72,16 @@ ALLOWED: dict[str, set[str]] = {
     "log_lines": set(),
     "logs_capture": {"logs", "output_pipe", "log_lines"},
     "output_keeper": {"logs", "log_lines"},
-    "kept_outputs": {"errors", "logs", "output_keeper", "reaper", "spawn"},
+    # config_fields: a program name handed over is checked as the config checks one.
+    "kept_outputs": {
+        "config_fields",
+        "errors",
+        "locate",
+        "logs",
+        "output_keeper",
+        "reaper",
+        "spawn",
+    },
     "logs_tail": set(),
     "logs_follow": {"logs_tail"},
     "sockets": {"config", "errors", "usable"},
