@@ -1,6 +1,6 @@
 """The supervisor's side of the output keeper (``output_keeper.py``): start it and keep it
-running, tell it every worker output pipe to hold and every one given up, and at start-up take
-back the pipes a killed supervisor's keeper kept.
+running, and tell it every worker output pipe to hold and every one given up. (At start-up, the
+pipes a killed supervisor's keeper kept are taken back by ``keeper_handover.py``.)
 
 ``OutputKeeper.hold``/``release`` are synchronous and never block: the messages are queued and
 sent by ``run``'s task as the socket takes them, so a keeper that is slow (or stopped) never holds
@@ -12,7 +12,6 @@ started again, and told every pipe held then. As PID 1 none is started (``why_no
 
 from __future__ import annotations
 
-import binascii
 import contextlib
 import errno
 import itertools
@@ -21,11 +20,9 @@ import logging
 import os
 import signal
 import socket
-import stat
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +31,9 @@ from anyio.abc import TaskStatus
 
 import flipvisor
 
-from .config_fields import MAX_PROGRAM_NAME, PROGRAM_NAME_RE
 from .errors import SpawnError
-from .locate import log_path
 from .logs import ProgramLog
 from .output_keeper import (
-    END,
-    HANDOVER_MESSAGE,
-    HANDOVER_SOCKET,
-    HANDOVER_TIMEOUT,
-    receive_with_fds,
     send_with_fd,
 )
 from .reaper import Reaper
@@ -56,21 +46,6 @@ EXIT_GRACE = 2.0  # how long a keeper told to exit gets before SIGKILL
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # after a keeper exited unexpectedly
 STABLE_UPTIME = 30.0  # a keeper that ran this long starts again after the first delay
 _EXIT = json.dumps({"op": "exit"}).encode()
-# What the pipes of a handover message that cannot be read are logged as (its log:
-# ``logs/output-keeper.unnamed.log``, beside the keeper's errors file). A valid program name, so
-# that our own keeper hands them over to the next run under it again.
-UNNAMED_PROGRAM = "output-keeper.unnamed"
-MAX_PREFIX = 200  # ours are "g2 w0 pid=1234"
-
-
-@dataclass(frozen=True)
-class KeptOutput:
-    """A worker output pipe taken over from a killed supervisor's keeper."""
-
-    fd: int  # the read end, close-on-exec, now ours
-    program: str
-    prefix: str  # what its lines are logged as: ``g2 w0 pid=1234``
-    pending: bytes = b""  # the start of the line its worker is in the middle of writing
 
 
 def why_no_keeper(supervisor_pid: int) -> str | None:
@@ -302,148 +277,3 @@ async def _send(sock: socket.socket, message: bytes, fd: int | None) -> bool:
             if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                 return False
             raise
-
-
-async def take_over_outputs(state_dir: Path) -> list[KeptOutput]:
-    """The output pipes a killed supervisor's keeper kept (nothing if there is none): it hands
-    them over and exits. A stale socket (its keeper is gone too) is removed.
-
-    Never raises: a handover that cannot be read to its end (the socket fails, a message is not
-    what a keeper sends) is a warning naming the socket, and ``run`` starts all the same. Every
-    pipe received is kept, those of a message that cannot be read too (logged as
-    ``UNNAMED_PROGRAM``): closing one would end its worker at its next write, as if no keeper had
-    held it. A descriptor that is not a pipe is closed: it is no worker's output.
-    """
-    path = state_dir / HANDOVER_SOCKET
-    if not path.exists():
-        return []
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    outputs: list[KeptOutput] = []
-    with sock:
-        try:
-            sock.connect(os.fsencode(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            path.unlink(missing_ok=True)
-            return []
-        except OSError as exc:
-            log.warning("cannot reach the output keeper at %s: %s", path, exc.strerror)
-            return []
-        sock.setblocking(False)
-        with anyio.move_on_after(HANDOVER_TIMEOUT) as waited:
-            while True:
-                await anyio.wait_readable(sock)
-                try:
-                    data, fds = receive_with_fds(sock, HANDOVER_MESSAGE)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    log.warning(
-                        "cannot read the handover of the output keeper at %s (%s; took %d): the "
-                        "workers whose pipes it had not handed over yet may have lost their "
-                        "reader",
-                        path,
-                        exc.strerror or exc,
-                        len(outputs),
-                    )
-                    break
-                if data == END:
-                    # The keeper exits: its path is ours to remove (it keeps it bound until the
-                    # end, so that a failed handover leaves it reachable) before our keeper binds.
-                    path.unlink(missing_ok=True)
-                    break
-                if not data:
-                    log.warning(
-                        "the output keeper at %s went away before it had handed every pipe over "
-                        "(took %d): the workers whose pipes it still held lost their reader",
-                        path,
-                        len(outputs),
-                    )
-                    break
-                outputs.extend(_kept_outputs(data, fds, path, state_dir, outputs))
-        if waited.cancelled_caught:
-            log.warning(
-                "the output keeper at %s did not finish handing over within %gs; took %d",
-                path,
-                HANDOVER_TIMEOUT,
-                len(outputs),
-            )
-    return outputs
-
-
-def _kept_outputs(
-    data: bytes, fds: list[int], path: Path, state_dir: Path, taken: list[KeptOutput]
-) -> list[KeptOutput]:
-    """The pipes of one handover message (``path``: the keeper's socket; ``taken``: the pipes
-    taken before it). A ``hold`` carries one pipe and what it is logged as; whatever else comes
-    (a message that is not JSON, not a hold, a name that is no program's, more descriptors or
-    none) is said in a warning, and its pipes are logged as ``UNNAMED_PROGRAM``."""
-    named = _named(data)
-    pipes = _pipes_only(fds)
-    not_pipes = len(fds) - len(pipes)
-    kept = []
-    if isinstance(named, tuple) and pipes:
-        kept.append(KeptOutput(pipes.pop(0), *named))
-        if not pipes and not not_pipes:
-            return kept  # a hold as the keeper sends it
-    first = 1 + sum(1 for output in taken if output.program == UNNAMED_PROGRAM)
-    unnamed = [
-        KeptOutput(fd, UNNAMED_PROGRAM, f"unnamed {number}")
-        for number, fd in enumerate(pipes, start=first)
-    ]
-    if isinstance(named, str):
-        why = named
-    else:
-        why = f"a hold with {len(fds)} descriptors" if kept else "a hold without a pipe"
-    done = []
-    if unnamed:
-        prefixes = ", ".join(repr(output.prefix) for output in unnamed)
-        done.append(f"its pipes are logged in {log_path(state_dir, UNNAMED_PROGRAM)} as {prefixes}")
-    if not_pipes:
-        done.append(f"{not_pipes} descriptor(s) that are not a pipe closed")
-    log.warning(
-        "the output keeper at %s sent a message this run cannot use (%s): %s",
-        path,
-        why,
-        "; ".join(done) or "no pipe came with it",
-    )
-    return kept + unnamed
-
-
-def _pipes_only(fds: list[int]) -> list[int]:
-    """The pipes among ``fds``, made non-blocking; the other descriptors are closed."""
-    pipes = []
-    for fd in fds:
-        if stat.S_ISFIFO(os.fstat(fd).st_mode):
-            os.set_blocking(fd, False)
-            pipes.append(fd)
-        else:
-            os.close(fd)
-    return pipes
-
-
-def _named(data: bytes) -> tuple[str, str, bytes] | str:
-    """The program and prefix a keeper's ``hold`` message names, and the start of the line its
-    worker is in the middle of (``pending``, base64; none from a keeper before it was sent), or
-    why it names none usable: the program names a log file (it must be a program's name: not a
-    path), the prefix starts each line of it (one printable line)."""
-    try:
-        message = json.loads(data)
-    except ValueError:
-        return f"not JSON: {data[:60]!r}"
-    tag = message.get("tag") if isinstance(message, dict) else None
-    if not isinstance(message, dict) or message.get("op") != "hold" or not isinstance(tag, dict):
-        return f"not a hold: {data[:60]!r}"
-    program, prefix = tag.get("program"), tag.get("prefix")
-    if not (
-        isinstance(program, str)
-        and PROGRAM_NAME_RE.fullmatch(program)
-        and len(program) <= MAX_PROGRAM_NAME
-    ):
-        return f"not a program name: {program!r:.60}"
-    if not (isinstance(prefix, str) and prefix.isprintable() and 0 < len(prefix) <= MAX_PREFIX):
-        return f"not a prefix: {prefix!r:.60}"
-    try:
-        pending = binascii.a2b_base64(message.get("pending", ""), strict_mode=True)
-    except (TypeError, ValueError):  # binascii.Error is a ValueError
-        return f"its line's start is not base64: {message.get('pending')!r:.60}"
-    return program, prefix, pending

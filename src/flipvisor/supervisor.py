@@ -24,7 +24,8 @@ from .config import Config, DrainConfig, same_deploy
 from .control import AlreadyRunning, ControlServer
 from .errors import EXIT_USAGE, ConfigError, FlipvisorError, UsageError
 from .events import EventLog
-from .kept_outputs import KeptOutput, OutputKeeper, take_over_outputs
+from .keeper_handover import KeptOutput, take_over_outputs
+from .kept_outputs import OutputKeeper
 from .leftovers import Leftovers, find_leftovers
 from .lineage import Lineage, processes_of
 from .logs_capture import capture

@@ -23,9 +23,10 @@ import anyio
 import psutil
 import pytest
 
-from flipvisor import kept_outputs
+from flipvisor import keeper_handover
 from flipvisor.config import LogsConfig
-from flipvisor.kept_outputs import KeptOutput, OutputKeeper, take_over_outputs
+from flipvisor.keeper_handover import KeptOutput, take_over_outputs
+from flipvisor.kept_outputs import OutputKeeper
 from flipvisor.logs import ProgramLog
 from flipvisor.output_keeper import (
     HANDOVER_SOCKET,
@@ -901,7 +902,7 @@ async def test_a_handover_socket_that_fails_keeps_what_was_taken_and_warns(
         received.append(receive_with_fds(sock, size))
         return received[0]
 
-    monkeypatch.setattr(kept_outputs, "receive_with_fds", reset_after_one)
+    monkeypatch.setattr(keeper_handover, "receive_with_fds", reset_after_one)
     kept = []
     try:
         with anyio.fail_after(DEADLINE):

@@ -28,7 +28,7 @@ LOGS = {"logs", "logs_capture", "log_lines", "logs_tail", "logs_follow"}
 SPAWN = {"spawn", "output_pipe", "run_command", "verified_signal", "strays", "lineage"}
 # The output keeper process (stdlib and the log writer only: it must stay small) and the
 # supervisor's side of it, which every worker tells about its pipe.
-KEEPER = {"output_keeper", "kept_outputs"}
+KEEPER = {"output_keeper", "kept_outputs", "keeper_handover"}
 BASE = LEAVES | CONFIG | LOGS | SPAWN | KEEPER | {"reaper", "sockets", "events", "progress"}
 CHECKS = BASE | {"probe", "proxy", "proxy_template", "registry"}
 WORKERS = CHECKS | {"worker", "generation"}
@@ -72,16 +72,9 @@ ALLOWED: dict[str, set[str]] = {
     "log_lines": set(),
     "logs_capture": {"logs", "output_pipe", "log_lines"},
     "output_keeper": {"logs", "log_lines"},
+    "kept_outputs": {"errors", "logs", "output_keeper", "reaper", "spawn"},
     # config_fields: a program name handed over is checked as the config checks one.
-    "kept_outputs": {
-        "config_fields",
-        "errors",
-        "locate",
-        "logs",
-        "output_keeper",
-        "reaper",
-        "spawn",
-    },
+    "keeper_handover": {"config_fields", "locate", "output_keeper"},
     "logs_tail": set(),
     "logs_follow": {"logs_tail"},
     "sockets": {"config", "errors", "usable"},
