@@ -1,0 +1,97 @@
+"""Findings of a QA pass (operator's view): each test states what an operator relies on, and is
+marked xfail (strict) while flipvisor does otherwise. Real supervisors, nginx and processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.test_flip import WARM, program, proxied, start_serving
+from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.fixtures.nginx import Nginx
+from tests.waiting import wait_until
+
+
+def web(*flags: str, **overrides: Any) -> dict[str, Any]:
+    return {
+        "command": svc_command(*flags),
+        "readiness": {"http": "/health", "timeout": 60, "interval": 0.1},
+        "drain": {"delay": 0, "timeout": 5},
+        **overrides,
+    }
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an empty (0-byte, truncated) config file is a valid config: a reload of it removes "
+    "and drains every program instead of being refused like any bad file",
+)
+def test_a_reload_of_an_empty_config_file_is_refused_and_changes_nothing(
+    flipvisor: Flipvisor,
+) -> None:
+    flipvisor.start({"programs": {"web": web("--version", "1")}})
+    flipvisor.wait_serving("web")
+    flipvisor.config_path.write_text("")  # a config tool that truncated the file, then HUP
+
+    result = flipvisor.cli("reload")
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert flipvisor.serving("web") is not None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a reload during a flip prints 'reload: no program changed' before saying the "
+    "changed program was not deployed",
+)
+def test_a_reload_during_a_flip_does_not_say_that_no_program_changed(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    flipvisor.start({"programs": {"web": web("--version", "1")}})
+    flipvisor.wait_serving("web")
+    gate = tmp_path / "serve"
+    flipvisor.write_config({"programs": {"web": web("--version", "2", "--serve-after", str(gate))}})
+    flip = flipvisor.cli_started("flip", "web")
+    try:
+        wait_until(lambda: flipvisor.program("web")["flip"], message="the flip under way")
+        flipvisor.write_config({"programs": {"web": web("--version", "3")}})
+        reloaded = flipvisor.cli("reload")
+    finally:
+        gate.touch()
+        flip.communicate(timeout=60)
+
+    assert "web: not deployed" in reloaded.stdout, reloaded.stdout
+    assert "no program changed" not in reloaded.stdout, reloaded.stdout
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a rollback to the warm generation promotes it without probing it again: a warm "
+    "generation that hung meanwhile is routed to (every request times out) and the rollback "
+    "exits 0",
+)
+def test_a_warm_rollback_does_not_promote_a_warm_generation_that_no_longer_answers(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    start_serving(flipvisor, nginx, program(nginx, "1", rollback_window=WARM))
+    flipvisor.write_config({"programs": {"web": program(nginx, "2", rollback_window=WARM)}})
+    assert flipvisor.cli("flip", "web").returncode == 0
+    generations = {g["generation"]: g for g in flipvisor.program("web")["generations"]}
+    assert generations[1]["state"] == "ready"  # warm
+    (warm_pid,) = generations[1]["pids"]
+    os.kill(warm_pid, signal.SIGSTOP)  # hung: its readiness probe cannot pass
+    try:
+        rolled = flipvisor.cli("rollback", "web", "--json")
+    finally:
+        os.kill(warm_pid, signal.SIGCONT)
+
+    assert rolled.returncode == 1, rolled.stdout
+    assert json.loads(rolled.stdout)["ok"] is False
+    serving = flipvisor.serving("web")
+    assert serving is not None and serving["generation"] == 2
+    assert proxied(nginx)["version"] == "2"
