@@ -357,7 +357,7 @@ def _reload(args: argparse.Namespace, path: Path) -> int:
 def _logs(args: argparse.Namespace, path: Path) -> int:
     from .client import logs_locations
     from .logs_follow import follow
-    from .logs_tail import tail_lines
+    from .logs_tail import tail_lines, terminal_safe
 
     config, notice = logs_locations(path)
     if notice is not None:
@@ -367,14 +367,16 @@ def _logs(args: argparse.Namespace, path: Path) -> int:
     if args.program not in config.programs and not log_file.exists():
         _error(f"no program named {args.program!r} in {path}; `flipvisor status` lists them")
         return EXIT_USAGE
+    # A worker's escape sequences are shown, not obeyed, by the operator's terminal.
+    shown = terminal_safe if sys.stdout.isatty() and not args.raw else str
     try:
         if args.follow:
             # follow() prints the last lines and continues from the same offset: no gap, no repeat
             for line in follow(log_file, last=args.lines):
-                print(line, flush=True)
+                print(shown(line), flush=True)
             return EXIT_OK
         for line in tail_lines(log_file, args.lines):
-            print(line)
+            print(shown(line))
     except BrokenPipeError:
         raise  # the reader of our output went away: not a log file we cannot read
     except OSError as exc:

@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument(
         "-n", "--lines", type=count, default=50, metavar="N", help="how many lines (default 50)"
     )
+    logs.add_argument(
+        "--raw",
+        action="store_true",
+        help="print control characters as written, escape sequences included (to a terminal "
+        "they are shown as \\xNN by default; piped, they are always printed as written)",
+    )
     command(
         "check",
         "validate the config file, and that its commands, directories, templates, proxy files, "

@@ -822,3 +822,47 @@ def test_enlarge_pipe() -> None:
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+def test_the_logs_command_shows_a_workers_escape_sequences_to_a_terminal(tmp_path: Path) -> None:
+    """A worker's output may hold escape sequences (a new window title, cursor moves, an
+    answer-back request) that the operator's terminal obeyed when `flipvisor logs` printed
+    them. To a terminal they are shown as ``\\x1b``; piped, or with ``--raw``, as written."""
+    import pty
+
+    config = tmp_path / "flipvisor.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nprograms:\n  app: {{command: [x]}}\n")
+    log = ProgramLog(tmp_path / "state" / "logs" / "app.log", LogsConfig())
+    log.write_line("g1 w0 pid=1", b"\x1b]0;owned\x07red: \x1b[31mno\x1b[0m\tend")
+    log.close()
+
+    def printed(*extra: str, terminal: bool) -> bytes:
+        argv = [sys.executable, "-m", "flipvisor", "logs", "app", "-n", "1", "-c", str(config)]
+        if not terminal:
+            return subprocess.run([*argv, *extra], capture_output=True, timeout=30).stdout
+        controller, terminal_end = pty.openpty()
+        try:
+            subprocess.run([*argv, *extra], stdout=terminal_end, timeout=30, check=True)
+            os.close(terminal_end)
+            terminal_end = -1
+            out = b""
+            while True:
+                try:
+                    chunk = os.read(controller, 4096)
+                except OSError:  # EIO: the writer is gone and everything was read
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            return out
+        finally:
+            os.close(controller)
+            if terminal_end >= 0:
+                os.close(terminal_end)
+
+    shown = printed(terminal=True)
+    assert shown.endswith(b" | \\x1b]0;owned\\x07red: \\x1b[31mno\\x1b[0m\tend\r\n"), shown
+    assert b"\x1b" not in shown and b"\x07" not in shown, shown
+    as_written = b" | \x1b]0;owned\x07red: \x1b[31mno\x1b[0m\tend"
+    assert printed(terminal=False).endswith(as_written + b"\n")
+    assert printed("--raw", terminal=True).endswith(as_written + b"\r\n")
