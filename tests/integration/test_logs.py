@@ -839,7 +839,9 @@ def test_the_logs_command_shows_a_workers_escape_sequences_to_a_terminal(tmp_pat
     def printed(*extra: str, terminal: bool) -> bytes:
         argv = [sys.executable, "-m", "flipvisor", "logs", "app", "-n", "1", "-c", str(config)]
         if not terminal:
-            return subprocess.run([*argv, *extra], capture_output=True, timeout=30).stdout
+            return subprocess.run(
+                [*argv, *extra], capture_output=True, timeout=30, check=True
+            ).stdout
         controller, terminal_end = pty.openpty()
         try:
             subprocess.run([*argv, *extra], stdout=terminal_end, timeout=30, check=True)
