@@ -82,12 +82,20 @@ class Leftovers:
     # Where what they start after they were found is looked for whenever they are signalled
     # (None: nowhere, only ``workers`` are signalled).
     lineage: Lineage | None = None
+    # How many of ``workers`` (the first ones) the record names as ``generation`` on ``port``;
+    # the others were found by their environment (``with_workers``), of any generation.
+    recorded: int | None = None
 
     def describe(self) -> str:
-        pids = pid_list(worker.pid for worker in self.workers)
+        named = self.workers if self.recorded is None else self.workers[: self.recorded]
+        found = self.workers[len(named) :]
+        if not named:
+            return f"what a previous supervisor left (pid {pid_list(w.pid for w in found)})"
         where = f" on port {self.port}" if self.port is not None else ""
         number = f"generation {self.generation}" if self.generation is not None else "a generation"
-        return f"{number} of a previous supervisor (pid {pids}){where}"
+        pids = pid_list(worker.pid for worker in named)
+        also = f", and pid {pid_list(w.pid for w in found)} it left" if found else ""
+        return f"{number} of a previous supervisor (pid {pids}){where}{also}"
 
     def status(self) -> dict[str, Any]:
         """For ``status --json``: what still serves from the killed supervisor (those that
@@ -102,7 +110,8 @@ class Leftovers:
         """These leftovers and ``more`` (a process already among them is not added twice)."""
         known = {worker.pid for worker in self.workers}
         extra = tuple(w for w in more if w.pid not in known)
-        return replace(self, workers=self.workers + extra)
+        recorded = len(self.workers) if self.recorded is None else self.recorded
+        return replace(self, workers=self.workers + extra, recorded=recorded)
 
     def send_signal(self, sig: signal.Signals) -> list[int]:
         """Send ``sig`` to each of them that is a worker and still runs as recorded; the PIDs
