@@ -114,9 +114,15 @@ class Flips:
 
     def _abandoned(self, report: FlipReport) -> None:
         report.abandoned = True
+        program = self.program
+        if program.removing:
+            what = "removed from the config by a reload"
+        elif program.shut_down:
+            what = "stopped by the supervisor's shutdown"
+        else:
+            what = "stopped (`flipvisor stop`)"
         report.finish(
-            f"{self.program.name} was stopped (`flipvisor stop` or the supervisor's shutdown) "
-            f"before the {report.kind} completed; it was rolled back"
+            f"{program.name} was {what} before the {report.kind} completed; it was rolled back"
         )
 
     async def _deploy(

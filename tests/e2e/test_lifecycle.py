@@ -106,7 +106,7 @@ def test_stop_during_a_flip_rolls_it_back_at_once(flipvisor: Flipvisor) -> None:
     flipvisor.write_config({"programs": {"web": program("--version", "2", "--health-fail")}})
     flip = flip_in_background(flipvisor, "web")
     new_pids, out = stop_once(flipvisor, flip, lambda: probing(flipvisor, "web", 2), timeout=20)
-    assert "stop" in out, out
+    assert "web was stopped (`flipvisor stop`) before the flip completed" in out, out
     status = flipvisor.program("web")
     assert status["state"] == "stopped", status
     assert status["fatal_reason"] is None, status
@@ -119,6 +119,26 @@ def test_stop_during_a_flip_rolls_it_back_at_once(flipvisor: Flipvisor) -> None:
     called_off = generation_events(flipvisor, "web", 2)
     assert "failed" not in called_off and "stopped" in called_off, called_off
     wait_until(lambda: gone(old["pids"] + new_pids), timeout=10, message="every worker gone")
+
+
+def test_a_flip_whose_program_a_reload_removes_says_so(flipvisor: Flipvisor) -> None:
+    """A flip cut short by a reload that removed its program said it was stopped by
+    "`flipvisor stop` or the supervisor's shutdown": neither had happened."""
+    flipvisor.start({"programs": {"web": program("--version", "1")}})
+    flipvisor.wait_serving("web")
+    flipvisor.write_config({"programs": {"web": program("--version", "2", "--health-fail")}})
+    flip = flip_in_background(flipvisor, "web")
+    try:
+        probing(flipvisor, "web", 2)
+        flipvisor.write_config({"programs": {}})
+        reloaded = flipvisor.cli("reload", timeout=30)
+        assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr + flipvisor.output()
+        out, _ = flip.communicate(timeout=30)
+    finally:
+        flip.kill()
+        flip.communicate()
+    assert flip.returncode == 1, out
+    assert "web was removed from the config by a reload before the flip completed" in out, out
 
 
 def test_stop_during_the_first_start_leaves_the_program_stopped_not_fatal(
