@@ -9,7 +9,8 @@ supervisor runs on a state_dir. ``processes_of`` finds all of them at start-up; 
 finds one program's again whenever its leftovers are signalled (what they started since: a
 master's replacement worker, a worker's helper), with the members of their process groups (a
 child that cleared its environment stays in its parent's group). This supervisor's own processes
-are never among them, whatever their program.
+are never among them, whatever their program: ``started_by_this_run`` tells those apart (at
+shutdown, the orphans to stop from those to leave running, such as a proxy a reload started).
 
 Each process is held by a pidfd while it is read, and reported only if it still runs after the
 reads, as a ``Recorded`` with its start tick and boot id: it is signalled later only through a
@@ -48,6 +49,16 @@ def this_run() -> str:
     (``4242:123456``), which no other process of this boot has had."""
     pid = os.getpid()
     return f"{pid}:{start_ticks_of(pid)}"
+
+
+def started_by_this_run(pid: int) -> bool:
+    """Whether ``pid``'s environment names this run (``FLIPVISOR_SUPERVISOR=this_run()``): one of
+    its workers, or a process a worker started that kept the environment. False where it cannot
+    be read, or was cleared (``env -i``) or overwritten by a process title (nginx, setproctitle).
+
+    The caller makes sure ``pid`` still names the process it means (its own unreaped child).
+    """
+    return f"{SUPERVISOR_ENV}={this_run()}".encode() in environ_of(pid)
 
 
 def environ_of(pid: int) -> list[bytes]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import select
 import signal
-from collections.abc import Container
+from collections.abc import Callable, Container
 
 import anyio
 
@@ -68,6 +68,14 @@ class Strays:
 
     def __bool__(self) -> bool:
         return bool(self._pidfds)
+
+    def let_go(self, which: Callable[[int], bool]) -> list[int]:
+        """Stop holding those whose PID ``which`` is true of (asked while each is held); their
+        PIDs. Nothing is awaited meanwhile: each is still our unreaped child as it is asked."""
+        gone = [pid for pid in self._pidfds if which(pid)]
+        for pid in gone:
+            os.close(self._pidfds.pop(pid))
+        return gone
 
     def signal(self, sig: int) -> list[int]:
         """Send ``sig`` to each; the PIDs of those that had not exited yet."""

@@ -1,7 +1,7 @@
 """The root of ``flipvisor run``: reaper, registry, control socket, programs and watches in one
 task group; start-up with a killed supervisor's leftovers; signals (SIGHUP re-reads the config,
-SIGUSR1/2 are forwarded); SIGTERM/SIGINT/SIGQUIT drain everything, stop the orphans left, and
-exit. The control requests are ``commands.py``'s, the reloads ``reload.py``'s.
+SIGUSR1/2 are forwarded); SIGTERM/SIGINT/SIGQUIT drain everything, stop the workers' orphans
+left, and exit. The control requests are ``commands.py``'s, the reloads ``reload.py``'s.
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ class Supervisor:
                     await self._wait_strays(None)
                     tg.cancel_scope.cancel()
                 # Past here nothing of ours runs but the reaper: what is still our child is an
-                # orphan no drain reached. It must not outlive us.
+                # orphan no drain reached. A worker's must not outlive us; a proxy that a reload
+                # command started must (it serves every site behind it).
                 await stop_orphans(self.events, self.reaper)
                 self.events.close()  # `events -f` followers end (exit 0)
                 await control.wait_idle(ANSWER_GRACE)

@@ -16,12 +16,14 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
 import pytest
 
-from tests.fixtures.flipvisor import Flipvisor
+from tests.e2e.test_supervisor import PROXY_DAEMON
+from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.waiting import wait_until
 
 UNSHARE = ("unshare", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL")
@@ -235,3 +237,34 @@ def test_pid1_reaps_orphans_and_exits_zero_on_sigterm(
         assert "names=['sleep']" in flipvisor.output(), flipvisor.output()
         for process in left:
             assert gone(process), process
+
+
+def test_pid1_stops_a_proxy_that_reload_cmd_started(
+    pid_namespace: None, flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """Not a worker's, so a supervisor that is not PID 1 leaves it running (test_supervisor.py);
+    but the namespace ends with PID 1 (the kernel SIGKILLs what is left): SIGTERM it first."""
+    pidfile = tmp_path / "proxy.pid"  # the daemon's PID in the namespace, as events name it
+    daemon = tmp_path / "proxy_daemon.py"
+    daemon.write_text(PROXY_DAEMON)
+    template = tmp_path / "upstream.j2"
+    template.write_text("server {{ upstreams[0] }};\n")
+    reload_cmd = ["sh", "-c", f"test -e {pidfile} || {sys.executable} {daemon} {pidfile}"]
+    proxy = {"template": str(template), "dest": str(tmp_path / "up.conf"), "reload_cmd": reload_cmd}
+    program = {
+        "command": svc_command("--version", "1"),
+        "readiness": {"http": "/health", "timeout": 60},
+        "drain": {"delay": 0, "timeout": 5},
+        "proxy": proxy,
+    }
+    with flipvisor_as_pid1(flipvisor, {"programs": {"web": program}}) as pid1:
+        assert flipvisor.process is not None
+        unshare = flipvisor.process
+        wait_until(pidfile.exists, message="the proxy daemon started by reload_cmd")
+        inner = int(pidfile.read_text())
+        pid1.send_signal(signal.SIGTERM)
+        assert unshare.wait(timeout=EXIT_TIMEOUT) == 0, flipvisor.output()
+
+    output = flipvisor.output()
+    assert "orphans-stopping" in output and f"pids=[{inner}]" in output, output
+    assert "orphans-left-running" not in output, output

@@ -196,63 +196,6 @@ def test_check_names_every_reserved_variable_of_an_env(tmp_path: Path) -> None:
         assert name in checked.stderr, checked.stderr
 
 
-# A proxy that a reload command starts when it does not run yet (`nginx -s reload || nginx`):
-# the daemon double-forks out of the command's session, as nginx does, and records its PID.
-DAEMON = """
-import os, sys, time
-if os.fork():
-    sys.exit(0)
-os.setsid()
-if os.fork():
-    sys.exit(0)
-with open(sys.argv[1] + ".tmp", "w") as f:
-    f.write(str(os.getpid()))
-os.rename(sys.argv[1] + ".tmp", sys.argv[1])
-time.sleep(300)
-"""
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a proxy daemon that reload_cmd started (`nginx -s reload || nginx`) is an orphan "
-    "of the supervisor, and its shutdown SIGTERMs it: every site behind that nginx goes down "
-    "when flipvisor is stopped or restarted",
-)
-def test_a_proxy_that_reload_cmd_started_outlives_the_supervisor_shutdown(
-    flipvisor: Flipvisor, tmp_path: Path
-) -> None:
-    pidfile = tmp_path / "proxy.pid"
-    daemon = tmp_path / "proxy_daemon.py"
-    daemon.write_text(DAEMON)
-    template = tmp_path / "upstream.j2"
-    template.write_text("server {{ upstreams[0] }};\n")
-    reload_cmd = [
-        "sh",
-        "-c",
-        f"test -e {pidfile} || {sys.executable} {daemon} {pidfile}",
-    ]
-    config = web(
-        "--version",
-        "1",
-        proxy={
-            "template": str(template),
-            "dest": str(tmp_path / "up.conf"),
-            "reload_cmd": reload_cmd,
-        },
-    )
-    flipvisor.start({"programs": {"web": config}})
-    flipvisor.wait_serving("web")
-    wait_until(pidfile.exists, message="the proxy daemon started by reload_cmd")
-    proxy = psutil.Process(int(pidfile.read_text()))
-    try:
-        assert flipvisor.stop() == 0
-
-        assert proxy.is_running() and proxy.status() != psutil.STATUS_ZOMBIE
-    finally:
-        with contextlib.suppress(psutil.Error):
-            proxy.kill()
-
-
 @pytest.mark.xfail(
     strict=True,
     reason="`run` takes a SIGKILLed supervisor that its parent has not reaped yet (a zombie "

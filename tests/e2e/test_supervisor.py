@@ -644,6 +644,58 @@ def test_shutdown_stops_and_reaps_what_left_the_workers_groups(
                 helper.kill()
 
 
+# A proxy that a reload command starts when it does not run yet (`nginx -s reload || nginx`):
+# the daemon double-forks out of the command's session, as nginx does, and records its PID. Its
+# first parent exits only once the child left the command's process group: what is still in it
+# when the command exits is killed with it (run_command.py).
+PROXY_DAEMON = """
+import os, sys, time
+left, leaving = os.pipe()
+if os.fork():
+    os.read(left, 1)
+    sys.exit(0)
+os.setsid()
+os.write(leaving, b"x")
+if os.fork():
+    sys.exit(0)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(300)
+"""
+
+
+def test_a_proxy_that_reload_cmd_started_outlives_the_supervisor_shutdown(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "proxy.pid"
+    daemon = tmp_path / "proxy_daemon.py"
+    daemon.write_text(PROXY_DAEMON)
+    template = tmp_path / "upstream.j2"
+    template.write_text("server {{ upstreams[0] }};\n")
+    reload_cmd = ["sh", "-c", f"test -e {pidfile} || {sys.executable} {daemon} {pidfile}"]
+    proxy = {"template": str(template), "dest": str(tmp_path / "up.conf"), "reload_cmd": reload_cmd}
+    flipvisor.start(
+        {"programs": {"web": web(proxy=proxy, readiness={"http": "/health", "timeout": 60})}}
+    )
+    flipvisor.wait_serving("web")
+    wait_until(pidfile.exists, message="the proxy daemon started by reload_cmd")
+    daemon_process = psutil.Process(int(pidfile.read_text()))  # no PID reuse below
+    try:
+        assert flipvisor.process is not None
+        assert daemon_process.ppid() == flipvisor.process.pid, "an orphan of the supervisor"
+
+        assert flipvisor.stop() == 0, flipvisor.output()
+
+        assert daemon_process.is_running(), flipvisor.output()
+        assert daemon_process.status() != psutil.STATUS_ZOMBIE
+        output = flipvisor.output()
+        assert "orphans-left-running" in output and f"pids=[{daemon_process.pid}]" in output
+        assert "orphans-stopping" not in output, output
+    finally:
+        daemon_process.kill()
+
+
 def test_sighup_flips_a_changed_program_and_survives_a_bad_file(flipvisor: Flipvisor) -> None:
     flipvisor.start({"programs": {"web": web()}})
     first = flipvisor.wait_serving("web")
