@@ -18,7 +18,8 @@ control socket file was left behind), every process is also looked for whose env
 this ``state_dir`` and another supervisor (``lineage.py``: set for every worker and inherited by
 what it starts): a flip's generation not yet promoted, a warm or draining one, what the workers
 started in their process groups. They join their program's leftovers; those of a program no
-longer in the config are stopped at once.
+longer in the config are stopped at once, after it is taken out of the proxy and its keys are
+withdrawn (``stray_programs.py``).
 
 What they start after that (a pre-fork master's replacement worker, a worker's helper) is looked
 for again whenever they are signalled (their ``lineage``): the processes of their program whose
@@ -309,29 +310,16 @@ def leftovers_in(program: str, record: str | None, host: str) -> Leftovers | Non
     record is from another host or has no supervisor (written before records named it), its
     supervisor still runs, or none of its workers runs as recorded (by start tick and boot id,
     or by start time in a record without them)."""
+    document = _dead_supervisors_document(program, record, host)
+    if document is None:
+        return None
     try:
-        document: Any = json.loads(record) if record else None
-        if not isinstance(document, dict) or document.get("host") != host:
-            return None
-        owner = document.get("supervisor")
-        if not isinstance(owner, dict):
-            return None
-        supervisor = recorded_from_json(owner)
         workers = [recorded_from_json(p) for p in document.get("pids", [])]
-        generation = document.get("generation")
-        port = document.get("port")
     except (ValueError, TypeError, KeyError):
         log.warning("program=%s: generation/current is not a record flipvisor wrote", program)
         return None
-    if _running(supervisor):
-        log.warning(
-            "program=%s: the registry names the workers of a supervisor that still runs "
-            "(pid %d); they are not this one's to replace. Do two supervisors share the "
-            "registry prefix?",
-            program,
-            supervisor.pid,
-        )
-        return None
+    generation = document.get("generation")
+    port = document.get("port")
     # Started by a supervisor for this program: a forged or stale record could name any process
     # with its real start time (anyone can read pid 1's). Those an older flipvisor's record names
     # by start time only are identified by their start tick from now on: a clock step before
@@ -346,6 +334,42 @@ def leftovers_in(program: str, record: str | None, host: str) -> Leftovers | Non
         alive,
         record,
     )
+
+
+def dead_supervisors_record(program: str, record: str | None, host: str) -> str | None:
+    """``record`` (a ``generation/current`` value) if a supervisor of ``host`` that no longer
+    runs wrote it: the keys of a program it served that a withdrawal may take over (whether or
+    not the workers it names still run). None otherwise (logged when its supervisor runs)."""
+    return record if _dead_supervisors_document(program, record, host) is not None else None
+
+
+def _dead_supervisors_document(
+    program: str, record: str | None, host: str
+) -> dict[str, Any] | None:
+    """``record`` parsed, if it names ``host`` and a supervisor that no longer runs; None for
+    none, another host's, one that names no supervisor (written before records did), or one
+    whose supervisor still runs (logged: it is not this one's to replace)."""
+    try:
+        document: Any = json.loads(record) if record else None
+        if not isinstance(document, dict) or document.get("host") != host:
+            return None
+        owner = document.get("supervisor")
+        if not isinstance(owner, dict):
+            return None
+        supervisor = recorded_from_json(owner)
+    except (ValueError, TypeError, KeyError):
+        log.warning("program=%s: generation/current is not a record flipvisor wrote", program)
+        return None
+    if _running(supervisor):
+        log.warning(
+            "program=%s: the registry names the workers of a supervisor that still runs "
+            "(pid %d); they are not this one's to replace. Do two supervisors share the "
+            "registry prefix?",
+            program,
+            supervisor.pid,
+        )
+        return None
+    return document
 
 
 def _running(process: Recorded, *, program: str | None = None, worker: bool = False) -> bool:

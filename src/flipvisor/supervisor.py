@@ -20,7 +20,7 @@ from anyio.abc import TaskGroup
 
 from . import signals
 from .commands import Commands
-from .config import Config, DrainConfig, same_deploy
+from .config import Config, same_deploy
 from .control import AlreadyRunning, ControlServer
 from .errors import EXIT_USAGE, ConfigError, FlipvisorError, UsageError
 from .events import EventLog
@@ -38,6 +38,7 @@ from .registry.base import WatchableRegistry
 from .reload import Reloads
 from .runrecord import RunRecord, answers, read_record, remove_record, write_record
 from .spawn import seal_inherited_fds
+from .stray_programs import stop_stray_program
 from .usable import folder_problem
 
 log = logging.getLogger(__name__)
@@ -290,24 +291,29 @@ class Supervisor:
         return found
 
     async def _stop_strays(self, strays: list[Leftovers], gone: anyio.Event) -> None:
-        """Stop the leftovers of programs no longer in the config (SIGTERM, SIGKILL after the
-        default drain timeout), or SIGKILL them once a shutdown's drains are done (``run``)."""
+        """Stop the leftovers of programs no longer in the config as a reload's removal would
+        (``stray_programs.py``: out of the proxy, keys withdrawn, then SIGTERM, SIGKILL after
+        the default drain timeout), or SIGKILL them once a shutdown's drains are done
+        (``run``)."""
+        proxy_files = {
+            section.proxy.dest: name
+            for name, section in self.config.programs.items()
+            if section.proxy is not None
+        }
+        stop = partial(
+            stop_stray_program,
+            runtime=self.runtime,
+            registry=self.registry,
+            prefix=self.config.registry.prefix,
+            proxy_files=proxy_files,
+            hurry=self._strays_hurry,
+        )
         try:
             async with anyio.create_task_group() as each:
                 for stray in strays:
-                    each.start_soon(self._stop_stray, stray)
+                    each.start_soon(stop, stray)
         finally:
             gone.set()
-
-    async def _stop_stray(self, stray: Leftovers) -> None:
-        drain = DrainConfig()
-        if killed := await stray.drain(drain, delay=False, hurry=self._strays_hurry):
-            why = (
-                f"still running at shutdown, {drain.signal.name} at start-up"
-                if self._strays_hurry.is_set()
-                else f"still running {drain.timeout:g}s after {drain.signal.name}"
-            )
-            self.events.emit("killed", stray.program, None, why, pids=killed)
 
     async def _wait_strays(self, timeout: float | None) -> None:
         """Wait until the leftovers ``_stop_strays`` stops are gone (at most ``timeout``)."""

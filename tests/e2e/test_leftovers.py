@@ -439,6 +439,35 @@ def test_processes_of_a_program_no_longer_configured_are_stopped_at_start(
     assert "not in the config" in flipvisor.cli("events").stdout
 
 
+def test_a_program_removed_while_the_supervisor_was_dead_is_taken_out_of_proxy_and_registry(
+    flipvisor: Flipvisor, nginx: Nginx, survivors: list[psutil.Process]
+) -> None:
+    """A program removed from the file while no supervisor ran (SIGKILLed): the next `run` has
+    no section for it, but takes it out of nginx with the proxy section of its deploy history
+    (file removed, checked, reloaded) and withdraws its keys, before stopping its workers, as a
+    reload that removes a program does."""
+    kept = {"command": svc_command("--version", "1"), "drain": {"delay": 0, "timeout": 5}}
+    flipvisor.start({"programs": {"kept": kept, "gone": program(nginx, "g")}})
+    flipvisor.wait_serving("kept")
+    gone_pids = flipvisor.wait_serving("gone")["pids"]
+    wait_until(lambda: answers(nginx), message="nginx to proxy to gone")
+    kept_pids = kill_supervisor(flipvisor, "kept", survivors)
+    survivors.extend(psutil.Process(pid) for pid in gone_pids)
+
+    restart_supervisor(flipvisor, {"programs": {"kept": kept}})
+    wait_gone(gone_pids)
+    flipvisor.wait_serving("kept", where=lambda g: g["pids"] != kept_pids)
+    wait_gone(kept_pids)
+
+    assert not (nginx.conf_dir / "web.conf").exists()
+    assert not port_answers(nginx.listen)  # reloaded, its old workers awaited, before the drain
+    keys = flipvisor.registry()
+    assert "flipvisor/gone/pid/current" not in keys, keys
+    assert "flipvisor/gone/generation/current" not in keys, keys
+    assert keys["flipvisor/gone/pid/previous"] == ",".join(map(str, gone_pids))
+    assert "unrouted" in flipvisor.cli("events", "gone").stdout
+
+
 def test_the_proxy_file_that_routes_to_the_leftovers_follows_a_section_changed_meanwhile(
     flipvisor: Flipvisor, nginx: Nginx, survivors: list[psutil.Process]
 ) -> None:
@@ -755,7 +784,9 @@ def test_a_shutdown_stops_a_removed_program_s_leftover_that_ignores_sigterm(
     took = shutdown_seconds(flipvisor.process, flipvisor)
 
     assert gone(stubborn_pids), flipvisor.output()
-    assert took < 3 + 2, took
+    # Killed by the shutdown (3 s grace), not by the start-up's own SIGKILL 10 s after its
+    # SIGTERM: the event says which; the time leaves a loaded machine its margin.
+    assert took < 9, took
     killed = "killed program=stubborn generation=None still running at shutdown"
     assert killed in flipvisor.output(), flipvisor.output()
 

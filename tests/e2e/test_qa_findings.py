@@ -17,7 +17,6 @@ import psutil
 import pytest
 
 from tests.e2e.test_flip import WARM, program, proxied, start_serving
-from tests.e2e.test_leftovers import kill_supervisor, restart_supervisor, wait_gone
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import Nginx
 from tests.waiting import wait_until
@@ -226,32 +225,3 @@ def test_run_starts_while_the_killed_supervisor_is_still_a_zombie(flipvisor: Fli
             flipvisor.wait_serving("web")
 
     assert not refused, flipvisor.output()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a program removed from the file while its supervisor was dead (SIGKILLed): the next "
-    "`run` stops its workers but leaves its proxy file routing to their port, and its registry "
-    "keys naming them as current",
-)
-def test_a_program_removed_while_the_supervisor_was_dead_leaves_the_proxy_and_the_keys(
-    flipvisor: Flipvisor, tmp_path: Path, survivors: list[psutil.Process]
-) -> None:
-    template = tmp_path / "upstream.j2"
-    template.write_text("server {{ upstreams[0] }};\n")
-    dest = tmp_path / "gone.conf"
-    gone = web("--version", "g", proxy={"template": str(template), "dest": str(dest)})
-    flipvisor.start({"programs": {"web": web("--version", "1"), "gone": gone}})
-    flipvisor.wait_serving("web")
-    gone_pids = flipvisor.wait_serving("gone")["pids"]
-    assert dest.exists()
-    web_pids = kill_supervisor(flipvisor, "web", survivors)
-    survivors.extend(psutil.Process(pid) for pid in gone_pids)
-
-    restart_supervisor(flipvisor, {"programs": {"web": web("--version", "1")}})
-    wait_gone(gone_pids)
-    flipvisor.wait_serving("web", where=lambda g: g["pids"] != web_pids)
-    wait_gone(web_pids)
-
-    assert "flipvisor/gone/pid/current" not in flipvisor.registry(), flipvisor.registry()
-    assert not dest.exists(), dest.read_text()

@@ -158,7 +158,18 @@ ALLOWED: dict[str, set[str]] = {
     "client": LEAVES | {"protocol", "config", "locate", "runrecord"},
     "display": LEAVES | {"protocol", "events", "progress"},
     "supervisor": CORE
-    | {"watch", "runrecord", "orphans", "reload", "commands", "locate"},  # runs the watches too
+    | {
+        "watch",  # runs the watches too
+        "runrecord",
+        "orphans",
+        "reload",
+        "commands",
+        "locate",
+        "stray_programs",
+    },
+    # A part of the supervisor's start-up: a removed program's deploy history (its proxy
+    # section), and what a program's stop does (unroute, the registry, a Runtime).
+    "stray_programs": CORE | {"history"},
     # Parts of the supervisor that take it (for its type only): its layer, supervisor included.
     "reload": CORE | {"supervisor"},
     "commands": CORE | {"supervisor", "reload"},

@@ -1,0 +1,130 @@
+"""The programs a killed supervisor served that the config no longer has (removed from the file
+while no supervisor ran), found at start-up by their processes' environment (``lineage.py``), and
+stopped as a reload stops a program it removes: out of the proxy, registry keys withdrawn, then
+drained (at once: nothing replaces them).
+
+This run has no section for such a program. What it needs is read where the killed supervisor
+left it: the proxy section from the program's deploy history in the state_dir (``history.py``:
+private to this user, and what the proxy file was rendered with), the keys' owner from the
+registry's ``generation/current`` record, which the withdrawal compares with (the keys are
+withdrawn only while they still name that record: not if another writer promoted the program
+since). The record is not where the proxy section is looked for: the registry is shared with
+other tools and hosts, and a ``reload_cmd`` or a ``dest`` read from it would let whoever can
+write a key have this supervisor run a command or remove a file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import anyio
+
+from .config import DrainConfig
+from .config_fields import MAX_PROGRAM_NAME, PROGRAM_NAME_RE
+from .errors import RegistryError
+from .history import History
+from .leftovers import Leftovers, dead_supervisors_record
+from .program import Runtime
+from .published_keys import HOSTNAME
+from .registry import WatchableRegistry, program_key
+from .unroute import unroute
+
+log = logging.getLogger(__name__)
+
+
+async def stop_stray_program(
+    stray: Leftovers,
+    *,
+    runtime: Runtime,
+    registry: WatchableRegistry,
+    prefix: str,
+    proxy_files: Mapping[Path, str],
+    hurry: anyio.Event,
+) -> None:
+    """Take ``stray``'s program out of the proxy and withdraw its registry keys, then drain
+    its leftovers (SIGTERM, SIGKILL after the default drain timeout, or as soon as ``hurry`` is
+    set: a shutdown's drains are done). ``proxy_files``: the proxy files the config's programs
+    write (dest -> program): one of them is left in place, its new writer's now.
+
+    Processes that name no program, or no name a config could hold (their environment is
+    theirs to set), have no proxy file or keys of ours: they are only drained.
+    """
+    name = stray.program
+    if PROGRAM_NAME_RE.fullmatch(name) and len(name) <= MAX_PROGRAM_NAME:
+        record = await _dead_supervisors_record(stray, registry, prefix)
+        await _unroute(name, runtime, proxy_files, routed=record is not None)
+        if record is not None:
+            # As a stop does: the keys stop naming the workers before they are signalled, so
+            # that scripts reading `pid/current` never find PIDs that are gone, then reused.
+            await registry.withdraw(name, taken_over=record)
+    drain = DrainConfig()
+    if killed := await stray.drain(drain, delay=False, hurry=hurry):
+        why = (
+            f"still running at shutdown, {drain.signal.name} at start-up"
+            if hurry.is_set()
+            else f"still running {drain.timeout:g}s after {drain.signal.name}"
+        )
+        runtime.events.emit("killed", name, None, why, pids=killed)
+
+
+async def _dead_supervisors_record(
+    stray: Leftovers, registry: WatchableRegistry, prefix: str
+) -> str | None:
+    """The program's ``generation/current`` record if a supervisor of this host that no longer
+    runs wrote it (None: the keys are not ours to withdraw, or cannot be read: logged)."""
+    name = stray.program
+    key = program_key(prefix, name, "generation/current")
+    try:
+        values = (await registry.read_keys([key])).values
+    except RegistryError as exc:
+        where = program_key(prefix, name, "")
+        log.warning(
+            "program=%s is no longer in the config, but its registry keys cannot be read: %s; "
+            "they are not withdrawn: once the registry answers, if %spid/current still names "
+            "%s, delete %s{port,pid,generation}/current by hand",
+            name,
+            exc,
+            where,
+            stray.describe(),
+            where,
+        )
+        return None
+    return dead_supervisors_record(name, values.get(key), HOSTNAME)
+
+
+async def _unroute(
+    name: str, runtime: Runtime, proxy_files: Mapping[Path, str], *, routed: bool
+) -> None:
+    """Remove the program's proxy file, check, reload and wait for the proxy's old workers
+    (``unroute.py``), with the proxy section it was last deployed with."""
+    history = History(runtime.state_dir / "history" / f"{name}.json")
+    deployed = history.current
+    if deployed is None:
+        log.warning(
+            "program=%s is no longer in the config, and its proxy section is not known (no "
+            "deploy history in %s: written by an older flipvisor, or lost): if it had a proxy "
+            "file, delete that file and reload the proxy by hand",
+            name,
+            history.path,
+        )
+        return
+    proxy = deployed.proxy
+    if proxy is None:
+        return
+    if (writer := proxy_files.get(proxy.dest)) is not None:
+        # Renamed, by the look of it: the new writer's promotion rewrites the file; removing it
+        # meanwhile would take the new program out of the proxy.
+        log.info(
+            "program=%s is no longer in the config; its proxy file %s is left to %s, which "
+            "writes it now",
+            name,
+            proxy.dest,
+            writer,
+        )
+        return
+    if await unroute(
+        name, proxy, reaper=runtime.reaper, proxy_lock=runtime.proxy_lock, routed=routed
+    ):
+        runtime.events.emit("unrouted", name, None, f"removed {proxy.dest}")
