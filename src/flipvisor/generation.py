@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 TAIL_LINES = 20
 # A worker killed with SIGKILL is gone at once unless the kernel is stuck; bound the wait anyway.
 KILL_GRACE = 10.0
+# How long a flip waits for a generation it discards (it failed before serving) to be stopped.
+DISCARD_TIMEOUT = 30.0
 
 
 def to_the_millisecond(seconds: float) -> float:

@@ -230,6 +230,12 @@ class Program:
             # `pid/previous` change may signal it before our drain does. Not restarted.
             self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; stopping")
             return None
+        if gen is self.retirement.reviving:
+            # A rollback probes or routes back to this warm generation: like a new generation's,
+            # a worker lost now fails the rollback (at once), and is not restarted.
+            self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; rollback fails")
+            gen.fail(f"worker {worker.index} of generation {gen.number} {reason}")
+            return None
         verdict = judge_exit(
             policy=gen.config.restart,
             budget=self._budget,

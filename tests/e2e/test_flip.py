@@ -262,6 +262,46 @@ def test_a_warm_generation_whose_worker_exits_is_dropped_not_restarted(
     assert proxied(nginx)["version"] == "1"
 
 
+def test_a_warm_rollback_does_not_promote_a_warm_generation_that_no_longer_answers(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """The warm generation is probed again (it may have hung since it was kept): one that fails
+    fails the rollback like a flip, and is discarded; the next rollback starts its config afresh."""
+    start_serving(flipvisor, nginx, program(nginx, "1", rollback_window=WARM))
+    flipvisor.write_config({"programs": {"web": program(nginx, "2", rollback_window=WARM)}})
+    assert flipvisor.cli("flip", "web").returncode == 0
+    assert generations(flipvisor)[1]["state"] == "ready"  # warm
+    (warm_pid,) = generations(flipvisor)[1]["pids"]
+    warm = psutil.Process(warm_pid)
+    warm.send_signal(signal.SIGSTOP)  # hung: its readiness probe cannot pass
+    try:
+        rolled = flipvisor.cli("rollback", "web", "--json")
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):  # discarded, it is gone by now
+            warm.send_signal(signal.SIGCONT)
+
+    assert rolled.returncode == 1, rolled.stdout
+    report = json.loads(rolled.stdout)
+    assert report["ok"] is False
+    assert "warm generation 1 of web failed its readiness probe" in report["error"], report
+    assert "generation 2, serving before, keeps serving" in report["error"], report
+    serving = flipvisor.serving("web")
+    assert serving is not None and serving["generation"] == 2
+    assert proxied(nginx)["version"] == "2"
+    assert sorted(generations(flipvisor)) == [2]  # discarded, not warm again
+    failed = [
+        json.loads(line)
+        for line in flipvisor.cli("events", "web", "--json").stdout.splitlines()
+        if json.loads(line)["kind"] == "failed"
+    ]
+    assert [(e["generation"], "readiness probe" in e["message"]) for e in failed] == [(1, True)]
+
+    again = flipvisor.cli("rollback", "web", "--json")  # cold: a new generation of v1
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads(again.stdout)["generation"] == 3
+    assert proxied(nginx)["version"] == "1"
+
+
 def test_second_flip_of_a_program_is_refused_clearly(
     flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
 ) -> None:

