@@ -261,6 +261,12 @@ class Generation:
         assert self._tg is not None, "workers run in the generation's task group"
         self._tg.start_soon(reader)
 
+    def give_up_restarts(self) -> None:
+        """Restart none of the workers waiting out a backoff (the program went ``fatal``): their
+        slots are stopped, as ``revive`` finds them."""
+        for worker in self.workers:
+            worker.give_up()
+
     def given_up(self, exiting: Worker | None = None) -> bool:
         """Whether nothing of this generation will accept again (once ``exiting`` stops): every
         other slot gave up too, and nothing its workers started still runs in their process

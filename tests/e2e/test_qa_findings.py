@@ -4,7 +4,6 @@ marked xfail (strict) while flipvisor does otherwise. Real supervisors, nginx an
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import subprocess
 import sys
@@ -80,61 +79,6 @@ def test_a_reload_during_a_flip_does_not_say_that_no_program_changed(
 
     assert "web: not deployed" in reloaded.stdout, reloaded.stdout
     assert "no program changed" not in reloaded.stdout, reloaded.stdout
-
-
-def events_of(flipvisor: Flipvisor, name: str) -> list[dict[str, Any]]:
-    result = flipvisor.cli("events", name, "-n", "1000", "--json")
-    assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a worker whose restart was waiting out its backoff when the program became fatal "
-    "is spawned all the same, after the fatal event",
-)
-def test_no_worker_is_spawned_once_the_program_is_fatal(
-    flipvisor: Flipvisor, tmp_path: Path
-) -> None:
-    gate = tmp_path / "worker-1-exits"
-    # Worker 0 crash-loops, its backoff growing; worker 1 serves until the test opens its gate,
-    # then exits too: the exit past the budget, while worker 0 waits out a long backoff.
-    script = (
-        f"if [ {{worker}} = 0 ]; then exit 3; fi; "
-        f"while [ ! -e {gate} ]; do sleep 0.05; done; exit 3"
-    )
-    flipvisor.start(
-        {
-            "programs": {
-                "crash": {
-                    "command": ["sh", "-c", script],
-                    "numprocs": 2,
-                    "drain": {"delay": 0, "timeout": 5},
-                    "restart": {"max_restarts": 8, "window": 600},
-                }
-            }
-        }
-    )
-
-    def long_backoff() -> bool:
-        return any(
-            e["kind"] == "restarting" and e["fields"].get("delay", 0) >= 2.0
-            for e in events_of(flipvisor, "crash")
-        )
-
-    wait_until(long_backoff, timeout=60, message="worker 0 waiting out a backoff of 2 s or more")
-    gate.touch()
-    wait_until(
-        lambda: (
-            flipvisor.program("crash")["state"] == "fatal"
-            and not flipvisor.program("crash")["generations"]
-        ),
-        timeout=30,
-        message="the program fatal and stopped",
-    )
-    kinds = [e["kind"] for e in events_of(flipvisor, "crash")]
-    after_fatal = kinds[kinds.index("fatal") :]
-    assert "spawned" not in after_fatal, after_fatal
 
 
 @pytest.mark.xfail(
