@@ -302,6 +302,42 @@ def test_a_warm_rollback_does_not_promote_a_warm_generation_that_no_longer_answe
     assert proxied(nginx)["version"] == "1"
 
 
+def test_a_warm_generation_that_loses_a_worker_while_probed_fails_the_rollback_at_once(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
+    """As a new generation's: the exit fails the rollback without waiting for the probe, and is
+    not restarted (it was, as a serving generation's, and the probe then passed)."""
+    slow = tmp_path / "slow-probe"  # from here on the probe takes 20 s, then passes
+    warm_config = program(nginx, "1", rollback_window=WARM)
+    warm_config["readiness"] = {
+        "exec": ["sh", "-c", f"test ! -e {slow} || sleep 20"],
+        "timeout": 30,
+        "interval": 0.05,
+    }
+    start_serving(flipvisor, nginx, warm_config)
+    flipvisor.write_config({"programs": {"web": program(nginx, "2", rollback_window=WARM)}})
+    assert flipvisor.cli("flip", "web").returncode == 0
+    (warm_pid,) = generations(flipvisor)[1]["pids"]
+    slow.touch()
+    rollback = flipvisor.cli_started("rollback", "web", "--json")
+    try:
+        wait_until(
+            lambda: (f := flipvisor.program("web")["flip"]) is not None and f["step"] == "probe",
+            message="the rollback probing the warm generation",
+        )
+        psutil.Process(warm_pid).kill()
+        out, err = rollback.communicate(timeout=15)  # well before the probe's 20 s
+    finally:
+        rollback.kill()
+        rollback.communicate()
+
+    assert rollback.returncode == 1, out + err
+    report = json.loads(out)
+    assert "worker 0 of generation 1 killed by SIGKILL" in report["error"], report
+    assert sorted(generations(flipvisor)) == [2]  # discarded, not restarted
+    assert proxied(nginx)["version"] == "2"
+
+
 def test_second_flip_of_a_program_is_refused_clearly(
     flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
 ) -> None:
