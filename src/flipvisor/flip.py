@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .config import ProgramConfig, same_deploy
-from .errors import Busy, FlipFailed, FlipvisorError, flip_next_step
-from .generation import Generation
+from .errors import Busy, FlipFailed, FlipvisorError, ProbeFailed, flip_next_step
+from .generation import DISCARD_TIMEOUT, Generation
 from .progress import FlipReport
 from .promotion import Promotion, promote, wait_for_proxy
 from .states import GenerationState
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     from .program import Program
 
 log = logging.getLogger(__name__)
-
-DISCARD_TIMEOUT = 30.0
 
 
 class Flips:
@@ -139,7 +137,7 @@ class Flips:
                 # The warm generation only if it runs the rollback's target (the previous
                 # deploy): after a `restart`, it may run the same config as the serving one.
                 if report.kind == "rollback" and warm and same_deploy(config, warm.config):
-                    return await self.program.retirement.promote_warm(report, warm, self._promote)
+                    return await self._promote_warm(report, warm)
                 return await self._flip_to(report, config)
             # Only reached when the deadline cancelled the flip (it was undone, as after a failure).
             report.finish(
@@ -292,29 +290,54 @@ class Flips:
             program.generations.remove(gen)
             report.output = list(gen.tail)  # for a flip that --timeout cancelled, too
             if isinstance(exc, FlipvisorError | TimeoutError):
-                output = list(gen.tail)
-                serving = (
-                    # Not "keeps serving": the proxy may still send requests to `gen`, stopped.
-                    f"{report.stranded}; generation {number} is stopped, so until then the "
-                    "requests the proxy sends it fail"
-                    if report.stranded
-                    # By number: "previous" would name the rollback's target in a rollback.
-                    else f"generation {program.serving.number}, serving before, keeps serving"
-                    if program.serving and program.serving.pids
-                    else f"generation {program.serving.number}, serving before, has no worker "
-                    "left (it is stopped)"
-                    if program.serving
-                    else f"{program.leftovers.describe()} keeps serving"
-                    if program.leftovers
-                    else None
-                )
                 raise FlipFailed(
                     f"generation {number} of {program.name} failed: {reason}; "
-                    f"{serving or 'nothing serves'}; "
+                    f"{self._what_serves(report)}; "
                     + flip_next_step(exc, program.name, retry=_retry(program)),
-                    output,
+                    list(gen.tail),
                 ) from exc
             raise
+
+    async def _promote_warm(self, report: FlipReport, warm: Generation) -> Promotion:
+        """Probe the warm generation again and route back to it (``retirement.py``).
+
+        Raises:
+            FlipFailed: it failed its probe (or lost a worker); it was discarded.
+            ProxyError, RegistryError: a step failed; everything before it was undone.
+        """
+        program = self.program
+        try:
+            return await program.retirement.promote_warm(report, warm, self._promote)
+        except ProbeFailed as exc:
+            report.output = list(warm.tail)
+            raise FlipFailed(
+                f"warm generation {warm.number} of {program.name} failed its readiness probe: "
+                f"{warm.failure or exc}; it was stopped, and {self._what_serves(report)}; "
+                f"`flipvisor logs {program.name}` shows its output, and `flipvisor rollback "
+                f"{program.name}` starts its config afresh",
+                report.output,
+            ) from exc
+
+    def _what_serves(self, report: FlipReport) -> str:
+        """What serves after a flip that failed, for its message: by number, as "the previous
+        generation" would name a rollback's target."""
+        program = self.program
+        if report.stranded:
+            # Not "keeps serving": the proxy may still send requests to the failed one, stopped.
+            return (
+                f"{report.stranded}; generation {report.generation} is stopped, so "
+                "until then the requests the proxy sends it fail"
+            )
+        if program.serving and program.serving.pids:
+            return f"generation {program.serving.number}, serving before, keeps serving"
+        if program.serving:
+            return (
+                f"generation {program.serving.number}, serving before, has no worker left (it "
+                "is stopped)"
+            )
+        if program.leftovers:
+            return f"{program.leftovers.describe()} keeps serving"
+        return "nothing serves"
 
     async def _probe(self, report: FlipReport, gen: Generation) -> None:
         with report.step("probe", gen.describe_readiness()):

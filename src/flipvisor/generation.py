@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 TAIL_LINES = 20
 # A worker killed with SIGKILL is gone at once unless the kernel is stuck; bound the wait anyway.
 KILL_GRACE = 10.0
+# How long a flip waits for a generation it discards (it failed before serving) to be stopped.
+DISCARD_TIMEOUT = 30.0
 
 
 def to_the_millisecond(seconds: float) -> float:
@@ -258,6 +260,12 @@ class Generation:
         # groups (a daemonized helper) still holds the output.
         assert self._tg is not None, "workers run in the generation's task group"
         self._tg.start_soon(reader)
+
+    def give_up_restarts(self) -> None:
+        """Restart none of the workers waiting out a backoff (the program went ``fatal``): their
+        slots are stopped, as ``revive`` finds them."""
+        for worker in self.workers:
+            worker.give_up()
 
     def given_up(self, exiting: Worker | None = None) -> bool:
         """Whether nothing of this generation will accept again (once ``exiting`` stops): every

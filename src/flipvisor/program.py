@@ -230,6 +230,12 @@ class Program:
             # `pid/previous` change may signal it before our drain does. Not restarted.
             self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; stopping")
             return None
+        if gen is self.retirement.reviving:
+            # A rollback probes or routes back to this warm generation: like a new generation's,
+            # a worker lost now fails the rollback (at once), and is not restarted.
+            self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; rollback fails")
+            gen.fail(f"worker {worker.index} of generation {gen.number} {reason}")
+            return None
         verdict = judge_exit(
             policy=gen.config.restart,
             budget=self._budget,
@@ -240,6 +246,7 @@ class Program:
             replacing=not gen.first,
             where=f"worker {worker.index} of generation {gen.number}",
             warm=gen is self.warm,
+            fatal=self.fatal_reason is not None,
         )
         if verdict.retire:
             self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; warm: drained")
@@ -275,6 +282,10 @@ class Program:
         if self.fatal_reason is None:
             self.runtime.events.emit("fatal", self.name, generation, reason)
             self.fatal_reason = reason
+            # Nothing is started once fatal: not even a restart already waiting out its backoff
+            # (the budget that ran out since was spent on it). `start` revives those slots.
+            for gen in self.generations:
+                gen.give_up_restarts()
         elif replace_reason:
             self.fatal_reason = reason
 

@@ -81,6 +81,7 @@ def judge_exit(
     replacing: bool,
     where: str,
     warm: bool = False,
+    fatal: bool = False,
 ) -> Verdict:
     """Decide about a worker's exit. ``starting``: its generation has not served yet;
     ``replacing``: another generation serves meanwhile (so failing the new one costs nothing);
@@ -92,12 +93,15 @@ def judge_exit(
     The program's first generation, with nothing to protect, gets the policy while it starts:
     a service started before its dependencies comes up with them. The warm generation serves
     nothing: it is retired (drained, never restarted), and its exits spend nothing of the
-    budget of the generation that serves, nor make the program fatal.
+    budget of the generation that serves, nor make the program fatal. ``fatal``: the program is
+    fatal already: a serving generation's worker is not restarted (``start`` revives it).
     """
     if warm:
         return Verdict(retire=True)
     if starting and replacing:
         return Verdict(fail=f"{where} {reason}")
+    if fatal and not starting:
+        return Verdict(not_restarted=True)
     if policy.policy == "never" or (policy.policy == "on-failure" and returncode == 0):
         return Verdict(fail=f"{where} {reason}" if starting else None, not_restarted=True)
     if not budget.take():

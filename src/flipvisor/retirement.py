@@ -1,6 +1,6 @@
 """What a promotion does with the generation it replaced: drain it, or keep it warm (running,
 unrouted) for the deployed config's ``rollback_window`` seconds, so that a rollback routes back
-to it without starting anything; and that rollback's promotion of the warm generation.
+to it without starting anything; and that rollback's probe and promotion of the warm generation.
 
 ``Retirement`` is a part of its ``Program`` (``program.retirement``): the warm generation is the
 program's ``warm`` (its status, its workers' restart verdicts and a stop read it), and its drains
@@ -17,7 +17,7 @@ import anyio
 
 from .config import same_deploy
 from .errors import ProbeFailed
-from .generation import Generation
+from .generation import DISCARD_TIMEOUT, Generation
 from .progress import FlipReport
 from .promotion import Promotion
 from .states import GenerationState
@@ -34,6 +34,9 @@ class Retirement:
         self._warm_until = 0.0  # when the warm generation is drained (anyio's clock)
         # The same moment in epoch seconds, for status (meaningful while ``program.warm`` is set).
         self.warm_until = 0.0
+        # The warm generation a rollback probes and routes back to, until it is routed to: a
+        # worker of it that exits meanwhile fails the rollback (``Program._worker_exited``).
+        self.reviving: Generation | None = None
 
     async def retire(self, report: FlipReport, old: Generation, *, window: float) -> None:
         """Drain the replaced generation, or keep it warm for ``window`` seconds (the deployed
@@ -78,25 +81,37 @@ class Retirement:
         gen: Generation,
         promote: Callable[[FlipReport, Generation], Awaitable[Promotion]],
     ) -> Promotion:
-        """Route traffic back to the warm generation ``gen`` (through the flip's ``promote``);
-        warm again if that fails.
+        """Probe the warm generation ``gen`` again, as a flip probes a new one (it may have hung
+        since it was kept), then route traffic back to it (through the flip's ``promote``).
+
+        A generation that fails the probe, or loses a worker before it is routed to (``reviving``:
+        ``Program._worker_exited`` fails it), is discarded: it ends ``failed``, with an event
+        saying why, and a later rollback starts its config afresh. One whose promotion failed
+        otherwise (a proxy or registry step) is as good as before: warm again.
 
         Raises:
-            ProbeFailed: it has no running worker.
+            ProbeFailed: it failed its probe or lost a worker; it was discarded.
             ProxyError, RegistryError: a step failed; everything before it was undone.
         """
         program = self.program
         report.generation = gen.number
         program.warm = None
+        self.reviving = gen
         try:
-            with report.step("probe", "warm generation: already running"):
-                if not gen.pids:
-                    raise ProbeFailed(f"warm generation {gen.number} has no running worker")
+            with report.step("probe", f"warm generation: {gen.describe_readiness()}"):
+                await gen.wait_ready()
+                running = len(gen.pids)
+                if running < len(gen.workers):  # without a probe, all there is to check
+                    raise ProbeFailed(f"{running} of its {len(gen.workers)} workers run")
             return await promote(report, gen)
-        except BaseException:
+        except BaseException as exc:
             if gen.state is GenerationState.PROMOTING:  # the promotion undid itself
                 gen.transition(GenerationState.READY)
-            if gen.state is GenerationState.READY:
+            if gen.state is GenerationState.READY and (
+                isinstance(exc, ProbeFailed) or gen.failure is not None
+            ):
+                await self._discard(gen, gen.failure or str(exc))
+            elif gen.state is GenerationState.READY:
                 # As good as before the attempt: warm again for what is left of its window.
                 # Its expiry task still waits for that, unless the window ran out meanwhile
                 # (the task then found it not warm and left it): drain it now.
@@ -107,3 +122,17 @@ class Retirement:
             elif gen.state is GenerationState.FAILED:
                 program.generations.remove(gen)
             raise
+        finally:
+            self.reviving = None
+
+    async def _discard(self, gen: Generation, reason: str) -> None:
+        """Stop the warm generation ``gen`` at once: it failed its probe (or lost a worker) on
+        the way back, so it is no rollback target any more. It ends ``failed``, saying why."""
+        gen.transition(
+            GenerationState.FAILED,
+            f"kept warm for a rollback, it failed its readiness probe on the way back: {reason}",
+        )
+        with anyio.CancelScope(shield=True), anyio.move_on_after(DISCARD_TIMEOUT):
+            await gen.discard(reason)
+        if gen in self.program.generations:
+            self.program.generations.remove(gen)

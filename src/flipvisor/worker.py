@@ -140,6 +140,7 @@ class Worker:
         self.last_exit: str | None = None
         self.started = False
         self.done = LazyEvent()  # awaited only while its generation stops
+        self._backoff: anyio.CancelScope | None = None  # the wait before a restart
 
     @property
     def pid(self) -> int | None:
@@ -201,8 +202,11 @@ class Worker:
             delay = self.owner.worker_exited(self, returncode, reason)
             if delay is not None and not self.owner.stopping:
                 self._transition(WorkerState.BACKOFF)
-                with anyio.move_on_after(delay):
+                with anyio.move_on_after(delay) as self._backoff:
                     await self.owner.wait_stopping()
+                self._backoff = None
+                if self.state is WorkerState.STOPPED:  # ``give_up`` during the backoff
+                    return
             if delay is None or self.owner.stopping:
                 self._transition(WorkerState.STOPPED)
                 return
@@ -299,6 +303,14 @@ class Worker:
             await child.stop(drain.signal, drain.timeout)
             # Done at end of file; a grandchild may hold the pipe open: not past the grace.
             reading.deadline = anyio.current_time() + OUTPUT_GRACE
+
+    def give_up(self) -> None:
+        """Carry out no restart this slot is waiting for (its program went ``fatal`` meanwhile):
+        the slot is stopped now, as after an exit the policy does not restart."""
+        if self.state is WorkerState.BACKOFF:
+            self._transition(WorkerState.STOPPED)
+            if self._backoff is not None:
+                self._backoff.cancel()
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the running process and its whole group (while the leader is

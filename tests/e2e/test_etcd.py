@@ -251,7 +251,8 @@ def test_a_warm_generation_whose_window_ran_out_during_a_failed_rollback_is_drai
     assert rollback.returncode == 1, out + err
     report = json.loads(out)
     assert report["generation"] == 1, report  # begun while warm: no new generation
-    assert report["steps"][0]["detail"] == "warm generation: already running", report
+    # Probed again (not started anew), on its own port.
+    assert report["steps"][0]["detail"].startswith("warm generation: GET http://"), report
     assert "etcd" in report["error"], report
     wait_until(
         lambda: [g["generation"] for g in flipvisor.program("web")["generations"]] == [2],

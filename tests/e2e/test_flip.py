@@ -262,6 +262,82 @@ def test_a_warm_generation_whose_worker_exits_is_dropped_not_restarted(
     assert proxied(nginx)["version"] == "1"
 
 
+def test_a_warm_rollback_does_not_promote_a_warm_generation_that_no_longer_answers(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """The warm generation is probed again (it may have hung since it was kept): one that fails
+    fails the rollback like a flip, and is discarded; the next rollback starts its config afresh."""
+    start_serving(flipvisor, nginx, program(nginx, "1", rollback_window=WARM))
+    flipvisor.write_config({"programs": {"web": program(nginx, "2", rollback_window=WARM)}})
+    assert flipvisor.cli("flip", "web").returncode == 0
+    assert generations(flipvisor)[1]["state"] == "ready"  # warm
+    (warm_pid,) = generations(flipvisor)[1]["pids"]
+    warm = psutil.Process(warm_pid)
+    warm.send_signal(signal.SIGSTOP)  # hung: its readiness probe cannot pass
+    try:
+        rolled = flipvisor.cli("rollback", "web", "--json")
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):  # discarded, it is gone by now
+            warm.send_signal(signal.SIGCONT)
+
+    assert rolled.returncode == 1, rolled.stdout
+    report = json.loads(rolled.stdout)
+    assert report["ok"] is False
+    assert "warm generation 1 of web failed its readiness probe" in report["error"], report
+    assert "generation 2, serving before, keeps serving" in report["error"], report
+    serving = flipvisor.serving("web")
+    assert serving is not None and serving["generation"] == 2
+    assert proxied(nginx)["version"] == "2"
+    assert sorted(generations(flipvisor)) == [2]  # discarded, not warm again
+    failed = [
+        json.loads(line)
+        for line in flipvisor.cli("events", "web", "--json").stdout.splitlines()
+        if json.loads(line)["kind"] == "failed"
+    ]
+    assert [(e["generation"], "readiness probe" in e["message"]) for e in failed] == [(1, True)]
+
+    again = flipvisor.cli("rollback", "web", "--json")  # cold: a new generation of v1
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads(again.stdout)["generation"] == 3
+    assert proxied(nginx)["version"] == "1"
+
+
+def test_a_warm_generation_that_loses_a_worker_while_probed_fails_the_rollback_at_once(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
+    """As a new generation's: the exit fails the rollback without waiting for the probe, and is
+    not restarted (it was, as a serving generation's, and the probe then passed)."""
+    slow = tmp_path / "slow-probe"  # from here on the probe takes 20 s, then passes
+    warm_config = program(nginx, "1", rollback_window=WARM)
+    warm_config["readiness"] = {
+        "exec": ["sh", "-c", f"test ! -e {slow} || sleep 20"],
+        "timeout": 30,
+        "interval": 0.05,
+    }
+    start_serving(flipvisor, nginx, warm_config)
+    flipvisor.write_config({"programs": {"web": program(nginx, "2", rollback_window=WARM)}})
+    assert flipvisor.cli("flip", "web").returncode == 0
+    (warm_pid,) = generations(flipvisor)[1]["pids"]
+    slow.touch()
+    rollback = flipvisor.cli_started("rollback", "web", "--json")
+    try:
+        wait_until(
+            lambda: (f := flipvisor.program("web")["flip"]) is not None and f["step"] == "probe",
+            message="the rollback probing the warm generation",
+        )
+        psutil.Process(warm_pid).kill()
+        out, err = rollback.communicate(timeout=15)  # well before the probe's 20 s
+    finally:
+        rollback.kill()
+        rollback.communicate()
+
+    assert rollback.returncode == 1, out + err
+    report = json.loads(out)
+    assert "worker 0 of generation 1 killed by SIGKILL" in report["error"], report
+    assert sorted(generations(flipvisor)) == [2]  # discarded, not restarted
+    assert proxied(nginx)["version"] == "2"
+
+
 def test_second_flip_of_a_program_is_refused_clearly(
     flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
 ) -> None:

@@ -4,8 +4,6 @@ marked xfail (strict) while flipvisor does otherwise. Real supervisors, nginx an
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,9 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.e2e.test_flip import WARM, program, proxied, start_serving
 from tests.fixtures.flipvisor import Flipvisor, svc_command
-from tests.fixtures.nginx import Nginx
 from tests.waiting import wait_until
 
 
@@ -82,89 +78,6 @@ def test_a_reload_during_a_flip_does_not_say_that_no_program_changed(
 
     assert "web: not deployed" in reloaded.stdout, reloaded.stdout
     assert "no program changed" not in reloaded.stdout, reloaded.stdout
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a rollback to the warm generation promotes it without probing it again: a warm "
-    "generation that hung meanwhile is routed to (every request times out) and the rollback "
-    "exits 0",
-)
-def test_a_warm_rollback_does_not_promote_a_warm_generation_that_no_longer_answers(
-    flipvisor: Flipvisor, nginx: Nginx
-) -> None:
-    start_serving(flipvisor, nginx, program(nginx, "1", rollback_window=WARM))
-    flipvisor.write_config({"programs": {"web": program(nginx, "2", rollback_window=WARM)}})
-    assert flipvisor.cli("flip", "web").returncode == 0
-    generations = {g["generation"]: g for g in flipvisor.program("web")["generations"]}
-    assert generations[1]["state"] == "ready"  # warm
-    (warm_pid,) = generations[1]["pids"]
-    os.kill(warm_pid, signal.SIGSTOP)  # hung: its readiness probe cannot pass
-    try:
-        rolled = flipvisor.cli("rollback", "web", "--json")
-    finally:
-        os.kill(warm_pid, signal.SIGCONT)
-
-    assert rolled.returncode == 1, rolled.stdout
-    assert json.loads(rolled.stdout)["ok"] is False
-    serving = flipvisor.serving("web")
-    assert serving is not None and serving["generation"] == 2
-    assert proxied(nginx)["version"] == "2"
-
-
-def events_of(flipvisor: Flipvisor, name: str) -> list[dict[str, Any]]:
-    result = flipvisor.cli("events", name, "-n", "1000", "--json")
-    assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a worker whose restart was waiting out its backoff when the program became fatal "
-    "is spawned all the same, after the fatal event",
-)
-def test_no_worker_is_spawned_once_the_program_is_fatal(
-    flipvisor: Flipvisor, tmp_path: Path
-) -> None:
-    gate = tmp_path / "worker-1-exits"
-    # Worker 0 crash-loops, its backoff growing; worker 1 serves until the test opens its gate,
-    # then exits too: the exit past the budget, while worker 0 waits out a long backoff.
-    script = (
-        f"if [ {{worker}} = 0 ]; then exit 3; fi; "
-        f"while [ ! -e {gate} ]; do sleep 0.05; done; exit 3"
-    )
-    flipvisor.start(
-        {
-            "programs": {
-                "crash": {
-                    "command": ["sh", "-c", script],
-                    "numprocs": 2,
-                    "drain": {"delay": 0, "timeout": 5},
-                    "restart": {"max_restarts": 8, "window": 600},
-                }
-            }
-        }
-    )
-
-    def long_backoff() -> bool:
-        return any(
-            e["kind"] == "restarting" and e["fields"].get("delay", 0) >= 2.0
-            for e in events_of(flipvisor, "crash")
-        )
-
-    wait_until(long_backoff, timeout=60, message="worker 0 waiting out a backoff of 2 s or more")
-    gate.touch()
-    wait_until(
-        lambda: (
-            flipvisor.program("crash")["state"] == "fatal"
-            and not flipvisor.program("crash")["generations"]
-        ),
-        timeout=30,
-        message="the program fatal and stopped",
-    )
-    kinds = [e["kind"] for e in events_of(flipvisor, "crash")]
-    after_fatal = kinds[kinds.index("fatal") :]
-    assert "spawned" not in after_fatal, after_fatal
 
 
 @pytest.mark.xfail(

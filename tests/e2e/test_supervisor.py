@@ -143,6 +143,50 @@ def test_fatal_is_entered_once_and_keeps_the_reason_that_made_it(flipvisor: Flip
     assert [event["message"] for event in fatal_events(flipvisor)] == [reason]
 
 
+def test_no_worker_is_spawned_once_the_program_is_fatal(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """A restart that was waiting out its backoff when the budget ran out is not carried out:
+    its slot is stopped with the fatal, and the program given up (`start` revives it)."""
+    gate = tmp_path / "worker-1-exits"
+    # Worker 0 crash-loops, its backoff growing; worker 1 serves until the test opens its gate,
+    # then exits too: the exit past the budget, while worker 0 waits out a long backoff.
+    script = (
+        f"if [ {{worker}} = 0 ]; then exit 3; fi; "
+        f"while [ ! -e {gate} ]; do sleep 0.05; done; exit 3"
+    )
+    flipvisor.start(
+        {
+            "programs": {
+                "crash": {
+                    "command": ["sh", "-c", script],
+                    "numprocs": 2,
+                    "drain": {"delay": 0, "timeout": 5},
+                    "restart": {"max_restarts": 8, "window": 600},
+                }
+            }
+        }
+    )
+
+    def long_backoff() -> bool:
+        return any(e["fields"].get("delay", 0) >= 2.0 for e in events_of(flipvisor, "restarting"))
+
+    wait_until(long_backoff, timeout=60, message="worker 0 waiting out a backoff of 2 s or more")
+    gate.touch()
+    wait_until(
+        lambda: (
+            flipvisor.program("crash")["state"] == "fatal"
+            and not flipvisor.program("crash")["generations"]
+        ),
+        timeout=30,
+        message="the program fatal and stopped",
+    )
+    kinds = flipvisor.event_kinds()
+    after_fatal = kinds[kinds.index("fatal") :]
+    assert "spawned" not in after_fatal, after_fatal
+    assert "given-up" in after_fatal, after_fatal
+
+
 def test_a_first_generation_that_fails_makes_the_program_fatal_with_an_event(
     flipvisor: Flipvisor,
 ) -> None:

@@ -21,6 +21,7 @@ def judge(
     replacing: bool = True,
     failures: int = 0,
     warm: bool = False,
+    fatal: bool = False,
     spending: RestartBudget | None = None,
 ) -> Verdict:
     """``judge_exit`` of ``WHERE``'s exit; ``spending``: the budget it spends (a fresh one of
@@ -36,6 +37,7 @@ def judge(
         replacing=replacing,
         where=WHERE,
         warm=warm,
+        fatal=fatal,
     )
 
 
@@ -96,6 +98,16 @@ CASES: list[tuple[str, dict[str, Any], Verdict]] = [
         "warm generation, policy never, clean exit: retired",
         {"warm": True, "policy": "never", "returncode": 0},
         Verdict(retire=True),
+    ),
+    (
+        "program fatal already, the window's budget back: not restarted",
+        {"fatal": True},
+        Verdict(not_restarted=True),
+    ),
+    (
+        "program fatal, a replacing generation's worker crashes: the flip fails",
+        {"fatal": True, "starting": True},
+        Verdict(fail=f"{WHERE} exit status 1"),
     ),
 ]
 
