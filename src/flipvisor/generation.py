@@ -25,6 +25,7 @@ from .lazy_event import LazyEvent
 from .logs import ProgramLog
 from .probe import NotifySocket, wait_ready
 from .reaper import Reaper
+from .signals import with_continue
 from .sockets import bound_port
 from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition
 from .strays import Strays, signal_strays, wait_for_strays
@@ -416,7 +417,8 @@ class Generation:
         # re-parented to us and are signalled one by one. Live workers' groups are left out of
         # that, so nothing gets the signal twice (a second SIGTERM may mean "stop now").
         live = {pid for worker in self.workers if (pid := worker.pid) is not None}
-        signal_strays(self._process_groups - live, drain.signal)
+        for each in with_continue(drain.signal):
+            signal_strays(self._process_groups - live, each)
         for worker in self.workers:
             worker.signal(drain.signal)
         with anyio.move_on_after(drain.timeout) as graceful:

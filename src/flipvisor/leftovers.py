@@ -56,6 +56,7 @@ from .lineage import PROGRAM_ENV, Lineage, environ_of, exited
 from .progress import pid_list
 from .proxy import wait_workers_gone
 from .registry import WatchableRegistry, program_key
+from .signals import with_continue
 from .starttime import Recorded, recorded_from_json, with_identity
 from .verified_signal import pidfd_if_still, signal_verified
 
@@ -197,7 +198,7 @@ class Leftovers:
         return [
             p
             for p in self._family(signalled)
-            if p.pid not in done and _running(p) and signal_verified(p, sig)
+            if p.pid not in done and _running(p) and _ask_to_stop(p, sig)
         ]
 
     def _family(self, known: list[Recorded]) -> list[Recorded]:
@@ -265,6 +266,12 @@ async def _within(
             await hurry.wait()
             tg.cancel_scope.cancel()
     return done
+
+
+def _ask_to_stop(process: Recorded, sig: signal.Signals) -> bool:
+    """Send ``sig``, then SIGCONT (``with_continue``), if it still runs as recorded."""
+    sent = [signal_verified(process, each) for each in with_continue(sig)]
+    return sent[0]
 
 
 def _kill(process: Recorded) -> bool:

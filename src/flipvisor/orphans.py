@@ -79,6 +79,7 @@ async def _stop_workers_orphans(
             if not orphans:
                 return
             signalled = orphans.signal(signal.SIGTERM)
+            orphans.signal(signal.SIGCONT)  # a stopped one acts on it only once it runs again
             events.emit(
                 "orphans-stopping",
                 "(supervisor)",

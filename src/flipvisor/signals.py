@@ -1,4 +1,5 @@
-"""The signals ``flipvisor run`` handles, held back while it starts.
+"""The signals ``flipvisor run`` handles, held back while it starts; and what a stop signal sent
+to a process is followed by (``with_continue``).
 
 Until the supervisor's handlers are installed (after its imports and the config's validation, a
 few hundred milliseconds), these signals would take their default action: SIGTERM would kill the
@@ -30,3 +31,13 @@ def hold() -> None:
 def release() -> None:
     """Unblock ``HANDLED``: whatever arrived meanwhile is delivered now."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+
+
+def with_continue(sig: int) -> tuple[int, ...]:
+    """What to send to ask a process to stop with ``sig``: ``sig``, then SIGCONT, as systemd
+    does. A stopped process (SIGSTOP, a debugger, a frozen cgroup's) acts on ``sig`` only once it
+    runs again, and a drain would otherwise wait its whole timeout and SIGKILL it; to a running
+    process SIGCONT is nothing."""
+    if sig in (signal.SIGKILL, signal.SIGCONT):
+        return (sig,)
+    return (sig, signal.SIGCONT)

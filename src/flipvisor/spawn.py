@@ -29,6 +29,7 @@ import anyio
 from .errors import SpawnError
 from .output_pipe import open_output_pipe
 from .reaper import ExitWaiter, Reaper
+from .signals import with_continue
 from .starttime import Recorded, recorded_now
 from .usable import closed_folder, closed_folder_problem
 
@@ -119,12 +120,14 @@ class Child:
         return await self.exit.wait()
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        """Send ``sig`` to the group, SIGKILL it after ``timeout``; always waits for the exit.
+        """Send ``sig`` to the group (then SIGCONT), SIGKILL it after ``timeout``; always waits
+        for the exit.
 
         Shielded, so a cancelled caller still leaves nothing running; bounded by the timeout.
         """
         with anyio.CancelScope(shield=True):
-            self.signal_all(sig)
+            for each in with_continue(sig):
+                self.signal_all(each)
             with anyio.move_on_after(timeout):
                 return await self.wait()
             self.signal_all(signal.SIGKILL)

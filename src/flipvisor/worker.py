@@ -26,6 +26,7 @@ from .logs import ProgramLog
 from .logs_capture import capture
 from .output_pipe import OUTPUT_GRACE, pipe_ended
 from .reaper import Reaper
+from .signals import with_continue
 from .spawn import LISTEN_FD, Child, spawn_with_output
 from .states import WORKER_TRANSITIONS, WorkerState, check_transition
 
@@ -313,14 +314,16 @@ class Worker:
                 self._backoff.cancel()
 
     def signal(self, sig: int) -> None:
-        """Send ``sig`` to the running process and its whole group (while the leader is
-        unreaped), as the cancellation path's ``Child.stop`` does: once, to every member."""
+        """Ask the running process and its whole group (while the leader is unreaped) to stop
+        with ``sig`` (then SIGCONT: ``with_continue``), as the cancellation path's
+        ``Child.stop`` does: once, to every member."""
         child = self.child
         if child is None or self.state not in (WorkerState.RUNNING, WorkerState.STOPPING):
             return
         if self.state is WorkerState.RUNNING:
             self._transition(WorkerState.STOPPING)
-        child.signal_all(sig)
+        for each in with_continue(sig):
+            child.signal_all(each)
 
     def kill(self) -> None:
         """SIGKILL the process and its whole group (while the leader is unreaped)."""

@@ -280,6 +280,30 @@ async def test_drain_sends_the_configured_signal(tmp_path: Path) -> None:
     assert gen.state is GenerationState.STOPPED
 
 
+async def test_drain_wakes_a_stopped_worker_to_handle_its_signal(tmp_path: Path) -> None:
+    """A worker stopped by SIGSTOP (a debugger, a frozen container, an operator) cannot act on
+    SIGTERM: the drain waited its whole timeout, then SIGKILLed it mid-request. SIGCONT follows
+    the drain signal, as systemd sends it, so the worker shuts down as asked."""
+    markers = tmp_path / "markers"
+    config = ProgramConfig(
+        command=[sys.executable, "-c", SIGNAL_RECORDER, str(markers)],
+        numprocs=2,
+        drain=DrainConfig(delay=0.0, timeout=5),
+    )
+    async with harness(tmp_path) as h:
+        gen = await h.start(config)
+        pids = set(gen.pids)
+        await wait_marked(markers, "START", pids)
+        to_serving(gen)
+        frozen = gen.pids[0]
+        os.kill(frozen, signal.SIGSTOP)  # our unreaped child: its PID is still its own
+        with anyio.fail_after(DEADLINE):
+            await gen.drain()
+    signalled = [line.split() for line in markers.read_text().splitlines() if line[:3] == "SIG"]
+    assert sorted(signalled) == sorted(["SIG", str(int(signal.SIGTERM)), str(p)] for p in pids)
+    assert not [e for e in h.events.recent() if e.kind == "killed"]
+
+
 async def test_drain_sigkills_workers_that_ignore_the_signal(tmp_path: Path) -> None:
     markers = tmp_path / "markers"
     timeout = 0.5

@@ -61,7 +61,7 @@ ALLOWED: dict[str, set[str]] = {
     "config_consistency": {"config_file", "problems"},
     "config_file": {"config", "config_consistency", "errors", "locate", "problems"},
     "reaper": {"errors"},
-    "spawn": {"errors", "config", "reaper", "starttime", "output_pipe", "usable"},
+    "spawn": {"errors", "config", "reaper", "signals", "starttime", "output_pipe", "usable"},
     "output_pipe": set(),
     "run_command": {"reaper", "spawn", "output_pipe", "strays"},
     "verified_signal": {"starttime"},
