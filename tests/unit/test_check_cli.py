@@ -75,6 +75,14 @@ def test_a_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
     assert_refused(check(config), f"{config}:2: not UTF-8: byte 0xe9 at column 6")
 
 
+def test_an_empty_file_is_refused_and_programs_left_empty_is_ok(tmp_path: Path) -> None:
+    config = write(tmp_path, "# truncated by a config tool\n")
+    assert_refused(check(config), f"{config}: the file is empty (no YAML document); ")
+    config.write_text("programs:\n")
+    result = check(config)
+    assert (result.returncode, result.stdout) == (0, f"{config}: ok (0 programs, 0 watches)\n")
+
+
 def test_a_home_folder_of_an_unknown_user_is_refused(tmp_path: Path) -> None:
     config = write(
         tmp_path,

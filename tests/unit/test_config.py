@@ -664,8 +664,34 @@ def test_defaults() -> None:
     assert program.rollback_window == 0.0
 
 
-def test_empty_file_is_an_empty_config() -> None:
-    assert parse_config("", PATH) == Config()
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        pytest.param("", "the file is empty (no YAML document)", id="0-bytes"),
+        pytest.param("\n  \n", "the file is empty (no YAML document)", id="blank"),
+        pytest.param("# all of it\n# commented out\n", "the file is empty", id="comments"),
+        pytest.param("---\n", "its document is empty", id="bare-document"),
+        pytest.param("null\n", "its document is empty", id="null"),
+    ],
+)
+def test_an_empty_file_is_refused_not_read_as_a_config_without_programs(
+    text: str, what: str
+) -> None:
+    """A file a config tool truncated before a reload would otherwise stop every program."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, PATH)
+    assert str(caught.value).startswith(f"{PATH}: {what}"), str(caught.value)
+    assert "`programs: {}` for none" in str(caught.value)
+    assert caught.value.exit_code == EXIT_USAGE
+
+
+@pytest.mark.parametrize("text", ["programs:\n", "programs: {}\n", "state_dir: /x\n"])
+def test_a_file_that_says_it_has_no_programs_is_valid(text: str) -> None:
+    assert parse_config(text, PATH).programs == {}
+
+
+def test_a_config_of_defaults_only_is_the_default_config() -> None:
+    assert parse_config("programs:\n", PATH) == Config()
 
 
 def test_string_command_is_split_like_a_shell_but_never_run_by_one() -> None:
