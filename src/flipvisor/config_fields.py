@@ -120,15 +120,20 @@ RESERVED_ENV = frozenset(
 )
 
 
-def _check_env(value: dict[str, str]) -> dict[str, str]:
-    for key, text in value.items():
-        if not key or "=" in key or "\0" in key:
-            raise ValueError(f"{key!r} is not a variable name (not empty, no '=')")
-        if "\0" in text:
-            raise ValueError(f"{key}: a value cannot hold a NUL character")
-        if key in RESERVED_ENV:
-            raise ValueError(f"{key} is set by flipvisor for every worker; remove it from env")
-    return value
+# Checked one variable at a time (a key's problem is placed at that key), so that `check` names
+# every variable of an env that is wrong, not only the first.
+def _check_env_name(key: str) -> str:
+    if not key or "=" in key or "\0" in key:
+        raise ValueError(f"{key!r} is not a variable name (not empty, no '=')")
+    if key in RESERVED_ENV:
+        raise ValueError("is set by flipvisor for every worker; remove it from env")
+    return key
+
+
+def _check_env_value(text: str) -> str:
+    if "\0" in text:
+        raise ValueError("a value cannot hold a NUL character")
+    return text
 
 
 # What every proxy template gets from the flip (proxy_template.flip_context builds it): a `vars`
@@ -149,7 +154,13 @@ def _check_template_vars(value: dict[str, Any]) -> dict[str, Any]:
 
 
 Command = Annotated[list[str], BeforeValidator(_split_command), AfterValidator(_nonempty_command)]
-Env = Annotated[dict[str, str], BeforeValidator(null_is_empty), AfterValidator(_check_env)]
+Env = Annotated[
+    dict[
+        Annotated[str, AfterValidator(_check_env_name)],
+        Annotated[str, AfterValidator(_check_env_value)],
+    ],
+    BeforeValidator(null_is_empty),
+]
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
 Signal = Annotated[signal.Signals, BeforeValidator(_parse_signal)]
 Host = Annotated[str, AfterValidator(_check_host)]

@@ -83,6 +83,27 @@ def test_an_empty_file_is_refused_and_programs_left_empty_is_ok(tmp_path: Path) 
     assert (result.returncode, result.stdout) == (0, f"{config}: ok (0 programs, 0 watches)\n")
 
 
+def test_check_names_every_reserved_variable_of_an_env(tmp_path: Path) -> None:
+    config = write(
+        tmp_path,
+        """\
+        state_dir: state
+        programs:
+          web:
+            command: [python3]
+            env: {LISTEN_FDS: '2', NOTIFY_SOCKET: x, FLIPVISOR_STATE_DIR: y}
+        """,
+    )
+    result = check(config)
+    assert_refused(
+        result,
+        *(
+            f"{config}:5: programs.web.env.{name}: is set by flipvisor for every worker"
+            for name in ("LISTEN_FDS", "NOTIFY_SOCKET", "FLIPVISOR_STATE_DIR")
+        ),
+    )
+
+
 def test_a_home_folder_of_an_unknown_user_is_refused(tmp_path: Path) -> None:
     config = write(
         tmp_path,

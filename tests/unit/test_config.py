@@ -552,19 +552,38 @@ def test_known_config_bugs(text: str, line: int, where: str, message: str) -> No
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ("{PORT: '80'}", "PORT is set by flipvisor for every worker; remove it from env"),
-        ("{LISTEN_FDS: '2'}", "LISTEN_FDS is set by flipvisor for every worker"),
-        ("{FLIPVISOR_WORKER: '0'}", "FLIPVISOR_WORKER is set by flipvisor for every worker"),
-        ("{'A=B': x}", "'A=B' is not a variable name (not empty, no '=')"),
-        ("{'': x}", "'' is not a variable name"),
+        ("{PORT: '80'}", "PORT: is set by flipvisor for every worker; remove it from env"),
+        ("{LISTEN_FDS: '2'}", "LISTEN_FDS: is set by flipvisor for every worker"),
+        ("{FLIPVISOR_WORKER: '0'}", "FLIPVISOR_WORKER: is set by flipvisor for every worker"),
+        ("{'A=B': x}", "A=B: 'A=B' is not a variable name (not empty, no '=')"),
+        ("{'': x}", ": '' is not a variable name"),
         ('{A: "x\\0y"}', "A: a value cannot hold a NUL character"),
     ],
 )
 def test_env_that_would_be_ignored_or_broken_is_refused(env: str, message: str) -> None:
     problems = problems_of(PROG + f"    env: {env}\n")
-    assert any(
-        p.startswith(f"{PATH}:4: programs.experiment.env: ") and message in p for p in problems
-    ), problems
+    assert any(p.startswith(f"{PATH}:4: programs.experiment.env.{message}") for p in problems), (
+        problems
+    )
+
+
+def test_every_variable_of_an_env_that_is_refused_is_named_at_its_line() -> None:
+    """Not only the first: the operator would fix one, and the next `check` name the next."""
+    text = PROG + (
+        "    env:\n"
+        "      LISTEN_FDS: '2'\n"
+        "      APP_ENV: production\n"
+        "      NOTIFY_SOCKET: x\n"
+        "      'A=B': y\n"
+        "      FLIPVISOR_STATE_DIR: z\n"
+    )
+    reserved = "is set by flipvisor for every worker; remove it from env"
+    assert problems_of(text) == [
+        f"{PATH}:5: programs.experiment.env.LISTEN_FDS: {reserved}",
+        f"{PATH}:7: programs.experiment.env.NOTIFY_SOCKET: {reserved}",
+        f"{PATH}:8: programs.experiment.env.A=B: 'A=B' is not a variable name (not empty, no '=')",
+        f"{PATH}:9: programs.experiment.env.FLIPVISOR_STATE_DIR: {reserved}",
+    ]
 
 
 def test_proxy_vars_named_like_the_flip_context_are_refused() -> None:
