@@ -1,9 +1,9 @@
 """The validated value types the config models are built from, and the limits they enforce.
 
 Commands (argv, or a string split like a shell would), environments, paths resolved against the
-config file's folder, signals, IP addresses and ``host:port`` endpoints, durations in seconds,
-counts, program names, a proxy template's extra variables: each rejects what it cannot mean with
-a sentence, which the loader (``config_file``) places at its line.
+config file's folder, signals that stop a process, IP addresses and ``host:port`` endpoints,
+durations in seconds, counts, program names, a proxy template's extra variables: each rejects what
+it cannot mean with a sentence, which the loader (``config_file``) places at its line.
 """
 
 from __future__ import annotations
@@ -79,6 +79,31 @@ def _parse_signal(value: Any) -> Any:
         except KeyError as exc:
             raise ValueError(f"unknown signal {value!r} (use a name like SIGTERM)") from exc
     raise ValueError("must be a signal name like SIGTERM")
+
+
+# Signals that do not ask a process to stop: a drain (or a drain_pid) sending one would leave the
+# workers holding their requests (frozen, or running on) until the SIGKILL at drain.timeout.
+# SIGWINCH and SIGURG are not here although ignored by default: Apache stops gracefully on
+# SIGWINCH, and a server may choose either.
+NOT_A_STOP_SIGNAL = {
+    signal.SIGSTOP: "freezes the process (it cannot be handled)",
+    signal.SIGTSTP: "freezes the process unless it handles it (a terminal's Ctrl-Z)",
+    signal.SIGTTIN: "freezes the process unless it handles it (a background read of a terminal)",
+    signal.SIGTTOU: "freezes the process unless it handles it (a background write to a terminal)",
+    signal.SIGCONT: "resumes a frozen process; a running one goes on as before",
+    signal.SIGCHLD: "tells a process that a child of its changed state; ignored by default",
+}
+
+
+def _check_stops(value: signal.Signals) -> signal.Signals:
+    why = NOT_A_STOP_SIGNAL.get(value)
+    if why is not None:
+        raise ValueError(
+            f"{value.name} does not ask a process to stop: it {why}, so a drain would leave the "
+            "processes holding their requests until the SIGKILL at the timeout; use SIGTERM, or "
+            "the signal the server stops gracefully on (SIGQUIT for nginx, SIGWINCH for Apache)"
+        )
+    return value
 
 
 def _check_host(value: str) -> str:
@@ -162,7 +187,8 @@ Env = Annotated[
     BeforeValidator(null_is_empty),
 ]
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
-Signal = Annotated[signal.Signals, BeforeValidator(_parse_signal)]
+# A signal that stops a process (drain.signal, drain_pid.signal).
+Signal = Annotated[signal.Signals, BeforeValidator(_parse_signal), AfterValidator(_check_stops)]
 Host = Annotated[str, AfterValidator(_check_host)]
 Endpoint = Annotated[str, AfterValidator(_check_endpoint)]
 # Extra template variables (the listen port, a server_name...), besides the flip's context.

@@ -104,6 +104,31 @@ def test_check_names_every_reserved_variable_of_an_env(tmp_path: Path) -> None:
     )
 
 
+def test_a_drain_that_would_freeze_the_workers_is_refused_and_one_by_sigkill_warned_of(
+    tmp_path: Path,
+) -> None:
+    program = f"""\
+        state_dir: state
+        programs:
+          web:
+            command: ["{sys.executable}"]
+            drain: {{signal: SIGNAL}}
+        """
+    config = write(tmp_path, program.replace("SIGNAL", "SIGSTOP"))
+    assert_refused(
+        check(config),
+        f"{config}:5: programs.web.drain.signal: SIGSTOP does not ask a process to stop: it "
+        "freezes the process (it cannot be handled)",
+    )
+    write(tmp_path, program.replace("SIGNAL", "SIGKILL"))
+    result = check(config)
+    assert result.returncode == 0, result
+    assert f"{config}:5: warning: programs.web.drain.signal: SIGKILL cannot be handled" in (
+        result.stderr
+    )
+    assert result.stdout == f"{config}: ok (1 program, 0 watches, 1 warning)\n"
+
+
 def test_a_home_folder_of_an_unknown_user_is_refused(tmp_path: Path) -> None:
     config = write(
         tmp_path,

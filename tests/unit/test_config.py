@@ -13,8 +13,14 @@ import pytest
 from pydantic import BaseModel
 
 from flipvisor.config import Config
-from flipvisor.config_consistency import watch_warnings
-from flipvisor.config_file import load_config, load_config_file, parse_config
+from flipvisor.config_consistency import sigkill_warnings, watch_warnings
+from flipvisor.config_file import (
+    ConfigFile,
+    load_config,
+    load_config_file,
+    parse_config,
+    parse_config_file,
+)
 from flipvisor.errors import EXIT_USAGE, ConfigError
 
 PATH = Path("/etc/flipvisor/flipvisor.yaml")
@@ -25,6 +31,10 @@ PROG = "programs:\n  experiment:\n    command: x\n"
 NAME_RULE = (
     "a program name starts with a letter or digit and holds only letters, digits, '_', '.', '-'"
 )
+
+
+def load_config_file_text(text: str) -> ConfigFile:
+    return parse_config_file(text, PATH)
 
 
 def problems_of(text: str, path: Path = PATH) -> list[str]:
@@ -778,6 +788,47 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
 def test_signal_by_name_or_number(value: str | int, expected: signal.Signals) -> None:
     config = parse_config(PROG + f"    drain: {{signal: {value}}}\n", PATH)
     assert config.programs["experiment"].drain.signal is expected
+
+
+@pytest.mark.parametrize("name", ["SIGSTOP", "TSTP", "SIGTTIN", "SIGTTOU", "SIGCONT", "SIGCHLD"])
+def test_a_drain_signal_that_does_not_ask_a_process_to_stop_is_refused(name: str) -> None:
+    """A drain by SIGSTOP would freeze the workers mid-request until the SIGKILL at the timeout."""
+    signame = name if name.startswith("SIG") else "SIG" + name
+    (message,) = problems_of(PROG + f"    drain: {{signal: {name}}}\n")
+    assert message.startswith(
+        f"{PATH}:4: programs.experiment.drain.signal: {signame} does not ask a process to stop: "
+    ), message
+    assert message.endswith(
+        "so a drain would leave the processes holding their requests until the SIGKILL at the "
+        "timeout; use SIGTERM, or the signal the server stops gracefully on (SIGQUIT for nginx, "
+        "SIGWINCH for Apache)"
+    ), message
+    watch = f"watch:\n  - keys: [a/b/pid/previous]\n    drain_pid: {{signal: {name}}}\n"
+    assert problems_of(watch)[0].startswith(
+        f"{PATH}:3: watch.0.drain_pid.signal: {signame} does not ask a process to stop"
+    )
+
+
+@pytest.mark.parametrize("name", ["SIGKILL", "SIGWINCH", "SIGQUIT", "SIGHUP", "SIGUSR2"])
+def test_signals_that_a_server_may_stop_on_are_accepted(name: str) -> None:
+    config = parse_config(PROG + f"    drain: {{signal: {name}}}\n", PATH)
+    assert config.programs["experiment"].drain.signal.name == name
+
+
+def test_a_drain_by_sigkill_is_warned_of() -> None:
+    text = PROG + (
+        "    drain: {signal: KILL}\n"
+        "watch:\n  - keys: [a/b/pid/previous]\n    drain_pid: {signal: 9}\n"
+    )
+    assert [str(p) for p in sigkill_warnings(load_config_file_text(text))] == [
+        f"{PATH}:4: warning: programs.experiment.drain.signal: SIGKILL cannot be handled: the "
+        "workers are, after drain.delay, killed at once, with the requests each still holds; "
+        "SIGTERM lets each finish them, and SIGKILL follows at the timeout",
+        f"{PATH}:7: warning: watch.0.drain_pid.signal: SIGKILL cannot be handled: the process is "
+        "killed at once, with the requests it still holds; SIGTERM lets it finish them, and "
+        "SIGKILL follows at the timeout",
+    ]
+    assert sigkill_warnings(load_config_file_text(PROG)) == []
 
 
 def test_config_is_frozen() -> None:
