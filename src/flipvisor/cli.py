@@ -118,7 +118,7 @@ def _fail(args: argparse.Namespace, message: str, exit_code: int) -> int:
 
 
 def _check(args: argparse.Namespace, path: Path) -> int:
-    from .config_consistency import watch_warnings
+    from .config_consistency import sigkill_warnings, watch_warnings
     from .config_file import load_config_file
     from .placeholders import placeholder_warnings
     from .preflight import host_problems
@@ -140,6 +140,7 @@ def _check(args: argparse.Namespace, path: Path) -> int:
         [
             *placeholder_warnings(parsed),
             *watch_warnings(parsed),
+            *sigkill_warnings(parsed),
             *(p for p in on_host if p.warning),
         ]
     )

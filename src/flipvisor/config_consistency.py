@@ -1,6 +1,7 @@
 """What is wrong across the sections of a config whose keys are each valid: two programs on one
 fixed port, two writers of one proxy file, unix socket paths too long to bind, ``watch:`` entries
-acting on a program the same config runs.
+acting on a program the same config runs; and ``check``'s warnings about what is valid but likely a
+mistake (those ``watch:`` entries, a drain by SIGKILL).
 
 Each problem is placed at the line of the key it is about (``ConfigFile.problem``).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +34,34 @@ def problems_across_keys(parsed: ConfigFile) -> list[Problem]:
         *_long_socket_paths(parsed),
         *_watched_programs(parsed, warnings=False),
     ]
+
+
+def sigkill_warnings(parsed: ConfigFile) -> list[Problem]:
+    """``check``'s warnings about a drain by SIGKILL (``drain.signal``, ``drain_pid.signal``).
+
+    Allowed, since it does stop the workers (an app that handles no signal, whose requests all
+    end within ``drain.delay``, loses nothing), but it cannot be handled: whatever a worker still
+    holds after the delay is cut off, and the timeout's graceful window is never used."""
+    said = (
+        "SIGKILL cannot be handled: {what} killed at once, with the requests {holder} still "
+        "holds; SIGTERM lets {holder} finish them, and SIGKILL follows at the timeout"
+    )
+    workers = said.format(what="the workers are, after drain.delay,", holder="each")
+    found = [
+        parsed.problem(("programs", name, "drain", "signal"), workers, warning=True)
+        for name, program in parsed.config.programs.items()
+        if program.drain.signal == signal.SIGKILL
+    ]
+    found += [
+        parsed.problem(
+            ("watch", str(index), "drain_pid", "signal"),
+            said.format(what="the process is", holder="it"),
+            warning=True,
+        )
+        for index, entry in enumerate(parsed.config.watch)
+        if entry.drain_pid is not None and entry.drain_pid.signal == signal.SIGKILL
+    ]
+    return found
 
 
 def watch_warnings(parsed: ConfigFile) -> list[Problem]:

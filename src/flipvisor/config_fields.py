@@ -1,9 +1,9 @@
 """The validated value types the config models are built from, and the limits they enforce.
 
 Commands (argv, or a string split like a shell would), environments, paths resolved against the
-config file's folder, signals, IP addresses and ``host:port`` endpoints, durations in seconds,
-counts, program names, a proxy template's extra variables: each rejects what it cannot mean with
-a sentence, which the loader (``config_file``) places at its line.
+config file's folder, signals that stop a process, IP addresses and ``host:port`` endpoints,
+durations in seconds, counts, program names, a proxy template's extra variables: each rejects what
+it cannot mean with a sentence, which the loader (``config_file``) places at its line.
 """
 
 from __future__ import annotations
@@ -81,6 +81,31 @@ def _parse_signal(value: Any) -> Any:
     raise ValueError("must be a signal name like SIGTERM")
 
 
+# Signals that do not ask a process to stop: a drain (or a drain_pid) sending one would leave the
+# workers holding their requests (frozen, or running on) until the SIGKILL at drain.timeout.
+# SIGWINCH and SIGURG are not here although ignored by default: Apache stops gracefully on
+# SIGWINCH, and a server may choose either.
+NOT_A_STOP_SIGNAL = {
+    signal.SIGSTOP: "freezes the process (it cannot be handled)",
+    signal.SIGTSTP: "freezes the process unless it handles it (a terminal's Ctrl-Z)",
+    signal.SIGTTIN: "freezes the process unless it handles it (a background read of a terminal)",
+    signal.SIGTTOU: "freezes the process unless it handles it (a background write to a terminal)",
+    signal.SIGCONT: "resumes a frozen process; a running one goes on as before",
+    signal.SIGCHLD: "tells a process that a child of its changed state; ignored by default",
+}
+
+
+def _check_stops(value: signal.Signals) -> signal.Signals:
+    why = NOT_A_STOP_SIGNAL.get(value)
+    if why is not None:
+        raise ValueError(
+            f"{value.name} does not ask a process to stop: it {why}, so a drain would leave the "
+            "processes holding their requests until the SIGKILL at the timeout; use SIGTERM, or "
+            "the signal the server stops gracefully on (SIGQUIT for nginx, SIGWINCH for Apache)"
+        )
+    return value
+
+
 def _check_host(value: str) -> str:
     try:
         ipaddress.ip_address(value)
@@ -120,15 +145,20 @@ RESERVED_ENV = frozenset(
 )
 
 
-def _check_env(value: dict[str, str]) -> dict[str, str]:
-    for key, text in value.items():
-        if not key or "=" in key or "\0" in key:
-            raise ValueError(f"{key!r} is not a variable name (not empty, no '=')")
-        if "\0" in text:
-            raise ValueError(f"{key}: a value cannot hold a NUL character")
-        if key in RESERVED_ENV:
-            raise ValueError(f"{key} is set by flipvisor for every worker; remove it from env")
-    return value
+# Checked one variable at a time (a key's problem is placed at that key), so that `check` names
+# every variable of an env that is wrong, not only the first.
+def _check_env_name(key: str) -> str:
+    if not key or "=" in key or "\0" in key:
+        raise ValueError(f"{key!r} is not a variable name (not empty, no '=')")
+    if key in RESERVED_ENV:
+        raise ValueError("is set by flipvisor for every worker; remove it from env")
+    return key
+
+
+def _check_env_value(text: str) -> str:
+    if "\0" in text:
+        raise ValueError("a value cannot hold a NUL character")
+    return text
 
 
 # What every proxy template gets from the flip (proxy_template.flip_context builds it): a `vars`
@@ -149,9 +179,16 @@ def _check_template_vars(value: dict[str, Any]) -> dict[str, Any]:
 
 
 Command = Annotated[list[str], BeforeValidator(_split_command), AfterValidator(_nonempty_command)]
-Env = Annotated[dict[str, str], BeforeValidator(null_is_empty), AfterValidator(_check_env)]
+Env = Annotated[
+    dict[
+        Annotated[str, AfterValidator(_check_env_name)],
+        Annotated[str, AfterValidator(_check_env_value)],
+    ],
+    BeforeValidator(null_is_empty),
+]
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
-Signal = Annotated[signal.Signals, BeforeValidator(_parse_signal)]
+# A signal that stops a process (drain.signal, drain_pid.signal).
+Signal = Annotated[signal.Signals, BeforeValidator(_parse_signal), AfterValidator(_check_stops)]
 Host = Annotated[str, AfterValidator(_check_host)]
 Endpoint = Annotated[str, AfterValidator(_check_endpoint)]
 # Extra template variables (the listen port, a server_name...), besides the flip's context.

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from .config import Config
 from .config_consistency import problems_across_keys
 from .errors import ConfigError
-from .locate import describe_yaml_error, read_config_text
+from .locate import describe_yaml_error, read_config_text, top_level_keys
 from .problems import LineIndex, Problem, in_file_order, load_yaml, locate_problem
 
 
@@ -42,7 +42,7 @@ def load_config(path: Path) -> Config:
     """Read, parse and validate the config file at ``path``.
 
     Raises:
-        ConfigError: the file is unreadable, not UTF-8, not YAML, or invalid; ``problems``
+        ConfigError: the file is unreadable, not UTF-8, not YAML, empty, or invalid; ``problems``
             lists every problem as ``file:line: dotted.location: what is wrong``, in the file's
             order.
     """
@@ -75,10 +75,10 @@ def parse_config_file(text: str, path: Path) -> ConfigFile:
     keys in ``problems``.
 
     Raises:
-        ConfigError: not YAML, or a key is invalid (``problems`` in the file's order).
+        ConfigError: not YAML, empty, or a key is invalid (``problems`` in the file's order).
     """
     try:
-        data, lines, duplicates = load_yaml(text)
+        node, document, lines, duplicates = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(describe_yaml_error(exc, path)) from exc
     if duplicates:
@@ -86,10 +86,7 @@ def parse_config_file(text: str, path: Path) -> ConfigFile:
             f"invalid config file {path}:",
             [str(Problem(path, line, loc, "duplicate key")) for line, loc in duplicates],
         )
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    data = top_level_keys(path, node, document)
     base_dir = path.resolve().parent
     try:
         config = Config.model_validate(data, context={"base_dir": base_dir})

@@ -71,7 +71,15 @@ class ProxyReloadTimedOut(ProxyReloadFailed):
 
 
 class RegistryError(FlipvisorError):
-    """The registry could not be read or written (etcd unreachable, a lost compare, I/O error)."""
+    """The registry could not be read or written (etcd unreachable, a lost compare, I/O error).
+
+    ``next_step``: what the operator can do about it, where the backend knows (the local one's
+    file is corrupt: which file, and how to fix it); else a failed flip says to make etcd
+    reachable."""
+
+    def __init__(self, message: str, next_step: str | None = None) -> None:
+        super().__init__(message)
+        self.next_step = next_step
 
 
 class RegistryConflict(RegistryError):
@@ -103,7 +111,7 @@ def flip_next_step(exc: BaseException, program: str, *, retry: str = "flip") -> 
     if isinstance(exc, ProxyError):
         return f"fix the proxy template or its check/reload command, {again}"
     if isinstance(exc, RegistryError):
-        return f"make the registry reachable (registry.endpoints), {again}"
+        return f"{exc.next_step or 'make the registry reachable (registry.endpoints)'}, {again}"
     if isinstance(exc, BindError):
         return f"free the address or change programs.{program}.socket, {again}"
     if isinstance(exc, SpawnError):

@@ -65,6 +65,42 @@ def describe_yaml_error(exc: yaml.YAMLError, path: Path) -> str:
     return f"{where}: not valid YAML: {problem}"
 
 
+def load_document(text: str) -> tuple[yaml.Node | None, Any]:
+    """The node and the data of the YAML ``text``'s one document; a node of None: the text holds
+    no document at all (it is empty, or only comments and blank lines).
+
+    Raises:
+        yaml.YAMLError: ``text`` is not YAML, or holds more than one document.
+    """
+    loader = SAFE_LOADER(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return node, data
+
+
+def top_level_keys(path: Path, node: yaml.Node | None, data: Any) -> dict[Any, Any]:
+    """The config file's top-level mapping, from its document's ``node`` and ``data``.
+
+    Raises:
+        ConfigError: the file holds no document, an empty one (``---`` or ``null`` alone), or
+            something other than a mapping. An empty file is not read as a config without
+            programs: a file a config tool truncated before a reload would stop every program.
+    """
+    if node is None or data is None:
+        what = "the file is empty (no YAML document)" if node is None else "its document is empty"
+        raise ConfigError(
+            f"{path}: {what}; a config file names at least one key (`programs: {{}}` for none), "
+            "so an empty one (truncated while being written?) is refused, not read as a config "
+            "without programs"
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return data
+
+
 def unreadable_config(path: Path, exc: OSError) -> ConfigError:
     """The error for a config file that cannot be read; a missing one says how to name it."""
     message = f"cannot read config file {path}: {exc.strerror or exc}"
@@ -138,16 +174,15 @@ def locate(path: Path) -> Locations:
     """Read ``state_dir`` (relative to the file's folder) and the program names from ``path``.
 
     Raises:
-        ConfigError: the file is unreadable, not UTF-8, not YAML, or ``state_dir`` is not a
-            string.
+        ConfigError: the file is unreadable, not UTF-8, not YAML, empty, not a mapping, or
+            ``state_dir`` is not a string.
     """
     text = read_config_text(path)
     try:
-        data = yaml.load(text, Loader=SAFE_LOADER) or {}
+        node, document = load_document(text)
     except yaml.YAMLError as exc:
         raise ConfigError(describe_yaml_error(exc, path)) from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    data = top_level_keys(path, node, document)
     raw = data.get("state_dir", str(DEFAULT_STATE_DIR))
     if not isinstance(raw, str):
         raise ConfigError(f"{path}: state_dir: must be a path")

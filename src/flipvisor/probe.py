@@ -34,8 +34,6 @@ if TYPE_CHECKING:  # only the type: probe.py's allowed imports are config, error
 
 log = logging.getLogger(__name__)
 
-# One HTTP attempt may take this long; a health check slower than this is not a health check.
-HTTP_ATTEMPT_TIMEOUT = 2.0
 # How much of a failed health response or exec probe output goes into the error message.
 HTTP_BODY_EXCERPT = 200
 EXEC_OUTPUT_LINES = 20
@@ -49,9 +47,11 @@ _MAX_SUN_PATH = MAX_SOCKET_PATH
 
 @dataclass
 class _Progress:
-    """What the probe last learned; the reason a timed-out probe reports."""
+    """What the probe last learned, the reason a timed-out probe reports; and when the HTTP
+    attempt under way began (None: none is), to say so if the timeout cuts it short."""
 
     reason: str
+    attempt_since: float | None = None
 
 
 class NotifySocket:
@@ -209,26 +209,36 @@ def probe_url(host: str, port: int, path: str) -> str:
     return f"http://{netloc}:{port}{path}"
 
 
-async def _probe_http(url: str, interval: float, progress: _Progress) -> None:
-    """GET ``url`` every ``interval`` until it answers 2xx."""
+async def _probe_http(url: str, deadline: float, interval: float, progress: _Progress) -> None:
+    """GET ``url`` every ``interval`` until it answers 2xx.
+
+    An attempt may take the rest of ``readiness.timeout`` (until ``deadline``): no limit of its
+    own, so a /health that takes 2.5 s (a check of the database, a cold cache) passes with a
+    timeout that allows for it. A fixed per-attempt limit failed such a probe whatever the
+    timeout said. A worker still starting (the socket listens before it runs) answers the first
+    attempt once it accepts it, rather than after a retry.
+    """
     import httpx  # ~60 ms: only programs with an http probe pay for it
 
-    timeout = httpx.Timeout(HTTP_ATTEMPT_TIMEOUT)
     # verify=False: the URL is always plain http on the generation's own port, and redirects are
     # not followed, so no TLS can happen; the default would load the CA bundle into a new SSL
     # context for every probe (17 ms of CPU, 120 ms the first time) in the middle of a deploy.
-    async with httpx.AsyncClient(trust_env=False, timeout=timeout, verify=False) as client:
+    async with httpx.AsyncClient(trust_env=False, verify=False) as client:
         while True:
+            now = anyio.current_time()
+            progress.attempt_since = now
+            left = httpx.Timeout(max(deadline - now, 0.01))
             try:
                 # Streamed: a health endpoint that never ends its body must not hang the probe.
-                async with client.stream("GET", url) as response:
+                async with client.stream("GET", url, timeout=left) as response:
                     if response.is_success:
                         return
                     status = f"{response.status_code} {response.reason_phrase}"
                     body = await _body_start(response)
                 progress.reason = f"GET {url}: {status}" + (f": {body}" if body else "")
             except httpx.HTTPError as exc:
-                progress.reason = f"GET {url}: {_describe_http_error(exc)}"
+                progress.reason = f"GET {url}: {_describe_http_error(exc, now)}"
+            progress.attempt_since = None
             await anyio.sleep(interval)
 
 
@@ -243,7 +253,13 @@ async def _body_start(response: httpx.Response) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def _describe_http_error(exc: httpx.HTTPError) -> str:
+def _no_response(since: float) -> str:
+    """An attempt begun at ``since`` that the end of ``readiness.timeout`` cut short."""
+    waited = anyio.current_time() - since
+    return f"no response within {waited:.1f}s (the rest of readiness.timeout)"
+
+
+def _describe_http_error(exc: httpx.HTTPError, since: float) -> str:
     import httpx
 
     cause: BaseException | None = exc
@@ -252,7 +268,7 @@ def _describe_http_error(exc: httpx.HTTPError) -> str:
             return "connection refused"
         cause = cause.__cause__ or cause.__context__
     if isinstance(exc, httpx.TimeoutException):
-        return f"no response within {HTTP_ATTEMPT_TIMEOUT:g}s"
+        return _no_response(since)
     return str(exc) or type(exc).__name__
 
 
@@ -324,7 +340,9 @@ async def wait_ready(
         url = probe_url(host, port, readiness.http)
         progress = _Progress(f"GET {url}: no response")
         with anyio.move_on_after(readiness.timeout):
-            return await _probe_http(url, readiness.interval, progress)
+            return await _probe_http(url, deadline, readiness.interval, progress)
+        if progress.attempt_since is not None:  # the timeout came first: the attempt hung
+            progress.reason = f"GET {url}: {_no_response(progress.attempt_since)}"
     elif readiness.exec is not None:
         command = " ".join(readiness.exec)
         progress = _Progress(f"`{command}` did not finish within {readiness.timeout:g}s")

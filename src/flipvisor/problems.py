@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .locate import SAFE_LOADER
+from .locate import load_document
 
 # Each dotted location of the document (("programs", "web", "command")) → its 1-based line.
 LineIndex = dict[tuple[str, ...], int]
@@ -60,22 +60,19 @@ def nearest_line(loc: Sequence[str], lines: LineIndex) -> int | None:
     return None
 
 
-def load_yaml(text: str) -> tuple[Any, LineIndex, list[tuple[int, tuple[str, ...]]]]:
-    """The document's data, its line index and its duplicate keys (line, location), from one
-    parse (libyaml's when PyYAML has it: the pure-Python parser takes about a millisecond per
-    program).
+def load_yaml(
+    text: str,
+) -> tuple[yaml.Node | None, Any, LineIndex, list[tuple[int, tuple[str, ...]]]]:
+    """The document's node (None: the text holds none) and data, its line index and its
+    duplicate keys (line, location), from one parse (libyaml's when PyYAML has it: the
+    pure-Python parser takes about a millisecond per program).
 
     Raises:
         yaml.YAMLError: ``text`` is not YAML.
     """
-    loader = SAFE_LOADER(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    finally:
-        loader.dispose()
+    node, data = load_document(text)
     duplicates: list[tuple[int, tuple[str, ...]]] = []
-    return data, _line_index(node, duplicates), duplicates
+    return node, data, _line_index(node, duplicates), duplicates
 
 
 def _line_index(node: yaml.Node | None, duplicates: list[tuple[int, tuple[str, ...]]]) -> LineIndex:

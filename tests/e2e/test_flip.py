@@ -909,3 +909,28 @@ def test_a_failed_flip_to_another_proxy_dest_puts_the_old_file_back(
     assert result.returncode == 1, result.stdout + result.stderr
     assert not moved.exists()
     before.assert_untouched(flipvisor, nginx)
+
+
+def test_a_flip_failed_by_a_damaged_local_registry_file_says_what_to_do_with_the_file(
+    flipvisor: Flipvisor,
+) -> None:
+    """Not "make the registry reachable (registry.endpoints)", which is about etcd."""
+    section = {
+        "command": svc_command("--version", "1"),
+        "readiness": {"http": "/health", "timeout": 60},
+        "drain": {"delay": 0, "timeout": 5},
+    }
+    flipvisor.start({"programs": {"web": section}})
+    before = flipvisor.wait_serving("web")
+    registry = flipvisor.state_dir / "registry.json"
+    registry.write_text('{"flipvisor/web/port/current": ')  # a hand edit gone wrong
+
+    flipped = flipvisor.cli("flip", "web")
+
+    assert flipped.returncode == 1, flipped.stdout + flipped.stderr
+    said = " ".join((flipped.stdout + flipped.stderr).split())
+    assert f"the registry file {registry} is not valid JSON" in said, said
+    assert f"fix {registry} by hand (one JSON object of key -> value strings" in said, said
+    assert "registry.endpoints" not in said, said
+    serving = flipvisor.serving("web")
+    assert serving is not None and serving["pids"] == before["pids"]

@@ -37,6 +37,31 @@ def running_with(marker: str) -> list[psutil.Process]:
     return found
 
 
+def test_a_reload_of_an_empty_config_file_is_refused_and_changes_nothing(
+    flipvisor: Flipvisor,
+) -> None:
+    """A config tool that truncated the file, then reloaded: not a config without programs,
+    which would drain every one of them."""
+    process = flipvisor.start({"programs": {"web": web("--version", "1")}})
+    pids = flipvisor.wait_serving("web")["pids"]
+    flipvisor.config_path.write_text("")
+
+    result = flipvisor.cli("reload")
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    said = "the file is empty (no YAML document)"
+    assert f"the config was not reloaded, nothing changed: {flipvisor.config_path}: {said}" in (
+        result.stderr
+    ), result.stderr
+    process.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: flipvisor.output().count(f"{flipvisor.config_path}: {said}") >= 2,
+        message="the supervisor to log why the SIGHUP's reload was refused too",
+    )
+    serving = flipvisor.serving("web")
+    assert serving is not None and serving["pids"] == pids
+
+
 def test_overlapping_reloads_start_an_added_program_once(
     flipvisor: Flipvisor, tmp_path: Path
 ) -> None:

@@ -6,6 +6,7 @@ import array
 import contextlib
 import gc
 import os
+import re
 import signal
 import socket
 import stat
@@ -46,6 +47,24 @@ class Health(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", 0), Health, bind_and_activate=False)
+server.socket.close()
+server.socket = socket.socket(fileno=3)
+server.serve_forever()
+"""
+
+# /health answers 200 after argv[1] seconds (a check of a database, a cold cache).
+SLOW_HEALTH = r"""
+import http.server, socket, sys, time
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(float(sys.argv[1]))
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
     def log_message(self, *args):
         pass
 server = http.server.HTTPServer(("127.0.0.1", 0), Health, bind_and_activate=False)
@@ -208,6 +227,29 @@ async def test_http_worker_that_never_answers_times_out() -> None:
                 with pytest.raises(ProbeFailed, match="no response"):
                     await probe(readiness(http="/health", timeout=0.5), reaper, port_of(sock))
             assert not tcp_connections_to(port_of(sock))
+
+
+async def test_a_slow_health_check_passes_within_readiness_timeout() -> None:
+    """An attempt may take what is left of readiness.timeout: a fixed 2 s per attempt failed a
+    /health that takes 2.5 s, whatever the timeout."""
+    async with running_reaper() as reaper:
+        with listening() as sock:
+            async with running(reaper, SLOW_HEALTH, "2.5", sock=sock):
+                with anyio.fail_after(30):
+                    await probe(readiness(http="/health", timeout=20), reaper, port_of(sock))
+
+
+async def test_a_health_check_slower_than_the_timeout_says_it_got_no_response() -> None:
+    async with running_reaper() as reaper:
+        with listening() as sock:
+            async with running(reaper, SLOW_HEALTH, "60", sock=sock):
+                with pytest.raises(ProbeFailed) as failed:
+                    await probe(readiness(http="/health", timeout=1), reaper, port_of(sock))
+    assert re.search(
+        r"not ready after 1s: GET http://127\.0\.0\.1:\d+/health: no response within "
+        r"[01]\.\ds \(the rest of readiness\.timeout\)$",
+        str(failed.value),
+    ), str(failed.value)
 
 
 async def test_http_connection_refused() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import stat
 import subprocess
 import sys
@@ -151,7 +152,7 @@ async def test_malformed_file_is_a_registry_error(tmp_path: Path) -> None:
     path = tmp_path / "registry.json"
     path.write_text('{"a": 1}')
     registry = LocalRegistry(path, RegistryConfig())
-    with pytest.raises(RegistryError, match="object of strings"):
+    with pytest.raises(RegistryError, match="object of key -> value strings"):
         await registry.snapshot("app")
 
 
@@ -165,6 +166,28 @@ def test_a_file_that_is_not_json_text_is_a_registry_error(tmp_path: Path, conten
     path.write_bytes(content)
     with pytest.raises(RegistryError, match="is not valid JSON"):
         read_registry_file(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [
+        (b'{"a": ', "is not valid JSON"),
+        (b'["a"]', "must hold one JSON object of key -> value strings, and holds a JSON list"),
+        (b'{"a": 1}', "and holds the key 'a' with a value of type int"),
+    ],
+)
+def test_a_damaged_file_says_what_to_do_about_the_file_not_about_etcd(
+    tmp_path: Path, content: bytes, what: str
+) -> None:
+    """A failed flip ends with the error's next step: for this file, not "make the registry
+    reachable (registry.endpoints)", which is about etcd."""
+    path = tmp_path / "registry.json"
+    path.write_bytes(content)
+    with pytest.raises(RegistryError, match=re.escape(what)) as caught:
+        read_registry_file(path)
+    assert caught.value.next_step is not None
+    assert caught.value.next_step.startswith(f"fix {path} by hand (one JSON object of key -> ")
+    assert "or move it aside" in caught.value.next_step
 
 
 async def test_watch_polls_the_file(tmp_path: Path) -> None:

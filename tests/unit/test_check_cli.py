@@ -75,6 +75,60 @@ def test_a_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
     assert_refused(check(config), f"{config}:2: not UTF-8: byte 0xe9 at column 6")
 
 
+def test_an_empty_file_is_refused_and_programs_left_empty_is_ok(tmp_path: Path) -> None:
+    config = write(tmp_path, "# truncated by a config tool\n")
+    assert_refused(check(config), f"{config}: the file is empty (no YAML document); ")
+    config.write_text("programs:\n")
+    result = check(config)
+    assert (result.returncode, result.stdout) == (0, f"{config}: ok (0 programs, 0 watches)\n")
+
+
+def test_check_names_every_reserved_variable_of_an_env(tmp_path: Path) -> None:
+    config = write(
+        tmp_path,
+        """\
+        state_dir: state
+        programs:
+          web:
+            command: [python3]
+            env: {LISTEN_FDS: '2', NOTIFY_SOCKET: x, FLIPVISOR_STATE_DIR: y}
+        """,
+    )
+    result = check(config)
+    assert_refused(
+        result,
+        *(
+            f"{config}:5: programs.web.env.{name}: is set by flipvisor for every worker"
+            for name in ("LISTEN_FDS", "NOTIFY_SOCKET", "FLIPVISOR_STATE_DIR")
+        ),
+    )
+
+
+def test_a_drain_that_would_freeze_the_workers_is_refused_and_one_by_sigkill_warned_of(
+    tmp_path: Path,
+) -> None:
+    program = f"""\
+        state_dir: state
+        programs:
+          web:
+            command: ["{sys.executable}"]
+            drain: {{signal: SIGNAL}}
+        """
+    config = write(tmp_path, program.replace("SIGNAL", "SIGSTOP"))
+    assert_refused(
+        check(config),
+        f"{config}:5: programs.web.drain.signal: SIGSTOP does not ask a process to stop: it "
+        "freezes the process (it cannot be handled)",
+    )
+    write(tmp_path, program.replace("SIGNAL", "SIGKILL"))
+    result = check(config)
+    assert result.returncode == 0, result
+    assert f"{config}:5: warning: programs.web.drain.signal: SIGKILL cannot be handled" in (
+        result.stderr
+    )
+    assert result.stdout == f"{config}: ok (1 program, 0 watches, 1 warning)\n"
+
+
 def test_a_home_folder_of_an_unknown_user_is_refused(tmp_path: Path) -> None:
     config = write(
         tmp_path,

@@ -13,8 +13,14 @@ import pytest
 from pydantic import BaseModel
 
 from flipvisor.config import Config
-from flipvisor.config_consistency import watch_warnings
-from flipvisor.config_file import load_config, load_config_file, parse_config
+from flipvisor.config_consistency import sigkill_warnings, watch_warnings
+from flipvisor.config_file import (
+    ConfigFile,
+    load_config,
+    load_config_file,
+    parse_config,
+    parse_config_file,
+)
 from flipvisor.errors import EXIT_USAGE, ConfigError
 
 PATH = Path("/etc/flipvisor/flipvisor.yaml")
@@ -25,6 +31,10 @@ PROG = "programs:\n  experiment:\n    command: x\n"
 NAME_RULE = (
     "a program name starts with a letter or digit and holds only letters, digits, '_', '.', '-'"
 )
+
+
+def load_config_file_text(text: str) -> ConfigFile:
+    return parse_config_file(text, PATH)
 
 
 def problems_of(text: str, path: Path = PATH) -> list[str]:
@@ -552,19 +562,38 @@ def test_known_config_bugs(text: str, line: int, where: str, message: str) -> No
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ("{PORT: '80'}", "PORT is set by flipvisor for every worker; remove it from env"),
-        ("{LISTEN_FDS: '2'}", "LISTEN_FDS is set by flipvisor for every worker"),
-        ("{FLIPVISOR_WORKER: '0'}", "FLIPVISOR_WORKER is set by flipvisor for every worker"),
-        ("{'A=B': x}", "'A=B' is not a variable name (not empty, no '=')"),
-        ("{'': x}", "'' is not a variable name"),
+        ("{PORT: '80'}", "PORT: is set by flipvisor for every worker; remove it from env"),
+        ("{LISTEN_FDS: '2'}", "LISTEN_FDS: is set by flipvisor for every worker"),
+        ("{FLIPVISOR_WORKER: '0'}", "FLIPVISOR_WORKER: is set by flipvisor for every worker"),
+        ("{'A=B': x}", "A=B: 'A=B' is not a variable name (not empty, no '=')"),
+        ("{'': x}", ": '' is not a variable name"),
         ('{A: "x\\0y"}', "A: a value cannot hold a NUL character"),
     ],
 )
 def test_env_that_would_be_ignored_or_broken_is_refused(env: str, message: str) -> None:
     problems = problems_of(PROG + f"    env: {env}\n")
-    assert any(
-        p.startswith(f"{PATH}:4: programs.experiment.env: ") and message in p for p in problems
-    ), problems
+    assert any(p.startswith(f"{PATH}:4: programs.experiment.env.{message}") for p in problems), (
+        problems
+    )
+
+
+def test_every_variable_of_an_env_that_is_refused_is_named_at_its_line() -> None:
+    """Not only the first: the operator would fix one, and the next `check` name the next."""
+    text = PROG + (
+        "    env:\n"
+        "      LISTEN_FDS: '2'\n"
+        "      APP_ENV: production\n"
+        "      NOTIFY_SOCKET: x\n"
+        "      'A=B': y\n"
+        "      FLIPVISOR_STATE_DIR: z\n"
+    )
+    reserved = "is set by flipvisor for every worker; remove it from env"
+    assert problems_of(text) == [
+        f"{PATH}:5: programs.experiment.env.LISTEN_FDS: {reserved}",
+        f"{PATH}:7: programs.experiment.env.NOTIFY_SOCKET: {reserved}",
+        f"{PATH}:8: programs.experiment.env.A=B: 'A=B' is not a variable name (not empty, no '=')",
+        f"{PATH}:9: programs.experiment.env.FLIPVISOR_STATE_DIR: {reserved}",
+    ]
 
 
 def test_proxy_vars_named_like_the_flip_context_are_refused() -> None:
@@ -664,8 +693,34 @@ def test_defaults() -> None:
     assert program.rollback_window == 0.0
 
 
-def test_empty_file_is_an_empty_config() -> None:
-    assert parse_config("", PATH) == Config()
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        pytest.param("", "the file is empty (no YAML document)", id="0-bytes"),
+        pytest.param("\n  \n", "the file is empty (no YAML document)", id="blank"),
+        pytest.param("# all of it\n# commented out\n", "the file is empty", id="comments"),
+        pytest.param("---\n", "its document is empty", id="bare-document"),
+        pytest.param("null\n", "its document is empty", id="null"),
+    ],
+)
+def test_an_empty_file_is_refused_not_read_as_a_config_without_programs(
+    text: str, what: str
+) -> None:
+    """A file a config tool truncated before a reload would otherwise stop every program."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, PATH)
+    assert str(caught.value).startswith(f"{PATH}: {what}"), str(caught.value)
+    assert "`programs: {}` for none" in str(caught.value)
+    assert caught.value.exit_code == EXIT_USAGE
+
+
+@pytest.mark.parametrize("text", ["programs:\n", "programs: {}\n", "state_dir: /x\n"])
+def test_a_file_that_says_it_has_no_programs_is_valid(text: str) -> None:
+    assert parse_config(text, PATH).programs == {}
+
+
+def test_a_config_of_defaults_only_is_the_default_config() -> None:
+    assert parse_config("programs:\n", PATH) == Config()
 
 
 def test_string_command_is_split_like_a_shell_but_never_run_by_one() -> None:
@@ -733,6 +788,47 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
 def test_signal_by_name_or_number(value: str | int, expected: signal.Signals) -> None:
     config = parse_config(PROG + f"    drain: {{signal: {value}}}\n", PATH)
     assert config.programs["experiment"].drain.signal is expected
+
+
+@pytest.mark.parametrize("name", ["SIGSTOP", "TSTP", "SIGTTIN", "SIGTTOU", "SIGCONT", "SIGCHLD"])
+def test_a_drain_signal_that_does_not_ask_a_process_to_stop_is_refused(name: str) -> None:
+    """A drain by SIGSTOP would freeze the workers mid-request until the SIGKILL at the timeout."""
+    signame = name if name.startswith("SIG") else "SIG" + name
+    (message,) = problems_of(PROG + f"    drain: {{signal: {name}}}\n")
+    assert message.startswith(
+        f"{PATH}:4: programs.experiment.drain.signal: {signame} does not ask a process to stop: "
+    ), message
+    assert message.endswith(
+        "so a drain would leave the processes holding their requests until the SIGKILL at the "
+        "timeout; use SIGTERM, or the signal the server stops gracefully on (SIGQUIT for nginx, "
+        "SIGWINCH for Apache)"
+    ), message
+    watch = f"watch:\n  - keys: [a/b/pid/previous]\n    drain_pid: {{signal: {name}}}\n"
+    assert problems_of(watch)[0].startswith(
+        f"{PATH}:3: watch.0.drain_pid.signal: {signame} does not ask a process to stop"
+    )
+
+
+@pytest.mark.parametrize("name", ["SIGKILL", "SIGWINCH", "SIGQUIT", "SIGHUP", "SIGUSR2"])
+def test_signals_that_a_server_may_stop_on_are_accepted(name: str) -> None:
+    config = parse_config(PROG + f"    drain: {{signal: {name}}}\n", PATH)
+    assert config.programs["experiment"].drain.signal.name == name
+
+
+def test_a_drain_by_sigkill_is_warned_of() -> None:
+    text = PROG + (
+        "    drain: {signal: KILL}\n"
+        "watch:\n  - keys: [a/b/pid/previous]\n    drain_pid: {signal: 9}\n"
+    )
+    assert [str(p) for p in sigkill_warnings(load_config_file_text(text))] == [
+        f"{PATH}:4: warning: programs.experiment.drain.signal: SIGKILL cannot be handled: the "
+        "workers are, after drain.delay, killed at once, with the requests each still holds; "
+        "SIGTERM lets each finish them, and SIGKILL follows at the timeout",
+        f"{PATH}:7: warning: watch.0.drain_pid.signal: SIGKILL cannot be handled: the process is "
+        "killed at once, with the requests it still holds; SIGTERM lets it finish them, and "
+        "SIGKILL follows at the timeout",
+    ]
+    assert sigkill_warnings(load_config_file_text(PROG)) == []
 
 
 def test_config_is_frozen() -> None:

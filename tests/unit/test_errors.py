@@ -10,6 +10,7 @@ from flipvisor.errors import (
     ProxyError,
     ProxyFileError,
     RegistryConflict,
+    RegistryError,
     SpawnError,
     flip_next_step,
 )
@@ -22,6 +23,8 @@ from flipvisor.errors import (
         # The template is not to blame for a dest that cannot be written.
         (ProxyFileError("a folder is there"), "fix programs.web.proxy.dest (or the folders"),
         (RegistryConflict("key changed"), "make the registry reachable (registry.endpoints)"),
+        # The local backend's file knows better than "reachable", which is about etcd.
+        (RegistryError("bad JSON", "fix /s/registry.json by hand"), "fix /s/registry.json by hand"),
         (SpawnError("not found"), "fix programs.web.command or cwd in the config"),
         (BindError("127.0.0.1:8000 in use"), "free the address or change programs.web.socket"),
         (ProbeFailed("GET /health: 503"), "`flipvisor logs web` shows its output"),

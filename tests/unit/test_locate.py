@@ -56,9 +56,18 @@ def test_absolute_and_home_state_dirs(tmp_path: Path, monkeypatch: pytest.Monkey
     )
 
 
-@pytest.mark.parametrize("text", ["", "programs: {}\n", "# nothing\n"])
+@pytest.mark.parametrize("text", ["programs: {}\n", "programs:\n", "# a comment\nwatch: []\n"])
 def test_default_state_dir(tmp_path: Path, text: str) -> None:
     assert locate(write(tmp_path / "f.yaml", text)).state_dir == DEFAULT_STATE_DIR
+
+
+@pytest.mark.parametrize("text", ["", "# nothing\n", "---\n"])
+def test_an_empty_file_is_a_config_error(tmp_path: Path, text: str) -> None:
+    """Not the default state_dir: a client reaches the supervisor of a file truncated under it
+    through its run record, saying that the file is empty, as for any other broken file."""
+    path = write(tmp_path / "f.yaml", text)
+    with pytest.raises(ConfigError, match=rf"^{path}: (the file|its document) is empty"):
+        locate(path)
 
 
 def test_program_names(tmp_path: Path) -> None:

@@ -157,7 +157,8 @@ def test_the_config_refuses_exactly_what_flipvisor_sets(tmp_path: Path) -> None:
 
 def test_socket_variables_cannot_come_from_config_env() -> None:
     # The config refuses them (a setting that would be ignored); see test_config.
-    with pytest.raises(ValidationError, match="PORT is set by flipvisor for every worker"):
+    refused = r"env\.PORT\.\[key\]\n.*is set by flipvisor for every worker"
+    with pytest.raises(ValidationError, match=refused):
         spec({"PORT": "80"})
 
 

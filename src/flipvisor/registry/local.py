@@ -65,16 +65,47 @@ def read_registry_file(path: Path) -> dict[str, str]:
     except FileNotFoundError:
         return {}
     except OSError as exc:
-        raise RegistryError(f"cannot read the registry file {path}: {exc.strerror}") from exc
+        raise RegistryError(
+            f"cannot read the registry file {path}: {exc.strerror}",
+            f"make {path} readable by the supervisor's user (or free what stops it being read)",
+        ) from exc
     try:
         data = orjson.loads(text)
     except ValueError as exc:
-        raise RegistryError(f"the registry file {path} is not valid JSON: {exc}") from exc
+        raise RegistryError(
+            f"the registry file {path} is not valid JSON: {exc}", _rewrite(path)
+        ) from exc
     if not isinstance(data, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in data.items()
     ):
-        raise RegistryError(f"the registry file {path} must hold one object of strings")
+        raise RegistryError(
+            f"the registry file {path} must hold one JSON object of key -> value strings, and "
+            f"holds {_what_it_holds(data)}",
+            _rewrite(path),
+        )
     return data
+
+
+def _rewrite(path: Path) -> str:
+    """What to do about a registry file that is not what flipvisor writes (a hand edit, a
+    restore gone wrong): the local backend's own advice, not etcd's "make it reachable"."""
+    return (
+        f"fix {path} by hand (one JSON object of key -> value strings, as flipvisor writes it), "
+        "or move it aside (flipvisor writes a new one; the other programs' keys are then missing "
+        "until their next flip)"
+    )
+
+
+def _unwritable(path: Path) -> str:
+    """What to do about a registry file that cannot be written."""
+    return f"make {path.parent} writable by the supervisor's user, with room on its file system"
+
+
+def _what_it_holds(data: object) -> str:
+    if isinstance(data, dict):
+        bad = next(k for k, v in data.items() if not (isinstance(k, str) and isinstance(v, str)))
+        return f"the key {bad!r} with a value of type {type(data[bad]).__name__}"
+    return f"a JSON {type(data).__name__}"
 
 
 _FILE_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
@@ -109,7 +140,10 @@ def write_registry_file(path: Path, values: Mapping[str, str]) -> None:
             os.close(dir_fd)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise RegistryError(f"cannot write the registry file {path}: {exc.strerror}") from exc
+        raise RegistryError(
+            f"cannot write the registry file {path}: {exc.strerror}",
+            _unwritable(path),
+        ) from exc
 
 
 def _program_values(values: Mapping[str, str], prefix: str, program: str) -> dict[str, str]:
@@ -395,7 +429,8 @@ class LocalRegistry:
                 if self._lost >= mine:
                     raise RegistryError(
                         f"cannot write the registry file {self.path}: the write that carried "
-                        "this change failed"
+                        "this change failed",
+                        _unwritable(self.path),
                     )
                 target, snapshot = self._changes, dict(self._values)
                 try:
