@@ -341,6 +341,9 @@ def _reload(args: argparse.Namespace, path: Path) -> int:
             for key, what in (("added", "added"), ("removed", "removed"), ("changed", "flipping"))
             if outcome.get(key)
         ]
+        if not_flipped := list(outcome.get("not_flipped") or {}):
+            # Changed all the same: why each is not flipped now follows.
+            parts.append(f"changed {', '.join(not_flipped)}, not flipped now")
         print(f"flipvisor: reload: {'; '.join(parts) if parts else 'no program changed'}")
         for name, why in (outcome.get("not_flipped") or {}).items():
             print(f"flipvisor: reload: {name}: {why}")
