@@ -230,38 +230,6 @@ def test_a_proxy_that_reload_cmd_started_outlives_the_supervisor_shutdown(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="`run` takes a SIGKILLed supervisor that its parent has not reaped yet (a zombie "
-    "keeps its PID and start tick) for a running one that does not answer, and refuses to start",
-)
-def test_run_starts_while_the_killed_supervisor_is_still_a_zombie(flipvisor: Flipvisor) -> None:
-    flipvisor.start({"programs": {"web": web("--version", "1")}})
-    flipvisor.wait_serving("web")
-    killed = flipvisor.process
-    assert killed is not None
-    killed.send_signal(signal.SIGKILL)  # not waited for: its parent (this test) is busy
-    wait_until(
-        lambda: psutil.Process(killed.pid).status() == psutil.STATUS_ZOMBIE,
-        message="the killed supervisor to be a zombie",
-    )
-    second = flipvisor.start(wait=False)
-    try:
-        wait_until(
-            lambda: second.poll() is not None or flipvisor.cli("status").returncode == 0,
-            timeout=30,
-            message="the second supervisor to answer or exit",
-        )
-        refused = second.poll() is not None
-    finally:
-        killed.wait()
-        if second.poll() is not None:  # refused: one more, to drain what the killed one left
-            flipvisor.start()
-            flipvisor.wait_serving("web")
-
-    assert not refused, flipvisor.output()
-
-
-@pytest.mark.xfail(
-    strict=True,
     reason="a program removed from the file while its supervisor was dead (SIGKILLed): the next "
     "`run` stops its workers but leaves its proxy file routing to their port, and its registry "
     "keys naming them as current",
