@@ -64,23 +64,35 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         return _fail(args, str(exc), exc.exit_code)
     except (Interrupted, KeyboardInterrupt):
         if HANDLERS[args.command] is _flip_like:
-            # Only this client stops: the supervisor carries the command through whoever
-            # watches. An operator who pressed Ctrl-C to abort a deploy must know.
-            undo = (
-                ""
-                if args.command == "stop"
-                else f", `flipvisor stop {args.program}` rolls back a flip not yet promoted"
-            )
-            _error(
-                f"interrupted: the {args.command} of {args.program} goes on in the supervisor; "
-                f"`flipvisor status {args.program}` shows it{undo}"
-            )
+            _error(interrupted_hint(args.command, args.program, getattr(args, "timeout", None)))
         return 130
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, as a command killed by SIGPIPE would.
         # stdout now points nowhere, so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+
+
+def interrupted_hint(command: str, program: str, timeout: float | None) -> str:
+    """What a Ctrl-C of ``flipvisor COMMAND PROGRAM`` did and did not do. Only this client stops:
+    the supervisor carries the command through whoever watches. An operator who pressed Ctrl-C to
+    abort a deploy must know, and must not be sent to `stop` as its undo: `stop` drains the
+    generation that serves too (an outage), and no command cancels a flip alone."""
+    said = (
+        f"interrupted: only this client stopped; the {command} of {program} goes on in the "
+        f"supervisor (Ctrl-C did not cancel it): `flipvisor status {program}` shows where it "
+        f"is, `flipvisor events -f {program}` follows it to its end"
+    )
+    if command == "stop":
+        return said
+    if command == "start":
+        return f"{said}; `flipvisor stop {program}` rolls the start back, leaving it stopped"
+    if timeout is not None:
+        said += f"; --timeout {timeout:g} still rolls it back if it is not promoted by then"
+    return (
+        f"{said}; no command cancels only the {command}: `flipvisor stop {program}` stops "
+        "the program, the generation that serves it included"
+    )
 
 
 def _error(message: str) -> None:
