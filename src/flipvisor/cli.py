@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cli_parser import build_parser
-from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, FlipvisorError
+from .errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    ControlUnreachable,
+    FlipvisorError,
+)
 from .locate import default_config_path, log_path
 
 if TYPE_CHECKING:
@@ -92,6 +99,18 @@ def interrupted_hint(command: str, program: str, timeout: float | None) -> str:
     return (
         f"{said}; no command cancels only the {command}: `flipvisor stop {program}` stops "
         "the program, the generation that serves it included"
+    )
+
+
+def outcome_unknown(lost: str, command: str, program: str) -> str:
+    """A ``command`` whose supervisor went away (``lost``: how) before it answered: it may have
+    done all of it, some of it or none of it, and only a supervisor can tell which, once one
+    runs again (a killed supervisor's workers serve on; the next `run` takes them over)."""
+    could_be = "" if command == "stop" else " (promoted, rolled back, or cut short midway)"
+    return (
+        f"{lost} before the {command} of {program} ended (it exited or was killed): how the "
+        f"{command} ended is unknown{could_be}; once a supervisor runs again (`flipvisor run`), "
+        f"`flipvisor status {program}` shows what serves"
     )
 
 
@@ -320,11 +339,14 @@ def _flip_like(args: argparse.Namespace, path: Path) -> int:
     answer: dict[str, Any] = {}
     progress = FlipProgress(enabled=not args.json)
     with progress:
-        for message in converse(reached, request, on_waiting=_say_once()):
-            if message.get("type") == "progress":
-                progress.update(message)
-            elif message.get("type") == "result":
-                answer = message
+        try:
+            for message in converse(reached, request, on_waiting=_say_once()):
+                if message.get("type") == "progress":
+                    progress.update(message)
+                elif message.get("type") == "result":
+                    answer = message
+        except ControlUnreachable as exc:  # it went away mid-answer: the request had reached it
+            raise ControlUnreachable(outcome_unknown(str(exc), args.command, args.program)) from exc
     report = answer.get("result")
     if (
         not (isinstance(report, dict) and "steps" in report)
