@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cli_parser import build_parser
-from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, FlipvisorError
+from .errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    ControlUnreachable,
+    FlipvisorError,
+)
 from .locate import default_config_path, log_path
 
 if TYPE_CHECKING:
@@ -64,23 +71,47 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         return _fail(args, str(exc), exc.exit_code)
     except (Interrupted, KeyboardInterrupt):
         if HANDLERS[args.command] is _flip_like:
-            # Only this client stops: the supervisor carries the command through whoever
-            # watches. An operator who pressed Ctrl-C to abort a deploy must know.
-            undo = (
-                ""
-                if args.command == "stop"
-                else f", `flipvisor stop {args.program}` rolls back a flip not yet promoted"
-            )
-            _error(
-                f"interrupted: the {args.command} of {args.program} goes on in the supervisor; "
-                f"`flipvisor status {args.program}` shows it{undo}"
-            )
+            _error(interrupted_hint(args.command, args.program, getattr(args, "timeout", None)))
         return 130
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, as a command killed by SIGPIPE would.
         # stdout now points nowhere, so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+
+
+def interrupted_hint(command: str, program: str, timeout: float | None) -> str:
+    """What a Ctrl-C of ``flipvisor COMMAND PROGRAM`` did and did not do. Only this client stops:
+    the supervisor carries the command through whoever watches. An operator who pressed Ctrl-C to
+    abort a deploy must know, and must not be sent to `stop` as its undo: `stop` drains the
+    generation that serves too (an outage), and no command cancels a flip alone."""
+    said = (
+        f"interrupted: only this client stopped; the {command} of {program} goes on in the "
+        f"supervisor (Ctrl-C did not cancel it): `flipvisor status {program}` shows where it "
+        f"is, `flipvisor events -f {program}` follows it to its end"
+    )
+    if command == "stop":
+        return said
+    if command == "start":
+        return f"{said}; `flipvisor stop {program}` rolls the start back, leaving it stopped"
+    if timeout is not None:
+        said += f"; --timeout {timeout:g} still rolls it back if it is not promoted by then"
+    return (
+        f"{said}; no command cancels only the {command}: `flipvisor stop {program}` stops "
+        "the program, the generation that serves it included"
+    )
+
+
+def outcome_unknown(lost: str, command: str, program: str) -> str:
+    """A ``command`` whose supervisor went away (``lost``: how) before it answered: it may have
+    done all of it, some of it or none of it, and only a supervisor can tell which, once one
+    runs again (a killed supervisor's workers serve on; the next `run` takes them over)."""
+    could_be = "" if command == "stop" else " (promoted, rolled back, or cut short midway)"
+    return (
+        f"{lost} before the {command} of {program} ended (it exited or was killed): how the "
+        f"{command} ended is unknown{could_be}; once a supervisor runs again (`flipvisor run`), "
+        f"`flipvisor status {program}` shows what serves"
+    )
 
 
 def _error(message: str) -> None:
@@ -309,11 +340,14 @@ def _flip_like(args: argparse.Namespace, path: Path) -> int:
     answer: dict[str, Any] = {}
     progress = FlipProgress(enabled=not args.json)
     with progress:
-        for message in converse(reached, request, on_waiting=_say_once()):
-            if message.get("type") == "progress":
-                progress.update(message)
-            elif message.get("type") == "result":
-                answer = message
+        try:
+            for message in converse(reached, request, on_waiting=_say_once()):
+                if message.get("type") == "progress":
+                    progress.update(message)
+                elif message.get("type") == "result":
+                    answer = message
+        except ControlUnreachable as exc:  # it went away mid-answer: the request had reached it
+            raise ControlUnreachable(outcome_unknown(str(exc), args.command, args.program)) from exc
     report = answer.get("result")
     if (
         not (isinstance(report, dict) and "steps" in report)
@@ -342,6 +376,9 @@ def _reload(args: argparse.Namespace, path: Path) -> int:
             for key, what in (("added", "added"), ("removed", "removed"), ("changed", "flipping"))
             if outcome.get(key)
         ]
+        if not_flipped := list(outcome.get("not_flipped") or {}):
+            # Changed all the same: why each is not flipped now follows.
+            parts.append(f"changed {', '.join(not_flipped)}, not flipped now")
         print(f"flipvisor: reload: {'; '.join(parts) if parts else 'no program changed'}")
         for name, why in (outcome.get("not_flipped") or {}).items():
             print(f"flipvisor: reload: {name}: {why}")

@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reload",
         "ask the running supervisor to re-read its config (like SIGHUP): start added programs, "
         "drain removed ones (one whose proxy file an added one writes only once that one "
-        "serves), flip changed ones; say which settings wait for a restart. Returns once the "
+        "serves), flip changed ones (one that a flip is under way for, once that is over); say "
+        "which settings wait for a restart. Returns once the "
         "removed programs left the proxy; `status` lists them until their drain is over",
         json_output=True,
     )

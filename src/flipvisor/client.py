@@ -193,7 +193,10 @@ def converse(
     else:
         sock, path = connect(target, timeout), target
     try:
-        sock.sendall(request.encode())
+        try:
+            sock.sendall(request.encode())
+        except ConnectionError as exc:  # not a BrokenPipeError of stdout's (cli.py)
+            raise ControlUnreachable(f"the supervisor on {path} closed the connection") from exc
         reader = sock.makefile("rb", buffering=READ_BUFFER)
         with reader:
             while True:
@@ -203,6 +206,10 @@ def converse(
                     raise ControlUnreachable(
                         f"the supervisor on {path} did not answer within {timeout:g} s (it may "
                         "be stuck: its log says what it is doing)"
+                    ) from exc
+                except ConnectionError as exc:  # reset: it died with bytes of ours unread
+                    raise ControlUnreachable(
+                        f"the supervisor on {path} closed the connection"
                     ) from exc
                 if not line:
                     raise ControlUnreachable(f"the supervisor on {path} closed the connection")

@@ -41,6 +41,13 @@ class Flips:
         # stop waits for it before it drains, so that requests those workers still hold to the
         # old generation are answered, as the flip itself would have them.
         self.settled: anyio.Event | None = None
+        # What the flip in progress deploys (None: no flip): a reload compares the file with it.
+        self.target: ProgramConfig | None = None
+        # A section a reload brought while a flip or a stop of the program ran (``reload.py``):
+        # flipped to once that flip is over (``_deploy_pending``), or, after a stop, the section
+        # that `start` starts (``store_pending``). Never dropped in silence: the reload's edit
+        # would be lost, as the next reload finds the file as it last read it.
+        self.pending: ProgramConfig | None = None
 
     def start_flip(
         self,
@@ -58,17 +65,28 @@ class Flips:
         program = self.program
         program._refuse_while_stopping()
         if self.lock.locked() or program.current_flip is not None:
-            running = program.current_flip
-            step = running.steps[-1].name if running and running.steps else "starting"
-            raise Busy(
-                f"a {running.kind if running else 'flip'} of {program.name} is already in "
-                f"progress (generation {running.generation if running else '?'}, step {step}); "
-                "wait for it to finish"
-            )
+            raise Busy(f"{self.describe_running(already=True)}; wait for it to finish")
         report = FlipReport(program.name, kind)
         program.current_flip = report
-        program._task_group().start_soon(self._flip, report, config or program.config, timeout)
+        self.target = config or program.config
+        program._task_group().start_soon(self._flip, report, self.target, timeout)
         return report
+
+    def describe_running(self, *, already: bool = False) -> str:
+        """The flip under way, for a message: ``a flip of web is in progress (generation 2, step
+        probe)``."""
+        running = self.program.current_flip
+        step = running.steps[-1].name if running and running.steps else "starting"
+        return (
+            f"a {running.kind if running else 'flip'} of {self.program.name} is "
+            f"{'already ' if already else ''}in progress "
+            f"(generation {running.generation if running else '?'}, step {step})"
+        )
+
+    def store_pending(self) -> None:
+        """At the end of a stop: a section deferred meanwhile is the one `start` starts."""
+        if self.pending is not None:
+            self.program.config, self.pending = self.pending, None
 
     async def _flip(self, report: FlipReport, config: ProgramConfig, timeout: float | None) -> None:
         async with self.lock:
@@ -95,8 +113,43 @@ class Flips:
                     await self._settle_reporting(report, promotion, deadline, timeout)
             finally:
                 self.abandon = None
+                self.target = None
                 self.release_settled()  # whatever happened, no stop waits for it forever
                 self._record_flip(report)
+        # Not when cancelled (the program removed, the supervisor gone): nothing is deployed then.
+        self._deploy_pending()
+
+    def _deploy_pending(self) -> None:
+        """Once a flip is over (its lock free, and nothing awaited since: no other flip came
+        first), flip to the section a reload brought while it ran (``pending``), unless that is
+        what serves now. A program that does not serve keeps it for its next start, as a reload
+        leaves a stopped program; one that a stop drains gets it at the stop's end."""
+        pending, program = self.pending, self.program
+        if pending is None or program._stops:
+            return  # `store_pending` takes it once the stop is over
+        self.pending = None
+        if same_deploy(pending, program.config):
+            return
+        if program.serving is None:
+            program.config = pending
+            log.info(
+                "program=%s: the section a reload brought during its flip is stored: "
+                "`flipvisor start %s` starts it",
+                program.name,
+                program.name,
+            )
+            return
+        try:
+            self.start_flip(pending, kind="flip")
+        except FlipvisorError as exc:  # the shutdown stops it: nothing more is deployed
+            log.info(
+                "program=%s: the section a reload brought is not flipped: %s", program.name, exc
+            )
+            return
+        log.info(
+            "program=%s: flipping to the section a reload brought during the flip that ended",
+            program.name,
+        )
 
     def release_settled(self) -> None:
         """The promoted generation serves (or the flip ended): what waits for that goes on."""

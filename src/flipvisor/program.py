@@ -421,6 +421,7 @@ class Program:
         finally:
             self._stops -= 1
         if not self._stops:  # stops at once (a removal's, the shutdown's) end as one: one event
+            self.flips.store_pending()  # a section a reload brought meanwhile: `start` starts it
             self.runtime.events.emit("stopped", self.name)
 
     async def _withdraw_keys(self, report: FlipReport | None, *, final: bool) -> None:

@@ -179,34 +179,67 @@ class Reloads:
             # The boundary of one reload: a failure here must not end every program with it.
             log.exception("SIGHUP: reloading the config failed")
 
-    def _deploy_changed(self, program: Program, config: ProgramConfig) -> str | None:
+    def _deploy_changed(self, program: Program, config: ProgramConfig) -> tuple[str | None, bool]:
         """A running program whose section changed is flipped to it (rolled back if it fails,
-        like any flip); a stopped one starts with it next time. Returns why it was not flipped
-        (None: the flip started)."""
-        if program.serving is None and program.current_flip is None:
+        like any flip); a stopped one starts with it next time. One that a flip is under way for
+        is flipped to it once that flip is over; one that a stop drains starts with it next time.
+        Returns why it was not flipped now (None: the flip started), and whether it is deferred
+        until the flip or the stop under way is over."""
+        program.flips.pending = None  # an earlier reload's, if any: this section replaces it
+        if program.serving is None and program.current_flip is None and not program._stops:
             program.config = config
-            return f"stored: `flipvisor start {program.name}` starts it with the new section"
+            return f"stored: `flipvisor start {program.name}` starts it with the new section", False
+        if program.current_flip is not None and not program.shut_down:
+            # Flipped once it is over (``Flips._deploy_pending``). Refused, the edit was lost:
+            # the next reload found the file as it last read it.
+            program.flips.pending = config
+            why = (
+                f"{program.flips.describe_running()}: it is flipped to the new section once "
+                "that is over"
+            )
+            log.info("config of %s changed: %s", program.name, why)
+            return why, True
+        if program._stops and not program.shut_down:
+            program.flips.pending = config  # ``Flips.store_pending``, at the stop's end
+            why = (
+                f"a stop of {program.name} is in progress: `flipvisor start {program.name}` "
+                "starts it with the new section once that is over"
+            )
+            log.info("config of %s changed: %s", program.name, why)
+            return why, True
         try:
             program.start_flip(config, kind="flip")
-        except (Busy, UsageError) as exc:  # a flip or a stop under way; the shutdown's stop
+        except (Busy, UsageError) as exc:  # the shutdown's stop
             why = f"not deployed: {exc}; then `flipvisor flip {program.name}`"
             log.warning("config of %s changed, %s", program.name, why)
-            return why
-        return None
+            return why, False
+        return None, False
 
     def _changed(self, new: Config) -> list[str]:
         """The programs whose section the file changed since it was last read, and which do
-        not run it already. A rollback, or a flip that failed, is not redone by a reload that
-        leaves their section alone; a section deployed by `flip` is not flipped again."""
+        not run it already (nor does the flip under way deploy it). A rollback, or a flip that
+        failed, is not redone by a reload that leaves their section alone; a section deployed by
+        `flip` is not flipped again."""
         changed = []
         for name, section in new.programs.items():
             program = self.supervisor.programs.get(name)
             if program is None:
                 continue
             last_read = self.supervisor.config.programs.get(name)
-            if not same_deploy(section, last_read) and not same_deploy(section, program.config):
+            target = program.flips.target
+            deployed = target if target is not None else program.config
+            if not same_deploy(section, last_read) and not same_deploy(section, deployed):
                 changed.append(name)
         return changed
+
+    def _forget_superseded(self, new: Config) -> None:
+        """Forget what an earlier reload deferred (``Flips.pending``) that the file no longer
+        says: a section changed again replaces it (``_deploy_changed``), and one put back as it
+        is deployed, or being deployed, needs no flip."""
+        for name, program in self.supervisor.programs.items():
+            pending = program.flips.pending
+            if pending is not None and not same_deploy(pending, new.programs.get(name)):
+                program.flips.pending = None
 
     async def reload(self, send: Send | None = None) -> dict[str, Any]:
         """Re-read the config file: start added programs, flip changed ones and begin to drain
@@ -252,6 +285,7 @@ class Reloads:
             raise
         added = [name for name in new.programs if name not in programs]
         removed = [name for name in programs if name not in new.programs]
+        self._forget_superseded(new)
         changed = self._changed(new)
         handovers = self._handovers(removed, new)
         for name in [name for name in self.kept if name in new.programs]:
@@ -274,13 +308,15 @@ class Reloads:
         for name in added:
             if name not in returning:
                 await self._start_added(name, new.programs[name])
-        flipping, not_flipped = [], {}
+        flipping, not_flipped, deferred = [], {}, []
         for name in changed:
-            why = self._deploy_changed(programs[name], new.programs[name])
+            why, later = self._deploy_changed(programs[name], new.programs[name])
             if why is None:
                 flipping.append(name)
             else:
                 not_flipped[name] = why
+            if later:
+                deferred.append(name)
         supervisor.config = new
         # Answered once nothing routes to the removed programs any more, as before the drains
         # went their own way: a script that reloads may rely on it.
@@ -311,6 +347,7 @@ class Reloads:
             "removed": removed,
             "changed": flipping,
             "not_flipped": not_flipped,
+            "deferred": deferred,
             "restart_hint": (
                 restart_hint(needs_restart, recorded=supervisor._record is not None)
                 if needs_restart

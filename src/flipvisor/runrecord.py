@@ -9,7 +9,8 @@ the socket's path, the supervisor's PID, its start tick and boot id (``starttime
 they do not move when the wall clock is stepped, as its start time does; that is kept too, for
 people), and the config's real path; written atomically, mode 0600, removed when the supervisor
 exits. A supervisor that was killed leaves its record behind: a record is believed only while its
-PID names the process of its start tick and boot id. A client also needs its socket to answer (it
+PID names the live process of its start tick and boot id (not a zombie, which keeps both until its
+parent reaps it). A client also needs its socket to answer (it
 connects to it); ``run`` refuses whenever the recorded supervisor runs, answering or not (a busy
 or stopped one is still the supervisor of the file), and replaces a stale record.
 

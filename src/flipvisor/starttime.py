@@ -82,9 +82,23 @@ def identity_of(pid: int) -> Identity | None:
 
 
 def is_process(pid: int, identity: Identity) -> bool:
-    """Whether ``pid`` names the process whose identity is ``identity``: False once it is gone,
-    the PID was reused, or ``identity`` is of another boot."""
-    return identity_of(pid) == identity
+    """Whether ``pid`` names the live process whose identity is ``identity``: False once it is
+    gone or dead (a zombie keeps its PID and start tick until its parent reaps it, which a busy
+    or careless parent may never do), the PID was reused, or ``identity`` is of another boot."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # After the command name (in parentheses, may hold anything): the state, then 18
+            # more fields before the start tick.
+            fields = stat.read().rpartition(b")")[2].split()
+        state, ticks = fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return False
+    if state in (b"Z", b"X"):  # zombie, or dead
+        return False
+    try:
+        return Identity(ticks, boot_id()) == identity
+    except OSError:
+        return False
 
 
 def ticks_now() -> int:

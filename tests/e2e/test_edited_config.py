@@ -200,6 +200,41 @@ def test_run_is_refused_while_the_recorded_supervisor_runs_even_if_it_does_not_a
     assert json.loads(record.read_text()) == written  # not replaced
 
 
+def test_run_starts_while_the_killed_supervisor_is_still_a_zombie(flipvisor: Flipvisor) -> None:
+    """A SIGKILLed supervisor that its parent has not reaped yet (a zombie keeps its PID and
+    start tick) is dead: its record is stale, and ``run`` starts (it refused, taking it for a
+    running supervisor that does not answer)."""
+    flipvisor.start({"programs": {"web": web("1")}})
+    flipvisor.wait_serving("web")
+    killed = flipvisor.process
+    assert killed is not None
+    killed.send_signal(signal.SIGKILL)  # not waited for: its parent (this test) is busy
+    wait_until(
+        lambda: psutil.Process(killed.pid).status() == psutil.STATUS_ZOMBIE,
+        message="the killed supervisor to be a zombie",
+    )
+    second = flipvisor.start(wait=False)
+    try:
+        wait_until(
+            lambda: second.poll() is not None or flipvisor.cli("status").returncode == 0,
+            timeout=30,
+            message="the second supervisor to answer or exit",
+        )
+        refused = second.poll() is not None
+    finally:
+        killed.wait()
+        if second.poll() is not None:  # refused: one more, to drain what the killed one left
+            # The killed one's socket file is still there: wait for an answer, not for the file.
+            flipvisor.start(wait=False)
+            wait_until(
+                lambda: flipvisor.cli("status").returncode == 0,
+                timeout=30,
+                message="a supervisor to answer",
+            )
+
+    assert not refused, flipvisor.output()
+
+
 def test_a_supervisor_that_cannot_record_where_it_listens_runs_all_the_same(
     flipvisor: Flipvisor, monkeypatch: pytest.MonkeyPatch
 ) -> None:

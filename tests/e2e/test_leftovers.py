@@ -421,6 +421,60 @@ def test_a_killed_supervisor_s_unrecorded_generations_are_stopped_too(
     wait_gone([*warm, *serving, *probed])
 
 
+def test_a_flip_whose_supervisor_is_killed_says_its_outcome_is_unknown(
+    flipvisor: Flipvisor, survivors: list[psutil.Process], tmp_path: Path
+) -> None:
+    """The flip's client cannot know whether the flip was promoted, rolled back or cut short:
+    it says so, and where to find out (it said only that the supervisor closed the
+    connection)."""
+
+    def web(*flags: str) -> dict[str, Any]:
+        return {
+            "programs": {
+                "web": {
+                    "command": svc_command(*flags),
+                    "readiness": {"http": "/health", "timeout": 120, "interval": 0.05},
+                    "drain": {"delay": 0, "timeout": 5},
+                }
+            }
+        }
+
+    flipvisor.start(web("--version", "1"))
+    flipvisor.wait_serving("web")
+    gate = tmp_path / "serve"  # never opened: the flip waits in its probe until the kill
+    flipvisor.write_config(web("--version", "2", "--serve-after", str(gate)))
+    flip = flipvisor.cli_started("flip", "web")
+    try:
+        probed = wait_until(
+            lambda: next(
+                (
+                    g["pids"]
+                    for g in flipvisor.program("web")["generations"]
+                    if g["pids"] and g["generation"] == 2
+                ),
+                None,
+            ),
+            message="generation 2 to be probed",
+        )
+        survivors.extend(psutil.Process(pid) for pid in probed)
+        serving = kill_supervisor(flipvisor, "web", survivors)
+        _, err = flip.communicate(timeout=30)
+    finally:
+        flip.kill()
+        flip.wait()
+
+    assert flip.returncode == 2, err
+    assert (
+        f"the supervisor on {flipvisor.state_dir / 'flipvisor.sock'} closed the connection "
+        "before the flip of web ended (it exited or was killed): how the flip ended is unknown "
+        "(promoted, rolled back, or cut short midway); once a supervisor runs again "
+        "(`flipvisor run`), `flipvisor status web` shows what serves"
+    ) in err, err
+    restart_supervisor(flipvisor, web("--version", "1"))
+    flipvisor.wait_serving("web", where=lambda g: g["pids"] != serving)
+    wait_gone([*serving, *probed])
+
+
 def test_processes_of_a_program_no_longer_configured_are_stopped_at_start(
     flipvisor: Flipvisor, survivors: list[psutil.Process]
 ) -> None:

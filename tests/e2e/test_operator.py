@@ -481,12 +481,14 @@ def test_shutdown_no_wait_only_asks(flipvisor: Flipvisor) -> None:
 
 def test_ctrl_c_of_a_flip_says_the_flip_goes_on(flipvisor: Flipvisor) -> None:
     """Ctrl-C stops the client only; the supervisor carries the flip through. The operator is
-    told so, and how to roll back, rather than left to believe the deploy was aborted."""
+    told so, and how to watch it, rather than left to believe the deploy was aborted; and is
+    not sent to `stop` as an undo, which drains the serving generation too (it said that `stop`
+    "rolls back a flip not yet promoted")."""
     web = {"command": svc_command("--ready-delay", "60"), "readiness": {"http": "/health"}}
     flipvisor.start({"programs": {"web": {**web, "command": svc_command()}}})
     flipvisor.wait_serving("web")
     flipvisor.write_config({"programs": {"web": web}})
-    flip = flipvisor.cli_started("flip", "web")
+    flip = flipvisor.cli_started("flip", "web", "--timeout", "90")
     try:
         wait_until(
             lambda: flipvisor.program("web")["flip"] is not None, message="the flip to begin"
@@ -499,9 +501,13 @@ def test_ctrl_c_of_a_flip_says_the_flip_goes_on(flipvisor: Flipvisor) -> None:
     # gave it when the Ctrl-C came during a lazy import: tests/unit/test_cli_errors.py).
     assert flip.returncode == 130, err
     assert (
-        "interrupted: the flip of web goes on in the supervisor; `flipvisor status web` shows "
-        "it, `flipvisor stop web` rolls back a flip not yet promoted"
+        "interrupted: only this client stopped; the flip of web goes on in the supervisor "
+        "(Ctrl-C did not cancel it): `flipvisor status web` shows where it is, `flipvisor "
+        "events -f web` follows it to its end; --timeout 90 still rolls it back if it is not "
+        "promoted by then; no command cancels only the flip: `flipvisor stop web` stops the "
+        "program, the generation that serves it included"
     ) in err, err
+    assert "rolls back a flip" not in err, err
     assert "Traceback" not in err, err
     assert flipvisor.program("web")["flip"] is not None  # still probing generation 2
 

@@ -131,11 +131,59 @@ def test_a_reload_says_when_a_changed_program_was_not_flipped(flipvisor: Flipvis
     wait_until(lambda: flipvisor.program("web")["generations"], timeout=10, message="generation 1")
     flipvisor.write_config({"programs": {"web": web("--version", "2")}})
 
-    done = flipvisor.cli("reload")
+    done = flipvisor.cli("reload", "--json")
 
     assert done.returncode == 0, done.stderr
-    assert "flipping" not in done.stdout, done.stdout
-    assert "web: not deployed" in done.stdout and "flipvisor flip web" in done.stdout, done.stdout
+    outcome = json.loads(done.stdout)
+    assert (outcome["changed"], outcome["deferred"]) == ([], ["web"]), outcome
+    assert outcome["not_flipped"]["web"].startswith("a start of web is in progress (generation 1")
+    assert outcome["not_flipped"]["web"].endswith(
+        ": it is flipped to the new section once that is over"
+    )
+    # A stop rolls the start back: the reload's section is the one the next start starts.
+    stopped = flipvisor.cli("stop", "web")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    started = flipvisor.cli("start", "web")
+    assert started.returncode == 0, started.stdout + started.stderr
+    serving = flipvisor.serving("web")
+    assert serving is not None and "--version 2" in serving["command"], serving
+
+
+def test_a_reload_during_a_flip_flips_its_edit_once_that_flip_is_over(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """A config tool edits the file and reloads while a flip of that program runs: the reload
+    says that it changed the program and will flip it, and the edit goes out after the flip
+    (a later reload found nothing changed, and the edit never deployed)."""
+    flipvisor.start({"programs": {"web": web("--version", "1")}})
+    flipvisor.wait_serving("web")
+    gate = tmp_path / "serve"
+    flipvisor.write_config({"programs": {"web": web("--version", "2", "--serve-after", str(gate))}})
+    flip = flipvisor.cli_started("flip", "web")
+    try:
+        wait_until(lambda: flipvisor.program("web")["flip"], message="the flip under way")
+        flipvisor.write_config({"programs": {"web": web("--version", "3")}})
+        reloaded = flipvisor.cli("reload")
+        as_json = flipvisor.cli("reload", "--json")  # the file unchanged since: still deferred
+    finally:
+        gate.touch()
+        flipped, _ = flip.communicate(timeout=60)
+
+    assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+    assert "no program changed" not in reloaded.stdout, reloaded.stdout
+    assert "reload: changed web" in reloaded.stdout, reloaded.stdout
+    assert "web: a flip of web is in progress (generation 2, step " in reloaded.stdout
+    assert "it is flipped to the new section once that is over" in reloaded.stdout
+    assert json.loads(as_json.stdout)["changed"] == [], as_json.stdout
+    assert flip.returncode == 0, flipped
+    # The flip deployed version 2; the reload's version 3 follows it, with no further command.
+    third = flipvisor.wait_serving(
+        "web", timeout=60, where=lambda g: g["generation"] == 3 and "--version 3" in g["command"]
+    )
+    again = flipvisor.cli("reload", "--json")
+    assert json.loads(again.stdout)["changed"] == [], again.stdout
+    now = flipvisor.serving("web")
+    assert now is not None and (now["generation"], now["pids"]) == (3, third["pids"])
 
 
 def test_restart_limits_of_a_deployed_section_apply(flipvisor: Flipvisor) -> None:

@@ -792,6 +792,7 @@ def test_reload_reports_what_it_did_and_what_needs_a_restart(flipvisor: Flipviso
         "removed": [],
         "changed": [],
         "not_flipped": {},
+        "deferred": [],
         "needs_restart": ["logs"],
         "restart_hint": "`flipvisor shutdown`, then `flipvisor run`",
         "kept": {},

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flipvisor.cli import run_cli
+from flipvisor.cli import interrupted_hint, run_cli
 
 COMMANDS = [
     ["status", "--json"],
@@ -83,3 +83,21 @@ def test_ctrl_c_during_code_run_from_a_string_still_exits_130() -> None:
     )
     assert done.returncode == 130, done
     assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_ctrl_c_hint_never_offers_stop_as_the_undo_of_a_flip() -> None:
+    """`stop` drains the serving generation too: it is named as what it is, never as a flip's
+    rollback; only a `start` (nothing serves yet) is rolled back by it."""
+    for command in ("flip", "restart", "rollback"):
+        hint = interrupted_hint(command, "web", None)
+        assert f"the {command} of web goes on in the supervisor" in hint
+        assert hint.endswith(
+            f"no command cancels only the {command}: `flipvisor stop web` stops the program, "
+            "the generation that serves it included"
+        ), hint
+        assert "--timeout" not in hint
+    assert interrupted_hint("start", "web", None).endswith(
+        "; `flipvisor stop web` rolls the start back, leaving it stopped"
+    )
+    stop = interrupted_hint("stop", "web", None)
+    assert stop.endswith("`flipvisor events -f web` follows it to its end"), stop

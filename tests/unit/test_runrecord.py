@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from flipvisor.client import NotListening, logs_locations, reach
@@ -38,6 +39,7 @@ from flipvisor.starttime import (
     start_ticks_of,
     start_time_of,
 )
+from tests.waiting import wait_until
 
 CONFIG = "/etc/flipvisor.yaml"
 
@@ -309,6 +311,20 @@ def test_a_process_that_is_gone_has_no_identity(child: subprocess.Popen[bytes]) 
     assert start_ticks_of(child.pid) is None
     assert not is_process(child.pid, identity)
     assert identity_of(beyond_pid_max()) is None
+
+
+def test_a_zombie_is_no_longer_the_process_it_was(child: subprocess.Popen[bytes]) -> None:
+    """Dead but not reaped yet: its PID and start tick are still there, but it runs no more (a
+    killed supervisor's record is stale while its parent is slow to reap it)."""
+    identity = identity_of(child.pid)
+    assert identity is not None
+    child.kill()  # not waited for: a zombie until the fixture reaps it
+    wait_until(
+        lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE,
+        message="the killed child to be a zombie",
+    )
+    assert start_ticks_of(child.pid) == identity.ticks
+    assert not is_process(child.pid, identity)
 
 
 def test_answers_is_true_for_a_listening_socket(listening: Path) -> None:
