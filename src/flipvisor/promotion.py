@@ -11,7 +11,8 @@ still route to the new generation. Between the steps, a worker that exited fails
 without a readiness probe, that is the only sign that a release is broken. Once ``promote``
 returned, the new generation is routed to and nothing is undone: the wait for the proxy's old
 workers is the first step of retiring the old generation, kept apart so that a flip's
-``--timeout`` can end at the promotion.
+``--timeout`` can end at the promotion. A first start with nothing serving retries a failed
+check or reload instead (``proxy_patience.py``): there is nothing to go back to.
 """
 
 from __future__ import annotations
