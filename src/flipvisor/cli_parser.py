@@ -91,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PROGRAM",
         help="only this program, with its commands whole (the table of all cuts them short)",
     )
-    command("start", "start PROGRAM (clears fatal)", program=True, json_output=True)
+    command(
+        "start",
+        "start PROGRAM (clears fatal; while it waits for the proxy, tries it again now)",
+        program=True,
+        json_output=True,
+    )
     command("stop", "stop PROGRAM (drain all its generations)", program=True, json_output=True)
     logs = command("logs", "show PROGRAM's captured output", program=True)
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")

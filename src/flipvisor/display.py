@@ -38,7 +38,8 @@ def _flip_line(flip: dict[str, Any]) -> str:
     """``flip to generation 3 in progress: probe (2.1s)``."""
     generation = f" to generation {flip['generation']}" if flip.get("generation") else ""
     step, elapsed = flip["step"], flip["elapsed"]
-    return f"{flip['kind']}{generation} in progress: {step} ({elapsed:.1f}s)"
+    waiting = f"; {flip['waiting']}" if flip.get("waiting") else ""
+    return f"{flip['kind']}{generation} in progress: {step} ({elapsed:.1f}s){waiting}"
 
 
 # The longest command the table of every program shows (``status PROGRAM`` shows it whole).

@@ -21,6 +21,7 @@ from .errors import Busy, FlipFailed, FlipvisorError, ProbeFailed, flip_next_ste
 from .generation import DISCARD_TIMEOUT, Generation
 from .progress import FlipReport
 from .promotion import Promotion, promote, wait_for_proxy
+from .proxy_patience import ProxyPatience
 from .states import GenerationState
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ class Flips:
         # that `start` starts (``store_pending``). Never dropped in silence: the reload's edit
         # would be lost, as the next reload finds the file as it last read it.
         self.pending: ProgramConfig | None = None
+        # While a first start's promotion may wait for the proxy: ``start`` retries it at once.
+        self.patience: ProxyPatience | None = None
 
     def start_flip(
         self,
@@ -406,6 +409,18 @@ class Flips:
         gen.transition(GenerationState.PROMOTING)
         first = program.serving is None
         replaced = program._replaced_config()
+        proxy = gen.config.proxy
+        # Nothing serves through its proxy file (no generation, no killed supervisor's workers,
+        # no removed program handing the file over): a failed proxy step has nothing to
+        # protect, and is retried until the proxy takes the generation (nginx started after
+        # flipvisor at boot) instead of failing the start.
+        patient = (
+            first
+            and program.leftovers is None
+            and proxy is not None
+            and not program.runtime.serves_through(program.name, proxy.dest)
+        )
+        self.patience = ProxyPatience(gen, program.runtime.events, report) if patient else None
         # Until `_serve` (registration.promoted) or the undo below: a restart of the serving
         # generation's worker meanwhile would publish its keys over the swap.
         program.registration.promoting()
@@ -423,11 +438,14 @@ class Flips:
                 # stop naming them: see `Takeover.drain_replaced_leftovers`).
                 registry_optional=first,
                 replaced_proxy=replaced.proxy if replaced is not None else None,
+                patience=self.patience,
             )
         except BaseException:
             if program._tg is not None:
                 program.registration.undone(program._tg)
             raise
+        finally:
+            self.patience = None
         # Now, not once the proxy's old workers are gone (`_serve`): the event says when the
         # proxy began to route to gen.
         reload = next((s for s in report.steps if s.name == "reload" and s.status == "ok"), None)

@@ -9,6 +9,7 @@ even if the client that asked for it goes away, and removing a program cancels a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,10 @@ class Runtime:
     keeper: OutputKeeper | None = None
     # One proxy step at a time on this host: programs behind one nginx share its config.
     proxy_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    # Whether a program other than the one named serves through this proxy file (a program a
+    # reload removed, serving on until the one that takes its file over serves): the
+    # supervisor's answer, which knows every program.
+    serves_through: Callable[[str, Path], bool] = lambda program, dest: False
     # Each program's log by name, once opened: whatever writes a file (a program's workers, a
     # pipe taken over from a killed supervisor's keeper before the program is added, a program
     # removed and added again) shares one ``ProgramLog``, which tracks the size it rotates at.
@@ -322,7 +327,8 @@ class Program:
     # -- commands -----------------------------------------------------------------------------
 
     async def start(self) -> FlipReport | None:
-        """Start a stopped program (a flip), or clear ``fatal`` and revive given-up workers.
+        """Start a stopped program (a flip), or clear ``fatal`` and revive given-up workers;
+        while its start waits for the proxy, try the proxy step again at once.
 
         Raises:
             Busy: a flip or a stop is in progress.
@@ -330,6 +336,10 @@ class Program:
             SpawnError: a worker could not be revived.
         """
         self._refuse_while_stopping()
+        if (patience := self.flips.patience) is not None:
+            # Its first start waits for the proxy: try again now (the operator says it is up).
+            await patience.retry_now()
+            return None
         if self.serving is not None:
             self.fatal_reason = None
             self._budget.reset()

@@ -67,6 +67,9 @@ class FlipReport:
         # Rolled back because the operator stopped the program (or the supervisor), not because
         # the flip failed: not counted, nor announced, as a failure.
         self.abandoned = False
+        # Set while a first start's promotion waits for the proxy (``proxy_patience.py``): why,
+        # and when it tries again; in ``status``.
+        self.waiting: str | None = None
         self.started = time.monotonic()
         self.duration: float | None = None
         self._done = anyio.Event()
@@ -97,6 +100,10 @@ class FlipReport:
         finally:
             current.duration = time.monotonic() - current.started
             self._publish(current)
+
+    def update(self, step: Step) -> None:
+        """Send a running step again, its detail changed (a wait that goes on)."""
+        self._publish(step)
 
     def _publish(self, step: Step) -> None:
         # Nobody follows, or too slowly: the final report still has every step.
@@ -134,6 +141,7 @@ class FlipReport:
             "generation": self.generation,
             "step": self.steps[-1].name if self.steps else "starting",
             "elapsed": round(time.monotonic() - self.started, 3),
+            "waiting": self.waiting,
         }
 
     def to_json(self) -> dict[str, Any]:

@@ -11,7 +11,8 @@ still route to the new generation. Between the steps, a worker that exited fails
 without a readiness probe, that is the only sign that a release is broken. Once ``promote``
 returned, the new generation is routed to and nothing is undone: the wait for the proxy's old
 workers is the first step of retiring the old generation, kept apart so that a flip's
-``--timeout`` can end at the promotion.
+``--timeout`` can end at the promotion. A first start with nothing serving retries a failed
+check or reload instead (``proxy_patience.py``): there is nothing to go back to.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .errors import (
     RegistryError,
 )
 from .generation import Generation
-from .progress import FlipReport
+from .progress import FlipReport, Step
 from .proxy import (
     Installed,
     check,
@@ -43,6 +44,7 @@ from .proxy import (
     take_away,
     wait_workers_gone,
 )
+from .proxy_patience import ProxyPatience
 from .proxy_template import flip_context, render_template
 from .published_keys import serving_snapshot
 from .reaper import Reaper
@@ -52,6 +54,10 @@ from .starttime import Recorded
 log = logging.getLogger(__name__)
 
 UNDO_TIMEOUT = 30.0
+
+# Waits for the proxy after a failed file or reload step (with the proxy lock let go), then
+# raises if a worker failed the generation meanwhile: ``promote`` with ``patience``.
+Pause = Callable[[ProxyError, Step], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ async def promote(
     proxy_lock: anyio.Lock,
     registry_optional: bool = False,
     replaced_proxy: ProxyConfig | None = None,
+    patience: ProxyPatience | None = None,
 ) -> Promotion:
     """Route traffic to ``gen``. When it returns, ``gen`` is routed to and nothing is undone any
     more; the caller waits for the proxy's old workers (``wait_for_proxy``) before it drains the
@@ -93,25 +100,54 @@ async def promote(
     unreachable registry does not stop the promotion: the step is deferred and the caller
     registers the generation once the registry is back.
 
+    With ``patience`` (nothing serves yet, and ``config`` has a proxy section), a failed check
+    or reload is not undone but retried until it succeeds (``proxy_patience.py``): a check
+    that failed has put the previous file back meanwhile (a file that fails it must never stay:
+    nginx would not start with it), and a failed reload leaves the checked file and the keys
+    naming ``gen`` in place, so a proxy that starts meanwhile loads them. Only a cancellation (a
+    stop, the shutdown, ``--timeout``) or a worker that fails ``gen`` ends the wait, undone then
+    as after any failure.
+
     ``proxy_lock`` is held from writing the proxy file until the reload (or the undo) finished:
     programs behind one nginx share its whole config, so another program's reload must never
-    load a file that is not yet checked, nor one that is about to be put back.
+    load a file that is not yet checked, nor one that is about to be put back. A wait for the
+    proxy lets it go meanwhile: the file it leaves in place passed its check.
 
     Raises:
         ProxyError, RegistryError: a step failed; everything before it was undone.
     """
     proxy = config.proxy or replaced_proxy  # whose commands route (see above)
-    async with proxy_lock if proxy is not None else nullcontext():
-        published, old_proxy_workers, deferred = await _route(
-            gen,
-            program=program,
-            config=config,
-            registry=registry,
-            reaper=reaper,
-            report=report,
-            registry_optional=registry_optional,
-            replaced_proxy=replaced_proxy,
-        )
+    pause: Pause | None = None
+    if patience is not None and config.proxy is not None:
+        waiting = patience
+
+        async def pause(failure: ProxyError, step: Step) -> None:
+            proxy_lock.release()  # other programs' proxy steps go on while this one waits
+            try:
+                await waiting.wait(failure, step)
+            finally:
+                # Shielded: cancelled while it waits for the lock, the `async with` below would
+                # release a lock this task does not hold; the undo needs it anyway.
+                with anyio.CancelScope(shield=True):
+                    await proxy_lock.acquire()
+            gen.ensure_whole()
+
+    try:
+        async with proxy_lock if proxy is not None else nullcontext():
+            published, old_proxy_workers, deferred = await _route(
+                gen,
+                program=program,
+                config=config,
+                registry=registry,
+                reaper=reaper,
+                report=report,
+                registry_optional=registry_optional,
+                replaced_proxy=replaced_proxy,
+                pause=pause,
+            )
+    finally:
+        if patience is not None:
+            patience.over()
     return Promotion(gen, published, deferred, proxy, old_proxy_workers)
 
 
@@ -141,23 +177,26 @@ async def _route(
     report: FlipReport,
     registry_optional: bool,
     replaced_proxy: ProxyConfig | None,
+    pause: Pause | None,
 ) -> tuple[Snapshot, frozenset[Recorded], bool]:
     """The file, registry and reload steps, each with its undo; returns the published keys,
-    the proxy workers that predate the reload, and whether the registry step was deferred."""
+    the proxy workers that predate the reload, and whether the registry step was deferred.
+    With ``pause``, a failed file or reload step is retried after it (see ``promote``)."""
     undo: list[Callable[[], Awaitable[None]]] = []
     proxy = config.proxy or replaced_proxy
-    old_proxy_workers: frozenset[Recorded] = frozenset()
-    reloaded = False
+    reloading = _Reloading()
     try:
         if config.proxy is not None:
-            with report.step("proxy", str(config.proxy.dest)):
-                await _replace_file(
+            with report.step("proxy", str(config.proxy.dest)) as proxy_step:
+                await _install_until_checked(
                     gen,
                     program=program,
                     proxy=config.proxy,
                     replaced_proxy=replaced_proxy,
                     reaper=reaper,
                     undo=undo,
+                    pause=pause,
+                    step=proxy_step,
                 )
         elif replaced_proxy is not None:
             with report.step("proxy", f"remove {replaced_proxy.dest}"):
@@ -189,29 +228,107 @@ async def _route(
             undo.append(restore_keys)
         gen.ensure_whole()
         if proxy is not None and proxy.reload_cmd is not None:
-            with report.step("reload"):
-                if proxy.pidfile is not None:
-                    old_proxy_workers = proxy_workers(proxy.pidfile)
-                # From here the proxy may route to gen: a reload that failed or was cut short
-                # (by the flip's --timeout or its own) may have taken effect before it ended (a
-                # wrapper that runs `nginx -s reload`, then fails a later step), and is undone
-                # like one that finished. Only a command that could not start is not.
-                reloaded = True
-                try:
-                    await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
-                except ProxyError as exc:
-                    reloaded = isinstance(exc, ProxyReloadFailed)
-                    raise
+            with report.step("reload") as reload_step:
+                await _reload_until_taken(
+                    proxy, reaper=reaper, reloading=reloading, pause=pause, step=reload_step
+                )
             # The proxy routes to gen now, but the old generation still runs: a worker lost
             # during the reload still undoes the flip, at the cost of a reload back.
             gen.ensure_whole()
         gen.routed()
     except BaseException as exc:
         await _undo(
-            exc, undo, reloaded, gen=gen, program=program, proxy=proxy, reaper=reaper, report=report
+            exc,
+            undo,
+            reloading.may_have_reloaded,
+            gen=gen,
+            program=program,
+            proxy=proxy,
+            reaper=reaper,
+            report=report,
         )
         raise
-    return published, old_proxy_workers, deferred
+    return published, reloading.old_proxy_workers, deferred
+
+
+@dataclass
+class _Reloading:
+    """The reload step's outcome so far: whether the proxy may have reloaded towards the new
+    generation (an undo then reloads it back), and its workers from before the reload."""
+
+    may_have_reloaded: bool = False
+    old_proxy_workers: frozenset[Recorded] = frozenset()
+
+
+async def _install_until_checked(
+    gen: Generation,
+    *,
+    program: str,
+    proxy: ProxyConfig,
+    replaced_proxy: ProxyConfig | None,
+    reaper: Reaper,
+    undo: list[Callable[[], Awaitable[None]]],
+    pause: Pause | None,
+    step: Step,
+) -> None:
+    """``_replace_file``; with ``pause``, again after each failure until it succeeds."""
+    while True:
+        try:
+            await _replace_file(
+                gen,
+                program=program,
+                proxy=proxy,
+                replaced_proxy=replaced_proxy,
+                reaper=reaper,
+                undo=undo,
+            )
+        except ProxyError as exc:
+            if pause is None:
+                raise
+            await pause(exc, step)
+        else:
+            step.detail = str(proxy.dest)
+            return
+
+
+async def _reload_until_taken(
+    proxy: ProxyConfig,
+    *,
+    reaper: Reaper,
+    reloading: _Reloading,
+    pause: Pause | None,
+    step: Step,
+) -> None:
+    """Reload the proxy; with ``pause``, again after each failure (checked first: the rest of
+    its config may have changed meanwhile, and an unchecked config is never reloaded) until a
+    reload succeeds."""
+    assert proxy.reload_cmd is not None
+    retried = False
+    while True:
+        if proxy.pidfile is not None:
+            reloading.old_proxy_workers = proxy_workers(proxy.pidfile)
+        try:
+            if retried:
+                await check(proxy.check_cmd, proxy.dest, reaper=reaper, timeout=proxy.timeout)
+            # From here the proxy may route to gen: a reload that failed or was cut short (by
+            # the flip's --timeout or its own) may have taken effect before it ended (a wrapper
+            # that runs `nginx -s reload`, then fails a later step), and is undone like one that
+            # finished. Only a command that could not start is not, unless an earlier attempt
+            # may have reloaded.
+            before, reloading.may_have_reloaded = reloading.may_have_reloaded, True
+            try:
+                await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+            except ProxyError as exc:
+                reloading.may_have_reloaded = before or isinstance(exc, ProxyReloadFailed)
+                raise
+        except ProxyError as exc:
+            if pause is None:
+                raise
+            await pause(exc, step)
+            retried = True
+        else:
+            step.detail = ""
+            return
 
 
 async def _undo(

@@ -101,7 +101,22 @@ class Supervisor:
             state_dir=config.state_dir,
             logs=config.logs,
             keeper=self.keeper,
+            serves_through=self._serves_through,
         )
+
+    def _serves_through(self, name: str, dest: Path) -> bool:
+        """Whether a program other than ``name`` serves through the proxy file ``dest`` (one a
+        reload removed, kept until ``name`` takes its file over)."""
+        for other in self.programs.values():
+            serving = other.serving
+            if (
+                other.name != name
+                and serving is not None
+                and serving.config.proxy is not None
+                and serving.config.proxy.dest == dest
+            ):
+                return True
+        return False
 
     def _orphan_reaped(self, pid: int, returncode: int, owner: tuple[str, int] | None) -> None:
         # An orphan re-parented to us and reaped: worth a line in `events` (a leaky service),

@@ -36,6 +36,7 @@ CORE = WORKERS | {
     "leftovers",
     "published_keys",
     "promotion",
+    "proxy_patience",
     "unroute",
     "registration",
     "program",
@@ -121,7 +122,8 @@ ALLOWED: dict[str, set[str]] = {
     "generation": BASE | {"probe", "worker"},
     "leftovers": WORKERS,
     "published_keys": WORKERS,
-    "promotion": WORKERS | {"published_keys"},
+    "proxy_patience": WORKERS,
+    "promotion": WORKERS | {"published_keys", "proxy_patience"},
     "unroute": CHECKS,  # proxy (and config, errors, reaper) only
     "registration": WORKERS | {"promotion", "published_keys", "registry"},
     "restarts": {"config"},
@@ -151,7 +153,7 @@ ALLOWED: dict[str, set[str]] = {
         "takeover",
     },
     # Parts of a Program that take it (for its type only): program's layer, program included.
-    "flip": WORKERS | {"promotion", "program", "retirement", "takeover"},
+    "flip": WORKERS | {"promotion", "proxy_patience", "program", "retirement", "takeover"},
     "retirement": WORKERS | {"promotion", "program"},
     "takeover": WORKERS | {"program"},
     "control": LEAVES | {"protocol", "config"},

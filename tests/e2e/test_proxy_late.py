@@ -1,0 +1,168 @@
+"""A proxy that is not up when a program first starts (nginx started after flipvisor at boot, a
+check that fails until the rest of nginx's config is right): the start keeps its ready
+generation and retries the proxy step until the proxy takes it, with no command, instead of
+going fatal; `status` and `events` show the wait, and `start`, `stop` and the shutdown still
+work while it lasts."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from typing import Any
+
+import psutil
+
+from tests.fixtures.flipvisor import TEMPLATE, Flipvisor, svc_command
+from tests.fixtures.nginx import LateNginx, Nginx, NginxSetup, free_port
+from tests.waiting import wait_until
+
+
+def web(nginx: NginxSetup) -> dict[str, Any]:
+    return {
+        "command": svc_command("--version", "1"),
+        "readiness": {"http": "/health", "timeout": 10, "interval": 0.05},
+        "drain": {"delay": 0.1, "timeout": 5},
+        "proxy": {
+            "template": str(TEMPLATE),
+            "dest": str(nginx.conf_dir / "web.conf"),
+            "check_cmd": nginx.check_cmd,
+            "reload_cmd": nginx.reload_cmd,
+            "pidfile": str(nginx.pidfile),
+            "vars": {"listen": nginx.listen},
+        },
+    }
+
+
+def version_served(nginx: Nginx) -> str | None:
+    """The version nginx serves now; None while it answers with an error (or not at all)."""
+    try:
+        with urllib.request.urlopen(nginx.url("/"), timeout=5) as answer:
+            version: str = json.loads(answer.read())["version"]
+            return version
+    except OSError:
+        return None
+
+
+def events(flipvisor: Flipvisor) -> list[dict[str, Any]]:
+    result = flipvisor.cli("events", "--json", "-n", "1000")
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def first_proxy_attempt_failed(flipvisor: Flipvisor) -> bool:
+    """The gate: the first start's proxy step failed once (it waits for the proxy now, or, as
+    before the proxy step was retried, the start failed)."""
+    kinds = {event["kind"] for event in events(flipvisor)}
+    return bool(kinds & {"proxy-waiting", "flip-failed"})
+
+
+def generation_1(flipvisor: Flipvisor) -> dict[str, Any]:
+    (gen,) = flipvisor.program("web")["generations"]
+    assert gen["generation"] == 1, gen
+    return gen
+
+
+def test_a_program_started_before_nginx_is_served_once_nginx_starts(
+    flipvisor: Flipvisor, late_nginx: LateNginx
+) -> None:
+    """nginx is down at `run`, and the proxy file holds an earlier run's port: generation 1
+    waits for nginx (not fatal), its checked file in place meanwhile, and nginx started later
+    serves it; the start then finishes by itself."""
+    dest = late_nginx.conf_dir / "web.conf"
+    stale_port = free_port()  # an earlier run's generation, long drained: nobody listens
+    dest.write_text(
+        f"upstream flipvisor_web {{ server 127.0.0.1:{stale_port}; }}\n"
+        f"server {{ listen {late_nginx.listen}; "
+        "location / { proxy_pass http://flipvisor_web; } }\n"
+    )
+    flipvisor.start({"programs": {"web": web(late_nginx)}})
+    wait_until(
+        lambda: first_proxy_attempt_failed(flipvisor),
+        timeout=20,
+        message="the first proxy reload to fail (nginx is down)",
+    )
+
+    status = flipvisor.program("web")
+    assert status["state"] == "starting", status
+    assert "waiting for the proxy" in (status["flip"] or {}).get("waiting", ""), status
+    port = generation_1(flipvisor)["port"]
+    # The file nginx loads when it starts names the ready generation, not the stale port.
+    assert f"127.0.0.1:{port};" in dest.read_text(), dest.read_text()
+    waiting = [event for event in events(flipvisor) if event["kind"] == "proxy-waiting"]
+    assert len(waiting) == 1 and "proxy reload failed" in waiting[0]["message"], waiting
+    table = flipvisor.cli("status")
+    assert "waiting for the proxy" in table.stdout, table.stdout
+
+    nginx = late_nginx.start()
+
+    wait_until(lambda: version_served(nginx) == "1", timeout=20, message="nginx to serve web")
+    served = flipvisor.wait_serving("web", timeout=30)
+    assert served["generation"] == 1 and served["port"] == port, served
+    status = flipvisor.program("web")
+    assert (status["state"], status["fatal_reason"], status["flip"]) == ("running", None, None)
+    kinds = [event["kind"] for event in events(flipvisor)]
+    assert "fatal" not in kinds and "flip-failed" not in kinds, kinds
+    assert flipvisor.registry()  # registered as a flip would have
+    assert str(port) in flipvisor.registry().values()
+
+
+def test_start_stop_and_the_shutdown_work_while_a_first_start_waits_for_the_proxy(
+    flipvisor: Flipvisor, late_nginx: LateNginx
+) -> None:
+    """`start` tries the proxy again at once and answers with the status (not "busy"); `stop`
+    ends the wait (stopped, not fatal, its worker gone); a program started again waits again,
+    and the shutdown ends that wait promptly, exit 0."""
+    process = flipvisor.start({"programs": {"web": web(late_nginx)}})
+    wait_until(
+        lambda: first_proxy_attempt_failed(flipvisor),
+        timeout=20,
+        message="the first proxy reload to fail (nginx is down)",
+    )
+
+    started = flipvisor.cli("start", "web", "--json", timeout=30)
+    assert started.returncode == 0, started.stdout + started.stderr + flipvisor.output()
+    assert json.loads(started.stdout)["state"] == "starting", started.stdout
+    pids = generation_1(flipvisor)["pids"]
+
+    stopped = flipvisor.cli("stop", "web", timeout=40)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr + flipvisor.output()
+    status = flipvisor.program("web")
+    assert (status["state"], status["fatal_reason"]) == ("stopped", None), status
+    wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids), message="its worker gone")
+
+    again = flipvisor.cli_started("start", "web")
+    try:
+        wait_until(
+            lambda: sum(event["kind"] == "proxy-waiting" for event in events(flipvisor)) == 2,
+            timeout=20,
+            message="the second start to wait for the proxy too",
+        )
+        process.terminate()
+        assert process.wait(timeout=40) == 0, flipvisor.output()
+    finally:
+        again.kill()
+        again.communicate()  # and close its pipes
+    assert "Traceback" not in flipvisor.output(), flipvisor.output()
+
+
+def test_a_first_start_whose_proxy_check_fails_is_served_once_the_check_passes(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """A broken file elsewhere in nginx's config fails `nginx -t` at `run` (as an upstream that
+    does not resolve before the network is up would): the check is retried, with nothing of
+    ours left in place meanwhile, until the config is fixed; then the program is served."""
+    broken = nginx.conf_dir / "broken.conf"
+    broken.write_text("this_is_no_directive;\n")
+    flipvisor.start({"programs": {"web": web(nginx)}})
+    wait_until(
+        lambda: first_proxy_attempt_failed(flipvisor),
+        timeout=20,
+        message="the first proxy check to fail",
+    )
+    assert flipvisor.program("web")["state"] == "starting"
+    assert not (nginx.conf_dir / "web.conf").exists()  # a file that fails the check never stays
+
+    broken.unlink()
+
+    wait_until(lambda: version_served(nginx) == "1", timeout=30, message="nginx to serve web")
+    assert flipvisor.wait_serving("web", timeout=30)["generation"] == 1
