@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.load import Load
 from tests.fixtures.flipvisor import TEMPLATE, Flipvisor, read_until, svc_command
-from tests.fixtures.nginx import Nginx
+from tests.fixtures.nginx import Nginx, NginxSetup
 from tests.waiting import wait_until
 
 # A rollback_window far longer than any test: a warm generation goes only when the test makes
@@ -34,7 +34,7 @@ def proxied(nginx: Nginx) -> dict[str, Any]:
 
 
 def program(
-    nginx: Nginx, version: str, *flags: str, numprocs: int = 1, **overrides: Any
+    nginx: NginxSetup, version: str, *flags: str, numprocs: int = 1, **overrides: Any
 ) -> dict[str, Any]:
     config: dict[str, Any] = {
         "command": svc_command("--version", version, *flags),

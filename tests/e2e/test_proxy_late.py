@@ -12,25 +12,14 @@ from typing import Any
 
 import psutil
 
-from tests.fixtures.flipvisor import TEMPLATE, Flipvisor, svc_command
+from tests.e2e.test_flip import program
+from tests.fixtures.flipvisor import Flipvisor
 from tests.fixtures.nginx import LateNginx, Nginx, NginxSetup, free_port
 from tests.waiting import wait_until
 
 
 def web(nginx: NginxSetup) -> dict[str, Any]:
-    return {
-        "command": svc_command("--version", "1"),
-        "readiness": {"http": "/health", "timeout": 10, "interval": 0.05},
-        "drain": {"delay": 0.1, "timeout": 5},
-        "proxy": {
-            "template": str(TEMPLATE),
-            "dest": str(nginx.conf_dir / "web.conf"),
-            "check_cmd": nginx.check_cmd,
-            "reload_cmd": nginx.reload_cmd,
-            "pidfile": str(nginx.pidfile),
-            "vars": {"listen": nginx.listen},
-        },
-    }
+    return program(nginx, "1")
 
 
 def version_served(nginx: Nginx) -> str | None:
