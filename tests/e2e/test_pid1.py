@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-from tests.e2e.test_supervisor import PROXY_DAEMON
+from tests.e2e.test_supervisor import daemonizing_proxy
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.waiting import wait_until
 
@@ -244,13 +244,8 @@ def test_pid1_stops_a_proxy_that_reload_cmd_started(
 ) -> None:
     """Not a worker's, so a supervisor that is not PID 1 leaves it running (test_supervisor.py);
     but the namespace ends with PID 1 (the kernel SIGKILLs what is left): SIGTERM it first."""
-    pidfile = tmp_path / "proxy.pid"  # the daemon's PID in the namespace, as events name it
-    daemon = tmp_path / "proxy_daemon.py"
-    daemon.write_text(PROXY_DAEMON)
-    template = tmp_path / "upstream.j2"
-    template.write_text("server {{ upstreams[0] }};\n")
-    reload_cmd = ["sh", "-c", f"test -e {pidfile} || {sys.executable} {daemon} {pidfile}"]
-    proxy = {"template": str(template), "dest": str(tmp_path / "up.conf"), "reload_cmd": reload_cmd}
+    # pidfile: the daemon's PID in the namespace, as events name it
+    pidfile, proxy = daemonizing_proxy(tmp_path)
     program = {
         "command": svc_command("--version", "1"),
         "readiness": {"http": "/health", "timeout": 60},

@@ -709,9 +709,9 @@ time.sleep(300)
 """
 
 
-def test_a_proxy_that_reload_cmd_started_outlives_the_supervisor_shutdown(
-    flipvisor: Flipvisor, tmp_path: Path
-) -> None:
+def daemonizing_proxy(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """A proxy section whose ``reload_cmd`` starts PROXY_DAEMON unless it runs
+    (``reload || start``), and the file the daemon writes its PID to."""
     pidfile = tmp_path / "proxy.pid"
     daemon = tmp_path / "proxy_daemon.py"
     daemon.write_text(PROXY_DAEMON)
@@ -719,6 +719,13 @@ def test_a_proxy_that_reload_cmd_started_outlives_the_supervisor_shutdown(
     template.write_text("server {{ upstreams[0] }};\n")
     reload_cmd = ["sh", "-c", f"test -e {pidfile} || {sys.executable} {daemon} {pidfile}"]
     proxy = {"template": str(template), "dest": str(tmp_path / "up.conf"), "reload_cmd": reload_cmd}
+    return pidfile, proxy
+
+
+def test_a_proxy_that_reload_cmd_started_outlives_the_supervisor_shutdown(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    pidfile, proxy = daemonizing_proxy(tmp_path)
     flipvisor.start(
         {"programs": {"web": web(proxy=proxy, readiness={"http": "/health", "timeout": 60})}}
     )
