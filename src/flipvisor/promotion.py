@@ -12,7 +12,7 @@ without a readiness probe, that is the only sign that a release is broken. Once 
 returned, the new generation is routed to and nothing is undone: the wait for the proxy's old
 workers is the first step of retiring the old generation, kept apart so that a flip's
 ``--timeout`` can end at the promotion. A first start with nothing serving retries a failed
-check or reload instead (``proxy_patience.py``): there is nothing to go back to.
+reload instead (``proxy_patience.py``): the proxy is down, and there is nothing to go back to.
 """
 
 from __future__ import annotations
@@ -100,13 +100,13 @@ async def promote(
     unreachable registry does not stop the promotion: the step is deferred and the caller
     registers the generation once the registry is back.
 
-    With ``patience`` (nothing serves yet, and ``config`` has a proxy section), a failed check
-    or reload is not undone but retried until it succeeds (``proxy_patience.py``): a check
-    that failed has put the previous file back meanwhile (a file that fails it must never stay:
-    nginx would not start with it), and a failed reload leaves the checked file and the keys
-    naming ``gen`` in place, so a proxy that starts meanwhile loads them. Only a cancellation (a
-    stop, the shutdown, ``--timeout``) or a worker that fails ``gen`` ends the wait, undone then
-    as after any failure.
+    With ``patience`` (nothing serves yet, and ``config`` has a proxy section), a failed reload
+    is not undone but retried until it succeeds (``proxy_patience.py``): the checked file and
+    the keys naming ``gen`` stay in place, so a proxy that starts meanwhile loads them. Only a
+    cancellation (a stop, the shutdown, ``--timeout``) or a worker that fails ``gen`` ends the
+    wait, undone then as after any failure. A failed check is not retried: it puts the previous
+    file back and rolls the flip back, as the contract says (a broken template or proxy config
+    is no outage to wait out).
 
     ``proxy_lock`` is held from writing the proxy file until the reload (or the undo) finished:
     programs behind one nginx share its whole config, so another program's reload must never
@@ -181,22 +181,23 @@ async def _route(
 ) -> tuple[Snapshot, frozenset[Recorded], bool]:
     """The file, registry and reload steps, each with its undo; returns the published keys,
     the proxy workers that predate the reload, and whether the registry step was deferred.
-    With ``pause``, a failed file or reload step is retried after it (see ``promote``)."""
+    With ``pause``, a failed reload is retried after it (see ``promote``)."""
     undo: list[Callable[[], Awaitable[None]]] = []
     proxy = config.proxy or replaced_proxy
     reloading = _Reloading()
     try:
         if config.proxy is not None:
-            with report.step("proxy", str(config.proxy.dest)) as proxy_step:
-                await _install_until_checked(
+            # A failed check is never waited out: as the contract has it, it puts the previous
+            # file back and rolls the flip back (a first start's too: a broken template or
+            # config is no proxy outage).
+            with report.step("proxy", str(config.proxy.dest)):
+                await _replace_file(
                     gen,
                     program=program,
                     proxy=config.proxy,
                     replaced_proxy=replaced_proxy,
                     reaper=reaper,
                     undo=undo,
-                    pause=pause,
-                    step=proxy_step,
                 )
         elif replaced_proxy is not None:
             with report.step("proxy", f"remove {replaced_proxy.dest}"):
@@ -258,37 +259,6 @@ class _Reloading:
 
     may_have_reloaded: bool = False
     old_proxy_workers: frozenset[Recorded] = frozenset()
-
-
-async def _install_until_checked(
-    gen: Generation,
-    *,
-    program: str,
-    proxy: ProxyConfig,
-    replaced_proxy: ProxyConfig | None,
-    reaper: Reaper,
-    undo: list[Callable[[], Awaitable[None]]],
-    pause: Pause | None,
-    step: Step,
-) -> None:
-    """``_replace_file``; with ``pause``, again after each failure until it succeeds."""
-    while True:
-        try:
-            await _replace_file(
-                gen,
-                program=program,
-                proxy=proxy,
-                replaced_proxy=replaced_proxy,
-                reaper=reaper,
-                undo=undo,
-            )
-        except ProxyError as exc:
-            if pause is None:
-                raise
-            await pause(exc, step)
-        else:
-            step.detail = str(proxy.dest)
-            return
 
 
 async def _reload_until_taken(

@@ -1,16 +1,18 @@
-"""A first start's proxy step, retried until the proxy takes it.
+"""A first start's proxy reload, retried until the proxy takes it.
 
 When nothing serves a program yet (its first generation, at ``run`` or at ``start`` of a stopped
-program), a proxy check or reload that fails has nothing to protect: undoing the promotion would
-only stop a ready generation and leave the proxy file naming an earlier run's port. At boot that
-is the common case, not a broken release: nginx starts after flipvisor, or ``nginx -t`` cannot
-resolve an upstream before the network is up. So the promotion keeps the generation and retries
-the step that failed (``promotion.py``), with a backoff from ``PROXY_RETRY_MIN`` doubling up to
-``PROXY_RETRY_MAX``, for as long as it takes. Each failure is a warning in the log; the wait is
-in ``status`` (the flip's ``waiting``) and ``events`` (``proxy-waiting``, at the first failure and
-whenever the reason changes, so a long outage does not push every other event out of the
-history). ``start`` retries at once; ``stop``, a reload's removal and the shutdown end the wait,
-and a worker that fails the generation ends it too (the promotion is undone as after a failure).
+program), a proxy reload that fails has nothing to protect: undoing the promotion would only stop
+a ready generation and leave the proxy file naming an earlier run's port. At boot that is the
+common case, not a broken release: nginx starts after flipvisor. So the promotion keeps the
+generation, its checked file and its keys, and retries the reload (``promotion.py``; the check
+first, each time), with a backoff from ``PROXY_RETRY_MIN`` doubling up to ``PROXY_RETRY_MAX``,
+for as long as it takes. A failed *check* is not retried: it rolls the start back, as the
+contract says of any flip (a broken template or proxy config is no outage to wait out). Each
+failure is a warning in the log; the wait is in ``status`` (the flip's ``waiting``) and
+``events`` (``proxy-waiting``, at the first failure and whenever the reason changes, so a long
+outage does not push every other event out of the history). ``start`` retries at once; ``stop``,
+a reload's removal and the shutdown end the wait, and a worker that fails the generation ends it
+too (the promotion is undone as after a failure).
 """
 
 from __future__ import annotations
