@@ -205,7 +205,7 @@ class Flips:
         except FlipFailed as exc:
             report.finish(str(exc), exc.output)
         except FlipvisorError as exc:
-            step = flip_next_step(exc, name, retry=_retry(self.program))
+            step = flip_next_step(exc, name, retry=_retry(self.program, report.kind))
             report.finish(f"{exc}{_stranded(report)}; {step}")
         except Exception as exc:
             # The task-group boundary of a flip: a bug must fail this flip, not the
@@ -349,7 +349,7 @@ class Flips:
                 raise FlipFailed(
                     f"generation {number} of {program.name} failed: {reason}; "
                     f"{self._what_serves(report)}; "
-                    + flip_next_step(exc, program.name, retry=_retry(program)),
+                    + flip_next_step(exc, program.name, retry=_retry(program, report.kind)),
                     list(gen.tail),
                 ) from exc
             raise
@@ -517,7 +517,11 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _retry(program: Program) -> str:
-    """The command that tries a failed flip of ``program`` again: with nothing serving, the flip
-    leaves it ``fatal``, which ``start`` clears (one next step, not ``flip`` and ``start``)."""
-    return "start" if program.serving is None else "flip"
+def _retry(program: Program, kind: str) -> str:
+    """The command that tries a failed flip (or ``kind``: a rollback, a restart) of ``program``
+    again: with nothing serving, the flip leaves it ``fatal``, which ``start`` clears (one next
+    step, not ``flip`` and ``start``); a rollback is tried again by ``rollback`` (a ``flip``
+    would deploy the file's section, not the previous deploy)."""
+    if program.serving is None:
+        return "start"
+    return "rollback" if kind == "rollback" else "flip"

@@ -254,6 +254,8 @@ def test_a_warm_generation_whose_window_ran_out_during_a_failed_rollback_is_drai
     # Probed again (not started anew), on its own port.
     assert report["steps"][0]["detail"].startswith("warm generation: GET http://"), report
     assert "etcd" in report["error"], report
+    # Tried again by a rollback: a flip would deploy the file's section, not the previous one.
+    assert report["error"].endswith("then `flipvisor rollback web`"), report
     wait_until(
         lambda: [g["generation"] for g in flipvisor.program("web")["generations"]] == [2],
         message="the warm generation to be drained once its window is over",
