@@ -83,7 +83,17 @@ class RegistryError(FlipvisorError):
 
 
 class RegistryConflict(RegistryError):
-    """A promotion lost its compare: somebody else changed the keys it expected to replace."""
+    """A promotion lost its compare: somebody else changed the keys it expected to replace.
+    Reaching the registry is no help then: who else writes the keys is."""
+
+    def __init__(self, message: str, next_step: str | None = None) -> None:
+        super().__init__(
+            message,
+            next_step
+            or "find what else writes these keys (another supervisor or a service registering "
+            "itself under the same registry.prefix; `flipvisor status` shows what this one "
+            "serves)",
+        )
 
 
 class FlipFailed(FlipvisorError):

@@ -22,7 +22,9 @@ from flipvisor.errors import (
         (ProxyError("nginx -t failed"), "fix the proxy template or its check/reload command"),
         # The template is not to blame for a dest that cannot be written.
         (ProxyFileError("a folder is there"), "fix programs.web.proxy.dest (or the folders"),
-        (RegistryConflict("key changed"), "make the registry reachable (registry.endpoints)"),
+        # A lost compare: the registry was reached; another writer changed the keys.
+        (RegistryConflict("key changed"), "find what else writes these keys (another supervisor"),
+        (RegistryError("connection refused"), "make the registry reachable (registry.endpoints)"),
         # The local backend's file knows better than "reachable", which is about etcd.
         (RegistryError("bad JSON", "fix /s/registry.json by hand"), "fix /s/registry.json by hand"),
         (SpawnError("not found"), "fix programs.web.command or cwd in the config"),
