@@ -15,7 +15,7 @@ import socket
 import struct
 import sys
 import termios
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -95,31 +95,42 @@ def program_log(state_dir: Path, name: str = "web") -> ProgramLog:
     return ProgramLog(state_dir / "logs" / f"{name}.log", LogsConfig())
 
 
+@pytest.fixture
+def pipe() -> Iterator[Callable[[], int]]:
+    """Opens a worker output pipe and gives its read end; both ends are closed after the test
+    (which must not close them itself)."""
+    opened: list[int] = []
+
+    def open_one() -> int:
+        read_fd, write_fd = open_output_pipe()
+        opened.extend((read_fd, write_fd))
+        return read_fd
+
+    yield open_one
+    for fd in opened:
+        os.close(fd)
+
+
 async def test_the_keeper_holds_what_it_is_told_and_lets_go_of_what_is_released(
-    tmp_path: Path,
+    tmp_path: Path, pipe: Callable[[], int]
 ) -> None:
     log = program_log(tmp_path)
-    first, first_w = open_output_pipe()
-    second, second_w = open_output_pipe()
-    try:
-        async with running_keeper(tmp_path) as keeper:
-            pid = keeper.pid
-            assert pid is not None
-            keeper.hold(first, log, "g1 w0 pid=1")
-            keeper.hold(second, log, "g1 w1 pid=2")
-            both = {inode(first), inode(second)}
-            await await_until(lambda: holds(both <= pipes_held_by(pid)), message="both held")
-            keeper.release(first)
-            await await_until(
-                lambda: holds(inode(first) not in pipes_held_by(pid)), message="first let go"
-            )
-            assert inode(second) in pipes_held_by(pid)
-        # Cancelled as at a shutdown: told to exit although it still holds a pipe.
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
-        assert not (tmp_path / HANDOVER_SOCKET).exists()
-    finally:
-        for fd in (first, first_w, second, second_w):
-            os.close(fd)
+    first, second = pipe(), pipe()
+    async with running_keeper(tmp_path) as keeper:
+        pid = keeper.pid
+        assert pid is not None
+        keeper.hold(first, log, "g1 w0 pid=1")
+        keeper.hold(second, log, "g1 w1 pid=2")
+        both = {inode(first), inode(second)}
+        await await_until(lambda: holds(both <= pipes_held_by(pid)), message="both held")
+        keeper.release(first)
+        await await_until(
+            lambda: holds(inode(first) not in pipes_held_by(pid)), message="first let go"
+        )
+        assert inode(second) in pipes_held_by(pid)
+    # Cancelled as at a shutdown: told to exit although it still holds a pipe.
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert not (tmp_path / HANDOVER_SOCKET).exists()
 
 
 async def test_a_pipe_released_before_the_keeper_heard_of_it_is_never_sent(
@@ -155,56 +166,47 @@ async def test_a_pipe_released_before_the_keeper_heard_of_it_is_never_sent(
 
 
 async def test_a_stop_signal_does_not_end_the_keeper_of_a_running_supervisor(
-    tmp_path: Path,
+    tmp_path: Path, pipe: Callable[[], int]
 ) -> None:
     """systemd's default stop sends SIGTERM to the whole control group at once: the keeper
     must still hold the pipes of the workers its supervisor drains, until told to exit."""
     log = program_log(tmp_path)
-    first, first_w = open_output_pipe()
-    second, second_w = open_output_pipe()
-    try:
-        async with running_keeper(tmp_path) as keeper:
-            pid = keeper.pid
-            assert pid is not None
-            keeper.hold(first, log, "g1 w0 pid=1")
-            await await_until(lambda: holds(inode(first) in pipes_held_by(pid)))
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
-                os.kill(pid, sig)
-            # Handled after the signals arrived: it still runs, and holds both.
-            keeper.hold(second, log, "g1 w1 pid=2")
-            await await_until(lambda: holds(inode(second) in pipes_held_by(pid)))
-            assert keeper.pid == pid and inode(first) in pipes_held_by(pid)
-    finally:
-        for fd in (first, first_w, second, second_w):
-            os.close(fd)
+    first, second = pipe(), pipe()
+    async with running_keeper(tmp_path) as keeper:
+        pid = keeper.pid
+        assert pid is not None
+        keeper.hold(first, log, "g1 w0 pid=1")
+        await await_until(lambda: holds(inode(first) in pipes_held_by(pid)))
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            os.kill(pid, sig)
+        # Handled after the signals arrived: it still runs, and holds both.
+        keeper.hold(second, log, "g1 w1 pid=2")
+        await await_until(lambda: holds(inode(second) in pipes_held_by(pid)))
+        assert keeper.pid == pid and inode(first) in pipes_held_by(pid)
 
 
 async def test_a_keeper_that_dies_is_started_again_and_told_every_pipe_held(
-    tmp_path: Path,
+    tmp_path: Path, pipe: Callable[[], int]
 ) -> None:
     log = program_log(tmp_path)
-    read_fd, write_fd = open_output_pipe()
-    try:
-        async with running_keeper(tmp_path) as keeper:
-            keeper.hold(read_fd, log, "g1 w0 pid=1")
-            first = keeper.pid
-            assert first is not None
-            await await_until(lambda: holds(inode(read_fd) in pipes_held_by(first)))
-            assert keeper.status() == {"pid": first, "pipes": 1, "restarts": 0, "disabled": None}
-            psutil.Process(first).kill()
+    read_fd = pipe()
+    async with running_keeper(tmp_path) as keeper:
+        keeper.hold(read_fd, log, "g1 w0 pid=1")
+        first = keeper.pid
+        assert first is not None
+        await await_until(lambda: holds(inode(read_fd) in pipes_held_by(first)))
+        assert keeper.status() == {"pid": first, "pipes": 1, "restarts": 0, "disabled": None}
+        psutil.Process(first).kill()
 
-            async def another() -> int | None:
-                return keeper.pid if keeper.pid not in (None, first) else None
+        async def another() -> int | None:
+            return keeper.pid if keeper.pid not in (None, first) else None
 
-            second = await await_until(another, timeout=DEADLINE, message="a second keeper")
-            await await_until(
-                lambda: holds(inode(read_fd) in pipes_held_by(second)),
-                message="the second keeper to hold the pipe",
-            )
-            assert keeper.status() == {"pid": second, "pipes": 1, "restarts": 1, "disabled": None}
-    finally:
-        os.close(read_fd)
-        os.close(write_fd)
+        second = await await_until(another, timeout=DEADLINE, message="a second keeper")
+        await await_until(
+            lambda: holds(inode(read_fd) in pipes_held_by(second)),
+            message="the second keeper to hold the pipe",
+        )
+        assert keeper.status() == {"pid": second, "pipes": 1, "restarts": 1, "disabled": None}
 
 
 async def test_an_orphaned_keeper_logs_its_pipes_and_hands_them_to_the_next_run(
