@@ -31,13 +31,16 @@ from tests.reaping import running_reaper
 from tests.waiting import await_until
 
 # /health answers 503 to the first argv[1] requests, then 200; every status goes to argv[2].
+# argv[3], optional: seconds each answer takes (a check of a database, a cold cache).
 HTTP_SERVER = r"""
-import http.server, socket, sys
+import http.server, socket, sys, time
 failures, log = int(sys.argv[1]), sys.argv[2]
+delay = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
 seen = 0
 class Health(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         global seen
+        time.sleep(delay)
         seen += 1
         code = 200 if self.path == "/health" and seen > failures else 503
         with open(log, "a") as f:
@@ -47,24 +50,6 @@ class Health(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-server = http.server.HTTPServer(("127.0.0.1", 0), Health, bind_and_activate=False)
-server.socket.close()
-server.socket = socket.socket(fileno=3)
-server.serve_forever()
-"""
-
-# /health answers 200 after argv[1] seconds (a check of a database, a cold cache).
-SLOW_HEALTH = r"""
-import http.server, socket, sys, time
-class Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        time.sleep(float(sys.argv[1]))
-        self.send_response(200)
-        self.send_header("Content-Length", "3")
-        self.end_headers()
-        self.wfile.write(b"ok\n")
     def log_message(self, *args):
         pass
 server = http.server.HTTPServer(("127.0.0.1", 0), Health, bind_and_activate=False)
@@ -234,7 +219,7 @@ async def test_a_slow_health_check_passes_within_readiness_timeout() -> None:
     /health that takes 2.5 s, whatever the timeout."""
     async with running_reaper() as reaper:
         with listening() as sock:
-            async with running(reaper, SLOW_HEALTH, "2.5", sock=sock):
+            async with running(reaper, HTTP_SERVER, "0", os.devnull, "2.5", sock=sock):
                 with anyio.fail_after(30):
                     await probe(readiness(http="/health", timeout=20), reaper, port_of(sock))
 
@@ -242,7 +227,7 @@ async def test_a_slow_health_check_passes_within_readiness_timeout() -> None:
 async def test_a_health_check_slower_than_the_timeout_says_it_got_no_response() -> None:
     async with running_reaper() as reaper:
         with listening() as sock:
-            async with running(reaper, SLOW_HEALTH, "60", sock=sock):
+            async with running(reaper, HTTP_SERVER, "0", os.devnull, "60", sock=sock):
                 with pytest.raises(ProbeFailed) as failed:
                     await probe(readiness(http="/health", timeout=1), reaper, port_of(sock))
     assert re.search(
