@@ -49,7 +49,10 @@ def record(**overrides: Any) -> str:
 SEES = f"""
 import json, os, sys
 what, dest, registry, log = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-pid = json.load(open(registry)).get("{PREFIX}/gone/pid/current")
+try:
+    pid = json.load(open(registry)).get("{PREFIX}/gone/pid/current")
+except ValueError:
+    pid = "unreadable"
 with open(log, "a") as file:
     file.write(f"{{what}} file={{os.path.exists(dest)}} pid={{pid}}\\n")
 """
@@ -200,3 +203,25 @@ async def test_a_process_naming_no_program_is_only_drained(tmp_path: Path) -> No
     await host.stop(name="?")
 
     assert host.dest.exists() and host.registry_keys() == before
+
+
+async def test_keys_that_cannot_be_read_are_left_with_what_to_do_by_hand(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The registry does not answer (here: its file is damaged): whose the keys are cannot be
+    told, so they are not withdrawn, and the warning says which to delete once it answers. The
+    proxy file is this state_dir's all the same: it is still taken out."""
+    host = Host(tmp_path)
+    host.registry_path.write_text("{ not json")
+
+    with caplog.at_level(logging.WARNING, logger="flipvisor"):
+        await host.stop()
+
+    assert not host.dest.exists()
+    assert host.proxy_saw() == [
+        "check file=False pid=unreadable",
+        "reload file=False pid=unreadable",
+    ]
+    assert "its registry keys cannot be read" in caplog.text, caplog.text
+    assert f"delete {PREFIX}/gone/{{port,pid,generation}}/current by hand" in caplog.text
+    assert host.registry_path.read_text() == "{ not json"
