@@ -159,3 +159,40 @@ def test_a_first_start_whose_proxy_check_fails_is_rolled_back_not_retried(
 
     assert started.returncode == 0, started.stdout + started.stderr + flipvisor.output()
     wait_until(lambda: version_served(nginx) == "1", timeout=30, message="nginx to serve web")
+
+
+def test_a_worker_that_exits_while_the_start_waits_for_the_proxy_is_restarted(
+    flipvisor: Flipvisor, late_nginx: LateNginx
+) -> None:
+    """The wait may last as long as nginx is down, with the checked file and the keys naming
+    the generation in place: a worker of it that exits meanwhile is restarted on the same
+    socket as a serving generation's is (the restart policy, not the start, decides), and the
+    generation is served, with its new PID published, once nginx starts."""
+    flipvisor.start({"programs": {"web": web(late_nginx)}})
+    wait_until(
+        lambda: first_proxy_attempt_failed(flipvisor),
+        timeout=20,
+        message="the first proxy reload to fail (nginx is down)",
+    )
+    (killed,) = generation_1(flipvisor)["pids"]
+    psutil.Process(killed).kill()
+
+    def replaced() -> int | None:
+        pids = generation_1(flipvisor)["pids"]
+        return pids[0] if pids and pids[0] != killed else None
+
+    pid = wait_until(replaced, timeout=20, message="the worker to be restarted")
+    assert flipvisor.program("web")["state"] == "starting"
+
+    nginx = late_nginx.start()
+
+    wait_until(lambda: version_served(nginx) == "1", timeout=20, message="nginx to serve web")
+    served = flipvisor.wait_serving("web", timeout=30)
+    assert served["generation"] == 1 and served["pids"] == [pid], served
+    wait_until(
+        lambda: flipvisor.registry().get("flipvisor/web/pid/current") == str(pid),
+        timeout=20,
+        message="the restarted worker's PID to be published",
+    )
+    kinds = [event["kind"] for event in events(flipvisor)]
+    assert "flip-failed" not in kinds and "fatal" not in kinds, kinds
