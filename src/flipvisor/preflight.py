@@ -26,6 +26,7 @@ from .config import Config, ProgramConfig, SocketConfig
 from .config_fields import WATCH_TEMPLATE_CONTEXT
 from .errors import BindError, ProxyError, SpawnError
 from .locate import socket_path
+from .problems import dotted_location
 from .proxy_template import flip_context, parse_template, render_template
 from .runrecord import read_record
 from .sockets import bind_listener
@@ -58,7 +59,7 @@ class HostProblem:
     warning: bool = False
 
     def __str__(self) -> str:
-        return f"{'.'.join(self.loc)}: {self.message}"
+        return f"{dotted_location(self.loc)}: {self.message}"
 
 
 def host_problems(config: Config, config_path: Path | None = None) -> list[HostProblem]:

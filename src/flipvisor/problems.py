@@ -8,6 +8,8 @@ one list, top to bottom, as an operator reads the file.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +36,19 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.path}:{self.line}" if self.line else str(self.path)
-        dotted = ".".join(self.loc) or "(top level)"
+        dotted = dotted_location(self.loc) or "(top level)"
         kind = "warning: " if self.warning else ""
         return f"{where}: {kind}{dotted}: {self.message}"
+
+
+def dotted_location(loc: Sequence[str]) -> str:
+    """``programs.web.env``; a key that would not read as one part of that (empty, or with a
+    dot, a space or a quote in it: an ``env`` name, a program name refused for it) is quoted:
+    ``programs.web.env."": ...`` rather than ``programs.web.env.: ...``."""
+    return ".".join(part if _PLAIN_KEY.fullmatch(part) else json.dumps(part) for part in loc)
+
+
+_PLAIN_KEY = re.compile(r"[^\s.\"']+")
 
 
 def locate_problem(

@@ -439,7 +439,7 @@ BAD: list[tuple[str, str, int, str, str]] = [
         "name-space",
         "programs:\n  'my prog':\n    command: x\n",
         2,
-        "programs.my prog",
+        'programs."my prog"',
         NAME_RULE,
     ),
     (
@@ -460,7 +460,7 @@ BAD: list[tuple[str, str, int, str, str]] = [
         "name-dots",
         "programs:\n  '..':\n    command: x\n",
         2,
-        "programs...",
+        'programs.".."',
         NAME_RULE,
     ),
     ("name-number", "programs:\n  5:\n    command: x\n", 2, "programs.5", "must be a string"),
@@ -566,7 +566,8 @@ def test_known_config_bugs(text: str, line: int, where: str, message: str) -> No
         ("{LISTEN_FDS: '2'}", "LISTEN_FDS: is set by flipvisor for every worker"),
         ("{FLIPVISOR_WORKER: '0'}", "FLIPVISOR_WORKER: is set by flipvisor for every worker"),
         ("{'A=B': x}", "A=B: 'A=B' is not a variable name (not empty, no '=')"),
-        ("{'': x}", ": '' is not a variable name"),
+        # Quoted, or the location would read "env.:".
+        ("{'': x}", "\"\": '' is not a variable name"),
         ('{A: "x\\0y"}', "A: a value cannot hold a NUL character"),
     ],
 )

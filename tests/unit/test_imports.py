@@ -138,6 +138,7 @@ ALLOWED: dict[str, set[str]] = {
         "sockets",
         "runrecord",
         "locate",
+        "problems",
     },
     "program": WORKERS
     | {
