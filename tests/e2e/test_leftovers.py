@@ -493,6 +493,36 @@ def test_processes_of_a_program_no_longer_configured_are_stopped_at_start(
     assert "not in the config" in flipvisor.cli("events").stdout
 
 
+def test_frozen_leftovers_are_resumed_to_act_on_sigterm_not_left_for_the_sigkill(
+    flipvisor: Flipvisor, survivors: list[psutil.Process]
+) -> None:
+    """A SIGSTOPped leftover (a debugger, a frozen cgroup) acts on SIGTERM only once it runs
+    again: SIGCONT follows the drain's signal, for the leftovers of a program still configured
+    (drained after its promotion) and of one removed (stopped at start-up), as for our own
+    workers. Without it, they would wait for the SIGKILL: 60 s later, or 10 s at start-up."""
+    drain = {"delay": 0, "timeout": 60}
+    kept = {"command": svc_command(), "drain": drain}
+    removed = {"command": svc_command("--version", "removed"), "drain": drain}
+    flipvisor.start({"programs": {"kept": kept, "removed": removed}})
+    removed_pids = flipvisor.wait_serving("removed")["pids"]
+    for pid in removed_pids:
+        _wait_said_serving(flipvisor, "removed", pid)
+    kept_pids = kill_supervisor(flipvisor, "kept", survivors)
+    survivors.extend(psutil.Process(pid) for pid in removed_pids)
+    for process in survivors:
+        process.suspend()
+    wait_until(
+        lambda: all(p.status() == psutil.STATUS_STOPPED for p in survivors),
+        message="the leftovers to be stopped",
+    )
+
+    restart_supervisor(flipvisor, {"programs": {"kept": kept}})
+    flipvisor.wait_serving("kept", where=lambda g: g["pids"] != kept_pids)
+
+    wait_gone(removed_pids + kept_pids)
+    assert "killed program=" not in flipvisor.output(), flipvisor.output()
+
+
 def test_a_program_removed_while_the_supervisor_was_dead_is_taken_out_of_proxy_and_registry(
     flipvisor: Flipvisor, nginx: Nginx, survivors: list[psutil.Process]
 ) -> None:

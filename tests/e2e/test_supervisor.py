@@ -655,9 +655,12 @@ time.sleep(600)
 """
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["running", "frozen"])
 def test_shutdown_stops_and_reaps_what_left_the_workers_groups(
-    flipvisor: Flipvisor, tmp_path: Path
+    flipvisor: Flipvisor, tmp_path: Path, frozen: bool
 ) -> None:
+    """Frozen: the polite helper is SIGSTOPped; SIGCONT follows SIGTERM, so it still exits on
+    SIGTERM rather than waiting, stopped, for the SIGKILL."""
     markers = tmp_path / "markers"
     command = [sys.executable, "-c", DAEMONIZING_WORKER, str(markers)]
     flipvisor.start(
@@ -673,6 +676,9 @@ def test_shutdown_stops_and_reaps_what_left_the_workers_groups(
             # Their parents exited at once: the supervisor, a subreaper, inherited them.
             assert helper.ppid() == flipvisor.process.pid
             assert os.getsid(helper.pid) != worker, "out of the worker's session and group"
+        if frozen:
+            helpers[0].suspend()
+            wait_until(lambda: helpers[0].status() == psutil.STATUS_STOPPED, message="stopped")
         assert flipvisor.stop() == 0, flipvisor.output()
         for helper in helpers:
             assert not helper.is_running(), f"{helper} outlived the supervisor"
