@@ -36,6 +36,8 @@ CORE = WORKERS | {
     "leftovers",
     "published_keys",
     "promotion",
+    "promotion_steps",
+    "promotion_undo",
     "proxy_patience",
     "unroute",
     "registration",
@@ -123,7 +125,10 @@ ALLOWED: dict[str, set[str]] = {
     "leftovers": WORKERS,
     "published_keys": WORKERS,
     "proxy_patience": WORKERS,
-    "promotion": WORKERS | {"published_keys", "proxy_patience"},
+    "promotion": WORKERS | {"proxy_patience", "promotion_steps", "promotion_undo"},
+    # A promotion's steps with their undos, and the undo run after a failure.
+    "promotion_steps": WORKERS | {"published_keys"},
+    "promotion_undo": WORKERS | {"promotion_steps"},
     "unroute": CHECKS,  # proxy (and config, errors, reaper) only
     "registration": WORKERS | {"promotion", "published_keys", "registry"},
     "restarts": {"config"},
