@@ -1,7 +1,10 @@
-"""A program's flips, one at a time: a new generation started, probed and routed to within the
-flip's ``--timeout`` (a rollback: the warm one routed back to), then settled: the serving one once
-the proxy's old workers are gone, what it replaced drained or kept warm (``retirement.py``). Also
-what a stop may still roll back, the flip's answer to its client, and its record.
+"""A program's flips, one at a time, from start to end: a new generation deployed (started,
+probed and routed to; a rollback: the warm one routed back to) within the flip's ``--timeout``
+and while a stop may still roll it back (``abandon``), then settled: the serving one once the
+proxy's old workers are gone, what it replaced drained or kept warm (``retirement.py``); the
+client answered early if ``--timeout`` ends during the settle; a section a reload brought
+meanwhile deployed next. The steps that change what runs are ``flip_steps.py``; the flip's
+answer and its record, ``flip_outcome.py``.
 
 ``Flips`` is a part of its ``Program`` (``program.flips``), not an owner of its own: a flip sets
 the program's generations, serving generation, config and ``fatal`` state, and runs in the
@@ -17,12 +20,19 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .config import ProgramConfig, same_deploy
-from .errors import Busy, FlipFailed, FlipvisorError, ProbeFailed, flip_next_step
-from .generation import DISCARD_TIMEOUT, Generation
+from .errors import Busy, FlipFailed, FlipvisorError, flip_next_step
+from .flip_outcome import (
+    abandoned,
+    answer_at,
+    describe_replaced,
+    record_flip,
+    retry_command,
+    stranded_clause,
+)
+from .flip_steps import deploy_new, promote_warm, serve
 from .progress import FlipReport
-from .promotion import Promotion, promote, wait_for_proxy
+from .promotion import Promotion, wait_for_proxy
 from .proxy_patience import ProxyPatience
-from .states import GenerationState
 
 if TYPE_CHECKING:
     from .program import Program
@@ -75,6 +85,12 @@ class Flips:
         program._task_group().start_soon(self._flip, report, self.target, timeout)
         return report
 
+    def new_generation_number(self) -> int:
+        """The number of the next generation a flip starts: each gets its own, even if it
+        fails (``events`` and the logs name it)."""
+        number, self._next_number = self._next_number, self._next_number + 1
+        return number
+
     def describe_running(self, *, already: bool = False) -> str:
         """The flip under way, for a message: ``a flip of web is in progress (generation 2, step
         probe)``."""
@@ -95,7 +111,7 @@ class Flips:
         async with self.lock:
             try:
                 if self.program._stops:
-                    self._abandoned(report)
+                    abandoned(self.program, report)
                     return
                 # `--timeout` and a stop cut short only what can be undone: `_deploy`, which
                 # ends once the new generation is routed to. What follows (`_settle`) runs to
@@ -111,14 +127,14 @@ class Flips:
                 if promotion is not None:  # promoted: a stop now waits until it serves
                     self.settled = anyio.Event()
                 if abandon.cancelled_caught:
-                    self._abandoned(report)
+                    abandoned(self.program, report)
                 elif promotion is not None:
                     await self._settle_reporting(report, promotion, deadline, timeout)
             finally:
                 self.abandon = None
                 self.target = None
                 self.release_settled()  # whatever happened, no stop waits for it forever
-                self._record_flip(report)
+                record_flip(self.program, report)
         # Not when cancelled (the program removed, the supervisor gone): nothing is deployed then.
         self._deploy_pending()
 
@@ -166,19 +182,6 @@ class Flips:
         if (settled := self.settled) is not None:
             await settled.wait()
 
-    def _abandoned(self, report: FlipReport) -> None:
-        report.abandoned = True
-        program = self.program
-        if program.removing:
-            what = "removed from the config by a reload"
-        elif program.shut_down:
-            what = "stopped by the supervisor's shutdown"
-        else:
-            what = "stopped (`flipvisor stop`)"
-        report.finish(
-            f"{program.name} was {what} before the {report.kind} completed; it was rolled back"
-        )
-
     async def _deploy(
         self, report: FlipReport, config: ProgramConfig, deadline: float, timeout: float | None
     ) -> Promotion | None:
@@ -193,20 +196,20 @@ class Flips:
                 # The warm generation only if it runs the rollback's target (the previous
                 # deploy): after a `restart`, it may run the same config as the serving one.
                 if report.kind == "rollback" and warm and same_deploy(config, warm.config):
-                    return await self._promote_warm(report, warm)
-                return await self._flip_to(report, config)
+                    return await promote_warm(self, report, warm)
+                return await deploy_new(self, report, config)
             # Only reached when the deadline cancelled the flip (it was undone, as after a failure).
             report.finish(
                 f"the flip took longer than --timeout {timeout}s; rolled back"
-                f"{_stranded(report)}; `flipvisor logs {name}` shows what the new "
+                f"{stranded_clause(report)}; `flipvisor logs {name}` shows what the new "
                 "generation did",
                 report.output,
             )
         except FlipFailed as exc:
             report.finish(str(exc), exc.output)
         except FlipvisorError as exc:
-            step = flip_next_step(exc, name, retry=_retry(self.program, report.kind))
-            report.finish(f"{exc}{_stranded(report)}; {step}")
+            step = flip_next_step(exc, name, retry=retry_command(self.program, report.kind))
+            report.finish(f"{exc}{stranded_clause(report)}; {step}")
         except Exception as exc:
             # The task-group boundary of a flip: a bug must fail this flip, not the
             # supervisor and every other program with it.
@@ -225,8 +228,8 @@ class Flips:
             if timeout:
                 # Named now: `_settle` may make the new generation the serving one before the
                 # task below first runs.
-                replaced = self._describe_replaced()
-                tg.start_soon(self._answer_at, report, promotion.gen, replaced, deadline, timeout)
+                replaced = describe_replaced(self.program)
+                tg.start_soon(answer_at, report, promotion.gen, replaced, deadline, timeout)
             try:
                 await self._settle(report, promotion)
             except Exception as exc:
@@ -243,218 +246,6 @@ class Flips:
         if not report.finished:
             report.finish(error)
 
-    def _describe_replaced(self) -> str:
-        """What a promotion replaces: the serving generation, and a killed supervisor's workers."""
-        program = self.program
-        replaced = [f"generation {old.number}" for old in (program.serving,) if old is not None]
-        if program.leftovers is not None:
-            replaced.append(program.leftovers.describe())
-        return " and ".join(replaced) or "what it replaced"
-
-    async def _answer_at(
-        self, report: FlipReport, gen: Generation, what: str, deadline: float, timeout: float
-    ) -> None:
-        """At ``deadline``, answer the flip's client: ``gen`` serves; ``what`` it replaced is
-        still draining."""
-        await anyio.sleep_until(deadline)
-        last = report.steps[-1] if report.steps else None
-        proxy_draining = (
-            last is not None and last.name == "proxy-drain" and last.status == "running"
-        )
-        report.finish(
-            warning=f"--timeout {timeout:g}s ran out after generation {gen.number} was promoted: "
-            f"it serves, and stays; {still_to_do(what, proxy_draining, gen.config.rollback_window)}"
-            f"; `flipvisor status {self.program.name}` shows when it is gone"
-        )
-
-    def _record_flip(self, report: FlipReport) -> None:
-        program = self.program
-        program.current_flip = None
-        # The serving generation's workers may all have given up while the flip ran (it held
-        # the check back): a flip that did not replace it leaves it to be stopped now.
-        program._stop_if_given_up()
-        if report.duration is None:
-            return  # cancelled with the supervisor: nothing finished
-        program.flips_total += 1
-        events = program.runtime.events
-        if report.abandoned:
-            events.emit("flip-abandoned", program.name, report.generation, report.error or "")
-        elif report.error is not None:
-            program.flip_failures_total += 1
-            events.emit("flip-failed", program.name, report.generation, report.error)
-            if program.serving is None and not program._stops:
-                # Nothing serves this program: say so in status until `start` retries.
-                program._become_fatal(report.error, report.generation, replace_reason=True)
-        events.emit(
-            "flip-finished",
-            program.name,
-            report.generation,
-            flip=report.kind,
-            ok=report.ok,
-            duration=round(report.duration, 4),
-            abandoned=report.abandoned,
-        )
-
-    async def _flip_to(self, report: FlipReport, config: ProgramConfig) -> Promotion:
-        """Start, probe and route a generation of ``config``; discarded again if that fails.
-
-        Raises:
-            FlipFailed: it failed (why, with its last output lines); it was discarded.
-        """
-        program = self.program
-        tg = program._task_group()
-        number = self._next_number
-        self._next_number += 1
-        report.generation = number
-        await program.takeover.free_port_of_leftovers(report, config)
-        with report.step("spawn", f"{config.numprocs} worker(s)"):
-            gen = Generation(
-                program=program.name,
-                number=number,
-                config=config,
-                reaper=program.runtime.reaper,
-                log=program.log,
-                keeper=program.runtime.keeper,
-                events=program.runtime.events,
-                state_dir=program.runtime.state_dir,
-                on_worker_exit=program._worker_exited,
-                on_pids_changed=program._pids_changed,
-                listener=program.listener.for_generation(config.socket),
-                first=program.serving is None,
-            )
-            program.generations.append(gen)
-            try:
-                await tg.start(gen.run)
-            except BaseException:
-                program.generations.remove(gen)
-                raise
-        try:
-            await self._probe(report, gen)
-            gen.transition(GenerationState.READY)
-            return await self._promote(report, gen)
-        except BaseException as exc:
-            reason = gen.failure or _reason(exc)
-            # A stop's cancellation (``abandon``) is no failure of the generation: it ends
-            # stopped, and `events` shows no `failed` before the flip-abandoned.
-            called_off = (
-                isinstance(exc, anyio.get_cancelled_exc_class())
-                and self.abandon is not None
-                and self.abandon.cancel_called
-            )
-            with anyio.CancelScope(shield=True), anyio.move_on_after(DISCARD_TIMEOUT):
-                await (gen.call_off() if called_off else gen.discard(reason))
-            program.generations.remove(gen)
-            report.output = list(gen.tail)  # for a flip that --timeout cancelled, too
-            if isinstance(exc, FlipvisorError | TimeoutError):
-                raise FlipFailed(
-                    f"generation {number} of {program.name} failed: {reason}; "
-                    f"{self._what_serves(report)}; "
-                    + flip_next_step(exc, program.name, retry=_retry(program, report.kind)),
-                    list(gen.tail),
-                ) from exc
-            raise
-
-    async def _promote_warm(self, report: FlipReport, warm: Generation) -> Promotion:
-        """Probe the warm generation again and route back to it (``retirement.py``).
-
-        Raises:
-            FlipFailed: it failed its probe (or lost a worker); it was discarded.
-            ProxyError, RegistryError: a step failed; everything before it was undone.
-        """
-        program = self.program
-        try:
-            return await program.retirement.promote_warm(report, warm, self._promote)
-        except ProbeFailed as exc:
-            report.output = list(warm.tail)
-            raise FlipFailed(
-                f"warm generation {warm.number} of {program.name} failed its readiness probe: "
-                f"{warm.failure or exc}; it was stopped, and {self._what_serves(report)}; "
-                f"`flipvisor logs {program.name}` shows its output, and `flipvisor rollback "
-                f"{program.name}` starts its config afresh",
-                report.output,
-            ) from exc
-
-    def _what_serves(self, report: FlipReport) -> str:
-        """What serves after a flip that failed, for its message: by number, as "the previous
-        generation" would name a rollback's target."""
-        program = self.program
-        if report.stranded:
-            # Not "keeps serving": the proxy may still send requests to the failed one, stopped.
-            return (
-                f"{report.stranded}; generation {report.generation} is stopped, so "
-                "until then the requests the proxy sends it fail"
-            )
-        if program.serving and program.serving.pids:
-            return f"generation {program.serving.number}, serving before, keeps serving"
-        if program.serving:
-            return (
-                f"generation {program.serving.number}, serving before, has no worker left (it "
-                "is stopped)"
-            )
-        if program.leftovers:
-            return f"{program.leftovers.describe()} keeps serving"
-        return "nothing serves"
-
-    async def _probe(self, report: FlipReport, gen: Generation) -> None:
-        with report.step("probe", gen.describe_readiness()):
-            await gen.wait_ready()
-
-    async def _promote(self, report: FlipReport, gen: Generation) -> Promotion:
-        """Route traffic to a READY generation: the proxy file, the registry keys, the reload.
-
-        Raises:
-            ProxyError, RegistryError: a step failed; everything before it was undone.
-        """
-        program = self.program
-        gen.transition(GenerationState.PROMOTING)
-        first = program.serving is None
-        replaced = program._replaced_config()
-        proxy = gen.config.proxy
-        # Nothing serves through its proxy file (no generation, no killed supervisor's workers,
-        # no removed program handing the file over): a failed proxy step has nothing to
-        # protect, and is retried until the proxy takes the generation (nginx started after
-        # flipvisor at boot) instead of failing the start.
-        patient = (
-            first
-            and program.leftovers is None
-            and proxy is not None
-            and not program.runtime.serves_through(program.name, proxy.dest)
-        )
-        self.patience = ProxyPatience(gen, program.runtime.events, report) if patient else None
-        # Until `_serve` (registration.promoted) or the undo below: a restart of the serving
-        # generation's worker meanwhile would publish its keys over the swap.
-        program.registration.promoting()
-        try:
-            promotion = await promote(
-                gen,
-                program=program.name,
-                config=gen.config,
-                registry=program.runtime.registry,
-                reaper=program.runtime.reaper,
-                report=report,
-                proxy_lock=program.runtime.proxy_lock,
-                # Nothing of ours serves yet: an unreachable registry must not keep the program
-                # down (a killed supervisor's workers, if any, are drained only once the keys
-                # stop naming them: see `Takeover.drain_replaced_leftovers`).
-                registry_optional=first,
-                replaced_proxy=replaced.proxy if replaced is not None else None,
-                patience=self.patience,
-            )
-        except BaseException:
-            if program._tg is not None:
-                program.registration.undone(program._tg)
-            raise
-        finally:
-            self.patience = None
-        # Now, not once the proxy's old workers are gone (`_serve`): the event says when the
-        # proxy began to route to gen.
-        reload = next((s for s in report.steps if s.name == "reload" and s.status == "ok"), None)
-        if reload is not None and reload.duration is not None:
-            program.runtime.events.emit(
-                "proxy-reloaded", program.name, gen.number, duration=round(reload.duration, 4)
-            )
-        return promotion
-
     async def _settle(self, report: FlipReport, promotion: Promotion) -> None:
         """After the promotion: once the proxy's old workers are gone, the routed generation is
         the serving one; then what it replaced is drained (or kept warm). Never undone."""
@@ -462,7 +253,7 @@ class Flips:
         gen = promotion.gen
         try:
             await wait_for_proxy(promotion, program=program.name, report=report)
-            old = self._serve(report, promotion)
+            old = serve(program, promotion)
         finally:
             self.release_settled()
         await program.takeover.drain_replaced_leftovers(
@@ -470,58 +261,3 @@ class Flips:
         )
         if old is not None:
             await program.retirement.retire(report, old, window=gen.config.rollback_window)
-
-    def _serve(self, report: FlipReport, promotion: Promotion) -> Generation | None:
-        """Make the promoted generation the serving one; returns the one it replaced."""
-        program = self.program
-        gen = promotion.gen
-        gen.transition(GenerationState.SERVING)
-        program.config = gen.config
-        program._budget.limit(gen.config.restart.max_restarts, gen.config.restart.window)
-        old, program.serving = program.serving, gen
-        program.fatal_reason = None
-        program.registration.promoted(
-            gen, promotion.published, deferred=promotion.deferred, tg=program._task_group()
-        )
-        program.runtime.events.emit(
-            "promoted", program.name, gen.number, port=gen.port, pids=gen.pids
-        )
-        program.history.deployed(gen.config)
-        return old
-
-
-def still_to_do(what: str, proxy_draining: bool, rollback_window: float) -> str:
-    """What a promoted flip still does with ``what`` it replaced, for a client answered early:
-    drained, or (with ``rollback_window``) kept warm, once the proxy's old workers are gone."""
-    if rollback_window > 0:
-        then = f"is kept warm {rollback_window:g} s for a rollback (rollback_window), then drained"
-        if proxy_draining:
-            return f"{what} {then}, once the proxy's old workers are gone (at most proxy.timeout)"
-        return f"{what} {then}"
-    if proxy_draining:
-        return f"{what} drains once the proxy's old workers are gone (at most proxy.timeout)"
-    return f"{what} is still draining, as its drain settings say"
-
-
-def _stranded(report: FlipReport) -> str:
-    """For a failed flip's message: if the proxy could not be reloaded back away from the new
-    generation, why and what to do, as a clause (empty if it was, or never needed to be)."""
-    return f", but {report.stranded}" if report.stranded else ""
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, anyio.get_cancelled_exc_class()):
-        return "cancelled"
-    return str(exc) or type(exc).__name__
-
-
-def _retry(program: Program, kind: str) -> str:
-    """The command that tries a failed flip (or ``kind``: a rollback, a restart) of ``program``
-    again: with nothing serving, the flip leaves it ``fatal``, which ``start`` clears (one next
-    step, not ``flip`` and ``start``); a rollback is tried again by ``rollback`` (a ``flip``
-    would deploy the file's section, not the previous deploy)."""
-    if program.serving is None:
-        return "start"
-    return "rollback" if kind == "rollback" else "flip"

@@ -15,6 +15,7 @@ from .config import ProxyConfig
 from .errors import ProxyError, ProxyReloadTimedOut
 from .proxy import proxy_workers, reload, remove, wait_workers_gone
 from .reaper import Reaper
+from .starttime import Recorded
 
 log = logging.getLogger(__name__)
 
@@ -58,25 +59,8 @@ async def unroute(
                 program,
                 proxy.dest,
             )
-        old_workers = proxy_workers(proxy.pidfile) if proxy.pidfile else frozenset()
-        try:
-            await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
-        except ProxyReloadTimedOut:
-            old_workers = frozenset()  # it may have reloaded; nothing more to do but drain
-        except ProxyError as exc:
-            # Unlike a flip's, this failed reload is not reloaded back, even though it may have
-            # taken effect: the file is gone on purpose, and a reload that half-applied did
-            # what was wanted. Putting the file back and reloading would route to the program
-            # that drains next; another reload, by whoever, can only converge on the removal.
-            log.warning(
-                "program=%s was removed from the config and its proxy file %s removed, but the "
-                "proxy reload failed: %s; it may route to the drained program until it reloads: "
-                "run %s",
-                program,
-                proxy.dest,
-                exc,
-                shlex.join(proxy.reload_cmd or ()),
-            )
+        old_workers = await _reload_without(program, proxy, reaper=reaper)
+        if old_workers is None:
             return False
     if not await wait_workers_gone(old_workers, proxy.timeout):
         log.warning(
@@ -85,3 +69,31 @@ async def unroute(
             proxy.timeout,
         )
     return taken is not None
+
+
+async def _reload_without(
+    program: str, proxy: ProxyConfig, *, reaper: Reaper
+) -> frozenset[Recorded] | None:
+    """Reload the proxy without ``program``'s file; returns the proxy workers to wait for (none
+    if the reload timed out), or None if it failed (logged with what to do)."""
+    old_workers = proxy_workers(proxy.pidfile) if proxy.pidfile else frozenset()
+    try:
+        await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+    except ProxyReloadTimedOut:
+        return frozenset()  # it may have reloaded; nothing more to do but drain
+    except ProxyError as exc:
+        # Unlike a flip's, this failed reload is not reloaded back, even though it may have
+        # taken effect: the file is gone on purpose, and a reload that half-applied did
+        # what was wanted. Putting the file back and reloading would route to the program
+        # that drains next; another reload, by whoever, can only converge on the removal.
+        log.warning(
+            "program=%s was removed from the config and its proxy file %s removed, but the "
+            "proxy reload failed: %s; it may route to the drained program until it reloads: "
+            "run %s",
+            program,
+            proxy.dest,
+            exc,
+            shlex.join(proxy.reload_cmd or ()),
+        )
+        return None
+    return old_workers

@@ -8,7 +8,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from flipvisor.flip import still_to_do
+from flipvisor.flip_outcome import still_to_do
 from flipvisor.progress import UPDATE_BUFFER, FlipReport, Step
 
 

@@ -1,0 +1,214 @@
+"""The steps of a flip (``flip.py``) that change what runs and what is routed to: a new generation
+spawned, probed and routed to (``promotion.py``), and discarded again if any of that fails; the
+warm generation probed again and routed back to (``retirement.py``); once the proxy's old workers
+are gone, the routed generation made the serving one. Each takes the program's ``Flips``, whose
+generation numbers, stop (``abandon``) and proxy patience they use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .config import ProgramConfig
+from .errors import FlipFailed, FlipvisorError, ProbeFailed, flip_next_step
+from .flip_outcome import retry_command, what_serves
+from .generation import DISCARD_TIMEOUT, Generation
+from .progress import FlipReport
+from .promotion import Promotion, promote
+from .proxy_patience import ProxyPatience
+from .states import GenerationState
+
+if TYPE_CHECKING:
+    from .flip import Flips
+    from .program import Program
+
+
+async def deploy_new(flips: Flips, report: FlipReport, config: ProgramConfig) -> Promotion:
+    """Start, probe and route a generation of ``config``; discarded again if that fails.
+
+    Raises:
+        FlipFailed: it failed (why, with its last output lines); it was discarded.
+    """
+    program = flips.program
+    tg = program._task_group()
+    number = report.generation = flips.new_generation_number()
+    await program.takeover.free_port_of_leftovers(report, config)
+    gen = await _spawn(program, tg, report, config, number)
+    try:
+        with report.step("probe", gen.describe_readiness()):
+            await gen.wait_ready()
+        gen.transition(GenerationState.READY)
+        return await route(flips, report, gen)
+    except BaseException as exc:
+        reason = gen.failure or _reason(exc)
+        await _discard(flips, gen, exc, reason)
+        report.output = list(gen.tail)  # for a flip that --timeout cancelled, too
+        if isinstance(exc, FlipvisorError | TimeoutError):
+            raise FlipFailed(
+                f"generation {number} of {program.name} failed: {reason}; "
+                f"{what_serves(program, report)}; "
+                + flip_next_step(exc, program.name, retry=retry_command(program, report.kind)),
+                list(gen.tail),
+            ) from exc
+        raise
+
+
+async def _spawn(
+    program: Program, tg: TaskGroup, report: FlipReport, config: ProgramConfig, number: int
+) -> Generation:
+    """The ``spawn`` step: generation ``number`` of ``config`` started in ``tg`` (the program's
+    task group), and among the program's generations unless it could not start."""
+    with report.step("spawn", f"{config.numprocs} worker(s)"):
+        gen = Generation(
+            program=program.name,
+            number=number,
+            config=config,
+            reaper=program.runtime.reaper,
+            log=program.log,
+            keeper=program.runtime.keeper,
+            events=program.runtime.events,
+            state_dir=program.runtime.state_dir,
+            on_worker_exit=program._worker_exited,
+            on_pids_changed=program._pids_changed,
+            listener=program.listener.for_generation(config.socket),
+            first=program.serving is None,
+        )
+        program.generations.append(gen)
+        try:
+            await tg.start(gen.run)
+        except BaseException:
+            program.generations.remove(gen)
+            raise
+    return gen
+
+
+async def _discard(flips: Flips, gen: Generation, exc: BaseException, reason: str) -> None:
+    """Stop ``gen`` after ``exc`` ended its flip, and drop it from the program's generations."""
+    # A stop's cancellation (``abandon``) is no failure of the generation: it ends
+    # stopped, and `events` shows no `failed` before the flip-abandoned.
+    called_off = (
+        isinstance(exc, anyio.get_cancelled_exc_class())
+        and flips.abandon is not None
+        and flips.abandon.cancel_called
+    )
+    with anyio.CancelScope(shield=True), anyio.move_on_after(DISCARD_TIMEOUT):
+        await (gen.call_off() if called_off else gen.discard(reason))
+    flips.program.generations.remove(gen)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        return "cancelled"
+    return str(exc) or type(exc).__name__
+
+
+async def promote_warm(flips: Flips, report: FlipReport, warm: Generation) -> Promotion:
+    """Probe the warm generation again and route back to it (``retirement.py``).
+
+    Raises:
+        FlipFailed: it failed its probe (or lost a worker); it was discarded.
+        ProxyError, RegistryError: a step failed; everything before it was undone.
+    """
+    program = flips.program
+
+    async def route_back(report: FlipReport, gen: Generation) -> Promotion:
+        return await route(flips, report, gen)
+
+    try:
+        return await program.retirement.promote_warm(report, warm, route_back)
+    except ProbeFailed as exc:
+        report.output = list(warm.tail)
+        raise FlipFailed(
+            f"warm generation {warm.number} of {program.name} failed its readiness probe: "
+            f"{warm.failure or exc}; it was stopped, and {what_serves(program, report)}; "
+            f"`flipvisor logs {program.name}` shows its output, and `flipvisor rollback "
+            f"{program.name}` starts its config afresh",
+            report.output,
+        ) from exc
+
+
+async def route(flips: Flips, report: FlipReport, gen: Generation) -> Promotion:
+    """Route traffic to a READY generation: the proxy file, the registry keys, the reload.
+
+    Raises:
+        ProxyError, RegistryError: a step failed; everything before it was undone.
+    """
+    program = flips.program
+    gen.transition(GenerationState.PROMOTING)
+    first = program.serving is None
+    replaced = program._replaced_config()
+    patient = _may_wait_for_proxy(program, gen)
+    flips.patience = ProxyPatience(gen, program.runtime.events, report) if patient else None
+    # Until `serve` (registration.promoted) or the undo below: a restart of the serving
+    # generation's worker meanwhile would publish its keys over the swap.
+    program.registration.promoting()
+    try:
+        promotion = await promote(
+            gen,
+            program=program.name,
+            config=gen.config,
+            registry=program.runtime.registry,
+            reaper=program.runtime.reaper,
+            report=report,
+            proxy_lock=program.runtime.proxy_lock,
+            # Nothing of ours serves yet: an unreachable registry must not keep the program
+            # down (a killed supervisor's workers, if any, are drained only once the keys
+            # stop naming them: see `Takeover.drain_replaced_leftovers`).
+            registry_optional=first,
+            replaced_proxy=replaced.proxy if replaced is not None else None,
+            patience=flips.patience,
+        )
+    except BaseException:
+        if program._tg is not None:
+            program.registration.undone(program._tg)
+        raise
+    finally:
+        flips.patience = None
+    _tell_proxy_reloaded(program, report, gen)
+    return promotion
+
+
+def _may_wait_for_proxy(program: Program, gen: Generation) -> bool:
+    """Whether ``gen``'s promotion waits for the proxy (``proxy_patience.py``) instead of
+    failing: when nothing serves through its proxy file (no generation, no killed supervisor's
+    workers, no removed program handing the file over), a failed proxy step has nothing to
+    protect, and is retried until the proxy takes the generation (nginx started after flipvisor
+    at boot) instead of failing the start."""
+    proxy = gen.config.proxy
+    return (
+        program.serving is None
+        and program.leftovers is None
+        and proxy is not None
+        and not program.runtime.serves_through(program.name, proxy.dest)
+    )
+
+
+def _tell_proxy_reloaded(program: Program, report: FlipReport, gen: Generation) -> None:
+    """The ``proxy-reloaded`` event, if the promotion reloaded the proxy: now, not once the
+    proxy's old workers are gone (``serve``), as it says when the proxy began to route to gen."""
+    reload = next((s for s in report.steps if s.name == "reload" and s.status == "ok"), None)
+    if reload is not None and reload.duration is not None:
+        program.runtime.events.emit(
+            "proxy-reloaded", program.name, gen.number, duration=round(reload.duration, 4)
+        )
+
+
+def serve(program: Program, promotion: Promotion) -> Generation | None:
+    """Make the promoted generation the serving one; returns the one it replaced."""
+    gen = promotion.gen
+    gen.transition(GenerationState.SERVING)
+    program.config = gen.config
+    program._budget.limit(gen.config.restart.max_restarts, gen.config.restart.window)
+    old, program.serving = program.serving, gen
+    program.fatal_reason = None
+    program.registration.promoted(
+        gen, promotion.published, deferred=promotion.deferred, tg=program._task_group()
+    )
+    program.runtime.events.emit("promoted", program.name, gen.number, port=gen.port, pids=gen.pids)
+    program.history.deployed(gen.config)
+    return old

@@ -1,0 +1,236 @@
+"""The steps of a promotion (``promotion.py``), each made together with its undo: the proxy file
+(the new generation's put in place and checked, the replaced generation's taken away with it, or
+removed when the new config has no proxy section), the registry's keys swapped to name the new
+generation, and the proxy reloaded (with a ``Pause``, again after each failure until a reload
+takes). A step appends its undo to the promotion's list as soon as the change it undoes is made,
+so that a failure of the very next line is undone too; ``promotion_undo.py`` runs the list.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from .config import ProgramConfig, ProxyConfig
+from .errors import ProxyError, ProxyReloadFailed, RegistryConflict, RegistryError
+from .generation import Generation
+from .progress import FlipReport, Step
+from .proxy import Installed, check, install, proxy_workers, reload, remove, take_away
+from .proxy_template import flip_context, render_template
+from .published_keys import serving_snapshot
+from .reaper import Reaper
+from .registry import Registry, Snapshot
+from .starttime import Recorded
+
+log = logging.getLogger(__name__)
+
+# One step's undo: it puts back what that step changed.
+Undo = Callable[[], Awaitable[None]]
+
+# Waits for the proxy after a failed file or reload step (with the proxy lock let go), then
+# raises if a worker failed the generation meanwhile: ``promote`` with ``patience``.
+Pause = Callable[[ProxyError, Step], Awaitable[None]]
+
+
+async def proxy_file_step(
+    gen: Generation,
+    *,
+    program: str,
+    config: ProgramConfig,
+    replaced_proxy: ProxyConfig | None,
+    reaper: Reaper,
+    report: FlipReport,
+    undo: list[Undo],
+) -> None:
+    """The ``proxy`` step: ``gen``'s proxy file in place and checked or, when ``config`` has no
+    proxy section, the replaced generation's file removed and the proxy checked without it.
+
+    ``replaced_proxy`` is the proxy section of the generation ``gen`` replaces: when its
+    ``dest`` differs, that file is removed with the new one's install (nginx would load both),
+    and put back by the undo. When ``config`` has no proxy section at all, the replaced file is
+    removed, checked without, and the proxy reloaded with the replaced section's commands: nothing
+    may go on routing to a generation that is about to drain.
+    """
+    if config.proxy is not None:
+        # A failed check is never waited out: as the contract has it, it puts the previous
+        # file back and rolls the flip back (a first start's too: a broken template or
+        # config is no proxy outage).
+        with report.step("proxy", str(config.proxy.dest)):
+            await _replace_file(
+                gen,
+                program=program,
+                proxy=config.proxy,
+                replaced_proxy=replaced_proxy,
+                reaper=reaper,
+                undo=undo,
+            )
+    elif replaced_proxy is not None:
+        with report.step("proxy", f"remove {replaced_proxy.dest}"):
+            taken = await remove(
+                replaced_proxy.dest,
+                check_cmd=replaced_proxy.check_cmd,
+                reaper=reaper,
+                timeout=replaced_proxy.timeout,
+            )
+            if taken is not None:
+                undo.append(_restorer(taken))
+
+
+async def _replace_file(
+    gen: Generation,
+    *,
+    program: str,
+    proxy: ProxyConfig,
+    replaced_proxy: ProxyConfig | None,
+    reaper: Reaper,
+    undo: list[Undo],
+) -> None:
+    """Put ``gen``'s checked proxy file in place, and remove the replaced generation's if its
+    ``dest`` differs; each change's undo goes on ``undo`` as it is made."""
+    if replaced_proxy is not None and replaced_proxy.dest != proxy.dest:
+        # Before the check: nginx -t would see both files (a duplicate upstream).
+        taken = await take_away(replaced_proxy.dest)
+        if taken is not None:
+            undo.append(_restorer(taken))
+    installed = await _install_file(gen, program=program, proxy=proxy, reaper=reaper)
+    undo.append(_restorer(installed))
+
+
+def _restorer(installed: Installed) -> Undo:
+    async def restore() -> None:
+        installed.restore()
+
+    return restore
+
+
+async def _install_file(
+    gen: Generation, *, program: str, proxy: ProxyConfig, reaper: Reaper
+) -> Installed:
+    """Render ``gen``'s proxy file, put it in place and check it (put back if the check fails)."""
+    context = flip_context(
+        program=program, generation=gen.number, host=gen.host, port=gen.port, pids=gen.pids
+    )
+    content = render_template(proxy.template, {**proxy.vars, **context})
+    return await install(
+        proxy.dest, content, check_cmd=proxy.check_cmd, reaper=reaper, timeout=proxy.timeout
+    )
+
+
+async def registry_step(
+    gen: Generation,
+    *,
+    program: str,
+    registry: Registry,
+    optional: bool,
+    report: FlipReport,
+    undo: list[Undo],
+) -> tuple[Snapshot, bool]:
+    """The ``registry`` step: ``program``'s keys swapped to name ``gen``; returns the keys
+    published, and whether the swap was deferred (``optional``, and the registry unreachable:
+    nothing to undo then)."""
+    with report.step("registry") as step:
+        expected, published, unreachable = await _swap_keys(
+            gen, program=program, registry=registry, optional=optional
+        )
+        deferred = unreachable is not None
+        if deferred:
+            step.detail = f"deferred until the registry is back: {unreachable}"
+
+    async def restore_keys() -> None:
+        try:
+            await registry.swap(program, published, expected)
+        except RegistryError as exc:
+            log.warning("program=%s restoring registry keys: %s; retrying later", program, exc)
+            await registry.publish(program, expected)
+
+    if not deferred:
+        undo.append(restore_keys)
+    return published, deferred
+
+
+async def _swap_keys(
+    gen: Generation, *, program: str, registry: Registry, optional: bool
+) -> tuple[Snapshot, Snapshot, RegistryError | None]:
+    """Swap ``program``'s keys to name ``gen``, in one transaction; returns the keys replaced,
+    the keys published, and, if the swap was deferred (``optional`` and unreachable), why.
+
+    Raises:
+        RegistryError: the registry refused or could not be reached (and not ``optional``).
+    """
+    try:
+        expected = await registry.snapshot(program)
+        published = serving_snapshot(gen, expected)
+        await registry.swap(program, expected, published)
+    except RegistryConflict:
+        raise
+    except RegistryError as exc:
+        if not optional:
+            raise
+        log.warning("program=%s registry unreachable, registering later: %s", program, exc)
+        published = serving_snapshot(gen, Snapshot())
+        return published, published, exc
+    return expected, published, None
+
+
+@dataclass
+class Reloading:
+    """The reload step's outcome so far: whether the proxy may have reloaded towards the new
+    generation (an undo then reloads it back), and its workers from before the reload."""
+
+    may_have_reloaded: bool = False
+    old_proxy_workers: frozenset[Recorded] = frozenset()
+
+
+async def reload_step(
+    proxy: ProxyConfig,
+    *,
+    reaper: Reaper,
+    reloading: Reloading,
+    pause: Pause | None,
+    report: FlipReport,
+) -> None:
+    """The ``reload`` step: the proxy reloaded (see ``_reload_until_taken``). Its undo is no
+    entry on the list but ``reloading``: only a reload that may have taken effect is undone."""
+    with report.step("reload") as step:
+        await _reload_until_taken(proxy, reaper=reaper, reloading=reloading, pause=pause, step=step)
+
+
+async def _reload_until_taken(
+    proxy: ProxyConfig,
+    *,
+    reaper: Reaper,
+    reloading: Reloading,
+    pause: Pause | None,
+    step: Step,
+) -> None:
+    """Reload the proxy; with ``pause``, again after each failure (checked first: the rest of
+    its config may have changed meanwhile, and an unchecked config is never reloaded) until a
+    reload succeeds."""
+    assert proxy.reload_cmd is not None
+    retried = False
+    while True:
+        if proxy.pidfile is not None:
+            reloading.old_proxy_workers = proxy_workers(proxy.pidfile)
+        try:
+            if retried:
+                await check(proxy.check_cmd, proxy.dest, reaper=reaper, timeout=proxy.timeout)
+            # From here the proxy may route to gen: a reload that failed or was cut short (by
+            # the flip's --timeout or its own) may have taken effect before it ended (a wrapper
+            # that runs `nginx -s reload`, then fails a later step), and is undone like one that
+            # finished. Only a command that could not start is not, unless an earlier attempt
+            # may have reloaded.
+            before, reloading.may_have_reloaded = reloading.may_have_reloaded, True
+            try:
+                await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+            except ProxyError as exc:
+                reloading.may_have_reloaded = before or isinstance(exc, ProxyReloadFailed)
+                raise
+        except ProxyError as exc:
+            if pause is None:
+                raise
+            await pause(exc, step)
+            retried = True
+        else:
+            step.detail = ""
+            return

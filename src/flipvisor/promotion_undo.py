@@ -1,0 +1,151 @@
+"""A failed promotion undone (``promotion.py``): each step's undo run, last first, inside a
+bounded shield, then the proxy reloaded back if its reload may have taken effect, all before the
+caller stops the new generation. What could not be undone is said: an error naming both
+failures, and ``FlipReport.stranded`` when the proxy may still route to the new generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from dataclasses import dataclass, field
+
+import anyio
+
+from .config import ProxyConfig
+from .errors import ProxyError, RegistryError
+from .generation import Generation
+from .progress import FlipReport
+from .promotion_steps import Undo
+from .proxy import check, proxy_workers, reload, wait_workers_gone
+from .reaper import Reaper
+
+log = logging.getLogger(__name__)
+
+UNDO_TIMEOUT = 30.0
+
+
+@dataclass
+class _Undoing:
+    """What the undo did so far, kept as it goes: ``UNDO_TIMEOUT`` may cut it short anywhere."""
+
+    failed: list[str] = field(default_factory=list)  # the undo steps' errors
+    files_restored: bool = True  # no proxy file failed to be put back
+    routed_back: bool = False  # the proxy was reloaded back
+
+
+async def undo_promotion(
+    failure: BaseException,
+    steps: list[Undo],
+    reloaded: bool,
+    *,
+    gen: Generation,
+    program: str,
+    proxy: ProxyConfig | None,
+    reaper: Reaper,
+    report: FlipReport,
+) -> None:
+    """After ``failure``: run each undo step, last first, all of them even if one fails (a file
+    that cannot be put back must not keep the registry's keys from being restored), then, if the
+    proxy may have ``reloaded`` towards ``gen``, reload it back once its files are put back.
+
+    All of it before returning, so before the caller stops ``gen``: until the reload back, the
+    proxy may still send ``gen`` requests. If the proxy may still route to ``gen`` after all
+    (the reload back failed, or was not tried because a file could not be put back),
+    ``report.stranded`` says so and what the operator must do.
+
+    Raises:
+        ProxyError: a step failed too; the message names both failures (a cancellation is
+            left to propagate as it is).
+    """
+    undoing = _Undoing()
+    with anyio.CancelScope(shield=True), anyio.move_on_after(UNDO_TIMEOUT):
+        await _run_undo_steps(steps, program=program, undoing=undoing)
+        # Keys that could not be swapped back are retried by the registry; the proxy must not
+        # wait for them. A proxy file that could not be put back must not be loaded, though.
+        if reloaded and undoing.files_restored:
+            assert proxy is not None  # it reloaded
+            try:
+                await _reload_back(gen, program=program, proxy=proxy, reaper=reaper, report=report)
+                undoing.routed_back = True
+            except ProxyError as exc:
+                report.stranded = f"reloading the proxy back failed too: {exc}"
+    if reloaded and not undoing.routed_back and report.stranded is None:
+        assert proxy is not None  # it reloaded
+        report.stranded = _not_routed_back(gen, proxy, files_restored=undoing.files_restored)
+    if undoing.failed and isinstance(failure, Exception):
+        raise ProxyError(
+            f"{failure}; undoing it failed too: {'; '.join(undoing.failed)}; the proxy's files "
+            "are as that left them: put them right by hand, check and reload the proxy"
+        ) from failure
+
+
+async def _run_undo_steps(steps: list[Undo], *, program: str, undoing: _Undoing) -> None:
+    """Run each of ``steps``, last first, going on past a failure; ``undoing`` keeps count."""
+    for step in reversed(steps):
+        try:
+            await step()
+        except (ProxyError, RegistryError) as exc:
+            log.error("program=%s undoing a failed promotion: %s", program, exc)
+            undoing.failed.append(str(exc))
+            undoing.files_restored = undoing.files_restored and not isinstance(exc, ProxyError)
+
+
+def _not_routed_back(gen: Generation, proxy: ProxyConfig, *, files_restored: bool) -> str:
+    """``report.stranded`` for a proxy that may have reloaded towards ``gen`` and was not
+    reloaded back, though no reload back failed: why not, and what to do."""
+    if not files_restored:
+        return (
+            f"the proxy may still route to generation {gen.number}: it was not reloaded back, "
+            "as its files could not be put back"
+        )
+    return (
+        f"the proxy may still route to generation {gen.number}: reloading it back did "
+        f"not finish within {UNDO_TIMEOUT:g}s; run {_command(proxy)}"
+    )
+
+
+async def _reload_back(
+    gen: Generation, *, program: str, proxy: ProxyConfig, reaper: Reaper, report: FlipReport
+) -> None:
+    """Check the proxy's config with its file put back, and reload the proxy once more, so
+    that it routes to the old generation again; with a pidfile, wait until the proxy workers
+    that routed to ``gen`` are gone, so that the failed flip ends with the proxy on the old
+    generation. A step of its own in the flip's report.
+
+    Raises:
+        ProxyError: the check or the reload failed; the message says that the proxy may still
+            route to ``gen``, and what to do (it is logged too: the flip's own error stays the
+            reason).
+    """
+    with report.step("reload-back", f"the proxy, away from generation {gen.number}") as step:
+        try:
+            # The file put back passed its check once, but the rest of the proxy's config may
+            # have changed since; an unchecked config is never reloaded, here neither.
+            await check(proxy.check_cmd, proxy.dest, reaper=reaper, timeout=proxy.timeout)
+            routing_to_gen = proxy_workers(proxy.pidfile) if proxy.pidfile else frozenset()
+            await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+        except ProxyError as exc:
+            once = (
+                f" once its config passes `{shlex.join(proxy.check_cmd)}`"
+                if proxy.check_cmd
+                else ""
+            )
+            step.detail = (
+                f"{exc}; the proxy may still route to generation {gen.number} until it reloads: "
+                f"run {_command(proxy)}{once}, or reload it by other means (the previous proxy "
+                "file is back in place)"
+            )
+            log.error("program=%s could not reload the proxy back: %s", program, step.detail)
+            raise ProxyError(step.detail) from exc
+        if not await wait_workers_gone(routing_to_gen, proxy.timeout):
+            log.warning(
+                "program=%s proxy workers still running %ss after reloading back",
+                program,
+                proxy.timeout,
+            )
+
+
+def _command(proxy: ProxyConfig) -> str:
+    """``proxy``'s reload command, quoted for a message the operator may paste into a shell."""
+    return f"`{shlex.join(proxy.reload_cmd or ())}`"
