@@ -200,7 +200,7 @@ class Flips:
                 return await deploy_new(self, report, config)
             # Only reached when the deadline cancelled the flip (it was undone, as after a failure).
             report.finish(
-                f"the flip took longer than --timeout {timeout}s; rolled back"
+                f"the flip took longer than --timeout {timeout:g}s; rolled back"
                 f"{stranded_clause(report)}; `flipvisor logs {name}` shows what the new "
                 "generation did",
                 report.output,

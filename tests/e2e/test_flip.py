@@ -393,7 +393,7 @@ def test_flip_timeout_rolls_back_under_load(flipvisor: Flipvisor, nginx: Nginx) 
         outcome = load.stop()
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
-    assert "--timeout 1" in report["error"]
+    assert "--timeout 1s;" in report["error"], report["error"]  # not "1.0s"
     # The flip's own duration, as the supervisor timed it: not the client's, whose start-up a
     # loaded machine stretches.
     assert report["duration"] < 4, "gave up at the timeout, not at the probe's own"
