@@ -31,6 +31,7 @@ class _Undoing:
 
     failed: list[str] = field(default_factory=list)  # the undo steps' errors
     files_restored: bool = True  # no proxy file failed to be put back
+    steps_done: bool = False  # every undo step ran (the reload back comes after them)
     routed_back: bool = False  # the proxy was reloaded back
 
 
@@ -61,6 +62,7 @@ async def undo_promotion(
     undoing = _Undoing()
     with anyio.CancelScope(shield=True), anyio.move_on_after(UNDO_TIMEOUT):
         await _run_undo_steps(steps, program=program, undoing=undoing)
+        undoing.steps_done = True
         # Keys that could not be swapped back are retried by the registry; the proxy must not
         # wait for them. A proxy file that could not be put back must not be loaded, though.
         if reloaded and undoing.files_restored:
@@ -72,7 +74,7 @@ async def undo_promotion(
                 report.stranded = f"reloading the proxy back failed too: {exc}"
     if reloaded and not undoing.routed_back and report.stranded is None:
         assert proxy is not None  # it reloaded
-        report.stranded = _not_routed_back(gen, proxy, files_restored=undoing.files_restored)
+        report.stranded = _not_routed_back(gen, proxy, undoing)
     if undoing.failed and isinstance(failure, Exception):
         raise ProxyError(
             f"{failure}; undoing it failed too: {'; '.join(undoing.failed)}; the proxy's files "
@@ -91,13 +93,20 @@ async def _run_undo_steps(steps: list[Undo], *, program: str, undoing: _Undoing)
             undoing.files_restored = undoing.files_restored and not isinstance(exc, ProxyError)
 
 
-def _not_routed_back(gen: Generation, proxy: ProxyConfig, *, files_restored: bool) -> str:
+def _not_routed_back(gen: Generation, proxy: ProxyConfig, undoing: _Undoing) -> str:
     """``report.stranded`` for a proxy that may have reloaded towards ``gen`` and was not
     reloaded back, though no reload back failed: why not, and what to do."""
-    if not files_restored:
+    if not undoing.files_restored:
         return (
             f"the proxy may still route to generation {gen.number}: it was not reloaded back, "
             "as its files could not be put back"
+        )
+    if not undoing.steps_done:
+        return (
+            f"the proxy may still route to generation {gen.number}: undoing the promotion did "
+            f"not finish within {UNDO_TIMEOUT:g}s, so it was not reloaded back; see that "
+            f"{proxy.dest} is the previous file again, check the proxy's config and run "
+            f"{_command(proxy)}"
         )
     return (
         f"the proxy may still route to generation {gen.number}: reloading it back did "
