@@ -55,9 +55,10 @@ async def unroute(
             # Gone already (deleted by hand, say): the proxy may still have it loaded and route
             # to the program that is about to drain, so it reloads all the same.
             log.info(
-                "program=%s: its proxy file %s was gone already; reloading the proxy anyway",
+                "program=%s: its proxy file %s was gone already%s",
                 program,
                 proxy.dest,
+                "; reloading the proxy anyway" if proxy.reload_cmd else "",
             )
         old_workers = await _reload_without(program, proxy, reaper=reaper)
         if old_workers is None:
