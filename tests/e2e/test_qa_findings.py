@@ -1,0 +1,388 @@
+"""QA findings: behaviours an on-call operator would call wrong, each reproduced with real
+processes. Every test asserts the correct behaviour and is marked ``xfail(strict=True)`` until
+the bug it names is fixed (then the marker goes)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.fixtures.etcd import EtcdServer
+from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.fixtures.nginx import free_port
+from tests.waiting import wait_until
+
+
+def version_on(port: int) -> str | None:
+    """The ``version`` the service on 127.0.0.1:``port`` answers with, or None."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as answer:
+            version: str = json.loads(answer.read())["version"]
+            return version
+    except OSError:
+        return None
+
+
+def fixed_port_program(port: int, version: str, **overrides: Any) -> dict[str, Any]:
+    return {
+        "command": svc_command("--version", version),
+        "socket": {"port": port},
+        "drain": {"delay": 1, "timeout": 5},
+        **overrides,
+    }
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: renaming a program on a fixed socket.port by a reload makes the new one fatal "
+    "(EADDRINUSE from the removed one's drain) and the port goes dark",
+)
+def test_a_reload_renaming_a_program_on_a_fixed_port_keeps_the_port_served(
+    flipvisor: Flipvisor,
+) -> None:
+    """An operator renames ``web`` to ``api`` (same fixed port, a new version) and reloads. The
+    removed program drains and holds the port meanwhile; the added one tries to bind it at once,
+    fails with "the port is in use by pid N (python3)" (its own supervisor's draining worker:
+    "free the address" is no advice) and goes ``fatal``. Once the drain is over nothing serves
+    the port. As for a rename through ``proxy.dest`` (README, "What a flip does": "the address
+    never goes without a server") or a program added back while it drains ("starts once that
+    drain is over"), the added program must come to serve the port."""
+    port = free_port()
+    flipvisor.start({"programs": {"web": fixed_port_program(port, "old")}})
+    flipvisor.wait_serving("web")
+    assert version_on(port) == "old"
+
+    flipvisor.write_config({"programs": {"api": fixed_port_program(port, "new")}})
+    result = flipvisor.cli("reload")
+    assert result.returncode == 0, result.stderr
+
+    def settled() -> dict[str, Any] | None:
+        programs = {p["name"]: p for p in flipvisor.status()["programs"]}
+        api = programs.get("api")
+        if "web" in programs or api is None or api["state"] not in ("running", "fatal"):
+            return None
+        return api
+
+    api = wait_until(settled, timeout=20, message="the rename to settle")
+    assert api["state"] == "running", flipvisor.cli("status", "api").stdout
+    assert version_on(port) == "new"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: a serving worker that exits and is not restarted (policy never/on-failure, "
+    "fatal) stays named in pid/current and the generation/current record",
+)
+def test_a_worker_that_is_not_restarted_leaves_pid_current(flipvisor: Flipvisor) -> None:
+    """``numprocs: 2``, ``restart: {policy: never}``; worker 1 exits while the generation serves.
+    It is not restarted, as the policy says, and ``status`` lists worker 0 alone, but the
+    registry's ``pid/current`` (and the ``generation/current`` record) still name the exited
+    worker, until the next flip moves that PID into ``pid/previous``: the very thing the seed's
+    ``kill -9 $(etcdctl get .../pid/previous)`` acts on, and a PID the kernel may have given to
+    another process by then. A crashed worker's *replacement* republishes the PIDs (contract,
+    "Registry keys"); a worker gone for good must too (README, "Registry": "so no script reads
+    PIDs that are gone (and later reused)")."""
+    gate = flipvisor.dir / "exit-worker-1"
+    script = (
+        f'if [ "{{worker}}" = 1 ]; then while [ ! -e {gate} ]; do sleep 0.05; done; exit 0; fi; '
+        f"exec {' '.join(svc_command('--version', '1'))}"
+    )
+    flipvisor.start(
+        {
+            "programs": {
+                "web": {
+                    "command": ["sh", "-c", script],
+                    "numprocs": 2,
+                    "restart": {"policy": "never"},
+                    "drain": {"delay": 0, "timeout": 5},
+                }
+            }
+        }
+    )
+    both = flipvisor.wait_serving("web", where=lambda g: len(g["pids"]) == 2)["pids"]
+    wait_until(
+        lambda: flipvisor.registry().get("flipvisor/web/pid/current") == ",".join(map(str, both)),
+        message="both workers in pid/current",
+    )
+    gate.touch()
+    left = flipvisor.wait_serving("web", where=lambda g: len(g["pids"]) == 1)["pids"]
+    assert flipvisor.program("web")["state"] == "running"
+
+    def published() -> str | None:
+        return flipvisor.registry().get("flipvisor/web/pid/current")
+
+    try:
+        wait_until(lambda: published() == str(left[0]), timeout=5, message="pid/current")
+    except AssertionError:
+        raise AssertionError(
+            f"pid/current is {published()!r} while only {left} runs (status)"
+        ) from None
+    record = json.loads(flipvisor.registry()["flipvisor/web/generation/current"])
+    assert [p["pid"] for p in record["pids"]] == left
+
+
+def notify_program(port: int, version: str, *, notifies: bool = True) -> dict[str, Any]:
+    """A fixed-port program with an sd_notify probe (the probe a fixed port allows)."""
+    flags = ["--notify"] if notifies else []
+    return fixed_port_program(
+        port,
+        version,
+        command=svc_command("--version", version, *flags),
+        readiness={"notify": True, "timeout": 2},
+        drain={"delay": 0, "timeout": 5},
+    )
+
+
+def refused(port: int) -> bool:
+    """Whether a connection to 127.0.0.1:``port`` is refused (nothing listens there)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def fail_a_flip_to_another_fixed_port(flipvisor: Flipvisor) -> tuple[int, int]:
+    """``web`` serves on a fixed port; a flip to another fixed port whose generation never
+    sends READY=1 fails, as it should. Returns (serving port, the failed flip's port)."""
+    port, other = free_port(), free_port()
+    flipvisor.start({"programs": {"web": notify_program(port, "1")}})
+    flipvisor.wait_serving("web")
+    flipvisor.write_config({"programs": {"web": notify_program(other, "2", notifies=False)}})
+    failed = flipvisor.cli("flip", "web")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert version_on(port) == "1"
+    return port, other
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: after a failed flip to another fixed port, no flip on the serving port works "
+    "any more (EADDRINUSE from its own serving worker): the kept socket was let go",
+)
+def test_a_failed_flip_to_another_fixed_port_leaves_the_program_flippable(
+    flipvisor: Flipvisor,
+) -> None:
+    """An operator moves ``web`` from fixed port A to B; the new release never gets ready and the
+    flip is rolled back (generation 1 serves on A, as it should). The operator puts A back in the
+    file and flips again (a fix of the release): the flip fails at once with "cannot listen on
+    127.0.0.1:A: the port is in use by pid N (python3); free the address", N being web's own
+    serving worker. ``ProgramListener.for_generation`` closed A's kept socket as soon as B was
+    bound, before the flip could fail; A can no longer be bound while generation 1 holds it.
+    Only a stop (an outage) gets the program flippable again. A failed flip must leave things as
+    they were (contract, "Invariants"), the kept socket included."""
+    port, _other = fail_a_flip_to_another_fixed_port(flipvisor)
+    flipvisor.write_config({"programs": {"web": notify_program(port, "3")}})
+    again = flipvisor.cli("flip", "web")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert version_on(port) == "3"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: a failed flip to another fixed port leaves that port listening in the supervisor, "
+    "nobody accepting: connections hang instead of being refused",
+)
+def test_a_failed_flip_to_another_fixed_port_lets_that_port_go(flipvisor: Flipvisor) -> None:
+    """After the failed flip above, the supervisor still holds port B, listening, and no
+    generation accepts from it: a client (or an nginx already pointed at B for the move) has its
+    connection accepted by the kernel and waits for a timeout instead of being refused at once,
+    and nothing else can bind B. What the failed flip bound must go with its generation (README:
+    a socket nobody reads makes the proxy wait for its timeout, "given-up")."""
+    _port, other = fail_a_flip_to_another_fixed_port(flipvisor)
+    wait_until(lambda: refused(other), timeout=5, message=f"port {other} to be let go")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: `check` says ok for a socket.host that is not an address of this host (port 0); "
+    "`run` then makes the program fatal",
+)
+def test_check_finds_a_socket_host_of_another_machine_with_port_0(flipvisor: Flipvisor) -> None:
+    """A typo in ``socket.host`` (10.0.0.50 for this host's 10.0.0.5), with the default port 0.
+    ``check`` says "ok (1 program)"; ``run`` then makes the program ``fatal``: "cannot listen on
+    10.99.99.99:0: Cannot assign requested address; free the address or change
+    programs.web.socket" ("free the address": nothing holds it). ``check`` knows how to say it,
+    and does for a fixed port ("10.99.99.99 is not an address of this host; use one of its own,
+    or 0.0.0.0"), and for ``metrics.listen``; README, Quick start: check says "whether the
+    commands, directories, ... work on this host", exit 2 if any does not."""
+    flipvisor.write_config(
+        {
+            "programs": {
+                "web": {"command": svc_command("--version", "1"), "socket": {"host": "10.99.99.99"}}
+            }
+        }
+    )
+    result = flipvisor.cli("check")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "programs.web.socket" in result.stderr, result.stderr
+    assert "not an address of this host" in result.stderr, result.stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: the notify probe counts READY=1 of a worker that exited since: a generation is "
+    "promoted while one of its workers never sent READY=1",
+)
+def test_a_notify_probe_does_not_count_a_dead_worker_s_ready(flipvisor: Flipvisor) -> None:
+    """``numprocs: 2``, ``readiness: {notify: true}``. Worker 0 sends READY=1 and then crashes
+    (once); as the program's first generation, it is restarted, and its replacement sends
+    READY=1 too. Worker 1 never sends READY=1 (it hangs in its start-up). The probe counts two
+    READY=1 (the dead worker's and its replacement's) for two workers and promotes the
+    generation, while worker 1 shares the socket and takes connections it is not ready for.
+    Contract: with ``notify: true`` "every worker sends READY=1"; README: "the READY=1 its
+    workers sent counts while they run". The probe must time out instead."""
+    crashed_once = flipvisor.dir / "crashed-once"
+    sender = (
+        "import os, socket, time; "
+        "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', "
+        "os.environ['NOTIFY_SOCKET']); time.sleep(0.3); raise SystemExit(1)"
+    )
+    script = flipvisor.dir / "worker.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        'if [ "$FLIPVISOR_WORKER" = 0 ]; then\n'
+        f"  if [ ! -e {crashed_once} ]; then touch {crashed_once}; "
+        f'exec {svc_command()[0]} -c "{sender}"; fi\n'
+        f"  exec {' '.join(svc_command('--notify'))}\n"
+        "fi\n"
+        f"exec {' '.join(svc_command())}\n"  # worker 1: never sends READY=1
+    )
+    script.chmod(0o755)
+    flipvisor.start(
+        {
+            "programs": {
+                "web": {
+                    "command": [str(script)],
+                    "numprocs": 2,
+                    "readiness": {"notify": True, "timeout": 3},
+                    "drain": {"delay": 0, "timeout": 5},
+                }
+            }
+        }
+    )
+    settled = wait_until(
+        lambda: (p := flipvisor.program("web"))["state"] in ("running", "fatal") and p,
+        timeout=20,
+        message="generation 1 to be promoted or to fail",
+    )
+    assert crashed_once.exists()
+    assert "promoted" not in flipvisor.event_kinds(), flipvisor.cli("events", "web").stdout
+    assert settled["state"] == "fatal"
+    assert "READY=1" in (settled["fatal_reason"] or ""), settled["fatal_reason"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: a flip keeps the replaced release's spent restart budget: one crash of the new "
+    "generation makes the program fatal and stops it ('more than N restarts')",
+)
+def test_a_flipped_in_release_does_not_inherit_the_old_release_s_restarts(
+    flipvisor: Flipvisor,
+) -> None:
+    """Release 1 crashes twice at start (``restart: {max_restarts: 2, window: 60}``), then
+    serves. The on-call operator flips release 2, which serves. A minute has not passed when
+    release 2's worker dies once (the OOM killer: SIGKILL): instead of a restart, the program
+    becomes ``fatal`` ("worker 0 of generation 2 killed by SIGKILL; more than 2 restarts in
+    60s": generation 2 was never restarted), ``given-up``, and stops: its socket closes, nothing
+    serves. Contract: ``fatal`` is a "crash loop past max_restarts in window", and "a worker of a
+    serving generation that exits is restarted with backoff"; the spent budget belongs to the
+    release that crashed (``_serve`` in flip.py keeps it across the promotion)."""
+    count = flipvisor.dir / "runs"
+    crashing_twice = (
+        f"n=$(cat {count} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {count}; "
+        f"[ $n -le 2 ] && exit 1; exec {' '.join(svc_command('--version', '1'))}"
+    )
+
+    def config(command: list[str]) -> dict[str, Any]:
+        return {
+            "programs": {
+                "web": {
+                    "command": command,
+                    "restart": {"max_restarts": 2, "window": 60},
+                    "drain": {"delay": 0, "timeout": 5},
+                }
+            }
+        }
+
+    flipvisor.start(config(["sh", "-c", crashing_twice]))
+    wait_until(
+        lambda: (
+            flipvisor.program("web")["restarts"] == 2
+            and (g := flipvisor.serving("web")) is not None
+            and len(g["pids"]) == 1
+        ),
+        message="release 1 to serve after two restarts",
+    )
+    flipvisor.write_config(config(svc_command("--version", "2")))
+    flipped = flipvisor.cli("flip", "web")
+    assert flipped.returncode == 0, flipped.stdout + flipped.stderr
+    pid = flipvisor.wait_serving("web", where=lambda g: g["generation"] == 2)["pids"][0]
+    worker = psutil.Process(pid)
+    assert "2" in worker.cmdline()
+    worker.kill()  # its first crash, an OOM kill (psutil checks it is still that process)
+
+    def replaced() -> bool:
+        program = flipvisor.program("web")
+        assert program["state"] != "fatal", program["fatal_reason"]
+        gen = flipvisor.serving("web")
+        return gen is not None and gen["pids"] != [pid] and len(gen["pids"]) == 1
+
+    wait_until(replaced, timeout=10, message="generation 2's worker to be restarted")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: registry.prefix '/uswitch' is silently written as 'uswitch/...': a confd or a "
+    "watch: entry on the contract's '<prefix>/<program>/port/current' never sees a flip",
+)
+def test_a_registry_prefix_with_a_leading_slash_is_not_silently_rewritten(
+    flipvisor: Flipvisor, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """The seed's confd reads ``/uswitch/experiment/port/current`` (etcd keys with a leading
+    slash, as confd writes them), so the operator sets ``registry.prefix: /uswitch``. flipvisor
+    strips the slash and writes ``uswitch/experiment/...``; ``check`` says ok. The ``watch:``
+    entry (or the external confd) on the contract's ``<prefix>/<program>/port/current`` never
+    renders, and nginx never follows a flip. Contract: "keys below are <prefix>/<program>/...";
+    "wrong types and impossible values are errors with their location, never silently
+    ignored". Either the keys are written under the prefix as given, or ``check`` refuses it."""
+    prefix = f"/{etcd_prefix}"
+    port_key = f"{prefix}/web/port/current"
+    template = flipvisor.dir / "port.j2"
+    template.write_text(f'port={{{{ get("{port_key}") }}}}\n')
+    dest = flipvisor.dir / "port.conf"
+    flipvisor.write_config(
+        {
+            "registry": {
+                "backend": "etcd",
+                "endpoints": [etcd_server.endpoint],
+                "prefix": prefix,
+                "timeout": 2,
+            },
+            "programs": {"web": {"command": svc_command("--version", "1"), "drain": {"delay": 0}}},
+            "watch": [
+                {
+                    "keys": [port_key],
+                    "template": str(template),
+                    "dest": str(dest),
+                    "reload_cmd": ["true"],
+                }
+            ],
+        }
+    )
+    checked = flipvisor.cli("check")
+    if checked.returncode == 2 and "registry.prefix" in checked.stderr:
+        return  # refused, with its location: not silent
+    flipvisor.start()
+    port = flipvisor.wait_serving("web")["port"]
+    wait_until(
+        lambda: dest.exists() and dest.read_text() == f"port={port}\n",
+        timeout=10,
+        message=f"the watch to render {port_key} (keys: "
+        f"{etcd_server.etcdctl('get', '--prefix', etcd_prefix, '--keys-only').split()})",
+    )
