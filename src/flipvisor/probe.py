@@ -101,7 +101,7 @@ class NotifySocket:
         return dict(self._statuses)
 
     async def wait_ready(self, pids: Callable[[], set[int]], count: int) -> None:
-        """Return once ``count`` distinct workers sent ``READY=1``.
+        """Return once ``count`` distinct workers that still run sent ``READY=1``.
 
         ``pids()`` is consulted at each datagram: a sender counts for the worker it is, or the
         worker it descends from (gunicorn and uvicorn may notify from a child process). Messages
@@ -110,7 +110,12 @@ class NotifySocket:
         Raises:
             anyio.ClosedResourceError: ``close()`` was called while waiting.
         """
-        while len(self._ready) < count:
+        while True:
+            # A worker that sent READY=1 and exited since (a first start restarts it) counts no
+            # more: its replacement must say so too ("counts while they run").
+            self._ready &= pids()
+            if len(self._ready) >= count:
+                return
             try:
                 data, ancdata, _flags, _addr = self._sock.recvmsg(NOTIFY_BUFFER, _ANCILLARY)
             except BlockingIOError:

@@ -13,8 +13,9 @@ import pytest
 
 from tests.e2e.load import Load
 from tests.e2e.test_flip import BeforeFlip, program, proxied, start_serving
-from tests.fixtures.flipvisor import Flipvisor
+from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import Nginx
+from tests.waiting import wait_until
 
 READY_DELAY = 0.5
 # svc workers sharing a socket can hang in a blocking accept() on SIGTERM (tests/apps/svc.py
@@ -90,3 +91,51 @@ def test_notify_program_that_never_sends_ready_rolls_back(
     result = flipvisor.cli("flip", "web")
     assert result.returncode == 0, result.stderr + flipvisor.output()
     assert proxied(nginx)["version"] == "3"
+
+
+def test_a_notify_probe_does_not_count_a_dead_worker_s_ready(flipvisor: Flipvisor) -> None:
+    """``numprocs: 2``, ``readiness: {notify: true}``. Worker 0 sends READY=1 and then crashes
+    (once); as the program's first generation, it is restarted, and its replacement sends
+    READY=1 too. Worker 1 never sends READY=1 (it hangs in its start-up). The probe counts two
+    READY=1 (the dead worker's and its replacement's) for two workers and promotes the
+    generation, while worker 1 shares the socket and takes connections it is not ready for.
+    Contract: with ``notify: true`` "every worker sends READY=1"; README: "the READY=1 its
+    workers sent counts while they run". The probe must time out instead."""
+    crashed_once = flipvisor.dir / "crashed-once"
+    sender = (
+        "import os, socket, time; "
+        "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', "
+        "os.environ['NOTIFY_SOCKET']); time.sleep(0.3); raise SystemExit(1)"
+    )
+    script = flipvisor.dir / "worker.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        'if [ "$FLIPVISOR_WORKER" = 0 ]; then\n'
+        f"  if [ ! -e {crashed_once} ]; then touch {crashed_once}; "
+        f'exec {svc_command()[0]} -c "{sender}"; fi\n'
+        f"  exec {' '.join(svc_command('--notify'))}\n"
+        "fi\n"
+        f"exec {' '.join(svc_command())}\n"  # worker 1: never sends READY=1
+    )
+    script.chmod(0o755)
+    flipvisor.start(
+        {
+            "programs": {
+                "web": {
+                    "command": [str(script)],
+                    "numprocs": 2,
+                    "readiness": {"notify": True, "timeout": 3},
+                    "drain": {"delay": 0, "timeout": 5},
+                }
+            }
+        }
+    )
+    settled = wait_until(
+        lambda: (p := flipvisor.program("web"))["state"] in ("running", "fatal") and p,
+        timeout=20,
+        message="generation 1 to be promoted or to fail",
+    )
+    assert crashed_once.exists()
+    assert "promoted" not in flipvisor.event_kinds(), flipvisor.cli("events", "web").stdout
+    assert settled["state"] == "fatal"
+    assert "READY=1" in (settled["fatal_reason"] or ""), settled["fatal_reason"]
