@@ -44,7 +44,12 @@ class SpawnError(FlipvisorError):
 
 
 class BindError(SpawnError):
-    """A generation's listening socket could not be bound (in use, not a local address)."""
+    """A generation's listening socket could not be bound (in use, not a local address);
+    ``in_use``: whether something holds the address (freeing it is then a way out)."""
+
+    def __init__(self, message: str, *, in_use: bool = False) -> None:
+        super().__init__(message)
+        self.in_use = in_use
 
 
 class ProbeFailed(FlipvisorError):
@@ -122,8 +127,10 @@ def flip_next_step(exc: BaseException, program: str, *, retry: str = "flip") -> 
         return f"fix the proxy template or its check/reload command, {again}"
     if isinstance(exc, RegistryError):
         return f"{exc.next_step or 'make the registry reachable (registry.endpoints)'}, {again}"
-    if isinstance(exc, BindError):
+    if isinstance(exc, BindError) and exc.in_use:
         return f"free the address or change programs.{program}.socket, {again}"
+    if isinstance(exc, BindError):
+        return f"change programs.{program}.socket, {again}"
     if isinstance(exc, SpawnError):
         return f"fix programs.{program}.command or cwd in the config, {again}"
     return f"`flipvisor logs {program}` shows its output"

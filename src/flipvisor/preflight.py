@@ -78,7 +78,10 @@ def host_problems(config: Config, config_path: Path | None = None) -> list[HostP
     record = read_record(config_path) if config_path is not None else None
     for name, program in config.programs.items():
         problems.extend(_program_problems(("programs", name), name, program))
-        if program.socket.port != 0 and (
+        if program.socket.port == 0 and (why := listen_problem(program.socket.host, 0)):
+            # No port to collide with, but the host must still be one of this host's addresses.
+            problems.append(HostProblem(("programs", name, "socket", "host"), why))
+        elif program.socket.port != 0 and (
             found := _port_problem(
                 ("programs", name, "socket", "port"),
                 program.socket,

@@ -9,7 +9,7 @@ import socket
 
 from .config import SocketConfig
 from .errors import BindError
-from .usable import in_use, port_holders
+from .usable import in_use, listen_error, port_holders
 
 
 def bind_listener(config: SocketConfig) -> socket.socket:
@@ -33,8 +33,9 @@ def bind_listener(config: SocketConfig) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:  # say by whom: the operator's next question
-            raise BindError(in_use(config.host, config.port, port_holders(config.port))) from exc
-        raise BindError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
+            holders = port_holders(config.port)
+            raise BindError(in_use(config.host, config.port, holders), in_use=True) from exc
+        raise BindError(listen_error(config.host, config.port, exc)) from exc
     return sock
 
 

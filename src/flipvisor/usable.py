@@ -111,7 +111,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 def listen_error(host: str, port: int, exc: OSError) -> str:
     """What a failed listen on ``host:port`` means, and what to do, by its cause."""
-    where = f"cannot listen on {host}:{port}"
+    where = f"cannot listen on {host}:{port}" if port else f"cannot listen on {host}"
     if isinstance(exc, socket.gaierror):
         return (
             f"{where}: {host!r} is not an address ({exc.strerror}); use an IP address of this "

@@ -187,6 +187,25 @@ def test_host_problems_name_the_line_of_their_key(tmp_path: Path) -> None:
     ]
 
 
+def test_a_socket_host_that_is_not_this_host_s_is_found_with_port_0_too(tmp_path: Path) -> None:
+    """With the default port 0 nothing collides, but the host must still be one of this host's
+    addresses: `check` said ok, and `run` made the program fatal (QA finding)."""
+    config = write(
+        tmp_path,
+        f"""\
+        programs:
+          web:
+            command: ["{sys.executable}"]
+            socket: {{host: 192.0.2.1}}
+        state_dir: {tmp_path / "state"}
+        """,
+    )
+    assert problem_lines(check(config)) == [
+        f"{config}:4: programs.web.socket.host: cannot listen on 192.0.2.1: 192.0.2.1 is "
+        "not an address of this host; use one of its own, or 0.0.0.0",
+    ]
+
+
 def test_invalid_keys_are_listed_in_the_files_order(tmp_path: Path) -> None:
     """They came in the models' order (state_dir, logs, ..., programs), not the file's."""
     config = write(

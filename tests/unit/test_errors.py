@@ -28,7 +28,12 @@ from flipvisor.errors import (
         # The local backend's file knows better than "reachable", which is about etcd.
         (RegistryError("bad JSON", "fix /s/registry.json by hand"), "fix /s/registry.json by hand"),
         (SpawnError("not found"), "fix programs.web.command or cwd in the config"),
-        (BindError("127.0.0.1:8000 in use"), "free the address or change programs.web.socket"),
+        (
+            BindError("127.0.0.1:8000 in use", in_use=True),
+            "free the address or change programs.web.socket",
+        ),
+        # Nothing to free: an address of another host.
+        (BindError("10.9.9.9 is not an address of this host"), "change programs.web.socket, then"),
         (ProbeFailed("GET /health: 503"), "`flipvisor logs web` shows its output"),
     ],
 )
@@ -41,5 +46,5 @@ def test_a_failed_flip_names_the_next_step_for_what_failed(error: Exception, adv
 
 def test_with_nothing_serving_the_one_next_step_is_start() -> None:
     """A failed first start leaves the program fatal, which `start` clears: not `flip`."""
-    step = flip_next_step(BindError("127.0.0.1:8000 in use"), "web", retry="start")
+    step = flip_next_step(BindError("127.0.0.1:8000 in use", in_use=True), "web", retry="start")
     assert step == "free the address or change programs.web.socket, then `flipvisor start web`"
