@@ -43,7 +43,7 @@ import math
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -91,10 +91,12 @@ class Leftovers:
     def describe(self) -> str:
         named = self.workers if self.recorded is None else self.workers[: self.recorded]
         found = self.workers[len(named) :]
-        if not named:
-            return f"what a previous supervisor left (pid {pid_list(w.pid for w in found)})"
         where = f" on port {self.port}" if self.port is not None else ""
         number = f"generation {self.generation}" if self.generation is not None else "a generation"
+        if not self.workers and self.record is not None:  # all died with their supervisor
+            return f"{number} of a previous supervisor{where}, none of its workers running"
+        if not named:
+            return f"what a previous supervisor left (pid {pid_list(w.pid for w in found)})"
         pids = pid_list(worker.pid for worker in named)
         also = f", and pid {pid_list(w.pid for w in found)} it left" if found else ""
         return f"{number} of a previous supervisor (pid {pids}){where}{also}"
@@ -312,11 +314,14 @@ def _listens_on(sock: socket.socket, config: SocketConfig) -> bool:
     )
 
 
-def leftovers_in(program: str, record: str | None, host: str) -> Leftovers | None:
+def leftovers_in(
+    program: str, record: str | None, host: str, *, even_if_gone: bool = False
+) -> Leftovers | None:
     """The leftovers a ``generation/current`` ``record`` names, or None if there are none: the
     record is from another host or has no supervisor (written before records named it), its
     supervisor still runs, or none of its workers runs as recorded (by start tick and boot id,
-    or by start time in a record without them)."""
+    or by start time in a record without them). ``even_if_gone``: leftovers without a worker in
+    that last case (a program removed from the config still has its keys and proxy file)."""
     document = _dead_supervisors_document(program, record, host)
     if document is None:
         return None
@@ -332,7 +337,7 @@ def leftovers_in(program: str, record: str | None, host: str) -> Leftovers | Non
     # by start time only are identified by their start tick from now on: a clock step before
     # their drain does not hide them.
     alive = tuple(with_identity(w) for w in workers if _running(w, program=program))
-    if not alive:
+    if not alive and not even_if_gone:
         return None
     return Leftovers(
         program,
@@ -399,11 +404,12 @@ def _running(process: Recorded, *, program: str | None = None, worker: bool = Fa
         os.close(pidfd)
 
 
-async def find_leftovers(
-    registry: WatchableRegistry, prefix: str, programs: Mapping[str, object], host: str
-) -> dict[str, Leftovers]:
-    """The leftovers of each of ``programs``, read in one request; none if the registry cannot
-    be read (logged: they then go on running, as before this supervisor started)."""
+async def read_records(
+    registry: WatchableRegistry, prefix: str, programs: Iterable[str]
+) -> dict[str, str]:
+    """The ``generation/current`` record of each of ``programs`` that has one, by program, read
+    in one request; none if the registry cannot be read (logged: what a previous supervisor
+    left then goes on running, and stays routed, as before this supervisor started)."""
     keys = {program_key(prefix, name, "generation/current"): name for name in programs}
     if not keys:
         return {}
@@ -411,13 +417,21 @@ async def find_leftovers(
         values = (await registry.read_keys(list(keys))).values
     except RegistryError as exc:
         log.warning(
-            "cannot read the registry to find workers a previous supervisor left running: %s; "
-            "any such workers are not replaced",
+            "cannot read the registry to find workers a previous supervisor left running, or "
+            "programs it served that the config no longer has: %s; such workers are not "
+            "replaced, and such programs keep their proxy files and registry keys",
             exc,
         )
         return {}
+    return {name: values[key] for key, name in keys.items() if key in values}
+
+
+def recorded_leftovers(
+    records: Mapping[str, str], programs: Iterable[str], host: str
+) -> dict[str, Leftovers]:
+    """The leftovers that ``records`` (``read_records``) name for each of ``programs``."""
     found = {}
-    for key, name in keys.items():
-        if (leftovers := leftovers_in(name, values.get(key), host)) is not None:
+    for name in programs:
+        if (leftovers := leftovers_in(name, records.get(name), host)) is not None:
             found[name] = leftovers
     return found

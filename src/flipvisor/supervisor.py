@@ -26,7 +26,7 @@ from .errors import EXIT_USAGE, ConfigError, FlipvisorError, UsageError
 from .events import EventLog
 from .keeper_handover import KeptOutput, take_over_outputs
 from .kept_outputs import OutputKeeper
-from .leftovers import Leftovers, find_leftovers
+from .leftovers import Leftovers, read_records, recorded_leftovers
 from .lineage import Lineage, processes_of
 from .logs_capture import capture
 from .orphans import ORPHAN_GRACE, stop_orphans
@@ -38,7 +38,12 @@ from .registry.base import WatchableRegistry
 from .reload import Reloads
 from .runrecord import RunRecord, answers, read_record, remove_record, write_record
 from .spawn import seal_inherited_fds
-from .stray_programs import stop_stray_program
+from .stray_programs import (
+    proxy_writers,
+    recorded_strays,
+    removed_programs,
+    stop_stray_program,
+)
 from .usable import folder_problem
 
 log = logging.getLogger(__name__)
@@ -275,34 +280,37 @@ class Supervisor:
                 log_.close()
 
     async def _find_leftovers(self, *, unclean: bool, tg: TaskGroup) -> dict[str, Leftovers]:
-        """What a killed supervisor left running, by program (``leftovers.py``). After an unclean
-        exit, its processes that no record names are found too; those of programs no longer in
-        the config are stopped now, in ``tg``."""
+        """What a killed supervisor left running, by program (``leftovers.py``). The programs it
+        served that the config no longer has (``stray_programs.py``) are stopped now, in ``tg``:
+        those its registry records name (``removed_programs``: any left in the deploy history),
+        and, after an unclean exit, those its processes name that no record does."""
         programs, state_dir = self.config.programs, self.config.state_dir
-        strays: list[Leftovers] = []
-        recorded = await find_leftovers(
-            self.registry, self.config.registry.prefix, programs, HOSTNAME
+        removed = removed_programs(state_dir, programs)
+        records = await read_records(
+            self.registry, self.config.registry.prefix, [*programs, *removed]
         )
         # What they start from now on is looked for whenever they are signalled.
         found = {
-            name: replace(left, lineage=Lineage(state_dir, name)) for name, left in recorded.items()
+            name: replace(left, lineage=Lineage(state_dir, name))
+            for name, left in recorded_leftovers(records, programs, HOSTNAME).items()
         }
-        if not unclean:
-            return found
-        for name, processes in processes_of(state_dir).items():
+        strays = {
+            name: replace(left, lineage=Lineage(state_dir, name))
+            for name, left in recorded_strays(records, removed, HOSTNAME).items()
+        }
+        for name, processes in (processes_of(state_dir) if unclean else {}).items():
             lineage = Lineage(state_dir, name)
-            if name in programs:
-                left = found.get(name) or Leftovers(name, None, None, (), lineage=lineage)
-                found[name] = left.with_workers(processes)
-                continue
-            stray = Leftovers(name or "?", None, None, tuple(processes), lineage=lineage)
+            into = found if name in programs else strays
+            left = into.get(name) or Leftovers(name or "?", None, None, (), lineage=lineage)
+            into[name] = left.with_workers(processes)
+        for stray in strays.values():
+            what = "stopping" if stray.workers else "taking it out of the proxy and the registry"
             self.events.emit(
-                "leftovers", stray.program, None, f"{stray.describe()}: not in the config; stopping"
+                "leftovers", stray.program, None, f"{stray.describe()}: not in the config; {what}"
             )
-            strays.append(stray)
         if strays:
             self._strays_gone = anyio.Event()
-            tg.start_soon(self._stop_strays, strays, self._strays_gone)
+            tg.start_soon(self._stop_strays, list(strays.values()), self._strays_gone)
         return found
 
     async def _stop_strays(self, strays: list[Leftovers], gone: anyio.Event) -> None:
@@ -310,17 +318,12 @@ class Supervisor:
         (``stray_programs.py``: out of the proxy, keys withdrawn, then SIGTERM, SIGKILL after
         the default drain timeout), or SIGKILL them once a shutdown's drains are done
         (``run``)."""
-        proxy_files = {
-            section.proxy.dest: name
-            for name, section in self.config.programs.items()
-            if section.proxy is not None
-        }
         stop = partial(
             stop_stray_program,
             runtime=self.runtime,
             registry=self.registry,
             prefix=self.config.registry.prefix,
-            proxy_files=proxy_files,
+            proxy_files=proxy_writers(self.config),
             hurry=self._strays_hurry,
         )
         try:
