@@ -34,7 +34,8 @@ from .config import Config, DrainConfig
 from .config_fields import MAX_PROGRAM_NAME, PROGRAM_NAME_RE
 from .errors import RegistryError
 from .history import History
-from .leftovers import Leftovers, dead_supervisors_record, leftovers_in
+from .leftover_records import dead_supervisors_record, leftovers_in
+from .leftovers import Leftovers
 from .program import Runtime
 from .published_keys import HOSTNAME
 from .registry import WatchableRegistry, program_key
