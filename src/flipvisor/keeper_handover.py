@@ -60,51 +60,15 @@ async def take_over_outputs(state_dir: Path) -> list[KeptOutput]:
     held it. A descriptor that is not a pipe is closed: it is no worker's output.
     """
     path = state_dir / HANDOVER_SOCKET
-    if not path.exists():
+    if not path.exists() or (sock := _connect(path)) is None:
         return []
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     outputs: list[KeptOutput] = []
     with sock:
-        try:
-            sock.connect(os.fsencode(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            path.unlink(missing_ok=True)
-            return []
-        except OSError as exc:
-            log.warning("cannot reach the output keeper at %s: %s", path, exc.strerror)
-            return []
-        sock.setblocking(False)
         with anyio.move_on_after(HANDOVER_TIMEOUT) as waited:
-            while True:
-                await anyio.wait_readable(sock)
-                try:
-                    data, fds = receive_with_fds(sock, HANDOVER_MESSAGE)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    log.warning(
-                        "cannot read the handover of the output keeper at %s (%s; took %d): the "
-                        "workers whose pipes it had not handed over yet may have lost their "
-                        "reader",
-                        path,
-                        exc.strerror or exc,
-                        len(outputs),
-                    )
-                    break
-                if data == END:
-                    # The keeper exits: its path is ours to remove (it keeps it bound until the
-                    # end, so that a failed handover leaves it reachable) before our keeper binds.
-                    path.unlink(missing_ok=True)
-                    break
-                if not data:
-                    log.warning(
-                        "the output keeper at %s went away before it had handed every pipe over "
-                        "(took %d): the workers whose pipes it still held lost their reader",
-                        path,
-                        len(outputs),
-                    )
-                    break
-                outputs.extend(_kept_outputs(data, fds, path, state_dir, outputs))
+            if await _receive(sock, path, state_dir, outputs):
+                # The keeper exits: its path is ours to remove (it keeps it bound until the end,
+                # so that a failed handover leaves it reachable) before our keeper binds.
+                path.unlink(missing_ok=True)
         if waited.cancelled_caught:
             log.warning(
                 "the output keeper at %s did not finish handing over within %gs; took %d",
@@ -113,6 +77,57 @@ async def take_over_outputs(state_dir: Path) -> list[KeptOutput]:
                 len(outputs),
             )
     return outputs
+
+
+def _connect(path: Path) -> socket.socket | None:
+    """A connection to the keeper's socket at ``path``, not blocking; None if no keeper listens
+    there (a stale socket, removed) or it cannot be reached (logged)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(os.fsencode(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        sock.close()
+        path.unlink(missing_ok=True)
+        return None
+    except OSError as exc:
+        sock.close()
+        log.warning("cannot reach the output keeper at %s: %s", path, exc.strerror)
+        return None
+    sock.setblocking(False)
+    return sock
+
+
+async def _receive(
+    sock: socket.socket, path: Path, state_dir: Path, outputs: list[KeptOutput]
+) -> bool:
+    """Receive the keeper's messages into ``outputs`` (as they come: those of a handover cut
+    short are kept) until its end (True), or until it fails or goes away (False, logged)."""
+    while True:
+        await anyio.wait_readable(sock)
+        try:
+            data, fds = receive_with_fds(sock, HANDOVER_MESSAGE)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            log.warning(
+                "cannot read the handover of the output keeper at %s (%s; took %d): the "
+                "workers whose pipes it had not handed over yet may have lost their reader",
+                path,
+                exc.strerror or exc,
+                len(outputs),
+            )
+            return False
+        if data == END:
+            return True
+        if not data:
+            log.warning(
+                "the output keeper at %s went away before it had handed every pipe over "
+                "(took %d): the workers whose pipes it still held lost their reader",
+                path,
+                len(outputs),
+            )
+            return False
+        outputs.extend(_kept_outputs(data, fds, path, state_dir, outputs))
 
 
 def _kept_outputs(

@@ -4,8 +4,9 @@ A supervisor that is SIGKILLed (or OOM-killed, or crashes past its own handlers)
 workers. They go on serving the port the proxy routes to, re-parented to init, their output going
 nowhere. The registry still names them: a program's ``generation/current`` record holds every
 worker's PID with its start time, start tick and boot id, the host, and the supervisor that owned
-them (the same of it). At start-up ``run`` reads those records: the workers of this host still
-running as recorded, whose supervisor is gone, are the program's *leftovers*.
+them (the same of it). At start-up ``run`` reads those records (``leftover_records.py``): the
+workers of this host still running as recorded, whose supervisor is gone, are the program's
+*leftovers*.
 
 They are treated as one more old generation. They serve until this run's first generation of the
 program is promoted (the registry's ``previous`` then names them, as after a flip) and are drained
@@ -37,27 +38,24 @@ supervisor still runs (another supervisor of this host sharing the etcd prefix) 
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import math
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
 
 from .config import DrainConfig, SocketConfig
-from .errors import RegistryError
 from .generation import KILL_GRACE
 from .lineage import PROGRAM_ENV, Lineage, environ_of, exited
 from .progress import pid_list
 from .proxy import wait_workers_gone
-from .registry import WatchableRegistry, program_key
 from .signals import with_continue
-from .starttime import Recorded, recorded_from_json, with_identity
+from .starttime import Recorded
 from .verified_signal import pidfd_if_still, signal_verified
 
 log = logging.getLogger(__name__)
@@ -91,10 +89,12 @@ class Leftovers:
     def describe(self) -> str:
         named = self.workers if self.recorded is None else self.workers[: self.recorded]
         found = self.workers[len(named) :]
-        if not named:
-            return f"what a previous supervisor left (pid {pid_list(w.pid for w in found)})"
         where = f" on port {self.port}" if self.port is not None else ""
         number = f"generation {self.generation}" if self.generation is not None else "a generation"
+        if not self.workers and self.record is not None:  # all died with their supervisor
+            return f"{number} of a previous supervisor{where}, none of its workers running"
+        if not named:
+            return f"what a previous supervisor left (pid {pid_list(w.pid for w in found)})"
         pids = pid_list(worker.pid for worker in named)
         also = f", and pid {pid_list(w.pid for w in found)} it left" if found else ""
         return f"{number} of a previous supervisor (pid {pids}){where}{also}"
@@ -105,7 +105,7 @@ class Leftovers:
         return {
             "generation": self.generation,
             "port": self.port,
-            "pids": [worker.pid for worker in self.workers if _running(worker)],
+            "pids": [worker.pid for worker in self.workers if runs_as_recorded(worker)],
         }
 
     def with_workers(self, more: list[Recorded]) -> Leftovers:
@@ -128,7 +128,7 @@ class Leftovers:
         return [
             worker.pid
             for worker in self.workers
-            if _running(worker, worker=True) and signal_verified(worker, sig)
+            if runs_as_recorded(worker, worker=True) and signal_verified(worker, sig)
         ]
 
     async def drain(
@@ -198,7 +198,7 @@ class Leftovers:
         return [
             p
             for p in self._family(signalled)
-            if p.pid not in done and _running(p) and _ask_to_stop(p, sig)
+            if p.pid not in done and runs_as_recorded(p) and _ask_to_stop(p, sig)
         ]
 
     def _family(self, known: list[Recorded]) -> list[Recorded]:
@@ -276,7 +276,7 @@ def _ask_to_stop(process: Recorded, sig: signal.Signals) -> bool:
 
 def _kill(process: Recorded) -> bool:
     """SIGKILL ``process`` if it still runs as recorded (a zombie would take it too)."""
-    return _running(process) and signal_verified(process, signal.SIGKILL)
+    return runs_as_recorded(process) and signal_verified(process, signal.SIGKILL)
 
 
 def _pidfd_getfd(pidfd: int, target_fd: int) -> int:
@@ -312,74 +312,9 @@ def _listens_on(sock: socket.socket, config: SocketConfig) -> bool:
     )
 
 
-def leftovers_in(program: str, record: str | None, host: str) -> Leftovers | None:
-    """The leftovers a ``generation/current`` ``record`` names, or None if there are none: the
-    record is from another host or has no supervisor (written before records named it), its
-    supervisor still runs, or none of its workers runs as recorded (by start tick and boot id,
-    or by start time in a record without them)."""
-    document = _dead_supervisors_document(program, record, host)
-    if document is None:
-        return None
-    try:
-        workers = [recorded_from_json(p) for p in document.get("pids", [])]
-    except (ValueError, TypeError, KeyError):
-        log.warning("program=%s: generation/current is not a record flipvisor wrote", program)
-        return None
-    generation = document.get("generation")
-    port = document.get("port")
-    # Started by a supervisor for this program: a forged or stale record could name any process
-    # with its real start time (anyone can read pid 1's). Those an older flipvisor's record names
-    # by start time only are identified by their start tick from now on: a clock step before
-    # their drain does not hide them.
-    alive = tuple(with_identity(w) for w in workers if _running(w, program=program))
-    if not alive:
-        return None
-    return Leftovers(
-        program,
-        generation if isinstance(generation, int) else None,
-        port if isinstance(port, int) else None,
-        alive,
-        record,
-    )
-
-
-def dead_supervisors_record(program: str, record: str | None, host: str) -> str | None:
-    """``record`` (a ``generation/current`` value) if a supervisor of ``host`` that no longer
-    runs wrote it: the keys of a program it served that a withdrawal may take over (whether or
-    not the workers it names still run). None otherwise (logged when its supervisor runs)."""
-    return record if _dead_supervisors_document(program, record, host) is not None else None
-
-
-def _dead_supervisors_document(
-    program: str, record: str | None, host: str
-) -> dict[str, Any] | None:
-    """``record`` parsed, if it names ``host`` and a supervisor that no longer runs; None for
-    none, another host's, one that names no supervisor (written before records did), or one
-    whose supervisor still runs (logged: it is not this one's to replace)."""
-    try:
-        document: Any = json.loads(record) if record else None
-        if not isinstance(document, dict) or document.get("host") != host:
-            return None
-        owner = document.get("supervisor")
-        if not isinstance(owner, dict):
-            return None
-        supervisor = recorded_from_json(owner)
-    except (ValueError, TypeError, KeyError):
-        log.warning("program=%s: generation/current is not a record flipvisor wrote", program)
-        return None
-    if _running(supervisor):
-        log.warning(
-            "program=%s: the registry names the workers of a supervisor that still runs "
-            "(pid %d); they are not this one's to replace. Do two supervisors share the "
-            "registry prefix?",
-            program,
-            supervisor.pid,
-        )
-        return None
-    return document
-
-
-def _running(process: Recorded, *, program: str | None = None, worker: bool = False) -> bool:
+def runs_as_recorded(
+    process: Recorded, *, program: str | None = None, worker: bool = False
+) -> bool:
     """Whether ``process`` runs as recorded (has not exited: a pidfd turns readable at the exit,
     before anyone reaps it); with ``program``, also whether its environment names it
     (``FLIPVISOR_PROGRAM``, which every worker gets); with ``worker``, also whether it is a
@@ -397,27 +332,3 @@ def _running(process: Recorded, *, program: str | None = None, worker: bool = Fa
         return not exited(pidfd)
     finally:
         os.close(pidfd)
-
-
-async def find_leftovers(
-    registry: WatchableRegistry, prefix: str, programs: Mapping[str, object], host: str
-) -> dict[str, Leftovers]:
-    """The leftovers of each of ``programs``, read in one request; none if the registry cannot
-    be read (logged: they then go on running, as before this supervisor started)."""
-    keys = {program_key(prefix, name, "generation/current"): name for name in programs}
-    if not keys:
-        return {}
-    try:
-        values = (await registry.read_keys(list(keys))).values
-    except RegistryError as exc:
-        log.warning(
-            "cannot read the registry to find workers a previous supervisor left running: %s; "
-            "any such workers are not replaced",
-            exc,
-        )
-        return {}
-    found = {}
-    for key, name in keys.items():
-        if (leftovers := leftovers_in(name, values.get(key), host)) is not None:
-            found[name] = leftovers
-    return found

@@ -1,31 +1,41 @@
 """The programs a killed supervisor served that the config no longer has (removed from the file
-while no supervisor ran), found at start-up by their processes' environment (``lineage.py``), and
-stopped as a reload stops a program it removes: out of the proxy, registry keys withdrawn, then
-drained (at once: nothing replaces them).
+while no supervisor ran), found at start-up, and stopped as a reload stops a program it removes:
+out of the proxy, registry keys withdrawn, then drained (at once: nothing replaces them).
+
+They are found two ways. By their processes' environment (``lineage.py``), after an unclean
+exit. And by their deploy history in the state_dir (``history.py``: every program a run of this
+state_dir deployed) together with their ``generation/current`` record, still naming a dead
+supervisor of this host: their workers may have died with it, or since, but their proxy file
+still routes to the dead port and their keys still name the dead workers. A program that a run
+stopped or removed itself had its keys withdrawn then: its history alone (of a file that may be
+another's now) is no reason to touch anything.
 
 This run has no section for such a program. What it needs is read where the killed supervisor
-left it: the proxy section from the program's deploy history in the state_dir (``history.py``:
-private to this user, and what the proxy file was rendered with), the keys' owner from the
-registry's ``generation/current`` record, which the withdrawal compares with (the keys are
-withdrawn only while they still name that record: not if another writer promoted the program
-since). The record is not where the proxy section is looked for: the registry is shared with
-other tools and hosts, and a ``reload_cmd`` or a ``dest`` read from it would let whoever can
-write a key have this supervisor run a command or remove a file.
+left it: the proxy section from the program's deploy history (private to this user, and what the
+proxy file was rendered with), the keys' owner from the registry's ``generation/current`` record,
+which the withdrawal compares with (the keys are withdrawn only while they still name that
+record: not if another writer promoted the program since). The record is not where the proxy
+section is looked for: the registry is shared with other tools and hosts, and a ``reload_cmd``
+or a ``dest`` read from it would let whoever can write a key have this supervisor run a command
+or remove a file. A proxy file that the config now has another writer for (a program's
+``proxy.dest``, a watch entry's ``dest``: a rename, by the look of it) is left to that writer.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 import anyio
 
-from .config import DrainConfig
+from .config import Config, DrainConfig
 from .config_fields import MAX_PROGRAM_NAME, PROGRAM_NAME_RE
 from .errors import RegistryError
 from .history import History
-from .leftovers import Leftovers, dead_supervisors_record
+from .leftover_records import dead_supervisors_record, leftovers_in
+from .leftovers import Leftovers
 from .program import Runtime
 from .published_keys import HOSTNAME
 from .registry import WatchableRegistry, program_key
@@ -34,25 +44,75 @@ from .unroute import unroute
 log = logging.getLogger(__name__)
 
 
+def removed_programs(state_dir: Path, configured: Collection[str]) -> list[str]:
+    """The programs with a deploy history in ``state_dir`` that the config no longer has
+    (``configured``): deployed by a previous run, stopped or removed since, or left routed by a
+    killed supervisor (which ``recorded_strays`` tells by their registry records)."""
+    try:
+        entries = sorted(os.listdir(state_dir / "history"))
+    except OSError:  # none yet, or unreadable: nothing known to have been deployed
+        return []
+    names = (entry.removesuffix(".json") for entry in entries if entry.endswith(".json"))
+    return [name for name in names if _program_name(name) and name not in configured]
+
+
+def recorded_strays(
+    records: Mapping[str, str], removed: Iterable[str], host: str
+) -> dict[str, Leftovers]:
+    """Of the ``removed`` programs (``removed_programs``), those whose ``generation/current``
+    record (``records``, by program) a supervisor of ``host`` that no longer runs wrote, with
+    the workers it names that still run: none when they died with it."""
+    strays = {}
+    for name in removed:
+        if (left := leftovers_in(name, records.get(name), host, even_if_gone=True)) is not None:
+            strays[name] = left
+    return strays
+
+
+def proxy_writers(config: Config) -> dict[str, str]:
+    """The proxy files ``config`` has a writer for, by real path: its programs' ``proxy.dest``
+    (the program's name) and its watch entries' ``dest`` ("watch entry N")."""
+    writers = {
+        os.path.realpath(entry.dest): f"watch entry {index}"
+        for index, entry in enumerate(config.watch)
+        if entry.dest is not None
+    }
+    for name, section in config.programs.items():
+        if section.proxy is not None:
+            writers[os.path.realpath(section.proxy.dest)] = name
+    return writers
+
+
+def _writer_of(dest: Path, proxy_files: Mapping[str, str]) -> str | None:
+    """Who writes ``dest`` in the config (``proxy_writers``), however it is spelled."""
+    return proxy_files.get(os.path.realpath(dest))
+
+
+def _program_name(name: str) -> bool:
+    """Whether ``name`` is one a config could hold (what a process's environment or a file
+    name says is not necessarily one)."""
+    return bool(PROGRAM_NAME_RE.fullmatch(name)) and len(name) <= MAX_PROGRAM_NAME
+
+
 async def stop_stray_program(
     stray: Leftovers,
     *,
     runtime: Runtime,
     registry: WatchableRegistry,
     prefix: str,
-    proxy_files: Mapping[Path, str],
+    proxy_files: Mapping[str, str],
     hurry: anyio.Event,
 ) -> None:
     """Take ``stray``'s program out of the proxy and withdraw its registry keys, then drain
     its leftovers (SIGTERM, SIGKILL after the default drain timeout, or as soon as ``hurry`` is
-    set: a shutdown's drains are done). ``proxy_files``: the proxy files the config's programs
-    write (dest -> program): one of them is left in place, its new writer's now.
+    set: a shutdown's drains are done). ``proxy_files``: the proxy files the config has a writer
+    for (``proxy_writers``): one of them is left in place, its new writer's now.
 
     Processes that name no program, or no name a config could hold (their environment is
     theirs to set), have no proxy file or keys of ours: they are only drained.
     """
     name = stray.program
-    if PROGRAM_NAME_RE.fullmatch(name) and len(name) <= MAX_PROGRAM_NAME:
+    if _program_name(name):
         record = await _dead_supervisors_record(stray, registry, prefix)
         await _unroute(name, runtime, proxy_files, routed=record is not None)
         if record is not None:
@@ -95,7 +155,7 @@ async def _dead_supervisors_record(
 
 
 async def _unroute(
-    name: str, runtime: Runtime, proxy_files: Mapping[Path, str], *, routed: bool
+    name: str, runtime: Runtime, proxy_files: Mapping[str, str], *, routed: bool
 ) -> None:
     """Remove the program's proxy file, check, reload and wait for the proxy's old workers
     (``unroute.py``), with the proxy section it was last deployed with."""
@@ -113,7 +173,7 @@ async def _unroute(
     proxy = deployed.proxy
     if proxy is None:
         return
-    if (writer := proxy_files.get(proxy.dest)) is not None:
+    if (writer := _writer_of(proxy.dest, proxy_files)) is not None:
         # Renamed, by the look of it: the new writer's promotion rewrites the file; removing it
         # meanwhile would take the new program out of the proxy.
         log.info(

@@ -1,15 +1,15 @@
 """The root of ``flipvisor run``: reaper, registry, control socket, programs and watches in one
-task group; start-up with a killed supervisor's leftovers; signals (SIGHUP re-reads the config,
-SIGUSR1/2 are forwarded); SIGTERM/SIGINT/SIGQUIT drain everything, stop the workers' orphans
-left, and exit. The control requests are ``commands.py``'s, the reloads ``reload.py``'s.
+task group; the configured programs added at start-up, with a killed supervisor's leftovers;
+signals (SIGHUP re-reads the config, SIGUSR1/2 are forwarded); SIGTERM/SIGINT/SIGQUIT drain
+everything, stop the workers' orphans left, and exit. What ``run`` sees to before it starts is
+``run_start.py``'s, what it takes over from a killed supervisor ``predecessor.py``'s, the control
+requests ``commands.py``'s, the reloads ``reload.py``'s.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,48 +21,26 @@ from anyio.abc import TaskGroup
 from . import signals
 from .commands import Commands
 from .config import Config, same_deploy
-from .control import AlreadyRunning, ControlServer
-from .errors import EXIT_USAGE, ConfigError, FlipvisorError, UsageError
+from .control import ControlServer
+from .errors import EXIT_USAGE, FlipvisorError, UsageError
 from .events import EventLog
 from .keeper_handover import KeptOutput, take_over_outputs
 from .kept_outputs import OutputKeeper
-from .leftovers import Leftovers, find_leftovers
-from .lineage import Lineage, processes_of
-from .logs_capture import capture
 from .orphans import ORPHAN_GRACE, stop_orphans
+from .predecessor import Predecessor
 from .program import Program, Runtime
-from .published_keys import HOSTNAME
-from .reaper import Reaper, become_subreaper
+from .reaper import Reaper
 from .registry import open_registry
 from .registry.base import WatchableRegistry
 from .reload import Reloads
-from .runrecord import RunRecord, answers, read_record, remove_record, write_record
-from .spawn import seal_inherited_fds
-from .stray_programs import stop_stray_program
-from .usable import folder_problem
+from .run_start import prepare_run, record_run
+from .runrecord import remove_record
 
 log = logging.getLogger(__name__)
 
 # At shutdown, how long the control socket's conversations get to send their final answer (an
 # `events -f` follower its end) before the socket closes.
 ANSWER_GRACE = 2.0
-
-
-def prepare_state_dir(path: Path, config_path: Path) -> None:
-    """Create ``state_dir`` (and its ``logs``/``notify``) with mode 0700.
-
-    Raises:
-        ConfigError: a folder cannot be created or made private (named, with the reason).
-    """
-    for folder in (path, path / "logs", path / "notify"):
-        try:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(folder, 0o700)
-        except OSError as exc:
-            why = folder_problem(folder) or f"cannot create {folder}: {exc.strerror or exc}"
-            raise ConfigError(
-                f"{config_path}: state_dir: {why}; choose a writable folder in `state_dir`"
-            ) from exc
 
 
 class Supervisor:
@@ -85,11 +63,6 @@ class Supervisor:
         # (finding leftovers can wait on the registry for its timeout): see
         # ``Commands._configured``.
         self._programs_added = anyio.Event()
-        # The leftovers of programs no longer in the config, being stopped since start-up
-        # (``_stop_strays``): set once they are gone (None: there were none). A shutdown sets
-        # ``_strays_hurry`` once its drains are done, and they are SIGKILLed then.
-        self._strays_gone: anyio.Event | None = None
-        self._strays_hurry = anyio.Event()
         self._tg: TaskGroup | None = None
         # Where this supervisor recorded that it listens (``runrecord.py``); None until then, or
         # if it could not.
@@ -102,6 +75,9 @@ class Supervisor:
             logs=config.logs,
             keeper=self.keeper,
             serves_through=self._serves_through,
+        )
+        self.predecessor = Predecessor(
+            config, self.runtime, self.registry, self.keeper, self.programs
         )
 
     def _serves_through(self, name: str, dest: Path) -> bool:
@@ -132,22 +108,7 @@ class Supervisor:
                 names now), or another one uses this state_dir.
             ConfigError: the state_dir cannot be created, or the metrics address bound.
         """
-        # Refused whether or not it answers: a busy or stopped supervisor is the file's all the
-        # same, and a second one would run every program again beside it.
-        if (running := read_record(self.config_path)) is not None:
-            raise AlreadyRunning(
-                already_running(
-                    self.config_path,
-                    running,
-                    self.config.state_dir,
-                    answering=answers(running.socket_path),
-                )
-            )
-        prepare_state_dir(self.config.state_dir, self.config_path)
-        if not become_subreaper() and os.getpid() != 1:
-            log.warning("could not become a child subreaper; orphans will not be reaped")
-        if leaked := seal_inherited_fds():
-            log.info("closed %d inherited descriptor(s) to the workers", leaked)
+        prepare_run(self.config_path, self.config)
         control = ControlServer(self.config.socket_path, self.commands.dispatch)
         try:
             async with anyio.create_task_group() as root:
@@ -157,39 +118,10 @@ class Supervisor:
                 # ends.
                 await root.start(self.reaper.run)
                 await root.start(control.serve)
-                self._record = self._write_record()
+                self._record = record_run(self.config_path, self.config.socket_path)
                 # Before this supervisor's own keeper binds the handover socket.
                 kept = await take_over_outputs(self.config.state_dir)
-                async with anyio.create_task_group() as tg:
-                    self._tg = tg
-                    await tg.start(self.keeper.run)
-                    for output in kept:
-                        tg.start_soon(self._read_kept, output)
-                    await self._start_metrics(tg)
-                    await tg.start(self.registry.run)
-                    tg.start_soon(self._handle_signals)
-                    await self._start_watches(tg)
-                    # A reload (SIGHUP, `flipvisor reload`) waits until the configured programs
-                    # are added: finding leftovers can wait on the registry for its timeout, and
-                    # a reload meanwhile would add every program a second time.
-                    async with self.reloads.lock:
-                        await self._add_configured_programs(unclean=control.found_stale, tg=tg)
-                    self._programs_added.set()
-                    await self._shutdown.wait()
-                    self.events.emit(
-                        "shutting-down", "(supervisor)", message="draining every program"
-                    )
-                    async with anyio.create_task_group() as stops:
-                        # Every program at once, those a reload is removing too (their drain
-                        # must finish before `tg` is cancelled): shutdown takes the longest
-                        # drain, not their sum. A removed program's drain already under way is
-                        # joined, not restarted (see `Program.stop`).
-                        stops.start_soon(self._stop_every_program)
-                        stops.start_soon(self._wait_strays, ORPHAN_GRACE)
-                    # Not our children: once `tg` is cancelled, nothing at all would stop them.
-                    self._strays_hurry.set()
-                    await self._wait_strays(None)
-                    tg.cancel_scope.cancel()
+                await self._supervise(kept, unclean=control.found_stale)
                 # Past here nothing of ours runs but the reaper: what is still our child is an
                 # orphan no drain reached. A worker's must not outlive us; a proxy that a reload
                 # command started must (it serves every site behind it).
@@ -207,26 +139,49 @@ class Supervisor:
             with anyio.CancelScope(shield=True):
                 await self.registry.aclose()
 
-    def _write_record(self) -> Path | None:
-        """Record where this supervisor listens (``runrecord.py``): the CLI finds it that way
-        while its file cannot be read or names another state_dir, and another ``run`` of the
-        file is refused. Returns the record's path (None: it could not be written)."""
-        try:
-            return write_record(self.config_path, self.config.socket_path)
-        except OSError as exc:
-            log.warning(
-                "cannot record where this supervisor listens (%s): while %s cannot be read or "
-                "names another state_dir, the CLI will not find this supervisor, nor will "
-                "another `flipvisor run` of it be refused",
-                exc,
-                self.config_path,
-            )
-            return None
+    async def _supervise(self, kept: list[KeptOutput], *, unclean: bool) -> None:
+        """Everything but the reaper and the control socket, in one task group: the keeper,
+        ``kept`` (a killed supervisor's outputs), metrics, registry, signals, watches and the
+        programs, until the shutdown has drained them. ``unclean``: the supervisor before left
+        its control socket file behind."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await tg.start(self.keeper.run)
+            for output in kept:
+                tg.start_soon(self.predecessor.read_kept, output)
+            await self._start_metrics(tg)
+            await tg.start(self.registry.run)
+            tg.start_soon(self._handle_signals)
+            await self._start_watches(tg)
+            # A reload (SIGHUP, `flipvisor reload`) waits until the configured programs are
+            # added: finding leftovers can wait on the registry for its timeout, and a reload
+            # meanwhile would add every program a second time.
+            async with self.reloads.lock:
+                await self._add_configured_programs(unclean=unclean, tg=tg)
+            self._programs_added.set()
+            await self._shutdown.wait()
+            await self._drain_everything()
+            tg.cancel_scope.cancel()
+
+    async def _drain_everything(self) -> None:
+        """The shutdown: every program drained at once, and the leftovers of programs no longer
+        in the config gone (SIGKILLed once the drains are done)."""
+        self.events.emit("shutting-down", "(supervisor)", message="draining every program")
+        async with anyio.create_task_group() as stops:
+            # Every program at once, those a reload is removing too (their drain must finish
+            # before the supervisor's task group is cancelled): shutdown takes the longest drain,
+            # not their sum. A removed program's drain already under way is joined, not
+            # restarted (see `Program.stop`).
+            stops.start_soon(self._stop_every_program)
+            stops.start_soon(self.predecessor.wait_strays, ORPHAN_GRACE)
+        # Not our children: once the task group is cancelled, nothing at all would stop them.
+        self.predecessor.hurry.set()
+        await self.predecessor.wait_strays(None)
 
     async def _add_configured_programs(self, *, unclean: bool, tg: TaskGroup) -> None:
         """Add every program of the config, with the leftovers a killed supervisor left it, and
         start those with ``autostart``."""
-        leftovers = await self._find_leftovers(unclean=unclean, tg=tg)
+        leftovers = await self.predecessor.find_leftovers(unclean=unclean, tg=tg)
         for name, program_config in self.config.programs.items():
             program = await self._add_program(name, program_config)
             deployed = program.history.current
@@ -256,85 +211,6 @@ class Supervisor:
                 )
             if program_config.autostart:
                 program.start_flip(kind="start")
-
-    async def _read_kept(self, kept: KeptOutput) -> None:
-        """Log what a killed supervisor's worker writes (its keeper handed the pipe over) until
-        it and what it started are gone, or the shutdown; held by our keeper meanwhile.
-
-        From the moment the pipe is taken over, not once the programs are added (finding
-        leftovers may wait for the registry's timeout): a chatty worker would block on its full
-        pipe meanwhile, and a run killed then would take the only read ends with it."""
-        log_ = self.runtime.program_log(kept.program)  # the one its program writes, if any
-        try:
-            self.keeper.hold(kept.fd, log_, kept.prefix)
-            await capture(kept.fd, log_, prefix=kept.prefix, pending=kept.pending)
-        finally:
-            self.keeper.release(kept.fd)
-            os.close(kept.fd)
-            if kept.program not in self.programs:  # no longer in the config: nobody else writes
-                log_.close()
-
-    async def _find_leftovers(self, *, unclean: bool, tg: TaskGroup) -> dict[str, Leftovers]:
-        """What a killed supervisor left running, by program (``leftovers.py``). After an unclean
-        exit, its processes that no record names are found too; those of programs no longer in
-        the config are stopped now, in ``tg``."""
-        programs, state_dir = self.config.programs, self.config.state_dir
-        strays: list[Leftovers] = []
-        recorded = await find_leftovers(
-            self.registry, self.config.registry.prefix, programs, HOSTNAME
-        )
-        # What they start from now on is looked for whenever they are signalled.
-        found = {
-            name: replace(left, lineage=Lineage(state_dir, name)) for name, left in recorded.items()
-        }
-        if not unclean:
-            return found
-        for name, processes in processes_of(state_dir).items():
-            lineage = Lineage(state_dir, name)
-            if name in programs:
-                left = found.get(name) or Leftovers(name, None, None, (), lineage=lineage)
-                found[name] = left.with_workers(processes)
-                continue
-            stray = Leftovers(name or "?", None, None, tuple(processes), lineage=lineage)
-            self.events.emit(
-                "leftovers", stray.program, None, f"{stray.describe()}: not in the config; stopping"
-            )
-            strays.append(stray)
-        if strays:
-            self._strays_gone = anyio.Event()
-            tg.start_soon(self._stop_strays, strays, self._strays_gone)
-        return found
-
-    async def _stop_strays(self, strays: list[Leftovers], gone: anyio.Event) -> None:
-        """Stop the leftovers of programs no longer in the config as a reload's removal would
-        (``stray_programs.py``: out of the proxy, keys withdrawn, then SIGTERM, SIGKILL after
-        the default drain timeout), or SIGKILL them once a shutdown's drains are done
-        (``run``)."""
-        proxy_files = {
-            section.proxy.dest: name
-            for name, section in self.config.programs.items()
-            if section.proxy is not None
-        }
-        stop = partial(
-            stop_stray_program,
-            runtime=self.runtime,
-            registry=self.registry,
-            prefix=self.config.registry.prefix,
-            proxy_files=proxy_files,
-            hurry=self._strays_hurry,
-        )
-        try:
-            async with anyio.create_task_group() as each:
-                for stray in strays:
-                    each.start_soon(stop, stray)
-        finally:
-            gone.set()
-
-    async def _wait_strays(self, timeout: float | None) -> None:
-        """Wait until the leftovers ``_stop_strays`` stops are gone (at most ``timeout``)."""
-        if self._strays_gone is not None:
-            with anyio.move_on_after(timeout):
-                await self._strays_gone.wait()
 
     async def _start_metrics(self, tg: TaskGroup) -> None:
         if self.config.metrics is not None:
@@ -437,33 +313,9 @@ class Supervisor:
         return program
 
 
-def already_running(
-    config_path: Path, running: RunRecord, state_dir: Path, *, answering: bool = True
-) -> str:
-    """Why ``run`` refuses to start while ``running`` supervises ``config_path``, whose
-    state_dir is now ``state_dir``, and what to do (``answering``: whether its socket does)."""
-    moved = (
-        ""
-        if running.state_dir == state_dir
-        else f" (the file's state_dir is {state_dir} now: that takes effect when it restarts)"
-    )
-    if not answering:
-        return (
-            f"the supervisor of {config_path} runs but does not answer: pid {running.pid}, "
-            f"on {running.socket_path}{moved} (busy, or stopped: SIGSTOP); a second one would "
-            f"start every program again. Wait for it, or stop it: SIGTERM to pid {running.pid} "
-            "(SIGCONT first if it is stopped)"
-        )
-    return (
-        f"the supervisor of {config_path} already runs: pid {running.pid}, listening on "
-        f"{running.socket_path}{moved}; a second one would start every program again. Stop it "
-        f"first: `flipvisor -c {config_path} shutdown` (or SIGTERM to pid {running.pid})"
-    )
-
-
 def _first_error(group: BaseExceptionGroup[FlipvisorError]) -> FlipvisorError:
     first = group.exceptions[0]
     return first if isinstance(first, FlipvisorError) else _first_error(first)
 
 
-__all__ = ["EXIT_USAGE", "Supervisor", "prepare_state_dir"]
+__all__ = ["EXIT_USAGE", "Supervisor"]

@@ -23,7 +23,8 @@ import pytest
 
 from flipvisor.client import call
 from flipvisor.config import DrainConfig
-from flipvisor.leftovers import Leftovers, leftovers_in
+from flipvisor.leftover_records import leftovers_in
+from flipvisor.leftovers import Leftovers
 from flipvisor.lineage import processes_of
 from flipvisor.protocol import Request
 from flipvisor.published_keys import HOSTNAME

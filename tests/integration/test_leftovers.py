@@ -20,7 +20,8 @@ import psutil
 import pytest
 
 from flipvisor.config import DrainConfig, SocketConfig
-from flipvisor.leftovers import Leftovers, leftovers_in
+from flipvisor.leftover_records import leftovers_in
+from flipvisor.leftovers import Leftovers
 from flipvisor.lineage import Lineage, processes_of, this_run, this_supervisor
 from flipvisor.starttime import Identity, Recorded, recorded_now
 from flipvisor.verified_signal import signal_verified

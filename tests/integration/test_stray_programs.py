@@ -15,7 +15,14 @@ from typing import Any
 import anyio
 import pytest
 
-from flipvisor.config import LogsConfig, ProgramConfig, ProxyConfig, RegistryConfig
+from flipvisor.config import (
+    Config,
+    LogsConfig,
+    ProgramConfig,
+    ProxyConfig,
+    RegistryConfig,
+    WatchConfig,
+)
 from flipvisor.events import EventLog
 from flipvisor.history import History
 from flipvisor.leftovers import Leftovers
@@ -23,7 +30,7 @@ from flipvisor.lineage import this_supervisor
 from flipvisor.program import Runtime
 from flipvisor.published_keys import HOSTNAME
 from flipvisor.registry.local import LocalRegistry, read_registry_file, write_registry_file
-from flipvisor.stray_programs import stop_stray_program
+from flipvisor.stray_programs import proxy_writers, stop_stray_program
 from tests.reaping import running_reaper
 
 PREFIX = "flipvisor"
@@ -66,6 +73,13 @@ def keys(current: str) -> dict[str, str]:
     }
 
 
+def config_writing(tmp_path: Path, dest: Path) -> Config:
+    """A config whose program ``renamed`` writes the proxy file ``dest``."""
+    proxy = ProxyConfig(template=tmp_path / "renamed.j2", dest=dest, reload_cmd=["true"])
+    section = ProgramConfig(command=["app"], proxy=proxy)
+    return Config(state_dir=tmp_path / "state", programs={"renamed": section})
+
+
 class Host:
     """A state_dir with ``gone``'s deploy history and registry keys, its proxy file, and a
     proxy whose check and reload commands log what they see."""
@@ -106,7 +120,7 @@ class Host:
         )
         return ProgramConfig(command=["app"], proxy=proxy)
 
-    async def stop(self, name: str = "gone", proxy_files: dict[Path, str] | None = None) -> None:
+    async def stop(self, name: str = "gone", proxy_files: dict[str, str] | None = None) -> None:
         async with running_reaper() as reaper:
             runtime = Runtime(
                 reaper=reaper,
@@ -169,12 +183,33 @@ async def test_keys_another_supervisor_owns_are_left_as_they_are(
     assert not host.dest.exists()  # the file is this state_dir's, whoever owns the keys
 
 
-async def test_a_proxy_file_a_configured_program_writes_is_left_to_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spelled", ["as-is", "through-a-symlink"])
+async def test_a_proxy_file_a_configured_program_writes_is_left_to_it(
+    tmp_path: Path, spelled: str
+) -> None:
     """Renamed while no supervisor ran, by the look of it: the new name's promotion rewrites the
-    file, which must not be taken away meanwhile (or after it)."""
+    file, which must not be taken away meanwhile (or after it), however the config spells it."""
     host = Host(tmp_path)
+    dest = host.dest
+    if spelled == "through-a-symlink":
+        (tmp_path / "sites").symlink_to(host.dest.parent)
+        dest = tmp_path / "sites" / host.dest.name
 
-    await host.stop(proxy_files={host.dest: "renamed"})
+    await host.stop(proxy_files=proxy_writers(config_writing(tmp_path, dest)))
+
+    assert host.dest.exists()
+    assert host.proxy_saw() == []
+    assert f"{PREFIX}/gone/pid/current" not in host.registry_keys()
+
+
+async def test_a_proxy_file_a_watch_entry_writes_is_left_to_it(tmp_path: Path) -> None:
+    """A watch entry of the config renders the file now (the registry's keys of another
+    program, say): it is that entry's to rewrite, not the removed program's to delete."""
+    host = Host(tmp_path)
+    entry = WatchConfig(keys=[f"{PREFIX}/other/"], template=tmp_path / "x.j2", dest=host.dest)
+    config = Config(state_dir=host.state_dir, watch=[entry])
+
+    await host.stop(proxy_files=proxy_writers(config))
 
     assert host.dest.exists()
     assert host.proxy_saw() == []

@@ -125,6 +125,7 @@ ALLOWED: dict[str, set[str]] = {
     "worker": BASE,
     "generation": BASE | {"probe", "worker"},
     "leftovers": WORKERS,
+    "leftover_records": WORKERS | {"leftovers"},
     "published_keys": WORKERS,
     "proxy_patience": WORKERS,
     "promotion": WORKERS | {"proxy_patience", "promotion_steps", "promotion_undo"},
@@ -177,11 +178,16 @@ ALLOWED: dict[str, set[str]] = {
         "reload",
         "commands",
         "locate",
-        "stray_programs",
+        "run_start",
+        "predecessor",
     },
-    # A part of the supervisor's start-up: a removed program's deploy history (its proxy
-    # section), and what a program's stop does (unroute, the registry, a Runtime).
-    "stray_programs": CORE | {"history"},
+    # Parts of the supervisor's start-up: what it sees to first (another supervisor of the file,
+    # the state_dir, the run record), and what it takes over from a killed one.
+    "run_start": {"config", "control", "errors", "reaper", "runrecord", "spawn", "usable"},
+    "predecessor": CORE | {"leftover_records", "stray_programs"},
+    # A removed program's deploy history (its proxy section), and what a program's stop does
+    # (unroute, the registry, a Runtime).
+    "stray_programs": CORE | {"history", "leftover_records"},
     # Parts of the supervisor that take it (for its type only): its layer, supervisor included.
     "reload": CORE | {"supervisor"},
     "commands": CORE | {"supervisor", "reload"},

@@ -1,0 +1,122 @@
+"""A killed supervisor's registry records, read at start-up: which ``generation/current`` record a
+supervisor of this host that no longer runs wrote (the keys it left that a withdrawal may take
+over), and which of the workers it names still run as recorded (its program's leftovers,
+``leftovers.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .errors import RegistryError
+from .leftovers import Leftovers, runs_as_recorded
+from .registry import WatchableRegistry, program_key
+from .starttime import recorded_from_json, with_identity
+
+log = logging.getLogger(__name__)
+
+
+def leftovers_in(
+    program: str, record: str | None, host: str, *, even_if_gone: bool = False
+) -> Leftovers | None:
+    """The leftovers a ``generation/current`` ``record`` names, or None if there are none: the
+    record is from another host or has no supervisor (written before records named it), its
+    supervisor still runs, or none of its workers runs as recorded (by start tick and boot id,
+    or by start time in a record without them). ``even_if_gone``: leftovers without a worker in
+    that last case (a program removed from the config still has its keys and proxy file)."""
+    document = _dead_supervisors_document(program, record, host)
+    if document is None:
+        return None
+    try:
+        workers = [recorded_from_json(p) for p in document.get("pids", [])]
+    except (ValueError, TypeError, KeyError):
+        log.warning("program=%s: generation/current is not a record flipvisor wrote", program)
+        return None
+    generation = document.get("generation")
+    port = document.get("port")
+    # Started by a supervisor for this program: a forged or stale record could name any process
+    # with its real start time (anyone can read pid 1's). Those an older flipvisor's record names
+    # by start time only are identified by their start tick from now on: a clock step before
+    # their drain does not hide them.
+    alive = tuple(with_identity(w) for w in workers if runs_as_recorded(w, program=program))
+    if not alive and not even_if_gone:
+        return None
+    return Leftovers(
+        program,
+        generation if isinstance(generation, int) else None,
+        port if isinstance(port, int) else None,
+        alive,
+        record,
+    )
+
+
+def dead_supervisors_record(program: str, record: str | None, host: str) -> str | None:
+    """``record`` (a ``generation/current`` value) if a supervisor of ``host`` that no longer
+    runs wrote it: the keys of a program it served that a withdrawal may take over (whether or
+    not the workers it names still run). None otherwise (logged when its supervisor runs)."""
+    return record if _dead_supervisors_document(program, record, host) is not None else None
+
+
+def _dead_supervisors_document(
+    program: str, record: str | None, host: str
+) -> dict[str, Any] | None:
+    """``record`` parsed, if it names ``host`` and a supervisor that no longer runs; None for
+    none, another host's, one that names no supervisor (written before records did), or one
+    whose supervisor still runs (logged: it is not this one's to replace)."""
+    try:
+        document: Any = json.loads(record) if record else None
+        if not isinstance(document, dict) or document.get("host") != host:
+            return None
+        owner = document.get("supervisor")
+        if not isinstance(owner, dict):
+            return None
+        supervisor = recorded_from_json(owner)
+    except (ValueError, TypeError, KeyError):
+        log.warning("program=%s: generation/current is not a record flipvisor wrote", program)
+        return None
+    if runs_as_recorded(supervisor):
+        log.warning(
+            "program=%s: the registry names the workers of a supervisor that still runs "
+            "(pid %d); they are not this one's to replace. Do two supervisors share the "
+            "registry prefix?",
+            program,
+            supervisor.pid,
+        )
+        return None
+    return document
+
+
+async def read_records(
+    registry: WatchableRegistry, prefix: str, programs: Iterable[str]
+) -> dict[str, str]:
+    """The ``generation/current`` record of each of ``programs`` that has one, by program, read
+    in one request; none if the registry cannot be read (logged: what a previous supervisor
+    left then goes on running, and stays routed, as before this supervisor started)."""
+    keys = {program_key(prefix, name, "generation/current"): name for name in programs}
+    if not keys:
+        return {}
+    try:
+        values = (await registry.read_keys(list(keys))).values
+    except RegistryError as exc:
+        log.warning(
+            "cannot read the registry to find workers a previous supervisor left running, or "
+            "programs it served that the config no longer has: %s; such workers are not "
+            "replaced, and such programs keep their proxy files and registry keys",
+            exc,
+        )
+        return {}
+    return {name: values[key] for key, name in keys.items() if key in values}
+
+
+def recorded_leftovers(
+    records: Mapping[str, str], programs: Iterable[str], host: str
+) -> dict[str, Leftovers]:
+    """The leftovers that ``records`` (``read_records``) name for each of ``programs``."""
+    found = {}
+    for name in programs:
+        if (leftovers := leftovers_in(name, records.get(name), host)) is not None:
+            found[name] = leftovers
+    return found

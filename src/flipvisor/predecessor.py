@@ -1,0 +1,133 @@
+"""What a run takes over at start-up from the supervisor before it, if that one was killed: the
+output pipes its keeper kept (logged from the moment they are taken over), its leftover workers
+by program (``leftovers.py``: given to the configured programs, drained after their first
+promotion), and the programs it served that the config no longer has (``stray_programs.py``:
+stopped in the background, and SIGKILLed once a shutdown's drains are done).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import replace
+from functools import partial
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .config import Config
+from .keeper_handover import KeptOutput
+from .kept_outputs import OutputKeeper
+from .leftover_records import read_records, recorded_leftovers
+from .leftovers import Leftovers
+from .lineage import Lineage, processes_of
+from .logs_capture import capture
+from .published_keys import HOSTNAME
+from .registry.base import WatchableRegistry
+from .stray_programs import proxy_writers, recorded_strays, removed_programs, stop_stray_program
+
+if TYPE_CHECKING:
+    from .program import Program, Runtime
+
+
+class Predecessor:
+    """What a killed supervisor before this run left it, and the stops of its programs the config
+    no longer has."""
+
+    def __init__(
+        self,
+        config: Config,
+        runtime: Runtime,
+        registry: WatchableRegistry,
+        keeper: OutputKeeper,
+        programs: Mapping[str, Program],
+    ) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.registry = registry
+        self.keeper = keeper
+        # The supervisor's configured programs (the live mapping, as reloads change it).
+        self.programs = programs
+        # The leftovers of programs no longer in the config, being stopped since start-up
+        # (``_stop_strays``): set once they are gone (None: there were none). A shutdown sets
+        # ``hurry`` once its drains are done, and they are SIGKILLed then.
+        self._strays_gone: anyio.Event | None = None
+        self.hurry = anyio.Event()
+
+    async def read_kept(self, kept: KeptOutput) -> None:
+        """Log what a killed supervisor's worker writes (its keeper handed the pipe over) until
+        it and what it started are gone, or the shutdown; held by our keeper meanwhile.
+
+        From the moment the pipe is taken over, not once the programs are added (finding
+        leftovers may wait for the registry's timeout): a chatty worker would block on its full
+        pipe meanwhile, and a run killed then would take the only read ends with it."""
+        log_ = self.runtime.program_log(kept.program)  # the one its program writes, if any
+        try:
+            self.keeper.hold(kept.fd, log_, kept.prefix)
+            await capture(kept.fd, log_, prefix=kept.prefix, pending=kept.pending)
+        finally:
+            self.keeper.release(kept.fd)
+            os.close(kept.fd)
+            if kept.program not in self.programs:  # no longer in the config: nobody else writes
+                log_.close()
+
+    async def find_leftovers(self, *, unclean: bool, tg: TaskGroup) -> dict[str, Leftovers]:
+        """What a killed supervisor left running, by program (``leftovers.py``). The programs it
+        served that the config no longer has (``stray_programs.py``) are stopped now, in ``tg``:
+        those its registry records name (``removed_programs``: any left in the deploy history),
+        and, after an unclean exit, those its processes name that no record does."""
+        programs, state_dir = self.config.programs, self.config.state_dir
+        removed = removed_programs(state_dir, programs)
+        records = await read_records(
+            self.registry, self.config.registry.prefix, [*programs, *removed]
+        )
+        # What they start from now on is looked for whenever they are signalled.
+        found = {
+            name: replace(left, lineage=Lineage(state_dir, name))
+            for name, left in recorded_leftovers(records, programs, HOSTNAME).items()
+        }
+        strays = {
+            name: replace(left, lineage=Lineage(state_dir, name))
+            for name, left in recorded_strays(records, removed, HOSTNAME).items()
+        }
+        for name, processes in (processes_of(state_dir) if unclean else {}).items():
+            lineage = Lineage(state_dir, name)
+            into = found if name in programs else strays
+            left = into.get(name) or Leftovers(name or "?", None, None, (), lineage=lineage)
+            into[name] = left.with_workers(processes)
+        for stray in strays.values():
+            what = "stopping" if stray.workers else "taking it out of the proxy and the registry"
+            self.runtime.events.emit(
+                "leftovers", stray.program, None, f"{stray.describe()}: not in the config; {what}"
+            )
+        if strays:
+            self._strays_gone = anyio.Event()
+            tg.start_soon(self._stop_strays, list(strays.values()), self._strays_gone)
+        return found
+
+    async def _stop_strays(self, strays: list[Leftovers], gone: anyio.Event) -> None:
+        """Stop the leftovers of programs no longer in the config as a reload's removal would
+        (``stray_programs.py``: out of the proxy, keys withdrawn, then SIGTERM, SIGKILL after
+        the default drain timeout), or SIGKILL them once a shutdown's drains are done
+        (``hurry``)."""
+        stop = partial(
+            stop_stray_program,
+            runtime=self.runtime,
+            registry=self.registry,
+            prefix=self.config.registry.prefix,
+            proxy_files=proxy_writers(self.config),
+            hurry=self.hurry,
+        )
+        try:
+            async with anyio.create_task_group() as each:
+                for stray in strays:
+                    each.start_soon(stop, stray)
+        finally:
+            gone.set()
+
+    async def wait_strays(self, timeout: float | None) -> None:
+        """Wait until the leftovers ``_stop_strays`` stops are gone (at most ``timeout``)."""
+        if self._strays_gone is not None:
+            with anyio.move_on_after(timeout):
+                await self._strays_gone.wait()
