@@ -22,6 +22,7 @@ from .config_fields import (
     Env,
     Host,
     KeepSeconds,
+    KeyPrefix,
     ProgramName,
     RelPath,
     Seconds,
@@ -134,7 +135,7 @@ class RegistryConfig(_Model):
 
     backend: Literal["local", "etcd"] = "local"
     endpoints: list[Endpoint] = Field(default_factory=lambda: ["127.0.0.1:2379"], min_length=1)
-    prefix: str = "flipvisor"
+    prefix: KeyPrefix = "flipvisor"
     timeout: Seconds = 5.0
     ca: RelPath | None = None
     cert: RelPath | None = None
@@ -148,8 +149,6 @@ class RegistryConfig(_Model):
             raise ValueError("cert and key go together")
         if (self.user is None) != (self.password is None):
             raise ValueError("user and password go together")
-        if not self.prefix.strip("/"):
-            raise ValueError("prefix: must not be empty")
         return self
 
 

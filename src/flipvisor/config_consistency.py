@@ -83,7 +83,7 @@ def _watched_programs(parsed: ConfigFile, *, warnings: bool) -> list[Problem]:
     watch entry's render, check and reload, so a slow check routes to a drained generation.
     """
     config, problems = parsed.config, []
-    prefix = config.registry.prefix.strip("/")
+    prefix = config.registry.prefix
     for index, entry in enumerate(config.watch):
         for name, program in config.programs.items():
             folder = f"{prefix}/{name}/"

@@ -178,6 +178,16 @@ def _check_template_vars(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+def _key_prefix(value: str) -> str:
+    """As the keys start: a trailing ``/`` dropped, a leading one kept (``/uswitch`` names
+    ``/uswitch/web/port/current``, what a confd reading etcd with that prefix asks for; it was
+    once dropped too, and nothing found the keys)."""
+    prefix = value.rstrip("/")
+    if not prefix:
+        raise ValueError("must not be empty")
+    return prefix
+
+
 Command = Annotated[list[str], BeforeValidator(_split_command), AfterValidator(_nonempty_command)]
 Env = Annotated[
     dict[
@@ -191,6 +201,7 @@ RelPath = Annotated[Path, AfterValidator(_resolve_path)]
 Signal = Annotated[signal.Signals, BeforeValidator(_parse_signal), AfterValidator(_check_stops)]
 Host = Annotated[str, AfterValidator(_check_host)]
 Endpoint = Annotated[str, AfterValidator(_check_endpoint)]
+KeyPrefix = Annotated[str, AfterValidator(_key_prefix)]  # registry.prefix
 # Extra template variables (the listen port, a server_name...), besides the flip's context.
 TemplateVars = Annotated[
     dict[str, str | int | float | bool],

@@ -299,3 +299,47 @@ def test_a_stop_while_etcd_hangs_drains_at_its_timeout_and_etcd_catches_up(
         message="the keys to be withdrawn once etcd answers",
     )
     assert keys(etcd, etcd_prefix) == withdrawn(gen)
+
+
+def test_a_registry_prefix_with_a_leading_slash_is_kept_in_the_keys(
+    flipvisor: Flipvisor, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """A confd reading etcd keys with a leading slash (the seed's ``/uswitch/experiment/...``)
+    needs ``registry.prefix: /uswitch`` written as given. The slash was dropped: ``check`` said ok,
+    the keys went to ``uswitch/...``, and a ``watch:`` entry (or confd) on the contract's
+    ``<prefix>/<program>/port/current`` never rendered (QA finding)."""
+    prefix = f"/{etcd_prefix}"
+    port_key = f"{prefix}/web/port/current"
+    template = flipvisor.dir / "port.j2"
+    template.write_text(f'port={{{{ get("{port_key}") }}}}\n')
+    dest = flipvisor.dir / "port.conf"
+    flipvisor.write_config(
+        {
+            "registry": {
+                "backend": "etcd",
+                "endpoints": [etcd_server.endpoint],
+                "prefix": prefix,
+                "timeout": 2,
+            },
+            "programs": {"web": {"command": svc_command("--version", "1"), "drain": {"delay": 0}}},
+            "watch": [
+                {
+                    "keys": [port_key],
+                    "template": str(template),
+                    "dest": str(dest),
+                    "reload_cmd": ["true"],
+                }
+            ],
+        }
+    )
+    assert flipvisor.cli("check").returncode == 0
+    flipvisor.start()
+    port = flipvisor.wait_serving("web")["port"]
+    wait_until(
+        lambda: dest.exists() and dest.read_text() == f"port={port}\n",
+        timeout=10,
+        message=f"the watch to render {port_key} (keys: "
+        f"{etcd_server.etcdctl('get', '--prefix', etcd_prefix, '--keys-only').split()})",
+    )
+    assert etcd_server.etcdctl("get", port_key, "--print-value-only").strip() == str(port)
+    assert not etcd_server.etcdctl("get", "--prefix", etcd_prefix, "--keys-only").strip()

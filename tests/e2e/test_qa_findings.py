@@ -12,7 +12,6 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import free_port
 from tests.waiting import wait_until
@@ -255,55 +254,3 @@ def test_a_flipped_in_release_does_not_inherit_the_old_release_s_restarts(
         return gen is not None and gen["pids"] != [pid] and len(gen["pids"]) == 1
 
     wait_until(replaced, timeout=10, message="generation 2's worker to be restarted")
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="QA: registry.prefix '/uswitch' is silently written as 'uswitch/...': a confd or a "
-    "watch: entry on the contract's '<prefix>/<program>/port/current' never sees a flip",
-)
-def test_a_registry_prefix_with_a_leading_slash_is_not_silently_rewritten(
-    flipvisor: Flipvisor, etcd_server: EtcdServer, etcd_prefix: str
-) -> None:
-    """The seed's confd reads ``/uswitch/experiment/port/current`` (etcd keys with a leading
-    slash, as confd writes them), so the operator sets ``registry.prefix: /uswitch``. flipvisor
-    strips the slash and writes ``uswitch/experiment/...``; ``check`` says ok. The ``watch:``
-    entry (or the external confd) on the contract's ``<prefix>/<program>/port/current`` never
-    renders, and nginx never follows a flip. Contract: "keys below are <prefix>/<program>/...";
-    "wrong types and impossible values are errors with their location, never silently
-    ignored". Either the keys are written under the prefix as given, or ``check`` refuses it."""
-    prefix = f"/{etcd_prefix}"
-    port_key = f"{prefix}/web/port/current"
-    template = flipvisor.dir / "port.j2"
-    template.write_text(f'port={{{{ get("{port_key}") }}}}\n')
-    dest = flipvisor.dir / "port.conf"
-    flipvisor.write_config(
-        {
-            "registry": {
-                "backend": "etcd",
-                "endpoints": [etcd_server.endpoint],
-                "prefix": prefix,
-                "timeout": 2,
-            },
-            "programs": {"web": {"command": svc_command("--version", "1"), "drain": {"delay": 0}}},
-            "watch": [
-                {
-                    "keys": [port_key],
-                    "template": str(template),
-                    "dest": str(dest),
-                    "reload_cmd": ["true"],
-                }
-            ],
-        }
-    )
-    checked = flipvisor.cli("check")
-    if checked.returncode == 2 and "registry.prefix" in checked.stderr:
-        return  # refused, with its location: not silent
-    flipvisor.start()
-    port = flipvisor.wait_serving("web")["port"]
-    wait_until(
-        lambda: dest.exists() and dest.read_text() == f"port={port}\n",
-        timeout=10,
-        message=f"the watch to render {port_key} (keys: "
-        f"{etcd_server.etcdctl('get', '--prefix', etcd_prefix, '--keys-only').split()})",
-    )

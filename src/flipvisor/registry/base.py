@@ -30,7 +30,7 @@ KEY_SUFFIXES = (
 
 def program_key(prefix: str, program: str, suffix: str) -> str:
     """The full key of ``suffix`` for ``program``: ``<prefix>/<program>/<suffix>``."""
-    return f"{prefix.strip('/')}/{program}/{suffix}"
+    return f"{prefix}/{program}/{suffix}"
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ class EtcdRegistry:
 
     def __init__(self, config: RegistryConfig) -> None:
         self.config = config
-        self.prefix = config.prefix.strip("/")
+        self.prefix = config.prefix
         self.desired: dict[str, Snapshot] = {}
         self._pending: set[str] = set()
         # The etcd revision at which this registry last read or wrote each program's keys.
