@@ -173,7 +173,9 @@ ALLOWED: dict[str, set[str]] = {
     # section), and what a program's stop does (unroute, the registry, a Runtime).
     "stray_programs": CORE | {"history"},
     # Parts of the supervisor that take it (for its type only): its layer, supervisor included.
-    "reload": CORE | {"supervisor"},
+    "reload": CORE | {"supervisor", "reload_changes"},
+    # What a reload makes of a changed section: the program's, decided on its Program.
+    "reload_changes": {"config", "errors", "program"},
     "commands": CORE | {"supervisor", "reload"},
     "orphans": WORKERS,
     "locate": {"errors"},
