@@ -110,9 +110,12 @@ ALLOWED: dict[str, set[str]] = {
         "config",
         "starttime",
         "verified_signal",
+        "watch_drain_keys",
         "watch_follow",
         "watch_template",
     },
+    # What a drain_pid entry's keys say: parsing only.
+    "watch_drain_keys": {"registry", "starttime"},
     "protocol": {"errors"},
     "events": LEAVES,
     "progress": LEAVES | {"events"},
