@@ -102,6 +102,7 @@ ALLOWED: dict[str, set[str]] = {
         "reaper",
         "config",
         "errors",
+        "starttime",  # for its type: the proxy's workers a reload replaced
         "watch_follow",
     },
     "watch_drain": {
