@@ -25,6 +25,7 @@ def _log_to_stderr() -> None:
 
 
 def run_supervisor(args: argparse.Namespace, path: Path) -> int:
+    """``run``: the supervisor of the config file, until it is shut down."""
     from . import signals
 
     signals.hold()  # until the supervisor handles them (signals.py says why)
@@ -40,6 +41,7 @@ def run_supervisor(args: argparse.Namespace, path: Path) -> int:
 
 
 def run_watch(args: argparse.Namespace, path: Path) -> int:
+    """``watch``: the config's ``watch:`` entries alone, until SIGTERM, SIGINT or SIGQUIT."""
     from . import signals
 
     signals.hold()  # until watch_main receives them (signals.py says why)

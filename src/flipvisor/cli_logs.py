@@ -13,6 +13,7 @@ from .locate import log_path
 
 
 def logs(args: argparse.Namespace, path: Path) -> int:
+    """``logs PROGRAM``: its last lines, then (``-f``) each new one."""
     from .client import logs_locations
     from .logs_follow import follow
     from .logs_tail import tail_lines, terminal_safe

@@ -95,6 +95,7 @@ def _refused(args: argparse.Namespace, answer: dict[str, Any]) -> int | None:
 
 
 def status(args: argparse.Namespace, path: Path) -> int:
+    """``status [PROGRAM]``: the table, or the answer as one JSON document."""
     answer = _request(path, "status", args.program)
     if (refused := _refused(args, answer)) is not None:
         return refused
@@ -108,6 +109,8 @@ def status(args: argparse.Namespace, path: Path) -> int:
 
 
 def flip_like(args: argparse.Namespace, path: Path) -> int:
+    """``flip``, ``restart``, ``rollback``, ``start`` and ``stop``: each step shown as it
+    happens, then a summary (or the report as one JSON document)."""
     reached = _reach(path)
     from .client import converse
     from .display import FlipProgress
@@ -146,6 +149,7 @@ def flip_like(args: argparse.Namespace, path: Path) -> int:
 
 
 def reload(args: argparse.Namespace, path: Path) -> int:
+    """``reload``: what was added, removed, flipped or kept, and what waits for a restart."""
     answer = _request(path, "reload")
     if (refused := _refused(args, answer)) is not None:
         return refused
@@ -175,6 +179,7 @@ def reload(args: argparse.Namespace, path: Path) -> int:
 
 
 def events(args: argparse.Namespace, path: Path) -> int:
+    """``events``: the recent events, then (``-f``) each as it happens; a line each."""
     reached = _reach(path)
     from .client import converse
     from .protocol import Request
@@ -203,6 +208,8 @@ def event_line(message: dict[str, Any]) -> str:
 
 
 def shutdown(args: argparse.Namespace, path: Path) -> int:
+    """``shutdown``: the events of the drains on stderr as they happen (none with
+    ``--no-wait``)."""
     reached = _reach(path)
     from .client import converse
     from .protocol import Request
