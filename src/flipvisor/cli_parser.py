@@ -7,9 +7,15 @@ Kept free of heavy imports: ``--help`` and every command parse their arguments w
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .locate import CONFIG_ENV
+
+if TYPE_CHECKING:
+    # What ``add_subparsers`` returns: argparse names its type only privately.
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 RUNTIME_ENV = "FLIPVISOR_RUNTIME_DIR"  # runrecord.RUNTIME_ENV, not imported: --help stays quick
 
@@ -33,6 +39,7 @@ TIMEOUT_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; its subcommands are added in the order ``--help`` lists them."""
     parser = argparse.ArgumentParser(
         prog="flipvisor",
         description="Supervise programs and flip them to new generations with zero dropped "
@@ -46,39 +53,69 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_option(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(commands)
+    return parser
 
-    def command(
-        name: str, help_text: str, *, program: bool = False, json_output: bool = False
-    ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        _config_option(sub, top=False)
-        if program:
-            sub.add_argument("program", metavar="PROGRAM")
-        if json_output:
-            sub.add_argument("--json", action="store_true", help="print one JSON document")
-        return sub
 
-    command(
+def _command(
+    commands: Subcommands,
+    name: str,
+    help_text: str,
+    *,
+    program: bool = False,
+    json_output: bool = False,
+) -> argparse.ArgumentParser:
+    """A subcommand with ``-c``, and with a ``PROGRAM`` argument and ``--json`` if asked."""
+    sub: argparse.ArgumentParser = commands.add_parser(name, help=help_text, description=help_text)
+    _config_option(sub, top=False)
+    if program:
+        sub.add_argument("program", metavar="PROGRAM")
+    if json_output:
+        sub.add_argument("--json", action="store_true", help="print one JSON document")
+    return sub
+
+
+def _add_run(commands: Subcommands) -> None:
+    _command(
+        commands,
         "run",
         "run the supervisor in the foreground; refused while a supervisor of the same config "
         "file runs, whatever state_dir the file names now",
     )
-    flip = command("flip", "deploy a new generation of PROGRAM", program=True, json_output=True)
+
+
+def _add_flip(commands: Subcommands) -> None:
+    flip = _command(
+        commands, "flip", "deploy a new generation of PROGRAM", program=True, json_output=True
+    )
     flip.add_argument("--timeout", type=seconds, metavar="S", help=TIMEOUT_HELP)
-    command(
+
+
+def _add_restart(commands: Subcommands) -> None:
+    _command(
+        commands,
         "restart",
         "restart PROGRAM: a flip (re-reads its section of the file)",
         program=True,
         json_output=True,
     ).add_argument("--timeout", type=seconds, metavar="S", help=TIMEOUT_HELP)
-    command(
+
+
+def _add_rollback(commands: Subcommands) -> None:
+    _command(
+        commands,
         "rollback",
         "flip back to the previous deploy's section (instant within rollback_window); the "
         "file is not changed, so the next `run` starts the file's again",
         program=True,
         json_output=True,
     )
-    status = command(
+
+
+def _add_status(commands: Subcommands) -> None:
+    status = _command(
+        commands,
         "status",
         "show programs and their generations: state, config fingerprint, port, PIDs, uptime, "
         "restarts, last exit, command, how long a warm generation is kept for a rollback, and "
@@ -91,14 +128,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PROGRAM",
         help="only this program, with its commands whole (the table of all cuts them short)",
     )
-    command(
+
+
+def _add_start(commands: Subcommands) -> None:
+    _command(
+        commands,
         "start",
         "start PROGRAM (clears fatal; while it waits for the proxy, tries it again now)",
         program=True,
         json_output=True,
     )
-    command("stop", "stop PROGRAM (drain all its generations)", program=True, json_output=True)
-    logs = command("logs", "show PROGRAM's captured output", program=True)
+
+
+def _add_stop(commands: Subcommands) -> None:
+    _command(
+        commands,
+        "stop",
+        "stop PROGRAM (drain all its generations)",
+        program=True,
+        json_output=True,
+    )
+
+
+def _add_logs(commands: Subcommands) -> None:
+    logs = _command(commands, "logs", "show PROGRAM's captured output", program=True)
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument(
         "-n", "--lines", type=count, default=50, metavar="N", help="how many lines (default 50)"
@@ -109,13 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="print control characters as written, escape sequences included (to a terminal "
         "they are shown as \\xNN by default; piped, they are always printed as written)",
     )
-    command(
+
+
+def _add_check(commands: Subcommands) -> None:
+    _command(
+        commands,
         "check",
         "validate the config file, and that its commands, directories, templates, proxy files, "
         "state_dir and metrics address work here, for the user running it",
         json_output=True,
     )
-    shutdown = command(
+
+
+def _add_shutdown(commands: Subcommands) -> None:
+    shutdown = _command(
+        commands,
         "shutdown",
         "drain everything and stop the running supervisor; shows the drains as they happen and "
         "returns once they are done",
@@ -125,7 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only ask the supervisor to shut down; return at once",
     )
-    command(
+
+
+def _add_reload(commands: Subcommands) -> None:
+    _command(
+        commands,
         "reload",
         "ask the running supervisor to re-read its config (like SIGHUP): start added programs, "
         "drain removed ones (one whose proxy file an added one writes only once that one "
@@ -134,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
         "removed programs left the proxy; `status` lists them until their drain is over",
         json_output=True,
     )
-    events = command("events", "show lifecycle events")
+
+
+def _add_events(commands: Subcommands) -> None:
+    events = _command(commands, "events", "show lifecycle events")
     events.add_argument("program", nargs="?", metavar="PROGRAM")
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
     events.add_argument(
@@ -144,8 +212,28 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument(
         "--json", action="store_true", help="one JSON object per event, a line each (JSON Lines)"
     )
-    command("watch", "run the built-in confd alone: render templates from registry keys")
-    return parser
+
+
+def _add_watch(commands: Subcommands) -> None:
+    _command(commands, "watch", "run the built-in confd alone: render templates from registry keys")
+
+
+# In the order of ``--help``'s list of commands.
+SUBCOMMANDS: tuple[Callable[[Subcommands], None], ...] = (
+    _add_run,
+    _add_flip,
+    _add_restart,
+    _add_rollback,
+    _add_status,
+    _add_start,
+    _add_stop,
+    _add_logs,
+    _add_check,
+    _add_shutdown,
+    _add_reload,
+    _add_events,
+    _add_watch,
+)
 
 
 def seconds(text: str) -> float:

@@ -14,6 +14,7 @@ the rest act on that other supervisor's programs.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -185,13 +186,7 @@ def converse(
         ControlUnreachable: nothing listens on ``target`` (NotListening), it went away
             mid-answer, or it did not answer within ``timeout`` seconds.
     """
-    if isinstance(target, Reached):
-        sock, path = target.connection, target.locations.socket_path
-        sock.settimeout(timeout)
-        if target.config_file is not None:
-            request = replace(request, args={**request.args, "config_file": target.config_file})
-    else:
-        sock, path = connect(target, timeout), target
+    sock, path, request = _connection_for(target, request, timeout)
     try:
         try:
             sock.sendall(request.encode())
@@ -200,20 +195,7 @@ def converse(
         reader = sock.makefile("rb", buffering=READ_BUFFER)
         with reader:
             while True:
-                try:
-                    line = reader.readline(MAX_LINE)
-                except TimeoutError as exc:
-                    raise ControlUnreachable(
-                        f"the supervisor on {path} did not answer within {timeout:g} s (it may "
-                        "be stuck: its log says what it is doing)"
-                    ) from exc
-                except ConnectionError as exc:  # reset: it died with bytes of ours unread
-                    raise ControlUnreachable(
-                        f"the supervisor on {path} closed the connection"
-                    ) from exc
-                if not line:
-                    raise ControlUnreachable(f"the supervisor on {path} closed the connection")
-                message = decode(line)
+                message = decode(_answer_line(reader, path, timeout))
                 if message.get("type") == "waiting":
                     if on_waiting is not None:
                         on_waiting(str(message.get("message", "")))
@@ -223,6 +205,45 @@ def converse(
                     return
     finally:
         sock.close()
+
+
+def _connection_for(
+    target: Path | Reached, request: Request, timeout: float | None
+) -> tuple[socket.socket, Path, Request]:
+    """``converse``'s connection to ``target`` and the socket's path, and the request to send on
+    it (naming the config file ``reach`` was given).
+
+    Raises:
+        ControlUnreachable: nothing listens on ``target`` (a socket path).
+    """
+    if isinstance(target, Reached):
+        sock = target.connection
+        sock.settimeout(timeout)
+        if target.config_file is not None:
+            request = replace(request, args={**request.args, "config_file": target.config_file})
+        return sock, target.locations.socket_path, request
+    return connect(target, timeout), target, request
+
+
+def _answer_line(reader: io.IOBase, path: Path, timeout: float | None) -> bytes:
+    """The next line of the supervisor's answer.
+
+    Raises:
+        ControlUnreachable: it went away (before the end of a line, too), or did not answer
+            within ``timeout`` seconds.
+    """
+    try:
+        line = reader.readline(MAX_LINE)
+    except TimeoutError as exc:
+        raise ControlUnreachable(
+            f"the supervisor on {path} did not answer within {timeout:g} s (it may "
+            "be stuck: its log says what it is doing)"
+        ) from exc
+    except ConnectionError as exc:  # reset: it died with bytes of ours unread
+        raise ControlUnreachable(f"the supervisor on {path} closed the connection") from exc
+    if not line:
+        raise ControlUnreachable(f"the supervisor on {path} closed the connection")
+    return line
 
 
 def call(

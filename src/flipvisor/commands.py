@@ -9,6 +9,7 @@ supervisor's programs, and runs what must outlive its client (a stop) in its tas
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +30,30 @@ if TYPE_CHECKING:
 # so: well inside any client's read timeout (the CLI's status waits 30 s for a line).
 STARTUP_HEARTBEAT = 1.0
 
+SupervisorCommand = Callable[[Request, Send], Awaitable[dict[str, Any]]]
+ProgramCommand = Callable[[Program, Request, Send], Awaitable[dict[str, Any]]]
+
 
 class Commands:
     """What one supervisor's control socket asks of it."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
+        # The commands of the whole supervisor, and those of one configured program (found, or
+        # waited for while the supervisor starts, before its command runs).
+        self._supervisor_commands: dict[str, SupervisorCommand] = {
+            "status": self._status,
+            "shutdown": self._shutdown,
+            "reload": self._reload,
+            "events": self._events,
+        }
+        self._program_commands: dict[str, ProgramCommand] = {
+            "stop": self._stop,
+            "start": self._start,
+            "flip": self._flip,
+            "restart": self._flip,
+            "rollback": self._rollback,
+        }
 
     def _program(self, name: str | None, *, removing: bool = False) -> Program:
         """The configured program ``name`` (with ``removing``, also one a reload removed that
@@ -94,73 +113,82 @@ class Commands:
             return result(error=str(exc), exit_code=exc.exit_code)
 
     async def _dispatch(self, request: Request, send: Send) -> dict[str, Any]:
-        command = request.command
         self._same_file(request)
-        if command == "status":
-            programs = (
-                [await self._configured(request.program, send, removing=True)]
-                if request.program
-                else self.supervisor._listed()
-            )
-            now = time.time()
-            return result(
-                {
-                    "programs": [program.status(now) for program in programs],
-                    "registry": self.supervisor.registry.health(),
-                    # True while the configured programs are being added, so a list that lacks
-                    # some of them is not read as "not configured".
-                    "starting": not self.supervisor._programs_added.is_set(),
-                    "keeper": self.supervisor.keeper.status(),
-                }
-            )
-        if command == "shutdown":
-            if not request.args.get("wait"):
-                self.supervisor._shutdown.set()
-                return result({"shutting_down": True})
-            # Subscribed before the shutdown begins: every event of it is shown, until the
-            # event log closes once the orphans are stopped.
-            async with self.supervisor.events.subscribe() as stream:
-                self.supervisor._shutdown.set()
-                async for event in stream:
-                    await send({"type": "event", **event.to_json()})
-            return result({"shut_down": True})
-        if command == "reload":
-            try:
-                outcome = await self.supervisor.reloads.reload(send)
-            except ConfigError as exc:
-                raise ConfigError(f"the config was not reloaded, nothing changed: {exc}") from exc
-            return result(outcome)
-        if command == "events":
-            return await self._events(request, send)
+        if (of_supervisor := self._supervisor_commands.get(request.command)) is not None:
+            return await of_supervisor(request, send)
         program = await self._configured(request.program, send)
-        if command == "stop":
-            stopping = FlipReport(program.name, "stop")
-            # In the supervisor's task group: a client that goes away does not cut a drain short.
-            assert self.supervisor._tg is not None
-            self.supervisor._tg.start_soon(self._stop_reporting, program, stopping)
-            await self._follow(stopping, send)
+        if (of_program := self._program_commands.get(request.command)) is not None:
+            return await of_program(program, request, send)
+        raise UsageError(f"unknown command {request.command!r}")  # pragma: no cover - protocol
+
+    async def _status(self, request: Request, send: Send) -> dict[str, Any]:
+        programs = (
+            [await self._configured(request.program, send, removing=True)]
+            if request.program
+            else self.supervisor._listed()
+        )
+        now = time.time()
+        return result(
+            {
+                "programs": [program.status(now) for program in programs],
+                "registry": self.supervisor.registry.health(),
+                # True while the configured programs are being added, so a list that lacks
+                # some of them is not read as "not configured".
+                "starting": not self.supervisor._programs_added.is_set(),
+                "keeper": self.supervisor.keeper.status(),
+            }
+        )
+
+    async def _shutdown(self, request: Request, send: Send) -> dict[str, Any]:
+        if not request.args.get("wait"):
+            self.supervisor._shutdown.set()
+            return result({"shutting_down": True})
+        # Subscribed before the shutdown begins: every event of it is shown, until the
+        # event log closes once the orphans are stopped.
+        async with self.supervisor.events.subscribe() as stream:
+            self.supervisor._shutdown.set()
+            async for event in stream:
+                await send({"type": "event", **event.to_json()})
+        return result({"shut_down": True})
+
+    async def _reload(self, request: Request, send: Send) -> dict[str, Any]:
+        try:
+            outcome = await self.supervisor.reloads.reload(send)
+        except ConfigError as exc:
+            raise ConfigError(f"the config was not reloaded, nothing changed: {exc}") from exc
+        return result(outcome)
+
+    async def _stop(self, program: Program, request: Request, send: Send) -> dict[str, Any]:
+        stopping = FlipReport(program.name, "stop")
+        # In the supervisor's task group: a client that goes away does not cut a drain short.
+        assert self.supervisor._tg is not None
+        self.supervisor._tg.start_soon(self._stop_reporting, program, stopping)
+        await self._follow(stopping, send)
+        return result(program.status())
+
+    async def _start(self, program: Program, request: Request, send: Send) -> dict[str, Any]:
+        report = await program.start()
+        if report is None:
             return result(program.status())
-        if command == "start":
-            report = await program.start()
-            if report is None:
-                return result(program.status())
-            return await self._follow_and_release(report, send)
-        if command in ("flip", "restart"):
-            config = self._reread(program.name)
-            timeout = request.args.get("timeout")
-            if timeout is not None and not is_seconds(timeout):
-                raise UsageError(f"timeout: must be a number of seconds > 0, not {timeout!r}")
-            report = program.start_flip(config, timeout=timeout, kind=command)
-            return await self._follow_and_release(report, send)
-        if command == "rollback":
-            if program.warm is None and program.history.previous is None:
-                raise UsageError(
-                    f"{program.name} has no previous generation to roll back to; "
-                    f"`flipvisor status {program.name}` shows what serves"
-                )
-            report = program.start_flip(program.history.previous, kind="rollback")
-            return await self._follow(report, send)
-        raise UsageError(f"unknown command {command!r}")  # pragma: no cover - checked by protocol
+        return await self._follow_and_release(report, send)
+
+    async def _flip(self, program: Program, request: Request, send: Send) -> dict[str, Any]:
+        """``flip`` and ``restart``: the program's section as the file says now, deployed."""
+        config = self._reread(program.name)
+        timeout = request.args.get("timeout")
+        if timeout is not None and not is_seconds(timeout):
+            raise UsageError(f"timeout: must be a number of seconds > 0, not {timeout!r}")
+        report = program.start_flip(config, timeout=timeout, kind=request.command)
+        return await self._follow_and_release(report, send)
+
+    async def _rollback(self, program: Program, request: Request, send: Send) -> dict[str, Any]:
+        if program.warm is None and program.history.previous is None:
+            raise UsageError(
+                f"{program.name} has no previous generation to roll back to; "
+                f"`flipvisor status {program.name}` shows what serves"
+            )
+        report = program.start_flip(program.history.previous, kind="rollback")
+        return await self._follow(report, send)
 
     @staticmethod
     async def _stop_reporting(program: Program, report: FlipReport) -> None:

@@ -87,46 +87,52 @@ def _watched_programs(parsed: ConfigFile, *, warnings: bool) -> list[Problem]:
     for index, entry in enumerate(config.watch):
         for name, program in config.programs.items():
             folder = f"{prefix}/{name}/"
+            found = None
             if entry.drain_pid is not None and entry.keys[0] == folder + "pid/previous":
-                window = program.rollback_window > 0
-                if window == warnings:
-                    continue
-                said = (
-                    f"drains programs.{name}'s replaced generations, which the supervisor "
-                    "drains itself"
-                )
-                if window:
-                    said += (
-                        ": with its rollback_window the generation kept warm for a rollback "
-                        "would be killed (and the program go fatal)"
-                    )
-                else:
-                    said += " (after its proxy's reload; this entry waits only for the watch's)"
-                problems.append(
-                    parsed.problem(
-                        ("watch", str(index), "drain_pid"),
-                        f"{said}; remove this entry (drain_pid is for services flipvisor does "
-                        "not run)",
-                        warning=warnings,
-                    )
-                )
+                with_window = program.rollback_window > 0
+                if with_window != warnings:  # an error with a window, else a warning
+                    found = _drains_a_program(parsed, index, name, with_window=with_window)
             elif (
                 warnings
                 and entry.template is not None
                 and program.proxy is None
                 and any(pattern.startswith(folder) for pattern in entry.keys)
             ):
-                problems.append(
-                    parsed.problem(
-                        ("watch", str(index), "template"),
-                        f"renders programs.{name}'s keys, but a flip of {name} does not wait "
-                        "for this entry's render, check and reload before it drains the old "
-                        f"generation (after drain.delay): give programs.{name} a proxy: "
-                        "section instead, which a flip waits for",
-                        warning=True,
-                    )
-                )
+                found = _renders_a_program(parsed, index, name)
+            if found is not None:
+                problems.append(found)
     return problems
+
+
+def _drains_a_program(parsed: ConfigFile, index: int, name: str, *, with_window: bool) -> Problem:
+    """Watch entry ``index``'s ``drain_pid`` drains program ``name``'s replaced generations: an
+    error ``with_window`` (its ``rollback_window``), else a warning."""
+    said = f"drains programs.{name}'s replaced generations, which the supervisor drains itself"
+    if with_window:
+        said += (
+            ": with its rollback_window the generation kept warm for a rollback "
+            "would be killed (and the program go fatal)"
+        )
+    else:
+        said += " (after its proxy's reload; this entry waits only for the watch's)"
+    return parsed.problem(
+        ("watch", str(index), "drain_pid"),
+        f"{said}; remove this entry (drain_pid is for services flipvisor does not run)",
+        warning=not with_window,
+    )
+
+
+def _renders_a_program(parsed: ConfigFile, index: int, name: str) -> Problem:
+    """Watch entry ``index``'s template renders the keys of program ``name``, which has no
+    ``proxy:`` section: a warning."""
+    return parsed.problem(
+        ("watch", str(index), "template"),
+        f"renders programs.{name}'s keys, but a flip of {name} does not wait "
+        "for this entry's render, check and reload before it drains the old "
+        f"generation (after drain.delay): give programs.{name} a proxy: "
+        "section instead, which a flip waits for",
+        warning=True,
+    )
 
 
 def _long_socket_paths(parsed: ConfigFile) -> list[Problem]:

@@ -123,57 +123,67 @@ def status_rows(
     notes: list[str] = []
     width = None if one_program else COMMAND_WIDTH
     for program in document["programs"]:
-        name, state = program["name"], program["state"]
+        name = program["name"]
         for position, gen in enumerate(program["generations"] or [None]):
-            head = [name, state] if position == 0 else ["", ""]
+            # The program's columns on its first row only.
+            head = [name, program["state"]] if position == 0 else ["", ""]
             if gen is None:
                 rows.append([*head, "-", "-", "-", "-", "-", "-", str(program["restarts"]), "", ""])
                 continue
-            rows.append(
-                [
-                    *head,
-                    str(gen["generation"]),
-                    _generation_state(gen, now),
-                    gen.get("fingerprint") or "-",
-                    str(gen["port"]),
-                    ",".join(map(str, gen["pids"])) or "-",
-                    _duration(gen["uptime"]),
-                    str(gen["restarts"]),
-                    _last_exit(gen.get("last_exit"), now),
-                    _command(gen.get("command"), width),
-                ]
-            )
+            rows.append([*head, *_generation_cells(gen, now, width)])
             if one_program and gen.get("warm_until") is not None:
                 notes.append(_warm_note(name, gen))
-        if program.get("flip"):
-            notes.append(f"{name}: {_flip_line(program['flip'])}")
-        if left := program.get("leftovers"):
-            pids = ",".join(map(str, left["pids"]))
-            port = f", port {left['port']}" if left.get("port") is not None else ""
-            flip = program.get("flip")
-            when = (
-                "being drained"  # the promotion is done: its drain step is theirs or after
-                if flip and flip.get("step") == "drain"
-                else "drained once the registry names a generation of this supervisor, or when "
-                "the program stops"
-            )
-            notes.append(f"{name}: workers a killed supervisor left (pid {pids}{port}): {when}")
-        if program.get("kept_after_removal"):
-            notes.append(f"{name}: {program['kept_after_removal']}")
-        if program.get("removing"):
-            notes.append(f"{name}: removed from the config; listed until its workers are gone")
-        if program.get("fatal_reason"):
-            reason = program["fatal_reason"]
-            if f"`flipvisor start {name}`" in reason:  # a failed flip's reason says what to fix
-                notes.append(f"{name}: fatal: {reason}")
-            else:
-                logs = (
-                    ""
-                    if "flipvisor logs" in reason
-                    else f"`flipvisor logs {name}` shows its output, "
-                )
-                notes.append(f"{name}: fatal: {reason}; {logs}`flipvisor start {name}` tries again")
+        notes += _program_notes(program)
     return rows, notes
+
+
+def _generation_cells(gen: dict[str, Any], now: float, width: int | None) -> list[str]:
+    """A generation's columns of the table, from ``GEN`` on (``width``: the command's, None
+    for whole)."""
+    return [
+        str(gen["generation"]),
+        _generation_state(gen, now),
+        gen.get("fingerprint") or "-",
+        str(gen["port"]),
+        ",".join(map(str, gen["pids"])) or "-",
+        _duration(gen["uptime"]),
+        str(gen["restarts"]),
+        _last_exit(gen.get("last_exit"), now),
+        _command(gen.get("command"), width),
+    ]
+
+
+def _program_notes(program: dict[str, Any]) -> list[str]:
+    """The notes below the table about a program: its flip in progress, a killed supervisor's
+    workers, a removal, and why it is fatal (with what to do)."""
+    name, notes = program["name"], []
+    if program.get("flip"):
+        notes.append(f"{name}: {_flip_line(program['flip'])}")
+    if left := program.get("leftovers"):
+        pids = ",".join(map(str, left["pids"]))
+        port = f", port {left['port']}" if left.get("port") is not None else ""
+        flip = program.get("flip")
+        when = (
+            "being drained"  # the promotion is done: its drain step is theirs or after
+            if flip and flip.get("step") == "drain"
+            else "drained once the registry names a generation of this supervisor, or when "
+            "the program stops"
+        )
+        notes.append(f"{name}: workers a killed supervisor left (pid {pids}{port}): {when}")
+    if program.get("kept_after_removal"):
+        notes.append(f"{name}: {program['kept_after_removal']}")
+    if program.get("removing"):
+        notes.append(f"{name}: removed from the config; listed until its workers are gone")
+    if program.get("fatal_reason"):
+        reason = program["fatal_reason"]
+        if f"`flipvisor start {name}`" in reason:  # a failed flip's reason says what to fix
+            notes.append(f"{name}: fatal: {reason}")
+        else:
+            logs = (
+                "" if "flipvisor logs" in reason else f"`flipvisor logs {name}` shows its output, "
+            )
+            notes.append(f"{name}: fatal: {reason}; {logs}`flipvisor start {name}` tries again")
+    return notes
 
 
 def keeper_line(keeper: dict[str, Any] | None) -> tuple[str, str | None] | None:
@@ -211,6 +221,15 @@ def print_status(document: dict[str, Any], *, one_program: bool = False) -> None
     """
     rows, notes = status_rows(document, time.time(), one_program=one_program)
     colour = _colour_enabled()
+    lines = _table_lines(rows, colour)
+    for note in notes:
+        lines.append(_paint(note, "red" if ": fatal: " in note else "yellow", colour))
+    lines += _supervisor_lines(document, colour)
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _table_lines(rows: list[list[str]], colour: bool) -> list[str]:
+    """The table: its header and ``rows``, each column as wide as its widest cell."""
     widths = [max(len(row[i]) for row in [list(_COLUMNS), *rows]) for i in range(len(_COLUMNS))]
     lines = [
         _paint(
@@ -223,8 +242,13 @@ def print_status(document: dict[str, Any], *, one_program: bool = False) -> None
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
         cells[1] = _paint(cells[1], _STATE_COLOUR.get(row[1], "dim") if row[1] else None, colour)
         lines.append("  ".join(cells).rstrip())
-    for note in notes:
-        lines.append(_paint(note, "red" if ": fatal: " in note else "yellow", colour))
+    return lines
+
+
+def _supervisor_lines(document: dict[str, Any], colour: bool) -> list[str]:
+    """The lines below the notes about the supervisor itself: still starting, a registry that
+    does not answer (or keys not written yet), the output keeper."""
+    lines = []
     if document.get("starting"):
         lines.append(
             _paint(
@@ -248,7 +272,7 @@ def print_status(document: dict[str, Any], *, one_program: bool = False) -> None
         )
     if (keeper := keeper_line(document.get("keeper"))) is not None:
         lines.append(_paint(*keeper, colour))
-    sys.stdout.write("\n".join(lines) + "\n")
+    return lines
 
 
 class FlipProgress:

@@ -38,8 +38,10 @@ MAX_REQUEST = 8192
 # A scraper that connects and says nothing must not hold a task forever.
 REQUEST_TIMEOUT = 5.0
 
-# What the gauges are read from: ``Program.status()`` of every program (the contract's shape).
-StatusSource = Callable[[], Iterable[dict[str, Any]]]
+# One program's ``Program.status()`` (the contract's shape, as ``status --json`` shows it).
+Status = dict[str, Any]
+# What the gauges are read from: the status of every program.
+StatusSource = Callable[[], Iterable[Status]]
 
 
 class _StatusCollector(Collector):
@@ -49,40 +51,9 @@ class _StatusCollector(Collector):
         self._statuses = statuses
 
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily(
-            "flipvisor_workers_up",
-            "Running worker processes of the program's serving generation",
-            labels=["program"],
-        )
-        running = GaugeMetricFamily(
-            "flipvisor_processes",
-            "Running worker processes of the program, any generation (two during a flip)",
-            labels=["program"],
-        )
-        serving = GaugeMetricFamily(
-            "flipvisor_generation_serving",
-            "Number of the program's serving generation (0: none serves)",
-            labels=["program"],
-        )
-        leftovers = GaugeMetricFamily(
-            "flipvisor_leftover_processes",
-            "Processes a killed supervisor left serving the program, not drained yet",
-            labels=["program"],
-        )
-        flipping = GaugeMetricFamily(
-            "flipvisor_flip_in_progress", "1 while a flip of the program runs", labels=["program"]
-        )
-        flips = CounterMetricFamily(
-            "flipvisor_flips",
-            "Flips finished (start, flip, restart, rollback), whatever the outcome",
-            labels=["program"],
-        )
-        failures = CounterMetricFamily(
-            "flipvisor_flip_failures", "Flips that failed and were rolled back", labels=["program"]
-        )
-        restarts = CounterMetricFamily(
-            "flipvisor_restarts", "Worker restarts after an exit", labels=["program"]
-        )
+        families = [
+            (kind(name, text, labels=["program"]), value) for kind, name, text, value in PER_PROGRAM
+        ]
         state = GaugeMetricFamily(
             "flipvisor_program_state",
             "1 for the program's current state, 0 for the others",
@@ -90,21 +61,89 @@ class _StatusCollector(Collector):
         )
         for status in self._statuses():
             name = status["name"]
-            gens = status.get("generations", [])
-            current = next((g for g in gens if g["state"] == "serving"), None)
-            up.add_metric([name], len(current["pids"]) if current else 0)
-            running.add_metric([name], sum(len(g["pids"]) for g in gens))
-            serving.add_metric([name], current["generation"] if current else 0)
-            left = status.get("leftovers")
-            leftovers.add_metric([name], len(left["pids"]) if left else 0)
-            flipping.add_metric([name], 1 if status.get("flip") else 0)
-            # Totals the programs keep themselves: exact even if events were dropped.
-            flips.add_metric([name], status.get("flips", 0))
-            failures.add_metric([name], status.get("flip_failures", 0))
-            restarts.add_metric([name], status.get("restarts", 0))
+            for family, value in families:
+                family.add_metric([name], value(status))
             for option in ProgramState:
                 state.add_metric([name, option.value], 1 if status["state"] == option.value else 0)
-        yield from (up, running, serving, leftovers, flipping, flips, failures, restarts, state)
+        yield from (family for family, _ in families)
+        yield state
+
+
+def _serving(status: Status) -> dict[str, Any] | None:
+    """The program's serving generation, from its status (None: none serves)."""
+    return next((g for g in status.get("generations", []) if g["state"] == "serving"), None)
+
+
+def _workers_up(status: Status) -> int:
+    current = _serving(status)
+    return len(current["pids"]) if current else 0
+
+
+def _generation_serving(status: Status) -> int:
+    current = _serving(status)
+    return int(current["generation"]) if current else 0
+
+
+def _leftover_processes(status: Status) -> int:
+    left = status.get("leftovers")
+    return len(left["pids"]) if left else 0
+
+
+# Each metric of one value per program, in the order a scrape lists them: its kind, name and
+# help, and its value read from the program's status. The counters are totals the programs keep
+# themselves: exact even if events were dropped.
+PER_PROGRAM: tuple[
+    tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, Callable[[Status], int]], ...
+] = (
+    (
+        GaugeMetricFamily,
+        "flipvisor_workers_up",
+        "Running worker processes of the program's serving generation",
+        _workers_up,
+    ),
+    (
+        GaugeMetricFamily,
+        "flipvisor_processes",
+        "Running worker processes of the program, any generation (two during a flip)",
+        lambda status: sum(len(g["pids"]) for g in status.get("generations", [])),
+    ),
+    (
+        GaugeMetricFamily,
+        "flipvisor_generation_serving",
+        "Number of the program's serving generation (0: none serves)",
+        _generation_serving,
+    ),
+    (
+        GaugeMetricFamily,
+        "flipvisor_leftover_processes",
+        "Processes a killed supervisor left serving the program, not drained yet",
+        _leftover_processes,
+    ),
+    (
+        GaugeMetricFamily,
+        "flipvisor_flip_in_progress",
+        "1 while a flip of the program runs",
+        lambda status: 1 if status.get("flip") else 0,
+    ),
+    (
+        CounterMetricFamily,
+        "flipvisor_flips",
+        "Flips finished (start, flip, restart, rollback), whatever the outcome",
+        lambda status: status.get("flips", 0),
+    ),
+    (
+        CounterMetricFamily,
+        "flipvisor_flip_failures",
+        "Flips that failed and were rolled back",
+        lambda status: status.get("flip_failures", 0),
+    ),
+    (
+        CounterMetricFamily,
+        "flipvisor_restarts",
+        "Worker restarts after an exit",
+        lambda status: status.get("restarts", 0),
+    ),
+)
 
 
 class Metrics:

@@ -1,5 +1,6 @@
 """The supervisor's config reloads (SIGHUP, ``flipvisor reload``): programs the file gained are
-added and started, those whose section changed are flipped, and removed ones drained in the
+added and started, those whose section changed are flipped (or their flip deferred, as
+reload_changes.py decides), and removed ones drained in the
 supervisor's task group (listed by status until they are gone) or, when another program takes
 their proxy file over, handed over to it; a change to the settings read once at start is
 reported with how to restart.
@@ -17,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio import CancelScope
 
-from .config import Config, ProgramConfig, same_deploy
+from .config import Config, ProgramConfig
 from .config_file import load_config
 from .control import Send
-from .errors import Busy, ConfigError, FlipvisorError, UsageError
+from .errors import ConfigError, FlipvisorError, UsageError
 from .program import Program
+from .reload_changes import changed_programs, deploy_all_changed, forget_superseded
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -179,68 +181,6 @@ class Reloads:
             # The boundary of one reload: a failure here must not end every program with it.
             log.exception("SIGHUP: reloading the config failed")
 
-    def _deploy_changed(self, program: Program, config: ProgramConfig) -> tuple[str | None, bool]:
-        """A running program whose section changed is flipped to it (rolled back if it fails,
-        like any flip); a stopped one starts with it next time. One that a flip is under way for
-        is flipped to it once that flip is over; one that a stop drains starts with it next time.
-        Returns why it was not flipped now (None: the flip started), and whether it is deferred
-        until the flip or the stop under way is over."""
-        program.flips.pending = None  # an earlier reload's, if any: this section replaces it
-        if program.serving is None and program.current_flip is None and not program._stops:
-            program.config = config
-            return f"stored: `flipvisor start {program.name}` starts it with the new section", False
-        if program.current_flip is not None and not program.shut_down:
-            # Flipped once it is over (``Flips._deploy_pending``). Refused, the edit was lost:
-            # the next reload found the file as it last read it.
-            program.flips.pending = config
-            why = (
-                f"{program.flips.describe_running()}: it is flipped to the new section once "
-                "that is over"
-            )
-            log.info("config of %s changed: %s", program.name, why)
-            return why, True
-        if program._stops and not program.shut_down:
-            program.flips.pending = config  # ``Flips.store_pending``, at the stop's end
-            why = (
-                f"a stop of {program.name} is in progress: `flipvisor start {program.name}` "
-                "starts it with the new section once that is over"
-            )
-            log.info("config of %s changed: %s", program.name, why)
-            return why, True
-        try:
-            program.start_flip(config, kind="flip")
-        except (Busy, UsageError) as exc:  # the shutdown's stop
-            why = f"not deployed: {exc}; then `flipvisor flip {program.name}`"
-            log.warning("config of %s changed, %s", program.name, why)
-            return why, False
-        return None, False
-
-    def _changed(self, new: Config) -> list[str]:
-        """The programs whose section the file changed since it was last read, and which do
-        not run it already (nor does the flip under way deploy it). A rollback, or a flip that
-        failed, is not redone by a reload that leaves their section alone; a section deployed by
-        `flip` is not flipped again."""
-        changed = []
-        for name, section in new.programs.items():
-            program = self.supervisor.programs.get(name)
-            if program is None:
-                continue
-            last_read = self.supervisor.config.programs.get(name)
-            target = program.flips.target
-            deployed = target if target is not None else program.config
-            if not same_deploy(section, last_read) and not same_deploy(section, deployed):
-                changed.append(name)
-        return changed
-
-    def _forget_superseded(self, new: Config) -> None:
-        """Forget what an earlier reload deferred (``Flips.pending``) that the file no longer
-        says: a section changed again replaces it (``_deploy_changed``), and one put back as it
-        is deployed, or being deployed, needs no flip."""
-        for name, program in self.supervisor.programs.items():
-            pending = program.flips.pending
-            if pending is not None and not same_deploy(pending, new.programs.get(name)):
-                program.flips.pending = None
-
     async def reload(self, send: Send | None = None) -> dict[str, Any]:
         """Re-read the config file: start added programs, flip changed ones and begin to drain
         removed ones, all at once; leave the rest untouched. One at a time. Returns without
@@ -274,6 +214,8 @@ class Reloads:
                 return
 
     async def _reload(self, send: Send | None) -> dict[str, Any]:
+        """``reload``'s work, its turn taken: the file read, then its programs removed, added,
+        flipped and handed over, in that order. Returns the outcome ``flipvisor reload`` shows."""
         supervisor = self.supervisor
         programs = supervisor.programs
         if supervisor._shutdown.is_set():
@@ -285,43 +227,72 @@ class Reloads:
             raise
         added = [name for name in new.programs if name not in programs]
         removed = [name for name in programs if name not in new.programs]
-        self._forget_superseded(new)
-        changed = self._changed(new)
+        forget_superseded(programs, new)
+        changed = changed_programs(programs, supervisor.config, new)
         handovers = self._handovers(removed, new)
-        for name in [name for name in self.kept if name in new.programs]:
-            del self.kept[name]  # back in the config: no longer kept after a removal
-            programs[name].kept_after_removal = None
-        # Removals first: each takes its turn of the proxy lock to leave the proxy before an
-        # added program's promotion takes its own. Their drains are not waited for.
-        leaving = []
-        for name in removed:
-            if name not in handovers:
-                leaving.append(self._remove_program(name))
-            elif programs[name].serving is None:
-                # Nothing of it to keep serving, and its file is another program's now: leave
-                # it in place. (One that serves is handed over below, its successor first.)
-                del handovers[name]
-                self._remove_program(name, unroute=False)
+        self._unkeep_those_back(new)
+        leaving = self._remove_all(removed, handovers)
         # Added back while its earlier removal still drains: added once that is over (below).
         # Two programs of one name would share its log, its proxy file and a fixed port.
         returning = [name for name in added if name in self.removing]
         for name in added:
             if name not in returning:
                 await self._start_added(name, new.programs[name])
-        flipping, not_flipped, deferred = [], {}, []
-        for name in changed:
-            why, later = self._deploy_changed(programs[name], new.programs[name])
-            if why is None:
-                flipping.append(name)
-            else:
-                not_flipped[name] = why
-            if later:
-                deferred.append(name)
+        flipping, not_flipped, deferred = deploy_all_changed(programs, changed, new)
         supervisor.config = new
         # Answered once nothing routes to the removed programs any more, as before the drains
         # went their own way: a script that reloads may rely on it.
         for unrouted in leaving:
             await unrouted.wait()
+        kept = await self._hand_over_all(handovers, returning, new, send)
+        log.info("config reloaded: added %s, removed %s", added or "none", removed or "none")
+        needs_restart, hint = self._needs_restart(new)
+        return {
+            "added": added,
+            "removed": removed,
+            "changed": flipping,
+            "not_flipped": not_flipped,
+            "deferred": deferred,
+            "restart_hint": hint,
+            "needs_restart": needs_restart,
+            "kept": kept,
+        }
+
+    def _unkeep_those_back(self, new: Config) -> None:
+        """The kept programs (``_hand_over``) that ``new`` has again are no longer kept after a
+        removal: they are configured programs like the others."""
+        for name in [name for name in self.kept if name in new.programs]:
+            del self.kept[name]
+            self.supervisor.programs[name].kept_after_removal = None
+
+    def _remove_all(self, removed: list[str], handovers: dict[str, str]) -> list[anyio.Event]:
+        """Begin to remove the programs the file lost, except those handed over to a program
+        that takes their proxy file (one of them that does not serve is removed here, and
+        dropped from ``handovers``). Returns an event per program leaving the proxy, set once
+        it has."""
+        # Removals first: each takes its turn of the proxy lock to leave the proxy before an
+        # added program's promotion takes its own. Their drains are not waited for.
+        leaving = []
+        for name in removed:
+            if name not in handovers:
+                leaving.append(self._remove_program(name))
+            elif self.supervisor.programs[name].serving is None:
+                # Nothing of it to keep serving, and its file is another program's now: leave
+                # it in place. (One that serves is handed over below, its successor first.)
+                del handovers[name]
+                self._remove_program(name, unroute=False)
+        return leaving
+
+    async def _hand_over_all(
+        self,
+        handovers: dict[str, str],
+        returning: list[str],
+        new: Config,
+        send: Send | None,
+    ) -> dict[str, str]:
+        """Each removed program handed over to its successor (``_hand_over``), and each program
+        added back once its earlier removal is over (a successor among them first). Returns why
+        each removed program that serves on was kept."""
         kept = {}
         for name, successor in handovers.items():
             if successor in returning:  # renamed back while its earlier removal drains
@@ -331,31 +302,24 @@ class Reloads:
                 kept[name] = why
         for name in returning:
             await self._add_when_removed(name, new.programs[name], send)
-        log.info("config reloaded: added %s, removed %s", added or "none", removed or "none")
+        return kept
+
+    def _needs_restart(self, new: Config) -> tuple[list[str], str | None]:
+        """The settings read once at start that ``new`` changes, logged, and how to restart the
+        supervisor for them (None: none changed)."""
         needs_restart = [
             key for key in RESTART_ONLY if getattr(new, key) != self._started_with[key]
         ]
-        if needs_restart:
-            log.warning(
-                "config reloaded, but %s changed: that takes effect only when the supervisor "
-                "restarts (%s)",
-                ", ".join(needs_restart),
-                restart_hint(needs_restart, recorded=supervisor._record is not None),
-            )
-        return {
-            "added": added,
-            "removed": removed,
-            "changed": flipping,
-            "not_flipped": not_flipped,
-            "deferred": deferred,
-            "restart_hint": (
-                restart_hint(needs_restart, recorded=supervisor._record is not None)
-                if needs_restart
-                else None
-            ),
-            "needs_restart": needs_restart,
-            "kept": kept,
-        }
+        if not needs_restart:
+            return needs_restart, None
+        hint = restart_hint(needs_restart, recorded=self.supervisor._record is not None)
+        log.warning(
+            "config reloaded, but %s changed: that takes effect only when the supervisor "
+            "restarts (%s)",
+            ", ".join(needs_restart),
+            hint,
+        )
+        return needs_restart, hint
 
     async def _start_added(self, name: str, section: ProgramConfig) -> None:
         """Add a program the config gained, and start it (with ``autostart``), unless the

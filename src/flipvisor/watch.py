@@ -86,7 +86,8 @@ async def watch_main(config: Config) -> None:
         # SIGUSR2 terminate) would kill us mid-reload, leaving the reload command running and a
         # new file unrestored.
         with anyio.open_signal_receiver(*STOP_SIGNALS, *NOTED_SIGNALS) as signals:
-            release()  # held since `watch` began (cli.py): what came meanwhile is handled now
+            # Held since `watch` began (cli_foreground.py): what came meanwhile is handled now.
+            release()
             async with watches_running(config, registry, reaper):
                 await _until_stop_signal(signals)
     finally:

@@ -43,14 +43,12 @@ it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -61,13 +59,13 @@ from .registry import KeyRange, WatchableRegistry, WatchEvent
 from .starttime import (
     Recorded,
     pid_still_names,
-    recorded_from_json,
     recorded_now,
     start_time_of,
     ticks_now,
     with_identity,
 )
 from .verified_signal import signal_verified
+from .watch_drain_keys import difference, parse_pids, recorded_processes
 from .watch_follow import KeyFollower, follow_keys
 from .watch_template import TemplateWatch
 
@@ -264,7 +262,7 @@ class DrainWatch(KeyFollower):
         unless they are gone by then (their program was stopped, say, which withdrew the key
         that template waits for): there is nothing left to hold.
         """
-        pids = sorted({target.pid for target in targets})
+        pids = ",".join(map(str, sorted({target.pid for target in targets})))
         while True:
             with anyio.move_on_after(CATCH_UP_TIMEOUT) as scope:
                 for template in self.templates:
@@ -276,7 +274,7 @@ class DrainWatch(KeyFollower):
                 log.info(
                     "drain_pid %s: pid=%s gone already while watch %s held the drain",
                     self.key,
-                    ",".join(map(str, pids)),
+                    pids,
                     ", ".join(str(t.dest) for t in held),
                 )
                 break
@@ -288,25 +286,34 @@ class DrainWatch(KeyFollower):
                 )
                 break
             for template in held:
-                if template.failure is None:
-                    log.error(
-                        "drain_pid %s: not draining pid=%s: watch %s is waiting for keys %s, "
-                        "so its file still routes as its last render did (held until they "
-                        "exist again and it applies)",
-                        self.key,
-                        ",".join(map(str, pids)),
-                        template.dest,
-                        ", ".join(template.entry.keys),
-                    )
-                    continue
-                log.error(
-                    "drain_pid %s: not draining pid=%s: watch %s failed: %s "
-                    "(held until it applies: it is retried, and at each change)",
-                    self.key,
-                    ",".join(map(str, pids)),
-                    template.dest,
-                    template.failure,
-                )
+                self._say_held(template, pids)
+        await self._settle()
+
+    def _say_held(self, template: TemplateWatch, pids: str) -> None:
+        """The error of a drain of ``pids`` that ``template`` holds, and why it holds it."""
+        if template.failure is None:
+            log.error(
+                "drain_pid %s: not draining pid=%s: watch %s is waiting for keys %s, "
+                "so its file still routes as its last render did (held until they "
+                "exist again and it applies)",
+                self.key,
+                pids,
+                template.dest,
+                ", ".join(template.entry.keys),
+            )
+            return
+        log.error(
+            "drain_pid %s: not draining pid=%s: watch %s failed: %s "
+            "(held until it applies: it is retried, and at each change)",
+            self.key,
+            pids,
+            template.dest,
+            template.failure,
+        )
+
+    async def _settle(self) -> None:
+        """Wait ``RELOAD_SETTLE`` after the templates' last reload (the module docstring says
+        why)."""
         # An entry with a pidfile already waited for its proxy's old workers (caught_up covers
         # it): only the others need the fixed grace.
         reloads = [
@@ -380,39 +387,3 @@ class DrainWatch(KeyFollower):
                 self.drain.timeout,
             )
         self.seen.discard(target)
-
-
-def difference(
-    before: Mapping[str, str], after: Mapping[str, str], revision: int
-) -> list[WatchEvent]:
-    """The changes that turn ``before`` into ``after`` (a deleted key's value is None)."""
-    return [
-        WatchEvent(key, after.get(key), revision)
-        for key in sorted(before.keys() | after.keys())
-        if before.get(key) != after.get(key)
-    ]
-
-
-def parse_pids(value: str | None) -> list[int]:
-    """The PIDs of a ``pid/*`` value ("101,102"); junk entries are skipped."""
-    if not value:
-        return []
-    return [int(part) for part in value.split(",") if part.strip().isdigit() and int(part) > 0]
-
-
-def recorded_processes(value: str | None) -> dict[int, Recorded]:
-    """pid -> the process a ``generation/current`` JSON record names under it, by its start
-    tick and boot id or its start time (empty if absent or bad; a bad entry is left out)."""
-    try:
-        record: Any = json.loads(value) if value else {}
-        entries = list(record.get("pids", []))
-    except (ValueError, TypeError, AttributeError):
-        return {}
-    processes = {}
-    for entry in entries:
-        try:
-            process = recorded_from_json(entry)
-        except (ValueError, TypeError, KeyError):
-            continue
-        processes[process.pid] = process
-    return processes

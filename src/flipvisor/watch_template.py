@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -37,6 +38,9 @@ from .proxy_template import render_template
 from .reaper import Reaper
 from .registry import KeyRange, WatchableRegistry, WatchEvent, key_matches
 from .watch_follow import KeyFollower, follow_keys
+
+if TYPE_CHECKING:
+    from .starttime import Recorded
 
 log = logging.getLogger(__name__)
 
@@ -179,20 +183,46 @@ class TemplateWatch(KeyFollower):
 
     async def _render_and_reload(self, values: dict[str, str], *, quiet: bool) -> None:
         """Raises: ProxyError: rendering, checking or reloading failed (the file is restored)."""
+        if self._waiting_for_keys(values):
+            return
+        content = render_template(self.template, template_context(values))
+        if self._already_in_place(content):
+            return  # an earlier run or an unchanged render: no reload
+        self._unconfirmed = True
+        old_workers = await self._install_and_reload(content, quiet=quiet)
+        self._unconfirmed = False
+        if old_workers and not await wait_workers_gone(old_workers, COMMAND_TIMEOUT):
+            log.warning(
+                "watch %s: old proxy workers still running after %g s", self.dest, COMMAND_TIMEOUT
+            )
+        log.info("watch %s: rendered and reloaded", self.dest)
+
+    def _waiting_for_keys(self, values: dict[str, str]) -> bool:
+        """Whether a key the entry renders is missing from ``values`` (``waiting``; said once
+        until the keys are back)."""
         self.waiting = not keys_present(self.entry.keys, values)
         if self.waiting:
             if not self._waiting_logged:
                 log.info("watch %s: waiting for keys %s", self.dest, ", ".join(self.entry.keys))
                 self._waiting_logged = True
-            return
+            return True
         self._waiting_logged = False
-        content = render_template(self.template, template_context(values))
+        return False
+
+    def _already_in_place(self, content: str) -> bool:
+        """Whether the file holds ``content`` already and the proxy was reloaded with it (not
+        after a failed attempt: ``_unconfirmed``)."""
         try:
-            if not self._unconfirmed and self.dest.read_text(encoding="utf-8") == content:
-                return  # already in place (an earlier run or an unchanged render): no reload
+            return not self._unconfirmed and self.dest.read_text(encoding="utf-8") == content
         except (OSError, UnicodeDecodeError):
-            pass
-        self._unconfirmed = True
+            return False
+
+    async def _install_and_reload(self, content: str, *, quiet: bool) -> frozenset[Recorded]:
+        """Install ``content``, checked, and reload the proxy; the file restored if that fails.
+        Returns the proxy's workers from before the reload (its ``pidfile``'s), to wait for.
+
+        Raises: ProxyError: checking or reloading failed.
+        """
         installed = await install(
             self.dest,
             content,
@@ -224,12 +254,7 @@ class TemplateWatch(KeyFollower):
             if self.entry.reload_cmd:
                 # Even a failed reload may have reached the proxy: drains settle after it too.
                 self.reloaded_at = anyio.current_time()
-        self._unconfirmed = False
-        if old_workers and not await wait_workers_gone(old_workers, COMMAND_TIMEOUT):
-            log.warning(
-                "watch %s: old proxy workers still running after %g s", self.dest, COMMAND_TIMEOUT
-            )
-        log.info("watch %s: rendered and reloaded", self.dest)
+        return old_workers
 
     def holds(self, folder: str) -> bool:
         """Whether this entry holds a drain of the program whose keys are under ``folder``: its

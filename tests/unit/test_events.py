@@ -11,7 +11,7 @@ import anyio.lowlevel
 import pytest
 from anyio.abc import TaskStatus
 
-from flipvisor.cli import _event_line
+from flipvisor.cli_requests import event_line
 from flipvisor.events import HISTORY, MISSED, Event, EventLog
 
 # What each subscriber could hold before: a burst bigger than it lost the rest, unmarked.
@@ -95,7 +95,7 @@ async def test_a_subscriber_behind_by_more_than_the_history_gets_the_exact_count
         # The 300 oldest of the burst were dropped from the history before they were read.
         assert missed.fields == {"count": 300, "first_seq": 2, "last_seq": 301}
         assert "300 events" in missed.message
-        line = _event_line({"type": "event", **missed.to_json()})  # as `events -f` prints it
+        line = event_line({"type": "event", **missed.to_json()})  # as `events -f` prints it
         assert line.split(" ", 1)[1].startswith("(supervisor) missed 300 events, of any program")
         rest = [stream.receive_nowait() for _ in range(HISTORY)]
         assert [event.fields["worker"] for event in rest] == list(range(300, HISTORY + 300))
