@@ -23,6 +23,7 @@ from .errors import Busy, UsageError
 from .events import EventLog
 from .flip import Flips
 from .generation import Generation
+from .generation_status import generation_status
 from .history import History
 from .kept_outputs import OutputKeeper
 from .leftovers import Leftovers
@@ -153,9 +154,9 @@ class Program:
         generations = []
         for gen in self.generations:
             if gen is warm:
-                generations.append(gen.status(now, self.retirement.warm_until))
+                generations.append(generation_status(gen, now, self.retirement.warm_until))
             else:
-                generations.append(gen.status(now))
+                generations.append(generation_status(gen, now))
         return {
             "name": self.name,
             "state": self.state,  # a StrEnum: encodes as its value

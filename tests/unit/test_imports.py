@@ -31,7 +31,14 @@ SPAWN = {"spawn", "output_pipe", "run_command", "verified_signal", "strays", "li
 KEEPER = {"output_keeper", "kept_outputs", "keeper_handover"}
 BASE = LEAVES | CONFIG | LOGS | SPAWN | KEEPER | {"reaper", "sockets", "events", "progress"}
 CHECKS = BASE | {"probe", "proxy", "proxy_template", "registry"}
-WORKERS = CHECKS | {"worker", "generation"}
+# A generation, and its parts: the drain of its processes, its probe, what status shows of it.
+WORKERS = CHECKS | {
+    "worker",
+    "generation",
+    "generation_drain",
+    "generation_probe",
+    "generation_status",
+}
 CORE = WORKERS | {
     "leftovers",
     "published_keys",
@@ -119,7 +126,11 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": LEAVES | {"config", "events"},
     # The upper layers: generous, everything below them.
     "worker": BASE,
-    "generation": BASE | {"probe", "worker"},
+    "generation": BASE | {"probe", "worker", "generation_drain", "generation_probe"},
+    "generation_drain": BASE | {"worker"},
+    # Parts of a Generation that take it (for its type only): generation's layer, itself included.
+    "generation_probe": BASE | {"probe", "worker", "generation"},
+    "generation_status": {"generation"},
     "leftovers": WORKERS,
     "published_keys": WORKERS,
     "proxy_patience": WORKERS,
