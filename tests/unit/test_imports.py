@@ -22,10 +22,18 @@ LEAVES = ERRORS | {"states", "lazy_event", "signals", "usable", "starttime"}
 CONFIG = {"config", "config_fields", "config_file", "config_consistency"}
 # A program's log: the rotating writer, a worker's capture into it, and the CLI's readers.
 LOGS = {"logs", "logs_capture", "log_lines", "logs_tail", "logs_follow"}
-# Processes: the only creator (spawn), a child's output pipe, a short command run to completion,
-# a recorded process signalled only while its PID names it, our stray children, which supervisor
-# started a process (its environment).
-SPAWN = {"spawn", "output_pipe", "run_command", "verified_signal", "strays", "lineage"}
+# Processes: the only creator (spawn), whether a command can start (command_lookup), a child's
+# output pipe, a short command run to completion, a recorded process signalled only while its PID
+# names it, our stray children, which supervisor started a process (its environment).
+SPAWN = {
+    "spawn",
+    "command_lookup",
+    "output_pipe",
+    "run_command",
+    "verified_signal",
+    "strays",
+    "lineage",
+}
 # The output keeper process (stdlib and the log writer only: it must stay small) and the
 # supervisor's side of it, which every worker tells about its pipe.
 KEEPER = {"output_keeper", "kept_outputs", "keeper_handover"}
@@ -71,7 +79,17 @@ ALLOWED: dict[str, set[str]] = {
     "config_consistency": {"config_file", "problems"},
     "config_file": {"config", "config_consistency", "errors", "locate", "problems"},
     "reaper": {"errors"},
-    "spawn": {"errors", "config", "reaper", "signals", "starttime", "output_pipe", "usable"},
+    "spawn": {
+        "errors",
+        "config",
+        "reaper",
+        "signals",
+        "starttime",
+        "output_pipe",
+        "usable",
+        "command_lookup",
+    },
+    "command_lookup": {"errors", "usable"},
     "output_pipe": set(),
     "run_command": {"reaper", "spawn", "output_pipe", "strays"},
     "verified_signal": {"starttime"},
@@ -146,7 +164,7 @@ ALLOWED: dict[str, set[str]] = {
         "config_fields",
         "errors",
         "proxy_template",
-        "spawn",
+        "command_lookup",
         "usable",
         "sockets",
         "runrecord",
