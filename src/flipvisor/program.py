@@ -228,9 +228,7 @@ class Program:
         if gen in self.generations:
             self.generations.remove(gen)
 
-    # -- workers' exits -----------------------------------------------------------------------
-
-    # ``crash_policy.py``'s, under the names the program's other parts call them by.
+    # -- workers' exits: ``crash_policy.py``'s, by the names flip.py and generations call -------
 
     def _worker_exited(
         self, gen: Generation, worker: Worker, returncode: int | None, reason: str
