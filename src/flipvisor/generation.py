@@ -1,16 +1,20 @@
 """One generation of a program: its listening socket, ``numprocs`` workers in one task group,
 its state, and how it ends (drained after a newer generation took over, or failed before serving).
+
+How its processes are stopped is ``generation_drain.py``'s, its readiness probe
+``generation_probe.py``'s, what status shows of it ``generation_status.py``'s.
 """
 
 from __future__ import annotations
 
 import logging
 import shlex
-import signal
 import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +22,19 @@ import anyio
 from anyio.abc import TaskStatus
 
 from .config import ProgramConfig, fingerprint
-from .errors import FlipvisorError, ProbeFailed, SpawnError
+from .errors import ProbeFailed, SpawnError
 from .events import EventLog
+from .generation_drain import GenerationDrain
+from .generation_probe import describe_probe, probe_until_ready
 from .kept_outputs import OutputKeeper
 from .lazy_event import LazyEvent
 from .logs import ProgramLog
-from .probe import NotifySocket, wait_ready
+from .probe import NotifySocket
 from .reaper import Reaper
-from .signals import with_continue
 from .sockets import bound_port
 from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition
-from .strays import Strays, signal_strays, wait_for_strays
-from .worker import Worker, WorkerSpec, worker_env
+from .strays import Strays
+from .worker import Worker, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +45,62 @@ KILL_GRACE = 10.0
 DISCARD_TIMEOUT = 30.0
 
 
-def to_the_millisecond(seconds: float) -> float:
-    """``round(seconds, 3)``, the same float, in about half the time: status rounds every
-    generation's uptime, and ``round`` with digits converts through a decimal string.
+def _open_notify_socket(
+    config: ProgramConfig, state_dir: Path, program: str, number: int, listener: socket.socket
+) -> NotifySocket | None:
+    """The socket a generation's workers send sd_notify's READY=1 to, if its probe waits for
+    that; ``listener`` is closed if it cannot be opened (the generation that would own it is
+    never made)."""
+    try:
+        if config.readiness is not None and config.readiness.notify:
+            return NotifySocket(state_dir / "notify" / f"{program}-{number}.sock")
+    except BaseException:
+        listener.close()
+        raise
+    return None
 
-    Scaled to milliseconds, the one rounding error of the multiplication is far below 0.0001
-    ms for any uptime under a century, so the nearest integer is the one ``round`` finds unless
-    the value is within 0.0001 of a half (then ``round`` itself decides); and dividing that
-    integer by 1000 gives the float nearest to it, as ``round`` returns."""
-    scaled = seconds * 1000.0
-    whole = round(scaled)
-    if -0.4999 < scaled - whole < 0.4999:
-        return whole / 1000
-    return round(seconds, 3)
+
+@dataclass
+class _StopRequest:
+    """When and how a generation's workers are to stop: ``run`` drains them once ``requested``
+    is set, after ``delay``."""
+
+    requested: anyio.Event = field(default_factory=anyio.Event)
+    delay: float = 0.0
+    # Stopped before it served because its flip was called off (``call_off``): it ends
+    # STOPPED, not FAILED, unless a worker failed it first.
+    called_off: bool = False
+
+
+def _deploy_shown(config: ProgramConfig) -> tuple[str, str]:
+    """What status shows of the deploy a generation runs: its command and fingerprint.
+
+    Fixed for the generation's life, so computed once rather than for every status request.
+    The command as one string (``shlex.split`` gives the list back): a list per generation is
+    more objects for every client to decode, about 14 % of a 200-program status round trip
+    (docs/performance.md)."""
+    return shlex.join(config.command), fingerprint(config)
+
+
+def _worker_maker(
+    gen: Generation,
+    state_dir: Path,
+    reaper: Reaper,
+    log: ProgramLog,
+    keeper: OutputKeeper | None,
+) -> Callable[[int], Worker]:
+    """What makes the worker of a slot of ``gen`` (by index): all on its socket (fd and port)
+    and notify socket, all writing to the program's log and the generation's tail."""
+    spec = WorkerSpec(
+        program=gen.program,
+        generation=gen.number,
+        config=gen.config,
+        port=gen.port,
+        listen_fd=gen.socket.fileno(),
+        notify_socket=gen.notify.path if gen.notify is not None else None,
+        state_dir=state_dir,
+    )
+    return partial(Worker, gen, spec, reaper=reaper, log=log, tail=gen.tail, keeper=keeper)
 
 
 class Generation:
@@ -79,70 +127,32 @@ class Generation:
         self.program = program
         self.number = number
         self.config = config
-        # What status shows of the deploy it runs: fixed for its life, so computed once here
-        # rather than for every status request. The command as one string (``shlex.split``
-        # gives the list back): a list per generation is more objects for every client to
-        # decode, about 14 % of a 200-program status round trip (docs/performance.md).
-        self.command = shlex.join(config.command)
-        self.fingerprint = fingerprint(config)
         self.events = events
+        self.reaper = reaper
+        # The program's first generation: nothing serves that a failure must protect.
+        self.first = first
+        self.created_at = time.time()
+        self.command, self.fingerprint = _deploy_shown(config)
         self.state = GenerationState.STARTING
         self.failure: str | None = None
         self.was_serving = False
-        # Stopped before it served because its flip was called off (``call_off``): it ends
-        # STOPPED, not FAILED, unless a worker failed it first.
-        self._called_off = False
-        # The program's first generation: nothing serves that a failure must protect.
-        self.first = first
-        self._process_groups: set[int] = set()
-        self.created_at = time.time()
         # The most recent exit of any of its workers, for status: {worker, pid, reason, time}.
         self.last_exit: dict[str, Any] | None = None
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._on_worker_exit = on_worker_exit
         self._on_pids_changed = on_pids_changed
-        self._stopping = anyio.Event()
+        self._stop = _StopRequest()
         self._failed = LazyEvent()  # awaited only while a probe runs
         self._stopped = LazyEvent()  # awaited only by whoever stops it
-        self._drain_delay = 0.0
+        self._process_groups: set[int] = set()  # every group its workers led, for the drain
         self._tg: anyio.abc.TaskGroup | None = None
-        self._spec: WorkerSpec | None = None
-        self._reaper = reaper
-        self._log = log
-        self._keeper = keeper
         self.socket = listener
         self.host = config.socket.host
-        self.port = bound_port(self.socket)
-        self.notify: NotifySocket | None = None
-        try:
-            if config.readiness is not None and config.readiness.notify:
-                self.notify = NotifySocket(state_dir / "notify" / f"{program}-{number}.sock")
-        except BaseException:
-            self.socket.close()
-            raise
-        spec = WorkerSpec(
-            program=program,
-            generation=number,
-            config=config,
-            port=self.port,
-            listen_fd=self.socket.fileno(),
-            notify_socket=self.notify.path if self.notify is not None else None,
-            state_dir=state_dir,
-        )
-        self._spec = spec
+        self.port = bound_port(listener)
+        self.notify = _open_notify_socket(config, state_dir, program, number, listener)
+        # Each slot's worker (the first, and any ``revive`` makes again) is made the same way.
+        self._new_worker = _worker_maker(self, state_dir, reaper, log, keeper)
         self.workers = [self._new_worker(index) for index in range(config.numprocs)]
-
-    def _new_worker(self, index: int) -> Worker:
-        assert self._spec is not None
-        return Worker(
-            self,
-            self._spec,
-            index,
-            reaper=self._reaper,
-            log=self._log,
-            tail=self.tail,
-            keeper=self._keeper,
-        )
 
     async def revive(self) -> int:
         """Start again every worker slot that gave up (crash loop, or policy ``never``).
@@ -162,7 +172,7 @@ class Generation:
                 revived += 1
         return revived
 
-    # -- what the status shows -------------------------------------------------------------
+    # -- what others read of it (status: ``generation_status.py``) --------------------------
 
     @property
     def pids(self) -> list[int]:
@@ -178,42 +188,9 @@ class Generation:
             if worker.child is not None and worker.pid is not None
         ]
 
-    def status(self, now: float, warm_until: float | None = None) -> dict[str, Any]:
-        """This generation in ``status --json``. One pass over the workers, no properties: a
-        status of 200 programs is meant to take well under a millisecond. ``warm_until``: when
-        the program drains it, if it is the one kept warm for a rollback (epoch seconds)."""
-        pids = []
-        restarts = 0
-        for worker in self.workers:
-            restarts += worker.restarts
-            child = worker.child
-            if child is not None and child.exit.returncode is None:  # spawned, not yet reaped
-                pids.append(child.pid)
-        return {
-            "generation": self.number,
-            "state": self.state,  # a StrEnum: encodes as its value
-            "port": self.port,
-            "pids": pids,
-            "uptime": to_the_millisecond(now - self.created_at),
-            "restarts": restarts,
-            "last_exit": self.last_exit,
-            "command": self.command,
-            "fingerprint": self.fingerprint,
-            "warm_until": warm_until,
-        }
-
     def describe_readiness(self) -> str:
         """How this generation proves it is ready, for a flip's report."""
-        readiness = self.config.readiness
-        if readiness is None:
-            return "no readiness probe: ready once spawned"
-        if readiness.http is not None:
-            return f"GET http://{self.host}:{self.port}{readiness.http}"
-        if readiness.exec is not None:
-            return "exec " + " ".join(
-                arg.replace("{port}", str(self.port)) for arg in readiness.exec
-            )
-        return "sd_notify READY=1"
+        return describe_probe(self)
 
     @property
     def restarts(self) -> int:
@@ -231,15 +208,15 @@ class Generation:
 
     @property
     def stopping(self) -> bool:
-        return self._stopping.is_set()
+        return self._stop.requested.is_set()
 
     async def wait_stopping(self) -> None:
-        await self._stopping.wait()
+        await self._stop.requested.wait()
 
     def worker_spawned(self, worker: Worker) -> None:
         assert worker.child is not None
         self._process_groups.add(worker.child.pid)  # each worker leads its own session
-        self._reaper.claim_group(worker.child.pid, self.program, self.number)
+        self.reaper.claim_group(worker.child.pid, self.program, self.number)
         self.events.emit(
             "spawned", self.program, self.number, worker=worker.index, pid=worker.child.pid
         )
@@ -256,7 +233,7 @@ class Generation:
         return self._on_worker_exit(self, worker, returncode, reason)
 
     def keep_reading(self, reader: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        # In the workers' task group: ``_stop_workers`` cancels it once every process of the
+        # In the workers' task group: ``run`` cancels it once every process of the
         # generation is gone, which ends the reader at once if something that left the workers'
         # groups (a daemonized helper) still holds the output.
         assert self._tg is not None, "workers run in the generation's task group"
@@ -313,41 +290,7 @@ class Generation:
             ProbeFailed: the probe failed or timed out, or a worker exited while it ran (at
                 once, not at the timeout).
         """
-        readiness = self.config.readiness
-        if readiness is None:
-            # No probe, so nothing to race a worker's exit against: ready once spawned, unless
-            # one already exited. Promotion checks again before each step it cannot take back.
-            self.ensure_whole()
-            return
-        failure: str | None = None
-        probe_error: FlipvisorError | None = None
-        async with anyio.create_task_group() as race:
-
-            async def watch_workers() -> None:
-                nonlocal failure
-                failure = await self.wait_failed()
-                race.cancel_scope.cancel()
-
-            race.start_soon(watch_workers)
-            try:
-                await wait_ready(
-                    readiness,
-                    host=self.host,
-                    port=self.port,
-                    reaper=self._reaper,
-                    env=worker_env(self.workers[0].spec, 0),
-                    cwd=self.config.cwd,
-                    notify=self.notify,
-                    worker_pids=lambda: set(self.pids),
-                    numprocs=self.config.numprocs,
-                )
-            except FlipvisorError as exc:  # caught here so it is not wrapped in a group
-                probe_error = exc
-            race.cancel_scope.cancel()
-        if failure is not None:
-            raise ProbeFailed(f"a worker exited while the generation was probed: {failure}")
-        if probe_error is not None:
-            raise probe_error
+        await probe_until_ready(self)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Own the workers from spawn to reap; ``started()`` once every worker is spawned.
@@ -368,8 +311,11 @@ class Generation:
                     self.request_stop(delay=0.0)
                 else:
                     task_status.started()
-                await self._stopping.wait()
-                await self._stop_workers(tg)
+                await self._stop.requested.wait()
+                await self._drain_workers()
+                # Once every process of the generation is gone: ends the readers of what
+                # exited workers left running (``keep_reading``) too.
+                tg.cancel_scope.cancel()
             if spawn_error is not None:
                 raise spawn_error
         finally:
@@ -381,7 +327,7 @@ class Generation:
                     self.notify.close()
                 self._final_transition()
             finally:
-                self._reaper.release_groups(self._process_groups)
+                self.reaper.release_groups(self._process_groups)
                 self._stopped.set()  # whatever happened, nobody waits for this forever
 
     def _final_transition(self) -> None:
@@ -390,7 +336,7 @@ class Generation:
         if self.state is GenerationState.DRAINING:  # drained, whether it served or was ready
             self.transition(GenerationState.STOPPED)
             return
-        if self._called_off and self.failure is None and not self.was_serving:
+        if self._stop.called_off and self.failure is None and not self.was_serving:
             self.transition(GenerationState.STOPPED)
             return
         never_served = not self.was_serving and self.state is not GenerationState.READY
@@ -401,73 +347,22 @@ class Generation:
         self.transition(GenerationState.DRAINING)  # a serving or warm generation cancelled
         self.transition(GenerationState.STOPPED)
 
-    async def _stop_workers(self, tg: anyio.abc.TaskGroup) -> None:
-        drain = self.config.drain
-        # The delay lets requests in flight finish before the signal; it ends early once nothing
-        # of the generation runs any more (its workers crashed or were killed meanwhile), or a
-        # stop and a shutdown would wait out a delay that serves nobody.
-        with anyio.move_on_after(self._drain_delay):
-            await self._all_workers_done()
-            await wait_for_strays(self._process_groups)
-        # The drain signal goes to each worker's whole process group (what systemd's
-        # KillMode=control-group and supervisord's stopasgroup do): the app a wrapper script
-        # runs without exec, a pool's workers, a worker's Popen children all get to shut down.
-        # What is left of the group of a worker that exited before (it crashed and was
-        # replaced) can no longer be reached through its group: those processes were
-        # re-parented to us and are signalled one by one. Live workers' groups are left out of
-        # that, so nothing gets the signal twice (a second SIGTERM may mean "stop now").
-        live = {pid for worker in self.workers if (pid := worker.pid) is not None}
-        for each in with_continue(drain.signal):
-            signal_strays(self._process_groups - live, each)
-        for worker in self.workers:
-            worker.signal(drain.signal)
-        with anyio.move_on_after(drain.timeout) as graceful:
-            await self._all_workers_done()
-            # What outlived its worker in the group (the app, once its wrapper died of the
-            # signal at once) got the signal too, and gets the rest of the timeout to finish.
-            await wait_for_strays(self._process_groups)
-        if graceful.cancelled_caught:
-            for worker in self.workers:
-                if worker.pid is not None:
-                    self.events.emit(
-                        "killed",
-                        self.program,
-                        self.number,
-                        f"still running {drain.timeout}s after {drain.signal.name}",
-                        worker=worker.index,
-                        pid=worker.pid,
-                    )
-                worker.kill()
-            with anyio.move_on_after(KILL_GRACE):
-                await self._all_workers_done()
-        # What is still running in the workers' groups (a pool whose master was killed, a
-        # member that ignores the signal) had the whole drain: SIGKILL, and wait until it is gone
-        # so that nothing of the generation outlives it. Our own children, held by pidfd: no PID
-        # reuse, even across the wait.
-        with Strays.collect(self._process_groups) as strays:
-            if killed := strays.signal(signal.SIGKILL):
-                self.events.emit(
-                    "killed",
-                    self.program,
-                    self.number,
-                    f"left behind by its workers, still running {drain.timeout}s after "
-                    f"{drain.signal.name}",
-                    pids=killed,
-                )
-                with anyio.move_on_after(KILL_GRACE):
-                    await strays.wait()
-        tg.cancel_scope.cancel()
-
-    async def _all_workers_done(self) -> None:
-        # Slots that never started (a spawn failed before them) have nothing to wait for.
-        for worker in list(self.workers):
-            if worker.started:
-                await worker.done.wait()
+    async def _drain_workers(self) -> None:
+        drain = GenerationDrain(
+            program=self.program,
+            generation=self.number,
+            drain=self.config.drain,
+            workers=self.workers,
+            process_groups=self._process_groups,
+            events=self.events,
+            kill_grace=KILL_GRACE,
+        )
+        await drain.run(self._stop.delay)
 
     def request_stop(self, *, delay: float) -> None:
         """Begin stopping: after ``delay``, signal every worker, SIGKILL after the timeout."""
-        self._drain_delay = delay
-        self._stopping.set()
+        self._stop.delay = delay
+        self._stop.requested.set()
 
     async def drain(self) -> None:
         """Drain a generation that served (or was ready): delay, signal, timeout, SIGKILL."""
@@ -486,7 +381,7 @@ class Generation:
         """Stop a generation that never served because its flip was called off (a ``stop``, the
         shutdown), at once like ``discard``; it ends STOPPED: nothing of it failed, and a
         ``failed`` event would read as a broken release."""
-        self._called_off = True
+        self._stop.called_off = True
         self.request_stop(delay=0.0)
         await self._stopped.wait()
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 
+from .command_lookup import resolve_executable
 from .config import Config, ProgramConfig, SocketConfig
 from .config_fields import WATCH_TEMPLATE_CONTEXT
 from .errors import BindError, ProxyError, SpawnError
@@ -30,7 +31,6 @@ from .problems import dotted_location
 from .proxy_template import flip_context, parse_template, render_template
 from .runrecord import read_record
 from .sockets import bind_listener
-from .spawn import resolve_executable
 from .usable import (
     closed_folder,
     closed_folder_problem,

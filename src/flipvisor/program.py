@@ -1,6 +1,7 @@
-"""One supervised program: its generations, state and status, start/stop, and crash policy
-(its workers' exits, ``fatal``, a program given up); its flips are ``flip.py``'s, what a
-promotion replaced ``retirement.py``'s, a killed supervisor's workers ``takeover.py``'s.
+"""One supervised program: its generations, state and status, start and stop; what its stop
+does is ``program_stop.py``'s, its crash policy (its workers' exits, ``fatal``, a program given
+up) ``crash_policy.py``'s, its flips ``flip.py``'s, what a promotion replaced
+``retirement.py``'s, a killed supervisor's workers ``takeover.py``'s.
 
 Generations and flips run in the program's own task group, so a flip finishes (or rolls back)
 even if the client that asked for it goes away, and removing a program cancels all of it.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,25 +19,27 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from .config import LogsConfig, ProgramConfig
+from .crash_policy import CrashPolicy
 from .errors import Busy, UsageError
 from .events import EventLog
 from .flip import Flips
 from .generation import Generation
+from .generation_status import generation_status
 from .history import History
 from .kept_outputs import OutputKeeper
 from .leftovers import Leftovers
 from .locate import log_path
 from .logs import ProgramLog
-from .progress import FlipReport, pid_list
+from .program_stop import describe_drain, stop_program
+from .progress import FlipReport
 from .reaper import Reaper
 from .registration import Registration
 from .registry import Registry
-from .restarts import RestartBudget, judge_exit
+from .restarts import RestartBudget
 from .retirement import Retirement
 from .sockets import ProgramListener
 from .states import ProgramState
 from .takeover import Takeover
-from .unroute import unroute
 from .worker import Worker
 
 _FATAL, _RUNNING, _STOPPED, _STARTING = (
@@ -107,6 +109,7 @@ class Program:
         self.flips = Flips(self)
         self.retirement = Retirement(self)
         self.takeover = Takeover(self)
+        self.crashes = CrashPolicy(self)
         self._stops = 0  # stops under way
         self._tg: TaskGroup | None = None
         self.log = runtime.program_log(name)
@@ -153,9 +156,9 @@ class Program:
         generations = []
         for gen in self.generations:
             if gen is warm:
-                generations.append(gen.status(now, self.retirement.warm_until))
+                generations.append(generation_status(gen, now, self.retirement.warm_until))
             else:
-                generations.append(gen.status(now))
+                generations.append(generation_status(gen, now))
         return {
             "name": self.name,
             "state": self.state,  # a StrEnum: encodes as its value
@@ -225,101 +228,20 @@ class Program:
         if gen in self.generations:
             self.generations.remove(gen)
 
-    # -- workers' exits -----------------------------------------------------------------------
+    # -- workers' exits: ``crash_policy.py``'s, by the names flip.py and generations call -------
 
     def _worker_exited(
         self, gen: Generation, worker: Worker, returncode: int | None, reason: str
     ) -> float | None:
-        if self._stops and self.serving is None and gen.was_serving:
-            # Its keys are being withdrawn, its drain begins next: a `drain_pid` watcher that saw
-            # `pid/previous` change may signal it before our drain does. Not restarted.
-            self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; stopping")
-            return None
-        if gen is self.retirement.reviving:
-            # A rollback probes or routes back to this warm generation: like a new generation's,
-            # a worker lost now fails the rollback (at once), and is not restarted.
-            self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; rollback fails")
-            gen.fail(f"worker {worker.index} of generation {gen.number} {reason}")
-            return None
-        verdict = judge_exit(
-            policy=gen.config.restart,
-            budget=self._budget,
-            returncode=returncode,
-            reason=reason,
-            consecutive_failures=worker.consecutive_failures,
-            starting=not gen.was_serving,
-            replacing=not gen.first,
-            where=f"worker {worker.index} of generation {gen.number}",
-            warm=gen is self.warm,
-            fatal=self.fatal_reason is not None,
-        )
-        if verdict.retire:
-            self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; warm: drained")
-            self.retirement.drop_warm(gen)
-            return None
-        if verdict.not_restarted:
-            self.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; not restarted")
-        if verdict.fail is not None:
-            gen.fail(verdict.fail)
-        if verdict.fatal is not None:
-            self._become_fatal(verdict.fatal, gen.number)
-        if verdict.delay is None and verdict.fail is None and gen is self.serving:
-            self._stop_if_given_up(worker)
-        if verdict.delay is not None:
-            worker.consecutive_failures += 1
-            self.restarts_total += 1
-            self.runtime.events.emit(
-                "restarting",
-                self.name,
-                gen.number,
-                reason,
-                worker=worker.index,
-                delay=round(verdict.delay, 3),
-            )
-        return verdict.delay
+        return self.crashes.worker_exited(gen, worker, returncode, reason)
 
     def _become_fatal(
         self, reason: str, generation: int | None, *, replace_reason: bool = False
     ) -> None:
-        """Enter ``fatal`` (once: one `fatal` event, the first reason kept, as later workers of
-        the generation exit because of it), until `start` or a promotion clears it.
-        ``replace_reason``: a failed flip's report says more than the exit that failed it."""
-        if self.fatal_reason is None:
-            self.runtime.events.emit("fatal", self.name, generation, reason)
-            self.fatal_reason = reason
-            # Nothing is started once fatal: not even a restart already waiting out its backoff
-            # (the budget that ran out since was spent on it). `start` revives those slots.
-            for gen in self.generations:
-                gen.give_up_restarts()
-        elif replace_reason:
-            self.fatal_reason = reason
+        self.crashes.become_fatal(reason, generation, replace_reason=replace_reason)
 
     def _stop_if_given_up(self, exiting: Worker | None = None) -> None:
-        """Begin ``_stop_given_up`` if nothing of the serving generation runs or will run again
-        (``exiting``: a worker about to stop for good), unless a flip may still replace it."""
-        gen = self.serving
-        if gen is None or self.current_flip is not None or self._stops or self._tg is None:
-            return
-        if gen.given_up(exiting):
-            self._tg.start_soon(self._stop_given_up, gen)
-
-    async def _stop_given_up(self, gen: Generation) -> None:
-        """Stop the program once its serving generation has no worker left and none to come
-        (policy ``never``, ``on-failure`` after a clean exit, or ``fatal``). Left open, its
-        socket would take the proxy's connections into a backlog nobody reads, each waiting for
-        the proxy's timeout; closed, they are refused at once (a 502, or the next upstream).
-        ``start`` starts it again, as a new generation."""
-        if self.serving is not gen or self.current_flip is not None or self._stops:
-            return  # a flip or a stop took over meanwhile
-        why = self.fatal_reason or "every worker exited and the restart policy starts none again"
-        self.runtime.events.emit(
-            "given-up",
-            self.name,
-            gen.number,
-            f"{why}: stopping it (its socket closes); `flipvisor start {self.name}` starts it "
-            "again",
-        )
-        await self.stop()
+        self.crashes.stop_if_given_up(exiting)
 
     def _pids_changed(self, gen: Generation) -> None:
         self.registration.pids_changed(gen, self._task_group())
@@ -392,80 +314,13 @@ class Program:
         self._stops += 1
         self.shut_down = self.shut_down or final
         try:
-            flip = self.current_flip
-            if flip is not None and self.flips.abandon is not None:
-                self.flips.abandon.cancel()
-                what = f"{flip.kind} of generation {flip.generation}: rolling it back"
-                with _step(report, "flip", what):
-                    await flip.wait()
-                    # A flip whose --timeout ran out after its promotion answered already, and
-                    # still drains what it replaced (it holds the lock until that is done).
-                    async with self.flips.lock:
-                        pass
-            if (settled := self.flips.settled) is not None and flip is not None:
-                what = f"{flip.kind} of generation {flip.generation}: promoted: waiting for the "
-                with _step(report, "flip", what + "proxy's old workers"):
-                    await settled.wait()
-            if unroute:
-                await self._unroute()
-            gens = list(self.generations)
-            named = self.registration.published is not None or self.leftovers is not None
-            self.serving = None
-            self.warm = None
-            if named:
-                await self._withdraw_keys(report, final=final)
-            if unrouted is not None:
-                unrouted.set()
-            promoted = self.current_flip  # promoted already: only its drains are left to do
-            if gens or self.leftovers is not None or promoted is not None:
-                with _step(report, "drain", self.describe_drain(gens)):
-                    async with anyio.create_task_group() as tg:
-                        # Each drain is idempotent: one the flip began already is waited for,
-                        # not signalled again (that could cut its delay and timeout short).
-                        for gen in gens:
-                            tg.start_soon(self._drain, gen)
-                        tg.start_soon(self.takeover.drain_leftovers, None, self.config)
-                        if promoted is not None:
-                            tg.start_soon(promoted.wait)
-            self.listener.close()  # a stopped program holds no port
+            await stop_program(self, report, unroute=unroute, unrouted=unrouted, final=final)
         finally:
             self._stops -= 1
         if not self._stops:  # stops at once (a removal's, the shutdown's) end as one: one event
             self.flips.store_pending()  # a section a reload brought meanwhile: `start` starts it
             self.runtime.events.emit("stopped", self.name)
 
-    async def _withdraw_keys(self, report: FlipReport | None, *, final: bool) -> None:
-        taken_over = self.leftovers.record if self.leftovers is not None else None
-        with _step(report, "registry", "withdraw the keys") as step:
-            await self.registration.withdraw(taken_over=taken_over, final=final)
-            if self.name in self.runtime.registry.health()["pending"] and step is not None:
-                step.detail = "pending: the registry does not answer"
-
     def describe_drain(self, gens: list[Generation]) -> str:
         """What a stop drains, and how long that may take at most."""
-        parts = [f"generation {gen.number} (pid {pid_list(gen.pids)})" for gen in gens]
-        if self.leftovers is not None:
-            parts.append(self.leftovers.describe())
-        drains = [gen.config.drain for gen in gens]
-        if self.leftovers is not None:
-            drains.append(self.config.drain)  # what `drain_leftovers` drains them with
-        longest = max((drain.delay + drain.timeout for drain in drains), default=0.0)
-        return f"{'; '.join(parts)}; up to {longest:g}s"
-
-    async def _unroute(self) -> None:
-        routed = self._replaced_config()
-        deployed = routed or self.config
-        if deployed.proxy is None:
-            return
-        if await unroute(
-            self.name,
-            deployed.proxy,
-            reaper=self.runtime.reaper,
-            proxy_lock=self.runtime.proxy_lock,
-            routed=routed is not None,
-        ):
-            self.runtime.events.emit("unrouted", self.name, None, f"removed {deployed.proxy.dest}")
-
-
-def _step(report: FlipReport | None, name: str, detail: str) -> AbstractContextManager[Any]:
-    return report.step(name, detail) if report is not None else nullcontext()
+        return describe_drain(self, gens)

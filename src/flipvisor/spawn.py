@@ -8,17 +8,17 @@ parsed by a shell. Every child gets its own session (so its process group can be
 ``/dev/null`` on stdin, an optional pipe on stdout+stderr (``output_pipe.py``), and an optional
 listening socket on fd 3. Its exit is collected by the one ``Reaper``.
 
-Other processes are signalled through pidfds too: a recorded one only while its PID still names
-it (``verified_signal.py``), our stray children while they are unreaped (``strays.py``).
+Whether the command and the working directory are usable (and why not, in a sentence) is
+``command_lookup.py``'s. Other processes are signalled through pidfds too: a recorded one only
+while its PID still names it (``verified_signal.py``), our stray children while they are unreaped
+(``strays.py``).
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
-import stat
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import anyio
 
+from .command_lookup import resolve_executable, workdir_problem
 from .errors import SpawnError
 from .output_pipe import open_output_pipe
 from .reaper import ExitWaiter, Reaper
 from .signals import with_continue
 from .starttime import Recorded, recorded_now
-from .usable import closed_folder, closed_folder_problem
 
 LISTEN_FD = 3
 PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2  # Linux 6.9+: signal the pidfd's process group
@@ -181,86 +181,6 @@ def _inherited_fds(exclude: set[int | None]) -> list[int]:
     return leaked
 
 
-def resolve_executable(argv0: str, env: Mapping[str, str], cwd: Path | None) -> str:
-    """Find ``argv0`` the way exec would, so a typo fails the spawn with a clear message.
-
-    Raises:
-        SpawnError: not found, or not executable.
-    """
-    if "/" in argv0:
-        candidate = Path(argv0) if cwd is None else cwd / argv0
-        if not os.access(candidate, os.X_OK) or candidate.is_dir():
-            # Behind a folder this user may not enter, the file may well be there: say which
-            # folder (the cause tells `check` that another user may be allowed).
-            if (closed := closed_folder(candidate)) is not None:
-                raise SpawnError(
-                    f"command {argv0!r}: {closed_folder_problem(closed)}"
-                ) from PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(closed))
-            full = os.path.abspath(candidate)  # relative: to the cwd, or to the supervisor's
-            at = "" if full == argv0 else f" ({full})"
-            raise SpawnError(f"command {argv0!r}{at}: {_not_executable(candidate)}")
-        return argv0
-    path = env.get("PATH", os.defpath)
-    key = (argv0, path, str(cwd))
-    found = _FOUND_ON_PATH.get(key)
-    # A hit is re-checked: still an executable file, so exec will find it (or one earlier on
-    # PATH). A full lookup is a stat per PATH entry, most of a restart's own cost with a long PATH.
-    if found is None or not os.access(found, os.X_OK) or os.path.isdir(found):
-        found = shutil.which(argv0, path=path)
-        if found is None:
-            _FOUND_ON_PATH.pop(key, None)
-            raise SpawnError(f"command {argv0!r}: not found in PATH{_near_misses(argv0, path)}")
-        if len(_FOUND_ON_PATH) >= 1024:  # bounded: keys come from the config, this is a guard
-            _FOUND_ON_PATH.clear()
-        _FOUND_ON_PATH[key] = found
-    return argv0
-
-
-_FOUND_ON_PATH: dict[tuple[str, str, str], str] = {}
-
-
-def workdir_problem(folder: Path) -> str | None:
-    """Why this user cannot work in ``folder`` (no such folder, a file, a folder on the way
-    or itself it may not enter), or None."""
-    if (closed := closed_folder(folder, itself=True)) is not None:
-        return closed_folder_problem(closed)
-    if folder.is_dir():
-        return None
-    return "a file, not a folder" if os.path.lexists(folder) else "no such folder"
-
-
-def _not_executable(candidate: Path) -> str:
-    """Why exec would refuse ``candidate``, a path this user may reach: missing, a link to
-    nothing, a folder, or a file without the execute bit for this user."""
-    if not os.path.lexists(candidate):
-        return "no such file"
-    if not candidate.exists():
-        return f"a link to nothing ({os.readlink(candidate)})"
-    if candidate.is_dir():
-        return "a folder, not a program"
-    mode = stat.S_IMODE(candidate.stat().st_mode)
-    if not mode & 0o111:
-        return f"not executable (mode {mode:04o}: no execute bit)"
-    return f"not executable by this user (uid {os.getuid()}, mode {mode:04o})"
-
-
-def _near_misses(argv0: str, path: str) -> str:
-    """What on ``path`` nearly is ``argv0``, for the "not found" message: a file of that name
-    that is not executable, or a folder of PATH this user may not enter (where it may be)."""
-    notes: list[str] = []
-    for folder in dict.fromkeys(path.split(os.pathsep)):
-        candidate = Path(folder or ".") / argv0
-        if (closed := closed_folder(candidate)) is not None:
-            note = closed_folder_problem(closed)
-        elif candidate.is_file():
-            note = f"{candidate}: {_not_executable(candidate)}"
-        else:
-            continue
-        if note not in notes:
-            notes.append(note)
-    return f" ({'; '.join(notes)})" if notes else ""
-
-
 def spawn_process(
     argv: Sequence[str],
     *,
@@ -278,29 +198,8 @@ def spawn_process(
     Raises:
         SpawnError: the command or working directory is unusable, or the OS refused.
     """
-    # Absolute, so the shim's `cd` never consults $CDPATH (which would also print the path).
-    workdir = os.path.abspath(cwd) if cwd is not None else os.getcwd()
-    if (problem := workdir_problem(Path(workdir))) is not None:
-        raise SpawnError(f"working directory {workdir}: {problem}")
-    resolve_executable(argv[0], env, cwd)  # after: a relative command is looked for in cwd
-    actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
-        (os.POSIX_SPAWN_CLOSE, fd)
-        for fd in ([] if _InheritedFds.sealed else _inherited_fds({listen_fd, output_fd}))
-    ]
-    actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
-    if output_fd is not None:
-        actions += [(os.POSIX_SPAWN_DUP2, output_fd, 1), (os.POSIX_SPAWN_DUP2, output_fd, 2)]
-    else:
-        actions += [
-            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-            (os.POSIX_SPAWN_DUP2, 1, 2),
-        ]
-    moved_fd = None
-    if listen_fd is not None:
-        if listen_fd <= LISTEN_FD:
-            # dup2(3, 3) would keep close-on-exec set; move it out of the way first.
-            moved_fd = listen_fd = os.dup(listen_fd)
-        actions.append((os.POSIX_SPAWN_DUP2, listen_fd, LISTEN_FD))
+    workdir = _usable_workdir(argv, env, cwd)
+    actions, moved_fd = _file_actions(listen_fd, output_fd)
     try:
         pid = os.posix_spawn(
             SHELL,
@@ -322,6 +221,52 @@ def spawn_process(
     except ProcessLookupError:  # pragma: no cover - unreaped children always have a pid
         pidfd = -1
     return Child(pid=pid, pidfd=pidfd, exit=waiter, spawned_at=time.time())
+
+
+def _usable_workdir(argv: Sequence[str], env: Mapping[str, str], cwd: Path | None) -> str:
+    """The absolute working directory the shim changes into, once it and the command are
+    found usable.
+
+    Raises:
+        SpawnError: the working directory or the command is unusable.
+    """
+    # Absolute, so the shim's `cd` never consults $CDPATH (which would also print the path).
+    workdir = os.path.abspath(cwd) if cwd is not None else os.getcwd()
+    if (problem := workdir_problem(Path(workdir))) is not None:
+        raise SpawnError(f"working directory {workdir}: {problem}")
+    resolve_executable(argv[0], env, cwd)  # after: a relative command is looked for in cwd
+    return workdir
+
+
+_FileAction = tuple[int, ...] | tuple[int, int, str, int, int]
+
+
+def _file_actions(
+    listen_fd: int | None, output_fd: int | None
+) -> tuple[list[_FileAction], int | None]:
+    """The child's descriptors as ``posix_spawn`` sets them up: inherited ones closed (unless
+    sealed), /dev/null on stdin, ``output_fd`` (or /dev/null) on stdout and stderr,
+    ``listen_fd`` on fd 3. Also a duplicate of ``listen_fd`` made for that, if one was (the
+    caller closes it once the child is spawned)."""
+    actions: list[_FileAction] = [
+        (os.POSIX_SPAWN_CLOSE, fd)
+        for fd in ([] if _InheritedFds.sealed else _inherited_fds({listen_fd, output_fd}))
+    ]
+    actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
+    if output_fd is not None:
+        actions += [(os.POSIX_SPAWN_DUP2, output_fd, 1), (os.POSIX_SPAWN_DUP2, output_fd, 2)]
+    else:
+        actions += [
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ]
+    moved_fd = None
+    if listen_fd is not None:
+        if listen_fd <= LISTEN_FD:
+            # dup2(3, 3) would keep close-on-exec set; move it out of the way first.
+            moved_fd = listen_fd = os.dup(listen_fd)
+        actions.append((os.POSIX_SPAWN_DUP2, listen_fd, LISTEN_FD))
+    return actions, moved_fd
 
 
 def spawn_with_output(

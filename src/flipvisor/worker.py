@@ -235,43 +235,63 @@ class Worker:
         prefix = self._prefix(child)
         handed_over = False
         try:
-            with anyio.CancelScope() as reading:
-
-                def exited() -> None:
-                    # Reaped: what the worker wrote is in the pipe, and a cancelled capture reads
-                    # it without waiting. End of file is not waited for: the worker's children
-                    # (a pool's workers outliving their killed master) may hold the pipe for
-                    # long, and the exit, its restart decision and the restart must not wait.
-                    reading.cancel()
-
-                child.exit.on_exit(exited)
-                # Ends at end of file, or at the exit; either way with the partial last line.
-                await capture(read_fd, self.log, prefix=prefix, tail=self.tail)
+            await self._capture_until_exit(child, read_fd, prefix)
             # The output may end long before the worker does (it closed stdout): supervise on.
             returncode = await child.wait()
-            if not pipe_ended(read_fd) and self._leftover_readers < MAX_LEFTOVER_READERS:
-                # Still held: kept open and read rather than closed, so what holds it neither
-                # dies of SIGPIPE nor blocks on a full pipe before the drain stops it. Bounded:
-                # in a crash loop whose every incarnation leaves a daemon (outside the process
-                # group, so not drained) holding it, the pipes would pile up for good.
-                self._leftover_readers += 1
-                self.owner.keep_reading(partial(self._read_leftover, read_fd, prefix))
-                handed_over = True
-            elif not pipe_ended(read_fd):
-                self.log.note(
-                    f"[flipvisor] {prefix}: its output is still held by what it left running; "
-                    f"no longer read ({MAX_LEFTOVER_READERS} such outputs of this worker are)"
-                )
+            handed_over = self._hand_over_held_output(read_fd, prefix)
         finally:
-            child.exit.on_exit(None)
-            try:
-                if not child.exit.reaped:  # cancelled: the supervisor is going away
-                    with anyio.CancelScope(shield=True):
-                        await self._stop_reading(child, read_fd, prefix)
-            finally:
-                if not handed_over:
-                    self._close_output(read_fd)
-                child.close()
+            await self._let_go(child, read_fd, prefix, close_output=not handed_over)
+        return self._exited(returncode, started)
+
+    async def _capture_until_exit(self, child: Child, read_fd: int, prefix: str) -> None:
+        """Log the child's output until end of file or its exit, whichever comes first."""
+        with anyio.CancelScope() as reading:
+
+            def exited() -> None:
+                # Reaped: what the worker wrote is in the pipe, and a cancelled capture reads
+                # it without waiting. End of file is not waited for: the worker's children
+                # (a pool's workers outliving their killed master) may hold the pipe for
+                # long, and the exit, its restart decision and the restart must not wait.
+                reading.cancel()
+
+            child.exit.on_exit(exited)
+            # Ends at end of file, or at the exit; either way with the partial last line.
+            await capture(read_fd, self.log, prefix=prefix, tail=self.tail)
+
+    def _hand_over_held_output(self, read_fd: int, prefix: str) -> bool:
+        """Whether the output of the exited child is handed to a reader of its own
+        (``_read_leftover``), as what the child left running still holds it."""
+        if not pipe_ended(read_fd) and self._leftover_readers < MAX_LEFTOVER_READERS:
+            # Still held: kept open and read rather than closed, so what holds it neither
+            # dies of SIGPIPE nor blocks on a full pipe before the drain stops it. Bounded:
+            # in a crash loop whose every incarnation leaves a daemon (outside the process
+            # group, so not drained) holding it, the pipes would pile up for good.
+            self._leftover_readers += 1
+            self.owner.keep_reading(partial(self._read_leftover, read_fd, prefix))
+            return True
+        if not pipe_ended(read_fd):
+            self.log.note(
+                f"[flipvisor] {prefix}: its output is still held by what it left running; "
+                f"no longer read ({MAX_LEFTOVER_READERS} such outputs of this worker are)"
+            )
+        return False
+
+    async def _let_go(self, child: Child, read_fd: int, prefix: str, *, close_output: bool) -> None:
+        """Done with this child, whether it exited or we are cancelled (the supervisor is going
+        away: then it is stopped first, shielded, while its output is still read)."""
+        child.exit.on_exit(None)
+        try:
+            if not child.exit.reaped:  # cancelled: the supervisor is going away
+                with anyio.CancelScope(shield=True):
+                    await self._stop_reading(child, read_fd, prefix)
+        finally:
+            if close_output:
+                self._close_output(read_fd)
+            child.close()
+
+    def _exited(self, returncode: int, started: float) -> tuple[int, str]:
+        """Record the child's exit (``started``: when it started, by the monotonic clock); its
+        return code and what it says of the exit (``describe_exit``)."""
         if time.monotonic() - started >= STABLE_UPTIME:
             self.consecutive_failures = 0
         reason = describe_exit(returncode)

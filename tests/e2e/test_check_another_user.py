@@ -95,7 +95,7 @@ def test_a_working_directory_another_user_may_not_enter_is_named_as_such() -> No
             [
                 sys.executable,
                 "-c",
-                "import sys; from pathlib import Path; from flipvisor.spawn import "
+                "import sys; from pathlib import Path; from flipvisor.command_lookup import "
                 "workdir_problem; print(workdir_problem(Path(sys.argv[1])))",
                 str(closed / "work"),
             ],

@@ -21,13 +21,14 @@ import anyio
 import psutil
 import pytest
 
+from flipvisor.command_lookup import resolve_executable
 from flipvisor.config import SocketConfig
 from flipvisor.errors import SpawnError
 from flipvisor.output_pipe import open_output_pipe, pipe_ended, read_available, read_now
 from flipvisor.reaper import Reaper
 from flipvisor.run_command import run_command
 from flipvisor.sockets import bind_listener, bound_port
-from flipvisor.spawn import Child, resolve_executable, spawn_process
+from flipvisor.spawn import Child, spawn_process
 from flipvisor.starttime import Identity, Recorded, boot_id, recorded_now, start_time_of
 from flipvisor.strays import Strays
 from flipvisor.verified_signal import signal_verified

@@ -22,16 +22,31 @@ LEAVES = ERRORS | {"states", "lazy_event", "signals", "usable", "starttime"}
 CONFIG = {"config", "config_fields", "config_file", "config_consistency"}
 # A program's log: the rotating writer, a worker's capture into it, and the CLI's readers.
 LOGS = {"logs", "logs_capture", "log_lines", "logs_tail", "logs_follow"}
-# Processes: the only creator (spawn), a child's output pipe, a short command run to completion,
-# a recorded process signalled only while its PID names it, our stray children, which supervisor
-# started a process (its environment).
-SPAWN = {"spawn", "output_pipe", "run_command", "verified_signal", "strays", "lineage"}
+# Processes: the only creator (spawn), whether a command can start (command_lookup), a child's
+# output pipe, a short command run to completion, a recorded process signalled only while its PID
+# names it, our stray children, which supervisor started a process (its environment).
+SPAWN = {
+    "spawn",
+    "command_lookup",
+    "output_pipe",
+    "run_command",
+    "verified_signal",
+    "strays",
+    "lineage",
+}
 # The output keeper process (stdlib and the log writer only: it must stay small) and the
 # supervisor's side of it, which every worker tells about its pipe.
 KEEPER = {"output_keeper", "kept_outputs", "keeper_handover"}
 BASE = LEAVES | CONFIG | LOGS | SPAWN | KEEPER | {"reaper", "sockets", "events", "progress"}
 CHECKS = BASE | {"probe", "proxy", "proxy_template", "registry"}
-WORKERS = CHECKS | {"worker", "generation"}
+# A generation, and its parts: the drain of its processes, its probe, what status shows of it.
+WORKERS = CHECKS | {
+    "worker",
+    "generation",
+    "generation_drain",
+    "generation_probe",
+    "generation_status",
+}
 CORE = WORKERS | {
     "leftovers",
     "published_keys",
@@ -42,6 +57,8 @@ CORE = WORKERS | {
     "unroute",
     "registration",
     "program",
+    "program_stop",
+    "crash_policy",
     "flip",
     "flip_steps",
     "flip_outcome",
@@ -66,7 +83,17 @@ ALLOWED: dict[str, set[str]] = {
     "config_consistency": {"config_file", "problems"},
     "config_file": {"config", "config_consistency", "errors", "locate", "problems"},
     "reaper": {"errors"},
-    "spawn": {"errors", "config", "reaper", "signals", "starttime", "output_pipe", "usable"},
+    "spawn": {
+        "errors",
+        "config",
+        "reaper",
+        "signals",
+        "starttime",
+        "output_pipe",
+        "usable",
+        "command_lookup",
+    },
+    "command_lookup": {"errors", "usable"},
     "output_pipe": set(),
     "run_command": {"reaper", "spawn", "output_pipe", "strays"},
     "verified_signal": {"starttime"},
@@ -127,7 +154,11 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": LEAVES | {"config", "events"},
     # The upper layers: generous, everything below them.
     "worker": BASE,
-    "generation": BASE | {"probe", "worker"},
+    "generation": BASE | {"probe", "worker", "generation_drain", "generation_probe"},
+    "generation_drain": BASE | {"worker"},
+    # Parts of a Generation that take it (for its type only): generation's layer, itself included.
+    "generation_probe": BASE | {"probe", "worker", "generation"},
+    "generation_status": {"generation"},
     "leftovers": WORKERS,
     "leftover_records": WORKERS | {"leftovers"},
     "published_keys": WORKERS,
@@ -145,7 +176,7 @@ ALLOWED: dict[str, set[str]] = {
         "config_fields",
         "errors",
         "proxy_template",
-        "spawn",
+        "command_lookup",
         "usable",
         "sockets",
         "runrecord",
@@ -164,8 +195,12 @@ ALLOWED: dict[str, set[str]] = {
         "flip",
         "retirement",
         "takeover",
+        "program_stop",
+        "crash_policy",
     },
     # Parts of a Program that take it (for its type only): program's layer, program included.
+    "program_stop": WORKERS | {"unroute", "program"},
+    "crash_policy": WORKERS | {"restarts", "program"},
     "flip": WORKERS | {"promotion", "proxy_patience", "program", "flip_steps", "flip_outcome"},
     "flip_steps": WORKERS | {"promotion", "proxy_patience", "program", "flip", "flip_outcome"},
     "flip_outcome": WORKERS | {"program"},

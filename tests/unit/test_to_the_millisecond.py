@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from flipvisor.generation import to_the_millisecond
+from flipvisor.generation_status import to_the_millisecond
 
 
 def test_it_equals_round_on_random_uptimes_from_a_millisecond_to_a_century() -> None:

@@ -1,0 +1,131 @@
+"""A program's crash policy: what it does when one of its workers exits. The restart decision
+(``restarts.judge_exit``) carried out: a restart after a backoff, a slot left stopped, a
+generation failed before it served, ``fatal`` past the restart budget; and the program stopped
+once nothing of its serving generation runs or will run again (``given-up``).
+
+``CrashPolicy`` is a part of its ``Program`` (``program.crashes``): the state it acts on (the
+serving and warm generations, ``fatal_reason``, the restart budget) is the program's.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .generation import Generation
+from .restarts import Verdict, judge_exit
+from .worker import Worker
+
+if TYPE_CHECKING:
+    from .program import Program
+
+
+class CrashPolicy:
+    """One program's answer to its workers' exits."""
+
+    def __init__(self, program: Program) -> None:
+        self.program = program
+
+    def worker_exited(
+        self, gen: Generation, worker: Worker, returncode: int | None, reason: str
+    ) -> float | None:
+        """The delay before ``worker`` of ``gen`` is restarted, or None to leave it stopped."""
+        program = self.program
+        if program._stops and program.serving is None and gen.was_serving:
+            # Its keys are being withdrawn, its drain begins next: a `drain_pid` watcher that saw
+            # `pid/previous` change may signal it before our drain does. Not restarted.
+            program.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; stopping")
+            return None
+        if gen is program.retirement.reviving:
+            # A rollback probes or routes back to this warm generation: like a new generation's,
+            # a worker lost now fails the rollback (at once), and is not restarted.
+            program.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; rollback fails")
+            gen.fail(f"worker {worker.index} of generation {gen.number} {reason}")
+            return None
+        verdict = judge_exit(
+            policy=gen.config.restart,
+            budget=program._budget,
+            returncode=returncode,
+            reason=reason,
+            consecutive_failures=worker.consecutive_failures,
+            starting=not gen.was_serving,
+            replacing=not gen.first,
+            where=f"worker {worker.index} of generation {gen.number}",
+            warm=gen is program.warm,
+            fatal=program.fatal_reason is not None,
+        )
+        return self._carry_out(verdict, gen, worker, reason)
+
+    def _carry_out(
+        self, verdict: Verdict, gen: Generation, worker: Worker, reason: str
+    ) -> float | None:
+        program = self.program
+        if verdict.retire:
+            program.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; warm: drained")
+            program.retirement.drop_warm(gen)
+            return None
+        if verdict.not_restarted:
+            program.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; not restarted")
+        if verdict.fail is not None:
+            gen.fail(verdict.fail)
+        if verdict.fatal is not None:
+            self.become_fatal(verdict.fatal, gen.number)
+        if verdict.delay is None and verdict.fail is None and gen is program.serving:
+            self.stop_if_given_up(worker)
+        if verdict.delay is not None:
+            worker.consecutive_failures += 1
+            program.restarts_total += 1
+            program.runtime.events.emit(
+                "restarting",
+                program.name,
+                gen.number,
+                reason,
+                worker=worker.index,
+                delay=round(verdict.delay, 3),
+            )
+        return verdict.delay
+
+    def become_fatal(
+        self, reason: str, generation: int | None, *, replace_reason: bool = False
+    ) -> None:
+        """Enter ``fatal`` (once: one `fatal` event, the first reason kept, as later workers of
+        the generation exit because of it), until `start` or a promotion clears it.
+        ``replace_reason``: a failed flip's report says more than the exit that failed it."""
+        program = self.program
+        if program.fatal_reason is None:
+            program.runtime.events.emit("fatal", program.name, generation, reason)
+            program.fatal_reason = reason
+            # Nothing is started once fatal: not even a restart already waiting out its backoff
+            # (the budget that ran out since was spent on it). `start` revives those slots.
+            for gen in program.generations:
+                gen.give_up_restarts()
+        elif replace_reason:
+            program.fatal_reason = reason
+
+    def stop_if_given_up(self, exiting: Worker | None = None) -> None:
+        """Begin ``_stop_given_up`` if nothing of the serving generation runs or will run again
+        (``exiting``: a worker about to stop for good), unless a flip may still replace it."""
+        program = self.program
+        gen = program.serving
+        if gen is None or program.current_flip is not None or program._stops or program._tg is None:
+            return
+        if gen.given_up(exiting):
+            program._tg.start_soon(self._stop_given_up, gen)
+
+    async def _stop_given_up(self, gen: Generation) -> None:
+        """Stop the program once its serving generation has no worker left and none to come
+        (policy ``never``, ``on-failure`` after a clean exit, or ``fatal``). Left open, its
+        socket would take the proxy's connections into a backlog nobody reads, each waiting for
+        the proxy's timeout; closed, they are refused at once (a 502, or the next upstream).
+        ``start`` starts it again, as a new generation."""
+        program = self.program
+        if program.serving is not gen or program.current_flip is not None or program._stops:
+            return  # a flip or a stop took over meanwhile
+        why = program.fatal_reason or "every worker exited and the restart policy starts none again"
+        program.runtime.events.emit(
+            "given-up",
+            program.name,
+            gen.number,
+            f"{why}: stopping it (its socket closes); `flipvisor start {program.name}` starts it "
+            "again",
+        )
+        await program.stop()
