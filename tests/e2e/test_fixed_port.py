@@ -224,6 +224,35 @@ def test_a_flip_to_another_fixed_port_moves_the_port_once_it_serves(flipvisor: F
             wait_until(partial(refused, off), timeout=10, message=f"port {off} to be let go")
 
 
+def test_a_generation_on_a_fixed_port_is_not_kept_warm_by_a_flip_to_port_0(
+    flipvisor: Flipvisor,
+) -> None:
+    """A→0 with ``rollback_window`` in the port-0 section: generation 1 was kept warm, its
+    workers still accepting on A (a warm generation "serves nothing", README), and holding A: a
+    warm rollback made it serve again with no kept socket, so the flip after it to A failed with
+    "the port is in use by pid N", N its own worker. It is drained instead, A refused again, and
+    a rollback starts its config afresh on A; the flips after it share A's socket."""
+    port = free_port()
+    notify = {"notify": True, "timeout": 5}
+    flipvisor.start(fixed_port_config(port, "1", **notify))
+    flipvisor.wait_serving("web")
+    moved = fixed_port_config(0, "2", **notify)
+    moved["programs"]["web"]["rollback_window"] = 600
+    flipvisor.write_config(moved)
+    result = flipvisor.cli("flip", "web")
+    assert result.returncode == 0, result.stdout + result.stderr + flipvisor.output()
+    wait_until(partial(refused, port), timeout=10, message=f"port {port} to be let go")
+    assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [2]
+    rolled = flipvisor.cli("rollback", "web")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr + flipvisor.output()
+    gen = flipvisor.serving("web")
+    assert gen is not None and gen["generation"] == 3 and gen["port"] == port
+    flipvisor.write_config(fixed_port_config(port, "4", **notify))
+    again = flipvisor.cli("flip", "web")
+    assert again.returncode == 0, again.stdout + again.stderr + flipvisor.output()
+    assert version_on(port) == "4"
+
+
 def test_check_names_what_holds_a_fixed_port_and_the_fatal_says_one_next_step(
     flipvisor: Flipvisor,
 ) -> None:
