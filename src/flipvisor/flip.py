@@ -133,6 +133,9 @@ class Flips:
             finally:
                 self.abandon = None
                 self.target = None
+                # A socket bound for a generation that did not come to serve (failed, timed
+                # out, called off): its address must not stay listening with nobody accepting.
+                self.program.listener.let_go_pending()
                 self.release_settled()  # whatever happened, no stop waits for it forever
                 record_flip(self.program, report)
         # Not when cancelled (the program removed, the supervisor gone): nothing is deployed then.

@@ -205,6 +205,9 @@ def serve(program: Program, promotion: Promotion) -> Generation | None:
     program.config = gen.config
     program._budget.limit(gen.config.restart.max_restarts, gen.config.restart.window)
     old, program.serving = program.serving, gen
+    # Only now: until it serves, a fixed port of the old generation stays the kept socket, so
+    # that a failed flip leaves it as it was (``ProgramListener``).
+    program.listener.promoted(gen.config.socket)
     program.fatal_reason = None
     program.registration.promoted(
         gen, promotion.published, deferred=promotion.deferred, tg=program._task_group()

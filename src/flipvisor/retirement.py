@@ -47,7 +47,11 @@ class Retirement:
         if program.warm is not None and program.warm is not old and not restart:
             stale, program.warm = program.warm, None
             program._task_group().start_soon(program._drain, stale)
-        if window > 0 and not program._stops and not restart:
+        # Not on a fixed port (a flip from one to port 0 with rollback_window): its workers would
+        # go on accepting there, a warm generation serving, and holding the port against a flip
+        # back to it. It is drained, and a rollback starts its config afresh.
+        fixed_port = old.config.socket.port != 0
+        if window > 0 and not program._stops and not restart and not fixed_port:
             # Not while a stop drains the program: it drains ``old`` too, alongside this flip.
             old.transition(GenerationState.READY)
             self._keep_warm(old, until=anyio.current_time() + window)

@@ -51,11 +51,21 @@ class ProgramListener:
     port: one socket kept across generations, each getting a duplicate. Its accept queue then
     outlives the generation being drained, and the connections waiting in it are accepted by the
     next generation's workers rather than reset when the old generation's socket closes.
+
+    The kept socket is the serving generation's: a flip to another address binds a socket that
+    is only *pending* until its generation is promoted (``promoted``), and let go if the flip
+    fails (``let_go_pending``). Until then the old address stays kept, so that a failed flip
+    changes nothing the serving generation depends on: a flip back to its address shares its
+    socket again (binding it afresh would fail while that generation holds it), and the address
+    of the failed flip is free again (left listening, it would take connections nobody accepts).
     """
 
     def __init__(self) -> None:
         self._kept: socket.socket | None = None
         self._kept_at: tuple[str, int] | None = None  # (host, port)
+        # A fixed port's socket bound for a generation not promoted yet, and its address.
+        self._pending: socket.socket | None = None
+        self._pending_at: tuple[str, int] | None = None
 
     def for_generation(self, config: SocketConfig) -> socket.socket:
         """A listening socket for a new generation; the generation owns and closes it.
@@ -65,17 +75,35 @@ class ProgramListener:
                 a generation on an overlapping old address still holds it).
         """
         if self._kept is not None and self.holds(config):
-            self._kept.listen(config.backlog)  # the same socket; the backlog may have changed
-            return self._kept.dup()
-        # Bound before the kept socket is let go: if this fails (a new host overlapping the old
-        # address, which a serving generation's duplicate still holds), the flip fails and the
-        # kept socket is still there for the next flip on the old address.
+            return self._kept.dup()  # its backlog changes only once this generation serves
         fresh = bind_listener(config)
-        self.close()
         if config.port == 0:
             return fresh
-        self._kept, self._kept_at = fresh, (config.host, config.port)
+        self.let_go_pending()  # one flip at a time: none is left, unless a flip ended unseen
+        self._pending, self._pending_at = fresh, (config.host, config.port)
         return fresh.dup()
+
+    def promoted(self, config: SocketConfig) -> None:
+        """A generation of ``config`` serves now: its fixed port's socket is the kept one (with
+        ``config``'s backlog), and an old address kept until now is let go (the generations that
+        still hold it close their duplicates as they drain). Port 0: nothing is kept."""
+        at = (config.host, config.port)
+        if self._kept is not None and self._kept_at == at:
+            self._kept.listen(config.backlog)  # the same socket; the backlog may have changed
+            self.let_go_pending()
+            return
+        self._close_kept()
+        if self._pending is not None and self._pending_at == at:
+            self._kept, self._kept_at = self._pending, self._pending_at
+            self._pending = self._pending_at = None
+        self.let_go_pending()
+
+    def let_go_pending(self) -> None:
+        """Close the socket bound for a generation that was not promoted (its flip failed, timed
+        out or was called off): its address is free again once that generation is gone."""
+        if self._pending is not None:
+            self._pending.close()
+            self._pending = self._pending_at = None
 
     def holds(self, config: SocketConfig) -> bool:
         """Whether a socket on ``config``'s address is kept (a fixed port, bound already)."""
@@ -85,11 +113,15 @@ class ProgramListener:
         """Keep ``sock``, a listening socket on ``config``'s fixed port taken from workers a
         killed supervisor left (``leftovers.py``), as if a generation of ours had bound it: the
         next generation accepts from the same queue while they drain."""
-        self.close()
+        self._close_kept()
         self._kept, self._kept_at = sock, (config.host, config.port)
 
     def close(self) -> None:
-        """Let go of a kept socket (the program stopped, or its socket config changed)."""
+        """Let go of every socket held (the program stopped)."""
+        self._close_kept()
+        self.let_go_pending()
+
+    def _close_kept(self) -> None:
         if self._kept is not None:
             self._kept.close()
             self._kept = self._kept_at = None

@@ -10,6 +10,7 @@ import socket
 import sys
 import tempfile
 import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,129 @@ def test_a_flip_that_is_never_ready_on_a_fixed_port_loses_no_request_under_load(
     gen = flipvisor.serving("web")
     assert gen is not None and gen["generation"] == 1 and gen["port"] == port
     assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [1]
+
+
+def version_on(port: int) -> str | None:
+    """The ``version`` the service on 127.0.0.1:``port`` answers with, or None."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as answer:
+            version: str = json.loads(answer.read())["version"]
+            return version
+    except OSError:
+        return None
+
+
+def refused(port: int) -> bool:
+    """Whether a connection to 127.0.0.1:``port`` is refused (nothing listens there)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def never_ready_config(port: int, version: str, probe_timeout: float) -> dict[str, Any]:
+    """A release on ``port`` (0: a fresh one) whose workers serve but never send READY=1."""
+    config = fixed_port_config(port, version, notify=True, timeout=probe_timeout)
+    config["programs"]["web"]["command"] = svc_command("--version", version)  # no --notify
+    return config
+
+
+def fail_a_flip_to_another_port(
+    flipvisor: Flipvisor, other: int, *, flip_timeout: str | None = None
+) -> int:
+    """``web`` serves on a fixed port; a flip to ``other`` (another fixed port, or 0) whose
+    generation never sends READY=1 fails (its probe, or ``--timeout`` first), and generation 1
+    serves on as it did. Returns the serving port."""
+    port = free_port()
+    flipvisor.start(fixed_port_config(port, "1", notify=True, timeout=2))
+    flipvisor.wait_serving("web")
+    flipvisor.write_config(never_ready_config(other, "2", 10 if flip_timeout else 2))
+    timeout = ("--timeout", flip_timeout) if flip_timeout else ()
+    failed = flipvisor.cli("flip", "web", *timeout)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    gen = flipvisor.serving("web")
+    assert gen is not None and gen["generation"] == 1 and gen["port"] == port
+    assert version_on(port) == "1"
+    return port
+
+
+@pytest.mark.parametrize("other", ["another-fixed-port", "port-0"])
+def test_a_failed_flip_to_another_fixed_port_leaves_the_program_flippable(
+    flipvisor: Flipvisor, other: str
+) -> None:
+    """QA: an operator moves ``web`` from fixed port A to B (or to port 0); the new release never
+    gets ready and the flip is rolled back. The operator puts A back in the file and flips again:
+    the flip failed at once with "cannot listen on 127.0.0.1:A: the port is in use by pid N", N
+    being web's own serving worker, as A's kept socket had been let go when B was bound, before
+    the flip could fail; only a stop (an outage) made the program flippable again. A failed flip
+    must leave things as they were (contract, "Invariants"), the kept socket included."""
+    port = fail_a_flip_to_another_port(flipvisor, free_port() if other != "port-0" else 0)
+    flipvisor.write_config(fixed_port_config(port, "3", notify=True, timeout=2))
+    again = flipvisor.cli("flip", "web")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert version_on(port) == "3"
+
+
+@pytest.mark.parametrize("failure", ["probe", "--timeout"])
+def test_a_failed_flip_to_another_fixed_port_lets_that_port_go(
+    flipvisor: Flipvisor, failure: str
+) -> None:
+    """QA: after the failed flip above, the supervisor held port B, listening, with no
+    generation accepting from it: a client (or an nginx already pointed at B for the move) had
+    its connection accepted by the kernel and waited for a timeout instead of being refused at
+    once, and nothing else could bind B. What the failed flip bound goes with its generation
+    (README: a socket nobody reads makes the proxy wait for its timeout, "given-up")."""
+    other = free_port()
+    fail_a_flip_to_another_port(flipvisor, other, flip_timeout="1" if failure != "probe" else None)
+    wait_until(lambda: refused(other), timeout=5, message=f"port {other} to be let go")
+
+
+def test_a_flip_to_another_fixed_port_moves_the_port_once_it_serves(flipvisor: Flipvisor) -> None:
+    """A→B: B's socket is kept from the promotion on (the flips after it share it), and A is
+    let go once generation 1 has drained; a flip back to A binds it afresh."""
+    port, other = free_port(), free_port()
+    notify = {"notify": True, "timeout": 5}
+    flipvisor.start(fixed_port_config(port, "1", **notify))
+    flipvisor.wait_serving("web")
+    for version, on, off in (("2", other, port), ("3", other, None), ("4", port, other)):
+        flipvisor.write_config(fixed_port_config(on, version, **notify))
+        result = flipvisor.cli("flip", "web")
+        assert result.returncode == 0, result.stdout + result.stderr + flipvisor.output()
+        gen = flipvisor.serving("web")
+        assert gen is not None and gen["port"] == on
+        assert version_on(on) == version
+        if off is not None:
+            wait_until(partial(refused, off), timeout=10, message=f"port {off} to be let go")
+
+
+def test_a_generation_on_a_fixed_port_is_not_kept_warm_by_a_flip_to_port_0(
+    flipvisor: Flipvisor,
+) -> None:
+    """A→0 with ``rollback_window`` in the port-0 section: generation 1 was kept warm, its
+    workers still accepting on A (a warm generation "serves nothing", README), and holding A: a
+    warm rollback made it serve again with no kept socket, so the flip after it to A failed with
+    "the port is in use by pid N", N its own worker. It is drained instead, A refused again, and
+    a rollback starts its config afresh on A; the flips after it share A's socket."""
+    port = free_port()
+    notify = {"notify": True, "timeout": 5}
+    flipvisor.start(fixed_port_config(port, "1", **notify))
+    flipvisor.wait_serving("web")
+    moved = fixed_port_config(0, "2", **notify)
+    moved["programs"]["web"]["rollback_window"] = 600
+    flipvisor.write_config(moved)
+    result = flipvisor.cli("flip", "web")
+    assert result.returncode == 0, result.stdout + result.stderr + flipvisor.output()
+    wait_until(partial(refused, port), timeout=10, message=f"port {port} to be let go")
+    assert [g["generation"] for g in flipvisor.program("web")["generations"]] == [2]
+    rolled = flipvisor.cli("rollback", "web")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr + flipvisor.output()
+    gen = flipvisor.serving("web")
+    assert gen is not None and gen["generation"] == 3 and gen["port"] == port
+    flipvisor.write_config(fixed_port_config(port, "4", **notify))
+    again = flipvisor.cli("flip", "web")
+    assert again.returncode == 0, again.stdout + again.stderr + flipvisor.output()
+    assert version_on(port) == "4"
 
 
 def test_check_names_what_holds_a_fixed_port_and_the_fatal_says_one_next_step(

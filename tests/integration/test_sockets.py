@@ -4,6 +4,7 @@ socket kept across generations, whose accept queue outlives the generation that 
 from __future__ import annotations
 
 import socket
+import sys
 
 import pytest
 
@@ -29,6 +30,7 @@ def test_a_fixed_port_keeps_its_queue_when_the_old_generation_closes_its_socket(
     config = SocketConfig(port=free_port())
     listener = ProgramListener()
     old = listener.for_generation(config)
+    listener.promoted(config)
     new = listener.for_generation(config)
     try:
         # Clients connect while the old generation still serves; then the old one closes its
@@ -67,8 +69,10 @@ def test_a_changed_socket_config_lets_go_of_the_kept_socket(change: str) -> None
     config = SocketConfig(port=free_port())
     listener = ProgramListener()
     listener.for_generation(config).close()
+    listener.promoted(config)
     following = SocketConfig(port=free_port() if change == "another port" else 0)
     fresh = listener.for_generation(following)
+    listener.promoted(following)
     try:
         with socket.create_server(("127.0.0.1", config.port)):  # the old port is free again
             pass
@@ -81,8 +85,10 @@ def test_a_changed_backlog_keeps_the_socket_and_its_queue() -> None:
     port = free_port()
     listener = ProgramListener()
     old = listener.for_generation(SocketConfig(port=port, backlog=16))
+    listener.promoted(SocketConfig(port=port, backlog=16))
     client = socket.create_connection(("127.0.0.1", port), timeout=5)
     new = listener.for_generation(SocketConfig(port=port, backlog=64))
+    listener.promoted(SocketConfig(port=port, backlog=64))
     try:
         old.close()
         new.settimeout(5)
@@ -114,6 +120,7 @@ def test_a_host_change_that_cannot_bind_keeps_the_old_socket_for_the_next_flip()
     port = free_port()
     listener = ProgramListener()
     serving = listener.for_generation(SocketConfig(port=port))
+    listener.promoted(SocketConfig(port=port))
     try:
         with pytest.raises(BindError):
             listener.for_generation(SocketConfig(host="0.0.0.0", port=port))
@@ -125,6 +132,61 @@ def test_a_host_change_that_cannot_bind_keeps_the_old_socket_for_the_next_flip()
         accepted.close()
         client.close()
         following.close()
+    finally:
+        serving.close()
+        listener.close()
+
+
+def backlog_of(sock: socket.socket) -> int:
+    """The backlog a listening socket was given: ``tcpi_sacked`` of its ``TCP_INFO`` (Linux
+    reports the listen backlog there for a listening socket)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    return int.from_bytes(info[28:32], sys.byteorder)
+
+
+@pytest.mark.parametrize("change", ["another port", "port 0"])
+def test_a_flip_to_another_address_that_fails_leaves_the_kept_socket_as_it_was(
+    change: str,
+) -> None:
+    """The flip's generation is discarded before it is promoted: the serving generation's
+    socket stays the kept one (the flip back to its address shares its queue, where binding it
+    afresh would fail on the serving generation's duplicate), and the other port is let go."""
+    serving_config = SocketConfig(port=free_port())
+    listener = ProgramListener()
+    serving = listener.for_generation(serving_config)
+    listener.promoted(serving_config)
+    try:
+        failing_config = SocketConfig(port=free_port() if change == "another port" else 0)
+        failing = listener.for_generation(failing_config)
+        failing_port = bound_port(failing)
+        failing.close()  # the failed generation is gone
+        listener.let_go_pending()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", failing_port), timeout=5).close()
+        client = socket.create_connection(("127.0.0.1", serving_config.port), timeout=5)
+        following = listener.for_generation(serving_config)
+        with following:
+            following.settimeout(5)
+            accepted, _address = following.accept()  # the serving generation's queue
+            accepted.close()
+        client.close()
+    finally:
+        serving.close()
+        listener.close()
+
+
+def test_a_backlog_change_takes_effect_only_once_its_generation_is_promoted() -> None:
+    port = free_port()
+    listener = ProgramListener()
+    serving = listener.for_generation(SocketConfig(port=port, backlog=16))
+    listener.promoted(SocketConfig(port=port, backlog=16))
+    try:
+        listener.for_generation(SocketConfig(port=port, backlog=64)).close()
+        listener.let_go_pending()  # that flip failed
+        assert backlog_of(serving) == 16
+        listener.for_generation(SocketConfig(port=port, backlog=64)).close()
+        listener.promoted(SocketConfig(port=port, backlog=64))
+        assert backlog_of(serving) == 64  # one socket: the serving generation's copy too
     finally:
         serving.close()
         listener.close()
