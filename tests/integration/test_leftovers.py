@@ -389,6 +389,12 @@ async def test_a_drain_stops_what_the_leftovers_started_since_they_were_found(
                     lambda: holds(set(master.marked("TERM")) == {leftover.pid, *children}),
                     message="the master and its children to get SIGTERM",
                 )
+                # They exit on it; one still exiting at the SIGKILL below would be killed too
+                # (seen under load): the late one alone is the point.
+                await await_until(
+                    lambda: holds(all(map(gone, children))),
+                    message="the master's children to exit on SIGTERM",
+                )
                 late = await anyio.to_thread.run_sync(master.fork, "stubborn")
                 hurry.set()  # the timeout is over
         assert leftover.wait(timeout=10) == -signal.SIGKILL
