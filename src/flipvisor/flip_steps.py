@@ -203,7 +203,6 @@ def serve(program: Program, promotion: Promotion) -> Generation | None:
     gen = promotion.gen
     gen.transition(GenerationState.SERVING)
     program.config = gen.config
-    program._budget.limit(gen.config.restart.max_restarts, gen.config.restart.window)
     old, program.serving = program.serving, gen
     program.fatal_reason = None
     program.registration.promoted(
