@@ -4,7 +4,8 @@ generation failed before it served, ``fatal`` past the restart budget; and the p
 once nothing of its serving generation runs or will run again (``given-up``).
 
 ``CrashPolicy`` is a part of its ``Program`` (``program.crashes``): the state it acts on (the
-serving and warm generations, ``fatal_reason``, the restart budget) is the program's.
+serving and warm generations, ``fatal_reason``) is the program's. The restart budgets are its own:
+one per generation (``budget_of``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .generation import Generation
-from .restarts import Verdict, judge_exit
+from .restarts import RestartBudget, Verdict, judge_exit
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -24,6 +25,27 @@ class CrashPolicy:
 
     def __init__(self, program: Program) -> None:
         self.program = program
+        # Each generation's restart budget by its number, made at its first exit: a handful at
+        # most (those in ``program.generations``; the others are dropped as budgets are made).
+        self._budgets: dict[int, RestartBudget] = {}
+
+    def budget_of(self, gen: Generation) -> RestartBudget:
+        """``gen``'s restart budget, of its own config's ``restart``. Not the program's: the
+        restarts of a release that crash-looped are no reason to make the release flipped in
+        after it ``fatal`` at its first crash. A warm generation that a rollback routes back to
+        finds what it spent while it served (its exits while warm spend nothing)."""
+        budget = self._budgets.get(gen.number)
+        if budget is None:
+            live = {each.number for each in self.program.generations}
+            for number in [number for number in self._budgets if number not in live]:
+                del self._budgets[number]
+            limits = gen.config.restart
+            budget = self._budgets[gen.number] = RestartBudget(limits.max_restarts, limits.window)
+        return budget
+
+    def forgive(self, gen: Generation) -> None:
+        """``start`` cleared ``fatal``: ``gen`` has its whole restart budget again."""
+        self.budget_of(gen).reset()
 
     def worker_exited(
         self, gen: Generation, worker: Worker, returncode: int | None, reason: str
@@ -43,7 +65,7 @@ class CrashPolicy:
             return None
         verdict = judge_exit(
             policy=gen.config.restart,
-            budget=program._budget,
+            budget=self.budget_of(gen),
             returncode=returncode,
             reason=reason,
             consecutive_failures=worker.consecutive_failures,
@@ -70,6 +92,12 @@ class CrashPolicy:
         if verdict.fatal is not None:
             self.become_fatal(verdict.fatal, gen.number)
         if verdict.delay is None and verdict.fail is None and gen is program.serving:
+            # Gone for good: pid/current and the record must stop naming it now, not at the next
+            # flip (which would make it pid/previous, for a `kill` of a PID the kernel may have
+            # given to another process by then). None left: they name none until a stop (given
+            # up, next) withdraws them. A replacement publishes its own (``worker_spawned``).
+            if program._tg is not None:
+                program.registration.pids_changed(gen, program._tg)
             self.stop_if_given_up(worker)
         if verdict.delay is not None:
             worker.consecutive_failures += 1

@@ -203,7 +203,6 @@ def serve(program: Program, promotion: Promotion) -> Generation | None:
     gen = promotion.gen
     gen.transition(GenerationState.SERVING)
     program.config = gen.config
-    program._budget.limit(gen.config.restart.max_restarts, gen.config.restart.window)
     old, program.serving = program.serving, gen
     # Only now: until it serves, a fixed port of the old generation stays the kept socket, so
     # that a failed flip leaves it as it was (``ProgramListener``).

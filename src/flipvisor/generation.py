@@ -160,10 +160,16 @@ class Generation:
         Raises:
             SpawnError: a worker could not be started.
         """
-        if self._tg is None or self.stopping:
+        if self._tg is None:
             return 0
         revived = 0
         for index, worker in enumerate(self.workers):
+            # Before each slot: a stop may come while a slot starts. A slot started after it
+            # would only be drained again, or, spawned once the drain signal went out, miss it
+            # and sit out the drain timeout until its SIGKILL. One spawned while the stop comes
+            # is running by the time the drain signals (its spawn is its task's first step).
+            if self.stopping:
+                break
             if worker.state is WorkerState.STOPPED:
                 replacement = self._new_worker(index)
                 replacement.restarts = worker.restarts

@@ -35,7 +35,6 @@ from .progress import FlipReport
 from .reaper import Reaper
 from .registration import Registration
 from .registry import Registry
-from .restarts import RestartBudget
 from .retirement import Retirement
 from .sockets import ProgramListener
 from .states import ProgramState
@@ -105,7 +104,6 @@ class Program:
         self.flips_total = 0
         self.flip_failures_total = 0
         self.restarts_total = 0
-        self._budget = RestartBudget(config.restart.max_restarts, config.restart.window)
         self.flips = Flips(self)
         self.retirement = Retirement(self)
         self.takeover = Takeover(self)
@@ -264,11 +262,10 @@ class Program:
             return None
         if self.serving is not None:
             self.fatal_reason = None
-            self._budget.reset()
+            self.crashes.forgive(self.serving)
             await self.serving.revive()
             return None
-        self.fatal_reason = None
-        self._budget.reset()
+        self.fatal_reason = None  # a new generation, with a whole restart budget of its own
         return self.start_flip(kind="start")
 
     def _refuse_while_stopping(self) -> None:

@@ -31,7 +31,10 @@ def backoff_delay(consecutive_failures: int) -> float:
 
 
 class RestartBudget:
-    """``max_restarts`` restarts per ``window`` seconds for a whole program; past it, fatal."""
+    """``max_restarts`` restarts per ``window`` seconds for one generation's workers (its
+    config's ``restart``); past it, fatal. A generation's own, not its program's: a release that
+    crash-looped before it served has not spent anything of the budget of the one flipped in
+    after it."""
 
     def __init__(self, max_restarts: int, window: float) -> None:
         self.max_restarts = max_restarts
@@ -52,10 +55,6 @@ class RestartBudget:
 
     def reset(self) -> None:
         self._times.clear()
-
-    def limit(self, max_restarts: int, window: float) -> None:
-        """Apply new limits (a deployed section's), keeping the restarts already spent."""
-        self.max_restarts, self.window = max_restarts, window
 
 
 @dataclass(frozen=True)
@@ -88,8 +87,8 @@ def judge_exit(
     ``warm``: its generation is the one kept for an instant rollback; ``where``: "worker 0 of
     generation 3", for messages.
 
-    A serving generation's worker is restarted per policy until the budget of
-    ``max_restarts`` per ``window`` runs out. A replacing generation fails its flip at once.
+    A serving generation's worker is restarted per policy until ``budget`` (the generation's
+    own: ``max_restarts`` per ``window``) runs out. A replacing generation fails its flip at once.
     The program's first generation, with nothing to protect, gets the policy while it starts:
     a service started before its dependencies comes up with them. The warm generation serves
     nothing: it is retired (drained, never restarted), and its exits spend nothing of the

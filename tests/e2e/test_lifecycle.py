@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
+import pytest
 
 from tests.e2e.test_flip import program as proxied_program
 from tests.e2e.test_supervisor import markers_of
@@ -448,3 +449,59 @@ def test_stop_and_shutdown_withdraw_the_keys_and_start_and_run_write_them_again(
         return {suffix: found.get(f"flipvisor/web/{suffix}") for suffix in SUFFIXES}
 
     stop_start_shutdown_run(flipvisor, {"backend": "local"}, keys)
+
+
+@pytest.mark.parametrize(
+    ("restart", "exit_status", "state"),
+    [({"policy": "never"}, 0, "running"), ({"max_restarts": 0}, 3, "fatal")],
+    ids=["policy-never", "fatal"],
+)
+def test_a_worker_that_is_not_restarted_leaves_pid_current(
+    flipvisor: Flipvisor, restart: dict[str, Any], exit_status: int, state: str
+) -> None:
+    """``numprocs: 2``; worker 1 exits while the generation serves and is not restarted (policy
+    ``never``; or its crash makes the program ``fatal``, and a fatal program restarts nothing).
+    ``status`` lists worker 0 alone, and so must the registry's ``pid/current`` and the
+    ``generation/current`` record: they named the exited worker until the next flip moved that
+    PID into ``pid/previous``, the very thing the seed's ``kill -9 $(etcdctl get
+    .../pid/previous)`` acts on, and a PID the kernel may have given to another process by then
+    (QA finding). A crashed worker's *replacement* republishes the PIDs (contract, "Registry
+    keys"); a worker gone for good must too (README, "Registry": "so no script reads PIDs that
+    are gone (and later reused)")."""
+    gate = flipvisor.dir / "exit-worker-1"
+    script = (
+        f'if [ "{{worker}}" = 1 ]; then while [ ! -e {gate} ]; do sleep 0.05; done; '
+        f"exit {exit_status}; fi; exec {' '.join(svc_command('--version', '1'))}"
+    )
+    flipvisor.start(
+        {
+            "programs": {
+                "web": {
+                    "command": ["sh", "-c", script],
+                    "numprocs": 2,
+                    "restart": restart,
+                    "drain": {"delay": 0, "timeout": 5},
+                }
+            }
+        }
+    )
+    both = flipvisor.wait_serving("web", where=lambda g: len(g["pids"]) == 2)["pids"]
+    wait_until(
+        lambda: flipvisor.registry().get("flipvisor/web/pid/current") == ",".join(map(str, both)),
+        message="both workers in pid/current",
+    )
+    gate.touch()
+    left = flipvisor.wait_serving("web", where=lambda g: len(g["pids"]) == 1)["pids"]
+    assert flipvisor.program("web")["state"] == state
+
+    def published() -> str | None:
+        return flipvisor.registry().get("flipvisor/web/pid/current")
+
+    try:
+        wait_until(lambda: published() == str(left[0]), timeout=5, message="pid/current")
+    except AssertionError:
+        raise AssertionError(
+            f"pid/current is {published()!r} while only {left} runs (status)"
+        ) from None
+    record = json.loads(flipvisor.registry()["flipvisor/web/generation/current"])
+    assert [p["pid"] for p in record["pids"]] == left

@@ -113,6 +113,60 @@ def test_crash_loop_makes_the_program_fatal_and_start_clears_it(flipvisor: Flipv
     assert flipvisor.program("web")["state"] != "fatal"
 
 
+def test_a_flipped_in_release_does_not_inherit_the_old_release_s_restarts(
+    flipvisor: Flipvisor,
+) -> None:
+    """Release 1 crashes twice at start (``restart: {max_restarts: 2, window: 60}``), then
+    serves. The on-call operator flips release 2, which serves. A minute has not passed when
+    release 2's worker dies once (the OOM killer: SIGKILL): instead of a restart, the program
+    becomes ``fatal`` ("worker 0 of generation 2 killed by SIGKILL; more than 2 restarts in
+    60s": generation 2 was never restarted), ``given-up``, and stops: its socket closes, nothing
+    serves. Contract: ``fatal`` is a "crash loop past max_restarts in window", and "a worker of a
+    serving generation that exits is restarted with backoff"; the spent budget belongs to the
+    release that crashed: each generation has a budget of its own."""
+    count = flipvisor.dir / "runs"
+    crashing_twice = (
+        f"n=$(cat {count} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {count}; "
+        f"[ $n -le 2 ] && exit 1; exec {' '.join(svc_command('--version', '1'))}"
+    )
+
+    def config(command: list[str]) -> dict[str, Any]:
+        return {
+            "programs": {
+                "web": {
+                    "command": command,
+                    "restart": {"max_restarts": 2, "window": 60},
+                    "drain": {"delay": 0, "timeout": 5},
+                }
+            }
+        }
+
+    flipvisor.start(config(["sh", "-c", crashing_twice]))
+    wait_until(
+        lambda: (
+            flipvisor.program("web")["restarts"] == 2
+            and (g := flipvisor.serving("web")) is not None
+            and len(g["pids"]) == 1
+        ),
+        message="release 1 to serve after two restarts",
+    )
+    flipvisor.write_config(config(svc_command("--version", "2")))
+    flipped = flipvisor.cli("flip", "web")
+    assert flipped.returncode == 0, flipped.stdout + flipped.stderr
+    pid = flipvisor.wait_serving("web", where=lambda g: g["generation"] == 2)["pids"][0]
+    worker = psutil.Process(pid)
+    assert "2" in worker.cmdline()
+    worker.kill()  # its first crash, an OOM kill (psutil checks it is still that process)
+
+    def replaced() -> bool:
+        program = flipvisor.program("web")
+        assert program["state"] != "fatal", program["fatal_reason"]
+        gen = flipvisor.serving("web")
+        return gen is not None and gen["pids"] != [pid] and len(gen["pids"]) == 1
+
+    wait_until(replaced, timeout=10, message="generation 2's worker to be restarted")
+
+
 def fatal_events(flipvisor: Flipvisor) -> list[dict[str, Any]]:
     result = flipvisor.cli("events", "--json")
     assert result.returncode == 0, result.stderr
@@ -218,6 +272,8 @@ def test_a_program_whose_workers_all_gave_up_refuses_connections_until_started(
     assert "flipvisor/web/port/current" not in keys and "flipvisor/web/pid/current" not in keys
     assert "flipvisor/web/generation/current" not in keys
     assert keys["flipvisor/web/port/previous"] == str(gen["port"])
+    # Nor does pid/previous name the worker that exited: no worker was running when it stopped.
+    assert keys["flipvisor/web/pid/previous"] == ""
     flipvisor.write_config({"programs": {"web": web(restart={"policy": "never"})}})
     assert flipvisor.cli("reload").returncode == 0, flipvisor.output()  # kept for its start
     started = flipvisor.cli("start", "web")

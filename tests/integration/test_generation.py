@@ -570,6 +570,38 @@ async def test_revive_restarts_slots_that_gave_up(tmp_path: Path) -> None:
     assert h.exits == [(0, -signal.SIGKILL, "killed by SIGKILL")]
 
 
+async def test_a_stop_while_revive_runs_revives_no_further_slot(tmp_path: Path) -> None:
+    """`start` revives a program's stopped slots one after another; a `stop` meanwhile (the
+    drain requested while revive waits for one slot's start) ends the revival there. A slot
+    revived after it would miss the drain signal, sent to the workers then running, and sit
+    out ``drain.timeout`` until its SIGKILL."""
+    markers = tmp_path / "markers"
+    long_drain = DrainConfig(delay=0.0, timeout=DEADLINE * 4)
+    async with harness(tmp_path) as h:
+        h.restart_delay = None  # policy "never": the slots stay stopped
+        gen = await h.start(svc_config(markers, numprocs=3, drain=long_drain))
+        to_serving(gen)
+        await wait_marked(markers, "START", set(gen.pids))
+        for worker in gen.workers[1:]:
+            worker.kill()
+
+        async def gave_up() -> bool:
+            return all(w.state is WorkerState.STOPPED for w in gen.workers[1:])
+
+        await await_until(gave_up, timeout=DEADLINE, message="workers 1 and 2 to give up")
+
+        def stop_once_slot_1_is_revived(event: Event) -> None:
+            if event.kind == "spawned" and event.fields.get("worker") == 1:
+                gen.request_stop(delay=0.0)
+
+        with h.events.listening(stop_once_slot_1_is_revived), anyio.fail_after(DEADLINE):
+            assert await gen.revive() == 1
+            await gen.wait_stopped()  # within the drain signal's reach, not at its timeout
+    spawned = [e.fields["worker"] for e in h.events_of("spawned")]
+    assert spawned == [0, 1, 2, 1], "slot 2 is not revived once the stop came"
+    assert h.kinds("killed") == []
+
+
 async def test_exits_while_stopping_are_not_restarted(tmp_path: Path) -> None:
     markers = tmp_path / "markers"
     async with harness(tmp_path) as h:
