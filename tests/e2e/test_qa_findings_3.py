@@ -1,0 +1,107 @@
+"""QA findings (third pass): behaviours an on-call operator would call wrong, each reproduced
+with real processes. Every test asserts the correct behaviour and is marked
+``xfail(strict=True)`` until the bug it names is fixed (then the marker goes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.flipvisor import Flipvisor
+from tests.waiting import wait_until
+
+
+def ignored_signals(pid: int) -> set[int]:
+    """The signals ``pid`` ignores, from ``SigIgn`` in /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            mask = int(line.split()[1], 16)
+            return {bit + 1 for bit in range(64) if mask >> bit & 1}
+    raise AssertionError(f"no SigIgn in /proc/{pid}/status")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: every worker starts with signals 32 and 33 ignored (glibc posix_spawn leaves "
+    "its internal signals SIG_IGN across exec); under systemd nothing is ignored",
+)
+def test_a_worker_starts_with_no_signal_ignored(flipvisor: Flipvisor) -> None:
+    """An operator compares a worker's ``/proc/<pid>/status`` with the same service under
+    systemd: ``SigIgn: 0000000180000000``, signals 32 and 33 ignored, where systemd (and
+    ``subprocess``) leave every signal at its default. spawn.py sets every signal Python knows
+    back to its default (``setsigdef``) precisely so that nothing ignored is inherited, but
+    glibc's ``posix_spawn`` sets its internal signals (SIGCANCEL, SIGSETXID: 32, 33, which
+    ``sigaddset`` refuses, so no ``setsigdef`` can name them) to SIG_IGN in the child, and an
+    ignored disposition survives ``exec``. A program that does not install handlers for them (a
+    Go binary, a musl one, a shell) then runs with them ignored. A plain ``sleep`` ignores
+    nothing by itself, so what it ignores is what it was given."""
+    flipvisor.start({"programs": {"plain": {"command": ["sleep", "300"]}}})
+    generation = flipvisor.wait_serving("plain")
+    (pid,) = generation["pids"]
+    # The worker has exec'd sleep once its command line says so (the shim is /bin/sh first).
+    wait_until(
+        lambda: Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\0"),
+        message="the worker to exec sleep",
+    )
+    assert ignored_signals(pid) == set()
+
+
+def check(config_text: str, directory: Path) -> subprocess.CompletedProcess[str]:
+    """``flipvisor check`` of a config file holding ``config_text``."""
+    path = directory / "flipvisor.yaml"
+    path.write_text(config_text)
+    return subprocess.run(
+        [sys.executable, "-m", "flipvisor", "-c", str(path), "check"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: a NUL character in a command argument passes `check` (exit 0), and `run` then "
+    "turns the program fatal with 'internal error: ExceptionGroup(... embedded null byte)'",
+)
+def test_a_nul_in_a_command_argument_is_a_config_error(tmp_path: Path) -> None:
+    """A templated config with a stray ``\\u0000`` in an argument: ``check`` says ``ok``, and
+    ``run`` logs a traceback and makes the program ``fatal`` with ``internal error:
+    ExceptionGroup('unhandled errors in a TaskGroup', [ValueError('embedded null byte')])``,
+    naming neither the key nor the fix. The same character in ``env`` is refused with its
+    location ("a value cannot hold a NUL character"); the contract: impossible values are
+    errors with their location, and ``check`` prints every problem, exit 2."""
+    result = check(
+        f'state_dir: {tmp_path / "state"}\n'
+        "programs:\n"
+        '  web: {command: ["sleep", "30\\u0000"]}\n',
+        tmp_path,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "programs.web.command" in result.stderr
+    assert "NUL" in result.stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: a NUL character in state_dir or cwd makes `check` crash with a traceback "
+    "(ValueError: embedded null byte) and exit 1 instead of naming the key, exit 2",
+)
+def test_check_of_a_nul_in_a_path_names_the_key_without_a_traceback(tmp_path: Path) -> None:
+    """``flipvisor check`` is the operator's first tool for a broken file; on a ``cwd`` (or
+    ``state_dir``) with a NUL in it, it dies in ``usable.closed_folder`` with a traceback and
+    exit 1, which the contract reserves for a failed operation (``check``: exit 0 or 2, every
+    problem with its location)."""
+    result = check(
+        f'state_dir: {tmp_path / "state"}\n'
+        "programs:\n"
+        '  web: {command: ["sleep", "30"], cwd: "/tmp\\u0000x"}\n',
+        tmp_path,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "programs.web.cwd" in result.stderr
