@@ -105,3 +105,30 @@ def test_check_of_a_nul_in_a_path_names_the_key_without_a_traceback(tmp_path: Pa
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 2, result.stdout + result.stderr
     assert "programs.web.cwd" in result.stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: a YAML merge key (`<<: *defaults`) whose mapping overrides a merged key is "
+    "refused as 'duplicate key', though the file holds that key once",
+)
+def test_a_yaml_merge_that_overrides_a_merged_key_is_accepted(tmp_path: Path) -> None:
+    """An operator shares one program's settings with the next through an anchor and a merge
+    key, overriding its command, the usual YAML idiom (PyYAML, which flipvisor loads with,
+    resolves it: explicit keys win over merged ones). ``check`` (and ``run``, a reload) refuses
+    it with ``programs.api.command: duplicate key`` on the one ``command:`` line of ``api``:
+    the duplicate check in problems.py looks at the mapping after the loader flattened the merge
+    into it. A merge that overrides nothing passes, so merges are accepted, just not this way."""
+    result = check(
+        f'state_dir: {tmp_path / "state"}\n'
+        "programs:\n"
+        "  web: &web\n"
+        '    command: ["sleep", "1"]\n'
+        "    drain: {delay: 0.1, timeout: 3}\n"
+        "  api:\n"
+        "    <<: *web\n"
+        '    command: ["sleep", "2"]\n',
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "duplicate" not in result.stderr
