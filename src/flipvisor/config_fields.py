@@ -23,6 +23,7 @@ PROGRAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # A program names its files in state_dir (logs/<name>.log.<backup>, history/.<name>.json.tmp):
 # with this, they fit the 255 bytes a file name holds.
 MAX_PROGRAM_NAME = 200
+NUL = "\0"  # in no argument, path or environment value that exec or a file system takes
 
 
 def _split_command(value: Any) -> Any:
@@ -51,10 +52,15 @@ def null_is_no_entries(value: Any) -> Any:
 def _nonempty_command(value: list[str]) -> list[str]:
     if not value or not value[0]:
         raise ValueError("must name a program to run")
+    for index, argument in enumerate(value):
+        if NUL in argument:  # exec would fail at run time, naming no key
+            raise ValueError(f"argument {index} holds a NUL character, which no program can get")
     return value
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    if NUL in str(value):  # no file can be named so; os.stat would raise, not say so
+        raise ValueError("a path cannot hold a NUL character")
     base = (info.context or {}).get("base_dir")
     value = expand_home(value)
     if base is not None and not value.is_absolute():
@@ -156,7 +162,7 @@ def _check_env_name(key: str) -> str:
 
 
 def _check_env_value(text: str) -> str:
-    if "\0" in text:
+    if NUL in text:
         raise ValueError("a value cannot hold a NUL character")
     return text
 

@@ -206,6 +206,33 @@ def test_a_socket_host_that_is_not_this_host_s_is_found_with_port_0_too(tmp_path
     ]
 
 
+def test_a_nul_in_a_command_or_a_path_is_refused_with_its_location(tmp_path: Path) -> None:
+    """A stray NUL (a templated config): in a command, `check` said ok and `run` made the
+    program fatal with "internal error: ... embedded null byte"; in a `cwd` or `state_dir`,
+    `check` itself died with a traceback, exit 1 (QA findings)."""
+    config = write(
+        tmp_path,
+        """\
+        state_dir: "/tmp\\u0000state"
+        programs:
+          web:
+            command: ["sleep", "30\\u0000"]
+            cwd: "/tmp\\u0000x"
+            readiness: {exec: ["true", "a\\u0000"]}
+        """,
+    )
+    result = check(config)
+    assert_refused(result)
+    assert problem_lines(result) == [
+        f"{config}:1: state_dir: a path cannot hold a NUL character",
+        f"{config}:4: programs.web.command: argument 1 holds a NUL character, which no program "
+        "can get",
+        f"{config}:5: programs.web.cwd: a path cannot hold a NUL character",
+        f"{config}:6: programs.web.readiness.exec: argument 1 holds a NUL character, which no "
+        "program can get",
+    ]
+
+
 def test_invalid_keys_are_listed_in_the_files_order(tmp_path: Path) -> None:
     """They came in the models' order (state_dir, logs, ..., programs), not the file's."""
     config = write(
