@@ -16,7 +16,8 @@ def logs(args: argparse.Namespace, path: Path) -> int:
     """``logs PROGRAM``: its last lines, then (``-f``) each new one."""
     from .client import logs_locations
     from .logs_follow import follow
-    from .logs_tail import tail_lines, terminal_safe
+    from .logs_tail import tail_lines
+    from .printable import terminal_safe
 
     config, notice = logs_locations(path)
     if notice is not None:

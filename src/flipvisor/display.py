@@ -8,6 +8,8 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .printable import one_line
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -133,7 +135,7 @@ def status_rows(
             rows.append([*head, *_generation_cells(gen, now, width)])
             if one_program and gen.get("warm_until") is not None:
                 notes.append(_warm_note(name, gen))
-        notes += _program_notes(program)
+        notes += map(one_line, _program_notes(program))
     return rows, notes
 
 
@@ -149,7 +151,7 @@ def _generation_cells(gen: dict[str, Any], now: float, width: int | None) -> lis
         _duration(gen["uptime"]),
         str(gen["restarts"]),
         _last_exit(gen.get("last_exit"), now),
-        _command(gen.get("command"), width),
+        _command(one_line(gen.get("command") or ""), width),
     ]
 
 

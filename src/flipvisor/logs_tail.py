@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import BinaryIO
 
@@ -54,15 +53,3 @@ def tail_lines(path: Path, n: int) -> list[str]:
         lines = _read_tail(older, n - len(lines)) + lines
         backup += 1
     return [line.decode("utf-8", "replace") for line in lines]
-
-
-# C0 controls but tab, DEL, and C1 controls: a worker's output may hold escape sequences (colours,
-# but also cursor moves, a new window title, or a terminal's answer-back), which a terminal
-# would obey when `flipvisor logs` prints them.
-_CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-
-
-def terminal_safe(line: str) -> str:
-    """``line`` with every control character but tab shown as an escape (``\\x1b``), so that
-    printing it to a terminal shows what the worker wrote instead of doing what it says."""
-    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", line)

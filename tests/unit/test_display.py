@@ -273,6 +273,25 @@ def test_commands_in_the_table(command: str, shown: str) -> None:
     assert rows[0][10] == shown and len(shown) <= COMMAND_WIDTH
 
 
+def test_a_multi_line_command_and_a_worker_s_words_keep_to_their_row(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A YAML block command (``sh -c "echo starting\\nexec sleep 300"``) split its row, its
+    second line at column 0 under PROGRAM, like another program (QA finding). Control
+    characters in what a worker said (a fatal reason quoting its output) are escaped too."""
+    command = "sh -c 'echo starting\nexec sleep 300\n'"
+    program = _generations({"command": command})
+    program["fatal_reason"] = "worker 0 said \x1b[2J\tgoodbye\r\n"
+    for one_program in (False, True):
+        print_status({"programs": [program]}, one_program=one_program)
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\r" not in out and "\t" not in out
+        rows = [line for line in out.splitlines() if line.startswith("web ")]
+        assert len(rows) == 1 and "echo starting\\x0aexec sleep 300\\x0a'" in rows[0]
+        assert "worker 0 said \\x1b[2J\\x09goodbye\\x0d\\x0a" in out
+        assert not any(line.startswith("exec sleep") for line in out.splitlines())
+
+
 def test_a_status_from_an_older_supervisor_without_the_new_fields_is_shown() -> None:
     program = _program("web")
     for field in ("command", "fingerprint", "warm_until"):

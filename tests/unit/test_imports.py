@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "flipvisor"
 
 # Components: a top-level module of the package, or "registry" for anything in registry/.
 ERRORS = {"errors"}
-LEAVES = ERRORS | {"states", "lazy_event", "signals", "usable", "starttime"}
+LEAVES = ERRORS | {"states", "lazy_event", "signals", "usable", "starttime", "printable"}
 # The config file (models, their value types, reading, checks across sections) is one layer.
 CONFIG = {"config", "config_fields", "config_file", "config_consistency"}
 # A program's log: the rotating writer, a worker's capture into it, and the CLI's readers.
