@@ -1,9 +1,9 @@
 """The supervisor's config reloads (SIGHUP, ``flipvisor reload``): programs the file gained are
 added and started, those whose section changed are flipped (or their flip deferred, as
-reload_changes.py decides), and removed ones drained in the
-supervisor's task group (listed by status until they are gone) or, when another program takes
-their proxy file over, handed over to it; a change to the settings read once at start is
-reported with how to restart.
+reload_changes.py decides), and removed ones drained in the supervisor's task group (listed by
+status until they are gone) or, when another program takes their proxy file or fixed port over
+(``handover.py``), handed over to it; a change to the settings read once at start is reported
+with how to restart.
 
 ``Reloads`` is a part of its ``Supervisor`` (``supervisor.reloads``), not an owner of its own:
 it adds to and removes from the supervisor's programs, in its task group.
@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio import CancelScope
 
-from .config import Config, ProgramConfig
+from .config import Config, ProgramConfig, SocketConfig
 from .config_file import load_config
 from .control import Send
 from .errors import ConfigError, FlipvisorError, UsageError
+from .handover import Handover, find_handovers
 from .program import Program
 from .reload_changes import changed_programs, deploy_all_changed, forget_superseded
 
@@ -50,9 +52,11 @@ class Reloads:
         # listed by status until their workers are gone: name -> the program, and an event set
         # once it is.
         self.removing: dict[str, tuple[Program, anyio.Event]] = {}
-        # Removed by a reload, serving on until the program that took their proxy file over
-        # serves (``_hand_over``): name -> that program's name.
-        self.kept: dict[str, str] = {}
+        # Removed by a reload, serving on until the program that takes their proxy file or fixed
+        # port over serves: while the reload waits for that (``_hand_over``), and once it gave
+        # up waiting (``kept``: a `start` or `flip` of that program releases them).
+        self.handing_over: dict[str, Handover] = {}
+        self.kept: dict[str, Handover] = {}
 
     def _remove_program(self, name: str, *, unroute: bool = True) -> anyio.Event:
         """Begin to stop a program the config no longer has, and return at once: it drains in
@@ -63,6 +67,7 @@ class Reloads:
         assert self.supervisor._tg is not None
         program = self.supervisor.programs.pop(name)
         self.kept.pop(name, None)
+        self.handing_over.pop(name, None)
         program.removing = True
         unrouted, gone = anyio.Event(), anyio.Event()
         self.removing[name] = (program, gone)
@@ -91,41 +96,36 @@ class Reloads:
             unrouted.set()  # nobody waits for what will not happen
             gone.set()
 
-    def _handovers(self, removed: list[str], new: Config) -> dict[str, str]:
-        """The removed programs whose proxy file a program of ``new`` writes (the same
-        ``proxy.dest``: a rename, by the look of it), each with that program."""
-        writers = {
-            section.proxy.dest: name
-            for name, section in new.programs.items()
-            if section.proxy is not None
-        }
-        handovers = {}
-        for name in removed:
-            deployed = self.supervisor.programs[name].config.proxy
-            if deployed is not None and (successor := writers.get(deployed.dest)) is not None:
-                handovers[name] = successor
-        return handovers
+    def socket_left(self, config: SocketConfig) -> tuple[socket.socket, str] | None:
+        """A duplicate of the listening socket on ``config``'s fixed address that a program a
+        reload removed holds (serving on until the one that takes it over serves, or draining),
+        and which program that is; None if none does. Only the program of the config on that
+        address asks: no two have one (``config_consistency.py``)."""
+        leaving = [
+            *(self.supervisor.programs.get(name) for name in [*self.handing_over, *self.kept]),
+            *(program for program, _ in self.removing.values()),
+        ]
+        for program in leaving:
+            if program is not None and (sock := program.listener.duplicate_kept(config)):
+                return sock, f"{program.name}, removed from the config"
+        return None
 
-    def _serves_file_of(self, successor: str, old: str) -> bool:
-        """Whether ``successor`` serves from a generation whose proxy file is ``old``'s."""
-        programs = self.supervisor.programs
-        program, replaced = programs.get(successor), programs[old].config.proxy
-        serving = program.serving if program is not None else None
-        return (
-            serving is not None
-            and serving.config.proxy is not None
-            and replaced is not None
-            and serving.config.proxy.dest == replaced.dest
-        )
+    async def _hand_over(self, old: str, handover: Handover) -> str | None:
+        """Remove ``old`` once its successor serves in its place (from its proxy file, which the
+        successor's promotion rewrote and which is left in place; on its fixed port, whose
+        socket the successor shares); if the successor does not serve, keep ``old`` serving: the
+        old is never given up for a new one that is broken. Returns why ``old`` was kept (None:
+        removed)."""
+        try:
+            return await self._wait_for_successor(old, handover)
+        finally:
+            self.handing_over.pop(old, None)  # removed, kept, or left to the shutdown
 
-    async def _hand_over(self, old: str, successor: str) -> str | None:
-        """Remove ``old`` once ``successor`` serves in its place, without taking the proxy file
-        out of nginx (``successor``'s promotion rewrote it); if ``successor`` does not serve,
-        keep ``old`` serving: the old is never given up for a new one that is broken. Returns
-        why ``old`` was kept (None: removed)."""
+    async def _wait_for_successor(self, old: str, handover: Handover) -> str | None:
+        successor, what = handover.successor, handover.what()
         program = self.supervisor.programs.get(successor)
         if program is None:  # not added: the supervisor began shutting down meanwhile
-            return f"{successor}, which takes over its proxy file, was not added"
+            return f"{successor}, which takes over {what}, was not added"
         report = program.current_flip
         if report is None and program.serving is None and program.config.autostart:
             try:
@@ -135,11 +135,9 @@ class Reloads:
         if report is not None:
             await report.wait()
             await program.wait_settled()  # answered early (--timeout): serving only after that
-        if self._serves_file_of(successor, old):
-            log.info(
-                "%s took over the proxy file of %s, which the config no longer has", successor, old
-            )
-            self._remove_program(old, unroute=False)
+        if handover.served_by(self.supervisor.programs):
+            log.info("%s took over %s of %s, which the config no longer has", successor, what, old)
+            self._remove_program(old, unroute=handover.unroutes())
             return None
         if self.supervisor._shutdown.is_set():
             # It stops `old` too: nothing serves on, and nothing is to be started.
@@ -152,11 +150,11 @@ class Reloads:
             else "it is not started"
         )
         why = (
-            f"removed from the config, but serving on: {successor}, which takes over its proxy "
-            f"file, does not serve ({failure}); `flipvisor start {successor}` replaces it, or "
-            f"drop {successor}'s proxy.dest and `flipvisor reload` to remove it"
+            f"removed from the config, but serving on: {successor}, which takes over {what}, "
+            f"does not serve ({failure}); `flipvisor start {successor}` replaces it, or "
+            f"{handover.undo_hint()} and `flipvisor reload` to remove it"
         )
-        self.kept[old] = successor
+        self.kept[old] = handover
         self.supervisor.programs[old].kept_after_removal = why
         self.supervisor.events.emit("kept-serving", old, None, why)
         log.warning("%s: %s", old, why)
@@ -165,9 +163,9 @@ class Reloads:
     async def release_kept(self) -> None:
         """Remove the kept programs (``_hand_over``) whose successor now serves their file."""
         async with self.lock:
-            for old, successor in list(self.kept.items()):
-                if old in self.supervisor.programs and self._serves_file_of(successor, old):
-                    self._remove_program(old, unroute=False)
+            for old, handover in list(self.kept.items()):
+                if old in self.supervisor.programs and handover.served_by(self.supervisor.programs):
+                    self._remove_program(old, unroute=handover.unroutes())
 
     async def reload_on_signal(self) -> None:
         """SIGHUP's reload: whatever goes wrong is logged, and the supervisor keeps running."""
@@ -229,7 +227,7 @@ class Reloads:
         removed = [name for name in programs if name not in new.programs]
         forget_superseded(programs, new)
         changed = changed_programs(programs, supervisor.config, new)
-        handovers = self._handovers(removed, new)
+        handovers = find_handovers(programs, removed, new)
         self._unkeep_those_back(new)
         leaving = self._remove_all(removed, handovers)
         # Added back while its earlier removal still drains: added once that is over (below).
@@ -265,11 +263,11 @@ class Reloads:
             del self.kept[name]
             self.supervisor.programs[name].kept_after_removal = None
 
-    def _remove_all(self, removed: list[str], handovers: dict[str, str]) -> list[anyio.Event]:
+    def _remove_all(self, removed: list[str], handovers: dict[str, Handover]) -> list[anyio.Event]:
         """Begin to remove the programs the file lost, except those handed over to a program
-        that takes their proxy file (one of them that does not serve is removed here, and
-        dropped from ``handovers``). Returns an event per program leaving the proxy, set once
-        it has."""
+        that takes their proxy file or fixed port (one of them that does not serve is removed
+        here, and dropped from ``handovers``; its successor takes the socket it may still
+        drain on). Returns an event per program leaving the proxy, set once it has."""
         # Removals first: each takes its turn of the proxy lock to leave the proxy before an
         # added program's promotion takes its own. Their drains are not waited for.
         leaving = []
@@ -277,15 +275,17 @@ class Reloads:
             if name not in handovers:
                 leaving.append(self._remove_program(name))
             elif self.supervisor.programs[name].serving is None:
-                # Nothing of it to keep serving, and its file is another program's now: leave
-                # it in place. (One that serves is handed over below, its successor first.)
-                del handovers[name]
-                self._remove_program(name, unroute=False)
+                # Nothing of it to keep serving, and its file (if handed over) is another
+                # program's now: leave it in place. (One that serves is handed over below, its
+                # successor first; it serves on meanwhile.)
+                self._remove_program(name, unroute=handovers.pop(name).unroutes())
+            else:
+                self.handing_over[name] = handovers[name]
         return leaving
 
     async def _hand_over_all(
         self,
-        handovers: dict[str, str],
+        handovers: dict[str, Handover],
         returning: list[str],
         new: Config,
         send: Send | None,
@@ -294,11 +294,12 @@ class Reloads:
         added back once its earlier removal is over (a successor among them first). Returns why
         each removed program that serves on was kept."""
         kept = {}
-        for name, successor in handovers.items():
+        for name, handover in handovers.items():
+            successor = handover.successor
             if successor in returning:  # renamed back while its earlier removal drains
                 returning.remove(successor)
                 await self._add_when_removed(successor, new.programs[successor], send)
-            if (why := await self._hand_over(name, successor)) is not None:
+            if (why := await self._hand_over(name, handover)) is not None:
                 kept[name] = why
         for name in returning:
             await self._add_when_removed(name, new.programs[name], send)
