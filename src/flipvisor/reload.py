@@ -20,6 +20,7 @@ import anyio
 from anyio import CancelScope
 
 from .config import Config, ProgramConfig, SocketConfig
+from .config_consistency import addresses_overlap
 from .config_file import load_config
 from .control import Send
 from .errors import ConfigError, FlipvisorError, UsageError
@@ -230,9 +231,8 @@ class Reloads:
         handovers = find_handovers(programs, removed, new)
         self._unkeep_those_back(new)
         leaving = self._remove_all(removed, handovers)
-        # Added back while its earlier removal still drains: added once that is over (below).
-        # Two programs of one name would share its log, its proxy file and a fixed port.
-        returning = [name for name in added if name in self.removing]
+        # Added once a removal still draining is over (below): see ``_waiting_for_removal``.
+        returning = self._waiting_for_removal(added, new)
         for name in added:
             if name not in returning:
                 await self._start_added(name, new.programs[name])
@@ -283,10 +283,30 @@ class Reloads:
                 self.handing_over[name] = handovers[name]
         return leaving
 
+    def _waiting_for_removal(self, added: list[str], new: Config) -> dict[str, str]:
+        """The added programs that start only once a removal still draining is over, each with
+        the removed program it waits for: one of its own name (added back: the two would share
+        its log, its proxy file and a fixed port), or one holding an address that the added
+        program's fixed port overlaps but cannot share (another host on that port: 0.0.0.0
+        for 127.0.0.1, say), which the added program could not bind while that one drains."""
+        waiting = {name: name for name in added if name in self.removing}
+        for name in added:
+            wanted = new.programs[name].socket
+            if name in waiting or wanted.port == 0:
+                continue
+            for program, _gone in self.removing.values():
+                held = program.listener.kept_address
+                if held is None or held == (wanted.host, wanted.port):
+                    continue  # the same address: its socket is taken over (``socket_left``)
+                if held[1] == wanted.port and addresses_overlap(held[0], wanted.host):
+                    waiting[name] = program.name
+                    break
+        return waiting
+
     async def _hand_over_all(
         self,
         handovers: dict[str, Handover],
-        returning: list[str],
+        returning: dict[str, str],
         new: Config,
         send: Send | None,
     ) -> dict[str, str]:
@@ -297,12 +317,12 @@ class Reloads:
         for name, handover in handovers.items():
             successor = handover.successor
             if successor in returning:  # renamed back while its earlier removal drains
-                returning.remove(successor)
-                await self._add_when_removed(successor, new.programs[successor], send)
+                after = returning.pop(successor)
+                await self._add_when_removed(successor, new.programs[successor], after, send)
             if (why := await self._hand_over(name, handover)) is not None:
                 kept[name] = why
-        for name in returning:
-            await self._add_when_removed(name, new.programs[name], send)
+        for name, after in returning.items():
+            await self._add_when_removed(name, new.programs[name], after, send)
         return kept
 
     def _needs_restart(self, new: Config) -> tuple[list[str], str | None]:
@@ -336,15 +356,23 @@ class Reloads:
             except UsageError as exc:  # stopped for good while it was being added
                 log.info("%s", exc)
 
-    async def _add_when_removed(self, name: str, section: ProgramConfig, send: Send | None) -> None:
-        """Add ``name``, a program the config gained back, once its removed instance is gone."""
-        if (removal := self.removing.get(name)) is not None:
+    async def _add_when_removed(
+        self, name: str, section: ProgramConfig, after: str, send: Send | None
+    ) -> None:
+        """Add ``name``, a program the config gained, once the removal of ``after`` (``name``
+        itself, added back; or one on an address its fixed port overlaps) is over."""
+        if (removal := self.removing.get(after)) is not None:
             program, gone = removal
             draining = program.describe_drain(list(program.generations))
-            why = (
-                f"{name} is added back while its removal still drains it ({draining}): "
-                "it starts once that is over"
-            )
+            if after == name:
+                why = f"{name} is added back while its removal still drains it ({draining})"
+            else:
+                host, port = section.socket.host, section.socket.port
+                why = (
+                    f"{name} listens on {host}:{port}, which {after}, removed from the config, "
+                    f"holds on another address while its removal drains it ({draining})"
+                )
+            why += ": it starts once that is over"
             log.info("%s", why)
             if send is not None:
                 await send({"type": "waiting", "message": why})

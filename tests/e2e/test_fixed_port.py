@@ -405,3 +405,55 @@ def test_a_rename_on_a_fixed_port_whose_new_program_fails_keeps_the_old_one_serv
     api = wait_until(partial(renamed, flipvisor), timeout=20, message="web to go")
     assert api["state"] == "running"
     assert version_on(port) == "new"
+
+
+def test_a_rename_while_the_old_program_s_stop_drains_takes_its_socket(
+    flipvisor: Flipvisor,
+) -> None:
+    """``web`` is being stopped (its drain holds the port for 5 s) when a reload renames it:
+    nothing of it is kept serving, so it is removed at once, but the added program takes the
+    socket it still drains on rather than failing to bind the port."""
+    port = free_port()
+    draining = fixed_port_config(port, "old", notify=True, timeout=10)
+    draining["programs"]["web"]["drain"] = {"delay": 5, "timeout": 5}
+    flipvisor.start(draining)
+    flipvisor.wait_serving("web")
+    stop = flipvisor.cli_started("stop", "web")
+    try:
+        wait_until(
+            lambda: any(g["state"] == "draining" for g in flipvisor.program("web")["generations"]),
+            timeout=10,
+            message="the stop draining",
+        )
+        flipvisor.write_config(named("api", fixed_port_config(port, "new", notify=True)))
+        result = flipvisor.cli("reload", "--json")
+        assert result.returncode == 0, result.stderr + flipvisor.output()
+        assert json.loads(result.stdout)["kept"] == {}
+        api = flipvisor.wait_serving("api")
+        assert api["port"] == port
+        assert flipvisor.program("api")["state"] == "running"
+        assert "socket-taken" in flipvisor.event_kinds()
+    finally:
+        stop.kill()
+        stop.communicate(timeout=10)
+
+
+def test_a_rename_to_another_host_on_the_same_port_starts_once_the_old_one_drained(
+    flipvisor: Flipvisor,
+) -> None:
+    """127.0.0.1:P renamed to 0.0.0.0:P: the socket cannot be shared, nor the port bound while
+    the removed program drains on it; the reload says the added one waits for that drain, then
+    starts it (a program added back under its own name waits the same way)."""
+    port = free_port()
+    flipvisor.start(named("web", fixed_port_config(port, "old")))
+    flipvisor.wait_serving("web")
+    wildcard = named("api", fixed_port_config(port, "new"))
+    wildcard["programs"]["api"]["socket"]["host"] = "0.0.0.0"
+    flipvisor.write_config(wildcard)
+    result = flipvisor.cli("reload")
+    assert result.returncode == 0, result.stdout + result.stderr + flipvisor.output()
+    api = wait_until(partial(renamed, flipvisor), timeout=20, message="the rename to settle")
+    assert api["state"] == "running", flipvisor.cli("status", "api").stdout
+    assert version_on(port) == "new"
+    said = result.stdout + result.stderr
+    assert f"api listens on 0.0.0.0:{port}, which web, removed from the config, holds" in said
