@@ -162,7 +162,7 @@ class Reloads:
         return why
 
     async def release_kept(self) -> None:
-        """Remove the kept programs (``_hand_over``) whose successor now serves their file."""
+        """Remove the kept programs (``_hand_over``) whose successor now serves in their place."""
         async with self.lock:
             for old, handover in list(self.kept.items()):
                 if old in self.supervisor.programs and handover.served_by(self.supervisor.programs):
@@ -311,8 +311,8 @@ class Reloads:
         send: Send | None,
     ) -> dict[str, str]:
         """Each removed program handed over to its successor (``_hand_over``), and each program
-        added back once its earlier removal is over (a successor among them first). Returns why
-        each removed program that serves on was kept."""
+        waiting for a removal (``_waiting_for_removal``) added once that is over (a successor
+        among them first). Returns why each removed program that serves on was kept."""
         kept = {}
         for name, handover in handovers.items():
             successor = handover.successor
