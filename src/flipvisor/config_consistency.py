@@ -175,7 +175,12 @@ def _shared_fixed_ports(parsed: ConfigFile) -> list[Problem]:
         if port == 0:
             continue
         owner = next(
-            (other for other, other_host in taken.get(port, []) if _overlap(host, other_host)), None
+            (
+                other
+                for other, other_host in taken.get(port, [])
+                if addresses_overlap(host, other_host)
+            ),
+            None,
         )
         if owner is not None:
             problems.append(
@@ -234,7 +239,7 @@ def _shared_proxy_files(parsed: ConfigFile) -> list[Problem]:
     return problems
 
 
-def _overlap(host: str, other: str) -> bool:
+def addresses_overlap(host: str, other: str) -> bool:
     """Whether listening on both addresses (on one port) would collide."""
     wildcard = (
         ipaddress.ip_address(host).is_unspecified or ipaddress.ip_address(other).is_unspecified

@@ -9,6 +9,7 @@ even if the client that asked for it goes away, and removing a program cancels a
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from .config import LogsConfig, ProgramConfig
+from .config import LogsConfig, ProgramConfig, SocketConfig
 from .crash_policy import CrashPolicy
 from .errors import Busy, UsageError
 from .events import EventLog
@@ -67,6 +68,10 @@ class Runtime:
     # reload removed, serving on until the one that takes its file over serves): the
     # supervisor's answer, which knows every program.
     serves_through: Callable[[str, Path], bool] = lambda program, dest: False
+    # A duplicate of the listening socket on a fixed address that a program of ours leaving it
+    # holds (one a reload removed: a rename), and what that program is, for the program that
+    # takes the address over; None if none does. The supervisor's answer (``Reloads``).
+    socket_left: Callable[[SocketConfig], tuple[socket.socket, str] | None] = lambda config: None
     # Each program's log by name, once opened: whatever writes a file (a program's workers, a
     # pipe taken over from a killed supervisor's keeper before the program is added, a program
     # removed and added again) shares one ``ProgramLog``, which tracks the size it rotates at.

@@ -1,9 +1,9 @@
 """The supervisor's config reloads (SIGHUP, ``flipvisor reload``): programs the file gained are
 added and started, those whose section changed are flipped (or their flip deferred, as
-reload_changes.py decides), and removed ones drained in the
-supervisor's task group (listed by status until they are gone) or, when another program takes
-their proxy file over, handed over to it; a change to the settings read once at start is
-reported with how to restart.
+reload_changes.py decides), and removed ones drained in the supervisor's task group (listed by
+status until they are gone) or, when another program takes their proxy file or fixed port over
+(``handover.py``), handed over to it; a change to the settings read once at start is reported
+with how to restart.
 
 ``Reloads`` is a part of its ``Supervisor`` (``supervisor.reloads``), not an owner of its own:
 it adds to and removes from the supervisor's programs, in its task group.
@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio import CancelScope
 
-from .config import Config, ProgramConfig
+from .config import Config, ProgramConfig, SocketConfig
+from .config_consistency import addresses_overlap
 from .config_file import load_config
 from .control import Send
 from .errors import ConfigError, FlipvisorError, UsageError
+from .handover import Handover, find_handovers
 from .program import Program
 from .reload_changes import changed_programs, deploy_all_changed, forget_superseded
 
@@ -50,9 +53,11 @@ class Reloads:
         # listed by status until their workers are gone: name -> the program, and an event set
         # once it is.
         self.removing: dict[str, tuple[Program, anyio.Event]] = {}
-        # Removed by a reload, serving on until the program that took their proxy file over
-        # serves (``_hand_over``): name -> that program's name.
-        self.kept: dict[str, str] = {}
+        # Removed by a reload, serving on until the program that takes their proxy file or fixed
+        # port over serves: while the reload waits for that (``_hand_over``), and once it gave
+        # up waiting (``kept``: a `start` or `flip` of that program releases them).
+        self.handing_over: dict[str, Handover] = {}
+        self.kept: dict[str, Handover] = {}
 
     def _remove_program(self, name: str, *, unroute: bool = True) -> anyio.Event:
         """Begin to stop a program the config no longer has, and return at once: it drains in
@@ -63,6 +68,7 @@ class Reloads:
         assert self.supervisor._tg is not None
         program = self.supervisor.programs.pop(name)
         self.kept.pop(name, None)
+        self.handing_over.pop(name, None)
         program.removing = True
         unrouted, gone = anyio.Event(), anyio.Event()
         self.removing[name] = (program, gone)
@@ -91,41 +97,36 @@ class Reloads:
             unrouted.set()  # nobody waits for what will not happen
             gone.set()
 
-    def _handovers(self, removed: list[str], new: Config) -> dict[str, str]:
-        """The removed programs whose proxy file a program of ``new`` writes (the same
-        ``proxy.dest``: a rename, by the look of it), each with that program."""
-        writers = {
-            section.proxy.dest: name
-            for name, section in new.programs.items()
-            if section.proxy is not None
-        }
-        handovers = {}
-        for name in removed:
-            deployed = self.supervisor.programs[name].config.proxy
-            if deployed is not None and (successor := writers.get(deployed.dest)) is not None:
-                handovers[name] = successor
-        return handovers
+    def socket_left(self, config: SocketConfig) -> tuple[socket.socket, str] | None:
+        """A duplicate of the listening socket on ``config``'s fixed address that a program a
+        reload removed holds (serving on until the one that takes it over serves, or draining),
+        and which program that is; None if none does. Only the program of the config on that
+        address asks: no two have one (``config_consistency.py``)."""
+        leaving = [
+            *(self.supervisor.programs.get(name) for name in [*self.handing_over, *self.kept]),
+            *(program for program, _ in self.removing.values()),
+        ]
+        for program in leaving:
+            if program is not None and (sock := program.listener.duplicate_kept(config)):
+                return sock, f"{program.name}, removed from the config"
+        return None
 
-    def _serves_file_of(self, successor: str, old: str) -> bool:
-        """Whether ``successor`` serves from a generation whose proxy file is ``old``'s."""
-        programs = self.supervisor.programs
-        program, replaced = programs.get(successor), programs[old].config.proxy
-        serving = program.serving if program is not None else None
-        return (
-            serving is not None
-            and serving.config.proxy is not None
-            and replaced is not None
-            and serving.config.proxy.dest == replaced.dest
-        )
+    async def _hand_over(self, old: str, handover: Handover) -> str | None:
+        """Remove ``old`` once its successor serves in its place (from its proxy file, which the
+        successor's promotion rewrote and which is left in place; on its fixed port, whose
+        socket the successor shares); if the successor does not serve, keep ``old`` serving: the
+        old is never given up for a new one that is broken. Returns why ``old`` was kept (None:
+        removed)."""
+        try:
+            return await self._wait_for_successor(old, handover)
+        finally:
+            self.handing_over.pop(old, None)  # removed, kept, or left to the shutdown
 
-    async def _hand_over(self, old: str, successor: str) -> str | None:
-        """Remove ``old`` once ``successor`` serves in its place, without taking the proxy file
-        out of nginx (``successor``'s promotion rewrote it); if ``successor`` does not serve,
-        keep ``old`` serving: the old is never given up for a new one that is broken. Returns
-        why ``old`` was kept (None: removed)."""
+    async def _wait_for_successor(self, old: str, handover: Handover) -> str | None:
+        successor, what = handover.successor, handover.what()
         program = self.supervisor.programs.get(successor)
         if program is None:  # not added: the supervisor began shutting down meanwhile
-            return f"{successor}, which takes over its proxy file, was not added"
+            return f"{successor}, which takes over {what}, was not added"
         report = program.current_flip
         if report is None and program.serving is None and program.config.autostart:
             try:
@@ -135,11 +136,9 @@ class Reloads:
         if report is not None:
             await report.wait()
             await program.wait_settled()  # answered early (--timeout): serving only after that
-        if self._serves_file_of(successor, old):
-            log.info(
-                "%s took over the proxy file of %s, which the config no longer has", successor, old
-            )
-            self._remove_program(old, unroute=False)
+        if handover.served_by(self.supervisor.programs):
+            log.info("%s took over %s of %s, which the config no longer has", successor, what, old)
+            self._remove_program(old, unroute=handover.unroutes())
             return None
         if self.supervisor._shutdown.is_set():
             # It stops `old` too: nothing serves on, and nothing is to be started.
@@ -152,22 +151,22 @@ class Reloads:
             else "it is not started"
         )
         why = (
-            f"removed from the config, but serving on: {successor}, which takes over its proxy "
-            f"file, does not serve ({failure}); `flipvisor start {successor}` replaces it, or "
-            f"drop {successor}'s proxy.dest and `flipvisor reload` to remove it"
+            f"removed from the config, but serving on: {successor}, which takes over {what}, "
+            f"does not serve ({failure}); `flipvisor start {successor}` replaces it, or "
+            f"{handover.undo_hint()} and `flipvisor reload` to remove it"
         )
-        self.kept[old] = successor
+        self.kept[old] = handover
         self.supervisor.programs[old].kept_after_removal = why
         self.supervisor.events.emit("kept-serving", old, None, why)
         log.warning("%s: %s", old, why)
         return why
 
     async def release_kept(self) -> None:
-        """Remove the kept programs (``_hand_over``) whose successor now serves their file."""
+        """Remove the kept programs (``_hand_over``) whose successor now serves in their place."""
         async with self.lock:
-            for old, successor in list(self.kept.items()):
-                if old in self.supervisor.programs and self._serves_file_of(successor, old):
-                    self._remove_program(old, unroute=False)
+            for old, handover in list(self.kept.items()):
+                if old in self.supervisor.programs and handover.served_by(self.supervisor.programs):
+                    self._remove_program(old, unroute=handover.unroutes())
 
     async def reload_on_signal(self) -> None:
         """SIGHUP's reload: whatever goes wrong is logged, and the supervisor keeps running."""
@@ -229,12 +228,11 @@ class Reloads:
         removed = [name for name in programs if name not in new.programs]
         forget_superseded(programs, new)
         changed = changed_programs(programs, supervisor.config, new)
-        handovers = self._handovers(removed, new)
+        handovers = find_handovers(programs, removed, new)
         self._unkeep_those_back(new)
         leaving = self._remove_all(removed, handovers)
-        # Added back while its earlier removal still drains: added once that is over (below).
-        # Two programs of one name would share its log, its proxy file and a fixed port.
-        returning = [name for name in added if name in self.removing]
+        # Added once a removal still draining is over (below): see ``_waiting_for_removal``.
+        returning = self._waiting_for_removal(added, new)
         for name in added:
             if name not in returning:
                 await self._start_added(name, new.programs[name])
@@ -265,11 +263,11 @@ class Reloads:
             del self.kept[name]
             self.supervisor.programs[name].kept_after_removal = None
 
-    def _remove_all(self, removed: list[str], handovers: dict[str, str]) -> list[anyio.Event]:
+    def _remove_all(self, removed: list[str], handovers: dict[str, Handover]) -> list[anyio.Event]:
         """Begin to remove the programs the file lost, except those handed over to a program
-        that takes their proxy file (one of them that does not serve is removed here, and
-        dropped from ``handovers``). Returns an event per program leaving the proxy, set once
-        it has."""
+        that takes their proxy file or fixed port (one of them that does not serve is removed
+        here, and dropped from ``handovers``; its successor takes the socket it may still
+        drain on). Returns an event per program leaving the proxy, set once it has."""
         # Removals first: each takes its turn of the proxy lock to leave the proxy before an
         # added program's promotion takes its own. Their drains are not waited for.
         leaving = []
@@ -277,31 +275,54 @@ class Reloads:
             if name not in handovers:
                 leaving.append(self._remove_program(name))
             elif self.supervisor.programs[name].serving is None:
-                # Nothing of it to keep serving, and its file is another program's now: leave
-                # it in place. (One that serves is handed over below, its successor first.)
-                del handovers[name]
-                self._remove_program(name, unroute=False)
+                # Nothing of it to keep serving, and its file (if handed over) is another
+                # program's now: leave it in place. (One that serves is handed over below, its
+                # successor first; it serves on meanwhile.)
+                self._remove_program(name, unroute=handovers.pop(name).unroutes())
+            else:
+                self.handing_over[name] = handovers[name]
         return leaving
+
+    def _waiting_for_removal(self, added: list[str], new: Config) -> dict[str, str]:
+        """The added programs that start only once a removal still draining is over, each with
+        the removed program it waits for: one of its own name (added back: the two would share
+        its log, its proxy file and a fixed port), or one holding an address that the added
+        program's fixed port overlaps but cannot share (another host on that port: 0.0.0.0
+        for 127.0.0.1, say), which the added program could not bind while that one drains."""
+        waiting = {name: name for name in added if name in self.removing}
+        for name in added:
+            wanted = new.programs[name].socket
+            if name in waiting or wanted.port == 0:
+                continue
+            for program, _gone in self.removing.values():
+                held = program.listener.kept_address
+                if held is None or held == (wanted.host, wanted.port):
+                    continue  # the same address: its socket is taken over (``socket_left``)
+                if held[1] == wanted.port and addresses_overlap(held[0], wanted.host):
+                    waiting[name] = program.name
+                    break
+        return waiting
 
     async def _hand_over_all(
         self,
-        handovers: dict[str, str],
-        returning: list[str],
+        handovers: dict[str, Handover],
+        returning: dict[str, str],
         new: Config,
         send: Send | None,
     ) -> dict[str, str]:
         """Each removed program handed over to its successor (``_hand_over``), and each program
-        added back once its earlier removal is over (a successor among them first). Returns why
-        each removed program that serves on was kept."""
+        waiting for a removal (``_waiting_for_removal``) added once that is over (a successor
+        among them first). Returns why each removed program that serves on was kept."""
         kept = {}
-        for name, successor in handovers.items():
+        for name, handover in handovers.items():
+            successor = handover.successor
             if successor in returning:  # renamed back while its earlier removal drains
-                returning.remove(successor)
-                await self._add_when_removed(successor, new.programs[successor], send)
-            if (why := await self._hand_over(name, successor)) is not None:
+                after = returning.pop(successor)
+                await self._add_when_removed(successor, new.programs[successor], after, send)
+            if (why := await self._hand_over(name, handover)) is not None:
                 kept[name] = why
-        for name in returning:
-            await self._add_when_removed(name, new.programs[name], send)
+        for name, after in returning.items():
+            await self._add_when_removed(name, new.programs[name], after, send)
         return kept
 
     def _needs_restart(self, new: Config) -> tuple[list[str], str | None]:
@@ -335,15 +356,23 @@ class Reloads:
             except UsageError as exc:  # stopped for good while it was being added
                 log.info("%s", exc)
 
-    async def _add_when_removed(self, name: str, section: ProgramConfig, send: Send | None) -> None:
-        """Add ``name``, a program the config gained back, once its removed instance is gone."""
-        if (removal := self.removing.get(name)) is not None:
+    async def _add_when_removed(
+        self, name: str, section: ProgramConfig, after: str, send: Send | None
+    ) -> None:
+        """Add ``name``, a program the config gained, once the removal of ``after`` (``name``
+        itself, added back; or one on an address its fixed port overlaps) is over."""
+        if (removal := self.removing.get(after)) is not None:
             program, gone = removal
             draining = program.describe_drain(list(program.generations))
-            why = (
-                f"{name} is added back while its removal still drains it ({draining}): "
-                "it starts once that is over"
-            )
+            if after == name:
+                why = f"{name} is added back while its removal still drains it ({draining})"
+            else:
+                host, port = section.socket.host, section.socket.port
+                why = (
+                    f"{name} listens on {host}:{port}, which {after}, removed from the config, "
+                    f"holds on another address while its removal drains it ({draining})"
+                )
+            why += ": it starts once that is over"
             log.info("%s", why)
             if send is not None:
                 await send({"type": "waiting", "message": why})

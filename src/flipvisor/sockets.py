@@ -58,6 +58,10 @@ class ProgramListener:
     changes nothing the serving generation depends on: a flip back to its address shares its
     socket again (binding it afresh would fail while that generation holds it), and the address
     of the failed flip is free again (left listening, it would take connections nobody accepts).
+
+    A fixed port's socket may also come from another program of ours that leaves it (a reload
+    renamed the program: ``adopt_pending``), pending as well until this program's generation
+    serves from it.
     """
 
     def __init__(self) -> None:
@@ -76,6 +80,8 @@ class ProgramListener:
         """
         if self._kept is not None and self.holds(config):
             return self._kept.dup()  # its backlog changes only once this generation serves
+        if self._pending is not None and self._pending_at == (config.host, config.port):
+            return self._pending.dup()  # adopted from a program that leaves it
         fresh = bind_listener(config)
         if config.port == 0:
             return fresh
@@ -108,6 +114,32 @@ class ProgramListener:
     def holds(self, config: SocketConfig) -> bool:
         """Whether a socket on ``config``'s address is kept (a fixed port, bound already)."""
         return self._kept is not None and self._kept_at == (config.host, config.port)
+
+    @property
+    def kept_address(self) -> tuple[str, int] | None:
+        """The fixed (host, port) of the kept socket (None: none is kept)."""
+        return self._kept_at
+
+    def pending_on(self, config: SocketConfig) -> bool:
+        """Whether a socket on ``config``'s address waits for a generation to be promoted."""
+        return self._pending is not None and self._pending_at == (config.host, config.port)
+
+    def duplicate_kept(self, config: SocketConfig) -> socket.socket | None:
+        """A duplicate of the kept socket if it is on ``config``'s fixed address (None if not),
+        for another program that takes the address over (``adopt_pending``)."""
+        if config.port == 0 or self._kept is None or not self.holds(config):
+            return None
+        return self._kept.dup()
+
+    def adopt_pending(self, sock: socket.socket, config: SocketConfig) -> None:
+        """Take ``sock``, the listening socket on ``config``'s fixed port that a program of ours
+        leaving it holds (one a reload removed, renamed to this one), for this program's next
+        generation: it accepts from the same queue while that program drains, so no connection
+        is refused. Pending like a socket bound for a flip: kept once that generation is
+        promoted, let go if it is not, so that a failed start leaves the port to the program
+        serving on it (this one holding a copy, nobody would accept once that one is gone)."""
+        self.let_go_pending()
+        self._pending, self._pending_at = sock, (config.host, config.port)
 
     def adopt(self, sock: socket.socket, config: SocketConfig) -> None:
         """Keep ``sock``, a listening socket on ``config``'s fixed port taken from workers a

@@ -75,6 +75,7 @@ class Supervisor:
             logs=config.logs,
             keeper=self.keeper,
             serves_through=self._serves_through,
+            socket_left=self.reloads.socket_left,
         )
         self.predecessor = Predecessor(
             config, self.runtime, self.registry, self.keeper, self.programs

@@ -317,3 +317,143 @@ def test_check_by_another_user_says_it_cannot_tell_whose_a_port_root_holds(
     assert unknown in stopped.stderr, stopped.stderr
     taken = f"{where} by a process this user cannot see; stop it, or choose another port"
     assert taken in unrun.stderr, unrun.stderr
+
+
+def named(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (``fixed_port_config``'s) with its program called ``name``."""
+    return {"programs": {name: config["programs"]["web"]}}
+
+
+def renamed(flipvisor: Flipvisor) -> dict[str, Any] | None:
+    """``api``'s status once the rename of ``web`` is over (web gone, api running or fatal)."""
+    programs = {p["name"]: p for p in flipvisor.status()["programs"]}
+    api = programs.get("api")
+    if "web" in programs or api is None or api["state"] not in ("running", "fatal"):
+        return None
+    return api
+
+
+def test_a_reload_renaming_a_program_on_a_fixed_port_keeps_the_port_served(
+    flipvisor: Flipvisor,
+) -> None:
+    """QA: an operator renames ``web`` to ``api`` (same fixed port, a new version) and reloads.
+    The removed program drained and held the port meanwhile; the added one tried to bind it at
+    once, failed with "the port is in use by pid N (python3)" (its own supervisor's draining
+    worker) and went ``fatal``: once the drain was over nothing served the port. As a rename
+    through ``proxy.dest`` does, the new program takes the removed one's socket over."""
+    port = free_port()
+    flipvisor.start(named("web", fixed_port_config(port, "old")))
+    flipvisor.wait_serving("web")
+    assert version_on(port) == "old"
+    flipvisor.write_config(named("api", fixed_port_config(port, "new")))
+    result = flipvisor.cli("reload", "--json")
+    assert result.returncode == 0, result.stderr + flipvisor.output()
+    assert json.loads(result.stdout)["kept"] == {}
+    api = wait_until(partial(renamed, flipvisor), timeout=20, message="the rename to settle")
+    assert api["state"] == "running", flipvisor.cli("status", "api").stdout
+    assert version_on(port) == "new"
+    assert "socket-taken" in flipvisor.event_kinds()
+
+
+def test_a_rename_on_a_fixed_port_loses_no_request_under_load(flipvisor: Flipvisor) -> None:
+    """The new program's workers accept from the removed one's socket (one accept queue) before
+    that one drains: no connection is refused or reset across the rename."""
+    port = free_port()
+    notify = {"notify": True, "timeout": 10}
+    flipvisor.start(named("web", fixed_port_config(port, "old", **notify)))
+    flipvisor.wait_serving("web")
+    with Load(f"http://127.0.0.1:{port}/", clients=4) as load:
+        flipvisor.write_config(named("api", fixed_port_config(port, "new", **notify)))
+        result = flipvisor.cli("reload")
+        assert result.returncode == 0, result.stderr + flipvisor.output()
+        api = wait_until(partial(renamed, flipvisor), timeout=20, message="the rename to settle")
+        outcome = load.stop()
+    assert api["state"] == "running", flipvisor.cli("status", "api").stdout
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert outcome.ok > 50
+    answered = {json.loads(body)["version"] for body in outcome.bodies}
+    assert "new" in answered, answered
+    assert version_on(port) == "new"
+
+
+def test_a_rename_on_a_fixed_port_whose_new_program_fails_keeps_the_old_one_serving(
+    flipvisor: Flipvisor,
+) -> None:
+    """``api`` never gets ready: ``web`` serves on alone (its socket was never given up, and
+    the failed generation's copy of it is closed), the reload says it is kept; a `flip` of a
+    fixed ``api`` takes the socket over again, and ``web`` goes."""
+    port = free_port()
+    notify = {"notify": True, "timeout": 10}
+    flipvisor.start(named("web", fixed_port_config(port, "old", **notify)))
+    old = flipvisor.wait_serving("web")
+    flipvisor.write_config(named("api", never_ready_config(port, "broken", 1)))
+    result = flipvisor.cli("reload", "--json")
+    assert result.returncode == 0, result.stderr + flipvisor.output()
+    kept = json.loads(result.stdout)["kept"]
+    assert list(kept) == ["web"], kept
+    assert f"api, which takes over its port 127.0.0.1:{port}, does not serve" in kept["web"]
+    assert "change api's socket" in kept["web"]
+    assert flipvisor.program("web")["kept_after_removal"] == kept["web"]
+    assert "kept-serving" in flipvisor.event_kinds()
+    serving = flipvisor.serving("web")
+    assert serving is not None and (serving["generation"], serving["pids"]) == (1, old["pids"])
+    for _ in range(20):  # the broken generation is gone: every connection reaches web's
+        assert version_on(port) == "old"
+    flipvisor.write_config(named("api", fixed_port_config(port, "new", **notify)))
+    flipped = flipvisor.cli("flip", "api")
+    assert flipped.returncode == 0, flipped.stdout + flipped.stderr + flipvisor.output()
+    api = wait_until(partial(renamed, flipvisor), timeout=20, message="web to go")
+    assert api["state"] == "running"
+    assert version_on(port) == "new"
+
+
+def test_a_rename_while_the_old_program_s_stop_drains_takes_its_socket(
+    flipvisor: Flipvisor,
+) -> None:
+    """``web`` is being stopped (its drain holds the port for 5 s) when a reload renames it:
+    nothing of it is kept serving, so it is removed at once, but the added program takes the
+    socket it still drains on rather than failing to bind the port."""
+    port = free_port()
+    draining = fixed_port_config(port, "old", notify=True, timeout=10)
+    draining["programs"]["web"]["drain"] = {"delay": 5, "timeout": 5}
+    flipvisor.start(draining)
+    flipvisor.wait_serving("web")
+    stop = flipvisor.cli_started("stop", "web")
+    try:
+        wait_until(
+            lambda: any(g["state"] == "draining" for g in flipvisor.program("web")["generations"]),
+            timeout=10,
+            message="the stop draining",
+        )
+        flipvisor.write_config(named("api", fixed_port_config(port, "new", notify=True)))
+        result = flipvisor.cli("reload", "--json")
+        assert result.returncode == 0, result.stderr + flipvisor.output()
+        assert json.loads(result.stdout)["kept"] == {}
+        api = flipvisor.wait_serving("api")
+        assert api["port"] == port
+        assert flipvisor.program("api")["state"] == "running"
+        assert "socket-taken" in flipvisor.event_kinds()
+    finally:
+        stop.kill()
+        stop.communicate(timeout=10)
+
+
+def test_a_rename_to_another_host_on_the_same_port_starts_once_the_old_one_drained(
+    flipvisor: Flipvisor,
+) -> None:
+    """127.0.0.1:P renamed to 0.0.0.0:P: the socket cannot be shared, nor the port bound while
+    the removed program drains on it; the reload says the added one waits for that drain, then
+    starts it (a program added back under its own name waits the same way)."""
+    port = free_port()
+    flipvisor.start(named("web", fixed_port_config(port, "old")))
+    flipvisor.wait_serving("web")
+    wildcard = named("api", fixed_port_config(port, "new"))
+    wildcard["programs"]["api"]["socket"]["host"] = "0.0.0.0"
+    flipvisor.write_config(wildcard)
+    result = flipvisor.cli("reload")
+    assert result.returncode == 0, result.stdout + result.stderr + flipvisor.output()
+    api = wait_until(partial(renamed, flipvisor), timeout=20, message="the rename to settle")
+    assert api["state"] == "running", flipvisor.cli("status", "api").stdout
+    assert version_on(port) == "new"
+    said = result.stdout + result.stderr
+    assert f"api listens on 0.0.0.0:{port}, which web, removed from the config, holds" in said

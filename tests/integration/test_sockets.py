@@ -190,3 +190,54 @@ def test_a_backlog_change_takes_effect_only_once_its_generation_is_promoted() ->
     finally:
         serving.close()
         listener.close()
+
+
+def test_an_adopted_fixed_port_shares_its_queue_and_is_kept_once_promoted() -> None:
+    """A rename: ``api`` takes ``web``'s socket (one queue, nothing bound afresh: that would
+    fail while web holds it); web then lets go of its own, and the port stays api's."""
+    config = SocketConfig(port=free_port())
+    web, api = ProgramListener(), ProgramListener()
+    web_gen = web.for_generation(config)
+    web.promoted(config)
+    try:
+        assert web.kept_address == ("127.0.0.1", config.port)
+        assert web.duplicate_kept(SocketConfig(port=free_port())) is None  # another address
+        shared = web.duplicate_kept(config)
+        assert shared is not None
+        api.adopt_pending(shared, config)
+        assert api.pending_on(config) and not api.holds(config)
+        api_gen = api.for_generation(config)
+        client = socket.create_connection(("127.0.0.1", config.port), timeout=5)
+        api.promoted(config)
+        web_gen.close()  # web drained
+        web.close()
+        with api_gen:
+            api_gen.settimeout(5)
+            accepted, _address = api_gen.accept()  # queued before web let go
+            accepted.close()
+        client.close()
+        assert api.holds(config)
+        socket.create_connection(("127.0.0.1", config.port), timeout=5).close()  # still listens
+    finally:
+        web_gen.close()
+        web.close()
+        api.close()
+
+
+def test_a_fixed_port_adopted_for_a_generation_that_fails_is_let_go() -> None:
+    """``api``'s first generation fails: its copy of web's socket goes, so that once web is gone
+    the port is refused, not left listening in the supervisor with nobody accepting."""
+    config = SocketConfig(port=free_port())
+    web, api = ProgramListener(), ProgramListener()
+    web_gen = web.for_generation(config)
+    web.promoted(config)
+    shared = web.duplicate_kept(config)
+    assert shared is not None
+    api.adopt_pending(shared, config)
+    api.for_generation(config).close()  # the failed generation is gone
+    api.let_go_pending()
+    assert not api.pending_on(config) and not api.holds(config)
+    web_gen.close()
+    web.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", config.port), timeout=5).close()

@@ -228,9 +228,11 @@ ALLOWED: dict[str, set[str]] = {
     # (unroute, the registry, a Runtime).
     "stray_programs": CORE | {"history", "leftover_records"},
     # Parts of the supervisor that take it (for its type only): its layer, supervisor included.
-    "reload": CORE | {"supervisor", "reload_changes"},
+    "reload": CORE | {"supervisor", "reload_changes", "handover"},
     # What a reload makes of a changed section: the program's, decided on its Program.
     "reload_changes": {"config", "errors", "program"},
+    # What a removed program hands over to its successor: read off both Programs.
+    "handover": {"config", "program"},
     "commands": CORE | {"supervisor", "reload"},
     "orphans": WORKERS,
     "locate": {"errors"},
