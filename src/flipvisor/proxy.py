@@ -43,8 +43,37 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(dest: Path, data: bytes, mode: int = DEFAULT_FILE_MODE) -> None:
-    """Replace ``dest`` with ``data`` so that readers see the old bytes or the new, never a mix.
+Owner = tuple[int, int]  # a file's uid and gid
+
+
+def _owner(found: os.stat_result) -> Owner:
+    return found.st_uid, found.st_gid
+
+
+def _keep_owner(fd: int, dest: Path, owner: Owner) -> None:
+    """Give the new file ``fd`` the replaced file's owner and group: a reader that is neither
+    root nor us (a proxy reading as its group, with mode 0640) reads it after a flip as before.
+    Only root may give a file away; a group we are not in is not ours to give either."""
+    now = _owner(os.fstat(fd))
+    if now == owner:
+        return
+    try:
+        os.fchown(fd, *owner)
+    except PermissionError:
+        log.warning(
+            "%s was owned by uid %d gid %d; its new version is owned by uid %d gid %d, as this "
+            "user may not give it away: make sure the proxy can read it",
+            dest,
+            *owner,
+            *now,
+        )
+
+
+def write_atomic(
+    dest: Path, data: bytes, mode: int = DEFAULT_FILE_MODE, owner: Owner | None = None
+) -> None:
+    """Replace ``dest`` with ``data`` so that readers see the old bytes or the new, never a mix;
+    with ``mode``, and the ``owner`` (uid, gid) of the file it replaces, where we may give it.
 
     The temporary file starts with a dot and ends in ``.tmp`` so that nginx globs such as
     ``include conf.d/*.conf`` or ``sites-enabled/*`` never pick it up.
@@ -57,7 +86,9 @@ def write_atomic(dest: Path, data: bytes, mode: int = DEFAULT_FILE_MODE) -> None
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
-            os.fchmod(file.fileno(), mode)
+            if owner is not None:
+                _keep_owner(file.fileno(), dest, owner)
+            os.fchmod(file.fileno(), mode)  # after fchown, which may clear set-id bits
             os.fsync(file.fileno())
         os.replace(tmp, dest)
     except BaseException:
@@ -77,6 +108,7 @@ class Installed:
     dest: Path
     previous: bytes | None
     previous_mode: int = DEFAULT_FILE_MODE
+    previous_owner: Owner | None = None  # None: whoever writes it
 
     def restored(self) -> str:
         """What ``restore`` did, for a message."""
@@ -107,7 +139,7 @@ class Installed:
                 self.dest.unlink(missing_ok=True)
                 _fsync_dir(self.dest.parent)
             else:
-                write_atomic(self.dest, self.previous, self.previous_mode)
+                write_atomic(self.dest, self.previous, self.previous_mode, self.previous_owner)
             log.log(_level(logging.INFO, quiet), "restored the previous proxy file %s", self.dest)
         except OSError as exc:
             raise ProxyError(f"cannot restore the previous {self.dest}: {exc.strerror}") from exc
@@ -115,24 +147,31 @@ class Installed:
 
 def _put_in_place(dest: Path, content: bytes) -> Installed:
     dest.parent.mkdir(parents=True, exist_ok=True)
+    owner: Owner | None
     try:
         previous: bytes | None = dest.read_bytes()
-        mode = stat.S_IMODE(dest.stat().st_mode)
+        found = dest.stat()
+        mode, owner = stat.S_IMODE(found.st_mode), _owner(found)
     except FileNotFoundError:
-        previous, mode = None, DEFAULT_FILE_MODE
-    write_atomic(dest, content, mode)
-    return Installed(dest=dest, previous=previous, previous_mode=mode)
+        previous, mode, owner = None, DEFAULT_FILE_MODE, None
+    write_atomic(dest, content, mode, owner)
+    return Installed(dest=dest, previous=previous, previous_mode=mode, previous_owner=owner)
 
 
 def _take_away(dest: Path) -> Installed | None:
     try:
         previous = dest.read_bytes()
-        mode = stat.S_IMODE(dest.stat().st_mode)
+        found = dest.stat()
     except FileNotFoundError:
         return None
     dest.unlink()
     _fsync_dir(dest.parent)
-    return Installed(dest=dest, previous=previous, previous_mode=mode)
+    return Installed(
+        dest=dest,
+        previous=previous,
+        previous_mode=stat.S_IMODE(found.st_mode),
+        previous_owner=_owner(found),
+    )
 
 
 async def take_away(dest: Path) -> Installed | None:

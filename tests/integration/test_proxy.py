@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
+import pwd
 import socket
 import stat
 import sys
@@ -134,6 +136,28 @@ async def test_failed_check_restores_previous_file_byte_for_byte(nginx: Nginx) -
     assert dest.read_bytes() == previous
     assert stat.S_IMODE(dest.stat().st_mode) == 0o640
     assert leftovers(nginx.conf_dir) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another owner needs root")
+@pytest.mark.parametrize("check", [["true"], ["false"]], ids=["installed", "restored"])
+async def test_the_file_keeps_its_owner_and_group(tmp_path: Path, check: list[str]) -> None:
+    """A file restricted to its reader (``chown nobody:daemon; chmod 640``: a proxy or a
+    file_sd reader that is not root) kept its mode, but became root's, uid and gid, at the first
+    render: its reader got EACCES at its next reload (QA finding). Put back after a failed
+    check, it is its owner's again too."""
+    dest = tmp_path / "app.conf"
+    dest.write_text("# the reader's\n")
+    owner = (pwd.getpwnam("nobody").pw_uid, grp.getgrnam("daemon").gr_gid)
+    os.chown(dest, *owner)
+    dest.chmod(0o640)
+    async with running_reaper() as reaper:
+        with contextlib.suppress(ProxyError):
+            await install(dest, "upstream 8000;\n", check_cmd=check, reaper=reaper, timeout=TIMEOUT)
+    found = dest.stat()
+    assert (found.st_uid, found.st_gid) == owner
+    assert stat.S_IMODE(found.st_mode) == 0o640
+    expected = "upstream 8000;\n" if check == ["true"] else "# the reader's\n"
+    assert dest.read_text() == expected
 
 
 async def test_failed_check_removes_file_that_did_not_exist(nginx: Nginx) -> None:
