@@ -14,41 +14,6 @@ from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.waiting import wait_until
 
 
-def ignored_signals(pid: int) -> set[int]:
-    """The signals ``pid`` ignores, from ``SigIgn`` in /proc/<pid>/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigIgn:"):
-            mask = int(line.split()[1], 16)
-            return {bit + 1 for bit in range(64) if mask >> bit & 1}
-    raise AssertionError(f"no SigIgn in /proc/{pid}/status")
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="QA: every worker starts with signals 32 and 33 ignored (glibc posix_spawn leaves "
-    "its internal signals SIG_IGN across exec); under systemd nothing is ignored",
-)
-def test_a_worker_starts_with_no_signal_ignored(flipvisor: Flipvisor) -> None:
-    """An operator compares a worker's ``/proc/<pid>/status`` with the same service under
-    systemd: ``SigIgn: 0000000180000000``, signals 32 and 33 ignored, where systemd (and
-    ``subprocess``) leave every signal at its default. spawn.py sets every signal Python knows
-    back to its default (``setsigdef``) precisely so that nothing ignored is inherited, but
-    glibc's ``posix_spawn`` sets its internal signals (SIGCANCEL, SIGSETXID: 32, 33, which
-    ``sigaddset`` refuses, so no ``setsigdef`` can name them) to SIG_IGN in the child, and an
-    ignored disposition survives ``exec``. A program that does not install handlers for them (a
-    Go binary, a musl one, a shell) then runs with them ignored. A plain ``sleep`` ignores
-    nothing by itself, so what it ignores is what it was given."""
-    flipvisor.start({"programs": {"plain": {"command": ["sleep", "300"]}}})
-    generation = flipvisor.wait_serving("plain")
-    (pid,) = generation["pids"]
-    # The worker has exec'd sleep once its command line says so (the shim is /bin/sh first).
-    wait_until(
-        lambda: Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\0"),
-        message="the worker to exec sleep",
-    )
-    assert ignored_signals(pid) == set()
-
-
 def check(config_text: str, directory: Path) -> subprocess.CompletedProcess[str]:
     """``flipvisor check`` of a config file holding ``config_text``."""
     path = directory / "flipvisor.yaml"
