@@ -328,6 +328,28 @@ def test_a_release_fatal_after_its_flip_keeps_the_warm_generation_for_the_rollba
     assert flipvisor.registry()["flipvisor/web/port/current"] == str(serving["port"])
 
 
+def test_a_start_of_a_fatal_program_leaves_the_generation_it_kept_warm_for_a_rollback(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """`start`, the other way on, starts the program's section as a new generation, as ever;
+    the warm generation stays warm meanwhile, and a rollback still routes back to it."""
+    warm_pids = go_fatal_after_the_flip(flipvisor, nginx)
+
+    started = flipvisor.cli("start", "web", "--json")
+
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert json.loads(started.stdout)["generation"] == 3
+    status = flipvisor.program("web")
+    assert (status["state"], status["fatal_reason"]) == ("running", None), status
+    assert {n: g["state"] for n, g in generations(flipvisor).items()} == {1: "ready", 3: "serving"}
+    rolled = flipvisor.cli("rollback", "web", "--json")  # before release 2 crashes again (3 s)
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert json.loads(rolled.stdout)["generation"] == 1
+    serving = flipvisor.serving("web")
+    assert serving is not None and serving["pids"] == warm_pids
+    assert proxied(nginx)["version"] == "1"
+
+
 def test_a_stop_of_a_fatal_program_drains_the_generation_it_kept_warm(
     flipvisor: Flipvisor, nginx: Nginx
 ) -> None:
