@@ -1,7 +1,8 @@
 """A program's crash policy: what it does when one of its workers exits. The restart decision
 (``restarts.judge_exit``) carried out: a restart after a backoff, a slot left stopped, a
 generation failed before it served, ``fatal`` past the restart budget; and the program stopped
-once nothing of its serving generation runs or will run again (``given-up``).
+once nothing of its serving generation runs or will run again (``given-up``), the generation kept
+warm for a rollback left warm: the way back from a release that failed after its flip.
 
 ``CrashPolicy`` is a part of its ``Program`` (``program.crashes``): the state it acts on (the
 serving and warm generations, ``fatal_reason``) is the program's. The restart budgets are its own:
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .config import same_deploy
 from .generation import Generation
 from .restarts import RestartBudget, Verdict, judge_exit
 from .worker import Worker
@@ -52,9 +54,11 @@ class CrashPolicy:
     ) -> float | None:
         """The delay before ``worker`` of ``gen`` is restarted, or None to leave it stopped."""
         program = self.program
-        if program._stops and program.serving is None and gen.was_serving:
+        stopping = program._stops and program.serving is None and gen.was_serving
+        if stopping and gen is not program.warm:
             # Its keys are being withdrawn, its drain begins next: a `drain_pid` watcher that saw
-            # `pid/previous` change may signal it before our drain does. Not restarted.
+            # `pid/previous` change may signal it before our drain does. Not restarted. (A warm
+            # generation that a `given-up` stop keeps is judged as ever: drained, as it left.)
             program.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; stopping")
             return None
         if gen is program.retirement.reviving:
@@ -120,14 +124,46 @@ class CrashPolicy:
         ``replace_reason``: a failed flip's report says more than the exit that failed it."""
         program = self.program
         if program.fatal_reason is None:
-            program.runtime.events.emit("fatal", program.name, generation, reason)
             program.fatal_reason = reason
+            program.runtime.events.emit(
+                "fatal", program.name, generation, self.describe_fatal() or reason
+            )
             # Nothing is started once fatal: not even a restart already waiting out its backoff
             # (the budget that ran out since was spent on it). `start` revives those slots.
             for gen in program.generations:
                 gen.give_up_restarts()
         elif replace_reason:
             program.fatal_reason = reason
+
+    def describe_fatal(self) -> str | None:
+        """Why the program is ``fatal`` (None: it is not) and, while a generation of the deploy a
+        rollback goes back to is kept warm, the ways on: ``rollback`` routes back to it at once,
+        ``start`` tries the failed release again. Read when asked: the warm generation goes at the
+        end of its window (or when a worker of it exits), and the reason then stops naming it."""
+        program = self.program
+        reason, warm = program.fatal_reason, self.rollback_target()
+        if reason is None or warm is None:
+            return reason
+        name = program.name
+        steps = [reason]
+        if "flipvisor logs" not in reason:
+            steps.append(f"`flipvisor logs {name}` shows its output")
+        steps.append(
+            f"`flipvisor rollback {name}` routes back at once to generation {warm.number}, kept "
+            "warm for it"
+        )
+        if f"`flipvisor start {name}`" not in reason:
+            steps.append(f"`flipvisor start {name}` tries again")
+        return "; ".join(steps)
+
+    def rollback_target(self) -> Generation | None:
+        """The generation kept warm, if it runs what ``rollback`` deploys (the previous deploy):
+        that rollback routes back to it with no cold start (``Flips._deploy``)."""
+        program = self.program
+        warm = program.warm
+        if warm is None or not same_deploy(warm.config, program.history.previous):
+            return None
+        return warm
 
     def stop_if_given_up(self, exiting: Worker | None = None) -> None:
         """Begin ``_stop_given_up`` if nothing of the serving generation runs or will run again
@@ -144,16 +180,25 @@ class CrashPolicy:
         (policy ``never``, ``on-failure`` after a clean exit, or ``fatal``). Left open, its
         socket would take the proxy's connections into a backlog nobody reads, each waiting for
         the proxy's timeout; closed, they are refused at once (a 502, or the next upstream).
-        ``start`` starts it again, as a new generation."""
+        ``start`` starts it again, as a new generation.
+
+        The generation kept warm for a rollback stays warm for the rest of its window: it is what
+        ``rollback_window`` is for (a release that fails after its flip), and ``rollback`` routes
+        back to it at once. A ``stop``, or the window's end, drains it as ever."""
         program = self.program
         if program.serving is not gen or program.current_flip is not None or program._stops:
             return  # a flip or a stop took over meanwhile
         why = program.fatal_reason or "every worker exited and the restart policy starts none again"
-        program.runtime.events.emit(
-            "given-up",
-            program.name,
-            gen.number,
-            f"{why}: stopping it (its socket closes); `flipvisor start {program.name}` starts it "
-            "again",
+        name = program.name
+        warm = self.rollback_target()
+        way_back = (
+            f"generation {warm.number} stays warm: `flipvisor rollback {name}` routes back to it "
+            f"at once, `flipvisor start {name}` starts its section afresh"
+            if warm is not None
+            else f"`flipvisor start {name}` starts it again"
         )
-        await program.stop()
+        program.runtime.events.emit(
+            "given-up", name, gen.number, f"{why}: stopping it (its socket closes); {way_back}"
+        )
+        # Kept only if a rollback would route back to it: one of an older deploy serves nothing.
+        await program.stop(keep_warm=warm is not None)

@@ -168,7 +168,7 @@ class Program:
             "restarts": self.restarts_total,
             "flips": self.flips_total,
             "flip_failures": self.flip_failures_total,
-            "fatal_reason": self.fatal_reason,
+            "fatal_reason": self.crashes.describe_fatal(),
             "leftovers": self.leftovers.status() if self.leftovers is not None else None,
             "kept_after_removal": self.kept_after_removal,
             "removing": self.removing,
@@ -295,6 +295,7 @@ class Program:
         unroute: bool = False,
         unrouted: anyio.Event | None = None,
         final: bool = False,
+        keep_warm: bool = False,
     ) -> None:
         """Drain every generation of the program, all at once, once the registry keys stopped
         naming it (``Registration.withdraw``).
@@ -312,11 +313,15 @@ class Program:
         ``report`` gets a step for each of those waits (``stop`` shows them as they happen).
         ``final``: the supervisor's shutdown, which exits next (a withdrawal the registry does
         not take now is not retried); the program starts no more (``shut_down``).
+        ``keep_warm``: the generation kept warm for a rollback is not drained (the ``given-up``
+        stop of a release that failed after its flip: the rollback is the way back to it).
         """
         self._stops += 1
         self.shut_down = self.shut_down or final
         try:
-            await stop_program(self, report, unroute=unroute, unrouted=unrouted, final=final)
+            await stop_program(
+                self, report, unroute=unroute, unrouted=unrouted, final=final, keep_warm=keep_warm
+            )
         finally:
             self._stops -= 1
         if not self._stops:  # stops at once (a removal's, the shutdown's) end as one: one event

@@ -1,7 +1,8 @@
 """What a program's stop does, step by step: the flip under way rolled back (or, promoted
 already, left to finish its drains alongside), the program out of the proxy (a removal) and out
 of the registry's keys, then every generation drained at once with what a killed supervisor left
-serving it; each wait a step of the stop's report.
+serving it (but for a warm one that a ``given-up`` stop keeps for a rollback); each wait a step
+of the stop's report.
 
 ``Program.stop`` runs these steps (it counts the stops under way and says when they ended).
 """
@@ -28,6 +29,7 @@ async def stop_program(
     unroute: bool,
     unrouted: anyio.Event | None,
     final: bool,
+    keep_warm: bool,
 ) -> None:
     """Stop ``program`` as ``Program.stop`` says, which takes the same arguments."""
     flip = program.current_flip
@@ -38,10 +40,11 @@ async def stop_program(
             await settled.wait()
     if unroute:
         await _unroute(program)
-    gens = list(program.generations)
+    kept = program.warm if keep_warm else None
+    gens = [gen for gen in program.generations if gen is not kept]
     named = program.registration.published is not None or program.leftovers is not None
     program.serving = None
-    program.warm = None
+    program.warm = kept  # its window's expiry (or a rollback, or a stop) still ends it
     if named:
         await _withdraw_keys(program, report, final=final)
     if unrouted is not None:

@@ -262,6 +262,113 @@ def test_a_warm_generation_whose_worker_exits_is_dropped_not_restarted(
     assert proxied(nginx)["version"] == "1"
 
 
+def go_fatal_after_the_flip(flipvisor: Flipvisor, nginx: Nginx) -> list[int]:
+    """Serve v1, flip to a v2 whose worker crashes 3 s after it starts (it passes its probe and
+    is promoted): past its restart budget the program is ``fatal`` and ``given-up``. Returns the
+    PIDs of generation 1, kept warm by the flip."""
+    limits = {"max_restarts": 1, "window": 60}
+    start_serving(flipvisor, nginx, program(nginx, "1", rollback_window=WARM, restart=limits))
+    warm_pids: list[int] = generations(flipvisor)[1]["pids"]
+    flipvisor.write_config(
+        {
+            "programs": {
+                "web": program(
+                    nginx, "2", "--crash-after", "3", rollback_window=WARM, restart=limits
+                )
+            }
+        }
+    )
+    flip = flipvisor.cli("flip", "web")
+    assert flip.returncode == 0, flip.stdout + flip.stderr
+    wait_until(
+        lambda: "stopped" in flipvisor.event_kinds(),
+        timeout=20,
+        message="the bad release to crash past its restart budget, and its given-up stop",
+    )
+    assert flipvisor.program("web")["state"] == "fatal"
+    return warm_pids
+
+
+def test_a_release_fatal_after_its_flip_keeps_the_warm_generation_for_the_rollback(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """``rollback_window`` is for the release that turns out bad after its flip. Its given-up
+    stop drained every generation, the warm one too: nothing served, the fatal reason offered
+    only ``start`` (the broken release again), and ``rollback`` cold-started v1 as generation 3.
+    The warm generation stays warm; the fatal reason names the rollback; it routes back at once."""
+    warm_pids = go_fatal_after_the_flip(flipvisor, nginx)
+
+    status = flipvisor.program("web")
+    (warm,) = status["generations"]
+    assert (warm["generation"], warm["state"], warm["pids"]) == (1, "ready", warm_pids), status
+    assert warm["warm_until"] is not None, status
+    reason = status["fatal_reason"]
+    assert "more than 1 restarts" in reason, reason
+    assert "`flipvisor rollback web` routes back at once to generation 1" in reason, reason
+    assert "`flipvisor start web`" in reason, reason
+    # Nothing serves: the given-up stop withdrew the keys as ever; nginx answers no version.
+    assert not [key for key in flipvisor.registry() if key.endswith("/current")]
+    assert version_served(nginx) is None
+    given_up = [
+        json.loads(line)["message"]
+        for line in flipvisor.cli("events", "web", "--json").stdout.splitlines()
+        if json.loads(line)["kind"] == "given-up"
+    ]
+    assert len(given_up) == 1 and "generation 1 stays warm" in given_up[0], given_up
+
+    rolled = flipvisor.cli("rollback", "web", "--json")
+
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert json.loads(rolled.stdout)["generation"] == 1  # warm: no cold start
+    serving = flipvisor.serving("web")
+    assert serving is not None and serving["pids"] == warm_pids
+    assert proxied(nginx)["version"] == "1"
+    status = flipvisor.program("web")
+    assert (status["state"], status["fatal_reason"]) == ("running", None), status
+    assert flipvisor.registry()["flipvisor/web/port/current"] == str(serving["port"])
+
+
+def test_a_start_of_a_fatal_program_leaves_the_generation_it_kept_warm_for_a_rollback(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """`start`, the other way on, starts the program's section as a new generation, as ever;
+    the warm generation stays warm meanwhile, and a rollback still routes back to it."""
+    warm_pids = go_fatal_after_the_flip(flipvisor, nginx)
+
+    started = flipvisor.cli("start", "web", "--json")
+
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert json.loads(started.stdout)["generation"] == 3
+    status = flipvisor.program("web")
+    assert (status["state"], status["fatal_reason"]) == ("running", None), status
+    assert {n: g["state"] for n, g in generations(flipvisor).items()} == {1: "ready", 3: "serving"}
+    rolled = flipvisor.cli("rollback", "web", "--json")  # before release 2 crashes again (3 s)
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert json.loads(rolled.stdout)["generation"] == 1
+    serving = flipvisor.serving("web")
+    assert serving is not None and serving["pids"] == warm_pids
+    assert proxied(nginx)["version"] == "1"
+
+
+def test_a_stop_of_a_fatal_program_drains_the_generation_it_kept_warm(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """The given-up stop leaves the warm generation for a rollback; a `stop` drains it."""
+    warm_pids = go_fatal_after_the_flip(flipvisor, nginx)
+    assert generations(flipvisor)[1]["pids"] == warm_pids  # warm, until the stop
+
+    stopped = flipvisor.cli("stop", "web")
+
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert generations(flipvisor) == {}
+    wait_until(
+        lambda: not any(psutil.pid_exists(pid) for pid in warm_pids),
+        message="the warm generation's workers to be gone",
+    )
+    status = flipvisor.program("web")
+    assert status["fatal_reason"] is not None and "rollback" not in status["fatal_reason"]
+
+
 def test_a_warm_rollback_does_not_promote_a_warm_generation_that_no_longer_answers(
     flipvisor: Flipvisor, nginx: Nginx
 ) -> None:
