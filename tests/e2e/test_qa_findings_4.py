@@ -5,12 +5,22 @@ it names and passes once that is fixed."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+from functools import partial
+
 import psutil
 import pytest
 
-from tests.e2e.test_fixed_port import fixed_port_config, named, version_on
+from tests.e2e.test_fixed_port import (
+    fixed_port_config,
+    named,
+    never_ready_config,
+    renamed,
+    version_on,
+)
 from tests.e2e.test_leftovers import kill_supervisor, restart_supervisor, survivors, wait_gone
-from tests.fixtures.flipvisor import Flipvisor
+from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import free_port
 from tests.waiting import wait_until
 
@@ -86,3 +96,88 @@ def test_a_reload_shifting_programs_along_fixed_ports_serves_every_port(
     assert state == "running", flipvisor.cli("status", "c").stdout
     assert wait_until(lambda: version_on(p2) == "c", timeout=10, message="c on P2")
     assert version_on(p1) == "b2"
+
+
+def listen_backlog(port: int) -> int | None:
+    """The backlog of the socket listening on ``port`` (``ss``: Send-Q of a LISTEN socket)."""
+    found = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return int(found[2]) if found else None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: a rename on a fixed port keeps the removed program's socket.backlog; the new "
+    "program's backlog is never applied (promotion of an adopted socket skips listen())",
+)
+def test_a_rename_on_a_fixed_port_applies_the_new_program_s_backlog(flipvisor: Flipvisor) -> None:
+    """``web`` (backlog 1024, the default) is renamed to ``api`` with ``socket.backlog: 64``.
+    A flip on the same port applies a changed backlog at promotion (changelog: "a changed
+    ``socket.backlog`` now takes over only once its generation is promoted"); the socket ``api``
+    adopts from ``web`` keeps 1024 for as long as ``api`` serves."""
+    port = free_port()
+    flipvisor.start(named("web", fixed_port_config(port, "old")))
+    flipvisor.wait_serving("web")
+    assert listen_backlog(port) == 1024
+    smaller = named("api", fixed_port_config(port, "new"))
+    smaller["programs"]["api"]["socket"]["backlog"] = 64
+    flipvisor.write_config(smaller)
+
+    reloaded = flipvisor.cli("reload")
+
+    assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr + flipvisor.output()
+    api = wait_until(partial(renamed, flipvisor), timeout=20, message="the rename to settle")
+    assert api is not None and api["state"] == "running"
+    assert "socket-taken" in flipvisor.event_kinds()  # the adopted socket, not a fresh one
+    assert listen_backlog(port) == 64
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: a kept program (rename whose successor failed) that is stopped still says "
+    "'removed from the config, but serving on' in status and kept_after_removal",
+)
+def test_a_kept_program_that_is_stopped_is_not_said_to_serve_on(flipvisor: Flipvisor) -> None:
+    """``web`` renamed to a never-ready ``api`` on its fixed port is kept serving (README
+    "Reloads": ``kept_after_removal`` says why it serves on). ``flipvisor stop web`` drains it:
+    nothing serves the port, but ``status`` still lists ``web stopped`` with the note "removed
+    from the config, but serving on: ...", and ``kept_after_removal`` still holds it."""
+    port = free_port()
+    flipvisor.start(named("web", fixed_port_config(port, "old", notify=True, timeout=10)))
+    flipvisor.wait_serving("web")
+    flipvisor.write_config(named("api", never_ready_config(port, "broken", 1)))
+    reloaded = flipvisor.cli("reload", "--json")
+    assert list(json.loads(reloaded.stdout)["kept"]) == ["web"], reloaded.stdout
+    stopped = flipvisor.cli("stop", "web")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert version_on(port) is None  # nothing serves the port now
+
+    web = flipvisor.program("web")
+
+    assert web["state"] == "stopped"
+    note = web["kept_after_removal"] or ""
+    assert "serving on" not in note, note
+    assert "serving on" not in flipvisor.cli("status").stdout
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: a NUL in readiness.http passes check; run makes the program fatal with "
+    "'internal error: ExceptionGroup(... InvalidURL ...)' and a traceback",
+)
+def test_a_nul_in_readiness_http_is_a_config_error(flipvisor: Flipvisor) -> None:
+    """The changelog: a NUL in a command's argument or a path is a config error with its
+    location (``check`` said ok and ``run`` made the program fatal with an internal error).
+    ``readiness.http`` is the probe's URL path, and still goes that way: ``check`` says ok,
+    and the first probe raises httpx's ``InvalidURL`` out of the flip (an "internal error")."""
+    section = {
+        "command": svc_command("--version", "1"),
+        "readiness": {"http": "/he\x00alth", "timeout": 2},
+    }
+    flipvisor.write_config({"programs": {"web": section}})
+
+    checked = flipvisor.cli("check")
+
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    assert "programs.web.readiness.http" in checked.stderr, checked.stderr
