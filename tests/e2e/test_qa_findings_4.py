@@ -181,3 +181,41 @@ def test_a_nul_in_readiness_http_is_a_config_error(flipvisor: Flipvisor) -> None
 
     assert checked.returncode == 2, checked.stdout + checked.stderr
     assert "programs.web.readiness.http" in checked.stderr, checked.stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: a rename onto the fixed port a flip of the old program is moving to: the old one "
+    "is removed at once, the new one fails to bind that port (the flip's generation holds it) "
+    "and goes fatal: nothing serves",
+)
+def test_a_rename_onto_the_port_of_a_flip_in_progress_serves_that_port(
+    flipvisor: Flipvisor,
+) -> None:
+    """``web`` serves on P1; ``flip web`` to P2 is probing generation 2 (a pending socket on P2,
+    kept only once promoted) when a reload renames it to ``api`` on P2. Only the kept address
+    is handed over (``find_handovers`` reads ``kept_address``), so ``web`` is removed at once
+    (its flip abandoned), and ``api`` binds P2 while web's generation 2 still holds it: "the port
+    is in use by pid N" (web's own worker), ``fatal``. Nothing serves P1 or P2 afterwards."""
+    p1, p2 = free_port(), free_port()
+    flipvisor.start(named("web", fixed_port_config(p1, "1", notify=True, timeout=10)))
+    flipvisor.wait_serving("web")
+    slow = named("web", fixed_port_config(p2, "2", notify=True, timeout=10))
+    slow["programs"]["web"]["command"] += ["--ready-delay", "5"]
+    flipvisor.write_config(slow)
+    flip = flipvisor.cli_started("flip", "web")
+    try:
+        wait_until(
+            lambda: len(flipvisor.program("web")["generations"]) == 2,
+            message="generation 2 being probed",
+        )
+        flipvisor.write_config(named("api", fixed_port_config(p2, "api", notify=True)))
+
+        reloaded = flipvisor.cli("reload")
+
+        assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr + flipvisor.output()
+    finally:
+        flip.communicate(timeout=30)
+    state = wait_until(lambda: settled_state(flipvisor, "api"), timeout=20, message="api's start")
+    assert state == "running", flipvisor.cli("status", "api").stdout
+    assert wait_until(lambda: version_on(p2) == "api", timeout=10, message="api on P2")
