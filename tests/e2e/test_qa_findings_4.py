@@ -219,3 +219,33 @@ def test_a_rename_onto_the_port_of_a_flip_in_progress_serves_that_port(
     state = wait_until(lambda: settled_state(flipvisor, "api"), timeout=20, message="api's start")
     assert state == "running", flipvisor.cli("status", "api").stdout
     assert wait_until(lambda: version_on(p2) == "api", timeout=10, message="api on P2")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA: a config problem's location prints a key's control characters raw (ESC, NUL): "
+    "dotted_location quotes only keys with whitespace, dots or quotes",
+)
+def test_a_problem_s_location_shows_a_key_s_control_characters_as_escapes(
+    flipvisor: Flipvisor,
+) -> None:
+    """An unknown key ``"a\\eb"`` (an ESC in it) and an ``env`` name with a NUL: ``check`` names
+    them in the location as written, raw, so the terminal gets an escape sequence (``status``
+    now shows a command's control characters as escapes, changelog) and a NUL. A location
+    quotes "a key that would not read as one part of it" (changelog): these do not either."""
+    flipvisor.state_dir.mkdir()
+    flipvisor.config_path.write_text(
+        f"state_dir: {flipvisor.state_dir}\n"
+        '"a\\eb": 1\n'
+        "programs:\n"
+        "  web:\n"
+        '    command: ["sleep", "100"]\n'
+        '    env: {"A\\0B": "x"}\n'
+    )
+
+    checked = flipvisor.cli("check")
+
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    assert "unknown key" in checked.stderr and "not a variable name" in checked.stderr
+    assert "\x1b" not in checked.stderr, repr(checked.stderr)
+    assert "\x00" not in checked.stderr, repr(checked.stderr)
