@@ -63,6 +63,9 @@ class ReadinessConfig(_Model):
             raise ValueError("needs exactly one of http, exec, notify: true")
         if self.http is not None and not self.http.startswith("/"):
             raise ValueError("http: must be a path starting with '/'")
+        if self.http is not None and any(ord(c) < 32 or ord(c) == 127 for c in self.http):
+            # No URL holds one: the probe's first request would fail (an internal error).
+            raise ValueError("http: a URL path cannot hold a control character (NUL, tab, ...)")
         return self
 
 

@@ -43,12 +43,13 @@ class Problem:
 
 def dotted_location(loc: Sequence[str]) -> str:
     """``programs.web.env``; a key that would not read as one part of that (empty, or with a
-    dot, a space or a quote in it: an ``env`` name, a program name refused for it) is quoted:
+    dot, a space, a quote or a control character in it: an ``env`` name, a program name refused
+    for it) is quoted, its control characters escaped:
     ``programs.web.env."": ...`` rather than ``programs.web.env.: ...``."""
     return ".".join(part if _PLAIN_KEY.fullmatch(part) else json.dumps(part) for part in loc)
 
 
-_PLAIN_KEY = re.compile(r"[^\s.\"']+")
+_PLAIN_KEY = re.compile(r"[^\s.\"'\x00-\x1f\x7f-\x9f]+")  # a control character: quoted, escaped
 
 
 def locate_problem(

@@ -636,6 +636,28 @@ def test_a_yaml_merge_may_override_a_merged_key_but_a_key_written_twice_is_refus
     ]
 
 
+def test_a_key_s_control_characters_are_escaped_in_its_location() -> None:
+    """An ESC in an unknown key, a NUL in an env name: the location sent them raw to the
+    terminal (QA finding)."""
+    problems = problems_of(PROG + '    env: {"A\\0B": x}\n"a\\eb": 1\n')
+    assert problems == [
+        f"{PATH}:4: programs.experiment.env.\"A\\u0000B\": 'A\\x00B' is not a variable name "
+        "(not empty, no '=')",
+        f'{PATH}:5: "a\\u001bb": unknown key',
+    ]
+
+
+@pytest.mark.parametrize("character", ["\\0", "\\t", "\\x7f"])
+def test_a_control_character_in_the_http_probe_s_path_is_refused(character: str) -> None:
+    """The probe's first request failed with httpx's InvalidURL, an internal error that made the
+    program fatal; `check` said ok (QA finding)."""
+    problems = problems_of(PROG + f'    readiness: {{http: "/he{character}alth"}}\n')
+    assert problems == [
+        f"{PATH}:4: programs.experiment.readiness.http: a URL path cannot hold a control "
+        "character (NUL, tab, ...)"
+    ]
+
+
 def test_several_problems_are_reported_at_once() -> None:
     text = dedent("""\
         state_dir: /x
