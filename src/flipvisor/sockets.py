@@ -102,6 +102,8 @@ class ProgramListener:
         if self._pending is not None and self._pending_at == at:
             self._kept, self._kept_at = self._pending, self._pending_at
             self._pending = self._pending_at = None
+            # Bound with this backlog, or adopted from another program (a rename) with its own.
+            self._kept.listen(config.backlog)
         self.let_go_pending()
 
     def let_go_pending(self) -> None:

@@ -6,8 +6,6 @@ it names and passes once that is fixed."""
 from __future__ import annotations
 
 import json
-import subprocess
-from functools import partial
 
 import psutil
 import pytest
@@ -16,7 +14,6 @@ from tests.e2e.test_fixed_port import (
     fixed_port_config,
     named,
     never_ready_config,
-    renamed,
     version_on,
 )
 from tests.e2e.test_leftovers import kill_supervisor, restart_supervisor, survivors, wait_gone
@@ -96,41 +93,6 @@ def test_a_reload_shifting_programs_along_fixed_ports_serves_every_port(
     assert state == "running", flipvisor.cli("status", "c").stdout
     assert wait_until(lambda: version_on(p2) == "c", timeout=10, message="c on P2")
     assert version_on(p1) == "b2"
-
-
-def listen_backlog(port: int) -> int | None:
-    """The backlog of the socket listening on ``port`` (``ss``: Send-Q of a LISTEN socket)."""
-    found = subprocess.run(
-        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    return int(found[2]) if found else None
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="QA: a rename on a fixed port keeps the removed program's socket.backlog; the new "
-    "program's backlog is never applied (promotion of an adopted socket skips listen())",
-)
-def test_a_rename_on_a_fixed_port_applies_the_new_program_s_backlog(flipvisor: Flipvisor) -> None:
-    """``web`` (backlog 1024, the default) is renamed to ``api`` with ``socket.backlog: 64``.
-    A flip on the same port applies a changed backlog at promotion (changelog: "a changed
-    ``socket.backlog`` now takes over only once its generation is promoted"); the socket ``api``
-    adopts from ``web`` keeps 1024 for as long as ``api`` serves."""
-    port = free_port()
-    flipvisor.start(named("web", fixed_port_config(port, "old")))
-    flipvisor.wait_serving("web")
-    assert listen_backlog(port) == 1024
-    smaller = named("api", fixed_port_config(port, "new"))
-    smaller["programs"]["api"]["socket"]["backlog"] = 64
-    flipvisor.write_config(smaller)
-
-    reloaded = flipvisor.cli("reload")
-
-    assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr + flipvisor.output()
-    api = wait_until(partial(renamed, flipvisor), timeout=20, message="the rename to settle")
-    assert api is not None and api["state"] == "running"
-    assert "socket-taken" in flipvisor.event_kinds()  # the adopted socket, not a fresh one
-    assert listen_backlog(port) == 64
 
 
 @pytest.mark.xfail(

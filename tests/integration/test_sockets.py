@@ -224,6 +224,27 @@ def test_an_adopted_fixed_port_shares_its_queue_and_is_kept_once_promoted() -> N
         api.close()
 
 
+def test_an_adopted_fixed_port_takes_the_new_program_s_backlog_once_promoted() -> None:
+    """A rename to a program with another ``socket.backlog``: the adopted socket kept the old
+    program's for as long as the new one served (QA finding)."""
+    port = free_port()
+    web, api = ProgramListener(), ProgramListener()
+    web.for_generation(SocketConfig(port=port, backlog=1024)).close()
+    web.promoted(SocketConfig(port=port, backlog=1024))
+    smaller = SocketConfig(port=port, backlog=64)
+    try:
+        shared = web.duplicate_kept(smaller)
+        assert shared is not None and backlog_of(shared) == 1024
+        api.adopt_pending(shared, smaller)
+        api.for_generation(smaller).close()
+        api.promoted(smaller)
+        web.close()
+        assert backlog_of(shared) == 64
+    finally:
+        web.close()
+        api.close()
+
+
 def test_a_fixed_port_adopted_for_a_generation_that_fails_is_let_go() -> None:
     """``api``'s first generation fails: its copy of web's socket goes, so that once web is gone
     the port is refused, not left listening in the supervisor with nobody accepting."""
