@@ -170,11 +170,22 @@ class Program:
             "flip_failures": self.flip_failures_total,
             "fatal_reason": self.crashes.describe_fatal(),
             "leftovers": self.leftovers.status() if self.leftovers is not None else None,
-            "kept_after_removal": self.kept_after_removal,
+            "kept_after_removal": self._kept_after_removal(),
             "removing": self.removing,
             "flip": self.current_flip.progress() if self.current_flip is not None else None,
             "generations": generations,
         }
+
+    def _kept_after_removal(self) -> str | None:
+        """Why a program the config no longer has is kept (``reload.py``); once it no longer
+        serves (``flipvisor stop``), the reason it served on is no longer true."""
+        if self.kept_after_removal is None or self.serving is not None:
+            return self.kept_after_removal
+        return (
+            "removed from the config, kept for a successor that does not serve, and stopped: "
+            f"nothing of it serves; `flipvisor start {self.name}` serves it again until the "
+            "successor does"
+        )
 
     # -- life ---------------------------------------------------------------------------------
 

@@ -457,3 +457,27 @@ def test_a_rename_to_another_host_on_the_same_port_starts_once_the_old_one_drain
     assert version_on(port) == "new"
     said = result.stdout + result.stderr
     assert f"api listens on 0.0.0.0:{port}, which web, removed from the config, holds" in said
+
+
+def test_a_kept_program_that_is_stopped_is_not_said_to_serve_on(flipvisor: Flipvisor) -> None:
+    """``web`` renamed to a never-ready ``api`` on its fixed port is kept serving (README
+    "Reloads": ``kept_after_removal`` says why it serves on). ``flipvisor stop web`` drains it:
+    nothing serves the port, but ``status`` still lists ``web stopped`` with the note "removed
+    from the config, but serving on: ...", and ``kept_after_removal`` still holds it."""
+    port = free_port()
+    flipvisor.start(named("web", fixed_port_config(port, "old", notify=True, timeout=10)))
+    flipvisor.wait_serving("web")
+    flipvisor.write_config(named("api", never_ready_config(port, "broken", 1)))
+    reloaded = flipvisor.cli("reload", "--json")
+    assert list(json.loads(reloaded.stdout)["kept"]) == ["web"], reloaded.stdout
+    stopped = flipvisor.cli("stop", "web")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert version_on(port) is None  # nothing serves the port now
+
+    web = flipvisor.program("web")
+
+    assert web["state"] == "stopped"
+    note = web["kept_after_removal"] or ""
+    assert "serving on" not in note, note
+    assert "serving on" not in flipvisor.cli("status").stdout
+    assert "flipvisor start web" in note, note

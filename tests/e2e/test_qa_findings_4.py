@@ -5,15 +5,12 @@ it names and passes once that is fixed."""
 
 from __future__ import annotations
 
-import json
-
 import psutil
 import pytest
 
 from tests.e2e.test_fixed_port import (
     fixed_port_config,
     named,
-    never_ready_config,
     version_on,
 )
 from tests.e2e.test_leftovers import kill_supervisor, restart_supervisor, survivors, wait_gone
@@ -93,34 +90,6 @@ def test_a_reload_shifting_programs_along_fixed_ports_serves_every_port(
     assert state == "running", flipvisor.cli("status", "c").stdout
     assert wait_until(lambda: version_on(p2) == "c", timeout=10, message="c on P2")
     assert version_on(p1) == "b2"
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="QA: a kept program (rename whose successor failed) that is stopped still says "
-    "'removed from the config, but serving on' in status and kept_after_removal",
-)
-def test_a_kept_program_that_is_stopped_is_not_said_to_serve_on(flipvisor: Flipvisor) -> None:
-    """``web`` renamed to a never-ready ``api`` on its fixed port is kept serving (README
-    "Reloads": ``kept_after_removal`` says why it serves on). ``flipvisor stop web`` drains it:
-    nothing serves the port, but ``status`` still lists ``web stopped`` with the note "removed
-    from the config, but serving on: ...", and ``kept_after_removal`` still holds it."""
-    port = free_port()
-    flipvisor.start(named("web", fixed_port_config(port, "old", notify=True, timeout=10)))
-    flipvisor.wait_serving("web")
-    flipvisor.write_config(named("api", never_ready_config(port, "broken", 1)))
-    reloaded = flipvisor.cli("reload", "--json")
-    assert list(json.loads(reloaded.stdout)["kept"]) == ["web"], reloaded.stdout
-    stopped = flipvisor.cli("stop", "web")
-    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    assert version_on(port) is None  # nothing serves the port now
-
-    web = flipvisor.program("web")
-
-    assert web["state"] == "stopped"
-    note = web["kept_after_removal"] or ""
-    assert "serving on" not in note, note
-    assert "serving on" not in flipvisor.cli("status").stdout
 
 
 @pytest.mark.xfail(
