@@ -28,7 +28,10 @@ def pidfd_if_still(process: Recorded) -> int | None:
         return None
     if not pid_still_names(process):
         now = recorded_now(process.pid)
-        if now is not None:
+        if now is not None and process.identity is not None and now.identity == process.identity:
+            # The same process, exited: a zombie its parent has not reaped yet.
+            log.info("pid=%d has exited (%s), not reaped yet", process.pid, process.describe())
+        elif now is not None:
             log.info(
                 "pid=%d is another process now (%s, not %s): the PID was reused",
                 process.pid,

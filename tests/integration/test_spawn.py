@@ -828,3 +828,27 @@ def test_read_now_does_not_wait_on_an_empty_pipe() -> None:
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+def test_an_exited_process_not_reaped_yet_is_not_said_to_be_another_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A zombie keeps its PID and start tick: it is not signalled (it exited), and the log said
+    "pid=N is another process now (start tick X ..., not start tick X ...)", the same tick
+    twice, as if the PID had been reused (QA finding)."""
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        recorded = recorded_now(child.pid)
+        assert recorded is not None and recorded.identity is not None
+        os.kill(child.pid, signal.SIGKILL)  # not waited for: a zombie
+        wait_until(
+            lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE,
+            message="the zombie",
+        )
+        with caplog.at_level("INFO", logger="flipvisor.verified_signal"):
+            assert not signal_verified(recorded, signal.SIGTERM)
+        assert f"pid={child.pid} has exited" in caplog.text, caplog.text
+        assert "another process" not in caplog.text
+    finally:
+        child.kill()
+        child.wait()
