@@ -36,7 +36,7 @@ async def deploy_new(flips: Flips, report: FlipReport, config: ProgramConfig) ->
     tg = program._task_group()
     number = report.generation = flips.new_generation_number()
     await program.takeover.free_port_of_leftovers(report, config)
-    _take_socket_left(program, config)
+    await _take_socket_left(program, config)
     gen = await _spawn(program, tg, report, config, number)
     try:
         with report.step("probe", gen.describe_readiness()):
@@ -57,14 +57,16 @@ async def deploy_new(flips: Flips, report: FlipReport, config: ProgramConfig) ->
         raise
 
 
-def _take_socket_left(program: Program, config: ProgramConfig) -> None:
-    """Before a generation binds a fixed port that a program of ours leaving it still serves on
-    (a reload renamed that one to this one), take its socket: binding it would fail while that
-    program holds it, and sharing it refuses no connection while that one drains."""
+async def _take_socket_left(program: Program, config: ProgramConfig) -> None:
+    """Before a generation binds a fixed port that something of ours leaving it still holds (a
+    program a reload renamed to this one, or moved to another port; a killed supervisor's
+    program the config no longer has), take its socket: binding it would fail while that one
+    holds it, and sharing it refuses no connection while that one drains. A flip moving another
+    program away from the port is waited for first."""
     wanted, listener = config.socket, program.listener
     if wanted.port == 0 or listener.holds(wanted) or listener.pending_on(wanted):
         return
-    if (left := program.runtime.socket_left(wanted)) is not None:
+    if (left := await program.runtime.socket_left(program.name, wanted)) is not None:
         sock, source = left
         listener.adopt_pending(sock, wanted)
         program.runtime.events.emit("socket-taken", program.name, None, f"from {source}")

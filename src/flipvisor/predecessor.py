@@ -2,12 +2,14 @@
 output pipes its keeper kept (logged from the moment they are taken over), its leftover workers
 by program (``leftovers.py``: given to the configured programs, drained after their first
 promotion), and the programs it served that the config no longer has (``stray_programs.py``:
-stopped in the background, and SIGKILLed once a shutdown's drains are done).
+stopped in the background, and SIGKILLed once a shutdown's drains are done; the socket of a fixed
+port of theirs that a configured program listens on is taken first, for that program).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import replace
 from functools import partial
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskGroup
 
-from .config import Config
+from .config import Config, SocketConfig
 from .keeper_handover import KeptOutput
 from .kept_outputs import OutputKeeper
 from .leftover_records import read_records, recorded_leftovers
@@ -53,6 +55,11 @@ class Predecessor:
         # (``_stop_strays``): set once they are gone (None: there were none). A shutdown sets
         # ``hurry`` once its drains are done, and they are SIGKILLed then.
         self._strays_gone: anyio.Event | None = None
+        # The listening sockets on a configured fixed address that those leftovers held, taken
+        # before they are stopped, for the program now configured on it (``stray_socket``): a
+        # rename while no supervisor ran. Closed once they are gone.
+        self._stray_sockets: dict[tuple[str, int], tuple[socket.socket, str]] = {}
+        self._stray_ports: set[int] = set()
         self.hurry = anyio.Event()
 
     async def read_kept(self, kept: KeptOutput) -> None:
@@ -102,6 +109,7 @@ class Predecessor:
                 "leftovers", stray.program, None, f"{stray.describe()}: not in the config; {what}"
             )
         if strays:
+            self._take_stray_sockets(list(strays.values()))
             self._strays_gone = anyio.Event()
             tg.start_soon(self._stop_strays, list(strays.values()), self._strays_gone)
         return found
@@ -124,7 +132,38 @@ class Predecessor:
                 for stray in strays:
                     each.start_soon(stop, stray)
         finally:
+            for sock, _ in self._stray_sockets.values():
+                sock.close()  # the programs that took the address over hold duplicates
+            self._stray_sockets.clear()
+            self._stray_ports.clear()
             gone.set()
+
+    def _take_stray_sockets(self, strays: list[Leftovers]) -> None:
+        """Before the strays are stopped: take the socket a stray listens on at a fixed address
+        that a configured program listens on (the port's queue then outlives the stray, and
+        that program accepts from it), for ``stray_socket``."""
+        for section in self.config.programs.values():
+            wanted = section.socket
+            if wanted.port == 0:
+                continue
+            for stray in strays:
+                if (sock := stray.take_socket(wanted)) is not None:
+                    what = f"{stray.describe()}, not in the config"
+                    self._stray_sockets[(wanted.host, wanted.port)] = (sock, what)
+                    break
+                if stray.port == wanted.port:
+                    self._stray_ports.add(stray.port)  # held, it may be, but not handed over
+
+    async def stray_socket(self, config: SocketConfig) -> tuple[socket.socket, str] | None:
+        """A duplicate of the socket a stray held on ``config``'s fixed address, and what that
+        stray is; None if none did. One that listens on that port, but whose socket could not
+        be taken, is waited for until it is gone (binding the port would fail meanwhile)."""
+        if (taken := self._stray_sockets.get((config.host, config.port))) is not None:
+            sock, what = taken
+            return sock.dup(), what
+        if config.port in self._stray_ports and self._strays_gone is not None:
+            await self._strays_gone.wait()
+        return None
 
     async def wait_strays(self, timeout: float | None) -> None:
         """Wait until the leftovers ``_stop_strays`` stops are gone (at most ``timeout``)."""

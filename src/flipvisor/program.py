@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,11 @@ _FATAL, _RUNNING, _STOPPED, _STARTING = (
 )
 
 
+async def _no_socket_left(program: str, config: SocketConfig) -> None:
+    """No socket is left to take over (a runtime without a supervisor's programs: tests)."""
+    return None
+
+
 @dataclass
 class Runtime:
     """What every program shares with the supervisor."""
@@ -68,10 +73,14 @@ class Runtime:
     # reload removed, serving on until the one that takes its file over serves): the
     # supervisor's answer, which knows every program.
     serves_through: Callable[[str, Path], bool] = lambda program, dest: False
-    # A duplicate of the listening socket on a fixed address that a program of ours leaving it
-    # holds (one a reload removed: a rename), and what that program is, for the program that
-    # takes the address over; None if none does. The supervisor's answer (``Reloads``).
-    socket_left: Callable[[SocketConfig], tuple[socket.socket, str] | None] = lambda config: None
+    # A duplicate of the listening socket on a fixed address that something of ours leaving it
+    # holds (a program a reload removed: a rename; an old generation of a program that moved
+    # away; a killed supervisor's program the config no longer has), and what that is, for the
+    # program named that takes the address over; None if none does. Waits first for the flip
+    # of a program moving away from it. The supervisor's answer (``Supervisor._socket_left``).
+    socket_left: Callable[[str, SocketConfig], Awaitable[tuple[socket.socket, str] | None]] = (
+        _no_socket_left
+    )
     # Each program's log by name, once opened: whatever writes a file (a program's workers, a
     # pipe taken over from a killed supervisor's keeper before the program is added, a program
     # removed and added again) shares one ``ProgramLog``, which tracks the size it rotates at.

@@ -3,7 +3,8 @@ added and started, those whose section changed are flipped (or their flip deferr
 reload_changes.py decides), and removed ones drained in the supervisor's task group (listed by
 status until they are gone) or, when another program takes their proxy file or fixed port over
 (``handover.py``), handed over to it; a change to the settings read once at start is reported
-with how to restart.
+with how to restart. It also answers which socket on a fixed address a program leaving it (a
+removed one, or an old generation of one that moved) leaves to the program taking it over.
 
 ``Reloads`` is a part of its ``Supervisor`` (``supervisor.reloads``), not an owner of its own:
 it adds to and removes from the supervisor's programs, in its task group.
@@ -97,11 +98,14 @@ class Reloads:
             unrouted.set()  # nobody waits for what will not happen
             gone.set()
 
-    def socket_left(self, config: SocketConfig) -> tuple[socket.socket, str] | None:
-        """A duplicate of the listening socket on ``config``'s fixed address that a program a
-        reload removed holds (serving on until the one that takes it over serves, or draining),
-        and which program that is; None if none does. Only the program of the config on that
-        address asks: no two have one (``config_consistency.py``)."""
+    def socket_left(self, name: str, config: SocketConfig) -> tuple[socket.socket, str] | None:
+        """A duplicate of the listening socket on ``config``'s fixed address that a program
+        other than ``name`` is leaving, and which program that is; None if none is. Left: the
+        kept socket of a program a reload removed (serving on until the one that takes it over
+        serves, or draining), or the socket an old generation of another program still drains
+        on (its program flipped to another address, or was removed in a flip to this one).
+        Only the program of the config on that address asks: no two have one
+        (``config_consistency.py``)."""
         leaving = [
             *(self.supervisor.programs.get(name) for name in [*self.handing_over, *self.kept]),
             *(program for program, _ in self.removing.values()),
@@ -109,6 +113,32 @@ class Reloads:
         for program in leaving:
             if program is not None and (sock := program.listener.duplicate_kept(config)):
                 return sock, f"{program.name}, removed from the config"
+        others = [*self.supervisor.programs.values(), *leaving]
+        for program in others:
+            if program is None or program.name == name or program.listener.holds(config):
+                continue  # still its own program's kept socket: see ``moving_from``
+            for gen in program.generations:
+                at = (gen.config.socket.host, gen.config.socket.port)
+                # A generation's socket is closed once its drain is over.
+                if at == (config.host, config.port) and gen.socket.fileno() != -1:
+                    return gen.socket.dup(), f"{program.name}'s generation {gen.number}"
+        return None
+
+    def moving_from(self, name: str, config: SocketConfig) -> Program | None:
+        """A configured program other than ``name`` whose kept socket is on ``config``'s fixed
+        address while a flip of it moves it to another address (a reload shifted programs along
+        fixed ports): the address is left to ``name`` once that flip is over. None if none."""
+        for program in self.supervisor.programs.values():
+            target = program.flips.target  # what a flip under way deploys
+            if (
+                program.name == name
+                or program.current_flip is None
+                or target is None
+                or not program.listener.holds(config)
+            ):
+                continue
+            if (target.socket.host, target.socket.port) != (config.host, config.port):
+                return program
         return None
 
     async def _hand_over(self, old: str, handover: Handover) -> str | None:

@@ -3,6 +3,7 @@ across generations and a flip resets no connection waiting in it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.e2e.another_user import run_as_another_user
@@ -481,3 +483,130 @@ def test_a_kept_program_that_is_stopped_is_not_said_to_serve_on(flipvisor: Flipv
     assert "serving on" not in note, note
     assert "serving on" not in flipvisor.cli("status").stdout
     assert "flipvisor start web" in note, note
+
+
+def settled_state(flipvisor: Flipvisor, name: str) -> str | None:
+    """``name``'s program state once its start is over (running or fatal), else None."""
+    programs = {p["name"]: p for p in flipvisor.status()["programs"]}
+    state = programs[name]["state"] if name in programs else None
+    return state if state in ("running", "fatal") else None
+
+
+def test_a_rename_on_a_fixed_port_while_no_supervisor_ran_serves_the_port(
+    flipvisor: Flipvisor,
+) -> None:
+    """``web`` serves on a fixed port; the supervisor is SIGKILLed (its workers live on), the
+    file renames ``web`` to ``api`` (same host and port), and ``run`` starts again: ``api``
+    takes the stray ``web``'s socket (taken from its leftover workers before they are stopped),
+    as a reload's rename hands the port over, rather than binding the port they still hold
+    and going fatal; the port is served by ``api`` once they are gone."""
+    # test_leftovers imports this module: its helpers are imported here, once both are loaded.
+    from tests.e2e.test_leftovers import kill_supervisor, restart_supervisor, wait_gone
+
+    port = free_port()
+    flipvisor.start(named("web", fixed_port_config(port, "old")))
+    flipvisor.wait_serving("web")
+    survivors: list[psutil.Process] = []
+    try:
+        old_pids = kill_supervisor(flipvisor, "web", survivors)
+
+        restart_supervisor(flipvisor, named("api", fixed_port_config(port, "new")))
+
+        state = wait_until(
+            lambda: settled_state(flipvisor, "api"), timeout=20, message="api's start"
+        )
+        assert state == "running", flipvisor.cli("status", "api").stdout + flipvisor.output()
+        wait_gone(old_pids)
+        assert wait_until(lambda: version_on(port) == "new", timeout=10, message="api on it")
+    finally:
+        for process in survivors:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+
+
+def test_a_reload_shifting_programs_along_fixed_ports_serves_every_port(
+    flipvisor: Flipvisor,
+) -> None:
+    """``a`` on P1 and ``b`` on P2; the new file has ``b`` on P1 and ``c`` on P2 (two renames
+    at once: a to b, b to c). ``b``'s flip takes ``a``'s socket over; ``c`` waits for that flip
+    (``b`` still keeps P2 until it is over), then takes the socket ``b``'s old generation
+    drains on, rather than binding P2 while that generation holds it and going fatal."""
+    p1, p2 = free_port(), free_port()
+
+    def on(port: int, version: str) -> dict[str, object]:
+        section: dict[str, object] = fixed_port_config(port, version)["programs"]["web"]
+        return section
+
+    flipvisor.start({"programs": {"a": on(p1, "a"), "b": on(p2, "b")}})
+    flipvisor.wait_serving("a")
+    flipvisor.wait_serving("b")
+    flipvisor.write_config({"programs": {"b": on(p1, "b2"), "c": on(p2, "c")}})
+
+    reloaded = flipvisor.cli("reload")
+
+    assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr + flipvisor.output()
+    flipvisor.wait_serving("b", where=lambda g: g["port"] == p1)
+    state = wait_until(lambda: settled_state(flipvisor, "c"), timeout=20, message="c's start")
+    assert state == "running", flipvisor.cli("status", "c").stdout + flipvisor.output()
+    assert wait_until(lambda: version_on(p2) == "c", timeout=10, message="c on P2")
+    assert version_on(p1) == "b2"
+
+
+def test_a_rename_onto_the_port_of_a_flip_in_progress_serves_that_port(
+    flipvisor: Flipvisor,
+) -> None:
+    """``web`` serves on P1; ``flip web`` to P2 is probing generation 2 (a pending socket on P2,
+    kept only once promoted) when a reload renames it to ``api`` on P2. ``web`` is removed (only
+    its kept address is handed over) and its flip abandoned; ``api`` takes the socket web's
+    generation 2 still holds while it is discarded, rather than binding P2 and going fatal."""
+    p1, p2 = free_port(), free_port()
+    flipvisor.start(named("web", fixed_port_config(p1, "1", notify=True, timeout=10)))
+    flipvisor.wait_serving("web")
+    slow = named("web", fixed_port_config(p2, "2", notify=True, timeout=10))
+    slow["programs"]["web"]["command"] += ["--ready-delay", "5"]
+    flipvisor.write_config(slow)
+    flip = flipvisor.cli_started("flip", "web")
+    try:
+        wait_until(
+            lambda: len(flipvisor.program("web")["generations"]) == 2,
+            message="generation 2 being probed",
+        )
+        flipvisor.write_config(named("api", fixed_port_config(p2, "api", notify=True)))
+
+        reloaded = flipvisor.cli("reload")
+
+        assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr + flipvisor.output()
+    finally:
+        flip.communicate(timeout=30)
+    state = wait_until(lambda: settled_state(flipvisor, "api"), timeout=20, message="api's start")
+    assert state == "running", flipvisor.cli("status", "api").stdout
+    assert wait_until(lambda: version_on(p2) == "api", timeout=10, message="api on P2")
+
+
+def test_a_reload_swapping_two_programs_fixed_ports_keeps_both_serving(
+    flipvisor: Flipvisor,
+) -> None:
+    """``a`` on P1 and ``b`` on P2 swapped: each flip's new generation would wait for the other
+    program's flip away from its port; neither waits for the other forever: each binds, fails
+    (the other still keeps the port), and both serve on where they were."""
+    p1, p2 = free_port(), free_port()
+
+    def on(port: int, version: str) -> dict[str, object]:
+        section: dict[str, object] = fixed_port_config(port, version)["programs"]["web"]
+        return section
+
+    flipvisor.start({"programs": {"a": on(p1, "a"), "b": on(p2, "b")}})
+    flipvisor.wait_serving("a")
+    flipvisor.wait_serving("b")
+    flipvisor.write_config({"programs": {"a": on(p2, "a2"), "b": on(p1, "b2")}})
+
+    reloaded = flipvisor.cli("reload")
+
+    assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr + flipvisor.output()
+    for name in ("a", "b"):
+        wait_until(
+            lambda name=name: flipvisor.program(name)["flip"] is None,
+            timeout=20,
+            message=f"{name}'s flip to end",
+        )
+    assert (version_on(p1), version_on(p2)) == ("a", "b")
