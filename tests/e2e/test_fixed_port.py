@@ -524,6 +524,12 @@ def test_a_rename_on_a_fixed_port_while_no_supervisor_ran_serves_the_port(
                 process.kill()
 
 
+def on_port(port: int, version: str) -> dict[str, object]:
+    """A program section serving ``version`` on the fixed ``port``."""
+    section: dict[str, object] = fixed_port_config(port, version)["programs"]["web"]
+    return section
+
+
 def test_a_reload_shifting_programs_along_fixed_ports_serves_every_port(
     flipvisor: Flipvisor,
 ) -> None:
@@ -532,15 +538,10 @@ def test_a_reload_shifting_programs_along_fixed_ports_serves_every_port(
     (``b`` still keeps P2 until it is over), then takes the socket ``b``'s old generation
     drains on, rather than binding P2 while that generation holds it and going fatal."""
     p1, p2 = free_port(), free_port()
-
-    def on(port: int, version: str) -> dict[str, object]:
-        section: dict[str, object] = fixed_port_config(port, version)["programs"]["web"]
-        return section
-
-    flipvisor.start({"programs": {"a": on(p1, "a"), "b": on(p2, "b")}})
+    flipvisor.start({"programs": {"a": on_port(p1, "a"), "b": on_port(p2, "b")}})
     flipvisor.wait_serving("a")
     flipvisor.wait_serving("b")
-    flipvisor.write_config({"programs": {"b": on(p1, "b2"), "c": on(p2, "c")}})
+    flipvisor.write_config({"programs": {"b": on_port(p1, "b2"), "c": on_port(p2, "c")}})
 
     reloaded = flipvisor.cli("reload")
 
@@ -590,15 +591,10 @@ def test_a_reload_swapping_two_programs_fixed_ports_keeps_both_serving(
     program's flip away from its port; neither waits for the other forever: each binds, fails
     (the other still keeps the port), and both serve on where they were."""
     p1, p2 = free_port(), free_port()
-
-    def on(port: int, version: str) -> dict[str, object]:
-        section: dict[str, object] = fixed_port_config(port, version)["programs"]["web"]
-        return section
-
-    flipvisor.start({"programs": {"a": on(p1, "a"), "b": on(p2, "b")}})
+    flipvisor.start({"programs": {"a": on_port(p1, "a"), "b": on_port(p2, "b")}})
     flipvisor.wait_serving("a")
     flipvisor.wait_serving("b")
-    flipvisor.write_config({"programs": {"a": on(p2, "a2"), "b": on(p1, "b2")}})
+    flipvisor.write_config({"programs": {"a": on_port(p2, "a2"), "b": on_port(p1, "b2")}})
 
     reloaded = flipvisor.cli("reload")
 
