@@ -193,10 +193,10 @@ def _add_reload(commands: Subcommands) -> None:
         commands,
         "reload",
         "ask the running supervisor to re-read its config (like SIGHUP): start added programs, "
-        "drain removed ones (one whose proxy file an added one writes only once that one "
-        "serves), flip changed ones (one that a flip is under way for, once that is over); say "
-        "which settings wait for a restart. Returns once the "
-        "removed programs left the proxy; `status` lists them until their drain is over",
+        "drain removed ones (one whose proxy file or fixed port an added one takes over only "
+        "once that one serves), flip changed ones (one that a flip is under way for, once that "
+        "is over); say which settings wait for a restart. Returns once the removed programs "
+        "left the proxy; `status` lists them until their drain is over",
         json_output=True,
     )
 
