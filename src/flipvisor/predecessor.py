@@ -8,6 +8,7 @@ port of theirs that a configured program listens on is taken first, for that pro
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Mapping
@@ -25,12 +26,15 @@ from .leftover_records import read_records, recorded_leftovers
 from .leftovers import Leftovers
 from .lineage import Lineage, processes_of
 from .logs_capture import capture
+from .progress import FlipReport
 from .published_keys import HOSTNAME
 from .registry.base import WatchableRegistry
 from .stray_programs import proxy_writers, recorded_strays, removed_programs, stop_stray_program
 
 if TYPE_CHECKING:
     from .program import Program, Runtime
+
+log = logging.getLogger(__name__)
 
 
 class Predecessor:
@@ -60,6 +64,11 @@ class Predecessor:
         # rename while no supervisor ran. Closed once they are gone.
         self._stray_sockets: dict[tuple[str, int], tuple[socket.socket, str]] = {}
         self._stray_ports: set[int] = set()
+        # The configured program (and its fixed address) whose socket a stray's was taken for,
+        # by the stray's program: that stray serves on until that program serves there.
+        self._successors: dict[str, tuple[str, tuple[str, int]]] = {}
+        # Set when the shutdown begins: the strays kept for a successor are stopped then.
+        self.shutting_down = anyio.Event()
         self.hurry = anyio.Event()
 
     async def read_kept(self, kept: KeptOutput) -> None:
@@ -103,13 +112,17 @@ class Predecessor:
             into = found if name in programs else strays
             left = into.get(name) or Leftovers(name or "?", None, None, (), lineage=lineage)
             into[name] = left.with_workers(processes)
+        if strays:
+            self._take_stray_sockets(list(strays.values()))
         for stray in strays.values():
             what = "stopping" if stray.workers else "taking it out of the proxy and the registry"
+            if (taken := self._successors.get(stray.program)) is not None:
+                successor, (host, port) = taken
+                what = f"stopping it once {successor} serves on {host}:{port} in its place"
             self.runtime.events.emit(
                 "leftovers", stray.program, None, f"{stray.describe()}: not in the config; {what}"
             )
         if strays:
-            self._take_stray_sockets(list(strays.values()))
             self._strays_gone = anyio.Event()
             tg.start_soon(self._stop_strays, list(strays.values()), self._strays_gone)
         return found
@@ -127,10 +140,16 @@ class Predecessor:
             proxy_files=proxy_writers(self.config),
             hurry=self.hurry,
         )
+
+        async def stop_once_replaced(stray: Leftovers) -> None:
+            if (taken := self._successors.get(stray.program)) is not None:
+                await self._serve_until_replaced(stray, *taken)
+            await stop(stray)
+
         try:
             async with anyio.create_task_group() as each:
                 for stray in strays:
-                    each.start_soon(stop, stray)
+                    each.start_soon(stop_once_replaced, stray)
         finally:
             for sock, _ in self._stray_sockets.values():
                 sock.close()  # the programs that took the address over hold duplicates
@@ -142,17 +161,88 @@ class Predecessor:
         """Before the strays are stopped: take the socket a stray listens on at a fixed address
         that a configured program listens on (the port's queue then outlives the stray, and
         that program accepts from it), for ``stray_socket``."""
-        for section in self.config.programs.values():
+        for name, section in self.config.programs.items():
             wanted = section.socket
             if wanted.port == 0:
                 continue
             for stray in strays:
                 if (sock := stray.take_socket(wanted)) is not None:
                     what = f"{stray.describe()}, not in the config"
-                    self._stray_sockets[(wanted.host, wanted.port)] = (sock, what)
+                    address = (wanted.host, wanted.port)
+                    self._stray_sockets[address] = (sock, what)
+                    self._successors[stray.program] = (name, address)
                     break
                 if stray.port == wanted.port:
                     self._stray_ports.add(stray.port)  # held, it may be, but not handed over
+
+    async def _serve_until_replaced(
+        self, stray: Leftovers, successor: str, address: tuple[str, int]
+    ) -> None:
+        """Return once ``successor`` serves on ``address`` (the stray's socket, shared) or the
+        shutdown begins. Until then the stray serves on: as a reload keeps a renamed program
+        whose successor does not serve (``reload.py``), it is never given up for a program whose
+        start fails; that is said once (``kept-serving``)."""
+        async with anyio.create_task_group() as either:
+
+            async def until_replaced() -> None:
+                await self._wait_for_successor(stray, successor, address)
+                either.cancel_scope.cancel()
+
+            either.start_soon(until_replaced)
+            await self.shutting_down.wait()
+            either.cancel_scope.cancel()
+
+    async def _wait_for_successor(
+        self, stray: Leftovers, successor: str, address: tuple[str, int]
+    ) -> None:
+        waited: FlipReport | None = None  # the last flip of it waited for
+        warned = False
+        # Any event may mean that it was added, started or promoted: each is a cue to look.
+        async with self.runtime.events.subscribe() as events:
+            while not self._serves_on(successor, address):
+                program = self.programs.get(successor)
+                report = program.current_flip if program is not None else None
+                if program is not None and report is not None and report is not waited:
+                    waited = report
+                    await report.wait()
+                    await program.wait_settled()  # answered early (--timeout): serving after
+                    continue
+                if program is not None and not warned:
+                    warned = True
+                    self._warn_kept(stray, successor, address, waited)
+                try:
+                    await events.receive()
+                except anyio.EndOfStream:  # the event log closed: the supervisor exits
+                    return
+
+    def _serves_on(self, name: str, address: tuple[str, int]) -> bool:
+        """Whether configured program ``name`` serves from a generation listening on
+        ``address``."""
+        program = self.programs.get(name)
+        serving = program.serving if program is not None else None
+        return serving is not None and (serving.config.socket.host, serving.config.socket.port) == (
+            address
+        )
+
+    def _warn_kept(
+        self,
+        stray: Leftovers,
+        successor: str,
+        address: tuple[str, int],
+        report: FlipReport | None,
+    ) -> None:
+        failure = (
+            f"its start failed: {report.error}"
+            if report is not None and report.error
+            else "it is not started"
+        )
+        why = (
+            f"{stray.describe()}, not in the config, serves on: {successor}, which takes over "
+            f"its port {address[0]}:{address[1]}, does not serve ({failure}); "
+            f"`flipvisor start {successor}` replaces it"
+        )
+        self.runtime.events.emit("kept-serving", stray.program, None, why)
+        log.warning("%s: %s", stray.program, why)
 
     async def stray_socket(self, config: SocketConfig) -> tuple[socket.socket, str] | None:
         """A duplicate of the socket a stray held on ``config``'s fixed address, and what that

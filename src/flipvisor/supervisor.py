@@ -198,6 +198,7 @@ class Supervisor:
         """The shutdown: every program drained at once, and the leftovers of programs no longer
         in the config gone (SIGKILLed once the drains are done)."""
         self.events.emit("shutting-down", "(supervisor)", message="draining every program")
+        self.predecessor.shutting_down.set()  # a stray kept for a successor drains now too
         async with anyio.create_task_group() as stops:
             # Every program at once, those a reload is removing too (their drain must finish
             # before the supervisor's task group is cancelled): shutdown takes the longest drain,

@@ -606,3 +606,118 @@ def test_a_reload_swapping_two_programs_fixed_ports_keeps_both_serving(
             message=f"{name}'s flip to end",
         )
     assert (version_on(p1), version_on(p2)) == ("a", "b")
+
+
+def strays_kept_for_a_never_ready_api(
+    flipvisor: Flipvisor, port: int, survivors: list[psutil.Process]
+) -> list[int]:
+    """``web`` serves ``old`` on ``port``; the supervisor is SIGKILLed, the file renames ``web``
+    to an ``api`` that is never ready, and ``run`` starts again: ``api``'s start fails, and the
+    stray ``web``'s leftover workers serve on (``kept-serving``). Returns their PIDs."""
+    from tests.e2e.test_leftovers import kill_supervisor, restart_supervisor
+
+    flipvisor.start(named("web", fixed_port_config(port, "old")))
+    flipvisor.wait_serving("web")
+    old_pids = kill_supervisor(flipvisor, "web", survivors)
+    restart_supervisor(flipvisor, named("api", never_ready_config(port, "broken", 1)))
+    wait_until(
+        lambda: "kept-serving" in flipvisor.event_kinds(),
+        timeout=20,
+        message="api's start to fail and web's leftovers to be kept",
+    )
+    assert all(psutil.pid_exists(pid) for pid in old_pids), flipvisor.output()
+    for _ in range(20):  # api's failed generation is gone: every connection reaches web's
+        assert version_on(port) == "old"
+    return old_pids
+
+
+def test_a_stray_on_a_fixed_port_whose_successor_never_gets_ready_serves_on_until_it_does(
+    flipvisor: Flipvisor,
+) -> None:
+    """As a reload keeps a renamed program whose successor does not serve, the stray ``web``
+    is not stopped for an ``api`` whose start failed: it serves the port until a flip of a
+    working ``api`` serves it in its place, and is stopped then."""
+    from tests.e2e.test_leftovers import wait_gone
+
+    port = free_port()
+    survivors: list[psutil.Process] = []
+    try:
+        old_pids = strays_kept_for_a_never_ready_api(flipvisor, port, survivors)
+        said = flipvisor.cli("events", "--json").stdout
+        events = [json.loads(line) for line in said.splitlines()]
+        kept = [e for e in events if e["kind"] == "kept-serving"]
+        assert kept[0]["program"] == "web", kept
+        assert "`flipvisor start api` replaces it" in kept[0]["message"], kept
+        flipvisor.write_config(named("api", fixed_port_config(port, "new", notify=True)))
+        flipped = flipvisor.cli("flip", "api")
+        assert flipped.returncode == 0, flipped.stdout + flipped.stderr + flipvisor.output()
+        wait_gone(old_pids)
+        assert version_on(port) == "new"
+    finally:
+        for process in survivors:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+
+
+def test_a_rename_on_a_fixed_port_while_no_supervisor_ran_loses_no_request_under_load(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """The stray ``web``'s leftover workers serve while ``api``'s first generation is started
+    and probed (held back by a gate here), and are stopped only once it serves: no request
+    fails across the restart."""
+    from tests.e2e.test_leftovers import kill_supervisor, restart_supervisor, wait_gone
+
+    port = free_port()
+    gate = tmp_path / "gate"
+    flipvisor.start(named("web", fixed_port_config(port, "old")))
+    flipvisor.wait_serving("web")
+    gated = named("api", fixed_port_config(port, "new", notify=True, timeout=60))
+    gated["programs"]["api"]["command"] = [*gated["programs"]["api"]["command"], "--serve-after"]
+    gated["programs"]["api"]["command"].append(str(gate))
+    survivors: list[psutil.Process] = []
+    try:
+        with Load(f"http://127.0.0.1:{port}/", clients=4) as load:
+            old_pids = kill_supervisor(flipvisor, "web", survivors)
+            restart_supervisor(flipvisor, gated)
+            wait_until(
+                lambda: "socket-taken" in flipvisor.event_kinds(),
+                timeout=20,
+                message="api to take the stray's socket",
+            )
+            for _ in range(10):  # api's generation does not serve yet: web's still do
+                assert version_on(port) == "old"
+            assert all(psutil.pid_exists(pid) for pid in old_pids)
+            gate.touch()
+            flipvisor.wait_serving("api")
+            wait_gone(old_pids)
+            outcome = load.stop()
+    finally:
+        gate.touch()
+        for process in survivors:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+    assert outcome.failed == 0, outcome.errors[:5]
+    assert outcome.ok > 50
+    answered = {json.loads(body)["version"] for body in outcome.bodies}
+    assert answered == {"old", "new"}, answered
+    assert version_on(port) == "new"
+
+
+def test_a_shutdown_stops_a_stray_kept_for_a_successor_that_does_not_serve(
+    flipvisor: Flipvisor,
+) -> None:
+    """The kept stray is stopped with the supervisor's programs: nothing outlives the
+    shutdown."""
+    from tests.e2e.test_leftovers import wait_gone
+
+    port = free_port()
+    survivors: list[psutil.Process] = []
+    try:
+        old_pids = strays_kept_for_a_never_ready_api(flipvisor, port, survivors)
+        assert flipvisor.stop() == 0, flipvisor.output()
+        wait_gone(old_pids)
+        assert refused(port)
+    finally:
+        for process in survivors:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
