@@ -530,6 +530,15 @@ def on_port(port: int, version: str) -> dict[str, object]:
     return section
 
 
+def a_and_b_serving(flipvisor: Flipvisor) -> tuple[int, int]:
+    """Programs ``a`` and ``b`` serving on fixed ports P1 and P2 (returned)."""
+    p1, p2 = free_port(), free_port()
+    flipvisor.start({"programs": {"a": on_port(p1, "a"), "b": on_port(p2, "b")}})
+    flipvisor.wait_serving("a")
+    flipvisor.wait_serving("b")
+    return p1, p2
+
+
 def test_a_reload_shifting_programs_along_fixed_ports_serves_every_port(
     flipvisor: Flipvisor,
 ) -> None:
@@ -537,10 +546,7 @@ def test_a_reload_shifting_programs_along_fixed_ports_serves_every_port(
     at once: a to b, b to c). ``b``'s flip takes ``a``'s socket over; ``c`` waits for that flip
     (``b`` still keeps P2 until it is over), then takes the socket ``b``'s old generation
     drains on, rather than binding P2 while that generation holds it and going fatal."""
-    p1, p2 = free_port(), free_port()
-    flipvisor.start({"programs": {"a": on_port(p1, "a"), "b": on_port(p2, "b")}})
-    flipvisor.wait_serving("a")
-    flipvisor.wait_serving("b")
+    p1, p2 = a_and_b_serving(flipvisor)
     flipvisor.write_config({"programs": {"b": on_port(p1, "b2"), "c": on_port(p2, "c")}})
 
     reloaded = flipvisor.cli("reload")
@@ -590,10 +596,7 @@ def test_a_reload_swapping_two_programs_fixed_ports_keeps_both_serving(
     """``a`` on P1 and ``b`` on P2 swapped: each flip's new generation would wait for the other
     program's flip away from its port; neither waits for the other forever: each binds, fails
     (the other still keeps the port), and both serve on where they were."""
-    p1, p2 = free_port(), free_port()
-    flipvisor.start({"programs": {"a": on_port(p1, "a"), "b": on_port(p2, "b")}})
-    flipvisor.wait_serving("a")
-    flipvisor.wait_serving("b")
+    p1, p2 = a_and_b_serving(flipvisor)
     flipvisor.write_config({"programs": {"a": on_port(p2, "a2"), "b": on_port(p1, "b2")}})
 
     reloaded = flipvisor.cli("reload")
