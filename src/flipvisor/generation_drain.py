@@ -13,7 +13,7 @@ import anyio
 from .config import DrainConfig
 from .events import EventLog
 from .signals import with_continue
-from .strays import Strays, signal_strays, wait_for_strays
+from .strays import Strays, wait_for_strays
 from .worker import Worker
 
 
@@ -57,8 +57,9 @@ class GenerationDrain:
         # re-parented to us and are signalled one by one. Live workers' groups are left out of
         # that, so nothing gets the signal twice (a second SIGTERM may mean "stop now").
         live = {pid for worker in self.workers if (pid := worker.pid) is not None}
-        for each in with_continue(self.drain.signal):
-            signal_strays(self.process_groups - live, each)
+        with Strays.collect(self.process_groups - live) as strays:  # one scan for both signals
+            for each in with_continue(self.drain.signal):
+                strays.signal(each)
         for worker in self.workers:
             worker.signal(self.drain.signal)
 
