@@ -53,20 +53,29 @@ def _owner(found: os.stat_result) -> Owner:
 def _keep_owner(fd: int, dest: Path, owner: Owner) -> None:
     """Give the new file ``fd`` the replaced file's owner and group: a reader that is neither
     root nor us (a proxy reading as its group, with mode 0640) reads it after a flip as before.
-    Only root may give a file away; a group we are not in is not ours to give either."""
+    Only root may give a file away; a user may still give it a group of its own, so the group
+    is kept where the owner cannot be."""
     now = _owner(os.fstat(fd))
     if now == owner:
         return
     try:
         os.fchown(fd, *owner)
+        return
     except PermissionError:
-        log.warning(
-            "%s was owned by uid %d gid %d; its new version is owned by uid %d gid %d, as this "
-            "user may not give it away: make sure the proxy can read it",
-            dest,
-            *owner,
-            *now,
-        )
+        pass
+    try:
+        os.fchown(fd, -1, owner[1])
+    except PermissionError:
+        kept = "neither its owner nor its group"
+    else:
+        kept = "its group but not its owner"
+    log.warning(
+        "%s was owned by uid %d gid %d; its new version keeps %s, as this user may not give "
+        "them away: make sure the proxy can read it",
+        dest,
+        *owner,
+        kept,
+    )
 
 
 def write_atomic(

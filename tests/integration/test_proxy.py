@@ -8,7 +8,9 @@ import os
 import pwd
 import socket
 import stat
+import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -158,6 +160,42 @@ async def test_the_file_keeps_its_owner_and_group(tmp_path: Path, check: list[st
     assert stat.S_IMODE(found.st_mode) == 0o640
     expected = "upstream 8000;\n" if check == ["true"] else "# the reader's\n"
     assert dest.read_text() == expected
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the write as another user (nobody)")
+def test_a_user_that_may_not_give_the_file_away_still_keeps_its_group() -> None:
+    """A supervisor that is not root cannot give the new file to the old one's owner, but may
+    give it a group of its own: the group (what a 0640 reader reads through) was lost along
+    with the owner, as one fchown does both or neither (review)."""
+    nobody = pwd.getpwnam("nobody")
+    with tempfile.TemporaryDirectory() as where:  # pytest's own folders are root's alone
+        _write_as_nobody_into(Path(where), nobody)
+
+
+def _write_as_nobody_into(folder: Path, nobody: pwd.struct_passwd) -> None:
+    os.chmod(folder, 0o755)
+    os.chown(folder, nobody.pw_uid, nobody.pw_gid)  # nobody may replace files in it
+    dest = folder / "app.conf"
+    dest.write_text("# root's, readable by nobody's group\n")
+    os.chown(dest, 0, nobody.pw_gid)
+    dest.chmod(0o640)
+    script = (
+        "import os, sys; from pathlib import Path; from flipvisor.proxy import write_atomic; "
+        f"os.setgid({nobody.pw_gid}); os.setgroups([]); os.setuid({nobody.pw_uid}); "
+        f"write_atomic(Path(sys.argv[1]), b'upstream 8000;\\n', 0o640, (0, {nobody.pw_gid}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(dest)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "keeps its group but not its owner" in done.stderr, done.stderr
+    found = dest.stat()
+    assert (found.st_uid, found.st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert dest.read_text() == "upstream 8000;\n"
 
 
 async def test_failed_check_removes_file_that_did_not_exist(nginx: Nginx) -> None:
