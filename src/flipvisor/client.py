@@ -241,7 +241,8 @@ def _answer_line(reader: io.IOBase, path: Path, timeout: float | None) -> bytes:
         ) from exc
     except ConnectionError as exc:  # reset: it died with bytes of ours unread
         raise ControlUnreachable(f"the supervisor on {path} closed the connection") from exc
-    if not line:
+    if not line or (not line.endswith(b"\n") and len(line) < MAX_LINE):
+        # Nothing, or the start of a line it died while writing: gone, not malformed.
         raise ControlUnreachable(f"the supervisor on {path} closed the connection")
     return line
 
