@@ -77,7 +77,10 @@ async def _reload_without(
 ) -> frozenset[Recorded] | None:
     """Reload the proxy without ``program``'s file; returns the proxy workers to wait for (none
     if the reload timed out), or None if it failed (logged with what to do)."""
-    old_workers = proxy_workers(proxy.pidfile) if proxy.pidfile else frozenset()
+    # Without a reload command nothing reloads: its workers would be waited for in vain.
+    old_workers = (
+        proxy_workers(proxy.pidfile) if proxy.pidfile and proxy.reload_cmd else frozenset()
+    )
     try:
         await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
     except ProxyReloadTimedOut:

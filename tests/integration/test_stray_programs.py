@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 
 from flipvisor.config import (
@@ -31,7 +33,9 @@ from flipvisor.program import Runtime
 from flipvisor.published_keys import HOSTNAME
 from flipvisor.registry.local import LocalRegistry, read_registry_file, write_registry_file
 from flipvisor.stray_programs import proxy_writers, stop_stray_program
+from flipvisor.unroute import unroute
 from tests.reaping import running_reaper
+from tests.waiting import wait_until
 
 PREFIX = "flipvisor"
 DEAD_SUPERVISOR = {"pid": os.getpid(), "started": 1.0}  # our PID, but not our start time
@@ -260,3 +264,27 @@ async def test_keys_that_cannot_be_read_are_left_with_what_to_do_by_hand(
     assert "its registry keys cannot be read" in caplog.text, caplog.text
     assert f"delete {PREFIX}/gone/{{port,pid,generation}}/current by hand" in caplog.text
     assert host.registry_path.read_text() == "{ not json"
+
+
+async def test_a_proxy_without_a_reload_command_is_not_waited_for(tmp_path: Path) -> None:
+    """A `pidfile` without a `reload_cmd`: nothing reloads, so the proxy's workers never
+    exit; the removal waited `proxy.timeout` (30 s) for them all the same, then warned that
+    they still ran (review)."""
+    dest = tmp_path / "gone.conf"
+    dest.write_text("upstream 8000;\n")
+    # A master and its worker; killed and waited for once the reaper (below) is gone.
+    master = subprocess.Popen(["sh", "-c", "sleep 60 & wait"])  # noqa: ASYNC220
+    try:
+        wait_until(lambda: psutil.Process(master.pid).children(), message="the worker")
+        pidfile = tmp_path / "proxy.pid"
+        pidfile.write_text(f"{master.pid}\n")
+        proxy = ProxyConfig(template=tmp_path / "t.j2", dest=dest, pidfile=pidfile, timeout=30)
+        async with running_reaper() as reaper:
+            with anyio.fail_after(10):
+                assert await unroute("gone", proxy, reaper=reaper, proxy_lock=anyio.Lock())
+        assert not dest.exists()
+    finally:
+        for child in psutil.Process(master.pid).children():
+            child.kill()
+        master.kill()
+        master.wait()
