@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from .cli_output import print_error, print_json
 from .errors import EXIT_OK, EXIT_USAGE, ConfigError
+from .printable import count
 
 if TYPE_CHECKING:
     from .config import Config
@@ -83,9 +84,9 @@ def _check_passed(
         return EXIT_OK
     for warning in warnings:
         print_error(str(warning))
-    counts = [_count(len(config.programs), "program"), _count(len(config.watch), "watch")]
+    counts = [count(len(config.programs), "program"), count(len(config.watch), "watch")]
     if warnings:
-        counts.append(_count(len(warnings), "warning"))
+        counts.append(count(len(warnings), "warning"))
     print(f"{path}: ok ({', '.join(counts)})")
     return EXIT_OK
 
@@ -106,10 +107,3 @@ def _check_failed(args: argparse.Namespace, exc: ConfigError, warnings: list[Pro
     else:
         print_error(str(exc))
     return EXIT_USAGE
-
-
-def _count(number: int, noun: str) -> str:
-    """``1 program``, ``2 programs``, ``1 watch``, ``0 watches``."""
-    if number == 1:
-        return f"1 {noun}"
-    return f"{number} {noun}{'es' if noun.endswith('ch') else 's'}"

@@ -8,7 +8,7 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .printable import one_line
+from .printable import count, one_line
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -196,7 +196,7 @@ def keeper_line(keeper: dict[str, Any] | None) -> tuple[str, str | None] | None:
         return None
     if keeper.get("disabled"):
         return f"output keeper: none ({keeper['disabled']})", None
-    restarts = _count(keeper["restarts"], "restart")
+    restarts = count(keeper["restarts"], "restart")
     if keeper["pid"] is None:
         return (
             f"output keeper: not running, starting another ({restarts}): until it runs, a killed "
@@ -204,14 +204,9 @@ def keeper_line(keeper: dict[str, Any] | None) -> tuple[str, str | None] | None:
             "yellow",
         )
     return (
-        f"output keeper: pid {keeper['pid']}, holding {_count(keeper['pipes'], 'pipe')}, "
-        f"{restarts}",
+        f"output keeper: pid {keeper['pid']}, holding {count(keeper['pipes'], 'pipe')}, {restarts}",
         None,
     )
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def print_status(document: dict[str, Any], *, one_program: bool = False) -> None:

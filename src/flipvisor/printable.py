@@ -1,7 +1,7 @@
-"""Text that came from a worker or a config file, made safe to print to a terminal: every
-control character shown as an escape (``\\x1b``), so that printing it shows what was written
-instead of doing what it says (a colour, a cursor move, a new window title, a line break in the
-middle of a table row)."""
+"""Text for a terminal: what came from a worker or a config file made safe to print (every
+control character shown as an escape, ``\\x1b``, so that printing it shows what was written
+instead of doing what it says: a colour, a cursor move, a new window title, a line break in the
+middle of a table row), and a number of things in words."""
 
 from __future__ import annotations
 
@@ -27,3 +27,10 @@ def one_line(text: str) -> str:
     """``text`` with every control character, tab and newline too, shown as an escape: a table
     cell or a note (a multi-line ``sh -c`` command would break its row)."""
     return _CONTROLS_AND_TAB.sub(_escape, text)
+
+
+def count(number: int, noun: str) -> str:
+    """``1 program``, ``2 programs``, ``1 watch``, ``0 watches``."""
+    if number == 1:
+        return f"1 {noun}"
+    return f"{number} {noun}{'es' if noun.endswith('ch') else 's'}"

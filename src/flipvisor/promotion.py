@@ -29,6 +29,7 @@ import anyio
 from .config import ProgramConfig, ProxyConfig
 from .errors import ProxyError
 from .generation import Generation
+from .printable import count
 from .progress import FlipReport, Step
 from .promotion_steps import (
     Pause,
@@ -152,8 +153,7 @@ async def wait_for_proxy(promotion: Promotion, *, program: str, report: FlipRepo
     proxy, workers = promotion.proxy, promotion.old_proxy_workers
     if proxy is None or not workers:
         return
-    noun = "worker" if len(workers) == 1 else "workers"
-    with report.step("proxy-drain", f"{len(workers)} old proxy {noun}"):
+    with report.step("proxy-drain", count(len(workers), "old proxy worker")):
         if not await wait_workers_gone(workers, proxy.timeout):
             log.warning(
                 "program=%s old proxy workers still running after %ss; draining anyway",
