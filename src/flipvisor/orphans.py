@@ -15,6 +15,7 @@ from .events import EventLog
 from .generation import KILL_GRACE
 from .lineage import started_by_this_run
 from .reaper import Reaper
+from .signals import with_continue
 from .strays import Strays, process_name
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,9 @@ async def _stop_workers_orphans(
                 left_running[pid] = names[pid]
             if not orphans:
                 return
-            signalled = orphans.signal(signal.SIGTERM)
-            orphans.signal(signal.SIGCONT)  # a stopped one acts on it only once it runs again
+            # SIGCONT after it: a stopped one acts on SIGTERM only once it runs again.
+            sent = [orphans.signal(each) for each in with_continue(signal.SIGTERM)]
+            signalled = sent[0]
             events.emit(
                 "orphans-stopping",
                 "(supervisor)",
