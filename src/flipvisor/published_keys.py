@@ -34,11 +34,16 @@ def generation_record(gen: Generation) -> str:
     )
 
 
+def pid_list(gen: Generation) -> str:
+    """``gen``'s running workers as ``pid/current`` names them: ``101,102``."""
+    return ",".join(str(pid) for pid in gen.pids)
+
+
 def serving_snapshot(gen: Generation, replaced: Snapshot) -> Snapshot:
     """The keys once ``gen`` serves: what ``replaced`` held as current becomes previous."""
     values = {
         "port/current": str(gen.port),
-        "pid/current": ",".join(str(pid) for pid in gen.pids),
+        "pid/current": pid_list(gen),
         "generation/current": generation_record(gen),
     }
     for kind in ("port", "pid"):
@@ -51,7 +56,7 @@ def serving_snapshot(gen: Generation, replaced: Snapshot) -> Snapshot:
 def with_current_pids(gen: Generation, published: Snapshot) -> Snapshot:
     """``published`` with ``pid/current`` and the record updated after a worker was replaced."""
     values = dict(published.values)
-    values["pid/current"] = ",".join(str(pid) for pid in gen.pids)
+    values["pid/current"] = pid_list(gen)
     record = json.loads(values.get("generation/current") or "{}")
     record.update(pids=gen.pid_records(), generation=gen.number, port=gen.port)
     values["generation/current"] = json.dumps(record)

@@ -19,7 +19,7 @@ from anyio.abc import TaskGroup
 from .errors import RegistryError
 from .events import EventLog
 from .generation import Generation
-from .published_keys import serving_snapshot, with_current_pids
+from .published_keys import pid_list, serving_snapshot, with_current_pids
 from .registry import Registry, Snapshot
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class Registration:
         serving, published = self._serving(), self.published
         if serving is None or published is None:
             return
-        if published.get("pid/current") != _pid_list(serving):
+        if published.get("pid/current") != pid_list(serving):
             self.pids_changed(serving, tg)
 
     def promoted(
@@ -77,7 +77,7 @@ class Registration:
         if deferred:
             self._settled = anyio.Event()
             tg.start_soon(self._register_when_back, gen, self._settled)
-        elif published.get("pid/current") != _pid_list(gen):
+        elif published.get("pid/current") != pid_list(gen):
             # A worker restarted after the swap, while the proxy's old workers finished: its
             # PID was not ours to publish then (gen was not serving yet), so publish it now.
             self.pids_changed(gen, tg)
@@ -147,8 +147,3 @@ class Registration:
                 self._deferred = None
                 self.events.emit("registered", self.program, gen.number, port=gen.port)
             return
-
-
-def _pid_list(gen: Generation) -> str:
-    """``gen``'s running workers as ``pid/current`` names them."""
-    return ",".join(str(pid) for pid in gen.pids)
