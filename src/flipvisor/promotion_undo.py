@@ -7,7 +7,6 @@ failures, and ``FlipReport.stranded`` when the proxy may still route to the new 
 from __future__ import annotations
 
 import logging
-import shlex
 from dataclasses import dataclass, field
 
 import anyio
@@ -17,7 +16,7 @@ from .errors import ProxyError, RegistryError
 from .generation import Generation
 from .progress import FlipReport
 from .promotion_steps import Undo
-from .proxy import check, proxy_workers, reload, wait_workers_gone
+from .proxy import check, pasteable, proxy_workers, reload, wait_workers_gone
 from .reaper import Reaper
 
 log = logging.getLogger(__name__)
@@ -106,11 +105,11 @@ def _not_routed_back(gen: Generation, proxy: ProxyConfig, undoing: _Undoing) -> 
             f"the proxy may still route to generation {gen.number}: undoing the promotion did "
             f"not finish within {UNDO_TIMEOUT:g}s, so it was not reloaded back; see that "
             f"{proxy.dest} is the previous file again, check the proxy's config and run "
-            f"{_command(proxy)}"
+            f"{pasteable(proxy.reload_cmd)}"
         )
     return (
         f"the proxy may still route to generation {gen.number}: reloading it back did "
-        f"not finish within {UNDO_TIMEOUT:g}s; run {_command(proxy)}"
+        f"not finish within {UNDO_TIMEOUT:g}s; run {pasteable(proxy.reload_cmd)}"
     )
 
 
@@ -136,14 +135,12 @@ async def _reload_back(
             await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
         except ProxyError as exc:
             once = (
-                f" once its config passes `{shlex.join(proxy.check_cmd)}`"
-                if proxy.check_cmd
-                else ""
+                f" once its config passes {pasteable(proxy.check_cmd)}" if proxy.check_cmd else ""
             )
             step.detail = (
                 f"{exc}; the proxy may still route to generation {gen.number} until it reloads: "
-                f"run {_command(proxy)}{once}, or reload it by other means (the previous proxy "
-                "file is back in place)"
+                f"run {pasteable(proxy.reload_cmd)}{once}, or reload it by other means (the "
+                "previous proxy file is back in place)"
             )
             log.error("program=%s could not reload the proxy back: %s", program, step.detail)
             raise ProxyError(step.detail) from exc
@@ -153,8 +150,3 @@ async def _reload_back(
                 program,
                 proxy.timeout,
             )
-
-
-def _command(proxy: ProxyConfig) -> str:
-    """``proxy``'s reload command, quoted for a message the operator may paste into a shell."""
-    return f"`{shlex.join(proxy.reload_cmd or ())}`"

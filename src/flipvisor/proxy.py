@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import stat
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -344,7 +345,13 @@ async def reload(
         raise ProxyReloadTimedOut(f"proxy reload failed: {result.describe()}")
     if not result.ok:
         raise ProxyReloadFailed(f"proxy reload failed: {result.describe()}")
-    log.info("proxy reloaded: %s", " ".join(reload_cmd))
+    log.info("proxy reloaded: %s", shlex.join(reload_cmd))
+
+
+def pasteable(command: Sequence[str] | None) -> str:
+    """``command`` quoted for a message the operator may paste into a shell: `` `nginx -s
+    reload` ``."""
+    return f"`{shlex.join(command or ())}`"
 
 
 def proxy_workers(pidfile: Path) -> frozenset[Recorded]:

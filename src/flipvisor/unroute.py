@@ -7,13 +7,12 @@ never stop the removal.
 from __future__ import annotations
 
 import logging
-import shlex
 
 import anyio
 
 from .config import ProxyConfig
 from .errors import ProxyError, ProxyReloadTimedOut
-from .proxy import proxy_workers, reload, remove, wait_workers_gone
+from .proxy import pasteable, proxy_workers, reload, remove, wait_workers_gone
 from .reaper import Reaper
 from .starttime import Recorded
 
@@ -97,7 +96,7 @@ async def _reload_without(
             program,
             proxy.dest,
             exc,
-            shlex.join(proxy.reload_cmd or ()),
+            pasteable(proxy.reload_cmd),
         )
         return None
     return old_workers
