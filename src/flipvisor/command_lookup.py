@@ -55,7 +55,10 @@ _FOUND_ON_PATH: dict[tuple[str, str, str], str] = {}
 
 def workdir_problem(folder: Path) -> str | None:
     """Why this user cannot work in ``folder`` (no such folder, a file, a folder on the way
-    or itself it may not enter), or None."""
+    or itself it may not enter), or None. Run at every spawn: the usual answer (a folder it
+    may enter, so every folder on the way too) costs one stat and one access check."""
+    if os.path.isdir(folder) and os.access(folder, os.X_OK):
+        return None
     if (closed := closed_folder(folder, itself=True)) is not None:
         return closed_folder_problem(closed)
     if folder.is_dir():
