@@ -126,9 +126,10 @@ def _pause(patience: ProxyPatience | None, gen: Generation, proxy_lock: anyio.Lo
     The reload is then retried until it succeeds (``proxy_patience.py``): the checked file and
     the keys naming ``gen`` stay in place, so a proxy that starts meanwhile loads them. Only a
     cancellation (a stop, the shutdown, ``--timeout``) or a worker that fails ``gen`` ends the
-    wait, undone then as after any failure. A failed check is not retried: it puts the previous
-    file back and rolls the flip back, as the contract says (a broken template or proxy config
-    is no outage to wait out).
+    wait, undone then as after any failure. A failed first check is not retried: it puts the
+    previous file back and rolls the flip back, as the contract says (a broken template or proxy
+    config is no outage to wait out); a retry's re-check that fails is waited out
+    (``proxy_patience.py``).
     """
     if patience is None:
         return None

@@ -6,8 +6,10 @@ a ready generation and leave the proxy file naming an earlier run's port. At boo
 common case, not a broken release: nginx starts after flipvisor. So the promotion keeps the
 generation, its checked file and its keys, and retries the reload (``promotion.py``; the check
 first, each time), with a backoff from ``PROXY_RETRY_MIN`` doubling up to ``PROXY_RETRY_MAX``,
-for as long as it takes. A failed *check* is not retried: it rolls the start back, as the
-contract says of any flip (a broken template or proxy config is no outage to wait out). Each
+for as long as it takes. A failed first *check* is not retried: it rolls the start back, as
+the contract says of any flip (a broken template or proxy config is no outage to wait out). A
+re-check before a retry that fails is waited out like a failed reload: our file passed its check,
+so the rest of the proxy's config broke meanwhile, and rolling back could not reload either. Each
 failure is a warning in the log; the wait is in ``status`` (the flip's ``waiting``) and
 ``events`` (``proxy-waiting``, at the first failure and whenever the reason changes, so a long
 outage does not push every other event out of the history). ``start`` retries at once; ``stop``,
