@@ -96,13 +96,7 @@ class CrashPolicy:
         if verdict.fatal is not None:
             self.become_fatal(verdict.fatal, gen.number)
         if verdict.delay is None and verdict.fail is None and gen is program.serving:
-            # Gone for good: pid/current and the record must stop naming it now, not at the next
-            # flip (which would make it pid/previous, for a `kill` of a PID the kernel may have
-            # given to another process by then). None left: they name none until a stop (given
-            # up, next) withdraws them. A replacement publishes its own (``worker_spawned``).
-            if program._tg is not None:
-                program.registration.pids_changed(gen, program._tg)
-            self.stop_if_given_up(worker)
+            self.stop_if_given_up(worker)  # its PID left pid/current already (``Generation``)
         if verdict.delay is not None:
             worker.consecutive_failures += 1
             program.restarts_total += 1

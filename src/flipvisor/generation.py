@@ -236,6 +236,10 @@ class Generation:
         self.last_exit = {"worker": worker.index, "pid": pid, "reason": reason, "time": time.time()}
         if self.stopping:
             return None
+        # Its PID leaves pid/current now, whether it is restarted after a backoff or never:
+        # until then a script reading the key would `kill` a PID the kernel may have given to
+        # another process. (Only the serving generation's are published: ``registration``.)
+        self._on_pids_changed(self)
         return self._on_worker_exit(self, worker, returncode, reason)
 
     def keep_reading(self, reader: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -453,8 +453,14 @@ def test_stop_and_shutdown_withdraw_the_keys_and_start_and_run_write_them_again(
 
 @pytest.mark.parametrize(
     ("restart", "exit_status", "state"),
-    [({"policy": "never"}, 0, "running"), ({"max_restarts": 0}, 3, "fatal")],
-    ids=["policy-never", "fatal"],
+    [
+        ({"policy": "never"}, 0, "running"),
+        ({"max_restarts": 0}, 3, "fatal"),
+        # Restarted, but each restart exits at once: while it waits out its backoff (up to a
+        # few seconds), the key named its dead PID (review).
+        ({"max_restarts": 100, "window": 60}, 3, "running"),
+    ],
+    ids=["policy-never", "fatal", "during-a-restart-backoff"],
 )
 def test_a_worker_that_is_not_restarted_leaves_pid_current(
     flipvisor: Flipvisor, restart: dict[str, Any], exit_status: int, state: str
@@ -494,14 +500,14 @@ def test_a_worker_that_is_not_restarted_leaves_pid_current(
     left = flipvisor.wait_serving("web", where=lambda g: len(g["pids"]) == 1)["pids"]
     assert flipvisor.program("web")["state"] == state
 
-    def published() -> str | None:
-        return flipvisor.registry().get("flipvisor/web/pid/current")
+    def published() -> tuple[str | None, list[int]]:
+        keys = flipvisor.registry()  # one read: a restart may publish in between
+        record = json.loads(keys.get("flipvisor/web/generation/current") or "{}")
+        return keys.get("flipvisor/web/pid/current"), [p["pid"] for p in record.get("pids", [])]
 
     try:
-        wait_until(lambda: published() == str(left[0]), timeout=5, message="pid/current")
+        wait_until(lambda: published() == (str(left[0]), left), timeout=5, message="pid/current")
     except AssertionError:
         raise AssertionError(
-            f"pid/current is {published()!r} while only {left} runs (status)"
+            f"pid/current and the record are {published()!r} while only {left} runs (status)"
         ) from None
-    record = json.loads(flipvisor.registry()["flipvisor/web/generation/current"])
-    assert [p["pid"] for p in record["pids"]] == left

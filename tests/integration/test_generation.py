@@ -512,7 +512,7 @@ async def test_worker_exit_asks_the_owner_and_restarts(tmp_path: Path) -> None:
         assert h.exits == [(0, -signal.SIGKILL, "killed by SIGKILL")]
         assert gen.workers[0].restarts == 1
         assert gen.restarts == 1
-        assert h.pids_changed == 1
+        assert h.pids_changed == 2  # its PID gone at the exit, its replacement's at the spawn
         assert len(gen.pids) == 2
         await gen.drain()
     assert gen.state is GenerationState.STOPPED
