@@ -112,7 +112,7 @@ def record_flip(program: Program, report: FlipReport) -> None:
     program.current_flip = None
     # The serving generation's workers may all have given up while the flip ran (it held
     # the check back): a flip that did not replace it leaves it to be stopped now.
-    program._stop_if_given_up()
+    program.crashes.stop_if_given_up()
     if report.duration is None:
         return  # cancelled with the supervisor: nothing finished
     program.flips_total += 1
@@ -124,7 +124,7 @@ def record_flip(program: Program, report: FlipReport) -> None:
         events.emit("flip-failed", program.name, report.generation, report.error)
         if program.serving is None and not program._stops:
             # Nothing serves this program: say so in status until `start` retries.
-            program._become_fatal(report.error, report.generation, replace_reason=True)
+            program.crashes.become_fatal(report.error, report.generation, replace_reason=True)
     events.emit(
         "flip-finished",
         program.name,

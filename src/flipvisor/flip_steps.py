@@ -87,7 +87,7 @@ async def _spawn(
             keeper=program.runtime.keeper,
             events=program.runtime.events,
             state_dir=program.runtime.state_dir,
-            on_worker_exit=program._worker_exited,
+            on_worker_exit=program.crashes.worker_exited,
             on_pids_changed=program._pids_changed,
             listener=program.listener.for_generation(config.socket),
             first=program.serving is None,

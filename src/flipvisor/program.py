@@ -40,7 +40,6 @@ from .retirement import Retirement
 from .sockets import ProgramListener
 from .states import ProgramState
 from .takeover import Takeover
-from .worker import Worker
 
 _FATAL, _RUNNING, _STOPPED, _STARTING = (
     ProgramState.FATAL,
@@ -250,21 +249,6 @@ class Program:
         await gen.drain()
         if gen in self.generations:
             self.generations.remove(gen)
-
-    # -- workers' exits: ``crash_policy.py``'s, by the names flip.py and generations call -------
-
-    def _worker_exited(
-        self, gen: Generation, worker: Worker, returncode: int | None, reason: str
-    ) -> float | None:
-        return self.crashes.worker_exited(gen, worker, returncode, reason)
-
-    def _become_fatal(
-        self, reason: str, generation: int | None, *, replace_reason: bool = False
-    ) -> None:
-        self.crashes.become_fatal(reason, generation, replace_reason=replace_reason)
-
-    def _stop_if_given_up(self, exiting: Worker | None = None) -> None:
-        self.crashes.stop_if_given_up(exiting)
 
     def _pids_changed(self, gen: Generation) -> None:
         self.registration.pids_changed(gen, self._task_group())

@@ -35,7 +35,7 @@ class Retirement:
         # The same moment in epoch seconds, for status (meaningful while ``program.warm`` is set).
         self.warm_until = 0.0
         # The warm generation a rollback probes and routes back to, until it is routed to: a
-        # worker of it that exits meanwhile fails the rollback (``Program._worker_exited``).
+        # worker of it that exits meanwhile fails the rollback (``CrashPolicy.worker_exited``).
         self.reviving: Generation | None = None
 
     async def retire(self, report: FlipReport, old: Generation, *, window: float) -> None:
@@ -89,7 +89,7 @@ class Retirement:
         since it was kept), then route traffic back to it (through the flip's ``promote``).
 
         A generation that fails the probe, or loses a worker before it is routed to (``reviving``:
-        ``Program._worker_exited`` fails it), is discarded: it ends ``failed``, with an event
+        ``CrashPolicy.worker_exited`` fails it), is discarded: it ends ``failed``, with an event
         saying why, and a later rollback starts its config afresh. One whose promotion failed
         otherwise (a proxy or registry step) is as good as before: warm again.
 
