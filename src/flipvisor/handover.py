@@ -6,11 +6,17 @@ place yet. ``reload.py`` removes the old program only once it does.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
+from .events import EventLog
 from .program import Program
+from .progress import FlipReport
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,7 @@ class Handover:
         keys = [key for key, value in taken if value is not None]
         return f"change {self.successor}'s {' and '.join(keys)}"
 
-    def served_by(self, programs: dict[str, Program]) -> bool:
+    def served_by(self, programs: Mapping[str, Program]) -> bool:
         """Whether the successor serves from a generation with that proxy file and address."""
         program = programs.get(self.successor)
         serving = program.serving if program is not None else None
@@ -46,6 +52,19 @@ class Handover:
         if self.dest is not None and (config.proxy is None or config.proxy.dest != self.dest):
             return False
         return self.address is None or (config.socket.host, config.socket.port) == self.address
+
+    def not_served(self, report: FlipReport | None) -> str:
+        """Why the program it is taken from serves on: the successor does not serve (after
+        ``report``, its last flip, if any), and what replaces it."""
+        failure = (
+            f"its start failed: {report.error}"
+            if report is not None and report.error
+            else "it is not started"
+        )
+        return (
+            f"{self.successor}, which takes over {self.what()}, does not serve ({failure}); "
+            f"`flipvisor start {self.successor}` replaces it"
+        )
 
     def unroutes(self) -> bool:
         """Whether the removed program's proxy file is to be taken out (its successor does not
@@ -81,3 +100,10 @@ def find_handovers(
         elif by_port is not None:
             handovers[name] = Handover(by_port, address=address)
     return handovers
+
+
+def say_kept(events: EventLog, program: str, why: str) -> None:
+    """Say once that ``program``, no longer in the config, serves on for its successor
+    (``kept-serving``): a removed program a reload keeps, or a killed supervisor's stray."""
+    events.emit("kept-serving", program, None, why)
+    log.warning("%s: %s", program, why)

@@ -13,13 +13,13 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import replace
-from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskGroup
 
 from .config import Config, SocketConfig
+from .handover import Handover, say_kept
 from .keeper_handover import KeptOutput
 from .kept_outputs import OutputKeeper
 from .leftover_records import read_records, recorded_leftovers
@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from .program import Program, Runtime
 
 log = logging.getLogger(__name__)
+
+# How often a stray kept for its successor looks again whether that one is still configured.
+RECHECK_INTERVAL = 1.0
 
 
 class Predecessor:
@@ -59,11 +62,16 @@ class Predecessor:
         # (``_stop_strays``): set once they are gone (None: there were none). A shutdown sets
         # ``hurry`` once its drains are done, and they are SIGKILLed then.
         self._strays_gone: anyio.Event | None = None
+        # Each stray's own, by its program: set once that one is stopped (``stray_socket``
+        # waits for those on a port only, not for one kept for another program).
+        self._stray_gone: dict[str, anyio.Event] = {}
         # The listening sockets on a configured fixed address that those leftovers held, taken
         # before they are stopped, for the program now configured on it (``stray_socket``): a
-        # rename while no supervisor ran. Closed once they are gone.
+        # rename while no supervisor ran. Each closed once its stray is stopped.
         self._stray_sockets: dict[tuple[str, int], tuple[socket.socket, str]] = {}
-        self._stray_ports: set[int] = set()
+        # The strays that may listen on a configured fixed address whose socket could not be
+        # taken (their recorded port, or none recorded), by address: waited for before a bind.
+        self._holders: dict[tuple[str, int], list[Leftovers]] = {}
         # The configured program (and its fixed address) whose socket a stray's was taken for,
         # by the stray's program: that stray serves on until that program serves there.
         self._successors: dict[str, tuple[str, tuple[str, int]]] = {}
@@ -123,6 +131,7 @@ class Predecessor:
                 "leftovers", stray.program, None, f"{stray.describe()}: not in the config; {what}"
             )
         if strays:
+            self._stray_gone = {name: anyio.Event() for name in strays}
             self._strays_gone = anyio.Event()
             tg.start_soon(self._stop_strays, list(strays.values()), self._strays_gone)
         return found
@@ -132,19 +141,25 @@ class Predecessor:
         (``stray_programs.py``: out of the proxy, keys withdrawn, then SIGTERM, SIGKILL after
         the default drain timeout), or SIGKILL them once a shutdown's drains are done
         (``hurry``)."""
-        stop = partial(
-            stop_stray_program,
-            runtime=self.runtime,
-            registry=self.registry,
-            prefix=self.config.registry.prefix,
-            proxy_files=proxy_writers(self.config),
-            hurry=self.hurry,
-        )
 
         async def stop_once_replaced(stray: Leftovers) -> None:
-            if (taken := self._successors.get(stray.program)) is not None:
-                await self._serve_until_replaced(stray, *taken)
-            await stop(stray)
+            taken = self._successors.get(stray.program)
+            try:
+                if taken is not None:
+                    await self._serve_until_replaced(stray, *taken)
+                # The proxy files written now (a reload may have changed them meanwhile).
+                await stop_stray_program(
+                    stray,
+                    runtime=self.runtime,
+                    registry=self.registry,
+                    prefix=self.config.registry.prefix,
+                    proxy_files=proxy_writers(self._live_config()),
+                    hurry=self.hurry,
+                )
+            finally:
+                if taken is not None and (held := self._stray_sockets.pop(taken[1], None)):
+                    held[0].close()  # the program that took the address over holds a duplicate
+                self._stray_gone[stray.program].set()
 
         try:
             async with anyio.create_task_group() as each:
@@ -152,19 +167,29 @@ class Predecessor:
                     each.start_soon(stop_once_replaced, stray)
         finally:
             for sock, _ in self._stray_sockets.values():
-                sock.close()  # the programs that took the address over hold duplicates
+                sock.close()
             self._stray_sockets.clear()
-            self._stray_ports.clear()
+            self._holders.clear()
             gone.set()
+
+    def _live_config(self) -> Config:
+        """The config as reloads left it: the start-up one with the sections of the programs
+        configured now (what else a reload changes, such as the watches, takes a restart). The
+        start-up programs stay in: they may not be added yet, and the proxy file of one that a
+        reload removed is that removal's to take out."""
+        live = {name: program.config for name, program in self.programs.items()}
+        return self.config.model_copy(update={"programs": {**self.config.programs, **live}})
 
     def _take_stray_sockets(self, strays: list[Leftovers]) -> None:
         """Before the strays are stopped: take the socket a stray listens on at a fixed address
         that a configured program listens on (the port's queue then outlives the stray, and
         that program accepts from it), for ``stray_socket``."""
-        for name, section in self.config.programs.items():
-            wanted = section.socket
-            if wanted.port == 0:
-                continue
+        fixed = {
+            name: section.socket
+            for name, section in self.config.programs.items()
+            if section.socket.port != 0
+        }
+        for name, wanted in fixed.items():
             for stray in strays:
                 if (sock := stray.take_socket(wanted)) is not None:
                     what = f"{stray.describe()}, not in the config"
@@ -172,13 +197,24 @@ class Predecessor:
                     self._stray_sockets[address] = (sock, what)
                     self._successors[stray.program] = (name, address)
                     break
-                if stray.port == wanted.port:
-                    self._stray_ports.add(stray.port)  # held, it may be, but not handed over
+        # Held, it may be, but not handed over: found only by their environment, strays have no
+        # recorded port (``takeover.free_port_of_leftovers``). One whose socket was taken for
+        # another address listens there, and is kept for that program: not waited for.
+        for wanted in fixed.values():
+            address = (wanted.host, wanted.port)
+            if address in self._stray_sockets:
+                continue
+            self._holders[address] = [
+                stray
+                for stray in strays
+                if stray.program not in self._successors and stray.port in (None, wanted.port)
+            ]
 
     async def _serve_until_replaced(
         self, stray: Leftovers, successor: str, address: tuple[str, int]
     ) -> None:
-        """Return once ``successor`` serves on ``address`` (the stray's socket, shared) or the
+        """Return once ``successor`` serves on ``address`` (the stray's socket, shared), a reload
+        removes it or moves it off ``address`` (nothing takes the stray's place then), or the
         shutdown begins. Until then the stray serves on: as a reload keeps a renamed program
         whose successor does not serve (``reload.py``), it is never given up for a program whose
         start fails; that is said once (``kept-serving``)."""
@@ -199,8 +235,20 @@ class Predecessor:
         warned = False
         # Any event may mean that it was added, started or promoted: each is a cue to look.
         async with self.runtime.events.subscribe() as events:
-            while not self._serves_on(successor, address):
+            seen = False  # added yet: its absence after that is a reload's removal
+            while not Handover(successor, address=address).served_by(self.programs):
                 program = self.programs.get(successor)
+                seen = seen or program is not None
+                if seen and (program is None or not self._listens_on(program, address)):
+                    # A reload removed it, or moved it to another address: nothing takes this
+                    # stray's place, and it is stopped.
+                    log.info(
+                        "%s: not in the config, stopped: %s no longer listens on %s:%d",
+                        stray.program,
+                        successor,
+                        *address,
+                    )
+                    return
                 report = program.current_flip if program is not None else None
                 if program is not None and report is not None and report is not waited:
                     waited = report
@@ -210,19 +258,18 @@ class Predecessor:
                 if program is not None and not warned:
                     warned = True
                     self._warn_kept(stray, successor, address, waited)
-                try:
-                    await events.receive()
-                except anyio.EndOfStream:  # the event log closed: the supervisor exits
-                    return
+                # Looked at once a second too: a reload that removes it, or stores a section on
+                # another address for it while stopped, emits no event.
+                with anyio.move_on_after(RECHECK_INTERVAL):
+                    try:
+                        await events.receive()
+                    except anyio.EndOfStream:  # the event log closed: the supervisor exits
+                        return
 
-    def _serves_on(self, name: str, address: tuple[str, int]) -> bool:
-        """Whether configured program ``name`` serves from a generation listening on
-        ``address``."""
-        program = self.programs.get(name)
-        serving = program.serving if program is not None else None
-        return serving is not None and (serving.config.socket.host, serving.config.socket.port) == (
-            address
-        )
+    @staticmethod
+    def _listens_on(program: Program, address: tuple[str, int]) -> bool:
+        """Whether ``program``'s config (as reloads left it) listens on ``address``."""
+        return (program.config.socket.host, program.config.socket.port) == address
 
     def _warn_kept(
         self,
@@ -231,28 +278,28 @@ class Predecessor:
         address: tuple[str, int],
         report: FlipReport | None,
     ) -> None:
-        failure = (
-            f"its start failed: {report.error}"
-            if report is not None and report.error
-            else "it is not started"
-        )
-        why = (
-            f"{stray.describe()}, not in the config, serves on: {successor}, which takes over "
-            f"its port {address[0]}:{address[1]}, does not serve ({failure}); "
-            f"`flipvisor start {successor}` replaces it"
-        )
-        self.runtime.events.emit("kept-serving", stray.program, None, why)
-        log.warning("%s: %s", stray.program, why)
+        handover = Handover(successor, address=address)
+        why = f"{stray.describe()}, not in the config, serves on: {handover.not_served(report)}"
+        say_kept(self.runtime.events, stray.program, why)
 
     async def stray_socket(self, config: SocketConfig) -> tuple[socket.socket, str] | None:
         """A duplicate of the socket a stray held on ``config``'s fixed address, and what that
         stray is; None if none did. One that listens on that port, but whose socket could not
-        be taken, is waited for until it is gone (binding the port would fail meanwhile)."""
-        if (taken := self._stray_sockets.get((config.host, config.port))) is not None:
+        be taken, is waited for until it is stopped (binding the port would fail meanwhile); a
+        stray kept for another program is not."""
+        address = (config.host, config.port)
+        if (taken := self._stray_sockets.get(address)) is not None:
             sock, what = taken
             return sock.dup(), what
-        if config.port in self._stray_ports and self._strays_gone is not None:
-            await self._strays_gone.wait()
+        for stray in self._holders.get(address, []):
+            if not (gone := self._stray_gone[stray.program]).is_set():
+                log.warning(
+                    "%s:%d: cannot take it over from %s, not in the config; binding it once "
+                    "that is stopped",
+                    *address,
+                    stray.describe(),
+                )
+                await gone.wait()
         return None
 
     async def wait_strays(self, timeout: float | None) -> None:

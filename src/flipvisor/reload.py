@@ -25,7 +25,7 @@ from .config_consistency import addresses_overlap
 from .config_file import load_config
 from .control import Send
 from .errors import ConfigError, FlipvisorError, UsageError
-from .handover import Handover, find_handovers
+from .handover import Handover, find_handovers, say_kept
 from .program import Program
 from .reload_changes import changed_programs, deploy_all_changed, forget_superseded
 
@@ -175,20 +175,13 @@ class Reloads:
             why = f"not handed over to {successor}: the supervisor is shutting down"
             log.info("%s: %s", old, why)
             return why
-        failure = (
-            f"its start failed: {report.error}"
-            if report is not None and report.error
-            else "it is not started"
-        )
         why = (
-            f"removed from the config, but serving on: {successor}, which takes over {what}, "
-            f"does not serve ({failure}); `flipvisor start {successor}` replaces it, or "
+            f"removed from the config, but serving on: {handover.not_served(report)}, or "
             f"{handover.undo_hint()} and `flipvisor reload` to remove it"
         )
         self.kept[old] = handover
         self.supervisor.programs[old].kept_after_removal = why
-        self.supervisor.events.emit("kept-serving", old, None, why)
-        log.warning("%s: %s", old, why)
+        say_kept(self.supervisor.events, old, why)
         return why
 
     async def release_kept(self) -> None:

@@ -724,3 +724,27 @@ def test_a_shutdown_stops_a_stray_kept_for_a_successor_that_does_not_serve(
         for process in survivors:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
+
+
+@pytest.mark.parametrize("edit", ["removed", "moved"])
+def test_a_stray_kept_for_a_successor_is_stopped_once_a_reload_removes_or_moves_it(
+    flipvisor: Flipvisor, edit: str
+) -> None:
+    """Nothing takes the stray ``web``'s place once a reload removes ``api`` (or moves it to
+    another port): the stray is stopped then, not kept serving until the shutdown."""
+    from tests.e2e.test_leftovers import wait_gone
+
+    port, elsewhere = free_port(), free_port()
+    survivors: list[psutil.Process] = []
+    try:
+        old_pids = strays_kept_for_a_never_ready_api(flipvisor, port, survivors)
+        name = "other" if edit == "removed" else "api"
+        flipvisor.write_config(named(name, fixed_port_config(elsewhere, "elsewhere")))
+        reloaded = flipvisor.cli("reload")
+        assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr + flipvisor.output()
+        wait_gone(old_pids)
+        wait_until(lambda: refused(port), timeout=10, message="web's port to be closed")
+    finally:
+        for process in survivors:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
