@@ -781,13 +781,21 @@ def test_strays_that_exited_unreaped_are_not_signalled() -> None:
     """A stray that exited but is not reaped yet (a zombie) still takes a signal without an
     error; it must not be reported as signalled (at shutdown: a "killed" event for a helper
     that had exited cleanly within its grace)."""
-    quick = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    # It exits once told (its stdin closed), after the collect: exited before it (under load),
+    # it would be no stray to collect.
+    quick = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        start_new_session=True,
+        stdin=subprocess.PIPE,
+    )
     slow = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
     )
     try:
         with Strays.collect({quick.pid, slow.pid}) as strays:
             assert sorted(strays.pids) == sorted([quick.pid, slow.pid])
+            assert quick.stdin is not None
+            quick.stdin.close()
             quick_fd = os.pidfd_open(quick.pid)
             try:
                 exited, _, _ = select.select([quick_fd], [], [], 10)  # not reaped: no wait yet

@@ -223,7 +223,7 @@ ALLOWED: dict[str, set[str]] = {
     # Parts of the supervisor's start-up: what it sees to first (another supervisor of the file,
     # the state_dir, the run record), and what it takes over from a killed one.
     "run_start": {"config", "control", "errors", "reaper", "runrecord", "spawn", "usable"},
-    "predecessor": CORE | {"leftover_records", "stray_programs"},
+    "predecessor": CORE | {"leftover_records", "stray_programs", "handover"},
     # A removed program's deploy history (its proxy section), and what a program's stop does
     # (unroute, the registry, a Runtime).
     "stray_programs": CORE | {"history", "leftover_records"},
@@ -232,7 +232,7 @@ ALLOWED: dict[str, set[str]] = {
     # What a reload makes of a changed section: the program's, decided on its Program.
     "reload_changes": {"config", "errors", "program"},
     # What a removed program hands over to its successor: read off both Programs.
-    "handover": {"config", "program"},
+    "handover": {"config", "program", "events", "progress"},
     "commands": CORE | {"supervisor", "reload"},
     "orphans": WORKERS,
     "locate": {"errors"},
