@@ -343,11 +343,17 @@ async def wait_ready(
     deadline = anyio.current_time() + readiness.timeout
     if readiness.http is not None:
         url = probe_url(host, port, readiness.http)
-        progress = _Progress(f"GET {url}: no response")
+        unanswered = f"GET {url}: no response"
+        progress = _Progress(unanswered)
         with anyio.move_on_after(readiness.timeout):
             return await _probe_http(url, deadline, readiness.interval, progress)
-        if progress.attempt_since is not None:  # the timeout came first: the attempt hung
-            progress.reason = f"GET {url}: {_no_response(progress.attempt_since)}"
+        since = progress.attempt_since
+        # The timeout came first: the attempt under way hung, unless it had just begun (less
+        # than an interval ago) after one that got an answer, which says more.
+        if since is not None and (
+            progress.reason == unanswered or anyio.current_time() - since >= readiness.interval
+        ):
+            progress.reason = f"GET {url}: {_no_response(since)}"
     elif readiness.exec is not None:
         command = " ".join(readiness.exec)
         progress = _Progress(f"`{command}` did not finish within {readiness.timeout:g}s")
