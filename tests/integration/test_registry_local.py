@@ -20,7 +20,8 @@ import flipvisor.registry.local as local_module
 from flipvisor.config import Config, RegistryConfig
 from flipvisor.errors import RegistryConflict, RegistryError
 from flipvisor.registry import Snapshot, WatchEvent, open_registry
-from flipvisor.registry.local import LocalRegistry, read_registry_file, write_registry_file
+from flipvisor.registry.local import LocalRegistry
+from flipvisor.registry.local_file import read_registry_file, write_registry_file
 from tests.waiting import await_until, holds
 
 
@@ -342,7 +343,7 @@ _WRITE_PAST_A_SIZE_LIMIT = """
 import resource, sys
 from pathlib import Path
 from flipvisor.errors import RegistryError
-from flipvisor.registry.local import write_registry_file
+from flipvisor.registry.local_file import write_registry_file
 resource.setrlimit(resource.RLIMIT_FSIZE, (256, resource.RLIM_INFINITY))
 try:
     values = {f"flipvisor/p{i}/port/current": "4" * 20 for i in range(50)}

@@ -31,7 +31,8 @@ from flipvisor.leftovers import Leftovers
 from flipvisor.lineage import this_supervisor
 from flipvisor.program import Runtime
 from flipvisor.published_keys import HOSTNAME
-from flipvisor.registry.local import LocalRegistry, read_registry_file, write_registry_file
+from flipvisor.registry.local import LocalRegistry
+from flipvisor.registry.local_file import read_registry_file, write_registry_file
 from flipvisor.stray_programs import proxy_writers, stop_stray_program
 from flipvisor.unroute import unroute
 from tests.reaping import running_reaper

@@ -22,7 +22,7 @@ from flipvisor.errors import ProxyError
 from flipvisor.reaper import Reaper
 from flipvisor.registry import KeyRange, Snapshot, WatchEvent, open_registry
 from flipvisor.registry.etcd import EtcdRegistry
-from flipvisor.registry.local import write_registry_file
+from flipvisor.registry.local_file import write_registry_file
 from flipvisor.spawn import Child, spawn_process
 from flipvisor.starttime import boot_id, start_ticks_of, start_time_of
 from flipvisor.watch import watches_running

@@ -6,27 +6,26 @@ same transaction. When a swap's outcome is lost (a timeout, a cancelled flip), e
 apply it later, so the keys are put back by rewriting every one of them: that moves their
 revisions on, and a late transaction fails its compare.
 
-The registry remembers the latest value it swapped or published for every program (``desired``);
-``run`` keeps a connection alive, notices an outage when its liveness watch stream breaks (TCP
-reset, or HTTP/2 keepalive for a silent peer: no polling), reconnects with backoff, and then
-rewrites every desired program whose keys differ, so the keys match what is serving within
-seconds of etcd coming back. A program that stopped serving is *withdrawn*: its keys are read and
-rewritten without ``current`` (``base.withdrawn``) when etcd answers, which may be only after an
-outage, in a transaction that compares what was read; and only while they still name what this
-registry last wrote (``desired``, or a lost swap's value that may have landed). Keys another
-writer promoted meanwhile are left to it. Then the program is forgotten: reconnects leave its
-keys alone until it is promoted again.
+The registry remembers the latest value it swapped or published for every program (``desired``,
+kept in ``etcd_intent`` with the rest of its bookkeeping); ``run`` keeps a connection alive,
+notices an outage when its liveness watch stream breaks (TCP reset, or HTTP/2 keepalive for a
+silent peer: no polling), reconnects with backoff, and then rewrites every desired program whose
+keys differ, so the keys match what is serving within seconds of etcd coming back. A program that
+stopped serving is *withdrawn*: its keys are read and rewritten without ``current``
+(``base.withdrawn``) when etcd answers, which may be only after an outage, in a transaction that
+compares what was read; and only while they still name what this registry last wrote (``desired``,
+or a lost swap's value that may have landed). Keys another writer promoted meanwhile are left to
+it. Then the program is forgotten: reconnects leave its keys alone until it is promoted again.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import grpc  # type: ignore[import-untyped]
 from aetcd import rpc
 from anyio.abc import TaskStatus
 
@@ -39,7 +38,6 @@ from .base import (
     Snapshot,
     WatchEvent,
     names_current,
-    naming,
     program_key,
     taken_by_another,
     withdrawn,
@@ -49,7 +47,6 @@ from .etcd_client import (
     MIN_BACKOFF,
     EtcdConnection,
     connect,
-    describe_rpc_error,
     range_of,
     txn_compare_unchanged_since,
     txn_compare_value,
@@ -57,6 +54,7 @@ from .etcd_client import (
     txn_values,
     txn_write,
 )
+from .etcd_intent import EtcdIntent
 from .etcd_watch import watch_keys
 
 log = logging.getLogger(__name__)
@@ -70,22 +68,7 @@ class EtcdRegistry:
     def __init__(self, config: RegistryConfig) -> None:
         self.config = config
         self.prefix = config.prefix
-        self.desired: dict[str, Snapshot] = {}
-        self._pending: set[str] = set()
-        # The etcd revision at which this registry last read or wrote each program's keys.
-        self._seen: dict[str, int] = {}
-        # Programs whose last swap's outcome was lost: their keys are rewritten, not compared.
-        self._fenced: set[str] = set()
-        # What a swap whose outcome was lost may have written: a withdrawal applies to it too.
-        self._maybe: dict[str, Snapshot] = {}
-        # What etcd holds for a program from this registry's last write that landed: a publish
-        # still pending (etcd unreachable) leaves it there while ``desired`` says what is to come.
-        self._written: dict[str, Snapshot] = {}
-        # Programs to withdraw (``withdraw``), each with the number of that call (a swap that
-        # began before it does not cancel it; a later swap or publish does) and the record of
-        # the killed supervisor's workers it took over, if any.
-        self._withdrawing: dict[str, tuple[int, str | None]] = {}
-        self._calls = 0
+        self.intent = EtcdIntent()
         self._conn: EtcdConnection | None = None
         self._connect_lock = anyio.Lock()
         self._write_lock = anyio.Lock()
@@ -102,7 +85,7 @@ class EtcdRegistry:
             "backend": "etcd",
             "where": where,
             "connected": self.connected,
-            "pending": sorted(self._pending),
+            "pending": sorted(self.intent.pending),
         }
 
     def _timeout_error(self) -> RegistryError:
@@ -122,7 +105,8 @@ class EtcdRegistry:
                 self._conn = None
                 conn = await connect(self.config, f"{self.prefix}/")
                 self._conn = conn
-                self._pending.update(self.desired)  # a new connection checks every program
+                # A new connection checks every program.
+                self.intent.pending.update(self.intent.desired)
                 self._kick.set()
         async with conn.use():
             yield conn
@@ -158,27 +142,17 @@ class EtcdRegistry:
             self._running = False
 
     async def _watch_liveness(self, conn: EtcdConnection) -> None:
-        """Hold a watch stream open until it breaks, then mark the connection broken."""
-        call = conn.open_watch()
+        """Hold a watch stream open until the connection breaks; then wake ``_keep_written``."""
         try:
-            key, range_end = range_of(f"{self.prefix}/.flipvisor-liveness")
-            create = rpc.WatchCreateRequest(key=key, range_end=range_end)
-            await call.write(rpc.WatchRequest(create_request=create))
-            while await call.read() is not grpc.aio.EOF:
-                pass
-            log.warning("etcd at %s closed the watch stream", conn.endpoint)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("%s", describe_rpc_error(exc, conn.endpoint, conn.timeout))
+            await conn.watch_until_broken(f"{self.prefix}/.flipvisor-liveness")
         finally:
-            call.cancel()
-            conn.broken.set()
             self._kick.set()
 
     async def _keep_written(self, conn: EtcdConnection) -> None:
         """Write pending programs whenever kicked, until the connection breaks."""
         while not conn.broken.is_set():
             self._kick = anyio.Event()  # before writing, so a publish meanwhile kicks again
-            for program in sorted(self._pending):
+            for program in sorted(self.intent.pending):
                 try:
                     await self._reconcile(conn, program)
                 except RegistryError as exc:
@@ -193,26 +167,26 @@ class EtcdRegistry:
             RegistryError: the connection failed.
         """
         async with self._write_lock:
-            if program in self._withdrawing:
+            if program in self.intent.withdrawing:
                 await self._withdraw_now(conn, program)
                 return
-            want = self.desired.get(program)
+            want = self.intent.desired.get(program)
             if want is None:
-                self._pending.discard(program)
+                self.intent.pending.discard(program)
                 return
-            if program in self._fenced:
+            if program in self.intent.fenced:
                 # Even if they look right: a lost swap may still land, and must find every
                 # key's revision moved on.
                 await self._write_program(conn, program, want)
-                self._fenced.discard(program)
+                self.intent.fenced.discard(program)
                 log.info("program=%s etcd keys rewritten after a lost promotion", program)
             else:
                 have = await self._read_program(conn, program)
                 if dict(have.values) != dict(want.values):
                     await self._write_program(conn, program, want)
                     log.info("program=%s etcd keys rewritten to match what is serving", program)
-            if self.desired.get(program) is want:
-                self._pending.discard(program)
+            if self.intent.desired.get(program) is want:
+                self.intent.pending.discard(program)
 
     async def _withdraw_now(self, conn: EtcdConnection, program: str) -> None:
         """Rewrite ``program``'s keys without ``current``, from what etcd holds now, if they
@@ -222,19 +196,9 @@ class EtcdRegistry:
         Raises:
             RegistryError: the connection failed.
         """
-        withdrawal = self._withdrawing[program]
-        ours = [
-            naming(snapshot)
-            for snapshot in (
-                self.desired.get(program),
-                self._maybe.get(program),
-                self._written.get(program),
-            )
-            if snapshot is not None
-        ]
-        if withdrawal[1] is not None:
-            ours.append({"generation/current": withdrawal[1]})
-        fenced = program in self._fenced
+        withdrawal = self.intent.withdrawing[program]
+        ours = self.intent.ours(program)
+        fenced = program in self.intent.fenced
         have = await self._read_program(conn, program)
         if taken_by_another(program, have, ours, "etcd keys"):
             pass  # forgotten below, as a withdrawal that landed
@@ -244,8 +208,8 @@ class EtcdRegistry:
                 self._kick.set()  # changed since the read: decide again from a new one
                 return
             log.info("program=%s etcd keys withdrawn: nothing serves it", program)
-        if self._withdrawing.get(program) == withdrawal:  # not superseded meanwhile
-            self._forget(program)
+        if self.intent.withdrawing.get(program) == withdrawal:  # not superseded meanwhile
+            self.intent.forget(program)
 
     async def _write_if_unchanged(
         self, conn: EtcdConnection, program: str, have: Snapshot, new: Snapshot
@@ -258,23 +222,14 @@ class EtcdRegistry:
         """
         keys = self._keys(program)
         compare = [txn_compare_value(key, have.get(suffix)) for suffix, key in keys.items()]
-        compare += [txn_compare_unchanged_since(key, self._seen[program]) for key in keys.values()]
+        compare += [
+            txn_compare_unchanged_since(key, self.intent.seen[program]) for key in keys.values()
+        ]
         success = [txn_write(key, new.get(suffix)) for suffix, key in keys.items()]
         reply = await conn.call("Txn", rpc.TxnRequest(compare=compare, success=success))
         if reply.succeeded:
-            self._seen[program] = reply.header.revision
+            self.intent.seen[program] = reply.header.revision
         return bool(reply.succeeded)
-
-    def _forget(self, program: str) -> None:
-        """``program``'s withdrawal is over: nothing of it is kept true any more (until a
-        swap or publish names it again)."""
-        self._withdrawing.pop(program, None)
-        self.desired.pop(program, None)
-        self._seen.pop(program, None)
-        self._fenced.discard(program)
-        self._maybe.pop(program, None)
-        self._written.pop(program, None)
-        self._pending.discard(program)
 
     def _keys(self, program: str) -> dict[str, str]:
         return {suffix: program_key(self.prefix, program, suffix) for suffix in KEY_SUFFIXES}
@@ -282,15 +237,15 @@ class EtcdRegistry:
     async def _read_program(self, conn: EtcdConnection, program: str) -> Snapshot:
         key, range_end = range_of(f"{self.prefix}/{program}/")
         reply = await conn.call("Range", rpc.RangeRequest(key=key, range_end=range_end))
-        self._seen[program] = reply.header.revision
+        self.intent.seen[program] = reply.header.revision
         values = {kv.key.decode(): kv.value.decode() for kv in reply.kvs}
         return Snapshot({s: values[k] for s, k in self._keys(program).items() if k in values})
 
     async def _write_program(self, conn: EtcdConnection, program: str, new: Snapshot) -> None:
         ops = [txn_write(key, new.get(suffix)) for suffix, key in self._keys(program).items()]
         reply = await conn.call("Txn", rpc.TxnRequest(success=ops))
-        self._seen[program] = reply.header.revision
-        self._written[program] = new
+        self.intent.seen[program] = reply.header.revision
+        self.intent.written[program] = new
 
     async def snapshot(self, program: str) -> Snapshot:
         """``program``'s keys in one linearizable read.
@@ -316,9 +271,9 @@ class EtcdRegistry:
             RegistryError: etcd was unreachable or did not answer within the request timeout.
         """
         keys = self._keys(program)
-        began = self._calls
+        began = self.intent.calls
         compare = [txn_compare_value(key, expected.get(suffix)) for suffix, key in keys.items()]
-        seen = self._seen.get(program)
+        seen = self.intent.seen.get(program)
         if seen is not None:
             compare += [txn_compare_unchanged_since(key, seen) for key in keys.values()]
         success = [txn_write(key, new.get(suffix)) for suffix, key in keys.items()]
@@ -330,13 +285,9 @@ class EtcdRegistry:
                     reply = await conn.call("Txn", request)
                     if reply.succeeded:
                         # Under the lock, so no reconcile writes an older desired value over it.
-                        self.desired[program] = new
-                        self._pending.discard(program)
-                        self._fenced.discard(program)  # it rewrote the keys: fenced as well
-                        self._maybe.pop(program, None)
-                        self._written[program] = new
-                        self._supersede_withdrawal(program, began)
-                        self._seen[program] = reply.header.revision
+                        self.intent.swapped(
+                            program, new, began=began, revision=reply.header.revision
+                        )
         except TimeoutError:
             self._remember(program, expected, lost=new, began=began)
             raise self._timeout_error() from None
@@ -349,14 +300,20 @@ class EtcdRegistry:
             self._remember(program, expected, lost=new, began=began)
             raise
         if not reply.succeeded:
-            found = txn_values(reply)
-            for suffix, key in keys.items():
-                if found.get(key) != expected.get(suffix):
-                    raise RegistryConflict(
-                        f"etcd key {key} changed: expected {expected.get(suffix)!r}, found "
-                        f"{found.get(key)!r} (another writer promoted {program}?)"
-                    )
-            raise RegistryConflict(f"etcd keys of {program} changed during the promotion")
+            raise self._conflict(program, expected, txn_values(reply))
+
+    def _conflict(
+        self, program: str, expected: Snapshot, found: Mapping[str, str]
+    ) -> RegistryConflict:
+        """What a swap that found ``found`` (its failure branch's read) says: the key that
+        differed from ``expected``."""
+        for suffix, key in self._keys(program).items():
+            if found.get(key) != expected.get(suffix):
+                return RegistryConflict(
+                    f"etcd key {key} changed: expected {expected.get(suffix)!r}, found "
+                    f"{found.get(key)!r} (another writer promoted {program}?)"
+                )
+        return RegistryConflict(f"etcd keys of {program} changed during the promotion")
 
     def _remember(
         self,
@@ -366,21 +323,9 @@ class EtcdRegistry:
         lost: Snapshot | None = None,
         began: int | None = None,
     ) -> None:
-        """``value`` is what ``program``'s keys should say; ``lost``: what a swap whose outcome
-        is unknown may have written instead; ``began``: the ``_calls`` count when the swap that
-        wants it began (a withdrawal asked for since then still applies)."""
-        self.desired[program] = value
-        self._supersede_withdrawal(program, began)
-        self._pending.add(program)
-        if lost is not None:
-            self._fenced.add(program)
-            self._maybe[program] = lost
+        """``EtcdIntent.remember``, and wake ``run`` to write it."""
+        self.intent.remember(program, value, lost=lost, began=began)
         self._kick.set()
-
-    def _supersede_withdrawal(self, program: str, began: int | None) -> None:
-        """Forget a pending withdrawal of ``program`` asked for before ``began`` (None: any)."""
-        if began is None or self._withdrawing.get(program, (began, None))[0] <= began:
-            self._withdrawing.pop(program, None)
 
     async def withdraw(
         self, program: str, *, taken_over: str | None = None, final: bool = False
@@ -391,13 +336,9 @@ class EtcdRegistry:
 
         Never raises: a withdrawal etcd did not answer stays pending for ``run``.
         """
-        known = program in self.desired or program in self._maybe
-        if not known and taken_over is None:
+        if not self.intent.ask_withdrawal(program, taken_over):
             log.debug("program=%s no etcd keys of ours to withdraw", program)
             return
-        self._calls += 1
-        self._withdrawing[program] = (self._calls, taken_over)
-        self._pending.add(program)
         self._kick.set()
         if final:
             later = "left as they are: the next `flipvisor run` replaces them"

@@ -172,6 +172,24 @@ class EtcdConnection:
         """A bidirectional Watch stream on this channel (the caller cancels it when done)."""
         return self.watch_stub.Watch(metadata=self.metadata)
 
+    async def watch_until_broken(self, key: str) -> None:
+        """Hold a watch stream on ``key`` open until it breaks (a TCP reset, or HTTP/2 keepalive
+        for a silent peer: an outage noticed with no polling), then mark this connection broken.
+        """
+        call = self.open_watch()
+        try:
+            key_bytes, range_end = range_of(key)
+            create = rpc.WatchCreateRequest(key=key_bytes, range_end=range_end)
+            await call.write(rpc.WatchRequest(create_request=create))
+            while await call.read() is not grpc.aio.EOF:
+                pass
+            log.warning("etcd at %s closed the watch stream", self.endpoint)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("%s", describe_rpc_error(exc, self.endpoint, self.timeout))
+        finally:
+            call.cancel()
+            self.broken.set()
+
     async def close(self) -> None:
         """Close the channel now (only when nobody uses it; see the module docstring)."""
         if self.closed:

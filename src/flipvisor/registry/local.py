@@ -1,8 +1,8 @@
 """The ``local`` registry backend: the seed's keys in ``<state_dir>/registry.json``.
 
-The file is one JSON object of key -> value strings, replaced atomically (temporary file, fsync,
-rename; mode 0600 in a 0700 folder), so a reader sees the old or the new object, never half of
-one. One supervisor writes it; anybody may read it (``read_registry_file``).
+The file is one JSON object of key -> value strings, replaced atomically (``local_file``), so a
+reader sees the old or the new object, never half of one. One supervisor writes it; anybody may
+read it (``read_registry_file``).
 
 Writes leave the event loop (a worker thread does the fsync) and are group-committed: changes
 made while one write is under way go to disk together in the next, so 200 programs starting at
@@ -23,13 +23,11 @@ two polls is not seen.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
-import orjson
 from anyio.abc import TaskStatus
 
 from flipvisor.config import RegistryConfig
@@ -47,103 +45,12 @@ from .base import (
     taken_by_another,
     withdrawn,
 )
+from .local_file import read_registry_file, unwritable_advice, write_registry_file
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.2
 RETRY_INTERVAL = 1.0
-
-
-def read_registry_file(path: Path) -> dict[str, str]:
-    """The key -> value object in ``path``; empty when the file does not exist yet.
-
-    Raises:
-        RegistryError: the file cannot be read or is not a JSON object of strings.
-    """
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise RegistryError(
-            f"cannot read the registry file {path}: {exc.strerror}",
-            f"make {path} readable by the supervisor's user (or free what stops it being read)",
-        ) from exc
-    try:
-        data = orjson.loads(text)
-    except ValueError as exc:
-        raise RegistryError(
-            f"the registry file {path} is not valid JSON: {exc}", _rewrite(path)
-        ) from exc
-    if not isinstance(data, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
-    ):
-        raise RegistryError(
-            f"the registry file {path} must hold one JSON object of key -> value strings, and "
-            f"holds {_what_it_holds(data)}",
-            _rewrite(path),
-        )
-    return data
-
-
-def _rewrite(path: Path) -> str:
-    """What to do about a registry file that is not what flipvisor writes (a hand edit, a
-    restore gone wrong): the local backend's own advice, not etcd's "make it reachable"."""
-    return (
-        f"fix {path} by hand (one JSON object of key -> value strings, as flipvisor writes it), "
-        "or move it aside (flipvisor writes a new one; the other programs' keys are then missing "
-        "until their next flip)"
-    )
-
-
-def _unwritable(path: Path) -> str:
-    """What to do about a registry file that cannot be written."""
-    return f"make {path.parent} writable by the supervisor's user, with room on its file system"
-
-
-def _what_it_holds(data: object) -> str:
-    if isinstance(data, dict):
-        bad = next(k for k, v in data.items() if not (isinstance(k, str) and isinstance(v, str)))
-        return f"the key {bad!r} with a value of type {type(data[bad]).__name__}"
-    return f"a JSON {type(data).__name__}"
-
-
-_FILE_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
-
-
-def write_registry_file(path: Path, values: Mapping[str, str]) -> None:
-    """Replace ``path`` atomically with ``values`` (mode 0600; the folder is created 0700).
-
-    Raises:
-        RegistryError: the file could not be written.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # orjson: the stdlib's encoder is pure Python once indented; with 200 programs it held
-        # the GIL (so the event loop) for ~0.5 ms per write, orjson for ~0.08 ms.
-        data = orjson.dumps(dict(values), option=_FILE_OPTIONS)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:  # a short write (disk full, file size limit) is not an error yet
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        # The rename is durable only once the folder's entry is on disk too.
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise RegistryError(
-            f"cannot write the registry file {path}: {exc.strerror}",
-            _unwritable(path),
-        ) from exc
 
 
 def _program_values(values: Mapping[str, str], prefix: str, program: str) -> dict[str, str]:
@@ -357,23 +264,10 @@ class LocalRegistry:
             now_stamp = self._stamp()
             if now_stamp == stamp and not read_anyway:
                 continue
-            try:
-                current = (await self.read_keys(patterns)).values
-            except RegistryError as exc:
-                # Once per bad version of the file (a hand edit), not at every poll of every
-                # watch: it is read again at each poll, and a fix (even a chmod) takes effect.
-                logged = self._bad_file and self._bad_stamp == now_stamp
-                (log.debug if logged else log.warning)(
-                    "watching the registry file: %s; fix it, or rewrite it as one JSON object "
-                    "of key -> value strings",
-                    exc,
-                )
-                self._bad_file, self._bad_stamp = True, now_stamp
+            current = await self._read_watched(patterns, now_stamp)
+            if current is None:
                 live = False  # what the next good read finds may be as old as the bad file
                 continue
-            if self._bad_file:
-                log.info("watching the registry file: %s is readable again", self.path)
-                self._bad_file = False
             # Live: this poll follows a good one, so the change is at most a poll old (the
             # first one compares with a read made before the watch began).
             live = not read_anyway and live
@@ -386,6 +280,28 @@ class LocalRegistry:
                 self._revision += 1
                 yield [WatchEvent(k, current.get(k), self._revision, live) for k in changed]
             live = True
+
+    async def _read_watched(
+        self, patterns: Sequence[str], stamp: tuple[int, int, int] | None
+    ) -> Mapping[str, str] | None:
+        """The keys a watch reads at a poll; None (logged) while the file is unreadable."""
+        try:
+            current = (await self.read_keys(patterns)).values
+        except RegistryError as exc:
+            # Once per bad version of the file (a hand edit), not at every poll of every
+            # watch: it is read again at each poll, and a fix (even a chmod) takes effect.
+            logged = self._bad_file and self._bad_stamp == stamp
+            (log.debug if logged else log.warning)(
+                "watching the registry file: %s; fix it, or rewrite it as one JSON object "
+                "of key -> value strings",
+                exc,
+            )
+            self._bad_file, self._bad_stamp = True, stamp
+            return None
+        if self._bad_file:
+            log.info("watching the registry file: %s is readable again", self.path)
+            self._bad_file = False
+        return current
 
     def _stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -430,7 +346,7 @@ class LocalRegistry:
                     raise RegistryError(
                         f"cannot write the registry file {self.path}: the write that carried "
                         "this change failed",
-                        _unwritable(self.path),
+                        unwritable_advice(self.path),
                     )
                 target, snapshot = self._changes, dict(self._values)
                 try:
