@@ -342,18 +342,10 @@ async def wait_ready(
     """
     deadline = anyio.current_time() + readiness.timeout
     if readiness.http is not None:
-        url = probe_url(host, port, readiness.http)
-        unanswered = f"GET {url}: no response"
-        progress = _Progress(unanswered)
-        with anyio.move_on_after(readiness.timeout):
-            return await _probe_http(url, deadline, readiness.interval, progress)
-        since = progress.attempt_since
-        # The timeout came first: the attempt under way hung, unless it had just begun (less
-        # than an interval ago) after one that got an answer, which says more.
-        if since is not None and (
-            progress.reason == unanswered or anyio.current_time() - since >= readiness.interval
-        ):
-            progress.reason = f"GET {url}: {_no_response(since)}"
+        reason = await _wait_http(readiness, readiness.http, host, port, deadline)
+        if reason is None:
+            return
+        progress = _Progress(reason)
     elif readiness.exec is not None:
         command = " ".join(readiness.exec)
         progress = _Progress(f"`{command}` did not finish within {readiness.timeout:g}s")
@@ -375,3 +367,23 @@ async def wait_ready(
             return await notify.wait_ready(worker_pids, numprocs)
         progress = _Progress(notify.describe(numprocs))
     raise ProbeFailed(f"not ready after {readiness.timeout:g}s: {progress.reason}")
+
+
+async def _wait_http(
+    readiness: ReadinessConfig, path: str, host: str, port: int, deadline: float
+) -> str | None:
+    """``wait_ready`` for an http probe: None once ready, else why not when the timeout came."""
+    url = probe_url(host, port, path)
+    unanswered = f"GET {url}: no response"
+    progress = _Progress(unanswered)
+    with anyio.move_on_after(readiness.timeout):
+        await _probe_http(url, deadline, readiness.interval, progress)
+        return None
+    since = progress.attempt_since
+    # The timeout came first: the attempt under way hung, unless it had just begun (less than
+    # an interval ago) after one that got an answer, which says more.
+    if since is not None and (
+        progress.reason == unanswered or anyio.current_time() - since >= readiness.interval
+    ):
+        return f"GET {url}: {_no_response(since)}"
+    return progress.reason

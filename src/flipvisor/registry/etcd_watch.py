@@ -92,25 +92,9 @@ async def _watch_stream(
         if reply.created:
             index = indexes[reply.watch_id] = len(indexes)
             created_at[reply.watch_id] = reply.header.revision
-            wanted = next_revision[index]
-            if wanted is None:
-                next_revision[index] = reply.header.revision + 1
-            elif wanted > reply.header.revision + 1:
-                # A revision we saw that this etcd has not reached: its history was
-                # replaced (restored from a backup, or a new empty data dir). etcd would
-                # wait for that revision and ignore every change until then. (A lagging
-                # member of a cluster can look alike for a moment; reading again is safe.)
-                raise WatchLost(
-                    f"etcd's revision went back (restored or replaced?): it is at "
-                    f"{reply.header.revision}, this watch had seen up to {wanted - 1}"
-                )
+            _check_created(reply, next_revision, index)
         if reply.canceled:
-            if reply.compact_revision:
-                raise WatchLost(
-                    f"etcd compacted the history this watch needed (revision "
-                    f"{reply.compact_revision})"
-                )
-            raise WatchLost(f"etcd refused the watch: {reply.cancel_reason}")
+            raise _cancelled(reply)
         events = [
             WatchEvent(
                 ev.kv.key.decode(),
@@ -122,3 +106,32 @@ async def _watch_stream(
         ]
         if events:
             yield indexes[reply.watch_id], events
+
+
+def _check_created(reply: Any, next_revision: list[int | None], index: int) -> None:
+    """Note where a new watch starts (``next_revision``), or refuse one etcd would hold back.
+
+    Raises:
+        WatchLost: etcd's revision is behind one this watch had seen.
+    """
+    wanted = next_revision[index]
+    if wanted is None:
+        next_revision[index] = reply.header.revision + 1
+    elif wanted > reply.header.revision + 1:
+        # A revision we saw that this etcd has not reached: its history was replaced (restored
+        # from a backup, or a new empty data dir). etcd would wait for that revision and ignore
+        # every change until then. (A lagging member of a cluster can look alike for a moment;
+        # reading again is safe.)
+        raise WatchLost(
+            f"etcd's revision went back (restored or replaced?): it is at "
+            f"{reply.header.revision}, this watch had seen up to {wanted - 1}"
+        )
+
+
+def _cancelled(reply: Any) -> WatchLost:
+    """Why etcd cancelled a watch."""
+    if reply.compact_revision:
+        return WatchLost(
+            f"etcd compacted the history this watch needed (revision {reply.compact_revision})"
+        )
+    return WatchLost(f"etcd refused the watch: {reply.cancel_reason}")
