@@ -16,7 +16,8 @@ from .config import ProgramConfig, ProxyConfig
 from .errors import ProxyError, ProxyReloadFailed, RegistryConflict, RegistryError
 from .generation import Generation
 from .progress import FlipReport, Step
-from .proxy import Installed, check, install, proxy_workers, reload, remove, take_away
+from .proxy import check, install, proxy_workers, reload, remove, take_away
+from .proxy_file import Installed
 from .proxy_template import flip_context, render_template
 from .published_keys import serving_snapshot
 from .reaper import Reaper

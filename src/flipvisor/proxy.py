@@ -1,9 +1,9 @@
 """The flip's proxy step: install the rendered proxy file atomically, check it, reload.
 
 Every step that changes the proxy file keeps what it replaced, so a flip that fails later can put
-the previous file back (``Installed.restore``) before anything reloads. Check and reload commands
-run only through ``run_command.py``; the proxy's old workers are awaited through pidfds, never by
-polling.
+the previous file back (``proxy_file.Installed.restore``) before anything reloads. Check and reload
+commands run only through ``run_command.py``; the proxy's old workers are awaited through pidfds,
+never by polling.
 """
 
 from __future__ import annotations
@@ -12,16 +12,14 @@ import logging
 import os
 import re
 import shlex
-import stat
-import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
 
 from .errors import ProxyError, ProxyFileError, ProxyReloadFailed, ProxyReloadTimedOut, SpawnError
+from .proxy_file import Installed, muted, put_in_place, take_away_now
 from .run_command import run_command
 from .starttime import Recorded, recorded_now
 from .usable import file_problem
@@ -33,155 +31,6 @@ if TYPE_CHECKING:  # only the type: proxy.py's allowed imports are config, error
 log = logging.getLogger(__name__)
 
 PATH_PLACEHOLDER = "{path}"
-DEFAULT_FILE_MODE = 0o644
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-Owner = tuple[int, int]  # a file's uid and gid
-
-
-def _owner(found: os.stat_result) -> Owner:
-    return found.st_uid, found.st_gid
-
-
-def _keep_owner(fd: int, dest: Path, owner: Owner) -> None:
-    """Give the new file ``fd`` the replaced file's owner and group: a reader that is neither
-    root nor us (a proxy reading as its group, with mode 0640) reads it after a flip as before.
-    Only root may give a file away; a user may still give it a group of its own, so the group
-    is kept where the owner cannot be."""
-    now = _owner(os.fstat(fd))
-    if now == owner:
-        return
-    try:
-        os.fchown(fd, *owner)
-        return
-    except PermissionError:
-        pass
-    try:
-        os.fchown(fd, -1, owner[1])
-    except PermissionError:
-        kept = "neither its owner nor its group"
-    else:
-        kept = "its group but not its owner"
-    log.warning(
-        "%s was owned by uid %d gid %d; its new version keeps %s, as this user may not give "
-        "them away: make sure the proxy can read it",
-        dest,
-        *owner,
-        kept,
-    )
-
-
-def write_atomic(
-    dest: Path, data: bytes, mode: int = DEFAULT_FILE_MODE, owner: Owner | None = None
-) -> None:
-    """Replace ``dest`` with ``data`` so that readers see the old bytes or the new, never a mix;
-    with ``mode``, and the ``owner`` (uid, gid) of the file it replaces, where we may give it.
-
-    The temporary file starts with a dot and ends in ``.tmp`` so that nginx globs such as
-    ``include conf.d/*.conf`` or ``sites-enabled/*`` never pick it up.
-
-    Raises:
-        OSError: the directory is not writable, the disk is full, ...
-    """
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            if owner is not None:
-                _keep_owner(file.fileno(), dest, owner)
-            os.fchmod(file.fileno(), mode)  # after fchown, which may clear set-id bits
-            os.fsync(file.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(dest.parent)  # make the rename itself durable
-
-
-def _level(level: int, quiet: bool) -> int:
-    return logging.DEBUG if quiet else level
-
-
-@dataclass(frozen=True)
-class Installed:
-    """A proxy file put into place, with what it replaced (``previous`` None: there was none)."""
-
-    dest: Path
-    previous: bytes | None
-    previous_mode: int = DEFAULT_FILE_MODE
-    previous_owner: Owner | None = None  # None: whoever writes it
-
-    def restored(self) -> str:
-        """What ``restore`` did, for a message."""
-        return "kept the previous file" if self.previous is not None else "removed the new file"
-
-    def restore_after(self, failure: str, *, quiet: bool = False) -> None:
-        """``restore`` after ``failure`` (a check or a reload that failed). If that fails too,
-        the error names both: the operator needs the first cause as much as the second.
-
-        Raises:
-            ProxyError: the file could not be restored.
-        """
-        try:
-            self.restore(quiet=quiet)
-        except ProxyError as exc:
-            raise ProxyError(f"{failure}; then {exc}") from exc
-
-    def restore(self, *, quiet: bool = False) -> None:
-        """Put the previous file back atomically, or remove ``dest`` if there was none.
-
-        ``quiet``: say so at DEBUG only (see ``install``).
-
-        Raises:
-            ProxyError: the file could not be written or removed.
-        """
-        try:
-            if self.previous is None:
-                self.dest.unlink(missing_ok=True)
-                _fsync_dir(self.dest.parent)
-            else:
-                write_atomic(self.dest, self.previous, self.previous_mode, self.previous_owner)
-            log.log(_level(logging.INFO, quiet), "restored the previous proxy file %s", self.dest)
-        except OSError as exc:
-            raise ProxyError(f"cannot restore the previous {self.dest}: {exc.strerror}") from exc
-
-
-def _put_in_place(dest: Path, content: bytes) -> Installed:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    owner: Owner | None
-    try:
-        previous: bytes | None = dest.read_bytes()
-        found = dest.stat()
-        mode, owner = stat.S_IMODE(found.st_mode), _owner(found)
-    except FileNotFoundError:
-        previous, mode, owner = None, DEFAULT_FILE_MODE, None
-    write_atomic(dest, content, mode, owner)
-    return Installed(dest=dest, previous=previous, previous_mode=mode, previous_owner=owner)
-
-
-def _take_away(dest: Path) -> Installed | None:
-    try:
-        previous = dest.read_bytes()
-        found = dest.stat()
-    except FileNotFoundError:
-        return None
-    dest.unlink()
-    _fsync_dir(dest.parent)
-    return Installed(
-        dest=dest,
-        previous=previous,
-        previous_mode=stat.S_IMODE(found.st_mode),
-        previous_owner=_owner(found),
-    )
 
 
 async def take_away(dest: Path) -> Installed | None:
@@ -192,7 +41,7 @@ async def take_away(dest: Path) -> Installed | None:
         ProxyError: the file could not be read or removed.
     """
     try:
-        taken = await anyio.to_thread.run_sync(_take_away, dest)
+        taken = await anyio.to_thread.run_sync(take_away_now, dest)
     except OSError as exc:
         raise ProxyError(
             f"cannot remove the previous proxy file {dest}: {exc.strerror or exc}"
@@ -263,16 +112,30 @@ async def install(
     try:
         # Off the event loop: fsync can take a while on a busy disk. Not cancellable, so the
         # write is never abandoned halfway between "written" and "recorded as installed".
-        installed = await anyio.to_thread.run_sync(_put_in_place, dest, content.encode())
+        installed = await anyio.to_thread.run_sync(put_in_place, dest, content.encode())
     except OSError as exc:
         # What is wrong with the path, when that is it: mkdir's bare "File exists" for a file on
         # the way to dest named nothing.
         why = file_problem(dest) or exc.strerror or str(exc)
         raise ProxyFileError(f"cannot write the proxy file {dest}: {why}") from exc
-    log.log(_level(logging.INFO, quiet), "installed proxy file %s (%d bytes)", dest, len(content))
+    log.log(muted(logging.INFO, quiet), "installed proxy file %s (%d bytes)", dest, len(content))
     if not check_cmd:
         return installed
     argv = [arg.replace(PATH_PLACEHOLDER, str(dest)) for arg in check_cmd]
+    await _check_installed(installed, argv, reaper=reaper, timeout=timeout, quiet=quiet)
+    return installed
+
+
+async def _check_installed(
+    installed: Installed, argv: list[str], *, reaper: Reaper, timeout: float, quiet: bool
+) -> None:
+    """Run the check ``argv`` on the file ``install`` put in place; put the previous one back
+    if the check fails, times out, cannot start or is cancelled.
+
+    Raises:
+        ProxyError: the check failed (with its output).
+    """
+    dest = installed.dest
     try:
         result = await run_command(argv, reaper=reaper, timeout=timeout)
     except SpawnError as exc:
@@ -286,12 +149,11 @@ async def install(
     if not result.ok:
         installed.restore_after(f"proxy check of {dest} failed: {result.describe()}", quiet=quiet)
         log.log(
-            _level(logging.WARNING, quiet), "proxy check of %s failed, previous file restored", dest
+            muted(logging.WARNING, quiet), "proxy check of %s failed, previous file restored", dest
         )
         raise ProxyError(
             f"proxy check of {dest} failed, {installed.restored()}: {result.describe()}"
         )
-    return installed
 
 
 async def check(

@@ -180,7 +180,7 @@ def _write_as_nobody_into(folder: Path, nobody: pwd.struct_passwd) -> None:
     os.chown(dest, 0, nobody.pw_gid)
     dest.chmod(0o640)
     script = (
-        "import os, sys; from pathlib import Path; from flipvisor.proxy import write_atomic; "
+        "import os, sys; from pathlib import Path; from flipvisor.proxy_file import write_atomic; "
         f"os.setgid({nobody.pw_gid}); os.setgroups([]); os.setuid({nobody.pw_uid}); "
         f"write_atomic(Path(sys.argv[1]), b'upstream 8000;\\n', 0o640, (0, {nobody.pw_gid}))"
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from flipvisor import proxy, watch_drain, watch_template
+from flipvisor import proxy_file, watch_drain, watch_template
 from flipvisor.config import Config
 from flipvisor.errors import ProxyError
 from flipvisor.reaper import Reaper
@@ -625,15 +625,15 @@ async def test_a_retry_after_a_failed_restore_still_checks_and_reloads(
     # meanwhile): the unchecked render stays in place. A retry that found it "already in place"
     # would count as applied, never checked nor reloaded, and release any drain it holds.
     fast_retries(monkeypatch)
-    restore, failed = proxy.Installed.restore, []
+    restore, failed = proxy_file.Installed.restore, []
 
-    def restore_fails_once(self: proxy.Installed, *, quiet: bool = False) -> None:
+    def restore_fails_once(self: proxy_file.Installed, *, quiet: bool = False) -> None:
         if not failed:
             failed.append(self.dest)
             raise ProxyError(f"cannot restore the previous {self.dest}: No space left on device")
         restore(self, quiet=quiet)
 
-    monkeypatch.setattr(proxy.Installed, "restore", restore_fails_once)
+    monkeypatch.setattr(proxy_file.Installed, "restore", restore_fails_once)
     broken = tmp_path / "broken-elsewhere"
     broken.touch()
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, broken_while=broken)

@@ -1,0 +1,169 @@
+"""The proxy file on disk: replaced atomically, keeping its mode, owner and group, with what it
+replaced kept so that a flip that fails later puts it back (``Installed.restore``).
+
+Blocking calls (fsync); ``proxy.py`` runs them off the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ProxyError
+
+log = logging.getLogger("flipvisor.proxy")  # the proxy's steps log under one name
+
+DEFAULT_FILE_MODE = 0o644
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+Owner = tuple[int, int]  # a file's uid and gid
+
+
+def _owner(found: os.stat_result) -> Owner:
+    return found.st_uid, found.st_gid
+
+
+def _keep_owner(fd: int, dest: Path, owner: Owner) -> None:
+    """Give the new file ``fd`` the replaced file's owner and group: a reader that is neither
+    root nor us (a proxy reading as its group, with mode 0640) reads it after a flip as before.
+    Only root may give a file away; a user may still give it a group of its own, so the group
+    is kept where the owner cannot be."""
+    now = _owner(os.fstat(fd))
+    if now == owner:
+        return
+    try:
+        os.fchown(fd, *owner)
+        return
+    except PermissionError:
+        pass
+    try:
+        os.fchown(fd, -1, owner[1])
+    except PermissionError:
+        kept = "neither its owner nor its group"
+    else:
+        kept = "its group but not its owner"
+    log.warning(
+        "%s was owned by uid %d gid %d; its new version keeps %s, as this user may not give "
+        "them away: make sure the proxy can read it",
+        dest,
+        *owner,
+        kept,
+    )
+
+
+def write_atomic(
+    dest: Path, data: bytes, mode: int = DEFAULT_FILE_MODE, owner: Owner | None = None
+) -> None:
+    """Replace ``dest`` with ``data`` so that readers see the old bytes or the new, never a mix;
+    with ``mode``, and the ``owner`` (uid, gid) of the file it replaces, where we may give it.
+
+    The temporary file starts with a dot and ends in ``.tmp`` so that nginx globs such as
+    ``include conf.d/*.conf`` or ``sites-enabled/*`` never pick it up.
+
+    Raises:
+        OSError: the directory is not writable, the disk is full, ...
+    """
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            if owner is not None:
+                _keep_owner(file.fileno(), dest, owner)
+            os.fchmod(file.fileno(), mode)  # after fchown, which may clear set-id bits
+            os.fsync(file.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(dest.parent)  # make the rename itself durable
+
+
+def muted(level: int, quiet: bool) -> int:
+    """``level``, or DEBUG when ``quiet`` (a watch's retry; see ``proxy.install``)."""
+    return logging.DEBUG if quiet else level
+
+
+@dataclass(frozen=True)
+class Installed:
+    """A proxy file put into place, with what it replaced (``previous`` None: there was none)."""
+
+    dest: Path
+    previous: bytes | None
+    previous_mode: int = DEFAULT_FILE_MODE
+    previous_owner: Owner | None = None  # None: whoever writes it
+
+    def restored(self) -> str:
+        """What ``restore`` did, for a message."""
+        return "kept the previous file" if self.previous is not None else "removed the new file"
+
+    def restore_after(self, failure: str, *, quiet: bool = False) -> None:
+        """``restore`` after ``failure`` (a check or a reload that failed). If that fails too,
+        the error names both: the operator needs the first cause as much as the second.
+
+        Raises:
+            ProxyError: the file could not be restored.
+        """
+        try:
+            self.restore(quiet=quiet)
+        except ProxyError as exc:
+            raise ProxyError(f"{failure}; then {exc}") from exc
+
+    def restore(self, *, quiet: bool = False) -> None:
+        """Put the previous file back atomically, or remove ``dest`` if there was none.
+
+        ``quiet``: say so at DEBUG only (see ``install``).
+
+        Raises:
+            ProxyError: the file could not be written or removed.
+        """
+        try:
+            if self.previous is None:
+                self.dest.unlink(missing_ok=True)
+                _fsync_dir(self.dest.parent)
+            else:
+                write_atomic(self.dest, self.previous, self.previous_mode, self.previous_owner)
+            log.log(muted(logging.INFO, quiet), "restored the previous proxy file %s", self.dest)
+        except OSError as exc:
+            raise ProxyError(f"cannot restore the previous {self.dest}: {exc.strerror}") from exc
+
+
+def put_in_place(dest: Path, content: bytes) -> Installed:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    owner: Owner | None
+    try:
+        previous: bytes | None = dest.read_bytes()
+        found = dest.stat()
+        mode, owner = stat.S_IMODE(found.st_mode), _owner(found)
+    except FileNotFoundError:
+        previous, mode, owner = None, DEFAULT_FILE_MODE, None
+    write_atomic(dest, content, mode, owner)
+    return Installed(dest=dest, previous=previous, previous_mode=mode, previous_owner=owner)
+
+
+def take_away_now(dest: Path) -> Installed | None:
+    try:
+        previous = dest.read_bytes()
+        found = dest.stat()
+    except FileNotFoundError:
+        return None
+    dest.unlink()
+    _fsync_dir(dest.parent)
+    return Installed(
+        dest=dest,
+        previous=previous,
+        previous_mode=stat.S_IMODE(found.st_mode),
+        previous_owner=_owner(found),
+    )
