@@ -112,11 +112,13 @@ async def read_records(
 
 
 def recorded_leftovers(
-    records: Mapping[str, str], programs: Iterable[str], host: str
+    records: Mapping[str, str], programs: Iterable[str], host: str, *, even_if_gone: bool = False
 ) -> dict[str, Leftovers]:
-    """The leftovers that ``records`` (``read_records``) name for each of ``programs``."""
+    """The leftovers that ``records`` (``read_records``) name for each of ``programs``;
+    ``even_if_gone``: also those none of whose workers still runs (see ``leftovers_in``)."""
     found = {}
     for name in programs:
-        if (leftovers := leftovers_in(name, records.get(name), host)) is not None:
-            found[name] = leftovers
+        left = leftovers_in(name, records.get(name), host, even_if_gone=even_if_gone)
+        if left is not None:
+            found[name] = left
     return found

@@ -13,6 +13,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
@@ -29,7 +30,7 @@ from .logs_capture import capture
 from .progress import FlipReport
 from .published_keys import HOSTNAME
 from .registry.base import WatchableRegistry
-from .stray_programs import proxy_writers, recorded_strays, removed_programs, stop_stray_program
+from .stray_programs import proxy_writers, removed_programs, stop_stray_program
 
 if TYPE_CHECKING:
     from .program import Program, Runtime
@@ -107,14 +108,10 @@ class Predecessor:
             self.registry, self.config.registry.prefix, [*programs, *removed]
         )
         # What they start from now on is looked for whenever they are signalled.
-        found = {
-            name: replace(left, lineage=Lineage(state_dir, name))
-            for name, left in recorded_leftovers(records, programs, HOSTNAME).items()
-        }
-        strays = {
-            name: replace(left, lineage=Lineage(state_dir, name))
-            for name, left in recorded_strays(records, removed, HOSTNAME).items()
-        }
+        found = _with_lineage(recorded_leftovers(records, programs, HOSTNAME), state_dir)
+        # Removed from the config: found even with no worker left (its keys and proxy file stay).
+        gone = recorded_leftovers(records, removed, HOSTNAME, even_if_gone=True)
+        strays = _with_lineage(gone, state_dir)
         for name, processes in (processes_of(state_dir) if unclean else {}).items():
             lineage = Lineage(state_dir, name)
             into = found if name in programs else strays
@@ -307,3 +304,8 @@ class Predecessor:
         if self._strays_gone is not None:
             with anyio.move_on_after(timeout):
                 await self._strays_gone.wait()
+
+
+def _with_lineage(found: Mapping[str, Leftovers], state_dir: Path) -> dict[str, Leftovers]:
+    """``found``, each looking for what its processes start from now on (``Lineage``)."""
+    return {name: replace(left, lineage=Lineage(state_dir, name)) for name, left in found.items()}

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import anyio
@@ -34,7 +34,7 @@ from .config import Config, DrainConfig
 from .config_fields import MAX_PROGRAM_NAME, PROGRAM_NAME_RE
 from .errors import RegistryError
 from .history import History
-from .leftover_records import dead_supervisors_record, leftovers_in
+from .leftover_records import dead_supervisors_record
 from .leftovers import Leftovers
 from .program import Runtime
 from .published_keys import HOSTNAME
@@ -47,26 +47,14 @@ log = logging.getLogger(__name__)
 def removed_programs(state_dir: Path, configured: Collection[str]) -> list[str]:
     """The programs with a deploy history in ``state_dir`` that the config no longer has
     (``configured``): deployed by a previous run, stopped or removed since, or left routed by a
-    killed supervisor (which ``recorded_strays`` tells by their registry records)."""
+    killed supervisor (which ``recorded_leftovers`` with ``even_if_gone`` tells by their registry
+    records)."""
     try:
         entries = sorted(os.listdir(state_dir / "history"))
     except OSError:  # none yet, or unreadable: nothing known to have been deployed
         return []
     names = (entry.removesuffix(".json") for entry in entries if entry.endswith(".json"))
     return [name for name in names if _program_name(name) and name not in configured]
-
-
-def recorded_strays(
-    records: Mapping[str, str], removed: Iterable[str], host: str
-) -> dict[str, Leftovers]:
-    """Of the ``removed`` programs (``removed_programs``), those whose ``generation/current``
-    record (``records``, by program) a supervisor of ``host`` that no longer runs wrote, with
-    the workers it names that still run: none when they died with it."""
-    strays = {}
-    for name in removed:
-        if (left := leftovers_in(name, records.get(name), host, even_if_gone=True)) is not None:
-            strays[name] = left
-    return strays
 
 
 def proxy_writers(config: Config) -> dict[str, str]:
@@ -113,6 +101,8 @@ async def stop_stray_program(
     """
     name = stray.program
     if _program_name(name):
+        # Read again, not ``stray.record``: a stray kept until its successor serves stops long
+        # after it was found, and another writer may have promoted the program since.
         record = await _dead_supervisors_record(stray, registry, prefix)
         await _unroute(name, runtime, proxy_files, routed=record is not None)
         if record is not None:
