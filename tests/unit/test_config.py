@@ -969,6 +969,40 @@ def test_two_programs_cannot_share_a_fixed_port(first_host: str, second_host: st
     ]
 
 
+@pytest.mark.parametrize(
+    ("metrics_host", "program_host", "clashes"),
+    [
+        ("127.0.0.1", "127.0.0.1", True),
+        ("0.0.0.0", "127.0.0.1", True),
+        ("127.0.0.1", "::", True),
+        ("localhost", "127.0.0.1", False),  # a name: not known to be the same address
+        ("127.0.0.2", "127.0.0.1", False),
+    ],
+)
+def test_a_program_cannot_take_the_metrics_port(
+    metrics_host: str, program_host: str, clashes: bool
+) -> None:
+    """`run` binds the metrics endpoint first; the program would go fatal at every start with
+    "in use by pid <the supervisor>" (found by QA)."""
+    text = dedent(
+        f"""\
+        metrics: {{listen: "{metrics_host}:9100"}}
+        programs:
+          web:
+            command: x
+            socket: {{host: "{program_host}", port: 9100}}
+        """
+    )
+    expected = [
+        f"{PATH}:5: programs.web.socket.port: {program_host}:9100 is metrics.listen's already "
+        "(the supervisor's metrics endpoint listens there)"
+    ]
+    if clashes:
+        assert problems_of(text) == expected
+    else:
+        assert parse_config(text, PATH).programs["web"].socket.port == 9100
+
+
 def test_programs_on_different_hosts_or_ports_may_use_fixed_ports() -> None:
     text = dedent(
         """\

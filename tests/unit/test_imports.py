@@ -80,7 +80,7 @@ ALLOWED: dict[str, set[str]] = {
     "config_fields": {"locate"},
     "config": {"config_fields", "locate"},
     # config_file only for its type (ConfigFile), which it runs on.
-    "config_consistency": {"config_file", "problems"},
+    "config_consistency": {"config_file", "problems", "usable"},  # usable: metrics.listen read
     "config_file": {"config", "config_consistency", "errors", "locate", "problems"},
     "reaper": {"errors"},
     "spawn": {
