@@ -2,6 +2,10 @@
 place (a rename, by the look of it): its proxy file (the same ``proxy.dest``) or its fixed port's
 listening socket (the same ``socket`` host and port), and whether that program serves in its
 place yet. ``reload.py`` removes the old program only once it does.
+
+A program of the new config whose fixed port overlaps the removed one's address without being it
+(0.0.0.0 for 127.0.0.1 on that port) can neither share its socket nor bind the port while it
+serves: the removed one is not kept for a successor then, it drains first (``blocked_by``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
+from .config_consistency import addresses_overlap
 from .events import EventLog
 from .program import Program
 from .progress import FlipReport
@@ -26,6 +31,10 @@ class Handover:
     successor: str
     dest: Path | None = None  # the proxy file the successor writes
     address: tuple[str, int] | None = None  # the fixed (host, port) the successor listens on
+    # A program of the new config on the removed one's port with another host that overlaps it
+    # (``find_handovers``): it cannot bind the port before the removed one is gone, so waiting
+    # for a successor to serve first would keep the removed one for good.
+    blocked_by: str | None = None
 
     def what(self) -> str:
         """What the successor takes over: "its proxy file", "its port 127.0.0.1:8000"."""
@@ -95,11 +104,28 @@ def find_handovers(
             # Its port taken by another program than its file (two renames at once): that one
             # takes the socket all the same (``Reloads.socket_left``) while this one serves on.
             handovers[name] = Handover(
-                by_file, dest=proxy.dest, address=address if by_port == by_file else None
+                by_file,
+                dest=proxy.dest,
+                address=address if by_port == by_file else None,
+                blocked_by=_overlapping(address, listeners) if by_port is None else None,
             )
         elif by_port is not None:
             handovers[name] = Handover(by_port, address=address)
     return handovers
+
+
+def _overlapping(
+    address: tuple[str, int] | None, listeners: Mapping[tuple[str, int], str]
+) -> str | None:
+    """The program of ``listeners`` on ``address``'s port whose host overlaps it (another
+    host: the same address would take its socket over), if any."""
+    if address is None:
+        return None
+    host, port = address
+    for (other_host, other_port), name in listeners.items():
+        if other_port == port and other_host != host and addresses_overlap(host, other_host):
+            return name
+    return None
 
 
 def say_kept(events: EventLog, program: str, why: str) -> None:
