@@ -1,7 +1,7 @@
 """What a program a reload removes hands over to the program of the new config that takes its
-place (a rename, by the look of it): its proxy file (the same ``proxy.dest``) or its fixed port's
-listening socket (the same ``socket`` host and port), and whether that program serves in its
-place yet. ``reload.py`` removes the old program only once it does.
+place (a rename, by the look of it): its proxy file (the same ``proxy.dest``, however spelled) or
+its fixed port's listening socket (the same ``socket`` host and port), and whether that program
+serves in its place yet. ``reload.py`` removes the old program only once it does.
 
 A program of the new config whose fixed port overlaps the removed one's address without being it
 (0.0.0.0 for 127.0.0.1 on that port) can neither share its socket nor bind the port while it
@@ -11,6 +11,7 @@ serves: the removed one is not kept for a successor then, it drains first (``blo
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,9 @@ class Handover:
         if serving is None:
             return False
         config = serving.config
-        if self.dest is not None and (config.proxy is None or config.proxy.dest != self.dest):
+        if self.dest is not None and (
+            config.proxy is None or not same_file(config.proxy.dest, self.dest)
+        ):
             return False
         return self.address is None or (config.socket.host, config.socket.port) == self.address
 
@@ -84,10 +87,19 @@ class Handover:
 def find_handovers(
     programs: dict[str, Program], removed: list[str], new: Config
 ) -> dict[str, Handover]:
-    """The removed programs whose proxy file a program of ``new`` writes, or whose fixed
-    address (the socket their listener keeps) one listens on, each with what it takes over. Two
-    programs of one config share neither (``config_consistency.py``), so each has one taker."""
-    writers = {section.proxy.dest: name for name, section in new.programs.items() if section.proxy}
+    """The removed programs whose proxy file a program of ``new`` writes (compared by real path:
+    ``a/../a/x.conf`` or a symlinked folder is the same file), or whose fixed address (the
+    socket their listener keeps) one listens on, each with what it takes over. Two programs of
+    one config share neither (``config_consistency.py``), so each has one taker.
+
+    A watch entry's ``dest`` takes nothing over: a reload does not start the watches a file
+    adds (they run from the next start, ``RESTART_ONLY``), so nothing would rewrite the file;
+    the removed program leaves the proxy as any other."""
+    writers = {
+        os.path.realpath(section.proxy.dest): name
+        for name, section in new.programs.items()
+        if section.proxy
+    }
     listeners = {
         (section.socket.host, section.socket.port): name
         for name, section in new.programs.items()
@@ -97,7 +109,7 @@ def find_handovers(
     for name in removed:
         program = programs[name]
         proxy, address = program.config.proxy, program.listener.kept_address
-        by_file = writers.get(proxy.dest) if proxy is not None else None
+        by_file = writers.get(os.path.realpath(proxy.dest)) if proxy is not None else None
         by_port = listeners.get(address) if address is not None else None
         if by_file is not None:
             assert proxy is not None
@@ -126,6 +138,12 @@ def _overlapping(
         if other_port == port and other_host != host and addresses_overlap(host, other_host):
             return name
     return None
+
+
+def same_file(dest: Path, other: Path) -> bool:
+    """Whether two ``proxy.dest`` name one file, however spelled (realpath, not Path.resolve:
+    it never raises; a symlink loop stays as spelled)."""
+    return os.path.realpath(dest) == os.path.realpath(other)
 
 
 def say_kept(events: EventLog, program: str, why: str) -> None:
