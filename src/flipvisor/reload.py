@@ -288,19 +288,26 @@ class Reloads:
 
     def _remove_all(self, removed: list[str], handovers: dict[str, Handover]) -> list[anyio.Event]:
         """Begin to remove the programs the file lost, except those handed over to a program
-        that takes their proxy file or fixed port (one of them that does not serve is removed
-        here, and dropped from ``handovers``; its successor takes the socket it may still
-        drain on). Returns an event per program leaving the proxy, set once it has."""
+        that takes their proxy file or fixed port (one of them that does not serve, or whose
+        port a program of the new file cannot bind while it serves, is removed here, and
+        dropped from ``handovers``; its successor takes the socket it may still drain on, or
+        starts once it is gone). Returns an event per program leaving the proxy, set once it
+        has."""
         # Removals first: each takes its turn of the proxy lock to leave the proxy before an
         # added program's promotion takes its own. Their drains are not waited for.
         leaving = []
         for name in removed:
             if name not in handovers:
                 leaving.append(self._remove_program(name))
-            elif self.supervisor.programs[name].serving is None:
-                # Nothing of it to keep serving, and its file (if handed over) is another
-                # program's now: leave it in place. (One that serves is handed over below, its
-                # successor first; it serves on meanwhile.)
+            elif (
+                self.supervisor.programs[name].serving is None
+                or handovers[name].blocked_by is not None
+            ):
+                # Nothing of it to keep serving, or a program that cannot start while it serves
+                # (``_waiting_for_removal``: it starts once this one's drain is over). Its file
+                # is another program's now: leave it in place, naming the port that program
+                # comes to serve (if blocked) rather than nothing. (One that serves is handed
+                # over below, its successor first; it serves on meanwhile.)
                 self._remove_program(name, unroute=handovers.pop(name).unroutes())
             else:
                 self.handing_over[name] = handovers[name]

@@ -748,3 +748,45 @@ def test_a_stray_kept_for_a_successor_is_stopped_once_a_reload_removes_or_moves_
         for process in survivors:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
+
+
+def with_proxy_file(config: dict[str, Any], directory: Path, dest: str) -> dict[str, Any]:
+    """``config`` (``named``'s) whose program writes the proxy file ``dest`` in ``directory``."""
+    template = directory / "upstream.tmpl"
+    template.write_text("{{ program }} {{ port }}\n")
+    for section in config["programs"].values():
+        section["proxy"] = {"template": str(template), "dest": str(directory / dest)}
+    return config
+
+
+@pytest.mark.parametrize(
+    ("old_host", "new_host"), [("127.0.0.1", "0.0.0.0"), ("0.0.0.0", "127.0.0.1")]
+)
+def test_a_rename_through_a_proxy_file_to_an_overlapping_host_starts_once_the_old_one_drained(
+    flipvisor: Flipvisor, tmp_path: Path, old_host: str, new_host: str
+) -> None:
+    """Review: ``web`` renamed ``api`` with the same ``proxy.dest``, on its fixed port with
+    another host that overlaps it. The file made it a handover: ``web`` was kept until ``api``
+    served, and ``api`` could not bind the port while ``web`` held it ("the port is in use by
+    pid N", web's own worker), went ``fatal``, and ``web`` was kept for good. The socket cannot
+    be shared: ``web`` drains first (its file left in place, naming the port), and ``api``
+    starts once it is gone, as without a proxy file."""
+    port = free_port()
+    old = with_proxy_file(named("web", fixed_port_config(port, "old")), tmp_path, "up.conf")
+    old["programs"]["web"]["socket"]["host"] = old_host
+    flipvisor.start(old)
+    gen = flipvisor.wait_serving("web")
+    new = with_proxy_file(named("api", fixed_port_config(port, "new")), tmp_path, "up.conf")
+    new["programs"]["api"]["socket"]["host"] = new_host
+    flipvisor.write_config(new)
+    result = flipvisor.cli("reload", "--json")
+    assert result.returncode == 0, result.stderr + flipvisor.output()
+    assert json.loads(result.stdout)["kept"] == {}
+    api = wait_until(partial(renamed, flipvisor), timeout=20, message="the rename to settle")
+    assert api["state"] == "running", flipvisor.cli("status", "api").stdout + flipvisor.output()
+    assert not any(psutil.pid_exists(pid) for pid in gen["pids"])
+    assert version_on(port) == "new"
+    assert (tmp_path / "up.conf").read_text() == f"api {port}\n"
+    said = f"api listens on {new_host}:{port}, which web, removed from the config, holds"
+    assert said in flipvisor.output()
+    assert "kept-serving" not in flipvisor.event_kinds()

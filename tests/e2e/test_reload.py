@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from tests.fixtures.flipvisor import HELD_ADD, Flipvisor, read_until, svc_command
 from tests.waiting import wait_until
@@ -460,3 +461,52 @@ def test_a_reload_under_way_does_not_start_a_renamed_program_the_shutdown_stoppe
     assert flipvisor.output().count("stopped program=gone generation=None") == 1, out
     assert not any(key.endswith("/current") for key in flipvisor.registry()), flipvisor.registry()
     wait_until(lambda: not any(map(alive, pids)), timeout=10, message="every worker gone")
+
+
+@pytest.mark.parametrize("spelling", ["dot-dot", "symlinked-folder"])
+def test_a_rename_through_another_spelling_of_its_proxy_file_hands_the_file_over(
+    flipvisor: Flipvisor, tmp_path: Path, spelling: str
+) -> None:
+    """``web`` renamed ``site``, whose ``proxy.dest`` is web's file spelled another way
+    (``out/../out/up.conf``, or through a symlinked folder): a handover, as with one spelling.
+    Compared as spelled, it was a removal and an addition: web left the proxy (its file
+    removed) before site served, and was removed even though site never came to serve; and a
+    web kept for site would never have been released, site's file not being "its" file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    template = tmp_path / "upstream.tmpl"
+    template.write_text("{{ program }} {{ port }}\n")
+    if spelling == "symlinked-folder":
+        (tmp_path / "link").symlink_to(out)
+        other = tmp_path / "link" / "up.conf"
+    else:
+        other = out / ".." / "out" / "up.conf"
+
+    def writing(dest: Path, *flags: str, **readiness: Any) -> dict[str, Any]:
+        section = web(*flags, proxy={"template": str(template), "dest": str(dest)})
+        section["readiness"].update(readiness)
+        return section
+
+    flipvisor.start({"programs": {"web": writing(out / "up.conf", "--version", "1")}})
+    gen = flipvisor.wait_serving("web")
+    flipvisor.write_config({"programs": {"site": writing(other, "--health-fail", timeout=1)}})
+    result = flipvisor.cli("reload", "--json")
+    assert result.returncode == 0, result.stderr + flipvisor.output()
+    kept = json.loads(result.stdout)["kept"]
+    assert list(kept) == ["web"] and "site, which takes over its proxy file" in kept["web"], kept
+    serving = flipvisor.serving("web")
+    assert serving is not None and serving["pids"] == gen["pids"]
+    assert (out / "up.conf").read_text() == f"web {gen['port']}\n"
+
+    flipvisor.write_config({"programs": {"site": writing(other, "--version", "2")}})
+    flipped = flipvisor.cli("flip", "site")
+    assert flipped.returncode == 0, flipped.stdout + flipped.stderr + flipvisor.output()
+    wait_until(
+        lambda: [p["name"] for p in flipvisor.status()["programs"]] == ["site"],
+        timeout=20,
+        message="web to go once site serves",
+    )
+    assert not any(psutil.pid_exists(pid) for pid in gen["pids"])
+    site = flipvisor.serving("site")
+    assert site is not None and (out / "up.conf").read_text() == f"site {site['port']}\n"
+    assert "unrouted" not in flipvisor.event_kinds()

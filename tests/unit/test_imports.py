@@ -233,8 +233,9 @@ ALLOWED: dict[str, set[str]] = {
     "reload": CORE | {"supervisor", "reload_changes", "handover"},
     # What a reload makes of a changed section: the program's, decided on its Program.
     "reload_changes": {"config", "errors", "program"},
-    # What a removed program hands over to its successor: read off both Programs.
-    "handover": {"config", "program", "events", "progress"},
+    # What a removed program hands over to its successor: read off both Programs (and whether
+    # their fixed addresses overlap, as the config tells).
+    "handover": {"config", "config_consistency", "program", "events", "progress"},
     "commands": CORE | {"supervisor", "reload"},
     "orphans": WORKERS,
     "locate": {"errors"},
