@@ -6,6 +6,7 @@ Loading is pure: no logging, no exits. Relative paths are resolved against the c
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -19,7 +20,14 @@ from .config import Config
 from .config_consistency import problems_across_keys
 from .errors import ConfigError
 from .locate import describe_yaml_error, read_config_text, top_level_keys
-from .problems import LineIndex, Problem, in_file_order, load_yaml, locate_problem
+from .problems import (
+    LineIndex,
+    Problem,
+    in_file_order,
+    load_yaml,
+    locate_problem,
+    written_location,
+)
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,7 @@ def parse_config_file(text: str, path: Path) -> ConfigFile:
     try:
         config = Config.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        found = in_file_order(_describe(error, path, lines) for error in exc.errors())
+        found = in_file_order(_describe(error, path, node, lines) for error in exc.errors())
         raise ConfigError(f"invalid config file {path}:", [str(p) for p in found]) from None
     parsed = ConfigFile(path, config, lines, [])
     return replace(parsed, problems=in_file_order(problems_across_keys(parsed)))
@@ -117,10 +125,14 @@ _FRIENDLY: dict[str, str] = {
 }
 
 
-def _describe(error: Any, path: Path, lines: LineIndex) -> Problem:
-    loc = tuple(str(part) for part in error["loc"] if not _is_union_tag(part) and part != "[key]")
+def _describe(error: Any, path: Path, node: yaml.Node | None, lines: LineIndex) -> Problem:
+    parts = [part for part in error["loc"] if not _is_union_tag(part) and part != "[key]"]
+    # Keys as the file writes them: pydantic names an unquoted `off:` key 0, and its line by that.
+    loc = written_location(node, parts)
     kind = error["type"]
-    if kind in _FRIENDLY:
+    if kind == "string_type" and error["loc"][-1:] == ("[key]",):
+        message = _not_a_string_key(loc[-1], error["input"])
+    elif kind in _FRIENDLY:
         message = _FRIENDLY[kind]
     elif kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<"}.get(kind, "<=")
@@ -139,6 +151,15 @@ def _describe(error: Any, path: Path, lines: LineIndex) -> Problem:
         field, message = message.split(": ", 1)
         loc = (*loc, field)
     return locate_problem(path, lines, loc, message)
+
+
+def _not_a_string_key(written: str, read: Any) -> str:
+    """Why the key ``written`` is refused: YAML read it as ``read``, not as the text."""
+    if isinstance(read, bool) or read is None:
+        as_what = {True: "true", False: "false", None: "null"}[read]
+    else:
+        as_what = "a number" if isinstance(read, (int, float)) else "no text"
+    return f"must be a string: YAML reads {written} as {as_what}; quote it: {json.dumps(written)}"
 
 
 def _is_union_tag(part: Any) -> bool:

