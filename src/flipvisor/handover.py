@@ -114,7 +114,7 @@ def find_handovers(
         if by_file is not None:
             assert proxy is not None
             # Its port taken by another program than its file (two renames at once): that one
-            # takes the socket all the same (``Reloads.socket_left``) while this one serves on.
+            # takes the socket all the same (``SocketsLeft.socket_left``) while this one serves on.
             handovers[name] = Handover(
                 by_file,
                 dest=proxy.dest,

@@ -76,7 +76,7 @@ class Runtime:
     # holds (a program a reload removed: a rename; an old generation of a program that moved
     # away; a killed supervisor's program the config no longer has), and what that is, for the
     # program named that takes the address over; None if none does. Waits first for the flip
-    # of a program moving away from it. The supervisor's answer (``Supervisor._socket_left``).
+    # of a program moving away from it. The supervisor's answer (``SocketsLeft.socket_left``).
     socket_left: Callable[[str, SocketConfig], Awaitable[tuple[socket.socket, str] | None]] = (
         _no_socket_left
     )

@@ -3,8 +3,8 @@ added and started, those whose section changed are flipped (or their flip deferr
 reload_changes.py decides), and removed ones drained in the supervisor's task group (listed by
 status until they are gone) or, when another program takes their proxy file or fixed port over
 (``handover.py``), handed over to it; a change to the settings read once at start is reported
-with how to restart. It also answers which socket on a fixed address a program leaving it (a
-removed one, or an old generation of one that moved) leaves to the program taking it over.
+with how to restart. Which socket on a fixed address a removed program leaves to the one taking
+it over is ``sockets_left.py``'s.
 
 ``Reloads`` is a part of its ``Supervisor`` (``supervisor.reloads``), not an owner of its own:
 it adds to and removes from the supervisor's programs, in its task group.
@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio import CancelScope
 
-from .config import Config, ProgramConfig, SocketConfig
+from .config import Config, ProgramConfig
 from .config_consistency import addresses_overlap
 from .config_file import load_config
 from .control import Send
@@ -98,48 +97,15 @@ class Reloads:
             unrouted.set()  # nobody waits for what will not happen
             gone.set()
 
-    def socket_left(self, name: str, config: SocketConfig) -> tuple[socket.socket, str] | None:
-        """A duplicate of the listening socket on ``config``'s fixed address that a program
-        other than ``name`` is leaving, and which program that is; None if none is. Left: the
-        kept socket of a program a reload removed (serving on until the one that takes it over
-        serves, or draining), or the socket an old generation of another program still drains
-        on (its program flipped to another address, or was removed in a flip to this one).
-        Only the program of the config on that address asks: no two have one
-        (``config_consistency.py``)."""
-        leaving = [
-            *(self.supervisor.programs.get(name) for name in [*self.handing_over, *self.kept]),
+    def leaving(self) -> list[Program]:
+        """The programs a reload removed that still hold what they had: serving on until their
+        successor serves (``handing_over``, ``kept``), or draining (``removing``)."""
+        programs = self.supervisor.programs
+        handing = [programs.get(name) for name in [*self.handing_over, *self.kept]]
+        return [
+            *(program for program in handing if program is not None),
             *(program for program, _ in self.removing.values()),
         ]
-        for program in leaving:
-            if program is not None and (sock := program.listener.duplicate_kept(config)):
-                return sock, f"{program.name}, removed from the config"
-        others = [*self.supervisor.programs.values(), *leaving]
-        for program in others:
-            if program is None or program.name == name or program.listener.holds(config):
-                continue  # still its own program's kept socket: see ``moving_from``
-            for gen in program.generations:
-                at = (gen.config.socket.host, gen.config.socket.port)
-                # A generation's socket is closed once its drain is over.
-                if at == (config.host, config.port) and gen.socket.fileno() != -1:
-                    return gen.socket.dup(), f"{program.name}'s generation {gen.number}"
-        return None
-
-    def moving_from(self, name: str, config: SocketConfig) -> Program | None:
-        """A configured program other than ``name`` whose kept socket is on ``config``'s fixed
-        address while a flip of it moves it to another address (a reload shifted programs along
-        fixed ports): the address is left to ``name`` once that flip is over. None if none."""
-        for program in self.supervisor.programs.values():
-            target = program.flips.target  # what a flip under way deploys
-            if (
-                program.name == name
-                or program.current_flip is None
-                or target is None
-                or not program.listener.holds(config)
-            ):
-                continue
-            if (target.socket.host, target.socket.port) != (config.host, config.port):
-                return program
-        return None
 
     async def _hand_over(self, old: str, handover: Handover) -> str | None:
         """Remove ``old`` once its successor serves in its place (from its proxy file, which the
@@ -327,7 +293,7 @@ class Reloads:
             for program, _gone in self.removing.values():
                 held = program.listener.kept_address
                 if held is None or held == (wanted.host, wanted.port):
-                    continue  # the same address: its socket is taken over (``socket_left``)
+                    continue  # the same address: its socket is taken over (``sockets_left``)
                 if held[1] == wanted.port and addresses_overlap(held[0], wanted.host):
                     waiting[name] = program.name
                     break

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from anyio.abc import TaskGroup
 
 from . import signals
 from .commands import Commands
-from .config import Config, SocketConfig, same_deploy
+from .config import Config, same_deploy
 from .control import ControlServer
 from .errors import EXIT_USAGE, FlipvisorError, UsageError
 from .events import EventLog
@@ -36,6 +35,7 @@ from .registry.base import WatchableRegistry
 from .reload import Reloads
 from .run_start import prepare_run, record_run
 from .runrecord import remove_record
+from .sockets_left import SocketsLeft
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,7 @@ class Supervisor:
         # Where this supervisor recorded that it listens (``runrecord.py``); None until then, or
         # if it could not.
         self._record: Path | None = None
-        # The programs whose flip waits in ``_socket_left`` for another's flip away from an
-        # address: not waited for in turn (two programs swapping ports would wait for each
-        # other forever; each binds instead, and fails, as without the wait).
-        self._awaiting_address: set[str] = set()
+        self.sockets_left = SocketsLeft(self)
         self.runtime = Runtime(
             reaper=self.reaper,
             registry=self.registry,
@@ -80,7 +77,7 @@ class Supervisor:
             logs=config.logs,
             keeper=self.keeper,
             serves_through=self._serves_through,
-            socket_left=self._socket_left,
+            socket_left=self.sockets_left.socket_left,
         )
         self.predecessor = Predecessor(
             config, self.runtime, self.registry, self.keeper, self.programs
@@ -99,31 +96,6 @@ class Supervisor:
             ):
                 return True
         return False
-
-    async def _socket_left(
-        self, name: str, config: SocketConfig
-    ) -> tuple[socket.socket, str] | None:
-        """A duplicate of the socket on ``config``'s fixed address that something of ours
-        leaving it holds, for ``name``, which takes the address over (``Runtime.socket_left``):
-        a program a reload removed or an old generation (``Reloads.socket_left``), or a killed
-        supervisor's program the config no longer has (``Predecessor.stray_socket``). While a
-        flip moves another program away from the address, that flip is waited for first."""
-        while (moving := self.reloads.moving_from(name, config)) is not None:
-            if moving.name in self._awaiting_address:
-                break  # it waits for this one's address: a swap
-            report = moving.current_flip
-            assert report is not None
-            self._awaiting_address.add(name)
-            try:
-                await report.wait()
-                await moving.wait_settled()
-            finally:
-                self._awaiting_address.discard(name)
-            if moving.current_flip is report:
-                break  # not over yet (a stop's turn): leave the address to the bind
-        if (left := self.reloads.socket_left(name, config)) is not None:
-            return left
-        return await self.predecessor.stray_socket(config)
 
     def _orphan_reaped(self, pid: int, returncode: int, owner: tuple[str, int] | None) -> None:
         # An orphan re-parented to us and reaped: worth a line in `events` (a leaky service),

@@ -221,6 +221,7 @@ ALLOWED: dict[str, set[str]] = {
         "locate",
         "run_start",
         "predecessor",
+        "sockets_left",
     },
     # Parts of the supervisor's start-up: what it sees to first (another supervisor of the file,
     # the state_dir, the run record), and what it takes over from a killed one.
@@ -231,6 +232,8 @@ ALLOWED: dict[str, set[str]] = {
     "stray_programs": CORE | {"history", "leftover_records"},
     # Parts of the supervisor that take it (for its type only): its layer, supervisor included.
     "reload": CORE | {"supervisor", "reload_changes", "handover"},
+    # Which socket on a fixed address something of ours that leaves it leaves to its successor.
+    "sockets_left": {"config", "program", "supervisor"},
     # What a reload makes of a changed section: the program's, decided on its Program.
     "reload_changes": {"config", "errors", "program"},
     # What a removed program hands over to its successor: read off both Programs (and whether
