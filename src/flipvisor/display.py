@@ -8,6 +8,7 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .fatal_advice import fatal_advice
 from .printable import count, one_line
 
 if TYPE_CHECKING:
@@ -177,14 +178,9 @@ def _program_notes(program: dict[str, Any]) -> list[str]:
     if program.get("removing"):
         notes.append(f"{name}: removed from the config; listed until its workers are gone")
     if program.get("fatal_reason"):
-        reason = program["fatal_reason"]
-        if f"`flipvisor start {name}`" in reason:  # a failed flip's reason says what to fix
-            notes.append(f"{name}: fatal: {reason}")
-        else:
-            logs = (
-                "" if "flipvisor logs" in reason else f"`flipvisor logs {name}` shows its output, "
-            )
-            notes.append(f"{name}: fatal: {reason}; {logs}`flipvisor start {name}` tries again")
+        # The supervisor sends the reason with its next steps; one that did not (an older one)
+        # gets them here, worded as the supervisor words them.
+        notes.append(f"{name}: fatal: {fatal_advice(name, program['fatal_reason'])}")
     return notes
 
 
