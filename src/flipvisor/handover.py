@@ -6,7 +6,6 @@ place yet. ``reload.py`` removes the old program only once it does.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,6 @@ from .config import Config
 from .events import EventLog
 from .program import Program
 from .progress import FlipReport
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,5 +102,4 @@ def find_handovers(
 def say_kept(events: EventLog, program: str, why: str) -> None:
     """Say once that ``program``, no longer in the config, serves on for its successor
     (``kept-serving``): a removed program a reload keeps, or a killed supervisor's stray."""
-    events.emit("kept-serving", program, None, why)
-    log.warning("%s: %s", program, why)
+    events.emit("kept-serving", program, None, why)  # a warning in the log: ``events.WARNINGS``
