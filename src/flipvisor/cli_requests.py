@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cli_output import print_error, print_json, report_failure, waiting_notice
 from .errors import EXIT_FAILED, ControlUnreachable
+from .printable import one_line
 
 if TYPE_CHECKING:
     from .client import Reached
@@ -79,7 +80,9 @@ def _request(
 
 def _final(answer: dict[str, Any]) -> int:
     if answer.get("error"):
-        print_error(str(answer["error"]))
+        # A flip's failure names paths of the config (its folder, `proxy.dest`) and quotes
+        # commands' output: their control characters shown as escapes, on one line.
+        print_error(one_line(str(answer["error"])))
     return int(answer.get("exit_code", EXIT_FAILED))
 
 
@@ -197,11 +200,13 @@ def events(args: argparse.Namespace, path: Path) -> int:
 
 
 def event_line(message: dict[str, Any]) -> str:
-    """One event for people: ``12:00:01 web g2 promoted  port=41234 pids=[101]``."""
+    """One event for people, on one line: ``12:00:01 web g2 promoted port=41234 pids=[101]``."""
     stamp = time.strftime("%H:%M:%S", time.localtime(message["time"]))
     gen = f" g{message['generation']}" if message.get("generation") else ""
     fields = " ".join(f"{k}={v}" for k, v in message.get("fields", {}).items())
-    return (
+    # A message names paths of the config and quotes what workers and commands said: their
+    # control characters shown as escapes, and one line per event whatever they hold.
+    return one_line(
         f"{stamp} {message['program']}{gen} {message['kind']} "
         f"{message.get('message', '')} {fields}".rstrip()
     )
