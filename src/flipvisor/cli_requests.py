@@ -147,8 +147,17 @@ def flip_like(args: argparse.Namespace, path: Path) -> int:
     elif isinstance(report, dict) and "steps" in report:
         progress.summary(report)
     elif answer.get("ok"):
-        print(f"{args.program}: {answer.get('result', {}).get('state', 'ok')}")
+        print(f"{args.program}: {_state_of(args.program, report)}")
     return _final(answer)
+
+
+def _state_of(program: str, result: Any) -> str:
+    """What an ok answer to ``start`` or ``stop`` says ``program`` is now: its ``state``, or
+    (an answer without one, such as ``"result": null``) that it did not say."""
+    state = result.get("state") if isinstance(result, dict) else None
+    if isinstance(state, str) and state:
+        return one_line(state)
+    return f"done (the supervisor did not say its state: `flipvisor status {program}` shows it)"
 
 
 def reload(args: argparse.Namespace, path: Path) -> int:

@@ -130,3 +130,23 @@ def test_a_failed_flip_shows_control_characters_of_a_path_as_escapes(
     assert "  svc 2 said \\x1b]0;owned\\x07" in err, err  # (rich expands its tab)
     # The step's line (rich may wrap it: compared without the line breaks it put in).
     assert shown in err.replace("\n", ""), err
+
+
+@pytest.mark.parametrize("command", ["start", "stop"])
+def test_an_ok_answer_without_a_state_says_so(
+    command: str,
+    supervisor: ScriptedSupervisor,
+    config: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``"result": null`` in an ok answer (a supervisor of another version, say) made the CLI
+    fail with AttributeError on None after the command was carried out."""
+    supervisor.answer = [result(None)]
+    assert run_cli([command, "web", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out == (
+        "web: done (the supervisor did not say its state: `flipvisor status web` shows it)\n"
+    )
+    supervisor.answer = [result({"state": "stopped"})]
+    assert run_cli([command, "web", "-c", str(config)]) == 0
+    assert capsys.readouterr().out == "web: stopped\n"
