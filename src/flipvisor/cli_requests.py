@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cli_output import print_error, print_json, report_failure, waiting_notice
 from .errors import EXIT_FAILED, ControlUnreachable
+from .printable import one_line
 
 if TYPE_CHECKING:
     from .client import Reached
@@ -79,7 +80,9 @@ def _request(
 
 def _final(answer: dict[str, Any]) -> int:
     if answer.get("error"):
-        print_error(str(answer["error"]))
+        # A flip's failure names paths of the config (its folder, `proxy.dest`) and quotes
+        # commands' output: their control characters shown as escapes, on one line.
+        print_error(one_line(str(answer["error"])))
     return int(answer.get("exit_code", EXIT_FAILED))
 
 
@@ -144,8 +147,17 @@ def flip_like(args: argparse.Namespace, path: Path) -> int:
     elif isinstance(report, dict) and "steps" in report:
         progress.summary(report)
     elif answer.get("ok"):
-        print(f"{args.program}: {answer.get('result', {}).get('state', 'ok')}")
+        print(f"{args.program}: {_state_of(args.program, report)}")
     return _final(answer)
+
+
+def _state_of(program: str, result: Any) -> str:
+    """What an ok answer to ``start`` or ``stop`` says ``program`` is now: its ``state``, or
+    (an answer without one, such as ``"result": null``) that it did not say."""
+    state = result.get("state") if isinstance(result, dict) else None
+    if isinstance(state, str) and state:
+        return one_line(state)
+    return f"done (the supervisor did not say its state: `flipvisor status {program}` shows it)"
 
 
 def reload(args: argparse.Namespace, path: Path) -> int:
@@ -197,11 +209,13 @@ def events(args: argparse.Namespace, path: Path) -> int:
 
 
 def event_line(message: dict[str, Any]) -> str:
-    """One event for people: ``12:00:01 web g2 promoted  port=41234 pids=[101]``."""
+    """One event for people, on one line: ``12:00:01 web g2 promoted port=41234 pids=[101]``."""
     stamp = time.strftime("%H:%M:%S", time.localtime(message["time"]))
     gen = f" g{message['generation']}" if message.get("generation") else ""
     fields = " ".join(f"{k}={v}" for k, v in message.get("fields", {}).items())
-    return (
+    # A message names paths of the config and quotes what workers and commands said: their
+    # control characters shown as escapes, and one line per event whatever they hold.
+    return one_line(
         f"{stamp} {message['program']}{gen} {message['kind']} "
         f"{message.get('message', '')} {fields}".rstrip()
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .config import same_deploy
+from .fatal_advice import fatal_advice, next_steps
 from .generation import Generation
 from .restarts import RestartBudget, Verdict, judge_exit
 from .worker import Worker
@@ -119,9 +120,7 @@ class CrashPolicy:
         program = self.program
         if program.fatal_reason is None:
             program.fatal_reason = reason
-            program.runtime.events.emit(
-                "fatal", program.name, generation, self.describe_fatal() or reason
-            )
+            program.runtime.events.emit("fatal", program.name, generation, self._advice(reason))
             # Nothing is started once fatal: not even a restart already waiting out its backoff
             # (the budget that ran out since was spent on it). `start` revives those slots.
             for gen in program.generations:
@@ -130,25 +129,17 @@ class CrashPolicy:
             program.fatal_reason = reason
 
     def describe_fatal(self) -> str | None:
-        """Why the program is ``fatal`` (None: it is not) and, while a generation of the deploy a
-        rollback goes back to is kept warm, the ways on: ``rollback`` routes back to it at once,
-        ``start`` tries the failed release again. Read when asked: the warm generation goes at the
-        end of its window (or when a worker of it exits), and the reason then stops naming it."""
-        program = self.program
-        reason, warm = program.fatal_reason, self.rollback_target()
-        if reason is None or warm is None:
-            return reason
-        name = program.name
-        steps = [reason]
-        if "flipvisor logs" not in reason:
-            steps.append(f"`flipvisor logs {name}` shows its output")
-        steps.append(
-            f"`flipvisor rollback {name}` routes back at once to generation {warm.number}, kept "
-            "warm for it"
-        )
-        if f"`flipvisor start {name}`" not in reason:
-            steps.append(f"`flipvisor start {name}` tries again")
-        return "; ".join(steps)
+        """Why the program is ``fatal`` (None: it is not) and what to do (``fatal_advice``):
+        ``status``'s ``fatal_reason`` and the ``fatal`` event. While a generation of the deploy a
+        rollback goes back to is kept warm, ``rollback`` routes back to it at once. Read when
+        asked: the warm generation goes at the end of its window (or when a worker of it
+        exits), and the reason then stops naming it."""
+        reason = self.program.fatal_reason
+        return None if reason is None else self._advice(reason)
+
+    def _advice(self, reason: str) -> str:
+        warm = self.rollback_target()
+        return fatal_advice(self.program.name, reason, warm.number if warm is not None else None)
 
     def rollback_target(self) -> Generation | None:
         """The generation kept warm, if it runs what ``rollback`` deploys (the previous deploy):
@@ -183,16 +174,13 @@ class CrashPolicy:
         if program.serving is not gen or program.current_flip is not None or program._stops:
             return  # a flip or a stop took over meanwhile
         why = program.fatal_reason or "every worker exited and the restart policy starts none again"
-        name = program.name
         warm = self.rollback_target()
-        way_back = (
-            f"generation {warm.number} stays warm: `flipvisor rollback {name}` routes back to it "
-            f"at once, `flipvisor start {name}` starts its section afresh"
-            if warm is not None
-            else f"`flipvisor start {name}` starts it again"
-        )
+        steps = next_steps(program.name, why, warm.number if warm is not None else None)
         program.runtime.events.emit(
-            "given-up", name, gen.number, f"{why}: stopping it (its socket closes); {way_back}"
+            "given-up",
+            program.name,
+            gen.number,
+            f"{why}: stopping it (its socket closes); {'; '.join(steps)}",
         )
         # Kept only if a rollback would route back to it: one of an older deploy serves nothing.
         await program.stop(keep_warm=warm is not None)

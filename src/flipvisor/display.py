@@ -8,7 +8,8 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .printable import count, one_line
+from .fatal_advice import fatal_advice
+from .printable import count, one_line, terminal_safe
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -177,14 +178,9 @@ def _program_notes(program: dict[str, Any]) -> list[str]:
     if program.get("removing"):
         notes.append(f"{name}: removed from the config; listed until its workers are gone")
     if program.get("fatal_reason"):
-        reason = program["fatal_reason"]
-        if f"`flipvisor start {name}`" in reason:  # a failed flip's reason says what to fix
-            notes.append(f"{name}: fatal: {reason}")
-        else:
-            logs = (
-                "" if "flipvisor logs" in reason else f"`flipvisor logs {name}` shows its output, "
-            )
-            notes.append(f"{name}: fatal: {reason}; {logs}`flipvisor start {name}` tries again")
+        # The supervisor sends the reason with its next steps; one that did not (an older one)
+        # gets them here, worded as the supervisor words them.
+        notes.append(f"{name}: fatal: {fatal_advice(name, program['fatal_reason'])}")
     return notes
 
 
@@ -272,6 +268,15 @@ def _supervisor_lines(document: dict[str, Any], colour: bool) -> list[str]:
     return lines
 
 
+def _shown(text: object) -> str:
+    """Text the supervisor sent (a step's detail naming a path of the config, a command's
+    output) for a line of rich markup: its control characters as escapes, on one line, and its
+    brackets as written (a ``[/]`` in a path was a markup error, ``[red]`` a colour)."""
+    from rich.markup import escape
+
+    return escape(one_line(str(text)))
+
+
 class FlipProgress:
     """Prints each step of a flip as it finishes; a spinner on the running one on a terminal."""
 
@@ -305,19 +310,20 @@ class FlipProgress:
     def update(self, step: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        detail = _shown(step["detail"])
         if step["status"] == "running":
             if self._status is not None:
-                self._status.update(f"{step['step']}: {step['detail']}")
+                self._status.update(f"{step['step']}: {detail}")
             else:  # no spinner (not a terminal: a CI log, a pipe): a line, so a wait shows
                 self.console.print(
-                    f"{_STEP_MARK['running']} {step['step']:<12} {'':>8}  [dim]{step['detail']}[/]",
+                    f"{_STEP_MARK['running']} {step['step']:<12} {'':>8}  [dim]{detail}[/]",
                     highlight=False,
                 )
             return
         duration = f"{step['duration']:.3f}s" if step.get("duration") is not None else ""
         self.console.print(
             f"{_STEP_MARK.get(step['status'], '?')} {step['step']:<12} {duration:>8}  "
-            f"[dim]{step['detail']}[/]",
+            f"[dim]{detail}[/]",
             highlight=False,
         )
 
@@ -329,10 +335,10 @@ class FlipProgress:
                 highlight=False,
             )
             if report.get("warning"):  # it succeeded, but something it does is still under way
-                self.console.print(f"[yellow]{report['warning']}[/]", highlight=False)
+                self.console.print(f"[yellow]{_shown(report['warning'])}[/]", highlight=False)
             return
         self.console.print(f"[red]{report['program']}: {report['kind']} failed[/]", highlight=False)
         if report.get("output"):
             self.console.print("last output of the new generation:", style="bold")
             for line in report["output"]:
-                self.console.print("  " + line, highlight=False, markup=False)
+                self.console.print("  " + terminal_safe(line), highlight=False, markup=False)

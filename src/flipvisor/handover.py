@@ -10,7 +10,6 @@ serves: the removed one is not kept for a successor then, it drains first (``blo
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,8 +20,6 @@ from .config_consistency import addresses_overlap
 from .events import EventLog
 from .program import Program
 from .progress import FlipReport
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -149,5 +146,4 @@ def same_file(dest: Path, other: Path) -> bool:
 def say_kept(events: EventLog, program: str, why: str) -> None:
     """Say once that ``program``, no longer in the config, serves on for its successor
     (``kept-serving``): a removed program a reload keeps, or a killed supervisor's stray."""
-    events.emit("kept-serving", program, None, why)
-    log.warning("%s: %s", program, why)
+    events.emit("kept-serving", program, None, why)  # a warning in the log: ``events.WARNINGS``

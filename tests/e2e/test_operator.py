@@ -585,3 +585,31 @@ def test_stop_names_a_few_pids_of_a_big_generation(flipvisor: Flipvisor) -> None
     shown = " ".join(stopped.stderr.split())  # as wrapped to the terminal's width
     assert f"generation 1 (pid {', '.join(map(str, pids[:5]))} +3 more)" in shown, shown
     assert str(pids[5]) not in shown, shown
+
+
+def test_a_failed_flip_and_its_events_show_a_path_s_control_characters_as_escapes(
+    flipvisor: Flipvisor,
+) -> None:
+    """A folder of the config named with an escape sequence and a newline (here ``proxy.dest``'s,
+    a file where the folder should be): the flip's error and ``events`` name it with them
+    shown as escapes, not sent to the terminal (it cleared the screen, and started a line of
+    its own); ``events --json`` has it as written."""
+    folder = "conf\x1b[2J\nflipvisor: ok"
+    (flipvisor.dir / folder).write_text("a file, not a folder")
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    proxy = {"template": str(TEMPLATE), "dest": str(flipvisor.dir / folder / "web.conf")}
+    flipvisor.write_config({"programs": {"web": {**web("2"), "proxy": proxy}}})
+
+    flip = flipvisor.cli("flip", "web")
+
+    assert flip.returncode == 1, flip.stdout + flip.stderr
+    shown = "conf\\x1b[2J\\x0aflipvisor: ok/web.conf"
+    assert "\x1b" not in flip.stderr and f"{shown}: " in flip.stderr, flip.stderr
+    assert not any(line.startswith("flipvisor: ok") for line in flip.stderr.splitlines())
+    events = flipvisor.cli("events", "web")
+    assert events.returncode == 0, events.stderr
+    (failed,) = [line for line in events.stdout.splitlines() if " flip-failed " in line]
+    assert shown in failed and "\x1b" not in events.stdout, events.stdout
+    as_sent = flipvisor.cli("events", "web", "--json").stdout.splitlines()
+    assert any(folder in json.loads(line)["message"] for line in as_sent), as_sent

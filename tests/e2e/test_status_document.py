@@ -185,7 +185,11 @@ def test_status_json_document_of_a_realistic_supervisor(flipvisor: Flipvisor) ->
 
     # broken: fatal at once (max_restarts 0), its generation given up and gone.
     assert broken["state"] == "fatal"
+    # Why, then what to do (README): with or without a generation kept warm for a rollback.
     assert "exit status 3" in broken["fatal_reason"]
+    assert broken["fatal_reason"].endswith(
+        "; `flipvisor logs broken` shows its output; `flipvisor start broken` tries again"
+    ), broken["fatal_reason"]
     assert broken["generations"] == []
 
     # The output keeper: this supervisor's child, holding every worker's pipe (web's two

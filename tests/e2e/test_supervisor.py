@@ -195,6 +195,10 @@ def test_fatal_is_entered_once_and_keeps_the_reason_that_made_it(flipvisor: Flip
     reason = flipvisor.program("web")["fatal_reason"]
     assert "worker 0 of generation 1" in reason, reason
     assert [event["message"] for event in fatal_events(flipvisor)] == [reason]
+    # The given-up stop names the same next steps, in the same words.
+    steps = reason[reason.index("; `flipvisor logs web`") :]
+    (given_up,) = events_of(flipvisor, "given-up")
+    assert given_up["message"].endswith(f": stopping it (its socket closes){steps}"), given_up
 
 
 def test_no_worker_is_spawned_once_the_program_is_fatal(

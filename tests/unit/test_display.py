@@ -93,7 +93,7 @@ def test_notes_say_what_a_flip_is_doing_and_what_to_do_about_fatal() -> None:
     assert notes == [
         "web: flip to generation 3 in progress: probe (2.1s)",
         "api: fatal: worker 0 of generation 1 exit status 3; more than 5 restarts; "
-        "`flipvisor logs api` shows its output, `flipvisor start api` tries again",
+        "`flipvisor logs api` shows its output; `flipvisor start api` tries again",
     ]
 
 

@@ -4,7 +4,10 @@ number, so it never slows down whoever emits them and misses only what the histo
 
 from __future__ import annotations
 
+import ast
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -12,7 +15,9 @@ import pytest
 from anyio.abc import TaskStatus
 
 from flipvisor.cli_requests import event_line
-from flipvisor.events import HISTORY, MISSED, Event, EventLog
+from flipvisor.events import HISTORY, MISSED, WARNINGS, Event, EventLog
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "flipvisor"
 
 # What each subscriber could hold before: a burst bigger than it lost the rest, unmarked.
 OLD_BUFFER = 256
@@ -192,7 +197,7 @@ def test_events_that_say_something_went_wrong_are_logged_as_warnings(
     """A log filtered at WARNING still shows a failed deploy, a program given up and a kill."""
     events = EventLog()
     with caplog.at_level(logging.INFO, logger="flipvisor.events"):
-        for kind in ("spawned", "flip-failed", "fatal", "killed", "promoted"):
+        for kind in ("spawned", "flip-failed", "fatal", "killed", "kept-serving", "promoted"):
             events.emit(kind, "web", 2, "why")
     levels = {record.getMessage().split()[0]: record.levelname for record in caplog.records}
     assert levels == {
@@ -200,5 +205,77 @@ def test_events_that_say_something_went_wrong_are_logged_as_warnings(
         "flip-failed": "WARNING",
         "fatal": "WARNING",
         "killed": "WARNING",
+        "kept-serving": "WARNING",
         "promoted": "INFO",
     }
+
+
+# What a log call at warning level or above is named (``log.warning(...)``).
+WARNING_LEVELS = {"warning", "error", "critical", "exception"}
+
+
+def _blocks(tree: ast.AST) -> Iterator[list[ast.stmt]]:
+    """Every list of statements in ``tree``: a body, an ``else``, a ``finally``..."""
+    for node in ast.walk(tree):
+        for _, value in ast.iter_fields(node):
+            if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
+                yield value
+
+
+def _emitted_kind(statement: ast.stmt) -> str | None:
+    """The kind ``statement`` emits by name (``events.emit("kind", ...)``), if it does."""
+    if not isinstance(statement, ast.Expr | ast.Assign | ast.Return) or statement.value is None:
+        return None
+    for node in ast.walk(statement.value):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "emit"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            return node.args[0].value
+    return None
+
+
+def _logs_a_warning(statement: ast.stmt) -> bool:
+    """Whether ``statement`` is a log call at warning level or above (``log.warning(...)``)."""
+    return (
+        isinstance(statement, ast.Expr)
+        and isinstance(statement.value, ast.Call)
+        and isinstance(statement.value.func, ast.Attribute)
+        and statement.value.func.attr in WARNING_LEVELS
+        and isinstance(statement.value.func.value, ast.Name)
+        and statement.value.func.value.id in {"log", "logger", "logging"}
+    )
+
+
+def _emits_in_source() -> tuple[set[str], list[str]]:
+    """Every event kind src/flipvisor emits by name, and where an emit stands next to a log call
+    of its own at warning level (``path:line kind``)."""
+    kinds: set[str] = set()
+    warned: list[str] = []
+    for path in sorted(SRC.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for block in _blocks(tree):
+            for position, statement in enumerate(block):
+                if (kind := _emitted_kind(statement)) is None:
+                    continue
+                kinds.add(kind)
+                neighbours = (
+                    block[max(position - 1, 0) : position] + block[position + 1 : position + 2]
+                )
+                if any(_logs_a_warning(each) for each in neighbours):
+                    warned.append(f"{path.relative_to(SRC)}:{statement.lineno} {kind}")
+    return kinds, warned
+
+
+def test_an_event_meant_as_a_warning_is_one_of_the_warnings() -> None:
+    """An event that the code logs at warning level by a log call next to its emit (as
+    ``kept-serving`` was) belongs in ``WARNINGS``: its emit then logs it as a warning, once,
+    with its program and fields, and a log filtered at WARNING shows it like the others. Every
+    name in ``WARNINGS`` is one the code emits (a misspelt one would warn of nothing)."""
+    kinds, warned = _emits_in_source()
+    assert warned == [], "emitted next to a warning of their own: put them in WARNINGS instead"
+    assert not WARNINGS - kinds, f"in WARNINGS, never emitted: {WARNINGS - kinds}"

@@ -17,7 +17,15 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "flipvisor"
 
 # Components: a top-level module of the package, or "registry" for anything in registry/.
 ERRORS = {"errors"}
-LEAVES = ERRORS | {"states", "lazy_event", "signals", "usable", "starttime", "printable"}
+LEAVES = ERRORS | {
+    "states",
+    "lazy_event",
+    "signals",
+    "usable",
+    "starttime",
+    "printable",
+    "fatal_advice",
+}
 # The config file (models, their value types, reading, checks across sections) is one layer.
 CONFIG = {"config", "config_fields", "config_file", "config_consistency"}
 # A program's log: the rotating writer, a worker's capture into it, and the CLI's readers.
@@ -77,6 +85,7 @@ ALLOWED: dict[str, set[str]] = {
     "signals": set(),
     "usable": set(),
     "starttime": set(),
+    "fatal_advice": set(),
     "config_fields": {"locate"},
     "config": {"config_fields", "locate"},
     # config_file only for its type (ConfigFile), which it runs on.
