@@ -3,8 +3,9 @@
 Every step that changes the proxy file keeps what it replaced, so a flip that fails later can put
 the previous file back (``proxy_file.Installed.restore``) before anything reloads. Check and reload
 commands run only through ``run_command.py``. With the proxy's ``pidfile``, a reload is confirmed
-by the new worker its master starts (``reload``), and the proxy's old workers are awaited through
-pidfds, never by polling.
+by the new worker its master starts (``reload``; looked for by polling, as nothing announces a new
+child of a process not ours), and the proxy's old workers are awaited through pidfds, never by
+polling.
 """
 
 from __future__ import annotations
