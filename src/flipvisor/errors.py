@@ -75,6 +75,14 @@ class ProxyReloadTimedOut(ProxyReloadFailed):
     """The reload command outlived its timeout: the proxy may or may not have reloaded."""
 
 
+class ProxyReloadNotTaken(ProxyReloadFailed):
+    """The reload command succeeded, but the proxy's master (its ``pidfile``) started no new
+    worker: nginx rejected the new configuration at the reload (a ``listen`` it could not bind,
+    which ``nginx -t`` does not try) and serves on with its old workers and old configuration,
+    or it has not applied it yet. Undone like a failed reload (reloaded back): a slow proxy may
+    still apply it later."""
+
+
 class RegistryError(FlipvisorError):
     """The registry could not be read or written (etcd unreachable, a lost compare, I/O error).
 

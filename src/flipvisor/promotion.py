@@ -150,7 +150,11 @@ def _pause(patience: ProxyPatience | None, gen: Generation, proxy_lock: anyio.Lo
 
 async def wait_for_proxy(promotion: Promotion, *, program: str, report: FlipReport) -> None:
     """Drain on evidence: the replaced generation keeps serving until every proxy worker that
-    might still hold a connection to it has exited (at most ``proxy.timeout``)."""
+    might still hold a connection to it has exited (at most ``proxy.timeout``).
+
+    The reload was confirmed by then (``proxy.reload``: the master started new workers), so
+    old workers still running after ``proxy.timeout`` are only finishing long-lived
+    connections (keep-alive, websockets): the drain goes ahead, and those connections end."""
     proxy, workers = promotion.proxy, promotion.old_proxy_workers
     if proxy is None or not workers:
         return

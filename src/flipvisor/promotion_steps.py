@@ -16,7 +16,7 @@ from .config import ProgramConfig, ProxyConfig
 from .errors import ProxyError, ProxyReloadFailed, RegistryConflict, RegistryError
 from .generation import Generation
 from .progress import FlipReport, Step
-from .proxy import check, install, proxy_workers, reload, remove, take_away
+from .proxy import check, install, reload, remove, take_away
 from .proxy_file import Installed
 from .proxy_template import flip_context, render_template
 from .published_keys import serving_snapshot
@@ -177,7 +177,8 @@ async def _swap_keys(
 @dataclass
 class Reloading:
     """The reload step's outcome so far: whether the proxy may have reloaded towards the new
-    generation (an undo then reloads it back), and its workers from before the reload."""
+    generation (an undo then reloads it back), and, once it reloaded, its workers from before
+    the reload."""
 
     may_have_reloaded: bool = False
     old_proxy_workers: frozenset[Recorded] = frozenset()
@@ -205,25 +206,27 @@ async def _reload_until_taken(
     pause: Pause | None,
     step: Step,
 ) -> None:
-    """Reload the proxy; with ``pause``, again after each failure (checked first: the rest of
-    its config may have changed meanwhile, and an unchecked config is never reloaded) until a
-    reload succeeds."""
+    """Reload the proxy, confirmed with its ``pidfile`` (``proxy.reload``: a reload nginx did not
+    apply fails); with ``pause``, again after each failure (checked first: the rest of its config
+    may have changed meanwhile, and an unchecked config is never reloaded) until a reload
+    succeeds."""
     assert proxy.reload_cmd is not None
     retried = False
     while True:
-        if proxy.pidfile is not None:
-            reloading.old_proxy_workers = proxy_workers(proxy.pidfile)
         try:
             if retried:
                 await check(proxy.check_cmd, proxy.dest, reaper=reaper, timeout=proxy.timeout)
             # From here the proxy may route to gen: a reload that failed or was cut short (by
             # the flip's --timeout or its own) may have taken effect before it ended (a wrapper
             # that runs `nginx -s reload`, then fails a later step), and is undone like one that
-            # finished. Only a command that could not start is not, unless an earlier attempt
-            # may have reloaded.
+            # finished; so is one nginx showed no sign of applying (with a pidfile: no new
+            # worker), as it may yet. Only a command that could not start is not, unless an
+            # earlier attempt may have reloaded.
             before, reloading.may_have_reloaded = reloading.may_have_reloaded, True
             try:
-                await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+                reloading.old_proxy_workers = await reload(
+                    proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout, pidfile=proxy.pidfile
+                )
             except ProxyError as exc:
                 reloading.may_have_reloaded = before or isinstance(exc, ProxyReloadFailed)
                 raise

@@ -16,7 +16,7 @@ from .errors import ProxyError, RegistryError
 from .generation import Generation
 from .progress import FlipReport
 from .promotion_steps import Undo
-from .proxy import check, pasteable, proxy_workers, reload, wait_workers_gone
+from .proxy import check, pasteable, reload, wait_workers_gone
 from .reaper import Reaper
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,11 @@ async def _reload_back(
             # The file put back passed its check once, but the rest of the proxy's config may
             # have changed since; an unchecked config is never reloaded, here neither.
             await check(proxy.check_cmd, proxy.dest, reaper=reaper, timeout=proxy.timeout)
-            routing_to_gen = proxy_workers(proxy.pidfile) if proxy.pidfile else frozenset()
-            await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+            # Confirmed with a pidfile, as the reload forward: one nginx did not apply leaves
+            # it on whatever it ran, perhaps generation gen.
+            routing_to_gen = await reload(
+                proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout, pidfile=proxy.pidfile
+            )
         except ProxyError as exc:
             once = (
                 f" once its config passes {pasteable(proxy.check_cmd)}" if proxy.check_cmd else ""

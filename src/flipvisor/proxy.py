@@ -2,8 +2,10 @@
 
 Every step that changes the proxy file keeps what it replaced, so a flip that fails later can put
 the previous file back (``proxy_file.Installed.restore``) before anything reloads. Check and reload
-commands run only through ``run_command.py``; the proxy's old workers are awaited through pidfds,
-never by polling.
+commands run only through ``run_command.py``. With the proxy's ``pidfile``, a reload is confirmed
+by the new worker its master starts (``reload``; looked for by polling, as nothing announces a new
+child of a process not ours), and the proxy's old workers are awaited through pidfds, never by
+polling.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .errors import ProxyError, ProxyFileError, ProxyReloadFailed, ProxyReloadTimedOut, SpawnError
+from .errors import (
+    ProxyError,
+    ProxyFileError,
+    ProxyReloadFailed,
+    ProxyReloadNotTaken,
+    ProxyReloadTimedOut,
+    SpawnError,
+)
 from .proxy_file import Installed, muted, put_in_place, take_away_now
 from .run_command import run_command
 from .starttime import Recorded, recorded_now
@@ -31,6 +40,12 @@ if TYPE_CHECKING:  # only the type: proxy.py's allowed imports are config, error
 log = logging.getLogger(__name__)
 
 PATH_PLACEHOLDER = "{path}"
+
+# How often a reload's confirmation looks for the master's new worker: soon at first (nginx starts
+# its new workers within milliseconds of the signal), then less often, up to the maximum (a large
+# config takes a while to parse). Polled: nothing announces a new child of a process not ours.
+NEW_WORKER_POLL_FIRST = 0.01
+NEW_WORKER_POLL_MAX = 0.2
 
 
 async def take_away(dest: Path) -> Installed | None:
@@ -188,17 +203,34 @@ async def reload(
     *,
     reaper: Reaper,
     timeout: float,
-) -> None:
-    """Ask the proxy to load its configuration again (nothing to do without a command).
+    pidfile: Path | None = None,
+) -> frozenset[Recorded]:
+    """Ask the proxy to load its configuration again (nothing to do without a command); returns
+    the proxy's workers from before the reload (``pidfile``'s, see ``proxy_workers``): they may
+    still route as the previous configuration said, until they exit (``wait_workers_gone``).
+
+    With ``pidfile``, the reload counts only once the proxy shows that it applied it. nginx
+    applies a reload by starting new workers (children of its master) and then gracefully
+    stopping the old ones; a configuration it rejects at the reload starts no new worker, and
+    the old workers serve on with the old configuration. ``nginx -s reload`` only signals the
+    master, so it succeeds either way, and ``nginx -t`` binds nothing: a ``listen`` on a port
+    another process holds passes both, and only nginx's error log says ``bind() ... failed``.
+    So after the command, this waits (at most ``timeout``) for a worker of the master that is
+    not one of those from before. A master that had no worker before the reload (not running,
+    or no master-worker proxy) gives nothing to confirm it by, and neither does a missing
+    ``pidfile``: the command's success is all there is then.
 
     Raises:
+        ProxyReloadNotTaken: the command succeeded, but no new worker started within
+            ``timeout`` (the proxy kept its old configuration, or has not applied it yet).
         ProxyReloadTimedOut: the command timed out (the proxy may have reloaded).
         ProxyReloadFailed: the command failed (with its output); the proxy may have reloaded
             all the same, before whatever failed.
         ProxyError: the command could not start (the proxy did not reload).
     """
     if not reload_cmd:
-        return
+        return frozenset()
+    before = proxy_workers(pidfile) if pidfile is not None else frozenset()
     try:
         result = await run_command(list(reload_cmd), reaper=reaper, timeout=timeout)
     except SpawnError as exc:
@@ -207,7 +239,36 @@ async def reload(
         raise ProxyReloadTimedOut(f"proxy reload failed: {result.describe()}")
     if not result.ok:
         raise ProxyReloadFailed(f"proxy reload failed: {result.describe()}")
+    if pidfile is not None and before and not await _new_worker_started(pidfile, before, timeout):
+        raise ProxyReloadNotTaken(
+            f"nginx did not apply the reload: the reload command succeeded, but no new worker "
+            f"of the master (pidfile {pidfile}) started within {timeout:g}s, so its old workers "
+            "serve on with the previous config; see nginx's error log (a `listen` on a port "
+            "that something else holds, say)"
+        )
     log.info("proxy reloaded: %s", shlex.join(reload_cmd))
+    return before
+
+
+async def _new_worker_started(pidfile: Path, before: frozenset[Recorded], timeout: float) -> bool:
+    """Whether the master in ``pidfile`` has a worker that is not one of ``before`` (by PID and
+    start tick: a reused PID is a new worker) within ``timeout``: the sign that it applied a
+    reload."""
+    # By start tick, not the whole record: its wall-clock start time moves with a clock step.
+    known = {_worker_key(worker) for worker in before}
+    delay = NEW_WORKER_POLL_FIRST
+    with anyio.move_on_after(timeout):
+        while all(_worker_key(worker) in known for worker in proxy_workers(pidfile)):
+            await anyio.sleep(delay)
+            delay = min(delay * 2, NEW_WORKER_POLL_MAX)
+        return True
+    return False
+
+
+def _worker_key(worker: Recorded) -> tuple[int, object]:
+    """What tells one worker from another across reads: its PID and start tick (its start time
+    only where the boot id could not be read)."""
+    return (worker.pid, worker.identity if worker.identity is not None else worker.started)
 
 
 def pasteable(command: Sequence[str] | None) -> str:

@@ -12,7 +12,7 @@ import anyio
 
 from .config import ProxyConfig
 from .errors import ProxyError, ProxyReloadTimedOut
-from .proxy import pasteable, proxy_workers, reload, remove, wait_workers_gone
+from .proxy import pasteable, reload, remove, wait_workers_gone
 from .reaper import Reaper
 from .starttime import Recorded
 
@@ -75,13 +75,13 @@ async def _reload_without(
     program: str, proxy: ProxyConfig, *, reaper: Reaper
 ) -> frozenset[Recorded] | None:
     """Reload the proxy without ``program``'s file; returns the proxy workers to wait for (none
-    if the reload timed out), or None if it failed (logged with what to do)."""
-    # Without a reload command nothing reloads: its workers would be waited for in vain.
-    old_workers = (
-        proxy_workers(proxy.pidfile) if proxy.pidfile and proxy.reload_cmd else frozenset()
-    )
+    if the reload timed out), or None if it failed or, with a pidfile, nginx did not apply it
+    (logged with what to do)."""
     try:
-        await reload(proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout)
+        # Without a reload command nothing reloads, and no workers are waited for in vain.
+        old_workers = await reload(
+            proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout, pidfile=proxy.pidfile
+        )
     except ProxyReloadTimedOut:
         return frozenset()  # it may have reloaded; nothing more to do but drain
     except ProxyError as exc:

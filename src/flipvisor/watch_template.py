@@ -33,7 +33,7 @@ import anyio
 
 from .config import WatchConfig
 from .errors import ProxyError, RegistryError
-from .proxy import install, proxy_workers, reload, wait_workers_gone
+from .proxy import install, reload, wait_workers_gone
 from .proxy_template import render_template
 from .reaper import Reaper
 from .registry import KeyRange, WatchableRegistry, WatchEvent, key_matches
@@ -221,7 +221,8 @@ class TemplateWatch(KeyFollower):
         """Install ``content``, checked, and reload the proxy; the file restored if that fails.
         Returns the proxy's workers from before the reload (its ``pidfile``'s), to wait for.
 
-        Raises: ProxyError: checking or reloading failed.
+        Raises: ProxyError: checking or reloading failed, or (with a ``pidfile``) the proxy did
+            not apply the reload.
         """
         installed = await install(
             self.dest,
@@ -231,10 +232,14 @@ class TemplateWatch(KeyFollower):
             timeout=COMMAND_TIMEOUT,
             quiet=quiet,
         )
-        pidfile = self.entry.pidfile
-        old_workers = proxy_workers(pidfile) if pidfile is not None else frozenset()
         try:
-            await reload(self.entry.reload_cmd, reaper=self.reaper, timeout=COMMAND_TIMEOUT)
+            # With a pidfile, a reload nginx did not apply fails like one whose command failed.
+            old_workers = await reload(
+                self.entry.reload_cmd,
+                reaper=self.reaper,
+                timeout=COMMAND_TIMEOUT,
+                pidfile=self.entry.pidfile,
+            )
         except ProxyError as exc:
             # A reload that failed may have taken effect (a wrapper that reloads, then fails a
             # later step): the proxy then runs the new render while the disk holds the previous

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -976,6 +977,64 @@ def test_a_failed_reload_is_not_reloaded_back_past_a_failing_check(
     assert len(reloads.read_text().splitlines()) == 1  # the reload back never ran
     assert (nginx.conf_dir / "web.conf").read_bytes() == before.proxy_file
     assert flipvisor.registry() == before.keys
+
+
+def _template_with_extra_listen(folder: Path) -> Path:
+    """The shipped nginx template, plus a second `listen` when the vars name one."""
+    template = folder / "site.conf.j2"
+    listen = "    listen {{ listen | default(8080) }};"
+    template.write_text(
+        TEMPLATE.read_text().replace(
+            listen,
+            listen + "\n{%- if extra_listen is defined %}\n    listen {{ extra_listen }};"
+            "\n{%- endif %}",
+        )
+    )
+    assert template.read_text() != TEMPLATE.read_text(), "the template's listen line changed"
+    return template
+
+
+def test_a_reload_that_nginx_did_not_apply_leaves_the_old_generation_serving(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
+    """The flip's file adds a `listen` on a port another process holds: `nginx -t` passes (it
+    binds nothing), `nginx -s reload` exits 0, and nginx's master logs "bind() ... failed",
+    keeps its old workers and old config (routing to generation 1). With the pidfile, the flip
+    sees that no new worker started: it fails like a failed reload, puts the file and the keys
+    back, reloads nginx back, and generation 1 serves on (it was drained, and nginx answered
+    502, when the reload was taken as done)."""
+    template = _template_with_extra_listen(tmp_path)
+    busy = socket.create_server(("127.0.0.1", 0))  # what already listens where the file asks
+
+    def web(version: str, **extra_vars: Any) -> dict[str, Any]:
+        return program(
+            nginx,
+            version,
+            proxy={
+                "template": str(template),
+                "timeout": 3,
+                "vars": {"listen": nginx.listen, **extra_vars},
+            },
+        )
+
+    with busy:
+        start_serving(flipvisor, nginx, web("1"))
+        before = BeforeFlip.take(flipvisor, nginx)
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        flipvisor.write_config({"programs": {"web": web("2", extra_listen=taken)}})
+        result = flipvisor.cli("flip", "web")
+        served = [version_served(nginx) for _ in range(3)]
+        assert None not in served, (
+            f"nginx answers with an error after the flip (exit {result.returncode}): "
+            f"{result.stdout[-600:]}{result.stderr[-600:]}\n{flipvisor.output()[-1500:]}"
+        )
+        assert result.returncode == 1, result.stdout + result.stderr
+        error = " ".join(result.stderr.split())  # the display wraps long lines
+        assert "nginx did not apply the reload" in error, error
+        assert "no new worker" in error and "see nginx's error log" in error, error
+        assert "generation 1, serving before, keeps serving" in error, error
+        assert "reload-back" in error, error  # nginx may yet apply it: reloaded back anyway
+        before.assert_untouched(flipvisor, nginx)
 
 
 def _version(nginx: Nginx) -> str | None:

@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from flipvisor.errors import ProxyError, ProxyFileError
+from flipvisor.errors import ProxyError, ProxyFileError, ProxyReloadNotTaken
 from flipvisor.proxy import install, proxy_workers, reload, wait_workers_gone
 from flipvisor.proxy_template import flip_context, render_template
 from flipvisor.reaper import Reaper
@@ -365,6 +365,61 @@ async def test_old_workers_exit_after_reload(nginx: Nginx) -> None:
 
     new = await await_until(new_workers, message="nginx's new workers, without the old one")
     assert new.isdisjoint(old)
+
+
+async def test_a_reload_with_the_pidfile_returns_once_a_new_worker_started(nginx: Nginx) -> None:
+    old = proxy_workers(nginx.pidfile)
+    assert old
+    async with running_reaper() as reaper:
+        returned = await reload(
+            nginx.reload_cmd, reaper=reaper, timeout=TIMEOUT, pidfile=nginx.pidfile
+        )
+    assert returned == old  # the workers to wait for
+    # Confirmed: the master has a worker that was not there before the reload.
+    assert {w.pid for w in proxy_workers(nginx.pidfile)} - {w.pid for w in old}
+    assert await wait_workers_gone(old, timeout=TIMEOUT)
+
+
+async def test_a_reload_nginx_does_not_apply_fails_and_its_old_workers_serve_on(
+    nginx: Nginx,
+) -> None:
+    """A `listen` on a port something else holds passes `nginx -t` (it binds nothing), and
+    `nginx -s reload` succeeds (it only signals the master); the master logs that it could not
+    bind and keeps its old workers and config. Only the pidfile shows it: no new worker."""
+    dest = nginx.conf_dir / "app.conf"
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        held = f"127.0.0.1:{busy.getsockname()[1]}"
+        async with running_reaper() as reaper:
+            await install(
+                dest,
+                f"server {{ listen {held}; return 204; }}\n",
+                check_cmd=nginx.check_cmd,
+                reaper=reaper,
+                timeout=TIMEOUT,
+            )
+            old = proxy_workers(nginx.pidfile)
+            assert old
+            with anyio.fail_after(TIMEOUT), pytest.raises(ProxyReloadNotTaken) as caught:
+                await reload(nginx.reload_cmd, reaper=reaper, timeout=1, pidfile=nginx.pidfile)
+            # Without the pidfile nothing can tell: the command's success is all there is.
+            assert await reload(nginx.reload_cmd, reaper=reaper, timeout=TIMEOUT) == frozenset()
+    message = str(caught.value)
+    assert "nginx did not apply the reload" in message
+    assert f"no new worker of the master (pidfile {nginx.pidfile}) started within 1s" in message
+    assert "see nginx's error log" in message
+    assert "Address already in use" in nginx.log_tail()
+    assert proxy_workers(nginx.pidfile) == old  # the old workers serve on
+
+
+async def test_a_reload_without_workers_to_replace_is_not_waited_for(tmp_path: Path) -> None:
+    """A pidfile that names no running master (or one without workers) gives nothing to
+    confirm the reload by: the command's success is taken, and there is nothing to wait for."""
+    async with running_reaper() as reaper:
+        with anyio.fail_after(TIMEOUT):
+            workers = await reload(
+                ["true"], reaper=reaper, timeout=60, pidfile=tmp_path / "missing.pid"
+            )
+    assert workers == frozenset()
 
 
 async def test_old_workers_are_waited_for_across_a_clock_step(
