@@ -36,8 +36,11 @@ DEADLINE = 20.0
 
 def stubborn(drain_timeout: float) -> ProgramConfig:
     """A worker that ignores SIGTERM (only the drain's SIGKILL ends it) and never gets ready."""
+    # Ignored from its first instruction (an ignored signal stays ignored across exec), not
+    # once the service has started: on a loaded machine the probe may fail before that.
+    ignoring = ["sh", "-c", 'trap "" TERM; exec "$0" "$@"']
     return ProgramConfig(
-        command=svc_command("--ignore-term", "--health-fail"),
+        command=[*ignoring, *svc_command("--ignore-term", "--health-fail")],
         numprocs=1,
         readiness=ReadinessConfig(http="/health", timeout=0.5),
         drain=DrainConfig(delay=0.0, timeout=drain_timeout),
@@ -99,6 +102,7 @@ def test_the_flip_waits_for_the_whole_drain_however_long_its_timeout() -> None:
 async def test_a_discarded_generation_is_listed_until_its_drain_is_over(tmp_path: Path) -> None:
     async with running_program(tmp_path, stubborn(drain_timeout=2.0)) as program:
         report = program.start_flip(kind="start")
+        report.close()  # nobody follows its steps
         pid = await started_worker(program)
         with anyio.fail_after(DEADLINE):
             while not report.finished:  # listed for as long as its worker runs
@@ -120,6 +124,7 @@ async def test_past_the_bound_the_generation_stays_the_programs_until_it_has_end
     monkeypatch.setattr(discard_module, "discard_bound", lambda drain: 0.5)
     async with running_program(tmp_path, stubborn(drain_timeout=3.0)) as program:
         report = program.start_flip(kind="start")
+        report.close()  # nobody follows its steps
         pid = await started_worker(program)
         with anyio.fail_after(DEADLINE):
             await report.wait()
