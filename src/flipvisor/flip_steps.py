@@ -13,9 +13,10 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .config import ProgramConfig
+from .discard import discard
 from .errors import FlipFailed, FlipvisorError, ProbeFailed, flip_next_step
 from .flip_outcome import retry_command, what_serves
-from .generation import DISCARD_TIMEOUT, Generation
+from .generation import Generation
 from .progress import FlipReport
 from .promotion import Promotion, promote
 from .proxy_patience import ProxyPatience
@@ -102,7 +103,8 @@ async def _spawn(
 
 
 async def _discard(flips: Flips, gen: Generation, exc: BaseException, reason: str) -> None:
-    """Stop ``gen`` after ``exc`` ended its flip, and drop it from the program's generations."""
+    """Stop ``gen`` after ``exc`` ended its flip, and drop it from the program's generations
+    once it has ended (``discard.py``)."""
     # A stop's cancellation (``abandon``) is no failure of the generation: it ends
     # stopped, and `events` shows no `failed` before the flip-abandoned.
     called_off = (
@@ -110,9 +112,7 @@ async def _discard(flips: Flips, gen: Generation, exc: BaseException, reason: st
         and flips.abandon is not None
         and flips.abandon.cancel_called
     )
-    with anyio.CancelScope(shield=True), anyio.move_on_after(DISCARD_TIMEOUT):
-        await (gen.call_off() if called_off else gen.discard(reason))
-    flips.program.generations.remove(gen)
+    await discard(flips.program, gen, reason, called_off=called_off)
 
 
 def _reason(exc: BaseException) -> str:

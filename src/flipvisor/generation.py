@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 TAIL_LINES = 20
 # A worker killed with SIGKILL is gone at once unless the kernel is stuck; bound the wait anyway.
 KILL_GRACE = 10.0
-# How long a flip waits for a generation it discards (it failed before serving) to be stopped.
-DISCARD_TIMEOUT = 30.0
 
 
 def _open_notify_socket(
@@ -375,10 +373,15 @@ class Generation:
         self._stop.requested.set()
 
     async def drain(self) -> None:
-        """Drain a generation that served (or was ready): delay, signal, timeout, SIGKILL."""
-        if self.state not in (GenerationState.DRAINING, GenerationState.STOPPED):
-            self.transition(GenerationState.DRAINING)
-        self.request_stop(delay=self.config.drain.delay)
+        """Drain a generation that served (or was ready): delay, signal, timeout, SIGKILL.
+
+        One that stops already is only waited for: a drain under way (its delay and timeout
+        are not cut short), or a discard its flip stopped waiting for (``discard.py``), which
+        stays what it is (it never served: it ends failed, not drained)."""
+        if not self.stopping:
+            if self.state not in (GenerationState.DRAINING, GenerationState.STOPPED):
+                self.transition(GenerationState.DRAINING)
+            self.request_stop(delay=self.config.drain.delay)
         await self._stopped.wait()
 
     async def discard(self, reason: str) -> None:
@@ -394,6 +397,11 @@ class Generation:
         self._stop.called_off = True
         self.request_stop(delay=0.0)
         await self._stopped.wait()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether it has ended: every process of it is gone, its socket closed."""
+        return self._stopped.is_set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

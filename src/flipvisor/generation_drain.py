@@ -17,6 +17,13 @@ from .strays import Strays, wait_for_strays
 from .worker import Worker
 
 
+def drain_takes_at_most(drain: DrainConfig, delay: float, kill_grace: float) -> float:
+    """How long ``GenerationDrain.run`` takes at most, if the kernel lets go of every process it
+    SIGKILLs: ``delay``, the drain timeout, then ``kill_grace`` for the workers once SIGKILLed and
+    ``kill_grace`` again for what they left running in their groups."""
+    return delay + drain.timeout + 2 * kill_grace
+
+
 @dataclass
 class GenerationDrain:
     """The drain of one generation's processes (``Generation.run`` runs it once it stops)."""

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .config import same_deploy
+from .discard import discard
 from .errors import ProbeFailed
-from .generation import DISCARD_TIMEOUT, Generation
+from .generation import Generation
 from .progress import FlipReport
 from .promotion import Promotion
 from .states import GenerationState
@@ -131,12 +132,10 @@ class Retirement:
 
     async def _discard(self, gen: Generation, reason: str) -> None:
         """Stop the warm generation ``gen`` at once: it failed its probe (or lost a worker) on
-        the way back, so it is no rollback target any more. It ends ``failed``, saying why."""
+        the way back, so it is no rollback target any more. It ends ``failed``, saying why,
+        and leaves the program's generations once it has ended (``discard.py``)."""
         gen.transition(
             GenerationState.FAILED,
             f"kept warm for a rollback, it failed its readiness probe on the way back: {reason}",
         )
-        with anyio.CancelScope(shield=True), anyio.move_on_after(DISCARD_TIMEOUT):
-            await gen.discard(reason)
-        if gen in self.program.generations:
-            self.program.generations.remove(gen)
+        await discard(self.program, gen, reason)

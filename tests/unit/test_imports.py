@@ -70,6 +70,7 @@ CORE = WORKERS | {
     "flip",
     "flip_steps",
     "flip_outcome",
+    "discard",
     "retirement",
     "takeover",
     "protocol",
@@ -213,9 +214,12 @@ ALLOWED: dict[str, set[str]] = {
     "program_stop": WORKERS | {"unroute", "program"},
     "crash_policy": WORKERS | {"restarts", "program"},
     "flip": WORKERS | {"promotion", "proxy_patience", "program", "flip_steps", "flip_outcome"},
-    "flip_steps": WORKERS | {"promotion", "proxy_patience", "program", "flip", "flip_outcome"},
+    "flip_steps": WORKERS
+    | {"promotion", "proxy_patience", "program", "flip", "flip_outcome", "discard"},
     "flip_outcome": WORKERS | {"program"},
-    "retirement": WORKERS | {"promotion", "program"},
+    # How a generation that never served is stopped and dropped from its program.
+    "discard": WORKERS | {"program"},
+    "retirement": WORKERS | {"promotion", "program", "discard"},
     "takeover": WORKERS | {"program"},
     "control": LEAVES | {"protocol", "config"},
     "client": LEAVES | {"protocol", "config", "locate", "runrecord"},
