@@ -29,7 +29,7 @@ from .generation_probe import describe_probe, probe_until_ready
 from .kept_outputs import OutputKeeper
 from .lazy_event import LazyEvent
 from .logs import ProgramLog
-from .probe import NotifySocket
+from .notify_socket import NotifySocket
 from .reaper import Reaper
 from .sockets import bound_port
 from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition

@@ -24,7 +24,8 @@ import pytest
 
 from flipvisor.config import ReadinessConfig
 from flipvisor.errors import ProbeFailed
-from flipvisor.probe import NotifySocket, probe_url, wait_ready
+from flipvisor.notify_socket import NotifySocket
+from flipvisor.probe import probe_url, wait_ready
 from flipvisor.reaper import Reaper
 from flipvisor.spawn import Child, spawn_process
 from tests.reaping import running_reaper
