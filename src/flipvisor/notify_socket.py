@@ -1,5 +1,11 @@
-"""A generation's sd_notify socket: the datagrams its workers send (``READY=1``, ``STATUS=``),
-each sender identified by the kernel and traced to the worker it is or descends from.
+"""A generation's sd_notify socket, read for as long as the generation has it open: each
+datagram's sender identified by the kernel and traced to the worker it is or descends from, the
+workers that said ``READY=1`` counted for the readiness probe.
+
+Read for the generation's whole life, as systemd reads a service's: a worker keeps notifying
+after it is ready (php-fpm sends ``STATUS=`` every 10 s, a restarted worker ``READY=1`` again),
+and libsystemd's ``sd_notify`` sends with a blocking datagram send, so a socket nobody reads
+fills its queue (``net.unix.max_dgram_qlen``) and then stops the worker in ``sendto()``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,15 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # Room for the credentials plus fds a sender may attach (FDSTORE=1); we close those at once.
 _ANCILLARY = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(64 * array.array("i").itemsize)
 _MAX_SUN_PATH = MAX_SOCKET_PATH
+# At most FLOOD_LIMIT datagrams are read per FLOOD_WINDOW seconds (500 a second, some hundred
+# times what a service sends): a worker sending in a loop costs the supervisor a bounded share
+# of a core, and is itself slowed down (its sendto() waits for room in the queue) rather than
+# stopped.
+FLOOD_LIMIT = 50
+FLOOD_WINDOW = 0.1
+# How many senders' last STATUS= (and ignored senders) are kept: a generation that lives for
+# months and restarts its workers meets ever new PIDs.
+REMEMBERED_SENDERS = 32
 
 
 class NotifySocket:
@@ -34,6 +49,10 @@ class NotifySocket:
 
     The sender of each datagram is identified by the kernel (SCM_CREDENTIALS), never by what the
     message claims, so only a worker or one of its descendants can declare a worker ready.
+
+    ``read`` is its only reader, run by the generation for as long as the socket is open;
+    ``wait_ready`` (the probe) asks it, and never reads the socket itself: two readers would
+    race for the same ``READY=1``.
     """
 
     def __init__(self, path: Path) -> None:
@@ -62,8 +81,13 @@ class NotifySocket:
             self._sock.close()
             raise ProbeFailed(f"cannot bind notify socket {path}: {exc.strerror or exc}") from exc
         self._ready: set[int] = set()  # workers (not senders) that sent READY=1
-        self._statuses: dict[int, str] = {}  # sender pid -> last STATUS=
+        self._statuses: dict[int, str] = {}  # sender pid -> last STATUS=, oldest first
         self._ignored: dict[int, str] = {}  # non-worker sender pid -> why it was ignored
+        # Set (and replaced by the next waiter) once ``read`` handled datagrams: ``wait_ready``
+        # counts again. Made by the first waiter: the socket is bound outside the event loop too.
+        self._heard: anyio.Event | None = None
+        self._closed = False
+        self._read_ended = False  # nothing more will be heard: ``read`` ended, or was cancelled
 
     @property
     def ready_workers(self) -> frozenset[int]:
@@ -72,18 +96,57 @@ class NotifySocket:
 
     @property
     def statuses(self) -> Mapping[int, str]:
-        """The last ``STATUS=`` text of each sender PID."""
+        """The last ``STATUS=`` text of each sender PID (of the last REMEMBERED_SENDERS)."""
         return dict(self._statuses)
+
+    async def read(self, pids: Callable[[], set[int]]) -> None:
+        """Read every datagram sent to the socket until it is closed or this is cancelled.
+
+        ``pids()`` (the generation's running workers) is consulted at each ``READY=1``: a
+        sender counts for the worker it is, or the worker it descends from (gunicorn and uvicorn
+        may notify from a child process). What the messages are worth:
+
+        - ``READY=1``: the worker is ready (``wait_ready``). A restarted worker of a serving
+          generation says it again; nothing waits for it (a serving generation's restart is not
+          probed), but it is read like any other, or it would fill the queue.
+        - ``STATUS=``: kept (the last one of each sender) for a failed probe's message, and
+          logged at debug.
+        - ``STOPPING=1``: logged at debug; the worker's exit is what counts.
+        - Anything else (``WATCHDOG=1``, ``RELOADING=1``, ``MAINPID=``,
+          ``EXTEND_TIMEOUT_USEC=``, ``FDSTORE=1``): ignored; an fd sent along is closed.
+
+        At most FLOOD_LIMIT datagrams are read per FLOOD_WINDOW. Cancellable at its awaits.
+        """
+        try:
+            window_end = anyio.current_time() + FLOOD_WINDOW
+            allowance = FLOOD_LIMIT
+            while not self._closed:
+                if anyio.current_time() >= window_end:
+                    window_end = anyio.current_time() + FLOOD_WINDOW
+                    allowance = FLOOD_LIMIT
+                handled = self._read_available(pids, allowance)
+                allowance -= handled
+                if handled and self._heard is not None:
+                    self._heard.set()
+                if allowance <= 0:  # a flood: the rest waits for the next window
+                    await anyio.sleep_until(window_end)
+                else:
+                    await anyio.wait_readable(self._sock)
+        except anyio.ClosedResourceError:
+            pass  # closed under it (``close``): nothing more to read
+        finally:
+            self._read_ended = True
+            if self._heard is not None:
+                self._heard.set()  # a waiter learns that nothing more will be heard
 
     async def wait_ready(self, pids: Callable[[], set[int]], count: int) -> None:
         """Return once ``count`` distinct workers that still run sent ``READY=1``.
 
-        ``pids()`` is consulted at each datagram: a sender counts for the worker it is, or the
-        worker it descends from (gunicorn and uvicorn may notify from a child process). Messages
-        already queued on the socket count too. Cancellable at its only await.
+        Counts what ``read`` (which must be running) handled, queued before this was called
+        too. Cancellable at its only await.
 
         Raises:
-            anyio.ClosedResourceError: ``close()`` was called while waiting.
+            anyio.ClosedResourceError: the socket is closed (or ``read`` ended) while waiting.
         """
         while True:
             # A worker that sent READY=1 and exited since (a first start restarts it) counts no
@@ -91,14 +154,11 @@ class NotifySocket:
             self._ready &= pids()
             if len(self._ready) >= count:
                 return
-            try:
-                data, ancdata, _flags, _addr = self._sock.recvmsg(NOTIFY_BUFFER, _ANCILLARY)
-            except BlockingIOError:
-                data = None
-            if data is None:  # waited outside the except clause, as output_pipe.read_available
-                await anyio.wait_readable(self._sock)
-                continue
-            self._handle(data, ancdata, pids())
+            if self._closed or self._read_ended:
+                raise anyio.ClosedResourceError
+            if self._heard is None or self._heard.is_set():
+                self._heard = anyio.Event()
+            await self._heard.wait()
 
     def describe(self, count: int) -> str:
         """One line for an error message: how many workers are ready, and what they said."""
@@ -109,6 +169,9 @@ class NotifySocket:
 
     def close(self) -> None:
         """Close the socket and remove its file."""
+        self._closed = True
+        if self._heard is not None:
+            self._heard.set()  # a waiter raises: nothing more will be heard
         if self._sock.fileno() >= 0:
             with contextlib.suppress(RuntimeError):  # no event loop: nobody can be waiting on it
                 anyio.notify_closing(self._sock)
@@ -116,22 +179,58 @@ class NotifySocket:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    def _handle(self, data: bytes, ancdata: list[tuple[int, int, bytes]], pids: set[int]) -> None:
+    def _read_available(self, pids: Callable[[], set[int]], limit: int) -> int:
+        """Handle the datagrams queued now, up to ``limit`` of them; how many were handled."""
+        handled = 0
+        while handled < limit:
+            try:
+                data, ancdata, _flags, _addr = self._sock.recvmsg(NOTIFY_BUFFER, _ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                # Not expected of a bound datagram socket; never worth failing the generation
+                # for. Counted as a datagram, so that one that repeats is bounded like a flood.
+                log.warning("cannot read notify socket %s: %s", self.path, exc)
+                return handled + 1
+            self._handle(data, ancdata, pids)
+            handled += 1
+        return handled
+
+    def _handle(
+        self, data: bytes, ancdata: list[tuple[int, int, bytes]], pids: Callable[[], set[int]]
+    ) -> None:
         sender = _credentials(ancdata)
         if sender is None:  # cannot happen with SO_PASSCRED, but never trust an unknown sender
             return
         fields = _parse_notify(data)
         if "STATUS" in fields:
-            self._statuses[sender] = fields["STATUS"]
+            _remember(self._statuses, sender, fields["STATUS"])
+            log.debug("pid=%d STATUS=%s", sender, fields["STATUS"])
+        if fields.get("STOPPING") == "1":
+            log.debug("pid=%d says it is stopping (STOPPING=1)", sender)
         if fields.get("READY") != "1":
             return
-        worker, why = _worker_of(sender, pids)
+        running = pids()
+        worker, why = _worker_of(sender, running)
         if worker is None:
-            self._ignored[sender] = why
-            log.warning("ignoring READY=1 from pid=%d: %s", sender, why)
+            if sender not in self._ignored:  # once per sender: a loop must not flood the log
+                log.warning("ignoring READY=1 from pid=%d: %s", sender, why)
+            _remember(self._ignored, sender, why)
             return
         log.debug("READY=1 from pid=%d (worker pid=%d)", sender, worker)
+        # Those that exited since count no more; without this, a generation whose workers are
+        # restarted for months would keep every PID they ever had.
+        self._ready &= running
         self._ready.add(worker)
+
+
+def _remember(remembered: dict[int, str], sender: int, text: str) -> None:
+    """Keep ``text`` as ``sender``'s latest, forgetting the senders heard from least recently
+    beyond REMEMBERED_SENDERS."""
+    remembered.pop(sender, None)
+    remembered[sender] = text
+    while len(remembered) > REMEMBERED_SENDERS:
+        del remembered[next(iter(remembered))]
 
 
 def _credentials(ancdata: list[tuple[int, int, bytes]]) -> int | None:
