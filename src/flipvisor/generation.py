@@ -29,7 +29,7 @@ from .generation_probe import describe_probe, probe_until_ready
 from .kept_outputs import OutputKeeper
 from .lazy_event import LazyEvent
 from .logs import ProgramLog
-from .probe import NotifySocket
+from .notify_socket import NotifySocket
 from .reaper import Reaper
 from .sockets import bound_port
 from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition
@@ -310,6 +310,10 @@ class Generation:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                if self.notify is not None:
+                    # Read from before the first worker runs until the generation ends: a
+                    # socket nobody reads stops its workers in sendto() once its queue is full.
+                    tg.start_soon(self.notify.read, lambda: set(self.pids))
                 try:
                     for worker in self.workers:
                         await tg.start(worker.run)
@@ -322,7 +326,7 @@ class Generation:
                 await self._stop.requested.wait()
                 await self._drain_workers()
                 # Once every process of the generation is gone: ends the readers of what
-                # exited workers left running (``keep_reading``) too.
+                # exited workers left running (``keep_reading``), and of its notify socket, too.
                 tg.cancel_scope.cancel()
             if spawn_error is not None:
                 raise spawn_error

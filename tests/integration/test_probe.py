@@ -24,7 +24,8 @@ import pytest
 
 from flipvisor.config import ReadinessConfig
 from flipvisor.errors import ProbeFailed
-from flipvisor.probe import NotifySocket, probe_url, wait_ready
+from flipvisor.notify_socket import FLOOD_LIMIT, FLOOD_WINDOW, NotifySocket
+from flipvisor.probe import probe_url, wait_ready
 from flipvisor.reaper import Reaper
 from flipvisor.spawn import Child, spawn_process
 from tests.reaping import running_reaper
@@ -141,17 +142,27 @@ async def probe(
     numprocs: int = 1,
     env: dict[str, str] | None = None,
 ) -> None:
-    await wait_ready(
-        config,
-        host=host,
-        port=port,
-        reaper=reaper,
-        env=env if env is not None else dict(os.environ),
-        cwd=None,
-        notify=notify,
-        worker_pids=lambda: set(pids or ()),
-        numprocs=numprocs,
-    )
+    failure: Exception | None = None
+    async with anyio.create_task_group() as generation:
+        if notify is not None:  # read by its generation, as ``Generation.run`` does
+            generation.start_soon(notify.read, lambda: set(pids or ()))
+        try:
+            await wait_ready(
+                config,
+                host=host,
+                port=port,
+                reaper=reaper,
+                env=env if env is not None else dict(os.environ),
+                cwd=None,
+                notify=notify,
+                worker_pids=lambda: set(pids or ()),
+                numprocs=numprocs,
+            )
+        except Exception as exc:  # raised after the group, so that it is not wrapped in one
+            failure = exc
+        generation.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 def answers(port: int) -> bool:
@@ -487,6 +498,41 @@ async def test_notify_from_a_workers_child_counts_for_the_worker(notify: NotifyS
         assert notify.ready_workers == {worker.pid}
 
 
+# Sends STATUS=1 .. STATUS=<argv[1]> through one blocking datagram socket (as sd_notify sends),
+# as fast as it can, then exits.
+STATUS_FLOOD = r"""
+import os, socket, sys
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+    for sent in range(1, int(sys.argv[1]) + 1):
+        s.sendto(f"STATUS={sent}".encode(), os.environ["NOTIFY_SOCKET"])
+"""
+
+
+def _unix_dgram_queue() -> int:
+    """How many datagrams a unix socket's receive queue holds before a sender blocks."""
+    try:
+        return int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+    except (OSError, ValueError):
+        return 512
+
+
+async def test_notify_read_slows_a_flood_down_without_stopping_it(notify: NotifySocket) -> None:
+    # Past what the queue holds, the sender goes on only as fast as the socket is read: at most
+    # FLOOD_LIMIT datagrams a window, so 4 windows at least for 4 windows' worth (and one more).
+    messages = _unix_dgram_queue() + 4 * FLOOD_LIMIT + 1
+    async with running_reaper() as reaper, anyio.create_task_group() as generation:
+        began = anyio.current_time()
+        generation.start_soon(notify.read, set)
+        async with running(reaper, STATUS_FLOOD, str(messages), env=notify_env(notify)) as flood:
+            with anyio.fail_after(30):
+                assert await flood.wait() == 0  # slowed down, never stopped
+            took = anyio.current_time() - began
+            # What it left in the queue is read too, in the windows after.
+            await await_until(_async(lambda: notify.statuses.get(flood.pid) == str(messages)))
+        generation.cancel_scope.cancel()
+    assert took >= 4 * FLOOD_WINDOW * 0.99, f"{messages} datagrams read in {took:.3f}s"
+
+
 async def test_notify_socket_file(tmp_path: Path) -> None:
     path = tmp_path / "n.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as stale:
@@ -514,8 +560,11 @@ async def test_notify_closes_fds_a_sender_attaches(notify: NotifySocket) -> None
         )
     before = set(os.listdir("/proc/self/fd"))
     with anyio.fail_after(5):
-        # This process is the sender: count it as the worker.
-        await notify.wait_ready(lambda: {os.getpid()}, 1)
+        async with anyio.create_task_group() as generation:
+            # This process is the sender: count it as the worker.
+            generation.start_soon(notify.read, lambda: {os.getpid()})
+            await notify.wait_ready(lambda: {os.getpid()}, 1)
+            generation.cancel_scope.cancel()
     assert set(os.listdir("/proc/self/fd")) <= before
     os.close(devnull)
 

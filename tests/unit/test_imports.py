@@ -46,7 +46,7 @@ SPAWN = {
 # supervisor's side of it, which every worker tells about its pipe.
 KEEPER = {"output_keeper", "kept_outputs", "keeper_handover"}
 BASE = LEAVES | CONFIG | LOGS | SPAWN | KEEPER | {"reaper", "sockets", "events", "progress"}
-CHECKS = BASE | {"probe", "proxy", "proxy_file", "proxy_template", "registry"}
+CHECKS = BASE | {"notify_socket", "probe", "proxy", "proxy_file", "proxy_template", "registry"}
 # A generation, and its parts: the drain of its processes, its probe, what status shows of it.
 WORKERS = CHECKS | {
     "worker",
@@ -120,7 +120,8 @@ ALLOWED: dict[str, set[str]] = {
     "logs_tail": set(),
     "logs_follow": {"logs_tail"},
     "sockets": {"config", "errors", "usable"},
-    "probe": {"config", "config_consistency", "errors", "run_command", "reaper"},
+    "notify_socket": {"config_consistency", "errors"},
+    "probe": {"config", "errors", "notify_socket", "run_command", "reaper"},
     # The template's text (context, render, parse), and the file's installing, checking, reloading.
     "proxy_template": {"config_fields", "errors"},
     "proxy_file": {"errors"},
@@ -166,7 +167,8 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": LEAVES | {"config", "events"},
     # The upper layers: generous, everything below them.
     "worker": BASE,
-    "generation": BASE | {"probe", "worker", "generation_drain", "generation_probe"},
+    "generation": BASE
+    | {"notify_socket", "probe", "worker", "generation_drain", "generation_probe"},
     "generation_drain": BASE | {"worker"},
     # Parts of a Generation that take it (for its type only): generation's layer, itself included.
     "generation_probe": BASE | {"probe", "worker", "generation"},
