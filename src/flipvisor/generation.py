@@ -8,12 +8,10 @@ How its processes are stopped is ``generation_drain.py``'s, its readiness probe
 from __future__ import annotations
 
 import logging
-import shlex
 import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,11 +19,12 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from .config import ProgramConfig, fingerprint
+from .config import ProgramConfig
 from .errors import ProbeFailed, SpawnError
 from .events import EventLog
-from .generation_drain import GenerationDrain
+from .generation_drain import GenerationDrain, StopRequest
 from .generation_probe import describe_probe, probe_until_ready
+from .generation_status import deploy_shown
 from .kept_outputs import OutputKeeper
 from .lazy_event import LazyEvent
 from .logs import ProgramLog
@@ -56,28 +55,6 @@ def _open_notify_socket(
         listener.close()
         raise
     return None
-
-
-@dataclass
-class _StopRequest:
-    """When and how a generation's workers are to stop: ``run`` drains them once ``requested``
-    is set, after ``delay``."""
-
-    requested: anyio.Event = field(default_factory=anyio.Event)
-    delay: float = 0.0
-    # Stopped before it served because its flip was called off (``call_off``): it ends
-    # STOPPED, not FAILED, unless a worker failed it first.
-    called_off: bool = False
-
-
-def _deploy_shown(config: ProgramConfig) -> tuple[str, str]:
-    """What status shows of the deploy a generation runs: its command and fingerprint.
-
-    Fixed for the generation's life, so computed once rather than for every status request.
-    The command as one string (``shlex.split`` gives the list back): a list per generation is
-    more objects for every client to decode, about 14 % of a 200-program status round trip
-    (docs/performance.md)."""
-    return shlex.join(config.command), fingerprint(config)
 
 
 def _worker_maker(
@@ -130,7 +107,7 @@ class Generation:
         # The program's first generation: nothing serves that a failure must protect.
         self.first = first
         self.created_at = time.time()
-        self.command, self.fingerprint = _deploy_shown(config)
+        self.command, self.fingerprint = deploy_shown(config)
         self.state = GenerationState.STARTING
         self.failure: str | None = None
         self.was_serving = False
@@ -139,7 +116,7 @@ class Generation:
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._on_worker_exit = on_worker_exit
         self._on_pids_changed = on_pids_changed
-        self._stop = _StopRequest()
+        self._stop = StopRequest()
         self._failed = LazyEvent()  # awaited only while a probe runs
         self._stopped = LazyEvent()  # awaited only by whoever stops it
         self._process_groups: set[int] = set()  # every group its workers led, for the drain

@@ -6,7 +6,7 @@ the drain timeout, then SIGKILL to whatever still runs, and a bounded wait until
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 
@@ -22,6 +22,18 @@ def drain_takes_at_most(drain: DrainConfig, delay: float, kill_grace: float) -> 
     SIGKILLs: ``delay``, the drain timeout, then ``kill_grace`` for the workers once SIGKILLed and
     ``kill_grace`` again for what they left running in their groups."""
     return delay + drain.timeout + 2 * kill_grace
+
+
+@dataclass
+class StopRequest:
+    """When and how a generation's workers are to stop: ``Generation.run`` drains them once
+    ``requested`` is set, after ``delay``."""
+
+    requested: anyio.Event = field(default_factory=anyio.Event)
+    delay: float = 0.0
+    # Stopped before it served because its flip was called off (``call_off``): it ends
+    # STOPPED, not FAILED, unless a worker failed it first.
+    called_off: bool = False
 
 
 @dataclass

@@ -168,11 +168,18 @@ ALLOWED: dict[str, set[str]] = {
     # The upper layers: generous, everything below them.
     "worker": BASE,
     "generation": BASE
-    | {"notify_socket", "probe", "worker", "generation_drain", "generation_probe"},
+    | {
+        "notify_socket",
+        "probe",
+        "worker",
+        "generation_drain",
+        "generation_probe",
+        "generation_status",
+    },
     "generation_drain": BASE | {"worker"},
     # Parts of a Generation that take it (for its type only): generation's layer, itself included.
     "generation_probe": BASE | {"probe", "worker", "generation"},
-    "generation_status": {"generation"},
+    "generation_status": {"config", "generation"},
     "leftovers": WORKERS,
     "leftover_records": WORKERS | {"leftovers"},
     "published_keys": WORKERS,
