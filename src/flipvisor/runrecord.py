@@ -179,6 +179,23 @@ def answers(socket_path: Path, timeout: float = ANSWER_TIMEOUT) -> bool:
     return True
 
 
+def unreachable(config_path: Path, record: RunRecord) -> str:
+    """What is wrong, and what to do, when the supervisor ``record`` names runs but nothing
+    answers on its socket path: the file there was removed (by hand, by a temp cleaner) or is not
+    its own any more. SIGHUP makes it listen there again (``ControlServer.relisten``)."""
+    gone = (
+        "is gone (removed by hand, or by a temp cleaner?)"
+        if not os.path.lexists(record.socket_path)
+        else "does not answer (the file there is not its own: replaced?)"
+    )
+    return (
+        f"the supervisor of {config_path} runs (pid {record.pid}), but its control socket "
+        f"{record.socket_path} {gone}. `kill -HUP {record.pid}` makes it listen there again "
+        f"(it also re-reads {config_path}, as `flipvisor reload` would); a second `flipvisor run` "
+        "is refused while it runs"
+    )
+
+
 def write_record(config_path: Path, socket_path: Path) -> Path:
     """Record that this process, the supervisor of ``config_path``, listens on ``socket_path``
     (replacing a stale record); returns the record's path, for ``remove_record``.

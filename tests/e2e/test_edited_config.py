@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +187,10 @@ def test_run_is_refused_while_the_recorded_supervisor_runs_even_if_it_does_not_a
         "started": psutil.Process().create_time(),
     }
     record.write_text(json.dumps(written))
+    # A socket file that accepts nothing (one that is missing is said to be gone: SIGHUP).
+    (flipvisor.dir / "nobody").mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as deaf:
+        deaf.bind(written["socket"])
     # No program: a second supervisor, if one started, would leave no worker behind.
     flipvisor.write_config({"programs": {}})
     second = run_another(flipvisor)

@@ -421,6 +421,39 @@ def test_cli_without_a_supervisor_names_the_socket(flipvisor: Flipvisor) -> None
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_deleted_control_socket_does_not_send_the_operator_to_run(
+    flipvisor: Flipvisor,
+) -> None:
+    process = flipvisor.start({"programs": {"web": {"command": svc_command()}}})
+    flipvisor.wait_serving("web")
+    socket_path = flipvisor.state_dir / "flipvisor.sock"
+    socket_path.unlink()  # a tmp cleaner, or an `rm` by hand
+
+    status = flipvisor.cli("status")
+    second_run = flipvisor.cli("run", timeout=30)
+
+    # `run` knows (from the run record) that the supervisor of this file still runs, and so do
+    # the clients: neither tells the operator to start one, both how to make it listen again.
+    assert second_run.returncode == 2, second_run.stderr
+    assert f"pid {process.pid}" in second_run.stderr, second_run.stderr
+    assert status.returncode == 2, status.stdout
+    assert "start one with `flipvisor run`" not in status.stderr, status.stderr
+    assert f"runs (pid {process.pid}), but its control socket {socket_path} is gone" in (
+        status.stderr
+    )
+    assert f"`kill -HUP {process.pid}` makes it listen there again" in status.stderr
+
+    process.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: flipvisor.cli("status").returncode == 0,
+        message="the supervisor to listen on its control socket again after SIGHUP",
+    )
+    assert flipvisor.serving("web") is not None
+    assert "listening on it again" in flipvisor.output()
+    assert flipvisor.stop() == 0, flipvisor.output()
+    assert not socket_path.exists()
+
+
 def test_sighup_adds_and_removes_programs(flipvisor: Flipvisor) -> None:
     flipvisor.start({"programs": {"one": web()}})
     one = flipvisor.wait_serving("one")

@@ -461,6 +461,38 @@ def test_a_state_dir_changed_since_leads_to_the_recorded_supervisor(
     assert (locations.state_dir, notice) == (listening.parent, reached.notice)
 
 
+def test_a_running_supervisor_whose_socket_is_gone_is_named_with_what_to_do(
+    runtime: Path, config: Path, tmp_path: Path
+) -> None:
+    """Its record's process runs (this one) but nothing listens on its socket: not "start one
+    with `flipvisor run`", which would be refused, but SIGHUP, which makes it listen again."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    write_config(config, state_dir)
+    socket_path = state_dir / "flipvisor.sock"
+    write_record(config, socket_path)
+    expected = (
+        f"the supervisor of {config} runs (pid {os.getpid()}), but its control socket "
+        f"{socket_path} is gone (removed by hand, or by a temp cleaner?). `kill -HUP "
+        f"{os.getpid()}` makes it listen there again"
+    )
+    with pytest.raises(NotListening) as caught:
+        reach(config)
+    assert str(caught.value).startswith(expected)
+    assert "flipvisor run`" not in str(caught.value).replace("second `flipvisor run`", "")
+    # A file there that nobody listens on is not its own: replaced.
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(socket_path))
+    stale.close()
+    with pytest.raises(NotListening, match=r"does not answer \(the file there is not its own"):
+        reach(config)
+    # Its file unreadable as well: both said.
+    config.write_text("state_dir: [\n")
+    with pytest.raises(NotListening, match="not valid YAML") as caught:
+        reach(config)
+    assert f"the supervisor of {config} runs (pid {os.getpid()})" in str(caught.value)
+
+
 def test_without_a_running_supervisor_the_file_s_own_error_stands(
     runtime: Path, config: Path, tmp_path: Path
 ) -> None:
@@ -469,12 +501,7 @@ def test_without_a_running_supervisor_the_file_s_own_error_stands(
     with pytest.raises(NotListening, match=f"no supervisor is listening on {moved}/"):
         reach(config)
     assert logs_locations(config) == (locate(config), None)
-    # A record whose process runs but whose socket nobody listens on leads nowhere either.
-    write_record(config, tmp_path / "nobody" / "flipvisor.sock")
-    with pytest.raises(NotListening, match=f"no supervisor is listening on {moved}/"):
-        reach(config)
     config.write_text("state_dir: [\n")
-    record_path(runtime, real_config_path(config)).unlink()
     with pytest.raises(ConfigError, match="not valid YAML") as caught:
         reach(config)
     assert "supervisor" not in str(caught.value)
