@@ -4,7 +4,9 @@ A client finds its supervisor on the socket of the ``state_dir`` its config file
 file cannot be read (an edit under way: a YAML error) or nothing listens there (its ``state_dir``
 changed, which takes effect when the supervisor restarts), the supervisor's run record
 (``runrecord.py``) says where the supervisor of that file listens: ``reach`` uses it, with a notice
-for the operator.
+for the operator. A recorded supervisor that runs but does not answer on its socket (the file was
+removed) is said to be so, with what brings its socket back: not "start one with `flipvisor run`",
+which it would refuse.
 
 Every request through ``reach`` names the file's real path (``config_file``): a supervisor refuses
 a request for another file than its own, whatever the command. Otherwise a file whose state_dir
@@ -37,7 +39,8 @@ READ_BUFFER = 256 * 1024
 
 
 class NotListening(ControlUnreachable):
-    """Nothing listens on the control socket: no socket file, or its supervisor is gone."""
+    """Nothing listens on the control socket: no socket file, or its supervisor is gone (or
+    runs, its socket file removed)."""
 
 
 @dataclass
@@ -87,8 +90,8 @@ def reach(config_path: Path, timeout: float | None = None) -> Reached:
 
     Raises:
         ConfigError: the file cannot be read, and no supervisor of it is recorded as running.
-        ControlUnreachable: no supervisor of the file answers (NotListening), or this user may
-            not connect to it.
+        ControlUnreachable: no supervisor of the file answers (NotListening: saying so of a
+            recorded one that runs), or this user may not connect to it.
     """
     # Resolved as the supervisor resolves its own (symlinks, a relative path): both name the
     # file the same way (``Commands._same_file``).
@@ -96,7 +99,11 @@ def reach(config_path: Path, timeout: float | None = None) -> Reached:
     try:
         where = locate(config_path)
     except ConfigError as broken:
-        if (found := _through_record(config_path, timeout)) is None:
+        try:
+            found = _through_record(config_path, timeout)
+        except NotListening as deaf:
+            raise NotListening(f"{broken}; {deaf}") from deaf
+        if found is None:
             raise
         connection, record = found
         notice = (
@@ -148,17 +155,22 @@ def logs_locations(config_path: Path) -> tuple[Locations, str | None]:
 def _through_record(
     config_path: Path, timeout: float | None
 ) -> tuple[socket.socket, RunRecord] | None:
-    """A connection to the supervisor the run record of ``config_path`` names, if it runs and
-    listens (None: no record, or a stale one)."""
-    from .runrecord import read_record
+    """A connection to the supervisor the run record of ``config_path`` names, if it runs
+    (None: no record, or a stale one).
+
+    Raises:
+        NotListening: it runs, but nothing answers on its socket (the file was removed).
+    """
+    from .runrecord import read_record, unreachable
 
     record = read_record(config_path)
     if record is None:
         return None
     try:
         return connect(record.socket_path, timeout), record
-    except NotListening:
-        return None  # alive, but not listening (any more): not one to talk to
+    except NotListening as exc:
+        # It runs (its PID, start tick and boot id): "start one" would be refused.
+        raise NotListening(unreachable(config_path, record)) from exc
 
 
 def _moved(config_path: Path, record: RunRecord, where: Locations) -> str:

@@ -1,6 +1,10 @@
 """The control socket: a unix stream socket (0600, in a 0700 state_dir) that accepts only its
 owner's uid or root (checked with SO_PEERCRED), reads one request per connection and hands it
 to the supervisor's dispatcher.
+
+A socket file removed while the supervisor runs (by hand, by a temp cleaner) leaves it listening
+on a file nobody can reach; SIGHUP (``ControlServer.relisten``) makes it listen on the path again,
+unless another supervisor listens there by then.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import SocketAttribute, SocketStream, TaskStatus
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .errors import EXIT_USAGE, FlipvisorError
 from .protocol import MAX_LINE, ProtocolError, Request, decode_request, encode, result
+from .runrecord import listening_already, record_listening_on
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +64,18 @@ def _claim_path(path: Path) -> bool:
         return True
     finally:
         probe.close()
-    raise AlreadyRunning(
-        f"a supervisor is already listening on {path}; stop it with `flipvisor shutdown`, "
-        "or give this one another state_dir"
-    )
+    # Another config file's (``run`` refused this file's own before): named, if recorded, for
+    # its shutdown needs its own file's -c.
+    raise AlreadyRunning(listening_already(path, record_listening_on(path)))
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of what is at ``path`` now (None: nothing, or it cannot be seen)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)
 
 
 class ControlServer:
@@ -75,6 +88,8 @@ class ControlServer:
         self._quiet: anyio.Event | None = None  # set when the last one ends, for wait_idle
         # A socket file was left behind: the previous supervisor was killed (SIGKILL, OOM).
         self.found_stale = False
+        self._bound: tuple[int, int] | None = None  # the socket file this one listens on
+        self._accepting: anyio.CancelScope | None = None  # cancelled to listen again
 
     async def wait_idle(self, timeout: float) -> None:
         """Wait, at most ``timeout`` seconds, until no conversation is under way (at shutdown:
@@ -85,23 +100,59 @@ class ControlServer:
                 await self._quiet.wait()
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Bind (mode 0600) and serve connections, each in its own task.
+        """Bind (mode 0600) and serve connections, each in its own task; bind again when
+        ``relisten`` says the socket file is gone.
 
         Raises:
             AlreadyRunning: another supervisor holds the socket.
         """
         self.found_stale = _claim_path(self.path)
+        listener = await self._listen()
+        try:
+            # The conversations outlive a listener replaced: an `events -f` follower, a flip's
+            # progress, go on.
+            async with anyio.create_task_group() as conversations:
+                task_status.started()
+                while True:
+                    with anyio.CancelScope() as self._accepting:
+                        await listener.serve(self._handle, task_group=conversations)
+                    listener = await self._listen_again(listener)
+        finally:
+            self._accepting = None
+            if self._bound is not None and _file_identity(self.path) == self._bound:
+                self.path.unlink()  # ours: not one another supervisor bound since ours went
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+
+    def relisten(self) -> bool:
+        """Listen on the path again if the socket file there is not the one bound (removed by
+        hand or by a temp cleaner: nobody could connect); True if so. For SIGHUP."""
+        if self._accepting is None or _file_identity(self.path) == self._bound:
+            return False
+        self._accepting.cancel()  # ``serve`` binds anew
+        return True
+
+    async def _listen(self) -> SocketListener:
         old_umask = os.umask(0o177)  # no window in which the socket is group/world accessible
         try:
             listener = await anyio.create_unix_listener(self.path, mode=0o600)
         finally:
             os.umask(old_umask)
+        self._bound = _file_identity(self.path)
+        return listener
+
+    async def _listen_again(self, listener: SocketListener) -> SocketListener:
+        """A new listener on the path, the old one closed; the old one if the path is taken (a
+        supervisor another `run` started there meanwhile) or cannot be bound."""
         try:
-            async with listener:
-                task_status.started()
-                await listener.serve(self._handle)
-        finally:
-            self.path.unlink(missing_ok=True)
+            _claim_path(self.path)  # a file left there that nothing answers on is removed
+            new = await self._listen()
+        except (AlreadyRunning, OSError) as exc:
+            log.warning("cannot listen on the control socket %s again: %s", self.path, str(exc))
+            return listener
+        log.warning("the control socket %s was gone (removed?): listening on it again", self.path)
+        await listener.aclose()
+        return new
 
     async def _handle(self, stream: SocketStream) -> None:
         # A client that goes away mid-answer ends only its conversation: what it started goes on.

@@ -9,6 +9,12 @@ into records with one ``join`` and written with one ``write`` per chunk, not per
 cannot be written (ENOSPC, EIO, a vanished directory) is counted in ``ProgramLog.dropped`` and
 reported in the file as soon as writing works again; nothing is lost silently.
 
+A file removed or moved away by someone else (an operator freeing disk space, logrotate's default
+``create`` rotation) is noticed at the first flush at least ``CHECK_INTERVAL`` after the last look
+(one ``stat`` of the path, not one per line) and written again at its path, with a note saying so;
+a file truncated in place (logrotate's ``copytruncate``) is written on at its new end, its size
+taken again for the rotation. No signal is needed to make it reopen.
+
 A worker's output reaches it through ``logs_capture``; ``logs_tail`` and ``logs_follow`` read it.
 """
 
@@ -29,6 +35,9 @@ log = logging.getLogger(__name__)
 
 FLUSH_THRESHOLD = 256 * 1024  # write_line callers that never flush still get bounded buffers
 NOTE_PREFIX = "[flipvisor]"
+# How often at most a flush looks whether the file at the path is still the one written: a file
+# removed by hand is written again within about this, the unlinked one freed.
+CHECK_INTERVAL = 1.0
 
 
 class LogLimits(Protocol):
@@ -73,6 +82,9 @@ class ProgramLog:
         self._ts_second = -1
         self._ts_text = ""
         self._seq: int | None = None  # the number of the file written now, if known
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
+        # When the path was last compared with the open file, and the file's size then.
+        self._checked_at, self._checked_size = time.monotonic(), 0
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._open()
 
@@ -108,19 +120,22 @@ class ProgramLog:
         """Write the buffered records; on failure count their lines as dropped (never raises)."""
         if not self._buffer:
             return
+        notice = b""
         if self._fd < 0:
             self._open()
-        notice = b""
+        elif (gone := self._replaced()) is not None:
+            notice = f"{self._timestamp()} {NOTE_PREFIX} {gone}\n".encode()
         if self._unreported and self._fd >= 0:
             text = f"{self._timestamp()} {NOTE_PREFIX} dropped {self._unreported} lines\n"
-            notice = text.encode()
-            self._buffer[:0] = notice
+            notice += text.encode()
             self._unreported = 0  # counted again below if this write fails too
+        self._buffer[:0] = notice
         data, self._buffer = self._buffer, bytearray()
         written = self._write_all(data) if self._fd >= 0 else 0
         self._size += written
         if written < len(data):
-            lost = data[written:].count(b"\n") - (1 if written < len(notice) else 0)
+            # The notes are not lines of the workers: not counted (the dropped ones are again).
+            lost = data[written:].count(b"\n") - notice[written:].count(b"\n")
             if written and data[written - 1 : written] != b"\n":
                 self._buffer += b"\n"  # end the torn record before the next one
             self.dropped += lost
@@ -141,6 +156,49 @@ class ProgramLog:
             self._rotate()
         self._buffer += record
 
+    def _replaced(self) -> str | None:
+        """If the file at the path is no longer the one open (removed, or moved away and maybe
+        another one put there), open the path again and say what happened; else None.
+
+        Looks at most once per ``CHECK_INTERVAL``: one ``stat`` a second, not one per line. A file
+        truncated in place (``copytruncate``) is the same file: only its size is taken again.
+        """
+        now = time.monotonic()
+        since = now - self._checked_at
+        if since < CHECK_INTERVAL:
+            return None
+        self._checked_at = now
+        try:
+            on_disk: os.stat_result | None = os.stat(self.path)
+        except FileNotFoundError:
+            on_disk = None
+        except OSError:
+            return None  # cannot tell (EACCES ...): write on where we were
+        if on_disk is not None and (on_disk.st_dev, on_disk.st_ino) == self._identity:
+            self._size = self._checked_size = on_disk.st_size  # truncated in place, maybe
+            return None
+        try:
+            removed = os.fstat(self._fd).st_nlink == 0
+        except OSError:
+            removed = on_disk is None
+        unseen = self._size - self._checked_size  # written since the last look: when was it gone?
+        os.close(self._fd)  # frees a removed file's space
+        self._fd = -1
+        self._open()
+        if removed:
+            what = "removed"
+            where = (
+                f"the last {unseen} bytes written to it (in the {since:.1f} s before this) may "
+                "have been written after it was removed, and went with it"
+                if unseen
+                else "nothing was written to it after it was removed"
+            )
+        else:
+            what = "moved away" if on_disk is None else "replaced (moved away)"
+            where = "what came before is in the file moved away"
+        log.warning("%s was %s while written; writing it again at its path", self.path, what)
+        return f"the log file was {what}, not by flipvisor: written again from here; {where}"
+
     def _write_all(self, data: bytearray) -> int:
         view = memoryview(data)
         written = 0
@@ -160,7 +218,12 @@ class ProgramLog:
     def _open(self) -> None:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
-            self._fd = os.open(self.path, flags, 0o600)
+            try:
+                self._fd = os.open(self.path, flags, 0o600)
+            except FileNotFoundError:
+                # Its folder was removed (``rm -r logs``): made again, but not the state_dir above.
+                self.path.parent.mkdir(mode=0o700, exist_ok=True)
+                self._fd = os.open(self.path, flags, 0o600)
             info = os.fstat(self._fd)
         except OSError as exc:
             if self._fd >= 0:
@@ -175,6 +238,8 @@ class ProgramLog:
         if stat.S_ISREG(info.st_mode):
             self._seq = self._number(self._fd)
         self._size = info.st_size if stat.S_ISREG(info.st_mode) else 0
+        self._identity = (info.st_dev, info.st_ino)
+        self._checked_at, self._checked_size = time.monotonic(), self._size
 
     def _number(self, fd: int) -> int | None:
         """The file's number in the rotation order: the one it has, else (a file just started)

@@ -3,7 +3,8 @@ this host. Commands and check/reload commands resolve, working directories exist
 templates render with a sample flip's context, watch templates exist and parse, the state_dir
 and the proxy files can be created and written, the metrics address is one of this host's, a
 fixed ``socket.port`` can be bound (unless this config's own supervisor or its workers hold it;
-a warning when this user cannot tell, the holder and the state_dir being another user's).
+a warning when this user cannot tell, the holder and the state_dir being another user's), and no
+other config file's supervisor listens on the state_dir (``run`` would be refused).
 Nothing is created, written or kept bound.
 
 Each problem names its location as the config's keys, so that ``check`` can give it the line
@@ -29,7 +30,7 @@ from .errors import BindError, ProxyError, SpawnError
 from .locate import socket_path
 from .problems import dotted_location
 from .proxy_template import flip_context, parse_template, render_template
-from .runrecord import read_record
+from .runrecord import RunRecord, listening_already, read_record, record_listening_on
 from .sockets import bind_listener
 from .usable import (
     closed_folder,
@@ -76,6 +77,8 @@ def host_problems(config: Config, config_path: Path | None = None) -> list[HostP
     if config.metrics is not None and (why := listen_problem(*parse_listen(config.metrics.listen))):
         problems.append(HostProblem(("metrics", "listen"), why))
     record = read_record(config_path) if config_path is not None else None
+    if (taken := _state_dir_taken(config, record)) is not None:
+        problems.append(taken)
     for name, program in config.programs.items():
         problems.extend(_program_problems(("programs", name), name, program))
         if program.socket.port == 0 and (why := listen_problem(program.socket.host, 0)):
@@ -199,6 +202,24 @@ def _port_problem(
                 )
         return HostProblem(where, f"{held}; stop it, or choose another port")
     return None
+
+
+def _state_dir_taken(config: Config, own: RunRecord | None) -> HostProblem | None:
+    """A supervisor that is not this file's (``own``) listens on the state_dir's control socket:
+    ``run`` would be refused. An error if it is recorded as another file's (named, with the
+    command that stops it); a warning if not recorded (another user's, or one that could not
+    record where it listens: this file's own, maybe)."""
+    path = socket_path(config.state_dir)
+    if own is not None and os.path.realpath(own.socket_path) == os.path.realpath(path):
+        return None  # this file's own supervisor
+    if not _supervisor_listens(config.state_dir):
+        return None
+    other = record_listening_on(path)
+    return HostProblem(
+        ("state_dir",),
+        f"`run` would be refused: {listening_already(path, other)}",
+        warning=other is None,
+    )
 
 
 def _supervisor_listens(state_dir: Path) -> bool | None:

@@ -14,7 +14,7 @@ from .config import Config
 from .control import AlreadyRunning
 from .errors import ConfigError
 from .reaper import become_subreaper
-from .runrecord import RunRecord, answers, read_record, write_record
+from .runrecord import RunRecord, answers, read_record, unreachable, write_record
 from .spawn import seal_inherited_fds
 from .usable import folder_problem
 
@@ -89,12 +89,15 @@ def already_running(
         if running.state_dir == state_dir
         else f" (the file's state_dir is {state_dir} now: that takes effect when it restarts)"
     )
+    if not answering and not os.path.lexists(running.socket_path):
+        return unreachable(config_path, running)
     if not answering:
         return (
             f"the supervisor of {config_path} runs but does not answer: pid {running.pid}, "
-            f"on {running.socket_path}{moved} (busy, or stopped: SIGSTOP); a second one would "
-            f"start every program again. Wait for it, or stop it: SIGTERM to pid {running.pid} "
-            "(SIGCONT first if it is stopped)"
+            f"on {running.socket_path}{moved} (busy, or stopped: SIGSTOP; or the file there is "
+            f"not its own: `kill -HUP {running.pid}` makes it listen there again); a second one "
+            f"would start every program again. Wait for it, or stop it: SIGTERM to pid "
+            f"{running.pid} (SIGCONT first if it is stopped)"
         )
     return (
         f"the supervisor of {config_path} already runs: pid {running.pid}, listening on "

@@ -137,7 +137,8 @@ def parse_record(data: bytes, config: str) -> RunRecord | None:
     return RunRecord(config, Path(sock), pid, Identity(ticks, boot), float(started))
 
 
-def _read(path: Path, config: str) -> RunRecord | None:
+def _bytes_of(path: Path) -> bytes | None:
+    """A record file's content (None: unreadable, or too long to be one)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -147,7 +148,12 @@ def _read(path: Path, config: str) -> RunRecord | None:
             data = file.read(MAX_RECORD_BYTES + 1)
         except OSError:
             return None
-    return parse_record(data, config) if len(data) <= MAX_RECORD_BYTES else None
+    return data if len(data) <= MAX_RECORD_BYTES else None
+
+
+def _read(path: Path, config: str) -> RunRecord | None:
+    data = _bytes_of(path)
+    return parse_record(data, config) if data is not None else None
 
 
 def read_record(config_path: Path) -> RunRecord | None:
@@ -165,6 +171,40 @@ def read_record(config_path: Path) -> RunRecord | None:
     return None
 
 
+def record_listening_on(socket_path: Path) -> RunRecord | None:
+    """The record of a running supervisor, of whatever config file, that listens on
+    ``socket_path`` (its state_dir is that one's); None if none is recorded (or only stale ones).
+
+    For ``check`` and ``run`` of a file whose state_dir another file's supervisor uses: they name
+    that file, and how to stop its supervisor. Reads every record in the runtime folders (one per
+    running supervisor of this user's).
+    """
+    wanted = os.path.realpath(socket_path)
+    for folder in runtime_dirs():
+        if not private_folder(folder):
+            continue
+        try:
+            names = [entry.name for entry in os.scandir(folder) if entry.name.endswith(".json")]
+        except OSError:
+            continue
+        for name in sorted(names):
+            data = _bytes_of(folder / name)
+            try:
+                config = json.loads(data or b"null").get("config")
+            except (ValueError, AttributeError):  # not JSON, or not an object
+                continue
+            if not isinstance(config, str) or record_path(folder, config).name != name:
+                continue  # not a record, or not under its file's name
+            record = parse_record(data or b"", config)
+            if (
+                record is not None
+                and os.path.realpath(record.socket_path) == wanted
+                and is_process(record.pid, record.identity)
+            ):
+                return record
+    return None
+
+
 def answers(socket_path: Path, timeout: float = ANSWER_TIMEOUT) -> bool:
     """Whether something accepts connections on the unix socket ``socket_path`` (the supervisor
     takes a connection that ends without a request in silence)."""
@@ -177,6 +217,39 @@ def answers(socket_path: Path, timeout: float = ANSWER_TIMEOUT) -> bool:
     finally:
         probe.close()
     return True
+
+
+def unreachable(config_path: Path, record: RunRecord) -> str:
+    """What is wrong, and what to do, when the supervisor ``record`` names runs but nothing
+    answers on its socket path: the file there was removed (by hand, by a temp cleaner) or is not
+    its own any more. SIGHUP makes it listen there again (``ControlServer.relisten``)."""
+    gone = (
+        "is gone (removed by hand, or by a temp cleaner?)"
+        if not os.path.lexists(record.socket_path)
+        else "does not answer (the file there is not its own: replaced?)"
+    )
+    return (
+        f"the supervisor of {config_path} runs (pid {record.pid}), but its control socket "
+        f"{record.socket_path} {gone}. `kill -HUP {record.pid}` makes it listen there again "
+        f"(it also re-reads {config_path}, as `flipvisor reload` would); a second `flipvisor run` "
+        "is refused while it runs"
+    )
+
+
+def listening_already(socket_path: Path, record: RunRecord | None) -> str:
+    """What keeps a supervisor from listening on ``socket_path``, where another supervisor (that
+    of another config file: ``record``, if recorded) listens, and what to do."""
+    if record is None:
+        return (
+            f"a supervisor is already listening on {socket_path} (not recorded as this user's: "
+            "another user's, or one that could not record where it listens); stop it (`flipvisor "
+            "-c <its config file> shutdown`, or SIGTERM), or give this file another state_dir"
+        )
+    return (
+        f"the supervisor of {record.config} (pid {record.pid}) already listens on "
+        f"{socket_path}: this file's state_dir is that file's too. Stop it first: `flipvisor -c "
+        f"{record.config} shutdown`, or give this file a state_dir of its own"
+    )
 
 
 def write_record(config_path: Path, socket_path: Path) -> Path:

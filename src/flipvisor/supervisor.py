@@ -59,6 +59,7 @@ class Supervisor:
         self._scopes: dict[str, CancelScope] = {}
         self.reloads = Reloads(self)  # and the programs they remove, until those are gone
         self.commands = Commands(self)
+        self.control = ControlServer(config.socket_path, self.commands.dispatch)
         self._shutdown = anyio.Event()
         # Set once the configured programs are added. The control socket answers before that
         # (finding leftovers can wait on the registry for its timeout): see
@@ -112,7 +113,6 @@ class Supervisor:
             ConfigError: the state_dir cannot be created, or the metrics address bound.
         """
         prepare_run(self.config_path, self.config)
-        control = ControlServer(self.config.socket_path, self.commands.dispatch)
         try:
             async with anyio.create_task_group() as root:
                 # The reaper outlives everything else: whatever the rest kills while it is
@@ -120,17 +120,17 @@ class Supervisor:
                 # socket outlives the programs: `events -f` shows the drains and the orphans, then
                 # ends.
                 await root.start(self.reaper.run)
-                await root.start(control.serve)
+                await root.start(self.control.serve)
                 self._record = record_run(self.config_path, self.config.socket_path)
                 # Before this supervisor's own keeper binds the handover socket.
                 kept = await take_over_outputs(self.config.state_dir)
-                await self._supervise(kept, unclean=control.found_stale)
+                await self._supervise(kept, unclean=self.control.found_stale)
                 # Past here nothing of ours runs but the reaper: what is still our child is an
                 # orphan no drain reached. A worker's must not outlive us; a proxy that a reload
                 # command started must (it serves every site behind it).
                 await stop_orphans(self.events, self.reaper)
                 self.events.close()  # `events -f` followers end (exit 0)
-                await control.wait_idle(ANSWER_GRACE)
+                await self.control.wait_idle(ANSWER_GRACE)
                 root.cancel_scope.cancel()
         except* FlipvisorError as group:
             # A start-up failure (another supervisor on the socket, the metrics port taken) is
@@ -238,6 +238,9 @@ class Supervisor:
             signals.release()  # held since `run` began: what came meanwhile is handled now
             async for signum in received:
                 if signum == signal.SIGHUP:
+                    # Its socket file removed (by hand, a temp cleaner), this supervisor could
+                    # be reached by nobody: the clients say to send SIGHUP.
+                    self.control.relisten()
                     # In a task of its own: a reload that waits for a renamed program's
                     # successor to start, or for a program added back to finish draining, must
                     # not hold up SIGTERM or the forwarding of SIGUSR1/2 meanwhile.

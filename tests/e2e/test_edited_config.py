@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
+import yaml
 
 from flipvisor.runrecord import RUNTIME_ENV
 from flipvisor.starttime import identity_of
@@ -39,10 +41,14 @@ def generations(flipvisor: Flipvisor) -> dict[str, tuple[int, list[int]]]:
     }
 
 
-def run_another(flipvisor: Flipvisor) -> subprocess.CompletedProcess[str]:
-    """``flipvisor run`` of the same file, beside the fixture's supervisor."""
+def run_another(
+    flipvisor: Flipvisor, command: str = "run", config: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``flipvisor run`` (or ``command``) of the same file (or ``config``), beside the fixture's
+    supervisor."""
+    config_path = flipvisor.config_path if config is None else config
     return subprocess.run(
-        [sys.executable, "-m", "flipvisor", "run", "-c", str(flipvisor.config_path)],
+        [sys.executable, "-m", "flipvisor", command, "-c", str(config_path)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -186,6 +192,10 @@ def test_run_is_refused_while_the_recorded_supervisor_runs_even_if_it_does_not_a
         "started": psutil.Process().create_time(),
     }
     record.write_text(json.dumps(written))
+    # A socket file that accepts nothing (one that is missing is said to be gone: SIGHUP).
+    (flipvisor.dir / "nobody").mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as deaf:
+        deaf.bind(written["socket"])
     # No program: a second supervisor, if one started, would leave no worker behind.
     flipvisor.write_config({"programs": {}})
     second = run_another(flipvisor)
@@ -296,3 +306,44 @@ def test_a_file_edited_to_another_supervisor_s_state_dir_does_not_command_that_o
         assert generations(flipvisor) == before_a
     finally:
         b.stop()
+
+
+def test_check_names_a_state_dir_another_configs_supervisor_runs_on(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """A copied config that keeps the first one's state_dir: `check` said ok, and `run` then
+    refused with "stop it with `flipvisor shutdown`", which with the copy's -c that supervisor
+    refuses ("another file"). Both name the first file and the command that stops its
+    supervisor."""
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    first = flipvisor.config_path.resolve()
+    other = tmp_path / "other" / "flipvisor.yaml"
+    other.parent.mkdir()
+    other.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": str(flipvisor.state_dir),  # copied from the first host's file
+                "programs": {"api": {"command": svc_command()}},
+            }
+        )
+    )
+
+    checked = run_another(flipvisor, "check", other)
+    started = run_another(flipvisor, "run", other)
+
+    stop_it = f"`flipvisor -c {first} shutdown`"
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    said = checked.stdout + checked.stderr
+    lines = other.read_text().splitlines()
+    at = next(number for number, line in enumerate(lines, 1) if line.startswith("state_dir:"))
+    assert f"{other}:{at}: state_dir: `run` would be refused: the supervisor of {first}" in said
+    assert stop_it in said
+    assert started.returncode == 2, started.stdout + started.stderr
+    assert f"the supervisor of {first} (pid {flipvisor.process.pid}) already listens" in (  # type: ignore[union-attr]
+        started.stderr
+    )
+    assert stop_it in started.stderr
+    assert flipvisor.serving("web") is not None
+    # Its own file checks clean: its own supervisor is no problem.
+    assert run_another(flipvisor, "check").returncode == 0

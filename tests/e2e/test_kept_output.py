@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 
 from tests.e2e.test_leftovers import restart_supervisor, survivors, wait_gone
+from tests.e2e.test_supervisor import held_open
 from tests.fixtures.flipvisor import Flipvisor
 from tests.integration.test_output_keeper import pipes_held_by
 from tests.waiting import wait_until
@@ -116,6 +117,27 @@ def test_a_killed_supervisor_s_worker_writes_on_and_the_next_run_reads_it(
     wait_gone([pid])  # drained once the new generation is promoted
     assert flipvisor.stop() == 0, flipvisor.output()
     wait_until(lambda: not keepers(flipvisor.state_dir), message="no keeper after a shutdown")
+
+
+def test_a_log_file_removed_while_the_keeper_writes_it_is_written_again(
+    flipvisor: Flipvisor, survivors: list[psutil.Process], tmp_path: Path
+) -> None:
+    say = tmp_path / "say"
+    pid, log = start_sayer(flipvisor, say, survivors)
+    [keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
+    kill_run(flipvisor)
+    say_and_wait(flipvisor, say, pid, 1)  # the keeper writes the log now
+
+    log.unlink()
+
+    # The keeper looks once a second at most: a line said sooner may go with the removed file.
+    def said_again() -> bool:
+        say.touch()
+        return log.exists() and f"| said {pid}\n" in log.read_text()
+
+    wait_until(said_again, timeout=15, message="a line of the worker in the log written again")
+    assert "[flipvisor] the log file was removed, not by flipvisor" in log.read_text()
+    assert f"{log} (deleted)" not in held_open(keeper.pid)  # its space freed
 
 
 def test_a_keeper_killed_with_its_supervisor_leaves_a_socket_the_next_run_replaces(

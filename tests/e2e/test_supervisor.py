@@ -32,6 +32,17 @@ def get(port: int, path: str = "/") -> dict[str, object]:
         return loaded
 
 
+def held_open(pid: int) -> list[str]:
+    """What process ``pid`` holds open, as /proc names it ("<path> (deleted)" once removed)."""
+    held = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            held.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:  # closed since the listing
+            continue
+    return held
+
+
 def crash(pid: int) -> None:
     """Make svc worker ``pid`` crash now (SIGALRM: exit status 3), at a time the test chooses,
     not after a delay a loaded machine may outrun."""
@@ -412,6 +423,39 @@ def test_cli_without_a_supervisor_names_the_socket(flipvisor: Flipvisor) -> None
     assert result.returncode == 2
     assert str(flipvisor.state_dir / "flipvisor.sock") in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_deleted_control_socket_does_not_send_the_operator_to_run(
+    flipvisor: Flipvisor,
+) -> None:
+    process = flipvisor.start({"programs": {"web": {"command": svc_command()}}})
+    flipvisor.wait_serving("web")
+    socket_path = flipvisor.state_dir / "flipvisor.sock"
+    socket_path.unlink()  # a tmp cleaner, or an `rm` by hand
+
+    status = flipvisor.cli("status")
+    second_run = flipvisor.cli("run", timeout=30)
+
+    # `run` knows (from the run record) that the supervisor of this file still runs, and so do
+    # the clients: neither tells the operator to start one, both how to make it listen again.
+    assert second_run.returncode == 2, second_run.stderr
+    assert f"pid {process.pid}" in second_run.stderr, second_run.stderr
+    assert status.returncode == 2, status.stdout
+    assert "start one with `flipvisor run`" not in status.stderr, status.stderr
+    assert f"runs (pid {process.pid}), but its control socket {socket_path} is gone" in (
+        status.stderr
+    )
+    assert f"`kill -HUP {process.pid}` makes it listen there again" in status.stderr
+
+    process.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: flipvisor.cli("status").returncode == 0,
+        message="the supervisor to listen on its control socket again after SIGHUP",
+    )
+    assert flipvisor.serving("web") is not None
+    assert "listening on it again" in flipvisor.output()
+    assert flipvisor.stop() == 0, flipvisor.output()
+    assert not socket_path.exists()
 
 
 def test_sighup_adds_and_removes_programs(flipvisor: Flipvisor) -> None:
@@ -913,6 +957,26 @@ def test_stop_start_logs_and_shutdown_through_the_cli(flipvisor: Flipvisor) -> N
     assert flipvisor.process.wait(timeout=30) == 0
     assert not any(psutil.pid_exists(pid) for pid in second["pids"])
     assert not (flipvisor.state_dir / "flipvisor.sock").exists()
+
+
+def test_a_log_file_deleted_by_hand_is_written_again(flipvisor: Flipvisor) -> None:
+    ticker = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.1; done"]
+    flipvisor.start({"programs": {"web": {"command": ticker, "drain": {"delay": 0, "timeout": 5}}}})
+    flipvisor.wait_serving("web")
+    log_file = flipvisor.state_dir / "logs" / "web.log"
+    wait_until(lambda: "tick" in flipvisor.cli("logs", "web").stdout, message="a first line")
+
+    log_file.unlink()  # disk full: the operator removes the biggest file
+
+    # The worker writes ten lines a second: a log that is written again shows one at once.
+    wait_until(
+        lambda: "tick" in flipvisor.cli("logs", "web", "-n", "5").stdout,
+        timeout=10,
+        message="`flipvisor logs web` to show a line written after the file was removed",
+    )
+    assert "[flipvisor] the log file was removed, not by flipvisor" in log_file.read_text()
+    assert flipvisor.process is not None
+    assert f"{log_file} (deleted)" not in held_open(flipvisor.process.pid)  # its space freed
 
 
 def test_usr1_is_forwarded_to_every_worker(flipvisor: Flipvisor) -> None:

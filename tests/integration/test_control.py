@@ -16,12 +16,14 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
-from anyio.abc import SocketStream
+from anyio.abc import SocketStream, TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from flipvisor.client import call, converse
 from flipvisor.control import AlreadyRunning, ControlServer, Send, peer_allowed
 from flipvisor.errors import EXIT_USAGE, ControlUnreachable
 from flipvisor.protocol import MAX_LINE, Request, result
+from tests.waiting import await_until, holds
 
 DEADLINE = 10.0
 
@@ -35,6 +37,11 @@ def sock_path() -> Iterator[Path]:
 
 def exists(path: Path) -> bool:
     return path.exists()
+
+
+def remove(path: Path) -> None:
+    """What a temp cleaner, or an `rm` by hand, does to the socket file."""
+    path.unlink()
 
 
 class FakeSupervisor:
@@ -151,6 +158,76 @@ async def test_a_stale_socket_file_is_replaced(sock_path: Path) -> None:
     async with serving(sock_path, FakeSupervisor().dispatch):
         answer = await ask(sock_path, Request("status"))
     assert answer[-1]["ok"]
+
+
+async def next_event(reader: BufferedByteReceiveStream) -> dict[str, Any]:
+    with anyio.fail_after(DEADLINE):
+        message: dict[str, Any] = json.loads(await reader.receive_until(b"\n", MAX_LINE))
+    return message
+
+
+async def test_a_removed_socket_file_is_listened_on_again_at_relisten(sock_path: Path) -> None:
+    """SIGHUP's part: the socket file removed (a temp cleaner, an `rm`), nobody can connect
+    until the server binds the path again; a conversation under way goes on meanwhile."""
+    fake = FakeSupervisor()
+    async with serving(sock_path, fake.dispatch) as server:
+        assert not server.relisten()  # its own file is there: nothing to do
+        async with await anyio.connect_unix(sock_path) as follower:
+            await follower.send(Request("events").encode())
+            reader = BufferedByteReceiveStream(follower)
+            assert (await next_event(reader))["type"] == "event"
+            remove(sock_path)
+            with pytest.raises(ControlUnreachable, match="no supervisor is listening"):
+                await ask(sock_path, Request("status"))
+
+            assert server.relisten()
+            answer = await wait_for_answer(sock_path)
+            assert answer[-1]["ok"]
+            assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+            first = (await next_event(reader))["index"]
+            assert (await next_event(reader))["index"] == first + 1  # the follower goes on
+        assert not server.relisten()
+    assert not exists(sock_path)
+
+
+async def wait_for_answer(path: Path) -> list[dict[str, Any]]:
+    """The answer to a status, once the server listens on ``path`` (within DEADLINE)."""
+    with anyio.fail_after(DEADLINE):
+        while True:
+            try:
+                return await ask(path, Request("status"))
+            except ControlUnreachable:
+                await anyio.sleep(0.01)
+
+
+async def test_relisten_leaves_the_path_to_a_server_that_took_it(
+    sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another supervisor started on the path while the file was gone: the first one keeps
+    away from it at relisten, and at its exit leaves the other's file in place."""
+    first, second = FakeSupervisor(), FakeSupervisor()
+    server = ControlServer(sock_path, first.dispatch)
+    first_scope, first_gone = anyio.CancelScope(), anyio.Event()
+
+    async def serve_first(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        with first_scope:
+            await server.serve(task_status=task_status)
+        first_gone.set()
+
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(DEADLINE):
+            await tg.start(serve_first)
+        remove(sock_path)
+        async with serving(sock_path, second.dispatch):
+            assert server.relisten()
+            await await_until(lambda: holds("cannot listen on the control socket" in caplog.text))
+            assert "a supervisor is already listening" in caplog.text
+            assert (await ask(sock_path, Request("status")))[-1]["ok"]
+            first_scope.cancel()
+            with anyio.fail_after(DEADLINE):
+                await first_gone.wait()
+            assert (await ask(sock_path, Request("status")))[-1]["ok"]
+    assert (len(first.requests), len(second.requests)) == (0, 2)
 
 
 async def test_malformed_and_unknown_requests_are_answered(sock_path: Path) -> None:

@@ -344,6 +344,108 @@ def test_dropped_lines_are_counted_and_reported(log_path: Path) -> None:
     assert lines[1].endswith("| kept")
 
 
+@pytest.fixture
+def looking_every_flush(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every flush looks whether the file at the path is still the one written (not once a
+    second), so that a test need not wait for it."""
+    monkeypatch.setattr("flipvisor.logs.CHECK_INTERVAL", 0.0)
+
+
+def open_on(path: Path) -> list[str]:
+    """What this process holds open of ``path`` (as /proc names it: "... (deleted)" once gone)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the listing's own descriptor, closed since
+            continue
+    return [target for target in held if target.startswith(str(path))]
+
+
+@pytest.mark.usefixtures("looking_every_flush")
+def test_a_log_file_removed_by_hand_is_written_again_and_let_go(log_path: Path) -> None:
+    log = ProgramLog(log_path, LogsConfig())
+    try:
+        log.write_line("g1 w0 pid=1", b"before")
+        log.flush()
+        log_path.unlink()  # disk full: the operator removes the biggest file
+        log.write_line("g1 w0 pid=1", b"after")
+        log.flush()
+        assert open_on(log_path) == [str(log_path)]  # the removed file is freed
+    finally:
+        log.close()
+    note, after = log_path.read_text().splitlines()
+    assert " [flipvisor] the log file was removed, not by flipvisor: written again" in note
+    assert "the last 0 bytes" not in note
+    assert after.endswith("| after")
+    assert stat.S_IMODE(log_path.stat().st_mode) == 0o600
+    assert log.dropped == 0
+
+
+@pytest.mark.usefixtures("looking_every_flush")
+def test_a_log_folder_removed_by_hand_is_made_again(log_path: Path) -> None:
+    log = ProgramLog(log_path, LogsConfig())
+    try:
+        log.write_line("g1 w0 pid=1", b"before")
+        log.flush()
+        shutil.rmtree(log_path.parent)
+        log.write_line("g1 w0 pid=1", b"after")
+        log.flush()
+    finally:
+        log.close()
+    assert log_path.read_text().splitlines()[-1].endswith("| after")
+    assert stat.S_IMODE(log_path.parent.stat().st_mode) == 0o700
+
+
+@pytest.mark.usefixtures("looking_every_flush")
+def test_a_log_file_moved_away_by_logrotate_create_is_written_at_its_path(
+    log_path: Path,
+) -> None:
+    """logrotate's default: the file renamed, a new empty one created in its place; the next
+    file gets the next number, so that ``logs -f`` knows it follows the one moved away."""
+    log = ProgramLog(log_path, LogsConfig())
+    moved = log_path.with_name("app.log-20261130")
+    try:
+        log.write_line("g1 w0 pid=1", b"before")
+        log.flush()
+        log_path.rename(moved)
+        log_path.touch(mode=0o640)
+        log.write_line("g1 w0 pid=1", b"after")
+        log.flush()
+    finally:
+        log.close()
+    assert [line for _, line in parsed(moved)] == [b"before"]
+    note, after = log_path.read_text().splitlines()
+    assert "[flipvisor] the log file was replaced (moved away), not by flipvisor" in note
+    assert after.endswith("| after")
+    with moved.open("rb") as old, log_path.open("rb") as new:
+        first = read_seq(old.fileno())
+        if first is not None:  # numbered where the file system has user xattrs
+            assert read_seq(new.fileno()) == first + 1
+
+
+@pytest.mark.usefixtures("looking_every_flush")
+def test_a_log_file_truncated_in_place_is_written_on_and_rotated_at_its_new_size(
+    log_path: Path,
+) -> None:
+    """logrotate's ``copytruncate``: the same file, emptied; the rotation counts from zero."""
+    log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=1))
+    try:
+        for i in range(15):
+            log.write_line("g1 w0 pid=1", f"before {i:02d}".encode())
+            log.flush()
+        assert log_path.stat().st_size > 600
+        os.truncate(log_path, 0)
+        for i in range(15):
+            log.write_line("g1 w0 pid=1", f"after {i:02d}".encode())
+            log.flush()
+    finally:
+        log.close()
+    assert not log_path.with_name("app.log.1").exists()  # not rotated at the old size
+    lines = [line.decode() for _, line in parsed(log_path)]
+    assert lines == [f"after {i:02d}" for i in range(15)]
+
+
 def collect(lines: Iterator[str], wanted: str) -> list[str]:
     got = []
     for line in lines:

@@ -230,7 +230,8 @@ ALLOWED: dict[str, set[str]] = {
     "discard": WORKERS | {"program"},
     "retirement": WORKERS | {"promotion", "program", "discard"},
     "takeover": WORKERS | {"program"},
-    "control": LEAVES | {"protocol", "config"},
+    # runrecord: the refusal names the config file of the supervisor already listening.
+    "control": LEAVES | {"protocol", "config", "runrecord"},
     "client": LEAVES | {"protocol", "config", "locate", "runrecord"},
     "display": LEAVES | {"protocol", "events", "progress"},
     "supervisor": CORE

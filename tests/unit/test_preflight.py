@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 from pathlib import Path
 from textwrap import dedent
@@ -11,6 +13,7 @@ import pytest
 from flipvisor.cli import run_cli
 from flipvisor.config_file import parse_config
 from flipvisor.preflight import host_problems
+from flipvisor.runrecord import remove_record, write_record
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "templates" / "nginx.conf.j2"
@@ -165,3 +168,43 @@ def test_check_counts_in_words(tmp_path: Path, capsys: pytest.CaptureFixture[str
     )
     assert run_cli(["check", "-c", str(config)]) == 0
     assert capsys.readouterr().out == f"{config}: ok (0 programs, 2 watches)\n"
+
+
+def test_a_state_dir_another_file_s_supervisor_listens_on_is_named_with_its_file(
+    tmp_path: Path,
+) -> None:
+    """`run` would be refused there; the other file is named, with the command that stops its
+    supervisor (its own -c: with this file's it refuses). Its own supervisor is no problem; one
+    not recorded (another user's, maybe this file's own) is a warning."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    socket_path = state_dir / "flipvisor.sock"
+    config_path = tmp_path / "flipvisor.yaml"
+    config_path.write_text(f"state_dir: {state_dir}\nprograms: {{}}\n")
+    config = parse_config(config_path.read_text(), config_path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(socket_path))
+    server.listen()
+    record = None
+    try:
+        [unrecorded] = host_problems(config, config_path)
+        assert unrecorded.warning and unrecorded.loc == ("state_dir",)
+        assert "a supervisor is already listening" in unrecorded.message
+
+        other = tmp_path / "other.yaml"
+        record = write_record(other, socket_path)
+        [taken] = host_problems(config, config_path)
+        assert not taken.warning and taken.loc == ("state_dir",)
+        assert str(taken).startswith(
+            f"state_dir: `run` would be refused: the supervisor of {other} (pid {os.getpid()}) "
+            f"already listens on {socket_path}"
+        )
+        assert f"`flipvisor -c {other} shutdown`" in taken.message
+
+        remove_record(record)
+        record = write_record(config_path, socket_path)  # this file's own supervisor
+        assert host_problems(config, config_path) == []
+    finally:
+        server.close()
+        if record is not None:
+            remove_record(record)

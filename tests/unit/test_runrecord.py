@@ -23,9 +23,11 @@ from flipvisor.runrecord import (
     RUNTIME_ENV,
     RunRecord,
     answers,
+    listening_already,
     parse_record,
     read_record,
     real_config_path,
+    record_listening_on,
     record_path,
     remove_record,
     runtime_dirs,
@@ -397,6 +399,43 @@ def test_only_this_process_s_record_is_removed(
     assert path.exists()
 
 
+def test_the_supervisor_listening_on_a_socket_is_found_whatever_its_file(
+    runtime: Path, config: Path, listening: Path, tmp_path: Path
+) -> None:
+    """For `check` and `run` of a file whose state_dir another file's supervisor uses: the
+    record naming that socket, of a process that runs."""
+    assert record_listening_on(listening) is None
+    runtime.mkdir(mode=0o700)
+    (runtime / "junk.json").write_text("[1, 2]")  # not a record: passed over
+    (runtime / "other.json").write_text(json.dumps({"config": str(config)}))  # misnamed
+    write_record(config, tmp_path / "elsewhere" / "flipvisor.sock")
+    assert record_listening_on(listening) is None
+    other = tmp_path / "other.yaml"
+    write_record(other, listening)
+    found = record_listening_on(listening)
+    assert found is not None and (found.config, found.pid) == (str(other), os.getpid())
+    assert record_listening_on(listening.parent / "." / listening.name) == found
+    # One whose process is gone is stale.
+    path = record_path(runtime, str(other))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "pid": beyond_pid_max()}))
+    assert record_listening_on(listening) is None
+
+
+def test_a_socket_taken_names_the_file_of_its_supervisor_and_how_to_stop_it(
+    runtime: Path, listening: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other.yaml"
+    record = RunRecord(str(other), listening, 4321, Identity(1, "b"), 0.0)
+    assert listening_already(listening, record) == (
+        f"the supervisor of {other} (pid 4321) already listens on {listening}: this file's "
+        f"state_dir is that file's too. Stop it first: `flipvisor -c {other} shutdown`, or "
+        "give this file a state_dir of its own"
+    )
+    assert listening_already(listening, None).startswith(
+        f"a supervisor is already listening on {listening} (not recorded as this user's"
+    )
+
+
 # -- the client: the file's state_dir first, the record when that leads nowhere --------------
 
 
@@ -461,6 +500,38 @@ def test_a_state_dir_changed_since_leads_to_the_recorded_supervisor(
     assert (locations.state_dir, notice) == (listening.parent, reached.notice)
 
 
+def test_a_running_supervisor_whose_socket_is_gone_is_named_with_what_to_do(
+    runtime: Path, config: Path, tmp_path: Path
+) -> None:
+    """Its record's process runs (this one) but nothing listens on its socket: not "start one
+    with `flipvisor run`", which would be refused, but SIGHUP, which makes it listen again."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    write_config(config, state_dir)
+    socket_path = state_dir / "flipvisor.sock"
+    write_record(config, socket_path)
+    expected = (
+        f"the supervisor of {config} runs (pid {os.getpid()}), but its control socket "
+        f"{socket_path} is gone (removed by hand, or by a temp cleaner?). `kill -HUP "
+        f"{os.getpid()}` makes it listen there again"
+    )
+    with pytest.raises(NotListening) as caught:
+        reach(config)
+    assert str(caught.value).startswith(expected)
+    assert "flipvisor run`" not in str(caught.value).replace("second `flipvisor run`", "")
+    # A file there that nobody listens on is not its own: replaced.
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(socket_path))
+    stale.close()
+    with pytest.raises(NotListening, match=r"does not answer \(the file there is not its own"):
+        reach(config)
+    # Its file unreadable as well: both said.
+    config.write_text("state_dir: [\n")
+    with pytest.raises(NotListening, match="not valid YAML") as caught:
+        reach(config)
+    assert f"the supervisor of {config} runs (pid {os.getpid()})" in str(caught.value)
+
+
 def test_without_a_running_supervisor_the_file_s_own_error_stands(
     runtime: Path, config: Path, tmp_path: Path
 ) -> None:
@@ -469,12 +540,7 @@ def test_without_a_running_supervisor_the_file_s_own_error_stands(
     with pytest.raises(NotListening, match=f"no supervisor is listening on {moved}/"):
         reach(config)
     assert logs_locations(config) == (locate(config), None)
-    # A record whose process runs but whose socket nobody listens on leads nowhere either.
-    write_record(config, tmp_path / "nobody" / "flipvisor.sock")
-    with pytest.raises(NotListening, match=f"no supervisor is listening on {moved}/"):
-        reach(config)
     config.write_text("state_dir: [\n")
-    record_path(runtime, real_config_path(config)).unlink()
     with pytest.raises(ConfigError, match="not valid YAML") as caught:
         reach(config)
     assert "supervisor" not in str(caught.value)
