@@ -38,7 +38,7 @@ SPAWN = {
 # supervisor's side of it, which every worker tells about its pipe.
 KEEPER = {"output_keeper", "kept_outputs", "keeper_handover"}
 BASE = LEAVES | CONFIG | LOGS | SPAWN | KEEPER | {"reaper", "sockets", "events", "progress"}
-CHECKS = BASE | {"probe", "proxy", "proxy_file", "proxy_template", "registry"}
+CHECKS = BASE | {"probe", "proxy", "proxy_file", "proxy_journal", "proxy_template", "registry"}
 # A generation, and its parts: the drain of its processes, its probe, what status shows of it.
 WORKERS = CHECKS | {
     "worker",
@@ -114,6 +114,8 @@ ALLOWED: dict[str, set[str]] = {
     # The template's text (context, render, parse), and the file's installing, checking, reloading.
     "proxy_template": {"config_fields", "errors"},
     "proxy_file": {"errors"},
+    # What a proxy step replaces, on disk until it stands or is undone (a killed supervisor's).
+    "proxy_journal": {"errors", "proxy_file"},
     "proxy": {
         "config",
         "errors",
