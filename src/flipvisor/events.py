@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 # Events that mean something went wrong (a deploy that did not happen, a program given up, a
 # process that had to be killed): logged as warnings, so a log filtered at WARNING shows them.
-WARNINGS = frozenset({"flip-failed", "fatal", "given-up", "killed", "not-as-deployed"})
+WARNINGS = frozenset(
+    {"flip-failed", "fatal", "given-up", "killed", "not-as-deployed", "proxy-left"}
+)
 
 HISTORY = 1000
 # The kind of the record a subscriber gets where the history dropped events before it read them.

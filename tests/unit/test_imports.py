@@ -227,7 +227,9 @@ ALLOWED: dict[str, set[str]] = {
     # Parts of the supervisor's start-up: what it sees to first (another supervisor of the file,
     # the state_dir, the run record), and what it takes over from a killed one.
     "run_start": {"config", "control", "errors", "reaper", "runrecord", "spawn", "usable"},
-    "predecessor": CORE | {"leftover_records", "stray_programs", "handover"},
+    "predecessor": CORE | {"leftover_records", "stray_programs", "handover", "proxy_recovery"},
+    # The proxy steps a killed supervisor left unfinished, kept or undone as its keys say.
+    "proxy_recovery": {"events", "proxy_journal"},
     # A removed program's deploy history (its proxy section), and what a program's stop does
     # (unroute, the registry, a Runtime).
     "stray_programs": CORE | {"history", "leftover_records"},
