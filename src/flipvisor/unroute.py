@@ -50,7 +50,7 @@ async def unroute(
                 journal=journal,
             )
         except ProxyError as exc:
-            if proxy.dest.exists():  # put back: nothing left to undo (one missing: next start)
+            if await anyio.Path(proxy.dest).exists():  # put back (one missing: next start's)
                 await journal.settle()
             log.warning(
                 "program=%s was removed from the config, but its proxy file stays in use: %s; "
