@@ -17,8 +17,10 @@ from .discard import discard
 from .errors import FlipFailed, FlipvisorError, ProbeFailed, flip_next_step
 from .flip_outcome import retry_command, what_serves
 from .generation import Generation
+from .lineage import this_supervisor
 from .progress import FlipReport
 from .promotion import Promotion, promote
+from .proxy_journal import flip_journal
 from .proxy_patience import ProxyPatience
 from .states import GenerationState
 
@@ -172,6 +174,13 @@ async def route(flips: Flips, report: FlipReport, gen: Generation) -> Promotion:
             reaper=program.runtime.reaper,
             report=report,
             proxy_lock=program.runtime.proxy_lock,
+            journal=flip_journal(
+                program.runtime.state_dir,
+                program.name,
+                generation=gen.number,
+                port=gen.port,
+                supervisor=this_supervisor(),
+            ),
             # Nothing of ours serves yet: an unreachable registry must not keep the program
             # down (a killed supervisor's workers, if any, are drained only once the keys
             # stop naming them: see `Takeover.drain_replaced_leftovers`).

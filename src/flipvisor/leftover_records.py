@@ -91,9 +91,9 @@ def _dead_supervisors_document(
 
 async def read_records(
     registry: WatchableRegistry, prefix: str, programs: Iterable[str]
-) -> dict[str, str]:
+) -> dict[str, str] | None:
     """The ``generation/current`` record of each of ``programs`` that has one, by program, read
-    in one request; none if the registry cannot be read (logged: what a previous supervisor
+    in one request; None if the registry cannot be read (logged: what a previous supervisor
     left then goes on running, and stays routed, as before this supervisor started)."""
     keys = {program_key(prefix, name, "generation/current"): name for name in programs}
     if not keys:
@@ -107,7 +107,7 @@ async def read_records(
             "replaced, and such programs keep their proxy files and registry keys",
             exc,
         )
-        return {}
+        return None
     return {name: values[key] for key, name in keys.items() if key in values}
 
 

@@ -1,5 +1,7 @@
 """What a run takes over at start-up from the supervisor before it, if that one was killed: the
-output pipes its keeper kept (logged from the moment they are taken over), its leftover workers
+output pipes its keeper kept (logged from the moment they are taken over), the proxy steps it
+left unfinished (``proxy_recovery.py``: each proxy file made to agree with the registry keys,
+before anything else is routed), its leftover workers
 by program (``leftovers.py``: given to the configured programs, drained after their first
 promotion), and the programs it served that the config no longer has (``stray_programs.py``:
 stopped in the background, and SIGKILLed once a shutdown's drains are done; the socket of a fixed
@@ -28,6 +30,7 @@ from .leftovers import Leftovers
 from .lineage import Lineage, processes_of
 from .logs_capture import capture
 from .progress import FlipReport
+from .proxy_recovery import finish_proxy_steps, unfinished_proxy_steps
 from .published_keys import HOSTNAME
 from .registry.base import WatchableRegistry
 from .stray_programs import proxy_writers, removed_programs, stop_stray_program
@@ -101,12 +104,18 @@ class Predecessor:
         """What a killed supervisor left running, by program (``leftovers.py``). The programs it
         served that the config no longer has (``stray_programs.py``) are stopped now, in ``tg``:
         those its registry records name (``removed_programs``: any left in the deploy history),
-        and, after an unclean exit, those its processes name that no record does."""
+        and, after an unclean exit, those its processes name that no record does. First, the
+        proxy steps it left unfinished are kept or undone, as those records say
+        (``proxy_recovery.py``): its proxy files then name the generation its keys do."""
         programs, state_dir = self.config.programs, self.config.state_dir
         removed = removed_programs(state_dir, programs)
-        records = await read_records(
-            self.registry, self.config.registry.prefix, [*programs, *removed]
+        unfinished = await unfinished_proxy_steps(state_dir)
+        journalled = [step.program for step in unfinished]
+        read = await read_records(
+            self.registry, self.config.registry.prefix, [*programs, *removed, *journalled]
         )
+        await finish_proxy_steps(unfinished, read, self.runtime.events)
+        records = read if read is not None else {}
         # What they start from now on is looked for whenever they are signalled.
         found = _with_lineage(recorded_leftovers(records, programs, HOSTNAME), state_dir)
         # Removed from the config: found even with no worker left (its keys and proxy file stay).

@@ -116,6 +116,7 @@ async def _unroute(program: Program) -> None:
         deployed.proxy,
         reaper=runtime.reaper,
         proxy_lock=runtime.proxy_lock,
+        state_dir=runtime.state_dir,
         routed=routed is not None,
     ):
         runtime.events.emit("unrouted", program.name, None, f"removed {deployed.proxy.dest}")

@@ -14,6 +14,11 @@ workers is the first step of retiring the old generation, kept apart so that a f
 ``--timeout`` can end at the promotion. A first start with nothing serving retries a failed
 reload instead (``proxy_patience.py``): the proxy is down, and there is nothing to go back to.
 
+What the proxy step replaces is recorded in the promotion's journal (``proxy_journal.py``)
+before any file changes; the record is removed once the promotion is complete (routed, the reload
+done) or undone, so that one left behind tells the next ``run`` that a supervisor was killed
+in between (``proxy_recovery.py``).
+
 This module holds the order, the proxy lock and the wait; the steps with their undos are
 ``promotion_steps.py``, and undoing them after a failure is ``promotion_undo.py``.
 """
@@ -41,6 +46,7 @@ from .promotion_steps import (
 )
 from .promotion_undo import undo_promotion
 from .proxy import wait_workers_gone
+from .proxy_journal import ProxyJournal
 from .proxy_patience import ProxyPatience
 from .reaper import Reaper
 from .registry import Registry, Snapshot
@@ -71,6 +77,7 @@ async def promote(
     reaper: Reaper,
     report: FlipReport,
     proxy_lock: anyio.Lock,
+    journal: ProxyJournal,
     registry_optional: bool = False,
     replaced_proxy: ProxyConfig | None = None,
     patience: ProxyPatience | None = None,
@@ -78,6 +85,8 @@ async def promote(
     """Route traffic to ``gen``. When it returns, ``gen`` is routed to and nothing is undone any
     more; the caller waits for the proxy's old workers (``wait_for_proxy``) before it drains the
     generation ``gen`` replaced.
+
+    ``journal`` records what the proxy step replaces, until the promotion is complete or undone.
 
     ``replaced_proxy`` is the proxy section of the generation ``gen`` replaces: its file goes
     when the new one's ``dest`` differs or ``config`` has none (``proxy_file_step``), and with no
@@ -112,6 +121,7 @@ async def promote(
                 registry_optional=registry_optional,
                 replaced_proxy=replaced_proxy,
                 pause=pause,
+                journal=journal,
             )
     finally:
         if patience is not None:
@@ -178,6 +188,7 @@ async def _route(
     registry_optional: bool,
     replaced_proxy: ProxyConfig | None,
     pause: Pause | None,
+    journal: ProxyJournal,
 ) -> tuple[Snapshot, frozenset[Recorded], bool]:
     """The file, registry and reload steps (``promotion_steps.py``), undone if one fails or a
     worker exits between them; returns the published keys, the proxy workers that predate the
@@ -195,6 +206,7 @@ async def _route(
             reaper=reaper,
             report=report,
             undo=undo,
+            journal=journal,
         )
         gen.ensure_whole()
         published, deferred = await registry_step(
@@ -217,6 +229,7 @@ async def _route(
             exc,
             undo,
             reloading.may_have_reloaded,
+            journal=journal,
             gen=gen,
             program=program,
             proxy=proxy,
@@ -224,4 +237,7 @@ async def _route(
             report=report,
         )
         raise
+    # Complete: routed and reloaded. A supervisor killed before this line leaves the record,
+    # and the next start keeps the file, as the keys name gen (``proxy_recovery.py``).
+    await journal.settle()
     return published, reloading.old_proxy_workers, deferred

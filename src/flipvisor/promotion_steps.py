@@ -3,7 +3,9 @@
 removed when the new config has no proxy section), the registry's keys swapped to name the new
 generation, and the proxy reloaded (with a ``Pause``, again after each failure until a reload
 takes). A step appends its undo to the promotion's list as soon as the change it undoes is made,
-so that a failure of the very next line is undone too; ``promotion_undo.py`` runs the list.
+so that a failure of the very next line is undone too; ``promotion_undo.py`` runs the list. What a
+proxy file held is also recorded in the promotion's journal before the file changes
+(``proxy_journal.py``): the undo list dies with a killed supervisor, the journal does not.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .generation import Generation
 from .progress import FlipReport, Step
 from .proxy import check, install, reload, remove, take_away
 from .proxy_file import Installed
+from .proxy_journal import ProxyJournal
 from .proxy_template import flip_context, render_template
 from .published_keys import serving_snapshot
 from .reaper import Reaper
@@ -43,6 +46,7 @@ async def proxy_file_step(
     reaper: Reaper,
     report: FlipReport,
     undo: list[Undo],
+    journal: ProxyJournal,
 ) -> None:
     """The ``proxy`` step: ``gen``'s proxy file in place and checked or, when ``config`` has no
     proxy section, the replaced generation's file removed and the proxy checked without it.
@@ -65,6 +69,7 @@ async def proxy_file_step(
                 replaced_proxy=replaced_proxy,
                 reaper=reaper,
                 undo=undo,
+                journal=journal,
             )
     elif replaced_proxy is not None:
         with report.step("proxy", f"remove {replaced_proxy.dest}"):
@@ -73,6 +78,7 @@ async def proxy_file_step(
                 check_cmd=replaced_proxy.check_cmd,
                 reaper=reaper,
                 timeout=replaced_proxy.timeout,
+                journal=journal,
             )
             if taken is not None:
                 undo.append(_restorer(taken))
@@ -86,15 +92,18 @@ async def _replace_file(
     replaced_proxy: ProxyConfig | None,
     reaper: Reaper,
     undo: list[Undo],
+    journal: ProxyJournal,
 ) -> None:
     """Put ``gen``'s checked proxy file in place, and remove the replaced generation's if its
     ``dest`` differs; each change's undo goes on ``undo`` as it is made."""
     if replaced_proxy is not None and replaced_proxy.dest != proxy.dest:
         # Before the check: nginx -t would see both files (a duplicate upstream).
-        taken = await take_away(replaced_proxy.dest)
+        taken = await take_away(replaced_proxy.dest, journal)
         if taken is not None:
             undo.append(_restorer(taken))
-    installed = await _install_file(gen, program=program, proxy=proxy, reaper=reaper)
+    installed = await _install_file(
+        gen, program=program, proxy=proxy, reaper=reaper, journal=journal
+    )
     undo.append(_restorer(installed))
 
 
@@ -106,7 +115,7 @@ def _restorer(installed: Installed) -> Undo:
 
 
 async def _install_file(
-    gen: Generation, *, program: str, proxy: ProxyConfig, reaper: Reaper
+    gen: Generation, *, program: str, proxy: ProxyConfig, reaper: Reaper, journal: ProxyJournal
 ) -> Installed:
     """Render ``gen``'s proxy file, put it in place and check it (put back if the check fails)."""
     context = flip_context(
@@ -114,7 +123,12 @@ async def _install_file(
     )
     content = render_template(proxy.template, {**proxy.vars, **context})
     return await install(
-        proxy.dest, content, check_cmd=proxy.check_cmd, reaper=reaper, timeout=proxy.timeout
+        proxy.dest,
+        content,
+        check_cmd=proxy.check_cmd,
+        reaper=reaper,
+        timeout=proxy.timeout,
+        journal=journal,
     )
 
 

@@ -17,6 +17,7 @@ from .generation import Generation
 from .progress import FlipReport
 from .promotion_steps import Undo
 from .proxy import check, pasteable, reload, wait_workers_gone
+from .proxy_journal import ProxyJournal
 from .reaper import Reaper
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ async def undo_promotion(
     steps: list[Undo],
     reloaded: bool,
     *,
+    journal: ProxyJournal | None = None,
     gen: Generation,
     program: str,
     proxy: ProxyConfig | None,
@@ -52,7 +54,9 @@ async def undo_promotion(
     All of it before returning, so before the caller stops ``gen``: until the reload back, the
     proxy may still send ``gen`` requests. If the proxy may still route to ``gen`` after all
     (the reload back failed, or was not tried because a file could not be put back),
-    ``report.stranded`` says so and what the operator must do.
+    ``report.stranded`` says so and what the operator must do. Once every proxy file is put
+    back, ``journal``'s record of them is removed; one that could not be is left to the next
+    start (``proxy_recovery.py``), which tries again.
 
     Raises:
         ProxyError: a step failed too; the message names both failures (a cancellation is
@@ -62,6 +66,8 @@ async def undo_promotion(
     with anyio.CancelScope(shield=True), anyio.move_on_after(UNDO_TIMEOUT):
         await _run_undo_steps(steps, program=program, undoing=undoing)
         undoing.steps_done = True
+        if undoing.files_restored and journal is not None:
+            await journal.settle()
         # Keys that could not be swapped back are retried by the registry; the proxy must not
         # wait for them. A proxy file that could not be put back must not be loaded, though.
         if reloaded and undoing.files_restored:

@@ -28,7 +28,7 @@ from .errors import (
     ProxyReloadTimedOut,
     SpawnError,
 )
-from .proxy_file import Installed, muted, put_in_place, take_away_now
+from .proxy_file import Installed, Journal, muted, put_in_place, take_away_now
 from .run_command import run_command
 from .starttime import Recorded, recorded_now
 from .usable import file_problem
@@ -48,15 +48,15 @@ NEW_WORKER_POLL_FIRST = 0.01
 NEW_WORKER_POLL_MAX = 0.2
 
 
-async def take_away(dest: Path) -> Installed | None:
+async def take_away(dest: Path, journal: Journal | None = None) -> Installed | None:
     """Remove ``dest`` (a proxy file a flip's new ``dest`` replaces), kept so that ``restore``
-    puts it back; None if there is no such file.
+    puts it back (and recorded in ``journal`` first); None if there is no such file.
 
     Raises:
-        ProxyError: the file could not be read or removed.
+        ProxyError: the file could not be read or removed, or recorded in ``journal``.
     """
     try:
-        taken = await anyio.to_thread.run_sync(take_away_now, dest)
+        taken = await anyio.to_thread.run_sync(take_away_now, dest, journal)
     except OSError as exc:
         raise ProxyError(
             f"cannot remove the previous proxy file {dest}: {exc.strerror or exc}"
@@ -72,9 +72,11 @@ async def remove(
     check_cmd: Sequence[str] | None,
     reaper: Reaper,
     timeout: float,
+    journal: Journal | None = None,
 ) -> Installed | None:
     """Remove ``dest`` (the proxy file of a program that no longer has one), then run
-    ``check_cmd`` without it; None if there was no file.
+    ``check_cmd`` without it; None if there was no file. What it held is recorded in
+    ``journal`` before it goes.
 
     A ``check_cmd`` that names the file (``{path}``) has nothing to check and is not run. If the
     check fails (the rest of the config still refers to what the file defined), times out,
@@ -83,7 +85,7 @@ async def remove(
     Raises:
         ProxyError: the file could not be removed, or the check failed (with its output).
     """
-    taken = await take_away(dest)
+    taken = await take_away(dest, journal)
     if taken is None or not check_cmd or any(PATH_PLACEHOLDER in arg for arg in check_cmd):
         return taken
     try:
@@ -111,6 +113,7 @@ async def install(
     reaper: Reaper,
     timeout: float,
     quiet: bool = False,
+    journal: Journal | None = None,
 ) -> Installed:
     """Write ``content`` to ``dest`` atomically, then run ``check_cmd`` against it.
 
@@ -119,15 +122,17 @@ async def install(
     cannot start, or this call is cancelled, the previous file is put back before returning.
     ``quiet``: log the steps at DEBUG only (a watch's retry: the caller reports the outcome, and
     a retry that fails the way the last attempt did would repeat the same lines every minute).
+    What ``dest`` held is recorded in ``journal`` before it is replaced.
 
     Raises:
         ProxyFileError: the file could not be written (what is wrong with its path).
-        ProxyError: the check failed (with its output).
+        ProxyError: the check failed (with its output), or ``journal`` could not record what
+            ``dest`` held (``dest`` unchanged).
     """
     try:
         # Off the event loop: fsync can take a while on a busy disk. Not cancellable, so the
         # write is never abandoned halfway between "written" and "recorded as installed".
-        installed = await anyio.to_thread.run_sync(put_in_place, dest, content.encode())
+        installed = await anyio.to_thread.run_sync(put_in_place, dest, content.encode(), journal)
     except OSError as exc:
         # What is wrong with the path, when that is it: mkdir's bare "File exists" for a file on
         # the way to dest named nothing.

@@ -1,5 +1,7 @@
 """The proxy file on disk: replaced atomically, keeping its mode, owner and group, with what it
-replaced kept so that a flip that fails later puts it back (``Installed.restore``).
+replaced kept so that a flip that fails later puts it back (``Installed.restore``). Given a
+``Journal``, a change is recorded there before it is made (``proxy_journal.py``), so that a
+supervisor killed before it could put the file back leaves the next one enough to do it.
 
 Blocking calls (fsync); ``proxy.py`` runs them off the event loop.
 """
@@ -12,6 +14,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .errors import ProxyError
 
@@ -20,7 +23,7 @@ log = logging.getLogger("flipvisor.proxy")  # the proxy's steps log under one na
 DEFAULT_FILE_MODE = 0o644
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -88,7 +91,7 @@ def write_atomic(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(dest.parent)  # make the rename itself durable
+    fsync_dir(dest.parent)  # make the rename itself durable
 
 
 def muted(level: int, quiet: bool) -> int:
@@ -132,7 +135,7 @@ class Installed:
         try:
             if self.previous is None:
                 self.dest.unlink(missing_ok=True)
-                _fsync_dir(self.dest.parent)
+                fsync_dir(self.dest.parent)
             else:
                 write_atomic(self.dest, self.previous, self.previous_mode, self.previous_owner)
             log.log(muted(logging.INFO, quiet), "restored the previous proxy file %s", self.dest)
@@ -140,7 +143,26 @@ class Installed:
             raise ProxyError(f"cannot restore the previous {self.dest}: {exc.strerror}") from exc
 
 
-def put_in_place(dest: Path, content: bytes) -> Installed:
+class Journal(Protocol):
+    """Where a change of a proxy file is recorded before it is made (``proxy_journal.py``)."""
+
+    def replacing(self, kept: Installed, written: bytes | None) -> None:
+        """Record durably that ``kept.dest``, holding ``kept``, is about to be replaced by
+        ``written`` (None: removed).
+
+        Raises:
+            ProxyError: it could not be recorded (then nothing is changed).
+        """
+
+
+def put_in_place(dest: Path, content: bytes, journal: Journal | None = None) -> Installed:
+    """Replace ``dest`` with ``content`` (``write_atomic``); what it held is returned, and
+    recorded in ``journal`` first.
+
+    Raises:
+        OSError: ``dest`` could not be read or written.
+        ProxyError: ``journal`` could not record it (``dest`` unchanged).
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     owner: Owner | None
     try:
@@ -149,21 +171,34 @@ def put_in_place(dest: Path, content: bytes) -> Installed:
         mode, owner = stat.S_IMODE(found.st_mode), _owner(found)
     except FileNotFoundError:
         previous, mode, owner = None, DEFAULT_FILE_MODE, None
+    kept = Installed(dest=dest, previous=previous, previous_mode=mode, previous_owner=owner)
+    if journal is not None:
+        journal.replacing(kept, content)
     write_atomic(dest, content, mode, owner)
-    return Installed(dest=dest, previous=previous, previous_mode=mode, previous_owner=owner)
+    return kept
 
 
-def take_away_now(dest: Path) -> Installed | None:
+def take_away_now(dest: Path, journal: Journal | None = None) -> Installed | None:
+    """Remove ``dest``; what it held is returned (None: there was no such file), and recorded
+    in ``journal`` first.
+
+    Raises:
+        OSError: ``dest`` could not be read or removed.
+        ProxyError: ``journal`` could not record it (``dest`` unchanged).
+    """
     try:
         previous = dest.read_bytes()
         found = dest.stat()
     except FileNotFoundError:
         return None
-    dest.unlink()
-    _fsync_dir(dest.parent)
-    return Installed(
+    kept = Installed(
         dest=dest,
         previous=previous,
         previous_mode=stat.S_IMODE(found.st_mode),
         previous_owner=_owner(found),
     )
+    if journal is not None:
+        journal.replacing(kept, None)
+    dest.unlink()
+    fsync_dir(dest.parent)
+    return kept

@@ -175,6 +175,11 @@ async def _unroute(
         )
         return
     if await unroute(
-        name, proxy, reaper=runtime.reaper, proxy_lock=runtime.proxy_lock, routed=routed
+        name,
+        proxy,
+        reaper=runtime.reaper,
+        proxy_lock=runtime.proxy_lock,
+        state_dir=runtime.state_dir,
+        routed=routed,
     ):
         runtime.events.emit("unrouted", name, None, f"removed {proxy.dest}")

@@ -1,18 +1,22 @@
 """The removal counterpart of a promotion: before a program removed from the config drains, its
 proxy file is removed, the proxy checked without it and reloaded, and the proxy's old workers
 awaited, so that nothing routes to the program any more. Failures are logged with what to do and
-never stop the removal.
+never stop the removal. Until the check without the file passed, what it held is recorded in the
+state_dir (``proxy_journal.py``): a supervisor killed during that check leaves the next start
+enough to put it back (``proxy_recovery.py``), and the removal is made, and checked, again.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import anyio
 
 from .config import ProxyConfig
 from .errors import ProxyError, ProxyReloadTimedOut
 from .proxy import pasteable, reload, remove, wait_workers_gone
+from .proxy_journal import removal_journal
 from .reaper import Reaper
 from .starttime import Recorded
 
@@ -25,6 +29,7 @@ async def unroute(
     *,
     reaper: Reaper,
     proxy_lock: anyio.Lock,
+    state_dir: Path,
     routed: bool = True,
 ) -> bool:
     """Before a program removed from the config drains: remove its proxy file, check the proxy
@@ -35,11 +40,18 @@ async def unroute(
     the file, the file is put back.
     """
     async with proxy_lock:
+        journal = removal_journal(state_dir, program)
         try:
             taken = await remove(
-                proxy.dest, check_cmd=proxy.check_cmd, reaper=reaper, timeout=proxy.timeout
+                proxy.dest,
+                check_cmd=proxy.check_cmd,
+                reaper=reaper,
+                timeout=proxy.timeout,
+                journal=journal,
             )
         except ProxyError as exc:
+            if await anyio.Path(proxy.dest).exists():  # put back (one missing: next start's)
+                await journal.settle()
             log.warning(
                 "program=%s was removed from the config, but its proxy file stays in use: %s; "
                 "remove what refers to %s from the proxy's config, delete the file and reload",
@@ -48,6 +60,7 @@ async def unroute(
                 proxy.dest,
             )
             return False
+        await journal.settle()  # the removal passed its check: it stands, whatever follows
         if taken is None and not routed:
             return False
         if taken is None:

@@ -32,7 +32,7 @@ from tests.clock import step_clock
 from tests.e2e.load import Load
 from tests.e2e.test_etcd import keys, registry
 from tests.e2e.test_fixed_port import fixed_port_config
-from tests.e2e.test_flip import answers, program, proxied
+from tests.e2e.test_flip import answers, program, proxied, version_served
 from tests.e2e.test_lifecycle import gone, shutdown_seconds
 from tests.e2e.test_operator import sample, scrape
 from tests.e2e.test_supervisor import markers_of
@@ -944,3 +944,96 @@ def test_what_the_leftovers_start_after_the_start_up_is_stopped_with_them(
         assert not new.marked("TERM")
         assert flipvisor.stop() == 0, flipvisor.output()
         wait_gone(ours)
+
+
+def _upstreams(path: Path) -> list[str]:
+    """The `server host:port;` lines of a rendered upstream block."""
+    lines = path.read_text().splitlines()
+    return [line.split()[1].rstrip(";") for line in lines if line.strip().startswith("server 1")]
+
+
+def _gated(command: list[str], gate: Path, entered: Path) -> list[str]:
+    """``command``, run once ``gate`` exists; ``entered`` is created when it is reached."""
+    wait = f'touch {entered}; while [ ! -e {gate} ]; do sleep 0.05; done; exec "$@"'
+    return ["sh", "-c", wait, "gated", *command]
+
+
+def _kill_during_the_flip(
+    flipvisor: Flipvisor,
+    nginx: Nginx,
+    tmp_path: Path,
+    survivors: list[psutil.Process],
+    gated: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Serve generation 1 of program web behind nginx, flip to generation 2 and SIGKILL the
+    supervisor (as the OOM killer would) while the flip runs the ``gated`` proxy command
+    (``check_cmd`` or ``reload_cmd``); then start the next run, whose own generation fails at
+    once, so that the killed supervisor's workers serve on. Returns generations 1 and 2 (as
+    status showed them)."""
+    gate, entered = tmp_path / "gate", tmp_path / "entered"
+    gate.touch()  # open for generation 1's promotion
+
+    def web(version: str, *flags: str) -> dict[str, Any]:
+        command = nginx.check_cmd if gated == "check_cmd" else nginx.reload_cmd
+        return program(nginx, version, *flags, proxy={gated: _gated(command, gate, entered)})
+
+    flipvisor.start({"programs": {"web": web("1")}})
+    first = flipvisor.wait_serving("web")
+    wait_until(lambda: version_served(nginx) == "1", message="nginx to proxy generation 1")
+    assert _upstreams(nginx.conf_dir / "web.conf") == [f"127.0.0.1:{first['port']}"]
+    gate.unlink()
+    entered.unlink()
+    flipvisor.write_config({"programs": {"web": web("2")}})
+    flip = flipvisor.cli_started("flip", "web")
+    try:
+        wait_until(entered.exists, message=f"the flip's {gated} to run")
+        second = next(g for g in flipvisor.program("web")["generations"] if g["generation"] == 2)
+        survivors.extend(psutil.Process(pid) for pid in [*first["pids"], *second["pids"]])
+        assert flipvisor.process is not None
+        flipvisor.process.send_signal(signal.SIGKILL)
+        flipvisor.process.wait(timeout=10)
+    finally:
+        flip.kill()
+        flip.communicate(timeout=10)
+    gate.touch()  # the orphaned command may finish now
+    restart_supervisor(flipvisor, {"programs": {"web": web("3", "--exit-at-start", "1")}})
+    wait_until(
+        lambda: flipvisor.program("web")["state"] == "fatal",
+        timeout=30,
+        message="the new run's generation 1 to fail (the leftovers serve on)",
+    )
+    return first, second
+
+
+def test_a_supervisor_killed_during_the_proxy_check_leaves_the_old_generation_s_file(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path, survivors: list[psutil.Process]
+) -> None:
+    """QA pass 5: the file is written in place before the check and the previous bytes were
+    kept only in memory: SIGKILL (the OOM killer) while `nginx -t` ran left the file naming
+    generation 2, never promoted, while the registry named generation 1, and the next `run`
+    kept it: any reload of nginx (logrotate's, another program's flip) then routed to the
+    release that was never promoted. The proxy-undo journal in the state_dir tells the next run
+    to put the previous file back before anything else is routed."""
+    first, second = _kill_during_the_flip(flipvisor, nginx, tmp_path, survivors, "check_cmd")
+    assert flipvisor.registry()["flipvisor/web/port/current"] == str(first["port"])
+    assert _upstreams(nginx.conf_dir / "web.conf") == [f"127.0.0.1:{first['port']}"], (
+        f"the proxy file routes to generation 2 (port {second['port']}), which was never "
+        f"promoted; the keys name generation 1 (port {first['port']})"
+    )
+    events = flipvisor.cli("events", "web").stdout
+    assert "proxy-restored" in events and "the previous file put back" in events, events
+    assert not list((flipvisor.state_dir / "proxy-undo").iterdir()), "the record is settled"
+
+
+def test_a_supervisor_killed_after_the_registry_named_the_new_generation_keeps_its_file(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path, survivors: list[psutil.Process]
+) -> None:
+    """Killed during the reload, after the registry transaction: the keys name generation 2,
+    whose workers are then the leftovers that serve on, so its file (checked) stays, and file
+    and keys agree; the next run says so."""
+    _, second = _kill_during_the_flip(flipvisor, nginx, tmp_path, survivors, "reload_cmd")
+    assert flipvisor.registry()["flipvisor/web/port/current"] == str(second["port"])
+    assert _upstreams(nginx.conf_dir / "web.conf") == [f"127.0.0.1:{second['port']}"]
+    events = flipvisor.cli("events", "web").stdout
+    assert "proxy-kept" in events, events
+    assert not list((flipvisor.state_dir / "proxy-undo").iterdir()), "the record is settled"

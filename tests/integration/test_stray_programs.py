@@ -282,7 +282,13 @@ async def test_a_proxy_without_a_reload_command_is_not_waited_for(tmp_path: Path
         proxy = ProxyConfig(template=tmp_path / "t.j2", dest=dest, pidfile=pidfile, timeout=30)
         async with running_reaper() as reaper:
             with anyio.fail_after(10):
-                assert await unroute("gone", proxy, reaper=reaper, proxy_lock=anyio.Lock())
+                assert await unroute(
+                    "gone",
+                    proxy,
+                    reaper=reaper,
+                    proxy_lock=anyio.Lock(),
+                    state_dir=tmp_path / "state",
+                )
         assert not dest.exists()
     finally:
         for child in psutil.Process(master.pid).children():

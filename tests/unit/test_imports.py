@@ -46,7 +46,15 @@ SPAWN = {
 # supervisor's side of it, which every worker tells about its pipe.
 KEEPER = {"output_keeper", "kept_outputs", "keeper_handover"}
 BASE = LEAVES | CONFIG | LOGS | SPAWN | KEEPER | {"reaper", "sockets", "events", "progress"}
-CHECKS = BASE | {"notify_socket", "probe", "proxy", "proxy_file", "proxy_template", "registry"}
+CHECKS = BASE | {
+    "notify_socket",
+    "probe",
+    "proxy",
+    "proxy_file",
+    "proxy_journal",
+    "proxy_template",
+    "registry",
+}
 # A generation, and its parts: the drain of its processes, its probe, what status shows of it.
 WORKERS = CHECKS | {
     "worker",
@@ -125,6 +133,8 @@ ALLOWED: dict[str, set[str]] = {
     # The template's text (context, render, parse), and the file's installing, checking, reloading.
     "proxy_template": {"config_fields", "errors"},
     "proxy_file": {"errors"},
+    # What a proxy step replaces, on disk until it stands or is undone (a killed supervisor's).
+    "proxy_journal": {"errors", "proxy_file"},
     "proxy": {
         "config",
         "errors",
@@ -249,7 +259,9 @@ ALLOWED: dict[str, set[str]] = {
     # Parts of the supervisor's start-up: what it sees to first (another supervisor of the file,
     # the state_dir, the run record), and what it takes over from a killed one.
     "run_start": {"config", "control", "errors", "reaper", "runrecord", "spawn", "usable"},
-    "predecessor": CORE | {"leftover_records", "stray_programs", "handover"},
+    "predecessor": CORE | {"leftover_records", "stray_programs", "handover", "proxy_recovery"},
+    # The proxy steps a killed supervisor left unfinished, kept or undone as its keys say.
+    "proxy_recovery": {"events", "proxy_journal"},
     # A removed program's deploy history (its proxy section), and what a program's stop does
     # (unroute, the registry, a Runtime).
     "stray_programs": CORE | {"history", "leftover_records"},

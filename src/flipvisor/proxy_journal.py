@@ -1,0 +1,269 @@
+"""The proxy-undo journal: what a flip's (or a removed program's) proxy step replaces, recorded
+durably in ``<state_dir>/proxy-undo/<program>.json`` before the step replaces or removes a proxy
+file, and removed once the change stands (promoted: keys swapped, proxy reloaded) or was undone.
+
+``Installed`` keeps the previous bytes in memory only: a supervisor killed (SIGKILL, the OOM
+killer) between a file's install and the promotion's end takes them with it, and the file of a
+generation never promoted would stay in place. A record left behind is how the next ``run``
+knows (``proxy_recovery.py``); ``pending`` reads them, ``Pending.put_back`` puts the previous
+files back, but only those that still hold what the interrupted step wrote (an operator's hand
+edit since is left alone).
+
+One small write (atomic, fsynced) per file a step changes, one removal at its end; blocking
+calls, run off the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .errors import ProxyError
+from .proxy_file import DEFAULT_FILE_MODE, Installed, fsync_dir, write_atomic
+
+log = logging.getLogger("flipvisor.proxy")  # with the proxy's steps
+
+UNDO_DIR = "proxy-undo"
+RECORD_MODE = 0o600  # it may hold a proxy file's bytes: private, as the state_dir is
+FLIP = "flip"  # a promotion's proxy step: undone unless the registry names its generation
+REMOVAL = "removal"  # a removed program's file taken away, until the proxy check passed
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Change:
+    """One proxy file a step changed: what it held (``kept``) and the digest of what the step
+    wrote there (None: it removed the file)."""
+
+    kept: Installed
+    written: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        kept = self.kept
+        previous = kept.previous
+        return {
+            "dest": str(kept.dest),
+            "previous": None if previous is None else base64.b64encode(previous).decode(),
+            "mode": kept.previous_mode,
+            "owner": None if kept.previous_owner is None else list(kept.previous_owner),
+            "written_sha256": self.written,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Change:
+        previous, owner = data["previous"], data["owner"]
+        kept = Installed(
+            dest=Path(data["dest"]),
+            previous=None if previous is None else base64.b64decode(previous, validate=True),
+            previous_mode=int(data.get("mode", DEFAULT_FILE_MODE)),
+            previous_owner=None if owner is None else (int(owner[0]), int(owner[1])),
+        )
+        written = data["written_sha256"]
+        return cls(kept, None if written is None else str(written))
+
+    def put_back(self) -> tuple[str, bool]:
+        """Put the previous file back if ``dest`` still holds what the step wrote; what was
+        done, for a message, and whether the file was left alone (a hand edit since).
+
+        Raises:
+            ProxyError: it could not be put back.
+        """
+        dest = self.kept.dest
+        try:
+            now: bytes | None = dest.read_bytes()
+        except FileNotFoundError:
+            now = None
+        except OSError as exc:
+            raise ProxyError(f"cannot read {dest}: {exc.strerror or exc}") from exc
+        if now == self.kept.previous:
+            return f"{dest} is the previous file already", False
+        if (now is None and self.written is not None) or (
+            now is not None and _digest(now) != self.written
+        ):
+            what = "is gone" if now is None else "holds something else"
+            return (
+                f"{dest} left as it is: it {what} than that step left it (edited by hand "
+                "since?); see that it is what the proxy should load"
+            ), True
+        self.kept.restore()
+        if self.kept.previous is None:
+            return f"{dest} removed (there was none before)", False
+        return f"{dest}: the previous file put back", False
+
+
+@dataclass
+class ProxyJournal:
+    """The record of one step's changes to proxy files (``proxy_file.Journal``), written before
+    each change, removed by ``settle``."""
+
+    path: Path
+    about: dict[str, Any]  # program, kind, and for a flip its generation, port and supervisor
+    changes: list[Change] = field(default_factory=list)
+
+    def replacing(self, kept: Installed, written: bytes | None) -> None:
+        """Record durably that ``kept.dest`` is about to hold ``written`` (None: be removed).
+
+        Raises:
+            ProxyError: the record could not be written (nothing was changed yet).
+        """
+        change = Change(kept, None if written is None else _digest(written))
+        document = {**self.about, "files": [c.to_json() for c in [*self.changes, change]]}
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomic(self.path, json.dumps(document, indent=1).encode(), RECORD_MODE)
+        except OSError as exc:
+            raise ProxyError(
+                f"cannot record what {kept.dest} holds in {self.path} before replacing it: "
+                f"{exc.strerror or exc}; without that record, a supervisor killed before the "
+                "promotion ends could not put it back"
+            ) from exc
+        self.changes.append(change)
+
+    async def settle(self) -> None:
+        """The changes stand, or were undone: remove the record (off the event loop)."""
+        if self.changes:
+            await anyio.to_thread.run_sync(self._remove)
+
+    def _remove(self) -> None:
+        try:
+            self.path.unlink(missing_ok=True)
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            # The next start would look at changes that stand: a flip's are kept while the
+            # keys name its generation, and a removal's is made again.
+            log.warning("cannot remove the proxy-undo record %s: %s", self.path, exc.strerror)
+        self.changes.clear()
+
+
+def record_path(state_dir: Path, program: str) -> Path:
+    return state_dir / UNDO_DIR / f"{program}.json"
+
+
+def flip_journal(
+    state_dir: Path, program: str, *, generation: int, port: int, supervisor: dict[str, Any]
+) -> ProxyJournal:
+    """The journal of the proxy step of ``program``'s flip to ``generation`` on ``port``, by
+    ``supervisor`` (``lineage.this_supervisor``: as its ``generation/current`` record names it)."""
+    about = {
+        "program": program,
+        "kind": FLIP,
+        "generation": generation,
+        "port": port,
+        "supervisor": supervisor,
+    }
+    return ProxyJournal(record_path(state_dir, program), about)
+
+
+def removal_journal(state_dir: Path, program: str) -> ProxyJournal:
+    """The journal of the removal of ``program``'s proxy file (``unroute.py``)."""
+    return ProxyJournal(record_path(state_dir, program), {"program": program, "kind": REMOVAL})
+
+
+@dataclass
+class PutBack:
+    """What ``Pending.put_back`` did: a line per file; ``settled``: no file failed to be put
+    back (those left alone are settled: the hand edit is the operator's); ``left_alone``: a
+    file was, as it held something else than the step left."""
+
+    done: list[str] = field(default_factory=list)
+    settled: bool = True
+    left_alone: bool = False
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A record a killed supervisor left: its step neither stood nor was undone."""
+
+    path: Path
+    program: str
+    kind: str
+    generation: int | None
+    port: int | None
+    supervisor: dict[str, Any] | None
+    changes: tuple[Change, ...]
+
+    def promoted_by(self, record: str | None) -> bool:
+        """Whether the registry's ``generation/current`` ``record`` names this flip's
+        generation: its registry step was done, and its files are the ones the keys name."""
+        if self.kind != FLIP or record is None:
+            return False
+        try:
+            document = json.loads(record)
+            owner = document.get("supervisor") or {}
+            named = (document.get("generation"), document.get("port"), owner.get("pid"))
+        except (ValueError, AttributeError):
+            return False
+        ours = self.supervisor or {}
+        return named == (self.generation, self.port, ours.get("pid")) and owner.get(
+            "ticks"
+        ) == ours.get("ticks")
+
+    def put_back(self) -> PutBack:
+        """Put each previous file back (last change first) where it still holds what the step
+        wrote (blocking)."""
+        outcome = PutBack()
+        for change in reversed(self.changes):
+            try:
+                line, left_alone = change.put_back()
+            except ProxyError as exc:
+                line, outcome.settled = str(exc), False
+            else:
+                outcome.left_alone = outcome.left_alone or left_alone
+            outcome.done.append(line)
+        return outcome
+
+    def forget(self) -> None:
+        """Remove the record (blocking)."""
+        try:
+            self.path.unlink(missing_ok=True)
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            log.warning("cannot remove the proxy-undo record %s: %s", self.path, exc.strerror)
+
+
+def pending(state_dir: Path) -> list[Pending]:
+    """The records a supervisor of ``state_dir`` left (killed before its step ended); one that
+    cannot be read is logged and left in place (blocking)."""
+    folder = state_dir / UNDO_DIR
+    try:
+        names = sorted(name for name in os.listdir(folder) if name.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("cannot read the proxy-undo records in %s: %s", folder, exc.strerror)
+        return []
+    found = []
+    for name in names:
+        path = folder / name
+        try:
+            document = json.loads(path.read_bytes())
+            found.append(
+                Pending(
+                    path=path,
+                    program=str(document["program"]),
+                    kind=str(document["kind"]),
+                    generation=document.get("generation"),
+                    port=document.get("port"),
+                    supervisor=document.get("supervisor"),
+                    changes=tuple(Change.from_json(c) for c in document["files"]),
+                )
+            )
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            log.warning(
+                "ignoring the proxy-undo record %s (%s): if a supervisor was killed during a "
+                "flip, see that the proxy file it names is the previous one",
+                path,
+                exc,
+            )
+    return found
