@@ -70,5 +70,7 @@ async def finish_proxy_steps(
             await anyio.to_thread.run_sync(step.forget)
         else:
             message += f"; tried again at the next start ({step.path})"
-        kind = "proxy-restored" if outcome.settled and not outcome.left_alone else "proxy-left"
-        events.emit(kind, step.program, None, message)
+        if outcome.settled and not outcome.left_alone:
+            events.emit("proxy-restored", step.program, None, message)
+        else:  # a warning (WARNINGS): a file left as it is may not name what the keys do
+            events.emit("proxy-left", step.program, None, message)
