@@ -24,6 +24,7 @@ from .config import Config, same_deploy
 from .control import ControlServer
 from .errors import EXIT_USAGE, FlipvisorError, UsageError
 from .events import EventLog
+from .handover import same_file
 from .keeper_handover import KeptOutput, take_over_outputs
 from .kept_outputs import OutputKeeper
 from .orphans import ORPHAN_GRACE, stop_orphans
@@ -86,14 +87,15 @@ class Supervisor:
 
     def _serves_through(self, name: str, dest: Path) -> bool:
         """Whether a program other than ``name`` serves through the proxy file ``dest`` (one a
-        reload removed, kept until ``name`` takes its file over)."""
+        reload removed, kept until ``name`` takes its file over). Compared as handovers are, by
+        real path: another spelling of the file is the same file."""
         for other in self.programs.values():
             serving = other.serving
             if (
                 other.name != name
                 and serving is not None
                 and serving.config.proxy is not None
-                and serving.config.proxy.dest == dest
+                and same_file(serving.config.proxy.dest, dest)
             ):
                 return True
         return False
