@@ -24,12 +24,12 @@ from .config import Config, same_deploy
 from .control import ControlServer
 from .errors import EXIT_USAGE, FlipvisorError, UsageError
 from .events import EventLog
-from .handover import same_file
 from .keeper_handover import KeptOutput, take_over_outputs
 from .kept_outputs import OutputKeeper
 from .orphans import ORPHAN_GRACE, stop_orphans
 from .predecessor import Predecessor
 from .program import Program, Runtime
+from .proxy_file import same_file
 from .reaper import Reaper
 from .registry import open_registry
 from .registry.base import WatchableRegistry

@@ -1,5 +1,5 @@
 """Supervisor._serves_through: whether another program serves through a proxy file, compared
-as handovers compare it (``handover.same_file``), so that a renamed program's failed first
+as handovers compare it (``proxy_file.same_file``), so that a renamed program's failed first
 reload restores the file of the one still serving instead of being retried forever."""
 
 from __future__ import annotations
