@@ -20,6 +20,7 @@ from .config_consistency import addresses_overlap
 from .events import EventLog
 from .program import Program
 from .progress import FlipReport
+from .proxy_file import same_file
 
 
 @dataclass(frozen=True)
@@ -135,12 +136,6 @@ def _overlapping(
         if other_port == port and other_host != host and addresses_overlap(host, other_host):
             return name
     return None
-
-
-def same_file(dest: Path, other: Path) -> bool:
-    """Whether two ``proxy.dest`` name one file, however spelled (realpath, not Path.resolve:
-    it never raises; a symlink loop stays as spelled)."""
-    return os.path.realpath(dest) == os.path.realpath(other)
 
 
 def say_kept(events: EventLog, program: str, why: str) -> None:

@@ -10,10 +10,11 @@ cannot be written (ENOSPC, EIO, a vanished directory) is counted in ``ProgramLog
 reported in the file as soon as writing works again; nothing is lost silently.
 
 A file removed or moved away by someone else (an operator freeing disk space, logrotate's default
-``create`` rotation) is noticed at the first flush at least ``CHECK_INTERVAL`` after the last look
-(one ``stat`` of the path, not one per line) and written again at its path, with a note saying so;
-a file truncated in place (logrotate's ``copytruncate``) is written on at its new end, its size
-taken again for the rotation. No signal is needed to make it reopen.
+``create`` rotation) is noticed at the first flush with data at least ``CHECK_INTERVAL`` after the
+last look (one ``stat`` of the path, not one per line), and before every rotation, and written again
+at its path, with a note saying so; a file truncated in place (logrotate's ``copytruncate``) is
+written on at its new end, its size taken again for the rotation. No signal is needed to make it
+reopen.
 
 A worker's output reaches it through ``logs_capture``; ``logs_tail`` and ``logs_follow`` read it.
 """
@@ -35,8 +36,9 @@ log = logging.getLogger(__name__)
 
 FLUSH_THRESHOLD = 256 * 1024  # write_line callers that never flush still get bounded buffers
 NOTE_PREFIX = "[flipvisor]"
-# How often at most a flush looks whether the file at the path is still the one written: a file
-# removed by hand is written again within about this, the unlinked one freed.
+# How often at most a flush looks whether the file at the path is still the one written. Only a
+# flush with data looks: a file removed by hand is written again (the unlinked one freed) at the
+# first line written at least this long after the last look; an idle program holds it until then.
 CHECK_INTERVAL = 1.0
 
 
@@ -76,6 +78,9 @@ class ProgramLog:
         self.backups = config.backups
         self.dropped = 0
         self._unreported = 0  # dropped lines not yet announced in the file
+        # Supervisor lines (what happened to the file, the end of a torn record) not written yet:
+        # written before the next records, kept until a write takes them.
+        self._pending = b""
         self._buffer = bytearray()
         self._size = 0
         self._fd = -1
@@ -118,26 +123,31 @@ class ProgramLog:
 
     def flush(self) -> None:
         """Write the buffered records; on failure count their lines as dropped (never raises)."""
-        if not self._buffer:
+        if not self._buffer and not self._pending:
             return
-        notice = b""
         if self._fd < 0:
             self._open()
-        elif (gone := self._replaced()) is not None:
-            notice = f"{self._timestamp()} {NOTE_PREFIX} {gone}\n".encode()
+        else:
+            self._look(forced=False)
+        pending, reported = self._pending, 0
+        notice = pending
         if self._unreported and self._fd >= 0:
             text = f"{self._timestamp()} {NOTE_PREFIX} dropped {self._unreported} lines\n"
             notice += text.encode()
-            self._unreported = 0  # counted again below if this write fails too
+            reported = self._unreported  # still counted while written: warned once per outage
         self._buffer[:0] = notice
         data, self._buffer = self._buffer, bytearray()
         written = self._write_all(data) if self._fd >= 0 else 0
         self._size += written
+        self._pending = b""
+        if written >= len(notice):
+            self._unreported -= reported  # announced
         if written < len(data):
-            # The notes are not lines of the workers: not counted (the dropped ones are again).
+            # The notes are not lines of the workers: not counted as dropped, but written again
+            # (the count of dropped lines carried on) unless this write took them whole.
             lost = data[written:].count(b"\n") - notice[written:].count(b"\n")
-            if written and data[written - 1 : written] != b"\n":
-                self._buffer += b"\n"  # end the torn record before the next one
+            torn = written and data[written - 1 : written] != b"\n"
+            self._pending = (b"\n" if torn else b"") + (pending if written < len(pending) else b"")
             self.dropped += lost
             self._unreported += lost
 
@@ -149,23 +159,45 @@ class ProgramLog:
             self._fd = -1
 
     def _append(self, record: bytes) -> None:
-        if self._size + len(self._buffer) + len(record) > self.max_bytes and (
-            self._size + len(self._buffer) > 0
-        ):
+        if self._passes(record):
             self.flush()
-            self._rotate()
+            # The size counted may be stale (the file truncated by copytruncate, or moved away
+            # and a new one put there, since the last look): take it again before rotating, or
+            # the new near-empty file would become ``.1`` and push the real backup out.
+            self._look(forced=True)
+            if self._passes(record):
+                self._rotate()
         self._buffer += record
 
-    def _replaced(self) -> str | None:
+    def _passes(self, record: bytes) -> bool:
+        """Whether ``record`` would push a non-empty file past ``max_bytes``."""
+        filled = self._size + len(self._buffer)
+        return filled > 0 and filled + len(record) > self.max_bytes
+
+    def _look(self, *, forced: bool) -> None:
+        """Whether the open file is still the one at the path, and its true size (at most once per
+        ``CHECK_INTERVAL`` unless ``forced``); a note saying what happened waits in ``_pending``."""
+        if self._fd < 0:
+            return
+        if (gone := self._replaced(forced=forced)) is not None:
+            self._pending += f"{self._timestamp()} {NOTE_PREFIX} {gone}\n".encode()
+        elif forced and self._fd >= 0:
+            with contextlib.suppress(OSError):
+                info = os.fstat(self._fd)
+                if stat.S_ISREG(info.st_mode):
+                    self._size = info.st_size
+
+    def _replaced(self, *, forced: bool = False) -> str | None:
         """If the file at the path is no longer the one open (removed, or moved away and maybe
         another one put there), open the path again and say what happened; else None.
 
-        Looks at most once per ``CHECK_INTERVAL``: one ``stat`` a second, not one per line. A file
-        truncated in place (``copytruncate``) is the same file: only its size is taken again.
+        Looks at most once per ``CHECK_INTERVAL`` unless ``forced``: one ``stat`` a second, not one
+        per line. A file truncated in place (``copytruncate``) is the same file: only its size is
+        taken again.
         """
         now = time.monotonic()
         since = now - self._checked_at
-        if since < CHECK_INTERVAL:
+        if since < CHECK_INTERVAL and not forced:
             return None
         self._checked_at = now
         try:
@@ -196,7 +228,15 @@ class ProgramLog:
         else:
             what = "moved away" if on_disk is None else "replaced (moved away)"
             where = "what came before is in the file moved away"
-        log.warning("%s was %s while written; writing it again at its path", self.path, what)
+        if self._fd >= 0:
+            log.warning("%s was %s while written; writing it again at its path", self.path, what)
+        else:
+            log.warning(
+                "%s was %s while written and cannot be opened again at its path; dropping lines "
+                "(counted) until it can",
+                self.path,
+                what,
+            )
         return f"the log file was {what}, not by flipvisor: written again from here; {where}"
 
     def _write_all(self, data: bytearray) -> int:

@@ -20,6 +20,13 @@ from .errors import ProxyError
 
 log = logging.getLogger("flipvisor.proxy")  # the proxy's steps log under one name
 
+
+def same_file(dest: Path, other: Path) -> bool:
+    """Whether two ``proxy.dest`` name one file, however spelled (realpath, not Path.resolve:
+    it never raises; a symlink loop stays as spelled)."""
+    return os.path.realpath(dest) == os.path.realpath(other)
+
+
 DEFAULT_FILE_MODE = 0o644
 
 

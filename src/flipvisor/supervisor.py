@@ -29,6 +29,7 @@ from .kept_outputs import OutputKeeper
 from .orphans import ORPHAN_GRACE, stop_orphans
 from .predecessor import Predecessor
 from .program import Program, Runtime
+from .proxy_file import same_file
 from .reaper import Reaper
 from .registry import open_registry
 from .registry.base import WatchableRegistry
@@ -86,14 +87,15 @@ class Supervisor:
 
     def _serves_through(self, name: str, dest: Path) -> bool:
         """Whether a program other than ``name`` serves through the proxy file ``dest`` (one a
-        reload removed, kept until ``name`` takes its file over)."""
+        reload removed, kept until ``name`` takes its file over). Compared as handovers are, by
+        real path: another spelling of the file is the same file."""
         for other in self.programs.values():
             serving = other.serving
             if (
                 other.name != name
                 and serving is not None
                 and serving.config.proxy is not None
-                and serving.config.proxy.dest == dest
+                and same_file(serving.config.proxy.dest, dest)
             ):
                 return True
         return False

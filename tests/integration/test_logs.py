@@ -344,6 +344,27 @@ def test_dropped_lines_are_counted_and_reported(log_path: Path) -> None:
     assert lines[1].endswith("| kept")
 
 
+def test_a_dropped_count_whose_note_cannot_be_written_is_carried_on(log_path: Path) -> None:
+    """The note of the lines dropped before fails with the next lines: it says them all later."""
+    log_path.parent.mkdir(parents=True)
+    log_path.symlink_to("/dev/full")
+    log = ProgramLog(log_path, LogsConfig())
+    try:
+        log.write_lines("g1 w0 pid=1", [b"lost 1", b"lost 2", b"lost 3"])
+        log.flush()
+        log.write_line("g1 w0 pid=1", b"lost 4")
+        log.flush()  # "dropped 3 lines" fails to be written, and so does "lost 4"
+        log_path.unlink()
+        log.write_line("g1 w0 pid=1", b"kept")
+        log.flush()
+    finally:
+        log.close()
+    assert log.dropped == 4
+    lines = log_path.read_text().splitlines()
+    assert lines[0].endswith("Z [flipvisor] dropped 4 lines")
+    assert lines[1].endswith("| kept")
+
+
 @pytest.fixture
 def looking_every_flush(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every flush looks whether the file at the path is still the one written (not once a
@@ -444,6 +465,97 @@ def test_a_log_file_truncated_in_place_is_written_on_and_rotated_at_its_new_size
     assert not log_path.with_name("app.log.1").exists()  # not rotated at the old size
     lines = [line.decode() for _, line in parsed(log_path)]
     assert lines == [f"after {i:02d}" for i in range(15)]
+
+
+@pytest.fixture
+def never_looking_by_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No flush looks at the path because time passed: only what rotation itself does is seen."""
+    monkeypatch.setattr("flipvisor.logs.CHECK_INTERVAL", 3600.0)
+
+
+def fill_to_near(log: ProgramLog, log_path: Path, size: int) -> list[str]:
+    """Write numbered lines, one flush each, until the file is within one line of ``size``."""
+    written = []
+    while log_path.stat().st_size < size - 80:
+        written.append(f"before {len(written):02d}")
+        log.write_line("g1 w0 pid=1", written[-1].encode())
+        log.flush()
+    return written
+
+
+@pytest.mark.usefixtures("never_looking_by_time")
+def test_a_log_file_truncated_near_its_size_is_not_rotated_before_the_look(log_path: Path) -> None:
+    """copytruncate of a file about to rotate: its true size is taken before rotating, so the
+    emptied file is written on, not made ``.1`` (which would push the real backup out)."""
+    log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=1))
+    backup = log_path.with_name("app.log.1")
+    try:
+        fill_to_near(log, log_path, 1024)
+        backup.write_text("the real backup\n")
+        shutil.copy(log_path, log_path.with_name("app.log-20261130"))
+        os.truncate(log_path, 0)
+        for i in range(3):
+            log.write_line("g1 w0 pid=1", f"after {i}".encode())
+            log.flush()
+    finally:
+        log.close()
+    assert backup.read_text() == "the real backup\n"
+    assert [line.decode() for _, line in parsed(log_path)] == [f"after {i}" for i in range(3)]
+
+
+@pytest.mark.usefixtures("never_looking_by_time")
+def test_a_log_file_moved_away_near_its_size_is_not_rotated_before_the_look(
+    log_path: Path,
+) -> None:
+    """logrotate's create just before the file reached its size: the new file at the path is
+    written (with the note), not renamed to ``.1`` by a rotation counted on the old file's size."""
+    log = ProgramLog(log_path, LogsConfig(max_bytes=1024, backups=1))
+    moved = log_path.with_name("app.log-20261130")
+    try:
+        before = fill_to_near(log, log_path, 1024)
+        log_path.rename(moved)
+        log_path.touch(mode=0o640)
+        for i in range(3):
+            log.write_line("g1 w0 pid=1", f"after {i}".encode())
+            log.flush()
+    finally:
+        log.close()
+    assert not log_path.with_name("app.log.1").exists()
+    assert [line.decode() for _, line in parsed(moved)] == before
+    note = log_path.read_text().splitlines()[0]
+    assert "[flipvisor] the log file was replaced (moved away), not by flipvisor" in note
+    assert [line.decode() for _, line in parsed(log_path)] == [f"after {i}" for i in range(3)]
+
+
+@pytest.mark.usefixtures("looking_every_flush")
+def test_a_removed_log_file_that_cannot_be_opened_again_is_said_so_and_noted_later(
+    log_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Removed, and its path not openable for a while (a folder put there): the warning says the
+    lines are dropped, and the note of the removal waits for the file to be written again."""
+    log = ProgramLog(log_path, LogsConfig())
+    try:
+        log.write_line("g1 w0 pid=1", b"before")
+        log.flush()
+        log_path.unlink()
+        log_path.mkdir()  # open(O_WRONLY) fails: EISDIR
+        log.write_line("g1 w0 pid=1", b"lost")
+        log.flush()
+        assert log.dropped == 1
+        log_path.rmdir()
+        log.write_line("g1 w0 pid=1", b"after")
+        log.flush()
+    finally:
+        log.close()
+    warned = [r.getMessage() for r in caplog.records if "was removed" in r.getMessage()]
+    assert warned == [
+        f"{log_path} was removed while written and cannot be opened again at its "
+        "path; dropping lines (counted) until it can"
+    ]
+    removed, dropped, after = log_path.read_text().splitlines()
+    assert " [flipvisor] the log file was removed, not by flipvisor: written again" in removed
+    assert dropped.endswith(" [flipvisor] dropped 1 lines")
+    assert after.endswith("| after")
 
 
 def collect(lines: Iterator[str], wanted: str) -> list[str]:
