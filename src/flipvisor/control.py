@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,8 @@ from .protocol import MAX_LINE, ProtocolError, Request, decode_request, encode, 
 from .runrecord import listening_already, record_listening_on
 
 log = logging.getLogger(__name__)
+
+LISTEN_BACKLOG = 128  # anyio's create_unix_listener default
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Dispatch = Callable[[Request, Send], Awaitable[dict[str, Any]]]
@@ -51,22 +54,46 @@ def peer_allowed(uid: int) -> bool:
     return uid in (os.getuid(), 0)
 
 
-def _claim_path(path: Path) -> bool:
-    """Remove a stale socket file (True: there was one, so the supervisor before us did not
-    exit cleanly); refuse if a live supervisor answers there."""
-    if not path.exists() and not path.is_symlink():
-        return False
+# How long a probe of the socket path waits to connect: it runs on the event loop (at a re-listen,
+# with conversations under way). A unix socket's connect returns at once unless the listener's
+# backlog is full; then the listener is alive, only busy.
+PROBE_TIMEOUT = 0.5
+
+
+def _someone_answers(path: Path) -> bool:
+    """Whether something accepts connections on the unix socket ``path`` (busy counts)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(PROBE_TIMEOUT)
     try:
         probe.connect(str(path))
-    except OSError:
-        path.unlink(missing_ok=True)
-        return True
+    except (BlockingIOError, TimeoutError):
+        return True  # its backlog is full: alive
+    except OSError:  # refused (a dead socket), not a socket, gone
+        return False
     finally:
         probe.close()
-    # Another config file's (``run`` refused this file's own before): named, if recorded, for
-    # its shutdown needs its own file's -c.
-    raise AlreadyRunning(listening_already(path, record_listening_on(path)))
+    return True
+
+
+def _bind_aside(folder: Path) -> tuple[socket.socket, Path]:
+    """A unix socket listening at a new temporary name in ``folder``, mode 0600.
+
+    Bound with the process's umask, which is never changed: a change is process-wide, and the
+    workers started meanwhile (a reload, a restart) kept it for life. Nobody can connect before
+    ``listen`` (refused), and it is made 0600 before that (the state_dir is 0700 anyway). The
+    name is as long as ``flipvisor.sock``: a state_dir short enough for one is for the other.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    temporary = folder / f".fv{secrets.token_hex(5)}.s"
+    try:
+        sock.bind(str(temporary))
+        os.chmod(temporary, 0o600)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        temporary.unlink(missing_ok=True)
+        raise
+    return sock, temporary
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
@@ -106,8 +133,7 @@ class ControlServer:
         Raises:
             AlreadyRunning: another supervisor holds the socket.
         """
-        self.found_stale = _claim_path(self.path)
-        listener = await self._listen()
+        listener, self.found_stale = await self._listen()
         try:
             # The conversations outlive a listener replaced: an `events -f` follower, a flip's
             # progress, go on.
@@ -120,7 +146,8 @@ class ControlServer:
         finally:
             self._accepting = None
             if self._bound is not None and _file_identity(self.path) == self._bound:
-                self.path.unlink()  # ours: not one another supervisor bound since ours went
+                # Ours: not one another supervisor bound since ours went (or gone since).
+                self.path.unlink(missing_ok=True)
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
 
@@ -132,21 +159,64 @@ class ControlServer:
         self._accepting.cancel()  # ``serve`` binds anew
         return True
 
-    async def _listen(self) -> SocketListener:
-        old_umask = os.umask(0o177)  # no window in which the socket is group/world accessible
+    async def _listen(self) -> tuple[SocketListener, bool]:
+        """A listener on the path, and whether a stale socket file (one nothing answers on: the
+        supervisor before us did not exit cleanly) was replaced there.
+
+        Bound at a temporary name, then hard-linked to the path: a link fails if anything is
+        there, where binding the path itself (after an unlink, as anyio's listener does) could
+        take it from another supervisor that bound it meanwhile, and record its file as ours.
+
+        Raises:
+            AlreadyRunning: another supervisor answers on the path.
+            OSError: the path cannot be bound.
+        """
+        sock, temporary = _bind_aside(self.path.parent)
         try:
-            listener = await anyio.create_unix_listener(self.path, mode=0o600)
+            bound = _file_identity(temporary)  # the path's too, once linked
+            replaced = False
+            try:
+                os.link(temporary, self.path)
+            except FileExistsError:
+                if _someone_answers(self.path):
+                    raise AlreadyRunning(self._taken_message()) from None
+                self.path.unlink(missing_ok=True)  # stale: nothing answers there
+                replaced = True
+                try:
+                    os.link(temporary, self.path)  # once: what is there now is left alone
+                except FileExistsError:
+                    raise AlreadyRunning(self._taken_message()) from None
+        except BaseException:
+            sock.close()
+            raise
         finally:
-            os.umask(old_umask)
-        self._bound = _file_identity(self.path)
-        return listener
+            temporary.unlink(missing_ok=True)
+        self._bound = bound
+        return await SocketListener.from_socket(sock), replaced
+
+    def _taken_message(self) -> str:
+        """Why the path cannot be listened on: another supervisor answers there (named if
+        recorded; not this process, whose record names the path too)."""
+        other = record_listening_on(self.path, besides=os.getpid())
+        if self._bound is None:  # starting: another config file's (``run`` refused this file's)
+            return listening_already(self.path, other)
+        # A re-listen: it was started there while this one's socket file was gone.
+        who = (
+            f"the supervisor of {other.config} (pid {other.pid})"
+            if other is not None
+            else "a supervisor not recorded as this user's"
+        )
+        return (
+            f"{who} listens there now, started while this supervisor's (pid {os.getpid()}) "
+            "socket file was gone: this one stays reachable by no client. Stop one of them "
+            "(SIGTERM to this one)"
+        )
 
     async def _listen_again(self, listener: SocketListener) -> SocketListener:
         """A new listener on the path, the old one closed; the old one if the path is taken (a
         supervisor another `run` started there meanwhile) or cannot be bound."""
         try:
-            _claim_path(self.path)  # a file left there that nothing answers on is removed
-            new = await self._listen()
+            new, _replaced = await self._listen()
         except (AlreadyRunning, OSError) as exc:
             log.warning("cannot listen on the control socket %s again: %s", self.path, str(exc))
             return listener

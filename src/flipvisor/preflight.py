@@ -212,12 +212,15 @@ def _state_dir_taken(config: Config, own: RunRecord | None) -> HostProblem | Non
     path = socket_path(config.state_dir)
     if own is not None and os.path.realpath(own.socket_path) == os.path.realpath(path):
         return None  # this file's own supervisor
-    if not _supervisor_listens(config.state_dir):
-        return None
+    listens = _supervisor_listens(config.state_dir)
+    # Recorded as listening there, another file's supervisor counts even when nothing answers:
+    # its socket file removed, `run` is refused all the same.
     other = record_listening_on(path)
+    if not listens and other is None:
+        return None
     return HostProblem(
         ("state_dir",),
-        f"`run` would be refused: {listening_already(path, other)}",
+        f"`run` would be refused: {listening_already(path, other, answering=listens is not False)}",
         warning=other is None,
     )
 

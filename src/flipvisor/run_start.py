@@ -14,7 +14,15 @@ from .config import Config
 from .control import AlreadyRunning
 from .errors import ConfigError
 from .reaper import become_subreaper
-from .runrecord import RunRecord, answers, read_record, unreachable, write_record
+from .runrecord import (
+    RunRecord,
+    answers,
+    listening_already,
+    read_record,
+    record_listening_on,
+    unreachable,
+    write_record,
+)
 from .spawn import seal_inherited_fds
 from .usable import folder_problem
 
@@ -27,7 +35,7 @@ def prepare_run(config_path: Path, config: Config) -> None:
 
     Raises:
         AlreadyRunning: a supervisor of this config file runs (whatever state_dir the file
-            names now).
+            names now), or one of another file on this state_dir whose socket file is gone.
         ConfigError: the state_dir cannot be created.
     """
     # Refused whether or not it answers: a busy or stopped supervisor is the file's all the
@@ -38,6 +46,11 @@ def prepare_run(config_path: Path, config: Config) -> None:
                 config_path, running, config.state_dir, answering=answers(running.socket_path)
             )
         )
+    # Another file's supervisor on this state_dir whose socket file was removed: the path is free
+    # to bind, and the two would share the logs, the history (one answering is refused at bind).
+    other = record_listening_on(config.socket_path)
+    if other is not None and not answers(other.socket_path):
+        raise AlreadyRunning(listening_already(config.socket_path, other, answering=False))
     prepare_state_dir(config.state_dir, config_path)
     if not become_subreaper() and os.getpid() != 1:
         log.warning("could not become a child subreaper; orphans will not be reaped")

@@ -171,9 +171,12 @@ def read_record(config_path: Path) -> RunRecord | None:
     return None
 
 
-def record_listening_on(socket_path: Path) -> RunRecord | None:
+def record_listening_on(socket_path: Path, *, besides: int | None = None) -> RunRecord | None:
     """The record of a running supervisor, of whatever config file, that listens on
-    ``socket_path`` (its state_dir is that one's); None if none is recorded (or only stale ones).
+    ``socket_path`` (its state_dir is that one's), or did until its socket file was removed;
+    None if none is recorded (or only stale ones). ``besides``: a PID whose record is left out (a
+    supervisor that cannot listen on its path again, ``ControlServer``, asks who took it: not
+    itself).
 
     For ``check`` and ``run`` of a file whose state_dir another file's supervisor uses: they name
     that file, and how to stop its supervisor. Reads every record in the runtime folders (one per
@@ -198,6 +201,7 @@ def record_listening_on(socket_path: Path) -> RunRecord | None:
             record = parse_record(data or b"", config)
             if (
                 record is not None
+                and record.pid != besides
                 and os.path.realpath(record.socket_path) == wanted
                 and is_process(record.pid, record.identity)
             ):
@@ -236,14 +240,24 @@ def unreachable(config_path: Path, record: RunRecord) -> str:
     )
 
 
-def listening_already(socket_path: Path, record: RunRecord | None) -> str:
+def listening_already(
+    socket_path: Path, record: RunRecord | None, *, answering: bool = True
+) -> str:
     """What keeps a supervisor from listening on ``socket_path``, where another supervisor (that
-    of another config file: ``record``, if recorded) listens, and what to do."""
+    of another config file: ``record``, if recorded) listens, and what to do. Not ``answering``:
+    ``record``'s socket file was removed (or replaced), so that nothing answers there now."""
     if record is None:
         return (
             f"a supervisor is already listening on {socket_path} (not recorded as this user's: "
             "another user's, or one that could not record where it listens); stop it (`flipvisor "
             "-c <its config file> shutdown`, or SIGTERM), or give this file another state_dir"
+        )
+    if not answering:
+        # Binding the path would work, and two supervisors would share the logs, the history.
+        return (
+            f"{unreachable(Path(record.config), record)}. This file's state_dir is that "
+            f"file's too: once it listens again, stop it (`flipvisor -c {record.config} "
+            "shutdown`), or give this file a state_dir of its own"
         )
     return (
         f"the supervisor of {record.config} (pid {record.pid}) already listens on "

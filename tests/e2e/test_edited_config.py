@@ -347,3 +347,36 @@ def test_check_names_a_state_dir_another_configs_supervisor_runs_on(
     assert flipvisor.serving("web") is not None
     # Its own file checks clean: its own supervisor is no problem.
     assert run_another(flipvisor, "check").returncode == 0
+
+
+def test_run_of_another_file_is_refused_beside_a_supervisor_whose_socket_was_removed(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """A copied config that keeps the first one's state_dir, while the first supervisor's
+    socket file is gone (a temp cleaner): nothing answers there, but `check` fails and `run` is
+    refused (it bound the path, and the two shared the logs and the history), both saying how
+    to make the first one listen again."""
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    pid = flipvisor.process.pid  # type: ignore[union-attr]
+    first = flipvisor.config_path.resolve()
+    other = tmp_path / "other" / "flipvisor.yaml"
+    other.parent.mkdir()
+    other.write_text(
+        yaml.safe_dump(
+            {"state_dir": str(flipvisor.state_dir), "programs": {"api": {"command": svc_command()}}}
+        )
+    )
+    (flipvisor.state_dir / "flipvisor.sock").unlink()
+
+    checked = run_another(flipvisor, "check", other)
+    started = run_another(flipvisor, "run", other)
+
+    for said in (checked, started):
+        assert said.returncode == 2, said.stdout + said.stderr
+        assert f"the supervisor of {first} runs (pid {pid})" in said.stdout + said.stderr
+        assert f"`kill -HUP {pid}`" in said.stdout + said.stderr
+    assert not (flipvisor.state_dir / "flipvisor.sock").exists()  # nobody bound it
+    os.kill(pid, signal.SIGHUP)
+    wait_until(lambda: run_another(flipvisor, "status").returncode == 0)
+    assert flipvisor.serving("web") is not None

@@ -14,15 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import pytest
 from anyio.abc import SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from flipvisor import control
 from flipvisor.client import call, converse
 from flipvisor.control import AlreadyRunning, ControlServer, Send, peer_allowed
 from flipvisor.errors import EXIT_USAGE, ControlUnreachable
 from flipvisor.protocol import MAX_LINE, Request, result
+from flipvisor.runrecord import remove_record, write_record
 from tests.waiting import await_until, holds
 
 DEADLINE = 10.0
@@ -204,9 +207,12 @@ async def test_relisten_leaves_the_path_to_a_server_that_took_it(
     sock_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Another supervisor started on the path while the file was gone: the first one keeps
-    away from it at relisten, and at its exit leaves the other's file in place."""
+    away from it at relisten, and at its exit leaves the other's file in place. Its warning does
+    not name its own config file (its own record names the path too) as the one to stop."""
     first, second = FakeSupervisor(), FakeSupervisor()
     server = ControlServer(sock_path, first.dispatch)
+    own_config = sock_path.with_name("own.yaml")
+    own_config.touch()
     first_scope, first_gone = anyio.CancelScope(), anyio.Event()
 
     async def serve_first(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -217,17 +223,82 @@ async def test_relisten_leaves_the_path_to_a_server_that_took_it(
     async with anyio.create_task_group() as tg:
         with anyio.fail_after(DEADLINE):
             await tg.start(serve_first)
+        own_record = write_record(own_config, sock_path)  # what `run` records once it listens
         remove(sock_path)
         async with serving(sock_path, second.dispatch):
             assert server.relisten()
             await await_until(lambda: holds("cannot listen on the control socket" in caplog.text))
-            assert "a supervisor is already listening" in caplog.text
+            assert "a supervisor not recorded as this user's listens there now" in caplog.text
+            assert f"pid {os.getpid()}" in caplog.text and str(own_config) not in caplog.text
             assert (await ask(sock_path, Request("status")))[-1]["ok"]
             first_scope.cancel()
             with anyio.fail_after(DEADLINE):
                 await first_gone.wait()
             assert (await ask(sock_path, Request("status")))[-1]["ok"]
+    remove_record(own_record)
     assert (len(first.requests), len(second.requests)) == (0, 2)
+
+
+async def test_relisten_changes_no_umask_the_other_tasks_see(sock_path: Path) -> None:
+    """The socket file is made 0600 without a umask: a umask is the whole process's, and a
+    worker that a task started meanwhile (the reload the same SIGHUP starts, a restart) kept
+    0177 for life."""
+    fake = FakeSupervisor()
+    seen: set[int] = set()
+    relistened = anyio.Event()
+
+    async def watch_umask() -> None:
+        while not relistened.is_set():
+            mask = os.umask(0o022)
+            os.umask(mask)
+            seen.add(mask)
+            await anyio.lowlevel.checkpoint()
+
+    before = os.umask(0o022)
+    try:
+        async with serving(sock_path, fake.dispatch) as server, anyio.create_task_group() as tg:
+            tg.start_soon(watch_umask)
+            for _ in range(5):
+                remove(sock_path)
+                assert server.relisten()
+                assert (await wait_for_answer(sock_path))[-1]["ok"]
+                assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+            relistened.set()
+    finally:
+        os.umask(before)
+    assert seen == {0o022}
+
+
+async def test_a_server_bound_at_the_path_meanwhile_is_left_alone_at_relisten(
+    sock_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another supervisor binds the path after the relisten began (another host's `run`, a
+    race): it keeps its socket file, and at this one's exit too (the file recorded as bound is
+    this one's, not the other's)."""
+    fake = FakeSupervisor()
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bind_aside = control._bind_aside
+
+    def bound_meanwhile(folder: Path) -> tuple[socket.socket, Path]:
+        aside = bind_aside(folder)
+        other.bind(str(sock_path))  # between this server's bind and its claim of the path
+        other.listen()
+        return aside
+
+    try:
+        async with serving(sock_path, fake.dispatch) as server:
+            remove(sock_path)
+            monkeypatch.setattr(control, "_bind_aside", bound_meanwhile)
+            assert server.relisten()
+            await await_until(lambda: holds("cannot listen on the control socket" in caplog.text))
+            assert [name for name in os.listdir(sock_path.parent)] == [sock_path.name]
+            theirs = os.stat(sock_path).st_ino
+        assert os.stat(sock_path).st_ino == theirs  # left in place at this one's exit
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(sock_path))  # theirs still answers
+    finally:
+        other.close()
+    assert fake.requests == []
 
 
 async def test_malformed_and_unknown_requests_are_answered(sock_path: Path) -> None:

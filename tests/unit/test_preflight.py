@@ -208,3 +208,27 @@ def test_a_state_dir_another_file_s_supervisor_listens_on_is_named_with_its_file
         server.close()
         if record is not None:
             remove_record(record)
+
+
+def test_a_state_dir_whose_other_supervisor_lost_its_socket_file_is_still_taken(
+    tmp_path: Path,
+) -> None:
+    """Another file's supervisor recorded on the state_dir, its socket file removed: nothing
+    answers, but `run` is refused all the same (two supervisors would share the logs and the
+    history); the way to make it listen again is named."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    socket_path = state_dir / "flipvisor.sock"
+    config_path = tmp_path / "flipvisor.yaml"
+    config_path.write_text(f"state_dir: {state_dir}\nprograms: {{}}\n")
+    config = parse_config(config_path.read_text(), config_path)
+    other = tmp_path / "other.yaml"
+    record = write_record(other, socket_path)  # no file at socket_path: removed
+    try:
+        [taken] = host_problems(config, config_path)
+    finally:
+        remove_record(record)
+    assert not taken.warning and taken.loc == ("state_dir",)
+    assert f"control socket {socket_path} is gone" in taken.message
+    assert f"`kill -HUP {os.getpid()}`" in taken.message
+    assert f"`flipvisor -c {other} shutdown`" in taken.message
