@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .problems import Problem, nearest_line
-from .usable import parse_listen
+from .usable import listen_addresses, parse_listen
 
 if TYPE_CHECKING:
     from .config_file import ConfigFile
@@ -246,12 +246,28 @@ def _shared_proxy_files(parsed: ConfigFile) -> list[Problem]:
 
 
 def addresses_overlap(host: str, other: str) -> bool:
-    """Whether listening on both addresses (on one port) would collide."""
+    """Whether listening on both addresses (on one port) would collide. A name (``localhost``
+    in ``metrics.listen``) stands for every address it resolves to (as its listener binds)."""
     if host == other:
         return True
+    return any(_collide(a, b) for a in _addresses(host) for b in _addresses(other))
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _addresses(host: str) -> list[IPAddress]:
     try:
-        return (
-            ipaddress.ip_address(host).is_unspecified or ipaddress.ip_address(other).is_unspecified
-        )
-    except ValueError:  # a name (``localhost`` in metrics.listen): only the same name is known
-        return False
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        return [ipaddress.ip_address(found) for found in listen_addresses(host)]
+
+
+def _collide(a: IPAddress, b: IPAddress) -> bool:
+    if a == b:
+        return True
+    if a.version == b.version:
+        return a.is_unspecified or b.is_unspecified
+    # `::` takes the IPv4 port too: a program's socket is dual-stack (no IPV6_V6ONLY).
+    v6 = a if a.version == 6 else b
+    return v6.is_unspecified

@@ -6,6 +6,7 @@ Loading is pure: no logging, no exits. Relative paths are resolved against the c
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from collections.abc import Sequence
@@ -130,7 +131,7 @@ def _describe(error: Any, path: Path, node: yaml.Node | None, lines: LineIndex) 
     # Keys as the file writes them: pydantic names an unquoted `off:` key 0, and its line by that.
     loc = written_location(node, parts)
     kind = error["type"]
-    if kind == "string_type" and error["loc"][-1:] == ("[key]",):
+    if (kind == "string_type" and error["loc"][-1:] == ("[key]",)) or kind == "invalid_key":
         message = _not_a_string_key(loc[-1], error["input"])
     elif kind in _FRIENDLY:
         message = _FRIENDLY[kind]
@@ -157,9 +158,14 @@ def _not_a_string_key(written: str, read: Any) -> str:
     """Why the key ``written`` is refused: YAML read it as ``read``, not as the text."""
     if isinstance(read, bool) or read is None:
         as_what = {True: "true", False: "false", None: "null"}[read]
+    elif isinstance(read, (int, float)):
+        as_what = "a number"
+    elif isinstance(read, (datetime.date, datetime.datetime)):
+        as_what = "a date"
     else:
-        as_what = "a number" if isinstance(read, (int, float)) else "no text"
-    return f"must be a string: YAML reads {written} as {as_what}; quote it: {json.dumps(written)}"
+        as_what = "something other than text"
+    quoted = json.dumps(written)
+    return f"this key must be a string: YAML reads {written} as {as_what}; quote it: {quoted}"
 
 
 def _is_union_tag(part: Any) -> bool:

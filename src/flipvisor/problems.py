@@ -141,10 +141,6 @@ def written_location(node: yaml.Node | None, loc: Sequence[str | int]) -> tuple[
     return tuple(written)
 
 
-def _has_item(node: yaml.Node | None, part: str | int) -> bool:
-    return isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
-
-
 def read_as(key: yaml.Node) -> Any:
     """What YAML reads a scalar key as (``off``: False, ``1.5``: 1.5)."""
     return yaml.constructor.SafeConstructor().construct_object(key)
@@ -152,13 +148,15 @@ def read_as(key: yaml.Node) -> Any:
 
 def _key_node(node: yaml.MappingNode, part: str | int) -> tuple[yaml.Node, yaml.Node] | None:
     """The (key, value) nodes of ``node`` whose key YAML reads as ``part`` (pydantic's location
-    part: a bool key is 0 or 1, a number one ``3`` or ``'1.5'``); the last one written wins."""
+    part: a bool key is 0 or 1, a number one ``3`` or ``'1.5'``, a date its repr); the last one
+    written wins."""
     found = None
     for key, value in node.value:
         if not isinstance(key, yaml.ScalarNode):
             continue
         read = read_as(key)
         as_loc = int(read) if isinstance(read, bool) else read
-        if str(as_loc) == str(part):
+        # pydantic's part: the key itself (a str, or an int), or its repr (a date).
+        if str(as_loc) == str(part) or repr(read) == part:
             found = (key, value)
     return found

@@ -126,6 +126,16 @@ def listen_error(host: str, port: int, exc: OSError) -> str:
     return f"{where}: {exc.strerror or exc}"
 
 
+def listen_addresses(host: str) -> list[str]:
+    """The addresses a listener on the name ``host`` binds (``localhost``: 127.0.0.1 and ::1);
+    none if it does not resolve (``listen_problem`` says so)."""
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        return []
+    return sorted({str(address[0]).partition("%")[0] for *_, address in found})
+
+
 def listen_problem(host: str, port: int) -> str | None:
     """Why ``host:port`` cannot be listened on, or None: the address must resolve and be this
     host's. The port itself is not bound (the running supervisor may hold it), so a port in use

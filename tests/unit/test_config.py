@@ -468,7 +468,7 @@ BAD: list[tuple[str, str, int, str, str]] = [
         "programs:\n  5:\n    command: x\n",
         2,
         "programs.5",
-        'must be a string: YAML reads 5 as a number; quote it: "5"',
+        'this key must be a string: YAML reads 5 as a number; quote it: "5"',
     ),
     # YAML 1.1 reads these keys as booleans: named as written, at their own line (found by QA)
     (
@@ -476,21 +476,35 @@ BAD: list[tuple[str, str, int, str, str]] = [
         "programs:\n  web:\n    command: x\n  off:\n    command: y\n",
         4,
         "programs.off",
-        'must be a string: YAML reads off as false; quote it: "off"',
+        'this key must be a string: YAML reads off as false; quote it: "off"',
     ),
     (
         "env-name-boolean",
         "programs:\n  off:\n    command: y\n    env:\n      'A': '1'\n      on: '1'\n",
         6,
         "programs.off.env.on",
-        'must be a string: YAML reads on as true; quote it: "on"',
+        'this key must be a string: YAML reads on as true; quote it: "on"',
+    ),
+    (
+        "env-name-date",
+        "programs:\n  web:\n    command: y\n    env:\n      2024-01-01: x\n",
+        5,
+        "programs.web.env.2024-01-01",
+        'this key must be a string: YAML reads 2024-01-01 as a date; quote it: "2024-01-01"',
+    ),
+    (
+        "section-key-boolean",  # a section of fixed keys: pydantic's "Keys should be strings"
+        "programs:\n  web:\n    command: y\n    socket: {off: 1}\n",
+        4,
+        "programs.web.socket.off",
+        'this key must be a string: YAML reads off as false; quote it: "off"',
     ),
     (
         "env-name-null",
         "programs:\n  web:\n    command: y\n    env: {~: '1'}\n",
         4,
         "programs.web.env.~",
-        'must be a string: YAML reads ~ as null; quote it: "~"',
+        'this key must be a string: YAML reads ~ as null; quote it: "~"',
     ),
     # watch entries
     (
@@ -1003,8 +1017,11 @@ def test_two_programs_cannot_share_a_fixed_port(first_host: str, second_host: st
         ("127.0.0.1", "127.0.0.1", True),
         ("0.0.0.0", "127.0.0.1", True),
         ("127.0.0.1", "::", True),
-        ("localhost", "127.0.0.1", False),  # a name: not known to be the same address
+        ("localhost", "127.0.0.1", True),  # a name: the addresses it resolves to (found by QA)
         ("127.0.0.2", "127.0.0.1", False),
+        ("0.0.0.0", "::1", False),  # IPv4's wildcard leaves IPv6 addresses free
+        ("::1", "0.0.0.0", False),
+        ("0.0.0.0", "::", True),  # a program's `::` is dual-stack: it takes IPv4's port too
     ],
 )
 def test_a_program_cannot_take_the_metrics_port(
