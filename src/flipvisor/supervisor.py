@@ -22,7 +22,7 @@ from . import signals
 from .commands import Commands
 from .config import Config, same_deploy
 from .control import ControlServer
-from .errors import EXIT_USAGE, FlipvisorError, UsageError
+from .errors import EXIT_USAGE, ConfigError, FlipvisorError, UsageError
 from .events import EventLog
 from .keeper_handover import KeptOutput, take_over_outputs
 from .kept_outputs import OutputKeeper
@@ -34,7 +34,7 @@ from .reaper import Reaper
 from .registry import open_registry
 from .registry.base import WatchableRegistry
 from .reload import Reloads
-from .run_start import prepare_run, record_run
+from .run_start import prepare_run, prepare_state_dir, record_run
 from .runrecord import remove_record
 from .sockets_left import SocketsLeft
 
@@ -99,6 +99,23 @@ class Supervisor:
             ):
                 return True
         return False
+
+    def _make_state_dir_again(self) -> None:
+        """Make the state_dir (and its logs and notify folders) again if it was removed whole
+        (``rm -rf``, a temp cleaner): SIGHUP's re-listen binds in it, and a later flip's
+        notify socket lives in it. What was in it (the local registry file, deploy history)
+        is gone; the registry file is written again at the next publication."""
+        if self.config.state_dir.is_dir():
+            return
+        try:
+            prepare_state_dir(self.config.state_dir, self.config_path)
+        except ConfigError as exc:
+            log.warning("%s", exc)
+            return
+        log.warning(
+            "the state_dir %s was gone (removed?): made again, with its logs and notify folders",
+            self.config.state_dir,
+        )
 
     def _orphan_reaped(self, pid: int, returncode: int, owner: tuple[str, int] | None) -> None:
         # An orphan re-parented to us and reaped: worth a line in `events` (a leaky service),
@@ -242,6 +259,7 @@ class Supervisor:
                 if signum == signal.SIGHUP:
                     # Its socket file removed (by hand, a temp cleaner), this supervisor could
                     # be reached by nobody: the clients say to send SIGHUP.
+                    self._make_state_dir_again()
                     self.control.relisten()
                     # In a task of its own: a reload that waits for a renamed program's
                     # successor to start, or for a program added back to finish draining, must

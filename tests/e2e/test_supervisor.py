@@ -458,6 +458,32 @@ def test_a_deleted_control_socket_does_not_send_the_operator_to_run(
     assert not socket_path.exists()
 
 
+def test_sighup_as_advised_makes_a_supervisor_whose_state_dir_was_removed_reachable(
+    flipvisor: Flipvisor,
+) -> None:
+    """A state_dir removed whole (`rm -rf` by an operator tidying up, a temp cleaner) takes the
+    control socket with it; the clients advise `kill -HUP N`, and SIGHUP makes the folder again
+    and listens in it (found by QA: the re-listen failed with ENOENT, and only a restart of the
+    supervisor made it reachable). A flip works afterwards."""
+    process = flipvisor.start({"programs": {"web": {"command": svc_command()}}})
+    flipvisor.wait_serving("web")
+    shutil.rmtree(flipvisor.state_dir)
+    unreachable = flipvisor.cli("status")
+    assert unreachable.returncode == 2, unreachable.stdout + unreachable.stderr
+    advice = " ".join(unreachable.stderr.split())
+    assert f"`kill -HUP {process.pid}` makes it listen there again" in advice, advice
+
+    process.send_signal(signal.SIGHUP)  # as advised
+
+    wait_until(
+        lambda: flipvisor.cli("status").returncode == 0,
+        timeout=15,
+        message="the supervisor to answer after the SIGHUP its clients advised",
+    )
+    flipped = flipvisor.cli("flip", "web")
+    assert flipped.returncode == 0, flipped.stdout + flipped.stderr
+
+
 def test_sighup_adds_and_removes_programs(flipvisor: Flipvisor) -> None:
     flipvisor.start({"programs": {"one": web()}})
     one = flipvisor.wait_serving("one")
