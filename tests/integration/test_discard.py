@@ -6,12 +6,11 @@ fixed port) until it has ended."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-
-import time
 
 import anyio
 import psutil
