@@ -13,7 +13,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .config import ProgramConfig
-from .discard import discard
+from .discard import discard, wait_for_discarded
 from .errors import FlipFailed, FlipvisorError, ProbeFailed, flip_next_step
 from .flip_outcome import retry_command, what_serves
 from .generation import Generation
@@ -40,6 +40,7 @@ async def deploy_new(flips: Flips, report: FlipReport, config: ProgramConfig) ->
     number = report.generation = flips.new_generation_number()
     await program.takeover.free_port_of_leftovers(report, config)
     await _take_socket_left(program, config)
+    await wait_for_discarded(program, report, config)
     gen = await _spawn(program, tg, report, config, number)
     try:
         with report.step("probe", gen.describe_readiness()):
@@ -114,7 +115,7 @@ async def _discard(flips: Flips, gen: Generation, exc: BaseException, reason: st
         and flips.abandon is not None
         and flips.abandon.cancel_called
     )
-    await discard(flips.program, gen, reason, called_off=called_off)
+    await discard(flips.program, gen, reason, called_off=called_off, deadline=flips.deadline)
 
 
 def _reason(exc: BaseException) -> str:
@@ -138,7 +139,9 @@ async def promote_warm(flips: Flips, report: FlipReport, warm: Generation) -> Pr
         return await route(flips, report, gen)
 
     try:
-        return await program.retirement.promote_warm(report, warm, route_back)
+        return await program.retirement.promote_warm(
+            report, warm, route_back, deadline=flips.deadline
+        )
     except ProbeFailed as exc:
         report.output = list(warm.tail)
         raise FlipFailed(

@@ -9,6 +9,7 @@ run in the program's task group.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -85,6 +86,8 @@ class Retirement:
         report: FlipReport,
         gen: Generation,
         promote: Callable[[FlipReport, Generation], Awaitable[Promotion]],
+        *,
+        deadline: float = math.inf,
     ) -> Promotion:
         """Probe the warm generation ``gen`` again, as a flip probes a new one (it may have hung
         since it was kept), then route traffic back to it (through the flip's ``promote``).
@@ -92,7 +95,8 @@ class Retirement:
         A generation that fails the probe, or loses a worker before it is routed to (``reviving``:
         ``CrashPolicy.worker_exited`` fails it), is discarded: it ends ``failed``, with an event
         saying why, and a later rollback starts its config afresh. One whose promotion failed
-        otherwise (a proxy or registry step) is as good as before: warm again.
+        otherwise (a proxy or registry step) is as good as before: warm again. The discard is
+        waited for no longer than the rollback's ``deadline`` (its --timeout) allows.
 
         Raises:
             ProbeFailed: it failed its probe or lost a worker; it was discarded.
@@ -115,7 +119,7 @@ class Retirement:
             if gen.state is GenerationState.READY and (
                 isinstance(exc, ProbeFailed) or gen.failure is not None
             ):
-                await self._discard(gen, gen.failure or str(exc))
+                await self._discard(gen, gen.failure or str(exc), deadline)
             elif gen.state is GenerationState.READY:
                 # As good as before the attempt: warm again for what is left of its window.
                 # Its expiry task still waits for that, unless the window ran out meanwhile
@@ -130,7 +134,7 @@ class Retirement:
         finally:
             self.reviving = None
 
-    async def _discard(self, gen: Generation, reason: str) -> None:
+    async def _discard(self, gen: Generation, reason: str, deadline: float) -> None:
         """Stop the warm generation ``gen`` at once: it failed its probe (or lost a worker) on
         the way back, so it is no rollback target any more. It ends ``failed``, saying why,
         and leaves the program's generations once it has ended (``discard.py``)."""
@@ -138,4 +142,4 @@ class Retirement:
             GenerationState.FAILED,
             f"kept warm for a rollback, it failed its readiness probe on the way back: {reason}",
         )
-        await discard(self.program, gen, reason)
+        await discard(self.program, gen, reason, deadline=deadline)
