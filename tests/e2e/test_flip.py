@@ -1102,3 +1102,34 @@ def test_a_flip_failed_by_a_damaged_local_registry_file_says_what_to_do_with_the
     assert "registry.endpoints" not in said, said
     serving = flipvisor.serving("web")
     assert serving is not None and serving["pids"] == before["pids"]
+
+
+def test_flip_timeout_bounds_the_flip_when_the_new_generation_ignores_sigterm(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """The contract: `--timeout S` gives up and rolls back after S seconds, and bounds the
+    whole flip. A release still starting (it never opens its gate here; in life: a migration, a
+    JVM warming up) that does not act on SIGTERM yet is discarded; the flip answers at the
+    deadline and the discarded generation's drain goes on after it (found by QA: the flip
+    waited for the whole drain.timeout, then SIGKILL, over 20 s for `--timeout 2`)."""
+    drain = {"delay": 0.1, "timeout": 20}
+    readiness = {"http": "/health", "timeout": 30, "interval": 0.1}
+    first = {"command": svc_command("--version", "1"), "readiness": readiness, "drain": drain}
+    flipvisor.start({"programs": {"web": first}})
+    serving = flipvisor.wait_serving("web")
+    never = tmp_path / "never-created"
+    second = {
+        **first,
+        "command": svc_command("--version", "2", "--ignore-term", "--serve-after", str(never)),
+    }
+    flipvisor.write_config({"programs": {"web": second}})
+
+    began = time.monotonic()
+    result = flipvisor.cli("flip", "web", "--timeout", "2", timeout=90)
+    took = time.monotonic() - began
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "--timeout 2s; rolled back" in " ".join(result.stderr.split()), result.stderr
+    after = flipvisor.serving("web")
+    assert after is not None and after["pids"] == serving["pids"]
+    assert took < 2 + 8, f"`flip --timeout 2` answered after {took:.1f}s"
