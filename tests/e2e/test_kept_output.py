@@ -148,10 +148,14 @@ def test_a_keeper_killed_with_its_supervisor_leaves_a_socket_the_next_run_replac
     pid = flipvisor.wait_serving("say")["pids"][0]
     survivors.append(psutil.Process(pid))
     [keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
+    # Running is not listening yet: the keeper binds its socket after it starts (under load, a
+    # while after the program serves).
+    socket_file = flipvisor.state_dir / "keeper.sock"
+    wait_until(socket_file.exists, timeout=15, message="the keeper to listen on keeper.sock")
     kill_run(flipvisor)
     keeper.kill()
     keeper.wait(timeout=10)
-    assert (flipvisor.state_dir / "keeper.sock").exists()
+    assert socket_file.exists()
     restart_supervisor(flipvisor, config)
     flipvisor.wait_serving("say", where=lambda gen: gen["pids"] != [pid])
     wait_gone([pid])
