@@ -138,7 +138,8 @@ def _pause(patience: ProxyPatience | None, gen: Generation, proxy_lock: anyio.Lo
     cancellation (a stop, the shutdown, ``--timeout``) or a worker that fails ``gen`` ends the
     wait, undone then as after any failure. A failed first check is not retried: it puts the
     previous file back and rolls the flip back, as the contract says (a broken template or proxy
-    config is no outage to wait out); a retry's re-check that fails is waited out
+    config is no outage to wait out), and neither is a reload nginx did not apply (it runs, and
+    refuses the config with our file in it); a retry's re-check that fails is waited out
     (``proxy_patience.py``).
     """
     if patience is None:
@@ -229,6 +230,7 @@ async def _route(
             exc,
             undo,
             reloading.may_have_reloaded,
+            refused=reloading.refused,
             journal=journal,
             gen=gen,
             program=program,
