@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import httpx
 import psutil
 import pytest
 
+from flipvisor import proxy
 from flipvisor.errors import ProxyError, ProxyFileError, ProxyReloadNotTaken
 from flipvisor.proxy import install, proxy_workers, reload, wait_workers_gone
 from flipvisor.proxy_template import flip_context, render_template
@@ -347,7 +349,7 @@ async def test_reload_success_and_failure(nginx: Nginx) -> None:
 
 
 async def test_old_workers_exit_after_reload(nginx: Nginx) -> None:
-    old = proxy_workers(nginx.pidfile)
+    old = await proxy_workers(nginx.pidfile)
     assert len(old) == 1
     ((worker_pid, identity, _),) = old
     assert identity is not None and identity == identity_of(worker_pid)
@@ -360,15 +362,52 @@ async def test_old_workers_exit_after_reload(nginx: Nginx) -> None:
 
     async def new_workers() -> frozenset[Recorded]:
         # Only the new generation of nginx workers, once the exited one is no longer listed.
-        current = proxy_workers(nginx.pidfile)
+        current = await proxy_workers(nginx.pidfile)
         return current if current and current.isdisjoint(old) else frozenset()
 
     new = await await_until(new_workers, message="nginx's new workers, without the old one")
     assert new.isdisjoint(old)
 
 
+async def test_proxy_workers_are_read_from_the_masters_children_list_not_a_scan(
+    nginx: Nginx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload's confirmation reads the master's workers every 10-200 ms for up to
+    proxy.timeout: psutil's children() scanned all of /proc on the event loop for each (30 ms
+    with 1,600 processes). The master's /proc children list costs the same however many
+    processes run; the scan is only a fallback, in a worker thread."""
+
+    def no_scan(master: int) -> list[int]:
+        raise AssertionError("scanned every process for the master's children")
+
+    monkeypatch.setattr(proxy, "_children_by_psutil", no_scan)
+    workers = await proxy_workers(nginx.pidfile)
+    expected = {child.pid for child in psutil.Process(nginx.process.pid).children()}
+    assert {worker.pid for worker in workers} == expected and expected
+
+
+async def test_proxy_workers_fall_back_to_a_scan_off_the_event_loop(
+    nginx: Nginx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel without /proc/<pid>/task/<tid>/children (CONFIG_PROC_CHILDREN): psutil's
+    scan, in a worker thread, not on the event loop."""
+    scanned_in: list[int] = []
+    scan = proxy._children_by_psutil
+
+    def recorded_scan(master: int) -> list[int]:
+        scanned_in.append(threading.get_ident())
+        return scan(master)
+
+    monkeypatch.setattr(proxy, "_listed_children", lambda master: None)
+    monkeypatch.setattr(proxy, "_children_by_psutil", recorded_scan)
+    workers = await proxy_workers(nginx.pidfile)
+    expected = {child.pid for child in psutil.Process(nginx.process.pid).children()}
+    assert {worker.pid for worker in workers} == expected and expected
+    assert scanned_in and threading.get_ident() not in scanned_in
+
+
 async def test_a_reload_with_the_pidfile_returns_once_a_new_worker_started(nginx: Nginx) -> None:
-    old = proxy_workers(nginx.pidfile)
+    old = await proxy_workers(nginx.pidfile)
     assert old
     async with running_reaper() as reaper:
         returned = await reload(
@@ -376,7 +415,7 @@ async def test_a_reload_with_the_pidfile_returns_once_a_new_worker_started(nginx
         )
     assert returned == old  # the workers to wait for
     # Confirmed: the master has a worker that was not there before the reload.
-    assert {w.pid for w in proxy_workers(nginx.pidfile)} - {w.pid for w in old}
+    assert {w.pid for w in await proxy_workers(nginx.pidfile)} - {w.pid for w in old}
     assert await wait_workers_gone(old, timeout=TIMEOUT)
 
 
@@ -397,7 +436,7 @@ async def test_a_reload_nginx_does_not_apply_fails_and_its_old_workers_serve_on(
                 reaper=reaper,
                 timeout=TIMEOUT,
             )
-            old = proxy_workers(nginx.pidfile)
+            old = await proxy_workers(nginx.pidfile)
             assert old
             with anyio.fail_after(TIMEOUT), pytest.raises(ProxyReloadNotTaken) as caught:
                 await reload(nginx.reload_cmd, reaper=reaper, timeout=1, pidfile=nginx.pidfile)
@@ -408,7 +447,7 @@ async def test_a_reload_nginx_does_not_apply_fails_and_its_old_workers_serve_on(
     assert f"no new worker of the master (pidfile {nginx.pidfile}) started within 1s" in message
     assert "see nginx's error log" in message
     assert "Address already in use" in nginx.log_tail()
-    assert proxy_workers(nginx.pidfile) == old  # the old workers serve on
+    assert await proxy_workers(nginx.pidfile) == old  # the old workers serve on
 
 
 async def test_a_reload_without_workers_to_replace_is_not_waited_for(tmp_path: Path) -> None:
@@ -428,7 +467,7 @@ async def test_old_workers_are_waited_for_across_a_clock_step(
     """After a wall-clock step every start time in seconds reads as another
     (``tests/clock.py``): the old workers are still told apart by their start ticks, not taken
     for gone (a drain that would then not wait for them fails the requests they still route)."""
-    old = proxy_workers(nginx.pidfile)
+    old = await proxy_workers(nginx.pidfile)
     assert old
     step_clock(monkeypatch, 3600.0)
     with anyio.fail_after(5):
@@ -458,9 +497,9 @@ async def test_wait_workers_gone_skips_gone_and_reused_pids(tmp_path: Path) -> N
     with anyio.fail_after(1):
         assert await wait_workers_gone([*recycled, gone], timeout=5) is True
         assert await wait_workers_gone([], timeout=5) is True
-    assert proxy_workers(tmp_path / "missing.pid") == frozenset()
+    assert await proxy_workers(tmp_path / "missing.pid") == frozenset()
     (tmp_path / "garbage.pid").write_text("not a pid\n")
-    assert proxy_workers(tmp_path / "garbage.pid") == frozenset()
+    assert await proxy_workers(tmp_path / "garbage.pid") == frozenset()
 
 
 # -- end to end ------------------------------------------------------------------------------
@@ -512,7 +551,7 @@ async def test_flip_through_nginx_drops_no_request(nginx: Nginx) -> None:
                 timeout=TIMEOUT,
             )
             assert installed.previous == snippet(nginx, gen1.port).encode()
-            old = proxy_workers(nginx.pidfile)  # before the reload
+            old = await proxy_workers(nginx.pidfile)  # before the reload
             before_reload = len(bodies)
             await reload(nginx.reload_cmd, reaper=reaper, timeout=TIMEOUT)
             assert await wait_workers_gone(old, timeout=TIMEOUT)
