@@ -585,3 +585,36 @@ def _async(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
         return predicate()
 
     return check
+
+
+async def test_notify_read_logs_an_unexpected_error_and_reads_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``read`` runs in the generation's task group for its whole life: an exception out of it
+    cancelled every worker of a serving generation, with no drain. Here the generation's
+    ``pids`` (our seam) fails at the first READY=1: logged, with the generation, and the next
+    READY=1 is read and counts."""
+    notify = NotifySocket(tmp_path / "n.sock", owner="program=web generation=3")
+    calls = 0
+
+    def pids() -> set[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("the workers could not be listed")
+        return {os.getpid()}
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"READY=1", str(notify.path))
+            sender.sendto(b"READY=1", str(notify.path))
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as generation:
+                generation.start_soon(notify.read, pids)
+                await notify.wait_ready(lambda: {os.getpid()}, 1)
+                generation.cancel_scope.cancel()
+    finally:
+        notify.close()
+    assert calls >= 2
+    assert "program=web generation=3: unexpected error handling its datagrams" in caplog.text
+    assert "the workers could not be listed" in caplog.text
