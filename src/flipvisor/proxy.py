@@ -46,6 +46,12 @@ PATH_PLACEHOLDER = "{path}"
 # config takes a while to parse). Polled: nothing announces a new child of a process not ours.
 NEW_WORKER_POLL_FIRST = 0.01
 NEW_WORKER_POLL_MAX = 0.2
+# The longest a reload's confirmation waits for that worker (at most the proxy's timeout): nginx
+# starts new workers within milliseconds, a very large config within seconds. Its own bound,
+# shorter than a failed flip's undo (``promotion_undo.UNDO_TIMEOUT``): with the proxy's timeout
+# (30 s by default, as long as the undo) a refused reload back ran the undo out, and the flip
+# said "reloading it back did not finish within 30s" instead of that nginx did not apply it.
+RELOAD_CONFIRM_MAX = 10.0
 
 
 async def take_away(dest: Path, journal: Journal | None = None) -> Installed | None:
@@ -220,14 +226,14 @@ async def reload(
     the old workers serve on with the old configuration. ``nginx -s reload`` only signals the
     master, so it succeeds either way, and ``nginx -t`` binds nothing: a ``listen`` on a port
     another process holds passes both, and only nginx's error log says ``bind() ... failed``.
-    So after the command, this waits (at most ``timeout``) for a worker of the master that is
-    not one of those from before. A master that had no worker before the reload (not running,
-    or no master-worker proxy) gives nothing to confirm it by, and neither does a missing
-    ``pidfile``: the command's success is all there is then.
+    So after the command, this waits (at most ``timeout``, and at most RELOAD_CONFIRM_MAX) for a
+    worker of the master that is not one of those from before. A master that had no worker
+    before the reload (not running, or no master-worker proxy) gives nothing to confirm it by,
+    and neither does a missing ``pidfile``: the command's success is all there is then.
 
     Raises:
-        ProxyReloadNotTaken: the command succeeded, but no new worker started within
-            ``timeout`` (the proxy kept its old configuration, or has not applied it yet).
+        ProxyReloadNotTaken: the command succeeded, but no new worker started in time (the
+            proxy kept its old configuration, or has not applied it yet).
         ProxyReloadTimedOut: the command timed out (the proxy may have reloaded).
         ProxyReloadFailed: the command failed (with its output); the proxy may have reloaded
             all the same, before whatever failed.
@@ -244,12 +250,17 @@ async def reload(
         raise ProxyReloadTimedOut(f"proxy reload failed: {result.describe()}")
     if not result.ok:
         raise ProxyReloadFailed(f"proxy reload failed: {result.describe()}")
-    if pidfile is not None and before and not await _new_worker_started(pidfile, before, timeout):
+    confirm_within = min(timeout, RELOAD_CONFIRM_MAX)
+    if (
+        pidfile is not None
+        and before
+        and not await _new_worker_started(pidfile, before, confirm_within)
+    ):
         raise ProxyReloadNotTaken(
-            f"nginx did not apply the reload: the reload command succeeded, but no new worker "
-            f"of the master (pidfile {pidfile}) started within {timeout:g}s, so its old workers "
-            "serve on with the previous config; see nginx's error log (a `listen` on a port "
-            "that something else holds, say)"
+            "nginx has not applied the reload (or is still loading it): the reload command "
+            f"succeeded, but no new worker of the master (pidfile {pidfile}) started within "
+            f"{confirm_within:g}s, so its old workers serve on with the previous config; see "
+            "nginx's error log (a `listen` on a port that something else holds, say)"
         )
     log.info("proxy reloaded: %s", shlex.join(reload_cmd))
     return before

@@ -1030,7 +1030,7 @@ def test_a_reload_that_nginx_did_not_apply_leaves_the_old_generation_serving(
         )
         assert result.returncode == 1, result.stdout + result.stderr
         error = " ".join(result.stderr.split())  # the display wraps long lines
-        assert "nginx did not apply the reload" in error, error
+        assert "nginx has not applied the reload (or is still loading it)" in error, error
         assert "no new worker" in error and "see nginx's error log" in error, error
         assert "generation 1, serving before, keeps serving" in error, error
         assert "reload-back" in error, error  # nginx may yet apply it: reloaded back anyway
@@ -1078,7 +1078,7 @@ def test_an_added_program_nginx_refuses_does_not_fail_the_flips_of_the_others(
             message="admin's first start to end",
         )
         assert status["state"] == "fatal", status
-        assert "nginx did not apply the reload" in status["fatal_reason"], status
+        assert "nginx has not applied the reload" in status["fatal_reason"], status
         assert not admin_file.exists(), "admin's refused file left in nginx's tree"
 
         flipvisor.write_config({"programs": {"web": web("2"), "admin": admin}})

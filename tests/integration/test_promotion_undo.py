@@ -74,7 +74,7 @@ async def test_a_failed_reload_back_after_a_refused_reload_says_nginx_routes_as_
         async with running_reaper() as reaper:
             with anyio.fail_after(10):
                 await promotion_undo.undo_promotion(
-                    ProxyReloadNotTaken("nginx did not apply the reload"),
+                    ProxyReloadNotTaken("nginx has not applied the reload"),
                     [],
                     True,
                     refused=refused,

@@ -23,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from flipvisor import proxy
+from flipvisor import promotion_undo, proxy
 from flipvisor.errors import ProxyError, ProxyFileError, ProxyReloadNotTaken
 from flipvisor.proxy import install, proxy_workers, reload, wait_workers_gone
 from flipvisor.proxy_template import flip_context, render_template
@@ -446,10 +446,38 @@ async def test_a_reload_nginx_does_not_apply_fails_and_its_old_workers_serve_on(
             # the second reload's SIGHUP only now, and once the port is free it would apply it.
             assert await proxy_workers(nginx.pidfile) == old
     message = str(caught.value)
-    assert "nginx did not apply the reload" in message
+    assert "nginx has not applied the reload (or is still loading it)" in message
     assert f"no new worker of the master (pidfile {nginx.pidfile}) started within 1s" in message
     assert "see nginx's error log" in message
     assert "Address already in use" in nginx.log_tail()
+
+
+async def test_a_reload_is_confirmed_within_its_own_bound_not_the_whole_proxy_timeout(
+    nginx: Nginx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The confirmation waited for the whole proxy.timeout (30 s by default, as long as a failed
+    flip's undo): a refused reload back then ran the undo out, and the flip said "reloading it
+    back did not finish within 30s" instead of that nginx did not apply it. It waits at most
+    RELOAD_CONFIRM_MAX (shortened here), whatever the proxy's timeout."""
+    monkeypatch.setattr(proxy, "RELOAD_CONFIRM_MAX", 0.5)
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        held = f"127.0.0.1:{busy.getsockname()[1]}"
+        async with running_reaper() as reaper:
+            await install(
+                nginx.conf_dir / "app.conf",
+                f"server {{ listen {held}; return 204; }}\n",
+                check_cmd=nginx.check_cmd,
+                reaper=reaper,
+                timeout=TIMEOUT,
+            )
+            with anyio.fail_after(10), pytest.raises(ProxyReloadNotTaken, match=r"within 0\.5s"):
+                await reload(nginx.reload_cmd, reaper=reaper, timeout=60, pidfile=nginx.pidfile)
+
+
+def test_the_reload_confirmation_ends_well_within_a_failed_flips_undo() -> None:
+    """The undo's reload back is confirmed too: its confirmation must end before the undo's
+    own bound does, or a refused reload back reads as an undo that ran out of time."""
+    assert proxy.RELOAD_CONFIRM_MAX < promotion_undo.UNDO_TIMEOUT / 2
 
 
 async def test_a_reload_without_workers_to_replace_is_not_waited_for(tmp_path: Path) -> None:
