@@ -220,7 +220,14 @@ async def _route(
         )
         gen.ensure_whole()
         if proxy is not None and proxy.reload_cmd is not None:
-            await reload_step(proxy, reaper=reaper, reloading=reloading, pause=pause, report=report)
+            await reload_step(
+                proxy,
+                program=program,
+                reaper=reaper,
+                reloading=reloading,
+                pause=pause,
+                report=report,
+            )
             # The proxy routes to gen now, but the old generation still runs: a worker lost
             # during the reload still undoes the flip, at the cost of a reload back.
             gen.ensure_whole()

@@ -209,6 +209,7 @@ class Reloading:
 async def reload_step(
     proxy: ProxyConfig,
     *,
+    program: str,
     reaper: Reaper,
     reloading: Reloading,
     pause: Pause | None,
@@ -217,12 +218,15 @@ async def reload_step(
     """The ``reload`` step: the proxy reloaded (see ``_reload_until_taken``). Its undo is no
     entry on the list but ``reloading``: only a reload that may have taken effect is undone."""
     with report.step("reload") as step:
-        await _reload_until_taken(proxy, reaper=reaper, reloading=reloading, pause=pause, step=step)
+        await _reload_until_taken(
+            proxy, program=program, reaper=reaper, reloading=reloading, pause=pause, step=step
+        )
 
 
 async def _reload_until_taken(
     proxy: ProxyConfig,
     *,
+    program: str,
     reaper: Reaper,
     reloading: Reloading,
     pause: Pause | None,
@@ -254,7 +258,11 @@ async def _reload_until_taken(
             before, reloading.may_have_reloaded = reloading.may_have_reloaded, True
             try:
                 reloading.old_proxy_workers = await reload(
-                    proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout, pidfile=proxy.pidfile
+                    proxy.reload_cmd,
+                    reaper=reaper,
+                    timeout=proxy.timeout,
+                    pidfile=proxy.pidfile,
+                    owner=f"program={program}",
                 )
             except ProxyError as exc:
                 reloading.may_have_reloaded = before or isinstance(exc, ProxyReloadFailed)

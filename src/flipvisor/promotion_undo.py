@@ -168,7 +168,11 @@ async def _reload_back(
             # Confirmed with a pidfile, as the reload forward: one nginx did not apply leaves
             # it on whatever it ran, perhaps generation gen.
             routing_to_gen = await reload(
-                proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout, pidfile=proxy.pidfile
+                proxy.reload_cmd,
+                reaper=reaper,
+                timeout=proxy.timeout,
+                pidfile=proxy.pidfile,
+                owner=f"program={program}",
             )
         except ProxyError as exc:
             once = (

@@ -53,6 +53,10 @@ NEW_WORKER_POLL_MAX = 0.2
 # said "reloading it back did not finish within 30s" instead of that nginx did not apply it.
 RELOAD_CONFIRM_MAX = 10.0
 
+# Who was told (owner, pidfile) that a reload could not be confirmed, as the pidfile named no
+# running master with workers: once, as each of their reloads would say the same.
+_told_unconfirmed: set[tuple[str, Path]] = set()
+
 
 async def take_away(dest: Path, journal: Journal | None = None) -> Installed | None:
     """Remove ``dest`` (a proxy file a flip's new ``dest`` replaces), kept so that ``restore``
@@ -215,6 +219,7 @@ async def reload(
     reaper: Reaper,
     timeout: float,
     pidfile: Path | None = None,
+    owner: str = "",
 ) -> frozenset[Recorded]:
     """Ask the proxy to load its configuration again (nothing to do without a command); returns
     the proxy's workers from before the reload (``pidfile``'s, see ``proxy_workers``): they may
@@ -229,7 +234,11 @@ async def reload(
     So after the command, this waits (at most ``timeout``, and at most RELOAD_CONFIRM_MAX) for a
     worker of the master that is not one of those from before. A master that had no worker
     before the reload (not running, or no master-worker proxy) gives nothing to confirm it by,
-    and neither does a missing ``pidfile``: the command's success is all there is then.
+    and neither does a missing ``pidfile``: the command's success is all there is then, and a
+    warning says so, once per ``owner`` (``program=web``) and pidfile.
+
+    A reload by someone else during the wait (a certbot hook, a ``flipvisor watch`` in another
+    process) starts new workers too, and is taken for this one: nothing tells them apart.
 
     Raises:
         ProxyReloadNotTaken: the command succeeded, but no new worker started in time (the
@@ -250,6 +259,8 @@ async def reload(
         raise ProxyReloadTimedOut(f"proxy reload failed: {result.describe()}")
     if not result.ok:
         raise ProxyReloadFailed(f"proxy reload failed: {result.describe()}")
+    if pidfile is not None and not before:
+        _tell_unconfirmed(owner, pidfile)
     confirm_within = min(timeout, RELOAD_CONFIRM_MAX)
     if (
         pidfile is not None
@@ -264,6 +275,21 @@ async def reload(
         )
     log.info("proxy reloaded: %s", shlex.join(reload_cmd))
     return before
+
+
+def _tell_unconfirmed(owner: str, pidfile: Path) -> None:
+    """Warn (once per ``owner`` and ``pidfile``) that a reload that succeeded could not be
+    confirmed: the pidfile named no running master, or one without workers."""
+    if (owner, pidfile) in _told_unconfirmed:
+        return
+    _told_unconfirmed.add((owner, pidfile))
+    log.warning(
+        "%sthe proxy's pidfile %s names no running master with workers (missing, stale, or "
+        "not nginx's pid path?), so its reloads are not confirmed: one nginx does not apply "
+        "is taken as done; said once",
+        f"{owner}: " if owner else "",
+        pidfile,
+    )
 
 
 async def _new_worker_started(pidfile: Path, before: frozenset[Recorded], timeout: float) -> bool:

@@ -480,15 +480,25 @@ def test_the_reload_confirmation_ends_well_within_a_failed_flips_undo() -> None:
     assert proxy.RELOAD_CONFIRM_MAX < promotion_undo.UNDO_TIMEOUT / 2
 
 
-async def test_a_reload_without_workers_to_replace_is_not_waited_for(tmp_path: Path) -> None:
+async def test_a_reload_without_workers_to_replace_is_not_waited_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A pidfile that names no running master (or one without workers) gives nothing to
-    confirm the reload by: the command's success is taken, and there is nothing to wait for."""
+    confirm the reload by: the command's success is taken, and there is nothing to wait for.
+    That was silent: a warning says it now, once per program (each reload would repeat it)."""
+    missing = tmp_path / "missing.pid"
     async with running_reaper() as reaper:
         with anyio.fail_after(TIMEOUT):
-            workers = await reload(
-                ["true"], reaper=reaper, timeout=60, pidfile=tmp_path / "missing.pid"
-            )
-    assert workers == frozenset()
+            for owner in ("program=web", "program=web", "program=api"):
+                workers = await reload(
+                    ["true"], reaper=reaper, timeout=60, pidfile=missing, owner=owner
+                )
+                assert workers == frozenset()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(f"program=web: the proxy's pidfile {missing} names no running")
+    assert "its reloads are not confirmed" in warnings[0]
+    assert warnings[1].startswith("program=api: ")
 
 
 async def test_old_workers_are_waited_for_across_a_clock_step(
