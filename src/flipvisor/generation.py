@@ -50,7 +50,10 @@ def _open_notify_socket(
     never made)."""
     try:
         if config.readiness is not None and config.readiness.notify:
-            return NotifySocket(state_dir / "notify" / f"{program}-{number}.sock")
+            return NotifySocket(
+                state_dir / "notify" / f"{program}-{number}.sock",
+                owner=f"program={program} generation={number}",
+            )
     except BaseException:
         listener.close()
         raise

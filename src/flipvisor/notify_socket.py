@@ -55,13 +55,15 @@ class NotifySocket:
     race for the same ``READY=1``.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, owner: str = "") -> None:
         """Bind the socket at ``path`` (a stale socket file there is removed first), mode 0600.
+        ``owner`` names the generation in the log (``program=web generation=3``).
 
         Raises:
             ProbeFailed: the path is too long for a unix socket, or binding failed.
         """
         self.path = path
+        self.owner = owner or f"notify socket {path}"
         if len(os.fsencode(path)) > _MAX_SUN_PATH:
             raise ProbeFailed(
                 f"notify socket path {path} is longer than {_MAX_SUN_PATH} bytes; "
@@ -88,6 +90,7 @@ class NotifySocket:
         self._heard: anyio.Event | None = None
         self._closed = False
         self._read_ended = False  # nothing more will be heard: ``read`` ended, or was cancelled
+        self._failures: dict[int, str] = {}  # unexpected errors of ``read`` logged, by text hash
 
     @property
     def ready_workers(self) -> frozenset[int]:
@@ -116,6 +119,13 @@ class NotifySocket:
           ``EXTEND_TIMEOUT_USEC=``, ``FDSTORE=1``): ignored; an fd sent along is closed.
 
         At most FLOOD_LIMIT datagrams are read per FLOOD_WINDOW. Cancellable at its awaits.
+
+        Never raises: it runs in the generation's task group for the generation's whole life,
+        where an exception would cancel every worker of a serving generation, with no drain. An
+        unexpected error handling datagrams is logged (with its traceback, once per kind) and
+        reading goes on, the error counted as a datagram so that one that repeats is bounded
+        like a flood; any other ends the reading, logged, and wakes ``wait_ready`` (it raises
+        ``ClosedResourceError``: the probe fails, the serving generation serves on).
         """
         try:
             window_end = anyio.current_time() + FLOOD_WINDOW
@@ -124,7 +134,11 @@ class NotifySocket:
                 if anyio.current_time() >= window_end:
                     window_end = anyio.current_time() + FLOOD_WINDOW
                     allowance = FLOOD_LIMIT
-                handled = self._read_available(pids, allowance)
+                try:
+                    handled = self._read_available(pids, allowance)
+                except Exception as exc:  # never fail the workers (see the docstring)
+                    self._log_failure(exc, "handling its datagrams", "reading on")
+                    handled = 1
                 allowance -= handled
                 if handled and self._heard is not None:
                     self._heard.set()
@@ -134,6 +148,8 @@ class NotifySocket:
                     await anyio.wait_readable(self._sock)
         except anyio.ClosedResourceError:
             pass  # closed under it (``close``): nothing more to read
+        except Exception as exc:  # never fail the workers (see the docstring)
+            self._log_failure(exc, "reading", "no longer read")
         finally:
             self._read_ended = True
             if self._heard is not None:
@@ -178,6 +194,23 @@ class NotifySocket:
             self._sock.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+    def _log_failure(self, exc: Exception, doing: str, outcome: str) -> None:
+        """Log an unexpected error of ``read``: with its traceback the first time (of the last
+        REMEMBERED_SENDERS kinds), at debug after that, so a repeating one does not flood the
+        log."""
+        kind = f"{type(exc).__name__}: {exc}"
+        level = logging.DEBUG if hash(kind) in self._failures else logging.ERROR
+        _remember(self._failures, hash(kind), kind)
+        log.log(
+            level,
+            "%s: unexpected error %s of its notify socket (%s): %s",
+            self.owner,
+            doing,
+            outcome,
+            kind,
+            exc_info=level == logging.ERROR,
+        )
 
     def _read_available(self, pids: Callable[[], set[int]], limit: int) -> int:
         """Handle the datagrams queued now, up to ``limit`` of them; how many were handled."""

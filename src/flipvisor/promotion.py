@@ -138,7 +138,8 @@ def _pause(patience: ProxyPatience | None, gen: Generation, proxy_lock: anyio.Lo
     cancellation (a stop, the shutdown, ``--timeout``) or a worker that fails ``gen`` ends the
     wait, undone then as after any failure. A failed first check is not retried: it puts the
     previous file back and rolls the flip back, as the contract says (a broken template or proxy
-    config is no outage to wait out); a retry's re-check that fails is waited out
+    config is no outage to wait out), and neither is a reload nginx did not apply (it runs, and
+    refuses the config with our file in it); a retry's re-check that fails is waited out
     (``proxy_patience.py``).
     """
     if patience is None:
@@ -219,7 +220,14 @@ async def _route(
         )
         gen.ensure_whole()
         if proxy is not None and proxy.reload_cmd is not None:
-            await reload_step(proxy, reaper=reaper, reloading=reloading, pause=pause, report=report)
+            await reload_step(
+                proxy,
+                program=program,
+                reaper=reaper,
+                reloading=reloading,
+                pause=pause,
+                report=report,
+            )
             # The proxy routes to gen now, but the old generation still runs: a worker lost
             # during the reload still undoes the flip, at the cost of a reload back.
             gen.ensure_whole()
@@ -229,6 +237,7 @@ async def _route(
             exc,
             undo,
             reloading.may_have_reloaded,
+            refused=reloading.refused,
             journal=journal,
             gen=gen,
             program=program,

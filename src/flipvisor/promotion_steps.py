@@ -15,7 +15,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .config import ProgramConfig, ProxyConfig
-from .errors import ProxyError, ProxyReloadFailed, RegistryConflict, RegistryError
+from .errors import (
+    ProxyError,
+    ProxyReloadFailed,
+    ProxyReloadNotTaken,
+    RegistryConflict,
+    RegistryError,
+)
 from .generation import Generation
 from .progress import FlipReport, Step
 from .proxy import check, install, reload, remove, take_away
@@ -191,16 +197,19 @@ async def _swap_keys(
 @dataclass
 class Reloading:
     """The reload step's outcome so far: whether the proxy may have reloaded towards the new
-    generation (an undo then reloads it back), and, once it reloaded, its workers from before
-    the reload."""
+    generation (an undo then reloads it back), whether nginx refused that reload (it confirmed
+    nothing, and no earlier attempt may have reloaded: it routes as before unless it applies
+    the reload late), and, once it reloaded, its workers from before the reload."""
 
     may_have_reloaded: bool = False
+    refused: bool = False
     old_proxy_workers: frozenset[Recorded] = frozenset()
 
 
 async def reload_step(
     proxy: ProxyConfig,
     *,
+    program: str,
     reaper: Reaper,
     reloading: Reloading,
     pause: Pause | None,
@@ -209,12 +218,15 @@ async def reload_step(
     """The ``reload`` step: the proxy reloaded (see ``_reload_until_taken``). Its undo is no
     entry on the list but ``reloading``: only a reload that may have taken effect is undone."""
     with report.step("reload") as step:
-        await _reload_until_taken(proxy, reaper=reaper, reloading=reloading, pause=pause, step=step)
+        await _reload_until_taken(
+            proxy, program=program, reaper=reaper, reloading=reloading, pause=pause, step=step
+        )
 
 
 async def _reload_until_taken(
     proxy: ProxyConfig,
     *,
+    program: str,
     reaper: Reaper,
     reloading: Reloading,
     pause: Pause | None,
@@ -223,7 +235,14 @@ async def _reload_until_taken(
     """Reload the proxy, confirmed with its ``pidfile`` (``proxy.reload``: a reload nginx did not
     apply fails); with ``pause``, again after each failure (checked first: the rest of its config
     may have changed meanwhile, and an unchecked config is never reloaded) until a reload
-    succeeds."""
+    succeeds, except one nginx did not apply (``ProxyReloadNotTaken``).
+
+    That one is not waited out even on a first start: it proves nginx runs and rejects the
+    config with our file in it (a ``listen`` on a port something else holds), like a failed
+    check, and nothing a wait brings changes that. Kept in place meanwhile, the file would make
+    nginx refuse every other program's reload too, and an nginx restart fail to bind; so it
+    fails the promotion, whose undo puts the previous file back and reloads.
+    """
     assert proxy.reload_cmd is not None
     retried = False
     while True:
@@ -239,13 +258,18 @@ async def _reload_until_taken(
             before, reloading.may_have_reloaded = reloading.may_have_reloaded, True
             try:
                 reloading.old_proxy_workers = await reload(
-                    proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout, pidfile=proxy.pidfile
+                    proxy.reload_cmd,
+                    reaper=reaper,
+                    timeout=proxy.timeout,
+                    pidfile=proxy.pidfile,
+                    owner=f"program={program}",
                 )
             except ProxyError as exc:
                 reloading.may_have_reloaded = before or isinstance(exc, ProxyReloadFailed)
+                reloading.refused = not before and isinstance(exc, ProxyReloadNotTaken)
                 raise
         except ProxyError as exc:
-            if pause is None:
+            if pause is None or isinstance(exc, ProxyReloadNotTaken):
                 raise
             await pause(exc, step)
             retried = True

@@ -40,6 +40,7 @@ async def undo_promotion(
     steps: list[Undo],
     reloaded: bool,
     *,
+    refused: bool = False,
     journal: ProxyJournal | None = None,
     gen: Generation,
     program: str,
@@ -54,7 +55,11 @@ async def undo_promotion(
     All of it before returning, so before the caller stops ``gen``: until the reload back, the
     proxy may still send ``gen`` requests. If the proxy may still route to ``gen`` after all
     (the reload back failed, or was not tried because a file could not be put back),
-    ``report.stranded`` says so and what the operator must do. Once every proxy file is put
+    ``report.stranded`` says so and what the operator must do. Unless nginx ``refused`` the
+    reload towards ``gen`` (with the proxy's pidfile: no new worker started): it routes as
+    before then, and a reload back that fails or is not tried is said as that (nginx could
+    still apply the refused reload late; the reload back, sent after it, is what undoes that).
+    Once every proxy file is put
     back, ``journal``'s record of them is removed; one that could not be is left to the next
     start (``proxy_recovery.py``), which tries again.
 
@@ -73,13 +78,30 @@ async def undo_promotion(
         if reloaded and undoing.files_restored:
             assert proxy is not None  # it reloaded
             try:
-                await _reload_back(gen, program=program, proxy=proxy, reaper=reaper, report=report)
+                await _reload_back(
+                    gen,
+                    program=program,
+                    proxy=proxy,
+                    reaper=reaper,
+                    report=report,
+                    refused=refused,
+                )
                 undoing.routed_back = True
             except ProxyError as exc:
-                report.stranded = f"reloading the proxy back failed too: {exc}"
+                if not refused:
+                    report.stranded = f"reloading the proxy back failed too: {exc}"
     if reloaded and not undoing.routed_back and report.stranded is None:
         assert proxy is not None  # it reloaded
-        report.stranded = _not_routed_back(gen, proxy, undoing)
+        if refused:
+            log.warning(
+                "program=%s nginx refused the reload to generation %d, so it routes as before "
+                "(unless it applies that reload late); it was not reloaded back: %s",
+                program,
+                gen.number,
+                _not_routed_back(gen, proxy, undoing),
+            )
+        else:
+            report.stranded = _not_routed_back(gen, proxy, undoing)
     if undoing.failed and isinstance(failure, Exception):
         raise ProxyError(
             f"{failure}; undoing it failed too: {'; '.join(undoing.failed)}; the proxy's files "
@@ -120,7 +142,13 @@ def _not_routed_back(gen: Generation, proxy: ProxyConfig, undoing: _Undoing) -> 
 
 
 async def _reload_back(
-    gen: Generation, *, program: str, proxy: ProxyConfig, reaper: Reaper, report: FlipReport
+    gen: Generation,
+    *,
+    program: str,
+    proxy: ProxyConfig,
+    reaper: Reaper,
+    report: FlipReport,
+    refused: bool,
 ) -> None:
     """Check the proxy's config with its file put back, and reload the proxy once more, so
     that it routes to the old generation again; with a pidfile, wait until the proxy workers
@@ -128,9 +156,9 @@ async def _reload_back(
     generation. A step of its own in the flip's report.
 
     Raises:
-        ProxyError: the check or the reload failed; the message says that the proxy may still
-            route to ``gen``, and what to do (it is logged too: the flip's own error stays the
-            reason).
+        ProxyError: the check or the reload failed; the message says where the proxy may
+            route (to ``gen``, or as before if nginx ``refused`` the reload towards it) and what
+            to do (it is logged too: the flip's own error stays the reason).
     """
     with report.step("reload-back", f"the proxy, away from generation {gen.number}") as step:
         try:
@@ -140,16 +168,27 @@ async def _reload_back(
             # Confirmed with a pidfile, as the reload forward: one nginx did not apply leaves
             # it on whatever it ran, perhaps generation gen.
             routing_to_gen = await reload(
-                proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout, pidfile=proxy.pidfile
+                proxy.reload_cmd,
+                reaper=reaper,
+                timeout=proxy.timeout,
+                pidfile=proxy.pidfile,
+                owner=f"program={program}",
             )
         except ProxyError as exc:
             once = (
                 f" once its config passes {pasteable(proxy.check_cmd)}" if proxy.check_cmd else ""
             )
+            if refused:
+                where = (
+                    f"nginx refused the reload to generation {gen.number}, so it routes as "
+                    "before, unless it applies that reload late; to be sure it runs the "
+                    "previous file"
+                )
+            else:
+                where = f"the proxy may still route to generation {gen.number} until it reloads"
             step.detail = (
-                f"{exc}; the proxy may still route to generation {gen.number} until it reloads: "
-                f"run {pasteable(proxy.reload_cmd)}{once}, or reload it by other means (the "
-                "previous proxy file is back in place)"
+                f"{exc}; {where}: run {pasteable(proxy.reload_cmd)}{once}, or reload it by "
+                "other means (the previous proxy file is back in place)"
             )
             log.error("program=%s could not reload the proxy back: %s", program, step.detail)
             raise ProxyError(step.detail) from exc

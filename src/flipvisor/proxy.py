@@ -4,8 +4,8 @@ Every step that changes the proxy file keeps what it replaced, so a flip that fa
 the previous file back (``proxy_file.Installed.restore``) before anything reloads. Check and reload
 commands run only through ``run_command.py``. With the proxy's ``pidfile``, a reload is confirmed
 by the new worker its master starts (``reload``; looked for by polling, as nothing announces a new
-child of a process not ours), and the proxy's old workers are awaited through pidfds, never by
-polling.
+child of a process not ours, in the master's ``/proc`` children list: ``proxy_workers``), and the
+proxy's old workers are awaited through pidfds, never by polling.
 """
 
 from __future__ import annotations
@@ -46,6 +46,16 @@ PATH_PLACEHOLDER = "{path}"
 # config takes a while to parse). Polled: nothing announces a new child of a process not ours.
 NEW_WORKER_POLL_FIRST = 0.01
 NEW_WORKER_POLL_MAX = 0.2
+# The longest a reload's confirmation waits for that worker (at most the proxy's timeout): nginx
+# starts new workers within milliseconds, a very large config within seconds. Its own bound,
+# shorter than a failed flip's undo (``promotion_undo.UNDO_TIMEOUT``): with the proxy's timeout
+# (30 s by default, as long as the undo) a refused reload back ran the undo out, and the flip
+# said "reloading it back did not finish within 30s" instead of that nginx did not apply it.
+RELOAD_CONFIRM_MAX = 10.0
+
+# Who was told (owner, pidfile) that a reload could not be confirmed, as the pidfile named no
+# running master with workers: once, as each of their reloads would say the same.
+_told_unconfirmed: set[tuple[str, Path]] = set()
 
 
 async def take_away(dest: Path, journal: Journal | None = None) -> Installed | None:
@@ -209,6 +219,7 @@ async def reload(
     reaper: Reaper,
     timeout: float,
     pidfile: Path | None = None,
+    owner: str = "",
 ) -> frozenset[Recorded]:
     """Ask the proxy to load its configuration again (nothing to do without a command); returns
     the proxy's workers from before the reload (``pidfile``'s, see ``proxy_workers``): they may
@@ -220,14 +231,18 @@ async def reload(
     the old workers serve on with the old configuration. ``nginx -s reload`` only signals the
     master, so it succeeds either way, and ``nginx -t`` binds nothing: a ``listen`` on a port
     another process holds passes both, and only nginx's error log says ``bind() ... failed``.
-    So after the command, this waits (at most ``timeout``) for a worker of the master that is
-    not one of those from before. A master that had no worker before the reload (not running,
-    or no master-worker proxy) gives nothing to confirm it by, and neither does a missing
-    ``pidfile``: the command's success is all there is then.
+    So after the command, this waits (at most ``timeout``, and at most RELOAD_CONFIRM_MAX) for a
+    worker of the master that is not one of those from before. A master that had no worker
+    before the reload (not running, or no master-worker proxy) gives nothing to confirm it by,
+    and neither does a missing ``pidfile``: the command's success is all there is then, and a
+    warning says so, once per ``owner`` (``program=web``) and pidfile.
+
+    A reload by someone else during the wait (a certbot hook, a ``flipvisor watch`` in another
+    process) starts new workers too, and is taken for this one: nothing tells them apart.
 
     Raises:
-        ProxyReloadNotTaken: the command succeeded, but no new worker started within
-            ``timeout`` (the proxy kept its old configuration, or has not applied it yet).
+        ProxyReloadNotTaken: the command succeeded, but no new worker started in time (the
+            proxy kept its old configuration, or has not applied it yet).
         ProxyReloadTimedOut: the command timed out (the proxy may have reloaded).
         ProxyReloadFailed: the command failed (with its output); the proxy may have reloaded
             all the same, before whatever failed.
@@ -235,7 +250,7 @@ async def reload(
     """
     if not reload_cmd:
         return frozenset()
-    before = proxy_workers(pidfile) if pidfile is not None else frozenset()
+    before = await proxy_workers(pidfile) if pidfile is not None else frozenset()
     try:
         result = await run_command(list(reload_cmd), reaper=reaper, timeout=timeout)
     except SpawnError as exc:
@@ -244,15 +259,37 @@ async def reload(
         raise ProxyReloadTimedOut(f"proxy reload failed: {result.describe()}")
     if not result.ok:
         raise ProxyReloadFailed(f"proxy reload failed: {result.describe()}")
-    if pidfile is not None and before and not await _new_worker_started(pidfile, before, timeout):
+    if pidfile is not None and not before:
+        _tell_unconfirmed(owner, pidfile)
+    confirm_within = min(timeout, RELOAD_CONFIRM_MAX)
+    if (
+        pidfile is not None
+        and before
+        and not await _new_worker_started(pidfile, before, confirm_within)
+    ):
         raise ProxyReloadNotTaken(
-            f"nginx did not apply the reload: the reload command succeeded, but no new worker "
-            f"of the master (pidfile {pidfile}) started within {timeout:g}s, so its old workers "
-            "serve on with the previous config; see nginx's error log (a `listen` on a port "
-            "that something else holds, say)"
+            "nginx has not applied the reload (or is still loading it): the reload command "
+            f"succeeded, but no new worker of the master (pidfile {pidfile}) started within "
+            f"{confirm_within:g}s, so its old workers serve on with the previous config; see "
+            "nginx's error log (a `listen` on a port that something else holds, say)"
         )
     log.info("proxy reloaded: %s", shlex.join(reload_cmd))
     return before
+
+
+def _tell_unconfirmed(owner: str, pidfile: Path) -> None:
+    """Warn (once per ``owner`` and ``pidfile``) that a reload that succeeded could not be
+    confirmed: the pidfile named no running master, or one without workers."""
+    if (owner, pidfile) in _told_unconfirmed:
+        return
+    _told_unconfirmed.add((owner, pidfile))
+    log.warning(
+        "%sthe proxy's pidfile %s names no running master with workers (missing, stale, or "
+        "not nginx's pid path?), so its reloads are not confirmed: one nginx does not apply "
+        "is taken as done; said once",
+        f"{owner}: " if owner else "",
+        pidfile,
+    )
 
 
 async def _new_worker_started(pidfile: Path, before: frozenset[Recorded], timeout: float) -> bool:
@@ -263,7 +300,7 @@ async def _new_worker_started(pidfile: Path, before: frozenset[Recorded], timeou
     known = {_worker_key(worker) for worker in before}
     delay = NEW_WORKER_POLL_FIRST
     with anyio.move_on_after(timeout):
-        while all(_worker_key(worker) in known for worker in proxy_workers(pidfile)):
+        while all(_worker_key(worker) in known for worker in await proxy_workers(pidfile)):
             await anyio.sleep(delay)
             delay = min(delay * 2, NEW_WORKER_POLL_MAX)
         return True
@@ -282,37 +319,80 @@ def pasteable(command: Sequence[str] | None) -> str:
     return f"`{shlex.join(command or ())}`"
 
 
-def proxy_workers(pidfile: Path) -> frozenset[Recorded]:
+async def proxy_workers(pidfile: Path) -> frozenset[Recorded]:
     """The children of the proxy master whose PID ``pidfile`` holds, each with its start tick and
     boot id (a clock step during the wait for them does not make them look gone).
 
     Taken before a reload, these are the workers that may still use the old upstream; empty if
-    the pidfile or the master is missing.
+    the pidfile or the master is missing. Read every 10-200 ms while a reload is confirmed, so
+    from ``/proc/<master>/task/<master>/children`` (``_listed_children``: a cost that does not
+    grow with the host's process count), not by scanning all of ``/proc`` for processes whose
+    parent is the master (psutil's ``children()``: 30 ms with 1,600 processes, on the event
+    loop); that scan is the fallback for a kernel without the file, run in a worker thread.
     """
     try:
-        text = pidfile.read_text().strip()
+        text = (await anyio.Path(pidfile).read_text()).strip()
     except OSError:
         return frozenset()
     if not re.fullmatch(r"[0-9]+", text):
         return frozenset()
-    import psutil  # only proxies with a pidfile need it; importing it costs every start ~10 ms
-
+    master = int(text)
+    children = _listed_children(master)
+    if children is None:
+        children = await anyio.to_thread.run_sync(_children_by_psutil, master)
     workers = set()
-    try:
-        children = psutil.Process(int(text)).children()
-    except psutil.Error:
-        return frozenset()
     for child in children:
-        try:
-            if child.status() == psutil.STATUS_ZOMBIE:
-                continue  # already exited, the master has not reaped it yet
-        except psutil.Error:
-            continue  # exited meanwhile: nothing to wait for
-        # Its start tick, read right after the listing (as psutil read its start time in it):
-        # were the PID reused in between, another process would be waited for, never signalled.
-        if (worker := recorded_now(child.pid)) is not None:
+        if not _running_child_of(child, master):
+            continue  # exited (a zombie the master has not reaped yet), or its PID reused
+        # Its start tick, read right after the listing: were the PID reused in between, another
+        # process would be waited for, never signalled.
+        if (worker := recorded_now(child)) is not None:
             workers.add(worker)
     return frozenset(workers)
+
+
+def _listed_children(master: int) -> list[int] | None:
+    """The children of ``master``'s main thread, from ``/proc/<master>/task/<master>/children``;
+    empty if there is no such process, None if the kernel has no such file
+    (``CONFIG_PROC_CHILDREN``).
+
+    The file lists the children of that one thread only, not of the whole process: enough for
+    nginx, whose master is single-threaded (the thread pools of ``aio threads`` are the
+    workers'), so it forks every worker from its main thread. A master that forked from another
+    thread would show no worker: nothing to confirm a reload by then, as for no master at all.
+    """
+    try:
+        with open(f"/proc/{master}/task/{master}/children", "rb") as listing:
+            return [int(pid) for pid in listing.read().split()]
+    except FileNotFoundError:
+        # No such process, or no such file on this kernel: the folder tells which.
+        return [] if not os.path.exists(f"/proc/{master}/task/{master}") else None
+    except (OSError, ValueError):
+        return []
+
+
+def _children_by_psutil(master: int) -> list[int]:
+    """The children of ``master``, by psutil's scan of every process's parent (blocking: run it
+    in a worker thread); empty if there is no such process."""
+    import psutil  # only a kernel without /proc/<pid>/task/<tid>/children needs it
+
+    try:
+        return [child.pid for child in psutil.Process(master).children()]
+    except psutil.Error:
+        return []
+
+
+def _running_child_of(pid: int, master: int) -> bool:
+    """Whether ``pid`` runs (is no zombie) and ``master`` is its parent, by one read of
+    ``/proc/<pid>/stat``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # After the command name (in parentheses, may hold anything): state, then ppid.
+            state, ppid = stat.read().rpartition(b")")[2].split()[:2]
+            parent = int(ppid)
+    except (OSError, ValueError):
+        return False
+    return state not in (b"Z", b"X") and parent == master
 
 
 async def wait_workers_gone(workers: Iterable[Recorded], timeout: float) -> bool:

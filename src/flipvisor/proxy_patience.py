@@ -7,7 +7,10 @@ common case, not a broken release: nginx starts after flipvisor. So the promotio
 generation, its checked file and its keys, and retries the reload (``promotion.py``; the check
 first, each time), with a backoff from ``PROXY_RETRY_MIN`` doubling up to ``PROXY_RETRY_MAX``,
 for as long as it takes. A failed first *check* is not retried: it rolls the start back, as
-the contract says of any flip (a broken template or proxy config is no outage to wait out). A
+the contract says of any flip (a broken template or proxy config is no outage to wait out).
+Neither is a reload nginx did not apply (``ProxyReloadNotTaken``, with the proxy's ``pidfile``):
+nginx is up and refuses the config with our file in it, which would make it refuse every other
+program's reload too while the file stayed; the start is rolled back, the file taken away. A
 re-check before a retry that fails is waited out like a failed reload: our file passed its check,
 so the rest of the proxy's config broke meanwhile, and rolling back could not reload either. Each
 failure is a warning in the log; the wait is in ``status`` (the flip's ``waiting``) and

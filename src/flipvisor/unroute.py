@@ -93,7 +93,11 @@ async def _reload_without(
     try:
         # Without a reload command nothing reloads, and no workers are waited for in vain.
         old_workers = await reload(
-            proxy.reload_cmd, reaper=reaper, timeout=proxy.timeout, pidfile=proxy.pidfile
+            proxy.reload_cmd,
+            reaper=reaper,
+            timeout=proxy.timeout,
+            pidfile=proxy.pidfile,
+            owner=f"program={program}",
         )
     except ProxyReloadTimedOut:
         return frozenset()  # it may have reloaded; nothing more to do but drain

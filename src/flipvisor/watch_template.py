@@ -239,6 +239,7 @@ class TemplateWatch(KeyFollower):
                 reaper=self.reaper,
                 timeout=COMMAND_TIMEOUT,
                 pidfile=self.entry.pidfile,
+                owner=f"watch {self.dest}",
             )
         except ProxyError as exc:
             # A reload that failed may have taken effect (a wrapper that reloads, then fails a

@@ -20,7 +20,7 @@ import pytest
 
 from tests.e2e.load import Load
 from tests.fixtures.flipvisor import TEMPLATE, Flipvisor, read_until, svc_command
-from tests.fixtures.nginx import Nginx, NginxSetup
+from tests.fixtures.nginx import Nginx, NginxSetup, free_port
 from tests.waiting import wait_until
 
 # A rollback_window far longer than any test: a warm generation goes only when the test makes
@@ -1030,11 +1030,63 @@ def test_a_reload_that_nginx_did_not_apply_leaves_the_old_generation_serving(
         )
         assert result.returncode == 1, result.stdout + result.stderr
         error = " ".join(result.stderr.split())  # the display wraps long lines
-        assert "nginx did not apply the reload" in error, error
+        assert "nginx has not applied the reload (or is still loading it)" in error, error
         assert "no new worker" in error and "see nginx's error log" in error, error
         assert "generation 1, serving before, keeps serving" in error, error
         assert "reload-back" in error, error  # nginx may yet apply it: reloaded back anyway
         before.assert_untouched(flipvisor, nginx)
+
+
+def test_an_added_program_nginx_refuses_does_not_fail_the_flips_of_the_others(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
+    """`admin` is added by a reload; its file has a `listen` on a port another process holds:
+    `nginx -t` passes, nginx refuses the reload (no new worker). A first start waits out a
+    failed reload (nginx not up yet), but not this one: nginx is up and refuses the config with
+    admin's file in it, so the start is rolled back and the file taken away, like a failed
+    check. Kept in nginx's tree meanwhile, it made nginx refuse every later reload: `web`,
+    healthy and unchanged but for its version, could no longer be flipped (QA pass 7), and an
+    nginx restart would have failed to bind."""
+    template = _template_with_extra_listen(tmp_path)
+    busy = socket.create_server(("127.0.0.1", 0))  # what already holds the port admin's file asks
+    admin_file = nginx.conf_dir / "admin.conf"
+    admin = program(
+        nginx,
+        "a1",
+        proxy={
+            "template": str(template),
+            "dest": str(admin_file),
+            "timeout": 3,
+            "vars": {"listen": free_port(), "extra_listen": f"127.0.0.1:{busy.getsockname()[1]}"},
+        },
+    )
+
+    def web(version: str) -> dict[str, Any]:
+        return program(nginx, version, proxy={"timeout": 3})
+
+    with busy:
+        flipvisor.start({"programs": {"web": web("1")}})
+        flipvisor.wait_serving("web")
+        wait_until(lambda: version_served(nginx) == "1", message="nginx to proxy web 1")
+        flipvisor.write_config({"programs": {"web": web("1"), "admin": admin}})
+        reloaded = flipvisor.cli("reload")
+        assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+        # Not waited out as nginx not up yet would be: nginx refuses it, so the start fails.
+        status = wait_until(
+            lambda: (s := flipvisor.program("admin"))["state"] != "starting" and s,
+            timeout=30,
+            message="admin's first start to end",
+        )
+        assert status["state"] == "fatal", status
+        assert "nginx has not applied the reload" in status["fatal_reason"], status
+        assert not admin_file.exists(), "admin's refused file left in nginx's tree"
+
+        flipvisor.write_config({"programs": {"web": web("2"), "admin": admin}})
+        flipped = flipvisor.cli("flip", "web", timeout=120)
+        assert flipped.returncode == 0, (
+            "web's flip failed because of admin's file:\n" + flipped.stderr[-1500:]
+        )
+        assert version_served(nginx) == "2"
 
 
 def _version(nginx: Nginx) -> str | None:

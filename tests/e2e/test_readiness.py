@@ -15,6 +15,7 @@ import pytest
 
 from tests.e2e.load import Load
 from tests.e2e.test_flip import BeforeFlip, program, proxied, start_serving
+from tests.fixtures.dgram_queue import unix_dgram_capacity
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import Nginx
 from tests.waiting import wait_until
@@ -161,14 +162,6 @@ time.sleep(3600)
 """
 
 
-def _unix_dgram_queue() -> int:
-    """How many datagrams a unix socket's receive queue holds before a sender blocks."""
-    try:
-        return int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
-    except (OSError, ValueError):
-        return 512
-
-
 def test_a_serving_notify_worker_is_not_blocked_by_its_later_status_messages(
     flipvisor: Flipvisor, tmp_path: Path
 ) -> None:
@@ -178,7 +171,7 @@ def test_a_serving_notify_worker_is_not_blocked_by_its_later_status_messages(
     service = tmp_path / "notifying.py"
     service.write_text(NOTIFYING_SERVICE)
     count_file = tmp_path / "sent"
-    messages = _unix_dgram_queue() + 20  # more than the queue holds, whatever the host's sysctl
+    messages = unix_dgram_capacity() + 20  # more than the queue holds, whatever the host's sysctl
     flipvisor.start(
         {
             "programs": {
@@ -244,7 +237,7 @@ def test_a_notify_worker_restarted_again_and_again_still_comes_up(
     service = tmp_path / "crashing.py"
     service.write_text(CRASHING_NOTIFY_SERVICE)
     count_file, go = tmp_path / "started", tmp_path / "go"
-    queue, numprocs, crashes = _unix_dgram_queue(), 2, 3
+    queue, numprocs, crashes = unix_dgram_capacity(), 2, 3
     # Enough that the restarts' datagrams alone are more than the queue holds.
     extra = queue // (numprocs * crashes) + 1
     command = [sys.executable, str(service), str(count_file), str(go), str(crashes), str(extra)]

@@ -28,6 +28,7 @@ from flipvisor.notify_socket import FLOOD_LIMIT, FLOOD_WINDOW, NotifySocket
 from flipvisor.probe import probe_url, wait_ready
 from flipvisor.reaper import Reaper
 from flipvisor.spawn import Child, spawn_process
+from tests.fixtures.dgram_queue import unix_dgram_capacity
 from tests.reaping import running_reaper
 from tests.waiting import await_until
 
@@ -508,18 +509,12 @@ with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
 """
 
 
-def _unix_dgram_queue() -> int:
-    """How many datagrams a unix socket's receive queue holds before a sender blocks."""
-    try:
-        return int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
-    except (OSError, ValueError):
-        return 512
-
-
 async def test_notify_read_slows_a_flood_down_without_stopping_it(notify: NotifySocket) -> None:
-    # Past what the queue holds, the sender goes on only as fast as the socket is read: at most
-    # FLOOD_LIMIT datagrams a window, so 4 windows at least for 4 windows' worth (and one more).
-    messages = _unix_dgram_queue() + 4 * FLOOD_LIMIT + 1
+    # Past what the queue takes in (measured: the sysctl's qlen plus one, or less), the sender
+    # goes on only as fast as the socket is read: at most FLOOD_LIMIT datagrams a window. Four
+    # windows' worth and one more need a fifth window, which starts 4 windows after the first.
+    # Without the limit, the whole flood is read as fast as it is sent.
+    messages = unix_dgram_capacity() + 4 * FLOOD_LIMIT + 1
     async with running_reaper() as reaper, anyio.create_task_group() as generation:
         began = anyio.current_time()
         generation.start_soon(notify.read, set)
@@ -590,3 +585,36 @@ def _async(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
         return predicate()
 
     return check
+
+
+async def test_notify_read_logs_an_unexpected_error_and_reads_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``read`` runs in the generation's task group for its whole life: an exception out of it
+    cancelled every worker of a serving generation, with no drain. Here the generation's
+    ``pids`` (our seam) fails at the first READY=1: logged, with the generation, and the next
+    READY=1 is read and counts."""
+    notify = NotifySocket(tmp_path / "n.sock", owner="program=web generation=3")
+    calls = 0
+
+    def pids() -> set[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("the workers could not be listed")
+        return {os.getpid()}
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"READY=1", str(notify.path))
+            sender.sendto(b"READY=1", str(notify.path))
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as generation:
+                generation.start_soon(notify.read, pids)
+                await notify.wait_ready(lambda: {os.getpid()}, 1)
+                generation.cancel_scope.cancel()
+    finally:
+        notify.close()
+    assert calls >= 2
+    assert "program=web generation=3: unexpected error handling its datagrams" in caplog.text
+    assert "the workers could not be listed" in caplog.text

@@ -12,9 +12,10 @@ import pytest
 
 from flipvisor import promotion_undo
 from flipvisor.config import ProxyConfig
-from flipvisor.errors import ProxyError
+from flipvisor.errors import ProxyError, ProxyReloadNotTaken
 from flipvisor.progress import FlipReport
 from flipvisor.reaper import Reaper
+from tests.reaping import running_reaper
 
 
 async def test_an_undo_cut_short_before_the_reload_back_says_so_not_that_the_reload_hung(
@@ -53,3 +54,47 @@ async def test_an_undo_cut_short_before_the_reload_back_says_so_not_that_the_rel
     assert "undoing the promotion did not finish within 0.2s" in report.stranded
     assert "reloading it back" not in report.stranded
     assert str(proxy.dest) in report.stranded and "`true`" in report.stranded
+
+
+@pytest.mark.parametrize("refused", [True, False])
+async def test_a_failed_reload_back_after_a_refused_reload_says_nginx_routes_as_before(
+    tmp_path: Path, refused: bool
+) -> None:
+    """The reload towards generation 2 was refused (nginx started no new worker), and the
+    reload back fails too. nginx routes as before then: the report said "the proxy may still
+    route to generation 2", and the flip's message "generation 2 is stopped, so the requests
+    the proxy sends it fail", which nginx never did. After a reload that may have been applied
+    (``refused`` False), that is still what it says."""
+    proxy = ProxyConfig(
+        template=tmp_path / "t.j2", dest=tmp_path / "site.conf", reload_cmd=["false"]
+    )
+    report = FlipReport("web")
+    gen = cast(Any, SimpleNamespace(number=2, program="web"))
+    try:
+        async with running_reaper() as reaper:
+            with anyio.fail_after(10):
+                await promotion_undo.undo_promotion(
+                    ProxyReloadNotTaken("nginx has not applied the reload"),
+                    [],
+                    True,
+                    refused=refused,
+                    gen=gen,
+                    program="web",
+                    proxy=proxy,
+                    reaper=reaper,
+                    report=report,
+                )
+    finally:
+        report.finish()
+        report.close()
+
+    reload_back = next(step for step in report.steps if step.name == "reload-back")
+    if refused:
+        assert report.stranded is None
+        assert "nginx refused the reload to generation 2, so it routes as before" in (
+            reload_back.detail
+        )
+        assert "may still route to generation 2" not in reload_back.detail
+    else:
+        assert report.stranded is not None
+        assert "may still route to generation 2" in report.stranded

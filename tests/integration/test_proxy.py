@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import httpx
 import psutil
 import pytest
 
+from flipvisor import promotion_undo, proxy
 from flipvisor.errors import ProxyError, ProxyFileError, ProxyReloadNotTaken
 from flipvisor.proxy import install, proxy_workers, reload, wait_workers_gone
 from flipvisor.proxy_template import flip_context, render_template
@@ -347,7 +349,7 @@ async def test_reload_success_and_failure(nginx: Nginx) -> None:
 
 
 async def test_old_workers_exit_after_reload(nginx: Nginx) -> None:
-    old = proxy_workers(nginx.pidfile)
+    old = await proxy_workers(nginx.pidfile)
     assert len(old) == 1
     ((worker_pid, identity, _),) = old
     assert identity is not None and identity == identity_of(worker_pid)
@@ -360,15 +362,52 @@ async def test_old_workers_exit_after_reload(nginx: Nginx) -> None:
 
     async def new_workers() -> frozenset[Recorded]:
         # Only the new generation of nginx workers, once the exited one is no longer listed.
-        current = proxy_workers(nginx.pidfile)
+        current = await proxy_workers(nginx.pidfile)
         return current if current and current.isdisjoint(old) else frozenset()
 
     new = await await_until(new_workers, message="nginx's new workers, without the old one")
     assert new.isdisjoint(old)
 
 
+async def test_proxy_workers_are_read_from_the_masters_children_list_not_a_scan(
+    nginx: Nginx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload's confirmation reads the master's workers every 10-200 ms for up to
+    proxy.timeout: psutil's children() scanned all of /proc on the event loop for each (30 ms
+    with 1,600 processes). The master's /proc children list costs the same however many
+    processes run; the scan is only a fallback, in a worker thread."""
+
+    def no_scan(master: int) -> list[int]:
+        raise AssertionError("scanned every process for the master's children")
+
+    monkeypatch.setattr(proxy, "_children_by_psutil", no_scan)
+    workers = await proxy_workers(nginx.pidfile)
+    expected = {child.pid for child in psutil.Process(nginx.process.pid).children()}
+    assert {worker.pid for worker in workers} == expected and expected
+
+
+async def test_proxy_workers_fall_back_to_a_scan_off_the_event_loop(
+    nginx: Nginx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel without /proc/<pid>/task/<tid>/children (CONFIG_PROC_CHILDREN): psutil's
+    scan, in a worker thread, not on the event loop."""
+    scanned_in: list[int] = []
+    scan = proxy._children_by_psutil
+
+    def recorded_scan(master: int) -> list[int]:
+        scanned_in.append(threading.get_ident())
+        return scan(master)
+
+    monkeypatch.setattr(proxy, "_listed_children", lambda master: None)
+    monkeypatch.setattr(proxy, "_children_by_psutil", recorded_scan)
+    workers = await proxy_workers(nginx.pidfile)
+    expected = {child.pid for child in psutil.Process(nginx.process.pid).children()}
+    assert {worker.pid for worker in workers} == expected and expected
+    assert scanned_in and threading.get_ident() not in scanned_in
+
+
 async def test_a_reload_with_the_pidfile_returns_once_a_new_worker_started(nginx: Nginx) -> None:
-    old = proxy_workers(nginx.pidfile)
+    old = await proxy_workers(nginx.pidfile)
     assert old
     async with running_reaper() as reaper:
         returned = await reload(
@@ -376,7 +415,7 @@ async def test_a_reload_with_the_pidfile_returns_once_a_new_worker_started(nginx
         )
     assert returned == old  # the workers to wait for
     # Confirmed: the master has a worker that was not there before the reload.
-    assert {w.pid for w in proxy_workers(nginx.pidfile)} - {w.pid for w in old}
+    assert {w.pid for w in await proxy_workers(nginx.pidfile)} - {w.pid for w in old}
     assert await wait_workers_gone(old, timeout=TIMEOUT)
 
 
@@ -397,29 +436,69 @@ async def test_a_reload_nginx_does_not_apply_fails_and_its_old_workers_serve_on(
                 reaper=reaper,
                 timeout=TIMEOUT,
             )
-            old = proxy_workers(nginx.pidfile)
+            old = await proxy_workers(nginx.pidfile)
             assert old
             with anyio.fail_after(TIMEOUT), pytest.raises(ProxyReloadNotTaken) as caught:
                 await reload(nginx.reload_cmd, reaper=reaper, timeout=1, pidfile=nginx.pidfile)
             # Without the pidfile nothing can tell: the command's success is all there is.
             assert await reload(nginx.reload_cmd, reaper=reaper, timeout=TIMEOUT) == frozenset()
+            # The old workers serve on. Asked while the port is still held: nginx may handle
+            # the second reload's SIGHUP only now, and once the port is free it would apply it.
+            assert await proxy_workers(nginx.pidfile) == old
     message = str(caught.value)
-    assert "nginx did not apply the reload" in message
+    assert "nginx has not applied the reload (or is still loading it)" in message
     assert f"no new worker of the master (pidfile {nginx.pidfile}) started within 1s" in message
     assert "see nginx's error log" in message
     assert "Address already in use" in nginx.log_tail()
-    assert proxy_workers(nginx.pidfile) == old  # the old workers serve on
 
 
-async def test_a_reload_without_workers_to_replace_is_not_waited_for(tmp_path: Path) -> None:
+async def test_a_reload_is_confirmed_within_its_own_bound_not_the_whole_proxy_timeout(
+    nginx: Nginx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The confirmation waited for the whole proxy.timeout (30 s by default, as long as a failed
+    flip's undo): a refused reload back then ran the undo out, and the flip said "reloading it
+    back did not finish within 30s" instead of that nginx did not apply it. It waits at most
+    RELOAD_CONFIRM_MAX (shortened here), whatever the proxy's timeout."""
+    monkeypatch.setattr(proxy, "RELOAD_CONFIRM_MAX", 0.5)
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        held = f"127.0.0.1:{busy.getsockname()[1]}"
+        async with running_reaper() as reaper:
+            await install(
+                nginx.conf_dir / "app.conf",
+                f"server {{ listen {held}; return 204; }}\n",
+                check_cmd=nginx.check_cmd,
+                reaper=reaper,
+                timeout=TIMEOUT,
+            )
+            with anyio.fail_after(10), pytest.raises(ProxyReloadNotTaken, match=r"within 0\.5s"):
+                await reload(nginx.reload_cmd, reaper=reaper, timeout=60, pidfile=nginx.pidfile)
+
+
+def test_the_reload_confirmation_ends_well_within_a_failed_flips_undo() -> None:
+    """The undo's reload back is confirmed too: its confirmation must end before the undo's
+    own bound does, or a refused reload back reads as an undo that ran out of time."""
+    assert proxy.RELOAD_CONFIRM_MAX < promotion_undo.UNDO_TIMEOUT / 2
+
+
+async def test_a_reload_without_workers_to_replace_is_not_waited_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A pidfile that names no running master (or one without workers) gives nothing to
-    confirm the reload by: the command's success is taken, and there is nothing to wait for."""
+    confirm the reload by: the command's success is taken, and there is nothing to wait for.
+    That was silent: a warning says it now, once per program (each reload would repeat it)."""
+    missing = tmp_path / "missing.pid"
     async with running_reaper() as reaper:
         with anyio.fail_after(TIMEOUT):
-            workers = await reload(
-                ["true"], reaper=reaper, timeout=60, pidfile=tmp_path / "missing.pid"
-            )
-    assert workers == frozenset()
+            for owner in ("program=web", "program=web", "program=api"):
+                workers = await reload(
+                    ["true"], reaper=reaper, timeout=60, pidfile=missing, owner=owner
+                )
+                assert workers == frozenset()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(f"program=web: the proxy's pidfile {missing} names no running")
+    assert "its reloads are not confirmed" in warnings[0]
+    assert warnings[1].startswith("program=api: ")
 
 
 async def test_old_workers_are_waited_for_across_a_clock_step(
@@ -428,7 +507,7 @@ async def test_old_workers_are_waited_for_across_a_clock_step(
     """After a wall-clock step every start time in seconds reads as another
     (``tests/clock.py``): the old workers are still told apart by their start ticks, not taken
     for gone (a drain that would then not wait for them fails the requests they still route)."""
-    old = proxy_workers(nginx.pidfile)
+    old = await proxy_workers(nginx.pidfile)
     assert old
     step_clock(monkeypatch, 3600.0)
     with anyio.fail_after(5):
@@ -458,9 +537,9 @@ async def test_wait_workers_gone_skips_gone_and_reused_pids(tmp_path: Path) -> N
     with anyio.fail_after(1):
         assert await wait_workers_gone([*recycled, gone], timeout=5) is True
         assert await wait_workers_gone([], timeout=5) is True
-    assert proxy_workers(tmp_path / "missing.pid") == frozenset()
+    assert await proxy_workers(tmp_path / "missing.pid") == frozenset()
     (tmp_path / "garbage.pid").write_text("not a pid\n")
-    assert proxy_workers(tmp_path / "garbage.pid") == frozenset()
+    assert await proxy_workers(tmp_path / "garbage.pid") == frozenset()
 
 
 # -- end to end ------------------------------------------------------------------------------
@@ -512,7 +591,7 @@ async def test_flip_through_nginx_drops_no_request(nginx: Nginx) -> None:
                 timeout=TIMEOUT,
             )
             assert installed.previous == snippet(nginx, gen1.port).encode()
-            old = proxy_workers(nginx.pidfile)  # before the reload
+            old = await proxy_workers(nginx.pidfile)  # before the reload
             before_reload = len(bodies)
             await reload(nginx.reload_cmd, reaper=reaper, timeout=TIMEOUT)
             assert await wait_workers_gone(old, timeout=TIMEOUT)

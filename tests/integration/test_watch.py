@@ -676,7 +676,7 @@ async def test_a_reload_the_proxy_did_not_apply_fails_and_is_retried_until_it_do
             etcd_server.put(f"{etcd_prefix}/shared/x", "1")
             etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
             await await_until(
-                lambda: holds("nginx did not apply the reload" in caplog.text),
+                lambda: holds("nginx has not applied the reload" in caplog.text),
                 message="the reload the proxy did not apply, reported",
             )
             assert reload_log.exists()  # the command ran, and succeeded
