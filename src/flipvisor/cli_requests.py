@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cli_output import print_error, print_json, report_failure, waiting_notice
 from .errors import EXIT_FAILED, ControlUnreachable
-from .printable import one_line
+from .printable import indented_lines, one_line
 
 if TYPE_CHECKING:
     from .client import Reached
@@ -81,8 +81,9 @@ def _request(
 def _final(answer: dict[str, Any]) -> int:
     if answer.get("error"):
         # A flip's failure names paths of the config (its folder, `proxy.dest`) and quotes
-        # commands' output: their control characters shown as escapes, on one line.
-        print_error(one_line(str(answer["error"])))
+        # commands' output (`nginx -t`'s lines): control characters shown as escapes, and
+        # every line after the first indented.
+        print_error(indented_lines(str(answer["error"])))
     return int(answer.get("exit_code", EXIT_FAILED))
 
 

@@ -29,6 +29,13 @@ def one_line(text: str) -> str:
     return _CONTROLS_AND_TAB.sub(_escape, text)
 
 
+def indented_lines(text: str) -> str:
+    """``text`` as lines, their control characters but tab shown as escapes, every line after
+    the first indented: a message that quotes a command's output (a failed ``nginx -t``'s two
+    lines) reads as it was written, and no line of it can pass for one of flipvisor's own."""
+    return "\n  ".join(terminal_safe(line) for line in text.split("\n"))
+
+
 def count(number: int, noun: str) -> str:
     """``1 program``, ``2 programs``, ``1 watch``, ``0 watches``."""
     if number == 1:

@@ -126,10 +126,30 @@ def test_a_failed_flip_shows_control_characters_of_a_path_as_escapes(
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\x07" not in err, err
     shown = f"cannot write the proxy file /srv/{SHOWN}[/]/web.conf: Permission denied"
-    assert f"flipvisor: {shown}\n" in err, err
+    # The error as lines, the second indented: it cannot pass for a line of flipvisor's own.
+    as_lines = shown.replace("\\x0a", "\n  ")
+    assert f"flipvisor: {as_lines}\n" in err, err
+    assert not any(line.startswith("flipvisor: flip ok") for line in err.splitlines()), err
     assert "  svc 2 said \\x1b]0;owned\\x07" in err, err  # (rich expands its tab)
-    # The step's line (rich may wrap it: compared without the line breaks it put in).
+    # The step's line, on one line (rich may wrap it: compared without the breaks it put in).
     assert shown in err.replace("\n", ""), err
+
+
+def test_a_failed_flip_quoting_a_command_s_lines_shows_them_as_lines(
+    supervisor: ScriptedSupervisor, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`nginx -t`'s two lines, the most common flip error: as lines, not joined by escapes."""
+    said = (
+        'nginx: [emerg] unknown directive "upstrem" in /etc/nginx/conf.d/web.conf:1\n'
+        "nginx: configuration file /etc/nginx/nginx.conf test failed"
+    )
+    error = f"proxy check of /etc/nginx/conf.d/web.conf failed, kept the previous file: {said}"
+    report = {"program": "web", "kind": "flip", "ok": False, "generation": 2, "steps": []}
+    supervisor.answer = [result({**report, "error": error}, error=error)]
+    assert run_cli(["flip", "web", "-c", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"flipvisor: {error.replace(chr(10), chr(10) + '  ')}\n" in err, err
+    assert "\\x0a" not in err, err
 
 
 @pytest.mark.parametrize("command", ["start", "stop"])
