@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from pathlib import Path
 
 from .config import Config
@@ -115,5 +116,6 @@ def already_running(
     return (
         f"the supervisor of {config_path} already runs: pid {running.pid}, listening on "
         f"{running.socket_path}{moved}; a second one would start every program again. Stop it "
-        f"first: `flipvisor -c {config_path} shutdown` (or SIGTERM to pid {running.pid})"
+        f"first: `flipvisor -c {shlex.quote(str(config_path))} shutdown` (or SIGTERM to pid "
+        f"{running.pid})"
     )

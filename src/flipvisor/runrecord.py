@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import socket
 import stat
 from collections.abc import Mapping
@@ -254,15 +255,16 @@ def listening_already(
         )
     if not answering:
         # Binding the path would work, and two supervisors would share the logs, the history.
+        stop = f"flipvisor -c {shlex.quote(record.config)} shutdown"
         return (
             f"{unreachable(Path(record.config), record)}. This file's state_dir is that "
-            f"file's too: once it listens again, stop it (`flipvisor -c {record.config} "
-            "shutdown`), or give this file a state_dir of its own"
+            f"file's too: once it listens again, stop it (`{stop}`), or give this file a "
+            "state_dir of its own"
         )
     return (
         f"the supervisor of {record.config} (pid {record.pid}) already listens on "
         f"{socket_path}: this file's state_dir is that file's too. Stop it first: `flipvisor -c "
-        f"{record.config} shutdown`, or give this file a state_dir of its own"
+        f"{shlex.quote(record.config)} shutdown`, or give this file a state_dir of its own"
     )
 
 

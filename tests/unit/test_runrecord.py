@@ -434,6 +434,10 @@ def test_a_socket_taken_names_the_file_of_its_supervisor_and_how_to_stop_it(
     assert listening_already(listening, None).startswith(
         f"a supervisor is already listening on {listening} (not recorded as this user's"
     )
+    # A file whose path a shell would split: the command is pasteable as given.
+    spaced = tmp_path / "my configs" / "other.yaml"
+    record = RunRecord(str(spaced), listening, 4321, Identity(1, "b"), 0.0)
+    assert f"`flipvisor -c '{spaced}' shutdown`" in listening_already(listening, record)
 
 
 # -- the client: the file's state_dir first, the record when that leads nowhere --------------
