@@ -88,13 +88,29 @@ def load_yaml(
     return node, data, _line_index(node, duplicates), duplicates
 
 
+# More values than a config of a thousand programs has: a document past it is aliases nested in
+# aliases (a "billion laughs"), whose expansion would hold `check`, or a supervisor's event loop
+# at a reload, for minutes.
+MAX_LOCATIONS = 250_000
+
+
 def _line_index(node: yaml.Node | None, duplicates: list[tuple[int, tuple[str, ...]]]) -> LineIndex:
     """Map each dotted location in the YAML document to its 1-based line number; note keys that
-    appear twice in one mapping (YAML loaders silently keep the last) in ``duplicates``."""
+    appear twice in one mapping (YAML loaders silently keep the last) in ``duplicates``.
+
+    Raises:
+        yaml.MarkedYAMLError: the document expands to more than ``MAX_LOCATIONS`` values.
+    """
     index: LineIndex = {}
 
     def visit(node: yaml.Node, loc: tuple[str, ...]) -> None:
         index[loc] = node.start_mark.line + 1
+        if len(index) > MAX_LOCATIONS:
+            raise yaml.MarkedYAMLError(
+                problem=f"the document expands to more than {MAX_LOCATIONS:,} values (aliases "
+                "of aliases?); flipvisor refuses it rather than spend minutes expanding it",
+                problem_mark=node.start_mark,
+            )
         if isinstance(node, yaml.MappingNode):
             seen: set[str] = set()
             for key, value in node.value:

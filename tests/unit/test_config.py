@@ -1319,3 +1319,19 @@ def test_a_section_left_empty_means_its_defaults() -> None:
     vars_null = PROG + "    proxy:\n      template: t\n      dest: d\n      vars:\n"
     proxy = parse_config(vars_null, PATH).programs["experiment"].proxy
     assert proxy is not None and proxy.vars == {}
+
+
+@pytest.mark.timeout(20)
+def test_aliases_of_aliases_are_refused_before_they_expand() -> None:
+    """A "billion laughs": nine lists of nine aliases of the one before, 9**9 values once
+    expanded. Refused at once (found by QA: `check` hung, and a SIGHUP's reload would have held
+    the supervisor's event loop), naming where the expansion went past the bound."""
+    anchors = ['  a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    anchors += [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    text = "\n".join(
+        ["x:", *anchors, "programs:", "  web:", "    command: x", "    env:", "      BOMB: *a8"]
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text + "\n", PATH)
+    said = str(caught.value)
+    assert re.match(rf"{re.escape(str(PATH))}:\d+:\d+: not valid YAML: the document expands", said)
