@@ -24,7 +24,7 @@ from .errors import (
 )
 from .generation import Generation
 from .progress import FlipReport, Step
-from .proxy import check, install, reload, remove, take_away
+from .proxy import check, install, reload_for, remove, take_away
 from .proxy_file import Installed
 from .proxy_journal import ProxyJournal
 from .proxy_template import flip_context, render_template
@@ -257,13 +257,7 @@ async def _reload_until_taken(
             # earlier attempt may have reloaded.
             before, reloading.may_have_reloaded = reloading.may_have_reloaded, True
             try:
-                reloading.old_proxy_workers = await reload(
-                    proxy.reload_cmd,
-                    reaper=reaper,
-                    timeout=proxy.timeout,
-                    pidfile=proxy.pidfile,
-                    owner=f"program={program}",
-                )
+                reloading.old_proxy_workers = await reload_for(program, proxy, reaper=reaper)
             except ProxyError as exc:
                 reloading.may_have_reloaded = before or isinstance(exc, ProxyReloadFailed)
                 reloading.refused = not before and isinstance(exc, ProxyReloadNotTaken)

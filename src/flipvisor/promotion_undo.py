@@ -16,7 +16,7 @@ from .errors import ProxyError, RegistryError
 from .generation import Generation
 from .progress import FlipReport
 from .promotion_steps import Undo
-from .proxy import check, pasteable, reload, wait_workers_gone
+from .proxy import check, pasteable, reload_for, wait_workers_gone
 from .proxy_journal import ProxyJournal
 from .reaper import Reaper
 
@@ -167,13 +167,7 @@ async def _reload_back(
             await check(proxy.check_cmd, proxy.dest, reaper=reaper, timeout=proxy.timeout)
             # Confirmed with a pidfile, as the reload forward: one nginx did not apply leaves
             # it on whatever it ran, perhaps generation gen.
-            routing_to_gen = await reload(
-                proxy.reload_cmd,
-                reaper=reaper,
-                timeout=proxy.timeout,
-                pidfile=proxy.pidfile,
-                owner=f"program={program}",
-            )
+            routing_to_gen = await reload_for(program, proxy, reaper=reaper)
         except ProxyError as exc:
             once = (
                 f" once its config passes {pasteable(proxy.check_cmd)}" if proxy.check_cmd else ""

@@ -35,6 +35,7 @@ from .usable import file_problem
 from .verified_signal import pidfd_if_still
 
 if TYPE_CHECKING:  # only the type: proxy.py's allowed imports are config, errors, spawn
+    from .config import ProxyConfig
     from .reaper import Reaper
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,17 @@ async def check(
         raise ProxyError(f"proxy check of {dest} could not run: {exc}") from exc
     if not result.ok:
         raise ProxyError(f"proxy check of {dest} failed: {result.describe()}")
+
+
+async def reload_for(program: str, proxy: ProxyConfig, *, reaper: Reaper) -> frozenset[Recorded]:
+    """``reload`` as ``program``'s proxy section says: its command, timeout and pidfile."""
+    return await reload(
+        proxy.reload_cmd,
+        reaper=reaper,
+        timeout=proxy.timeout,
+        pidfile=proxy.pidfile,
+        owner=f"program={program}",
+    )
 
 
 async def reload(

@@ -15,7 +15,7 @@ import anyio
 
 from .config import ProxyConfig
 from .errors import ProxyError, ProxyReloadTimedOut
-from .proxy import pasteable, reload, remove, wait_workers_gone
+from .proxy import pasteable, reload_for, remove, wait_workers_gone
 from .proxy_journal import removal_journal
 from .reaper import Reaper
 from .starttime import Recorded
@@ -92,13 +92,7 @@ async def _reload_without(
     (logged with what to do)."""
     try:
         # Without a reload command nothing reloads, and no workers are waited for in vain.
-        old_workers = await reload(
-            proxy.reload_cmd,
-            reaper=reaper,
-            timeout=proxy.timeout,
-            pidfile=proxy.pidfile,
-            owner=f"program={program}",
-        )
+        old_workers = await reload_for(program, proxy, reaper=reaper)
     except ProxyReloadTimedOut:
         return frozenset()  # it may have reloaded; nothing more to do but drain
     except ProxyError as exc:
