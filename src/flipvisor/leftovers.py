@@ -53,7 +53,7 @@ from .config import DrainConfig, SocketConfig
 from .generation import KILL_GRACE
 from .lineage import PROGRAM_ENV, Lineage, environ_of, exited
 from .progress import pid_list
-from .proxy import wait_workers_gone
+from .proxy_workers import wait_workers_gone
 from .signals import with_continue
 from .starttime import Recorded
 from .verified_signal import pidfd_if_still, signal_verified

@@ -45,9 +45,9 @@ from .promotion_steps import (
     reload_step,
 )
 from .promotion_undo import undo_promotion
-from .proxy import wait_workers_gone
 from .proxy_journal import ProxyJournal
 from .proxy_patience import ProxyPatience
+from .proxy_workers import wait_workers_gone
 from .reaper import Reaper
 from .registry import Registry, Snapshot
 from .starttime import Recorded

@@ -16,8 +16,9 @@ from .errors import ProxyError, RegistryError
 from .generation import Generation
 from .progress import FlipReport
 from .promotion_steps import Undo
-from .proxy import check, pasteable, reload_for, wait_workers_gone
+from .proxy import check, pasteable, reload_for
 from .proxy_journal import ProxyJournal
+from .proxy_workers import wait_workers_gone
 from .reaper import Reaper
 
 log = logging.getLogger(__name__)

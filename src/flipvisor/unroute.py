@@ -15,8 +15,9 @@ import anyio
 
 from .config import ProxyConfig
 from .errors import ProxyError, ProxyReloadTimedOut
-from .proxy import pasteable, reload_for, remove, wait_workers_gone
+from .proxy import pasteable, reload_for, remove
 from .proxy_journal import removal_journal
+from .proxy_workers import wait_workers_gone
 from .reaper import Reaper
 from .starttime import Recorded
 

@@ -54,7 +54,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .config import DrainPidConfig
-from .proxy import wait_workers_gone
+from .proxy_workers import wait_workers_gone
 from .registry import KeyRange, WatchableRegistry, WatchEvent
 from .starttime import (
     Recorded,

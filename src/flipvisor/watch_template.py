@@ -33,8 +33,9 @@ import anyio
 
 from .config import WatchConfig
 from .errors import ProxyError, RegistryError
-from .proxy import install, reload, wait_workers_gone
+from .proxy import install, reload
 from .proxy_template import render_template
+from .proxy_workers import wait_workers_gone
 from .reaper import Reaper
 from .registry import KeyRange, WatchableRegistry, WatchEvent, key_matches
 from .watch_follow import KeyFollower, follow_keys

@@ -24,9 +24,11 @@ import psutil
 import pytest
 
 from flipvisor import promotion_undo, proxy
+from flipvisor import proxy_workers as workers_module
 from flipvisor.errors import ProxyError, ProxyFileError, ProxyReloadNotTaken
-from flipvisor.proxy import install, proxy_workers, reload, wait_workers_gone
+from flipvisor.proxy import install, reload
 from flipvisor.proxy_template import flip_context, render_template
+from flipvisor.proxy_workers import proxy_workers, wait_workers_gone
 from flipvisor.reaper import Reaper
 from flipvisor.spawn import Child, spawn_process
 from flipvisor.starttime import Recorded, identity_of, recorded_now
@@ -380,7 +382,7 @@ async def test_proxy_workers_are_read_from_the_masters_children_list_not_a_scan(
     def no_scan(master: int) -> list[int]:
         raise AssertionError("scanned every process for the master's children")
 
-    monkeypatch.setattr(proxy, "_children_by_psutil", no_scan)
+    monkeypatch.setattr(workers_module, "_children_by_psutil", no_scan)
     workers = await proxy_workers(nginx.pidfile)
     expected = {child.pid for child in psutil.Process(nginx.process.pid).children()}
     assert {worker.pid for worker in workers} == expected and expected
@@ -392,14 +394,14 @@ async def test_proxy_workers_fall_back_to_a_scan_off_the_event_loop(
     """A kernel without /proc/<pid>/task/<tid>/children (CONFIG_PROC_CHILDREN): psutil's
     scan, in a worker thread, not on the event loop."""
     scanned_in: list[int] = []
-    scan = proxy._children_by_psutil
+    scan = workers_module._children_by_psutil
 
     def recorded_scan(master: int) -> list[int]:
         scanned_in.append(threading.get_ident())
         return scan(master)
 
-    monkeypatch.setattr(proxy, "_listed_children", lambda master: None)
-    monkeypatch.setattr(proxy, "_children_by_psutil", recorded_scan)
+    monkeypatch.setattr(workers_module, "_listed_children", lambda master: None)
+    monkeypatch.setattr(workers_module, "_children_by_psutil", recorded_scan)
     workers = await proxy_workers(nginx.pidfile)
     expected = {child.pid for child in psutil.Process(nginx.process.pid).children()}
     assert {worker.pid for worker in workers} == expected and expected

@@ -53,6 +53,7 @@ CHECKS = BASE | {
     "proxy_file",
     "proxy_journal",
     "proxy_template",
+    "proxy_workers",
     "registry",
 }
 # A generation, and its parts: the drain of its processes, its probe, what status shows of it.
@@ -135,10 +136,13 @@ ALLOWED: dict[str, set[str]] = {
     "proxy_file": {"errors"},
     # What a proxy step replaces, on disk until it stands or is undone (a killed supervisor's).
     "proxy_journal": {"errors", "proxy_file"},
+    # The proxy's workers: its master's children, awaited through pidfds.
+    "proxy_workers": {"starttime", "verified_signal"},
     "proxy": {
         "config",
         "errors",
         "proxy_file",
+        "proxy_workers",
         "run_command",
         "verified_signal",
         "reaper",
@@ -152,6 +156,7 @@ ALLOWED: dict[str, set[str]] = {
     "watch_template": {
         "registry",
         "proxy",
+        "proxy_workers",
         "proxy_template",
         "reaper",
         "config",
@@ -162,6 +167,7 @@ ALLOWED: dict[str, set[str]] = {
     "watch_drain": {
         "registry",
         "proxy",
+        "proxy_workers",
         "config",
         "starttime",
         "verified_signal",
