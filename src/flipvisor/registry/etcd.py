@@ -68,12 +68,16 @@ class EtcdRegistry:
     def __init__(self, config: RegistryConfig) -> None:
         self.config = config
         self.prefix = config.prefix
-        self.intent = EtcdIntent()
+        self.intent = EtcdIntent(wake=self._wake)
         self._conn: EtcdConnection | None = None
         self._connect_lock = anyio.Lock()
         self._write_lock = anyio.Lock()
         self._kick = anyio.Event()
         self._running = False
+
+    def _wake(self) -> None:
+        """Wake ``run`` to write what ``intent`` wants (``_kick`` is a new event every round)."""
+        self._kick.set()
 
     @property
     def connected(self) -> bool:
@@ -289,15 +293,15 @@ class EtcdRegistry:
                             program, new, began=began, revision=reply.header.revision
                         )
         except TimeoutError:
-            self._remember(program, expected, lost=new, began=began)
+            self.intent.remember(program, expected, lost=new, began=began)
             raise self._timeout_error() from None
         except RegistryError:
-            self._remember(program, expected, lost=new, began=began)
+            self.intent.remember(program, expected, lost=new, began=began)
             raise
         except BaseException:
             # Cancelled (a flip's --timeout) while etcd may have applied the transaction: the
             # outcome is unknown as after a timeout, and the caller goes on serving `expected`.
-            self._remember(program, expected, lost=new, began=began)
+            self.intent.remember(program, expected, lost=new, began=began)
             raise
         if not reply.succeeded:
             raise self._conflict(program, expected, txn_values(reply))
@@ -314,18 +318,6 @@ class EtcdRegistry:
                     f"{found.get(key)!r} (another writer promoted {program}?)"
                 )
         return RegistryConflict(f"etcd keys of {program} changed during the promotion")
-
-    def _remember(
-        self,
-        program: str,
-        value: Snapshot,
-        *,
-        lost: Snapshot | None = None,
-        began: int | None = None,
-    ) -> None:
-        """``EtcdIntent.remember``, and wake ``run`` to write it."""
-        self.intent.remember(program, value, lost=lost, began=began)
-        self._kick.set()
 
     async def withdraw(
         self, program: str, *, taken_over: str | None = None, final: bool = False
@@ -361,7 +353,7 @@ class EtcdRegistry:
 
         Never raises: a failed write stays pending for ``run``.
         """
-        self._remember(program, new)
+        self.intent.remember(program, new)
         if self._running and not self.connected:
             return  # ``run`` is reconnecting and will write it then
         with anyio.move_on_after(self.config.timeout):

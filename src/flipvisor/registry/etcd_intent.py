@@ -9,6 +9,7 @@ withdrawals asked for (``withdrawing``). It holds no connection and makes no cal
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .base import Snapshot, naming
@@ -16,8 +17,10 @@ from .base import Snapshot, naming
 
 @dataclass
 class EtcdIntent:
-    """See the module docstring; one per ``EtcdRegistry``."""
+    """See the module docstring; one per ``EtcdRegistry``, which ``wake`` tells that a program's
+    keys are to be written (``remember``)."""
 
+    wake: Callable[[], None]
     desired: dict[str, Snapshot] = field(default_factory=dict)
     pending: set[str] = field(default_factory=set)
     # The etcd revision at which the registry last read or wrote each program's keys.
@@ -62,6 +65,7 @@ class EtcdIntent:
         if lost is not None:
             self.fenced.add(program)
             self.maybe[program] = lost
+        self.wake()
 
     def supersede_withdrawal(self, program: str, began: int | None) -> None:
         """Forget a pending withdrawal of ``program`` asked for before ``began`` (None: any)."""
