@@ -69,6 +69,7 @@ async def undo_promotion(
             left to propagate as it is).
     """
     undoing = _Undoing()
+    back_failed: ProxyError | None = None
     with anyio.CancelScope(shield=True), anyio.move_on_after(UNDO_TIMEOUT):
         await _run_undo_steps(steps, program=program, undoing=undoing)
         undoing.steps_done = True
@@ -89,11 +90,16 @@ async def undo_promotion(
                 )
                 undoing.routed_back = True
             except ProxyError as exc:
-                if not refused:
-                    report.stranded = f"reloading the proxy back failed too: {exc}"
-    if reloaded and not undoing.routed_back and report.stranded is None:
+                back_failed = exc
+    if reloaded and not undoing.routed_back:
         assert proxy is not None  # it reloaded
-        if refused:
+        if not refused:
+            report.stranded = (
+                f"reloading the proxy back failed too: {back_failed}"
+                if back_failed is not None
+                else _not_routed_back(gen, proxy, undoing)
+            )
+        elif back_failed is None:  # a reload back that failed said so itself (``_reload_back``)
             log.warning(
                 "program=%s nginx refused the reload to generation %d, so it routes as before "
                 "(unless it applies that reload late); it was not reloaded back: %s",
@@ -101,8 +107,6 @@ async def undo_promotion(
                 gen.number,
                 _not_routed_back(gen, proxy, undoing),
             )
-        else:
-            report.stranded = _not_routed_back(gen, proxy, undoing)
     if undoing.failed and isinstance(failure, Exception):
         raise ProxyError(
             f"{failure}; undoing it failed too: {'; '.join(undoing.failed)}; the proxy's files "
