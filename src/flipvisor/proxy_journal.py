@@ -136,13 +136,9 @@ class ProxyJournal:
             await anyio.to_thread.run_sync(self._remove)
 
     def _remove(self) -> None:
-        try:
-            self.path.unlink(missing_ok=True)
-            fsync_dir(self.path.parent)
-        except OSError as exc:
-            # The next start would look at changes that stand: a flip's are kept while the
-            # keys name its generation, and a removal's is made again.
-            log.warning("cannot remove the proxy-undo record %s: %s", self.path, exc.strerror)
+        # Left behind, the next start would look at changes that stand: a flip's are kept
+        # while the keys name its generation, and a removal's is made again.
+        drop_record(self.path)
         self.changes.clear()
 
 
@@ -225,11 +221,16 @@ class Pending:
 
     def forget(self) -> None:
         """Remove the record (blocking)."""
-        try:
-            self.path.unlink(missing_ok=True)
-            fsync_dir(self.path.parent)
-        except OSError as exc:
-            log.warning("cannot remove the proxy-undo record %s: %s", self.path, exc.strerror)
+        drop_record(self.path)
+
+
+def drop_record(path: Path) -> None:
+    """Remove the record at ``path``, durably (blocking); a failure is logged."""
+    try:
+        path.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        log.warning("cannot remove the proxy-undo record %s: %s", path, exc.strerror)
 
 
 def pending(state_dir: Path) -> list[Pending]:
@@ -260,10 +261,21 @@ def pending(state_dir: Path) -> list[Pending]:
                 )
             )
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-            log.warning(
-                "ignoring the proxy-undo record %s (%s): if a supervisor was killed during a "
-                "flip, see that the proxy file it names is the previous one",
-                path,
-                exc,
-            )
+            _set_aside(path, exc)
     return found
+
+
+def _set_aside(path: Path, exc: Exception) -> None:
+    """A record that cannot be read, renamed ``<name>.bad`` so that it is said once, not at
+    every start, and kept for the operator to look at (blocking)."""
+    aside = path.with_name(f"{path.name}.bad")
+    try:
+        path.rename(aside)
+    except OSError:
+        aside = path
+    log.warning(
+        "ignoring the proxy-undo record %s (%s): if a supervisor was killed during a flip, see "
+        "that the proxy file it names is the previous one",
+        aside,
+        exc,
+    )

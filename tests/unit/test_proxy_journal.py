@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 
 import anyio
+import pytest
 
+from flipvisor.errors import ProxyError
 from flipvisor.proxy_file import put_in_place, take_away_now
 from flipvisor.proxy_journal import flip_journal, pending, removal_journal
 
@@ -101,3 +103,34 @@ def test_settle_removes_the_record(tmp_path: Path) -> None:
     anyio.run(journal.settle)
 
     assert pending(state_dir) == []
+
+
+def test_a_record_that_cannot_be_read_is_set_aside_and_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A torn or hand-edited record: ignored with a warning, and renamed `.bad` (kept for the
+    operator) so that the next start does not say it again (review)."""
+    state_dir = tmp_path / "state"
+    _flip(state_dir)
+    [record] = (state_dir / "proxy-undo").glob("*.json")
+    record.write_text("{")
+
+    assert pending(state_dir) == []
+    assert f"{record}.bad" in caplog.text
+    assert record.with_name(f"{record.name}.bad").read_text() == "{"
+    caplog.clear()
+    assert pending(state_dir) == []
+    assert caplog.text == ""
+
+
+def test_a_journal_that_cannot_be_written_changes_no_file(tmp_path: Path) -> None:
+    """The record comes first: a flip whose record cannot be written fails before the proxy
+    file changes (review: untested)."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "proxy-undo").write_text("a file where the records' folder goes")
+    dest = tmp_path / "web.conf"
+    dest.write_bytes(b"server 127.0.0.1:2001;\n")
+    with pytest.raises(ProxyError, match=r"cannot record what .* holds"):
+        _flip(state_dir)
+    assert dest.read_bytes() == b"server 127.0.0.1:2001;\n"
