@@ -220,11 +220,8 @@ class NotifySocket:
                 data, ancdata, _flags, _addr = self._sock.recvmsg(NOTIFY_BUFFER, _ANCILLARY)
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError as exc:
-                # Not expected of a bound datagram socket; never worth failing the generation
-                # for. Counted as a datagram, so that one that repeats is bounded like a flood.
-                log.warning("cannot read notify socket %s: %s", self.path, exc)
-                return handled + 1
+            # Any other error (not expected of a bound datagram socket) is ``read``'s to log,
+            # once per kind, and to count as a datagram.
             self._handle(data, ancdata, pids)
             handled += 1
         return handled
