@@ -25,7 +25,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .errors import EXIT_USAGE, FlipvisorError
 from .protocol import MAX_LINE, ProtocolError, Request, decode_request, encode, result
-from .runrecord import listening_already, record_listening_on
+from .runrecord import answers, listening_already, record_listening_on
 
 log = logging.getLogger(__name__)
 
@@ -54,25 +54,9 @@ def peer_allowed(uid: int) -> bool:
     return uid in (os.getuid(), 0)
 
 
-# How long a probe of the socket path waits to connect: it runs on the event loop (at a re-listen,
-# with conversations under way). A unix socket's connect returns at once unless the listener's
-# backlog is full; then the listener is alive, only busy.
+# How long a probe of the socket path waits to connect (``runrecord.answers``): it runs on the
+# event loop (at a re-listen, with conversations under way).
 PROBE_TIMEOUT = 0.5
-
-
-def _someone_answers(path: Path) -> bool:
-    """Whether something accepts connections on the unix socket ``path`` (busy counts)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(PROBE_TIMEOUT)
-    try:
-        probe.connect(str(path))
-    except (BlockingIOError, TimeoutError):
-        return True  # its backlog is full: alive
-    except OSError:  # refused (a dead socket), not a socket, gone
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 def _bind_aside(folder: Path) -> tuple[socket.socket, Path]:
@@ -178,7 +162,7 @@ class ControlServer:
             try:
                 os.link(temporary, self.path)
             except FileExistsError:
-                if _someone_answers(self.path):
+                if answers(self.path, PROBE_TIMEOUT):
                     raise AlreadyRunning(self._taken_message()) from None
                 self.path.unlink(missing_ok=True)  # stale: nothing answers there
                 replaced = True

@@ -212,12 +212,15 @@ def record_listening_on(socket_path: Path, *, besides: int | None = None) -> Run
 
 def answers(socket_path: Path, timeout: float = ANSWER_TIMEOUT) -> bool:
     """Whether something accepts connections on the unix socket ``socket_path`` (the supervisor
-    takes a connection that ends without a request in silence)."""
+    takes a connection that ends without a request in silence). A unix socket's connect returns
+    at once unless the listener's backlog is full: then it is alive, only busy."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(timeout)
     try:
         probe.connect(str(socket_path))
-    except OSError:  # no such file, refused, a timeout, not a socket
+    except (BlockingIOError, TimeoutError):
+        return True  # its backlog is full: alive
+    except OSError:  # no such file, refused (a dead socket), not a socket
         return False
     finally:
         probe.close()

@@ -550,3 +550,27 @@ def test_without_a_running_supervisor_the_file_s_own_error_stands(
     assert "supervisor" not in str(caught.value)
     with pytest.raises(ConfigError, match="not valid YAML"):
         logs_locations(config)
+
+
+def test_a_socket_whose_backlog_is_full_answers(tmp_path: Path) -> None:
+    """A supervisor too busy to accept (its backlog full) is alive: `run` must not take its
+    socket for a stale one, nor a re-listen unlink it (review: two probes disagreed)."""
+    path = tmp_path / "busy.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(0)
+    waiting = []
+    try:
+        for _ in range(8):  # fill the backlog: never accepted
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            waiting.append(client)
+            try:
+                client.connect(str(path))
+            except BlockingIOError:
+                break
+        assert answers(path, timeout=0.2)
+    finally:
+        for client in waiting:
+            client.close()
+        server.close()
