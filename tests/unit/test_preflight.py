@@ -11,6 +11,7 @@ from textwrap import dedent
 import pytest
 
 from flipvisor.cli import run_cli
+from flipvisor.config import Config
 from flipvisor.config_file import parse_config
 from flipvisor.preflight import host_problems
 from flipvisor.runrecord import remove_record, write_record
@@ -170,18 +171,24 @@ def test_check_counts_in_words(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert capsys.readouterr().out == f"{config}: ok (0 programs, 2 watches)\n"
 
 
+def _config_on_its_own_state_dir(tmp_path: Path) -> tuple[Config, Path, Path]:
+    """A config file of no programs with a state_dir of its own: the config, its path, and
+    where its control socket goes."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    config_path = tmp_path / "flipvisor.yaml"
+    config_path.write_text(f"state_dir: {state_dir}\nprograms: {{}}\n")
+    config = parse_config(config_path.read_text(), config_path)
+    return config, config_path, state_dir / "flipvisor.sock"
+
+
 def test_a_state_dir_another_file_s_supervisor_listens_on_is_named_with_its_file(
     tmp_path: Path,
 ) -> None:
     """`run` would be refused there; the other file is named, with the command that stops its
     supervisor (its own -c: with this file's it refuses). Its own supervisor is no problem; one
     not recorded (another user's, maybe this file's own) is a warning."""
-    state_dir = tmp_path / "state"
-    state_dir.mkdir(mode=0o700)
-    socket_path = state_dir / "flipvisor.sock"
-    config_path = tmp_path / "flipvisor.yaml"
-    config_path.write_text(f"state_dir: {state_dir}\nprograms: {{}}\n")
-    config = parse_config(config_path.read_text(), config_path)
+    config, config_path, socket_path = _config_on_its_own_state_dir(tmp_path)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(socket_path))
     server.listen()
@@ -216,12 +223,7 @@ def test_a_state_dir_whose_other_supervisor_lost_its_socket_file_is_still_taken(
     """Another file's supervisor recorded on the state_dir, its socket file removed: nothing
     answers, but `run` is refused all the same (two supervisors would share the logs and the
     history); the way to make it listen again is named."""
-    state_dir = tmp_path / "state"
-    state_dir.mkdir(mode=0o700)
-    socket_path = state_dir / "flipvisor.sock"
-    config_path = tmp_path / "flipvisor.yaml"
-    config_path.write_text(f"state_dir: {state_dir}\nprograms: {{}}\n")
-    config = parse_config(config_path.read_text(), config_path)
+    config, config_path, socket_path = _config_on_its_own_state_dir(tmp_path)
     other = tmp_path / "other.yaml"
     record = write_record(other, socket_path)  # no file at socket_path: removed
     try:
