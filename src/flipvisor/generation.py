@@ -326,7 +326,10 @@ class Generation:
         if self.state in (GenerationState.STOPPED, GenerationState.FAILED):
             return
         if self.state is GenerationState.DRAINING:  # drained, whether it served or was ready
-            self.transition(GenerationState.STOPPED)
+            if self.failure is not None and not self.was_serving and not self._stop.called_off:
+                self.transition(GenerationState.FAILED, self.failure)  # discarded
+            else:
+                self.transition(GenerationState.STOPPED)
             return
         if self._stop.called_off and self.failure is None and not self.was_serving:
             self.transition(GenerationState.STOPPED)
@@ -371,14 +374,19 @@ class Generation:
     async def discard(self, reason: str) -> None:
         """Stop a generation that never served, at once; it ends FAILED."""
         self.fail(reason)
-        self.request_stop(delay=0.0)
-        await self._stopped.wait()
+        await self._stop_at_once(f"discarded: {reason}")
 
     async def call_off(self) -> None:
-        """Stop a generation that never served because its flip was called off (a ``stop``, the
-        shutdown), at once like ``discard``; it ends STOPPED: nothing of it failed, and a
-        ``failed`` event would read as a broken release."""
+        """Stop, at once, a generation whose flip a ``stop`` or the shutdown called off. It ends
+        STOPPED: nothing of it failed, and a ``failed`` event would read as a broken release."""
         self._stop.called_off = True
+        await self._stop_at_once("its flip was called off")
+
+    async def _stop_at_once(self, why: str) -> None:
+        # Listed as draining until its workers are gone: `starting` reads as a flip under way.
+        not_stopping = (GenerationState.STARTING, GenerationState.READY, GenerationState.PROMOTING)
+        if self.state in not_stopping:
+            self.transition(GenerationState.DRAINING, why)
         self.request_stop(delay=0.0)
         await self._stopped.wait()
 

@@ -45,8 +45,15 @@ class WorkerState(StrEnum):
 # A generation whose flip a stop called off before it served goes to STOPPED from where it was
 # (``Generation.call_off``): nothing of it failed.
 GENERATION_TRANSITIONS: dict[GenerationState, frozenset[GenerationState]] = {
+    # A generation that never served is DRAINING while a failed or called-off flip stops it
+    # (``Generation.discard``): its workers still run until they are gone.
     GenerationState.STARTING: frozenset(
-        {GenerationState.READY, GenerationState.FAILED, GenerationState.STOPPED}
+        {
+            GenerationState.READY,
+            GenerationState.FAILED,
+            GenerationState.DRAINING,
+            GenerationState.STOPPED,
+        }
     ),
     # A ready generation may be drained without promotion: a warm generation kept for rollback
     # whose window ended, or shutdown arriving between the probe and the promotion.
@@ -64,12 +71,14 @@ GENERATION_TRANSITIONS: dict[GenerationState, frozenset[GenerationState]] = {
             GenerationState.SERVING,
             GenerationState.FAILED,
             GenerationState.READY,
+            GenerationState.DRAINING,
             GenerationState.STOPPED,
         }
     ),
     # A replaced generation kept warm for ``rollback_window`` goes back to READY, unrouted.
     GenerationState.SERVING: frozenset({GenerationState.DRAINING, GenerationState.READY}),
-    GenerationState.DRAINING: frozenset({GenerationState.STOPPED}),
+    # A discarded generation that never served ends FAILED once drained (``discard``).
+    GenerationState.DRAINING: frozenset({GenerationState.STOPPED, GenerationState.FAILED}),
     GenerationState.STOPPED: frozenset(),
     GenerationState.FAILED: frozenset(),
 }

@@ -615,3 +615,41 @@ def test_a_failed_flip_and_its_events_show_a_path_s_control_characters_as_escape
     assert shown in failed and "\x1b" not in events.stdout, events.stdout
     as_sent = flipvisor.cli("events", "web", "--json").stdout.splitlines()
     assert any(folder in json.loads(line)["message"] for line in as_sent), as_sent
+
+
+def test_a_generation_a_failed_flip_throws_away_is_listed_as_draining(
+    flipvisor: Flipvisor,
+) -> None:
+    """`flip --timeout 1` of a release whose health check fails and whose workers ignore
+    SIGTERM: the flip rolls back (exit 1) and generation 2 stays listed, with its PIDs, until
+    its SIGKILL at `drain.timeout`. It was listed as `starting` meanwhile, which reads as a
+    deploy under way; it is `draining`, and it ends `failed` (QA pass 8)."""
+
+    def web(*flags: str) -> dict[str, Any]:
+        return {
+            "command": svc_command(*flags),
+            "readiness": {"http": "/health", "timeout": 10, "interval": 0.05},
+            "drain": {"delay": 0.1, "timeout": 6},
+        }
+
+    flipvisor.start({"programs": {"web": web("--version", "1")}})
+    flipvisor.wait_serving("web")
+    flipvisor.write_config(
+        {"programs": {"web": web("--version", "2", "--health-fail", "--ignore-term")}}
+    )
+    result = flipvisor.cli("flip", "web", "--timeout", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    generations = flipvisor.program("web")["generations"]
+    discarded = [g for g in generations if g["generation"] == 2]
+    assert discarded and discarded[0]["pids"], f"the discarded generation is listed: {generations}"
+    assert discarded[0]["state"] == "draining", generations
+    wait_until(
+        lambda: all(g["generation"] != 2 for g in flipvisor.program("web")["generations"]),
+        timeout=30,
+        message="generation 2 ended at its drain.timeout's SIGKILL",
+    )
+    said = flipvisor.cli("events", "--json").stdout.splitlines()
+    events = [json.loads(line) for line in said]
+    kinds = [e["kind"] for e in events if e["program"] == "web" and e["generation"] == 2]
+    assert kinds.index("draining") < kinds.index("failed"), kinds
+    assert "stopped" not in kinds, kinds

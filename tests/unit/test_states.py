@@ -31,6 +31,11 @@ GENERATION_MOVES = {
     (G.SERVING, G.DRAINING),
     (G.SERVING, G.READY),
     (G.DRAINING, G.STOPPED),
+    # a generation a failed or called-off flip stops (listed as draining until it is gone),
+    # which ends failed, or stopped if the flip was called off
+    (G.STARTING, G.DRAINING),
+    (G.PROMOTING, G.DRAINING),
+    (G.DRAINING, G.FAILED),
     # a generation whose flip a stop called off before it served
     (G.STARTING, G.STOPPED),
     (G.READY, G.STOPPED),
@@ -81,7 +86,8 @@ def test_allowed_worker_move(current: WorkerState, new: WorkerState) -> None:
         (G.STOPPED, G.SERVING),  # terminal
         (G.DRAINING, G.SERVING),  # a draining generation is never routed to again
         (G.SERVING, G.SERVING),
-        (G.PROMOTING, G.DRAINING),  # a failed promotion ends in FAILED, with its undo
+        (G.DRAINING, G.READY),  # a draining generation is never warm again
+        (G.FAILED, G.DRAINING),  # terminal
     ],
 )
 def test_illegal_generation_move(current: GenerationState, new: GenerationState) -> None:
