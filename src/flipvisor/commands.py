@@ -174,7 +174,7 @@ class Commands:
 
     async def _flip(self, program: Program, request: Request, send: Send) -> dict[str, Any]:
         """``flip`` and ``restart``: the program's section as the file says now, deployed."""
-        config = self._reread(program.name)
+        config = self._reread(program.name, request.command)
         timeout = request.args.get("timeout")
         if timeout is not None and not is_seconds(timeout):
             raise UsageError(f"timeout: must be a number of seconds > 0, not {timeout!r}")
@@ -224,9 +224,18 @@ class Commands:
             "that file's state_dir"
         )
 
-    def _reread(self, name: str) -> Any:
+    def _reread(self, name: str, command: str) -> Any:
         """The program's section as the config file says now (a flip deploys edits)."""
-        config = load_config(self.supervisor.config_path)
+        try:
+            config = load_config(self.supervisor.config_path)
+        except ConfigError as exc:
+            # Said as `reload` says it: the operator must not have to guess whether a deploy
+            # began, was rolled back, or never ran.
+            raise ConfigError(
+                f"the {command} of {name} was not started, nothing changed: {exc}; fix the "
+                f"file (`flipvisor check` lists every problem) and run `flipvisor {command} "
+                f"{name}` again"
+            ) from exc
         if name not in config.programs:
             raise UsageError(
                 f"{name!r} is no longer in {self.supervisor.config_path}; nothing to deploy; "

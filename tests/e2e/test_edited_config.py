@@ -380,3 +380,22 @@ def test_run_of_another_file_is_refused_beside_a_supervisor_whose_socket_was_rem
     os.kill(pid, signal.SIGHUP)
     wait_until(lambda: run_another(flipvisor, "status").returncode == 0)
     assert flipvisor.serving("web") is not None
+
+
+def test_a_flip_refused_for_a_broken_file_says_nothing_was_flipped(flipvisor: Flipvisor) -> None:
+    """An operator edits the file, breaks it, and runs `flipvisor flip web`. `reload` answers
+    such a file with "the config was not reloaded, nothing changed: FILE:LINE: ...". `flip`
+    answered with the bare YAML error (QA pass 8), which left the operator to guess whether a
+    deploy started, was rolled back, or never ran. It says the flip was not started, nothing
+    changed, and what to do: fix the file, flip again."""
+    section = {"command": svc_command("--version", "1"), "drain": {"delay": 0.1, "timeout": 3}}
+    flipvisor.start({"programs": {"web": section}})
+    flipvisor.wait_serving("web")
+    with flipvisor.config_path.open("a") as config:
+        config.write("    bogus: [\n")
+    result = flipvisor.cli("flip", "web")
+    assert result.returncode == 2, result.stdout + result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert "not valid YAML" in error, result.stderr
+    assert "the flip of web was not started, nothing changed: " in error, result.stderr
+    assert "run `flipvisor flip web` again" in error, result.stderr
