@@ -3,7 +3,8 @@ replaced kept so that a flip that fails later puts it back (``Installed.restore`
 ``Journal``, a change is recorded there before it is made (``proxy_journal.py``), so that a
 supervisor killed before it could put the file back leaves the next one enough to do it.
 
-Blocking calls (fsync); ``proxy.py`` runs them off the event loop.
+Blocking calls (fsync); ``proxy.py`` runs them off the event loop, and a step's undo puts a
+file back with ``Installed.restore_off_loop`` (a worker thread, shielded from cancellation).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+import anyio
 
 from . import durable
 from .durable import fsync_dir
@@ -109,6 +112,28 @@ class Installed:
             self.restore(quiet=quiet)
         except ProxyError as exc:
             raise ProxyError(f"{failure}; then {exc}") from exc
+
+    async def restore_off_loop(self, *, quiet: bool = False) -> None:
+        """``restore`` from the event loop: in a worker thread (its write and fsync may take a
+        while on a busy disk), shielded, as it runs when a step failed or was cancelled and must
+        finish all the same.
+
+        Raises:
+            ProxyError: the file could not be written or removed.
+        """
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(functools.partial(self.restore, quiet=quiet))
+
+    async def restore_after_off_loop(self, failure: str, *, quiet: bool = False) -> None:
+        """``restore_after`` from the event loop (as ``restore_off_loop``).
+
+        Raises:
+            ProxyError: the file could not be restored (naming ``failure`` too).
+        """
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(
+                functools.partial(self.restore_after, failure, quiet=quiet)
+            )
 
     def restore(self, *, quiet: bool = False) -> None:
         """Put the previous file back atomically, or remove ``dest`` if there was none.
