@@ -261,7 +261,7 @@ class Flips:
         gen = promotion.gen
         try:
             await wait_for_proxy(promotion, program=program.name, report=report)
-            old = serve(program, promotion)
+            old = await serve(program, promotion)
         finally:
             self.release_settled()
         await program.takeover.drain_replaced_leftovers(

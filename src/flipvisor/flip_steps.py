@@ -226,8 +226,9 @@ def _tell_proxy_reloaded(program: Program, report: FlipReport, gen: Generation) 
         )
 
 
-def serve(program: Program, promotion: Promotion) -> Generation | None:
-    """Make the promoted generation the serving one; returns the one it replaced."""
+async def serve(program: Program, promotion: Promotion) -> Generation | None:
+    """Make the promoted generation the serving one; returns the one it replaced. Its deploy
+    history is written last, off the event loop (fsynced)."""
     gen = promotion.gen
     gen.transition(GenerationState.SERVING)
     program.config = gen.config
@@ -240,5 +241,5 @@ def serve(program: Program, promotion: Promotion) -> Generation | None:
         gen, promotion.published, deferred=promotion.deferred, tg=program._task_group()
     )
     program.runtime.events.emit("promoted", program.name, gen.number, port=gen.port, pids=gen.pids)
-    program.history.deployed(gen.config)
+    await program.history.record_deployed(gen.config)
     return old

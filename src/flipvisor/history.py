@@ -9,19 +9,25 @@ restart does not make the running config its own rollback target.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
+from typing import Any
 
+import anyio
 import orjson
 from pydantic import ValidationError
 
+from . import durable
 from .config import ProgramConfig
 
 log = logging.getLogger(__name__)
 
 
+HISTORY_MODE = 0o600  # a config's env may hold secrets: private, as the state_dir is
+
+
 class History:
-    """The current and previous config of one program, persisted atomically."""
+    """The current and previous config of one program, persisted atomically and durably
+    (``durable.write_atomic``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -42,23 +48,38 @@ class History:
             self.current = self.previous = None
 
     def deployed(self, config: ProgramConfig) -> None:
-        """Record that ``config`` now serves (after a promotion)."""
-        if config == self.current:
-            return
-        self.previous, self.current = self.current, config
-        self._save()
+        """Record that ``config`` now serves (blocking: the write is fsynced)."""
+        if self._remember(config):
+            self._save(self._document())
 
-    def _save(self) -> None:
-        document = {
+    async def record_deployed(self, config: ProgramConfig) -> None:
+        """``deployed`` from the event loop (after a promotion): the memory is updated at once,
+        the file written in a worker thread, as its fsync may take a while on a busy disk."""
+        if self._remember(config):
+            await anyio.to_thread.run_sync(self._save, self._document())
+
+    def _remember(self, config: ProgramConfig) -> bool:
+        """Shift ``config`` in; whether that changed anything (a restart does not)."""
+        if config == self.current:
+            return False
+        self.previous, self.current = self.current, config
+        return True
+
+    def _document(self) -> bytes:
+        # orjson: the stdlib's indented encoding is pure Python, on the event loop per deploy.
+        document: dict[str, Any] = {
             "current": self.current.model_dump(mode="json") if self.current else None,
             "previous": self.previous.model_dump(mode="json") if self.previous else None,
         }
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        return orjson.dumps(document, option=orjson.OPT_INDENT_2)
+
+    def _save(self, data: bytes) -> None:
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # orjson: the stdlib's indented encoding is pure Python, on the event loop per deploy.
-            tmp.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
-            os.replace(tmp, self.path)
+            try:
+                durable.write_atomic(self.path, data, HISTORY_MODE)
+            except FileNotFoundError:  # the first deploy, or the folder removed since
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                durable.write_atomic(self.path, data, HISTORY_MODE)
         except OSError as exc:
             # Losing the history costs only a rollback target; the deploy itself stands.
             log.warning("cannot record the deploy history in %s: %s", self.path, exc.strerror)

@@ -6,11 +6,10 @@ over), and which of the workers it names still run as recorded (its program's le
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
 
+from .current_record import CurrentRecord, parse_current
 from .errors import RegistryError
 from .leftovers import Leftovers, runs_as_recorded
 from .registry import WatchableRegistry, program_key
@@ -27,16 +26,14 @@ def leftovers_in(
     supervisor still runs, or none of its workers runs as recorded (by start tick and boot id,
     or by start time in a record without them). ``even_if_gone``: leftovers without a worker in
     that last case (a program removed from the config still has its keys and proxy file)."""
-    document = _dead_supervisors_document(program, record, host)
-    if document is None:
+    parsed = _dead_supervisors_document(program, record, host)
+    if parsed is None:
         return None
     try:
-        workers = [recorded_from_json(p) for p in document.get("pids", [])]
+        workers = [recorded_from_json(p) for p in parsed.document.get("pids", [])]
     except (ValueError, TypeError, KeyError):
         log.warning("program=%s: generation/current is not a record flipvisor wrote", program)
         return None
-    generation = document.get("generation")
-    port = document.get("port")
     # Started by a supervisor for this program: a forged or stale record could name any process
     # with its real start time (anyone can read pid 1's). Those an older flipvisor's record names
     # by start time only are identified by their start tick from now on: a clock step before
@@ -44,13 +41,7 @@ def leftovers_in(
     alive = tuple(with_identity(w) for w in workers if runs_as_recorded(w, program=program))
     if not alive and not even_if_gone:
         return None
-    return Leftovers(
-        program,
-        generation if isinstance(generation, int) else None,
-        port if isinstance(port, int) else None,
-        alive,
-        record,
-    )
+    return Leftovers(program, parsed.generation, parsed.port, alive, record)
 
 
 def dead_supervisors_record(program: str, record: str | None, host: str) -> str | None:
@@ -60,23 +51,18 @@ def dead_supervisors_record(program: str, record: str | None, host: str) -> str 
     return record if _dead_supervisors_document(program, record, host) is not None else None
 
 
-def _dead_supervisors_document(
-    program: str, record: str | None, host: str
-) -> dict[str, Any] | None:
+def _dead_supervisors_document(program: str, record: str | None, host: str) -> CurrentRecord | None:
     """``record`` parsed, if it names ``host`` and a supervisor that no longer runs; None for
     none, another host's, one that names no supervisor (written before records did), or one
     whose supervisor still runs (logged: it is not this one's to replace)."""
     try:
-        document: Any = json.loads(record) if record else None
-        if not isinstance(document, dict) or document.get("host") != host:
-            return None
-        owner = document.get("supervisor")
-        if not isinstance(owner, dict):
-            return None
-        supervisor = recorded_from_json(owner)
+        parsed = parse_current(record)
     except (ValueError, TypeError, KeyError):
         log.warning("program=%s: generation/current is not a record flipvisor wrote", program)
         return None
+    if parsed is None or parsed.document.get("host") != host or parsed.supervisor is None:
+        return None
+    supervisor = parsed.supervisor
     if runs_as_recorded(supervisor):
         log.warning(
             "program=%s: the registry names the workers of a supervisor that still runs "
@@ -86,7 +72,7 @@ def _dead_supervisors_document(
             supervisor.pid,
         )
         return None
-    return document
+    return parsed
 
 
 async def read_records(

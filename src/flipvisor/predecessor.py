@@ -110,7 +110,7 @@ class Predecessor:
         programs, state_dir = self.config.programs, self.config.state_dir
         removed = removed_programs(state_dir, programs)
         unfinished = await unfinished_proxy_steps(state_dir)
-        journalled = [step.program for step in unfinished]
+        journalled = [step.about.program for step in unfinished]
         read = await read_records(
             self.registry, self.config.registry.prefix, [*programs, *removed, *journalled]
         )

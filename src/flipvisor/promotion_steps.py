@@ -115,7 +115,7 @@ async def _replace_file(
 
 def _restorer(installed: Installed) -> Undo:
     async def restore() -> None:
-        installed.restore()
+        await installed.restore_off_loop()
 
     return restore
 

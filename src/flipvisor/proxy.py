@@ -100,13 +100,15 @@ async def remove(
     try:
         result = await run_command(list(check_cmd), reaper=reaper, timeout=timeout)
     except SpawnError as exc:
-        taken.restore_after(f"proxy check without {dest} could not run: {exc}")
+        await taken.restore_after_off_loop(f"proxy check without {dest} could not run: {exc}")
         raise ProxyError(f"proxy check without {dest} could not run, put it back: {exc}") from exc
     except BaseException:
-        taken.restore()
+        await taken.restore_off_loop()
         raise
     if not result.ok:
-        taken.restore_after(f"proxy check without {dest} failed: {result.describe()}")
+        await taken.restore_after_off_loop(
+            f"proxy check without {dest} failed: {result.describe()}"
+        )
         raise ProxyError(
             f"proxy check without {dest} failed (does the rest of the proxy's config refer to "
             f"it?), put it back: {result.describe()}"
@@ -168,15 +170,19 @@ async def _check_installed(
     try:
         result = await run_command(argv, reaper=reaper, timeout=timeout)
     except SpawnError as exc:
-        installed.restore_after(f"proxy check of {dest} could not run: {exc}", quiet=quiet)
+        await installed.restore_after_off_loop(
+            f"proxy check of {dest} could not run: {exc}", quiet=quiet
+        )
         raise ProxyError(
             f"proxy check of {dest} could not run, {installed.restored()}: {exc}"
         ) from exc
     except BaseException:
-        installed.restore()  # cancelled: never leave an unchecked file in place
+        await installed.restore_off_loop()  # cancelled: never leave an unchecked file in place
         raise
     if not result.ok:
-        installed.restore_after(f"proxy check of {dest} failed: {result.describe()}", quiet=quiet)
+        await installed.restore_after_off_loop(
+            f"proxy check of {dest} failed: {result.describe()}", quiet=quiet
+        )
         log.log(
             muted(logging.WARNING, quiet), "proxy check of %s failed, previous file restored", dest
         )

@@ -3,19 +3,24 @@ replaced kept so that a flip that fails later puts it back (``Installed.restore`
 ``Journal``, a change is recorded there before it is made (``proxy_journal.py``), so that a
 supervisor killed before it could put the file back leaves the next one enough to do it.
 
-Blocking calls (fsync); ``proxy.py`` runs them off the event loop.
+Blocking calls (fsync); ``proxy.py`` runs them off the event loop, and a step's undo puts a
+file back with ``Installed.restore_off_loop`` (a worker thread, shielded from cancellation).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import anyio
+
+from . import durable
+from .durable import fsync_dir
 from .errors import ProxyError
 
 log = logging.getLogger("flipvisor.proxy")  # the proxy's steps log under one name
@@ -30,14 +35,6 @@ def same_file(dest: Path, other: Path) -> bool:
 DEFAULT_FILE_MODE = 0o644
 
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 Owner = tuple[int, int]  # a file's uid and gid
 
 
@@ -45,7 +42,7 @@ def _owner(found: os.stat_result) -> Owner:
     return found.st_uid, found.st_gid
 
 
-def _keep_owner(fd: int, dest: Path, owner: Owner) -> None:
+def _keep_owner(fd: int, *, dest: Path, owner: Owner) -> None:
     """Give the new file ``fd`` the replaced file's owner and group: a reader that is neither
     root nor us (a proxy reading as its group, with mode 0640) reads it after a flip as before.
     Only root may give a file away; a user may still give it a group of its own, so the group
@@ -76,29 +73,14 @@ def _keep_owner(fd: int, dest: Path, owner: Owner) -> None:
 def write_atomic(
     dest: Path, data: bytes, mode: int = DEFAULT_FILE_MODE, owner: Owner | None = None
 ) -> None:
-    """Replace ``dest`` with ``data`` so that readers see the old bytes or the new, never a mix;
-    with ``mode``, and the ``owner`` (uid, gid) of the file it replaces, where we may give it.
-
-    The temporary file starts with a dot and ends in ``.tmp`` so that nginx globs such as
-    ``include conf.d/*.conf`` or ``sites-enabled/*`` never pick it up.
+    """Replace ``dest`` with ``data`` (``durable.write_atomic``), with ``mode``, and the
+    ``owner`` (uid, gid) of the file it replaces, where we may give it.
 
     Raises:
         OSError: the directory is not writable, the disk is full, ...
     """
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            if owner is not None:
-                _keep_owner(file.fileno(), dest, owner)
-            os.fchmod(file.fileno(), mode)  # after fchown, which may clear set-id bits
-            os.fsync(file.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(dest.parent)  # make the rename itself durable
+    keep_owner = None if owner is None else functools.partial(_keep_owner, dest=dest, owner=owner)
+    durable.write_atomic(dest, data, mode, prepare=keep_owner)
 
 
 def muted(level: int, quiet: bool) -> int:
@@ -130,6 +112,28 @@ class Installed:
             self.restore(quiet=quiet)
         except ProxyError as exc:
             raise ProxyError(f"{failure}; then {exc}") from exc
+
+    async def restore_off_loop(self, *, quiet: bool = False) -> None:
+        """``restore`` from the event loop: in a worker thread (its write and fsync may take a
+        while on a busy disk), shielded, as it runs when a step failed or was cancelled and must
+        finish all the same.
+
+        Raises:
+            ProxyError: the file could not be written or removed.
+        """
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(functools.partial(self.restore, quiet=quiet))
+
+    async def restore_after_off_loop(self, failure: str, *, quiet: bool = False) -> None:
+        """``restore_after`` from the event loop (as ``restore_off_loop``).
+
+        Raises:
+            ProxyError: the file could not be restored (naming ``failure`` too).
+        """
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(
+                functools.partial(self.restore_after, failure, quiet=quiet)
+            )
 
     def restore(self, *, quiet: bool = False) -> None:
         """Put the previous file back atomically, or remove ``dest`` if there was none.

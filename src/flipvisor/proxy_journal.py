@@ -10,7 +10,9 @@ files back, but only those that still hold what the interrupted step wrote (an o
 edit since is left alone).
 
 One small write (atomic, fsynced) per file a step changes, one removal at its end; blocking
-calls, run off the event loop.
+calls, run off the event loop. The folder is made when a record finds it missing (once, or again
+after someone removed it); the temporary files of a record's write that a kill tore are removed
+by the next start's ``pending``.
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 
+from .current_record import parse_current
+from .durable import fsync_dir, torn_temporaries, write_atomic
 from .errors import ProxyError
-from .proxy_file import DEFAULT_FILE_MODE, Installed, fsync_dir, write_atomic
+from .proxy_file import DEFAULT_FILE_MODE, Installed
+from .starttime import Recorded, recorded_from_json
 
 log = logging.getLogger("flipvisor.proxy")  # with the proxy's steps
 
@@ -93,13 +99,51 @@ class Change:
         ):
             what = "is gone" if now is None else "holds something else"
             return (
-                f"{dest} left as it is: it {what} than that step left it (edited by hand "
-                "since?); see that it is what the proxy should load"
+                f"{dest} left as it is: it {what} than that step left it (changed by a later "
+                "step, or by hand, since?); see that it is what the proxy should load"
             ), True
         self.kept.restore()
         if self.kept.previous is None:
             return f"{dest} removed (there was none before)", False
         return f"{dest}: the previous file put back", False
+
+
+@dataclass(frozen=True)
+class About:
+    """What a record is of: ``program``'s step of ``kind`` (``FLIP``, ``REMOVAL``), and for a
+    flip its ``generation``, ``port`` and ``supervisor`` (``lineage.this_supervisor``)."""
+
+    program: str
+    kind: str
+    generation: int | None = None
+    port: int | None = None
+    supervisor: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        document: dict[str, Any] = {"program": self.program, "kind": self.kind}
+        if self.kind == FLIP:
+            document |= {
+                "generation": self.generation,
+                "port": self.port,
+                "supervisor": self.supervisor,
+            }
+        return document
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> About:
+        return cls(
+            program=str(document["program"]),
+            kind=str(document["kind"]),
+            generation=document.get("generation"),
+            port=document.get("port"),
+            supervisor=document.get("supervisor"),
+        )
+
+    def describe(self) -> str:
+        """The step, for a message."""
+        if self.kind == FLIP:
+            return f"a flip to generation {self.generation} (port {self.port})"
+        return "the removal of its proxy file"
 
 
 @dataclass
@@ -108,7 +152,7 @@ class ProxyJournal:
     each change, removed by ``settle``."""
 
     path: Path
-    about: dict[str, Any]  # program, kind, and for a flip its generation, port and supervisor
+    about: About
     changes: list[Change] = field(default_factory=list)
 
     def replacing(self, kept: Installed, written: bytes | None) -> None:
@@ -118,10 +162,14 @@ class ProxyJournal:
             ProxyError: the record could not be written (nothing was changed yet).
         """
         change = Change(kept, None if written is None else _digest(written))
-        document = {**self.about, "files": [c.to_json() for c in [*self.changes, change]]}
+        document = {**self.about.to_json(), "files": [c.to_json() for c in [*self.changes, change]]}
+        data = json.dumps(document, indent=1).encode()
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_atomic(self.path, json.dumps(document, indent=1).encode(), RECORD_MODE)
+            try:
+                write_atomic(self.path, data, RECORD_MODE)
+            except FileNotFoundError:  # the first record in this state_dir, or folder removed
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                write_atomic(self.path, data, RECORD_MODE)
         except OSError as exc:
             raise ProxyError(
                 f"cannot record what {kept.dest} holds in {self.path} before replacing it: "
@@ -151,19 +199,13 @@ def flip_journal(
 ) -> ProxyJournal:
     """The journal of the proxy step of ``program``'s flip to ``generation`` on ``port``, by
     ``supervisor`` (``lineage.this_supervisor``: as its ``generation/current`` record names it)."""
-    about = {
-        "program": program,
-        "kind": FLIP,
-        "generation": generation,
-        "port": port,
-        "supervisor": supervisor,
-    }
+    about = About(program, FLIP, generation, port, supervisor)
     return ProxyJournal(record_path(state_dir, program), about)
 
 
 def removal_journal(state_dir: Path, program: str) -> ProxyJournal:
     """The journal of the removal of ``program``'s proxy file (``unroute.py``)."""
-    return ProxyJournal(record_path(state_dir, program), {"program": program, "kind": REMOVAL})
+    return ProxyJournal(record_path(state_dir, program), About(program, REMOVAL))
 
 
 @dataclass
@@ -182,28 +224,25 @@ class Pending:
     """A record a killed supervisor left: its step neither stood nor was undone."""
 
     path: Path
-    program: str
-    kind: str
-    generation: int | None
-    port: int | None
-    supervisor: dict[str, Any] | None
+    about: About
     changes: tuple[Change, ...]
 
     def promoted_by(self, record: str | None) -> bool:
         """Whether the registry's ``generation/current`` ``record`` names this flip's
         generation: its registry step was done, and its files are the ones the keys name."""
-        if self.kind != FLIP or record is None:
+        about = self.about
+        if about.kind != FLIP:
             return False
         try:
-            document = json.loads(record)
-            owner = document.get("supervisor") or {}
-            named = (document.get("generation"), document.get("port"), owner.get("pid"))
-        except (ValueError, AttributeError):
+            named = parse_current(record)
+            ours = recorded_from_json(about.supervisor)
+        except (ValueError, TypeError, KeyError):
             return False
-        ours = self.supervisor or {}
-        return named == (self.generation, self.port, ours.get("pid")) and owner.get(
-            "ticks"
-        ) == ours.get("ticks")
+        if named is None or named.supervisor is None:
+            return False
+        return (named.generation, named.port) == (about.generation, about.port) and _same_run(
+            named.supervisor, ours
+        )
 
     def put_back(self) -> PutBack:
         """Put each previous file back (last change first) where it still holds what the step
@@ -224,6 +263,14 @@ class Pending:
         drop_record(self.path)
 
 
+def _same_run(one: Recorded, other: Recorded) -> bool:
+    """Whether two records of a supervisor name one run of it: by PID and start tick (and boot),
+    or by start time where neither has a tick."""
+    if one.identity is None and other.identity is None:
+        return one.pid == other.pid and one.started == other.started
+    return one.pid == other.pid and one.identity == other.identity
+
+
 def drop_record(path: Path) -> None:
     """Remove the record at ``path``, durably (blocking); a failure is logged."""
     try:
@@ -238,31 +285,68 @@ def pending(state_dir: Path) -> list[Pending]:
     cannot be read is logged and left in place (blocking)."""
     folder = state_dir / UNDO_DIR
     try:
-        names = sorted(name for name in os.listdir(folder) if name.endswith(".json"))
+        listed = os.listdir(folder)
     except FileNotFoundError:
         return []
     except OSError as exc:
         log.warning("cannot read the proxy-undo records in %s: %s", folder, exc.strerror)
         return []
+    _remove_torn(folder, listed)
     found = []
-    for name in names:
+    for name in _newest_first(folder, [name for name in listed if name.endswith(".json")]):
         path = folder / name
         try:
             document = json.loads(path.read_bytes())
-            found.append(
-                Pending(
-                    path=path,
-                    program=str(document["program"]),
-                    kind=str(document["kind"]),
-                    generation=document.get("generation"),
-                    port=document.get("port"),
-                    supervisor=document.get("supervisor"),
-                    changes=tuple(Change.from_json(c) for c in document["files"]),
-                )
-            )
+            changes = tuple(Change.from_json(c) for c in document["files"])
+            found.append(Pending(path, About.from_json(document), changes))
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             _set_aside(path, exc)
     return found
+
+
+def _newest_first(folder: Path, names: list[str]) -> list[str]:
+    """``names`` by the time each record was last written, newest first: a program may have a
+    record kept undecided by an earlier start (``keep_undecided``) beside a later flip's, and
+    the later change is undone first, as the file holds what it wrote."""
+
+    def written(name: str) -> int:
+        try:
+            return (folder / name).stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    return sorted(sorted(names), key=written, reverse=True)
+
+
+def _remove_torn(folder: Path, names: list[str]) -> None:
+    """Remove the temporary files of records a kill tore mid-write (``durable.write_atomic``'s,
+    for ``<program>.json``): never renamed into place, they hold nothing a record does. Only
+    at start-up: no step of this state_dir writes a record meanwhile (blocking)."""
+    torn = torn_temporaries(names, of=lambda name: name.endswith(".json"))
+    for name in torn:
+        try:
+            (folder / name).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove the torn record %s: %s", folder / name, exc.strerror)
+    if torn:
+        log.info("removed %d torn proxy-undo record(s) in %s", len(torn), folder)
+
+
+def keep_undecided(step: Pending) -> Path:
+    """Keep ``step``'s record for the next start, whose registry tells whether its flip was
+    promoted, renamed ``<program>.undecided-<ns>.json``: a flip of the program by this run
+    records under ``<program>.json``, and its settling must not take this one along. Returns
+    where it is (its old path if it cannot be renamed: logged) (blocking)."""
+    aside = step.path.with_name(f"{step.about.program}.undecided-{time.time_ns()}.json")
+    if step.path.name != f"{step.about.program}.json":
+        return step.path  # set aside already, at an earlier start
+    try:
+        step.path.rename(aside)
+        fsync_dir(aside.parent)
+    except OSError as exc:
+        log.warning("cannot set the proxy-undo record %s aside: %s", step.path, exc.strerror)
+        return step.path
+    return aside
 
 
 def _set_aside(path: Path, exc: Exception) -> None:

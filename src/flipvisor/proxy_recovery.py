@@ -10,8 +10,11 @@ files agree with the registry keys, which decide which of its generations serve 
 - Any other flip (killed before its registry step: during the proxy check, say) is undone: the
   keys still name the generation it would have replaced, and so must the file, as after any
   failed flip. Nothing is reloaded: the proxy never reloaded with the flip's file (its reload
-  comes after the registry step). When the registry cannot be read, the flip is undone too: it
-  never ended, and the generation it replaced was serving through the previous file.
+  comes after the registry step).
+- When the registry cannot be read (etcd down at start-up), which of the two a flip was is
+  unknown, and nothing is guessed: its file is left as it is (a killed reload may have loaded
+  it), and its record kept, set aside under a name of its own (``keep_undecided``) so that this
+  run's own flip of the program neither overwrites nor settles it: the next start decides.
 - A removed program's file taken away before the check without it passed: put back, and removed
   again (checked) by whatever removes the program now.
 
@@ -27,7 +30,7 @@ from pathlib import Path
 import anyio
 
 from .events import EventLog
-from .proxy_journal import FLIP, Pending, pending
+from .proxy_journal import FLIP, Pending, keep_undecided, pending
 
 
 async def unfinished_proxy_steps(state_dir: Path) -> list[Pending]:
@@ -41,17 +44,27 @@ async def finish_proxy_steps(
     """Keep or undo each of ``unfinished`` (see the module docstring): ``records`` are the
     programs' ``generation/current`` records (None: the registry could not be read)."""
     for step in unfinished:
-        record = records.get(step.program) if records is not None else None
-        what = (
-            f"a flip to generation {step.generation} (port {step.port})"
-            if step.kind == FLIP
-            else "the removal of its proxy file"
-        )
+        about = step.about
+        what = about.describe()
+        if records is None and about.kind == FLIP:
+            kept = await anyio.to_thread.run_sync(keep_undecided, step)
+            files = ", ".join(str(change.kept.dest) for change in step.changes)
+            # A warning (WARNINGS): the file may name a generation the keys do not.
+            events.emit(
+                "proxy-left",
+                about.program,
+                None,
+                f"a previous supervisor was killed during {what}, and the registry cannot be "
+                f"read to tell whether it named that generation: its proxy file is left as it "
+                f"is ({files}), and the record kept for the next start ({kept})",
+            )
+            continue
+        record = records.get(about.program) if records is not None else None
         if step.promoted_by(record):
             files = ", ".join(str(change.kept.dest) for change in step.changes)
             events.emit(
                 "proxy-kept",
-                step.program,
+                about.program,
                 None,
                 f"a previous supervisor was killed during {what}, after the registry named "
                 f"that generation: its proxy file stays ({files}), as the keys name it",
@@ -59,18 +72,13 @@ async def finish_proxy_steps(
             await anyio.to_thread.run_sync(step.forget)
             continue
         outcome = await anyio.to_thread.run_sync(step.put_back)
-        why = (
-            "the registry cannot be read, and the flip never ended"
-            if records is None and step.kind == FLIP
-            else "before it was done"
-        )
-        message = f"a previous supervisor was killed during {what}, {why}: "
+        message = f"a previous supervisor was killed during {what}, before it was done: "
         message += "; ".join(outcome.done)
         if outcome.settled:
             await anyio.to_thread.run_sync(step.forget)
         else:
             message += f"; tried again at the next start ({step.path})"
         if outcome.settled and not outcome.left_alone:
-            events.emit("proxy-restored", step.program, None, message)
+            events.emit("proxy-restored", about.program, None, message)
         else:  # a warning (WARNINGS): a file left as it is may not name what the keys do
-            events.emit("proxy-left", step.program, None, message)
+            events.emit("proxy-left", about.program, None, message)

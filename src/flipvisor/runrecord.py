@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import durable
 from .starttime import Identity, Recorded, is_process, recorded_now
 
 RUNTIME_ENV = "FLIPVISOR_RUNTIME_DIR"
@@ -292,18 +293,9 @@ def write_record(config_path: Path, socket_path: Path) -> Path:
     config = real_config_path(config_path)
     record = RunRecord(config, Path(os.path.abspath(socket_path)), pid, me.identity, me.started)
     path = record_path(folder, config)
-    # Written beside it and renamed into place: a reader never sees half a record.
-    temporary = path.with_name(f".{path.name}.{pid}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(temporary, flags, 0o600)
-        with os.fdopen(fd, "wb") as file:
-            os.fchmod(fd, 0o600)
-            file.write(record.encode())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    # Written beside it and renamed into place, durably: a reader never sees half a record,
+    # and a crash never leaves an empty one.
+    durable.write_atomic(path, record.encode(), 0o600)
     return path
 
 

@@ -249,13 +249,13 @@ class TemplateWatch(KeyFollower):
             # now (the previous one may route to a process that is gone); the drain of the
             # process it replaces is held while this entry fails, so neither file routes to a
             # drained process; and the retry (``_unconfirmed``) installs and reloads it again.
-            installed.restore_after(str(exc), quiet=quiet)
+            await installed.restore_after_off_loop(str(exc), quiet=quiet)
             raise
         except BaseException:
             # Failed, or cancelled (SIGTERM) while the command ran: the proxy may still run the
             # old file, so keep the disk in step. Left in place, the new file would match the
             # next start's render, which would then skip the reload it still needs.
-            installed.restore()
+            await installed.restore_off_loop()
             raise
         finally:
             if self.entry.reload_cmd:

@@ -27,6 +27,7 @@ from flipvisor import promotion_undo, proxy
 from flipvisor import proxy_workers as workers_module
 from flipvisor.errors import ProxyError, ProxyFileError, ProxyReloadNotTaken
 from flipvisor.proxy import install, reload
+from flipvisor.proxy_file import Installed
 from flipvisor.proxy_template import flip_context, render_template
 from flipvisor.proxy_workers import proxy_workers, wait_workers_gone
 from flipvisor.reaper import Reaper
@@ -622,3 +623,29 @@ async def test_a_check_that_fails_and_a_restore_that_fails_are_both_named(
     message = str(caught.value)
     assert message.startswith(f"proxy check of {dest} failed: "), message
     assert "bad" in message and f"then cannot restore the previous {dest}" in message, message
+
+
+async def test_a_failed_or_cancelled_check_puts_the_file_back_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The restore (a write and two fsyncs) runs in a worker thread, as the install does: on
+    the event loop, a busy disk held every program's supervision meanwhile (review). A
+    cancelled check still restores (the thread is shielded)."""
+    restored_in: list[int] = []
+    restore = Installed.restore
+
+    def recorded_restore(self: Installed, *, quiet: bool = False) -> None:
+        restored_in.append(threading.get_ident())
+        restore(self, quiet=quiet)
+
+    monkeypatch.setattr(Installed, "restore", recorded_restore)
+    dest = tmp_path / "app.conf"
+    dest.write_bytes(b"old")
+    async with running_reaper() as reaper:
+        with pytest.raises(ProxyError, match="failed"):
+            await install(dest, "new", check_cmd=["false"], reaper=reaper, timeout=TIMEOUT)
+        with anyio.move_on_after(0.3) as scope:
+            await install(dest, "new", check_cmd=["sleep", "30"], reaper=reaper, timeout=30)
+    assert scope.cancelled_caught
+    assert dest.read_bytes() == b"old"
+    assert len(restored_in) == 2 and threading.get_ident() not in restored_in, restored_in

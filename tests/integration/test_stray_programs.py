@@ -27,9 +27,13 @@ from flipvisor.config import (
 )
 from flipvisor.events import EventLog
 from flipvisor.history import History
+from flipvisor.leftover_records import read_records
 from flipvisor.leftovers import Leftovers
 from flipvisor.lineage import this_supervisor
 from flipvisor.program import Runtime
+from flipvisor.proxy_file import take_away_now
+from flipvisor.proxy_journal import pending, removal_journal
+from flipvisor.proxy_recovery import finish_proxy_steps, unfinished_proxy_steps
 from flipvisor.published_keys import HOSTNAME
 from flipvisor.registry.local import LocalRegistry
 from flipvisor.registry.local_file import read_registry_file, write_registry_file
@@ -295,3 +299,26 @@ async def test_a_proxy_without_a_reload_command_is_not_waited_for(tmp_path: Path
             child.kill()
         master.kill()
         master.wait()
+
+
+async def test_a_removal_killed_during_its_check_is_put_back_then_made_again(
+    tmp_path: Path,
+) -> None:
+    """The previous run was killed while it checked the proxy without ``gone``'s file (taken
+    away, its record in the proxy-undo journal): the next start puts the file back first
+    (``proxy-restored``: the check never passed), then removes it again, checked and reloaded,
+    as it stops the program no longer in the config; no record is left (review: untested)."""
+    host = Host(tmp_path)
+    content = host.dest.read_text()
+    take_away_now(host.dest, removal_journal(host.state_dir, "gone"))  # then killed
+
+    unfinished = await unfinished_proxy_steps(host.state_dir)
+    records = await read_records(host.registry, PREFIX, [s.about.program for s in unfinished])
+    await finish_proxy_steps(unfinished, records, host.events)
+
+    assert host.dest.read_text() == content
+    await host.stop()
+    assert not host.dest.exists()
+    assert host.proxy_saw() == ["check file=False pid=4242", "reload file=False pid=4242"]
+    assert [e.kind for e in host.events.recent(program="gone")] == ["proxy-restored", "unrouted"]
+    assert pending(host.state_dir) == []

@@ -25,6 +25,8 @@ LEAVES = ERRORS | {
     "starttime",
     "printable",
     "fatal_advice",
+    "durable",
+    "current_record",
 }
 # The config file (models, their value types, reading, checks across sections) is one layer.
 CONFIG = {"config", "config_fields", "config_file", "config_consistency"}
@@ -96,6 +98,10 @@ ALLOWED: dict[str, set[str]] = {
     "usable": set(),
     "starttime": set(),
     "fatal_advice": set(),
+    # Durable atomic writes (temporary file, fsync, rename, fsync of the folder).
+    "durable": set(),
+    # A generation/current record parsed: leftovers and the proxy-undo journal read it alike.
+    "current_record": {"starttime"},
     "config_fields": {"locate"},
     "config": {"config_fields", "locate"},
     # config_file only for its type (ConfigFile), which it runs on.
@@ -133,9 +139,9 @@ ALLOWED: dict[str, set[str]] = {
     "probe": {"config", "errors", "notify_socket", "run_command", "reaper"},
     # The template's text (context, render, parse), and the file's installing, checking, reloading.
     "proxy_template": {"config_fields", "errors"},
-    "proxy_file": {"errors"},
+    "proxy_file": {"errors", "durable"},
     # What a proxy step replaces, on disk until it stands or is undone (a killed supervisor's).
-    "proxy_journal": {"errors", "proxy_file"},
+    "proxy_journal": {"errors", "proxy_file", "durable", "current_record", "starttime"},
     # The proxy's workers: its master's children, awaited through pidfds.
     "proxy_workers": {"starttime", "verified_signal"},
     "proxy": {
@@ -149,7 +155,7 @@ ALLOWED: dict[str, set[str]] = {
         "usable",
         "starttime",
     },
-    "registry": {"config", "errors", "registry"},
+    "registry": {"config", "errors", "registry", "durable"},
     # The confd side: the runner (watch), following keys, a template entry, a drain_pid entry.
     "watch": {"registry", "reaper", "config", "signals", "watch_template", "watch_drain"},
     "watch_follow": {"registry", "errors"},
@@ -207,7 +213,7 @@ ALLOWED: dict[str, set[str]] = {
     "unroute": CHECKS,  # proxy (and config, errors, reaper) only
     "registration": WORKERS | {"promotion", "published_keys", "registry"},
     "restarts": {"config"},
-    "history": {"config"},
+    "history": {"config", "durable"},
     "preflight": {
         "config",
         "config_fields",
@@ -283,7 +289,7 @@ ALLOWED: dict[str, set[str]] = {
     "commands": CORE | {"supervisor", "reload"},
     "orphans": WORKERS,
     "locate": {"errors"},
-    "runrecord": {"starttime"},
+    "runrecord": {"starttime", "durable"},
     "problems": {"locate"},
     "placeholders": {"config_file", "problems"},
     # The arguments: nothing heavy, every command parses with it first.

@@ -4,12 +4,12 @@ a reader sees the old or the new object, never half of one."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import orjson
 
+from flipvisor import durable
 from flipvisor.errors import RegistryError
 
 
@@ -76,29 +76,13 @@ def write_registry_file(path: Path, values: Mapping[str, str]) -> None:
     Raises:
         RegistryError: the file could not be written.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # orjson: the stdlib's encoder is pure Python once indented; with 200 programs it held
         # the GIL (so the event loop) for ~0.5 ms per write, orjson for ~0.08 ms.
         data = orjson.dumps(dict(values), option=_FILE_OPTIONS)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:  # a short write (disk full, file size limit) is not an error yet
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        # The rename is durable only once the folder's entry is on disk too.
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        durable.write_atomic(path, data, 0o600)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise RegistryError(
             f"cannot write the registry file {path}: {exc.strerror}",
             unwritable_advice(path),
