@@ -50,9 +50,15 @@ async def unroute(
                 timeout=proxy.timeout,
                 journal=journal,
             )
-        except ProxyError as exc:
-            if await anyio.Path(proxy.dest).exists():  # put back (one missing: next start's)
-                await journal.settle()
+        except BaseException as exc:
+            # Failed or cancelled, the removal put the file back: nothing is left to redo, and a
+            # record left behind would tell the next start that a supervisor was killed during
+            # it. A file missing (not put back) is the next start's to put back.
+            with anyio.CancelScope(shield=True):
+                if await anyio.Path(proxy.dest).exists():
+                    await journal.settle()
+            if not isinstance(exc, ProxyError):
+                raise
             log.warning(
                 "program=%s was removed from the config, but its proxy file stays in use: %s; "
                 "remove what refers to %s from the proxy's config, delete the file and reload",
