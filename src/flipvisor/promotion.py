@@ -239,6 +239,7 @@ async def _route(
             reloading.may_have_reloaded,
             refused=reloading.refused,
             journal=journal,
+            registry_timeout=registry.request_timeout,
             gen=gen,
             program=program,
             proxy=proxy,

@@ -23,12 +23,31 @@ from .reaper import Reaper
 
 log = logging.getLogger(__name__)
 
+# The least a failed promotion's undo is given, however short the proxy's and the registry's
+# timeouts (see ``undo_bound``).
 UNDO_TIMEOUT = 30.0
+
+
+def undo_bound(proxy: ProxyConfig | None, registry_timeout: float) -> float:
+    """How long a failed promotion's undo may take before it gives up (and says what is left):
+    enough for the keys to be put back (a swap, then a publish if it failed: each within
+    ``registry_timeout``), then for the reload back (a check, the reload command, and with a
+    pidfile its confirmation: each within ``proxy.timeout``), and at least ``UNDO_TIMEOUT``.
+
+    Derived, not fixed: a fixed bound shorter than those steps cut a slow reload back short (a
+    refused one read as "did not finish within 30s"), and forced the reload's confirmation under
+    a cap of its own, so that an nginx taking longer to load a large config had every flip rolled
+    back, whatever ``proxy.timeout`` the operator set.
+    """
+    reload_back = 3 * proxy.timeout if proxy is not None else 0.0
+    return max(UNDO_TIMEOUT, 2 * registry_timeout + reload_back)
 
 
 @dataclass
 class _Undoing:
-    """What the undo did so far, kept as it goes: ``UNDO_TIMEOUT`` may cut it short anywhere."""
+    """What the undo did so far, kept as it goes: its ``bound`` may cut it short anywhere."""
+
+    bound: float  # seconds (``undo_bound``)
 
     failed: list[str] = field(default_factory=list)  # the undo steps' errors
     files_restored: bool = True  # no proxy file failed to be put back
@@ -43,6 +62,7 @@ async def undo_promotion(
     *,
     refused: bool = False,
     journal: ProxyJournal | None = None,
+    registry_timeout: float = 0.0,
     gen: Generation,
     program: str,
     proxy: ProxyConfig | None,
@@ -56,7 +76,8 @@ async def undo_promotion(
     All of it before returning, so before the caller stops ``gen``: until the reload back, the
     proxy may still send ``gen`` requests. If the proxy may still route to ``gen`` after all
     (the reload back failed, or was not tried because a file could not be put back),
-    ``report.stranded`` says so and what the operator must do. Unless nginx ``refused`` the
+    ``report.stranded`` says so and what the operator must do. All of it within ``undo_bound``
+    (``registry_timeout``: the registry's request timeout). Unless nginx ``refused`` the
     reload towards ``gen`` (with the proxy's pidfile: no new worker started): it routes as
     before then, and a reload back that fails or is not tried is said as that (nginx could
     still apply the refused reload late; the reload back, sent after it, is what undoes that).
@@ -68,9 +89,9 @@ async def undo_promotion(
         ProxyError: a step failed too; the message names both failures (a cancellation is
             left to propagate as it is).
     """
-    undoing = _Undoing()
+    undoing = _Undoing(bound=undo_bound(proxy, registry_timeout))
     back_failed: ProxyError | None = None
-    with anyio.CancelScope(shield=True), anyio.move_on_after(UNDO_TIMEOUT):
+    with anyio.CancelScope(shield=True), anyio.move_on_after(undoing.bound):
         await _run_undo_steps(steps, program=program, undoing=undoing)
         undoing.steps_done = True
         if undoing.files_restored and journal is not None:
@@ -136,13 +157,13 @@ def _not_routed_back(gen: Generation, proxy: ProxyConfig, undoing: _Undoing) -> 
     if not undoing.steps_done:
         return (
             f"the proxy may still route to generation {gen.number}: undoing the promotion did "
-            f"not finish within {UNDO_TIMEOUT:g}s, so it was not reloaded back; see that "
+            f"not finish within {undoing.bound:g}s, so it was not reloaded back; see that "
             f"{proxy.dest} is the previous file again, check the proxy's config and run "
             f"{pasteable(proxy.reload_cmd)}"
         )
     return (
         f"the proxy may still route to generation {gen.number}: reloading it back did "
-        f"not finish within {UNDO_TIMEOUT:g}s; run {pasteable(proxy.reload_cmd)}"
+        f"not finish within {undoing.bound:g}s; run {pasteable(proxy.reload_cmd)}"
     )
 
 

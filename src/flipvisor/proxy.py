@@ -45,12 +45,6 @@ PATH_PLACEHOLDER = "{path}"
 # config takes a while to parse). Polled: nothing announces a new child of a process not ours.
 NEW_WORKER_POLL_FIRST = 0.01
 NEW_WORKER_POLL_MAX = 0.2
-# The longest a reload's confirmation waits for that worker (at most the proxy's timeout): nginx
-# starts new workers within milliseconds, a very large config within seconds. Its own bound,
-# shorter than a failed flip's undo (``promotion_undo.UNDO_TIMEOUT``): with the proxy's timeout
-# (30 s by default, as long as the undo) a refused reload back ran the undo out, and the flip
-# said "reloading it back did not finish within 30s" instead of that nginx did not apply it.
-RELOAD_CONFIRM_MAX = 10.0
 
 # Who was told (owner, pidfile) that a reload could not be confirmed, as the pidfile named no
 # running master with workers: once, as each of their reloads would say the same.
@@ -241,11 +235,12 @@ async def reload(
     the old workers serve on with the old configuration. ``nginx -s reload`` only signals the
     master, so it succeeds either way, and ``nginx -t`` binds nothing: a ``listen`` on a port
     another process holds passes both, and only nginx's error log says ``bind() ... failed``.
-    So after the command, this waits (at most ``timeout``, and at most RELOAD_CONFIRM_MAX) for a
-    worker of the master that is not one of those from before. A master that had no worker
-    before the reload (not running, or no master-worker proxy) gives nothing to confirm it by,
-    and neither does a missing ``pidfile``: the command's success is all there is then, and a
-    warning says so, once per ``owner`` (``program=web``) and pidfile.
+    So after the command, this waits (at most ``timeout``: the operator's ``proxy.timeout``, as an
+    nginx with a very large config may take that long to load it) for a worker of the master that
+    is not one of those from before. A master that had no worker before the reload (not running,
+    or no master-worker proxy) gives nothing to confirm it by, and neither does a missing
+    ``pidfile``: the command's success is all there is then, and a warning says so, once per
+    ``owner`` (``program=web``) and pidfile.
 
     A reload by someone else during the wait (a certbot hook, a ``flipvisor watch`` in another
     process) starts new workers too, and is taken for this one: nothing tells them apart.
@@ -271,16 +266,13 @@ async def reload(
         raise ProxyReloadFailed(f"proxy reload failed: {result.describe()}")
     if pidfile is not None and not before:
         _tell_unconfirmed(owner, pidfile)
-    confirm_within = min(timeout, RELOAD_CONFIRM_MAX)
-    if (
-        pidfile is not None
-        and before
-        and not await _new_worker_started(pidfile, before, confirm_within)
-    ):
+    # No cap of its own below ``timeout``: a failed flip's undo, which confirms its reload back
+    # too, is given time enough for it (``promotion_undo.undo_bound``).
+    if pidfile is not None and before and not await _new_worker_started(pidfile, before, timeout):
         raise ProxyReloadNotTaken(
             "nginx has not applied the reload (or is still loading it): the reload command "
             f"succeeded, but no new worker of the master (pidfile {pidfile}) started within "
-            f"{confirm_within:g}s, so its old workers serve on with the previous config; see "
+            f"{timeout:g}s, so its old workers serve on with the previous config; see "
             "nginx's error log (a `listen` on a port that something else holds, say)"
         )
     log.info("proxy reloaded: %s", shlex.join(reload_cmd))
