@@ -48,7 +48,6 @@ class _Undoing:
     """What the undo did so far, kept as it goes: its ``bound`` may cut it short anywhere."""
 
     bound: float  # seconds (``undo_bound``)
-
     failed: list[str] = field(default_factory=list)  # the undo steps' errors
     files_restored: bool = True  # no proxy file failed to be put back
     steps_done: bool = False  # every undo step ran (the reload back comes after them)
@@ -153,14 +152,14 @@ def _say_not_routed_back(back: _ReloadBack, program: str, undoing: _Undoing) -> 
     ``report.stranded``, what to do, unless nginx ``refused`` that reload (then it routes as
     before, and a warning says why it was not reloaded back, if the reload back did not fail:
     that one said so itself, in ``_reload_back``)."""
-    gen, proxy, undoing_failed = back.gen, back.proxy, undoing.back_failed
+    gen, proxy, back_failed = back.gen, back.proxy, undoing.back_failed
     if not back.refused:
         back.report.stranded = (
-            f"reloading the proxy back failed too: {undoing_failed}"
-            if undoing_failed is not None
+            f"reloading the proxy back failed too: {back_failed}"
+            if back_failed is not None
             else _not_routed_back(gen, proxy, undoing)
         )
-    elif undoing_failed is None:
+    elif back_failed is None:
         log.warning(
             "program=%s nginx refused the reload to generation %d, so it routes as before "
             "(unless it applies that reload late); it was not reloaded back: %s",
