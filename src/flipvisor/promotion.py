@@ -45,6 +45,7 @@ from .promotion_steps import (
     reload_step,
 )
 from .promotion_undo import undo_promotion
+from .proxy import Routing
 from .proxy_journal import ProxyJournal
 from .proxy_patience import ProxyPatience
 from .proxy_workers import wait_workers_gone
@@ -107,26 +108,17 @@ async def promote(
     Raises:
         ProxyError, RegistryError: a step failed; everything before it was undone.
     """
-    proxy = config.proxy or replaced_proxy  # whose commands route (see above)
     pause = _pause(patience, gen, proxy_lock) if config.proxy is not None else None
+    steps = _Steps(config, replaced_proxy, registry, registry_optional, pause)
     try:
-        async with proxy_lock if proxy is not None else nullcontext():
-            published, old_proxy_workers, deferred = await _route(
-                gen,
-                program=program,
-                config=config,
-                registry=registry,
-                reaper=reaper,
-                report=report,
-                registry_optional=registry_optional,
-                replaced_proxy=replaced_proxy,
-                pause=pause,
-                journal=journal,
+        async with proxy_lock if steps.proxy is not None else nullcontext():
+            published, old_workers, deferred = await _route(
+                gen, Routing(program, reaper, journal), steps, report
             )
     finally:
         if patience is not None:
             patience.over()
-    return Promotion(gen, published, deferred, proxy, old_proxy_workers)
+    return Promotion(gen, published, deferred, steps.proxy, old_workers)
 
 
 def _pause(patience: ProxyPatience | None, gen: Generation, proxy_lock: anyio.Lock) -> Pause | None:
@@ -178,75 +170,90 @@ async def wait_for_proxy(promotion: Promotion, *, program: str, report: FlipRepo
             )
 
 
+@dataclass(frozen=True)
+class _Steps:
+    """What ``promote`` was asked to route with, for its steps (see ``promote``): the new
+    generation's ``config`` and the ``replaced_proxy`` section, the ``registry`` (its step
+    deferred when unreachable if ``registry_optional``), and the ``pause`` after a failed
+    reload."""
+
+    config: ProgramConfig
+    replaced_proxy: ProxyConfig | None
+    registry: Registry
+    registry_optional: bool
+    pause: Pause | None
+
+    @property
+    def proxy(self) -> ProxyConfig | None:
+        """The section whose commands route: the new one's, else the replaced one's."""
+        return self.config.proxy or self.replaced_proxy
+
+
 async def _route(
-    gen: Generation,
-    *,
-    program: str,
-    config: ProgramConfig,
-    registry: Registry,
-    reaper: Reaper,
-    report: FlipReport,
-    registry_optional: bool,
-    replaced_proxy: ProxyConfig | None,
-    pause: Pause | None,
-    journal: ProxyJournal,
+    gen: Generation, route: Routing, steps: _Steps, report: FlipReport
 ) -> tuple[Snapshot, frozenset[Recorded], bool]:
     """The file, registry and reload steps (``promotion_steps.py``), undone if one fails or a
     worker exits between them; returns the published keys, the proxy workers that predate the
-    reload, and whether the registry step was deferred. With ``pause``, a failed reload is
-    retried after it (see ``promote``)."""
+    reload, and whether the registry step was deferred. With ``steps.pause``, a failed reload
+    is retried after it (see ``promote``)."""
     undo: list[Undo] = []
-    proxy = config.proxy or replaced_proxy
     reloading = Reloading()
     try:
-        await proxy_file_step(
-            gen,
-            program=program,
-            config=config,
-            replaced_proxy=replaced_proxy,
-            reaper=reaper,
-            report=report,
-            undo=undo,
-            journal=journal,
+        published, deferred = await _take_steps(
+            gen, route, steps, report, undo=undo, reloading=reloading
         )
-        gen.ensure_whole()
-        published, deferred = await registry_step(
-            gen,
-            program=program,
-            registry=registry,
-            optional=registry_optional,
-            report=report,
-            undo=undo,
-        )
-        gen.ensure_whole()
-        if proxy is not None and proxy.reload_cmd is not None:
-            await reload_step(
-                proxy,
-                program=program,
-                reaper=reaper,
-                reloading=reloading,
-                pause=pause,
-                report=report,
-            )
-            # The proxy routes to gen now, but the old generation still runs: a worker lost
-            # during the reload still undoes the flip, at the cost of a reload back.
-            gen.ensure_whole()
-        gen.routed()
     except BaseException as exc:
         await undo_promotion(
             exc,
             undo,
             reloading.may_have_reloaded,
             refused=reloading.refused,
-            journal=journal,
+            journal=route.journal,
+            registry_timeout=steps.registry.request_timeout,
             gen=gen,
-            program=program,
-            proxy=proxy,
-            reaper=reaper,
+            program=route.program,
+            proxy=steps.proxy,
+            reaper=route.reaper,
             report=report,
         )
         raise
     # Complete: routed and reloaded. A supervisor killed before this line leaves the record,
     # and the next start keeps the file, as the keys name gen (``proxy_recovery.py``).
-    await journal.settle()
+    await route.settle()
     return published, reloading.old_proxy_workers, deferred
+
+
+async def _take_steps(
+    gen: Generation,
+    route: Routing,
+    steps: _Steps,
+    report: FlipReport,
+    *,
+    undo: list[Undo],
+    reloading: Reloading,
+) -> tuple[Snapshot, bool]:
+    """The steps in their order, each one's undo put on ``undo`` (the reload's: ``reloading``)
+    as its change is made, ``gen`` checked for a lost worker between them; returns the
+    published keys and whether the registry step was deferred."""
+    config, replaced_proxy = steps.config, steps.replaced_proxy
+    await proxy_file_step(
+        gen, route, config=config, replaced_proxy=replaced_proxy, report=report, undo=undo
+    )
+    gen.ensure_whole()
+    published, deferred = await registry_step(
+        gen,
+        program=route.program,
+        registry=steps.registry,
+        optional=steps.registry_optional,
+        report=report,
+        undo=undo,
+    )
+    gen.ensure_whole()
+    proxy = steps.proxy
+    if proxy is not None and proxy.reload_cmd is not None:
+        await reload_step(proxy, route, reloading=reloading, pause=steps.pause, report=report)
+        # The proxy routes to gen now, but the old generation still runs: a worker lost
+        # during the reload still undoes the flip, at the cost of a reload back.
+        gen.ensure_whole()
+    gen.routed()
+    return published, deferred

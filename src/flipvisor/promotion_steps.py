@@ -24,12 +24,10 @@ from .errors import (
 )
 from .generation import Generation
 from .progress import FlipReport, Step
-from .proxy import check, install, reload_for, remove, take_away
+from .proxy import Routing
 from .proxy_file import Installed
-from .proxy_journal import ProxyJournal
 from .proxy_template import flip_context, render_template
 from .published_keys import serving_snapshot
-from .reaper import Reaper
 from .registry import Registry, Snapshot
 from .starttime import Recorded
 
@@ -45,14 +43,12 @@ Pause = Callable[[ProxyError, Step], Awaitable[None]]
 
 async def proxy_file_step(
     gen: Generation,
+    route: Routing,
     *,
-    program: str,
     config: ProgramConfig,
     replaced_proxy: ProxyConfig | None,
-    reaper: Reaper,
     report: FlipReport,
     undo: list[Undo],
-    journal: ProxyJournal,
 ) -> None:
     """The ``proxy`` step: ``gen``'s proxy file in place and checked or, when ``config`` has no
     proxy section, the replaced generation's file removed and the proxy checked without it.
@@ -68,48 +64,30 @@ async def proxy_file_step(
         # file back and rolls the flip back (a first start's too: a broken template or
         # config is no proxy outage).
         with report.step("proxy", str(config.proxy.dest)):
-            await _replace_file(
-                gen,
-                program=program,
-                proxy=config.proxy,
-                replaced_proxy=replaced_proxy,
-                reaper=reaper,
-                undo=undo,
-                journal=journal,
-            )
+            await _replace_file(gen, route, config.proxy, replaced_proxy=replaced_proxy, undo=undo)
     elif replaced_proxy is not None:
         with report.step("proxy", f"remove {replaced_proxy.dest}"):
-            taken = await remove(
-                replaced_proxy.dest,
-                check_cmd=replaced_proxy.check_cmd,
-                reaper=reaper,
-                timeout=replaced_proxy.timeout,
-                journal=journal,
-            )
+            taken = await route.remove(replaced_proxy)
             if taken is not None:
                 undo.append(_restorer(taken))
 
 
 async def _replace_file(
     gen: Generation,
-    *,
-    program: str,
+    route: Routing,
     proxy: ProxyConfig,
+    *,
     replaced_proxy: ProxyConfig | None,
-    reaper: Reaper,
     undo: list[Undo],
-    journal: ProxyJournal,
 ) -> None:
     """Put ``gen``'s checked proxy file in place, and remove the replaced generation's if its
     ``dest`` differs; each change's undo goes on ``undo`` as it is made."""
     if replaced_proxy is not None and replaced_proxy.dest != proxy.dest:
         # Before the check: nginx -t would see both files (a duplicate upstream).
-        taken = await take_away(replaced_proxy.dest, journal)
+        taken = await route.take_away(replaced_proxy)
         if taken is not None:
             undo.append(_restorer(taken))
-    installed = await _install_file(
-        gen, program=program, proxy=proxy, reaper=reaper, journal=journal
-    )
+    installed = await _install_file(gen, route, proxy)
     undo.append(_restorer(installed))
 
 
@@ -120,22 +98,13 @@ def _restorer(installed: Installed) -> Undo:
     return restore
 
 
-async def _install_file(
-    gen: Generation, *, program: str, proxy: ProxyConfig, reaper: Reaper, journal: ProxyJournal
-) -> Installed:
+async def _install_file(gen: Generation, route: Routing, proxy: ProxyConfig) -> Installed:
     """Render ``gen``'s proxy file, put it in place and check it (put back if the check fails)."""
     context = flip_context(
-        program=program, generation=gen.number, host=gen.host, port=gen.port, pids=gen.pids
+        program=route.program, generation=gen.number, host=gen.host, port=gen.port, pids=gen.pids
     )
     content = render_template(proxy.template, {**proxy.vars, **context})
-    return await install(
-        proxy.dest,
-        content,
-        check_cmd=proxy.check_cmd,
-        reaper=reaper,
-        timeout=proxy.timeout,
-        journal=journal,
-    )
+    return await route.install(proxy, content)
 
 
 async def registry_step(
@@ -208,9 +177,8 @@ class Reloading:
 
 async def reload_step(
     proxy: ProxyConfig,
+    route: Routing,
     *,
-    program: str,
-    reaper: Reaper,
     reloading: Reloading,
     pause: Pause | None,
     report: FlipReport,
@@ -218,16 +186,13 @@ async def reload_step(
     """The ``reload`` step: the proxy reloaded (see ``_reload_until_taken``). Its undo is no
     entry on the list but ``reloading``: only a reload that may have taken effect is undone."""
     with report.step("reload") as step:
-        await _reload_until_taken(
-            proxy, program=program, reaper=reaper, reloading=reloading, pause=pause, step=step
-        )
+        await _reload_until_taken(proxy, route, reloading=reloading, pause=pause, step=step)
 
 
 async def _reload_until_taken(
     proxy: ProxyConfig,
+    route: Routing,
     *,
-    program: str,
-    reaper: Reaper,
     reloading: Reloading,
     pause: Pause | None,
     step: Step,
@@ -248,7 +213,7 @@ async def _reload_until_taken(
     while True:
         try:
             if retried:
-                await check(proxy.check_cmd, proxy.dest, reaper=reaper, timeout=proxy.timeout)
+                await route.check(proxy)
             # From here the proxy may route to gen: a reload that failed or was cut short (by
             # the flip's --timeout or its own) may have taken effect before it ended (a wrapper
             # that runs `nginx -s reload`, then fails a later step), and is undone like one that
@@ -257,7 +222,7 @@ async def _reload_until_taken(
             # earlier attempt may have reloaded.
             before, reloading.may_have_reloaded = reloading.may_have_reloaded, True
             try:
-                reloading.old_proxy_workers = await reload_for(program, proxy, reaper=reaper)
+                reloading.old_proxy_workers = await route.reload(proxy)
             except ProxyError as exc:
                 reloading.may_have_reloaded = before or isinstance(exc, ProxyReloadFailed)
                 reloading.refused = not before and isinstance(exc, ProxyReloadNotTaken)

@@ -16,24 +16,54 @@ from .errors import ProxyError, RegistryError
 from .generation import Generation
 from .progress import FlipReport
 from .promotion_steps import Undo
-from .proxy import check, pasteable, reload_for
-from .proxy_journal import ProxyJournal
+from .proxy import Routing, pasteable
+from .proxy_file import Journal
 from .proxy_workers import wait_workers_gone
 from .reaper import Reaper
 
 log = logging.getLogger(__name__)
 
+# The least a failed promotion's undo is given, however short the proxy's and the registry's
+# timeouts (see ``undo_bound``).
 UNDO_TIMEOUT = 30.0
+
+
+def undo_bound(proxy: ProxyConfig | None, registry_timeout: float) -> float:
+    """How long a failed promotion's undo may take before it gives up (and says what is left):
+    enough for the keys to be put back (a swap, then a publish if it failed: each within
+    ``registry_timeout``), then for the reload back (a check, the reload command, and with a
+    pidfile its confirmation: each within ``proxy.timeout``), and at least ``UNDO_TIMEOUT``.
+
+    Derived, not fixed: a fixed bound shorter than those steps cut a slow reload back short (a
+    refused one read as "did not finish within 30s"), and forced the reload's confirmation under
+    a cap of its own, so that an nginx taking longer to load a large config had every flip rolled
+    back, whatever ``proxy.timeout`` the operator set.
+    """
+    reload_back = 3 * proxy.timeout if proxy is not None else 0.0
+    return max(UNDO_TIMEOUT, 2 * registry_timeout + reload_back)
 
 
 @dataclass
 class _Undoing:
-    """What the undo did so far, kept as it goes: ``UNDO_TIMEOUT`` may cut it short anywhere."""
+    """What the undo did so far, kept as it goes: its ``bound`` may cut it short anywhere."""
 
+    bound: float  # seconds (``undo_bound``)
     failed: list[str] = field(default_factory=list)  # the undo steps' errors
     files_restored: bool = True  # no proxy file failed to be put back
     steps_done: bool = False  # every undo step ran (the reload back comes after them)
     routed_back: bool = False  # the proxy was reloaded back
+    back_failed: ProxyError | None = None  # why the reload back failed
+
+
+@dataclass(frozen=True)
+class _ReloadBack:
+    """What a reload back needs: the proxy may have reloaded towards ``gen`` with ``proxy``'s
+    commands (unless nginx ``refused`` it), and ``report`` shows the step."""
+
+    gen: Generation
+    proxy: ProxyConfig
+    refused: bool
+    report: FlipReport
 
 
 async def undo_promotion(
@@ -42,7 +72,8 @@ async def undo_promotion(
     reloaded: bool,
     *,
     refused: bool = False,
-    journal: ProxyJournal | None = None,
+    journal: Journal | None = None,
+    registry_timeout: float = 0.0,
     gen: Generation,
     program: str,
     proxy: ProxyConfig | None,
@@ -56,62 +87,53 @@ async def undo_promotion(
     All of it before returning, so before the caller stops ``gen``: until the reload back, the
     proxy may still send ``gen`` requests. If the proxy may still route to ``gen`` after all
     (the reload back failed, or was not tried because a file could not be put back),
-    ``report.stranded`` says so and what the operator must do. Unless nginx ``refused`` the
+    ``report.stranded`` says so and what the operator must do. All of it within ``undo_bound``
+    (``registry_timeout``: the registry's request timeout). Unless nginx ``refused`` the
     reload towards ``gen`` (with the proxy's pidfile: no new worker started): it routes as
     before then, and a reload back that fails or is not tried is said as that (nginx could
     still apply the refused reload late; the reload back, sent after it, is what undoes that).
-    Once every proxy file is put
-    back, ``journal``'s record of them is removed; one that could not be is left to the next
-    start (``proxy_recovery.py``), which tries again.
+    Once every proxy file is put back, ``journal``'s record of them is removed; one that could
+    not be is left to the next start (``proxy_recovery.py``), which tries again.
 
     Raises:
         ProxyError: a step failed too; the message names both failures (a cancellation is
             left to propagate as it is).
     """
-    undoing = _Undoing()
-    back_failed: ProxyError | None = None
-    with anyio.CancelScope(shield=True), anyio.move_on_after(UNDO_TIMEOUT):
-        await _run_undo_steps(steps, program=program, undoing=undoing)
-        undoing.steps_done = True
-        if undoing.files_restored and journal is not None:
-            await journal.settle()
-        # Keys that could not be swapped back are retried by the registry; the proxy must not
-        # wait for them. A proxy file that could not be put back must not be loaded, though.
-        if reloaded and undoing.files_restored:
-            assert proxy is not None  # it reloaded
-            try:
-                await _reload_back(
-                    gen,
-                    program=program,
-                    proxy=proxy,
-                    reaper=reaper,
-                    report=report,
-                    refused=refused,
-                )
-                undoing.routed_back = True
-            except ProxyError as exc:
-                back_failed = exc
-    if reloaded and not undoing.routed_back:
+    route = Routing(program, reaper, journal)
+    undoing = _Undoing(bound=undo_bound(proxy, registry_timeout))
+    back = None
+    if reloaded:
         assert proxy is not None  # it reloaded
-        if not refused:
-            report.stranded = (
-                f"reloading the proxy back failed too: {back_failed}"
-                if back_failed is not None
-                else _not_routed_back(gen, proxy, undoing)
-            )
-        elif back_failed is None:  # a reload back that failed said so itself (``_reload_back``)
-            log.warning(
-                "program=%s nginx refused the reload to generation %d, so it routes as before "
-                "(unless it applies that reload late); it was not reloaded back: %s",
-                program,
-                gen.number,
-                _not_routed_back(gen, proxy, undoing),
-            )
+        back = _ReloadBack(gen, proxy, refused, report)
+    await _undo_within_bound(steps, route, back, undoing)
+    if back is not None and not undoing.routed_back:
+        _say_not_routed_back(back, program, undoing)
     if undoing.failed and isinstance(failure, Exception):
         raise ProxyError(
             f"{failure}; undoing it failed too: {'; '.join(undoing.failed)}; the proxy's files "
             "are as that left them: put them right by hand, check and reload the proxy"
         ) from failure
+
+
+async def _undo_within_bound(
+    steps: list[Undo], route: Routing, back: _ReloadBack | None, undoing: _Undoing
+) -> None:
+    """Shielded (a cancelled flip is undone all the same) and cut short at ``undoing.bound``:
+    the undo steps, the journal's record dropped once every file is back, then the reload
+    ``back`` if one is due; ``undoing`` says how far it got."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(undoing.bound):
+        await _run_undo_steps(steps, program=route.program, undoing=undoing)
+        undoing.steps_done = True
+        if undoing.files_restored:
+            await route.settle()
+        # Keys that could not be swapped back are retried by the registry; the proxy must not
+        # wait for them. A proxy file that could not be put back must not be loaded, though.
+        if back is not None and undoing.files_restored:
+            try:
+                await _reload_back(route, back)
+                undoing.routed_back = True
+            except ProxyError as exc:
+                undoing.back_failed = exc
 
 
 async def _run_undo_steps(steps: list[Undo], *, program: str, undoing: _Undoing) -> None:
@@ -125,6 +147,28 @@ async def _run_undo_steps(steps: list[Undo], *, program: str, undoing: _Undoing)
             undoing.files_restored = undoing.files_restored and not isinstance(exc, ProxyError)
 
 
+def _say_not_routed_back(back: _ReloadBack, program: str, undoing: _Undoing) -> None:
+    """The proxy may have reloaded towards the new generation and was not reloaded back: in
+    ``report.stranded``, what to do, unless nginx ``refused`` that reload (then it routes as
+    before, and a warning says why it was not reloaded back, if the reload back did not fail:
+    that one said so itself, in ``_reload_back``)."""
+    gen, proxy, back_failed = back.gen, back.proxy, undoing.back_failed
+    if not back.refused:
+        back.report.stranded = (
+            f"reloading the proxy back failed too: {back_failed}"
+            if back_failed is not None
+            else _not_routed_back(gen, proxy, undoing)
+        )
+    elif back_failed is None:
+        log.warning(
+            "program=%s nginx refused the reload to generation %d, so it routes as before "
+            "(unless it applies that reload late); it was not reloaded back: %s",
+            program,
+            gen.number,
+            _not_routed_back(gen, proxy, undoing),
+        )
+
+
 def _not_routed_back(gen: Generation, proxy: ProxyConfig, undoing: _Undoing) -> str:
     """``report.stranded`` for a proxy that may have reloaded towards ``gen`` and was not
     reloaded back, though no reload back failed: why not, and what to do."""
@@ -136,64 +180,60 @@ def _not_routed_back(gen: Generation, proxy: ProxyConfig, undoing: _Undoing) -> 
     if not undoing.steps_done:
         return (
             f"the proxy may still route to generation {gen.number}: undoing the promotion did "
-            f"not finish within {UNDO_TIMEOUT:g}s, so it was not reloaded back; see that "
+            f"not finish within {undoing.bound:g}s, so it was not reloaded back; see that "
             f"{proxy.dest} is the previous file again, check the proxy's config and run "
             f"{pasteable(proxy.reload_cmd)}"
         )
     return (
         f"the proxy may still route to generation {gen.number}: reloading it back did "
-        f"not finish within {UNDO_TIMEOUT:g}s; run {pasteable(proxy.reload_cmd)}"
+        f"not finish within {undoing.bound:g}s; run {pasteable(proxy.reload_cmd)}"
     )
 
 
-async def _reload_back(
-    gen: Generation,
-    *,
-    program: str,
-    proxy: ProxyConfig,
-    reaper: Reaper,
-    report: FlipReport,
-    refused: bool,
-) -> None:
+async def _reload_back(route: Routing, back: _ReloadBack) -> None:
     """Check the proxy's config with its file put back, and reload the proxy once more, so
     that it routes to the old generation again; with a pidfile, wait until the proxy workers
-    that routed to ``gen`` are gone, so that the failed flip ends with the proxy on the old
+    that routed to ``back.gen`` are gone, so that the failed flip ends with the proxy on the old
     generation. A step of its own in the flip's report.
 
     Raises:
         ProxyError: the check or the reload failed; the message says where the proxy may
-            route (to ``gen``, or as before if nginx ``refused`` the reload towards it) and what
-            to do (it is logged too: the flip's own error stays the reason).
+            route (``_failed_back``; it is logged too: the flip's own error stays the reason).
     """
-    with report.step("reload-back", f"the proxy, away from generation {gen.number}") as step:
+    gen, proxy = back.gen, back.proxy
+    with back.report.step("reload-back", f"the proxy, away from generation {gen.number}") as step:
         try:
             # The file put back passed its check once, but the rest of the proxy's config may
             # have changed since; an unchecked config is never reloaded, here neither.
-            await check(proxy.check_cmd, proxy.dest, reaper=reaper, timeout=proxy.timeout)
+            await route.check(proxy)
             # Confirmed with a pidfile, as the reload forward: one nginx did not apply leaves
             # it on whatever it ran, perhaps generation gen.
-            routing_to_gen = await reload_for(program, proxy, reaper=reaper)
+            routing_to_gen = await route.reload(proxy)
         except ProxyError as exc:
-            once = (
-                f" once its config passes {pasteable(proxy.check_cmd)}" if proxy.check_cmd else ""
-            )
-            if refused:
-                where = (
-                    f"nginx refused the reload to generation {gen.number}, so it routes as "
-                    "before, unless it applies that reload late; to be sure it runs the "
-                    "previous file"
-                )
-            else:
-                where = f"the proxy may still route to generation {gen.number} until it reloads"
-            step.detail = (
-                f"{exc}; {where}: run {pasteable(proxy.reload_cmd)}{once}, or reload it by "
-                "other means (the previous proxy file is back in place)"
-            )
-            log.error("program=%s could not reload the proxy back: %s", program, step.detail)
+            step.detail = _failed_back(back, exc)
+            log.error("program=%s could not reload the proxy back: %s", route.program, step.detail)
             raise ProxyError(step.detail) from exc
         if not await wait_workers_gone(routing_to_gen, proxy.timeout):
             log.warning(
                 "program=%s proxy workers still running %ss after reloading back",
-                program,
+                route.program,
                 proxy.timeout,
             )
+
+
+def _failed_back(back: _ReloadBack, failure: ProxyError) -> str:
+    """What a reload back that failed with ``failure`` leaves: where the proxy may route (to
+    ``back.gen``, or as before if nginx ``refused`` the reload towards it) and what to do."""
+    gen, proxy = back.gen, back.proxy
+    once = f" once its config passes {pasteable(proxy.check_cmd)}" if proxy.check_cmd else ""
+    if back.refused:
+        where = (
+            f"nginx refused the reload to generation {gen.number}, so it routes as before, "
+            "unless it applies that reload late; to be sure it runs the previous file"
+        )
+    else:
+        where = f"the proxy may still route to generation {gen.number} until it reloads"
+    return (
+        f"{failure}; {where}: run {pasteable(proxy.reload_cmd)}{once}, or reload it by other "
+        "means (the previous proxy file is back in place)"
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shlex
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,12 +46,6 @@ PATH_PLACEHOLDER = "{path}"
 # config takes a while to parse). Polled: nothing announces a new child of a process not ours.
 NEW_WORKER_POLL_FIRST = 0.01
 NEW_WORKER_POLL_MAX = 0.2
-# The longest a reload's confirmation waits for that worker (at most the proxy's timeout): nginx
-# starts new workers within milliseconds, a very large config within seconds. Its own bound,
-# shorter than a failed flip's undo (``promotion_undo.UNDO_TIMEOUT``): with the proxy's timeout
-# (30 s by default, as long as the undo) a refused reload back ran the undo out, and the flip
-# said "reloading it back did not finish within 30s" instead of that nginx did not apply it.
-RELOAD_CONFIRM_MAX = 10.0
 
 # Who was told (owner, pidfile) that a reload could not be confirmed, as the pidfile named no
 # running master with workers: once, as each of their reloads would say the same.
@@ -218,15 +213,63 @@ async def check(
         raise ProxyError(f"proxy check of {dest} failed: {result.describe()}")
 
 
-async def reload_for(program: str, proxy: ProxyConfig, *, reaper: Reaper) -> frozenset[Recorded]:
-    """``reload`` as ``program``'s proxy section says: its command, timeout and pidfile."""
-    return await reload(
-        proxy.reload_cmd,
-        reaper=reaper,
-        timeout=proxy.timeout,
-        pidfile=proxy.pidfile,
-        owner=f"program={program}",
-    )
+@dataclass(frozen=True)
+class Routing:
+    """One program's change to how the proxy routes to it (a promotion, its undo, the removal of
+    its file): the ``program`` (named in messages), the ``reaper`` that the proxy's check and
+    reload commands run under, and the ``journal`` that records what a proxy file held before it
+    changes (``proxy_journal.py``; None: nothing to record, as a reload back changes no file).
+
+    Each proxy section involved (the new generation's, the replaced one's) is passed to the
+    method that uses it: one promotion may install one section's file and remove another's."""
+
+    program: str
+    reaper: Reaper
+    journal: Journal | None = None
+
+    async def install(self, proxy: ProxyConfig, content: str) -> Installed:
+        """``install`` ``content`` as ``proxy``'s file, checked with its command."""
+        return await install(
+            proxy.dest,
+            content,
+            check_cmd=proxy.check_cmd,
+            reaper=self.reaper,
+            timeout=proxy.timeout,
+            journal=self.journal,
+        )
+
+    async def take_away(self, proxy: ProxyConfig) -> Installed | None:
+        """``take_away`` ``proxy``'s file, unchecked (a new file is checked without it)."""
+        return await take_away(proxy.dest, self.journal)
+
+    async def remove(self, proxy: ProxyConfig) -> Installed | None:
+        """``remove`` ``proxy``'s file, and check the proxy without it."""
+        return await remove(
+            proxy.dest,
+            check_cmd=proxy.check_cmd,
+            reaper=self.reaper,
+            timeout=proxy.timeout,
+            journal=self.journal,
+        )
+
+    async def check(self, proxy: ProxyConfig) -> None:
+        """``check`` the proxy's config as it is on disk, with ``proxy``'s command."""
+        await check(proxy.check_cmd, proxy.dest, reaper=self.reaper, timeout=proxy.timeout)
+
+    async def reload(self, proxy: ProxyConfig) -> frozenset[Recorded]:
+        """``reload`` as ``proxy`` says: its command, timeout and pidfile."""
+        return await reload(
+            proxy.reload_cmd,
+            reaper=self.reaper,
+            timeout=proxy.timeout,
+            pidfile=proxy.pidfile,
+            owner=f"program={self.program}",
+        )
+
+    async def settle(self) -> None:
+        """The changes stand, or were undone: the journal's record of them goes."""
+        if self.journal is not None:
+            await self.journal.settle()
 
 
 async def reload(
@@ -247,11 +290,12 @@ async def reload(
     the old workers serve on with the old configuration. ``nginx -s reload`` only signals the
     master, so it succeeds either way, and ``nginx -t`` binds nothing: a ``listen`` on a port
     another process holds passes both, and only nginx's error log says ``bind() ... failed``.
-    So after the command, this waits (at most ``timeout``, and at most RELOAD_CONFIRM_MAX) for a
-    worker of the master that is not one of those from before. A master that had no worker
-    before the reload (not running, or no master-worker proxy) gives nothing to confirm it by,
-    and neither does a missing ``pidfile``: the command's success is all there is then, and a
-    warning says so, once per ``owner`` (``program=web``) and pidfile.
+    So after the command, this waits (at most ``timeout``: the operator's ``proxy.timeout``, as an
+    nginx with a very large config may take that long to load it) for a worker of the master that
+    is not one of those from before. A master that had no worker before the reload (not running,
+    or no master-worker proxy) gives nothing to confirm it by, and neither does a missing
+    ``pidfile``: the command's success is all there is then, and a warning says so, once per
+    ``owner`` (``program=web``) and pidfile.
 
     A reload by someone else during the wait (a certbot hook, a ``flipvisor watch`` in another
     process) starts new workers too, and is taken for this one: nothing tells them apart.
@@ -267,6 +311,15 @@ async def reload(
     if not reload_cmd:
         return frozenset()
     before = await proxy_workers(pidfile) if pidfile is not None else frozenset()
+    await _run_reload(reload_cmd, reaper=reaper, timeout=timeout)
+    if pidfile is not None:
+        await _confirm_reload(pidfile, before, timeout=timeout, owner=owner)
+    log.info("proxy reloaded: %s", shlex.join(reload_cmd))
+    return before
+
+
+async def _run_reload(reload_cmd: Sequence[str], *, reaper: Reaper, timeout: float) -> None:
+    """Run the reload command (``reload``'s errors but ``ProxyReloadNotTaken``)."""
     try:
         result = await run_command(list(reload_cmd), reaper=reaper, timeout=timeout)
     except SpawnError as exc:
@@ -275,22 +328,29 @@ async def reload(
         raise ProxyReloadTimedOut(f"proxy reload failed: {result.describe()}")
     if not result.ok:
         raise ProxyReloadFailed(f"proxy reload failed: {result.describe()}")
-    if pidfile is not None and not before:
+
+
+async def _confirm_reload(
+    pidfile: Path, before: frozenset[Recorded], *, timeout: float, owner: str
+) -> None:
+    """Wait (at most ``timeout``) for a worker of ``pidfile``'s master not among ``before``;
+    with no worker ``before``, there is nothing to confirm it by: said once (``reload``).
+
+    Raises:
+        ProxyReloadNotTaken: no new worker started in time.
+    """
+    if not before:
         _tell_unconfirmed(owner, pidfile)
-    confirm_within = min(timeout, RELOAD_CONFIRM_MAX)
-    if (
-        pidfile is not None
-        and before
-        and not await _new_worker_started(pidfile, before, confirm_within)
-    ):
+        return
+    # No cap of its own below ``timeout``: a failed flip's undo, which confirms its reload back
+    # too, is given time enough for it (``promotion_undo.undo_bound``).
+    if not await _new_worker_started(pidfile, before, timeout):
         raise ProxyReloadNotTaken(
             "nginx has not applied the reload (or is still loading it): the reload command "
             f"succeeded, but no new worker of the master (pidfile {pidfile}) started within "
-            f"{confirm_within:g}s, so its old workers serve on with the previous config; see "
+            f"{timeout:g}s, so its old workers serve on with the previous config; see "
             "nginx's error log (a `listen` on a port that something else holds, say)"
         )
-    log.info("proxy reloaded: %s", shlex.join(reload_cmd))
-    return before
 
 
 def _tell_unconfirmed(owner: str, pidfile: Path) -> None:

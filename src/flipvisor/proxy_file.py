@@ -165,6 +165,9 @@ class Journal(Protocol):
             ProxyError: it could not be recorded (then nothing is changed).
         """
 
+    async def settle(self) -> None:
+        """The recorded changes stand, or were undone: the record goes."""
+
 
 def put_in_place(dest: Path, content: bytes, journal: Journal | None = None) -> Installed:
     """Replace ``dest`` with ``content`` (``write_atomic``); what it held is returned, and

@@ -15,7 +15,8 @@ import anyio
 
 from .config import ProxyConfig
 from .errors import ProxyError, ProxyReloadTimedOut
-from .proxy import pasteable, reload_for, remove
+from .proxy import Routing, pasteable
+from .proxy_file import Installed
 from .proxy_journal import removal_journal
 from .proxy_workers import wait_workers_gone
 from .reaper import Reaper
@@ -40,28 +41,12 @@ async def unroute(
     failure is logged with what to do and does not stop the removal: if the check fails without
     the file, the file is put back.
     """
+    route = Routing(program, reaper, removal_journal(state_dir, program))
     async with proxy_lock:
-        journal = removal_journal(state_dir, program)
         try:
-            taken = await remove(
-                proxy.dest,
-                check_cmd=proxy.check_cmd,
-                reaper=reaper,
-                timeout=proxy.timeout,
-                journal=journal,
-            )
-        except ProxyError as exc:
-            if await anyio.Path(proxy.dest).exists():  # put back (one missing: next start's)
-                await journal.settle()
-            log.warning(
-                "program=%s was removed from the config, but its proxy file stays in use: %s; "
-                "remove what refers to %s from the proxy's config, delete the file and reload",
-                program,
-                exc,
-                proxy.dest,
-            )
-            return False
-        await journal.settle()  # the removal passed its check: it stands, whatever follows
+            taken = await _remove_file(route, proxy)
+        except ProxyError:
+            return False  # the file stays (said by _remove_file)
         if taken is None and not routed:
             return False
         if taken is None:
@@ -73,7 +58,7 @@ async def unroute(
                 proxy.dest,
                 "; reloading the proxy anyway" if proxy.reload_cmd else "",
             )
-        old_workers = await _reload_without(program, proxy, reaper=reaper)
+        old_workers = await _reload_without(route, proxy)
         if old_workers is None:
             return False
     if not await wait_workers_gone(old_workers, proxy.timeout):
@@ -85,15 +70,43 @@ async def unroute(
     return taken is not None
 
 
-async def _reload_without(
-    program: str, proxy: ProxyConfig, *, reaper: Reaper
-) -> frozenset[Recorded] | None:
+async def _remove_file(route: Routing, proxy: ProxyConfig) -> Installed | None:
+    """Remove ``proxy``'s file and check the proxy without it; returns what it held (None: no
+    file). The journal's record goes once the removal stands, or once the file is back.
+
+    Raises:
+        ProxyError: the check failed without the file, which stays in use (logged, with what
+            to do).
+    """
+    try:
+        taken = await route.remove(proxy)
+    except BaseException as exc:
+        # Failed or cancelled, the removal put the file back: nothing is left to redo, and a
+        # record left behind would tell the next start that a supervisor was killed during
+        # it. A file missing (not put back) is the next start's to put back.
+        with anyio.CancelScope(shield=True):
+            if await anyio.Path(proxy.dest).exists():
+                await route.settle()
+        if isinstance(exc, ProxyError):
+            log.warning(
+                "program=%s was removed from the config, but its proxy file stays in use: %s; "
+                "remove what refers to %s from the proxy's config, delete the file and reload",
+                route.program,
+                exc,
+                proxy.dest,
+            )
+        raise
+    await route.settle()  # the removal passed its check: it stands, whatever follows
+    return taken
+
+
+async def _reload_without(route: Routing, proxy: ProxyConfig) -> frozenset[Recorded] | None:
     """Reload the proxy without ``program``'s file; returns the proxy workers to wait for (none
     if the reload timed out), or None if it failed or, with a pidfile, nginx did not apply it
     (logged with what to do)."""
     try:
         # Without a reload command nothing reloads, and no workers are waited for in vain.
-        old_workers = await reload_for(program, proxy, reaper=reaper)
+        old_workers = await route.reload(proxy)
     except ProxyReloadTimedOut:
         return frozenset()  # it may have reloaded; nothing more to do but drain
     except ProxyError as exc:
@@ -105,7 +118,7 @@ async def _reload_without(
             "program=%s was removed from the config and its proxy file %s removed, but the "
             "proxy reload failed: %s; it may route to the drained program until it reloads: "
             "run %s",
-            program,
+            route.program,
             proxy.dest,
             exc,
             pasteable(proxy.reload_cmd),

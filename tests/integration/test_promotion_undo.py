@@ -25,8 +25,9 @@ async def test_an_undo_cut_short_before_the_reload_back_says_so_not_that_the_rel
     answering under a long registry timeout) ran out of ``UNDO_TIMEOUT`` before the reload back
     began. The report said "reloading it back did not finish", which never started."""
     monkeypatch.setattr(promotion_undo, "UNDO_TIMEOUT", 0.2)
+    # A short proxy timeout too: the undo's bound allows for the reload back (``undo_bound``).
     proxy = ProxyConfig(
-        template=tmp_path / "t.j2", dest=tmp_path / "site.conf", reload_cmd=["true"]
+        template=tmp_path / "t.j2", dest=tmp_path / "site.conf", reload_cmd=["true"], timeout=0.05
     )
     report = FlipReport("web")
     gen = cast(Any, SimpleNamespace(number=2, program="web"))

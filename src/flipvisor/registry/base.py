@@ -126,6 +126,10 @@ class Registry(Protocol):
     raises ``RegistryError`` (``RegistryConflict`` for a lost compare) rather than hang.
     """
 
+    # That request timeout (``registry.timeout``): what a failed flip's undo allows for putting
+    # the keys back (``promotion_undo.undo_bound``).
+    request_timeout: float
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Keep the connection alive until cancelled; after every (re)connect, write what
         ``publish`` left pending so the keys match what is serving. Calls ``started()`` at once,

@@ -68,6 +68,7 @@ class EtcdRegistry:
     def __init__(self, config: RegistryConfig) -> None:
         self.config = config
         self.prefix = config.prefix
+        self.request_timeout = config.timeout
         self.intent = EtcdIntent(wake=self._wake)
         self._conn: EtcdConnection | None = None
         self._connect_lock = anyio.Lock()

@@ -78,6 +78,7 @@ class LocalRegistry:
     def __init__(self, path: Path, config: RegistryConfig) -> None:
         self.path = path
         self.prefix = config.prefix
+        self.request_timeout = config.timeout  # a write to the file never waits that long
         self._pending: dict[str, Snapshot] = {}
         # What this registry last wrote for each program (on disk), and what the current keys
         # of a pending withdrawal must still name for it to apply.
