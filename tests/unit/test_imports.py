@@ -279,7 +279,15 @@ ALLOWED: dict[str, set[str]] = {
     "reload_changes": {"config", "errors", "program"},
     # What a removed program hands over to its successor: read off both Programs (and whether
     # their fixed addresses overlap, as the config tells).
-    "handover": {"config", "config_consistency", "program", "events", "progress", "proxy_file"},
+    "handover": {
+        "config",
+        "config_consistency",
+        "program",
+        "events",
+        "progress",
+        "proxy_file",
+        "usable",
+    },
     "commands": CORE | {"supervisor", "reload"},
     "orphans": WORKERS,
     "locate": {"errors"},
