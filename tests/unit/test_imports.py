@@ -25,6 +25,7 @@ LEAVES = ERRORS | {
     "starttime",
     "printable",
     "fatal_advice",
+    "file_identity",
 }
 # The config file (models, their value types, reading, checks across sections) is one layer.
 CONFIG = {"config", "config_fields", "config_file", "config_consistency"}
@@ -96,6 +97,7 @@ ALLOWED: dict[str, set[str]] = {
     "usable": set(),
     "starttime": set(),
     "fatal_advice": set(),
+    "file_identity": set(),
     "config_fields": {"locate"},
     "config": {"config_fields", "locate"},
     # config_file only for its type (ConfigFile), which it runs on.
@@ -122,7 +124,7 @@ ALLOWED: dict[str, set[str]] = {
     "logs": {"logs_follow"},  # logs_follow: the numbering its files get
     "log_lines": set(),
     "logs_capture": {"logs", "output_pipe", "log_lines"},
-    "output_keeper": {"logs", "log_lines"},
+    "output_keeper": {"logs", "log_lines", "file_identity"},
     "kept_outputs": {"errors", "logs", "output_keeper", "reaper", "spawn"},
     # config_fields: a program name handed over is checked as the config checks one.
     "keeper_handover": {"config_fields", "locate", "output_keeper"},
