@@ -81,6 +81,15 @@ def _bind_aside(folder: Path) -> tuple[socket.socket, Path]:
     return sock, temporary
 
 
+def _link(source: Path, target: Path) -> bool:
+    """Hard-link ``source`` to ``target``; False if something is at ``target`` (left alone)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        return False
+    return True
+
+
 class ControlServer:
     """Serves the control socket until cancelled."""
 
@@ -149,18 +158,7 @@ class ControlServer:
         sock, temporary = _bind_aside(self.path.parent)
         try:
             bound = identity_of(temporary)  # the path's too, once linked
-            replaced = False
-            try:
-                os.link(temporary, self.path)
-            except FileExistsError:
-                if answers(self.path, PROBE_TIMEOUT):
-                    raise AlreadyRunning(self._taken_message()) from None
-                self.path.unlink(missing_ok=True)  # stale: nothing answers there
-                replaced = True
-                try:
-                    os.link(temporary, self.path)  # once: what is there now is left alone
-                except FileExistsError:
-                    raise AlreadyRunning(self._taken_message()) from None
+            replaced = self._link_into_place(temporary)
         except BaseException:
             sock.close()
             raise
@@ -168,6 +166,31 @@ class ControlServer:
             temporary.unlink(missing_ok=True)
         self._bound = bound
         return await SocketListener.from_socket(sock), replaced
+
+    def _link_into_place(self, temporary: Path) -> bool:
+        """Link the socket bound at ``temporary`` to the path; whether a stale socket file was
+        replaced there.
+
+        Raises:
+            AlreadyRunning: another supervisor answers on the path, or bound it meanwhile.
+            OSError: the path cannot be linked.
+        """
+        if _link(temporary, self.path):
+            return False
+        self._remove_stale()
+        if not _link(temporary, self.path):  # once: what is there now is left alone
+            raise AlreadyRunning(self._taken_message())
+        return True
+
+    def _remove_stale(self) -> None:
+        """Remove the socket file at the path: a stale one, that nothing answers on.
+
+        Raises:
+            AlreadyRunning: another supervisor answers there.
+        """
+        if answers(self.path, PROBE_TIMEOUT):
+            raise AlreadyRunning(self._taken_message())
+        self.path.unlink(missing_ok=True)
 
     def _taken_message(self) -> str:
         """Why the path cannot be listened on: another supervisor answers there (named if
