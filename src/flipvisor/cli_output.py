@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .printable import indented_lines
+
 
 def print_error(message: str) -> None:
     """An error, a warning or a notice for people: on stderr, after the command's name."""
@@ -39,8 +41,12 @@ def print_json(document: Any) -> None:
 
 def report_failure(args: argparse.Namespace, message: str, exit_code: int) -> int:
     """Report an error: on stderr, and with ``--json`` as the one JSON document on stdout too
-    (``{"ok": false, "exit_code": N, "error": "..."}``), so a script always has one to parse."""
-    print_error(message)
+    (``{"ok": false, "exit_code": N, "error": "..."}``), so a script always has one to parse.
+
+    On stderr its control characters are shown as escapes and every line after the first is
+    indented (``indented_lines``): a message names paths (a state_dir, a socket path) and
+    quotes the supervisor's errors, and what they hold must not reach the terminal raw."""
+    print_error(indented_lines(message))
     if getattr(args, "json", False):
         print(json.dumps({"ok": False, "exit_code": exit_code, "error": message}), flush=True)
     return exit_code

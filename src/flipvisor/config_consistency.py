@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .problems import Problem, nearest_line
-from .usable import listen_addresses, parse_listen
+from .usable import host_port, listen_addresses, parse_listen
 
 if TYPE_CHECKING:
     from .config_file import ConfigFile
@@ -193,7 +193,7 @@ def _shared_fixed_ports(parsed: ConfigFile) -> list[Problem]:
             problems.append(
                 parsed.problem(
                     ("programs", name, "socket", "port"),
-                    f"{host}:{port} is {owner}'s already ({why})",
+                    f"{host_port(host, port)} is {owner}'s already ({why})",
                 )
             )
         taken.setdefault(port, []).append((f"programs.{name}", host))

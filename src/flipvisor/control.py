@@ -24,6 +24,7 @@ from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .errors import EXIT_USAGE, FlipvisorError
+from .file_identity import Identity, identity_of, unlink_if_ours
 from .protocol import MAX_LINE, ProtocolError, Request, decode_request, encode, result
 from .runrecord import answers, listening_already, record_listening_on
 
@@ -80,13 +81,13 @@ def _bind_aside(folder: Path) -> tuple[socket.socket, Path]:
     return sock, temporary
 
 
-def _file_identity(path: Path) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of what is at ``path`` now (None: nothing, or it cannot be seen)."""
+def _link(source: Path, target: Path) -> bool:
+    """Hard-link ``source`` to ``target``; False if something is at ``target`` (left alone)."""
     try:
-        info = os.lstat(path)
-    except OSError:
-        return None
-    return (info.st_dev, info.st_ino)
+        os.link(source, target)
+    except FileExistsError:
+        return False
+    return True
 
 
 class ControlServer:
@@ -99,7 +100,7 @@ class ControlServer:
         self._quiet: anyio.Event | None = None  # set when the last one ends, for wait_idle
         # A socket file was left behind: the previous supervisor was killed (SIGKILL, OOM).
         self.found_stale = False
-        self._bound: tuple[int, int] | None = None  # the socket file this one listens on
+        self._bound: Identity | None = None  # the socket file this one listens on
         self._accepting: anyio.CancelScope | None = None  # cancelled to listen again
 
     async def wait_idle(self, timeout: float) -> None:
@@ -129,16 +130,15 @@ class ControlServer:
                     listener = await self._listen_again(listener)
         finally:
             self._accepting = None
-            if self._bound is not None and _file_identity(self.path) == self._bound:
-                # Ours: not one another supervisor bound since ours went (or gone since).
-                self.path.unlink(missing_ok=True)
+            # Not one another supervisor bound since ours went.
+            unlink_if_ours(self.path, self._bound)
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
 
     def relisten(self) -> bool:
         """Listen on the path again if the socket file there is not the one bound (removed by
         hand or by a temp cleaner: nobody could connect); True if so. For SIGHUP."""
-        if self._accepting is None or _file_identity(self.path) == self._bound:
+        if self._accepting is None or identity_of(self.path) == self._bound:
             return False
         self._accepting.cancel()  # ``serve`` binds anew
         return True
@@ -157,19 +157,8 @@ class ControlServer:
         """
         sock, temporary = _bind_aside(self.path.parent)
         try:
-            bound = _file_identity(temporary)  # the path's too, once linked
-            replaced = False
-            try:
-                os.link(temporary, self.path)
-            except FileExistsError:
-                if answers(self.path, PROBE_TIMEOUT):
-                    raise AlreadyRunning(self._taken_message()) from None
-                self.path.unlink(missing_ok=True)  # stale: nothing answers there
-                replaced = True
-                try:
-                    os.link(temporary, self.path)  # once: what is there now is left alone
-                except FileExistsError:
-                    raise AlreadyRunning(self._taken_message()) from None
+            bound = identity_of(temporary)  # the path's too, once linked
+            replaced = self._link_into_place(temporary)
         except BaseException:
             sock.close()
             raise
@@ -177,6 +166,31 @@ class ControlServer:
             temporary.unlink(missing_ok=True)
         self._bound = bound
         return await SocketListener.from_socket(sock), replaced
+
+    def _link_into_place(self, temporary: Path) -> bool:
+        """Link the socket bound at ``temporary`` to the path; whether a stale socket file was
+        replaced there.
+
+        Raises:
+            AlreadyRunning: another supervisor answers on the path, or bound it meanwhile.
+            OSError: the path cannot be linked.
+        """
+        if _link(temporary, self.path):
+            return False
+        self._remove_stale()
+        if not _link(temporary, self.path):  # once: what is there now is left alone
+            raise AlreadyRunning(self._taken_message())
+        return True
+
+    def _remove_stale(self) -> None:
+        """Remove the socket file at the path: a stale one, that nothing answers on.
+
+        Raises:
+            AlreadyRunning: another supervisor answers there.
+        """
+        if answers(self.path, PROBE_TIMEOUT):
+            raise AlreadyRunning(self._taken_message())
+        self.path.unlink(missing_ok=True)
 
     def _taken_message(self) -> str:
         """Why the path cannot be listened on: another supervisor answers there (named if

@@ -48,9 +48,6 @@ class Flips:
         self._next_number = 1
         self.lock = anyio.Lock()
         self.abandon: anyio.CancelScope | None = None  # the flip, while it can be undone
-        # When the flip in progress is rolled back (its --timeout; anyio's clock): a generation
-        # it discards is waited for no longer than that (``discard.py``).
-        self.deadline = math.inf
         # Set once a promoted flip's generation serves (the proxy's old workers are gone): a
         # stop waits for it before it drains, so that requests those workers still hold to the
         # old generation are answered, as the flip itself would have them.
@@ -119,8 +116,9 @@ class Flips:
                 # `--timeout` and a stop cut short only what can be undone: `_deploy`, which
                 # ends once the new generation is routed to. What follows (`_settle`) runs to
                 # its end: the new generation serves, and the old one drains as configured.
+                # When the flip is rolled back (anyio's clock): a generation it discards is
+                # waited for no longer than that (``discard.py``).
                 deadline = anyio.current_time() + timeout if timeout else math.inf
-                self.deadline = deadline
                 promotion: Promotion | None = None
                 # A stop cancels this scope while the flip can still be undone (`abandon`), so
                 # that it never waits for a probe; the flip then rolls back as after a failure.
@@ -136,7 +134,6 @@ class Flips:
                     await self._settle_reporting(report, promotion, deadline, timeout)
             finally:
                 self.abandon = None
-                self.deadline = math.inf
                 self.target = None
                 # A socket bound for a generation that did not come to serve (failed, timed
                 # out, called off): its address must not stay listening with nobody accepting.
@@ -204,8 +201,8 @@ class Flips:
                 # The warm generation only if it runs the rollback's target (the previous
                 # deploy): after a `restart`, it may run the same config as the serving one.
                 if report.kind == "rollback" and warm and same_deploy(config, warm.config):
-                    return await promote_warm(self, report, warm)
-                return await deploy_new(self, report, config)
+                    return await promote_warm(self, report, warm, deadline)
+                return await deploy_new(self, report, config, deadline)
             # Only reached when the deadline cancelled the flip (it was undone, as after a failure).
             report.finish(
                 f"the flip took longer than --timeout {timeout:g}s; rolled back"

@@ -29,8 +29,11 @@ if TYPE_CHECKING:
     from .program import Program
 
 
-async def deploy_new(flips: Flips, report: FlipReport, config: ProgramConfig) -> Promotion:
-    """Start, probe and route a generation of ``config``; discarded again if that fails.
+async def deploy_new(
+    flips: Flips, report: FlipReport, config: ProgramConfig, deadline: float
+) -> Promotion:
+    """Start, probe and route a generation of ``config``; discarded again if that fails, and
+    waited for no longer than the flip's ``deadline`` (anyio's clock).
 
     Raises:
         FlipFailed: it failed (why, with its last output lines); it was discarded.
@@ -49,7 +52,7 @@ async def deploy_new(flips: Flips, report: FlipReport, config: ProgramConfig) ->
         return await route(flips, report, gen)
     except BaseException as exc:
         reason = gen.failure or _reason(exc)
-        await _discard(flips, gen, exc, reason)
+        await _discard(flips, gen, exc, reason, deadline)
         report.output = list(gen.tail)  # for a flip that --timeout cancelled, too
         if isinstance(exc, FlipvisorError | TimeoutError):
             raise FlipFailed(
@@ -105,9 +108,11 @@ async def _spawn(
     return gen
 
 
-async def _discard(flips: Flips, gen: Generation, exc: BaseException, reason: str) -> None:
+async def _discard(
+    flips: Flips, gen: Generation, exc: BaseException, reason: str, deadline: float
+) -> None:
     """Stop ``gen`` after ``exc`` ended its flip, and drop it from the program's generations
-    once it has ended (``discard.py``)."""
+    once it has ended (``discard.py``; waited for until the flip's ``deadline``)."""
     # A stop's cancellation (``abandon``) is no failure of the generation: it ends
     # stopped, and `events` shows no `failed` before the flip-abandoned.
     called_off = (
@@ -115,7 +120,7 @@ async def _discard(flips: Flips, gen: Generation, exc: BaseException, reason: st
         and flips.abandon is not None
         and flips.abandon.cancel_called
     )
-    await discard(flips.program, gen, reason, called_off=called_off, deadline=flips.deadline)
+    await discard(flips.program, gen, reason, called_off=called_off, deadline=deadline)
 
 
 def _reason(exc: BaseException) -> str:
@@ -126,8 +131,11 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def promote_warm(flips: Flips, report: FlipReport, warm: Generation) -> Promotion:
-    """Probe the warm generation again and route back to it (``retirement.py``).
+async def promote_warm(
+    flips: Flips, report: FlipReport, warm: Generation, deadline: float
+) -> Promotion:
+    """Probe the warm generation again and route back to it (``retirement.py``; a discard
+    waited for until the flip's ``deadline``).
 
     Raises:
         FlipFailed: it failed its probe (or lost a worker); it was discarded.
@@ -139,9 +147,7 @@ async def promote_warm(flips: Flips, report: FlipReport, warm: Generation) -> Pr
         return await route(flips, report, gen)
 
     try:
-        return await program.retirement.promote_warm(
-            report, warm, route_back, deadline=flips.deadline
-        )
+        return await program.retirement.promote_warm(report, warm, route_back, deadline=deadline)
     except ProbeFailed as exc:
         report.output = list(warm.tail)
         raise FlipFailed(

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .errors import FlipvisorError, ProbeFailed
-from .probe import wait_ready
+from .probe import probe_url, wait_ready
 from .worker import worker_env
 
 if TYPE_CHECKING:  # for its type only: the generation probed is the caller
@@ -66,7 +66,7 @@ def describe_probe(gen: Generation) -> str:
     if readiness is None:
         return "no readiness probe: ready once spawned"
     if readiness.http is not None:
-        return f"GET http://{gen.host}:{gen.port}{readiness.http}"
+        return f"GET {probe_url(gen.host, gen.port, readiness.http)}"
     if readiness.exec is not None:
         return "exec " + " ".join(arg.replace("{port}", str(gen.port)) for arg in readiness.exec)
     return "sd_notify READY=1"

@@ -21,6 +21,7 @@ from .events import EventLog
 from .program import Program
 from .progress import FlipReport
 from .proxy_file import same_file
+from .usable import host_port
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Handover:
         if self.dest is not None:
             parts.append("proxy file")
         if self.address is not None:
-            parts.append(f"port {self.address[0]}:{self.address[1]}")
+            parts.append(f"port {host_port(*self.address)}")
         return "its " + " and ".join(parts)
 
     def undo_hint(self) -> str:

@@ -209,25 +209,27 @@ class ProgramLog:
         if on_disk is not None and (on_disk.st_dev, on_disk.st_ino) == self._identity:
             self._size = self._checked_size = on_disk.st_size  # truncated in place, maybe
             return None
+        unseen = self._size - self._checked_size  # written since the last look: when was it gone?
+        removed = self._open_again(gone=on_disk is None)
+        what, where = _what_became(removed, on_disk is None, unseen, since)
+        self._say_opened_again(what)
+        return f"the log file was {what}, not by flipvisor: written again from here; {where}"
+
+    def _open_again(self, *, gone: bool) -> bool:
+        """Close the file open and open the path again; whether the one closed was removed
+        (``gone``: nothing is at the path, if that cannot be told)."""
         try:
             removed = os.fstat(self._fd).st_nlink == 0
         except OSError:
-            removed = on_disk is None
-        unseen = self._size - self._checked_size  # written since the last look: when was it gone?
+            removed = gone
         os.close(self._fd)  # frees a removed file's space
         self._fd = -1
         self._open()
-        if removed:
-            what = "removed"
-            where = (
-                f"the last {unseen} bytes written to it (in the {since:.1f} s before this) may "
-                "have been written after it was removed, and went with it"
-                if unseen
-                else "nothing was written to it after it was removed"
-            )
-        else:
-            what = "moved away" if on_disk is None else "replaced (moved away)"
-            where = "what came before is in the file moved away"
+        return removed
+
+    def _say_opened_again(self, what: str) -> None:
+        """Log that the file was ``what`` ("removed", "moved away"), and whether it is written
+        again at its path or its lines are dropped until it can be opened."""
         if self._fd >= 0:
             log.warning("%s was %s while written; writing it again at its path", self.path, what)
         else:
@@ -237,7 +239,6 @@ class ProgramLog:
                 self.path,
                 what,
             )
-        return f"the log file was {what}, not by flipvisor: written again from here; {where}"
 
     def _write_all(self, data: bytearray) -> int:
         view = memoryview(data)
@@ -331,3 +332,19 @@ class ProgramLog:
             self._ts_second = second
             self._ts_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._ts_text}.{int((now - second) * 1000):03d}Z"
+
+
+def _what_became(removed: bool, gone: bool, unseen: int, since: float) -> tuple[str, str]:
+    """What became of a log file no longer at its path (``removed``, or moved away: ``gone``
+    if nothing took its place), and where its last lines are: ``unseen`` bytes were written in
+    the ``since`` seconds before this was noticed."""
+    if removed:
+        where = (
+            f"the last {unseen} bytes written to it (in the {since:.1f} s before this) may "
+            "have been written after it was removed, and went with it"
+            if unseen
+            else "nothing was written to it after it was removed"
+        )
+        return "removed", where
+    what = "moved away" if gone else "replaced (moved away)"
+    return what, "what came before is in the file moved away"

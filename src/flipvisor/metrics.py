@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from .errors import ConfigError
 from .events import Event, EventLog
 from .states import ProgramState
-from .usable import listen_error, parse_listen
+from .usable import host_port, listen_error, parse_listen
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class Metrics:
         # A listener, not a subscription: a burst of events cannot make the histogram miss a flip.
         with self.events.listening(self.observe):
             async with listener:
-                log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+                log.info("metrics on http://%s/metrics", host_port(self.host, self.port))
                 task_status.started()
                 await listener.serve(self._answer)
 

@@ -128,24 +128,7 @@ class NotifySocket:
         ``ClosedResourceError``: the probe fails, the serving generation serves on).
         """
         try:
-            window_end = anyio.current_time() + FLOOD_WINDOW
-            allowance = FLOOD_LIMIT
-            while not self._closed:
-                if anyio.current_time() >= window_end:
-                    window_end = anyio.current_time() + FLOOD_WINDOW
-                    allowance = FLOOD_LIMIT
-                try:
-                    handled = self._read_available(pids, allowance)
-                except Exception as exc:  # never fail the workers (see the docstring)
-                    self._log_failure(exc, "handling its datagrams", "reading on")
-                    handled = 1
-                allowance -= handled
-                if handled and self._heard is not None:
-                    self._heard.set()
-                if allowance <= 0:  # a flood: the rest waits for the next window
-                    await anyio.sleep_until(window_end)
-                else:
-                    await anyio.wait_readable(self._sock)
+            await self._read_until_closed(pids)
         except anyio.ClosedResourceError:
             pass  # closed under it (``close``): nothing more to read
         except Exception as exc:  # never fail the workers (see the docstring)
@@ -154,6 +137,33 @@ class NotifySocket:
             self._read_ended = True
             if self._heard is not None:
                 self._heard.set()  # a waiter learns that nothing more will be heard
+
+    async def _read_until_closed(self, pids: Callable[[], set[int]]) -> None:
+        """``read``'s loop: the datagrams handled as they come, at most FLOOD_LIMIT per
+        FLOOD_WINDOW (a flood's rest waits for the next window), until the socket is closed."""
+        window_end = anyio.current_time() + FLOOD_WINDOW
+        allowance = FLOOD_LIMIT
+        while not self._closed:
+            if anyio.current_time() >= window_end:
+                window_end = anyio.current_time() + FLOOD_WINDOW
+                allowance = FLOOD_LIMIT
+            allowance -= self._handle_available(pids, allowance)
+            if allowance <= 0:  # a flood: the rest waits for the next window
+                await anyio.sleep_until(window_end)
+            else:
+                await anyio.wait_readable(self._sock)
+
+    def _handle_available(self, pids: Callable[[], set[int]], allowance: int) -> int:
+        """Handle the datagrams queued now (at most ``allowance``), waking a waiter if any were;
+        how many, an unexpected error counted as one (logged, and reading goes on)."""
+        try:
+            handled = self._read_available(pids, allowance)
+        except Exception as exc:  # never fail the workers (see ``read``'s docstring)
+            self._log_failure(exc, "handling its datagrams", "reading on")
+            handled = 1
+        if handled and self._heard is not None:
+            self._heard.set()
+        return handled
 
     async def wait_ready(self, pids: Callable[[], set[int]], count: int) -> None:
         """Return once ``count`` distinct workers that still run sent ``READY=1``.

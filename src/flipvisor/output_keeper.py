@@ -18,9 +18,10 @@ start of the line its worker is in the middle of, and the keeper exits. SIGTERM,
 SIGQUIT are ignored while the supervisor runs (it says when to exit) and end the keeper once it is
 orphaned.
 
-Only the standard library and ``logs``/``log_lines`` are imported, and it runs without ``site``
-(``-S``; its ``PYTHONPATH`` names this flipvisor): it is one more process on the host for as long as
-the supervisor runs, so it stays small (about 13 MiB resident, 8 of them the interpreter's own).
+Only the standard library and ``logs``/``log_lines``/``file_identity`` are imported, and it runs
+without ``site`` (``-S``; its ``PYTHONPATH`` names this flipvisor): it is one more process on the
+host for as long as the supervisor runs, so it stays small (about 13 MiB resident, 8 of them the
+interpreter's own).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .file_identity import identity_of, unlink_if_ours
 from .log_lines import split_lines, split_long
 from .logs import ProgramLog
 
@@ -111,7 +113,7 @@ class Keeper:
         self.logs: dict[str, ProgramLog] = {}  # by path, once orphaned
         self._noted: set[str] = set()  # the logs told that the keeper writes them
         self.listener = self._listen()
-        self._bound = os.stat(handover_path)
+        self._bound = identity_of(handover_path)
         # Once handed over, the path is the new run's to remove: it does, before its own keeper
         # binds there; removed from here, it could be that new keeper's socket already.
         self._handed_over = False
@@ -298,12 +300,7 @@ class Keeper:
     def _forget_handover_path(self) -> None:
         """Unlink the handover socket if it is still ours (a new keeper may have bound it; a stat
         and an unlink are two calls: only for exits that no new keeper follows at once)."""
-        try:
-            now = os.stat(self.handover_path)
-            if (now.st_dev, now.st_ino) == (self._bound.st_dev, self._bound.st_ino):
-                self.handover_path.unlink()
-        except FileNotFoundError:
-            pass
+        unlink_if_ours(self.handover_path, self._bound)
 
 
 def _handed_hold(held: Held) -> bytes:

@@ -34,6 +34,7 @@ from .proxy_recovery import finish_proxy_steps, unfinished_proxy_steps
 from .published_keys import HOSTNAME
 from .registry.base import WatchableRegistry
 from .stray_programs import proxy_writers, removed_programs, stop_stray_program
+from .usable import host_port
 
 if TYPE_CHECKING:
     from .program import Program, Runtime
@@ -132,7 +133,9 @@ class Predecessor:
             what = "stopping" if stray.workers else "taking it out of the proxy and the registry"
             if (taken := self._successors.get(stray.program)) is not None:
                 successor, (host, port) = taken
-                what = f"stopping it once {successor} serves on {host}:{port} in its place"
+                what = (
+                    f"stopping it once {successor} serves on {host_port(host, port)} in its place"
+                )
             self.runtime.events.emit(
                 "leftovers", stray.program, None, f"{stray.describe()}: not in the config; {what}"
             )

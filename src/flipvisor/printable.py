@@ -32,8 +32,14 @@ def one_line(text: str) -> str:
 def indented_lines(text: str) -> str:
     """``text`` as lines, their control characters but tab shown as escapes, every line after
     the first indented: a message that quotes a command's output (a failed ``nginx -t``'s two
-    lines) reads as it was written, and no line of it can pass for one of flipvisor's own."""
-    return "\n  ".join(terminal_safe(line) for line in text.split("\n"))
+    lines) or names a path with a line break in it reads as it was written, and no line of it
+    can pass for one of flipvisor's own. A line indented already (a config error's list of
+    problems) keeps its own indent."""
+    first, *rest = text.split("\n")
+    return "\n".join(
+        [terminal_safe(first)]
+        + [terminal_safe(line if line[:1] in (" ", "\t") else f"  {line}") for line in rest]
+    )
 
 
 def count(number: int, noun: str) -> str:

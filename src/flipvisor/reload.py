@@ -27,6 +27,7 @@ from .errors import ConfigError, FlipvisorError, UsageError
 from .handover import Handover, find_handovers, say_kept
 from .program import Program
 from .reload_changes import changed_programs, deploy_all_changed, forget_superseded
+from .usable import host_port
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -365,8 +366,8 @@ class Reloads:
             else:
                 host, port = section.socket.host, section.socket.port
                 why = (
-                    f"{name} listens on {host}:{port}, which {after}, removed from the config, "
-                    f"holds on another address while its removal drains it ({draining})"
+                    f"{name} listens on {host_port(host, port)}, which {after}, removed from the "
+                    f"config, holds on another address while its removal drains it ({draining})"
                 )
             why += ": it starts once that is over"
             log.info("%s", why)

@@ -102,37 +102,54 @@ class Retirement:
             ProbeFailed: it failed its probe or lost a worker; it was discarded.
             ProxyError, RegistryError: a step failed; everything before it was undone.
         """
-        program = self.program
         report.generation = gen.number
-        program.warm = None
+        self.program.warm = None
         self.reviving = gen
         try:
-            with report.step("probe", f"warm generation: {gen.describe_readiness()}"):
-                await gen.wait_ready()
-                running = len(gen.pids)
-                if running < len(gen.workers):  # without a probe, all there is to check
-                    raise ProbeFailed(f"{running} of its {len(gen.workers)} workers run")
+            await self._probe_again(report, gen)
             return await promote(report, gen)
         except BaseException as exc:
-            if gen.state is GenerationState.PROMOTING:  # the promotion undid itself
-                gen.transition(GenerationState.READY)
-            if gen.state is GenerationState.READY and (
-                isinstance(exc, ProbeFailed) or gen.failure is not None
-            ):
-                await self._discard(gen, gen.failure or str(exc), deadline)
-            elif gen.state is GenerationState.READY:
-                # As good as before the attempt: warm again for what is left of its window.
-                # Its expiry task still waits for that, unless the window ran out meanwhile
-                # (the task then found it not warm and left it): drain it now.
-                program.warm = gen
-                if anyio.current_time() >= self._warm_until:
-                    program.warm = None
-                    program._task_group().start_soon(program._drain, gen)
-            elif gen.state is GenerationState.FAILED:
-                program.generations.remove(gen)
+            await self._after_failed_return(gen, exc, deadline)
             raise
         finally:
             self.reviving = None
+
+    @staticmethod
+    async def _probe_again(report: FlipReport, gen: Generation) -> None:
+        """The warm generation ``gen``'s probe, as a new one's, and all its workers running.
+
+        Raises:
+            ProbeFailed: it failed its probe, or a worker of it is gone.
+        """
+        with report.step("probe", f"warm generation: {gen.describe_readiness()}"):
+            await gen.wait_ready()
+            running = len(gen.pids)
+            if running < len(gen.workers):  # without a probe, all there is to check
+                raise ProbeFailed(f"{running} of its {len(gen.workers)} workers run")
+
+    async def _after_failed_return(
+        self, gen: Generation, exc: BaseException, deadline: float
+    ) -> None:
+        """What becomes of the warm generation ``gen`` whose return failed with ``exc``:
+        discarded if it failed its probe or lost a worker, warm again if a step failed (drained
+        if its window ran out meanwhile), dropped if it ended ``failed``."""
+        program = self.program
+        if gen.state is GenerationState.PROMOTING:  # the promotion undid itself
+            gen.transition(GenerationState.READY)
+        if gen.state is GenerationState.READY and (
+            isinstance(exc, ProbeFailed) or gen.failure is not None
+        ):
+            await self._discard(gen, gen.failure or str(exc), deadline)
+        elif gen.state is GenerationState.READY:
+            # As good as before the attempt: warm again for what is left of its window.
+            # Its expiry task still waits for that, unless the window ran out meanwhile
+            # (the task then found it not warm and left it): drain it now.
+            program.warm = gen
+            if anyio.current_time() >= self._warm_until:
+                program.warm = None
+                program._task_group().start_soon(program._drain, gen)
+        elif gen.state is GenerationState.FAILED:
+            program.generations.remove(gen)
 
     async def _discard(self, gen: Generation, reason: str, deadline: float) -> None:
         """Stop the warm generation ``gen`` at once: it failed its probe (or lost a worker) on

@@ -102,6 +102,12 @@ def file_problem(path: Path) -> str | None:
     return folder_problem(path.parent)
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` for a message, an IPv6 address bracketed (``[::]:8080``, not ``:::8080``,
+    where the port could not be told from the address): ``parse_listen`` reads it back."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     """``127.0.0.1:9100`` (or ``[::1]:9100``, ``http://`` accepted) as host and port."""
     rest = listen.removeprefix("http://").removeprefix("https://")
@@ -111,7 +117,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 def listen_error(host: str, port: int, exc: OSError) -> str:
     """What a failed listen on ``host:port`` means, and what to do, by its cause."""
-    where = f"cannot listen on {host}:{port}" if port else f"cannot listen on {host}"
+    where = f"cannot listen on {host_port(host, port) if port else host}"
     if isinstance(exc, socket.gaierror):
         return (
             f"{where}: {host!r} is not an address ({exc.strerror}); use an IP address of this "
@@ -179,10 +185,11 @@ def in_use(host: str, port: int, holders: dict[int, str]) -> str:
     """``cannot listen on host:port: the port is in use by pid N (name)``, the holders named."""
     if not holders:
         return (
-            f"cannot listen on {host}:{port}: the port is in use by a process this user cannot see"
+            f"cannot listen on {host_port(host, port)}: the port is in use by a process this user "
+            "cannot see"
         )
     shown = [f"pid {pid} ({name})" for pid, name in sorted(holders.items())[:SHOWN_HOLDERS]]
     more = len(holders) - SHOWN_HOLDERS
-    return f"cannot listen on {host}:{port}: the port is in use by {', '.join(shown)}" + (
+    return f"cannot listen on {host_port(host, port)}: the port is in use by {', '.join(shown)}" + (
         f" and {more} more" if more > 0 else ""
     )

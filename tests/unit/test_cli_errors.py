@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,38 @@ def test_the_ctrl_c_hint_never_offers_stop_as_the_undo_of_a_flip() -> None:
     )
     stop = interrupted_hint("stop", "web", None)
     assert stop.endswith("`flipvisor events -f web` follows it to its end"), stop
+
+
+def test_a_refusal_shows_the_control_characters_of_a_path_as_escapes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A state_dir holding an ESC sequence (a new window title) and a line break that would
+    # start a line of its own, "flipvisor: ...", passing for one of flipvisor's. In a short
+    # folder: the socket path in it must fit a unix socket's 108 bytes.
+    with tempfile.TemporaryDirectory(prefix="fv") as folder:
+        _refuse_with_controls(Path(folder), capsys)
+
+
+def _refuse_with_controls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "s\x1b]0;x\x07\nflipvisor: ok"
+    config = tmp_path / "flipvisor.yaml"
+    config.write_text(f"state_dir: {json.dumps(str(state))}\nprograms:\n  web:\n    command: [x]\n")
+    assert run_cli(["status", "--json", "-c", str(config)]) == 2
+    out, err = capsys.readouterr()
+    assert "\x1b" not in err and "\x07" not in err
+    assert "s\\x1b]0;x\\x07" in err
+    assert "\nflipvisor: ok" not in err  # the line break starts an indented line
+    assert "\n  flipvisor: ok" in err
+    # The JSON document carries the message as it is (JSON escapes it).
+    assert str(state) in str(_error_document(out)["error"])
+
+
+def test_a_config_error_keeps_the_indent_of_its_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "flipvisor.yaml"
+    config.write_text("programs:\n  web:\n    command: 5\n  api:\n    command: []\n")
+    assert run_cli(["check", "-c", str(config)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) > 2
+    assert all(line.startswith("  ") and not line.startswith("    ") for line in lines[1:])

@@ -1006,9 +1006,14 @@ def test_two_programs_cannot_share_a_fixed_port(first_host: str, second_host: st
         """
     )
     assert problems_of(text) == [
-        f"{PATH}:9: programs.b.socket.port: {second_host}:8080 is programs.a's already "
+        f"{PATH}:9: programs.b.socket.port: {host_port(second_host, 8080)} is programs.a's already "
         "(each fixed port belongs to one program)"
     ]
+
+
+def host_port(host: str, port: int) -> str:
+    """As the problems write an address: IPv6 bracketed (`[::]:8080`; `:::8080` was ambiguous)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @pytest.mark.parametrize(
@@ -1039,7 +1044,8 @@ def test_a_program_cannot_take_the_metrics_port(
         """
     )
     expected = [
-        f"{PATH}:5: programs.web.socket.port: {program_host}:9100 is metrics.listen's already "
+        f"{PATH}:5: programs.web.socket.port: {host_port(program_host, 9100)} is metrics.listen's "
+        "already "
         "(the supervisor's metrics endpoint listens there)"
     ]
     if clashes:

@@ -27,6 +27,7 @@ LEAVES = ERRORS | {
     "fatal_advice",
     "durable",
     "current_record",
+    "file_identity",
 }
 # The config file (models, their value types, reading, checks across sections) is one layer.
 CONFIG = {"config", "config_fields", "config_file", "config_consistency"}
@@ -102,6 +103,7 @@ ALLOWED: dict[str, set[str]] = {
     "durable": set(),
     # A generation/current record parsed: leftovers and the proxy-undo journal read it alike.
     "current_record": {"starttime"},
+    "file_identity": set(),
     "config_fields": {"locate"},
     "config": {"config_fields", "locate"},
     # config_file only for its type (ConfigFile), which it runs on.
@@ -128,7 +130,7 @@ ALLOWED: dict[str, set[str]] = {
     "logs": {"logs_follow"},  # logs_follow: the numbering its files get
     "log_lines": set(),
     "logs_capture": {"logs", "output_pipe", "log_lines"},
-    "output_keeper": {"logs", "log_lines"},
+    "output_keeper": {"logs", "log_lines", "file_identity"},
     "kept_outputs": {"errors", "logs", "output_keeper", "reaper", "spawn"},
     # config_fields: a program name handed over is checked as the config checks one.
     "keeper_handover": {"config_fields", "locate", "output_keeper"},
@@ -285,7 +287,15 @@ ALLOWED: dict[str, set[str]] = {
     "reload_changes": {"config", "errors", "program"},
     # What a removed program hands over to its successor: read off both Programs (and whether
     # their fixed addresses overlap, as the config tells).
-    "handover": {"config", "config_consistency", "program", "events", "progress", "proxy_file"},
+    "handover": {
+        "config",
+        "config_consistency",
+        "program",
+        "events",
+        "progress",
+        "proxy_file",
+        "usable",
+    },
     "commands": CORE | {"supervisor", "reload"},
     "orphans": WORKERS,
     "locate": {"errors"},
@@ -305,8 +315,9 @@ ALLOWED: dict[str, set[str]] = {
         "cli_requests",
         "locate",
     },
-    # How the CLI prints (stderr, JSON): every command module's, so nothing of flipvisor.
-    "cli_output": set(),
+    # How the CLI prints (stderr, JSON): every command module's, so nothing of flipvisor but
+    # the leaf that shows control characters as escapes.
+    "cli_output": {"printable"},
     "cli_check": LEAVES
     | {
         "cli_output",

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from flipvisor.usable import file_problem, folder_problem, listen_error, listen_problem
+from flipvisor.usable import (
+    file_problem,
+    folder_problem,
+    in_use,
+    listen_error,
+    listen_problem,
+    port_holders,
+)
 
 # A folder nobody may create anything in, root included (procfs refuses it): the same on every
 # Linux test host, whoever runs the tests.
@@ -88,6 +95,21 @@ def test_a_port_in_use_says_choose_a_free_port() -> None:
         f"cannot listen on 127.0.0.1:{port}: the port is in use; choose a free port, or stop "
         "what holds this one"
     )
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this host")
+def test_an_ipv6_port_in_use_is_written_bracketed() -> None:
+    # `:::8080` could be read as the address `::` and port 8080, or `::8080` and no port.
+    with socket.socket(socket.AF_INET6) as taken, socket.socket(socket.AF_INET6) as second:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError) as caught:
+            second.bind(("::1", port))
+        holders = port_holders(port)
+    assert listen_error("::1", port, caught.value).startswith(f"cannot listen on [::1]:{port}: ")
+    assert in_use("::1", port, holders).startswith(f"cannot listen on [::1]:{port}: the port is ")
+    assert listen_error("127.0.0.1", port, caught.value).startswith(f"on 127.0.0.1:{port}: ", 14)
 
 
 @pytest.mark.parametrize(

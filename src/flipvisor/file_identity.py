@@ -1,0 +1,36 @@
+"""Which file a path names (its device and inode, whatever it is called now), and removing a
+path only while it still names the file we made there: another process may have put its own at
+the path since ours went (a new supervisor's control socket, a new keeper's handover socket).
+
+Standard library only: the output keeper imports it, and stays small.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+Identity = tuple[int, int]  # (st_dev, st_ino)
+
+
+def identity_of(path: Path) -> Identity | None:
+    """The identity of what is at ``path`` now, not following a symlink (None: nothing, or it
+    cannot be seen)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)
+
+
+def unlink_if_ours(path: Path, ours: Identity | None) -> bool:
+    """Remove ``path`` if it still names the file ``ours`` (None: nothing of ours, so nothing
+    removed); whether it was removed. A look and a removal are two calls: another process may
+    put its file there between them, so this is for an exit that nobody is racing to bind."""
+    if ours is None or identity_of(path) != ours:
+        return False
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
