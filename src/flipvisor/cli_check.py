@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from .cli_output import print_error, print_json
 from .errors import EXIT_OK, EXIT_USAGE, ConfigError
-from .printable import count
+from .printable import count, one_line
 
 if TYPE_CHECKING:
     from .config import Config
@@ -87,7 +87,7 @@ def _check_passed(
     counts = [count(len(config.programs), "program"), count(len(config.watch), "watch")]
     if warnings:
         counts.append(count(len(warnings), "warning"))
-    print(f"{path}: ok ({', '.join(counts)})")
+    print(f"{one_line(str(path))}: ok ({', '.join(counts)})")
     return EXIT_OK
 
 

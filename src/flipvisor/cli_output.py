@@ -16,8 +16,10 @@ from .printable import indented_lines
 
 
 def print_error(message: str) -> None:
-    """An error, a warning or a notice for people: on stderr, after the command's name."""
-    print(f"flipvisor: {message}", file=sys.stderr)
+    """An error, a warning or a notice for people: on stderr, after the command's name. Its
+    control characters are shown as escapes (it may name a path, or quote what another process
+    said), every line after the first indented (``indented_lines``)."""
+    print(f"flipvisor: {indented_lines(message)}", file=sys.stderr)
 
 
 def waiting_notice() -> Callable[[str], None]:
@@ -46,7 +48,7 @@ def report_failure(args: argparse.Namespace, message: str, exit_code: int) -> in
     On stderr its control characters are shown as escapes and every line after the first is
     indented (``indented_lines``): a message names paths (a state_dir, a socket path) and
     quotes the supervisor's errors, and what they hold must not reach the terminal raw."""
-    print_error(indented_lines(message))
+    print_error(message)
     if getattr(args, "json", False):
         print(json.dumps({"ok": False, "exit_code": exit_code, "error": message}), flush=True)
     return exit_code

@@ -83,7 +83,7 @@ def _final(answer: dict[str, Any]) -> int:
         # A flip's failure names paths of the config (its folder, `proxy.dest`) and quotes
         # commands' output (`nginx -t`'s lines): control characters shown as escapes, and
         # every line after the first indented.
-        print_error(indented_lines(str(answer["error"])))
+        print_error(str(answer["error"]))
     return int(answer.get("exit_code", EXIT_FAILED))
 
 
@@ -178,9 +178,10 @@ def reload(args: argparse.Namespace, path: Path) -> int:
         if not_flipped := list(outcome.get("not_flipped") or {}):
             # Changed all the same: why each is not flipped now follows.
             parts.append(f"changed {', '.join(not_flipped)}, not flipped now")
-        print(f"flipvisor: reload: {'; '.join(parts) if parts else 'no program changed'}")
+        said = "; ".join(parts) if parts else "no program changed"
+        print(f"flipvisor: reload: {one_line(said)}")
         for name, why in (outcome.get("not_flipped") or {}).items():
-            print(f"flipvisor: reload: {name}: {why}")
+            print(f"flipvisor: reload: {indented_lines(f'{name}: {why}')}")
         for name, why in (outcome.get("kept") or {}).items():
             print_error(f"reload: {name}: {why}")
         if outcome.get("needs_restart"):

@@ -77,6 +77,16 @@ def connect(path: Path, timeout: float | None = None) -> socket.socket:
             f"permission denied on {path}: {exc.strerror}; run flipvisor as the user that "
             "runs the supervisor (or root)"
         ) from exc
+    except OSError as exc:
+        sock.close()
+        if exc.errno is not None:
+            raise
+        # Python's own "AF_UNIX path too long" (no errno: refused before any system call),
+        # which `check` says of the config file; no supervisor can have listened there.
+        raise NotListening(
+            f"no supervisor can listen on {path}: {exc} ({len(os.fsencode(path))} bytes); "
+            "choose a shorter state_dir (`flipvisor check` says how long it may be)"
+        ) from exc
     except BaseException:
         sock.close()
         raise

@@ -46,6 +46,23 @@ def test_no_supervisor_is_one_json_error_on_stdout(
     assert "flipvisor run" in err  # people still read it on stderr
 
 
+@pytest.mark.parametrize("argv", [["status"], ["shutdown"], ["status", "--json"]])
+def test_a_state_dir_too_long_for_a_socket_is_said_without_a_traceback(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `check` refuses such a file; a client given it anyway (a status after an edit) raised
+    # Python's "AF_UNIX path too long" as a traceback.
+    state_dir = tmp_path / ("x" * 120)
+    config = tmp_path / "flipvisor.yaml"
+    config.write_text(f"state_dir: {state_dir}\nprograms:\n  web:\n    command: [x]\n")
+    assert run_cli([*argv, "-c", str(config)]) == 2
+    out, err = capsys.readouterr()
+    said = out if "--json" in argv else err
+    assert "Traceback" not in out + err
+    assert f"no supervisor can listen on {state_dir}/flipvisor.sock" in said, said
+    assert "choose a shorter state_dir" in said, said
+
+
 @pytest.mark.parametrize("argv", COMMANDS, ids=" ".join)
 def test_an_unreadable_config_is_one_json_error_on_stdout(
     argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -137,3 +154,17 @@ def test_a_config_error_keeps_the_indent_of_its_problems(
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) > 2
     assert all(line.startswith("  ") and not line.startswith("    ") for line in lines[1:])
+
+
+def test_check_s_ok_line_shows_the_control_characters_of_the_file_s_path_as_escapes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The one line `check` prints on success names the file, as given: a path with an ESC
+    # sequence reached the terminal raw.
+    with tempfile.TemporaryDirectory(prefix="fv") as folder:
+        config = Path(folder) / "a\x1b]0;x\x07.yaml"
+        config.write_text(f"state_dir: {Path(folder) / 's'}\nprograms: {{}}\n")
+        assert run_cli(["check", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out, out
+    assert "a\\x1b]0;x\\x07.yaml: ok" in out, out
