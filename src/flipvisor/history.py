@@ -56,7 +56,10 @@ class History:
         """``deployed`` from the event loop (after a promotion): the memory is updated at once,
         the file written in a worker thread, as its fsync may take a while on a busy disk."""
         if self._remember(config):
-            await anyio.to_thread.run_sync(self._save, self._document())
+            # Shielded: cancelled before the thread ran, the file would keep the config before
+            # (the next run's rollback target wrong), while the memory says otherwise.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._save, self._document())
 
     def _remember(self, config: ProgramConfig) -> bool:
         """Shift ``config`` in; whether that changed anything (a restart does not)."""

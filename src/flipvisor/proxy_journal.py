@@ -179,9 +179,14 @@ class ProxyJournal:
         self.changes.append(change)
 
     async def settle(self) -> None:
-        """The changes stand, or were undone: remove the record (off the event loop)."""
+        """The changes stand, or were undone: remove the record (off the event loop).
+
+        Shielded: a cancellation (a flip's --timeout, a stop) landing here, after the promotion,
+        must neither leave the record (the next start would undo a change that stands) nor make
+        the promotion look failed to its caller, which would discard what now serves."""
         if self.changes:
-            await anyio.to_thread.run_sync(self._remove)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._remove)
 
     def _remove(self) -> None:
         # Left behind, the next start would look at changes that stand: a flip's are kept

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
 
 from flipvisor.config import ProgramConfig
@@ -34,3 +35,23 @@ def test_a_damaged_history_means_no_rollback_target(tmp_path: Path, content: str
     assert history.current is None and history.previous is None
     history.deployed(V1)  # and it is replaced by the next deploy
     assert History(path).current == V1
+
+
+def test_a_deploy_recorded_as_a_cancellation_lands_is_written_all_the_same(
+    tmp_path: Path,
+) -> None:
+    # A shutdown cancelling the flip's last step: the memory said V2 while the file kept V1,
+    # and the next run rolled back to the wrong config.
+    path = tmp_path / "history" / "web.json"
+    history = History(path)
+    history.deployed(V1)
+
+    async def record_cancelled() -> None:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await history.record_deployed(V2)
+
+    anyio.run(record_cancelled)
+
+    again = History(path)
+    assert (again.current, again.previous) == (V2, V1)

@@ -108,6 +108,23 @@ def test_settle_removes_the_record(tmp_path: Path) -> None:
     assert pending(state_dir) == []
 
 
+def test_settle_cancelled_as_it_begins_still_removes_the_record(tmp_path: Path) -> None:
+    # A flip's --timeout or a stop landing after the promotion: left behind, the record makes
+    # the next start undo a change that stands (a removal made again, a flip's file put back).
+    state_dir = tmp_path / "state"
+    journal = flip_journal(state_dir, "web", generation=2, port=2002, supervisor=SUPERVISOR)
+    put_in_place(tmp_path / "web.conf", b"new\n", journal)
+
+    async def settle_cancelled() -> None:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await journal.settle()
+
+    anyio.run(settle_cancelled)
+
+    assert pending(state_dir) == []
+
+
 def test_a_record_that_cannot_be_read_is_set_aside_and_said_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
