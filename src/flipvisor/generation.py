@@ -326,8 +326,8 @@ class Generation:
         if self.state in (GenerationState.STOPPED, GenerationState.FAILED):
             return
         if self.state is GenerationState.DRAINING:  # drained, whether it served or was ready
-            if self.failure is not None and not self.was_serving and not self._stop.called_off:
-                self.transition(GenerationState.FAILED, self.failure)  # discarded
+            if self.failure is not None and not self.was_serving:  # discarded, or failed first
+                self.transition(GenerationState.FAILED, self.failure)
             else:
                 self.transition(GenerationState.STOPPED)
             return

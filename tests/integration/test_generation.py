@@ -423,6 +423,33 @@ async def test_discard_fails_a_starting_generation_at_once(tmp_path: Path) -> No
         assert "stopped" not in h.kinds()
 
 
+async def test_a_called_off_generation_that_had_failed_ends_failed(
+    tmp_path: Path,
+) -> None:
+    # A worker failed it during its probe, and a stop called its flip off at the same time:
+    # it failed, and says so (`stopped` is for a flip called off before anything went wrong).
+    markers = tmp_path / "markers"
+    async with harness(tmp_path) as h:
+        gen = await h.start(svc_config(markers))
+        await wait_marked(markers, "START", set(gen.pids))
+        gen.fail("worker 0 exited before it was ready")
+        with anyio.fail_after(10):
+            await gen.call_off()
+        assert gen.state is GenerationState.FAILED
+        assert h.kinds("draining", "failed", "stopped") == ["draining", "failed"]
+
+
+async def test_a_called_off_generation_ends_stopped(tmp_path: Path) -> None:
+    markers = tmp_path / "markers"
+    async with harness(tmp_path) as h:
+        gen = await h.start(svc_config(markers))
+        await wait_marked(markers, "START", set(gen.pids))
+        with anyio.fail_after(10):
+            await gen.call_off()
+        assert gen.state is GenerationState.STOPPED
+        assert h.kinds("draining", "failed", "stopped") == ["draining", "stopped"]
+
+
 async def test_stopped_before_ready_is_failed(tmp_path: Path) -> None:
     async with harness(tmp_path) as h:
         gen = await h.start(svc_config(tmp_path / "markers"))
