@@ -6,6 +6,7 @@ over), and which of the workers it names still run as recorded (its program's le
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping
 
@@ -58,6 +59,8 @@ def _dead_supervisors_document(program: str, record: str | None, host: str) -> C
     try:
         parsed = parse_current(record)
     except (ValueError, TypeError, KeyError):
+        if _names_another_host(record, host):
+            return None  # another host's supervisor wrote it as it does: not ours to judge
         log.warning("program=%s: generation/current is not a record flipvisor wrote", program)
         return None
     if parsed is None or parsed.document.get("host") != host or parsed.supervisor is None:
@@ -108,3 +111,11 @@ def recorded_leftovers(
         if left is not None:
             found[name] = left
     return found
+
+
+def _names_another_host(record: str | None, host: str) -> bool:
+    try:
+        document = json.loads(record) if record else None
+    except ValueError:
+        return False
+    return isinstance(document, dict) and document.get("host") not in (None, host)
