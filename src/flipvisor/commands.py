@@ -231,10 +231,13 @@ class Commands:
         except ConfigError as exc:
             # Said as `reload` says it: the operator must not have to guess whether a deploy
             # began, was rolled back, or never ran.
+            # Advice first: a file's problems follow, a line each (``ConfigError``).
+            said = str(exc).split("\n")[0] if exc.problems else str(exc)
             raise ConfigError(
-                f"the {command} of {name} was not started, nothing changed: {exc}; fix the "
-                f"file (`flipvisor check` lists every problem) and run `flipvisor {command} "
-                f"{name}` again"
+                f"the {command} of {name} was not started, nothing changed; fix the file "
+                f"(`flipvisor check` lists every problem) and run `flipvisor {command} {name}` "
+                f"again: {said}",
+                exc.problems,
             ) from exc
         if name not in config.programs:
             raise UsageError(

@@ -397,5 +397,14 @@ def test_a_flip_refused_for_a_broken_file_says_nothing_was_flipped(flipvisor: Fl
     assert result.returncode == 2, result.stdout + result.stderr
     error = result.stderr.strip().splitlines()[-1]
     assert "not valid YAML" in error, result.stderr
-    assert "the flip of web was not started, nothing changed: " in error, result.stderr
-    assert "run `flipvisor flip web` again" in error, result.stderr
+    assert error.startswith("flipvisor: the flip of web was not started, nothing changed; fix"), (
+        error
+    )
+    assert "run `flipvisor flip web` again: " in error, result.stderr
+    # A file with problems: each on its own line after the advice, as `check` lists them.
+    flipvisor.config_path.write_text(
+        flipvisor.config_path.read_text().replace("    bogus: [\n", "    numprocs: 0\n")
+    )
+    said = flipvisor.cli("flip", "web").stderr.strip().splitlines()
+    assert said[-2].endswith("again: invalid config file " + str(flipvisor.config_path) + ":"), said
+    assert said[-1].startswith("  ") and "numprocs" in said[-1], said
