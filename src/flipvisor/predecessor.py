@@ -22,6 +22,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .config import Config, SocketConfig
+from .durable import remove_torn
 from .handover import Handover, say_kept
 from .keeper_handover import KeptOutput
 from .kept_outputs import OutputKeeper
@@ -43,6 +44,15 @@ log = logging.getLogger(__name__)
 
 # How often a stray kept for its successor looks again whether that one is still configured.
 RECHECK_INTERVAL = 1.0
+
+
+def remove_torn_writes(state_dir: Path) -> None:
+    """Remove the temporary files that a supervisor killed mid-write left beside the deploy
+    histories (``history/<program>.json``) and the local registry file (``registry.json``);
+    the proxy-undo records' are ``proxy_journal.pending``'s. Before anything of this run writes
+    those files: a file written meanwhile would lose its temporary (blocking)."""
+    remove_torn(state_dir / "history", of=lambda name: name.endswith(".json"))
+    remove_torn(state_dir, of=lambda name: name == "registry.json")
 
 
 class Predecessor:
@@ -109,6 +119,7 @@ class Predecessor:
         proxy steps it left unfinished are kept or undone, as those records say
         (``proxy_recovery.py``): its proxy files then name the generation its keys do."""
         programs, state_dir = self.config.programs, self.config.state_dir
+        await anyio.to_thread.run_sync(remove_torn_writes, state_dir)
         removed = removed_programs(state_dir, programs)
         unfinished = await unfinished_proxy_steps(state_dir)
         journalled = [step.about.program for step in unfinished]

@@ -219,7 +219,7 @@ async def _route(
         raise
     # Complete: routed and reloaded. A supervisor killed before this line leaves the record,
     # and the next start keeps the file, as the keys name gen (``proxy_recovery.py``).
-    await route.settle()
+    await route.promoted()
     return published, reloading.old_proxy_workers, deferred
 
 
@@ -240,6 +240,7 @@ async def _take_steps(
         gen, route, config=config, replaced_proxy=replaced_proxy, report=report, undo=undo
     )
     gen.ensure_whole()
+    await route.before_registry_step()  # a record without this mark was never promoted
     published, deferred = await registry_step(
         gen,
         program=route.program,

@@ -266,10 +266,24 @@ class Routing:
             owner=f"program={self.program}",
         )
 
+    async def before_registry_step(self) -> None:
+        """The proxy step is done, the registry step next: the journal marks its record so.
+
+        Raises:
+            ProxyError: the mark could not be written.
+        """
+        if self.journal is not None:
+            await self.journal.before_registry_step()
+
     async def settle(self) -> None:
         """The changes stand, or were undone: the journal's record of them goes."""
         if self.journal is not None:
             await self.journal.settle()
+
+    async def promoted(self) -> None:
+        """A promotion is complete: the journal's record goes (``ProxyJournal.promoted``)."""
+        if self.journal is not None:
+            await self.journal.promoted()
 
 
 async def reload(

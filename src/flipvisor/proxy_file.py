@@ -165,17 +165,34 @@ class Journal(Protocol):
             ProxyError: it could not be recorded (then nothing is changed).
         """
 
+    def failed_halfway(self) -> None:
+        """A recorded change was made but could be neither confirmed nor undone: the record
+        must stay for the next start, which puts the file back."""
+
+    async def before_registry_step(self) -> None:
+        """A flip's proxy step is done, its registry step next: recorded durably.
+
+        Raises:
+            ProxyError: it could not be recorded (the registry step must not be taken).
+        """
+
     async def settle(self) -> None:
         """The recorded changes stand, or were undone: the record goes."""
+
+    async def promoted(self) -> None:
+        """A flip's promotion is complete: ``settle``, and what it decided goes too."""
 
 
 def put_in_place(dest: Path, content: bytes, journal: Journal | None = None) -> Installed:
     """Replace ``dest`` with ``content`` (``write_atomic``); what it held is returned, and
-    recorded in ``journal`` first.
+    recorded in ``journal`` first. If the write fails after the new file was renamed into place
+    (the folder's fsync), the previous file is put back before the error is raised; if that
+    fails too, ``journal`` keeps its record (``failed_halfway``) for the next start.
 
     Raises:
-        OSError: ``dest`` could not be read or written.
-        ProxyError: ``journal`` could not record it (``dest`` unchanged).
+        OSError: ``dest`` could not be read or written (``dest`` as it was).
+        ProxyError: ``journal`` could not record it (``dest`` unchanged), or ``dest`` was
+            replaced and could not be put back.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     owner: Owner | None
@@ -188,17 +205,23 @@ def put_in_place(dest: Path, content: bytes, journal: Journal | None = None) -> 
     kept = Installed(dest=dest, previous=previous, previous_mode=mode, previous_owner=owner)
     if journal is not None:
         journal.replacing(kept, content)
-    write_atomic(dest, content, mode, owner)
+    try:
+        write_atomic(dest, content, mode, owner)
+    except durable.ReplacedNotDurable as exc:
+        _put_back_halfway(kept, journal, exc)
+        raise
     return kept
 
 
 def take_away_now(dest: Path, journal: Journal | None = None) -> Installed | None:
     """Remove ``dest``; what it held is returned (None: there was no such file), and recorded
-    in ``journal`` first.
+    in ``journal`` first. If the folder's fsync fails once the file is gone, it is put back
+    before the error is raised (as ``put_in_place``).
 
     Raises:
-        OSError: ``dest`` could not be read or removed.
-        ProxyError: ``journal`` could not record it (``dest`` unchanged).
+        OSError: ``dest`` could not be read or removed (``dest`` as it was).
+        ProxyError: ``journal`` could not record it (``dest`` unchanged), or ``dest`` was
+            removed and could not be put back.
     """
     try:
         previous = dest.read_bytes()
@@ -214,5 +237,29 @@ def take_away_now(dest: Path, journal: Journal | None = None) -> Installed | Non
     if journal is not None:
         journal.replacing(kept, None)
     dest.unlink()
-    fsync_dir(dest.parent)
+    try:
+        fsync_dir(dest.parent)
+    except OSError as exc:
+        _put_back_halfway(kept, journal, exc)
+        raise
     return kept
+
+
+def _put_back_halfway(kept: Installed, journal: Journal | None, failure: OSError) -> None:
+    """``kept.dest`` was changed, and then syncing its folder failed (``failure``): no caller
+    gets an ``Installed`` to undo it with, so put the previous file back now. If that fails
+    too, the unchecked change stays: ``journal`` keeps its record for the next start.
+
+    Raises:
+        ProxyError: it could not be put back (naming both failures).
+    """
+    try:
+        kept.restore()
+    except ProxyError as exc:
+        if journal is not None:
+            journal.failed_halfway()
+        kept_record = "; its proxy-undo record is kept" if journal is not None else ""
+        raise ProxyError(
+            f"cannot write {kept.dest} durably (syncing {kept.dest.parent} failed: "
+            f"{failure.strerror or failure}); then {exc}{kept_record}"
+        ) from failure

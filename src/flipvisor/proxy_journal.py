@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,15 +31,18 @@ from typing import Any
 import anyio
 
 from .current_record import parse_current
-from .durable import fsync_dir, torn_temporaries, write_atomic
+from .durable import ReplacedNotDurable, fsync_dir, remove_torn, write_atomic
 from .errors import ProxyError
-from .proxy_file import DEFAULT_FILE_MODE, Installed
+from .proxy_file import DEFAULT_FILE_MODE, Installed, same_file
 from .starttime import Recorded, recorded_from_json
 
 log = logging.getLogger("flipvisor.proxy")  # with the proxy's steps
 
 UNDO_DIR = "proxy-undo"
 RECORD_MODE = 0o600  # it may hold a proxy file's bytes: private, as the state_dir is
+# A flip's record: whether its proxy step was done and its registry step next
+# (``before_registry_step``); False: it was never promoted. Missing from older records.
+REGISTRY_NEXT = "registry_next"
 FLIP = "flip"  # a promotion's proxy step: undone unless the registry names its generation
 REMOVAL = "removal"  # a removed program's file taken away, until the proxy check passed
 
@@ -154,6 +158,8 @@ class ProxyJournal:
     path: Path
     about: About
     changes: list[Change] = field(default_factory=list)
+    # A change made halfway that could not be undone (``failed_halfway``): the record stays.
+    halfway: bool = False
 
     def replacing(self, kept: Installed, written: bytes | None) -> None:
         """Record durably that ``kept.dest`` is about to hold ``written`` (None: be removed).
@@ -162,15 +168,11 @@ class ProxyJournal:
             ProxyError: the record could not be written (nothing was changed yet).
         """
         change = Change(kept, None if written is None else _digest(written))
-        document = {**self.about.to_json(), "files": [c.to_json() for c in [*self.changes, change]]}
-        data = json.dumps(document, indent=1).encode()
         try:
-            try:
-                write_atomic(self.path, data, RECORD_MODE)
-            except FileNotFoundError:  # the first record in this state_dir, or folder removed
-                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                write_atomic(self.path, data, RECORD_MODE)
+            self._write([*self.changes, change], registry_next=False)
         except OSError as exc:
+            if isinstance(exc, ReplacedNotDurable):
+                self.changes.append(change)  # in place all the same: settled with the step
             raise ProxyError(
                 f"cannot record what {kept.dest} holds in {self.path} before replacing it: "
                 f"{exc.strerror or exc}; without that record, a supervisor killed before the "
@@ -178,15 +180,78 @@ class ProxyJournal:
             ) from exc
         self.changes.append(change)
 
+    async def before_registry_step(self) -> None:
+        """The proxy step is done (its files checked) and the registry step comes next: mark the
+        record so, durably (off the event loop). A flip's record without that mark was certainly
+        never promoted: the next start puts its files back even if it cannot read the registry.
+
+        Raises:
+            ProxyError: the mark could not be written; the registry step must not be taken.
+        """
+        if self.changes and self.about.kind == FLIP:
+            await anyio.to_thread.run_sync(self._mark_registry_next)
+
+    def _mark_registry_next(self) -> None:
+        try:
+            self._write(self.changes, registry_next=True)
+        except OSError as exc:
+            raise ProxyError(
+                f"cannot mark in {self.path} that the proxy step is done, before the registry "
+                f"step: {exc.strerror or exc}; a supervisor killed after the registry step could "
+                "not tell that it was taken"
+            ) from exc
+
+    def failed_halfway(self) -> None:
+        """A change was made that could be neither confirmed nor undone (``proxy_file``): the
+        record stays for the next start, which puts the file back, whatever ``settle`` is told."""
+        self.halfway = True
+
+    def _write(self, changes: list[Change], *, registry_next: bool) -> None:
+        """Write the record of ``changes``, durably (blocking).
+
+        Raises:
+            OSError: it could not be written (``ReplacedNotDurable``: it was, not durably).
+        """
+        document = {**self.about.to_json(), "files": [c.to_json() for c in changes]}
+        if self.about.kind == FLIP:
+            document[REGISTRY_NEXT] = registry_next
+        data = json.dumps(document, indent=1).encode()
+        try:
+            write_atomic(self.path, data, RECORD_MODE)
+        except FileNotFoundError:  # the first record in this state_dir, or folder removed
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomic(self.path, data, RECORD_MODE)
+
     async def settle(self) -> None:
         """The changes stand, or were undone: remove the record (off the event loop).
 
         Shielded: a cancellation (a flip's --timeout, a stop) landing here, after the promotion,
         must neither leave the record (the next start would undo a change that stands) nor make
         the promotion look failed to its caller, which would discard what now serves."""
-        if self.changes:
+        if self.halfway:
+            log.warning(
+                "program=%s the proxy-undo record %s is kept: a proxy file was changed halfway "
+                "and could not be put back; the next start puts it back",
+                self.about.program,
+                self.path,
+            )
+        elif self.changes:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._remove)
+
+    async def promoted(self) -> None:
+        """The flip's promotion is complete: ``settle``, and drop the records of this program's
+        flips that an earlier start kept undecided (``keep_undecided``) whose files this flip
+        replaced too: what those files hold now was routed after them, and put back by such a
+        record (this flip's bytes may be theirs: the same port, a template without the
+        generation), they would route to a generation the keys no longer name."""
+        replaced = [change.kept.dest for change in self.changes]
+        await self.settle()
+        if replaced and not self.halfway:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(
+                    _drop_decided, self.path.parent, self.about.program, replaced
+                )
 
     def _remove(self) -> None:
         # Left behind, the next start would look at changes that stand: a flip's are kept
@@ -231,6 +296,15 @@ class Pending:
     path: Path
     about: About
     changes: tuple[Change, ...]
+    # A flip's: whether it was past its proxy step (``before_registry_step``); None: unknown (a
+    # record written before that mark existed).
+    registry_next: bool | None = None
+
+    @property
+    def maybe_promoted(self) -> bool:
+        """Whether the registry step may have been taken: a flip not known to have stopped
+        before it."""
+        return self.about.kind == FLIP and self.registry_next is not False
 
     def promoted_by(self, record: str | None) -> bool:
         """Whether the registry's ``generation/current`` ``record`` names this flip's
@@ -296,17 +370,66 @@ def pending(state_dir: Path) -> list[Pending]:
     except OSError as exc:
         log.warning("cannot read the proxy-undo records in %s: %s", folder, exc.strerror)
         return []
-    _remove_torn(folder, listed)
+    # Only at start-up: no step of this state_dir writes a record meanwhile.
+    remove_torn(folder, of=lambda name: name.endswith(".json"), names=listed)
     found = []
     for name in _newest_first(folder, [name for name in listed if name.endswith(".json")]):
         path = folder / name
         try:
-            document = json.loads(path.read_bytes())
-            changes = tuple(Change.from_json(c) for c in document["files"])
-            found.append(Pending(path, About.from_json(document), changes))
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            found.append(_read(path))
+        except _UNREADABLE as exc:
             _set_aside(path, exc)
     return found
+
+
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, IndexError)
+
+
+def _read(path: Path) -> Pending:
+    """The record at ``path`` (blocking).
+
+    Raises:
+        OSError, ValueError, KeyError, TypeError, IndexError: it cannot be read.
+    """
+    document = json.loads(path.read_bytes())
+    changes = tuple(Change.from_json(c) for c in document["files"])
+    registry_next = document.get(REGISTRY_NEXT)
+    return Pending(
+        path,
+        About.from_json(document),
+        changes,
+        None if registry_next is None else bool(registry_next),
+    )
+
+
+def _undecided_name(program: str) -> re.Pattern[str]:
+    return re.compile(re.escape(program) + r"\.undecided-[0-9]+\.json")
+
+
+def _drop_decided(folder: Path, program: str, replaced: list[Path]) -> None:
+    """Drop ``program``'s undecided records every file of which is among ``replaced`` (files a
+    flip of it just promoted replaced again) (blocking; a failure is logged)."""
+    try:
+        names = os.listdir(folder)
+    except OSError as exc:
+        log.warning("cannot read the proxy-undo records in %s: %s", folder, exc.strerror)
+        return
+    undecided = _undecided_name(program)
+    for name in names:
+        if not undecided.fullmatch(name):
+            continue
+        try:
+            step = _read(folder / name)
+        except _UNREADABLE:
+            continue  # the next start sets it aside, with a warning
+        if all(any(same_file(c.kept.dest, dest) for dest in replaced) for c in step.changes):
+            drop_record(step.path)
+            log.info(
+                "program=%s dropped the proxy-undo record %s kept undecided: this run's flip "
+                "replaced its file since, and is promoted",
+                program,
+                step.path,
+            )
 
 
 def _newest_first(folder: Path, names: list[str]) -> list[str]:
@@ -321,20 +444,6 @@ def _newest_first(folder: Path, names: list[str]) -> list[str]:
             return 0
 
     return sorted(sorted(names), key=written, reverse=True)
-
-
-def _remove_torn(folder: Path, names: list[str]) -> None:
-    """Remove the temporary files of records a kill tore mid-write (``durable.write_atomic``'s,
-    for ``<program>.json``): never renamed into place, they hold nothing a record does. Only
-    at start-up: no step of this state_dir writes a record meanwhile (blocking)."""
-    torn = torn_temporaries(names, of=lambda name: name.endswith(".json"))
-    for name in torn:
-        try:
-            (folder / name).unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("cannot remove the torn record %s: %s", folder / name, exc.strerror)
-    if torn:
-        log.info("removed %d torn proxy-undo record(s) in %s", len(torn), folder)
 
 
 def keep_undecided(step: Pending) -> Path:

@@ -11,10 +11,16 @@ files agree with the registry keys, which decide which of its generations serve 
   keys still name the generation it would have replaced, and so must the file, as after any
   failed flip. Nothing is reloaded: the proxy never reloaded with the flip's file (its reload
   comes after the registry step).
-- When the registry cannot be read (etcd down at start-up), which of the two a flip was is
-  unknown, and nothing is guessed: its file is left as it is (a killed reload may have loaded
+- A flip whose record is not marked as past its proxy step (``before_registry_step``: killed
+  while its file was checked, say) was certainly never promoted: undone, even when the registry
+  cannot be read. A file left in nginx's tree unchecked would fail every other program's check.
+- When the registry cannot be read (etcd down at start-up), whether a flip past its proxy step
+  (or one whose record predates that mark) took its registry step is unknown, and nothing is
+  guessed: its file is left as it is (a killed reload may have loaded
   it), and its record kept, set aside under a name of its own (``keep_undecided``) so that this
-  run's own flip of the program neither overwrites nor settles it: the next start decides.
+  run's own flip of the program neither overwrites nor settles it: the next start decides, unless
+  this run's flip of the program is promoted with the same files first (``promoted``: what they
+  hold was routed after it, and the record is dropped then).
 - A removed program's file taken away before the check without it passed: put back, and removed
   again (checked) by whatever removes the program now.
 
@@ -30,7 +36,7 @@ from pathlib import Path
 import anyio
 
 from .events import EventLog
-from .proxy_journal import FLIP, Pending, keep_undecided, pending
+from .proxy_journal import Pending, keep_undecided, pending
 
 
 async def unfinished_proxy_steps(state_dir: Path) -> list[Pending]:
@@ -46,7 +52,7 @@ async def finish_proxy_steps(
     for step in unfinished:
         about = step.about
         what = about.describe()
-        if records is None and about.kind == FLIP:
+        if records is None and step.maybe_promoted:
             kept = await anyio.to_thread.run_sync(keep_undecided, step)
             files = ", ".join(str(change.kept.dest) for change in step.changes)
             # A warning (WARNINGS): the file may name a generation the keys do not.
@@ -72,7 +78,8 @@ async def finish_proxy_steps(
             await anyio.to_thread.run_sync(step.forget)
             continue
         outcome = await anyio.to_thread.run_sync(step.put_back)
-        message = f"a previous supervisor was killed during {what}, before it was done: "
+        when = "before its registry step" if step.registry_next is False else "before it was done"
+        message = f"a previous supervisor was killed during {what}, {when}: "
         message += "; ".join(outcome.done)
         if outcome.settled:
             await anyio.to_thread.run_sync(step.forget)

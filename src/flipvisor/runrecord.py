@@ -293,6 +293,9 @@ def write_record(config_path: Path, socket_path: Path) -> Path:
     config = real_config_path(config_path)
     record = RunRecord(config, Path(os.path.abspath(socket_path)), pid, me.identity, me.started)
     path = record_path(folder, config)
+    # A record of this file's that a kill tore: only its supervisor writes it, and that is us
+    # (the folder is shared by every config's supervisor: their temporaries are theirs).
+    durable.remove_torn(folder, of=lambda name: name == path.name)
     # Written beside it and renamed into place, durably: a reader never sees half a record,
     # and a crash never leaves an empty one.
     durable.write_atomic(path, record.encode(), 0o600)

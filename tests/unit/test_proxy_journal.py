@@ -20,10 +20,13 @@ from flipvisor.proxy_recovery import finish_proxy_steps, unfinished_proxy_steps
 SUPERVISOR = {"pid": 4242, "started": 1.5, "ticks": 99, "boot_id": "b"}
 
 
-def _flip(state_dir: Path) -> None:
-    """Generation 2's file put in place over generation 1's, then "killed": no settle."""
+def _flip(state_dir: Path, *, checked: bool = False) -> None:
+    """Generation 2's file put in place over generation 1's (``checked``: and the record marked
+    as past the proxy step, the registry step next), then "killed": no settle."""
     journal = flip_journal(state_dir, "web", generation=2, port=2002, supervisor=SUPERVISOR)
     put_in_place(state_dir.parent / "web.conf", b"server 127.0.0.1:2002;\n", journal)
+    if checked:
+        anyio.run(journal.before_registry_step)
 
 
 def test_a_record_left_puts_the_previous_file_back_with_its_mode(tmp_path: Path) -> None:
@@ -212,7 +215,7 @@ def test_with_the_registry_unreadable_a_flip_is_left_undecided_and_kept(tmp_path
     state_dir = tmp_path / "state"
     dest = tmp_path / "web.conf"
     dest.write_bytes(b"server 127.0.0.1:2001;\n")
-    _flip(state_dir)
+    _flip(state_dir, checked=True)
 
     [(kind, message)] = _finish(state_dir, None)
 
@@ -242,7 +245,7 @@ def test_an_undecided_record_is_undone_after_a_later_flip_s(tmp_path: Path) -> N
     state_dir = tmp_path / "state"
     dest = tmp_path / "web.conf"
     dest.write_bytes(b"server 127.0.0.1:2001;\n")
-    _flip(state_dir)
+    _flip(state_dir, checked=True)
     _finish(state_dir, None)
     later = flip_journal(state_dir, "web", generation=3, port=2003, supervisor=SUPERVISOR)
     put_in_place(dest, b"server 127.0.0.1:2003;\n", later)  # and killed again
@@ -252,6 +255,86 @@ def test_an_undecided_record_is_undone_after_a_later_flip_s(tmp_path: Path) -> N
     assert [kind for kind, _ in events] == ["proxy-restored", "proxy-restored"], events
     assert dest.read_bytes() == b"server 127.0.0.1:2001;\n"
     assert pending(state_dir) == []
+
+
+def test_with_the_registry_unreadable_a_flip_killed_before_its_registry_step_is_put_back(
+    tmp_path: Path,
+) -> None:
+    """Killed during `nginx -t` (the commonest window), before the registry step: the record has
+    no mark that the proxy step was done, so the flip was certainly never promoted, and its file
+    is put back though the registry cannot be read (review: it was left in nginx's tree,
+    unchecked, failing every other program's check for the whole run)."""
+    state_dir = tmp_path / "state"
+    dest = tmp_path / "web.conf"
+    dest.write_bytes(b"server 127.0.0.1:2001;\n")
+    _flip(state_dir)
+
+    [(kind, message)] = _finish(state_dir, None)
+
+    assert kind == "proxy-restored", message
+    assert "before its registry step" in message, message
+    assert dest.read_bytes() == b"server 127.0.0.1:2001;\n"
+    assert pending(state_dir) == []
+
+
+def test_a_record_from_before_the_mark_is_left_undecided(tmp_path: Path) -> None:
+    """A record written before the mark existed says nothing of the registry step: with the
+    registry unreadable, it is kept undecided, as before."""
+    state_dir = tmp_path / "state"
+    dest = tmp_path / "web.conf"
+    dest.write_bytes(b"server 127.0.0.1:2001;\n")
+    _flip(state_dir)
+    record = state_dir / "proxy-undo" / "web.json"
+    document = json.loads(record.read_bytes())
+    del document["registry_next"]
+    record.write_text(json.dumps(document))
+
+    [(kind, _)] = _finish(state_dir, None)
+
+    assert kind == "proxy-left"
+    assert dest.read_bytes() == b"server 127.0.0.1:2002;\n"
+
+
+def test_a_promoted_flip_drops_the_undecided_records_of_its_file(tmp_path: Path) -> None:
+    """This run's flip of the program, promoted, wrote the same bytes as the undecided one (the
+    same port, a template without the generation): the set-aside record would match them at the
+    next start and put generation 1's file back while the keys name this run's generation
+    (review). Promoted over the same file, the record is decided: it goes."""
+    state_dir = tmp_path / "state"
+    dest = tmp_path / "web.conf"
+    dest.write_bytes(b"server 127.0.0.1:2001;\n")
+    _flip(state_dir, checked=True)
+    _finish(state_dir, None)  # undecided, set aside
+    other = tmp_path / "api.conf"
+    other.write_bytes(b"server 127.0.0.1:3001;\n")
+    api = flip_journal(state_dir, "api", generation=2, port=3002, supervisor=SUPERVISOR)
+    put_in_place(other, b"server 127.0.0.1:3002;\n", api)
+    anyio.run(api.before_registry_step)
+    _finish(state_dir, None)  # another program's, undecided too: not this flip's to decide
+
+    journal = flip_journal(state_dir, "web", generation=3, port=2002, supervisor=SUPERVISOR)
+    put_in_place(dest, b"server 127.0.0.1:2002;\n", journal)  # the same bytes
+    anyio.run(journal.before_registry_step)
+    anyio.run(journal.promoted)
+
+    assert [step.about.program for step in pending(state_dir)] == ["api"]
+    events = _finish(state_dir, {"web": _current(3, 2002), "api": _current(1, 3001)})
+    assert dest.read_bytes() == b"server 127.0.0.1:2002;\n", events
+
+
+def test_an_undone_flip_keeps_the_undecided_record(tmp_path: Path) -> None:
+    """Settled after an undo (not promoted), this run's flip decides nothing."""
+    state_dir = tmp_path / "state"
+    dest = tmp_path / "web.conf"
+    dest.write_bytes(b"server 127.0.0.1:2001;\n")
+    _flip(state_dir, checked=True)
+    _finish(state_dir, None)
+    journal = flip_journal(state_dir, "web", generation=3, port=2002, supervisor=SUPERVISOR)
+    put_in_place(dest, b"server 127.0.0.1:2002;\n", journal).restore()
+    anyio.run(journal.settle)
+
+    [kept] = pending(state_dir)
+    assert kept.path.name.startswith("web.undecided-")
 
 
 def test_with_the_registry_unreadable_a_removal_is_put_back(tmp_path: Path) -> None:
