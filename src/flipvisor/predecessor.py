@@ -1,5 +1,5 @@
 """What a run takes over at start-up from the supervisor before it, if that one was killed: the
-output pipes its keeper kept (logged from the moment they are taken over), the proxy steps it
+temporary files of its writes a kill tore (``remove_torn_writes``), the output pipes its keeper kept (logged from the moment they are taken over), the proxy steps it
 left unfinished (``proxy_recovery.py``: each proxy file made to agree with the registry keys,
 before anything else is routed), its leftover workers
 by program (``leftovers.py``: given to the configured programs, drained after their first
