@@ -1,11 +1,12 @@
 """What a run takes over at start-up from the supervisor before it, if that one was killed: the
-temporary files of its writes a kill tore (``remove_torn_writes``), the output pipes its keeper kept (logged from the moment they are taken over), the proxy steps it
-left unfinished (``proxy_recovery.py``: each proxy file made to agree with the registry keys,
-before anything else is routed), its leftover workers
-by program (``leftovers.py``: given to the configured programs, drained after their first
-promotion), and the programs it served that the config no longer has (``stray_programs.py``:
-stopped in the background, and SIGKILLed once a shutdown's drains are done; the socket of a fixed
-port of theirs that a configured program listens on is taken first, for that program).
+temporary files of its writes a kill tore (``remove_torn_writes``), the output pipes its keeper kept
+(logged from the moment they are taken over), the proxy steps it left unfinished
+(``proxy_recovery.py``: each proxy file made to agree with the registry keys, before anything else
+is routed), its leftover workers by program (``leftovers.py``: given to the configured programs,
+drained after their first promotion), and the programs it served that the config no longer has
+(``stray_programs.py``: stopped in the background, and SIGKILLed once a shutdown's drains are done;
+the socket of a fixed port of theirs that a configured program listens on is taken first, for that
+program).
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ A flip's record is marked once its proxy step is done, before its registry step
 even when the next start cannot read the registry. A record kept undecided by such a start is
 dropped once this run promotes a flip of the program over the same files (``promoted``).
 
-One small write (atomic, fsynced) per file a step changes, one for a flip's mark, one removal at
-its end; blocking calls, run off the event loop. The folder is made when a record finds it missing (once, or again
-after someone removed it); the temporary files of a record's write that a kill tore are removed
-by the next start's ``pending``.
+One small write (atomic, fsynced) per file a step changes, one for a flip's mark, one removal at its
+end; blocking calls, run off the event loop. The folder is made when a record finds it missing
+(once, or again after someone removed it); the temporary files of a record's write that a kill tore
+are removed by the next start's ``pending``.
 """
 
 from __future__ import annotations
