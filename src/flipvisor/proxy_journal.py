@@ -416,6 +416,8 @@ def _drop_decided(folder: Path, program: str, replaced: list[Path]) -> None:
     flip of it just promoted replaced again) (blocking; a failure is logged)."""
     try:
         names = os.listdir(folder)
+    except FileNotFoundError:  # removed by hand since: no record to drop
+        return
     except OSError as exc:
         log.warning("cannot read the proxy-undo records in %s: %s", folder, exc.strerror)
         return
