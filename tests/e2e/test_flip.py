@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -1035,6 +1036,37 @@ def test_a_reload_that_nginx_did_not_apply_leaves_the_old_generation_serving(
         assert "generation 1, serving before, keeps serving" in error, error
         assert "reload-back" in error, error  # nginx may yet apply it: reloaded back anyway
         before.assert_untouched(flipvisor, nginx)
+
+
+def test_a_stale_pidfile_naming_a_reused_pid_does_not_fail_the_start(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
+    """README: a `pidfile` that is missing or stale gives nothing to confirm a reload by, and a
+    warning says so. A stale one whose PID now names another process that has children (nginx
+    crashed or was restarted with another pid path; its old PID reused by a shell running a
+    job) was read as nginx's master: its children never change at a reload, so every reload
+    counted as refused, the first start was rolled back (its file taken away) and nothing
+    served, with "nginx has not applied the reload ... see nginx's error log", which held
+    nothing (QA 8). The holder started after the file was written: it is not its writer."""
+    stale = tmp_path / "stale.pid"
+    holder = subprocess.Popen(["sh", "-c", "sleep 300 & wait"])
+    try:
+        wait_until(lambda: psutil.Process(holder.pid).children(), message="the holder's child")
+        stale.write_text(f"{holder.pid}\n")
+        written = psutil.Process(holder.pid).create_time() - 60  # by an nginx long gone
+        os.utime(stale, (written, written))
+        flipvisor.start({"programs": {"web": program(nginx, "1", proxy={"pidfile": str(stale)})}})
+        flipvisor.wait_serving("web", timeout=15)
+        wait_until(lambda: version_served(nginx) == "1", message="nginx to proxy generation 1")
+        wait_until(
+            lambda: "names no running master" in flipvisor.output(),
+            message="the warning that reloads are not confirmed",
+        )
+    finally:
+        for child in psutil.Process(holder.pid).children():
+            child.kill()
+        holder.kill()
+        holder.wait()
 
 
 def test_an_added_program_nginx_refuses_does_not_fail_the_flips_of_the_others(

@@ -4,12 +4,10 @@ once it is fixed."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from tests.e2e.test_flip import program, version_served
@@ -61,37 +59,6 @@ def test_flip_timeout_bounds_the_answer_when_the_reload_command_hangs(
     assert (nginx.conf_dir / "web.conf").read_bytes() == before
     assert flipvisor.registry() == keys
     assert took < 2 + 3, f"`flip --timeout 2` answered after {took:.1f}s:\n{result.stderr}"
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a stale proxy.pidfile whose PID was reused by a process with children is taken for "
-    "nginx's master: every reload is 'not applied' and the start (or flip) is rolled back",
-)
-def test_a_stale_pidfile_naming_a_reused_pid_does_not_fail_the_start(
-    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
-) -> None:
-    """README: a `pidfile` that is missing or stale gives nothing to confirm a reload by, and a
-    warning says so. A stale one whose PID now names another process that has children (nginx
-    crashed or was restarted with another pid path; its old PID reused by a shell running a
-    job) is read as nginx's master: its children never change at a reload, so after 10 s
-    every reload counts as refused, the first start is rolled back (its file taken away) and
-    nothing serves, with "nginx has not applied the reload ... see nginx's error log", which
-    holds nothing. The master could be told from a reused PID (it started before the pidfile
-    was written; it is nginx)."""
-    holder = subprocess.Popen(["sh", "-c", "sleep 300 & wait"])
-    try:
-        wait_until(lambda: psutil.Process(holder.pid).children(), message="the holder's child")
-        stale = tmp_path / "stale.pid"
-        stale.write_text(f"{holder.pid}\n")
-        flipvisor.start({"programs": {"web": program(nginx, "1", proxy={"pidfile": str(stale)})}})
-        flipvisor.wait_serving("web", timeout=15)
-        wait_until(lambda: version_served(nginx) == "1", message="nginx to proxy generation 1")
-    finally:
-        for child in psutil.Process(holder.pid).children():
-            child.kill()
-        holder.kill()
-        holder.wait()
 
 
 @pytest.mark.xfail(
