@@ -28,6 +28,7 @@ from .flip_outcome import (
     record_flip,
     retry_command,
     stranded_clause,
+    what_serves,
 )
 from .flip_steps import deploy_new, promote_warm, serve
 from .progress import FlipReport
@@ -207,10 +208,13 @@ class Flips:
                     return await promote_warm(self, report, warm)
                 return await deploy_new(self, report, config)
             # Only reached when the deadline cancelled the flip (it was undone, as after a failure).
+            # As a readiness.timeout says it: what the probe got, and what serves now.
+            cut_short = f": {report.cut_short}" if report.cut_short else ""
+            rolled_back = "rolled back, but" if report.stranded else "rolled back;"
             report.finish(
-                f"the flip took longer than --timeout {timeout:g}s; rolled back"
-                f"{stranded_clause(report)}; `flipvisor logs {name}` shows what the new "
-                "generation did",
+                f"the flip took longer than --timeout {timeout:g}s{cut_short}; {rolled_back} "
+                f"{what_serves(self.program, report)}; `flipvisor logs {name}` shows what the "
+                "new generation did",
                 report.output,
             )
         except FlipFailed as exc:

@@ -504,12 +504,42 @@ def test_flip_timeout_rolls_back_under_load(flipvisor: Flipvisor, nginx: Nginx) 
         outcome = load.stop()
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
-    assert "--timeout 1s;" in report["error"], report["error"]  # not "1.0s"
+    assert "--timeout 1s:" in report["error"], report["error"]  # not "1.0s"
+    assert "rolled back; generation 1, serving before, keeps serving" in report["error"]
     # The flip's own duration, as the supervisor timed it: not the client's, whose start-up a
     # loaded machine stretches.
     assert report["duration"] < 4, "gave up at the timeout, not at the probe's own"
     assert outcome.failed == 0, outcome.errors[:5]
     before.assert_untouched(flipvisor, nginx)
+
+
+def test_a_flip_cut_short_by_timeout_in_the_probe_says_what_the_probe_got(
+    flipvisor: Flipvisor,
+) -> None:
+    """The same broken release (its /health answers 503) fails a flip with `readiness.timeout`
+    as "generation 2 of web failed: not ready after 2s: GET .../health: 503 Service
+    Unavailable: ...; generation 1, serving before, keeps serving", but one cut short by
+    `flip --timeout 2` (what a deploy pipeline uses) said only "the flip took longer than --timeout
+    2s; rolled back": the step it was in, the probe's last answer (the one fact that says what
+    to fix) and what still serves were gone from the error, the `flip-failed` event and
+    `--json` (QA 8)."""
+
+    def web(*flags: str) -> dict[str, Any]:
+        return {
+            "command": svc_command(*flags),
+            "readiness": {"http": "/health", "timeout": 30, "interval": 0.05},
+            "drain": {"delay": 0.1, "timeout": 3},
+        }
+
+    flipvisor.start({"programs": {"web": web("--version", "1")}})
+    flipvisor.wait_serving("web")
+    flipvisor.write_config({"programs": {"web": web("--version", "2", "--health-fail")}})
+    result = flipvisor.cli("flip", "web", "--timeout", "2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert "--timeout 2s" in error, result.stderr
+    assert "503" in error, f"the probe's last answer is missing: {error}"
+    assert "generation 1" in error and "keeps serving" in error, error
 
 
 # The old generation outlives --timeout 5 after the promotion: a long drain.delay, or workers
@@ -1213,7 +1243,9 @@ def test_flip_timeout_bounds_the_flip_when_the_new_generation_ignores_sigterm(
     took = time.monotonic() - began
 
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "--timeout 2s; rolled back" in " ".join(result.stderr.split()), result.stderr
+    said = " ".join(result.stderr.split())
+    assert "--timeout 2s: generation 2 of web was not ready: GET " in said, said
+    assert "; rolled back; generation 1, serving before, keeps serving" in said, said
     after = flipvisor.serving("web")
     assert after is not None and after["pids"] == serving["pids"]
     assert took < 2 + 8, f"`flip --timeout 2` answered after {took:.1f}s"
