@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .config import ProgramConfig, same_deploy
+from .discard import DEADLINE_GRACE
 from .errors import Busy, FlipFailed, FlipvisorError, flip_next_step
 from .flip_outcome import (
     abandoned,
     answer_at,
+    answer_rolling_back_at,
     describe_replaced,
     record_flip,
     retry_command,
@@ -39,6 +41,17 @@ if TYPE_CHECKING:
     from .program import Program
 
 log = logging.getLogger(__name__)
+
+# How long after a discarded generation's wait (the deadline and DEADLINE_GRACE) a flip whose
+# rollback still runs answers its client: later than that wait, never at the same time.
+ANSWER_AFTER_DISCARD = 0.1
+
+
+def _fail(report: FlipReport, error: str, output: list[str] | None = None) -> None:
+    """Finish a failed flip's ``report``, unless its client was answered while its rollback ran
+    (``answer_rolling_back_at``): events say how that ended."""
+    if not report.finished:
+        report.finish(error, output)
 
 
 class Flips:
@@ -194,10 +207,29 @@ class Flips:
     async def _deploy(
         self, report: FlipReport, config: ProgramConfig, deadline: float, timeout: float | None
     ) -> Promotion | None:
+        """``_deploy_within``, its client answered by ``deadline`` and ``DEADLINE_GRACE`` even
+        if the rollback goes on (a reload back that hangs): the flip's task goes on with it,
+        holding its locks, until it ends (``answer_rolling_back_at``)."""
+        async with anyio.create_task_group() as answering:
+            if timeout:
+                # Just after a discarded generation's wait ends (``discard.py``): a flip whose
+                # rollback is done by then answers as it always did.
+                at = deadline + DEADLINE_GRACE + ANSWER_AFTER_DISCARD
+                answering.start_soon(answer_rolling_back_at, self.program, report, at, timeout)
+            try:
+                promotion = await self._deploy_within(report, config, deadline, timeout)
+            finally:
+                answering.cancel_scope.cancel()
+        return promotion
+
+    async def _deploy_within(
+        self, report: FlipReport, config: ProgramConfig, deadline: float, timeout: float | None
+    ) -> Promotion | None:
         """Start, probe and route a new generation (or route the warm one), within ``deadline``.
-        Returns the promotion, or None if the flip failed: it was undone and ``report`` says why.
-        Nothing may await between the promotion and the return: a cancellation there (the
-        deadline, a stop) would roll back a generation that is already routed to."""
+        Returns the promotion, or None if the flip failed: it was undone and ``report`` says why
+        (unless its client was answered already: ``_deploy``). Nothing may await between the
+        promotion and the return: a cancellation there (the deadline, a stop) would roll back a
+        generation that is already routed to."""
         name = self.program.name
         try:
             with anyio.CancelScope(deadline=deadline):
@@ -211,22 +243,23 @@ class Flips:
             # As a readiness.timeout says it: what the probe got, and what serves now.
             cut_short = f": {report.cut_short}" if report.cut_short else ""
             rolled_back = "rolled back, but" if report.stranded else "rolled back;"
-            report.finish(
+            _fail(
+                report,
                 f"the flip took longer than --timeout {timeout:g}s{cut_short}; {rolled_back} "
                 f"{what_serves(self.program, report)}; `flipvisor logs {name}` shows what the "
                 "new generation did",
                 report.output,
             )
         except FlipFailed as exc:
-            report.finish(str(exc), exc.output)
+            _fail(report, str(exc), exc.output)
         except FlipvisorError as exc:
             step = flip_next_step(exc, name, retry=retry_command(self.program, report.kind))
-            report.finish(f"{exc}{stranded_clause(report)}; {step}")
+            _fail(report, f"{exc}{stranded_clause(report)}; {step}")
         except Exception as exc:
             # The task-group boundary of a flip: a bug must fail this flip, not the
             # supervisor and every other program with it.
             log.exception("program=%s flip failed unexpectedly", name)
-            report.finish(f"internal error: {exc!r}")
+            _fail(report, f"internal error: {exc!r}")
         return None
 
     async def _settle_reporting(

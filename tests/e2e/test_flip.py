@@ -895,9 +895,107 @@ def test_a_reload_cut_short_is_reloaded_back(
     if not timeout:
         assert "may still route to generation 2" in result.stderr
     else:
-        # The flip's own message, not only the step's detail: it was not simply rolled back.
-        assert "rolled back, but reloading the proxy back failed too" in result.stderr
+        # Answered at the deadline, with the reload back under way (it hangs as the reload did):
+        # how it ended is an event, which says that it was not simply rolled back.
+        assert "it is being rolled back" in result.stderr, result.stderr
+        wait_until(
+            lambda: "not-reloaded-back" in flipvisor.event_kinds(), message="the reload back"
+        )
+        said = flipvisor.cli("events", "--json").stdout.splitlines()
+        event = next(e for e in map(json.loads, said) if e["kind"] == "not-reloaded-back")
+        assert "reloading the proxy back failed too" in event["message"], event
+        assert "may still route to generation 2" in event["message"], event
     before.assert_untouched(flipvisor, nginx)
+
+
+def test_flip_timeout_bounds_the_answer_when_the_reload_command_hangs(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
+    """A deploy script runs `flipvisor flip web --timeout 2`; nginx's reload command hangs (a
+    `systemctl reload nginx` stuck behind a job, say). The contract: `--timeout` gives up
+    waiting and rolls back after S seconds. The flip rolled back (keys and file as they were),
+    but the client waited out the reload back too, bounded only by `proxy.timeout` (30 s by
+    default; 6 s here): the deploy's time budget was not kept (QA 8). Now the client is answered
+    at the deadline, told what is back and what still runs; the reload back goes on in the
+    supervisor, holding the flip's lock (a next flip is refused, not raced), and an event says
+    how it ended."""
+    gate, entered = tmp_path / "gate", tmp_path / "entered"
+    gate.touch()
+    # Runs the reload command once the gate exists: without it, the command hangs.
+    gated = ["sh", "-c", f'touch {entered}; while [ ! -e {gate} ]; do sleep 0.05; done; exec "$@"']
+
+    def web(version: str) -> dict[str, Any]:
+        return program(
+            nginx, version, proxy={"reload_cmd": [*gated, "gated", *nginx.reload_cmd], "timeout": 6}
+        )
+
+    flipvisor.start({"programs": {"web": web("1")}})
+    flipvisor.wait_serving("web")
+    wait_until(lambda: version_served(nginx) == "1", message="nginx to proxy generation 1")
+    before = (nginx.conf_dir / "web.conf").read_bytes()
+    keys = flipvisor.registry()
+    gate.unlink()  # from now on the reload command hangs
+    flipvisor.write_config({"programs": {"web": web("2")}})
+    started = time.monotonic()
+    try:
+        result = flipvisor.cli("flip", "web", "--timeout", "2", timeout=30)
+        took = time.monotonic() - started
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert (nginx.conf_dir / "web.conf").read_bytes() == before
+        assert flipvisor.registry() == keys
+        assert took < 2 + 3, f"`flip --timeout 2` answered after {took:.1f}s:\n{result.stderr}"
+        said = " ".join(result.stderr.split())
+        assert "--timeout 2s; it is being rolled back" in said, said
+        assert "the proxy file and the registry keys are as before" in said, said
+        assert "generation 1, serving before, keeps serving" in said, said
+        # The rollback holds the flip's lock until the reload back is over: no flip races it.
+        raced = flipvisor.cli("flip", "web")
+        assert raced.returncode != 0 and "reload-back" in raced.stderr, raced.stderr
+    finally:
+        gate.touch()
+    # The gate open, the reload back goes through: told by an event.
+    wait_until(lambda: "reloaded-back" in flipvisor.event_kinds(), message="the reload back")
+    assert "not-reloaded-back" not in flipvisor.event_kinds()
+    wait_until(
+        lambda: all(g["generation"] != 2 for g in flipvisor.program("web")["generations"]),
+        message="generation 2 stopped after the reload back",
+    )
+    assert version_served(nginx) == "1"
+
+
+def test_a_shutdown_during_a_hung_reload_says_the_proxy_may_still_route_to_the_new_generation(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
+    """The shutdown calls off a flip whose reload command hangs; the reload back (the same
+    command) hangs too and fails at proxy.timeout. Its step said "the proxy may still route to
+    generation 2", but the flip's answer ended "it was rolled back" (QA 8): they agree now."""
+    gate, entered = tmp_path / "gate", tmp_path / "entered"
+    gate.touch()
+    gated = ["sh", "-c", f'touch {entered}; while [ ! -e {gate} ]; do sleep 0.05; done; exec "$@"']
+
+    def web(version: str) -> dict[str, Any]:
+        return program(
+            nginx, version, proxy={"reload_cmd": [*gated, "gated", *nginx.reload_cmd], "timeout": 2}
+        )
+
+    flipvisor.start({"programs": {"web": web("1")}})
+    flipvisor.wait_serving("web")
+    gate.unlink()  # from now on the reload command hangs
+    entered.unlink()
+    flipvisor.write_config({"programs": {"web": web("2")}})
+    flip = flipvisor.cli_started("flip", "web")
+    try:
+        wait_until(entered.exists, message="the flip's reload command to hang")
+        flipvisor.stop()
+        _, stderr = flip.communicate(timeout=30)
+    finally:
+        gate.touch()
+        flip.kill()
+        flip.wait()
+    said = " ".join(stderr.split())
+    assert "stopped by the supervisor's shutdown" in said, said
+    assert "it was rolled back, but reloading the proxy back failed too" in said, said
+    assert "may still route to generation 2" in said.rpartition("it was rolled back")[2], said
 
 
 def _reload_then(
