@@ -29,7 +29,16 @@ log = logging.getLogger(__name__)
 # filtered at WARNING shows them. An event is logged by its emit alone, never by a warning of its
 # own next to it (tests/unit/test_events.py checks).
 WARNINGS = frozenset(
-    {"flip-failed", "fatal", "given-up", "killed", "not-as-deployed", "kept-serving", "proxy-left"}
+    {
+        "flip-failed",
+        "fatal",
+        "given-up",
+        "killed",
+        "not-as-deployed",
+        "kept-serving",
+        "proxy-left",
+        "not-reloaded-back",
+    }
 )
 
 HISTORY = 1000

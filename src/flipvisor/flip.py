@@ -20,14 +20,17 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .config import ProgramConfig, same_deploy
+from .discard import DEADLINE_GRACE
 from .errors import Busy, FlipFailed, FlipvisorError, flip_next_step
 from .flip_outcome import (
     abandoned,
     answer_at,
+    answer_rolling_back_at,
     describe_replaced,
     record_flip,
     retry_command,
     stranded_clause,
+    what_serves,
 )
 from .flip_steps import deploy_new, promote_warm, serve
 from .progress import FlipReport
@@ -38,6 +41,17 @@ if TYPE_CHECKING:
     from .program import Program
 
 log = logging.getLogger(__name__)
+
+# How long after a discarded generation's wait (the deadline and DEADLINE_GRACE) a flip whose
+# rollback still runs answers its client: later than that wait, never at the same time.
+ANSWER_AFTER_DISCARD = 0.1
+
+
+def _fail(report: FlipReport, error: str, output: list[str] | None = None) -> None:
+    """Finish a failed flip's ``report``, unless its client was answered while its rollback ran
+    (``answer_rolling_back_at``): events say how that ended."""
+    if not report.finished:
+        report.finish(error, output)
 
 
 class Flips:
@@ -190,10 +204,38 @@ class Flips:
     async def _deploy(
         self, report: FlipReport, config: ProgramConfig, deadline: float, timeout: float | None
     ) -> Promotion | None:
+        """``_deploy_within``, its client answered by ``deadline`` and ``DEADLINE_GRACE`` even
+        if the rollback goes on (a reload back that hangs): the flip's task goes on with it,
+        holding its locks, until it ends (``answer_rolling_back_at``).
+
+        The answering task runs in the program's task group, cancelled without an await: a
+        task group of its own here would make its exit a checkpoint between the promotion and
+        the return, where a stop's cancellation would drop a generation already routed to."""
+        answering = anyio.CancelScope()
+        if timeout:
+            # Just after a discarded generation's wait ends (``discard.py``): a flip whose
+            # rollback is done by then answers as it always did.
+            at = deadline + DEADLINE_GRACE + ANSWER_AFTER_DISCARD
+            self.program._task_group().start_soon(self._answer_at, answering, report, at, timeout)
+        try:
+            return await self._deploy_within(report, config, deadline, timeout)
+        finally:
+            answering.cancel()
+
+    async def _answer_at(
+        self, scope: anyio.CancelScope, report: FlipReport, at: float, timeout: float
+    ) -> None:
+        with scope:
+            await answer_rolling_back_at(self.program, report, at, timeout)
+
+    async def _deploy_within(
+        self, report: FlipReport, config: ProgramConfig, deadline: float, timeout: float | None
+    ) -> Promotion | None:
         """Start, probe and route a new generation (or route the warm one), within ``deadline``.
-        Returns the promotion, or None if the flip failed: it was undone and ``report`` says why.
-        Nothing may await between the promotion and the return: a cancellation there (the
-        deadline, a stop) would roll back a generation that is already routed to."""
+        Returns the promotion, or None if the flip failed: it was undone and ``report`` says why
+        (unless its client was answered already: ``_deploy``). Nothing may await between the
+        promotion and the return: a cancellation there (the deadline, a stop) would roll back a
+        generation that is already routed to."""
         name = self.program.name
         try:
             with anyio.CancelScope(deadline=deadline):
@@ -204,22 +246,26 @@ class Flips:
                     return await promote_warm(self, report, warm, deadline)
                 return await deploy_new(self, report, config, deadline)
             # Only reached when the deadline cancelled the flip (it was undone, as after a failure).
-            report.finish(
-                f"the flip took longer than --timeout {timeout:g}s; rolled back"
-                f"{stranded_clause(report)}; `flipvisor logs {name}` shows what the new "
-                "generation did",
+            # As a readiness.timeout says it: what the probe got, and what serves now.
+            cut_short = f": {report.cut_short}" if report.cut_short else ""
+            rolled_back = "rolled back, but" if report.stranded else "rolled back;"
+            _fail(
+                report,
+                f"the flip took longer than --timeout {timeout:g}s{cut_short}; {rolled_back} "
+                f"{what_serves(self.program, report)}; `flipvisor logs {name}` shows what the "
+                "new generation did",
                 report.output,
             )
         except FlipFailed as exc:
-            report.finish(str(exc), exc.output)
+            _fail(report, str(exc), exc.output)
         except FlipvisorError as exc:
             step = flip_next_step(exc, name, retry=retry_command(self.program, report.kind))
-            report.finish(f"{exc}{stranded_clause(report)}; {step}")
+            _fail(report, f"{exc}{stranded_clause(report)}; {step}")
         except Exception as exc:
             # The task-group boundary of a flip: a bug must fail this flip, not the
             # supervisor and every other program with it.
             log.exception("program=%s flip failed unexpectedly", name)
-            report.finish(f"internal error: {exc!r}")
+            _fail(report, f"internal error: {exc!r}")
         return None
 
     async def _settle_reporting(

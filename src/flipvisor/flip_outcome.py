@@ -1,5 +1,6 @@
 """How a flip (``flip.py``) ends, for its client and in the record: the answer to a flip that was
-abandoned, or whose ``--timeout`` ran out after its promotion (what is still to do), the clauses a
+abandoned, or whose ``--timeout`` ran out after its promotion or while its rollback still runs
+(what is still to do), the clauses a
 failed flip's message is made of (what serves now, a proxy stranded on the failed generation, the
 command that tries again), and what a finished flip leaves in the program's counters, its events
 and its ``fatal`` state.
@@ -20,7 +21,10 @@ if TYPE_CHECKING:
 
 def abandoned(program: Program, report: FlipReport) -> None:
     """Finish ``report`` for a flip that a stop (or a reload's removal, or the shutdown) cut
-    short while it could still be undone: it was rolled back."""
+    short while it could still be undone: it was rolled back (unless its client was answered
+    already: its ``--timeout`` ran out while the rollback ran)."""
+    if report.finished:
+        return
     report.abandoned = True
     if program.removing:
         what = "removed from the config by a reload"
@@ -28,8 +32,45 @@ def abandoned(program: Program, report: FlipReport) -> None:
         what = "stopped by the supervisor's shutdown"
     else:
         what = "stopped (`flipvisor stop`)"
+    # Rolled back, but perhaps not all of it: a reload back that failed says where the proxy
+    # may route, as the step above does.
     report.finish(
         f"{program.name} was {what} before the {report.kind} completed; it was rolled back"
+        f"{stranded_clause(report)}"
+    )
+
+
+async def answer_rolling_back_at(
+    program: Program, report: FlipReport, at: float, timeout: float
+) -> None:
+    """At ``at`` (anyio's clock: the flip's deadline and ``discard.DEADLINE_GRACE``), answer the
+    client of a flip whose ``--timeout`` cut it short and whose rollback still runs (a reload
+    back that hangs as the reload did): ``--timeout`` bounds the answer. The rollback goes on in
+    the flip's task, which holds the flip's and the proxy's locks until it ends; how the reload
+    back ends is an event (``promotion_undo.py``)."""
+    await anyio.sleep_until(at)
+    if not report.finished:
+        report.finish(rolling_back(program, report, timeout), report.output)
+
+
+def rolling_back(program: Program, report: FlipReport, timeout: float) -> str:
+    """The answer to a flip whose ``--timeout`` ran out while it is rolled back: what is back,
+    what is still under way, what serves meanwhile."""
+    step = report.steps[-1] if report.steps else None
+    running = step.name if step is not None and step.status == "running" else "rollback"
+    number = report.generation
+    if running == "reload-back" and report.undone:
+        doing = (
+            f"{report.undone}; the proxy is being reloaded back, away from generation {number} "
+            f"(each of its commands within proxy.timeout): until then it may route to "
+            f"generation {number}, which is stopped after that"
+        )
+    else:
+        doing = f"its step `{running}` is still under way"
+    return (
+        f"the flip took longer than --timeout {timeout:g}s; it is being rolled back: {doing}; "
+        f"{what_serves(program, report)}; `flipvisor events {program.name}` says how the "
+        "rollback ends"
     )
 
 

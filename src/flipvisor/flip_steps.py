@@ -52,6 +52,7 @@ async def deploy_new(
         return await route(flips, report, gen)
     except BaseException as exc:
         reason = gen.failure or _reason(exc)
+        _note_probe_cut_short(report, gen, exc)
         await _discard(flips, gen, exc, reason, deadline)
         report.output = list(gen.tail)  # for a flip that --timeout cancelled, too
         if isinstance(exc, FlipvisorError | TimeoutError):
@@ -62,6 +63,16 @@ async def deploy_new(
                 list(gen.tail),
             ) from exc
         raise
+
+
+def _note_probe_cut_short(report: FlipReport, gen: Generation, exc: BaseException) -> None:
+    """If a cancellation (the flip's --timeout, a stop) cut ``gen``'s probe short: what the probe
+    had got, for the flip's message (``report.cut_short``), as a readiness.timeout says it."""
+    probing = gen.probing
+    if gen.state is not GenerationState.STARTING or probing is None:
+        return
+    if isinstance(exc, anyio.get_cancelled_exc_class()) and (said := probing.last()):
+        report.cut_short = f"generation {gen.number} of {gen.program} was not ready: {said}"
 
 
 async def _take_socket_left(program: Program, config: ProgramConfig) -> None:

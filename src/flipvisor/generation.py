@@ -29,6 +29,7 @@ from .kept_outputs import OutputKeeper
 from .lazy_event import LazyEvent
 from .logs import ProgramLog
 from .notify_socket import NotifySocket
+from .probe import ProbeProgress
 from .reaper import Reaper
 from .sockets import bound_port
 from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition
@@ -113,6 +114,8 @@ class Generation:
         self.command, self.fingerprint = deploy_shown(config)
         self.state = GenerationState.STARTING
         self.failure: str | None = None
+        # What its probe under way (or last) learned: for a flip that cuts the probe short.
+        self.probing: ProbeProgress | None = None
         self.was_serving = False
         # The most recent exit of any of its workers, for status: {worker, pid, reason, time}.
         self.last_exit: dict[str, Any] | None = None

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .errors import FlipvisorError, ProbeFailed
-from .probe import probe_url, wait_ready
+from .probe import ProbeProgress, probe_url, wait_ready
 from .worker import worker_env
 
 if TYPE_CHECKING:  # for its type only: the generation probed is the caller
@@ -30,6 +30,7 @@ async def probe_until_ready(gen: Generation) -> None:
         gen.ensure_whole()
         return
     failure: str | None = None
+    gen.probing = ProbeProgress()
     probe_error: FlipvisorError | None = None
     async with anyio.create_task_group() as race:
 
@@ -50,6 +51,7 @@ async def probe_until_ready(gen: Generation) -> None:
                 notify=gen.notify,
                 worker_pids=lambda: set(gen.pids),
                 numprocs=gen.config.numprocs,
+                progress=gen.probing,
             )
         except FlipvisorError as exc:  # caught here so it is not wrapped in a group
             probe_error = exc

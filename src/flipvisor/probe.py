@@ -34,12 +34,20 @@ EXEC_OUTPUT_LINES = 20
 
 
 @dataclass
-class _Progress:
+class ProbeProgress:
     """What the probe last learned, the reason a timed-out probe reports; and when the HTTP
-    attempt under way began (None: none is), to say so if the timeout cuts it short."""
+    attempt under way began (None: none is), to say so if the timeout cuts it short. A caller
+    that cuts the probe short itself (a flip's ``--timeout``) reads it with ``last``."""
 
-    reason: str
+    reason: str = ""
     attempt_since: float | None = None
+    # Where what the probe knows is asked for rather than learned (sd_notify's state).
+    explain: Callable[[], str] | None = None
+
+    def last(self) -> str | None:
+        """What the probe last learned (its last answer, the exec probe's output, the notify
+        state), or None if nothing yet."""
+        return self.explain() if self.explain is not None else (self.reason or None)
 
 
 def probe_url(host: str, port: int, path: str) -> str:
@@ -55,7 +63,7 @@ def probe_url(host: str, port: int, path: str) -> str:
     return f"http://{netloc}:{port}{path}"
 
 
-async def _probe_http(url: str, deadline: float, interval: float, progress: _Progress) -> None:
+async def _probe_http(url: str, deadline: float, interval: float, progress: ProbeProgress) -> None:
     """GET ``url`` every ``interval`` until it answers 2xx.
 
     An attempt may take the rest of ``readiness.timeout`` (until ``deadline``): no limit of its
@@ -127,7 +135,7 @@ async def _probe_exec(
     reaper: Reaper,
     env: Mapping[str, str],
     cwd: Path | None,
-    progress: _Progress,
+    progress: ProbeProgress,
 ) -> None:
     """Run ``argv`` every ``interval`` until it exits 0; each run bounded by the time left.
 
@@ -169,8 +177,10 @@ async def wait_ready(
     notify: NotifySocket | None,
     worker_pids: Callable[[], set[int]],
     numprocs: int,
+    progress: ProbeProgress | None = None,
 ) -> None:
-    """Return once the generation on ``host:port`` is ready, as ``readiness`` defines it.
+    """Return once the generation on ``host:port`` is ready, as ``readiness`` defines it; what
+    the probe learns meanwhile goes into ``progress``, for a caller that may cut it short.
 
     Cancellable at every await: an in-flight HTTP connection is closed and a running exec probe
     is killed and reaped before the cancellation propagates.
@@ -182,14 +192,15 @@ async def wait_ready(
         ValueError: ``readiness`` asks for notify but no ``notify`` socket was given.
     """
     deadline = anyio.current_time() + readiness.timeout
+    progress = progress if progress is not None else ProbeProgress()
     if readiness.http is not None:
-        reason = await _wait_http(readiness, readiness.http, host, port, deadline)
+        reason = await _wait_http(
+            readiness, readiness.http, host, port, deadline, progress=progress
+        )
         if reason is None:
             return
-        progress = _Progress(reason)
+        progress.reason = reason
     elif readiness.exec is not None:
-        command = " ".join(readiness.exec)
-        progress = _Progress(f"`{command}` did not finish within {readiness.timeout:g}s")
         with anyio.move_on_after(readiness.timeout):
             return await _probe_exec(
                 readiness.exec,
@@ -201,22 +212,31 @@ async def wait_ready(
                 cwd=cwd,
                 progress=progress,
             )
+        if not progress.reason:  # its first run had not finished
+            command = " ".join(readiness.exec)
+            progress.reason = f"`{command}` did not finish within {readiness.timeout:g}s"
     else:
         if notify is None:
             raise ValueError("readiness notify needs a NotifySocket")
+        progress.explain = lambda: notify.describe(numprocs)
         with anyio.move_on_after(readiness.timeout):
             return await notify.wait_ready(worker_pids, numprocs)
-        progress = _Progress(notify.describe(numprocs))
-    raise ProbeFailed(f"not ready after {readiness.timeout:g}s: {progress.reason}")
+    raise ProbeFailed(f"not ready after {readiness.timeout:g}s: {progress.last()}")
 
 
 async def _wait_http(
-    readiness: ReadinessConfig, path: str, host: str, port: int, deadline: float
+    readiness: ReadinessConfig,
+    path: str,
+    host: str,
+    port: int,
+    deadline: float,
+    *,
+    progress: ProbeProgress,
 ) -> str | None:
     """``wait_ready`` for an http probe: None once ready, else why not when the timeout came."""
     url = probe_url(host, port, path)
     unanswered = f"GET {url}: no response"
-    progress = _Progress(unanswered)
+    progress.reason = unanswered
     with anyio.move_on_after(readiness.timeout):
         await _probe_http(url, deadline, readiness.interval, progress)
         return None

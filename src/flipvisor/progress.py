@@ -67,6 +67,12 @@ class FlipReport:
         # Rolled back because the operator stopped the program (or the supervisor), not because
         # the flip failed: not counted, nor announced, as a failure.
         self.abandoned = False
+        # Set when a --timeout cut the flip short in its probe: what the probe had learned (the
+        # generation's last answer), the one fact that says what to fix.
+        self.cut_short: str | None = None
+        # Set when a failed promotion's undo has put the proxy file and the keys back and goes
+        # on to reload the proxy back: what is back, for a client answered before that ends.
+        self.undone: str | None = None
         # Set while a first start's promotion waits for the proxy (``proxy_patience.py``): why,
         # and when it tries again; in ``status``.
         self.waiting: str | None = None

@@ -1,7 +1,9 @@
 """A failed promotion undone (``promotion.py``): each step's undo run, last first, inside a
 bounded shield, then the proxy reloaded back if its reload may have taken effect, all before the
 caller stops the new generation. What could not be undone is said: an error naming both
-failures, and ``FlipReport.stranded`` when the proxy may still route to the new generation.
+failures, and ``FlipReport.stranded`` when the proxy may still route to the new generation. A
+flip's ``--timeout`` may answer its client while the proxy is reloaded back (``flip_outcome``:
+what is back is ``FlipReport.undone``); how the reload back ended is an event then.
 """
 
 from __future__ import annotations
@@ -108,6 +110,10 @@ async def undo_promotion(
     await _undo_within_bound(steps, route, back, undoing)
     if back is not None and not undoing.routed_back:
         _say_not_routed_back(back, program, undoing)
+    if back is not None and report.finished:
+        # The flip's client was answered while the proxy was reloaded back (its --timeout):
+        # how that ended is told by an event, not by the answer.
+        _tell_reload_back_ended(back, program, undoing)
     if undoing.failed and isinstance(failure, Exception):
         raise ProxyError(
             f"{failure}; undoing it failed too: {'; '.join(undoing.failed)}; the proxy's files "
@@ -129,6 +135,7 @@ async def _undo_within_bound(
         # Keys that could not be swapped back are retried by the registry; the proxy must not
         # wait for them. A proxy file that could not be put back must not be loaded, though.
         if back is not None and undoing.files_restored:
+            back.report.undone = _what_is_back(undoing)
             try:
                 await _reload_back(route, back)
                 undoing.routed_back = True
@@ -145,6 +152,34 @@ async def _run_undo_steps(steps: list[Undo], *, program: str, undoing: _Undoing)
             log.error("program=%s undoing a failed promotion: %s", program, exc)
             undoing.failed.append(str(exc))
             undoing.files_restored = undoing.files_restored and not isinstance(exc, ProxyError)
+
+
+def _what_is_back(undoing: _Undoing) -> str:
+    """What the undo steps put back, once the reload back is next (``FlipReport.undone``)."""
+    if not undoing.failed:
+        return "the proxy file and the registry keys are as before"
+    return (
+        "the proxy file is as before; putting the registry keys back failed "
+        f"({'; '.join(undoing.failed)}), retried by the registry"
+    )
+
+
+def _tell_reload_back_ended(back: _ReloadBack, program: str, undoing: _Undoing) -> None:
+    """The ``reloaded-back`` event, or ``not-reloaded-back`` (a warning: with what the proxy
+    may still route to, and what to do), for a flip answered before its reload back ended."""
+    gen = back.gen
+    if undoing.routed_back:
+        gen.events.emit(
+            "reloaded-back",
+            program,
+            gen.number,
+            f"the proxy was reloaded back, away from generation {gen.number}; the rollback is done",
+        )
+        return
+    why = back.report.stranded or (
+        f"{undoing.back_failed}" if undoing.back_failed is not None else "it was not reloaded back"
+    )
+    gen.events.emit("not-reloaded-back", program, gen.number, why)
 
 
 def _say_not_routed_back(back: _ReloadBack, program: str, undoing: _Undoing) -> None:

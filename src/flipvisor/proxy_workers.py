@@ -1,7 +1,8 @@
 """The proxy's worker processes: read from its master's list of children (the master's PID from
-its pidfile), each recorded with its start tick, and awaited through pidfds until they exit.
-Taken before a reload, they are the workers that may still route as the previous configuration
-said; a worker that is not among them shows that the master applied a reload (``proxy.py``).
+its pidfile, once it is shown to be the process that wrote it), each recorded with its start
+tick, and awaited through pidfds until they exit. Taken before a reload, they are the workers that
+may still route as the previous configuration said; a worker that is not among them shows that the
+master applied a reload (``proxy.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import anyio
 
-from .starttime import Recorded, recorded_now
+from .starttime import START_TIME_TOLERANCE, Recorded, recorded_now, start_time_of
 from .verified_signal import pidfd_if_still
 
 
@@ -22,19 +23,16 @@ async def proxy_workers(pidfile: Path) -> frozenset[Recorded]:
     boot id (a clock step during the wait for them does not make them look gone).
 
     Taken before a reload, these are the workers that may still use the old upstream; empty if
-    the pidfile or the master is missing. Read every 10-200 ms while a reload is confirmed, so
+    the pidfile or the master is missing, or the pidfile is stale (``pidfile_master``). Read every
+    10-200 ms while a reload is confirmed, so
     from ``/proc/<master>/task/<master>/children`` (``_listed_children``: a cost that does not
     grow with the host's process count), not by scanning all of ``/proc`` for processes whose
     parent is the master (psutil's ``children()``: 30 ms with 1,600 processes, on the event
     loop); that scan is the fallback for a kernel without the file, run in a worker thread.
     """
-    try:
-        text = (await anyio.Path(pidfile).read_text()).strip()
-    except OSError:
+    master = pidfile_master(pidfile)
+    if master is None:
         return frozenset()
-    if not re.fullmatch(r"[0-9]+", text):
-        return frozenset()
-    master = int(text)
     children = _listed_children(master)
     if children is None:
         children = await anyio.to_thread.run_sync(_children_by_psutil, master)
@@ -47,6 +45,44 @@ async def proxy_workers(pidfile: Path) -> frozenset[Recorded]:
         if (worker := recorded_now(child)) is not None:
             workers.add(worker)
     return frozenset(workers)
+
+
+def pidfile_master(pidfile: Path) -> int | None:
+    """The PID ``pidfile`` holds, if it names the process that wrote it: None if the file is
+    missing or holds no PID, if no such process runs, or if the file is stale and its PID was
+    reused (nginx gone, or started with another pid path; its PID now another process's).
+
+    nginx's master writes its pidfile once it runs, so a process that started after the file was
+    last written is not the one that wrote it; taken for the master, a shell running a job would
+    have children that never change at a reload, and every reload would count as not applied.
+    A clock step forward since nginx wrote the file makes its master look started after it too:
+    one whose title says it is nginx's master (``nginx: master process ...``) is taken all the
+    same. Read by a stat and two small reads of ``/proc``, as often as ``proxy_workers``.
+    """
+    try:
+        with open(pidfile, "rb") as file:
+            written = os.fstat(file.fileno()).st_mtime
+            text = file.read(64).strip()
+    except OSError:
+        return None
+    if not re.fullmatch(rb"[0-9]+", text):
+        return None
+    pid = int(text)
+    started = start_time_of(pid)
+    if started is None:
+        return None
+    if started <= written + START_TIME_TOLERANCE or _titled_nginx_master(pid):
+        return pid
+    return None
+
+
+def _titled_nginx_master(pid: int) -> bool:
+    """Whether ``pid``'s title (its command line, which nginx rewrites) is nginx's master's."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read(64).startswith(b"nginx: master process")
+    except OSError:
+        return False
 
 
 def _listed_children(master: int) -> list[int] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -503,12 +504,42 @@ def test_flip_timeout_rolls_back_under_load(flipvisor: Flipvisor, nginx: Nginx) 
         outcome = load.stop()
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
-    assert "--timeout 1s;" in report["error"], report["error"]  # not "1.0s"
+    assert "--timeout 1s:" in report["error"], report["error"]  # not "1.0s"
+    assert "rolled back; generation 1, serving before, keeps serving" in report["error"]
     # The flip's own duration, as the supervisor timed it: not the client's, whose start-up a
     # loaded machine stretches.
     assert report["duration"] < 4, "gave up at the timeout, not at the probe's own"
     assert outcome.failed == 0, outcome.errors[:5]
     before.assert_untouched(flipvisor, nginx)
+
+
+def test_a_flip_cut_short_by_timeout_in_the_probe_says_what_the_probe_got(
+    flipvisor: Flipvisor,
+) -> None:
+    """The same broken release (its /health answers 503) fails a flip with `readiness.timeout`
+    as "generation 2 of web failed: not ready after 2s: GET .../health: 503 Service
+    Unavailable: ...; generation 1, serving before, keeps serving", but one cut short by
+    `flip --timeout 2` (what a deploy pipeline uses) said only "the flip took longer than --timeout
+    2s; rolled back": the step it was in, the probe's last answer (the one fact that says what
+    to fix) and what still serves were gone from the error, the `flip-failed` event and
+    `--json` (QA 8)."""
+
+    def web(*flags: str) -> dict[str, Any]:
+        return {
+            "command": svc_command(*flags),
+            "readiness": {"http": "/health", "timeout": 30, "interval": 0.05},
+            "drain": {"delay": 0.1, "timeout": 3},
+        }
+
+    flipvisor.start({"programs": {"web": web("--version", "1")}})
+    flipvisor.wait_serving("web")
+    flipvisor.write_config({"programs": {"web": web("--version", "2", "--health-fail")}})
+    result = flipvisor.cli("flip", "web", "--timeout", "2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert "--timeout 2s" in error, result.stderr
+    assert "503" in error, f"the probe's last answer is missing: {error}"
+    assert "generation 1" in error and "keeps serving" in error, error
 
 
 # The old generation outlives --timeout 5 after the promotion: a long drain.delay, or workers
@@ -864,9 +895,107 @@ def test_a_reload_cut_short_is_reloaded_back(
     if not timeout:
         assert "may still route to generation 2" in result.stderr
     else:
-        # The flip's own message, not only the step's detail: it was not simply rolled back.
-        assert "rolled back, but reloading the proxy back failed too" in result.stderr
+        # Answered at the deadline, with the reload back under way (it hangs as the reload did):
+        # how it ended is an event, which says that it was not simply rolled back.
+        assert "it is being rolled back" in result.stderr, result.stderr
+        wait_until(
+            lambda: "not-reloaded-back" in flipvisor.event_kinds(), message="the reload back"
+        )
+        said = flipvisor.cli("events", "--json").stdout.splitlines()
+        event = next(e for e in map(json.loads, said) if e["kind"] == "not-reloaded-back")
+        assert "reloading the proxy back failed too" in event["message"], event
+        assert "may still route to generation 2" in event["message"], event
     before.assert_untouched(flipvisor, nginx)
+
+
+def test_flip_timeout_bounds_the_answer_when_the_reload_command_hangs(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
+    """A deploy script runs `flipvisor flip web --timeout 2`; nginx's reload command hangs (a
+    `systemctl reload nginx` stuck behind a job, say). The contract: `--timeout` gives up
+    waiting and rolls back after S seconds. The flip rolled back (keys and file as they were),
+    but the client waited out the reload back too, bounded only by `proxy.timeout` (30 s by
+    default; 6 s here): the deploy's time budget was not kept (QA 8). Now the client is answered
+    at the deadline, told what is back and what still runs; the reload back goes on in the
+    supervisor, holding the flip's lock (a next flip is refused, not raced), and an event says
+    how it ended."""
+    gate, entered = tmp_path / "gate", tmp_path / "entered"
+    gate.touch()
+    # Runs the reload command once the gate exists: without it, the command hangs.
+    gated = ["sh", "-c", f'touch {entered}; while [ ! -e {gate} ]; do sleep 0.05; done; exec "$@"']
+
+    def web(version: str) -> dict[str, Any]:
+        return program(
+            nginx, version, proxy={"reload_cmd": [*gated, "gated", *nginx.reload_cmd], "timeout": 6}
+        )
+
+    flipvisor.start({"programs": {"web": web("1")}})
+    flipvisor.wait_serving("web")
+    wait_until(lambda: version_served(nginx) == "1", message="nginx to proxy generation 1")
+    before = (nginx.conf_dir / "web.conf").read_bytes()
+    keys = flipvisor.registry()
+    gate.unlink()  # from now on the reload command hangs
+    flipvisor.write_config({"programs": {"web": web("2")}})
+    started = time.monotonic()
+    try:
+        result = flipvisor.cli("flip", "web", "--timeout", "2", timeout=30)
+        took = time.monotonic() - started
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert (nginx.conf_dir / "web.conf").read_bytes() == before
+        assert flipvisor.registry() == keys
+        assert took < 2 + 3, f"`flip --timeout 2` answered after {took:.1f}s:\n{result.stderr}"
+        said = " ".join(result.stderr.split())
+        assert "--timeout 2s; it is being rolled back" in said, said
+        assert "the proxy file and the registry keys are as before" in said, said
+        assert "generation 1, serving before, keeps serving" in said, said
+        # The rollback holds the flip's lock until the reload back is over: no flip races it.
+        raced = flipvisor.cli("flip", "web")
+        assert raced.returncode != 0 and "reload-back" in raced.stderr, raced.stderr
+    finally:
+        gate.touch()
+    # The gate open, the reload back goes through: told by an event.
+    wait_until(lambda: "reloaded-back" in flipvisor.event_kinds(), message="the reload back")
+    assert "not-reloaded-back" not in flipvisor.event_kinds()
+    wait_until(
+        lambda: all(g["generation"] != 2 for g in flipvisor.program("web")["generations"]),
+        message="generation 2 stopped after the reload back",
+    )
+    assert version_served(nginx) == "1"
+
+
+def test_a_shutdown_during_a_hung_reload_says_the_proxy_may_still_route_to_the_new_generation(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
+    """The shutdown calls off a flip whose reload command hangs; the reload back (the same
+    command) hangs too and fails at proxy.timeout. Its step said "the proxy may still route to
+    generation 2", but the flip's answer ended "it was rolled back" (QA 8): they agree now."""
+    gate, entered = tmp_path / "gate", tmp_path / "entered"
+    gate.touch()
+    gated = ["sh", "-c", f'touch {entered}; while [ ! -e {gate} ]; do sleep 0.05; done; exec "$@"']
+
+    def web(version: str) -> dict[str, Any]:
+        return program(
+            nginx, version, proxy={"reload_cmd": [*gated, "gated", *nginx.reload_cmd], "timeout": 2}
+        )
+
+    flipvisor.start({"programs": {"web": web("1")}})
+    flipvisor.wait_serving("web")
+    gate.unlink()  # from now on the reload command hangs
+    entered.unlink()
+    flipvisor.write_config({"programs": {"web": web("2")}})
+    flip = flipvisor.cli_started("flip", "web")
+    try:
+        wait_until(entered.exists, message="the flip's reload command to hang")
+        flipvisor.stop()
+        _, stderr = flip.communicate(timeout=30)
+    finally:
+        gate.touch()
+        flip.kill()
+        flip.wait()
+    said = " ".join(stderr.split())
+    assert "stopped by the supervisor's shutdown" in said, said
+    assert "it was rolled back, but reloading the proxy back failed too" in said, said
+    assert "may still route to generation 2" in said.rpartition("it was rolled back")[2], said
 
 
 def _reload_then(
@@ -1037,6 +1166,37 @@ def test_a_reload_that_nginx_did_not_apply_leaves_the_old_generation_serving(
         before.assert_untouched(flipvisor, nginx)
 
 
+def test_a_stale_pidfile_naming_a_reused_pid_does_not_fail_the_start(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
+    """README: a `pidfile` that is missing or stale gives nothing to confirm a reload by, and a
+    warning says so. A stale one whose PID now names another process that has children (nginx
+    crashed or was restarted with another pid path; its old PID reused by a shell running a
+    job) was read as nginx's master: its children never change at a reload, so every reload
+    counted as refused, the first start was rolled back (its file taken away) and nothing
+    served, with "nginx has not applied the reload ... see nginx's error log", which held
+    nothing (QA 8). The holder started after the file was written: it is not its writer."""
+    stale = tmp_path / "stale.pid"
+    holder = subprocess.Popen(["sh", "-c", "sleep 300 & wait"])
+    try:
+        wait_until(lambda: psutil.Process(holder.pid).children(), message="the holder's child")
+        stale.write_text(f"{holder.pid}\n")
+        written = psutil.Process(holder.pid).create_time() - 60  # by an nginx long gone
+        os.utime(stale, (written, written))
+        flipvisor.start({"programs": {"web": program(nginx, "1", proxy={"pidfile": str(stale)})}})
+        flipvisor.wait_serving("web", timeout=15)
+        wait_until(lambda: version_served(nginx) == "1", message="nginx to proxy generation 1")
+        wait_until(
+            lambda: "names no running master" in flipvisor.output(),
+            message="the warning that reloads are not confirmed",
+        )
+    finally:
+        for child in psutil.Process(holder.pid).children():
+            child.kill()
+        holder.kill()
+        holder.wait()
+
+
 def test_an_added_program_nginx_refuses_does_not_fail_the_flips_of_the_others(
     flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
 ) -> None:
@@ -1181,7 +1341,9 @@ def test_flip_timeout_bounds_the_flip_when_the_new_generation_ignores_sigterm(
     took = time.monotonic() - began
 
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "--timeout 2s; rolled back" in " ".join(result.stderr.split()), result.stderr
+    said = " ".join(result.stderr.split())
+    assert "--timeout 2s: generation 2 of web was not ready: GET " in said, said
+    assert "; rolled back; generation 1, serving before, keeps serving" in said, said
     after = flipvisor.serving("web")
     assert after is not None and after["pids"] == serving["pids"]
     assert took < 2 + 8, f"`flip --timeout 2` answered after {took:.1f}s"

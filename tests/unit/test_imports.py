@@ -246,7 +246,8 @@ ALLOWED: dict[str, set[str]] = {
     # Parts of a Program that take it (for its type only): program's layer, program included.
     "program_stop": WORKERS | {"unroute", "program"},
     "crash_policy": WORKERS | {"restarts", "program"},
-    "flip": WORKERS | {"promotion", "proxy_patience", "program", "flip_steps", "flip_outcome"},
+    "flip": WORKERS
+    | {"promotion", "proxy_patience", "program", "flip_steps", "flip_outcome", "discard"},
     "flip_steps": WORKERS
     | {"promotion", "proxy_patience", "program", "flip", "flip_outcome", "discard"},
     "flip_outcome": WORKERS | {"program"},
