@@ -137,8 +137,7 @@ async def _undo_within_bound(
         if back is not None and undoing.files_restored:
             back.report.undone = _what_is_back(undoing)
             try:
-                await _reload_back(route, back)
-                undoing.routed_back = True
+                await _reload_back(route, back, undoing)
             except ProxyError as exc:
                 undoing.back_failed = exc
 
@@ -225,11 +224,12 @@ def _not_routed_back(gen: Generation, proxy: ProxyConfig, undoing: _Undoing) -> 
     )
 
 
-async def _reload_back(route: Routing, back: _ReloadBack) -> None:
+async def _reload_back(route: Routing, back: _ReloadBack, undoing: _Undoing) -> None:
     """Check the proxy's config with its file put back, and reload the proxy once more, so
     that it routes to the old generation again; with a pidfile, wait until the proxy workers
     that routed to ``back.gen`` are gone, so that the failed flip ends with the proxy on the old
-    generation. A step of its own in the flip's report.
+    generation. A step of its own in the flip's report; ``undoing.routed_back`` once the reload
+    is done, before that wait.
 
     Raises:
         ProxyError: the check or the reload failed; the message says where the proxy may
@@ -248,6 +248,9 @@ async def _reload_back(route: Routing, back: _ReloadBack) -> None:
             step.detail = _failed_back(back, exc)
             log.error("program=%s could not reload the proxy back: %s", route.program, step.detail)
             raise ProxyError(step.detail) from exc
+        # Routed back once the reload is done (and confirmed): the bound cutting the wait
+        # for the old workers short must not report a reload back that "did not finish".
+        undoing.routed_back = True
         if not await wait_workers_gone(routing_to_gen, proxy.timeout):
             log.warning(
                 "program=%s proxy workers still running %ss after reloading back",

@@ -3,6 +3,8 @@ report then says the operator must do."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -101,3 +103,68 @@ async def test_a_failed_reload_back_after_a_refused_reload_says_nginx_routes_as_
     else:
         assert report.stranded is not None
         assert "may still route to generation 2" in report.stranded
+
+
+# A stand-in nginx master (its pidfile written after it started): a reload (SIGHUP) starts a
+# new worker at once and leaves the old one running, as nginx's old workers finishing their
+# requests do.
+LINGERING_MASTER = r"""
+import signal, subprocess
+workers = [subprocess.Popen(["sleep", "600"])]
+def stop(*_):
+    for worker in workers:
+        worker.kill()
+        worker.wait()
+    raise SystemExit(0)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGHUP, lambda *_: workers.append(subprocess.Popen(["sleep", "600"])))
+print("ready", flush=True)
+while True:
+    signal.pause()
+"""
+
+
+async def test_an_undo_cut_short_while_old_proxy_workers_finish_says_it_was_reloaded_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reload back was done and confirmed (a new worker), and the undo's bound ran out
+    while the proxy's old workers finished their requests: the report said that reloading it
+    back "did not finish", and to reload the proxy by hand, which it was (review)."""
+    monkeypatch.setattr(promotion_undo, "undo_bound", lambda *_: 0.5)
+    with subprocess.Popen(
+        [sys.executable, "-c", LINGERING_MASTER], stdout=subprocess.PIPE, text=True
+    ) as master:
+        try:
+            assert master.stdout is not None and master.stdout.readline() == "ready\n"
+            pidfile = tmp_path / "master.pid"
+            pidfile.write_text(f"{master.pid}\n")
+            proxy = ProxyConfig(
+                template=tmp_path / "t.j2",
+                dest=tmp_path / "site.conf",
+                reload_cmd=["kill", "-HUP", str(master.pid)],
+                pidfile=pidfile,
+                timeout=5,
+            )
+            report = FlipReport("web")
+            gen = cast(Any, SimpleNamespace(number=2, program="web"))
+            try:
+                async with running_reaper() as reaper:
+                    with anyio.fail_after(10):
+                        await promotion_undo.undo_promotion(
+                            ProxyError("the registry step failed"),
+                            [],
+                            True,
+                            gen=gen,
+                            program="web",
+                            proxy=proxy,
+                            reaper=reaper,
+                            report=report,
+                        )
+            finally:
+                report.finish()
+                report.close()
+        finally:
+            master.terminate()
+            master.wait(timeout=10)
+
+    assert report.stranded is None, report.stranded
