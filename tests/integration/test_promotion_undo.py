@@ -3,8 +3,10 @@ report then says the operator must do."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -124,13 +126,9 @@ while True:
 """
 
 
-async def test_an_undo_cut_short_while_old_proxy_workers_finish_says_it_was_reloaded_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The reload back was done and confirmed (a new worker), and the undo's bound ran out
-    while the proxy's old workers finished their requests: the report said that reloading it
-    back "did not finish", and to reload the proxy by hand, which it was (review)."""
-    monkeypatch.setattr(promotion_undo, "undo_bound", lambda *_: 0.5)
+@contextlib.contextmanager
+def lingering_master(tmp_path: Path) -> Iterator[Path]:
+    """``LINGERING_MASTER`` running; yields its pidfile."""
     with subprocess.Popen(
         [sys.executable, "-c", LINGERING_MASTER], stdout=subprocess.PIPE, text=True
     ) as master:
@@ -138,33 +136,44 @@ async def test_an_undo_cut_short_while_old_proxy_workers_finish_says_it_was_relo
             assert master.stdout is not None and master.stdout.readline() == "ready\n"
             pidfile = tmp_path / "master.pid"
             pidfile.write_text(f"{master.pid}\n")
-            proxy = ProxyConfig(
-                template=tmp_path / "t.j2",
-                dest=tmp_path / "site.conf",
-                reload_cmd=["kill", "-HUP", str(master.pid)],
-                pidfile=pidfile,
-                timeout=5,
-            )
-            report = FlipReport("web")
-            gen = cast(Any, SimpleNamespace(number=2, program="web"))
-            try:
-                async with running_reaper() as reaper:
-                    with anyio.fail_after(10):
-                        await promotion_undo.undo_promotion(
-                            ProxyError("the registry step failed"),
-                            [],
-                            True,
-                            gen=gen,
-                            program="web",
-                            proxy=proxy,
-                            reaper=reaper,
-                            report=report,
-                        )
-            finally:
-                report.finish()
-                report.close()
+            yield pidfile
         finally:
             master.terminate()
             master.wait(timeout=10)
+
+
+async def test_an_undo_cut_short_while_old_proxy_workers_finish_says_it_was_reloaded_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reload back was done and confirmed (a new worker), and the undo's bound ran out
+    while the proxy's old workers finished their requests: the report said that reloading it
+    back "did not finish", and to reload the proxy by hand, which it was (review)."""
+    monkeypatch.setattr(promotion_undo, "undo_bound", lambda *_: 0.5)
+    with lingering_master(tmp_path) as pidfile:
+        proxy = ProxyConfig(
+            template=tmp_path / "t.j2",
+            dest=tmp_path / "site.conf",
+            reload_cmd=["kill", "-HUP", pidfile.read_text().strip()],
+            pidfile=pidfile,
+            timeout=5,
+        )
+        report = FlipReport("web")
+        gen = cast(Any, SimpleNamespace(number=2, program="web"))
+        try:
+            async with running_reaper() as reaper:
+                with anyio.fail_after(10):
+                    await promotion_undo.undo_promotion(
+                        ProxyError("the registry step failed"),
+                        [],
+                        True,
+                        gen=gen,
+                        program="web",
+                        proxy=proxy,
+                        reaper=reaper,
+                        report=report,
+                    )
+        finally:
+            report.finish()
+            report.close()
 
     assert report.stranded is None, report.stranded
