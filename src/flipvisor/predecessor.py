@@ -50,7 +50,7 @@ RECHECK_INTERVAL = 1.0
 def remove_torn_writes(state_dir: Path) -> None:
     """Remove the temporary files that a supervisor killed mid-write left beside the deploy
     histories (``history/<program>.json``) and the local registry file (``registry.json``);
-    the proxy-undo records' are ``proxy_journal.pending``'s. Before anything of this run writes
+    the proxy-undo records' are ``proxy_record.pending``'s. Before anything of this run writes
     those files: a file written meanwhile would lose its temporary (blocking)."""
     remove_torn(state_dir / "history", of=lambda name: name.endswith(".json"))
     remove_torn(state_dir, of=lambda name: name == "registry.json")

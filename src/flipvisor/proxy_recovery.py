@@ -36,7 +36,7 @@ from pathlib import Path
 import anyio
 
 from .events import EventLog
-from .proxy_journal import Pending, keep_undecided, pending
+from .proxy_record import Pending, keep_undecided, pending
 
 
 async def unfinished_proxy_steps(state_dir: Path) -> list[Pending]:

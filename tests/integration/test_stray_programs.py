@@ -32,7 +32,8 @@ from flipvisor.leftovers import Leftovers
 from flipvisor.lineage import this_supervisor
 from flipvisor.program import Runtime
 from flipvisor.proxy_file import take_away_now
-from flipvisor.proxy_journal import pending, removal_journal
+from flipvisor.proxy_journal import removal_journal
+from flipvisor.proxy_record import pending
 from flipvisor.proxy_recovery import finish_proxy_steps, unfinished_proxy_steps
 from flipvisor.published_keys import HOSTNAME
 from flipvisor.registry.local import LocalRegistry

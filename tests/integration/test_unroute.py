@@ -8,7 +8,7 @@ from pathlib import Path
 import anyio
 
 from flipvisor.config import ProxyConfig
-from flipvisor.proxy_journal import record_path
+from flipvisor.proxy_record import record_path
 from flipvisor.unroute import unroute
 from tests.reaping import running_reaper
 from tests.waiting import await_until, holds

@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 
 from flipvisor.config import ProxyConfig
-from flipvisor.proxy_journal import pending, record_path
+from flipvisor.proxy_record import pending, record_path
 from flipvisor.unroute import unroute
 from tests.reaping import running_reaper
 

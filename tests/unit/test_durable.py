@@ -19,7 +19,8 @@ from flipvisor.errors import ProxyError
 from flipvisor.history import History
 from flipvisor.predecessor import remove_torn_writes
 from flipvisor.proxy_file import put_in_place, take_away_now
-from flipvisor.proxy_journal import ProxyJournal, flip_journal, pending, removal_journal
+from flipvisor.proxy_journal import ProxyJournal, flip_journal, removal_journal
+from flipvisor.proxy_record import pending
 from flipvisor.registry.local_file import read_registry_file, write_registry_file
 from flipvisor.runrecord import RUNTIME_ENV, write_record
 

@@ -55,6 +55,7 @@ CHECKS = BASE | {
     "proxy",
     "proxy_file",
     "proxy_journal",
+    "proxy_record",
     "proxy_template",
     "proxy_workers",
     "registry",
@@ -143,7 +144,9 @@ ALLOWED: dict[str, set[str]] = {
     "proxy_template": {"config_fields", "errors"},
     "proxy_file": {"errors", "durable"},
     # What a proxy step replaces, on disk until it stands or is undone (a killed supervisor's).
-    "proxy_journal": {"errors", "proxy_file", "durable", "current_record", "starttime"},
+    # The records' format and reading them back; the journal that writes them.
+    "proxy_record": {"errors", "proxy_file", "durable", "current_record", "starttime"},
+    "proxy_journal": {"errors", "proxy_file", "proxy_record", "durable"},
     # The proxy's workers: its master's children, awaited through pidfds.
     "proxy_workers": {"starttime", "verified_signal"},
     "proxy": {
@@ -276,7 +279,7 @@ ALLOWED: dict[str, set[str]] = {
     "run_start": {"config", "control", "errors", "reaper", "runrecord", "spawn", "usable"},
     "predecessor": CORE | {"leftover_records", "stray_programs", "handover", "proxy_recovery"},
     # The proxy steps a killed supervisor left unfinished, kept or undone as its keys say.
-    "proxy_recovery": {"events", "proxy_journal"},
+    "proxy_recovery": {"events", "proxy_record"},
     # A removed program's deploy history (its proxy section), and what a program's stop does
     # (unroute, the registry, a Runtime).
     "stray_programs": CORE | {"history", "leftover_records"},

@@ -14,7 +14,8 @@ import pytest
 from flipvisor.errors import ProxyError
 from flipvisor.events import EventLog
 from flipvisor.proxy_file import put_in_place, take_away_now
-from flipvisor.proxy_journal import flip_journal, pending, removal_journal
+from flipvisor.proxy_journal import flip_journal, removal_journal
+from flipvisor.proxy_record import pending
 from flipvisor.proxy_recovery import finish_proxy_steps, unfinished_proxy_steps
 
 SUPERVISOR = {"pid": 4242, "started": 1.5, "ticks": 99, "boot_id": "b"}

@@ -1,0 +1,318 @@
+"""The records of the proxy-undo journal (``proxy_journal.py``) in
+``<state_dir>/proxy-undo/``: their format (``Change``, ``About``), and the records a killed
+supervisor left, read back at start-up (``pending``) and put back where the file still holds
+what the interrupted step wrote (``Pending.put_back``), kept undecided for a later start
+(``keep_undecided``), or set aside when they cannot be read. Blocking calls: run off the event
+loop, or at start-up before anything runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .current_record import parse_current
+from .durable import fsync_dir, remove_torn
+from .errors import ProxyError
+from .proxy_file import DEFAULT_FILE_MODE, Installed
+from .starttime import Recorded, recorded_from_json
+
+log = logging.getLogger("flipvisor.proxy")  # with the proxy's steps
+
+UNDO_DIR = "proxy-undo"
+RECORD_MODE = 0o600  # it may hold a proxy file's bytes: private, as the state_dir is
+# A flip's record: whether its proxy step was done and its registry step next
+# (``before_registry_step``); False: it was never promoted. Missing from older records.
+REGISTRY_NEXT = "registry_next"
+FLIP = "flip"  # a promotion's proxy step: undone unless the registry names its generation
+REMOVAL = "removal"  # a removed program's file taken away, until the proxy check passed
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Change:
+    """One proxy file a step changed: what it held (``kept``) and the digest of what the step
+    wrote there (None: it removed the file)."""
+
+    kept: Installed
+    written: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        kept = self.kept
+        previous = kept.previous
+        return {
+            "dest": str(kept.dest),
+            "previous": None if previous is None else base64.b64encode(previous).decode(),
+            "mode": kept.previous_mode,
+            "owner": None if kept.previous_owner is None else list(kept.previous_owner),
+            "written_sha256": self.written,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Change:
+        previous, owner = data["previous"], data["owner"]
+        kept = Installed(
+            dest=Path(data["dest"]),
+            previous=None if previous is None else base64.b64decode(previous, validate=True),
+            previous_mode=int(data.get("mode", DEFAULT_FILE_MODE)),
+            previous_owner=None if owner is None else (int(owner[0]), int(owner[1])),
+        )
+        written = data["written_sha256"]
+        return cls(kept, None if written is None else str(written))
+
+    def put_back(self) -> tuple[str, bool]:
+        """Put the previous file back if ``dest`` still holds what the step wrote; what was
+        done, for a message, and whether the file was left alone (a hand edit since).
+
+        Raises:
+            ProxyError: it could not be put back.
+        """
+        dest = self.kept.dest
+        try:
+            now: bytes | None = dest.read_bytes()
+        except FileNotFoundError:
+            now = None
+        except OSError as exc:
+            raise ProxyError(f"cannot read {dest}: {exc.strerror or exc}") from exc
+        if now == self.kept.previous:
+            return f"{dest} is the previous file already", False
+        if (now is None and self.written is not None) or (
+            now is not None and digest(now) != self.written
+        ):
+            what = "is gone" if now is None else "holds something else"
+            return (
+                f"{dest} left as it is: it {what} than that step left it (changed by a later "
+                "step, or by hand, since?); see that it is what the proxy should load"
+            ), True
+        self.kept.restore()
+        if self.kept.previous is None:
+            return f"{dest} removed (there was none before)", False
+        return f"{dest}: the previous file put back", False
+
+
+@dataclass(frozen=True)
+class About:
+    """What a record is of: ``program``'s step of ``kind`` (``FLIP``, ``REMOVAL``), and for a
+    flip its ``generation``, ``port`` and ``supervisor`` (``lineage.this_supervisor``)."""
+
+    program: str
+    kind: str
+    generation: int | None = None
+    port: int | None = None
+    supervisor: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        document: dict[str, Any] = {"program": self.program, "kind": self.kind}
+        if self.kind == FLIP:
+            document |= {
+                "generation": self.generation,
+                "port": self.port,
+                "supervisor": self.supervisor,
+            }
+        return document
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> About:
+        return cls(
+            program=str(document["program"]),
+            kind=str(document["kind"]),
+            generation=document.get("generation"),
+            port=document.get("port"),
+            supervisor=document.get("supervisor"),
+        )
+
+    def describe(self) -> str:
+        """The step, for a message."""
+        if self.kind == FLIP:
+            return f"a flip to generation {self.generation} (port {self.port})"
+        return "the removal of its proxy file"
+
+
+def record_path(state_dir: Path, program: str) -> Path:
+    return state_dir / UNDO_DIR / f"{program}.json"
+
+
+@dataclass
+class PutBack:
+    """What ``Pending.put_back`` did: a line per file; ``settled``: no file failed to be put
+    back (those left alone are settled: the hand edit is the operator's); ``left_alone``: a
+    file was, as it held something else than the step left."""
+
+    done: list[str] = field(default_factory=list)
+    settled: bool = True
+    left_alone: bool = False
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A record a killed supervisor left: its step neither stood nor was undone."""
+
+    path: Path
+    about: About
+    changes: tuple[Change, ...]
+    # A flip's: whether it was past its proxy step (``before_registry_step``); None: unknown (a
+    # record written before that mark existed).
+    registry_next: bool | None = None
+
+    @property
+    def maybe_promoted(self) -> bool:
+        """Whether the registry step may have been taken: a flip not known to have stopped
+        before it."""
+        return self.about.kind == FLIP and self.registry_next is not False
+
+    def promoted_by(self, record: str | None) -> bool:
+        """Whether the registry's ``generation/current`` ``record`` names this flip's
+        generation: its registry step was done, and its files are the ones the keys name."""
+        about = self.about
+        if about.kind != FLIP:
+            return False
+        try:
+            named = parse_current(record)
+            ours = recorded_from_json(about.supervisor)
+        except (ValueError, TypeError, KeyError):
+            return False
+        if named is None or named.supervisor is None:
+            return False
+        return (named.generation, named.port) == (about.generation, about.port) and _same_run(
+            named.supervisor, ours
+        )
+
+    def put_back(self) -> PutBack:
+        """Put each previous file back (last change first) where it still holds what the step
+        wrote (blocking)."""
+        outcome = PutBack()
+        for change in reversed(self.changes):
+            try:
+                line, left_alone = change.put_back()
+            except ProxyError as exc:
+                line, outcome.settled = str(exc), False
+            else:
+                outcome.left_alone = outcome.left_alone or left_alone
+            outcome.done.append(line)
+        return outcome
+
+    def forget(self) -> None:
+        """Remove the record (blocking)."""
+        drop_record(self.path)
+
+
+def _same_run(one: Recorded, other: Recorded) -> bool:
+    """Whether two records of a supervisor name one run of it: by PID and start tick (and boot),
+    or by start time where neither has a tick."""
+    if one.identity is None and other.identity is None:
+        return one.pid == other.pid and one.started == other.started
+    return one.pid == other.pid and one.identity == other.identity
+
+
+def drop_record(path: Path) -> None:
+    """Remove the record at ``path``, durably (blocking); a failure is logged."""
+    try:
+        path.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        log.warning("cannot remove the proxy-undo record %s: %s", path, exc.strerror)
+
+
+def pending(state_dir: Path) -> list[Pending]:
+    """The records a supervisor of ``state_dir`` left (killed before its step ended); one that
+    cannot be read is logged and left in place (blocking)."""
+    folder = state_dir / UNDO_DIR
+    try:
+        listed = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("cannot read the proxy-undo records in %s: %s", folder, exc.strerror)
+        return []
+    # Only at start-up: no step of this state_dir writes a record meanwhile.
+    remove_torn(folder, of=lambda name: name.endswith(".json"), names=listed)
+    found = []
+    for name in _newest_first(folder, [name for name in listed if name.endswith(".json")]):
+        path = folder / name
+        try:
+            found.append(read_record(path))
+        except UNREADABLE as exc:
+            _set_aside(path, exc)
+    return found
+
+
+UNREADABLE = (OSError, ValueError, KeyError, TypeError, IndexError)
+
+
+def read_record(path: Path) -> Pending:
+    """The record at ``path`` (blocking).
+
+    Raises:
+        OSError, ValueError, KeyError, TypeError, IndexError: it cannot be read.
+    """
+    document = json.loads(path.read_bytes())
+    changes = tuple(Change.from_json(c) for c in document["files"])
+    registry_next = document.get(REGISTRY_NEXT)
+    return Pending(
+        path,
+        About.from_json(document),
+        changes,
+        None if registry_next is None else bool(registry_next),
+    )
+
+
+def undecided_name(program: str) -> re.Pattern[str]:
+    return re.compile(re.escape(program) + r"\.undecided-[0-9]+\.json")
+
+
+def _newest_first(folder: Path, names: list[str]) -> list[str]:
+    """``names`` by the time each record was last written, newest first: a program may have a
+    record kept undecided by an earlier start (``keep_undecided``) beside a later flip's, and
+    the later change is undone first, as the file holds what it wrote."""
+
+    def written(name: str) -> int:
+        try:
+            return (folder / name).stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    return sorted(sorted(names), key=written, reverse=True)
+
+
+def keep_undecided(step: Pending) -> Path:
+    """Keep ``step``'s record for the next start, whose registry tells whether its flip was
+    promoted, renamed ``<program>.undecided-<ns>.json``: a flip of the program by this run
+    records under ``<program>.json``, and its settling must not take this one along. Returns
+    where it is (its old path if it cannot be renamed: logged) (blocking)."""
+    aside = step.path.with_name(f"{step.about.program}.undecided-{time.time_ns()}.json")
+    if step.path.name != f"{step.about.program}.json":
+        return step.path  # set aside already, at an earlier start
+    try:
+        step.path.rename(aside)
+        fsync_dir(aside.parent)
+    except OSError as exc:
+        log.warning("cannot set the proxy-undo record %s aside: %s", step.path, exc.strerror)
+        return step.path
+    return aside
+
+
+def _set_aside(path: Path, exc: Exception) -> None:
+    """A record that cannot be read, renamed ``<name>.bad`` so that it is said once, not at
+    every start, and kept for the operator to look at (blocking)."""
+    aside = path.with_name(f"{path.name}.bad")
+    try:
+        path.rename(aside)
+    except OSError:
+        aside = path
+    log.warning(
+        "ignoring the proxy-undo record %s (%s): if a supervisor was killed during a flip, see "
+        "that the proxy file it names is the previous one",
+        aside,
+        exc,
+    )
