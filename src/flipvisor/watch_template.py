@@ -33,7 +33,8 @@ import anyio
 
 from .config import WatchConfig
 from .errors import ProxyError, RegistryError
-from .proxy import install, reload
+from .proxy import install
+from .proxy_reload import reload
 from .proxy_template import render_template
 from .proxy_workers import wait_workers_gone
 from .reaper import Reaper

@@ -23,11 +23,12 @@ import httpx
 import psutil
 import pytest
 
-from flipvisor import proxy
+from flipvisor import proxy_reload
 from flipvisor import proxy_workers as workers_module
 from flipvisor.errors import ProxyError, ProxyFileError, ProxyReloadNotTaken
-from flipvisor.proxy import install, reload
+from flipvisor.proxy import install
 from flipvisor.proxy_file import Installed
+from flipvisor.proxy_reload import reload
 from flipvisor.proxy_template import flip_context, render_template
 from flipvisor.proxy_workers import proxy_workers, wait_workers_gone
 from flipvisor.reaper import Reaper
@@ -525,7 +526,7 @@ async def test_a_reload_slower_than_any_fixed_cap_is_waited_for_within_the_proxy
     timeout: an nginx that takes longer to load a large config had every reload taken for one it
     did not apply, and every flip rolled back. It waits the proxy's timeout, the operator's knob.
     Such a cap is set here (shorter than the master's 1 s, for a quick test): it is not obeyed."""
-    monkeypatch.setattr(proxy, "RELOAD_CONFIRM_MAX", 0.2, raising=False)
+    monkeypatch.setattr(proxy_reload, "RELOAD_CONFIRM_MAX", 0.2, raising=False)
     with slow_master(tmp_path, delay=1.0) as pidfile:
         before = await proxy_workers(pidfile)
         assert len(before) == 1

@@ -56,6 +56,7 @@ CHECKS = BASE | {
     "proxy_file",
     "proxy_journal",
     "proxy_record",
+    "proxy_reload",
     "proxy_template",
     "proxy_workers",
     "registry",
@@ -149,11 +150,13 @@ ALLOWED: dict[str, set[str]] = {
     "proxy_journal": {"errors", "proxy_file", "proxy_record", "durable"},
     # The proxy's workers: its master's children, awaited through pidfds.
     "proxy_workers": {"starttime", "verified_signal"},
+    # A reload, confirmed by the master's new worker.
+    "proxy_reload": {"errors", "proxy_workers", "run_command", "reaper", "starttime"},
     "proxy": {
         "config",
         "errors",
         "proxy_file",
-        "proxy_workers",
+        "proxy_reload",
         "run_command",
         "verified_signal",
         "reaper",
@@ -167,6 +170,7 @@ ALLOWED: dict[str, set[str]] = {
     "watch_template": {
         "registry",
         "proxy",
+        "proxy_reload",
         "proxy_workers",
         "proxy_template",
         "reaper",
