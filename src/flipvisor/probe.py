@@ -201,27 +201,69 @@ async def wait_ready(
             return
         progress.reason = reason
     elif readiness.exec is not None:
-        with anyio.move_on_after(readiness.timeout):
-            return await _probe_exec(
-                readiness.exec,
-                port=port,
-                deadline=deadline,
-                interval=readiness.interval,
-                reaper=reaper,
-                env=env,
-                cwd=cwd,
-                progress=progress,
-            )
-        if not progress.reason:  # its first run had not finished
-            command = " ".join(readiness.exec)
-            progress.reason = f"`{command}` did not finish within {readiness.timeout:g}s"
-    else:
-        if notify is None:
-            raise ValueError("readiness notify needs a NotifySocket")
-        progress.explain = lambda: notify.describe(numprocs)
-        with anyio.move_on_after(readiness.timeout):
-            return await notify.wait_ready(worker_pids, numprocs)
+        passed = await _wait_exec(
+            readiness,
+            readiness.exec,
+            port=port,
+            deadline=deadline,
+            reaper=reaper,
+            env=env,
+            cwd=cwd,
+            progress=progress,
+        )
+        if passed:
+            return
+    elif await _wait_notify(readiness, notify, worker_pids, numprocs, progress):
+        return
     raise ProbeFailed(f"not ready after {readiness.timeout:g}s: {progress.last()}")
+
+
+async def _wait_notify(
+    readiness: ReadinessConfig,
+    notify: NotifySocket | None,
+    worker_pids: Callable[[], set[int]],
+    numprocs: int,
+    progress: ProbeProgress,
+) -> bool:
+    """Wait for every worker's ``READY=1`` (True) until ``readiness.timeout`` runs out (False:
+    ``progress`` says what the workers sent)."""
+    if notify is None:
+        raise ValueError("readiness notify needs a NotifySocket")
+    progress.explain = lambda: notify.describe(numprocs)
+    with anyio.move_on_after(readiness.timeout):
+        await notify.wait_ready(worker_pids, numprocs)
+        return True
+    return False
+
+
+async def _wait_exec(
+    readiness: ReadinessConfig,
+    command: list[str],
+    *,
+    port: int,
+    deadline: float,
+    reaper: Reaper,
+    env: Mapping[str, str],
+    cwd: Path | None,
+    progress: ProbeProgress,
+) -> bool:
+    """Run the exec probe until it passes (True) or ``readiness.timeout`` runs out (False, the
+    reason in ``progress``)."""
+    with anyio.move_on_after(readiness.timeout):
+        await _probe_exec(
+            command,
+            port=port,
+            deadline=deadline,
+            interval=readiness.interval,
+            reaper=reaper,
+            env=env,
+            cwd=cwd,
+            progress=progress,
+        )
+        return True
+    if not progress.reason:  # its first run had not finished
+        progress.reason = f"`{' '.join(command)}` did not finish within {readiness.timeout:g}s"
+    return False
 
 
 async def _wait_http(
