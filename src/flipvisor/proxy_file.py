@@ -20,7 +20,7 @@ from typing import Protocol
 import anyio
 
 from . import durable
-from .durable import fsync_dir
+from .durable import ReplacedNotDurable, fsync_dir
 from .errors import ProxyError
 
 log = logging.getLogger("flipvisor.proxy")  # the proxy's steps log under one name
@@ -146,12 +146,35 @@ class Installed:
         try:
             if self.previous is None:
                 self.dest.unlink(missing_ok=True)
-                fsync_dir(self.dest.parent)
+                _sync_removal(self.dest)
             else:
                 write_atomic(self.dest, self.previous, self.previous_mode, self.previous_owner)
-            log.log(muted(logging.INFO, quiet), "restored the previous proxy file %s", self.dest)
+        except ReplacedNotDurable as exc:
+            # Back in place, only not durably (a filesystem that cannot sync folders, a failing
+            # disk): a restore all the same, not a failure that keeps a record to undo it by.
+            log.warning(
+                "restored the previous proxy file %s, but not durably (syncing %s failed: %s): "
+                "a crash now may bring back what the failed step wrote",
+                self.dest,
+                self.dest.parent,
+                exc.strerror or exc,
+            )
+            return
         except OSError as exc:
             raise ProxyError(f"cannot restore the previous {self.dest}: {exc.strerror}") from exc
+        log.log(muted(logging.INFO, quiet), "restored the previous proxy file %s", self.dest)
+
+
+def _sync_removal(dest: Path) -> None:
+    """Make the removal of ``dest`` durable.
+
+    Raises:
+        ReplacedNotDurable: it cannot be (``dest`` is gone all the same).
+    """
+    try:
+        fsync_dir(dest.parent)
+    except OSError as exc:
+        raise ReplacedNotDurable(exc.errno, exc.strerror, str(dest.parent)) from exc
 
 
 class Journal(Protocol):
@@ -207,7 +230,7 @@ def put_in_place(dest: Path, content: bytes, journal: Journal | None = None) -> 
         journal.replacing(kept, content)
     try:
         write_atomic(dest, content, mode, owner)
-    except durable.ReplacedNotDurable as exc:
+    except ReplacedNotDurable as exc:
         _put_back_halfway(kept, journal, exc)
         raise
     return kept

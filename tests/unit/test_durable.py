@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import threading
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -174,14 +175,44 @@ def test_a_proxy_file_that_cannot_be_put_back_either_keeps_its_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state_dir, dest, journal = _journalled(tmp_path)
-    _folder_fsync_fails(monkeypatch, dest.parent, times=2)  # the put-back's sync fails too
+    _folder_fsync_fails(monkeypatch, dest.parent, times=1)
+    writes = proxy_file.write_atomic
+
+    def put_back_fails(path: Path, data: bytes, *args: Any) -> None:
+        if data == b"server 127.0.0.1:2001;\n":  # the put-back: the disk is full by now
+            raise OSError(errno.ENOSPC, "No space left on device")
+        writes(path, data, *args)
+
+    monkeypatch.setattr(proxy_file, "write_atomic", put_back_fails)
 
     with pytest.raises(ProxyError, match="proxy-undo record is kept"):
         put_in_place(dest, b"server 127.0.0.1:2002;\n", journal)
     anyio.run(journal.settle)  # the flip's undo, with no Installed to put back
 
+    assert dest.read_bytes() == b"server 127.0.0.1:2002;\n"  # the unchecked file stays
     [left] = pending(state_dir)  # the next start puts it back, whatever the file holds then
     assert left.about.program == "web" and left.registry_next is False
+
+
+@pytest.mark.parametrize("previous", [b"server 127.0.0.1:2001;\n", None], ids=["file", "none"])
+def test_a_put_back_that_cannot_be_synced_is_a_put_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, previous: bytes | None
+) -> None:
+    """Review: on a filesystem whose folders cannot be synced, the put-back after a failed
+    rename's sync (``write_atomic`` renamed the previous bytes back, or removed the new file)
+    was reported as failed and its record kept, while the file was as before: the next start
+    then took it for a hand edit."""
+    state_dir, dest, journal = _journalled(tmp_path)
+    if previous is None:
+        dest.unlink()
+    _folder_fsync_fails(monkeypatch, dest.parent, times=2)
+
+    with pytest.raises(OSError, match="Input/output error"):
+        put_in_place(dest, b"server 127.0.0.1:2002;\n", journal)
+    anyio.run(journal.settle)
+
+    assert (dest.read_bytes() if dest.exists() else None) == previous
+    assert pending(state_dir) == []
 
 
 def test_a_proxy_file_removed_but_not_synced_is_put_back(
