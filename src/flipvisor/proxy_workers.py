@@ -30,7 +30,9 @@ async def proxy_workers(pidfile: Path) -> frozenset[Recorded]:
     parent is the master (psutil's ``children()``: 30 ms with 1,600 processes, on the event
     loop); that scan is the fallback for a kernel without the file, run in a worker thread.
     """
-    master = pidfile_master(pidfile)
+    # In a worker thread: the pidfile is wherever the operator keeps it (a slow filesystem
+    # would hold the event loop at every poll).
+    master = await anyio.to_thread.run_sync(pidfile_master, pidfile)
     if master is None:
         return frozenset()
     children = _listed_children(master)
@@ -77,8 +79,12 @@ def pidfile_master(pidfile: Path) -> int | None:
 
 
 def _titled_nginx_master(pid: int) -> bool:
-    """Whether ``pid``'s title (its command line, which nginx rewrites) is nginx's master's."""
+    """Whether ``pid``'s title (its command line, which nginx rewrites) is nginx's master's, in
+    this PID namespace: a container's nginx, seen in the host's ``/proc``, can have a stale
+    pidfile's PID, and is not the proxy this supervisor reloads."""
     try:
+        if os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid"):
+            return False
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
             return cmdline.read(64).startswith(b"nginx: master process")
     except OSError:

@@ -77,3 +77,52 @@ def test_a_missing_pidfile_or_a_pid_of_no_process_names_no_master(tmp_path: Path
     gone = subprocess.Popen(["true"])
     gone.wait()
     assert pidfile_master(_pidfile(tmp_path, gone.pid)) is None
+
+
+def test_an_nginx_master_of_another_pid_namespace_is_not_taken(tmp_path: Path) -> None:
+    # A container's nginx, seen in the host's /proc, holding a stale pidfile's PID: its title
+    # says nginx's master, but it is not the proxy this supervisor reloads.
+    outer = subprocess.Popen(
+        [
+            "unshare",
+            "--fork",
+            "--pid",
+            "--kill-child",
+            "bash",
+            "-c",
+            'exec -a "nginx: master process x" sleep 60',
+        ]
+    )
+    try:
+        titled = wait_until(
+            lambda: next(
+                (
+                    pid
+                    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit())
+                    if _parent_of(pid) == outer.pid
+                    and _cmdline(pid).startswith(b"nginx: master process")
+                ),
+                None,
+            ),
+            message="the titled process in its own PID namespace",
+        )
+        started = start_time_of(titled)
+        assert started is not None
+        assert pidfile_master(_pidfile(tmp_path, titled, written=started - 3600)) is None
+    finally:
+        outer.kill()
+        outer.wait()
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
