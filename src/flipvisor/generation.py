@@ -114,8 +114,7 @@ class Generation:
         self.command, self.fingerprint = deploy_shown(config)
         self.state = GenerationState.STARTING
         self.failure: str | None = None
-        # What its probe under way (or last) learned: for a flip that cuts the probe short.
-        self.probing: ProbeProgress | None = None
+        self.probing: ProbeProgress | None = None  # what its probe learned (a flip cut short)
         self.was_serving = False
         # The most recent exit of any of its workers, for status: {worker, pid, reason, time}.
         self.last_exit: dict[str, Any] | None = None
@@ -249,8 +248,7 @@ class Generation:
 
     def fail(self, reason: str) -> None:
         """Mark this (not yet serving) generation as failed: the flip waiting on it rolls back."""
-        if self.failure is None:
-            self.failure = reason
+        self.failure = self.failure or reason
         self._failed.set()
 
     def ensure_whole(self) -> None:
@@ -328,11 +326,11 @@ class Generation:
     def _final_transition(self) -> None:
         if self.state in (GenerationState.STOPPED, GenerationState.FAILED):
             return
-        if self.state is GenerationState.DRAINING:  # drained, whether it served or was ready
-            if self.failure is not None and not self.was_serving:  # discarded, or failed first
-                self.transition(GenerationState.FAILED, self.failure)
-            else:
+        if self.state is GenerationState.DRAINING:  # drained: served, was ready, or thrown away
+            if self.failure is None or self.was_serving:
                 self.transition(GenerationState.STOPPED)
+            else:  # thrown away: discarded, or failed before a stop called its flip off
+                self.transition(GenerationState.FAILED, self.failure)
             return
         if self._stop.called_off and self.failure is None and not self.was_serving:
             self.transition(GenerationState.STOPPED)
