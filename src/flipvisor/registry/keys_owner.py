@@ -1,12 +1,13 @@
 """Whether a program's keys hold another supervisor's promotion, which this one must not write over.
 
 Two supervisors may share a registry prefix (two hosts serving one program): the last to promote
-owns the keys. The other one keeps its own view of what it serves (``desired``), and republishes
-it when a worker of its is replaced or etcd comes back; those writes apply only to keys that are
-its own (their ``generation/current`` record names this supervisor, or one whose keys it wrote or
-took back), missing (etcd wiped) or not a record flipvisor wrote. A record naming a supervisor of
-this boot that no longer runs (keys restored from a backup, a killed predecessor's) is stale:
-written over too, so the keys match what is serving.
+owns the keys. The other one keeps its own view of what it serves (``desired``), and republishes it
+when a worker of its is replaced or etcd comes back; those writes apply only to keys that are its
+own (their ``generation/current`` record names a supervisor whose keys it wants, wrote or may have
+written: itself, or the one a failed promotion's undo puts back), missing (etcd wiped) or not a
+record flipvisor wrote. A record naming a supervisor of this boot that no longer runs (keys
+restored from a backup, a killed predecessor's) is stale: written over too, so the keys match what
+is serving.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import socket
 from collections.abc import Iterable
 
 from flipvisor.current_record import parse_current
-from flipvisor.lineage import this_supervisor
-from flipvisor.starttime import Recorded, boot_id, pid_still_names, recorded_from_json
+from flipvisor.starttime import Recorded, boot_id, pid_still_names
 
 from .base import Snapshot
 
@@ -37,15 +37,15 @@ def supervisor_of(snapshot: Snapshot | None) -> Recorded | None:
 
 def promoted_by_another(have: Snapshot, ours: Iterable[Snapshot | None]) -> Recorded | None:
     """The supervisor whose promotion ``have`` holds, if it is another one that may still run:
-    neither this supervisor nor one that ``ours`` (what this registry wants, wrote, or may have
-    written for the program) names, and not one of this boot that is gone. None: the keys are
-    this supervisor's to write."""
+    none that ``ours`` (what this registry wants, wrote, or may have written for the program)
+    names, and not one of this boot that is gone. None: the keys are this supervisor's to
+    write."""
     found = supervisor_of(have)
     if found is None:
         return None
-    own = {recorded_from_json(this_supervisor())}
-    own.update(known for known in map(supervisor_of, ours) if known is not None)
-    if found in own:
+    # What this registry wants or wrote names this supervisor (or, for a failed promotion's
+    # undo, the one whose keys it puts back).
+    if found in {known for known in map(supervisor_of, ours) if known is not None}:
         return None
     if _of_this_host(found, have) and not pid_still_names(found):
         return None  # stale: its supervisor no longer runs
