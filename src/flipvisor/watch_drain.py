@@ -16,16 +16,17 @@ entries (``watch_template.py``) have successfully applied every earlier change, 
 PID only if it saw that very process serving (``verified_signal.signal_verified`` checks its
 start tick and boot id through a pidfd), and SIGKILLs it after the timeout if it is still that
 process. A PID it never saw is never signalled: it logs a warning instead. Nor is, whatever was
-seen, a PID that ``pid/current`` names at the time of the drain (it serves: a service that ran
-its swap again for the same process), this watcher, its parent, PID 1, or a proxy's master (from
-a ``pidfile``): a key naming one of those was set by mistake. A template that is only slow delays
-a drain by ``CATCH_UP_TIMEOUT`` at most; one whose last render, check or reload failed holds it
-until an attempt (a retry or a change's) succeeds (the proxy may still route to nothing but the
+seen, a PID that ``pid/current`` names at the time of the drain (it serves: a service that ran its
+swap again for the same process; judged again when ``pid/current`` changes, as a swap written in
+two puts, ``pid/previous`` first, needs), this watcher, its parent, PID 1, or a proxy's master
+(from a ``pidfile``): a key naming one of those was set by mistake. A template that is only slow
+delays a drain by ``CATCH_UP_TIMEOUT`` at most; one whose last render, check or reload failed holds
+it until an attempt (a retry or a change's) succeeds (the proxy may still route to nothing but the
 old process), with an error logged every ``CATCH_UP_TIMEOUT``; so does one that renders the
-program's keys and waits for a missing (deleted) key while its file is in place, until it
-renders again (the file still routes as the last render did). When it has to read the keys again
-(history compacted or replaced, an outage), the difference from what it had is handled as one
-more change, so a promotion made meanwhile still drains.
+program's keys and waits for a missing (deleted) key while its file is in place, until it renders
+again (the file still routes as the last render did). When it has to read the keys again (history
+compacted or replaced, an outage), the difference from what it had is handled as one more change,
+so a promotion made meanwhile still drains.
 
 Why a drain also waits ``RELOAD_SETTLE`` seconds after the templates' last reload: "the reload
 has finished" cannot mean "``reload_cmd`` returned". ``nginx -s reload`` returns once it has sent
@@ -90,6 +91,9 @@ class DrainWatch(KeyFollower):
     # Each by its identity alone where one is known, so that one process is one target.
     seen: set[Recorded] = field(default_factory=set)
     values: dict[str, str] = field(default_factory=dict)
+    # PIDs of pid/previous not drained because pid/current named them too: judged again when
+    # pid/current changes (a swap written as two puts, previous first).
+    serving_previous: set[int] = field(default_factory=set)
     _tg: TaskGroup | None = None
     _has_read: bool = False  # a later read is a re-read (after WatchLost or an error)
 
@@ -158,29 +162,46 @@ class DrainWatch(KeyFollower):
         # pid/previous is judged against what was seen *before* this change (a transaction
         # naming the same PID as current and previous must not make it drainable).
         previous = self.values.get(self.key)
-        if previous is not None and previous != before.get(self.key):
-            targets = []
-            for pid in parse_pids(previous):
-                if self._refused(pid):
-                    continue
-                # Every process seen under the PID: only the live one can match.
-                starts = [seen for seen in self.seen if seen.pid == pid]
-                if not starts:
-                    self._never_seen(pid, "")
-                targets += starts
-            if targets:
-                # In a task of its own: the wait may be long (a failed template holds it), and
-                # this entry must go on seeing pid/current meanwhile. A late drain stays safe:
-                # each target is verified by its identity when it is signalled.
-                assert self._tg is not None
-                self._tg.start_soon(self._drain_after_reloads, targets)
         current = self.folder + "pid/current"
+        if previous is not None and previous != before.get(self.key):
+            self.serving_previous.clear()
+            self._drain_previous(parse_pids(previous))
+        elif self.serving_previous and self.values.get(current) != before.get(current):
+            # pid/previous was written before pid/current moved on (a swap in two puts): what
+            # was refused then because it served is judged again, against the same ``seen``.
+            still = set(parse_pids(previous))
+            waiting = [pid for pid in sorted(self.serving_previous) if pid in still]
+            self.serving_previous.clear()
+            self._drain_previous(waiting)
         self._see_current(
             appeared=set(parse_pids(self.values.get(current)))
             - set(parse_pids(before.get(current))),
             arrived=arrived,
             how="in a change received late (replayed after an outage, or found by a new read)",
         )
+
+    def _drain_previous(self, pids: Sequence[int]) -> None:
+        """Drain the processes seen as ``pid/current`` that ``pids`` (of ``pid/previous``) name,
+        once the reloads of the changes so far are over. A PID that ``pid/current`` names too is
+        kept in ``serving_previous``, to be judged again when ``pid/current`` changes."""
+        targets = []
+        for pid in pids:
+            if self._serves(pid):
+                self.serving_previous.add(pid)
+                continue
+            if self._refused(pid):
+                continue
+            # Every process seen under the PID: only the live one can match.
+            starts = [seen for seen in self.seen if seen.pid == pid]
+            if not starts:
+                self._never_seen(pid, "")
+            targets += starts
+        if targets:
+            # In a task of its own: the wait may be long (a failed template holds it), and
+            # this entry must go on seeing pid/current meanwhile. A late drain stays safe:
+            # each target is verified by its identity when it is signalled.
+            assert self._tg is not None
+            self._tg.start_soon(self._drain_after_reloads, targets)
 
     def _see_current(self, appeared: Collection[int], arrived: int | None, how: str) -> None:
         """Remember the processes ``pid/current`` names, each by its identity (start tick and
@@ -324,18 +345,27 @@ class DrainWatch(KeyFollower):
         if reloads:
             await anyio.sleep_until(max(reloads) + RELOAD_SETTLE)
 
+    def _serves(self, pid: int) -> bool:
+        """Whether ``pid/current`` names ``pid`` now (said in a log line): it serves, so it is
+        not drained now, whatever was seen (a service that ran its swap again for the same
+        process, or one that wrote ``pid/previous`` before moving ``pid/current`` on)."""
+        current = self.folder + "pid/current"
+        if pid not in parse_pids(self.values.get(current)):
+            return False
+        log.info(
+            "drain_pid %s: not signalling pid=%d: %s names it too (it serves; judged again "
+            "when %s changes)",
+            self.key,
+            pid,
+            current,
+            current,
+        )
+        return True
+
     def _refused(self, pid: int) -> bool:
         """Whether ``pid`` must not be drained whatever was seen (said in a log line): it is
-        ``pid/current`` now (it serves), or a process a drain can only be a mistake for."""
+        a process a drain can only be a mistake for."""
         current = self.folder + "pid/current"
-        if pid in parse_pids(self.values.get(current)):
-            log.info(
-                "drain_pid %s: not signalling pid=%d: %s names it too (it serves)",
-                self.key,
-                pid,
-                current,
-            )
-            return True
         what = self._protected(pid)
         if what is not None:
             log.warning(
@@ -369,7 +399,12 @@ class DrainWatch(KeyFollower):
     async def _drain_one(self, target: Recorded) -> None:
         """Signal the process if it is still the one seen, SIGKILL it after the timeout."""
         sig, pid = self.drain.signal, target.pid
-        if self._refused(pid):  # again: the keys or the proxy may have changed meanwhile
+        # Again: the keys or the proxy may have changed meanwhile.
+        if self._serves(pid):
+            if pid in parse_pids(self.values.get(self.key)):
+                self.serving_previous.add(pid)
+            return
+        if self._refused(pid):
             return
         if not signal_verified(target, sig):
             log.info(

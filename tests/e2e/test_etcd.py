@@ -6,6 +6,8 @@ import base64
 import json
 import re
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -34,6 +36,16 @@ def keys(etcd: EtcdServer, prefix: str) -> dict[str, str | None]:
         for kv in found.get("kvs", [])
     }
     return {name: values.get(f"{prefix}/web/{name}") for name in names}
+
+
+def changed_within(predicate: Callable[[], bool], *, seconds: float) -> bool:
+    """Whether ``predicate`` became true within ``seconds`` (a bounded look for a change that
+    must not happen: False once the deadline passed without it)."""
+    try:
+        wait_until(predicate, timeout=seconds, message="a change")
+    except AssertionError:
+        return False
+    return True
 
 
 def test_flips_write_the_seeds_keys_in_etcd(
@@ -343,3 +355,42 @@ def test_a_registry_prefix_with_a_leading_slash_is_kept_in_the_keys(
     )
     assert etcd_server.etcdctl("get", port_key, "--print-value-only").strip() == str(port)
     assert not etcd_server.etcdctl("get", "--prefix", etcd_prefix, "--keys-only").strip()
+
+
+def test_a_restarted_worker_does_not_overwrite_keys_another_supervisor_promoted(
+    flipvisor: Flipvisor, nginx: Nginx, etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
+) -> None:
+    etcd = etcd_server
+    config = program(nginx, "1")
+    config.pop("proxy")  # two hosts, one nginx file each: not what this is about
+    flipvisor.start({"registry": registry(etcd, etcd_prefix), "programs": {"web": config}})
+    first = flipvisor.wait_serving("web")
+    wait_until(
+        lambda: keys(etcd, etcd_prefix)["port/current"] == str(first["port"]),
+        message="supervisor A's generation 1 in etcd",
+    )
+    (tmp_path / "b").mkdir()
+    other = Flipvisor(tmp_path / "b")  # "another host": its own state_dir, same prefix
+    try:
+        other.start({"registry": registry(etcd, etcd_prefix), "programs": {"web": config}})
+        second = other.wait_serving("web")
+        wait_until(
+            lambda: keys(etcd, etcd_prefix)["port/current"] == str(second["port"]),
+            message="supervisor B's promotion in etcd",
+        )
+        promoted_by_b = keys(etcd, etcd_prefix)
+        assert promoted_by_b["port/previous"] == str(first["port"])
+        psutil.Process(first["pids"][0]).kill()  # a worker of A crashes; A restarts it
+        flipvisor.wait_serving(
+            "web", where=lambda g: bool(g["pids"]) and g["pids"] != first["pids"]
+        )
+        # The republication runs at once after the restart: give it 3 s to touch B's keys.
+        changed_within(lambda: keys(etcd, etcd_prefix) != promoted_by_b, seconds=3)
+        got = keys(etcd, etcd_prefix)
+        assert got["port/current"] == str(second["port"]), got
+        assert got["port/previous"] == str(first["port"]), got
+        assert got["pid/current"] == promoted_by_b["pid/current"], got
+        left = "etcd keys not rewritten: they name"
+        assert flipvisor.output().count(left) == 1, flipvisor.output()[-3000:]
+    finally:
+        other.stop()

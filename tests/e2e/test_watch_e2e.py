@@ -394,6 +394,50 @@ def test_drain_pid_refuses_a_pid_it_never_saw(
     assert watcher.stop() == 0
 
 
+@pytest.mark.etcd
+def test_drain_pid_drains_once_pid_current_moves_on_after_pid_previous_was_written(
+    watcher: Watcher, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    folder = f"{etcd_prefix}/svc"
+    watcher.start(
+        {
+            "registry": etcd_registry(etcd_server, etcd_prefix),
+            "watch": [{"keys": [f"{folder}/pid/previous"], "drain_pid": {"timeout": 5}}],
+        }
+    )
+    old = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+    new = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+    try:
+
+        def seen_as_current() -> bool:
+            # Written again until the watcher, once connected, receives it as a live change
+            # (what it finds at its first read it does not trust, rightly).
+            etcd_server.etcdctl("del", f"{folder}/pid/current")
+            etcd_server.put(f"{folder}/pid/current", str(old.pid))
+            return f"pid={old.pid} is pid/current" in watcher.output()
+
+        wait_until(
+            seen_as_current,
+            interval=0.2,
+            message="the watcher to see the old process as pid/current (a live change)",
+        )
+        # The swap in two writes: previous <- old current, then current <- the new process.
+        etcd_server.put(f"{folder}/pid/previous", str(old.pid))
+        etcd_server.put(f"{folder}/pid/current", str(new.pid))
+        wait_until(
+            lambda: old.poll() is not None,
+            timeout=8,
+            message=f"pid/previous's process {old.pid}, seen as pid/current, to be drained:\n"
+            + watcher.output()[-1500:],
+        )
+        assert new.poll() is None
+    finally:
+        for process in (old, new):
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+
+
 def test_watch_section_under_run_follows_the_programs_own_keys(
     flipvisor: Flipvisor, tmp_path: Path
 ) -> None:

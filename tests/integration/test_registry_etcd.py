@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import aclosing
 from typing import Any
 
@@ -12,9 +15,11 @@ import pytest
 
 from flipvisor.config import RegistryConfig
 from flipvisor.errors import RegistryConflict, RegistryError
+from flipvisor.lineage import this_supervisor
 from flipvisor.registry import KEY_SUFFIXES, Snapshot, WatchEvent, WatchLost
 from flipvisor.registry.etcd import EtcdRegistry
 from flipvisor.registry.etcd_client import EtcdConnection
+from flipvisor.starttime import recorded_now
 from tests.fixtures.etcd import TLS_PASSWORD, TLS_USER, EtcdServer, free_port
 from tests.fixtures.slow_link import SlowLink
 from tests.waiting import await_until, holds
@@ -567,3 +572,75 @@ async def test_watch_marks_replayed_history_not_live_and_new_changes_live(
         await registry.aclose()
     assert [(e.value, e.live) for e in replayed] == [("1", False)]
     assert [(e.value, e.live) for e in received] == [("2", True)]
+
+
+def supervised(generation: int, port: int, pids: list[int], supervisor: dict[str, Any]) -> Snapshot:
+    """``record`` as flipvisor writes it: naming the ``supervisor`` whose workers these are."""
+    values = dict(record(generation, port, pids).values)
+    doc = json.loads(values["generation/current"])
+    doc["supervisor"] = supervisor
+    values["generation/current"] = json.dumps(doc)
+    return Snapshot(values)
+
+
+@pytest.fixture
+def other_supervisor() -> Iterator[subprocess.Popen[bytes]]:
+    """A process that stands for another supervisor on the prefix, running on this host."""
+    process = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+async def test_a_publish_leaves_keys_another_running_supervisor_promoted_and_heals_the_rest(
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+    other_supervisor: subprocess.Popen[bytes],
+) -> None:
+    """A republication (a replaced worker's PIDs, the healing after an outage) writes keys that
+    are this supervisor's (a hand edit is put right), missing, garbage, or left by a supervisor
+    of this boot that no longer runs; keys another running supervisor on the prefix promoted
+    since are left to it, with one warning."""
+    registry = registry_for(f"http://{etcd_server.endpoint}", etcd_prefix)
+    other = other_supervisor
+    try:
+        found = recorded_now(other.pid)
+        assert found is not None
+        theirs = supervised(3, 50000, [5555], found.to_json())
+        ours = supervised(1, 41000, [101], this_supervisor())
+
+        def got() -> dict[str, str]:
+            keys = {s: etcd_server.get(f"{etcd_prefix}/app/{s}") for s in KEY_SUFFIXES}
+            return {s: value for s, value in keys.items() if value is not None}
+
+        await registry.publish("app", ours)  # missing: written
+        assert got() == dict(ours.values)
+        etcd_server.put(f"{etcd_prefix}/app/port/current", "9999")  # a hand edit of ours
+        await registry.publish("app", ours)
+        assert got() == dict(ours.values)
+
+        for suffix, value in promoted(ours, theirs).values.items():
+            etcd_server.put(f"{etcd_prefix}/app/{suffix}", value)
+        ours = supervised(1, 41000, [102], this_supervisor())  # a worker replaced
+        with caplog.at_level(logging.WARNING, logger="flipvisor.registry.etcd"):
+            await registry.publish("app", ours)
+            await registry.publish("app", ours)
+        assert got() == dict(promoted(record(1, 41000, [101]), theirs).values)
+        warnings = [r.getMessage() for r in caplog.records if "left to it" in r.getMessage()]
+        assert len(warnings) == 1, warnings
+        assert f"supervisor pid {other.pid}" in warnings[0]
+        assert registry.health()["pending"] == []
+
+        other.kill()
+        await anyio.to_thread.run_sync(other.wait)
+        await registry.publish("app", ours)  # a supervisor of this boot that is gone: stale
+        assert got() == dict(ours.values)
+
+        etcd_server.put(f"{etcd_prefix}/app/generation/current", "not json")
+        await registry.publish("app", ours)  # garbage
+        assert got() == dict(ours.values)
+    finally:
+        await registry.aclose()

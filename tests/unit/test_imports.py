@@ -163,7 +163,9 @@ ALLOWED: dict[str, set[str]] = {
         "usable",
         "starttime",
     },
-    "registry": {"config", "errors", "registry", "durable"},
+    # The generation record's parser and process identities: whose promotion the keys hold
+    # (registry/keys_owner.py), never a process signalled.
+    "registry": {"config", "errors", "registry", "durable", "current_record", "starttime"},
     # The confd side: the runner (watch), following keys, a template entry, a drain_pid entry.
     "watch": {"registry", "reaper", "config", "signals", "watch_template", "watch_drain"},
     "watch_follow": {"registry", "errors"},

@@ -10,7 +10,11 @@ The registry remembers the latest value it swapped or published for every progra
 kept in ``etcd_intent`` with the rest of its bookkeeping); ``run`` keeps a connection alive,
 notices an outage when its liveness watch stream breaks (TCP reset, or HTTP/2 keepalive for a
 silent peer: no polling), reconnects with backoff, and then rewrites every desired program whose
-keys differ, so the keys match what is serving within seconds of etcd coming back. A program that
+keys differ, so the keys match what is serving within seconds of etcd coming back. Such a rewrite
+(and a ``publish``: a replaced worker's PIDs) is one transaction that compares what was read, and
+applies only to keys that are this supervisor's, missing or garbage: keys whose record names
+another supervisor on the prefix that promoted the program since are left to it, with a warning
+(``keys_owner``). A hand edit of keys whose record is still ours is healed. A program that
 stopped serving is *withdrawn*: its keys are read and rewritten without ``current``
 (``base.withdrawn``) when etcd answers, which may be only after an outage, in a transaction that
 compares what was read; and only while they still name what this registry last wrote (``desired``,
@@ -31,6 +35,7 @@ from anyio.abc import TaskStatus
 
 from flipvisor.config import RegistryConfig
 from flipvisor.errors import RegistryConflict, RegistryError
+from flipvisor.starttime import Recorded
 
 from .base import (
     KEY_SUFFIXES,
@@ -38,6 +43,7 @@ from .base import (
     Snapshot,
     WatchEvent,
     names_current,
+    owner_of,
     program_key,
     taken_by_another,
     withdrawn,
@@ -56,6 +62,7 @@ from .etcd_client import (
 )
 from .etcd_intent import EtcdIntent
 from .etcd_watch import watch_keys
+from .keys_owner import promoted_by_another
 
 log = logging.getLogger(__name__)
 
@@ -179,19 +186,40 @@ class EtcdRegistry:
             if want is None:
                 self.intent.pending.discard(program)
                 return
-            if program in self.intent.fenced:
-                # Even if they look right: a lost swap may still land, and must find every
-                # key's revision moved on.
-                await self._write_program(conn, program, want)
+            fenced = program in self.intent.fenced
+            have = await self._read_program(conn, program)
+            if dict(have.values) == dict(want.values) and not fenced:
+                pass
+            elif (owner := promoted_by_another(have, self.intent.snapshots(program))) is not None:
+                # Another supervisor on the prefix promoted the program since: its keys. Our
+                # lost swap (fenced), if any, cannot land on them: they moved on since it read.
                 self.intent.fenced.discard(program)
-                log.info("program=%s etcd keys rewritten after a lost promotion", program)
+                self._leave(program, have, owner)
+            elif await self._write_if_unchanged(conn, program, have, want):
+                # A fenced program is rewritten even if the keys look right: a lost swap may
+                # still land, and must find every key's revision moved on.
+                self.intent.written[program] = want
+                self.intent.fenced.discard(program)
+                self.intent.left.pop(program, None)
+                why = "after a lost promotion" if fenced else "to match what is serving"
+                log.info("program=%s etcd keys rewritten %s", program, why)
             else:
-                have = await self._read_program(conn, program)
-                if dict(have.values) != dict(want.values):
-                    await self._write_program(conn, program, want)
-                    log.info("program=%s etcd keys rewritten to match what is serving", program)
+                self._kick.set()  # changed since the read: decide again from a new one
+                return
             if self.intent.desired.get(program) is want:
                 self.intent.pending.discard(program)
+
+    def _leave(self, program: str, have: Snapshot, owner: Recorded) -> None:
+        """Leave ``program``'s keys to the supervisor ``owner`` that promoted it since: warned
+        once (until the keys are ours again or another supervisor takes them)."""
+        if self.intent.left.get(program) != owner:
+            self.intent.left[program] = owner
+            log.warning(
+                "program=%s etcd keys not rewritten: they name %s now, not what this supervisor "
+                "serves (another supervisor on the prefix promoted it); left to it",
+                program,
+                owner_of(have),
+            )
 
     async def _withdraw_now(self, conn: EtcdConnection, program: str) -> None:
         """Rewrite ``program``'s keys without ``current``, from what etcd holds now, if they
@@ -245,12 +273,6 @@ class EtcdRegistry:
         self.intent.seen[program] = reply.header.revision
         values = {kv.key.decode(): kv.value.decode() for kv in reply.kvs}
         return Snapshot({s: values[k] for s, k in self._keys(program).items() if k in values})
-
-    async def _write_program(self, conn: EtcdConnection, program: str, new: Snapshot) -> None:
-        ops = [txn_write(key, new.get(suffix)) for suffix, key in self._keys(program).items()]
-        reply = await conn.call("Txn", rpc.TxnRequest(success=ops))
-        self.intent.seen[program] = reply.header.revision
-        self.intent.written[program] = new
 
     async def snapshot(self, program: str) -> Snapshot:
         """``program``'s keys in one linearizable read.

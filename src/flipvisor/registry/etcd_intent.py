@@ -3,14 +3,17 @@
 The bookkeeping behind ``EtcdRegistry``'s promise that the keys match what is serving once etcd
 answers: the value wanted (``desired``), the programs still to check (``pending``), the revision
 of the last read or write (``seen``), a swap whose outcome was lost (``fenced``, and what it may
-have written: ``maybe``), what the last landed write put there (``written``), and the
-withdrawals asked for (``withdrawing``). It holds no connection and makes no call.
+have written: ``maybe``), what the last landed write put there (``written``), the
+withdrawals asked for (``withdrawing``), and the programs whose keys another supervisor took
+(``left``). It holds no connection and makes no call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from flipvisor.starttime import Recorded
 
 from .base import Snapshot, naming
 
@@ -37,6 +40,9 @@ class EtcdIntent:
     # workers it took over, if any.
     withdrawing: dict[str, tuple[int, str | None]] = field(default_factory=dict)
     calls: int = 0
+    # Programs whose keys another supervisor on the prefix promoted since, left to it: whom (so
+    # that it is warned about once).
+    left: dict[str, Recorded] = field(default_factory=dict)
 
     def swapped(self, program: str, new: Snapshot, *, began: int, revision: int) -> None:
         """A swap that began at call ``began`` wrote ``new``, at ``revision``."""
@@ -82,17 +88,14 @@ class EtcdIntent:
         self.pending.add(program)
         return True
 
+    def snapshots(self, program: str) -> list[Snapshot | None]:
+        """What this registry wants ``program``'s keys to say, may have written (a lost swap),
+        and last wrote."""
+        return [self.desired.get(program), self.maybe.get(program), self.written.get(program)]
+
     def ours(self, program: str) -> list[dict[str, str | None]]:
         """What ``program``'s keys may name that this registry wrote (or took over)."""
-        found = [
-            naming(snapshot)
-            for snapshot in (
-                self.desired.get(program),
-                self.maybe.get(program),
-                self.written.get(program),
-            )
-            if snapshot is not None
-        ]
+        found = [naming(snapshot) for snapshot in self.snapshots(program) if snapshot is not None]
         taken_over = self.withdrawing[program][1] if program in self.withdrawing else None
         if taken_over is not None:
             found.append({"generation/current": taken_over})
@@ -107,4 +110,5 @@ class EtcdIntent:
         self.fenced.discard(program)
         self.maybe.pop(program, None)
         self.written.pop(program, None)
+        self.left.pop(program, None)
         self.pending.discard(program)
