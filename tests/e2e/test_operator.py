@@ -365,10 +365,14 @@ def test_a_flip_cut_short_by_its_timeout_shows_the_new_generations_output(
 ) -> None:
     flipvisor.start({"programs": {"web": web()}})
     flipvisor.wait_serving("web")
-    never_ready = {**web("2", "--health-fail"), "readiness": {"http": "/health", "timeout": 60}}
+    # Never ready, and says so at once: a shell starts in milliseconds even on a loaded machine,
+    # where the Python service once had not printed its line within the flip's 4 s.
+    never_ready = {
+        **web("2"),
+        "command": ["sh", "-c", "echo 'svc 2 serving on its socket'; exec sleep 600"],
+        "readiness": {"http": "/health", "timeout": 60},
+    }
     flipvisor.write_config({"programs": {"web": never_ready}})
-    # Long enough for the new worker to have started and said so on a loaded machine (1 s was
-    # not, once).
     result = flipvisor.cli("flip", "web", "--timeout", "4", "--json")
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
