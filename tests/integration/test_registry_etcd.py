@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -579,6 +580,7 @@ def supervised(generation: int, port: int, pids: list[int], supervisor: dict[str
     values = dict(record(generation, port, pids).values)
     doc = json.loads(values["generation/current"])
     doc["supervisor"] = supervisor
+    doc["host"] = socket.gethostname()  # as published_keys writes it: this host's supervisor
     values["generation/current"] = json.dumps(doc)
     return Snapshot(values)
 
@@ -642,5 +644,25 @@ async def test_a_publish_leaves_keys_another_running_supervisor_promoted_and_hea
         etcd_server.put(f"{etcd_prefix}/app/generation/current", "not json")
         await registry.publish("app", ours)  # garbage
         assert got() == dict(ours.values)
+    finally:
+        await registry.aclose()
+
+
+async def test_keys_that_are_not_utf8_are_overwritten_as_garbage(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """Review: a value someone wrote that is not UTF-8 made the republication's read raise
+    UnicodeDecodeError out of ``publish`` (which never raises) and out of the registry's task;
+    it is garbage like any value flipvisor did not write, and overwritten."""
+    registry = registry_for(f"http://{etcd_server.endpoint}", etcd_prefix)
+    try:
+        ours = supervised(1, 41000, [101], this_supervisor())
+        # Surrogates: etcdctl's argument holds the raw bytes 0xff 0xfe.
+        etcd_server.put(f"{etcd_prefix}/app/generation/current", "\udcff\udcfe")
+        etcd_server.put(f"{etcd_prefix}/app/port/previous", "\udcff")
+        with anyio.fail_after(10):
+            await registry.publish("app", ours)
+        keys = {s: etcd_server.get(f"{etcd_prefix}/app/{s}") for s in KEY_SUFFIXES}
+        assert {s: v for s, v in keys.items() if v is not None} == dict(ours.values)
     finally:
         await registry.aclose()

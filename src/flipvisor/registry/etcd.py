@@ -54,6 +54,7 @@ from .etcd_client import (
     EtcdConnection,
     connect,
     range_of,
+    text_of,
     txn_compare_unchanged_since,
     txn_compare_value,
     txn_read,
@@ -271,7 +272,7 @@ class EtcdRegistry:
         key, range_end = range_of(f"{self.prefix}/{program}/")
         reply = await conn.call("Range", rpc.RangeRequest(key=key, range_end=range_end))
         self.intent.seen[program] = reply.header.revision
-        values = {kv.key.decode(): kv.value.decode() for kv in reply.kvs}
+        values = {text_of(kv.key): text_of(kv.value) for kv in reply.kvs}
         return Snapshot({s: values[k] for s, k in self._keys(program).items() if k in values})
 
     async def snapshot(self, program: str) -> Snapshot:

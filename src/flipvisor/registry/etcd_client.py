@@ -273,6 +273,24 @@ async def connect(config: RegistryConfig, probe_key: str) -> EtcdConnection:
     raise RegistryError("no etcd endpoint answered: " + "; ".join(errors))
 
 
+def text_of(value: bytes) -> str:
+    """A key's or value's bytes as text. Bytes that are not UTF-8 (written by someone else) are
+    kept as surrogates, which ``bytes_of`` turns back into the same bytes: such a value is
+    compared exactly, and overwritten as garbage, never a crash."""
+    return value.decode("utf-8", "surrogateescape")
+
+
+def readable_text(value: bytes) -> str:
+    """A value as text to render or parse (a watch's templates, a message): bytes that are not
+    UTF-8 shown as U+FFFD, never a crash of the watch."""
+    return value.decode("utf-8", "replace")
+
+
+def bytes_of(text: str) -> bytes:
+    """``text`` as the bytes etcd holds (``text_of``'s inverse)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def txn_compare_value(key: str, value: str | None) -> Any:
     """A Txn comparison: ``key`` holds ``value``, or (None) does not exist (version 0)."""
     if value is None:
@@ -280,7 +298,7 @@ def txn_compare_value(key: str, value: str | None) -> Any:
             key=key.encode(), target=rpc.Compare.VERSION, result=rpc.Compare.EQUAL, version=0
         )
     return rpc.Compare(
-        key=key.encode(), target=rpc.Compare.VALUE, result=rpc.Compare.EQUAL, value=value.encode()
+        key=key.encode(), target=rpc.Compare.VALUE, result=rpc.Compare.EQUAL, value=bytes_of(value)
     )
 
 
@@ -298,7 +316,7 @@ def txn_write(key: str, value: str | None) -> Any:
     """A Txn operation that puts ``value`` into ``key``, or deletes it for None."""
     if value is None:
         return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key.encode()))
-    return rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=value.encode()))
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=bytes_of(value)))
 
 
 def txn_read(patterns: Sequence[str]) -> list[Any]:
@@ -316,5 +334,5 @@ def txn_values(response: Any) -> dict[str, str]:
     for op in response.responses:
         if op.WhichOneof("response") == "response_range":
             for kv in op.response_range.kvs:
-                values[kv.key.decode()] = kv.value.decode()
+                values[readable_text(kv.key)] = readable_text(kv.value)
     return values

@@ -19,7 +19,14 @@ from aetcd import rpc
 from flipvisor.errors import RegistryError
 
 from .base import KeyRange, WatchEvent, WatchLost
-from .etcd_client import MAX_BACKOFF, MIN_BACKOFF, EtcdConnection, describe_rpc_error, range_of
+from .etcd_client import (
+    MAX_BACKOFF,
+    MIN_BACKOFF,
+    EtcdConnection,
+    describe_rpc_error,
+    range_of,
+    readable_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +104,8 @@ async def _watch_stream(
             raise _cancelled(reply)
         events = [
             WatchEvent(
-                ev.kv.key.decode(),
-                ev.kv.value.decode() if ev.type == rpc.Event.PUT else None,
+                readable_text(ev.kv.key),
+                readable_text(ev.kv.value) if ev.type == rpc.Event.PUT else None,
                 ev.kv.mod_revision,
                 live=ev.kv.mod_revision > created_at.get(reply.watch_id, ev.kv.mod_revision),
             )

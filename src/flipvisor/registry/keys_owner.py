@@ -3,20 +3,21 @@
 Two supervisors may share a registry prefix (two hosts serving one program): the last to promote
 owns the keys. The other one keeps its own view of what it serves (``desired``), and republishes it
 when a worker of its is replaced or etcd comes back; those writes apply only to keys that are its
-own (their ``generation/current`` record names a supervisor whose keys it wants, wrote or may have
-written: itself, or the one a failed promotion's undo puts back), missing (etcd wiped) or not a
-record flipvisor wrote. A record naming a supervisor of this boot that no longer runs (keys
-restored from a backup, a killed predecessor's) is stale: written over too, so the keys match what
-is serving.
+own (the very ``generation/current`` record it wants, wrote or may have written, or one naming
+this process), missing (etcd wiped) or not a record flipvisor wrote. A record naming a supervisor
+of this host that no longer runs (a killed predecessor's; keys restored from a backup, of an
+earlier boot) is stale: written over too, so the keys match what is serving.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterable
+from functools import cache
 
 from flipvisor.current_record import parse_current
-from flipvisor.starttime import Recorded, boot_id, pid_still_names
+from flipvisor.starttime import Recorded, boot_id, pid_still_names, recorded_now
 
 from .base import Snapshot
 
@@ -36,29 +37,46 @@ def supervisor_of(snapshot: Snapshot | None) -> Recorded | None:
 
 
 def promoted_by_another(have: Snapshot, ours: Iterable[Snapshot | None]) -> Recorded | None:
-    """The supervisor whose promotion ``have`` holds, if it is another one that may still run:
-    none that ``ours`` (what this registry wants, wrote, or may have written for the program)
-    names, and not one of this boot that is gone. None: the keys are this supervisor's to
-    write."""
+    """The supervisor whose promotion ``have`` holds, if it is another one that may still run.
+    None: the keys are this supervisor's to write, as they are exactly what this registry
+    wants, wrote or may have written for the program (``ours``), or name this process, or a
+    supervisor of this host that is gone.
+
+    By the record itself, not the supervisor it names: a failed promotion's undo puts back
+    another supervisor's keys (``desired`` then names it), and judged by that supervisor, its
+    newer promotion since would be taken for ours and written over with its older one."""
     found = supervisor_of(have)
     if found is None:
         return None
-    # What this registry wants or wrote names this supervisor (or, for a failed promotion's
-    # undo, the one whose keys it puts back).
-    if found in {known for known in map(supervisor_of, ours) if known is not None}:
+    record = have.get("generation/current")
+    if any(s is not None and s.get("generation/current") == record for s in ours):
         return None
-    if _of_this_host(found, have) and not pid_still_names(found):
-        return None  # stale: its supervisor no longer runs
+    if _is_this_process(found) or _gone(found, have):
+        return None
     return found
 
 
-def _of_this_host(supervisor: Recorded, have: Snapshot) -> bool:
-    """Whether ``supervisor`` ran on this host's current boot, so whether it still runs can be
-    told here: by its boot id, else (an older record) by the record's host."""
+def _is_this_process(supervisor: Recorded) -> bool:
+    me = _this_process()
+    return me is not None and (supervisor.pid, supervisor.identity) == (me.pid, me.identity)
+
+
+@cache
+def _this_process() -> Recorded | None:
+    return recorded_now(os.getpid())
+
+
+def _gone(supervisor: Recorded, have: Snapshot) -> bool:
+    """Whether ``supervisor`` (named by ``have``'s record) certainly no longer runs: it ran on
+    this host (the record's host is this one's name: a container on this machine shares its
+    boot id, not its PIDs), and in an earlier boot, or its PID names it no more."""
+    parsed = parse_current(have.get("generation/current"))
+    if parsed is None or parsed.document.get("host") != HOSTNAME:
+        return False
     if supervisor.identity is not None:
         try:
-            return supervisor.identity.boot_id == boot_id()
+            if supervisor.identity.boot_id != boot_id():
+                return True  # an earlier boot of this host: keys restored from a backup
         except OSError:
             return False
-    parsed = parse_current(have.get("generation/current"))
-    return parsed is not None and parsed.document.get("host") == HOSTNAME
+    return not pid_still_names(supervisor)
