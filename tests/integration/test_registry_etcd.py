@@ -666,3 +666,30 @@ async def test_keys_that_are_not_utf8_are_overwritten_as_garbage(
         assert {s: v for s, v in keys.items() if v is not None} == dict(ours.values)
     finally:
         await registry.aclose()
+
+
+async def test_a_replaced_worker_s_republication_puts_only_the_keys_that_changed(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """The contract: a crashed worker's replacement updates `pid/current` and the
+    `generation/current` record, nothing else. The republication put all five keys, the
+    `previous` ones with the values they held: a watcher of `pid/previous` saw a put (review)."""
+    registry = registry_for(f"http://{etcd_server.endpoint}", etcd_prefix)
+
+    def revision(suffix: str) -> int:
+        out = etcd_server.etcdctl("get", f"{etcd_prefix}/app/{suffix}", "-w", "json")
+        return int(json.loads(out)["kvs"][0]["mod_revision"])
+
+    try:
+        before = supervised(1, 41000, [101], this_supervisor())
+        ours = promoted(record(0, 40000, [100]), before)
+        with anyio.fail_after(10):
+            await registry.publish("app", ours)
+        kept = {s: revision(s) for s in ("port/previous", "pid/previous", "port/current")}
+        replaced = promoted(record(0, 40000, [100]), supervised(1, 41000, [102], this_supervisor()))
+        with anyio.fail_after(10):
+            await registry.publish("app", replaced)
+        assert etcd_server.get(f"{etcd_prefix}/app/pid/current") == "102"
+        assert {s: revision(s) for s in kept} == kept
+    finally:
+        await registry.aclose()

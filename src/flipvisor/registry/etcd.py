@@ -196,7 +196,7 @@ class EtcdRegistry:
                 # lost swap (fenced), if any, cannot land on them: they moved on since it read.
                 self.intent.fenced.discard(program)
                 self._leave(program, have, owner)
-            elif await self._write_if_unchanged(conn, program, have, want):
+            elif await self._write_if_unchanged(conn, program, have, want, every_key=fenced):
                 # A fenced program is rewritten even if the keys look right: a lost swap may
                 # still land, and must find every key's revision moved on.
                 self.intent.written[program] = want
@@ -238,7 +238,9 @@ class EtcdRegistry:
             pass  # forgotten below, as a withdrawal that landed
         elif names_current(have) or fenced:
             # Fenced: every key is rewritten, so that a lost swap that lands late fails.
-            if not await self._write_if_unchanged(conn, program, have, withdrawn(have)):
+            if not await self._write_if_unchanged(
+                conn, program, have, withdrawn(have), every_key=fenced
+            ):
                 self._kick.set()  # changed since the read: decide again from a new one
                 return
             log.info("program=%s etcd keys withdrawn: nothing serves it", program)
@@ -246,10 +248,19 @@ class EtcdRegistry:
             self.intent.forget(program)
 
     async def _write_if_unchanged(
-        self, conn: EtcdConnection, program: str, have: Snapshot, new: Snapshot
+        self,
+        conn: EtcdConnection,
+        program: str,
+        have: Snapshot,
+        new: Snapshot,
+        *,
+        every_key: bool,
     ) -> bool:
         """Write ``new`` in one transaction if every key still holds ``have`` and none changed
-        since it was read (``_seen``); whether it did.
+        since it was read (``_seen``); whether it did. Only the keys that differ are written
+        (a replaced worker changes ``pid/current`` and the record, nothing else: a watcher of
+        ``pid/previous`` sees no put), unless ``every_key`` (fenced: a lost swap that lands late
+        must find every key's revision moved on).
 
         Raises:
             RegistryError: the connection failed.
@@ -259,7 +270,11 @@ class EtcdRegistry:
         compare += [
             txn_compare_unchanged_since(key, self.intent.seen[program]) for key in keys.values()
         ]
-        success = [txn_write(key, new.get(suffix)) for suffix, key in keys.items()]
+        success = [
+            txn_write(key, new.get(suffix))
+            for suffix, key in keys.items()
+            if every_key or new.get(suffix) != have.get(suffix)
+        ]
         reply = await conn.call("Txn", rpc.TxnRequest(compare=compare, success=success))
         if reply.succeeded:
             self.intent.seen[program] = reply.header.revision
