@@ -35,26 +35,17 @@ from anyio.abc import TaskStatus
 
 from flipvisor.config import RegistryConfig
 from flipvisor.errors import RegistryConflict, RegistryError
-from flipvisor.starttime import Recorded
 
 from .base import (
-    KEY_SUFFIXES,
     KeyRange,
     Snapshot,
     WatchEvent,
-    names_current,
-    owner_of,
-    program_key,
-    taken_by_another,
-    withdrawn,
 )
 from .etcd_client import (
     MAX_BACKOFF,
     MIN_BACKOFF,
     EtcdConnection,
     connect,
-    range_of,
-    text_of,
     txn_compare_unchanged_since,
     txn_compare_value,
     txn_read,
@@ -62,8 +53,8 @@ from .etcd_client import (
     txn_write,
 )
 from .etcd_intent import EtcdIntent
+from .etcd_keys import ProgramKeys
 from .etcd_watch import watch_keys
-from .keys_owner import promoted_by_another
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +74,7 @@ class EtcdRegistry:
         self._write_lock = anyio.Lock()
         self._kick = anyio.Event()
         self._running = False
+        self.keys = ProgramKeys(self.prefix, self.intent, self._write_lock, self._wake)
 
     def _wake(self) -> None:
         """Wake ``run`` to write what ``intent`` wants (``_kick`` is a new event every round)."""
@@ -167,128 +159,11 @@ class EtcdRegistry:
             self._kick = anyio.Event()  # before writing, so a publish meanwhile kicks again
             for program in sorted(self.intent.pending):
                 try:
-                    await self._reconcile(conn, program)
+                    await self.keys.reconcile(conn, program)
                 except RegistryError as exc:
                     log.warning("program=%s cannot update etcd keys yet: %s", program, exc)
                     return
             await self._kick.wait()
-
-    async def _reconcile(self, conn: EtcdConnection, program: str) -> None:
-        """Make ``program``'s keys say ``desired`` if they do not already.
-
-        Raises:
-            RegistryError: the connection failed.
-        """
-        async with self._write_lock:
-            if program in self.intent.withdrawing:
-                await self._withdraw_now(conn, program)
-                return
-            want = self.intent.desired.get(program)
-            if want is None:
-                self.intent.pending.discard(program)
-                return
-            fenced = program in self.intent.fenced
-            have = await self._read_program(conn, program)
-            if dict(have.values) == dict(want.values) and not fenced:
-                pass
-            elif (owner := promoted_by_another(have, self.intent.snapshots(program))) is not None:
-                # Another supervisor on the prefix promoted the program since: its keys. Our
-                # lost swap (fenced), if any, cannot land on them: they moved on since it read.
-                self.intent.fenced.discard(program)
-                self._leave(program, have, owner)
-            elif await self._write_if_unchanged(conn, program, have, want, every_key=fenced):
-                # A fenced program is rewritten even if the keys look right: a lost swap may
-                # still land, and must find every key's revision moved on.
-                self.intent.written[program] = want
-                self.intent.fenced.discard(program)
-                self.intent.left.pop(program, None)
-                why = "after a lost promotion" if fenced else "to match what is serving"
-                log.info("program=%s etcd keys rewritten %s", program, why)
-            else:
-                self._kick.set()  # changed since the read: decide again from a new one
-                return
-            if self.intent.desired.get(program) is want:
-                self.intent.pending.discard(program)
-
-    def _leave(self, program: str, have: Snapshot, owner: Recorded) -> None:
-        """Leave ``program``'s keys to the supervisor ``owner`` that promoted it since: warned
-        once (until the keys are ours again or another supervisor takes them)."""
-        if self.intent.left.get(program) != owner:
-            self.intent.left[program] = owner
-            log.warning(
-                "program=%s etcd keys not rewritten: they name %s now, not what this supervisor "
-                "serves (another supervisor on the prefix promoted it); left to it",
-                program,
-                owner_of(have),
-            )
-
-    async def _withdraw_now(self, conn: EtcdConnection, program: str) -> None:
-        """Rewrite ``program``'s keys without ``current``, from what etcd holds now, if they
-        still name what this registry wrote (or took over); then forget the program. Under the
-        write lock.
-
-        Raises:
-            RegistryError: the connection failed.
-        """
-        withdrawal = self.intent.withdrawing[program]
-        ours = self.intent.ours(program)
-        fenced = program in self.intent.fenced
-        have = await self._read_program(conn, program)
-        if taken_by_another(program, have, ours, "etcd keys"):
-            pass  # forgotten below, as a withdrawal that landed
-        elif names_current(have) or fenced:
-            # Fenced: every key is rewritten, so that a lost swap that lands late fails.
-            if not await self._write_if_unchanged(
-                conn, program, have, withdrawn(have), every_key=fenced
-            ):
-                self._kick.set()  # changed since the read: decide again from a new one
-                return
-            log.info("program=%s etcd keys withdrawn: nothing serves it", program)
-        if self.intent.withdrawing.get(program) == withdrawal:  # not superseded meanwhile
-            self.intent.forget(program)
-
-    async def _write_if_unchanged(
-        self,
-        conn: EtcdConnection,
-        program: str,
-        have: Snapshot,
-        new: Snapshot,
-        *,
-        every_key: bool,
-    ) -> bool:
-        """Write ``new`` in one transaction if every key still holds ``have`` and none changed
-        since it was read (``_seen``); whether it did. Only the keys that differ are written
-        (a replaced worker changes ``pid/current`` and the record, nothing else: a watcher of
-        ``pid/previous`` sees no put), unless ``every_key`` (fenced: a lost swap that lands late
-        must find every key's revision moved on).
-
-        Raises:
-            RegistryError: the connection failed.
-        """
-        keys = self._keys(program)
-        compare = [txn_compare_value(key, have.get(suffix)) for suffix, key in keys.items()]
-        compare += [
-            txn_compare_unchanged_since(key, self.intent.seen[program]) for key in keys.values()
-        ]
-        success = [
-            txn_write(key, new.get(suffix))
-            for suffix, key in keys.items()
-            if every_key or new.get(suffix) != have.get(suffix)
-        ]
-        reply = await conn.call("Txn", rpc.TxnRequest(compare=compare, success=success))
-        if reply.succeeded:
-            self.intent.seen[program] = reply.header.revision
-        return bool(reply.succeeded)
-
-    def _keys(self, program: str) -> dict[str, str]:
-        return {suffix: program_key(self.prefix, program, suffix) for suffix in KEY_SUFFIXES}
-
-    async def _read_program(self, conn: EtcdConnection, program: str) -> Snapshot:
-        key, range_end = range_of(f"{self.prefix}/{program}/")
-        reply = await conn.call("Range", rpc.RangeRequest(key=key, range_end=range_end))
-        self.intent.seen[program] = reply.header.revision
-        values = {text_of(kv.key): text_of(kv.value) for kv in reply.kvs}
-        return Snapshot({s: values[k] for s, k in self._keys(program).items() if k in values})
 
     async def snapshot(self, program: str) -> Snapshot:
         """``program``'s keys in one linearizable read.
@@ -299,7 +174,7 @@ class EtcdRegistry:
         try:
             with anyio.fail_after(self.config.timeout):
                 async with self._use() as conn:
-                    return await self._read_program(conn, program)
+                    return await self.keys.read(conn, program)
         except TimeoutError:
             raise self._timeout_error() from None
 
@@ -313,7 +188,7 @@ class EtcdRegistry:
             RegistryConflict: a key differs from ``expected``; the message names it.
             RegistryError: etcd was unreachable or did not answer within the request timeout.
         """
-        keys = self._keys(program)
+        keys = self.keys.keys(program)
         began = self.intent.calls
         compare = [txn_compare_value(key, expected.get(suffix)) for suffix, key in keys.items()]
         seen = self.intent.seen.get(program)
@@ -350,7 +225,7 @@ class EtcdRegistry:
     ) -> RegistryConflict:
         """What a swap that found ``found`` (its failure branch's read) says: the key that
         differed from ``expected``."""
-        for suffix, key in self._keys(program).items():
+        for suffix, key in self.keys.keys(program).items():
             if found.get(key) != expected.get(suffix):
                 return RegistryConflict(
                     f"etcd key {key} changed: expected {expected.get(suffix)!r}, found "
@@ -381,7 +256,7 @@ class EtcdRegistry:
         with anyio.move_on_after(self.config.timeout) as deadline:
             try:
                 async with self._use() as conn:
-                    await self._reconcile(conn, program)
+                    await self.keys.reconcile(conn, program)
             except RegistryError as exc:
                 log.warning("program=%s etcd keys %s: %s", program, later, exc)
         if deadline.cancelled_caught:
@@ -398,7 +273,7 @@ class EtcdRegistry:
         with anyio.move_on_after(self.config.timeout):
             try:
                 async with self._use() as conn:
-                    await self._reconcile(conn, program)
+                    await self.keys.reconcile(conn, program)
             except RegistryError as exc:
                 log.warning("program=%s etcd keys left pending: %s", program, exc)
 
