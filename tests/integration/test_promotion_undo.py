@@ -3,10 +3,6 @@ report then says the operator must do."""
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -20,6 +16,7 @@ from flipvisor.errors import ProxyError, ProxyReloadNotTaken
 from flipvisor.progress import FlipReport
 from flipvisor.reaper import Reaper
 from tests.reaping import running_reaper
+from tests.stand_in_master import stand_in_master
 
 
 async def test_an_undo_cut_short_before_the_reload_back_says_so_not_that_the_reload_hung(
@@ -107,41 +104,6 @@ async def test_a_failed_reload_back_after_a_refused_reload_says_nginx_routes_as_
         assert "may still route to generation 2" in report.stranded
 
 
-# A stand-in nginx master (its pidfile written after it started): a reload (SIGHUP) starts a
-# new worker at once and leaves the old one running, as nginx's old workers finishing their
-# requests do.
-LINGERING_MASTER = r"""
-import signal, subprocess
-workers = [subprocess.Popen(["sleep", "600"])]
-def stop(*_):
-    for worker in workers:
-        worker.kill()
-        worker.wait()
-    raise SystemExit(0)
-signal.signal(signal.SIGTERM, stop)
-signal.signal(signal.SIGHUP, lambda *_: workers.append(subprocess.Popen(["sleep", "600"])))
-print("ready", flush=True)
-while True:
-    signal.pause()
-"""
-
-
-@contextlib.contextmanager
-def lingering_master(tmp_path: Path) -> Iterator[Path]:
-    """``LINGERING_MASTER`` running; yields its pidfile."""
-    with subprocess.Popen(
-        [sys.executable, "-c", LINGERING_MASTER], stdout=subprocess.PIPE, text=True
-    ) as master:
-        try:
-            assert master.stdout is not None and master.stdout.readline() == "ready\n"
-            pidfile = tmp_path / "master.pid"
-            pidfile.write_text(f"{master.pid}\n")
-            yield pidfile
-        finally:
-            master.terminate()
-            master.wait(timeout=10)
-
-
 async def test_an_undo_cut_short_while_old_proxy_workers_finish_says_it_was_reloaded_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -149,7 +111,7 @@ async def test_an_undo_cut_short_while_old_proxy_workers_finish_says_it_was_relo
     while the proxy's old workers finished their requests: the report said that reloading it
     back "did not finish", and to reload the proxy by hand, which it was (review)."""
     monkeypatch.setattr(promotion_undo, "undo_bound", lambda *_: 0.5)
-    with lingering_master(tmp_path) as pidfile:
+    with stand_in_master(tmp_path, keep_old=True) as pidfile:
         proxy = ProxyConfig(
             template=tmp_path / "t.j2",
             dest=tmp_path / "site.conf",

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from flipvisor.starttime import Recorded, identity_of, recorded_now
 from tests.clock import step_clock
 from tests.fixtures.nginx import Nginx
 from tests.reaping import running_reaper
+from tests.stand_in_master import stand_in_master
 from tests.waiting import await_until
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "nginx.conf.j2"
@@ -473,52 +474,6 @@ async def test_a_refused_reload_is_given_up_on_after_the_proxy_timeout(nginx: Ng
                 await reload(nginx.reload_cmd, reaper=reaper, timeout=0.5, pidfile=nginx.pidfile)
 
 
-# A stand-in for nginx's master (its PID in a pidfile, one worker child): SIGHUP applies a
-# "reload" only after $DELAY seconds (a large config's parse), by starting a new worker and
-# stopping the old one. SIGTERM stops it and its worker.
-SLOW_MASTER = r"""
-import os, signal, subprocess, sys, time
-
-delay = float(sys.argv[1])
-workers = [subprocess.Popen(["sleep", "600"])]
-reloads = []
-def stop(*_):
-    for worker in workers:
-        worker.kill()
-        worker.wait()
-    sys.exit(0)
-signal.signal(signal.SIGTERM, stop)
-signal.signal(signal.SIGHUP, lambda *_: reloads.append(1))
-print("ready", flush=True)
-while True:
-    signal.pause()
-    while reloads:
-        reloads.pop()
-        time.sleep(delay)
-        workers.append(subprocess.Popen(["sleep", "600"]))
-        old = workers.pop(0)
-        old.kill()
-        old.wait()
-"""
-
-
-@contextlib.contextmanager
-def slow_master(tmp_path: Path, delay: float) -> Iterator[Path]:
-    """``SLOW_MASTER`` running, applying a reload ``delay`` seconds after its SIGHUP; yields
-    its pidfile."""
-    with subprocess.Popen(
-        [sys.executable, "-c", SLOW_MASTER, str(delay)], stdout=subprocess.PIPE, text=True
-    ) as master:
-        try:
-            assert master.stdout is not None and master.stdout.readline() == "ready\n"
-            pidfile = tmp_path / "master.pid"
-            pidfile.write_text(f"{master.pid}\n")
-            yield pidfile
-        finally:
-            master.terminate()
-            master.wait(timeout=10)
-
-
 async def test_a_reload_slower_than_any_fixed_cap_is_waited_for_within_the_proxy_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -527,7 +482,7 @@ async def test_a_reload_slower_than_any_fixed_cap_is_waited_for_within_the_proxy
     did not apply, and every flip rolled back. It waits the proxy's timeout, the operator's knob.
     Such a cap is set here (shorter than the master's 1 s, for a quick test): it is not obeyed."""
     monkeypatch.setattr(proxy_reload, "RELOAD_CONFIRM_MAX", 0.2, raising=False)
-    with slow_master(tmp_path, delay=1.0) as pidfile:
+    with stand_in_master(tmp_path, delay=1.0) as pidfile:
         before = await proxy_workers(pidfile)
         assert len(before) == 1
         master = pidfile.read_text().strip()

@@ -1,0 +1,55 @@
+"""A stand-in for nginx's master, for the proxy's reload confirmation: its PID in a pidfile
+written after it started (as nginx writes its own), one worker child. SIGHUP applies a "reload"
+after ``delay`` seconds (a large config's parse) by starting a new worker, and stops the old one
+unless ``keep_old`` (old workers finishing their requests). SIGTERM stops it and its workers."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+MASTER = r"""
+import signal, subprocess, sys, time
+
+delay, keep_old = float(sys.argv[1]), sys.argv[2] == "1"
+workers = [subprocess.Popen(["sleep", "600"])]
+reloads = []
+def stop(*_):
+    for worker in workers:
+        worker.kill()
+        worker.wait()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGHUP, lambda *_: reloads.append(1))
+print("ready", flush=True)
+while True:
+    signal.pause()
+    while reloads:
+        reloads.pop()
+        time.sleep(delay)
+        workers.append(subprocess.Popen(["sleep", "600"]))
+        if not keep_old:
+            old = workers.pop(0)
+            old.kill()
+            old.wait()
+"""
+
+
+@contextlib.contextmanager
+def stand_in_master(
+    tmp_path: Path, *, delay: float = 0.0, keep_old: bool = False
+) -> Iterator[Path]:
+    """The stand-in master running; yields its pidfile."""
+    argv = [sys.executable, "-c", MASTER, str(delay), "1" if keep_old else "0"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as master:
+        try:
+            assert master.stdout is not None and master.stdout.readline() == "ready\n"
+            pidfile = tmp_path / "master.pid"
+            pidfile.write_text(f"{master.pid}\n")
+            yield pidfile
+        finally:
+            master.terminate()
+            master.wait(timeout=10)
