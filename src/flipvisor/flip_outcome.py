@@ -1,9 +1,9 @@
 """How a flip (``flip.py``) ends, for its client and in the record: the answer to a flip that was
 abandoned, or whose ``--timeout`` ran out after its promotion or while its rollback still runs
-(what is still to do), the clauses a
-failed flip's message is made of (what serves now, a proxy stranded on the failed generation, the
-command that tries again), and what a finished flip leaves in the program's counters, its events
-and its ``fatal`` state.
+(what began the rollback, what is still to do; the ``rollback-finished`` event once it ended),
+the clauses a failed flip's message is made of (what serves now, a proxy stranded on the failed
+generation, the command that tries again), and what a finished flip leaves in the program's
+counters, its events and its ``fatal`` state.
 """
 
 from __future__ import annotations
