@@ -26,6 +26,7 @@ from .flip_outcome import (
     abandoned,
     answer_at,
     answer_rolling_back_at,
+    conclude,
     describe_replaced,
     record_flip,
     retry_command,
@@ -45,13 +46,6 @@ log = logging.getLogger(__name__)
 # How long after a discarded generation's wait (the deadline and DEADLINE_GRACE) a flip whose
 # rollback still runs answers its client: later than that wait, never at the same time.
 ANSWER_AFTER_DISCARD = 0.1
-
-
-def _fail(report: FlipReport, error: str, output: list[str] | None = None) -> None:
-    """Finish a failed flip's ``report``, unless its client was answered while its rollback ran
-    (``answer_rolling_back_at``): events say how that ended."""
-    if not report.finished:
-        report.finish(error, output)
 
 
 class Flips:
@@ -216,17 +210,24 @@ class Flips:
             # Just after a discarded generation's wait ends (``discard.py``): a flip whose
             # rollback is done by then answers as it always did.
             at = deadline + DEADLINE_GRACE + ANSWER_AFTER_DISCARD
-            self.program._task_group().start_soon(self._answer_at, answering, report, at, timeout)
+            self.program._task_group().start_soon(
+                self._answer_at, answering, report, deadline, at, timeout
+            )
         try:
             return await self._deploy_within(report, config, deadline, timeout)
         finally:
             answering.cancel()
 
     async def _answer_at(
-        self, scope: anyio.CancelScope, report: FlipReport, at: float, timeout: float
+        self,
+        scope: anyio.CancelScope,
+        report: FlipReport,
+        deadline: float,
+        at: float,
+        timeout: float,
     ) -> None:
         with scope:
-            await answer_rolling_back_at(self.program, report, at, timeout)
+            await answer_rolling_back_at(self.program, report, deadline, at, timeout)
 
     async def _deploy_within(
         self, report: FlipReport, config: ProgramConfig, deadline: float, timeout: float | None
@@ -249,7 +250,8 @@ class Flips:
             # As a readiness.timeout says it: what the probe got, and what serves now.
             cut_short = f": {report.cut_short}" if report.cut_short else ""
             rolled_back = "rolled back, but" if report.stranded else "rolled back;"
-            _fail(
+            conclude(
+                self.program,
                 report,
                 f"the flip took longer than --timeout {timeout:g}s{cut_short}; {rolled_back} "
                 f"{what_serves(self.program, report)}; `flipvisor logs {name}` shows what the "
@@ -257,15 +259,15 @@ class Flips:
                 report.output,
             )
         except FlipFailed as exc:
-            _fail(report, str(exc), exc.output)
+            conclude(self.program, report, str(exc), exc.output)
         except FlipvisorError as exc:
             step = flip_next_step(exc, name, retry=retry_command(self.program, report.kind))
-            _fail(report, f"{exc}{stranded_clause(report)}; {step}")
+            conclude(self.program, report, f"{exc}{stranded_clause(report)}; {step}")
         except Exception as exc:
             # The task-group boundary of a flip: a bug must fail this flip, not the
             # supervisor and every other program with it.
             log.exception("program=%s flip failed unexpectedly", name)
-            _fail(report, f"internal error: {exc!r}")
+            conclude(self.program, report, f"internal error: {exc!r}")
         return None
 
     async def _settle_reporting(

@@ -1,9 +1,9 @@
 """How a flip (``flip.py``) ends, for its client and in the record: the answer to a flip that was
 abandoned, or whose ``--timeout`` ran out after its promotion or while its rollback still runs
-(what is still to do), the clauses a
-failed flip's message is made of (what serves now, a proxy stranded on the failed generation, the
-command that tries again), and what a finished flip leaves in the program's counters, its events
-and its ``fatal`` state.
+(what began the rollback, what is still to do; the ``rollback-finished`` event once it ended),
+the clauses a failed flip's message is made of (what serves now, a proxy stranded on the failed
+generation, the command that tries again), and what a finished flip leaves in the program's
+counters, its events and its ``fatal`` state.
 """
 
 from __future__ import annotations
@@ -21,57 +21,116 @@ if TYPE_CHECKING:
 
 def abandoned(program: Program, report: FlipReport) -> None:
     """Finish ``report`` for a flip that a stop (or a reload's removal, or the shutdown) cut
-    short while it could still be undone: it was rolled back (unless its client was answered
-    already: its ``--timeout`` ran out while the rollback ran)."""
-    if report.finished:
-        return
+    short while it could still be undone: it was rolled back (if its client was answered while
+    the rollback ran, an event says how it ended: ``conclude``). Abandoned either way: no
+    failure of the flip, in its record and its counters."""
     report.abandoned = True
+    # Rolled back, but perhaps not all of it: a reload back that failed says where the proxy
+    # may route, as the step above does.
+    conclude(
+        program,
+        report,
+        f"{called_off(program, report)}; it was rolled back{stranded_clause(report)}",
+    )
+
+
+def called_off(program: Program, report: FlipReport) -> str:
+    """What called a flip off while it could be undone: ``web was stopped (`flipvisor stop`)
+    before the flip completed``."""
     if program.removing:
         what = "removed from the config by a reload"
     elif program.shut_down:
         what = "stopped by the supervisor's shutdown"
     else:
         what = "stopped (`flipvisor stop`)"
-    # Rolled back, but perhaps not all of it: a reload back that failed says where the proxy
-    # may route, as the step above does.
-    report.finish(
-        f"{program.name} was {what} before the {report.kind} completed; it was rolled back"
-        f"{stranded_clause(report)}"
-    )
+    return f"{program.name} was {what} before the {report.kind} completed"
+
+
+def conclude(
+    program: Program, report: FlipReport, error: str, output: list[str] | None = None
+) -> None:
+    """Finish a failed (or abandoned) flip's ``report`` with ``error``; if its client was
+    answered while it rolled back (``answer_rolling_back_at``), the ``rollback-finished`` event
+    says how that ended instead: ``error``, and whether the proxy may still route to the new
+    generation (``FlipReport.stranded``)."""
+    if not report.finished:
+        report.finish(error, output)
+    elif report.answered_rolling_back:
+        program.runtime.events.emit(
+            "rollback-finished",
+            program.name,
+            report.generation,
+            error,
+            proxy_may_route_to_it=report.stranded is not None,
+        )
 
 
 async def answer_rolling_back_at(
-    program: Program, report: FlipReport, at: float, timeout: float
+    program: Program, report: FlipReport, deadline: float, at: float, timeout: float
 ) -> None:
-    """At ``at`` (anyio's clock: the flip's deadline and ``discard.DEADLINE_GRACE``), answer the
-    client of a flip whose ``--timeout`` cut it short and whose rollback still runs (a reload
-    back that hangs as the reload did): ``--timeout`` bounds the answer. The rollback goes on in
-    the flip's task, which holds the flip's and the proxy's locks until it ends; how the reload
-    back ends is an event (``promotion_undo.py``)."""
+    """At ``at`` (anyio's clock: the flip's ``deadline`` and ``discard.DEADLINE_GRACE``),
+    answer the client of a flip whose rollback began and still runs (a reload back that hangs
+    as the reload did): ``--timeout`` bounds the answer. Not a flip whose generation was routed
+    to: promoted, it is answered as such (``answer_at``), whenever its promotion completes. The
+    rollback goes on in the flip's task, which holds the flip's and the proxy's locks until it
+    ends; the ``rollback-finished`` event says how (``conclude``)."""
     await anyio.sleep_until(at)
-    if not report.finished:
-        report.finish(rolling_back(program, report, timeout), report.output)
+    if report.finished or report.rollback is None or report.routed:
+        return
+    report.finish(rolling_back(program, report, deadline, timeout), _last_output(program, report))
+    report.answered_rolling_back = True
 
 
-def rolling_back(program: Program, report: FlipReport, timeout: float) -> str:
-    """The answer to a flip whose ``--timeout`` ran out while it is rolled back: what is back,
-    what is still under way, what serves meanwhile."""
-    step = report.steps[-1] if report.steps else None
-    running = step.name if step is not None and step.status == "running" else "rollback"
+def _last_output(program: Program, report: FlipReport) -> list[str]:
+    """The last output lines of the generation a flip rolls back, as a failed flip shows them."""
+    for gen in program.generations:
+        if gen.number == report.generation:
+            return list(gen.tail)
+    return report.output
+
+
+def rolling_back(program: Program, report: FlipReport, deadline: float, timeout: float) -> str:
+    """The answer to a flip whose ``--timeout`` ran out while it is rolled back: what began the
+    rollback, what is back, what is still under way, what serves meanwhile."""
     number = report.generation
-    if running == "reload-back" and report.undone:
+    reloading_back = any(s.name == "reload-back" and s.status == "running" for s in report.steps)
+    if report.undone and reloading_back:
         doing = (
             f"{report.undone}; the proxy is being reloaded back, away from generation {number} "
-            f"(each of its commands within proxy.timeout): until then it may route to "
-            f"generation {number}, which is stopped after that"
+            f"(each of its commands within proxy.timeout): until then the proxy may still route "
+            f"to generation {number}, which is stopped after that"
+        )
+    elif any(s.name in PROMOTION_STEPS for s in report.steps):
+        doing = (
+            "its promotion is still being undone (the proxy file and the registry keys put "
+            "back, then the proxy reloaded back if its reload may have applied: until then the "
+            f"proxy may still route to generation {number}), and generation {number} is "
+            "stopped after that"
         )
     else:
-        doing = f"its step `{running}` is still under way"
+        doing = f"generation {number} is still being stopped"
+    rollback = report.rollback
+    assert rollback is not None  # answered only then
+    if rollback.cause is not None:
+        began = (
+            f"the {report.kind} is being rolled back after: {rollback.cause}; --timeout "
+            f"{timeout:g}s ran out before that ended: "
+        )
+    elif rollback.at < deadline:  # cancelled before its deadline: a stop called it off
+        began = (
+            f"{called_off(program, report)}; it is being rolled back (--timeout {timeout:g}s "
+            "ran out before that ended): "
+        )
+    else:
+        began = f"the flip took longer than --timeout {timeout:g}s; it is being rolled back: "
     return (
-        f"the flip took longer than --timeout {timeout:g}s; it is being rolled back: {doing}; "
-        f"{what_serves(program, report)}; `flipvisor events {program.name}` says how the "
-        "rollback ends"
+        f"{began}{doing}; {what_serves(program, report)}; `flipvisor events {program.name}` "
+        "says how the rollback ends (`rollback-finished`)"
     )
+
+
+# The steps of a promotion (``promotion_steps.py``): one of them taken, undoing it is under way.
+PROMOTION_STEPS = frozenset({"proxy", "registry", "reload"})
 
 
 def describe_replaced(program: Program) -> str:
@@ -88,6 +147,8 @@ async def answer_at(
     """At ``deadline``, answer the flip's client: ``gen`` serves; ``what`` it replaced is
     still draining."""
     await anyio.sleep_until(deadline)
+    if report.finished:
+        return
     last = report.steps[-1] if report.steps else None
     proxy_draining = last is not None and last.name == "proxy-drain" and last.status == "running"
     report.finish(

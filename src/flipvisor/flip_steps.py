@@ -52,6 +52,8 @@ async def deploy_new(
         return await route(flips, report, gen)
     except BaseException as exc:
         reason = gen.failure or _reason(exc)
+        cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+        report.rolling_back(None if cancelled and gen.failure is None else reason)
         _note_probe_cut_short(report, gen, exc)
         await _discard(flips, gen, exc, reason, deadline)
         report.output = list(gen.tail)  # for a flip that --timeout cancelled, too

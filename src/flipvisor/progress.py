@@ -9,6 +9,7 @@ out after the promotion answers then (with a ``warning``), and drains the old ge
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -17,6 +18,8 @@ from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
+
+log = logging.getLogger(__name__)
 
 UPDATE_BUFFER = 64
 SHOWN_PIDS = 5  # in a step's detail: 400 workers' PIDs wrapped to ~40 lines, each time shown
@@ -28,6 +31,16 @@ def pid_list(pids: Iterable[int]) -> str:
     pids = list(pids)
     shown = ", ".join(map(str, pids[:SHOWN_PIDS])) or "-"
     return shown + (f" +{len(pids) - SHOWN_PIDS} more" if len(pids) > SHOWN_PIDS else "")
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """What began a flip's rollback: ``cause``, a failure's message (None: a cancellation, the
+    flip's --timeout or a stop), at ``at`` (anyio's clock: before the flip's deadline, a
+    cancellation was a stop's)."""
+
+    cause: str | None
+    at: float
 
 
 @dataclass
@@ -73,6 +86,14 @@ class FlipReport:
         # Set when a failed promotion's undo has put the proxy file and the keys back and goes
         # on to reload the proxy back: what is back, for a client answered before that ends.
         self.undone: str | None = None
+        # Set when the flip begins to roll back (``rolling_back``): what began it, for a client
+        # answered while the rollback runs (``flip_outcome.answer_rolling_back_at``).
+        self.rollback: Rollback | None = None
+        # Set once the routing steps succeeded: the new generation is promoted, never rolled
+        # back, even if what completes the promotion (its journal's record removed) runs late.
+        self.routed = False
+        # Set when the client was answered while the rollback ran: how it ended is an event.
+        self.answered_rolling_back = False
         # Set while a first start's promotion waits for the proxy (``proxy_patience.py``): why,
         # and when it tries again; in ``status``.
         self.waiting: str | None = None
@@ -89,6 +110,12 @@ class FlipReport:
     def finished(self) -> bool:
         """Whether the outcome is out (its follower was answered)."""
         return self._done.is_set()
+
+    def rolling_back(self, cause: str | None) -> None:
+        """The flip begins to roll back after ``cause`` (None: a cancellation). The first call
+        names what began it: a later one (the discard after a failed promotion) adds nothing."""
+        if self.rollback is None:
+            self.rollback = Rollback(cause, anyio.current_time())
 
     @contextmanager
     def step(self, name: str, detail: str = "") -> Iterator[Step]:
@@ -126,7 +153,12 @@ class FlipReport:
         warning: str | None = None,
     ) -> None:
         """The outcome: ``error`` if the flip failed; ``warning`` if it succeeded but left
-        something under way (steps after this are still recorded, not sent)."""
+        something under way (steps after this are still recorded, not sent). Once only: a
+        second outcome is ignored, as the follower has the first (a flip answered at its
+        --timeout ends later)."""
+        if self.finished:
+            log.debug("program=%s: the flip's outcome is out already: %s", self.program, error)
+            return
         self.error = error
         self.warning = warning
         self.output = output or []

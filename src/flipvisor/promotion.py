@@ -203,6 +203,8 @@ async def _route(
             gen, route, steps, report, undo=undo, reloading=reloading
         )
     except BaseException as exc:
+        # For a client answered while the undo runs (its --timeout): what began it.
+        report.rolling_back(None if isinstance(exc, anyio.get_cancelled_exc_class()) else str(exc))
         await undo_promotion(
             exc,
             undo,
@@ -217,6 +219,8 @@ async def _route(
             report=report,
         )
         raise
+    # Routed: from here on the flip is promoted, whenever what follows ends (``FlipReport``).
+    report.routed = True
     # Complete: routed and reloaded. A supervisor killed before this line leaves the record,
     # and the next start keeps the file, as the keys name gen (``proxy_recovery.py``).
     await route.promoted()

@@ -3,7 +3,8 @@ bounded shield, then the proxy reloaded back if its reload may have taken effect
 caller stops the new generation. What could not be undone is said: an error naming both
 failures, and ``FlipReport.stranded`` when the proxy may still route to the new generation. A
 flip's ``--timeout`` may answer its client while the proxy is reloaded back (``flip_outcome``:
-what is back is ``FlipReport.undone``); how the reload back ended is an event then.
+what is back is ``FlipReport.undone``); how the rollback ended is an event then
+(``flip_outcome.conclude``), once the new generation is discarded too.
 """
 
 from __future__ import annotations
@@ -110,10 +111,6 @@ async def undo_promotion(
     await _undo_within_bound(steps, route, back, undoing)
     if back is not None and not undoing.routed_back:
         _say_not_routed_back(back, program, undoing)
-    if back is not None and report.finished:
-        # The flip's client was answered while the proxy was reloaded back (its --timeout):
-        # how that ended is told by an event, not by the answer.
-        _tell_reload_back_ended(back, program, undoing)
     if undoing.failed and isinstance(failure, Exception):
         raise ProxyError(
             f"{failure}; undoing it failed too: {'; '.join(undoing.failed)}; the proxy's files "
@@ -161,24 +158,6 @@ def _what_is_back(undoing: _Undoing) -> str:
         "the proxy file is as before; putting the registry keys back failed "
         f"({'; '.join(undoing.failed)}), retried by the registry"
     )
-
-
-def _tell_reload_back_ended(back: _ReloadBack, program: str, undoing: _Undoing) -> None:
-    """The ``reloaded-back`` event, or ``not-reloaded-back`` (a warning: with what the proxy
-    may still route to, and what to do), for a flip answered before its reload back ended."""
-    gen = back.gen
-    if undoing.routed_back:
-        gen.events.emit(
-            "reloaded-back",
-            program,
-            gen.number,
-            f"the proxy was reloaded back, away from generation {gen.number}; the rollback is done",
-        )
-        return
-    why = back.report.stranded or (
-        f"{undoing.back_failed}" if undoing.back_failed is not None else "it was not reloaded back"
-    )
-    gen.events.emit("not-reloaded-back", program, gen.number, why)
 
 
 def _say_not_routed_back(back: _ReloadBack, program: str, undoing: _Undoing) -> None:

@@ -109,6 +109,8 @@ class Retirement:
             await self._probe_again(report, gen)
             return await promote(report, gen)
         except BaseException as exc:
+            cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+            report.rolling_back(None if cancelled else gen.failure or str(exc) or repr(exc))
             await self._after_failed_return(gen, exc, deadline)
             raise
         finally:

@@ -898,13 +898,10 @@ def test_a_reload_cut_short_is_reloaded_back(
         # Answered at the deadline, with the reload back under way (it hangs as the reload did):
         # how it ended is an event, which says that it was not simply rolled back.
         assert "it is being rolled back" in result.stderr, result.stderr
-        wait_until(
-            lambda: "not-reloaded-back" in flipvisor.event_kinds(), message="the reload back"
-        )
-        said = flipvisor.cli("events", "--json").stdout.splitlines()
-        event = next(e for e in map(json.loads, said) if e["kind"] == "not-reloaded-back")
+        event = rollback_finished(flipvisor)
         assert "reloading the proxy back failed too" in event["message"], event
         assert "may still route to generation 2" in event["message"], event
+        assert event["fields"]["proxy_may_route_to_it"] is True, event
     before.assert_untouched(flipvisor, nginx)
 
 
@@ -948,19 +945,99 @@ def test_flip_timeout_bounds_the_answer_when_the_reload_command_hangs(
         assert "--timeout 2s; it is being rolled back" in said, said
         assert "the proxy file and the registry keys are as before" in said, said
         assert "generation 1, serving before, keeps serving" in said, said
+        assert "svc 2 serving on" in said, f"generation 2's last output lines: {said}"
         # The rollback holds the flip's lock until the reload back is over: no flip races it.
         raced = flipvisor.cli("flip", "web")
         assert raced.returncode != 0 and "reload-back" in raced.stderr, raced.stderr
     finally:
         gate.touch()
     # The gate open, the reload back goes through: told by an event.
-    wait_until(lambda: "reloaded-back" in flipvisor.event_kinds(), message="the reload back")
-    assert "not-reloaded-back" not in flipvisor.event_kinds()
+    event = rollback_finished(flipvisor)
+    assert event["fields"]["proxy_may_route_to_it"] is False, event
+    assert "--timeout 2s" in event["message"] and "rolled back;" in event["message"], event
     wait_until(
         lambda: all(g["generation"] != 2 for g in flipvisor.program("web")["generations"]),
         message="generation 2 stopped after the reload back",
     )
     assert version_served(nginx) == "1"
+
+
+def rollback_finished(flipvisor: Flipvisor) -> dict[str, Any]:
+    """The ``rollback-finished`` event of a flip answered while it rolled back, once it came."""
+    wait_until(lambda: "rollback-finished" in flipvisor.event_kinds(), message="the rollback")
+    said = flipvisor.cli("events", "--json").stdout.splitlines()
+    event: dict[str, Any] = next(
+        e for e in map(json.loads, said) if e["kind"] == "rollback-finished"
+    )
+    return event
+
+
+# The reload command: its first run fails as nginx refusing a config does (after `touch`ing
+# $2: it ran); each later run (the reload back) hangs until the gate $1 exists, then reloads.
+_FAILS_THEN_WAITS = (
+    'if [ ! -e "$2" ]; then touch "$2"; echo "nginx: [emerg] unknown directive "bogus"" >&2; '
+    'exit 1; fi; while [ ! -e "$1" ]; do sleep 0.05; done; shift 2; exec "$@"'
+)
+
+
+@pytest.mark.parametrize("cause", ["the reload failed", "a stop"])
+def test_a_flip_answered_while_it_rolls_back_says_what_began_the_rollback(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path, cause: str
+) -> None:
+    """`flip --timeout` answered while the reload back hangs said "the flip took longer than
+    --timeout" whatever began the rollback: nginx refusing the reload (its error dropped), or a
+    `stop` (recorded as a failed flip, not an abandoned one, and counted as a failure)."""
+    gate, ran = tmp_path / "gate", tmp_path / "ran"
+    gate.touch()
+    reload_cmd = ["sh", "-c", _FAILS_THEN_WAITS, "reload", str(gate), str(ran), *nginx.reload_cmd]
+
+    def web(version: str) -> dict[str, Any]:
+        return program(nginx, version, proxy={"reload_cmd": reload_cmd, "timeout": 15})
+
+    ran.touch()  # generation 1's reload goes through
+    flipvisor.start({"programs": {"web": web("1")}})
+    flipvisor.wait_serving("web")
+    wait_until(lambda: version_served(nginx) == "1", message="nginx to proxy generation 1")
+    gate.unlink()  # from now on a reload back hangs
+    if cause == "the reload failed":
+        ran.unlink()  # the next reload fails
+    # Otherwise the reload hangs as a reload back does: a stop calls it off.
+    flipvisor.write_config({"programs": {"web": web("2")}})
+    stop: subprocess.Popen[str] | None = None
+    try:
+        if cause == "the reload failed":
+            result = flipvisor.cli("flip", "web", "--timeout", "2", timeout=30)
+            out, err, code = result.stdout, result.stderr, result.returncode
+        else:
+            flip = flipvisor.cli_started("flip", "web", "--timeout", "5")
+            wait_until(
+                lambda: (flipvisor.program("web")["flip"] or {}).get("step") == "reload",
+                message="the reload under way",
+            )
+            stop = flipvisor.cli_started("stop", "web")
+            out, err = flip.communicate(timeout=30)
+            code = flip.returncode
+        said = " ".join(err.split())
+        assert code == 1, out + err
+        assert "is being rolled back" in said, said
+        if cause == "the reload failed":
+            assert "rolled back after:" in said and "[emerg] unknown directive" in said, said
+            assert "took longer than --timeout" not in said, said
+        else:
+            assert "web was stopped (`flipvisor stop`) before the flip completed" in said, said
+    finally:
+        gate.touch()
+        stopped = stop.communicate(timeout=30) if stop is not None else None
+    event = rollback_finished(flipvisor)
+    kinds = flipvisor.event_kinds()
+    if stop is None:
+        assert "[emerg] unknown directive" in event["message"], event
+        assert "flip-failed" in kinds, kinds
+    else:
+        assert stop.returncode == 0, stopped
+        assert "flip-abandoned" in kinds and "flip-failed" not in kinds, kinds
+    assert event["fields"]["proxy_may_route_to_it"] is False, event
+    wait_until(lambda: version_served(nginx) == "1" or cause == "a stop", message="nginx on 1")
 
 
 def test_a_shutdown_during_a_hung_reload_says_the_proxy_may_still_route_to_the_new_generation(

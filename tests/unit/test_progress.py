@@ -221,3 +221,14 @@ def test_a_flip_answered_early_says_what_becomes_of_the_replaced_generation(
     text = still_to_do("generation 1", proxy_draining, window)
     assert says in text and not_said not in text, text
     assert ("proxy's old workers" in text) == proxy_draining
+
+
+def test_a_second_outcome_is_ignored() -> None:
+    # A flip answered while its rollback ran ends later: what it ends with is an event, and
+    # the answer its follower got stays the report's.
+    report = FlipReport("web")
+    report.finish("being rolled back", ["last line"])
+    report.finish()
+    report.close()
+    assert not report.ok
+    assert (report.error, report.output) == ("being rolled back", ["last line"])
