@@ -38,6 +38,7 @@ WARNINGS = frozenset(
         "kept-serving",
         "proxy-left",
         "not-reloaded-back",
+        "not-unrouted",
     }
 )
 
