@@ -65,9 +65,9 @@ class ProxyAccess:
     def section_of(self, step: Pending) -> ProxyConfig | None:
         """The configured proxy section that writes a file ``step`` changed: its program's, or
         (renamed since) another program's; None if none does."""
-        own = self.programs.get(step.about.program)
-        others = [config for name, config in self.programs.items() if name != step.about.program]
-        for config in [own, *others] if own is not None else others:
+        # Its own program's section first (False sorts first).
+        ordered = sorted(self.programs.items(), key=lambda item: item[0] != step.about.program)
+        for _, config in ordered:
             proxy = config.proxy
             if proxy is not None and any(same_file(c.kept.dest, proxy.dest) for c in step.changes):
                 return proxy
