@@ -39,6 +39,7 @@ WARNINGS = frozenset(
         "kept-serving",
         "proxy-left",
         "rollback-finished",
+        "not-unrouted",
     }
 )
 

@@ -51,7 +51,7 @@ async def deploy_new(
         gen.transition(GenerationState.READY)
         return await route(flips, report, gen)
     except BaseException as exc:
-        reason = gen.failure or _reason(exc)
+        reason = gen.failure or _reason(exc, flips, gen, deadline)
         cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
         report.rolling_back(None if cancelled and gen.failure is None else reason)
         _note_probe_cut_short(report, gen, exc)
@@ -136,10 +136,20 @@ async def _discard(
     await discard(flips.program, gen, reason, called_off=called_off, deadline=deadline)
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, flips: Flips, gen: Generation, deadline: float) -> str:
+    """Why ``gen`` is discarded after ``exc``, for its ``failed`` and ``draining`` events: the
+    flip's ``--timeout`` running out (its ``deadline``) says so, and what the probe last got, as
+    the flip's own answer does; not the internal cancellation's word."""
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, anyio.get_cancelled_exc_class()):
+        abandoned = flips.abandon is not None and flips.abandon.cancel_called
+        if not abandoned and anyio.current_time() >= deadline:
+            probing = gen.probing if gen.state is GenerationState.STARTING else None
+            said = probing.last() if probing is not None else None
+            return "the flip's --timeout ran out" + (
+                f" before it was ready (its probe last got: {said})" if said else ""
+            )
         return "cancelled"
     return str(exc) or type(exc).__name__
 

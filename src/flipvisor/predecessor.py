@@ -32,7 +32,7 @@ from .leftovers import Leftovers
 from .lineage import Lineage, processes_of
 from .logs_capture import capture
 from .progress import FlipReport
-from .proxy_recovery import finish_proxy_steps, unfinished_proxy_steps
+from .proxy_recovery import ProxyAccess, finish_proxy_steps, unfinished_proxy_steps
 from .published_keys import HOSTNAME
 from .registry.base import WatchableRegistry
 from .stray_programs import proxy_writers, removed_programs, stop_stray_program
@@ -127,7 +127,8 @@ class Predecessor:
         read = await read_records(
             self.registry, self.config.registry.prefix, [*programs, *removed, *journalled]
         )
-        await finish_proxy_steps(unfinished, read, self.runtime.events)
+        access = ProxyAccess(programs, self.runtime.reaper, self.runtime.proxy_lock)
+        await finish_proxy_steps(unfinished, read, self.runtime.events, access)
         records = read if read is not None else {}
         # What they start from now on is looked for whenever they are signalled.
         found = _with_lineage(recorded_leftovers(records, programs, HOSTNAME), state_dir)

@@ -118,6 +118,7 @@ async def _unroute(program: Program) -> None:
         proxy_lock=runtime.proxy_lock,
         state_dir=runtime.state_dir,
         routed=routed is not None,
+        events=runtime.events,
     ):
         runtime.events.emit("unrouted", program.name, None, f"removed {deployed.proxy.dest}")
 

@@ -95,8 +95,9 @@ async def undo_promotion(
     reload towards ``gen`` (with the proxy's pidfile: no new worker started): it routes as
     before then, and a reload back that fails or is not tried is said as that (nginx could
     still apply the refused reload late; the reload back, sent after it, is what undoes that).
-    Once every proxy file is put back, ``journal``'s record of them is removed; one that could
-    not be is left to the next start (``proxy_recovery.py``), which tries again.
+    Once every proxy file is put back (and the proxy reloaded back, if it may have reloaded),
+    ``journal``'s record of them is removed; one that could not be is left to the next start
+    (``proxy_recovery.py``), which tries again (and reloads the proxy).
 
     Raises:
         ProxyError: a step failed too; the message names both failures (a cancellation is
@@ -122,12 +123,15 @@ async def _undo_within_bound(
     steps: list[Undo], route: Routing, back: _ReloadBack | None, undoing: _Undoing
 ) -> None:
     """Shielded (a cancelled flip is undone all the same) and cut short at ``undoing.bound``:
-    the undo steps, the journal's record dropped once every file is back, then the reload
-    ``back`` if one is due; ``undoing`` says how far it got."""
+    the undo steps, then the reload ``back`` if one is due; ``undoing`` says how far it got.
+    The journal's record is dropped once every file is back and the proxy no longer routes to
+    the new generation (reloaded back, or never reloaded towards it): until then, a supervisor
+    killed (or a reload back that failed) leaves it to the next start, which reloads the proxy
+    (``proxy_recovery.py``)."""
     with anyio.CancelScope(shield=True), anyio.move_on_after(undoing.bound):
         await _run_undo_steps(steps, program=route.program, undoing=undoing)
         undoing.steps_done = True
-        if undoing.files_restored:
+        if undoing.files_restored and back is None:
             await route.settle()
         # Keys that could not be swapped back are retried by the registry; the proxy must not
         # wait for them. A proxy file that could not be put back must not be loaded, though.
@@ -230,6 +234,7 @@ async def _reload_back(route: Routing, back: _ReloadBack, undoing: _Undoing) -> 
         # Routed back once the reload is done (and confirmed): the bound cutting the wait
         # for the old workers short must not report a reload back that "did not finish".
         undoing.routed_back = True
+        await route.settle()
         if not await wait_workers_gone(routing_to_gen, proxy.timeout):
             log.warning(
                 "program=%s proxy workers still running %ss after reloading back",

@@ -1,6 +1,7 @@
 """The proxy-undo journal: what a flip's (or a removed program's) proxy step replaces, recorded
 durably in ``<state_dir>/proxy-undo/<program>.json`` before the step replaces or removes a proxy
-file, and removed once the change stands (promoted: keys swapped, proxy reloaded) or was undone.
+file, and removed once the change stands (promoted: keys swapped, proxy reloaded) or was undone
+(the file put back, and the proxy reloaded back if it may have reloaded with it).
 
 ``Installed`` keeps the previous bytes in memory only: a supervisor killed (SIGKILL, the OOM
 killer) between a file's install and the promotion's end takes them with it, and the file of a

@@ -9,8 +9,15 @@ files agree with the registry keys, which decide which of its generations serve 
   what the keys name).
 - Any other flip (killed before its registry step: during the proxy check, say) is undone: the
   keys still name the generation it would have replaced, and so must the file, as after any
-  failed flip. Nothing is reloaded: the proxy never reloaded with the flip's file (its reload
-  comes after the registry step).
+  failed flip. A flip killed before its proxy step was done (its record not marked
+  ``registry_next``) never reloaded the proxy with its file: nothing is reloaded. One past it (or
+  whose record predates the mark) may have: killed while its failed promotion was undone, after
+  its reload and before the reload back (which may go on after a ``--timeout`` answered the
+  flip's client), it leaves the proxy routing to the generation it threw away. So the proxy is
+  checked and reloaded then (``ProxyAccess``: with the configured proxy section of the program
+  that writes the file), whether the file needed putting back or was the previous one already;
+  without such a section, or if the check or the reload fails, a ``proxy-left`` warning says
+  what to do (and a failed one is tried again at the next start).
 - A flip whose record is not marked as past its proxy step (``before_registry_step``: killed
   while its file was checked, say) was certainly never promoted: undone, even when the registry
   cannot be read. A file left in nginx's tree unchecked would fail every other program's check.
@@ -31,12 +38,51 @@ edit since is left alone. Each outcome is an event of the program's.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 
+from .config import ProgramConfig, ProxyConfig
+from .errors import ProxyError
 from .events import EventLog
+from .proxy import Routing, pasteable
+from .proxy_file import same_file
 from .proxy_record import Pending, keep_undecided, pending
+from .reaper import Reaper
+
+
+@dataclass(frozen=True)
+class ProxyAccess:
+    """How start-up reaches the proxy that a killed flip may have reloaded: the configured
+    ``programs`` (their proxy sections), the ``reaper`` the proxy's commands run under, and the
+    ``lock`` of the proxy steps on this host."""
+
+    programs: Mapping[str, ProgramConfig]
+    reaper: Reaper
+    lock: anyio.Lock
+
+    def section_of(self, step: Pending) -> ProxyConfig | None:
+        """The configured proxy section that writes a file ``step`` changed: its program's, or
+        (renamed since) another program's; None if none does."""
+        # Its own program's section first (False sorts first).
+        ordered = sorted(self.programs.items(), key=lambda item: item[0] != step.about.program)
+        for _, config in ordered:
+            proxy = config.proxy
+            if proxy is not None and any(same_file(c.kept.dest, proxy.dest) for c in step.changes):
+                return proxy
+        return None
+
+    async def check_and_reload(self, program: str, proxy: ProxyConfig) -> None:
+        """Check the proxy's config as it is on disk and reload it, as ``proxy`` says.
+
+        Raises:
+            ProxyError: the check or the reload failed (or timed out).
+        """
+        route = Routing(program, self.reaper)
+        async with self.lock:
+            await route.check(proxy)
+            await route.reload(proxy)
 
 
 async def unfinished_proxy_steps(state_dir: Path) -> list[Pending]:
@@ -45,10 +91,15 @@ async def unfinished_proxy_steps(state_dir: Path) -> list[Pending]:
 
 
 async def finish_proxy_steps(
-    unfinished: list[Pending], records: Mapping[str, str] | None, events: EventLog
+    unfinished: list[Pending],
+    records: Mapping[str, str] | None,
+    events: EventLog,
+    proxy: ProxyAccess | None = None,
 ) -> None:
     """Keep or undo each of ``unfinished`` (see the module docstring): ``records`` are the
-    programs' ``generation/current`` records (None: the registry could not be read)."""
+    programs' ``generation/current`` records (None: the registry could not be read); ``proxy``
+    reloads the proxy after an undone flip that may have reloaded it (None: it is not
+    reached, and a warning says to reload it)."""
     for step in unfinished:
         about = step.about
         what = about.describe()
@@ -81,11 +132,63 @@ async def finish_proxy_steps(
         when = "before its registry step" if step.registry_next is False else "before it was done"
         message = f"a previous supervisor was killed during {what}, {when}: "
         message += "; ".join(outcome.done)
-        if outcome.settled:
+        settled, routed = outcome.settled, True
+        if step.maybe_promoted and settled:
+            # It may have reloaded the proxy with its file (killed before its reload back).
+            if outcome.left_alone:
+                routed = False
+                message += (
+                    f"; the proxy may have reloaded with that flip's file, and may still route "
+                    f"to generation {about.generation}: once the file is right, check the "
+                    "proxy's config and reload it"
+                )
+            else:
+                said, routed, settled = await _reload_proxy(step, proxy)
+                message += f"; {said}"
+        if settled:
             await anyio.to_thread.run_sync(step.forget)
         else:
             message += f"; tried again at the next start ({step.path})"
-        if outcome.settled and not outcome.left_alone:
+        if settled and routed and not outcome.left_alone:
             events.emit("proxy-restored", about.program, None, message)
         else:  # a warning (WARNINGS): a file left as it is may not name what the keys do
             events.emit("proxy-left", about.program, None, message)
+
+
+async def _reload_proxy(step: Pending, access: ProxyAccess | None) -> tuple[str, bool, bool]:
+    """Check and reload the proxy after ``step``'s flip was undone, as it may have reloaded
+    the proxy with its file: what was done (for the event), whether the proxy routes as the
+    files say now, and whether the record may go (a failed check or reload is tried again at
+    the next start; with no proxy section to reload with, the operator is told what to do)."""
+    about = step.about
+    section = access.section_of(step) if access is not None else None
+    if access is None or section is None:
+        files = ", ".join(str(change.kept.dest) for change in step.changes)
+        return (
+            f"it may have reloaded the proxy with its file, and the proxy may still route to "
+            f"generation {about.generation}, but no program of this config has a proxy section "
+            f"writing {files} to reload it with: check the proxy's config and reload it by hand",
+            False,
+            True,
+        )
+    if not section.reload_cmd:
+        return "the proxy has no reload_cmd: nothing was reloaded", True, True
+    try:
+        await access.check_and_reload(about.program, section)
+    except ProxyError as exc:
+        once = (
+            f" once its config passes {pasteable(section.check_cmd)}" if section.check_cmd else ""
+        )
+        return (
+            f"it may have reloaded the proxy with its file, and reloading the proxy back failed: "
+            f"{exc}; the proxy may still route to generation {about.generation}: run "
+            f"{pasteable(section.reload_cmd)}{once}",
+            False,
+            False,
+        )
+    return (
+        "the proxy was checked and reloaded, as that flip may have reloaded it with its file "
+        f"(killed before it was reloaded back, away from generation {about.generation})",
+        True,
+        True,
+    )

@@ -122,6 +122,13 @@ async def _confirm_reload(
         )
 
 
+async def applied_since(pidfile: Path, before: frozenset[Recorded], timeout: float) -> bool:
+    """Whether the proxy shows (within ``timeout``) that it applied a reload whose command did
+    not say so (it timed out): a worker of ``pidfile``'s master not among ``before``, its
+    workers from before the command. False with no worker ``before``: nothing to tell it by."""
+    return bool(before) and await _new_worker_started(pidfile, before, timeout)
+
+
 def _tell_unconfirmed(owner: str, pidfile: Path) -> None:
     """Warn (once per ``owner`` and ``pidfile``) that a reload that succeeded could not be
     confirmed: the pidfile named no running master, or one without workers."""

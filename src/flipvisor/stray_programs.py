@@ -181,5 +181,6 @@ async def _unroute(
         proxy_lock=runtime.proxy_lock,
         state_dir=runtime.state_dir,
         routed=routed,
+        events=runtime.events,
     ):
         runtime.events.emit("unrouted", name, None, f"removed {proxy.dest}")

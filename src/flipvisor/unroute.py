@@ -1,7 +1,10 @@
 """The removal counterpart of a promotion: before a program removed from the config drains, its
 proxy file is removed, the proxy checked without it and reloaded, and the proxy's old workers
 awaited, so that nothing routes to the program any more. Failures are logged with what to do and
-never stop the removal. Until the check without the file passed, what it held is recorded in the
+never stop the removal; a reload that failed, or that timed out without the proxy showing that it
+applied it (a new worker of its master, with ``proxy.pidfile``; without one, a timed-out reload is
+not known to have happened, as for a flip), is a ``not-unrouted`` warning saying what to run. Until
+the check without the file passed, what it held is recorded in the
 state_dir (``proxy_journal.py``): a supervisor killed during that check leaves the next start
 enough to put it back (``proxy_recovery.py``), and the removal is made, and checked, again.
 """
@@ -15,10 +18,12 @@ import anyio
 
 from .config import ProxyConfig
 from .errors import ProxyError, ProxyReloadTimedOut
+from .events import EventLog
 from .proxy import Routing, pasteable
 from .proxy_file import Installed
 from .proxy_journal import removal_journal
-from .proxy_workers import wait_workers_gone
+from .proxy_reload import applied_since
+from .proxy_workers import proxy_workers, wait_workers_gone
 from .reaper import Reaper
 from .starttime import Recorded
 
@@ -33,13 +38,15 @@ async def unroute(
     proxy_lock: anyio.Lock,
     state_dir: Path,
     routed: bool = True,
+    events: EventLog | None = None,
 ) -> bool:
     """Before a program removed from the config drains: remove its proxy file, check the proxy
     without it, reload, and wait for the proxy's old workers, so that nothing routes to it any
     more. Returns whether a file was removed. With none, a ``routed`` program (one that serves)
     reloads the proxy all the same: it may have loaded a file that was deleted by hand. A
     failure is logged with what to do and does not stop the removal: if the check fails without
-    the file, the file is put back.
+    the file, the file is put back; if the reload fails (or is not known to have happened), a
+    ``not-unrouted`` event of ``events`` says so (a warning in the log without them).
     """
     route = Routing(program, reaper, removal_journal(state_dir, program))
     async with proxy_lock:
@@ -58,7 +65,7 @@ async def unroute(
                 proxy.dest,
                 "; reloading the proxy anyway" if proxy.reload_cmd else "",
             )
-        old_workers = await _reload_without(route, proxy)
+        old_workers = await _reload_without(route, proxy, events)
         if old_workers is None:
             return False
     if not await wait_workers_gone(old_workers, proxy.timeout):
@@ -100,28 +107,50 @@ async def _remove_file(route: Routing, proxy: ProxyConfig) -> Installed | None:
     return taken
 
 
-async def _reload_without(route: Routing, proxy: ProxyConfig) -> frozenset[Recorded] | None:
-    """Reload the proxy without ``program``'s file; returns the proxy workers to wait for (none
-    if the reload timed out), or None if it failed or, with a pidfile, nginx did not apply it
-    (logged with what to do)."""
+async def _reload_without(
+    route: Routing, proxy: ProxyConfig, events: EventLog | None
+) -> frozenset[Recorded] | None:
+    """Reload the proxy without ``program``'s file; returns the proxy workers to wait for, or
+    None if it failed, timed out without the proxy showing that it applied it, or, with a
+    pidfile, nginx did not apply it (said with what to do: ``_not_unrouted``)."""
+    pidfile = proxy.pidfile
+    # The workers before the reload, to tell by whether one that timed out was applied.
+    before = await proxy_workers(pidfile) if pidfile is not None else frozenset()
     try:
         # Without a reload command nothing reloads, and no workers are waited for in vain.
-        old_workers = await route.reload(proxy)
-    except ProxyReloadTimedOut:
-        return frozenset()  # it may have reloaded; nothing more to do but drain
+        return await route.reload(proxy)
+    except ProxyReloadTimedOut as exc:
+        # As a flip's: a timed-out reload is not known to have happened, unless the proxy
+        # shows that it applied it (a new worker of its master).
+        if pidfile is not None and await applied_since(pidfile, before, proxy.timeout):
+            log.info(
+                "program=%s: %s, but nginx applied the reload (a new worker of the master in "
+                "%s started)",
+                route.program,
+                exc,
+                pidfile,
+            )
+            return before
+        what = f"the proxy reload timed out, and is not known to have happened ({exc})"
+        _not_unrouted(route, proxy, what, events)
+        return None
     except ProxyError as exc:
         # Unlike a flip's, this failed reload is not reloaded back, even though it may have
         # taken effect: the file is gone on purpose, and a reload that half-applied did
         # what was wanted. Putting the file back and reloading would route to the program
         # that drains next; another reload, by whoever, can only converge on the removal.
-        log.warning(
-            "program=%s was removed from the config and its proxy file %s removed, but the "
-            "proxy reload failed: %s; it may route to the drained program until it reloads: "
-            "run %s",
-            route.program,
-            proxy.dest,
-            exc,
-            pasteable(proxy.reload_cmd),
-        )
+        _not_unrouted(route, proxy, f"the proxy reload failed: {exc}", events)
         return None
-    return old_workers
+
+
+def _not_unrouted(route: Routing, proxy: ProxyConfig, what: str, events: EventLog | None) -> None:
+    """Say that the removed program's file is gone but the proxy may not have reloaded
+    without it (``what``), and what to run: a ``not-unrouted`` event (a warning)."""
+    message = (
+        f"was removed from the config and its proxy file {proxy.dest} removed, but {what}; it "
+        f"may route to the drained program until it reloads: run {pasteable(proxy.reload_cmd)}"
+    )
+    if events is not None:
+        events.emit("not-unrouted", route.program, None, message)
+    else:
+        log.warning("program=%s %s", route.program, message)

@@ -4,6 +4,7 @@ path rolls back with the old generation still serving and nothing it depends on 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -540,6 +541,51 @@ def test_a_flip_cut_short_by_timeout_in_the_probe_says_what_the_probe_got(
     assert "--timeout 2s" in error, result.stderr
     assert "503" in error, f"the probe's last answer is missing: {error}"
     assert "generation 1" in error and "keeps serving" in error, error
+
+
+def test_the_draining_event_of_a_generation_discarded_by_timeout_says_why(
+    flipvisor: Flipvisor,
+) -> None:
+    """README: a discarded generation's `draining` event says why (`discarded: ...`), so that a
+    script reading `draining` can tell it from the old generation's retirement. A flip that
+    `--timeout` cuts short during the probe says so there (and in the generation's `failed`
+    event), with what the probe last got, as the flip's own answer does; not `cancelled`, the
+    internal cancellation's word (QA 10)."""
+
+    def web(*flags: str) -> dict[str, Any]:
+        return {
+            "programs": {
+                "web": {
+                    "command": svc_command(*flags),
+                    "readiness": {"http": "/health", "timeout": 20, "interval": 0.05},
+                    "drain": {"delay": 0.1, "timeout": 5},
+                }
+            }
+        }
+
+    flipvisor.start(web("--version", "1"))
+    flipvisor.wait_serving("web")
+    flipvisor.write_config(web("--version", "2", "--health-fail"))
+    started = time.monotonic()
+    result = flipvisor.cli("flip", "web", "--timeout", "2", timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert time.monotonic() - started < 15
+
+    def of_generation_2(kind: str) -> dict[str, Any] | None:
+        """Generation 2's first event of ``kind``, if any yet."""
+        listed = flipvisor.cli("events", "--json")
+        assert listed.returncode == 0, listed.stderr
+        events = [json.loads(line) for line in listed.stdout.splitlines()]
+        return next((e for e in events if e["kind"] == kind and e.get("generation") == 2), None)
+
+    for kind in ("failed", "draining"):
+        event = wait_until(
+            functools.partial(of_generation_2, kind), message=f"generation 2's {kind} event"
+        )
+        assert event is not None
+        assert "cancelled" not in event["message"], event
+        assert "--timeout" in event["message"], event
+        assert "503" in event["message"], f"the probe's last answer is missing: {event}"
 
 
 # The old generation outlives --timeout 5 after the promotion: a long drain.delay, or workers

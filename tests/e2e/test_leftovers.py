@@ -1048,3 +1048,71 @@ def test_a_supervisor_killed_after_the_registry_named_the_new_generation_keeps_i
     events = flipvisor.cli("events", "web").stdout
     assert "proxy-kept" in events, events
     assert not list((flipvisor.state_dir / "proxy-undo").iterdir()), "the record is settled"
+
+
+def test_a_supervisor_killed_during_the_reload_back_leaves_nginx_routing_to_the_old_generation(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path, survivors: list[psutil.Process]
+) -> None:
+    """web's reload command reloads nginx and then hangs (a `systemctl reload` wrapper stuck
+    after the signal); run again, it hangs before reloading. `flip web --timeout 2` exits 1 ("the
+    proxy file and the registry keys are as before; the proxy is being reloaded back"); the
+    reload back goes on in the supervisor, with nginx on generation 2's config meanwhile. The
+    supervisor is killed then (OOM, a host's kill -9), and the next run's own generation 1 fails
+    at once, so the killed run's workers serve on. The proxy file and the keys name generation 1,
+    but nginx still routes to generation 2, the release the flip rolled back: the proxy-undo
+    record was dropped when the file was put back, before the reload back, so nothing at the
+    next start reloaded nginx. The invariant: after a failed flip, keys, file and what serves all
+    point at the old generation (QA 10).
+
+    Now the record stays until the reload back is done, and the next start, which undoes the
+    flip (the keys name generation 1), checks and reloads the proxy, as the flip may have
+    reloaded it with its file."""
+    gate, entered, marker = tmp_path / "gate", tmp_path / "entered", tmp_path / "reloaded-once"
+    gate.touch()
+    hang = f"while [ ! -e {gate} ]; do sleep 0.05; done"
+    script = (
+        f'if [ -e {gate} ]; then exec "$@"; fi; '
+        f'if [ ! -e {marker} ]; then touch {marker}; "$@"; {hang}; exit 0; fi; '
+        f'touch {entered}; {hang}; exec "$@"'
+    )
+
+    def config(version: str, *flags: str) -> dict[str, Any]:
+        reload = ["sh", "-c", script, "reload", *nginx.reload_cmd]
+        proxy = {"reload_cmd": reload, "timeout": 10}
+        return {"programs": {"web": program(nginx, version, *flags, proxy=proxy)}}
+
+    flipvisor.start(config("1"))
+    first = flipvisor.wait_serving("web")
+    wait_until(lambda: version_served(nginx) == "1", message="nginx to proxy generation 1")
+    gate.unlink()  # the next reload reloads nginx, then hangs; the one after hangs at once
+    flipvisor.write_config(config("2"))
+    try:
+        result = flipvisor.cli("flip", "web", "--timeout", "2", timeout=30)
+        assert result.returncode == 1, result.stderr
+        assert "the proxy is being reloaded back" in result.stderr, result.stderr
+        wait_until(entered.exists, message="the reload back to hang")
+        second = next(g for g in flipvisor.program("web")["generations"] if g["generation"] == 2)
+        survivors.extend(psutil.Process(pid) for pid in [*first["pids"], *second["pids"]])
+        assert flipvisor.process is not None
+        flipvisor.process.send_signal(signal.SIGKILL)
+        flipvisor.process.wait(timeout=10)
+        # The hung reload back, orphaned, is ended as well (it never reloads).
+        for process in psutil.process_iter(["cmdline"]):
+            if str(marker) in " ".join(process.info["cmdline"] or []):
+                survivors.append(process)
+                process.kill()
+        gate.touch()  # the next run's reloads go through
+        restart_supervisor(flipvisor, config("3", "--exit-at-start", "1"))
+        wait_until(
+            lambda: flipvisor.program("web")["state"] == "fatal",
+            timeout=20,
+            message="the new run's generation 1 to fail (the killed run's workers serve on)",
+        )
+    finally:
+        gate.touch()
+    assert _upstreams(nginx.conf_dir / "web.conf") == [f"127.0.0.1:{first['port']}"]
+    assert flipvisor.registry()["flipvisor/web/port/current"] == str(first["port"])
+    assert version_served(nginx) == "1", "nginx routes to generation 2, which the flip rolled back"
+    events = flipvisor.cli("events", "web").stdout
+    assert "proxy-restored" in events and "checked and reloaded" in events, events
+    assert not list((flipvisor.state_dir / "proxy-undo").iterdir()), "the record is settled"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from tests.e2e.load import Load
 from tests.e2e.test_flip import answers, busy, program, proxied
@@ -135,6 +136,38 @@ def test_a_removed_program_whose_proxy_reload_fails_says_what_is_left_to_do(
     assert "removed, but the proxy reload failed" in output, output
     assert "remove what refers to" not in output
     assert "unrouted" not in flipvisor.event_kinds()
+
+
+@pytest.mark.parametrize("applied", [False, True], ids=["hangs-before", "hangs-after"])
+def test_a_removed_program_whose_proxy_reload_times_out_is_unrouted_only_if_nginx_applied_it(
+    flipvisor: Flipvisor, nginx: Nginx, applied: bool
+) -> None:
+    """The reload command times out (QA 10): that was taken as success (`unrouted`, INFO) and the
+    program drained while nginx may never have reloaded (502s). As for a flip, a timed-out
+    reload counts only once nginx shows that it applied it (a new worker, by its pidfile):
+    otherwise a `not-unrouted` warning names the command to run, and there is no `unrouted`."""
+    hang = flipvisor.dir / "reload-hangs"
+    config = program(nginx, "1")
+    reload = " ".join(nginx.reload_cmd)
+    hangs = f"if [ -e {hang} ]; then exec sleep 30; fi"
+    script = f"{reload}; {hangs}" if applied else f"{hangs}; exec {reload}"
+    config["proxy"] |= {"reload_cmd": ["sh", "-c", script], "timeout": 2}
+    gen = start_web(flipvisor, nginx, config)
+    hang.touch()
+    flipvisor.write_config({"programs": {}})
+    result = flipvisor.cli("reload")
+    assert result.returncode == 0, result.stderr + flipvisor.output()
+    wait_gone(gen["pids"])
+    assert not web_conf(nginx).exists()
+    kinds = flipvisor.event_kinds()
+    if applied:
+        assert "unrouted" in kinds and "not-unrouted" not in kinds, kinds
+        assert not port_answers(nginx.listen), "nginx still routes to the removed program"
+        return
+    assert "unrouted" not in kinds, kinds
+    events = flipvisor.cli("events", "web").stdout
+    assert "not-unrouted" in events and "timed out, and is not known to have happened" in events
+    assert f"run `sh -c '{script}'`" in events, events
 
 
 def test_a_program_renamed_by_a_reload_hands_its_proxy_file_over_with_no_failed_request(

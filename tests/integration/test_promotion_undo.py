@@ -3,6 +3,7 @@ report then says the operator must do."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -14,6 +15,9 @@ from flipvisor import promotion_undo
 from flipvisor.config import ProxyConfig
 from flipvisor.errors import ProxyError, ProxyReloadNotTaken
 from flipvisor.progress import FlipReport
+from flipvisor.proxy_file import put_in_place
+from flipvisor.proxy_journal import flip_journal
+from flipvisor.proxy_record import pending
 from flipvisor.reaper import Reaper
 from tests.reaping import running_reaper
 from tests.stand_in_master import stand_in_master
@@ -102,6 +106,55 @@ async def test_a_failed_reload_back_after_a_refused_reload_says_nginx_routes_as_
     else:
         assert report.stranded is not None
         assert "may still route to generation 2" in report.stranded
+
+
+@pytest.mark.parametrize("reload_back", ["true", "false"])
+async def test_the_proxy_undo_record_stays_until_the_proxy_is_reloaded_back(
+    tmp_path: Path, reload_back: str
+) -> None:
+    """The flip's proxy-undo record went as soon as its file was put back, before the reload
+    back: a supervisor killed during that reload (which may go on after a --timeout answered the
+    flip) left nothing to tell the next start that the proxy may still route to the generation
+    it threw away (QA 10). It goes once the proxy is reloaded back; after a reload back that
+    failed, it stays, and the next start reloads the proxy (``proxy_recovery.py``)."""
+    state_dir, dest = tmp_path / "state", tmp_path / "site.conf"
+    dest.write_bytes(b"server 127.0.0.1:2001;\n")
+    proxy = ProxyConfig(template=tmp_path / "t.j2", dest=dest, reload_cmd=[reload_back])
+    journal = flip_journal(state_dir, "web", generation=2, port=2002, supervisor={"pid": 1})
+    installed = put_in_place(dest, b"server 127.0.0.1:2002;\n", journal)
+    await journal.before_registry_step()
+    report = FlipReport("web")
+    gen = cast(Any, SimpleNamespace(number=2, program="web"))
+
+    async def put_the_file_back() -> None:
+        installed.restore()
+
+    try:
+        async with running_reaper() as reaper:
+            with anyio.fail_after(10), contextlib.suppress(ProxyError):
+                await promotion_undo.undo_promotion(
+                    ProxyError("the registry step failed"),
+                    [put_the_file_back],
+                    True,
+                    journal=journal,
+                    gen=gen,
+                    program="web",
+                    proxy=proxy,
+                    reaper=reaper,
+                    report=report,
+                )
+    finally:
+        report.finish()
+        report.close()
+
+    assert dest.read_bytes() == b"server 127.0.0.1:2001;\n"
+    if reload_back == "true":
+        assert report.stranded is None, report.stranded
+        assert pending(state_dir) == []
+    else:
+        assert report.stranded is not None
+        [kept] = pending(state_dir)
+        assert kept.registry_next is True
 
 
 async def test_an_undo_cut_short_while_old_proxy_workers_finish_says_it_was_reloaded_back(

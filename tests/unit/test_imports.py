@@ -285,7 +285,16 @@ ALLOWED: dict[str, set[str]] = {
     "run_start": {"config", "control", "errors", "reaper", "runrecord", "spawn", "usable"},
     "predecessor": CORE | {"leftover_records", "stray_programs", "handover", "proxy_recovery"},
     # The proxy steps a killed supervisor left unfinished, kept or undone as its keys say.
-    "proxy_recovery": {"events", "proxy_record"},
+    # (With the configured proxy sections: the proxy a killed flip may have reloaded.)
+    "proxy_recovery": {
+        "config",
+        "errors",
+        "events",
+        "proxy",
+        "proxy_file",
+        "proxy_record",
+        "reaper",
+    },
     # A removed program's deploy history (its proxy section), and what a program's stop does
     # (unroute, the registry, a Runtime).
     "stray_programs": CORE | {"history", "leftover_records"},

@@ -11,12 +11,14 @@ from pathlib import Path
 import anyio
 import pytest
 
+from flipvisor.config import ProgramConfig, ProxyConfig
 from flipvisor.errors import ProxyError
 from flipvisor.events import EventLog
 from flipvisor.proxy_file import put_in_place, take_away_now
 from flipvisor.proxy_journal import flip_journal, removal_journal
 from flipvisor.proxy_record import pending
-from flipvisor.proxy_recovery import finish_proxy_steps, unfinished_proxy_steps
+from flipvisor.proxy_recovery import ProxyAccess, finish_proxy_steps, unfinished_proxy_steps
+from tests.reaping import running_reaper
 
 SUPERVISOR = {"pid": 4242, "started": 1.5, "ticks": 99, "boot_id": "b"}
 
@@ -160,15 +162,115 @@ def test_a_journal_that_cannot_be_written_changes_no_file(tmp_path: Path) -> Non
     assert dest.read_bytes() == b"server 127.0.0.1:2001;\n"
 
 
-def _finish(state_dir: Path, records: dict[str, str] | None) -> list[tuple[str, str]]:
-    """A start-up's recovery of what ``state_dir``'s records left: the events it emitted."""
+def _web(state_dir: Path, *, reload: str = "true") -> dict[str, ProgramConfig]:
+    """A config whose program web writes ``web.conf`` beside ``state_dir``, its check and reload
+    commands (``reload``, a shell line) noted in ``proxy.log`` there."""
+    log = state_dir.parent / "proxy.log"
+    proxy = ProxyConfig(
+        template=Path("web.conf.j2"),
+        dest=state_dir.parent / "web.conf",
+        check_cmd=["sh", "-c", f"echo check >> {log}"],
+        reload_cmd=["sh", "-c", f"echo reload >> {log}; {reload}"],
+        timeout=5,
+    )
+    return {"web": ProgramConfig(command=["svc"], proxy=proxy)}
+
+
+def _finish(
+    state_dir: Path,
+    records: dict[str, str] | None,
+    programs: dict[str, ProgramConfig] | None = None,
+) -> list[tuple[str, str]]:
+    """A start-up's recovery of what ``state_dir``'s records left, with ``programs`` configured
+    (by default ``_web``'s): the events it emitted."""
     events = EventLog()
+    configured = _web(state_dir) if programs is None else programs
 
     async def recover() -> None:
-        await finish_proxy_steps(await unfinished_proxy_steps(state_dir), records, events)
+        async with running_reaper() as reaper:
+            access = ProxyAccess(configured, reaper, anyio.Lock())
+            await finish_proxy_steps(
+                await unfinished_proxy_steps(state_dir), records, events, access
+            )
 
     anyio.run(recover)
     return [(event.kind, event.message) for event in events.recent()]
+
+
+def _proxy_saw(state_dir: Path) -> list[str]:
+    """The proxy commands ``_web``'s config ran, in order."""
+    log = state_dir.parent / "proxy.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def test_a_flip_undone_past_its_proxy_step_reloads_the_proxy(tmp_path: Path) -> None:
+    """Killed after its proxy step (during its undo, before the reload back, say): the flip may
+    have reloaded the proxy with its file, so the next start, which undoes it, checks and
+    reloads the proxy: whether the file needed putting back or was the previous one already
+    (QA 10: it said "nothing is reloaded", and nginx routed to the discarded generation)."""
+    state_dir = tmp_path / "state"
+    dest = tmp_path / "web.conf"
+    for put_back_already in (False, True):
+        dest.write_bytes(b"server 127.0.0.1:2001;\n")
+        _flip(state_dir, checked=True)
+        if put_back_already:
+            dest.write_bytes(b"server 127.0.0.1:2001;\n")  # the undo had put it back
+        (tmp_path / "proxy.log").unlink(missing_ok=True)
+
+        [(kind, message)] = _finish(state_dir, {"web": _current(1, 2001)})
+
+        assert kind == "proxy-restored", message
+        assert "checked and reloaded" in message, message
+        assert _proxy_saw(state_dir) == ["check", "reload"]
+        assert dest.read_bytes() == b"server 127.0.0.1:2001;\n"
+        assert pending(state_dir) == []
+
+
+def test_a_flip_undone_before_its_proxy_step_was_done_reloads_nothing(tmp_path: Path) -> None:
+    """Not marked past its proxy step: it never reloaded the proxy with its file."""
+    dest = tmp_path / "web.conf"
+    dest.write_bytes(b"server 127.0.0.1:2001;\n")
+    _flip(tmp_path / "state")
+
+    [(kind, message)] = _finish(tmp_path / "state", {"web": _current(1, 2001)})
+
+    assert kind == "proxy-restored", message
+    assert _proxy_saw(tmp_path / "state") == []
+
+
+def test_a_reload_that_fails_after_an_undone_flip_is_said_and_tried_again(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    (tmp_path / "web.conf").write_bytes(b"server 127.0.0.1:2001;\n")
+    _flip(state_dir, checked=True)
+
+    [(kind, message)] = _finish(
+        state_dir, {"web": _current(1, 2001)}, _web(state_dir, reload="exit 1")
+    )
+
+    assert kind == "proxy-left", message
+    assert "may still route to generation 2" in message and "run `sh -c" in message, message
+    assert "tried again at the next start" in message, message
+    assert len(pending(state_dir)) == 1
+
+    [(kind, message)] = _finish(state_dir, {"web": _current(1, 2001)})  # the next start
+    assert kind == "proxy-restored" and "checked and reloaded" in message, message
+    assert pending(state_dir) == []
+
+
+def test_with_no_proxy_section_for_an_undone_flip_s_file_the_operator_is_told(
+    tmp_path: Path,
+) -> None:
+    """The program no longer in the config (or its file another now): nothing to reload with,
+    so a warning says to reload by hand."""
+    state_dir = tmp_path / "state"
+    (tmp_path / "web.conf").write_bytes(b"server 127.0.0.1:2001;\n")
+    _flip(state_dir, checked=True)
+
+    [(kind, message)] = _finish(state_dir, {"web": _current(1, 2001)}, {})
+
+    assert kind == "proxy-left", message
+    assert "reload it by hand" in message and "generation 2" in message, message
+    assert pending(state_dir) == []
 
 
 def _current(generation: int, port: int) -> str:
