@@ -163,7 +163,9 @@ async def timed_out_flip(program: Program, timeout: float) -> tuple[int, float]:
         await report.wait()
     took = time.monotonic() - began
     assert not report.ok
-    assert report.error is not None and f"--timeout {timeout:g}s; rolled back" in report.error
+    assert report.error is not None
+    assert report.error.startswith(f"the flip took longer than --timeout {timeout:g}s"), report
+    assert "; rolled back;" in report.error, report.error
     return pid, took
 
 
