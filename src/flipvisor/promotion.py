@@ -52,6 +52,7 @@ from .proxy_workers import wait_workers_gone
 from .reaper import Reaper
 from .registry import Registry, Snapshot
 from .starttime import Recorded
+from .states import GenerationState
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,10 @@ async def _route(
     except BaseException as exc:
         # For a client answered while the undo runs (its --timeout): what began it.
         report.rolling_back(None if isinstance(exc, anyio.get_cancelled_exc_class()) else str(exc))
+        if not gen.was_serving and gen.state is GenerationState.PROMOTING:
+            # A new generation goes once its promotion is undone (a warm one is warm again):
+            # `promoting` would read as a deploy under way while the undo runs on (--timeout).
+            gen.transition(GenerationState.DRAINING, "its promotion is being rolled back")
         await undo_promotion(
             exc,
             undo,

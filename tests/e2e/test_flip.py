@@ -75,6 +75,12 @@ def flip_to(flipvisor: Flipvisor, nginx: Nginx, config: dict[str, Any], version:
     assert proxied(nginx)["version"] == version
 
 
+def gated(command: list[str], gate: Path, entered: Path) -> list[str]:
+    """``command``, run once ``gate`` exists (hung until then); ``entered`` made when reached."""
+    wait = f'touch {entered}; while [ ! -e {gate} ]; do sleep 0.05; done; exec "$@"'
+    return ["sh", "-c", wait, "gated", *command]
+
+
 def version_served(nginx: Nginx) -> str | None:
     """The version nginx serves now; None while it answers with an error (or not at all)."""
     try:
@@ -1470,3 +1476,36 @@ def test_flip_timeout_bounds_the_flip_when_the_new_generation_ignores_sigterm(
     after = flipvisor.serving("web")
     assert after is not None and after["pids"] == serving["pids"]
     assert took < 2 + 8, f"`flip --timeout 2` answered after {took:.1f}s"
+
+
+def test_a_generation_whose_flip_was_answered_as_rolled_back_is_not_listed_as_promoting(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
+    """`flip web --timeout 2` exits 1: "it is being rolled back: the proxy file and the registry
+    keys are as before; ... generation 2 ... is stopped after that". A deploy script then
+    reads `status --json`: generation 2 is `promoting` (the contract's state of a generation
+    being routed to), with its PIDs, for as long as the reload back runs (up to three times
+    proxy.timeout). It is `draining` (QA 10), as a discarded generation is."""
+    gate, entered = tmp_path / "gate", tmp_path / "entered"
+    gate.touch()
+
+    def web(version: str) -> dict[str, Any]:
+        reload = gated(nginx.reload_cmd, gate, entered)
+        return {
+            "programs": {"web": program(nginx, version, proxy={"reload_cmd": reload, "timeout": 8})}
+        }
+
+    flipvisor.start(web("1"))
+    flipvisor.wait_serving("web")
+    wait_until(lambda: version_served(nginx) == "1", message="nginx to proxy generation 1")
+    gate.unlink()
+    flipvisor.write_config(web("2"))
+    try:
+        result = flipvisor.cli("flip", "web", "--timeout", "2", timeout=30)
+        assert result.returncode == 1, result.stderr
+        assert "it is being rolled back" in result.stderr, result.stderr
+        states = {g["generation"]: g["state"] for g in flipvisor.program("web")["generations"]}
+        assert "rollback-finished" not in flipvisor.event_kinds()  # still going on
+        assert states.get(2) == "draining", f"after the flip's answer (rolled back): {states}"
+    finally:
+        gate.touch()

@@ -33,6 +33,7 @@ from tests.e2e.load import Load
 from tests.e2e.test_etcd import keys, registry
 from tests.e2e.test_fixed_port import fixed_port_config
 from tests.e2e.test_flip import answers, program, proxied, version_served
+from tests.e2e.test_flip import gated as gated_command
 from tests.e2e.test_lifecycle import gone, shutdown_seconds
 from tests.e2e.test_operator import sample, scrape
 from tests.e2e.test_supervisor import markers_of
@@ -952,12 +953,6 @@ def _upstreams(path: Path) -> list[str]:
     return [line.split()[1].rstrip(";") for line in lines if line.strip().startswith("server 1")]
 
 
-def _gated(command: list[str], gate: Path, entered: Path) -> list[str]:
-    """``command``, run once ``gate`` exists; ``entered`` is created when it is reached."""
-    wait = f'touch {entered}; while [ ! -e {gate} ]; do sleep 0.05; done; exec "$@"'
-    return ["sh", "-c", wait, "gated", *command]
-
-
 def _kill_during_the_flip(
     flipvisor: Flipvisor,
     nginx: Nginx,
@@ -976,7 +971,7 @@ def _kill_during_the_flip(
 
     def web(version: str, *flags: str) -> dict[str, Any]:
         command = nginx.check_cmd if gated == "check_cmd" else nginx.reload_cmd
-        return program(nginx, version, *flags, proxy={gated: _gated(command, gate, entered)})
+        return program(nginx, version, *flags, proxy={gated: gated_command(command, gate, entered)})
 
     flipvisor.start({"programs": {"web": web("1")}})
     first = flipvisor.wait_serving("web")

@@ -9,16 +9,9 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_flip import program, version_served
+from tests.e2e.test_flip import gated, program
 from tests.fixtures.flipvisor import Flipvisor
 from tests.fixtures.nginx import Nginx, free_port
-from tests.waiting import wait_until
-
-
-def _gated(command: list[str], gate: Path, entered: Path) -> list[str]:
-    """``command``, run once ``gate`` exists (hung until then); ``entered`` made when reached."""
-    wait = f'touch {entered}; while [ ! -e {gate} ]; do sleep 0.05; done; exec "$@"'
-    return ["sh", "-c", wait, "gated", *command]
 
 
 def _error_line(stderr: str) -> str:
@@ -45,7 +38,7 @@ def test_a_flip_waiting_for_the_proxy_held_by_another_program_s_reload_back_says
     api_listen = free_port()
 
     def config(version: str) -> dict[str, Any]:
-        web_reload = _gated(nginx.reload_cmd, gate, entered)
+        web_reload = gated(nginx.reload_cmd, gate, entered)
         return {
             "programs": {
                 "web": program(nginx, version, proxy={"reload_cmd": web_reload, "timeout": 8}),
@@ -75,44 +68,5 @@ def test_a_flip_waiting_for_the_proxy_held_by_another_program_s_reload_back_says
         assert "took longer than --timeout 3s" in said, said
         # What held it up: the proxy, held by web's rollback (its reload back).
         assert "web" in said, f"api's flip does not say what it waited for: {said}"
-    finally:
-        gate.touch()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="QA 10: status lists a generation whose flip was answered as rolled back (exit 1) as "
-    "'promoting' (and the flip as in progress) while the reload back goes on",
-)
-def test_a_generation_whose_flip_was_answered_as_rolled_back_is_not_listed_as_promoting(
-    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
-) -> None:
-    """`flip web --timeout 2` exits 1: "it is being rolled back: the proxy file and the registry
-    keys are as before; ... generation 2 ... is stopped after that". A deploy script then
-    reads `status --json`: generation 2 is `promoting` (the contract's state of a generation
-    being routed to), with its PIDs, for as long as the reload back runs (up to three times
-    proxy.timeout). The changelog's own fix for a discarded generation (listed `starting`
-    "as though a deploy were under way") says it should be `draining`."""
-    gate, entered = tmp_path / "gate", tmp_path / "entered"
-    gate.touch()
-
-    def web(version: str) -> dict[str, Any]:
-        reload = _gated(nginx.reload_cmd, gate, entered)
-        return {
-            "programs": {"web": program(nginx, version, proxy={"reload_cmd": reload, "timeout": 8})}
-        }
-
-    flipvisor.start(web("1"))
-    flipvisor.wait_serving("web")
-    wait_until(lambda: version_served(nginx) == "1", message="nginx to proxy generation 1")
-    gate.unlink()
-    flipvisor.write_config(web("2"))
-    try:
-        result = flipvisor.cli("flip", "web", "--timeout", "2", timeout=30)
-        assert result.returncode == 1, result.stderr
-        assert "it is being rolled back" in result.stderr, result.stderr
-        states = {g["generation"]: g["state"] for g in flipvisor.program("web")["generations"]}
-        assert "reloaded-back" not in " ".join(flipvisor.event_kinds())  # still going on
-        assert states.get(2) != "promoting", f"after the flip's answer (rolled back): {states}"
     finally:
         gate.touch()
