@@ -101,58 +101,71 @@ async def finish_proxy_steps(
     reloads the proxy after an undone flip that may have reloaded it (None: it is not
     reached, and a warning says to reload it)."""
     for step in unfinished:
-        about = step.about
-        what = about.describe()
         if records is None and step.maybe_promoted:
-            kept = await anyio.to_thread.run_sync(keep_undecided, step)
-            files = ", ".join(str(change.kept.dest) for change in step.changes)
-            # A warning (WARNINGS): the file may name a generation the keys do not.
-            events.emit(
-                "proxy-left",
-                about.program,
-                None,
-                f"a previous supervisor was killed during {what}, and the registry cannot be "
-                f"read to tell whether it named that generation: its proxy file is left as it "
-                f"is ({files}), and the record kept for the next start ({kept})",
-            )
-            continue
-        record = records.get(about.program) if records is not None else None
-        if step.promoted_by(record):
-            files = ", ".join(str(change.kept.dest) for change in step.changes)
-            events.emit(
-                "proxy-kept",
-                about.program,
-                None,
-                f"a previous supervisor was killed during {what}, after the registry named "
-                f"that generation: its proxy file stays ({files}), as the keys name it",
-            )
-            await anyio.to_thread.run_sync(step.forget)
-            continue
-        outcome = await anyio.to_thread.run_sync(step.put_back)
-        when = "before its registry step" if step.registry_next is False else "before it was done"
-        message = f"a previous supervisor was killed during {what}, {when}: "
-        message += "; ".join(outcome.done)
-        settled, routed = outcome.settled, True
-        if step.maybe_promoted and settled:
-            # It may have reloaded the proxy with its file (killed before its reload back).
-            if outcome.left_alone:
-                routed = False
-                message += (
-                    f"; the proxy may have reloaded with that flip's file, and may still route "
-                    f"to generation {about.generation}: once the file is right, check the "
-                    "proxy's config and reload it"
-                )
-            else:
-                said, routed, settled = await _reload_proxy(step, proxy)
-                message += f"; {said}"
-        if settled:
-            await anyio.to_thread.run_sync(step.forget)
+            await _keep_undecided(step, events)
+        elif step.promoted_by(records.get(step.about.program) if records is not None else None):
+            await _keep(step, events)
         else:
-            message += f"; tried again at the next start ({step.path})"
-        if settled and routed and not outcome.left_alone:
-            events.emit("proxy-restored", about.program, None, message)
-        else:  # a warning (WARNINGS): a file left as it is may not name what the keys do
-            events.emit("proxy-left", about.program, None, message)
+            await _undo(step, events, proxy)
+
+
+async def _keep_undecided(step: Pending, events: EventLog) -> None:
+    """The registry cannot be read: ``step``'s file left as it is, its record kept aside."""
+    kept = await anyio.to_thread.run_sync(keep_undecided, step)
+    files = ", ".join(str(change.kept.dest) for change in step.changes)
+    # A warning (WARNINGS): the file may name a generation the keys do not.
+    events.emit(
+        "proxy-left",
+        step.about.program,
+        None,
+        f"a previous supervisor was killed during {step.about.describe()}, and the registry "
+        f"cannot be read to tell whether it named that generation: its proxy file is left as it "
+        f"is ({files}), and the record kept for the next start ({kept})",
+    )
+
+
+async def _keep(step: Pending, events: EventLog) -> None:
+    """The registry names ``step``'s generation: its file stays."""
+    files = ", ".join(str(change.kept.dest) for change in step.changes)
+    events.emit(
+        "proxy-kept",
+        step.about.program,
+        None,
+        f"a previous supervisor was killed during {step.about.describe()}, after the registry "
+        f"named that generation: its proxy file stays ({files}), as the keys name it",
+    )
+    await anyio.to_thread.run_sync(step.forget)
+
+
+async def _undo(step: Pending, events: EventLog, proxy: ProxyAccess | None) -> None:
+    """``step`` undone: its files put back where they hold what it wrote, and the proxy checked
+    and reloaded if the flip may have reloaded it."""
+    about = step.about
+    outcome = await anyio.to_thread.run_sync(step.put_back)
+    when = "before its registry step" if step.registry_next is False else "before it was done"
+    message = f"a previous supervisor was killed during {about.describe()}, {when}: "
+    message += "; ".join(outcome.done)
+    settled, routed = outcome.settled, True
+    if step.maybe_promoted and settled:
+        # It may have reloaded the proxy with its file (killed before its reload back).
+        if outcome.left_alone:
+            routed = False
+            message += (
+                f"; the proxy may have reloaded with that flip's file, and may still route "
+                f"to generation {about.generation}: once the file is right, check the "
+                "proxy's config and reload it"
+            )
+        else:
+            said, routed, settled = await _reload_proxy(step, proxy)
+            message += f"; {said}"
+    if settled:
+        await anyio.to_thread.run_sync(step.forget)
+    else:
+        message += f"; tried again at the next start ({step.path})"
+    if settled and routed and not outcome.left_alone:
+        events.emit("proxy-restored", about.program, None, message)
+    else:  # a warning (WARNINGS): a file left as it is may not name what the keys do
+        events.emit("proxy-left", about.program, None, message)
 
 
 async def _reload_proxy(step: Pending, access: ProxyAccess | None) -> tuple[str, bool, bool]:
