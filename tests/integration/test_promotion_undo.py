@@ -15,12 +15,46 @@ from flipvisor import promotion_undo
 from flipvisor.config import ProxyConfig
 from flipvisor.errors import ProxyError, ProxyReloadNotTaken
 from flipvisor.progress import FlipReport
+from flipvisor.promotion_steps import Undo
 from flipvisor.proxy_file import put_in_place
 from flipvisor.proxy_journal import flip_journal
 from flipvisor.proxy_record import pending
 from flipvisor.reaper import Reaper
 from tests.reaping import running_reaper
 from tests.stand_in_master import stand_in_master
+
+
+async def undone(
+    proxy: ProxyConfig,
+    failure: BaseException,
+    steps: list[Undo],
+    *,
+    reaper: Reaper,
+    ignore: tuple[type[BaseException], ...] = (),
+    **extra: Any,
+) -> FlipReport:
+    """``undo_promotion`` of generation 2 of web after ``failure`` (the proxy may have reloaded
+    towards it; an error of ``ignore`` it raises let pass), its report finished as a flip's end
+    does; returned."""
+    report = FlipReport("web")
+    gen = cast(Any, SimpleNamespace(number=2, program="web"))
+    try:
+        with anyio.fail_after(10), contextlib.suppress(*ignore):
+            await promotion_undo.undo_promotion(
+                failure,
+                steps,
+                True,
+                gen=gen,
+                program="web",
+                proxy=proxy,
+                reaper=reaper,
+                report=report,
+                **extra,
+            )
+    finally:
+        report.finish()  # closes the report's update stream
+        report.close()
+    return report
 
 
 async def test_an_undo_cut_short_before_the_reload_back_says_so_not_that_the_reload_hung(
@@ -34,27 +68,12 @@ async def test_an_undo_cut_short_before_the_reload_back_says_so_not_that_the_rel
     proxy = ProxyConfig(
         template=tmp_path / "t.j2", dest=tmp_path / "site.conf", reload_cmd=["true"], timeout=0.05
     )
-    report = FlipReport("web")
-    gen = cast(Any, SimpleNamespace(number=2, program="web"))
 
     async def hangs() -> None:
         await anyio.sleep_forever()
 
-    try:
-        with anyio.fail_after(10):
-            await promotion_undo.undo_promotion(
-                ProxyError("reload failed"),
-                [hangs],
-                True,
-                gen=gen,
-                program="web",
-                proxy=proxy,
-                reaper=cast(Reaper, None),  # not reached: nothing is reloaded back
-                report=report,
-            )
-    finally:
-        report.finish()  # closes the report's update stream, as a flip's end does
-        report.close()
+    # The reaper is not reached: nothing is reloaded back.
+    report = await undone(proxy, ProxyError("reload failed"), [hangs], reaper=cast(Reaper, None))
 
     assert report.stranded is not None
     assert "undoing the promotion did not finish within 0.2s" in report.stranded
@@ -74,25 +93,9 @@ async def test_a_failed_reload_back_after_a_refused_reload_says_nginx_routes_as_
     proxy = ProxyConfig(
         template=tmp_path / "t.j2", dest=tmp_path / "site.conf", reload_cmd=["false"]
     )
-    report = FlipReport("web")
-    gen = cast(Any, SimpleNamespace(number=2, program="web"))
-    try:
-        async with running_reaper() as reaper:
-            with anyio.fail_after(10):
-                await promotion_undo.undo_promotion(
-                    ProxyReloadNotTaken("nginx has not applied the reload"),
-                    [],
-                    True,
-                    refused=refused,
-                    gen=gen,
-                    program="web",
-                    proxy=proxy,
-                    reaper=reaper,
-                    report=report,
-                )
-    finally:
-        report.finish()
-        report.close()
+    refusal = ProxyReloadNotTaken("nginx has not applied the reload")
+    async with running_reaper() as reaper:
+        report = await undone(proxy, refusal, [], reaper=reaper, refused=refused)
 
     reload_back = next(step for step in report.steps if step.name == "reload-back")
     if refused:
@@ -123,29 +126,20 @@ async def test_the_proxy_undo_record_stays_until_the_proxy_is_reloaded_back(
     journal = flip_journal(state_dir, "web", generation=2, port=2002, supervisor={"pid": 1})
     installed = put_in_place(dest, b"server 127.0.0.1:2002;\n", journal)
     await journal.before_registry_step()
-    report = FlipReport("web")
-    gen = cast(Any, SimpleNamespace(number=2, program="web"))
 
     async def put_the_file_back() -> None:
         installed.restore()
 
-    try:
-        async with running_reaper() as reaper:
-            with anyio.fail_after(10), contextlib.suppress(ProxyError):
-                await promotion_undo.undo_promotion(
-                    ProxyError("the registry step failed"),
-                    [put_the_file_back],
-                    True,
-                    journal=journal,
-                    gen=gen,
-                    program="web",
-                    proxy=proxy,
-                    reaper=reaper,
-                    report=report,
-                )
-    finally:
-        report.finish()
-        report.close()
+    failure = ProxyError("the registry step failed")
+    async with running_reaper() as reaper:
+        report = await undone(
+            proxy,
+            failure,
+            [put_the_file_back],
+            reaper=reaper,
+            journal=journal,
+            ignore=(ProxyError,),
+        )
 
     assert dest.read_bytes() == b"server 127.0.0.1:2001;\n"
     if reload_back == "true":
@@ -172,23 +166,7 @@ async def test_an_undo_cut_short_while_old_proxy_workers_finish_says_it_was_relo
             pidfile=pidfile,
             timeout=5,
         )
-        report = FlipReport("web")
-        gen = cast(Any, SimpleNamespace(number=2, program="web"))
-        try:
-            async with running_reaper() as reaper:
-                with anyio.fail_after(10):
-                    await promotion_undo.undo_promotion(
-                        ProxyError("the registry step failed"),
-                        [],
-                        True,
-                        gen=gen,
-                        program="web",
-                        proxy=proxy,
-                        reaper=reaper,
-                        report=report,
-                    )
-        finally:
-            report.finish()
-            report.close()
+        async with running_reaper() as reaper:
+            report = await undone(proxy, ProxyError("the registry step failed"), [], reaper=reaper)
 
     assert report.stranded is None, report.stranded
