@@ -24,18 +24,6 @@ from .base import Snapshot
 HOSTNAME = socket.gethostname()
 
 
-def supervisor_of(snapshot: Snapshot | None) -> Recorded | None:
-    """The supervisor ``snapshot``'s ``generation/current`` record names; None for no record,
-    garbage, or a record that names none."""
-    if snapshot is None:
-        return None
-    try:
-        parsed = parse_current(snapshot.get("generation/current"))
-    except (ValueError, TypeError, KeyError):
-        return None
-    return parsed.supervisor if parsed is not None else None
-
-
 def promoted_by_another(have: Snapshot, ours: Iterable[Snapshot | None]) -> Recorded | None:
     """The supervisor whose promotion ``have`` holds, if it is another one that may still run.
     None: the keys are this supervisor's to write, as they are exactly what this registry
@@ -45,13 +33,16 @@ def promoted_by_another(have: Snapshot, ours: Iterable[Snapshot | None]) -> Reco
     By the record itself, not the supervisor it names: a failed promotion's undo puts back
     another supervisor's keys (``desired`` then names it), and judged by that supervisor, its
     newer promotion since would be taken for ours and written over with its older one."""
-    found = supervisor_of(have)
-    if found is None:
-        return None
     record = have.get("generation/current")
+    try:
+        parsed = parse_current(record)
+    except (ValueError, TypeError, KeyError):
+        return None  # garbage: not a record flipvisor wrote
+    if parsed is None or (found := parsed.supervisor) is None:
+        return None
     if any(s is not None and s.get("generation/current") == record for s in ours):
         return None
-    if _is_this_process(found) or _gone(found, have):
+    if _is_this_process(found) or _gone(found, parsed.document.get("host")):
         return None
     return found
 
@@ -66,12 +57,11 @@ def _this_process() -> Recorded | None:
     return recorded_now(os.getpid())
 
 
-def _gone(supervisor: Recorded, have: Snapshot) -> bool:
-    """Whether ``supervisor`` (named by ``have``'s record) certainly no longer runs: it ran on
+def _gone(supervisor: Recorded, host: object) -> bool:
+    """Whether ``supervisor`` (whose record names ``host``) certainly no longer runs: it ran on
     this host (the record's host is this one's name: a container on this machine shares its
     boot id, not its PIDs), and in an earlier boot, or its PID names it no more."""
-    parsed = parse_current(have.get("generation/current"))
-    if parsed is None or parsed.document.get("host") != HOSTNAME:
+    if host != HOSTNAME:
         return False
     if supervisor.identity is not None:
         try:
