@@ -19,7 +19,7 @@ from .errors import ProxyError, RegistryError
 from .generation import Generation
 from .progress import FlipReport
 from .promotion_steps import Undo
-from .proxy import Routing, pasteable
+from .proxy import Routing, how_to_reload, pasteable
 from .proxy_file import Journal
 from .proxy_workers import wait_workers_gone
 from .reaper import Reaper
@@ -247,7 +247,6 @@ def _failed_back(back: _ReloadBack, failure: ProxyError) -> str:
     """What a reload back that failed with ``failure`` leaves: where the proxy may route (to
     ``back.gen``, or as before if nginx ``refused`` the reload towards it) and what to do."""
     gen, proxy = back.gen, back.proxy
-    once = f" once its config passes {pasteable(proxy.check_cmd)}" if proxy.check_cmd else ""
     if back.refused:
         where = (
             f"nginx refused the reload to generation {gen.number}, so it routes as before, "
@@ -256,6 +255,6 @@ def _failed_back(back: _ReloadBack, failure: ProxyError) -> str:
     else:
         where = f"the proxy may still route to generation {gen.number} until it reloads"
     return (
-        f"{failure}; {where}: run {pasteable(proxy.reload_cmd)}{once}, or reload it by other "
+        f"{failure}; {where}: run {how_to_reload(proxy)}, or reload it by other "
         "means (the previous proxy file is back in place)"
     )

@@ -272,6 +272,13 @@ class Routing:
             await self.journal.promoted()
 
 
+def how_to_reload(proxy: ProxyConfig) -> str:
+    """What the operator runs to reload ``proxy`` by hand, for a message: `` `nginx -s reload`
+    once its config passes `nginx -t` ``."""
+    once = f" once its config passes {pasteable(proxy.check_cmd)}" if proxy.check_cmd else ""
+    return f"{pasteable(proxy.reload_cmd)}{once}"
+
+
 def pasteable(command: Sequence[str] | None) -> str:
     """``command`` quoted for a message the operator may paste into a shell: `` `nginx -s
     reload` ``."""

@@ -46,7 +46,7 @@ import anyio
 from .config import ProgramConfig, ProxyConfig
 from .errors import ProxyError
 from .events import EventLog
-from .proxy import Routing, pasteable
+from .proxy import Routing, how_to_reload
 from .proxy_file import same_file
 from .proxy_record import Pending, keep_undecided, pending
 from .reaper import Reaper
@@ -189,13 +189,10 @@ async def _reload_proxy(step: Pending, access: ProxyAccess | None) -> tuple[str,
     try:
         await access.check_and_reload(about.program, section)
     except ProxyError as exc:
-        once = (
-            f" once its config passes {pasteable(section.check_cmd)}" if section.check_cmd else ""
-        )
         return (
             f"it may have reloaded the proxy with its file, and reloading the proxy back failed: "
             f"{exc}; the proxy may still route to generation {about.generation}: run "
-            f"{pasteable(section.reload_cmd)}{once}",
+            f"{how_to_reload(section)}",
             False,
             False,
         )

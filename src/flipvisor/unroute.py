@@ -120,8 +120,8 @@ async def _reload_without(
         # Without a reload command nothing reloads, and no workers are waited for in vain.
         return await route.reload(proxy)
     except ProxyReloadTimedOut as exc:
-        # As a flip's: a timed-out reload is not known to have happened, unless the proxy
-        # shows that it applied it (a new worker of its master).
+        # Not known to have happened, unless the proxy shows that it applied it (a new worker
+        # of its master). A flip needs no such look: it reloads back after any failed reload.
         if pidfile is not None and await applied_since(pidfile, before, proxy.timeout):
             log.info(
                 "program=%s: %s, but nginx applied the reload (a new worker of the master in "
