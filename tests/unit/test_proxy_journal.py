@@ -162,14 +162,14 @@ def test_a_journal_that_cannot_be_written_changes_no_file(tmp_path: Path) -> Non
     assert dest.read_bytes() == b"server 127.0.0.1:2001;\n"
 
 
-def _web(state_dir: Path, *, reload: str = "true") -> dict[str, ProgramConfig]:
+def _web(state_dir: Path, *, reload: str = "true", check: str = "true") -> dict[str, ProgramConfig]:
     """A config whose program web writes ``web.conf`` beside ``state_dir``, its check and reload
-    commands (``reload``, a shell line) noted in ``proxy.log`` there."""
+    commands (``check``, ``reload``: shell lines) noted in ``proxy.log`` there."""
     log = state_dir.parent / "proxy.log"
     proxy = ProxyConfig(
         template=Path("web.conf.j2"),
         dest=state_dir.parent / "web.conf",
-        check_cmd=["sh", "-c", f"echo check >> {log}"],
+        check_cmd=["sh", "-c", f"echo check >> {log}; {check}"],
         reload_cmd=["sh", "-c", f"echo reload >> {log}; {reload}"],
         timeout=5,
     )
@@ -254,6 +254,43 @@ def test_a_reload_that_fails_after_an_undone_flip_is_said_and_tried_again(tmp_pa
 
     [(kind, message)] = _finish(state_dir, {"web": _current(1, 2001)})  # the next start
     assert kind == "proxy-restored" and "checked and reloaded" in message, message
+    assert pending(state_dir) == []
+
+
+def test_a_check_that_fails_after_an_undone_flip_reloads_nothing_and_is_tried_again(
+    tmp_path: Path,
+) -> None:
+    # Every reload is checked first: a proxy config that fails its check is never loaded.
+    state_dir = tmp_path / "state"
+    (tmp_path / "web.conf").write_bytes(b"server 127.0.0.1:2001;\n")
+    _flip(state_dir, checked=True)
+
+    [(kind, message)] = _finish(
+        state_dir, {"web": _current(1, 2001)}, _web(state_dir, check="exit 1")
+    )
+
+    assert kind == "proxy-left", message
+    assert "tried again at the next start" in message, message
+    assert _proxy_saw(state_dir) == ["check"]
+    assert len(pending(state_dir)) == 1
+
+
+def test_an_undone_flip_s_file_edited_by_hand_is_not_reloaded_and_the_operator_is_told(
+    tmp_path: Path,
+) -> None:
+    # The operator's edit since is theirs: not put back, and not loaded before it is right.
+    state_dir = tmp_path / "state"
+    dest = tmp_path / "web.conf"
+    dest.write_bytes(b"server 127.0.0.1:2001;\n")
+    _flip(state_dir, checked=True)
+    dest.write_bytes(b"server 127.0.0.1:2999;  # by hand\n")
+
+    [(kind, message)] = _finish(state_dir, {"web": _current(1, 2001)})
+
+    assert kind == "proxy-left", message
+    assert "once the file is right, check the proxy's config and reload it" in message, message
+    assert _proxy_saw(state_dir) == []
+    assert dest.read_bytes() == b"server 127.0.0.1:2999;  # by hand\n"
     assert pending(state_dir) == []
 
 
