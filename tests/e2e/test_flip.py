@@ -970,13 +970,11 @@ def test_flip_timeout_bounds_the_answer_when_the_reload_command_hangs(
     how it ended."""
     gate, entered = tmp_path / "gate", tmp_path / "entered"
     gate.touch()
-    # Runs the reload command once the gate exists: without it, the command hangs.
-    gated = ["sh", "-c", f'touch {entered}; while [ ! -e {gate} ]; do sleep 0.05; done; exec "$@"']
+    # The reload command runs once the gate exists: without it, the command hangs.
+    reload_cmd = gated(nginx.reload_cmd, gate, entered)
 
     def web(version: str) -> dict[str, Any]:
-        return program(
-            nginx, version, proxy={"reload_cmd": [*gated, "gated", *nginx.reload_cmd], "timeout": 6}
-        )
+        return program(nginx, version, proxy={"reload_cmd": reload_cmd, "timeout": 6})
 
     flipvisor.start({"programs": {"web": web("1")}})
     flipvisor.wait_serving("web")
@@ -1100,12 +1098,10 @@ def test_a_shutdown_during_a_hung_reload_says_the_proxy_may_still_route_to_the_n
     generation 2", but the flip's answer ended "it was rolled back" (QA 8): they agree now."""
     gate, entered = tmp_path / "gate", tmp_path / "entered"
     gate.touch()
-    gated = ["sh", "-c", f'touch {entered}; while [ ! -e {gate} ]; do sleep 0.05; done; exec "$@"']
+    reload_cmd = gated(nginx.reload_cmd, gate, entered)
 
     def web(version: str) -> dict[str, Any]:
-        return program(
-            nginx, version, proxy={"reload_cmd": [*gated, "gated", *nginx.reload_cmd], "timeout": 2}
-        )
+        return program(nginx, version, proxy={"reload_cmd": reload_cmd, "timeout": 2})
 
     flipvisor.start({"programs": {"web": web("1")}})
     flipvisor.wait_serving("web")
