@@ -5,6 +5,11 @@ Only ``cli.py`` turns these into exit codes; everything else raises them with co
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .starttime import Recorded
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -72,7 +77,13 @@ class ProxyReloadFailed(ProxyError):
 
 
 class ProxyReloadTimedOut(ProxyReloadFailed):
-    """The reload command outlived its timeout: the proxy may or may not have reloaded."""
+    """The reload command outlived its timeout: the proxy may or may not have reloaded.
+    ``before``: the proxy's workers read before the command (empty without a pidfile, or with
+    no worker), by which ``proxy_reload.applied`` tells whether the proxy applied it anyway."""
+
+    def __init__(self, message: str, before: frozenset[Recorded] = frozenset()) -> None:
+        super().__init__(message)
+        self.before = before
 
 
 class ProxyReloadNotTaken(ProxyReloadFailed):

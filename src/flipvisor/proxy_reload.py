@@ -1,7 +1,9 @@
 """A proxy's reload, confirmed: the reload command run (``run_command.py``), and with the proxy's
 ``pidfile`` counted only once its master started a new worker (looked for by polling, as nothing
 announces a new child of a process not ours, in the master's ``/proc`` children list:
-``proxy_workers.py``). Returns the workers from before, for the caller to wait for.
+``proxy_workers.py``). Returns the workers from before, for the caller to wait for. One look,
+``applied``, confirms a reload and tells after one that timed out (its error carries the workers
+from before) whether the proxy applied it anyway.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ async def reload(
     Raises:
         ProxyReloadNotTaken: the command succeeded, but no new worker started in time (the
             proxy kept its old configuration, or has not applied it yet).
-        ProxyReloadTimedOut: the command timed out (the proxy may have reloaded).
+        ProxyReloadTimedOut: the command timed out (the proxy may have reloaded: its
+            ``before`` workers tell by ``applied``).
         ProxyReloadFailed: the command failed (with its output); the proxy may have reloaded
             all the same, before whatever failed.
         ProxyError: the command could not start (the proxy did not reload).
@@ -80,21 +83,24 @@ async def reload(
     if not reload_cmd:
         return frozenset()
     before = await proxy_workers(pidfile) if pidfile is not None else frozenset()
-    await _run_reload(reload_cmd, reaper=reaper, timeout=timeout)
+    await _run_reload(reload_cmd, before, reaper=reaper, timeout=timeout)
     if pidfile is not None:
         await _confirm_reload(pidfile, before, timeout=timeout, owner=owner)
     log.info("proxy reloaded: %s", shlex.join(reload_cmd))
     return before
 
 
-async def _run_reload(reload_cmd: Sequence[str], *, reaper: Reaper, timeout: float) -> None:
-    """Run the reload command (``reload``'s errors but ``ProxyReloadNotTaken``)."""
+async def _run_reload(
+    reload_cmd: Sequence[str], before: frozenset[Recorded], *, reaper: Reaper, timeout: float
+) -> None:
+    """Run the reload command (``reload``'s errors but ``ProxyReloadNotTaken``; a timeout's
+    carries ``before``, the proxy's workers from before the command)."""
     try:
         result = await run_command(list(reload_cmd), reaper=reaper, timeout=timeout)
     except SpawnError as exc:
         raise ProxyError(f"proxy reload could not run: {exc}") from exc
     if result.timed_out:
-        raise ProxyReloadTimedOut(f"proxy reload failed: {result.describe()}")
+        raise ProxyReloadTimedOut(f"proxy reload failed: {result.describe()}", before)
     if not result.ok:
         raise ProxyReloadFailed(f"proxy reload failed: {result.describe()}")
 
@@ -108,12 +114,12 @@ async def _confirm_reload(
     Raises:
         ProxyReloadNotTaken: no new worker started in time.
     """
-    if not before:
-        _tell_unconfirmed(owner, pidfile)
-        return
     # No cap of its own below ``timeout``: a failed flip's undo, which confirms its reload back
     # too, is given time enough for it (``promotion_undo.undo_bound``).
-    if not await _new_worker_started(pidfile, before, timeout):
+    shown = await applied(pidfile, before, timeout)
+    if shown is None:
+        _tell_unconfirmed(owner, pidfile)
+    elif not shown:
         raise ProxyReloadNotTaken(
             "nginx has not applied the reload (or is still loading it): the reload command "
             f"succeeded, but no new worker of the master (pidfile {pidfile}) started within "
@@ -122,11 +128,23 @@ async def _confirm_reload(
         )
 
 
-async def applied_since(pidfile: Path, before: frozenset[Recorded], timeout: float) -> bool:
-    """Whether the proxy shows (within ``timeout``) that it applied a reload whose command did
-    not say so (it timed out): a worker of ``pidfile``'s master not among ``before``, its
-    workers from before the command. False with no worker ``before``: nothing to tell it by."""
-    return bool(before) and await _new_worker_started(pidfile, before, timeout)
+async def applied(pidfile: Path, before: frozenset[Recorded], timeout: float) -> bool | None:
+    """Whether the proxy shows, within ``timeout``, that it applied a reload: a worker of
+    ``pidfile``'s master that is not one of ``before``, its workers from before the command (by
+    PID and start tick: a reused PID is a new worker). None with no worker ``before``: nothing
+    to tell it by. A reload's confirmation, and a caller's look after a timed-out reload
+    (``ProxyReloadTimedOut.before``), whether the proxy applied it anyway."""
+    if not before:
+        return None
+    # By start tick, not the whole record: its wall-clock start time moves with a clock step.
+    known = {_worker_key(worker) for worker in before}
+    delay = NEW_WORKER_POLL_FIRST
+    with anyio.move_on_after(timeout):
+        while all(_worker_key(worker) in known for worker in await proxy_workers(pidfile)):
+            await anyio.sleep(delay)
+            delay = min(delay * 2, NEW_WORKER_POLL_MAX)
+        return True
+    return False
 
 
 def _tell_unconfirmed(owner: str, pidfile: Path) -> None:
@@ -142,21 +160,6 @@ def _tell_unconfirmed(owner: str, pidfile: Path) -> None:
         f"{owner}: " if owner else "",
         pidfile,
     )
-
-
-async def _new_worker_started(pidfile: Path, before: frozenset[Recorded], timeout: float) -> bool:
-    """Whether the master in ``pidfile`` has a worker that is not one of ``before`` (by PID and
-    start tick: a reused PID is a new worker) within ``timeout``: the sign that it applied a
-    reload."""
-    # By start tick, not the whole record: its wall-clock start time moves with a clock step.
-    known = {_worker_key(worker) for worker in before}
-    delay = NEW_WORKER_POLL_FIRST
-    with anyio.move_on_after(timeout):
-        while all(_worker_key(worker) in known for worker in await proxy_workers(pidfile)):
-            await anyio.sleep(delay)
-            delay = min(delay * 2, NEW_WORKER_POLL_MAX)
-        return True
-    return False
 
 
 def _worker_key(worker: Recorded) -> tuple[int, object]:

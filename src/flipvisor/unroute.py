@@ -22,8 +22,8 @@ from .events import EventLog
 from .proxy import Routing, pasteable
 from .proxy_file import Installed
 from .proxy_journal import removal_journal
-from .proxy_reload import applied_since
-from .proxy_workers import proxy_workers, wait_workers_gone
+from .proxy_reload import applied
+from .proxy_workers import wait_workers_gone
 from .reaper import Reaper
 from .starttime import Recorded
 
@@ -114,15 +114,14 @@ async def _reload_without(
     None if it failed, timed out without the proxy showing that it applied it, or, with a
     pidfile, nginx did not apply it (said with what to do: ``_not_unrouted``)."""
     pidfile = proxy.pidfile
-    # The workers before the reload, to tell by whether one that timed out was applied.
-    before = await proxy_workers(pidfile) if pidfile is not None else frozenset()
     try:
         # Without a reload command nothing reloads, and no workers are waited for in vain.
         return await route.reload(proxy)
     except ProxyReloadTimedOut as exc:
         # Not known to have happened, unless the proxy shows that it applied it (a new worker
-        # of its master). A flip needs no such look: it reloads back after any failed reload.
-        if pidfile is not None and await applied_since(pidfile, before, proxy.timeout):
+        # of its master, not one of those read before the command). A flip needs no such
+        # look: it reloads back after any failed reload.
+        if pidfile is not None and await applied(pidfile, exc.before, proxy.timeout):
             log.info(
                 "program=%s: %s, but nginx applied the reload (a new worker of the master in "
                 "%s started)",
@@ -130,7 +129,7 @@ async def _reload_without(
                 exc,
                 pidfile,
             )
-            return before
+            return exc.before
         what = f"the proxy reload timed out, and is not known to have happened ({exc})"
         _not_unrouted(route, proxy, what, events)
         return None
