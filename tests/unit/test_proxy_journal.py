@@ -310,6 +310,54 @@ def test_with_no_proxy_section_for_an_undone_flip_s_file_the_operator_is_told(
     assert pending(state_dir) == []
 
 
+def test_an_undone_flip_of_a_renamed_program_reloads_with_the_section_writing_its_file(
+    tmp_path: Path,
+) -> None:
+    """web renamed site since the killed flip: site's section writes the file the flip changed,
+    so the proxy is checked and reloaded with site's commands; web's section, configured again
+    for another file, is not the one (review: ``section_of``'s fallback was untested)."""
+    state_dir = tmp_path / "state"
+    dest = tmp_path / "web.conf"
+    dest.write_bytes(b"server 127.0.0.1:2001;\n")
+    _flip(state_dir, checked=True)
+    other = ProxyConfig(
+        template=Path("other.conf.j2"),
+        dest=tmp_path / "other.conf",
+        check_cmd=["false"],
+        reload_cmd=["false"],
+        timeout=5,
+    )
+    programs = {"web": ProgramConfig(command=["svc"], proxy=other), "site": _web(state_dir)["web"]}
+
+    [(kind, message)] = _finish(state_dir, {"web": _current(1, 2001)}, programs)
+
+    assert kind == "proxy-restored", message
+    assert "checked and reloaded" in message, message
+    assert _proxy_saw(state_dir) == ["check", "reload"]
+    assert dest.read_bytes() == b"server 127.0.0.1:2001;\n"
+    assert pending(state_dir) == []
+
+
+def test_an_undone_flip_whose_section_has_no_reload_cmd_reloads_nothing(tmp_path: Path) -> None:
+    """No ``reload_cmd``: flipvisor never reloads this proxy, so the killed flip did not
+    either; the file is put back, nothing is checked or reloaded, and the record goes."""
+    state_dir = tmp_path / "state"
+    dest = tmp_path / "web.conf"
+    dest.write_bytes(b"server 127.0.0.1:2001;\n")
+    _flip(state_dir, checked=True)
+    web = _web(state_dir)["web"]
+    assert web.proxy is not None
+    unreloaded = web.model_copy(update={"proxy": web.proxy.model_copy(update={"reload_cmd": None})})
+
+    [(kind, message)] = _finish(state_dir, {"web": _current(1, 2001)}, {"web": unreloaded})
+
+    assert kind == "proxy-restored", message
+    assert "the proxy has no reload_cmd: nothing was reloaded" in message, message
+    assert _proxy_saw(state_dir) == []
+    assert dest.read_bytes() == b"server 127.0.0.1:2001;\n"
+    assert pending(state_dir) == []
+
+
 def _current(generation: int, port: int) -> str:
     """A ``generation/current`` record, as the killed supervisor's registry step wrote it."""
     return json.dumps({"generation": generation, "port": port, "supervisor": SUPERVISOR})
