@@ -275,7 +275,8 @@ async def test_keys_that_cannot_be_read_are_left_with_what_to_do_by_hand(
 async def test_a_proxy_without_a_reload_command_is_not_waited_for(tmp_path: Path) -> None:
     """A `pidfile` without a `reload_cmd`: nothing reloads, so the proxy's workers never
     exit; the removal waited `proxy.timeout` (30 s) for them all the same, then warned that
-    they still ran (review)."""
+    they still ran (review). Reloads being left to the operator (or something else) then, the
+    file's removal is all there is to do: no `not-unrouted` warning either."""
     dest = tmp_path / "gone.conf"
     dest.write_text("upstream 8000;\n")
     # A master and its worker; killed and waited for once the reaper (below) is gone.
@@ -285,6 +286,7 @@ async def test_a_proxy_without_a_reload_command_is_not_waited_for(tmp_path: Path
         pidfile = tmp_path / "proxy.pid"
         pidfile.write_text(f"{master.pid}\n")
         proxy = ProxyConfig(template=tmp_path / "t.j2", dest=dest, pidfile=pidfile, timeout=30)
+        events = EventLog()
         async with running_reaper() as reaper:
             with anyio.fail_after(10):
                 assert await unroute(
@@ -293,8 +295,10 @@ async def test_a_proxy_without_a_reload_command_is_not_waited_for(tmp_path: Path
                     reaper=reaper,
                     proxy_lock=anyio.Lock(),
                     state_dir=tmp_path / "state",
+                    events=events,
                 )
         assert not dest.exists()
+        assert events.recent() == []
     finally:
         for child in psutil.Process(master.pid).children():
             child.kill()
