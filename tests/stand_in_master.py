@@ -1,7 +1,9 @@
 """A stand-in for nginx's master, for the proxy's reload confirmation: its PID in a pidfile
 written after it started (as nginx writes its own), one worker child. SIGHUP applies a "reload"
 after ``delay`` seconds (a large config's parse) by starting a new worker, and stops the old one
-unless ``keep_old`` (old workers finishing their requests). SIGTERM stops it and its workers."""
+unless ``keep_old`` (old workers finishing their requests); with ``applies_while``, only while
+that file exists: otherwise it rejects the reload (as nginx does a ``listen`` it cannot bind)
+and serves on with its old worker. SIGTERM stops it and its workers."""
 
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 MASTER = r"""
-import signal, subprocess, sys, time
+import os, signal, subprocess, sys, time
 
-delay, keep_old = float(sys.argv[1]), sys.argv[2] == "1"
+delay, keep_old, applies_while = float(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
 workers = [subprocess.Popen(["sleep", "600"])]
 reloads = []
 def stop(*_):
@@ -29,6 +31,8 @@ while True:
     signal.pause()
     while reloads:
         reloads.pop()
+        if applies_while and not os.path.exists(applies_while):
+            continue  # rejected: no new worker, the old one serves on
         time.sleep(delay)
         workers.append(subprocess.Popen(["sleep", "600"]))
         if not keep_old:
@@ -40,10 +44,15 @@ while True:
 
 @contextlib.contextmanager
 def stand_in_master(
-    tmp_path: Path, *, delay: float = 0.0, keep_old: bool = False
+    tmp_path: Path,
+    *,
+    delay: float = 0.0,
+    keep_old: bool = False,
+    applies_while: Path | None = None,
 ) -> Iterator[Path]:
     """The stand-in master running; yields its pidfile."""
-    argv = [sys.executable, "-c", MASTER, str(delay), "1" if keep_old else "0"]
+    applies = str(applies_while) if applies_while is not None else ""
+    argv = [sys.executable, "-c", MASTER, str(delay), "1" if keep_old else "0", applies]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as master:
         try:
             assert master.stdout is not None and master.stdout.readline() == "ready\n"

@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
-import psutil
 import pytest
 
 from flipvisor import proxy_file, watch_drain, watch_template
@@ -29,6 +28,7 @@ from flipvisor.starttime import boot_id, start_ticks_of, start_time_of
 from flipvisor.watch import watches_running
 from tests.clock import step_clock
 from tests.fixtures.etcd import EtcdServer, free_port
+from tests.stand_in_master import stand_in_master
 from tests.waiting import await_until, holds
 
 TEMPLATE = """upstream app {
@@ -615,32 +615,6 @@ async def test_a_failed_check_is_retried_until_it_passes_without_a_key_change(
     assert reload_log.read_text().count("upstream app") == 1
 
 
-# A proxy master as nginx's behaves at a reload (SIGHUP): it applies it by starting a new worker
-# and stopping the old one, or, while the marker file (its argument) is missing, rejects it (as
-# nginx does a `listen` it cannot bind) and keeps its old worker. Stopped, it stops its workers.
-FAKE_MASTER = """
-import os, signal, subprocess, sys, time
-def worker():
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
-workers = [worker()]
-def reload(*_):
-    if os.path.exists(sys.argv[1]):
-        workers.append(worker())
-        old = workers.pop(0)
-        old.terminate()
-        old.wait()
-def stop(*_):
-    for old in workers:
-        old.terminate()
-        old.wait()
-    sys.exit(0)
-signal.signal(signal.SIGHUP, reload)
-signal.signal(signal.SIGTERM, stop)
-while True:
-    time.sleep(1)
-"""
-
-
 @pytest.mark.etcd
 async def test_a_reload_the_proxy_did_not_apply_fails_and_is_retried_until_it_does(
     etcd_server: EtcdServer,
@@ -655,24 +629,17 @@ async def test_a_reload_the_proxy_did_not_apply_fails_and_is_retried_until_it_do
     fast_retries(monkeypatch)
     monkeypatch.setattr(watch_template, "COMMAND_TIMEOUT", 1.0)  # the wait for a new worker too
     caplog.set_level(logging.INFO, logger="flipvisor")
-    applies, pidfile = tmp_path / "applies", tmp_path / "proxy.pid"
+    applies = tmp_path / "applies"
     dest, reload_log, _ = outputs(tmp_path)
-    config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, pidfile=pidfile)
-    entry = config.watch[0]
-    assert entry.reload_cmd is not None
-    *shell, script = entry.reload_cmd  # sh -c SCRIPT: the reload signals the master too
-    reload_cmd = [*shell, f'{script}; kill -HUP "$(cat {pidfile})"']
-    entry = entry.model_copy(update={"reload_cmd": reload_cmd})
-    async with watching(config.model_copy(update={"watch": [entry]})) as (reaper, _):
-        master = spawn_process(
-            [sys.executable, "-c", FAKE_MASTER, str(applies)], reaper=reaper, env=dict(os.environ)
-        )
-        try:
-            await await_until(
-                lambda: holds(len(psutil.Process(master.pid).children()) == 1),
-                message="the fake master's worker",
-            )
-            pidfile.write_text(f"{master.pid}\n")
+    # A master that rejects every reload (no new worker) until ``applies`` exists.
+    with stand_in_master(tmp_path, applies_while=applies) as pidfile:
+        config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, pidfile=pidfile)
+        entry = config.watch[0]
+        assert entry.reload_cmd is not None
+        *shell, script = entry.reload_cmd  # sh -c SCRIPT: the reload signals the master too
+        reload_cmd = [*shell, f'{script}; kill -HUP "$(cat {pidfile})"']
+        entry = entry.model_copy(update={"reload_cmd": reload_cmd})
+        async with watching(config.model_copy(update={"watch": [entry]})):
             etcd_server.put(f"{etcd_prefix}/shared/x", "1")
             etcd_server.put(f"{etcd_prefix}/app/port/current", "41000")
             await await_until(
@@ -686,9 +653,6 @@ async def test_a_reload_the_proxy_did_not_apply_fails_and_is_retried_until_it_do
                 lambda: holds("applied on retry" in caplog.text), message="a retry to apply"
             )
             assert "127.0.0.1:41000;" in dest.read_text()
-        finally:
-            await master.stop(timeout=5)
-            master.close()
 
 
 @pytest.mark.etcd
