@@ -307,7 +307,12 @@ def test_processes_of_finds_what_names_the_state_dir_in_its_environment(tmp_path
     other = subprocess.Popen(["sleep", "60"], env=theirs)
     try:
         recorded = wait_until(lambda: recorded_now(mine.pid), message="the start time")
-        assert processes_of(tmp_path) == {"web": [recorded]}
+        # Popen returns once the child closed its close-on-exec pipe, which the kernel does
+        # before it lays out the new program's environment: until then /proc shows none.
+        wait_until(
+            lambda: processes_of(tmp_path) == {"web": [recorded]},
+            message="the process found by its environment, and only it",
+        )
     finally:
         for process in (mine, other):
             process.kill()
