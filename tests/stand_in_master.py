@@ -18,27 +18,25 @@ import os, signal, subprocess, sys, time
 
 delay, keep_old, applies_while = float(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
 workers = [subprocess.Popen(["sleep", "600"])]
-reloads = []
 def stop(*_):
     for worker in workers:
         worker.kill()
         worker.wait()
     sys.exit(0)
 signal.signal(signal.SIGTERM, stop)
-signal.signal(signal.SIGHUP, lambda *_: reloads.append(1))
+# SIGHUP stays pending until taken here: one sent while a reload is applied is not lost.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
 print("ready", flush=True)
 while True:
-    signal.pause()
-    while reloads:
-        reloads.pop()
-        if applies_while and not os.path.exists(applies_while):
-            continue  # rejected: no new worker, the old one serves on
-        time.sleep(delay)
-        workers.append(subprocess.Popen(["sleep", "600"]))
-        if not keep_old:
-            old = workers.pop(0)
-            old.kill()
-            old.wait()
+    signal.sigwait({signal.SIGHUP})
+    if applies_while and not os.path.exists(applies_while):
+        continue  # rejected: no new worker, the old one serves on
+    time.sleep(delay)
+    workers.append(subprocess.Popen(["sleep", "600"]))
+    if not keep_old:
+        old = workers.pop(0)
+        old.kill()
+        old.wait()
 """
 
 
