@@ -28,7 +28,9 @@ signal.signal(signal.SIGTERM, stop)
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
 print("ready", flush=True)
 while True:
-    signal.sigwait({signal.SIGHUP})
+    # Not sigwait: glibc's retries past SIGTERM, whose handler would then never run.
+    if signal.sigtimedwait({signal.SIGHUP}, 0.1) is None:
+        continue
     if applies_while and not os.path.exists(applies_while):
         continue  # rejected: no new worker, the old one serves on
     time.sleep(delay)
