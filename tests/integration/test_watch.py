@@ -17,7 +17,7 @@ import anyio
 import psutil
 import pytest
 
-from flipvisor import proxy_file, watch_drain, watch_template
+from flipvisor import proxy_file, watch_drain, watch_drain_hold, watch_template
 from flipvisor.config import Config
 from flipvisor.errors import ProxyError
 from flipvisor.reaper import Reaper
@@ -338,7 +338,7 @@ async def test_drain_pid_is_held_while_a_template_failed_until_it_applies_a_chan
 ) -> None:
     # The promotion's render fails its check, so the proxy still routes only to the old
     # process: draining it would be an outage.
-    monkeypatch.setattr(watch_drain, "CATCH_UP_TIMEOUT", 0.5)
+    monkeypatch.setattr(watch_drain_hold, "CATCH_UP_TIMEOUT", 0.5)
     caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
     dest, reload_log = tmp_path / "out" / "app.conf", tmp_path / "reloads.log"
@@ -379,7 +379,7 @@ async def test_drain_pid_goes_ahead_after_a_slow_template_gets_catch_up_timeout(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(watch_drain, "CATCH_UP_TIMEOUT", 0.5)
+    monkeypatch.setattr(watch_drain_hold, "CATCH_UP_TIMEOUT", 0.5)
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, hang_on="42000")
     reload_log = tmp_path / "reloads.log"
     async with watching(config) as (reaper, registry):
@@ -816,7 +816,7 @@ async def test_a_held_drain_proceeds_once_a_retry_applies_the_change(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(watch_drain, "CATCH_UP_TIMEOUT", 0.5)
+    monkeypatch.setattr(watch_drain_hold, "CATCH_UP_TIMEOUT", 0.5)
     fast_retries(monkeypatch)
     caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     broken = tmp_path / "broken-elsewhere"
@@ -871,7 +871,7 @@ async def test_drain_pid_is_held_while_a_template_waits_for_a_deleted_key(
     Or until the old process exits by itself (its supervisor stopped it, which withdrew the key):
     then the hold ends, quietly, instead of an error every CATCH_UP_TIMEOUT while the key stays
     away."""
-    monkeypatch.setattr(watch_drain, "CATCH_UP_TIMEOUT", 0.3)
+    monkeypatch.setattr(watch_drain_hold, "CATCH_UP_TIMEOUT", 0.3)
     caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, mode_key=True)
     dest, reload_log, _ = outputs(tmp_path)
