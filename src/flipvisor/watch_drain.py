@@ -17,14 +17,15 @@ PID only if it saw that very process serving (``verified_signal.signal_verified`
 start tick and boot id through a pidfd), and SIGKILLs it after the timeout if it is still that
 process. A PID it never saw is never signalled: it logs a warning instead. Nor is, whatever was
 seen, a PID that ``pid/current`` names at the time of the drain (it serves: a service that ran its
-swap again for the same process; judged again when ``pid/current`` changes, as a swap written in
-two puts, ``pid/previous`` first, needs), this watcher, its parent, PID 1, or a proxy's master
-(from a ``pidfile``): a key naming one of those was set by mistake. A template that is only slow
-delays a drain by ``CATCH_UP_TIMEOUT`` at most; one whose last render, check or reload failed holds
-it until an attempt (a retry or a change's) succeeds (the proxy may still route to nothing but the
-old process), with an error logged every ``CATCH_UP_TIMEOUT``; so does one that renders the
-program's keys and waits for a missing (deleted) key while its file is in place, until it renders
-again (the file still routes as the last render did); that wait, and the ``RELOAD_SETTLE`` grace
+swap again for the same process; judged again when ``pid/current`` moves on to another process,
+as a swap written in two puts, ``pid/previous`` first, needs; not when it is deleted), this
+watcher, its parent, PID 1, or a proxy's master (from a ``pidfile``): a key naming one of those
+was set by mistake. A template that is only slow delays a drain by ``CATCH_UP_TIMEOUT`` at most;
+one whose last render, check or reload failed holds it until an attempt (a retry or a change's)
+succeeds (the proxy may still route to nothing but the old process), with an error logged every
+``CATCH_UP_TIMEOUT``; so does one that renders the program's keys and waits for a missing
+(deleted) key while its file is in place, until it renders again (the file still routes as the
+last render did); that wait, and the ``RELOAD_SETTLE`` grace
 after the templates' last reload, are ``watch_drain_hold.py``'s. When it has to read the keys again
 (history compacted or replaced, an outage), the difference from what it had is handled as one more
 change, so a promotion made meanwhile still drains.
@@ -76,7 +77,7 @@ class DrainWatch(KeyFollower):
     seen: set[Recorded] = field(default_factory=set)
     values: dict[str, str] = field(default_factory=dict)
     # PIDs of pid/previous not drained because pid/current named them too: judged again when
-    # pid/current changes (a swap written as two puts, previous first).
+    # pid/current names another process (a swap written as two puts, previous first).
     serving_previous: set[int] = field(default_factory=set)
     _tg: TaskGroup | None = None
     _has_read: bool = False  # a later read is a re-read (after WatchLost or an error)
@@ -151,12 +152,7 @@ class DrainWatch(KeyFollower):
             self.serving_previous.clear()
             self._drain_previous(parse_pids(previous))
         elif self.serving_previous and self.values.get(current) != before.get(current):
-            # pid/previous was written before pid/current moved on (a swap in two puts): what
-            # was refused then because it served is judged again, against the same ``seen``.
-            still = set(parse_pids(previous))
-            waiting = [pid for pid in sorted(self.serving_previous) if pid in still]
-            self.serving_previous.clear()
-            self._drain_previous(waiting)
+            self._judge_serving_again(parse_pids(previous), parse_pids(self.values.get(current)))
         self._see_current(
             appeared=set(parse_pids(self.values.get(current)))
             - set(parse_pids(before.get(current))),
@@ -164,10 +160,29 @@ class DrainWatch(KeyFollower):
             how="in a change received late (replayed after an outage, or found by a new read)",
         )
 
+    def _judge_serving_again(self, previous: Sequence[int], current: Sequence[int]) -> None:
+        """``pid/current`` changed while ``serving_previous`` waits for it to move on (a swap
+        in two puts, ``pid/previous`` first): what was refused then because it served is judged
+        again, against the same ``seen``. A ``pid/current`` deleted (or emptied) has not moved
+        on to another process: nothing says the one it named stopped serving (a key deleted by
+        hand, or a withdrawal), so it stays pending."""
+        if not current:
+            log.info(
+                "drain_pid %s: %spid/current deleted: pid=%s kept pending (not drained until "
+                "it names another process)",
+                self.key,
+                self.folder,
+                ",".join(map(str, sorted(self.serving_previous))),
+            )
+            return
+        waiting = [pid for pid in sorted(self.serving_previous) if pid in previous]
+        self.serving_previous.clear()
+        self._drain_previous(waiting)
+
     def _drain_previous(self, pids: Sequence[int]) -> None:
         """Drain the processes seen as ``pid/current`` that ``pids`` (of ``pid/previous``) name,
         once the reloads of the changes so far are over. A PID that ``pid/current`` names too is
-        kept in ``serving_previous``, to be judged again when ``pid/current`` changes."""
+        kept in ``serving_previous``, to be judged again when ``pid/current`` moves on."""
         targets = []
         for pid in pids:
             if self._serves(pid):

@@ -1156,3 +1156,38 @@ async def test_an_unreachable_registry_is_warned_about_once_per_entry(
     warned = said(logging.WARNING)
     assert sum(f"watch {dest}" in m for m in warned) == 1, warned
     assert sum("drain_pid p/app/pid/previous" in m for m in warned) == 1, warned
+
+
+async def test_drain_pid_keeps_a_serving_previous_pending_when_pid_current_is_deleted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A swap in two puts, ``pid/previous`` first, holds the drain until ``pid/current`` moves
+    on. A ``pid/current`` deleted by hand meanwhile has not moved on to another process: the one
+    still serving is not drained then, only once ``pid/current`` names another one."""
+    caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
+    drain = drain_watch(tmp_path)
+    current, previous = "p/app/pid/current", "p/app/pid/previous"
+    old, new = popen_sleeper(), popen_sleeper()
+    try:
+        async with anyio.create_task_group() as tg:
+            drain._tg = tg
+            await drain.started(KeyRange({}, 1))
+            await drain.changed([WatchEvent(current, str(old.pid), 2, live=True)])
+            await drain.changed([WatchEvent(previous, str(old.pid), 3, live=True)])
+            assert drain.serving_previous == {old.pid}
+            await drain.changed([WatchEvent(current, None, 4, live=True)])
+            # A drain started now would have signalled by the time every task waits (no
+            # template to wait for, no settle): none did.
+            await anyio.wait_all_tasks_blocked()
+            assert f"to pid={old.pid}" not in caplog.text
+            assert f"pid/current deleted: pid={old.pid} kept pending" in caplog.text
+            assert old.poll() is None
+            await drain.changed([WatchEvent(current, str(new.pid), 5, live=True)])
+            await await_until(lambda: holds(old.poll() is not None), message="the drain")
+            tg.cancel_scope.cancel()
+        assert old.returncode == -signal.SIGTERM
+        assert new.poll() is None
+    finally:
+        for process in (old, new):
+            process.kill()
+            process.wait(timeout=5)
