@@ -48,6 +48,7 @@ from .proxy_workers import wait_workers_gone
 from .registry import KeyRange, WatchableRegistry, WatchEvent
 from .starttime import (
     Recorded,
+    pid_still_names,
     recorded_now,
     start_time_of,
     ticks_now,
@@ -73,7 +74,8 @@ class DrainWatch(KeyFollower):
     # The proxies' pidfiles (of the watch's template entries and the config's programs): their
     # masters are never drained, whatever the keys say.
     pidfiles: Sequence[Path] = ()
-    # Each by its identity alone where one is known, so that one process is one target.
+    # Each by its identity alone where one is known, so that one process is one target; those
+    # gone are forgotten as new ones are seen.
     seen: set[Recorded] = field(default_factory=set)
     values: dict[str, str] = field(default_factory=dict)
     # PIDs of pid/previous not drained because pid/current named them too: judged again when
@@ -235,7 +237,14 @@ class DrainWatch(KeyFollower):
                 log.info(
                     "drain_pid %s: pid=%d is pid/current (%s)", self.key, pid, process.describe()
                 )
+                self._forget_gone()
                 self.seen.add(process)
+
+    def _forget_gone(self) -> None:
+        """Forget the processes seen that are gone (or whose PID names another process now):
+        none can be drained any more, and a long run sees a new one at every promotion and
+        worker restart. So ``seen`` holds no more than the processes still running."""
+        self.seen = {process for process in self.seen if pid_still_names(process)}
 
     def _identify_bare(self, pid: int, arrived: int | None, how: str) -> Recorded | None:
         """The process ``pid`` names, a bare PID that has just appeared in ``pid/current``, if

@@ -1191,3 +1191,20 @@ async def test_drain_pid_keeps_a_serving_previous_pending_when_pid_current_is_de
         for process in (old, new):
             process.kill()
             process.wait(timeout=5)
+
+
+async def test_drain_pid_forgets_the_processes_it_saw_once_they_are_gone(tmp_path: Path) -> None:
+    """A long run sees a new ``pid/current`` at every promotion and worker restart: those that
+    are gone are forgotten (none can be drained), so ``seen`` holds only processes still running."""
+    drain = drain_watch(tmp_path)
+    current = "p/app/pid/current"
+    await drain.started(KeyRange({}, 1))
+    for revision in range(2, 6):
+        process = popen_sleeper()
+        try:
+            await drain.changed([WatchEvent(current, str(process.pid), revision, live=True)])
+            assert any(seen.pid == process.pid for seen in drain.seen)
+        finally:
+            process.kill()
+            process.wait(timeout=5)  # reaped: its PID names nothing now
+    assert len(drain.seen) == 1  # the last one, not forgotten until another is seen
