@@ -214,6 +214,7 @@ class EtcdRegistry:
                         self.intent.swapped(
                             program, new, began=began, revision=reply.header.revision
                         )
+                        self.keys.conflicts.cleared(program)  # written: no backoff left
         except TimeoutError:
             self.intent.remember(program, expected, lost=new, began=began)
             raise self._timeout_error() from None
