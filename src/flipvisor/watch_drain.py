@@ -17,29 +17,18 @@ PID only if it saw that very process serving (``verified_signal.signal_verified`
 start tick and boot id through a pidfd), and SIGKILLs it after the timeout if it is still that
 process. A PID it never saw is never signalled: it logs a warning instead. Nor is, whatever was
 seen, a PID that ``pid/current`` names at the time of the drain (it serves: a service that ran its
-swap again for the same process; judged again when ``pid/current`` changes, as a swap written in
-two puts, ``pid/previous`` first, needs), this watcher, its parent, PID 1, or a proxy's master
-(from a ``pidfile``): a key naming one of those was set by mistake. A template that is only slow
-delays a drain by ``CATCH_UP_TIMEOUT`` at most; one whose last render, check or reload failed holds
-it until an attempt (a retry or a change's) succeeds (the proxy may still route to nothing but the
-old process), with an error logged every ``CATCH_UP_TIMEOUT``; so does one that renders the
-program's keys and waits for a missing (deleted) key while its file is in place, until it renders
-again (the file still routes as the last render did). When it has to read the keys again (history
-compacted or replaced, an outage), the difference from what it had is handled as one more change,
-so a promotion made meanwhile still drains.
-
-Why a drain also waits ``RELOAD_SETTLE`` seconds after the templates' last reload: "the reload
-has finished" cannot mean "``reload_cmd`` returned". ``nginx -s reload`` returns once it has sent
-SIGHUP; the master then re-reads its configuration, starts new workers, and only then tells the
-old workers to stop accepting. Until they do, they keep sending new requests to the old upstream,
-and a process drained at that moment refuses them (a 502 for each). The e2e test of the seed's
-self-registering service under load saw a third or more of its requests fail that way with no wait
-at all. A flip waits on evidence instead (the proxy's ``pidfile``: its pre-reload workers gone),
-and so does a template entry with a ``pidfile`` (an addition to the contract's ``watch:`` keys).
-Without one, the watcher waits a fixed grace that covers the master's reconfiguration with a wide
-margin; the drained process then finishes the requests it already accepted. The grace only delays
-drains (measured: 0.05 s still failed requests, 0.2 s did not); renders and reloads never wait for
-it.
+swap again for the same process; judged again when ``pid/current`` moves on to another process,
+as a swap written in two puts, ``pid/previous`` first, needs; not when it is deleted), this
+watcher, its parent, PID 1, or a proxy's master (from a ``pidfile``): a key naming one of those
+was set by mistake. A template that is only slow delays a drain by ``CATCH_UP_TIMEOUT`` at most;
+one whose last render, check or reload failed holds it until an attempt (a retry or a change's)
+succeeds (the proxy may still route to nothing but the old process), with an error logged every
+``CATCH_UP_TIMEOUT``; so does one that renders the program's keys and waits for a missing
+(deleted) key while its file is in place, until it renders again (the file still routes as the
+last render did); that wait, and the ``RELOAD_SETTLE`` grace
+after the templates' last reload, are ``watch_drain_hold.py``'s. When it has to read the keys again
+(history compacted or replaced, an outage), the difference from what it had is handled as one more
+change, so a promotion made meanwhile still drains.
 """
 
 from __future__ import annotations
@@ -66,15 +55,12 @@ from .starttime import (
     with_identity,
 )
 from .verified_signal import signal_verified
+from .watch_drain_hold import wait_for_reloads
 from .watch_drain_keys import difference, parse_pids, recorded_processes
 from .watch_follow import KeyFollower, follow_keys
 from .watch_template import TemplateWatch
 
 log = logging.getLogger(__name__)
-
-CATCH_UP_TIMEOUT = 60.0  # longest a drain waits for slow templates; a failed one holds it
-# After the templates' last reload, before a drain: the proxy's reconfiguration (module docstring).
-RELOAD_SETTLE = 2.0
 
 
 @dataclass
@@ -88,11 +74,12 @@ class DrainWatch(KeyFollower):
     # The proxies' pidfiles (of the watch's template entries and the config's programs): their
     # masters are never drained, whatever the keys say.
     pidfiles: Sequence[Path] = ()
-    # Each by its identity alone where one is known, so that one process is one target.
+    # Each by its identity alone where one is known, so that one process is one target; those
+    # gone are forgotten as new ones are seen.
     seen: set[Recorded] = field(default_factory=set)
     values: dict[str, str] = field(default_factory=dict)
     # PIDs of pid/previous not drained because pid/current named them too: judged again when
-    # pid/current changes (a swap written as two puts, previous first).
+    # pid/current names another process (a swap written as two puts, previous first).
     serving_previous: set[int] = field(default_factory=set)
     _tg: TaskGroup | None = None
     _has_read: bool = False  # a later read is a re-read (after WatchLost or an error)
@@ -167,12 +154,7 @@ class DrainWatch(KeyFollower):
             self.serving_previous.clear()
             self._drain_previous(parse_pids(previous))
         elif self.serving_previous and self.values.get(current) != before.get(current):
-            # pid/previous was written before pid/current moved on (a swap in two puts): what
-            # was refused then because it served is judged again, against the same ``seen``.
-            still = set(parse_pids(previous))
-            waiting = [pid for pid in sorted(self.serving_previous) if pid in still]
-            self.serving_previous.clear()
-            self._drain_previous(waiting)
+            self._judge_serving_again(parse_pids(previous), parse_pids(self.values.get(current)))
         self._see_current(
             appeared=set(parse_pids(self.values.get(current)))
             - set(parse_pids(before.get(current))),
@@ -180,10 +162,29 @@ class DrainWatch(KeyFollower):
             how="in a change received late (replayed after an outage, or found by a new read)",
         )
 
+    def _judge_serving_again(self, previous: Sequence[int], current: Sequence[int]) -> None:
+        """``pid/current`` changed while ``serving_previous`` waits for it to move on (a swap
+        in two puts, ``pid/previous`` first): what was refused then because it served is judged
+        again, against the same ``seen``. A ``pid/current`` deleted (or emptied) has not moved
+        on to another process: nothing says the one it named stopped serving (a key deleted by
+        hand, or a withdrawal), so it stays pending."""
+        if not current:
+            log.info(
+                "drain_pid %s: %spid/current deleted: pid=%s kept pending (not drained until "
+                "it names another process)",
+                self.key,
+                self.folder,
+                ",".join(map(str, sorted(self.serving_previous))),
+            )
+            return
+        waiting = [pid for pid in sorted(self.serving_previous) if pid in previous]
+        self.serving_previous.clear()
+        self._drain_previous(waiting)
+
     def _drain_previous(self, pids: Sequence[int]) -> None:
         """Drain the processes seen as ``pid/current`` that ``pids`` (of ``pid/previous``) name,
         once the reloads of the changes so far are over. A PID that ``pid/current`` names too is
-        kept in ``serving_previous``, to be judged again when ``pid/current`` changes."""
+        kept in ``serving_previous``, to be judged again when ``pid/current`` moves on."""
         targets = []
         for pid in pids:
             if self._serves(pid):
@@ -236,7 +237,14 @@ class DrainWatch(KeyFollower):
                 log.info(
                     "drain_pid %s: pid=%d is pid/current (%s)", self.key, pid, process.describe()
                 )
+                self._forget_gone()
                 self.seen.add(process)
+
+    def _forget_gone(self) -> None:
+        """Forget the processes seen that are gone (or whose PID names another process now):
+        none can be drained any more, and a long run sees a new one at every promotion and
+        worker restart. So ``seen`` holds no more than the processes still running."""
+        self.seen = {process for process in self.seen if pid_still_names(process)}
 
     def _identify_bare(self, pid: int, arrived: int | None, how: str) -> Recorded | None:
         """The process ``pid`` names, a bare PID that has just appeared in ``pid/current``, if
@@ -268,82 +276,10 @@ class DrainWatch(KeyFollower):
 
     async def _drain_after_reloads(self, targets: Sequence[Recorded]) -> None:
         """Drain ``targets`` once the proxy no longer routes to them."""
-        await self._wait_for_reloads(targets)
+        await wait_for_reloads(self.key, self.folder, self.templates, targets)
         async with anyio.create_task_group() as tg:
             for target in targets:
                 tg.start_soon(self._drain_one, target)
-
-    async def _wait_for_reloads(self, targets: Sequence[Recorded]) -> None:
-        """Wait until every template applied the changes so far, then ``RELOAD_SETTLE`` after
-        the last reload any of them ran (the proxy's old workers stop routing to the old PID).
-
-        A template that is merely slow is given ``CATCH_UP_TIMEOUT``, then the drain goes on
-        anyway. One whose last attempt failed holds the drain until an attempt succeeds: the
-        proxy may route to nothing but the targets then, and draining them would be an outage;
-        unless they are gone by then (their program was stopped, say, which withdrew the key
-        that template waits for): there is nothing left to hold.
-        """
-        pids = ",".join(map(str, sorted({target.pid for target in targets})))
-        while True:
-            with anyio.move_on_after(CATCH_UP_TIMEOUT) as scope:
-                for template in self.templates:
-                    await template.caught_up(self.folder)
-            if not scope.cancelled_caught:
-                break
-            held = [t for t in self.templates if t.holds(self.folder)]
-            if held and not any(pid_still_names(target) for target in targets):
-                log.info(
-                    "drain_pid %s: pid=%s gone already while watch %s held the drain",
-                    self.key,
-                    pids,
-                    ", ".join(str(t.dest) for t in held),
-                )
-                break
-            if not held:
-                log.warning(
-                    "drain_pid %s: templates did not catch up within %g s; draining anyway",
-                    self.key,
-                    CATCH_UP_TIMEOUT,
-                )
-                break
-            for template in held:
-                self._say_held(template, pids)
-        await self._settle()
-
-    def _say_held(self, template: TemplateWatch, pids: str) -> None:
-        """The error of a drain of ``pids`` that ``template`` holds, and why it holds it."""
-        if template.failure is None:
-            log.error(
-                "drain_pid %s: not draining pid=%s: watch %s is waiting for keys %s, "
-                "so its file still routes as its last render did (held until they "
-                "exist again and it applies)",
-                self.key,
-                pids,
-                template.dest,
-                ", ".join(template.entry.keys),
-            )
-            return
-        log.error(
-            "drain_pid %s: not draining pid=%s: watch %s failed: %s "
-            "(held until it applies: it is retried, and at each change)",
-            self.key,
-            pids,
-            template.dest,
-            template.failure,
-        )
-
-    async def _settle(self) -> None:
-        """Wait ``RELOAD_SETTLE`` after the templates' last reload (the module docstring says
-        why)."""
-        # An entry with a pidfile already waited for its proxy's old workers (caught_up covers
-        # it): only the others need the fixed grace.
-        reloads = [
-            t.reloaded_at
-            for t in self.templates
-            if t.reloaded_at is not None and t.entry.pidfile is None
-        ]
-        if reloads:
-            await anyio.sleep_until(max(reloads) + RELOAD_SETTLE)
 
     def _serves(self, pid: int) -> bool:
         """Whether ``pid/current`` names ``pid`` now (said in a log line): it serves, so it is

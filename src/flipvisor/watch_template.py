@@ -18,9 +18,10 @@ runs. A retry that fails the way the last attempt did logs at DEBUG only; the fi
 each retry whose error differs, log an error (so a long outage of the proxy's config costs one
 line, and a failure that changes shows each new cause).
 
-A drain (``watch_drain.py``) waits on these entries: ``caught_up`` until every earlier change is
-applied, held while ``holds`` (a failed attempt, or a missing key with a file in place), and
-``reloaded_at`` for the proxy to settle after the last reload.
+A drain (``watch_drain.py``, through ``watch_drain_hold.py``) waits on these entries:
+``caught_up`` until every earlier change is applied, held while ``holds`` (a failed attempt, or a
+missing key with a file in place), and ``reloaded_at`` for the proxy to settle after the last
+reload.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from flipvisor.registry.local_file import write_registry_file
-from flipvisor.watch_drain import RELOAD_SETTLE
+from flipvisor.watch_drain_hold import RELOAD_SETTLE
 from tests.e2e.load import Load
 from tests.e2e.test_lifecycle import held_back
 from tests.fixtures.etcd import EtcdServer

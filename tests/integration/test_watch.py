@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from flipvisor import proxy_file, watch_drain, watch_template
+from flipvisor import proxy_file, watch_drain, watch_drain_hold, watch_template
 from flipvisor.config import Config
 from flipvisor.errors import ProxyError
 from flipvisor.reaper import Reaper
@@ -338,7 +338,7 @@ async def test_drain_pid_is_held_while_a_template_failed_until_it_applies_a_chan
 ) -> None:
     # The promotion's render fails its check, so the proxy still routes only to the old
     # process: draining it would be an outage.
-    monkeypatch.setattr(watch_drain, "CATCH_UP_TIMEOUT", 0.5)
+    monkeypatch.setattr(watch_drain_hold, "CATCH_UP_TIMEOUT", 0.5)
     caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True)
     dest, reload_log = tmp_path / "out" / "app.conf", tmp_path / "reloads.log"
@@ -379,7 +379,7 @@ async def test_drain_pid_goes_ahead_after_a_slow_template_gets_catch_up_timeout(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(watch_drain, "CATCH_UP_TIMEOUT", 0.5)
+    monkeypatch.setattr(watch_drain_hold, "CATCH_UP_TIMEOUT", 0.5)
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, hang_on="42000")
     reload_log = tmp_path / "reloads.log"
     async with watching(config) as (reaper, registry):
@@ -780,7 +780,7 @@ async def test_a_held_drain_proceeds_once_a_retry_applies_the_change(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(watch_drain, "CATCH_UP_TIMEOUT", 0.5)
+    monkeypatch.setattr(watch_drain_hold, "CATCH_UP_TIMEOUT", 0.5)
     fast_retries(monkeypatch)
     caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     broken = tmp_path / "broken-elsewhere"
@@ -835,7 +835,7 @@ async def test_drain_pid_is_held_while_a_template_waits_for_a_deleted_key(
     Or until the old process exits by itself (its supervisor stopped it, which withdrew the key):
     then the hold ends, quietly, instead of an error every CATCH_UP_TIMEOUT while the key stays
     away."""
-    monkeypatch.setattr(watch_drain, "CATCH_UP_TIMEOUT", 0.3)
+    monkeypatch.setattr(watch_drain_hold, "CATCH_UP_TIMEOUT", 0.3)
     caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
     config = make_config(tmp_path, etcd_server.endpoint, etcd_prefix, drain=True, mode_key=True)
     dest, reload_log, _ = outputs(tmp_path)
@@ -1120,3 +1120,55 @@ async def test_an_unreachable_registry_is_warned_about_once_per_entry(
     warned = said(logging.WARNING)
     assert sum(f"watch {dest}" in m for m in warned) == 1, warned
     assert sum("drain_pid p/app/pid/previous" in m for m in warned) == 1, warned
+
+
+async def test_drain_pid_keeps_a_serving_previous_pending_when_pid_current_is_deleted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A swap in two puts, ``pid/previous`` first, holds the drain until ``pid/current`` moves
+    on. A ``pid/current`` deleted by hand meanwhile has not moved on to another process: the one
+    still serving is not drained then, only once ``pid/current`` names another one."""
+    caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
+    drain = drain_watch(tmp_path)
+    current, previous = "p/app/pid/current", "p/app/pid/previous"
+    old, new = popen_sleeper(), popen_sleeper()
+    try:
+        async with anyio.create_task_group() as tg:
+            drain._tg = tg
+            await drain.started(KeyRange({}, 1))
+            await drain.changed([WatchEvent(current, str(old.pid), 2, live=True)])
+            await drain.changed([WatchEvent(previous, str(old.pid), 3, live=True)])
+            assert drain.serving_previous == {old.pid}
+            await drain.changed([WatchEvent(current, None, 4, live=True)])
+            # A drain started now would have signalled by the time every task waits (no
+            # template to wait for, no settle): none did.
+            await anyio.wait_all_tasks_blocked()
+            assert f"to pid={old.pid}" not in caplog.text
+            assert f"pid/current deleted: pid={old.pid} kept pending" in caplog.text
+            assert old.poll() is None
+            await drain.changed([WatchEvent(current, str(new.pid), 5, live=True)])
+            await await_until(lambda: holds(old.poll() is not None), message="the drain")
+            tg.cancel_scope.cancel()
+        assert old.returncode == -signal.SIGTERM
+        assert new.poll() is None
+    finally:
+        for process in (old, new):
+            process.kill()
+            process.wait(timeout=5)
+
+
+async def test_drain_pid_forgets_the_processes_it_saw_once_they_are_gone(tmp_path: Path) -> None:
+    """A long run sees a new ``pid/current`` at every promotion and worker restart: those that
+    are gone are forgotten (none can be drained), so ``seen`` holds only processes still running."""
+    drain = drain_watch(tmp_path)
+    current = "p/app/pid/current"
+    await drain.started(KeyRange({}, 1))
+    for revision in range(2, 6):
+        process = popen_sleeper()
+        try:
+            await drain.changed([WatchEvent(current, str(process.pid), revision, live=True)])
+            assert any(seen.pid == process.pid for seen in drain.seen)
+        finally:
+            process.kill()
+            process.wait(timeout=5)  # reaped: its PID names nothing now
+    assert len(drain.seen) == 1  # the last one, not forgotten until another is seen

@@ -188,10 +188,13 @@ ALLOWED: dict[str, set[str]] = {
         "config",
         "starttime",
         "verified_signal",
+        "watch_drain_hold",
         "watch_drain_keys",
         "watch_follow",
         "watch_template",
     },
+    # When a drain may go ahead: the template entries caught up, the proxy settled.
+    "watch_drain_hold": {"starttime", "watch_template"},
     # What a drain_pid entry's keys say: parsing only.
     "watch_drain_keys": {"registry", "starttime"},
     "protocol": {"errors"},

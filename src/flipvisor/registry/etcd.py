@@ -14,7 +14,9 @@ keys differ, so the keys match what is serving within seconds of etcd coming bac
 (and a ``publish``: a replaced worker's PIDs) is one transaction that compares what was read, and
 applies only to keys that are this supervisor's, missing or garbage: keys whose record names
 another supervisor on the prefix that promoted the program since are left to it, with a warning
-(``keys_owner``). A hand edit of keys whose record is still ours is healed. A program that
+(``keys_owner``). A hand edit of keys whose record is still ours is healed. A write that finds
+the keys changed since its read is tried again after a growing delay, and given up after a few in
+a row until the next trigger (``etcd_conflicts``). A program that
 stopped serving is *withdrawn*: its keys are read and rewritten without ``current``
 (``base.withdrawn``) when etcd answers, which may be only after an outage, in a transaction that
 compares what was read; and only while they still name what this registry last wrote (``desired``,
@@ -154,16 +156,22 @@ class EtcdRegistry:
             self._kick.set()
 
     async def _keep_written(self, conn: EtcdConnection) -> None:
-        """Write pending programs whenever kicked, until the connection breaks."""
+        """Write pending programs whenever kicked, until the connection breaks; one whose last
+        write found its keys changed by another writer once its delay is over
+        (``etcd_conflicts``)."""
+        backoff = self.keys.conflicts
         while not conn.broken.is_set():
             self._kick = anyio.Event()  # before writing, so a publish meanwhile kicks again
             for program in sorted(self.intent.pending):
+                if not backoff.due(program, anyio.current_time()):
+                    continue
                 try:
                     await self.keys.reconcile(conn, program)
                 except RegistryError as exc:
                     log.warning("program=%s cannot update etcd keys yet: %s", program, exc)
                     return
-            await self._kick.wait()
+            with anyio.move_on_after(backoff.wait(self.intent.pending, anyio.current_time())):
+                await self._kick.wait()
 
     async def snapshot(self, program: str) -> Snapshot:
         """``program``'s keys in one linearizable read.
@@ -206,6 +214,7 @@ class EtcdRegistry:
                         self.intent.swapped(
                             program, new, began=began, revision=reply.header.revision
                         )
+                        self.keys.conflicts.cleared(program)  # written: no backoff left
         except TimeoutError:
             self.intent.remember(program, expected, lost=new, began=began)
             raise self._timeout_error() from None

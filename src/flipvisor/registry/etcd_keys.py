@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 from aetcd import rpc
@@ -32,6 +32,7 @@ from .etcd_client import (
     txn_compare_value,
     txn_write,
 )
+from .etcd_conflicts import MAX_CONFLICTS, ConflictBackoff
 from .etcd_intent import EtcdIntent
 from .keys_owner import promoted_by_another
 
@@ -48,6 +49,7 @@ class ProgramKeys:
     intent: EtcdIntent
     write_lock: anyio.Lock
     wake: Callable[[], None]
+    conflicts: ConflictBackoff = field(default_factory=ConflictBackoff)
 
     async def reconcile(self, conn: EtcdConnection, program: str) -> None:
         """Make ``program``'s keys say ``desired`` if they do not already.
@@ -81,10 +83,27 @@ class ProgramKeys:
                 why = "after a lost promotion" if fenced else "to match what is serving"
                 log.info("program=%s etcd keys rewritten %s", program, why)
             else:
-                self.wake()  # changed since the read: decide again from a new one
+                self._conflicted(program)
                 return
+            self.conflicts.cleared(program)
             if self.intent.desired.get(program) is want:
                 self.intent.pending.discard(program)
+
+    def _conflicted(self, program: str) -> None:
+        """``program``'s keys changed since the read: decide again from a new one, after a
+        delay (``etcd_conflicts``); or, after too many conflicts in a row, not until the next
+        publish, withdrawal or reconnect, with a warning."""
+        if self.conflicts.conflicted(program, anyio.current_time()):
+            self.wake()  # so that ``run`` waits for the new delay
+            return
+        self.intent.pending.discard(program)
+        log.warning(
+            "program=%s etcd keys not rewritten: another writer changed them %d times in a row "
+            "while this supervisor wrote them; tried again at the next publish, withdrawal or "
+            "reconnect",
+            program,
+            MAX_CONFLICTS,
+        )
 
     def _leave(self, program: str, have: Snapshot, owner: Recorded) -> None:
         """Leave ``program``'s keys to the supervisor ``owner`` that promoted it since: warned
@@ -117,9 +136,10 @@ class ProgramKeys:
             if not await self._write_if_unchanged(
                 conn, program, have, withdrawn(have), every_key=fenced
             ):
-                self.wake()  # changed since the read: decide again from a new one
+                self._conflicted(program)
                 return
             log.info("program=%s etcd keys withdrawn: nothing serves it", program)
+        self.conflicts.cleared(program)
         if self.intent.withdrawing.get(program) == withdrawal:  # not superseded meanwhile
             self.intent.forget(program)
 
