@@ -25,6 +25,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 HEADER_SIZE = 256  # what the kernel reads of the file to choose a format (BINPRM_BUF_SIZE)
 MAX_INTERPRETER_DEPTH = 4  # a #! interpreter may be a script too, this deep (the kernel's limit)
@@ -108,10 +109,11 @@ def _binary_problem(header: bytes) -> str | None:
 def _elf_problem(header: bytes) -> str | None:
     """Why the kernel would refuse this ELF file (a program of another machine, an object
     file), or None."""
-    if (kind := _elf_kind(header)) is None or (native := _native_elf()) is None:
-        return None  # too short to judge, or our own ELF is unknown: the kernel judges
-    order = "little" if kind[1] == 1 else "big"
-    if int.from_bytes(header[16:18], order) not in _ELF_PROGRAM_TYPES:
+    if (kind := _elf_kind(header)) is None:
+        return "an ELF file too short to be a program (exec format error)"
+    if (native := _native_elf()) is None:
+        return None  # our own ELF is unknown: the kernel judges
+    if int.from_bytes(header[16:18], _byte_order(header)) not in _ELF_PROGRAM_TYPES:
         return "an ELF file that is not a program (an object file or a core dump, say)"
     if kind == native or kind in _COMPAT_ELF.get(native, set()):
         return None
@@ -125,8 +127,11 @@ def _elf_kind(header: bytes) -> _ElfKind | None:
     """An ELF header's class (32 or 64-bit), byte order and machine, or None if it is none."""
     if not header.startswith(ELF_MAGIC) or len(header) < 20:
         return None
-    order = "little" if header[5] == 1 else "big"
-    return header[4], header[5], int.from_bytes(header[18:20], order)
+    return header[4], header[5], int.from_bytes(header[18:20], _byte_order(header))
+
+
+def _byte_order(header: bytes) -> Literal["little", "big"]:
+    return "little" if header[5] == 1 else "big"  # EI_DATA: 1 is ELFDATA2LSB
 
 
 def _elf_name(kind: _ElfKind) -> str:

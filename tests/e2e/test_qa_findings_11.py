@@ -5,7 +5,6 @@ fails because of the defect and passes once it is fixed."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest

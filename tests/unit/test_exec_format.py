@@ -78,7 +78,11 @@ def test_an_elf_of_another_machine_or_not_a_program_is_refused(tmp_path: Path) -
     assert exec_format_problem(object_file) == (
         "an ELF file that is not a program (an object file or a core dump, say)"
     )
-    for refused in (other, object_file):
+    truncated = executable(tmp_path / "truncated", b"\x7fELF\x02\x01")
+    assert exec_format_problem(truncated) == (
+        "an ELF file too short to be a program (exec format error)"
+    )
+    for refused in (other, object_file, truncated):
         with pytest.raises(OSError, match="Exec format error"):
             subprocess.run([refused], check=False)
 
