@@ -1,5 +1,6 @@
 """Whether a command can start here, found as exec would find it: its program (by path, or on
-PATH) and its working directory; and if not, why, in a sentence (a spawn's error, ``check``'s).
+PATH, in a format the kernel runs: ``exec_format.py``) and its working directory; and if not,
+why, in a sentence (a spawn's error, ``check``'s).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import SpawnError
+from .exec_format import exec_format_problem
 from .usable import closed_folder, closed_folder_problem
 
 
@@ -33,6 +35,7 @@ def resolve_executable(argv0: str, env: Mapping[str, str], cwd: Path | None) -> 
             full = os.path.abspath(candidate)  # relative: to the cwd, or to the supervisor's
             at = "" if full == argv0 else f" ({full})"
             raise SpawnError(f"command {argv0!r}{at}: {_not_executable(candidate)}")
+        _refuse_unknown_format(argv0, candidate, cwd)
         return argv0
     path = env.get("PATH", os.defpath)
     key = (argv0, path, str(cwd))
@@ -47,7 +50,21 @@ def resolve_executable(argv0: str, env: Mapping[str, str], cwd: Path | None) -> 
         if len(_FOUND_ON_PATH) >= 1024:  # bounded: keys come from the config, this is a guard
             _FOUND_ON_PATH.clear()
         _FOUND_ON_PATH[key] = found
+    _refuse_unknown_format(argv0, Path(found), cwd)
     return argv0
+
+
+def _refuse_unknown_format(argv0: str, found: Path, cwd: Path | None) -> None:
+    """Refuse a file the kernel would not exec (the spawn shim's shell would run it as a shell
+    script instead; see ``exec_format.py``).
+
+    Raises:
+        SpawnError: no ``#!`` line (or a missing interpreter), an ELF of another machine, ...
+    """
+    if (problem := exec_format_problem(found, cwd)) is not None:
+        full = os.path.abspath(found)
+        at = "" if full == argv0 else f" ({full})"
+        raise SpawnError(f"command {argv0!r}{at}: {problem}")
 
 
 _FOUND_ON_PATH: dict[tuple[str, str, str], str] = {}

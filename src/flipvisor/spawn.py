@@ -4,9 +4,12 @@ its pidfd.
 Processes are started with ``posix_spawn`` through a tiny ``/bin/sh`` exec shim that exports
 ``LISTEN_PID=$$`` (only the child knows its own PID, and gunicorn ignores a socket without it) and
 changes into the working directory, then ``exec``s the user's argv: the user's command is never
-parsed by a shell. Every child gets its own session (so its process group can be killed whole),
-``/dev/null`` on stdin, an optional pipe on stdout+stderr (``output_pipe.py``), and an optional
-listening socket on fd 3. Its exit is collected by the one ``Reaper``.
+parsed by a shell. A file the kernel would refuse (ENOEXEC: no ``#!`` line, another machine's
+binary) is refused before the spawn (``exec_format.py``): the shim's ``exec``, as any POSIX
+shell's, would run it as a shell script. Every child gets its own session (so its process group
+can be killed whole), ``/dev/null`` on stdin, an optional pipe on stdout+stderr
+(``output_pipe.py``), and an optional listening socket on fd 3. Its exit is collected by the one
+``Reaper``.
 
 Whether the command and the working directory are usable (and why not, in a sentence) is
 ``command_lookup.py``'s. Other processes are signalled through pidfds too: a recorded one only

@@ -328,6 +328,39 @@ def test_command_string_is_not_run_by_a_shell(flipvisor: Flipvisor, tmp_path: Pa
     assert not marker.exists()
 
 
+def test_an_executable_without_an_interpreter_line_is_not_run_by_a_shell(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """QA 11: a command file with mode 0755 but no `#!` line (a script whose shebang was lost,
+    a data file marked executable) makes execve() fail with ENOEXEC, and the spawn shim's
+    `/bin/sh` `exec` then ran it as a shell script: each of its lines a shell command. It is
+    refused before the spawn instead, like a missing command: the program `fatal` at once with
+    the reason, and nothing of the file runs."""
+    marker = tmp_path / "ran-by-a-shell"
+    command = tmp_path / "no-shebang"
+    command.write_text(f"touch {marker}\nexit 0\n")
+    command.chmod(0o755)
+    flipvisor.start(
+        {
+            "programs": {
+                "app": {
+                    "command": [str(command)],
+                    "restart": {"policy": "always", "max_restarts": 0, "window": 60},
+                    "drain": {"delay": 0, "timeout": 5},
+                }
+            }
+        }
+    )
+    wait_until(
+        lambda: flipvisor.program("app")["state"] == "fatal", timeout=20, message="app fatal"
+    )
+    assert not marker.exists(), (
+        "the file without a #! line was run by a shell:\n" + flipvisor.cli("logs", "app").stdout
+    )
+    status = flipvisor.cli("status", "app").stdout
+    assert "no #! line naming its interpreter" in status, status
+
+
 def test_orphaned_grandchild_is_reaped(flipvisor: Flipvisor, tmp_path: Path) -> None:
     # The worker starts a grandchild that outlives it briefly; once re-parented to the
     # supervisor (a subreaper) it must be reaped, not left a zombie.

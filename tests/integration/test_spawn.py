@@ -383,6 +383,33 @@ async def test_missing_executable_raises_spawn_error(tmp_path: Path) -> None:
         )
 
 
+async def test_a_file_the_kernel_cannot_exec_is_refused_not_run_by_the_shim(
+    tmp_path: Path,
+) -> None:
+    """The shim's `/bin/sh` would run a file without a #! line as a shell script (its `exec`
+    falls back on ENOEXEC); the spawn refuses it instead, by path or on PATH."""
+    marker = tmp_path / "ran"
+    lost = tmp_path / "lost-shebang"
+    lost.write_text(f"touch {marker}\n")
+    lost.chmod(0o755)
+    orphan = tmp_path / "orphan"
+    orphan.write_text("#!/no/such/python3\n")
+    orphan.chmod(0o755)
+    reason = "not a program: no #! line naming its interpreter, and not a binary"
+    async with running_reaper() as reaper:
+        for argv0, env, named in (
+            (str(lost), os.environ, f"command {str(lost)!r}: {reason}"),
+            ("./lost-shebang", os.environ, f"command './lost-shebang' ({lost}): {reason}"),
+            ("lost-shebang", {"PATH": str(tmp_path)}, f"command 'lost-shebang' ({lost}): {reason}"),
+            (str(orphan), os.environ, f"command {str(orphan)!r}: its #! interpreter "),
+        ):
+            with pytest.raises(SpawnError) as refusal:
+                spawn_process([argv0], reaper=reaper, env=env, cwd=tmp_path)
+            assert str(refusal.value).startswith(named), refusal.value
+        assert str(refusal.value).endswith("/no/such/python3: no such file")
+    assert not marker.exists()
+
+
 def test_a_command_removed_after_a_lookup_is_not_found_again(tmp_path: Path) -> None:
     # Lookups are remembered; a remembered command that went away must fail the same way.
     command = tmp_path / "tool"

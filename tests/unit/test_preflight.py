@@ -91,6 +91,30 @@ def test_every_host_problem_is_named_with_its_location(tmp_path: Path) -> None:
     assert len(found) == 6, found
 
 
+def test_a_command_the_kernel_cannot_exec_is_a_problem(tmp_path: Path) -> None:
+    """`run` would refuse it (spawn.py's shell shim would run it as a shell script)."""
+    lost = tmp_path / "lost-shebang.py"
+    lost.write_text("import os\n")
+    lost.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    orphan = tmp_path / "bin" / "tool"
+    orphan.write_text("#!/no/such/python3\n")
+    orphan.chmod(0o755)
+    text = f"""\
+        programs:
+          web:
+            command: ["{lost}"]
+            readiness: {{exec: [tool, --check]}}
+            env: {{PATH: "{tmp_path / "bin"}"}}
+        """
+    assert problems(text, tmp_path) == [
+        f"programs.web.command: command '{lost}': not a program: no #! line naming its "
+        "interpreter, and not a binary (exec format error)",
+        f"programs.web.readiness.exec: command 'tool' ({orphan}): its #! interpreter "
+        "/no/such/python3: no such file",
+    ]
+
+
 def test_check_exits_2_on_a_host_problem(tmp_path: Path) -> None:
     config = tmp_path / "flipvisor.yaml"
     config.write_text("state_dir: st\nprograms:\n  web:\n    command: [no-such-program-xyz]\n")

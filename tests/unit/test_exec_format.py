@@ -1,0 +1,164 @@
+"""exec_format.py against real files: which formats the kernel would exec (a #! script, an ELF
+program of this machine), and why not the others (no #! line, a missing interpreter, an ELF of
+another machine), unless a binfmt_misc handler claims them."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flipvisor import exec_format
+from flipvisor.exec_format import exec_format_problem
+
+NO_SHEBANG = "not a program: no #! line naming its interpreter, and not a binary"
+EM_AARCH64, EM_X86_64, EM_RISCV = 183, 62, 243
+ET_REL, ET_EXEC = 1, 2
+
+
+def executable(path: Path, content: bytes | str) -> Path:
+    if isinstance(content, str):
+        content = content.encode()
+    path.write_bytes(content)
+    path.chmod(0o755)
+    return path
+
+
+def elf_header(bits: int, machine: int, elf_type: int = ET_EXEC, big_endian: bool = False) -> bytes:
+    """An ELF header's first 64 bytes, as much of one as the kernel needs to choose a handler."""
+    ident = b"\x7fELF" + bytes([bits // 32, 2 if big_endian else 1, 1]) + bytes(9)
+    return ident + struct.pack(">HH" if big_endian else "<HH", elf_type, machine) + bytes(44)
+
+
+def native_machine() -> int:
+    header = Path(os.path.realpath(sys.executable)).read_bytes()[:20]
+    return int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+
+
+def other_machine() -> int:
+    return EM_RISCV if native_machine() != EM_RISCV else EM_X86_64
+
+
+def test_a_script_with_an_interpreter_and_a_program_of_this_machine_run(tmp_path: Path) -> None:
+    assert exec_format_problem(executable(tmp_path / "script", "#!/bin/sh\necho hi\n")) is None
+    assert exec_format_problem(executable(tmp_path / "env", "#! /usr/bin/env python3\n")) is None
+    assert exec_format_problem(Path(os.path.realpath(sys.executable))) is None
+    assert exec_format_problem(Path("/bin/sh")) is None
+
+
+def test_a_file_without_an_interpreter_line_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    script = executable(tmp_path / "lost-shebang", f"touch {marker}\n")
+    data = executable(tmp_path / "data", bytes(range(256)))
+    empty = executable(tmp_path / "empty", b"")
+    for refused in (script, data, empty):
+        problem = exec_format_problem(refused)
+        assert problem is not None and problem.startswith(NO_SHEBANG), problem
+        # What the kernel says of it too (Python's exec does not fall back to a shell).
+        with pytest.raises(OSError, match="Exec format error"):
+            subprocess.run([refused], check=False)
+    assert not marker.exists()
+
+
+def test_an_elf_of_another_machine_or_not_a_program_is_refused(tmp_path: Path) -> None:
+    other = executable(tmp_path / "other", elf_header(64, other_machine()))
+    problem = exec_format_problem(other)
+    assert problem is not None and problem.startswith("an ELF program for another machine ("), (
+        problem
+    )
+    assert problem.endswith("and no binfmt_misc handler here runs it (exec format error)")
+    big_endian = executable(tmp_path / "be", elf_header(64, native_machine(), big_endian=True))
+    if sys.byteorder == "little":
+        assert "another machine" in (exec_format_problem(big_endian) or "")
+    object_file = executable(tmp_path / "object", elf_header(64, native_machine(), ET_REL))
+    assert exec_format_problem(object_file) == (
+        "an ELF file that is not a program (an object file or a core dump, say)"
+    )
+    truncated = executable(tmp_path / "truncated", b"\x7fELF\x02\x01")
+    assert exec_format_problem(truncated) == (
+        "an ELF file too short to be a program (exec format error)"
+    )
+    for refused in (other, object_file, truncated):
+        with pytest.raises(OSError, match="Exec format error"):
+            subprocess.run([refused], check=False)
+
+
+def test_a_64_bit_kernel_runs_its_32_bit_programs(tmp_path: Path) -> None:
+    if native_machine() != EM_X86_64:
+        pytest.skip("x86-64 only")
+    assert exec_format_problem(executable(tmp_path / "i386", elf_header(32, 3))) is None
+    assert exec_format_problem(executable(tmp_path / "x32", elf_header(32, EM_X86_64))) is None
+    assert exec_format_problem(executable(tmp_path / "arm64", elf_header(64, EM_AARCH64))) == (
+        "an ELF program for another machine (64-bit AArch64; this one runs 64-bit x86-64), "
+        "and no binfmt_misc handler here runs it (exec format error)"
+    )
+
+
+def test_a_missing_or_unusable_interpreter_is_named(tmp_path: Path) -> None:
+    def problem(first_line: str, cwd: Path | None = None) -> str | None:
+        return exec_format_problem(executable(tmp_path / "script", first_line + "\n"), cwd)
+
+    assert (
+        problem("#!/no/such/interpreter -x")
+        == "its #! interpreter /no/such/interpreter: no such file"
+    )
+    assert problem("#!   ") == "its #! line names no interpreter"
+    assert problem(f"#!{tmp_path}") == f"its #! interpreter {tmp_path}: not an executable file"
+    lost = executable(tmp_path / "lost-shebang", "echo hi\n")
+    assert problem(f"#!{lost}") == f"its #! interpreter {lost}: {NO_SHEBANG} (exec format error)"
+    # Nested interpreters are followed; a relative one is looked for in the worker's folder.
+    executable(tmp_path / "middle", "#!/bin/sh\n")
+    assert problem(f"#!{tmp_path / 'middle'}") is None
+    (tmp_path / "bin").mkdir()
+    executable(tmp_path / "bin" / "tool", "#!/bin/sh\n")
+    assert problem("#!bin/tool", cwd=tmp_path) is None
+    assert (
+        problem("#!bin/tool", cwd=tmp_path / "bin") == "its #! interpreter bin/tool: no such file"
+    )
+
+
+def test_interpreters_nested_too_deep_are_refused(tmp_path: Path) -> None:
+    previous = executable(tmp_path / "0", "#!/bin/sh\n")
+    for depth in range(1, 7):
+        previous = executable(tmp_path / str(depth), f"#!{previous}\n")
+    assert exec_format_problem(previous) == "#! interpreters nested more than 4 deep"
+
+
+def test_a_file_this_user_may_not_read_is_left_to_the_kernel(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file")
+    unreadable = executable(tmp_path / "secret", "echo hi\n")
+    unreadable.chmod(0o111)
+    assert exec_format_problem(unreadable) is None
+
+
+def test_a_binfmt_misc_handler_claims_a_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read from a binfmt_misc folder as the kernel shows it (here a copy: registering a handler
+    takes root and changes the whole host)."""
+    binfmt = tmp_path / "binfmt_misc"
+    binfmt.mkdir()
+    (binfmt / "status").write_text("enabled\n")
+    (binfmt / "register").write_text("")
+    machine = other_machine().to_bytes(2, "little").hex()
+    (binfmt / "qemu").write_text(
+        "enabled\ninterpreter /usr/bin/qemu-static\nflags: F\noffset 0\n"
+        f"magic 7f454c460201010000000000000000000200{machine}\n"
+        "mask ffffffffffffff00fffffffffffffffffeffffff\n"
+    )
+    (binfmt / "jar").write_text("enabled\ninterpreter /usr/bin/jexec\nflags: \nextension .jar\n")
+    (binfmt / "off").write_text("disabled\ninterpreter /x\nflags: \noffset 0\nmagic 4142\n")
+    monkeypatch.setattr(exec_format, "BINFMT_MISC", binfmt)
+    other = executable(tmp_path / "other", elf_header(64, other_machine()))
+    jar = executable(tmp_path / "app.jar", b"PK\x03\x04")
+    disabled = executable(tmp_path / "ab", b"AB")
+    assert exec_format_problem(other) is None
+    assert exec_format_problem(jar) is None
+    assert (exec_format_problem(disabled) or "").startswith(NO_SHEBANG)
+    (binfmt / "status").write_text("disabled\n")
+    assert (exec_format_problem(jar) or "").startswith(NO_SHEBANG)
