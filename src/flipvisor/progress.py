@@ -35,6 +35,15 @@ def pid_list(pids: Iterable[int]) -> str:
     return shown + (f" +{len(pids) - SHOWN_PIDS} more" if len(pids) > SHOWN_PIDS else "")
 
 
+def _is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is the event loop's cancellation (never, outside one: a step timed in
+    plain code)."""
+    try:
+        return isinstance(exc, anyio.get_cancelled_exc_class())
+    except anyio.NoEventLoopError:
+        return False
+
+
 @dataclass(frozen=True)
 class Rollback:
     """What began a flip's rollback: ``cause``, a failure's message (None: a cancellation, the
@@ -133,7 +142,7 @@ class FlipReport:
             yield current
         except BaseException as exc:
             current.status = "failed"
-            if self.interrupted is None and isinstance(exc, anyio.get_cancelled_exc_class()):
+            if self.interrupted is None and _is_cancellation(exc):
                 self.interrupted = current  # the innermost step: the one the cancellation hit
             raise
         else:

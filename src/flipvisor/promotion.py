@@ -108,7 +108,7 @@ async def promote(
     programs behind one nginx share its whole config, so another program's reload must never
     load a file that is not yet checked, nor one that is about to be put back. A wait for the
     proxy lets it go meanwhile: the file it leaves in place passed its check. Held by someone
-    else, it is waited for in a step of its own that says by whom (``proxy_lock_step``).
+    else, it is waited for in a step of its own that says by whom (``proxy_lock_wait.py``).
 
     Raises:
         ProxyError, RegistryError: a step failed; everything before it was undone.
