@@ -31,7 +31,7 @@ from .flip_outcome import (
     record_flip,
     retry_command,
     stranded_clause,
-    what_serves,
+    timed_out,
 )
 from .flip_steps import deploy_new, promote_warm, serve
 from .progress import FlipReport
@@ -247,17 +247,8 @@ class Flips:
                     return await promote_warm(self, report, warm, deadline)
                 return await deploy_new(self, report, config, deadline)
             # Only reached when the deadline cancelled the flip (it was undone, as after a failure).
-            # As a readiness.timeout says it: what the probe got, and what serves now.
-            cut_short = f": {report.cut_short}" if report.cut_short else ""
-            rolled_back = "rolled back, but" if report.stranded else "rolled back;"
-            conclude(
-                self.program,
-                report,
-                f"the flip took longer than --timeout {timeout:g}s{cut_short}; {rolled_back} "
-                f"{what_serves(self.program, report)}; `flipvisor logs {name}` shows what the "
-                "new generation did",
-                report.output,
-            )
+            assert timeout is not None  # no deadline without it
+            conclude(self.program, report, timed_out(self.program, report, timeout), report.output)
         except FlipFailed as exc:
             conclude(self.program, report, str(exc), exc.output)
         except FlipvisorError as exc:

@@ -89,6 +89,28 @@ def _last_output(program: Program, report: FlipReport) -> list[str]:
     return report.output
 
 
+def timed_out(program: Program, report: FlipReport, timeout: float) -> str:
+    """The answer to a flip that its ``--timeout`` cut short and that was rolled back, as a
+    readiness.timeout says it: what it had got to (what the probe got; who held the proxy it
+    waited for; else the step it was in), what serves now, and what to do next."""
+    if report.cut_short:
+        where = f": {report.cut_short}"
+    elif report.interrupted is not None:
+        where = f", in its step `{report.interrupted.name}`"
+    else:
+        where = ""
+    rolled_back = "rolled back, but" if report.stranded else "rolled back;"
+    if report.held_up_by is not None:
+        retry = f"`flipvisor {retry_command(program, report.kind)} {program.name}`"
+        then = f"{retry} again once {report.held_up_by.over}"
+    else:
+        then = f"`flipvisor logs {program.name}` shows what the new generation did"
+    return (
+        f"the flip took longer than --timeout {timeout:g}s{where}; {rolled_back} "
+        f"{what_serves(program, report)}; {then}"
+    )
+
+
 def rolling_back(program: Program, report: FlipReport, deadline: float, timeout: float) -> str:
     """The answer to a flip whose ``--timeout`` ran out while it is rolled back: what began the
     rollback, what is back, what is still under way, what serves meanwhile."""

@@ -33,6 +33,7 @@ from .locate import log_path
 from .logs import ProgramLog
 from .program_stop import describe_drain, stop_program
 from .progress import FlipReport
+from .proxy_lock import ProxyLock
 from .reaper import Reaper
 from .registration import Registration
 from .registry import Registry
@@ -67,7 +68,7 @@ class Runtime:
     # does, as in tests that build a runtime of their own).
     keeper: OutputKeeper | None = None
     # One proxy step at a time on this host: programs behind one nginx share its config.
-    proxy_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    proxy_lock: ProxyLock = field(default_factory=ProxyLock)
     # Whether a program other than the one named serves through this proxy file (a program a
     # reload removed, serving on until the one that takes its file over serves): the
     # supervisor's answer, which knows every program.

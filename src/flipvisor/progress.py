@@ -19,6 +19,8 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from .proxy_lock import ProxyHolder
+
 log = logging.getLogger(__name__)
 
 UPDATE_BUFFER = 64
@@ -31,6 +33,15 @@ def pid_list(pids: Iterable[int]) -> str:
     pids = list(pids)
     shown = ", ".join(map(str, pids[:SHOWN_PIDS])) or "-"
     return shown + (f" +{len(pids) - SHOWN_PIDS} more" if len(pids) > SHOWN_PIDS else "")
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is the event loop's cancellation (never, outside one: a step timed in
+    plain code)."""
+    try:
+        return isinstance(exc, anyio.get_cancelled_exc_class())
+    except anyio.NoEventLoopError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,10 @@ class FlipReport:
         # Set when a --timeout cut the flip short in its probe: what the probe had learned (the
         # generation's last answer), the one fact that says what to fix.
         self.cut_short: str | None = None
+        # Set when a cancellation (--timeout, a stop) cut a step short: the step that ran then,
+        # for the flip's message; and, for its wait for the proxy, who held the proxy.
+        self.interrupted: Step | None = None
+        self.held_up_by: ProxyHolder | None = None
         # Set when a failed promotion's undo has put the proxy file and the keys back and goes
         # on to reload the proxy back: what is back, for a client answered before that ends.
         self.undone: str | None = None
@@ -125,8 +140,10 @@ class FlipReport:
         self._publish(current)
         try:
             yield current
-        except BaseException:
+        except BaseException as exc:
             current.status = "failed"
+            if self.interrupted is None and _is_cancellation(exc):
+                self.interrupted = current  # the innermost step: the one the cancellation hit
             raise
         else:
             current.status = "ok"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import anyio
 
@@ -47,6 +48,8 @@ from .promotion_steps import (
 from .promotion_undo import undo_promotion
 from .proxy import Routing
 from .proxy_journal import ProxyJournal
+from .proxy_lock import Describe, ProxyLock
+from .proxy_lock_wait import flip_holder, holding_proxy
 from .proxy_patience import ProxyPatience
 from .proxy_workers import wait_workers_gone
 from .reaper import Reaper
@@ -78,7 +81,7 @@ async def promote(
     registry: Registry,
     reaper: Reaper,
     report: FlipReport,
-    proxy_lock: anyio.Lock,
+    proxy_lock: ProxyLock,
     journal: ProxyJournal,
     registry_optional: bool = False,
     replaced_proxy: ProxyConfig | None = None,
@@ -104,15 +107,17 @@ async def promote(
     ``proxy_lock`` is held from writing the proxy file until the reload (or the undo) finished:
     programs behind one nginx share its whole config, so another program's reload must never
     load a file that is not yet checked, nor one that is about to be put back. A wait for the
-    proxy lets it go meanwhile: the file it leaves in place passed its check.
+    proxy lets it go meanwhile: the file it leaves in place passed its check. Held by someone
+    else, it is waited for in a step of its own that says by whom (``proxy_lock_wait.py``).
 
     Raises:
         ProxyError, RegistryError: a step failed; everything before it was undone.
     """
-    pause = _pause(patience, gen, proxy_lock) if config.proxy is not None else None
+    holder = partial(flip_holder, report)
+    pause = _pause(patience, gen, proxy_lock, holder) if config.proxy is not None else None
     steps = _Steps(config, replaced_proxy, registry, registry_optional, pause)
     try:
-        async with proxy_lock if steps.proxy is not None else nullcontext():
+        async with holding_proxy(proxy_lock, holder, report, gen) if steps.proxy else nullcontext():
             published, old_workers, deferred = await _route(
                 gen, Routing(program, reaper, journal), steps, report
             )
@@ -122,7 +127,9 @@ async def promote(
     return Promotion(gen, published, deferred, steps.proxy, old_workers)
 
 
-def _pause(patience: ProxyPatience | None, gen: Generation, proxy_lock: anyio.Lock) -> Pause | None:
+def _pause(
+    patience: ProxyPatience | None, gen: Generation, proxy_lock: ProxyLock, holder: Describe
+) -> Pause | None:
     """With ``patience``: what a failed reload does instead of failing, a wait for the proxy
     with ``proxy_lock`` let go, then ``gen`` checked for a worker lost meanwhile.
 
@@ -146,7 +153,7 @@ def _pause(patience: ProxyPatience | None, gen: Generation, proxy_lock: anyio.Lo
             # Shielded: cancelled while it waits for the lock, the `async with` in `promote` would
             # release a lock this task does not hold; the undo needs it anyway.
             with anyio.CancelScope(shield=True):
-                await proxy_lock.acquire()
+                await proxy_lock.acquire(holder)
         gen.ensure_whole()
 
     return pause

@@ -48,6 +48,7 @@ from .errors import ProxyError
 from .events import EventLog
 from .proxy import Routing, how_to_reload
 from .proxy_file import same_file
+from .proxy_lock import ProxyHolder, ProxyLock
 from .proxy_record import Pending, keep_undecided, pending
 from .reaper import Reaper
 
@@ -60,7 +61,7 @@ class ProxyAccess:
 
     programs: Mapping[str, ProgramConfig]
     reaper: Reaper
-    lock: anyio.Lock
+    lock: ProxyLock
 
     def section_of(self, step: Pending) -> ProxyConfig | None:
         """The configured proxy section that writes a file ``step`` changed: its program's, or
@@ -80,7 +81,9 @@ class ProxyAccess:
             ProxyError: the check or the reload failed (or timed out).
         """
         route = Routing(program, self.reaper)
-        async with self.lock:
+        async with self.lock.held(
+            ProxyHolder.named(f"start-up recovery of {program}'s unfinished proxy step", program)
+        ):
             await route.check(proxy)
             await route.reload(proxy)
 

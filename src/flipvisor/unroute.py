@@ -22,6 +22,7 @@ from .events import EventLog
 from .proxy import Routing, pasteable
 from .proxy_file import Installed
 from .proxy_journal import removal_journal
+from .proxy_lock import ProxyHolder, ProxyLock
 from .proxy_reload import applied
 from .proxy_workers import wait_workers_gone
 from .reaper import Reaper
@@ -35,7 +36,7 @@ async def unroute(
     proxy: ProxyConfig,
     *,
     reaper: Reaper,
-    proxy_lock: anyio.Lock,
+    proxy_lock: ProxyLock,
     state_dir: Path,
     routed: bool = True,
     events: EventLog | None = None,
@@ -49,7 +50,8 @@ async def unroute(
     ``not-unrouted`` event of ``events`` says so (a warning in the log without them).
     """
     route = Routing(program, reaper, removal_journal(state_dir, program))
-    async with proxy_lock:
+    removal = ProxyHolder.named(f"the removal of {program} from the proxy", program)
+    async with proxy_lock.held(removal):
         try:
             taken = await _remove_file(route, proxy)
         except ProxyError:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.e2e.load import Load
+from tests.e2e.test_flip import gated as gated_command
 from tests.e2e.test_flip import program
 from tests.fixtures.flipvisor import Flipvisor
 from tests.fixtures.nginx import Nginx, free_port
@@ -283,3 +284,60 @@ def test_neighbours_unchecked_file_does_not_break_a_flip(
     assert versions == {"alpha": "alpha-1", "beta": "beta-2"}
     for name, outcome in outcomes.items():
         assert outcome.failed == 0, (name, outcome.failed, outcome.errors[:3])
+
+
+def _error_line_of(stderr: str) -> str:
+    """The client's error (from its `flipvisor:` line on), without the progress lines."""
+    return " ".join(stderr.partition("flipvisor: ")[2].split())
+
+
+def test_a_flip_waiting_for_the_proxy_held_by_another_program_s_reload_back_says_so(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
+    """web's `flip --timeout 2` is answered while its reload back (a hung reload_cmd) goes on,
+    holding the proxy (README: other programs' proxy steps wait). api's `flip --timeout 3`,
+    started then, passes its probe and waits for the proxy until its timeout: it is rolled
+    back. It said only "the flip took longer than --timeout 3s; rolled back" (QA 10), with no
+    step shown after the probe: now its `proxy-wait` step and its answer name web's rollback,
+    and say to flip api again once web's `rollback-finished` event came."""
+    gate, entered = tmp_path / "gate", tmp_path / "entered"
+    gate.touch()
+    api_listen = free_port()
+
+    def config(version: str) -> dict[str, Any]:
+        web_reload = gated_command(nginx.reload_cmd, gate, entered)
+        return {
+            "programs": {
+                "web": program(nginx, version, proxy={"reload_cmd": web_reload, "timeout": 8}),
+                "api": program(
+                    nginx,
+                    version,
+                    proxy={
+                        "dest": str(nginx.conf_dir / "api.conf"),
+                        "vars": {"listen": api_listen},
+                    },
+                ),
+            }
+        }
+
+    flipvisor.start(config("1"))
+    flipvisor.wait_serving("web")
+    flipvisor.wait_serving("api")
+    gate.unlink()  # web's reload command hangs from now on
+    flipvisor.write_config(config("2"))
+    try:
+        web = flipvisor.cli("flip", "web", "--timeout", "2", timeout=30)
+        assert web.returncode == 1, web.stderr
+        assert "it is being rolled back" in web.stderr, web.stderr
+        api = flipvisor.cli("flip", "api", "--timeout", "3", timeout=30)
+        assert api.returncode == 1, api.stderr
+        said = _error_line_of(api.stderr)
+        assert "took longer than --timeout 3s" in said, said
+        # What held it up: the proxy, held by web's rollback (its reload back); what to do.
+        held = "the proxy was held by web's flip to generation 2, being rolled back"
+        assert held in said, said
+        assert "(its reload of the proxy back)" in said, said
+        assert "flip api` again once web's `rollback-finished` event came" in said, said
+        assert "proxy-wait" in api.stderr, api.stderr
+    finally:
+        gate.touch()

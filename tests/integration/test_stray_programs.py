@@ -33,6 +33,7 @@ from flipvisor.lineage import this_supervisor
 from flipvisor.program import Runtime
 from flipvisor.proxy_file import take_away_now
 from flipvisor.proxy_journal import removal_journal
+from flipvisor.proxy_lock import ProxyLock
 from flipvisor.proxy_record import pending
 from flipvisor.proxy_recovery import finish_proxy_steps, unfinished_proxy_steps
 from flipvisor.published_keys import HOSTNAME
@@ -293,7 +294,7 @@ async def test_a_proxy_without_a_reload_command_is_not_waited_for(tmp_path: Path
                     "gone",
                     proxy,
                     reaper=reaper,
-                    proxy_lock=anyio.Lock(),
+                    proxy_lock=ProxyLock(),
                     state_dir=tmp_path / "state",
                     events=events,
                 )

@@ -8,6 +8,7 @@ from pathlib import Path
 import anyio
 
 from flipvisor.config import ProxyConfig
+from flipvisor.proxy_lock import ProxyLock
 from flipvisor.proxy_record import record_path
 from flipvisor.unroute import unroute
 from tests.reaping import running_reaper
@@ -40,7 +41,7 @@ async def test_a_cancelled_removal_puts_the_file_back_and_drops_its_record(
                         "web",
                         proxy,
                         reaper=reaper,
-                        proxy_lock=anyio.Lock(),
+                        proxy_lock=ProxyLock(),
                         state_dir=state_dir,
                     )
                 )

@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 
 from flipvisor.config import ProxyConfig
+from flipvisor.proxy_lock import ProxyLock
 from flipvisor.proxy_record import pending, record_path
 from flipvisor.unroute import unroute
 from tests.reaping import running_reaper
@@ -29,7 +30,7 @@ async def _unroute(tmp_path: Path, check: str) -> tuple[bool, Path, Path]:
     async with running_reaper() as reaper:
         with anyio.fail_after(20):
             removed = await unroute(
-                "gone", proxy, reaper=reaper, proxy_lock=anyio.Lock(), state_dir=state_dir
+                "gone", proxy, reaper=reaper, proxy_lock=ProxyLock(), state_dir=state_dir
             )
     return removed, dest, record
 

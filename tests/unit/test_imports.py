@@ -28,6 +28,7 @@ LEAVES = ERRORS | {
     "durable",
     "current_record",
     "file_identity",
+    "proxy_lock",
 }
 # The config file (models, their value types, reading, checks across sections) is one layer.
 CONFIG = {"config", "config_fields", "config_file", "config_consistency"}
@@ -76,6 +77,7 @@ CORE = WORKERS | {
     "promotion_steps",
     "promotion_undo",
     "proxy_patience",
+    "proxy_lock_wait",
     "unroute",
     "registration",
     "program",
@@ -221,7 +223,10 @@ ALLOWED: dict[str, set[str]] = {
     "leftover_records": WORKERS | {"leftovers"},
     "published_keys": WORKERS,
     "proxy_patience": WORKERS,
-    "promotion": WORKERS | {"proxy_patience", "promotion_steps", "promotion_undo"},
+    "promotion": WORKERS
+    | {"proxy_patience", "promotion_steps", "promotion_undo", "proxy_lock_wait"},
+    # A flip's hold on the proxy lock, and its wait for it.
+    "proxy_lock_wait": WORKERS,
     # A promotion's steps with their undos, and the undo run after a failure.
     "promotion_steps": WORKERS | {"published_keys"},
     "promotion_undo": WORKERS | {"promotion_steps"},
@@ -296,6 +301,7 @@ ALLOWED: dict[str, set[str]] = {
         "events",
         "proxy",
         "proxy_file",
+        "proxy_lock",
         "proxy_record",
         "reaper",
     },

@@ -16,6 +16,7 @@ from flipvisor.errors import ProxyError
 from flipvisor.events import EventLog
 from flipvisor.proxy_file import put_in_place, take_away_now
 from flipvisor.proxy_journal import flip_journal, removal_journal
+from flipvisor.proxy_lock import ProxyLock
 from flipvisor.proxy_record import pending
 from flipvisor.proxy_recovery import ProxyAccess, finish_proxy_steps, unfinished_proxy_steps
 from tests.reaping import running_reaper
@@ -188,7 +189,7 @@ def _finish(
 
     async def recover() -> None:
         async with running_reaper() as reaper:
-            access = ProxyAccess(configured, reaper, anyio.Lock())
+            access = ProxyAccess(configured, reaper, ProxyLock())
             await finish_proxy_steps(
                 await unfinished_proxy_steps(state_dir), records, events, access
             )
