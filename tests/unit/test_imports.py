@@ -38,6 +38,7 @@ LOGS = {"logs", "logs_capture", "log_lines", "logs_tail", "logs_follow"}
 # output pipe, a short command run to completion, a recorded process signalled only while its PID
 # names it, our stray children, which supervisor started a process (its environment).
 SPAWN = {
+    "exec_format",
     "spawn",
     "command_lookup",
     "output_pipe",
@@ -125,7 +126,9 @@ ALLOWED: dict[str, set[str]] = {
         "usable",
         "command_lookup",
     },
-    "command_lookup": {"errors", "usable"},
+    # Whether the kernel execs a file's format (its first bytes): the lookup refuses what it won't.
+    "exec_format": set(),
+    "command_lookup": {"errors", "exec_format", "usable"},
     "output_pipe": set(),
     "run_command": {"reaper", "spawn", "output_pipe", "strays"},
     "verified_signal": {"starttime"},
