@@ -136,27 +136,3 @@ def test_an_executable_without_an_interpreter_line_is_not_run_by_a_shell(
     assert not marker.exists(), (
         "the file without a #! line was run by a shell:\n" + flipvisor.cli("logs", "app").stdout
     )
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="QA 11: `run` whose control socket path is a directory dies with an ExceptionGroup "
-    "traceback (IsADirectoryError in control.py), exit 1; `check` says the file is ok",
-)
-def test_run_with_a_directory_at_the_control_socket_path_says_so(flipvisor: Flipvisor) -> None:
-    """`<state_dir>/flipvisor.sock` is a directory (a mistaken `mkdir -p`, a volume mounted
-    there, a container bind mount of a socket path that did not exist yet, which Docker creates
-    as a folder). `flipvisor check` says "ok"; `flipvisor run` logs its start, then dies with a
-    30-line `ExceptionGroup` traceback ending in `IsADirectoryError: [Errno 21] Is a directory:
-    '.../flipvisor.sock'` from control.py `_remove_stale` (it unlinks any stale file there),
-    exit 1. Expected (contract: 2 for a configuration error; an operator expects a clear error,
-    no traceback): `run` exits 2 with one line naming the path and what is wrong with it (and
-    `check` reports it too). Fix: control.py `_remove_stale`/`_listen` (refuse a directory, or
-    any non-socket that is not ours, with a `FatalError`-style message), preflight for `check`."""
-    flipvisor.write_config({"programs": {"web": {"command": svc_command("--version", "1")}}})
-    (flipvisor.state_dir / "flipvisor.sock" / "sub").mkdir(parents=True)
-    process = flipvisor.start(wait=False)
-    returncode = process.wait(timeout=30)
-    output = flipvisor.output()
-    assert "Traceback" not in output, output
-    assert returncode == 2, output
