@@ -251,12 +251,21 @@ def seconds(text: str) -> float:
     return value
 
 
+# What ``count`` makes of a larger number: more lines or events than any log or history holds
+# (the history keeps 1,000 events), so the same "all of them", and it fits the requests' JSON
+# (orjson refuses integers past 64 bits: `events -n 99999999999999999999999` died with a traceback).
+COUNT_MAX = 2**63 - 1
+
+
 def count(text: str) -> int:
-    """An argparse type: a whole number >= 0."""
+    """An argparse type: a whole number >= 0; a number past ``COUNT_MAX`` is ``COUNT_MAX``
+    (every line or event there is), a script passing "everything" as a big number."""
     try:
         value = int(text)
     except ValueError:
-        value = -1
+        # More digits than Python converts (4,300): a whole number all the same.
+        digits = text.strip().removeprefix("+")
+        value = COUNT_MAX if digits.isascii() and digits.isdigit() else -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text!r}")
-    return value
+    return min(value, COUNT_MAX)

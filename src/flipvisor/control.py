@@ -27,6 +27,7 @@ from .errors import EXIT_USAGE, FlipvisorError
 from .file_identity import Identity, identity_of, unlink_if_ours
 from .protocol import MAX_LINE, ProtocolError, Request, decode_request, encode, result
 from .runrecord import answers, listening_already, record_listening_on
+from .state_files import UnusableStateFile, socket_path_problem
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class ControlServer:
 
         Raises:
             AlreadyRunning: another supervisor holds the socket.
+            UnusableStateFile: something else than a socket is at the path.
         """
         listener, self.found_stale = await self._listen()
         try:
@@ -153,6 +155,7 @@ class ControlServer:
 
         Raises:
             AlreadyRunning: another supervisor answers on the path.
+            UnusableStateFile: something else than a socket is there.
             OSError: the path cannot be bound.
         """
         sock, temporary = _bind_aside(self.path.parent)
@@ -173,6 +176,7 @@ class ControlServer:
 
         Raises:
             AlreadyRunning: another supervisor answers on the path, or bound it meanwhile.
+            UnusableStateFile: something else than a socket is there.
             OSError: the path cannot be linked.
         """
         if _link(temporary, self.path):
@@ -186,8 +190,12 @@ class ControlServer:
         """Remove the socket file at the path: a stale one, that nothing answers on.
 
         Raises:
+            UnusableStateFile: what is there is no socket (a folder, a FIFO, a symlink): not
+                flipvisor's to remove.
             AlreadyRunning: another supervisor answers there.
         """
+        if (why := socket_path_problem(self.path)) is not None:
+            raise UnusableStateFile(why)
         if answers(self.path, PROBE_TIMEOUT):
             raise AlreadyRunning(self._taken_message())
         self.path.unlink(missing_ok=True)
@@ -212,10 +220,11 @@ class ControlServer:
 
     async def _listen_again(self, listener: SocketListener) -> SocketListener:
         """A new listener on the path, the old one closed; the old one if the path is taken (a
-        supervisor another `run` started there meanwhile) or cannot be bound."""
+        supervisor another `run` started there meanwhile), holds something else than a socket
+        (a folder made there), or cannot be bound."""
         try:
             new, _replaced = await self._listen()
-        except (AlreadyRunning, OSError) as exc:
+        except (FlipvisorError, OSError) as exc:
             log.warning("cannot listen on the control socket %s again: %s", self.path, str(exc))
             return listener
         log.warning("the control socket %s was gone (removed?): listening on it again", self.path)

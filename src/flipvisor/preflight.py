@@ -3,8 +3,9 @@ this host. Commands and check/reload commands resolve, working directories exist
 templates render with a sample flip's context, watch templates exist and parse, the state_dir
 and the proxy files can be created and written, the metrics address is one of this host's, a
 fixed ``socket.port`` can be bound (unless this config's own supervisor or its workers hold it;
-a warning when this user cannot tell, the holder and the state_dir being another user's), and no
-other config file's supervisor listens on the state_dir (``run`` would be refused).
+a warning when this user cannot tell, the holder and the state_dir being another user's), no
+other config file's supervisor listens on the state_dir (``run`` would be refused), and the
+state_dir's control socket path and local registry file are usable (``state_files.py``).
 Nothing is created, written or kept bound.
 
 Each problem names its location as the config's keys, so that ``check`` can give it the line
@@ -32,6 +33,7 @@ from .problems import dotted_location
 from .proxy_template import flip_context, parse_template, render_template
 from .runrecord import RunRecord, listening_already, read_record, record_listening_on
 from .sockets import bind_listener
+from .state_files import registry_file_problem, socket_path_problem
 from .usable import (
     closed_folder,
     closed_folder_problem,
@@ -66,14 +68,7 @@ class HostProblem:
 def host_problems(config: Config, config_path: Path | None = None) -> list[HostProblem]:
     """Every problem the config would hit on this host. ``config_path``: the file, whose
     running supervisor (its run record) may hold a fixed port without that being a problem."""
-    problems: list[HostProblem] = []
-    # The folders `run` creates first; one problem is enough (the next would repeat it).
-    for folder in (config.state_dir, config.state_dir / "logs", config.state_dir / "notify"):
-        if why := folder_problem(folder):
-            problems.append(
-                HostProblem(("state_dir",), f"{why}; choose a writable folder in `state_dir`")
-            )
-            break
+    problems = list(_state_dir_problems(config))
     if config.metrics is not None and (why := listen_problem(*parse_listen(config.metrics.listen))):
         problems.append(HostProblem(("metrics", "listen"), why))
     record = read_record(config_path) if config_path is not None else None
@@ -113,6 +108,21 @@ def host_problems(config: Config, config_path: Path | None = None) -> list[HostP
         problems.extend(_command_problems((*where, "check_cmd"), entry.check_cmd, None))
         problems.extend(_command_problems((*where, "reload_cmd"), entry.reload_cmd, None))
     return problems
+
+
+def _state_dir_problems(config: Config) -> Iterator[HostProblem]:
+    """What `run` would refuse to start on in the state_dir: a folder it cannot create or
+    write into, something else than a socket at the control socket's path, a local registry
+    file it cannot read."""
+    # The folders `run` creates first; one problem is enough (the next would repeat it).
+    for folder in (config.state_dir, config.state_dir / "logs", config.state_dir / "notify"):
+        if why := folder_problem(folder):
+            yield HostProblem(("state_dir",), f"{why}; choose a writable folder in `state_dir`")
+            return
+    if why := socket_path_problem(config.socket_path):
+        yield HostProblem(("state_dir",), f"`run` would be refused: {why}")
+    if why := registry_file_problem(config):
+        yield HostProblem(("registry",), f"`run` would be refused: {why}")
 
 
 def _unknown_names_warning(where: tuple[str, ...], unknown: list[str]) -> HostProblem:

@@ -25,6 +25,7 @@ from .runrecord import (
     write_record,
 )
 from .spawn import seal_inherited_fds
+from .state_files import refuse_unusable_state_files
 from .usable import folder_problem
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ def prepare_run(config_path: Path, config: Config) -> None:
         AlreadyRunning: a supervisor of this config file runs (whatever state_dir the file
             names now), or one of another file on this state_dir whose socket file is gone.
         ConfigError: the state_dir cannot be created.
+        UnusableStateFile: the control socket's path holds something else than a socket, or
+            the local registry's file cannot be read.
     """
     # Refused whether or not it answers: a busy or stopped supervisor is the file's all the
     # same, and a second one would run every program again beside it.
@@ -53,6 +56,7 @@ def prepare_run(config_path: Path, config: Config) -> None:
     if other is not None and not answers(other.socket_path):
         raise AlreadyRunning(listening_already(config.socket_path, other, answering=False))
     prepare_state_dir(config.state_dir, config_path)
+    refuse_unusable_state_files(config)
     if not become_subreaper() and os.getpid() != 1:
         log.warning("could not become a child subreaper; orphans will not be reaped")
     if leaked := seal_inherited_fds():

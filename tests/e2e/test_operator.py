@@ -657,3 +657,21 @@ def test_a_generation_a_failed_flip_throws_away_is_listed_as_draining(
     kinds = [e["kind"] for e in events if e["program"] == "web" and e["generation"] == 2]
     assert kinds.index("draining") < kinds.index("failed"), kinds
     assert "stopped" not in kinds, kinds
+
+
+def test_events_and_logs_with_a_line_count_past_64_bits_show_everything(
+    flipvisor: Flipvisor,
+) -> None:
+    """QA 11: `flipvisor events -n 99999999999999999999999` (a script passing "everything" as a
+    big number) died with an orjson traceback (exit 1: integers past 64 bits do not encode),
+    while `logs -n` with the same number printed every line. Both now show everything."""
+    flipvisor.start({"programs": {"web": web()}})
+    flipvisor.wait_serving("web")
+    huge = "99999999999999999999999"
+    events = flipvisor.cli("events", "-n", huge, "--json")
+    assert "Traceback" not in events.stderr, events.stderr
+    assert events.returncode == 0, events.stderr
+    kinds = [json.loads(line)["kind"] for line in events.stdout.splitlines()]
+    assert "spawned" in kinds and "serving" in kinds, kinds
+    logs = flipvisor.cli("logs", "web", "-n", huge)
+    assert logs.returncode == 0, logs.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import stat
 import subprocess
@@ -189,6 +190,24 @@ def test_a_damaged_file_says_what_to_do_about_the_file_not_about_etcd(
     assert caught.value.next_step is not None
     assert caught.value.next_step.startswith(f"fix {path} by hand (one JSON object of key -> ")
     assert "or move it aside" in caught.value.next_step
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_something_else_than_a_file_says_so_and_is_not_waited_on(tmp_path: Path, kind: str) -> None:
+    """A folder at the file's path (a container's bind mount of a file that did not exist yet)
+    said "Is a directory" with advice to make it readable; a FIFO's read waited for a writer
+    forever (`run`'s start-up check, a watch's poll). Both say what is there, and what to do."""
+    path = tmp_path / "registry.json"
+    if kind == "folder":
+        path.mkdir()
+        said = "a folder"
+    else:
+        os.mkfifo(path)
+        said = "a FIFO (named pipe)"
+    with pytest.raises(RegistryError, match=re.escape(f"{path} is {said}, not a file")) as caught:
+        read_registry_file(path)
+    assert caught.value.next_step is not None
+    assert caught.value.next_step.startswith("move it out of the way")
 
 
 async def test_watch_polls_the_file(tmp_path: Path) -> None:

@@ -171,7 +171,15 @@ ALLOWED: dict[str, set[str]] = {
     },
     # The generation record's parser and process identities: whose promotion the keys hold
     # (registry/keys_owner.py), never a process signalled.
-    "registry": {"config", "errors", "registry", "durable", "current_record", "starttime"},
+    "registry": {
+        "config",
+        "errors",
+        "registry",
+        "durable",
+        "current_record",
+        "starttime",
+        "file_identity",  # what is at the local file's path, said
+    },
     # The confd side: the runner (watch), following keys, a template entry, a drain_pid entry.
     "watch": {"registry", "reaper", "config", "signals", "watch_template", "watch_drain"},
     "watch_follow": {"registry", "errors"},
@@ -248,6 +256,7 @@ ALLOWED: dict[str, set[str]] = {
         "runrecord",
         "locate",
         "problems",
+        "state_files",
     },
     "program": WORKERS
     | {
@@ -277,7 +286,10 @@ ALLOWED: dict[str, set[str]] = {
     "retirement": WORKERS | {"promotion", "program", "discard"},
     "takeover": WORKERS | {"program"},
     # runrecord: the refusal names the config file of the supervisor already listening.
-    "control": LEAVES | {"protocol", "config", "runrecord"},
+    "control": LEAVES | {"protocol", "config", "runrecord", "state_files"},
+    # What is at the state_dir's control socket path and local registry file: run refuses
+    # what it cannot use, check reports it.
+    "state_files": {"config", "errors", "file_identity", "registry"},
     "client": LEAVES | {"protocol", "config", "locate", "runrecord"},
     "display": LEAVES | {"protocol", "events", "progress"},
     "supervisor": CORE
@@ -294,7 +306,16 @@ ALLOWED: dict[str, set[str]] = {
     },
     # Parts of the supervisor's start-up: what it sees to first (another supervisor of the file,
     # the state_dir, the run record), and what it takes over from a killed one.
-    "run_start": {"config", "control", "errors", "reaper", "runrecord", "spawn", "usable"},
+    "run_start": {
+        "config",
+        "control",
+        "errors",
+        "reaper",
+        "runrecord",
+        "spawn",
+        "state_files",
+        "usable",
+    },
     "predecessor": CORE | {"leftover_records", "stray_programs", "handover", "proxy_recovery"},
     # The proxy steps a killed supervisor left unfinished, kept or undone as its keys say.
     # (With the configured proxy sections: the proxy a killed flip may have reloaded.)

@@ -40,5 +40,6 @@ def open_registry(config: object) -> WatchableRegistry:
 
         return EtcdRegistry(config.registry)
     from .local import LocalRegistry
+    from .local_file import registry_file
 
-    return LocalRegistry(config.state_dir / "registry.json", config.registry)
+    return LocalRegistry(registry_file(config.state_dir), config.registry)

@@ -4,6 +4,8 @@ a reader sees the old or the new object, never half of one."""
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,6 +13,14 @@ import orjson
 
 from flipvisor import durable
 from flipvisor.errors import RegistryError
+from flipvisor.file_identity import kind_of
+
+FILE_NAME = "registry.json"  # in the state_dir
+
+
+def registry_file(state_dir: Path) -> Path:
+    """Where the local backend keeps its keys."""
+    return state_dir / FILE_NAME
 
 
 def read_registry_file(path: Path) -> dict[str, str]:
@@ -20,6 +30,12 @@ def read_registry_file(path: Path) -> dict[str, str]:
         RegistryError: the file cannot be read or is not a JSON object of strings.
     """
     try:
+        # Not a FIFO's open, which would wait for a writer forever.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            kind = kind_of(path) or "no file"
+            raise RegistryError(
+                f"the registry file {path} is {kind}, not a file", _not_a_file(path)
+            )
         text = path.read_bytes()
     except FileNotFoundError:
         return {}
@@ -52,6 +68,16 @@ def _rewrite(path: Path) -> str:
         f"fix {path} by hand (one JSON object of key -> value strings, as flipvisor writes it), "
         "or move it aside (flipvisor writes a new one; the other programs' keys are then missing "
         "until their next flip)"
+    )
+
+
+def _not_a_file(path: Path) -> str:
+    """What to do about something else than a file at the registry file's path (a folder that
+    a container's bind mount of a file that did not exist yet made there): nothing of it is a
+    key, and flipvisor can write no file there."""
+    return (
+        f"move it out of the way (flipvisor writes a new file there), or, if a container mounts "
+        f"it, mount its folder {path.parent} instead"
     )
 
 
