@@ -53,25 +53,30 @@ def test_run_with_a_directory_at_the_control_socket_path_says_so(flipvisor: Flip
     assert f"{folder} is a folder, not a control socket" in checked, checked
 
 
-@pytest.mark.parametrize("kind", ["fifo", "symlink"])
-def test_run_with_a_fifo_or_a_symlink_at_the_control_socket_path_says_so(
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "regular"])
+def test_run_with_a_fifo_a_symlink_or_a_file_at_the_control_socket_path_says_so(
     flipvisor: Flipvisor, tmp_path: Path, kind: str
 ) -> None:
-    """Only a socket file nothing answers on (a killed supervisor's) is replaced: a FIFO, or a
-    symlink to elsewhere (which the old code unlinked to put its socket there), is somebody
-    else's. `run` refuses it, names it, and leaves it; `check` reports it."""
+    """Only a socket file nothing answers on (a killed supervisor's) is replaced: a FIFO, a
+    symlink to elsewhere or a regular file (which the old code unlinked to put its socket
+    there) is somebody else's: flipvisor never makes one there. `run` refuses it, names it, and
+    leaves it; `check` reports it."""
     flipvisor.write_config(PROGRAMS)
     flipvisor.state_dir.mkdir(mode=0o700)
     path = flipvisor.state_dir / "flipvisor.sock"
     if kind == "fifo":
         os.mkfifo(path)
         said = f"{path} is a FIFO (named pipe), not a control socket"
-    else:
+    elif kind == "symlink":
         path.symlink_to(tmp_path / "elsewhere.sock")
         said = f"{path} is a symbolic link to {tmp_path / 'elsewhere.sock'}, not a control socket"
+    else:
+        path.write_text("notes\n")
+        said = f"{path} is a regular file, not a control socket"
     refusal = _refused_run(flipvisor)
     assert said in refusal, refusal
-    assert path.is_symlink() if kind == "symlink" else path.is_fifo()
+    kept = {"fifo": path.is_fifo, "symlink": path.is_symlink, "regular": path.is_file}[kind]
+    assert kept()
     assert said in _refused_check(flipvisor)
 
 
@@ -152,4 +157,6 @@ def test_a_damaged_registry_file_is_none_of_an_etcd_configs_business(
     flipvisor.state_dir.mkdir(mode=0o700)
     (flipvisor.state_dir / "registry.json").write_text("not json")
     check = flipvisor.cli("check")
+    # It got past the state_dir's checks to the end (etcd is not dialled by `check`).
+    assert check.returncode == 0, check.stdout + check.stderr
     assert "registry.json" not in check.stdout + check.stderr, check.stderr

@@ -173,6 +173,8 @@ def test_a_file_that_is_not_json_text_is_a_registry_error(tmp_path: Path, conten
 @pytest.mark.parametrize(
     ("content", "what"),
     [
+        (b"", "is empty (0 bytes)"),
+        (b"\n", "is empty (1 bytes)"),
         (b'{"a": ', "is not valid JSON"),
         (b'["a"]', "must hold one JSON object of key -> value strings, and holds a JSON list"),
         (b'{"a": 1}', "and holds the key 'a' with a value of type int"),

@@ -44,6 +44,9 @@ def read_registry_file(path: Path) -> dict[str, str]:
             f"cannot read the registry file {path}: {exc.strerror}",
             f"make {path} readable by the supervisor's user (or free what stops it being read)",
         ) from exc
+    if not text.strip():
+        # Not flipvisor's (it writes through a synced temporary file): a `>` redirect, a restore.
+        raise RegistryError(f"the registry file {path} is empty ({len(text)} bytes)", _rewrite(path))
     try:
         data = orjson.loads(text)
     except ValueError as exc:
