@@ -14,6 +14,7 @@ import pytest
 
 from tests.e2e.test_lifecycle import program
 from tests.fixtures.flipvisor import Flipvisor
+from tests.fixtures.nginx import free_port
 from tests.waiting import wait_until
 
 # The metrics endpoint gives a scraper 5 s (metrics.py REQUEST_TIMEOUT) to send its request; a
@@ -125,4 +126,70 @@ def test_the_supervisor_survives_running_out_of_fds_on_its_control_socket(
         message="`flipvisor status` to be answered again once the fds are free",
     )
     assert flipvisor.process.poll() is None, flipvisor.output()
+    assert flipvisor.serving("web") is not None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QA 12: running out of file descriptors while accepting a metrics connection "
+    "(EMFILE) crashes the supervisor (exit 1), after draining every program",
+)
+def test_the_supervisor_survives_running_out_of_fds_on_its_metrics_endpoint(
+    flipvisor: Flipvisor,
+) -> None:
+    """Scenario: `metrics: {listen: ...}` on, the supervisor's soft RLIMIT_NOFILE small
+    (systemd's default 1024; here its open fds + 16, so that the test is quick), and a burst of
+    TCP connections to the metrics port (many scrapers, a port scanner, a load balancer's
+    health checks: each is held up to the 5 s REQUEST_TIMEOUT) takes the fds that are left.
+    Observed: the accept that fails with EMFILE raises out of metrics.py `run`
+    (`listener.serve`), through the root task group: the supervisor logs an ExceptionGroup
+    traceback, drains every program (`draining`/`stopped` web) and exits 1. A burst of
+    connections to the metrics port, from anyone who can reach it, takes every supervised
+    program down.
+    Expected: an accept failing for lack of fds is logged and retried after a short pause;
+    the programs keep running and the endpoint answers again once fds are free.
+    Fix: metrics.py `run` (and control.py `serve`, the same for the control socket): do not
+    let `listener.serve` end on EMFILE/ENFILE/ENOBUFS/ENOMEM; a supervisor-wide helper that
+    serves a listener with that back-off would fit both."""
+    port = free_port()
+    flipvisor.start(
+        {"metrics": {"listen": f"127.0.0.1:{port}"}, "programs": {"web": program("--version", "1")}}
+    )
+    flipvisor.wait_serving("web")
+    assert flipvisor.process is not None
+    pid = flipvisor.process.pid
+    limit = _open_fds(pid) + 16
+    original = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, original[1]))
+    held: list[socket.socket] = []
+    try:
+        for _ in range(40):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        wait_until(
+            lambda: (
+                flipvisor.process is None
+                or flipvisor.process.poll() is not None
+                or _open_fds(pid) >= limit
+            ),
+            timeout=15,
+            message="the supervisor to run out of fds accepting them",
+        )
+    finally:
+        for client in held:
+            client.close()
+        if flipvisor.process.poll() is None:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, original)
+
+    def scraped() -> bool:
+        assert flipvisor.process is not None
+        assert flipvisor.process.poll() is None, "the supervisor exited:\n" + flipvisor.output()
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=5) as scraper,
+        ):
+            scraper.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            return scraper.recv(64).startswith(b"HTTP/1.0 200")
+        return False
+
+    wait_until(scraped, timeout=20, message="the metrics endpoint to answer again")
     assert flipvisor.serving("web") is not None
