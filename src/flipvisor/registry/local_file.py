@@ -46,7 +46,8 @@ def read_registry_file(path: Path) -> dict[str, str]:
         ) from exc
     if not text.strip():
         # Not flipvisor's (it writes through a synced temporary file): a `>` redirect, a restore.
-        raise RegistryError(f"the registry file {path} is empty ({len(text)} bytes)", _rewrite(path))
+        empty = f"the registry file {path} is empty ({len(text)} bytes)"
+        raise RegistryError(empty, _rewrite(path))
     try:
         data = orjson.loads(text)
     except ValueError as exc:
