@@ -28,7 +28,10 @@ from pathlib import Path
 from typing import Literal
 
 HEADER_SIZE = 256  # what the kernel reads of the file to choose a format (BINPRM_BUF_SIZE)
-MAX_INTERPRETER_DEPTH = 4  # a #! interpreter may be a script too, this deep (the kernel's limit)
+# How deep #! interpreters that are scripts too are followed: the kernel's limit
+# (BINPRM_MAX_RECURSION); past it the file is left to the kernel (its limit has changed, and it
+# refuses with ELOOP, which no shell runs as a script).
+MAX_INTERPRETER_DEPTH = 4
 BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
 ELF_MAGIC = b"\x7fELF"
 _ELF_PROGRAM_TYPES = (2, 3)  # ET_EXEC and ET_DYN: not an object file (ET_REL) or a core dump
@@ -64,13 +67,13 @@ def exec_format_problem(path: Path, cwd: Path | None = None) -> str | None:
             return said + problem
         if (interpreter := _interpreter(header)) is None:
             return f"{said}its #! line names no interpreter"
-        said = f"its #! interpreter {interpreter}: "
         path = interpreter if cwd is None else cwd / interpreter
         if not os.path.exists(path):
-            return f"{said}no such file"
+            return _missing_interpreter(interpreter)
+        said = f"its #! interpreter {interpreter}: "
         if not os.access(path, os.X_OK) or os.path.isdir(path):
             return f"{said}not an executable file"
-    return f"#! interpreters nested more than {MAX_INTERPRETER_DEPTH} deep"
+    return None  # deeper than MAX_INTERPRETER_DEPTH: the kernel judges
 
 
 def _header(path: Path) -> bytes | None:
@@ -93,10 +96,21 @@ def _header(path: Path) -> bytes | None:
 
 
 def _interpreter(header: bytes) -> Path | None:
-    """The interpreter a ``#!`` line names (its first word, as the kernel splits it)."""
-    line = header[2:].split(b"\n", 1)[0]
-    words = line.replace(b"\t", b" ").split()
+    """The interpreter a ``#!`` line names, as the kernel reads it: the line ends at a newline
+    or a NUL, and its first word at a space or a tab (not at a carriage return, say)."""
+    line = header[2:].split(b"\n", 1)[0].split(b"\0", 1)[0]
+    words = [word for word in line.replace(b"\t", b" ").split(b" ") if word]
     return Path(os.fsdecode(words[0])) if words else None
+
+
+def _missing_interpreter(interpreter: Path) -> str:
+    """Why a ``#!`` interpreter that is not there is missing, in a sentence."""
+    if str(interpreter).endswith("\r"):  # the kernel looks for "/bin/sh\r": ENOENT
+        return (
+            "its #! line ends in a carriage return (CRLF line endings): the kernel looks for "
+            f"the interpreter {str(interpreter)!r}, and there is no such file"
+        )
+    return f"its #! interpreter {interpreter}: no such file"
 
 
 def _binary_problem(header: bytes) -> str | None:

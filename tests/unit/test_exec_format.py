@@ -121,11 +121,46 @@ def test_a_missing_or_unusable_interpreter_is_named(tmp_path: Path) -> None:
     )
 
 
-def test_interpreters_nested_too_deep_are_refused(tmp_path: Path) -> None:
-    previous = executable(tmp_path / "0", "#!/bin/sh\n")
-    for depth in range(1, 7):
+def test_interpreters_nested_to_the_kernels_depth_run_and_deeper_is_left_to_it(
+    tmp_path: Path,
+) -> None:
+    """Four #! scripts as interpreters of a fifth run (the kernel's limit); past that the kernel
+    refuses with ELOOP, not ENOEXEC (no shell runs the file then), and its limit has changed over
+    versions: that is left to it."""
+    marker = tmp_path / "ran"
+    previous = executable(tmp_path / "0", f"#!/bin/sh\ntouch {marker}\n")
+    for depth in range(1, 5):
         previous = executable(tmp_path / str(depth), f"#!{previous}\n")
-    assert exec_format_problem(previous) == "#! interpreters nested more than 4 deep"
+    assert exec_format_problem(previous) is None
+    subprocess.run([previous], check=True)
+    assert marker.exists()
+    for depth in range(5, 8):
+        previous = executable(tmp_path / str(depth), f"#!{previous}\n")
+    assert exec_format_problem(previous) is None
+    # Within the depth, a missing interpreter is still found.
+    (tmp_path / "0").unlink()
+    executable(tmp_path / "0", "#!/no/such/shell\n")
+    assert exec_format_problem(tmp_path / "4") == "its #! interpreter /no/such/shell: no such file"
+
+
+def test_the_interpreter_line_is_cut_as_the_kernel_cuts_it(tmp_path: Path) -> None:
+    """The line ends at a newline or a NUL; its words are split at spaces and tabs only, so a
+    CRLF line's interpreter ends in a carriage return (the kernel looks for "/bin/sh\\r")."""
+    marker = tmp_path / "ran"
+    nul = executable(tmp_path / "nul", f"#!/bin/sh\0junk\ntouch {marker}\n")
+    assert exec_format_problem(nul) is None
+    subprocess.run([nul], check=True)
+    assert marker.exists()
+    assert exec_format_problem(executable(tmp_path / "tab", "#!\t/bin/sh\t-e\n")) is None
+    crlf = executable(tmp_path / "crlf", "#!/bin/sh\r\necho hi\r\n")
+    assert exec_format_problem(crlf) == (
+        "its #! line ends in a carriage return (CRLF line endings): the kernel looks for the "
+        "interpreter '/bin/sh\\r', and there is no such file"
+    )
+    with pytest.raises(FileNotFoundError):
+        subprocess.run([crlf], check=False)
+    form_feed = executable(tmp_path / "ff", "#!/bin/sh\f-e\n")
+    assert exec_format_problem(form_feed) == "its #! interpreter /bin/sh\x0c-e: no such file"
 
 
 def test_a_file_this_user_may_not_read_is_left_to_the_kernel(tmp_path: Path) -> None:
