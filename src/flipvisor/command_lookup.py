@@ -37,7 +37,7 @@ def resolve_executable(argv0: str, env: Mapping[str, str], cwd: Path | None) -> 
             raise SpawnError(f"command {argv0!r}{at}: {_not_executable(candidate)}")
         _refuse_unknown_format(argv0, candidate, cwd)
         return argv0
-    path = env.get("PATH", os.defpath)
+    path = _path_searched_from(env.get("PATH", os.defpath), cwd)
     key = (argv0, path, str(cwd))
     found = _FOUND_ON_PATH.get(key)
     # A hit is re-checked: still an executable file, so exec will find it (or one earlier on
@@ -52,6 +52,18 @@ def resolve_executable(argv0: str, env: Mapping[str, str], cwd: Path | None) -> 
         _FOUND_ON_PATH[key] = found
     _refuse_unknown_format(argv0, Path(found), cwd)
     return argv0
+
+
+def _path_searched_from(path: str, cwd: Path | None) -> str:
+    """PATH as the worker's shell searches it: the spawn shim changes into ``cwd`` before its
+    ``exec``, so a relative entry (``bin``, ``.``, an empty one) is a folder of the worker's,
+    not of ours. Made absolute, the file found is the one the child will run, and the one whose
+    format is checked."""
+    if cwd is None:
+        return path
+    return os.pathsep.join(
+        entry if os.path.isabs(entry) else str(cwd / entry) for entry in path.split(os.pathsep)
+    )
 
 
 def _refuse_unknown_format(argv0: str, found: Path, cwd: Path | None) -> None:

@@ -1,6 +1,9 @@
 """Whether the kernel can exec a file's format, judged from its first bytes as execve() judges
 them: a script whose ``#!`` line names an interpreter that is there, an ELF program this machine
-runs, or a format an enabled binfmt_misc handler claims; and if not, why, in a sentence.
+runs, or a format an enabled binfmt_misc handler claims; and if not, why, in a sentence. Where
+it cannot be certain (an ELF when this kernel's machine is not known, a ``#!`` chain past the
+kernel's depth), it says nothing and leaves the file to the kernel: a false refusal would stop a
+program that runs.
 
 Why ask before the exec: every worker starts through spawn.py's ``/bin/sh`` exec shim, and a
 POSIX shell whose ``exec`` gets ENOEXEC ("Exec format error") runs the file as a shell script
@@ -23,26 +26,37 @@ from __future__ import annotations
 import functools
 import os
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 HEADER_SIZE = 256  # what the kernel reads of the file to choose a format (BINPRM_BUF_SIZE)
-MAX_INTERPRETER_DEPTH = 4  # a #! interpreter may be a script too, this deep (the kernel's limit)
+# How deep #! interpreters that are scripts too are followed: the kernel's limit
+# (BINPRM_MAX_RECURSION); past it the file is left to the kernel (its limit has changed, and it
+# refuses with ELOOP, which no shell runs as a script).
+MAX_INTERPRETER_DEPTH = 4
 BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
 ELF_MAGIC = b"\x7fELF"
 _ELF_PROGRAM_TYPES = (2, 3)  # ET_EXEC and ET_DYN: not an object file (ET_REL) or a core dump
 _MACHINE_NAMES = {3: "i386", 8: "MIPS", 20: "PowerPC", 21: "PowerPC64", 22: "S/390", 40: "ARM",
                   62: "x86-64", 183: "AArch64", 243: "RISC-V"}  # fmt: skip
-# (EI_CLASS, EI_DATA, e_machine) a 64-bit kernel also runs, by its own: its 32-bit programs.
-_COMPAT_ELF = {
-    (2, 1, 62): {(1, 1, 3), (1, 1, 62)},  # x86-64: i386, x32
-    (2, 1, 183): {(1, 1, 40)},  # AArch64: 32-bit ARM
-    (2, 2, 21): {(1, 2, 20)},  # big-endian PowerPC64: PowerPC
-    (2, 2, 22): {(1, 2, 22)},  # s390x: s390
+_ElfKind = tuple[int, int, int]  # (EI_CLASS, EI_DATA, e_machine)
+_X86 = {(2, 1, 62), (1, 1, 3), (1, 1, 62)}  # x86-64, i386, x32
+_ARM = {(2, 1, 183), (1, 1, 40)}  # AArch64, 32-bit ARM
+_PPC = {(2, 2, 21), (1, 2, 20)}  # big-endian PowerPC64, PowerPC
+# The ELF kinds a kernel runs by its own handler, by the machine it names: its programs
+# and its 32-bit ones. A 32-bit name may be a 64-bit kernel under the linux32 personality (a
+# 32-bit container), so it counts its 64-bit kind too. A machine not here (MIPS, with its o32,
+# n32 and n64 and both byte orders, say) is left to the kernel.
+_KERNEL_RUNS: dict[str, set[_ElfKind]] = {
+    **dict.fromkeys(("x86_64", "i386", "i486", "i586", "i686"), _X86),
+    **dict.fromkeys(("aarch64", "armv7l", "armv8l"), _ARM),
+    **dict.fromkeys(("ppc64", "ppc"), _PPC),
+    "ppc64le": {(2, 1, 21)},
+    "s390x": {(2, 2, 22), (1, 2, 22)},
+    "riscv64": {(2, 1, 243), (1, 1, 243)},
 }
-
-_ElfKind = tuple[int, int, int]
 
 
 def exec_format_problem(path: Path, cwd: Path | None = None) -> str | None:
@@ -64,13 +78,13 @@ def exec_format_problem(path: Path, cwd: Path | None = None) -> str | None:
             return said + problem
         if (interpreter := _interpreter(header)) is None:
             return f"{said}its #! line names no interpreter"
-        said = f"its #! interpreter {interpreter}: "
         path = interpreter if cwd is None else cwd / interpreter
         if not os.path.exists(path):
-            return f"{said}no such file"
+            return _missing_interpreter(interpreter)
+        said = f"its #! interpreter {interpreter}: "
         if not os.access(path, os.X_OK) or os.path.isdir(path):
             return f"{said}not an executable file"
-    return f"#! interpreters nested more than {MAX_INTERPRETER_DEPTH} deep"
+    return None  # deeper than MAX_INTERPRETER_DEPTH: the kernel judges
 
 
 def _header(path: Path) -> bytes | None:
@@ -93,10 +107,21 @@ def _header(path: Path) -> bytes | None:
 
 
 def _interpreter(header: bytes) -> Path | None:
-    """The interpreter a ``#!`` line names (its first word, as the kernel splits it)."""
-    line = header[2:].split(b"\n", 1)[0]
-    words = line.replace(b"\t", b" ").split()
+    """The interpreter a ``#!`` line names, as the kernel reads it: the line ends at a newline
+    or a NUL, and its first word at a space or a tab (not at a carriage return, say)."""
+    line = header[2:].split(b"\n", 1)[0].split(b"\0", 1)[0]
+    words = [word for word in line.replace(b"\t", b" ").split(b" ") if word]
     return Path(os.fsdecode(words[0])) if words else None
+
+
+def _missing_interpreter(interpreter: Path) -> str:
+    """Why a ``#!`` interpreter that is not there is missing, in a sentence."""
+    if str(interpreter).endswith("\r"):  # the kernel looks for "/bin/sh\r": ENOENT
+        return (
+            "its #! line ends in a carriage return (CRLF line endings): the kernel looks for "
+            f"the interpreter {str(interpreter)!r}, and there is no such file"
+        )
+    return f"its #! interpreter {interpreter}: no such file"
 
 
 def _binary_problem(header: bytes) -> str | None:
@@ -108,19 +133,46 @@ def _binary_problem(header: bytes) -> str | None:
 
 def _elf_problem(header: bytes) -> str | None:
     """Why the kernel would refuse this ELF file (a program of another machine, an object
-    file), or None."""
+    file), or None: also when it is not certain (see ``_machines_run_here``)."""
     if (kind := _elf_kind(header)) is None:
         return "an ELF file too short to be a program (exec format error)"
-    if (native := _native_elf()) is None:
-        return None  # our own ELF is unknown: the kernel judges
     if int.from_bytes(header[16:18], _byte_order(header)) not in _ELF_PROGRAM_TYPES:
         return "an ELF file that is not a program (an object file or a core dump, say)"
-    if kind == native or kind in _COMPAT_ELF.get(native, set()):
+    if (runs := _machines_run_here()) is None or kind in runs:
         return None
     return (
-        f"an ELF program for another machine ({_elf_name(kind)}; this one runs "
-        f"{_elf_name(native)}), and no binfmt_misc handler here runs it (exec format error)"
+        f"an ELF program for another machine ({_elf_name(kind)}; this kernel is "
+        f"{_kernel_machine()}), and no binfmt_misc handler here runs it (exec format error)"
     )
+
+
+def _machines_run_here() -> set[_ElfKind] | None:
+    """The ELF kinds the kernel here runs by its own handler, or None when that is not certain
+    (a false refusal stops a working program; a wrong "yes" gets the kernel's ENOEXEC, and
+    dash and bash refuse to run a file with a NUL in its first line, as every ELF has, as a
+    script).
+
+    The kernel's machine counts, not our own program's: a 32-bit Python runs on a 64-bit
+    kernel, which runs its 64-bit programs too. Not certain: a machine not known here; our own
+    program not one that machine runs (Python run by qemu-user, say); a binfmt_misc handler
+    that claims our own program (the same). Left unseen: Python run by qemu-user with neither
+    ``kernel.arch`` nor binfmt_misc here, which names the emulated machine as the kernel's.
+    """
+    runs = _KERNEL_RUNS.get(_kernel_machine())
+    own = _own_program()
+    if runs is None or own is None or _elf_kind(own) not in runs:
+        return None
+    return None if _binfmt_misc_claims(Path(sys.executable), own) else runs
+
+
+@functools.cache
+def _kernel_machine() -> str:
+    """The machine the kernel names: ``kernel.arch`` (Linux 6.1 on), which neither the linux32
+    personality nor qemu-user changes, as ``uname -m`` they both do; else ``uname -m``."""
+    try:
+        return Path("/proc/sys/kernel/arch").read_text().strip()
+    except OSError:
+        return os.uname().machine
 
 
 def _elf_kind(header: bytes) -> _ElfKind | None:
@@ -140,10 +192,9 @@ def _elf_name(kind: _ElfKind) -> str:
 
 
 @functools.cache
-def _native_elf() -> _ElfKind | None:
-    """The ELF kind of this very process's program (the machine it runs on), or None."""
-    header = _header(Path("/proc/self/exe"))
-    return None if header is None else _elf_kind(header)
+def _own_program() -> bytes | None:
+    """The first bytes of this very process's program (Python's ELF), or None."""
+    return _header(Path("/proc/self/exe"))
 
 
 def _binfmt_misc_claims(path: Path, header: bytes) -> bool:

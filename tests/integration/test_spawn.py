@@ -430,6 +430,30 @@ def test_a_command_removed_after_a_lookup_is_not_found_again(tmp_path: Path) -> 
         resolve_executable("tool", env, None)
 
 
+async def test_a_relative_path_entry_is_searched_from_the_workers_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shim changes into the worker's folder before its exec, so PATH's "bin" or "." is
+    the worker's: the command is looked for (and its format checked) there, not in ours."""
+    ours, work = tmp_path / "ours", tmp_path / "work"
+    for folder in (ours / "bin", work / "bin"):
+        folder.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    (ours / "bin" / "tool").write_text("echo this file lost its #! line\n")
+    (ours / "bin" / "only-ours").write_text("#!/bin/sh\n")
+    (work / "bin" / "tool").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    for tool in (ours / "bin" / "tool", ours / "bin" / "only-ours", work / "bin" / "tool"):
+        tool.chmod(0o755)
+    monkeypatch.chdir(ours)
+    env = {"PATH": f"bin{os.pathsep}{os.defpath}"}
+    async with running_reaper() as reaper:
+        assert await finish(spawn_process(["tool"], reaper=reaper, env=env, cwd=work)) == 0
+    assert marker.exists()
+    assert resolve_executable("tool", {"PATH": "."}, work / "bin") == "tool"
+    with pytest.raises(SpawnError, match="'only-ours': not found in PATH"):
+        resolve_executable("only-ours", env, work)
+
+
 async def test_bad_cwd_raises_spawn_error(tmp_path: Path) -> None:
     a_file = tmp_path / "file"
     a_file.write_text("")

@@ -20,6 +20,29 @@ EM_AARCH64, EM_X86_64, EM_RISCV = 183, 62, 243
 ET_REL, ET_EXEC = 1, 2
 
 
+HOST_BINFMT_MISC = exec_format.BINFMT_MISC
+
+
+@pytest.fixture
+def no_binfmt_handlers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No binfmt_misc handler is seen (a CI host may have qemu's registered, running every
+    machine's ELF): the premise of a test that a format is refused."""
+    empty = tmp_path / "no-binfmt_misc"
+    empty.mkdir()
+    monkeypatch.setattr(exec_format, "BINFMT_MISC", empty)
+
+
+def confirm_the_kernel_refuses(path: Path) -> None:
+    """What the kernel says of ``path`` (Python's exec does not fall back to a shell), unless a
+    binfmt_misc handler of this host runs it."""
+    with pytest.MonkeyPatch.context() as host:
+        host.setattr(exec_format, "BINFMT_MISC", HOST_BINFMT_MISC)
+        if exec_format._binfmt_misc_claims(path, path.read_bytes()[: exec_format.HEADER_SIZE]):
+            return
+    with pytest.raises(OSError, match="Exec format error"):
+        subprocess.run([path], check=False)
+
+
 def executable(path: Path, content: bytes | str) -> Path:
     if isinstance(content, str):
         content = content.encode()
@@ -50,6 +73,7 @@ def test_a_script_with_an_interpreter_and_a_program_of_this_machine_run(tmp_path
     assert exec_format_problem(Path("/bin/sh")) is None
 
 
+@pytest.mark.usefixtures("no_binfmt_handlers")
 def test_a_file_without_an_interpreter_line_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     script = executable(tmp_path / "lost-shebang", f"touch {marker}\n")
@@ -58,12 +82,11 @@ def test_a_file_without_an_interpreter_line_is_refused(tmp_path: Path) -> None:
     for refused in (script, data, empty):
         problem = exec_format_problem(refused)
         assert problem is not None and problem.startswith(NO_SHEBANG), problem
-        # What the kernel says of it too (Python's exec does not fall back to a shell).
-        with pytest.raises(OSError, match="Exec format error"):
-            subprocess.run([refused], check=False)
+        confirm_the_kernel_refuses(refused)
     assert not marker.exists()
 
 
+@pytest.mark.usefixtures("no_binfmt_handlers")
 def test_an_elf_of_another_machine_or_not_a_program_is_refused(tmp_path: Path) -> None:
     other = executable(tmp_path / "other", elf_header(64, other_machine()))
     problem = exec_format_problem(other)
@@ -83,21 +106,71 @@ def test_an_elf_of_another_machine_or_not_a_program_is_refused(tmp_path: Path) -
         "an ELF file too short to be a program (exec format error)"
     )
     for refused in (other, object_file, truncated):
-        with pytest.raises(OSError, match="Exec format error"):
-            subprocess.run([refused], check=False)
+        confirm_the_kernel_refuses(refused)
 
 
+@pytest.mark.usefixtures("no_binfmt_handlers")
 def test_a_64_bit_kernel_runs_its_32_bit_programs(tmp_path: Path) -> None:
     if native_machine() != EM_X86_64:
         pytest.skip("x86-64 only")
     assert exec_format_problem(executable(tmp_path / "i386", elf_header(32, 3))) is None
     assert exec_format_problem(executable(tmp_path / "x32", elf_header(32, EM_X86_64))) is None
     assert exec_format_problem(executable(tmp_path / "arm64", elf_header(64, EM_AARCH64))) == (
-        "an ELF program for another machine (64-bit AArch64; this one runs 64-bit x86-64), "
+        "an ELF program for another machine (64-bit AArch64; this kernel is x86_64), "
         "and no binfmt_misc handler here runs it (exec format error)"
     )
 
 
+@pytest.mark.usefixtures("no_binfmt_handlers")
+def test_the_kernels_machine_counts_not_pythons_and_an_unknown_one_is_left_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 32-bit Python (an i386 or armhf userland) on a 64-bit kernel: the kernel runs 64-bit
+    programs too. A kernel not known here (MIPS) or a Python it does not run (qemu-user): not
+    certain, so left to the kernel. Python's program and the kernel's machine are our seams."""
+    x86_64 = executable(tmp_path / "x86-64", elf_header(64, EM_X86_64))
+    arm64 = executable(tmp_path / "arm64", elf_header(64, EM_AARCH64))
+    riscv = executable(tmp_path / "riscv", elf_header(64, EM_RISCV))
+
+    def here(kernel: str, python: bytes) -> None:
+        monkeypatch.setattr(exec_format, "_kernel_machine", lambda: kernel)
+        monkeypatch.setattr(exec_format, "_own_program", lambda: python)
+
+    here("x86_64", elf_header(32, 3))  # i386 Python
+    assert exec_format_problem(x86_64) is None
+    assert "another machine (64-bit AArch64; this kernel is x86_64)" in (
+        exec_format_problem(arm64) or ""
+    )
+    here("i686", elf_header(32, 3))  # the same under the linux32 personality
+    assert exec_format_problem(x86_64) is None
+    for kernel in ("aarch64", "armv8l"):  # armhf Python
+        here(kernel, elf_header(32, 40))
+        assert exec_format_problem(arm64) is None
+        assert "another machine" in (exec_format_problem(riscv) or "")
+    here("mips64", elf_header(32, 8, big_endian=True))
+    assert exec_format_problem(riscv) is None
+    here("x86_64", elf_header(64, EM_AARCH64))  # aarch64 Python run by qemu-user
+    assert exec_format_problem(riscv) is None
+
+
+def test_a_python_a_binfmt_misc_handler_runs_leaves_elf_programs_to_the_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler that claims our own program: we may be run by qemu, on a kernel of another
+    machine, so no ELF is judged foreign."""
+    binfmt = tmp_path / "binfmt_misc"
+    binfmt.mkdir()
+    (binfmt / "status").write_text("enabled\n")
+    own = Path(os.path.realpath(sys.executable)).read_bytes()[:20]
+    (binfmt / "us").write_text(f"enabled\ninterpreter /usr/bin/qemu\noffset 0\nmagic {own.hex()}\n")
+    monkeypatch.setattr(exec_format, "BINFMT_MISC", binfmt)
+    other = executable(tmp_path / "other", elf_header(64, other_machine()))
+    assert exec_format_problem(other) is None
+    (binfmt / "us").write_text("disabled\n")
+    assert "another machine" in (exec_format_problem(other) or "")
+
+
+@pytest.mark.usefixtures("no_binfmt_handlers")
 def test_a_missing_or_unusable_interpreter_is_named(tmp_path: Path) -> None:
     def problem(first_line: str, cwd: Path | None = None) -> str | None:
         return exec_format_problem(executable(tmp_path / "script", first_line + "\n"), cwd)
@@ -121,11 +194,46 @@ def test_a_missing_or_unusable_interpreter_is_named(tmp_path: Path) -> None:
     )
 
 
-def test_interpreters_nested_too_deep_are_refused(tmp_path: Path) -> None:
-    previous = executable(tmp_path / "0", "#!/bin/sh\n")
-    for depth in range(1, 7):
+def test_interpreters_nested_to_the_kernels_depth_run_and_deeper_is_left_to_it(
+    tmp_path: Path,
+) -> None:
+    """Four #! scripts as interpreters of a fifth run (the kernel's limit); past that the kernel
+    refuses with ELOOP, not ENOEXEC (no shell runs the file then), and its limit has changed over
+    versions: that is left to it."""
+    marker = tmp_path / "ran"
+    previous = executable(tmp_path / "0", f"#!/bin/sh\ntouch {marker}\n")
+    for depth in range(1, 5):
         previous = executable(tmp_path / str(depth), f"#!{previous}\n")
-    assert exec_format_problem(previous) == "#! interpreters nested more than 4 deep"
+    assert exec_format_problem(previous) is None
+    subprocess.run([previous], check=True)
+    assert marker.exists()
+    for depth in range(5, 8):
+        previous = executable(tmp_path / str(depth), f"#!{previous}\n")
+    assert exec_format_problem(previous) is None
+    # Within the depth, a missing interpreter is still found.
+    (tmp_path / "0").unlink()
+    executable(tmp_path / "0", "#!/no/such/shell\n")
+    assert exec_format_problem(tmp_path / "4") == "its #! interpreter /no/such/shell: no such file"
+
+
+def test_the_interpreter_line_is_cut_as_the_kernel_cuts_it(tmp_path: Path) -> None:
+    """The line ends at a newline or a NUL; its words are split at spaces and tabs only, so a
+    CRLF line's interpreter ends in a carriage return (the kernel looks for "/bin/sh\\r")."""
+    marker = tmp_path / "ran"
+    nul = executable(tmp_path / "nul", f"#!/bin/sh\0junk\ntouch {marker}\n")
+    assert exec_format_problem(nul) is None
+    subprocess.run([nul], check=True)
+    assert marker.exists()
+    assert exec_format_problem(executable(tmp_path / "tab", "#!\t/bin/sh\t-e\n")) is None
+    crlf = executable(tmp_path / "crlf", "#!/bin/sh\r\necho hi\r\n")
+    assert exec_format_problem(crlf) == (
+        "its #! line ends in a carriage return (CRLF line endings): the kernel looks for the "
+        "interpreter '/bin/sh\\r', and there is no such file"
+    )
+    with pytest.raises(FileNotFoundError):
+        subprocess.run([crlf], check=False)
+    form_feed = executable(tmp_path / "ff", "#!/bin/sh\f-e\n")
+    assert exec_format_problem(form_feed) == "its #! interpreter /bin/sh\x0c-e: no such file"
 
 
 def test_a_file_this_user_may_not_read_is_left_to_the_kernel(tmp_path: Path) -> None:
