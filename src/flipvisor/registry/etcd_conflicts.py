@@ -50,7 +50,8 @@ class ConflictBackoff:
         return self.retry_at.get(program, now) <= now
 
     def wait(self, pending: Collection[str], now: float) -> float:
-        """Seconds from ``now`` until the first of ``pending`` that backs off is due (inf:
-        none)."""
-        later = [at for program, at in self.retry_at.items() if program in pending and at > now]
-        return min(later) - now if later else math.inf
+        """Seconds from ``now`` until the first of ``pending`` that backs off is due: 0 if one
+        is due already (its time passed while others were written after it was found not due;
+        left out, it waited for an unrelated trigger), inf if none backs off."""
+        due = [at for program, at in self.retry_at.items() if program in pending]
+        return max(0.0, min(due) - now) if due else math.inf
