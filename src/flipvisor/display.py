@@ -263,6 +263,15 @@ def _supervisor_lines(document: dict[str, Any], colour: bool) -> list[str]:
                 colour,
             )
         )
+    if registry and (conflicting := registry.get("conflicting")):  # (an older supervisor: none)
+        lines.append(
+            _paint(
+                f"registry: keys of {', '.join(conflicting)} not rewritten: another writer kept "
+                "changing them; tried again at the next publish, withdrawal or reconnect",
+                "yellow",
+                colour,
+            )
+        )
     if (keeper := keeper_line(document.get("keeper"))) is not None:
         lines.append(_paint(*keeper, colour))
     return lines

@@ -15,20 +15,21 @@ PIDs it first waits (in a task of its own, so it keeps following the keys) until
 entries (``watch_template.py``) have successfully applied every earlier change, then signals each
 PID only if it saw that very process serving (``verified_signal.signal_verified`` checks its
 start tick and boot id through a pidfd), and SIGKILLs it after the timeout if it is still that
-process. A PID it never saw is never signalled: it logs a warning instead. Nor is, whatever was
+process. A PID it never saw is never signalled: it logs a warning instead (while it runs); one it
+saw that is gone since (forgotten, to bound memory, but kept among the last ``TOMBSTONES`` gone) is
+said to be gone, not warned about (its PID may name an unrelated process now). Nor is, whatever was
 seen, a PID that ``pid/current`` names at the time of the drain (it serves: a service that ran its
-swap again for the same process; judged again when ``pid/current`` moves on to another process,
-as a swap written in two puts, ``pid/previous`` first, needs; not when it is deleted), this
-watcher, its parent, PID 1, or a proxy's master (from a ``pidfile``): a key naming one of those
-was set by mistake. A template that is only slow delays a drain by ``CATCH_UP_TIMEOUT`` at most;
-one whose last render, check or reload failed holds it until an attempt (a retry or a change's)
-succeeds (the proxy may still route to nothing but the old process), with an error logged every
-``CATCH_UP_TIMEOUT``; so does one that renders the program's keys and waits for a missing
-(deleted) key while its file is in place, until it renders again (the file still routes as the
-last render did); that wait, and the ``RELOAD_SETTLE`` grace
-after the templates' last reload, are ``watch_drain_hold.py``'s. When it has to read the keys again
-(history compacted or replaced, an outage), the difference from what it had is handled as one more
-change, so a promotion made meanwhile still drains.
+swap again for the same process; judged again when ``pid/current`` moves on to another process, as a
+swap written in two puts, ``pid/previous`` first, needs; not when it is deleted), this watcher, its
+parent, PID 1, or a proxy's master (from a ``pidfile``): a key naming one of those was set by
+mistake. A template that is only slow delays a drain by ``CATCH_UP_TIMEOUT`` at most; one whose last
+render, check or reload failed holds it until an attempt (a retry or a change's) succeeds (the proxy
+may still route to nothing but the old process), with an error logged every ``CATCH_UP_TIMEOUT``; so
+does one that renders the program's keys and waits for a missing (deleted) key while its file is in
+place, until it renders again (the file still routes as the last render did); that wait, and the
+``RELOAD_SETTLE`` grace after the templates' last reload, are ``watch_drain_hold.py``'s. When it has
+to read the keys again (history compacted or replaced, an outage), the difference from what it had
+is handled as one more change, so a promotion made meanwhile still drains.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,10 @@ from .watch_template import TemplateWatch
 
 log = logging.getLogger(__name__)
 
+# Processes forgotten from ``seen`` (gone) still remembered, so that ``pid/previous`` naming one
+# says it is gone rather than "never seen" (a warning about whatever reused its PID).
+TOMBSTONES = 64
+
 
 @dataclass
 class DrainWatch(KeyFollower):
@@ -75,8 +81,10 @@ class DrainWatch(KeyFollower):
     # masters are never drained, whatever the keys say.
     pidfiles: Sequence[Path] = ()
     # Each by its identity alone where one is known, so that one process is one target; those
-    # gone are forgotten as new ones are seen.
+    # gone are forgotten as new ones are seen (into ``gone``).
     seen: set[Recorded] = field(default_factory=set)
+    # The last ``TOMBSTONES`` processes forgotten from ``seen``: drained or gone.
+    gone: deque[Recorded] = field(default_factory=lambda: deque(maxlen=TOMBSTONES))
     values: dict[str, str] = field(default_factory=dict)
     # PIDs of pid/previous not drained because pid/current named them too: judged again when
     # pid/current names another process (a swap written as two puts, previous first).
@@ -194,7 +202,9 @@ class DrainWatch(KeyFollower):
                 continue
             # Every process seen under the PID: only the live one can match.
             starts = [seen for seen in self.seen if seen.pid == pid]
-            if not starts:
+            if not starts and any(process.pid == pid for process in self.gone):
+                self._gone_already(pid)
+            elif not starts:
                 self._never_seen(pid, "")
             targets += starts
         if targets:
@@ -244,7 +254,18 @@ class DrainWatch(KeyFollower):
         """Forget the processes seen that are gone (or whose PID names another process now):
         none can be drained any more, and a long run sees a new one at every promotion and
         worker restart. So ``seen`` holds no more than the processes still running."""
-        self.seen = {process for process in self.seen if pid_still_names(process)}
+        for process in [process for process in self.seen if not pid_still_names(process)]:
+            self._forget(process)
+
+    def _forget(self, process: Recorded) -> None:
+        """``process`` was seen and is gone (drained, or gone by itself): out of ``seen``,
+        into the bounded ``gone``."""
+        self.seen.discard(process)
+        if process not in self.gone:
+            self.gone.append(process)
+
+    def _gone_already(self, pid: int) -> None:
+        log.info("drain_pid %s: pid=%d is gone already (or is another process now)", self.key, pid)
 
     def _identify_bare(self, pid: int, arrived: int | None, how: str) -> Recorded | None:
         """The process ``pid`` names, a bare PID that has just appeared in ``pid/current``, if
@@ -343,10 +364,8 @@ class DrainWatch(KeyFollower):
         if self._refused(pid):
             return
         if not signal_verified(target, sig):
-            log.info(
-                "drain_pid %s: pid=%d is gone already (or is another process now)", self.key, pid
-            )
-            self.seen.discard(target)
+            self._gone_already(pid)
+            self._forget(target)
             return
         log.info("drain_pid %s: sent %s to pid=%d", self.key, signal.Signals(sig).name, pid)
         gone = await wait_workers_gone([target], self.drain.timeout)
@@ -357,4 +376,4 @@ class DrainWatch(KeyFollower):
                 pid,
                 self.drain.timeout,
             )
-        self.seen.discard(target)
+        self._forget(target)

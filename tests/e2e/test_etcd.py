@@ -128,7 +128,13 @@ def test_etcd_outage_keeps_serving_fails_flips_and_heals_the_keys(
     wait_until(
         lambda: (
             flipvisor.status()["registry"]
-            == {"backend": "etcd", "where": etcd.endpoint, "connected": True, "pending": []}
+            == {
+                "backend": "etcd",
+                "where": etcd.endpoint,
+                "connected": True,
+                "pending": [],
+                "conflicting": [],
+            }
         ),
         message="status to show etcd back",
     )

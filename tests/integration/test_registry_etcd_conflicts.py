@@ -15,7 +15,7 @@ from flipvisor.registry import KEY_SUFFIXES
 from flipvisor.registry.etcd_conflicts import FIRST_DELAY, MAX_CONFLICTS, MAX_DELAY
 from flipvisor.registry.etcd_keys import ProgramKeys
 from tests.fixtures.etcd import EtcdServer
-from tests.integration.test_registry_etcd import registry_for, supervised
+from tests.integration.test_registry_etcd import record, registry_for, supervised
 from tests.waiting import await_until, holds
 
 pytestmark = pytest.mark.etcd
@@ -23,6 +23,36 @@ pytestmark = pytest.mark.etcd
 # Of a retry's delay: the smallest jitter, less a little for the event loop's clock.
 LEAST_OF_DELAY = 0.5
 CLOCK_SLACK = 0.005
+
+
+class OtherWriter:
+    """Another writer that, while ``on``, changes ``program``'s keys between each of our reads
+    and its conditional write (at our seam), so that every write conflicts; ``attempts``: when
+    each write of ours began."""
+
+    def __init__(
+        self, etcd: EtcdServer, prefix: str, monkeypatch: pytest.MonkeyPatch, program: str = "app"
+    ) -> None:
+        self.on = True
+        self.attempts: list[float] = []
+        write = ProgramKeys._write_if_unchanged
+
+        async def written_over(keys: ProgramKeys, *args: Any, **kwargs: Any) -> bool:
+            self.attempts.append(anyio.current_time())
+            if self.on:
+                key, value = f"{prefix}/{program}/port/previous", str(len(self.attempts))
+                await anyio.to_thread.run_sync(etcd.put, key, value)
+            return await write(keys, *args, **kwargs)
+
+        monkeypatch.setattr(ProgramKeys, "_write_if_unchanged", written_over)
+
+
+async def given_up(caplog: pytest.LogCaptureFixture) -> None:
+    await await_until(
+        lambda: holds(f"changed them {MAX_CONFLICTS} times in a row" in caplog.text),
+        timeout=30,
+        message="the registry to give up on keys another writer keeps changing",
+    )
 
 
 async def test_keys_another_writer_keeps_changing_are_retried_with_backoff_then_left(
@@ -37,41 +67,66 @@ async def test_keys_another_writer_keeps_changing_are_retried_with_backoff_then_
     until the next publish."""
     registry = registry_for(f"http://{etcd_server.endpoint}", etcd_prefix)
     ours = supervised(1, 41000, [101], this_supervisor())
-    attempts: list[float] = []  # when each conditional write of ours began
-    other_writer = {"on": True}
-    write = ProgramKeys._write_if_unchanged
-
-    async def written_over(self: ProgramKeys, *args: Any, **kwargs: Any) -> bool:
-        attempts.append(anyio.current_time())
-        if other_writer["on"]:
-            key, value = f"{etcd_prefix}/app/port/previous", str(len(attempts))
-            await anyio.to_thread.run_sync(etcd_server.put, key, value)
-        return await write(self, *args, **kwargs)
+    other_writer = OtherWriter(etcd_server, etcd_prefix, monkeypatch)
+    attempts = other_writer.attempts
 
     def got() -> dict[str, str]:
         keys = {s: etcd_server.get(f"{etcd_prefix}/app/{s}") for s in KEY_SUFFIXES}
         return {s: value for s, value in keys.items() if value is not None}
 
-    monkeypatch.setattr(ProgramKeys, "_write_if_unchanged", written_over)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(registry.run)
             await registry.publish("app", ours)
-            await await_until(
-                lambda: holds(f"changed them {MAX_CONFLICTS} times in a row" in caplog.text),
-                timeout=30,
-                message="the registry to give up on keys another writer keeps changing",
-            )
+            await given_up(caplog)
             assert len(attempts) == MAX_CONFLICTS
             assert "app" not in registry.health()["pending"]  # ``run`` does not try again
+            # ... but ``status`` shows the keys are not right: beyond one warning line.
+            assert registry.health()["conflicting"] == ["app"]
             for conflicts, (before, after) in enumerate(pairwise(attempts), start=1):
                 delay = min(FIRST_DELAY * 2 ** (conflicts - 1), MAX_DELAY)
                 assert after - before >= delay * LEAST_OF_DELAY - CLOCK_SLACK, attempts
             # The next trigger, the other writer gone: written.
-            other_writer["on"] = False
+            other_writer.on = False
             await registry.publish("app", ours)
             await await_until(lambda: holds(got() == dict(ours.values)), message="the keys")
             assert len(attempts) == MAX_CONFLICTS + 1
+            assert registry.health()["conflicting"] == []
+            tg.cancel_scope.cancel()
+    finally:
+        await registry.aclose()
+
+
+async def test_a_withdrawal_of_taken_over_keys_given_up_on_is_tried_again_at_a_reconnect(
+    restartable_etcd: EtcdServer,
+    etcd_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A withdrawal of the keys of a killed supervisor's workers taken over at start-up is in
+    ``withdrawing`` alone (nothing ``desired``): a reconnect put back in ``pending`` only the
+    desired programs, so once given up on, the keys named the stopped workers for good."""
+    taken_over = record(1, 41000, [101])
+    for suffix, value in taken_over.values.items():
+        restartable_etcd.put(f"{etcd_prefix}/app/{suffix}", value)
+    registry = registry_for(restartable_etcd.endpoint, etcd_prefix, timeout=2)
+    other_writer = OtherWriter(restartable_etcd, etcd_prefix, monkeypatch)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(registry.run)
+            await registry.withdraw("app", taken_over=taken_over.get("generation/current"))
+            await given_up(caplog)
+            assert registry.health()["conflicting"] == ["app"]
+            other_writer.on = False
+            restartable_etcd.stop()
+            restartable_etcd.start()
+            await await_until(
+                lambda: holds(restartable_etcd.get(f"{etcd_prefix}/app/port/current") is None),
+                timeout=30,
+                message="the keys withdrawn after the reconnect",
+            )
+            assert len(other_writer.attempts) == MAX_CONFLICTS + 1
+            assert registry.health()["conflicting"] == []
             tg.cancel_scope.cancel()
     finally:
         await registry.aclose()

@@ -24,7 +24,7 @@ from flipvisor.registry import KeyRange, Snapshot, WatchEvent, open_registry
 from flipvisor.registry.etcd import EtcdRegistry
 from flipvisor.registry.local_file import write_registry_file
 from flipvisor.spawn import Child, spawn_process
-from flipvisor.starttime import boot_id, start_ticks_of, start_time_of
+from flipvisor.starttime import Recorded, boot_id, start_ticks_of, start_time_of
 from flipvisor.watch import watches_running
 from tests.clock import step_clock
 from tests.fixtures.etcd import EtcdServer, free_port
@@ -1172,3 +1172,37 @@ async def test_drain_pid_forgets_the_processes_it_saw_once_they_are_gone(tmp_pat
             process.kill()
             process.wait(timeout=5)  # reaped: its PID names nothing now
     assert len(drain.seen) == 1  # the last one, not forgotten until another is seen
+
+
+async def test_drain_pid_says_a_process_it_saw_and_forgot_is_gone_not_never_seen(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process seen as ``pid/current`` and forgotten once gone: ``pid/previous`` naming it
+    said "never seen" (its PID free), or warned to stop by hand whatever reused its PID. Kept
+    among the last processes gone, it is said to be gone already."""
+    caplog.set_level(logging.INFO, logger="flipvisor.watch_drain")
+    drain = drain_watch(tmp_path)
+    current, previous = "p/app/pid/current", "p/app/pid/previous"
+    await drain.started(KeyRange({}, 1))
+    old, new = popen_sleeper(), popen_sleeper()
+    try:
+        await drain.changed([WatchEvent(current, str(old.pid), 2, live=True)])
+        old.kill()
+        old.wait(timeout=5)  # reaped: gone, its PID free
+        await drain.changed([WatchEvent(current, str(new.pid), 3, live=True)])
+        assert not any(seen.pid == old.pid for seen in drain.seen)  # forgotten
+        await drain.changed([WatchEvent(previous, str(old.pid), 4, live=True)])
+        assert f"pid={old.pid} is gone already" in caplog.text
+        assert f"pid={old.pid} is not running (never seen" not in caplog.text
+    finally:
+        for process in (old, new):
+            process.kill()
+            process.wait(timeout=5)
+
+
+def test_drain_pid_keeps_a_bounded_number_of_processes_gone(tmp_path: Path) -> None:
+    drain = drain_watch(tmp_path)
+    most = watch_drain.TOMBSTONES
+    for pid in range(1, most + 11):
+        drain._forget(Recorded(pid, started=1764490000.0))
+    assert [process.pid for process in drain.gone] == list(range(11, most + 11))

@@ -341,3 +341,16 @@ def test_a_status_from_a_supervisor_that_does_not_say_has_no_keeper_line(
     assert keeper_line(None) is None
     print_status({"programs": [_program("web")]})
     assert "output keeper" not in capsys.readouterr().out
+
+
+def test_keys_given_up_on_after_conflicts_are_a_line_below_the_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A write given up on after conflicts in a row with another writer (etcd) is not pending
+    any more, but the keys are still not right: said until a write of them lands."""
+    registry = {"backend": "etcd", "where": "127.0.0.1:2379", "connected": True, "pending": []}
+    print_status({"programs": [_program("web")], "registry": registry | {"conflicting": ["web"]}})
+    said = " ".join(capsys.readouterr().out.split())
+    assert "registry: keys of web not rewritten: another writer kept changing them" in said
+    print_status({"programs": [_program("web")], "registry": registry})  # an older supervisor's
+    assert "registry" not in capsys.readouterr().out

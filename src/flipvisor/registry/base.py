@@ -175,8 +175,10 @@ class Registry(Protocol):
         ...
 
     def health(self) -> dict[str, Any]:
-        """For ``status``: ``{"backend", "where", "connected", "pending": [programs]}``, the
-        programs whose keys are not yet written as they should be."""
+        """For ``status``: ``{"backend", "where", "connected", "pending": [programs],
+        "conflicting": [programs]}``: the programs whose keys are not yet written as they
+        should be, and those whose writes were given up on after conflicts in a row with another
+        writer (etcd), left so until the next publish, withdrawal or reconnect."""
         ...
 
 

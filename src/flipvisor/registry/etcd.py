@@ -93,6 +93,8 @@ class EtcdRegistry:
             "where": where,
             "connected": self.connected,
             "pending": sorted(self.intent.pending),
+            # Given up on after conflicts in a row with another writer (``etcd_conflicts``).
+            "conflicting": sorted(self.keys.conflicts.given_up),
         }
 
     def _timeout_error(self) -> RegistryError:
@@ -112,8 +114,9 @@ class EtcdRegistry:
                 self._conn = None
                 conn = await connect(self.config, f"{self.prefix}/")
                 self._conn = conn
-                # A new connection checks every program.
-                self.intent.pending.update(self.intent.desired)
+                # A new connection checks every program: those to keep written and those to
+                # withdraw (a taken-over one is in ``withdrawing`` alone), given up on or not.
+                self.intent.pending.update(self.intent.desired, self.intent.withdrawing)
                 self._kick.set()
         async with conn.use():
             yield conn

@@ -26,13 +26,18 @@ class ConflictBackoff:
 
     conflicts: dict[str, int] = field(default_factory=dict)
     retry_at: dict[str, float] = field(default_factory=dict)
+    # Programs given up on, whose keys are not right yet: shown by ``status`` (one warning line
+    # is easily missed) until a write of them lands (or they are left or withdrawn).
+    given_up: set[str] = field(default_factory=set)
 
     def conflicted(self, program: str, now: float) -> bool:
         """``program``'s write found its keys changed at ``now``: whether to try again (at
         ``retry_at``), or give up (after ``MAX_CONFLICTS`` in a row; counted afresh then)."""
         count = self.conflicts.get(program, 0) + 1
         if count >= MAX_CONFLICTS:
-            self.cleared(program)
+            self.conflicts.pop(program, None)
+            self.retry_at.pop(program, None)
+            self.given_up.add(program)
             return False
         self.conflicts[program] = count
         delay = min(FIRST_DELAY * 2 ** (count - 1), MAX_DELAY)
@@ -41,16 +46,19 @@ class ConflictBackoff:
         return True
 
     def cleared(self, program: str) -> None:
-        """``program``'s keys were written, left to another supervisor, or given up on."""
+        """``program``'s keys were written (or were right), left to another supervisor, or
+        withdrawn: no conflict of it is left."""
         self.conflicts.pop(program, None)
         self.retry_at.pop(program, None)
+        self.given_up.discard(program)
 
     def due(self, program: str, now: float) -> bool:
         """Whether ``program`` may be written at ``now`` (not backing off)."""
         return self.retry_at.get(program, now) <= now
 
     def wait(self, pending: Collection[str], now: float) -> float:
-        """Seconds from ``now`` until the first of ``pending`` that backs off is due (inf:
-        none)."""
-        later = [at for program, at in self.retry_at.items() if program in pending and at > now]
-        return min(later) - now if later else math.inf
+        """Seconds from ``now`` until the first of ``pending`` that backs off is due: 0 if one
+        is due already (its time passed while others were written after it was found not due;
+        left out, it waited for an unrelated trigger), inf if none backs off."""
+        due = [at for program, at in self.retry_at.items() if program in pending]
+        return max(0.0, min(due) - now) if due else math.inf

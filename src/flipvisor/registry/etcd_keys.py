@@ -62,7 +62,8 @@ class ProgramKeys:
                 await self.withdraw_now(conn, program)
                 return
             want = self.intent.desired.get(program)
-            if want is None:
+            if want is None:  # nothing of it to keep written (nor given up on) any more
+                self.conflicts.cleared(program)
                 self.intent.pending.discard(program)
                 return
             fenced = program in self.intent.fenced
@@ -92,7 +93,7 @@ class ProgramKeys:
     def _conflicted(self, program: str) -> None:
         """``program``'s keys changed since the read: decide again from a new one, after a
         delay (``etcd_conflicts``); or, after too many conflicts in a row, not until the next
-        publish, withdrawal or reconnect, with a warning."""
+        publish, withdrawal or reconnect, with a warning (and ``status`` shows it meanwhile)."""
         if self.conflicts.conflicted(program, anyio.current_time()):
             self.wake()  # so that ``run`` waits for the new delay
             return
@@ -100,7 +101,7 @@ class ProgramKeys:
         log.warning(
             "program=%s etcd keys not rewritten: another writer changed them %d times in a row "
             "while this supervisor wrote them; tried again at the next publish, withdrawal or "
-            "reconnect",
+            "reconnect (status lists it as conflicting until then)",
             program,
             MAX_CONFLICTS,
         )
