@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,8 +110,9 @@ class FlipReport:
         # Set when the client was answered while the rollback ran: how it ended is an event.
         self.answered_rolling_back = False
         # Set while a first start's promotion waits for the proxy (``proxy_patience.py``): why,
-        # and when it tries again; in ``status``.
-        self.waiting: str | None = None
+        # and when it tries again; in ``status``. Or while a flip waits for the proxy lock: who
+        # holds it, read each time ``status`` asks (it may change hands meanwhile).
+        self.waiting: str | Callable[[], str] | None = None
         self.started = time.monotonic()
         self.duration: float | None = None
         self._done = anyio.Event()
@@ -196,7 +197,7 @@ class FlipReport:
             "generation": self.generation,
             "step": self.steps[-1].name if self.steps else "starting",
             "elapsed": round(time.monotonic() - self.started, 3),
-            "waiting": self.waiting,
+            "waiting": self.waiting() if callable(self.waiting) else self.waiting,
         }
 
     def to_json(self) -> dict[str, Any]:

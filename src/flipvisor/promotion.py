@@ -49,7 +49,7 @@ from .promotion_undo import undo_promotion
 from .proxy import Routing
 from .proxy_journal import ProxyJournal
 from .proxy_lock import Describe, ProxyLock
-from .proxy_lock_wait import flip_holder, holding_proxy
+from .proxy_lock_wait import flip_holder, holding_proxy, retake
 from .proxy_patience import ProxyPatience
 from .proxy_workers import wait_workers_gone
 from .reaper import Reaper
@@ -114,7 +114,7 @@ async def promote(
         ProxyError, RegistryError: a step failed; everything before it was undone.
     """
     holder = partial(flip_holder, report)
-    pause = _pause(patience, gen, proxy_lock, holder) if config.proxy is not None else None
+    pause = _pause(patience, gen, proxy_lock, holder, report) if config.proxy is not None else None
     steps = _Steps(config, replaced_proxy, registry, registry_optional, pause)
     try:
         async with holding_proxy(proxy_lock, holder, report, gen) if steps.proxy else nullcontext():
@@ -128,7 +128,11 @@ async def promote(
 
 
 def _pause(
-    patience: ProxyPatience | None, gen: Generation, proxy_lock: ProxyLock, holder: Describe
+    patience: ProxyPatience | None,
+    gen: Generation,
+    proxy_lock: ProxyLock,
+    holder: Describe,
+    report: FlipReport,
 ) -> Pause | None:
     """With ``patience``: what a failed reload does instead of failing, a wait for the proxy
     with ``proxy_lock`` let go, then ``gen`` checked for a worker lost meanwhile.
@@ -151,9 +155,10 @@ def _pause(
             await patience.wait(failure, step)
         finally:
             # Shielded: cancelled while it waits for the lock, the `async with` in `promote` would
-            # release a lock this task does not hold; the undo needs it anyway.
+            # release a lock this task does not hold; the undo needs it anyway. Held by another
+            # program's proxy step, it is waited for in a `proxy-wait` step.
             with anyio.CancelScope(shield=True):
-                await proxy_lock.acquire(holder)
+                await retake(proxy_lock, holder, report)
         gen.ensure_whole()
 
     return pause

@@ -34,16 +34,26 @@ Describe = Callable[[], ProxyHolder]
 
 class ProxyLock:
     """An ``anyio.Lock`` that records its holder while it is held (cleared on release, however
-    the holder's block ends: a cancellation too)."""
+    the holder's block ends: a cancellation too).
+
+    The holder is exact whenever the lock is held: each task names itself before it waits, and
+    the name read is the one of the task anyio says owns the lock. So a release that hands the
+    lock to a waiter names the waiter at once, before that waiter next runs; and the fast
+    acquire sets the owner without yielding first (anyio's default acquire owns the lock for a
+    loop iteration before its caller could record itself, a flip then seeing it held by nobody).
+    """
 
     def __init__(self) -> None:
-        self._lock = anyio.Lock()
-        self._holder: Describe | None = None
+        self._lock = anyio.Lock(fast_acquire=True)
+        # By task id: the owner's holder, and those of the tasks waiting for it.
+        self._holders: dict[int, Describe] = {}
 
     @property
     def holder(self) -> ProxyHolder | None:
         """Who holds it now (None: nobody)."""
-        return self._holder() if self._holder is not None else None
+        owner = self._lock.statistics().owner
+        describe = self._holders.get(owner.id) if owner is not None else None
+        return describe() if describe is not None else None
 
     def locked(self) -> bool:
         return self._lock.locked()
@@ -51,12 +61,21 @@ class ProxyLock:
     async def acquire(self, holder: ProxyHolder | Describe) -> None:
         """Wait for the lock, then hold it as ``holder`` (a cancellation meanwhile takes
         nothing, and leaves the current holder's name)."""
-        await self._lock.acquire()
-        self._holder = holder if callable(holder) else _fixed(holder)
+        task = anyio.get_current_task().id
+        if task in self._holders:  # it holds it: anyio refuses a second acquire (RuntimeError)
+            await self._lock.acquire()
+        self._holders[task] = holder if callable(holder) else _fixed(holder)
+        try:
+            await self._lock.acquire()
+        except BaseException:
+            # Not the owner now: anyio let go of a lock handed over just as this was cancelled.
+            del self._holders[task]
+            raise
 
     def release(self) -> None:
-        self._holder = None
+        # Released first: anyio refuses a task that does not own it, whose name then stays.
         self._lock.release()
+        del self._holders[anyio.get_current_task().id]
 
     @asynccontextmanager
     async def held(self, holder: ProxyHolder | Describe) -> AsyncIterator[None]:

@@ -6,8 +6,8 @@ a cancellation (its ``--timeout``) ends that wait, who held it, for the flip's a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import anyio
 
@@ -40,38 +40,71 @@ def flip_holder(report: FlipReport) -> ProxyHolder:
     return ProxyHolder(who, over)
 
 
+# Who holds the lock, for a flip that finds it held by a holder it cannot name (none is known:
+# every acquire names one): a flip that finds it held always waits in its step.
+SOMEONE = ProxyHolder(
+    "another proxy step", "the other proxy steps ended (`flipvisor status`, `flipvisor events`)"
+)
+
+
 @asynccontextmanager
 async def holding_proxy(
     lock: ProxyLock, holder: Describe, report: FlipReport, gen: Generation
 ) -> AsyncIterator[None]:
     """Hold ``lock`` as ``holder`` for the block; if another holds it, wait in a ``proxy-wait``
     step of ``report`` (``gen``'s promotion waits) that names who."""
-    other = lock.holder if lock.locked() else None
-    if other is None:
-        await lock.acquire(holder)
+    # Nothing yields between the test and the acquire (the lock's fast acquire): free now, it
+    # is taken at once.
+    if lock.locked():
+        await _wait(lock, holder, report, gen)
     else:
-        await _wait(lock, holder, other, report, gen)
+        await lock.acquire(holder)
     try:
         yield
     finally:
         lock.release()
 
 
-async def _wait(
-    lock: ProxyLock, holder: Describe, other: ProxyHolder, report: FlipReport, gen: Generation
-) -> None:
-    """Wait for ``lock``, held by ``other``; cut short (its --timeout), note who held it then."""
-    report.waiting = f"waiting for the proxy, held by {other.who}"
-    try:
-        with report.step("proxy-wait", f"held by {other.who}"):
+async def retake(lock: ProxyLock, holder: Describe, report: FlipReport) -> None:
+    """Take ``lock`` again as ``holder`` (a flip's promotion after its wait for the proxy); if
+    another holds it, wait in a ``proxy-wait`` step of ``report`` that names who."""
+    if lock.locked():
+        with waiting_for(lock, holder, report):
             await lock.acquire(holder)
-    except anyio.get_cancelled_exc_class():
-        held_up_by = lock.holder or other
-        report.held_up_by = held_up_by
-        report.cut_short = (
-            f"generation {gen.number} of {gen.program} was ready, but the proxy was held by "
-            f"{held_up_by.who}"
-        )
-        raise
+    else:
+        await lock.acquire(holder)
+
+
+async def _wait(lock: ProxyLock, holder: Describe, report: FlipReport, gen: Generation) -> None:
+    """Wait for ``lock``, held by another; cut short (its --timeout), note who held it then."""
+    with waiting_for(lock, holder, report) as held_by:
+        try:
+            await lock.acquire(holder)
+        except anyio.get_cancelled_exc_class():
+            report.held_up_by = held_by()
+            report.cut_short = (
+                f"generation {gen.number} of {gen.program} was ready, but the proxy was held by "
+                f"{report.held_up_by.who}"
+            )
+            raise
+
+
+@contextmanager
+def waiting_for(lock: ProxyLock, holder: Describe, report: FlipReport) -> Iterator[Describe]:
+    """A ``proxy-wait`` step of ``report`` for the block, naming who holds ``lock`` then, and
+    the flip's ``waiting`` (in ``status``) naming who holds it now; yields who held it last
+    (before it was handed to ``holder``)."""
+    last = [lock.holder or SOMEONE]
+
+    def held_by() -> ProxyHolder:
+        now = lock.holder
+        if now is not None and now != holder():  # not yet handed to this flip
+            last[0] = now
+        return last[0]
+
+    report.waiting = lambda: f"waiting for the proxy, held by {held_by().who}"
+    try:
+        with report.step("proxy-wait", f"held by {last[0].who}"):
+            yield held_by
     finally:
         report.waiting = None

@@ -81,10 +81,9 @@ class ProxyPatience:
                 attempt=self.failures,
             )
             self._last_error = error
-        self.report.waiting = (
+        step.detail = self.report.waiting = (
             f"waiting for the proxy: attempt {self.failures} failed: {error}; next in {delay:g}s"
         )
-        step.detail = self.report.waiting
         self.report.update(step)
         self._attempt_over()
         async with anyio.create_task_group() as race:

@@ -13,7 +13,7 @@ import pytest
 
 from flipvisor.progress import FlipReport
 from flipvisor.proxy_lock import ProxyHolder, ProxyLock
-from flipvisor.proxy_lock_wait import flip_holder, holding_proxy
+from flipvisor.proxy_lock_wait import flip_holder, holding_proxy, retake
 
 REMOVAL = ProxyHolder.named("the removal of api from the proxy", "api")
 
@@ -126,3 +126,115 @@ async def _wait_cut_short(lock: ProxyLock, report: FlipReport) -> None:
         assert lock.holder is not None
         assert lock.holder.who == "api's flip to generation 2"
     assert lock.holder is None and len(report.steps) == 1  # free: taken without a wait
+
+
+async def test_a_lock_taken_in_the_same_tick_as_a_flip_finds_it_is_waited_for_in_a_step() -> None:
+    # anyio's default acquire owned the lock a loop iteration before its holder was recorded:
+    # a flip that came then found it held by nobody, and waited with no step, no `waiting`.
+    lock, removed = ProxyLock(), anyio.Event()
+    gen: Any = type("Gen", (), {"number": 3, "program": "api"})()
+
+    async def removal() -> None:
+        async with lock.held(REMOVAL):
+            await removed.wait()
+
+    async def flip() -> None:
+        async with holding_proxy(lock, lambda: flip_holder(report), report, gen):
+            pass
+
+    with _flip_report("api") as report:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(removal)
+            tg.start_soon(flip)
+            await anyio.wait_all_tasks_blocked()
+            step = report.steps[-1]
+            assert (step.name, step.status) == ("proxy-wait", "running")
+            assert step.detail == "held by the removal of api from the proxy"
+            assert report.progress()["waiting"] == (
+                "waiting for the proxy, held by the removal of api from the proxy"
+            )
+            removed.set()
+        assert report.steps[-1].status == "ok" and report.progress()["waiting"] is None
+    assert lock.holder is None and not lock.locked()
+
+
+async def test_a_release_names_the_waiter_it_hands_the_lock_to_at_once() -> None:
+    lock, web = ProxyLock(), ProxyHolder.named("web's flip", "web")
+    async with anyio.create_task_group() as tg:
+        await lock.acquire(web)
+        tg.start_soon(_hold_once, lock, REMOVAL)
+        await anyio.wait_all_tasks_blocked()
+        lock.release()  # handed to the removal, which has not run since
+        assert lock.locked() and lock.holder == REMOVAL
+    assert lock.holder is None and not lock.locked()
+
+
+async def _hold_once(lock: ProxyLock, holder: ProxyHolder) -> None:
+    async with lock.held(holder):
+        pass
+
+
+async def test_a_waiting_flip_names_in_status_who_holds_the_lock_now() -> None:
+    # web holds it, a removal waits first, then api's flip: when web lets go, the removal holds
+    # it, and api's `waiting` says so (its step's detail names whom it found).
+    lock, web = ProxyLock(), ProxyHolder.named("web's flip", "web")
+    gen: Any = type("Gen", (), {"number": 3, "program": "api"})()
+
+    async def flip() -> None:
+        async with holding_proxy(lock, lambda: flip_holder(report), report, gen):
+            pass
+
+    with _flip_report("api") as report:
+        async with anyio.create_task_group() as tg:
+            await lock.acquire(web)
+            tg.start_soon(_hold_until, lock, REMOVAL, removed := anyio.Event())
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(flip)
+            await anyio.wait_all_tasks_blocked()
+            assert report.progress()["waiting"] == "waiting for the proxy, held by web's flip"
+            lock.release()
+            await anyio.wait_all_tasks_blocked()
+            assert report.progress()["waiting"] == (
+                "waiting for the proxy, held by the removal of api from the proxy"
+            )
+            assert report.steps[-1].detail == "held by web's flip"
+            removed.set()
+        assert report.progress()["waiting"] is None
+
+
+async def _hold_until(lock: ProxyLock, holder: ProxyHolder, over: anyio.Event) -> None:
+    async with lock.held(holder):
+        await over.wait()
+
+
+async def test_a_release_by_a_task_that_does_not_hold_it_leaves_the_holder_named() -> None:
+    lock = ProxyLock()
+    async with _held_elsewhere(lock, REMOVAL):
+        with pytest.raises(RuntimeError):
+            lock.release()
+        assert lock.holder == REMOVAL
+    assert lock.holder is None and not lock.locked()
+
+
+async def test_a_retake_after_a_wait_for_the_proxy_waits_in_a_step_if_it_is_held() -> None:
+    lock, removed = ProxyLock(), anyio.Event()
+
+    async def promotion() -> None:
+        with anyio.CancelScope(shield=True):
+            await retake(lock, lambda: flip_holder(report), report)
+        lock.release()
+
+    with _flip_report("api") as report:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_hold_until, lock, REMOVAL, removed)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(promotion)
+            await anyio.wait_all_tasks_blocked()
+            step = report.steps[-1]
+            assert (step.name, step.status) == ("proxy-wait", "running")
+            assert step.detail == "held by the removal of api from the proxy"
+            removed.set()
+        assert report.steps[-1].status == "ok" and report.progress()["waiting"] is None
+        await retake(lock, lambda: flip_holder(report), report)  # free: taken without a wait
+        lock.release()
+        assert len(report.steps) == 1
