@@ -22,6 +22,7 @@ from pathlib import Path
 
 import anyio
 
+from .config import ProgramConfig
 from .config_consistency import MAX_SOCKET_PATH
 from .errors import ProbeFailed
 
@@ -313,3 +314,21 @@ def _worker_of(sender: int, pids: set[int]) -> tuple[int | None, str]:
         if ancestor.pid in pids:
             return ancestor.pid, ""
     return None, "not a worker of this generation"
+
+
+def open_notify_socket(
+    config: ProgramConfig, state_dir: Path, program: str, number: int, listener: socket.socket
+) -> NotifySocket | None:
+    """The socket a generation's workers send sd_notify's READY=1 to, if its probe waits for
+    that; ``listener`` is closed if it cannot be opened (the generation that would own it is
+    never made)."""
+    try:
+        if config.readiness is not None and config.readiness.notify:
+            return NotifySocket(
+                state_dir / "notify" / f"{program}-{number}.sock",
+                owner=f"program={program} generation={number}",
+            )
+    except BaseException:
+        listener.close()
+        raise
+    return None
