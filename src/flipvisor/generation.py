@@ -113,7 +113,8 @@ class Generation:
         self.socket = listener
         self.host = config.socket.host
         self.port = bound_port(listener)
-        self.notify = open_notify_socket(config, state_dir, program, number, listener)
+        notified = config.readiness is not None and bool(config.readiness.notify)
+        self.notify = open_notify_socket(notified, state_dir, program, number, listener)
         # Each slot's worker (the first, and any ``revive`` makes again) is made the same way.
         self._new_worker = _worker_maker(self, state_dir, reaper, log, keeper)
         self.workers = [self._new_worker(index) for index in range(config.numprocs)]

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import anyio
 
-from .config import ProgramConfig
 from .config_consistency import MAX_SOCKET_PATH
 from .errors import ProbeFailed
 
@@ -317,13 +316,13 @@ def _worker_of(sender: int, pids: set[int]) -> tuple[int | None, str]:
 
 
 def open_notify_socket(
-    config: ProgramConfig, state_dir: Path, program: str, number: int, listener: socket.socket
+    wanted: bool, state_dir: Path, program: str, number: int, listener: socket.socket
 ) -> NotifySocket | None:
-    """The socket a generation's workers send sd_notify's READY=1 to, if its probe waits for
-    that; ``listener`` is closed if it cannot be opened (the generation that would own it is
-    never made)."""
+    """The socket generation ``number`` of ``program`` has its workers send sd_notify's
+    READY=1 to, if its probe waits for that (``wanted``); ``listener`` is closed if it cannot be
+    opened (the generation that would own it is never made)."""
     try:
-        if config.readiness is not None and config.readiness.notify:
+        if wanted:
             return NotifySocket(
                 state_dir / "notify" / f"{program}-{number}.sock",
                 owner=f"program={program} generation={number}",
