@@ -100,7 +100,6 @@ class CrashPolicy:
             self.stop_if_given_up(worker)  # its PID left pid/current already (``Generation``)
         if verdict.delay is not None:
             worker.consecutive_failures += 1
-            program.restarts_total += 1
             program.runtime.events.emit(
                 "restarting",
                 program.name,
@@ -110,6 +109,12 @@ class CrashPolicy:
                 delay=round(verdict.delay, 3),
             )
         return verdict.delay
+
+    def worker_restarted(self, gen: Generation) -> None:
+        """A worker of ``gen`` runs again after its backoff: the program's ``restarts``. Counted
+        here, not when the restart is scheduled (``_carry_out``, which spends the budget and
+        grows the backoff): a stop, a removal or ``fatal`` may call it off before it happens."""
+        self.program.restarts_total += 1
 
     def become_fatal(
         self, reason: str, generation: int | None, *, replace_reason: bool = False

@@ -14,7 +14,12 @@ from .printable import count, one_line, terminal_safe
 if TYPE_CHECKING:
     from rich.console import Console
 
-_STEP_MARK = {"ok": "[green]✓[/]", "failed": "[red]✗[/]", "running": "[yellow]…[/]"}
+_STEP_MARK = {
+    "ok": "[green]✓[/]",
+    "failed": "[red]✗[/]",
+    "running": "[yellow]…[/]",
+    "cancelled": "[yellow]⊘[/]",  # cut short by a stop that called the flip off: no failure
+}
 
 
 def _duration(seconds: float) -> str:
@@ -346,7 +351,11 @@ class FlipProgress:
             if report.get("warning"):  # it succeeded, but something it does is still under way
                 self.console.print(f"[yellow]{_shown(report['warning'])}[/]", highlight=False)
             return
-        self.console.print(f"[red]{report['program']}: {report['kind']} failed[/]", highlight=False)
+        # Rolled back because a stop (a reload's removal, the shutdown) called it off: nothing
+        # of it failed, and "failed" would read as a broken release.
+        said, colour = ("called off", "yellow") if report.get("abandoned") else ("failed", "red")
+        line = f"[{colour}]{report['program']}: {report['kind']} {said}[/]"
+        self.console.print(line, highlight=False)
         if report.get("output"):
             self.console.print("last output of the new generation:", style="bold")
             for line in report["output"]:

@@ -77,6 +77,8 @@ async def answer_rolling_back_at(
     await anyio.sleep_until(at)
     if report.finished or report.rollback is None or report.routed:
         return
+    # Begun by a stop's cancellation (``rolling_back`` says it was called off): abandoned.
+    report.abandoned = report.rollback.cause is None and report.rollback.at < deadline
     report.finish(rolling_back(program, report, deadline, timeout), _last_output(program, report))
     report.answered_rolling_back = True
 

@@ -109,6 +109,7 @@ async def _spawn(
             state_dir=program.runtime.state_dir,
             on_worker_exit=program.crashes.worker_exited,
             on_pids_changed=program._pids_changed,
+            on_worker_restarted=program.crashes.worker_restarted,
             listener=program.listener.for_generation(config.socket),
             first=program.serving is None,
         )

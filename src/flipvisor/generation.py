@@ -28,7 +28,7 @@ from .generation_status import deploy_shown
 from .kept_outputs import OutputKeeper
 from .lazy_event import LazyEvent
 from .logs import ProgramLog
-from .notify_socket import NotifySocket
+from .notify_socket import open_notify_socket
 from .probe import ProbeProgress
 from .reaper import Reaper
 from .sockets import bound_port
@@ -41,24 +41,6 @@ log = logging.getLogger(__name__)
 TAIL_LINES = 20
 # A worker killed with SIGKILL is gone at once unless the kernel is stuck; bound the wait anyway.
 KILL_GRACE = 10.0
-
-
-def _open_notify_socket(
-    config: ProgramConfig, state_dir: Path, program: str, number: int, listener: socket.socket
-) -> NotifySocket | None:
-    """The socket a generation's workers send sd_notify's READY=1 to, if its probe waits for
-    that; ``listener`` is closed if it cannot be opened (the generation that would own it is
-    never made)."""
-    try:
-        if config.readiness is not None and config.readiness.notify:
-            return NotifySocket(
-                state_dir / "notify" / f"{program}-{number}.sock",
-                owner=f"program={program} generation={number}",
-            )
-    except BaseException:
-        listener.close()
-        raise
-    return None
 
 
 def _worker_maker(
@@ -98,6 +80,7 @@ class Generation:
         state_dir: Path,
         on_worker_exit: Callable[[Generation, Worker, int | None, str], float | None],
         on_pids_changed: Callable[[Generation], None],
+        on_worker_restarted: Callable[[Generation], None],
         listener: socket.socket,
         first: bool = False,
     ) -> None:
@@ -121,6 +104,7 @@ class Generation:
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._on_worker_exit = on_worker_exit
         self._on_pids_changed = on_pids_changed
+        self._on_worker_restarted = on_worker_restarted
         self._stop = StopRequest()
         self._failed = LazyEvent()  # awaited only while a probe runs
         self._stopped = LazyEvent()  # awaited only by whoever stops it
@@ -129,7 +113,8 @@ class Generation:
         self.socket = listener
         self.host = config.socket.host
         self.port = bound_port(listener)
-        self.notify = _open_notify_socket(config, state_dir, program, number, listener)
+        notified = config.readiness is not None and bool(config.readiness.notify)
+        self.notify = open_notify_socket(notified, state_dir, program, number, listener)
         # Each slot's worker (the first, and any ``revive`` makes again) is made the same way.
         self._new_worker = _worker_maker(self, state_dir, reaper, log, keeper)
         self.workers = [self._new_worker(index) for index in range(config.numprocs)]
@@ -208,6 +193,9 @@ class Generation:
         )
         if worker.restarts:
             self._on_pids_changed(self)
+
+    def worker_restarted(self, worker: Worker) -> None:
+        self._on_worker_restarted(self)
 
     def worker_exited(self, worker: Worker, returncode: int | None, reason: str) -> float | None:
         child = worker.child if returncode is not None else None  # None: a restart never began

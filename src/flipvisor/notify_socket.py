@@ -313,3 +313,21 @@ def _worker_of(sender: int, pids: set[int]) -> tuple[int | None, str]:
         if ancestor.pid in pids:
             return ancestor.pid, ""
     return None, "not a worker of this generation"
+
+
+def open_notify_socket(
+    wanted: bool, state_dir: Path, program: str, number: int, listener: socket.socket
+) -> NotifySocket | None:
+    """The socket generation ``number`` of ``program`` has its workers send sd_notify's
+    READY=1 to, if its probe waits for that (``wanted``); ``listener`` is closed if it cannot be
+    opened (the generation that would own it is never made)."""
+    try:
+        if wanted:
+            return NotifySocket(
+                state_dir / "notify" / f"{program}-{number}.sock",
+                owner=f"program={program} generation={number}",
+            )
+    except BaseException:
+        listener.close()
+        raise
+    return None

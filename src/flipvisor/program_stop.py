@@ -58,6 +58,7 @@ async def _end_the_flip(program: Program, report: FlipReport | None) -> None:
     flip = program.current_flip
     if flip is None or program.flips.abandon is None:
         return
+    flip.calling_off = True  # the step it cuts short is cancelled, not failed
     program.flips.abandon.cancel()
     what = f"{flip.kind} of generation {flip.generation}: rolling it back"
     with _step(report, "flip", what):

@@ -60,7 +60,7 @@ class Step:
 
     name: str
     detail: str = ""
-    status: str = "running"  # running | ok | failed | skipped
+    status: str = "running"  # running | ok | failed | skipped | cancelled (a stop called it off)
     started: float = field(default_factory=time.monotonic)
     duration: float | None = None
 
@@ -91,6 +91,9 @@ class FlipReport:
         # Rolled back because the operator stopped the program (or the supervisor), not because
         # the flip failed: not counted, nor announced, as a failure.
         self.abandoned = False
+        # Set when a stop (a reload's removal, the shutdown) calls the flip off: the step its
+        # cancellation cuts short is ``cancelled``, not ``failed`` (a --timeout's still fails it).
+        self.calling_off = False
         # Set when a --timeout cut the flip short in its probe: what the probe had learned (the
         # generation's last answer), the one fact that says what to fix.
         self.cut_short: str | None = None
@@ -135,15 +138,17 @@ class FlipReport:
 
     @contextmanager
     def step(self, name: str, detail: str = "") -> Iterator[Step]:
-        """Time a step; it is ``failed`` if the block raises."""
+        """Time a step; it is ``failed`` if the block raises, ``cancelled`` if a stop calling
+        the flip off (``calling_off``) cut it short."""
         current = Step(name, detail)
         self.steps.append(current)
         self._publish(current)
         try:
             yield current
         except BaseException as exc:
-            current.status = "failed"
-            if self.interrupted is None and _is_cancellation(exc):
+            cancelled = _is_cancellation(exc)
+            current.status = "cancelled" if self.calling_off and cancelled else "failed"
+            if self.interrupted is None and cancelled:
                 self.interrupted = current  # the innermost step: the one the cancellation hit
             raise
         else:
@@ -206,6 +211,9 @@ class FlipReport:
             "kind": self.kind,
             "generation": self.generation,
             "ok": self.error is None,
+            # Not ok, but no failure: rolled back because a stop (a reload's removal, the
+            # shutdown) called it off.
+            "abandoned": self.abandoned,
             "error": self.error,
             "warning": self.warning,
             "output": self.output,

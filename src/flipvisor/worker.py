@@ -102,6 +102,11 @@ class WorkerOwner(Protocol):
 
     def worker_spawned(self, worker: Worker) -> None: ...
 
+    def worker_restarted(self, worker: Worker) -> None:
+        """``worker`` runs again after an exit: a restart carried out (one called off during
+        its backoff, by a stop or ``give_up``, never reaches here)."""
+        ...
+
     def worker_exited(self, worker: Worker, returncode: int | None, reason: str) -> float | None:
         """Return the delay before restarting, or None to leave the slot stopped."""
         ...
@@ -212,13 +217,17 @@ class Worker:
                 self._transition(WorkerState.STOPPED)
                 return
             self._transition(WorkerState.STARTING)
-            self.restarts += 1
             try:
                 child = self._spawn()
             except SpawnError as exc:
                 child, returncode, reason = None, None, str(exc)
                 self.last_exit = reason
                 self._transition(WorkerState.EXITED)
+            else:
+                # Counted once it runs, not when it was scheduled: a restart called off during
+                # its backoff never happened. (The restart budget counts attempts: ``restarts``.)
+                self.restarts += 1
+                self.owner.worker_restarted(self)
 
     async def _supervise(self, child: Child) -> tuple[int, str]:
         """Capture the child's output until it exits; stop it if we are cancelled.

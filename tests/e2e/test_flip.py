@@ -1081,6 +1081,8 @@ def test_a_flip_answered_while_it_rolls_back_says_what_began_the_rollback(
             assert "took longer than --timeout" not in said, said
         else:
             assert "web was stopped (`flipvisor stop`) before the flip completed" in said, said
+            # Answered while it rolls back, it is abandoned all the same: not "failed" (QA 11).
+            assert "web: flip called off" in said and "flip failed" not in said, said
     finally:
         gate.touch()
         stopped = stop.communicate(timeout=30) if stop is not None else None

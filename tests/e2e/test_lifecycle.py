@@ -122,6 +122,80 @@ def test_stop_during_a_flip_rolls_it_back_at_once(flipvisor: Flipvisor) -> None:
     wait_until(lambda: gone(old["pids"] + new_pids), timeout=10, message="every worker gone")
 
 
+def test_a_flip_called_off_by_a_stop_is_not_announced_as_failed(flipvisor: Flipvisor) -> None:
+    """web serves generation 1; `flipvisor flip web` starts generation 2, whose probe waits
+    (--health-fail); `flipvisor stop web` calls the flip off. The supervisor counted it right
+    (`flip-abandoned`, `flip_failures` 0), but the flip's client printed, in red, `web: flip
+    failed` and a ✗ on the probe step (QA 11): README calls it "still an abandoned flip, not a
+    failed one", and a deploy script grepping for "failed" read a broken release. It says the
+    flip was called off (exit 1 as ever: it was rolled back), the probe step cancelled (⊘)."""
+    flipvisor.start({"programs": {"web": program("--version", "1")}})
+    flipvisor.wait_serving("web")
+    flipvisor.write_config({"programs": {"web": program("--version", "2", "--health-fail")}})
+    flip = flip_in_background(flipvisor, "web")
+    _, out = stop_once(flipvisor, flip, lambda: probing(flipvisor, "web", 2), timeout=20)
+    assert "web was stopped (`flipvisor stop`) before the flip completed" in out, out
+    assert flipvisor.program("web")["flip_failures"] == 0  # the supervisor knows it did not fail
+    assert "flip failed" not in out and "✗" not in out, out
+    assert "web: flip called off" in out and "⊘ probe" in out, out
+
+
+def _flip_json_called_off(flipvisor: Flipvisor, by: str) -> dict[str, Any]:
+    """`flip web --json` of a generation whose probe waits, called off by ``by`` (a `stop`, or
+    SIGTERM to the supervisor); its JSON document."""
+    flipvisor.start({"programs": {"web": program("--version", "1")}})
+    flipvisor.wait_serving("web")
+    flipvisor.write_config({"programs": {"web": program("--version", "2", "--health-fail")}})
+    flip = flipvisor.cli_started("flip", "web", "--json")
+    try:
+        probing(flipvisor, "web", 2)
+        if by == "stop":
+            stopped = flipvisor.cli("stop", "web", timeout=20)
+            assert stopped.returncode == 0, stopped.stdout + stopped.stderr + flipvisor.output()
+        else:
+            assert flipvisor.stop() == 0, flipvisor.output()
+        out, err = flip.communicate(timeout=30)
+    finally:
+        flip.kill()
+        flip.communicate()
+    assert flip.returncode == 1, out + err
+    document: dict[str, Any] = json.loads(out)
+    return document
+
+
+@pytest.mark.parametrize("by", ["stop", "shutdown"])
+def test_flip_json_tells_a_called_off_flip_from_a_failed_one(flipvisor: Flipvisor, by: str) -> None:
+    """`flip --json` of a flip a stop or the shutdown called off said `ok: false` with no way to
+    tell it from a failure (QA 11): it has `abandoned: true`, and the step cut short is
+    `cancelled`, not `failed`."""
+    report = _flip_json_called_off(flipvisor, by)
+    assert (report["ok"], report["abandoned"]) == (False, True), report
+    statuses = {step["step"]: step["status"] for step in report["steps"]}
+    assert statuses["probe"] == "cancelled" and "failed" not in statuses.values(), report
+    what = "stopped (`flipvisor stop`)" if by == "stop" else "stopped by the supervisor's shutdown"
+    assert f"web was {what} before the flip completed" in report["error"], report
+
+
+def test_a_flip_the_shutdown_calls_off_is_not_announced_as_failed(flipvisor: Flipvisor) -> None:
+    """As a stop's (QA 11): SIGTERM to the supervisor during a flip's probe rolls the flip back,
+    and its client says it was called off, not that it failed."""
+    flipvisor.start({"programs": {"web": program("--version", "1")}})
+    flipvisor.wait_serving("web")
+    flipvisor.write_config({"programs": {"web": program("--version", "2", "--health-fail")}})
+    flip = flip_in_background(flipvisor, "web")
+    try:
+        probing(flipvisor, "web", 2)
+        assert flipvisor.stop() == 0, flipvisor.output()
+        out, _ = flip.communicate(timeout=30)
+    finally:
+        flip.kill()
+        flip.communicate()
+    assert flip.returncode == 1, out
+    assert "web was stopped by the supervisor's shutdown before the flip completed" in out, out
+    assert "flip failed" not in out and "✗" not in out, out
+    assert "web: flip called off" in out and "⊘ probe" in out, out
+
+
 def test_a_flip_whose_program_a_reload_removes_says_so(flipvisor: Flipvisor) -> None:
     """A flip cut short by a reload that removed its program said it was stopped by
     "`flipvisor stop` or the supervisor's shutdown": neither had happened."""

@@ -254,6 +254,56 @@ def test_no_worker_is_spawned_once_the_program_is_fatal(
     after_fatal = kinds[kinds.index("fatal") :]
     assert "spawned" not in after_fatal, after_fatal
     assert "given-up" in after_fatal, after_fatal
+    # The budget counts the restarts scheduled (the one called off too: its exit came within
+    # the window), `restarts` those carried out (the workers spawned again).
+    kinds = [event["kind"] for event in program_events(flipvisor, "crash")]
+    assert kinds.count("restarting") == 8, kinds
+    assert flipvisor.program("crash")["restarts"] == kinds.count("spawned") - 2 == 7, kinds
+
+
+def program_events(flipvisor: Flipvisor, name: str) -> list[dict[str, Any]]:
+    """Every event of program ``name`` (``events_of`` reads the last few of every program)."""
+    result = flipvisor.cli("events", name, "--json", "-n", "1000")
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+# A restart backoff at least this long leaves ample time for a `stop` to come before it ends,
+# however loaded the machine (backoff: 0.1 s doubling, jittered 0.5-1x, capped at 5 s).
+LONG_BACKOFF = 2.0
+
+
+def test_a_restart_called_off_during_its_backoff_is_not_counted(flipvisor: Flipvisor) -> None:
+    """A worker that crashes 0.2 s after it starts is restarted with a growing backoff. Once a
+    restart waits a backoff of 2 s or more (a `restarting` event with that delay), `flipvisor
+    stop loop`: the restart never happens (no `spawned` after it). The program's `restarts` in
+    `status` (and `flipvisor_restarts_total`, which reads the same counter) counted it, as it
+    was counted when scheduled (QA 11): an alert on restarts counted phantom ones. It equals
+    the workers actually started again (spawned events after the first spawn of each slot)."""
+    crashing = {
+        "command": svc_command("--crash-after", "0.2"),
+        "restart": {"policy": "always", "max_restarts": 100, "window": 60},
+        "drain": {"delay": 0, "timeout": 5},
+    }
+    flipvisor.start({"programs": {"loop": crashing}})
+
+    def waiting_long() -> bool:
+        return any(
+            e["kind"] == "restarting" and e["fields"]["delay"] >= LONG_BACKOFF
+            for e in program_events(flipvisor, "loop")
+        )
+
+    wait_until(waiting_long, timeout=60, interval=0.05, message="a restart with a long backoff")
+    stopped = flipvisor.cli("stop", "loop", timeout=30)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr + flipvisor.output()
+    events = program_events(flipvisor, "loop")
+    # The premise: the last restart was called off (nothing spawned after it was scheduled).
+    last_restarting = max(i for i, e in enumerate(events) if e["kind"] == "restarting")
+    assert not any(e["kind"] == "spawned" for e in events[last_restarting:]), events
+    restarted = sum(e["kind"] == "spawned" for e in events) - 1  # the first spawn is no restart
+    status = flipvisor.program("loop")
+    assert status["state"] == "stopped", status
+    assert status["restarts"] == restarted, (status["restarts"], restarted)
 
 
 def test_a_first_generation_that_fails_makes_the_program_fatal_with_an_event(

@@ -73,6 +73,7 @@ class Harness:
     logged_at_exit: list[str] = field(default_factory=list)  # the log file as each exit came
     restart_delay: float | None = None  # what on_worker_exit answers
     pids_changed: int = 0
+    restarted: int = 0  # what on_worker_restarted counted
     generations: list[Generation] = field(default_factory=list)
 
     def on_worker_exit(
@@ -85,6 +86,9 @@ class Harness:
     def on_pids_changed(self, gen: Generation) -> None:
         self.pids_changed += 1
 
+    def on_worker_restarted(self, gen: Generation) -> None:
+        self.restarted += 1
+
     def make(self, config: ProgramConfig, number: int = 1) -> Generation:
         gen = Generation(
             program="web",
@@ -96,6 +100,7 @@ class Harness:
             state_dir=self.tmp_path,
             on_worker_exit=self.on_worker_exit,
             on_pids_changed=self.on_pids_changed,
+            on_worker_restarted=self.on_worker_restarted,
             listener=bind_listener(config.socket),
         )
         self.generations.append(gen)
@@ -539,6 +544,7 @@ async def test_worker_exit_asks_the_owner_and_restarts(tmp_path: Path) -> None:
         assert h.exits == [(0, -signal.SIGKILL, "killed by SIGKILL")]
         assert gen.workers[0].restarts == 1
         assert gen.restarts == 1
+        assert h.restarted == 1  # the program's count, once the replacement runs
         assert h.pids_changed == 2  # its PID gone at the exit, its replacement's at the spawn
         assert len(gen.pids) == 2
         await gen.drain()
@@ -627,6 +633,35 @@ async def test_a_stop_while_revive_runs_revives_no_further_slot(tmp_path: Path) 
     spawned = [e.fields["worker"] for e in h.events_of("spawned")]
     assert spawned == [0, 1, 2, 1], "slot 2 is not revived once the stop came"
     assert h.kinds("killed") == []
+
+
+@pytest.mark.parametrize("called_off_by", ["a stop", "give_up"])
+async def test_a_restart_called_off_during_its_backoff_is_not_counted(
+    tmp_path: Path, called_off_by: str
+) -> None:
+    """A restart is counted once its worker runs again, not when it is scheduled: one that a
+    stop (or ``give_up``, the program gone fatal) calls off while it waits out its backoff
+    never happened, and neither the worker's nor the program's restarts count it."""
+    markers = tmp_path / "markers"
+    async with harness(tmp_path) as h:
+        h.restart_delay = 60.0  # still waiting when it is called off
+        gen = await h.start(svc_config(markers))
+        to_serving(gen)
+        await wait_marked(markers, "START", set(gen.pids))
+        gen.workers[0].kill()
+
+        async def waiting() -> bool:
+            return gen.workers[0].state is WorkerState.BACKOFF
+
+        await await_until(waiting, timeout=DEADLINE, message="worker 0 waiting out its backoff")
+        if called_off_by == "give_up":
+            gen.give_up_restarts()
+            assert gen.workers[0].state is WorkerState.STOPPED
+        with anyio.fail_after(DEADLINE):
+            await gen.drain()
+        assert len(h.exits) == 1, h.exits  # the restart was scheduled
+        assert h.kinds("spawned") == ["spawned", "spawned"]  # but never carried out
+        assert (gen.workers[0].restarts, gen.restarts, h.restarted) == (0, 0, 0)
 
 
 async def test_exits_while_stopping_are_not_restarted(tmp_path: Path) -> None:

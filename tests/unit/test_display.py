@@ -173,6 +173,23 @@ def test_a_flip_that_succeeded_with_a_warning_says_both(
     assert "draining" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("abandoned", "says"), [(True, "called off"), (False, "failed")])
+def test_a_flip_a_stop_called_off_is_not_said_to_have_failed(
+    capsys: pytest.CaptureFixture[str], abandoned: bool, says: str
+) -> None:
+    """A flip rolled back because it was stopped is an abandoned flip, not a failed one (QA
+    11): its summary and the step the stop cut short say so."""
+    report = {"program": "web", "kind": "flip", "generation": 2, "ok": False, "output": []}
+    progress = FlipProgress(enabled=True)
+    with progress:
+        status = "cancelled" if abandoned else "failed"
+        progress.update({"step": "probe", "status": status, "detail": "", "duration": 1.0})
+        progress.summary({**report, "abandoned": abandoned})
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("⊘ probe" if abandoned else "✗ probe"), lines
+    assert lines[1] == f"web: flip {says}", lines
+
+
 def test_a_removed_program_still_draining_says_so() -> None:
     draining = _program("old", state="stopped", removing=True)
     draining["generations"][0]["state"] = "draining"  # type: ignore[index]

@@ -72,6 +72,23 @@ async def test_step_failed_when_cancelled() -> None:
         report.close()
 
 
+async def test_a_step_a_stop_calls_off_is_cancelled_not_failed() -> None:
+    """A stop calling the flip off cancels the step under way: no failure of it (QA 11); a
+    failure within the same flip is still one."""
+    report = FlipReport("web")
+    try:
+        with pytest.raises(ValueError), report.step("spawn"):
+            raise ValueError("boom")
+        report.calling_off = True
+        with anyio.move_on_after(0.05), report.step("probe"):
+            await anyio.sleep(10)
+        assert [step.status for step in report.steps] == ["failed", "cancelled"]
+        assert [step.status for step in drain_updates(report)][-1] == "cancelled"
+    finally:
+        report.finish()
+        report.close()
+
+
 def test_updates_are_snapshots_then_closed_at_finish() -> None:
     report = FlipReport("web")
     try:
@@ -150,6 +167,7 @@ def test_ok_and_to_json() -> None:
         assert data["kind"] == "rollback"
         assert data["generation"] == 4
         assert data["ok"] is False
+        assert data["abandoned"] is False  # failed, not called off
         assert data["error"] == "etcd unreachable"
         assert data["output"] == ["line 1"]
         assert isinstance(data["duration"], float)
