@@ -322,6 +322,7 @@ def test_a_leftover_master_s_pool_child_is_read_until_it_is_gone_then_let_go(
     survivors.extend([psutil.Process(pid), psutil.Process(child)])
     pipe = stdout_pipe(child)
     assert stdout_pipe(pid) == pipe
+    [first_keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
     kill_run(flipvisor)
 
     promote = tmp_path / "promote"
@@ -330,6 +331,8 @@ def test_a_leftover_master_s_pool_child_is_read_until_it_is_gone_then_let_go(
     restart_supervisor(flipvisor, {"programs": {"pool": pool}})
     os.kill(child, signal.SIGUSR1)
     wait_until(lambda: f"| child said {child}\n" in log.read_text(), message="the child's line")
+    # Until the killed run's keeper has handed over, both keepers run.
+    wait_until(lambda: not first_keeper.is_running(), message="the old keeper to hand over")
     [keeper] = wait_until(lambda: keepers(flipvisor.state_dir))
     wait_until(lambda: pipe in pipes_held_by(keeper.pid), message="the new keeper to hold it")
 
