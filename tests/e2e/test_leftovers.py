@@ -62,8 +62,7 @@ def survivors() -> Iterator[list[psutil.Process]]:
 
 def kill_supervisor(flipvisor: Flipvisor, name: str, survivors: list[psutil.Process]) -> list[int]:
     """SIGKILL the supervisor; return the PIDs of ``name``'s serving workers, which survive it."""
-    gen = flipvisor.serving(name)
-    assert gen is not None, flipvisor.output()
+    gen = flipvisor.wait_serving(name)  # `start` waits for the control socket, not for this
     assert flipvisor.process is not None
     pids: list[int] = gen["pids"]
     for pid in pids:

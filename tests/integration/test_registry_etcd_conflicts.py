@@ -120,13 +120,16 @@ async def test_a_withdrawal_of_taken_over_keys_given_up_on_is_tried_again_at_a_r
             other_writer.on = False
             restartable_etcd.stop()
             restartable_etcd.start()
+            # etcd holds the withdrawal before the registry has its answer: wait for both.
             await await_until(
-                lambda: holds(restartable_etcd.get(f"{etcd_prefix}/app/port/current") is None),
+                lambda: holds(
+                    restartable_etcd.get(f"{etcd_prefix}/app/port/current") is None
+                    and registry.health()["conflicting"] == []
+                ),
                 timeout=30,
-                message="the keys withdrawn after the reconnect",
+                message="the keys withdrawn after the reconnect, and no longer conflicting",
             )
             assert len(other_writer.attempts) == MAX_CONFLICTS + 1
-            assert registry.health()["conflicting"] == []
             tg.cancel_scope.cancel()
     finally:
         await registry.aclose()
