@@ -1,6 +1,7 @@
 """The control socket: a unix stream socket (0600, in a 0700 state_dir) that accepts only its
 owner's uid or root (checked with SO_PEERCRED), reads one request per connection and hands it
-to the supervisor's dispatcher.
+to the supervisor's dispatcher. The request line must come within REQUEST_TIMEOUT; the answer
+takes as long as it needs. Accepts that fail for lack of fds are retried (``accepting.py``).
 
 A socket file removed while the supervisor runs (by hand, by a temp cleaner) leaves it listening
 on a file nobody can reach; SIGHUP (``ControlServer.relisten``) makes it listen on the path again,

@@ -9,6 +9,7 @@ import os
 import resource
 import socket
 from collections.abc import Iterator
+from functools import partial
 
 import pytest
 
@@ -116,6 +117,7 @@ def test_the_supervisor_survives_running_out_of_fds_on_its_control_socket(
     )
     assert flipvisor.process.poll() is None, flipvisor.output()
     assert flipvisor.serving("web") is not None
+    assert "cannot accept a connection: Too many open files" in flipvisor.output()
 
 
 def test_the_supervisor_survives_running_out_of_fds_on_its_metrics_endpoint(
@@ -164,16 +166,22 @@ def test_the_supervisor_survives_running_out_of_fds_on_its_metrics_endpoint(
         if flipvisor.process.poll() is None:
             resource.prlimit(pid, resource.RLIMIT_NOFILE, original)
 
-    def scraped() -> bool:
-        assert flipvisor.process is not None
-        assert flipvisor.process.poll() is None, "the supervisor exited:\n" + flipvisor.output()
-        with (
-            contextlib.suppress(OSError),
-            socket.create_connection(("127.0.0.1", port), timeout=5) as scraper,
-        ):
-            scraper.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-            return scraper.recv(64).startswith(b"HTTP/1.0 200")
-        return False
-
-    wait_until(scraped, timeout=20, message="the metrics endpoint to answer again")
+    wait_until(
+        partial(_scraped, flipvisor, port), timeout=20, message="the metrics endpoint to answer"
+    )
     assert flipvisor.serving("web") is not None
+    assert "the metrics endpoint 127.0.0.1:" in flipvisor.output()
+    assert "cannot accept a connection: Too many open files" in flipvisor.output()
+
+
+def _scraped(flipvisor: Flipvisor, port: int) -> bool:
+    """Whether the metrics endpoint answers a scrape; the supervisor must not have exited."""
+    assert flipvisor.process is not None
+    assert flipvisor.process.poll() is None, "the supervisor exited:\n" + flipvisor.output()
+    with (
+        contextlib.suppress(OSError),
+        socket.create_connection(("127.0.0.1", port), timeout=5) as scraper,
+    ):
+        scraper.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        return scraper.recv(64).startswith(b"HTTP/1.0 200")
+    return False
