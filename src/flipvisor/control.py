@@ -1,6 +1,7 @@
 """The control socket: a unix stream socket (0600, in a 0700 state_dir) that accepts only its
 owner's uid or root (checked with SO_PEERCRED), reads one request per connection and hands it
-to the supervisor's dispatcher.
+to the supervisor's dispatcher. The request line must come within REQUEST_TIMEOUT; the answer
+takes as long as it needs. Accepts that fail for lack of fds are retried (``accepting.py``).
 
 A socket file removed while the supervisor runs (by hand, by a temp cleaner) leaves it listening
 on a file nobody can reach; SIGHUP (``ControlServer.relisten``) makes it listen on the path again,
@@ -23,6 +24,7 @@ import anyio
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from .accepting import serve_listener
 from .errors import EXIT_USAGE, FlipvisorError
 from .file_identity import Identity, identity_of, unlink_if_ours
 from .protocol import MAX_LINE, ProtocolError, Request, decode_request, encode, result
@@ -32,6 +34,12 @@ from .state_files import UnusableStateFile, socket_path_problem
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 128  # anyio's create_unix_listener default
+# How long a client has to send its whole request line: the CLI sends it at once, as it
+# connects. A client that sends nothing, or part of a line, and stays (a CLI stopped with ^Z, a
+# wedged script, a `socat` left open) would otherwise hold an fd, a task and up to MAX_LINE of
+# buffer for as long as it stays. Only the request: an answer (`events -f`, `logs -f`, a flip's
+# progress) goes on as long as it needs.
+REQUEST_TIMEOUT = 5.0
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Dispatch = Callable[[Request, Send], Awaitable[dict[str, Any]]]
@@ -128,7 +136,12 @@ class ControlServer:
                 task_status.started()
                 while True:
                     with anyio.CancelScope() as self._accepting:
-                        await listener.serve(self._handle, task_group=conversations)
+                        await serve_listener(
+                            listener,
+                            self._handle,
+                            conversations,
+                            what=f"the control socket {self.path}",
+                        )
                     listener = await self._listen_again(listener)
         finally:
             self._accepting = None
@@ -254,7 +267,7 @@ class ControlServer:
             await send(result(error=f"permission denied for uid {uid}", exit_code=EXIT_USAGE))
             return
         try:
-            line = await BufferedByteReceiveStream(stream).receive_until(b"\n", MAX_LINE)
+            line = await _request_line(stream)
             answer = await self.dispatch(decode_request(line), send)
         except ProtocolError as exc:
             answer = result(error=str(exc), exit_code=EXIT_USAGE)
@@ -268,11 +281,27 @@ class ControlServer:
         await send(answer)
 
 
+async def _request_line(stream: SocketStream) -> bytes:
+    """The request line a client sent, within REQUEST_TIMEOUT.
+
+    Raises:
+        ProtocolError: none came in time, or it is longer than MAX_LINE (said to the client
+            if it still listens, then the connection is closed).
+        anyio.EndOfStream, anyio.IncompleteRead: the client went away first.
+    """
+    try:
+        with anyio.fail_after(REQUEST_TIMEOUT):
+            return await BufferedByteReceiveStream(stream).receive_until(b"\n", MAX_LINE)
+    except TimeoutError:
+        raise ProtocolError(f"no complete request line within {REQUEST_TIMEOUT:g}s") from None
+    except anyio.DelimiterNotFound:
+        raise ProtocolError(f"request longer than {MAX_LINE} bytes") from None
+
+
 _CLIENT_GONE = (
     anyio.EndOfStream,
     anyio.IncompleteRead,
     anyio.BrokenResourceError,
     anyio.ClosedResourceError,
-    anyio.DelimiterNotFound,
     ConnectionError,
 )

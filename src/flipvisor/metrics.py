@@ -25,6 +25,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .accepting import serve_listener
 from .errors import ConfigError
 from .events import Event, EventLog
 from .states import ProgramState
@@ -200,10 +201,13 @@ class Metrics:
             raise ConfigError(f"metrics.listen: {listen_error(self.host, self.port, exc)}") from exc
         # A listener, not a subscription: a burst of events cannot make the histogram miss a flip.
         with self.events.listening(self.observe):
-            async with listener:
-                log.info("metrics on http://%s/metrics", host_port(self.host, self.port))
+            async with listener, anyio.create_task_group() as scrapes:
+                where = host_port(self.host, self.port)
+                log.info("metrics on http://%s/metrics", where)
                 task_status.started()
-                await listener.serve(self._answer)
+                await serve_listener(
+                    listener, self._answer, scrapes, what=f"the metrics endpoint {where}"
+                )
 
     async def _answer(self, stream: SocketStream) -> None:
         async with stream:

@@ -324,9 +324,39 @@ async def test_clients_that_say_nothing_or_too_much_do_not_hurt(sock_path: Path)
     async with serving(sock_path, fake.dispatch):
         assert await raw_exchange(sock_path, b"") == b""
         assert await raw_exchange(sock_path, b'{"command": "sta') == b""  # EOF mid-line
-        assert await raw_exchange(sock_path, b"x" * (MAX_LINE + 10)) == b""
+        too_long = await raw_exchange(sock_path, b"x" * (MAX_LINE + 10))
         answer = await ask(sock_path, Request("status"))
     assert answer[-1]["ok"]
+    assert f"request longer than {MAX_LINE} bytes".encode() in too_long  # said, then closed
+    assert fake.requests == [Request("status")]
+
+
+async def test_a_client_that_does_not_finish_its_request_in_time_is_told_and_closed(
+    sock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request line must come within REQUEST_TIMEOUT; the answer, an endless `events` here,
+    has no deadline."""
+    monkeypatch.setattr(control, "REQUEST_TIMEOUT", 0.3)
+    fake = FakeSupervisor()
+    async with serving(sock_path, fake.dispatch):
+        async with await anyio.connect_unix(sock_path) as silent:
+            await silent.send(b'{"command": "sta')  # and nothing more, the connection held
+            with anyio.fail_after(DEADLINE):
+                told = await BufferedByteReceiveStream(silent).receive_until(b"\n", MAX_LINE)
+                with pytest.raises(anyio.EndOfStream):
+                    await silent.receive()
+        message = json.loads(told)
+        assert message["ok"] is False
+        assert message["exit_code"] == EXIT_USAGE
+        assert "no complete request line within 0.3s" in message["error"]
+        async with await anyio.connect_unix(sock_path) as follower:
+            await follower.send(Request("events").encode())
+            reader = BufferedByteReceiveStream(follower)
+            # Events keep coming for longer than the request's deadline.
+            going_on_since = anyio.current_time()
+            while anyio.current_time() - going_on_since < 0.6:
+                await next_event(reader)
+    assert fake.requests == [Request("events")]
 
 
 async def test_a_client_leaving_mid_answer_does_not_crash_the_server(sock_path: Path) -> None:

@@ -29,6 +29,8 @@ LEAVES = ERRORS | {
     "current_record",
     "file_identity",
     "proxy_lock",
+    "accepting",
+    "lasting",
 }
 # The config file (models, their value types, reading, checks across sections) is one layer.
 CONFIG = {"config", "config_fields", "config_file", "config_consistency"}
@@ -107,6 +109,10 @@ ALLOWED: dict[str, set[str]] = {
     "fatal_advice": set(),
     # Durable atomic writes (temporary file, fsync, rename, fsync of the folder).
     "durable": set(),
+    # Serving a listener with a back-off on accepts that fail for lack of fds (control, metrics).
+    "accepting": set(),
+    # The services that last as long as the supervisor: an end of one is a shutdown.
+    "lasting": ERRORS,
     # A generation/current record parsed: leftovers and the proxy-undo journal read it alike.
     "current_record": {"starttime"},
     "file_identity": set(),

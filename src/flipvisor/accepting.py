@@ -1,0 +1,131 @@
+"""Serving a listener (the control socket, the metrics endpoint): each accepted connection
+handled in a task of its own, and an accept that fails for lack of resources (no fd left, no
+socket buffer memory) logged once per burst and retried after a pause, instead of ending the
+listener as anyio's ``Listener.serve`` does. The connection waits in the listen backlog
+meanwhile, and is accepted once the process has an fd to give it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeVar, cast
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.stapled import MultiListener
+
+log = logging.getLogger(__name__)
+
+Stream = TypeVar("Stream")
+Stream_co = TypeVar("Stream_co", covariant=True)
+
+
+class Accepting(Protocol[Stream_co]):
+    """A listener that accepts one connection at a time (anyio's ``SocketListener``)."""
+
+    async def accept(self) -> Stream_co: ...
+
+
+# What a busy or limited process runs out of: its RLIMIT_NOFILE, the system's file table, socket
+# buffers, kernel memory. Each passes once something is given back, unlike a closed listener.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# The pause before retrying an accept that failed so, doubled at each failure in a row up to
+# the longest: short enough that a client barely notices a brief shortage, long enough that a
+# lasting one does not spin the event loop.
+FIRST_PAUSE = 0.1
+LONGEST_PAUSE = 1.0
+
+
+def resource_shortage(exc: BaseException) -> OSError | None:
+    """The resource-exhaustion error an accept failed with, or None (any other failure).
+
+    anyio's TCP listener raises the OSError itself; its unix one raises it as the cause of a
+    ``BrokenResourceError`` (the listener still usable).
+    """
+    cause = exc.__cause__ if isinstance(exc, anyio.BrokenResourceError) else exc
+    if isinstance(cause, OSError) and cause.errno in RESOURCE_ERRNOS:
+        return cause
+    return None
+
+
+class _Backoff:
+    """The pause before the next accept, and one log line per burst of failures."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failures = 0  # in a row
+
+    async def failed(self, error: OSError) -> None:
+        if not self.failures:
+            log.warning(
+                "%s cannot accept a connection: %s; retrying (every %.1f s at most), the "
+                "connection waits meanwhile",
+                self.what,
+                error.strerror or error,
+                LONGEST_PAUSE,
+            )
+        self.failures += 1
+        await anyio.sleep(min(FIRST_PAUSE * 2 ** (self.failures - 1), LONGEST_PAUSE))
+
+    def accepted(self) -> None:
+        if self.failures:
+            log.warning(
+                "%s accepts connections again (after %d failed accepts)", self.what, self.failures
+            )
+            self.failures = 0
+
+
+async def serve_listener(
+    listener: Accepting[Stream] | MultiListener[Stream],
+    handler: Callable[[Stream], Coroutine[Any, Any, None]],
+    task_group: TaskGroup,
+    *,
+    what: str,
+) -> None:
+    """Accept connections on ``listener`` until cancelled, each handled by ``handler`` in
+    ``task_group``; ``what`` names the listener in the log ("the control socket PATH").
+
+    Raises:
+        anyio.ClosedResourceError: the listener was closed.
+        OSError, anyio.BrokenResourceError: an accept failed for another reason than a resource
+            shortage.
+    """
+    if isinstance(listener, MultiListener):  # a TCP listener on several addresses
+        async with anyio.create_task_group() as each:
+            for one in listener.listeners:
+                # Each of anyio's TCP listeners accepts; ``Listener`` does not say so.
+                accepting = cast(Accepting[Stream], one)
+                each.start_soon(_accept_loop, accepting, handler, task_group, what)
+        return
+    await _accept_loop(listener, handler, task_group, what)
+
+
+async def _accept_loop(
+    listener: Accepting[Stream],
+    handler: Callable[[Stream], Coroutine[Any, Any, None]],
+    task_group: TaskGroup,
+    what: str,
+) -> None:
+    backoff = _Backoff(what)
+    while True:
+        try:
+            stream = await listener.accept()
+        except (OSError, anyio.BrokenResourceError) as exc:
+            if (shortage := resource_shortage(exc)) is None:
+                raise
+            await backoff.failed(shortage)
+            continue
+        backoff.accepted()
+        task_group.start_soon(handler, stream)
+
+
+__all__ = [
+    "FIRST_PAUSE",
+    "LONGEST_PAUSE",
+    "RESOURCE_ERRNOS",
+    "Accepting",
+    "resource_shortage",
+    "serve_listener",
+]
