@@ -131,13 +131,24 @@ class Commands:
         return result(
             {
                 "programs": [program.status(now) for program in programs],
-                "registry": self.supervisor.registry.health(),
+                "registry": self._registry_health(),
                 # True while the configured programs are being added, so a list that lacks
                 # some of them is not read as "not configured".
                 "starting": not self.supervisor._programs_added.is_set(),
                 "keeper": self.supervisor.keeper.status(),
             }
         )
+
+    def _registry_health(self) -> dict[str, Any]:
+        """The registry's health, its ``pending`` programs with those whose registration waits
+        for it (``Registration``: the registry was unreachable when they started serving), whose
+        keys are not written either."""
+        health = self.supervisor.registry.health()
+        deferred = {
+            program.name for program in self.supervisor._listed() if program.registration.deferred
+        }
+        health["pending"] = sorted(deferred.union(health["pending"]))
+        return health
 
     async def _shutdown(self, request: Request, send: Send) -> dict[str, Any]:
         if not request.args.get("wait"):

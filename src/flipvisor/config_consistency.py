@@ -180,21 +180,24 @@ def _shared_fixed_ports(parsed: ConfigFile) -> list[Problem]:
         host, port = program.socket.host, program.socket.port
         if port == 0:
             continue
-        owner = next(
-            (key for key, other_host in taken.get(port, []) if addresses_overlap(host, other_host)),
+        clash = next(
+            ((key, other) for key, other in taken.get(port, []) if addresses_overlap(host, other)),
             None,
         )
-        if owner is not None:
+        if clash is not None:
+            owner, owner_host = clash
             why = (
                 "the supervisor's metrics endpoint listens there"
                 if owner == "metrics.listen"
                 else "each fixed port belongs to one program"
             )
+            # Each address said as whose it is: the program's `::` is not the metrics endpoint's.
+            ours, theirs = host_port(host, port), host_port(owner_host, port)
+            taken_how = (
+                f"is {owner}'s already" if ours == theirs else f"overlaps {owner}'s {theirs}"
+            )
             problems.append(
-                parsed.problem(
-                    ("programs", name, "socket", "port"),
-                    f"{host_port(host, port)} is {owner}'s already ({why})",
-                )
+                parsed.problem(("programs", name, "socket", "port"), f"{ours} {taken_how} ({why})")
             )
         taken.setdefault(port, []).append((f"programs.{name}", host))
     return problems

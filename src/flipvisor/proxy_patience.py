@@ -15,7 +15,9 @@ re-check before a retry that fails is waited out like a failed reload: our file 
 so the rest of the proxy's config broke meanwhile, and rolling back could not reload either. Each
 failure is a warning in the log; the wait is in ``status`` (the flip's ``waiting``) and
 ``events`` (``proxy-waiting``, at the first failure and whenever the reason changes, so a long
-outage does not push every other event out of the history). ``start`` retries at once; ``stop``,
+outage does not push every other event out of the history; the reason is compared without what
+differs between two attempts that failed alike, the timestamp and PID nginx puts before each line
+it logs, ``same_reason``). ``start`` retries at once; ``stop``,
 a reload's removal and the shutdown end the wait, and a worker that fails the generation ends it
 too (the promotion is undone as after a failure).
 """
@@ -23,6 +25,7 @@ too (the promotion is undone as after a failure).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -39,6 +42,17 @@ log = logging.getLogger(__name__)
 PROXY_RETRY_MIN = 1.0
 PROXY_RETRY_MAX = 10.0
 
+# nginx's log line prefix, "2026/12/02 06:57:36 [error] 24800#24800: " (and "*12 ", a connection's
+# number, after it): the time of the attempt and the PID of the `nginx -s reload` process, new
+# at every attempt. Its level stays: an [emerg] is not the [error] it follows.
+_NGINX_LOG_PREFIX = re.compile(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\[[a-z]+\]) \d+#\d+: (?:\*\d+ )?")
+
+
+def same_reason(error: str) -> str:
+    """``error`` as the reason of a failed attempt, to compare with the previous attempt's: the
+    text without nginx's log prefixes, which differ every time for the same failure."""
+    return _NGINX_LOG_PREFIX.sub(r"\1 ", error)
+
 
 class ProxyPatience:
     """The wait of one promotion for the proxy: its failed attempts, its backoff, its wake-up."""
@@ -49,7 +63,7 @@ class ProxyPatience:
         self.report = report
         self.failures = 0
         self._delay = PROXY_RETRY_MIN
-        self._last_error: str | None = None
+        self._last_reason: str | None = None  # ``same_reason`` of the last failure
         self._wake = anyio.Event()
         # Set once the attempt after a wake-up is over (``retry_now`` waits for it).
         self._attempted: anyio.Event | None = None
@@ -70,7 +84,7 @@ class ProxyPatience:
             error,
             delay,
         )
-        if error != self._last_error:
+        if (reason := same_reason(error)) != self._last_reason:
             self.events.emit(
                 "proxy-waiting",
                 program,
@@ -80,7 +94,7 @@ class ProxyPatience:
                 f"(`flipvisor start {program}` tries at once, `flipvisor stop {program}` gives up)",
                 attempt=self.failures,
             )
-            self._last_error = error
+            self._last_reason = reason
         step.detail = self.report.waiting = (
             f"waiting for the proxy: attempt {self.failures} failed: {error}; next in {delay:g}s"
         )

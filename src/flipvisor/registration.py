@@ -52,6 +52,11 @@ class Registration:
         # must not publish its snapshot over the swap (nor fail the swap as a conflict).
         self._promoting = False
 
+    @property
+    def deferred(self) -> bool:
+        """A generation serves whose registration waits for the registry to answer."""
+        return self._deferred is not None
+
     def promoting(self) -> None:
         """A promotion begins: PIDs are not republished until ``promoted`` or ``undone``."""
         self._promoting = True

@@ -187,6 +187,17 @@ def test_supervisor_starts_while_etcd_is_down_and_registers_when_it_returns(
     gen = flipvisor.wait_serving("web")
     wait_until(lambda: answers(nginx), message="nginx to proxy while etcd is down")
     assert proxied(nginx)["version"] == "1"
+    # `status` names whose keys wait for etcd: web's registration (QA 13: `pending` was empty,
+    # the deferred registration not among the registry's own pending writes).
+    wait_until(
+        lambda: "registering later" in flipvisor.output(),
+        timeout=20,
+        message="the supervisor to defer web's registration",
+    )
+    health = flipvisor.status()["registry"]
+    assert (health["connected"], health["pending"]) == (False, ["web"]), health
+    table = flipvisor.cli("status").stdout
+    assert "keys of web are written once it answers" in table, table
     etcd.start()
     wait_until(
         lambda: keys(etcd, etcd_prefix)["port/current"] == str(gen["port"]),
@@ -196,6 +207,11 @@ def test_supervisor_starts_while_etcd_is_down_and_registers_when_it_returns(
     got = keys(etcd, etcd_prefix)
     assert got["port/previous"] == "1234"  # promoted like a flip, even late
     assert got["pid/current"] == ",".join(map(str, gen["pids"]))
+    wait_until(
+        lambda: flipvisor.status()["registry"]["pending"] == [],
+        timeout=5,
+        message="web no longer pending once registered",
+    )
 
 
 def test_a_warm_rollback_that_fails_keeps_the_warm_generation(

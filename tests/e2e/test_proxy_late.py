@@ -45,6 +45,15 @@ def first_proxy_attempt_failed(flipvisor: Flipvisor) -> bool:
     return bool(kinds & {"proxy-waiting", "flip-failed"})
 
 
+def proxy_attempts_failed(flipvisor: Flipvisor) -> int:
+    """How many of the first start's proxy attempts failed, from `status`'s wait line."""
+    waiting = (flipvisor.program("web")["flip"] or {}).get("waiting") or ""
+    marker = "waiting for the proxy: attempt "
+    if not waiting.startswith(marker):
+        return 0
+    return int(waiting[len(marker) :].split(" ", 1)[0])
+
+
 def generation_1(flipvisor: Flipvisor) -> dict[str, Any]:
     (gen,) = flipvisor.program("web")["generations"]
     assert gen["generation"] == 1, gen
@@ -196,3 +205,40 @@ def test_a_worker_that_exits_while_the_start_waits_for_the_proxy_is_restarted(
     )
     kinds = [event["kind"] for event in events(flipvisor)]
     assert "flip-failed" not in kinds and "fatal" not in kinds, kinds
+
+
+def test_a_long_wait_for_a_stopped_nginx_is_one_proxy_waiting_event(
+    flipvisor: Flipvisor, late_nginx: LateNginx
+) -> None:
+    """README: a first start waiting for the proxy has "a `proxy-waiting` event at the first
+    failure and whenever the reason changes", so a long outage does not push every other event
+    out of the bounded history. `nginx -s reload` says why it failed after its timestamp and its
+    own PID (`2026/12/02 06:57:36 [error] 24800#24800: open() ".../nginx.pid" failed`), which
+    made every attempt a new reason: 360 events an hour of nginx down (QA 13). The same failure
+    is one event."""
+    config = web(late_nginx)
+    # The quick start's command (`nginx -s reload`, no -e): Debian's nginx is built with
+    # --error-log-path=stderr, so it says what failed on stderr, after its timestamp and PID.
+    config["proxy"]["reload_cmd"] = [
+        late_nginx.binary,
+        "-c",
+        str(late_nginx.conf),
+        "-p",
+        str(late_nginx.prefix),
+        "-s",
+        "reload",
+    ]
+    flipvisor.start({"programs": {"web": config}})
+    wait_until(
+        lambda: first_proxy_attempt_failed(flipvisor),
+        timeout=20,
+        message="the first proxy reload to fail (nginx is down)",
+    )
+    # Attempts at 0, 1 and 3 s, each by an `nginx -s reload` of its own: the same outage.
+    wait_until(
+        lambda: proxy_attempts_failed(flipvisor) >= 3,
+        timeout=30,
+        message="three proxy attempts to fail",
+    )
+    waiting = [event for event in events(flipvisor) if event["kind"] == "proxy-waiting"]
+    assert len(waiting) == 1, [event["message"] for event in waiting]

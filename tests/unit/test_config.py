@@ -1005,8 +1005,15 @@ def test_two_programs_cannot_share_a_fixed_port(first_host: str, second_host: st
               port: 8080
         """
     )
+    # Each address said as whose it is (QA 13: `[::]:P is metrics.listen's already` named the
+    # program's address as the other key's).
+    taken = (
+        "is programs.a's already"
+        if first_host == second_host
+        else f"overlaps programs.a's {host_port(first_host, 8080)}"
+    )
     assert problems_of(text) == [
-        f"{PATH}:9: programs.b.socket.port: {host_port(second_host, 8080)} is programs.a's already "
+        f"{PATH}:9: programs.b.socket.port: {host_port(second_host, 8080)} {taken} "
         "(each fixed port belongs to one program)"
     ]
 
@@ -1043,9 +1050,13 @@ def test_a_program_cannot_take_the_metrics_port(
             socket: {{host: "{program_host}", port: 9100}}
         """
     )
+    taken = (
+        "is metrics.listen's already"
+        if metrics_host == program_host
+        else f"overlaps metrics.listen's {host_port(metrics_host, 9100)}"
+    )
     expected = [
-        f"{PATH}:5: programs.web.socket.port: {host_port(program_host, 9100)} is metrics.listen's "
-        "already "
+        f"{PATH}:5: programs.web.socket.port: {host_port(program_host, 9100)} {taken} "
         "(the supervisor's metrics endpoint listens there)"
     ]
     if clashes:
