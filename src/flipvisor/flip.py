@@ -103,7 +103,7 @@ class Flips:
         """The flip under way, for a message: ``a flip of web is in progress (generation 2, step
         probe)``."""
         running = self.program.current_flip
-        step = running.steps[-1].name if running and running.steps else "starting"
+        step = running.current_step if running else "starting"
         return (
             f"a {running.kind if running else 'flip'} of {self.program.name} is "
             f"{'already ' if already else ''}in progress "
