@@ -28,6 +28,7 @@ from .flip_outcome import (
     answer_rolling_back_at,
     conclude,
     describe_replaced,
+    ended_by_a_stop,
     record_flip,
     retry_command,
     stranded_clause,
@@ -137,7 +138,7 @@ class Flips:
                 if promotion is not None:  # promoted: a stop now waits until it serves
                     self.settled = anyio.Event()
                 if abandon.cancelled_caught:
-                    abandoned(self.program, report)
+                    ended_by_a_stop(self.program, report, deadline, timeout)
                 elif promotion is not None:
                     await self._settle_reporting(report, promotion, deadline, timeout)
             finally:

@@ -53,6 +53,10 @@ class Rollback:
     cause: str | None
     at: float
 
+    def by_a_stop(self, deadline: float) -> bool:
+        """Whether a stop's cancellation began it (the flip's ``deadline`` had not come)."""
+        return self.cause is None and self.at < deadline
+
 
 @dataclass
 class Step:
