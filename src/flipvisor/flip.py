@@ -28,6 +28,7 @@ from .flip_outcome import (
     answer_rolling_back_at,
     conclude,
     describe_replaced,
+    ended_by_a_stop,
     record_flip,
     retry_command,
     stranded_clause,
@@ -103,7 +104,7 @@ class Flips:
         """The flip under way, for a message: ``a flip of web is in progress (generation 2, step
         probe)``."""
         running = self.program.current_flip
-        step = running.steps[-1].name if running and running.steps else "starting"
+        step = running.current_step if running else "starting"
         return (
             f"a {running.kind if running else 'flip'} of {self.program.name} is "
             f"{'already ' if already else ''}in progress "
@@ -137,7 +138,7 @@ class Flips:
                 if promotion is not None:  # promoted: a stop now waits until it serves
                     self.settled = anyio.Event()
                 if abandon.cancelled_caught:
-                    abandoned(self.program, report)
+                    ended_by_a_stop(self.program, report, deadline, timeout)
                 elif promotion is not None:
                     await self._settle_reporting(report, promotion, deadline, timeout)
             finally:

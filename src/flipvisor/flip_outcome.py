@@ -34,6 +34,23 @@ def abandoned(program: Program, report: FlipReport) -> None:
     )
 
 
+def ended_by_a_stop(
+    program: Program, report: FlipReport, deadline: float, timeout: float | None
+) -> None:
+    """Finish ``report`` for a flip whose stop's cancellation ended it: abandoned, unless its
+    rollback had begun before the stop came (its ``--timeout`` ran out, or a step failed). That
+    one ends as what began its rollback says, a failure, as a client answered while it rolled
+    back was told (``answer_rolling_back_at``)."""
+    rollback = report.rollback
+    if rollback is None or rollback.by_a_stop(deadline):
+        abandoned(program, report)
+    elif rollback.cause is None and timeout:
+        conclude(program, report, timed_out(program, report, timeout), report.output)
+    else:
+        said = f"{rollback.cause}; it was rolled back{stranded_clause(report)}"
+        conclude(program, report, said, report.output)
+
+
 def called_off(program: Program, report: FlipReport) -> str:
     """What called a flip off while it could be undone: ``web was stopped (`flipvisor stop`)
     before the flip completed``."""
@@ -78,7 +95,7 @@ async def answer_rolling_back_at(
     if report.finished or report.rollback is None or report.routed:
         return
     # Begun by a stop's cancellation (``rolling_back`` says it was called off): abandoned.
-    report.abandoned = report.rollback.cause is None and report.rollback.at < deadline
+    report.abandoned = report.rollback.by_a_stop(deadline)
     report.finish(rolling_back(program, report, deadline, timeout), _last_output(program, report))
     report.answered_rolling_back = True
 

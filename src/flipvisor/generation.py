@@ -138,6 +138,7 @@ class Generation:
             if worker.state is WorkerState.STOPPED:
                 replacement = self._new_worker(index)
                 replacement.restarts = worker.restarts
+                replacement.replaces_exited = True  # published as a restart's would be
                 self.workers[index] = replacement
                 await self._tg.start(replacement.run)
                 revived += 1
@@ -191,7 +192,9 @@ class Generation:
         self.events.emit(
             "spawned", self.program, self.number, worker=worker.index, pid=worker.child.pid
         )
-        if worker.restarts:
+        # Not keyed on ``restarts``: a slot revived after restarts that all failed to spawn
+        # (or none at all: policy ``never``) counts none, and its PID must be published too.
+        if worker.replaces_exited:
             self._on_pids_changed(self)
 
     def worker_restarted(self, worker: Worker) -> None:

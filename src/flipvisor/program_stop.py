@@ -58,7 +58,9 @@ async def _end_the_flip(program: Program, report: FlipReport | None) -> None:
     flip = program.current_flip
     if flip is None or program.flips.abandon is None:
         return
-    flip.calling_off = True  # the step it cuts short is cancelled, not failed
+    # The step it cuts short is cancelled, not failed; but not in a rollback under way (its
+    # --timeout ran out, or a step failed): that flip failed, whatever the stop cuts short.
+    flip.calling_off = flip.rollback is None
     program.flips.abandon.cancel()
     what = f"{flip.kind} of generation {flip.generation}: rolling it back"
     with _step(report, "flip", what):

@@ -53,6 +53,10 @@ class Rollback:
     cause: str | None
     at: float
 
+    def by_a_stop(self, deadline: float) -> bool:
+        """Whether a stop's cancellation began it (the flip's ``deadline`` had not come)."""
+        return self.cause is None and self.at < deadline
+
 
 @dataclass
 class Step:
@@ -157,6 +161,14 @@ class FlipReport:
             current.duration = time.monotonic() - current.started
             self._publish(current)
 
+    @property
+    def current_step(self) -> str:
+        """The name of the step under way: the innermost one still running (a ``proxy-wait``
+        that ended inside a retried ``reload`` leaves the ``reload``), else the last one."""
+        running = (step for step in reversed(self.steps) if step.status == "running")
+        current = next(running, self.steps[-1] if self.steps else None)
+        return current.name if current is not None else "starting"
+
     def update(self, step: Step) -> None:
         """Send a running step again, its detail changed (a wait that goes on)."""
         self._publish(step)
@@ -200,7 +212,7 @@ class FlipReport:
         return {
             "kind": self.kind,
             "generation": self.generation,
-            "step": self.steps[-1].name if self.steps else "starting",
+            "step": self.current_step,
             "elapsed": round(time.monotonic() - self.started, 3),
             "waiting": self.waiting() if callable(self.waiting) else self.waiting,
         }

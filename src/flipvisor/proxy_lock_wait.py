@@ -92,8 +92,8 @@ async def _wait(lock: ProxyLock, holder: Describe, report: FlipReport, gen: Gene
 @contextmanager
 def waiting_for(lock: ProxyLock, holder: Describe, report: FlipReport) -> Iterator[Describe]:
     """A ``proxy-wait`` step of ``report`` for the block, naming who holds ``lock`` then, and
-    the flip's ``waiting`` (in ``status``) naming who holds it now; yields who held it last
-    (before it was handed to ``holder``)."""
+    the flip's ``waiting`` (in ``status``) naming who holds it now, its previous value back
+    after; yields who held it last (before it was handed to ``holder``)."""
     last = [lock.holder or SOMEONE]
 
     def held_by() -> ProxyHolder:
@@ -102,9 +102,12 @@ def waiting_for(lock: ProxyLock, holder: Describe, report: FlipReport) -> Iterat
             last[0] = now
         return last[0]
 
+    # Put back after: a wait inside another (a retake after the wait for the proxy to start)
+    # leaves that one's ``waiting`` as it was.
+    previous = report.waiting
     report.waiting = lambda: f"waiting for the proxy, held by {held_by().who}"
     try:
         with report.step("proxy-wait", f"held by {last[0].who}"):
             yield held_by
     finally:
-        report.waiting = None
+        report.waiting = previous

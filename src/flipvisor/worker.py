@@ -141,7 +141,10 @@ class Worker:
         self.state = WorkerState.STARTING
         self.child: Child | None = None
         self.consecutive_failures = 0
-        self.restarts = 0
+        self.restarts = 0  # restarts carried out (spawned again), for status
+        # Whether its next spawn takes the place of an exited process of its slot (a restart,
+        # or the worker ``revive`` made for a slot that gave up): its PID is published then.
+        self.replaces_exited = False
         self._leftover_readers = 0  # exited incarnations' outputs still read (``_read_leftover``)
         self.last_exit: str | None = None
         self.started = False
@@ -217,6 +220,7 @@ class Worker:
                 self._transition(WorkerState.STOPPED)
                 return
             self._transition(WorkerState.STARTING)
+            self.replaces_exited = True
             try:
                 child = self._spawn()
             except SpawnError as exc:
@@ -225,7 +229,8 @@ class Worker:
                 self._transition(WorkerState.EXITED)
             else:
                 # Counted once it runs, not when it was scheduled: a restart called off during
-                # its backoff never happened. (The restart budget counts attempts: ``restarts``.)
+                # its backoff never happened. (The restart budget, ``RestartBudget``, counts the
+                # restarts scheduled; ``restarts`` those carried out.)
                 self.restarts += 1
                 self.owner.worker_restarted(self)
 

@@ -1098,6 +1098,49 @@ def test_a_flip_answered_while_it_rolls_back_says_what_began_the_rollback(
     wait_until(lambda: version_served(nginx) == "1" or cause == "a stop", message="nginx on 1")
 
 
+def test_a_stop_during_the_rollback_its_timeout_began_leaves_the_flip_failed(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
+    """`flip --timeout 2` whose reload hangs is rolled back at its deadline and answered so
+    ("took longer than --timeout") while its reload back hangs; a `stop` comes during that
+    rollback. The flip was then recorded as called off by the stop (`flip-abandoned`, its
+    `rollback-finished` saying "web was stopped", no `flip_failures`), against its own answer
+    (review): it failed, and its rollback was under way before the stop came."""
+    gate, entered = tmp_path / "gate", tmp_path / "entered"
+    gate.touch()
+    reload_cmd = gated(nginx.reload_cmd, gate, entered)
+
+    def web(version: str) -> dict[str, Any]:
+        return program(nginx, version, proxy={"reload_cmd": reload_cmd, "timeout": 15})
+
+    flipvisor.start({"programs": {"web": web("1")}})
+    flipvisor.wait_serving("web")
+    gate.unlink()  # from now on the reload command (and the reload back) hangs
+    flipvisor.write_config({"programs": {"web": web("2")}})
+    stop: subprocess.Popen[str] | None = None
+    try:
+        result = flipvisor.cli("flip", "web", "--timeout", "2", timeout=30)
+        said = " ".join(result.stderr.split())
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "took longer than --timeout 2s" in said and "being rolled back" in said, said
+        stop = flipvisor.cli_started("stop", "web")
+
+        def stop_under_way() -> bool:  # it called the flip off before it counted as one
+            refused = flipvisor.cli("start", "web")
+            return refused.returncode != 0 and "a stop of web is in progress" in refused.stderr
+
+        wait_until(stop_under_way, message="the stop to reach the flip's rollback")
+    finally:
+        gate.touch()
+        stopped = stop.communicate(timeout=30) if stop is not None else None
+    assert stop is not None and stop.returncode == 0, stopped
+    event = rollback_finished(flipvisor)
+    assert "--timeout 2s" in event["message"], event
+    assert "was stopped" not in event["message"], event
+    kinds = flipvisor.event_kinds()
+    assert "flip-failed" in kinds and "flip-abandoned" not in kinds, kinds
+
+
 def test_a_shutdown_during_a_hung_reload_says_the_proxy_may_still_route_to_the_new_generation(
     flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
 ) -> None:

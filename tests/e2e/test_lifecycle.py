@@ -547,7 +547,7 @@ def test_a_worker_that_is_not_restarted_leaves_pid_current(
     .../pid/previous)`` acts on, and a PID the kernel may have given to another process by then
     (QA finding). A crashed worker's *replacement* republishes the PIDs (contract, "Registry
     keys"); a worker gone for good must too (README, "Registry": "so no script reads PIDs that
-    are gone (and later reused)")."""
+    are gone (and later reused)"). A worker `start` revives in its place is published too."""
     gate = flipvisor.dir / "exit-worker-1"
     script = (
         f'if [ "{{worker}}" = 1 ]; then while [ ! -e {gate} ]; do sleep 0.05; done; '
@@ -584,4 +584,20 @@ def test_a_worker_that_is_not_restarted_leaves_pid_current(
     except AssertionError:
         raise AssertionError(
             f"pid/current and the record are {published()!r} while only {left} runs (status)"
+        ) from None
+    if restart.get("policy") != "never" and state == "running":
+        return  # restarted (its backoff over, it runs again): nothing is left to revive
+    # `start` revives the slot that gave up, with `restarts` 0 (none was carried out): its
+    # worker's PID is published as a restarted one's is (it was keyed on `restarts`, review).
+    gate.unlink()  # the revived worker 1 serves until the gate opens again
+    started = flipvisor.cli("start", "web")
+    assert started.returncode == 0, started.stdout + started.stderr + flipvisor.output()
+    revived = flipvisor.wait_serving("web", where=lambda g: len(g["pids"]) == 2)["pids"]
+    assert left[0] in revived and flipvisor.program("web")["restarts"] == 0
+    expected = (",".join(map(str, revived)), revived)
+    try:
+        wait_until(lambda: published() == expected, timeout=5, message="the revived PID")
+    except AssertionError:
+        raise AssertionError(
+            f"pid/current and the record are {published()!r} while {revived} run (status)"
         ) from None

@@ -593,6 +593,9 @@ async def test_revive_restarts_slots_that_gave_up(tmp_path: Path) -> None:
         assert len(gen.pids) == 2
         assert gen.workers[1].pid == survivor, "a running slot is left alone"
         assert gen.workers[0].state is WorkerState.RUNNING
+        # Its PID gone at the exit, the revived one's published at its spawn (no restart
+        # counted: the slot never restarted).
+        assert (gen.workers[0].restarts, h.pids_changed) == (0, 2)
         with anyio.fail_after(DEADLINE):
             assert await gen.revive() == 0, "nothing left to revive"
         assert (await get_root(gen.port))["pid"] in gen.pids

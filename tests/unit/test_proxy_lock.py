@@ -216,6 +216,38 @@ async def test_a_release_by_a_task_that_does_not_hold_it_leaves_the_holder_named
     assert lock.holder is None and not lock.locked()
 
 
+async def test_a_retake_inside_the_reload_step_leaves_the_reload_shown_and_waiting_as_was() -> None:
+    """The retake's ``proxy-wait`` opens inside the ``reload`` step that is retried: once it
+    ends, ``status`` shows the flip in ``reload`` again (not in the finished ``proxy-wait``),
+    and its ``waiting`` as it was before the retake (review)."""
+    lock, removed = ProxyLock(), anyio.Event()
+
+    async def promotion() -> None:
+        await retake(lock, lambda: flip_holder(report), report)
+        lock.release()
+
+    with _flip_report("api") as report:
+        with report.step("reload"):
+            report.waiting = "waiting for the proxy: attempt 1 failed"
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_hold_until, lock, REMOVAL, removed)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(promotion)
+                await anyio.wait_all_tasks_blocked()
+                progress = report.progress()
+                assert progress["step"] == "proxy-wait", progress
+                assert "held by the removal of api" in progress["waiting"], progress
+                removed.set()
+            assert [(s.name, s.status) for s in report.steps] == [
+                ("reload", "running"),
+                ("proxy-wait", "ok"),
+            ]
+            progress = report.progress()
+            assert progress["step"] == "reload", progress
+            assert progress["waiting"] == "waiting for the proxy: attempt 1 failed", progress
+        assert report.progress()["step"] == "proxy-wait"  # none runs: the last one
+
+
 async def test_a_retake_after_a_wait_for_the_proxy_waits_in_a_step_if_it_is_held() -> None:
     lock, removed = ProxyLock(), anyio.Event()
 
