@@ -990,9 +990,11 @@ def test_flip_timeout_bounds_the_answer_when_the_reload_command_hangs(
         assert result.returncode == 1, result.stdout + result.stderr
         assert (nginx.conf_dir / "web.conf").read_bytes() == before
         assert flipvisor.registry() == keys
-        assert took < 2 + 3, f"`flip --timeout 2` answered after {took:.1f}s:\n{result.stderr}"
         said = " ".join(result.stderr.split())
-        assert "--timeout 2s; it is being rolled back" in said, said
+        # Answered while the rollback goes on (not a stopwatch, which a loaded machine's CLI
+        # start-up alone can overrun): only the early answer says "being rolled back", and
+        # the flip raced below finds the reload back still running.
+        assert "--timeout 2s; it is being rolled back" in said, f"after {took:.1f}s: {said}"
         assert "the proxy file and the registry keys are as before" in said, said
         assert "generation 1, serving before, keeps serving" in said, said
         # Generation 2's last output lines, as a failed flip shows them (which lines: what it
