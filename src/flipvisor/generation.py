@@ -91,8 +91,7 @@ class Generation:
         self.config = config
         self.events = events
         self.reaper = reaper
-        # The program's first generation: nothing serves that a failure must protect.
-        self.first = first
+        self.first = first  # the program's first generation: no serving one to protect
         self.created_at = time.time()
         self.command, self.fingerprint = deploy_shown(config)
         self.state = GenerationState.STARTING

@@ -89,9 +89,8 @@ async def promote(
 ) -> Promotion:
     """Route traffic to ``gen``. When it returns, ``gen`` is routed to and nothing is undone any
     more; the caller waits for the proxy's old workers (``wait_for_proxy``) before it drains the
-    generation ``gen`` replaced.
-
-    ``journal`` records what the proxy step replaces, until the promotion is complete or undone.
+    generation ``gen`` replaced. ``journal`` records what the proxy step replaces, until the
+    promotion is complete or undone.
 
     ``replaced_proxy`` is the proxy section of the generation ``gen`` replaces: its file goes
     when the new one's ``dest`` differs or ``config`` has none (``proxy_file_step``), and with no
@@ -99,10 +98,9 @@ async def promote(
 
     With ``registry_optional`` (nothing serves yet, so there is nothing to protect), an
     unreachable registry does not stop the promotion: the step is deferred and the caller
-    registers the generation once the registry is back.
-
-    With ``patience`` (nothing serves yet, and ``config`` has a proxy section), a failed reload
-    is not undone but retried until it succeeds (see ``_pause``).
+    registers the generation once the registry is back. With ``patience`` (nothing serves yet,
+    and ``config`` has a proxy section), a failed reload is not undone but retried until it
+    succeeds (see ``_pause``).
 
     ``proxy_lock`` is held from writing the proxy file until the reload (or the undo) finished:
     programs behind one nginx share its whole config, so another program's reload must never
