@@ -396,6 +396,24 @@ async def test_a_dispatch_bug_fails_only_its_request(sock_path: Path) -> None:
         assert again[-1]["ok"]
 
 
+async def test_an_answer_that_cannot_be_sent_closes_only_its_connection(
+    sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Outside ``dispatch``, its answer's encoding failed the conversations' task group: the
+    # control socket ended, and the supervisor drained every program with it.
+    async def dispatch(request: Request, send: Send) -> dict[str, Any]:
+        if request.command == "stop":
+            return result({"not json": {1, 2}})  # a set: json cannot encode it
+        return result({"command": request.command})
+
+    async with serving(sock_path, dispatch):
+        raw = await raw_exchange(sock_path, Request("stop", "web").encode())
+        assert raw == b"", "closed, with nothing it could say"
+        again = await ask(sock_path, Request("status"))
+        assert again[-1]["ok"], "still serving"
+    assert "a control connection failed; closed" in caplog.text
+
+
 def test_peer_allowed() -> None:
     assert peer_allowed(os.getuid())
     assert peer_allowed(0)
