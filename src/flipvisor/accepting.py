@@ -2,7 +2,9 @@
 handled in a task of its own, and an accept that fails for lack of resources (no fd left, no
 socket buffer memory) logged once per burst and retried after a pause, instead of ending the
 listener as anyio's ``Listener.serve`` does. The connection waits in the listen backlog
-meanwhile, and is accepted once the process has an fd to give it.
+meanwhile, and is accepted once the process has an fd to give it. An accept that fails for the
+one connection it took (aborted by its client, a network error pending on it, a firewall's EPERM)
+is retried at once, as accept(2) says: it is no end of the listener either.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar, cast
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 from anyio.streams.stapled import MultiListener
 
@@ -31,23 +34,55 @@ class Accepting(Protocol[Stream_co]):
 # What a busy or limited process runs out of: its RLIMIT_NOFILE, the system's file table, socket
 # buffers, kernel memory. Each passes once something is given back, unlike a closed listener.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Failures of the one connection an accept took, not of the listener: the client aborted it, a
+# network error was pending on it (accept(2) on Linux passes those on: "treat them like EAGAIN
+# by retrying"), a firewall rule refused it, a signal interrupted the call.
+CONNECTION_ERRNOS = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.ENETDOWN,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+        errno.EPERM,
+        errno.EINTR,
+    }
+)
 # The pause before retrying an accept that failed so, doubled at each failure in a row up to
 # the longest: short enough that a client barely notices a brief shortage, long enough that a
 # lasting one does not spin the event loop.
 FIRST_PAUSE = 0.1
 LONGEST_PAUSE = 1.0
+# A burst of shortage is over once accepts went this long without one: under a steady shortage an
+# accept succeeds now and then (an fd freed, taken again), and each would end one burst and start
+# the next, two log lines per connection.
+QUIET_AFTER_BURST = 5.0
 
 
-def resource_shortage(exc: BaseException) -> OSError | None:
-    """The resource-exhaustion error an accept failed with, or None (any other failure).
+def _accept_error(exc: BaseException, errnos: frozenset[int]) -> OSError | None:
+    """The OSError an accept failed with if its errno is one of ``errnos``, else None.
 
     anyio's TCP listener raises the OSError itself; its unix one raises it as the cause of a
     ``BrokenResourceError`` (the listener still usable).
     """
     cause = exc.__cause__ if isinstance(exc, anyio.BrokenResourceError) else exc
-    if isinstance(cause, OSError) and cause.errno in RESOURCE_ERRNOS:
+    if isinstance(cause, OSError) and cause.errno in errnos:
         return cause
     return None
+
+
+def resource_shortage(exc: BaseException) -> OSError | None:
+    """The resource-exhaustion error an accept failed with, or None (any other failure)."""
+    return _accept_error(exc, RESOURCE_ERRNOS)
+
+
+def connection_failure(exc: BaseException) -> OSError | None:
+    """The error of the one connection an accept took, or None (any other failure)."""
+    return _accept_error(exc, CONNECTION_ERRNOS)
 
 
 class _Backoff:
@@ -55,9 +90,11 @@ class _Backoff:
 
     def __init__(self, what: str) -> None:
         self.what = what
-        self.failures = 0  # in a row
+        self.failures = 0  # in this burst
+        self.last_failure = 0.0  # monotonic
 
     async def failed(self, error: OSError) -> None:
+        self.last_failure = anyio.current_time()
         if not self.failures:
             log.warning(
                 "%s cannot accept a connection: %s; retrying (every %.1f s at most), the "
@@ -67,10 +104,12 @@ class _Backoff:
                 LONGEST_PAUSE,
             )
         self.failures += 1
-        await anyio.sleep(min(FIRST_PAUSE * 2 ** (self.failures - 1), LONGEST_PAUSE))
+        # Doubled per failure from the first of the burst (an accept between them, under a
+        # steady shortage, does not start it over).
+        await anyio.sleep(min(FIRST_PAUSE * 2 ** min(self.failures - 1, 16), LONGEST_PAUSE))
 
     def accepted(self) -> None:
-        if self.failures:
+        if self.failures and anyio.current_time() - self.last_failure >= QUIET_AFTER_BURST:
             log.warning(
                 "%s accepts connections again (after %d failed accepts)", self.what, self.failures
             )
@@ -90,7 +129,7 @@ async def serve_listener(
     Raises:
         anyio.ClosedResourceError: the listener was closed.
         OSError, anyio.BrokenResourceError: an accept failed for another reason than a resource
-            shortage.
+            shortage or a failure of the connection it took (EBADF, EINVAL: the listener itself).
     """
     if isinstance(listener, MultiListener):  # a TCP listener on several addresses
         async with anyio.create_task_group() as each:
@@ -113,6 +152,10 @@ async def _accept_loop(
         try:
             stream = await listener.accept()
         except (OSError, anyio.BrokenResourceError) as exc:
+            if (lost := connection_failure(exc)) is not None:
+                log.debug("%s: an accepted connection failed: %s", what, lost.strerror or lost)
+                await anyio.lowlevel.checkpoint()  # the next accept, not a spin
+                continue
             if (shortage := resource_shortage(exc)) is None:
                 raise
             await backoff.failed(shortage)
@@ -122,10 +165,13 @@ async def _accept_loop(
 
 
 __all__ = [
+    "CONNECTION_ERRNOS",
     "FIRST_PAUSE",
     "LONGEST_PAUSE",
+    "QUIET_AFTER_BURST",
     "RESOURCE_ERRNOS",
     "Accepting",
+    "connection_failure",
     "resource_shortage",
     "serve_listener",
 ]

@@ -251,6 +251,10 @@ class ControlServer:
             async with stream:
                 with contextlib.suppress(*_CLIENT_GONE):
                     await self._converse(stream)
+        except Exception:
+            # The boundary of one connection: what fails outside ``dispatch`` (an answer that
+            # cannot be encoded) closes that connection, not the control socket with the rest.
+            log.exception("a control connection failed; closed")
         finally:
             self._active -= 1
             if not self._active and self._quiet is not None:

@@ -9,6 +9,7 @@ by a small anyio TCP listener with ``generate_latest`` of a registry of our own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -227,6 +228,12 @@ class Metrics:
                 ConnectionError,
             ):
                 pass  # a scraper that went away or never finished its request: nothing to answer
+            except Exception:
+                # The boundary of one scrape: a bug in answering it (rendering a status) must
+                # fail that scrape, not the endpoint.
+                log.exception("a metrics scrape failed")
+                with contextlib.suppress(Exception), anyio.move_on_after(REQUEST_TIMEOUT):
+                    await stream.send(_http(500, b"internal error: see the supervisor's log\n"))
 
     def _response(self, head: bytes) -> bytes:
         parts = head.split(b"\r\n", 1)[0].split()
@@ -243,7 +250,13 @@ class Metrics:
         return _http(404, b"not found: try /metrics\n")
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+}
 
 
 def _http(code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:

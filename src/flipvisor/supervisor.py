@@ -26,7 +26,7 @@ from .errors import EXIT_USAGE, ConfigError, FlipvisorError, UsageError
 from .events import EventLog
 from .keeper_handover import KeptOutput, take_over_outputs
 from .kept_outputs import OutputKeeper
-from .lasting import ServiceEnded, run_lasting
+from .lasting import run_lasting
 from .orphans import ORPHAN_GRACE, stop_orphans
 from .predecessor import Predecessor
 from .program import Program, Runtime
@@ -63,8 +63,6 @@ class Supervisor:
         self.commands = Commands(self)
         self.control = ControlServer(config.socket_path, self.commands.dispatch)
         self._shutdown = anyio.Event()
-        # Why the supervisor shuts down on its own (a lasting service ended); None: it does not.
-        self._failure: str | None = None
         # Set once the configured programs are added. The control socket answers before that
         # (finding leftovers can wait on the registry for its timeout): see
         # ``Commands._configured``.
@@ -120,14 +118,6 @@ class Supervisor:
             self.config.state_dir,
         )
 
-    def _service_ended(self, reason: str) -> None:
-        """A service that lasts as long as the supervisor ended: shut down, with the drain,
-        rather than run on without it (the control socket gone, no CLI reaches it)."""
-        log.error("%s: shutting down, every program drained", reason)
-        if self._failure is None:
-            self._failure = reason
-        self._shutdown.set()
-
     def _orphan_reaped(self, pid: int, returncode: int, owner: tuple[str, int] | None) -> None:
         # An orphan re-parented to us and reaped: worth a line in `events` (a leaky service),
         # the program's when it was in the process group of one of its workers.
@@ -151,12 +141,7 @@ class Supervisor:
                 # ends.
                 await root.start(self.reaper.run)
                 await root.start(
-                    partial(
-                        run_lasting,
-                        f"the control socket {self.config.socket_path}",
-                        self.control.serve,
-                        self._service_ended,
-                    )
+                    run_lasting, f"the control socket {self.config.socket_path}", self.control.serve
                 )
                 self._record = record_run(self.config_path, self.config.socket_path)
                 # Before this supervisor's own keeper binds the handover socket.
@@ -169,11 +154,6 @@ class Supervisor:
                 self.events.close()  # `events -f` followers end (exit 0)
                 await self.control.wait_idle(ANSWER_GRACE)
                 root.cancel_scope.cancel()
-            if self._failure is not None:
-                raise ServiceEnded(
-                    f"{self._failure}: every program was drained and the supervisor exited; "
-                    "see its log"
-                )
         except* FlipvisorError as group:
             # A start-up failure (another supervisor on the socket, the metrics port taken) is
             # one sentence for the CLI to print, not a task group's traceback.
@@ -267,9 +247,7 @@ class Supervisor:
                 self.events,
                 lambda: [program.status() for program in self._listed()],
             )
-            await tg.start(
-                partial(run_lasting, "the metrics endpoint", metrics.run, self._service_ended)
-            )
+            await tg.start(run_lasting, "the metrics endpoint", metrics.run)
 
     async def _start_watches(self, tg: TaskGroup) -> None:
         if self.config.watch:

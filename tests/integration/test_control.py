@@ -3,6 +3,7 @@ files, clients that misbehave or vanish, and the blocking client's errors."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -20,7 +21,7 @@ import pytest
 from anyio.abc import SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from flipvisor import control
+from flipvisor import control, lasting
 from flipvisor.client import call, converse
 from flipvisor.control import AlreadyRunning, ControlServer, Send, peer_allowed
 from flipvisor.errors import EXIT_USAGE, ControlUnreachable
@@ -394,6 +395,55 @@ async def test_a_dispatch_bug_fails_only_its_request(sock_path: Path) -> None:
         assert answer[-1]["ok"] is False
         again = await ask(sock_path, Request("status"))
         assert again[-1]["ok"]
+
+
+async def test_an_answer_that_cannot_be_sent_closes_only_its_connection(
+    sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Outside ``dispatch``, its answer's encoding failed the conversations' task group: the
+    # control socket ended, and the supervisor drained every program with it.
+    async def dispatch(request: Request, send: Send) -> dict[str, Any]:
+        if request.command == "stop":
+            return result({"not json": {1, 2}})  # a set: json cannot encode it
+        return result({"command": request.command})
+
+    async with serving(sock_path, dispatch):
+        raw = await raw_exchange(sock_path, Request("stop", "web").encode())
+        assert raw == b"", "closed, with nothing it could say"
+        again = await ask(sock_path, Request("status"))
+        assert again[-1]["ok"], "still serving"
+    assert "a control connection failed; closed" in caplog.text
+
+
+async def test_the_control_socket_ending_is_listened_on_again(
+    sock_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It drained every program and exited 1: the operator's one channel is given back instead.
+    real_serve_listener = control.serve_listener
+    calls = 0
+
+    async def fails_once(*args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError(errno.EBADF, "Bad file descriptor")  # the listener itself broken
+        await real_serve_listener(*args, **kwargs)
+
+    monkeypatch.setattr(control, "serve_listener", fails_once)
+    monkeypatch.setattr(lasting, "FIRST_PAUSE", 0.05)
+    server = ControlServer(sock_path, FakeSupervisor().dispatch)
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(DEADLINE):
+            await tg.start(lasting.run_lasting, "the control socket", server.serve)
+
+        async def listening_again() -> bool:
+            return calls == 2  # serve_listener is called once the path is bound
+
+        await await_until(listening_again, DEADLINE)
+        answer = await ask(sock_path, Request("status"))
+        tg.cancel_scope.cancel()
+    assert answer[-1]["ok"]
+    assert "the control socket failed: OSError: [Errno 9] Bad file descriptor" in caplog.text
 
 
 def test_peer_allowed() -> None:

@@ -1,5 +1,7 @@
 """serve_listener: an accept failing for lack of resources (EMFILE and the like) is logged once
-per burst and retried after a growing pause; any other failure ends it. The listener is a
+per burst and retried after a growing pause; one failing for the connection it took
+(ECONNABORTED, a pending network error, a firewall's EPERM) is retried at once; any other failure
+ends it. The listener is a
 stand-in at our own seam (``Accepting``): the e2e tests in tests/e2e/test_control_limits.py run
 out of fds for real."""
 
@@ -60,8 +62,9 @@ def test_resource_shortage_knows_the_errors_that_pass() -> None:
 
 
 async def test_a_burst_of_emfile_is_logged_once_and_retried_with_growing_pauses(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(accepting, "QUIET_AFTER_BURST", 0.0)  # "again" at the first accept
     listener = StandInListener(
         [_error(errno.EMFILE), _broken(errno.EMFILE), _error(errno.ENFILE)], ["first"]
     )
@@ -109,6 +112,92 @@ async def test_another_accept_failure_ends_serving() -> None:
     async with anyio.create_task_group() as tg:
         with pytest.raises(anyio.BrokenResourceError), anyio.fail_after(10):
             await serve_listener(listener, _never, tg, what="the test listener")
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.ENETDOWN,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+        errno.EPERM,
+        errno.EINTR,
+    ],
+)
+async def test_a_failure_of_the_accepted_connection_is_retried_at_once(
+    number: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Linux's accept(2) passes on the errors pending on the new connection: they are that
+    # connection's, and ended the listener (and the supervisor with it).
+    listener = StandInListener([_error(number), _broken(number), _error(number)], ["next"])
+    handled: list[str] = []
+    done = anyio.Event()
+
+    async def handle(stream: str) -> None:
+        handled.append(stream)
+        done.set()
+
+    caplog.set_level(logging.WARNING, logger=accepting.__name__)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(serve_listener, listener, handle, tg, what="the test listener"))
+            await done.wait()
+            tg.cancel_scope.cancel()
+    assert handled == ["next"]
+    assert listener.calls[-1] - listener.calls[0] < FIRST_PAUSE  # no pause
+    assert caplog.records == []  # not worth a warning: the client sees its own failure
+
+
+async def test_a_steady_shortage_is_one_burst_despite_accepts_between(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # At the fd limit, an fd freed now and then lets one accept through: each ended the burst
+    # ("accepts again") and the next failure started another, two lines per connection.
+    listener = StandInListener([], [])
+    script: list[BaseException | str] = [
+        _error(errno.EMFILE),
+        "a",
+        _error(errno.EMFILE),
+        "b",
+        _error(errno.EMFILE),
+        "c",
+    ]
+
+    async def accept() -> str:
+        listener.calls.append(time.monotonic())
+        if script:
+            step = script.pop(0)
+            if isinstance(step, BaseException):
+                raise step
+            return step
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    listener.accept = accept  # type: ignore[method-assign]
+    handled: list[str] = []
+    done = anyio.Event()
+
+    async def handle(stream: str) -> None:
+        handled.append(stream)
+        if len(handled) == 3:
+            done.set()
+
+    caplog.set_level(logging.WARNING, logger=accepting.__name__)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(serve_listener, listener, handle, tg, what="the test listener"))
+            await done.wait()
+            tg.cancel_scope.cancel()
+    assert handled == ["a", "b", "c"]
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1, messages
+    assert "cannot accept a connection" in messages[0]
 
 
 async def _never(stream: str) -> None:

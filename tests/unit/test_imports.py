@@ -112,7 +112,7 @@ ALLOWED: dict[str, set[str]] = {
     # Serving a listener with a back-off on accepts that fail for lack of fds (control, metrics).
     "accepting": set(),
     # The services that last as long as the supervisor: an end of one is a shutdown.
-    "lasting": ERRORS,
+    "lasting": set(),
     # A generation/current record parsed: leftovers and the proxy-undo journal read it alike.
     "current_record": {"starttime"},
     "file_identity": set(),

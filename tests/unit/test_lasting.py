@@ -1,64 +1,115 @@
-"""run_lasting: a service that ends once started is told to the supervisor (which drains and
-exits), never raised into its root task group; a start-up failure is raised to the starter, a
-cancellation is no end to tell."""
+"""run_lasting: a service that ends once started is logged and started again after a growing
+pause (the programs untouched), never raised into the supervisor's root task group; a start-up
+failure is raised to the starter, a cancellation is no end."""
 
 from __future__ import annotations
+
+import logging
 
 import anyio
 import anyio.lowlevel
 import pytest
 from anyio.abc import TaskStatus
 
-from flipvisor.lasting import run_lasting
+from flipvisor import lasting
+from flipvisor.lasting import describe, run_lasting
 
 
-async def _fails_once_started(*, task_status: TaskStatus[None]) -> None:
-    task_status.started()
-    await anyio.lowlevel.checkpoint()
-    raise OSError(24, "Too many open files")
+class Flaky:
+    """A service that ends in each of ``ends`` in turn (an exception raised, or None: a return)
+    once started, then serves until cancelled; ``start_failures`` fail its starts again first."""
+
+    def __init__(self, ends: list[BaseException | None], start_failures: int = 0) -> None:
+        self.ends = ends
+        self.start_failures = start_failures
+        self.starts = 0
+        self.serving = anyio.Event()
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None:
+        self.starts += 1
+        if self.starts > 1 and self.start_failures:
+            self.start_failures -= 1
+            raise OSError(98, "Address already in use")
+        task_status.started()
+        await anyio.lowlevel.checkpoint()
+        if self.ends:
+            end = self.ends.pop(0)
+            if end is not None:
+                raise end
+            return
+        self.serving.set()
+        await anyio.sleep_forever()
 
 
-async def _returns_once_started(*, task_status: TaskStatus[None]) -> None:
-    task_status.started()
+@pytest.fixture
+def pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The pauses before each start again (not slept: the tests need not wait them)."""
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        await anyio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(lasting.anyio, "sleep", sleep)
+    return slept
 
 
-async def _fails_at_start(*, task_status: TaskStatus[None]) -> None:
-    raise ValueError("cannot bind")
-
-
-async def _serves_forever(*, task_status: TaskStatus[None]) -> None:
-    task_status.started()
-    await anyio.sleep_forever()
-
-
-async def test_an_error_once_started_is_told_not_raised() -> None:
-    ends: list[str] = []
+async def _run_until_serving(service: Flaky) -> None:
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
-            await tg.start(run_lasting, "the service", _fails_once_started, ends.append)
-    assert ends == ["the service failed (OSError(24, 'Too many open files'))"]
+            await tg.start(run_lasting, "the service", service.run)
+            await service.serving.wait()
+            tg.cancel_scope.cancel()
 
 
-async def test_a_return_once_started_is_told() -> None:
-    ends: list[str] = []
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            await tg.start(run_lasting, "the service", _returns_once_started, ends.append)
-    assert ends == ["the service ended unexpectedly"]
+async def test_an_error_once_started_is_logged_and_the_service_started_again(
+    pauses: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    group = ExceptionGroup("unhandled errors in a TaskGroup", [OSError(9, "Bad file descriptor")])
+    service = Flaky([OSError(24, "Too many open files"), group, None])
+    caplog.set_level(logging.ERROR, logger=lasting.__name__)
+    await _run_until_serving(service)
+    assert service.starts == 4
+    assert pauses == [1.0, 2.0, 4.0]
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [
+        "the service failed: OSError: [Errno 24] Too many open files; starting it again in 1 s "
+        "(the programs are supervised on)",
+        "the service failed: OSError: [Errno 9] Bad file descriptor; starting it again in 2 s "
+        "(the programs are supervised on)",
+        "the service ended unexpectedly; starting it again in 4 s (the programs are supervised on)",
+    ]
+
+
+async def test_a_failing_start_again_is_retried_with_a_pause_growing_to_30_s(
+    pauses: list[float],
+) -> None:
+    service = Flaky([OSError(9, "Bad file descriptor")], start_failures=7)
+    await _run_until_serving(service)
+    assert service.starts == 9
+    assert pauses == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
 
 
 async def test_a_start_up_failure_is_raised_to_the_starter() -> None:
-    ends: list[str] = []
+    async def fails_at_start(*, task_status: TaskStatus[None]) -> None:
+        raise ValueError("cannot bind")
+
     async with anyio.create_task_group() as tg:
         with pytest.raises(ValueError, match="cannot bind"), anyio.fail_after(5):
-            await tg.start(run_lasting, "the service", _fails_at_start, ends.append)
-    assert ends == []
+            await tg.start(run_lasting, "the service", fails_at_start)
 
 
-async def test_a_cancellation_is_no_end_to_tell() -> None:
-    ends: list[str] = []
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            await tg.start(run_lasting, "the service", _serves_forever, ends.append)
-            tg.cancel_scope.cancel()
-    assert ends == []
+async def test_a_cancellation_is_no_end(pauses: list[float]) -> None:
+    service = Flaky([])
+    await _run_until_serving(service)
+    assert service.starts == 1
+    assert pauses == []
+
+
+def test_describe_says_the_error_not_its_group() -> None:
+    leaf = OSError(9, "Bad file descriptor")
+    nested = ExceptionGroup("outer", [ExceptionGroup("inner", [leaf])])
+    assert describe(nested) == "OSError: [Errno 9] Bad file descriptor"
+    both = ExceptionGroup("two", [leaf, RuntimeError("a bug")])
+    assert describe(both) == "OSError: [Errno 9] Bad file descriptor; RuntimeError: a bug"
+    assert describe(RuntimeError()) == "RuntimeError"
