@@ -5,7 +5,9 @@ takes as long as it needs. Accepts that fail for lack of fds are retried (``acce
 
 A socket file removed while the supervisor runs (by hand, by a temp cleaner) leaves it listening
 on a file nobody can reach; SIGHUP (``ControlServer.relisten``) makes it listen on the path again,
-unless another supervisor listens there by then.
+unless another supervisor listens there by then. A listener that fails (an accept's EBADF, EINVAL)
+is replaced after a pause (1 s, doubling to 30 s; SIGHUP cuts it short): only the listener, the
+conversations under way (a reload, a revive, an ``events -f``) go on.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from .accepting import serve_listener
 from .errors import EXIT_USAGE, FlipvisorError
 from .file_identity import Identity, identity_of, unlink_if_ours
+from .lasting import FIRST_PAUSE, LONGEST_PAUSE, describe
 from .protocol import MAX_LINE, ProtocolError, Request, decode_request, encode, result
 from .runrecord import answers, listening_already, record_listening_on
 from .state_files import UnusableStateFile, socket_path_problem
@@ -111,6 +114,8 @@ class ControlServer:
         self.found_stale = False
         self._bound: Identity | None = None  # the socket file this one listens on
         self._accepting: anyio.CancelScope | None = None  # cancelled to listen again
+        self._pausing: anyio.CancelScope | None = None  # cancelled to end a pause before it
+        self._pause = FIRST_PAUSE  # before listening again after the listener failed
 
     async def wait_idle(self, timeout: float) -> None:
         """Wait, at most ``timeout`` seconds, until no conversation is under way (at shutdown:
@@ -130,29 +135,71 @@ class ControlServer:
         """
         listener, self.found_stale = await self._listen()
         try:
-            # The conversations outlive a listener replaced: an `events -f` follower, a flip's
-            # progress, go on.
+            # The conversations outlive a listener replaced (at SIGHUP, or after it failed): an
+            # `events -f` follower, a flip's progress, a reload half done, go on.
             async with anyio.create_task_group() as conversations:
                 task_status.started()
                 while True:
-                    with anyio.CancelScope() as self._accepting:
-                        await serve_listener(
-                            listener,
-                            self._handle,
-                            conversations,
-                            what=f"the control socket {self.path}",
-                        )
-                    listener = await self._listen_again(listener)
+                    listener = await self._serve_until_replaced(listener, conversations)
         finally:
-            self._accepting = None
+            self._accepting = self._pausing = None
             # Not one another supervisor bound since ours went.
             unlink_if_ours(self.path, self._bound)
             with anyio.CancelScope(shield=True):
-                await listener.aclose()
+                await listener.aclose()  # closing a closed one again does nothing
+
+    async def _serve_until_replaced(
+        self, listener: SocketListener, conversations: anyio.abc.TaskGroup
+    ) -> SocketListener:
+        """Serve ``listener`` until ``relisten`` asks for a new one, or it fails; the listener
+        to serve next."""
+        began = anyio.current_time()
+        try:
+            with anyio.CancelScope() as self._accepting:
+                await serve_listener(
+                    listener, self._handle, conversations, what=f"the control socket {self.path}"
+                )
+        except Exception as exc:  # the listener itself (EBADF, EINVAL), or a bug in accepting
+            self._accepting = None
+            if anyio.current_time() - began >= LONGEST_PAUSE:
+                self._pause = FIRST_PAUSE  # it served a while: not one more failure in a row
+            await listener.aclose()  # unusable: the path is bound anew
+            return await self._listen_after(exc)
+        return await self._listen_again(listener)
+
+    async def _listen_after(self, failure: Exception) -> SocketListener:
+        """A new listener on the path, after ``failure`` ended the one before:
+        tried again after a growing pause until one can be made (the path taken by another
+        supervisor, a folder made there, is logged at each try)."""
+        while True:
+            log.error(
+                "the control socket %s failed: %s; listening on it again in %g s (the "
+                "conversations under way and the programs go on)",
+                self.path,
+                describe(failure),
+                self._pause,
+                # flipvisor's own refusals are a sentence; anything else, a bug to trace.
+                exc_info=None if isinstance(failure, FlipvisorError) else failure,
+            )
+            with anyio.CancelScope() as self._pausing:
+                await anyio.sleep(self._pause)
+            self._pausing = None
+            self._pause = min(self._pause * 2, LONGEST_PAUSE)
+            try:
+                listener, _replaced = await self._listen()
+            except (FlipvisorError, OSError) as exc:
+                failure = exc
+                continue
+            log.warning("listening on the control socket %s again", self.path)
+            return listener
 
     def relisten(self) -> bool:
         """Listen on the path again if the socket file there is not the one bound (removed by
-        hand or by a temp cleaner: nobody could connect); True if so. For SIGHUP."""
+        hand or by a temp cleaner: nobody could connect), or now if it waits to after the
+        listener failed; True if so. For SIGHUP (the CLI says to send it)."""
+        if self._pausing is not None:
+            self._pausing.cancel()
+            return True
         if self._accepting is None or identity_of(self.path) == self._bound:
             return False
         self._accepting.cancel()  # ``serve`` binds anew

@@ -11,6 +11,7 @@ import stat
 import tempfile
 from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -419,31 +420,61 @@ async def test_the_control_socket_ending_is_listened_on_again(
     sock_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # It drained every program and exited 1: the operator's one channel is given back instead.
+    # A request under way meanwhile (a reload between its steps) goes on and is answered: when
+    # run_lasting started the whole server again, it was cancelled with its connection.
     real_serve_listener = control.serve_listener
     calls = 0
+    failing = anyio.Event()
+    request_began = anyio.Event()
+    replaced = anyio.Event()
 
     async def fails_once(*args: Any, **kwargs: Any) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
+            served = anyio.create_task_group()
+            async with served:
+                served.start_soon(partial(real_serve_listener, *args, **kwargs))
+                await failing.wait()
+                served.cancel_scope.cancel()
             raise OSError(errno.EBADF, "Bad file descriptor")  # the listener itself broken
+        replaced.set()  # called once the path is bound again
         await real_serve_listener(*args, **kwargs)
 
+    async def slow_dispatch(request: Request, send: Send) -> dict[str, Any]:
+        if request.command == "reload":
+            request_began.set()
+            await send({"type": "progress", "step": 0})
+            with anyio.fail_after(DEADLINE):
+                await replaced.wait()
+        return result({"command": request.command})
+
     monkeypatch.setattr(control, "serve_listener", fails_once)
-    monkeypatch.setattr(lasting, "FIRST_PAUSE", 0.05)
-    server = ControlServer(sock_path, FakeSupervisor().dispatch)
+    monkeypatch.setattr(control, "FIRST_PAUSE", 0.05)
+    server = ControlServer(sock_path, slow_dispatch)
     async with anyio.create_task_group() as tg:
         with anyio.fail_after(DEADLINE):
             await tg.start(lasting.run_lasting, "the control socket", server.serve)
+        reloading: list[list[dict[str, Any]]] = []
 
-        async def listening_again() -> bool:
-            return calls == 2  # serve_listener is called once the path is bound
+        async def reload() -> None:
+            reloading.append(await ask(sock_path, Request("reload")))
 
-        await await_until(listening_again, DEADLINE)
+        tg.start_soon(reload)
+        with anyio.fail_after(DEADLINE):
+            await request_began.wait()
+        failing.set()
+        with anyio.fail_after(DEADLINE):
+            await replaced.wait()
         answer = await ask(sock_path, Request("status"))
+        await await_until(lambda: holds(reloading), DEADLINE)
         tg.cancel_scope.cancel()
     assert answer[-1]["ok"]
-    assert "the control socket failed: OSError: [Errno 9] Bad file descriptor" in caplog.text
+    assert reloading[0][-1] == result({"command": "reload"}), "answered, not cut"
+    assert (
+        f"the control socket {sock_path} failed: OSError: [Errno 9] Bad file descriptor"
+        in caplog.text
+    )
 
 
 def test_peer_allowed() -> None:
