@@ -4,7 +4,9 @@ socket buffer memory) logged once per burst and retried after a pause, instead o
 listener as anyio's ``Listener.serve`` does. The connection waits in the listen backlog
 meanwhile, and is accepted once the process has an fd to give it. An accept that fails for the
 one connection it took (aborted by its client, a network error pending on it, a firewall's EPERM)
-is retried at once, as accept(2) says: it is no end of the listener either.
+is retried at once, as accept(2) says: it is no end of the listener either, unless it fails so
+CONNECTION_FAILURES_IN_A_ROW times with no accept between (a rule that refuses every connection
+before it leaves the queue, which would spin the event loop): then it is paused as a shortage is.
 """
 
 from __future__ import annotations
@@ -61,6 +63,13 @@ LONGEST_PAUSE = 1.0
 # accept succeeds now and then (an fd freed, taken again), and each would end one burst and start
 # the next, two log lines per connection.
 QUIET_AFTER_BURST = 5.0
+# Connection failures in a row, with no accept between, after which the accepts are paused as for a
+# shortage: a few are clients that went away; this many, a rule that fails every accept (an
+# EPERM from a BPF-LSM or seccomp rule leaves the connection queued, to fail the next one again).
+CONNECTION_FAILURES_IN_A_ROW = 100
+
+# The clock a burst is timed by: a seam for the tests.
+clock: Callable[[], float] = anyio.current_time
 
 
 def _accept_error(exc: BaseException, errnos: frozenset[int]) -> OSError | None:
@@ -94,7 +103,13 @@ class _Backoff:
         self.last_failure = 0.0  # monotonic
 
     async def failed(self, error: OSError) -> None:
-        self.last_failure = anyio.current_time()
+        now = clock()
+        if self.failures and now - self.last_failure >= QUIET_AFTER_BURST:
+            # The accepts that ended the burst before came sooner than QUIET_AFTER_BURST after
+            # its last failure (the pauses are a second at most): it ends now, and this failure
+            # starts a burst of its own (said, and paused from FIRST_PAUSE again).
+            self._end()
+        self.last_failure = now
         if not self.failures:
             log.warning(
                 "%s cannot accept a connection: %s; retrying (every %.1f s at most), the "
@@ -109,11 +124,14 @@ class _Backoff:
         await anyio.sleep(min(FIRST_PAUSE * 2 ** min(self.failures - 1, 16), LONGEST_PAUSE))
 
     def accepted(self) -> None:
-        if self.failures and anyio.current_time() - self.last_failure >= QUIET_AFTER_BURST:
-            log.warning(
-                "%s accepts connections again (after %d failed accepts)", self.what, self.failures
-            )
-            self.failures = 0
+        if self.failures and clock() - self.last_failure >= QUIET_AFTER_BURST:
+            self._end()
+
+    def _end(self) -> None:
+        log.warning(
+            "%s accepts connections again (after %d failed accepts)", self.what, self.failures
+        )
+        self.failures = 0
 
 
 async def serve_listener(
@@ -148,24 +166,31 @@ async def _accept_loop(
     what: str,
 ) -> None:
     backoff = _Backoff(what)
+    lost_in_a_row = 0  # connection failures since the last accept
     while True:
         try:
             stream = await listener.accept()
         except (OSError, anyio.BrokenResourceError) as exc:
             if (lost := connection_failure(exc)) is not None:
                 log.debug("%s: an accepted connection failed: %s", what, lost.strerror or lost)
-                await anyio.lowlevel.checkpoint()  # the next accept, not a spin
+                lost_in_a_row += 1
+                if lost_in_a_row >= CONNECTION_FAILURES_IN_A_ROW:
+                    await backoff.failed(lost)  # every accept fails so: said once, and paused
+                else:
+                    await anyio.lowlevel.checkpoint()  # the next accept, not a spin
                 continue
             if (shortage := resource_shortage(exc)) is None:
                 raise
             await backoff.failed(shortage)
             continue
+        lost_in_a_row = 0
         backoff.accepted()
         task_group.start_soon(handler, stream)
 
 
 __all__ = [
     "CONNECTION_ERRNOS",
+    "CONNECTION_FAILURES_IN_A_ROW",
     "FIRST_PAUSE",
     "LONGEST_PAUSE",
     "QUIET_AFTER_BURST",
