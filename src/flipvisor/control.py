@@ -329,7 +329,12 @@ class ControlServer:
             # the control socket and the supervisor with it.
             log.exception("control request failed")
             answer = result(error=f"internal error: {exc!r}")
-        await send(answer)
+        try:
+            data = encode(answer)
+        except TypeError as exc:  # orjson's JSONEncodeError: a value JSON has no form for
+            log.exception("a control answer cannot be encoded")
+            data = encode(result(error=f"internal error: the answer cannot be encoded: {exc}"))
+        await stream.send(data)
 
 
 async def _request_line(stream: SocketStream) -> bytes:

@@ -19,6 +19,8 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
+from .errors import FlipvisorError
+
 log = logging.getLogger(__name__)
 
 # A service: an anyio task that calls ``task_status.started()`` once it serves.
@@ -56,6 +58,13 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _is_own(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of flipvisor's own expected errors (or a group of those)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_own(each) for each in exc.exceptions)
+    return isinstance(exc, FlipvisorError)
+
+
 async def run_lasting(
     what: str,
     service: Service,
@@ -80,7 +89,10 @@ async def run_lasting(
         except Exception as exc:
             if not noting.started_yet:
                 raise
-            ended, error = f"failed: {describe(exc)}", exc
+            ended = f"failed: {describe(exc)}"
+            # flipvisor's own refusals (the path taken by another supervisor, a state file that
+            # is no socket) are their sentence; anything else, a bug to trace.
+            error = None if _is_own(exc) else exc
         else:
             ended = "ended unexpectedly"
         if anyio.current_time() - began >= LONGEST_PAUSE:

@@ -398,22 +398,24 @@ async def test_a_dispatch_bug_fails_only_its_request(sock_path: Path) -> None:
         assert again[-1]["ok"]
 
 
-async def test_an_answer_that_cannot_be_sent_closes_only_its_connection(
+async def test_an_answer_that_cannot_be_encoded_fails_only_its_request(
     sock_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Outside ``dispatch``, its answer's encoding failed the conversations' task group: the
-    # control socket ended, and the supervisor drained every program with it.
+    # control socket ended, and the supervisor drained every program with it. Then it closed
+    # the connection unanswered: the client said the supervisor hung up, not why.
     async def dispatch(request: Request, send: Send) -> dict[str, Any]:
         if request.command == "stop":
             return result({"not json": {1, 2}})  # a set: json cannot encode it
         return result({"command": request.command})
 
     async with serving(sock_path, dispatch):
-        raw = await raw_exchange(sock_path, Request("stop", "web").encode())
-        assert raw == b"", "closed, with nothing it could say"
+        answer = await ask(sock_path, Request("stop", "web"))
+        assert answer[-1]["ok"] is False
+        assert "internal error: the answer cannot be encoded" in answer[-1]["error"]
         again = await ask(sock_path, Request("status"))
         assert again[-1]["ok"], "still serving"
-    assert "a control connection failed; closed" in caplog.text
+    assert "a control answer cannot be encoded" in caplog.text
 
 
 async def test_the_control_socket_ending_is_listened_on_again(
@@ -475,6 +477,33 @@ async def test_the_control_socket_ending_is_listened_on_again(
         f"the control socket {sock_path} failed: OSError: [Errno 9] Bad file descriptor"
         in caplog.text
     )
+
+
+async def test_sighup_ends_the_pause_before_listening_again(
+    sock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CLI tells the user to send SIGHUP when the socket is gone: during the pause after a
+    # failed listener it did nothing, up to 30 s.
+    real_serve_listener = control.serve_listener
+    calls = 0
+    replaced = anyio.Event()
+
+    async def fails_once(*args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        replaced.set()
+        await real_serve_listener(*args, **kwargs)
+
+    monkeypatch.setattr(control, "serve_listener", fails_once)
+    monkeypatch.setattr(control, "FIRST_PAUSE", 3600.0)
+    async with serving(sock_path, FakeSupervisor().dispatch) as server:
+        await await_until(lambda: holds(server.relisten()), DEADLINE)  # once it pauses
+        with anyio.fail_after(DEADLINE):
+            await replaced.wait()
+        answer = await ask(sock_path, Request("status"))
+    assert answer[-1]["ok"]
 
 
 def test_peer_allowed() -> None:

@@ -12,6 +12,7 @@ import pytest
 from anyio.abc import TaskStatus
 
 from flipvisor import lasting
+from flipvisor.control import AlreadyRunning
 from flipvisor.lasting import describe, run_lasting
 
 
@@ -79,6 +80,18 @@ async def test_an_error_once_started_is_logged_and_the_service_started_again(
         "(the programs are supervised on)",
         "the service ended unexpectedly; starting it again in 4 s (the programs are supervised on)",
     ]
+
+
+async def test_flipvisors_own_errors_are_one_line_without_a_traceback(
+    pauses: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Another supervisor on the path at each start again: a traceback every retry, up to 30 s
+    # apart for as long as it lasts, for a sentence.
+    service = Flaky([AlreadyRunning("another supervisor listens there"), OSError(9, "EBADF")])
+    caplog.set_level(logging.ERROR, logger=lasting.__name__)
+    await _run_until_serving(service)
+    assert [record.exc_info is None for record in caplog.records] == [True, False]
+    assert "failed: AlreadyRunning: another supervisor listens there" in caplog.records[0].message
 
 
 async def test_a_failing_start_again_is_retried_with_a_pause_growing_to_30_s(
