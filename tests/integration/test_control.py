@@ -418,56 +418,61 @@ async def test_an_answer_that_cannot_be_encoded_fails_only_its_request(
     assert "a control answer cannot be encoded" in caplog.text
 
 
+class ListenerFailingOnce:
+    """Our ``serve_listener`` seam: the first listener serves until ``fail`` is set (at once if
+    it is set already), then fails with EBADF (the listener itself broken); ``replaced`` is set
+    once the next one serves (the path bound again)."""
+
+    def __init__(self) -> None:
+        self.real = control.serve_listener
+        self.calls = 0
+        self.fail = anyio.Event()
+        self.replaced = anyio.Event()
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            async with anyio.create_task_group() as served:
+                served.start_soon(partial(self.real, *args, **kwargs))
+                await self.fail.wait()
+                served.cancel_scope.cancel()
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        self.replaced.set()
+        await self.real(*args, **kwargs)
+
+
 async def test_the_control_socket_ending_is_listened_on_again(
     sock_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # It drained every program and exited 1: the operator's one channel is given back instead.
     # A request under way meanwhile (a reload between its steps) goes on and is answered: when
     # run_lasting started the whole server again, it was cancelled with its connection.
-    real_serve_listener = control.serve_listener
-    calls = 0
-    failing = anyio.Event()
+    failing = ListenerFailingOnce()
     request_began = anyio.Event()
-    replaced = anyio.Event()
-
-    async def fails_once(*args: Any, **kwargs: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            served = anyio.create_task_group()
-            async with served:
-                served.start_soon(partial(real_serve_listener, *args, **kwargs))
-                await failing.wait()
-                served.cancel_scope.cancel()
-            raise OSError(errno.EBADF, "Bad file descriptor")  # the listener itself broken
-        replaced.set()  # called once the path is bound again
-        await real_serve_listener(*args, **kwargs)
 
     async def slow_dispatch(request: Request, send: Send) -> dict[str, Any]:
         if request.command == "reload":
             request_began.set()
             await send({"type": "progress", "step": 0})
             with anyio.fail_after(DEADLINE):
-                await replaced.wait()
+                await failing.replaced.wait()
         return result({"command": request.command})
 
-    monkeypatch.setattr(control, "serve_listener", fails_once)
+    monkeypatch.setattr(control, "serve_listener", failing)
     monkeypatch.setattr(control, "FIRST_PAUSE", 0.05)
     server = ControlServer(sock_path, slow_dispatch)
+    reloading: list[list[dict[str, Any]]] = []
+
+    async def reload() -> None:
+        reloading.append(await ask(sock_path, Request("reload")))
+
     async with anyio.create_task_group() as tg:
         with anyio.fail_after(DEADLINE):
             await tg.start(lasting.run_lasting, "the control socket", server.serve)
-        reloading: list[list[dict[str, Any]]] = []
-
-        async def reload() -> None:
-            reloading.append(await ask(sock_path, Request("reload")))
-
-        tg.start_soon(reload)
-        with anyio.fail_after(DEADLINE):
+            tg.start_soon(reload)
             await request_began.wait()
-        failing.set()
-        with anyio.fail_after(DEADLINE):
-            await replaced.wait()
+            failing.fail.set()
+            await failing.replaced.wait()
         answer = await ask(sock_path, Request("status"))
         await await_until(lambda: holds(reloading), DEADLINE)
         tg.cancel_scope.cancel()
@@ -484,24 +489,14 @@ async def test_sighup_ends_the_pause_before_listening_again(
 ) -> None:
     # The CLI tells the user to send SIGHUP when the socket is gone: during the pause after a
     # failed listener it did nothing, up to 30 s.
-    real_serve_listener = control.serve_listener
-    calls = 0
-    replaced = anyio.Event()
-
-    async def fails_once(*args: Any, **kwargs: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise OSError(errno.EBADF, "Bad file descriptor")
-        replaced.set()
-        await real_serve_listener(*args, **kwargs)
-
-    monkeypatch.setattr(control, "serve_listener", fails_once)
+    failing = ListenerFailingOnce()
+    failing.fail.set()
+    monkeypatch.setattr(control, "serve_listener", failing)
     monkeypatch.setattr(control, "FIRST_PAUSE", 3600.0)
     async with serving(sock_path, FakeSupervisor().dispatch) as server:
         await await_until(lambda: holds(server.relisten()), DEADLINE)  # once it pauses
         with anyio.fail_after(DEADLINE):
-            await replaced.wait()
+            await failing.replaced.wait()
         answer = await ask(sock_path, Request("status"))
     assert answer[-1]["ok"]
 
