@@ -1,0 +1,72 @@
+"""QA pass 14: several programs behind one nginx, reloads during a flip, and the rollback tooling.
+
+Each test is a defect found by an adversarial operator, marked ``xfail(strict=True)``: it fails
+because of the defect, and passes (so XPASS fails the run) once it is fixed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_concurrency import get
+from tests.e2e.test_flip import program
+from tests.fixtures.flipvisor import SVC, Flipvisor
+from tests.fixtures.nginx import Nginx
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "QA 14: a rollback whose recorded command no longer exists tells the operator to fix "
+        "programs.PROGRAM.command in the config and roll back again; the rollback target is the "
+        "recorded history, so doing exactly that fails the same way"
+    ),
+)
+def test_a_failed_rollback_s_advice_works_when_followed(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
+    """Scenario: web is deployed as a wrapper script (v1), then flipped to v2; the script is
+    deleted (a release directory cleaned up). `flipvisor rollback web` fails at spawn, and says
+    "fix programs.web.command or cwd in the config, then `flipvisor rollback web`". The operator
+    does that: edits programs.web.command in the file to a working command, and rolls back again.
+
+    Observed: the second rollback fails identically (same missing script, same advice): the
+    rollback target is the previous deploy recorded in <state_dir>/history (README "Rollback":
+    "A rollback leaves the config file as it is"), which the config file does not change. The
+    advice sends the operator round in a loop in the middle of an incident.
+
+    Expected: a failed rollback's next step is one that can work: restore the recorded
+    command/cwd (naming it), or deploy the file's section with `flipvisor flip web`; not
+    "fix ... in the config, then `flipvisor rollback web`".
+    """
+    script = tmp_path / "release-1" / "app.sh"
+    script.parent.mkdir()
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} {SVC} --version 1\n")
+    script.chmod(0o755)
+    first = program(nginx, "1")
+    first["command"] = [str(script)]
+    flipvisor.start({"programs": {"web": first}})
+    flipvisor.wait_serving("web")
+    flipvisor.write_config({"programs": {"web": program(nginx, "2")}})
+    flipped = flipvisor.cli("flip", "web")
+    assert flipped.returncode == 0, flipped.stderr
+    script.unlink()
+    script.parent.rmdir()
+
+    failed = flipvisor.cli("rollback", "web")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    advice = " ".join(failed.stderr.split())
+    assert "no such file" in advice, advice
+    # The operator follows the advice to the letter: fix the command in the config file...
+    if "in the config" in advice:
+        flipvisor.write_config({"programs": {"web": program(nginx, "3")}})
+    # ...then runs the command it names again.
+    retried = flipvisor.cli("rollback", "web")
+    # The serving generation was never touched (that part works).
+    assert get(nginx.url())["version"] == "2"
+    assert retried.returncode == 0, (
+        f"advice followed: {advice!r}\nand the rollback failed again: {retried.stderr}"
+    )
