@@ -15,6 +15,7 @@ from tests.e2e.test_concurrency import get
 from tests.e2e.test_flip import program
 from tests.fixtures.flipvisor import SVC, Flipvisor
 from tests.fixtures.nginx import Nginx
+from tests.waiting import wait_until
 
 
 @pytest.mark.xfail(
@@ -70,3 +71,50 @@ def test_a_failed_rollback_s_advice_works_when_followed(
     assert retried.returncode == 0, (
         f"advice followed: {advice!r}\nand the rollback failed again: {retried.stderr}"
     )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "QA 14: a release that crash-loops to `fatal` after its flip, with no rollback_window, "
+        "gets a fatal reason whose only recovery step is `flipvisor start` (the broken release "
+        "again); `flipvisor rollback` (which works: it cold-starts the previous deploy) is not named"
+    ),
+)
+def test_fatal_after_a_flip_names_the_rollback_without_a_warm_generation(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """Scenario: web serves v1 (no rollback_window); v2 is flipped in, passes its probe, then
+    crash-loops past restart.max_restarts: web is `fatal` and given up, nothing serves (nginx
+    answers 502).
+
+    Observed: `status --json`'s fatal_reason (and the `fatal`/`given-up` events) say
+    "...; `flipvisor logs web` shows its output; `flipvisor start web` tries again": the only
+    recovery offered starts the crash-looping release again. `flipvisor rollback web` is not
+    mentioned, though it is what the operator needs and it works (it cold-starts v1, exit 0).
+    The changelog itself calls a fatal reason that suggests only `start` "which starts the broken
+    release again" a defect, but fixed it only for the case with a warm generation.
+
+    Expected: whenever a rollback target exists (<state_dir>/history), the fatal reason names
+    `flipvisor rollback web` (a cold start of the previous deploy, without rollback_window).
+    """
+    flipvisor.start({"programs": {"web": program(nginx, "1")}})
+    flipvisor.wait_serving("web")
+    crashing = program(
+        nginx, "2", "--crash-after", "1.0", restart={"max_restarts": 1, "window": 60}
+    )
+    flipvisor.write_config({"programs": {"web": crashing}})
+    flipped = flipvisor.cli("flip", "web")
+    assert flipped.returncode == 0, flipped.stderr
+    wait_until(
+        lambda: flipvisor.program("web")["state"] == "fatal",
+        timeout=40,
+        message="the crash-looping release to make web fatal",
+    )
+    reason = str(flipvisor.program("web")["fatal_reason"])
+    named = "`flipvisor rollback web`" in reason
+    # What the advice should have named works: the previous deploy serves again.
+    rolled_back = flipvisor.cli("rollback", "web")
+    assert rolled_back.returncode == 0, rolled_back.stderr
+    assert get(nginx.url())["version"] == "1"
+    assert named, f"fatal_reason: {reason}"
