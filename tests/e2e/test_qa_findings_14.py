@@ -6,6 +6,7 @@ because of the defect, and passes (so XPASS fails the run) once it is fixed.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -118,3 +119,50 @@ def test_fatal_after_a_flip_names_the_rollback_without_a_warm_generation(
     assert rolled_back.returncode == 0, rolled_back.stderr
     assert get(nginx.url())["version"] == "1"
     assert named, f"fatal_reason: {reason}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "QA 14: `restart` after a rollback silently redeploys the file's section, the release "
+        "just rolled back from: no warning in its answer, no not-as-deployed event (a `run` that "
+        "does the same warns)"
+    ),
+)
+def test_restart_after_a_rollback_says_it_undoes_the_rollback(
+    flipvisor: Flipvisor, nginx: Nginx
+) -> None:
+    """Scenario: web serves v1; v2 is flipped in and is bad, so the operator runs `flipvisor
+    rollback web` (v1 serves again; the file still says v2, as README "Rollback" says it stays).
+    Later the operator bounces the program with `flipvisor restart web`.
+
+    Observed: the restart re-reads the file (as `restart --help` says) and deploys v2 again, the
+    release that was just rolled back, exit 0, with `"warning": null` in `restart --json` and no
+    `not-as-deployed` event: nothing tells the operator the rollback was undone. README "Rollback"
+    lists the next `run` as what brings the file's section back, and there it warns (a
+    `not-as-deployed` event); `restart` does it silently.
+
+    Expected: a restart that replaces a rolled-back deploy with the file's (different) section
+    says so: a warning in its answer (`warning` in --json) and a `not-as-deployed` event, as `run`
+    does (or it restarts what serves, the rolled-back-to section).
+    """
+    flipvisor.start({"programs": {"web": program(nginx, "1")}})
+    flipvisor.wait_serving("web")
+    flipvisor.write_config({"programs": {"web": program(nginx, "2")}})
+    flipped = flipvisor.cli("flip", "web")
+    assert flipped.returncode == 0, flipped.stderr
+    rolled_back = flipvisor.cli("rollback", "web")
+    assert rolled_back.returncode == 0, rolled_back.stderr
+    assert get(nginx.url())["version"] == "1"
+
+    restarted = flipvisor.cli("restart", "web", "--json")
+    assert restarted.returncode == 0, restarted.stderr
+    report = json.loads(restarted.stdout)
+    serving = get(nginx.url())["version"]
+    if serving == "1":
+        return  # it restarted what served: the rollback holds, nothing to warn about
+    kinds = flipvisor.event_kinds()
+    assert report["warning"] and "not-as-deployed" in kinds, (
+        f"now serving v{serving} (the release rolled back from); warning: {report['warning']!r}; "
+        f"latest events: {kinds[-12:]}"
+    )
