@@ -79,7 +79,8 @@ def test_a_failed_rollback_s_advice_works_when_followed(
     reason=(
         "QA 14: a release that crash-loops to `fatal` after its flip, with no rollback_window, "
         "gets a fatal reason whose only recovery step is `flipvisor start` (the broken release "
-        "again); `flipvisor rollback` (which works: it cold-starts the previous deploy) is not named"
+        "again); `flipvisor rollback` (which works: it cold-starts the previous deploy) is not "
+        "named"
     ),
 )
 def test_fatal_after_a_flip_names_the_rollback_without_a_warm_generation(
