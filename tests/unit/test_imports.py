@@ -111,8 +111,9 @@ ALLOWED: dict[str, set[str]] = {
     "durable": set(),
     # Serving a listener with a back-off on accepts that fail for lack of fds (control, metrics).
     "accepting": set(),
-    # The services that last as long as the supervisor: an end of one is a shutdown.
-    "lasting": set(),
+    # The services that last as long as the supervisor, started again after an end (flipvisor's
+    # own errors, FlipvisorError, said in one line).
+    "lasting": {"errors"},
     # A generation/current record parsed: leftovers and the proxy-undo journal read it alike.
     "current_record": {"starttime"},
     "file_identity": set(),
