@@ -115,11 +115,12 @@ def status(args: argparse.Namespace, path: Path) -> int:
 def flip_like(args: argparse.Namespace, path: Path) -> int:
     """``flip``, ``restart``, ``rollback``, ``start`` and ``stop``: each step shown as it
     happens, then a summary (or the report as one JSON document)."""
-    reached = _reach(path)
     from .client import converse
     from .display import FlipProgress
     from .protocol import Request
 
+    # Imported first: the supervisor gives a connection a few seconds to send its request.
+    reached = _reach(path)
     # The request names the file this command was given (``converse``): the supervisor
     # refuses it if it reads another.
     request_args: dict[str, Any] = {}
@@ -194,10 +195,10 @@ def reload(args: argparse.Namespace, path: Path) -> int:
 
 def events(args: argparse.Namespace, path: Path) -> int:
     """``events``: the recent events, then (``-f``) each as it happens; a line each."""
-    reached = _reach(path)
     from .client import converse
     from .protocol import Request
 
+    reached = _reach(path)  # after the imports, as flip_like's
     request = Request("events", args.program, {"limit": args.lines, "follow": args.follow})
     answer: dict[str, Any] = {}
     for message in converse(reached, request, on_waiting=waiting_notice()):
