@@ -98,7 +98,8 @@ def _add_restart(commands: Subcommands) -> None:
     _command(
         commands,
         "restart",
-        "restart PROGRAM: a flip (re-reads its section of the file)",
+        "restart PROGRAM: a flip (re-reads its section of the file; after a rollback, it warns "
+        "that it undoes it)",
         program=True,
         json_output=True,
     ).add_argument("--timeout", type=seconds, metavar="S", help=TIMEOUT_HELP)

@@ -136,7 +136,8 @@ class CrashPolicy:
     def describe_fatal(self) -> str | None:
         """Why the program is ``fatal`` (None: it is not) and what to do (``fatal_advice``):
         ``status``'s ``fatal_reason`` and the ``fatal`` event. While a generation of the deploy a
-        rollback goes back to is kept warm, ``rollback`` routes back to it at once. Read when
+        rollback goes back to is kept warm, ``rollback`` routes back to it at once; else, with a
+        previous deploy recorded, ``rollback`` starts it afresh. Read when
         asked: the warm generation goes at the end of its window (or when a worker of it
         exits), and the reason then stops naming it."""
         reason = self.program.fatal_reason
@@ -144,7 +145,13 @@ class CrashPolicy:
 
     def _advice(self, reason: str) -> str:
         warm = self.rollback_target()
-        return fatal_advice(self.program.name, reason, warm.number if warm is not None else None)
+        number = warm.number if warm is not None else None
+        return fatal_advice(self.program.name, reason, number, previous=self._has_previous())
+
+    def _has_previous(self) -> bool:
+        """Whether ``rollback`` has a target without a warm generation: a previous deploy in
+        the history, which it starts afresh (the way back from a release that crash-loops)."""
+        return self.program.history.previous is not None
 
     def rollback_target(self) -> Generation | None:
         """The generation kept warm, if it runs what ``rollback`` deploys (the previous deploy):
@@ -180,7 +187,8 @@ class CrashPolicy:
             return  # a flip or a stop took over meanwhile
         why = program.fatal_reason or "every worker exited and the restart policy starts none again"
         warm = self.rollback_target()
-        steps = next_steps(program.name, why, warm.number if warm is not None else None)
+        number = warm.number if warm is not None else None
+        steps = next_steps(program.name, why, number, previous=self._has_previous())
         program.runtime.events.emit(
             "given-up",
             program.name,

@@ -21,7 +21,7 @@ import anyio
 
 from .config import ProgramConfig, same_deploy
 from .discard import DEADLINE_GRACE
-from .errors import Busy, FlipFailed, FlipvisorError, flip_next_step
+from .errors import Busy, FlipFailed, FlipvisorError
 from .flip_outcome import (
     abandoned,
     answer_at,
@@ -29,8 +29,8 @@ from .flip_outcome import (
     conclude,
     describe_replaced,
     ended_by_a_stop,
+    next_step,
     record_flip,
-    retry_command,
     stranded_clause,
     timed_out,
 )
@@ -245,15 +245,18 @@ class Flips:
                 # The warm generation only if it runs the rollback's target (the previous
                 # deploy): after a `restart`, it may run the same config as the serving one.
                 if report.kind == "rollback" and warm and same_deploy(config, warm.config):
-                    return await promote_warm(self, report, warm, deadline)
-                return await deploy_new(self, report, config, deadline)
+                    promotion = await promote_warm(self, report, warm, deadline)
+                else:
+                    promotion = await deploy_new(self, report, config, deadline)
+                self._promoted(report, config)
+                return promotion
             # Only reached when the deadline cancelled the flip (it was undone, as after a failure).
             assert timeout is not None  # no deadline without it
             conclude(self.program, report, timed_out(self.program, report, timeout), report.output)
         except FlipFailed as exc:
             conclude(self.program, report, str(exc), exc.output)
         except FlipvisorError as exc:
-            step = flip_next_step(exc, name, retry=retry_command(self.program, report.kind))
+            step = next_step(exc, self.program, report, config)
             conclude(self.program, report, f"{exc}{stranded_clause(report)}; {step}")
         except Exception as exc:
             # The task-group boundary of a flip: a bug must fail this flip, not the
@@ -261,6 +264,28 @@ class Flips:
             log.exception("program=%s flip failed unexpectedly", name)
             conclude(self.program, report, f"internal error: {exc!r}")
         return None
+
+    def _promoted(self, report: FlipReport, config: ProgramConfig) -> None:
+        """``config`` was routed to: whether what serves is now a rollback's, not the file's
+        section (``Program.rolled_back``). A `restart` re-reads the file, as any flip does: one
+        that so replaces a rollback's deploy with the file's (other) section undoes the rollback,
+        and says so (a warning in its answer, a ``not-as-deployed`` event), as `run` does."""
+        program = self.program
+        if report.kind == "rollback":
+            program.rolled_back = True
+            return
+        if not program.rolled_back or same_deploy(config, program.history.current):
+            return  # the same deploy again (a `start`, a `restart` of an unedited section)
+        program.rolled_back = False
+        if report.kind != "restart":
+            return  # a `flip` (or a reload's) deploys the file's section: what it is asked for
+        said = (
+            f"this restart deployed the config file's section of {program.name}, not the "
+            f"rollback's (a rollback is not written to the file): it undid the rollback; "
+            f"`flipvisor rollback {program.name}` goes back to it, and editing the file keeps it"
+        )
+        report.caution = said
+        program.runtime.events.emit("not-as-deployed", program.name, report.generation, said)
 
     async def _settle_reporting(
         self, report: FlipReport, promotion: Promotion, deadline: float, timeout: float | None

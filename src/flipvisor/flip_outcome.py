@@ -2,8 +2,8 @@
 abandoned, or whose ``--timeout`` ran out after its promotion or while its rollback still runs
 (what began the rollback, what is still to do; the ``rollback-finished`` event once it ended),
 the clauses a failed flip's message is made of (what serves now, a proxy stranded on the failed
-generation, the command that tries again), and what a finished flip leaves in the program's
-counters, its events and its ``fatal`` state.
+generation, what to do next and the command that tries again), and what a finished flip leaves
+in the program's counters, its events and its ``fatal`` state.
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from .config import ProgramConfig
+from .errors import flip_next_step
 from .generation import Generation
 from .progress import FlipReport
+from .rollback_advice import rollback_next_step
 
 if TYPE_CHECKING:
     from .program import Program
@@ -247,6 +250,17 @@ def retry_command(program: Program, kind: str) -> str:
     if program.serving is None:
         return "start"
     return "rollback" if kind == "rollback" else "flip"
+
+
+def next_step(
+    exc: BaseException, program: Program, report: FlipReport, config: ProgramConfig
+) -> str:
+    """What the operator can do about ``exc`` failing ``report``'s flip of ``program`` to
+    ``config``: a rollback's advice names what the history recorded (``rollback_advice.py``),
+    a flip's the config file's keys, then the command that tries again (``retry_command``)."""
+    if report.kind == "rollback":
+        return rollback_next_step(exc, program.name, config, program.history.path)
+    return flip_next_step(exc, program.name, retry=retry_command(program, report.kind))
 
 
 def record_flip(program: Program, report: FlipReport) -> None:

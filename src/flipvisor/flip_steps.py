@@ -14,8 +14,8 @@ from anyio.abc import TaskGroup
 
 from .config import ProgramConfig
 from .discard import discard, wait_for_discarded
-from .errors import FlipFailed, FlipvisorError, ProbeFailed, flip_next_step
-from .flip_outcome import retry_command, what_serves
+from .errors import FlipFailed, FlipvisorError, ProbeFailed
+from .flip_outcome import next_step, what_serves
 from .generation import Generation
 from .lineage import this_supervisor
 from .progress import FlipReport
@@ -60,8 +60,7 @@ async def deploy_new(
         if isinstance(exc, FlipvisorError | TimeoutError):
             raise FlipFailed(
                 f"generation {number} of {program.name} failed: {reason}; "
-                f"{what_serves(program, report)}; "
-                + flip_next_step(exc, program.name, retry=retry_command(program, report.kind)),
+                f"{what_serves(program, report)}; " + next_step(exc, program, report, config),
                 list(gen.tail),
             ) from exc
         raise

@@ -109,6 +109,8 @@ class Program:
         self.serving: Generation | None = None
         self.warm: Generation | None = None  # kept for a rollback (``retirement.py``)
         self.history = History(runtime.state_dir / "history" / f"{name}.json")
+        # What serves was deployed by a rollback, not from the file (``Flips._promoted``).
+        self.rolled_back = False
         self.fatal_reason: str | None = None
         self.current_flip: FlipReport | None = None
         self.registration = Registration(

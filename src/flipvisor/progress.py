@@ -87,6 +87,8 @@ class FlipReport:
         self.steps: list[Step] = []
         self.error: str | None = None
         self.warning: str | None = None  # it succeeded, but not all of it is done
+        # Said with its success, in ``warning``: what the flip undid (a restart: a rollback).
+        self.caution: str | None = None
         self.output: list[str] = []
         # Set when a failed flip could not reload the proxy back away from the new generation:
         # why, and what the operator must do. The flip's outcome must not then claim that the
@@ -188,14 +190,15 @@ class FlipReport:
         warning: str | None = None,
     ) -> None:
         """The outcome: ``error`` if the flip failed; ``warning`` if it succeeded but left
-        something under way (steps after this are still recorded, not sent). Once only: a
-        second outcome is ignored, as the follower has the first (a flip answered at its
-        --timeout ends later)."""
+        something under way, after its ``caution`` if any (steps after this are still recorded,
+        not sent). Once only: a second outcome is ignored, as the follower has the first (a
+        flip answered at its --timeout ends later)."""
         if self.finished:
             log.debug("program=%s: the flip's outcome is out already: %s", self.program, error)
             return
         self.error = error
-        self.warning = warning
+        caution = self.caution if error is None else None
+        self.warning = "; ".join(said for said in (caution, warning) if said) or None
         self.output = output or []
         self.duration = time.monotonic() - self.started
         self._send.close()

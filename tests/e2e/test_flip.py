@@ -364,7 +364,8 @@ def test_a_start_of_a_fatal_program_leaves_the_generation_it_kept_warm_for_a_rol
 def test_a_stop_of_a_fatal_program_drains_the_generation_it_kept_warm(
     flipvisor: Flipvisor, nginx: Nginx
 ) -> None:
-    """The given-up stop leaves the warm generation for a rollback; a `stop` drains it."""
+    """The given-up stop leaves the warm generation for a rollback; a `stop` drains it. The
+    fatal reason then names the rollback as a cold start of the previous deploy (QA 14)."""
     warm_pids = go_fatal_after_the_flip(flipvisor, nginx)
     assert generations(flipvisor)[1]["pids"] == warm_pids  # warm, until the stop
 
@@ -377,7 +378,9 @@ def test_a_stop_of_a_fatal_program_drains_the_generation_it_kept_warm(
         message="the warm generation's workers to be gone",
     )
     status = flipvisor.program("web")
-    assert status["fatal_reason"] is not None and "rollback" not in status["fatal_reason"]
+    reason = status["fatal_reason"]
+    assert reason is not None and "kept warm" not in reason, reason
+    assert "`flipvisor rollback web` starts the previous deploy afresh" in reason, reason
 
 
 def test_a_warm_rollback_does_not_promote_a_warm_generation_that_no_longer_answers(

@@ -51,3 +51,18 @@ def test_the_status_note_is_the_supervisor_s_advice_as_sent() -> None:
     assert notes == [f"web: fatal: {sent}"]
     _, notes = status_rows({"programs": [{**program, "fatal_reason": CRASHED}]}, 0.0)
     assert notes == [f"web: fatal: {CRASHED}; {LOGS}; {START}"]
+
+
+COLD = "`flipvisor rollback web` starts the previous deploy afresh"
+
+
+def test_a_previous_deploy_without_a_warm_generation_adds_the_cold_rollback() -> None:
+    """A release that crash-loops after its flip (no rollback_window): `start` starts it again,
+    so the rollback (a cold start of the previous deploy) is named before it."""
+    assert fatal_advice("web", CRASHED, previous=True) == f"{CRASHED}; {LOGS}; {COLD}; {START}"
+    # A warm generation is the better way back: only it is named.
+    assert (
+        fatal_advice("web", CRASHED, 1, previous=True) == f"{CRASHED}; {LOGS}; {ROLLBACK}; {START}"
+    )
+    advice = fatal_advice("web", CRASHED, previous=True)
+    assert fatal_advice("web", advice, previous=True) == advice

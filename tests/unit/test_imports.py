@@ -53,6 +53,8 @@ SPAWN = {
 # supervisor's side of it, which every worker tells about its pipe.
 KEEPER = {"output_keeper", "kept_outputs", "keeper_handover"}
 BASE = LEAVES | CONFIG | LOGS | SPAWN | KEEPER | {"reaper", "sockets", "events", "progress"}
+# A failed rollback's advice: what the history recorded (a config), by what failed (an error).
+BASE |= {"rollback_advice"}
 CHECKS = BASE | {
     "notify_socket",
     "probe",
@@ -122,6 +124,7 @@ ALLOWED: dict[str, set[str]] = {
     # config_file only for its type (ConfigFile), which it runs on.
     "config_consistency": {"config_file", "problems", "usable"},  # usable: metrics.listen read
     "config_file": {"config", "config_consistency", "errors", "locate", "problems"},
+    "rollback_advice": {"config", "errors"},
     "reaper": {"errors"},
     "spawn": {
         "errors",

@@ -250,3 +250,17 @@ def test_a_second_outcome_is_ignored() -> None:
     report.close()
     assert not report.ok
     assert (report.error, report.output) == ("being rolled back", ["last line"])
+
+
+def test_a_caution_is_said_with_a_success_before_its_warning_and_not_with_a_failure() -> None:
+    """A restart that undid a rollback says so (``caution``) in its answer's ``warning``, and
+    before what its --timeout left under way; a failed one undid nothing."""
+    undid = "it undid the rollback"
+    said: list[str | None] = []
+    for error, warning in ((None, "draining on"), (None, None), ("spawn failed", None)):
+        report = FlipReport("web", "restart")
+        report.caution = undid
+        report.finish(error, warning=warning)
+        report.close()
+        said.append(report.to_json()["warning"])
+    assert said == [f"{undid}; draining on", undid, None]

@@ -1,16 +1,11 @@
-"""QA pass 14: several programs behind one nginx, reloads during a flip, and the rollback tooling.
-
-Each test is a defect found by an adversarial operator, marked ``xfail(strict=True)``: it fails
-because of the defect, and passes (so XPASS fails the run) once it is fixed.
-"""
+"""Rollback as an operator meets it in an incident: the advice of a failed rollback, a `fatal`
+release's way back, and a `restart` that undoes a rollback saying so (QA pass 14)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-
-import pytest
 
 from tests.e2e.test_concurrency import get
 from tests.e2e.test_flip import program
@@ -19,30 +14,21 @@ from tests.fixtures.nginx import Nginx
 from tests.waiting import wait_until
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "QA 14: a rollback whose recorded command no longer exists tells the operator to fix "
-        "programs.PROGRAM.command in the config and roll back again; the rollback target is the "
-        "recorded history, so doing exactly that fails the same way"
-    ),
-)
 def test_a_failed_rollback_s_advice_works_when_followed(
     flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
 ) -> None:
     """Scenario: web is deployed as a wrapper script (v1), then flipped to v2; the script is
-    deleted (a release directory cleaned up). `flipvisor rollback web` fails at spawn, and says
-    "fix programs.web.command or cwd in the config, then `flipvisor rollback web`". The operator
-    does that: edits programs.web.command in the file to a working command, and rolls back again.
+    deleted (a release directory cleaned up). `flipvisor rollback web` fails at spawn.
 
-    Observed: the second rollback fails identically (same missing script, same advice): the
-    rollback target is the previous deploy recorded in <state_dir>/history (README "Rollback":
-    "A rollback leaves the config file as it is"), which the config file does not change. The
-    advice sends the operator round in a loop in the middle of an incident.
+    Before the fix it said "fix programs.web.command or cwd in the config, then `flipvisor
+    rollback web`"; an operator who did that saw the second rollback fail identically:
+    the rollback target is the previous deploy recorded in <state_dir>/history (README
+    "Rollback": "A rollback leaves the config file as it is"), which the config file does not
+    change. The advice sent the operator round in a loop in the middle of an incident.
 
     Expected: a failed rollback's next step is one that can work: restore the recorded
     command/cwd (naming it), or deploy the file's section with `flipvisor flip web`; not
-    "fix ... in the config, then `flipvisor rollback web`".
+    "fix ... in the config, then `flipvisor rollback web`". The first is followed here.
     """
     script = tmp_path / "release-1" / "app.sh"
     script.parent.mkdir()
@@ -55,6 +41,7 @@ def test_a_failed_rollback_s_advice_works_when_followed(
     flipvisor.write_config({"programs": {"web": program(nginx, "2")}})
     flipped = flipvisor.cli("flip", "web")
     assert flipped.returncode == 0, flipped.stderr
+    release = script.read_text()
     script.unlink()
     script.parent.rmdir()
 
@@ -62,27 +49,22 @@ def test_a_failed_rollback_s_advice_works_when_followed(
     assert failed.returncode == 1, failed.stdout + failed.stderr
     advice = " ".join(failed.stderr.split())
     assert "no such file" in advice, advice
-    # The operator follows the advice to the letter: fix the command in the config file...
-    if "in the config" in advice:
-        flipvisor.write_config({"programs": {"web": program(nginx, "3")}})
-    # ...then runs the command it names again.
-    retried = flipvisor.cli("rollback", "web")
+    # Not the file's keys: editing them does not change what a rollback deploys.
+    assert "in the config" not in advice and "programs.web.command" not in advice, advice
+    # It names what to restore (the recorded command) and the other way on (deploy the file's).
+    assert str(script) in advice and "`flipvisor flip web`" in advice, advice
     # The serving generation was never touched (that part works).
     assert get(nginx.url())["version"] == "2"
-    assert retried.returncode == 0, (
-        f"advice followed: {advice!r}\nand the rollback failed again: {retried.stderr}"
-    )
+
+    # The operator follows it: restores the recorded command, and rolls back again.
+    script.parent.mkdir()
+    script.write_text(release)
+    script.chmod(0o755)
+    retried = flipvisor.cli("rollback", "web")
+    assert retried.returncode == 0, f"advice followed: {advice!r}\nand: {retried.stderr}"
+    assert get(nginx.url())["version"] == "1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "QA 14: a release that crash-loops to `fatal` after its flip, with no rollback_window, "
-        "gets a fatal reason whose only recovery step is `flipvisor start` (the broken release "
-        "again); `flipvisor rollback` (which works: it cold-starts the previous deploy) is not "
-        "named"
-    ),
-)
 def test_fatal_after_a_flip_names_the_rollback_without_a_warm_generation(
     flipvisor: Flipvisor, nginx: Nginx
 ) -> None:
@@ -90,7 +72,7 @@ def test_fatal_after_a_flip_names_the_rollback_without_a_warm_generation(
     crash-loops past restart.max_restarts: web is `fatal` and given up, nothing serves (nginx
     answers 502).
 
-    Observed: `status --json`'s fatal_reason (and the `fatal`/`given-up` events) say
+    Before the fix, `status --json`'s fatal_reason (and the `fatal`/`given-up` events) said
     "...; `flipvisor logs web` shows its output; `flipvisor start web` tries again": the only
     recovery offered starts the crash-looping release again. `flipvisor rollback web` is not
     mentioned, though it is what the operator needs and it works (it cold-starts v1, exit 0).
@@ -122,14 +104,6 @@ def test_fatal_after_a_flip_names_the_rollback_without_a_warm_generation(
     assert named, f"fatal_reason: {reason}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "QA 14: `restart` after a rollback silently redeploys the file's section, the release "
-        "just rolled back from: no warning in its answer, no not-as-deployed event (a `run` that "
-        "does the same warns)"
-    ),
-)
 def test_restart_after_a_rollback_says_it_undoes_the_rollback(
     flipvisor: Flipvisor, nginx: Nginx
 ) -> None:
@@ -137,11 +111,11 @@ def test_restart_after_a_rollback_says_it_undoes_the_rollback(
     rollback web` (v1 serves again; the file still says v2, as README "Rollback" says it stays).
     Later the operator bounces the program with `flipvisor restart web`.
 
-    Observed: the restart re-reads the file (as `restart --help` says) and deploys v2 again, the
-    release that was just rolled back, exit 0, with `"warning": null` in `restart --json` and no
-    `not-as-deployed` event: nothing tells the operator the rollback was undone. README "Rollback"
-    lists the next `run` as what brings the file's section back, and there it warns (a
-    `not-as-deployed` event); `restart` does it silently.
+    Before the fix, the restart re-read the file (as `restart --help` says) and deployed v2
+    again, the release that was just rolled back, exit 0, with `"warning": null` in `restart
+    --json` and no `not-as-deployed` event: nothing told the operator the rollback was undone.
+    README "Rollback" lists the next `run` as what brings the file's section back, and there it
+    warns (a `not-as-deployed` event); `restart` did it silently.
 
     Expected: a restart that replaces a rolled-back deploy with the file's (different) section
     says so: a warning in its answer (`warning` in --json) and a `not-as-deployed` event, as `run`
