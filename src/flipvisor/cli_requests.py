@@ -119,8 +119,6 @@ def flip_like(args: argparse.Namespace, path: Path) -> int:
     from .display import FlipProgress
     from .protocol import Request
 
-    # Imported first: the supervisor gives a connection a few seconds to send its request.
-    reached = _reach(path)
     # The request names the file this command was given (``converse``): the supervisor
     # refuses it if it reads another.
     request_args: dict[str, Any] = {}
@@ -130,6 +128,9 @@ def flip_like(args: argparse.Namespace, path: Path) -> int:
     answer: dict[str, Any] = {}
     progress = FlipProgress(enabled=not args.json)
     with progress:
+        # Connected once the spinner (rich) is loaded: the supervisor gives a connection a few
+        # seconds to send its request, which the import must not eat into on a loaded host.
+        reached = _reach(path)
         try:
             for message in converse(reached, request, on_waiting=waiting_notice()):
                 if message.get("type") == "progress":

@@ -115,6 +115,10 @@ class ControlServer:
         self._bound: Identity | None = None  # the socket file this one listens on
         self._accepting: anyio.CancelScope | None = None  # cancelled to listen again
         self._pausing: anyio.CancelScope | None = None  # cancelled to end a pause before it
+        # Between a listener's failure and its pause (its close awaits): a SIGHUP then ends the
+        # pause before it begins.
+        self._failed = False
+        self._hurry = False
         self._pause = FIRST_PAUSE  # before listening again after the listener failed
 
     async def wait_idle(self, timeout: float) -> None:
@@ -161,6 +165,7 @@ class ControlServer:
                 )
         except Exception as exc:  # the listener itself (EBADF, EINVAL), or a bug in accepting
             self._accepting = None
+            self._failed, self._hurry = True, False
             if anyio.current_time() - began >= LONGEST_PAUSE:
                 self._pause = FIRST_PAUSE  # it served a while: not one more failure in a row
             await listener.aclose()  # unusable: the path is bound anew
@@ -171,6 +176,7 @@ class ControlServer:
         """A new listener on the path, after ``failure`` ended the one before:
         tried again after a growing pause until one can be made (the path taken by another
         supervisor, a folder made there, is logged at each try)."""
+        traced = not isinstance(failure, FlipvisorError)  # a bug to trace, once
         while True:
             log.error(
                 "the control socket %s failed: %s; listening on it again in %g s (the "
@@ -178,10 +184,13 @@ class ControlServer:
                 self.path,
                 describe(failure),
                 self._pause,
-                # flipvisor's own refusals are a sentence; anything else, a bug to trace.
-                exc_info=None if isinstance(failure, FlipvisorError) else failure,
+                exc_info=failure if traced else None,
             )
+            traced = False  # a path that cannot be bound again (OSError) is a sentence
             with anyio.CancelScope() as self._pausing:
+                if self._hurry:
+                    self._pausing.cancel()  # a SIGHUP came while the listener was closed
+                self._hurry = False
                 await anyio.sleep(self._pause)
             self._pausing = None
             self._pause = min(self._pause * 2, LONGEST_PAUSE)
@@ -191,6 +200,7 @@ class ControlServer:
                 failure = exc
                 continue
             log.warning("listening on the control socket %s again", self.path)
+            self._failed = False
             return listener
 
     def relisten(self) -> bool:
@@ -199,6 +209,9 @@ class ControlServer:
         listener failed; True if so. For SIGHUP (the CLI says to send it)."""
         if self._pausing is not None:
             self._pausing.cancel()
+            return True
+        if self._failed:
+            self._hurry = True  # its pause has not begun yet
             return True
         if self._accepting is None or identity_of(self.path) == self._bound:
             return False

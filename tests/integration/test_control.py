@@ -501,6 +501,32 @@ async def test_sighup_ends_the_pause_before_listening_again(
     assert answer[-1]["ok"]
 
 
+async def test_a_sighup_while_the_failed_listener_closes_ends_the_pause_too(
+    sock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Between the failure and the pause (the failed listener's close awaits) neither the
+    # listener nor the pause could be cancelled: relisten said no, and the pause ran in full.
+    failing = ListenerFailingOnce()
+    failing.fail.set()
+    monkeypatch.setattr(control, "serve_listener", failing)
+    monkeypatch.setattr(control, "FIRST_PAUSE", 3600.0)
+    said: list[bool] = []
+    real_describe = control.describe
+
+    def describe_with_a_sighup(failure: BaseException) -> str:
+        if not said:  # logged after the close, before the pause: the window itself
+            said.append(server.relisten())
+        return real_describe(failure)
+
+    monkeypatch.setattr(control, "describe", describe_with_a_sighup)
+    async with serving(sock_path, FakeSupervisor().dispatch) as server:
+        with anyio.fail_after(DEADLINE):
+            await failing.replaced.wait()
+        answer = await ask(sock_path, Request("status"))
+    assert said == [True]
+    assert answer[-1]["ok"]
+
+
 def test_peer_allowed() -> None:
     assert peer_allowed(os.getuid())
     assert peer_allowed(0)
