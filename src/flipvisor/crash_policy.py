@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .config import same_deploy
-from .fatal_advice import fatal_advice, next_steps
+from .config import ProgramConfig, same_deploy
+from .fatal_advice import RollbackWay, fatal_advice, next_steps, shown_command
 from .generation import Generation
 from .restarts import RestartBudget, Verdict, judge_exit
 from .worker import Worker
@@ -28,6 +28,8 @@ class CrashPolicy:
 
     def __init__(self, program: Program) -> None:
         self.program = program
+        # What failed into ``fatal`` (None: unknown): a rollback to it is no way out of it.
+        self._failing: ProgramConfig | None = None
         # Each generation's restart budget by its number, made at its first exit: a handful at
         # most (those in ``program.generations``; the others are dropped as budgets are made).
         self._budgets: dict[int, RestartBudget] = {}
@@ -95,7 +97,7 @@ class CrashPolicy:
         if verdict.fail is not None:
             gen.fail(verdict.fail)
         if verdict.fatal is not None:
-            self.become_fatal(verdict.fatal, gen.number)
+            self.become_fatal(verdict.fatal, gen.number, failing=gen.config)
         if verdict.delay is None and verdict.fail is None and gen is program.serving:
             self.stop_if_given_up(worker)  # its PID left pid/current already (``Generation``)
         if verdict.delay is not None:
@@ -117,14 +119,21 @@ class CrashPolicy:
         self.program.restarts_total += 1
 
     def become_fatal(
-        self, reason: str, generation: int | None, *, replace_reason: bool = False
+        self,
+        reason: str,
+        generation: int | None,
+        *,
+        replace_reason: bool = False,
+        failing: ProgramConfig | None = None,
     ) -> None:
         """Enter ``fatal`` (once: one `fatal` event, the first reason kept, as later workers of
         the generation exit because of it), until `start` or a promotion clears it.
-        ``replace_reason``: a failed flip's report says more than the exit that failed it."""
+        ``replace_reason``: a failed flip's report says more than the exit that failed it.
+        ``failing``: the deploy that failed, which the advice does not offer as the way back."""
         program = self.program
         if program.fatal_reason is None:
             program.fatal_reason = reason
+            self._failing = failing
             program.runtime.events.emit("fatal", program.name, generation, self._advice(reason))
             # Nothing is started once fatal: not even a restart already waiting out its backoff
             # (the budget that ran out since was spent on it). `start` revives those slots.
@@ -132,6 +141,7 @@ class CrashPolicy:
                 gen.give_up_restarts()
         elif replace_reason:
             program.fatal_reason = reason
+            self._failing = failing
 
     def describe_fatal(self) -> str | None:
         """Why the program is ``fatal`` (None: it is not) and what to do (``fatal_advice``):
@@ -144,14 +154,21 @@ class CrashPolicy:
         return None if reason is None else self._advice(reason)
 
     def _advice(self, reason: str) -> str:
-        warm = self.rollback_target()
-        number = warm.number if warm is not None else None
-        return fatal_advice(self.program.name, reason, number, previous=self._has_previous())
+        return fatal_advice(self.program.name, reason, self._rollback_way())
 
-    def _has_previous(self) -> bool:
-        """Whether ``rollback`` has a target without a warm generation: a previous deploy in
-        the history, which it starts afresh (the way back from a release that crash-loops)."""
-        return self.program.history.previous is not None
+    def _rollback_way(self) -> RollbackWay:
+        """What ``rollback`` would deploy: the generation kept warm for it or, without one, the
+        previous deploy in the history, started afresh (the way back from a release that
+        crash-loops), named by its command: after a rollback, it is the deploy rolled back from.
+        Not offered if it is what failed (a `start` of a section edited back to it)."""
+        program = self.program
+        warm = self.rollback_target()
+        previous = program.history.previous
+        if warm is None and (previous is None or same_deploy(previous, self._failing)):
+            return RollbackWay()
+        command = shown_command(previous.command) if previous is not None else None
+        number = warm.number if warm is not None else None
+        return RollbackWay(number, command, rolled_back_from=program.rolled_back)
 
     def rollback_target(self) -> Generation | None:
         """The generation kept warm, if it runs what ``rollback`` deploys (the previous deploy):
@@ -187,8 +204,7 @@ class CrashPolicy:
             return  # a flip or a stop took over meanwhile
         why = program.fatal_reason or "every worker exited and the restart policy starts none again"
         warm = self.rollback_target()
-        number = warm.number if warm is not None else None
-        steps = next_steps(program.name, why, number, previous=self._has_previous())
+        steps = next_steps(program.name, why, self._rollback_way())
         program.runtime.events.emit(
             "given-up",
             program.name,

@@ -148,7 +148,7 @@ class Flips:
                 # out, called off): its address must not stay listening with nobody accepting.
                 self.program.listener.let_go_pending()
                 self.release_settled()  # whatever happened, no stop waits for it forever
-                record_flip(self.program, report)
+                record_flip(self.program, report, config)
         # Not when cancelled (the program removed, the supervisor gone): nothing is deployed then.
         self._deploy_pending()
 
@@ -272,7 +272,8 @@ class Flips:
         and says so (a warning in its answer, a ``not-as-deployed`` event), as `run` does."""
         program = self.program
         if report.kind == "rollback":
-            program.rolled_back = True
+            # Not a rollback of a rollback that lands back on the file's section: it serves.
+            program.rolled_back = not same_deploy(config, program.config)
             return
         if not program.rolled_back or same_deploy(config, program.history.current):
             return  # the same deploy again (a `start`, a `restart` of an unedited section)

@@ -263,9 +263,9 @@ def next_step(
     return flip_next_step(exc, program.name, retry=retry_command(program, report.kind))
 
 
-def record_flip(program: Program, report: FlipReport) -> None:
-    """A flip is over: no flip runs, and one that finished is counted and in the events (a
-    failure with nothing serving leaves the program ``fatal``)."""
+def record_flip(program: Program, report: FlipReport, config: ProgramConfig) -> None:
+    """A flip to ``config`` is over: no flip runs, and one that finished is counted and in the
+    events (a failure with nothing serving leaves the program ``fatal``)."""
     program.current_flip = None
     # The serving generation's workers may all have given up while the flip ran (it held
     # the check back): a flip that did not replace it leaves it to be stopped now.
@@ -281,7 +281,9 @@ def record_flip(program: Program, report: FlipReport) -> None:
         events.emit("flip-failed", program.name, report.generation, report.error)
         if program.serving is None and not program._stops:
             # Nothing serves this program: say so in status until `start` retries.
-            program.crashes.become_fatal(report.error, report.generation, replace_reason=True)
+            program.crashes.become_fatal(
+                report.error, report.generation, replace_reason=True, failing=config
+            )
     events.emit(
         "flip-finished",
         program.name,

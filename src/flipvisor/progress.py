@@ -197,7 +197,9 @@ class FlipReport:
             log.debug("program=%s: the flip's outcome is out already: %s", self.program, error)
             return
         self.error = error
-        caution = self.caution if error is None else None
+        # A promoted flip that failed after (retiring what it replaced) still deployed what the
+        # caution is about: it is said with the error. One not promoted deployed nothing.
+        caution = self.caution if error is None or self.routed else None
         self.warning = "; ".join(said for said in (caution, warning) if said) or None
         self.output = output or []
         self.duration = time.monotonic() - self.started

@@ -380,7 +380,7 @@ def test_a_stop_of_a_fatal_program_drains_the_generation_it_kept_warm(
     status = flipvisor.program("web")
     reason = status["fatal_reason"]
     assert reason is not None and "kept warm" not in reason, reason
-    assert "`flipvisor rollback web` starts the previous deploy afresh" in reason, reason
+    assert "`flipvisor rollback web` starts afresh the previous deploy (`" in reason, reason
 
 
 def test_a_warm_rollback_does_not_promote_a_warm_generation_that_no_longer_answers(

@@ -133,11 +133,12 @@ def test_restart_after_a_rollback_says_it_undoes_the_rollback(
     restarted = flipvisor.cli("restart", "web", "--json")
     assert restarted.returncode == 0, restarted.stderr
     report = json.loads(restarted.stdout)
+    # `restart` re-reads the file (`restart --help`): it deploys the file's section, v2.
     serving = get(nginx.url())["version"]
-    if serving == "1":
-        return  # it restarted what served: the rollback holds, nothing to warn about
+    assert serving == "2", f"restart served v{serving}, not the file's section"
     kinds = flipvisor.event_kinds()
-    assert report["warning"] and "not-as-deployed" in kinds, (
-        f"now serving v{serving} (the release rolled back from); warning: {report['warning']!r}; "
-        f"latest events: {kinds[-12:]}"
+    warning = str(report["warning"])
+    assert "it undid the rollback" in warning and "`flipvisor rollback web`" in warning, (
+        f"warning: {report['warning']!r}"
     )
+    assert "not-as-deployed" in kinds, f"latest events: {kinds[-12:]}"

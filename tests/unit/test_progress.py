@@ -264,3 +264,14 @@ def test_a_caution_is_said_with_a_success_before_its_warning_and_not_with_a_fail
         report.close()
         said.append(report.to_json()["warning"])
     assert said == [f"{undid}; draining on", undid, None]
+
+
+def test_a_promoted_flip_that_failed_afterwards_keeps_its_caution() -> None:
+    """A restart promoted (it serves the file's section: the rollback is undone) whose retiring
+    of what it replaced failed still undid the rollback: the error does not drop the caution."""
+    report = FlipReport("web", "restart")
+    report.caution = "it undid the rollback"
+    report.routed = True
+    report.finish("generation 3 was promoted and serves, but retiring generation 2 failed")
+    report.close()
+    assert report.to_json()["warning"] == "it undid the rollback"

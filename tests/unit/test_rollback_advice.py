@@ -45,7 +45,7 @@ INSTEAD = "`flipvisor flip web`"
         ),
         (BindError("not here"), "the previous deploy's socket 127.0.0.1:8000 cannot be bound here"),
         (ProxyFileError("a folder"), "make the previous deploy's proxy.dest /etc/nginx/web.conf"),
-        (ProxyError("nginx -t failed"), "fix the proxy template /etc/web.conf.j2 or the previous"),
+        (ProxyError("nginx -t failed"), f"fix the proxy template /etc/web.conf.j2, {AGAIN}"),
     ],
 )
 def test_a_failed_rollback_names_the_recorded_value_and_the_file_s_way(
@@ -63,3 +63,30 @@ def test_the_registry_and_the_probe_are_not_the_deploy_s_to_restore() -> None:
     assert rollback_next_step(ProbeFailed("503"), "web", TARGET, HISTORY) == (
         "`flipvisor logs web` shows its output"
     )
+
+
+def test_a_failed_proxy_step_names_the_recorded_check_and_reload_commands() -> None:
+    """The history records the check and reload commands: they cannot be edited, so the advice
+    names them (what must work), not "fix the previous deploy's check/reload command"."""
+    proxy = {
+        "template": "/etc/web.conf.j2",
+        "dest": "/etc/nginx/web.conf",
+        "check_cmd": ["nginx", "-t"],
+        "reload_cmd": ["nginx", "-s", "reload"],
+    }
+    target = TARGET.model_copy(update={"proxy": TARGET.proxy.model_copy(update=proxy)})
+    step = rollback_next_step(ProxyError("nginx -t failed"), "web", target, HISTORY)
+    assert step.startswith(
+        "fix the proxy template /etc/web.conf.j2 or make `nginx -t` (the previous deploy's check "
+        "command) and `nginx -s reload` (the previous deploy's reload command) work, "
+    ), step
+    assert "check/reload" not in step and INSTEAD in step, step
+
+
+def test_a_socket_that_cannot_be_bound_here_says_to_flip_without_a_dangling_or() -> None:
+    step = rollback_next_step(BindError("not here"), "web", TARGET, HISTORY)
+    assert step.startswith(
+        "the previous deploy's socket 127.0.0.1:8000 cannot be bound here: deploy the config "
+        "file's section instead with `flipvisor flip web`"
+    ), step
+    assert ": or " not in step, step
