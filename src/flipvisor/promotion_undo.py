@@ -141,6 +141,9 @@ async def _undo_within_bound(
                 await _reload_back(route, back, undoing)
             except ProxyError as exc:
                 undoing.back_failed = exc
+                # Kept for the next start, which reloads the proxy: marked as kept on purpose,
+                # so that it is not said as left by a supervisor killed.
+                await route.reload_back_failed()
 
 
 async def _run_undo_steps(steps: list[Undo], *, program: str, undoing: _Undoing) -> None:
@@ -228,7 +231,7 @@ async def _reload_back(route: Routing, back: _ReloadBack, undoing: _Undoing) -> 
             # it on whatever it ran, perhaps generation gen.
             routing_to_gen = await route.reload(proxy)
         except ProxyError as exc:
-            step.detail = _failed_back(back, exc)
+            step.detail = _failed_back(back, exc, recorded=route.journal is not None)
             log.error("program=%s could not reload the proxy back: %s", route.program, step.detail)
             raise ProxyError(step.detail) from exc
         # Routed back once the reload is done (and confirmed): the bound cutting the wait
@@ -243,9 +246,11 @@ async def _reload_back(route: Routing, back: _ReloadBack, undoing: _Undoing) -> 
             )
 
 
-def _failed_back(back: _ReloadBack, failure: ProxyError) -> str:
+def _failed_back(back: _ReloadBack, failure: ProxyError, *, recorded: bool) -> str:
     """What a reload back that failed with ``failure`` leaves: where the proxy may route (to
-    ``back.gen``, or as before if nginx ``refused`` the reload towards it) and what to do."""
+    ``back.gen``, or as before if nginx ``refused`` the reload towards it), what to run now, and,
+    if the flip's proxy step was ``recorded`` (its proxy-undo record is kept), that the next
+    start checks and reloads the proxy."""
     gen, proxy = back.gen, back.proxy
     if back.refused:
         where = (
@@ -254,7 +259,13 @@ def _failed_back(back: _ReloadBack, failure: ProxyError) -> str:
         )
     else:
         where = f"the proxy may still route to generation {gen.number} until it reloads"
+    then = (
+        "; else the next start of the supervisor checks the proxy's config and reloads it (the "
+        "flip's proxy-undo record is kept for that)"
+        if recorded
+        else ""
+    )
     return (
-        f"{failure}; {where}: run {how_to_reload(proxy)}, or reload it by other "
-        "means (the previous proxy file is back in place)"
+        f"{failure}; {where}: run {how_to_reload(proxy)} now, or reload it by other "
+        f"means (the previous proxy file is back in place){then}"
     )

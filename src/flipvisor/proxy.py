@@ -261,6 +261,12 @@ class Routing:
         if self.journal is not None:
             await self.journal.before_registry_step()
 
+    async def reload_back_failed(self) -> None:
+        """A failed flip's reload back failed: the journal's record stays for the next start,
+        marked so (``ProxyJournal.reload_back_failed``)."""
+        if self.journal is not None:
+            await self.journal.reload_back_failed()
+
     async def settle(self) -> None:
         """The changes stand, or were undone: the journal's record of them goes."""
         if self.journal is not None:

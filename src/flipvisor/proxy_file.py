@@ -199,6 +199,10 @@ class Journal(Protocol):
             ProxyError: it could not be recorded (the registry step must not be taken).
         """
 
+    async def reload_back_failed(self) -> None:
+        """A flip's undo put its files back but failed to reload the proxy back: the record
+        stays for the next start, marked as kept for that."""
+
     async def settle(self) -> None:
         """The recorded changes stand, or were undone: the record goes."""
 

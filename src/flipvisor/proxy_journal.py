@@ -37,8 +37,10 @@ from .errors import ProxyError
 from .proxy_file import Installed, same_file
 from .proxy_record import (
     FLIP,
+    KEPT,
     RECORD_MODE,
     REGISTRY_NEXT,
+    RELOAD_BACK_FAILED,
     REMOVAL,
     UNREADABLE,
     About,
@@ -63,6 +65,7 @@ class ProxyJournal:
     changes: list[Change] = field(default_factory=list)
     # A change made halfway that could not be undone (``failed_halfway``): the record stays.
     halfway: bool = False
+    registry_next: bool = False  # marked by ``before_registry_step``
 
     def replacing(self, kept: Installed, written: bytes | None) -> None:
         """Record durably that ``kept.dest`` is about to hold ``written`` (None: be removed).
@@ -82,6 +85,7 @@ class ProxyJournal:
                 "promotion ends could not put it back"
             ) from exc
         self.changes.append(change)
+        self.registry_next = False
 
     async def before_registry_step(self) -> None:
         """The proxy step is done (its files checked) and the registry step comes next: mark the
@@ -97,6 +101,7 @@ class ProxyJournal:
     def _mark_registry_next(self) -> None:
         try:
             self._write(self.changes, registry_next=True)
+            self.registry_next = True
         except OSError as exc:
             raise ProxyError(
                 f"cannot mark in {self.path} that the proxy step is done, before the registry "
@@ -109,15 +114,40 @@ class ProxyJournal:
         record stays for the next start, which puts the file back, whatever ``settle`` is told."""
         self.halfway = True
 
-    def _write(self, changes: list[Change], *, registry_next: bool) -> None:
-        """Write the record of ``changes``, durably (blocking).
+    async def reload_back_failed(self) -> None:
+        """The flip's undo put its files back but failed to reload the proxy back: the record
+        stays for the next start, which reloads the proxy, and says so (``KEPT``), so that the
+        next start does not take it for one a kill left (off the event loop; a failure to say
+        so is logged: the record stays all the same)."""
+        if self.changes and self.about.kind == FLIP:
+            await anyio.to_thread.run_sync(self._mark_kept)
+
+    def _mark_kept(self) -> None:
+        try:
+            self._write(self.changes, kept=RELOAD_BACK_FAILED)
+        except OSError as exc:
+            log.warning(
+                "program=%s cannot mark the proxy-undo record %s as kept after a failed reload "
+                "back: %s; the next start reloads the proxy all the same",
+                self.about.program,
+                self.path,
+                exc.strerror or exc,
+            )
+
+    def _write(
+        self, changes: list[Change], *, registry_next: bool | None = None, kept: str | None = None
+    ) -> None:
+        """Write the record of ``changes`` (``registry_next``: None, as marked so far; ``kept``:
+        why it is kept on purpose), durably (blocking).
 
         Raises:
             OSError: it could not be written (``ReplacedNotDurable``: it was, not durably).
         """
         document = {**self.about.to_json(), "files": [c.to_json() for c in changes]}
         if self.about.kind == FLIP:
-            document[REGISTRY_NEXT] = registry_next
+            document[REGISTRY_NEXT] = self.registry_next if registry_next is None else registry_next
+        if kept is not None:
+            document[KEPT] = kept
         data = json.dumps(document, indent=1).encode()
         try:
             write_atomic(self.path, data, RECORD_MODE)

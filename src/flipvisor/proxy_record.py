@@ -1,8 +1,9 @@
 """The records of the proxy-undo journal (``proxy_journal.py``) in
 ``<state_dir>/proxy-undo/``: their format (``Change``, ``About``), and the records a killed
-supervisor left, read back at start-up (``pending``) and put back where the file still holds
-what the interrupted step wrote (``Pending.put_back``), kept undecided for a later start
-(``keep_undecided``), or set aside when they cannot be read. Blocking calls: run off the event
+supervisor left (or kept, as its flip's undo failed to reload the proxy back: ``KEPT``), read
+back at start-up (``pending``) and put back where the file still holds what the interrupted step
+wrote (``Pending.put_back``), kept undecided for a later start (``keep_undecided``), or set aside
+when they cannot be read. Blocking calls: run off the event
 loop, or at start-up before anything runs.
 """
 
@@ -32,6 +33,11 @@ RECORD_MODE = 0o600  # it may hold a proxy file's bytes: private, as the state_d
 # A flip's record: whether its proxy step was done and its registry step next
 # (``before_registry_step``); False: it was never promoted. Missing from older records.
 REGISTRY_NEXT = "registry_next"
+# Why a record was kept on purpose, not left by a kill: its flip's undo failed to reload the
+# proxy back (``ProxyJournal.reload_back_failed``), and the next start reloads it. Missing from
+# records a kill left, and from older records.
+KEPT = "kept"
+RELOAD_BACK_FAILED = "reload back failed"
 FLIP = "flip"  # a promotion's proxy step: undone unless the registry names its generation
 REMOVAL = "removal"  # a removed program's file taken away, until the proxy check passed
 
@@ -164,6 +170,22 @@ class Pending:
     # A flip's: whether it was past its proxy step (``before_registry_step``); None: unknown (a
     # record written before that mark existed).
     registry_next: bool | None = None
+    kept: str | None = None  # why it was kept on purpose (``KEPT``); None: a kill left it
+
+    @property
+    def reload_back_failed(self) -> bool:
+        """Whether the record was kept as its flip's undo failed to reload the proxy back."""
+        return self.kept == RELOAD_BACK_FAILED
+
+    def how_left(self) -> str:
+        """How the step came to be left unfinished, for a message."""
+        about = self.about
+        if self.reload_back_failed:
+            return (
+                f"the reload back of {about.program}'s rolled-back flip to generation "
+                f"{about.generation} (port {about.port}) failed before the last shutdown"
+            )
+        return f"a previous supervisor was killed during {about.describe()}"
 
     @property
     def maybe_promoted(self) -> bool:
@@ -258,12 +280,13 @@ def read_record(path: Path) -> Pending:
     """
     document = json.loads(path.read_bytes())
     changes = tuple(Change.from_json(c) for c in document["files"])
-    registry_next = document.get(REGISTRY_NEXT)
+    registry_next, kept = document.get(REGISTRY_NEXT), document.get(KEPT)
     return Pending(
         path,
         About.from_json(document),
         changes,
         None if registry_next is None else bool(registry_next),
+        None if kept is None else str(kept),
     )
 
 

@@ -121,7 +121,7 @@ async def _keep_undecided(step: Pending, events: EventLog) -> None:
         "proxy-left",
         step.about.program,
         None,
-        f"a previous supervisor was killed during {step.about.describe()}, and the registry "
+        f"{step.how_left()}, and the registry "
         f"cannot be read to tell whether it named that generation: its proxy file is left as it "
         f"is ({files}), and the record kept for the next start ({kept})",
     )
@@ -134,8 +134,8 @@ async def _keep(step: Pending, events: EventLog) -> None:
         "proxy-kept",
         step.about.program,
         None,
-        f"a previous supervisor was killed during {step.about.describe()}, after the registry "
-        f"named that generation: its proxy file stays ({files}), as the keys name it",
+        f"{step.how_left()}, after the registry named that generation: its proxy file stays "
+        f"({files}), as the keys name it",
     )
     await anyio.to_thread.run_sync(step.forget)
 
@@ -145,12 +145,16 @@ async def _undo(step: Pending, events: EventLog, proxy: ProxyAccess | None) -> N
     and reloaded if the flip may have reloaded it."""
     about = step.about
     outcome = await anyio.to_thread.run_sync(step.put_back)
-    when = "before its registry step" if step.registry_next is False else "before it was done"
-    message = f"a previous supervisor was killed during {about.describe()}, {when}: "
+    if step.reload_back_failed:
+        message = f"{step.how_left()}: "
+    else:
+        when = "before its registry step" if step.registry_next is False else "before it was done"
+        message = f"{step.how_left()}, {when}: "
     message += "; ".join(outcome.done)
     settled, routed = outcome.settled, True
     if step.maybe_promoted and settled:
-        # It may have reloaded the proxy with its file (killed before its reload back).
+        # It may have reloaded the proxy with its file (killed before its reload back, or that
+        # reload back failed).
         if outcome.left_alone:
             routed = False
             message += (
@@ -199,9 +203,10 @@ async def _reload_proxy(step: Pending, access: ProxyAccess | None) -> tuple[str,
             False,
             False,
         )
+    why = "failed" if step.reload_back_failed else "had not happened when it was killed"
     return (
         "the proxy was checked and reloaded, as that flip may have reloaded it with its file "
-        f"(killed before it was reloaded back, away from generation {about.generation})",
+        f"(its reload back, away from generation {about.generation}, {why})",
         True,
         True,
     )

@@ -109,6 +109,8 @@ async def test_a_failed_reload_back_after_a_refused_reload_says_nginx_routes_as_
     else:
         assert report.stranded is not None
         assert "may still route to generation 2" in report.stranded
+    # No proxy-undo journal here: no record is kept for the next start, so none is promised.
+    assert "next start" not in reload_back.detail, reload_back.detail
 
 
 @pytest.mark.parametrize("reload_back", ["true", "false"])
@@ -149,6 +151,15 @@ async def test_the_proxy_undo_record_stays_until_the_proxy_is_reloaded_back(
         assert report.stranded is not None
         [kept] = pending(state_dir)
         assert kept.registry_next is True
+        # What to run now, and that the next start reloads the proxy, as the record is kept.
+        reload_back_step = next(step for step in report.steps if step.name == "reload-back")
+        assert "run `false` now" in reload_back_step.detail, reload_back_step.detail
+        assert (
+            "the next start of the supervisor checks the proxy's config and reloads it"
+            in reload_back_step.detail
+        ), reload_back_step.detail
+        # Kept on purpose, not by a kill: the next start says so (``Pending.how_left``).
+        assert kept.reload_back_failed
 
 
 async def test_an_undo_cut_short_while_old_proxy_workers_finish_says_it_was_reloaded_back(

@@ -258,6 +258,41 @@ def test_a_reload_that_fails_after_an_undone_flip_is_said_and_tried_again(tmp_pa
     assert pending(state_dir) == []
 
 
+def test_a_record_kept_after_a_failed_reload_back_is_not_said_as_left_by_a_kill(
+    tmp_path: Path,
+) -> None:
+    """A flip's undo put its file back and failed to reload the proxy back: its record is kept
+    for the next start, which said "a previous supervisor was killed during ...", even after a
+    clean shutdown. Marked as kept (``kept``), it is said as what happened; a record a kill left
+    (without the mark, as older records) is still said as that."""
+    state_dir, dest = tmp_path / "state", tmp_path / "web.conf"
+    dest.write_bytes(b"server 127.0.0.1:2001;\n")
+    journal = flip_journal(state_dir, "web", generation=2, port=2002, supervisor=SUPERVISOR)
+    installed = put_in_place(dest, b"server 127.0.0.1:2002;\n", journal)
+    anyio.run(journal.before_registry_step)
+    installed.restore()  # the undo put the file back; its reload back then failed
+    anyio.run(journal.reload_back_failed)
+    assert json.loads((state_dir / "proxy-undo" / "web.json").read_text())["kept"] == (
+        "reload back failed"
+    )
+
+    [(kind, message)] = _finish(state_dir, {"web": _current(1, 2001)})
+
+    assert kind == "proxy-restored", message
+    assert message.startswith(
+        "the reload back of web's rolled-back flip to generation 2 (port 2002) failed before "
+        "the last shutdown: "
+    ), message
+    assert "killed" not in message, message
+    assert "(its reload back, away from generation 2, failed)" in message, message
+    assert _proxy_saw(state_dir) == ["check", "reload"]
+    assert pending(state_dir) == []
+
+    _flip(state_dir, checked=True)  # a record a kill left: no mark
+    [(kind, message)] = _finish(state_dir, {"web": _current(1, 2001)})
+    assert message.startswith("a previous supervisor was killed during a flip"), message
+
+
 def test_a_check_that_fails_after_an_undone_flip_reloads_nothing_and_is_tried_again(
     tmp_path: Path,
 ) -> None:
