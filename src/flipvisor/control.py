@@ -6,8 +6,10 @@ takes as long as it needs. Accepts that fail for lack of fds are retried (``acce
 A socket file removed while the supervisor runs (by hand, by a temp cleaner) leaves it listening
 on a file nobody can reach; SIGHUP (``ControlServer.relisten``) makes it listen on the path again,
 unless another supervisor listens there by then. A listener that fails (an accept's EBADF, EINVAL)
-is replaced after a pause (1 s, doubling to 30 s; SIGHUP cuts it short): only the listener, the
-conversations under way (a reload, a revive, an ``events -f``) go on.
+is replaced at once (a pause there left a stale socket file, which another `run` on the state_dir
+takes over); one that fails again within LONGEST_PAUSE, or a path that cannot be bound, after a
+pause (1 s, doubling to 30 s; SIGHUP cuts it short): only the listener, the conversations under
+way (a reload, a revive, an ``events -f``) go on.
 """
 
 from __future__ import annotations
@@ -119,7 +121,9 @@ class ControlServer:
         # pause before it begins.
         self._failed = False
         self._hurry = False
-        self._pause = FIRST_PAUSE  # before listening again after the listener failed
+        # Before listening again after the listener failed: None, at once (not a failure in a
+        # row). The socket file is stale meanwhile, the one guard against another `run` gone.
+        self._pause: float | None = None
 
     async def wait_idle(self, timeout: float) -> None:
         """Wait, at most ``timeout`` seconds, until no conversation is under way (at shutdown:
@@ -167,33 +171,30 @@ class ControlServer:
             self._accepting = None
             self._failed, self._hurry = True, False
             if anyio.current_time() - began >= LONGEST_PAUSE:
-                self._pause = FIRST_PAUSE  # it served a while: not one more failure in a row
+                self._pause = None  # it served a while: not one more failure in a row
             await listener.aclose()  # unusable: the path is bound anew
             return await self._listen_after(exc)
         return await self._listen_again(listener)
 
     async def _listen_after(self, failure: Exception) -> SocketListener:
-        """A new listener on the path, after ``failure`` ended the one before:
-        tried again after a growing pause until one can be made (the path taken by another
-        supervisor, a folder made there, is logged at each try)."""
+        """A new listener on the path, after ``failure`` ended the one before: at once if it is
+        not a failure in a row, else (and while none can be made: the path taken by another
+        supervisor, a folder made there, logged at each try) after a growing pause."""
         traced = not isinstance(failure, FlipvisorError)  # a bug to trace, once
         while True:
+            pause = self._pause
             log.error(
-                "the control socket %s failed: %s; listening on it again in %g s (the "
+                "the control socket %s failed: %s; listening on it again %s (the "
                 "conversations under way and the programs go on)",
                 self.path,
                 describe(failure),
-                self._pause,
+                "now" if pause is None else f"in {pause:g} s",
                 exc_info=failure if traced else None,
             )
             traced = False  # a path that cannot be bound again (OSError) is a sentence
-            with anyio.CancelScope() as self._pausing:
-                if self._hurry:
-                    self._pausing.cancel()  # a SIGHUP came while the listener was closed
-                self._hurry = False
-                await anyio.sleep(self._pause)
-            self._pausing = None
-            self._pause = min(self._pause * 2, LONGEST_PAUSE)
+            if pause is not None:
+                await self._pause_before_listening(pause)
+            self._pause = FIRST_PAUSE if pause is None else min(pause * 2, LONGEST_PAUSE)
             try:
                 listener, _replaced = await self._listen()
             except (FlipvisorError, OSError) as exc:
@@ -202,6 +203,15 @@ class ControlServer:
             log.warning("listening on the control socket %s again", self.path)
             self._failed = False
             return listener
+
+    async def _pause_before_listening(self, pause: float) -> None:
+        """Sleep ``pause`` seconds, unless a SIGHUP (``relisten``) ends it, or came already."""
+        with anyio.CancelScope() as self._pausing:
+            if self._hurry:
+                self._pausing.cancel()  # a SIGHUP came while the listener was closed
+            self._hurry = False
+            await anyio.sleep(pause)
+        self._pausing = None
 
     def relisten(self) -> bool:
         """Listen on the path again if the socket file there is not the one bound (removed by

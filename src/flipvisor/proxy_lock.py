@@ -41,19 +41,43 @@ class ProxyLock:
     lock to a waiter names the waiter at once, before that waiter next runs; and the fast
     acquire sets the owner without yielding first (anyio's default acquire owns the lock for a
     loop iteration before its caller could record itself, a flip then seeing it held by nobody).
+
+    Each acquire is numbered in the order it queued (``queued``), and the last release is
+    recorded, for ``held_before``: a flip whose wait is cancelled as the lock is released may
+    find it already handed, past it, to a task that queued after it.
     """
 
     def __init__(self) -> None:
         self._lock = anyio.Lock(fast_acquire=True)
-        # By task id: the owner's holder, and those of the tasks waiting for it.
-        self._holders: dict[int, Describe] = {}
+        # By task id: the owner's holder, and those of the tasks waiting for it, each with the
+        # number of its acquire.
+        self._holders: dict[int, tuple[int, Describe]] = {}
+        self._queued = 0  # acquires begun so far: the next one's number
+        self._last_released: tuple[int, ProxyHolder] | None = None  # as it let go
 
     @property
     def holder(self) -> ProxyHolder | None:
         """Who holds it now (None: nobody)."""
         owner = self._lock.statistics().owner
-        describe = self._holders.get(owner.id) if owner is not None else None
-        return describe() if describe is not None else None
+        holding = self._holders.get(owner.id) if owner is not None else None
+        return holding[1]() if holding is not None else None
+
+    @property
+    def queued(self) -> int:
+        """How many acquires began so far: read before an acquire, that acquire's number."""
+        return self._queued
+
+    def held_before(self, mark: int) -> ProxyHolder | None:
+        """Who held it as seen by a task whose acquire is number ``mark`` (read from ``queued``
+        before it): its holder now if that queued earlier, else the last to release it if that
+        did (the one it was handed on from, past this task), else None (unknown)."""
+        owner = self._lock.statistics().owner
+        holding = self._holders.get(owner.id) if owner is not None else None
+        if holding is not None and holding[0] < mark:
+            return holding[1]()
+        if self._last_released is not None and self._last_released[0] < mark:
+            return self._last_released[1]
+        return None
 
     def locked(self) -> bool:
         return self._lock.locked()
@@ -64,7 +88,8 @@ class ProxyLock:
         task = anyio.get_current_task().id
         if task in self._holders:  # it holds it: anyio refuses a second acquire (RuntimeError)
             await self._lock.acquire()
-        self._holders[task] = holder if callable(holder) else _fixed(holder)
+        self._holders[task] = (self._queued, holder if callable(holder) else _fixed(holder))
+        self._queued += 1
         try:
             await self._lock.acquire()
         except BaseException:
@@ -73,9 +98,14 @@ class ProxyLock:
             raise
 
     def release(self) -> None:
+        """Let go of it; who let go is recorded (``held_before``), as it is now."""
+        task = anyio.get_current_task().id
+        holding = self._holders.get(task)
         # Released first: anyio refuses a task that does not own it, whose name then stays.
         self._lock.release()
-        del self._holders[anyio.get_current_task().id]
+        if holding is not None:
+            self._last_released = (holding[0], holding[1]())
+        del self._holders[task]
 
     @asynccontextmanager
     async def held(self, holder: ProxyHolder | Describe) -> AsyncIterator[None]:

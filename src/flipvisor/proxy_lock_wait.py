@@ -69,7 +69,7 @@ async def retake(lock: ProxyLock, holder: Describe, report: FlipReport) -> None:
     """Take ``lock`` again as ``holder`` (a flip's promotion after its wait for the proxy); if
     another holds it, wait in a ``proxy-wait`` step of ``report`` that names who."""
     if lock.locked():
-        with waiting_for(lock, holder, report):
+        with waiting_for(lock, report):
             await lock.acquire(holder)
     else:
         await lock.acquire(holder)
@@ -77,7 +77,7 @@ async def retake(lock: ProxyLock, holder: Describe, report: FlipReport) -> None:
 
 async def _wait(lock: ProxyLock, holder: Describe, report: FlipReport, gen: Generation) -> None:
     """Wait for ``lock``, held by another; cut short (its --timeout), note who held it then."""
-    with waiting_for(lock, holder, report) as held_by:
+    with waiting_for(lock, report) as held_by:
         try:
             await lock.acquire(holder)
         except anyio.get_cancelled_exc_class():
@@ -90,16 +90,19 @@ async def _wait(lock: ProxyLock, holder: Describe, report: FlipReport, gen: Gene
 
 
 @contextmanager
-def waiting_for(lock: ProxyLock, holder: Describe, report: FlipReport) -> Iterator[Describe]:
+def waiting_for(lock: ProxyLock, report: FlipReport) -> Iterator[Describe]:
     """A ``proxy-wait`` step of ``report`` for the block, naming who holds ``lock`` then, and
     the flip's ``waiting`` (in ``status``) naming who holds it now, its previous value back
-    after; yields who held it last (before it was handed to ``holder``)."""
+    after; yields who held it last before this flip (the lock's ``queued`` mark: not this
+    flip, nor a task that queued after it, to which a release hands it past a flip whose wait is
+    cancelled in the same loop iteration)."""
+    mark = lock.queued  # the number of the acquire in the block
     last = [lock.holder or SOMEONE]
 
     def held_by() -> ProxyHolder:
-        now = lock.holder
-        if now is not None and now != holder():  # not yet handed to this flip
-            last[0] = now
+        seen = lock.held_before(mark)
+        if seen is not None:
+            last[0] = seen
         return last[0]
 
     # Put back after: a wait inside another (a retake after the wait for the proxy to start)

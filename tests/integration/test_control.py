@@ -418,20 +418,21 @@ async def test_an_answer_that_cannot_be_encoded_fails_only_its_request(
     assert "a control answer cannot be encoded" in caplog.text
 
 
-class ListenerFailingOnce:
-    """Our ``serve_listener`` seam: the first listener serves until ``fail`` is set (at once if
-    it is set already), then fails with EBADF (the listener itself broken); ``replaced`` is set
-    once the next one serves (the path bound again)."""
+class ListenerFailing:
+    """Our ``serve_listener`` seam: the first ``times`` listeners serve until ``fail`` is set (at
+    once if it is set already), then fail with EBADF (the listener itself broken); ``replaced``
+    is set once the next one serves (the path bound again)."""
 
-    def __init__(self) -> None:
+    def __init__(self, times: int = 1) -> None:
         self.real = control.serve_listener
+        self.times = times
         self.calls = 0
         self.fail = anyio.Event()
         self.replaced = anyio.Event()
 
     async def __call__(self, *args: Any, **kwargs: Any) -> None:
         self.calls += 1
-        if self.calls == 1:
+        if self.calls <= self.times:
             async with anyio.create_task_group() as served:
                 served.start_soon(partial(self.real, *args, **kwargs))
                 await self.fail.wait()
@@ -447,7 +448,7 @@ async def test_the_control_socket_ending_is_listened_on_again(
     # It drained every program and exited 1: the operator's one channel is given back instead.
     # A request under way meanwhile (a reload between its steps) goes on and is answered: when
     # run_lasting started the whole server again, it was cancelled with its connection.
-    failing = ListenerFailingOnce()
+    failing = ListenerFailing()
     request_began = anyio.Event()
 
     async def slow_dispatch(request: Request, send: Send) -> dict[str, Any]:
@@ -484,17 +485,37 @@ async def test_the_control_socket_ending_is_listened_on_again(
     )
 
 
+async def test_a_failed_listener_is_replaced_at_once_without_a_sighup(
+    sock_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A pause there left a stale socket file: another `run` on the state_dir found nothing
+    # answering and took the path over.
+    failing = ListenerFailing()
+    failing.fail.set()
+    monkeypatch.setattr(control, "serve_listener", failing)
+    monkeypatch.setattr(control, "FIRST_PAUSE", 3600.0)
+    async with serving(sock_path, FakeSupervisor().dispatch):
+        with anyio.fail_after(DEADLINE):
+            await failing.replaced.wait()
+        answer = await ask(sock_path, Request("status"))
+    assert answer[-1]["ok"]
+    assert "Bad file descriptor; listening on it again now" in caplog.text
+    assert "listening on it again in" not in caplog.text
+
+
 async def test_sighup_ends_the_pause_before_listening_again(
-    sock_path: Path, monkeypatch: pytest.MonkeyPatch
+    sock_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The CLI tells the user to send SIGHUP when the socket is gone: during the pause after a
-    # failed listener it did nothing, up to 30 s.
-    failing = ListenerFailingOnce()
+    # listener failed again (the one that replaced the failed one) it did nothing, up to 30 s.
+    failing = ListenerFailing(times=2)
     failing.fail.set()
     monkeypatch.setattr(control, "serve_listener", failing)
     monkeypatch.setattr(control, "FIRST_PAUSE", 3600.0)
     async with serving(sock_path, FakeSupervisor().dispatch) as server:
-        await await_until(lambda: holds(server.relisten()), DEADLINE)  # once it pauses
+        pausing = "listening on it again in 3600 s"
+        await await_until(lambda: holds(pausing in caplog.text), DEADLINE)
+        assert server.relisten()
         with anyio.fail_after(DEADLINE):
             await failing.replaced.wait()
         answer = await ask(sock_path, Request("status"))
@@ -506,7 +527,7 @@ async def test_a_sighup_while_the_failed_listener_closes_ends_the_pause_too(
 ) -> None:
     # Between the failure and the pause (the failed listener's close awaits) neither the
     # listener nor the pause could be cancelled: relisten said no, and the pause ran in full.
-    failing = ListenerFailingOnce()
+    failing = ListenerFailing(times=2)
     failing.fail.set()
     monkeypatch.setattr(control, "serve_listener", failing)
     monkeypatch.setattr(control, "FIRST_PAUSE", 3600.0)
@@ -514,7 +535,9 @@ async def test_a_sighup_while_the_failed_listener_closes_ends_the_pause_too(
     real_describe = control.describe
 
     def describe_with_a_sighup(failure: BaseException) -> str:
-        if not said:  # logged after the close, before the pause: the window itself
+        # Logged after the close, before the pause: the window itself (the second failure's:
+        # the first is bound again at once).
+        if failing.calls == 2 and not said:
             said.append(server.relisten())
         return real_describe(failure)
 

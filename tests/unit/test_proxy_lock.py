@@ -270,3 +270,59 @@ async def test_a_retake_after_a_wait_for_the_proxy_waits_in_a_step_if_it_is_held
         await retake(lock, lambda: flip_holder(report), report)  # free: taken without a wait
         lock.release()
         assert len(report.steps) == 1
+
+
+async def test_a_flip_cut_short_names_who_held_it_not_the_task_queued_behind_it() -> None:
+    # web holds it, api's flip waits, then a removal: the flip's --timeout lands in the same
+    # loop iteration as web's release, which hands the lock past the cancelled flip to the
+    # removal before the flip's `except` asks who holds it. The removal queued after the flip:
+    # it named the removal, which never held it up.
+    lock, web = ProxyLock(), ProxyHolder.named("web's flip", "web")
+    gen: Any = type("Gen", (), {"number": 3, "program": "api"})()
+    timeout = anyio.CancelScope()
+
+    async def flip() -> None:
+        with timeout:
+            async with holding_proxy(lock, lambda: flip_holder(report), report, gen):
+                pytest.fail("it got the lock its holder still held")  # pragma: no cover
+
+    with _flip_report("api") as report:
+        async with anyio.create_task_group() as tg:
+            await lock.acquire(web)
+            tg.start_soon(flip)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(_hold_once, lock, REMOVAL)
+            await anyio.wait_all_tasks_blocked()
+            timeout.cancel()
+            lock.release()  # past the flip, cancelled: to the removal, which has not run since
+        assert timeout.cancelled_caught
+        assert report.held_up_by == web
+        assert report.cut_short is not None and report.cut_short.endswith("held by web's flip")
+    assert lock.holder is None and not lock.locked()
+
+
+async def test_a_flip_cut_short_names_who_the_lock_went_to_before_it() -> None:
+    # web holds it, a removal waits, then api's flip: web lets go to the removal, and the flip's
+    # --timeout comes before anything asked who holds it: it names the removal, not web.
+    lock, web = ProxyLock(), ProxyHolder.named("web's flip", "web")
+    gen: Any = type("Gen", (), {"number": 3, "program": "api"})()
+    timeout, removed = anyio.CancelScope(), anyio.Event()
+
+    async def flip() -> None:
+        with timeout:
+            async with holding_proxy(lock, lambda: flip_holder(report), report, gen):
+                pytest.fail("it got the lock its holder still held")  # pragma: no cover
+
+    with _flip_report("api") as report:
+        async with anyio.create_task_group() as tg:
+            await lock.acquire(web)
+            tg.start_soon(_hold_until, lock, REMOVAL, removed)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(flip)
+            await anyio.wait_all_tasks_blocked()
+            lock.release()
+            timeout.cancel()
+            await anyio.wait_all_tasks_blocked()
+            assert report.held_up_by == REMOVAL
+            removed.set()
+    assert lock.holder is None and not lock.locked()
