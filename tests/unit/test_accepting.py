@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from functools import partial
+from typing import Any
 
 import anyio
 import pytest
@@ -61,25 +62,32 @@ def test_resource_shortage_knows_the_errors_that_pass() -> None:
     assert resource_shortage(anyio.ClosedResourceError()) is None
 
 
+async def _serve_until_handled(listener: Any, count: int) -> list[str]:
+    """Serve ``listener`` until ``count`` connections were handed to their handler; those."""
+    handled: list[str] = []
+    done = anyio.Event()
+
+    async def handle(stream: str) -> None:
+        handled.append(stream)
+        if len(handled) == count:
+            done.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(serve_listener, listener, handle, tg, what="the test listener"))
+            await done.wait()
+            tg.cancel_scope.cancel()
+    return handled
+
+
 async def test_a_burst_of_emfile_is_logged_once_and_retried_with_growing_pauses(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     listener = StandInListener(
         [_error(errno.EMFILE), _broken(errno.EMFILE), _error(errno.ENFILE)], ["first"]
     )
-    handled: list[str] = []
-    done = anyio.Event()
-
-    async def handle(stream: str) -> None:
-        handled.append(stream)
-        done.set()
-
     caplog.set_level(logging.WARNING, logger=accepting.__name__)
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(partial(serve_listener, listener, handle, tg, what="the test listener"))
-            await done.wait()
-            tg.cancel_scope.cancel()
+    handled = await _serve_until_handled(listener, 1)
     assert handled == ["first"]
     pauses = [later - earlier for earlier, later in itertools.pairwise(listener.calls)]
     assert pauses[0] >= FIRST_PAUSE
@@ -135,19 +143,8 @@ async def test_a_failure_of_the_accepted_connection_is_retried_at_once(
     # Linux's accept(2) passes on the errors pending on the new connection: they are that
     # connection's, and ended the listener (and the supervisor with it).
     listener = StandInListener([_error(number), _broken(number), _error(number)], ["next"])
-    handled: list[str] = []
-    done = anyio.Event()
-
-    async def handle(stream: str) -> None:
-        handled.append(stream)
-        done.set()
-
     caplog.set_level(logging.WARNING, logger=accepting.__name__)
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(partial(serve_listener, listener, handle, tg, what="the test listener"))
-            await done.wait()
-            tg.cancel_scope.cancel()
+    handled = await _serve_until_handled(listener, 1)
     assert handled == ["next"]
     assert listener.calls[-1] - listener.calls[0] < FIRST_PAUSE  # no pause
     assert caplog.records == []  # not worth a warning: the client sees its own failure
@@ -179,20 +176,8 @@ async def test_a_steady_shortage_is_one_burst_despite_accepts_between(
         raise AssertionError("unreachable")
 
     listener.accept = accept  # type: ignore[method-assign]
-    handled: list[str] = []
-    done = anyio.Event()
-
-    async def handle(stream: str) -> None:
-        handled.append(stream)
-        if len(handled) == 3:
-            done.set()
-
     caplog.set_level(logging.WARNING, logger=accepting.__name__)
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(partial(serve_listener, listener, handle, tg, what="the test listener"))
-            await done.wait()
-            tg.cancel_scope.cancel()
+    handled = await _serve_until_handled(listener, 3)
     assert handled == ["a", "b", "c"]
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 1, messages
