@@ -141,9 +141,17 @@ async def _undo_within_bound(
                 await _reload_back(route, back, undoing)
             except ProxyError as exc:
                 undoing.back_failed = exc
-                # Kept for the next start, which reloads the proxy: marked as kept on purpose,
-                # so that it is not said as left by a supervisor killed.
-                await route.reload_back_failed()
+    if (
+        back is not None
+        and undoing.steps_done
+        and undoing.files_restored
+        and not undoing.routed_back
+    ):
+        # Failed, or cut short by the bound: kept for the next start, which reloads the proxy,
+        # and marked as kept on purpose (not said as left by a supervisor killed). Outside the
+        # bound, which may be over by now.
+        with anyio.CancelScope(shield=True):
+            await route.reload_back_failed()
 
 
 async def _run_undo_steps(steps: list[Undo], *, program: str, undoing: _Undoing) -> None:
