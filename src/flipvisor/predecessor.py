@@ -35,6 +35,7 @@ from .progress import FlipReport
 from .proxy_recovery import ProxyAccess, finish_proxy_steps, unfinished_proxy_steps
 from .published_keys import HOSTNAME
 from .registry.base import WatchableRegistry
+from .registry.local_file import FILE_NAME as REGISTRY_FILE
 from .stray_programs import proxy_writers, removed_programs, stop_stray_program
 from .usable import host_port
 
@@ -53,7 +54,7 @@ def remove_torn_writes(state_dir: Path) -> None:
     the proxy-undo records' are ``proxy_record.pending``'s. Before anything of this run writes
     those files: a file written meanwhile would lose its temporary (blocking)."""
     remove_torn(state_dir / "history", of=lambda name: name.endswith(".json"))
-    remove_torn(state_dir, of=lambda name: name == "registry.json")
+    remove_torn(state_dir, of=lambda name: name == REGISTRY_FILE)
 
 
 class Predecessor:

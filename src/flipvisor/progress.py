@@ -164,12 +164,18 @@ class FlipReport:
             self._publish(current)
 
     @property
-    def current_step(self) -> str:
-        """The name of the step under way: the innermost one still running (a ``proxy-wait``
-        that ended inside a retried ``reload`` leaves the ``reload``), else the last one."""
+    def running_step(self) -> str | None:
+        """The name of the innermost step still running (a ``proxy-wait`` that ended inside a
+        retried ``reload`` leaves the ``reload``), if one is."""
         running = (step for step in reversed(self.steps) if step.status == "running")
-        current = next(running, self.steps[-1] if self.steps else None)
-        return current.name if current is not None else "starting"
+        return next((step.name for step in running), None)
+
+    @property
+    def current_step(self) -> str:
+        """The name of the step under way: the running one (``running_step``), else the last."""
+        if (running := self.running_step) is not None:
+            return running
+        return self.steps[-1].name if self.steps else "starting"
 
     def update(self, step: Step) -> None:
         """Send a running step again, its detail changed (a wait that goes on)."""

@@ -25,7 +25,7 @@ def flip_holder(report: FlipReport) -> ProxyHolder:
     flip = f"{program}'s {kind}" + (
         f" to generation {report.generation}" if report.generation is not None else ""
     )
-    running = next((s.name for s in reversed(report.steps) if s.status == "running"), None)
+    running = report.running_step
     if report.rollback is None:
         doing = f" (its step `{running}`)" if running else ""
         return ProxyHolder(f"{flip}{doing}", f"{flip} finished (`flipvisor events {program}`)")
