@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import stat
 import sys
 from collections.abc import Iterator
@@ -81,6 +82,8 @@ def exec_format_problem(path: Path, cwd: Path | None = None) -> str | None:
         path = interpreter if cwd is None else cwd / interpreter
         if not os.path.exists(path):
             return _missing_interpreter(interpreter)
+        if (argument := _crlf_argument(header)) is not None:
+            return said + argument
         said = f"its #! interpreter {interpreter}: "
         if not os.access(path, os.X_OK) or os.path.isdir(path):
             return f"{said}not an executable file"
@@ -106,12 +109,36 @@ def _header(path: Path) -> bytes | None:
         os.close(fd)
 
 
+def _shebang_line(header: bytes) -> bytes:
+    """The ``#!`` line of ``header`` after the ``#!``, as the kernel cuts it: at a newline or a
+    NUL."""
+    return header[2:].split(b"\n", 1)[0].split(b"\0", 1)[0]
+
+
 def _interpreter(header: bytes) -> Path | None:
-    """The interpreter a ``#!`` line names, as the kernel reads it: the line ends at a newline
-    or a NUL, and its first word at a space or a tab (not at a carriage return, say)."""
-    line = header[2:].split(b"\n", 1)[0].split(b"\0", 1)[0]
+    """The interpreter a ``#!`` line names, as the kernel reads it: its first word ends at a
+    space or a tab (not at a carriage return, say)."""
+    line = _shebang_line(header)
     words = [word for word in line.replace(b"\t", b" ").split(b" ") if word]
     return Path(os.fsdecode(words[0])) if words else None
+
+
+def _crlf_argument(header: bytes) -> str | None:
+    """Why a ``#!`` line with an argument that ends in a carriage return fails, or None: the
+    kernel hands the interpreter that argument with its ``\\r`` (``/usr/bin/env`` then looks for
+    ``python3\\r``, ``sh`` refuses ``-e\\r``): a CRLF line, never meant."""
+    line = _shebang_line(header)
+    if not line.endswith(b"\r"):
+        return None
+    # The kernel passes everything after the interpreter as one argument, spaces included.
+    words = re.split(rb"[ \t]+", line.lstrip(b" \t"), maxsplit=1)
+    argument = words[1] if len(words) > 1 else b""
+    if not argument.rstrip(b"\r"):
+        return None  # an interpreter ending in "\r": _missing_interpreter says it
+    return (
+        "its #! line ends in a carriage return (CRLF line endings): the kernel passes its "
+        f"interpreter the argument {os.fsdecode(argument)!r}, carriage return included"
+    )
 
 
 def _missing_interpreter(interpreter: Path) -> str:

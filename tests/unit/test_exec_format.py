@@ -236,6 +236,25 @@ def test_the_interpreter_line_is_cut_as_the_kernel_cuts_it(tmp_path: Path) -> No
     assert exec_format_problem(form_feed) == "its #! interpreter /bin/sh\x0c-e: no such file"
 
 
+def test_a_crlf_line_with_an_argument_is_named(tmp_path: Path) -> None:
+    """``#!/usr/bin/env python3`` with CRLF endings: env exists, but the kernel hands it
+    "python3\\r", which it does not find (exit 127 at every restart): refused before the spawn,
+    as the CRLF line whose interpreter ends in the carriage return."""
+    env_line = executable(tmp_path / "env", "#!/usr/bin/env sh\r\necho hi\r\n")
+    assert exec_format_problem(env_line) == (
+        "its #! line ends in a carriage return (CRLF line endings): the kernel passes its "
+        "interpreter the argument 'sh\\r', carriage return included"
+    )
+    assert subprocess.run([env_line], check=False, capture_output=True).returncode == 127
+    option = executable(tmp_path / "option", "#! /bin/sh  -e \t\r\ntrue\r\n")
+    assert exec_format_problem(option) == (
+        "its #! line ends in a carriage return (CRLF line endings): the kernel passes its "
+        "interpreter the argument '-e \\t\\r', carriage return included"
+    )
+    # A carriage return within the line, not at its end, is the script's own business.
+    assert exec_format_problem(executable(tmp_path / "inner", "#!/bin/sh -e\r -x\n")) is None
+
+
 def test_a_file_this_user_may_not_read_is_left_to_the_kernel(tmp_path: Path) -> None:
     if os.geteuid() == 0:
         pytest.skip("root reads every file")
