@@ -172,8 +172,7 @@ class Commands:
     async def _stop(self, program: Program, request: Request, send: Send) -> dict[str, Any]:
         stopping = FlipReport(program.name, "stop")
         # In the supervisor's task group: a client that goes away does not cut a drain short.
-        assert self.supervisor._tg is not None
-        self.supervisor._tg.start_soon(self._stop_reporting, program, stopping)
+        self.supervisor.task_group().start_soon(self._stop_reporting, program, stopping)
         await self._follow(stopping, send)
         return result(program.status())
 
@@ -265,8 +264,7 @@ class Commands:
                 await self.supervisor.reloads.release_kept()
             elif (program := self.supervisor.programs.get(report.program)) is not None:
                 # Answered before its generation serves (--timeout): released once it does.
-                assert self.supervisor._tg is not None
-                self.supervisor._tg.start_soon(self._release_kept_once_settled, program)
+                self.supervisor.task_group().start_soon(self._release_kept_once_settled, program)
         return answer
 
     async def _release_kept_once_settled(self, program: Program) -> None:

@@ -57,7 +57,7 @@ class CrashPolicy:
     ) -> float | None:
         """The delay before ``worker`` of ``gen`` is restarted, or None to leave it stopped."""
         program = self.program
-        stopping = program._stops and program.serving is None and gen.was_serving
+        stopping = program.stops_under_way and program.serving is None and gen.was_serving
         if stopping and gen is not program.warm:
             # Its keys are being withdrawn, its drain begins next: a `drain_pid` watcher that saw
             # `pid/previous` change may signal it before our drain does. Not restarted. (A warm
@@ -184,10 +184,10 @@ class CrashPolicy:
         (``exiting``: a worker about to stop for good), unless a flip may still replace it."""
         program = self.program
         gen = program.serving
-        if gen is None or program.current_flip is not None or program._stops or program._tg is None:
+        if gen is None or program.current_flip is not None or program.stops_under_way:
             return
-        if gen.given_up(exiting):
-            program._tg.start_soon(self._stop_given_up, gen)
+        if program.running and gen.given_up(exiting):
+            program.task_group().start_soon(self._stop_given_up, gen)
 
     async def _stop_given_up(self, gen: Generation) -> None:
         """Stop the program once its serving generation has no worker left and none to come
@@ -200,7 +200,11 @@ class CrashPolicy:
         ``rollback_window`` is for (a release that fails after its flip), and ``rollback`` routes
         back to it at once. A ``stop``, or the window's end, drains it as ever."""
         program = self.program
-        if program.serving is not gen or program.current_flip is not None or program._stops:
+        if (
+            program.serving is not gen
+            or program.current_flip is not None
+            or program.stops_under_way
+        ):
             return  # a flip or a stop took over meanwhile
         why = program.fatal_reason or "every worker exited and the restart policy starts none again"
         warm = self.rollback_target()

@@ -62,7 +62,7 @@ async def discard(
             program.generations.remove(gen)
     else:
         # Joined, not signalled again: the drain is only waited for (``Generation.drain``).
-        program._task_group().start_soon(program._drain, gen)
+        program.task_group().start_soon(program.drain, gen)
 
 
 async def wait_for_discarded(program: Program, report: FlipReport, config: ProgramConfig) -> None:

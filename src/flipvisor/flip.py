@@ -85,13 +85,13 @@ class Flips:
             UsageError: the supervisor's shutdown stopped the program.
         """
         program = self.program
-        program._refuse_while_stopping()
+        program.refuse_while_stopping()
         if self.lock.locked() or program.current_flip is not None:
             raise Busy(f"{self.describe_running(already=True)}; wait for it to finish")
         report = FlipReport(program.name, kind)
         program.current_flip = report
         self.target = config or program.config
-        program._task_group().start_soon(self._flip, report, self.target, timeout)
+        program.task_group().start_soon(self._flip, report, self.target, timeout)
         return report
 
     def new_generation_number(self) -> int:
@@ -119,7 +119,7 @@ class Flips:
     async def _flip(self, report: FlipReport, config: ProgramConfig, timeout: float | None) -> None:
         async with self.lock:
             try:
-                if self.program._stops:
+                if self.program.stops_under_way:
                     abandoned(self.program, report)
                     return
                 # `--timeout` and a stop cut short only what can be undone: `_deploy`, which
@@ -158,7 +158,7 @@ class Flips:
         what serves now. A program that does not serve keeps it for its next start, as a reload
         leaves a stopped program; one that a stop drains gets it at the stop's end."""
         pending, program = self.pending, self.program
-        if pending is None or program._stops:
+        if pending is None or program.stops_under_way:
             return  # `store_pending` takes it once the stop is over
         self.pending = None
         if same_deploy(pending, program.config):
@@ -211,7 +211,7 @@ class Flips:
             # Just after a discarded generation's wait ends (``discard.py``): a flip whose
             # rollback is done by then answers as it always did.
             at = deadline + DEADLINE_GRACE + ANSWER_AFTER_DISCARD
-            self.program._task_group().start_soon(
+            self.program.task_group().start_soon(
                 self._answer_at, answering, report, deadline, at, timeout
             )
         try:

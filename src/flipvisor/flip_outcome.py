@@ -279,7 +279,7 @@ def record_flip(program: Program, report: FlipReport, config: ProgramConfig) -> 
     elif report.error is not None:
         program.flip_failures_total += 1
         events.emit("flip-failed", program.name, report.generation, report.error)
-        if program.serving is None and not program._stops:
+        if program.serving is None and not program.stops_under_way:
             # Nothing serves this program: say so in status until `start` retries.
             program.crashes.become_fatal(
                 report.error, report.generation, replace_reason=True, failing=config

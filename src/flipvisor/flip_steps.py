@@ -39,7 +39,7 @@ async def deploy_new(
         FlipFailed: it failed (why, with its last output lines); it was discarded.
     """
     program = flips.program
-    tg = program._task_group()
+    tg = program.task_group()
     number = report.generation = flips.new_generation_number()
     await program.takeover.free_port_of_leftovers(report, config)
     await _take_socket_left(program, config)
@@ -107,7 +107,7 @@ async def _spawn(
             events=program.runtime.events,
             state_dir=program.runtime.state_dir,
             on_worker_exit=program.crashes.worker_exited,
-            on_pids_changed=program._pids_changed,
+            on_pids_changed=program.pids_changed,
             on_worker_restarted=program.crashes.worker_restarted,
             listener=program.listener.for_generation(config.socket),
             first=program.serving is None,
@@ -191,7 +191,7 @@ async def route(flips: Flips, report: FlipReport, gen: Generation) -> Promotion:
     program = flips.program
     gen.transition(GenerationState.PROMOTING)
     first = program.serving is None
-    replaced = program._replaced_config()
+    replaced = program.replaced_config()
     patient = _may_wait_for_proxy(program, gen)
     flips.patience = ProxyPatience(gen, program.runtime.events, report) if patient else None
     # Until `serve` (registration.promoted) or the undo below: a restart of the serving
@@ -221,8 +221,8 @@ async def route(flips: Flips, report: FlipReport, gen: Generation) -> Promotion:
             patience=flips.patience,
         )
     except BaseException:
-        if program._tg is not None:
-            program.registration.undone(program._tg)
+        if program.running:
+            program.registration.undone(program.task_group())
         raise
     finally:
         flips.patience = None
@@ -267,7 +267,7 @@ async def serve(program: Program, promotion: Promotion) -> Generation | None:
     program.listener.promoted(gen.config.socket)
     program.fatal_reason = None
     program.registration.promoted(
-        gen, promotion.published, deferred=promotion.deferred, tg=program._task_group()
+        gen, promotion.published, deferred=promotion.deferred, tg=program.task_group()
     )
     program.runtime.events.emit("promoted", program.name, gen.number, port=gen.port, pids=gen.pids)
     await program.history.record_deployed(gen.config)

@@ -124,7 +124,7 @@ class Program:
         self.retirement = Retirement(self)
         self.takeover = Takeover(self)
         self.crashes = CrashPolicy(self)
-        self._stops = 0  # stops under way
+        self.stops_under_way = 0  # stops under way
         self._tg: TaskGroup | None = None
         self.log = runtime.program_log(name)
         self.listener = ProgramListener()
@@ -152,7 +152,7 @@ class Program:
             return _FATAL
         if self.serving is not None:
             return _RUNNING
-        if self._stops:
+        if self.stops_under_way:
             # Draining, perhaps alongside a flip that promoted its generation and drains the one
             # it replaced: nothing about it is starting.
             return _STOPPED
@@ -212,7 +212,17 @@ class Program:
             self.log.close()
             self.listener.close()
 
-    def _task_group(self) -> TaskGroup:
+    @property
+    def running(self) -> bool:
+        """Whether ``run`` owns the program's task group (not before it, not after ``stop``)."""
+        return self._tg is not None
+
+    def task_group(self) -> TaskGroup:
+        """The program's task group, where its flips, drains and registrations run.
+
+        Raises:
+            UsageError: the program is not running (see ``running``).
+        """
         if self._tg is None:
             raise UsageError(f"program {self.name} is not running")
         return self._tg
@@ -238,7 +248,7 @@ class Program:
         is the serving one then. (A flip's --timeout may answer before that.)"""
         await self.flips.wait_settled()
 
-    def _replaced_config(self) -> ProgramConfig | None:
+    def replaced_config(self) -> ProgramConfig | None:
         """The config of what routes to this program now: the serving generation's or, while a
         killed supervisor's workers serve, its last promoted one (the deploy history, which that
         supervisor kept in this state_dir: whose proxy file routes to them)."""
@@ -248,13 +258,13 @@ class Program:
             return self.history.current
         return None
 
-    async def _drain(self, gen: Generation) -> None:
+    async def drain(self, gen: Generation) -> None:
         await gen.drain()
         if gen in self.generations:
             self.generations.remove(gen)
 
-    def _pids_changed(self, gen: Generation) -> None:
-        self.registration.pids_changed(gen, self._task_group())
+    def pids_changed(self, gen: Generation) -> None:
+        self.registration.pids_changed(gen, self.task_group())
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -267,7 +277,7 @@ class Program:
             UsageError: the supervisor is shutting down.
             SpawnError: a worker could not be revived.
         """
-        self._refuse_while_stopping()
+        self.refuse_while_stopping()
         if (patience := self.flips.patience) is not None:
             # Its first start waits for the proxy: try again now (the operator says it is up).
             await patience.retry_now()
@@ -280,7 +290,7 @@ class Program:
         self.fatal_reason = None  # a new generation, with a whole restart budget of its own
         return self.start_flip(kind="start")
 
-    def _refuse_while_stopping(self) -> None:
+    def refuse_while_stopping(self) -> None:
         """Refuse a start or a flip of a program that stops.
 
         Raises:
@@ -289,7 +299,7 @@ class Program:
         """
         if self.shut_down:
             raise UsageError(f"the supervisor is shutting down: {self.name} is not started again")
-        if self._stops:
+        if self.stops_under_way:
             raise Busy(
                 f"a stop of {self.name} is in progress; wait for it, then "
                 f"`flipvisor start {self.name}`"
@@ -323,15 +333,16 @@ class Program:
         ``keep_warm``: the generation kept warm for a rollback is not drained (the ``given-up``
         stop of a release that failed after its flip: the rollback is the way back to it).
         """
-        self._stops += 1
+        self.stops_under_way += 1
         self.shut_down = self.shut_down or final
         try:
             await stop_program(
                 self, report, unroute=unroute, unrouted=unrouted, final=final, keep_warm=keep_warm
             )
         finally:
-            self._stops -= 1
-        if not self._stops:  # stops at once (a removal's, the shutdown's) end as one: one event
+            self.stops_under_way -= 1
+        # Stops at once (a removal's, the shutdown's) end as one: one event.
+        if not self.stops_under_way:
             self.flips.store_pending()  # a section a reload brought meanwhile: `start` starts it
             self.runtime.events.emit("stopped", self.name)
 

@@ -82,7 +82,7 @@ async def _drain_all(program: Program, report: FlipReport | None, gens: list[Gen
             # Each drain is idempotent: one the flip began already is waited for,
             # not signalled again (that could cut its delay and timeout short).
             for gen in gens:
-                tg.start_soon(program._drain, gen)
+                tg.start_soon(program.drain, gen)
             tg.start_soon(program.takeover.drain_leftovers, None, program.config)
             if promoted is not None:
                 tg.start_soon(promoted.wait)
@@ -109,7 +109,7 @@ def describe_drain(program: Program, gens: list[Generation]) -> str:
 
 
 async def _unroute(program: Program) -> None:
-    routed = program._replaced_config()
+    routed = program.replaced_config()
     deployed = routed or program.config
     if deployed.proxy is None:
         return

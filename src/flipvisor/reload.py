@@ -66,7 +66,6 @@ class Reloads:
         others meanwhile. ``unroute``: take its proxy file out first (not when another program's
         file has replaced it). Returns an event set once it has left the proxy (the drain
         begins then)."""
-        assert self.supervisor._tg is not None
         program = self.supervisor.programs.pop(name)
         self.kept.pop(name, None)
         self.handing_over.pop(name, None)
@@ -74,7 +73,9 @@ class Reloads:
         unrouted, gone = anyio.Event(), anyio.Event()
         self.removing[name] = (program, gone)
         scope = self.supervisor._scopes.pop(name)
-        self.supervisor._tg.start_soon(self._drain_removed, program, scope, unroute, unrouted, gone)
+        self.supervisor.task_group().start_soon(
+            self._drain_removed, program, scope, unroute, unrouted, gone
+        )
         return unrouted
 
     async def _drain_removed(

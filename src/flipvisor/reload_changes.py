@@ -50,7 +50,7 @@ def deploy_changed(program: Program, config: ProgramConfig) -> tuple[str | None,
     Returns why it was not flipped now (None: the flip started), and whether it is deferred
     until the flip or the stop under way is over."""
     program.flips.pending = None  # an earlier reload's, if any: this section replaces it
-    if program.serving is None and program.current_flip is None and not program._stops:
+    if program.serving is None and program.current_flip is None and not program.stops_under_way:
         program.config = config
         return f"stored: `flipvisor start {program.name}` starts it with the new section", False
     if program.current_flip is not None and not program.shut_down:
@@ -63,7 +63,7 @@ def deploy_changed(program: Program, config: ProgramConfig) -> tuple[str | None,
         )
         log.info("config of %s changed: %s", program.name, why)
         return why, True
-    if program._stops and not program.shut_down:
+    if program.stops_under_way and not program.shut_down:
         program.flips.pending = config  # ``Flips.store_pending``, at the stop's end
         why = (
             f"a stop of {program.name} is in progress: `flipvisor start {program.name}` "

@@ -48,18 +48,18 @@ class Retirement:
         restart = program.serving is not None and same_deploy(old.config, program.serving.config)
         if program.warm is not None and program.warm is not old and not restart:
             stale, program.warm = program.warm, None
-            program._task_group().start_soon(program._drain, stale)
+            program.task_group().start_soon(program.drain, stale)
         # Not on a fixed port (a flip from one to port 0 with rollback_window): its workers would
         # go on accepting there, a warm generation serving, and holding the port against a flip
         # back to it. It is drained, and a rollback starts its config afresh.
         fixed_port = old.config.socket.port != 0
-        if window > 0 and not program._stops and not restart and not fixed_port:
+        if window > 0 and not program.stops_under_way and not restart and not fixed_port:
             # Not while a stop drains the program: it drains ``old`` too, alongside this flip.
             old.transition(GenerationState.READY)
             self._keep_warm(old, until=anyio.current_time() + window)
             return
         with report.step("drain", f"generation {old.number}"):
-            await program._drain(old)
+            await program.drain(old)
 
     def drop_warm(self, gen: Generation) -> None:
         """A worker of the warm generation ``gen`` exited: it is no longer the whole deploy a
@@ -67,19 +67,19 @@ class Retirement:
         program = self.program
         if program.warm is gen:
             program.warm = None
-            program._task_group().start_soon(program._drain, gen)
+            program.task_group().start_soon(program.drain, gen)
 
     def _keep_warm(self, gen: Generation, *, until: float) -> None:
         """Keep ``gen`` running, unrouted, for a rollback until ``until`` (anyio's clock)."""
         self.program.warm, self._warm_until = gen, until
         self.warm_until = round(time.time() + (until - anyio.current_time()), 3)
-        self.program._task_group().start_soon(self._expire_warm, gen, until)
+        self.program.task_group().start_soon(self._expire_warm, gen, until)
 
     async def _expire_warm(self, gen: Generation, until: float) -> None:
         await anyio.sleep_until(until)
         if self.program.warm is gen and gen.state is GenerationState.READY:
             self.program.warm = None
-            await self.program._drain(gen)
+            await self.program.drain(gen)
 
     async def promote_warm(
         self,
@@ -149,7 +149,7 @@ class Retirement:
             program.warm = gen
             if anyio.current_time() >= self._warm_until:
                 program.warm = None
-                program._task_group().start_soon(program._drain, gen)
+                program.task_group().start_soon(program.drain, gen)
         elif gen.state is GenerationState.FAILED:
             program.generations.remove(gen)
 

@@ -164,6 +164,12 @@ class Supervisor:
             with anyio.CancelScope(shield=True):
                 await self.registry.aclose()
 
+    def task_group(self) -> TaskGroup:
+        """The task group of everything but the reaper and the control socket (``_supervise``),
+        where the control commands' and reloads' own tasks run; there once the start-up began."""
+        assert self._tg is not None, "the supervisor's task group runs from its start-up"
+        return self._tg
+
     async def _supervise(self, kept: list[KeptOutput], *, unclean: bool) -> None:
         """Everything but the reaper and the control socket, in one task group: the keeper,
         ``kept`` (a killed supervisor's outputs), metrics, registry, signals, watches and the

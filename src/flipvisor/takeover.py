@@ -57,7 +57,7 @@ class Takeover:
         program.runtime.events.emit(
             "leftovers", program.name, gen.number, f"{left.describe()}: {held}"
         )
-        program._task_group().start_soon(self._drain_leftovers_once_registered, gen)
+        program.task_group().start_soon(self._drain_leftovers_once_registered, gen)
 
     async def _drain_leftovers_once_registered(self, gen: Generation) -> None:
         # False: `gen` stopped serving first; the stop or the promotion after it drains them.
