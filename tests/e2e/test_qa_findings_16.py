@@ -1,0 +1,190 @@
+"""QA pass 16: production worker behaviours that break a flip (each test xfails on a defect).
+
+A new generation that passes its probe and is promoted, then crash-loops into `fatal` while the
+old generation is still in its drain delay: the old generation, alive and able to serve, is
+drained anyway, and the flip reports success.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.waiting import wait_until
+
+FLIP_DEADLINE = 60.0
+
+
+def crash_on_flag(flag: Path) -> list[str]:
+    """argv of a worker that runs until ``flag`` exists, then exits 7 (and at once if it does):
+    a release that starts fine and breaks a moment later (a lost database, a bad cache entry)."""
+    code = (
+        "import os, sys, time\n"
+        f"while not os.path.exists({str(flag)!r}):\n"
+        "    time.sleep(0.05)\n"
+        "sys.exit(7)\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def config(command: list[str], delay: float) -> dict[str, Any]:
+    return {
+        "programs": {
+            "web": {
+                "command": command,
+                "drain": {"delay": delay, "timeout": 5},
+                "restart": {"max_restarts": 1, "window": 60},
+            }
+        }
+    }
+
+
+def crash_new_generation_during_drain(
+    flipvisor: Flipvisor, tmp_path: Path, delay: float
+) -> subprocess.Popen[str]:
+    """Serve generation 1, flip to a generation 2 that crash-loops to `fatal` once generation 1
+    is draining (still in its drain ``delay``); return the flip client (maybe still running)."""
+    flipvisor.start(config(svc_command("--version", "1"), delay))
+    flipvisor.wait_serving("web")
+    flag = tmp_path / "break"
+    flipvisor.write_config(config(crash_on_flag(flag), delay))
+    flip = flipvisor.cli_started("flip", "web")
+
+    def old_draining() -> bool:
+        states = {g["generation"]: g["state"] for g in flipvisor.program("web")["generations"]}
+        return states.get(1) == "draining" and states.get(2) == "serving"
+
+    wait_until(old_draining, timeout=20, message="generation 2 serving, generation 1 draining")
+    flag.touch()
+    wait_until(
+        lambda: flipvisor.program("web")["state"] == "fatal",
+        timeout=20,
+        message="generation 2 to crash-loop into fatal",
+    )
+    return flip
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a new generation that goes fatal during the old one's drain delay: the old generation, "
+    "still alive and the only one that can serve, is drained anyway; nothing serves afterwards",
+)
+def test_old_generation_kept_when_new_one_goes_fatal_during_its_drain(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    flip = crash_new_generation_during_drain(flipvisor, tmp_path, delay=20)
+    try:
+        # Generation 1 is still running (20 s of drain delay left): it should serve again
+        # (routed back), not be SIGTERMed at the end of its delay with nothing left serving.
+        flipvisor.wait_serving("web", timeout=10, where=lambda g: g["generation"] == 1)
+    finally:
+        flip.kill()
+        flip.communicate(timeout=FLIP_DEADLINE)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="flip exits 0 saying 'generation 2 serving' although generation 2 went fatal before "
+    "the flip finished and nothing serves",
+)
+def test_flip_does_not_report_success_when_new_generation_went_fatal_during_drain(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    flip = crash_new_generation_during_drain(flipvisor, tmp_path, delay=3)
+    out, err = flip.communicate(timeout=FLIP_DEADLINE)
+    nothing_serves = flipvisor.serving("web") is None
+    assert not (flip.returncode == 0 and nothing_serves), (
+        f"flip exit {flip.returncode} while nothing serves:\n{out}{err}"
+    )
+
+
+DAEMONIZING = """
+import os, socket, sys, time
+listener = socket.socket(fileno=3)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:  # the daemon: keeps the generation's socket and serves on it
+        while True:
+            conn, _ = listener.accept()
+            conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok")
+            conn.close()
+    os._exit(0)
+os._exit(0)  # the worker itself exits 0 at once, as `gunicorn --daemon` and init scripts do
+"""
+
+
+def refuses(port: int) -> bool:
+    """Whether nothing takes a connection on ``port`` (a closed socket), rather than a backlog
+    that holds it."""
+    with socket.socket() as client:
+        client.settimeout(5)
+        return client.connect_ex(("127.0.0.1", port)) != 0
+
+
+def ready_port(flipvisor: Flipvisor) -> int:
+    events = flipvisor.cli("events", "--json").stdout
+    return int(
+        next(
+            json.loads(line)["fields"]["port"]
+            for line in events.splitlines()
+            if json.loads(line)["kind"] == "ready"
+        )
+    )
+
+
+def fatal_program(flipvisor: Flipvisor, command: list[str]) -> int:
+    """Start ``command`` (a worker that exits 0 at once) until it is fatal; its port."""
+    web = {
+        "command": command,
+        "drain": {"delay": 0.1, "timeout": 3},
+        "restart": {"max_restarts": 1, "window": 60},
+    }
+    flipvisor.start({"programs": {"web": web}})
+    wait_until(
+        lambda: flipvisor.program("web")["state"] == "fatal", timeout=20, message="web fatal"
+    )
+    return ready_port(flipvisor)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a daemonizing worker crash-loops to fatal; 'given-up' says 'stopping it (its socket "
+    "closes)', but each restart's daemon still holds the generation's socket and accepts on it",
+)
+def test_given_up_daemonizing_worker_really_closes_its_socket(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    app = tmp_path / "daemonizing.py"
+    app.write_text(DAEMONIZING)
+    port = fatal_program(flipvisor, [sys.executable, str(app)])
+    wait_until(lambda: refuses(port), timeout=10, message=f"port {port} to refuse connections")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the last worker exits (fatal) while a child of it still runs in its process group: "
+    "given_up() is false then and never looked at again once that child is reaped, so the "
+    "generation stays 'serving' with no process, its socket open, taking connections nobody reads",
+)
+def test_fatal_generation_is_stopped_once_its_workers_children_are_gone(
+    flipvisor: Flipvisor,
+) -> None:
+    # A worker that leaves a short-lived child behind (a log shipper, a cleanup job) and exits.
+    child = (
+        "import subprocess, sys; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1)'])"
+    )
+    port = fatal_program(flipvisor, [sys.executable, "-c", child])
+    wait_until(
+        lambda: not flipvisor.program("web")["generations"],
+        timeout=15,
+        message="the fatal generation stopped once its worker's child exited",
+    )
+    assert refuses(port)
