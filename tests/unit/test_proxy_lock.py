@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -298,6 +299,38 @@ async def test_a_flip_cut_short_names_who_held_it_not_the_task_queued_behind_it(
         assert timeout.cancelled_caught
         assert report.held_up_by == web
         assert report.cut_short is not None and report.cut_short.endswith("held by web's flip")
+    assert lock.holder is None and not lock.locked()
+
+
+async def test_a_flip_cut_short_names_who_handed_the_lock_on_past_it() -> None:
+    # web holds it, a removal waits, then api's flip, then the removal of db: web lets go to
+    # the removal, which lets go as the flip's --timeout lands, in the same loop iteration: the
+    # lock goes on past the cancelled flip to db's removal (queued after it). The flip was held
+    # up by the removal that let go, not by web (nobody asked in between), nor by db's.
+    lock, web = ProxyLock(), ProxyHolder.named("web's flip", "web")
+    db = ProxyHolder.named("the removal of db from the proxy", "db")
+    gen: Any = type("Gen", (), {"number": 3, "program": "api"})()
+    timeout, removed = anyio.CancelScope(), anyio.Event()
+
+    async def flip() -> None:
+        with timeout:
+            async with holding_proxy(lock, lambda: flip_holder(report), report, gen):
+                pytest.fail("it got the lock its holder still held")  # pragma: no cover
+
+    with _flip_report("api") as report:
+        async with anyio.create_task_group() as tg:
+            await lock.acquire(web)
+            for task in (partial(_hold_until, lock, REMOVAL, removed), flip):
+                tg.start_soon(task)
+                await anyio.wait_all_tasks_blocked()
+            tg.start_soon(_hold_once, lock, db)
+            await anyio.wait_all_tasks_blocked()
+            lock.release()  # to the removal
+            await anyio.wait_all_tasks_blocked()
+            removed.set()  # it lets go first, in the loop iteration the flip is cancelled in
+            timeout.cancel()
+        assert timeout.cancelled_caught
+        assert report.held_up_by == REMOVAL
     assert lock.holder is None and not lock.locked()
 
 
