@@ -443,6 +443,16 @@ class ListenerFailing:
         await self.real(*args, **kwargs)
 
 
+async def _answers_once_replaced(sock_path: Path, failing: ListenerFailing) -> None:
+    """Serve the control socket at ``sock_path`` until ``failing``'s failed listeners are
+    replaced, then see that it answers."""
+    async with serving(sock_path, FakeSupervisor().dispatch):
+        with anyio.fail_after(DEADLINE):
+            await failing.replaced.wait()
+        answer = await ask(sock_path, Request("status"))
+    assert answer[-1]["ok"]
+
+
 async def test_the_control_socket_ending_is_listened_on_again(
     sock_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -495,11 +505,7 @@ async def test_a_failed_listener_is_replaced_at_once_without_a_sighup(
     failing.fail.set()
     monkeypatch.setattr(control, "serve_listener", failing)
     monkeypatch.setattr(lasting, "FIRST_PAUSE", 3600.0)
-    async with serving(sock_path, FakeSupervisor().dispatch):
-        with anyio.fail_after(DEADLINE):
-            await failing.replaced.wait()
-        answer = await ask(sock_path, Request("status"))
-    assert answer[-1]["ok"]
+    await _answers_once_replaced(sock_path, failing)
     assert "Bad file descriptor; listening on it again now" in caplog.text
     assert "listening on it again in" not in caplog.text
 
@@ -520,11 +526,7 @@ async def test_a_listener_failing_after_30_s_served_is_replaced_at_once_again(
 
     monkeypatch.setattr(control, "serve_listener", serves_30_s_the_third_time)
     monkeypatch.setattr(lasting, "FIRST_PAUSE", 0.05)
-    async with serving(sock_path, FakeSupervisor().dispatch):
-        with anyio.fail_after(DEADLINE):
-            await failing.replaced.wait()
-        answer = await ask(sock_path, Request("status"))
-    assert answer[-1]["ok"]
+    await _answers_once_replaced(sock_path, failing)
     again = [
         r.getMessage().rpartition("; ")[2] for r in caplog.records if "failed:" in r.getMessage()
     ]
