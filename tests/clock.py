@@ -1,4 +1,5 @@
-"""A simulated wall-clock step, for the tests of what must survive one.
+"""A simulated wall-clock step, for the tests of what must survive one; and a simulated stretch
+of the event loop's clock, for the tests of what counts time served (``step_loop_clock``).
 
 The machine's clock is shared, so a test cannot step it (settimeofday, NTP's or chrony's
 makestep). What a step does to the process start times flipvisor reads is simple, though: the
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from flipvisor import starttime
+from flipvisor import lasting, starttime
 
 
 def step_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
@@ -21,3 +22,11 @@ def step_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     ``seconds`` off, as after the wall clock was stepped by ``seconds``."""
     before = starttime._boot_time  # a step already simulated adds up
     monkeypatch.setattr(starttime, "_boot_time", lambda: before() + seconds)
+
+
+def step_loop_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """From now on (until the test ends), the event-loop clock the restart pauses read
+    (``lasting.RestartPause``: whether what ended served long enough to start afresh) is
+    ``seconds`` ahead, as after serving ``seconds`` more without waiting them."""
+    before = lasting._now  # a step already simulated adds up
+    monkeypatch.setattr(lasting, "_now", lambda: before() + seconds)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import SpawnError
-from .exec_format import exec_format_problem
+from .exec_format import exec_format_problem, is_executable_file
 from .usable import closed_folder, closed_folder_problem
 
 
@@ -25,16 +25,14 @@ def resolve_executable(argv0: str, env: Mapping[str, str], cwd: Path | None) -> 
     """
     if "/" in argv0:
         candidate = Path(argv0) if cwd is None else cwd / argv0
-        if not os.access(candidate, os.X_OK) or candidate.is_dir():
+        if not is_executable_file(candidate):
             # Behind a folder this user may not enter, the file may well be there: say which
             # folder (the cause tells `check` that another user may be allowed).
             if (closed := closed_folder(candidate)) is not None:
                 raise SpawnError(
                     f"command {argv0!r}: {closed_folder_problem(closed)}"
                 ) from PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(closed))
-            full = os.path.abspath(candidate)  # relative: to the cwd, or to the supervisor's
-            at = "" if full == argv0 else f" ({full})"
-            raise SpawnError(f"command {argv0!r}{at}: {_not_executable(candidate)}")
+            raise SpawnError(f"{_command_at(argv0, candidate)}: {_not_executable(candidate)}")
         _refuse_unknown_format(argv0, candidate, cwd)
         return argv0
     path = _path_searched_from(env.get("PATH", os.defpath), cwd)
@@ -42,7 +40,7 @@ def resolve_executable(argv0: str, env: Mapping[str, str], cwd: Path | None) -> 
     found = _FOUND_ON_PATH.get(key)
     # A hit is re-checked: still an executable file, so exec will find it (or one earlier on
     # PATH). A full lookup is a stat per PATH entry, most of a restart's own cost with a long PATH.
-    if found is None or not os.access(found, os.X_OK) or os.path.isdir(found):
+    if found is None or not is_executable_file(found):
         found = shutil.which(argv0, path=path)
         if found is None:
             _FOUND_ON_PATH.pop(key, None)
@@ -74,9 +72,16 @@ def _refuse_unknown_format(argv0: str, found: Path, cwd: Path | None) -> None:
         SpawnError: no ``#!`` line (or a missing interpreter), an ELF of another machine, ...
     """
     if (problem := exec_format_problem(found, cwd)) is not None:
-        full = os.path.abspath(found)
-        at = "" if full == argv0 else f" ({full})"
-        raise SpawnError(f"command {argv0!r}{at}: {problem}")
+        raise SpawnError(f"{_command_at(argv0, found)}: {problem}")
+
+
+def _command_at(argv0: str, found: Path) -> str:
+    """``command 'app' (/srv/app/bin/app)``: ``argv0`` and the file it names, by its full path
+    unless that is ``argv0`` itself (a relative one is to the cwd, or to the supervisor's; one
+    found on PATH names its folder)."""
+    full = os.path.abspath(found)
+    at = "" if full == argv0 else f" ({full})"
+    return f"command {argv0!r}{at}"
 
 
 _FOUND_ON_PATH: dict[tuple[str, str, str], str] = {}

@@ -31,7 +31,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from .accepting import serve_listener
 from .errors import EXIT_USAGE, FlipvisorError
 from .file_identity import Identity, identity_of, unlink_if_ours
-from .lasting import FIRST_PAUSE, LONGEST_PAUSE, describe
+from .lasting import RestartPause, describe, is_own
 from .protocol import MAX_LINE, ProtocolError, Request, decode_request, encode, result
 from .runrecord import answers, listening_already, record_listening_on
 from .state_files import UnusableStateFile, socket_path_problem
@@ -116,14 +116,11 @@ class ControlServer:
         self.found_stale = False
         self._bound: Identity | None = None  # the socket file this one listens on
         self._accepting: anyio.CancelScope | None = None  # cancelled to listen again
-        self._pausing: anyio.CancelScope | None = None  # cancelled to end a pause before it
-        # Between a listener's failure and its pause (its close awaits): a SIGHUP then ends the
-        # pause before it begins.
-        self._failed = False
-        self._hurry = False
-        # Before listening again after the listener failed: None, at once (not a failure in a
-        # row). The socket file is stale meanwhile, the one guard against another `run` gone.
-        self._pause: float | None = None
+        # Before listening again after the listener failed: at once, unless it is a failure in
+        # a row (the socket file is stale meanwhile, the one guard against another `run` gone).
+        # A SIGHUP (``relisten``) wakes it: the pause under way ends, or the next one, if it
+        # comes while the failed listener is still closing.
+        self._restarts = RestartPause(at_once_first=True)
 
     async def wait_idle(self, timeout: float) -> None:
         """Wait, at most ``timeout`` seconds, until no conversation is under way (at shutdown:
@@ -150,7 +147,7 @@ class ControlServer:
                 while True:
                     listener = await self._serve_until_replaced(listener, conversations)
         finally:
-            self._accepting = self._pausing = None
+            self._accepting = None
             # Not one another supervisor bound since ours went.
             unlink_if_ours(self.path, self._bound)
             with anyio.CancelScope(shield=True):
@@ -161,7 +158,7 @@ class ControlServer:
     ) -> SocketListener:
         """Serve ``listener`` until ``relisten`` asks for a new one, or it fails; the listener
         to serve next."""
-        began = anyio.current_time()
+        self._restarts.serving()
         try:
             with anyio.CancelScope() as self._accepting:
                 await serve_listener(
@@ -169,59 +166,41 @@ class ControlServer:
                 )
         except Exception as exc:  # the listener itself (EBADF, EINVAL), or a bug in accepting
             self._accepting = None
-            self._failed, self._hurry = True, False
-            if anyio.current_time() - began >= LONGEST_PAUSE:
-                self._pause = None  # it served a while: not one more failure in a row
+            pause = self._restarts.ended()  # before the close awaits: a SIGHUP then counts
             await listener.aclose()  # unusable: the path is bound anew
-            return await self._listen_after(exc)
+            return await self._listen_after(exc, pause)
         return await self._listen_again(listener)
 
-    async def _listen_after(self, failure: Exception) -> SocketListener:
-        """A new listener on the path, after ``failure`` ended the one before: at once if it is
-        not a failure in a row, else (and while none can be made: the path taken by another
-        supervisor, a folder made there, logged at each try) after a growing pause."""
-        traced = not isinstance(failure, FlipvisorError)  # a bug to trace, once
+    async def _listen_after(self, failure: Exception, pause: float) -> SocketListener:
+        """A new listener on the path, after ``failure`` ended the one before: after ``pause``
+        (0: at once, not a failure in a row), and while none can be made (the path taken by
+        another supervisor, a folder made there, logged at each try) after a growing pause."""
+        traced = not is_own(failure)  # a bug to trace, once
         while True:
-            pause = self._pause
             log.error(
                 "the control socket %s failed: %s; listening on it again %s (the "
                 "conversations under way and the programs go on)",
                 self.path,
                 describe(failure),
-                "now" if pause is None else f"in {pause:g} s",
+                f"in {pause:g} s" if pause else "now",
                 exc_info=failure if traced else None,
             )
             traced = False  # a path that cannot be bound again (OSError) is a sentence
-            if pause is not None:
-                await self._pause_before_listening(pause)
-            self._pause = FIRST_PAUSE if pause is None else min(pause * 2, LONGEST_PAUSE)
+            await self._restarts.pause(pause)
             try:
                 listener, _replaced = await self._listen()
             except (FlipvisorError, OSError) as exc:
                 failure = exc
+                pause = self._restarts.ended()
                 continue
             log.warning("listening on the control socket %s again", self.path)
-            self._failed = False
-            return listener
-
-    async def _pause_before_listening(self, pause: float) -> None:
-        """Sleep ``pause`` seconds, unless a SIGHUP (``relisten``) ends it, or came already."""
-        with anyio.CancelScope() as self._pausing:
-            if self._hurry:
-                self._pausing.cancel()  # a SIGHUP came while the listener was closed
-            self._hurry = False
-            await anyio.sleep(pause)
-        self._pausing = None
+            return listener  # serving it counts from now (``_serve_until_replaced``)
 
     def relisten(self) -> bool:
         """Listen on the path again if the socket file there is not the one bound (removed by
         hand or by a temp cleaner: nobody could connect), or now if it waits to after the
         listener failed; True if so. For SIGHUP (the CLI says to send it)."""
-        if self._pausing is not None:
-            self._pausing.cancel()
-            return True
-        if self._failed:
-            self._hurry = True  # its pause has not begun yet
+        if self._restarts.wake():  # the listener failed: it is not listened on again yet
             return True
         if self._accepting is None or identity_of(self.path) == self._bound:
             return False

@@ -4,9 +4,14 @@ back: its generation, port and the supervisor that wrote it. The one parser of i
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any, NamedTuple
 
 from .starttime import Recorded, recorded_from_json
+
+# This host's name, as the records its supervisors write name it (``host``): a record naming
+# another host is not this host's to judge by PID.
+HOSTNAME = socket.gethostname()
 
 
 class CurrentRecord(NamedTuple):

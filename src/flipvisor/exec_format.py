@@ -85,9 +85,15 @@ def exec_format_problem(path: Path, cwd: Path | None = None) -> str | None:
         if (argument := _crlf_argument(header)) is not None:
             return said + argument
         said = f"its #! interpreter {interpreter}: "
-        if not os.access(path, os.X_OK) or os.path.isdir(path):
+        if not is_executable_file(path):
             return f"{said}not an executable file"
     return None  # deeper than MAX_INTERPRETER_DEPTH: the kernel judges
+
+
+def is_executable_file(path: str | os.PathLike[str]) -> bool:
+    """Whether exec could run ``path`` at all: this user may execute it and it is not a folder
+    (which has the execute bit too). Its format is another question (``exec_format_problem``)."""
+    return os.access(path, os.X_OK) and not os.path.isdir(path)
 
 
 def _header(path: Path) -> bytes | None:

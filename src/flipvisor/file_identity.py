@@ -55,6 +55,12 @@ def kind_of(path: Path) -> str | None:
         info = os.lstat(path)
     except OSError:
         return None
+    return kind_seen(path, info)
+
+
+def kind_seen(path: Path, info: os.stat_result) -> str:
+    """What ``info`` (``path``'s ``lstat``, taken already) says is at ``path``, as ``kind_of``
+    says it."""
     if stat.S_ISLNK(info.st_mode):
         try:
             return f"a symbolic link to {os.readlink(path)}"

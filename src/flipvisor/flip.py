@@ -71,6 +71,12 @@ class Flips:
         # While a first start's promotion may wait for the proxy: ``start`` retries it at once.
         self.patience: ProxyPatience | None = None
 
+    @property
+    def called_off(self) -> bool:
+        """Whether the flip in progress was called off (``abandon`` cancelled: a stop), as
+        against failing or running out of time."""
+        return self.abandon is not None and self.abandon.cancel_called
+
     def start_flip(
         self,
         config: ProgramConfig | None = None,

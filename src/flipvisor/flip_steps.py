@@ -128,11 +128,7 @@ async def _discard(
     once it has ended (``discard.py``; waited for until the flip's ``deadline``)."""
     # A stop's cancellation (``abandon``) is no failure of the generation: it ends
     # stopped, and `events` shows no `failed` before the flip-abandoned.
-    called_off = (
-        isinstance(exc, anyio.get_cancelled_exc_class())
-        and flips.abandon is not None
-        and flips.abandon.cancel_called
-    )
+    called_off = isinstance(exc, anyio.get_cancelled_exc_class()) and flips.called_off
     await discard(flips.program, gen, reason, called_off=called_off, deadline=deadline)
 
 
@@ -143,8 +139,7 @@ def _reason(exc: BaseException, flips: Flips, gen: Generation, deadline: float) 
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, anyio.get_cancelled_exc_class()):
-        abandoned = flips.abandon is not None and flips.abandon.cancel_called
-        if not abandoned and anyio.current_time() >= deadline:
+        if not flips.called_off and anyio.current_time() >= deadline:
             probing = gen.probing if gen.state is GenerationState.STARTING else None
             said = probing.last() if probing is not None else None
             return "the flip's --timeout ran out" + (

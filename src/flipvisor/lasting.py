@@ -1,6 +1,7 @@
 """The services that must last as long as the supervisor (its control socket, its metrics
 endpoint): one that ends once started, by an error or a return, is logged and started again
-after a pause (1 s, doubling to 30 s), while the programs are supervised on untouched.
+after a pause (1 s, doubling to 30 s), while the programs are supervised on untouched. The pause
+rule itself (``RestartPause``) is shared with the control socket's own listener replacement.
 
 Let through to the root task group, such an error cancelled the reaper with everything else
 while the programs were still being stopped: their workers were left unreaped (zombies), the
@@ -58,11 +59,69 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _is_own(exc: BaseException) -> bool:
-    """Whether ``exc`` is one of flipvisor's own expected errors (or a group of those)."""
+def is_own(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of flipvisor's own expected errors (or a group of those): said in
+    a sentence, where anything else is a bug to log with its traceback."""
     if isinstance(exc, BaseExceptionGroup):
-        return all(_is_own(each) for each in exc.exceptions)
+        return all(is_own(each) for each in exc.exceptions)
     return isinstance(exc, FlipvisorError)
+
+
+def _now() -> float:
+    """The event loop's clock, as the pause rule reads it (the tests' seam: ``tests/clock.py``
+    steps it, to have served half a minute without waiting it)."""
+    return anyio.current_time()
+
+
+class RestartPause:
+    """The pause before starting again something that ended (a service, a listener): FIRST_PAUSE,
+    doubling at each end in a row up to LONGEST_PAUSE; back to the first after LONGEST_PAUSE
+    served (not one more end in a row). With ``at_once_first``, the first is no pause at all.
+
+    Between an end and serving again, ``wake`` ends the pause under way, or the next one if none
+    is (a SIGHUP that came while a failed listener was closing)."""
+
+    def __init__(self, *, at_once_first: bool = False) -> None:
+        self._at_once_first = at_once_first
+        self._next = self._first()
+        self._since: float | None = None  # when it last began serving; None: not since an end
+        self._woken: anyio.Event | None = None  # an end's, until serving again
+
+    def _first(self) -> float:
+        return 0.0 if self._at_once_first else FIRST_PAUSE
+
+    def serving(self) -> None:
+        """It (began to) serve now: no pause is due, the time served counts from now."""
+        self._since = _now()
+        self._woken = None
+
+    def ended(self) -> float:
+        """It ended now (or failed to start again): the pause before starting it again, in
+        seconds (0: at once)."""
+        if self._since is not None and _now() - self._since >= LONGEST_PAUSE:
+            self._next = self._first()
+        self._since = None  # a start that fails before serving again served nothing
+        if self._woken is None:
+            self._woken = anyio.Event()
+        pause = self._next
+        self._next = FIRST_PAUSE if not pause else min(pause * 2, LONGEST_PAUSE)
+        return pause
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep ``seconds`` (from ``ended``), unless ``wake`` ends it (or came already)."""
+        if not seconds:
+            return  # at once: a wake meanwhile is kept for the next pause
+        woken = self._woken if self._woken is not None else anyio.Event()
+        with anyio.move_on_after(seconds):
+            await woken.wait()
+        self._woken = anyio.Event()  # one wake ends one pause
+
+    def wake(self) -> bool:
+        """End the pause under way, or the next one; False if none is due (it serves)."""
+        if self._woken is None:
+            return False
+        self._woken.set()
+        return True
 
 
 async def run_lasting(
@@ -80,9 +139,9 @@ async def run_lasting(
             such as an address that cannot be bound: the starter's to report).
     """
     noting = _Noting(task_status)
-    pause = FIRST_PAUSE
+    restarts = RestartPause()
     while True:
-        began = anyio.current_time()
+        restarts.serving()
         error: Exception | None = None
         try:
             await service(task_status=noting)
@@ -92,11 +151,10 @@ async def run_lasting(
             ended = f"failed: {describe(exc)}"
             # flipvisor's own refusals (the path taken by another supervisor, a state file that
             # is no socket) are their sentence; anything else, a bug to trace.
-            error = None if _is_own(exc) else exc
+            error = None if is_own(exc) else exc
         else:
             ended = "ended unexpectedly"
-        if anyio.current_time() - began >= LONGEST_PAUSE:
-            pause = FIRST_PAUSE  # it served a while: not one more end in a row
+        pause = restarts.ended()
         log.error(
             "%s %s; starting it again in %g s (the programs are supervised on)",
             what,
@@ -104,8 +162,7 @@ async def run_lasting(
             pause,
             exc_info=error,
         )
-        await anyio.sleep(pause)
-        pause = min(pause * 2, LONGEST_PAUSE)
+        await restarts.pause(pause)
 
 
-__all__ = ["FIRST_PAUSE", "LONGEST_PAUSE", "describe", "run_lasting"]
+__all__ = ["FIRST_PAUSE", "LONGEST_PAUSE", "RestartPause", "describe", "is_own", "run_lasting"]

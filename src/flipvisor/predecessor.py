@@ -23,6 +23,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .config import Config, SocketConfig
+from .current_record import HOSTNAME
 from .durable import remove_torn
 from .handover import Handover, say_kept
 from .keeper_handover import KeptOutput
@@ -33,7 +34,6 @@ from .lineage import Lineage, processes_of
 from .logs_capture import capture
 from .progress import FlipReport
 from .proxy_recovery import ProxyAccess, finish_proxy_steps, unfinished_proxy_steps
-from .published_keys import HOSTNAME
 from .registry.base import WatchableRegistry
 from .registry.local_file import FILE_NAME as REGISTRY_FILE
 from .stray_programs import proxy_writers, removed_programs, stop_stray_program

@@ -7,14 +7,12 @@ replaced.
 from __future__ import annotations
 
 import json
-import socket
 import time
 
+from .current_record import HOSTNAME
 from .generation import Generation
 from .lineage import this_supervisor
 from .registry import Snapshot
-
-HOSTNAME = socket.gethostname()
 
 
 def generation_record(gen: Generation) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import EXIT_USAGE, FlipvisorError, RegistryError
-from .file_identity import kind_of
+from .file_identity import kind_seen
 from .registry.local_file import read_registry_file, registry_file
 
 
@@ -33,11 +33,12 @@ def socket_path_problem(path: Path) -> str | None:
     """Why the control socket cannot be listened on at ``path``: something other than a
     socket is there (None: a socket, or nothing)."""
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            return None
+        info = os.lstat(path)  # once: what it is, and how to say it
     except OSError:
         return None  # nothing there (a state_dir this user may not enter is told apart)
-    kind = kind_of(path) or "something else"
+    if stat.S_ISSOCK(info.st_mode):
+        return None
+    kind = kind_seen(path, info)
     mounted = (
         " (a container's bind mount of the socket's path makes a folder there when no socket "
         "exists yet: mount the state_dir instead)"

@@ -32,12 +32,12 @@ import anyio
 
 from .config import Config, DrainConfig
 from .config_fields import MAX_PROGRAM_NAME, PROGRAM_NAME_RE
+from .current_record import HOSTNAME
 from .errors import RegistryError
 from .history import History
 from .leftover_records import dead_supervisors_record
 from .leftovers import Leftovers
 from .program import Runtime
-from .published_keys import HOSTNAME
 from .registry import WatchableRegistry, program_key
 from .unroute import unroute
 

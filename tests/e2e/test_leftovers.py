@@ -23,11 +23,11 @@ import pytest
 
 from flipvisor.client import call
 from flipvisor.config import DrainConfig
+from flipvisor.current_record import HOSTNAME
 from flipvisor.leftover_records import leftovers_in
 from flipvisor.leftovers import Leftovers
 from flipvisor.lineage import processes_of
 from flipvisor.protocol import Request
-from flipvisor.published_keys import HOSTNAME
 from tests.clock import step_clock
 from tests.e2e.load import Load
 from tests.e2e.test_etcd import keys, registry

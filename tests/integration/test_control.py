@@ -28,6 +28,7 @@ from flipvisor.control import AlreadyRunning, ControlServer, Send, peer_allowed
 from flipvisor.errors import EXIT_USAGE, ControlUnreachable
 from flipvisor.protocol import MAX_LINE, Request, result
 from flipvisor.runrecord import remove_record, write_record
+from tests.clock import step_loop_clock
 from tests.waiting import await_until, holds
 
 DEADLINE = 10.0
@@ -442,6 +443,16 @@ class ListenerFailing:
         await self.real(*args, **kwargs)
 
 
+async def _answers_once_replaced(sock_path: Path, failing: ListenerFailing) -> None:
+    """Serve the control socket at ``sock_path`` until ``failing``'s failed listeners are
+    replaced, then see that it answers."""
+    async with serving(sock_path, FakeSupervisor().dispatch):
+        with anyio.fail_after(DEADLINE):
+            await failing.replaced.wait()
+        answer = await ask(sock_path, Request("status"))
+    assert answer[-1]["ok"]
+
+
 async def test_the_control_socket_ending_is_listened_on_again(
     sock_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -460,7 +471,7 @@ async def test_the_control_socket_ending_is_listened_on_again(
         return result({"command": request.command})
 
     monkeypatch.setattr(control, "serve_listener", failing)
-    monkeypatch.setattr(control, "FIRST_PAUSE", 0.05)
+    monkeypatch.setattr(lasting, "FIRST_PAUSE", 0.05)
     server = ControlServer(sock_path, slow_dispatch)
     reloading: list[list[dict[str, Any]]] = []
 
@@ -493,14 +504,37 @@ async def test_a_failed_listener_is_replaced_at_once_without_a_sighup(
     failing = ListenerFailing()
     failing.fail.set()
     monkeypatch.setattr(control, "serve_listener", failing)
-    monkeypatch.setattr(control, "FIRST_PAUSE", 3600.0)
-    async with serving(sock_path, FakeSupervisor().dispatch):
-        with anyio.fail_after(DEADLINE):
-            await failing.replaced.wait()
-        answer = await ask(sock_path, Request("status"))
-    assert answer[-1]["ok"]
+    monkeypatch.setattr(lasting, "FIRST_PAUSE", 3600.0)
+    await _answers_once_replaced(sock_path, failing)
     assert "Bad file descriptor; listening on it again now" in caplog.text
     assert "listening on it again in" not in caplog.text
+
+
+async def test_a_listener_failing_after_30_s_served_is_replaced_at_once_again(
+    sock_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Not one more failure in a row: after half a minute served, a failure is a first one
+    # again, its listener replaced at once (a pause leaves a stale socket file meanwhile).
+    failing = ListenerFailing(times=3)
+    failing.fail.set()
+    real_failing = failing.__call__
+
+    async def serves_30_s_the_third_time(*args: Any, **kwargs: Any) -> None:
+        if failing.calls == 2:
+            step_loop_clock(monkeypatch, lasting.LONGEST_PAUSE)
+        await real_failing(*args, **kwargs)
+
+    monkeypatch.setattr(control, "serve_listener", serves_30_s_the_third_time)
+    monkeypatch.setattr(lasting, "FIRST_PAUSE", 0.05)
+    await _answers_once_replaced(sock_path, failing)
+    again = [
+        r.getMessage().rpartition("; ")[2] for r in caplog.records if "failed:" in r.getMessage()
+    ]
+    assert [each.split(" (")[0] for each in again] == [
+        "listening on it again now",
+        "listening on it again in 0.05 s",
+        "listening on it again now",
+    ]
 
 
 async def test_sighup_ends_the_pause_before_listening_again(
@@ -511,7 +545,7 @@ async def test_sighup_ends_the_pause_before_listening_again(
     failing = ListenerFailing(times=2)
     failing.fail.set()
     monkeypatch.setattr(control, "serve_listener", failing)
-    monkeypatch.setattr(control, "FIRST_PAUSE", 3600.0)
+    monkeypatch.setattr(lasting, "FIRST_PAUSE", 3600.0)
     async with serving(sock_path, FakeSupervisor().dispatch) as server:
         pausing = "listening on it again in 3600 s"
         await await_until(lambda: holds(pausing in caplog.text), DEADLINE)
@@ -530,7 +564,7 @@ async def test_a_sighup_while_the_failed_listener_closes_ends_the_pause_too(
     failing = ListenerFailing(times=2)
     failing.fail.set()
     monkeypatch.setattr(control, "serve_listener", failing)
-    monkeypatch.setattr(control, "FIRST_PAUSE", 3600.0)
+    monkeypatch.setattr(lasting, "FIRST_PAUSE", 3600.0)
     said: list[bool] = []
     real_describe = control.describe
 

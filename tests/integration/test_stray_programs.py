@@ -25,6 +25,7 @@ from flipvisor.config import (
     RegistryConfig,
     WatchConfig,
 )
+from flipvisor.current_record import HOSTNAME
 from flipvisor.events import EventLog
 from flipvisor.history import History
 from flipvisor.leftover_records import read_records
@@ -36,7 +37,6 @@ from flipvisor.proxy_journal import removal_journal
 from flipvisor.proxy_lock import ProxyLock
 from flipvisor.proxy_record import pending
 from flipvisor.proxy_recovery import finish_proxy_steps, unfinished_proxy_steps
-from flipvisor.published_keys import HOSTNAME
 from flipvisor.registry.local import LocalRegistry
 from flipvisor.registry.local_file import read_registry_file, write_registry_file
 from flipvisor.stray_programs import proxy_writers, stop_stray_program

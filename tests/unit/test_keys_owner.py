@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from flipvisor.current_record import HOSTNAME
 from flipvisor.registry import Snapshot
-from flipvisor.registry.keys_owner import HOSTNAME, promoted_by_another
+from flipvisor.registry.keys_owner import promoted_by_another
 from flipvisor.starttime import Identity, Recorded, boot_id, recorded_now
 
 

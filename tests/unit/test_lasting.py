@@ -13,7 +13,8 @@ from anyio.abc import TaskStatus
 
 from flipvisor import lasting
 from flipvisor.control import AlreadyRunning
-from flipvisor.lasting import describe, run_lasting
+from flipvisor.lasting import RestartPause, describe, run_lasting
+from tests.clock import step_loop_clock
 
 
 class Flaky:
@@ -47,18 +48,23 @@ def pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The pauses before each start again (not slept: the tests need not wait them)."""
     slept: list[float] = []
 
-    async def sleep(seconds: float) -> None:
+    async def pause(self: RestartPause, seconds: float) -> None:
         slept.append(seconds)
         await anyio.lowlevel.checkpoint()
 
-    monkeypatch.setattr(lasting.anyio, "sleep", sleep)
+    monkeypatch.setattr(RestartPause, "pause", pause)
     return slept
 
 
 async def _run_until_serving(service: Flaky) -> None:
+    await _run_until_serving_as(service, service.run)
+
+
+async def _run_until_serving_as(service: Flaky, run: lasting.Service) -> None:
+    """Run ``run`` (``service``'s, or one around it) lasting, until ``service`` serves."""
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
-            await tg.start(run_lasting, "the service", service.run)
+            await tg.start(run_lasting, "the service", run)
             await service.serving.wait()
             tg.cancel_scope.cancel()
 
@@ -101,6 +107,23 @@ async def test_a_failing_start_again_is_retried_with_a_pause_growing_to_30_s(
     await _run_until_serving(service)
     assert service.starts == 9
     assert pauses == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+
+
+async def test_the_pause_is_the_first_again_after_30_s_served(
+    pauses: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not one more end in a row: a service that served half a minute, then ended, is started
+    # again after the first pause, not after the grown one.
+    service = Flaky([OSError(9, "EBADF"), OSError(9, "EBADF"), OSError(9, "EBADF"), None])
+    real_run = service.run
+
+    async def run(*, task_status: TaskStatus[None]) -> None:
+        if service.starts == 2:  # the third start: serves 30 s before it ends
+            step_loop_clock(monkeypatch, lasting.LONGEST_PAUSE)
+        await real_run(task_status=task_status)
+
+    await _run_until_serving_as(service, run)
+    assert pauses == [1.0, 2.0, 1.0, 2.0]
 
 
 async def test_a_start_up_failure_is_raised_to_the_starter() -> None:

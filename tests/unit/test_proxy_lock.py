@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -278,18 +279,12 @@ async def test_a_flip_cut_short_names_who_held_it_not_the_task_queued_behind_it(
     # removal before the flip's `except` asks who holds it. The removal queued after the flip:
     # it named the removal, which never held it up.
     lock, web = ProxyLock(), ProxyHolder.named("web's flip", "web")
-    gen: Any = type("Gen", (), {"number": 3, "program": "api"})()
     timeout = anyio.CancelScope()
-
-    async def flip() -> None:
-        with timeout:
-            async with holding_proxy(lock, lambda: flip_holder(report), report, gen):
-                pytest.fail("it got the lock its holder still held")  # pragma: no cover
 
     with _flip_report("api") as report:
         async with anyio.create_task_group() as tg:
             await lock.acquire(web)
-            tg.start_soon(flip)
+            tg.start_soon(_flip_until, lock, report, timeout)
             await anyio.wait_all_tasks_blocked()
             tg.start_soon(_hold_once, lock, REMOVAL)
             await anyio.wait_all_tasks_blocked()
@@ -301,24 +296,47 @@ async def test_a_flip_cut_short_names_who_held_it_not_the_task_queued_behind_it(
     assert lock.holder is None and not lock.locked()
 
 
+async def test_a_flip_cut_short_names_who_handed_the_lock_on_past_it() -> None:
+    # web holds it, a removal waits, then api's flip, then the removal of db: web lets go to
+    # the removal, which lets go as the flip's --timeout lands, in the same loop iteration: the
+    # lock goes on past the cancelled flip to db's removal (queued after it). The flip was held
+    # up by the removal that let go, not by web (nobody asked in between), nor by db's.
+    lock, web = ProxyLock(), ProxyHolder.named("web's flip", "web")
+    db = ProxyHolder.named("the removal of db from the proxy", "db")
+    timeout, removed = anyio.CancelScope(), anyio.Event()
+
+    with _flip_report("api") as report:
+        async with anyio.create_task_group() as tg:
+            await lock.acquire(web)
+            for task in (
+                partial(_hold_until, lock, REMOVAL, removed),
+                partial(_flip_until, lock, report, timeout),
+            ):
+                tg.start_soon(task)
+                await anyio.wait_all_tasks_blocked()
+            tg.start_soon(_hold_once, lock, db)
+            await anyio.wait_all_tasks_blocked()
+            lock.release()  # to the removal
+            await anyio.wait_all_tasks_blocked()
+            removed.set()  # it lets go first, in the loop iteration the flip is cancelled in
+            timeout.cancel()
+        assert timeout.cancelled_caught
+        assert report.held_up_by == REMOVAL
+    assert lock.holder is None and not lock.locked()
+
+
 async def test_a_flip_cut_short_names_who_the_lock_went_to_before_it() -> None:
     # web holds it, a removal waits, then api's flip: web lets go to the removal, and the flip's
     # --timeout comes before anything asked who holds it: it names the removal, not web.
     lock, web = ProxyLock(), ProxyHolder.named("web's flip", "web")
-    gen: Any = type("Gen", (), {"number": 3, "program": "api"})()
     timeout, removed = anyio.CancelScope(), anyio.Event()
-
-    async def flip() -> None:
-        with timeout:
-            async with holding_proxy(lock, lambda: flip_holder(report), report, gen):
-                pytest.fail("it got the lock its holder still held")  # pragma: no cover
 
     with _flip_report("api") as report:
         async with anyio.create_task_group() as tg:
             await lock.acquire(web)
             tg.start_soon(_hold_until, lock, REMOVAL, removed)
             await anyio.wait_all_tasks_blocked()
-            tg.start_soon(flip)
+            tg.start_soon(_flip_until, lock, report, timeout)
             await anyio.wait_all_tasks_blocked()
             lock.release()
             timeout.cancel()
@@ -326,3 +344,12 @@ async def test_a_flip_cut_short_names_who_the_lock_went_to_before_it() -> None:
             assert report.held_up_by == REMOVAL
             removed.set()
     assert lock.holder is None and not lock.locked()
+
+
+async def _flip_until(lock: ProxyLock, report: FlipReport, timeout: anyio.CancelScope) -> None:
+    """api's flip to generation 3, of ``report``, waiting for ``lock`` (held by another) until
+    ``timeout`` (its --timeout) is cancelled."""
+    gen: Any = type("Gen", (), {"number": 3, "program": "api"})()
+    with timeout:
+        async with holding_proxy(lock, lambda: flip_holder(report), report, gen):
+            pytest.fail("it got the lock its holder still held")  # pragma: no cover

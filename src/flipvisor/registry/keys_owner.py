@@ -12,16 +12,13 @@ earlier boot) is stale: written over too, so the keys match what is serving.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterable
 from functools import cache
 
-from flipvisor.current_record import parse_current
+from flipvisor.current_record import HOSTNAME, parse_current
 from flipvisor.starttime import Recorded, boot_id, pid_still_names, recorded_now
 
 from .base import Snapshot
-
-HOSTNAME = socket.gethostname()
 
 
 def promoted_by_another(have: Snapshot, ours: Iterable[Snapshot | None]) -> Recorded | None:
