@@ -148,3 +148,46 @@ def test_an_endpoint_that_is_not_etcd_is_not_called_unreachable(
     assert http_server in message, message
     assert "unreachable" not in message and "make the registry reachable" not in message, message
     assert "not etcd" in message or "not an etcd" in message, message
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="etcd refusing a request for lack of credentials (auth enabled, no registry.user) "
+    "fails the flip with the advice to make the registry reachable (registry.endpoints), and "
+    "status calls it 'connected; keys ... written once it answers': nothing names "
+    "registry.user/password",
+)
+def test_an_etcd_that_wants_credentials_is_named_as_such(
+    flipvisor: Flipvisor, restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    etcd = restartable_etcd
+    flipvisor.start({"registry": registry(etcd, etcd_prefix), "programs": {"web": web()}})
+    first = flipvisor.wait_serving("web")
+    wait_until(
+        lambda: keys(etcd, etcd_prefix)["port/current"] == str(first["port"]),
+        message="generation 1 in etcd",
+    )
+    etcd.etcdctl("user", "add", "root:qa15-password")
+    etcd.etcdctl("auth", "enable")  # an operator turns auth on; the config has no user yet
+    flipped = flipvisor.cli("flip", "web")
+    assert flipped.returncode == 1, flipped.stdout + flipped.stderr
+    message = flipped.stderr
+    assert "make the registry reachable" not in message, message
+    assert "registry.user" in message or "registry.password" in message, message
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="check accepts a registry.prefix with surrounding whitespace or control characters "
+    "(a quoting slip): the keys go to ' uswitch /web/...', which no confd reads",
+)
+@pytest.mark.parametrize("prefix", [" uswitch", "uswitch ", "us\nwitch", "us\x00witch"])
+def test_check_refuses_a_prefix_with_whitespace_or_control_characters(
+    flipvisor: Flipvisor, prefix: str
+) -> None:
+    flipvisor.write_config(
+        {"registry": {"backend": "etcd", "endpoints": ["127.0.0.1:2379"], "prefix": prefix}}
+    )
+    checked = flipvisor.cli("check")
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    assert "registry.prefix" in checked.stderr, checked.stderr
