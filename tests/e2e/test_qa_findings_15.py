@@ -191,3 +191,68 @@ def test_check_refuses_a_prefix_with_whitespace_or_control_characters(
     checked = flipvisor.cli("check")
     assert checked.returncode == 2, checked.stdout + checked.stderr
     assert "registry.prefix" in checked.stderr, checked.stderr
+
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000  # valid JSON that json.loads cannot decode
+
+
+def put_stdin(etcd: EtcdServer, key: str, value: str) -> None:
+    """``key`` = ``value``, through etcdctl's stdin (a long argument is refused by the kernel)."""
+    subprocess.run(
+        [require_binary("etcdctl"), f"--endpoints={etcd.url}", "--command-timeout=10s", "put", key],
+        input=value.encode(),
+        capture_output=True,
+        timeout=30,
+        env={**os.environ, "ETCDCTL_API": "3"},
+        check=True,
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="current_record.parse_current lets json.loads' RecursionError through (it expects "
+    "ValueError/TypeError/KeyError): a deeply nested value in generation/current (a script's "
+    "garbage) kills `run` at start-up with a traceback while looking for leftovers",
+)
+def test_run_starts_with_a_deeply_nested_garbage_record_in_etcd(
+    flipvisor: Flipvisor, restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    etcd = restartable_etcd
+    put_stdin(etcd, f"{etcd_prefix}/web/generation/current", DEEP_JSON)
+    flipvisor.start({"registry": registry(etcd, etcd_prefix), "programs": {"web": web()}})
+    serving = flipvisor.wait_serving("web")
+    assert "Traceback" not in flipvisor.output(), flipvisor.output()
+    wait_until(
+        lambda: keys(etcd, etcd_prefix)["port/current"] == str(serving["port"]),
+        message="generation 1 in etcd",
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the healing after an etcd outage (etcd_keys.reconcile -> keys_owner."
+    "promoted_by_another -> parse_current) dies on json.loads' RecursionError: a deeply nested "
+    "value in generation/current kills the running supervisor, and its programs stop serving",
+)
+def test_a_deeply_nested_garbage_record_does_not_kill_the_supervisor_at_a_reconnect(
+    flipvisor: Flipvisor, restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    etcd = restartable_etcd
+    flipvisor.start({"registry": registry(etcd, etcd_prefix), "programs": {"web": web()}})
+    serving = flipvisor.wait_serving("web")
+    wait_until(
+        lambda: keys(etcd, etcd_prefix)["port/current"] == str(serving["port"]),
+        message="generation 1 in etcd",
+    )
+    put_stdin(etcd, f"{etcd_prefix}/web/generation/current", DEEP_JSON)
+    etcd.stop()
+    etcd.start()
+    assert flipvisor.process is not None
+    wait_until(
+        lambda: flipvisor.process is not None
+        and flipvisor.process.poll() is None
+        and (keys(etcd, etcd_prefix)["generation/current"] or "").startswith("{"),
+        timeout=15,
+        message=f"the keys healed by a live supervisor (output:\n{flipvisor.output()})",
+    )
+    assert flipvisor.serving("web") is not None
