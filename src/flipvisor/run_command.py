@@ -84,10 +84,14 @@ async def run_command(
     finally:
         child.exit.on_exit(None)
         os.close(read_fd)
+        # None: the kernel still holds it after SIGKILL (logged); reported as killed.
         returncode = await child.stop(signal.SIGKILL, timeout=5.0)
         # What it left running in its group (re-parented to us) is not meant to outlive it.
         signal_strays({child.pid}, signal.SIGKILL)
         child.close()
     return CommandResult(
-        tuple(argv), returncode, output.decode("utf-8", "replace"), timed_out=timed_out
+        tuple(argv),
+        -signal.SIGKILL if returncode is None else returncode,
+        output.decode("utf-8", "replace"),
+        timed_out=timed_out,
     )
