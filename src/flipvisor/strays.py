@@ -77,6 +77,13 @@ class Strays:
             os.close(self._pidfds.pop(pid))
         return gone
 
+    def keep_only_in(self, process_group: int) -> None:
+        """Stop holding those that exited or have left ``process_group`` (a daemon's ``setsid``).
+        Each is asked while its pidfd shows it running, so its PID still names it."""
+        for pid, pidfd in list(self._pidfds.items()):
+            if _readable(pidfd) or _group_of(pid) != process_group:
+                os.close(self._pidfds.pop(pid))
+
     def signal(self, sig: int) -> list[int]:
         """Send ``sig`` to each; the PIDs of those that had not exited yet."""
         signalled = []
@@ -158,3 +165,10 @@ def _is_zombie(pid: int) -> bool:
             return stat.read().rpartition(")")[2].split()[0] == "Z"
     except (OSError, IndexError):
         return True  # gone
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:  # gone
+        return None
