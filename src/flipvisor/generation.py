@@ -32,6 +32,7 @@ from .notify_socket import open_notify_socket
 from .probe import ProbeProgress
 from .reaper import Reaper
 from .sockets import bound_port
+from .spawn import KILL_GRACE as _STOP_KILL_GRACE
 from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition
 from .strays import Strays
 from .worker import Worker, WorkerSpec
@@ -39,8 +40,9 @@ from .worker import Worker, WorkerSpec
 log = logging.getLogger(__name__)
 
 TAIL_LINES = 20
-# A worker killed with SIGKILL is gone at once unless the kernel is stuck; bound the wait anyway.
-KILL_GRACE = 10.0
+# A worker killed with SIGKILL is gone at once unless the kernel is stuck; bound the wait anyway,
+# as a child's own stop does (the drains, orphans and leftovers use it).
+KILL_GRACE = _STOP_KILL_GRACE
 
 
 def _worker_maker(

@@ -15,9 +15,14 @@ import anyio
 from .output_pipe import OUTPUT_GRACE, read_available
 from .reaper import Reaper
 from .spawn import spawn_with_output
-from .strays import signal_strays
+from .strays import Strays, signal_strays
 
 OUTPUT_TAIL_BYTES = 64 * 1024
+# How long what a command that exited left in its process group gets to leave the group or exit
+# before it is killed: a daemon it started (`nginx -s reload || nginx`) forks, its parent exits,
+# and only then does the child call setsid, a moment that a loaded host can stretch.
+SETSID_GRACE = 1.0
+_SETSID_POLL = 0.01
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,8 @@ async def run_command(
     """Run a short command to completion (a check, a reload, an exec probe), bounded by ``timeout``.
 
     A command that outlives ``timeout`` has its process group killed and is reaped before this
-    returns; so is one whose caller is cancelled.
+    returns; so is one whose caller is cancelled. What one that exited by itself left in its
+    group (re-parented to us) gets ``SETSID_GRACE`` to leave it (a daemon) or exit, then SIGKILL.
 
     Raises:
         SpawnError: it could not be started.
@@ -66,28 +72,58 @@ async def run_command(
         argv, reaper=reaper, env=env if env is not None else os.environ, cwd=cwd
     )
     output = bytearray()
+    exited = False
     try:
         # One task reads until end of output, then waits for the exit. The scope's deadline is
         # the timeout, and the exit brings it forward: a background process the command left
         # behind may hold its output open, so read what is there, but do not wait for it.
         with anyio.move_on_after(timeout) as scope:
 
-            def exited() -> None:
+            def on_exit() -> None:
                 scope.deadline = min(scope.deadline, anyio.current_time() + OUTPUT_GRACE)
 
-            child.exit.on_exit(exited)
+            child.exit.on_exit(on_exit)
             while chunk := await read_available(read_fd):
                 output.extend(chunk)
                 del output[:-OUTPUT_TAIL_BYTES]
             await child.wait()  # it closed its output; it may still be running
         timed_out = not child.exit.reaped
+        exited = not timed_out
     finally:
         child.exit.on_exit(None)
         os.close(read_fd)
+        # None: the kernel still holds it after SIGKILL (logged); reported as killed.
         returncode = await child.stop(signal.SIGKILL, timeout=5.0)
-        # What it left running in its group (re-parented to us) is not meant to outlive it.
-        signal_strays({child.pid}, signal.SIGKILL)
+        await _stop_what_it_left(child.pid, patient=exited)
         child.close()
     return CommandResult(
-        tuple(argv), returncode, output.decode("utf-8", "replace"), timed_out=timed_out
+        tuple(argv),
+        -signal.SIGKILL if returncode is None else returncode,
+        output.decode("utf-8", "replace"),
+        timed_out=timed_out,
     )
+
+
+async def _stop_what_it_left(process_group: int, *, patient: bool) -> None:
+    """SIGKILL what the command (the leader of ``process_group``, reaped by now) left running in
+    its group and re-parented to us; ``patient`` (it exited by itself): only what is still in
+    the group ``SETSID_GRACE`` later, as a daemon leaves it only after its parent exited.
+
+    Right after the leader's reap, nothing awaited yet, the group's members are held by pidfd:
+    its id cannot be anybody else's group while one of them is in it, and is signalled as a
+    group again only then.
+    """
+    with Strays.collect({process_group}) as left:
+        try:
+            if patient and left:
+                with anyio.move_on_after(SETSID_GRACE):
+                    while left:
+                        with anyio.move_on_after(_SETSID_POLL):
+                            await left.wait()
+                        left.keep_only_in(process_group)
+        finally:
+            left.keep_only_in(process_group)
+            if left.signal(signal.SIGKILL):
+                # The group still exists, so its id is still this command's: what the ones
+                # held started meanwhile and left (re-parented to us) goes too.
+                signal_strays({process_group}, signal.SIGKILL)

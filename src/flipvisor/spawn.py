@@ -20,6 +20,7 @@ while its PID still names it (``verified_signal.py``), our stray children while 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import time
@@ -36,7 +37,12 @@ from .reaper import ExitWaiter, Reaper
 from .signals import with_continue
 from .starttime import Recorded, recorded_now
 
+log = logging.getLogger(__name__)
+
 LISTEN_FD = 3
+# A process SIGKILLed is gone at once unless the kernel holds it (uninterruptible sleep on a
+# hung NFS mount or device): how long a stop waits for it then, before it gives up and says so.
+KILL_GRACE = 10.0
 PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2  # Linux 6.9+: signal the pidfd's process group
 SHELL = "/bin/sh"
 # $0 is the working directory; "$@" the user's argv, exec'd without any parsing.
@@ -122,11 +128,15 @@ class Child:
         """The child's return code once the reaper collected it."""
         return await self.exit.wait()
 
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        """Send ``sig`` to the group (then SIGCONT), SIGKILL it after ``timeout``; always waits
-        for the exit.
+    async def stop(
+        self, sig: int = signal.SIGTERM, timeout: float = 10.0, kill_grace: float | None = None
+    ) -> int | None:
+        """Send ``sig`` to the group (then SIGCONT), SIGKILL it after ``timeout``; the return
+        code once it exited, None if it was still not reaped ``kill_grace`` after the SIGKILL
+        (``KILL_GRACE`` unless given; logged: the kernel holds it, and a stop or a shutdown must
+        not wait for it forever).
 
-        Shielded, so a cancelled caller still leaves nothing running; bounded by the timeout.
+        Shielded, so a cancelled caller still leaves nothing running that could be stopped.
         """
         with anyio.CancelScope(shield=True):
             for each in with_continue(sig):
@@ -134,8 +144,16 @@ class Child:
             with anyio.move_on_after(timeout):
                 return await self.wait()
             self.signal_all(signal.SIGKILL)
-            return await self.wait()
-        raise AssertionError("unreachable: the shielded block always returns")  # for mypy
+            kill_grace = KILL_GRACE if kill_grace is None else kill_grace
+            with anyio.move_on_after(kill_grace):
+                return await self.wait()
+        log.warning(
+            "pid=%d is still running %ss after SIGKILL (uninterruptible sleep?): "
+            "no longer waited for; it is reaped if it ever exits",
+            self.pid,
+            kill_grace,
+        )
+        return None
 
     def close(self) -> None:
         """Release the pidfd (after the exit is known)."""

@@ -335,7 +335,12 @@ class Worker:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(read_the_rest)
-            await child.stop(drain.signal, drain.timeout)
+            if await child.stop(drain.signal, drain.timeout) is None:
+                # Not waited for any longer, or the generation's end and a shutdown would hang.
+                self.log.note(
+                    f"[flipvisor] {prefix}: pid {child.pid} still running after SIGKILL "
+                    "(uninterruptible sleep?); no longer waited for"
+                )
             # Done at end of file; a grandchild may hold the pipe open: not past the grace.
             reading.deadline = anyio.current_time() + OUTPUT_GRACE
 

@@ -19,6 +19,7 @@ import anyio
 import psutil
 import pytest
 
+from flipvisor import lineage
 from flipvisor.config import DrainConfig, SocketConfig
 from flipvisor.leftover_records import leftovers_in
 from flipvisor.leftovers import Leftovers
@@ -318,6 +319,35 @@ def test_processes_of_finds_what_names_the_state_dir_in_its_environment(tmp_path
             process.kill()
             process.wait()
     assert processes_of(tmp_path) == {}
+
+
+def test_a_process_read_in_the_middle_of_an_exec_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In the middle of an exec (a worker's wrapper exec'ing the app, a master's new worker) the
+    # kernel shows no environment until it has laid out the new program's: the window the
+    # test above waits out after Popen. It cannot be held open on demand, so the first read of
+    # this real process's environment is made to return what the kernel returns then.
+    env = {**os.environ, "FLIPVISOR_STATE_DIR": str(tmp_path), "FLIPVISOR_PROGRAM": "web"}
+    process = subprocess.Popen(["sleep", "60"], env=env)
+    try:
+        recorded = wait_until(lambda: recorded_now(process.pid), message="the start time")
+        wait_until(lambda: processes_of(tmp_path), message="its environment laid out")
+        read = lineage.environ_of
+        mid_exec = {process.pid}
+
+        def environ_of(pid: int) -> list[bytes]:
+            if pid in mid_exec:
+                mid_exec.discard(pid)
+                return [b""]
+            return read(pid)
+
+        monkeypatch.setattr(lineage, "environ_of", environ_of)
+        assert processes_of(tmp_path) == {"web": [recorded]}
+        assert not mid_exec, "the empty read was the scan's first"
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_take_socket_of_a_worker_whose_fd_3_is_no_inet_socket_is_none(
