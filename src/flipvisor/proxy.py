@@ -277,6 +277,12 @@ class Routing:
         if self.journal is not None:
             await self.journal.promoted()
 
+    @property
+    def recorded(self) -> bool:
+        """Whether the journal holds a record on disk that stays unless settled: what the next
+        start reads if this step ends unsettled."""
+        return self.journal is not None and self.journal.recorded
+
 
 def how_to_reload(proxy: ProxyConfig) -> str:
     """What the operator runs to reload ``proxy`` by hand, for a message: `` `nginx -s reload`

@@ -180,6 +180,11 @@ def _sync_removal(dest: Path) -> None:
 class Journal(Protocol):
     """Where a change of a proxy file is recorded before it is made (``proxy_journal.py``)."""
 
+    @property
+    def recorded(self) -> bool:
+        """Whether a record of the changes is on disk, not settled (kept for the next start if
+        the step ends without settling)."""
+
     def replacing(self, kept: Installed, written: bytes | None) -> None:
         """Record durably that ``kept.dest``, holding ``kept``, is about to be replaced by
         ``written`` (None: removed).

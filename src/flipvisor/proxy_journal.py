@@ -67,6 +67,12 @@ class ProxyJournal:
     halfway: bool = False
     registry_next: bool = False  # marked by ``before_registry_step``
 
+    @property
+    def recorded(self) -> bool:
+        """Whether a record of this step's changes is on disk, not settled: one that stays for
+        the next start if the step ends without settling (a reload back that failed)."""
+        return bool(self.changes)
+
     def replacing(self, kept: Installed, written: bytes | None) -> None:
         """Record durably that ``kept.dest`` is about to hold ``written`` (None: be removed).
 
