@@ -185,6 +185,8 @@ class Pending:
                 f"the reload back of {about.program}'s rolled-back flip to generation "
                 f"{about.generation} (port {about.port}) failed before the last shutdown"
             )
+        if self.kept is not None:  # a reason this version does not know (a later one's)
+            return f"{about.describe()} was kept unfinished by a previous supervisor ({self.kept})"
         return f"a previous supervisor was killed during {about.describe()}"
 
     @property
