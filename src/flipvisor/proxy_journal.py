@@ -65,7 +65,10 @@ class ProxyJournal:
     changes: list[Change] = field(default_factory=list)
     # A change made halfway that could not be undone (``failed_halfway``): the record stays.
     halfway: bool = False
-    registry_next: bool = False  # marked by ``before_registry_step``
+    # What a flip's record says of its proxy step (``REGISTRY_NEXT``), as last written: marked by
+    # ``before_registry_step``, cleared by a change after it. The one source of what ``_write``
+    # writes there.
+    registry_next: bool = False
 
     @property
     def recorded(self) -> bool:
@@ -80,8 +83,9 @@ class ProxyJournal:
             ProxyError: the record could not be written (nothing was changed yet).
         """
         change = Change(kept, None if written is None else digest(written))
+        self.registry_next = False  # a change after the mark: its proxy step is not done
         try:
-            self._write([*self.changes, change], registry_next=False)
+            self._write([*self.changes, change])
         except OSError as exc:
             if isinstance(exc, ReplacedNotDurable):
                 self.changes.append(change)  # in place all the same: settled with the step
@@ -91,7 +95,6 @@ class ProxyJournal:
                 "promotion ends could not put it back"
             ) from exc
         self.changes.append(change)
-        self.registry_next = False
 
     async def before_registry_step(self) -> None:
         """The proxy step is done (its files checked) and the registry step comes next: mark the
@@ -105,10 +108,13 @@ class ProxyJournal:
             await anyio.to_thread.run_sync(self._mark_registry_next)
 
     def _mark_registry_next(self) -> None:
+        self.registry_next = True
         try:
-            self._write(self.changes, registry_next=True)
-            self.registry_next = True
+            self._write(self.changes)
         except OSError as exc:
+            # Not marked (or, not durably: ``ReplacedNotDurable``); the registry step is not
+            # taken either way.
+            self.registry_next = False
             raise ProxyError(
                 f"cannot mark in {self.path} that the proxy step is done, before the registry "
                 f"step: {exc.strerror or exc}; a supervisor killed after the registry step could "
@@ -140,10 +146,8 @@ class ProxyJournal:
                 exc.strerror or exc,
             )
 
-    def _write(
-        self, changes: list[Change], *, registry_next: bool | None = None, kept: str | None = None
-    ) -> None:
-        """Write the record of ``changes`` (``registry_next``: None, as marked so far; ``kept``:
+    def _write(self, changes: list[Change], *, kept: str | None = None) -> None:
+        """Write the record of ``changes`` (a flip's marked as ``registry_next`` says; ``kept``:
         why it is kept on purpose), durably (blocking).
 
         Raises:
@@ -151,7 +155,7 @@ class ProxyJournal:
         """
         document = {**self.about.to_json(), "files": [c.to_json() for c in changes]}
         if self.about.kind == FLIP:
-            document[REGISTRY_NEXT] = self.registry_next if registry_next is None else registry_next
+            document[REGISTRY_NEXT] = self.registry_next
         if kept is not None:
             document[KEPT] = kept
         data = json.dumps(document, indent=1).encode()

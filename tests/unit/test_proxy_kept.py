@@ -37,6 +37,11 @@ def _record(state_dir: Path) -> dict[str, object]:
     return json.loads(step.path.read_text())  # type: ignore[no-any-return]
 
 
+def _record(state_dir: Path) -> dict[str, object]:
+    [step] = pending(state_dir)
+    return json.loads(step.path.read_text())  # type: ignore[no-any-return]
+
+
 def test_a_kept_record_whose_keys_were_not_put_back_is_undone_and_reloaded(
     tmp_path: Path,
 ) -> None:
@@ -100,3 +105,24 @@ def test_a_record_kept_for_an_unknown_reason_is_not_said_as_a_kill(tmp_path: Pat
     ), message
     assert "killed" not in message, message
     assert kind == "proxy-restored" and dest.read_bytes() == OLD, message
+
+
+def test_the_record_format_at_each_step(tmp_path: Path) -> None:
+    """One source of ``registry_next`` (the journal's own): what is on disk at each step of a
+    flip whose undo failed to reload back, as before."""
+    state_dir, dest = tmp_path / "state", tmp_path / "web.conf"
+    dest.write_bytes(OLD)
+    journal = _journal(state_dir)
+    installed = put_in_place(dest, NEW, journal)
+    first = _record(state_dir)
+    assert (first["registry_next"], "kept" in first) == (False, False)
+    assert set(first) == {"program", "kind", "generation", "port", "supervisor", "files"} | {
+        "registry_next"
+    }
+    anyio.run(journal.before_registry_step)
+    assert (_record(state_dir)["registry_next"], journal.registry_next) == (True, True)
+    installed.restore()
+    anyio.run(journal.reload_back_failed)
+    kept = _record(state_dir)
+    assert (kept["registry_next"], kept["kept"]) == (True, "reload back failed")
+    assert kept["files"] == first["files"]
