@@ -245,7 +245,7 @@ async def _reload_back(route: Routing, back: _ReloadBack, undoing: _Undoing) -> 
         # Routed back once the reload is done (and confirmed): the bound cutting the wait
         # for the old workers short must not report a reload back that "did not finish".
         undoing.routed_back = True
-        await route.settle()
+        await route.reloaded_back()
         if not await wait_workers_gone(routing_to_gen, proxy.timeout):
             log.warning(
                 "program=%s proxy workers still running %ss after reloading back",

@@ -214,6 +214,10 @@ class Journal(Protocol):
     async def promoted(self) -> None:
         """A flip's promotion is complete: ``settle``, and what it decided goes too."""
 
+    async def reloaded_back(self) -> None:
+        """A flip's undo reloaded the proxy back: ``settle``, and what that reload made moot goes
+        too."""
+
 
 def put_in_place(dest: Path, content: bytes, journal: Journal | None = None) -> Installed:
     """Replace ``dest`` with ``content`` (``write_atomic``); what it held is returned, and

@@ -13,7 +13,7 @@ import anyio
 from flipvisor.proxy_file import put_in_place
 from flipvisor.proxy_journal import ProxyJournal, flip_journal
 from flipvisor.proxy_record import pending
-from tests.unit.test_proxy_journal import SUPERVISOR, _current, _finish, _proxy_saw
+from tests.unit.test_proxy_journal import SUPERVISOR, _current, _finish, _proxy_saw, _web
 
 OLD, NEW = b"server 127.0.0.1:2001;\n", b"server 127.0.0.1:2002;\n"
 
@@ -30,11 +30,6 @@ def _kept_after_a_failed_reload_back(state_dir: Path) -> None:
     anyio.run(journal.before_registry_step)
     installed.restore()
     anyio.run(journal.reload_back_failed)
-
-
-def _record(state_dir: Path) -> dict[str, object]:
-    [step] = pending(state_dir)
-    return json.loads(step.path.read_text())  # type: ignore[no-any-return]
 
 
 def _record(state_dir: Path) -> dict[str, object]:
@@ -126,3 +121,49 @@ def test_the_record_format_at_each_step(tmp_path: Path) -> None:
     kept = _record(state_dir)
     assert (kept["registry_next"], kept["kept"]) == (True, "reload back failed")
     assert kept["files"] == first["files"]
+
+
+def test_a_later_flip_failing_before_its_reload_keeps_the_need_to_reload(tmp_path: Path) -> None:
+    """A kept record, then this run's next flip of web fails at its check (before any reload):
+    it overwrote ``web.json`` with its own record and settled it, so the next start no longer
+    knew that the proxy may still route to generation 2."""
+    state_dir, dest = tmp_path / "state", tmp_path / "web.conf"
+    dest.write_bytes(OLD)
+    _kept_after_a_failed_reload_back(state_dir)
+
+    journal = _journal(state_dir, generation=3, port=2003)
+    put_in_place(dest, b"server 127.0.0.1:2003;\n", journal).restore()  # its check failed
+    anyio.run(journal.settle)
+
+    [kept] = pending(state_dir)
+    assert kept.reload_back_failed and kept.about.generation == 2, kept
+    [(kind, message)] = _finish(state_dir, {"web": _current(1, 2001)})  # the next start
+    assert kind == "proxy-restored", message
+    assert message.startswith("the reload back of web's rolled-back flip to generation 2")
+    assert _proxy_saw(state_dir) == ["check", "reload"]
+    assert pending(state_dir) == []
+
+
+def test_a_later_flip_that_reloads_the_proxy_makes_a_kept_record_moot(tmp_path: Path) -> None:
+    """The proxy reloaded by this run's next flip of web (promoted, or undone and reloaded
+    back), the kept record's reload is done: it goes. If that flip's own reload back fails, its
+    record is kept, standing for both: one reload at the next start."""
+    state_dir, dest = tmp_path / "state", tmp_path / "web.conf"
+    for end in ("promoted", "reloaded_back", "reload_back_failed"):
+        dest.write_bytes(OLD)
+        _kept_after_a_failed_reload_back(state_dir)
+        journal = _journal(state_dir, generation=3, port=2003)
+        installed = put_in_place(dest, b"server 127.0.0.1:2003;\n", journal)
+        anyio.run(journal.before_registry_step)
+        if end != "promoted":
+            installed.restore()
+        anyio.run(getattr(journal, end))
+
+        left = pending(state_dir)
+        if end == "reload_back_failed":
+            assert [(step.about.generation, step.reload_back_failed) for step in left] == [
+                (3, True)
+            ], end
+            _finish(state_dir, {"web": _current(1, 2001)}, _web(state_dir))
+        else:
+            assert left == [], end
