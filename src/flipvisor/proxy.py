@@ -277,6 +277,18 @@ class Routing:
         if self.journal is not None:
             await self.journal.promoted()
 
+    async def reloaded_back(self) -> None:
+        """A failed flip's undo reloaded the proxy back: the journal's record goes
+        (``ProxyJournal.reloaded_back``)."""
+        if self.journal is not None:
+            await self.journal.reloaded_back()
+
+    @property
+    def recorded(self) -> bool:
+        """Whether the journal holds a record on disk that stays unless settled: what the next
+        start reads if this step ends unsettled."""
+        return self.journal is not None and self.journal.recorded
+
 
 def how_to_reload(proxy: ProxyConfig) -> str:
     """What the operator runs to reload ``proxy`` by hand, for a message: `` `nginx -s reload`

@@ -180,6 +180,11 @@ def _sync_removal(dest: Path) -> None:
 class Journal(Protocol):
     """Where a change of a proxy file is recorded before it is made (``proxy_journal.py``)."""
 
+    @property
+    def recorded(self) -> bool:
+        """Whether a record of the changes is on disk, not settled (kept for the next start if
+        the step ends without settling)."""
+
     def replacing(self, kept: Installed, written: bytes | None) -> None:
         """Record durably that ``kept.dest``, holding ``kept``, is about to be replaced by
         ``written`` (None: removed).
@@ -208,6 +213,10 @@ class Journal(Protocol):
 
     async def promoted(self) -> None:
         """A flip's promotion is complete: ``settle``, and what it decided goes too."""
+
+    async def reloaded_back(self) -> None:
+        """A flip's undo reloaded the proxy back: ``settle``, and what that reload made moot goes
+        too."""
 
 
 def put_in_place(dest: Path, content: bytes, journal: Journal | None = None) -> Installed:

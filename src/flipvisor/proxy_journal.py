@@ -13,7 +13,11 @@ since is left alone).
 A flip's record is marked once its proxy step is done, before its registry step
 (``before_registry_step``): one without the mark was certainly never promoted, and is put back
 even when the next start cannot read the registry. A record kept undecided by such a start is
-dropped once this run promotes a flip of the program over the same files (``promoted``).
+dropped once this run promotes a flip of the program over the same files (``promoted``). A record
+kept for the next start's reload (``reload_back_failed``, or a reload at start-up that failed) is
+set aside by the program's next step rather than overwritten (``proxy_record.set_aside``), and
+dropped once that step reloads the proxy over the same files (``promoted``, ``reloaded_back``) or
+keeps its own record for the same reload.
 
 One small write (atomic, fsynced) per file a step changes, one for a flip's mark, one removal at its
 end; blocking calls, run off the event loop. The folder is made when a record finds it missing
@@ -26,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +54,8 @@ from .proxy_record import (
     drop_record,
     read_record,
     record_path,
+    set_aside,
+    set_aside_name,
     undecided_name,
 )
 
@@ -65,7 +72,16 @@ class ProxyJournal:
     changes: list[Change] = field(default_factory=list)
     # A change made halfway that could not be undone (``failed_halfway``): the record stays.
     halfway: bool = False
-    registry_next: bool = False  # marked by ``before_registry_step``
+    # What a flip's record says of its proxy step (``REGISTRY_NEXT``), as last written: marked by
+    # ``before_registry_step``, cleared by a change after it. The one source of what ``_write``
+    # writes there.
+    registry_next: bool = False
+
+    @property
+    def recorded(self) -> bool:
+        """Whether a record of this step's changes is on disk, not settled: one that stays for
+        the next start if the step ends without settling (a reload back that failed)."""
+        return bool(self.changes)
 
     def replacing(self, kept: Installed, written: bytes | None) -> None:
         """Record durably that ``kept.dest`` is about to hold ``written`` (None: be removed).
@@ -74,8 +90,14 @@ class ProxyJournal:
             ProxyError: the record could not be written (nothing was changed yet).
         """
         change = Change(kept, None if written is None else digest(written))
+        if not self.changes:
+            # A record an earlier step of this program kept for the next start (its reload back
+            # failed, or a start-up's reload did) stays for it, beside this step's, unless this
+            # step's reload makes it moot (``promoted``, ``reloaded_back``).
+            set_aside(self.path, self.about.program)
+        self.registry_next = False  # a change after the mark: its proxy step is not done
         try:
-            self._write([*self.changes, change], registry_next=False)
+            self._write([*self.changes, change])
         except OSError as exc:
             if isinstance(exc, ReplacedNotDurable):
                 self.changes.append(change)  # in place all the same: settled with the step
@@ -85,7 +107,6 @@ class ProxyJournal:
                 "promotion ends could not put it back"
             ) from exc
         self.changes.append(change)
-        self.registry_next = False
 
     async def before_registry_step(self) -> None:
         """The proxy step is done (its files checked) and the registry step comes next: mark the
@@ -99,10 +120,13 @@ class ProxyJournal:
             await anyio.to_thread.run_sync(self._mark_registry_next)
 
     def _mark_registry_next(self) -> None:
+        self.registry_next = True
         try:
-            self._write(self.changes, registry_next=True)
-            self.registry_next = True
+            self._write(self.changes)
         except OSError as exc:
+            # Not marked (or, not durably: ``ReplacedNotDurable``); the registry step is not
+            # taken either way.
+            self.registry_next = False
             raise ProxyError(
                 f"cannot mark in {self.path} that the proxy step is done, before the registry "
                 f"step: {exc.strerror or exc}; a supervisor killed after the registry step could "
@@ -133,11 +157,19 @@ class ProxyJournal:
                 self.path,
                 exc.strerror or exc,
             )
+            return
+        # An earlier flip's record set aside, kept for the same reload of the same files: this
+        # one stands for it (one reload at the next start, not one per failed flip).
+        _drop_moot(
+            self.path.parent,
+            self.about.program,
+            [change.kept.dest for change in self.changes],
+            [set_aside_name(self.about.program)],
+            "this program's later flip's record is kept for the same reload of its file",
+        )
 
-    def _write(
-        self, changes: list[Change], *, registry_next: bool | None = None, kept: str | None = None
-    ) -> None:
-        """Write the record of ``changes`` (``registry_next``: None, as marked so far; ``kept``:
+    def _write(self, changes: list[Change], *, kept: str | None = None) -> None:
+        """Write the record of ``changes`` (a flip's marked as ``registry_next`` says; ``kept``:
         why it is kept on purpose), durably (blocking).
 
         Raises:
@@ -145,7 +177,7 @@ class ProxyJournal:
         """
         document = {**self.about.to_json(), "files": [c.to_json() for c in changes]}
         if self.about.kind == FLIP:
-            document[REGISTRY_NEXT] = self.registry_next if registry_next is None else registry_next
+            document[REGISTRY_NEXT] = self.registry_next
         if kept is not None:
             document[KEPT] = kept
         data = json.dumps(document, indent=1).encode()
@@ -177,13 +209,32 @@ class ProxyJournal:
         flips that an earlier start kept undecided (``keep_undecided``) whose files this flip
         replaced too: what those files hold now was routed after them, and put back by such a
         record (this flip's bytes may be theirs: the same port, a template without the
-        generation), they would route to a generation the keys no longer name."""
+        generation), they would route to a generation the keys no longer name. Those set aside as
+        kept for a reload (``set_aside``) go too: the promotion reloaded the proxy over them."""
+        await self._settle_and_drop(
+            [undecided_name(self.about.program), set_aside_name(self.about.program)],
+            "this run's flip replaced its file since, and is promoted",
+        )
+
+    async def reloaded_back(self) -> None:
+        """The flip's undo put its files back and reloaded the proxy back: ``settle``, and drop
+        the records of this program's earlier steps set aside as kept for the next start's
+        reload (``set_aside``) whose files this flip replaced: the proxy was reloaded with them
+        as they are now. Undecided ones stay: whether their flip was promoted is still unknown."""
+        await self._settle_and_drop(
+            [set_aside_name(self.about.program)],
+            "the proxy was reloaded since, with its file as it is now",
+        )
+
+    async def _settle_and_drop(self, names: list[re.Pattern[str]], why: str) -> None:
+        """``settle``, then drop the records of this program named as one of ``names`` whose
+        files this step replaced too (``why``: for the log) (shielded)."""
         replaced = [change.kept.dest for change in self.changes]
         await self.settle()
         if replaced and not self.halfway:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(
-                    _drop_decided, self.path.parent, self.about.program, replaced
+                    _drop_moot, self.path.parent, self.about.program, replaced, names, why
                 )
 
     def _remove(self) -> None:
@@ -207,19 +258,21 @@ def removal_journal(state_dir: Path, program: str) -> ProxyJournal:
     return ProxyJournal(record_path(state_dir, program), About(program, REMOVAL))
 
 
-def _drop_decided(folder: Path, program: str, replaced: list[Path]) -> None:
-    """Drop ``program``'s undecided records every file of which is among ``replaced`` (files a
-    flip of it just promoted replaced again) (blocking; a failure is logged)."""
+def _drop_moot(
+    folder: Path, program: str, replaced: list[Path], names: list[re.Pattern[str]], why: str
+) -> None:
+    """Drop ``program``'s records named as one of ``names`` (kept undecided, or set aside) every
+    file of which is among ``replaced`` (files a flip of it just promoted, or reloaded back,
+    replaced again: ``why``) (blocking; a failure is logged)."""
     try:
-        names = os.listdir(folder)
+        listed = os.listdir(folder)
     except FileNotFoundError:  # removed by hand since: no record to drop
         return
     except OSError as exc:
         log.warning("cannot read the proxy-undo records in %s: %s", folder, exc.strerror)
         return
-    undecided = undecided_name(program)
-    for name in names:
-        if not undecided.fullmatch(name):
+    for name in listed:
+        if not any(pattern.fullmatch(name) for pattern in names):
             continue
         try:
             step = read_record(folder / name)
@@ -227,9 +280,4 @@ def _drop_decided(folder: Path, program: str, replaced: list[Path]) -> None:
             continue  # the next start sets it aside, with a warning
         if all(any(same_file(c.kept.dest, dest) for dest in replaced) for c in step.changes):
             drop_record(step.path)
-            log.info(
-                "program=%s dropped the proxy-undo record %s kept undecided: this run's flip "
-                "replaced its file since, and is promoted",
-                program,
-                step.path,
-            )
+            log.info("program=%s dropped the proxy-undo record %s: %s", program, step.path, why)

@@ -3,7 +3,8 @@
 supervisor left (or kept, as its flip's undo failed to reload the proxy back: ``KEPT``), read
 back at start-up (``pending``) and put back where the file still holds what the interrupted step
 wrote (``Pending.put_back``), kept undecided for a later start (``keep_undecided``), or set aside
-when they cannot be read. Blocking calls: run off the event
+when they cannot be read. A kept record is set aside (``set_aside``) before a later step of its
+program records under its name. Blocking calls: run off the event
 loop, or at start-up before anything runs.
 """
 
@@ -185,6 +186,8 @@ class Pending:
                 f"the reload back of {about.program}'s rolled-back flip to generation "
                 f"{about.generation} (port {about.port}) failed before the last shutdown"
             )
+        if self.kept is not None:  # a reason this version does not know (a later one's)
+            return f"{about.describe()} was kept unfinished by a previous supervisor ({self.kept})"
         return f"a previous supervisor was killed during {about.describe()}"
 
     @property
@@ -292,6 +295,28 @@ def read_record(path: Path) -> Pending:
 
 def undecided_name(program: str) -> re.Pattern[str]:
     return re.compile(re.escape(program) + r"\.undecided-[0-9]+\.json")
+
+
+def set_aside_name(program: str) -> re.Pattern[str]:
+    """The name of ``program``'s record that a later step of it set aside (``set_aside``)."""
+    return re.compile(re.escape(program) + r"\.kept-[0-9]+\.json")
+
+
+def set_aside(path: Path, program: str) -> None:
+    """Rename the record at ``path`` (``<program>.json``), if there is one, to
+    ``<program>.kept-<ns>.json``, before a new step of ``program`` records there: one kept for
+    the next start (its flip's reload back failed, or a reload at start-up did) must not be
+    overwritten, nor settled along with the new step (blocking; a failure is logged)."""
+    aside = path.with_name(f"{program}.kept-{time.time_ns()}.json")
+    try:
+        path.rename(aside)
+        fsync_dir(aside.parent)
+    except FileNotFoundError:
+        return  # none: the common case
+    except OSError as exc:
+        log.warning("cannot set the proxy-undo record %s aside: %s", path, exc.strerror)
+        return
+    log.info("the proxy-undo record %s, kept for the next start, set aside as %s", path, aside)
 
 
 def _newest_first(folder: Path, names: list[str]) -> list[str]:

@@ -28,6 +28,11 @@ files agree with the registry keys, which decide which of its generations serve 
   run's own flip of the program neither overwrites nor settles it: the next start decides, unless
   this run's flip of the program is promoted with the same files first (``promoted``: what they
   hold was routed after it, and the record is dropped then).
+- A flip whose undo put its files back but failed to reload the proxy back (its record kept on
+  purpose, ``KEPT``) was rolled back: undone (its files are the previous ones already, unless
+  edited by hand since) and the proxy checked and reloaded, whatever the registry says, or
+  whether it can be read: keys that name its generation are ones its undo failed to put back,
+  said so, not taken for a promotion.
 - A removed program's file taken away before the check without it passed: put back, and removed
   again (checked) by whatever removes the program now.
 
@@ -104,9 +109,14 @@ async def finish_proxy_steps(
     reloads the proxy after an undone flip that may have reloaded it (None: it is not
     reached, and a warning says to reload it)."""
     for step in unfinished:
-        if records is None and step.maybe_promoted:
+        named = step.promoted_by(records.get(step.about.program) if records is not None else None)
+        if step.reload_back_failed:
+            # Rolled back, its files put back: decided, whatever the registry says (keys that
+            # still name its generation are ones its undo failed to put back).
+            await _undo(step, events, proxy, keys_left=named)
+        elif records is None and step.maybe_promoted:
             await _keep_undecided(step, events)
-        elif step.promoted_by(records.get(step.about.program) if records is not None else None):
+        elif named:
             await _keep(step, events)
         else:
             await _undo(step, events, proxy)
@@ -140,13 +150,22 @@ async def _keep(step: Pending, events: EventLog) -> None:
     await anyio.to_thread.run_sync(step.forget)
 
 
-async def _undo(step: Pending, events: EventLog, proxy: ProxyAccess | None) -> None:
+async def _undo(
+    step: Pending, events: EventLog, proxy: ProxyAccess | None, *, keys_left: bool = False
+) -> None:
     """``step`` undone: its files put back where they hold what it wrote, and the proxy checked
-    and reloaded if the flip may have reloaded it."""
+    and reloaded if the flip may have reloaded it (``keys_left``: the registry still names the
+    generation of that flip, rolled back, as its undo failed to put the keys back)."""
     about = step.about
     outcome = await anyio.to_thread.run_sync(step.put_back)
     if step.reload_back_failed:
         message = f"{step.how_left()}: "
+        if keys_left:
+            message += (
+                f"the registry still names generation {about.generation}, as putting its keys "
+                "back failed too, though that flip was rolled back: they name the generation "
+                f"that serves once this run promotes one of {about.program}; "
+            )
     else:
         when = "before its registry step" if step.registry_next is False else "before it was done"
         message = f"{step.how_left()}, {when}: "
@@ -203,7 +222,12 @@ async def _reload_proxy(step: Pending, access: ProxyAccess | None) -> tuple[str,
             False,
             False,
         )
-    why = "failed" if step.reload_back_failed else "had not happened when it was killed"
+    if step.reload_back_failed:
+        why = "failed"
+    elif step.kept is not None:  # kept for a reason this version does not know
+        why = "had not happened when its record was kept"
+    else:
+        why = "had not happened when it was killed"
     return (
         "the proxy was checked and reloaded, as that flip may have reloaded it with its file "
         f"(its reload back, away from generation {about.generation}, {why})",
