@@ -21,6 +21,14 @@ class FlipvisorError(Exception):
     exit_code = EXIT_FAILED
 
 
+def is_own(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of flipvisor's own expected errors (or a group of those): said in
+    a sentence, where anything else is a bug to log with its traceback."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_own(each) for each in exc.exceptions)
+    return isinstance(exc, FlipvisorError)
+
+
 class ConfigError(FlipvisorError):
     """The config file is missing, unreadable or invalid; ``problems`` lists every one found."""
 
