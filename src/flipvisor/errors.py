@@ -1,4 +1,5 @@
-"""The exception hierarchy: every error carries a message for the user and the exit code it maps to.
+"""The exception hierarchy: every error carries a message for the user and the exit code it maps to
+(and ``is_own`` tells those from the rest: bugs, to log with their traceback).
 
 Only ``cli.py`` turns these into exit codes; everything else raises them with context.
 """
