@@ -1,4 +1,5 @@
-"""The exception hierarchy: every error carries a message for the user and the exit code it maps to.
+"""The exception hierarchy: every error carries a message for the user and the exit code it maps to
+(and ``is_own`` tells those from the rest: bugs, to log with their traceback).
 
 Only ``cli.py`` turns these into exit codes; everything else raises them with context.
 """
@@ -19,6 +20,14 @@ class FlipvisorError(Exception):
     """Base class: ``str(error)`` is a complete sentence for the operator."""
 
     exit_code = EXIT_FAILED
+
+
+def is_own(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of flipvisor's own expected errors (or a group of those): said in
+    a sentence, where anything else is a bug to log with its traceback."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_own(each) for each in exc.exceptions)
+    return isinstance(exc, FlipvisorError)
 
 
 class ConfigError(FlipvisorError):
