@@ -16,7 +16,7 @@ from flipvisor.starttime import identity_of
 from tests.e2e.load import Load
 from tests.e2e.test_flip import WARM, answers, program, proxied
 from tests.e2e.test_lifecycle import stop_start_shutdown_run, withdrawn
-from tests.fixtures.etcd import EtcdServer
+from tests.fixtures.etcd import FOREIGN_KEYS, FOREIGN_VALUE_BYTES, EtcdServer, put_large
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import Nginx
 from tests.waiting import wait_until
@@ -416,3 +416,66 @@ def test_a_restarted_worker_does_not_overwrite_keys_another_supervisor_promoted(
         assert flipvisor.output().count(left) == 1, flipvisor.output()[-3000:]
     finally:
         other.stop()
+
+
+def quick_web() -> dict[str, Any]:
+    return {
+        "command": svc_command("--version", "1"),
+        "readiness": {"http": "/health", "timeout": 10, "interval": 0.05},
+        "drain": {"delay": 0.1, "timeout": 5},
+    }
+
+
+def serving_with_foreign_keys(flipvisor: Flipvisor, etcd: EtcdServer, prefix: str) -> None:
+    """web serving generation 1, registered, and another tool's keys under web's folder, more
+    than a gRPC reply takes (QA 15: a read of the whole folder failed with RESOURCE_EXHAUSTED)."""
+    flipvisor.start({"registry": registry(etcd, prefix), "programs": {"web": quick_web()}})
+    first = flipvisor.wait_serving("web")
+    wait_until(
+        lambda: keys(etcd, prefix)["port/current"] == str(first["port"]),
+        message="generation 1 in etcd",
+    )
+    for n in range(FOREIGN_KEYS):
+        put_large(etcd, f"{prefix}/web/extra/{n}", FOREIGN_VALUE_BYTES)
+
+
+def test_foreign_keys_under_the_program_folder_do_not_break_flips(
+    flipvisor: Flipvisor, restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    etcd = restartable_etcd
+    serving_with_foreign_keys(flipvisor, etcd, etcd_prefix)
+    first = flipvisor.serving("web")
+    assert first is not None
+    flipped = flipvisor.cli("flip", "web")
+    assert flipped.returncode == 0, flipped.stdout + flipped.stderr
+    second = flipvisor.serving("web")
+    assert second is not None and second["generation"] == 2
+    got = keys(etcd, etcd_prefix)
+    assert got["port/current"] == str(second["port"])
+    assert got["port/previous"] == str(first["port"])
+    # The healing after an outage reads the same keys: it rewrites a hand-edited one.
+    etcd.put(f"{etcd_prefix}/web/port/current", "1")
+    etcd.stop()
+    etcd.start()
+    wait_until(
+        lambda: keys(etcd, etcd_prefix)["port/current"] == str(second["port"]),
+        timeout=10,
+        message=f"the keys healed after the outage (output:\n{flipvisor.output()})",
+    )
+    # The other tool's keys are its own: untouched.
+    listed = etcd.etcdctl("get", "--prefix", "--keys-only", f"{etcd_prefix}/web/extra/")
+    assert sorted(listed.split()) == [f"{etcd_prefix}/web/extra/{n}" for n in range(FOREIGN_KEYS)]
+
+
+def test_foreign_keys_under_the_program_folder_do_not_keep_a_stop_from_withdrawing(
+    flipvisor: Flipvisor, restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    etcd = restartable_etcd
+    serving_with_foreign_keys(flipvisor, etcd, etcd_prefix)
+    stopped = flipvisor.cli("stop", "web")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    wait_until(
+        lambda: keys(etcd, etcd_prefix)["pid/current"] is None,
+        timeout=10,
+        message=f"pid/current withdrawn (supervisor output:\n{flipvisor.output()})",
+    )

@@ -206,7 +206,8 @@ class EtcdRegistry:
         if seen is not None:
             compare += [txn_compare_unchanged_since(key, seen) for key in keys.values()]
         success = [txn_write(key, new.get(suffix)) for suffix, key in keys.items()]
-        failure = txn_read([f"{self.prefix}/{program}/"])
+        # Read back only the program's keys (not its folder, where other keys may be large).
+        failure = txn_read(list(keys.values()))
         request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
         try:
             with anyio.fail_after(self.config.timeout):
