@@ -479,3 +479,35 @@ def test_foreign_keys_under_the_program_folder_do_not_keep_a_stop_from_withdrawi
         timeout=10,
         message=f"pid/current withdrawn (supervisor output:\n{flipvisor.output()})",
     )
+
+
+HUNG_TIMEOUT = 10.0  # registry.timeout: a wait of it stands out from a promotion's own time
+
+
+def test_run_with_a_hung_etcd_serves_within_one_registry_timeout(
+    flipvisor: Flipvisor, restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    """etcd hung at start-up (SIGSTOP: a member that does not answer, packets dropped): the
+    search for leftovers waits one registry.timeout for it; generation 1's promotion then
+    defers its registration at once, as when etcd is down (QA 15: it waited another whole
+    timeout, nothing serving meanwhile), and the keys are written once etcd answers."""
+    etcd = restartable_etcd
+    etcd.pause()
+    config = {**registry(etcd, etcd_prefix), "timeout": HUNG_TIMEOUT}
+    flipvisor.start({"registry": config, "programs": {"web": quick_web()}})
+    gen = flipvisor.wait_serving("web", timeout=4 * HUNG_TIMEOUT)
+    # The start-up's read did wait for etcd (so etcd was known not to answer)...
+    assert "cannot read the registry to find workers" in flipvisor.output(), flipvisor.output()
+    assert "registering later" in flipvisor.output(), flipvisor.output()
+    # ...and the promotion did not, as the supervisor timed it (the wait was a whole timeout).
+    result = flipvisor.cli("events", "--json")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    at = {e["kind"]: e["time"] for e in events if e["program"] == "web" and e["generation"] == 1}
+    assert at["serving"] - at["promoting"] < HUNG_TIMEOUT / 2, events
+    etcd.resume()
+    wait_until(
+        lambda: keys(etcd, etcd_prefix)["port/current"] == str(gen["port"]),
+        timeout=3 * HUNG_TIMEOUT,
+        message=f"generation 1 registered once etcd answers (output:\n{flipvisor.output()})",
+    )

@@ -253,24 +253,3 @@ def test_a_stop_with_a_deeply_nested_garbage_record_keeps_the_supervisor_alive(
     assert process is not None
     assert not changed_within(lambda: process.poll() is not None, seconds=3), flipvisor.output()
     assert flipvisor.cli("start", "web").returncode == 0, flipvisor.output()
-
-
-HUNG_TIMEOUT = 10.0  # registry.timeout: long enough that one wait of it stands out from two
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="with etcd hung (SIGSTOPped, or a host that drops packets) `run` waits a whole "
-    "registry.timeout for the leftovers' read and then another for generation 1's registry "
-    "transaction: nothing serves for 2x registry.timeout, although the first wait already "
-    "showed etcd does not answer",
-)
-def test_run_with_a_hung_etcd_serves_within_one_registry_timeout(
-    flipvisor: Flipvisor, restartable_etcd: EtcdServer, etcd_prefix: str
-) -> None:
-    etcd = restartable_etcd
-    etcd.pause()
-    config = {**registry(etcd, etcd_prefix), "timeout": HUNG_TIMEOUT}
-    flipvisor.start({"registry": config, "programs": {"web": web()}})
-    # One timeout plus start-up; two timeouts (the defect) are well past this deadline.
-    flipvisor.wait_serving("web", timeout=HUNG_TIMEOUT + 7)
