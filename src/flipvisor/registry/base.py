@@ -174,6 +174,13 @@ class Registry(Protocol):
         """Release connections."""
         ...
 
+    def unanswered(self) -> RegistryError | None:
+        """Why the store is known not to answer: the error of its latest request or connection
+        attempt (a timeout, a refused connection) while none succeeded since; else None. A
+        first start defers its registration at once then (``promotion_steps``), rather than
+        wait another request timeout for a store that just failed to answer."""
+        ...
+
     def health(self) -> dict[str, Any]:
         """For ``status``: ``{"backend", "where", "connected", "pending": [programs],
         "conflicting": [programs]}``: the programs whose keys are not yet written as they

@@ -10,7 +10,9 @@ The registry remembers the latest value it swapped or published for every progra
 kept in ``etcd_intent`` with the rest of its bookkeeping); ``run`` keeps a connection alive,
 notices an outage when its liveness watch stream breaks (TCP reset, or HTTP/2 keepalive for a
 silent peer: no polling), reconnects with backoff, and then rewrites every desired program whose
-keys differ, so the keys match what is serving within seconds of etcd coming back. Such a rewrite
+keys differ, so the keys match what is serving within seconds of etcd coming back. Until a request
+succeeds again, it keeps the error of the one etcd did not answer (``unanswered``): a first start
+then registers later at once, rather than wait another timeout. Such a rewrite
 (and a ``publish``: a replaced worker's PIDs) is one transaction that compares what was read, and
 applies only to keys that are this supervisor's, missing or garbage: keys whose record names
 another supervisor on the prefix that promoted the program since are left to it, with a warning
@@ -27,8 +29,8 @@ it. Then the program is forgotten: reconnects leave its keys alone until it is p
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
@@ -76,6 +78,9 @@ class EtcdRegistry:
         self._write_lock = anyio.Lock()
         self._kick = anyio.Event()
         self._running = False
+        # The error of the latest request or connection attempt while none succeeded since
+        # (``unanswered``).
+        self._unanswered: RegistryError | None = None
         self.keys = ProgramKeys(self.prefix, self.intent, self._write_lock, self._wake)
 
     def _wake(self) -> None:
@@ -97,6 +102,29 @@ class EtcdRegistry:
             "conflicting": sorted(self.keys.conflicts.given_up),
         }
 
+    def unanswered(self) -> RegistryError | None:
+        """Why etcd is known not to answer (``Registry.unanswered``): a first start that finds
+        it so defers its registration at once, not after another ``registry.timeout``."""
+        return self._unanswered
+
+    @contextmanager
+    def _answering(self) -> Iterator[None]:
+        """Around a request bounded by ``fail_after``: remember whether etcd answered it
+        (``unanswered``; a lost compare is an answer), and turn the deadline's ``TimeoutError``
+        into the ``RegistryError`` that says so."""
+        try:
+            yield
+        except TimeoutError:
+            self._unanswered = self._timeout_error()
+            raise self._unanswered from None
+        except RegistryConflict:
+            self._unanswered = None
+            raise
+        except RegistryError as exc:
+            self._unanswered = exc
+            raise
+        self._unanswered = None
+
     def _timeout_error(self) -> RegistryError:
         where = self._conn.endpoint if self._conn else ", ".join(self.config.endpoints)
         return RegistryError(f"etcd at {where} did not answer within {self.config.timeout:g} s")
@@ -112,8 +140,13 @@ class EtcdRegistry:
             conn = self._conn
             if conn is None or conn.broken.is_set():
                 self._conn = None
-                conn = await connect(self.config, f"{self.prefix}/")
+                try:
+                    conn = await connect(self.config, f"{self.prefix}/")
+                except RegistryError as exc:
+                    self._unanswered = exc
+                    raise
                 self._conn = conn
+                self._unanswered = None
                 # A new connection checks every program: those to keep written and those to
                 # withdraw (a taken-over one is in ``withdrawing`` alone), given up on or not.
                 self.intent.pending.update(self.intent.desired, self.intent.withdrawing)
@@ -171,6 +204,7 @@ class EtcdRegistry:
                 try:
                     await self.keys.reconcile(conn, program)
                 except RegistryError as exc:
+                    self._unanswered = exc
                     log.warning("program=%s cannot update etcd keys yet: %s", program, exc)
                     return
             with anyio.move_on_after(backoff.wait(self.intent.pending, anyio.current_time())):
@@ -182,12 +216,9 @@ class EtcdRegistry:
         Raises:
             RegistryError: etcd did not answer within the request timeout.
         """
-        try:
-            with anyio.fail_after(self.config.timeout):
-                async with self._use() as conn:
-                    return await self.keys.read(conn, program)
-        except TimeoutError:
-            raise self._timeout_error() from None
+        with self._answering(), anyio.fail_after(self.config.timeout):
+            async with self._use() as conn:
+                return await self.keys.read(conn, program)
 
     async def swap(self, program: str, expected: Snapshot, new: Snapshot) -> None:
         """Replace ``program``'s keys with ``new`` in one transaction if they hold ``expected``.
@@ -206,10 +237,11 @@ class EtcdRegistry:
         if seen is not None:
             compare += [txn_compare_unchanged_since(key, seen) for key in keys.values()]
         success = [txn_write(key, new.get(suffix)) for suffix, key in keys.items()]
-        failure = txn_read([f"{self.prefix}/{program}/"])
+        # Read back only the program's keys (not its folder, where other keys may be large).
+        failure = txn_read(list(keys.values()))
         request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
         try:
-            with anyio.fail_after(self.config.timeout):
+            with self._answering(), anyio.fail_after(self.config.timeout):
                 async with self._use() as conn, self._write_lock:
                     reply = await conn.call("Txn", request)
                     if reply.succeeded:
@@ -218,10 +250,7 @@ class EtcdRegistry:
                             program, new, began=began, revision=reply.header.revision
                         )
                         self.keys.conflicts.cleared(program)  # written: no backoff left
-        except TimeoutError:
-            self.intent.remember(program, expected, lost=new, began=began)
-            raise self._timeout_error() from None
-        except RegistryError:
+        except RegistryError:  # a timeout too (``_answering``)
             self.intent.remember(program, expected, lost=new, began=began)
             raise
         except BaseException:
@@ -265,14 +294,10 @@ class EtcdRegistry:
         if self._running and not self.connected:
             log.warning("program=%s etcd keys %s", program, later)
             return  # ``run`` is reconnecting and will write it then
-        with anyio.move_on_after(self.config.timeout) as deadline:
-            try:
-                async with self._use() as conn:
-                    await self.keys.reconcile(conn, program)
-            except RegistryError as exc:
-                log.warning("program=%s etcd keys %s: %s", program, later, exc)
-        if deadline.cancelled_caught:
-            log.warning("program=%s etcd keys %s: %s", program, later, self._timeout_error())
+        try:
+            await self._reconcile_within_timeout(program)
+        except RegistryError as exc:
+            log.warning("program=%s etcd keys %s: %s", program, later, exc)
 
     async def publish(self, program: str, new: Snapshot) -> None:
         """Make ``program``'s keys say ``new``: now if etcd answers, else once it is back.
@@ -282,12 +307,20 @@ class EtcdRegistry:
         self.intent.remember(program, new)
         if self._running and not self.connected:
             return  # ``run`` is reconnecting and will write it then
-        with anyio.move_on_after(self.config.timeout):
-            try:
-                async with self._use() as conn:
-                    await self.keys.reconcile(conn, program)
-            except RegistryError as exc:
-                log.warning("program=%s etcd keys left pending: %s", program, exc)
+        try:
+            await self._reconcile_within_timeout(program)
+        except RegistryError as exc:
+            log.warning("program=%s etcd keys left pending: %s", program, exc)
+
+    async def _reconcile_within_timeout(self, program: str) -> None:
+        """``keys.reconcile`` of ``program`` now, within the request timeout.
+
+        Raises:
+            RegistryError: etcd failed, or did not answer in time.
+        """
+        with self._answering(), anyio.fail_after(self.config.timeout):
+            async with self._use() as conn:
+                await self.keys.reconcile(conn, program)
 
     async def read_keys(self, patterns: Sequence[str]) -> KeyRange:
         """Every key matching ``patterns``, read in one transaction (so at one revision).
@@ -295,12 +328,9 @@ class EtcdRegistry:
         Raises:
             RegistryError: etcd did not answer within the request timeout.
         """
-        try:
-            with anyio.fail_after(self.config.timeout):
-                async with self._use() as conn:
-                    reply = await conn.call("Txn", rpc.TxnRequest(success=txn_read(patterns)))
-        except TimeoutError:
-            raise self._timeout_error() from None
+        with self._answering(), anyio.fail_after(self.config.timeout):
+            async with self._use() as conn:
+                reply = await conn.call("Txn", rpc.TxnRequest(success=txn_read(patterns)))
         return KeyRange(txn_values(reply), reply.header.revision)
 
     def watch(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,11 +328,12 @@ def txn_read(patterns: Sequence[str]) -> list[Any]:
     return ops
 
 
-def txn_values(response: Any) -> dict[str, str]:
-    """The keys and values that the range operations of a Txn response read."""
+def txn_values(response: Any, decode: Callable[[bytes], str] = readable_text) -> dict[str, str]:
+    """The keys and values that the range operations of a Txn response read, as ``decode``
+    makes them text."""
     values: dict[str, str] = {}
     for op in response.responses:
         if op.WhichOneof("response") == "response_range":
             for kv in op.response_range.kvs:
-                values[readable_text(kv.key)] = readable_text(kv.value)
+                values[decode(kv.key)] = decode(kv.value)
     return values
