@@ -169,6 +169,20 @@ class Child:
             self.pidfd = -1
 
 
+def signal_pinned_group(process_group: int, sig: int) -> bool:
+    """Signal ``process_group`` whole while a member pins its ID (our unreaped child, seen in
+    the group with nothing awaited since: ``Strays.pinning``); False if it is gone.
+
+    Not through the member's pidfd: PIDFD_SIGNAL_PROCESS_GROUP signals the group its process
+    leads, and this one does not.
+    """
+    try:
+        os.killpg(process_group, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 class _InheritedFds:
     """Whether descriptors we inherited without close-on-exec may still be open.
 
