@@ -214,6 +214,12 @@ class Generation:
         self._on_pids_changed(self)
         return self._on_worker_exit(self, worker, returncode, reason)
 
+    def worker_still_running(self, worker: Worker, pid: int) -> None:
+        message = "still running after SIGKILL (uninterruptible sleep?); no longer waited for"
+        self.events.emit(
+            "still-running", self.program, self.number, message, worker=worker.index, pid=pid
+        )
+
     def keep_reading(self, reader: Callable[[], Coroutine[Any, Any, None]]) -> None:
         # In the workers' task group: ``run`` cancels it once every process of the
         # generation is gone, which ends the reader at once if something that left the workers'

@@ -127,7 +127,8 @@ def _look_at(
         group = _group_of(pid) if groups is not None else None
         by_environment = named in environ
         if not by_environment and not (groups is not None and group in groups):
-            return _EMPTY if environ == [b""] else None
+            mid_exec = environ == [b""] and not _never_has_one(pid)
+            return _EMPTY if mid_exec else None
         process = recorded_now(pid)
         if process is None or exited(pidfd):
             return None
@@ -135,6 +136,21 @@ def _look_at(
         return _Seen(process, program, group)
     finally:
         os.close(pidfd)
+
+
+_PF_KTHREAD = 0x00200000  # a kernel thread, in /proc/PID/stat's flags
+
+
+def _never_has_one(pid: int) -> bool:
+    """Whether ``pid`` shows no environment for good, not only in the middle of an exec: a
+    kernel thread, or a zombie (or gone): not worth a second read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # After the command name, in parentheses (it may hold any byte): state, ..., flags.
+            fields = stat.read().rpartition(b")")[2].split()
+        return fields[0] == b"Z" or bool(int(fields[6]) & _PF_KTHREAD)
+    except (OSError, IndexError, ValueError):
+        return True
 
 
 def processes_of(state_dir: Path) -> dict[str, list[Recorded]]:

@@ -85,6 +85,12 @@ class Strays:
             if _readable(pidfd) or _group_of(pid) != process_group:
                 os.close(self._pidfds.pop(pid))
 
+    def pins(self, process_group: int) -> bool:
+        """Whether one held here is in ``process_group`` as it is asked: our unreaped child, so
+        the group's ID stays this group's for as long as the caller awaits nothing
+        (``spawn.signal_pinned_group``)."""
+        return any(_group_of(pid) == process_group for pid in self._pidfds)
+
     def signal(self, sig: int) -> list[int]:
         """Send ``sig`` to each; the PIDs of those that had not exited yet."""
         signalled = []

@@ -350,6 +350,44 @@ def test_a_process_read_in_the_middle_of_an_exec_is_read_again(
         process.wait()
 
 
+def test_kernel_threads_and_zombies_are_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Their environment reads as empty too (on the kernels that answer a read of a process
+    # without memory with nothing rather than ESRCH, as this test makes the reads answer), but
+    # not because they are in the middle of an exec: a second read would say nothing new.
+    kernel_threads = [pid for pid in _pids() if _flags(pid) & 0x00200000]
+    zombie = subprocess.Popen(["true"])
+    try:
+        wait_until(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE)
+        read = lineage.environ_of
+        reads: dict[int, int] = {}
+
+        def environ_of(pid: int) -> list[bytes]:
+            reads[pid] = reads.get(pid, 0) + 1
+            return [b""] if pid == zombie.pid or pid in kernel_threads else read(pid)
+
+        monkeypatch.setattr(lineage, "environ_of", environ_of)
+        assert processes_of(tmp_path) == {}
+    finally:
+        zombie.wait()
+    assert reads[zombie.pid] == 1, "the zombie is read once"
+    assert {reads[pid] for pid in kernel_threads if pid in reads} <= {1}, "kernel threads once"
+    assert not kernel_threads or any(pid in reads for pid in kernel_threads)
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _flags(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rpartition(b")")[2].split()[6])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def test_take_socket_of_a_worker_whose_fd_3_is_no_inet_socket_is_none(
     listener: socket.socket, tmp_path: Any
 ) -> None:

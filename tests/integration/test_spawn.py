@@ -563,6 +563,35 @@ async def test_stop_gives_up_on_a_child_still_held_after_sigkill(
     assert child.returncode == -signal.SIGTERM
 
 
+async def test_a_command_still_held_after_sigkill_is_reported_as_still_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As above: a reaper that is not running stands in for a kernel that holds the command.
+    monkeypatch.setattr("flipvisor.spawn.KILL_GRACE", 0.3)
+    reaper = Reaper(reap_orphans=False)
+    results: list[Any] = []
+
+    async def run() -> None:
+        results.append(await run_command(["sleep", "30"], reaper=reaper, timeout=0.2))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        try:
+            await await_until(lambda: holds(results), timeout=10, message="the command given up")
+        finally:
+            wait_until(lambda: _exited(results, reaper), timeout=10, message="the killed command")
+            reaper.reap()
+    [result] = results
+    assert result.still_running
+    assert not result.ok
+    assert "still running after SIGKILL" in result.describe()
+    assert "killed by" not in result.describe()
+
+
+def _exited(results: list[Any], reaper: Reaper) -> bool:
+    return bool(results) and all(gone(pid) for pid in reaper._waiters)
+
+
 # -- short commands --------------------------------------------------------------------------
 
 
