@@ -165,26 +165,3 @@ def test_given_up_daemonizing_worker_really_closes_its_socket(
     app.write_text(DAEMONIZING)
     port = fatal_program(flipvisor, [sys.executable, str(app)])
     wait_until(lambda: refuses(port), timeout=10, message=f"port {port} to refuse connections")
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="the last worker exits (fatal) while a child of it still runs in its process group: "
-    "given_up() is false then and never looked at again once that child is reaped, so the "
-    "generation stays 'serving' with no process, its socket open, taking connections nobody reads",
-)
-def test_fatal_generation_is_stopped_once_its_workers_children_are_gone(
-    flipvisor: Flipvisor,
-) -> None:
-    # A worker that leaves a short-lived child behind (a log shipper, a cleanup job) and exits.
-    child = (
-        "import subprocess, sys; "
-        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1)'])"
-    )
-    port = fatal_program(flipvisor, [sys.executable, "-c", child])
-    wait_until(
-        lambda: not flipvisor.program("web")["generations"],
-        timeout=15,
-        message="the fatal generation stopped once its worker's child exited",
-    )
-    assert refuses(port)

@@ -746,6 +746,49 @@ def test_an_orphan_left_in_a_workers_group_is_the_programs_in_events(
                 leftover.kill()
 
 
+def refuses(port: int) -> bool:
+    """Whether nothing takes a connection on ``port`` (a closed socket), rather than a backlog
+    that holds it."""
+    with socket.socket() as client:
+        client.settimeout(5)
+        return client.connect_ex(("127.0.0.1", port)) != 0
+
+
+def fatal_program(flipvisor: Flipvisor, command: list[str]) -> int:
+    """Start ``command`` (a worker that exits 0 at once) until it is fatal; its port."""
+    web = {
+        "command": command,
+        "drain": {"delay": 0.1, "timeout": 3},
+        "restart": {"max_restarts": 1, "window": 60},
+    }
+    flipvisor.start({"programs": {"web": web}})
+    wait_until(
+        lambda: flipvisor.program("web")["state"] == "fatal", timeout=20, message="web fatal"
+    )
+    (ready,) = events_of(flipvisor, "ready")
+    return int(ready["fields"]["port"])
+
+
+def test_fatal_generation_is_stopped_once_its_workers_children_are_gone(
+    flipvisor: Flipvisor,
+) -> None:
+    # A worker that leaves a short-lived child behind in its group (a log shipper, a cleanup
+    # job) and exits: at the last exit the child still runs, so the generation is not given up
+    # yet; it is once that child is reaped, not left "serving" with a socket nobody reads.
+    child = (
+        "import subprocess, sys; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1)'])"
+    )
+    port = fatal_program(flipvisor, [sys.executable, "-c", child])
+    wait_until(
+        lambda: not flipvisor.program("web")["generations"],
+        timeout=15,
+        message="the fatal generation stopped once its worker's child exited",
+    )
+    assert refuses(port)
+    assert "given-up" in flipvisor.event_kinds()
+
+
 def test_a_group_member_still_running_at_the_drain_timeout_is_killed_then(
     flipvisor: Flipvisor, tmp_path: Path
 ) -> None:
