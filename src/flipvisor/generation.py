@@ -31,6 +31,7 @@ from .logs import ProgramLog
 from .notify_socket import open_notify_socket
 from .probe import ProbeProgress
 from .reaper import Reaper
+from .socket_holders import SocketHolders
 from .sockets import bound_port
 from .spawn import KILL_GRACE as _STOP_KILL_GRACE
 from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition
@@ -110,6 +111,7 @@ class Generation:
         self._failed = LazyEvent()  # awaited only while a probe runs
         self._stopped = LazyEvent()  # awaited only by whoever stops it
         self._process_groups: set[int] = set()  # every group its workers led, for the drain
+        self._holders: SocketHolders | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self.socket = listener
         self.host = config.socket.host
@@ -236,6 +238,10 @@ class Generation:
         with Strays.collect(self._process_groups) as strays:
             return not strays
 
+    def drain_socket_holders(self, holders: SocketHolders) -> None:
+        """Given up: its drain stops ``holders`` too (what holds its socket outside its groups)."""
+        self._holders = holders
+
     # -- life ------------------------------------------------------------------------------
 
     def fail(self, reason: str) -> None:
@@ -344,6 +350,7 @@ class Generation:
             process_groups=self._process_groups,
             events=self.events,
             kill_grace=KILL_GRACE,
+            holders=self._holders,
         )
         await drain.run(self._stop.delay)
 

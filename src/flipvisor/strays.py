@@ -85,10 +85,12 @@ class Strays:
             if _readable(pidfd) or _group_of(pid) != process_group:
                 os.close(self._pidfds.pop(pid))
 
-    def signal(self, sig: int) -> list[int]:
-        """Send ``sig`` to each; the PIDs of those that had not exited yet."""
+    def signal(self, sig: int, skip: Container[int] = ()) -> list[int]:
+        """Send ``sig`` to each (but those in ``skip``); the PIDs of those that had not exited."""
         signalled = []
         for pid, pidfd in self._pidfds.items():
+            if pid in skip:
+                continue
             # An exited process not yet reaped (a zombie) still takes a signal without an
             # error: it would be reported as signalled (a "killed" event for a helper that had
             # exited cleanly). Its pidfd is readable from its exit on.
