@@ -214,7 +214,7 @@ class CrashPolicy:
             "given-up",
             program.name,
             gen.number,
-            f"{why}: stopping it{self._holders_stopped(gen)} (its socket closes); "
+            f"{why}: stopping it (its socket closes){self._holders_stopped(gen)}; "
             f"{'; '.join(steps)}",
         )
         # Kept only if a rollback would route back to it: one of an older deploy serves nothing.
@@ -239,6 +239,6 @@ class CrashPolicy:
             return ""
         listed = ", ".join(map(str, pids))
         return (
-            f" and what its workers left holding its socket outside their process groups "
+            f", and what its workers left holding that socket outside their process groups "
             f"(daemonized: PID {listed}; the `orphans-stopping` events name each one stopped)"
         )

@@ -821,7 +821,7 @@ def test_given_up_daemonizing_worker_really_closes_its_socket(
     # It names those it found then: an intermediate fork about to exit by itself, say; the
     # daemon that its exit hands over to the supervisor later only the drain finds and names.
     (given_up,) = events_of(flipvisor, "given-up")
-    assert "holding its socket outside their process groups" in given_up["message"], given_up
+    assert "holding that socket outside their process groups" in given_up["message"], given_up
 
 
 # A daemon out of reach: its parent (out of the worker's group too) stays, without the socket.
