@@ -17,6 +17,7 @@ from .config import ProgramConfig, same_deploy
 from .fatal_advice import RollbackWay, fatal_advice, next_steps, shown_command
 from .generation import Generation
 from .restarts import RestartBudget, Verdict, judge_exit
+from .socket_holders import SocketHolders, socket_inode
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -213,7 +214,31 @@ class CrashPolicy:
             "given-up",
             program.name,
             gen.number,
-            f"{why}: stopping it (its socket closes); {'; '.join(steps)}",
+            f"{why}: stopping it (its socket closes){self._holders_stopped(gen)}; "
+            f"{'; '.join(steps)}",
         )
         # Kept only if a rollback would route back to it: one of an older deploy serves nothing.
         await program.stop(keep_warm=warm is not None)
+
+    def _holders_stopped(self, gen: Generation) -> str:
+        """What the ``given-up`` event adds for the processes that ``gen``'s workers left holding
+        its socket outside their process groups (daemonized), stopped with it: without them, it
+        would say its socket closes while they accept on it until the shutdown. Not while a
+        generation kept warm on the same fixed port shares the socket: it stays open anyway,
+        and a holder could be that generation's."""
+        inode = socket_inode(gen.socket)
+        if inode is None or any(
+            socket_inode(other.socket) == inode
+            for other in self.program.generations
+            if other is not gen
+        ):
+            return ""
+        holders = SocketHolders(inode, self.program.runtime.reaper.claimed)
+        gen.drain_socket_holders(holders)  # one that only a later exit hands to us, too
+        if not (pids := holders.pids()):
+            return ""
+        listed = ", ".join(map(str, pids))
+        return (
+            f", and what its workers left holding that socket outside their process groups "
+            f"(daemonized: PID {listed}; the `orphans-stopping` events name each one stopped)"
+        )

@@ -31,8 +31,9 @@ from .logs import ProgramLog
 from .notify_socket import open_notify_socket
 from .probe import ProbeProgress
 from .reaper import Reaper
+from .socket_holders import SocketHolders
 from .sockets import bound_port
-from .spawn import KILL_GRACE as _STOP_KILL_GRACE
+from .spawn import KILL_GRACE
 from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition
 from .strays import Strays
 from .worker import Worker, WorkerSpec
@@ -40,9 +41,6 @@ from .worker import Worker, WorkerSpec
 log = logging.getLogger(__name__)
 
 TAIL_LINES = 20
-# A worker killed with SIGKILL is gone at once unless the kernel is stuck; bound the wait anyway,
-# as a child's own stop does (the drains, orphans and leftovers use it).
-KILL_GRACE = _STOP_KILL_GRACE
 
 
 def _worker_maker(
@@ -130,10 +128,9 @@ class Generation:
             return 0
         revived = 0
         for index, worker in enumerate(self.workers):
-            # Before each slot: a stop may come while a slot starts. A slot started after it
-            # would only be drained again, or, spawned once the drain signal went out, miss it
-            # and sit out the drain timeout until its SIGKILL. One spawned while the stop comes
-            # is running by the time the drain signals (its spawn is its task's first step).
+            # Before each slot: a stop may come while a slot starts. A slot started after it would
+            # be drained again, or, spawned once the drain signal went out, miss it and sit out the
+            # drain timeout until its SIGKILL (one spawned as the stop comes runs by then).
             if self.stopping:
                 break
             if worker.state is WorkerState.STOPPED:
@@ -241,6 +238,10 @@ class Generation:
             return False
         with Strays.collect(self._process_groups) as strays:
             return not strays
+
+    def drain_socket_holders(self, holders: SocketHolders) -> None:
+        """Given up: its drain stops ``holders`` too (what holds its socket outside its groups)."""
+        self._stop.holders = holders
 
     # -- life ------------------------------------------------------------------------------
 
@@ -350,6 +351,7 @@ class Generation:
             process_groups=self._process_groups,
             events=self.events,
             kill_grace=KILL_GRACE,
+            holders=self._stop.holders,
         )
         await drain.run(self._stop.delay)
 

@@ -91,10 +91,12 @@ class Strays:
         (``spawn.signal_pinned_group``)."""
         return any(_group_of(pid) == process_group for pid in self._pidfds)
 
-    def signal(self, sig: int) -> list[int]:
-        """Send ``sig`` to each; the PIDs of those that had not exited yet."""
+    def signal(self, sig: int, skip: Container[int] = ()) -> list[int]:
+        """Send ``sig`` to each (but those in ``skip``); the PIDs of those that had not exited."""
         signalled = []
         for pid, pidfd in self._pidfds.items():
+            if pid in skip:
+                continue
             # An exited process not yet reaped (a zombie) still takes a signal without an
             # error: it would be reported as signalled (a "killed" event for a helper that had
             # exited cleanly). Its pidfd is readable from its exit on.

@@ -47,6 +47,7 @@ SPAWN = {
     "run_command",
     "verified_signal",
     "strays",
+    "socket_holders",
     "lineage",
 }
 # The output keeper process (stdlib and the log writer only: it must stay small) and the
@@ -143,6 +144,7 @@ ALLOWED: dict[str, set[str]] = {
     "run_command": {"reaper", "spawn", "output_pipe", "strays"},
     "verified_signal": {"starttime"},
     "strays": set(),
+    "socket_holders": {"strays"},
     "lineage": {"starttime", "verified_signal"},
     # Not config: the output keeper writes logs without loading the config's models.
     "logs": {"logs_follow"},  # logs_follow: the numbering its files get
