@@ -11,6 +11,7 @@ report success (``gave_up_before_the_end``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,8 @@ from .states import GenerationState
 if TYPE_CHECKING:
     from .flip import Flips
     from .program import Program
+
+log = logging.getLogger(__name__)
 
 
 async def drain_replaced(flips: Flips, report: FlipReport, old: Generation) -> str | None:
@@ -88,7 +91,7 @@ def last_exit(gen: Generation) -> str:
     if last is None:
         return "its workers exited"
     pid = f" (pid {last['pid']})" if last.get("pid") is not None else ""
-    return f"its workers' last exit: worker {last['worker']}{pid} {last['reason']}"
+    return f"its workers' last exit: worker {last['worker']}{pid}: {last['reason']}"
 
 
 async def _route_back(
@@ -105,7 +108,12 @@ async def _route_back(
     try:
         with report.step("route-back", f"to generation {old.number}"):
             await _route_back_to(flips, old, why)
-    except FlipvisorError as exc:
+    except Exception as exc:
+        # A bug, too: ``old`` must not be left running, unrouted, with nothing to drain it.
+        if not isinstance(exc, FlipvisorError):
+            log.exception(
+                "program=%s: routing back to generation %d failed", program.name, old.number
+            )
         await program.drain(old, max(0.0, ends - anyio.current_time()))
         reason = (
             f"{why}; routing back to generation {old.number} failed: {exc}; generation "
