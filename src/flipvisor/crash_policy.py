@@ -71,6 +71,12 @@ class CrashPolicy:
             program.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; rollback fails")
             gen.fail(f"worker {worker.index} of generation {gen.number} {reason}")
             return None
+        held = program.retirement.held
+        if held is not None and gen is held.old:
+            # Replaced, in its drain delay: not restarted, as once signalled; a flip that routes
+            # back to it finds it short of a worker (``route_back.py``) and drains it instead.
+            program.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; draining")
+            return None
         verdict = judge_exit(
             policy=gen.config.restart,
             budget=self.budget_of(gen),
@@ -135,7 +141,7 @@ class CrashPolicy:
         if program.fatal_reason is None:
             program.fatal_reason = reason
             self._failing = failing
-            program.runtime.events.emit("fatal", program.name, generation, self._advice(reason))
+            program.runtime.events.emit("fatal", program.name, generation, self.advice(reason))
             # Nothing is started once fatal: not even a restart already waiting out its backoff
             # (the budget that ran out since was spent on it). `start` revives those slots.
             for gen in program.generations:
@@ -152,9 +158,10 @@ class CrashPolicy:
         asked: the warm generation goes at the end of its window (or when a worker of it
         exits), and the reason then stops naming it."""
         reason = self.program.fatal_reason
-        return None if reason is None else self._advice(reason)
+        return None if reason is None else self.advice(reason)
 
-    def _advice(self, reason: str) -> str:
+    def advice(self, reason: str) -> str:
+        """``reason`` and what to do about it (``fatal_advice``), as ``fatal_reason`` says it."""
         return fatal_advice(self.program.name, reason, self._rollback_way())
 
     def _rollback_way(self) -> RollbackWay:
@@ -182,10 +189,14 @@ class CrashPolicy:
 
     def stop_if_given_up(self, exiting: Worker | None = None) -> None:
         """Begin ``_stop_given_up`` if nothing of the serving generation runs or will run again
-        (``exiting``: a worker about to stop for good), unless a flip may still replace it."""
+        (``exiting``: a worker about to stop for good), unless a flip may still replace it: its
+        outcome is its own (it may route back to what it replaced: ``Retirement.held``)."""
         program = self.program
         gen = program.serving
-        if gen is None or program.current_flip is not None or program.stops_under_way:
+        if gen is None or program.stops_under_way:
+            return
+        if program.current_flip is not None:
+            program.retirement.notice_given_up(gen, exiting)
             return
         if program.running and gen.given_up(exiting):
             program.task_group().start_soon(self._stop_given_up, gen)

@@ -360,8 +360,8 @@ class Generation:
         self._stop.delay = delay
         self._stop.requested.set()
 
-    async def drain(self) -> None:
-        """Drain a generation that served (or was ready): delay, signal, timeout, SIGKILL.
+    async def drain(self, delay: float | None = None) -> None:
+        """Drain a served (or ready) one: ``delay`` (default: its own), signal, timeout, SIGKILL.
 
         One that stops already is only waited for: a drain under way (its delay and timeout
         are not cut short), or a discard its flip stopped waiting for (``discard.py``), which
@@ -369,7 +369,7 @@ class Generation:
         if not self.stopping:
             if self.state not in (GenerationState.DRAINING, GenerationState.STOPPED):
                 self.transition(GenerationState.DRAINING)
-            self.request_stop(delay=self.config.drain.delay)
+            self.request_stop(delay=self.config.drain.delay if delay is None else delay)
         await self._stopped.wait()
 
     async def discard(self, reason: str) -> None:

@@ -94,6 +94,7 @@ CORE = WORKERS | {
     "flip_outcome",
     "discard",
     "retirement",
+    "route_back",
     "takeover",
     "protocol",
     "control",
@@ -289,7 +290,17 @@ ALLOWED: dict[str, set[str]] = {
     "program_stop": WORKERS | {"unroute", "program"},
     "crash_policy": WORKERS | {"restarts", "program"},
     "flip": WORKERS
-    | {"promotion", "proxy_patience", "program", "flip_steps", "flip_outcome", "discard"},
+    | {
+        "promotion",
+        "proxy_patience",
+        "program",
+        "flip_steps",
+        "flip_outcome",
+        "discard",
+        "route_back",
+    },
+    # A flip's drain of what it replaced, routed back to if what it promoted gives up.
+    "route_back": WORKERS | {"promotion", "program", "flip", "flip_steps", "retirement"},
     "flip_steps": WORKERS
     | {"promotion", "proxy_patience", "program", "flip", "flip_outcome", "discard"},
     "flip_outcome": WORKERS | {"program"},
