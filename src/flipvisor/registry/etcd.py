@@ -10,10 +10,10 @@ The registry remembers the latest value it swapped or published for every progra
 kept in ``etcd_intent`` with the rest of its bookkeeping); ``run`` keeps a connection alive,
 notices an outage when its liveness watch stream breaks (TCP reset, or HTTP/2 keepalive for a
 silent peer: no polling), reconnects with backoff, and then rewrites every desired program whose
-keys differ, so the keys match what is serving within seconds of etcd coming back. Until etcd answers
-again, it keeps the error of the request it did not answer (``unanswered``; a request past its
-timeout also makes ``run`` reconnect, which tells when it answers again): a first start then
-registers later at once, rather than wait another timeout. Such a rewrite
+keys differ, so the keys match what is serving within seconds of etcd coming back. Until etcd
+answers again, it keeps the error of the request it did not answer (``unanswered``; a request
+past its timeout also makes ``run`` reconnect, which tells when it answers again): a first start
+then registers later at once, rather than wait another timeout. Such a rewrite
 (and a ``publish``: a replaced worker's PIDs) is one transaction that compares what was read, and
 applies only to keys that are this supervisor's, missing or garbage: keys whose record names
 another supervisor on the prefix that promoted the program since are left to it, with a warning
