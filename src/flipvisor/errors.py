@@ -115,6 +115,12 @@ class RegistryError(FlipvisorError):
         self.next_step = next_step
 
 
+class RegistryUnanswered(RegistryError):
+    """The registry gave no answer: no reply within the request timeout, or it could not be
+    reached at all (gRPC's UNAVAILABLE or DEADLINE_EXCEEDED, a failed connection). Unlike a
+    refusal or a lost compare, asking again may cost another whole timeout."""
+
+
 class RegistryConflict(RegistryError):
     """A promotion lost its compare: somebody else changed the keys it expected to replace.
     Reaching the registry is no help then: who else writes the keys is."""

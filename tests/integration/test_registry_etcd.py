@@ -207,7 +207,6 @@ async def test_an_etcd_that_stops_answering_fails_requests_at_the_timeout(
             await tg.start(registry.run)
             first = record(1, 41000, [101])
             await registry.swap("app", Snapshot(), first)
-            assert registry.unanswered() is None
             restartable_etcd.pause()
             hung = rf"etcd at 127\.0\.0\.1:{restartable_etcd.client_port} did not answer within 1 s"
             with pytest.raises(RegistryError, match=hung):
@@ -230,7 +229,6 @@ async def test_an_etcd_that_stops_answering_fails_requests_at_the_timeout(
                 message="the keys to be put back to what still serves",
             )
             assert await registry.snapshot("app") == first
-            assert registry.unanswered() is None  # answered since
             tg.cancel_scope.cancel()
     finally:
         await registry.aclose()

@@ -176,7 +176,8 @@ class Registry(Protocol):
 
     def unanswered(self) -> RegistryError | None:
         """Why the store is known not to answer: the error of its latest request or connection
-        attempt (a timeout, a refused connection) while none succeeded since; else None. A
+        attempt that got no answer (a timeout, a refused connection; not an error the store
+        answered with) while it answered nothing since; else None. A
         first start defers its registration at once then (``promotion_steps``), rather than
         wait another request timeout for a store that just failed to answer."""
         ...

@@ -10,8 +10,9 @@ The registry remembers the latest value it swapped or published for every progra
 kept in ``etcd_intent`` with the rest of its bookkeeping); ``run`` keeps a connection alive,
 notices an outage when its liveness watch stream breaks (TCP reset, or HTTP/2 keepalive for a
 silent peer: no polling), reconnects with backoff, and then rewrites every desired program whose
-keys differ, so the keys match what is serving within seconds of etcd coming back. Until a request
-succeeds again, it keeps the error of the one etcd did not answer (``unanswered``): a first start
+keys differ, so the keys match what is serving within seconds of etcd coming back. Until etcd
+answers again, it keeps the error of the request it did not answer (``unanswered``; a request
+past its timeout also makes ``run`` reconnect, which tells when it answers again): a first start
 then registers later at once, rather than wait another timeout. Such a rewrite
 (and a ``publish``: a replaced worker's PIDs) is one transaction that compares what was read, and
 applies only to keys that are this supervisor's, missing or garbage: keys whose record names
@@ -29,8 +30,8 @@ it. Then the program is forgotten: reconnects leave its keys alone until it is p
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -38,7 +39,7 @@ from aetcd import rpc
 from anyio.abc import TaskStatus
 
 from flipvisor.config import RegistryConfig
-from flipvisor.errors import RegistryConflict, RegistryError
+from flipvisor.errors import RegistryConflict, RegistryError, RegistryUnanswered
 
 from .base import (
     KeyRange,
@@ -50,6 +51,7 @@ from .etcd_client import (
     MIN_BACKOFF,
     EtcdConnection,
     connect,
+    text_of,
     txn_compare_unchanged_since,
     txn_compare_value,
     txn_read,
@@ -78,8 +80,8 @@ class EtcdRegistry:
         self._write_lock = anyio.Lock()
         self._kick = anyio.Event()
         self._running = False
-        # The error of the latest request or connection attempt while none succeeded since
-        # (``unanswered``).
+        # The error of the latest request or connection attempt etcd gave no answer to, while
+        # none was answered since (``unanswered``).
         self._unanswered: RegistryError | None = None
         self.keys = ProgramKeys(self.prefix, self.intent, self._write_lock, self._wake)
 
@@ -107,27 +109,49 @@ class EtcdRegistry:
         it so defers its registration at once, not after another ``registry.timeout``."""
         return self._unanswered
 
-    @contextmanager
-    def _answering(self) -> Iterator[None]:
-        """Around a request bounded by ``fail_after``: remember whether etcd answered it
-        (``unanswered``; a lost compare is an answer), and turn the deadline's ``TimeoutError``
-        into the ``RegistryError`` that says so."""
+    def _note(self, exc: RegistryError) -> None:
+        """Remember whether etcd answered the request or connection attempt that failed with
+        ``exc`` (``unanswered``): a refusal or a lost compare is an answer."""
+        self._unanswered = exc if isinstance(exc, RegistryUnanswered) else None
+
+    @asynccontextmanager
+    async def _request(self) -> AsyncIterator[EtcdConnection]:
+        """The live connection for one request bounded by the request timeout, remembering
+        whether etcd answered it (``unanswered``), the deadline's ``TimeoutError`` turned into
+        the ``RegistryUnanswered`` that says so.
+
+        A request past its deadline retires its connection and wakes ``run``: this deadline
+        passes before the call's own (which would mark the connection broken), and the
+        liveness watch outlives a short stall, so nothing else would reconnect, and nothing
+        would find out that etcd answers again (``unanswered`` would stay set).
+
+        Raises:
+            RegistryError: etcd refused, failed, or did not answer within the timeout.
+        """
+        used: EtcdConnection | None = None
         try:
-            yield
+            with anyio.fail_after(self.config.timeout):
+                async with self._use() as conn:
+                    used = conn
+                    yield conn
         except TimeoutError:
             self._unanswered = self._timeout_error()
+            if used is not None:
+                await used.retire()
             raise self._unanswered from None
-        except RegistryConflict:
-            self._unanswered = None
-            raise
         except RegistryError as exc:
-            self._unanswered = exc
+            self._note(exc)
             raise
+        finally:
+            if used is not None and used.broken.is_set():
+                self._kick.set()  # ``run``: reconnect, which tells when etcd answers again
         self._unanswered = None
 
     def _timeout_error(self) -> RegistryError:
         where = self._conn.endpoint if self._conn else ", ".join(self.config.endpoints)
-        return RegistryError(f"etcd at {where} did not answer within {self.config.timeout:g} s")
+        return RegistryUnanswered(
+            f"etcd at {where} did not answer within {self.config.timeout:g} s"
+        )
 
     @asynccontextmanager
     async def _use(self) -> AsyncIterator[EtcdConnection]:
@@ -143,7 +167,7 @@ class EtcdRegistry:
                 try:
                     conn = await connect(self.config, f"{self.prefix}/")
                 except RegistryError as exc:
-                    self._unanswered = exc
+                    self._note(exc)
                     raise
                 self._conn = conn
                 self._unanswered = None
@@ -204,9 +228,10 @@ class EtcdRegistry:
                 try:
                     await self.keys.reconcile(conn, program)
                 except RegistryError as exc:
-                    self._unanswered = exc
+                    self._note(exc)
                     log.warning("program=%s cannot update etcd keys yet: %s", program, exc)
                     return
+                self._unanswered = None  # etcd answered (a request may have timed out before)
             with anyio.move_on_after(backoff.wait(self.intent.pending, anyio.current_time())):
                 await self._kick.wait()
 
@@ -216,9 +241,8 @@ class EtcdRegistry:
         Raises:
             RegistryError: etcd did not answer within the request timeout.
         """
-        with self._answering(), anyio.fail_after(self.config.timeout):
-            async with self._use() as conn:
-                return await self.keys.read(conn, program)
+        async with self._request() as conn:
+            return await self.keys.read(conn, program)
 
     async def swap(self, program: str, expected: Snapshot, new: Snapshot) -> None:
         """Replace ``program``'s keys with ``new`` in one transaction if they hold ``expected``.
@@ -241,16 +265,13 @@ class EtcdRegistry:
         failure = txn_read(list(keys.values()))
         request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
         try:
-            with self._answering(), anyio.fail_after(self.config.timeout):
-                async with self._use() as conn, self._write_lock:
-                    reply = await conn.call("Txn", request)
-                    if reply.succeeded:
-                        # Under the lock, so no reconcile writes an older desired value over it.
-                        self.intent.swapped(
-                            program, new, began=began, revision=reply.header.revision
-                        )
-                        self.keys.conflicts.cleared(program)  # written: no backoff left
-        except RegistryError:  # a timeout too (``_answering``)
+            async with self._request() as conn, self._write_lock:
+                reply = await conn.call("Txn", request)
+                if reply.succeeded:
+                    # Under the lock, so no reconcile writes an older desired value over it.
+                    self.intent.swapped(program, new, began=began, revision=reply.header.revision)
+                    self.keys.conflicts.cleared(program)  # written: no backoff left
+        except RegistryError:  # a timeout too (``_request``)
             self.intent.remember(program, expected, lost=new, began=began)
             raise
         except BaseException:
@@ -259,7 +280,9 @@ class EtcdRegistry:
             self.intent.remember(program, expected, lost=new, began=began)
             raise
         if not reply.succeeded:
-            raise self._conflict(program, expected, txn_values(reply))
+            # Decoded as ``expected`` was read (``keys.read``): a key holding bytes that are
+            # not UTF-8 compares equal to itself.
+            raise self._conflict(program, expected, txn_values(reply, text_of))
 
     def _conflict(
         self, program: str, expected: Snapshot, found: Mapping[str, str]
@@ -318,9 +341,8 @@ class EtcdRegistry:
         Raises:
             RegistryError: etcd failed, or did not answer in time.
         """
-        with self._answering(), anyio.fail_after(self.config.timeout):
-            async with self._use() as conn:
-                await self.keys.reconcile(conn, program)
+        async with self._request() as conn:
+            await self.keys.reconcile(conn, program)
 
     async def read_keys(self, patterns: Sequence[str]) -> KeyRange:
         """Every key matching ``patterns``, read in one transaction (so at one revision).
@@ -328,9 +350,8 @@ class EtcdRegistry:
         Raises:
             RegistryError: etcd did not answer within the request timeout.
         """
-        with self._answering(), anyio.fail_after(self.config.timeout):
-            async with self._use() as conn:
-                reply = await conn.call("Txn", rpc.TxnRequest(success=txn_read(patterns)))
+        async with self._request() as conn:
+            reply = await conn.call("Txn", rpc.TxnRequest(success=txn_read(patterns)))
         return KeyRange(txn_values(reply), reply.header.revision)
 
     def watch(

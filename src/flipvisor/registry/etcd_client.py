@@ -33,7 +33,7 @@ from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
 from flipvisor.config import RegistryConfig
-from flipvisor.errors import RegistryError
+from flipvisor.errors import RegistryError, RegistryUnanswered
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,15 @@ def _credentials(config: RegistryConfig, https: bool) -> Any | None:
 
 
 def describe_rpc_error(exc: BaseException, endpoint: str, timeout: float) -> RegistryError:
-    """A ``RegistryError`` naming etcd and ``endpoint`` for a failed call."""
+    """A ``RegistryError`` naming etcd and ``endpoint`` for a failed call: a
+    ``RegistryUnanswered`` when etcd gave no answer (a timeout, unreachable)."""
     if isinstance(exc, TimeoutError):
-        return RegistryError(f"etcd at {endpoint} did not answer within {timeout:g} s")
+        return RegistryUnanswered(f"etcd at {endpoint} did not answer within {timeout:g} s")
     if isinstance(exc, grpc.aio.AioRpcError):
         code = exc.code()
         details = exc.details() or code.name
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return RegistryError(f"etcd at {endpoint} is unreachable: {details}")
+            return RegistryUnanswered(f"etcd at {endpoint} is unreachable: {details}")
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             return RegistryError(f"etcd at {endpoint} refused the request: {details}")
         return RegistryError(f"etcd at {endpoint} failed the request ({code.name}): {details}")
@@ -126,7 +127,7 @@ async def settled(call: Any, endpoint: str) -> Any:
         return await call  # done: returns or raises at once
     except asyncio.CancelledError:
         # Not ours (``done.wait`` returned): the channel under the call was closed.
-        raise RegistryError(f"etcd at {endpoint}: the connection closed mid-request") from None
+        raise RegistryUnanswered(f"etcd at {endpoint}: the connection closed mid-request") from None
 
 
 @dataclass(eq=False)
@@ -262,15 +263,18 @@ async def connect(config: RegistryConfig, probe_key: str) -> EtcdConnection:
     Raises:
         RegistryError: none answered; the message names every endpoint and why.
     """
-    errors: list[str] = []
+    errors: list[RegistryError] = []
     for endpoint in config.endpoints:
         try:
             return await connect_endpoint(config, endpoint, probe_key)
         except RegistryError as exc:
-            errors.append(str(exc))
+            errors.append(exc)
+    # Unanswered only if no endpoint answered: a refusal is an answer, given at once.
+    unanswered = all(isinstance(exc, RegistryUnanswered) for exc in errors)
+    kind = RegistryUnanswered if unanswered else RegistryError
     if len(errors) == 1:
-        raise RegistryError(errors[0])
-    raise RegistryError("no etcd endpoint answered: " + "; ".join(errors))
+        raise kind(str(errors[0]))
+    raise kind("no etcd endpoint answered: " + "; ".join(map(str, errors)))
 
 
 def text_of(value: bytes) -> str:
