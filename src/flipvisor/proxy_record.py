@@ -3,9 +3,8 @@
 supervisor left (or kept, as its flip's undo failed to reload the proxy back: ``KEPT``), read
 back at start-up (``pending``) and put back where the file still holds what the interrupted step
 wrote (``Pending.put_back``), kept undecided for a later start (``keep_undecided``), or set aside
-when they cannot be read. A kept record is set aside (``set_aside``) before a later step of its
-program records under its name. Blocking calls: run off the event
-loop, or at start-up before anything runs.
+when they cannot be read. One record per program: a later step of it takes over the one it finds
+(``Previous``). Blocking calls: run off the event loop, or at start-up before anything runs.
 """
 
 from __future__ import annotations
@@ -39,6 +38,10 @@ REGISTRY_NEXT = "registry_next"
 # records a kill left, and from older records.
 KEPT = "kept"
 RELOAD_BACK_FAILED = "reload back failed"
+# Why the proxy must be checked and reloaded at the next start, whatever becomes of the record's
+# own changes: an earlier step of the program whose record this step's took over owed that
+# reload (``Previous``). Missing from records that owe none, and from older records.
+RELOAD_OWED = "reload_owed"
 FLIP = "flip"  # a promotion's proxy step: undone unless the registry names its generation
 REMOVAL = "removal"  # a removed program's file taken away, until the proxy check passed
 
@@ -97,10 +100,10 @@ class Change:
         if (now is None and self.written is not None) or (
             now is not None and digest(now) != self.written
         ):
-            what = "is gone" if now is None else "holds something else"
+            what = "is gone" if now is None else "holds something other than what that step wrote"
             return (
-                f"{dest} left as it is: it {what} than that step left it (changed by a later "
-                "step, or by hand, since?); see that it is what the proxy should load"
+                f"{dest} left as it is: it {what} (changed by a later step, or by hand, "
+                "since?); see that it is what the proxy should load"
             ), True
         self.kept.restore()
         if self.kept.previous is None:
@@ -172,11 +175,22 @@ class Pending:
     # record written before that mark existed).
     registry_next: bool | None = None
     kept: str | None = None  # why it was kept on purpose (``KEPT``); None: a kill left it
+    # Why a reload is owed whatever becomes of its changes (``RELOAD_OWED``); None: none is.
+    reload_owed: str | None = None
 
     @property
     def reload_back_failed(self) -> bool:
         """Whether the record was kept as its flip's undo failed to reload the proxy back."""
         return self.kept == RELOAD_BACK_FAILED
+
+    @property
+    def owes_reload(self) -> str | None:
+        """Why the proxy must be checked and reloaded at the next start whatever becomes of this
+        record's changes (kept as promoted, undone, kept undecided); None: no reload is owed
+        beyond what its own step may need (``maybe_promoted``)."""
+        if self.reload_owed is not None:
+            return self.reload_owed
+        return self.how_left() if self.reload_back_failed else None
 
     def how_left(self) -> str:
         """How the step came to be left unfinished, for a message."""
@@ -281,42 +295,61 @@ def read_record(path: Path) -> Pending:
     Raises:
         OSError, ValueError, KeyError, TypeError, IndexError: it cannot be read.
     """
-    document = json.loads(path.read_bytes())
+    return _parse(path, path.read_bytes())
+
+
+def _parse(path: Path, data: bytes) -> Pending:
+    document = json.loads(data)
     changes = tuple(Change.from_json(c) for c in document["files"])
     registry_next, kept = document.get(REGISTRY_NEXT), document.get(KEPT)
+    owed = document.get(RELOAD_OWED)
     return Pending(
         path,
         About.from_json(document),
         changes,
         None if registry_next is None else bool(registry_next),
         None if kept is None else str(kept),
+        None if owed is None else str(owed),
     )
+
+
+@dataclass(frozen=True)
+class Previous:
+    """The record a new step of a program found under ``<program>.json`` as it made its first
+    change (one record per program: the new step's takes it over): an earlier step's of this run
+    left for the next start (kept after its reload back failed, or a change made halfway that
+    could not be put back), or one a start-up could not settle. ``changes``: its files that may
+    still need putting back (none for one kept after a failed reload back: its undo put them
+    back); ``reload_owed``: why the proxy needs a reload at the next start whatever becomes of
+    the new step, until the new step reloads it (None: none); ``data``: the record as it was,
+    written back if the new step ends without reloading the proxy and without its changes
+    standing (``ProxyJournal.settle``)."""
+
+    changes: tuple[Change, ...]
+    reload_owed: str | None
+    data: bytes
+
+
+def previous(path: Path) -> Previous | None:
+    """The record at ``path`` that a new step takes over (None: there is none, the common case;
+    one that cannot be read is set aside as at start-up, with a warning) (blocking)."""
+    try:
+        data = path.read_bytes()
+        step = _parse(path, data)
+    except FileNotFoundError:
+        return None
+    except UNREADABLE as exc:
+        _set_aside(path, exc)
+        return None
+    owed = step.owes_reload
+    if owed is None and step.maybe_promoted:
+        owed = f"{step.how_left()}, which may have reloaded the proxy with its file"
+    changes = () if step.reload_back_failed else step.changes
+    return Previous(changes, owed, data)
 
 
 def undecided_name(program: str) -> re.Pattern[str]:
     return re.compile(re.escape(program) + r"\.undecided-[0-9]+\.json")
-
-
-def set_aside_name(program: str) -> re.Pattern[str]:
-    """The name of ``program``'s record that a later step of it set aside (``set_aside``)."""
-    return re.compile(re.escape(program) + r"\.kept-[0-9]+\.json")
-
-
-def set_aside(path: Path, program: str) -> None:
-    """Rename the record at ``path`` (``<program>.json``), if there is one, to
-    ``<program>.kept-<ns>.json``, before a new step of ``program`` records there: one kept for
-    the next start (its flip's reload back failed, or a reload at start-up did) must not be
-    overwritten, nor settled along with the new step (blocking; a failure is logged)."""
-    aside = path.with_name(f"{program}.kept-{time.time_ns()}.json")
-    try:
-        path.rename(aside)
-        fsync_dir(aside.parent)
-    except FileNotFoundError:
-        return  # none: the common case
-    except OSError as exc:
-        log.warning("cannot set the proxy-undo record %s aside: %s", path, exc.strerror)
-        return
-    log.info("the proxy-undo record %s, kept for the next start, set aside as %s", path, aside)
 
 
 def _newest_first(folder: Path, names: list[str]) -> list[str]:
