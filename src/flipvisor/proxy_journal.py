@@ -16,7 +16,7 @@ even when the next start cannot read the registry. A record kept undecided by su
 dropped once this run promotes a flip of the program over the same files (``promoted``).
 
 One record per program (``<program>.json``): a step's first record takes over the one an earlier
-step of the program left there (``proxy_record.Previous``: kept after a failed reload back, or
+step of the program left there (``Previous``: kept after a failed reload back, or
 halfway), rather than overwrite or set it aside. The earlier one's files that may still need
 putting back come first in the new record, and a reload it owed is carried as ``reload_owed``, so
 that the next start, whatever it does with the new step, also puts those back and reloads the
@@ -50,17 +50,18 @@ from .proxy_record import (
     RECORD_MODE,
     REGISTRY_NEXT,
     RELOAD_BACK_FAILED,
+    RELOAD_FAILED_AT_START,
     RELOAD_OWED,
     REMOVAL,
     UNREADABLE,
     About,
     Change,
-    Previous,
     digest,
     drop_record,
-    previous,
+    parse_record,
     read_record,
     record_path,
+    set_aside_unreadable,
     undecided_name,
 )
 
@@ -94,7 +95,8 @@ class ProxyJournal:
         """Record durably that ``kept.dest`` is about to hold ``written`` (None: be removed).
 
         Raises:
-            ProxyError: the record could not be written (nothing was changed yet).
+            ProxyError: the record could not be written, or the one an earlier step left could
+                not be read (nothing was changed yet).
         """
         change = Change(kept, None if written is None else digest(written))
         if not self.changes:
@@ -274,6 +276,52 @@ class ProxyJournal:
         else:
             drop_record(self.path)
         self.changes.clear()
+
+
+@dataclass(frozen=True)
+class Previous:
+    """The record a new step of a program found under ``<program>.json`` as it made its first
+    change (one record per program: the new step's takes it over): an earlier step's of this run
+    left for the next start (kept after its reload back failed, or a change made halfway that
+    could not be put back), or one a start-up could not settle. ``changes``: its files that may
+    still need putting back (none for one kept after a failed reload back: its undo put them
+    back); ``reload_owed``: why the proxy needs a reload at the next start whatever becomes of
+    the new step, until the new step reloads it (None: none); ``data``: the record as it was,
+    written back if the new step ends without reloading the proxy and without its changes
+    standing (``ProxyJournal.settle``)."""
+
+    changes: tuple[Change, ...]
+    reload_owed: str | None
+    data: bytes
+
+
+def previous(path: Path) -> Previous | None:
+    """The record at ``path`` that a new step takes over (None: there is none, the common case;
+    one that cannot be parsed is set aside as at start-up, with a warning) (blocking).
+
+    Raises:
+        ProxyError: it exists but cannot be read (nothing is changed then).
+    """
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):  # none (no folder: its write says why)
+        return None
+    except OSError as exc:
+        raise ProxyError(
+            f"cannot read the proxy-undo record {path} an earlier step of the program left, "
+            f"which this step's takes over: {exc.strerror or exc}"
+        ) from exc
+    try:
+        step = parse_record(path, data)
+    except UNREADABLE as exc:
+        set_aside_unreadable(path, exc)  # as the next start would, with its warning
+        return None
+    owed = step.owes_reload
+    if owed is None and step.maybe_promoted:
+        owed = f"{step.how_left()}, which may have reloaded the proxy with its file"
+    # Files put back already (a reload back failed), or that stand (promoted): none to inherit.
+    stand = step.reload_back_failed or step.kept == RELOAD_FAILED_AT_START
+    return Previous(() if stand else step.changes, owed, data)
 
 
 def flip_journal(

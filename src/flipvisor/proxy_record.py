@@ -3,8 +3,9 @@
 supervisor left (or kept, as its flip's undo failed to reload the proxy back: ``KEPT``), read
 back at start-up (``pending``) and put back where the file still holds what the interrupted step
 wrote (``Pending.put_back``), kept undecided for a later start (``keep_undecided``), or set aside
-when they cannot be read. One record per program: a later step of it takes over the one it finds
-(``Previous``). Blocking calls: run off the event loop, or at start-up before anything runs.
+when they cannot be read. One record per program: a later step of it takes over the one it
+finds (``proxy_journal.Previous``). Blocking calls: run off the event loop, or at start-up
+before anything runs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .current_record import parse_current
-from .durable import fsync_dir, remove_torn
+from .durable import fsync_dir, remove_torn, write_atomic
 from .errors import ProxyError
 from .proxy_file import DEFAULT_FILE_MODE, Installed
 from .starttime import Recorded, recorded_from_json
@@ -38,9 +39,12 @@ REGISTRY_NEXT = "registry_next"
 # records a kill left, and from older records.
 KEPT = "kept"
 RELOAD_BACK_FAILED = "reload back failed"
+# Kept as promoted at a start-up (the keys named its flip) whose owed reload then failed: its
+# changes stand, and the next start reloads (``proxy_recovery``).
+RELOAD_FAILED_AT_START = "promoted, its owed reload failed at start-up"
 # Why the proxy must be checked and reloaded at the next start, whatever becomes of the record's
 # own changes: an earlier step of the program whose record this step's took over owed that
-# reload (``Previous``). Missing from records that owe none, and from older records.
+# reload (``proxy_journal.Previous``). Missing from records that owe none, and from older records.
 RELOAD_OWED = "reload_owed"
 FLIP = "flip"  # a promotion's proxy step: undone unless the registry names its generation
 REMOVAL = "removal"  # a removed program's file taken away, until the proxy check passed
@@ -200,6 +204,11 @@ class Pending:
                 f"the reload back of {about.program}'s rolled-back flip to generation "
                 f"{about.generation} (port {about.port}) failed before the last shutdown"
             )
+        if self.kept == RELOAD_FAILED_AT_START:
+            return (
+                f"{about.describe()} was kept at a previous start (the registry named it), and "
+                "the proxy reload it owed failed then"
+            )
         if self.kept is not None:  # a reason this version does not know (a later one's)
             return f"{about.describe()} was kept unfinished by a previous supervisor ({self.kept})"
         return f"a previous supervisor was killed during {about.describe()}"
@@ -282,7 +291,7 @@ def pending(state_dir: Path) -> list[Pending]:
         try:
             found.append(read_record(path))
         except UNREADABLE as exc:
-            _set_aside(path, exc)
+            set_aside_unreadable(path, exc)
     return found
 
 
@@ -295,10 +304,11 @@ def read_record(path: Path) -> Pending:
     Raises:
         OSError, ValueError, KeyError, TypeError, IndexError: it cannot be read.
     """
-    return _parse(path, path.read_bytes())
+    return parse_record(path, path.read_bytes())
 
 
-def _parse(path: Path, data: bytes) -> Pending:
+def parse_record(path: Path, data: bytes) -> Pending:
+    """The record at ``path`` that holds ``data`` (raises as ``read_record``)."""
     document = json.loads(data)
     changes = tuple(Change.from_json(c) for c in document["files"])
     registry_next, kept = document.get(REGISTRY_NEXT), document.get(KEPT)
@@ -311,41 +321,6 @@ def _parse(path: Path, data: bytes) -> Pending:
         None if kept is None else str(kept),
         None if owed is None else str(owed),
     )
-
-
-@dataclass(frozen=True)
-class Previous:
-    """The record a new step of a program found under ``<program>.json`` as it made its first
-    change (one record per program: the new step's takes it over): an earlier step's of this run
-    left for the next start (kept after its reload back failed, or a change made halfway that
-    could not be put back), or one a start-up could not settle. ``changes``: its files that may
-    still need putting back (none for one kept after a failed reload back: its undo put them
-    back); ``reload_owed``: why the proxy needs a reload at the next start whatever becomes of
-    the new step, until the new step reloads it (None: none); ``data``: the record as it was,
-    written back if the new step ends without reloading the proxy and without its changes
-    standing (``ProxyJournal.settle``)."""
-
-    changes: tuple[Change, ...]
-    reload_owed: str | None
-    data: bytes
-
-
-def previous(path: Path) -> Previous | None:
-    """The record at ``path`` that a new step takes over (None: there is none, the common case;
-    one that cannot be read is set aside as at start-up, with a warning) (blocking)."""
-    try:
-        data = path.read_bytes()
-        step = _parse(path, data)
-    except FileNotFoundError:
-        return None
-    except UNREADABLE as exc:
-        _set_aside(path, exc)
-        return None
-    owed = step.owes_reload
-    if owed is None and step.maybe_promoted:
-        owed = f"{step.how_left()}, which may have reloaded the proxy with its file"
-    changes = () if step.reload_back_failed else step.changes
-    return Previous(changes, owed, data)
 
 
 def undecided_name(program: str) -> re.Pattern[str]:
@@ -366,6 +341,16 @@ def _newest_first(folder: Path, names: list[str]) -> list[str]:
     return sorted(sorted(names), key=written, reverse=True)
 
 
+def mark_kept(step: Pending, why: str) -> None:
+    """Rewrite ``step``'s record marked as kept on purpose (``KEPT``: ``why``) (blocking; a
+    failure is logged: the record stays as it was)."""
+    try:
+        document = json.loads(step.path.read_bytes())
+        write_atomic(step.path, json.dumps({**document, KEPT: why}, indent=1).encode(), RECORD_MODE)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot mark the proxy-undo record %s as kept (%s): %s", step.path, why, exc)
+
+
 def keep_undecided(step: Pending) -> Path:
     """Keep ``step``'s record for the next start, whose registry tells whether its flip was
     promoted, renamed ``<program>.undecided-<ns>.json``: a flip of the program by this run
@@ -383,7 +368,7 @@ def keep_undecided(step: Pending) -> Path:
     return aside
 
 
-def _set_aside(path: Path, exc: Exception) -> None:
+def set_aside_unreadable(path: Path, exc: Exception) -> None:
     """A record that cannot be read, renamed ``<name>.bad`` so that it is said once, not at
     every start, and kept for the operator to look at (blocking)."""
     aside = path.with_name(f"{path.name}.bad")

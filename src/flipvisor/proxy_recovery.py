@@ -35,7 +35,9 @@ files agree with the registry keys, which decide which of its generations serve 
   said so, not taken for a promotion.
 - A record that took over an earlier step's (``reload_owed``: that step's reload back failed,
   say) owes a reload whatever is done with its own step: the proxy is checked and reloaded
-  after its flip is kept as promoted, or kept undecided, as after one undone.
+  after its flip is kept as promoted, or kept undecided, as after one undone. Kept as promoted
+  and that reload failed, the record stays marked so (``RELOAD_FAILED_AT_START``): a later step
+  of the program takes over only the reload it owes, not its changes, which stand.
 - A removed program's file taken away before the check without it passed: put back, and removed
   again (checked) by whatever removes the program now.
 
@@ -57,7 +59,7 @@ from .events import EventLog
 from .proxy import Routing, how_to_reload
 from .proxy_file import same_file
 from .proxy_lock import ProxyHolder, ProxyLock
-from .proxy_record import Pending, keep_undecided, pending
+from .proxy_record import RELOAD_FAILED_AT_START, Pending, keep_undecided, mark_kept, pending
 from .reaper import Reaper
 
 
@@ -157,6 +159,9 @@ async def _keep(step: Pending, events: EventLog, proxy: ProxyAccess | None) -> N
     if settled:
         await anyio.to_thread.run_sync(step.forget)
     else:
+        # Its changes stand: a later step of the program that takes the record over must not
+        # inherit them to put back (only the reload still owed).
+        await anyio.to_thread.run_sync(mark_kept, step, RELOAD_FAILED_AT_START)
         message += f"; tried again at the next start ({step.path})"
     events.emit(
         "proxy-kept" if settled and routed else "proxy-left", step.about.program, None, message

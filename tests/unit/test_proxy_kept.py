@@ -1,7 +1,7 @@
 """Proxy-undo records kept on purpose (``"kept"``: a flip's undo put its files back and failed to
 reload the proxy back): how the next start reads them whatever the registry says
 (``proxy_recovery.py``), how a later step of the same program takes them over (one record per
-program: ``proxy_record.Previous``, ``reload_owed``), and the record's format
+program: ``proxy_journal.Previous``, ``reload_owed``), and the record's format
 (``proxy_journal.py``). Real files, real check and reload commands."""
 
 from __future__ import annotations
@@ -206,23 +206,30 @@ def test_a_kill_after_the_later_flips_registry_step_keeps_its_file_and_reloads(
 
 
 def test_a_kept_promoted_record_whose_owed_reload_fails_is_tried_again(tmp_path: Path) -> None:
-    """The owed reload fails at the next start: a warning, and the record stays for the start
-    after it, which keeps the file (the keys still name it) and reloads."""
+    """The owed reload fails at the next start: a warning, and the record stays, marked as kept
+    with its changes standing, for the start after it, which keeps the file (the keys still name
+    it) and reloads. A flip of that run, killed during its check, takes the record over without
+    those changes: undone, it puts back generation 3's file, which the keys name, not
+    generation 1's."""
     state_dir, dest = tmp_path / "state", tmp_path / "web.conf"
-    dest.write_bytes(OLD)
-    _kept_after_a_failed_reload_back(state_dir)
-    journal = _journal(state_dir, generation=3, port=2003)
-    put_in_place(dest, b"server 127.0.0.1:2003;\n", journal)
-    anyio.run(journal.before_registry_step)
+    gen3, gen4 = b"server 127.0.0.1:2003;\n", b"server 127.0.0.1:2004;\n"
+    for then_a_flip in (False, True):
+        dest.write_bytes(OLD)
+        _kept_after_a_failed_reload_back(state_dir)
+        journal = _journal(state_dir, generation=3, port=2003)
+        put_in_place(dest, gen3, journal)
+        anyio.run(journal.before_registry_step)  # then the registry step, then SIGKILL
 
-    [(kind, message)] = _finish(
-        state_dir, {"web": _current(3, 2003)}, _web(state_dir, reload="false")
-    )
-    assert kind == "proxy-left" and "tried again at the next start" in message, message
-    [(kind, message)] = _finish(state_dir, {"web": _current(3, 2003)})
-    assert kind == "proxy-kept", message
-    assert dest.read_bytes() == b"server 127.0.0.1:2003;\n"
-    assert pending(state_dir) == []
+        failing = _web(state_dir, reload="false")
+        [(kind, message)] = _finish(state_dir, {"web": _current(3, 2003)}, failing)
+        assert kind == "proxy-left" and "tried again at the next start" in message, message
+        if then_a_flip:  # the run started after that: its flip of web killed during its check
+            put_in_place(dest, gen4, _journal(state_dir, generation=4, port=2004))
+        [(kind, message)] = _finish(state_dir, {"web": _current(3, 2003)})
+        assert kind == ("proxy-restored" if then_a_flip else "proxy-kept"), message
+        assert "as a reload was owed" in message, message
+        assert dest.read_bytes() == gen3, then_a_flip
+        assert pending(state_dir) == [], then_a_flip
 
 
 async def _remove(state_dir: Path, proxy: ProxyConfig) -> bool:
