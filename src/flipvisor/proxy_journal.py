@@ -71,7 +71,9 @@ log = logging.getLogger("flipvisor.proxy")  # with the proxy's steps
 @dataclass
 class ProxyJournal:
     """The record of one step's changes to proxy files (``proxy_file.Journal``), written before
-    each change, removed by ``settle``."""
+    each change (taking over the record an earlier step left: ``previous``), removed when the
+    step ends (``settle``, ``stands``, ``promoted``, ``reloaded_back``), or the earlier record
+    written back as it was."""
 
     path: Path
     about: About
