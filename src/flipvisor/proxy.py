@@ -268,7 +268,8 @@ class Routing:
             await self.journal.reload_back_failed()
 
     async def settle(self) -> None:
-        """The changes stand, or were undone: the journal's record of them goes."""
+        """The changes were undone, the proxy not reloaded by this step: the journal's record of
+        them goes (``ProxyJournal.settle``)."""
         if self.journal is not None:
             await self.journal.settle()
 
@@ -282,6 +283,11 @@ class Routing:
         (``ProxyJournal.reloaded_back``)."""
         if self.journal is not None:
             await self.journal.reloaded_back()
+
+    async def stands(self) -> None:
+        """A removal passed its check: the journal's record goes (``ProxyJournal.stands``)."""
+        if self.journal is not None:
+            await self.journal.stands()
 
     @property
     def recorded(self) -> bool:

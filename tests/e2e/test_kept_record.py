@@ -1,6 +1,7 @@
 """A flip's proxy-undo record kept after its reload back failed (``"kept": "reload back failed"``),
 with a real supervisor and nginx: the next flip of the program must not lose it, and the next
-start reloads the proxy for it (``proxy_journal.py``, ``proxy_recovery.py``)."""
+start reloads the proxy for it; a removal of the program that reloads leaves nothing of it
+(``proxy_journal.py``, ``proxy_recovery.py``)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,36 @@ def test_a_later_flip_failing_before_its_reload_leaves_the_kept_reload_to_the_ne
     assert list(records.iterdir()) == []
     wait_until(lambda: answers(nginx), message="nginx to proxy")
     assert proxied(nginx)["version"] == "3"
+
+
+def test_a_removal_after_a_kept_record_leaves_nothing_for_the_next_start(
+    flipvisor: Flipvisor, nginx: Nginx, tmp_path: Path
+) -> None:
+    """Generation 2's flip fails at its reload and so does its reload back (its record kept),
+    then web is removed from the config: its file removed, checked and the proxy reloaded. The
+    removal set the kept record aside and never dropped it: the next start warned
+    ``proxy-left`` (web.conf "is gone") though the removal had reloaded (review)."""
+    reload_fails = tmp_path / "reload-fails"
+    proxy = {"reload_cmd": _unless(reload_fails, nginx.reload_cmd)}
+    start_serving(flipvisor, nginx, program(nginx, "1", proxy=proxy))
+    records = flipvisor.state_dir / "proxy-undo"
+    reload_fails.touch()
+    flipvisor.write_config({"programs": {"web": program(nginx, "2", proxy=proxy)}})
+    assert flipvisor.cli("flip", "web").returncode == 1
+    assert json.loads((records / "web.json").read_text())["kept"] == "reload back failed"
+
+    reload_fails.unlink()
+    flipvisor.write_config({"programs": {}})
+    reloaded = flipvisor.cli("reload")
+    assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+    wait_until(lambda: not (nginx.conf_dir / "web.conf").exists(), message="web.conf removed")
+    wait_until(lambda: "unrouted" in flipvisor.event_kinds(), message="web unrouted")
+    assert list(records.iterdir()) == []
+    assert flipvisor.stop() == 0
+    api = program(nginx, "api")
+    del api["proxy"]  # a program started after the start-up's recovery, to wait for
+    flipvisor.start({"programs": {"api": api}})
+    flipvisor.wait_serving("api")
+
+    assert "proxy-left" not in flipvisor.event_kinds(), flipvisor.cli("events").stdout
+    assert list(records.iterdir()) == []
