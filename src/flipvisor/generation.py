@@ -211,8 +211,7 @@ class Generation:
         self._on_pids_changed(self)
         return self._on_worker_exit(self, worker, returncode, reason)
 
-    def worker_still_running(self, worker: Worker, pid: int) -> None:
-        message = "still running after SIGKILL (uninterruptible sleep?); no longer waited for"
+    def worker_still_running(self, worker: Worker, pid: int, message: str) -> None:
         self.events.emit(
             "still-running", self.program, self.number, message, worker=worker.index, pid=pid
         )

@@ -31,6 +31,7 @@ from anyio.abc import TaskStatus
 
 import flipvisor
 
+from . import spawn
 from .errors import SpawnError
 from .logs import ProgramLog
 from .output_keeper import (
@@ -235,10 +236,15 @@ class OutputKeeper:
                     with contextlib.suppress(OSError):  # gone already: its exit says so
                         await _send(sock, _EXIT, None)
                 await child.wait()
-            if not child.exit.reaped:
-                # Bounded (``Child.stop``: logged if the kernel holds it), or a keeper stuck in
-                # uninterruptible sleep would hold up the shutdown forever.
-                await child.stop(signal.SIGKILL, timeout=0.0)
+            # Bounded (``Child.stop``), or a keeper stuck in uninterruptible sleep would hold up
+            # the shutdown forever. Said here: no event reports it.
+            if not child.exit.reaped and await child.stop(signal.SIGKILL, timeout=0.0) is None:
+                log.warning(
+                    "output keeper pid=%d still running %gs after SIGKILL (uninterruptible "
+                    "sleep?); no longer waited for",
+                    child.pid,
+                    spawn.KILL_GRACE,
+                )
         finally:
             sock.close()
             child.close()

@@ -20,8 +20,8 @@ while its PID still names it (``verified_signal.py``), our stray children while 
 from __future__ import annotations
 
 import errno
-import logging
 import os
+import select
 import signal
 import time
 from collections.abc import Mapping, Sequence
@@ -37,12 +37,14 @@ from .reaper import ExitWaiter, Reaper
 from .signals import with_continue
 from .starttime import Recorded, recorded_now
 
-log = logging.getLogger(__name__)
-
 LISTEN_FD = 3
 # A process SIGKILLed is gone at once unless the kernel holds it (uninterruptible sleep on a
-# hung NFS mount or device): how long a stop waits for it then, before it gives up and says so.
+# hung NFS mount or device): how long a stop waits for it then, before it gives up (and its
+# caller says so).
 KILL_GRACE = 10.0
+# How long a stop waits at least for one SIGKILLed (its grace used up already, or dead and only
+# not yet reaped): the reaper runs at its next turn of the event loop.
+_REAP_WAIT = 0.2
 PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2  # Linux 6.9+: signal the pidfd's process group
 SHELL = "/bin/sh"
 # $0 is the working directory; "$@" the user's argv, exec'd without any parsing.
@@ -137,8 +139,9 @@ class Child:
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
         """Send ``sig`` to the group (then SIGCONT), SIGKILL it after ``timeout``; the return
         code once it exited, None if it was still not reaped ``KILL_GRACE`` after the SIGKILL
-        (logged: the kernel holds it, and a stop or a shutdown must not wait for it forever).
-        One SIGKILLed before (``killed_at``) only gets what is left of that grace.
+        (the kernel holds it, and a stop or a shutdown must not wait for it forever). One
+        SIGKILLed before (``killed_at``) only gets what is left of that grace, but at least
+        ``_REAP_WAIT``. Not logged here: the caller says it, once (an event, or a warning).
 
         Shielded, so a cancelled caller still leaves nothing running that could be stopped.
         """
@@ -149,38 +152,29 @@ class Child:
                 with anyio.move_on_after(timeout):
                     return await self.wait()
             self.signal_all(signal.SIGKILL)
-            if self.exit.reaped:  # meanwhile
-                return await self.wait()
             killed_at = self.killed_at if self.killed_at is not None else time.monotonic()
-            with anyio.move_on_after(max(killed_at + KILL_GRACE - time.monotonic(), 0.0)):
+            # At least _REAP_WAIT, even with the grace used up: one that has just died is
+            # reaped at the reaper's next turn, not before this would give up on it.
+            left = max(killed_at + KILL_GRACE - time.monotonic(), _REAP_WAIT)
+            with anyio.move_on_after(left):
                 return await self.wait()
-        log.warning(
-            "pid=%d is still running %ss after SIGKILL (uninterruptible sleep?): "
-            "no longer waited for; it is reaped if it ever exits",
-            self.pid,
-            KILL_GRACE,
-        )
+            if self._exited():
+                # Dead, only its reaping is still to come: a moment more, not "still running".
+                with anyio.move_on_after(_REAP_WAIT):
+                    return await self.wait()
         return None
+
+    def _exited(self) -> bool:
+        """Whether the process has exited (its pidfd is readable then), reaped or not."""
+        if self.exit.reaped or self.pidfd < 0:
+            return True
+        return bool(select.select([self.pidfd], [], [], 0)[0])
 
     def close(self) -> None:
         """Release the pidfd (after the exit is known)."""
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
-
-
-def signal_pinned_group(process_group: int, sig: int) -> bool:
-    """Signal ``process_group`` whole while a member pins its ID (our unreaped child, seen in
-    the group with nothing awaited since: ``Strays.pinning``); False if it is gone.
-
-    Not through the member's pidfd: PIDFD_SIGNAL_PROCESS_GROUP signals the group its process
-    leads, and this one does not.
-    """
-    try:
-        os.killpg(process_group, sig)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 class _InheritedFds:

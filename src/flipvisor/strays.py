@@ -6,12 +6,15 @@ and a process's name, for the messages about them.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
 from collections.abc import Callable, Container
 
 import anyio
+
+log = logging.getLogger(__name__)
 
 
 def own_children() -> list[int]:
@@ -78,18 +81,49 @@ class Strays:
             os.close(self._pidfds.pop(pid))
         return gone
 
-    def keep_only_in(self, process_group: int) -> None:
-        """Stop holding those that exited or have left ``process_group`` (a daemon's ``setsid``).
-        Each is asked while its pidfd shows it running, so its PID still names it."""
+    def keep_only_in(self, process_group: int, *, also_found: bool = False) -> bool:
+        """Stop holding those that exited or have left ``process_group`` (a daemon's ``setsid``);
+        with ``also_found``, hold too the ones ``collect`` finds in it now (their children,
+        re-parented to us as they exit). Whether any is held. Each is asked while its pidfd
+        shows it running, so its PID still names it."""
         for pid, pidfd in list(self._pidfds.items()):
             if _readable(pidfd) or _group_of(pid) != process_group:
                 os.close(self._pidfds.pop(pid))
+        if also_found:
+            with Strays.collect({process_group}) as found:
+                for pid, pidfd in found._pidfds.items():
+                    if pid in self._pidfds:
+                        os.close(pidfd)
+                    else:
+                        self._pidfds[pid] = pidfd
+                found._pidfds = {}
+        return bool(self._pidfds)
 
-    def pins(self, process_group: int) -> bool:
-        """Whether one held here is in ``process_group`` as it is asked: our unreaped child, so
-        the group's ID stays this group's for as long as the caller awaits nothing
-        (``spawn.signal_pinned_group``)."""
-        return any(_group_of(pid) == process_group for pid in self._pidfds)
+    def signal_group(self, process_group: int, sig: int) -> bool:
+        """Send ``sig`` to ``process_group`` whole (members that are not our children
+        included), only while one held here, since an earlier look (``collect``,
+        ``keep_only_in``), is still running and in it: the group it was found in then, as a
+        group lasts while it has a member, and that member, our unreaped child, keeps its ID
+        from being anybody else's. Checked and signalled with nothing awaited between. False
+        if none is, or the group is gone; a refused signal is logged (and False).
+
+        Not through the member's pidfd: PIDFD_SIGNAL_PROCESS_GROUP signals the group its
+        process leads, and this one does not.
+        """
+        if not any(
+            not _readable(pidfd) and _group_of(pid) == process_group
+            for pid, pidfd in self._pidfds.items()
+        ):
+            return False
+        try:
+            # Here, not through spawn.py: the proof it may be signalled is the check just above.
+            os.killpg(process_group, sig)  # noqa: TID251
+        except ProcessLookupError:
+            return False
+        except PermissionError as exc:
+            log.warning("process group %d: cannot send it %s: %s", process_group, sig, exc)
+            return False
+        return True
 
     def signal(self, sig: int, skip: Container[int] = ()) -> list[int]:
         """Send ``sig`` to each (but those in ``skip``); the PIDs of those that had not exited."""
@@ -105,6 +139,9 @@ class Strays:
             try:
                 signal.pidfd_send_signal(pidfd, sig)
             except ProcessLookupError:
+                continue
+            except PermissionError as exc:  # one that changed its credentials (setuid)
+                log.warning("pid=%d (%s): cannot send it %s: %s", pid, process_name(pid), sig, exc)
                 continue
             signalled.append(pid)
         return signalled

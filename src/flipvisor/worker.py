@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import anyio
 from anyio.abc import TaskStatus
 
+from . import spawn
 from .config import ProgramConfig
 from .errors import SpawnError
 from .kept_outputs import OutputKeeper
@@ -111,9 +112,9 @@ class WorkerOwner(Protocol):
         """Return the delay before restarting, or None to leave the slot stopped."""
         ...
 
-    def worker_still_running(self, worker: Worker, pid: int) -> None:
+    def worker_still_running(self, worker: Worker, pid: int, message: str) -> None:
         """``pid``, SIGKILLed, is still not gone after the kill grace (the kernel holds it) and
-        is no longer waited for."""
+        is no longer waited for (``message`` says so)."""
         ...
 
     def keep_reading(self, reader: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -344,11 +345,13 @@ class Worker:
             # the drain signal and timeout again (``Child.stop``).
             if await child.stop(drain.signal, drain.timeout) is None:
                 # Not waited for any longer, or the generation's end and a shutdown would hang.
-                self.log.note(
-                    f"[flipvisor] {prefix}: pid {child.pid} still running after SIGKILL "
-                    "(uninterruptible sleep?); no longer waited for"
+                # Said by the event (a warning in the supervisor's log) and in the program's.
+                message = (
+                    f"still running {spawn.KILL_GRACE:g}s after SIGKILL (uninterruptible "
+                    "sleep?); no longer waited for"
                 )
-                self.owner.worker_still_running(self, child.pid)
+                self.log.note(f"[flipvisor] {prefix}: pid {child.pid} {message}")
+                self.owner.worker_still_running(self, child.pid, message)
             # Done at end of file; a grandchild may hold the pipe open: not past the grace.
             reading.deadline = anyio.current_time() + OUTPUT_GRACE
 

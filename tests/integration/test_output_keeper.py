@@ -112,7 +112,7 @@ def pipe() -> Iterator[Callable[[], int]]:
 
 
 async def test_the_keepers_stop_gives_up_on_one_still_held_after_sigkill(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A keeper in uninterruptible sleep outlives its SIGKILL for as long as the kernel holds it:
     # as far as the supervisor can tell, its exit is never collected. A reaper that is not
@@ -149,6 +149,9 @@ async def test_the_keepers_stop_gives_up_on_one_still_held_after_sigkill(
                 message="the keeper to exit",
             )
             reaper.reap()
+    # Said once (no event reports the keeper), by the keeper's own stop.
+    said = [r for r in caplog.records if "after SIGKILL" in r.getMessage()]
+    assert [(r.name, r.levelname) for r in said] == [("flipvisor.kept_outputs", "WARNING")]
 
 
 async def test_the_keeper_holds_what_it_is_told_and_lets_go_of_what_is_released(

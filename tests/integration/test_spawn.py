@@ -564,7 +564,7 @@ async def test_stop_gives_up_on_a_child_still_held_after_sigkill(
 
 
 async def test_a_command_still_held_after_sigkill_is_reported_as_still_running(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # As above: a reaper that is not running stands in for a kernel that holds the command.
     monkeypatch.setattr("flipvisor.spawn.KILL_GRACE", 0.3)
@@ -584,8 +584,30 @@ async def test_a_command_still_held_after_sigkill_is_reported_as_still_running(
     [result] = results
     assert result.still_running
     assert not result.ok
-    assert "still running after SIGKILL" in result.describe()
+    assert result.describe().startswith(
+        "`sleep 30` timed out and is still running after SIGKILL (uninterruptible sleep?)"
+    )
     assert "killed by" not in result.describe()
+    # No event reports a command: run_command says it, once (not the stop as well).
+    said = [r for r in caplog.records if "after SIGKILL" in r.getMessage()]
+    assert [(r.name, r.levelname) for r in said] == [("flipvisor.run_command", "WARNING")]
+
+
+async def test_a_stop_past_the_kill_grace_still_collects_one_that_just_died() -> None:
+    # SIGKILLed longer than the kill grace ago (a drain's kill, then the worker's own stop):
+    # the stop has no grace left, but one that has just died is only waiting for the reaper's
+    # turn. It is collected, not reported as still running.
+    async with running_reaper() as reaper:
+        child = spawn_process(["sleep", "30"], reaper=reaper, env=os.environ)
+        try:
+            child.signal_all(signal.SIGKILL)
+            assert child.killed_at is not None
+            child.killed_at -= 60.0
+            with anyio.fail_after(CHILD_DEADLINE):
+                returncode = await child.stop(signal.SIGTERM, timeout=5)
+        finally:
+            child.close()
+    assert returncode == -signal.SIGKILL
 
 
 def _exited(results: list[Any], reaper: Reaper) -> bool:
