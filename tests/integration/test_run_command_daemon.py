@@ -92,6 +92,7 @@ def test_a_daemon_that_calls_setsid_after_its_parent_exited_survives(tmp_path: P
 LEFT_SCRIPT = r"""
 import json, os, select, signal, sys
 import anyio
+from flipvisor import run_command as commands
 from flipvisor.reaper import Reaper, become_subreaper
 from flipvisor.run_command import run_command
 
@@ -115,6 +116,8 @@ def alive(pid):
     finally:
         os.close(pidfd)
 
+default_grace = commands.SETSID_GRACE
+
 async def main():
     orphans = []
     async with anyio.create_task_group() as tg:
@@ -123,11 +126,15 @@ async def main():
         await tg.start(reaper.run)
         before = pidfds()
         cancelled = None
-        with anyio.move_on_after(0.4):  # runs out during the grace
+        # The caller's deadline runs out during the grace, once the command exited and was
+        # reaped: 2 s for sh to start, exit and be reaped (a loaded host), well inside 6 s.
+        commands.SETSID_GRACE = 6.0
+        with anyio.move_on_after(2.0):
             cancelled = await run_command(
                 ["sh", "-c", f"sleep 30 >/dev/null 2>&1 & echo $! > {first_file}"],
                 reaper=reaper, timeout=10,
             )
+        commands.SETSID_GRACE = default_grace
         leaked = pidfds() - before
         first = int(open(first_file).read())
         deep = await run_command(
