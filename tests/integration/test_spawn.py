@@ -996,3 +996,27 @@ def test_an_exited_process_not_reaped_yet_is_not_said_to_be_another_one(
     finally:
         child.kill()
         child.wait()
+
+
+async def test_a_signal_refused_to_a_stray_is_logged_not_raised(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Root may signal anything, so the refusal (a member that changed its credentials, a
+    # security module) is stood in for; the process is real. Raised, it would escape
+    # run_command's finally in place of the command's result.
+    def refused(*_args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    async with running_reaper() as reaper:
+        child = spawn_process(["sleep", "30"], reaper=reaper, env=os.environ)
+        try:
+            with Strays({child.pid: os.pidfd_open(child.pid)}) as held, monkeypatch.context() as m:
+                m.setattr(os, "killpg", refused)
+                m.setattr(signal, "pidfd_send_signal", refused)
+                assert not held.signal_group(child.pid, signal.SIGKILL)
+                assert held.signal(signal.SIGKILL) == []
+        finally:
+            await child.stop(signal.SIGKILL, timeout=5)
+            child.close()
+    refusals = [r for r in caplog.records if "cannot send it" in r.getMessage()]
+    assert [r.levelname for r in refusals] == ["WARNING", "WARNING"]
