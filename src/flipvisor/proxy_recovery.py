@@ -221,19 +221,7 @@ async def _reload_proxy(step: Pending, access: ProxyAccess | None) -> tuple[str,
     section = access.section_of(step) if access is not None else None
     owed = step.reload_owed
     if access is None or section is None:
-        files = ", ".join(str(change.kept.dest) for change in step.changes)
-        return (
-            (
-                f"a reload is owed ({owed})"
-                if owed is not None
-                else f"it may have reloaded the proxy with its file, and the proxy may still "
-                f"route to generation {about.generation}"
-            )
-            + ", but no program of this config has a proxy section "
-            f"writing {files} to reload it with: check the proxy's config and reload it by hand",
-            False,
-            True,
-        )
+        return _no_proxy_section(step), False, True
     if not section.reload_cmd:
         return "the proxy has no reload_cmd: nothing was reloaded", True, True
     try:
@@ -250,12 +238,29 @@ async def _reload_proxy(step: Pending, access: ProxyAccess | None) -> tuple[str,
             False,
             False,
         )
+    return _why_reloaded(step), True, True
+
+
+def _no_proxy_section(step: Pending) -> str:
+    """What to tell the operator when no proxy section of this config writes ``step``'s
+    files, so the reload it may need cannot be done here."""
+    owed = step.reload_owed
+    files = ", ".join(str(change.kept.dest) for change in step.changes)
+    return (
+        f"a reload is owed ({owed})"
+        if owed is not None
+        else f"it may have reloaded the proxy with its file, and the proxy may still "
+        f"route to generation {step.about.generation}"
+    ) + (
+        ", but no program of this config has a proxy section "
+        f"writing {files} to reload it with: check the proxy's config and reload it by hand"
+    )
+
+
+def _why_reloaded(step: Pending) -> str:
+    """What a successful check and reload after ``step`` did, and why it was needed."""
     if step.reload_owed is not None:
-        return (
-            f"the proxy was checked and reloaded, as a reload was owed ({step.reload_owed})",
-            True,
-            True,
-        )
+        return f"the proxy was checked and reloaded, as a reload was owed ({step.reload_owed})"
     if step.reload_back_failed:
         why = "failed"
     elif step.kept is not None:  # kept for a reason this version does not know
@@ -264,7 +269,5 @@ async def _reload_proxy(step: Pending, access: ProxyAccess | None) -> tuple[str,
         why = "had not happened when it was killed"
     return (
         "the proxy was checked and reloaded, as that flip may have reloaded it with its file "
-        f"(its reload back, away from generation {about.generation}, {why})",
-        True,
-        True,
+        f"(its reload back, away from generation {step.about.generation}, {why})"
     )
