@@ -167,14 +167,15 @@ async def _stop_what_it_left(process_group: int, *, patient: bool) -> None:
                 while held.keep_only_in(process_group, also_found=True):
                     with anyio.move_on_after(_SETSID_POLL):
                         await held.wait()
+            held.keep_only_in(process_group, also_found=True)  # as the grace ran out
         # Bounded: a member the kernel holds after SIGKILL is not waited for past _KILL_WAIT.
-        with anyio.move_on_after(_KILL_WAIT) as waited:
+        with anyio.move_on_after(_KILL_WAIT):
             for _ in range(_KILL_ROUNDS):
                 if not held.signal_group(process_group, signal.SIGKILL):
                     return
                 await held.wait()
                 held.keep_only_in(process_group, also_found=True)
-        if waited.cancelled_caught and held.keep_only_in(process_group):
+        if held.keep_only_in(process_group):  # given up on: the wait or the rounds ran out
             log.warning(
                 "process group %d: pid %s still running %gs after SIGKILL (uninterruptible "
                 "sleep?); no longer waited for",

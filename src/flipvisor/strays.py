@@ -121,7 +121,12 @@ class Strays:
         except ProcessLookupError:
             return False
         except PermissionError as exc:
-            log.warning("process group %d: cannot send it %s: %s", process_group, sig, exc)
+            log.warning(
+                "process group %d: cannot send it %s: %s",
+                process_group,
+                signal.Signals(sig).name,
+                exc,
+            )
             return False
         return True
 
@@ -141,7 +146,13 @@ class Strays:
             except ProcessLookupError:
                 continue
             except PermissionError as exc:  # one that changed its credentials (setuid)
-                log.warning("pid=%d (%s): cannot send it %s: %s", pid, process_name(pid), sig, exc)
+                log.warning(
+                    "pid=%d (%s): cannot send it %s: %s",
+                    pid,
+                    process_name(pid),
+                    signal.Signals(sig).name,
+                    exc,
+                )
                 continue
             signalled.append(pid)
         return signalled
