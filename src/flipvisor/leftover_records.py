@@ -6,10 +6,10 @@ over), and which of the workers it names still run as recorded (its program's le
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping
 
+from . import json_text
 from .current_record import CurrentRecord, parse_current
 from .errors import RegistryError
 from .leftovers import Leftovers, runs_as_recorded
@@ -115,7 +115,7 @@ def recorded_leftovers(
 
 def _names_another_host(record: str | None, host: str) -> bool:
     try:
-        document = json.loads(record) if record else None
+        document = json_text.loads(record) if record else None
     except ValueError:
         return False
     return isinstance(document, dict) and document.get("host") not in (None, host)

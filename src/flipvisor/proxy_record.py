@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 import os
 import re
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import json_text
 from .current_record import parse_current
 from .durable import fsync_dir, remove_torn
 from .errors import ProxyError
@@ -278,7 +278,7 @@ def read_record(path: Path) -> Pending:
     Raises:
         OSError, ValueError, KeyError, TypeError, IndexError: it cannot be read.
     """
-    document = json.loads(path.read_bytes())
+    document = json_text.loads(path.read_bytes())
     changes = tuple(Change.from_json(c) for c in document["files"])
     registry_next, kept = document.get(REGISTRY_NEXT), document.get(KEPT)
     return Pending(

@@ -6,7 +6,6 @@ with the suffixes of ``KEY_SUFFIXES`` (the seed's layout plus the JSON generatio
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any, Protocol
 import anyio
 from anyio.abc import TaskStatus
 
+from flipvisor import json_text
 from flipvisor.errors import RegistryError
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def owner_of(have: Snapshot) -> str:
     """Who seems to own keys that name something else: their ``generation/current`` record's
     host, supervisor and generation when it has them, else what ``current`` names."""
     try:
-        record: Any = json.loads(have.get("generation/current") or "null")
+        record: Any = json_text.loads(have.get("generation/current") or "null")
     except ValueError:
         record = None
     parts = []
