@@ -4,11 +4,8 @@ foreign writers, registry config mistakes). Each test here is a defect found the
 
 from __future__ import annotations
 
-import http.server
 import os
 import subprocess
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -97,83 +94,6 @@ def test_foreign_keys_under_the_program_folder_do_not_keep_a_stop_from_withdrawi
         timeout=10,
         message=f"pid/current withdrawn (supervisor output:\n{flipvisor.output()})",
     )
-
-
-class _NotEtcd(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"hello\n")
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def http_server() -> Iterator[str]:
-    """``127.0.0.1:PORT`` of a plain HTTP/1 server (an endpoint that answers, but is no etcd)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotEtcd)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="an endpoint that answers but is not etcd (a web server, a wrong port) is reported "
-    "as 'unreachable' and the advice is to make it reachable; nothing says it is not etcd",
-)
-def test_an_endpoint_that_is_not_etcd_is_not_called_unreachable(
-    flipvisor: Flipvisor, http_server: str, etcd_prefix: str
-) -> None:
-    flipvisor.start(
-        {
-            "registry": {
-                "backend": "etcd",
-                "endpoints": [http_server],
-                "prefix": etcd_prefix,
-                "timeout": 2,
-            },
-            "programs": {"web": web()},
-        }
-    )
-    flipvisor.wait_serving("web")
-    flipped = flipvisor.cli("flip", "web")
-    assert flipped.returncode == 1, flipped.stdout + flipped.stderr
-    message = flipped.stderr
-    assert http_server in message, message
-    assert "unreachable" not in message and "make the registry reachable" not in message, message
-    assert "not etcd" in message or "not an etcd" in message, message
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="etcd refusing a request for lack of credentials (auth enabled, no registry.user) "
-    "fails the flip with the advice to make the registry reachable (registry.endpoints), and "
-    "status calls it 'connected; keys ... written once it answers': nothing names "
-    "registry.user/password",
-)
-def test_an_etcd_that_wants_credentials_is_named_as_such(
-    flipvisor: Flipvisor, restartable_etcd: EtcdServer, etcd_prefix: str
-) -> None:
-    etcd = restartable_etcd
-    flipvisor.start({"registry": registry(etcd, etcd_prefix), "programs": {"web": web()}})
-    first = flipvisor.wait_serving("web")
-    wait_until(
-        lambda: keys(etcd, etcd_prefix)["port/current"] == str(first["port"]),
-        message="generation 1 in etcd",
-    )
-    etcd.etcdctl("user", "add", "root:qa15-password")
-    etcd.etcdctl("auth", "enable")  # an operator turns auth on; the config has no user yet
-    flipped = flipvisor.cli("flip", "web")
-    assert flipped.returncode == 1, flipped.stdout + flipped.stderr
-    message = flipped.stderr
-    assert "make the registry reachable" not in message, message
-    assert "registry.user" in message or "registry.password" in message, message
 
 
 HUNG_TIMEOUT = 10.0  # registry.timeout: long enough that one wait of it stands out from two

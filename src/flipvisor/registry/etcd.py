@@ -63,6 +63,15 @@ log = logging.getLogger(__name__)
 STABLE_AFTER = 5.0  # a connection that lived this long resets the backoff
 
 
+def _said(exc: RegistryError) -> str | None:
+    """For `status`: ``exc`` with its next step if it knows one (an endpoint that is no etcd,
+    credentials wanted or refused); None for an outage (`status` says "unreachable") or a
+    conflict (said of the keys given up on)."""
+    if exc.next_step is None or isinstance(exc, RegistryConflict):
+        return None
+    return f"{exc}; {exc.next_step}"
+
+
 class EtcdRegistry:
     """The registry in etcd; see the module docstring. Start ``run`` in the owner's task group."""
 
@@ -76,6 +85,9 @@ class EtcdRegistry:
         self._write_lock = anyio.Lock()
         self._kick = anyio.Event()
         self._running = False
+        # What etcd (or whatever answered) said that is no outage, if the last call failed so
+        # (shown by `status`); cleared by a call that succeeds.
+        self.problem: str | None = None
         self.keys = ProgramKeys(self.prefix, self.intent, self._write_lock, self._wake)
 
     def _wake(self) -> None:
@@ -93,6 +105,7 @@ class EtcdRegistry:
             "where": where,
             "connected": self.connected,
             "pending": sorted(self.intent.pending),
+            "problem": self.problem,
             # Given up on after conflicts in a row with another writer (``etcd_conflicts``).
             "conflicting": sorted(self.keys.conflicts.given_up),
         }
@@ -102,24 +115,32 @@ class EtcdRegistry:
         return RegistryError(f"etcd at {where} did not answer within {self.config.timeout:g} s")
 
     @asynccontextmanager
-    async def _use(self) -> AsyncIterator[EtcdConnection]:
+    async def _use(self, *, settles: bool = True) -> AsyncIterator[EtcdConnection]:
         """The live connection (connecting now if there is none), held open while in the block.
+        A ``RegistryError`` on the way becomes ``problem``; a block that ends without one clears
+        it if it ``settles`` (not ``run``'s, which keeps the keys written and says so itself).
 
         Raises:
             RegistryError: no endpoint answered within the timeout.
         """
-        async with self._connect_lock:
-            conn = self._conn
-            if conn is None or conn.broken.is_set():
-                self._conn = None
-                conn = await connect(self.config, f"{self.prefix}/")
-                self._conn = conn
-                # A new connection checks every program: those to keep written and those to
-                # withdraw (a taken-over one is in ``withdrawing`` alone), given up on or not.
-                self.intent.pending.update(self.intent.desired, self.intent.withdrawing)
-                self._kick.set()
-        async with conn.use():
-            yield conn
+        try:
+            async with self._connect_lock:
+                conn = self._conn
+                if conn is None or conn.broken.is_set():
+                    self._conn = None
+                    conn = await connect(self.config, f"{self.prefix}/")
+                    self._conn = conn
+                    # A new connection checks every program: those to keep written and those to
+                    # withdraw (a taken-over one is in ``withdrawing`` alone), given up on or not.
+                    self.intent.pending.update(self.intent.desired, self.intent.withdrawing)
+                    self._kick.set()
+            async with conn.use():
+                yield conn
+        except RegistryError as exc:
+            self.problem = _said(exc)
+            raise
+        if settles:
+            self.problem = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Stay connected, reconnect after outages, and write what ``desired`` says; until
@@ -130,7 +151,7 @@ class EtcdRegistry:
         try:
             while True:
                 try:
-                    async with self._use() as conn:
+                    async with self._use(settles=False) as conn:
                         if outage_logged:
                             log.info("etcd at %s is reachable again", conn.endpoint)
                             outage_logged = False
@@ -172,7 +193,9 @@ class EtcdRegistry:
                     await self.keys.reconcile(conn, program)
                 except RegistryError as exc:
                     log.warning("program=%s cannot update etcd keys yet: %s", program, exc)
+                    self.problem = _said(exc)
                     return
+            self.problem = None  # every program due was written
             with anyio.move_on_after(backoff.wait(self.intent.pending, anyio.current_time())):
                 await self._kick.wait()
 

@@ -92,19 +92,55 @@ def _credentials(config: RegistryConfig, https: bool) -> Any | None:
     )
 
 
+# What gRPC says of a peer that answered, but not in HTTP/2 (a web server, a wrong port).
+NOT_HTTP2 = ("Failed parsing HTTP/2", "Trying to connect an http1.x server")
+# etcd (auth enabled) to a request that carries no token: no registry.user was configured.
+NO_USER = "user name is empty"
+# Registry settings are read at start-up only (reload.RESTART_ONLY).
+RESTART = "restart `flipvisor run` (registry settings are read at start-up)"
+CREDENTIALS_STEP = (
+    "set registry.user and registry.password (an etcd user that may read and write the keys "
+    "under registry.prefix) and " + RESTART
+)
+LOGIN_STEP = f"fix registry.user or registry.password and {RESTART}"
+PERMISSION_STEP = (
+    "grant registry.user's etcd role read and write on the keys under registry.prefix "
+    "(etcdctl role grant-permission --prefix)"
+)
+
+
+def not_etcd_step(endpoint: str) -> str:
+    return f"point registry.endpoints at etcd's client address instead of {endpoint} and {RESTART}"
+
+
 def describe_rpc_error(exc: BaseException, endpoint: str, timeout: float) -> RegistryError:
-    """A ``RegistryError`` naming etcd and ``endpoint`` for a failed call."""
+    """A ``RegistryError`` naming etcd and ``endpoint`` for a failed call, with the next step
+    where the failure says what it is (no etcd there, credentials missing or refused)."""
     if isinstance(exc, TimeoutError):
         return RegistryError(f"etcd at {endpoint} did not answer within {timeout:g} s")
-    if isinstance(exc, grpc.aio.AioRpcError):
-        code = exc.code()
-        details = exc.details() or code.name
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return RegistryError(f"etcd at {endpoint} is unreachable: {details}")
-        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-            return RegistryError(f"etcd at {endpoint} refused the request: {details}")
-        return RegistryError(f"etcd at {endpoint} failed the request ({code.name}): {details}")
-    return RegistryError(f"etcd at {endpoint} failed: {exc}")
+    if not isinstance(exc, grpc.aio.AioRpcError):
+        return RegistryError(f"etcd at {endpoint} failed: {exc}")
+    code = exc.code()
+    details = exc.details() or code.name
+    if any(marker in details for marker in NOT_HTTP2) or code == grpc.StatusCode.UNIMPLEMENTED:
+        # It answered: making it "reachable" is no help, pointing at etcd is.
+        return RegistryError(
+            f"{endpoint} answered, but is not etcd (not etcd's gRPC API): {details}",
+            not_etcd_step(endpoint),
+        )
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return RegistryError(f"etcd at {endpoint} is unreachable: {details}")
+    if NO_USER in details:
+        return RegistryError(
+            f"etcd at {endpoint} requires a user and password (its authentication is enabled), "
+            f"and the config names none: {details}",
+            CREDENTIALS_STEP,
+        )
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return RegistryError(f"etcd at {endpoint} refused the request: {details}", PERMISSION_STEP)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return RegistryError(f"etcd at {endpoint} refused the request: {details}", LOGIN_STEP)
+    return RegistryError(f"etcd at {endpoint} failed the request ({code.name}): {details}")
 
 
 async def settled(call: Any, endpoint: str) -> Any:
@@ -217,6 +253,21 @@ class EtcdConnection:
             await self.close()
 
 
+def _login_error(exc: Any, config: RegistryConfig, target: str) -> RegistryError:
+    """Why the login as ``registry.user`` failed: no etcd answered (unreachable, not etcd), or
+    etcd refused the user or password."""
+    if exc.code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    ):
+        return describe_rpc_error(exc, target, config.timeout)
+    return RegistryError(
+        f"etcd at {target} refused the login of user {config.user!r}: {exc.details()}",
+        LOGIN_STEP,
+    )
+
+
 async def connect_endpoint(config: RegistryConfig, endpoint: str, probe_key: str) -> EtcdConnection:
     """Open a channel to ``endpoint``, authenticate, and prove it answers by reading ``probe_key``.
 
@@ -240,11 +291,7 @@ async def connect_endpoint(config: RegistryConfig, endpoint: str, probe_key: str
                         target,
                     )
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise describe_rpc_error(exc, target, config.timeout) from exc
-                raise RegistryError(
-                    f"etcd at {target} refused the login of user {config.user!r}: {exc.details()}"
-                ) from exc
+                raise _login_error(exc, config, target) from exc
             except TimeoutError as exc:
                 raise describe_rpc_error(exc, target, config.timeout) from exc
             conn.metadata = (("token", reply.token),)
@@ -262,15 +309,19 @@ async def connect(config: RegistryConfig, probe_key: str) -> EtcdConnection:
     Raises:
         RegistryError: none answered; the message names every endpoint and why.
     """
-    errors: list[str] = []
+    errors: list[RegistryError] = []
     for endpoint in config.endpoints:
         try:
             return await connect_endpoint(config, endpoint, probe_key)
         except RegistryError as exc:
-            errors.append(str(exc))
+            errors.append(exc)
     if len(errors) == 1:
-        raise RegistryError(errors[0])
-    raise RegistryError("no etcd endpoint answered: " + "; ".join(errors))
+        raise errors[0]  # with its next step (not etcd, credentials), if it knows one
+    steps = {exc.next_step for exc in errors}
+    raise RegistryError(
+        "no etcd endpoint answered: " + "; ".join(map(str, errors)),
+        steps.pop() if len(steps) == 1 else None,  # one next step for all of them, or none
+    )
 
 
 def text_of(value: bytes) -> str:
