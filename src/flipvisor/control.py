@@ -7,9 +7,9 @@ A socket file removed while the supervisor runs (by hand, by a temp cleaner) lea
 on a file nobody can reach; SIGHUP (``ControlServer.relisten``) makes it listen on the path again,
 unless another supervisor listens there by then. A listener that fails (an accept's EBADF, EINVAL)
 is replaced at once (a pause there left a stale socket file, which another `run` on the state_dir
-takes over); one that fails again within LONGEST_PAUSE, or a path that cannot be bound, after a
-pause (1 s, doubling to 30 s; SIGHUP cuts it short): only the listener, the conversations under
-way (a reload, a revive, an ``events -f``) go on.
+takes over); one that fails again within ``lasting.LONGEST_PAUSE`` (30 s), or a path that cannot
+be bound, after a pause (``lasting.RestartPause``: 1 s, doubling to 30 s; SIGHUP cuts it short):
+only the listener, the conversations under way (a reload, a revive, an ``events -f``) go on.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .accepting import serve_listener
-from .errors import EXIT_USAGE, FlipvisorError
+from .errors import EXIT_USAGE, FlipvisorError, is_own
 from .file_identity import Identity, identity_of, unlink_if_ours
-from .lasting import RestartPause, describe, is_own
+from .lasting import RestartPause, describe
 from .protocol import MAX_LINE, ProtocolError, Request, decode_request, encode, result
 from .runrecord import answers, listening_already, record_listening_on
 from .state_files import UnusableStateFile, socket_path_problem
@@ -186,7 +186,7 @@ class ControlServer:
                 exc_info=failure if traced else None,
             )
             traced = False  # a path that cannot be bound again (OSError) is a sentence
-            await self._restarts.pause(pause)
+            await self._restarts.pause()
             try:
                 listener, _replaced = await self._listen()
             except (FlipvisorError, OSError) as exc:

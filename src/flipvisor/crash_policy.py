@@ -17,6 +17,7 @@ from .config import ProgramConfig, same_deploy
 from .fatal_advice import RollbackWay, fatal_advice, next_steps, shown_command
 from .generation import Generation
 from .restarts import RestartBudget, Verdict, judge_exit
+from .socket_holders import SocketHolders, socket_inode
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -69,6 +70,12 @@ class CrashPolicy:
             # a worker lost now fails the rollback (at once), and is not restarted.
             program.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; rollback fails")
             gen.fail(f"worker {worker.index} of generation {gen.number} {reason}")
+            return None
+        held = program.retirement.held
+        if held is not None and gen is held.old:
+            # Replaced, in its drain delay: not restarted, as once signalled; a flip that routes
+            # back to it finds it short of a worker (``route_back.py``) and drains it instead.
+            program.log.note(f"[flipvisor] g{gen.number} w{worker.index} {reason}; draining")
             return None
         verdict = judge_exit(
             policy=gen.config.restart,
@@ -134,7 +141,7 @@ class CrashPolicy:
         if program.fatal_reason is None:
             program.fatal_reason = reason
             self._failing = failing
-            program.runtime.events.emit("fatal", program.name, generation, self._advice(reason))
+            program.runtime.events.emit("fatal", program.name, generation, self.advice(reason))
             # Nothing is started once fatal: not even a restart already waiting out its backoff
             # (the budget that ran out since was spent on it). `start` revives those slots.
             for gen in program.generations:
@@ -151,9 +158,10 @@ class CrashPolicy:
         asked: the warm generation goes at the end of its window (or when a worker of it
         exits), and the reason then stops naming it."""
         reason = self.program.fatal_reason
-        return None if reason is None else self._advice(reason)
+        return None if reason is None else self.advice(reason)
 
-    def _advice(self, reason: str) -> str:
+    def advice(self, reason: str) -> str:
+        """``reason`` and what to do about it (``fatal_advice``), as ``fatal_reason`` says it."""
         return fatal_advice(self.program.name, reason, self._rollback_way())
 
     def _rollback_way(self) -> RollbackWay:
@@ -181,10 +189,14 @@ class CrashPolicy:
 
     def stop_if_given_up(self, exiting: Worker | None = None) -> None:
         """Begin ``_stop_given_up`` if nothing of the serving generation runs or will run again
-        (``exiting``: a worker about to stop for good), unless a flip may still replace it."""
+        (``exiting``: a worker about to stop for good), unless a flip may still replace it: its
+        outcome is its own (it may route back to what it replaced: ``Retirement.held``)."""
         program = self.program
         gen = program.serving
-        if gen is None or program.current_flip is not None or program.stops_under_way:
+        if gen is None or program.stops_under_way:
+            return
+        if program.current_flip is not None:
+            program.retirement.notice_given_up(gen, exiting)
             return
         if program.running and gen.given_up(exiting):
             program.task_group().start_soon(self._stop_given_up, gen)
@@ -213,7 +225,31 @@ class CrashPolicy:
             "given-up",
             program.name,
             gen.number,
-            f"{why}: stopping it (its socket closes); {'; '.join(steps)}",
+            f"{why}: stopping it (its socket closes){self._holders_stopped(gen)}; "
+            f"{'; '.join(steps)}",
         )
         # Kept only if a rollback would route back to it: one of an older deploy serves nothing.
         await program.stop(keep_warm=warm is not None)
+
+    def _holders_stopped(self, gen: Generation) -> str:
+        """What the ``given-up`` event adds for the processes that ``gen``'s workers left holding
+        its socket outside their process groups (daemonized), stopped with it: without them, it
+        would say its socket closes while they accept on it until the shutdown. Not while a
+        generation kept warm on the same fixed port shares the socket: it stays open anyway,
+        and a holder could be that generation's."""
+        inode = socket_inode(gen.socket)
+        if inode is None or any(
+            socket_inode(other.socket) == inode
+            for other in self.program.generations
+            if other is not gen
+        ):
+            return ""
+        holders = SocketHolders(inode, self.program.runtime.reaper.claimed)
+        gen.drain_socket_holders(holders)  # one that only a later exit hands to us, too
+        if not (pids := holders.pids()):
+            return ""
+        listed = ", ".join(map(str, pids))
+        return (
+            f", and what its workers left holding that socket outside their process groups "
+            f"(daemonized: PID {listed}; the `orphans-stopping` events name each one stopped)"
+        )

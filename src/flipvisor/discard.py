@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .config import DrainConfig, ProgramConfig
-from .generation import KILL_GRACE, Generation
+from .generation import Generation
 from .generation_drain import drain_takes_at_most
+from .spawn import KILL_GRACE
 
 if TYPE_CHECKING:  # for its type only: the program the generation belongs to is the caller's
     from .program import Program

@@ -1,4 +1,5 @@
-"""The exception hierarchy: every error carries a message for the user and the exit code it maps to.
+"""The exception hierarchy: every error carries a message for the user and the exit code it maps to
+(and ``is_own`` tells those from the rest: bugs, to log with their traceback).
 
 Only ``cli.py`` turns these into exit codes; everything else raises them with context.
 """
@@ -19,6 +20,14 @@ class FlipvisorError(Exception):
     """Base class: ``str(error)`` is a complete sentence for the operator."""
 
     exit_code = EXIT_FAILED
+
+
+def is_own(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of flipvisor's own expected errors (or a group of those): said in
+    a sentence, where anything else is a bug to log with its traceback."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_own(each) for each in exc.exceptions)
+    return isinstance(exc, FlipvisorError)
 
 
 class ConfigError(FlipvisorError):
@@ -104,6 +113,12 @@ class RegistryError(FlipvisorError):
     def __init__(self, message: str, next_step: str | None = None) -> None:
         super().__init__(message)
         self.next_step = next_step
+
+
+class RegistryUnanswered(RegistryError):
+    """The registry gave no answer: no reply within the request timeout, or it could not be
+    reached at all (gRPC's UNAVAILABLE or DEADLINE_EXCEEDED, a failed connection). Unlike a
+    refusal or a lost compare, asking again may cost another whole timeout."""
 
 
 class RegistryConflict(RegistryError):

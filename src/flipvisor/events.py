@@ -24,22 +24,25 @@ import anyio
 log = logging.getLogger(__name__)
 
 # Events that mean something went wrong (a deploy that did not happen, a program given up, a
-# process that had to be killed, a removed program serving on for a successor that does not, a
-# proxy file a killed supervisor left that could not be put back, how the rollback of a flip
-# answered at its --timeout ended): logged as warnings, so a log
-# filtered at WARNING shows them. An event is logged by its emit alone, never by a warning of its
-# own next to it (tests/unit/test_events.py checks).
+# process that had to be killed or outlived its SIGKILL, a removed program serving on for a
+# successor that does not, a proxy file a killed supervisor left that could not be put back, a
+# given-up generation's socket still held by what its workers left out of reach, how the rollback
+# of a flip answered at its --timeout ended): logged as warnings, so a log filtered at WARNING
+# shows them. An event is logged by its emit alone, never by a warning of its own next to it
+# (tests/unit/test_events.py checks).
 WARNINGS = frozenset(
     {
         "flip-failed",
         "fatal",
         "given-up",
         "killed",
+        "still-running",
         "not-as-deployed",
         "kept-serving",
         "proxy-left",
         "rollback-finished",
         "not-unrouted",
+        "socket-held",
     }
 )
 

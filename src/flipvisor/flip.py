@@ -35,9 +35,11 @@ from .flip_outcome import (
     timed_out,
 )
 from .flip_steps import deploy_new, promote_warm, serve
+from .generation import Generation
 from .progress import FlipReport
 from .promotion import Promotion, wait_for_proxy
 from .proxy_patience import ProxyPatience
+from .route_back import drain_replaced, gave_up_before_the_end
 
 if TYPE_CHECKING:
     from .program import Program
@@ -308,7 +310,8 @@ class Flips:
                 replaced = describe_replaced(self.program)
                 tg.start_soon(answer_at, report, promotion.gen, replaced, deadline, timeout)
             try:
-                await self._settle(report, promotion)
+                error = await self._settle(report, promotion)
+                error = error or gave_up_before_the_end(self.program, report, promotion.gen)
             except Exception as exc:
                 # The task-group boundary of a flip (see `_deploy`): the new generation serves
                 # all the same, and is not undone.
@@ -321,11 +324,13 @@ class Flips:
             finally:
                 tg.cancel_scope.cancel()
         if not report.finished:
-            report.finish(error)
+            report.finish(error, list(promotion.gen.tail) if error is not None else None)
 
-    async def _settle(self, report: FlipReport, promotion: Promotion) -> None:
+    async def _settle(self, report: FlipReport, promotion: Promotion) -> str | None:
         """After the promotion: once the proxy's old workers are gone, the routed generation is
-        the serving one; then what it replaced is drained (or kept warm). Never undone."""
+        the serving one; then what it replaced is drained (or kept warm). Never undone, but
+        routed back from if it gives up while what it replaced is in its drain delay
+        (``route_back.py``): returns why the flip failed then."""
         program = self.program
         gen = promotion.gen
         try:
@@ -336,5 +341,12 @@ class Flips:
         await program.takeover.drain_replaced_leftovers(
             report, gen, registered=not promotion.deferred
         )
-        if old is not None:
-            await program.retirement.retire(report, old, window=gen.config.rollback_window)
+        if old is None:
+            return None
+
+        async def drain(old: Generation) -> str | None:
+            return await drain_replaced(self, report, old)
+
+        return await program.retirement.retire(
+            report, old, window=gen.config.rollback_window, drain=drain
+        )

@@ -31,7 +31,9 @@ from .logs import ProgramLog
 from .notify_socket import open_notify_socket
 from .probe import ProbeProgress
 from .reaper import Reaper
+from .socket_holders import SocketHolders
 from .sockets import bound_port
+from .spawn import KILL_GRACE
 from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition
 from .strays import Strays
 from .worker import Worker, WorkerSpec
@@ -39,8 +41,6 @@ from .worker import Worker, WorkerSpec
 log = logging.getLogger(__name__)
 
 TAIL_LINES = 20
-# A worker killed with SIGKILL is gone at once unless the kernel is stuck; bound the wait anyway.
-KILL_GRACE = 10.0
 
 
 def _worker_maker(
@@ -128,10 +128,9 @@ class Generation:
             return 0
         revived = 0
         for index, worker in enumerate(self.workers):
-            # Before each slot: a stop may come while a slot starts. A slot started after it
-            # would only be drained again, or, spawned once the drain signal went out, miss it
-            # and sit out the drain timeout until its SIGKILL. One spawned while the stop comes
-            # is running by the time the drain signals (its spawn is its task's first step).
+            # Before each slot: a stop may come while a slot starts. A slot started after it would
+            # be drained again, or, spawned once the drain signal went out, miss it and sit out the
+            # drain timeout until its SIGKILL (one spawned as the stop comes runs by then).
             if self.stopping:
                 break
             if worker.state is WorkerState.STOPPED:
@@ -212,6 +211,12 @@ class Generation:
         self._on_pids_changed(self)
         return self._on_worker_exit(self, worker, returncode, reason)
 
+    def worker_still_running(self, worker: Worker, pid: int) -> None:
+        message = "still running after SIGKILL (uninterruptible sleep?); no longer waited for"
+        self.events.emit(
+            "still-running", self.program, self.number, message, worker=worker.index, pid=pid
+        )
+
     def keep_reading(self, reader: Callable[[], Coroutine[Any, Any, None]]) -> None:
         # In the workers' task group: ``run`` cancels it once every process of the
         # generation is gone, which ends the reader at once if something that left the workers'
@@ -233,6 +238,10 @@ class Generation:
             return False
         with Strays.collect(self._process_groups) as strays:
             return not strays
+
+    def drain_socket_holders(self, holders: SocketHolders) -> None:
+        """Given up: its drain stops ``holders`` too (what holds its socket outside its groups)."""
+        self._stop.holders = holders
 
     # -- life ------------------------------------------------------------------------------
 
@@ -342,6 +351,7 @@ class Generation:
             process_groups=self._process_groups,
             events=self.events,
             kill_grace=KILL_GRACE,
+            holders=self._stop.holders,
         )
         await drain.run(self._stop.delay)
 
@@ -350,8 +360,8 @@ class Generation:
         self._stop.delay = delay
         self._stop.requested.set()
 
-    async def drain(self) -> None:
-        """Drain a generation that served (or was ready): delay, signal, timeout, SIGKILL.
+    async def drain(self, delay: float | None = None) -> None:
+        """Drain a served (or ready) one: ``delay`` (default: its own), signal, timeout, SIGKILL.
 
         One that stops already is only waited for: a drain under way (its delay and timeout
         are not cut short), or a discard its flip stopped waiting for (``discard.py``), which
@@ -359,7 +369,7 @@ class Generation:
         if not self.stopping:
             if self.state not in (GenerationState.DRAINING, GenerationState.STOPPED):
                 self.transition(GenerationState.DRAINING)
-            self.request_stop(delay=self.config.drain.delay)
+            self.request_stop(delay=self.config.drain.delay if delay is None else delay)
         await self._stopped.wait()
 
     async def discard(self, reason: str) -> None:

@@ -228,7 +228,7 @@ class OutputKeeper:
 
     async def _stop(self, child: Child, sock: socket.socket) -> None:
         """Tell the keeper to exit (not the end of file alone: that means we were killed, and it
-        would go on logging), wait for it, and SIGKILL it after ``EXIT_GRACE``."""
+        would go on logging), wait for it, and SIGKILL it after ``EXIT_GRACE``; bounded."""
         try:
             with anyio.move_on_after(EXIT_GRACE):
                 if not child.exit.reaped:
@@ -236,8 +236,9 @@ class OutputKeeper:
                         await _send(sock, _EXIT, None)
                 await child.wait()
             if not child.exit.reaped:
-                child.send_signal(signal.SIGKILL)
-                await child.wait()
+                # Bounded (``Child.stop``: logged if the kernel holds it), or a keeper stuck in
+                # uninterruptible sleep would hold up the shutdown forever.
+                await child.stop(signal.SIGKILL, timeout=0.0)
         finally:
             sock.close()
             child.close()

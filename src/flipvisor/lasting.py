@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from .errors import FlipvisorError
+from .errors import is_own
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,6 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def is_own(exc: BaseException) -> bool:
-    """Whether ``exc`` is one of flipvisor's own expected errors (or a group of those): said in
-    a sentence, where anything else is a bug to log with its traceback."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(is_own(each) for each in exc.exceptions)
-    return isinstance(exc, FlipvisorError)
-
-
 def _now() -> float:
     """The event loop's clock, as the pause rule reads it (the tests' seam: ``tests/clock.py``
     steps it, to have served half a minute without waiting it)."""
@@ -78,14 +70,16 @@ class RestartPause:
     doubling at each end in a row up to LONGEST_PAUSE; back to the first after LONGEST_PAUSE
     served (not one more end in a row). With ``at_once_first``, the first is no pause at all.
 
-    Between an end and serving again, ``wake`` ends the pause under way, or the next one if none
-    is (a SIGHUP that came while a failed listener was closing)."""
+    Each end's pause is kept (``ended`` says it, for the log), and ``pause`` sleeps it. Between an
+    end and serving again, ``wake`` ends the pause under way, or the next one if none is (a
+    SIGHUP that came while a failed listener was closing, or while it was being bound again)."""
 
     def __init__(self, *, at_once_first: bool = False) -> None:
         self._at_once_first = at_once_first
         self._next = self._first()
         self._since: float | None = None  # when it last began serving; None: not since an end
         self._woken: anyio.Event | None = None  # an end's, until serving again
+        self._due: float | None = None  # the pause ``ended`` gave, until ``pause`` sleeps it
 
     def _first(self) -> float:
         return 0.0 if self._at_once_first else FIRST_PAUSE
@@ -94,24 +88,32 @@ class RestartPause:
         """It (began to) serve now: no pause is due, the time served counts from now."""
         self._since = _now()
         self._woken = None
+        self._due = None
 
     def ended(self) -> float:
         """It ended now (or failed to start again): the pause before starting it again, in
-        seconds (0: at once)."""
+        seconds (0: at once), which ``pause`` sleeps."""
         if self._since is not None and _now() - self._since >= LONGEST_PAUSE:
             self._next = self._first()
         self._since = None  # a start that fails before serving again served nothing
         if self._woken is None:
             self._woken = anyio.Event()
-        pause = self._next
+        pause = self._due = self._next
         self._next = FIRST_PAUSE if not pause else min(pause * 2, LONGEST_PAUSE)
         return pause
 
-    async def pause(self, seconds: float) -> None:
-        """Sleep ``seconds`` (from ``ended``), unless ``wake`` ends it (or came already)."""
+    async def pause(self) -> None:
+        """Sleep the pause the last ``ended`` gave, unless ``wake`` ends it (or came already).
+
+        Raises:
+            RuntimeError: none is due (no end since it served, or its pause was slept): a bug.
+        """
+        seconds, woken = self._due, self._woken
+        if seconds is None or woken is None:
+            raise RuntimeError("no restart pause is due: ended() gives one")
+        self._due = None
         if not seconds:
             return  # at once: a wake meanwhile is kept for the next pause
-        woken = self._woken if self._woken is not None else anyio.Event()
         with anyio.move_on_after(seconds):
             await woken.wait()
         self._woken = anyio.Event()  # one wake ends one pause
@@ -162,7 +164,7 @@ async def run_lasting(
             pause,
             exc_info=error,
         )
-        await restarts.pause(pause)
+        await restarts.pause()
 
 
-__all__ = ["FIRST_PAUSE", "LONGEST_PAUSE", "RestartPause", "describe", "is_own", "run_lasting"]
+__all__ = ["FIRST_PAUSE", "LONGEST_PAUSE", "RestartPause", "describe", "run_lasting"]

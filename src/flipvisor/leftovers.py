@@ -50,11 +50,11 @@ from typing import Any
 import anyio
 
 from .config import DrainConfig, SocketConfig
-from .generation import KILL_GRACE
 from .lineage import PROGRAM_ENV, Lineage, environ_of, exited
 from .progress import pid_list
 from .proxy_workers import wait_workers_gone
 from .signals import with_continue
+from .spawn import KILL_GRACE
 from .starttime import Recorded
 from .verified_signal import pidfd_if_still, signal_verified
 

@@ -84,36 +84,73 @@ def _scan(state_dir: Path, groups: Container[int] | None = None) -> list[_Seen]:
     Each is read while a pidfd holds it, and left out unless it still runs after the reads:
     they then concerned the process the pidfd holds (its PID cannot be reused while it runs).
     Processes whose environment cannot be read (another user's, a setuid program's: none this
-    user could signal) are left out.
+    user could signal) are left out. One whose environment reads as empty is read again once
+    the rest are: a process in the middle of an exec has none until the kernel has laid out the
+    new program's (a worker's ``exec``, a master's new worker), and would be missed.
     """
     named = f"{STATE_DIR_ENV}={state_dir}".encode()
     ours = f"{SUPERVISOR_ENV}={this_run()}".encode()
     seen: list[_Seen] = []
+    empty: list[int] = []
     own = os.getpid()
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == own:
             continue
-        pid = int(name)
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            continue
-        try:
-            environ = environ_of(pid)  # an empty one (cleared) still has an entry: ""
-            if not environ or ours in environ:
-                continue
-            group = _group_of(pid) if groups is not None else None
-            by_environment = named in environ
-            if not by_environment and not (groups is not None and group in groups):
-                continue
-            process = recorded_now(pid)
-            if process is None or exited(pidfd):
-                continue
-            program = _program_in(environ) if by_environment else None
-            seen.append(_Seen(process, program, group))
-        finally:
-            os.close(pidfd)
+        found = _look_at(int(name), named, ours, groups)
+        if found is _EMPTY:
+            empty.append(int(name))
+        elif isinstance(found, _Seen):
+            seen.append(found)
+    for pid in empty:  # an exec that is over by now shows its environment
+        if isinstance(found := _look_at(pid, named, ours, groups), _Seen):
+            seen.append(found)
     return seen
+
+
+_EMPTY = object()  # what ``_look_at`` says of a process whose environment read as empty
+
+
+def _look_at(
+    pid: int, named: bytes, ours: bytes, groups: Container[int] | None
+) -> _Seen | object | None:
+    """``pid`` as ``_scan`` finds it (see there), None if it is not found, ``_EMPTY`` if its
+    environment read as empty (cleared, or it is in the middle of an exec) and its group did not
+    decide."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        environ = environ_of(pid)  # an empty one (cleared) still has an entry: ""
+        if not environ or ours in environ:
+            return None
+        group = _group_of(pid) if groups is not None else None
+        by_environment = named in environ
+        if not by_environment and not (groups is not None and group in groups):
+            mid_exec = environ == [b""] and not _never_has_one(pid)
+            return _EMPTY if mid_exec else None
+        process = recorded_now(pid)
+        if process is None or exited(pidfd):
+            return None
+        program = _program_in(environ) if by_environment else None
+        return _Seen(process, program, group)
+    finally:
+        os.close(pidfd)
+
+
+_PF_KTHREAD = 0x00200000  # a kernel thread, in /proc/PID/stat's flags
+
+
+def _never_has_one(pid: int) -> bool:
+    """Whether ``pid`` shows no environment for good, not only in the middle of an exec: a
+    kernel thread, or a zombie (or gone): not worth a second read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # After the command name, in parentheses (it may hold any byte): state, ..., flags.
+            fields = stat.read().rpartition(b")")[2].split()
+        return fields[0] == b"Z" or bool(int(fields[6]) & _PF_KTHREAD)
+    except (OSError, IndexError, ValueError):
+        return True
 
 
 def processes_of(state_dir: Path) -> dict[str, list[Recorded]]:

@@ -12,10 +12,10 @@ import signal
 import anyio
 
 from .events import EventLog
-from .generation import KILL_GRACE
 from .lineage import started_by_this_run
 from .reaper import Reaper
 from .signals import with_continue
+from .spawn import KILL_GRACE
 from .strays import Strays, process_name
 
 log = logging.getLogger(__name__)

@@ -258,8 +258,9 @@ class Program:
             return self.history.current
         return None
 
-    async def drain(self, gen: Generation) -> None:
-        await gen.drain()
+    async def drain(self, gen: Generation, delay: float | None = None) -> None:
+        """Drain ``gen`` (after ``delay``, default its drain's) and drop it once it is gone."""
+        await gen.drain(delay)
         if gen in self.generations:
             self.generations.remove(gen)
 

@@ -148,6 +148,11 @@ async def _swap_keys(
     Raises:
         RegistryError: the registry refused or could not be reached (and not ``optional``).
     """
+    # A first start does not wait another request timeout for a registry that just failed to
+    # answer (the search for leftovers at start-up, say): it goes on as it would after this
+    # attempt failed. A flip still tries, and fails without the registry.
+    if optional and (unanswered := registry.unanswered()) is not None:
+        return _deferred(gen, program, unanswered)
     try:
         expected = await registry.snapshot(program)
         published = serving_snapshot(gen, expected)
@@ -157,10 +162,18 @@ async def _swap_keys(
     except RegistryError as exc:
         if not optional:
             raise
-        log.warning("program=%s registry unreachable, registering later: %s", program, exc)
-        published = serving_snapshot(gen, Snapshot())
-        return published, published, exc
+        return _deferred(gen, program, exc)
     return expected, published, None
+
+
+def _deferred(
+    gen: Generation, program: str, why: RegistryError
+) -> tuple[Snapshot, Snapshot, RegistryError]:
+    """A first start's registration left for ``registration.py`` to write once the registry
+    answers: the keys ``gen`` would publish over none."""
+    log.warning("program=%s registry unreachable, registering later: %s", program, why)
+    published = serving_snapshot(gen, Snapshot())
+    return published, published, why
 
 
 @dataclass

@@ -239,13 +239,13 @@ async def _reload_back(route: Routing, back: _ReloadBack, undoing: _Undoing) -> 
             # it on whatever it ran, perhaps generation gen.
             routing_to_gen = await route.reload(proxy)
         except ProxyError as exc:
-            step.detail = _failed_back(back, exc, recorded=route.journal is not None)
+            step.detail = _failed_back(back, exc, recorded=route.recorded)
             log.error("program=%s could not reload the proxy back: %s", route.program, step.detail)
             raise ProxyError(step.detail) from exc
         # Routed back once the reload is done (and confirmed): the bound cutting the wait
         # for the old workers short must not report a reload back that "did not finish".
         undoing.routed_back = True
-        await route.settle()
+        await route.reloaded_back()
         if not await wait_workers_gone(routing_to_gen, proxy.timeout):
             log.warning(
                 "program=%s proxy workers still running %ss after reloading back",
@@ -275,5 +275,5 @@ def _failed_back(back: _ReloadBack, failure: ProxyError, *, recorded: bool) -> s
     )
     return (
         f"{failure}; {where}: run {how_to_reload(proxy)} now, or reload it by other "
-        f"means (the previous proxy file is back in place){then}"
+        f"means (the previous proxy file is in place){then}"
     )

@@ -268,7 +268,8 @@ class Routing:
             await self.journal.reload_back_failed()
 
     async def settle(self) -> None:
-        """The changes stand, or were undone: the journal's record of them goes."""
+        """The changes were undone, the proxy not reloaded by this step: the journal's record of
+        them goes (``ProxyJournal.settle``)."""
         if self.journal is not None:
             await self.journal.settle()
 
@@ -276,6 +277,23 @@ class Routing:
         """A promotion is complete: the journal's record goes (``ProxyJournal.promoted``)."""
         if self.journal is not None:
             await self.journal.promoted()
+
+    async def reloaded_back(self) -> None:
+        """A failed flip's undo reloaded the proxy back: the journal's record goes
+        (``ProxyJournal.reloaded_back``)."""
+        if self.journal is not None:
+            await self.journal.reloaded_back()
+
+    async def stands(self) -> None:
+        """A removal passed its check: the journal's record goes (``ProxyJournal.stands``)."""
+        if self.journal is not None:
+            await self.journal.stands()
+
+    @property
+    def recorded(self) -> bool:
+        """Whether the journal holds a record on disk that stays unless settled: what the next
+        start reads if this step ends unsettled."""
+        return self.journal is not None and self.journal.recorded
 
 
 def how_to_reload(proxy: ProxyConfig) -> str:

@@ -180,6 +180,11 @@ def _sync_removal(dest: Path) -> None:
 class Journal(Protocol):
     """Where a change of a proxy file is recorded before it is made (``proxy_journal.py``)."""
 
+    @property
+    def recorded(self) -> bool:
+        """Whether a record of the changes is on disk, not settled (kept for the next start if
+        the step ends without settling)."""
+
     def replacing(self, kept: Installed, written: bytes | None) -> None:
         """Record durably that ``kept.dest``, holding ``kept``, is about to be replaced by
         ``written`` (None: removed).
@@ -204,10 +209,17 @@ class Journal(Protocol):
         stays for the next start, marked as kept for that."""
 
     async def settle(self) -> None:
-        """The recorded changes stand, or were undone: the record goes."""
+        """The recorded changes were undone, and the proxy not reloaded by this step: the
+        record goes (or the one it took over is written back)."""
 
     async def promoted(self) -> None:
         """A flip's promotion is complete: ``settle``, and what it decided goes too."""
+
+    async def reloaded_back(self) -> None:
+        """A flip's undo reloaded the proxy back: ``settle``, and a reload owed goes too."""
+
+    async def stands(self) -> None:
+        """A removal passed its check and stands: the record goes."""
 
 
 def put_in_place(dest: Path, content: bytes, journal: Journal | None = None) -> Installed:

@@ -15,6 +15,15 @@ A flip's record is marked once its proxy step is done, before its registry step
 even when the next start cannot read the registry. A record kept undecided by such a start is
 dropped once this run promotes a flip of the program over the same files (``promoted``).
 
+One record per program (``<program>.json``): a step's first record takes over the one an earlier
+step of the program left there (``Previous``: kept after a failed reload back, or
+halfway), rather than overwrite or set it aside. The earlier one's files that may still need
+putting back come first in the new record, and a reload it owed is carried as ``reload_owed``, so
+that the next start, whatever it does with the new step, also puts those back and reloads the
+proxy. Once the new step reloads the proxy (promoted, or reloaded back) nothing is owed any more;
+if it ends otherwise with its own changes undone (``settle``), the earlier record is written back
+as it was.
+
 One small write (atomic, fsynced) per file a step changes, one for a flip's mark, one removal at its
 end; blocking calls, run off the event loop. The folder is made when a record finds it missing
 (once, or again after someone removed it); the temporary files of a record's write that a kill tore
@@ -41,14 +50,18 @@ from .proxy_record import (
     RECORD_MODE,
     REGISTRY_NEXT,
     RELOAD_BACK_FAILED,
+    RELOAD_FAILED_AT_START,
+    RELOAD_OWED,
     REMOVAL,
     UNREADABLE,
     About,
     Change,
     digest,
     drop_record,
+    parse_record,
     read_record,
     record_path,
+    set_aside_unreadable,
     undecided_name,
 )
 
@@ -58,24 +71,49 @@ log = logging.getLogger("flipvisor.proxy")  # with the proxy's steps
 @dataclass
 class ProxyJournal:
     """The record of one step's changes to proxy files (``proxy_file.Journal``), written before
-    each change, removed by ``settle``."""
+    each change (taking over the record an earlier step left: ``previous``), removed when the
+    step ends (``settle``, ``stands``, ``promoted``, ``reloaded_back``), or the earlier record
+    written back as it was."""
 
     path: Path
     about: About
     changes: list[Change] = field(default_factory=list)
     # A change made halfway that could not be undone (``failed_halfway``): the record stays.
     halfway: bool = False
-    registry_next: bool = False  # marked by ``before_registry_step``
+    # What a flip's record says of its proxy step (``REGISTRY_NEXT``), as last written: marked by
+    # ``before_registry_step``, cleared by a change after it. The one source of what ``_write``
+    # writes there.
+    registry_next: bool = False
+    # The record an earlier step of the program left, taken over by this step's first record.
+    previous: Previous | None = None
+
+    @property
+    def recorded(self) -> bool:
+        """Whether a record of this step's changes is on disk, not settled: one that stays for
+        the next start if the step ends without settling (a reload back that failed)."""
+        return bool(self.changes)
 
     def replacing(self, kept: Installed, written: bytes | None) -> None:
         """Record durably that ``kept.dest`` is about to hold ``written`` (None: be removed).
 
         Raises:
-            ProxyError: the record could not be written (nothing was changed yet).
+            ProxyError: the record could not be written, or the one an earlier step left could
+                not be read (nothing was changed yet).
         """
         change = Change(kept, None if written is None else digest(written))
+        if not self.changes:
+            # One record per program: an earlier step's left here (its owed reload, its files
+            # still to put back) lives on in this step's, not overwritten.
+            self.previous = previous(self.path)
+            if self.previous is not None:
+                log.info(
+                    "program=%s takes over the proxy-undo record an earlier step left in %s",
+                    self.about.program,
+                    self.path,
+                )
+        self.registry_next = False  # a change after the mark: its proxy step is not done
         try:
-            self._write([*self.changes, change], registry_next=False)
+            self._write([*self.changes, change])
         except OSError as exc:
             if isinstance(exc, ReplacedNotDurable):
                 self.changes.append(change)  # in place all the same: settled with the step
@@ -85,7 +123,6 @@ class ProxyJournal:
                 "promotion ends could not put it back"
             ) from exc
         self.changes.append(change)
-        self.registry_next = False
 
     async def before_registry_step(self) -> None:
         """The proxy step is done (its files checked) and the registry step comes next: mark the
@@ -99,10 +136,13 @@ class ProxyJournal:
             await anyio.to_thread.run_sync(self._mark_registry_next)
 
     def _mark_registry_next(self) -> None:
+        self.registry_next = True
         try:
-            self._write(self.changes, registry_next=True)
-            self.registry_next = True
+            self._write(self.changes)
         except OSError as exc:
+            # Not marked (or, not durably: ``ReplacedNotDurable``); the registry step is not
+            # taken either way.
+            self.registry_next = False
             raise ProxyError(
                 f"cannot mark in {self.path} that the proxy step is done, before the registry "
                 f"step: {exc.strerror or exc}; a supervisor killed after the registry step could "
@@ -128,26 +168,32 @@ class ProxyJournal:
         except OSError as exc:
             log.warning(
                 "program=%s cannot mark the proxy-undo record %s as kept after a failed reload "
-                "back: %s; the next start reloads the proxy all the same",
+                "back: %s; it stays as last written, marked as past its proxy step: the next "
+                "start undoes it and reloads the proxy, unless the registry still names "
+                "generation %s (its keys not put back either), which it then takes for a "
+                "promotion: check the proxy's config and reload it by hand",
                 self.about.program,
                 self.path,
                 exc.strerror or exc,
+                self.about.generation,
             )
 
-    def _write(
-        self, changes: list[Change], *, registry_next: bool | None = None, kept: str | None = None
-    ) -> None:
-        """Write the record of ``changes`` (``registry_next``: None, as marked so far; ``kept``:
+    def _write(self, changes: list[Change], *, kept: str | None = None) -> None:
+        """Write the record of ``changes`` (a flip's marked as ``registry_next`` says; ``kept``:
         why it is kept on purpose), durably (blocking).
 
         Raises:
             OSError: it could not be written (``ReplacedNotDurable``: it was, not durably).
         """
-        document = {**self.about.to_json(), "files": [c.to_json() for c in changes]}
+        inherited = self.previous.changes if self.previous is not None else ()
+        files = [c.to_json() for c in (*inherited, *changes)]  # the earlier first: undone last
+        document = {**self.about.to_json(), "files": files}
         if self.about.kind == FLIP:
-            document[REGISTRY_NEXT] = self.registry_next if registry_next is None else registry_next
+            document[REGISTRY_NEXT] = self.registry_next
         if kept is not None:
             document[KEPT] = kept
+        if self.previous is not None and self.previous.reload_owed is not None:
+            document[RELOAD_OWED] = self.previous.reload_owed
         data = json.dumps(document, indent=1).encode()
         try:
             write_atomic(self.path, data, RECORD_MODE)
@@ -156,11 +202,53 @@ class ProxyJournal:
             write_atomic(self.path, data, RECORD_MODE)
 
     async def settle(self) -> None:
-        """The changes stand, or were undone: remove the record (off the event loop).
+        """The step ended without reloading the proxy, its changes undone (or a removal's
+        standing before its reload: ``stands``): remove the record, or write back the one an
+        earlier step left, which still stands (its owed reload, its files) (off the event loop).
 
-        Shielded: a cancellation (a flip's --timeout, a stop) landing here, after the promotion,
-        must neither leave the record (the next start would undo a change that stands) nor make
-        the promotion look failed to its caller, which would discard what now serves."""
+        Shielded: a cancellation (a flip's --timeout, a stop) landing here must neither leave
+        the record (the next start would undo a change that stands) nor make the step look
+        failed to its caller."""
+        await self._end(keep_previous=True)
+
+    async def stands(self) -> None:
+        """A removal passed its check and stands (its reload comes next, or a ``not-unrouted``
+        warning says to run it): the record goes, and with it one an earlier step of the
+        program left for the same files: the program's file is gone on purpose."""
+        await self._end(keep_previous=not self._covers_previous())
+
+    async def promoted(self) -> None:
+        """The flip's promotion is complete, the proxy reloaded with its files: the record goes,
+        with the earlier one it took over (its owed reload done; its files replaced by this
+        flip's, which the keys name), unless that one names other files too. The records of
+        this program's flips that an earlier start kept undecided (``keep_undecided``) whose
+        files this flip replaced go too: what those files hold now was routed after them, and
+        put back by such a record (this flip's bytes may be theirs: the same port, a template
+        without the generation), they would route to a generation the keys no longer name."""
+        replaced = [change.kept.dest for change in self.changes]
+        await self._end(keep_previous=not self._covers_previous())
+        if replaced and not self.halfway:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(
+                    _drop_decided, self.path.parent, self.about.program, replaced
+                )
+
+    async def reloaded_back(self) -> None:
+        """The flip's undo put its files back and reloaded the proxy back: the record goes; an
+        earlier one it took over is written back only if it has files to put back still (its
+        owed reload is done, but writing it back as it was costs one more reload at most)."""
+        keep = self.previous is not None and bool(self.previous.changes)
+        await self._end(keep_previous=keep)
+
+    def _covers_previous(self) -> bool:
+        """Whether every file of the earlier record taken over is one this step changed."""
+        inherited = self.previous.changes if self.previous is not None else ()
+        mine = [change.kept.dest for change in self.changes]
+        return all(any(same_file(c.kept.dest, dest) for dest in mine) for c in inherited)
+
+    async def _end(self, *, keep_previous: bool) -> None:
+        """Remove the record, or write back the earlier one it took over (``keep_previous``),
+        unless a change was made halfway: then it stays for the next start (shielded)."""
         if self.halfway:
             log.warning(
                 "program=%s the proxy-undo record %s is kept: a proxy file was changed halfway "
@@ -170,27 +258,72 @@ class ProxyJournal:
             )
         elif self.changes:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._remove)
+                await anyio.to_thread.run_sync(self._remove, keep_previous)
 
-    async def promoted(self) -> None:
-        """The flip's promotion is complete: ``settle``, and drop the records of this program's
-        flips that an earlier start kept undecided (``keep_undecided``) whose files this flip
-        replaced too: what those files hold now was routed after them, and put back by such a
-        record (this flip's bytes may be theirs: the same port, a template without the
-        generation), they would route to a generation the keys no longer name."""
-        replaced = [change.kept.dest for change in self.changes]
-        await self.settle()
-        if replaced and not self.halfway:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(
-                    _drop_decided, self.path.parent, self.about.program, replaced
-                )
-
-    def _remove(self) -> None:
+    def _remove(self, keep_previous: bool) -> None:
         # Left behind, the next start would look at changes that stand: a flip's are kept
         # while the keys name its generation, and a removal's is made again.
-        drop_record(self.path)
+        earlier, self.previous = self.previous, None
+        if keep_previous and earlier is not None:
+            try:
+                write_atomic(self.path, earlier.data, RECORD_MODE)
+            except OSError as exc:
+                log.warning(
+                    "program=%s cannot write back the earlier proxy-undo record in %s: %s; the "
+                    "record as this step left it stays for the next start",
+                    self.about.program,
+                    self.path,
+                    exc.strerror or exc,
+                )
+        else:
+            drop_record(self.path)
         self.changes.clear()
+
+
+@dataclass(frozen=True)
+class Previous:
+    """The record a new step of a program found under ``<program>.json`` as it made its first
+    change (one record per program: the new step's takes it over): an earlier step's of this run
+    left for the next start (kept after its reload back failed, or a change made halfway that
+    could not be put back), or one a start-up could not settle. ``changes``: its files that may
+    still need putting back (none for one kept after a failed reload back: its undo put them
+    back); ``reload_owed``: why the proxy needs a reload at the next start whatever becomes of
+    the new step, until the new step reloads it (None: none); ``data``: the record as it was,
+    written back if the new step ends without reloading the proxy and without its changes
+    standing (``ProxyJournal.settle``)."""
+
+    changes: tuple[Change, ...]
+    reload_owed: str | None
+    data: bytes
+
+
+def previous(path: Path) -> Previous | None:
+    """The record at ``path`` that a new step takes over (None: there is none, the common case;
+    one that cannot be parsed is set aside as at start-up, with a warning) (blocking).
+
+    Raises:
+        ProxyError: it exists but cannot be read (nothing is changed then).
+    """
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):  # none (no folder: its write says why)
+        return None
+    except OSError as exc:
+        raise ProxyError(
+            f"cannot read the proxy-undo record {path} an earlier step of the program left, "
+            f"which this step's takes over: {exc.strerror or exc}"
+        ) from exc
+    try:
+        step = parse_record(path, data)
+    except UNREADABLE as exc:
+        set_aside_unreadable(path, exc)  # as the next start would, with its warning
+        return None
+    owed = step.owes_reload
+    if owed is None and step.maybe_promoted:
+        owed = f"{step.how_left()}, which may have reloaded the proxy with its file"
+    # Files put back already (a reload back failed), or that stand (promoted): none to inherit.
+    stand = step.reload_back_failed or step.kept == RELOAD_FAILED_AT_START
+    return Previous(() if stand else step.changes, owed, data)
 
 
 def flip_journal(

@@ -3,14 +3,16 @@
 supervisor left (or kept, as its flip's undo failed to reload the proxy back: ``KEPT``), read
 back at start-up (``pending``) and put back where the file still holds what the interrupted step
 wrote (``Pending.put_back``), kept undecided for a later start (``keep_undecided``), or set aside
-when they cannot be read. Blocking calls: run off the event
-loop, or at start-up before anything runs.
+when they cannot be read. One record per program: a later step of it takes over the one it
+finds (``proxy_journal.Previous``). Blocking calls: run off the event loop, or at start-up
+before anything runs.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import os
 import re
@@ -21,7 +23,7 @@ from typing import Any
 
 from . import json_text
 from .current_record import parse_current
-from .durable import fsync_dir, remove_torn
+from .durable import fsync_dir, remove_torn, write_atomic
 from .errors import ProxyError
 from .proxy_file import DEFAULT_FILE_MODE, Installed
 from .starttime import Recorded, recorded_from_json
@@ -38,6 +40,13 @@ REGISTRY_NEXT = "registry_next"
 # records a kill left, and from older records.
 KEPT = "kept"
 RELOAD_BACK_FAILED = "reload back failed"
+# Kept as promoted at a start-up (the keys named its flip) whose owed reload then failed: its
+# changes stand, and the next start reloads (``proxy_recovery``).
+RELOAD_FAILED_AT_START = "promoted, its owed reload failed at start-up"
+# Why the proxy must be checked and reloaded at the next start, whatever becomes of the record's
+# own changes: an earlier step of the program whose record this step's took over owed that
+# reload (``proxy_journal.Previous``). Missing from records that owe none, and from older records.
+RELOAD_OWED = "reload_owed"
 FLIP = "flip"  # a promotion's proxy step: undone unless the registry names its generation
 REMOVAL = "removal"  # a removed program's file taken away, until the proxy check passed
 
@@ -96,10 +105,10 @@ class Change:
         if (now is None and self.written is not None) or (
             now is not None and digest(now) != self.written
         ):
-            what = "is gone" if now is None else "holds something else"
+            what = "is gone" if now is None else "holds something other than what that step wrote"
             return (
-                f"{dest} left as it is: it {what} than that step left it (changed by a later "
-                "step, or by hand, since?); see that it is what the proxy should load"
+                f"{dest} left as it is: it {what} (changed by a later step, or by hand, "
+                "since?); see that it is what the proxy should load"
             ), True
         self.kept.restore()
         if self.kept.previous is None:
@@ -171,11 +180,22 @@ class Pending:
     # record written before that mark existed).
     registry_next: bool | None = None
     kept: str | None = None  # why it was kept on purpose (``KEPT``); None: a kill left it
+    # Why a reload is owed whatever becomes of its changes (``RELOAD_OWED``); None: none is.
+    reload_owed: str | None = None
 
     @property
     def reload_back_failed(self) -> bool:
         """Whether the record was kept as its flip's undo failed to reload the proxy back."""
         return self.kept == RELOAD_BACK_FAILED
+
+    @property
+    def owes_reload(self) -> str | None:
+        """Why the proxy must be checked and reloaded at the next start whatever becomes of this
+        record's changes (kept as promoted, undone, kept undecided); None: no reload is owed
+        beyond what its own step may need (``maybe_promoted``)."""
+        if self.reload_owed is not None:
+            return self.reload_owed
+        return self.how_left() if self.reload_back_failed else None
 
     def how_left(self) -> str:
         """How the step came to be left unfinished, for a message."""
@@ -185,6 +205,13 @@ class Pending:
                 f"the reload back of {about.program}'s rolled-back flip to generation "
                 f"{about.generation} (port {about.port}) failed before the last shutdown"
             )
+        if self.kept == RELOAD_FAILED_AT_START:
+            return (
+                f"{about.describe()} was kept at a previous start (the registry named it), and "
+                "the proxy reload it owed failed then"
+            )
+        if self.kept is not None:  # a reason this version does not know (a later one's)
+            return f"{about.describe()} was kept unfinished by a previous supervisor ({self.kept})"
         return f"a previous supervisor was killed during {about.describe()}"
 
     @property
@@ -265,7 +292,7 @@ def pending(state_dir: Path) -> list[Pending]:
         try:
             found.append(read_record(path))
         except UNREADABLE as exc:
-            _set_aside(path, exc)
+            set_aside_unreadable(path, exc)
     return found
 
 
@@ -278,15 +305,22 @@ def read_record(path: Path) -> Pending:
     Raises:
         OSError, ValueError, KeyError, TypeError, IndexError: it cannot be read.
     """
-    document = json_text.loads(path.read_bytes())
+    return parse_record(path, path.read_bytes())
+
+
+def parse_record(path: Path, data: bytes) -> Pending:
+    """The record at ``path`` that holds ``data`` (raises as ``read_record``)."""
+    document = json_text.loads(data)
     changes = tuple(Change.from_json(c) for c in document["files"])
     registry_next, kept = document.get(REGISTRY_NEXT), document.get(KEPT)
+    owed = document.get(RELOAD_OWED)
     return Pending(
         path,
         About.from_json(document),
         changes,
         None if registry_next is None else bool(registry_next),
         None if kept is None else str(kept),
+        None if owed is None else str(owed),
     )
 
 
@@ -308,6 +342,16 @@ def _newest_first(folder: Path, names: list[str]) -> list[str]:
     return sorted(sorted(names), key=written, reverse=True)
 
 
+def mark_kept(step: Pending, why: str) -> None:
+    """Rewrite ``step``'s record marked as kept on purpose (``KEPT``: ``why``) (blocking; a
+    failure is logged: the record stays as it was)."""
+    try:
+        document = json_text.loads(step.path.read_bytes())
+        write_atomic(step.path, json.dumps({**document, KEPT: why}, indent=1).encode(), RECORD_MODE)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot mark the proxy-undo record %s as kept (%s): %s", step.path, why, exc)
+
+
 def keep_undecided(step: Pending) -> Path:
     """Keep ``step``'s record for the next start, whose registry tells whether its flip was
     promoted, renamed ``<program>.undecided-<ns>.json``: a flip of the program by this run
@@ -325,7 +369,7 @@ def keep_undecided(step: Pending) -> Path:
     return aside
 
 
-def _set_aside(path: Path, exc: Exception) -> None:
+def set_aside_unreadable(path: Path, exc: Exception) -> None:
     """A record that cannot be read, renamed ``<name>.bad`` so that it is said once, not at
     every start, and kept for the operator to look at (blocking)."""
     aside = path.with_name(f"{path.name}.bad")

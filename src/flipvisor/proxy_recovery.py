@@ -28,6 +28,16 @@ files agree with the registry keys, which decide which of its generations serve 
   run's own flip of the program neither overwrites nor settles it: the next start decides, unless
   this run's flip of the program is promoted with the same files first (``promoted``: what they
   hold was routed after it, and the record is dropped then).
+- A flip whose undo put its files back but failed to reload the proxy back (its record kept on
+  purpose, ``KEPT``) was rolled back: undone (its files are the previous ones already, unless
+  edited by hand since) and the proxy checked and reloaded, whatever the registry says, or
+  whether it can be read: keys that name its generation are ones its undo failed to put back,
+  said so, not taken for a promotion.
+- A record that took over an earlier step's (``reload_owed``: that step's reload back failed,
+  say) owes a reload whatever is done with its own step: the proxy is checked and reloaded
+  after its flip is kept as promoted, or kept undecided, as after one undone. Kept as promoted
+  and that reload failed, the record stays marked so (``RELOAD_FAILED_AT_START``): a later step
+  of the program takes over only the reload it owes, not its changes, which stand.
 - A removed program's file taken away before the check without it passed: put back, and removed
   again (checked) by whatever removes the program now.
 
@@ -49,7 +59,7 @@ from .events import EventLog
 from .proxy import Routing, how_to_reload
 from .proxy_file import same_file
 from .proxy_lock import ProxyHolder, ProxyLock
-from .proxy_record import Pending, keep_undecided, pending
+from .proxy_record import RELOAD_FAILED_AT_START, Pending, keep_undecided, mark_kept, pending
 from .reaper import Reaper
 
 
@@ -104,55 +114,82 @@ async def finish_proxy_steps(
     reloads the proxy after an undone flip that may have reloaded it (None: it is not
     reached, and a warning says to reload it)."""
     for step in unfinished:
-        if records is None and step.maybe_promoted:
-            await _keep_undecided(step, events)
-        elif step.promoted_by(records.get(step.about.program) if records is not None else None):
-            await _keep(step, events)
+        named = step.promoted_by(records.get(step.about.program) if records is not None else None)
+        if step.reload_back_failed:
+            # Rolled back, its files put back: decided, whatever the registry says (keys that
+            # still name its generation are ones its undo failed to put back).
+            await _undo(step, events, proxy, keys_left=named)
+        elif records is None and step.maybe_promoted:
+            await _keep_undecided(step, events, proxy)
+        elif named:
+            await _keep(step, events, proxy)
         else:
             await _undo(step, events, proxy)
 
 
-async def _keep_undecided(step: Pending, events: EventLog) -> None:
-    """The registry cannot be read: ``step``'s file left as it is, its record kept aside."""
+async def _keep_undecided(step: Pending, events: EventLog, proxy: ProxyAccess | None) -> None:
+    """The registry cannot be read: ``step``'s file left as it is, its record kept aside (and
+    the proxy reloaded if an earlier step's reload is owed: once more at the next start)."""
     kept = await anyio.to_thread.run_sync(keep_undecided, step)
     files = ", ".join(str(change.kept.dest) for change in step.changes)
+    message = (
+        f"{step.how_left()}, and the registry cannot be read to tell whether it named that "
+        f"generation: its proxy file is left as it is ({files}), and the record kept for the "
+        f"next start ({kept})"
+    )
+    if step.reload_owed is not None:
+        said, _, _ = await _reload_proxy(step, proxy)
+        message += f"; {said}"
     # A warning (WARNINGS): the file may name a generation the keys do not.
-    events.emit(
-        "proxy-left",
-        step.about.program,
-        None,
-        f"{step.how_left()}, and the registry "
-        f"cannot be read to tell whether it named that generation: its proxy file is left as it "
-        f"is ({files}), and the record kept for the next start ({kept})",
-    )
+    events.emit("proxy-left", step.about.program, None, message)
 
 
-async def _keep(step: Pending, events: EventLog) -> None:
-    """The registry names ``step``'s generation: its file stays."""
+async def _keep(step: Pending, events: EventLog, proxy: ProxyAccess | None) -> None:
+    """The registry names ``step``'s generation: its file stays (and the proxy is checked and
+    reloaded if an earlier step's reload is owed: the record stays until that is done)."""
     files = ", ".join(str(change.kept.dest) for change in step.changes)
-    events.emit(
-        "proxy-kept",
-        step.about.program,
-        None,
+    message = (
         f"{step.how_left()}, after the registry named that generation: its proxy file stays "
-        f"({files}), as the keys name it",
+        f"({files}), as the keys name it"
     )
-    await anyio.to_thread.run_sync(step.forget)
+    settled = routed = True
+    if step.reload_owed is not None:
+        said, routed, settled = await _reload_proxy(step, proxy)
+        message += f"; {said}"
+    if settled:
+        await anyio.to_thread.run_sync(step.forget)
+    else:
+        # Its changes stand: a later step of the program that takes the record over must not
+        # inherit them to put back (only the reload still owed).
+        await anyio.to_thread.run_sync(mark_kept, step, RELOAD_FAILED_AT_START)
+        message += f"; tried again at the next start ({step.path})"
+    events.emit(
+        "proxy-kept" if settled and routed else "proxy-left", step.about.program, None, message
+    )
 
 
-async def _undo(step: Pending, events: EventLog, proxy: ProxyAccess | None) -> None:
+async def _undo(
+    step: Pending, events: EventLog, proxy: ProxyAccess | None, *, keys_left: bool = False
+) -> None:
     """``step`` undone: its files put back where they hold what it wrote, and the proxy checked
-    and reloaded if the flip may have reloaded it."""
+    and reloaded if the flip may have reloaded it (``keys_left``: the registry still names the
+    generation of that flip, rolled back, as its undo failed to put the keys back)."""
     about = step.about
     outcome = await anyio.to_thread.run_sync(step.put_back)
     if step.reload_back_failed:
         message = f"{step.how_left()}: "
+        if keys_left:
+            message += (
+                f"the registry still names generation {about.generation}, as putting its keys "
+                "back failed too, though that flip was rolled back: they are replaced once this "
+                f"run promotes a generation of {about.program}; "
+            )
     else:
         when = "before its registry step" if step.registry_next is False else "before it was done"
         message = f"{step.how_left()}, {when}: "
     message += "; ".join(outcome.done)
     settled, routed = outcome.settled, True
-    if step.maybe_promoted and settled:
+    if (step.maybe_promoted or step.reload_owed is not None) and settled:
         # It may have reloaded the proxy with its file (killed before its reload back, or that
         # reload back failed).
         if outcome.left_alone:
@@ -182,11 +219,17 @@ async def _reload_proxy(step: Pending, access: ProxyAccess | None) -> tuple[str,
     the next start; with no proxy section to reload with, the operator is told what to do)."""
     about = step.about
     section = access.section_of(step) if access is not None else None
+    owed = step.reload_owed
     if access is None or section is None:
         files = ", ".join(str(change.kept.dest) for change in step.changes)
         return (
-            f"it may have reloaded the proxy with its file, and the proxy may still route to "
-            f"generation {about.generation}, but no program of this config has a proxy section "
+            (
+                f"a reload is owed ({owed})"
+                if owed is not None
+                else f"it may have reloaded the proxy with its file, and the proxy may still "
+                f"route to generation {about.generation}"
+            )
+            + ", but no program of this config has a proxy section "
             f"writing {files} to reload it with: check the proxy's config and reload it by hand",
             False,
             True,
@@ -197,13 +240,28 @@ async def _reload_proxy(step: Pending, access: ProxyAccess | None) -> tuple[str,
         await access.check_and_reload(about.program, section)
     except ProxyError as exc:
         return (
-            f"it may have reloaded the proxy with its file, and reloading the proxy back failed: "
-            f"{exc}; the proxy may still route to generation {about.generation}: run "
-            f"{how_to_reload(section)}",
+            (
+                f"a reload is owed ({owed}), and it failed: {exc}"
+                if owed is not None
+                else f"it may have reloaded the proxy with its file, and reloading the proxy back "
+                f"failed: {exc}; the proxy may still route to generation {about.generation}"
+            )
+            + f": run {how_to_reload(section)}",
             False,
             False,
         )
-    why = "failed" if step.reload_back_failed else "had not happened when it was killed"
+    if step.reload_owed is not None:
+        return (
+            f"the proxy was checked and reloaded, as a reload was owed ({step.reload_owed})",
+            True,
+            True,
+        )
+    if step.reload_back_failed:
+        why = "failed"
+    elif step.kept is not None:  # kept for a reason this version does not know
+        why = "had not happened when its record was kept"
+    else:
+        why = "had not happened when it was killed"
     return (
         "the proxy was checked and reloaded, as that flip may have reloaded it with its file "
         f"(its reload back, away from generation {about.generation}, {why})",

@@ -158,6 +158,11 @@ class Reaper:
                 return
             self._route(pid, status, owner)
 
+    def claimed(self, pid: int) -> bool:
+        """Whether ``pid`` is in a process group a generation claimed (a worker's): for the
+        caller's own unreaped child, whose group is then certainly that process's."""
+        return self._owner(pid) is not None
+
     def _owner(self, pid: int) -> tuple[str, int] | None:
         try:
             return self._groups.get(os.getpgid(pid))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import anyio
@@ -23,9 +24,20 @@ from .generation import Generation
 from .progress import FlipReport
 from .promotion import Promotion
 from .states import GenerationState
+from .worker import Worker
 
 if TYPE_CHECKING:
     from .program import Program
+
+
+@dataclass
+class HeldDrain:
+    """A flip's drain of the generation it replaced, ``old``, while in its delay (not signalled
+    yet: ``route_back.py``): ``gave_up`` is set if ``new``, the one it routed to, gives up."""
+
+    old: Generation
+    new: Generation
+    gave_up: anyio.Event = field(default_factory=anyio.Event)
 
 
 class Retirement:
@@ -39,10 +51,28 @@ class Retirement:
         # The warm generation a rollback probes and routes back to, until it is routed to: a
         # worker of it that exits meanwhile fails the rollback (``CrashPolicy.worker_exited``).
         self.reviving: Generation | None = None
+        # While a flip's drain of what it replaced is in its delay: ``CrashPolicy`` tells it
+        # when the generation routed to gives up, and restarts none of the old one's workers.
+        self.held: HeldDrain | None = None
 
-    async def retire(self, report: FlipReport, old: Generation, *, window: float) -> None:
-        """Drain the replaced generation, or keep it warm for ``window`` seconds (the deployed
-        config's ``rollback_window``). A restart (``old`` runs what replaced it) is no rollback
+    def notice_given_up(self, gen: Generation, exiting: Worker | None) -> None:
+        """A worker of the serving ``gen`` stops for good while a flip runs: if nothing of it
+        will run again and the flip is in the drain delay of what it replaced, tell the flip."""
+        held = self.held
+        if held is not None and held.new is gen and gen.given_up(exiting):
+            held.gave_up.set()
+
+    async def retire(
+        self,
+        report: FlipReport,
+        old: Generation,
+        *,
+        window: float,
+        drain: Callable[[Generation], Awaitable[str | None]],
+    ) -> str | None:
+        """Drain the replaced generation (through the flip's ``drain``, which returns why the
+        flip failed, if it did), or keep it warm for ``window`` seconds (the deployed config's
+        ``rollback_window``). A restart (``old`` runs what replaced it) is no rollback
         target: it is drained, and a warm generation of the previous deploy stays warm."""
         program = self.program
         restart = program.serving is not None and same_deploy(old.config, program.serving.config)
@@ -57,9 +87,9 @@ class Retirement:
             # Not while a stop drains the program: it drains ``old`` too, alongside this flip.
             old.transition(GenerationState.READY)
             self._keep_warm(old, until=anyio.current_time() + window)
-            return
+            return None
         with report.step("drain", f"generation {old.number}"):
-            await program.drain(old)
+            return await drain(old)
 
     def drop_warm(self, gen: Generation) -> None:
         """A worker of the warm generation ``gen`` exited: it is no longer the whole deploy a
@@ -106,7 +136,7 @@ class Retirement:
         self.program.warm = None
         self.reviving = gen
         try:
-            await self._probe_again(report, gen)
+            await self.probe_again(report, gen)
             return await promote(report, gen)
         except BaseException as exc:
             cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
@@ -117,8 +147,9 @@ class Retirement:
             self.reviving = None
 
     @staticmethod
-    async def _probe_again(report: FlipReport, gen: Generation) -> None:
-        """The warm generation ``gen``'s probe, as a new one's, and all its workers running.
+    async def probe_again(report: FlipReport, gen: Generation) -> None:
+        """The probe of ``gen`` that is routed back to (kept warm, or a flip's replaced one in
+        its drain delay), as a new one's, and all its workers running.
 
         Raises:
             ProbeFailed: it failed its probe, or a worker of it is gone.

@@ -20,6 +20,7 @@ while its PID still names it (``verified_signal.py``), our stray children while 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import time
@@ -36,7 +37,12 @@ from .reaper import ExitWaiter, Reaper
 from .signals import with_continue
 from .starttime import Recorded, recorded_now
 
+log = logging.getLogger(__name__)
+
 LISTEN_FD = 3
+# A process SIGKILLed is gone at once unless the kernel holds it (uninterruptible sleep on a
+# hung NFS mount or device): how long a stop waits for it then, before it gives up and says so.
+KILL_GRACE = 10.0
 PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2  # Linux 6.9+: signal the pidfd's process group
 SHELL = "/bin/sh"
 # $0 is the working directory; "$@" the user's argv, exec'd without any parsing.
@@ -55,6 +61,9 @@ class Child:
     exit: ExitWaiter
     spawned_at: float  # wall clock, right after the spawn
     _recorded: Recorded | None = None
+    # When (monotonic clock) it was first SIGKILLed: a later stop only waits out the rest of
+    # the kill grace, never the drain signal and timeout again (a process the kernel holds).
+    killed_at: float | None = None
 
     @property
     def recorded(self) -> Recorded:
@@ -114,7 +123,10 @@ class Child:
 
     def signal_all(self, sig: int) -> None:
         """Signal the group (which holds the leader), or the leader alone if it left its group:
-        once, as a second SIGTERM may mean "stop now" to the program."""
+        once, as a second SIGTERM may mean "stop now" to the program. A SIGKILL is remembered
+        (``killed_at``)."""
+        if sig == signal.SIGKILL and self.killed_at is None and not self.exit.reaped:
+            self.killed_at = time.monotonic()
         if not self.signal_group(sig):
             self.send_signal(sig)
 
@@ -122,26 +134,53 @@ class Child:
         """The child's return code once the reaper collected it."""
         return await self.exit.wait()
 
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        """Send ``sig`` to the group (then SIGCONT), SIGKILL it after ``timeout``; always waits
-        for the exit.
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        """Send ``sig`` to the group (then SIGCONT), SIGKILL it after ``timeout``; the return
+        code once it exited, None if it was still not reaped ``KILL_GRACE`` after the SIGKILL
+        (logged: the kernel holds it, and a stop or a shutdown must not wait for it forever).
+        One SIGKILLed before (``killed_at``) only gets what is left of that grace.
 
-        Shielded, so a cancelled caller still leaves nothing running; bounded by the timeout.
+        Shielded, so a cancelled caller still leaves nothing running that could be stopped.
         """
         with anyio.CancelScope(shield=True):
-            for each in with_continue(sig):
-                self.signal_all(each)
-            with anyio.move_on_after(timeout):
-                return await self.wait()
+            if self.killed_at is None:
+                for each in with_continue(sig):
+                    self.signal_all(each)
+                with anyio.move_on_after(timeout):
+                    return await self.wait()
             self.signal_all(signal.SIGKILL)
-            return await self.wait()
-        raise AssertionError("unreachable: the shielded block always returns")  # for mypy
+            if self.exit.reaped:  # meanwhile
+                return await self.wait()
+            killed_at = self.killed_at if self.killed_at is not None else time.monotonic()
+            with anyio.move_on_after(max(killed_at + KILL_GRACE - time.monotonic(), 0.0)):
+                return await self.wait()
+        log.warning(
+            "pid=%d is still running %ss after SIGKILL (uninterruptible sleep?): "
+            "no longer waited for; it is reaped if it ever exits",
+            self.pid,
+            KILL_GRACE,
+        )
+        return None
 
     def close(self) -> None:
         """Release the pidfd (after the exit is known)."""
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
+
+
+def signal_pinned_group(process_group: int, sig: int) -> bool:
+    """Signal ``process_group`` whole while a member pins its ID (our unreaped child, seen in
+    the group with nothing awaited since: ``Strays.pinning``); False if it is gone.
+
+    Not through the member's pidfd: PIDFD_SIGNAL_PROCESS_GROUP signals the group its process
+    leads, and this one does not.
+    """
+    try:
+        os.killpg(process_group, sig)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class _InheritedFds:

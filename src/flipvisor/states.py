@@ -77,8 +77,12 @@ GENERATION_TRANSITIONS: dict[GenerationState, frozenset[GenerationState]] = {
     ),
     # A replaced generation kept warm for ``rollback_window`` goes back to READY, unrouted.
     GenerationState.SERVING: frozenset({GenerationState.DRAINING, GenerationState.READY}),
-    # A discarded generation that never served ends FAILED once drained (``discard``).
-    GenerationState.DRAINING: frozenset({GenerationState.STOPPED, GenerationState.FAILED}),
+    # A discarded generation that never served ends FAILED once drained (``discard``). One a flip
+    # replaced, still in its drain delay (not signalled), is READY again when its flip routes back
+    # to it, as the generation it promoted gave up (``route_back.py``).
+    GenerationState.DRAINING: frozenset(
+        {GenerationState.STOPPED, GenerationState.FAILED, GenerationState.READY}
+    ),
     GenerationState.STOPPED: frozenset(),
     GenerationState.FAILED: frozenset(),
 }

@@ -44,12 +44,13 @@ class Strays:
 
     @classmethod
     def collect(cls, process_groups: Container[int] | None = None) -> Strays:
-        """Our running children in one of ``process_groups`` (None: every child of ours)."""
+        """Our running children in one of ``process_groups`` (None: every child of ours), of a
+        group whose leader is gone (see ``_stray_of``)."""
         pidfds: dict[int, int] = {}
         try:
             for pid in own_children():
                 try:
-                    if process_groups is not None and os.getpgid(pid) not in process_groups:
+                    if process_groups is not None and not _stray_of(pid, process_groups):
                         continue
                     if _is_zombie(pid):
                         continue  # exited already; the reaper collects it
@@ -77,10 +78,25 @@ class Strays:
             os.close(self._pidfds.pop(pid))
         return gone
 
-    def signal(self, sig: int) -> list[int]:
-        """Send ``sig`` to each; the PIDs of those that had not exited yet."""
+    def keep_only_in(self, process_group: int) -> None:
+        """Stop holding those that exited or have left ``process_group`` (a daemon's ``setsid``).
+        Each is asked while its pidfd shows it running, so its PID still names it."""
+        for pid, pidfd in list(self._pidfds.items()):
+            if _readable(pidfd) or _group_of(pid) != process_group:
+                os.close(self._pidfds.pop(pid))
+
+    def pins(self, process_group: int) -> bool:
+        """Whether one held here is in ``process_group`` as it is asked: our unreaped child, so
+        the group's ID stays this group's for as long as the caller awaits nothing
+        (``spawn.signal_pinned_group``)."""
+        return any(_group_of(pid) == process_group for pid in self._pidfds)
+
+    def signal(self, sig: int, skip: Container[int] = ()) -> list[int]:
+        """Send ``sig`` to each (but those in ``skip``); the PIDs of those that had not exited."""
         signalled = []
         for pid, pidfd in self._pidfds.items():
+            if pid in skip:
+                continue
             # An exited process not yet reaped (a zombie) still takes a signal without an
             # error: it would be reported as signalled (a "killed" event for a helper that had
             # exited cleanly). Its pidfd is readable from its exit on.
@@ -158,3 +174,26 @@ def _is_zombie(pid: int) -> bool:
             return stat.read().rpartition(")")[2].split()[0] == "Z"
     except (OSError, IndexError):
         return True  # gone
+
+
+def _stray_of(pid: int, process_groups: Container[int]) -> bool:
+    """Whether ``pid`` is in one of ``process_groups`` that its leader (our worker, a command)
+    left behind. A group's ID is its leader's PID: once the leader is reaped and the last member
+    gone, a new process may get that PID and lead a group of the same ID (one of our own
+    workers, of another program). While a member is left the PID cannot be reused, so a process
+    that has it means the group is not the one left behind: its own (its leader still runs, and
+    is signalled through its pidfd), or a newer one. The caller awaits nothing between this and
+    its use (the group cannot change hands meanwhile).
+
+    Raises:
+        OSError: ``pid`` is gone.
+    """
+    group = os.getpgid(pid)
+    return group in process_groups and not os.path.exists(f"/proc/{group}")
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:  # gone
+        return None

@@ -123,6 +123,12 @@ class Supervisor:
         # the program's when it was in the process group of one of its workers.
         program, generation = owner if owner is not None else ("(supervisor)", None)
         self.events.emit("orphan-reaped", program, generation, f"exit {returncode}", pid=pid)
+        # What a worker left running may be all that kept its serving generation from being
+        # given up at the worker's exit (``Generation.given_up``): look again now that it is
+        # gone. Every program's, not only the owner's: one that left its worker's group
+        # (``setsid``) before it exited is no group's any more. Cheap where a worker still runs.
+        for each in self.programs.values():
+            each.crashes.stop_if_given_up()
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT/SIGQUIT or ``shutdown``; drain every program before returning.

@@ -105,7 +105,7 @@ async def _remove_file(route: Routing, proxy: ProxyConfig) -> Installed | None:
                 proxy.dest,
             )
         raise
-    await route.settle()  # the removal passed its check: it stands, whatever follows
+    await route.stands()  # the removal passed its check: it stands, whatever follows
     return taken
 
 

@@ -111,6 +111,11 @@ class WorkerOwner(Protocol):
         """Return the delay before restarting, or None to leave the slot stopped."""
         ...
 
+    def worker_still_running(self, worker: Worker, pid: int) -> None:
+        """``pid``, SIGKILLed, is still not gone after the kill grace (the kernel holds it) and
+        is no longer waited for."""
+        ...
+
     def keep_reading(self, reader: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``reader`` (what an exited worker's descendants still write to its output) in a
         task group that outlives the worker, and cancels it once their drain is over."""
@@ -335,7 +340,15 @@ class Worker:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(read_the_rest)
-            await child.stop(drain.signal, drain.timeout)
+            # One the drain SIGKILLed already only gets what is left of the kill grace: not
+            # the drain signal and timeout again (``Child.stop``).
+            if await child.stop(drain.signal, drain.timeout) is None:
+                # Not waited for any longer, or the generation's end and a shutdown would hang.
+                self.log.note(
+                    f"[flipvisor] {prefix}: pid {child.pid} still running after SIGKILL "
+                    "(uninterruptible sleep?); no longer waited for"
+                )
+                self.owner.worker_still_running(self, child.pid)
             # Done at end of file; a grandchild may hold the pipe open: not past the grace.
             reading.deadline = anyio.current_time() + OUTPUT_GRACE
 

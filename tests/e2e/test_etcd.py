@@ -16,7 +16,7 @@ from flipvisor.starttime import identity_of
 from tests.e2e.load import Load
 from tests.e2e.test_flip import WARM, answers, program, proxied
 from tests.e2e.test_lifecycle import stop_start_shutdown_run, withdrawn
-from tests.fixtures.etcd import EtcdServer
+from tests.fixtures.etcd import FOREIGN_KEYS, FOREIGN_VALUE_BYTES, EtcdServer, put_large
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import Nginx
 from tests.waiting import wait_until
@@ -417,3 +417,98 @@ def test_a_restarted_worker_does_not_overwrite_keys_another_supervisor_promoted(
         assert flipvisor.output().count(left) == 1, flipvisor.output()[-3000:]
     finally:
         other.stop()
+
+
+def quick_web() -> dict[str, Any]:
+    return {
+        "command": svc_command("--version", "1"),
+        "readiness": {"http": "/health", "timeout": 10, "interval": 0.05},
+        "drain": {"delay": 0.1, "timeout": 5},
+    }
+
+
+def serving_with_foreign_keys(flipvisor: Flipvisor, etcd: EtcdServer, prefix: str) -> None:
+    """web serving generation 1, registered, and another tool's keys under web's folder, more
+    than a gRPC reply takes (QA 15: a read of the whole folder failed with RESOURCE_EXHAUSTED)."""
+    flipvisor.start({"registry": registry(etcd, prefix), "programs": {"web": quick_web()}})
+    first = flipvisor.wait_serving("web")
+    wait_until(
+        lambda: keys(etcd, prefix)["port/current"] == str(first["port"]),
+        message="generation 1 in etcd",
+    )
+    for n in range(FOREIGN_KEYS):
+        put_large(etcd, f"{prefix}/web/extra/{n}", FOREIGN_VALUE_BYTES)
+
+
+def test_foreign_keys_under_the_program_folder_do_not_break_flips(
+    flipvisor: Flipvisor, restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    etcd = restartable_etcd
+    serving_with_foreign_keys(flipvisor, etcd, etcd_prefix)
+    first = flipvisor.serving("web")
+    assert first is not None
+    flipped = flipvisor.cli("flip", "web")
+    assert flipped.returncode == 0, flipped.stdout + flipped.stderr
+    second = flipvisor.serving("web")
+    assert second is not None and second["generation"] == 2
+    got = keys(etcd, etcd_prefix)
+    assert got["port/current"] == str(second["port"])
+    assert got["port/previous"] == str(first["port"])
+    # The healing after an outage reads the same keys: it rewrites a hand-edited one.
+    etcd.put(f"{etcd_prefix}/web/port/current", "1")
+    etcd.stop()
+    etcd.start()
+    wait_until(
+        lambda: keys(etcd, etcd_prefix)["port/current"] == str(second["port"]),
+        timeout=10,
+        message=f"the keys healed after the outage (output:\n{flipvisor.output()})",
+    )
+    # The other tool's keys are its own: untouched.
+    listed = etcd.etcdctl("get", "--prefix", "--keys-only", f"{etcd_prefix}/web/extra/")
+    assert sorted(listed.split()) == [f"{etcd_prefix}/web/extra/{n}" for n in range(FOREIGN_KEYS)]
+
+
+def test_foreign_keys_under_the_program_folder_do_not_keep_a_stop_from_withdrawing(
+    flipvisor: Flipvisor, restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    etcd = restartable_etcd
+    serving_with_foreign_keys(flipvisor, etcd, etcd_prefix)
+    stopped = flipvisor.cli("stop", "web")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    wait_until(
+        lambda: keys(etcd, etcd_prefix)["pid/current"] is None,
+        timeout=10,
+        message=f"pid/current withdrawn (supervisor output:\n{flipvisor.output()})",
+    )
+
+
+HUNG_TIMEOUT = 10.0  # registry.timeout: a wait of it stands out from a promotion's own time
+
+
+def test_run_with_a_hung_etcd_serves_within_one_registry_timeout(
+    flipvisor: Flipvisor, restartable_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    """etcd hung at start-up (SIGSTOP: a member that does not answer, packets dropped): the
+    search for leftovers waits one registry.timeout for it; generation 1's promotion then
+    defers its registration at once, as when etcd is down (QA 15: it waited another whole
+    timeout, nothing serving meanwhile), and the keys are written once etcd answers."""
+    etcd = restartable_etcd
+    etcd.pause()
+    config = {**registry(etcd, etcd_prefix), "timeout": HUNG_TIMEOUT}
+    flipvisor.start({"registry": config, "programs": {"web": quick_web()}})
+    gen = flipvisor.wait_serving("web", timeout=4 * HUNG_TIMEOUT)
+    # The start-up's read did wait for etcd (so etcd was known not to answer)...
+    assert "cannot read the registry to find workers" in flipvisor.output(), flipvisor.output()
+    assert "registering later" in flipvisor.output(), flipvisor.output()
+    # ...and the promotion did not, as the supervisor timed it (the wait was a whole timeout).
+    result = flipvisor.cli("events", "--json")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    at = {e["kind"]: e["time"] for e in events if e["program"] == "web" and e["generation"] == 1}
+    assert at["serving"] - at["promoting"] < HUNG_TIMEOUT / 2, events
+    etcd.resume()
+    wait_until(
+        lambda: keys(etcd, etcd_prefix)["port/current"] == str(gen["port"]),
+        timeout=3 * HUNG_TIMEOUT,
+        message=f"generation 1 registered once etcd answers (output:\n{flipvisor.output()})",
+    )

@@ -4,12 +4,7 @@ such, with the setting to fix, never "unreachable ... make the registry reachabl
 
 from __future__ import annotations
 
-import http.server
-import threading
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from tests.e2e.test_etcd import keys, registry
 from tests.fixtures.etcd import EtcdServer
@@ -23,29 +18,6 @@ def web() -> dict[str, Any]:
         "readiness": {"http": "/health", "timeout": 10, "interval": 0.05},
         "drain": {"delay": 0.1, "timeout": 5},
     }
-
-
-class _NotEtcd(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"hello\n")
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def http_server() -> Iterator[str]:
-    """``127.0.0.1:PORT`` of a plain HTTP/1 server (an endpoint that answers, but is no etcd)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotEtcd)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_an_endpoint_that_is_not_etcd_is_not_called_unreachable(

@@ -1,15 +1,20 @@
 """Rollback as an operator meets it in an incident: the advice of a failed rollback, a `fatal`
-release's way back, and a `restart` that undoes a rollback saying so (QA pass 14)."""
+release's way back, and a `restart` that undoes a rollback saying so (QA pass 14); a flip that
+routes back to the generation it replaced, still in its drain delay, when the one it promoted
+gives up (QA pass 16)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.e2e.test_concurrency import get
 from tests.e2e.test_flip import program
-from tests.fixtures.flipvisor import SVC, Flipvisor
+from tests.fixtures.flipvisor import SVC, Flipvisor, svc_command
 from tests.fixtures.nginx import Nginx
 from tests.waiting import wait_until
 
@@ -142,3 +147,158 @@ def test_restart_after_a_rollback_says_it_undoes_the_rollback(
         f"warning: {report['warning']!r}"
     )
     assert "not-as-deployed" in kinds, f"latest events: {kinds[-12:]}"
+
+
+FLIP_DEADLINE = 60.0
+
+
+def crash_on_flag(flag: Path) -> list[str]:
+    """argv of a worker that runs until ``flag`` exists, then exits 7 (and at once if it does):
+    a release that starts fine and breaks a moment later (a lost database, a bad cache entry)."""
+    code = (
+        "import os, sys, time\n"
+        f"while not os.path.exists({str(flag)!r}):\n"
+        "    time.sleep(0.05)\n"
+        "sys.exit(7)\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def config(command: list[str], delay: float, **more: Any) -> dict[str, Any]:
+    web = {
+        "command": command,
+        "drain": {"delay": delay, "timeout": 5},
+        "restart": {"max_restarts": 1, "window": 60},
+        **more,
+    }
+    return {"programs": {"web": web}}
+
+
+def crash_new_generation_during_drain(
+    flipvisor: Flipvisor,
+    tmp_path: Path,
+    delay: float,
+    first: dict[str, Any] | None = None,
+    meanwhile: Callable[[], object] = lambda: None,
+) -> subprocess.Popen[str]:
+    """Serve generation 1 (``first``: its config, default svc.py), flip to a generation 2 that
+    crash-loops to `fatal` once generation 1 is draining (still in its drain ``delay``; then
+    ``meanwhile`` is called, before generation 2 breaks); return the flip client (maybe still
+    running)."""
+    flipvisor.start(first or config(svc_command("--version", "1"), delay))
+    flipvisor.wait_serving("web")
+    flag = tmp_path / "break"
+    flipvisor.write_config(config(crash_on_flag(flag), delay))
+    flip = flipvisor.cli_started("flip", "web")
+
+    def old_draining() -> bool:
+        states = {g["generation"]: g["state"] for g in flipvisor.program("web")["generations"]}
+        return states.get(1) == "draining" and states.get(2) == "serving"
+
+    wait_until(old_draining, timeout=20, message="generation 2 serving, generation 1 draining")
+    meanwhile()
+    flag.touch()
+    # The event, not the state: routed back, the program is not `fatal` for long.
+    wait_until(
+        lambda: "fatal" in flipvisor.event_kinds(),
+        timeout=20,
+        message="generation 2 to crash-loop into fatal",
+    )
+    return flip
+
+
+def test_old_generation_kept_when_new_one_goes_fatal_during_its_drain(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """Generation 1 is still running (20 s of drain delay left) when generation 2 goes fatal:
+    the flip routes back to it (keys, serving) and fails, rather than SIGTERM it at the end of
+    its delay with nothing left serving."""
+    flip = crash_new_generation_during_drain(flipvisor, tmp_path, delay=20)
+    try:
+        served = flipvisor.wait_serving("web", timeout=10, where=lambda g: g["generation"] == 1)
+        out, err = flip.communicate(timeout=FLIP_DEADLINE)
+    finally:
+        flip.kill()
+        flip.communicate(timeout=FLIP_DEADLINE)
+    said = out + err
+    assert flip.returncode == 1, said
+    assert "generation 2 gave up during the drain of generation 1" in said, said
+    assert "routed back to generation 1" in said, said
+    keys = flipvisor.registry()
+    assert keys["flipvisor/web/port/current"] == str(served["port"]), keys
+    web = flipvisor.program("web")
+    assert web["state"] == "running", web
+    assert [g["generation"] for g in web["generations"]] == [1], web
+
+
+def test_flip_does_not_report_success_when_new_generation_went_fatal_during_drain(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    # A delay that outlasts the crash loop on a loaded machine (QA's 3 s did not always): one
+    # that ends first leaves a flip that ended before its generation gave up, a success.
+    flip = crash_new_generation_during_drain(flipvisor, tmp_path, delay=8)
+    out, err = flip.communicate(timeout=FLIP_DEADLINE)
+    nothing_serves = flipvisor.serving("web") is None
+    assert not (flip.returncode == 0 and nothing_serves), (
+        f"flip exit {flip.returncode} while nothing serves:\n{out}{err}"
+    )
+
+
+def test_routing_back_that_fails_drains_the_old_generation_and_names_the_rollback(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """Generation 2 goes fatal in generation 1's drain delay, but generation 1 now fails its
+    readiness probe: it is not routed back to, it drains as it would have, and the program is
+    `fatal` with a reason naming `flipvisor rollback`, as is the flip's answer (exit 1)."""
+    sick = tmp_path / "sick"
+    probe = [sys.executable, "-c", f"import os, sys; sys.exit(os.path.exists({str(sick)!r}))"]
+    readiness = {"exec": probe, "timeout": 1, "interval": 0.05}
+    first = config(svc_command("--version", "1"), 5, readiness=readiness)
+    flip = crash_new_generation_during_drain(
+        flipvisor, tmp_path, delay=5, first=first, meanwhile=sick.touch
+    )
+    out, err = flip.communicate(timeout=FLIP_DEADLINE)
+    said = out + err
+    assert flip.returncode == 1, said
+    assert "routing back to generation 1 failed" in said, said
+    assert "`flipvisor rollback web`" in said, said
+    web = flipvisor.program("web")
+    assert web["state"] == "fatal", web
+    assert "`flipvisor rollback web`" in web["fatal_reason"], web
+    wait_until(lambda: not flipvisor.program("web")["generations"], message="all drained")
+
+
+def test_flip_fails_when_its_generation_gives_up_after_the_old_one_was_signalled(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """Generation 1 got its SIGTERM (too late to route back to) and takes its time to exit when
+    generation 2 goes fatal: the flip, not over until generation 1 is gone, fails saying so,
+    rather than say "generation 2 serving" and exit 0."""
+    markers, gate = tmp_path / "markers", tmp_path / "gate"
+    slow_stop = svc_command("--version", "1", "--markers", str(markers), "--stop-after", str(gate))
+    flag = tmp_path / "break"
+    # The drain timeout outlasts the test's waits: a SIGKILL would end the flip before.
+    flipvisor.start(config(slow_stop, 0.1, drain={"delay": 0.1, "timeout": 60}))
+    flipvisor.wait_serving("web")
+    flipvisor.write_config(config(crash_on_flag(flag), 0.1))
+    flip = flipvisor.cli_started("flip", "web")
+    try:
+        wait_until(
+            lambda: markers.exists() and "TERM" in markers.read_text(),
+            timeout=30,
+            message="generation 1 signalled",
+        )
+        flag.touch()
+        wait_until(
+            lambda: "fatal" in flipvisor.event_kinds(), timeout=20, message="generation 2 fatal"
+        )
+        gate.touch()
+        out, err = flip.communicate(timeout=FLIP_DEADLINE)
+    finally:
+        gate.touch()
+        flip.kill()
+        flip.communicate(timeout=FLIP_DEADLINE)
+    said = out + err
+    assert flip.returncode == 1, said
+    assert "generation 2 gave up before the flip ended" in said, said
+    assert "`flipvisor rollback web`" in said, said

@@ -746,6 +746,120 @@ def test_an_orphan_left_in_a_workers_group_is_the_programs_in_events(
                 leftover.kill()
 
 
+def refuses(port: int) -> bool:
+    """Whether nothing takes a connection on ``port`` (a closed socket), rather than a backlog
+    that holds it."""
+    with socket.socket() as client:
+        client.settimeout(5)
+        return client.connect_ex(("127.0.0.1", port)) != 0
+
+
+def fatal_program(flipvisor: Flipvisor, command: list[str]) -> int:
+    """Start ``command`` (a worker that exits 0 at once) until it is fatal; its port."""
+    web = {
+        "command": command,
+        "drain": {"delay": 0.1, "timeout": 3},
+        "restart": {"max_restarts": 1, "window": 60},
+    }
+    flipvisor.start({"programs": {"web": web}})
+    wait_until(
+        lambda: flipvisor.program("web")["state"] == "fatal", timeout=20, message="web fatal"
+    )
+    (ready,) = events_of(flipvisor, "ready")
+    return int(ready["fields"]["port"])
+
+
+def test_fatal_generation_is_stopped_once_its_workers_children_are_gone(
+    flipvisor: Flipvisor,
+) -> None:
+    # A worker that leaves a short-lived child behind in its group (a log shipper, a cleanup
+    # job) and exits: at the last exit the child still runs, so the generation is not given up
+    # yet; it is once that child is reaped, not left "serving" with a socket nobody reads.
+    child = (
+        "import subprocess, sys; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1)'])"
+    )
+    port = fatal_program(flipvisor, [sys.executable, "-c", child])
+    wait_until(
+        lambda: not flipvisor.program("web")["generations"],
+        timeout=15,
+        message="the fatal generation stopped once its worker's child exited",
+    )
+    assert refuses(port)
+    assert "given-up" in flipvisor.event_kinds()
+
+
+DAEMONIZING = """
+import os, socket, sys, time
+listener = socket.socket(fileno=3)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:  # the daemon: keeps the generation's socket and serves on it
+        while True:
+            conn, _ = listener.accept()
+            conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok")
+            conn.close()
+    os._exit(0)
+os._exit(0)  # the worker itself exits 0 at once, as `gunicorn --daemon` and init scripts do
+"""
+
+
+def test_given_up_daemonizing_worker_really_closes_its_socket(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    # Each run of the worker leaves a daemon (out of its process group) accepting on the
+    # generation's socket. Given up, the generation stops them with it: the `given-up` event
+    # names them, as the drain's `orphans-stopping` does, and the port refuses connections.
+    app = tmp_path / "daemonizing.py"
+    app.write_text(DAEMONIZING)
+    port = fatal_program(flipvisor, [sys.executable, str(app)])
+    wait_until(lambda: refuses(port), timeout=10, message=f"port {port} to refuse connections")
+    stopping = [e for e in events_of(flipvisor, "orphans-stopping") if e["program"] == "web"]
+    stopped = {pid for event in stopping for pid in event["fields"]["pids"]}
+    runs = events_of(flipvisor, "spawned")
+    assert len(stopped) >= len(runs) > 1, stopping  # a daemon left by each run of the worker
+    # It names those it found then: an intermediate fork about to exit by itself, say; the
+    # daemon that its exit hands over to the supervisor later only the drain finds and names.
+    (given_up,) = events_of(flipvisor, "given-up")
+    assert "holding that socket outside their process groups" in given_up["message"], given_up
+
+
+# A daemon out of reach: its parent (out of the worker's group too) stays, without the socket.
+# The worker exits once its daemon runs: a fork still in its group as it exits (before its
+# setsid) would hold the generation's given-up back until that fork exits, 60 s later.
+DAEMON_UNDER_A_KEEPER = """
+import os, socket, sys, time
+listener = socket.socket(fileno=3)
+ready, told = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.write(told, b"!")
+        while True:
+            listener.accept()[0].close()
+    listener.close()
+    time.sleep(60)
+os.read(ready, 1)
+os._exit(0)
+"""
+
+
+def test_what_holds_a_given_up_generations_socket_out_of_reach_is_named(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    # No child of the supervisor holds the socket (each daemon's parent still runs), so none can
+    # be signalled by a proof of who it is; the `socket-held` event names them, with the `kill`.
+    app = tmp_path / "kept_daemon.py"
+    app.write_text(DAEMON_UNDER_A_KEEPER)
+    fatal_program(flipvisor, [sys.executable, str(app)])
+    wait_until(
+        lambda: events_of(flipvisor, "socket-held"), timeout=15, message="a socket-held event"
+    )
+    (held,) = events_of(flipvisor, "socket-held")
+    assert held["fields"]["pids"], held
+    assert all(f"{pid}" in held["message"] for pid in held["fields"]["pids"]), held
+
+
 def test_a_group_member_still_running_at_the_drain_timeout_is_killed_then(
     flipvisor: Flipvisor, tmp_path: Path
 ) -> None:

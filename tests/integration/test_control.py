@@ -9,7 +9,7 @@ import os
 import socket
 import stat
 import tempfile
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -19,7 +19,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 import pytest
-from anyio.abc import SocketStream, TaskStatus
+from anyio.abc import SocketListener, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from flipvisor import control, lasting
@@ -48,6 +48,13 @@ def exists(path: Path) -> bool:
 def remove(path: Path) -> None:
     """What a temp cleaner, or an `rm` by hand, does to the socket file."""
     path.unlink()
+
+
+def folder_instead(path: Path) -> None:
+    """The socket file replaced by a folder (a container's bind mount of its path made while
+    no socket was there)."""
+    path.unlink()
+    path.mkdir()
 
 
 class FakeSupervisor:
@@ -421,8 +428,9 @@ async def test_an_answer_that_cannot_be_encoded_fails_only_its_request(
 
 class ListenerFailing:
     """Our ``serve_listener`` seam: the first ``times`` listeners serve until ``fail`` is set (at
-    once if it is set already), then fail with EBADF (the listener itself broken); ``replaced``
-    is set once the next one serves (the path bound again)."""
+    once if it is set already), then fail with EBADF (the listener itself broken); ``closing``,
+    if given, is called as such a failed listener is closed (before the close itself awaits);
+    ``replaced`` is set once the next one serves (the path bound again)."""
 
     def __init__(self, times: int = 1) -> None:
         self.real = control.serve_listener
@@ -430,10 +438,24 @@ class ListenerFailing:
         self.calls = 0
         self.fail = anyio.Event()
         self.replaced = anyio.Event()
+        self.closing: Callable[[], None] | None = None
+
+    def _on_close(self, listener: SocketListener) -> None:
+        """Call ``closing`` as ``listener`` is closed, then close it."""
+        real_close, closing = listener.aclose, self.closing
+        if closing is None:
+            return
+
+        async def aclose() -> None:
+            closing()
+            await real_close()
+
+        listener.aclose = aclose  # type: ignore[method-assign]
 
     async def __call__(self, *args: Any, **kwargs: Any) -> None:
         self.calls += 1
         if self.calls <= self.times:
+            self._on_close(args[0])
             async with anyio.create_task_group() as served:
                 served.start_soon(partial(self.real, *args, **kwargs))
                 await self.fail.wait()
@@ -566,22 +588,71 @@ async def test_a_sighup_while_the_failed_listener_closes_ends_the_pause_too(
     monkeypatch.setattr(control, "serve_listener", failing)
     monkeypatch.setattr(lasting, "FIRST_PAUSE", 3600.0)
     said: list[bool] = []
-    real_describe = control.describe
 
-    def describe_with_a_sighup(failure: BaseException) -> str:
-        # Logged after the close, before the pause: the window itself (the second failure's:
-        # the first is bound again at once).
-        if failing.calls == 2 and not said:
+    def sighup() -> None:
+        # The window itself: the failed listener closing (the second failure's: the first is
+        # bound again at once, no pause to end).
+        if failing.calls == 2:
             said.append(server.relisten())
-        return real_describe(failure)
 
-    monkeypatch.setattr(control, "describe", describe_with_a_sighup)
+    failing.closing = sighup
     async with serving(sock_path, FakeSupervisor().dispatch) as server:
         with anyio.fail_after(DEADLINE):
             await failing.replaced.wait()
         answer = await ask(sock_path, Request("status"))
     assert said == [True]
     assert answer[-1]["ok"]
+
+
+async def test_a_sighup_after_a_failed_listener_was_replaced_listens_on_the_path_again(
+    sock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A SIGHUP ends a pause only while the failed listener is not replaced yet: once its
+    # replacement serves, it is for a removed socket file again (it said yes to one, as if
+    # ending a pause, and nobody could connect).
+    failing = ListenerFailing()
+    failing.fail.set()
+    monkeypatch.setattr(control, "serve_listener", failing)
+    async with serving(sock_path, FakeSupervisor().dispatch) as server:
+        with anyio.fail_after(DEADLINE):
+            await failing.replaced.wait()
+        remove(sock_path)
+        assert server.relisten()
+        answer = await wait_for_answer(sock_path)
+    assert answer[-1]["ok"]
+
+
+async def test_a_path_that_cannot_be_bound_again_is_tried_after_growing_pauses(
+    sock_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The listener failed, and a folder was made at the path meanwhile: it is tried again at
+    # once, then after a pause doubling at each try that fails (no spin on the event loop), and
+    # listened on again once the path is free.
+    failing = ListenerFailing()
+    failing.fail.set()
+
+    async def with_a_folder_put_there(*args: Any, **kwargs: Any) -> None:
+        if failing.calls == 0:
+            folder_instead(sock_path)
+        await failing(*args, **kwargs)
+
+    monkeypatch.setattr(control, "serve_listener", with_a_folder_put_there)
+    monkeypatch.setattr(lasting, "FIRST_PAUSE", 0.05)
+    async with serving(sock_path, FakeSupervisor().dispatch):
+        await await_until(lambda: holds("listening on it again in 0.2 s" in caplog.text), DEADLINE)
+        await anyio.Path(sock_path).rmdir()
+        with anyio.fail_after(DEADLINE):
+            await failing.replaced.wait()
+        answer = await ask(sock_path, Request("status"))
+    assert answer[-1]["ok"]
+    failed = [r.getMessage() for r in caplog.records if "failed:" in r.getMessage()]
+    assert "Bad file descriptor" in failed[0] and "UnusableStateFile" in failed[1]
+    assert [each.rpartition("; ")[2].split(" (")[0] for each in failed][:4] == [
+        "listening on it again now",
+        "listening on it again in 0.05 s",
+        "listening on it again in 0.1 s",
+        "listening on it again in 0.2 s",
+    ]
 
 
 def test_peer_allowed() -> None:

@@ -27,9 +27,9 @@ from flipvisor.config import (
 )
 from flipvisor.discard import DEADLINE_GRACE, DISCARD_MARGIN, discard_bound
 from flipvisor.events import EventLog
-from flipvisor.generation import KILL_GRACE
 from flipvisor.program import Program, Runtime
 from flipvisor.registry.local import LocalRegistry
+from flipvisor.spawn import KILL_GRACE
 from tests.fixtures.flipvisor import svc_command
 from tests.fixtures.nginx import free_port
 from tests.reaping import running_reaper

@@ -32,6 +32,7 @@ from flipvisor.config import (
 from flipvisor.errors import ProbeFailed, SpawnError
 from flipvisor.events import Event, EventLog
 from flipvisor.generation import Generation
+from flipvisor.generation_drain import drain_takes_at_most
 from flipvisor.logs import ProgramLog
 from flipvisor.output_pipe import OUTPUT_GRACE
 from flipvisor.published_keys import serving_snapshot
@@ -904,3 +905,47 @@ async def test_a_worker_exit_ends_the_probe_at_once(tmp_path: Path) -> None:
 
                 tg.start_soon(probe)
                 gen.fail("worker 0 crashed")
+
+
+async def test_a_worker_still_held_after_sigkill_is_waited_for_once_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker the kernel holds after SIGKILL (D state): a reaper that is not running stands in
+    # for it, with a real process whose exit is never collected. The drain SIGKILLs it and waits
+    # out the kill grace once; the worker's own stop (the task group's cancel) must not then
+    # run the drain signal, timeout and kill grace all over again, past what the drain promises
+    # (``drain_takes_at_most``, which a discard's bound builds on). And the events must say the
+    # worker is still running, not only that the generation stopped.
+    grace = 3.0
+    monkeypatch.setattr(generation, "KILL_GRACE", grace)
+    monkeypatch.setattr("flipvisor.spawn.KILL_GRACE", grace)
+    drain = DrainConfig(delay=0.0, timeout=0.5)
+    config = ProgramConfig(command=["sleep", "30"], numprocs=1, drain=drain)
+    reaper = Reaper(reap_orphans=False)  # not reaping: as if the kernel held the killed worker
+    log = ProgramLog(tmp_path / "logs" / "web.log", LogsConfig())
+    try:
+        async with anyio.create_task_group() as tg:
+            h = Harness(tmp_path, reaper, tg, log)
+            gen = await h.start(config)
+            pid = gen.workers[0].pid
+            assert pid is not None
+            try:
+                gen.request_stop(delay=0.0)
+                bound = drain_takes_at_most(drain, delay=0.0, kill_grace=grace)
+                with anyio.fail_after(bound):
+                    await gen.wait_stopped()
+            finally:
+                await await_until(lambda: _gone(pid), timeout=DEADLINE, message="the worker")
+                reaper.reap()  # collect it after all
+    finally:
+        log.close()
+    [still] = h.events_of("still-running")
+    assert still.fields["pid"] == pid
+    assert "SIGKILL" in still.message
+
+
+async def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

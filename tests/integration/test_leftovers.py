@@ -19,6 +19,7 @@ import anyio
 import psutil
 import pytest
 
+from flipvisor import lineage
 from flipvisor.config import DrainConfig, SocketConfig
 from flipvisor.leftover_records import leftovers_in
 from flipvisor.leftovers import Leftovers
@@ -318,6 +319,73 @@ def test_processes_of_finds_what_names_the_state_dir_in_its_environment(tmp_path
             process.kill()
             process.wait()
     assert processes_of(tmp_path) == {}
+
+
+def test_a_process_read_in_the_middle_of_an_exec_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In the middle of an exec (a worker's wrapper exec'ing the app, a master's new worker) the
+    # kernel shows no environment until it has laid out the new program's: the window the
+    # test above waits out after Popen. It cannot be held open on demand, so the first read of
+    # this real process's environment is made to return what the kernel returns then.
+    env = {**os.environ, "FLIPVISOR_STATE_DIR": str(tmp_path), "FLIPVISOR_PROGRAM": "web"}
+    process = subprocess.Popen(["sleep", "60"], env=env)
+    try:
+        recorded = wait_until(lambda: recorded_now(process.pid), message="the start time")
+        wait_until(lambda: processes_of(tmp_path), message="its environment laid out")
+        read = lineage.environ_of
+        mid_exec = {process.pid}
+
+        def environ_of(pid: int) -> list[bytes]:
+            if pid in mid_exec:
+                mid_exec.discard(pid)
+                return [b""]
+            return read(pid)
+
+        monkeypatch.setattr(lineage, "environ_of", environ_of)
+        assert processes_of(tmp_path) == {"web": [recorded]}
+        assert not mid_exec, "the empty read was the scan's first"
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_kernel_threads_and_zombies_are_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Their environment reads as empty too (on the kernels that answer a read of a process
+    # without memory with nothing rather than ESRCH, as this test makes the reads answer), but
+    # not because they are in the middle of an exec: a second read would say nothing new.
+    kernel_threads = [pid for pid in _pids() if _flags(pid) & 0x00200000]
+    zombie = subprocess.Popen(["true"])
+    try:
+        wait_until(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE)
+        read = lineage.environ_of
+        reads: dict[int, int] = {}
+
+        def environ_of(pid: int) -> list[bytes]:
+            reads[pid] = reads.get(pid, 0) + 1
+            return [b""] if pid == zombie.pid or pid in kernel_threads else read(pid)
+
+        monkeypatch.setattr(lineage, "environ_of", environ_of)
+        assert processes_of(tmp_path) == {}
+    finally:
+        zombie.wait()
+    assert reads[zombie.pid] == 1, "the zombie is read once"
+    assert {reads[pid] for pid in kernel_threads if pid in reads} <= {1}, "kernel threads once"
+    assert not kernel_threads or any(pid in reads for pid in kernel_threads)
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _flags(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rpartition(b")")[2].split()[6])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def test_take_socket_of_a_worker_whose_fd_3_is_no_inet_socket_is_none(

@@ -111,6 +111,46 @@ def pipe() -> Iterator[Callable[[], int]]:
         os.close(fd)
 
 
+async def test_the_keepers_stop_gives_up_on_one_still_held_after_sigkill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A keeper in uninterruptible sleep outlives its SIGKILL for as long as the kernel holds it:
+    # as far as the supervisor can tell, its exit is never collected. A reaper that is not
+    # running gives exactly that, with the real keeper; its stop must give up after the grace.
+    monkeypatch.setattr("flipvisor.kept_outputs.EXIT_GRACE", 0.2)
+    monkeypatch.setattr("flipvisor.spawn.KILL_GRACE", 0.3, raising=False)
+    reaper = Reaper(reap_orphans=False)  # not reaping: as if the kernel held the keeper
+    keeper = OutputKeeper(tmp_path, reaper)
+    scopes: list[anyio.CancelScope] = []
+    finished = anyio.Event()
+
+    async def run_keeper() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            try:
+                await keeper.run()
+            finally:
+                finished.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_keeper)
+        await await_until(lambda: holds(keeper.pid and scopes), message="the keeper to start")
+        pid = keeper.pid
+        assert pid is not None
+        scopes[0].cancel()
+        try:
+            await await_until(
+                lambda: holds(finished.is_set()), timeout=5, message="the stop to give up"
+            )
+        finally:
+            # Collect it after all (this also ends a stop that would wait forever).
+            await await_until(
+                lambda: holds(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE),
+                message="the keeper to exit",
+            )
+            reaper.reap()
+
+
 async def test_the_keeper_holds_what_it_is_told_and_lets_go_of_what_is_released(
     tmp_path: Path, pipe: Callable[[], int]
 ) -> None:

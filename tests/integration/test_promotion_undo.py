@@ -181,3 +181,28 @@ async def test_an_undo_cut_short_while_old_proxy_workers_finish_says_it_was_relo
             report = await undone(proxy, ProxyError("the registry step failed"), [], reaper=reaper)
 
     assert report.stranded is None, report.stranded
+
+
+async def test_a_failed_reload_back_promises_the_next_start_only_a_record_that_is_kept(
+    tmp_path: Path,
+) -> None:
+    """The flip's journal recorded no change (its proxy step changed no file), and the reload
+    back fails: the message promised that "the next start of the supervisor checks the proxy's
+    config and reloads it (the flip's proxy-undo record is kept for that)", with no record on
+    disk for the next start to read (review)."""
+    state_dir = tmp_path / "state"
+    proxy = ProxyConfig(
+        template=tmp_path / "t.j2", dest=tmp_path / "site.conf", reload_cmd=["false"]
+    )
+    journal = flip_journal(state_dir, "web", generation=2, port=2002, supervisor={"pid": 1})
+    await journal.before_registry_step()  # nothing to mark: no change recorded
+    async with running_reaper() as reaper:
+        report = await undone(
+            proxy, ProxyError("the registry step failed"), [], reaper=reaper, journal=journal
+        )
+
+    assert pending(state_dir) == []
+    reload_back = next(step for step in report.steps if step.name == "reload-back")
+    assert "run `false` now" in reload_back.detail, reload_back.detail
+    assert "next start" not in reload_back.detail, reload_back.detail
+    assert "record is kept" not in reload_back.detail, reload_back.detail

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import subprocess
 import time
@@ -21,7 +22,15 @@ from flipvisor.registry import KEY_SUFFIXES, Snapshot, WatchEvent, WatchLost
 from flipvisor.registry.etcd import EtcdRegistry
 from flipvisor.registry.etcd_client import EtcdConnection
 from flipvisor.starttime import recorded_now
-from tests.fixtures.etcd import TLS_PASSWORD, TLS_USER, EtcdServer, free_port
+from tests.fixtures.etcd import (
+    FOREIGN_KEYS,
+    FOREIGN_VALUE_BYTES,
+    TLS_PASSWORD,
+    TLS_USER,
+    EtcdServer,
+    free_port,
+    put_large,
+)
 from tests.fixtures.slow_link import SlowLink
 from tests.waiting import await_until, holds
 
@@ -96,6 +105,26 @@ async def test_swap_loses_to_a_concurrent_writer(etcd_server: EtcdServer, etcd_p
         etcd_server.put(f"{etcd_prefix}/fresh/port/current", "1")
         with pytest.raises(RegistryConflict, match=f"{etcd_prefix}/fresh/port/current"):
             await registry.swap("fresh", Snapshot(), record(1, 2, [3]))
+    finally:
+        await registry.aclose()
+
+
+async def test_a_lost_swap_names_the_key_with_large_foreign_keys_in_the_folder(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """Another tool's keys under the program's folder, more than a gRPC reply takes (4 MiB): the
+    swap's failure branch reads back the program's keys alone (QA 15: it read the folder, and a
+    lost compare failed with RESOURCE_EXHAUSTED instead of naming the key that changed)."""
+    registry = registry_for(etcd_server.endpoint, etcd_prefix)
+    try:
+        await registry.swap("app", Snapshot(), record(1, 41000, [101]))
+        for n in range(FOREIGN_KEYS):
+            put_large(etcd_server, f"{etcd_prefix}/app/extra/{n}", FOREIGN_VALUE_BYTES)
+        seen = await registry.snapshot("app")
+        assert seen.values == record(1, 41000, [101]).values
+        etcd_server.put(f"{etcd_prefix}/app/pid/current", "999")  # somebody else, in between
+        with pytest.raises(RegistryConflict, match=f"{etcd_prefix}/app/pid/current"):
+            await registry.swap("app", seen, promoted(seen, record(2, 42000, [202])))
     finally:
         await registry.aclose()
 
@@ -182,6 +211,8 @@ async def test_an_etcd_that_stops_answering_fails_requests_at_the_timeout(
             hung = rf"etcd at 127\.0\.0\.1:{restartable_etcd.client_port} did not answer within 1 s"
             with pytest.raises(RegistryError, match=hung):
                 await registry.swap("app", first, promoted(first, record(2, 42000, [202])))
+            # Known not to answer: a first start defers its registration without waiting.
+            assert re.search(hung, str(registry.unanswered()))
             with pytest.raises(RegistryError, match=hung):
                 await registry.snapshot("app")
             with pytest.raises(RegistryError, match=hung):

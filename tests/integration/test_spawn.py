@@ -34,7 +34,7 @@ from flipvisor.strays import Strays
 from flipvisor.verified_signal import signal_verified
 from tests.clock import step_clock
 from tests.reaping import run_script, running_reaper
-from tests.waiting import wait_until
+from tests.waiting import await_until, holds, wait_until
 
 CHILD_DEADLINE = 10.0
 
@@ -532,6 +532,66 @@ async def test_stop_finishes_even_when_the_caller_is_cancelled() -> None:
             child.close()
 
 
+async def test_stop_gives_up_on_a_child_still_held_after_sigkill(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A process in uninterruptible sleep (D state) outlives SIGKILL for as long as the kernel
+    # holds it: as far as the stop can tell, its exit is never collected. A reaper that is not
+    # running gives exactly that, with a real process; the stop must give up after the grace.
+    monkeypatch.setattr("flipvisor.spawn.KILL_GRACE", 0.3, raising=False)
+    reaper = Reaper(reap_orphans=False)  # not reaping: as if the kernel held the killed child
+    child = spawn_process(["sleep", "30"], reaper=reaper, env=os.environ)
+    stopped: list[int | None] = []
+
+    async def stop() -> None:
+        stopped.append(await child.stop(signal.SIGTERM, timeout=0.2))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop)
+            try:
+                await await_until(
+                    lambda: holds(stopped), timeout=5, message="the stop to give up waiting"
+                )
+            finally:
+                # Collect it after all (this also ends a stop that would wait forever).
+                wait_until(lambda: gone(child.pid), timeout=5, message="the SIGKILLed child")
+                reaper.reap()
+    finally:
+        child.close()
+    assert stopped == [None], "no return code: it was never reaped while the stop waited"
+    assert child.returncode == -signal.SIGTERM
+
+
+async def test_a_command_still_held_after_sigkill_is_reported_as_still_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As above: a reaper that is not running stands in for a kernel that holds the command.
+    monkeypatch.setattr("flipvisor.spawn.KILL_GRACE", 0.3)
+    reaper = Reaper(reap_orphans=False)
+    results: list[Any] = []
+
+    async def run() -> None:
+        results.append(await run_command(["sleep", "30"], reaper=reaper, timeout=0.2))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        try:
+            await await_until(lambda: holds(results), timeout=10, message="the command given up")
+        finally:
+            wait_until(lambda: _exited(results, reaper), timeout=10, message="the killed command")
+            reaper.reap()
+    [result] = results
+    assert result.still_running
+    assert not result.ok
+    assert "still running after SIGKILL" in result.describe()
+    assert "killed by" not in result.describe()
+
+
+def _exited(results: list[Any], reaper: Reaper) -> bool:
+    return bool(results) and all(gone(pid) for pid in reaper._waiters)
+
+
 # -- short commands --------------------------------------------------------------------------
 
 
@@ -843,7 +903,10 @@ def test_strays_that_exited_unreaped_are_not_signalled() -> None:
         [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
     )
     try:
-        with Strays.collect({quick.pid, slow.pid}) as strays:
+        # Held as collect holds strays (each leads its own group here, which collect leaves out:
+        # a group's leader is reached through its own pidfd).
+        pidfds = {pid: os.pidfd_open(pid) for pid in (quick.pid, slow.pid)}
+        with Strays(pidfds) as strays:
             assert sorted(strays.pids) == sorted([quick.pid, slow.pid])
             assert quick.stdin is not None
             quick.stdin.close()

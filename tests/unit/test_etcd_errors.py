@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import grpc  # type: ignore[import-untyped]
 
-from flipvisor.registry.etcd_client import describe_rpc_error
+from flipvisor.registry.etcd_errors import describe_rpc_error
 
 
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:

@@ -48,6 +48,7 @@ SPAWN = {
     "run_command",
     "verified_signal",
     "strays",
+    "socket_holders",
     "lineage",
 }
 # The output keeper process (stdlib and the log writer only: it must stay small) and the
@@ -94,6 +95,7 @@ CORE = WORKERS | {
     "flip_outcome",
     "discard",
     "retirement",
+    "route_back",
     "takeover",
     "protocol",
     "control",
@@ -146,6 +148,7 @@ ALLOWED: dict[str, set[str]] = {
     "run_command": {"reaper", "spawn", "output_pipe", "strays"},
     "verified_signal": {"starttime"},
     "strays": set(),
+    "socket_holders": {"strays"},
     "lineage": {"starttime", "verified_signal"},
     # Not config: the output keeper writes logs without loading the config's models.
     "logs": {"logs_follow"},  # logs_follow: the numbering its files get
@@ -298,7 +301,17 @@ ALLOWED: dict[str, set[str]] = {
     "program_stop": WORKERS | {"unroute", "program"},
     "crash_policy": WORKERS | {"restarts", "program"},
     "flip": WORKERS
-    | {"promotion", "proxy_patience", "program", "flip_steps", "flip_outcome", "discard"},
+    | {
+        "promotion",
+        "proxy_patience",
+        "program",
+        "flip_steps",
+        "flip_outcome",
+        "discard",
+        "route_back",
+    },
+    # A flip's drain of what it replaced, routed back to if what it promoted gives up.
+    "route_back": WORKERS | {"promotion", "program", "flip", "flip_steps", "retirement"},
     "flip_steps": WORKERS
     | {"promotion", "proxy_patience", "program", "flip", "flip_outcome", "discard"},
     "flip_outcome": WORKERS | {"program"},

@@ -45,13 +45,19 @@ class Flaky:
 
 @pytest.fixture
 def pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The pauses before each start again (not slept: the tests need not wait them)."""
+    """The pauses before each start again, as ``ended`` gave them (not slept: the tests need not
+    wait them)."""
     slept: list[float] = []
+    real_ended = RestartPause.ended
 
-    async def pause(self: RestartPause, seconds: float) -> None:
-        slept.append(seconds)
+    def ended(self: RestartPause) -> float:
+        slept.append(real_ended(self))
+        return slept[-1]
+
+    async def pause(self: RestartPause) -> None:
         await anyio.lowlevel.checkpoint()
 
+    monkeypatch.setattr(RestartPause, "ended", ended)
     monkeypatch.setattr(RestartPause, "pause", pause)
     return slept
 
@@ -149,3 +155,61 @@ def test_describe_says_the_error_not_its_group() -> None:
     both = ExceptionGroup("two", [leaf, RuntimeError("a bug")])
     assert describe(both) == "OSError: [Errno 9] Bad file descriptor; RuntimeError: a bug"
     assert describe(RuntimeError()) == "RuntimeError"
+
+
+@pytest.fixture
+def long_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pauses far longer than any test: one that ends did so because it was woken."""
+    monkeypatch.setattr(lasting, "FIRST_PAUSE", 3600.0)
+    monkeypatch.setattr(lasting, "LONGEST_PAUSE", 7200.0)
+
+
+async def _still_pausing(restarts: RestartPause) -> bool:
+    """Whether ``restarts.pause()`` was still under way a moment after it began (cut short)."""
+    with anyio.move_on_after(0.05) as scope:
+        await restarts.pause()
+    return scope.cancelled_caught
+
+
+async def test_one_wake_ends_one_pause(long_pauses: None) -> None:
+    # A SIGHUP ends the pause after a failure, not the one after the next failure too: a
+    # listener failing in a loop is not replaced again at once for one signal.
+    restarts = RestartPause()
+    assert restarts.ended() == 3600.0
+    assert restarts.wake()
+    with anyio.fail_after(5):
+        await restarts.pause()  # woken already: ends at once
+    assert restarts.ended() == 7200.0
+    assert await _still_pausing(restarts), "the one wake ended the next pause too"
+
+
+async def test_a_wake_while_starting_again_ends_the_pause_after_that_start_fails(
+    long_pauses: None,
+) -> None:
+    # The control socket's listener: it failed (replaced at once), the path could not be bound
+    # (a pause, cut short by a SIGHUP), and a SIGHUP comes while it is bound again: that fails
+    # too (the path still taken), and the pause after it is cut short, the SIGHUP not lost.
+    restarts = RestartPause(at_once_first=True)
+    assert restarts.ended() == 0.0
+    await restarts.pause()
+    assert restarts.ended() == 3600.0
+    assert restarts.wake()
+    with anyio.fail_after(5):
+        await restarts.pause()
+    assert restarts.wake(), "binding again: a pause is due if it fails"
+    assert restarts.ended() == 7200.0
+    with anyio.fail_after(5):
+        await restarts.pause()
+
+
+async def test_a_wake_while_serving_is_none_and_a_pause_needs_an_end() -> None:
+    restarts = RestartPause()
+    restarts.serving()
+    assert not restarts.wake()
+    with pytest.raises(RuntimeError, match="no restart pause is due"):
+        await restarts.pause()
+    restarts.ended()
+    restarts.wake()
+    await restarts.pause()
+    with pytest.raises(RuntimeError, match="no restart pause is due"):
+        await restarts.pause()  # slept already

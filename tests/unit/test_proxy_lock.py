@@ -296,7 +296,9 @@ async def test_a_flip_cut_short_names_who_held_it_not_the_task_queued_behind_it(
     assert lock.holder is None and not lock.locked()
 
 
-async def test_a_flip_cut_short_names_who_handed_the_lock_on_past_it() -> None:
+async def test_a_flip_cut_short_names_who_handed_the_lock_on_past_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # web holds it, a removal waits, then api's flip, then the removal of db: web lets go to
     # the removal, which lets go as the flip's --timeout lands, in the same loop iteration: the
     # lock goes on past the cancelled flip to db's removal (queued after it). The flip was held
@@ -304,6 +306,16 @@ async def test_a_flip_cut_short_names_who_handed_the_lock_on_past_it() -> None:
     lock, web = ProxyLock(), ProxyHolder.named("web's flip", "web")
     db = ProxyHolder.named("the removal of db from the proxy", "db")
     timeout, removed = anyio.CancelScope(), anyio.Event()
+    # Who held it as the flip's wait asked: the case under test (the answer the last release,
+    # ``held_before``'s second branch) only if db did by then, which asyncio's order decides.
+    asked: list[ProxyHolder | None] = []
+    real_held_before = lock.held_before
+
+    def held_before(mark: int) -> ProxyHolder | None:
+        asked.append(lock.holder)
+        return real_held_before(mark)
+
+    monkeypatch.setattr(lock, "held_before", held_before)
 
     with _flip_report("api") as report:
         async with anyio.create_task_group() as tg:
@@ -321,6 +333,7 @@ async def test_a_flip_cut_short_names_who_handed_the_lock_on_past_it() -> None:
             removed.set()  # it lets go first, in the loop iteration the flip is cancelled in
             timeout.cancel()
         assert timeout.cancelled_caught
+        assert asked == [db], "not handed on past the flip before it asked: nothing tested"
         assert report.held_up_by == REMOVAL
     assert lock.holder is None and not lock.locked()
 

@@ -36,6 +36,9 @@ GENERATION_MOVES = {
     (G.STARTING, G.DRAINING),
     (G.PROMOTING, G.DRAINING),
     (G.DRAINING, G.FAILED),
+    # Replaced, in its drain delay (not signalled): routed back to, as the generation its flip
+    # promoted gave up (``route_back.py``).
+    (G.DRAINING, G.READY),
     # a generation whose flip a stop called off before it served
     (G.STARTING, G.STOPPED),
     (G.READY, G.STOPPED),
@@ -86,7 +89,6 @@ def test_allowed_worker_move(current: WorkerState, new: WorkerState) -> None:
         (G.STOPPED, G.SERVING),  # terminal
         (G.DRAINING, G.SERVING),  # a draining generation is never routed to again
         (G.SERVING, G.SERVING),
-        (G.DRAINING, G.READY),  # a draining generation is never warm again
         (G.FAILED, G.DRAINING),  # terminal
     ],
 )

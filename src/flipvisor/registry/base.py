@@ -174,11 +174,21 @@ class Registry(Protocol):
         """Release connections."""
         ...
 
+    def unanswered(self) -> RegistryError | None:
+        """Why the store is known not to answer: the error of its latest request or connection
+        attempt that got no answer (a timeout, a refused connection; not an error the store
+        answered with) while it answered nothing since; else None. A
+        first start defers its registration at once then (``promotion_steps``), rather than
+        wait another request timeout for a store that just failed to answer."""
+        ...
+
     def health(self) -> dict[str, Any]:
         """For ``status``: ``{"backend", "where", "connected", "pending": [programs],
-        "conflicting": [programs]}``: the programs whose keys are not yet written as they
-        should be, and those whose writes were given up on after conflicts in a row with another
-        writer (etcd), left so until the next publish, withdrawal or reconnect."""
+        "problem", "conflicting": [programs]}``: the programs whose keys are not yet written as
+        they should be; what the store (or whatever answered for it) said that is no outage,
+        with what to do, until a request succeeds (etcd; else None); and the programs whose
+        writes were given up on after conflicts in a row with another writer (etcd), left so
+        until the next publish, withdrawal or reconnect."""
         ...
 
 

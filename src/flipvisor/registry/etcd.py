@@ -10,7 +10,12 @@ The registry remembers the latest value it swapped or published for every progra
 kept in ``etcd_intent`` with the rest of its bookkeeping); ``run`` keeps a connection alive,
 notices an outage when its liveness watch stream breaks (TCP reset, or HTTP/2 keepalive for a
 silent peer: no polling), reconnects with backoff, and then rewrites every desired program whose
-keys differ, so the keys match what is serving within seconds of etcd coming back. Such a rewrite
+keys differ, so the keys match what is serving within seconds of etcd coming back. Until etcd
+answers again, it keeps the error of the request it did not answer (``unanswered``; a request
+past its timeout also makes ``run`` reconnect, which tells when it answers again): a first start
+then registers later at once, rather than wait another timeout. What etcd (or whatever
+answered) said that is no outage and has a next step (credentials, no etcd there) is ``problem``
+for `status`, until a request succeeds. Such a rewrite
 (and a ``publish``: a replaced worker's PIDs) is one transaction that compares what was read, and
 applies only to keys that are this supervisor's, missing or garbage: keys whose record names
 another supervisor on the prefix that promoted the program since are left to it, with a warning
@@ -36,7 +41,7 @@ from aetcd import rpc
 from anyio.abc import TaskStatus
 
 from flipvisor.config import RegistryConfig
-from flipvisor.errors import RegistryConflict, RegistryError
+from flipvisor.errors import RegistryConflict, RegistryError, RegistryUnanswered
 
 from .base import (
     KeyRange,
@@ -48,6 +53,7 @@ from .etcd_client import (
     MIN_BACKOFF,
     EtcdConnection,
     connect,
+    text_of,
     txn_compare_unchanged_since,
     txn_compare_value,
     txn_read,
@@ -85,8 +91,10 @@ class EtcdRegistry:
         self._write_lock = anyio.Lock()
         self._kick = anyio.Event()
         self._running = False
-        # What etcd (or whatever answered) said that is no outage, if the last call failed so
-        # (shown by `status`); cleared by a call that succeeds.
+        # How etcd answered the latest request (``_outcome``): the error it gave no answer to,
+        # while it answered none since (``unanswered``); what it (or whatever answered) said
+        # that is no outage, shown by `status`, until a request succeeds (``problem``).
+        self._unanswered: RegistryError | None = None
         self.problem: str | None = None
         self.keys = ProgramKeys(self.prefix, self.intent, self._write_lock, self._wake)
 
@@ -110,15 +118,61 @@ class EtcdRegistry:
             "conflicting": sorted(self.keys.conflicts.given_up),
         }
 
-    def _timeout_error(self) -> RegistryError:
-        where = self._conn.endpoint if self._conn else ", ".join(self.config.endpoints)
-        return RegistryError(f"etcd at {where} did not answer within {self.config.timeout:g} s")
+    def unanswered(self) -> RegistryError | None:
+        """Why etcd is known not to answer (``Registry.unanswered``): a first start that finds
+        it so defers its registration at once, not after another ``registry.timeout``."""
+        return self._unanswered
+
+    def _outcome(self, exc: RegistryError | None) -> None:
+        """Remember how the latest request or connection attempt ended: failed with ``exc``,
+        or succeeded (None: clears both). ``unanswered`` keeps an error etcd gave no answer to
+        (``RegistryUnanswered``; a refusal, a lost compare, an endpoint that is no etcd all
+        answered); ``problem``, what etcd or whatever answered said that has a next step."""
+        self._unanswered = exc if isinstance(exc, RegistryUnanswered) else None
+        self.problem = None if exc is None else _said(exc)
 
     @asynccontextmanager
-    async def _use(self, *, settles: bool = True) -> AsyncIterator[EtcdConnection]:
+    async def _request(self) -> AsyncIterator[EtcdConnection]:
+        """The live connection for one request bounded by the request timeout, recording its
+        outcome (``_outcome``), the deadline's ``TimeoutError`` turned into the
+        ``RegistryUnanswered`` that says so.
+
+        A request past its deadline retires its connection and wakes ``run``: this deadline
+        passes before the call's own (which would mark the connection broken), and the
+        liveness watch outlives a short stall, so nothing else would reconnect, and nothing
+        would find out that etcd answers again (``unanswered`` would stay set).
+
+        Raises:
+            RegistryError: etcd refused, failed, or did not answer within the timeout.
+        """
+        used: EtcdConnection | None = None
+        try:
+            with anyio.fail_after(self.config.timeout):
+                async with self._use() as conn:  # records a RegistryError on the way
+                    used = conn
+                    yield conn
+        except TimeoutError:
+            error = self._timeout_error()
+            self._outcome(error)
+            if used is not None:
+                await used.retire()
+            raise error from None
+        finally:
+            if used is not None and used.broken.is_set():
+                self._kick.set()  # ``run``: reconnect, which tells when etcd answers again
+        self._outcome(None)
+
+    def _timeout_error(self) -> RegistryError:
+        where = self._conn.endpoint if self._conn else ", ".join(self.config.endpoints)
+        return RegistryUnanswered(
+            f"etcd at {where} did not answer within {self.config.timeout:g} s"
+        )
+
+    @asynccontextmanager
+    async def _use(self) -> AsyncIterator[EtcdConnection]:
         """The live connection (connecting now if there is none), held open while in the block.
-        A ``RegistryError`` on the way becomes ``problem``; a block that ends without one clears
-        it if it ``settles`` (not ``run``'s, which keeps the keys written and says so itself).
+        A ``RegistryError`` on the way is recorded (``_outcome``); a new connection is an
+        answer (``unanswered`` clears), not yet a request that succeeded (``problem`` stays).
 
         Raises:
             RegistryError: no endpoint answered within the timeout.
@@ -130,6 +184,7 @@ class EtcdRegistry:
                     self._conn = None
                     conn = await connect(self.config, f"{self.prefix}/")
                     self._conn = conn
+                    self._unanswered = None
                     # A new connection checks every program: those to keep written and those to
                     # withdraw (a taken-over one is in ``withdrawing`` alone), given up on or not.
                     self.intent.pending.update(self.intent.desired, self.intent.withdrawing)
@@ -137,10 +192,8 @@ class EtcdRegistry:
             async with conn.use():
                 yield conn
         except RegistryError as exc:
-            self.problem = _said(exc)
+            self._outcome(exc)
             raise
-        if settles:
-            self.problem = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Stay connected, reconnect after outages, and write what ``desired`` says; until
@@ -151,7 +204,7 @@ class EtcdRegistry:
         try:
             while True:
                 try:
-                    async with self._use(settles=False) as conn:
+                    async with self._use() as conn:
                         if outage_logged:
                             log.info("etcd at %s is reachable again", conn.endpoint)
                             outage_logged = False
@@ -192,9 +245,10 @@ class EtcdRegistry:
                 try:
                     await self.keys.reconcile(conn, program)
                 except RegistryError as exc:
+                    self._outcome(exc)
                     log.warning("program=%s cannot update etcd keys yet: %s", program, exc)
-                    self.problem = _said(exc)
                     return
+                self._unanswered = None  # etcd answered (a request may have timed out before)
             self.problem = None  # every program due was written
             with anyio.move_on_after(backoff.wait(self.intent.pending, anyio.current_time())):
                 await self._kick.wait()
@@ -205,12 +259,8 @@ class EtcdRegistry:
         Raises:
             RegistryError: etcd did not answer within the request timeout.
         """
-        try:
-            with anyio.fail_after(self.config.timeout):
-                async with self._use() as conn:
-                    return await self.keys.read(conn, program)
-        except TimeoutError:
-            raise self._timeout_error() from None
+        async with self._request() as conn:
+            return await self.keys.read(conn, program)
 
     async def swap(self, program: str, expected: Snapshot, new: Snapshot) -> None:
         """Replace ``program``'s keys with ``new`` in one transaction if they hold ``expected``.
@@ -229,22 +279,17 @@ class EtcdRegistry:
         if seen is not None:
             compare += [txn_compare_unchanged_since(key, seen) for key in keys.values()]
         success = [txn_write(key, new.get(suffix)) for suffix, key in keys.items()]
-        failure = txn_read([f"{self.prefix}/{program}/"])
+        # Read back only the program's keys (not its folder, where other keys may be large).
+        failure = txn_read(list(keys.values()))
         request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
         try:
-            with anyio.fail_after(self.config.timeout):
-                async with self._use() as conn, self._write_lock:
-                    reply = await conn.call("Txn", request)
-                    if reply.succeeded:
-                        # Under the lock, so no reconcile writes an older desired value over it.
-                        self.intent.swapped(
-                            program, new, began=began, revision=reply.header.revision
-                        )
-                        self.keys.conflicts.cleared(program)  # written: no backoff left
-        except TimeoutError:
-            self.intent.remember(program, expected, lost=new, began=began)
-            raise self._timeout_error() from None
-        except RegistryError:
+            async with self._request() as conn, self._write_lock:
+                reply = await conn.call("Txn", request)
+                if reply.succeeded:
+                    # Under the lock, so no reconcile writes an older desired value over it.
+                    self.intent.swapped(program, new, began=began, revision=reply.header.revision)
+                    self.keys.conflicts.cleared(program)  # written: no backoff left
+        except RegistryError:  # a timeout too (``_request``)
             self.intent.remember(program, expected, lost=new, began=began)
             raise
         except BaseException:
@@ -253,7 +298,9 @@ class EtcdRegistry:
             self.intent.remember(program, expected, lost=new, began=began)
             raise
         if not reply.succeeded:
-            raise self._conflict(program, expected, txn_values(reply))
+            # Decoded as ``expected`` was read (``keys.read``): a key holding bytes that are
+            # not UTF-8 compares equal to itself.
+            raise self._conflict(program, expected, txn_values(reply, text_of))
 
     def _conflict(
         self, program: str, expected: Snapshot, found: Mapping[str, str]
@@ -288,14 +335,10 @@ class EtcdRegistry:
         if self._running and not self.connected:
             log.warning("program=%s etcd keys %s", program, later)
             return  # ``run`` is reconnecting and will write it then
-        with anyio.move_on_after(self.config.timeout) as deadline:
-            try:
-                async with self._use() as conn:
-                    await self.keys.reconcile(conn, program)
-            except RegistryError as exc:
-                log.warning("program=%s etcd keys %s: %s", program, later, exc)
-        if deadline.cancelled_caught:
-            log.warning("program=%s etcd keys %s: %s", program, later, self._timeout_error())
+        try:
+            await self._reconcile_within_timeout(program)
+        except RegistryError as exc:
+            log.warning("program=%s etcd keys %s: %s", program, later, exc)
 
     async def publish(self, program: str, new: Snapshot) -> None:
         """Make ``program``'s keys say ``new``: now if etcd answers, else once it is back.
@@ -305,12 +348,19 @@ class EtcdRegistry:
         self.intent.remember(program, new)
         if self._running and not self.connected:
             return  # ``run`` is reconnecting and will write it then
-        with anyio.move_on_after(self.config.timeout):
-            try:
-                async with self._use() as conn:
-                    await self.keys.reconcile(conn, program)
-            except RegistryError as exc:
-                log.warning("program=%s etcd keys left pending: %s", program, exc)
+        try:
+            await self._reconcile_within_timeout(program)
+        except RegistryError as exc:
+            log.warning("program=%s etcd keys left pending: %s", program, exc)
+
+    async def _reconcile_within_timeout(self, program: str) -> None:
+        """``keys.reconcile`` of ``program`` now, within the request timeout.
+
+        Raises:
+            RegistryError: etcd failed, or did not answer in time.
+        """
+        async with self._request() as conn:
+            await self.keys.reconcile(conn, program)
 
     async def read_keys(self, patterns: Sequence[str]) -> KeyRange:
         """Every key matching ``patterns``, read in one transaction (so at one revision).
@@ -318,12 +368,8 @@ class EtcdRegistry:
         Raises:
             RegistryError: etcd did not answer within the request timeout.
         """
-        try:
-            with anyio.fail_after(self.config.timeout):
-                async with self._use() as conn:
-                    reply = await conn.call("Txn", rpc.TxnRequest(success=txn_read(patterns)))
-        except TimeoutError:
-            raise self._timeout_error() from None
+        async with self._request() as conn:
+            reply = await conn.call("Txn", rpc.TxnRequest(success=txn_read(patterns)))
         return KeyRange(txn_values(reply), reply.header.revision)
 
     def watch(

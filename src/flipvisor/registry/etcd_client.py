@@ -4,7 +4,7 @@ Built on aetcd's generated etcd v3 stubs (``aetcd.rpc``) over a ``grpc.aio`` cha
 on ``aetcd.Client``: the client speaks plaintext only, has no deadline by default, and runs its
 watches in background tasks of its own. Here every call is bounded by ``fail_after`` (and the
 same gRPC deadline, so etcd gives up too) and every failure becomes a ``RegistryError`` naming
-etcd and the endpoint.
+etcd and the endpoint (``etcd_errors`` says which, and what to do about it).
 
 A broken connection is not closed while anybody still uses it: closing a ``grpc.aio`` channel
 cancels its calls with a bare ``CancelledError``, which would look like a cancellation of the
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +33,9 @@ from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
 from flipvisor.config import RegistryConfig
-from flipvisor.errors import RegistryError
+from flipvisor.errors import RegistryError, RegistryUnanswered
+
+from .etcd_errors import describe_rpc_error, login_error, none_connected
 
 log = logging.getLogger(__name__)
 
@@ -92,57 +94,6 @@ def _credentials(config: RegistryConfig, https: bool) -> Any | None:
     )
 
 
-# What gRPC says of a peer that answered, but not in HTTP/2 (a web server, a wrong port).
-NOT_HTTP2 = ("Failed parsing HTTP/2", "Trying to connect an http1.x server")
-# etcd (auth enabled) to a request that carries no token: no registry.user was configured.
-NO_USER = "user name is empty"
-# Registry settings are read at start-up only (reload.RESTART_ONLY).
-RESTART = "restart `flipvisor run` (registry settings are read at start-up)"
-CREDENTIALS_STEP = (
-    "set registry.user and registry.password (an etcd user that may read and write the keys "
-    "under registry.prefix) and " + RESTART
-)
-LOGIN_STEP = f"fix registry.user or registry.password and {RESTART}"
-PERMISSION_STEP = (
-    "grant registry.user's etcd role read and write on the keys under registry.prefix "
-    "(etcdctl role grant-permission --prefix)"
-)
-
-
-def not_etcd_step(endpoint: str) -> str:
-    return f"point registry.endpoints at etcd's client address instead of {endpoint} and {RESTART}"
-
-
-def describe_rpc_error(exc: BaseException, endpoint: str, timeout: float) -> RegistryError:
-    """A ``RegistryError`` naming etcd and ``endpoint`` for a failed call, with the next step
-    where the failure says what it is (no etcd there, credentials missing or refused)."""
-    if isinstance(exc, TimeoutError):
-        return RegistryError(f"etcd at {endpoint} did not answer within {timeout:g} s")
-    if not isinstance(exc, grpc.aio.AioRpcError):
-        return RegistryError(f"etcd at {endpoint} failed: {exc}")
-    code = exc.code()
-    details = exc.details() or code.name
-    if any(marker in details for marker in NOT_HTTP2) or code == grpc.StatusCode.UNIMPLEMENTED:
-        # It answered: making it "reachable" is no help, pointing at etcd is.
-        return RegistryError(
-            f"{endpoint} answered, but is not etcd (not etcd's gRPC API): {details}",
-            not_etcd_step(endpoint),
-        )
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return RegistryError(f"etcd at {endpoint} is unreachable: {details}")
-    if NO_USER in details:
-        return RegistryError(
-            f"etcd at {endpoint} requires a user and password (its authentication is enabled), "
-            f"and the config names none: {details}",
-            CREDENTIALS_STEP,
-        )
-    if code == grpc.StatusCode.PERMISSION_DENIED:
-        return RegistryError(f"etcd at {endpoint} refused the request: {details}", PERMISSION_STEP)
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        return RegistryError(f"etcd at {endpoint} refused the request: {details}", LOGIN_STEP)
-    return RegistryError(f"etcd at {endpoint} failed the request ({code.name}): {details}")
-
-
 async def settled(call: Any, endpoint: str) -> Any:
     """The outcome of the unary ``grpc.aio`` call ``call``, awaited so that anyio's cancellation
     reaches the caller as anyio's own (see the module docstring); the call is cancelled with it.
@@ -162,7 +113,7 @@ async def settled(call: Any, endpoint: str) -> Any:
         return await call  # done: returns or raises at once
     except asyncio.CancelledError:
         # Not ours (``done.wait`` returned): the channel under the call was closed.
-        raise RegistryError(f"etcd at {endpoint}: the connection closed mid-request") from None
+        raise RegistryUnanswered(f"etcd at {endpoint}: the connection closed mid-request") from None
 
 
 @dataclass(eq=False)
@@ -253,21 +204,6 @@ class EtcdConnection:
             await self.close()
 
 
-def _login_error(exc: Any, config: RegistryConfig, target: str) -> RegistryError:
-    """Why the login as ``registry.user`` failed: no etcd answered (unreachable, not etcd), or
-    etcd refused the user or password."""
-    if exc.code() in (
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNIMPLEMENTED,
-    ):
-        return describe_rpc_error(exc, target, config.timeout)
-    return RegistryError(
-        f"etcd at {target} refused the login of user {config.user!r}: {exc.details()}",
-        LOGIN_STEP,
-    )
-
-
 async def connect_endpoint(config: RegistryConfig, endpoint: str, probe_key: str) -> EtcdConnection:
     """Open a channel to ``endpoint``, authenticate, and prove it answers by reading ``probe_key``.
 
@@ -291,7 +227,7 @@ async def connect_endpoint(config: RegistryConfig, endpoint: str, probe_key: str
                         target,
                     )
             except grpc.aio.AioRpcError as exc:
-                raise _login_error(exc, config, target) from exc
+                raise login_error(exc, config, target) from exc
             except TimeoutError as exc:
                 raise describe_rpc_error(exc, target, config.timeout) from exc
             conn.metadata = (("token", reply.token),)
@@ -315,13 +251,7 @@ async def connect(config: RegistryConfig, probe_key: str) -> EtcdConnection:
             return await connect_endpoint(config, endpoint, probe_key)
         except RegistryError as exc:
             errors.append(exc)
-    if len(errors) == 1:
-        raise errors[0]  # with its next step (not etcd, credentials), if it knows one
-    steps = {exc.next_step for exc in errors}
-    raise RegistryError(
-        "no etcd endpoint answered: " + "; ".join(map(str, errors)),
-        steps.pop() if len(steps) == 1 else None,  # one next step for all of them, or none
-    )
+    raise none_connected(errors)
 
 
 def text_of(value: bytes) -> str:
@@ -379,11 +309,12 @@ def txn_read(patterns: Sequence[str]) -> list[Any]:
     return ops
 
 
-def txn_values(response: Any) -> dict[str, str]:
-    """The keys and values that the range operations of a Txn response read."""
+def txn_values(response: Any, decode: Callable[[bytes], str] = readable_text) -> dict[str, str]:
+    """The keys and values that the range operations of a Txn response read, as ``decode``
+    makes them text."""
     values: dict[str, str] = {}
     for op in response.responses:
         if op.WhichOneof("response") == "response_range":
             for kv in op.response_range.kvs:
-                values[readable_text(kv.key)] = readable_text(kv.value)
+                values[decode(kv.key)] = decode(kv.value)
     return values

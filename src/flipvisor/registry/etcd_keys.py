@@ -26,10 +26,11 @@ from .base import (
 )
 from .etcd_client import (
     EtcdConnection,
-    range_of,
     text_of,
     txn_compare_unchanged_since,
     txn_compare_value,
+    txn_read,
+    txn_values,
     txn_write,
 )
 from .etcd_conflicts import MAX_CONFLICTS, ConflictBackoff
@@ -181,8 +182,17 @@ class ProgramKeys:
         return {suffix: program_key(self.prefix, program, suffix) for suffix in KEY_SUFFIXES}
 
     async def read(self, conn: EtcdConnection, program: str) -> Snapshot:
-        key, range_end = range_of(f"{self.prefix}/{program}/")
-        reply = await conn.call("Range", rpc.RangeRequest(key=key, range_end=range_end))
+        """``program``'s keys, read in one transaction (so at one revision, which ``seen``
+        keeps for the compare of the next write). Only those keys, never a range over the
+        program's folder: other keys there (another tool's data) could make the reply exceed
+        what gRPC takes (4 MiB), failing every flip and withdrawal.
+
+        Raises:
+            RegistryError: the connection failed.
+        """
+        keys = self.keys(program)
+        request = rpc.TxnRequest(success=txn_read(list(keys.values())))
+        reply = await conn.call("Txn", request)
         self.intent.seen[program] = reply.header.revision
-        values = {text_of(kv.key): text_of(kv.value) for kv in reply.kvs}
-        return Snapshot({s: values[k] for s, k in self.keys(program).items() if k in values})
+        values = txn_values(reply, text_of)
+        return Snapshot({s: values[k] for s, k in keys.items() if k in values})

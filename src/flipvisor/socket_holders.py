@@ -1,0 +1,80 @@
+"""The processes a generation's workers left holding its listening socket outside their process
+groups, which no drain of those groups reaches: a helper they daemonized (a double fork and
+``setsid``, as ``gunicorn --daemon`` and init-style scripts do) that accepts on the socket.
+
+Found among our own children (orphans re-parented to us, a subreaper or PID 1, each held by a
+pidfd while it is our unreaped child: ``strays.py``), so they are signalled without ever reaching
+a recycled PID. Holding the socket is what ties one to the generation: only the generation's
+workers were given it (``spawn`` passes it as fd 3; our own copy is close-on-exec), so a process
+holding it descends from them, or was handed it by one. Those in a worker's process group (any
+program's, any generation's: ``claimed``) are left to their generation's drain.
+
+Where one is not our child (its parent, another daemon, still runs) it cannot be signalled by a
+proof of identity: ``holders_anywhere`` finds it, for a message only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+from .strays import Strays
+
+
+def socket_inode(sock: socket.socket) -> int | None:
+    """The inode of ``sock`` (what ``/proc/PID/fd`` names as ``socket:[INODE]``); None once it
+    is closed. Unique while it is open: a socket's inode is not reused while anyone holds it."""
+    try:
+        return os.fstat(sock.fileno()).st_ino
+    except OSError:
+        return None
+
+
+def holds_socket(pid: int, inode: int) -> bool:
+    """Whether ``pid`` holds the socket ``inode`` open. The caller makes sure ``pid`` names the
+    process it means (its own unreaped child, held by a pidfd); False where it cannot be read."""
+    target = f"socket:[{inode}]"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+        except OSError:
+            continue  # closed meanwhile
+    return False
+
+
+def holders_anywhere(inode: int) -> list[int]:
+    """Every process but this one that holds the socket ``inode`` open now, as far as ``/proc``
+    shows (another user's fds cannot be read): for a message that names them, never for a
+    signal (a PID read here proves nothing by the time it is used)."""
+    own = os.getpid()
+    return [
+        int(name)
+        for name in os.listdir("/proc")
+        if name.isdigit() and int(name) != own and holds_socket(int(name), inode)
+    ]
+
+
+class SocketHolders:
+    """Our children outside every worker's process group that hold one socket open."""
+
+    def __init__(self, inode: int, claimed: Callable[[int], bool]) -> None:
+        """``claimed``: whether a PID (our unreaped child) is in a worker's process group."""
+        self.inode = inode
+        self._claimed = claimed
+
+    def collect(self) -> Strays:
+        """Those running now, each held by a pidfd (close it: ``with``)."""
+        strays = Strays.collect()
+        # Asked while each is held and still our unreaped child: its reads are its own.
+        strays.let_go(lambda pid: self._claimed(pid) or not holds_socket(pid, self.inode))
+        return strays
+
+    def pids(self) -> list[int]:
+        with self.collect() as found:
+            return found.pids
