@@ -14,7 +14,12 @@ from flipvisor.runrecord import RUNTIME_ENV
 from tests.event_loop import GrpcTolerantEventLoop
 from tests.waiting import wait_until
 
-pytest_plugins = ["tests.fixtures.etcd", "tests.fixtures.nginx", "tests.fixtures.flipvisor"]
+pytest_plugins = [
+    "tests.fixtures.etcd",
+    "tests.fixtures.nginx",
+    "tests.fixtures.flipvisor",
+    "tests.fixtures.not_etcd",
+]
 
 
 @pytest.fixture

@@ -188,9 +188,23 @@ def _key_prefix(value: str) -> str:
     """As the keys start: a trailing ``/`` dropped, a leading one kept (``/uswitch`` names
     ``/uswitch/web/port/current``, what a confd reading etcd with that prefix asks for; it was
     once dropped too, and nothing found the keys)."""
+    if not value:
+        raise ValueError("must not be empty")
+    if value != value.strip():
+        # A quoting slip (" uswitch"): the keys would go to " uswitch/web/...", which no confd
+        # reading "uswitch" finds, and nothing would say why.
+        raise ValueError(f"{value!r} has whitespace at its start or end; remove it")
+    if any(not char.isprintable() for char in value):
+        raise ValueError(
+            f"{value!r} holds a character that does not print (a control character or an "
+            "invisible space); a key prefix is one printable line"
+        )
     prefix = value.rstrip("/")
     if not prefix:
-        raise ValueError("must not be empty")
+        raise ValueError(
+            f"{value!r} names no folder: give one for flipvisor's keys (such as uswitch or "
+            "/uswitch); the keys are <prefix>/<program>/..."
+        )
     return prefix
 
 

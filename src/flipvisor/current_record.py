@@ -3,10 +3,10 @@ back: its generation, port and the supervisor that wrote it. The one parser of i
 
 from __future__ import annotations
 
-import json
 import socket
 from typing import Any, NamedTuple
 
+from . import json_text
 from .starttime import Recorded, recorded_from_json
 
 # This host's name, as the records its supervisors write name it (``host``): a record naming
@@ -33,7 +33,7 @@ def parse_current(record: str | None) -> CurrentRecord | None:
         ValueError, TypeError, KeyError: it is not a record flipvisor wrote (not JSON, or a
             supervisor entry that names no process).
     """
-    document: Any = json.loads(record) if record else None
+    document: Any = json_text.loads(record) if record else None
     if not isinstance(document, dict):
         return None
     owner = document.get("supervisor")

@@ -257,10 +257,15 @@ def _supervisor_lines(document: dict[str, Any], colour: bool) -> list[str]:
             )
         )
     registry = document.get("registry")
-    if registry and (not registry["connected"] or registry["pending"]):
+    if registry and (not registry["connected"] or registry["pending"] or registry.get("problem")):
         state = "connected" if registry["connected"] else "unreachable"
         pending = ", ".join(registry["pending"])
         waiting = f"; keys of {pending} are written once it answers" if pending else ""
+        if problem := registry.get("problem"):  # what it said (none from an older supervisor)
+            # Not "unreachable" (an endpoint that is not etcd, etcd that wants credentials),
+            # nor waiting for an answer it gave already.
+            state = f"{'connected' if registry['connected'] else 'not connected'}: {problem}"
+            waiting = f"; keys of {pending} are written once that is fixed" if pending else ""
         lines.append(
             _paint(
                 f"registry: {registry['backend']} {registry['where']} {state}{waiting}",

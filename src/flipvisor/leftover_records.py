@@ -6,10 +6,10 @@ over), and which of the workers it names still run as recorded (its program's le
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping
 
+from . import json_text
 from .current_record import CurrentRecord, parse_current
 from .errors import RegistryError
 from .leftovers import Leftovers, runs_as_recorded
@@ -79,11 +79,12 @@ def _dead_supervisors_document(program: str, record: str | None, host: str) -> C
 
 
 async def read_records(
-    registry: WatchableRegistry, prefix: str, programs: Iterable[str]
+    registry: WatchableRegistry, prefix: str, programs: Iterable[str], *, unclean: bool = False
 ) -> dict[str, str] | None:
     """The ``generation/current`` record of each of ``programs`` that has one, by program, read
     in one request; None if the registry cannot be read (logged: what a previous supervisor
-    left then goes on running, and stays routed, as before this supervisor started)."""
+    left then goes on running, and stays routed, as before this supervisor started; after an
+    ``unclean`` exit, its workers are still found by their environment, ``lineage.py``)."""
     keys = {program_key(prefix, name, "generation/current"): name for name in programs}
     if not keys:
         return {}
@@ -92,12 +93,26 @@ async def read_records(
     except RegistryError as exc:
         log.warning(
             "cannot read the registry to find workers a previous supervisor left running, or "
-            "programs it served that the config no longer has: %s; such workers are not "
-            "replaced, and such programs keep their proxy files and registry keys",
+            "programs it served that the config no longer has: %s; %s",
             exc,
+            UNREAD_UNCLEAN if unclean else UNREAD_CLEAN,
         )
         return None
     return {name: values[key] for key, name in keys.items() if key in values}
+
+
+# What a start-up that cannot read the records does without them, by how the supervisor before
+# ended: killed (its workers are found by their environment), or cleanly (it drained them).
+UNREAD_UNCLEAN = (
+    "the workers it left running are found by their environment instead, and drained once the "
+    "registry records this supervisor's generation of their program (stopped now if the config "
+    "no longer has it); a program the config no longer has whose workers are all gone keeps "
+    "its proxy file and registry keys"
+)
+UNREAD_CLEAN = (
+    "none was killed (none left its control socket), so no workers of one are looked for, and "
+    "programs the config no longer has keep their proxy files and registry keys"
+)
 
 
 def recorded_leftovers(
@@ -115,7 +130,7 @@ def recorded_leftovers(
 
 def _names_another_host(record: str | None, host: str) -> bool:
     try:
-        document = json.loads(record) if record else None
+        document = json_text.loads(record) if record else None
     except ValueError:
         return False
     return isinstance(document, dict) and document.get("host") not in (None, host)

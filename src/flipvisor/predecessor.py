@@ -126,7 +126,10 @@ class Predecessor:
         unfinished = await unfinished_proxy_steps(state_dir)
         journalled = [step.about.program for step in unfinished]
         read = await read_records(
-            self.registry, self.config.registry.prefix, [*programs, *removed, *journalled]
+            self.registry,
+            self.config.registry.prefix,
+            [*programs, *removed, *journalled],
+            unclean=unclean,
         )
         access = ProxyAccess(programs, self.runtime.reaper, self.runtime.proxy_lock)
         await finish_proxy_steps(unfinished, read, self.runtime.events, access)

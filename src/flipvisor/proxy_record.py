@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import json_text
 from .current_record import parse_current
 from .durable import fsync_dir, remove_torn, write_atomic
 from .errors import ProxyError
@@ -309,7 +310,7 @@ def read_record(path: Path) -> Pending:
 
 def parse_record(path: Path, data: bytes) -> Pending:
     """The record at ``path`` that holds ``data`` (raises as ``read_record``)."""
-    document = json.loads(data)
+    document = json_text.loads(data)
     changes = tuple(Change.from_json(c) for c in document["files"])
     registry_next, kept = document.get(REGISTRY_NEXT), document.get(KEPT)
     owed = document.get(RELOAD_OWED)
@@ -345,7 +346,7 @@ def mark_kept(step: Pending, why: str) -> None:
     """Rewrite ``step``'s record marked as kept on purpose (``KEPT``: ``why``) (blocking; a
     failure is logged: the record stays as it was)."""
     try:
-        document = json.loads(step.path.read_bytes())
+        document = json_text.loads(step.path.read_bytes())
         write_atomic(step.path, json.dumps({**document, KEPT: why}, indent=1).encode(), RECORD_MODE)
     except (OSError, ValueError) as exc:
         log.warning("cannot mark the proxy-undo record %s as kept (%s): %s", step.path, why, exc)

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import durable
+from . import durable, json_text
 from .starttime import Identity, Recorded, is_process, recorded_now
 
 RUNTIME_ENV = "FLIPVISOR_RUNTIME_DIR"
@@ -117,7 +117,7 @@ def parse_record(data: bytes, config: str) -> RunRecord | None:
     flipvisor alone writes this file, with every field.
     """
     try:
-        document = json.loads(data)
+        document = json_text.loads(data)
     except ValueError:  # UnicodeDecodeError included
         return None
     if not isinstance(document, dict) or document.get("config") != config:
@@ -195,7 +195,7 @@ def record_listening_on(socket_path: Path, *, besides: int | None = None) -> Run
         for name in sorted(names):
             data = _bytes_of(folder / name)
             try:
-                config = json.loads(data or b"null").get("config")
+                config = json_text.loads(data or b"null").get("config")
             except (ValueError, AttributeError):  # not JSON, or not an object
                 continue
             if not isinstance(config, str) or record_path(folder, config).name != name:
@@ -307,6 +307,6 @@ def remove_record(path: Path) -> None:
     supervisor not answering may have replaced it since). Best effort: a record left behind is
     stale once this process is gone."""
     with contextlib.suppress(OSError, ValueError):  # gone already, or not a record
-        document = json.loads(path.read_bytes())
+        document = json_text.loads(path.read_bytes())
         if isinstance(document, dict) and document.get("pid") == os.getpid():
             path.unlink()

@@ -7,10 +7,10 @@ Parsing only: what is trusted, and what is drained, is ``watch_drain.py``'s.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
+from . import json_text
 from .registry import WatchEvent
 from .starttime import Recorded, recorded_from_json
 
@@ -37,7 +37,7 @@ def recorded_processes(value: str | None) -> dict[int, Recorded]:
     """pid -> the process a ``generation/current`` JSON record names under it, by its start
     tick and boot id or its start time (empty if absent or bad; a bad entry is left out)."""
     try:
-        record: Any = json.loads(value) if value else {}
+        record: Any = json_text.loads(value) if value else {}
         entries = list(record.get("pids", []))
     except (ValueError, TypeError, AttributeError):
         return {}

@@ -133,6 +133,7 @@ def test_etcd_outage_keeps_serving_fails_flips_and_heals_the_keys(
                 "where": etcd.endpoint,
                 "connected": True,
                 "pending": [],
+                "problem": None,
                 "conflicting": [],
             }
         ),

@@ -1110,3 +1110,28 @@ def test_a_supervisor_killed_during_the_reload_back_leaves_nginx_routing_to_the_
     events = flipvisor.cli("events", "web").stdout
     assert "proxy-restored" in events and "checked and reloaded" in events, events
     assert not list((flipvisor.state_dir / "proxy-undo").iterdir()), "the record is settled"
+
+
+def test_a_start_up_that_cannot_read_etcd_still_replaces_a_killed_supervisor_s_workers(
+    flipvisor: Flipvisor,
+    restartable_etcd: EtcdServer,
+    etcd_prefix: str,
+    survivors: list[psutil.Process],
+) -> None:
+    """etcd down when `run` starts after a SIGKILLed supervisor: the workers it left are found
+    by their environment and replaced; the log said "such workers are not replaced" (QA 15)."""
+    config = {
+        "registry": registry(restartable_etcd, etcd_prefix),
+        "programs": {"web": {"command": svc_command(), "readiness": {"http": "/health"}}},
+    }
+    flipvisor.start(config)
+    old_pids = kill_supervisor(flipvisor, "web", survivors)
+    restartable_etcd.stop()
+    restart_supervisor(flipvisor, config)
+    flipvisor.wait_serving("web", where=lambda g: g["pids"] != old_pids, timeout=30)
+    said = flipvisor.output()
+    assert "cannot read the registry to find workers" in said, said
+    assert "found by their environment instead, and drained once the registry" in said, said
+    assert "not replaced" not in said, said
+    restartable_etcd.start()  # the registry records generation 1: the leftovers are drained
+    wait_gone(old_pids)

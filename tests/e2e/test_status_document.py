@@ -19,7 +19,7 @@ from tests.waiting import wait_until
 
 DOCUMENT_KEYS = {"programs", "registry", "starting", "keeper"}  # "keeper": added later
 KEEPER_KEYS = {"pid", "pipes", "restarts", "disabled"}
-REGISTRY_KEYS = {"backend", "where", "connected", "pending", "conflicting"}
+REGISTRY_KEYS = {"backend", "where", "connected", "pending", "problem", "conflicting"}
 PROGRAM_KEYS = {
     "name",
     "state",
@@ -105,6 +105,7 @@ def test_status_json_document_of_a_realistic_supervisor(flipvisor: Flipvisor) ->
         "where": str(flipvisor.state_dir / "registry.json"),
         "connected": True,
         "pending": [],
+        "problem": None,
         "conflicting": [],
     }
     assert set(document["registry"]) == REGISTRY_KEYS

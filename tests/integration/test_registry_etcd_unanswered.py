@@ -93,3 +93,19 @@ async def test_a_lost_swap_over_a_key_that_is_not_utf8_names_the_key_that_change
             await registry.swap("app", seen, promoted(seen, record(2, 42000, [202])))
     finally:
         await registry.aclose()
+
+
+async def test_an_endpoint_that_is_not_etcd_answered_and_is_the_registry_s_problem(
+    http_server: str, etcd_prefix: str
+) -> None:
+    """A web server in registry.endpoints answers at once (gRPC calls it UNAVAILABLE: HTTP/2
+    cannot be parsed): a first start need not defer for it, and `status` says it is no etcd."""
+    registry = registry_for(http_server, etcd_prefix, timeout=2)
+    try:
+        with pytest.raises(RegistryError, match="is not etcd"):
+            await registry.snapshot("app")
+        assert registry.unanswered() is None
+        problem = registry.health()["problem"]
+        assert problem is not None and "registry.endpoints" in problem, problem
+    finally:
+        await registry.aclose()

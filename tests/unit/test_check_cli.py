@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from textwrap import dedent
 
+import pytest
+
 from tests.fixtures.nginx import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -459,3 +461,27 @@ def test_a_watch_template_using_names_a_watch_never_gives_is_a_warning(tmp_path:
         "template does not get: it gets `keys` (registry key -> value) and `get(key, "
         "default=None)`; a render fails on them unless guarded by `is defined`",
     ]
+
+
+@pytest.mark.parametrize(
+    ("prefix", "problem"),
+    [
+        (" uswitch", "' uswitch' has whitespace at its start or end; remove it"),
+        ("uswitch ", "'uswitch ' has whitespace at its start or end; remove it"),
+        ("us\nwitch", "'us\\nwitch' holds a character that does not print"),
+        ("us\x00witch", "'us\\x00witch' holds a character that does not print"),
+        ("/", "'/' names no folder"),
+    ],
+)
+def test_check_refuses_a_prefix_with_whitespace_or_control_characters(
+    tmp_path: Path, prefix: str, problem: str
+) -> None:
+    """A quoting slip in registry.prefix (QA 15): `check` said ok and the keys went to
+    ' uswitch/web/...', which no confd reads; `/` alone was "must not be empty"."""
+    registry = {"backend": "etcd", "endpoints": ["127.0.0.1:2379"], "prefix": prefix}
+    config = write(tmp_path, json.dumps({"registry": registry}))  # JSON is YAML: one line
+    result = check(config)
+    assert_refused(result)
+    assert any(
+        line.startswith(f"{config}:1: registry.prefix: {problem}") for line in problem_lines(result)
+    ), result.stderr

@@ -403,7 +403,45 @@ BAD: list[tuple[str, str, int, str, str]] = [
         "registry",
         "user and password go together",
     ),
-    ("prefix-empty", "registry:\n  prefix: /\n", 2, "registry.prefix", "must not be empty"),
+    ("prefix-empty", "registry:\n  prefix: ''\n", 2, "registry.prefix", "must not be empty"),
+    (
+        "prefix-slash",
+        "registry:\n  prefix: /\n",
+        2,
+        "registry.prefix",
+        "'/' names no folder: give one for flipvisor's keys (such as uswitch or /uswitch); "
+        "the keys are <prefix>/<program>/...",
+    ),
+    (
+        "prefix-lead-space",
+        "registry:\n  prefix: ' us'\n",
+        2,
+        "registry.prefix",
+        "' us' has whitespace at its start or end; remove it",
+    ),
+    (
+        "prefix-tail-space",
+        "registry:\n  prefix: 'us '\n",
+        2,
+        "registry.prefix",
+        "'us ' has whitespace at its start or end; remove it",
+    ),
+    (
+        "prefix-newline",
+        'registry:\n  prefix: "u\\ns"\n',
+        2,
+        "registry.prefix",
+        "'u\\ns' holds a character that does not print (a control character or an invisible "
+        "space); a key prefix is one printable line",
+    ),
+    (
+        "prefix-nul",
+        'registry:\n  prefix: "u\\0s"\n',
+        2,
+        "registry.prefix",
+        "'u\\x00s' holds a character that does not print (a control character or an invisible "
+        "space); a key prefix is one printable line",
+    ),
     ("registry-timeout", "registry:\n  timeout: 0\n", 2, "registry.timeout", "must be > 0"),
     # commands
     (

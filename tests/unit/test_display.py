@@ -371,3 +371,24 @@ def test_keys_given_up_on_after_conflicts_are_a_line_below_the_table(
     assert "registry: keys of web not rewritten: another writer kept changing them" in said
     print_status({"programs": [_program("web")], "registry": registry})  # an older supervisor's
     assert "registry" not in capsys.readouterr().out
+
+
+def test_a_registry_that_answered_with_a_problem_is_not_called_unreachable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """etcd that wants credentials (or an endpoint that is no etcd) answered: status says what
+    it said and what to do, not "unreachable" nor "written once it answers" (QA 15)."""
+    problem = "etcd at h:2379 requires a user and password; set registry.user and ..."
+    registry = {"backend": "etcd", "where": "h:2379", "connected": True, "problem": problem}
+    print_status({"programs": [_program("web")], "registry": registry | {"pending": []}})
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"registry: etcd h:2379 connected: {problem}" in said
+    print_status(
+        {
+            "programs": [_program("web")],
+            "registry": registry | {"connected": False, "pending": ["web"]},
+        }
+    )
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"not connected: {problem}; keys of web are written once that is fixed" in said
+    assert "unreachable" not in said and "once it answers" not in said

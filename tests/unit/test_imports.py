@@ -31,6 +31,7 @@ LEAVES = ERRORS | {
     "proxy_lock",
     "accepting",
     "lasting",
+    "json_text",
 }
 # The config file (models, their value types, reading, checks across sections) is one layer.
 CONFIG = {"config", "config_fields", "config_file", "config_consistency"}
@@ -119,7 +120,9 @@ ALLOWED: dict[str, set[str]] = {
     # own errors, FlipvisorError, said in one line).
     "lasting": {"errors"},
     # A generation/current record parsed: leftovers and the proxy-undo journal read it alike.
-    "current_record": {"starttime"},
+    "current_record": {"starttime", "json_text"},
+    # JSON from outside the process decoded with every failure a ValueError (stdlib only).
+    "json_text": set(),
     "file_identity": set(),
     "config_fields": {"locate"},
     "config": {"config_fields", "locate"},
@@ -165,7 +168,14 @@ ALLOWED: dict[str, set[str]] = {
     "proxy_file": {"errors", "durable"},
     # What a proxy step replaces, on disk until it stands or is undone (a killed supervisor's).
     # The records' format and reading them back; the journal that writes them.
-    "proxy_record": {"errors", "proxy_file", "durable", "current_record", "starttime"},
+    "proxy_record": {
+        "errors",
+        "proxy_file",
+        "durable",
+        "current_record",
+        "json_text",
+        "starttime",
+    },
     "proxy_journal": {"errors", "proxy_file", "proxy_record", "durable"},
     # The proxy's workers: its master's children, awaited through pidfds.
     "proxy_workers": {"starttime", "verified_signal"},
@@ -190,6 +200,7 @@ ALLOWED: dict[str, set[str]] = {
         "registry",
         "durable",
         "current_record",
+        "json_text",
         "starttime",
         "file_identity",  # what is at the local file's path, said
     },
@@ -223,7 +234,7 @@ ALLOWED: dict[str, set[str]] = {
     # When a drain may go ahead: the template entries caught up, the proxy settled.
     "watch_drain_hold": {"starttime", "watch_template"},
     # What a drain_pid entry's keys say: parsing only.
-    "watch_drain_keys": {"registry", "starttime"},
+    "watch_drain_keys": {"registry", "starttime", "json_text"},
     "protocol": {"errors"},
     "events": LEAVES,
     "progress": LEAVES | {"events"},
@@ -375,7 +386,7 @@ ALLOWED: dict[str, set[str]] = {
     "commands": CORE | {"supervisor", "reload"},
     "orphans": WORKERS,
     "locate": {"errors"},
-    "runrecord": {"starttime", "durable"},
+    "runrecord": {"starttime", "durable", "json_text"},
     "problems": {"locate"},
     "placeholders": {"config_file", "problems"},
     # The arguments: nothing heavy, every command parses with it first.

@@ -6,7 +6,6 @@ with the suffixes of ``KEY_SUFFIXES`` (the seed's layout plus the JSON generatio
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any, Protocol
 import anyio
 from anyio.abc import TaskStatus
 
+from flipvisor import json_text
 from flipvisor.errors import RegistryError
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def owner_of(have: Snapshot) -> str:
     """Who seems to own keys that name something else: their ``generation/current`` record's
     host, supervisor and generation when it has them, else what ``current`` names."""
     try:
-        record: Any = json.loads(have.get("generation/current") or "null")
+        record: Any = json_text.loads(have.get("generation/current") or "null")
     except ValueError:
         record = None
     parts = []
@@ -184,9 +184,11 @@ class Registry(Protocol):
 
     def health(self) -> dict[str, Any]:
         """For ``status``: ``{"backend", "where", "connected", "pending": [programs],
-        "conflicting": [programs]}``: the programs whose keys are not yet written as they
-        should be, and those whose writes were given up on after conflicts in a row with another
-        writer (etcd), left so until the next publish, withdrawal or reconnect."""
+        "problem", "conflicting": [programs]}``: the programs whose keys are not yet written as
+        they should be; what the store (or whatever answered for it) said that is no outage,
+        with what to do, until a request succeeds (etcd; else None); and the programs whose
+        writes were given up on after conflicts in a row with another writer (etcd), left so
+        until the next publish, withdrawal or reconnect."""
         ...
 
 

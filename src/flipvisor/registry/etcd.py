@@ -13,7 +13,9 @@ silent peer: no polling), reconnects with backoff, and then rewrites every desir
 keys differ, so the keys match what is serving within seconds of etcd coming back. Until etcd
 answers again, it keeps the error of the request it did not answer (``unanswered``; a request
 past its timeout also makes ``run`` reconnect, which tells when it answers again): a first start
-then registers later at once, rather than wait another timeout. Such a rewrite
+then registers later at once, rather than wait another timeout. What etcd (or whatever
+answered) said that is no outage and has a next step (credentials, no etcd there) is ``problem``
+for `status`, until a request succeeds. Such a rewrite
 (and a ``publish``: a replaced worker's PIDs) is one transaction that compares what was read, and
 applies only to keys that are this supervisor's, missing or garbage: keys whose record names
 another supervisor on the prefix that promoted the program since are left to it, with a warning
@@ -67,6 +69,15 @@ log = logging.getLogger(__name__)
 STABLE_AFTER = 5.0  # a connection that lived this long resets the backoff
 
 
+def _said(exc: RegistryError) -> str | None:
+    """For `status`: ``exc`` with its next step if it knows one (an endpoint that is no etcd,
+    credentials wanted or refused); None for an outage (`status` says "unreachable") or a
+    conflict (said of the keys given up on)."""
+    if exc.next_step is None or isinstance(exc, RegistryConflict):
+        return None
+    return f"{exc}; {exc.next_step}"
+
+
 class EtcdRegistry:
     """The registry in etcd; see the module docstring. Start ``run`` in the owner's task group."""
 
@@ -80,9 +91,11 @@ class EtcdRegistry:
         self._write_lock = anyio.Lock()
         self._kick = anyio.Event()
         self._running = False
-        # The error of the latest request or connection attempt etcd gave no answer to, while
-        # none was answered since (``unanswered``).
+        # How etcd answered the latest request (``_outcome``): the error it gave no answer to,
+        # while it answered none since (``unanswered``); what it (or whatever answered) said
+        # that is no outage, shown by `status`, until a request succeeds (``problem``).
         self._unanswered: RegistryError | None = None
+        self.problem: str | None = None
         self.keys = ProgramKeys(self.prefix, self.intent, self._write_lock, self._wake)
 
     def _wake(self) -> None:
@@ -100,6 +113,7 @@ class EtcdRegistry:
             "where": where,
             "connected": self.connected,
             "pending": sorted(self.intent.pending),
+            "problem": self.problem,
             # Given up on after conflicts in a row with another writer (``etcd_conflicts``).
             "conflicting": sorted(self.keys.conflicts.given_up),
         }
@@ -109,16 +123,19 @@ class EtcdRegistry:
         it so defers its registration at once, not after another ``registry.timeout``."""
         return self._unanswered
 
-    def _note(self, exc: RegistryError) -> None:
-        """Remember whether etcd answered the request or connection attempt that failed with
-        ``exc`` (``unanswered``): a refusal or a lost compare is an answer."""
+    def _outcome(self, exc: RegistryError | None) -> None:
+        """Remember how the latest request or connection attempt ended: failed with ``exc``,
+        or succeeded (None: clears both). ``unanswered`` keeps an error etcd gave no answer to
+        (``RegistryUnanswered``; a refusal, a lost compare, an endpoint that is no etcd all
+        answered); ``problem``, what etcd or whatever answered said that has a next step."""
         self._unanswered = exc if isinstance(exc, RegistryUnanswered) else None
+        self.problem = None if exc is None else _said(exc)
 
     @asynccontextmanager
     async def _request(self) -> AsyncIterator[EtcdConnection]:
-        """The live connection for one request bounded by the request timeout, remembering
-        whether etcd answered it (``unanswered``), the deadline's ``TimeoutError`` turned into
-        the ``RegistryUnanswered`` that says so.
+        """The live connection for one request bounded by the request timeout, recording its
+        outcome (``_outcome``), the deadline's ``TimeoutError`` turned into the
+        ``RegistryUnanswered`` that says so.
 
         A request past its deadline retires its connection and wakes ``run``: this deadline
         passes before the call's own (which would mark the connection broken), and the
@@ -131,21 +148,19 @@ class EtcdRegistry:
         used: EtcdConnection | None = None
         try:
             with anyio.fail_after(self.config.timeout):
-                async with self._use() as conn:
+                async with self._use() as conn:  # records a RegistryError on the way
                     used = conn
                     yield conn
         except TimeoutError:
-            self._unanswered = self._timeout_error()
+            error = self._timeout_error()
+            self._outcome(error)
             if used is not None:
                 await used.retire()
-            raise self._unanswered from None
-        except RegistryError as exc:
-            self._note(exc)
-            raise
+            raise error from None
         finally:
             if used is not None and used.broken.is_set():
                 self._kick.set()  # ``run``: reconnect, which tells when etcd answers again
-        self._unanswered = None
+        self._outcome(None)
 
     def _timeout_error(self) -> RegistryError:
         where = self._conn.endpoint if self._conn else ", ".join(self.config.endpoints)
@@ -156,27 +171,29 @@ class EtcdRegistry:
     @asynccontextmanager
     async def _use(self) -> AsyncIterator[EtcdConnection]:
         """The live connection (connecting now if there is none), held open while in the block.
+        A ``RegistryError`` on the way is recorded (``_outcome``); a new connection is an
+        answer (``unanswered`` clears), not yet a request that succeeded (``problem`` stays).
 
         Raises:
             RegistryError: no endpoint answered within the timeout.
         """
-        async with self._connect_lock:
-            conn = self._conn
-            if conn is None or conn.broken.is_set():
-                self._conn = None
-                try:
+        try:
+            async with self._connect_lock:
+                conn = self._conn
+                if conn is None or conn.broken.is_set():
+                    self._conn = None
                     conn = await connect(self.config, f"{self.prefix}/")
-                except RegistryError as exc:
-                    self._note(exc)
-                    raise
-                self._conn = conn
-                self._unanswered = None
-                # A new connection checks every program: those to keep written and those to
-                # withdraw (a taken-over one is in ``withdrawing`` alone), given up on or not.
-                self.intent.pending.update(self.intent.desired, self.intent.withdrawing)
-                self._kick.set()
-        async with conn.use():
-            yield conn
+                    self._conn = conn
+                    self._unanswered = None
+                    # A new connection checks every program: those to keep written and those to
+                    # withdraw (a taken-over one is in ``withdrawing`` alone), given up on or not.
+                    self.intent.pending.update(self.intent.desired, self.intent.withdrawing)
+                    self._kick.set()
+            async with conn.use():
+                yield conn
+        except RegistryError as exc:
+            self._outcome(exc)
+            raise
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Stay connected, reconnect after outages, and write what ``desired`` says; until
@@ -228,10 +245,11 @@ class EtcdRegistry:
                 try:
                     await self.keys.reconcile(conn, program)
                 except RegistryError as exc:
-                    self._note(exc)
+                    self._outcome(exc)
                     log.warning("program=%s cannot update etcd keys yet: %s", program, exc)
                     return
                 self._unanswered = None  # etcd answered (a request may have timed out before)
+            self.problem = None  # every program due was written
             with anyio.move_on_after(backoff.wait(self.intent.pending, anyio.current_time())):
                 await self._kick.wait()
 

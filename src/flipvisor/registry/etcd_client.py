@@ -4,7 +4,7 @@ Built on aetcd's generated etcd v3 stubs (``aetcd.rpc``) over a ``grpc.aio`` cha
 on ``aetcd.Client``: the client speaks plaintext only, has no deadline by default, and runs its
 watches in background tasks of its own. Here every call is bounded by ``fail_after`` (and the
 same gRPC deadline, so etcd gives up too) and every failure becomes a ``RegistryError`` naming
-etcd and the endpoint.
+etcd and the endpoint (``etcd_errors`` says which, and what to do about it).
 
 A broken connection is not closed while anybody still uses it: closing a ``grpc.aio`` channel
 cancels its calls with a bare ``CancelledError``, which would look like a cancellation of the
@@ -34,6 +34,8 @@ from aetcd.utils import prefix_range_end
 
 from flipvisor.config import RegistryConfig
 from flipvisor.errors import RegistryError, RegistryUnanswered
+
+from .etcd_errors import describe_rpc_error, login_error, none_connected
 
 log = logging.getLogger(__name__)
 
@@ -90,22 +92,6 @@ def _credentials(config: RegistryConfig, https: bool) -> Any | None:
         private_key=_read_file(config.key, "key file"),
         certificate_chain=_read_file(config.cert, "certificate file"),
     )
-
-
-def describe_rpc_error(exc: BaseException, endpoint: str, timeout: float) -> RegistryError:
-    """A ``RegistryError`` naming etcd and ``endpoint`` for a failed call: a
-    ``RegistryUnanswered`` when etcd gave no answer (a timeout, unreachable)."""
-    if isinstance(exc, TimeoutError):
-        return RegistryUnanswered(f"etcd at {endpoint} did not answer within {timeout:g} s")
-    if isinstance(exc, grpc.aio.AioRpcError):
-        code = exc.code()
-        details = exc.details() or code.name
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return RegistryUnanswered(f"etcd at {endpoint} is unreachable: {details}")
-        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-            return RegistryError(f"etcd at {endpoint} refused the request: {details}")
-        return RegistryError(f"etcd at {endpoint} failed the request ({code.name}): {details}")
-    return RegistryError(f"etcd at {endpoint} failed: {exc}")
 
 
 async def settled(call: Any, endpoint: str) -> Any:
@@ -241,11 +227,7 @@ async def connect_endpoint(config: RegistryConfig, endpoint: str, probe_key: str
                         target,
                     )
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise describe_rpc_error(exc, target, config.timeout) from exc
-                raise RegistryError(
-                    f"etcd at {target} refused the login of user {config.user!r}: {exc.details()}"
-                ) from exc
+                raise login_error(exc, config, target) from exc
             except TimeoutError as exc:
                 raise describe_rpc_error(exc, target, config.timeout) from exc
             conn.metadata = (("token", reply.token),)
@@ -269,12 +251,7 @@ async def connect(config: RegistryConfig, probe_key: str) -> EtcdConnection:
             return await connect_endpoint(config, endpoint, probe_key)
         except RegistryError as exc:
             errors.append(exc)
-    # Unanswered only if no endpoint answered: a refusal is an answer, given at once.
-    unanswered = all(isinstance(exc, RegistryUnanswered) for exc in errors)
-    kind = RegistryUnanswered if unanswered else RegistryError
-    if len(errors) == 1:
-        raise kind(str(errors[0]))
-    raise kind("no etcd endpoint answered: " + "; ".join(map(str, errors)))
+    raise none_connected(errors)
 
 
 def text_of(value: bytes) -> str:

@@ -23,10 +23,10 @@ from .etcd_client import (
     MAX_BACKOFF,
     MIN_BACKOFF,
     EtcdConnection,
-    describe_rpc_error,
     range_of,
     readable_text,
 )
+from .etcd_errors import describe_rpc_error
 
 log = logging.getLogger(__name__)
 

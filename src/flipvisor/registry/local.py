@@ -225,6 +225,7 @@ class LocalRegistry:
             "where": str(self.path),
             "connected": True,
             "pending": sorted(self._pending.keys() | self._withdrawing.keys()),
+            "problem": None,  # the file's errors are said where they happen (etcd: see there)
             "conflicting": [],  # no other writer conflicts with a write of the file's
         }
 
