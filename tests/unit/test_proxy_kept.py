@@ -195,7 +195,7 @@ def test_a_kill_after_the_later_flips_registry_step_keeps_its_file_and_reloads(
 
         events = _finish(state_dir, {"web": _current(3, port)})  # the next start
 
-        [(kind, message), (then, owed)] = events
+        [(kind, _), (then, owed)] = events
         assert kind == "proxy-kept", (port, events)
         assert then == "proxy-restored", (port, events)
         assert owed.startswith(
