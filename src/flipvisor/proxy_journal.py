@@ -210,8 +210,8 @@ class ProxyJournal:
         await self._end(keep_previous=True)
 
     async def stands(self) -> None:
-        """A removal passed its check and stands (its reload comes next, or a ``not-unrouted``
-        warning says to run it): the record goes, and with it one an earlier step of the
+        """A removal passed its check and stands, its reload done (or a ``not-unrouted`` warning
+        says to run it; ``unroute``): the record goes, and with it one an earlier step of the
         program left for the same files: the program's file is gone on purpose."""
         await self._end(keep_previous=not self._covers_previous())
 

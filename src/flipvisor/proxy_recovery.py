@@ -42,7 +42,7 @@ files agree with the registry keys, which decide which of its generations serve 
   this series that carried an earlier one's files and ``reload_owed`` flat is still read: the
   reload is done whatever becomes of its step, and kept as promoted with that reload failed, it
   stays marked so (``RELOAD_FAILED_AT_START``): its changes stand.
-- A removed program's file taken away before the check without it passed: put back, and removed
+- A removed program's file taken away before its reload without it was done: put back, and removed
   again (checked) by whatever removes the program now.
 
 A file is put back only while it still holds what the interrupted step wrote (or a state of an

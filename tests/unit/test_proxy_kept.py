@@ -274,6 +274,23 @@ def test_a_removal_after_a_kept_record_leaves_no_warning_for_the_next_start(
             assert kind == "proxy-restored", message
 
 
+def test_a_removals_record_stays_until_its_reload(tmp_path: Path) -> None:
+    """A removal's record went as its check passed, before its reload: a supervisor killed
+    between the two left nothing, and the next start neither put the file back nor reloaded
+    (review). The reload command here passes only while the record is still there."""
+    state_dir, dest = tmp_path / "state", tmp_path / "web.conf"
+    dest.write_bytes(OLD)
+    record = state_dir / "proxy-undo" / "web.json"
+    proxy = _web(state_dir, reload=f"test -e {record}")["web"].proxy
+    assert proxy is not None
+
+    assert anyio.run(_remove, state_dir, proxy)  # its reload passed: the record was there
+
+    assert not dest.exists()
+    assert _proxy_saw(state_dir) == ["check", "reload"]
+    assert pending(state_dir) == []
+
+
 def test_a_halfway_record_is_not_lost_to_a_later_flip(tmp_path: Path) -> None:
     """Generation 2's file could not be put back (its record kept, ``failed_halfway``), then
     this run's next flip of web ends: failed before its reload (``settle``), or undone and
