@@ -353,7 +353,8 @@ def _drop_decided(folder: Path, program: str, replaced: list[Path]) -> None:
             step = read_record(folder / name)
         except UNREADABLE:
             continue  # the next start sets it aside, with a warning
-        if all(any(same_file(c.kept.dest, dest) for dest in replaced) for c in step.changes):
+        # Those of an earlier record nested in it too: all replaced, none is left to put back.
+        if all(any(same_file(c.kept.dest, dest) for dest in replaced) for c in step.chain()):
             drop_record(step.path)
             log.info(
                 "program=%s dropped the proxy-undo record %s kept undecided: this run's flip "
