@@ -214,17 +214,7 @@ async def _undo(
     is done with: dropped, or ``earlier`` written in its place."""
     about = step.about
     outcome = await anyio.to_thread.run_sync(step.put_back)
-    if step.reload_back_failed:
-        message = f"{step.how_left()}: "
-        if keys_left:
-            message += (
-                f"the registry still names generation {about.generation}, as putting its keys "
-                "back failed too, though that flip was rolled back: they are replaced once this "
-                f"run promotes a generation of {about.program}; "
-            )
-    else:
-        when = "before its registry step" if step.registry_next is False else "before it was done"
-        message = f"{step.how_left()}, {when}: "
+    message = _undone(step, keys_left)
     # None left: a later step that took its record over replaced them, and stands.
     message += "; ".join(outcome.done) or "its proxy files were replaced since by a later step's"
     settled, routed = outcome.settled, True
@@ -251,6 +241,23 @@ async def _undo(
     else:  # a warning (WARNINGS): a file left as it is may not name what the keys do
         events.emit("proxy-left", about.program, None, message)
     return done
+
+
+def _undone(step: Pending, keys_left: bool) -> str:
+    """The start of the event of ``step`` undone: how it was left (``keys_left``: see
+    ``_undo``)."""
+    about = step.about
+    if not step.reload_back_failed:
+        when = "before its registry step" if step.registry_next is False else "before it was done"
+        return f"{step.how_left()}, {when}: "
+    message = f"{step.how_left()}: "
+    if keys_left:
+        message += (
+            f"the registry still names generation {about.generation}, as putting its keys "
+            "back failed too, though that flip was rolled back: they are replaced once this "
+            f"run promotes a generation of {about.program}; "
+        )
+    return message
 
 
 async def _reload_proxy(
@@ -293,12 +300,13 @@ async def _reload_proxy(
             False,
             False,
         )
+    return _reloaded(step, owed), True, True
+
+
+def _reloaded(step: Pending, owed: str | None) -> str:
+    """Why the proxy was checked and reloaded after ``step``, for its event."""
     if owed is not None:
-        return (
-            f"the proxy was checked and reloaded, as a reload was owed ({owed})",
-            True,
-            True,
-        )
+        return f"the proxy was checked and reloaded, as a reload was owed ({owed})"
     if step.reload_back_failed:
         why = "failed"
     elif step.kept is not None:  # kept for a reason this version does not know
@@ -307,7 +315,5 @@ async def _reload_proxy(
         why = "had not happened when it was killed"
     return (
         "the proxy was checked and reloaded, as that flip may have reloaded it with its file "
-        f"(its reload back, away from generation {about.generation}, {why})",
-        True,
-        True,
+        f"(its reload back, away from generation {step.about.generation}, {why})"
     )

@@ -68,15 +68,7 @@ async def unroute(
                 proxy.dest,
                 "; reloading the proxy anyway" if proxy.reload_cmd else "",
             )
-        try:
-            old_workers = await _reload_without(route, proxy, events)
-        finally:
-            # The removal stands (its reload done, or said as a ``not-unrouted`` warning): its
-            # record goes after the reload, not before, so that a supervisor killed between the
-            # check and the reload leaves the next start the record: the file put back, and
-            # removed (and reloaded) again by whatever removes the program then.
-            with anyio.CancelScope(shield=True):
-                await route.stands()
+        old_workers = await _reload_then_stand(route, proxy, events)
         if old_workers is None:
             return False
     if not await wait_workers_gone(old_workers, proxy.timeout):
@@ -116,6 +108,20 @@ async def _remove_file(route: Routing, proxy: ProxyConfig) -> Installed | None:
             )
         raise
     return taken  # the removal passed its check; its record goes after the reload (``unroute``)
+
+
+async def _reload_then_stand(
+    route: Routing, proxy: ProxyConfig, events: EventLog | None
+) -> frozenset[Recorded] | None:
+    """``_reload_without``, then the removal stands (its reload done, or said as a
+    ``not-unrouted`` warning): its record goes after the reload, not before, so that a
+    supervisor killed between the check and the reload leaves the next start the record: the
+    file put back, and removed (and reloaded) again by whatever removes the program then."""
+    try:
+        return await _reload_without(route, proxy, events)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await route.stands()
 
 
 async def _reload_without(
