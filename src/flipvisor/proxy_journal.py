@@ -16,13 +16,13 @@ even when the next start cannot read the registry. A record kept undecided by su
 dropped once this run promotes a flip of the program over the same files (``promoted``).
 
 One record per program (``<program>.json``): a step's first record takes over the one an earlier
-step of the program left there (``Previous``: kept after a failed reload back, or
-halfway), rather than overwrite or set it aside. The earlier one's files that may still need
-putting back come first in the new record, and a reload it owed is carried as ``reload_owed``, so
-that the next start, whatever it does with the new step, also puts those back and reloads the
-proxy. Once the new step reloads the proxy (promoted, or reloaded back) nothing is owed any more;
-if it ends otherwise with its own changes undone (``settle``), the earlier record is written back
-as it was.
+step of the program left there (``Previous``: kept after a failed reload back, halfway, or one
+whose removal failed), rather than overwrite or set it aside: nested whole in the new record
+(``"previous"``), with its own header, so that the next start, once it decided the new step,
+decides the earlier one on its own (its own registry check: it may have been promoted), with its
+owed reload and its note. Once the new step reloads the proxy (promoted, or reloaded back) its
+owed reload is done; if it ends with its own changes undone or standing, the earlier record is
+written back as it was, unless nothing of it is left to put back.
 
 One small write (atomic, fsynced) per file a step changes, one for a flip's mark, one removal at its
 end; blocking calls, run off the event loop. The folder is made when a record finds it missing
@@ -43,20 +43,19 @@ import anyio
 
 from .durable import ReplacedNotDurable, write_atomic
 from .errors import ProxyError
+from .proxy_change import Change, digest
 from .proxy_file import Installed, same_file
 from .proxy_record import (
     FLIP,
     KEPT,
+    PREVIOUS,
     RECORD_MODE,
     REGISTRY_NEXT,
     RELOAD_BACK_FAILED,
     RELOAD_FAILED_AT_START,
-    RELOAD_OWED,
     REMOVAL,
     UNREADABLE,
     About,
-    Change,
-    digest,
     drop_record,
     parse_record,
     read_record,
@@ -185,15 +184,14 @@ class ProxyJournal:
         Raises:
             OSError: it could not be written (``ReplacedNotDurable``: it was, not durably).
         """
-        inherited = self.previous.changes if self.previous is not None else ()
-        files = [c.to_json() for c in (*inherited, *changes)]  # the earlier first: undone last
-        document = {**self.about.to_json(), "files": files}
+        document = {**self.about.to_json(), "files": [c.to_json() for c in changes]}
         if self.about.kind == FLIP:
             document[REGISTRY_NEXT] = self.registry_next
         if kept is not None:
             document[KEPT] = kept
-        if self.previous is not None and self.previous.reload_owed is not None:
-            document[RELOAD_OWED] = self.previous.reload_owed
+        if self.previous is not None:
+            # Whole, its header with it: decided on its own once this step is (undone last).
+            document[PREVIOUS] = self.previous.document
         data = json.dumps(document, indent=1).encode()
         try:
             write_atomic(self.path, data, RECORD_MODE)
@@ -212,8 +210,8 @@ class ProxyJournal:
         await self._end(keep_previous=True)
 
     async def stands(self) -> None:
-        """A removal passed its check and stands (its reload comes next, or a ``not-unrouted``
-        warning says to run it): the record goes, and with it one an earlier step of the
+        """A removal passed its check and stands, its reload done (or a ``not-unrouted`` warning
+        says to run it; ``unroute``): the record goes, and with it one an earlier step of the
         program left for the same files: the program's file is gone on purpose."""
         await self._end(keep_previous=not self._covers_previous())
 
@@ -284,17 +282,16 @@ class ProxyJournal:
 class Previous:
     """The record a new step of a program found under ``<program>.json`` as it made its first
     change (one record per program: the new step's takes it over): an earlier step's of this run
-    left for the next start (kept after its reload back failed, or a change made halfway that
-    could not be put back), or one a start-up could not settle. ``changes``: its files that may
-    still need putting back (none for one kept after a failed reload back: its undo put them
-    back); ``reload_owed``: why the proxy needs a reload at the next start whatever becomes of
-    the new step, until the new step reloads it (None: none); ``data``: the record as it was,
-    written back if the new step ends without reloading the proxy and without its changes
-    standing (``ProxyJournal.settle``)."""
+    left for the next start (kept after its reload back failed, a change made halfway that could
+    not be put back, one whose removal failed), or one a start-up could not settle.
+    ``changes``: its files that may still need putting back (none for one kept after a failed
+    reload back: its undo put them back); ``data``: the record as it was, written back if the
+    new step ends without its files replacing those; ``document``: the same, nested whole in the
+    new step's record."""
 
     changes: tuple[Change, ...]
-    reload_owed: str | None
     data: bytes
+    document: dict[str, Any]
 
 
 def previous(path: Path) -> Previous | None:
@@ -318,12 +315,10 @@ def previous(path: Path) -> Previous | None:
     except UNREADABLE as exc:
         set_aside_unreadable(path, exc)  # as the next start would, with its warning
         return None
-    owed = step.owes_reload
-    if owed is None and step.maybe_promoted:
-        owed = f"{step.how_left()}, which may have reloaded the proxy with its file"
-    # Files put back already (a reload back failed), or that stand (promoted): none to inherit.
+    # Files put back already (a reload back failed), or that stand (promoted): none to cover.
     stand = step.reload_back_failed or step.kept == RELOAD_FAILED_AT_START
-    return Previous(() if stand else step.changes, owed, data)
+    below = step.previous.chain() if step.previous is not None else ()
+    return Previous(below if stand else step.chain(), data, step.document)
 
 
 def flip_journal(
@@ -358,7 +353,8 @@ def _drop_decided(folder: Path, program: str, replaced: list[Path]) -> None:
             step = read_record(folder / name)
         except UNREADABLE:
             continue  # the next start sets it aside, with a warning
-        if all(any(same_file(c.kept.dest, dest) for dest in replaced) for c in step.changes):
+        # Those of an earlier record nested in it too: all replaced, none is left to put back.
+        if all(any(same_file(c.kept.dest, dest) for dest in replaced) for c in step.chain()):
             drop_record(step.path)
             log.info(
                 "program=%s dropped the proxy-undo record %s kept undecided: this run's flip "

@@ -10,14 +10,12 @@ before anything runs.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import logging
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,8 @@ from . import json_text
 from .current_record import parse_current
 from .durable import fsync_dir, remove_torn, write_atomic
 from .errors import ProxyError
-from .proxy_file import DEFAULT_FILE_MODE, Installed
+from .proxy_change import Change
+from .proxy_file import same_file
 from .starttime import Recorded, recorded_from_json
 
 log = logging.getLogger("flipvisor.proxy")  # with the proxy's steps
@@ -44,76 +43,14 @@ RELOAD_BACK_FAILED = "reload back failed"
 # changes stand, and the next start reloads (``proxy_recovery``).
 RELOAD_FAILED_AT_START = "promoted, its owed reload failed at start-up"
 # Why the proxy must be checked and reloaded at the next start, whatever becomes of the record's
-# own changes: an earlier step of the program whose record this step's took over owed that
-# reload (``proxy_journal.Previous``). Missing from records that owe none, and from older records.
+# own changes: read from records that builds of this series wrote as they took an earlier one
+# over (its files first in theirs); records now nest the earlier one whole (``PREVIOUS``).
 RELOAD_OWED = "reload_owed"
+# The record an earlier step of the program left, that this step's took over
+# (``proxy_journal.Previous``), whole, with its own header: decided on its own, after this one.
+PREVIOUS = "previous"
 FLIP = "flip"  # a promotion's proxy step: undone unless the registry names its generation
 REMOVAL = "removal"  # a removed program's file taken away, until the proxy check passed
-
-
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-@dataclass(frozen=True)
-class Change:
-    """One proxy file a step changed: what it held (``kept``) and the digest of what the step
-    wrote there (None: it removed the file)."""
-
-    kept: Installed
-    written: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        kept = self.kept
-        previous = kept.previous
-        return {
-            "dest": str(kept.dest),
-            "previous": None if previous is None else base64.b64encode(previous).decode(),
-            "mode": kept.previous_mode,
-            "owner": None if kept.previous_owner is None else list(kept.previous_owner),
-            "written_sha256": self.written,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Change:
-        previous, owner = data["previous"], data["owner"]
-        kept = Installed(
-            dest=Path(data["dest"]),
-            previous=None if previous is None else base64.b64decode(previous, validate=True),
-            previous_mode=int(data.get("mode", DEFAULT_FILE_MODE)),
-            previous_owner=None if owner is None else (int(owner[0]), int(owner[1])),
-        )
-        written = data["written_sha256"]
-        return cls(kept, None if written is None else str(written))
-
-    def put_back(self) -> tuple[str, bool]:
-        """Put the previous file back if ``dest`` still holds what the step wrote; what was
-        done, for a message, and whether the file was left alone (a hand edit since).
-
-        Raises:
-            ProxyError: it could not be put back.
-        """
-        dest = self.kept.dest
-        try:
-            now: bytes | None = dest.read_bytes()
-        except FileNotFoundError:
-            now = None
-        except OSError as exc:
-            raise ProxyError(f"cannot read {dest}: {exc.strerror or exc}") from exc
-        if now == self.kept.previous:
-            return f"{dest} is the previous file already", False
-        if (now is None and self.written is not None) or (
-            now is not None and digest(now) != self.written
-        ):
-            what = "is gone" if now is None else "holds something other than what that step wrote"
-            return (
-                f"{dest} left as it is: it {what} (changed by a later step, or by hand, "
-                "since?); see that it is what the proxy should load"
-            ), True
-        self.kept.restore()
-        if self.kept.previous is None:
-            return f"{dest} removed (there was none before)", False
-        return f"{dest}: the previous file put back", False
 
 
 @dataclass(frozen=True)
@@ -182,6 +119,11 @@ class Pending:
     kept: str | None = None  # why it was kept on purpose (``KEPT``); None: a kill left it
     # Why a reload is owed whatever becomes of its changes (``RELOAD_OWED``); None: none is.
     reload_owed: str | None = None
+    # The earlier record this one took over (``PREVIOUS``), at the same path: decided after
+    # this one, on its own (its own registry check); None: none.
+    previous: Pending | None = None
+    # The record as read: written back when a later one that took it over is done with.
+    document: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def reload_back_failed(self) -> bool:
@@ -196,6 +138,13 @@ class Pending:
         if self.reload_owed is not None:
             return self.reload_owed
         return self.how_left() if self.reload_back_failed else None
+
+    def owed_in_chain(self) -> str | None:
+        """Why a reload is owed by this record or an earlier one nested in it (``owes_reload``);
+        None: none is."""
+        if self.owes_reload is not None or self.previous is None:
+            return self.owes_reload
+        return self.previous.owed_in_chain()
 
     def how_left(self) -> str:
         """How the step came to be left unfinished, for a message."""
@@ -239,11 +188,14 @@ class Pending:
 
     def put_back(self) -> PutBack:
         """Put each previous file back (last change first) where it still holds what the step
-        wrote (blocking)."""
+        wrote, or a state of an earlier change in the record's chain (put back by a start
+        killed before it dropped the record: ours, not a hand edit) (blocking)."""
         outcome = PutBack()
-        for change in reversed(self.changes):
+        below = self.previous.chain() if self.previous is not None else ()
+        for index in reversed(range(len(self.changes))):
+            change = self.changes[index]
             try:
-                line, left_alone = change.put_back()
+                line, left_alone = change.put_back((*below, *self.changes[:index]))
             except ProxyError as exc:
                 line, outcome.settled = str(exc), False
             else:
@@ -251,9 +203,38 @@ class Pending:
             outcome.done.append(line)
         return outcome
 
-    def forget(self) -> None:
-        """Remove the record (blocking)."""
-        drop_record(self.path)
+    def chain(self) -> tuple[Change, ...]:
+        """The changes of this record and of the earlier ones nested in it, earliest first."""
+        below = self.previous.chain() if self.previous is not None else ()
+        return (*below, *self.changes)
+
+    def past(self, later: Pending) -> Pending:
+        """This record as it stands once ``later`` (the record that took it over) was kept as
+        promoted: without its files that ``later`` changed again, which stand as the keys name
+        ``later``'s flip (its reload owed, its other files still to put back)."""
+        theirs = [change.kept.dest for change in later.changes]
+        left = tuple(c for c in self.changes if not any(same_file(c.kept.dest, d) for d in theirs))
+        document = {**self.document, "files": [change.to_json() for change in left]}
+        return replace(self, changes=left, document=document)
+
+    def forget(self, then: Pending | None = None) -> bool:
+        """Remove the record, or write ``then`` there (the earlier record it took over, decided
+        next); whether that was done (a failure is logged: the record stays, and the next start
+        decides it again) (blocking)."""
+        if then is None:
+            drop_record(self.path)
+            return True
+        try:
+            write_atomic(self.path, json.dumps(then.document, indent=1).encode(), RECORD_MODE)
+        except OSError as exc:
+            log.warning(
+                "cannot write back the earlier proxy-undo record nested in %s: %s; the next "
+                "start decides this one again (put back already, or standing), then that one",
+                self.path,
+                exc.strerror or exc,
+            )
+            return False
+        return True
 
 
 def _same_run(one: Recorded, other: Recorded) -> bool:
@@ -310,10 +291,13 @@ def read_record(path: Path) -> Pending:
 
 def parse_record(path: Path, data: bytes) -> Pending:
     """The record at ``path`` that holds ``data`` (raises as ``read_record``)."""
-    document = json_text.loads(data)
+    return _parse_document(path, json_text.loads(data))
+
+
+def _parse_document(path: Path, document: dict[str, Any]) -> Pending:
     changes = tuple(Change.from_json(c) for c in document["files"])
     registry_next, kept = document.get(REGISTRY_NEXT), document.get(KEPT)
-    owed = document.get(RELOAD_OWED)
+    owed, nested = document.get(RELOAD_OWED), document.get(PREVIOUS)
     return Pending(
         path,
         About.from_json(document),
@@ -321,6 +305,8 @@ def parse_record(path: Path, data: bytes) -> Pending:
         None if registry_next is None else bool(registry_next),
         None if kept is None else str(kept),
         None if owed is None else str(owed),
+        None if nested is None else _parse_document(path, nested),
+        document,
     )
 
 
@@ -370,13 +356,16 @@ def keep_undecided(step: Pending) -> Path:
 
 
 def set_aside_unreadable(path: Path, exc: Exception) -> None:
-    """A record that cannot be read, renamed ``<name>.bad`` so that it is said once, not at
-    every start, and kept for the operator to look at (blocking)."""
-    aside = path.with_name(f"{path.name}.bad")
+    """A record that cannot be read, renamed ``<name>.<ns>.bad`` (a name of its own: one set
+    aside before is kept too) so that it is said once, not at every start, and kept for the
+    operator to look at (blocking)."""
+    aside = path.with_name(f"{path.name}.{time.time_ns()}.bad")
     try:
         path.rename(aside)
+        fsync_dir(aside.parent)  # else a crash could bring it back, said again
     except OSError:
-        aside = path
+        if not aside.exists():
+            aside = path
     log.warning(
         "ignoring the proxy-undo record %s (%s): if a supervisor was killed during a flip, see "
         "that the proxy file it names is the previous one",

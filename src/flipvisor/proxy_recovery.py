@@ -33,16 +33,21 @@ files agree with the registry keys, which decide which of its generations serve 
   edited by hand since) and the proxy checked and reloaded, whatever the registry says, or
   whether it can be read: keys that name its generation are ones its undo failed to put back,
   said so, not taken for a promotion.
-- A record that took over an earlier step's (``reload_owed``: that step's reload back failed,
-  say) owes a reload whatever is done with its own step: the proxy is checked and reloaded
-  after its flip is kept as promoted, or kept undecided, as after one undone. Kept as promoted
-  and that reload failed, the record stays marked so (``RELOAD_FAILED_AT_START``): a later step
-  of the program takes over only the reload it owes, not its changes, which stand.
-- A removed program's file taken away before the check without it passed: put back, and removed
+- A record that took over an earlier step's (nested whole in it, ``"previous"``) is decided
+  first; once it is done with, the earlier record is written back in its place and decided on
+  its own, by its own registry check (its flip may have been promoted: a record whose removal
+  failed), with its own note and owed reload: after a later flip kept as promoted, without its
+  files that flip changed again (they stand). A later step kept undecided keeps the earlier one
+  with it (a reload it owes is done now, and again when it is decided). A record from a build of
+  this series that carried an earlier one's files and ``reload_owed`` flat is still read: the
+  reload is done whatever becomes of its step, and kept as promoted with that reload failed, it
+  stays marked so (``RELOAD_FAILED_AT_START``): its changes stand.
+- A removed program's file taken away before its reload without it was done: put back, and removed
   again (checked) by whatever removes the program now.
 
-A file is put back only while it still holds what the interrupted step wrote: an operator's hand
-edit since is left alone. Each outcome is an event of the program's.
+A file is put back only while it still holds what the interrupted step wrote (or a state of an
+earlier change in the record's chain: put back by a start killed before it dropped the record):
+an operator's hand edit since is left alone. Each outcome is an event of the program's.
 """
 
 from __future__ import annotations
@@ -82,6 +87,9 @@ class ProxyAccess:
             proxy = config.proxy
             if proxy is not None and any(same_file(c.kept.dest, proxy.dest) for c in step.changes):
                 return proxy
+        if not step.changes:  # its files replaced by a later step kept since: its program's
+            own = self.programs.get(step.about.program)
+            return own.proxy if own is not None else None
         return None
 
     async def check_and_reload(self, program: str, proxy: ProxyConfig) -> None:
@@ -113,18 +121,36 @@ async def finish_proxy_steps(
     programs' ``generation/current`` records (None: the registry could not be read); ``proxy``
     reloads the proxy after an undone flip that may have reloaded it (None: it is not
     reached, and a warning says to reload it)."""
-    for step in unfinished:
-        named = step.promoted_by(records.get(step.about.program) if records is not None else None)
-        if step.reload_back_failed:
-            # Rolled back, its files put back: decided, whatever the registry says (keys that
-            # still name its generation are ones its undo failed to put back).
-            await _undo(step, events, proxy, keys_left=named)
-        elif records is None and step.maybe_promoted:
-            await _keep_undecided(step, events, proxy)
-        elif named:
-            await _keep(step, events, proxy)
-        else:
-            await _undo(step, events, proxy)
+    for first in unfinished:
+        step: Pending | None = first
+        while step is not None:
+            step = await _finish_one(step, records, events, proxy)
+
+
+async def _finish_one(
+    step: Pending,
+    records: Mapping[str, str] | None,
+    events: EventLog,
+    proxy: ProxyAccess | None,
+) -> Pending | None:
+    """Keep or undo ``step``; returns the earlier record it took over, written back in its place
+    to be decided next on its own (None: there is none, or the record stays)."""
+    named = step.promoted_by(records.get(step.about.program) if records is not None else None)
+    earlier = step.previous
+    if step.reload_back_failed:
+        # Rolled back, its files put back: decided, whatever the registry says (keys that
+        # still name its generation are ones its undo failed to put back).
+        done = await _undo(step, events, proxy, earlier, keys_left=named)
+    elif records is None and step.maybe_promoted:
+        await _keep_undecided(step, events, proxy)  # the earlier record kept aside with it
+        return None
+    elif named:
+        # Its files stand: the earlier record's on the same files are replaced for good.
+        earlier = earlier.past(step) if earlier is not None else None
+        done = await _keep(step, events, proxy, earlier)
+    else:
+        done = await _undo(step, events, proxy, earlier)
+    return earlier if done else None
 
 
 async def _keep_undecided(step: Pending, events: EventLog, proxy: ProxyAccess | None) -> None:
@@ -137,16 +163,20 @@ async def _keep_undecided(step: Pending, events: EventLog, proxy: ProxyAccess | 
         f"generation: its proxy file is left as it is ({files}), and the record kept for the "
         f"next start ({kept})"
     )
-    if step.reload_owed is not None:
-        said, _, _ = await _reload_proxy(step, proxy)
+    owed = step.owed_in_chain()
+    if owed is not None:
+        said, _, _ = await _reload_proxy(step, proxy, owed)
         message += f"; {said}"
     # A warning (WARNINGS): the file may name a generation the keys do not.
     events.emit("proxy-left", step.about.program, None, message)
 
 
-async def _keep(step: Pending, events: EventLog, proxy: ProxyAccess | None) -> None:
+async def _keep(
+    step: Pending, events: EventLog, proxy: ProxyAccess | None, earlier: Pending | None
+) -> bool:
     """The registry names ``step``'s generation: its file stays (and the proxy is checked and
-    reloaded if an earlier step's reload is owed: the record stays until that is done)."""
+    reloaded if an earlier step's reload is owed: the record stays until that is done). Whether
+    it is done with: dropped, or ``earlier`` written in its place."""
     files = ", ".join(str(change.kept.dest) for change in step.changes)
     message = (
         f"{step.how_left()}, after the registry named that generation: its proxy file stays "
@@ -156,8 +186,9 @@ async def _keep(step: Pending, events: EventLog, proxy: ProxyAccess | None) -> N
     if step.reload_owed is not None:
         said, routed, settled = await _reload_proxy(step, proxy)
         message += f"; {said}"
+    done = False
     if settled:
-        await anyio.to_thread.run_sync(step.forget)
+        done = await anyio.to_thread.run_sync(step.forget, earlier)
     else:
         # Its changes stand: a later step of the program that takes the record over must not
         # inherit them to put back (only the reload still owed).
@@ -166,28 +197,26 @@ async def _keep(step: Pending, events: EventLog, proxy: ProxyAccess | None) -> N
     events.emit(
         "proxy-kept" if settled and routed else "proxy-left", step.about.program, None, message
     )
+    return done
 
 
 async def _undo(
-    step: Pending, events: EventLog, proxy: ProxyAccess | None, *, keys_left: bool = False
-) -> None:
+    step: Pending,
+    events: EventLog,
+    proxy: ProxyAccess | None,
+    earlier: Pending | None,
+    *,
+    keys_left: bool = False,
+) -> bool:
     """``step`` undone: its files put back where they hold what it wrote, and the proxy checked
     and reloaded if the flip may have reloaded it (``keys_left``: the registry still names the
-    generation of that flip, rolled back, as its undo failed to put the keys back)."""
+    generation of that flip, rolled back, as its undo failed to put the keys back). Whether it
+    is done with: dropped, or ``earlier`` written in its place."""
     about = step.about
     outcome = await anyio.to_thread.run_sync(step.put_back)
-    if step.reload_back_failed:
-        message = f"{step.how_left()}: "
-        if keys_left:
-            message += (
-                f"the registry still names generation {about.generation}, as putting its keys "
-                "back failed too, though that flip was rolled back: they are replaced once this "
-                f"run promotes a generation of {about.program}; "
-            )
-    else:
-        when = "before its registry step" if step.registry_next is False else "before it was done"
-        message = f"{step.how_left()}, {when}: "
-    message += "; ".join(outcome.done)
+    message = _undone(step, keys_left)
+    # None left: a later step that took its record over replaced them, and stands.
+    message += "; ".join(outcome.done) or "its proxy files were replaced since by a later step's"
     settled, routed = outcome.settled, True
     if (step.maybe_promoted or step.reload_owed is not None) and settled:
         # It may have reloaded the proxy with its file (killed before its reload back, or that
@@ -202,26 +231,47 @@ async def _undo(
         else:
             said, routed, settled = await _reload_proxy(step, proxy)
             message += f"; {said}"
+    done = False
     if settled:
-        await anyio.to_thread.run_sync(step.forget)
+        done = await anyio.to_thread.run_sync(step.forget, earlier)
     else:
         message += f"; tried again at the next start ({step.path})"
     if settled and routed and not outcome.left_alone:
         events.emit("proxy-restored", about.program, None, message)
     else:  # a warning (WARNINGS): a file left as it is may not name what the keys do
         events.emit("proxy-left", about.program, None, message)
+    return done
 
 
-async def _reload_proxy(step: Pending, access: ProxyAccess | None) -> tuple[str, bool, bool]:
+def _undone(step: Pending, keys_left: bool) -> str:
+    """The start of the event of ``step`` undone: how it was left (``keys_left``: see
+    ``_undo``)."""
+    about = step.about
+    if not step.reload_back_failed:
+        when = "before its registry step" if step.registry_next is False else "before it was done"
+        return f"{step.how_left()}, {when}: "
+    message = f"{step.how_left()}: "
+    if keys_left:
+        message += (
+            f"the registry still names generation {about.generation}, as putting its keys "
+            "back failed too, though that flip was rolled back: they are replaced once this "
+            f"run promotes a generation of {about.program}; "
+        )
+    return message
+
+
+async def _reload_proxy(
+    step: Pending, access: ProxyAccess | None, owed: str | None = None
+) -> tuple[str, bool, bool]:
     """Check and reload the proxy after ``step``'s flip was undone, as it may have reloaded
     the proxy with its file: what was done (for the event), whether the proxy routes as the
     files say now, and whether the record may go (a failed check or reload is tried again at
     the next start; with no proxy section to reload with, the operator is told what to do)."""
     about = step.about
     section = access.section_of(step) if access is not None else None
-    owed = step.reload_owed
+    owed = owed if owed is not None else step.reload_owed
     if access is None or section is None:
-        return _no_proxy_section(step), False, True
+        return _no_proxy_section(step, owed), False, True
     if not section.reload_cmd:
         return "the proxy has no reload_cmd: nothing was reloaded", True, True
     try:
@@ -238,13 +288,13 @@ async def _reload_proxy(step: Pending, access: ProxyAccess | None) -> tuple[str,
             False,
             False,
         )
-    return _why_reloaded(step), True, True
+    return _reloaded(step, owed), True, True
 
 
-def _no_proxy_section(step: Pending) -> str:
+def _no_proxy_section(step: Pending, owed: str | None) -> str:
     """What to tell the operator when no proxy section of this config writes ``step``'s
-    files, so the reload it may need cannot be done here."""
-    owed = step.reload_owed
+    files, so the reload it may need (``owed``, or as its flip may have reloaded the proxy)
+    cannot be done here."""
     files = ", ".join(str(change.kept.dest) for change in step.changes)
     return (
         f"a reload is owed ({owed})"
@@ -257,10 +307,10 @@ def _no_proxy_section(step: Pending) -> str:
     )
 
 
-def _why_reloaded(step: Pending) -> str:
-    """What a successful check and reload after ``step`` did, and why it was needed."""
-    if step.reload_owed is not None:
-        return f"the proxy was checked and reloaded, as a reload was owed ({step.reload_owed})"
+def _reloaded(step: Pending, owed: str | None) -> str:
+    """Why the proxy was checked and reloaded after ``step``, for its event."""
+    if owed is not None:
+        return f"the proxy was checked and reloaded, as a reload was owed ({owed})"
     if step.reload_back_failed:
         why = "failed"
     elif step.kept is not None:  # kept for a reason this version does not know

@@ -4,9 +4,10 @@ awaited, so that nothing routes to the program any more. Failures are logged wit
 never stop the removal; a reload that failed, or that timed out without the proxy showing that it
 applied it (a new worker of its master, with ``proxy.pidfile``; without one, a timed-out reload is
 not known to have happened, as for a flip), is a ``not-unrouted`` warning saying what to run. Until
-the check without the file passed, what it held is recorded in the
-state_dir (``proxy_journal.py``): a supervisor killed during that check leaves the next start
-enough to put it back (``proxy_recovery.py``), and the removal is made, and checked, again.
+the reload without the file, what it held is recorded in the
+state_dir (``proxy_journal.py``): a supervisor killed during that check or before that reload leaves
+the next start enough to put it back (``proxy_recovery.py``), and the removal is made, checked and
+reloaded, again.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ async def unroute(
                 proxy.dest,
                 "; reloading the proxy anyway" if proxy.reload_cmd else "",
             )
-        old_workers = await _reload_without(route, proxy, events)
+        old_workers = await _reload_then_stand(route, proxy, events)
         if old_workers is None:
             return False
     if not await wait_workers_gone(old_workers, proxy.timeout):
@@ -81,7 +82,8 @@ async def unroute(
 
 async def _remove_file(route: Routing, proxy: ProxyConfig) -> Installed | None:
     """Remove ``proxy``'s file and check the proxy without it; returns what it held (None: no
-    file). The journal's record goes once the removal stands, or once the file is back.
+    file). The journal's record goes once the file is back; once the removal stands, after its
+    reload (``unroute``).
 
     Raises:
         ProxyError: the check failed without the file, which stays in use (logged, with what
@@ -105,8 +107,21 @@ async def _remove_file(route: Routing, proxy: ProxyConfig) -> Installed | None:
                 proxy.dest,
             )
         raise
-    await route.stands()  # the removal passed its check: it stands, whatever follows
-    return taken
+    return taken  # the removal passed its check; its record goes after the reload (``unroute``)
+
+
+async def _reload_then_stand(
+    route: Routing, proxy: ProxyConfig, events: EventLog | None
+) -> frozenset[Recorded] | None:
+    """``_reload_without``, then the removal stands (its reload done, or said as a
+    ``not-unrouted`` warning): its record goes after the reload, not before, so that a
+    supervisor killed between the check and the reload leaves the next start the record: the
+    file put back, and removed (and reloaded) again by whatever removes the program then."""
+    try:
+        return await _reload_without(route, proxy, events)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await route.stands()
 
 
 async def _reload_without(

@@ -63,6 +63,7 @@ CHECKS = BASE | {
     "proxy",
     "proxy_file",
     "proxy_journal",
+    "proxy_change",
     "proxy_record",
     "proxy_reload",
     "proxy_template",
@@ -168,15 +169,17 @@ ALLOWED: dict[str, set[str]] = {
     "proxy_file": {"errors", "durable"},
     # What a proxy step replaces, on disk until it stands or is undone (a killed supervisor's).
     # The records' format and reading them back; the journal that writes them.
+    "proxy_change": {"errors", "proxy_file"},
     "proxy_record": {
         "errors",
         "proxy_file",
+        "proxy_change",
         "durable",
         "current_record",
         "json_text",
         "starttime",
     },
-    "proxy_journal": {"errors", "proxy_file", "proxy_record", "durable"},
+    "proxy_journal": {"errors", "proxy_file", "proxy_change", "proxy_record", "durable"},
     # The proxy's workers: its master's children, awaited through pidfds.
     "proxy_workers": {"starttime", "verified_signal"},
     # A reload, confirmed by the master's new worker.

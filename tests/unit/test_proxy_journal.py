@@ -143,11 +143,16 @@ def test_a_record_that_cannot_be_read_is_set_aside_and_said_once(
     record.write_text("{")
 
     assert pending(state_dir) == []
-    assert f"{record}.bad" in caplog.text
-    assert record.with_name(f"{record.name}.bad").read_text() == "{"
+    [aside] = record.parent.glob("web.json.*.bad")
+    assert str(aside) in caplog.text
+    assert aside.read_text() == "{"
     caplog.clear()
     assert pending(state_dir) == []
     assert caplog.text == ""
+    # Another one later: set aside beside the first, which it does not replace.
+    record.write_text("[")
+    assert pending(state_dir) == []
+    assert sorted(p.read_text() for p in record.parent.glob("web.json.*.bad")) == ["[", "{"]
 
 
 def test_a_journal_that_cannot_be_written_changes_no_file(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Proxy-undo records kept on purpose (``"kept"``: a flip's undo put its files back and failed to
 reload the proxy back): how the next start reads them whatever the registry says
 (``proxy_recovery.py``), how a later step of the same program takes them over (one record per
-program: ``proxy_journal.Previous``, ``reload_owed``), and the record's format
+program: ``proxy_journal.Previous``, nested whole), and the record's format
 (``proxy_journal.py``). Real files, real check and reload commands."""
 
 from __future__ import annotations
@@ -181,8 +181,9 @@ def test_a_kill_after_the_later_flips_registry_step_keeps_its_file_and_reloads(
     before its record went (``promoted``). The kept record was set aside beside the new one,
     and the next start, after keeping the new flip's file (the keys name it), undid the set-aside
     one regardless: a false ``proxy-left`` warning, or, the port reused with the same bytes, the
-    older file put back over the promoted one (review). One record now: the promoted file stays,
-    and the reload the kept record owed is done."""
+    older file put back over the promoted one (review). One record now, the kept one nested in
+    it: the promoted file stays, then the kept one is decided on its own, its file (replaced by
+    the promoted flip's) left out, and the reload it owed done."""
     state_dir, dest = tmp_path / "state", tmp_path / "web.conf"
     for port, written in ((2003, b"server 127.0.0.1:2003;\n"), (2002, NEW)):
         dest.write_bytes(OLD)
@@ -194,23 +195,24 @@ def test_a_kill_after_the_later_flips_registry_step_keeps_its_file_and_reloads(
 
         events = _finish(state_dir, {"web": _current(3, port)})  # the next start
 
-        [(kind, message)] = events
+        [(kind, _), (then, owed)] = events
         assert kind == "proxy-kept", (port, events)
-        assert (
-            "as a reload was owed (the reload back of web's rolled-back flip to generation 2"
-            in (message)
-        ), message
+        assert then == "proxy-restored", (port, events)
+        assert owed.startswith(
+            "the reload back of web's rolled-back flip to generation 2 (port 2002) failed "
+            "before the last shutdown: its proxy files were replaced since by a later step's"
+        ), owed
+        assert "checked and reloaded" in owed, owed
         assert dest.read_bytes() == written, port
         assert _proxy_saw(state_dir) == ["check", "reload"], port
         assert pending(state_dir) == [], port
 
 
 def test_a_kept_promoted_record_whose_owed_reload_fails_is_tried_again(tmp_path: Path) -> None:
-    """The owed reload fails at the next start: a warning, and the record stays, marked as kept
-    with its changes standing, for the start after it, which keeps the file (the keys still name
-    it) and reloads. A flip of that run, killed during its check, takes the record over without
-    those changes: undone, it puts back generation 3's file, which the keys name, not
-    generation 1's."""
+    """The owed reload fails at the next start: a warning, and the kept record stays, without
+    the file the promoted flip replaced, for the start after it, which reloads. A flip of that
+    run, killed during its check, takes the record over: undone, it puts back generation 3's
+    file, which the keys name, not generation 1's."""
     state_dir, dest = tmp_path / "state", tmp_path / "web.conf"
     gen3, gen4 = b"server 127.0.0.1:2003;\n", b"server 127.0.0.1:2004;\n"
     for then_a_flip in (False, True):
@@ -221,13 +223,16 @@ def test_a_kept_promoted_record_whose_owed_reload_fails_is_tried_again(tmp_path:
         anyio.run(journal.before_registry_step)  # then the registry step, then SIGKILL
 
         failing = _web(state_dir, reload="false")
-        [(kind, message)] = _finish(state_dir, {"web": _current(3, 2003)}, failing)
-        assert kind == "proxy-left" and "tried again at the next start" in message, message
+        [(kind, _), (then, message)] = _finish(state_dir, {"web": _current(3, 2003)}, failing)
+        assert kind == "proxy-kept" and then == "proxy-left", message
+        assert "tried again at the next start" in message, message
+        [left] = pending(state_dir)
+        assert (left.about.generation, left.changes) == (2, ()), left
         if then_a_flip:  # the run started after that: its flip of web killed during its check
             put_in_place(dest, gen4, _journal(state_dir, generation=4, port=2004))
-        [(kind, message)] = _finish(state_dir, {"web": _current(3, 2003)})
-        assert kind == ("proxy-restored" if then_a_flip else "proxy-kept"), message
-        assert "as a reload was owed" in message, message
+        events = _finish(state_dir, {"web": _current(3, 2003)})
+        assert [kind for kind, _ in events] == ["proxy-restored"] * (1 + then_a_flip), events
+        assert "checked and reloaded" in events[-1][1], events
         assert dest.read_bytes() == gen3, then_a_flip
         assert pending(state_dir) == [], then_a_flip
 
@@ -269,6 +274,23 @@ def test_a_removal_after_a_kept_record_leaves_no_warning_for_the_next_start(
             assert kind == "proxy-restored", message
 
 
+def test_a_removals_record_stays_until_its_reload(tmp_path: Path) -> None:
+    """A removal's record went as its check passed, before its reload: a supervisor killed
+    between the two left nothing, and the next start neither put the file back nor reloaded
+    (review). The reload command here passes only while the record is still there."""
+    state_dir, dest = tmp_path / "state", tmp_path / "web.conf"
+    dest.write_bytes(OLD)
+    record = state_dir / "proxy-undo" / "web.json"
+    proxy = _web(state_dir, reload=f"test -e {record}")["web"].proxy
+    assert proxy is not None
+
+    assert anyio.run(_remove, state_dir, proxy)  # its reload passed: the record was there
+
+    assert not dest.exists()
+    assert _proxy_saw(state_dir) == ["check", "reload"]
+    assert pending(state_dir) == []
+
+
 def test_a_halfway_record_is_not_lost_to_a_later_flip(tmp_path: Path) -> None:
     """Generation 2's file could not be put back (its record kept, ``failed_halfway``), then
     this run's next flip of web ends: failed before its reload (``settle``), or undone and
@@ -301,23 +323,24 @@ def test_a_halfway_record_is_not_lost_to_a_later_flip(tmp_path: Path) -> None:
         assert pending(state_dir) == [], end
 
 
-def test_a_later_flip_carries_the_owed_reload_in_its_record(tmp_path: Path) -> None:
-    """The format: the later flip's record is its own (generation 3, its file), with the reload
-    the kept record owed (``reload_owed``); the kept record's file, put back already, is not
-    in it. Killed before its registry step, the next start undoes it and reloads."""
+def test_a_later_flip_nests_the_kept_record_in_its_own(tmp_path: Path) -> None:
+    """The format: the later flip's record is its own (generation 3, its file), with the kept
+    record nested whole (``"previous"``: its header, its note, its file). Killed before its
+    registry step, the next start undoes it, then the kept one, and reloads."""
     state_dir, dest = tmp_path / "state", tmp_path / "web.conf"
     dest.write_bytes(OLD)
     _kept_after_a_failed_reload_back(state_dir)
+    kept = _record(state_dir)
     journal = _journal(state_dir, generation=3, port=2003)
     put_in_place(dest, b"server 127.0.0.1:2003;\n", journal)  # killed during its check
 
     record = _record(state_dir)
     assert (record["generation"], record["registry_next"], "kept" in record) == (3, False, False)
-    assert str(record["reload_owed"]).startswith(
-        "the reload back of web's rolled-back flip to generation 2 (port 2002) failed"
-    ), record
+    assert record["previous"] == kept, record
+    assert "reload_owed" not in record, record
     assert len(record["files"]) == 1  # type: ignore[arg-type]
-    [(kind, message)] = _finish(state_dir, {"web": _current(1, 2001)})
-    assert kind == "proxy-restored", message
+    events = _finish(state_dir, {"web": _current(1, 2001)})
+    assert [kind for kind, _ in events] == ["proxy-restored", "proxy-restored"], events
+    assert events[1][1].startswith("the reload back of web's rolled-back flip to generation 2")
     assert dest.read_bytes() == OLD
     assert _proxy_saw(state_dir) == ["check", "reload"]
