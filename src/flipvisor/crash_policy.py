@@ -251,7 +251,10 @@ class CrashPolicy:
             if other is not gen
         ):
             return ""
-        holders = SocketHolders(inode, self.program.runtime.reaper.claimed)
+        # An adopted socket is the previous supervisor's workers' too: not left by ours.
+        left = self.program.leftovers
+        known = frozenset(w.pid for w in left.workers) if left is not None else frozenset()
+        holders = SocketHolders(inode, self.program.runtime.reaper.claimed, known)
         gen.drain_socket_holders(holders)  # one that only a later exit hands to us, too
         if not (pids := holders.pids()):
             return ""
