@@ -199,9 +199,12 @@ class CrashPolicy:
             program.retirement.notice_given_up(gen, exiting)
             return
         if program.running and gen.given_up(exiting):
-            program.task_group().start_soon(self._stop_given_up, gen)
+            fatal = program.fatal_reason is not None
+            program.task_group().start_soon(self._stop_given_up, gen, exiting, fatal)
 
-    async def _stop_given_up(self, gen: Generation) -> None:
+    async def _stop_given_up(
+        self, gen: Generation, exiting: Worker | None = None, fatal: bool = False
+    ) -> None:
         """Stop the program once its serving generation has no worker left and none to come
         (policy ``never``, ``on-failure`` after a clean exit, or ``fatal``). Left open, its
         socket would take the proxy's connections into a backlog nobody reads, each waiting for
@@ -218,6 +221,10 @@ class CrashPolicy:
             or program.stops_under_way
         ):
             return  # a flip or a stop took over meanwhile
+        if (fatal and program.fatal_reason is None) or not gen.given_up(exiting):
+            # A `start` since it was found given up (an orphan's reaping may find it so just
+            # before one): fatal cleared, its slots revived. Nothing to stop.
+            return
         why = program.fatal_reason or "every worker exited and the restart policy starts none again"
         warm = self.rollback_target()
         steps = next_steps(program.name, why, self._rollback_way())
@@ -244,7 +251,10 @@ class CrashPolicy:
             if other is not gen
         ):
             return ""
-        holders = SocketHolders(inode, self.program.runtime.reaper.claimed)
+        # An adopted socket is the previous supervisor's workers' too: not left by ours.
+        left = self.program.leftovers
+        known = frozenset(w.pid for w in left.workers) if left is not None else frozenset()
+        holders = SocketHolders(inode, self.program.runtime.reaper.claimed, known)
         gen.drain_socket_holders(holders)  # one that only a later exit hands to us, too
         if not (pids := holders.pids()):
             return ""

@@ -16,7 +16,7 @@ import anyio
 from .config import DrainConfig
 from .events import EventLog
 from .signals import with_continue
-from .socket_holders import SocketHolders, holders_anywhere
+from .socket_holders import SocketHolders, holders_out_of_reach
 from .strays import Strays, process_name, wait_for_strays
 from .worker import Worker
 
@@ -75,7 +75,7 @@ class GenerationDrain:
             await self._kill_workers()
         await self._kill_what_is_left()
         await self._kill_holders_left()
-        self._say_holders_out_of_reach()
+        await self._say_holders_out_of_reach()
 
     async def _wait_out_delay(self, delay: float) -> None:
         # The delay lets requests in flight finish before the signal; it ends early once nothing
@@ -203,18 +203,19 @@ class GenerationDrain:
                 with anyio.move_on_after(self.kill_grace):
                     await found.wait()
 
-    def _say_holders_out_of_reach(self) -> None:
+    async def _say_holders_out_of_reach(self) -> None:
         """Name what still holds the socket, out of our reach: no child of ours (its parent
         still runs), so nothing proves a PID of it is still that process when signalled."""
-        if self.holders is None or not (left := holders_anywhere(self.holders.inode)):
+        if self.holders is None or not (left := await holders_out_of_reach(self.holders)):
             return
         self.events.emit(
             "socket-held",
             self.program,
             self.generation,
-            "its socket is still held, and accepted on, by processes its workers left that are "
-            "not the supervisor's children (their parent still runs), so it does not close: "
-            f"stop them (kill {' '.join(map(str, left))}) or their parent",
+            "its socket is still held, and accepted on, by processes that are not the "
+            "supervisor's children (their parent still runs), left by its workers"
+            f"{' or by the previous supervisor' if self.holders.known else ''}, so it does not "
+            f"close: stop them (kill {' '.join(map(str, left))}) or their parent",
             pids=left,
         )
 

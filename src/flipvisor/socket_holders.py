@@ -10,7 +10,8 @@ holding it descends from them, or was handed it by one. Those in a worker's proc
 program's, any generation's: ``claimed``) are left to their generation's drain.
 
 Where one is not our child (its parent, another daemon, still runs) it cannot be signalled by a
-proof of identity: ``holders_anywhere`` finds it, for a message only.
+proof of identity: ``holders_out_of_reach`` finds it, for a message only, by a scan of every
+process's descriptors in a worker thread (slow on a busy host: never on the event loop).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import os
 import socket
 from collections.abc import Callable
 
+import anyio
+
 from .strays import Strays
+
+# How long ``holders_out_of_reach`` may scan: it only words a message, so on a host where
+# reading every process's descriptors takes longer, the message is left out.
+SCAN_DEADLINE = 5.0
 
 
 def socket_inode(sock: socket.socket) -> int | None:
@@ -48,25 +55,52 @@ def holds_socket(pid: int, inode: int) -> bool:
     return False
 
 
-def holders_anywhere(inode: int) -> list[int]:
-    """Every process but this one that holds the socket ``inode`` open now, as far as ``/proc``
-    shows (another user's fds cannot be read): for a message that names them, never for a
-    signal (a PID read here proves nothing by the time it is used)."""
+def _parent(pid: int) -> int | None:
+    """``pid``'s parent, from ``/proc/PID/stat`` (None where it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # After the name, which may hold spaces and parentheses: state, then the parent.
+            return int(stat.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def holders_anywhere(inode: int, known: frozenset[int] = frozenset()) -> list[int]:
+    """Every process that holds the socket ``inode`` open now, as far as ``/proc`` shows
+    (another user's fds cannot be read), but this one, its own children (a drain reaches
+    them) and ``known`` (a previous supervisor's workers that share it): for a message that
+    names them, never for a signal (a PID read here proves nothing by the time it is used).
+    Slow on a busy host: ``holders_out_of_reach`` runs it off the event loop."""
     own = os.getpid()
     return [
-        int(name)
-        for name in os.listdir("/proc")
-        if name.isdigit() and int(name) != own and holds_socket(int(name), inode)
+        pid
+        for pid in (int(name) for name in os.listdir("/proc") if name.isdigit())
+        if pid != own and pid not in known and holds_socket(pid, inode) and _parent(pid) != own
     ]
+
+
+async def holders_out_of_reach(holders: SocketHolders) -> list[int]:
+    """``holders_anywhere`` of ``holders``' socket, in a worker thread; none (nothing said)
+    if it takes longer than ``SCAN_DEADLINE``."""
+    with anyio.move_on_after(SCAN_DEADLINE):
+        return await anyio.to_thread.run_sync(
+            holders_anywhere, holders.inode, holders.known, abandon_on_cancel=True
+        )
+    return []
 
 
 class SocketHolders:
     """Our children outside every worker's process group that hold one socket open."""
 
-    def __init__(self, inode: int, claimed: Callable[[int], bool]) -> None:
-        """``claimed``: whether a PID (our unreaped child) is in a worker's process group."""
+    def __init__(
+        self, inode: int, claimed: Callable[[int], bool], known: frozenset[int] = frozenset()
+    ) -> None:
+        """``claimed``: whether a PID (our unreaped child) is in a worker's process group.
+        ``known``: the recorded PIDs of a previous supervisor's workers sharing the socket
+        (adopted): theirs, not something this generation's workers left."""
         self.inode = inode
         self._claimed = claimed
+        self.known = known
 
     def collect(self) -> Strays:
         """Those running now, each held by a pidfd (close it: ``with``)."""

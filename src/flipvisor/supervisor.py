@@ -127,8 +127,13 @@ class Supervisor:
         # given up at the worker's exit (``Generation.given_up``): look again now that it is
         # gone. Every program's, not only the owner's: one that left its worker's group
         # (``setsid``) before it exited is no group's any more. Cheap where a worker still runs.
-        for each in self.programs.values():
-            each.crashes.stop_if_given_up()
+        # Called from inside ``Reaper.reap``: a fault in one program's check must neither break
+        # the reaping of every program's processes nor keep the others' checks from running.
+        for name, each in list(self.programs.items()):
+            try:
+                each.crashes.stop_if_given_up()
+            except Exception:
+                log.exception("%s: checking whether its generation gave up failed", name)
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT/SIGQUIT or ``shutdown``; drain every program before returning.

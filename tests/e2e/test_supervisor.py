@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -844,6 +845,22 @@ os._exit(0)
 """
 
 
+def _with_its_parent(pid: int) -> list[int]:
+    """pidfds of ``pid`` and of its parent, that parent checked after both are open: neither
+    PID was reused meanwhile."""
+    own = os.pidfd_open(pid)
+    ppid = psutil.Process(pid).ppid()
+    parent = os.pidfd_open(ppid)
+    # Had its parent exited before the pidfd was opened, it would have been re-parented.
+    assert psutil.Process(pid).ppid() == ppid
+    return [own, parent]
+
+
+def _exited(pidfd: int) -> bool:
+    """Whether the process behind ``pidfd`` has exited (a pidfd reads ready once it has)."""
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
 def test_what_holds_a_given_up_generations_socket_out_of_reach_is_named(
     flipvisor: Flipvisor, tmp_path: Path
 ) -> None:
@@ -851,13 +868,25 @@ def test_what_holds_a_given_up_generations_socket_out_of_reach_is_named(
     # be signalled by a proof of who it is; the `socket-held` event names them, with the `kill`.
     app = tmp_path / "kept_daemon.py"
     app.write_text(DAEMON_UNDER_A_KEEPER)
-    fatal_program(flipvisor, [sys.executable, str(app)])
-    wait_until(
-        lambda: events_of(flipvisor, "socket-held"), timeout=15, message="a socket-held event"
-    )
-    (held,) = events_of(flipvisor, "socket-held")
-    assert held["fields"]["pids"], held
-    assert all(f"{pid}" in held["message"] for pid in held["fields"]["pids"]), held
+    started: list[int] = []  # pidfds of each daemon and its keeper: none outlives the test
+    try:
+        fatal_program(flipvisor, [sys.executable, str(app)])
+        wait_until(
+            lambda: events_of(flipvisor, "socket-held"), timeout=15, message="a socket-held event"
+        )
+        (held,) = events_of(flipvisor, "socket-held")
+        assert held["fields"]["pids"], held
+        assert all(f"{pid}" in held["message"] for pid in held["fields"]["pids"]), held
+        for pid in held["fields"]["pids"]:
+            started += _with_its_parent(pid)
+        # The shutdown stops the workers' orphans: each keeper (its child), then its daemon.
+        flipvisor.stop()
+        wait_until(lambda: all(map(_exited, started)), message="the keepers and daemons stopped")
+    finally:
+        for pidfd in started:
+            if not _exited(pidfd):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.close(pidfd)
 
 
 def test_a_group_member_still_running_at_the_drain_timeout_is_killed_then(

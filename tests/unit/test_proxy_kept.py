@@ -37,6 +37,18 @@ def _kept_after_a_failed_reload_back(state_dir: Path) -> None:
     anyio.run(journal.reload_back_failed)
 
 
+def _later_flip_ends(state_dir: Path, dest: Path, end: str) -> None:
+    """A later flip, to generation 3, put in place and past its registry step, then ended by
+    ``end`` (a ``ProxyJournal`` method: ``promoted``, or undone by ``reloaded_back`` or
+    ``reload_back_failed``)."""
+    journal = _journal(state_dir, generation=3, port=2003)
+    installed = put_in_place(dest, b"server 127.0.0.1:2003;\n", journal)
+    anyio.run(journal.before_registry_step)
+    if end != "promoted":
+        installed.restore()
+    anyio.run(getattr(journal, end))
+
+
 def _record(state_dir: Path) -> dict[str, object]:
     [step] = pending(state_dir)
     return json.loads(step.path.read_text())  # type: ignore[no-any-return]
@@ -157,12 +169,7 @@ def test_a_later_flip_that_reloads_the_proxy_makes_a_kept_record_moot(tmp_path: 
     for end in ("promoted", "reloaded_back", "reload_back_failed"):
         dest.write_bytes(OLD)
         _kept_after_a_failed_reload_back(state_dir)
-        journal = _journal(state_dir, generation=3, port=2003)
-        installed = put_in_place(dest, b"server 127.0.0.1:2003;\n", journal)
-        anyio.run(journal.before_registry_step)
-        if end != "promoted":
-            installed.restore()
-        anyio.run(getattr(journal, end))
+        _later_flip_ends(state_dir, dest, end)
 
         left = pending(state_dir)
         if end == "reload_back_failed":
@@ -305,12 +312,7 @@ def test_a_halfway_record_is_not_lost_to_a_later_flip(tmp_path: Path) -> None:
         anyio.run(halfway.before_registry_step)
         halfway.failed_halfway()  # its undo could not put generation 1's file back
         anyio.run(halfway.settle)
-        journal = _journal(state_dir, generation=3, port=2003)
-        installed = put_in_place(dest, b"server 127.0.0.1:2003;\n", journal)
-        anyio.run(journal.before_registry_step)
-        if end != "promoted":
-            installed.restore()
-        anyio.run(getattr(journal, end))
+        _later_flip_ends(state_dir, dest, end)
 
         if end == "promoted":
             assert pending(state_dir) == [], end
