@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
@@ -308,7 +309,8 @@ class Flips:
                 # Named now: `_settle` may make the new generation the serving one before the
                 # task below first runs.
                 replaced = describe_replaced(self.program)
-                tg.start_soon(answer_at, report, promotion.gen, replaced, deadline, timeout)
+                answer = partial(answer_at, held=self._held)
+                tg.start_soon(answer, report, promotion.gen, replaced, deadline, timeout)
             try:
                 error = await self._settle(report, promotion)
                 error = error or gave_up_before_the_end(self.program, report, promotion.gen)
@@ -323,8 +325,19 @@ class Flips:
                 )
             finally:
                 tg.cancel_scope.cancel()
+        output = list(promotion.gen.tail) if error is not None else None
         if not report.finished:
-            report.finish(error, list(promotion.gen.tail) if error is not None else None)
+            report.finish(error, output)
+        elif error is not None:
+            # Answered at its --timeout (the outcome pending, or so it seemed), it failed after
+            # all: its record, events and counters say so (``record_flip``).
+            report.fail_late(error, output)
+
+    def _held(self) -> Generation | None:
+        """The generation the flip replaced, while its drain is in its delay, watched for a
+        route back (``route_back.py``): the flip's outcome is pending until that ends."""
+        held = self.program.retirement.held
+        return held.old if held is not None else None
 
     async def _settle(self, report: FlipReport, promotion: Promotion) -> str | None:
         """After the promotion: once the proxy's old workers are gone, the routed generation is
