@@ -37,6 +37,7 @@ from .flip_outcome import (
 )
 from .flip_steps import deploy_new, promote_warm, serve
 from .generation import Generation
+from .history import Deploys
 from .progress import FlipReport
 from .promotion import Promotion, wait_for_proxy
 from .proxy_patience import ProxyPatience
@@ -73,6 +74,9 @@ class Flips:
         self.pending: ProgramConfig | None = None
         # While a first start's promotion may wait for the proxy: ``start`` retries it at once.
         self.patience: ProxyPatience | None = None
+        # The flip in progress's program before its promotion (deploy history, rolled back):
+        # put back if it routes back to what it replaced (``route_back.py``).
+        self.before: tuple[Deploys, bool] | None = None
 
     @property
     def called_off(self) -> bool:
@@ -140,6 +144,7 @@ class Flips:
                 promotion: Promotion | None = None
                 # A stop cancels this scope while the flip can still be undone (`abandon`), so
                 # that it never waits for a probe; the flip then rolls back as after a failure.
+                self.before = (self.program.history.snapshot(), self.program.rolled_back)
                 with anyio.CancelScope() as abandon:
                     self.abandon = abandon
                     promotion = await self._deploy(report, config, deadline, timeout)
@@ -152,7 +157,7 @@ class Flips:
                     await self._settle_reporting(report, promotion, deadline, timeout)
             finally:
                 self.abandon = None
-                self.target = None
+                self.target = self.before = None
                 # A socket bound for a generation that did not come to serve (failed, timed
                 # out, called off): its address must not stay listening with nobody accepting.
                 self.program.listener.let_go_pending()

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .config import same_deploy
 from .errors import FlipvisorError
 from .flip_steps import route, serve
 from .generation import Generation
@@ -46,7 +45,7 @@ async def drain_replaced(flips: Flips, report: FlipReport, old: Generation) -> s
     if old.state is not GenerationState.DRAINING:
         old.transition(GenerationState.DRAINING)
     ends = anyio.current_time() + old.config.drain.delay
-    held = program.retirement.held = HeldDrain(old, new)
+    held = program.retirement.held = HeldDrain(old, new, ends)
     try:
         if new.given_up():  # before the drain began (while the proxy's old workers went)
             held.gave_up.set()
@@ -121,7 +120,11 @@ async def _route_back(
         )
         program.crashes.become_fatal(reason, new.number, replace_reason=True, failing=new.config)
         return program.crashes.describe_fatal() or reason
-    program.rolled_back = not same_deploy(old.config, new.config)
+    if flips.before is not None:
+        # What the flip's promotion recorded is undone: the deploy it promoted is no rollback
+        # target (a rollback would deploy the release that just gave up), the one before is.
+        deploys, program.rolled_back = flips.before
+        await program.history.restore(deploys)
     new.transition(GenerationState.DRAINING, f"{why}; routed back to generation {old.number}")
     await program.drain(new)
     return (

@@ -1,0 +1,99 @@
+"""A flip that routes back to the generation it replaced (``route_back.py``), and what it leaves
+behind: the deploy history a later rollback reads, the kept socket of a fixed port, and a stop
+during the watched drain delay (reviewer's findings on QA pass 16's fix)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.test_concurrency import get
+from tests.e2e.test_rollback import FLIP_DEADLINE, config, crash_on_flag
+from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.waiting import wait_until
+
+
+def events(flipvisor: Flipvisor) -> list[dict[str, Any]]:
+    lines = flipvisor.cli("events", "web", "--json").stdout.splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def event(flipvisor: Flipvisor, kind: str, generation: int) -> dict[str, Any] | None:
+    found = [e for e in events(flipvisor) if (e["kind"], e["generation"]) == (kind, generation)]
+    return found[-1] if found else None
+
+
+def version_served(flipvisor: Flipvisor) -> str:
+    serving = flipvisor.serving("web")
+    assert serving is not None
+    return str(get(f"http://127.0.0.1:{serving['port']}/")["version"])
+
+
+def route_back(flipvisor: Flipvisor, tmp_path: Path, **more: Any) -> None:
+    """Generation 1 (v2, a drain delay of 8 s) serves; a flip to a generation 2 that gives up
+    in that delay routes back to it and fails."""
+    flag = tmp_path / "break"
+    flipvisor.write_config(config(crash_on_flag(flag), 8, **more))
+    flip = flipvisor.cli_started("flip", "web")
+    try:
+
+        def old_draining() -> bool:
+            states = {g["generation"]: g["state"] for g in flipvisor.program("web")["generations"]}
+            return states.get(2) == "draining" and states.get(3) == "serving"
+
+        wait_until(old_draining, timeout=20, message="generation 3 serving, 2 draining")
+        flag.touch()
+        out, err = flip.communicate(timeout=FLIP_DEADLINE)
+    finally:
+        flip.kill()
+        flip.communicate(timeout=FLIP_DEADLINE)
+    said = " ".join((out + err).split())
+    assert flip.returncode == 1 and "routed back to generation 2" in said, said
+
+
+def test_a_rollback_after_a_route_back_deploys_what_was_previous_before_the_flip(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """v1, then v2 serve; a flip to a broken v3 routes back to v2. The history is as before
+    that flip: `flipvisor rollback web` deploys v1, not the broken v3 the flip recorded."""
+    flipvisor.start(config(svc_command("--version", "1"), 0.1))
+    flipvisor.wait_serving("web")
+    flipvisor.write_config(config(svc_command("--version", "2"), 8))
+    flipped = flipvisor.cli("flip", "web")
+    assert flipped.returncode == 0, flipped.stderr
+    route_back(flipvisor, tmp_path)
+    assert version_served(flipvisor) == "2"
+    rolled_back = flipvisor.cli("rollback", "web")
+    assert rolled_back.returncode == 0, rolled_back.stdout + rolled_back.stderr
+    assert version_served(flipvisor) == "1"
+
+
+def test_a_stop_in_the_watched_drain_delay_waits_only_what_is_left_of_it(
+    flipvisor: Flipvisor,
+) -> None:
+    """A stop 9 s into generation 1's 15 s drain delay, watched by the flip to generation 2:
+    generation 1 is signalled at the end of that delay, not 15 s after the stop (by the
+    supervisor's own event times)."""
+    flipvisor.start(config(svc_command("--version", "1"), 15))
+    flipvisor.wait_serving("web")
+    flipvisor.write_config(config(svc_command("--version", "2"), 15))
+    flip = flipvisor.cli_started("flip", "web")
+    try:
+        promoted = wait_until(
+            lambda: event(flipvisor, "promoted", 2), timeout=20, message="generation 2 promoted"
+        )
+        wait_until(
+            lambda: time.time() > promoted["time"] + 9, timeout=20, message="9 s of the delay"
+        )
+        stopped = flipvisor.cli("stop", "web")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        flip.communicate(timeout=FLIP_DEADLINE)
+    finally:
+        flip.kill()
+        flip.communicate(timeout=FLIP_DEADLINE)
+    gone = event(flipvisor, "stopped", 1)
+    assert gone is not None, events(flipvisor)
+    # Its delay ended 15 s after the promotion; waited again in full, it would end after 24 s.
+    assert gone["time"] - promoted["time"] < 20, (gone, promoted)
