@@ -155,6 +155,11 @@ async def _route_back_to(flips: Flips, old: Generation, why: str) -> None:
         finally:
             program.retirement.reviving = None
         await wait_for_proxy(promotion, program=program.name, report=back)
+        if old.config.socket.port != 0 and not program.listener.holds(old.config.socket):
+            # Its fixed address was let go when the flip promoted another one: kept again (a
+            # copy of its socket), as the address of what serves, or the next flip back to it
+            # would fail to bind it against our own generation.
+            program.listener.adopt_pending(old.socket.dup(), old.config.socket)
         await serve(program, promotion)
     finally:
         flips.release_settled()

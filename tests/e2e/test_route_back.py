@@ -12,6 +12,7 @@ from typing import Any
 from tests.e2e.test_concurrency import get
 from tests.e2e.test_rollback import FLIP_DEADLINE, config, crash_on_flag
 from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.fixtures.nginx import free_port
 from tests.waiting import wait_until
 
 
@@ -31,9 +32,9 @@ def version_served(flipvisor: Flipvisor) -> str:
     return str(get(f"http://127.0.0.1:{serving['port']}/")["version"])
 
 
-def route_back(flipvisor: Flipvisor, tmp_path: Path, **more: Any) -> None:
-    """Generation 1 (v2, a drain delay of 8 s) serves; a flip to a generation 2 that gives up
-    in that delay routes back to it and fails."""
+def route_back(flipvisor: Flipvisor, tmp_path: Path, old: int, **more: Any) -> None:
+    """Generation ``old`` (a drain delay of 8 s) serves; a flip to a generation (``more``: its
+    config's) that gives up in that delay routes back to it and fails."""
     flag = tmp_path / "break"
     flipvisor.write_config(config(crash_on_flag(flag), 8, **more))
     flip = flipvisor.cli_started("flip", "web")
@@ -41,16 +42,16 @@ def route_back(flipvisor: Flipvisor, tmp_path: Path, **more: Any) -> None:
 
         def old_draining() -> bool:
             states = {g["generation"]: g["state"] for g in flipvisor.program("web")["generations"]}
-            return states.get(2) == "draining" and states.get(3) == "serving"
+            return states.get(old) == "draining" and states.get(old + 1) == "serving"
 
-        wait_until(old_draining, timeout=20, message="generation 3 serving, 2 draining")
+        wait_until(old_draining, timeout=20, message="the new generation serving, old draining")
         flag.touch()
         out, err = flip.communicate(timeout=FLIP_DEADLINE)
     finally:
         flip.kill()
         flip.communicate(timeout=FLIP_DEADLINE)
     said = " ".join((out + err).split())
-    assert flip.returncode == 1 and "routed back to generation 2" in said, said
+    assert flip.returncode == 1 and f"routed back to generation {old}" in said, said
 
 
 def test_a_rollback_after_a_route_back_deploys_what_was_previous_before_the_flip(
@@ -63,7 +64,7 @@ def test_a_rollback_after_a_route_back_deploys_what_was_previous_before_the_flip
     flipvisor.write_config(config(svc_command("--version", "2"), 8))
     flipped = flipvisor.cli("flip", "web")
     assert flipped.returncode == 0, flipped.stderr
-    route_back(flipvisor, tmp_path)
+    route_back(flipvisor, tmp_path, 2)
     assert version_served(flipvisor) == "2"
     rolled_back = flipvisor.cli("rollback", "web")
     assert rolled_back.returncode == 0, rolled_back.stdout + rolled_back.stderr
@@ -97,3 +98,22 @@ def test_a_stop_in_the_watched_drain_delay_waits_only_what_is_left_of_it(
     assert gone is not None, events(flipvisor)
     # Its delay ended 15 s after the promotion; waited again in full, it would end after 24 s.
     assert gone["time"] - promoted["time"] < 20, (gone, promoted)
+
+
+def test_a_flip_back_to_a_fixed_port_after_a_route_back_across_ports_binds_it(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """Generation 1 serves on fixed port P; a flip to another fixed port routes back to it. P's
+    socket is kept again: a later flip on P shares it (before the fix: EADDRINUSE, against
+    generation 1's own copy, and the flip failed)."""
+    port, other = free_port(), free_port()
+    flipvisor.start(config(svc_command("--version", "1"), 8, socket={"port": port}))
+    flipvisor.wait_serving("web")
+    route_back(flipvisor, tmp_path, 1, socket={"port": other})
+    assert version_served(flipvisor) == "1"
+    flipvisor.write_config(config(svc_command("--version", "4"), 0.1, socket={"port": port}))
+    flipped = flipvisor.cli("flip", "web")
+    assert flipped.returncode == 0, flipped.stdout + flipped.stderr
+    serving = flipvisor.serving("web")
+    assert serving is not None and serving["port"] == port, serving
+    assert version_served(flipvisor) == "4"
