@@ -126,10 +126,14 @@ async def _route_back(
         deploys, program.rolled_back = flips.before
         await program.history.restore(deploys)
     new.transition(GenerationState.DRAINING, f"{why}; routed back to generation {old.number}")
+    # Given up, as one ``CrashPolicy`` stops: its drain stops what its workers left holding
+    # its socket (daemonized), unless a generation shares that socket (a fixed port).
+    holders = program.crashes.holders_stopped(new)
     await program.drain(new)
     return (
-        f"{why}; routed back to generation {old.number}, which serves again; `flipvisor logs "
-        f"{program.name}` shows generation {new.number}'s output"
+        f"{why}; routed back to generation {old.number}, which serves again; generation "
+        f"{new.number} was drained{holders}; `flipvisor logs {program.name}` shows generation "
+        f"{new.number}'s output"
     )
 
 

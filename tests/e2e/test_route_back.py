@@ -5,12 +5,14 @@ during the watched drain delay (reviewer's findings on QA pass 16's fix)."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from tests.e2e.test_concurrency import get
 from tests.e2e.test_rollback import FLIP_DEADLINE, config, crash_on_flag
+from tests.e2e.test_supervisor import refuses
 from tests.fixtures.flipvisor import Flipvisor, svc_command
 from tests.fixtures.nginx import free_port
 from tests.waiting import wait_until
@@ -117,3 +119,44 @@ def test_a_flip_back_to_a_fixed_port_after_a_route_back_across_ports_binds_it(
     serving = flipvisor.serving("web")
     assert serving is not None and serving["port"] == port, serving
     assert version_served(flipvisor) == "4"
+
+
+# A worker that serves until ``flag`` exists, then daemonizes (a daemon, out of its process
+# group, accepting on the generation's socket) and exits 0, as each run of it does after.
+DAEMONIZING_ON_FLAG = """
+import os, socket, sys, time
+listener = socket.socket(fileno=3)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        while True:
+            listener.accept()[0].close()
+    os._exit(0)
+os._exit(0)
+"""
+
+
+def test_routing_back_stops_what_the_given_up_generation_left_holding_its_socket(
+    flipvisor: Flipvisor, tmp_path: Path
+) -> None:
+    """Generation 2 gives up in generation 1's drain delay, its runs leaving daemons accepting
+    on its socket: the route back drains it with them (as a given-up stop does), so its port
+    refuses connections rather than accept them for nobody the proxy routes to."""
+    app, flag = tmp_path / "daemonizing.py", tmp_path / "break"
+    app.write_text(DAEMONIZING_ON_FLAG)
+    flipvisor.start(config(svc_command("--version", "1"), 8))
+    flipvisor.wait_serving("web")
+    flipvisor.write_config(config([sys.executable, str(app), str(flag)], 8))
+    flip = flipvisor.cli_started("flip", "web")
+    try:
+        new = flipvisor.wait_serving("web", where=lambda g: g["generation"] == 2)
+        flag.touch()
+        out, err = flip.communicate(timeout=FLIP_DEADLINE)
+    finally:
+        flip.kill()
+        flip.communicate(timeout=FLIP_DEADLINE)
+    said = " ".join((out + err).split())
+    assert flip.returncode == 1 and "routed back to generation 1" in said, said
+    wait_until(lambda: refuses(new["port"]), timeout=15, message="generation 2's port closed")
