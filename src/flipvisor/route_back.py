@@ -149,7 +149,7 @@ async def _route_back_to(flips: Flips, old: Generation, why: str) -> None:
     program = flips.program
     back = FlipReport(program.name, "rollback")
     back.generation = old.number
-    old.transition(GenerationState.READY, f"{why}; routing back to it")
+    old.transition(GenerationState.READY, f"{why}; routing back to it", back=True)
     flips.settled = anyio.Event()
     program.retirement.reviving = old
     try:
