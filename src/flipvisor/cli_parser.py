@@ -33,8 +33,10 @@ def _config_option(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
 TIMEOUT_HELP = (
     "give up and roll back (exit 1) if the new generation is not promoted within S seconds; "
-    "once promoted it serves and stays: if S runs out while the old generation drains, exit 0 "
-    "then, with a warning, and the drain goes on as its drain settings say; a rollback that "
+    "once promoted it is not rolled back by S: if S runs out while the old generation drains, "
+    "exit 0 then, with a warning, and the drain goes on as its drain settings say (in its "
+    "delay, the flip still routes back to it if the new one gives up: the warning says the "
+    "outcome is pending, and `flipvisor events` tells how it ends); a rollback that "
     "outlasts S (a reload back that hangs) is answered at S and goes on in the supervisor, "
     "its end a rollback-finished event"
 )

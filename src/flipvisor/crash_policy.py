@@ -232,13 +232,13 @@ class CrashPolicy:
             "given-up",
             program.name,
             gen.number,
-            f"{why}: stopping it (its socket closes){self._holders_stopped(gen)}; "
+            f"{why}: stopping it (its socket closes){self.holders_stopped(gen)}; "
             f"{'; '.join(steps)}",
         )
         # Kept only if a rollback would route back to it: one of an older deploy serves nothing.
         await program.stop(keep_warm=warm is not None)
 
-    def _holders_stopped(self, gen: Generation) -> str:
+    def holders_stopped(self, gen: Generation) -> str:
         """What the ``given-up`` event adds for the processes that ``gen``'s workers left holding
         its socket outside their process groups (daemonized), stopped with it: without them, it
         would say its socket closes while they accept on it until the shutdown. Not while a

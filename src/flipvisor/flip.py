@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
@@ -36,6 +37,7 @@ from .flip_outcome import (
 )
 from .flip_steps import deploy_new, promote_warm, serve
 from .generation import Generation
+from .history import Deploys
 from .progress import FlipReport
 from .promotion import Promotion, wait_for_proxy
 from .proxy_patience import ProxyPatience
@@ -72,6 +74,9 @@ class Flips:
         self.pending: ProgramConfig | None = None
         # While a first start's promotion may wait for the proxy: ``start`` retries it at once.
         self.patience: ProxyPatience | None = None
+        # The flip in progress's program before its promotion (deploy history, rolled back):
+        # put back if it routes back to what it replaced (``route_back.py``).
+        self.before: tuple[Deploys, bool] | None = None
 
     @property
     def called_off(self) -> bool:
@@ -139,6 +144,7 @@ class Flips:
                 promotion: Promotion | None = None
                 # A stop cancels this scope while the flip can still be undone (`abandon`), so
                 # that it never waits for a probe; the flip then rolls back as after a failure.
+                self.before = (self.program.history.snapshot(), self.program.rolled_back)
                 with anyio.CancelScope() as abandon:
                     self.abandon = abandon
                     promotion = await self._deploy(report, config, deadline, timeout)
@@ -151,7 +157,7 @@ class Flips:
                     await self._settle_reporting(report, promotion, deadline, timeout)
             finally:
                 self.abandon = None
-                self.target = None
+                self.target = self.before = None
                 # A socket bound for a generation that did not come to serve (failed, timed
                 # out, called off): its address must not stay listening with nobody accepting.
                 self.program.listener.let_go_pending()
@@ -308,7 +314,8 @@ class Flips:
                 # Named now: `_settle` may make the new generation the serving one before the
                 # task below first runs.
                 replaced = describe_replaced(self.program)
-                tg.start_soon(answer_at, report, promotion.gen, replaced, deadline, timeout)
+                answer = partial(answer_at, held=self._held)
+                tg.start_soon(answer, report, promotion.gen, replaced, deadline, timeout)
             try:
                 error = await self._settle(report, promotion)
                 error = error or gave_up_before_the_end(self.program, report, promotion.gen)
@@ -323,8 +330,19 @@ class Flips:
                 )
             finally:
                 tg.cancel_scope.cancel()
+        output = list(promotion.gen.tail) if error is not None else None
         if not report.finished:
-            report.finish(error, list(promotion.gen.tail) if error is not None else None)
+            report.finish(error, output)
+        elif error is not None:
+            # Answered at its --timeout (the outcome pending, or so it seemed), it failed after
+            # all: its record, events and counters say so (``record_flip``).
+            report.fail_late(error, output)
+
+    def _held(self) -> Generation | None:
+        """The generation the flip replaced, while its drain is in its delay, watched for a
+        route back (``route_back.py``): the flip's outcome is pending until that ends."""
+        held = self.program.retirement.held
+        return held.old if held is not None else None
 
     async def _settle(self, report: FlipReport, promotion: Promotion) -> str | None:
         """After the promotion: once the proxy's old workers are gone, the routed generation is

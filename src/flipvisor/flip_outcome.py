@@ -8,6 +8,7 @@ in the program's counters, its events and its ``fatal`` state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -186,19 +187,38 @@ def describe_replaced(program: Program) -> str:
 
 
 async def answer_at(
-    report: FlipReport, gen: Generation, what: str, deadline: float, timeout: float
+    report: FlipReport,
+    gen: Generation,
+    what: str,
+    deadline: float,
+    timeout: float,
+    *,
+    held: Callable[[], Generation | None],
 ) -> None:
     """At ``deadline``, answer the flip's client: ``gen`` serves; ``what`` it replaced is
-    still draining."""
+    still draining. While ``held`` names the replaced one (its drain in its delay, watched:
+    ``route_back.py``), the flip's outcome is still pending: ``gen`` giving up routes back,
+    and the flip fails."""
     await anyio.sleep_until(deadline)
     if report.finished:
+        return
+    ran_out = f"--timeout {timeout:g}s ran out after generation {gen.number} was promoted"
+    ends = f"`flipvisor events {gen.program} -f` or `flipvisor status {gen.program}` tell"
+    old = held()
+    if old is not None:
+        report.finish(
+            warning=f"{ran_out}: generation {gen.number} serves; generation {old.number} is "
+            f"kept for its drain delay ({old.config.drain.delay:g}s) in case generation "
+            f"{gen.number} gives up (the flip then routes back to it, and fails): the flip's "
+            f"outcome is still pending; {ends} how it ends"
+        )
         return
     last = report.steps[-1] if report.steps else None
     proxy_draining = last is not None and last.name == "proxy-drain" and last.status == "running"
     report.finish(
-        warning=f"--timeout {timeout:g}s ran out after generation {gen.number} was promoted: "
-        f"it serves, and stays; {still_to_do(what, proxy_draining, gen.config.rollback_window)}"
-        f"; `flipvisor status {gen.program}` shows when it is gone"
+        warning=f"{ran_out}: it serves; "
+        f"{still_to_do(what, proxy_draining, gen.config.rollback_window)}; {ends} how the flip "
+        "ends"
     )
 
 

@@ -34,7 +34,7 @@ from .reaper import Reaper
 from .socket_holders import SocketHolders
 from .sockets import bound_port
 from .spawn import KILL_GRACE
-from .states import GENERATION_TRANSITIONS, GenerationState, WorkerState, check_transition
+from .states import GenerationState, WorkerState, check_transition, generation_table
 from .strays import Strays
 from .worker import Worker, WorkerSpec
 
@@ -166,9 +166,9 @@ class Generation:
     def restarts(self) -> int:
         return sum(worker.restarts for worker in self.workers)
 
-    def transition(self, new: GenerationState, why: str = "") -> None:
-        """Change state through the table; one log line per change, saying ``why`` if given."""
-        check_transition(GENERATION_TRANSITIONS, self.state, new)
+    def transition(self, new: GenerationState, why: str = "", *, back: bool = False) -> None:
+        """Change state through the table (``back``: a route back's); log it, saying ``why``."""
+        check_transition(generation_table(back=back), self.state, new)
         # Debug only: the lifecycle events say the same at info, once.
         log.debug("program=%s generation=%d %s -> %s", self.program, self.number, self.state, new)
         self.state = new

@@ -9,6 +9,7 @@ restart does not make the running config its own rollback target.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,14 @@ log = logging.getLogger(__name__)
 
 
 HISTORY_MODE = 0o600  # a config's env may hold secrets: private, as the state_dir is
+
+
+@dataclass(frozen=True)
+class Deploys:
+    """The history at one moment (``History.snapshot``): put back by ``History.restore``."""
+
+    current: ProgramConfig | None
+    previous: ProgramConfig | None
 
 
 class History:
@@ -60,6 +69,19 @@ class History:
             # (the next run's rollback target wrong), while the memory says otherwise.
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._save, self._document())
+
+    def snapshot(self) -> Deploys:
+        """The current and previous deploys now: a flip takes it before its promotion."""
+        return Deploys(self.current, self.previous)
+
+    async def restore(self, deploys: Deploys) -> None:
+        """Put back what ``snapshot`` took (a flip routed back to what it replaced: the deploy
+        it promoted is no rollback target, the one before is), durably, as ``record_deployed``."""
+        if (self.current, self.previous) == (deploys.current, deploys.previous):
+            return
+        self.current, self.previous = deploys.current, deploys.previous
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._save, self._document())
 
     def _remember(self, config: ProgramConfig) -> bool:
         """Shift ``config`` in; whether that changed anything (a restart does not)."""

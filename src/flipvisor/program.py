@@ -259,7 +259,12 @@ class Program:
         return None
 
     async def drain(self, gen: Generation, delay: float | None = None) -> None:
-        """Drain ``gen`` (after ``delay``, default its drain's) and drop it once it is gone."""
+        """Drain ``gen`` (after ``delay``, default its drain's) and drop it once it is gone.
+        One in a flip's watched drain delay (``route_back.py``): what is left of that delay,
+        not all of it again (a stop 29 s into a 30 s delay waits 1 s, not 30)."""
+        held = self.retirement.held
+        if delay is None and held is not None and held.old is gen:
+            delay = max(0.0, held.ends - anyio.current_time())
         await gen.drain(delay)
         if gen in self.generations:
             self.generations.remove(gen)

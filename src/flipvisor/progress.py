@@ -212,6 +212,14 @@ class FlipReport:
         self._send.close()
         self._done.set()
 
+    def fail_late(self, error: str, output: list[str] | None = None) -> None:
+        """The flip failed after its outcome was out (answered at its --timeout, pending): its
+        follower has the first answer, but its record (``record_flip``: events, counters) says
+        it failed."""
+        self.error = error
+        self.output = output or []
+        self.duration = time.monotonic() - self.started
+
     async def wait(self) -> None:
         await self._done.wait()
 

@@ -33,10 +33,12 @@ if TYPE_CHECKING:
 @dataclass
 class HeldDrain:
     """A flip's drain of the generation it replaced, ``old``, while in its delay (not signalled
-    yet: ``route_back.py``): ``gave_up`` is set if ``new``, the one it routed to, gives up."""
+    yet: ``route_back.py``): ``gave_up`` is set if ``new``, the one it routed to, gives up;
+    ``ends``: when the delay ends (anyio's clock), for a stop that drains ``old`` meanwhile."""
 
     old: Generation
     new: Generation
+    ends: float
     gave_up: anyio.Event = field(default_factory=anyio.Event)
 
 

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .config import same_deploy
 from .errors import FlipvisorError
 from .flip_steps import route, serve
 from .generation import Generation
@@ -46,7 +45,7 @@ async def drain_replaced(flips: Flips, report: FlipReport, old: Generation) -> s
     if old.state is not GenerationState.DRAINING:
         old.transition(GenerationState.DRAINING)
     ends = anyio.current_time() + old.config.drain.delay
-    held = program.retirement.held = HeldDrain(old, new)
+    held = program.retirement.held = HeldDrain(old, new, ends)
     try:
         if new.given_up():  # before the drain began (while the proxy's old workers went)
             held.gave_up.set()
@@ -121,12 +120,20 @@ async def _route_back(
         )
         program.crashes.become_fatal(reason, new.number, replace_reason=True, failing=new.config)
         return program.crashes.describe_fatal() or reason
-    program.rolled_back = not same_deploy(old.config, new.config)
+    if flips.before is not None:
+        # What the flip's promotion recorded is undone: the deploy it promoted is no rollback
+        # target (a rollback would deploy the release that just gave up), the one before is.
+        deploys, program.rolled_back = flips.before
+        await program.history.restore(deploys)
     new.transition(GenerationState.DRAINING, f"{why}; routed back to generation {old.number}")
+    # Given up, as one ``CrashPolicy`` stops: its drain stops what its workers left holding
+    # its socket (daemonized), unless a generation shares that socket (a fixed port).
+    holders = program.crashes.holders_stopped(new)
     await program.drain(new)
     return (
-        f"{why}; routed back to generation {old.number}, which serves again; `flipvisor logs "
-        f"{program.name}` shows generation {new.number}'s output"
+        f"{why}; routed back to generation {old.number}, which serves again; generation "
+        f"{new.number} was drained{holders}; `flipvisor logs {program.name}` shows generation "
+        f"{new.number}'s output"
     )
 
 
@@ -142,7 +149,7 @@ async def _route_back_to(flips: Flips, old: Generation, why: str) -> None:
     program = flips.program
     back = FlipReport(program.name, "rollback")
     back.generation = old.number
-    old.transition(GenerationState.READY, f"{why}; routing back to it")
+    old.transition(GenerationState.READY, f"{why}; routing back to it", back=True)
     flips.settled = anyio.Event()
     program.retirement.reviving = old
     try:
@@ -152,6 +159,11 @@ async def _route_back_to(flips: Flips, old: Generation, why: str) -> None:
         finally:
             program.retirement.reviving = None
         await wait_for_proxy(promotion, program=program.name, report=back)
+        if old.config.socket.port != 0 and not program.listener.holds(old.config.socket):
+            # Its fixed address was let go when the flip promoted another one: kept again (a
+            # copy of its socket), as the address of what serves, or the next flip back to it
+            # would fail to bind it against our own generation.
+            program.listener.adopt_pending(old.socket.dup(), old.config.socket)
         await serve(program, promotion)
     finally:
         flips.release_settled()

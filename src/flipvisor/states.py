@@ -77,15 +77,26 @@ GENERATION_TRANSITIONS: dict[GenerationState, frozenset[GenerationState]] = {
     ),
     # A replaced generation kept warm for ``rollback_window`` goes back to READY, unrouted.
     GenerationState.SERVING: frozenset({GenerationState.DRAINING, GenerationState.READY}),
-    # A discarded generation that never served ends FAILED once drained (``discard``). One a flip
-    # replaced, still in its drain delay (not signalled), is READY again when its flip routes back
-    # to it, as the generation it promoted gave up (``route_back.py``).
-    GenerationState.DRAINING: frozenset(
-        {GenerationState.STOPPED, GenerationState.FAILED, GenerationState.READY}
-    ),
+    # A discarded generation that never served ends FAILED once drained (``discard``).
+    GenerationState.DRAINING: frozenset({GenerationState.STOPPED, GenerationState.FAILED}),
     GenerationState.STOPPED: frozenset(),
     GenerationState.FAILED: frozenset(),
 }
+
+# A route back's only (``route_back.py``): a generation a flip replaced, still in its drain
+# delay (not signalled), is READY again when the one it promoted gave up. Nowhere else: a
+# draining generation is one on its way out.
+ROUTE_BACK_TRANSITIONS: dict[GenerationState, frozenset[GenerationState]] = {
+    **GENERATION_TRANSITIONS,
+    GenerationState.DRAINING: GENERATION_TRANSITIONS[GenerationState.DRAINING]
+    | {GenerationState.READY},
+}
+
+
+def generation_table(*, back: bool) -> dict[GenerationState, frozenset[GenerationState]]:
+    """The transitions a generation may make: ``back``, a route back's (``route_back.py``)."""
+    return ROUTE_BACK_TRANSITIONS if back else GENERATION_TRANSITIONS
+
 
 WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.STARTING: frozenset(

@@ -312,6 +312,7 @@ ALLOWED: dict[str, set[str]] = {
         "flip_outcome",
         "discard",
         "route_back",
+        "history",  # what a flip routed back puts back (its snapshot of the deploy history)
     },
     # A flip's drain of what it replaced, routed back to if what it promoted gives up.
     "route_back": WORKERS | {"promotion", "program", "flip", "flip_steps", "retirement"},

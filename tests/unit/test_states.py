@@ -8,6 +8,7 @@ import pytest
 
 from flipvisor.states import (
     GENERATION_TRANSITIONS,
+    ROUTE_BACK_TRANSITIONS,
     WORKER_TRANSITIONS,
     GenerationState,
     TransitionError,
@@ -36,9 +37,6 @@ GENERATION_MOVES = {
     (G.STARTING, G.DRAINING),
     (G.PROMOTING, G.DRAINING),
     (G.DRAINING, G.FAILED),
-    # Replaced, in its drain delay (not signalled): routed back to, as the generation its flip
-    # promoted gave up (``route_back.py``).
-    (G.DRAINING, G.READY),
     # a generation whose flip a stop called off before it served
     (G.STARTING, G.STOPPED),
     (G.READY, G.STOPPED),
@@ -90,6 +88,7 @@ def test_allowed_worker_move(current: WorkerState, new: WorkerState) -> None:
         (G.DRAINING, G.SERVING),  # a draining generation is never routed to again
         (G.SERVING, G.SERVING),
         (G.FAILED, G.DRAINING),  # terminal
+        (G.DRAINING, G.READY),  # only a route back's (below)
     ],
 )
 def test_illegal_generation_move(current: GenerationState, new: GenerationState) -> None:
@@ -109,6 +108,14 @@ def test_illegal_generation_move(current: GenerationState, new: GenerationState)
 def test_illegal_worker_move(current: WorkerState, new: WorkerState) -> None:
     with pytest.raises(TransitionError, match=f"illegal transition {current} -> {new}"):
         check_transition(WORKER_TRANSITIONS, current, new)
+
+
+def test_only_a_route_back_makes_a_draining_generation_ready_again() -> None:
+    # Replaced, in its drain delay (not signalled): routed back to, as the generation its flip
+    # promoted gave up (``route_back.py``); nothing else is added to the ordinary moves.
+    check_transition(ROUTE_BACK_TRANSITIONS, G.DRAINING, G.READY)
+    moves = {(a, b) for a, bs in ROUTE_BACK_TRANSITIONS.items() for b in bs}
+    assert moves == GENERATION_MOVES | {(G.DRAINING, G.READY)}
 
 
 def test_every_unlisted_move_raises() -> None:
