@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from flipvisor.config import RegistryConfig
-from flipvisor.errors import RegistryConflict, RegistryError
+from flipvisor.errors import RegistryConflict, RegistryError, RegistryUnanswered
 from flipvisor.lineage import this_supervisor
 from flipvisor.registry import KEY_SUFFIXES, Snapshot, WatchEvent, WatchLost
 from flipvisor.registry.etcd import EtcdRegistry
@@ -576,9 +576,11 @@ async def test_tls_and_auth(tls_etcd: EtcdServer, etcd_prefix: str) -> None:
     plaintext = registry_for(
         tls_etcd.endpoint, etcd_prefix, timeout=3, user=TLS_USER, password=TLS_PASSWORD
     )
-    with pytest.raises(RegistryError, match="etcd at"):
+    with pytest.raises(RegistryError, match="etcd at") as raised:
         await plaintext.snapshot("app")
     await plaintext.aclose()
+    # A TLS etcd asked in plaintext closes the connection: said with the TLS hint.
+    assert "https://" in str(raised.value), raised.value
 
 
 async def _value(server: EtcdServer, key: str, want: str | None) -> bool:
@@ -724,3 +726,18 @@ async def test_a_replaced_worker_s_republication_puts_only_the_keys_that_changed
         assert {s: revision(s) for s in kept} == kept
     finally:
         await registry.aclose()
+
+
+async def test_a_tls_mismatch_is_said_to_be_one(tls_etcd: EtcdServer, etcd_prefix: str) -> None:
+    """A certificate the client does not trust fails the handshake at once: an answer with the
+    TLS settings to fix, not "unreachable"."""
+    untrusted = registry_for(f"https://{tls_etcd.endpoint}", etcd_prefix, timeout=3)
+    try:
+        with pytest.raises(RegistryError) as raised:
+            await untrusted.snapshot("app")
+    finally:
+        await untrusted.aclose()
+    assert not isinstance(raised.value, RegistryUnanswered), raised.value
+    assert "TLS handshake failed" in str(raised.value), raised.value
+    assert raised.value.next_step is not None and "registry.ca" in raised.value.next_step
+    assert untrusted.problem is not None and "registry.ca" in untrusted.problem

@@ -53,7 +53,7 @@ TLS_STEP = (
     "for one that does not), registry.ca for the CA that signed its certificate (issued for the "
     "host named), registry.cert and registry.key for a client certificate; and " + RESTART
 )
-TLS_HINT = "if etcd serves TLS (or not), check `https://` in registry.endpoints and registry.ca"
+TLS_HINT = "if etcd serves TLS, or does not: check `https://` in registry.endpoints and registry.ca"
 AUTH_DISABLED_STEP = (
     "remove registry.user and registry.password (this etcd has no authentication), or enable "
     "authentication in etcd (etcdctl auth enable), and " + RESTART
