@@ -741,3 +741,28 @@ async def test_a_tls_mismatch_is_said_to_be_one(tls_etcd: EtcdServer, etcd_prefi
     assert "TLS handshake failed" in str(raised.value), raised.value
     assert raised.value.next_step is not None and "registry.ca" in raised.value.next_step
     assert untrusted.problem is not None and "registry.ca" in untrusted.problem
+
+
+async def test_an_expired_auth_token_logs_in_again(tls_etcd: EtcdServer, etcd_prefix: str) -> None:
+    """etcd forgets every token when its authentication is turned off and on (as it forgets an
+    idle one after --auth-token-ttl): the next request logs in again and succeeds, with no
+    advice to fix the password and no `status` problem."""
+    assert tls_etcd.tls is not None
+    tls = {"ca": tls_etcd.tls.ca, "cert": tls_etcd.tls.client_cert, "key": tls_etcd.tls.client_key}
+    registry = registry_for(
+        f"https://{tls_etcd.endpoint}",
+        etcd_prefix,
+        timeout=3,
+        user=TLS_USER,
+        password=TLS_PASSWORD,
+        **tls,
+    )
+    try:
+        await registry.swap("app", Snapshot(), record(1, 41000, [101]))
+        root = f"{TLS_USER}:{TLS_PASSWORD}"
+        await anyio.to_thread.run_sync(lambda: tls_etcd.etcdctl("auth", "disable", user=root))
+        await anyio.to_thread.run_sync(lambda: tls_etcd.etcdctl("auth", "enable"))
+        assert (await registry.snapshot("app")).get("port/current") == "41000"
+        assert registry.problem is None
+    finally:
+        await registry.aclose()
