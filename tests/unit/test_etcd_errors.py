@@ -128,3 +128,12 @@ def test_a_user_for_an_etcd_without_authentication_is_said_to_be_one() -> None:
     assert error.next_step is not None
     assert "remove registry.user and registry.password" in error.next_step, error.next_step
     assert "enable authentication" in error.next_step
+
+
+def test_a_login_that_failed_its_tls_handshake_names_the_tls_settings() -> None:
+    """gRPC may give a failed handshake the code UNKNOWN: still no refused password."""
+    details = "last error: UNKNOWN: Tls handshake failed: CERTIFICATE_VERIFY_FAILED"
+    config = RegistryConfig.model_validate({"backend": "etcd", "user": "u", "password": "p"})
+    error = login_error(rpc_error(grpc.StatusCode.UNKNOWN, details), config, "h:2379")
+    assert "TLS handshake failed" in str(error), error
+    assert error.next_step is not None and "registry.ca" in error.next_step

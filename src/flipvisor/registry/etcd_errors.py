@@ -115,8 +115,10 @@ def describe_rpc_error(exc: BaseException, endpoint: str, timeout: float) -> Reg
 
 def login_error(exc: Any, config: RegistryConfig, target: str) -> RegistryError:
     """Why the login as ``registry.user`` (an ``AioRpcError``) failed: no etcd answered
-    (unreachable, not etcd), or etcd refused the user or password."""
-    if exc.code() in (*NO_ANSWER, grpc.StatusCode.UNIMPLEMENTED):
+    (unreachable, not etcd, a failed TLS handshake, whatever gRPC's code), etcd has no
+    authentication, or etcd refused the user or password."""
+    handshake = any(marker in (exc.details() or "") for marker in (*TLS_FAILED, *NOT_HTTP2))
+    if handshake or exc.code() in (*NO_ANSWER, grpc.StatusCode.UNIMPLEMENTED):
         return describe_rpc_error(exc, target, config.timeout)
     if AUTH_DISABLED in (exc.details() or ""):
         return RegistryError(
