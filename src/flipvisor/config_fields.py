@@ -190,9 +190,9 @@ def _key_prefix(value: str) -> str:
     once dropped too, and nothing found the keys)."""
     if not value:
         raise ValueError("must not be empty")
-    if value != value.strip():
-        # A quoting slip (" uswitch"): the keys would go to " uswitch/web/...", which no confd
-        # reading "uswitch" finds, and nothing would say why.
+    if value.rstrip("/") != value.rstrip("/").strip():
+        # A quoting slip (" uswitch", "uswitch /"): the keys would go to " uswitch/web/...",
+        # which no confd reading "uswitch" finds, and nothing would say why.
         raise ValueError(f"{value!r} has whitespace at its start or end; remove it")
     if any(not char.isprintable() for char in value):
         raise ValueError(

@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from flipvisor.config import RegistryConfig
-from flipvisor.errors import RegistryConflict, RegistryError
+from flipvisor.errors import RegistryConflict, RegistryError, RegistryUnanswered
 from flipvisor.lineage import this_supervisor
 from flipvisor.registry import KEY_SUFFIXES, Snapshot, WatchEvent, WatchLost
 from flipvisor.registry.etcd import EtcdRegistry
@@ -576,9 +576,11 @@ async def test_tls_and_auth(tls_etcd: EtcdServer, etcd_prefix: str) -> None:
     plaintext = registry_for(
         tls_etcd.endpoint, etcd_prefix, timeout=3, user=TLS_USER, password=TLS_PASSWORD
     )
-    with pytest.raises(RegistryError, match="etcd at"):
+    with pytest.raises(RegistryError, match="etcd at") as raised:
         await plaintext.snapshot("app")
     await plaintext.aclose()
+    # A TLS etcd asked in plaintext closes the connection: said with the TLS hint.
+    assert "https://" in str(raised.value), raised.value
 
 
 async def _value(server: EtcdServer, key: str, want: str | None) -> bool:
@@ -722,5 +724,45 @@ async def test_a_replaced_worker_s_republication_puts_only_the_keys_that_changed
             await registry.publish("app", replaced)
         assert etcd_server.get(f"{etcd_prefix}/app/pid/current") == "102"
         assert {s: revision(s) for s in kept} == kept
+    finally:
+        await registry.aclose()
+
+
+async def test_a_tls_mismatch_is_said_to_be_one(tls_etcd: EtcdServer, etcd_prefix: str) -> None:
+    """A certificate the client does not trust fails the handshake at once: an answer with the
+    TLS settings to fix, not "unreachable"."""
+    untrusted = registry_for(f"https://{tls_etcd.endpoint}", etcd_prefix, timeout=3)
+    try:
+        with pytest.raises(RegistryError) as raised:
+            await untrusted.snapshot("app")
+    finally:
+        await untrusted.aclose()
+    assert not isinstance(raised.value, RegistryUnanswered), raised.value
+    assert "TLS handshake failed" in str(raised.value), raised.value
+    assert raised.value.next_step is not None and "registry.ca" in raised.value.next_step
+    assert untrusted.problem is not None and "registry.ca" in untrusted.problem
+
+
+async def test_an_expired_auth_token_logs_in_again(tls_etcd: EtcdServer, etcd_prefix: str) -> None:
+    """etcd forgets every token when its authentication is turned off and on (as it forgets an
+    idle one after --auth-token-ttl): the next request logs in again and succeeds, with no
+    advice to fix the password and no `status` problem."""
+    assert tls_etcd.tls is not None
+    tls = {"ca": tls_etcd.tls.ca, "cert": tls_etcd.tls.client_cert, "key": tls_etcd.tls.client_key}
+    registry = registry_for(
+        f"https://{tls_etcd.endpoint}",
+        etcd_prefix,
+        timeout=3,
+        user=TLS_USER,
+        password=TLS_PASSWORD,
+        **tls,
+    )
+    try:
+        await registry.swap("app", Snapshot(), record(1, 41000, [101]))
+        root = f"{TLS_USER}:{TLS_PASSWORD}"
+        await anyio.to_thread.run_sync(lambda: tls_etcd.etcdctl("auth", "disable", user=root))
+        await anyio.to_thread.run_sync(lambda: tls_etcd.etcdctl("auth", "enable"))
+        assert (await registry.snapshot("app")).get("port/current") == "41000"
+        assert registry.problem is None
     finally:
         await registry.aclose()

@@ -427,6 +427,13 @@ BAD: list[tuple[str, str, int, str, str]] = [
         "'us ' has whitespace at its start or end; remove it",
     ),
     (
+        "prefix-space-before-slash",
+        "registry:\n  prefix: 'us /'\n",
+        2,
+        "registry.prefix",
+        "'us /' has whitespace at its start or end; remove it",
+    ),
+    (
         "prefix-newline",
         'registry:\n  prefix: "u\\ns"\n',
         2,

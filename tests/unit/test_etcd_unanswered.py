@@ -89,3 +89,17 @@ def test_a_request_s_outcome_is_unanswered_or_a_problem_and_success_clears_both(
     assert registry.unanswered() is None  # it answered
     registry._outcome(None)
     assert registry.unanswered() is None and registry.health()["problem"] is None
+
+
+def test_whatever_etcd_answered_with_is_a_problem_with_or_without_a_next_step() -> None:
+    """A full database has no setting to fix, yet `status` must say it rather than "connected;
+    keys ... written once it answers"."""
+    registry = EtcdRegistry(RegistryConfig.model_validate({"backend": "etcd", "prefix": "p"}))
+    full = describe_rpc_error(
+        rpc_said(grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded"),
+        "127.0.0.1:2379",
+        1,
+    )
+    registry._outcome(full)
+    assert registry.health()["problem"] == str(full)
+    assert "database space exceeded" in str(full)

@@ -14,7 +14,7 @@ keys differ, so the keys match what is serving within seconds of etcd coming bac
 answers again, it keeps the error of the request it did not answer (``unanswered``; a request
 past its timeout also makes ``run`` reconnect, which tells when it answers again): a first start
 then registers later at once, rather than wait another timeout. What etcd (or whatever
-answered) said that is no outage and has a next step (credentials, no etcd there) is ``problem``
+answered) said that is no outage (credentials, no etcd there, a full database) is ``problem``
 for `status`, until a request succeeds. Such a rewrite
 (and a ``publish``: a replaced worker's PIDs) is one transaction that compares what was read, and
 applies only to keys that are this supervisor's, missing or garbage: keys whose record names
@@ -60,6 +60,7 @@ from .etcd_client import (
     txn_values,
     txn_write,
 )
+from .etcd_errors import TokenExpired
 from .etcd_intent import EtcdIntent
 from .etcd_keys import ProgramKeys
 from .etcd_watch import watch_keys
@@ -70,12 +71,12 @@ STABLE_AFTER = 5.0  # a connection that lived this long resets the backoff
 
 
 def _said(exc: RegistryError) -> str | None:
-    """For `status`: ``exc`` with its next step if it knows one (an endpoint that is no etcd,
-    credentials wanted or refused); None for an outage (`status` says "unreachable") or a
-    conflict (said of the keys given up on)."""
-    if exc.next_step is None or isinstance(exc, RegistryConflict):
+    """For `status`: ``exc`` (with its next step if it knows one) for anything that answered (a
+    refusal, a full database, no etcd there); None for an outage (`status` says "unreachable"),
+    a conflict (said of the keys given up on) or an expired token (a new login fixes it)."""
+    if isinstance(exc, (RegistryUnanswered, RegistryConflict, TokenExpired)):
         return None
-    return f"{exc}; {exc.next_step}"
+    return str(exc) if exc.next_step is None else f"{exc}; {exc.next_step}"
 
 
 class EtcdRegistry:
@@ -127,7 +128,7 @@ class EtcdRegistry:
         """Remember how the latest request or connection attempt ended: failed with ``exc``,
         or succeeded (None: clears both). ``unanswered`` keeps an error etcd gave no answer to
         (``RegistryUnanswered``; a refusal, a lost compare, an endpoint that is no etcd all
-        answered); ``problem``, what etcd or whatever answered said that has a next step."""
+        answered); ``problem``, what etcd or whatever answered said (``_said``)."""
         self._unanswered = exc if isinstance(exc, RegistryUnanswered) else None
         self.problem = None if exc is None else _said(exc)
 
@@ -239,6 +240,7 @@ class EtcdRegistry:
         backoff = self.keys.conflicts
         while not conn.broken.is_set():
             self._kick = anyio.Event()  # before writing, so a publish meanwhile kicks again
+            wrote = False
             for program in sorted(self.intent.pending):
                 if not backoff.due(program, anyio.current_time()):
                     continue
@@ -248,8 +250,9 @@ class EtcdRegistry:
                     self._outcome(exc)
                     log.warning("program=%s cannot update etcd keys yet: %s", program, exc)
                     return
-                self._unanswered = None  # etcd answered (a request may have timed out before)
-            self.problem = None  # every program due was written
+                self._unanswered, wrote = None, True  # etcd answered (maybe after a timeout)
+            if wrote:
+                self.problem = None  # every program due was written: etcd took a request
             with anyio.move_on_after(backoff.wait(self.intent.pending, anyio.current_time())):
                 await self._kick.wait()
 

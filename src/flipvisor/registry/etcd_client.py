@@ -20,8 +20,9 @@ whole task: a registry call that timed out would end the flip, and the program w
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from aetcd.utils import prefix_range_end
 from flipvisor.config import RegistryConfig
 from flipvisor.errors import RegistryError, RegistryUnanswered
 
-from .etcd_errors import describe_rpc_error, login_error, none_connected
+from .etcd_errors import TokenExpired, describe_rpc_error, login_error, none_connected
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +119,14 @@ async def settled(call: Any, endpoint: str) -> Any:
 
 @dataclass(eq=False)
 class EtcdConnection:
-    """A channel to one endpoint with its stubs and auth token; ``broken`` once a call failed."""
+    """A channel to one endpoint with its stubs and auth token; ``broken`` once a call failed.
+    ``login`` (with registry.user) gets a new token into ``metadata``."""
 
     endpoint: str
     timeout: float
     channel: Any
     metadata: tuple[tuple[str, str], ...] = ()
+    login: Callable[[], Awaitable[None]] | None = None
     broken: anyio.Event = field(default_factory=anyio.Event)
     users: int = 0
     closed: bool = False
@@ -133,11 +136,34 @@ class EtcdConnection:
         self.watch_stub = rpc.WatchStub(self.channel)
 
     async def call(self, method: str, request: Any) -> Any:
-        """Call the KV stub's ``method`` (``Range``, ``Txn``...) within the request timeout.
+        """Call the KV stub's ``method`` (``Range``, ``Txn``...) within the request timeout; once
+        more after logging in again if etcd no longer knew the auth token (past its TTL: etcd
+        refused the request before applying it, so it is safe to send again).
 
         Raises:
             RegistryError: etcd did not answer in time, is unreachable, or refused; the
                 connection is then marked broken (unless etcd merely refused).
+        """
+        try:
+            return await self._call_once(method, request)
+        except TokenExpired as exc:
+            if self.login is None:
+                self.broken.set()
+                raise
+            log.info("%s; logging in again", exc)
+        try:
+            await self.login()
+            return await self._call_once(method, request)
+        except RegistryError:
+            # Retired: the next request connects anew, and logs in again (``connect``).
+            self.broken.set()
+            raise
+
+    async def _call_once(self, method: str, request: Any) -> Any:
+        """``call`` without the second attempt; an expired token leaves the connection whole.
+
+        Raises:
+            RegistryError: as ``call``.
         """
         try:
             with anyio.fail_after(self.timeout):
@@ -147,11 +173,11 @@ class EtcdConnection:
                 )
         except (TimeoutError, grpc.aio.AioRpcError) as exc:
             error = describe_rpc_error(exc, self.endpoint, self.timeout)
-            if not isinstance(exc, grpc.aio.AioRpcError) or exc.code() not in (
-                grpc.StatusCode.PERMISSION_DENIED,
-                grpc.StatusCode.INVALID_ARGUMENT,
+            if not isinstance(error, TokenExpired) and (
+                not isinstance(exc, grpc.aio.AioRpcError)
+                or exc.code()
+                not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
             ):
-                # An expired auth token also lands here: a new connection authenticates again.
                 self.broken.set()
             raise error from exc
 
@@ -219,24 +245,34 @@ async def connect_endpoint(config: RegistryConfig, endpoint: str, probe_key: str
     conn = EtcdConnection(endpoint=target, timeout=config.timeout, channel=channel)
     try:
         if config.user is not None:
-            request = rpc.AuthenticateRequest(name=config.user, password=config.password or "")
-            try:
-                with anyio.fail_after(config.timeout):
-                    reply = await settled(
-                        rpc.AuthStub(channel).Authenticate(request, timeout=config.timeout),
-                        target,
-                    )
-            except grpc.aio.AioRpcError as exc:
-                raise login_error(exc, config, target) from exc
-            except TimeoutError as exc:
-                raise describe_rpc_error(exc, target, config.timeout) from exc
-            conn.metadata = (("token", reply.token),)
+            conn.login = functools.partial(_login, conn, config)
+            await conn.login()
         key, range_end = range_of(probe_key)
         await conn.call("Range", rpc.RangeRequest(key=key, range_end=range_end, count_only=True))
     except BaseException:
         await conn.close()
         raise
     return conn
+
+
+async def _login(conn: EtcdConnection, config: RegistryConfig) -> None:
+    """Authenticate as ``registry.user`` and put the token into ``conn.metadata``.
+
+    Raises:
+        RegistryError: no answer within the timeout, or etcd refused the login.
+    """
+    request = rpc.AuthenticateRequest(name=config.user, password=config.password or "")
+    try:
+        with anyio.fail_after(config.timeout):
+            reply = await settled(
+                rpc.AuthStub(conn.channel).Authenticate(request, timeout=config.timeout),
+                conn.endpoint,
+            )
+    except grpc.aio.AioRpcError as exc:
+        raise login_error(exc, config, conn.endpoint) from exc
+    except TimeoutError as exc:
+        raise describe_rpc_error(exc, conn.endpoint, config.timeout) from exc
+    conn.metadata = (("token", reply.token),)
 
 
 async def connect(config: RegistryConfig, probe_key: str) -> EtcdConnection:
