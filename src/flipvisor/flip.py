@@ -31,6 +31,7 @@ from .flip_outcome import (
     describe_replaced,
     ended_by_a_stop,
     next_step,
+    pending_outcome,
     record_flip,
     stranded_clause,
     timed_out,
@@ -314,7 +315,7 @@ class Flips:
                 # Named now: `_settle` may make the new generation the serving one before the
                 # task below first runs.
                 replaced = describe_replaced(self.program)
-                answer = partial(answer_at, held=self._held)
+                answer = partial(answer_at, pending=partial(self._pending, promotion.gen))
                 tg.start_soon(answer, report, promotion.gen, replaced, deadline, timeout)
             try:
                 error = await self._settle(report, promotion)
@@ -338,11 +339,29 @@ class Flips:
             # all: its record, events and counters say so (``record_flip``).
             report.fail_late(error, output)
 
-    def _held(self) -> Generation | None:
-        """The generation the flip replaced, while its drain is in its delay, watched for a
-        route back (``route_back.py``): the flip's outcome is pending until that ends."""
-        held = self.program.retirement.held
-        return held.old if held is not None else None
+    def _pending(self, gen: Generation) -> str | None:
+        """Why the outcome of the flip that promoted ``gen`` is pending (None: it is not): what
+        it replaced is, or is to be, in its watched drain delay, or the flip routes back to it
+        (``route_back.py``)."""
+        retirement = self.program.retirement
+        held = retirement.held
+        return pending_outcome(
+            gen.number,
+            held=held.old if held is not None else None,
+            routing_back=retirement.routing_back,
+            to_watch=retirement.to_watch,
+        )
+
+    def _to_watch(self, gen: Generation) -> Generation | None:
+        """The generation the promotion of ``gen`` replaced, if its drain delay is to be watched
+        for a route back (``route_back.drain_replaced``): drained (not kept warm), with a
+        delay, and not by a stop."""
+        old = self.program.serving
+        if old is None or old is gen or self.program.stops_under_way:
+            return None
+        if gen.config.rollback_window > 0 or old.config.drain.delay <= 0:
+            return None
+        return old
 
     async def _settle(self, report: FlipReport, promotion: Promotion) -> str | None:
         """After the promotion: once the proxy's old workers are gone, the routed generation is
@@ -351,11 +370,14 @@ class Flips:
         (``route_back.py``): returns why the flip failed then."""
         program = self.program
         gen = promotion.gen
+        program.retirement.to_watch = self._to_watch(gen)
         try:
             await wait_for_proxy(promotion, program=program.name, report=report)
             old = await serve(program, promotion)
         finally:
             self.release_settled()
+            if program.retirement.to_watch is not old:
+                program.retirement.to_watch = None
         await program.takeover.drain_replaced_leftovers(
             report, gen, registered=not promotion.deferred
         )
@@ -365,6 +387,9 @@ class Flips:
         async def drain(old: Generation) -> str | None:
             return await drain_replaced(self, report, old)
 
-        return await program.retirement.retire(
-            report, old, window=gen.config.rollback_window, drain=drain
-        )
+        try:
+            return await program.retirement.retire(
+                report, old, window=gen.config.rollback_window, drain=drain
+            )
+        finally:
+            program.retirement.to_watch = None  # not left naming it, if it was not watched

@@ -38,6 +38,7 @@ async def drain_replaced(flips: Flips, report: FlipReport, old: Generation) -> s
     giving up routes back to ``old`` (``_route_back``); else ``old`` is signalled at the end of
     its delay, as ever. Not watched when a stop drains ``old`` already, or drains the program."""
     program = flips.program
+    program.retirement.to_watch = None  # its drain begins now: watched (``held``), or not
     new = program.serving
     if new is None or old.stopping or program.stops_under_way:
         await program.drain(old)
@@ -54,7 +55,12 @@ async def drain_replaced(flips: Flips, report: FlipReport, old: Generation) -> s
     finally:
         program.retirement.held = None
     if held.gave_up.is_set() and _may_route_back(program, old, new):
-        return await _route_back(flips, report, old, new, ends)
+        # The flip's outcome is pending until the route back is over (``answer_at``).
+        program.retirement.routing_back = old
+        try:
+            return await _route_back(flips, report, old, new, ends)
+        finally:
+            program.retirement.routing_back = None
     await program.drain(old, max(0.0, ends - anyio.current_time()))
     return None
 
