@@ -250,9 +250,12 @@ def _tell_proxy_reloaded(program: Program, report: FlipReport, gen: Generation) 
         )
 
 
-async def serve(program: Program, promotion: Promotion) -> Generation | None:
+async def serve(
+    program: Program, promotion: Promotion, *, record: bool = True
+) -> Generation | None:
     """Make the promoted generation the serving one; returns the one it replaced. Its deploy
-    history is written last, off the event loop (fsynced)."""
+    history is written last, off the event loop (fsynced), unless not ``record``: a route back
+    puts back what the history said before the flip instead (``route_back.py``)."""
     gen = promotion.gen
     gen.transition(GenerationState.SERVING)
     program.config = gen.config
@@ -265,5 +268,6 @@ async def serve(program: Program, promotion: Promotion) -> Generation | None:
         gen, promotion.published, deferred=promotion.deferred, tg=program.task_group()
     )
     program.runtime.events.emit("promoted", program.name, gen.number, port=gen.port, pids=gen.pids)
-    await program.history.record_deployed(gen.config)
+    if record:
+        await program.history.record_deployed(gen.config)
     return old

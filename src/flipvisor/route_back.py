@@ -126,11 +126,6 @@ async def _route_back(
         )
         program.crashes.become_fatal(reason, new.number, replace_reason=True, failing=new.config)
         return program.crashes.describe_fatal() or reason
-    if flips.before is not None:
-        # What the flip's promotion recorded is undone: the deploy it promoted is no rollback
-        # target (a rollback would deploy the release that just gave up), the one before is.
-        deploys, program.rolled_back = flips.before
-        await program.history.restore(deploys)
     new.transition(GenerationState.DRAINING, f"{why}; routed back to generation {old.number}")
     # Given up, as one ``CrashPolicy`` stops: its drain stops what its workers left holding
     # its socket (daemonized), unless a generation shares that socket (a fixed port).
@@ -170,7 +165,14 @@ async def _route_back_to(flips: Flips, old: Generation, why: str) -> None:
             # copy of its socket), as the address of what serves, or the next flip back to it
             # would fail to bind it against our own generation.
             program.listener.adopt_pending(old.socket.dup(), old.config.socket)
-        await serve(program, promotion)
+        if flips.before is not None:
+            # What the flip's promotion recorded is undone: the deploy it promoted is no
+            # rollback target (a rollback would deploy the release that just gave up), the one
+            # before is. Before ``serve``, and in its stead: had serve recorded ``old`` first,
+            # a kill between the two writes would leave the broken release as the previous.
+            deploys, program.rolled_back = flips.before
+            await program.history.restore(deploys)
+        await serve(program, promotion, record=flips.before is None)
     finally:
         flips.release_settled()
 
