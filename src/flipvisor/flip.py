@@ -36,7 +36,7 @@ from .flip_outcome import (
     stranded_clause,
     timed_out,
 )
-from .flip_steps import deploy_new, promote_warm, serve
+from .flip_steps import deploy_new, note_promoted, promote_warm, serve
 from .generation import Generation
 from .history import Deploys
 from .progress import FlipReport
@@ -263,7 +263,7 @@ class Flips:
                     promotion = await promote_warm(self, report, warm, deadline)
                 else:
                     promotion = await deploy_new(self, report, config, deadline)
-                self._promoted(report, config)
+                note_promoted(self.program, report, config)
                 return promotion
             # Only reached when the deadline cancelled the flip (it was undone, as after a failure).
             assert timeout is not None  # no deadline without it
@@ -279,29 +279,6 @@ class Flips:
             log.exception("program=%s flip failed unexpectedly", name)
             conclude(self.program, report, f"internal error: {exc!r}")
         return None
-
-    def _promoted(self, report: FlipReport, config: ProgramConfig) -> None:
-        """``config`` was routed to: whether what serves is now a rollback's, not the file's
-        section (``Program.rolled_back``). A `restart` re-reads the file, as any flip does: one
-        that so replaces a rollback's deploy with the file's (other) section undoes the rollback,
-        and says so (a warning in its answer, a ``not-as-deployed`` event), as `run` does."""
-        program = self.program
-        if report.kind == "rollback":
-            # Not a rollback of a rollback that lands back on the file's section: it serves.
-            program.rolled_back = not same_deploy(config, program.config)
-            return
-        if not program.rolled_back or same_deploy(config, program.history.current):
-            return  # the same deploy again (a `start`, a `restart` of an unedited section)
-        program.rolled_back = False
-        if report.kind != "restart":
-            return  # a `flip` (or a reload's) deploys the file's section: what it is asked for
-        said = (
-            f"this restart deployed the config file's section of {program.name}, not the "
-            f"rollback's (a rollback is not written to the file): it undid the rollback; "
-            f"`flipvisor rollback {program.name}` goes back to it, and editing the file keeps it"
-        )
-        report.caution = said
-        program.runtime.events.emit("not-as-deployed", program.name, report.generation, said)
 
     async def _settle_reporting(
         self, report: FlipReport, promotion: Promotion, deadline: float, timeout: float | None

@@ -126,6 +126,8 @@ async def _route_back(
         )
         program.crashes.become_fatal(reason, new.number, replace_reason=True, failing=new.config)
         return program.crashes.describe_fatal() or reason
+    # A `restart` would deploy the file's section, ``new``'s release, again: it says so.
+    program.routed_back_from = new.config
     new.transition(GenerationState.DRAINING, f"{why}; routed back to generation {old.number}")
     # Given up, as one ``CrashPolicy`` stops: its drain stops what its workers left holding
     # its socket (daemonized), unless a generation shares that socket (a fixed port).
