@@ -631,7 +631,8 @@ def test_a_timeout_after_the_promotion_keeps_the_new_generation(
         ran_out = f"--timeout {FLIP_TIMEOUT}s ran out after generation 2 was promoted"
         assert ran_out in warning, warning
         if case == "drain.delay":  # watched: generation 2 giving up would route back
-            assert "generation 1 is kept for its drain delay (8s)" in warning, warning
+            # In the delay, or still waiting for nginx's old workers before it: either is true.
+            assert "for its drain delay (8s)" in warning, warning
             assert "the flip's outcome is still pending" in warning, warning
         else:
             assert "generation 1 is still draining" in warning, warning
