@@ -31,11 +31,12 @@ from .flip_outcome import (
     describe_replaced,
     ended_by_a_stop,
     next_step,
+    pending_outcome,
     record_flip,
     stranded_clause,
     timed_out,
 )
-from .flip_steps import deploy_new, promote_warm, serve
+from .flip_steps import deploy_new, note_promoted, promote_warm, serve
 from .generation import Generation
 from .history import Deploys
 from .progress import FlipReport
@@ -262,7 +263,7 @@ class Flips:
                     promotion = await promote_warm(self, report, warm, deadline)
                 else:
                     promotion = await deploy_new(self, report, config, deadline)
-                self._promoted(report, config)
+                note_promoted(self.program, report, config)
                 return promotion
             # Only reached when the deadline cancelled the flip (it was undone, as after a failure).
             assert timeout is not None  # no deadline without it
@@ -279,29 +280,6 @@ class Flips:
             conclude(self.program, report, f"internal error: {exc!r}")
         return None
 
-    def _promoted(self, report: FlipReport, config: ProgramConfig) -> None:
-        """``config`` was routed to: whether what serves is now a rollback's, not the file's
-        section (``Program.rolled_back``). A `restart` re-reads the file, as any flip does: one
-        that so replaces a rollback's deploy with the file's (other) section undoes the rollback,
-        and says so (a warning in its answer, a ``not-as-deployed`` event), as `run` does."""
-        program = self.program
-        if report.kind == "rollback":
-            # Not a rollback of a rollback that lands back on the file's section: it serves.
-            program.rolled_back = not same_deploy(config, program.config)
-            return
-        if not program.rolled_back or same_deploy(config, program.history.current):
-            return  # the same deploy again (a `start`, a `restart` of an unedited section)
-        program.rolled_back = False
-        if report.kind != "restart":
-            return  # a `flip` (or a reload's) deploys the file's section: what it is asked for
-        said = (
-            f"this restart deployed the config file's section of {program.name}, not the "
-            f"rollback's (a rollback is not written to the file): it undid the rollback; "
-            f"`flipvisor rollback {program.name}` goes back to it, and editing the file keeps it"
-        )
-        report.caution = said
-        program.runtime.events.emit("not-as-deployed", program.name, report.generation, said)
-
     async def _settle_reporting(
         self, report: FlipReport, promotion: Promotion, deadline: float, timeout: float | None
     ) -> None:
@@ -314,7 +292,7 @@ class Flips:
                 # Named now: `_settle` may make the new generation the serving one before the
                 # task below first runs.
                 replaced = describe_replaced(self.program)
-                answer = partial(answer_at, held=self._held)
+                answer = partial(answer_at, pending=partial(self._pending, promotion.gen))
                 tg.start_soon(answer, report, promotion.gen, replaced, deadline, timeout)
             try:
                 error = await self._settle(report, promotion)
@@ -338,11 +316,29 @@ class Flips:
             # all: its record, events and counters say so (``record_flip``).
             report.fail_late(error, output)
 
-    def _held(self) -> Generation | None:
-        """The generation the flip replaced, while its drain is in its delay, watched for a
-        route back (``route_back.py``): the flip's outcome is pending until that ends."""
-        held = self.program.retirement.held
-        return held.old if held is not None else None
+    def _pending(self, gen: Generation) -> str | None:
+        """Why the outcome of the flip that promoted ``gen`` is pending (None: it is not): what
+        it replaced is, or is to be, in its watched drain delay, or the flip routes back to it
+        (``route_back.py``)."""
+        retirement = self.program.retirement
+        held = retirement.held
+        return pending_outcome(
+            gen.number,
+            held=held.old if held is not None else None,
+            routing_back=retirement.routing_back,
+            to_watch=retirement.to_watch,
+        )
+
+    def _to_watch(self, gen: Generation) -> Generation | None:
+        """The generation the promotion of ``gen`` replaced, if its drain delay is to be watched
+        for a route back (``route_back.drain_replaced``): drained (not kept warm), with a
+        delay, and not by a stop."""
+        old = self.program.serving
+        if old is None or old is gen or self.program.stops_under_way:
+            return None
+        if gen.config.rollback_window > 0 or old.config.drain.delay <= 0:
+            return None
+        return old
 
     async def _settle(self, report: FlipReport, promotion: Promotion) -> str | None:
         """After the promotion: once the proxy's old workers are gone, the routed generation is
@@ -351,11 +347,14 @@ class Flips:
         (``route_back.py``): returns why the flip failed then."""
         program = self.program
         gen = promotion.gen
+        program.retirement.to_watch = self._to_watch(gen)
         try:
             await wait_for_proxy(promotion, program=program.name, report=report)
             old = await serve(program, promotion)
         finally:
             self.release_settled()
+            if program.retirement.to_watch is not old:
+                program.retirement.to_watch = None
         await program.takeover.drain_replaced_leftovers(
             report, gen, registered=not promotion.deferred
         )
@@ -365,6 +364,9 @@ class Flips:
         async def drain(old: Generation) -> str | None:
             return await drain_replaced(self, report, old)
 
-        return await program.retirement.retire(
-            report, old, window=gen.config.rollback_window, drain=drain
-        )
+        try:
+            return await program.retirement.retire(
+                report, old, window=gen.config.rollback_window, drain=drain
+            )
+        finally:
+            program.retirement.to_watch = None  # not left naming it, if it was not watched

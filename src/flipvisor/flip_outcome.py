@@ -193,24 +193,22 @@ async def answer_at(
     deadline: float,
     timeout: float,
     *,
-    held: Callable[[], Generation | None],
+    pending: Callable[[], str | None],
 ) -> None:
     """At ``deadline``, answer the flip's client: ``gen`` serves; ``what`` it replaced is
-    still draining. While ``held`` names the replaced one (its drain in its delay, watched:
-    ``route_back.py``), the flip's outcome is still pending: ``gen`` giving up routes back,
-    and the flip fails."""
+    still draining. While ``pending`` says why the flip's outcome is not known yet (the
+    replaced generation's drain watched, or to be, or a route back under way:
+    ``pending_outcome``), the answer says so instead: ``gen`` giving up routes back, and the
+    flip fails."""
     await anyio.sleep_until(deadline)
     if report.finished:
         return
     ran_out = f"--timeout {timeout:g}s ran out after generation {gen.number} was promoted"
     ends = f"`flipvisor events {gen.program} -f` or `flipvisor status {gen.program}` tell"
-    old = held()
-    if old is not None:
+    why = pending()
+    if why is not None:
         report.finish(
-            warning=f"{ran_out}: generation {gen.number} serves; generation {old.number} is "
-            f"kept for its drain delay ({old.config.drain.delay:g}s) in case generation "
-            f"{gen.number} gives up (the flip then routes back to it, and fails): the flip's "
-            f"outcome is still pending; {ends} how it ends"
+            warning=f"{ran_out}: {why}: the flip's outcome is still pending; {ends} how it ends"
         )
         return
     last = report.steps[-1] if report.steps else None
@@ -219,6 +217,36 @@ async def answer_at(
         warning=f"{ran_out}: it serves; "
         f"{still_to_do(what, proxy_draining, gen.config.rollback_window)}; {ends} how the flip "
         "ends"
+    )
+
+
+def pending_outcome(
+    number: int,
+    *,
+    held: Generation | None,
+    routing_back: Generation | None,
+    to_watch: Generation | None,
+) -> str | None:
+    """Why the outcome of the flip that promoted generation ``number`` is still pending, as a
+    clause (None: it is not): it routes back to ``routing_back``; or what it replaced is kept
+    for its drain delay, ``held`` (in it) or ``to_watch`` (not begun: the proxy's old workers
+    go first), in case generation ``number`` gives up."""
+    if routing_back is not None:
+        return (
+            f"generation {number} gave up during the drain delay of generation "
+            f"{routing_back.number}: the flip is routing back to generation "
+            f"{routing_back.number} (and fails)"
+        )
+    old = held or to_watch
+    if old is None:
+        return None
+    when = "is kept"
+    if held is None:
+        when = "is to be kept, once the proxy's old workers are gone,"
+    return (
+        f"generation {number} serves; generation {old.number} {when} for its drain delay "
+        f"({old.config.drain.delay:g}s) in case generation {number} gives up (the flip then "
+        "routes back to it, and fails)"
     )
 
 

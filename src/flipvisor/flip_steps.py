@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskGroup
 
-from .config import ProgramConfig
+from .config import ProgramConfig, same_deploy
 from .discard import discard, wait_for_discarded
 from .errors import FlipFailed, FlipvisorError, ProbeFailed
 from .flip_outcome import next_step, what_serves
@@ -250,9 +250,12 @@ def _tell_proxy_reloaded(program: Program, report: FlipReport, gen: Generation) 
         )
 
 
-async def serve(program: Program, promotion: Promotion) -> Generation | None:
+async def serve(
+    program: Program, promotion: Promotion, *, record: bool = True
+) -> Generation | None:
     """Make the promoted generation the serving one; returns the one it replaced. Its deploy
-    history is written last, off the event loop (fsynced)."""
+    history is written last, off the event loop (fsynced), unless not ``record``: a route back
+    puts back what the history said before the flip instead (``route_back.py``)."""
     gen = promotion.gen
     gen.transition(GenerationState.SERVING)
     program.config = gen.config
@@ -265,5 +268,47 @@ async def serve(program: Program, promotion: Promotion) -> Generation | None:
         gen, promotion.published, deferred=promotion.deferred, tg=program.task_group()
     )
     program.runtime.events.emit("promoted", program.name, gen.number, port=gen.port, pids=gen.pids)
-    await program.history.record_deployed(gen.config)
+    if record:
+        await program.history.record_deployed(gen.config)
     return old
+
+
+def note_promoted(program: Program, report: FlipReport, config: ProgramConfig) -> None:
+    """``config`` was routed to: whether what serves is now a rollback's, not the file's
+    section (``Program.rolled_back``). A `restart` re-reads the file, as any flip does: one
+    that so replaces a rollback's deploy with the file's (other) section undoes the rollback,
+    and says so (a warning in its answer, a ``not-as-deployed`` event), as `run` does; so does
+    one that deploys again the release a flip routed back from (``route_back.py``)."""
+    gave_up, program.routed_back_from = program.routed_back_from, None
+    if report.kind == "rollback":
+        # Not a rollback of a rollback that lands back on the file's section: it serves.
+        program.rolled_back = not same_deploy(config, program.config)
+        return
+    if gave_up is not None and same_deploy(config, gave_up):
+        if report.kind == "restart":
+            _tell_not_as_deployed(
+                program,
+                report,
+                f"this restart deployed the config file's section of {program.name}, the "
+                "release a flip routed back from when it gave up; `flipvisor rollback "
+                f"{program.name}` goes back to what served, and editing the file keeps it",
+            )
+        return
+    if not program.rolled_back or same_deploy(config, program.history.current):
+        return  # the same deploy again (a `start`, a `restart` of an unedited section)
+    program.rolled_back = False
+    if report.kind != "restart":
+        return  # a `flip` (or a reload's) deploys the file's section: what it is asked for
+    _tell_not_as_deployed(
+        program,
+        report,
+        f"this restart deployed the config file's section of {program.name}, not the "
+        f"rollback's (a rollback is not written to the file): it undid the rollback; "
+        f"`flipvisor rollback {program.name}` goes back to it, and editing the file keeps it",
+    )
+
+
+def _tell_not_as_deployed(program: Program, report: FlipReport, said: str) -> None:
+    """A restart deployed what the operator moved away from: said in its answer and events."""
+    report.caution = said
+    program.runtime.events.emit("not-as-deployed", program.name, report.generation, said)

@@ -111,6 +111,9 @@ class Program:
         self.history = History(runtime.state_dir / "history" / f"{name}.json")
         # What serves was deployed by a rollback, not from the file (``Flips._promoted``).
         self.rolled_back = False
+        # The release a flip routed back from, as it gave up (``route_back.py``), until the next
+        # promotion: a `restart` deploying it again says so (``flip_steps.note_promoted``).
+        self.routed_back_from: ProgramConfig | None = None
         self.fatal_reason: str | None = None
         self.current_flip: FlipReport | None = None
         self.registration = Registration(

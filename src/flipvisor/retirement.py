@@ -56,6 +56,14 @@ class Retirement:
         # While a flip's drain of what it replaced is in its delay: ``CrashPolicy`` tells it
         # when the generation routed to gives up, and restarts none of the old one's workers.
         self.held: HeldDrain | None = None
+        # The generation a flip replaced, from its promotion until its watched drain delay
+        # begins (``held``), if it is to be watched: the proxy's old workers go first, and the
+        # generation routed to may give up meanwhile, which routes back too. A flip answered
+        # at its --timeout then says its outcome is pending (``flip_outcome.answer_at``).
+        self.to_watch: Generation | None = None
+        # The generation a flip routes back to (``route_back.py``), until that is over: its
+        # outcome is still pending then, although ``held`` is None.
+        self.routing_back: Generation | None = None
 
     def notice_given_up(self, gen: Generation, exiting: Worker | None) -> None:
         """A worker of the serving ``gen`` stops for good while a flip runs: if nothing of it

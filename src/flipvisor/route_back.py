@@ -38,6 +38,7 @@ async def drain_replaced(flips: Flips, report: FlipReport, old: Generation) -> s
     giving up routes back to ``old`` (``_route_back``); else ``old`` is signalled at the end of
     its delay, as ever. Not watched when a stop drains ``old`` already, or drains the program."""
     program = flips.program
+    program.retirement.to_watch = None  # its drain begins now: watched (``held``), or not
     new = program.serving
     if new is None or old.stopping or program.stops_under_way:
         await program.drain(old)
@@ -54,7 +55,12 @@ async def drain_replaced(flips: Flips, report: FlipReport, old: Generation) -> s
     finally:
         program.retirement.held = None
     if held.gave_up.is_set() and _may_route_back(program, old, new):
-        return await _route_back(flips, report, old, new, ends)
+        # The flip's outcome is pending until the route back is over (``answer_at``).
+        program.retirement.routing_back = old
+        try:
+            return await _route_back(flips, report, old, new, ends)
+        finally:
+            program.retirement.routing_back = None
     await program.drain(old, max(0.0, ends - anyio.current_time()))
     return None
 
@@ -120,11 +126,8 @@ async def _route_back(
         )
         program.crashes.become_fatal(reason, new.number, replace_reason=True, failing=new.config)
         return program.crashes.describe_fatal() or reason
-    if flips.before is not None:
-        # What the flip's promotion recorded is undone: the deploy it promoted is no rollback
-        # target (a rollback would deploy the release that just gave up), the one before is.
-        deploys, program.rolled_back = flips.before
-        await program.history.restore(deploys)
+    # A `restart` would deploy the file's section, ``new``'s release, again: it says so.
+    program.routed_back_from = new.config
     new.transition(GenerationState.DRAINING, f"{why}; routed back to generation {old.number}")
     # Given up, as one ``CrashPolicy`` stops: its drain stops what its workers left holding
     # its socket (daemonized), unless a generation shares that socket (a fixed port).
@@ -164,7 +167,14 @@ async def _route_back_to(flips: Flips, old: Generation, why: str) -> None:
             # copy of its socket), as the address of what serves, or the next flip back to it
             # would fail to bind it against our own generation.
             program.listener.adopt_pending(old.socket.dup(), old.config.socket)
-        await serve(program, promotion)
+        if flips.before is not None:
+            # What the flip's promotion recorded is undone: the deploy it promoted is no
+            # rollback target (a rollback would deploy the release that just gave up), the one
+            # before is. Before ``serve``, and in its stead: had serve recorded ``old`` first,
+            # a kill between the two writes would leave the broken release as the previous.
+            deploys, program.rolled_back = flips.before
+            await program.history.restore(deploys)
+        await serve(program, promotion, record=flips.before is None)
     finally:
         flips.release_settled()
 

@@ -106,7 +106,10 @@ class SocketHolders:
         """Those running now, each held by a pidfd (close it: ``with``)."""
         strays = Strays.collect()
         # Asked while each is held and still our unreaped child: its reads are its own.
-        strays.let_go(lambda pid: self._claimed(pid) or not holds_socket(pid, self.inode))
+        # ``known``: a previous supervisor's workers, recorded: not what ours left, nor stopped.
+        strays.let_go(
+            lambda pid: self._claimed(pid) or pid in self.known or not holds_socket(pid, self.inode)
+        )
         return strays
 
     def pids(self) -> list[int]:

@@ -60,7 +60,8 @@ def test_a_rollback_after_a_route_back_deploys_what_was_previous_before_the_flip
     flipvisor: Flipvisor, tmp_path: Path
 ) -> None:
     """v1, then v2 serve; a flip to a broken v3 routes back to v2. The history is as before
-    that flip: `flipvisor rollback web` deploys v1, not the broken v3 the flip recorded."""
+    that flip, in its file too: `flipvisor rollback web` deploys v1, not the broken v3 the
+    flip recorded."""
     flipvisor.start(config(svc_command("--version", "1"), 0.1))
     flipvisor.wait_serving("web")
     flipvisor.write_config(config(svc_command("--version", "2"), 8))
@@ -68,6 +69,10 @@ def test_a_rollback_after_a_route_back_deploys_what_was_previous_before_the_flip
     assert flipped.returncode == 0, flipped.stderr
     route_back(flipvisor, tmp_path, 2)
     assert version_served(flipvisor) == "2"
+    # On disk, not only in memory: what the next supervisor's rollback deploys.
+    written = json.loads((flipvisor.state_dir / "history" / "web.json").read_text())
+    versions = [written[which]["command"][-1] for which in ("current", "previous")]
+    assert versions == ["2", "1"], written
     rolled_back = flipvisor.cli("rollback", "web")
     assert rolled_back.returncode == 0, rolled_back.stdout + rolled_back.stderr
     assert version_served(flipvisor) == "1"

@@ -51,6 +51,9 @@ def test_the_child_holding_the_socket_is_its_holder_and_the_other_is_not() -> No
             assert SocketHolders(inode, claimed=lambda pid: False).pids() == [holder.pid]
             # In a worker's process group: its generation's drain stops it, not this.
             assert SocketHolders(inode, claimed=lambda pid: pid == holder.pid).pids() == []
+            # A previous supervisor's worker sharing the socket (recorded): not ours to stop.
+            known = frozenset({holder.pid})
+            assert SocketHolders(inode, lambda pid: False, known).pids() == []
         assert holders_anywhere(inode) == []
     assert socket_inode(sock) is None
 

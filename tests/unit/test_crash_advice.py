@@ -1,6 +1,6 @@
 """The rollback a ``fatal`` program's advice offers, as the history and the failing deploy make
-it (``CrashPolicy``), and whether what serves is a rollback's (``Flips._promoted``). The program
-is a stand-in with the state they read (our own seam); the history is a real file."""
+it (``CrashPolicy``), and whether what serves is a rollback's (``flip_steps.note_promoted``).
+The program is a stand-in with the state they read (our own seam); the history is a real file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from flipvisor.config import ProgramConfig
 from flipvisor.crash_policy import CrashPolicy
-from flipvisor.flip import Flips
+from flipvisor.flip_steps import note_promoted
 from flipvisor.history import History
 from flipvisor.progress import FlipReport
 
@@ -27,6 +27,7 @@ def program(tmp_path: Path, *deployed: ProgramConfig, **state: Any) -> Any:
         history.deployed(config)
     events = SimpleNamespace(emit=lambda *args, **kwargs: None)
     fields = {"config": deployed[-1], "warm": None, "rolled_back": False, "fatal_reason": None}
+    fields["routed_back_from"] = None
     return SimpleNamespace(
         name="web",
         history=history,
@@ -82,7 +83,7 @@ def test_a_rollback_back_onto_the_file_s_section_is_not_a_rolled_back_deploy(
     web.config = release("2")
     for deployed, rolled_back in ((release("2"), False), (release("1"), True)):
         report = FlipReport("web", "rollback")
-        Flips(web)._promoted(report, deployed)
+        note_promoted(web, report, deployed)
         report.finish()
         report.close()
         assert web.rolled_back is rolled_back
