@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -69,6 +70,24 @@ def registry_for(endpoint: str, prefix: str, **extra: object) -> EtcdRegistry:
         RegistryConfig.model_validate(
             {"backend": "etcd", "endpoints": [endpoint], "prefix": prefix, **extra}
         )
+    )
+
+
+def tls_files(etcd: EtcdServer) -> dict[str, Path]:
+    """The registry's TLS settings for ``etcd``: the CA to trust, the certificate to present."""
+    assert etcd.tls is not None
+    return {"ca": etcd.tls.ca, "cert": etcd.tls.client_cert, "key": etcd.tls.client_key}
+
+
+def tls_registry(etcd: EtcdServer, prefix: str) -> EtcdRegistry:
+    """A registry on ``etcd`` over TLS, logged in as its root user."""
+    return registry_for(
+        f"https://{etcd.endpoint}",
+        prefix,
+        timeout=3,
+        user=TLS_USER,
+        password=TLS_PASSWORD,
+        **tls_files(etcd),
     )
 
 
@@ -544,16 +563,7 @@ async def test_watch_is_lost_when_etcd_comes_back_with_an_earlier_revision(
 
 
 async def test_tls_and_auth(tls_etcd: EtcdServer, etcd_prefix: str) -> None:
-    assert tls_etcd.tls is not None
-    tls = {"ca": tls_etcd.tls.ca, "cert": tls_etcd.tls.client_cert, "key": tls_etcd.tls.client_key}
-    registry = registry_for(
-        f"https://{tls_etcd.endpoint}",
-        etcd_prefix,
-        timeout=3,
-        user=TLS_USER,
-        password=TLS_PASSWORD,
-        **tls,
-    )
+    registry = tls_registry(tls_etcd, etcd_prefix)
     try:
         await registry.swap("app", Snapshot(), record(1, 41000, [101]))
         assert (await registry.snapshot("app")).get("port/current") == "41000"
@@ -568,7 +578,12 @@ async def test_tls_and_auth(tls_etcd: EtcdServer, etcd_prefix: str) -> None:
         await registry.aclose()
 
     wrong = registry_for(
-        tls_etcd.endpoint, etcd_prefix, timeout=3, user=TLS_USER, password="wrong", **tls
+        tls_etcd.endpoint,
+        etcd_prefix,
+        timeout=3,
+        user=TLS_USER,
+        password="wrong",
+        **tls_files(tls_etcd),
     )
     with pytest.raises(RegistryError, match=r"etcd at 127\.0\.0\.1:\d+ refused"):
         await wrong.snapshot("app")
@@ -747,16 +762,7 @@ async def test_an_expired_auth_token_logs_in_again(tls_etcd: EtcdServer, etcd_pr
     """etcd forgets every token when its authentication is turned off and on (as it forgets an
     idle one after --auth-token-ttl): the next request logs in again and succeeds, with no
     advice to fix the password and no `status` problem."""
-    assert tls_etcd.tls is not None
-    tls = {"ca": tls_etcd.tls.ca, "cert": tls_etcd.tls.client_cert, "key": tls_etcd.tls.client_key}
-    registry = registry_for(
-        f"https://{tls_etcd.endpoint}",
-        etcd_prefix,
-        timeout=3,
-        user=TLS_USER,
-        password=TLS_PASSWORD,
-        **tls,
-    )
+    registry = tls_registry(tls_etcd, etcd_prefix)
     try:
         await registry.swap("app", Snapshot(), record(1, 41000, [101]))
         root = f"{TLS_USER}:{TLS_PASSWORD}"
