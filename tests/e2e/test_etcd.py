@@ -427,15 +427,22 @@ def quick_web() -> dict[str, Any]:
     }
 
 
-def serving_with_foreign_keys(flipvisor: Flipvisor, etcd: EtcdServer, prefix: str) -> None:
-    """web serving generation 1, registered, and another tool's keys under web's folder, more
-    than a gRPC reply takes (QA 15: a read of the whole folder failed with RESOURCE_EXHAUSTED)."""
+def start_registered(flipvisor: Flipvisor, etcd: EtcdServer, prefix: str) -> dict[str, Any]:
+    """Start ``flipvisor`` with program web (``quick_web``) on ``etcd``; web's serving generation
+    once it is serving and its port is in etcd."""
     flipvisor.start({"registry": registry(etcd, prefix), "programs": {"web": quick_web()}})
     first = flipvisor.wait_serving("web")
     wait_until(
         lambda: keys(etcd, prefix)["port/current"] == str(first["port"]),
         message="generation 1 in etcd",
     )
+    return first
+
+
+def serving_with_foreign_keys(flipvisor: Flipvisor, etcd: EtcdServer, prefix: str) -> None:
+    """web serving generation 1, registered, and another tool's keys under web's folder, more
+    than a gRPC reply takes (QA 15: a read of the whole folder failed with RESOURCE_EXHAUSTED)."""
+    start_registered(flipvisor, etcd, prefix)
     for n in range(FOREIGN_KEYS):
         put_large(etcd, f"{prefix}/web/extra/{n}", FOREIGN_VALUE_BYTES)
 

@@ -9,20 +9,11 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import require_binary
-from tests.e2e.test_etcd import changed_within, keys, registry
+from tests.e2e.test_etcd import changed_within, keys, quick_web, registry, start_registered
 from tests.e2e.test_watch_e2e import Watcher, etcd_registry
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.fixtures.flipvisor import Flipvisor
 from tests.waiting import wait_until
-
-
-def web() -> dict[str, object]:
-    return {
-        "command": svc_command("--version", "1"),
-        "readiness": {"http": "/health", "timeout": 10, "interval": 0.05},
-        "drain": {"delay": 0.1, "timeout": 5},
-    }
-
 
 DEEP_JSON = "[" * 100_000 + "]" * 100_000  # valid JSON that json.loads cannot decode
 
@@ -44,7 +35,7 @@ def test_run_starts_with_a_deeply_nested_garbage_record_in_etcd(
 ) -> None:
     etcd = restartable_etcd
     put_stdin(etcd, f"{etcd_prefix}/web/generation/current", DEEP_JSON)
-    flipvisor.start({"registry": registry(etcd, etcd_prefix), "programs": {"web": web()}})
+    flipvisor.start({"registry": registry(etcd, etcd_prefix), "programs": {"web": quick_web()}})
     serving = flipvisor.wait_serving("web")
     assert "Traceback" not in flipvisor.output(), flipvisor.output()
     wait_until(
@@ -57,12 +48,7 @@ def test_a_deeply_nested_garbage_record_does_not_kill_the_supervisor_at_a_reconn
     flipvisor: Flipvisor, restartable_etcd: EtcdServer, etcd_prefix: str
 ) -> None:
     etcd = restartable_etcd
-    flipvisor.start({"registry": registry(etcd, etcd_prefix), "programs": {"web": web()}})
-    serving = flipvisor.wait_serving("web")
-    wait_until(
-        lambda: keys(etcd, etcd_prefix)["port/current"] == str(serving["port"]),
-        message="generation 1 in etcd",
-    )
+    start_registered(flipvisor, etcd, etcd_prefix)
     put_stdin(etcd, f"{etcd_prefix}/web/generation/current", DEEP_JSON)
     etcd.stop()
     etcd.start()
@@ -116,12 +102,7 @@ def test_a_stop_with_a_deeply_nested_garbage_record_keeps_the_supervisor_alive(
     flipvisor: Flipvisor, restartable_etcd: EtcdServer, etcd_prefix: str
 ) -> None:
     etcd = restartable_etcd
-    flipvisor.start({"registry": registry(etcd, etcd_prefix), "programs": {"web": web()}})
-    serving = flipvisor.wait_serving("web")
-    wait_until(
-        lambda: keys(etcd, etcd_prefix)["port/current"] == str(serving["port"]),
-        message="generation 1 in etcd",
-    )
+    start_registered(flipvisor, etcd, etcd_prefix)
     put_stdin(etcd, f"{etcd_prefix}/web/generation/current", DEEP_JSON)
     stopped = flipvisor.cli("stop", "web")
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr

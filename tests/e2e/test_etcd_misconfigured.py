@@ -4,20 +4,10 @@ such, with the setting to fix, never "unreachable ... make the registry reachabl
 
 from __future__ import annotations
 
-from typing import Any
-
-from tests.e2e.test_etcd import keys, registry
+from tests.e2e.test_etcd import quick_web, start_registered
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.flipvisor import Flipvisor, svc_command
+from tests.fixtures.flipvisor import Flipvisor
 from tests.waiting import wait_until
-
-
-def web() -> dict[str, Any]:
-    return {
-        "command": svc_command("--version", "1"),
-        "readiness": {"http": "/health", "timeout": 10, "interval": 0.05},
-        "drain": {"delay": 0.1, "timeout": 5},
-    }
 
 
 def test_an_endpoint_that_is_not_etcd_is_not_called_unreachable(
@@ -31,7 +21,7 @@ def test_an_endpoint_that_is_not_etcd_is_not_called_unreachable(
                 "prefix": etcd_prefix,
                 "timeout": 2,
             },
-            "programs": {"web": web()},
+            "programs": {"web": quick_web()},
         }
     )
     flipvisor.wait_serving("web")
@@ -47,12 +37,7 @@ def test_an_etcd_that_wants_credentials_is_named_as_such(
     flipvisor: Flipvisor, restartable_etcd: EtcdServer, etcd_prefix: str
 ) -> None:
     etcd = restartable_etcd
-    flipvisor.start({"registry": registry(etcd, etcd_prefix), "programs": {"web": web()}})
-    first = flipvisor.wait_serving("web")
-    wait_until(
-        lambda: keys(etcd, etcd_prefix)["port/current"] == str(first["port"]),
-        message="generation 1 in etcd",
-    )
+    start_registered(flipvisor, etcd, etcd_prefix)
     etcd.etcdctl("user", "add", "root:qa15-password")
     etcd.etcdctl("auth", "enable")  # an operator turns auth on; the config has no user yet
     flipped = flipvisor.cli("flip", "web")
