@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.conftest import require_binary
 from tests.e2e.test_etcd import changed_within, keys, quick_web, registry, start_registered
-from tests.e2e.test_watch_e2e import Watcher, etcd_registry
+from tests.e2e.test_watch_e2e import Watcher, drain_previous_svc
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.flipvisor import Flipvisor
 from tests.waiting import wait_until
@@ -78,17 +78,7 @@ def test_a_deeply_nested_garbage_record_does_not_kill_flipvisor_watch(
 def _watch_a_deeply_nested_record(
     watcher: Watcher, etcd_server: EtcdServer, etcd_prefix: str
 ) -> None:
-    watcher.start(
-        {
-            "registry": etcd_registry(etcd_server, etcd_prefix),
-            "watch": [
-                {
-                    "keys": [f"{etcd_prefix}/svc/pid/previous"],
-                    "drain_pid": {"signal": "SIGTERM", "timeout": 5},
-                }
-            ],
-        }
-    )
+    watcher.start(drain_previous_svc(etcd_server, etcd_prefix))
     process = watcher.process
     assert process is not None
     put_stdin(etcd_server, f"{etcd_prefix}/svc/generation/current", DEEP_JSON)

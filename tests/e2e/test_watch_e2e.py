@@ -136,6 +136,20 @@ def etcd_registry(etcd: EtcdServer, prefix: str) -> dict[str, Any]:
     return {"backend": "etcd", "endpoints": [etcd.endpoint], "prefix": prefix, "timeout": 2}
 
 
+def drain_previous_svc(etcd: EtcdServer, prefix: str) -> dict[str, Any]:
+    """A ``flipvisor watch`` config on ``etcd``: one watch that drains (SIGTERM, 5 s) the PID
+    written to program svc's ``pid/previous``."""
+    return {
+        "registry": etcd_registry(etcd, prefix),
+        "watch": [
+            {
+                "keys": [f"{prefix}/svc/pid/previous"],
+                "drain_pid": {"signal": "SIGTERM", "timeout": 5},
+            }
+        ],
+    }
+
+
 def answer(url: str) -> dict[str, Any] | None:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -367,17 +381,7 @@ def test_watch_stops_at_once_during_a_retry_backoff(watcher: Watcher, tmp_path: 
 def test_drain_pid_refuses_a_pid_it_never_saw(
     etcd_server: EtcdServer, etcd_prefix: str, watcher: Watcher
 ) -> None:
-    watcher.start(
-        {
-            "registry": etcd_registry(etcd_server, etcd_prefix),
-            "watch": [
-                {
-                    "keys": [f"{etcd_prefix}/svc/pid/previous"],
-                    "drain_pid": {"signal": "SIGTERM", "timeout": 5},
-                }
-            ],
-        }
-    )
+    watcher.start(drain_previous_svc(etcd_server, etcd_prefix))
     bystander = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
     try:
         # Never anybody's pid/current: a bare PID, as the seed's `kill -9` script would take it.
