@@ -1,9 +1,12 @@
 """A Reaper for in-process tests: library mode (only the children it registered), running for
-the duration of a block; and a fresh interpreter for tests that change process-wide state."""
+the duration of a block; a fresh interpreter for tests that change process-wide state; and
+whether a PID still runs, for both."""
 
 from __future__ import annotations
 
 import json
+import os
+import select
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -44,3 +47,17 @@ def run_script(script: str, *args: str) -> Any:
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs: an exited process, even one not reaped yet, is not alive. Also
+    for ``run_script`` scripts (``from tests.reaping import alive``: they run in the repo root)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        # A pidfd reads ready once its process exited.
+        return not select.select([pidfd], [], [], 0)[0]
+    finally:
+        os.close(pidfd)

@@ -27,23 +27,14 @@ time.sleep(30)
 """
 
 SCRIPT = r"""
-import json, os, select, signal, sys
+import json, os, signal, sys
 import anyio
 from flipvisor.reaper import Reaper, become_subreaper
 from flipvisor.run_command import run_command
+from tests.reaping import alive
 
 assert become_subreaper(), "prctl(PR_SET_CHILD_SUBREAPER) refused"
 daemon, daemon_file, background_file = sys.argv[1:4]
-
-def alive(pid):
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return False
-    try:
-        return not select.select([pidfd], [], [], 0)[0]
-    finally:
-        os.close(pidfd)
 
 async def main():
     orphans = []
@@ -90,11 +81,12 @@ def test_a_daemon_that_calls_setsid_after_its_parent_exited_survives(tmp_path: P
 # by its caller during the setsid grace (an exec probe's readiness timeout); the second's leaves
 # a grandchild (not our child while its parent runs) that outlives every process held.
 LEFT_SCRIPT = r"""
-import json, os, select, signal, sys
+import json, os, signal, sys
 import anyio
 from flipvisor import run_command as commands
 from flipvisor.reaper import Reaper, become_subreaper
 from flipvisor.run_command import run_command
+from tests.reaping import alive
 
 assert become_subreaper(), "prctl(PR_SET_CHILD_SUBREAPER) refused"
 first_file, grandchild_file = sys.argv[1:3]
@@ -105,16 +97,6 @@ def pidfds():
         for fd in os.listdir("/proc/self/fd")
         if os.path.exists(f"/proc/self/fd/{fd}")
     )
-
-def alive(pid):
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return False
-    try:
-        return not select.select([pidfd], [], [], 0)[0]
-    finally:
-        os.close(pidfd)
 
 default_grace = commands.SETSID_GRACE
 

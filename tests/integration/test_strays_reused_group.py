@@ -72,11 +72,12 @@ def test_a_new_process_that_got_a_left_behind_groups_id_is_no_stray_of_it() -> N
 # its own re-parented to us: our child, in a group of ID G whose leader's PID is free, as the
 # command's were. Only a member held since the command's time proves G is still its group.
 GROUP_SCRIPT = r"""
-import json, os, select, signal
+import json, os, signal
 import anyio
 from flipvisor.reaper import Reaper, become_subreaper
 from flipvisor.spawn import spawn_process
 from flipvisor.strays import Strays, own_children
+from tests.reaping import alive
 
 assert become_subreaper(), "prctl(PR_SET_CHILD_SUBREAPER) refused"
 
@@ -90,16 +91,6 @@ def spawn_with_pid(reaper, wanted, argv):
         child.send_signal(signal.SIGKILL)
         child.close()
     return None
-
-def alive(pid):
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return False
-    try:
-        return not select.select([pidfd], [], [], 0)[0]
-    finally:
-        os.close(pidfd)
 
 async def left_by(command):
     await command.wait()
