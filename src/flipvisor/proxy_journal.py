@@ -52,7 +52,6 @@ from .proxy_record import (
     RECORD_MODE,
     REGISTRY_NEXT,
     RELOAD_BACK_FAILED,
-    RELOAD_FAILED_AT_START,
     REMOVAL,
     UNREADABLE,
     About,
@@ -316,7 +315,7 @@ def previous(path: Path) -> Previous | None:
         set_aside_unreadable(path, exc)  # as the next start would, with its warning
         return None
     # Files put back already (a reload back failed), or that stand (promoted): none to cover.
-    stand = step.reload_back_failed or step.kept == RELOAD_FAILED_AT_START
+    stand = step.reload_back_failed
     below = step.previous.chain() if step.previous is not None else ()
     return Previous(below if stand else step.chain(), data, step.document)
 

@@ -39,13 +39,6 @@ REGISTRY_NEXT = "registry_next"
 # records a kill left, and from older records.
 KEPT = "kept"
 RELOAD_BACK_FAILED = "reload back failed"
-# Kept as promoted at a start-up (the keys named its flip) whose owed reload then failed: its
-# changes stand, and the next start reloads (``proxy_recovery``).
-RELOAD_FAILED_AT_START = "promoted, its owed reload failed at start-up"
-# Why the proxy must be checked and reloaded at the next start, whatever becomes of the record's
-# own changes: read from records that builds of this series wrote as they took an earlier one
-# over (its files first in theirs); records now nest the earlier one whole (``PREVIOUS``).
-RELOAD_OWED = "reload_owed"
 # The record an earlier step of the program left, that this step's took over
 # (``proxy_journal.Previous``), whole, with its own header: decided on its own, after this one.
 PREVIOUS = "previous"
@@ -117,8 +110,6 @@ class Pending:
     # record written before that mark existed).
     registry_next: bool | None = None
     kept: str | None = None  # why it was kept on purpose (``KEPT``); None: a kill left it
-    # Why a reload is owed whatever becomes of its changes (``RELOAD_OWED``); None: none is.
-    reload_owed: str | None = None
     # The earlier record this one took over (``PREVIOUS``), at the same path: decided after
     # this one, on its own (its own registry check); None: none.
     previous: Pending | None = None
@@ -135,8 +126,6 @@ class Pending:
         """Why the proxy must be checked and reloaded at the next start whatever becomes of this
         record's changes (kept as promoted, undone, kept undecided); None: no reload is owed
         beyond what its own step may need (``maybe_promoted``)."""
-        if self.reload_owed is not None:
-            return self.reload_owed
         return self.how_left() if self.reload_back_failed else None
 
     def owed_in_chain(self) -> str | None:
@@ -153,11 +142,6 @@ class Pending:
             return (
                 f"the reload back of {about.program}'s rolled-back flip to generation "
                 f"{about.generation} (port {about.port}) failed before the last shutdown"
-            )
-        if self.kept == RELOAD_FAILED_AT_START:
-            return (
-                f"{about.describe()} was kept at a previous start (the registry named it), and "
-                "the proxy reload it owed failed then"
             )
         if self.kept is not None:  # a reason this version does not know (a later one's)
             return f"{about.describe()} was kept unfinished by a previous supervisor ({self.kept})"
@@ -297,14 +281,13 @@ def parse_record(path: Path, data: bytes) -> Pending:
 def _parse_document(path: Path, document: dict[str, Any]) -> Pending:
     changes = tuple(Change.from_json(c) for c in document["files"])
     registry_next, kept = document.get(REGISTRY_NEXT), document.get(KEPT)
-    owed, nested = document.get(RELOAD_OWED), document.get(PREVIOUS)
+    nested = document.get(PREVIOUS)
     return Pending(
         path,
         About.from_json(document),
         changes,
         None if registry_next is None else bool(registry_next),
         None if kept is None else str(kept),
-        None if owed is None else str(owed),
         None if nested is None else _parse_document(path, nested),
         document,
     )
@@ -326,16 +309,6 @@ def _newest_first(folder: Path, names: list[str]) -> list[str]:
             return 0
 
     return sorted(sorted(names), key=written, reverse=True)
-
-
-def mark_kept(step: Pending, why: str) -> None:
-    """Rewrite ``step``'s record marked as kept on purpose (``KEPT``: ``why``) (blocking; a
-    failure is logged: the record stays as it was)."""
-    try:
-        document = json_text.loads(step.path.read_bytes())
-        write_atomic(step.path, json.dumps({**document, KEPT: why}, indent=1).encode(), RECORD_MODE)
-    except (OSError, ValueError) as exc:
-        log.warning("cannot mark the proxy-undo record %s as kept (%s): %s", step.path, why, exc)
 
 
 def keep_undecided(step: Pending) -> Path:

@@ -38,10 +38,7 @@ files agree with the registry keys, which decide which of its generations serve 
   its own, by its own registry check (its flip may have been promoted: a record whose removal
   failed), with its own note and owed reload: after a later flip kept as promoted, without its
   files that flip changed again (they stand). A later step kept undecided keeps the earlier one
-  with it (a reload it owes is done now, and again when it is decided). A record from a build of
-  this series that carried an earlier one's files and ``reload_owed`` flat is still read: the
-  reload is done whatever becomes of its step, and kept as promoted with that reload failed, it
-  stays marked so (``RELOAD_FAILED_AT_START``): its changes stand.
+  with it (a reload it owes is done now, and again when it is decided).
 - A removed program's file taken away before its reload without it was done: put back, and removed
   again (checked) by whatever removes the program now.
 
@@ -64,7 +61,7 @@ from .events import EventLog
 from .proxy import Routing, how_to_reload
 from .proxy_file import same_file
 from .proxy_lock import ProxyHolder, ProxyLock
-from .proxy_record import RELOAD_FAILED_AT_START, Pending, keep_undecided, mark_kept, pending
+from .proxy_record import Pending, keep_undecided, pending
 from .reaper import Reaper
 
 
@@ -174,29 +171,16 @@ async def _keep_undecided(step: Pending, events: EventLog, proxy: ProxyAccess | 
 async def _keep(
     step: Pending, events: EventLog, proxy: ProxyAccess | None, earlier: Pending | None
 ) -> bool:
-    """The registry names ``step``'s generation: its file stays (and the proxy is checked and
-    reloaded if an earlier step's reload is owed: the record stays until that is done). Whether
-    it is done with: dropped, or ``earlier`` written in its place."""
+    """The registry names ``step``'s generation: its file stays (a reload an earlier step owes
+    is that step's, decided on its own after this one). Whether it is done with: dropped, or
+    ``earlier`` written in its place."""
     files = ", ".join(str(change.kept.dest) for change in step.changes)
     message = (
         f"{step.how_left()}, after the registry named that generation: its proxy file stays "
         f"({files}), as the keys name it"
     )
-    settled = routed = True
-    if step.reload_owed is not None:
-        said, routed, settled = await _reload_proxy(step, proxy)
-        message += f"; {said}"
-    done = False
-    if settled:
-        done = await anyio.to_thread.run_sync(step.forget, earlier)
-    else:
-        # Its changes stand: a later step of the program that takes the record over must not
-        # inherit them to put back (only the reload still owed).
-        await anyio.to_thread.run_sync(mark_kept, step, RELOAD_FAILED_AT_START)
-        message += f"; tried again at the next start ({step.path})"
-    events.emit(
-        "proxy-kept" if settled and routed else "proxy-left", step.about.program, None, message
-    )
+    done = await anyio.to_thread.run_sync(step.forget, earlier)
+    events.emit("proxy-kept", step.about.program, None, message)
     return done
 
 
@@ -218,7 +202,7 @@ async def _undo(
     # None left: a later step that took its record over replaced them, and stands.
     message += "; ".join(outcome.done) or "its proxy files were replaced since by a later step's"
     settled, routed = outcome.settled, True
-    if (step.maybe_promoted or step.reload_owed is not None) and settled:
+    if step.maybe_promoted and settled:
         # It may have reloaded the proxy with its file (killed before its reload back, or that
         # reload back failed).
         if outcome.left_alone:
@@ -269,7 +253,6 @@ async def _reload_proxy(
     the next start; with no proxy section to reload with, the operator is told what to do)."""
     about = step.about
     section = access.section_of(step) if access is not None else None
-    owed = owed if owed is not None else step.reload_owed
     if access is None or section is None:
         return _no_proxy_section(step, owed), False, True
     if not section.reload_cmd:

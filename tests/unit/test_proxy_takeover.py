@@ -153,22 +153,3 @@ def test_a_start_killed_between_a_chains_records_finishes_it(tmp_path: Path) -> 
     assert kind == "proxy-restored", message
     assert dest.read_bytes() == OLD
     assert pending(state_dir) == []
-
-
-def test_a_flat_record_of_this_series_with_an_owed_reload_still_reads(tmp_path: Path) -> None:
-    """A take-over written by a build of this series (``"reload_owed"``, no nesting), left by
-    a flip killed after its registry step: its file stays, and the owed reload is done."""
-    state_dir, dest = tmp_path / "state", tmp_path / "web.conf"
-    dest.write_bytes(OLD)
-    _left_after_its_registry_step(state_dir, dest)
-    [record] = pending(state_dir)
-    document = json.loads(record.path.read_text())
-    record.path.write_text(json.dumps({**document, "reload_owed": "a reload back failed"}))
-
-    [(kind, message)] = _finish(state_dir, {"web": _current(3, 2003)})
-
-    assert kind == "proxy-kept", message
-    assert "as a reload was owed (a reload back failed)" in message, message
-    assert dest.read_bytes() == G3
-    assert _proxy_saw(state_dir) == ["check", "reload"]
-    assert pending(state_dir) == []
